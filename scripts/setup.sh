@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Installs every dependency from Debian packages and builds the project. Safe to run twice.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PKGS=(build-essential cmake pkg-config git
+      libdnnl-dev libsentencepiece-dev sentencepiece nlohmann-json3-dev libcli11-dev
+      libgtest-dev libgmock-dev libbenchmark-dev libomp-dev
+      libopenmpi-dev openmpi-bin
+      python3 python3-torch python3-numpy
+      nodejs npm ca-certificates)
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "[setup] installing: ${missing[*]}"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO=sudo
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+else
+  echo "[setup] all Debian packages present"
+fi
+
+BUILD=${BUILD_DIR:-build}
+cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release >/dev/null
+cmake --build "$BUILD" -j"$(nproc)"
+echo "[setup] built $BUILD/dlcm"

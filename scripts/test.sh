@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The test command: set-up (idempotent) then every CTest test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+cd "${BUILD_DIR:-build}"
+OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} ctest --output-on-failure -j1 --timeout 900

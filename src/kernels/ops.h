@@ -1,0 +1,60 @@
+// CPU kernels (OpenMP + AVX-512 through the compiler). Each op has its forward and backward
+// side by side. Conventions (llm.c style):
+//   - raw float pointers, shapes passed explicitly, row-major, token-major activations;
+//   - backward functions ACCUMULATE (+=) into every gradient output (dx, dw, ...), so the
+//     caller zeroes gradients once per step and branches simply add up;
+//   - forward functions OVERWRITE their outputs.
+// N below is a number of token positions (B*L flattened).
+#pragma once
+#include "core/common.h"
+
+namespace dlcm::ops {
+
+// ---- embedding: out[N,d] = table[ids[n], :] ----
+void embedding_forward(float* out, const i32* ids, const float* table, i64 N, i64 d);
+void embedding_backward(float* dtable, const float* dout, const i32* ids, i64 N, i64 d);
+
+// ---- RMSNorm: y = x * rstd * w, rstd[n] = 1/sqrt(mean(x^2)+eps) (saved for backward) ----
+void rmsnorm_forward(float* y, float* rstd, const float* x, const float* w, i64 N, i64 d,
+                     float eps);
+void rmsnorm_backward(float* dx, float* dw, const float* dy, const float* x, const float* w,
+                      const float* rstd, i64 N, i64 d);
+
+// ---- RoPE, rotate-half layout (dim i pairs with i + hd/2), in place ----
+// x is [N, H, hd]; pos[n] is the position of token n. inverse=true applies the transpose
+// rotation, which is the backward of the forward rotation.
+void rope_apply(float* x, const i32* pos, i64 N, i64 H, i64 hd, float theta, bool inverse);
+
+// ---- SwiGLU gate: h = silu(a) * b, elementwise over n elements ----
+void swiglu_forward(float* h, const float* a, const float* b, i64 n);
+void swiglu_backward(float* da, float* db, const float* dh, const float* a, const float* b, i64 n);
+
+// ---- causal multi-head attention with grouped-query heads, blockwise (flash style) ----
+// q [B, Lq, Hq, hd], k/v [B, Lk, Hkv, hd], out [B, Lq, Hq, hd], lse [B, Hq, Lq].
+// Query i (0-based within its row) sits at absolute position q_offset + i and attends keys
+// j <= q_offset + i (j < Lk). Self-attention: Lq == Lk, q_offset = 0. Head h uses kv head
+// h / (Hq / Hkv). Never materialises a full Lq x Lk score matrix; saves lse for backward.
+void attention_forward(float* out, float* lse, const float* q, const float* k, const float* v,
+                       i64 B, i64 Lq, i64 Lk, i64 Hq, i64 Hkv, i64 hd, i64 q_offset, float scale);
+// Recomputes the probabilities from q, k and lse. dq/dk/dv accumulate.
+void attention_backward(float* dq, float* dk, float* dv, const float* dout, const float* out,
+                        const float* lse, const float* q, const float* k, const float* v, i64 B,
+                        i64 Lq, i64 Lk, i64 Hq, i64 Hkv, i64 hd, i64 q_offset, float scale);
+
+// ---- softmax cross-entropy fused with the logits' gradient ----
+// logits [N, V] are overwritten in place by dloss/dlogits * grad_scale (no separate probability
+// copy). targets[n] < 0 means "ignore" (gradient row zero, no loss). Returns the SUM of the
+// per-token losses over non-ignored rows.
+double cross_entropy_fused(float* logits, const i32* targets, i64 N, i64 V, float grad_scale);
+// Forward only: sum of losses; optionally per-row loss (nullptr to skip). Logits untouched.
+double cross_entropy_forward(const float* logits, const i32* targets, i64 N, i64 V,
+                             float* row_loss);
+
+// ---- optimizer pieces ----
+// AdamW with decoupled weight decay wd (0 for non-matrices); step t is 1-based.
+void adamw_update(float* w, const float* g, float* m, float* v, i64 n, float lr, float beta1,
+                  float beta2, float eps, float wd, i64 t);
+double sum_squares(const float* x, i64 n);
+void scale_inplace(float* x, i64 n, float s);
+
+}  // namespace dlcm::ops

@@ -1,0 +1,105 @@
+// Model and training configuration: defaults in one place, loaded from JSON, overridable with
+// --set key=value, saved into every checkpoint as config.json (SPEC section 9).
+#pragma once
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "core/common.h"
+
+namespace dlcm {
+
+struct RouterConfig {
+  std::string kind = "projected";  // "projected" (learned Wq/Wk) | "raw" (cosine of h itself)
+  float alpha = 0.5f;              // Bernoulli sharpening temperature (alpha < 1 sharpens)
+  float tau = 0.5f;                // inference threshold
+  bool smooth_grad = false;        // let the LM loss reach p through the smoother
+};
+
+struct MupConfig {
+  bool enabled = false;
+  i64 d_base = 128;          // width at which µP multipliers are 1
+  float sigma_base = 0.02f;  // init std of hidden matrices at d_base
+};
+
+struct ModelConfig {
+  std::string arch = "baseline";  // "baseline" | "dlcm"
+  i64 vocab_size = 4096;
+  i64 d_token = 256;
+  i64 n_heads = 4;
+  i64 n_kv_heads = 4;
+  i64 head_dim = 64;
+  i64 d_ff = 768;
+  i64 n_layers = 4;  // baseline
+  // dlcm
+  i64 enc_layers = 2;
+  i64 dec_layers = 2;
+  i64 d_concept = 384;
+  i64 bb_layers = 4;
+  i64 bb_heads = 6;
+  i64 bb_kv_heads = 6;
+  i64 bb_d_ff = 1152;
+  i64 x_heads = 4;
+  i64 x_kv_heads = 4;
+  i64 x_d_ff = 768;
+  i64 d_scan = 0;  // 0 = d_token
+  RouterConfig router;
+  float target_R = 4.0f;
+  float aux_weight = 0.03f;
+  std::string xattn_impl = "compact";  // "compact" | "replicate" (same function)
+  // shared
+  bool qk_norm = false;
+  float rope_theta = 10000.0f;
+  float norm_eps = 1e-5f;
+  float logit_mult = 1.0f;
+  i64 max_seq_len = 512;
+  i32 bos_id = 1;
+  i32 eos_id = 2;
+  i32 pad_id = 0;
+  float init_std = 0.02f;
+  MupConfig mup;
+
+  i64 scan_dim() const { return d_scan > 0 ? d_scan : d_token; }
+  bool is_dlcm() const { return arch == "dlcm"; }
+};
+
+struct TrainConfig {
+  i64 seq_len = 256;
+  i64 batch_size = 8;  // sequences per micro-batch
+  i64 grad_accum = 1;  // micro-batches per optimizer step
+  i64 steps = 1000;
+  std::string schedule = "cosine";  // "cosine" (warmup + cosine) | "wsd" | "constant"
+  float lr = 3e-3f;
+  float min_lr_ratio = 0.1f;
+  i64 warmup_steps = 50;
+  float wsd_decay_frac = 0.2f;  // WSD: share of steps in the final decay
+  float beta1 = 0.9f;
+  float beta2 = 0.95f;
+  float eps = 1e-8f;
+  float weight_decay = 0.1f;
+  float grad_clip = 1.0f;  // 0 = off
+  uint64_t seed = 1234;
+  i64 log_every = 10;
+  i64 eval_every = 200;
+  i64 eval_batches = 16;
+  i64 ckpt_every = 500;
+  i64 threads = 0;  // 0 = all cores (OpenMP default)
+};
+
+struct Config {
+  ModelConfig model;
+  TrainConfig train;
+};
+
+// JSON with model keys at the top level (SPEC section 9) and training keys under "train".
+nlohmann::json config_to_json(const Config& c);
+// Starts from defaults, applies j; unknown keys and wrong types are errors naming `source`.
+Config config_from_json(const nlohmann::json& j, const std::string& source);
+Config load_config(const std::string& path);
+// Applies "key=value" overrides ("d_token=512", "router.alpha=0.7", "train.lr=1e-3"; a bare
+// training key like "lr=1e-3" is accepted when it is not also a model key).
+void apply_overrides(nlohmann::json& j, const std::vector<std::string>& sets);
+// Checks ranges and consistency; throws Error naming the field.
+void validate(const Config& c, const std::string& source);
+
+}  // namespace dlcm

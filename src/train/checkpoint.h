@@ -1,0 +1,37 @@
+// Checkpoint directories (SPEC section 9):
+//   config.json, model.safetensors, optimizer.safetensors (<name>.exp_avg, <name>.exp_avg_sq),
+//   trainer_state.json, tokenizer files, train_log.jsonl.
+// Written to DIR.tmp-XXXX and renamed into place, so a crash never leaves a half checkpoint;
+// an existing DIR is replaced only after the new one is complete.
+#pragma once
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "core/params.h"
+#include "models/config.h"
+
+namespace dlcm {
+
+struct CheckpointWrite {
+  const Config* config = nullptr;
+  const ParamStore* params = nullptr;
+  const Buf* exp_avg = nullptr;     // same layout as ParamStore data (offsets), may be null
+  const Buf* exp_avg_sq = nullptr;  // idem
+  nlohmann::json trainer_state;     // step, tokens, RNG, data cursor, schedule position
+  std::vector<std::string> extra_files;  // copied in by file name (tokenizer, log)
+};
+
+void save_checkpoint(const std::string& dir, const CheckpointWrite& w);
+
+// Each reader names the checkpoint directory and file in its errors.
+Config load_checkpoint_config(const std::string& dir);
+void load_checkpoint_params(const std::string& dir, ParamStore& ps);
+// Returns false when optimizer.safetensors is absent; throws when it is present but broken.
+bool load_checkpoint_optimizer(const std::string& dir, const ParamStore& ps, Buf& exp_avg,
+                               Buf& exp_avg_sq);
+nlohmann::json load_trainer_state(const std::string& dir);
+// True when dir looks like a checkpoint (has config.json and model.safetensors).
+bool is_checkpoint(const std::string& dir);
+
+}  // namespace dlcm

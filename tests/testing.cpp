@@ -1,0 +1,81 @@
+#include "testing.h"
+
+#include <algorithm>
+#include <filesystem>
+#include <random>
+
+namespace dlcm::test {
+
+void fill_normal(float* x, i64 n, uint64_t seed, float std) {
+  Rng r(seed);
+  for (i64 i = 0; i < n; ++i) x[i] = r.normal() * std;
+}
+
+void fill_uniform(float* x, i64 n, uint64_t seed, float lo, float hi) {
+  Rng r(seed);
+  for (i64 i = 0; i < n; ++i) x[i] = lo + (hi - lo) * r.uniform();
+}
+
+double dot(const float* a, const float* b, i64 n) {
+  double s = 0;
+  for (i64 i = 0; i < n; ++i) s += double(a[i]) * double(b[i]);
+  return s;
+}
+
+double check_grad(const std::string& what, float* x, const float* analytic, i64 n,
+                  const std::function<double()>& loss, double h, double tol, i64 max_probes,
+                  uint64_t seed, double floor) {
+  Rng r(seed);
+  double worst = 0;
+  i64 probes = std::min(n, max_probes);
+  for (i64 p = 0; p < probes; ++p) {
+    i64 i = (probes == n) ? p : i64(r.next() % uint64_t(n));
+    float orig = x[i];
+    x[i] = orig + float(h);
+    double lp = loss();
+    x[i] = orig - float(h);
+    double lm = loss();
+    x[i] = orig;
+    double fd = (lp - lm) / (2 * h);
+    double an = analytic[i];
+    double err = std::abs(fd - an) / std::max(std::abs(fd) + std::abs(an), floor);
+    worst = std::max(worst, err);
+    EXPECT_LE(err, tol) << what << "[" << i << "]: finite difference " << fd << " vs analytic "
+                        << an;
+  }
+  return worst;
+}
+
+double rel_err(const float* a, const float* b, i64 n) {
+  double scale = 1e-30, diff = 0;
+  for (i64 i = 0; i < n; ++i) {
+    scale = std::max(scale, double(std::abs(b[i])));
+    diff = std::max(diff, double(std::abs(a[i] - b[i])));
+  }
+  return diff / scale;
+}
+
+double max_abs_diff(const float* a, const float* b, i64 n) {
+  double diff = 0;
+  for (i64 i = 0; i < n; ++i) diff = std::max(diff, double(std::abs(a[i] - b[i])));
+  return diff;
+}
+
+TempDir::TempDir() {
+  std::random_device rd;
+  auto base = std::filesystem::temp_directory_path();
+  for (;;) {
+    auto p = base / ("dlcm-test-" + std::to_string(rd()) + std::to_string(rd()));
+    if (std::filesystem::create_directory(p)) {
+      path = p.string();
+      break;
+    }
+  }
+}
+
+TempDir::~TempDir() {
+  std::error_code ec;
+  std::filesystem::remove_all(path, ec);
+}
+
+}  // namespace dlcm::test

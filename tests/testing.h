@@ -1,0 +1,39 @@
+// Helpers shared by the tests: random fills, finite-difference gradient checks, temp dirs.
+#pragma once
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <functional>
+#include <string>
+
+#include "core/common.h"
+#include "core/rng.h"
+
+namespace dlcm::test {
+
+void fill_normal(float* x, i64 n, uint64_t seed, float std = 1.0f);
+void fill_uniform(float* x, i64 n, uint64_t seed, float lo, float hi);
+
+// Dot product in double (for projected losses sum(out * r)).
+double dot(const float* a, const float* b, i64 n);
+
+// Central finite differences of loss() with respect to x[i] for a sample of indices, compared
+// with analytic[i]. The error measure is |fd - an| / max(|fd| + |an|, floor) per probe, and
+// the check fails when any probe exceeds tol. loss() must be a pure function of x (double).
+// Returns the worst error seen. `what` names the tensor in failure messages.
+double check_grad(const std::string& what, float* x, const float* analytic, i64 n,
+                  const std::function<double()>& loss, double h = 1e-2, double tol = 2e-2,
+                  i64 max_probes = 48, uint64_t seed = 7, double floor = 1e-3);
+
+// Max |a-b| / max(max|b|, tiny) over n (relative to the reference's scale).
+double rel_err(const float* a, const float* b, i64 n);
+double max_abs_diff(const float* a, const float* b, i64 n);
+
+// A fresh empty directory under the system temp dir, removed by the destructor.
+struct TempDir {
+  std::string path;
+  TempDir();
+  ~TempDir();
+};
+
+}  // namespace dlcm::test
