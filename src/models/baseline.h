@@ -1,0 +1,30 @@
+// LLaMA-style dense decoder (SPEC section 3):
+// tok_embeddings -> n_layers pre-norm blocks -> norm -> lm_head (untied), logits * logit_mult.
+#pragma once
+#include "models/model.h"
+#include "nn/lm_head.h"
+#include "nn/transformer.h"
+
+namespace dlcm {
+
+class BaselineModel : public LanguageModel {
+ public:
+  explicit BaselineModel(const ModelConfig& cfg);
+  void reserve(i64 B, i64 L) override;
+  MicroStats train_micro(const Batch& b, i64 index, const StepContext& ctx) override;
+  MicroStats eval_micro(const Batch& b, float* row_loss) override;
+  void logits(const i32* tokens, i64 B, i64 L, float* out) override;
+  double flops_per_token(i64 L) const override;
+
+ private:
+  const float* run_forward(const i32* tokens, i64 B, i64 L);
+
+  Param *tok_emb_, *norm_, *lm_head_;
+  TransformerStack layers_;
+  LMHead head_;
+  Buf x_, g_x_, g_out_;
+  std::vector<i32> pos_;
+  i64 cap_B_ = 0, cap_L_ = 0;
+};
+
+}  // namespace dlcm

@@ -1,0 +1,84 @@
+#include "models/flops.h"
+
+namespace dlcm {
+
+double FlopsReport::total() const {
+  double s = 0;
+  for (auto& [k, v] : model) s += v;
+  return s;
+}
+
+double FlopsReport::kernel_total() const {
+  double s = 0;
+  for (auto& [k, v] : model) {
+    double x = v;
+    for (auto& [k2, v2] : kernel)
+      if (k2 == k) x = v2;
+    s += x;
+  }
+  return s;
+}
+
+double block_flops_per_position(i64 d, i64 H, i64 Hkv, i64 hd, i64 dff, double len) {
+  double proj = 2.0 * d * (H * hd) * 2 + 2.0 * d * (Hkv * hd) * 2;  // q, o, k, v
+  double ffn = 2.0 * 3 * d * dff;
+  double attn = 4.0 * hd * H * (len + 1) / 2;  // causal: average (len+1)/2 keys
+  return proj + ffn + attn;
+}
+
+FlopsReport flops_report(const ModelConfig& m, i64 L, double R) {
+  FlopsReport r;
+  const i64 d = m.d_token, V = m.vocab_size;
+  auto block_params = [](i64 d, i64 H, i64 Hkv, i64 hd, i64 dff, bool qk) {
+    return 2 * d * H * hd + 2 * d * Hkv * hd + 3 * d * dff + 2 * d + (qk ? 2 * hd : 0);
+  };
+  if (!m.is_dlcm()) {
+    r.model.push_back({"embedding", 0});
+    r.model.push_back({"layers", m.n_layers * block_flops_per_position(d, m.n_heads, m.n_kv_heads,
+                                                                        m.head_dim, m.d_ff, L)});
+    r.model.push_back({"head", 2.0 * d * V});
+    r.params = {{"embedding", V * d},
+                {"layers", m.n_layers * block_params(d, m.n_heads, m.n_kv_heads, m.head_dim,
+                                                     m.d_ff, m.qk_norm)},
+                {"head", V * d + d}};
+    return r;
+  }
+  if (R <= 0) R = m.target_R;
+  const i64 dc = m.d_concept, ds = m.scan_dim(), hd = m.head_dim;
+  const double M = L / R;  // concepts per row
+  r.model.push_back({"embedding", 0});
+  r.model.push_back({"encoder", m.enc_layers * block_flops_per_position(d, m.n_heads, m.n_kv_heads,
+                                                                         hd, m.d_ff, L)});
+  r.model.push_back({"router", m.router.kind == "raw" ? 0.0 : 2.0 * 2 * d * ds});
+  // mean pooling adds are negligible; W_up runs once per concept
+  r.model.push_back({"pooling", 2.0 * d * dc / R});
+  r.model.push_back({"backbone", m.bb_layers *
+                                     block_flops_per_position(dc, m.bb_heads, m.bb_kv_heads, hd,
+                                                              m.bb_d_ff, M) /
+                                     R});
+  // cross-attention: q and o per token, k and v per concept (+ null), attention over the
+  // concepts visible to a token: on average about (M+1)/2 + 1 unique concepts (model FLOPs).
+  const i64 xq = m.x_heads * hd, xkv = m.x_kv_heads * hd;
+  double x_proj = 2.0 * d * xq * 2 + 2.0 * dc * xkv * 2 * (M + 1) / L;
+  double x_attn_model = 4.0 * hd * m.x_heads * ((M + 1) / 2.0 + 0.5);
+  double x_attn_replicate = 4.0 * hd * m.x_heads * (L + 1) / 2.0;
+  r.model.push_back({"cross_attention", x_proj + x_attn_model});
+  if (m.xattn_impl == "replicate") r.kernel.push_back({"cross_attention", x_proj + x_attn_replicate});
+  r.model.push_back({"cross_ffn", 2.0 * 3 * d * m.x_d_ff});
+  r.model.push_back({"decoder", m.dec_layers * block_flops_per_position(d, m.n_heads, m.n_kv_heads,
+                                                                         hd, m.d_ff, L)});
+  r.model.push_back({"head", 2.0 * d * V});
+  r.params = {
+      {"embedding", V * d},
+      {"encoder", m.enc_layers * block_params(d, m.n_heads, m.n_kv_heads, hd, m.d_ff, m.qk_norm) + d},
+      {"router", m.router.kind == "raw" ? 0 : 2 * ds * d},
+      {"pooling", dc * d},
+      {"backbone", m.bb_layers * block_params(dc, m.bb_heads, m.bb_kv_heads, hd, m.bb_d_ff, m.qk_norm) + dc},
+      {"cross_attention", 2 * d * xq + 2 * dc * xkv + dc + d + 2 * hd},
+      {"cross_ffn", 3 * d * m.x_d_ff + d},
+      {"decoder", m.dec_layers * block_params(d, m.n_heads, m.n_kv_heads, hd, m.d_ff, m.qk_norm) + d},
+      {"head", V * d}};
+  return r;
+}
+
+}  // namespace dlcm
