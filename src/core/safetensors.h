@@ -50,6 +50,10 @@ struct TensorToWrite {
 void write_safetensors(const std::string& path, const std::vector<TensorToWrite>& tensors,
                        const std::map<std::string, std::string>& metadata = {});
 
+// Checks that f holds exactly the tensors named in `expected`: lists missing ones by name and
+// rejects extra ones ("does the config match the checkpoint?").
+void check_tensor_set(const SafeTensorsFile& f, const std::vector<std::string>& expected);
+
 // All parameters of a store, by their names (SPEC section 9 names).
 void save_params(const std::string& path, const ParamStore& ps);
 // Loads every parameter of ps from path; missing tensors, unexpected extra tensors and shape

@@ -22,7 +22,13 @@ struct CheckpointWrite {
   std::vector<std::string> extra_files;  // copied in by file name (tokenizer, log)
 };
 
+// Also calls clean_stale_checkpoint_siblings(dir) first.
 void save_checkpoint(const std::string& dir, const CheckpointWrite& w);
+
+// Crash recovery for DIR: removes DIR.tmp-PID and DIR.old-PID siblings left by dead writers
+// (a live process's ones are kept), and if DIR itself is missing but a DIR.old-PID exists
+// (crash between the two renames) restores it as DIR. Returns how many were removed.
+int clean_stale_checkpoint_siblings(const std::string& dir);
 
 // Each reader names the checkpoint directory and file in its errors.
 Config load_checkpoint_config(const std::string& dir);

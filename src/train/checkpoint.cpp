@@ -1,0 +1,258 @@
+#include "train/checkpoint.h"
+
+#include <fcntl.h>
+#include <signal.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+
+#include "core/safetensors.h"
+
+namespace dlcm {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace {
+
+// "runs/x/" and "runs/x" must name the same sibling temp directories.
+std::string normalize_dir(const std::string& dir) {
+  DLCM_CHECK(!dir.empty(), "checkpoint directory name is empty");
+  std::string d = dir;
+  while (d.size() > 1 && d.back() == '/') d.pop_back();
+  return d;
+}
+
+std::string join(const std::string& dir, const char* file) { return (fs::path(dir) / file).string(); }
+
+void fsync_path(const std::string& p, bool directory) {
+  int fd = ::open(p.c_str(), directory ? (O_RDONLY | O_DIRECTORY) : O_RDONLY);
+  if (fd < 0) return;
+  ::fsync(fd);  // best effort on directories (some filesystems refuse)
+  ::close(fd);
+}
+
+// Writes text to path and fsyncs it (the whole directory is renamed into place later, so no
+// per-file temp name is needed here).
+void write_text_file(const std::string& path, const std::string& text) {
+  FILE* f = std::fopen(path.c_str(), "wb");
+  DLCM_CHECK(f, path, ": cannot create file: ", std::strerror(errno));
+  bool ok = text.empty() || std::fwrite(text.data(), 1, text.size(), f) == text.size();
+  ok = ok && std::fflush(f) == 0 && ::fsync(::fileno(f)) == 0;
+  int err = errno;
+  ok = (std::fclose(f) == 0) && ok;
+  DLCM_CHECK(ok, path, ": write failed: ", std::strerror(err), " (disk full?)");
+}
+
+void copy_file_synced(const std::string& src, const std::string& dst) {
+  std::error_code ec;
+  fs::copy_file(src, dst, fs::copy_options::overwrite_existing, ec);
+  DLCM_CHECK(!ec, src, ": cannot copy into checkpoint (", dst, "): ", ec.message());
+  fsync_path(dst, false);
+}
+
+json read_json_file(const std::string& dir, const char* file, const char* what) {
+  const std::string p = join(dir, file);
+  std::ifstream f(p);
+  DLCM_CHECK(f, dir, ": cannot open ", file, " (", what, ")");
+  try {
+    return json::parse(f);
+  } catch (const json::parse_error& e) {
+    fail(p, ": invalid JSON: ", e.what());
+  }
+}
+
+void check_dir(const std::string& dir) {
+  std::error_code ec;
+  DLCM_CHECK(fs::exists(dir, ec), dir, ": checkpoint directory does not exist");
+  DLCM_CHECK(fs::is_directory(dir, ec), dir,
+             ": not a checkpoint directory (it is a file); expected the output folder of "
+             "'dlcm train'");
+  DLCM_CHECK(fs::exists(join(dir, "config.json"), ec), dir,
+             ": not a checkpoint directory (no config.json); expected the output folder of "
+             "'dlcm train'");
+}
+
+bool pid_alive(long pid) { return pid > 0 && (::kill(pid_t(pid), 0) == 0 || errno == EPERM); }
+
+// Parses "<base>.<tag>-<pid>"; returns the pid or -1.
+long sibling_pid(const std::string& name, const std::string& base, const std::string& tag) {
+  const std::string pre = base + "." + tag + "-";
+  if (name.size() <= pre.size() || name.compare(0, pre.size(), pre) != 0) return -1;
+  const std::string num = name.substr(pre.size());
+  if (num.find_first_not_of("0123456789") != std::string::npos || num.size() > 10) return -1;
+  const long long v = std::stoll(num);
+  return v <= 0x7fffffffLL ? long(v) : -1;
+}
+
+}  // namespace
+
+int clean_stale_checkpoint_siblings(const std::string& dir_in) {
+  const std::string dir = normalize_dir(dir_in);
+  fs::path p(dir);
+  fs::path parent = p.parent_path();
+  if (parent.empty()) parent = ".";
+  const std::string base = p.filename().string();
+  std::error_code ec;
+  if (!fs::is_directory(parent, ec)) return 0;
+  const long self = long(::getpid());
+  std::vector<fs::path> tmps, olds;
+  for (const auto& e : fs::directory_iterator(parent, ec)) {
+    const std::string name = e.path().filename().string();
+    long pid;
+    if ((pid = sibling_pid(name, base, "tmp")) >= 0) {
+      // A live writer other than us may still be building it; leave it alone.
+      if (pid == self || !pid_alive(pid)) tmps.push_back(e.path());
+    } else if ((pid = sibling_pid(name, base, "old")) >= 0) {
+      if (pid == self || !pid_alive(pid)) olds.push_back(e.path());
+    }
+  }
+  int removed = 0;
+  // A crash between "dir -> dir.old" and "tmp -> dir" leaves no dir: the old copy is complete,
+  // so put it back rather than lose the run.
+  if (!fs::exists(dir, ec) && !olds.empty()) {
+    fs::rename(olds.back(), dir, ec);
+    DLCM_CHECK(!ec, dir, ": cannot restore previous checkpoint from ", olds.back().string(), ": ",
+               ec.message());
+    olds.pop_back();
+  }
+  for (auto* v : {&tmps, &olds})
+    for (const fs::path& q : *v) {
+      fs::remove_all(q, ec);
+      if (!ec) ++removed;
+    }
+  return removed;
+}
+
+void save_checkpoint(const std::string& dir_in, const CheckpointWrite& w) {
+  DLCM_CHECK(w.config && w.params, "internal: save_checkpoint needs config and params");
+  DLCM_CHECK(bool(w.exp_avg) == bool(w.exp_avg_sq),
+             "internal: save_checkpoint needs both optimizer moments or neither");
+  const std::string dir = normalize_dir(dir_in);
+  const ParamStore& ps = *w.params;
+  if (w.exp_avg) {
+    DLCM_CHECK(i64(w.exp_avg->size()) >= ps.total() && i64(w.exp_avg_sq->size()) >= ps.total(),
+               "internal: optimizer buffers smaller than the parameter block");
+  }
+  std::error_code ec;
+  fs::path parent = fs::path(dir).parent_path();
+  if (!parent.empty()) {
+    fs::create_directories(parent, ec);
+    DLCM_CHECK(!ec, parent.string(), ": cannot create directory for checkpoint: ", ec.message());
+  }
+  clean_stale_checkpoint_siblings(dir);
+
+  const std::string pid = std::to_string(::getpid());
+  const std::string tmp = dir + ".tmp-" + pid, old = dir + ".old-" + pid;
+  fs::remove_all(tmp, ec);
+  fs::create_directory(tmp, ec);
+  DLCM_CHECK(!ec, tmp, ": cannot create temporary checkpoint directory: ", ec.message());
+  try {
+    write_text_file(join(tmp, "config.json"), config_to_json(*w.config).dump(2) + "\n");
+    save_params(join(tmp, "model.safetensors"), ps);
+    if (w.exp_avg) {
+      std::vector<TensorToWrite> ts;
+      ts.reserve(2 * ps.params().size());
+      for (const Param& p : ps.params()) {
+        ts.push_back({p.name + ".exp_avg", p.shape, w.exp_avg->data() + p.offset, nullptr});
+        ts.push_back({p.name + ".exp_avg_sq", p.shape, w.exp_avg_sq->data() + p.offset, nullptr});
+      }
+      write_safetensors(join(tmp, "optimizer.safetensors"), ts, {{"format", "pt"}});
+    }
+    const json& st = w.trainer_state.is_null() ? json::object() : w.trainer_state;
+    write_text_file(join(tmp, "trainer_state.json"), st.dump(2) + "\n");
+    for (const std::string& src : w.extra_files) {
+      const std::string name = fs::path(src).filename().string();
+      DLCM_CHECK(!name.empty(), src, ": extra checkpoint file has no file name");
+      DLCM_CHECK(name != "config.json" && name != "model.safetensors" &&
+                     name != "optimizer.safetensors" && name != "trainer_state.json",
+                 src, ": extra file would overwrite the checkpoint's own ", name);
+      DLCM_CHECK(fs::is_regular_file(src, ec), src,
+                 ": cannot copy into checkpoint: file does not exist");
+      copy_file_synced(src, join(tmp, name.c_str()));
+    }
+    fsync_path(tmp, true);
+
+    // Swap into place: the old checkpoint is moved aside (not deleted) until the new one has
+    // its final name, so some complete checkpoint exists at every instant.
+    const bool had_old = fs::exists(dir, ec);
+    if (had_old) {
+      fs::remove_all(old, ec);
+      fs::rename(dir, old, ec);
+      DLCM_CHECK(!ec, dir, ": cannot move previous checkpoint aside: ", ec.message());
+    }
+    fs::rename(tmp, dir, ec);
+    if (ec) {
+      std::error_code ec2;
+      if (had_old) fs::rename(old, dir, ec2);  // put the previous one back
+      fail(dir, ": cannot rename ", tmp, " into place: ", ec.message());
+    }
+    fsync_path(parent.empty() ? "." : parent.string(), true);
+    if (had_old) fs::remove_all(old, ec);
+  } catch (...) {
+    fs::remove_all(tmp, ec);
+    throw;
+  }
+}
+
+Config load_checkpoint_config(const std::string& dir_in) {
+  const std::string dir = normalize_dir(dir_in);
+  check_dir(dir);
+  json j = read_json_file(dir, "config.json", "model configuration");
+  return config_from_json(j, join(dir, "config.json"));
+}
+
+void load_checkpoint_params(const std::string& dir_in, ParamStore& ps) {
+  const std::string dir = normalize_dir(dir_in);
+  check_dir(dir);
+  const std::string p = join(dir, "model.safetensors");
+  DLCM_CHECK(fs::exists(p), dir,
+             ": checkpoint has no model.safetensors (incomplete copy or not a checkpoint)");
+  load_params(p, ps);
+}
+
+bool load_checkpoint_optimizer(const std::string& dir_in, const ParamStore& ps, Buf& exp_avg,
+                               Buf& exp_avg_sq) {
+  const std::string dir = normalize_dir(dir_in);
+  check_dir(dir);
+  const std::string p = join(dir, "optimizer.safetensors");
+  if (!fs::exists(p)) return false;
+  SafeTensorsFile f(p);
+  std::vector<std::string> names;
+  for (const Param& q : ps.params()) {
+    names.push_back(q.name + ".exp_avg");
+    names.push_back(q.name + ".exp_avg_sq");
+  }
+  check_tensor_set(f, names);
+  // Padding between tensors stays zero, as in a fresh optimizer.
+  exp_avg.assign(size_t(ps.total()), 0.0f);
+  exp_avg_sq.assign(size_t(ps.total()), 0.0f);
+  for (const Param& q : ps.params()) {
+    f.read_f32(q.name + ".exp_avg", q.shape, exp_avg.data() + q.offset);
+    f.read_f32(q.name + ".exp_avg_sq", q.shape, exp_avg_sq.data() + q.offset);
+  }
+  return true;
+}
+
+json load_trainer_state(const std::string& dir_in) {
+  const std::string dir = normalize_dir(dir_in);
+  check_dir(dir);
+  json j = read_json_file(dir, "trainer_state.json", "needed to resume training");
+  DLCM_CHECK(j.is_object(), join(dir, "trainer_state.json"), ": must be a JSON object, got ",
+             j.type_name());
+  return j;
+}
+
+bool is_checkpoint(const std::string& dir_in) {
+  if (dir_in.empty()) return false;
+  const std::string dir = normalize_dir(dir_in);
+  std::error_code ec;
+  return fs::is_directory(dir, ec) && fs::is_regular_file(join(dir, "config.json"), ec) &&
+         fs::is_regular_file(join(dir, "model.safetensors"), ec);
+}
+
+}  // namespace dlcm
