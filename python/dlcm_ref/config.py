@@ -1,0 +1,94 @@
+"""Model configuration (mirrors src/models/config.h; config.json = SPEC section 9 keys plus
+"xattn_impl", "init_std", "mup" and a "train" object). Unknown keys are ignored with a warning."""
+import copy
+import json
+import sys
+
+DEFAULTS = {
+    "arch": "baseline",
+    "vocab_size": 4096,
+    "d_token": 256,
+    "n_heads": 4,
+    "n_kv_heads": 4,
+    "head_dim": 64,
+    "d_ff": 768,
+    "n_layers": 4,
+    "enc_layers": 2,
+    "dec_layers": 2,
+    "d_concept": 384,
+    "bb_layers": 4,
+    "bb_heads": 6,
+    "bb_kv_heads": 6,
+    "bb_d_ff": 1152,
+    "x_heads": 4,
+    "x_kv_heads": 4,
+    "x_d_ff": 768,
+    "d_scan": 0,
+    "router": {"kind": "projected", "alpha": 0.5, "tau": 0.5, "smooth_grad": False},
+    "target_R": 4.0,
+    "aux_weight": 0.03,
+    "xattn_impl": "compact",
+    "qk_norm": False,
+    "rope_theta": 10000.0,
+    "norm_eps": 1e-5,
+    "logit_mult": 1.0,
+    "max_seq_len": 512,
+    "bos_id": 1,
+    "eos_id": 2,
+    "pad_id": 0,
+    "init_std": 0.02,
+    "mup": {"enabled": False, "d_base": 128, "sigma_base": 0.02},
+    "train": {},
+}
+
+
+class Config(dict):
+    """A dict with attribute access; nested dicts (router, mup, train) stay plain dicts."""
+
+    def __getattr__(self, k):
+        try:
+            return self[k]
+        except KeyError as e:
+            raise AttributeError(k) from e
+
+    @property
+    def scan_dim(self):
+        return self["d_scan"] if self["d_scan"] > 0 else self["d_token"]
+
+    @property
+    def is_dlcm(self):
+        return self["arch"] == "dlcm"
+
+
+def config_from_dict(src, source="config"):
+    c = copy.deepcopy(DEFAULTS)
+    for k, v in src.items():
+        if k not in c:
+            print(f"{source}: warning: ignoring unknown config key '{k}'", file=sys.stderr)
+            continue
+        if isinstance(c[k], dict) and k != "train":
+            for kk, vv in v.items():
+                if kk not in c[k]:
+                    print(f"{source}: warning: ignoring unknown config key '{k}.{kk}'", file=sys.stderr)
+                    continue
+                c[k][kk] = vv
+        else:
+            c[k] = v
+    cfg = Config(c)
+    if cfg.arch not in ("baseline", "dlcm"):
+        raise ValueError(f"{source}: 'arch' must be baseline or dlcm, got {cfg.arch!r}")
+    if cfg.head_dim % 2:
+        raise ValueError(f"{source}: 'head_dim' must be even")
+    if cfg.n_heads % cfg.n_kv_heads:
+        raise ValueError(f"{source}: 'n_kv_heads' must divide 'n_heads'")
+    if cfg.is_dlcm:
+        if cfg.bb_heads % cfg.bb_kv_heads or cfg.x_heads % cfg.x_kv_heads:
+            raise ValueError(f"{source}: kv heads must divide heads")
+        if cfg.router["kind"] not in ("projected", "raw"):
+            raise ValueError(f"{source}: 'router.kind' must be projected or raw")
+    return cfg
+
+
+def load_config(path):
+    with open(path) as f:
+        return config_from_dict(json.load(f), path)

@@ -1,0 +1,383 @@
+"""Reference forward passes for the baseline (SPEC 3) and DLCM (SPEC 4) models.
+
+Everything is functional: a model is a dict {SPEC-9 tensor name: tensor}. The code is written to
+read like the specification, not to be fast. Shapes: B rows, L tokens per row, d widths.
+Linear weights are [out, in], applied as x @ W.T. No biases anywhere.
+"""
+import math
+
+import torch
+import torch.nn.functional as Fn
+
+# ----------------------------------------------------------------------------------------------
+# parameter inventory (names, shapes, kinds) - SPEC section 9
+# ----------------------------------------------------------------------------------------------
+# kind: "embedding", "matrix", "norm" (init 1), "vector" (init normal), "identity" (router)
+
+
+def _block_specs(prefix, d, n_heads, n_kv_heads, head_dim, d_ff, qk_norm):
+    s = [
+        (prefix + "attn_norm.weight", [d], "norm"),
+        (prefix + "attn.wq.weight", [n_heads * head_dim, d], "matrix"),
+        (prefix + "attn.wk.weight", [n_kv_heads * head_dim, d], "matrix"),
+        (prefix + "attn.wv.weight", [n_kv_heads * head_dim, d], "matrix"),
+        (prefix + "attn.wo.weight", [d, n_heads * head_dim], "matrix"),
+    ]
+    if qk_norm:
+        s += [(prefix + "attn.q_norm.weight", [head_dim], "norm"),
+              (prefix + "attn.k_norm.weight", [head_dim], "norm")]
+    s += [
+        (prefix + "ffn_norm.weight", [d], "norm"),
+        (prefix + "ffn.w1.weight", [d_ff, d], "matrix"),
+        (prefix + "ffn.w2.weight", [d, d_ff], "matrix"),
+        (prefix + "ffn.w3.weight", [d_ff, d], "matrix"),
+    ]
+    return s
+
+
+def param_specs(cfg):
+    """Ordered list of (name, shape, kind) for every parameter of the model."""
+    V, d, hd = cfg.vocab_size, cfg.d_token, cfg.head_dim
+    s = [("tok_embeddings.weight", [V, d], "embedding")]
+    if not cfg.is_dlcm:
+        for i in range(cfg.n_layers):
+            s += _block_specs(f"layers.{i}.", d, cfg.n_heads, cfg.n_kv_heads, hd, cfg.d_ff, cfg.qk_norm)
+        s += [("norm.weight", [d], "norm"), ("lm_head.weight", [V, d], "matrix")]
+        return s
+    dc = cfg.d_concept
+    for i in range(cfg.enc_layers):
+        s += _block_specs(f"encoder.layers.{i}.", d, cfg.n_heads, cfg.n_kv_heads, hd, cfg.d_ff, cfg.qk_norm)
+    s += [("encoder.norm.weight", [d], "norm")]
+    if cfg.router["kind"] == "projected":
+        s += [("router.wq.weight", [cfg.scan_dim, d], "identity"),
+              ("router.wk.weight", [cfg.scan_dim, d], "identity")]
+    s += [("pool.w_up.weight", [dc, d], "matrix")]
+    for i in range(cfg.bb_layers):
+        s += _block_specs(f"backbone.layers.{i}.", dc, cfg.bb_heads, cfg.bb_kv_heads, hd, cfg.bb_d_ff, cfg.qk_norm)
+    s += [("backbone.norm.weight", [dc], "norm")]
+    s += [
+        ("xattn.null_concept", [dc], "vector"),
+        ("xattn.norm.weight", [d], "norm"),
+        ("xattn.wq.weight", [cfg.x_heads * hd, d], "matrix"),
+        ("xattn.wk.weight", [cfg.x_kv_heads * hd, dc], "matrix"),
+        ("xattn.wv.weight", [cfg.x_kv_heads * hd, dc], "matrix"),
+        ("xattn.wo.weight", [d, cfg.x_heads * hd], "matrix"),
+        ("xattn.q_norm.weight", [hd], "norm"),
+        ("xattn.k_norm.weight", [hd], "norm"),
+        ("xattn.ffn_norm.weight", [d], "norm"),
+        ("xattn.ffn.w1.weight", [cfg.x_d_ff, d], "matrix"),
+        ("xattn.ffn.w2.weight", [d, cfg.x_d_ff], "matrix"),
+        ("xattn.ffn.w3.weight", [cfg.x_d_ff, d], "matrix"),
+    ]
+    for i in range(cfg.dec_layers):
+        s += _block_specs(f"decoder.layers.{i}.", d, cfg.n_heads, cfg.n_kv_heads, hd, cfg.d_ff, cfg.qk_norm)
+    s += [("decoder.norm.weight", [d], "norm"), ("lm_head.weight", [V, d], "matrix")]
+    return s
+
+
+def mup_group(cfg, name, shape):
+    """SPEC 6 parameter group of a tensor: ("token" | "concept" | "other", width multiplier s)."""
+    if len(shape) != 2 or name in ("tok_embeddings.weight", "lm_head.weight"):
+        return "other", 1.0
+    base = cfg.mup["d_base"]
+    concept = name.startswith("backbone.") or name in ("xattn.wk.weight", "xattn.wv.weight")
+    if concept:
+        return "concept", cfg.d_concept / base
+    return "token", cfg.d_token / base
+
+
+# ----------------------------------------------------------------------------------------------
+# shared building blocks - SPEC section 2
+# ----------------------------------------------------------------------------------------------
+
+def rmsnorm(x, w, eps):
+    """y = x / sqrt(mean(x^2) + eps) * w over the last dimension."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+def linear(x, W):
+    return x @ W.t()
+
+
+def rope(x, pos, theta):
+    """Rotate-half RoPE. x [B, L, H, hd]; pos [L] integer positions.
+    Dimension i (< hd/2) pairs with i + hd/2 and rotates by angle pos * theta^(-2i/hd).
+    Angles, cos and sin are computed in float64 and rounded to x's dtype."""
+    hd = x.shape[-1]
+    half = hd // 2
+    inv_freq = theta ** (-torch.arange(half, dtype=torch.float64) * 2.0 / hd)  # [half]
+    ang = pos.to(torch.float64)[:, None] * inv_freq[None, :]  # [L, half]
+    cos = torch.cos(ang).to(x.dtype)[None, :, None, :]
+    sin = torch.sin(ang).to(x.dtype)[None, :, None, :]
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def attention(q, k, v, mask, bias=None):
+    """Softmax attention with grouped-query heads (query head h uses kv head h // (Hq/Hkv)).
+    q [B, Lq, Hq, hd], k/v [B, Lk, Hkv, hd], mask bool [B or 1, Lq, Lk] (True = may attend),
+    bias optional additive [B or 1, Lq, Lk]. Scale 1/sqrt(hd). Returns [B, Lq, Hq*hd]."""
+    B, Lq, Hq, hd = q.shape
+    Hkv = k.shape[2]
+    rep = Hq // Hkv
+    k = k.repeat_interleave(rep, dim=2)
+    v = v.repeat_interleave(rep, dim=2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(hd)
+    if bias is not None:
+        scores = scores + bias[:, None]
+    scores = scores.masked_fill(~mask[:, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.einsum("bhqk,bkhd->bqhd", probs, v)
+    return out.reshape(B, Lq, Hq * hd)
+
+
+def causal_mask(L, device=None):
+    return torch.ones(L, L, dtype=torch.bool, device=device).tril()[None]  # [1, L, L]
+
+
+def swiglu_ffn(P, prefix, x):
+    """w2( silu(w1 x) * (w3 x) )."""
+    return linear(Fn.silu(linear(x, P[prefix + "w1.weight"])) * linear(x, P[prefix + "w3.weight"]),
+                  P[prefix + "w2.weight"])
+
+
+def self_attention(P, prefix, x, n_heads, n_kv_heads, head_dim, cfg):
+    """Causal GQA self-attention with RoPE at positions 0..L-1 (optional QK-norm before RoPE)."""
+    B, L, _ = x.shape
+    q = linear(x, P[prefix + "wq.weight"]).view(B, L, n_heads, head_dim)
+    k = linear(x, P[prefix + "wk.weight"]).view(B, L, n_kv_heads, head_dim)
+    v = linear(x, P[prefix + "wv.weight"]).view(B, L, n_kv_heads, head_dim)
+    if cfg.qk_norm:
+        q = rmsnorm(q, P[prefix + "q_norm.weight"], cfg.norm_eps)
+        k = rmsnorm(k, P[prefix + "k_norm.weight"], cfg.norm_eps)
+    pos = torch.arange(L)
+    q = rope(q, pos, cfg.rope_theta)
+    k = rope(k, pos, cfg.rope_theta)
+    out = attention(q, k, v, causal_mask(L))
+    return linear(out, P[prefix + "wo.weight"])
+
+
+def block(P, prefix, x, n_heads, n_kv_heads, head_dim, cfg):
+    """Pre-norm block: x += attn(attn_norm(x)); x += ffn(ffn_norm(x))."""
+    x = x + self_attention(P, prefix + "attn.", rmsnorm(x, P[prefix + "attn_norm.weight"], cfg.norm_eps),
+                           n_heads, n_kv_heads, head_dim, cfg)
+    x = x + swiglu_ffn(P, prefix + "ffn.", rmsnorm(x, P[prefix + "ffn_norm.weight"], cfg.norm_eps))
+    return x
+
+
+def cross_entropy(logits, targets):
+    """Mean token cross-entropy over targets >= 0 (0 when there are none). Returns (ce, count)."""
+    V = logits.shape[-1]
+    flat = logits.reshape(-1, V)
+    t = targets.reshape(-1)
+    keep = t >= 0
+    n = int(keep.sum())
+    if n == 0:
+        return flat.sum() * 0.0, 0
+    logp = torch.log_softmax(flat[keep], dim=-1)
+    nll = -logp.gather(1, t[keep].long()[:, None])[:, 0]
+    return nll.sum() / n, n
+
+
+def default_targets(tokens):
+    """Next-token targets: targets[:, t] = tokens[:, t+1]; the last position is ignored (-1)."""
+    t = torch.full_like(tokens, -1)
+    t[:, :-1] = tokens[:, 1:]
+    return t
+
+
+# ----------------------------------------------------------------------------------------------
+# baseline - SPEC section 3
+# ----------------------------------------------------------------------------------------------
+
+def baseline_forward(P, cfg, tokens, targets=None):
+    x = P["tok_embeddings.weight"][tokens.long()]
+    for i in range(cfg.n_layers):
+        x = block(P, f"layers.{i}.", x, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg)
+    x = rmsnorm(x, P["norm.weight"], cfg.norm_eps)
+    logits = linear(x, P["lm_head.weight"]) * cfg.logit_mult
+    if targets is None:
+        targets = default_targets(tokens)
+    ce, _ = cross_entropy(logits, targets)
+    return {"logits": logits, "loss": ce, "ce": ce}
+
+
+# ----------------------------------------------------------------------------------------------
+# DLCM - SPEC section 4
+# ----------------------------------------------------------------------------------------------
+
+COS_EPS = 1e-8      # cos(a, b) = a.b / max(|a| |b|, COS_EPS)
+P_SMOOTH_MIN = 1e-4  # smoother gate clamp
+
+
+def router_probs(P, cfg, H, tokens):
+    """p [B, L] and forced [B, L] (bool). p_t = clamp((1 - cos(q_{t-1}, k_t)) / 2, 0, 1);
+    p_t = 1 exactly at t = 0 and wherever tokens[t] == bos_id (forced boundaries)."""
+    if cfg.router["kind"] == "projected":
+        q = linear(H, P["router.wq.weight"])
+        k = linear(H, P["router.wk.weight"])
+    else:  # "raw": the hidden states themselves
+        q, k = H, H
+    qp, kt = q[:, :-1], k[:, 1:]  # q_{t-1}, k_t for t = 1..L-1
+    dot = (qp * kt).sum(-1)
+    nrm = qp.pow(2).sum(-1).sqrt() * kt.pow(2).sum(-1).sqrt()
+    cos = dot / torch.clamp(nrm, min=COS_EPS)
+    p_rest = torch.clamp((1.0 - cos) / 2.0, 0.0, 1.0)
+    B, L = tokens.shape
+    p = torch.cat([torch.ones(B, 1, dtype=H.dtype), p_rest], dim=1)
+    forced = tokens == cfg.bos_id
+    forced[:, 0] = True
+    p = torch.where(forced, torch.ones_like(p), p)
+    return p, forced
+
+
+def segments_of_row(b_row):
+    """b_row: list/array of 0/1 with b[0] = 1. Returns list of (start, end) half-open spans."""
+    starts = [t for t, v in enumerate(b_row) if v]
+    ends = starts[1:] + [len(b_row)]
+    return list(zip(starts, ends))
+
+
+def xattn_replicate(q, Zlist, seg, P, cfg):
+    """Leak-free causal cross-attention, `replicate` form (the definition, SPEC 4.7).
+    q [L, Hq, hd] normalised queries of one row; Zlist [M+1, dc] = [z_null, zs_0, ...];
+    seg [L] segment index of each token. Position s carries list entry seg(s) (= concept
+    seg(s)-1); token t attends to positions s <= t with the ordinary causal mask."""
+    L = q.shape[0]
+    hd = cfg.head_dim
+    kv_src = Zlist[seg]  # [L, dc], replicated
+    k = linear(kv_src, P["xattn.wk.weight"]).view(L, cfg.x_kv_heads, hd)
+    v = linear(kv_src, P["xattn.wv.weight"]).view(L, cfg.x_kv_heads, hd)
+    k = rmsnorm(k, P["xattn.k_norm.weight"], cfg.norm_eps)
+    return attention(q[None], k[None], v[None], causal_mask(L))[0]  # [L, Hq*hd]
+
+
+def xattn_compact(q, Zlist, seg, P, cfg):
+    """The same function over the M+1 unique list entries with an additive log(multiplicity)
+    bias: token t sees entries k = 0..seg(t); entry k < seg(t) is carried by the |S_k| positions
+    of segment k, entry seg(t) by the t - start(S_seg(t)) + 1 positions of its segment so far."""
+    L = q.shape[0]
+    M1 = Zlist.shape[0]
+    hd = cfg.head_dim
+    k = linear(Zlist, P["xattn.wk.weight"]).view(M1, cfg.x_kv_heads, hd)
+    v = linear(Zlist, P["xattn.wv.weight"]).view(M1, cfg.x_kv_heads, hd)
+    k = rmsnorm(k, P["xattn.k_norm.weight"], cfg.norm_eps)
+    seg_l = [int(s) for s in seg]
+    size = [0] * M1
+    start = [None] * M1
+    for t, s in enumerate(seg_l):
+        size[s] += 1
+        if start[s] is None:
+            start[s] = t
+    mult = torch.zeros(L, M1, dtype=q.dtype)
+    for t in range(L):
+        for kk in range(seg_l[t]):
+            mult[t, kk] = size[kk]
+        mult[t, seg_l[t]] = t - start[seg_l[t]] + 1
+    mask = mult > 0
+    bias = torch.where(mask, torch.log(torch.clamp(mult, min=1.0)), torch.zeros_like(mult))
+    return attention(q[None], k[None], v[None], mask[None], bias[None])[0]
+
+
+def dlcm_forward(P, cfg, tokens, targets=None, boundaries=None, xattn_impl="replicate",
+                 p_smoother_override=None):
+    """DLCM forward. tokens [B, L] int. boundaries: optional [B, L] 0/1 (the given training
+    samples b); None -> b = [p >= tau] (inference). Forced positions always have b = 1.
+    p_smoother_override: optional constant [B, L] used in place of p by the smoother (only for
+    finite-difference tests of the detached-gate gradient)."""
+    B, L = tokens.shape
+    eps = cfg.norm_eps
+    hd = cfg.head_dim
+    dt = P["tok_embeddings.weight"].dtype
+
+    # 1. encoder
+    x = P["tok_embeddings.weight"][tokens.long()]
+    for i in range(cfg.enc_layers):
+        x = block(P, f"encoder.layers.{i}.", x, cfg.n_heads, cfg.n_kv_heads, hd, cfg)
+    H = rmsnorm(x, P["encoder.norm.weight"], eps)  # [B, L, d_token]
+
+    # 2. boundary predictor
+    p, forced = router_probs(P, cfg, H, tokens)
+    if boundaries is None:
+        b = p.detach() >= cfg.router["tau"]
+    else:
+        b = boundaries.to(torch.bool).clone()
+    b = b | forced  # forced boundaries are always boundaries
+
+    # 3. segments
+    seg = torch.cumsum(b.long(), dim=1) - 1  # [B, L]
+    spans = [segments_of_row(b[r].tolist()) for r in range(B)]
+    M = [len(s) for s in spans]
+    Mmax = max(M)
+
+    # 4. pooling: c_j = W_up mean_{t in S_j} h_t; rows padded with zero concepts to Mmax
+    rows = []
+    for r in range(B):
+        means = [H[r, s:e].mean(dim=0) for (s, e) in spans[r]]
+        means += [torch.zeros(cfg.d_token, dtype=dt)] * (Mmax - M[r])
+        rows.append(torch.stack(means))
+    C = linear(torch.stack(rows), P["pool.w_up.weight"])  # [B, Mmax, d_concept]
+
+    # 5. concept backbone: causal over concepts, RoPE positions = concept index
+    z = C
+    for i in range(cfg.bb_layers):
+        z = block(P, f"backbone.layers.{i}.", z, cfg.bb_heads, cfg.bb_kv_heads, hd, cfg)
+    Z = rmsnorm(z, P["backbone.norm.weight"], eps)  # [B, Mmax, d_concept]
+
+    # 6. smoother: zs_j = P_j z_j + (1 - P_j) zs_{j-1}, zs_{-1} = 0
+    if p_smoother_override is not None:
+        p_sm = p_smoother_override
+    elif cfg.router["smooth_grad"]:
+        p_sm = p
+    else:
+        p_sm = p.detach()
+    ZS = []
+    for r in range(B):
+        prev = torch.zeros(cfg.d_concept, dtype=dt)
+        zs_row = []
+        for j, (s, e) in enumerate(spans[r]):
+            if bool(forced[r, s]):
+                Pj = torch.ones((), dtype=dt)
+            else:
+                Pj = torch.clamp(p_sm[r, s], P_SMOOTH_MIN, 1.0 - P_SMOOTH_MIN)
+            cur = Pj * Z[r, j] + (1.0 - Pj) * prev
+            zs_row.append(cur)
+            prev = cur
+        ZS.append(torch.stack(zs_row))  # [M_r, d_concept]
+
+    # 7. causal cross-attention with the null concept
+    Hn = rmsnorm(H, P["xattn.norm.weight"], eps)
+    q = linear(Hn, P["xattn.wq.weight"]).view(B, L, cfg.x_heads, hd)
+    q = rmsnorm(q, P["xattn.q_norm.weight"], eps)
+    xfn = {"replicate": xattn_replicate, "compact": xattn_compact}[xattn_impl]
+    att = []
+    for r in range(B):
+        Zlist = torch.cat([P["xattn.null_concept"][None], ZS[r]], dim=0)  # [M_r + 1, dc]
+        att.append(xfn(q[r], Zlist, seg[r], P, cfg))
+    att = torch.stack(att)  # [B, L, x_heads*hd]
+    Psi = H + linear(att, P["xattn.wo.weight"])
+    X = Psi + swiglu_ffn(P, "xattn.ffn.", rmsnorm(Psi, P["xattn.ffn_norm.weight"], eps))
+
+    # 8. decoder
+    for i in range(cfg.dec_layers):
+        X = block(P, f"decoder.layers.{i}.", X, cfg.n_heads, cfg.n_kv_heads, hd, cfg)
+    X = rmsnorm(X, P["decoder.norm.weight"], eps)
+    logits = linear(X, P["lm_head.weight"]) * cfg.logit_mult
+
+    # loss
+    if targets is None:
+        targets = default_targets(tokens)
+    ce, _ = cross_entropy(logits, targets)
+    R = float(cfg.target_R)
+    Fb = b.to(dt).mean()  # no gradient (b is discrete)
+    G = p.mean()          # over every token position, forced ones included
+    aux = R / (R - 1.0) * ((R - 1.0) * Fb * G + (1.0 - Fb) * (1.0 - G)) - 1.0
+    loss = ce + cfg.aux_weight * aux
+    return {"logits": logits, "loss": loss, "ce": ce, "aux": aux, "p": p, "b": b.to(dt),
+            "F": Fb, "G": G, "seg": seg, "n_concepts": torch.tensor(M)}
+
+
+def forward(P, cfg, tokens, targets=None, boundaries=None, xattn_impl="replicate", **kw):
+    if cfg.is_dlcm:
+        return dlcm_forward(P, cfg, tokens, targets, boundaries, xattn_impl, **kw)
+    return baseline_forward(P, cfg, tokens, targets)
