@@ -1,0 +1,78 @@
+// Shared fixtures for whole-model tests: tiny configs, deterministic token rows, and a
+// runner for the PyTorch reference (python/reference.py under /usr/bin/python3).
+#pragma once
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "core/rng.h"
+#include "models/config.h"
+#include "models/model.h"
+#include "train/checkpoint.h"
+
+namespace dlcm::test {
+
+inline Config tiny_baseline(bool qk_norm = true, i64 kv_heads = 1) {
+  Config c;
+  c.model.arch = "baseline";
+  c.model.vocab_size = 23;
+  c.model.d_token = 16;
+  c.model.n_heads = 2;
+  c.model.n_kv_heads = kv_heads;
+  c.model.head_dim = 8;
+  c.model.d_ff = 24;
+  c.model.n_layers = 2;
+  c.model.qk_norm = qk_norm;
+  c.model.max_seq_len = 64;
+  c.model.init_std = 0.3f;  // large enough that every path carries signal
+  c.train.seq_len = 9;
+  c.train.batch_size = 3;
+  return c;
+}
+
+inline std::vector<i32> random_tokens(i64 n, i64 V, uint64_t seed, i32 bos = -1, double bos_rate = 0) {
+  std::vector<i32> t(n);
+  Rng r(seed);
+  for (i64 i = 0; i < n; ++i) {
+    t[i] = i32(r.next() % uint64_t(V));
+    if (bos >= 0 && t[i] == bos) t[i] = (bos + 1) % V;  // BOS only where we put it
+    if (bos >= 0 && r.uniform() < bos_rate) t[i] = bos;
+  }
+  return t;
+}
+
+inline void write_rows(const std::string& path, const std::vector<i32>& v, i64 B, i64 L) {
+  std::ofstream f(path);
+  for (i64 b = 0; b < B; ++b) {
+    for (i64 t = 0; t < L; ++t) f << v[b * L + t] << (t + 1 < L ? " " : "\n");
+  }
+}
+
+inline bool torch_available() {
+  return std::filesystem::exists("/usr/bin/python3") &&
+         std::system("/usr/bin/python3 -c 'import torch' >/dev/null 2>&1") == 0;
+}
+
+// Runs python/reference.py with the given extra arguments; returns its exit status.
+inline int run_reference(const std::string& args, std::string* log = nullptr) {
+  std::string cmd = std::string("/usr/bin/python3 ") + DLCM_SOURCE_DIR + "/python/reference.py " +
+                    args + " 2>&1";
+  std::string out;
+  FILE* p = popen(cmd.c_str(), "r");
+  if (!p) return -1;
+  char buf[4096];
+  while (size_t n = fread(buf, 1, sizeof buf, p)) out.append(buf, n);
+  int rc = pclose(p);
+  if (log) *log = out;
+  return rc;
+}
+
+inline void save_model_only(const std::string& dir, const Config& cfg, const ParamStore& ps) {
+  CheckpointWrite w;
+  w.config = &cfg;
+  w.params = &ps;
+  save_checkpoint(dir, w);
+}
+
+}  // namespace dlcm::test
