@@ -151,6 +151,11 @@ void save_checkpoint(const std::string& dir_in, const CheckpointWrite& w) {
   DLCM_CHECK(bool(w.exp_avg) == bool(w.exp_avg_sq),
              "internal: save_checkpoint needs both optimizer moments or neither");
   const std::string dir = normalize_dir(dir_in);
+  const std::string leaf = fs::path(dir).filename().string();
+  // Saving renames DIR as a whole, which "." / ".." / "/" cannot be.
+  DLCM_CHECK(!leaf.empty() && leaf != "." && leaf != "..", dir_in,
+             ": a checkpoint must be saved to a named folder (e.g. runs/my_run), not '", dir_in,
+             "'");
   const ParamStore& ps = *w.params;
   if (w.exp_avg) {
     DLCM_CHECK(i64(w.exp_avg->size()) >= ps.total() && i64(w.exp_avg_sq->size()) >= ps.total(),
