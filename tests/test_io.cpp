@@ -420,8 +420,10 @@ TEST(Checkpoint, ReadersNameDirectoryAndFile) {
   expect_error([&] { load_checkpoint_optimizer(ck, ps, a, b); },
                {ck + "/optimizer.safetensors", "too short"}, "broken optimizer");
   w.extra_files = {td.path + "/missing.model"};
-  expect_error([&] { save_checkpoint(ck, w); }, {"missing.model", "does not exist"}, "extra");
-  EXPECT_EQ(count_siblings(ck), 0);  // failed save leaves no temp dir
+  const std::string ck2 = td.path + "/ck2";
+  expect_error([&] { save_checkpoint(ck2, w); }, {"missing.model", "does not exist"}, "extra");
+  EXPECT_FALSE(fs::exists(ck2));
+  EXPECT_EQ(count_siblings(ck2), 0);  // failed save leaves no temp dir
 }
 
 TEST(Checkpoint, AtomicReplaceAndCrashRecovery) {
@@ -449,6 +451,13 @@ TEST(Checkpoint, AtomicReplaceAndCrashRecovery) {
   load_checkpoint_params(dir, ps2);
   EXPECT_EQ(ps2.params()[0].w[0], ps.params()[0].w[0]);
 
+  // A save that fails midway (missing extra file) leaves the previous checkpoint untouched.
+  CheckpointWrite bad = w;
+  bad.trainer_state = {{"step", 99}};
+  bad.extra_files = {td.path + "/no_such_tokenizer.model"};
+  expect_error([&] { save_checkpoint(dir, bad); }, {"no_such_tokenizer.model"}, "failed save");
+  EXPECT_EQ(load_trainer_state(dir)["step"], 1);
+
   // The next save replaces the old checkpoint and sweeps the stale temp dir.
   fill_store(ps, 22);
   w.trainer_state = {{"step", 2}};
@@ -458,14 +467,30 @@ TEST(Checkpoint, AtomicReplaceAndCrashRecovery) {
   EXPECT_EQ(ps2.params()[0].w[0], ps.params()[0].w[0]);
   EXPECT_EQ(count_siblings(dir), 0);
 
-  // Crash between the two renames: only DIR.old-PID survives. Recovery restores it.
+  // Crash between the two renames: only DIR.old-PID survives. Readers point at it, and
+  // recovery (also run by the next save) restores it.
   const std::string old = dir + ".old-2147483632";
   fs::rename(dir, old);
   fs::create_directory(dir + ".tmp-2147483632");
+  expect_error([&] { load_checkpoint_config(dir); }, {old, "interrupted save", "rename it"},
+               "hint at old");
   EXPECT_EQ(clean_stale_checkpoint_siblings(dir), 1);
   EXPECT_TRUE(is_checkpoint(dir));
   EXPECT_EQ(load_trainer_state(dir)["step"], 2);
   EXPECT_EQ(count_siblings(dir), 0);
+
+  // A non-checkpoint folder is never replaced (a typo in --out must not delete files).
+  const std::string other = td.path + "/notes";
+  fs::create_directory(other);
+  write_bytes(other + "/keep.txt", "precious");
+  expect_error([&] { save_checkpoint(other, w); }, {other, "not a checkpoint", "refusing"},
+               "non-checkpoint dir");
+  EXPECT_EQ(read_bytes(other + "/keep.txt"), "precious");
+  EXPECT_EQ(count_siblings(other), 0);
+  const std::string empty = td.path + "/empty";
+  fs::create_directory(empty);
+  save_checkpoint(empty, w);  // an empty folder is fine
+  EXPECT_TRUE(is_checkpoint(empty));
 
   // A temp dir owned by a live process (ours counts as stale only for our own pid, so use
   // the parent's pid) is left alone.

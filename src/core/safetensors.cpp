@@ -1,6 +1,8 @@
 #include "core/safetensors.h"
 
 #include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -83,34 +85,42 @@ struct TempFile {
 
 SafeTensorsFile::SafeTensorsFile(const std::string& path) : path_(path) {
   const std::string& P = path_;
-  FILE* f = std::fopen(P.c_str(), "rb");
-  DLCM_CHECK(f, P, ": cannot open safetensors file: ", errno_str());
-  std::unique_ptr<FILE, int (*)(FILE*)> guard(f, std::fclose);
+  int fd = ::open(P.c_str(), O_RDONLY | O_CLOEXEC);
+  DLCM_CHECK(fd >= 0, P, ": cannot open safetensors file: ", errno_str());
+  struct stat st {};
+  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+    ::close(fd);
+    fail(P, S_ISDIR(st.st_mode) ? ": is a directory; expected a .safetensors file"
+                                : ": not a regular file; expected a .safetensors file");
+  }
+  const uint64_t fsize = uint64_t(st.st_size);
+  if (fsize < 8) {
+    ::close(fd);
+    fail(P, ": file is too short (", fsize,
+         " bytes) to be safetensors; it needs at least the 8-byte header length "
+         "(truncated or not a safetensors file?)");
+  }
+  void* m = ::mmap(nullptr, fsize, PROT_READ, MAP_PRIVATE, fd, 0);
+  int merr = errno;
+  ::close(fd);  // the mapping keeps the file alive
+  DLCM_CHECK(m != MAP_FAILED, P, ": cannot map file: ", std::strerror(merr));
+  map_ = std::shared_ptr<const uint8_t>(static_cast<const uint8_t*>(m),
+                                        [fsize](const uint8_t* q) {
+                                          ::munmap(const_cast<uint8_t*>(q), fsize);
+                                        });
+  const uint8_t* base = map_.get();
 
-  DLCM_CHECK(std::fseek(f, 0, SEEK_END) == 0, P, ": cannot seek: ", errno_str());
-  long fsize_l = std::ftell(f);
-  DLCM_CHECK(fsize_l >= 0, P, ": cannot determine file size: ", errno_str());
-  std::rewind(f);
-  const uint64_t fsize = uint64_t(fsize_l);
-
-  DLCM_CHECK(fsize >= 8, P, ": file is too short (", fsize,
-             " bytes) to be safetensors; it needs at least the 8-byte header length "
-             "(truncated or not a safetensors file?)");
-  uint8_t lenbuf[8];
-  DLCM_CHECK(std::fread(lenbuf, 1, 8, f) == 8, P, ": cannot read header length");
   uint64_t hlen = 0;
-  for (int i = 7; i >= 0; --i) hlen = (hlen << 8) | lenbuf[i];
+  for (int i = 7; i >= 0; --i) hlen = (hlen << 8) | base[i];
   DLCM_CHECK(hlen <= kMaxHeader, P, ": header length ", hlen,
              " bytes is absurdly large (limit 100 MB); the file is corrupt or not safetensors");
   DLCM_CHECK(hlen <= fsize - 8, P, ": truncated header: the header length says ", hlen,
              " bytes but only ", fsize - 8, " follow (incomplete download or copy?)");
   DLCM_CHECK(hlen >= 2, P, ": header of ", hlen, " bytes cannot hold a JSON object");
 
-  std::string htext(hlen, '\0');
-  DLCM_CHECK(std::fread(htext.data(), 1, hlen, f) == hlen, P, ": cannot read header");
   json h;
   try {
-    h = json::parse(htext);
+    h = json::parse(base + 8, base + 8 + hlen);
   } catch (const json::parse_error& e) {
     fail(P, ": invalid JSON header: ", e.what());
   }
@@ -182,10 +192,7 @@ SafeTensorsFile::SafeTensorsFile(const std::string& path) : path_(path) {
                order[i].second->begin, ", ", order[i].second->end,
                ") overlap in the data section (corrupt header)");
 
-  data_.resize(dsize);
-  if (dsize)
-    DLCM_CHECK(std::fread(data_.data(), 1, dsize, f) == dsize, P, ": cannot read data section: ",
-               errno_str());
+  data_ = base + 8 + hlen;
 }
 
 void SafeTensorsFile::read_f32(const std::string& name, const std::vector<i64>& shape,
@@ -195,7 +202,7 @@ void SafeTensorsFile::read_f32(const std::string& name, const std::vector<i64>& 
   const TensorEntry& te = it->second;
   DLCM_CHECK(te.shape == shape, path_, ": tensor '", name, "' has shape ", shape_str(te.shape),
              ", expected ", shape_str(shape), " (does the config match the checkpoint?)");
-  const uint8_t* src = data_.data() + te.begin;
+  const uint8_t* src = data_ + te.begin;
   const i64 n = numel_of(te.shape);
   if (te.dtype == "F32") {
     if (n) std::memcpy(out, src, size_t(n) * 4);
@@ -225,7 +232,7 @@ std::vector<i32> SafeTensorsFile::read_i32(const std::string& name) const {
   DLCM_CHECK(it != entries_.end(), path_, ": missing tensor '", name, "'");
   const TensorEntry& te = it->second;
   const i64 n = numel_of(te.shape);
-  const uint8_t* src = data_.data() + te.begin;
+  const uint8_t* src = data_ + te.begin;
   std::vector<i32> out(static_cast<size_t>(n));
   if (te.dtype == "I32") {
     if (n) std::memcpy(out.data(), src, size_t(n) * 4);

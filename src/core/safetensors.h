@@ -3,6 +3,7 @@
 // Readers validate everything and name the file and the tensor at fault.
 #pragma once
 #include <map>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -36,7 +37,11 @@ class SafeTensorsFile {
   std::string path_;
   std::map<std::string, TensorEntry> entries_;
   std::map<std::string, std::string> metadata_;
-  std::vector<uint8_t> data_;
+  // The file is memory-mapped read-only (shared so the class stays copyable); data_ points
+  // at the data section inside the mapping. Writers replace files by rename, so a mapping
+  // never sees a file change under it.
+  std::shared_ptr<const uint8_t> map_;
+  const uint8_t* data_ = nullptr;
 };
 
 struct TensorToWrite {

@@ -66,17 +66,6 @@ json read_json_file(const std::string& dir, const char* file, const char* what) 
   }
 }
 
-void check_dir(const std::string& dir) {
-  std::error_code ec;
-  DLCM_CHECK(fs::exists(dir, ec), dir, ": checkpoint directory does not exist");
-  DLCM_CHECK(fs::is_directory(dir, ec), dir,
-             ": not a checkpoint directory (it is a file); expected the output folder of "
-             "'dlcm train'");
-  DLCM_CHECK(fs::exists(join(dir, "config.json"), ec), dir,
-             ": not a checkpoint directory (no config.json); expected the output folder of "
-             "'dlcm train'");
-}
-
 bool pid_alive(long pid) { return pid > 0 && (::kill(pid_t(pid), 0) == 0 || errno == EPERM); }
 
 // Parses "<base>.<tag>-<pid>"; returns the pid or -1.
@@ -87,6 +76,35 @@ long sibling_pid(const std::string& name, const std::string& base, const std::st
   if (num.find_first_not_of("0123456789") != std::string::npos || num.size() > 10) return -1;
   const long long v = std::stoll(num);
   return v <= 0x7fffffffLL ? long(v) : -1;
+}
+
+// Sibling "<dir>.old-<pid>" directories: the previous checkpoint of an interrupted save.
+std::vector<fs::path> old_siblings(const std::string& dir) {
+  std::vector<fs::path> out;
+  fs::path p(dir), parent = p.parent_path().empty() ? fs::path(".") : p.parent_path();
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator(parent, ec))
+    if (sibling_pid(e.path().filename().string(), p.filename().string(), "old") >= 0)
+      out.push_back(e.path());
+  return out;
+}
+
+void check_dir(const std::string& dir) {
+  std::error_code ec;
+  if (!fs::exists(dir, ec)) {
+    auto olds = old_siblings(dir);
+    if (!olds.empty())
+      fail(dir, ": checkpoint directory does not exist, but ", olds.back().string(),
+           " holds the previous checkpoint of an interrupted save; rename it to ", dir,
+           " (saving to ", dir, " again recovers it automatically)");
+    fail(dir, ": checkpoint directory does not exist");
+  }
+  DLCM_CHECK(fs::is_directory(dir, ec), dir,
+             ": not a checkpoint directory (it is a file); expected the output folder of "
+             "'dlcm train'");
+  DLCM_CHECK(fs::exists(join(dir, "config.json"), ec), dir,
+             ": not a checkpoint directory (no config.json); expected the output folder of "
+             "'dlcm train'");
 }
 
 }  // namespace
@@ -133,6 +151,11 @@ void save_checkpoint(const std::string& dir_in, const CheckpointWrite& w) {
   DLCM_CHECK(bool(w.exp_avg) == bool(w.exp_avg_sq),
              "internal: save_checkpoint needs both optimizer moments or neither");
   const std::string dir = normalize_dir(dir_in);
+  const std::string leaf = fs::path(dir).filename().string();
+  // Saving renames DIR as a whole, which "." / ".." / "/" cannot be.
+  DLCM_CHECK(!leaf.empty() && leaf != "." && leaf != "..", dir_in,
+             ": a checkpoint must be saved to a named folder (e.g. runs/my_run), not '", dir_in,
+             "'");
   const ParamStore& ps = *w.params;
   if (w.exp_avg) {
     DLCM_CHECK(i64(w.exp_avg->size()) >= ps.total() && i64(w.exp_avg_sq->size()) >= ps.total(),
@@ -145,6 +168,15 @@ void save_checkpoint(const std::string& dir_in, const CheckpointWrite& w) {
     DLCM_CHECK(!ec, parent.string(), ": cannot create directory for checkpoint: ", ec.message());
   }
   clean_stale_checkpoint_siblings(dir);
+  // Replacing DIR deletes it, so only ever replace a checkpoint or an empty folder: a typo in
+  // --out must not wipe unrelated files.
+  if (fs::exists(dir, ec)) {
+    DLCM_CHECK(fs::is_directory(dir, ec), dir, ": exists and is not a directory; choose another "
+               "checkpoint path");
+    DLCM_CHECK(is_checkpoint(dir) || fs::is_empty(dir, ec), dir,
+               ": exists and is not a checkpoint (no config.json and model.safetensors); "
+               "refusing to replace it. Choose another output directory or empty this one");
+  }
 
   const std::string pid = std::to_string(::getpid());
   const std::string tmp = dir + ".tmp-" + pid, old = dir + ".old-" + pid;

@@ -22,7 +22,10 @@ struct CheckpointWrite {
   std::vector<std::string> extra_files;  // copied in by file name (tokenizer, log)
 };
 
-// Also calls clean_stale_checkpoint_siblings(dir) first.
+// Replaces dir wholesale, so files written into dir between saves (e.g. a live training log)
+// are lost unless listed in extra_files; keep live files outside dir. An existing dir that is
+// neither a checkpoint nor empty is never replaced (error). Calls
+// clean_stale_checkpoint_siblings(dir) first.
 void save_checkpoint(const std::string& dir, const CheckpointWrite& w);
 
 // Crash recovery for DIR: removes DIR.tmp-PID and DIR.old-PID siblings left by dead writers
