@@ -1,0 +1,55 @@
+// Corpus preparation: text files -> tokenizer + train/val token shards + meta.json.
+//
+// Inputs: files or folders (a folder means every *.txt and *.jsonl under it, recursively, in
+// sorted order).
+//   *.jsonl  one document per line: a JSON object with a string "text" (and optional "source");
+//            this is what scripts/build_corpus.sh writes.
+//   other    plain UTF-8 text; form feeds ('\f') separate documents; a document longer than
+//            64 KiB is cut at blank lines into ~16 KiB documents so the split has units to work
+//            with.
+// Cleaning: CRLF -> LF, malformed UTF-8 bytes -> U+FFFD, control characters other than \n and
+// \t removed, ends trimmed. Dropped: empty documents, junk (mostly replacement characters or
+// fewer than 25% letters among non-space characters) and exact duplicates.
+// Split: a document is validation when a 64-bit hash of its text falls below val_fraction
+// (deterministic by document, independent of order and of the tokenizer); at least one
+// document goes to each side.
+// Outputs in out_dir: tokenizer.json (+ tokenizer.model), train.bin, val.bin (see shards.h;
+// every document starts with BOS), meta.json.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "data/shards.h"
+#include "data/tokenizer.h"
+
+namespace dlcm {
+
+struct PrepareOptions {
+  std::string tokenizer = "bpe";  // "bpe" | "bytes"
+  int32_t vocab_size = 8192;      // bpe only (the bytes tokenizer has 260)
+  double val_fraction = 0.01;
+  int64_t bpe_sample_bytes = 40'000'000;  // text sampled for BPE training
+  uint64_t seed = 1234;                   // BPE sample
+  int threads = 0;                        // 0: OpenMP default
+  bool quiet = false;                     // no progress lines on stdout
+};
+
+// Runs the whole preparation; returns the meta.json content. Throws Error with a clear message
+// for missing inputs, unreadable/malformed files, or no usable text.
+nlohmann::json prepare(const std::vector<std::string>& inputs, const std::string& out_dir,
+                       const PrepareOptions& opt = {});
+
+// A prepared data directory, opened and cross-checked (tokenizer vocab == shard vocab).
+struct DataDir {
+  std::string dir;
+  nlohmann::json meta;
+  std::unique_ptr<Tokenizer> tokenizer;
+  std::shared_ptr<const ShardReader> train, val;
+  int64_t val_bytes = 0;  // UTF-8 bytes of the validation text (bits per byte denominator)
+};
+DataDir open_data_dir(const std::string& dir);
+
+}  // namespace dlcm

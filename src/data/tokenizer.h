@@ -1,0 +1,86 @@
+// Tokenizers (SPEC sections 2, 9): one interface, two kinds.
+//   "bpe"   SentencePiece BPE trained with the library (byte fallback, identity normalisation,
+//           whitespace kept, "\n" a piece of its own), files tokenizer.model + tokenizer.json.
+//   "bytes" 256 byte ids after the specials, file tokenizer.json only.
+// Special ids are the same for both kinds: pad=0, bos=1, eos=2, unk=3. Byte b of the bytes
+// tokenizer is id 4+b (vocab 260).
+//
+// Round trips:
+//   bytes: decode(encode(s)) == s for ANY byte string (also invalid UTF-8, NULs).
+//   bpe:   decode(encode(s)) == s for valid UTF-8 s that does not contain U+2581 ("▁", the
+//          SentencePiece whitespace marker, which comes back as a space). Invalid UTF-8 never
+//          crashes: each malformed byte is encoded as U+FFFD (bytes EF BF BD via byte fallback),
+//          so it decodes to U+FFFD. prepare() repairs input text to valid UTF-8 first.
+// decode_piece(id) gives the raw bytes of one token (specials: ""), so a stream of pieces
+// concatenates to decode(ids) for valid UTF-8 (a multi-byte character may arrive split across
+// byte-fallback pieces; buffer until the bytes form whole characters before printing).
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace dlcm {
+
+struct SpecialIds {
+  int32_t pad = 0, bos = 1, eos = 2, unk = 3;
+};
+
+class Tokenizer {
+ public:
+  virtual ~Tokenizer() = default;
+  virtual std::string kind() const = 0;  // "bpe" | "bytes"
+  virtual int32_t vocab_size() const = 0;
+  // Text -> ids, without BOS/EOS.
+  virtual std::vector<int32_t> encode(std::string_view text) const = 0;
+  // Ids -> text; specials (pad/bos/eos) are skipped. Throws Error for ids outside the vocab.
+  virtual std::string decode(const std::vector<int32_t>& ids) const = 0;
+  // Raw bytes of one token, for streaming output ("" for specials).
+  virtual std::string decode_piece(int32_t id) const = 0;
+  // Writes tokenizer.json (and tokenizer.model for bpe) into dir (which must exist).
+  virtual void save(const std::string& dir) const = 0;
+
+  int32_t pad_id() const { return special_.pad; }
+  int32_t bos_id() const { return special_.bos; }
+  int32_t eos_id() const { return special_.eos; }
+  int32_t unk_id() const { return special_.unk; }
+  bool is_special(int32_t id) const { return id >= 0 && id <= special_.unk; }
+
+  // Bytes of text each id stands for (decode_piece(id).size(); 0 for specials); the sum over
+  // the targets of a window is that window's UTF-8 byte count, for bits per byte.
+  std::vector<int32_t> piece_byte_lengths() const;
+
+ protected:
+  SpecialIds special_;
+};
+
+// File names a tokenizer may write into a directory (checkpoints copy those that exist).
+inline const char* kTokenizerJson = "tokenizer.json";
+inline const char* kTokenizerModel = "tokenizer.model";
+// Paths of the tokenizer files present in dir (tokenizer.json first).
+std::vector<std::string> tokenizer_files(const std::string& dir);
+
+std::unique_ptr<Tokenizer> make_byte_tokenizer();
+
+struct BpeOptions {
+  int32_t vocab_size = 8192;
+  // Training sample: lines drawn deterministically (hash of seed and line text) until the byte
+  // budget is reached; bounds training time (~1-2 min for 40 MB on 2 cores).
+  int64_t sample_bytes = 40'000'000;
+  int32_t num_threads = 2;
+  uint64_t seed = 1234;
+  bool verbose = false;  // SentencePiece's own training log on stderr
+};
+// Trains SentencePiece BPE on the documents (order matters only through the hash sample).
+std::unique_ptr<Tokenizer> train_bpe(const std::vector<std::string>& docs, const BpeOptions& opt);
+
+// Reads dir/tokenizer.json (and tokenizer.model); errors name the file and field.
+std::unique_ptr<Tokenizer> load_tokenizer(const std::string& dir);
+
+// UTF-8 helpers (used by prepare and tests).
+bool is_valid_utf8(std::string_view s);
+// Replaces each malformed byte with U+FFFD; returns the number of replacements.
+int64_t repair_utf8(std::string& s);
+
+}  // namespace dlcm

@@ -1,0 +1,419 @@
+// Data layer: tokenizers, token shards, loaders, prepare().
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <set>
+
+#include "data/loader.h"
+#include "data/prepare.h"
+#include "data/shards.h"
+#include "data/tokenizer.h"
+#include "testing.h"
+
+using namespace dlcm;
+namespace fs = std::filesystem;
+
+namespace {
+
+// Deterministic English-like text with varied words, digits, whitespace and some Unicode.
+std::string gen_text(uint64_t seed, int sentences) {
+  static const char* words[] = {"the",    "model",  "concept", "token",  "learns", "a",
+                                "river",  "stone",  "quickly", "under",  "bright", "of",
+                                "dynamic", "large", "boundary", "and",   "café",   "naïve",
+                                "world",  "number", "is",      "over",   "Zürich", "data"};
+  Rng r(seed);
+  std::string s;
+  for (int i = 0; i < sentences; ++i) {
+    int n = 4 + int(r.next() % 9);
+    for (int k = 0; k < n; ++k) {
+      std::string w = words[r.next() % (sizeof words / sizeof *words)];
+      if (k == 0) w[0] = char(std::toupper(w[0]));
+      s += w;
+      s += (r.next() % 11 == 0) ? "  " : " ";
+    }
+    s += std::to_string(r.next() % 1000);
+    s += (r.next() % 5 == 0) ? ".\n" : ". ";
+  }
+  return s;
+}
+
+void write(const std::string& path, const std::string& s) {
+  std::ofstream f(path, std::ios::binary);
+  f << s;
+}
+
+std::string slurp(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  return std::string((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+}
+
+template <typename F>
+std::string error_of(F&& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "<no error>";
+}
+
+std::unique_ptr<Tokenizer> tiny_bpe(int vocab = 400) {
+  std::vector<std::string> docs;
+  for (int i = 0; i < 200; ++i) docs.push_back(gen_text(100 + i, 12));
+  BpeOptions o;
+  o.vocab_size = vocab;
+  return train_bpe(docs, o);
+}
+
+// A shard of n tokens with ids 4 + (i % (V-4)), one document every 37 tokens.
+std::string make_shard(const std::string& dir, int64_t n, int64_t V = 1000) {
+  std::string path = dir + "/s.bin";
+  ShardWriter w(path, V);
+  std::vector<int32_t> doc;
+  for (int64_t i = 0; i < n; ++i) {
+    if (i % 37 == 0 && !doc.empty()) {
+      w.add_document(doc);
+      doc.clear();
+    }
+    doc.push_back(i % 37 == 0 ? 1 : int32_t(4 + i % (V - 4)));
+  }
+  if (!doc.empty()) w.add_document(doc);
+  w.finish();
+  return path;
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------------------- tokenizers
+TEST(Tokenizer, BytesRoundTripAnyBytes) {
+  auto t = make_byte_tokenizer();
+  EXPECT_EQ(t->kind(), "bytes");
+  EXPECT_EQ(t->vocab_size(), 260);
+  Rng r(5);
+  for (int rep = 0; rep < 50; ++rep) {
+    std::string s(r.next() % 300, '\0');
+    for (auto& c : s) c = char(r.next() & 0xFF);
+    auto ids = t->encode(s);
+    ASSERT_EQ(ids.size(), s.size());
+    for (int32_t id : ids) ASSERT_FALSE(t->is_special(id));
+    EXPECT_EQ(t->decode(ids), s);
+    std::string cat;
+    for (int32_t id : ids) cat += t->decode_piece(id);
+    EXPECT_EQ(cat, s);
+  }
+  // Specials are skipped by decode; out-of-range ids are a clear error.
+  EXPECT_EQ(t->decode({t->bos_id(), 4 + 'h', 4 + 'i', t->eos_id()}), "hi");
+  EXPECT_NE(error_of([&] { t->decode({260}); }).find("outside the vocabulary"), std::string::npos);
+  test::TempDir d;
+  t->save(d.path);
+  auto u = load_tokenizer(d.path);
+  EXPECT_EQ(u->kind(), "bytes");
+  EXPECT_EQ(u->encode("abc"), t->encode("abc"));
+  EXPECT_EQ(tokenizer_files(d.path).size(), 1u);
+}
+
+TEST(Tokenizer, BpeRoundTripSaveLoad) {
+  auto t = tiny_bpe();
+  EXPECT_EQ(t->kind(), "bpe");
+  EXPECT_EQ(t->vocab_size(), 400);
+  EXPECT_EQ(t->pad_id(), 0);
+  EXPECT_EQ(t->bos_id(), 1);
+  EXPECT_EQ(t->eos_id(), 2);
+  EXPECT_EQ(t->unk_id(), 3);
+  const std::vector<std::string> cases = {
+      gen_text(1, 30),
+      "",
+      " leading and trailing  ",
+      "tabs\tand\nnew\n\nlines\n",
+      "   indented code:\n    if x:\n        return 42\n",
+      "Unicode: 日本語, emoji 😀, Ελληνικά, ß, €100",
+      "digits 1234567890 and 3.14159",
+      "CRLF\r\nline",
+  };
+  test::TempDir d;
+  t->save(d.path);
+  auto u = load_tokenizer(d.path);
+  EXPECT_EQ(tokenizer_files(d.path).size(), 2u);
+  for (const auto& s : cases) {
+    auto ids = t->encode(s);
+    EXPECT_EQ(t->decode(ids), s) << s;
+    std::string cat;
+    for (int32_t id : ids) cat += t->decode_piece(id);
+    EXPECT_EQ(cat, s) << s;
+    EXPECT_EQ(u->encode(s), ids) << s;
+    int64_t nb = 0;
+    auto pb = t->piece_byte_lengths();
+    for (int32_t id : ids) nb += pb[id];
+    EXPECT_EQ(nb, int64_t(s.size()));
+  }
+  // The BPE merges do compress the training-like text.
+  std::string s = gen_text(7, 50);
+  EXPECT_LT(t->encode(s).size() * 2, s.size());
+  // Invalid UTF-8 does not crash: malformed bytes come back as U+FFFD (documented).
+  std::string bad = "ok \xFF\xC3 end";
+  EXPECT_EQ(t->decode(t->encode(bad)), "ok \xEF\xBF\xBD\xEF\xBF\xBD end");
+  // Newline is a single token.
+  EXPECT_EQ(t->encode("\n").size(), 1u);
+}
+
+TEST(Tokenizer, BpeTrainingIsDeterministic) {
+  auto a = tiny_bpe(350), b = tiny_bpe(350);
+  test::TempDir da, db;
+  a->save(da.path);
+  b->save(db.path);
+  EXPECT_EQ(slurp(da.path + "/tokenizer.model"), slurp(db.path + "/tokenizer.model"));
+}
+
+TEST(Tokenizer, LoadErrorsNameTheFile) {
+  test::TempDir d;
+  EXPECT_NE(error_of([&] { load_tokenizer(d.path); }).find("tokenizer.json"), std::string::npos);
+  write(d.path + "/tokenizer.json", R"({"kind": "wordpiece"})");
+  EXPECT_NE(error_of([&] { load_tokenizer(d.path); }).find("\"kind\""), std::string::npos);
+  write(d.path + "/tokenizer.json", R"({"kind": "bpe"})");
+  EXPECT_NE(error_of([&] { load_tokenizer(d.path); }).find("tokenizer.model"), std::string::npos);
+  write(d.path + "/tokenizer.model", "garbage");
+  EXPECT_NE(error_of([&] { load_tokenizer(d.path); }).find("not a valid SentencePiece"),
+            std::string::npos);
+}
+
+TEST(Tokenizer, Utf8Repair) {
+  std::string s = "a\xC3\xA9\xFF" "b\xE2\x82" "c\xF0\x9F\x98\x80";
+  EXPECT_FALSE(is_valid_utf8(s));
+  EXPECT_EQ(repair_utf8(s), 3);  // one U+FFFD per malformed byte
+  EXPECT_EQ(s, "a\xC3\xA9\xEF\xBF\xBD" "b\xEF\xBF\xBD\xEF\xBF\xBD" "c\xF0\x9F\x98\x80");
+  EXPECT_TRUE(is_valid_utf8(s));
+}
+
+// ---------------------------------------------------------------------------------- shards
+TEST(Shards, WriteReadRoundTrip) {
+  test::TempDir d;
+  for (int64_t V : {300, 70000}) {
+    std::string path = d.path + "/t.bin";
+    ShardWriter w(path, V);
+    w.add_document({1, 5, 6, int32_t(V - 1)});
+    w.add_document({1, 7});
+    w.finish();
+    ShardReader r(path, V);
+    EXPECT_EQ(r.size(), 6);
+    EXPECT_EQ(r.documents(), 2);
+    EXPECT_EQ(r.element_bytes(), V <= 65536 ? 2 : 4);
+    EXPECT_EQ(r.read(0, 6), (std::vector<int32_t>{1, 5, 6, int32_t(V - 1), 1, 7}));
+    EXPECT_EQ(fs::file_size(path), uint64_t(64 + 6 * r.element_bytes()));
+  }
+}
+
+TEST(Shards, HeaderValidationErrors) {
+  test::TempDir d;
+  const std::string good = make_shard(d.path, 500, 1000);
+  const std::string bytes = slurp(good);
+  const std::string p = d.path + "/bad.bin";
+  auto expect_err = [&](const std::string& content, int64_t vocab, const std::string& what) {
+    write(p, content);
+    std::string e = error_of([&] { ShardReader r(p, vocab); });
+    EXPECT_NE(e.find(p), std::string::npos) << e;
+    EXPECT_NE(e.find(what), std::string::npos) << e;
+  };
+  expect_err(bytes.substr(0, 40), 1000, "truncated");
+  expect_err(bytes.substr(0, bytes.size() - 3), 1000, "truncated");
+  expect_err(bytes + "xy", 1000, "trailing");
+  std::string m = bytes;
+  m[0] = 'X';
+  expect_err(m, 1000, "magic");
+  std::string v = bytes;
+  v[8] = 9;
+  expect_err(v, 1000, "version");
+  std::string w = bytes;
+  w[12] = 3;
+  expect_err(w, 1000, "element width");
+  expect_err(bytes, 999, "does not match the expected 999");
+  // A token id beyond the vocab is caught on read.
+  std::string c = bytes;
+  c[64] = char(0xFF), c[65] = char(0xFF);
+  write(p, c);
+  ShardReader r(p, 1000);
+  EXPECT_NE(error_of([&] { r.read(0, 4); }).find("corrupt"), std::string::npos);
+  EXPECT_NE(error_of([&] { ShardReader x(d.path + "/missing.bin"); }).find("missing.bin"),
+            std::string::npos);
+}
+
+// ---------------------------------------------------------------------------------- loaders
+TEST(Loader, DeterministicAndResumable) {
+  test::TempDir d;
+  auto shard = std::make_shared<const ShardReader>(make_shard(d.path, 5000), 1000);
+  TrainLoader a(shard, 32, 42), b(shard, 32, 42), c(shard, 32, 43);
+  Batch x = a.get(10, 1, 0, 4), y = b.get(10, 1, 0, 4);
+  EXPECT_EQ(x.tokens, y.tokens);  // a fresh loader (resume) gives the same batch
+  EXPECT_EQ(x.tokens.size(), 4u * 33);
+  EXPECT_EQ(x.n_targets, 4 * 32);
+  for (int64_t r = 0; r < 4; ++r)
+    for (int64_t i = 0; i < 32; ++i) {
+      EXPECT_EQ(x.inputs[r * 32 + i], x.tokens[r * 33 + i]);
+      EXPECT_EQ(x.targets[r * 32 + i], x.tokens[r * 33 + i + 1]);
+    }
+  EXPECT_NE(a.get(10, 1, 1, 4).tokens, x.tokens);  // other rank
+  EXPECT_NE(a.get(11, 1, 0, 4).tokens, x.tokens);  // other step
+  EXPECT_NE(a.get(10, 0, 0, 4).tokens, x.tokens);  // other micro-batch
+  EXPECT_NE(c.get(10, 1, 0, 4).tokens, x.tokens);  // other seed
+  // Windows stay inside the stream, and offsets spread over it.
+  std::set<int64_t> offs;
+  for (int64_t s = 0; s < 200; ++s) {
+    int64_t o = a.offset(s, 0, 0, 0);
+    EXPECT_GE(o, 0);
+    EXPECT_LE(o + 33, shard->size());
+    offs.insert(o / 500);
+  }
+  EXPECT_EQ(offs.size(), 10u);
+  EXPECT_NE(error_of([&] { TrainLoader t(shard, 5000, 1); }).find("fewer than one"),
+            std::string::npos);
+}
+
+TEST(Loader, ValidationCoversEachTokenOnce) {
+  test::TempDir d;
+  for (int64_t n : {1000, 993, 33, 2}) {
+    auto shard = std::make_shared<const ShardReader>(make_shard(d.path, n), 1000);
+    const int64_t L = 32;
+    ValIterator it(shard, L, 0, std::vector<int32_t>(1000, 1));
+    std::vector<int32_t> seen_targets;
+    Batch b;
+    int64_t bytes = 0, windows = 0;
+    while (it.next(3, b)) {
+      for (int64_t r = 0; r < b.rows; ++r)
+        for (int64_t i = 0; i < L; ++i) {
+          int32_t t = b.targets[r * L + i];
+          if (t >= 0) seen_targets.push_back(t);
+          EXPECT_GE(b.inputs[r * L + i], 0);
+        }
+      bytes += b.n_bytes;
+      windows += b.valid_rows;
+    }
+    const auto all = shard->read(0, n);
+    EXPECT_EQ(std::vector<int32_t>(all.begin() + 1, all.end()), seen_targets) << n;
+    EXPECT_EQ(it.num_targets(), n - 1);
+    EXPECT_EQ(bytes, n - 1);
+    EXPECT_EQ(windows, it.num_windows());
+    it.reset();
+    EXPECT_TRUE(it.next(1, b));
+  }
+  EXPECT_NEAR(bits_per_byte(std::log(2.0) * 10, 5), 2.0, 1e-12);
+}
+
+// ---------------------------------------------------------------------------------- prepare
+namespace {
+std::string corpus_jsonl(int docs, uint64_t seed) {
+  std::string s;
+  for (int i = 0; i < docs; ++i) {
+    nlohmann::json j = {{"source", i % 2 ? "odd" : "even"}, {"text", gen_text(seed + i, 6)}};
+    s += j.dump() + "\n";
+  }
+  return s;
+}
+
+std::multiset<std::string> docs_of(const ShardReader& r, const Tokenizer& t) {
+  std::multiset<std::string> out;
+  auto all = r.read(0, r.size());
+  std::vector<int32_t> cur;
+  for (size_t i = 0; i <= all.size(); ++i) {
+    if (i == all.size() || (all[i] == t.bos_id() && i > 0)) {
+      out.insert(t.decode(cur));
+      cur.clear();
+    }
+    if (i < all.size() && all[i] != t.bos_id()) cur.push_back(all[i]);
+  }
+  return out;
+}
+}  // namespace
+
+TEST(Prepare, BytesSplitIsDisjointAndDeterministic) {
+  test::TempDir in, o1, o2;
+  fs::create_directories(in.path + "/sub");
+  std::string jl = corpus_jsonl(400, 1000);
+  write(in.path + "/a.jsonl", jl);
+  // Plain text with form-feed separated documents, a duplicate and junk.
+  write(in.path + "/sub/b.txt", gen_text(1, 20) + "\f" + gen_text(2, 20) + "\f" +
+                                    gen_text(1, 20) + "\f\x01\x02###\f  \n");
+  write(in.path + "/ignored.bin", "not read");
+  PrepareOptions po;
+  po.tokenizer = "bytes";
+  po.quiet = true;
+  po.val_fraction = 0.05;
+  auto meta = prepare({in.path}, o1.path, po);
+  EXPECT_EQ(meta["documents"]["kept"], 402);
+  EXPECT_EQ(meta["documents"]["duplicates"], 1);
+  EXPECT_EQ(meta["documents"]["junk"], 1);
+  EXPECT_EQ(meta["documents"]["empty"], 1);
+  DataDir dd = open_data_dir(o1.path);
+  auto tr = docs_of(*dd.train, *dd.tokenizer), va = docs_of(*dd.val, *dd.tokenizer);
+  EXPECT_EQ(int64_t(tr.size()), dd.train->documents());
+  EXPECT_EQ(int64_t(va.size()), dd.val->documents());
+  EXPECT_EQ(tr.size() + va.size(), 402u);
+  EXPECT_GT(va.size(), 5u);
+  EXPECT_LT(va.size(), 50u);
+  for (const auto& v : va) EXPECT_EQ(tr.count(v), 0u);
+  EXPECT_EQ(dd.val_bytes, meta["val"]["bytes"].get<int64_t>());
+  EXPECT_EQ(dd.val_bytes, meta["val"]["target_bytes"].get<int64_t>());
+  EXPECT_EQ(dd.val_bytes + dd.val->documents(), dd.val->size());  // bytes + one BOS per doc
+  // Deterministic by document: reversed input order gives the same validation set.
+  std::string rev;
+  {
+    std::vector<std::string> lines;
+    size_t p = 0;
+    while (p < jl.size()) {
+      size_t nl = jl.find('\n', p);
+      lines.push_back(jl.substr(p, nl - p + 1));
+      p = nl + 1;
+    }
+    for (auto it = lines.rbegin(); it != lines.rend(); ++it) rev += *it;
+  }
+  test::TempDir in2;
+  write(in2.path + "/x.jsonl", rev);
+  fs::copy(in.path + "/sub/b.txt", in2.path + "/b.txt");
+  prepare({in2.path}, o2.path, po);
+  DataDir d2 = open_data_dir(o2.path);
+  EXPECT_EQ(docs_of(*d2.val, *d2.tokenizer), va);
+}
+
+TEST(Prepare, BpeEndToEnd) {
+  test::TempDir in, out;
+  write(in.path + "/c.jsonl", corpus_jsonl(300, 77));
+  PrepareOptions po;
+  po.vocab_size = 512;
+  po.quiet = true;
+  auto meta = prepare({in.path + "/c.jsonl"}, out.path, po);
+  DataDir dd = open_data_dir(out.path);
+  EXPECT_EQ(dd.tokenizer->kind(), "bpe");
+  EXPECT_EQ(dd.train->vocab_size(), dd.tokenizer->vocab_size());
+  EXPECT_GT(meta["bytes_per_token"].get<double>(), 2.0);
+  EXPECT_EQ(meta["val"]["bytes"], meta["val"]["target_bytes"]);
+  EXPECT_EQ(dd.train->at(0), dd.tokenizer->bos_id());
+  EXPECT_EQ(dd.val->at(0), dd.tokenizer->bos_id());
+  for (const char* f : {"tokenizer.json", "tokenizer.model", "train.bin", "val.bin", "meta.json"})
+    EXPECT_TRUE(fs::exists(out.path + "/" + f)) << f;
+  ValIterator it(dd.val, 64, dd.tokenizer->pad_id(), dd.tokenizer->piece_byte_lengths());
+  Batch b;
+  int64_t bytes = 0;
+  while (it.next(4, b)) bytes += b.n_bytes;
+  EXPECT_EQ(bytes, dd.val_bytes);
+}
+
+TEST(Prepare, EmptyOrJunkInputIsAClearError) {
+  test::TempDir in, out;
+  write(in.path + "/empty.txt", "");
+  write(in.path + "/junk.txt", std::string("\x01\x02\x03 12345 ---- \xFF\xFE\xFD", 17) +
+                                   "\f" + "    \n\n\t");
+  PrepareOptions po;
+  po.quiet = true;
+  po.tokenizer = "bytes";
+  std::string e = error_of([&] { prepare({in.path}, out.path, po); });
+  EXPECT_NE(e.find("no usable text"), std::string::npos) << e;
+  test::TempDir none;
+  e = error_of([&] { prepare({none.path}, out.path, po); });
+  EXPECT_NE(e.find("no .txt or .jsonl"), std::string::npos) << e;
+  e = error_of([&] { prepare({none.path + "/nope.txt"}, out.path, po); });
+  EXPECT_NE(e.find("does not exist"), std::string::npos) << e;
+  write(in.path + "/bad.jsonl", "{\"text\": \"fine\"}\n[1,2]\n");
+  e = error_of([&] { prepare({in.path + "/bad.jsonl"}, out.path, po); });
+  EXPECT_NE(e.find("bad.jsonl:2"), std::string::npos) << e;
+  po.tokenizer = "wordpiece";
+  e = error_of([&] { prepare({in.path}, out.path, po); });
+  EXPECT_NE(e.find("--tokenizer"), std::string::npos) << e;
+}
