@@ -241,7 +241,7 @@ TEST(Loader, DeterministicAndResumable) {
   test::TempDir d;
   auto shard = std::make_shared<const ShardReader>(make_shard(d.path, 5000), 1000);
   TrainLoader a(shard, 32, 42), b(shard, 32, 42), c(shard, 32, 43);
-  Batch x = a.get(10, 1, 0, 4), y = b.get(10, 1, 0, 4);
+  TokenBatch x = a.get(10, 1, 0, 4), y = b.get(10, 1, 0, 4);
   EXPECT_EQ(x.tokens, y.tokens);  // a fresh loader (resume) gives the same batch
   EXPECT_EQ(x.tokens.size(), 4u * 33);
   EXPECT_EQ(x.n_targets, 4 * 32);
@@ -274,7 +274,7 @@ TEST(Loader, ValidationCoversEachTokenOnce) {
     const int64_t L = 32;
     ValIterator it(shard, L, 0, std::vector<int32_t>(1000, 1));
     std::vector<int32_t> seen_targets;
-    Batch b;
+    TokenBatch b;
     int64_t bytes = 0, windows = 0;
     while (it.next(3, b)) {
       for (int64_t r = 0; r < b.rows; ++r)
@@ -389,7 +389,7 @@ TEST(Prepare, BpeEndToEnd) {
   for (const char* f : {"tokenizer.json", "tokenizer.model", "train.bin", "val.bin", "meta.json"})
     EXPECT_TRUE(fs::exists(out.path + "/" + f)) << f;
   ValIterator it(dd.val, 64, dd.tokenizer->pad_id(), dd.tokenizer->piece_byte_lengths());
-  Batch b;
+  TokenBatch b;
   int64_t bytes = 0;
   while (it.next(4, b)) bytes += b.n_bytes;
   EXPECT_EQ(bytes, dd.val_bytes);

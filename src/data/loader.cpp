@@ -7,7 +7,7 @@
 namespace dlcm {
 namespace {
 
-void shape(Batch& b, int64_t rows, int64_t L) {
+void shape(TokenBatch& b, int64_t rows, int64_t L) {
   b.rows = rows;
   b.L = L;
   b.tokens.assign(size_t(rows * (L + 1)), -1);
@@ -17,7 +17,7 @@ void shape(Batch& b, int64_t rows, int64_t L) {
 }
 
 // Derives inputs/targets from tokens and counts targets (and bytes).
-void finish(Batch& b, int32_t pad, const std::vector<int32_t>& bytes) {
+void finish(TokenBatch& b, int32_t pad, const std::vector<int32_t>& bytes) {
   const int64_t L = b.L;
   for (int64_t r = 0; r < b.rows; ++r) {
     const int32_t* t = b.tokens.data() + r * (L + 1);
@@ -56,7 +56,7 @@ int64_t TrainLoader::offset(int64_t step, int64_t micro, int64_t rank, int64_t r
                  range);
 }
 
-void TrainLoader::get(int64_t step, int64_t micro, int64_t rank, int64_t rows, Batch& out) const {
+void TrainLoader::get(int64_t step, int64_t micro, int64_t rank, int64_t rows, TokenBatch& out) const {
   DLCM_CHECK(rows >= 1, "TrainLoader: rows must be >= 1, got ", rows);
   shape(out, rows, L_);
   for (int64_t r = 0; r < rows; ++r)
@@ -78,7 +78,7 @@ ValIterator::ValIterator(std::shared_ptr<const ShardReader> val, int64_t seq_len
 
 int64_t ValIterator::num_targets() const { return shard_->size() >= 2 ? shard_->size() - 1 : 0; }
 
-bool ValIterator::next(int64_t rows, Batch& out) {
+bool ValIterator::next(int64_t rows, TokenBatch& out) {
   DLCM_CHECK(rows >= 1, "ValIterator: rows must be >= 1, got ", rows);
   shape(out, rows, L_);
   if (next_ >= n_windows_) {

@@ -19,7 +19,7 @@
 
 namespace dlcm {
 
-struct Batch {
+struct TokenBatch {
   int64_t rows = 0, L = 0;
   std::vector<int32_t> tokens;   // [rows, L+1]; -1 marks padding (validation tail only)
   std::vector<int32_t> inputs;   // [rows, L]   = tokens[:, :L], padding -> pad_id
@@ -35,9 +35,9 @@ class TrainLoader {
   TrainLoader(std::shared_ptr<const ShardReader> train, int64_t seq_len, uint64_t seed,
               int32_t pad_id = 0);
   // Fills `out` with `rows` windows for (step, micro, rank).
-  void get(int64_t step, int64_t micro, int64_t rank, int64_t rows, Batch& out) const;
-  Batch get(int64_t step, int64_t micro, int64_t rank, int64_t rows) const {
-    Batch b;
+  void get(int64_t step, int64_t micro, int64_t rank, int64_t rows, TokenBatch& out) const;
+  TokenBatch get(int64_t step, int64_t micro, int64_t rank, int64_t rows) const {
+    TokenBatch b;
     get(step, micro, rank, rows, b);
     return b;
   }
@@ -55,14 +55,14 @@ class TrainLoader {
 
 class ValIterator {
  public:
-  // piece_bytes (optional): Tokenizer::piece_byte_lengths(), for Batch::n_bytes.
+  // piece_bytes (optional): Tokenizer::piece_byte_lengths(), for TokenBatch::n_bytes.
   ValIterator(std::shared_ptr<const ShardReader> val, int64_t seq_len, int32_t pad_id = 0,
               std::vector<int32_t> piece_bytes = {});
   int64_t num_windows() const { return n_windows_; }
   int64_t num_targets() const;  // = n_tokens - 1 (all targets over all windows)
   // Fills up to `rows` next windows; rows past the end are all padding. Returns false (and
   // leaves out empty-handed: valid_rows 0) when every window has been served.
-  bool next(int64_t rows, Batch& out);
+  bool next(int64_t rows, TokenBatch& out);
   void reset() { next_ = 0; }
   int64_t position() const { return next_; }  // next window index
 

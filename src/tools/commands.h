@@ -46,6 +46,21 @@ struct BenchTrainArgs {
 };
 int cmd_bench_train(const BenchTrainArgs& a);
 
+struct PrepareArgs {
+  std::vector<std::string> inputs;
+  std::string out, tokenizer = "bpe";
+  i64 vocab_size = 8192;
+  double val_fraction = 0.01;
+};
+int cmd_prepare(const PrepareArgs& a);
+
+struct EvalArgs {
+  std::string ckpt, data, out;
+  i64 limit = -1;  // validation batches (-1 = all)
+  i64 batch_size = 8, seq_len = 0;
+};
+int cmd_eval(const EvalArgs& a);
+
 // Reads a token-rows file (one row of space-separated ids per line, all rows equally long).
 std::vector<std::vector<i32>> read_token_rows(const std::string& path);
 

@@ -57,6 +57,23 @@ int main(int argc, char** argv) {
   btrain->add_option("--repeats", ba.repeats, "repeats (median reported)");
   btrain->add_flag("--no-torch", ba.no_torch, "skip the PyTorch reference");
 
+  PrepareArgs pa;
+  auto* prep = app.add_subcommand("prepare", "corpus files/folders -> tokenizer + train/val token shards");
+  prep->add_option("--input", pa.inputs, "corpus files or folders (*.jsonl, *.txt)")->required();
+  prep->add_option("--out", pa.out, "output folder")->required();
+  prep->add_option("--tokenizer", pa.tokenizer, "bpe (SentencePiece) or bytes")->check(CLI::IsMember({"bpe", "bytes"}));
+  prep->add_option("--vocab-size", pa.vocab_size, "BPE vocabulary size")->check(CLI::Range(300, 1 << 20));
+  prep->add_option("--val-fraction", pa.val_fraction, "share of documents for validation")->check(CLI::Range(0.0, 0.5));
+
+  EvalArgs ea;
+  auto* ev = app.add_subcommand("eval", "validation bits per byte, perplexity (JSON report)");
+  ev->add_option("--ckpt", ea.ckpt, "checkpoint or run folder")->required();
+  ev->add_option("--data", ea.data, "prepared data folder (validation split)")->required();
+  ev->add_option("--limit", ea.limit, "at most this many validation batches");
+  ev->add_option("--batch-size", ea.batch_size, "rows per batch")->check(CLI::Range(1, 4096));
+  ev->add_option("--seq-len", ea.seq_len, "window length (default: the model's train.seq_len)");
+  ev->add_option("--out", ea.out, "write the JSON report here");
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -68,6 +85,8 @@ int main(int argc, char** argv) {
     if (*gen) return cmd_generate(ga);
     if (*flops) return cmd_flops(la);
     if (*btrain) return cmd_bench_train(ba);
+    if (*prep) return cmd_prepare(pa);
+    if (*ev) return cmd_eval(ea);
   } catch (const dlcm::Error& e) {
     std::fprintf(stderr, "dlcm: error: %s\n", e.what());
     return 2;

@@ -1,0 +1,72 @@
+#include "data/train_data.h"
+
+#include <algorithm>
+#include <mutex>
+
+#include "data/loader.h"
+#include "data/prepare.h"
+
+namespace dlcm {
+
+TrainData open_train_data(const std::string& dir, const Config& cfg) {
+  auto dd = std::make_shared<DataDir>(open_data_dir(dir));
+  const ModelConfig& m = cfg.model;
+  DLCM_CHECK(dd->tokenizer->vocab_size() == m.vocab_size, dir, ": the tokenizer has ",
+             dd->tokenizer->vocab_size(), " tokens but the config says vocab_size ", m.vocab_size,
+             " (set vocab_size to ", dd->tokenizer->vocab_size(), ")");
+  DLCM_CHECK(dd->tokenizer->bos_id() == m.bos_id && dd->tokenizer->eos_id() == m.eos_id &&
+                 dd->tokenizer->pad_id() == m.pad_id,
+             dir, ": tokenizer special ids (bos ", dd->tokenizer->bos_id(), ", eos ",
+             dd->tokenizer->eos_id(), ", pad ", dd->tokenizer->pad_id(),
+             ") differ from the config's bos_id/eos_id/pad_id");
+  auto train = std::make_shared<TrainLoader>(dd->train, cfg.train.seq_len, cfg.train.seed, m.pad_id);
+  TrainData t;
+  t.train_batch = [train](i64 step, i64 micro, i64 rank, i64 B, i64 L, i32* tok, i32* tgt) {
+    DLCM_CHECK(L == train->seq_len(), "internal: loader built for another seq_len");
+    TokenBatch b = train->get(step, micro, rank, B);
+    std::copy(b.inputs.begin(), b.inputs.end(), tok);
+    std::copy(b.targets.begin(), b.targets.end(), tgt);
+  };
+  // Validation windows are indexed: batch i holds windows [i*B, (i+1)*B).
+  struct Val {
+    std::shared_ptr<DataDir> dd;
+    i64 L = 0;
+    std::unique_ptr<ValIterator> it;
+  };
+  auto val = std::make_shared<Val>();
+  val->dd = dd;
+  t.val_count = [val](i64 B, i64 L) {
+    if (!val->it || val->L != L) {
+      val->it = std::make_unique<ValIterator>(val->dd->val, L, val->dd->tokenizer->pad_id());
+      val->L = L;
+    }
+    return (val->it->num_windows() + B - 1) / B;
+  };
+  t.val_batch = [val](i64 i, i64 B, i64 L, i32* tok, i32* tgt) {
+    if (!val->it || val->L != L) {
+      val->it = std::make_unique<ValIterator>(val->dd->val, L, val->dd->tokenizer->pad_id());
+      val->L = L;
+    }
+    // The iterator is sequential; reposition by replaying from the start when needed.
+    if (val->it->position() != i * B) {
+      val->it->reset();
+      TokenBatch skip;
+      for (i64 k = 0; k < i; ++k) val->it->next(B, skip);
+    }
+    TokenBatch b;
+    val->it->next(B, b);
+    if (b.inputs.empty()) {
+      std::fill(tok, tok + B * L, val->dd->tokenizer->pad_id());
+      std::fill(tgt, tgt + B * L, -1);
+      return;
+    }
+    std::copy(b.inputs.begin(), b.inputs.end(), tok);
+    std::copy(b.targets.begin(), b.targets.end(), tgt);
+  };
+  t.val_bytes = double(dd->val_bytes);
+  t.val_tokens = dd->val->size() > 0 ? dd->val->size() - 1 : 0;
+  t.checkpoint_files = tokenizer_files(dir);
+  return t;
+}
+
+}  // namespace dlcm
