@@ -1,8 +1,10 @@
 // Causal grouped-query attention, blockwise (FlashAttention-2 schedule on CPU).
 //
 // Forward: one task per (batch, query head, query block). Scores for one key block at a time
-// go into a small [BQ, BK] tile; an online softmax (running max m, running sum l) rescales
-// the output accumulator, so no Lq x Lk matrix ever exists. Saves lse = m + log(l).
+// go into a small transposed tile S^T [BK, BQ] (= K Q^T, with Q^T packed once per task, so
+// the softmax statistics per query are vertical vector ops); an online softmax (running max
+// m, running sum l) rescales the output accumulator, so no Lq x Lk matrix ever exists.
+// Saves lse = m + log(l).
 //
 // Backward: one task per (batch, kv head). The task owns every query head of its group, so it
 // can accumulate dq, dk and dv without races or per-thread copies: for each key block it
@@ -14,6 +16,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 
 #include "kernels/ops.h"
@@ -30,44 +33,63 @@ constexpr i64 BK = 64;  // keys per tile
 // A(r,k) = A[r*rsa + k*csa] (any strides: lets P^T and dS^T be read without a transpose);
 // row k of B starts at B + k*ldb and is contiguous; rows of C are ldc apart.
 #ifdef DLCM_AVX512
+// Accumulators are named variables, not an array: GCC keeps an array of 16+ zmm on the stack
+// and reloads it every k step, which ran this kernel at a fraction of FMA throughput.
+#define DLCM_ROW(r)                                                                  \
+  __m512 c##r##0 = _mm512_setzero_ps(), c##r##1 = c##r##0, c##r##2 = c##r##0,        \
+         c##r##3 = c##r##0;
+#define DLCM_FMA(r)                                                                  \
+  if constexpr (MR > r) {                                                            \
+    const __m512 av = _mm512_set1_ps(a[r * rsa]);                                    \
+    c##r##0 = _mm512_fmadd_ps(av, b0, c##r##0);                                      \
+    if constexpr (NV > 1) c##r##1 = _mm512_fmadd_ps(av, b1, c##r##1);                \
+    if constexpr (NV > 2) c##r##2 = _mm512_fmadd_ps(av, b2, c##r##2);                \
+    if constexpr (NV > 3) c##r##3 = _mm512_fmadd_ps(av, b3, c##r##3);                \
+  }
+#define DLCM_STORE(r)                                                                \
+  if constexpr (MR > r) {                                                            \
+    float* cr = C + r * ldc;                                                         \
+    store(cr, c##r##0, NV == 1 ? last : full);                                       \
+    if constexpr (NV > 1) store(cr + 16, c##r##1, NV == 2 ? last : full);            \
+    if constexpr (NV > 2) store(cr + 32, c##r##2, NV == 3 ? last : full);            \
+    if constexpr (NV > 3) store(cr + 48, c##r##3, last);                             \
+  }
+
+// MR rows x NV vectors of 16 columns; the last vector is masked by `last`.
 template <int MR, int NV>
 void mm_tile(float* C, i64 ldc, const float* A, i64 rsa, i64 csa, const float* B, i64 ldb, i64 K,
              __mmask16 last, float alpha, bool acc) {
-  __m512 c[MR][NV];
-  for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < NV; ++v) c[r][v] = _mm512_setzero_ps();
+  DLCM_ROW(0) DLCM_ROW(1) DLCM_ROW(2) DLCM_ROW(3) DLCM_ROW(4) DLCM_ROW(5)
+  const __mmask16 full = 0xFFFF;
   for (i64 k = 0; k < K; ++k) {
     const float* b = B + k * ldb;
-    __m512 bv[NV];
-    for (int v = 0; v < NV - 1; ++v) bv[v] = _mm512_loadu_ps(b + 16 * v);
-    bv[NV - 1] = _mm512_maskz_loadu_ps(last, b + 16 * (NV - 1));
+    const __m512 b0 = _mm512_maskz_loadu_ps(NV == 1 ? last : full, b);
+    const __m512 b1 = NV > 1 ? _mm512_maskz_loadu_ps(NV == 2 ? last : full, b + 16) : b0;
+    const __m512 b2 = NV > 2 ? _mm512_maskz_loadu_ps(NV == 3 ? last : full, b + 32) : b0;
+    const __m512 b3 = NV > 3 ? _mm512_maskz_loadu_ps(last, b + 48) : b0;
     const float* a = A + k * csa;
-    for (int r = 0; r < MR; ++r) {
-      __m512 av = _mm512_set1_ps(a[r * rsa]);
-      for (int v = 0; v < NV; ++v) c[r][v] = _mm512_fmadd_ps(av, bv[v], c[r][v]);
-    }
+    DLCM_FMA(0) DLCM_FMA(1) DLCM_FMA(2) DLCM_FMA(3) DLCM_FMA(4) DLCM_FMA(5)
   }
   const __m512 al = _mm512_set1_ps(alpha);
-  for (int r = 0; r < MR; ++r) {
-    float* cr = C + r * ldc;
-    for (int v = 0; v < NV; ++v) {
-      __mmask16 m = (v == NV - 1) ? last : __mmask16(0xFFFF);
-      __m512 x = _mm512_mul_ps(c[r][v], al);
-      if (acc) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(m, cr + 16 * v));
-      _mm512_mask_storeu_ps(cr + 16 * v, m, x);
-    }
-  }
+  auto store = [&](float* dst, __m512 x, __mmask16 m) {
+    x = acc ? _mm512_fmadd_ps(x, al, _mm512_maskz_loadu_ps(m, dst)) : _mm512_mul_ps(x, al);
+    _mm512_mask_storeu_ps(dst, m, x);
+  };
+  DLCM_STORE(0) DLCM_STORE(1) DLCM_STORE(2) DLCM_STORE(3) DLCM_STORE(4) DLCM_STORE(5)
 }
+#undef DLCM_ROW
+#undef DLCM_FMA
+#undef DLCM_STORE
 
 using TileFn = void (*)(float*, i64, const float*, i64, i64, const float*, i64, i64, __mmask16,
                         float, bool);
-constexpr int MR = 4;
-const TileFn kTiles[MR][4] = {
-    {mm_tile<1, 1>, mm_tile<1, 2>, mm_tile<1, 3>, mm_tile<1, 4>},
-    {mm_tile<2, 1>, mm_tile<2, 2>, mm_tile<2, 3>, mm_tile<2, 4>},
-    {mm_tile<3, 1>, mm_tile<3, 2>, mm_tile<3, 3>, mm_tile<3, 4>},
-    {mm_tile<4, 1>, mm_tile<4, 2>, mm_tile<4, 3>, mm_tile<4, 4>},
-};
+constexpr int MR = 6;
+template <int R>
+constexpr std::array<TileFn, 4> tile_row() {
+  return {mm_tile<R, 1>, mm_tile<R, 2>, mm_tile<R, 3>, mm_tile<R, 4>};
+}
+const std::array<TileFn, 4> kTiles[MR] = {tile_row<1>(), tile_row<2>(), tile_row<3>(),
+                                          tile_row<4>(), tile_row<5>(), tile_row<6>()};
 
 void mm(float* C, i64 ldc, const float* A, i64 rsa, i64 csa, const float* B, i64 ldb, i64 M,
         i64 N, i64 K, float alpha, bool acc) {
@@ -102,13 +124,50 @@ void mm(float* C, i64 ldc, const float* A, i64 rsa, i64 csa, const float* B, i64
 }
 #endif
 
-// dst[c*BK + j] = src[j*ld + c] for j < nk, c < hd: a key (or value) block, transposed so
-// that it can be the contiguous B operand of mm().
-void pack_t(float* dst, const float* src, i64 ld, i64 nk, i64 hd) {
-  for (i64 j = 0; j < nk; ++j) {
+// dst[c*ldd + j] = src[j*ld + c] for j < n, c < hd: a block of rows, transposed so that it
+// can be the contiguous B operand of mm().
+void pack_t(float* dst, i64 ldd, const float* src, i64 ld, i64 n, i64 hd) {
+  for (i64 j = 0; j < n; ++j) {
     const float* s = src + j * ld;
-    for (i64 c = 0; c < hd; ++c) dst[c * BK + j] = s[c];
+    for (i64 c = 0; c < hd; ++c) dst[c * ldd + j] = s[c];
   }
+}
+
+// Online softmax over the columns of a transposed score tile st [nk, ld] (column i = query
+// i < mq). Per column: m_new = max(m, max_j st), corr = exp(m - m_new), st = exp(st - m_new),
+// l = l*corr + sum_j st. Column-wise, so every step is a plain vertical vector op.
+void softmax_cols(float* st, i64 nk, i64 mq, float* m, float* l, float* corr) {
+#ifdef DLCM_AVX512
+  const i64 ld = BQ;
+  for (i64 i = 0; i < mq; i += 16) {
+    const __mmask16 km = simd::tail_mask(mq - i);
+    const __m512 mo = _mm512_maskz_loadu_ps(km, m + i);
+    __m512 mx = mo;
+    for (i64 j = 0; j < nk; ++j) mx = _mm512_max_ps(mx, _mm512_maskz_loadu_ps(km, st + j * ld + i));
+    const __m512 c = simd::exp_ps(_mm512_sub_ps(mo, mx));
+    __m512 sum = _mm512_setzero_ps();
+    for (i64 j = 0; j < nk; ++j) {
+      float* row = st + j * ld + i;
+      const __m512 e = simd::exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(km, row), mx));
+      _mm512_mask_storeu_ps(row, km, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    _mm512_mask_storeu_ps(l + i, km, _mm512_fmadd_ps(_mm512_maskz_loadu_ps(km, l + i), c, sum));
+    _mm512_mask_storeu_ps(m + i, km, mx);
+    _mm512_mask_storeu_ps(corr + i, km, c);
+  }
+#else
+  for (i64 i = 0; i < mq; ++i) {
+    float mx = m[i];
+    for (i64 j = 0; j < nk; ++j) mx = std::max(mx, st[j * BQ + i]);
+    const float c = std::exp(m[i] - mx);
+    float sum = 0;
+    for (i64 j = 0; j < nk; ++j) sum += (st[j * BQ + i] = std::exp(st[j * BQ + i] - mx));
+    l[i] = l[i] * c + sum;
+    m[i] = mx;
+    corr[i] = c;
+  }
+#endif
 }
 
 // Keys visible to query row r of a tile: absolute query position qpos sees keys <= qpos.
@@ -134,8 +193,8 @@ void attention_forward(float* out, float* lse, const float* q, const float* k, c
   const bool par = B * Hq * Lq * std::min(Lk, q_offset + Lq) * hd > (1 << 16);
 #pragma omp parallel if (par)
   {
-    Buf kt(size_t(hd) * BK), s(size_t(BQ) * BK), o(size_t(BQ) * hd);
-    float m[BQ], l[BQ];
+    Buf qt(size_t(hd) * BQ), st(size_t(BK) * BQ), o(size_t(BQ) * hd);
+    alignas(64) float m[BQ], l[BQ], corr[BQ];
 #pragma omp for schedule(dynamic, 1)
     for (i64 t = 0; t < ntask; ++t) {
       // Heaviest (last) query blocks first, so that dynamic scheduling balances the tail.
@@ -146,35 +205,35 @@ void attention_forward(float* out, float* lse, const float* q, const float* k, c
       const float* kp = k + (b * Lk * Hkv + g) * hd;
       const float* vp = v + (b * Lk * Hkv + g) * hd;
       const i64 jend = std::min(Lk, q_offset + i0 + mq);  // keys seen by the tile's last row
-      std::fill(m, m + mq, -INFINITY);
-      std::fill(l, l + mq, 0.0f);
+      pack_t(qt.data(), BQ, qp, ldq, mq, hd);  // Q^T [hd, mq], packed once for all key blocks
+      std::fill(m, m + BQ, -INFINITY);
+      std::fill(l, l + BQ, 0.0f);
       std::fill(o.begin(), o.begin() + mq * hd, 0.0f);
       for (i64 j0 = 0; j0 < jend; j0 += BK) {
         const i64 nk = std::min(BK, jend - j0);
-        pack_t(kt.data(), kp + j0 * ldk, ldk, nk, hd);
-        mm(s.data(), BK, qp, ldq, 1, kt.data(), BK, mq, nk, hd, scale, false);  // S [mq, nk]
-        for (i64 r = 0; r < mq; ++r) {
-          float* row = s.data() + r * BK;
-          for (i64 j = n_visible(q_offset + i0 + r, j0, nk); j < nk; ++j) row[j] = -INFINITY;
-          // Block 0 always holds key 0, visible to every query, so m is finite from then on.
-          const float mnew = std::max(m[r], simd::hmax(row, nk));
-          const float corr = std::exp(m[r] - mnew);  // 0 on the first block
-          l[r] = float(l[r] * corr + simd::exp_sub_sum(row, nk, mnew));
-          m[r] = mnew;
-          if (corr != 1.0f) {
+        mm(st.data(), BQ, kp + j0 * ldk, ldk, 1, qt.data(), BQ, nk, mq, hd, scale, false);
+        // Causal mask: key j0+j is visible to tile queries i >= j0 + j - q_offset - i0.
+        if (j0 + nk - 1 > q_offset + i0)
+          for (i64 j = 0; j < nk; ++j)
+            std::fill_n(st.data() + j * BQ, std::clamp<i64>(j0 + j - q_offset - i0, 0, mq),
+                        -INFINITY);
+        softmax_cols(st.data(), nk, mq, m, l, corr);  // S^T -> P^T, running stats
+        for (i64 r = 0; r < mq; ++r)
+          if (corr[r] != 1.0f) {
             float* orow = o.data() + r * hd;
+            const float c = corr[r];
 #pragma omp simd
-            for (i64 c = 0; c < hd; ++c) orow[c] *= corr;
+            for (i64 x = 0; x < hd; ++x) orow[x] *= c;
           }
-        }
-        mm(o.data(), hd, s.data(), BK, 1, vp + j0 * ldk, ldk, mq, hd, nk, 1.0f, true);  // O += P V
+        // O += P V, P read transposed out of P^T.
+        mm(o.data(), hd, st.data(), 1, BQ, vp + j0 * ldk, ldk, mq, hd, nk, 1.0f, true);
       }
       for (i64 r = 0; r < mq; ++r) {
         const float inv = 1.0f / l[r];
         float* dst = out + ((b * Lq + i0 + r) * Hq + h) * hd;
         const float* orow = o.data() + r * hd;
 #pragma omp simd
-        for (i64 c = 0; c < hd; ++c) dst[c] = orow[c] * inv;
+        for (i64 x = 0; x < hd; ++x) dst[x] = orow[x] * inv;
         lse[(b * Hq + h) * Lq + i0 + r] = m[r] + std::log(l[r]);
       }
     }
@@ -214,8 +273,8 @@ void attention_backward(float* dq, float* dk, float* dv, const float* dout, cons
       const i64 jend = std::min(Lk, q_offset + Lq);
       for (i64 j0 = 0; j0 < jend; j0 += BK) {
         const i64 nk = std::min(BK, jend - j0);
-        pack_t(kt.data(), kp + j0 * ldk, ldk, nk, hd);
-        pack_t(vt.data(), vp + j0 * ldk, ldk, nk, hd);
+        pack_t(kt.data(), BK, kp + j0 * ldk, ldk, nk, hd);
+        pack_t(vt.data(), BK, vp + j0 * ldk, ldk, nk, hd);
         std::fill(dka.begin(), dka.begin() + nk * hd, 0.0f);
         std::fill(dva.begin(), dva.begin() + nk * hd, 0.0f);
         const i64 istart = std::max<i64>(0, j0 - q_offset);  // first query that sees key j0
