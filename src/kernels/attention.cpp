@@ -124,12 +124,53 @@ void mm(float* C, i64 ldc, const float* A, i64 rsa, i64 csa, const float* B, i64
 }
 #endif
 
+#ifdef DLCM_AVX512
+// dst[c*ldd + r] = src[r*ld + c] for a full 16x16 tile, in registers: unpack pairs of rows,
+// then 4x4 shuffles inside 128-bit lanes, then two rounds of lane shuffles.
+// (GCC 12 flags the intrinsics' internal undefined pass-through operand; a false positive.)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+inline void transpose16(float* dst, i64 ldd, const float* src, i64 ld) {
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * ld);
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  // r[4i+k], 128-bit lane L: column 4L+k of rows 4i..4i+3.
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+    r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+  for (int k = 0; k < 4; ++k) {
+    const __m512 x0 = _mm512_shuffle_f32x4(r[k], r[4 + k], 0x88);
+    const __m512 x1 = _mm512_shuffle_f32x4(r[k], r[4 + k], 0xDD);
+    const __m512 y0 = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0x88);
+    const __m512 y1 = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0xDD);
+    _mm512_storeu_ps(dst + k * ldd, _mm512_shuffle_f32x4(x0, y0, 0x88));
+    _mm512_storeu_ps(dst + (4 + k) * ldd, _mm512_shuffle_f32x4(x1, y1, 0x88));
+    _mm512_storeu_ps(dst + (8 + k) * ldd, _mm512_shuffle_f32x4(x0, y0, 0xDD));
+    _mm512_storeu_ps(dst + (12 + k) * ldd, _mm512_shuffle_f32x4(x1, y1, 0xDD));
+  }
+}
+#pragma GCC diagnostic pop
+#endif
+
 // dst[c*ldd + j] = src[j*ld + c] for j < n, c < hd: a block of rows, transposed so that it
-// can be the contiguous B operand of mm().
+// can be the contiguous B operand of mm(). Full 16x16 tiles in registers, edges scalar.
 void pack_t(float* dst, i64 ldd, const float* src, i64 ld, i64 n, i64 hd) {
+  i64 n16 = 0, h16 = 0;
+#ifdef DLCM_AVX512
+  n16 = n / 16 * 16;
+  h16 = hd / 16 * 16;
+  for (i64 j = 0; j < n16; j += 16)
+    for (i64 c = 0; c < h16; c += 16) transpose16(dst + c * ldd + j, ldd, src + j * ld + c, ld);
+#endif
   for (i64 j = 0; j < n; ++j) {
     const float* s = src + j * ld;
-    for (i64 c = 0; c < hd; ++c) dst[c * ldd + j] = s[c];
+    for (i64 c = (j < n16 ? h16 : 0); c < hd; ++c) dst[c * ldd + j] = s[c];
   }
 }
 
