@@ -56,11 +56,13 @@ const Case kCases[] = {
     {.op = "swiglu", .N = 20011, .d = 1, .std = 3.0f},  // parallel path and a 16-lane tail
     // attention: self, GQA 1/2/4, odd sizes, L not a multiple of 64, L=1, decode, chunked
     // prefill (q_offset>0, Lq<Lk), queries that do not reach the end of the cache, hd > 64.
+    // Lq < 16 exercises the few-queries forward path, larger Lq the transposed-tile path.
     {.op = "attention", .B = 2, .Lq = 7, .Lk = 7, .Hq = 2, .Hkv = 2, .hd = 8},
     {.op = "attention", .B = 1, .Lq = 67, .Lk = 67, .Hq = 4, .Hkv = 2, .hd = 16},
     {.op = "attention", .B = 2, .Lq = 130, .Lk = 130, .Hq = 4, .Hkv = 1, .hd = 5},
     {.op = "attention", .B = 1, .Lq = 1, .Lk = 1, .Hq = 2, .Hkv = 1, .hd = 3},
     {.op = "attention", .B = 2, .Lq = 1, .Lk = 70, .Hq = 4, .Hkv = 2, .hd = 64, .q_offset = 69},
+    {.op = "attention", .B = 2, .Lq = 3, .Lk = 100, .Hq = 8, .Hkv = 2, .hd = 16, .q_offset = 97},
     {.op = "attention", .B = 1, .Lq = 20, .Lk = 90, .Hq = 2, .Hkv = 1, .hd = 24, .q_offset = 70},
     {.op = "attention", .B = 1, .Lq = 10, .Lk = 80, .Hq = 4, .Hkv = 4, .hd = 7, .q_offset = 5},
     {.op = "attention", .B = 1, .Lq = 33, .Lk = 33, .Hq = 2, .Hkv = 2, .hd = 80},
