@@ -1,6 +1,7 @@
 // Causal grouped-query attention, blockwise (FlashAttention-2 schedule on CPU).
 //
-// Forward: one task per (batch, query head, query block). Scores for one key block at a time
+// Forward: one task per (batch, query head, query block). (Few queries, as in decoding, take
+// a row-layout path instead: attention_forward_rows.) Scores for one key block at a time
 // go into a small transposed tile S^T [BK, BQ] (= K Q^T, with Q^T packed once per task, so
 // the softmax statistics per query are vertical vector ops); an online softmax (running max
 // m, running sum l) rescales the output accumulator, so no Lq x Lk matrix ever exists.
@@ -250,6 +251,64 @@ void check_shapes(const char* who, i64 B, i64 Lq, i64 Lk, i64 Hq, i64 Hkv, i64 h
   DLCM_CHECK(q_offset >= 0, who, ": q_offset must be >= 0, got ", q_offset);
 }
 
+// Forward for few queries (decode: Lq = 1, or short chunks). One task per (batch, kv head);
+// the tile's rows are every (query, head-of-the-group) pair, row = i * group + hh, so the
+// group's heads share each packed K^T block, and scores are rows of S = Q K^T (the transposed
+// layout would leave most of each vector empty when there are only a few queries).
+void attention_forward_rows(float* out, float* lse, const float* q, const float* k,
+                            const float* v, i64 B, i64 Lq, i64 Lk, i64 Hq, i64 Hkv, i64 hd,
+                            i64 q_offset, float scale, bool par) {
+  const i64 group = Hq / Hkv, ldk = Hkv * hd, R = Lq * group;
+  const i64 jend = std::min(Lk, q_offset + Lq);  // keys seen by the last query
+#pragma omp parallel if (par)
+  {
+    Buf qs(size_t(R) * hd), kt(size_t(hd) * BK), s(size_t(R) * BK), o(size_t(R) * hd);
+    std::vector<float> m(R), l(R);
+#pragma omp for schedule(dynamic, 1)
+    for (i64 t = 0; t < B * Hkv; ++t) {
+      const i64 b = t / Hkv, g = t % Hkv;
+      for (i64 i = 0; i < Lq; ++i)  // the group's heads are adjacent rows of q
+        std::copy_n(q + ((b * Lq + i) * Hq + g * group) * hd, group * hd,
+                    qs.data() + i * group * hd);
+      const float* kp = k + (b * Lk * Hkv + g) * hd;
+      const float* vp = v + (b * Lk * Hkv + g) * hd;
+      std::fill(m.begin(), m.end(), -INFINITY);
+      std::fill(l.begin(), l.end(), 0.0f);
+      std::fill(o.begin(), o.end(), 0.0f);
+      for (i64 j0 = 0; j0 < jend; j0 += BK) {
+        const i64 nk = std::min(BK, jend - j0);
+        pack_t(kt.data(), BK, kp + j0 * ldk, ldk, nk, hd);
+        mm(s.data(), BK, qs.data(), hd, 1, kt.data(), BK, R, nk, hd, scale, false);  // S [R, nk]
+        for (i64 r = 0; r < R; ++r) {
+          float* row = s.data() + r * BK;
+          const i64 nv = std::clamp<i64>(q_offset + r / group + 1 - j0, 0, nk);
+          std::fill(row + nv, row + nk, -INFINITY);
+          // Block 0 holds key 0, visible to every query, so m is finite from then on.
+          const float mnew = std::max(m[r], simd::hmax(row, nk));
+          const float corr = std::exp(m[r] - mnew);  // 0 on the first block
+          l[r] = float(l[r] * corr + simd::exp_sub_sum(row, nk, mnew));
+          m[r] = mnew;
+          if (corr != 1.0f) {
+            float* orow = o.data() + r * hd;
+#pragma omp simd
+            for (i64 x = 0; x < hd; ++x) orow[x] *= corr;
+          }
+        }
+        mm(o.data(), hd, s.data(), BK, 1, vp + j0 * ldk, ldk, R, hd, nk, 1.0f, true);  // O += P V
+      }
+      for (i64 r = 0; r < R; ++r) {
+        const i64 i = r / group, h = g * group + r % group;
+        const float inv = 1.0f / l[r];
+        float* dst = out + ((b * Lq + i) * Hq + h) * hd;
+        const float* orow = o.data() + r * hd;
+#pragma omp simd
+        for (i64 x = 0; x < hd; ++x) dst[x] = orow[x] * inv;
+        lse[(b * Hq + h) * Lq + i] = m[r] + std::log(l[r]);
+      }
+    }
+  }
+}
+
 }  // namespace
 
 void attention_forward(float* out, float* lse, const float* q, const float* k, const float* v,
@@ -260,6 +319,8 @@ void attention_forward(float* out, float* lse, const float* q, const float* k, c
   const i64 nqb = (Lq + BQ - 1) / BQ;
   const i64 ntask = B * Hq * nqb;
   const bool par = B * Hq * Lq * std::min(Lk, q_offset + Lq) * hd > (1 << 16);
+  if (Lq < 16 && Lq * group <= BQ)
+    return attention_forward_rows(out, lse, q, k, v, B, Lq, Lk, Hq, Hkv, hd, q_offset, scale, par);
 #pragma omp parallel if (par)
   {
     Buf qt(size_t(hd) * BQ), st(size_t(BK) * BQ), o(size_t(BQ) * hd);
