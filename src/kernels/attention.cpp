@@ -1,21 +1,21 @@
 // Causal grouped-query attention, blockwise (FlashAttention-2 schedule on CPU).
 //
-// Forward: one task per (batch, query head, query block). (Few queries, as in decoding, take
-// a row-layout path instead: attention_forward_rows.) Scores for one key block at a time
+// Forward: one task per (batch, query head, query block). Scores for one key block at a time
 // go into a small transposed tile S^T [BK, BQ] (= K Q^T, with Q^T packed once per task, so
 // the softmax statistics per query are vertical vector ops); an online softmax (running max
 // m, running sum l) rescales the output accumulator, so no Lq x Lk matrix ever exists.
-// Saves lse = m + log(l).
+// Saves lse = m + log(l). Few queries (decoding) take a row-layout path instead,
+// attention_forward_rows, one task per (batch, kv head).
 //
 // Backward: one task per (batch, kv head). The task owns every query head of its group, so it
 // can accumulate dq, dk and dv without races or per-thread copies: for each key block it
 // recomputes P = exp(S - lse) for every query block that sees it, and forms
 //   dV += P^T dO,  dP = dO V^T,  dS = P * (dP - D),  dK += scale dS^T Q,  dQ += scale dS K,
-// with D_i = rowsum(dO_i * O_i) computed once up front.
+// with D_i = rowsum(dO_i * O_i) computed once up front. (Parallelism is B * Hkv tasks; with
+// fewer tasks than threads some threads idle.)
 //
-// All tile products go through one register-blocked microkernel, mm() below.
-#include <omp.h>
-
+// Blocks that straddle the causal diagonal skip masked work in row slabs (mm_causal). All
+// tile products go through one register-blocked microkernel, mm() below.
 #include <algorithm>
 #include <array>
 #include <cmath>
