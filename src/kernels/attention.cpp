@@ -1,0 +1,482 @@
+// Causal grouped-query attention, blockwise (FlashAttention-2 schedule on CPU).
+//
+// Forward: one task per (batch, query head, query block). Scores for one key block at a time
+// go into a small transposed tile S^T [BK, BQ] (= K Q^T, with Q^T packed once per task, so
+// the softmax statistics per query are vertical vector ops); an online softmax (running max
+// m, running sum l) rescales the output accumulator, so no Lq x Lk matrix ever exists.
+// Saves lse = m + log(l). Few queries (decoding) take a row-layout path instead,
+// attention_forward_rows, one task per (batch, kv head).
+//
+// Backward: one task per (batch, kv head). The task owns every query head of its group, so it
+// can accumulate dq, dk and dv without races or per-thread copies: for each key block it
+// recomputes P = exp(S - lse) for every query block that sees it, and forms
+//   dV += P^T dO,  dP = dO V^T,  dS = P * (dP - D),  dK += scale dS^T Q,  dQ += scale dS K,
+// with D_i = rowsum(dO_i * O_i) computed once up front. (Parallelism is B * Hkv tasks; with
+// fewer tasks than threads some threads idle.)
+//
+// Blocks that straddle the causal diagonal skip masked work in row slabs (mm_causal). All
+// tile products go through one register-blocked microkernel, mm() below.
+#include <algorithm>
+#include <array>
+#include <cmath>
+
+#include "kernels/ops.h"
+#include "kernels/simd.h"
+
+namespace dlcm::ops {
+
+namespace {
+
+constexpr i64 BQ = 64;  // query rows per tile
+constexpr i64 BK = 64;  // keys per tile
+
+// C[M,N] = (acc ? C : 0) + alpha * A(M,K) B[K,N].
+// A(r,k) = A[r*rsa + k*csa] (any strides: lets P^T and dS^T be read without a transpose);
+// row k of B starts at B + k*ldb and is contiguous; rows of C are ldc apart.
+#ifdef DLCM_AVX512
+// Accumulators are named variables, not an array: GCC keeps an array of 16+ zmm on the stack
+// and reloads it every k step, which ran this kernel at a fraction of FMA throughput.
+#define DLCM_ROW(r)                                                                  \
+  __m512 c##r##0 = _mm512_setzero_ps(), c##r##1 = c##r##0, c##r##2 = c##r##0,        \
+         c##r##3 = c##r##0;
+#define DLCM_FMA(r)                                                                  \
+  if constexpr (MR > r) {                                                            \
+    const __m512 av = _mm512_set1_ps(a[r * rsa]);                                    \
+    c##r##0 = _mm512_fmadd_ps(av, b0, c##r##0);                                      \
+    if constexpr (NV > 1) c##r##1 = _mm512_fmadd_ps(av, b1, c##r##1);                \
+    if constexpr (NV > 2) c##r##2 = _mm512_fmadd_ps(av, b2, c##r##2);                \
+    if constexpr (NV > 3) c##r##3 = _mm512_fmadd_ps(av, b3, c##r##3);                \
+  }
+#define DLCM_STORE(r)                                                                \
+  if constexpr (MR > r) {                                                            \
+    float* cr = C + r * ldc;                                                         \
+    store(cr, c##r##0, NV == 1 ? last : full);                                       \
+    if constexpr (NV > 1) store(cr + 16, c##r##1, NV == 2 ? last : full);            \
+    if constexpr (NV > 2) store(cr + 32, c##r##2, NV == 3 ? last : full);            \
+    if constexpr (NV > 3) store(cr + 48, c##r##3, last);                             \
+  }
+
+// MR rows x NV vectors of 16 columns; the last vector is masked by `last`.
+template <int MR, int NV>
+void mm_tile(float* C, i64 ldc, const float* A, i64 rsa, i64 csa, const float* B, i64 ldb, i64 K,
+             __mmask16 last, float alpha, bool acc) {
+  DLCM_ROW(0) DLCM_ROW(1) DLCM_ROW(2) DLCM_ROW(3) DLCM_ROW(4) DLCM_ROW(5)
+  const __mmask16 full = 0xFFFF;
+  for (i64 k = 0; k < K; ++k) {
+    const float* b = B + k * ldb;
+    const __m512 b0 = _mm512_maskz_loadu_ps(NV == 1 ? last : full, b);
+    const __m512 b1 = NV > 1 ? _mm512_maskz_loadu_ps(NV == 2 ? last : full, b + 16) : b0;
+    const __m512 b2 = NV > 2 ? _mm512_maskz_loadu_ps(NV == 3 ? last : full, b + 32) : b0;
+    const __m512 b3 = NV > 3 ? _mm512_maskz_loadu_ps(last, b + 48) : b0;
+    const float* a = A + k * csa;
+    DLCM_FMA(0) DLCM_FMA(1) DLCM_FMA(2) DLCM_FMA(3) DLCM_FMA(4) DLCM_FMA(5)
+  }
+  const __m512 al = _mm512_set1_ps(alpha);
+  auto store = [&](float* dst, __m512 x, __mmask16 m) {
+    x = acc ? _mm512_fmadd_ps(x, al, _mm512_maskz_loadu_ps(m, dst)) : _mm512_mul_ps(x, al);
+    _mm512_mask_storeu_ps(dst, m, x);
+  };
+  DLCM_STORE(0) DLCM_STORE(1) DLCM_STORE(2) DLCM_STORE(3) DLCM_STORE(4) DLCM_STORE(5)
+}
+#undef DLCM_ROW
+#undef DLCM_FMA
+#undef DLCM_STORE
+
+using TileFn = void (*)(float*, i64, const float*, i64, i64, const float*, i64, i64, __mmask16,
+                        float, bool);
+constexpr int MR = 6;
+template <int R>
+constexpr std::array<TileFn, 4> tile_row() {
+  return {mm_tile<R, 1>, mm_tile<R, 2>, mm_tile<R, 3>, mm_tile<R, 4>};
+}
+const std::array<TileFn, 4> kTiles[MR] = {tile_row<1>(), tile_row<2>(), tile_row<3>(),
+                                          tile_row<4>(), tile_row<5>(), tile_row<6>()};
+
+void mm(float* C, i64 ldc, const float* A, i64 rsa, i64 csa, const float* B, i64 ldb, i64 M,
+        i64 N, i64 K, float alpha, bool acc) {
+  for (i64 j0 = 0; j0 < N; j0 += 64) {
+    i64 nj = std::min<i64>(64, N - j0);
+    int nv = int((nj + 15) / 16);
+    __mmask16 last = simd::tail_mask(nj - 16 * (nv - 1));
+    for (i64 i0 = 0; i0 < M; i0 += MR) {
+      int mr = int(std::min<i64>(MR, M - i0));
+      kTiles[mr - 1][nv - 1](C + i0 * ldc + j0, ldc, A + i0 * rsa, rsa, csa, B + j0, ldb, K,
+                             last, alpha, acc);
+    }
+  }
+}
+#else
+void mm(float* C, i64 ldc, const float* A, i64 rsa, i64 csa, const float* B, i64 ldb, i64 M,
+        i64 N, i64 K, float alpha, bool acc) {
+  for (i64 i = 0; i < M; ++i) {
+    float* cr = C + i * ldc;
+    float tmp[64];
+    for (i64 j0 = 0; j0 < N; j0 += 64) {
+      i64 nj = std::min<i64>(64, N - j0);
+      std::fill(tmp, tmp + nj, 0.0f);
+      for (i64 k = 0; k < K; ++k) {
+        float a = A[i * rsa + k * csa];
+        const float* b = B + k * ldb + j0;
+        for (i64 j = 0; j < nj; ++j) tmp[j] += a * b[j];
+      }
+      for (i64 j = 0; j < nj; ++j) cr[j0 + j] = (acc ? cr[j0 + j] : 0.0f) + alpha * tmp[j];
+    }
+  }
+}
+#endif
+
+#ifdef DLCM_AVX512
+// dst[c*ldd + r] = src[r*ld + c] for a full 16x16 tile, in registers: unpack pairs of rows,
+// then 4x4 shuffles inside 128-bit lanes, then two rounds of lane shuffles.
+// (GCC 12 flags the intrinsics' internal undefined pass-through operand; a false positive.)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+inline void transpose16(float* dst, i64 ldd, const float* src, i64 ld) {
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * ld);
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  // r[4i+k], 128-bit lane L: column 4L+k of rows 4i..4i+3.
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+    r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+  for (int k = 0; k < 4; ++k) {
+    const __m512 x0 = _mm512_shuffle_f32x4(r[k], r[4 + k], 0x88);
+    const __m512 x1 = _mm512_shuffle_f32x4(r[k], r[4 + k], 0xDD);
+    const __m512 y0 = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0x88);
+    const __m512 y1 = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0xDD);
+    _mm512_storeu_ps(dst + k * ldd, _mm512_shuffle_f32x4(x0, y0, 0x88));
+    _mm512_storeu_ps(dst + (4 + k) * ldd, _mm512_shuffle_f32x4(x1, y1, 0x88));
+    _mm512_storeu_ps(dst + (8 + k) * ldd, _mm512_shuffle_f32x4(x0, y0, 0xDD));
+    _mm512_storeu_ps(dst + (12 + k) * ldd, _mm512_shuffle_f32x4(x1, y1, 0xDD));
+  }
+}
+#pragma GCC diagnostic pop
+#endif
+
+// dst[c*ldd + j] = src[j*ld + c] for j < n, c < hd: a block of rows, transposed so that it
+// can be the contiguous B operand of mm(). Full 16x16 tiles in registers, edges scalar.
+void pack_t(float* dst, i64 ldd, const float* src, i64 ld, i64 n, i64 hd) {
+  i64 n16 = 0, h16 = 0;
+#ifdef DLCM_AVX512
+  n16 = n / 16 * 16;
+  h16 = hd / 16 * 16;
+  for (i64 j = 0; j < n16; j += 16)
+    for (i64 c = 0; c < h16; c += 16) transpose16(dst + c * ldd + j, ldd, src + j * ld + c, ld);
+#endif
+  for (i64 j = 0; j < n; ++j) {
+    const float* s = src + j * ld;
+    for (i64 c = (j < n16 ? h16 : 0); c < hd; ++c) dst[c * ldd + j] = s[c];
+  }
+}
+
+// Online softmax over the columns of a transposed score tile st [nk, ld] (column i = query
+// i < mq). Per column: m_new = max(m, max_j st), corr = exp(m - m_new), st = exp(st - m_new),
+// l = l*corr + sum_j st. Column-wise, so every step is a plain vertical vector op.
+void softmax_cols(float* st, i64 nk, i64 mq, float* m, float* l, float* corr) {
+#ifdef DLCM_AVX512
+  const i64 ld = BQ;
+  for (i64 i = 0; i < mq; i += 16) {
+    const __mmask16 km = simd::tail_mask(mq - i);
+    const __m512 mo = _mm512_maskz_loadu_ps(km, m + i);
+    __m512 mx = mo;
+    for (i64 j = 0; j < nk; ++j) mx = _mm512_max_ps(mx, _mm512_maskz_loadu_ps(km, st + j * ld + i));
+    const __m512 c = simd::exp_ps(_mm512_sub_ps(mo, mx));
+    __m512 sum = _mm512_setzero_ps();
+    for (i64 j = 0; j < nk; ++j) {
+      float* row = st + j * ld + i;
+      const __m512 e = simd::exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(km, row), mx));
+      _mm512_mask_storeu_ps(row, km, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    _mm512_mask_storeu_ps(l + i, km, _mm512_fmadd_ps(_mm512_maskz_loadu_ps(km, l + i), c, sum));
+    _mm512_mask_storeu_ps(m + i, km, mx);
+    _mm512_mask_storeu_ps(corr + i, km, c);
+  }
+#else
+  for (i64 i = 0; i < mq; ++i) {
+    float mx = m[i];
+    for (i64 j = 0; j < nk; ++j) mx = std::max(mx, st[j * BQ + i]);
+    const float c = std::exp(m[i] - mx);
+    float sum = 0;
+    for (i64 j = 0; j < nk; ++j) sum += (st[j * BQ + i] = std::exp(st[j * BQ + i] - mx));
+    l[i] = l[i] * c + sum;
+    m[i] = mx;
+    corr[i] = c;
+  }
+#endif
+}
+
+
+// mm() for a tile that straddles the causal diagonal: query row r of the tile sees key column
+// c iff c <= r + off. Rows index queries (else keys); the other index (keys, or queries) runs
+// along K when other_on_k (else along N). Work on
+// entries the mask removes is skipped in slabs of 12 rows (two microkernel row tiles); those
+// entries of C are left unwritten, so callers mask or zero them afterwards. On 64x64 blocks
+// this saves about a third of the diagonal block's flops.
+void mm_causal(float* C, i64 ldc, const float* A, i64 rsa, i64 csa, const float* B, i64 ldb,
+               i64 M, i64 N, i64 K, float alpha, bool acc, i64 off, bool rows_are_queries,
+               bool other_on_k) {
+  constexpr i64 SLAB = 12;
+  for (i64 r0 = 0; r0 < M; r0 += SLAB) {
+    const i64 r1 = std::min(M, r0 + SLAB);
+    i64 lo = 0, hi = other_on_k ? K : N;
+    if (rows_are_queries)
+      hi = std::clamp<i64>(r1 + off, 0, hi);  // keys <= (r1 - 1) + off
+    else
+      lo = std::clamp<i64>(r0 - off, 0, hi);  // queries >= r0 - off
+    if (other_on_k) {
+      if (lo < hi)
+        mm(C + r0 * ldc, ldc, A + r0 * rsa + lo * csa, rsa, csa, B + lo * ldb, ldb, r1 - r0, N,
+           hi - lo, alpha, acc);
+      else if (!acc)
+        for (i64 r = r0; r < r1; ++r) std::fill_n(C + r * ldc, N, 0.0f);
+    } else if (lo < hi) {
+      mm(C + r0 * ldc + lo, ldc, A + r0 * rsa, rsa, csa, B + lo, ldb, r1 - r0, hi - lo, K, alpha,
+         acc);
+    }
+  }
+}
+
+void check_shapes(const char* who, i64 B, i64 Lq, i64 Lk, i64 Hq, i64 Hkv, i64 hd, i64 q_offset) {
+  DLCM_CHECK(B >= 0 && Lq >= 0 && hd >= 1, who, ": bad shape B=", B, " Lq=", Lq, " hd=", hd);
+  DLCM_CHECK(Lk >= 1, who, ": need at least one key, got Lk=", Lk);
+  DLCM_CHECK(Hkv >= 1 && Hq % Hkv == 0, who, ": n_kv_heads (", Hkv,
+             ") must divide n_heads (", Hq, ")");
+  DLCM_CHECK(q_offset >= 0, who, ": q_offset must be >= 0, got ", q_offset);
+}
+
+// Forward for few queries (decode: Lq = 1, or short chunks). One task per (batch, kv head);
+// the tile's rows are every (query, head-of-the-group) pair, row = i * group + hh, so the
+// group's heads share each packed K^T block, and scores are rows of S = Q K^T (the transposed
+// layout would leave most of each vector empty when there are only a few queries).
+void attention_forward_rows(float* out, float* lse, const float* q, const float* k,
+                            const float* v, i64 B, i64 Lq, i64 Lk, i64 Hq, i64 Hkv, i64 hd,
+                            i64 q_offset, float scale, bool par) {
+  const i64 group = Hq / Hkv, ldk = Hkv * hd, R = Lq * group;
+  const i64 jend = std::min(Lk, q_offset + Lq);  // keys seen by the last query
+#pragma omp parallel if (par)
+  {
+    Buf qs(size_t(R) * hd), kt(size_t(hd) * BK), s(size_t(R) * BK), o(size_t(R) * hd);
+    std::vector<float> m(R), l(R);
+#pragma omp for schedule(dynamic, 1)
+    for (i64 t = 0; t < B * Hkv; ++t) {
+      const i64 b = t / Hkv, g = t % Hkv;
+      for (i64 i = 0; i < Lq; ++i)  // the group's heads are adjacent rows of q
+        std::copy_n(q + ((b * Lq + i) * Hq + g * group) * hd, group * hd,
+                    qs.data() + i * group * hd);
+      const float* kp = k + (b * Lk * Hkv + g) * hd;
+      const float* vp = v + (b * Lk * Hkv + g) * hd;
+      std::fill(m.begin(), m.end(), -INFINITY);
+      std::fill(l.begin(), l.end(), 0.0f);
+      std::fill(o.begin(), o.end(), 0.0f);
+      for (i64 j0 = 0; j0 < jend; j0 += BK) {
+        const i64 nk = std::min(BK, jend - j0);
+        pack_t(kt.data(), BK, kp + j0 * ldk, ldk, nk, hd);
+        mm(s.data(), BK, qs.data(), hd, 1, kt.data(), BK, R, nk, hd, scale, false);  // S [R, nk]
+        for (i64 r = 0; r < R; ++r) {
+          float* row = s.data() + r * BK;
+          const i64 nv = std::clamp<i64>(q_offset + r / group + 1 - j0, 0, nk);
+          std::fill(row + nv, row + nk, -INFINITY);
+          // Block 0 holds key 0, visible to every query, so m is finite from then on.
+          const float mnew = std::max(m[r], simd::hmax(row, nk));
+          const float corr = std::exp(m[r] - mnew);  // 0 on the first block
+          l[r] = float(l[r] * corr + simd::exp_sub_sum(row, nk, mnew));
+          m[r] = mnew;
+          if (corr != 1.0f) {
+            float* orow = o.data() + r * hd;
+#pragma omp simd
+            for (i64 x = 0; x < hd; ++x) orow[x] *= corr;
+          }
+        }
+        mm(o.data(), hd, s.data(), BK, 1, vp + j0 * ldk, ldk, R, hd, nk, 1.0f, true);  // O += P V
+      }
+      for (i64 r = 0; r < R; ++r) {
+        const i64 i = r / group, h = g * group + r % group;
+        const float inv = 1.0f / l[r];
+        float* dst = out + ((b * Lq + i) * Hq + h) * hd;
+        const float* orow = o.data() + r * hd;
+#pragma omp simd
+        for (i64 x = 0; x < hd; ++x) dst[x] = orow[x] * inv;
+        lse[(b * Hq + h) * Lq + i] = m[r] + std::log(l[r]);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void attention_forward(float* out, float* lse, const float* q, const float* k, const float* v,
+                       i64 B, i64 Lq, i64 Lk, i64 Hq, i64 Hkv, i64 hd, i64 q_offset,
+                       float scale) {
+  check_shapes("attention_forward", B, Lq, Lk, Hq, Hkv, hd, q_offset);
+  const i64 group = Hq / Hkv, ldq = Hq * hd, ldk = Hkv * hd;
+  const i64 nqb = (Lq + BQ - 1) / BQ;
+  const i64 ntask = B * Hq * nqb;
+  const bool par = B * Hq * Lq * std::min(Lk, q_offset + Lq) * hd > (1 << 16);
+  if (Lq < 16 && Lq * group <= BQ)
+    return attention_forward_rows(out, lse, q, k, v, B, Lq, Lk, Hq, Hkv, hd, q_offset, scale, par);
+#pragma omp parallel if (par)
+  {
+    Buf qt(size_t(hd) * BQ), st(size_t(BK) * BQ), o(size_t(BQ) * hd);
+    alignas(64) float m[BQ], l[BQ], corr[BQ];
+#pragma omp for schedule(dynamic, 1)
+    for (i64 t = 0; t < ntask; ++t) {
+      // Heaviest (last) query blocks first, so that dynamic scheduling balances the tail.
+      const i64 qb = nqb - 1 - t % nqb, h = (t / nqb) % Hq, b = t / (nqb * Hq);
+      const i64 g = h / group;
+      const i64 i0 = qb * BQ, mq = std::min(BQ, Lq - i0);
+      const float* qp = q + ((b * Lq + i0) * Hq + h) * hd;
+      const float* kp = k + (b * Lk * Hkv + g) * hd;
+      const float* vp = v + (b * Lk * Hkv + g) * hd;
+      const i64 jend = std::min(Lk, q_offset + i0 + mq);  // keys seen by the tile's last row
+      pack_t(qt.data(), BQ, qp, ldq, mq, hd);  // Q^T [hd, mq], packed once for all key blocks
+      std::fill(m, m + BQ, -INFINITY);
+      std::fill(l, l + BQ, 0.0f);
+      std::fill(o.begin(), o.begin() + mq * hd, 0.0f);
+      for (i64 j0 = 0; j0 < jend; j0 += BK) {
+        const i64 nk = std::min(BK, jend - j0);
+        const i64 off = q_offset + i0 - j0;  // tile query r sees tile key j iff j <= r + off
+        const bool diag = nk - 1 > off;       // some key in this block is hidden from row 0
+        if (!diag) {
+          mm(st.data(), BQ, kp + j0 * ldk, ldk, 1, qt.data(), BQ, nk, mq, hd, scale, false);
+        } else {
+          mm_causal(st.data(), BQ, kp + j0 * ldk, ldk, 1, qt.data(), BQ, nk, mq, hd, scale, false,
+                    off, false, false);
+          // Causal mask (also covers entries mm_causal skipped): key j hides from i < j - off.
+          for (i64 j = 0; j < nk; ++j)
+            std::fill_n(st.data() + j * BQ, std::clamp<i64>(j - off, 0, mq), -INFINITY);
+        }
+        softmax_cols(st.data(), nk, mq, m, l, corr);  // S^T -> P^T, running stats
+        for (i64 r = 0; r < mq; ++r)
+          if (corr[r] != 1.0f) {
+            float* orow = o.data() + r * hd;
+            const float c = corr[r];
+#pragma omp simd
+            for (i64 x = 0; x < hd; ++x) orow[x] *= c;
+          }
+        // O += P V, P read transposed out of P^T.
+        if (!diag)
+          mm(o.data(), hd, st.data(), 1, BQ, vp + j0 * ldk, ldk, mq, hd, nk, 1.0f, true);
+        else
+          mm_causal(o.data(), hd, st.data(), 1, BQ, vp + j0 * ldk, ldk, mq, hd, nk, 1.0f, true, off,
+                    true, true);
+      }
+      for (i64 r = 0; r < mq; ++r) {
+        const float inv = 1.0f / l[r];
+        float* dst = out + ((b * Lq + i0 + r) * Hq + h) * hd;
+        const float* orow = o.data() + r * hd;
+#pragma omp simd
+        for (i64 x = 0; x < hd; ++x) dst[x] = orow[x] * inv;
+        lse[(b * Hq + h) * Lq + i0 + r] = m[r] + std::log(l[r]);
+      }
+    }
+  }
+}
+
+void attention_backward(float* dq, float* dk, float* dv, const float* dout, const float* out,
+                        const float* lse, const float* q, const float* k, const float* v, i64 B,
+                        i64 Lq, i64 Lk, i64 Hq, i64 Hkv, i64 hd, i64 q_offset, float scale) {
+  check_shapes("attention_backward", B, Lq, Lk, Hq, Hkv, hd, q_offset);
+  const i64 group = Hq / Hkv, ldq = Hq * hd, ldk = Hkv * hd;
+  const bool par = B * Hq * Lq * std::min(Lk, q_offset + Lq) * hd > (1 << 16);
+
+  // D[b, h, i] = dO_i . O_i  (the softmax Jacobian's row term), same layout as lse.
+  Buf D(size_t(B * Hq * Lq));
+#pragma omp parallel for schedule(static) if (par)
+  for (i64 row = 0; row < B * Lq * Hq; ++row) {
+    const i64 h = row % Hq, i = (row / Hq) % Lq, b = row / (Hq * Lq);
+    const float* a = dout + row * hd;
+    const float* o = out + row * hd;
+    float s = 0;
+#pragma omp simd reduction(+ : s)
+    for (i64 c = 0; c < hd; ++c) s += a[c] * o[c];
+    D[(b * Hq + h) * Lq + i] = s;
+  }
+
+#pragma omp parallel if (par)
+  {
+    Buf kt(size_t(hd) * BK), vt(size_t(hd) * BK), p(size_t(BQ) * BK), ds(size_t(BQ) * BK);
+    Buf dka(size_t(BK) * hd), dva(size_t(BK) * hd);
+#pragma omp for schedule(dynamic, 1)
+    for (i64 t = 0; t < B * Hkv; ++t) {
+      const i64 b = t / Hkv, g = t % Hkv;
+      const float* kp = k + (b * Lk * Hkv + g) * hd;
+      const float* vp = v + (b * Lk * Hkv + g) * hd;
+      // Only keys some query can see: j < q_offset + Lq.
+      const i64 jend = std::min(Lk, q_offset + Lq);
+      for (i64 j0 = 0; j0 < jend; j0 += BK) {
+        const i64 nk = std::min(BK, jend - j0);
+        pack_t(kt.data(), BK, kp + j0 * ldk, ldk, nk, hd);
+        pack_t(vt.data(), BK, vp + j0 * ldk, ldk, nk, hd);
+        std::fill(dka.begin(), dka.begin() + nk * hd, 0.0f);
+        std::fill(dva.begin(), dva.begin() + nk * hd, 0.0f);
+        const i64 istart = std::max<i64>(0, j0 - q_offset);  // first query that sees key j0
+        for (i64 h = g * group; h < (g + 1) * group; ++h) {
+          for (i64 i0 = istart; i0 < Lq; i0 += BQ) {
+            const i64 mq = std::min(BQ, Lq - i0);
+            const i64 rowoff = ((b * Lq + i0) * Hq + h) * hd;
+            const float* qp = q + rowoff;
+            const float* gp = dout + rowoff;
+            const float* lrow = lse + (b * Hq + h) * Lq + i0;
+            const float* drow = D.data() + (b * Hq + h) * Lq + i0;
+            const i64 off = q_offset + i0 - j0;  // tile query r sees tile key j iff j <= r+off
+            if (nk - 1 <= off) {  // the whole block is visible to every query of the tile
+              mm(p.data(), BK, qp, ldq, 1, kt.data(), BK, mq, nk, hd, scale, false);   // S
+              mm(ds.data(), BK, gp, ldq, 1, vt.data(), BK, mq, nk, hd, 1.0f, false);  // dP
+            } else {
+              mm_causal(p.data(), BK, qp, ldq, 1, kt.data(), BK, mq, nk, hd, scale, false, off,
+                        true, false);
+              mm_causal(ds.data(), BK, gp, ldq, 1, vt.data(), BK, mq, nk, hd, 1.0f, false, off,
+                        true, false);
+            }
+            for (i64 r = 0; r < mq; ++r) {
+              float* pr = p.data() + r * BK;
+              float* dr = ds.data() + r * BK;
+              const i64 nv = std::clamp<i64>(r + off + 1, 0, nk);
+              const float dd = drow[r];
+              simd::exp_sub_sum(pr, nv, lrow[r]);  // P = exp(S - lse)
+#pragma omp simd
+              for (i64 j = 0; j < nv; ++j) dr[j] = pr[j] * (dr[j] - dd);  // dS = P (dP - D)
+              // Hidden keys: exact zeros (mm_causal may not have written these entries).
+              std::fill(pr + nv, pr + nk, 0.0f);
+              std::fill(dr + nv, dr + nk, 0.0f);
+            }
+            if (nk - 1 <= off) {
+              // dV += P^T dO, dK += scale dS^T Q (A read transposed through its strides).
+              mm(dva.data(), hd, p.data(), 1, BK, gp, ldq, nk, hd, mq, 1.0f, true);
+              mm(dka.data(), hd, ds.data(), 1, BK, qp, ldq, nk, hd, mq, scale, true);
+              // dQ += scale dS K, straight into dq: this task owns these rows.
+              mm(dq + rowoff, ldq, ds.data(), BK, 1, kp + j0 * ldk, ldk, mq, hd, nk, scale, true);
+            } else {
+              mm_causal(dva.data(), hd, p.data(), 1, BK, gp, ldq, nk, hd, mq, 1.0f, true, off,
+                        false, true);
+              mm_causal(dka.data(), hd, ds.data(), 1, BK, qp, ldq, nk, hd, mq, scale, true, off,
+                        false, true);
+              mm_causal(dq + rowoff, ldq, ds.data(), BK, 1, kp + j0 * ldk, ldk, mq, hd, nk, scale,
+                        true, off, true, true);
+            }
+          }
+        }
+        for (i64 j = 0; j < nk; ++j) {
+          float* dkr = dk + ((b * Lk + j0 + j) * Hkv + g) * hd;
+          float* dvr = dv + ((b * Lk + j0 + j) * Hkv + g) * hd;
+          const float* a = dka.data() + j * hd;
+          const float* c = dva.data() + j * hd;
+#pragma omp simd
+          for (i64 x = 0; x < hd; ++x) {
+            dkr[x] += a[x];
+            dvr[x] += c[x];
+          }
+        }
+      }
+    }
+  }
+}
+
+}  // namespace dlcm::ops

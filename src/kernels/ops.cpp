@@ -1,0 +1,327 @@
+// Elementwise, normalisation, RoPE, loss and optimizer kernels. Attention is in attention.cpp.
+#include "kernels/ops.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <map>
+#include <memory>
+#include <mutex>
+
+#include "kernels/simd.h"
+
+namespace dlcm::ops {
+
+// Below this many elements a parallel region costs more than it saves.
+static constexpr i64 kParMin = 1 << 14;
+
+// ---- embedding ----
+
+void embedding_forward(float* out, const i32* ids, const float* table, i64 N, i64 d) {
+#pragma omp parallel for schedule(static) if (N * d > kParMin)
+  for (i64 n = 0; n < N; ++n) std::copy_n(table + i64(ids[n]) * d, d, out + n * d);
+}
+
+// Scatter-add. Threads own disjoint column ranges, so repeated ids never race and the sum
+// order per element is the token order (deterministic for any thread count).
+void embedding_backward(float* dtable, const float* dout, const i32* ids, i64 N, i64 d) {
+#pragma omp parallel if (N * d > kParMin)
+  {
+    int nt = omp_get_num_threads(), t = omp_get_thread_num();
+    // Chunks of 16 columns keep each thread on whole cache lines.
+    i64 chunks = (d + 15) / 16;
+    i64 c0 = std::min(d, chunks * t / nt * 16), c1 = std::min(d, chunks * (t + 1) / nt * 16);
+    if (c0 < c1)
+      for (i64 n = 0; n < N; ++n) {
+        float* dst = dtable + i64(ids[n]) * d;
+        const float* src = dout + n * d;
+#pragma omp simd
+        for (i64 c = c0; c < c1; ++c) dst[c] += src[c];
+      }
+  }
+}
+
+// ---- RMSNorm ----
+
+void rmsnorm_forward(float* y, float* rstd, const float* x, const float* w, i64 N, i64 d,
+                     float eps) {
+#pragma omp parallel for schedule(static) if (N * d > kParMin)
+  for (i64 n = 0; n < N; ++n) {
+    const float* xr = x + n * d;
+    double ss = 0;
+#pragma omp simd reduction(+ : ss)
+    for (i64 c = 0; c < d; ++c) ss += double(xr[c]) * double(xr[c]);
+    float r = float(1.0 / std::sqrt(ss / double(d) + double(eps)));
+    rstd[n] = r;
+    float* yr = y + n * d;
+#pragma omp simd
+    for (i64 c = 0; c < d; ++c) yr[c] = xr[c] * r * w[c];
+  }
+}
+
+// dx_c += r w_c dy_c - x_c r^3/d * sum_k dy_k w_k x_k;  dw_c += sum_n dy_c x_c r.
+// dw: each thread sums its rows into a private row, then the partials are added column-wise
+// in thread order (deterministic for a fixed thread count).
+void rmsnorm_backward(float* dx, float* dw, const float* dy, const float* x, const float* w,
+                      const float* rstd, i64 N, i64 d) {
+  int nt_max = (N * d > kParMin) ? omp_get_max_threads() : 1;
+  Buf part(size_t(nt_max) * d, 0.0f);
+#pragma omp parallel num_threads(nt_max)
+  {
+    int nt = omp_get_num_threads(), t = omp_get_thread_num();
+    float* pw = part.data() + i64(t) * d;
+#pragma omp for schedule(static)
+    for (i64 n = 0; n < N; ++n) {
+      const float* xr = x + n * d;
+      const float* g = dy + n * d;
+      float r = rstd[n];
+      double dot = 0;
+#pragma omp simd reduction(+ : dot)
+      for (i64 c = 0; c < d; ++c) dot += double(g[c] * w[c]) * double(xr[c]);
+      float k = float(dot / double(d)) * r * r * r;
+      float* dxr = dx + n * d;
+#pragma omp simd
+      for (i64 c = 0; c < d; ++c) {
+        dxr[c] += r * w[c] * g[c] - k * xr[c];
+        pw[c] += g[c] * xr[c] * r;
+      }
+    }
+    // implicit barrier after omp for
+#pragma omp for schedule(static)
+    for (i64 c = 0; c < d; ++c) {
+      float s = 0;
+      for (int u = 0; u < nt; ++u) s += part[size_t(u) * d + c];
+      dw[c] += s;
+    }
+  }
+}
+
+// ---- RoPE ----
+
+// cos/sin table for positions [0, npos) and the hd/2 frequencies of one (theta, hd). Angles
+// are formed in double: at position 16384 a float angle would be off by ~1e-3 rad.
+struct RopeTable {
+  i64 npos, half;
+  Buf cs;  // [npos, 2, half]: cos row then sin row
+};
+
+static std::shared_ptr<const RopeTable> rope_table(float theta, i64 hd, i64 need_pos) {
+  static std::mutex mu;
+  static std::map<std::pair<float, i64>, std::shared_ptr<const RopeTable>> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  auto& slot = cache[{theta, hd}];
+  if (slot && slot->npos >= need_pos) return slot;
+  // Grow geometrically so that a slowly increasing decode position rebuilds rarely.
+  i64 npos = std::max<i64>(need_pos, slot ? slot->npos * 2 : 1024);
+  auto t = std::make_shared<RopeTable>();
+  t->npos = npos;
+  t->half = hd / 2;
+  t->cs.resize(size_t(npos) * hd);
+  std::vector<double> inv(t->half);
+  for (i64 i = 0; i < t->half; ++i)
+    inv[i] = std::pow(double(theta), -2.0 * double(i) / double(hd));
+#pragma omp parallel for schedule(static) if (npos * hd > kParMin)
+  for (i64 p = 0; p < npos; ++p)
+    for (i64 i = 0; i < t->half; ++i) {
+      double a = double(p) * inv[i];
+      t->cs[p * hd + i] = float(std::cos(a));
+      t->cs[p * hd + t->half + i] = float(std::sin(a));
+    }
+  slot = t;
+  return t;
+}
+
+void rope_apply(float* x, const i32* pos, i64 N, i64 H, i64 hd, float theta, bool inverse) {
+  DLCM_CHECK(hd % 2 == 0, "rope_apply: head_dim must be even, got ", hd);
+  if (N == 0) return;
+  i32 pmax = 0;
+  for (i64 n = 0; n < N; ++n) {
+    DLCM_CHECK(pos[n] >= 0, "rope_apply: negative position ", pos[n], " at token ", n);
+    pmax = std::max(pmax, pos[n]);
+  }
+  auto tab = rope_table(theta, hd, i64(pmax) + 1);
+  const i64 half = hd / 2;
+  const float sgn = inverse ? -1.0f : 1.0f;
+#pragma omp parallel for schedule(static) if (N * H * hd > kParMin)
+  for (i64 n = 0; n < N; ++n) {
+    const float* cs = tab->cs.data() + i64(pos[n]) * hd;
+    const float* sn = cs + half;
+    for (i64 h = 0; h < H; ++h) {
+      float* a = x + (n * H + h) * hd;
+      float* b = a + half;
+#pragma omp simd
+      for (i64 i = 0; i < half; ++i) {
+        float c = cs[i], s = sgn * sn[i];
+        float x1 = a[i], x2 = b[i];
+        a[i] = x1 * c - x2 * s;
+        b[i] = x2 * c + x1 * s;
+      }
+    }
+  }
+}
+
+// ---- SwiGLU ----
+
+void swiglu_forward(float* h, const float* a, const float* b, i64 n) {
+#pragma omp parallel for schedule(static) if (n > kParMin)
+  for (i64 i0 = 0; i0 < n; i0 += 1024) {
+    i64 i1 = std::min(n, i0 + 1024);
+#ifdef DLCM_AVX512
+    for (i64 i = i0; i < i1; i += 16) {
+      __mmask16 k = simd::tail_mask(i1 - i);
+      __m512 av = _mm512_maskz_loadu_ps(k, a + i), bv = _mm512_maskz_loadu_ps(k, b + i);
+      __m512 e = simd::exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), av));  // e^-a
+      __m512 s = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+      _mm512_mask_storeu_ps(h + i, k, _mm512_mul_ps(_mm512_mul_ps(av, s), bv));
+    }
+#else
+    for (i64 i = i0; i < i1; ++i) h[i] = a[i] / (1.0f + std::exp(-a[i])) * b[i];
+#endif
+  }
+}
+
+// silu'(a) = s (1 + a (1 - s)), s = sigmoid(a).
+void swiglu_backward(float* da, float* db, const float* dh, const float* a, const float* b,
+                     i64 n) {
+#pragma omp parallel for schedule(static) if (n > kParMin)
+  for (i64 i0 = 0; i0 < n; i0 += 1024) {
+    i64 i1 = std::min(n, i0 + 1024);
+#ifdef DLCM_AVX512
+    const __m512 one = _mm512_set1_ps(1.0f);
+    for (i64 i = i0; i < i1; i += 16) {
+      __mmask16 k = simd::tail_mask(i1 - i);
+      __m512 av = _mm512_maskz_loadu_ps(k, a + i), bv = _mm512_maskz_loadu_ps(k, b + i);
+      __m512 g = _mm512_maskz_loadu_ps(k, dh + i);
+      __m512 e = simd::exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), av));
+      __m512 s = _mm512_div_ps(one, _mm512_add_ps(one, e));
+      __m512 silu = _mm512_mul_ps(av, s);
+      __m512 dsilu = _mm512_mul_ps(s, _mm512_fmadd_ps(av, _mm512_sub_ps(one, s), one));
+      __m512 gb = _mm512_mul_ps(g, bv);
+      _mm512_mask_storeu_ps(da + i, k,
+                            _mm512_fmadd_ps(gb, dsilu, _mm512_maskz_loadu_ps(k, da + i)));
+      _mm512_mask_storeu_ps(db + i, k,
+                            _mm512_fmadd_ps(g, silu, _mm512_maskz_loadu_ps(k, db + i)));
+    }
+#else
+    for (i64 i = i0; i < i1; ++i) {
+      float s = 1.0f / (1.0f + std::exp(-a[i]));
+      float silu = a[i] * s;
+      da[i] += dh[i] * b[i] * s * (1.0f + a[i] * (1.0f - s));
+      db[i] += dh[i] * silu;
+    }
+#endif
+  }
+}
+
+// ---- cross-entropy ----
+
+static void check_targets(const i32* targets, i64 N, i64 V, const char* who) {
+  for (i64 n = 0; n < N; ++n)
+    DLCM_CHECK(targets[n] < V, who, ": target ", targets[n], " at row ", n,
+               " is outside the vocabulary of size ", V);
+}
+
+// loss_n = logsumexp(x_n) - x_n[t];  dloss/dx = softmax(x_n) - onehot(t).
+double cross_entropy_fused(float* logits, const i32* targets, i64 N, i64 V, float grad_scale) {
+  check_targets(targets, N, V, "cross_entropy_fused");
+  double total = 0;
+#pragma omp parallel for schedule(static) reduction(+ : total) if (N * V > kParMin)
+  for (i64 n = 0; n < N; ++n) {
+    float* x = logits + n * V;
+    i32 t = targets[n];
+    if (t < 0) {
+      std::fill(x, x + V, 0.0f);
+      continue;
+    }
+    float xt = x[t];
+    float mx = simd::hmax(x, V);
+    double sum = simd::exp_sub_sum(x, V, mx);
+    total += std::log(sum) + double(mx) - double(xt);
+    float k = float(double(grad_scale) / sum);
+#pragma omp simd
+    for (i64 c = 0; c < V; ++c) x[c] *= k;
+    x[t] -= grad_scale;
+  }
+  return total;
+}
+
+double cross_entropy_forward(const float* logits, const i32* targets, i64 N, i64 V,
+                             float* row_loss) {
+  check_targets(targets, N, V, "cross_entropy_forward");
+  double total = 0;
+#pragma omp parallel for schedule(static) reduction(+ : total) if (N * V > kParMin)
+  for (i64 n = 0; n < N; ++n) {
+    const float* x = logits + n * V;
+    double l = 0;
+    if (targets[n] >= 0) {
+      float mx = simd::hmax(x, V);
+      l = std::log(simd::exp_sum(x, V, mx)) + double(mx) - double(x[targets[n]]);
+    }
+    if (row_loss) row_loss[n] = float(l);
+    total += l;
+  }
+  return total;
+}
+
+// ---- optimizer ----
+
+// PyTorch AdamW (foreach=False) order of operations: decay, moments, bias-corrected step
+// w -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps).
+void adamw_update(float* w, const float* g, float* m, float* v, i64 n, float lr, float beta1,
+                  float beta2, float eps, float wd, i64 t) {
+  DLCM_CHECK(t >= 1, "adamw_update: step must be >= 1, got ", t);
+  const double bc1 = 1.0 - std::pow(double(beta1), double(t));
+  const double bc2 = 1.0 - std::pow(double(beta2), double(t));
+  const float decay = float(1.0 - double(lr) * double(wd));
+  const float step = float(double(lr) / bc1);
+  const float inv_sqrt_bc2 = float(1.0 / std::sqrt(bc2));
+  const float b1 = beta1, b2 = beta2, c1 = 1.0f - beta1, c2 = 1.0f - beta2;
+  // Explicit vectors: with errno-setting sqrt the compiler keeps this loop scalar (4x slower).
+  // IEEE sqrt and division in both paths; the scalar loop handles the tail.
+#pragma omp parallel for schedule(static) if (n > kParMin)
+  for (i64 i0 = 0; i0 < n; i0 += 4096) {
+    const i64 i1 = std::min(n, i0 + 4096);
+    i64 i = i0;
+#ifdef DLCM_AVX512
+    const __m512 vb1 = _mm512_set1_ps(b1), vb2 = _mm512_set1_ps(b2), vc1 = _mm512_set1_ps(c1),
+                 vc2 = _mm512_set1_ps(c2), vdec = _mm512_set1_ps(decay),
+                 vstep = _mm512_set1_ps(step), vibc = _mm512_set1_ps(inv_sqrt_bc2),
+                 veps = _mm512_set1_ps(eps);
+    for (; i + 16 <= i1; i += 16) {
+      const __m512 gi = _mm512_loadu_ps(g + i);
+      const __m512 mi = _mm512_add_ps(_mm512_mul_ps(vb1, _mm512_loadu_ps(m + i)),
+                                      _mm512_mul_ps(vc1, gi));
+      const __m512 vi = _mm512_add_ps(_mm512_mul_ps(vb2, _mm512_loadu_ps(v + i)),
+                                      _mm512_mul_ps(_mm512_mul_ps(vc2, gi), gi));
+      _mm512_storeu_ps(m + i, mi);
+      _mm512_storeu_ps(v + i, vi);
+      const __m512 den = _mm512_add_ps(_mm512_mul_ps(_mm512_sqrt_ps(vi), vibc), veps);
+      const __m512 upd = _mm512_div_ps(_mm512_mul_ps(vstep, mi), den);
+      _mm512_storeu_ps(w + i, _mm512_sub_ps(_mm512_mul_ps(_mm512_loadu_ps(w + i), vdec), upd));
+    }
+#endif
+    for (; i < i1; ++i) {
+      const float gi = g[i];
+      const float mi = b1 * m[i] + c1 * gi;
+      const float vi = b2 * v[i] + c2 * gi * gi;
+      m[i] = mi;
+      v[i] = vi;
+      w[i] = w[i] * decay - step * mi / (std::sqrt(vi) * inv_sqrt_bc2 + eps);
+    }
+  }
+}
+
+double sum_squares(const float* x, i64 n) {
+  double s = 0;
+#pragma omp parallel for simd schedule(static) reduction(+ : s) if (n > kParMin)
+  for (i64 i = 0; i < n; ++i) s += double(x[i]) * double(x[i]);
+  return s;
+}
+
+void scale_inplace(float* x, i64 n, float s) {
+#pragma omp parallel for simd schedule(static) if (n > kParMin)
+  for (i64 i = 0; i < n; ++i) x[i] *= s;
+}
+
+}  // namespace dlcm::ops

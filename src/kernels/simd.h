@@ -1,0 +1,99 @@
+// Internal helpers for the kernels: a vectorised exp and short-row reductions. AVX-512 paths
+// when the compiler targets it (the default -march=native build on Zen 5); plain loops
+// otherwise, so the library still builds with DLCM_NATIVE=OFF.
+#pragma once
+#include <cmath>
+
+#include "core/common.h"
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define DLCM_AVX512 1
+#endif
+
+namespace dlcm::ops::simd {
+
+#ifdef DLCM_AVX512
+// Mask with the low n (0..16) lanes set.
+inline __mmask16 tail_mask(i64 n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
+
+// exp(x) to ~2 ulp: x = n ln2 + r, |r| <= ln2/2, degree-7 Taylor for e^r, then scale by 2^n.
+// Inputs below -87.3 (including -inf for masked scores) give exactly 0, so masking is exact.
+inline __m512 exp_ps(__m512 x) {
+  const __m512 lo = _mm512_set1_ps(-87.3f);
+  __mmask16 live = _mm512_cmp_ps_mask(x, lo, _CMP_GE_OQ);
+  x = _mm512_min_ps(_mm512_max_ps(x, lo), _mm512_set1_ps(88.7f));
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682030941723212e-6f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 5040);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_maskz_mov_ps(live, _mm512_scalef_ps(p, n));
+}
+#endif
+
+inline float hmax(const float* x, i64 n) {
+#ifdef DLCM_AVX512
+  __m512 m = _mm512_set1_ps(-INFINITY);
+  for (i64 i = 0; i < n; i += 16)
+    m = _mm512_max_ps(m, _mm512_mask_loadu_ps(m, tail_mask(n - i), x + i));
+  return _mm512_reduce_max_ps(m);
+#else
+  float m = -INFINITY;
+  for (i64 i = 0; i < n; ++i) m = std::max(m, x[i]);
+  return m;
+#endif
+}
+
+// x[i] = exp(x[i] - m) in place; returns the sum (float lanes, summed in double at the end).
+inline double exp_sub_sum(float* x, i64 n, float m) {
+#ifdef DLCM_AVX512
+  __m512 mv = _mm512_set1_ps(m), s = _mm512_setzero_ps();
+  for (i64 i = 0; i < n; i += 16) {
+    __mmask16 k = tail_mask(n - i);
+    __m512 e = exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + i), mv));
+    e = _mm512_maskz_mov_ps(k, e);
+    _mm512_mask_storeu_ps(x + i, k, e);
+    s = _mm512_add_ps(s, e);
+  }
+  alignas(64) float t[16];
+  _mm512_store_ps(t, s);
+  double d = 0;
+  for (float f : t) d += f;
+  return d;
+#else
+  double d = 0;
+  for (i64 i = 0; i < n; ++i) d += (x[i] = std::exp(x[i] - m));
+  return d;
+#endif
+}
+
+// sum_i exp(x[i] - m) without writing x.
+inline double exp_sum(const float* x, i64 n, float m) {
+#ifdef DLCM_AVX512
+  __m512 mv = _mm512_set1_ps(m), s = _mm512_setzero_ps();
+  for (i64 i = 0; i < n; i += 16) {
+    __mmask16 k = tail_mask(n - i);
+    __m512 e = exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + i), mv));
+    s = _mm512_add_ps(s, _mm512_maskz_mov_ps(k, e));
+  }
+  alignas(64) float t[16];
+  _mm512_store_ps(t, s);
+  double d = 0;
+  for (float f : t) d += f;
+  return d;
+#else
+  double d = 0;
+  for (i64 i = 0; i < n; ++i) d += std::exp(x[i] - m);
+  return d;
+#endif
+}
+
+}  // namespace dlcm::ops::simd
