@@ -7,6 +7,8 @@
 #include <string>
 #include <vector>
 
+#include <omp.h>
+
 #include "core/rng.h"
 #include "kernels/dlcm_ops.h"
 #include "testing.h"
@@ -634,6 +636,39 @@ TEST_P(CompactVsReplicate, OutputsAndGradientsAgree) {
       }
 }
 
+// The same comparison with the project's flash attention kernel (ops::attention_*), once the
+// kernels are part of the tree (kernels/ops_ref.h ships with their implementation).
+#if __has_include("kernels/ops_ref.h")
+#define DLCM_HAVE_ATTENTION_KERNEL 1
+#endif
+
+TEST_P(CompactVsReplicate, AgreesWithAttentionKernel) {
+#ifndef DLCM_HAVE_ATTENTION_KERNEL
+  GTEST_SKIP() << "ops::attention_* not in this tree yet";
+#else
+  const auto c = GetParam();
+  AttnData a(c, 500 + i64(c.pat) * 3 + c.L);
+  const i64 NR = a.B * a.L * a.Hkv * a.hd;
+  Vec o1(a.q.size()), l1(a.B * a.Hq * a.L), krep(NR), vrep(NR), dkrep(NR), dvrep(NR);
+  ops::concept_attention_replicate_forward(o1.data(), l1.data(), krep.data(), vrep.data(),
+                                           a.q.data(), a.k.data(), a.v.data(), a.sg, a.B, a.L,
+                                           a.Hq, a.Hkv, a.hd, a.scale);
+  Vec dq1(a.q.size(), 0.f), dk1(a.k.size(), 0.f), dv1(a.v.size(), 0.f);
+  ops::concept_attention_replicate_backward(dq1.data(), dk1.data(), dv1.data(), dkrep.data(),
+                                            dvrep.data(), a.dout.data(), o1.data(), l1.data(),
+                                            a.q.data(), krep.data(), vrep.data(), a.sg, a.B, a.L,
+                                            a.Hq, a.Hkv, a.hd, a.scale);
+  Vec o2, l2, dq2, dk2, dv2;
+  compact(a, o2, l2, dq2, dk2, dv2);
+  SCOPED_TRACE(name_of(c.pat));
+  EXPECT_LT(test::rel_err(o2.data(), o1.data(), o1.size()), 1e-4);
+  EXPECT_LT(test::max_abs_diff(l2.data(), l1.data(), l1.size()), 1e-4);
+  EXPECT_LT(scaled_err(dq2, dq1), 2e-4);
+  EXPECT_LT(scaled_err(dk2, dk1), 2e-4);
+  EXPECT_LT(scaled_err(dv2, dv1), 2e-4);
+#endif
+}
+
 INSTANTIATE_TEST_SUITE_P(
     Patterns, CompactVsReplicate,
     ::testing::Values(AttnCase{Pattern::Random, 2, 23, 4, 2, 8},
@@ -846,4 +881,62 @@ TEST(AuxLoss, ValueGradientAndAccumulation) {
   for (float x : dp) EXPECT_EQ(x, 1.25f);
   EXPECT_THROW(ops::global_parser_loss(1, 1, 4, 1.0), Error);
   EXPECT_THROW(ops::global_parser_loss(1, 1, 0, 4.0), Error);
+}
+
+// =============================================================================================
+// Parallel paths: large enough shapes to take the OpenMP branches; results must not depend on
+// the thread count (each output element is produced by one thread in a fixed order).
+// =============================================================================================
+
+TEST(Parallel, ThreadCountDoesNotChangeResults) {
+  const i64 B = 3, L = 300, d = 48, Hq = 4, Hkv = 2, hd = 16, N = B * L;
+  Toks tok;
+  Bits b0;
+  make_pattern(Pattern::MultiDoc, B, L, 4242, tok, b0);
+  Vec H = randn(N * d, 1), q = randn(N * Hq * hd, 2), dout = randn(N * Hq * hd, 3);
+  auto run = [&](int threads) {
+    const int saved = omp_get_max_threads();
+    omp_set_num_threads(threads);
+    std::vector<Vec> res;
+    Vec p(N), cache(N * 3);
+    ops::router_prob_forward(p.data(), cache.data(), H.data(), H.data(), tok.data(), kBos, B, L, d);
+    Bits bs(N);
+    ops::sample_boundaries(bs.data(), p.data(), tok.data(), kBos, B, L, 0.6f, 1, 2, 0);
+    ops::Segments sg;
+    sg.build(bs.data(), tok.data(), kBos, B, L);
+    const i64 S = B * sg.Mmax * d, K1 = sg.Mmax + 1, W = Hkv * hd;
+    Vec pooled(S), zs(S), list(B * K1 * d), kv(B * K1 * W), rep(N * W);
+    ops::pool_mean_forward(pooled.data(), H.data(), sg, d);
+    ops::smoother_forward(zs.data(), pooled.data(), p.data(), sg, d);
+    Vec zn = randn(d, 9);
+    ops::concept_list_forward(list.data(), zn.data(), zs.data(), B, sg.Mmax, d);
+    for (i64 e = 0; e < B * K1; ++e)
+      for (i64 i = 0; i < W; ++i) kv[e * W + i] = list[e * d + i % d];
+    ops::concept_gather(rep.data(), kv.data(), sg, W);
+    Vec out(N * Hq * hd), lse(B * Hq * L), dq(q.size(), 0.f), dk(kv.size(), 0.f),
+        dv(kv.size(), 0.f), dkl(kv.size(), 0.f);
+    ops::concept_attention_forward(out.data(), lse.data(), q.data(), kv.data(), kv.data(), sg, B,
+                                   L, Hq, Hkv, hd, 0.25f);
+    ops::concept_attention_backward(dq.data(), dk.data(), dv.data(), dout.data(), out.data(),
+                                    lse.data(), q.data(), kv.data(), kv.data(), sg, B, L, Hq, Hkv,
+                                    hd, 0.25f);
+    ops::concept_scatter_add(dkl.data(), rep.data(), sg, W);
+    Vec dz(S, 0.f), dp(N, 0.f), dH(N * d, 0.f), dzn(d, 0.f), dzs(S, 0.f);
+    ops::concept_list_backward(dzn.data(), dzs.data(), list.data(), B, sg.Mmax, d);
+    ops::smoother_backward(dz.data(), dp.data(), dzs.data(), zs.data(), pooled.data(), p.data(),
+                           sg, d);
+    ops::pool_mean_backward(dH.data(), dz.data(), sg, d);
+    ops::aux_loss_backward(dp.data(), N, 0.01f);
+    ops::router_prob_backward(dH.data(), dH.data(), dp.data(), cache.data(), H.data(), H.data(),
+                              tok.data(), kBos, B, L, d);
+    Vec bf(bs.begin(), bs.end());
+    res = {p, bf, pooled, zs, rep, out, lse, dq, dk, dv, dkl, dz, dp, dH};
+    omp_set_num_threads(saved);
+    return res;
+  };
+  const auto r1 = run(1), r2 = run(2), r3 = run(3);
+  for (size_t i = 0; i < r1.size(); ++i) {
+    EXPECT_EQ(r1[i], r2[i]) << "result " << i;
+    EXPECT_EQ(r1[i], r3[i]) << "result " << i;
+  }
 }

@@ -11,6 +11,10 @@ namespace dlcm::ops {
 
 namespace {
 
+// Spawning a parallel region costs microseconds (much more on a loaded machine); small calls
+// (decode steps, tests) run on the calling thread.
+inline bool parallel_worth(i64 work) { return work >= (i64(1) << 15); }
+
 inline bool is_forced(const i32* tokens, i32 bos_id, i64 n, i64 t) {
   return t == 0 || (tokens != nullptr && tokens[n] == bos_id);
 }
@@ -47,12 +51,12 @@ void router_prob_forward(float* p, float* cache, const float* q, const float* k,
   DLCM_CHECK(B >= 0 && L >= 0 && ds > 0, "router_prob_forward: bad shape B=", B, " L=", L,
              " ds=", ds);
   const i64 N = B * L;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if(parallel_worth(N * ds))
   for (i64 n = 0; n < N; ++n) {
     cache[n * 3 + 0] = std::sqrt(dotf(q + n * ds, q + n * ds, ds));
     cache[n * 3 + 1] = std::sqrt(dotf(k + n * ds, k + n * ds, ds));
   }
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if(parallel_worth(N * ds))
   for (i64 n = 0; n < N; ++n) {
     const i64 t = n % L;
     float c = 0.f;
@@ -78,7 +82,7 @@ void router_prob_backward(float* dq, float* dk, const float* dp, const float* ca
   const i64 N = B * L;
   // gc[n] = dL/dcos for the pair (q_{n-1}, k_n); 0 where forced or clamped.
   std::vector<float> gc(N);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if(parallel_worth(N * ds))
   for (i64 n = 0; n < N; ++n) {
     const i64 t = n % L;
     float g = 0.f;
@@ -90,7 +94,7 @@ void router_prob_backward(float* dq, float* dk, const float* dp, const float* ca
   }
   // Output row n receives dq from the pair at n+1 and dk from the pair at n; each row is
   // written by one iteration only, so dq == dk (aliasing) is safe.
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if(parallel_worth(N * ds))
   for (i64 n = 0; n < N; ++n) {
     const i64 t = n % L;
     if (t + 1 < L && gc[n + 1] != 0.f) {  // pair (a = q_n, b = k_{n+1})
@@ -139,7 +143,7 @@ void sample_boundaries(uint8_t* b, const float* p, const i32* tokens, i32 bos_id
   DLCM_CHECK(alpha > 0.f && std::isfinite(alpha), "router.alpha must be a positive number, got ",
              alpha);
   DLCM_CHECK(B >= 0 && L >= 0 && row_offset >= 0, "sample_boundaries: bad shape");
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if(parallel_worth(B * L * 16))
   for (i64 r = 0; r < B; ++r) {
     for (i64 t = 0; t < L; ++t) {
       const i64 n = r * L + t;
@@ -159,7 +163,7 @@ void threshold_boundaries(uint8_t* b, const float* p, const i32* tokens, i32 bos
   DLCM_CHECK(B >= 0 && L >= 0, "threshold_boundaries: bad shape");
   DLCM_CHECK(!std::isnan(tau), "router.tau must be a number");
   const i64 N = B * L;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if(parallel_worth(N))
   for (i64 n = 0; n < N; ++n)
     b[n] = (is_forced(tokens, bos_id, n, n % L) || p[n] >= tau) ? 1 : 0;
 }
@@ -222,7 +226,7 @@ void pool_mean_forward(float* pooled, const float* H, const Segments& sg, i64 d)
   check_segments(sg, sg.B, sg.L, "pool_mean_forward");
   DLCM_CHECK(d > 0, "pool_mean_forward: d must be > 0");
   const i64 B = sg.B, L = sg.L, Mmax = sg.Mmax;
-#pragma omp parallel for schedule(dynamic, 16)
+#pragma omp parallel for schedule(dynamic, 16) if(parallel_worth(B * L * d))
   for (i64 sl = 0; sl < B * Mmax; ++sl) {
     const i64 r = sl / Mmax;
     float* o = pooled + sl * d;
@@ -241,7 +245,7 @@ void pool_mean_backward(float* dH, const float* dpooled, const Segments& sg, i64
   check_segments(sg, sg.B, sg.L, "pool_mean_backward");
   DLCM_CHECK(d > 0, "pool_mean_backward: d must be > 0");
   const i64 L = sg.L, Mmax = sg.Mmax, N = sg.B * sg.L;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if(parallel_worth(N * d))
   for (i64 n = 0; n < N; ++n) {
     const i64 sl = (n / L) * Mmax + sg.seg[n];
     axpy(dH + n * d, 1.f / float(sg.len[sl]), dpooled + sl * d, d);
@@ -264,7 +268,7 @@ void smoother_forward(float* zs, const float* z, const float* p, const Segments&
   // Parallel over (row, feature block): the recurrence runs along concepts only.
   const i64 DB = 64;
   const i64 nblk = (d + DB - 1) / DB;
-#pragma omp parallel for collapse(2) schedule(static)
+#pragma omp parallel for collapse(2) schedule(static) if(parallel_worth(B * Mmax * d))
   for (i64 r = 0; r < B; ++r) {
     for (i64 blk = 0; blk < nblk; ++blk) {
       const i64 i0 = blk * DB, i1 = std::min(d, i0 + DB);
@@ -294,7 +298,7 @@ void smoother_backward(float* dz, float* dp, const float* dzs, const float* zs, 
   check_segments(sg, sg.B, sg.L, "smoother_backward");
   DLCM_CHECK(d > 0, "smoother_backward: d must be > 0");
   const i64 B = sg.B, L = sg.L, Mmax = sg.Mmax;
-#pragma omp parallel
+#pragma omp parallel if(parallel_worth(B * Mmax * d))
   {
     std::vector<float> g(d);
 #pragma omp for schedule(dynamic, 1)
@@ -338,7 +342,7 @@ void smoother_backward(float* dz, float* dp, const float* dzs, const float* zs, 
 void concept_list_forward(float* list, const float* z_null, const float* zs, i64 B, i64 Mmax,
                           i64 d) {
   DLCM_CHECK(B >= 0 && Mmax >= 0 && d > 0, "concept_list_forward: bad shape");
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if(parallel_worth(B * Mmax * d))
   for (i64 r = 0; r < B; ++r) {
     float* o = list + r * (Mmax + 1) * d;
     std::memcpy(o, z_null, sizeof(float) * d);
@@ -353,7 +357,7 @@ void concept_list_backward(float* dz_null, float* dzs, const float* dlist, i64 B
     for (i64 r = 0; r < B; ++r) axpy(dz_null, 1.f, dlist + r * (Mmax + 1) * d, d);
   }
   if (dzs) {
-#pragma omp parallel for collapse(2) schedule(static)
+#pragma omp parallel for collapse(2) schedule(static) if(parallel_worth(B * Mmax * d))
     for (i64 r = 0; r < B; ++r)
       for (i64 j = 0; j < Mmax; ++j)
         axpy(dzs + (r * Mmax + j) * d, 1.f, dlist + (r * (Mmax + 1) + 1 + j) * d, d);
@@ -364,7 +368,7 @@ void concept_gather(float* rep, const float* list, const Segments& sg, i64 width
   check_segments(sg, sg.B, sg.L, "concept_gather");
   DLCM_CHECK(width > 0, "concept_gather: width must be > 0");
   const i64 L = sg.L, K1 = sg.Mmax + 1, N = sg.B * sg.L;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if(parallel_worth(N * width))
   for (i64 n = 0; n < N; ++n) {
     const i64 r = n / L;
     std::memcpy(rep + n * width, list + (r * K1 + sg.seg[n]) * width, sizeof(float) * width);
@@ -376,7 +380,7 @@ void concept_scatter_add(float* dlist, const float* drep, const Segments& sg, i6
   DLCM_CHECK(width > 0, "concept_scatter_add: width must be > 0");
   const i64 B = sg.B, L = sg.L, Mmax = sg.Mmax, K1 = Mmax + 1;
   // Positions carrying list index k are exactly segment k's tokens.
-#pragma omp parallel for collapse(2) schedule(dynamic, 16)
+#pragma omp parallel for collapse(2) schedule(dynamic, 16) if(parallel_worth(B * L * width))
   for (i64 r = 0; r < B; ++r) {
     for (i64 kk = 0; kk < Mmax; ++kk) {
       if (kk >= sg.count[r]) continue;
@@ -390,7 +394,12 @@ void concept_scatter_add(float* dlist, const float* drep, const Segments& sg, i6
 
 namespace {
 
-constexpr i64 kTQ = 16;  // tokens of one segment processed together (they share a key set)
+constexpr i64 kTQ = 16;
+
+// Rough multiply-add count of the compact attention (for the parallel_worth decision).
+i64 attn_work(const Segments& sg, i64 Hq, i64 hd) {
+  return sg.B * sg.L * Hq * hd * std::max<i64>(1, (sg.Mmax + 1) / 2);
+}  // tokens of one segment processed together (they share a key set)
 
 void check_attention_args(const Segments& sg, i64 B, i64 L, i64 Hq, i64 Hkv, i64 hd,
                           const char* who) {
@@ -426,7 +435,7 @@ void concept_attention_forward(float* out, float* lse, const float* q, const flo
                                i64 hd, float scale) {
   check_attention_args(sg, B, L, Hq, Hkv, hd, "concept_attention_forward");
   const i64 G = Hq / Hkv, Mmax = sg.Mmax, K1 = Mmax + 1;
-#pragma omp parallel
+#pragma omp parallel if(parallel_worth(attn_work(sg, Hq, hd)))
   {
     std::vector<float> S(kTQ * G * K1), logm(K1);
 #pragma omp for collapse(2) schedule(dynamic, 1)
@@ -479,7 +488,7 @@ void concept_attention_backward(float* dq, float* dk, float* dv, const float* do
                                 i64 Hq, i64 Hkv, i64 hd, float scale) {
   check_attention_args(sg, B, L, Hq, Hkv, hd, "concept_attention_backward");
   const i64 G = Hq / Hkv, Mmax = sg.Mmax, K1 = Mmax + 1;
-#pragma omp parallel
+#pragma omp parallel if(parallel_worth(attn_work(sg, Hq, hd)))
   {
     std::vector<float> S(kTQ * G * K1), dP(kTQ * G * K1), logm(K1), D(kTQ * G);
 #pragma omp for collapse(2) schedule(dynamic, 1)
@@ -554,7 +563,7 @@ AuxLoss global_parser_loss(double sum_b, double sum_p, double count, double R, d
 }
 
 void aux_loss_backward(float* dp, i64 n, float grad_p) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if(parallel_worth(n))
   for (i64 i = 0; i < n; ++i) dp[i] += grad_p;
 }
 

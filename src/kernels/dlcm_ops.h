@@ -8,10 +8,12 @@
 // region). Rows of a batch never mix: every op works per row, and padded concept slots
 // (j >= M_b) are written as 0 and never read by another row.
 #pragma once
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
 #include "core/common.h"
+#include "kernels/ops.h"
 
 namespace dlcm::ops {
 
@@ -123,6 +125,35 @@ void concept_list_backward(float* dz_null, float* dzs, const float* dlist, i64 B
 void concept_gather(float* rep, const float* list, const Segments& sg, i64 width);
 // dlist[b, k] += sum over positions s with seg(s) == k of drep[b, s]. (Race-free.)
 void concept_scatter_add(float* dlist, const float* drep, const Segments& sg, i64 width);
+
+// The replicate path in one call, on ops::attention_forward/backward (inline so that this header
+// adds no link dependency for callers that only use the compact path). krep/vrep/dkrep/dvrep
+// are caller scratch [B, L, Hkv*hd]; keep krep/vrep from the forward for the backward (or
+// gather again). The backward overwrites dkrep/dvrep and accumulates into dq, dk, dv.
+inline void concept_attention_replicate_forward(float* out, float* lse, float* krep, float* vrep,
+                                                const float* q, const float* k, const float* v,
+                                                const Segments& sg, i64 B, i64 L, i64 Hq,
+                                                i64 Hkv, i64 hd, float scale) {
+  DLCM_CHECK(sg.B == B && sg.L == L, "concept_attention_replicate_forward: Segments shape");
+  concept_gather(krep, k, sg, Hkv * hd);
+  concept_gather(vrep, v, sg, Hkv * hd);
+  attention_forward(out, lse, q, krep, vrep, B, L, L, Hq, Hkv, hd, 0, scale);
+}
+inline void concept_attention_replicate_backward(float* dq, float* dk, float* dv, float* dkrep,
+                                                 float* dvrep, const float* dout,
+                                                 const float* out, const float* lse,
+                                                 const float* q, const float* krep,
+                                                 const float* vrep, const Segments& sg, i64 B,
+                                                 i64 L, i64 Hq, i64 Hkv, i64 hd, float scale) {
+  DLCM_CHECK(sg.B == B && sg.L == L, "concept_attention_replicate_backward: Segments shape");
+  const i64 n = B * L * Hkv * hd;
+  std::fill(dkrep, dkrep + n, 0.f);
+  std::fill(dvrep, dvrep + n, 0.f);
+  attention_backward(dq, dkrep, dvrep, dout, out, lse, q, krep, vrep, B, L, L, Hq, Hkv, hd, 0,
+                     scale);
+  concept_scatter_add(dk, dkrep, sg, Hkv * hd);
+  concept_scatter_add(dv, dvrep, sg, Hkv * hd);
+}
 
 // compact: attend over list indices k = 0..seg(t) with additive bias log(mult(t,k)),
 // mult(t,k) = len(S_k) for k < seg(t), t - start(S_{seg(t)}) + 1 for k = seg(t).
