@@ -679,6 +679,9 @@ INSTANTIATE_TEST_SUITE_P(
                       AttnCase{Pattern::Random, 2, 37, 1, 1, 4},
                       AttnCase{Pattern::MultiDoc, 2, 160, 8, 2, 64},  // chunking (> 16 tokens)
                       AttnCase{Pattern::WholeRow, 1, 70, 4, 2, 32},
+                      AttnCase{Pattern::AllOnes, 1, 150, 2, 1, 24},   // several key tiles
+                      AttnCase{Pattern::Random, 1, 260, 2, 2, 80},    // hd > 64
+                      AttnCase{Pattern::Uneven, 3, 130, 3, 1, 16},
                       AttnCase{Pattern::Uneven, 3, 1, 2, 1, 8}),
     [](const auto& info) { return std::to_string(info.index); });
 

@@ -1,11 +1,16 @@
 #include "kernels/dlcm_ops.h"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <limits>
 
 #include "core/rng.h"
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace dlcm::ops {
 
@@ -392,14 +397,244 @@ void concept_scatter_add(float* dlist, const float* drep, const Segments& sg, i6
   }
 }
 
+// ---- compact concept attention, blockwise ----------------------------------------------------
+// A block of BQ consecutive query tokens (of one head) spans segments j0..j1. Its keys are the
+// list indices 0..j1: indices < j0 are visible to every query of the block with bias
+// log(len_k); indices j0..j1 follow the per-query rule (k < seg(t): log len_k, k == seg(t):
+// log(t - start + 1), k > seg(t): masked). Scores go into a transposed tile S^T [BK, BQ]
+// (= K Q^T with Q^T packed once per block), so softmax statistics are vertical vector ops, and
+// all tile products go through one register-blocked microkernel, mm(). The work is
+// O(L * M * hd) plus at most one key tile of waste per query block.
 namespace {
 
-constexpr i64 kTQ = 16;
+constexpr i64 BQ = 64;  // query tokens per block
+constexpr i64 BK = 64;  // keys per tile
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // Rough multiply-add count of the compact attention (for the parallel_worth decision).
 i64 attn_work(const Segments& sg, i64 Hq, i64 hd) {
   return sg.B * sg.L * Hq * hd * std::max<i64>(1, (sg.Mmax + 1) / 2);
-}  // tokens of one segment processed together (they share a key set)
+}
+
+#if defined(__AVX512F__)
+inline __mmask16 tail_mask(i64 n) {
+  return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
+}
+
+// exp(x), ~2 ulp; x < -87.3 (including -inf) gives exactly 0.
+inline __m512 exp16(__m512 x) {
+  const __m512 lo = _mm512_set1_ps(-87.3f);
+  const __mmask16 live = _mm512_cmp_ps_mask(x, lo, _CMP_GE_OQ);
+  x = _mm512_min_ps(_mm512_max_ps(x, lo), _mm512_set1_ps(88.7f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682030941723212e-6f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 5040);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_maskz_mov_ps(live, _mm512_scalef_ps(p, n));
+}
+
+// Register tile: MR rows of C x NV 16-wide vectors; accumulators are named variables so that
+// they stay in zmm registers.
+#define CA_DECL(r) __m512 c##r##0, c##r##1, c##r##2, c##r##3;
+#define CA_ZERO(r) c##r##0 = c##r##1 = c##r##2 = c##r##3 = _mm512_setzero_ps();
+#define CA_FMA(r)                                                     \
+  if constexpr (MR > r) {                                             \
+    const __m512 av = _mm512_set1_ps(a[r * rsa]);                     \
+    c##r##0 = _mm512_fmadd_ps(av, b0, c##r##0);                       \
+    if constexpr (NV > 1) c##r##1 = _mm512_fmadd_ps(av, b1, c##r##1); \
+    if constexpr (NV > 2) c##r##2 = _mm512_fmadd_ps(av, b2, c##r##2); \
+    if constexpr (NV > 3) c##r##3 = _mm512_fmadd_ps(av, b3, c##r##3); \
+  }
+#define CA_STORE(r)                                           \
+  if constexpr (MR > r) {                                     \
+    float* cr = C + r * ldc;                                  \
+    put(cr, c##r##0, NV == 1 ? last : full);                  \
+    if constexpr (NV > 1) put(cr + 16, c##r##1, NV == 2 ? last : full); \
+    if constexpr (NV > 2) put(cr + 32, c##r##2, NV == 3 ? last : full); \
+    if constexpr (NV > 3) put(cr + 48, c##r##3, last);        \
+  }
+
+template <int MR, int NV>
+void mm_tile(float* C, i64 ldc, const float* A, i64 rsa, i64 csa, const float* B, i64 ldb, i64 K,
+             __mmask16 last, float alpha, bool acc) {
+  const __mmask16 full = 0xFFFF;
+  CA_DECL(0) CA_DECL(1) CA_DECL(2) CA_DECL(3) CA_DECL(4) CA_DECL(5)
+  CA_ZERO(0) CA_ZERO(1) CA_ZERO(2) CA_ZERO(3) CA_ZERO(4) CA_ZERO(5)
+  for (i64 kk = 0; kk < K; ++kk) {
+    const float* b = B + kk * ldb;
+    const __m512 b0 = _mm512_maskz_loadu_ps(NV == 1 ? last : full, b);
+    const __m512 b1 = NV > 1 ? _mm512_maskz_loadu_ps(NV == 2 ? last : full, b + 16) : b0;
+    const __m512 b2 = NV > 2 ? _mm512_maskz_loadu_ps(NV == 3 ? last : full, b + 32) : b0;
+    const __m512 b3 = NV > 3 ? _mm512_maskz_loadu_ps(last, b + 48) : b0;
+    const float* a = A + kk * csa;
+    CA_FMA(0) CA_FMA(1) CA_FMA(2) CA_FMA(3) CA_FMA(4) CA_FMA(5)
+  }
+  const __m512 al = _mm512_set1_ps(alpha);
+  auto put = [&](float* dst, __m512 x, __mmask16 m) {
+    x = acc ? _mm512_fmadd_ps(x, al, _mm512_maskz_loadu_ps(m, dst)) : _mm512_mul_ps(x, al);
+    _mm512_mask_storeu_ps(dst, m, x);
+  };
+  CA_STORE(0) CA_STORE(1) CA_STORE(2) CA_STORE(3) CA_STORE(4) CA_STORE(5)
+}
+#undef CA_DECL
+#undef CA_ZERO
+#undef CA_FMA
+#undef CA_STORE
+
+using TileFn = void (*)(float*, i64, const float*, i64, i64, const float*, i64, i64, __mmask16,
+                        float, bool);
+template <int R>
+constexpr std::array<TileFn, 4> tile_row() {
+  return {mm_tile<R, 1>, mm_tile<R, 2>, mm_tile<R, 3>, mm_tile<R, 4>};
+}
+const std::array<TileFn, 4> kTiles[6] = {tile_row<1>(), tile_row<2>(), tile_row<3>(),
+                                         tile_row<4>(), tile_row<5>(), tile_row<6>()};
+#endif
+
+// C[M,N] = (acc ? C : 0) + alpha * A(M,K) B[K,N]; A(r,k) = A[r*rsa + k*csa]; row k of B at
+// B + k*ldb (contiguous); rows of C ldc apart.
+void mm(float* C, i64 ldc, const float* A, i64 rsa, i64 csa, const float* B, i64 ldb, i64 M,
+        i64 N, i64 K, float alpha, bool acc) {
+#if defined(__AVX512F__)
+  for (i64 j0 = 0; j0 < N; j0 += 64) {
+    const i64 nj = std::min<i64>(64, N - j0);
+    const int nv = int((nj + 15) / 16);
+    const __mmask16 last = tail_mask(nj - 16 * (nv - 1));
+    for (i64 i0 = 0; i0 < M; i0 += 6) {
+      const int mr = int(std::min<i64>(6, M - i0));
+      kTiles[mr - 1][nv - 1](C + i0 * ldc + j0, ldc, A + i0 * rsa, rsa, csa, B + j0, ldb, K, last,
+                             alpha, acc);
+    }
+  }
+#else
+  float tmp[64];
+  for (i64 i = 0; i < M; ++i) {
+    float* cr = C + i * ldc;
+    for (i64 j0 = 0; j0 < N; j0 += 64) {
+      const i64 nj = std::min<i64>(64, N - j0);
+      std::fill(tmp, tmp + nj, 0.f);
+      for (i64 kk = 0; kk < K; ++kk) {
+        const float a = A[i * rsa + kk * csa];
+        const float* b = B + kk * ldb + j0;
+        for (i64 j = 0; j < nj; ++j) tmp[j] += a * b[j];
+      }
+      for (i64 j = 0; j < nj; ++j) cr[j0 + j] = (acc ? cr[j0 + j] : 0.f) + alpha * tmp[j];
+    }
+  }
+#endif
+}
+
+// dst[c*BQ + i] = src[i*ld + c] for i < n, c < hd.
+void pack_t(float* dst, const float* src, i64 ld, i64 n, i64 hd) {
+  for (i64 i = 0; i < n; ++i) {
+    const float* s = src + i * ld;
+    for (i64 c = 0; c < hd; ++c) dst[c * BQ + i] = s[c];
+  }
+}
+
+// Per-query facts of one block: seg(t) and log(t - start(seg(t)) + 1).
+struct QueryBlock {
+  i64 t0 = 0, nq = 0, j0 = 0, j1 = 0;
+  alignas(64) float segf[BQ];  // seg(t) as float (exact below 2^24), for vector compares
+  alignas(64) float logd[BQ];
+  void set(const Segments& sg, i64 b, i64 qb) {
+    t0 = qb * BQ;
+    nq = std::min<i64>(BQ, sg.L - t0);
+    const i32* sr = sg.seg.data() + b * sg.L;
+    j0 = sr[t0];
+    j1 = sr[t0 + nq - 1];
+    for (i64 i = 0; i < BQ; ++i) {
+      if (i < nq) {
+        const i64 s = sr[t0 + i];
+        segf[i] = float(s);
+        logd[i] = std::log(float(t0 + i - sg.start[b * sg.Mmax + s] + 1));
+      } else {
+        segf[i] = -1.f;  // padding columns: everything masked
+        logd[i] = 0.f;
+      }
+    }
+  }
+};
+
+// Adds the log-multiplicity bias (and the -inf mask) to a score tile S^T [nk, BQ] whose rows
+// are keys kt0..kt0+nk-1. logm[k] = log(len_k).
+void add_bias(float* st, i64 kt0, i64 nk, const QueryBlock& qb, const float* logm) {
+  for (i64 r = 0; r < nk; ++r) {
+    const i64 kk = kt0 + r;
+    float* row = st + r * BQ;
+    if (kk < qb.j0) {
+      const float lb = logm[kk];
+      for (i64 i = 0; i < BQ; ++i) row[i] += lb;
+    } else {
+      const float kf = float(kk), lb = logm[kk];
+      for (i64 i = 0; i < BQ; ++i) {
+        const float s = qb.segf[i];
+        row[i] = (kf < s) ? row[i] + lb : (kf == s ? row[i] + qb.logd[i] : kNegInf);
+      }
+    }
+  }
+}
+
+// Online softmax over the columns of S^T [nk, BQ]: m_new = max(m, max_r st), corr =
+// exp(m - m_new), st = exp(st - m_new), l = l * corr + sum_r st.
+void softmax_cols(float* st, i64 nk, float* m, float* l, float* corr) {
+#if defined(__AVX512F__)
+  for (i64 i = 0; i < BQ; i += 16) {
+    const __m512 mo = _mm512_load_ps(m + i);
+    __m512 mx = mo;
+    for (i64 r = 0; r < nk; ++r) mx = _mm512_max_ps(mx, _mm512_loadu_ps(st + r * BQ + i));
+    // Columns with nothing visible yet keep m = -inf; use 0 as the reference there so that
+    // exp(-inf - ref) = 0 instead of NaN.
+    const __mmask16 fin = _mm512_cmp_ps_mask(mx, _mm512_set1_ps(kNegInf), _CMP_NEQ_OQ);
+    const __m512 ref = _mm512_maskz_mov_ps(fin, mx);
+    const __m512 c = exp16(_mm512_sub_ps(mo, ref));
+    __m512 sum = _mm512_setzero_ps();
+    for (i64 r = 0; r < nk; ++r) {
+      float* p = st + r * BQ + i;
+      const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(p), ref));
+      _mm512_storeu_ps(p, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    _mm512_store_ps(m + i, mx);
+    _mm512_store_ps(corr + i, c);
+    _mm512_store_ps(l + i, _mm512_fmadd_ps(_mm512_load_ps(l + i), c, sum));
+  }
+#else
+  for (i64 i = 0; i < BQ; ++i) {
+    float mx = m[i];
+    for (i64 r = 0; r < nk; ++r) mx = std::max(mx, st[r * BQ + i]);
+    const float ref = (mx == kNegInf) ? 0.f : mx;
+    const float c = std::exp(m[i] - ref);
+    float sum = 0.f;
+    for (i64 r = 0; r < nk; ++r) sum += (st[r * BQ + i] = std::exp(st[r * BQ + i] - ref));
+    m[i] = mx;
+    corr[i] = c;
+    l[i] = l[i] * c + sum;
+  }
+#endif
+}
+
+// st = exp(st - lse[i]) per column (lse of padding columns is +inf -> 0).
+void exp_minus_lse(float* st, i64 nk, const float* lsev) {
+#if defined(__AVX512F__)
+  for (i64 r = 0; r < nk; ++r)
+    for (i64 i = 0; i < BQ; i += 16) {
+      float* p = st + r * BQ + i;
+      _mm512_storeu_ps(p, exp16(_mm512_sub_ps(_mm512_loadu_ps(p), _mm512_load_ps(lsev + i))));
+    }
+#else
+  for (i64 r = 0; r < nk; ++r)
+    for (i64 i = 0; i < BQ; ++i) st[r * BQ + i] = std::exp(st[r * BQ + i] - lsev[i]);
+#endif
+}
 
 void check_attention_args(const Segments& sg, i64 B, i64 L, i64 Hq, i64 Hkv, i64 hd,
                           const char* who) {
@@ -409,23 +644,8 @@ void check_attention_args(const Segments& sg, i64 B, i64 L, i64 Hq, i64 Hkv, i64
   DLCM_CHECK(Hq % Hkv == 0, who, ": n_kv_heads (", Hkv, ") must divide n_heads (", Hq, ")");
 }
 
-// Scores S[r, kk] (r = it*G + hh: token t0+it, head g*G+hh; kk = 0..j) for one chunk of
-// segment j: scale * q.k + log(mult).
-inline void chunk_scores(float* S, const float* q, const float* k, const float* logm, i64 r0,
-                         i64 t0, i64 nt, i64 j, i64 st, i64 g, i64 G, i64 L, i64 Hq, i64 Hkv,
-                         i64 hd, i64 K1, float scale) {
-  const i64 nk = j + 1;
-  const i64 b = r0;
-  for (i64 kk = 0; kk < nk; ++kk) {
-    const float* kr = k + ((b * K1 + kk) * Hkv + g) * hd;
-    for (i64 it = 0; it < nt; ++it) {
-      const float bias = (kk < j) ? logm[kk] : std::log(float(t0 + it - st + 1));
-      for (i64 hh = 0; hh < G; ++hh) {
-        const float* qr = q + ((b * L + t0 + it) * Hq + g * G + hh) * hd;
-        S[(it * G + hh) * nk + kk] = dotf(qr, kr, hd) * scale + bias;
-      }
-    }
-  }
+void log_lengths(float* logm, const Segments& sg, i64 b) {
+  for (i64 kk = 0; kk < sg.count[b]; ++kk) logm[kk] = std::log(float(sg.len[b * sg.Mmax + kk]));
 }
 
 }  // namespace
@@ -434,51 +654,53 @@ void concept_attention_forward(float* out, float* lse, const float* q, const flo
                                const float* v, const Segments& sg, i64 B, i64 L, i64 Hq, i64 Hkv,
                                i64 hd, float scale) {
   check_attention_args(sg, B, L, Hq, Hkv, hd, "concept_attention_forward");
-  const i64 G = Hq / Hkv, Mmax = sg.Mmax, K1 = Mmax + 1;
+  const i64 G = Hq / Hkv, K1 = sg.Mmax + 1, nqb = (L + BQ - 1) / BQ;
+  const i64 ldq = Hq * hd, ldk = Hkv * hd;
 #pragma omp parallel if(parallel_worth(attn_work(sg, Hq, hd)))
   {
-    std::vector<float> S(kTQ * G * K1), logm(K1);
-#pragma omp for collapse(2) schedule(dynamic, 1)
-    for (i64 b = 0; b < B; ++b) {
-      for (i64 g = 0; g < Hkv; ++g) {
-        const i64 M = sg.count[b];
-        for (i64 kk = 0; kk < M; ++kk) logm[kk] = std::log(float(sg.len[b * Mmax + kk]));
-        for (i64 j = 0; j < M; ++j) {
-          const i64 st = sg.start[b * Mmax + j], ln = sg.len[b * Mmax + j];
-          const i64 nk = j + 1;
-          for (i64 t0 = st; t0 < st + ln; t0 += kTQ) {
-            const i64 nt = std::min(kTQ, st + ln - t0);
-            const i64 nr = nt * G;
-            chunk_scores(S.data(), q, k, logm.data(), b, t0, nt, j, st, g, G, L, Hq, Hkv, hd, K1,
-                         scale);
-            for (i64 r = 0; r < nr; ++r) {
-              float* s = S.data() + r * nk;
-              float m = -std::numeric_limits<float>::infinity();
-              for (i64 kk = 0; kk < nk; ++kk) m = std::max(m, s[kk]);
-              float l = 0.f;
-              for (i64 kk = 0; kk < nk; ++kk) {
-                s[kk] = std::exp(s[kk] - m);
-                l += s[kk];
-              }
-              const float inv = 1.f / l;
-              for (i64 kk = 0; kk < nk; ++kk) s[kk] *= inv;
-              const i64 it = r / G, hh = r % G;
-              lse[(b * Hq + g * G + hh) * L + t0 + it] = m + std::log(l);
-              float* o = out + ((b * L + t0 + it) * Hq + g * G + hh) * hd;
-              std::fill(o, o + hd, 0.f);
+    Buf QT(hd * BQ), ST(BK * BQ), O(BQ * hd), m(BQ), l(BQ), corr(BQ), logm(K1);
+    QueryBlock qbk;
+    i64 last_b = -1;
+    // Later query blocks see more keys: hand them out first.
+#pragma omp for collapse(3) schedule(dynamic, 1)
+    for (i64 b = 0; b < B; ++b)
+      for (i64 h = 0; h < Hq; ++h)
+        for (i64 qr = 0; qr < nqb; ++qr) {
+          const i64 qb = nqb - 1 - qr, g = h / G;
+          if (b != last_b) {
+            log_lengths(logm.data(), sg, b);
+            last_b = b;
+          }
+          qbk.set(sg, b, qb);
+          const i64 t0 = qbk.t0, nq = qbk.nq;
+          const float* qbase = q + ((b * L + t0) * Hq + h) * hd;
+          std::fill(QT.begin(), QT.end(), 0.f);
+          pack_t(QT.data(), qbase, ldq, nq, hd);
+          std::fill(m.begin(), m.end(), kNegInf);
+          std::fill(l.begin(), l.end(), 0.f);
+          std::fill(O.begin(), O.end(), 0.f);
+          for (i64 kt0 = 0; kt0 <= qbk.j1; kt0 += BK) {
+            const i64 nk = std::min<i64>(BK, qbk.j1 + 1 - kt0);
+            const float* kb = k + ((b * K1 + kt0) * Hkv + g) * hd;
+            const float* vb = v + ((b * K1 + kt0) * Hkv + g) * hd;
+            mm(ST.data(), BQ, kb, ldk, 1, QT.data(), BQ, nk, BQ, hd, scale, false);
+            add_bias(ST.data(), kt0, nk, qbk, logm.data());
+            softmax_cols(ST.data(), nk, m.data(), l.data(), corr.data());
+            for (i64 i = 0; i < nq; ++i) {
+              float* o = O.data() + i * hd;
+              const float c = corr[i];
+              for (i64 x = 0; x < hd; ++x) o[x] *= c;
             }
-            for (i64 kk = 0; kk < nk; ++kk) {
-              const float* vr = v + ((b * K1 + kk) * Hkv + g) * hd;
-              for (i64 r = 0; r < nr; ++r) {
-                const i64 it = r / G, hh = r % G;
-                float* o = out + ((b * L + t0 + it) * Hq + g * G + hh) * hd;
-                axpy(o, S[r * nk + kk], vr, hd);
-              }
-            }
+            mm(O.data(), hd, ST.data(), 1, BQ, vb, ldk, nq, hd, nk, 1.f, true);
+          }
+          for (i64 i = 0; i < nq; ++i) {
+            const float inv = 1.f / l[i];
+            float* dst = out + ((b * L + t0 + i) * Hq + h) * hd;
+            const float* o = O.data() + i * hd;
+            for (i64 x = 0; x < hd; ++x) dst[x] = o[x] * inv;
+            lse[(b * Hq + h) * L + t0 + i] = m[i] + std::log(l[i]);
           }
         }
-      }
-    }
   }
 }
 
@@ -487,63 +709,66 @@ void concept_attention_backward(float* dq, float* dk, float* dv, const float* do
                                 const float* k, const float* v, const Segments& sg, i64 B, i64 L,
                                 i64 Hq, i64 Hkv, i64 hd, float scale) {
   check_attention_args(sg, B, L, Hq, Hkv, hd, "concept_attention_backward");
-  const i64 G = Hq / Hkv, Mmax = sg.Mmax, K1 = Mmax + 1;
+  const i64 G = Hq / Hkv, K1 = sg.Mmax + 1, nqb = (L + BQ - 1) / BQ;
+  const i64 ldq = Hq * hd, ldk = Hkv * hd;
+  // One task per (row, kv head): it owns dk/dv of its list entries and dq of its query heads.
 #pragma omp parallel if(parallel_worth(attn_work(sg, Hq, hd)))
   {
-    std::vector<float> S(kTQ * G * K1), dP(kTQ * G * K1), logm(K1), D(kTQ * G);
+    Buf QT(hd * BQ), dOT(hd * BQ), ST(BK * BQ), dPT(BK * BQ), logm(K1), lsev(BQ), D(BQ);
+    QueryBlock qbk;
 #pragma omp for collapse(2) schedule(dynamic, 1)
-    for (i64 b = 0; b < B; ++b) {
+    for (i64 b = 0; b < B; ++b)
       for (i64 g = 0; g < Hkv; ++g) {
-        const i64 M = sg.count[b];
-        for (i64 kk = 0; kk < M; ++kk) logm[kk] = std::log(float(sg.len[b * Mmax + kk]));
-        for (i64 j = 0; j < M; ++j) {
-          const i64 st = sg.start[b * Mmax + j], ln = sg.len[b * Mmax + j];
-          const i64 nk = j + 1;
-          for (i64 t0 = st; t0 < st + ln; t0 += kTQ) {
-            const i64 nt = std::min(kTQ, st + ln - t0);
-            const i64 nr = nt * G;
-            chunk_scores(S.data(), q, k, logm.data(), b, t0, nt, j, st, g, G, L, Hq, Hkv, hd, K1,
-                         scale);
-            // P = exp(S - lse); D_r = dO_r . O_r
-            for (i64 r = 0; r < nr; ++r) {
-              const i64 it = r / G, hh = r % G;
-              const i64 row = (b * L + t0 + it) * Hq + g * G + hh;
-              const float ls = lse[(b * Hq + g * G + hh) * L + t0 + it];
-              float* s = S.data() + r * nk;
-              for (i64 kk = 0; kk < nk; ++kk) s[kk] = std::exp(s[kk] - ls);
-              D[r] = dotf(dout + row * hd, out + row * hd, hd);
-            }
-            // dP = dO . V, dv += P^T dO
-            for (i64 kk = 0; kk < nk; ++kk) {
-              const float* vr = v + ((b * K1 + kk) * Hkv + g) * hd;
-              float* dvr = dv + ((b * K1 + kk) * Hkv + g) * hd;
-              for (i64 r = 0; r < nr; ++r) {
-                const i64 it = r / G, hh = r % G;
-                const float* dor = dout + ((b * L + t0 + it) * Hq + g * G + hh) * hd;
-                dP[r * nk + kk] = dotf(dor, vr, hd);
-                axpy(dvr, S[r * nk + kk], dor, hd);
+        log_lengths(logm.data(), sg, b);
+        for (i64 qb = 0; qb < nqb; ++qb) {
+          qbk.set(sg, b, qb);
+          const i64 t0 = qbk.t0, nq = qbk.nq;
+          for (i64 hh = 0; hh < G; ++hh) {
+            const i64 h = g * G + hh;
+            const float* qbase = q + ((b * L + t0) * Hq + h) * hd;
+            const float* dobase = dout + ((b * L + t0) * Hq + h) * hd;
+            const float* obase = out + ((b * L + t0) * Hq + h) * hd;
+            float* dqbase = dq + ((b * L + t0) * Hq + h) * hd;
+            std::fill(QT.begin(), QT.end(), 0.f);
+            std::fill(dOT.begin(), dOT.end(), 0.f);
+            pack_t(QT.data(), qbase, ldq, nq, hd);
+            pack_t(dOT.data(), dobase, ldq, nq, hd);
+            for (i64 i = 0; i < BQ; ++i) {
+              if (i < nq) {
+                lsev[i] = lse[(b * Hq + h) * L + t0 + i];
+                D[i] = dotf(dobase + i * ldq, obase + i * ldq, hd);
+              } else {
+                lsev[i] = std::numeric_limits<float>::infinity();
+                D[i] = 0.f;
               }
             }
-            // dS = P (dP - D) * scale (scale folded here)
-            for (i64 r = 0; r < nr; ++r)
-              for (i64 kk = 0; kk < nk; ++kk)
-                dP[r * nk + kk] = S[r * nk + kk] * (dP[r * nk + kk] - D[r]) * scale;
-            // dq += dS K ; dk += dS^T Q
-            for (i64 kk = 0; kk < nk; ++kk) {
-              const float* kr = k + ((b * K1 + kk) * Hkv + g) * hd;
-              float* dkr = dk + ((b * K1 + kk) * Hkv + g) * hd;
-              for (i64 r = 0; r < nr; ++r) {
-                const i64 it = r / G, hh = r % G;
-                const i64 row = (b * L + t0 + it) * Hq + g * G + hh;
-                const float ds = dP[r * nk + kk];
-                axpy(dq + row * hd, ds, kr, hd);
-                axpy(dkr, ds, q + row * hd, hd);
+            for (i64 kt0 = 0; kt0 <= qbk.j1; kt0 += BK) {
+              const i64 nk = std::min<i64>(BK, qbk.j1 + 1 - kt0);
+              const float* kb = k + ((b * K1 + kt0) * Hkv + g) * hd;
+              const float* vb = v + ((b * K1 + kt0) * Hkv + g) * hd;
+              float* dkb = dk + ((b * K1 + kt0) * Hkv + g) * hd;
+              float* dvb = dv + ((b * K1 + kt0) * Hkv + g) * hd;
+              // P^T = exp(scale K Q^T + bias - lse)
+              mm(ST.data(), BQ, kb, ldk, 1, QT.data(), BQ, nk, BQ, hd, scale, false);
+              add_bias(ST.data(), kt0, nk, qbk, logm.data());
+              exp_minus_lse(ST.data(), nk, lsev.data());
+              // dV += P^T dO
+              mm(dvb, ldk, ST.data(), BQ, 1, dobase, ldq, nk, hd, nq, 1.f, true);
+              // dP^T = V dO^T ; dS^T = P^T (dP^T - D) * scale
+              mm(dPT.data(), BQ, vb, ldk, 1, dOT.data(), BQ, nk, BQ, hd, 1.f, false);
+              for (i64 r = 0; r < nk; ++r) {
+                float* dp = dPT.data() + r * BQ;
+                const float* p = ST.data() + r * BQ;
+#pragma omp simd
+                for (i64 i = 0; i < BQ; ++i) dp[i] = p[i] * (dp[i] - D[i]) * scale;
               }
+              // dK += dS^T Q ; dQ += dS K
+              mm(dkb, ldk, dPT.data(), BQ, 1, qbase, ldq, nk, hd, nq, 1.f, true);
+              mm(dqbase, ldq, dPT.data(), 1, BQ, kb, ldk, nq, hd, nk, 1.f, true);
             }
           }
         }
       }
-    }
   }
 }
 
