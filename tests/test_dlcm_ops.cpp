@@ -199,6 +199,10 @@ struct RouterCase {
   i64 B, L, ds;
 };
 
+void PrintTo(const RouterCase& c, std::ostream* os) {
+  *os << c.name << " B=" << c.B << " L=" << c.L << " ds=" << c.ds;
+}
+
 class RouterGrad : public ::testing::TestWithParam<RouterCase> {};
 
 TEST_P(RouterGrad, FiniteDifferences) {
@@ -555,6 +559,10 @@ struct AttnCase {
   Pattern pat;
   i64 B, L, Hq, Hkv, hd;
 };
+void PrintTo(const AttnCase& c, std::ostream* os) {
+  *os << name_of(c.pat) << " B=" << c.B << " L=" << c.L << " Hq=" << c.Hq << " Hkv=" << c.Hkv
+      << " hd=" << c.hd;
+}
 
 struct AttnData {
   i64 B, L, Hq, Hkv, hd, K1;
@@ -731,6 +739,29 @@ TEST(CompactAttention, BackwardAccumulatesAndChecksShapes) {
   EXPECT_THROW(ops::concept_attention_forward(o.data(), l.data(), a.q.data(), a.k.data(),
                                               a.v.data(), a.sg, a.B, a.L + 1, 4, 2, a.hd, a.scale),
                Error);
+}
+
+// The streaming single-token step reproduces the full compact forward, token by token.
+TEST(CompactAttention, StepMatchesFullForward) {
+  AttnData a(AttnCase{Pattern::MultiDoc, 2, 90, 4, 2, 16}, 31);
+  Vec out(a.q.size()), lse(a.B * a.Hq * a.L), o(a.Hq * a.hd);
+  ops::concept_attention_forward(out.data(), lse.data(), a.q.data(), a.k.data(), a.v.data(), a.sg,
+                                 a.B, a.L, a.Hq, a.Hkv, a.hd, a.scale);
+  const i64 W = a.Hkv * a.hd;
+  double worst = 0;
+  for (i64 b = 0; b < a.B; ++b)
+    for (i64 t = 0; t < a.L; ++t) {
+      const i64 s = a.sg.seg[b * a.L + t];
+      Vec mult(s + 1);
+      for (i64 e = 0; e < s; ++e) mult[e] = float(a.sg.len[b * a.sg.Mmax + e]);
+      mult[s] = float(t - a.sg.start[b * a.sg.Mmax + s] + 1);
+      ops::concept_attention_step(o.data(), a.q.data() + (b * a.L + t) * a.Hq * a.hd,
+                                  a.k.data() + b * a.K1 * W, a.v.data() + b * a.K1 * W, W,
+                                  mult.data(), s + 1, a.Hq, a.Hkv, a.hd, a.scale);
+      worst = std::max(worst, test::max_abs_diff(o.data(), out.data() + (b * a.L + t) * a.Hq * a.hd,
+                                                 a.Hq * a.hd));
+    }
+  EXPECT_LT(worst, 1e-5);
 }
 
 // Token t sees only concepts that closed before its own concept began: changing the list

@@ -772,6 +772,30 @@ void concept_attention_backward(float* dq, float* dk, float* dv, const float* do
   }
 }
 
+void concept_attention_step(float* out, const float* q, const float* k, const float* v, i64 ld,
+                            const float* mult, i64 nk, i64 Hq, i64 Hkv, i64 hd, float scale) {
+  DLCM_CHECK(Hq > 0 && Hkv > 0 && hd > 0 && Hq % Hkv == 0,
+             "concept_attention_step: bad head shape Hq=", Hq, " Hkv=", Hkv, " hd=", hd);
+  DLCM_CHECK(nk > 0, "concept_attention_step: the concept list is empty");
+  DLCM_CHECK(ld >= Hkv * hd, "concept_attention_step: ld (", ld, ") < Hkv*hd");
+  const i64 G = Hq / Hkv;
+  std::vector<float> s(nk);
+  for (i64 h = 0; h < Hq; ++h) {
+    const i64 g = h / G;
+    const float* qh = q + h * hd;
+    float m = kNegInf;
+    for (i64 e = 0; e < nk; ++e) {
+      s[e] = dotf(qh, k + e * ld + g * hd, hd) * scale + std::log(mult[e]);
+      m = std::max(m, s[e]);
+    }
+    float l = 0.f;
+    for (i64 e = 0; e < nk; ++e) l += (s[e] = std::exp(s[e] - m));
+    float* o = out + h * hd;
+    std::fill(o, o + hd, 0.f);
+    for (i64 e = 0; e < nk; ++e) axpy(o, s[e] / l, v + e * ld + g * hd, hd);
+  }
+}
+
 // ============================================================================================
 // 7. Global Parser auxiliary loss
 // ============================================================================================

@@ -168,6 +168,15 @@ void concept_attention_backward(float* dq, float* dk, float* dv, const float* do
                                 const float* k, const float* v, const Segments& sg, i64 B, i64 L,
                                 i64 Hq, i64 Hkv, i64 hd, float scale);
 
+// One query token against an explicit concept list with multiplicities (streaming decode,
+// SPEC 5): out[h] = sum_e softmax_e(scale q_h.k_e + log mult[e]) v_e over e < nk, kv head
+// h / (Hq/Hkv). q, out: [Hq, hd]; entry e of kv head g is at k + e*ld + g*hd (ld >= Hkv*hd;
+// ld = Hkv*hd for a dense [nk, Hkv, hd] cache). mult[e] >= 1. For token t the list is
+// 0..seg(t) with mult = len_e for e < seg(t) and t - start(S_seg(t)) + 1 for e = seg(t).
+// Serial (decode batches parallelise over sequences).
+void concept_attention_step(float* out, const float* q, const float* k, const float* v, i64 ld,
+                            const float* mult, i64 nk, i64 Hq, i64 Hkv, i64 hd, float scale);
+
 // ============================================================================================
 // 7. Global Parser auxiliary loss
 // ============================================================================================
