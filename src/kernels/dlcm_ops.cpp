@@ -1,0 +1,819 @@
+#include "kernels/dlcm_ops.h"
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "core/rng.h"
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace dlcm::ops {
+
+namespace {
+
+// Spawning a parallel region costs microseconds (much more on a loaded machine); small calls
+// (decode steps, tests) run on the calling thread.
+inline bool parallel_worth(i64 work) { return work >= (i64(1) << 15); }
+
+inline bool is_forced(const i32* tokens, i32 bos_id, i64 n, i64 t) {
+  return t == 0 || (tokens != nullptr && tokens[n] == bos_id);
+}
+
+inline float dotf(const float* a, const float* b, i64 n) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (i64 i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+inline void axpy(float* y, float a, const float* x, i64 n) {
+#pragma omp simd
+  for (i64 i = 0; i < n; ++i) y[i] += a * x[i];
+}
+
+void check_segments(const Segments& sg, i64 B, i64 L, const char* who) {
+  DLCM_CHECK(sg.B == B && sg.L == L, who, ": Segments were built for B=", sg.B, ", L=", sg.L,
+             " but the call has B=", B, ", L=", L);
+  DLCM_CHECK(i64(sg.seg.size()) == B * L && i64(sg.count.size()) == B &&
+                 i64(sg.start.size()) == B * sg.Mmax && i64(sg.len.size()) == B * sg.Mmax &&
+                 i64(sg.forced.size()) == B * sg.Mmax,
+             who, ": Segments are inconsistent (call Segments::build)");
+}
+
+}  // namespace
+
+// ============================================================================================
+// 1. Router probability
+// ============================================================================================
+
+void router_prob_forward(float* p, float* cache, const float* q, const float* k, const i32* tokens,
+                         i32 bos_id, i64 B, i64 L, i64 ds) {
+  DLCM_CHECK(B >= 0 && L >= 0 && ds > 0, "router_prob_forward: bad shape B=", B, " L=", L,
+             " ds=", ds);
+  const i64 N = B * L;
+#pragma omp parallel for schedule(static) if(parallel_worth(N * ds))
+  for (i64 n = 0; n < N; ++n) {
+    cache[n * 3 + 0] = std::sqrt(dotf(q + n * ds, q + n * ds, ds));
+    cache[n * 3 + 1] = std::sqrt(dotf(k + n * ds, k + n * ds, ds));
+  }
+#pragma omp parallel for schedule(static) if(parallel_worth(N * ds))
+  for (i64 n = 0; n < N; ++n) {
+    const i64 t = n % L;
+    float c = 0.f;
+    if (t > 0) {
+      const float na = std::max(cache[(n - 1) * 3 + 0], kRouterNormEps);
+      const float nb = std::max(cache[n * 3 + 1], kRouterNormEps);
+      c = dotf(q + (n - 1) * ds, k + n * ds, ds) / (na * nb);
+    }
+    cache[n * 3 + 2] = c;
+    if (is_forced(tokens, bos_id, n, t)) {
+      p[n] = 1.f;
+    } else {
+      p[n] = std::clamp((1.f - c) * 0.5f, 0.f, 1.f);
+    }
+  }
+}
+
+void router_prob_backward(float* dq, float* dk, const float* dp, const float* cache,
+                          const float* q, const float* k, const i32* tokens, i32 bos_id, i64 B,
+                          i64 L, i64 ds) {
+  DLCM_CHECK(B >= 0 && L >= 0 && ds > 0, "router_prob_backward: bad shape B=", B, " L=", L,
+             " ds=", ds);
+  const i64 N = B * L;
+  // gc[n] = dL/dcos for the pair (q_{n-1}, k_n); 0 where forced or clamped.
+  std::vector<float> gc(N);
+#pragma omp parallel for schedule(static) if(parallel_worth(N * ds))
+  for (i64 n = 0; n < N; ++n) {
+    const i64 t = n % L;
+    float g = 0.f;
+    if (!is_forced(tokens, bos_id, n, t)) {
+      const float raw = (1.f - cache[n * 3 + 2]) * 0.5f;
+      if (raw >= 0.f && raw <= 1.f) g = -0.5f * dp[n];
+    }
+    gc[n] = g;
+  }
+  // Output row n receives dq from the pair at n+1 and dk from the pair at n; each row is
+  // written by one iteration only, so dq == dk (aliasing) is safe.
+#pragma omp parallel for schedule(static) if(parallel_worth(N * ds))
+  for (i64 n = 0; n < N; ++n) {
+    const i64 t = n % L;
+    if (t + 1 < L && gc[n + 1] != 0.f) {  // pair (a = q_n, b = k_{n+1})
+      const float ra = cache[n * 3 + 0], rb = cache[(n + 1) * 3 + 1];
+      const float na = std::max(ra, kRouterNormEps), nb = std::max(rb, kRouterNormEps);
+      const float c = cache[(n + 1) * 3 + 2];
+      const float g = gc[n + 1];
+      const float cb = g / (na * nb);
+      const float ca = (ra > kRouterNormEps) ? -g * c / (na * na) : 0.f;
+      const float* a = q + n * ds;
+      const float* bb = k + (n + 1) * ds;
+      float* o = dq + n * ds;
+#pragma omp simd
+      for (i64 i = 0; i < ds; ++i) o[i] += cb * bb[i] + ca * a[i];
+    }
+    if (t > 0 && gc[n] != 0.f) {  // pair (a = q_{n-1}, b = k_n)
+      const float ra = cache[(n - 1) * 3 + 0], rb = cache[n * 3 + 1];
+      const float na = std::max(ra, kRouterNormEps), nb = std::max(rb, kRouterNormEps);
+      const float c = cache[n * 3 + 2];
+      const float g = gc[n];
+      const float ca = g / (na * nb);
+      const float cb = (rb > kRouterNormEps) ? -g * c / (nb * nb) : 0.f;
+      const float* a = q + (n - 1) * ds;
+      const float* bb = k + n * ds;
+      float* o = dk + n * ds;
+#pragma omp simd
+      for (i64 i = 0; i < ds; ++i) o[i] += ca * a[i] + cb * bb[i];
+    }
+  }
+}
+
+// ============================================================================================
+// 2. Boundary decisions
+// ============================================================================================
+
+float boundary_prob(float p, float alpha) {
+  if (!(p > 0.f)) return 0.f;  // also NaN
+  if (p >= 1.f) return 1.f;
+  const double lp = std::log(double(p)) - std::log1p(-double(p));
+  const double x = lp / double(alpha);
+  return float(1.0 / (1.0 + std::exp(-x)));
+}
+
+void sample_boundaries(uint8_t* b, const float* p, const i32* tokens, i32 bos_id, i64 B, i64 L,
+                       float alpha, uint64_t seed, uint64_t step, i64 row_offset) {
+  DLCM_CHECK(alpha > 0.f && std::isfinite(alpha), "router.alpha must be a positive number, got ",
+             alpha);
+  DLCM_CHECK(B >= 0 && L >= 0 && row_offset >= 0, "sample_boundaries: bad shape");
+#pragma omp parallel for schedule(static) if(parallel_worth(B * L * 16))
+  for (i64 r = 0; r < B; ++r) {
+    for (i64 t = 0; t < L; ++t) {
+      const i64 n = r * L + t;
+      if (is_forced(tokens, bos_id, n, t)) {
+        b[n] = 1;
+        continue;
+      }
+      const float pr = boundary_prob(p[n], alpha);
+      const float u = counter_uniform(seed, step, uint64_t(row_offset + r), uint64_t(t));
+      b[n] = (u < pr) ? 1 : 0;
+    }
+  }
+}
+
+void threshold_boundaries(uint8_t* b, const float* p, const i32* tokens, i32 bos_id, i64 B, i64 L,
+                          float tau) {
+  DLCM_CHECK(B >= 0 && L >= 0, "threshold_boundaries: bad shape");
+  DLCM_CHECK(!std::isnan(tau), "router.tau must be a number");
+  const i64 N = B * L;
+#pragma omp parallel for schedule(static) if(parallel_worth(N))
+  for (i64 n = 0; n < N; ++n)
+    b[n] = (is_forced(tokens, bos_id, n, n % L) || p[n] >= tau) ? 1 : 0;
+}
+
+// ============================================================================================
+// 3. Segments
+// ============================================================================================
+
+void Segments::build(const uint8_t* b, const i32* tokens, i32 bos_id, i64 B_, i64 L_) {
+  DLCM_CHECK(B_ > 0 && L_ > 0, "Segments::build: need B > 0 and L > 0, got B=", B_, " L=", L_);
+  DLCM_CHECK(L_ < std::numeric_limits<i32>::max(), "Segments::build: L too large");
+  B = B_;
+  L = L_;
+  seg.assign(B * L, 0);
+  count.assign(B, 0);
+  Mmax = 0;
+  for (i64 r = 0; r < B; ++r) {
+    const uint8_t* br = b + r * L;
+    DLCM_CHECK(br[0] == 1, "Segments::build: row ", r, " does not start a concept at t = 0 (b=",
+               int(br[0]), ")");
+    i32 c = -1;
+    for (i64 t = 0; t < L; ++t) {
+      DLCM_CHECK(br[t] <= 1, "Segments::build: b[", r, ",", t, "] = ", int(br[t]),
+                 ", expected 0 or 1");
+      if (tokens && tokens[r * L + t] == bos_id)
+        DLCM_CHECK(br[t] == 1, "Segments::build: BOS token at row ", r, ", position ", t,
+                   " does not start a concept");
+      c += br[t];
+      seg[r * L + t] = c;
+    }
+    count[r] = c + 1;
+    Mmax = std::max<i64>(Mmax, c + 1);
+  }
+  start.assign(B * Mmax, i32(L));
+  len.assign(B * Mmax, 0);
+  forced.assign(B * Mmax, 0);
+  for (i64 r = 0; r < B; ++r) {
+    for (i64 t = 0; t < L; ++t) {
+      const i64 j = seg[r * L + t];
+      if (b[r * L + t]) {
+        start[r * Mmax + j] = i32(t);
+        forced[r * Mmax + j] = (t == 0 || (tokens && tokens[r * L + t] == bos_id)) ? 1 : 0;
+      }
+      len[r * Mmax + j] += 1;
+    }
+  }
+}
+
+i64 Segments::total() const {
+  i64 s = 0;
+  for (i32 c : count) s += c;
+  return s;
+}
+
+// ============================================================================================
+// 4. Mean pooling
+// ============================================================================================
+
+void pool_mean_forward(float* pooled, const float* H, const Segments& sg, i64 d) {
+  check_segments(sg, sg.B, sg.L, "pool_mean_forward");
+  DLCM_CHECK(d > 0, "pool_mean_forward: d must be > 0");
+  const i64 B = sg.B, L = sg.L, Mmax = sg.Mmax;
+#pragma omp parallel for schedule(dynamic, 16) if(parallel_worth(B * L * d))
+  for (i64 sl = 0; sl < B * Mmax; ++sl) {
+    const i64 r = sl / Mmax;
+    float* o = pooled + sl * d;
+    std::fill(o, o + d, 0.f);
+    const i64 ln = sg.len[sl];
+    if (ln == 0) continue;
+    const i64 st = sg.start[sl];
+    for (i64 t = st; t < st + ln; ++t) axpy(o, 1.f, H + (r * L + t) * d, d);
+    const float inv = 1.f / float(ln);
+#pragma omp simd
+    for (i64 i = 0; i < d; ++i) o[i] *= inv;
+  }
+}
+
+void pool_mean_backward(float* dH, const float* dpooled, const Segments& sg, i64 d) {
+  check_segments(sg, sg.B, sg.L, "pool_mean_backward");
+  DLCM_CHECK(d > 0, "pool_mean_backward: d must be > 0");
+  const i64 L = sg.L, Mmax = sg.Mmax, N = sg.B * sg.L;
+#pragma omp parallel for schedule(static) if(parallel_worth(N * d))
+  for (i64 n = 0; n < N; ++n) {
+    const i64 sl = (n / L) * Mmax + sg.seg[n];
+    axpy(dH + n * d, 1.f / float(sg.len[sl]), dpooled + sl * d, d);
+  }
+}
+
+// ============================================================================================
+// 5. Smoother
+// ============================================================================================
+
+float smoother_gate(float p, bool forced) {
+  if (forced) return 1.f;
+  return std::clamp(p, kSmootherClamp, 1.f - kSmootherClamp);
+}
+
+void smoother_forward(float* zs, const float* z, const float* p, const Segments& sg, i64 d) {
+  check_segments(sg, sg.B, sg.L, "smoother_forward");
+  DLCM_CHECK(d > 0, "smoother_forward: d must be > 0");
+  const i64 B = sg.B, L = sg.L, Mmax = sg.Mmax;
+  // Parallel over (row, feature block): the recurrence runs along concepts only.
+  const i64 DB = 64;
+  const i64 nblk = (d + DB - 1) / DB;
+#pragma omp parallel for collapse(2) schedule(static) if(parallel_worth(B * Mmax * d))
+  for (i64 r = 0; r < B; ++r) {
+    for (i64 blk = 0; blk < nblk; ++blk) {
+      const i64 i0 = blk * DB, i1 = std::min(d, i0 + DB);
+      const i64 M = sg.count[r];
+      for (i64 j = 0; j < Mmax; ++j) {
+        const i64 sl = r * Mmax + j;
+        float* o = zs + sl * d;
+        if (j >= M) {
+          for (i64 i = i0; i < i1; ++i) o[i] = 0.f;
+          continue;
+        }
+        const float P = smoother_gate(p[r * L + sg.start[sl]], sg.forced[sl] != 0);
+        const float* zj = z + sl * d;
+        if (j == 0) {
+          for (i64 i = i0; i < i1; ++i) o[i] = P * zj[i];
+        } else {
+          const float* prev = zs + (sl - 1) * d;
+          for (i64 i = i0; i < i1; ++i) o[i] = P * zj[i] + (1.f - P) * prev[i];
+        }
+      }
+    }
+  }
+}
+
+void smoother_backward(float* dz, float* dp, const float* dzs, const float* zs, const float* z,
+                       const float* p, const Segments& sg, i64 d) {
+  check_segments(sg, sg.B, sg.L, "smoother_backward");
+  DLCM_CHECK(d > 0, "smoother_backward: d must be > 0");
+  const i64 B = sg.B, L = sg.L, Mmax = sg.Mmax;
+#pragma omp parallel if(parallel_worth(B * Mmax * d))
+  {
+    std::vector<float> g(d);
+#pragma omp for schedule(dynamic, 1)
+    for (i64 r = 0; r < B; ++r) {
+      const i64 M = sg.count[r];
+      std::fill(g.begin(), g.end(), 0.f);
+      // g_j = dzs_j + (1 - P_{j+1}) g_{j+1}; walk backwards.
+      float Pnext = 1.f;
+      for (i64 j = M - 1; j >= 0; --j) {
+        const i64 sl = r * Mmax + j;
+        const bool fz = sg.forced[sl] != 0;
+        const float pj = p[r * L + sg.start[sl]];
+        const float P = smoother_gate(pj, fz);
+        const float* dzj = dzs + sl * d;
+        const float keep = 1.f - Pnext;
+#pragma omp simd
+        for (i64 i = 0; i < d; ++i) g[i] = dzj[i] + keep * g[i];
+        axpy(dz + sl * d, P, g.data(), d);
+        if (dp != nullptr && !fz && pj >= kSmootherClamp && pj <= 1.f - kSmootherClamp) {
+          // dzs_j/dP_j = z_j - zs_{j-1}
+          const float* zj = z + sl * d;
+          double s = 0;
+          if (j > 0) {
+            const float* prev = zs + (sl - 1) * d;
+            for (i64 i = 0; i < d; ++i) s += double(g[i]) * (zj[i] - prev[i]);
+          } else {
+            for (i64 i = 0; i < d; ++i) s += double(g[i]) * zj[i];
+          }
+          dp[r * L + sg.start[sl]] += float(s);
+        }
+        Pnext = P;
+      }
+    }
+  }
+}
+
+// ============================================================================================
+// 6. Concept cross-attention
+// ============================================================================================
+
+void concept_list_forward(float* list, const float* z_null, const float* zs, i64 B, i64 Mmax,
+                          i64 d) {
+  DLCM_CHECK(B >= 0 && Mmax >= 0 && d > 0, "concept_list_forward: bad shape");
+#pragma omp parallel for schedule(static) if(parallel_worth(B * Mmax * d))
+  for (i64 r = 0; r < B; ++r) {
+    float* o = list + r * (Mmax + 1) * d;
+    std::memcpy(o, z_null, sizeof(float) * d);
+    if (Mmax > 0) std::memcpy(o + d, zs + r * Mmax * d, sizeof(float) * Mmax * d);
+  }
+}
+
+void concept_list_backward(float* dz_null, float* dzs, const float* dlist, i64 B, i64 Mmax,
+                           i64 d) {
+  DLCM_CHECK(B >= 0 && Mmax >= 0 && d > 0, "concept_list_backward: bad shape");
+  if (dz_null) {
+    for (i64 r = 0; r < B; ++r) axpy(dz_null, 1.f, dlist + r * (Mmax + 1) * d, d);
+  }
+  if (dzs) {
+#pragma omp parallel for collapse(2) schedule(static) if(parallel_worth(B * Mmax * d))
+    for (i64 r = 0; r < B; ++r)
+      for (i64 j = 0; j < Mmax; ++j)
+        axpy(dzs + (r * Mmax + j) * d, 1.f, dlist + (r * (Mmax + 1) + 1 + j) * d, d);
+  }
+}
+
+void concept_gather(float* rep, const float* list, const Segments& sg, i64 width) {
+  check_segments(sg, sg.B, sg.L, "concept_gather");
+  DLCM_CHECK(width > 0, "concept_gather: width must be > 0");
+  const i64 L = sg.L, K1 = sg.Mmax + 1, N = sg.B * sg.L;
+#pragma omp parallel for schedule(static) if(parallel_worth(N * width))
+  for (i64 n = 0; n < N; ++n) {
+    const i64 r = n / L;
+    std::memcpy(rep + n * width, list + (r * K1 + sg.seg[n]) * width, sizeof(float) * width);
+  }
+}
+
+void concept_scatter_add(float* dlist, const float* drep, const Segments& sg, i64 width) {
+  check_segments(sg, sg.B, sg.L, "concept_scatter_add");
+  DLCM_CHECK(width > 0, "concept_scatter_add: width must be > 0");
+  const i64 B = sg.B, L = sg.L, Mmax = sg.Mmax, K1 = Mmax + 1;
+  // Positions carrying list index k are exactly segment k's tokens.
+#pragma omp parallel for collapse(2) schedule(dynamic, 16) if(parallel_worth(B * L * width))
+  for (i64 r = 0; r < B; ++r) {
+    for (i64 kk = 0; kk < Mmax; ++kk) {
+      if (kk >= sg.count[r]) continue;
+      const i64 sl = r * Mmax + kk;
+      float* o = dlist + (r * K1 + kk) * width;
+      const i64 st = sg.start[sl], ln = sg.len[sl];
+      for (i64 t = st; t < st + ln; ++t) axpy(o, 1.f, drep + (r * L + t) * width, width);
+    }
+  }
+}
+
+// ---- compact concept attention, blockwise ----------------------------------------------------
+// A block of BQ consecutive query tokens (of one head) spans segments j0..j1. Its keys are the
+// list indices 0..j1: indices < j0 are visible to every query of the block with bias
+// log(len_k); indices j0..j1 follow the per-query rule (k < seg(t): log len_k, k == seg(t):
+// log(t - start + 1), k > seg(t): masked). Scores go into a transposed tile S^T [BK, BQ]
+// (= K Q^T with Q^T packed once per block), so softmax statistics are vertical vector ops, and
+// all tile products go through one register-blocked microkernel, mm(). The work is
+// O(L * M * hd) plus at most one key tile of waste per query block.
+namespace {
+
+constexpr i64 BQ = 64;  // query tokens per block
+constexpr i64 BK = 64;  // keys per tile
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// Rough multiply-add count of the compact attention (for the parallel_worth decision).
+i64 attn_work(const Segments& sg, i64 Hq, i64 hd) {
+  return sg.B * sg.L * Hq * hd * std::max<i64>(1, (sg.Mmax + 1) / 2);
+}
+
+#if defined(__AVX512F__)
+inline __mmask16 tail_mask(i64 n) {
+  return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
+}
+
+// exp(x), ~2 ulp; x < -87.3 (including -inf) gives exactly 0.
+inline __m512 exp16(__m512 x) {
+  const __m512 lo = _mm512_set1_ps(-87.3f);
+  const __mmask16 live = _mm512_cmp_ps_mask(x, lo, _CMP_GE_OQ);
+  x = _mm512_min_ps(_mm512_max_ps(x, lo), _mm512_set1_ps(88.7f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682030941723212e-6f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 5040);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_maskz_mov_ps(live, _mm512_scalef_ps(p, n));
+}
+
+// Register tile: MR rows of C x NV 16-wide vectors; accumulators are named variables so that
+// they stay in zmm registers.
+#define CA_DECL(r) __m512 c##r##0, c##r##1, c##r##2, c##r##3;
+#define CA_ZERO(r) c##r##0 = c##r##1 = c##r##2 = c##r##3 = _mm512_setzero_ps();
+#define CA_FMA(r)                                                     \
+  if constexpr (MR > r) {                                             \
+    const __m512 av = _mm512_set1_ps(a[r * rsa]);                     \
+    c##r##0 = _mm512_fmadd_ps(av, b0, c##r##0);                       \
+    if constexpr (NV > 1) c##r##1 = _mm512_fmadd_ps(av, b1, c##r##1); \
+    if constexpr (NV > 2) c##r##2 = _mm512_fmadd_ps(av, b2, c##r##2); \
+    if constexpr (NV > 3) c##r##3 = _mm512_fmadd_ps(av, b3, c##r##3); \
+  }
+#define CA_STORE(r)                                           \
+  if constexpr (MR > r) {                                     \
+    float* cr = C + r * ldc;                                  \
+    put(cr, c##r##0, NV == 1 ? last : full);                  \
+    if constexpr (NV > 1) put(cr + 16, c##r##1, NV == 2 ? last : full); \
+    if constexpr (NV > 2) put(cr + 32, c##r##2, NV == 3 ? last : full); \
+    if constexpr (NV > 3) put(cr + 48, c##r##3, last);        \
+  }
+
+template <int MR, int NV>
+void mm_tile(float* C, i64 ldc, const float* A, i64 rsa, i64 csa, const float* B, i64 ldb, i64 K,
+             __mmask16 last, float alpha, bool acc) {
+  const __mmask16 full = 0xFFFF;
+  CA_DECL(0) CA_DECL(1) CA_DECL(2) CA_DECL(3) CA_DECL(4) CA_DECL(5)
+  CA_ZERO(0) CA_ZERO(1) CA_ZERO(2) CA_ZERO(3) CA_ZERO(4) CA_ZERO(5)
+  for (i64 kk = 0; kk < K; ++kk) {
+    const float* b = B + kk * ldb;
+    const __m512 b0 = _mm512_maskz_loadu_ps(NV == 1 ? last : full, b);
+    const __m512 b1 = NV > 1 ? _mm512_maskz_loadu_ps(NV == 2 ? last : full, b + 16) : b0;
+    const __m512 b2 = NV > 2 ? _mm512_maskz_loadu_ps(NV == 3 ? last : full, b + 32) : b0;
+    const __m512 b3 = NV > 3 ? _mm512_maskz_loadu_ps(last, b + 48) : b0;
+    const float* a = A + kk * csa;
+    CA_FMA(0) CA_FMA(1) CA_FMA(2) CA_FMA(3) CA_FMA(4) CA_FMA(5)
+  }
+  const __m512 al = _mm512_set1_ps(alpha);
+  auto put = [&](float* dst, __m512 x, __mmask16 m) {
+    x = acc ? _mm512_fmadd_ps(x, al, _mm512_maskz_loadu_ps(m, dst)) : _mm512_mul_ps(x, al);
+    _mm512_mask_storeu_ps(dst, m, x);
+  };
+  CA_STORE(0) CA_STORE(1) CA_STORE(2) CA_STORE(3) CA_STORE(4) CA_STORE(5)
+}
+#undef CA_DECL
+#undef CA_ZERO
+#undef CA_FMA
+#undef CA_STORE
+
+using TileFn = void (*)(float*, i64, const float*, i64, i64, const float*, i64, i64, __mmask16,
+                        float, bool);
+template <int R>
+constexpr std::array<TileFn, 4> tile_row() {
+  return {mm_tile<R, 1>, mm_tile<R, 2>, mm_tile<R, 3>, mm_tile<R, 4>};
+}
+const std::array<TileFn, 4> kTiles[6] = {tile_row<1>(), tile_row<2>(), tile_row<3>(),
+                                         tile_row<4>(), tile_row<5>(), tile_row<6>()};
+#endif
+
+// C[M,N] = (acc ? C : 0) + alpha * A(M,K) B[K,N]; A(r,k) = A[r*rsa + k*csa]; row k of B at
+// B + k*ldb (contiguous); rows of C ldc apart.
+void mm(float* C, i64 ldc, const float* A, i64 rsa, i64 csa, const float* B, i64 ldb, i64 M,
+        i64 N, i64 K, float alpha, bool acc) {
+#if defined(__AVX512F__)
+  for (i64 j0 = 0; j0 < N; j0 += 64) {
+    const i64 nj = std::min<i64>(64, N - j0);
+    const int nv = int((nj + 15) / 16);
+    const __mmask16 last = tail_mask(nj - 16 * (nv - 1));
+    for (i64 i0 = 0; i0 < M; i0 += 6) {
+      const int mr = int(std::min<i64>(6, M - i0));
+      kTiles[mr - 1][nv - 1](C + i0 * ldc + j0, ldc, A + i0 * rsa, rsa, csa, B + j0, ldb, K, last,
+                             alpha, acc);
+    }
+  }
+#else
+  float tmp[64];
+  for (i64 i = 0; i < M; ++i) {
+    float* cr = C + i * ldc;
+    for (i64 j0 = 0; j0 < N; j0 += 64) {
+      const i64 nj = std::min<i64>(64, N - j0);
+      std::fill(tmp, tmp + nj, 0.f);
+      for (i64 kk = 0; kk < K; ++kk) {
+        const float a = A[i * rsa + kk * csa];
+        const float* b = B + kk * ldb + j0;
+        for (i64 j = 0; j < nj; ++j) tmp[j] += a * b[j];
+      }
+      for (i64 j = 0; j < nj; ++j) cr[j0 + j] = (acc ? cr[j0 + j] : 0.f) + alpha * tmp[j];
+    }
+  }
+#endif
+}
+
+// dst[c*BQ + i] = src[i*ld + c] for i < n, c < hd.
+void pack_t(float* dst, const float* src, i64 ld, i64 n, i64 hd) {
+  for (i64 i = 0; i < n; ++i) {
+    const float* s = src + i * ld;
+    for (i64 c = 0; c < hd; ++c) dst[c * BQ + i] = s[c];
+  }
+}
+
+// Per-query facts of one block: seg(t) and log(t - start(seg(t)) + 1).
+struct QueryBlock {
+  i64 t0 = 0, nq = 0, j0 = 0, j1 = 0;
+  alignas(64) float segf[BQ];  // seg(t) as float (exact below 2^24), for vector compares
+  alignas(64) float logd[BQ];
+  void set(const Segments& sg, i64 b, i64 qb) {
+    t0 = qb * BQ;
+    nq = std::min<i64>(BQ, sg.L - t0);
+    const i32* sr = sg.seg.data() + b * sg.L;
+    j0 = sr[t0];
+    j1 = sr[t0 + nq - 1];
+    for (i64 i = 0; i < BQ; ++i) {
+      if (i < nq) {
+        const i64 s = sr[t0 + i];
+        segf[i] = float(s);
+        logd[i] = std::log(float(t0 + i - sg.start[b * sg.Mmax + s] + 1));
+      } else {
+        segf[i] = -1.f;  // padding columns: everything masked
+        logd[i] = 0.f;
+      }
+    }
+  }
+};
+
+// Adds the log-multiplicity bias (and the -inf mask) to a score tile S^T [nk, BQ] whose rows
+// are keys kt0..kt0+nk-1. logm[k] = log(len_k).
+void add_bias(float* st, i64 kt0, i64 nk, const QueryBlock& qb, const float* logm) {
+  for (i64 r = 0; r < nk; ++r) {
+    const i64 kk = kt0 + r;
+    float* row = st + r * BQ;
+    if (kk < qb.j0) {
+      const float lb = logm[kk];
+      for (i64 i = 0; i < BQ; ++i) row[i] += lb;
+    } else {
+      const float kf = float(kk), lb = logm[kk];
+      for (i64 i = 0; i < BQ; ++i) {
+        const float s = qb.segf[i];
+        row[i] = (kf < s) ? row[i] + lb : (kf == s ? row[i] + qb.logd[i] : kNegInf);
+      }
+    }
+  }
+}
+
+// Online softmax over the columns of S^T [nk, BQ]: m_new = max(m, max_r st), corr =
+// exp(m - m_new), st = exp(st - m_new), l = l * corr + sum_r st.
+void softmax_cols(float* st, i64 nk, float* m, float* l, float* corr) {
+#if defined(__AVX512F__)
+  for (i64 i = 0; i < BQ; i += 16) {
+    const __m512 mo = _mm512_load_ps(m + i);
+    __m512 mx = mo;
+    for (i64 r = 0; r < nk; ++r) mx = _mm512_max_ps(mx, _mm512_loadu_ps(st + r * BQ + i));
+    // Columns with nothing visible yet keep m = -inf; use 0 as the reference there so that
+    // exp(-inf - ref) = 0 instead of NaN.
+    const __mmask16 fin = _mm512_cmp_ps_mask(mx, _mm512_set1_ps(kNegInf), _CMP_NEQ_OQ);
+    const __m512 ref = _mm512_maskz_mov_ps(fin, mx);
+    const __m512 c = exp16(_mm512_sub_ps(mo, ref));
+    __m512 sum = _mm512_setzero_ps();
+    for (i64 r = 0; r < nk; ++r) {
+      float* p = st + r * BQ + i;
+      const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(p), ref));
+      _mm512_storeu_ps(p, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    _mm512_store_ps(m + i, mx);
+    _mm512_store_ps(corr + i, c);
+    _mm512_store_ps(l + i, _mm512_fmadd_ps(_mm512_load_ps(l + i), c, sum));
+  }
+#else
+  for (i64 i = 0; i < BQ; ++i) {
+    float mx = m[i];
+    for (i64 r = 0; r < nk; ++r) mx = std::max(mx, st[r * BQ + i]);
+    const float ref = (mx == kNegInf) ? 0.f : mx;
+    const float c = std::exp(m[i] - ref);
+    float sum = 0.f;
+    for (i64 r = 0; r < nk; ++r) sum += (st[r * BQ + i] = std::exp(st[r * BQ + i] - ref));
+    m[i] = mx;
+    corr[i] = c;
+    l[i] = l[i] * c + sum;
+  }
+#endif
+}
+
+// st = exp(st - lse[i]) per column (lse of padding columns is +inf -> 0).
+void exp_minus_lse(float* st, i64 nk, const float* lsev) {
+#if defined(__AVX512F__)
+  for (i64 r = 0; r < nk; ++r)
+    for (i64 i = 0; i < BQ; i += 16) {
+      float* p = st + r * BQ + i;
+      _mm512_storeu_ps(p, exp16(_mm512_sub_ps(_mm512_loadu_ps(p), _mm512_load_ps(lsev + i))));
+    }
+#else
+  for (i64 r = 0; r < nk; ++r)
+    for (i64 i = 0; i < BQ; ++i) st[r * BQ + i] = std::exp(st[r * BQ + i] - lsev[i]);
+#endif
+}
+
+void check_attention_args(const Segments& sg, i64 B, i64 L, i64 Hq, i64 Hkv, i64 hd,
+                          const char* who) {
+  check_segments(sg, B, L, who);
+  DLCM_CHECK(Hq > 0 && Hkv > 0 && hd > 0, who, ": bad head shape Hq=", Hq, " Hkv=", Hkv,
+             " hd=", hd);
+  DLCM_CHECK(Hq % Hkv == 0, who, ": n_kv_heads (", Hkv, ") must divide n_heads (", Hq, ")");
+}
+
+void log_lengths(float* logm, const Segments& sg, i64 b) {
+  for (i64 kk = 0; kk < sg.count[b]; ++kk) logm[kk] = std::log(float(sg.len[b * sg.Mmax + kk]));
+}
+
+}  // namespace
+
+void concept_attention_forward(float* out, float* lse, const float* q, const float* k,
+                               const float* v, const Segments& sg, i64 B, i64 L, i64 Hq, i64 Hkv,
+                               i64 hd, float scale) {
+  check_attention_args(sg, B, L, Hq, Hkv, hd, "concept_attention_forward");
+  const i64 G = Hq / Hkv, K1 = sg.Mmax + 1, nqb = (L + BQ - 1) / BQ;
+  const i64 ldq = Hq * hd, ldk = Hkv * hd;
+#pragma omp parallel if(parallel_worth(attn_work(sg, Hq, hd)))
+  {
+    Buf QT(hd * BQ), ST(BK * BQ), O(BQ * hd), m(BQ), l(BQ), corr(BQ), logm(K1);
+    QueryBlock qbk;
+    i64 last_b = -1;
+    // Later query blocks see more keys: hand them out first.
+#pragma omp for collapse(3) schedule(dynamic, 1)
+    for (i64 b = 0; b < B; ++b)
+      for (i64 h = 0; h < Hq; ++h)
+        for (i64 qr = 0; qr < nqb; ++qr) {
+          const i64 qb = nqb - 1 - qr, g = h / G;
+          if (b != last_b) {
+            log_lengths(logm.data(), sg, b);
+            last_b = b;
+          }
+          qbk.set(sg, b, qb);
+          const i64 t0 = qbk.t0, nq = qbk.nq;
+          const float* qbase = q + ((b * L + t0) * Hq + h) * hd;
+          std::fill(QT.begin(), QT.end(), 0.f);
+          pack_t(QT.data(), qbase, ldq, nq, hd);
+          std::fill(m.begin(), m.end(), kNegInf);
+          std::fill(l.begin(), l.end(), 0.f);
+          std::fill(O.begin(), O.end(), 0.f);
+          for (i64 kt0 = 0; kt0 <= qbk.j1; kt0 += BK) {
+            const i64 nk = std::min<i64>(BK, qbk.j1 + 1 - kt0);
+            const float* kb = k + ((b * K1 + kt0) * Hkv + g) * hd;
+            const float* vb = v + ((b * K1 + kt0) * Hkv + g) * hd;
+            mm(ST.data(), BQ, kb, ldk, 1, QT.data(), BQ, nk, BQ, hd, scale, false);
+            add_bias(ST.data(), kt0, nk, qbk, logm.data());
+            softmax_cols(ST.data(), nk, m.data(), l.data(), corr.data());
+            for (i64 i = 0; i < nq; ++i) {
+              float* o = O.data() + i * hd;
+              const float c = corr[i];
+              for (i64 x = 0; x < hd; ++x) o[x] *= c;
+            }
+            mm(O.data(), hd, ST.data(), 1, BQ, vb, ldk, nq, hd, nk, 1.f, true);
+          }
+          for (i64 i = 0; i < nq; ++i) {
+            const float inv = 1.f / l[i];
+            float* dst = out + ((b * L + t0 + i) * Hq + h) * hd;
+            const float* o = O.data() + i * hd;
+            for (i64 x = 0; x < hd; ++x) dst[x] = o[x] * inv;
+            lse[(b * Hq + h) * L + t0 + i] = m[i] + std::log(l[i]);
+          }
+        }
+  }
+}
+
+void concept_attention_backward(float* dq, float* dk, float* dv, const float* dout,
+                                const float* out, const float* lse, const float* q,
+                                const float* k, const float* v, const Segments& sg, i64 B, i64 L,
+                                i64 Hq, i64 Hkv, i64 hd, float scale) {
+  check_attention_args(sg, B, L, Hq, Hkv, hd, "concept_attention_backward");
+  const i64 G = Hq / Hkv, K1 = sg.Mmax + 1, nqb = (L + BQ - 1) / BQ;
+  const i64 ldq = Hq * hd, ldk = Hkv * hd;
+  // One task per (row, kv head): it owns dk/dv of its list entries and dq of its query heads.
+#pragma omp parallel if(parallel_worth(attn_work(sg, Hq, hd)))
+  {
+    Buf QT(hd * BQ), dOT(hd * BQ), ST(BK * BQ), dPT(BK * BQ), logm(K1), lsev(BQ), D(BQ);
+    QueryBlock qbk;
+#pragma omp for collapse(2) schedule(dynamic, 1)
+    for (i64 b = 0; b < B; ++b)
+      for (i64 g = 0; g < Hkv; ++g) {
+        log_lengths(logm.data(), sg, b);
+        for (i64 qb = 0; qb < nqb; ++qb) {
+          qbk.set(sg, b, qb);
+          const i64 t0 = qbk.t0, nq = qbk.nq;
+          for (i64 hh = 0; hh < G; ++hh) {
+            const i64 h = g * G + hh;
+            const float* qbase = q + ((b * L + t0) * Hq + h) * hd;
+            const float* dobase = dout + ((b * L + t0) * Hq + h) * hd;
+            const float* obase = out + ((b * L + t0) * Hq + h) * hd;
+            float* dqbase = dq + ((b * L + t0) * Hq + h) * hd;
+            std::fill(QT.begin(), QT.end(), 0.f);
+            std::fill(dOT.begin(), dOT.end(), 0.f);
+            pack_t(QT.data(), qbase, ldq, nq, hd);
+            pack_t(dOT.data(), dobase, ldq, nq, hd);
+            for (i64 i = 0; i < BQ; ++i) {
+              if (i < nq) {
+                lsev[i] = lse[(b * Hq + h) * L + t0 + i];
+                D[i] = dotf(dobase + i * ldq, obase + i * ldq, hd);
+              } else {
+                lsev[i] = std::numeric_limits<float>::infinity();
+                D[i] = 0.f;
+              }
+            }
+            for (i64 kt0 = 0; kt0 <= qbk.j1; kt0 += BK) {
+              const i64 nk = std::min<i64>(BK, qbk.j1 + 1 - kt0);
+              const float* kb = k + ((b * K1 + kt0) * Hkv + g) * hd;
+              const float* vb = v + ((b * K1 + kt0) * Hkv + g) * hd;
+              float* dkb = dk + ((b * K1 + kt0) * Hkv + g) * hd;
+              float* dvb = dv + ((b * K1 + kt0) * Hkv + g) * hd;
+              // P^T = exp(scale K Q^T + bias - lse)
+              mm(ST.data(), BQ, kb, ldk, 1, QT.data(), BQ, nk, BQ, hd, scale, false);
+              add_bias(ST.data(), kt0, nk, qbk, logm.data());
+              exp_minus_lse(ST.data(), nk, lsev.data());
+              // dV += P^T dO
+              mm(dvb, ldk, ST.data(), BQ, 1, dobase, ldq, nk, hd, nq, 1.f, true);
+              // dP^T = V dO^T ; dS^T = P^T (dP^T - D) * scale
+              mm(dPT.data(), BQ, vb, ldk, 1, dOT.data(), BQ, nk, BQ, hd, 1.f, false);
+              for (i64 r = 0; r < nk; ++r) {
+                float* dp = dPT.data() + r * BQ;
+                const float* p = ST.data() + r * BQ;
+#pragma omp simd
+                for (i64 i = 0; i < BQ; ++i) dp[i] = p[i] * (dp[i] - D[i]) * scale;
+              }
+              // dK += dS^T Q ; dQ += dS K
+              mm(dkb, ldk, dPT.data(), BQ, 1, qbase, ldq, nk, hd, nq, 1.f, true);
+              mm(dqbase, ldq, dPT.data(), 1, BQ, kb, ldk, nq, hd, nk, 1.f, true);
+            }
+          }
+        }
+      }
+  }
+}
+
+void concept_attention_step(float* out, const float* q, const float* k, const float* v, i64 ld,
+                            const float* mult, i64 nk, i64 Hq, i64 Hkv, i64 hd, float scale) {
+  DLCM_CHECK(Hq > 0 && Hkv > 0 && hd > 0 && Hq % Hkv == 0,
+             "concept_attention_step: bad head shape Hq=", Hq, " Hkv=", Hkv, " hd=", hd);
+  DLCM_CHECK(nk > 0, "concept_attention_step: the concept list is empty");
+  DLCM_CHECK(ld >= Hkv * hd, "concept_attention_step: ld (", ld, ") < Hkv*hd");
+  const i64 G = Hq / Hkv;
+  std::vector<float> s(nk);
+  for (i64 h = 0; h < Hq; ++h) {
+    const i64 g = h / G;
+    const float* qh = q + h * hd;
+    float m = kNegInf;
+    for (i64 e = 0; e < nk; ++e) {
+      s[e] = dotf(qh, k + e * ld + g * hd, hd) * scale + std::log(mult[e]);
+      m = std::max(m, s[e]);
+    }
+    float l = 0.f;
+    for (i64 e = 0; e < nk; ++e) l += (s[e] = std::exp(s[e] - m));
+    float* o = out + h * hd;
+    std::fill(o, o + hd, 0.f);
+    for (i64 e = 0; e < nk; ++e) axpy(o, s[e] / l, v + e * ld + g * hd, hd);
+  }
+}
+
+// ============================================================================================
+// 7. Global Parser auxiliary loss
+// ============================================================================================
+
+AuxLoss global_parser_loss(double sum_b, double sum_p, double count, double R, double weight) {
+  DLCM_CHECK(R > 1.0 && std::isfinite(R), "target_R must be > 1, got ", R);
+  DLCM_CHECK(count > 0, "global_parser_loss: need at least one token position");
+  AuxLoss a;
+  a.F = sum_b / count;
+  a.G = sum_p / count;
+  a.value = R / (R - 1.0) * ((R - 1.0) * a.F * a.G + (1.0 - a.F) * (1.0 - a.G)) - 1.0;
+  a.grad_p = weight * R * (R * a.F - 1.0) / ((R - 1.0) * count);
+  return a;
+}
+
+void aux_loss_backward(float* dp, i64 n, float grad_p) {
+#pragma omp parallel for schedule(static) if(parallel_worth(n))
+  for (i64 i = 0; i < n; ++i) dp[i] += grad_p;
+}
+
+}  // namespace dlcm::ops
