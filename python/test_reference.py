@@ -430,6 +430,23 @@ def xattn_direct_formula():
             check(torch.allclose(out[t, h], ref, atol=1e-12), f"token {t} head {h}")
 
 
+@test
+def smoother_values():
+    Z = torch.randn(5, 3, dtype=torch.float64)
+    b = [1, 0, 1, 1, 0, 0, 1, 0, 1]
+    forced = torch.tensor([True, False, False, False, False, False, True, False, False])
+    p = torch.tensor([1.0, 0.3, 0.0, 0.9, 0.2, 0.1, 1.0, 0.5, 1.0], dtype=torch.float64)
+    spans = Mdl.segments_of_row(b)
+    zs = Mdl.smooth_row(Z, spans, forced, p)
+    e = 1e-4
+    ref = [Z[0]]                                   # row start: P = 1
+    ref.append(e * Z[1] + (1 - e) * ref[-1])       # p = 0 -> clamped to 1e-4
+    ref.append(0.9 * Z[2] + 0.1 * ref[-1])
+    ref.append(Z[3])                               # BOS: P = 1 exactly (restart)
+    ref.append((1 - e) * Z[4] + e * ref[-1])       # p = 1 but not forced -> 1 - 1e-4
+    check(torch.allclose(zs, torch.stack(ref), atol=1e-14), "smoother values")
+
+
 # ----------------------------------------------------------------------------------------------
 @test
 def adamw_one_step_by_hand():
