@@ -238,6 +238,23 @@ def segments_of_row(b_row):
     return list(zip(starts, ends))
 
 
+def smooth_row(Z, spans, forced, p_sm):
+    """Smoother of one row: zs_j = P_j z_j + (1 - P_j) zs_{j-1}, zs_{-1} = 0, with
+    P_j = 1 exactly when concept j starts at a forced position, else clamp(p_start, 1e-4, 1-1e-4).
+    Z [Mmax, dc] (padding rows beyond len(spans) ignored); returns [len(spans), dc]."""
+    prev = torch.zeros(Z.shape[-1], dtype=Z.dtype)
+    out = []
+    for j, (s, _) in enumerate(spans):
+        if bool(forced[s]):
+            Pj = torch.ones((), dtype=Z.dtype)
+        else:
+            Pj = torch.clamp(p_sm[s], P_SMOOTH_MIN, 1.0 - P_SMOOTH_MIN)
+        cur = Pj * Z[j] + (1.0 - Pj) * prev
+        out.append(cur)
+        prev = cur
+    return torch.stack(out)
+
+
 def xattn_replicate(q, Zlist, seg, P, cfg):
     """Leak-free causal cross-attention, `replicate` form (the definition, SPEC 4.7).
     q [L, Hq, hd] normalised queries of one row; Zlist [M+1, dc] = [z_null, zs_0, ...];
@@ -331,19 +348,7 @@ def dlcm_forward(P, cfg, tokens, targets=None, boundaries=None, xattn_impl="repl
         p_sm = p
     else:
         p_sm = p.detach()
-    ZS = []
-    for r in range(B):
-        prev = torch.zeros(cfg.d_concept, dtype=dt)
-        zs_row = []
-        for j, (s, e) in enumerate(spans[r]):
-            if bool(forced[r, s]):
-                Pj = torch.ones((), dtype=dt)
-            else:
-                Pj = torch.clamp(p_sm[r, s], P_SMOOTH_MIN, 1.0 - P_SMOOTH_MIN)
-            cur = Pj * Z[r, j] + (1.0 - Pj) * prev
-            zs_row.append(cur)
-            prev = cur
-        ZS.append(torch.stack(zs_row))  # [M_r, d_concept]
+    ZS = [smooth_row(Z[r], spans[r], forced[r], p_sm[r]) for r in range(B)]  # [M_r, d_concept]
 
     # 7. causal cross-attention with the null concept
     Hn = rmsnorm(H, P["xattn.norm.weight"], eps)
