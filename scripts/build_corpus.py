@@ -223,6 +223,32 @@ def src_sword_web(root):
             yield "%s%03d" % (testament, i), t
 
 
+KJV_LINE = re.compile(r"^(\S+?)(\d+):(\d+) (.*)$")
+CACHE = None  # set in main (the KJV reader needs a second package)
+
+
+def src_kjv(root):
+    """bible-kjv-text holds a compressed file; the bible-kjv program (same source package)
+    decompresses it: `bible -p DIR -f Gen1:1-Rev22:21` prints one verse per line."""
+    broot, _ = fetch_apt("bible-kjv", CACHE)
+    out = run([os.path.join(broot, "usr/bin/bible"), "-p", os.path.join(root, "usr/lib"),
+               "-f", "Gen1:1-Rev22:21"])
+    books = []  # [(book, [(chapter, [verses])])]
+    for line in out.split("\n"):
+        m = KJV_LINE.match(line)
+        if not m:
+            continue
+        book, ch, text = m.group(1), m.group(2), m.group(4).strip()
+        if not books or books[-1][0] != book:
+            books.append((book, []))
+        chs = books[-1][1]
+        if not chs or chs[-1][0] != ch:
+            chs.append((ch, []))
+        chs[-1][1].append(text)
+    for book, chs in books:
+        yield book, "\n\n".join(" ".join(v) for _, v in chs)
+
+
 def src_wordnet(root):
     d = os.path.join(root, "usr/share/wordnet")
     items = []
@@ -403,6 +429,8 @@ SOURCES = [
      "novel: public domain; package Apache-2.0"),
     ("web-bible", "apt", "sword-text-web", "Public Domain", src_sword_web,
      "World English Bible: public domain"),
+    ("kjv-bible", "apt", "bible-kjv-text", "Public Domain", src_kjv,
+     "King James Version (1611): public domain; decompressed with bible-kjv (GPL-2+)"),
     ("wordnet", "apt", "wordnet-base", "WordNet-3.0 (BSD-like)", src_wordnet,
      "Princeton WordNet 3.0 licence (redistribution permitted with notice)"),
     ("gcide", "apt", "dict-gcide", "GPL-2+", src_gcide,
@@ -452,6 +480,8 @@ def main():
             return 2
     os.makedirs(a.out, exist_ok=True)
     os.makedirs(a.cache, exist_ok=True)
+    global CACHE
+    CACHE = a.cache
     t0 = time.time()
     seen = set()
     manifest = {"sources": [], "format": "jsonl: {source, id, text}; one document per line"}

@@ -122,6 +122,8 @@ TEST(Tokenizer, BpeRoundTripSaveLoad) {
   EXPECT_EQ(t->unk_id(), 3);
   const std::vector<std::string> cases = {
       gen_text(1, 30),
+      gen_text(3, 2000),  // long: encoded in chunks
+      std::string(3000, ' ') + "x" + std::string(2500, '\n') + std::string(5000, 'y'),
       "",
       " leading and trailing  ",
       "tabs\tand\nnew\n\nlines\n",
