@@ -329,6 +329,7 @@ def src_jargon(root):
     t = t.decode("utf-8", "replace")
     lines = [l for l in t.split("\n") if len(BOX.findall(l)) < 3]
     t = "\n".join(SPACES.sub(r"\1 ", l) for l in dedent(lines))
+    t = t.replace("{", "").replace("}", "")  # {cross references}
     for k, doc in enumerate(chunk_paragraphs(clean_text(t), 6000)):
         yield "jargon%04d" % k, doc
 
