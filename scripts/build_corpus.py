@@ -361,6 +361,7 @@ class SphinxText(html.parser.HTMLParser):
         self.depth = 0       # depth inside the main body div (0 = outside)
         self.skip = 0        # depth inside skipped elements
         self.pre = 0
+        self.table = 0
 
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
@@ -379,7 +380,13 @@ class SphinxText(html.parser.HTMLParser):
             return
         if tag == "pre":
             self.pre += 1
-        if tag in self.BLOCK:
+        if tag == "table":
+            self.table += 1
+        if self.table and tag in ("td", "th"):
+            self.out.append(" | ")
+        elif self.table and tag in ("p", "div", "li", "ul", "ol", "dl", "dt", "dd", "tr"):
+            self.out.append(" ")  # table cells stay on their row
+        elif tag in self.BLOCK:
             self.out.append("\n\n" if tag in ("p", "pre", "h1", "h2", "h3", "h4", "dl") else "\n")
 
     def handle_endtag(self, tag):
@@ -391,7 +398,9 @@ class SphinxText(html.parser.HTMLParser):
             return
         if tag == "pre":
             self.pre -= 1
-        if tag in self.BLOCK:
+        if tag == "table":
+            self.table -= 1
+        if tag in self.BLOCK and (not self.table or tag == "tr"):
             self.out.append("\n")
 
     def handle_data(self, data):
@@ -416,6 +425,8 @@ def src_pydoc(root):
             t = "".join(p.out)
             t = "\n".join(l.strip() if not l.startswith("    ") else l.rstrip()
                           for l in t.replace("\u00b6", "").split("\n"))
+            t = "\n".join(re.sub(r" {2,}", " ", l).strip(" |") if " | " in l or l.startswith(" | ")
+                          else l for l in t.split("\n"))
             yield os.path.normpath(os.path.join(rel, f)), t
 
 
