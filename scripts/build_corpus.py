@@ -223,6 +223,32 @@ def src_sword_web(root):
             yield "%s%03d" % (testament, i), t
 
 
+KJV_LINE = re.compile(r"^(\S+?)(\d+):(\d+) (.*)$")
+CACHE = None  # set in main (the KJV reader needs a second package)
+
+
+def src_kjv(root):
+    """bible-kjv-text holds a compressed file; the bible-kjv program (same source package)
+    decompresses it: `bible -p DIR -f Gen1:1-Rev22:21` prints one verse per line."""
+    broot, _ = fetch_apt("bible-kjv", CACHE)
+    out = run([os.path.join(broot, "usr/bin/bible"), "-p", os.path.join(root, "usr/lib"),
+               "-f", "Gen1:1-Rev22:21"])
+    books = []  # [(book, [(chapter, [verses])])]
+    for line in out.split("\n"):
+        m = KJV_LINE.match(line)
+        if not m:
+            continue
+        book, ch, text = m.group(1), m.group(2), m.group(4).strip()
+        if not books or books[-1][0] != book:
+            books.append((book, []))
+        chs = books[-1][1]
+        if not chs or chs[-1][0] != ch:
+            chs.append((ch, []))
+        chs[-1][1].append(text)
+    for book, chs in books:
+        yield book, "\n\n".join(" ".join(v) for _, v in chs)
+
+
 def src_wordnet(root):
     d = os.path.join(root, "usr/share/wordnet")
     items = []
@@ -303,6 +329,7 @@ def src_jargon(root):
     t = t.decode("utf-8", "replace")
     lines = [l for l in t.split("\n") if len(BOX.findall(l)) < 3]
     t = "\n".join(SPACES.sub(r"\1 ", l) for l in dedent(lines))
+    t = t.replace("{", "").replace("}", "")  # {cross references}
     for k, doc in enumerate(chunk_paragraphs(clean_text(t), 6000)):
         yield "jargon%04d" % k, doc
 
@@ -334,6 +361,7 @@ class SphinxText(html.parser.HTMLParser):
         self.depth = 0       # depth inside the main body div (0 = outside)
         self.skip = 0        # depth inside skipped elements
         self.pre = 0
+        self.table = 0
 
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
@@ -352,7 +380,13 @@ class SphinxText(html.parser.HTMLParser):
             return
         if tag == "pre":
             self.pre += 1
-        if tag in self.BLOCK:
+        if tag == "table":
+            self.table += 1
+        if self.table and tag in ("td", "th"):
+            self.out.append(" | ")
+        elif self.table and tag in ("p", "div", "li", "ul", "ol", "dl", "dt", "dd", "tr"):
+            self.out.append(" ")  # table cells stay on their row
+        elif tag in self.BLOCK:
             self.out.append("\n\n" if tag in ("p", "pre", "h1", "h2", "h3", "h4", "dl") else "\n")
 
     def handle_endtag(self, tag):
@@ -364,7 +398,9 @@ class SphinxText(html.parser.HTMLParser):
             return
         if tag == "pre":
             self.pre -= 1
-        if tag in self.BLOCK:
+        if tag == "table":
+            self.table -= 1
+        if tag in self.BLOCK and (not self.table or tag == "tr"):
             self.out.append("\n")
 
     def handle_data(self, data):
@@ -389,6 +425,8 @@ def src_pydoc(root):
             t = "".join(p.out)
             t = "\n".join(l.strip() if not l.startswith("    ") else l.rstrip()
                           for l in t.replace("\u00b6", "").split("\n"))
+            t = "\n".join(re.sub(r" {2,}", " ", l).strip(" |") if " | " in l or l.startswith(" | ")
+                          else l for l in t.split("\n"))
             yield os.path.normpath(os.path.join(rel, f)), t
 
 
@@ -403,6 +441,8 @@ SOURCES = [
      "novel: public domain; package Apache-2.0"),
     ("web-bible", "apt", "sword-text-web", "Public Domain", src_sword_web,
      "World English Bible: public domain"),
+    ("kjv-bible", "apt", "bible-kjv-text", "Public Domain", src_kjv,
+     "King James Version (1611): public domain; decompressed with bible-kjv (GPL-2+)"),
     ("wordnet", "apt", "wordnet-base", "WordNet-3.0 (BSD-like)", src_wordnet,
      "Princeton WordNet 3.0 licence (redistribution permitted with notice)"),
     ("gcide", "apt", "dict-gcide", "GPL-2+", src_gcide,
@@ -452,6 +492,8 @@ def main():
             return 2
     os.makedirs(a.out, exist_ok=True)
     os.makedirs(a.cache, exist_ok=True)
+    global CACHE
+    CACHE = a.cache
     t0 = time.time()
     seen = set()
     manifest = {"sources": [], "format": "jsonl: {source, id, text}; one document per line"}

@@ -57,11 +57,12 @@ std::string error_of(F&& f) {
   return "<no error>";
 }
 
-std::unique_ptr<Tokenizer> tiny_bpe(int vocab = 400) {
+std::unique_ptr<Tokenizer> tiny_bpe(int vocab = 400, int threads = 2) {
   std::vector<std::string> docs;
   for (int i = 0; i < 200; ++i) docs.push_back(gen_text(100 + i, 12));
   BpeOptions o;
   o.vocab_size = vocab;
+  o.num_threads = threads;
   return train_bpe(docs, o);
 }
 
@@ -122,6 +123,8 @@ TEST(Tokenizer, BpeRoundTripSaveLoad) {
   EXPECT_EQ(t->unk_id(), 3);
   const std::vector<std::string> cases = {
       gen_text(1, 30),
+      gen_text(3, 2000),  // long: encoded in chunks
+      std::string(3000, ' ') + "x" + std::string(2500, '\n') + std::string(5000, 'y'),
       "",
       " leading and trailing  ",
       "tabs\tand\nnew\n\nlines\n",
@@ -157,11 +160,16 @@ TEST(Tokenizer, BpeRoundTripSaveLoad) {
 }
 
 TEST(Tokenizer, BpeTrainingIsDeterministic) {
-  auto a = tiny_bpe(350), b = tiny_bpe(350);
+  auto a = tiny_bpe(350, 2), b = tiny_bpe(350, 2), c = tiny_bpe(350, 1);
   test::TempDir da, db;
   a->save(da.path);
   b->save(db.path);
   EXPECT_EQ(slurp(da.path + "/tokenizer.model"), slurp(db.path + "/tokenizer.model"));
+  // Independent of the thread count too (the model file differs only in the recorded
+  // trainer options, so compare the vocabulary and an encoding).
+  ASSERT_EQ(a->vocab_size(), c->vocab_size());
+  for (int32_t i = 0; i < a->vocab_size(); ++i) EXPECT_EQ(a->decode_piece(i), c->decode_piece(i));
+  EXPECT_EQ(a->encode(gen_text(9, 40)), c->encode(gen_text(9, 40)));
 }
 
 TEST(Tokenizer, LoadErrorsNameTheFile) {

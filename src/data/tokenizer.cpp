@@ -123,11 +123,28 @@ class BpeTokenizer final : public Tokenizer {
   }
   std::string kind() const override { return "bpe"; }
   int32_t vocab_size() const override { return int32_t(pieces_.size()); }
+  // SentencePiece's BPE encoder slows down on long inputs, so long text is encoded in chunks
+  // of >= kChunk bytes cut just before a space that follows a non-space, or before a newline.
+  // No piece can cross such a point (pieces carry the space marker only at their start, or
+  // consist of spaces only; "\n" is a piece of its own), so the ids are exactly those of
+  // encoding the whole text at once.
   std::vector<int32_t> encode(std::string_view text) const override {
+    constexpr size_t kChunk = 1024;
+    std::vector<int32_t> out;
     std::vector<int> ids;
-    auto st = sp_.Encode(text, &ids);
-    DLCM_CHECK(st.ok(), "bpe tokenizer: encode failed (", st.ToString(), ")");
-    return std::vector<int32_t>(ids.begin(), ids.end());
+    size_t p = 0;
+    while (p < text.size()) {
+      size_t q = p + kChunk;
+      while (q < text.size() &&
+             !(text[q] == '\n' || (text[q] == ' ' && text[q - 1] != ' ')))
+        ++q;
+      if (q > text.size()) q = text.size();
+      auto st = sp_.Encode(text.substr(p, q - p), &ids);
+      DLCM_CHECK(st.ok(), "bpe tokenizer: encode failed (", st.ToString(), ")");
+      out.insert(out.end(), ids.begin(), ids.end());
+      p = q;
+    }
+    return out;
   }
   std::string decode(const std::vector<int32_t>& ids) const override {
     std::vector<int> v;
