@@ -7,7 +7,7 @@ PKGS=(build-essential cmake pkg-config git
       libdnnl-dev libsentencepiece-dev sentencepiece nlohmann-json3-dev libcli11-dev
       libgtest-dev libgmock-dev libbenchmark-dev libomp-dev
       libopenmpi-dev openmpi-bin
-      python3 python3-torch python3-numpy
+      python3 python3-torch python3-numpy libopenblas0-openmp libjemalloc2
       nodejs npm ca-certificates)
 missing=()
 for p in "${PKGS[@]}"; do
