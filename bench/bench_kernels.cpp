@@ -1,0 +1,76 @@
+// Micro-benchmarks of the hot kernels (Google Benchmark). Figures, not tests:
+//   ./build/bench_kernels --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
+#include <benchmark/benchmark.h>
+
+#include <cmath>
+
+#include "core/rng.h"
+#include "kernels/dlcm_ops.h"
+#include "kernels/gemm.h"
+#include "kernels/ops.h"
+
+using namespace dlcm;
+
+static void fill(Buf& b, uint64_t seed) {
+  Rng r(seed);
+  for (auto& x : b) x = r.normal() * 0.5f;
+}
+
+// Square FP32 GEMM; reports FLOP/s (the MFU denominator of the training benchmark).
+static void BM_Sgemm(benchmark::State& st) {
+  const i64 n = st.range(0);
+  Buf a(n * n), b(n * n), c(n * n);
+  fill(a, 1);
+  fill(b, 2);
+  for (auto _ : st) ops::gemm(false, false, n, n, n, 1.f, a.data(), n, b.data(), n, 0.f, c.data(), n);
+  st.counters["FLOP/s"] = benchmark::Counter(2.0 * n * n * n, benchmark::Counter::kIsIterationInvariantRate);
+}
+BENCHMARK(BM_Sgemm)->Arg(512)->Arg(1024)->Arg(2048)->UseRealTime();
+
+// Causal attention forward + backward at the reference training shape (B=8, L=512, H=8, hd=64).
+static void BM_AttentionFwdBwd(benchmark::State& st) {
+  const i64 B = 8, L = st.range(0), H = 8, hd = 64, N = B * L * H * hd;
+  Buf q(N), k(N), v(N), o(N), lse(B * H * L), dq(N), dk(N), dv(N), dout(N);
+  fill(q, 1);
+  fill(k, 2);
+  fill(v, 3);
+  fill(dout, 4);
+  const float scale = 1.0f / std::sqrt(float(hd));
+  for (auto _ : st) {
+    ops::attention_forward(o.data(), lse.data(), q.data(), k.data(), v.data(), B, L, L, H, H, hd, 0, scale);
+    ops::attention_backward(dq.data(), dk.data(), dv.data(), dout.data(), o.data(), lse.data(),
+                            q.data(), k.data(), v.data(), B, L, L, H, H, hd, 0, scale);
+  }
+  // model FLOPs: 4*hd per admitted pair forward, 2x that backward
+  double pairs = double(B) * H * L * (L + 1) / 2;
+  st.counters["FLOP/s"] = benchmark::Counter(3 * 4.0 * hd * pairs, benchmark::Counter::kIsIterationInvariantRate);
+}
+BENCHMARK(BM_AttentionFwdBwd)->Arg(512)->Arg(2048)->UseRealTime()->Unit(benchmark::kMillisecond);
+
+static void BM_RmsNormFwdBwd(benchmark::State& st) {
+  const i64 N = 4096, d = 512;
+  Buf x(N * d), y(N * d), w(d, 1.f), r(N), dx(N * d), dw(d), dy(N * d);
+  fill(x, 1);
+  fill(dy, 2);
+  for (auto _ : st) {
+    ops::rmsnorm_forward(y.data(), r.data(), x.data(), w.data(), N, d, 1e-5f);
+    ops::rmsnorm_backward(dx.data(), dw.data(), dy.data(), x.data(), w.data(), r.data(), N, d);
+  }
+  st.counters["bytes/s"] = benchmark::Counter(5.0 * N * d * 4, benchmark::Counter::kIsIterationInvariantRate);
+}
+BENCHMARK(BM_RmsNormFwdBwd)->UseRealTime();
+
+static void BM_CrossEntropyFused(benchmark::State& st) {
+  const i64 N = 256, V = 8192;
+  Buf logits(N * V), work(N * V);
+  fill(logits, 1);
+  std::vector<i32> tg(N);
+  for (i64 i = 0; i < N; ++i) tg[i] = i32((i * 37) % V);
+  for (auto _ : st) {
+    std::copy(logits.begin(), logits.end(), work.begin());
+    benchmark::DoNotOptimize(ops::cross_entropy_fused(work.data(), tg.data(), N, V, 1.0f / N));
+  }
+}
+BENCHMARK(BM_CrossEntropyFused)->UseRealTime();
+
+BENCHMARK_MAIN();
