@@ -7,6 +7,7 @@
 #include <limits>
 
 #include "core/rng.h"
+#include "kernels/simd.h"
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -421,25 +422,8 @@ inline __mmask16 tail_mask(i64 n) {
   return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
 }
 
-// exp(x), ~2 ulp; x < -87.3 (including -inf) gives exactly 0.
-inline __m512 exp16(__m512 x) {
-  const __m512 lo = _mm512_set1_ps(-87.3f);
-  const __mmask16 live = _mm512_cmp_ps_mask(x, lo, _CMP_GE_OQ);
-  x = _mm512_min_ps(_mm512_max_ps(x, lo), _mm512_set1_ps(88.7f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682030941723212e-6f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 5040);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  return _mm512_maskz_mov_ps(live, _mm512_scalef_ps(p, n));
-}
+// exp(x) shared with the attention kernel: exactly 0 for -inf (masked) inputs.
+using simd::exp_ps;
 
 // Register tile: MR rows of C x NV 16-wide vectors; accumulators are named variables so that
 // they stay in zmm registers.
@@ -595,11 +579,11 @@ void softmax_cols(float* st, i64 nk, float* m, float* l, float* corr) {
     // exp(-inf - ref) = 0 instead of NaN.
     const __mmask16 fin = _mm512_cmp_ps_mask(mx, _mm512_set1_ps(kNegInf), _CMP_NEQ_OQ);
     const __m512 ref = _mm512_maskz_mov_ps(fin, mx);
-    const __m512 c = exp16(_mm512_sub_ps(mo, ref));
+    const __m512 c = exp_ps(_mm512_sub_ps(mo, ref));
     __m512 sum = _mm512_setzero_ps();
     for (i64 r = 0; r < nk; ++r) {
       float* p = st + r * BQ + i;
-      const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(p), ref));
+      const __m512 e = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(p), ref));
       _mm512_storeu_ps(p, e);
       sum = _mm512_add_ps(sum, e);
     }
@@ -628,7 +612,7 @@ void exp_minus_lse(float* st, i64 nk, const float* lsev) {
   for (i64 r = 0; r < nk; ++r)
     for (i64 i = 0; i < BQ; i += 16) {
       float* p = st + r * BQ + i;
-      _mm512_storeu_ps(p, exp16(_mm512_sub_ps(_mm512_loadu_ps(p), _mm512_load_ps(lsev + i))));
+      _mm512_storeu_ps(p, exp_ps(_mm512_sub_ps(_mm512_loadu_ps(p), _mm512_load_ps(lsev + i))));
     }
 #else
   for (i64 r = 0; r < nk; ++r)
