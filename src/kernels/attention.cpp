@@ -15,13 +15,14 @@
 // fewer tasks than threads some threads idle.)
 //
 // Blocks that straddle the causal diagonal skip masked work in row slabs (mm_causal). All
-// tile products go through one register-blocked microkernel, mm() below.
+// tile products go through one register-blocked microkernel, tile_mm() below.
 #include <algorithm>
 #include <array>
 #include <cmath>
 
 #include "kernels/ops.h"
 #include "kernels/simd.h"
+#include "kernels/tile_gemm.h"
 
 namespace dlcm::ops {
 
@@ -30,100 +31,6 @@ namespace {
 constexpr i64 BQ = 64;  // query rows per tile
 constexpr i64 BK = 64;  // keys per tile
 
-// C[M,N] = (acc ? C : 0) + alpha * A(M,K) B[K,N].
-// A(r,k) = A[r*rsa + k*csa] (any strides: lets P^T and dS^T be read without a transpose);
-// row k of B starts at B + k*ldb and is contiguous; rows of C are ldc apart.
-#ifdef DLCM_AVX512
-// Accumulators are named variables, not an array: GCC keeps an array of 16+ zmm on the stack
-// and reloads it every k step, which ran this kernel at a fraction of FMA throughput.
-#define DLCM_ROW(r)                                                                  \
-  __m512 c##r##0 = _mm512_setzero_ps(), c##r##1 = c##r##0, c##r##2 = c##r##0,        \
-         c##r##3 = c##r##0;
-#define DLCM_FMA(r)                                                                  \
-  if constexpr (MR > r) {                                                            \
-    const __m512 av = _mm512_set1_ps(a[r * rsa]);                                    \
-    c##r##0 = _mm512_fmadd_ps(av, b0, c##r##0);                                      \
-    if constexpr (NV > 1) c##r##1 = _mm512_fmadd_ps(av, b1, c##r##1);                \
-    if constexpr (NV > 2) c##r##2 = _mm512_fmadd_ps(av, b2, c##r##2);                \
-    if constexpr (NV > 3) c##r##3 = _mm512_fmadd_ps(av, b3, c##r##3);                \
-  }
-#define DLCM_STORE(r)                                                                \
-  if constexpr (MR > r) {                                                            \
-    float* cr = C + r * ldc;                                                         \
-    store(cr, c##r##0, NV == 1 ? last : full);                                       \
-    if constexpr (NV > 1) store(cr + 16, c##r##1, NV == 2 ? last : full);            \
-    if constexpr (NV > 2) store(cr + 32, c##r##2, NV == 3 ? last : full);            \
-    if constexpr (NV > 3) store(cr + 48, c##r##3, last);                             \
-  }
-
-// MR rows x NV vectors of 16 columns; the last vector is masked by `last`.
-template <int MR, int NV>
-void mm_tile(float* C, i64 ldc, const float* A, i64 rsa, i64 csa, const float* B, i64 ldb, i64 K,
-             __mmask16 last, float alpha, bool acc) {
-  DLCM_ROW(0) DLCM_ROW(1) DLCM_ROW(2) DLCM_ROW(3) DLCM_ROW(4) DLCM_ROW(5)
-  const __mmask16 full = 0xFFFF;
-  for (i64 k = 0; k < K; ++k) {
-    const float* b = B + k * ldb;
-    const __m512 b0 = _mm512_maskz_loadu_ps(NV == 1 ? last : full, b);
-    const __m512 b1 = NV > 1 ? _mm512_maskz_loadu_ps(NV == 2 ? last : full, b + 16) : b0;
-    const __m512 b2 = NV > 2 ? _mm512_maskz_loadu_ps(NV == 3 ? last : full, b + 32) : b0;
-    const __m512 b3 = NV > 3 ? _mm512_maskz_loadu_ps(last, b + 48) : b0;
-    const float* a = A + k * csa;
-    DLCM_FMA(0) DLCM_FMA(1) DLCM_FMA(2) DLCM_FMA(3) DLCM_FMA(4) DLCM_FMA(5)
-  }
-  const __m512 al = _mm512_set1_ps(alpha);
-  auto store = [&](float* dst, __m512 x, __mmask16 m) {
-    x = acc ? _mm512_fmadd_ps(x, al, _mm512_maskz_loadu_ps(m, dst)) : _mm512_mul_ps(x, al);
-    _mm512_mask_storeu_ps(dst, m, x);
-  };
-  DLCM_STORE(0) DLCM_STORE(1) DLCM_STORE(2) DLCM_STORE(3) DLCM_STORE(4) DLCM_STORE(5)
-}
-#undef DLCM_ROW
-#undef DLCM_FMA
-#undef DLCM_STORE
-
-using TileFn = void (*)(float*, i64, const float*, i64, i64, const float*, i64, i64, __mmask16,
-                        float, bool);
-constexpr int MR = 6;
-template <int R>
-constexpr std::array<TileFn, 4> tile_row() {
-  return {mm_tile<R, 1>, mm_tile<R, 2>, mm_tile<R, 3>, mm_tile<R, 4>};
-}
-const std::array<TileFn, 4> kTiles[MR] = {tile_row<1>(), tile_row<2>(), tile_row<3>(),
-                                          tile_row<4>(), tile_row<5>(), tile_row<6>()};
-
-void mm(float* C, i64 ldc, const float* A, i64 rsa, i64 csa, const float* B, i64 ldb, i64 M,
-        i64 N, i64 K, float alpha, bool acc) {
-  for (i64 j0 = 0; j0 < N; j0 += 64) {
-    i64 nj = std::min<i64>(64, N - j0);
-    int nv = int((nj + 15) / 16);
-    __mmask16 last = simd::tail_mask(nj - 16 * (nv - 1));
-    for (i64 i0 = 0; i0 < M; i0 += MR) {
-      int mr = int(std::min<i64>(MR, M - i0));
-      kTiles[mr - 1][nv - 1](C + i0 * ldc + j0, ldc, A + i0 * rsa, rsa, csa, B + j0, ldb, K,
-                             last, alpha, acc);
-    }
-  }
-}
-#else
-void mm(float* C, i64 ldc, const float* A, i64 rsa, i64 csa, const float* B, i64 ldb, i64 M,
-        i64 N, i64 K, float alpha, bool acc) {
-  for (i64 i = 0; i < M; ++i) {
-    float* cr = C + i * ldc;
-    float tmp[64];
-    for (i64 j0 = 0; j0 < N; j0 += 64) {
-      i64 nj = std::min<i64>(64, N - j0);
-      std::fill(tmp, tmp + nj, 0.0f);
-      for (i64 k = 0; k < K; ++k) {
-        float a = A[i * rsa + k * csa];
-        const float* b = B + k * ldb + j0;
-        for (i64 j = 0; j < nj; ++j) tmp[j] += a * b[j];
-      }
-      for (i64 j = 0; j < nj; ++j) cr[j0 + j] = (acc ? cr[j0 + j] : 0.0f) + alpha * tmp[j];
-    }
-  }
-}
-#endif
 
 #ifdef DLCM_AVX512
 // dst[c*ldd + r] = src[r*ld + c] for a full 16x16 tile, in registers: unpack pairs of rows,
@@ -160,7 +67,7 @@ inline void transpose16(float* dst, i64 ldd, const float* src, i64 ld) {
 #endif
 
 // dst[c*ldd + j] = src[j*ld + c] for j < n, c < hd: a block of rows, transposed so that it
-// can be the contiguous B operand of mm(). Full 16x16 tiles in registers, edges scalar.
+// can be the contiguous B operand of tile_mm(). Full 16x16 tiles in registers, edges scalar.
 void pack_t(float* dst, i64 ldd, const float* src, i64 ld, i64 n, i64 hd) {
   i64 n16 = 0, h16 = 0;
 #ifdef DLCM_AVX512
@@ -213,7 +120,7 @@ void softmax_cols(float* st, i64 nk, i64 mq, float* m, float* l, float* corr) {
 }
 
 
-// mm() for a tile that straddles the causal diagonal: query row r of the tile sees key column
+// tile_mm() for a tile that straddles the causal diagonal: query row r of the tile sees key column
 // c iff c <= r + off. Rows index queries (else keys); the other index (keys, or queries) runs
 // along K when other_on_k (else along N). Work on
 // entries the mask removes is skipped in slabs of 12 rows (two microkernel row tiles); those
@@ -232,12 +139,12 @@ void mm_causal(float* C, i64 ldc, const float* A, i64 rsa, i64 csa, const float*
       lo = std::clamp<i64>(r0 - off, 0, hi);  // queries >= r0 - off
     if (other_on_k) {
       if (lo < hi)
-        mm(C + r0 * ldc, ldc, A + r0 * rsa + lo * csa, rsa, csa, B + lo * ldb, ldb, r1 - r0, N,
+        tile_mm(C + r0 * ldc, ldc, A + r0 * rsa + lo * csa, rsa, csa, B + lo * ldb, ldb, r1 - r0, N,
            hi - lo, alpha, acc);
       else if (!acc)
         for (i64 r = r0; r < r1; ++r) std::fill_n(C + r * ldc, N, 0.0f);
     } else if (lo < hi) {
-      mm(C + r0 * ldc + lo, ldc, A + r0 * rsa, rsa, csa, B + lo, ldb, r1 - r0, hi - lo, K, alpha,
+      tile_mm(C + r0 * ldc + lo, ldc, A + r0 * rsa, rsa, csa, B + lo, ldb, r1 - r0, hi - lo, K, alpha,
          acc);
     }
   }
@@ -278,7 +185,7 @@ void attention_forward_rows(float* out, float* lse, const float* q, const float*
       for (i64 j0 = 0; j0 < jend; j0 += BK) {
         const i64 nk = std::min(BK, jend - j0);
         pack_t(kt.data(), BK, kp + j0 * ldk, ldk, nk, hd);
-        mm(s.data(), BK, qs.data(), hd, 1, kt.data(), BK, R, nk, hd, scale, false);  // S [R, nk]
+        tile_mm(s.data(), BK, qs.data(), hd, 1, kt.data(), BK, R, nk, hd, scale, false);  // S [R, nk]
         for (i64 r = 0; r < R; ++r) {
           float* row = s.data() + r * BK;
           const i64 nv = std::clamp<i64>(q_offset + r / group + 1 - j0, 0, nk);
@@ -294,7 +201,7 @@ void attention_forward_rows(float* out, float* lse, const float* q, const float*
             for (i64 x = 0; x < hd; ++x) orow[x] *= corr;
           }
         }
-        mm(o.data(), hd, s.data(), BK, 1, vp + j0 * ldk, ldk, R, hd, nk, 1.0f, true);  // O += P V
+        tile_mm(o.data(), hd, s.data(), BK, 1, vp + j0 * ldk, ldk, R, hd, nk, 1.0f, true);  // O += P V
       }
       for (i64 r = 0; r < R; ++r) {
         const i64 i = r / group, h = g * group + r % group;
@@ -344,7 +251,7 @@ void attention_forward(float* out, float* lse, const float* q, const float* k, c
         const i64 off = q_offset + i0 - j0;  // tile query r sees tile key j iff j <= r + off
         const bool diag = nk - 1 > off;       // some key in this block is hidden from row 0
         if (!diag) {
-          mm(st.data(), BQ, kp + j0 * ldk, ldk, 1, qt.data(), BQ, nk, mq, hd, scale, false);
+          tile_mm(st.data(), BQ, kp + j0 * ldk, ldk, 1, qt.data(), BQ, nk, mq, hd, scale, false);
         } else {
           mm_causal(st.data(), BQ, kp + j0 * ldk, ldk, 1, qt.data(), BQ, nk, mq, hd, scale, false,
                     off, false, false);
@@ -362,7 +269,7 @@ void attention_forward(float* out, float* lse, const float* q, const float* k, c
           }
         // O += P V, P read transposed out of P^T.
         if (!diag)
-          mm(o.data(), hd, st.data(), 1, BQ, vp + j0 * ldk, ldk, mq, hd, nk, 1.0f, true);
+          tile_mm(o.data(), hd, st.data(), 1, BQ, vp + j0 * ldk, ldk, mq, hd, nk, 1.0f, true);
         else
           mm_causal(o.data(), hd, st.data(), 1, BQ, vp + j0 * ldk, ldk, mq, hd, nk, 1.0f, true, off,
                     true, true);
@@ -427,8 +334,8 @@ void attention_backward(float* dq, float* dk, float* dv, const float* dout, cons
             const float* drow = D.data() + (b * Hq + h) * Lq + i0;
             const i64 off = q_offset + i0 - j0;  // tile query r sees tile key j iff j <= r+off
             if (nk - 1 <= off) {  // the whole block is visible to every query of the tile
-              mm(p.data(), BK, qp, ldq, 1, kt.data(), BK, mq, nk, hd, scale, false);   // S
-              mm(ds.data(), BK, gp, ldq, 1, vt.data(), BK, mq, nk, hd, 1.0f, false);  // dP
+              tile_mm(p.data(), BK, qp, ldq, 1, kt.data(), BK, mq, nk, hd, scale, false);   // S
+              tile_mm(ds.data(), BK, gp, ldq, 1, vt.data(), BK, mq, nk, hd, 1.0f, false);  // dP
             } else {
               mm_causal(p.data(), BK, qp, ldq, 1, kt.data(), BK, mq, nk, hd, scale, false, off,
                         true, false);
@@ -449,10 +356,10 @@ void attention_backward(float* dq, float* dk, float* dv, const float* dout, cons
             }
             if (nk - 1 <= off) {
               // dV += P^T dO, dK += scale dS^T Q (A read transposed through its strides).
-              mm(dva.data(), hd, p.data(), 1, BK, gp, ldq, nk, hd, mq, 1.0f, true);
-              mm(dka.data(), hd, ds.data(), 1, BK, qp, ldq, nk, hd, mq, scale, true);
+              tile_mm(dva.data(), hd, p.data(), 1, BK, gp, ldq, nk, hd, mq, 1.0f, true);
+              tile_mm(dka.data(), hd, ds.data(), 1, BK, qp, ldq, nk, hd, mq, scale, true);
               // dQ += scale dS K, straight into dq: this task owns these rows.
-              mm(dq + rowoff, ldq, ds.data(), BK, 1, kp + j0 * ldk, ldk, mq, hd, nk, scale, true);
+              tile_mm(dq + rowoff, ldq, ds.data(), BK, 1, kp + j0 * ldk, ldk, mq, hd, nk, scale, true);
             } else {
               mm_causal(dva.data(), hd, p.data(), 1, BK, gp, ldq, nk, hd, mq, 1.0f, true, off,
                         false, true);

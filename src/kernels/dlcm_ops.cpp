@@ -8,6 +8,7 @@
 
 #include "core/rng.h"
 #include "kernels/simd.h"
+#include "kernels/tile_gemm.h"
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -404,7 +405,7 @@ void concept_scatter_add(float* dlist, const float* drep, const Segments& sg, i6
 // log(len_k); indices j0..j1 follow the per-query rule (k < seg(t): log len_k, k == seg(t):
 // log(t - start + 1), k > seg(t): masked). Scores go into a transposed tile S^T [BK, BQ]
 // (= K Q^T with Q^T packed once per block), so softmax statistics are vertical vector ops, and
-// all tile products go through one register-blocked microkernel, mm(). The work is
+// all tile products go through one register-blocked microkernel, tile_mm(). The work is
 // O(L * M * hd) plus at most one key tile of waste per query block.
 namespace {
 
@@ -418,103 +419,12 @@ i64 attn_work(const Segments& sg, i64 Hq, i64 hd) {
 }
 
 #if defined(__AVX512F__)
-inline __mmask16 tail_mask(i64 n) {
-  return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
-}
 
 // exp(x) shared with the attention kernel: exactly 0 for -inf (masked) inputs.
 using simd::exp_ps;
 
-// Register tile: MR rows of C x NV 16-wide vectors; accumulators are named variables so that
-// they stay in zmm registers.
-#define CA_DECL(r) __m512 c##r##0, c##r##1, c##r##2, c##r##3;
-#define CA_ZERO(r) c##r##0 = c##r##1 = c##r##2 = c##r##3 = _mm512_setzero_ps();
-#define CA_FMA(r)                                                     \
-  if constexpr (MR > r) {                                             \
-    const __m512 av = _mm512_set1_ps(a[r * rsa]);                     \
-    c##r##0 = _mm512_fmadd_ps(av, b0, c##r##0);                       \
-    if constexpr (NV > 1) c##r##1 = _mm512_fmadd_ps(av, b1, c##r##1); \
-    if constexpr (NV > 2) c##r##2 = _mm512_fmadd_ps(av, b2, c##r##2); \
-    if constexpr (NV > 3) c##r##3 = _mm512_fmadd_ps(av, b3, c##r##3); \
-  }
-#define CA_STORE(r)                                           \
-  if constexpr (MR > r) {                                     \
-    float* cr = C + r * ldc;                                  \
-    put(cr, c##r##0, NV == 1 ? last : full);                  \
-    if constexpr (NV > 1) put(cr + 16, c##r##1, NV == 2 ? last : full); \
-    if constexpr (NV > 2) put(cr + 32, c##r##2, NV == 3 ? last : full); \
-    if constexpr (NV > 3) put(cr + 48, c##r##3, last);        \
-  }
-
-template <int MR, int NV>
-void mm_tile(float* C, i64 ldc, const float* A, i64 rsa, i64 csa, const float* B, i64 ldb, i64 K,
-             __mmask16 last, float alpha, bool acc) {
-  const __mmask16 full = 0xFFFF;
-  CA_DECL(0) CA_DECL(1) CA_DECL(2) CA_DECL(3) CA_DECL(4) CA_DECL(5)
-  CA_ZERO(0) CA_ZERO(1) CA_ZERO(2) CA_ZERO(3) CA_ZERO(4) CA_ZERO(5)
-  for (i64 kk = 0; kk < K; ++kk) {
-    const float* b = B + kk * ldb;
-    const __m512 b0 = _mm512_maskz_loadu_ps(NV == 1 ? last : full, b);
-    const __m512 b1 = NV > 1 ? _mm512_maskz_loadu_ps(NV == 2 ? last : full, b + 16) : b0;
-    const __m512 b2 = NV > 2 ? _mm512_maskz_loadu_ps(NV == 3 ? last : full, b + 32) : b0;
-    const __m512 b3 = NV > 3 ? _mm512_maskz_loadu_ps(last, b + 48) : b0;
-    const float* a = A + kk * csa;
-    CA_FMA(0) CA_FMA(1) CA_FMA(2) CA_FMA(3) CA_FMA(4) CA_FMA(5)
-  }
-  const __m512 al = _mm512_set1_ps(alpha);
-  auto put = [&](float* dst, __m512 x, __mmask16 m) {
-    x = acc ? _mm512_fmadd_ps(x, al, _mm512_maskz_loadu_ps(m, dst)) : _mm512_mul_ps(x, al);
-    _mm512_mask_storeu_ps(dst, m, x);
-  };
-  CA_STORE(0) CA_STORE(1) CA_STORE(2) CA_STORE(3) CA_STORE(4) CA_STORE(5)
-}
-#undef CA_DECL
-#undef CA_ZERO
-#undef CA_FMA
-#undef CA_STORE
-
-using TileFn = void (*)(float*, i64, const float*, i64, i64, const float*, i64, i64, __mmask16,
-                        float, bool);
-template <int R>
-constexpr std::array<TileFn, 4> tile_row() {
-  return {mm_tile<R, 1>, mm_tile<R, 2>, mm_tile<R, 3>, mm_tile<R, 4>};
-}
-const std::array<TileFn, 4> kTiles[6] = {tile_row<1>(), tile_row<2>(), tile_row<3>(),
-                                         tile_row<4>(), tile_row<5>(), tile_row<6>()};
 #endif
 
-// C[M,N] = (acc ? C : 0) + alpha * A(M,K) B[K,N]; A(r,k) = A[r*rsa + k*csa]; row k of B at
-// B + k*ldb (contiguous); rows of C ldc apart.
-void mm(float* C, i64 ldc, const float* A, i64 rsa, i64 csa, const float* B, i64 ldb, i64 M,
-        i64 N, i64 K, float alpha, bool acc) {
-#if defined(__AVX512F__)
-  for (i64 j0 = 0; j0 < N; j0 += 64) {
-    const i64 nj = std::min<i64>(64, N - j0);
-    const int nv = int((nj + 15) / 16);
-    const __mmask16 last = tail_mask(nj - 16 * (nv - 1));
-    for (i64 i0 = 0; i0 < M; i0 += 6) {
-      const int mr = int(std::min<i64>(6, M - i0));
-      kTiles[mr - 1][nv - 1](C + i0 * ldc + j0, ldc, A + i0 * rsa, rsa, csa, B + j0, ldb, K, last,
-                             alpha, acc);
-    }
-  }
-#else
-  float tmp[64];
-  for (i64 i = 0; i < M; ++i) {
-    float* cr = C + i * ldc;
-    for (i64 j0 = 0; j0 < N; j0 += 64) {
-      const i64 nj = std::min<i64>(64, N - j0);
-      std::fill(tmp, tmp + nj, 0.f);
-      for (i64 kk = 0; kk < K; ++kk) {
-        const float a = A[i * rsa + kk * csa];
-        const float* b = B + kk * ldb + j0;
-        for (i64 j = 0; j < nj; ++j) tmp[j] += a * b[j];
-      }
-      for (i64 j = 0; j < nj; ++j) cr[j0 + j] = (acc ? cr[j0 + j] : 0.f) + alpha * tmp[j];
-    }
-  }
-#endif
-}
 
 // dst[c*BQ + i] = src[i*ld + c] for i < n, c < hd.
 void pack_t(float* dst, const float* src, i64 ld, i64 n, i64 hd) {
@@ -667,7 +577,7 @@ void concept_attention_forward(float* out, float* lse, const float* q, const flo
             const i64 nk = std::min<i64>(BK, qbk.j1 + 1 - kt0);
             const float* kb = k + ((b * K1 + kt0) * Hkv + g) * hd;
             const float* vb = v + ((b * K1 + kt0) * Hkv + g) * hd;
-            mm(ST.data(), BQ, kb, ldk, 1, QT.data(), BQ, nk, BQ, hd, scale, false);
+            tile_mm(ST.data(), BQ, kb, ldk, 1, QT.data(), BQ, nk, BQ, hd, scale, false);
             add_bias(ST.data(), kt0, nk, qbk, logm.data());
             softmax_cols(ST.data(), nk, m.data(), l.data(), corr.data());
             for (i64 i = 0; i < nq; ++i) {
@@ -675,7 +585,7 @@ void concept_attention_forward(float* out, float* lse, const float* q, const flo
               const float c = corr[i];
               for (i64 x = 0; x < hd; ++x) o[x] *= c;
             }
-            mm(O.data(), hd, ST.data(), 1, BQ, vb, ldk, nq, hd, nk, 1.f, true);
+            tile_mm(O.data(), hd, ST.data(), 1, BQ, vb, ldk, nq, hd, nk, 1.f, true);
           }
           for (i64 i = 0; i < nq; ++i) {
             const float inv = 1.f / l[i];
@@ -733,13 +643,13 @@ void concept_attention_backward(float* dq, float* dk, float* dv, const float* do
               float* dkb = dk + ((b * K1 + kt0) * Hkv + g) * hd;
               float* dvb = dv + ((b * K1 + kt0) * Hkv + g) * hd;
               // P^T = exp(scale K Q^T + bias - lse)
-              mm(ST.data(), BQ, kb, ldk, 1, QT.data(), BQ, nk, BQ, hd, scale, false);
+              tile_mm(ST.data(), BQ, kb, ldk, 1, QT.data(), BQ, nk, BQ, hd, scale, false);
               add_bias(ST.data(), kt0, nk, qbk, logm.data());
               exp_minus_lse(ST.data(), nk, lsev.data());
               // dV += P^T dO
-              mm(dvb, ldk, ST.data(), BQ, 1, dobase, ldq, nk, hd, nq, 1.f, true);
+              tile_mm(dvb, ldk, ST.data(), BQ, 1, dobase, ldq, nk, hd, nq, 1.f, true);
               // dP^T = V dO^T ; dS^T = P^T (dP^T - D) * scale
-              mm(dPT.data(), BQ, vb, ldk, 1, dOT.data(), BQ, nk, BQ, hd, 1.f, false);
+              tile_mm(dPT.data(), BQ, vb, ldk, 1, dOT.data(), BQ, nk, BQ, hd, 1.f, false);
               for (i64 r = 0; r < nk; ++r) {
                 float* dp = dPT.data() + r * BQ;
                 const float* p = ST.data() + r * BQ;
@@ -747,8 +657,8 @@ void concept_attention_backward(float* dq, float* dk, float* dv, const float* do
                 for (i64 i = 0; i < BQ; ++i) dp[i] = p[i] * (dp[i] - D[i]) * scale;
               }
               // dK += dS^T Q ; dQ += dS K
-              mm(dkb, ldk, dPT.data(), BQ, 1, qbase, ldq, nk, hd, nq, 1.f, true);
-              mm(dqbase, ldq, dPT.data(), 1, BQ, kb, ldk, nq, hd, nk, 1.f, true);
+              tile_mm(dkb, ldk, dPT.data(), BQ, 1, qbase, ldq, nk, hd, nq, 1.f, true);
+              tile_mm(dqbase, ldq, dPT.data(), 1, BQ, kb, ldk, nq, hd, nk, 1.f, true);
             }
           }
         }
