@@ -55,8 +55,15 @@ class LanguageModel {
   // Evaluation (thresholded boundaries for DLCM): CE sum, no gradients. row_loss [B*L]
   // optional.
   virtual MicroStats eval_micro(const Batch& b, float* row_loss = nullptr) = 0;
-  // Logits [B, L, V].
+  // Logits [B, L, V] (DLCM: thresholded boundaries, the inference rule).
   virtual void logits(const i32* tokens, i64 B, i64 L, float* out) = 0;
+  // DLCM: router probabilities p [B*L] and inference boundaries b [B*L] (b = [p >= tau] with
+  // forced boundaries at row start and BOS; tau < 0 means the config's router.tau). Returns
+  // false for architectures without concepts (the baseline), leaving p and b untouched.
+  virtual bool boundaries(const i32* tokens, i64 B, i64 L, float* p, uint8_t* b,
+                          float tau = -1) {
+    return false;
+  }
 
   // Forward FLOPs per token of the model (SPEC 7), for MFU.
   virtual double flops_per_token(i64 L) const = 0;
