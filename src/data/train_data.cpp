@@ -47,12 +47,11 @@ TrainData open_train_data(const std::string& dir, const Config& cfg) {
       val->it = std::make_unique<ValIterator>(val->dd->val, L, val->dd->tokenizer->pad_id());
       val->L = L;
     }
-    // The iterator is sequential; reposition by replaying from the start when needed.
-    if (val->it->position() != i * B) {
-      val->it->reset();
-      TokenBatch skip;
-      for (i64 k = 0; k < i; ++k) val->it->next(B, skip);
-    }
+    // The iterator is sequential: rewind when asked for an earlier batch, then skip forward
+    // (under MPI each rank reads every ranks-th batch).
+    if (val->it->position() > i * B) val->it->reset();
+    TokenBatch skip;
+    while (val->it->position() < i * B) val->it->next(std::min(B, i * B - val->it->position()), skip);
     TokenBatch b;
     val->it->next(B, b);
     if (b.inputs.empty()) {

@@ -57,8 +57,9 @@ MicroStats BaselineModel::train_micro(const Batch& b, i64, const StepContext& ct
   MicroStats s;
   s.ce_sum = head_.forward_backward(g_out_.data(), out, b.targets, N,
                                     1.0f / float(std::max<i64>(ctx.total_targets, 1)));
+  grad_ready(norm_->offset);  // norm and lm_head (the block's tail) are complete
   std::memset(g_x_.data(), 0, sizeof(float) * N * d);
-  layers_.backward(g_x_.data(), g_out_.data(), b.B, b.L);
+  layers_.backward(g_x_.data(), g_out_.data(), b.B, b.L, grad_ready_);
   ops::embedding_backward(tok_emb_->g, g_x_.data(), b.tokens, N, d);
   for (i64 n = 0; n < N; ++n) s.n_targets += b.targets[n] >= 0;
   s.n_positions = N;

@@ -65,7 +65,9 @@ nlohmann::json config_to_json(const Config& c) {
                 {"eval_every", t.eval_every},
                 {"eval_batches", t.eval_batches},
                 {"ckpt_every", t.ckpt_every},
-                {"threads", t.threads}};
+                {"threads", t.threads},
+                {"allreduce_bucket_mb", t.allreduce_bucket_mb},
+                {"allreduce_overlap", t.allreduce_overlap}};
   return j;
 }
 
@@ -182,6 +184,8 @@ Config config_from_json(const json& src, const std::string& source) {
   get(tj, "eval_batches", t.eval_batches);
   get(tj, "ckpt_every", t.ckpt_every);
   get(tj, "threads", t.threads);
+  get(tj, "allreduce_bucket_mb", t.allreduce_bucket_mb);
+  get(tj, "allreduce_overlap", t.allreduce_overlap);
   validate(c, source);
   return c;
 }
@@ -301,6 +305,8 @@ void validate(const Config& c, const std::string& src) {
   DLCM_CHECK(t.beta1 >= 0 && t.beta1 < 1 && t.beta2 >= 0 && t.beta2 < 1, src,
              ": 'train.beta1'/'train.beta2' must be in [0,1)");
   pos(t.log_every, "train.log_every");
+  DLCM_CHECK(t.threads >= 0, src, ": 'train.threads' must be >= 0 (0 = automatic)");
+  DLCM_CHECK(t.allreduce_bucket_mb > 0, src, ": 'train.allreduce_bucket_mb' must be positive");
 }
 
 }  // namespace dlcm

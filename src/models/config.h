@@ -83,7 +83,12 @@ struct TrainConfig {
   i64 eval_every = 200;
   i64 eval_batches = 16;
   i64 ckpt_every = 500;
-  i64 threads = 0;  // 0 = all cores (OpenMP default)
+  i64 threads = 0;  // OpenMP threads per process; 0 = automatic (OpenMP default with one
+                    // process; under MPI: the rank's cores / ranks sharing them)
+  // Data parallel (MPI): gradient all-reduce bucket size, and whether buckets start during
+  // the last micro-batch's backward (non-blocking) or after it (blocking).
+  float allreduce_bucket_mb = 8.0f;
+  bool allreduce_overlap = true;
 };
 
 struct Config {

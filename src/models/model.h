@@ -1,5 +1,6 @@
 // The interface the trainer, evaluator, CLI and tests use for both architectures.
 #pragma once
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -68,9 +69,21 @@ class LanguageModel {
   // Forward FLOPs per token of the model (SPEC 7), for MFU.
   virtual double flops_per_token(i64 L) const = 0;
 
+  // Optional, for data-parallel training: train_micro may call the callback during backward
+  // with an offset into params().grad() from which on every gradient is complete for this
+  // micro-batch (offsets only decrease within one call). The trainer sets it for the step's
+  // last micro-batch to start all-reducing gradient buckets while backward goes on. A model
+  // that never calls it stays correct: whatever was not announced is reduced after backward.
+  using GradReadyFn = std::function<void(i64 offset)>;
+  void set_grad_ready_callback(GradReadyFn f) { grad_ready_ = std::move(f); }
+
  protected:
+  void grad_ready(i64 offset) const {
+    if (grad_ready_) grad_ready_(offset);
+  }
   ModelConfig cfg_;
   ParamStore params_;
+  GradReadyFn grad_ready_;
 };
 
 // Builds the model for cfg.arch with parameters registered and allocated (not initialised).

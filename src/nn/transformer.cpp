@@ -149,7 +149,8 @@ void TransformerStack::block_forward(i64 l, const float* x, const i32* pos, i64 
   for (i64 i = 0; i < N * d.d; ++i) out[i] += mid[i];
 }
 
-void TransformerStack::backward(float* dx, const float* dout, i64 B, i64 L) {
+void TransformerStack::backward(float* dx, const float* dout, i64 B, i64 L,
+                                const std::function<void(i64)>& block_done) {
   const i64 N = B * L, D = dims_.d;
   const float* g_cur = dout;
   for (i64 l = n_layers() - 1; l >= 0; --l) {
@@ -162,6 +163,7 @@ void TransformerStack::backward(float* dx, const float* dout, i64 B, i64 L) {
       std::memset(g_prev, 0, sizeof(float) * N * D);
     }
     block_backward(l, g_prev, g_cur, x, B, L);
+    if (block_done) block_done(layers_[l].attn_norm->offset);  // registered first in a block
     g_cur = g_prev;
   }
 }

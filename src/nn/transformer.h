@@ -2,6 +2,7 @@
 // activations in buffers allocated once by reserve(). Used by the baseline and by every
 // stack of the DLCM (encoder, concept backbone, decoder).
 #pragma once
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -64,7 +65,11 @@ class TransformerStack {
   // next forward). pos [B*L]: RoPE positions. x must stay alive until backward().
   const float* forward(const float* x, const i32* pos, i64 B, i64 L);
   // dout [B*L, d] (gradient of the stack output) -> dx [B*L, d] accumulated (+=).
-  void backward(float* dx, const float* dout, i64 B, i64 L);
+  // block_done (optional) is called after each block's backward with the block's first
+  // parameter offset: from there on, this stack's parameter gradients are complete (blocks
+  // finish from the last to the first; used to start gradient all-reduces early).
+  void backward(float* dx, const float* dout, i64 B, i64 L,
+                const std::function<void(i64 offset)>& block_done = {});
 
   i64 n_layers() const { return (i64)layers_.size(); }
   const BlockDims& dims() const { return dims_; }

@@ -11,6 +11,7 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
+#include "core/dist.h"
 #include "core/safetensors.h"
 #include "data/prepare.h"
 #include "data/tokenizer.h"
@@ -59,11 +60,14 @@ int cmd_train(const TrainArgs& a) {
   opt.resume = a.resume;
   opt.quiet = a.quiet;
   opt.init_from = a.init_from;
-  for (const auto& s : a.sets) std::fprintf(stderr, "[train] --set %s\n", s.c_str());
+  const bool rank0 = dist::rank() == 0;  // under MPI only rank 0 talks
+  if (rank0)
+    for (const auto& s : a.sets) std::fprintf(stderr, "[train] --set %s\n", s.c_str());
   Trainer tr(cfg, std::move(data), opt);
   tr.run();
   auto v = tr.validate(-1);
-  std::fprintf(stderr, "[train] done: step %lld, full validation loss %.4f (ppl %.2f%s), checkpoint in %s/checkpoint\n",
+  if (rank0)
+    std::fprintf(stderr, "[train] done: step %lld, full validation loss %.4f (ppl %.2f%s), checkpoint in %s/checkpoint\n",
                (long long)tr.step(), v.loss, v.ppl,
                v.bpb > 0 ? (", bpb " + std::to_string(v.bpb)).c_str() : "", a.out.c_str());
   return 0;

@@ -5,6 +5,7 @@
 #include <exception>
 
 #include "core/common.h"
+#include "core/dist.h"
 #include "tools/commands.h"
 
 int main(int argc, char** argv) {
@@ -79,8 +80,24 @@ int main(int argc, char** argv) {
   } catch (const CLI::ParseError& e) {
     return app.exit(e);
   }
+  // Under MPI a failure on any rank ends every rank (MPI_Abort) after one line naming it.
+  auto report = [](const char* what, int code) {
+    if (dist::size() > 1) {
+      std::fprintf(stderr, "dlcm: error: rank %d of %d: %s (stopping all ranks)\n", dist::rank(),
+                   dist::size(), what);
+      dist::abort_all(code);
+    }
+    std::fprintf(stderr, "dlcm: error: %s\n", what);
+    dist::finalize();
+    return code;
+  };
   try {
-    if (*train) return cmd_train(ta);
+    if (*train) {
+      dist::init(&argc, &argv);  // data parallel when started by mpirun
+      int rc = cmd_train(ta);
+      dist::finalize();
+      return rc;
+    }
     if (*fwd) return cmd_forward(fa);
     if (*gen) return cmd_generate(ga);
     if (*flops) return cmd_flops(la);
@@ -88,11 +105,9 @@ int main(int argc, char** argv) {
     if (*prep) return cmd_prepare(pa);
     if (*ev) return cmd_eval(ea);
   } catch (const dlcm::Error& e) {
-    std::fprintf(stderr, "dlcm: error: %s\n", e.what());
-    return 2;
+    return report(e.what(), 2);
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "dlcm: error: %s\n", e.what());
-    return 3;
+    return report(e.what(), 3);
   }
   return 0;
 }

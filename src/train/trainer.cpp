@@ -7,6 +7,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -46,21 +47,71 @@ double measure_gemm_peak_gflops(double seconds, i64 n) {
 
 Trainer::Trainer(const Config& cfg, TrainData data, TrainOptions opt)
     : cfg_(cfg), data_(std::move(data)), o_(std::move(opt)) {
+  rank_ = dist::rank();
+  world_ = dist::size();
+  if (world_ > 1) check_same_run_on_all_ranks();
+  // OpenMP threads: the user's choice (train.threads, then OMP_NUM_THREADS) wins; under MPI
+  // the ranks of a host split its cores (the plan is a collective, so every rank makes it).
+  if (world_ > 1) threads_ = dist::plan_threads();
   if (cfg_.train.threads > 0) {
     omp_set_num_threads(int(cfg_.train.threads));
-    if (!o_.quiet) std::fprintf(stderr, "[train] threads forced to %lld\n", (long long)cfg_.train.threads);
+    threads_note_ = "forced by train.threads";
+    if (talk()) std::fprintf(stderr, "[train] threads forced to %lld\n", (long long)cfg_.train.threads);
+  } else if (world_ > 1) {
+    const char* env = std::getenv("OMP_NUM_THREADS");
+    if (env && *env) {
+      threads_note_ = std::string("from OMP_NUM_THREADS=") + env;
+    } else {
+      omp_set_num_threads(threads_.threads);
+      threads_note_ = std::to_string(threads_.cpus) + " CPUs in the rank's affinity mask / " +
+                      std::to_string(threads_.sharing) + " local ranks sharing them";
+    }
   }
   std::string ckpt_dir;
   if (o_.resume) {
     DLCM_CHECK(!o_.out_dir.empty(), "--resume needs --out pointing at the run to continue");
     ckpt_dir = (fs::path(o_.out_dir) / "checkpoint").string();
     DLCM_CHECK(is_checkpoint(ckpt_dir), o_.out_dir, ": --resume given but there is no ",
-               "checkpoint in ", ckpt_dir, " (start without --resume)");
+               "checkpoint in ", ckpt_dir, " (start without --resume)",
+               world_ > 1 ? "; under MPI every rank reads it, so --out must be on a file system "
+                            "all hosts share" : "");
     Config saved = load_checkpoint_config(ckpt_dir);
     // The model must be the one saved; training settings may change (e.g. more steps).
     DLCM_CHECK(config_to_json(Config{saved.model, {}}) == config_to_json(Config{cfg_.model, {}}),
                ckpt_dir, "/config.json: model settings differ from the given config; resume ",
                "needs the same model (drop the changed model keys or start a new run)");
+    // A different number of ranks: keep the global batch (ranks x grad_accum micro-batches)
+    // by adjusting grad_accum, unless the user changed the batch settings themselves.
+    json st = load_trainer_state(ckpt_dir);
+    const i64 old_world = st.value("world_size", i64(1));
+    DLCM_CHECK(old_world >= 1, ckpt_dir, "/trainer_state.json: world_size must be >= 1");
+    resumed_from_world_ = old_world;
+    TrainConfig& t = cfg_.train;
+    const i64 old_k = saved.train.grad_accum, global = old_world * old_k;
+    const bool same_rows = t.batch_size == saved.train.batch_size;
+    // Told even with --quiet: the run continues differently from what was asked.
+    if (old_world != world_ && rank_ == 0) {
+      if (same_rows && world_ * t.grad_accum == global) {
+        std::fprintf(stderr, "[train] resuming a %lld-rank run on %d rank(s) with grad_accum %lld: "
+                     "same global batch of %lld micro-batches\n", (long long)old_world, world_,
+                     (long long)t.grad_accum, (long long)global);
+      } else if (same_rows && t.grad_accum == old_k && global % world_ == 0) {
+        std::fprintf(stderr, "[train] resuming a %lld-rank run on %d rank(s): grad_accum %lld -> %lld "
+                     "keeps the global batch of %lld micro-batches (%lld rows), same data per step\n",
+                     (long long)old_world, world_, (long long)old_k, (long long)(global / world_),
+                     (long long)global, (long long)(global * t.batch_size));
+      } else {
+        std::fprintf(stderr, "[train] resuming a %lld-rank run on %d rank(s): the global batch changes "
+                     "from %lld to %lld rows (grad_accum %lld, batch_size %lld), so steps see "
+                     "other data than the original run would\n",
+                     (long long)old_world, world_, (long long)(global * saved.train.batch_size),
+                     (long long)(world_ * t.grad_accum * t.batch_size), (long long)t.grad_accum,
+                     (long long)t.batch_size);
+      }
+    }
+    if (old_world != world_ && same_rows && world_ * t.grad_accum != global &&
+        t.grad_accum == old_k && global % world_ == 0)
+      t.grad_accum = global / world_;
   }
   model_ = make_initialised_model(cfg_.model, cfg_.train.seed);
   opt_.init(model_->params());
@@ -69,7 +120,7 @@ Trainer::Trainer(const Config& cfg, TrainData data, TrainOptions opt)
   model_->reserve(t.batch_size, t.seq_len);
   tok_.assign(t.grad_accum * t.batch_size * t.seq_len, 0);
   tgt_.assign(tok_.size(), 0);
-  if (!o_.out_dir.empty()) {
+  if (!o_.out_dir.empty() && rank_ == 0) {
     fs::create_directories(o_.out_dir);
     log_path_ = (fs::path(o_.out_dir) / "train_log.jsonl").string();
   }
@@ -79,6 +130,45 @@ Trainer::Trainer(const Config& cfg, TrainData data, TrainOptions opt)
     std::ofstream(log_path_, std::ios::trunc);
   }
   peak_gflops_ = o_.peak_gflops > 0 ? o_.peak_gflops : measure_gemm_peak_gflops(0.3);
+  if (world_ > 1) {
+    // The job's peak is the sum of what each rank reaches with its threads.
+    dist::allreduce_sum(&peak_gflops_, 1);
+    check_same_weights_on_all_ranks("at start");
+    const i64 bucket = std::max<i64>(1, i64(double(t.allreduce_bucket_mb) * (1 << 20) / sizeof(float)));
+    allreduce_.init(model_->params().grad(), model_->params().total(), bucket, t.allreduce_overlap);
+  }
+}
+
+// Every rank must run the same configuration on the same run folder; a rank started with
+// other flags (mpirun's MPMD form) would silently train something else.
+void Trainer::check_same_run_on_all_ranks() {
+  json mine = config_to_json(cfg_);
+  mine["__run"] = {{"out", o_.out_dir}, {"resume", o_.resume}, {"init_from", o_.init_from},
+                   {"stop_after", o_.stop_after}};
+  std::string root = mine.dump();
+  dist::broadcast(root);
+  if (root == mine.dump()) return;
+  json r = json::parse(root);
+  json diff = json::diff(r, mine);
+  std::string where = diff.empty() ? "?" : diff[0].value("path", std::string("?"));
+  fail("rank ", rank_, " was started with settings that differ from rank 0's (first difference at ",
+       where, "); every rank must get the same config, --set, --out and --resume");
+}
+
+static uint64_t weights_hash(const ParamStore& ps) {
+  const uint32_t* w = reinterpret_cast<const uint32_t*>(ps.data());
+  uint64_t h = 0xcbf29ce484222325ull;
+  for (i64 i = 0; i < ps.total(); ++i) h = (h ^ w[i]) * 0x100000001b3ull;
+  return h;
+}
+
+// The ranks apply identical updates to identical weights; a difference means an all-reduce
+// did not give every rank the same sum, and training would silently fork.
+void Trainer::check_same_weights_on_all_ranks(const char* when) {
+  uint64_t lo, hi;
+  dist::allreduce_minmax(weights_hash(model_->params()), &lo, &hi);
+  DLCM_CHECK(lo == hi, "rank ", rank_, ": the weights differ between ranks ", when, " (step ",
+             step_, "); the ranks no longer train the same model");
 }
 
 Trainer::~Trainer() = default;
@@ -120,29 +210,55 @@ StepResult Trainer::train_step() {
   StepResult r;
   r.lr = lr_at(t, step_, t.steps);
   // Load the step's micro-batches first: the totals scale the loss, and DLCM's Global
-  // Parser needs the whole step's boundaries before any backward pass.
+  // Parser needs the whole step's boundaries before any backward pass. Micro-batch k of
+  // rank r is micro-batch g = r*K + k of the step's global batch: its data and its rows
+  // (row0, which keys the boundary RNG) are those of micro-batch g in one process running
+  // ranks*K micro-batches, so both runs see the same batches.
   std::vector<Batch> micro(K);
   StepContext ctx;
   ctx.seed = t.seed;
   ctx.step = step_;
   for (i64 k = 0; k < K; ++k) {
+    const i64 g = rank_ * K + k;
     i32* tk = tok_.data() + k * B * L;
     i32* tg = tgt_.data() + k * B * L;
-    data_.train_batch(step_, k, 0, B, L, tk, tg);
-    micro[k] = Batch{tk, tg, B, L, k * B};
+    data_.train_batch(step_, g, 0, B, L, tk, tg);
+    micro[k] = Batch{tk, tg, B, L, g * B};
     for (i64 i = 0; i < B * L; ++i) ctx.total_targets += tg[i] >= 0;
     ctx.total_positions += B * L;
   }
+  if (world_ > 1) {  // the loss is a mean over the global batch
+    double tot[2] = {double(ctx.total_targets), double(ctx.total_positions)};
+    dist::allreduce_sum(tot, 2);
+    ctx.total_targets = i64(tot[0]);
+    ctx.total_positions = i64(tot[1]);
+  }
   ctx.sum_b = model_->prepare_step(micro, ctx);
+  dist::allreduce_sum(&ctx.sum_b, 1);  // F spans all ranks (SPEC 4)
   model_->params().zero_grad();
   MicroStats tot;
+  if (world_ > 1) allreduce_.begin_step();
   for (i64 k = 0; k < K; ++k) {
+    // Gradients become final during the last micro-batch's backward: buckets can start then.
+    if (world_ > 1 && k == K - 1 && t.allreduce_overlap)
+      model_->set_grad_ready_callback([this](i64 off) { allreduce_.ready_from(off); });
     MicroStats s = model_->train_micro(micro[k], k, ctx);
     tot.ce_sum += s.ce_sum;
     tot.n_targets += s.n_targets;
     tot.sum_b += s.sum_b;
     tot.sum_p += s.sum_p;
     tot.n_positions += s.n_positions;
+  }
+  if (world_ > 1) {
+    model_->set_grad_ready_callback(nullptr);
+    r.allreduce_seconds = allreduce_.finish();
+    double st[5] = {tot.ce_sum, double(tot.n_targets), tot.sum_b, tot.sum_p, double(tot.n_positions)};
+    dist::allreduce_sum(st, 5);
+    tot.ce_sum = st[0];
+    tot.n_targets = i64(st[1]);
+    tot.sum_b = st[2];
+    tot.sum_p = st[3];
+    tot.n_positions = i64(st[4]);
   }
   r.ce = tot.ce_sum / std::max<i64>(tot.n_targets, 1);
   if (cfg_.model.is_dlcm() && tot.n_positions > 0) {
@@ -152,10 +268,11 @@ StepResult Trainer::train_step() {
     r.aux = R / (R - 1) * ((R - 1) * r.F * r.G + (1 - r.F) * (1 - r.G)) - 1;
   }
   r.loss = r.ce + cfg_.model.aux_weight * r.aux * (cfg_.model.is_dlcm() ? 1 : 0);
+  // After the all-reduce every rank holds the same gradients, hence the same global norm.
   r.grad_norm = clip_grad_norm(model_->params(), t.grad_clip);
   opt_.step(model_->params(), float(r.lr), t);
   ++step_;
-  r.tokens = K * B * L;
+  r.tokens = K * B * L * world_;
   tokens_seen_ += r.tokens;
   r.seconds = std::chrono::duration<double>(Clock::now() - t0).count();
   return r;
@@ -168,16 +285,19 @@ Trainer::ValResult Trainer::validate(i64 max_batches) {
   i64 n = data_.val_count(B, L);
   if (max_batches >= 0) n = std::min(n, max_batches);
   std::vector<i32> tk(B * L), tg(B * L);
-  double ce = 0, concepts = 0, positions = 0;
-  i64 count = 0;
-  for (i64 i = 0; i < n; ++i) {
+  // Under MPI rank r evaluates batches r, r + ranks, ...; the sums are then added up.
+  double sums[4] = {0, 0, 0, 0};  // CE, targets, concepts, positions
+  for (i64 i = rank_; i < n; i += world_) {
     data_.val_batch(i, B, L, tk.data(), tg.data());
     MicroStats s = model_->eval_micro(Batch{tk.data(), tg.data(), B, L, 0});
-    ce += s.ce_sum;
-    count += s.n_targets;
-    concepts += s.n_concepts;
-    positions += s.n_positions;
+    sums[0] += s.ce_sum;
+    sums[1] += s.n_targets;
+    sums[2] += s.n_concepts;
+    sums[3] += s.n_positions;
   }
+  dist::allreduce_sum(sums, 4);
+  const double ce = sums[0], concepts = sums[2], positions = sums[3];
+  const i64 count = i64(sums[1]);
   v.tokens = count;
   v.loss = ce / std::max<i64>(count, 1);
   v.ppl = std::exp(v.loss);
@@ -190,12 +310,20 @@ Trainer::ValResult Trainer::validate(i64 max_batches) {
 
 void Trainer::save_checkpoint_now() {
   if (o_.out_dir.empty()) return;
+  // Rank 0 writes (atomically: tmp folder + rename); the others wait so that no rank runs
+  // ahead of a checkpoint that might still fail.
+  if (world_ > 1) check_same_weights_on_all_ranks("before saving a checkpoint");
+  if (rank_ != 0) {
+    dist::barrier();
+    return;
+  }
   json st = {{"step", step_},
              {"tokens_seen", tokens_seen_},
              {"adam_t", opt_.t},
              {"seed", cfg_.train.seed},
              {"data_cursor", {{"kind", "counter"}, {"step", step_}}},
-             {"schedule", {{"name", cfg_.train.schedule}, {"step", step_}, {"total", cfg_.train.steps}}}};
+             {"schedule", {{"name", cfg_.train.schedule}, {"step", step_}, {"total", cfg_.train.steps}}},
+             {"world_size", world_}};
   CheckpointWrite w;
   w.config = &cfg_;
   w.params = &model_->params();
@@ -205,6 +333,7 @@ void Trainer::save_checkpoint_now() {
   w.extra_files = data_.checkpoint_files;
   if (!log_path_.empty()) w.extra_files.push_back(log_path_);
   save_checkpoint((fs::path(o_.out_dir) / "checkpoint").string(), w);
+  dist::barrier();
 }
 
 static std::string fmt_duration(double s) {
@@ -220,10 +349,24 @@ void Trainer::run() {
   const TrainConfig& t = cfg_.train;
   const bool tty = isatty(fileno(stderr));
   const double flops_tok = 3.0 * model_->flops_per_token(t.seq_len);
-  if (!o_.quiet)
+  if (talk())
     std::fprintf(stderr, "[train] %s, %.2fM parameters, %lld steps of %lld tokens, FP32 GEMM peak %.0f GFLOP/s\n",
                  cfg_.model.arch.c_str(), model_->params().total() / 1e6, (long long)t.steps,
-                 (long long)(t.grad_accum * t.batch_size * t.seq_len), peak_gflops_);
+                 (long long)(world_ * t.grad_accum * t.batch_size * t.seq_len), peak_gflops_);
+  if (world_ > 1 || (resumed_from_world_ > 0 && resumed_from_world_ != world_)) {
+    // The data-parallel layout from this step on, for whoever reads the log later.
+    const i64 rows = world_ * t.grad_accum * t.batch_size;
+    json j = {{"event", "ranks"}, {"step", step_}, {"ranks", world_},
+              {"grad_accum", t.grad_accum}, {"global_batch_rows", rows},
+              {"threads_per_rank", omp_get_max_threads()}};
+    if (!threads_note_.empty()) j["threads_choice"] = threads_note_;
+    if (resumed_from_world_ > 0) j["previous_ranks"] = resumed_from_world_;
+    log_line(j.dump());
+    if (talk())
+      std::fprintf(stderr, "[train] %d ranks x %d OpenMP threads (%s), global batch %d x %lld x %lld = %lld rows\n",
+                   world_, omp_get_max_threads(), threads_note_.empty() ? "OpenMP default" : threads_note_.c_str(),
+                   world_, (long long)t.grad_accum, (long long)t.batch_size, (long long)rows);
+  }
   i64 ran = 0, saved_at = -1;
   double ema_rate = 0;
   while (step_ < t.steps && (o_.stop_after < 0 || ran < o_.stop_after)) {
@@ -236,6 +379,7 @@ void Trainer::run() {
       json j = {{"step", step_}, {"loss", r.loss}, {"ce", r.ce}, {"lr", r.lr},
                 {"grad_norm", r.grad_norm}, {"tokens_per_s", tps}, {"mfu", mfu},
                 {"tokens", tokens_seen_}};
+      if (world_ > 1) j["allreduce_s"] = r.allreduce_seconds;
       if (cfg_.model.is_dlcm()) {
         j["aux"] = r.aux;
         j["F"] = r.F;
@@ -243,8 +387,8 @@ void Trainer::run() {
         j["compression"] = r.F > 0 ? 1.0 / r.F : 0.0;
       }
       log_line(j.dump());
-      if (!o_.quiet) {
-        double eta = (t.steps - step_) * (t.grad_accum * t.batch_size * t.seq_len) / ema_rate;
+      if (talk()) {
+        double eta = (t.steps - step_) * double(r.tokens) / ema_rate;
         char line[256];
         std::snprintf(line, sizeof line,
                       "step %lld/%lld | loss %.4f | lr %.2e | gnorm %.2f | %.0f tok/s | MFU %.1f%% | ETA %s",
@@ -261,7 +405,7 @@ void Trainer::run() {
       if (v.bpb > 0) j["val_bpb"] = v.bpb;
       if (v.compression > 0) j["val_compression"] = v.compression;
       log_line(j.dump());
-      if (!o_.quiet)
+      if (talk())
         std::fprintf(stderr, "%sstep %lld | val loss %.4f | ppl %.2f%s\n", tty ? "\r\033[K" : "",
                      (long long)step_, v.loss, v.ppl,
                      v.bpb > 0 ? (" | bpb " + std::to_string(v.bpb)).c_str() : "");
@@ -273,7 +417,7 @@ void Trainer::run() {
   }
   // Stopped early (stop_after): leave a checkpoint of where we are.
   if (ran > 0 && saved_at != step_) save_checkpoint_now();
-  if (!o_.quiet && tty) std::fprintf(stderr, "\n");
+  if (talk() && tty) std::fprintf(stderr, "\n");
 }
 
 }  // namespace dlcm

@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "core/dist.h"
 #include "models/model.h"
 #include "train/optimizer.h"
 
@@ -19,6 +20,9 @@ namespace dlcm {
 // run sees exactly the batches an uninterrupted run would.
 struct TrainData {
   // tokens/targets [B, L] for micro-batch `micro` of optimizer step `step` on rank `rank`.
+  // The trainer passes the step's global micro-batch index (rank * grad_accum + k under MPI)
+  // and rank 0, so a step's data depends on the global batch only, not on how it is split
+  // over processes (docs/distributed.md).
   std::function<void(i64 step, i64 micro, i64 rank, i64 B, i64 L, i32* tokens, i32* targets)>
       train_batch;
   // Validation split as [B, L] batches covering it once (targets -1 where padded).
@@ -33,7 +37,7 @@ struct TrainOptions {
   std::string out_dir;
   bool resume = false;
   bool quiet = false;          // no progress output (tests)
-  double peak_gflops = 0;      // FP32 GEMM peak for MFU; 0 = measure at start
+  double peak_gflops = 0;      // FP32 GEMM peak of one process for MFU; 0 = measure at start
   i64 stop_after = -1;         // stop after this many steps in this run (tests); -1 = no
   std::string init_from;       // optional: initial weights from a checkpoint
 };
@@ -42,9 +46,14 @@ struct StepResult {
   double loss = 0, ce = 0, aux = 0, lr = 0, grad_norm = 0;
   double F = 0, G = 0;
   double seconds = 0;
-  i64 tokens = 0;
+  double allreduce_seconds = 0;  // MPI: time spent finishing the gradient all-reduce
+  i64 tokens = 0;                // over all ranks
 };
 
+// Under MPI (dist::size() > 1) every rank builds a Trainer with the same config: each rank
+// runs grad_accum micro-batches per step, gradients and step statistics are summed over the
+// ranks, every rank applies the same update, rank 0 alone writes logs and checkpoints, and
+// validation batches are split over the ranks.
 class Trainer {
  public:
   Trainer(const Config& cfg, TrainData data, TrainOptions opt);
@@ -68,6 +77,9 @@ class Trainer {
  private:
   void log_line(const std::string& json_line);
   void restore(const std::string& ckpt_dir);
+  void check_same_run_on_all_ranks();
+  void check_same_weights_on_all_ranks(const char* when);
+  bool talk() const { return !o_.quiet && rank_ == 0; }
 
   Config cfg_;
   TrainData data_;
@@ -80,6 +92,12 @@ class Trainer {
   std::vector<i32> tok_, tgt_;  // [grad_accum, B, L]
   std::string log_path_;
   std::vector<std::string> log_lines_;
+  // data parallel
+  int rank_ = 0, world_ = 1;
+  i64 resumed_from_world_ = 0;  // ranks of the checkpoint resumed from (0: not resumed)
+  dist::ThreadPlan threads_;
+  std::string threads_note_;
+  dist::GradAllreduce allreduce_;
 };
 
 // Resolves a user-given checkpoint path: DIR itself, or DIR/checkpoint for a run directory.
