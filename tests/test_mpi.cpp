@@ -117,7 +117,8 @@ Config tiny(const std::string& arch) {
   t.lr = 3e-3f;
   t.schedule = "constant";  // a run extended with --steps sees the same learning rates
   t.warmup_steps = 0;
-  t.eval_every = 0;
+  t.eval_every = 3;
+  t.eval_batches = -1;  // the whole (tiny) validation split: several batches per rank
   t.ckpt_every = 0;
   t.log_every = 1;
   t.allreduce_bucket_mb = 0.02f;  // several buckets even for this tiny model
@@ -193,6 +194,14 @@ void check_two_ranks_equal_one_process(const std::string& arch) {
   ASSERT_EQ(la.size(), 3u);
   ASSERT_EQ(lb.size(), 3u);
   for (size_t i = 0; i < la.size(); ++i) EXPECT_NEAR(la[i], lb[i], 1e-5 * std::abs(lb[i])) << i;
+  // validation at the last step, its batches split over the ranks
+  auto val = [](const std::string& run) {
+    for (auto& j : read_log(run))
+      if (j.contains("val_loss")) return j["val_loss"].get<double>();
+    return -1.0;
+  };
+  EXPECT_GT(val(tmp.path + "/one"), 0);
+  EXPECT_NEAR(val(tmp.path + "/two"), val(tmp.path + "/one"), 1e-5 * val(tmp.path + "/one"));
   // the losses move: a test that trains nothing would pass the comparison trivially
   EXPECT_NE(lb[0], lb[2]);
   // rank 0 logged the layout and its thread choice; the checkpoint knows its rank count
@@ -235,6 +244,17 @@ TEST_F(Mpi, OverlappedAndBlockingAllreduceAgree) {
   EXPECT_EQ(weights_rel_diff(tmp.path + "/a/checkpoint", tmp.path + "/b/checkpoint",
                              "model.safetensors"),
             0.0);
+  // with overlap, buckets did start during backward (the head and the last block finish
+  // before the first block); without, none did
+  auto early = [](const std::string& run) {
+    json j;
+    for (auto& l : read_log(run))
+      if (l.contains("allreduce_buckets")) j = l;  // the last step's line
+    EXPECT_GT(j.value("allreduce_buckets", 0), 3) << j.dump();
+    return j.value("allreduce_early", -1);
+  };
+  EXPECT_GT(early(tmp.path + "/a"), 0);
+  EXPECT_EQ(early(tmp.path + "/b"), 0);
 }
 
 // 2 ranks (grad_accum 2) for 2 steps, resumed by 1 process for 2 more (grad_accum becomes 4),

@@ -15,9 +15,6 @@
 namespace dlcm::dist {
 
 namespace {
-bool g_started = false;  // this process called MPI_Init
-int g_rank = 0, g_size = 1;
-
 int env_int(const char* name) {
   const char* v = std::getenv(name);
   return v && *v ? std::atoi(v) : 0;
@@ -40,6 +37,11 @@ int launcher_world_size() {
 }
 
 #ifdef DLCM_MPI
+
+namespace {
+bool g_started = false;  // this process called MPI_Init
+int g_rank = 0, g_size = 1;
+}  // namespace
 
 void init(int* argc, char*** argv) {
   if (g_started || launcher_world_size() == 0) return;

@@ -101,7 +101,12 @@ int main(int argc, char** argv) {
     if (*fwd) return cmd_forward(fa);
     if (*gen) return cmd_generate(ga);
     if (*flops) return cmd_flops(la);
-    if (*btrain) return cmd_bench_train(ba);
+    if (*btrain) {
+      dist::init(&argc, &argv);  // data-parallel throughput when started by mpirun
+      int rc = cmd_bench_train(ba);
+      dist::finalize();
+      return rc;
+    }
     if (*prep) return cmd_prepare(pa);
     if (*ev) return cmd_eval(ea);
   } catch (const dlcm::Error& e) {

@@ -67,6 +67,11 @@ Trainer::Trainer(const Config& cfg, TrainData data, TrainOptions opt)
                       std::to_string(threads_.sharing) + " local ranks sharing them";
     }
   }
+  // A save interrupted by a kill (of this process or, under MPI, of the job) leaves a
+  // checkpoint.tmp-PID beside the intact checkpoint; remove it now rather than at the next save.
+  if (!o_.out_dir.empty() && rank_ == 0)
+    clean_stale_checkpoint_siblings((fs::path(o_.out_dir) / "checkpoint").string());
+  dist::barrier();
   std::string ckpt_dir;
   if (o_.resume) {
     DLCM_CHECK(!o_.out_dir.empty(), "--resume needs --out pointing at the run to continue");
@@ -251,6 +256,8 @@ StepResult Trainer::train_step() {
   }
   if (world_ > 1) {
     model_->set_grad_ready_callback(nullptr);
+    r.buckets_early = allreduce_.started_early();
+    r.buckets = allreduce_.buckets();
     r.allreduce_seconds = allreduce_.finish();
     double st[5] = {tot.ce_sum, double(tot.n_targets), tot.sum_b, tot.sum_p, double(tot.n_positions)};
     dist::allreduce_sum(st, 5);
@@ -379,7 +386,11 @@ void Trainer::run() {
       json j = {{"step", step_}, {"loss", r.loss}, {"ce", r.ce}, {"lr", r.lr},
                 {"grad_norm", r.grad_norm}, {"tokens_per_s", tps}, {"mfu", mfu},
                 {"tokens", tokens_seen_}};
-      if (world_ > 1) j["allreduce_s"] = r.allreduce_seconds;
+      if (world_ > 1) {
+        j["allreduce_s"] = r.allreduce_seconds;
+        j["allreduce_buckets"] = r.buckets;
+        j["allreduce_early"] = r.buckets_early;
+      }
       if (cfg_.model.is_dlcm()) {
         j["aux"] = r.aux;
         j["F"] = r.F;

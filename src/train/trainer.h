@@ -47,6 +47,7 @@ struct StepResult {
   double F = 0, G = 0;
   double seconds = 0;
   double allreduce_seconds = 0;  // MPI: time spent finishing the gradient all-reduce
+  i64 buckets = 0, buckets_early = 0;  // MPI: gradient buckets, those started during backward
   i64 tokens = 0;                // over all ranks
 };
 
