@@ -94,29 +94,28 @@ Trainer::Trainer(const Config& cfg, TrainData data, TrainOptions opt)
     TrainConfig& t = cfg_.train;
     const i64 old_k = saved.train.grad_accum, global = old_world * old_k;
     const bool same_rows = t.batch_size == saved.train.batch_size;
-    // Told even with --quiet: the run continues differently from what was asked.
-    if (old_world != world_ && rank_ == 0) {
-      if (same_rows && world_ * t.grad_accum == global) {
+    if (old_world != world_) {
+      const bool kept = same_rows && world_ * t.grad_accum == global;
+      const bool adjust = !kept && same_rows && t.grad_accum == old_k && global % world_ == 0;
+      if (adjust) t.grad_accum = global / world_;
+      // Told even with --quiet: the run continues differently from what was asked.
+      if (rank_ == 0 && kept)
         std::fprintf(stderr, "[train] resuming a %lld-rank run on %d rank(s) with grad_accum %lld: "
                      "same global batch of %lld micro-batches\n", (long long)old_world, world_,
                      (long long)t.grad_accum, (long long)global);
-      } else if (same_rows && t.grad_accum == old_k && global % world_ == 0) {
+      else if (rank_ == 0 && adjust)
         std::fprintf(stderr, "[train] resuming a %lld-rank run on %d rank(s): grad_accum %lld -> %lld "
                      "keeps the global batch of %lld micro-batches (%lld rows), same data per step\n",
-                     (long long)old_world, world_, (long long)old_k, (long long)(global / world_),
+                     (long long)old_world, world_, (long long)old_k, (long long)t.grad_accum,
                      (long long)global, (long long)(global * t.batch_size));
-      } else {
+      else if (rank_ == 0)
         std::fprintf(stderr, "[train] resuming a %lld-rank run on %d rank(s): the global batch changes "
                      "from %lld to %lld rows (grad_accum %lld, batch_size %lld), so steps see "
                      "other data than the original run would\n",
                      (long long)old_world, world_, (long long)(global * saved.train.batch_size),
                      (long long)(world_ * t.grad_accum * t.batch_size), (long long)t.grad_accum,
                      (long long)t.batch_size);
-      }
     }
-    if (old_world != world_ && same_rows && world_ * t.grad_accum != global &&
-        t.grad_accum == old_k && global % world_ == 0)
-      t.grad_accum = global / world_;
   }
   model_ = make_initialised_model(cfg_.model, cfg_.train.seed);
   opt_.init(model_->params());
