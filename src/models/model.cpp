@@ -3,11 +3,13 @@
 #include <cmath>
 
 #include "models/baseline.h"
+#include "models/dlcm.h"
 
 namespace dlcm {
 
 std::unique_ptr<LanguageModel> make_model(const ModelConfig& cfg) {
   if (cfg.arch == "baseline") return std::make_unique<BaselineModel>(cfg);
+  if (cfg.arch == "dlcm") return std::make_unique<DlcmModel>(cfg);
   fail("config: arch \"", cfg.arch, "\" is not built in this version");
 }
 

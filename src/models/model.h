@@ -14,6 +14,9 @@ struct Batch {
   const i32* targets = nullptr;
   i64 B = 0, L = 0;
   i64 row0 = 0;  // global index of row 0 within the step (keys the boundary RNG)
+  // DLCM: given boundary decisions b [B, L] (0/1) used instead of sampling them (tests,
+  // replays of a recorded step); forced positions (row start, BOS) are boundaries regardless.
+  const uint8_t* boundaries = nullptr;
 };
 
 // What one optimizer step knows before its micro-batches run.
@@ -31,7 +34,8 @@ struct MicroStats {
   i64 n_targets = 0;
   double sum_b = 0, sum_p = 0;  // DLCM: boundary count and probability sum (sampled)
   i64 n_positions = 0;
-  i64 n_concepts = 0;
+  i64 n_concepts = 0;   // concepts the forward pass used (sampled in training)
+  i64 n_thresholded = 0;  // DLCM training: concepts the inference rule (p >= tau) would cut
 };
 
 class LanguageModel {

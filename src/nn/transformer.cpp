@@ -136,7 +136,7 @@ void TransformerStack::block_forward(i64 l, const float* x, const i32* pos, i64 
                          d.n_heads, d.n_kv_heads, d.head_dim, 0, scale);
   ops::linear_forward(A.mid.data(), A.att.data(), P.wo->w, N, d.q_dim(), d.d);
   float* mid = A.mid.data();
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (N * d.d > (1 << 15))
   for (i64 i = 0; i < N * d.d; ++i) mid[i] += x[i];
   // feed-forward sub-layer
   ops::rmsnorm_forward(A.xn2.data(), A.rstd2.data(), mid, P.ffn_norm->w, N, d.d, d.norm_eps);
@@ -145,7 +145,7 @@ void TransformerStack::block_forward(i64 l, const float* x, const i32* pos, i64 
   ops::swiglu_forward(A.h.data(), A.a.data(), A.b.data(), N * d.d_ff);
   float* out = A.out.data();
   ops::linear_forward(out, A.h.data(), P.w2->w, N, d.d_ff, d.d);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (N * d.d > (1 << 15))
   for (i64 i = 0; i < N * d.d; ++i) out[i] += mid[i];
 }
 
@@ -219,7 +219,7 @@ void TransformerStack::block_backward(i64 l, float* dx, const float* dout, const
                        d.kv_dim());
   // x feeds both the residual and the norm
   float* g_mid = g_mid_.data();
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (N * d.d > (1 << 15))
   for (i64 i = 0; i < N * d.d; ++i) dx[i] += g_mid[i];
   ops::rmsnorm_backward(dx, P.attn_norm->g, g_xn_.data(), x, P.attn_norm->w, A.rstd1.data(), N,
                         d.d);

@@ -143,6 +143,7 @@ StepResult Trainer::train_step() {
     tot.sum_b += s.sum_b;
     tot.sum_p += s.sum_p;
     tot.n_positions += s.n_positions;
+    tot.n_thresholded += s.n_thresholded;
   }
   r.ce = tot.ce_sum / std::max<i64>(tot.n_targets, 1);
   if (cfg_.model.is_dlcm() && tot.n_positions > 0) {
@@ -150,6 +151,7 @@ StepResult Trainer::train_step() {
     r.F = tot.sum_b / tot.n_positions;
     r.G = tot.sum_p / tot.n_positions;
     r.aux = R / (R - 1) * ((R - 1) * r.F * r.G + (1 - r.F) * (1 - r.G)) - 1;
+    r.F_thresholded = double(tot.n_thresholded) / tot.n_positions;
   }
   r.loss = r.ce + cfg_.model.aux_weight * r.aux * (cfg_.model.is_dlcm() ? 1 : 0);
   r.grad_norm = clip_grad_norm(model_->params(), t.grad_clip);
@@ -240,7 +242,8 @@ void Trainer::run() {
         j["aux"] = r.aux;
         j["F"] = r.F;
         j["G"] = r.G;
-        j["compression"] = r.F > 0 ? 1.0 / r.F : 0.0;
+        j["compression"] = r.F > 0 ? 1.0 / r.F : 0.0;  // sampled boundaries
+        j["compression_thresholded"] = r.F_thresholded > 0 ? 1.0 / r.F_thresholded : 0.0;
       }
       log_line(j.dump());
       if (!o_.quiet) {

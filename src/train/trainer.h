@@ -41,6 +41,7 @@ struct TrainOptions {
 struct StepResult {
   double loss = 0, ce = 0, aux = 0, lr = 0, grad_norm = 0;
   double F = 0, G = 0;
+  double F_thresholded = 0;  // DLCM: share of positions the inference rule (p >= tau) cuts
   double seconds = 0;
   i64 tokens = 0;
 };
