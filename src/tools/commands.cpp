@@ -118,10 +118,20 @@ int cmd_forward(const ForwardArgs& a) {
       DLCM_CHECK(t < V, a.tokens, ": token id ", t, " is outside the vocabulary [0, ", V, ")");
       tok.push_back(t);
     }
-  Buf logits(B * L * V);
+  Buf logits(B * L * V), p(B * L), bf(B * L);
+  std::vector<uint8_t> b8(B * L);
+  bool concepts = false;
   // One row at a time keeps activation memory at one row's worth.
-  for (i64 b = 0; b < B; ++b) m->logits(tok.data() + b * L, 1, L, logits.data() + b * L * V);
+  for (i64 b = 0; b < B; ++b) {
+    m->logits(tok.data() + b * L, 1, L, logits.data() + b * L * V);
+    concepts = m->boundaries(tok.data() + b * L, 1, L, p.data() + b * L, b8.data() + b * L);
+  }
   std::vector<TensorToWrite> out = {{"logits", {B, L, V}, logits.data(), nullptr}};
+  if (concepts) {
+    for (i64 n = 0; n < B * L; ++n) bf[n] = b8[n];
+    out.push_back({"p", {B, L}, p.data(), nullptr});
+    out.push_back({"b", {B, L}, bf.data(), nullptr});
+  }
   write_safetensors(a.out, out, {{"arch", m->config().arch}});
   std::fprintf(stderr, "[forward] wrote logits [%lld, %lld, %lld] to %s\n", (long long)B,
                (long long)L, (long long)V, a.out.c_str());
