@@ -73,3 +73,29 @@ TEST(Cli, ForwardWritesLogitsMatchingTheLibrary) {
   EXPECT_NE(r.rc, 0);
   EXPECT_NE(r.out.find("outside the vocabulary"), std::string::npos) << r.out;
 }
+
+TEST(Cli, ForwardWritesDlcmLogitsAndBoundaries) {
+  test::TempDir tmp;
+  Config c = test::tiny_dlcm();
+  auto m = make_initialised_model(c.model, 6);
+  test::save_model_only(tmp.path + "/ck", c, m->params());
+  const i64 B = 2, L = 30, V = c.model.vocab_size;
+  auto tok = test::random_tokens(B * L, V, 4, c.model.bos_id, 0.1);
+  tok[0] = tok[L] = c.model.bos_id;
+  test::write_rows(tmp.path + "/t.txt", tok, B, L);
+  CmdResult r = run("forward --ckpt " + tmp.path + "/ck --tokens " + tmp.path + "/t.txt --out " +
+                    tmp.path + "/o.safetensors");
+  ASSERT_EQ(r.rc, 0) << r.out;
+  SafeTensorsFile f(tmp.path + "/o.safetensors");
+  auto logits = f.read_f32("logits"), p = f.read_f32("p"), b = f.read_f32("b");
+  Buf want(B * L * V), wp(B * L);
+  std::vector<uint8_t> wb(B * L);
+  m->logits(tok.data(), B, L, want.data());
+  m->boundaries(tok.data(), B, L, wp.data(), wb.data(), -1);
+  ASSERT_EQ(logits.size(), want.size());
+  EXPECT_LT(test::rel_err(logits.data(), want.data(), want.size()), 1e-5);
+  EXPECT_EQ(test::max_abs_diff(p.data(), wp.data(), B * L), 0.0);
+  for (i64 n = 0; n < B * L; ++n) EXPECT_EQ(b[n], float(wb[n])) << n;
+  EXPECT_EQ(b[0], 1.f);
+  EXPECT_EQ(b[L], 1.f);
+}
