@@ -4,6 +4,7 @@
 #include <vector>
 
 #include "core/params.h"
+#include "infer/stream.h"
 #include "models/config.h"
 
 namespace dlcm {
@@ -69,10 +70,21 @@ class LanguageModel {
     return false;
   }
 
+  // Streaming inference (SPEC 5): a stream with o.max_seqs slots of up to stream_len(o) tokens,
+  // its caches allocated once here. It reads this model's weights (it must not outlive the
+  // model) and its logits equal logits() over each slot's tokens (see infer/stream.h for the
+  // contract). The baseline keeps a KV cache per layer; the DLCM keeps the state of SPEC 5
+  // (encoder/backbone/decoder KV caches, router's last q, open concept, smoother, concept K/V
+  // with multiplicities) and thresholds p with o.tau.
+  virtual std::unique_ptr<InferenceStream> new_stream(const StreamOptions& o) = 0;
+
   // Forward FLOPs per token of the model (SPEC 7), for MFU.
   virtual double flops_per_token(i64 L) const = 0;
 
  protected:
+  // o.max_len, or max_seq_len when 0; Error when it exceeds max_seq_len or max_seqs < 1.
+  i64 stream_len(const StreamOptions& o) const;
+
   ModelConfig cfg_;
   ParamStore params_;
 };
