@@ -32,6 +32,8 @@ class DlcmModel : public LanguageModel {
   MicroStats eval_micro(const Batch& b, float* row_loss) override;
   void logits(const i32* tokens, i64 B, i64 L, float* out) override;
   bool boundaries(const i32* tokens, i64 B, i64 L, float* p, uint8_t* b, float tau) override;
+  // The streaming state of SPEC 5 (models/dlcm_stream.cpp).
+  std::unique_ptr<InferenceStream> new_stream(const StreamOptions& o) override;
   double flops_per_token(i64 L) const override;
 
   // The segments of the last forward pass (tests, diagnostics).
@@ -40,6 +42,7 @@ class DlcmModel : public LanguageModel {
   const float* last_p() const { return p_.data(); }
 
  private:
+  friend class DlcmStream;
   // Encoder + router: fills x0_, H_, p_ (and the router's q/k). Validates tokens.
   void encode(const i32* tokens, i64 B, i64 L);
   // Everything after the boundary decisions b [B*L] (already OR-ed with forced positions):
