@@ -27,6 +27,8 @@ struct Case {
   Config (*config)();
 };
 
+void PrintTo(const Case& c, std::ostream* os) { *os << c.name; }
+
 class StreamEquivalence : public ::testing::TestWithParam<Case> {};
 
 // A stream's concept info for the tokens of slot `slot` against the full-pass boundaries of the
