@@ -19,19 +19,47 @@ std::vector<float> full_logits(LanguageModel& m, const std::vector<i32>& tok) {
   return out;
 }
 
+// One architecture's tiny config per case; the test body uses only LanguageModel and
+// InferenceStream, so a DLCM config added to the list below runs the same checks plus the
+// concept ones (p, boundaries, concept indices, backbone steps == closed concepts).
 struct Case {
-  bool qk_norm;
-  i64 kv_heads;
+  std::string name;
+  Config (*config)();
 };
 
+void PrintTo(const Case& c, std::ostream* os) { *os << c.name; }
+
 class StreamEquivalence : public ::testing::TestWithParam<Case> {};
+
+// A stream's concept info for the tokens of slot `slot` against the full-pass boundaries of the
+// same tokens, and its counters: one backbone position per closed concept, never one per token.
+void check_concepts(LanguageModel& m, InferenceStream& st, i64 slot, const std::vector<i32>& tok) {
+  const i64 L = tok.size();
+  std::vector<float> p(L);
+  std::vector<uint8_t> b(L);
+  ASSERT_TRUE(m.boundaries(tok.data(), 1, L, p.data(), b.data()));
+  i64 concepts = 0;
+  for (i64 t = 0; t < L; ++t) {
+    concepts += b[t];
+    TokenConcept tc = st.token_concept(slot, t);
+    EXPECT_NEAR(tc.p, p[t], 1e-4) << "slot " << slot << " token " << t;
+    EXPECT_EQ(tc.boundary, b[t] != 0) << "slot " << slot << " token " << t;
+    EXPECT_EQ(tc.concept_index, concepts - 1) << "slot " << slot << " token " << t;
+  }
+  StreamCounters c = st.counters(slot);
+  EXPECT_EQ(c.tokens, L);
+  EXPECT_EQ(c.concepts, concepts);
+  EXPECT_EQ(c.concepts_closed, concepts - 1);
+  EXPECT_EQ(c.backbone_positions, c.concepts_closed);
+  EXPECT_GT(concepts, 3) << "the test sequence should cross several concept boundaries";
+}
 
 // Three sequences of different lengths (> 64, so attention spans several key blocks), with
 // BOS tokens inside (several documents per sequence), fed as: one batched prefill of unequal
 // prompt lengths, then batched steps while the active set shrinks, a second prefill in the
 // middle of one sequence, and a slot reset and reused for a fourth sequence.
 TEST_P(StreamEquivalence, IncrementalEqualsFullForward) {
-  Config c = test::tiny_baseline(GetParam().qk_norm, GetParam().kv_heads);
+  Config c = GetParam().config();
   c.model.max_seq_len = 160;
   auto m = make_initialised_model(c.model, 11);
   const i64 V = c.model.vocab_size;
@@ -50,7 +78,6 @@ TEST_P(StreamEquivalence, IncrementalEqualsFullForward) {
   so.max_seqs = 3;
   auto st = m->new_stream(so);
   EXPECT_EQ(st->max_len(), 160);
-  EXPECT_FALSE(st->has_concepts());
   double worst = 0;
   auto check = [&](i64 which, i64 pos, const float* got) {
     worst = std::max(worst, test::max_abs_diff(got, want[which].data() + pos * V, V));
@@ -109,14 +136,26 @@ TEST_P(StreamEquivalence, IncrementalEqualsFullForward) {
   double mag = 0;
   for (float x : want[0]) mag = std::max(mag, double(std::abs(x)));
   EXPECT_GT(mag, 0.5);
-  StreamCounters ct = st->counters(0);
-  EXPECT_EQ(ct.tokens, 150);
-  EXPECT_EQ(ct.concepts, 0);
-  EXPECT_EQ(ct.backbone_positions, 0);
+  EXPECT_EQ(st->has_concepts(), c.model.is_dlcm());
+  if (st->has_concepts()) {
+    for (i64 s = 0; s < 3; ++s) check_concepts(*m, *st, s, seqs[which[s]]);
+  } else {
+    StreamCounters ct = st->counters(0);
+    EXPECT_EQ(ct.tokens, 150);
+    EXPECT_EQ(ct.concepts, 0);
+    EXPECT_EQ(ct.backbone_positions, 0);
+  }
 }
 
-INSTANTIATE_TEST_SUITE_P(Baseline, StreamEquivalence,
-                         ::testing::Values(Case{true, 1}, Case{false, 2}, Case{true, 2}));
+Config baseline_qk_mqa() { return test::tiny_baseline(true, 1); }
+Config baseline_gqa() { return test::tiny_baseline(false, 2); }
+Config baseline_qk_gqa() { return test::tiny_baseline(true, 2); }
+
+INSTANTIATE_TEST_SUITE_P(Arch, StreamEquivalence,
+                         ::testing::Values(Case{"baseline_qk_mqa", baseline_qk_mqa},
+                                           Case{"baseline_gqa", baseline_gqa},
+                                           Case{"baseline_qk_gqa", baseline_qk_gqa}),
+                         [](const auto& info) { return info.param.name; });
 
 // Splitting a sequence differently (one prefill, token by token, chunks) gives the same logits,
 // and batching does not change a sequence's results beyond rounding.
