@@ -101,6 +101,7 @@ TEST(Cli, ForwardWritesDlcmLogitsAndBoundaries) {
   for (i64 n = 0; n < B * L; ++n) EXPECT_EQ(b[n], float(wb[n])) << n;
   EXPECT_EQ(b[0], 1.f);
   EXPECT_EQ(b[L], 1.f);
+}
 
 namespace {
 // A tiny baseline checkpoint with the byte tokenizer (vocab 260), for generate and segment.

@@ -150,11 +150,15 @@ TEST_P(StreamEquivalence, IncrementalEqualsFullForward) {
 Config baseline_qk_mqa() { return test::tiny_baseline(true, 1); }
 Config baseline_gqa() { return test::tiny_baseline(false, 2); }
 Config baseline_qk_gqa() { return test::tiny_baseline(true, 2); }
+Config dlcm_projected_compact() { return test::tiny_dlcm("projected", "compact"); }
+Config dlcm_raw_replicate() { return test::tiny_dlcm("raw", "replicate"); }
 
 INSTANTIATE_TEST_SUITE_P(Arch, StreamEquivalence,
                          ::testing::Values(Case{"baseline_qk_mqa", baseline_qk_mqa},
                                            Case{"baseline_gqa", baseline_gqa},
-                                           Case{"baseline_qk_gqa", baseline_qk_gqa}),
+                                           Case{"baseline_qk_gqa", baseline_qk_gqa},
+                                           Case{"dlcm_projected_compact", dlcm_projected_compact},
+                                           Case{"dlcm_raw_replicate", dlcm_raw_replicate}),
                          [](const auto& info) { return info.param.name; });
 
 // Splitting a sequence differently (one prefill, token by token, chunks) gives the same logits,
