@@ -8,6 +8,7 @@ PKGS=(build-essential cmake pkg-config git
       libgtest-dev libgmock-dev libbenchmark-dev libomp-dev
       libopenmpi-dev openmpi-bin
       python3 python3-torch python3-numpy libopenblas0-openmp libjemalloc2
+      chromium  # headless check of the `dlcm segment --html` page (tests/test_segment.cpp)
       ca-certificates)
 # npm (for the corpus's npm packages): many machines ship their own Node.js, which Debian's
 # npm package conflicts with; install Debian's only when there is no npm at all.

@@ -31,6 +31,41 @@ inline Config tiny_baseline(bool qk_norm = true, i64 kv_heads = 1) {
   return c;
 }
 
+// A tiny DLCM with every part present: GQA everywhere, d_scan != d_token, a backbone wider
+// than the token width, QK-norm.
+inline Config tiny_dlcm(const std::string& router_kind = "projected",
+                        const std::string& xattn = "compact", bool smooth_grad = false) {
+  Config c;
+  ModelConfig& m = c.model;
+  m.arch = "dlcm";
+  m.vocab_size = 23;
+  m.d_token = 16;
+  m.n_heads = 2;
+  m.n_kv_heads = 1;
+  m.head_dim = 8;
+  m.d_ff = 24;
+  m.enc_layers = 1;
+  m.dec_layers = 1;
+  m.d_concept = 24;
+  m.bb_layers = 2;
+  m.bb_heads = 3;
+  m.bb_kv_heads = 1;
+  m.bb_d_ff = 40;
+  m.x_heads = 2;
+  m.x_kv_heads = 1;
+  m.x_d_ff = 20;
+  m.d_scan = 12;
+  m.router.kind = router_kind;
+  m.router.smooth_grad = smooth_grad;
+  m.xattn_impl = xattn;
+  m.qk_norm = true;
+  m.max_seq_len = 96;
+  m.init_std = 0.3f;
+  c.train.seq_len = 20;
+  c.train.batch_size = 3;
+  return c;
+}
+
 inline std::vector<i32> random_tokens(i64 n, i64 V, uint64_t seed, i32 bos = -1, double bos_rate = 0) {
   std::vector<i32> t(n);
   Rng r(seed);
@@ -42,10 +77,11 @@ inline std::vector<i32> random_tokens(i64 n, i64 V, uint64_t seed, i32 bos = -1,
   return t;
 }
 
-inline void write_rows(const std::string& path, const std::vector<i32>& v, i64 B, i64 L) {
+template <typename T>
+inline void write_rows(const std::string& path, const std::vector<T>& v, i64 B, i64 L) {
   std::ofstream f(path);
   for (i64 b = 0; b < B; ++b) {
-    for (i64 t = 0; t < L; ++t) f << v[b * L + t] << (t + 1 < L ? " " : "\n");
+    for (i64 t = 0; t < L; ++t) f << i64(v[b * L + t]) << (t + 1 < L ? " " : "\n");
   }
 }
 

@@ -1,9 +1,12 @@
 // The dlcm binary as a user meets it: one-line errors naming the problem, non-zero exits,
-// and the forward/flops commands on a real (tiny) checkpoint.
+// and the forward/flops/generate/segment/bench decode commands on real (tiny) checkpoints.
+#include <algorithm>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 
 #include "core/safetensors.h"
+#include "data/tokenizer.h"
 #include "model_fixtures.h"
 #include "testing.h"
 
@@ -72,4 +75,118 @@ TEST(Cli, ForwardWritesLogitsMatchingTheLibrary) {
           tmp.path + "/o2.safetensors");
   EXPECT_NE(r.rc, 0);
   EXPECT_NE(r.out.find("outside the vocabulary"), std::string::npos) << r.out;
+}
+
+TEST(Cli, ForwardWritesDlcmLogitsAndBoundaries) {
+  test::TempDir tmp;
+  Config c = test::tiny_dlcm();
+  auto m = make_initialised_model(c.model, 6);
+  test::save_model_only(tmp.path + "/ck", c, m->params());
+  const i64 B = 2, L = 30, V = c.model.vocab_size;
+  auto tok = test::random_tokens(B * L, V, 4, c.model.bos_id, 0.1);
+  tok[0] = tok[L] = c.model.bos_id;
+  test::write_rows(tmp.path + "/t.txt", tok, B, L);
+  CmdResult r = run("forward --ckpt " + tmp.path + "/ck --tokens " + tmp.path + "/t.txt --out " +
+                    tmp.path + "/o.safetensors");
+  ASSERT_EQ(r.rc, 0) << r.out;
+  SafeTensorsFile f(tmp.path + "/o.safetensors");
+  auto logits = f.read_f32("logits"), p = f.read_f32("p"), b = f.read_f32("b");
+  Buf want(B * L * V), wp(B * L);
+  std::vector<uint8_t> wb(B * L);
+  m->logits(tok.data(), B, L, want.data());
+  m->boundaries(tok.data(), B, L, wp.data(), wb.data(), -1);
+  ASSERT_EQ(logits.size(), want.size());
+  EXPECT_LT(test::rel_err(logits.data(), want.data(), want.size()), 1e-5);
+  EXPECT_EQ(test::max_abs_diff(p.data(), wp.data(), B * L), 0.0);
+  for (i64 n = 0; n < B * L; ++n) EXPECT_EQ(b[n], float(wb[n])) << n;
+  EXPECT_EQ(b[0], 1.f);
+  EXPECT_EQ(b[L], 1.f);
+}
+
+namespace {
+// A tiny baseline checkpoint with the byte tokenizer (vocab 260), for generate and segment.
+std::string byte_checkpoint(const std::string& root, i64 ctx = 64) {
+  Config c = test::tiny_baseline();
+  c.model.vocab_size = 260;
+  c.model.max_seq_len = ctx;
+  auto m = make_initialised_model(c.model, 5);
+  const std::string dir = root + "/ck";
+  test::save_model_only(dir, c, m->params());
+  make_byte_tokenizer()->save(dir);
+  return dir;
+}
+}  // namespace
+
+TEST(Cli, GenerateAndSegmentBadInputs) {
+  test::TempDir tmp;
+  const std::string ck = byte_checkpoint(tmp.path, 16);
+  // a corrupt checkpoint: model.safetensors cut short
+  const std::string bad = tmp.path + "/bad";
+  std::filesystem::copy(ck, bad);
+  std::ofstream(bad + "/model.safetensors", std::ios::trunc) << "\x10\x00\x00";
+  std::ofstream(tmp.path + "/prompts.txt") << "\n   \n";
+  struct Case {
+    std::string args, expect;
+  } cases[] = {
+      {"generate --ckpt " + ck + " --prompt ''", "empty prompt"},
+      {"generate --ckpt " + ck + " --prompt 'this prompt is longer than sixteen bytes'",
+       "--prompt: 41 tokens (with BOS) exceed the model's context of 16 tokens"},
+      {"generate --ckpt " + tmp.path + "/nope --prompt hi", "no such checkpoint"},
+      {"generate --ckpt " + bad + " --prompt hi", "model.safetensors"},
+      {"generate --ckpt " + ck + " --prompt-file " + tmp.path + "/prompts.txt", "no prompts"},
+      {"generate --ckpt " + ck + " --prompt-file " + tmp.path + "/none.txt", "cannot open the prompt file"},
+      {"generate --ckpt " + ck + " --prompt a --prompt-file " + tmp.path + "/prompts.txt", "not both"},
+      {"segment --ckpt " + ck + " --text hello", "without concepts; segment needs a dlcm checkpoint"},
+      {"segment --ckpt " + ck, "give --text TEXT or --file F"},
+      {"segment --ckpt " + ck + " --text ''", "empty text"},
+      {"segment --ckpt " + ck + " --text a --tau 0.5 --target-R 3", "not both"},
+      {"segment --ckpt " + bad + " --text hello", "model.safetensors"},
+  };
+  for (auto& c : cases) {
+    CmdResult r = run(c.args);
+    EXPECT_NE(r.rc, 0) << c.args;
+    EXPECT_NE(r.out.find(c.expect), std::string::npos) << c.args << " -> " << r.out;
+    EXPECT_NE(r.out.find("dlcm: error:"), std::string::npos) << r.out;
+    // one line
+    EXPECT_EQ(std::count(r.out.begin(), r.out.end(), '\n'), 1) << c.args << " -> " << r.out;
+  }
+}
+
+TEST(Cli, GenerateStreamsOnePromptAndBatchesAFile) {
+  test::TempDir tmp;
+  const std::string ck = byte_checkpoint(tmp.path);
+  CmdResult r = run("generate --ckpt " + ck +
+                    " --prompt 'Hello' --max-new-tokens 12 --temperature 0 --ignore-eos --quiet");
+  ASSERT_EQ(r.rc, 0) << r.out;
+  EXPECT_EQ(r.out.rfind("Hello", 0), 0u) << r.out;  // the prompt, then the completion
+  // Same seed, same text; the baseline has no concepts to show.
+  std::string sample = "generate --ckpt " + ck + " --prompt 'Hi' --max-new-tokens 10 --seed 3 --quiet";
+  EXPECT_EQ(run(sample).out, run(sample).out);
+  r = run("generate --ckpt " + ck + " --prompt 'Hi' --max-new-tokens 3 --show-concepts");
+  ASSERT_EQ(r.rc, 0) << r.out;
+  EXPECT_NE(r.out.find("concepts do not apply"), std::string::npos) << r.out;
+  std::ofstream(tmp.path + "/p.txt") << "one\n\ntwo\nthree\n";
+  r = run("generate --ckpt " + ck + " --prompt-file " + tmp.path +
+          "/p.txt --max-new-tokens 5 --batch 2 --temperature 0 --ignore-eos");
+  ASSERT_EQ(r.rc, 0) << r.out;
+  for (const char* h : {"[1/3] ", "[2/3] ", "[3/3] "})
+    EXPECT_NE(r.out.find(h), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("p.txt:4: stop: length, 5 tokens"), std::string::npos) << r.out;
+  // the context limit ends generation with a message, not an error
+  r = run("generate --ckpt " + ck + " --prompt 'abcdefghijklmnopqrstuvwxyz0123456789abcdefghijklmnopqrstuvwxyz' "
+          "--max-new-tokens 50 --temperature 0 --ignore-eos");
+  ASSERT_EQ(r.rc, 0) << r.out;
+  EXPECT_NE(r.out.find("stopped at the context limit of 64 tokens"), std::string::npos) << r.out;
+}
+
+TEST(Cli, BenchDecodeRuns) {
+  test::TempDir tmp;
+  const std::string cfg = tmp.path + "/tiny.json";
+  std::ofstream(cfg) << "{\"vocab_size\": 64, \"d_token\": 32, \"n_heads\": 2, \"n_kv_heads\": 1,"
+                        " \"head_dim\": 16, \"d_ff\": 64, \"n_layers\": 2, \"max_seq_len\": 64,"
+                        " \"train\": {\"seq_len\": 64}}";
+  CmdResult r = run("bench decode --config " + cfg + " --prompt-len 20 --new-tokens 10 --batch 2");
+  ASSERT_EQ(r.rc, 0) << r.out;
+  EXPECT_NE(r.out.find("speed-up of the caches"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("greedy tokens agree for 10 of 10"), std::string::npos) << r.out;
 }

@@ -11,7 +11,10 @@ i32 sample_token(const float* logits, i64 V, const SamplerConfig& c, Rng& rng,
   s.resize(V);
   for (i64 i = 0; i < V; ++i) s[i] = {logits[i] / c.temperature, i32(i)};
   i64 n = V;
-  auto by_logit = [](const auto& a, const auto& b) { return a.first > b.first; };
+  // Ties broken by id so that the order (and so the draw) never depends on the sort.
+  auto by_logit = [](const auto& a, const auto& b) {
+    return a.first > b.first || (a.first == b.first && a.second < b.second);
+  };
   if (c.top_k > 0 && c.top_k < V) {
     std::partial_sort(s.begin(), s.begin() + c.top_k, s.end(), by_logit);
     n = c.top_k;
@@ -46,5 +49,52 @@ i32 sample_token(const float* logits, i64 V, const SamplerConfig& c, Rng& rng,
   }
   return s[n - 1].second;
 }
+
+size_t utf8_complete_prefix(const char* s, size_t n) {
+  // Look back at most 3 bytes for the lead byte of the last character.
+  for (size_t back = 1; back <= std::min<size_t>(n, 4); ++back) {
+    const unsigned char c = s[n - back];
+    if ((c & 0xC0) == 0x80) continue;  // continuation byte: keep looking for the lead
+    const size_t need = c >= 0xF0 && c <= 0xF4 ? 4 : c >= 0xE0 ? 3 : c >= 0xC2 && c < 0xE0 ? 2 : 1;
+    return need > back ? n - back : n;  // a lead still waiting for bytes is held back
+  }
+  return n;  // only continuation bytes in reach: invalid, nothing to wait for
+}
+
+TextStreamer::TextStreamer(std::vector<std::string> stops) {
+  for (auto& s : stops)
+    if (!s.empty()) stops_.push_back(std::move(s));
+}
+
+std::string TextStreamer::take(size_t end) {
+  std::string out = buf_.substr(shown_, end - shown_);
+  shown_ = end;
+  return out;
+}
+
+std::string TextStreamer::push(const std::string& bytes) {
+  if (stopped_) return {};
+  const size_t from = shown_;  // a match cannot start in shown text (see below)
+  buf_ += bytes;
+  size_t first = std::string::npos;
+  for (const auto& st : stops_) first = std::min(first, buf_.find(st, from));
+  if (first != std::string::npos) {
+    stopped_ = true;
+    buf_.resize(first);
+    return take(first);
+  }
+  // Hold back the longest tail that is a proper prefix of a stop string.
+  size_t safe = buf_.size();
+  for (const auto& st : stops_)
+    for (size_t k = std::min(st.size() - 1, buf_.size() - shown_); k > 0; --k)
+      if (buf_.compare(buf_.size() - k, k, st, 0, k) == 0) {
+        safe = std::min(safe, buf_.size() - k);
+        break;
+      }
+  safe = shown_ + utf8_complete_prefix(buf_.data() + shown_, safe - shown_);
+  return take(safe);
+}
+
+std::string TextStreamer::finish() { return take(buf_.size()); }
 
 }  // namespace dlcm

@@ -81,6 +81,83 @@ void BaselineModel::logits(const i32* tokens, i64 B, i64 L, float* out) {
   head_.logits(h, B * L, out);
 }
 
+// Streaming: one KV cache for the layer stack; the embedding and the head are per-token maps.
+class BaselineStream final : public InferenceStream {
+ public:
+  BaselineStream(BaselineModel& m, i64 max_seqs, i64 max_len)
+      : InferenceStream(max_seqs, max_len, m.cfg_.vocab_size), m_(m) {
+    const i64 d = m.cfg_.d_token;
+    cache_ = m.layers_.make_cache(max_seqs, max_len);
+    rows_ = std::max(max_len, max_seqs);  // a whole prompt, or one token of every slot
+    m.layers_.reserve_infer(rows_);
+    x_.assign(rows_ * d, 0);
+    last_.assign(max_seqs * d, 0);
+    xn_.assign(rows_ * d, 0);
+    rstd_.assign(rows_, 0);
+    chunks_.reserve(max_seqs);
+  }
+
+ protected:
+  void do_reset(i64 seq) override { cache_.reset(seq); }
+
+  void do_prefill(const PrefillItem* items, i64 n_items, float* logits, bool all_logits) override {
+    const i64 V = m_.cfg_.vocab_size;
+    // Groups of consecutive items within the reserved rows, one forward pass each.
+    i64 out_row = 0;
+    for (i64 i0 = 0; i0 < n_items;) {
+      i64 i1 = i0, R = 0;
+      while (i1 < n_items && R + items[i1].n <= rows_) R += items[i1++].n;
+      const float* h = run(items + i0, i1 - i0);
+      if (all_logits) {
+        head(h, R, logits + out_row * V);
+        out_row += R;
+      } else {
+        const i64 d = m_.cfg_.d_token;
+        i64 r = 0;
+        for (i64 i = i0; i < i1; ++i) {
+          r += items[i].n;
+          std::copy_n(h + (r - 1) * d, d, last_.data() + (i - i0) * d);
+        }
+        head(last_.data(), i1 - i0, logits + i0 * V);
+      }
+      i0 = i1;
+    }
+  }
+
+  void do_step(const i64* seqs, const i32* tokens, i64 n, float* logits) override {
+    std::vector<PrefillItem> items(n);
+    for (i64 i = 0; i < n; ++i) items[i] = {seqs[i], tokens + i, 1};
+    head(run(items.data(), n), n, logits);
+  }
+
+ private:
+  // Embeds the items' tokens as consecutive rows and runs the cached stack over them.
+  const float* run(const PrefillItem* items, i64 n) {
+    const i64 d = m_.cfg_.d_token;
+    chunks_.clear();
+    i64 R = 0;
+    for (i64 i = 0; i < n; ++i) {
+      ops::embedding_forward(x_.data() + R * d, items[i].tokens, m_.tok_emb_->w, items[i].n, d);
+      chunks_.push_back({items[i].seq, items[i].n});
+      R += items[i].n;
+    }
+    return m_.layers_.forward_cached(x_.data(), chunks_.data(), n, cache_);
+  }
+  void head(const float* h, i64 N, float* out) {
+    m_.head_.logits(h, N, out, xn_.data(), rstd_.data());
+  }
+
+  BaselineModel& m_;
+  KVCache cache_;
+  i64 rows_ = 0;
+  Buf x_, last_, xn_, rstd_;
+  std::vector<CacheChunk> chunks_;
+};
+
+std::unique_ptr<InferenceStream> BaselineModel::new_stream(const StreamOptions& o) {
+  return std::make_unique<BaselineStream>(*this, o.max_seqs, stream_len(o));
+}
+
 double BaselineModel::flops_per_token(i64 L) const { return flops_report(cfg_, L).total(); }
 
 }  // namespace dlcm

@@ -15,8 +15,10 @@ class BaselineModel : public LanguageModel {
   MicroStats eval_micro(const Batch& b, float* row_loss) override;
   void logits(const i32* tokens, i64 B, i64 L, float* out) override;
   double flops_per_token(i64 L) const override;
+  std::unique_ptr<InferenceStream> new_stream(const StreamOptions& o) override;
 
  private:
+  friend class BaselineStream;
   const float* run_forward(const i32* tokens, i64 B, i64 L);
 
   Param *tok_emb_, *norm_, *lm_head_;

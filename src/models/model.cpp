@@ -3,11 +3,20 @@
 #include <cmath>
 
 #include "models/baseline.h"
+#include "models/dlcm.h"
 
 namespace dlcm {
 
+i64 LanguageModel::stream_len(const StreamOptions& o) const {
+  DLCM_CHECK(o.max_seqs >= 1, "stream: need at least one sequence slot, got ", o.max_seqs);
+  DLCM_CHECK(o.max_len >= 0 && o.max_len <= cfg_.max_seq_len, "stream: max_len ", o.max_len,
+             " outside [1, max_seq_len = ", cfg_.max_seq_len, "] (0 = max_seq_len)");
+  return o.max_len > 0 ? o.max_len : cfg_.max_seq_len;
+}
+
 std::unique_ptr<LanguageModel> make_model(const ModelConfig& cfg) {
   if (cfg.arch == "baseline") return std::make_unique<BaselineModel>(cfg);
+  if (cfg.arch == "dlcm") return std::make_unique<DlcmModel>(cfg);
   fail("config: arch \"", cfg.arch, "\" is not built in this version");
 }
 

@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "core/params.h"
+#include "infer/stream.h"
 #include "models/config.h"
 
 namespace dlcm {
@@ -15,6 +16,9 @@ struct Batch {
   const i32* targets = nullptr;
   i64 B = 0, L = 0;
   i64 row0 = 0;  // global index of row 0 within the step (keys the boundary RNG)
+  // DLCM: given boundary decisions b [B, L] (0/1) used instead of sampling them (tests,
+  // replays of a recorded step); forced positions (row start, BOS) are boundaries regardless.
+  const uint8_t* boundaries = nullptr;
 };
 
 // What one optimizer step knows before its micro-batches run.
@@ -32,7 +36,8 @@ struct MicroStats {
   i64 n_targets = 0;
   double sum_b = 0, sum_p = 0;  // DLCM: boundary count and probability sum (sampled)
   i64 n_positions = 0;
-  i64 n_concepts = 0;
+  i64 n_concepts = 0;   // concepts the forward pass used (sampled in training)
+  i64 n_thresholded = 0;  // DLCM training: concepts the inference rule (p >= tau) would cut
 };
 
 class LanguageModel {
@@ -66,6 +71,14 @@ class LanguageModel {
     return false;
   }
 
+  // Streaming inference (SPEC 5): a stream with o.max_seqs slots of up to stream_len(o) tokens,
+  // its caches allocated once here. It reads this model's weights (it must not outlive the
+  // model) and its logits equal logits() over each slot's tokens (see infer/stream.h for the
+  // contract). The baseline keeps a KV cache per layer; the DLCM keeps the state of SPEC 5
+  // (encoder/backbone/decoder KV caches, router's last q, open concept, smoother, concept K/V
+  // with multiplicities) and thresholds p with o.tau.
+  virtual std::unique_ptr<InferenceStream> new_stream(const StreamOptions& o) = 0;
+
   // Forward FLOPs per token of the model (SPEC 7), for MFU.
   virtual double flops_per_token(i64 L) const = 0;
 
@@ -81,6 +94,9 @@ class LanguageModel {
   void grad_ready(i64 offset) const {
     if (grad_ready_) grad_ready_(offset);
   }
+  // o.max_len, or max_seq_len when 0; Error when it exceeds max_seq_len or max_seqs < 1.
+  i64 stream_len(const StreamOptions& o) const;
+
   ModelConfig cfg_;
   ParamStore params_;
   GradReadyFn grad_ready_;

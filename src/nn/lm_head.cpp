@@ -61,8 +61,12 @@ double LMHead::forward_loss(const float* x, const i32* targets, i64 N, float* ro
 
 void LMHead::logits(const float* x, i64 N, float* out) {
   DLCM_CHECK(N <= (i64)rstd_.size(), "internal: LMHead beyond reserved rows");
-  ops::rmsnorm_forward(xn_.data(), rstd_.data(), x, norm_w_->w, N, d_, eps_);
-  ops::gemm(false, true, N, V_, d_, mult_, xn_.data(), d_, W_->w, d_, 0.0f, out, V_);
+  logits(x, N, out, xn_.data(), rstd_.data());
+}
+
+void LMHead::logits(const float* x, i64 N, float* out, float* xn, float* rstd) const {
+  ops::rmsnorm_forward(xn, rstd, x, norm_w_->w, N, d_, eps_);
+  ops::gemm(false, true, N, V_, d_, mult_, xn, d_, W_->w, d_, 0.0f, out, V_);
 }
 
 }  // namespace dlcm

@@ -16,6 +16,9 @@ class LMHead {
   double forward_loss(const float* x, const i32* targets, i64 N, float* row_loss = nullptr);
   // Full logits [N, V] (times logit_mult) into out.
   void logits(const float* x, i64 N, float* out);
+  // The same with caller scratch xn [N, d], rstd [N] (inference keeps its own buffers).
+  void logits(const float* x, i64 N, float* out, float* xn, float* rstd) const;
+  i64 vocab() const { return V_; }
 
  private:
   static constexpr i64 kChunk = 256;

@@ -52,6 +52,29 @@ struct BlockActs {
   Buf out;                 // block output [N,d]
 };
 
+// ---- inference with a KV cache ----
+// Keys (after QK-norm and RoPE) and values of every layer of one stack for up to max_seqs
+// sequences of up to max_len positions each. Sequence s holds len[s] positions; k[l] and v[l]
+// are [max_seqs, max_len, Hkv, hd], so one sequence's keys are a dense [len, Hkv, hd] block
+// that ops::attention_forward reads directly (B = 1).
+struct KVCache {
+  i64 n_layers = 0, max_seqs = 0, max_len = 0, kv_dim = 0;
+  std::vector<Buf> k, v;
+  std::vector<i64> len;
+  i64 positions_run = 0;  // positions ever run through the stack with this cache (never reset):
+                          // counts the stack's steps (the DLCM backbone: one per closed concept)
+  void init(i64 n_layers, i64 kv_dim, i64 max_seqs, i64 max_len);
+  void reset(i64 seq) { len[seq] = 0; }
+  float* k_at(i64 l, i64 seq, i64 pos) { return k[l].data() + (seq * max_len + pos) * kv_dim; }
+  float* v_at(i64 l, i64 seq, i64 pos) { return v[l].data() + (seq * max_len + pos) * kv_dim; }
+};
+
+// n new positions of sequence `seq`, appended after its cached ones in one forward_cached call.
+struct CacheChunk {
+  i64 seq = 0;
+  i64 n = 0;
+};
+
 class TransformerStack {
  public:
   TransformerStack() = default;
@@ -71,12 +94,34 @@ class TransformerStack {
   void backward(float* dx, const float* dout, i64 B, i64 L,
                 const std::function<void(i64 offset)>& block_done = {});
 
+  // ---- inference (no gradients; buffers apart from the training activations) ----
+  // Scratch for up to max_rows new positions per forward_cached call (idempotent, grows only).
+  void reserve_infer(i64 max_rows);
+  // A cache shaped for this stack.
+  KVCache make_cache(i64 max_seqs, i64 max_len) const;
+  // Runs the stack over new positions of several sequences at once and appends their keys and
+  // values to `cache`. x [R, d] holds the chunks' positions in order (chunk 0's n rows, then
+  // chunk 1's, ...), R = sum of n <= the reserved rows. Position i of a chunk gets RoPE position
+  // cache.len[seq] + i and attends to the sequence's cached positions and to the chunk's
+  // positions <= i, exactly as row position len + i of forward(). Chunks must name distinct
+  // sequences and fit (len + n <= max_len); both are checked (Error). Prefill is one chunk of
+  // many positions; a decode step is one chunk of one position per sequence. The GEMMs run over
+  // all R rows at once; attention runs per chunk (in parallel over chunks when all are short).
+  // Returns the output [R, d] (owned by the stack, valid until the next forward_cached).
+  const float* forward_cached(const float* x, const CacheChunk* chunks, i64 n_chunks,
+                              KVCache& cache);
+
   i64 n_layers() const { return (i64)layers_.size(); }
   const BlockDims& dims() const { return dims_; }
   const BlockParams& layer(i64 i) const { return layers_[i]; }
 
  private:
   void block_forward(i64 l, const float* x, const i32* pos, i64 B, i64 L);
+  // The two halves of a block around its attention core, shared by forward and forward_cached:
+  // attn_norm, q/k/v projections, QK-norm, RoPE into A.xn1/q/k/v; then wo, residual and the
+  // FFN sub-layer into `out` (A's mid/xn2/a/b/h as scratch).
+  void block_qkv(i64 l, const float* x, const i32* pos, i64 N, BlockActs& A);
+  void block_out(i64 l, const float* x, float* out, i64 N, BlockActs& A);
   void block_backward(i64 l, float* dx, const float* dout, const float* x, i64 B, i64 L);
 
   BlockDims dims_;
@@ -85,6 +130,11 @@ class TransformerStack {
   const float* input_ = nullptr;
   const i32* pos_ = nullptr;
   i64 cap_rows_ = 0, cap_B_ = 0, cap_L_ = 0;
+  // Inference: one set of block buffers shared by all layers, ping-pong outputs.
+  BlockActs inf_;
+  Buf inf_out_[2];
+  std::vector<i32> inf_pos_;
+  i64 inf_rows_ = 0;
   // Backward scratch shared by all layers (one layer at a time).
   Buf g_res_, g_res2_, g_xn_, g_mid_, g_q_, g_k_, g_v_, g_att_, g_a_, g_b_, g_h_, g_raw_;
 };

@@ -13,6 +13,7 @@
 #include "core/dist.h"
 #include "core/rng.h"
 #include "models/flops.h"
+#include "models/model.h"
 #include "tools/commands.h"
 #include "train/trainer.h"
 
@@ -42,21 +43,26 @@ static double median(std::vector<double> v) {
   return v.empty() ? 0 : v[v.size() / 2];
 }
 
-int cmd_bench_train(const BenchTrainArgs& a) {
+// The config of --config (or the reference baseline) with --set overrides.
+static Config bench_config(const std::string& path, const std::vector<std::string>& sets) {
   json j;
-  if (a.config.empty()) {
+  if (path.empty()) {
     j = reference_baseline();
   } else {
-    std::ifstream f(a.config);
-    DLCM_CHECK(f, a.config, ": cannot open config file (check --config)");
+    std::ifstream f(path);
+    DLCM_CHECK(f, path, ": cannot open config file (check --config)");
     try {
       j = json::parse(f);
     } catch (const json::parse_error& e) {
-      fail(a.config, ": invalid JSON: ", e.what());
+      fail(path, ": invalid JSON: ", e.what());
     }
   }
-  apply_overrides(j, a.sets);
-  Config cfg = config_from_json(j, a.config.empty() ? "reference baseline" : a.config);
+  apply_overrides(j, sets);
+  return config_from_json(j, path.empty() ? "reference baseline" : path);
+}
+
+int cmd_bench_train(const BenchTrainArgs& a) {
+  Config cfg = bench_config(a.config, a.sets);
   cfg.train.warmup_steps = 0;
   cfg.train.schedule = "constant";
   const TrainConfig& t = cfg.train;
@@ -159,6 +165,98 @@ int cmd_bench_train(const BenchTrainArgs& a) {
       std::printf("speed-up over pytorch: %.2fx\n", ours / theirs);
     }
   }
+  return 0;
+}
+
+// `dlcm bench decode`: greedy decoding of `batch` copies of a random prompt, once with the
+// streaming caches (prefill + one step per token) and once recomputing the whole prefix every
+// step (LanguageModel::logits over all positions, as generation did before the caches). Both
+// decode the same tokens; the ratio is what counts on a shared machine.
+int cmd_bench_decode(const BenchDecodeArgs& a) {
+  std::unique_ptr<LanguageModel> m;
+  std::string what;
+  if (!a.ckpt.empty()) {
+    DLCM_CHECK(a.config.empty() && a.sets.empty(), "give --ckpt or --config/--set, not both");
+    m = load_model(a.ckpt, &what);
+  } else {
+    Config cfg = bench_config(a.config, a.sets);
+    m = make_initialised_model(cfg.model, 1);
+    what = a.config.empty() ? "reference baseline config, random weights" : a.config + ", random weights";
+  }
+  const ModelConfig& mc = m->config();
+  const i64 B = a.batch, P = a.prompt_len, T = a.new_tokens, V = mc.vocab_size;
+  DLCM_CHECK(P >= 1 && T >= 1 && B >= 1 && a.repeats >= 1,
+             "bench decode: --prompt-len, --new-tokens, --batch and --repeats must be >= 1");
+  DLCM_CHECK(P + T <= mc.max_seq_len, "bench decode: --prompt-len ", P, " + --new-tokens ", T,
+             " exceed the model's max_seq_len ", mc.max_seq_len);
+  std::vector<i32> prompt(P);
+  for (i64 i = 0; i < P; ++i) prompt[i] = i32(4 + counter_hash(3, i) % uint64_t(V - 4));
+  prompt[0] = mc.bos_id;
+  auto argmax = [V](const float* l) { return i32(std::max_element(l, l + V) - l); };
+  using clk = std::chrono::steady_clock;
+  auto secs = [](clk::time_point t0) { return std::chrono::duration<double>(clk::now() - t0).count(); };
+
+  std::printf("model: %s (%s), %.2fM params, threads %d\n", mc.arch.c_str(), what.c_str(),
+              m->params().total() / 1e6, omp_get_max_threads());
+  std::printf("decode: batch %lld, prompt %lld tokens, %lld new tokens per sequence (greedy)\n",
+              (long long)B, (long long)P, (long long)T);
+  {  // warm-up: first touch of buffers, GEMM kernel set-up
+    auto st = m->new_stream({B, P + T, -1});
+    Buf lg(V);
+    st->prefill(0, prompt.data(), P, lg.data());
+    i64 s0 = 0;
+    st->step(&s0, prompt.data() + 1, 1, lg.data());
+  }
+  std::vector<double> cached_rates, prefill_rates, recompute_rates;
+  std::vector<i32> gen_cached, gen_recompute;
+  for (i64 r = 0; r < a.repeats; ++r) {
+    // Cached: prefill every sequence in one batched pass, then T batched steps.
+    StreamOptions so;
+    so.max_seqs = B;
+    so.max_len = P + T;
+    auto st = m->new_stream(so);
+    std::vector<PrefillItem> items;
+    for (i64 b = 0; b < B; ++b) items.push_back({b, prompt.data(), P});
+    Buf lg(B * V);
+    std::vector<i64> seqs(B);
+    std::vector<i32> next(B);
+    for (i64 b = 0; b < B; ++b) seqs[b] = b;
+    gen_cached.clear();
+    auto t0 = clk::now();
+    st->prefill(items.data(), B, lg.data());
+    prefill_rates.push_back(double(B * P) / secs(t0));
+    t0 = clk::now();
+    for (i64 t = 0; t < T; ++t) {
+      for (i64 b = 0; b < B; ++b) next[b] = argmax(lg.data() + b * V);
+      gen_cached.push_back(next[0]);
+      if (t + 1 < T) st->step(seqs.data(), next.data(), B, lg.data());
+    }
+    cached_rates.push_back(double(B * T) / secs(t0));
+
+    // Recompute: the whole prefix of every sequence each step.
+    std::vector<i32> rows(B * (P + T));
+    std::vector<i32> cur = prompt;
+    Buf full(B * (P + T) * V);
+    gen_recompute.clear();
+    t0 = clk::now();
+    for (i64 t = 0; t < T; ++t) {
+      const i64 L = cur.size();
+      for (i64 b = 0; b < B; ++b) std::copy(cur.begin(), cur.end(), rows.begin() + b * L);
+      m->logits(rows.data(), B, L, full.data());
+      const i32 nx = argmax(full.data() + (L - 1) * V);  // row 0 (all rows are equal)
+      gen_recompute.push_back(nx);
+      cur.push_back(nx);
+    }
+    recompute_rates.push_back(double(B * T) / secs(t0));
+  }
+  i64 agree = 0;
+  while (agree < T && gen_cached[agree] == gen_recompute[agree]) ++agree;
+  const double c = median(cached_rates), rc = median(recompute_rates);
+  std::printf("prefill (cached)       : %10.1f tokens/s\n", median(prefill_rates));
+  std::printf("decode with caches     : %10.1f tokens/s  (%.2f ms per step)\n", c, 1e3 * B / c);
+  std::printf("decode by recompute    : %10.1f tokens/s  (%.2f ms per step)\n", rc, 1e3 * B / rc);
+  std::printf("speed-up of the caches : %.2fx   (median of %lld repeats; greedy tokens agree for %lld of %lld)\n",
+              c / rc, (long long)a.repeats, (long long)agree, (long long)T);
   return 0;
 }
 

@@ -16,7 +16,8 @@
 #include "data/prepare.h"
 #include "data/tokenizer.h"
 #include "data/train_data.h"
-#include "infer/sampler.h"
+#include "infer/generate.h"
+#include "infer/segment.h"
 #include "models/flops.h"
 #include "models/model.h"
 #include "train/checkpoint.h"
@@ -101,7 +102,7 @@ std::vector<std::vector<i32>> read_token_rows(const std::string& path) {
   return rows;
 }
 
-static std::unique_ptr<LanguageModel> load_model(const std::string& path, std::string* dir_out = nullptr) {
+std::unique_ptr<LanguageModel> load_model(const std::string& path, std::string* dir_out) {
   std::string dir = resolve_checkpoint(path);
   Config cfg = load_checkpoint_config(dir);
   auto m = make_model(cfg.model);
@@ -122,63 +123,196 @@ int cmd_forward(const ForwardArgs& a) {
       DLCM_CHECK(t < V, a.tokens, ": token id ", t, " is outside the vocabulary [0, ", V, ")");
       tok.push_back(t);
     }
-  Buf logits(B * L * V);
+  Buf logits(B * L * V), p(B * L), bf(B * L);
+  std::vector<uint8_t> b8(B * L);
+  bool concepts = false;
   // One row at a time keeps activation memory at one row's worth.
-  for (i64 b = 0; b < B; ++b) m->logits(tok.data() + b * L, 1, L, logits.data() + b * L * V);
+  for (i64 b = 0; b < B; ++b) {
+    m->logits(tok.data() + b * L, 1, L, logits.data() + b * L * V);
+    concepts = m->boundaries(tok.data() + b * L, 1, L, p.data() + b * L, b8.data() + b * L);
+  }
   std::vector<TensorToWrite> out = {{"logits", {B, L, V}, logits.data(), nullptr}};
+  if (concepts) {
+    for (i64 n = 0; n < B * L; ++n) bf[n] = b8[n];
+    out.push_back({"p", {B, L}, p.data(), nullptr});
+    out.push_back({"b", {B, L}, bf.data(), nullptr});
+  }
   write_safetensors(a.out, out, {{"arch", m->config().arch}});
   std::fprintf(stderr, "[forward] wrote logits [%lld, %lld, %lld] to %s\n", (long long)B,
                (long long)L, (long long)V, a.out.c_str());
   return 0;
 }
 
+// Token bytes for a one-line display: quoted, control characters and bytes of incomplete
+// UTF-8 escaped.
+static std::string quote_piece(const std::string& s) {
+  const bool utf8 = is_valid_utf8(s);
+  std::string o = "\"";
+  for (unsigned char c : s) {
+    char buf[8];
+    if (c == '\n') o += "\\n";
+    else if (c == '\t') o += "\\t";
+    else if (c == '"' || c == '\\') (o += '\\') += char(c);
+    else if (c < 0x20 || c == 0x7f || (c >= 0x80 && !utf8)) {
+      std::snprintf(buf, sizeof buf, "\\x%02x", c);
+      o += buf;
+    } else {
+      o += char(c);
+    }
+  }
+  return o + "\"";
+}
+
+static std::vector<std::string> read_prompt_file(const std::string& path,
+                                                 std::vector<std::string>& names) {
+  std::ifstream f(path);
+  DLCM_CHECK(f, path, ": cannot open the prompt file (check --prompt-file)");
+  std::vector<std::string> prompts;
+  std::string line;
+  for (i64 n = 1; std::getline(f, line); ++n) {
+    if (!line.empty() && line.back() == '\r') line.pop_back();
+    if (line.find_first_not_of(" \t") == std::string::npos) continue;  // blank lines separate
+    prompts.push_back(line);
+    names.push_back(path + ":" + std::to_string(n));
+  }
+  DLCM_CHECK(!prompts.empty(), path, ": no prompts (one prompt per line, blank lines skipped)");
+  return prompts;
+}
+
 int cmd_generate(const GenerateArgs& a) {
+  DLCM_CHECK(a.prompt_file.empty() || a.prompt.empty(),
+             "give either --prompt or --prompt-file, not both");
+  DLCM_CHECK(!a.prompt_file.empty() || !a.prompt.empty(),
+             "--prompt: empty prompt; give some text to continue (or --prompt-file F)");
+  DLCM_CHECK(a.tau < 0 || (a.tau > 0 && a.tau <= 1), "--tau: expected a value in (0, 1], got ",
+             a.tau);
+  std::vector<std::string> prompts, names;
+  if (!a.prompt_file.empty()) {
+    prompts = read_prompt_file(a.prompt_file, names);
+  } else {
+    prompts = {a.prompt};
+    names = {"--prompt"};
+  }
   std::string dir;
   auto m = load_model(a.ckpt, &dir);
   auto tok = load_tokenizer(dir);
-  DLCM_CHECK(!a.prompt.empty(), "--prompt: empty prompt; give some text to continue");
-  const ModelConfig& mc = m->config();
-  std::vector<i32> ids = {tok->bos_id()};
-  auto p = tok->encode(a.prompt);
-  ids.insert(ids.end(), p.begin(), p.end());
-  DLCM_CHECK(i64(ids.size()) < mc.max_seq_len, "--prompt: ", ids.size(),
-             " tokens (with BOS) leaves no room in the context of ", mc.max_seq_len, " tokens");
-  SamplerConfig sc{float(a.temperature), a.top_k, float(a.top_p)};
-  Rng rng(a.seed);
-  std::vector<std::pair<float, i32>> scratch;
-  const i64 V = mc.vocab_size;
-  Buf logits;
-  std::vector<i32> gen;
-  std::string printed;
-  std::fputs(a.prompt.c_str(), stdout);
-  std::fflush(stdout);
-  for (i64 n = 0; n < a.max_new_tokens; ++n) {
-    if (i64(ids.size()) >= mc.max_seq_len) {
-      std::fprintf(stderr, "\n[generate] stopped: reached the context limit of %lld tokens\n",
-                   (long long)mc.max_seq_len);
-      break;
-    }
-    // Recomputes the whole prefix each token (the cached streaming engine replaces this).
-    const i64 L = ids.size();
-    logits.resize(L * V);
-    m->logits(ids.data(), 1, L, logits.data());
-    i32 next = sample_token(logits.data() + (L - 1) * V, V, sc, rng, scratch);
-    if (next == tok->eos_id()) break;
-    ids.push_back(next);
-    gen.push_back(next);
-    std::string text = tok->decode(gen);
-    // Print only complete UTF-8: hold back a partial multi-byte sequence at the end.
-    if (text.size() > printed.size() && text.compare(0, printed.size(), printed) == 0 &&
-        is_valid_utf8(text)) {
-      std::fputs(text.c_str() + printed.size(), stdout);
+  GenerateOptions o;
+  o.sampler = {float(a.temperature), a.top_k, float(a.top_p)};
+  o.seed = a.seed;
+  o.max_new_tokens = a.max_new_tokens;
+  o.stop = a.stops;
+  o.stop_at_eos = !a.ignore_eos;
+  o.max_batch = a.batch;
+  o.tau = float(a.tau);
+  o.prompt_names = names;
+  const bool concepts = a.show_concepts && m->config().is_dlcm();
+  o.concepts = concepts;
+  if (a.show_concepts && !concepts)
+    std::fprintf(stderr, "[generate] --show-concepts: this is a %s checkpoint; concepts do not "
+                 "apply (only dlcm models cut text into concepts)\n", m->config().arch.c_str());
+
+  const bool single = prompts.size() == 1;
+  GenerateEvents ev;
+  if (single && concepts) {
+    std::printf("%s\n%6s  %-24s %7s  %s\n", prompts[0].c_str(), "token", "text", "p", "concept");
+    ev.on_token = [&](i64, i32 id, const TokenConcept* tc) {
+      std::string q = quote_piece(tok->decode_piece(id));
+      if (tc)
+        std::printf("%6d  %-24s %7.3f  %5d%s\n", id, q.c_str(), tc->p, tc->concept_index,
+                    tc->boundary ? "  <- new concept" : "");
+      else
+        std::printf("%6d  %-24s %7s  %5s  (not fed: the context is full)\n", id, q.c_str(), "?", "?");
       std::fflush(stdout);
-      printed = text;
-    }
+    };
+    ev.on_done = [&](i64, const Completion& c) {
+      std::printf("\n%s%s\n", prompts[0].c_str(), c.text.c_str());
+    };
+  } else if (single) {
+    std::fputs(prompts[0].c_str(), stdout);
+    std::fflush(stdout);
+    ev.on_text = [](i64, const std::string& t) {
+      std::fputs(t.c_str(), stdout);
+      std::fflush(stdout);
+    };
+    ev.on_done = [](i64, const Completion&) { std::fputs("\n", stdout); };
+  } else {
+    ev.on_done = [&](i64 i, const Completion& c) {
+      std::printf("[%lld/%zu] %s: stop: %s, %zu tokens\n%s%s\n", (long long)i + 1, prompts.size(),
+                  names[i].c_str(), c.stop_reason.c_str(), c.ids.size(), prompts[i].c_str(),
+                  c.text.c_str());
+      if (concepts) {
+        std::printf("concepts:");
+        for (size_t k = 0; k < c.ids.size(); ++k) {
+          const TokenConcept& tc = c.concepts[k];
+          std::printf(" %s/%.2f/%d", quote_piece(tok->decode_piece(c.ids[k])).c_str(), tc.p,
+                      tc.concept_index);
+        }
+        std::printf("\n");
+      }
+      std::fflush(stdout);
+    };
   }
-  std::string text = tok->decode(gen);
-  if (text.size() > printed.size() && text.compare(0, printed.size(), printed) == 0)
-    std::fputs(text.c_str() + printed.size(), stdout);
-  std::fputs("\n", stdout);
+  auto t0 = std::chrono::steady_clock::now();
+  auto done = generate(*m, *tok, prompts, o, ev);
+  const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  i64 total = 0;
+  for (size_t i = 0; i < done.size(); ++i) {
+    total += done[i].ids.size();
+    if (done[i].stop_reason == "context")
+      std::fprintf(stderr, "[generate] %s: stopped at the context limit of %lld tokens\n",
+                   names[i].c_str(), (long long)m->config().max_seq_len);
+  }
+  if (!a.quiet)
+    std::fprintf(stderr, "[generate] %zu prompt%s, %lld tokens in %.2f s (%.1f tokens/s, prefill included)\n",
+                 done.size(), single ? "" : "s", (long long)total, sec, double(total) / sec);
+  return 0;
+}
+
+int cmd_segment(const SegmentArgs& a) {
+  DLCM_CHECK(!a.texts.empty() || !a.files.empty(), "give --text TEXT or --file F");
+  DLCM_CHECK(a.tau < 0 || a.target_R <= 0, "give either --tau or --target-R, not both");
+  DLCM_CHECK(a.tau < 0 || (a.tau > 0 && a.tau <= 1), "--tau: expected a value in (0, 1], got ",
+             a.tau);
+  std::vector<std::string> names, texts;
+  for (size_t i = 0; i < a.texts.size(); ++i) {
+    DLCM_CHECK(!a.texts[i].empty(), "--text: empty text; nothing to segment");
+    names.push_back(a.texts.size() == 1 && a.files.empty() ? "text" : "text " + std::to_string(i + 1));
+    texts.push_back(a.texts[i]);
+  }
+  for (const auto& path : a.files) {
+    std::ifstream f(path, std::ios::binary);
+    DLCM_CHECK(f, path, ": cannot open the text file (check --file)");
+    std::string s((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+    DLCM_CHECK(!s.empty(), path, ": empty file; nothing to segment");
+    repair_utf8(s);
+    names.push_back(path);
+    texts.push_back(s);
+  }
+  std::string dir;
+  auto m = load_model(a.ckpt, &dir);
+  DLCM_CHECK(m->config().is_dlcm(), dir, ": this is a ", m->config().arch,
+             " checkpoint without concepts; segment needs a dlcm checkpoint");
+  auto tok = load_tokenizer(dir);
+  auto seg = segment_texts(*m, *tok, names, texts, float(a.tau));
+  std::string how = "tau " + std::to_string(seg[0].tau);
+  if (a.target_R > 0) {
+    TauSearch s = find_tau_for_R(seg, a.target_R);
+    for (auto& t : seg) apply_tau(t, s.tau);
+    char buf[320];
+    std::snprintf(buf, sizeof buf, "target R %.3f: tau %.6f gives %.3f tokens/concept (reachable "
+                  "range on this text: %.3f to %.3f)", s.target, s.tau, s.R, s.R_min, s.R_max);
+    how = buf;
+  }
+  const bool color = !a.no_color && isatty(fileno(stdout)) && !std::getenv("NO_COLOR");
+  std::fputs(render_terminal(seg, color).c_str(), stdout);
+  if (a.target_R > 0) std::printf("%s\n", how.c_str());
+  if (!a.html.empty()) {
+    std::ofstream f(a.html, std::ios::binary);
+    DLCM_CHECK(f, a.html, ": cannot write the page (check --html)");
+    f << render_html(seg, "dlcm concepts", "checkpoint " + dir + ", " + how);
+    DLCM_CHECK(f.good(), a.html, ": write failed");
+    std::fprintf(stderr, "[segment] wrote %s\n", a.html.c_str());
+  }
   return 0;
 }
 

@@ -32,14 +32,31 @@ int main(int argc, char** argv) {
   fwd->add_option("--out", fa.out, "output .safetensors")->required();
 
   GenerateArgs ga;
-  auto* gen = app.add_subcommand("generate", "generate text from a prompt (streams to stdout)");
+  auto* gen = app.add_subcommand("generate", "generate text from prompts (streams one prompt to stdout)");
   gen->add_option("--ckpt", ga.ckpt, "checkpoint or run folder")->required();
-  gen->add_option("--prompt", ga.prompt, "prompt text")->required();
-  gen->add_option("--max-new-tokens", ga.max_new_tokens, "tokens to generate")->check(CLI::Range(1, 1 << 20));
+  gen->add_option("--prompt", ga.prompt, "prompt text");
+  gen->add_option("--prompt-file", ga.prompt_file, "prompts, one per line (blank lines skipped), decoded together");
+  gen->add_option("--max-new-tokens", ga.max_new_tokens, "tokens to generate per prompt")->check(CLI::Range(1, 1 << 20));
   gen->add_option("--temperature", ga.temperature, "0 = greedy")->check(CLI::Range(0.0, 100.0));
   gen->add_option("--top-k", ga.top_k, "keep the k most likely tokens (0 = all)")->check(CLI::Range(0, 1 << 24));
   gen->add_option("--top-p", ga.top_p, "nucleus sampling mass (1 = off)")->check(CLI::Range(0.0, 1.0));
-  gen->add_option("--seed", ga.seed, "sampling seed");
+  gen->add_option("--seed", ga.seed, "sampling seed (same seed, same text)");
+  gen->add_option("--stop", ga.stops, "stop before this string (repeatable)");
+  gen->add_option("--batch", ga.batch, "prompts decoded together")->check(CLI::Range(1, 4096));
+  gen->add_option("--tau", ga.tau, "dlcm boundary threshold (default: the checkpoint's router.tau)");
+  gen->add_flag("--show-concepts", ga.show_concepts, "print each generated token's boundary probability and concept index (dlcm)");
+  gen->add_flag("--ignore-eos", ga.ignore_eos, "keep generating after the end-of-sequence token");
+  gen->add_flag("--quiet", ga.quiet, "no summary line on stderr");
+
+  SegmentArgs sa;
+  auto* seg = app.add_subcommand("segment", "show a dlcm's concept boundaries on text (terminal colours, --html page)");
+  seg->add_option("--ckpt", sa.ckpt, "dlcm checkpoint or run folder")->required();
+  seg->add_option("--text", sa.texts, "text to segment (repeatable: one text each)");
+  seg->add_option("--file", sa.files, "file whose contents is one text (repeatable)");
+  seg->add_option("--tau", sa.tau, "boundary threshold (default: the checkpoint's router.tau)");
+  seg->add_option("--target-R", sa.target_R, "find the tau giving this many tokens per concept on the text")->check(CLI::PositiveNumber);
+  seg->add_option("--html", sa.html, "write a self-contained HTML page here");
+  seg->add_flag("--no-color", sa.no_color, "no ANSI colours (concepts separated by '|')");
 
   FlopsArgs la;
   auto* flops = app.add_subcommand("flops", "forward FLOPs per token per component (SPEC 7)");
@@ -57,6 +74,15 @@ int main(int argc, char** argv) {
   btrain->add_option("--steps", ba.steps, "timed steps per repeat");
   btrain->add_option("--repeats", ba.repeats, "repeats (median reported)");
   btrain->add_flag("--no-torch", ba.no_torch, "skip the PyTorch reference");
+  BenchDecodeArgs bd;
+  auto* bdec = bench->add_subcommand("decode", "decode tokens/s with the streaming caches vs recomputing the prefix");
+  bdec->add_option("--ckpt", bd.ckpt, "checkpoint or run folder (default: a config with random weights)");
+  bdec->add_option("--config", bd.config, "config JSON (default: the reference baseline of the docs)");
+  bdec->add_option("--set", bd.sets, "override a config key: key=value");
+  bdec->add_option("--prompt-len", bd.prompt_len, "prompt tokens")->check(CLI::Range(1, 1 << 20));
+  bdec->add_option("--new-tokens", bd.new_tokens, "generated tokens per sequence")->check(CLI::Range(1, 1 << 20));
+  bdec->add_option("--batch", bd.batch, "sequences decoded together")->check(CLI::Range(1, 4096));
+  bdec->add_option("--repeats", bd.repeats, "repeats (median reported)")->check(CLI::Range(1, 100));
 
   PrepareArgs pa;
   auto* prep = app.add_subcommand("prepare", "corpus files/folders -> tokenizer + train/val token shards");
@@ -107,6 +133,8 @@ int main(int argc, char** argv) {
       dist::finalize();
       return rc;
     }
+    if (*bdec) return cmd_bench_decode(bd);
+    if (*seg) return cmd_segment(sa);
     if (*prep) return cmd_prepare(pa);
     if (*ev) return cmd_eval(ea);
   } catch (const dlcm::Error& e) {

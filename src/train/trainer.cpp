@@ -252,19 +252,22 @@ StepResult Trainer::train_step() {
     tot.sum_b += s.sum_b;
     tot.sum_p += s.sum_p;
     tot.n_positions += s.n_positions;
+    tot.n_thresholded += s.n_thresholded;
   }
   if (world_ > 1) {
     model_->set_grad_ready_callback(nullptr);
     r.buckets_early = allreduce_.started_early();
     r.buckets = allreduce_.buckets();
     r.allreduce_seconds = allreduce_.finish();
-    double st[5] = {tot.ce_sum, double(tot.n_targets), tot.sum_b, tot.sum_p, double(tot.n_positions)};
-    dist::allreduce_sum(st, 5);
+    double st[6] = {tot.ce_sum, double(tot.n_targets), tot.sum_b, tot.sum_p,
+                    double(tot.n_positions), double(tot.n_thresholded)};
+    dist::allreduce_sum(st, 6);
     tot.ce_sum = st[0];
     tot.n_targets = i64(st[1]);
     tot.sum_b = st[2];
     tot.sum_p = st[3];
     tot.n_positions = i64(st[4]);
+    tot.n_thresholded = i64(st[5]);
   }
   r.ce = tot.ce_sum / std::max<i64>(tot.n_targets, 1);
   if (cfg_.model.is_dlcm() && tot.n_positions > 0) {
@@ -272,6 +275,7 @@ StepResult Trainer::train_step() {
     r.F = tot.sum_b / tot.n_positions;
     r.G = tot.sum_p / tot.n_positions;
     r.aux = R / (R - 1) * ((R - 1) * r.F * r.G + (1 - r.F) * (1 - r.G)) - 1;
+    r.F_thresholded = double(tot.n_thresholded) / tot.n_positions;
   }
   r.loss = r.ce + cfg_.model.aux_weight * r.aux * (cfg_.model.is_dlcm() ? 1 : 0);
   // After the all-reduce every rank holds the same gradients, hence the same global norm.
@@ -394,7 +398,8 @@ void Trainer::run() {
         j["aux"] = r.aux;
         j["F"] = r.F;
         j["G"] = r.G;
-        j["compression"] = r.F > 0 ? 1.0 / r.F : 0.0;
+        j["compression"] = r.F > 0 ? 1.0 / r.F : 0.0;  // sampled boundaries
+        j["compression_thresholded"] = r.F_thresholded > 0 ? 1.0 / r.F_thresholded : 0.0;
       }
       log_line(j.dump());
       if (talk()) {

@@ -1,0 +1,76 @@
+#include "infer/stream.h"
+
+namespace dlcm {
+
+i64 InferenceStream::length(i64 seq) const {
+  check_seq(seq, "length");
+  return len_[seq];
+}
+
+StreamCounters InferenceStream::counters(i64 seq) const {
+  StreamCounters c;
+  c.tokens = length(seq);
+  return c;
+}
+
+void InferenceStream::check_seq(i64 seq, const char* who) const {
+  DLCM_CHECK(seq >= 0 && seq < max_seqs_, "stream ", who, ": slot ", seq, " outside [0, ",
+             max_seqs_, ")");
+}
+
+void InferenceStream::check_tokens(const i32* tokens, i64 n) const {
+  for (i64 i = 0; i < n; ++i)
+    DLCM_CHECK(tokens[i] >= 0 && tokens[i] < vocab_, "token id ", tokens[i],
+               " is outside the vocabulary [0, ", vocab_, ")");
+}
+
+void InferenceStream::check_distinct(const i64* seqs, i64 n, const char* who) const {
+  std::vector<char> seen(max_seqs_, 0);
+  for (i64 i = 0; i < n; ++i) {
+    check_seq(seqs[i], who);
+    DLCM_CHECK(!seen[seqs[i]], "stream ", who, ": slot ", seqs[i], " given twice in one call");
+    seen[seqs[i]] = 1;
+  }
+}
+
+void InferenceStream::reset(i64 seq) {
+  check_seq(seq, "reset");
+  do_reset(seq);
+  len_[seq] = 0;
+}
+
+void InferenceStream::prefill(i64 seq, const i32* tokens, i64 n, float* logits, bool all_logits) {
+  PrefillItem it{seq, tokens, n};
+  prefill(&it, 1, logits, all_logits);
+}
+
+void InferenceStream::prefill(const PrefillItem* items, i64 n_items, float* logits,
+                              bool all_logits) {
+  DLCM_CHECK(n_items >= 1, "stream prefill: no sequences given");
+  std::vector<i64> seqs(n_items);
+  for (i64 i = 0; i < n_items; ++i) {
+    const PrefillItem& it = items[i];
+    seqs[i] = it.seq;
+    check_seq(it.seq, "prefill");
+    DLCM_CHECK(it.n >= 1, "stream prefill: empty prompt for slot ", it.seq);
+    DLCM_CHECK(len_[it.seq] + it.n <= max_len_, "prompt of ", it.n, " tokens does not fit: slot ",
+               it.seq, " holds ", len_[it.seq], " of the context's ", max_len_, " tokens");
+    check_tokens(it.tokens, it.n);
+  }
+  check_distinct(seqs.data(), n_items, "prefill");
+  do_prefill(items, n_items, logits, all_logits);
+  for (i64 i = 0; i < n_items; ++i) len_[items[i].seq] += items[i].n;
+}
+
+void InferenceStream::step(const i64* seqs, const i32* tokens, i64 n, float* logits) {
+  DLCM_CHECK(n >= 1, "stream step: no sequences given");
+  check_distinct(seqs, n, "step");
+  for (i64 i = 0; i < n; ++i)
+    DLCM_CHECK(len_[seqs[i]] < max_len_, "context full: slot ", seqs[i], " holds ", max_len_,
+               " tokens, the model's context");
+  check_tokens(tokens, n);
+  do_step(seqs, tokens, n, logits);
+  for (i64 i = 0; i < n; ++i) len_[seqs[i]] += 1;
+}
+
+}  // namespace dlcm

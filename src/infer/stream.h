@@ -1,0 +1,97 @@
+// Streaming inference (SPEC section 5): a model's decoding state for several sequences at once.
+//
+// A stream has max_seqs slots; each slot holds one sequence of up to max_len tokens. Tokens go
+// in through prefill (many tokens of one or several sequences in one batched forward pass) and
+// step (one token for each of several sequences, batched); each call returns the logits of the
+// next token. reset(seq) empties a slot for a new prompt. The caches live in the stream; the
+// model's weights are shared (a stream must not outlive its model).
+//
+// Each architecture implements the protected do_* methods; the public methods check their
+// arguments first (slot range, distinct slots, token ids, room in the context) and keep the
+// lengths, so an implementation may assume valid input. Contract of every implementation:
+//   - the logits equal those of LanguageModel::logits() over the whole sequence so far (the
+//     inference rule: thresholded boundaries for the DLCM), fp32 max abs difference < 1e-4;
+//   - the result does not depend on how the tokens were split into prefill and step calls, nor
+//     on which other sequences share a call;
+//   - the work per step does not grow with the full prefix recomputed (caches, not recompute).
+#pragma once
+#include <vector>
+
+#include "core/common.h"
+
+namespace dlcm {
+
+struct StreamOptions {
+  i64 max_seqs = 1;  // slots decoded together
+  i64 max_len = 0;   // tokens per slot (0 = the model's max_seq_len; never more)
+  float tau = -1;    // DLCM boundary threshold (< 0: the config's router.tau)
+};
+
+// Tokens of one sequence for prefill.
+struct PrefillItem {
+  i64 seq = 0;
+  const i32* tokens = nullptr;
+  i64 n = 0;
+};
+
+// What a concept model knows about a token once it has been fed: its boundary probability p
+// and the index of the concept it belongs to within its sequence (seg(t), SPEC 4.3).
+struct TokenConcept {
+  float p = 0;
+  i32 concept_index = -1;
+  bool boundary = false;  // the token starts a concept (b_t = 1)
+};
+
+// Work counters of one slot since its last reset.
+struct StreamCounters {
+  i64 tokens = 0;              // tokens fed
+  i64 concepts = 0;            // concepts begun (closed ones + the open one); 0 for the baseline
+  i64 concepts_closed = 0;     // concepts closed (their pooled vector went through the backbone)
+  i64 backbone_positions = 0;  // positions run through the concept backbone (== concepts_closed)
+};
+
+class InferenceStream {
+ public:
+  virtual ~InferenceStream() = default;
+
+  i64 max_seqs() const { return max_seqs_; }
+  i64 max_len() const { return max_len_; }
+  i64 vocab_size() const { return vocab_; }
+  i64 length(i64 seq) const;  // tokens held by the slot
+  i64 room(i64 seq) const { return max_len_ - length(seq); }
+
+  // Empties slot seq.
+  void reset(i64 seq);
+  // Appends n >= 1 tokens to slot seq in one batched forward pass. logits: [n, V] for every
+  // fed position when all_logits, else [V] for the last one (the next-token distribution).
+  void prefill(i64 seq, const i32* tokens, i64 n, float* logits, bool all_logits = false);
+  // Several sequences (distinct slots) at once; logits [sum n, V] (all_logits) or [n_items, V].
+  void prefill(const PrefillItem* items, i64 n_items, float* logits, bool all_logits = false);
+  // Appends tokens[i] to slot seqs[i] for i < n (distinct slots), batched; logits [n, V].
+  void step(const i64* seqs, const i32* tokens, i64 n, float* logits);
+
+  // Concepts: false for models without concepts (the baseline).
+  virtual bool has_concepts() const { return false; }
+  // Token pos (< length(seq)) of slot seq; only meaningful when has_concepts().
+  virtual TokenConcept token_concept(i64 seq, i64 pos) const { return {}; }
+  virtual StreamCounters counters(i64 seq) const;
+
+ protected:
+  InferenceStream(i64 max_seqs, i64 max_len, i64 vocab)
+      : max_seqs_(max_seqs), max_len_(max_len), vocab_(vocab), len_(max_seqs, 0) {}
+  // Called with checked arguments; lengths (length(seq)) are updated after each returns.
+  virtual void do_reset(i64 seq) = 0;
+  // May process the items one by one (results must not depend on it).
+  virtual void do_prefill(const PrefillItem* items, i64 n_items, float* logits,
+                          bool all_logits) = 0;
+  virtual void do_step(const i64* seqs, const i32* tokens, i64 n, float* logits) = 0;
+
+ private:
+  void check_seq(i64 seq, const char* who) const;
+  void check_tokens(const i32* tokens, i64 n) const;
+  void check_distinct(const i64* seqs, i64 n, const char* who) const;
+  i64 max_seqs_, max_len_, vocab_;
+  std::vector<i64> len_;
+};
+
+}  // namespace dlcm

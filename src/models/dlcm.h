@@ -1,0 +1,95 @@
+// Dynamic Large Concept Model (SPEC section 4), forward and backward side by side:
+//
+//   tokens -> tok_embeddings -> encoder blocks -> encoder.norm = H          [N, d_token]
+//   H -> router (q = Wq H, k = Wk H) -> p [N] -> b [N] (sampled or thresholded)
+//   b -> segments; mean-pool H per concept -> W_up -> C                     [B, Mc, d_concept]
+//   C -> backbone blocks (causal over concepts) -> backbone.norm = Z
+//   Z -> smoother (gate P = p at the concept's start) = ZS
+//   [z_null, ZS] -> K, V (QK-norm); Q from xattn.norm(H); leak-free causal cross-attention
+//   Psi = H + Wo att; X = Psi + ffn(ffn_norm(Psi)) -> decoder blocks -> decoder.norm -> lm_head
+//
+// N = B*L token rows; Mc = the concept capacity per row of the current batch (max concepts
+// of a row, rows with fewer are padded with zero concepts that never reach a real one).
+// Loss = CE + aux_weight * L_aux, the Global Parser loss over the whole optimizer step: the
+// step's boundaries are sampled for every micro-batch in prepare_step() before any backward.
+#pragma once
+#include <vector>
+
+#include "kernels/dlcm_ops.h"
+#include "models/model.h"
+#include "nn/lm_head.h"
+#include "nn/transformer.h"
+
+namespace dlcm {
+
+class DlcmModel : public LanguageModel {
+ public:
+  explicit DlcmModel(const ModelConfig& cfg);
+  void reserve(i64 B, i64 L) override;
+  double prepare_step(const std::vector<Batch>& micro, const StepContext& ctx) override;
+  MicroStats train_micro(const Batch& b, i64 index, const StepContext& ctx) override;
+  // Thresholded boundaries, or the batch's given ones (Batch::boundaries).
+  MicroStats eval_micro(const Batch& b, float* row_loss) override;
+  void logits(const i32* tokens, i64 B, i64 L, float* out) override;
+  bool boundaries(const i32* tokens, i64 B, i64 L, float* p, uint8_t* b, float tau) override;
+  // The streaming state of SPEC 5 (models/dlcm_stream.cpp).
+  std::unique_ptr<InferenceStream> new_stream(const StreamOptions& o) override;
+  double flops_per_token(i64 L) const override;
+
+  // The segments of the last forward pass (tests, diagnostics).
+  const ops::Segments& segments() const { return sg_; }
+  // Router probabilities of the last forward pass [B*L].
+  const float* last_p() const { return p_.data(); }
+
+ private:
+  friend class DlcmStream;
+  // Encoder + router: fills x0_, H_, p_ (and the router's q/k). Validates tokens.
+  void encode(const i32* tokens, i64 B, i64 L);
+  // Everything after the boundary decisions b [B*L] (already OR-ed with forced positions):
+  // segments, pooling, backbone, smoother, cross-attention, cross FFN, decoder. Returns the
+  // decoder output before decoder.norm [N, d].
+  const float* decode(const i32* tokens, const uint8_t* b, i64 B, i64 L);
+  // Backward of decode() and encode() from the gradient of the decoder output, plus the
+  // router's dp (aux loss and, with smooth_grad, the smoother). Parameter gradients +=.
+  void backward(const i32* tokens, const float* g_dec_out, float aux_grad_p, i64 B, i64 L);
+  void reserve_concepts(i64 B, i64 Mc);
+  void given_boundaries(uint8_t* b, const Batch& mb) const;
+  void check_tokens(const i32* tokens, i64 N, i64 L) const;
+
+  bool projected_ = true;
+  i64 ds_ = 0, xq_ = 0, xkv_ = 0;
+  Param *tok_emb_, *enc_norm_, *r_wq_ = nullptr, *r_wk_ = nullptr, *w_up_, *bb_norm_;
+  Param *x_null_, *x_norm_, *x_wq_, *x_wk_, *x_wv_, *x_wo_, *x_qn_, *x_kn_;
+  Param *x_ffn_norm_, *x_w1_, *x_w2_, *x_w3_, *dec_norm_, *lm_head_;
+  TransformerStack enc_, bb_, dec_;
+  LMHead head_;
+
+  // Token-level activations [N, ...] (allocated by reserve).
+  Buf x0_, H_, enc_rstd_;
+  Buf rq_, rk_, rcache_, p_;               // router q/k [N, ds], cache [N, 3], p [N]
+  std::vector<uint8_t> b_;                 // boundaries of the current forward [N]
+  Buf hn_, hn_rstd_, qx_raw_, qx_, qx_rstd_;  // cross-attention queries
+  Buf att_, lse_, krep_, vrep_;            // attention output, lse [B, Hq, L], replicate K/V
+  Buf psi_, pn_, pn_rstd_, fa_, fb_, fh_, X_;  // cross FFN block
+  std::vector<i32> pos_;
+  // Concept-level activations [B*Mc, ...] and [B*(Mc+1), ...] (grow with the batch's Mc).
+  Buf pooled_, C_, Z_, z_rstd_, zs_, list_, kx_raw_, kx_, kx_rstd_, vx_;
+  std::vector<i32> pos_c_;
+  ops::Segments sg_;
+  const float* enc_out_ = nullptr;
+  const float* bb_out_ = nullptr;
+  // Gradients (token level and concept level).
+  Buf g_out_, g_X_, g_fh_, g_fa_, g_fb_, g_pn_, g_psi_, g_att_, g_q_, g_qraw_, g_hn_, g_H_;
+  Buf g_rq_, g_rk_, dp_, g_enc_, g_x0_, g_krep_, g_vrep_;
+  Buf g_k_, g_kraw_, g_v_, g_list_, g_zs_, g_Z_, g_bb_, g_C_, g_pooled_;
+  i64 cap_B_ = 0, cap_L_ = 0, conc_B_ = 0, cap_Mc_ = 0;
+
+  // Boundaries sampled by prepare_step for each micro-batch of the step [K][B*L], and which
+  // micro-batch's encoder activations are still live in H_ (so train_micro can skip the
+  // repeated encoder pass for it).
+  std::vector<std::vector<uint8_t>> step_b_;
+  i64 live_step_ = -1, live_micro_ = -1;
+  const i32* live_tokens_ = nullptr;
+};
+
+}  // namespace dlcm
