@@ -65,7 +65,6 @@ void finalize() {
   g_size = 1;
 }
 
-bool active() { return g_started; }
 int rank() { return g_rank; }
 int size() { return g_size; }
 
@@ -78,14 +77,6 @@ void abort_all(int code) {
 
 void allreduce_sum(double* x, i64 n) {
   if (g_size > 1 && n > 0) MPI_Allreduce(MPI_IN_PLACE, x, int(n), MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD);
-}
-
-void allreduce_sum(float* x, i64 n) {
-  // MPI counts are int: large blocks go in slices.
-  const i64 slice = i64(1) << 30;
-  for (i64 o = 0; g_size > 1 && o < n; o += slice)
-    MPI_Allreduce(MPI_IN_PLACE, x + o, int(std::min(slice, n - o)), MPI_FLOAT, MPI_SUM,
-                  MPI_COMM_WORLD);
 }
 
 void allreduce_minmax(uint64_t v, uint64_t* mn, uint64_t* mx) {
@@ -194,7 +185,6 @@ void init(int*, char***) {
              "without MPI (install libopenmpi-dev and rebuild; scripts/setup.sh does both)");
 }
 void finalize() {}
-bool active() { return false; }
 int rank() { return 0; }
 int size() { return 1; }
 void abort_all(int code) {
@@ -203,7 +193,6 @@ void abort_all(int code) {
   std::exit(code);
 }
 void allreduce_sum(double*, i64) {}
-void allreduce_sum(float*, i64) {}
 void allreduce_minmax(uint64_t v, uint64_t* mn, uint64_t* mx) { *mn = *mx = v; }
 void broadcast(std::string&) {}
 void barrier() {}

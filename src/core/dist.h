@@ -22,7 +22,6 @@ int launcher_world_size();
 // when launched with several ranks by a binary built without MPI.
 void init(int* argc, char*** argv);
 void finalize();  // MPI_Finalize when init started MPI
-bool active();    // MPI is initialised
 
 int rank();  // 0 without MPI
 int size();  // 1 without MPI
@@ -31,7 +30,6 @@ int size();  // 1 without MPI
 
 // In-place element-wise sums over all ranks (no-ops with one rank).
 void allreduce_sum(double* x, i64 n);
-void allreduce_sum(float* x, i64 n);
 // Min and max of v over the ranks.
 void allreduce_minmax(uint64_t v, uint64_t* mn, uint64_t* mx);
 // s on every rank becomes rank 0's s.
