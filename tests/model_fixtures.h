@@ -10,6 +10,7 @@
 #include "models/config.h"
 #include "models/model.h"
 #include "train/checkpoint.h"
+#include "train/trainer.h"
 
 namespace dlcm::test {
 
@@ -102,6 +103,31 @@ inline int run_reference(const std::string& args, std::string* log = nullptr) {
   int rc = pclose(p);
   if (log) *log = out;
   return rc;
+}
+
+// A learnable synthetic stream for trainer tests: row b of (step, micro) continues
+// next = prev + 3 from a row-dependent start; with bos >= 0 every 17th position is BOS (packed
+// documents, forced concept boundaries for the DLCM). Two validation batches.
+inline TrainData synthetic_train_data(i64 V, i32 bos = -1) {
+  TrainData d;
+  d.train_batch = [V, bos](i64 step, i64 micro, i64 rank, i64 B, i64 L, i32* tok, i32* tgt) {
+    for (i64 b = 0; b < B; ++b) {
+      for (i64 t = 0; t <= L; ++t) {
+        i32 v = i32((counter_hash(99, step, micro, b) + t * 3) % uint64_t(V));
+        if (bos >= 0 && t % 17 == 0) v = bos;
+        if (t < L) tok[b * L + t] = v;
+        if (t > 0) tgt[b * L + t - 1] = v;
+      }
+    }
+  };
+  d.val_count = [](i64, i64) { return 2; };
+  d.val_batch = [V](i64 i, i64 B, i64 L, i32* tok, i32* tgt) {
+    for (i64 n = 0; n < B * L; ++n) {
+      tok[n] = i32((i * 7 + n * 3) % V);
+      tgt[n] = i32((i * 7 + n * 3 + 3) % V);
+    }
+  };
+  return d;
 }
 
 inline void save_model_only(const std::string& dir, const Config& cfg, const ParamStore& ps) {
