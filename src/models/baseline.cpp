@@ -47,7 +47,9 @@ const float* BaselineModel::run_forward(const i32* tokens, i64 B, i64 L) {
     pos_[n] = i32(n % L);
   }
   ops::embedding_forward(x_.data(), tokens, tok_emb_->w, N, cfg_.d_token);
-  return layers_.forward(x_.data(), pos_.data(), B, L);
+  last_out_ = layers_.forward(x_.data(), pos_.data(), B, L);
+  last_rows_ = N;
+  return last_out_;
 }
 
 MicroStats BaselineModel::train_micro(const Batch& b, i64, const StepContext& ctx) {
@@ -78,6 +80,12 @@ MicroStats BaselineModel::eval_micro(const Batch& b, float* row_loss) {
 void BaselineModel::logits(const i32* tokens, i64 B, i64 L, float* out) {
   const float* h = run_forward(tokens, B, L);
   head_.logits(h, B * L, out);
+}
+
+std::vector<std::pair<std::string, double>> BaselineModel::activation_rms() const {
+  if (!last_out_) return {};
+  const i64 n = last_rows_ * cfg_.d_token;
+  return {{"tok_embeddings", rms(x_.data(), n)}, {"layers", rms(last_out_, n)}};
 }
 
 double BaselineModel::flops_per_token(i64 L) const { return flops_report(cfg_, L).total(); }

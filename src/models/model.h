@@ -1,6 +1,8 @@
 // The interface the trainer, evaluator, CLI and tests use for both architectures.
 #pragma once
 #include <memory>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "core/params.h"
@@ -65,6 +67,11 @@ class LanguageModel {
     return false;
   }
 
+  // µP coordinate check: RMS of each stack's output over the rows of the last forward pass
+  // (train_micro, eval_micro or logits), as (name, RMS) pairs in a fixed order. Stack outputs
+  // are taken before the stack's final norm. Empty before any forward pass.
+  virtual std::vector<std::pair<std::string, double>> activation_rms() const { return {}; }
+
   // Forward FLOPs per token of the model (SPEC 7), for MFU.
   virtual double flops_per_token(i64 L) const = 0;
 
@@ -73,7 +80,11 @@ class LanguageModel {
   ParamStore params_;
 };
 
+// Root mean square of x[0..n) (accumulated in double); 0 for n = 0.
+double rms(const float* x, i64 n);
+
 // Builds the model for cfg.arch with parameters registered and allocated (not initialised).
+// Under µP it forces logit_mult (mup_resolve) and sets every parameter's lr/eps scales.
 std::unique_ptr<LanguageModel> make_model(const ModelConfig& cfg);
 // make_model + params().init(seed) with the configured initialisation.
 std::unique_ptr<LanguageModel> make_initialised_model(const ModelConfig& cfg, uint64_t seed);
