@@ -46,6 +46,20 @@ int main(int argc, char** argv) {
   flops->add_option("--seq-len", la.seq_len, "sequence length (default: train.seq_len)");
   flops->add_option("--R", la.R, "tokens per concept (dlcm; default target_R)");
   flops->add_option("--set", la.sets, "override a config key: key=value");
+  flops->add_flag("--json", la.json, "print the report as JSON");
+
+  PlanArgs pl;
+  auto* plan = app.add_subcommand("plan", "propose a dlcm config matching a baseline's inference FLOPs per token");
+  plan->add_option("--match", pl.match, "baseline config JSON")->required();
+  plan->add_option("--R", pl.R, "tokens per concept (target_R)")->required()->check(CLI::Range(1.0001, 1e6));
+  plan->add_option("--P", pl.P, "backbone share of non-embedding parameters")->required()->check(CLI::Range(0.0, 1.0));
+  plan->add_option("--d-concept", pl.d_concept, "fix the concept width (default: search)");
+  plan->add_option("--d-token", pl.d_token, "fix the token width (default: the baseline's, else nearby)");
+  plan->add_option("--seq-len", pl.seq_len, "sequence length for attention FLOPs (default: train.seq_len)");
+  plan->add_option("--flops-tol", pl.flops_tol, "relative FLOPs tolerance (default 0.05)")->check(CLI::Range(1e-6, 1.0));
+  plan->add_option("--p-tol", pl.p_tol, "absolute tolerance on P (default 0.03)")->check(CLI::Range(1e-6, 1.0));
+  plan->add_option("--set", pl.sets, "override a key of the baseline config: key=value");
+  plan->add_option("--out", pl.out, "write the proposed config JSON here");
 
   BenchTrainArgs ba;
   auto* bench = app.add_subcommand("bench", "benchmarks that print figures");
@@ -74,6 +88,31 @@ int main(int argc, char** argv) {
   ev->add_option("--seq-len", ea.seq_len, "window length (default: the model's train.seq_len)");
   ev->add_option("--out", ea.out, "write the JSON report here");
 
+  auto* mup = app.add_subcommand("mup", "decoupled µP tools (SPEC 6)");
+  mup->require_subcommand(1);
+  CoordCheckArgs ca;
+  auto* coord = mup->add_subcommand("coord-check", "RMS of each stack and of the logits across widths, µP vs standard");
+  coord->add_option("--config", ca.config, "config JSON of the model at multiplier 1 (default: built-in defaults)");
+  coord->add_option("--set", ca.sets, "override a config key: key=value (repeatable)");
+  coord->add_option("--data", ca.data, "prepared data folder: train on its first batch (default: a synthetic batch)");
+  coord->add_option("--widths", ca.widths, "width multipliers, comma-separated (default 1,2,4,8)");
+  coord->add_option("--steps", ca.steps, "record after these optimizer steps (default 0,1,10)");
+  coord->add_option("--scale", ca.scale, "which widths scale: both, token or concept")->check(CLI::IsMember({"both", "token", "concept"}));
+  coord->add_option("--params", ca.params, "parametrisations: mup,sp (default both)");
+  coord->add_option("--seeds", ca.seeds, "initialisations averaged (default 1)")->check(CLI::Range(1, 100));
+  coord->add_option("--out", ca.out, "output folder for coord_check.{csv,json,svg} (default coord_check)");
+  LrSweepArgs lsa;
+  auto* lrs = mup->add_subcommand("lr-sweep", "learning-rate transfer sweep: widths x base learning rates (resumable)");
+  lrs->add_option("--config", lsa.config, "config JSON of the model at multiplier 1")->required();
+  lrs->add_option("--data", lsa.data, "prepared data folder")->required();
+  lrs->add_option("--out", lsa.out, "sweep folder: one run folder per point, lr_sweep.{md,csv,json,svg}")->required();
+  lrs->add_option("--set", lsa.sets, "override a config key: key=value (repeatable)");
+  lrs->add_option("--widths", lsa.widths, "width multipliers (default 1,2,4)");
+  lrs->add_option("--lrs", lsa.lrs, "base learning rates (default 1e-3,3e-3,1e-2,3e-2)");
+  lrs->add_option("--params", lsa.params, "parametrisations: mup and/or sp (default mup)");
+  lrs->add_option("--steps", lsa.steps, "optimizer steps per run (overrides train.steps)");
+  lrs->add_flag("--quiet", lsa.quiet, "no per-step progress");
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -84,9 +123,12 @@ int main(int argc, char** argv) {
     if (*fwd) return cmd_forward(fa);
     if (*gen) return cmd_generate(ga);
     if (*flops) return cmd_flops(la);
+    if (*plan) return cmd_plan(pl);
     if (*btrain) return cmd_bench_train(ba);
     if (*prep) return cmd_prepare(pa);
     if (*ev) return cmd_eval(ea);
+    if (*coord) return cmd_coord_check(ca);
+    if (*lrs) return cmd_lr_sweep(lsa);
   } catch (const dlcm::Error& e) {
     std::fprintf(stderr, "dlcm: error: %s\n", e.what());
     return 2;

@@ -33,6 +33,19 @@ ModelConfig scale_width(const ModelConfig& m, double token_mult, double concept_
   return r;
 }
 
+ModelConfig parametrised(const ModelConfig& m, const std::string& param) {
+  DLCM_CHECK(param == "mup" || param == "sp", "parametrisation '", param, "' must be mup or sp");
+  ModelConfig r = m;
+  r.mup.enabled = param == "mup";
+  if (r.mup.enabled) {
+    r.logit_mult = float(1.0 / mup_s_token(r));  // what make_model forces, without the log line
+  } else {
+    r.init_std = m.mup.sigma_base;
+    r.logit_mult = 1.0f;
+  }
+  return r;
+}
+
 std::vector<CoordPoint> coord_check(const CoordCheckOptions& o) {
   const TrainConfig& bt = o.base.train;
   const i64 B = bt.batch_size, L = bt.seq_len, V = o.base.model.vocab_size;
@@ -46,18 +59,10 @@ std::vector<CoordPoint> coord_check(const CoordCheckOptions& o) {
              "coord check: steps must be >= 0");
   std::vector<CoordPoint> out;
   for (const std::string& param : o.params) {
-    DLCM_CHECK(param == "mup" || param == "sp", "coord check: parametrisation '", param,
-               "' must be mup or sp");
     for (double mult : o.mults) {
       Config c = o.base;
       c.model = scale_width(o.base.model, o.scale_token ? mult : 1, o.scale_concept ? mult : 1);
-      c.model.mup.enabled = param == "mup";
-      if (param == "mup") {
-        c.model.logit_mult = float(1.0 / mup_s_token(c.model));  // what make_model forces
-      } else {
-        c.model.init_std = o.base.model.mup.sigma_base;
-        c.model.logit_mult = 1.0f;
-      }
+      c.model = parametrised(c.model, param);
       c.train.grad_accum = 1;
       c.train.steps = last;
       c.train.schedule = "constant";

@@ -14,6 +14,10 @@ namespace dlcm {
 // `concept_mult` (head_dim stays). Every scaled size must come out an integer (Error otherwise).
 ModelConfig scale_width(const ModelConfig& m, double token_mult, double concept_mult);
 
+// The model under parametrisation "mup" (mup.enabled, logit_mult = 1/s_token) or "sp" (µP off,
+// init_std = mup.sigma_base so both agree at width d_base, logit_mult 1).
+ModelConfig parametrised(const ModelConfig& m, const std::string& param);
+
 struct CoordCheckOptions {
   Config base;                              // the model at multiplier 1 (train.lr is used)
   std::vector<double> mults = {1, 2, 4, 8};  // width multipliers
