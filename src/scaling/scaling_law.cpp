@@ -76,8 +76,6 @@ ScalingLaw ScalingLaw::from_json(const json& j, const std::string& src) {
 }
 
 ScalingFit fit_scaling_law(const std::vector<ScalingPoint>& pts, const ScalingFitOptions& o) {
-  DLCM_CHECK(pts.size() >= ScalingLaw::kCount, "scaling fit: ", pts.size(),
-             " points for ", int(ScalingLaw::kCount), " constants; give more runs or eval steps");
   double min_loss = INFINITY, mean = 0;
   std::vector<double> ntok, ncon, dd;
   for (auto& p : pts) {
@@ -111,6 +109,9 @@ ScalingFit fit_scaling_law(const std::vector<ScalingPoint>& pts, const ScalingFi
     fixed_val.push_back(val);
   }
 
+  const size_t free_params = ScalingLaw::kCount - fixed_idx.size();
+  DLCM_CHECK(pts.size() > free_params, "scaling fit: ", pts.size(), " points for ", free_params,
+             " free constants; give more runs or evaluate more often (train.eval_every)");
   ScalingFit best;
   best.cost = INFINITY;
   for (double e0f : {0.5, 0.85})

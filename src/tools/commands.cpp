@@ -64,6 +64,11 @@ int cmd_train(const TrainArgs& a) {
   for (const auto& s : a.sets) std::fprintf(stderr, "[train] --set %s\n", s.c_str());
   Trainer tr(cfg, std::move(data), opt);
   tr.run();
+  if (!a.final_eval) {
+    std::fprintf(stderr, "[train] done: step %lld, checkpoint in %s/checkpoint\n", (long long)tr.step(),
+                 a.out.c_str());
+    return 0;
+  }
   auto v = tr.validate(-1);
   std::fprintf(stderr, "[train] done: step %lld, full validation loss %.4f (ppl %.2f%s), checkpoint in %s/checkpoint\n",
                (long long)tr.step(), v.loss, v.ppl,

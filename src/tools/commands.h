@@ -14,6 +14,7 @@ struct TrainArgs {
   i64 steps = -1;
   std::vector<std::string> sets;
   bool resume = false, quiet = false;
+  bool final_eval = true;  // full validation pass at the end
 };
 int cmd_train(const TrainArgs& a);
 
@@ -95,6 +96,31 @@ struct LrSweepArgs {
   bool quiet = false;
 };
 int cmd_lr_sweep(const LrSweepArgs& a);
+
+// `dlcm scaling fit RUNS... --out DIR`: fits SPEC 8's law to the runs' curves and writes
+// DIR/scaling_fit.{json,md,svg} (constants, R^2, residuals, fitted vs observed curves).
+struct ScalingFitArgs {
+  std::vector<std::string> runs, fix;  // fix: name=value
+  std::string out = "scaling_fit", metric = "val_loss";
+  double huber = 0.01, min_frac = 0.1;
+  bool realized_R = false;
+};
+int cmd_scaling_fit(const ScalingFitArgs& a);
+
+// `dlcm scaling predict --fit FILE --N N --D D --R R --P P`: the law's loss and its terms.
+struct ScalingPredictArgs {
+  std::string fit;
+  double N = 0, D = 0, R = 1, P = 0;
+};
+int cmd_scaling_predict(const ScalingPredictArgs& a);
+
+// `dlcm scaling allocate --fit FILE --flops C --R R`: the P (and N, D) minimising the predicted
+// loss under a training FLOPs budget (scaling/scaling_law.h: allocate_budget).
+struct ScalingAllocateArgs {
+  std::string fit;
+  double flops = 0, R = 4, p_min = 0.05, p_max = 0.95, p_step = 0.01;
+};
+int cmd_scaling_allocate(const ScalingAllocateArgs& a);
 
 // JSON file + `--set` overrides -> validated Config (an empty path means the defaults).
 Config config_with_overrides(const std::string& path, const std::vector<std::string>& sets);

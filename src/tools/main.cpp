@@ -23,6 +23,8 @@ int main(int argc, char** argv) {
   train->add_flag("--resume", ta.resume, "continue the run in --out from its checkpoint");
   train->add_option("--init-from", ta.init_from, "start from the weights of this checkpoint");
   train->add_flag("--quiet", ta.quiet, "no progress output");
+  bool no_final_eval = false;
+  train->add_flag("--no-final-eval", no_final_eval, "skip the full validation pass at the end (logged evals still run)");
 
   ForwardArgs fa;
   auto* fwd = app.add_subcommand("forward", "write logits (and dlcm p, b) for token rows");
@@ -113,12 +115,40 @@ int main(int argc, char** argv) {
   lrs->add_option("--steps", lsa.steps, "optimizer steps per run (overrides train.steps)");
   lrs->add_flag("--quiet", lsa.quiet, "no per-step progress");
 
+  auto* scaling = app.add_subcommand("scaling", "compression-aware scaling law (SPEC 8)");
+  scaling->require_subcommand(1);
+  ScalingFitArgs sfa;
+  auto* sfit = scaling->add_subcommand("fit", "fit the law to training runs (robust NLLS, shared exponents)");
+  sfit->add_option("runs", sfa.runs, "run folders written by 'dlcm train --out'")->required();
+  sfit->add_option("--out", sfa.out, "output folder for scaling_fit.{json,md,svg} (default scaling_fit)");
+  sfit->add_option("--metric", sfa.metric, "val_loss (validation lines, default) or ce (training lines)")->check(CLI::IsMember({"val_loss", "ce"}));
+  sfit->add_option("--huber", sfa.huber, "Huber threshold on log-loss residuals (default 0.01)")->check(CLI::Range(1e-6, 1e6));
+  sfit->add_option("--min-frac", sfa.min_frac, "skip points before this share of each run (and its warmup; default 0.1)")->check(CLI::Range(0.0, 1.0));
+  sfit->add_flag("--realized-R", sfa.realized_R, "use the logged compression instead of target_R");
+  sfit->add_option("--fix", sfa.fix, "hold a constant: name=value (repeatable), e.g. --fix t_tok=0");
+  ScalingPredictArgs spa;
+  auto* spred = scaling->add_subcommand("predict", "predicted loss of a configuration");
+  spred->add_option("--fit", spa.fit, "scaling_fit.json")->required();
+  spred->add_option("--N", spa.N, "non-embedding parameters")->required();
+  spred->add_option("--D", spa.D, "training tokens")->required();
+  spred->add_option("--R", spa.R, "tokens per concept (1 for a baseline)")->required();
+  spred->add_option("--P", spa.P, "backbone share of non-embedding parameters")->required();
+  ScalingAllocateArgs saa;
+  auto* salloc = scaling->add_subcommand("allocate", "P, N and D minimising the predicted loss under a FLOPs budget");
+  salloc->add_option("--fit", saa.fit, "scaling_fit.json")->required();
+  salloc->add_option("--flops", saa.flops, "training FLOPs budget")->required();
+  salloc->add_option("--R", saa.R, "tokens per concept")->required();
+  salloc->add_option("--p-min", saa.p_min, "smallest P searched (default 0.05)");
+  salloc->add_option("--p-max", saa.p_max, "largest P searched (default 0.95)");
+  salloc->add_option("--p-step", saa.p_step, "P step (default 0.01)");
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
     return app.exit(e);
   }
   try {
+    ta.final_eval = !no_final_eval;
     if (*train) return cmd_train(ta);
     if (*fwd) return cmd_forward(fa);
     if (*gen) return cmd_generate(ga);
@@ -129,6 +159,9 @@ int main(int argc, char** argv) {
     if (*ev) return cmd_eval(ea);
     if (*coord) return cmd_coord_check(ca);
     if (*lrs) return cmd_lr_sweep(lsa);
+    if (*sfit) return cmd_scaling_fit(sfa);
+    if (*spred) return cmd_scaling_predict(spa);
+    if (*salloc) return cmd_scaling_allocate(saa);
   } catch (const dlcm::Error& e) {
     std::fprintf(stderr, "dlcm: error: %s\n", e.what());
     return 2;

@@ -102,8 +102,14 @@ std::vector<double> axis_ticks(double lo, double hi, bool log) {
         if (std::fabs(std::log10(v) - std::round(std::log10(v))) < 1e-9) p.push_back(v);
       t = p;
     }
-    if (t.size() < 2) {  // less than a 2x range: fall back to linear steps
-      return axis_ticks(lo, hi, false);
+    if (t.size() < 3) {  // a narrow range: every integer multiple of the decade, else linear
+      std::vector<double> f;
+      for (int k = k0; k <= k1; ++k)
+        for (int m = 1; m <= 9; ++m) {
+          double v = m * std::pow(10.0, k);
+          if (v >= lo * (1 - 1e-9) && v <= hi * (1 + 1e-9)) f.push_back(v);
+        }
+      return f.size() >= 3 && f.size() <= 9 ? f : axis_ticks(lo, hi, false);
     }
     return t;
   }
@@ -125,11 +131,13 @@ std::string render_svg(const std::vector<PlotPanel>& panels, int cols, const std
   const double W = 420, H = 320, top = title.empty() ? 10 : 40;
   const double ml = 70, mr = 15, mt = 30, mb = 50;  // panel margins
   std::ostringstream o;
-  o << "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" << num(W * cols) << "\" height=\""
+  // wide enough for the title (about 7.5 px per character at 15 px)
+  const double total_w = std::max(W * cols, 7.5 * double(title.size()) + 40);
+  o << "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" << num(total_w) << "\" height=\""
     << num(top + H * rows) << "\" font-family=\"sans-serif\" font-size=\"11\">\n";
   o << "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n";
   if (!title.empty())
-    o << "<text x=\"" << num(W * cols / 2) << "\" y=\"24\" text-anchor=\"middle\" font-size=\"15\">"
+    o << "<text x=\"" << num(total_w / 2) << "\" y=\"24\" text-anchor=\"middle\" font-size=\"15\">"
       << esc(title) << "</text>\n";
   for (size_t pi = 0; pi < panels.size(); ++pi) {
     const PlotPanel& p = panels[pi];
