@@ -57,6 +57,9 @@ std::vector<CoordPoint> coord_check(const CoordCheckOptions& o) {
   const i64 last = *std::max_element(o.record_steps.begin(), o.record_steps.end());
   DLCM_CHECK(*std::min_element(o.record_steps.begin(), o.record_steps.end()) >= 0,
              "coord check: steps must be >= 0");
+  for (double mult : o.mults)  // every width is valid before any training starts
+    scale_width(o.base.model, o.scale_token ? mult : 1, o.scale_concept ? mult : 1);
+  for (const std::string& param : o.params) parametrised(o.base.model, param);
   std::vector<CoordPoint> out;
   for (const std::string& param : o.params) {
     for (double mult : o.mults) {
@@ -106,7 +109,7 @@ std::vector<CoordPoint> coord_check(const CoordCheckOptions& o) {
       steps.erase(std::unique(steps.begin(), steps.end()), steps.end());
       for (i64 s : steps)
         for (auto& name : order)
-          out.push_back({param, mult, c.model.d_token, c.model.d_concept, s, name,
+          out.push_back({param, mult, c.model.d_token, c.model.is_dlcm() ? c.model.d_concept : 0, s, name,
                          sum[{s, name}] / double(o.seeds)});
     }
   }
