@@ -10,6 +10,7 @@
 #include "models/config.h"
 #include "models/model.h"
 #include "train/checkpoint.h"
+#include "train/trainer.h"
 
 namespace dlcm::test {
 
@@ -47,6 +48,30 @@ inline void write_rows(const std::string& path, const std::vector<i32>& v, i64 B
   for (i64 b = 0; b < B; ++b) {
     for (i64 t = 0; t < L; ++t) f << v[b * L + t] << (t + 1 < L ? " " : "\n");
   }
+}
+
+// A learnable synthetic stream: row b of micro-batch `micro` at step `step` counts up by 3 from
+// a counter-hashed start (next = prev + 3 mod V); `val_batches` validation batches of the same
+// pattern.
+inline TrainData pattern_data(i64 V, uint64_t seed = 99, i64 val_batches = 2) {
+  TrainData d;
+  d.train_batch = [V, seed](i64 step, i64 micro, i64, i64 B, i64 L, i32* tok, i32* tgt) {
+    for (i64 b = 0; b < B; ++b) {
+      for (i64 t = 0; t <= L; ++t) {
+        i32 v = i32((counter_hash(seed, step, micro, b) + t * 3) % uint64_t(V));
+        if (t < L) tok[b * L + t] = v;
+        if (t > 0) tgt[b * L + t - 1] = v;
+      }
+    }
+  };
+  d.val_count = [val_batches](i64, i64) { return val_batches; };
+  d.val_batch = [V](i64 i, i64 B, i64 L, i32* tok, i32* tgt) {
+    for (i64 n = 0; n < B * L; ++n) {
+      tok[n] = i32((i * 7 + n * 3) % V);
+      tgt[n] = i32((i * 7 + n * 3 + 3) % V);
+    }
+  };
+  return d;
 }
 
 inline bool torch_available() {

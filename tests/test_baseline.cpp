@@ -142,29 +142,6 @@ TEST(Baseline, MatchesPyTorchReferenceIncludingThreeAdamWSteps) {
   }
 }
 
-namespace {
-TrainData synthetic_data(i64 V) {
-  TrainData d;
-  d.train_batch = [V](i64 step, i64 micro, i64 rank, i64 B, i64 L, i32* tok, i32* tgt) {
-    for (i64 b = 0; b < B; ++b) {
-      for (i64 t = 0; t <= L; ++t) {
-        // a learnable pattern: next = (prev * 3 + row-dependent offset) % V
-        i32 v = i32((counter_hash(99, step, micro, b) + t * 3) % uint64_t(V));
-        if (t < L) tok[b * L + t] = v;
-        if (t > 0) tgt[b * L + t - 1] = v;
-      }
-    }
-  };
-  d.val_count = [](i64, i64) { return 2; };
-  d.val_batch = [V](i64 i, i64 B, i64 L, i32* tok, i32* tgt) {
-    for (i64 n = 0; n < B * L; ++n) {
-      tok[n] = i32((i * 7 + n * 3) % V);
-      tgt[n] = i32((i * 7 + n * 3 + 3) % V);
-    }
-  };
-  return d;
-}
-}  // namespace
 
 TEST(Trainer, ResumeIsBitIdentical) {
   Config c = test::tiny_baseline();
@@ -179,18 +156,18 @@ TEST(Trainer, ResumeIsBitIdentical) {
   o.quiet = true;
   o.peak_gflops = 100;
   o.out_dir = tmp.path + "/full";
-  Trainer full(c, synthetic_data(c.model.vocab_size), o);
+  Trainer full(c, test::pattern_data(c.model.vocab_size), o);
   full.run();
   o.out_dir = tmp.path + "/split";
   o.stop_after = 4;
   {
-    Trainer first(c, synthetic_data(c.model.vocab_size), o);
+    Trainer first(c, test::pattern_data(c.model.vocab_size), o);
     first.run();
     EXPECT_EQ(first.step(), 4);
   }
   o.stop_after = -1;
   o.resume = true;
-  Trainer second(c, synthetic_data(c.model.vocab_size), o);
+  Trainer second(c, test::pattern_data(c.model.vocab_size), o);
   EXPECT_EQ(second.step(), 4);
   second.run();
   ASSERT_EQ(second.step(), 8);
@@ -214,7 +191,7 @@ TEST(Trainer, LossFallsOnALearnablePattern) {
   TrainOptions o;
   o.quiet = true;
   o.peak_gflops = 100;
-  Trainer tr(c, synthetic_data(c.model.vocab_size), o);
+  Trainer tr(c, test::pattern_data(c.model.vocab_size), o);
   double first = tr.train_step().ce;
   double last = 0;
   for (int i = 1; i < 60; ++i) last = tr.train_step().ce;

@@ -36,11 +36,8 @@ std::vector<std::map<std::string, i64>> reference_param_counts(const std::vector
                            "        n = 1\n        for s in shape: n *= s\n"
                            "        k = name.split('.')[0]\n        out[k] = out.get(k, 0) + n\n"
                            "    print(json.dumps(out))\n";
-  FILE* p = popen(("/usr/bin/python3 " + script + files).c_str(), "r");
-  std::string text;
-  char buf[4096];
-  while (size_t n = fread(buf, 1, sizeof buf, p)) text.append(buf, n);
-  EXPECT_EQ(pclose(p), 0) << text;
+  auto [rc, text] = test::run_command("/usr/bin/python3 " + script + files);
+  EXPECT_EQ(rc, 0) << text;
   std::vector<std::map<std::string, i64>> out;
   std::istringstream lines(text);
   for (std::string line; std::getline(lines, line);) {

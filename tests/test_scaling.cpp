@@ -157,24 +157,6 @@ TEST(ScalingLaw, BadInputsGiveClearErrors) {
   EXPECT_THROW(load_scaling_points({tmp.path}, bad), Error);
 }
 
-namespace {
-TrainData pattern_data(i64 V) {
-  TrainData d;
-  d.train_batch = [V](i64 step, i64 micro, i64, i64 B, i64 L, i32* tok, i32* tgt) {
-    for (i64 b = 0; b < B; ++b)
-      for (i64 t = 0; t <= L; ++t) {
-        i32 v = i32((counter_hash(5, step, micro, b) + t * 3) % uint64_t(V));
-        if (t < L) tok[b * L + t] = v;
-        if (t > 0) tgt[b * L + t - 1] = v;
-      }
-  };
-  d.val_count = [](i64, i64) { return 1; };
-  d.val_batch = [V](i64 i, i64 B, i64 L, i32* tok, i32* tgt) {
-    for (i64 n = 0; n < B * L; ++n) tok[n] = i32((n * 3) % V), tgt[n] = i32((n * 3 + 3) % V);
-  };
-  return d;
-}
-}  // namespace
 
 TEST(ScalingLaw, LoadsPointsFromRunFolders) {
   test::TempDir tmp;
@@ -187,7 +169,7 @@ TEST(ScalingLaw, LoadsPointsFromRunFolders) {
   o.quiet = true;
   o.peak_gflops = 1;
   o.out_dir = tmp.path + "/run";
-  Trainer(c, pattern_data(c.model.vocab_size), o).run();
+  Trainer(c, test::pattern_data(c.model.vocab_size, 5, 1), o).run();
   ScalingLoadOptions lo;
   lo.min_frac = 0.3;  // drops step 3 (< 3.6)
   auto pts = load_scaling_points({o.out_dir}, lo);

@@ -12,18 +12,9 @@ using namespace dlcm;
 namespace fs = std::filesystem;
 
 namespace {
-struct Out {
-  int rc;
-  std::string text;
-};
+using Out = test::CommandResult;
 Out dlcm_cmd(const std::string& args) {
-  std::string cmd = std::string(DLCM_BINARY) + " " + args + " 2>&1";
-  Out r{-1, ""};
-  FILE* p = popen(cmd.c_str(), "r");
-  char buf[4096];
-  while (size_t n = fread(buf, 1, sizeof buf, p)) r.text.append(buf, n);
-  r.rc = pclose(p);
-  return r;
+  return test::run_command(std::string(DLCM_BINARY) + " " + args + " 2>&1");
 }
 const std::string kTiny =
     "--set vocab_size=64 --set d_token=16 --set n_heads=2 --set n_kv_heads=2 --set head_dim=8 "
@@ -34,8 +25,8 @@ const std::string kTiny =
 TEST(ToolsCli, CoordCheckWritesTablesAndPlot) {
   test::TempDir tmp;
   Out r = dlcm_cmd("mup coord-check " + kTiny + " --widths 1,2 --steps 0,2 --out " + tmp.path);
-  ASSERT_EQ(r.rc, 0) << r.text;
-  EXPECT_NE(r.text.find("spread of the RMS"), std::string::npos) << r.text;
+  ASSERT_EQ(r.rc, 0) << r.out;
+  EXPECT_NE(r.out.find("spread of the RMS"), std::string::npos) << r.out;
   for (const char* f : {"coord_check.csv", "coord_check.json", "coord_check.svg"})
     EXPECT_TRUE(fs::exists(tmp.path + "/" + f)) << f;
   std::ifstream jf(tmp.path + "/coord_check.json");
@@ -47,16 +38,16 @@ TEST(ToolsCli, CoordCheckWritesTablesAndPlot) {
 TEST(ToolsCli, FlopsJsonAndPlanOutputs) {
   test::TempDir tmp;
   Out r = dlcm_cmd(std::string("flops --config ") + DLCM_SOURCE_DIR + "/configs/baseline-small.json --json");
-  ASSERT_EQ(r.rc, 0) << r.text;
-  auto j = nlohmann::json::parse(r.text);
+  ASSERT_EQ(r.rc, 0) << r.out;
+  auto j = nlohmann::json::parse(r.out);
   EXPECT_DOUBLE_EQ(j["training_flops_per_token"].get<double>(), 3 * j["forward_flops_per_token"].get<double>());
   r = dlcm_cmd(std::string("plan --match ") + DLCM_SOURCE_DIR +
                "/configs/baseline-small.json --R 4 --P 0.5 --out " + tmp.path + "/dlcm.json");
-  ASSERT_EQ(r.rc, 0) << r.text;
-  EXPECT_NE(r.text.find("dlcm / baseline forward FLOPs per token"), std::string::npos) << r.text;
+  ASSERT_EQ(r.rc, 0) << r.out;
+  EXPECT_NE(r.out.find("dlcm / baseline forward FLOPs per token"), std::string::npos) << r.out;
   r = dlcm_cmd("flops --config " + tmp.path + "/dlcm.json --json");
-  ASSERT_EQ(r.rc, 0) << r.text;
-  auto d = nlohmann::json::parse(r.text);
+  ASSERT_EQ(r.rc, 0) << r.out;
+  auto d = nlohmann::json::parse(r.out);
   EXPECT_NEAR(d["forward_flops_per_token"].get<double>() / j["forward_flops_per_token"].get<double>(), 1, 0.05);
   EXPECT_NEAR(d["backbone_param_share"].get<double>(), 0.5, 0.03);
   EXPECT_TRUE(d.contains("cross_attention"));
@@ -83,8 +74,8 @@ TEST(ToolsCli, BadInputsGiveOneLineErrors) {
   for (auto& c : cases) {
     Out r = dlcm_cmd(c.args);
     EXPECT_NE(r.rc, 0) << c.args;
-    EXPECT_NE(r.text.find(c.expect), std::string::npos) << c.args << " -> " << r.text;
-    EXPECT_NE(r.text.find("dlcm: error:"), std::string::npos) << r.text;
+    EXPECT_NE(r.out.find(c.expect), std::string::npos) << c.args << " -> " << r.out;
+    EXPECT_NE(r.out.find("dlcm: error:"), std::string::npos) << r.out;
   }
 }
 

@@ -174,7 +174,9 @@ std::string render_svg(const std::vector<PlotPanel>& panels, int cols, const std
     o << "<text transform=\"translate(" << num(ox + 16) << "," << num((ay.p0 + ay.p1) / 2)
       << ") rotate(-90)\" text-anchor=\"middle\">" << esc(p.ylabel) << (p.log_y ? " (log)" : "")
       << "</text>\n";
-    int legend_rows = 0;
+    int legend_rows = 0, labels = 0;
+    for (auto& s : p.series) labels += !s.label.empty();
+    std::ostringstream leg;  // drawn last, over a translucent box, so it stays readable
     for (size_t si = 0; si < p.series.size(); ++si) {
       const PlotSeries& s = p.series[si];
       const char* col = kPalette[(s.color >= 0 ? s.color : int(si)) % 10];
@@ -194,12 +196,16 @@ std::string render_svg(const std::vector<PlotPanel>& panels, int cols, const std
             << "\"/>\n";
       if (!s.label.empty()) {
         double lx = ax.p1 - 120, ly = ay.p1 + 12 + 13 * legend_rows++;
-        o << "<line x1=\"" << num(lx) << "\" y1=\"" << num(ly - 4) << "\" x2=\"" << num(lx + 16)
+        leg << "<line x1=\"" << num(lx) << "\" y1=\"" << num(ly - 4) << "\" x2=\"" << num(lx + 16)
           << "\" y2=\"" << num(ly - 4) << "\" stroke=\"" << col << "\" stroke-width=\"2\""
           << (s.dashed ? " stroke-dasharray=\"4,2\"" : "") << "/>\n<text x=\"" << num(lx + 20)
           << "\" y=\"" << num(ly) << "\">" << esc(s.label) << "</text>\n";
       }
     }
+    if (labels > 0)
+      o << "<rect x=\"" << num(ax.p1 - 124) << "\" y=\"" << num(ay.p1 + 2) << "\" width=\"120\" height=\""
+        << num(13 * labels + 4) << "\" fill=\"white\" fill-opacity=\"0.85\" stroke=\"#ccc\"/>\n"
+        << leg.str();
     o << "</g>\n";
   }
   o << "</svg>\n";

@@ -161,6 +161,16 @@ static json read_fit(const std::string& path) {
   }
 }
 
+// A note when (N, D) lies outside the N and D ranges of the fitted points.
+static void note_if_extrapolated(const json& fit, double N, double D) {
+  if (!fit.contains("range")) return;
+  const json& r = fit["range"];
+  double n0 = r["N"][0], n1 = r["N"][1], d0 = r["D"][0], d1 = r["D"][1];
+  if (N < n0 || N > n1 || D < d0 || D > d1)
+    std::printf("note: outside the fitted range (N %.3g..%.3g, D %.3g..%.3g): extrapolation\n", n0,
+                n1, d0, d1);
+}
+
 int cmd_scaling_predict(const ScalingPredictArgs& a) {
   json j = read_fit(a.fit);
   ScalingLaw law = ScalingLaw::from_json(j, a.fit);
@@ -174,13 +184,7 @@ int cmd_scaling_predict(const ScalingPredictArgs& a) {
               t[1], t[2]);
   std::printf("  training FLOPs (6 N ((1-P) + P/R) D): %.4g\n",
               training_flops_estimate(a.N, a.D, a.R, a.P));
-  if (j.contains("range")) {
-    auto& r = j["range"];
-    double n0 = r["N"][0], n1 = r["N"][1], d0 = r["D"][0], d1 = r["D"][1];
-    if (a.N < n0 || a.N > n1 || a.D < d0 || a.D > d1)
-      std::printf("  note: outside the fitted range (N %.3g..%.3g, D %.3g..%.3g): extrapolation\n",
-                  n0, n1, d0, d1);
-  }
+  note_if_extrapolated(j, a.N, a.D);
   return 0;
 }
 
@@ -202,13 +206,7 @@ int cmd_scaling_allocate(const ScalingAllocateArgs& a) {
   }
   std::printf("best: P = %.2f, N = %.4g non-embedding parameters (backbone %.4g), D = %.4g tokens, "
               "predicted loss %.5f\n", best.P, best.N, best.N * best.P, best.D, best.loss);
-  if (j.contains("range")) {
-    auto& r = j["range"];
-    double n0 = r["N"][0], n1 = r["N"][1], d0 = r["D"][0], d1 = r["D"][1];
-    if (best.N < n0 || best.N > n1 || best.D < d0 || best.D > d1)
-      std::printf("note: outside the fitted range (N %.3g..%.3g, D %.3g..%.3g): extrapolation\n",
-                  n0, n1, d0, d1);
-  }
+  note_if_extrapolated(j, best.N, best.D);
   return 0;
 }
 
