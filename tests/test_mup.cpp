@@ -198,6 +198,7 @@ CoordCheckOptions tiny_coord(std::vector<double> mults) {
   c.train.seq_len = 16;
   c.train.lr = 2e-2f;
   c.train.weight_decay = 0;
+  c.train.threads = 1;  // tiny matrices: one thread avoids OpenMP barriers on a busy machine
   o.mults = std::move(mults);
   o.seeds = 2;
   const i64 n = c.train.batch_size * c.train.seq_len;

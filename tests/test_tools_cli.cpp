@@ -19,7 +19,7 @@ Out dlcm_cmd(const std::string& args) {
 const std::string kTiny =
     "--set vocab_size=64 --set d_token=16 --set n_heads=2 --set n_kv_heads=2 --set head_dim=8 "
     "--set d_ff=48 --set n_layers=2 --set mup.d_base=16 --set train.batch_size=2 "
-    "--set train.seq_len=8";
+    "--set train.seq_len=8 --set train.threads=1";
 }  // namespace
 
 TEST(ToolsCli, CoordCheckWritesTablesAndPlot) {

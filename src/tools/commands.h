@@ -92,6 +92,7 @@ struct LrSweepArgs {
   std::string config, data, out;
   std::vector<std::string> sets;
   std::string widths = "1,2,4", lrs = "1e-3,3e-3,1e-2,3e-2", params = "mup";
+  std::string scale = "both";  // which widths the multipliers scale: both, token or concept
   i64 steps = -1;
   bool quiet = false;
 };

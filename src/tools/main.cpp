@@ -112,6 +112,7 @@ int main(int argc, char** argv) {
   lrs->add_option("--widths", lsa.widths, "width multipliers (default 1,2,4)");
   lrs->add_option("--lrs", lsa.lrs, "base learning rates (default 1e-3,3e-3,1e-2,3e-2)");
   lrs->add_option("--params", lsa.params, "parametrisations: mup and/or sp (default mup)");
+  lrs->add_option("--scale", lsa.scale, "which widths scale: both, token or concept")->check(CLI::IsMember({"both", "token", "concept"}));
   lrs->add_option("--steps", lsa.steps, "optimizer steps per run (overrides train.steps)");
   lrs->add_flag("--quiet", lsa.quiet, "no per-step progress");
 

@@ -175,6 +175,8 @@ int cmd_lr_sweep(const LrSweepArgs& a) {
   auto lrs = parse_number_list("--lrs", a.lrs);
   for (double v : lrs) DLCM_CHECK(v > 0, "--lrs: learning rates must be positive, got ", v);
   auto params = split_list(a.params);
+  DLCM_CHECK(a.scale == "both" || a.scale == "token" || a.scale == "concept",
+             "--scale: expected both, token or concept, got '", a.scale, "'");
   if (base.train.eval_every <= 0 || base.train.eval_every > base.train.steps)
     base.train.eval_every = base.train.steps;  // at least the final validation
   fs::create_directories(a.out);
@@ -182,24 +184,29 @@ int cmd_lr_sweep(const LrSweepArgs& a) {
   struct Row {
     std::string param, dir;
     double mult, lr, loss;
-    i64 d_token;
+    i64 width;  // the scaled width: d_token, or d_concept with --scale concept
   };
+  const std::string wname = a.scale == "concept" ? "d_concept" : "d_token";
   std::vector<Row> rows;
   const size_t total = params.size() * mults.size() * lrs.size();
   for (const std::string& param : params)
     for (double mult : mults)
       for (double lr : lrs) {
         Config c = base;
-        c.model = parametrised(scale_width(base.model, mult, mult), param);
+        c.model = parametrised(scale_width(base.model, a.scale != "concept" ? mult : 1,
+                                           a.scale != "token" ? mult : 1),
+                               param);
         c.train.lr = float(lr);
         validate(c, "lr-sweep");
-        std::string name = param + "_w" + fmt("%g", mult) + "_lr" + fmt("%g", lr);
+        std::string name = param + (a.scale == "both" ? "" : "_" + a.scale) + "_w" + fmt("%g", mult) +
+                           "_lr" + fmt("%g", lr);
         std::string dir = (fs::path(a.out) / name).string();
         std::string ck = (fs::path(dir) / "checkpoint").string();
         i64 done = 0;
         if (is_checkpoint(ck)) done = load_trainer_state(ck).value("step", i64(0));
-        std::fprintf(stderr, "[lr-sweep] %zu/%zu %s (d_token %lld): %s\n", rows.size() + 1, total,
-                     name.c_str(), (long long)c.model.d_token,
+        std::fprintf(stderr, "[lr-sweep] %zu/%zu %s (%s %lld): %s\n", rows.size() + 1, total,
+                     name.c_str(), wname.c_str(),
+                     (long long)(a.scale == "concept" ? c.model.d_concept : c.model.d_token),
                      done >= c.train.steps ? "finished, skipped"
                      : done > 0            ? ("resuming at step " + std::to_string(done)).c_str()
                                            : "training");
@@ -213,13 +220,13 @@ int cmd_lr_sweep(const LrSweepArgs& a) {
           tr.run();
         }
         rows.push_back({param, dir, mult, lr, last_val_loss((fs::path(dir) / "train_log.jsonl").string()),
-                        c.model.d_token});
+                        a.scale == "concept" ? c.model.d_concept : c.model.d_token});
       }
   // Table, best learning rate per (param, width), plot.
   std::ofstream md(fs::path(a.out) / "lr_sweep.md"), csv(fs::path(a.out) / "lr_sweep.csv");
   DLCM_CHECK(md && csv, a.out, ": cannot write the sweep tables");
-  csv << "param,mult,d_token,lr,val_loss\n";
-  md << "| param | d_token |";
+  csv << "param,mult," << wname << ",lr,val_loss\n";
+  md << "| param | " << wname << " |";
   for (double lr : lrs) md << " lr " << fmt("%g", lr) << " |";
   md << " best lr |\n|---|---|";
   for (size_t i = 0; i <= lrs.size(); ++i) md << "---|";
@@ -241,21 +248,21 @@ int cmd_lr_sweep(const LrSweepArgs& a) {
       std::string cells;
       for (auto& r : rows)
         if (r.param == param && r.mult == mult) {
-          d = r.d_token;
-          csv << r.param << "," << r.mult << "," << r.d_token << "," << r.lr << ","
+          d = r.width;
+          csv << r.param << "," << r.mult << "," << r.width << "," << r.lr << ","
               << fmt("%.5f", r.loss) << "\n";
-          jr.push_back({{"param", r.param}, {"mult", r.mult}, {"d_token", r.d_token},
+          jr.push_back({{"param", r.param}, {"mult", r.mult}, {wname, r.width},
                         {"lr", r.lr}, {"val_loss", r.loss}, {"run", r.dir}});
           cells += " " + fmt("%.4f", r.loss) + " |";
           sr.x.push_back(r.lr);
           sr.y.push_back(r.loss);
           if (r.loss < best_loss) best_loss = r.loss, best_lr = r.lr;
         }
-      sr.label = "d_token " + std::to_string(d);
+      sr.label = wname + " " + std::to_string(d);
       pn.series.push_back(sr);
       md << "| " << param << " | " << d << " |" << cells << " " << fmt("%g", best_lr) << " |\n";
       best[param][std::to_string(d)] = best_lr;
-      std::printf("%-4s d_token %5lld: best lr %g (val loss %.4f)\n", param.c_str(), (long long)d,
+      std::printf("%-4s %s %5lld: best lr %g (val loss %.4f)\n", param.c_str(), wname.c_str(), (long long)d,
                   best_lr, best_loss);
     }
     panels.push_back(pn);
