@@ -32,14 +32,16 @@ import dlcm_ref as R  # noqa: E402
 def make_optimizer(cfg, params, lr, beta1, beta2, eps, weight_decay):
     """torch AdamW (decoupled weight decay). Weight decay on every 2-D matrix (embeddings, lm_head,
     router and pooling projections included), none on norm weights and other vectors. Under
-    mup.enabled, hidden matrices of width multiplier s use lr/s and eps/s (SPEC 6)."""
+    mup.enabled, a tensor of group g ("token" | "concept" | "other") and width multiplier s uses
+    lr * mup.lr_mult_<g> / s and eps / s (SPEC 6; s = 1 for "other")."""
     groups = {}
     for name, t in params.items():
         decay = t.dim() == 2
-        s = R.mup_group(cfg, name, list(t.shape))[1] if cfg.mup["enabled"] else 1.0
-        key = (decay, s)
+        g, s = R.mup_group(cfg, name, list(t.shape)) if cfg.mup["enabled"] else ("", 1.0)
+        mult = cfg.mup["lr_mult_" + g] if g else 1.0
+        key = (decay, g, s)
         if key not in groups:
-            groups[key] = {"params": [], "lr": lr / s, "eps": eps / s,
+            groups[key] = {"params": [], "lr": lr * mult / s, "eps": eps / s,
                            "weight_decay": weight_decay if decay else 0.0}
         groups[key]["params"].append(t)
     return torch.optim.AdamW(list(groups.values()), lr=lr, betas=(beta1, beta2), eps=eps,

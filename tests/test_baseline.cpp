@@ -161,18 +161,18 @@ TEST(Trainer, ResumeIsBitIdentical) {
     o.quiet = true;
     o.peak_gflops = 100;
     o.out_dir = tmp.path + "/full";
-    Trainer full(c, test::synthetic_train_data(c.model.vocab_size, bos), o);
+    Trainer full(c, test::pattern_data(c.model.vocab_size, 99, 2, bos), o);
     full.run();
     o.out_dir = tmp.path + "/split";
     o.stop_after = 4;
     {
-      Trainer first(c, test::synthetic_train_data(c.model.vocab_size, bos), o);
+      Trainer first(c, test::pattern_data(c.model.vocab_size, 99, 2, bos), o);
       first.run();
       EXPECT_EQ(first.step(), 4);
     }
     o.stop_after = -1;
     o.resume = true;
-    Trainer second(c, test::synthetic_train_data(c.model.vocab_size, bos), o);
+    Trainer second(c, test::pattern_data(c.model.vocab_size, 99, 2, bos), o);
     EXPECT_EQ(second.step(), 4);
     second.run();
     ASSERT_EQ(second.step(), 8);
@@ -203,7 +203,7 @@ TEST(Trainer, LossFallsOnALearnablePattern) {
   TrainOptions o;
   o.quiet = true;
   o.peak_gflops = 100;
-  Trainer tr(c, test::synthetic_train_data(c.model.vocab_size), o);
+  Trainer tr(c, test::pattern_data(c.model.vocab_size), o);
   double first = tr.train_step().ce;
   double last = 0;
   for (int i = 1; i < 60; ++i) last = tr.train_step().ce;

@@ -13,18 +13,9 @@
 using namespace dlcm;
 
 namespace {
-struct CmdResult {
-  int rc;
-  std::string out;
-};
+using CmdResult = test::CommandResult;
 CmdResult run(const std::string& args) {
-  std::string cmd = std::string(DLCM_BINARY) + " " + args + " 2>&1";
-  CmdResult r{-1, ""};
-  FILE* p = popen(cmd.c_str(), "r");
-  char buf[4096];
-  while (size_t n = fread(buf, 1, sizeof buf, p)) r.out.append(buf, n);
-  r.rc = pclose(p);
-  return r;
+  return test::run_command(std::string(DLCM_BINARY) + " " + args + " 2>&1");
 }
 }  // namespace
 

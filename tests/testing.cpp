@@ -1,10 +1,21 @@
 #include "testing.h"
 
 #include <algorithm>
+#include <cstdio>
 #include <filesystem>
 #include <random>
 
 namespace dlcm::test {
+
+CommandResult run_command(const std::string& cmd) {
+  CommandResult r;
+  FILE* p = popen(cmd.c_str(), "r");
+  if (!p) return r;
+  char buf[4096];
+  while (size_t n = fread(buf, 1, sizeof buf, p)) r.out.append(buf, n);
+  r.rc = pclose(p);
+  return r;
+}
 
 void fill_normal(float* x, i64 n, uint64_t seed, float std) {
   Rng r(seed);

@@ -37,7 +37,8 @@ DEFAULTS = {
     "eos_id": 2,
     "pad_id": 0,
     "init_std": 0.02,
-    "mup": {"enabled": False, "d_base": 128, "sigma_base": 0.02},
+    "mup": {"enabled": False, "d_base": 64, "sigma_base": 0.02,
+            "lr_mult_token": 1.0, "lr_mult_concept": 1.0, "lr_mult_other": 1.0},
     "train": {},
 }
 

@@ -23,6 +23,7 @@ struct Param {
   bool init_one = false;   // norm weights
   bool init_identity = false;  // router projections start as I
   float width_mult = 1.0f;     // µP s for this parameter's group (1 = no scaling)
+  float lr_mult = 1.0f;        // µP base learning-rate multiplier of the group (1 = none)
   i64 offset = 0;          // into ParamStore::data / grad
   float* w = nullptr;      // valid after ParamStore::finalize()
   float* g = nullptr;

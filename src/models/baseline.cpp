@@ -47,7 +47,9 @@ const float* BaselineModel::run_forward(const i32* tokens, i64 B, i64 L) {
     pos_[n] = i32(n % L);
   }
   ops::embedding_forward(x_.data(), tokens, tok_emb_->w, N, cfg_.d_token);
-  return layers_.forward(x_.data(), pos_.data(), B, L);
+  last_out_ = layers_.forward(x_.data(), pos_.data(), B, L);
+  last_rows_ = N;
+  return last_out_;
 }
 
 MicroStats BaselineModel::train_micro(const Batch& b, i64, const StepContext& ctx) {
@@ -156,6 +158,10 @@ class BaselineStream final : public InferenceStream {
 
 std::unique_ptr<InferenceStream> BaselineModel::new_stream(const StreamOptions& o) {
   return std::make_unique<BaselineStream>(*this, o.max_seqs, stream_len(o));
+std::vector<std::pair<std::string, double>> BaselineModel::activation_rms() const {
+  if (!last_out_) return {};
+  const i64 n = last_rows_ * cfg_.d_token;
+  return {{"tok_embeddings", rms(x_.data(), n)}, {"layers", rms(last_out_, n)}};
 }
 
 double BaselineModel::flops_per_token(i64 L) const { return flops_report(cfg_, L).total(); }

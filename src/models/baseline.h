@@ -16,6 +16,8 @@ class BaselineModel : public LanguageModel {
   void logits(const i32* tokens, i64 B, i64 L, float* out) override;
   double flops_per_token(i64 L) const override;
   std::unique_ptr<InferenceStream> new_stream(const StreamOptions& o) override;
+  // tok_embeddings (embedding output) and layers (last block output, before the final norm).
+  std::vector<std::pair<std::string, double>> activation_rms() const override;
 
  private:
   friend class BaselineStream;
@@ -27,6 +29,8 @@ class BaselineModel : public LanguageModel {
   Buf x_, g_x_, g_out_;
   std::vector<i32> pos_;
   i64 cap_B_ = 0, cap_L_ = 0;
+  const float* last_out_ = nullptr;  // stack output of the last forward
+  i64 last_rows_ = 0;
 };
 
 }  // namespace dlcm

@@ -2,6 +2,8 @@
 
 #include <fstream>
 
+#include "models/mup.h"
+
 namespace dlcm {
 using nlohmann::json;
 
@@ -43,8 +45,12 @@ nlohmann::json config_to_json(const Config& c) {
   j["eos_id"] = m.eos_id;
   j["pad_id"] = m.pad_id;
   j["init_std"] = m.init_std;
-  j["mup"] = {{"enabled", m.mup.enabled}, {"d_base", m.mup.d_base},
-              {"sigma_base", m.mup.sigma_base}};
+  j["mup"] = {{"enabled", m.mup.enabled},
+              {"d_base", m.mup.d_base},
+              {"sigma_base", m.mup.sigma_base},
+              {"lr_mult_token", m.mup.lr_mult_token},
+              {"lr_mult_concept", m.mup.lr_mult_concept},
+              {"lr_mult_other", m.mup.lr_mult_other}};
   const TrainConfig& t = c.train;
   j["train"] = {{"seq_len", t.seq_len},
                 {"batch_size", t.batch_size},
@@ -162,6 +168,9 @@ Config config_from_json(const json& src, const std::string& source) {
   get(mu, "enabled", m.mup.enabled);
   get(mu, "d_base", m.mup.d_base);
   get(mu, "sigma_base", m.mup.sigma_base);
+  get(mu, "lr_mult_token", m.mup.lr_mult_token);
+  get(mu, "lr_mult_concept", m.mup.lr_mult_concept);
+  get(mu, "lr_mult_other", m.mup.lr_mult_other);
   const json& tj = j.at("train");
   TrainConfig& t = c.train;
   get(tj, "seq_len", t.seq_len);
@@ -187,6 +196,7 @@ Config config_from_json(const json& src, const std::string& source) {
   get(tj, "allreduce_bucket_mb", t.allreduce_bucket_mb);
   get(tj, "allreduce_overlap", t.allreduce_overlap);
   validate(c, source);
+  mup_resolve(c.model);
   return c;
 }
 
@@ -290,6 +300,10 @@ void validate(const Config& c, const std::string& src) {
   if (m.mup.enabled) {
     pos(m.mup.d_base, "mup.d_base");
     DLCM_CHECK(m.mup.sigma_base > 0, src, ": 'mup.sigma_base' must be positive");
+    for (auto [v, k] : {std::pair{m.mup.lr_mult_token, "mup.lr_mult_token"},
+                        {m.mup.lr_mult_concept, "mup.lr_mult_concept"},
+                        {m.mup.lr_mult_other, "mup.lr_mult_other"}})
+      DLCM_CHECK(v > 0, src, ": '", k, "' must be positive, got ", v);
   }
   const TrainConfig& t = c.train;
   pos(t.seq_len, "train.seq_len");

@@ -16,10 +16,21 @@ struct RouterConfig {
   bool smooth_grad = false;        // let the LM loss reach p through the smoother
 };
 
+// Decoupled µP (SPEC 6, docs/mup_scaling.md). With s = width / d_base per group, hidden matrices
+// start N(0, sigma_base^2 / s) and train with lr = train.lr * lr_mult_<group> / s and AdamW
+// eps = train.eps / s; embeddings, norms, null concept and lm_head start with sigma_base and
+// train with train.lr * lr_mult_other. Logits are multiplied by 1/s_token (logit_mult is
+// forced). train.lr is therefore the base learning rate at width d_base; the schedule scales
+// every group alike. init_std is not used when enabled.
 struct MupConfig {
   bool enabled = false;
-  i64 d_base = 128;          // width at which µP multipliers are 1
+  // d_base 64, sigma_base 0.02 and train.lr 3e-3 (the default) are the base values chosen by
+  // the learning-rate transfer sweep of docs/mup_scaling.md.
+  i64 d_base = 64;           // width at which µP multipliers are 1
   float sigma_base = 0.02f;  // init std of hidden matrices at d_base
+  float lr_mult_token = 1.0f;    // eta_token = train.lr * lr_mult_token
+  float lr_mult_concept = 1.0f;  // eta_concept = train.lr * lr_mult_concept
+  float lr_mult_other = 1.0f;    // eta_others = train.lr * lr_mult_other
 };
 
 struct ModelConfig {

@@ -1,5 +1,5 @@
 // FLOPs accounting (SPEC section 7): 2*m*n*k per matrix product, 4*head_dim per admitted
-// (query, key) pair per head for attention. Per token, forward pass.
+// (query, key) pair per head for attention. Per token, forward pass. Training = 3 x forward.
 #pragma once
 #include <string>
 #include <utility>
@@ -11,16 +11,35 @@ namespace dlcm {
 
 struct FlopsReport {
   std::vector<std::pair<std::string, double>> model;   // per component, forward, per token
-  std::vector<std::pair<std::string, double>> kernel;  // what an implementation executes, where it differs
+  std::vector<std::pair<std::string, double>> kernel;  // what the chosen implementation executes, where it differs
+  std::vector<std::pair<std::string, i64>> params;     // parameter counts per component
+  // dlcm cross-attention path, forward FLOPs per token: the model count (admitted
+  // (token, concept) pairs, SPEC 7) and what each implementation executes.
+  struct {
+    double model = 0, compact = 0, replicate = 0;
+  } xattn;
+  double R = 0;  // tokens per concept used (dlcm)
+
   double total() const;
   double kernel_total() const;  // model total with kernel overrides applied
-  std::vector<std::pair<std::string, i64>> params;  // parameter counts per component
+  double training_total() const { return 3 * total(); }
+  double flops(const std::string& component) const;  // 0 when absent
+  i64 param_count(const std::string& component) const;
+  i64 total_params() const;
+  // N of the scaling law: every parameter except the token embedding table and the output
+  // projection (lm_head); norms and everything else count.
+  i64 non_embedding_params() const;
+  // P of the scaling law: backbone parameters / non_embedding_params() (0 for the baseline).
+  double backbone_param_share() const;
+  double backbone_flops_share() const;  // backbone forward FLOPs / total
 };
 
 // Forward FLOPs per token of a pre-norm block stack over sequences of `len` positions with
 // causal attention (average admitted keys per query = (len+1)/2).
 double block_flops_per_position(i64 d, i64 n_heads, i64 n_kv_heads, i64 head_dim, i64 d_ff,
                                 double len);
+// Parameters of one pre-norm block (attention, SwiGLU, two norms, optional QK-norm weights).
+i64 block_params(i64 d, i64 n_heads, i64 n_kv_heads, i64 head_dim, i64 d_ff, bool qk_norm);
 // R: tokens per concept (dlcm only; target_R when R <= 0).
 FlopsReport flops_report(const ModelConfig& m, i64 seq_len, double R = 0);
 

@@ -2,10 +2,14 @@
 
 #include <cmath>
 
+#include "kernels/ops.h"
 #include "models/baseline.h"
 #include "models/dlcm.h"
+#include "models/mup.h"
 
 namespace dlcm {
+
+double rms(const float* x, i64 n) { return n > 0 ? std::sqrt(ops::sum_squares(x, n) / double(n)) : 0.0; }
 
 i64 LanguageModel::stream_len(const StreamOptions& o) const {
   DLCM_CHECK(o.max_seqs >= 1, "stream: need at least one sequence slot, got ", o.max_seqs);
@@ -14,26 +18,25 @@ i64 LanguageModel::stream_len(const StreamOptions& o) const {
   return o.max_len > 0 ? o.max_len : cfg_.max_seq_len;
 }
 
-std::unique_ptr<LanguageModel> make_model(const ModelConfig& cfg) {
-  if (cfg.arch == "baseline") return std::make_unique<BaselineModel>(cfg);
-  if (cfg.arch == "dlcm") return std::make_unique<DlcmModel>(cfg);
-  fail("config: arch \"", cfg.arch, "\" is not built in this version");
+std::unique_ptr<LanguageModel> make_model(const ModelConfig& given) {
+  ModelConfig cfg = given;
+  mup_resolve(cfg);  // logit_mult = 1/s_token under µP
+  std::unique_ptr<LanguageModel> m;
+  if (cfg.arch == "baseline") m = std::make_unique<BaselineModel>(cfg);
+  else if (cfg.arch == "dlcm") m = std::make_unique<DlcmModel>(cfg);
+  else fail("config: arch \"", cfg.arch, "\" is not built in this version");
+  mup_assign(cfg, m->params());  // per-parameter lr and eps scales for AdamW
+  return m;
 }
 
 std::unique_ptr<LanguageModel> make_initialised_model(const ModelConfig& cfg, uint64_t seed) {
   auto m = make_model(cfg);
-  // Standard parametrisation: every matrix N(0, init_std^2); output projections of residual
-  // branches (wo, w2) scaled by 1/sqrt(2 * depth) so the residual stream does not grow with depth.
-  i64 depth = cfg.is_dlcm() ? cfg.enc_layers + cfg.bb_layers + cfg.dec_layers + 1 : cfg.n_layers;
+  // Standard parametrisation: every matrix N(0, init_std^2); µP: sigma_base^2 / s for hidden
+  // matrices, sigma_base^2 for the others (models/mup.h). Residual output projections (wo, w2)
+  // are scaled by 1/sqrt(2 * depth) in both, so the residual stream does not grow with depth.
   for (auto& p : m->params().params()) {
     if (p.init_one || p.init_identity) continue;
-    p.init_std = cfg.init_std;
-    auto ends_with = [&](const char* s) {
-      std::string t(s);
-      return p.name.size() >= t.size() && p.name.compare(p.name.size() - t.size(), t.size(), t) == 0;
-    };
-    if (ends_with("attn.wo.weight") || ends_with("ffn.w2.weight") || ends_with("xattn.wo.weight"))
-      p.init_std = cfg.init_std / std::sqrt(2.0f * float(depth));
+    p.init_std = init_std_for(m->config(), p);
   }
   m->params().init(seed);
   return m;

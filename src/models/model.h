@@ -2,6 +2,8 @@
 #pragma once
 #include <functional>
 #include <memory>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "core/params.h"
@@ -78,6 +80,10 @@ class LanguageModel {
   // (encoder/backbone/decoder KV caches, router's last q, open concept, smoother, concept K/V
   // with multiplicities) and thresholds p with o.tau.
   virtual std::unique_ptr<InferenceStream> new_stream(const StreamOptions& o) = 0;
+  // µP coordinate check: RMS of each stack's output over the rows of the last forward pass
+  // (train_micro, eval_micro or logits), as (name, RMS) pairs in a fixed order. Stack outputs
+  // are taken before the stack's final norm. Empty before any forward pass.
+  virtual std::vector<std::pair<std::string, double>> activation_rms() const { return {}; }
 
   // Forward FLOPs per token of the model (SPEC 7), for MFU.
   virtual double flops_per_token(i64 L) const = 0;
@@ -102,7 +108,11 @@ class LanguageModel {
   GradReadyFn grad_ready_;
 };
 
+// Root mean square of x[0..n) (accumulated in double); 0 for n = 0.
+double rms(const float* x, i64 n);
+
 // Builds the model for cfg.arch with parameters registered and allocated (not initialised).
+// Under µP it forces logit_mult (mup_resolve) and sets every parameter's lr/eps scales.
 std::unique_ptr<LanguageModel> make_model(const ModelConfig& cfg);
 // make_model + params().init(seed) with the configured initialisation.
 std::unique_ptr<LanguageModel> make_initialised_model(const ModelConfig& cfg, uint64_t seed);

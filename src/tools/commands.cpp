@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <nlohmann/json.hpp>
 #include <sstream>
 
@@ -19,6 +20,7 @@
 #include "infer/generate.h"
 #include "infer/segment.h"
 #include "models/flops.h"
+#include "models/plan.h"
 #include "models/model.h"
 #include "train/checkpoint.h"
 #include "train/trainer.h"
@@ -27,7 +29,7 @@ namespace dlcm {
 namespace fs = std::filesystem;
 using nlohmann::json;
 
-static Config config_with_overrides(const std::string& path, const std::vector<std::string>& sets) {
+Config config_with_overrides(const std::string& path, const std::vector<std::string>& sets) {
   json j;
   if (!path.empty()) {
     std::ifstream f(path);
@@ -66,6 +68,11 @@ int cmd_train(const TrainArgs& a) {
     for (const auto& s : a.sets) std::fprintf(stderr, "[train] --set %s\n", s.c_str());
   Trainer tr(cfg, std::move(data), opt);
   tr.run();
+  if (!a.final_eval) {
+    std::fprintf(stderr, "[train] done: step %lld, checkpoint in %s/checkpoint\n", (long long)tr.step(),
+                 a.out.c_str());
+    return 0;
+  }
   auto v = tr.validate(-1);
   if (rank0)
     std::fprintf(stderr, "[train] done: step %lld, full validation loss %.4f (ppl %.2f%s), checkpoint in %s/checkpoint\n",
@@ -355,26 +362,156 @@ int cmd_eval(const EvalArgs& a) {
   return 0;
 }
 
+static json flops_to_json(const FlopsReport& r, const ModelConfig& m, i64 L) {
+  json comp = json::array();
+  for (auto& [k, v] : r.model)
+    comp.push_back({{"name", k}, {"forward_flops_per_token", v}, {"params", r.param_count(k)}});
+  json j = {{"arch", m.arch},
+            {"seq_len", L},
+            {"components", comp},
+            {"forward_flops_per_token", r.total()},
+            {"training_flops_per_token", r.training_total()},
+            {"kernel_forward_flops_per_token", r.kernel_total()},
+            {"params_total", r.total_params()},
+            {"params_non_embedding", r.non_embedding_params()}};
+  if (m.is_dlcm()) {
+    j["R"] = r.R;
+    j["backbone_param_share"] = r.backbone_param_share();
+    j["backbone_flops_share"] = r.backbone_flops_share();
+    j["cross_attention"] = {{"impl", m.xattn_impl},
+                            {"model_flops_per_token", r.xattn.model},
+                            {"kernel_flops_per_token_compact", r.xattn.compact},
+                            {"kernel_flops_per_token_replicate", r.xattn.replicate}};
+  }
+  return j;
+}
+
 int cmd_flops(const FlopsArgs& a) {
   Config cfg = config_with_overrides(a.config, a.sets);
   i64 L = a.seq_len > 0 ? a.seq_len : cfg.train.seq_len;
+  DLCM_CHECK(a.R == 0 || a.R > 1, "--R must be > 1 (tokens per concept), got ", a.R);
   FlopsReport r = flops_report(cfg.model, L, a.R);
-  double total = r.total();
-  std::printf("arch %s, seq_len %lld%s\n", cfg.model.arch.c_str(), (long long)L,
-              cfg.model.is_dlcm() ? (", R " + std::to_string(a.R > 0 ? a.R : cfg.model.target_R)).c_str() : "");
-  std::printf("%-18s %14s %7s %12s\n", "component", "FLOPs/token", "share", "params");
-  for (auto& [k, v] : r.model) {
-    i64 np = 0;
-    for (auto& [k2, v2] : r.params)
-      if (k2 == k) np = v2;
-    std::printf("%-18s %14.4e %6.1f%% %12lld\n", k.c_str(), v, 100 * v / total, (long long)np);
+  if (a.json) {
+    std::printf("%s\n", flops_to_json(r, cfg.model, L).dump(1).c_str());
+    return 0;
   }
-  std::printf("%-18s %14.4e\n", "forward total", total);
-  std::printf("%-18s %14.4e\n", "training (3x)", 3 * total);
-  if (!r.kernel.empty())
-    for (auto& [k, v] : r.kernel)
-      std::printf("kernel FLOPs of %s (%s): %.4e per token (model: counted above)\n", k.c_str(),
-                  cfg.model.xattn_impl.c_str(), v);
+  const ModelConfig& m = cfg.model;
+  double total = r.total();
+  std::printf("arch %s, seq_len %lld", m.arch.c_str(), (long long)L);
+  if (m.is_dlcm())
+    std::printf(", R %g (%s), cross-attention %s", r.R, a.R > 0 ? "--R" : "target_R",
+                m.xattn_impl.c_str());
+  std::printf("\n%-18s %14s %7s %12s\n", "component", "FLOPs/token", "share", "params");
+  for (auto& [k, v] : r.model)
+    std::printf("%-18s %14.4e %6.1f%% %12lld\n", k.c_str(), v, 100 * v / total,
+                (long long)r.param_count(k));
+  std::printf("%-18s %14.4e %7s %12lld\n", "forward total", total, "", (long long)r.total_params());
+  std::printf("%-18s %14.4e\n", "training (3x)", r.training_total());
+  std::printf("non-embedding parameters N = %lld (all but tok_embeddings and lm_head)\n",
+              (long long)r.non_embedding_params());
+  if (m.is_dlcm()) {
+    std::printf("backbone: %.1f%% of forward FLOPs, P = %.3f of non-embedding parameters\n",
+                100 * r.backbone_flops_share(), r.backbone_param_share());
+    std::printf("cross-attention FLOPs/token: model %.4e | kernel %.4e (%s, chosen); the other "
+                "path's kernel: %.4e (%s)\n",
+                r.xattn.model, m.xattn_impl == "compact" ? r.xattn.compact : r.xattn.replicate,
+                m.xattn_impl.c_str(),
+                m.xattn_impl == "compact" ? r.xattn.replicate : r.xattn.compact,
+                m.xattn_impl == "compact" ? "replicate" : "compact");
+    std::printf("%-18s %14.4e (model FLOPs with the chosen kernels)\n", "kernel total",
+                r.kernel_total());
+  }
+  return 0;
+}
+
+static std::string fmt_g7(double v) {
+  char b[32];
+  std::snprintf(b, sizeof b, "%.7g", v);
+  return b;
+}
+
+static std::string shape_line(const ModelConfig& m) {
+  char b[512];
+  if (!m.is_dlcm()) {
+    std::snprintf(b, sizeof b, "d_token %lld, %lld layers, %lld/%lld heads, d_ff %lld",
+                  (long long)m.d_token, (long long)m.n_layers, (long long)m.n_heads,
+                  (long long)m.n_kv_heads, (long long)m.d_ff);
+  } else {
+    std::snprintf(b, sizeof b,
+                  "d_token %lld (%lld/%lld heads, d_ff %lld), enc %lld + dec %lld layers; "
+                  "d_concept %lld (%lld/%lld heads, bb_d_ff %lld), %lld backbone layers; R %g",
+                  (long long)m.d_token, (long long)m.n_heads, (long long)m.n_kv_heads,
+                  (long long)m.d_ff, (long long)m.enc_layers, (long long)m.dec_layers,
+                  (long long)m.d_concept, (long long)m.bb_heads, (long long)m.bb_kv_heads,
+                  (long long)m.bb_d_ff, (long long)m.bb_layers, double(m.target_R));
+  }
+  return b;
+}
+
+int cmd_plan(const PlanArgs& a) {
+  Config base = config_with_overrides(a.match, a.sets);
+  PlanOptions o;
+  o.R = a.R;
+  o.P = a.P;
+  o.d_concept = a.d_concept;
+  o.d_token = a.d_token;
+  o.seq_len = a.seq_len;
+  o.flops_tol = a.flops_tol;
+  o.p_tol = a.p_tol;
+  PlanResult p = plan_match(base, o, a.match);
+  const i64 L = a.seq_len > 0 ? a.seq_len : base.train.seq_len;
+  std::printf("matched-FLOPs plan at seq_len %lld, R %g, P %g (%lld shapes examined)\n",
+              (long long)L, a.R, a.P, (long long)p.candidates);
+  std::printf("baseline (%s): %s\n", a.match.c_str(), shape_line(base.model).c_str());
+  std::printf("dlcm (proposed): %s\n\n", shape_line(p.dlcm.model).c_str());
+  std::printf("%-16s | %12s %12s | %12s %12s\n", "component", "base FLOPs", "base params",
+              "dlcm FLOPs", "dlcm params");
+  std::vector<std::string> names;
+  for (auto* r : {&p.base, &p.prop})
+    for (auto& [k, v] : r->model)
+      if (std::find(names.begin(), names.end(), k) == names.end()) names.push_back(k);
+  // keep the head last
+  std::stable_partition(names.begin(), names.end(), [](const std::string& n) { return n != "head"; });
+  auto cell = [](const FlopsReport& r, const std::string& k, bool params) {
+    for (auto& [n, v] : r.model)
+      if (n == k) {
+        char b[32];
+        if (params) std::snprintf(b, sizeof b, "%12lld", (long long)r.param_count(k));
+        else std::snprintf(b, sizeof b, "%12.4e", v);
+        return std::string(b);
+      }
+    return std::string(12 - 1, ' ') + "-";
+  };
+  for (auto& k : names)
+    std::printf("%-16s | %s %s | %s %s\n", k.c_str(), cell(p.base, k, false).c_str(),
+                cell(p.base, k, true).c_str(), cell(p.prop, k, false).c_str(),
+                cell(p.prop, k, true).c_str());
+  std::printf("%-16s | %12.4e %12lld | %12.4e %12lld\n", "forward total", p.base.total(),
+              (long long)p.base.total_params(), p.prop.total(), (long long)p.prop.total_params());
+  std::printf("%-16s | %12s %12lld | %12s %12lld\n", "non-embedding N", "",
+              (long long)p.base.non_embedding_params(), "", (long long)p.prop.non_embedding_params());
+  std::printf("\ndlcm / baseline forward FLOPs per token: %.4f (tolerance +-%g%%)\n", p.flops_ratio,
+              100 * a.flops_tol);
+  std::printf("backbone share of non-embedding parameters P = %.4f (asked %g +- %g); of forward "
+              "FLOPs %.1f%%\n", p.P, a.P, a.p_tol, 100 * p.prop.backbone_flops_share());
+  // floats as the 7 significant digits they hold (0.03, not 0.029999999329447746)
+  std::function<void(json&)> tidy = [&](json& j) {
+    if (j.is_object() || j.is_array())
+      for (auto& v : j) tidy(v);
+    else if (j.is_number_float())
+      j = std::stod(fmt_g7(j.get<double>()));
+  };
+  json cj = config_to_json(p.dlcm);
+  tidy(cj);
+  std::string text = cj.dump(2);
+  if (!a.out.empty()) {
+    std::ofstream f(a.out);
+    DLCM_CHECK(f, a.out, ": cannot write the proposed config (check --out)");
+    f << text << "\n";
+    std::printf("config written to %s\n", a.out.c_str());
+  } else {
+    std::printf("\n%s\n", text.c_str());
+  }
   return 0;
 }
 

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "core/common.h"
+#include "models/config.h"
 
 namespace dlcm {
 
@@ -19,6 +20,7 @@ struct TrainArgs {
   i64 steps = -1;
   std::vector<std::string> sets;
   bool resume = false, quiet = false;
+  bool final_eval = true;  // full validation pass at the end
 };
 int cmd_train(const TrainArgs& a);
 
@@ -63,8 +65,19 @@ struct FlopsArgs {
   i64 seq_len = 0;
   double R = 0;
   std::vector<std::string> sets;
+  bool json = false;  // print the report as JSON
 };
 int cmd_flops(const FlopsArgs& a);
+
+// `dlcm plan --match CONFIG --R R --P P`: a dlcm config with the baseline's forward FLOPs per
+// token (models/plan.h), printed side by side with the baseline; --out writes its config JSON.
+struct PlanArgs {
+  std::string match, out;
+  std::vector<std::string> sets;  // applied to the baseline config
+  double R = 4, P = 0.5, flops_tol = 0.05, p_tol = 0.03;
+  i64 d_concept = 0, d_token = 0, seq_len = 0;
+};
+int cmd_plan(const PlanArgs& a);
 
 struct BenchTrainArgs {
   std::string config;
@@ -88,6 +101,61 @@ struct EvalArgs {
   i64 batch_size = 8, seq_len = 0;
 };
 int cmd_eval(const EvalArgs& a);
+
+// `dlcm mup coord-check`: the µP coordinate check (train/coord_check.h) written as
+// OUT/coord_check.{csv,json,svg}, with a summary of the spread across widths on stdout.
+struct CoordCheckArgs {
+  std::string config, data, out = "coord_check";
+  std::vector<std::string> sets;
+  std::string widths = "1,2,4,8", steps = "0,1,10", scale = "both", params = "mup,sp";
+  i64 seeds = 1;
+};
+int cmd_coord_check(const CoordCheckArgs& a);
+
+// `dlcm mup lr-sweep`: learning-rate transfer. Trains the config at each width multiplier x
+// base learning rate (x parametrisation) into OUT/<param>_w<mult>_lr<lr>/, skipping finished
+// runs and resuming interrupted ones, then writes OUT/lr_sweep.{md,csv,json,svg} with the final
+// validation loss of each run and the best learning rate per width.
+struct LrSweepArgs {
+  std::string config, data, out;
+  std::vector<std::string> sets;
+  std::string widths = "1,2,4", lrs = "1e-3,3e-3,1e-2,3e-2", params = "mup";
+  std::string scale = "both";  // which widths the multipliers scale: both, token or concept
+  i64 steps = -1;
+  bool quiet = false;
+};
+int cmd_lr_sweep(const LrSweepArgs& a);
+
+// `dlcm scaling fit RUNS... --out DIR`: fits SPEC 8's law to the runs' curves and writes
+// DIR/scaling_fit.{json,md,svg} (constants, R^2, residuals, fitted vs observed curves).
+struct ScalingFitArgs {
+  std::vector<std::string> runs, fix;  // fix: name=value
+  std::string out = "scaling_fit", metric = "val_loss";
+  double huber = 0.01, min_frac = 0.1;
+  bool realized_R = false;
+};
+int cmd_scaling_fit(const ScalingFitArgs& a);
+
+// `dlcm scaling predict --fit FILE --N N --D D --R R --P P`: the law's loss and its terms.
+struct ScalingPredictArgs {
+  std::string fit;
+  double N = 0, D = 0, R = 1, P = 0;
+};
+int cmd_scaling_predict(const ScalingPredictArgs& a);
+
+// `dlcm scaling allocate --fit FILE --flops C --R R`: the P (and N, D) minimising the predicted
+// loss under a training FLOPs budget (scaling/scaling_law.h: allocate_budget).
+struct ScalingAllocateArgs {
+  std::string fit;
+  double flops = 0, R = 4, p_min = 0.05, p_max = 0.95, p_step = 0.01;
+};
+int cmd_scaling_allocate(const ScalingAllocateArgs& a);
+
+// JSON file + `--set` overrides -> validated Config (an empty path means the defaults).
+Config config_with_overrides(const std::string& path, const std::vector<std::string>& sets);
+// "1,2,4" -> {1, 2, 4}; errors name the flag.
+std::vector<double> parse_number_list(const std::string& flag, const std::string& text);
+std::vector<std::string> split_list(const std::string& text);
 
 // Reads a token-rows file (one row of space-separated ids per line, all rows equally long).
 std::vector<std::vector<i32>> read_token_rows(const std::string& path);

@@ -24,6 +24,8 @@ int main(int argc, char** argv) {
   train->add_flag("--resume", ta.resume, "continue the run in --out from its checkpoint");
   train->add_option("--init-from", ta.init_from, "start from the weights of this checkpoint");
   train->add_flag("--quiet", ta.quiet, "no progress output");
+  bool no_final_eval = false;
+  train->add_flag("--no-final-eval", no_final_eval, "skip the full validation pass at the end (logged evals still run)");
 
   ForwardArgs fa;
   auto* fwd = app.add_subcommand("forward", "write logits (and dlcm p, b) for token rows");
@@ -64,6 +66,20 @@ int main(int argc, char** argv) {
   flops->add_option("--seq-len", la.seq_len, "sequence length (default: train.seq_len)");
   flops->add_option("--R", la.R, "tokens per concept (dlcm; default target_R)");
   flops->add_option("--set", la.sets, "override a config key: key=value");
+  flops->add_flag("--json", la.json, "print the report as JSON");
+
+  PlanArgs pl;
+  auto* plan = app.add_subcommand("plan", "propose a dlcm config matching a baseline's inference FLOPs per token");
+  plan->add_option("--match", pl.match, "baseline config JSON")->required();
+  plan->add_option("--R", pl.R, "tokens per concept (target_R)")->required()->check(CLI::Range(1.0001, 1e6));
+  plan->add_option("--P", pl.P, "backbone share of non-embedding parameters")->required()->check(CLI::Range(0.0, 1.0));
+  plan->add_option("--d-concept", pl.d_concept, "fix the concept width (default: search)");
+  plan->add_option("--d-token", pl.d_token, "fix the token width (default: the baseline's, else nearby)");
+  plan->add_option("--seq-len", pl.seq_len, "sequence length for attention FLOPs (default: train.seq_len)");
+  plan->add_option("--flops-tol", pl.flops_tol, "relative FLOPs tolerance (default 0.05)")->check(CLI::Range(1e-6, 1.0));
+  plan->add_option("--p-tol", pl.p_tol, "absolute tolerance on P (default 0.03)")->check(CLI::Range(1e-6, 1.0));
+  plan->add_option("--set", pl.sets, "override a key of the baseline config: key=value");
+  plan->add_option("--out", pl.out, "write the proposed config JSON here");
 
   BenchTrainArgs ba;
   auto* bench = app.add_subcommand("bench", "benchmarks that print figures");
@@ -101,6 +117,59 @@ int main(int argc, char** argv) {
   ev->add_option("--seq-len", ea.seq_len, "window length (default: the model's train.seq_len)");
   ev->add_option("--out", ea.out, "write the JSON report here");
 
+  auto* mup = app.add_subcommand("mup", "decoupled µP tools (SPEC 6)");
+  mup->require_subcommand(1);
+  CoordCheckArgs ca;
+  auto* coord = mup->add_subcommand("coord-check", "RMS of each stack and of the logits across widths, µP vs standard");
+  coord->add_option("--config", ca.config, "config JSON of the model at multiplier 1 (default: built-in defaults)");
+  coord->add_option("--set", ca.sets, "override a config key: key=value (repeatable)");
+  coord->add_option("--data", ca.data, "prepared data folder: train on its first batch (default: a synthetic batch)");
+  coord->add_option("--widths", ca.widths, "width multipliers, comma-separated (default 1,2,4,8)");
+  coord->add_option("--steps", ca.steps, "record after these optimizer steps (default 0,1,10)");
+  coord->add_option("--scale", ca.scale, "which widths scale: both, token or concept")->check(CLI::IsMember({"both", "token", "concept"}));
+  coord->add_option("--params", ca.params, "parametrisations: mup,sp (default both)");
+  coord->add_option("--seeds", ca.seeds, "initialisations averaged (default 1)")->check(CLI::Range(1, 100));
+  coord->add_option("--out", ca.out, "output folder for coord_check.{csv,json,svg} (default coord_check)");
+  LrSweepArgs lsa;
+  auto* lrs = mup->add_subcommand("lr-sweep", "learning-rate transfer sweep: widths x base learning rates (resumable)");
+  lrs->add_option("--config", lsa.config, "config JSON of the model at multiplier 1")->required();
+  lrs->add_option("--data", lsa.data, "prepared data folder")->required();
+  lrs->add_option("--out", lsa.out, "sweep folder: one run folder per point, lr_sweep.{md,csv,json,svg}")->required();
+  lrs->add_option("--set", lsa.sets, "override a config key: key=value (repeatable)");
+  lrs->add_option("--widths", lsa.widths, "width multipliers (default 1,2,4)");
+  lrs->add_option("--lrs", lsa.lrs, "base learning rates (default 1e-3,3e-3,1e-2,3e-2)");
+  lrs->add_option("--params", lsa.params, "parametrisations: mup and/or sp (default mup)");
+  lrs->add_option("--scale", lsa.scale, "which widths scale: both, token or concept")->check(CLI::IsMember({"both", "token", "concept"}));
+  lrs->add_option("--steps", lsa.steps, "optimizer steps per run (overrides train.steps)");
+  lrs->add_flag("--quiet", lsa.quiet, "no per-step progress");
+
+  auto* scaling = app.add_subcommand("scaling", "compression-aware scaling law (SPEC 8)");
+  scaling->require_subcommand(1);
+  ScalingFitArgs sfa;
+  auto* sfit = scaling->add_subcommand("fit", "fit the law to training runs (robust NLLS, shared exponents)");
+  sfit->add_option("runs", sfa.runs, "run folders written by 'dlcm train --out'")->required();
+  sfit->add_option("--out", sfa.out, "output folder for scaling_fit.{json,md,svg} (default scaling_fit)");
+  sfit->add_option("--metric", sfa.metric, "val_loss (validation lines, default) or ce (training lines)")->check(CLI::IsMember({"val_loss", "ce"}));
+  sfit->add_option("--huber", sfa.huber, "Huber threshold on log-loss residuals (default 0.01)")->check(CLI::Range(1e-6, 1e6));
+  sfit->add_option("--min-frac", sfa.min_frac, "skip points before this share of each run (and its warmup; default 0.1)")->check(CLI::Range(0.0, 1.0));
+  sfit->add_flag("--realized-R", sfa.realized_R, "use the logged compression instead of target_R");
+  sfit->add_option("--fix", sfa.fix, "hold a constant: name=value (repeatable), e.g. --fix t_tok=0");
+  ScalingPredictArgs spa;
+  auto* spred = scaling->add_subcommand("predict", "predicted loss of a configuration");
+  spred->add_option("--fit", spa.fit, "scaling_fit.json")->required();
+  spred->add_option("--N", spa.N, "non-embedding parameters")->required();
+  spred->add_option("--D", spa.D, "training tokens")->required();
+  spred->add_option("--R", spa.R, "tokens per concept (1 for a baseline)")->required();
+  spred->add_option("--P", spa.P, "backbone share of non-embedding parameters")->required();
+  ScalingAllocateArgs saa;
+  auto* salloc = scaling->add_subcommand("allocate", "P, N and D minimising the predicted loss under a FLOPs budget");
+  salloc->add_option("--fit", saa.fit, "scaling_fit.json")->required();
+  salloc->add_option("--flops", saa.flops, "training FLOPs budget")->required();
+  salloc->add_option("--R", saa.R, "tokens per concept")->required();
+  salloc->add_option("--p-min", saa.p_min, "smallest P searched (default 0.05)");
+  salloc->add_option("--p-max", saa.p_max, "largest P searched (default 0.95)");
+  salloc->add_option("--p-step", saa.p_step, "P step (default 0.01)");
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -118,6 +187,7 @@ int main(int argc, char** argv) {
     return code;
   };
   try {
+    ta.final_eval = !no_final_eval;
     if (*train) {
       dist::init(&argc, &argv);  // data parallel when started by mpirun
       int rc = cmd_train(ta);
@@ -127,6 +197,7 @@ int main(int argc, char** argv) {
     if (*fwd) return cmd_forward(fa);
     if (*gen) return cmd_generate(ga);
     if (*flops) return cmd_flops(la);
+    if (*plan) return cmd_plan(pl);
     if (*btrain) {
       dist::init(&argc, &argv);  // data-parallel throughput when started by mpirun
       int rc = cmd_bench_train(ba);
@@ -137,6 +208,11 @@ int main(int argc, char** argv) {
     if (*seg) return cmd_segment(sa);
     if (*prep) return cmd_prepare(pa);
     if (*ev) return cmd_eval(ea);
+    if (*coord) return cmd_coord_check(ca);
+    if (*lrs) return cmd_lr_sweep(lsa);
+    if (*sfit) return cmd_scaling_fit(sfa);
+    if (*spred) return cmd_scaling_predict(spa);
+    if (*salloc) return cmd_scaling_allocate(saa);
   } catch (const dlcm::Error& e) {
     return report(e.what(), 2);
   } catch (const std::exception& e) {

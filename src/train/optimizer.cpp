@@ -16,8 +16,10 @@ void AdamW::step(ParamStore& ps, float lr, const TrainConfig& tc) {
   ++t;
   for (auto& p : ps.params()) {
     float wd = p.decay ? tc.weight_decay : 0.0f;
-    ops::adamw_update(p.w, p.g, m.data() + p.offset, v.data() + p.offset, p.numel, lr, tc.beta1,
-                      tc.beta2, tc.eps, wd, t);
+    // µP (SPEC 6): lr * lr_mult / s and eps / s; both factors are 1 without µP.
+    ops::adamw_update(p.w, p.g, m.data() + p.offset, v.data() + p.offset, p.numel,
+                      lr * p.lr_mult / p.width_mult, tc.beta1, tc.beta2, tc.eps / p.width_mult,
+                      wd, t);
   }
 }
 

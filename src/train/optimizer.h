@@ -9,7 +9,8 @@ namespace dlcm {
 class AdamW {
  public:
   void init(const ParamStore& ps);
-  // One update with base learning rate lr (per-parameter multipliers from µP come later).
+  // One update with base learning rate lr; parameter p uses lr * p.lr_mult / p.width_mult and
+  // eps / p.width_mult (µP, set by make_model; both 1 without µP).
   void step(ParamStore& ps, float lr, const TrainConfig& t);
   i64 t = 0;  // number of updates done (1-based inside step)
   Buf m, v;   // same layout as ParamStore data

@@ -416,7 +416,8 @@ void Trainer::run() {
     bool last = step_ == t.steps;
     if (t.eval_every > 0 && (step_ % t.eval_every == 0 || last) && data_.val_count) {
       ValResult v = validate(t.eval_batches);
-      json j = {{"step", step_}, {"val_loss", v.loss}, {"val_ppl", v.ppl}, {"val_tokens", v.tokens}};
+      json j = {{"step", step_}, {"val_loss", v.loss}, {"val_ppl", v.ppl}, {"val_tokens", v.tokens},
+                {"tokens", tokens_seen_}};
       if (v.bpb > 0) j["val_bpb"] = v.bpb;
       if (v.compression > 0) j["val_compression"] = v.compression;
       log_line(j.dump());

@@ -1,0 +1,36 @@
+// Small self-contained SVG line plots (linear or log axes, several panels in a grid), for the
+// figures that the tools write into docs/: µP coordinate checks, learning-rate sweeps,
+// scaling-law fits. No dependencies; the output opens in any browser.
+#pragma once
+#include <string>
+#include <vector>
+
+namespace dlcm {
+
+struct PlotSeries {
+  std::string label;          // legend entry (empty: no entry)
+  std::vector<double> x, y;   // points; non-finite ones (and <= 0 on a log axis) are skipped
+  bool line = true;           // polyline through the points in order
+  bool markers = false;       // a dot at each point
+  bool dashed = false;
+  int color = -1;             // palette index; -1 = the series' position in its panel
+};
+
+struct PlotPanel {
+  std::string title, xlabel, ylabel;
+  bool log_x = false, log_y = false;
+  std::vector<double> x_ticks;  // explicit x tick positions (empty: automatic)
+  std::vector<PlotSeries> series;
+};
+
+// The SVG document: panels laid out in `cols` columns under an optional title.
+std::string render_svg(const std::vector<PlotPanel>& panels, int cols, const std::string& title);
+// render_svg into a file; throws Error naming the path when it cannot be written.
+void write_svg(const std::string& path, const std::vector<PlotPanel>& panels, int cols,
+               const std::string& title);
+
+// Axis ticks between lo and hi (lo < hi): "nice" 1-2-5 steps on a linear axis; 1-2-5 x 10^k
+// (or only powers of ten when that gives too many) on a log axis.
+std::vector<double> axis_ticks(double lo, double hi, bool log);
+
+}  // namespace dlcm
