@@ -158,6 +158,8 @@ class BaselineStream final : public InferenceStream {
 
 std::unique_ptr<InferenceStream> BaselineModel::new_stream(const StreamOptions& o) {
   return std::make_unique<BaselineStream>(*this, o.max_seqs, stream_len(o));
+}
+
 std::vector<std::pair<std::string, double>> BaselineModel::activation_rms() const {
   if (!last_out_) return {};
   const i64 n = last_rows_ * cfg_.d_token;

@@ -202,7 +202,9 @@ const float* DlcmModel::decode(const i32* tokens, const uint8_t* b, i64 B, i64 L
   ops::linear_forward(X_.data(), fh_.data(), x_w2_->w, N, xf, d);
   add_into(X_.data(), psi_.data(), N * d);
   // decoder (token positions as in the encoder)
-  return dec_.forward(X_.data(), pos_.data(), B, L);
+  dec_out_ = dec_.forward(X_.data(), pos_.data(), B, L);
+  last_N_ = N;
+  return dec_out_;
 }
 
 // ---- backward -------------------------------------------------------------------------------
@@ -399,6 +401,26 @@ bool DlcmModel::boundaries(const i32* tokens, i64 B, i64 L, float* p, uint8_t* b
                             tau < 0 ? cfg_.router.tau : tau);
   std::memcpy(p, p_.data(), sizeof(float) * B * L);
   return true;
+}
+
+std::vector<std::pair<std::string, double>> DlcmModel::activation_rms() const {
+  if (!dec_out_) return {};
+  const i64 N = last_N_, d = cfg_.d_token, dc = cfg_.d_concept;
+  // Concept-level RMS over the real concepts only (padded slots are zero rows).
+  auto concept_rms = [&](const float* x) {
+    double ss = 0;
+    i64 n = 0;
+    for (i64 r = 0; r < sg_.B; ++r)
+      for (i64 j = 0; j < sg_.count[r]; ++j) {
+        const float* row = x + (r * sg_.Mmax + j) * dc;
+        for (i64 u = 0; u < dc; ++u) ss += double(row[u]) * row[u];
+        n += dc;
+      }
+    return n > 0 ? std::sqrt(ss / double(n)) : 0.0;
+  };
+  return {{"tok_embeddings", rms(x0_.data(), N * d)}, {"encoder", rms(enc_out_, N * d)},
+          {"concepts", concept_rms(C_.data())},       {"backbone", concept_rms(bb_out_)},
+          {"cross_attention", rms(X_.data(), N * d)}, {"decoder", rms(dec_out_, N * d)}};
 }
 
 double DlcmModel::flops_per_token(i64 L) const { return flops_report(cfg_, L).total(); }

@@ -35,6 +35,10 @@ class DlcmModel : public LanguageModel {
   // The streaming state of SPEC 5 (models/dlcm_stream.cpp).
   std::unique_ptr<InferenceStream> new_stream(const StreamOptions& o) override;
   double flops_per_token(i64 L) const override;
+  // µP coordinate check: tok_embeddings, encoder (before its norm), concepts (after W_up),
+  // backbone (before its norm; both over real concepts only), cross_attention (X, the
+  // decoder's input), decoder (before its norm), of the last forward pass.
+  std::vector<std::pair<std::string, double>> activation_rms() const override;
 
   // The segments of the last forward pass (tests, diagnostics).
   const ops::Segments& segments() const { return sg_; }
@@ -78,6 +82,8 @@ class DlcmModel : public LanguageModel {
   ops::Segments sg_;
   const float* enc_out_ = nullptr;
   const float* bb_out_ = nullptr;
+  const float* dec_out_ = nullptr;
+  i64 last_N_ = 0;
   // Gradients (token level and concept level).
   Buf g_out_, g_X_, g_fh_, g_fa_, g_fb_, g_pn_, g_psi_, g_att_, g_q_, g_qraw_, g_hn_, g_H_;
   Buf g_rq_, g_rk_, dp_, g_enc_, g_x0_, g_krep_, g_vrep_;
