@@ -15,6 +15,7 @@
 //     on which other sequences share a call;
 //   - the work per step does not grow with the full prefix recomputed (caches, not recompute).
 #pragma once
+#include <algorithm>
 #include <vector>
 
 #include "core/common.h"
@@ -85,6 +86,33 @@ class InferenceStream {
   virtual void do_prefill(const PrefillItem* items, i64 n_items, float* logits,
                           bool all_logits) = 0;
   virtual void do_step(const i64* seqs, const i32* tokens, i64 n, float* logits) = 0;
+
+  // do_prefill for a model whose forward pass over new positions is run(items, n) -> final
+  // hidden states [sum n, d] and whose head is head(h, N, logits): runs consecutive items in
+  // groups of at most `rows` positions; with !all_logits only each item's last position goes
+  // through the head (gathered into `last` [n_items in a group, d]).
+  template <class Run, class Head>
+  void prefill_in_groups(const PrefillItem* items, i64 n_items, float* logits, bool all_logits,
+                         i64 rows, i64 d, float* last, Run&& run, Head&& head) {
+    i64 out_row = 0;
+    for (i64 i0 = 0; i0 < n_items;) {
+      i64 i1 = i0, R = 0;
+      while (i1 < n_items && R + items[i1].n <= rows) R += items[i1++].n;
+      const float* h = run(items + i0, i1 - i0);
+      if (all_logits) {
+        head(h, R, logits + out_row * vocab_);
+        out_row += R;
+      } else {
+        i64 r = 0;
+        for (i64 i = i0; i < i1; ++i) {
+          r += items[i].n;
+          std::copy_n(h + (r - 1) * d, d, last + (i - i0) * d);
+        }
+        head(last, i1 - i0, logits + i0 * vocab_);
+      }
+      i0 = i1;
+    }
+  }
 
  private:
   void check_seq(i64 seq, const char* who) const;

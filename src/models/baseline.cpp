@@ -103,27 +103,10 @@ class BaselineStream final : public InferenceStream {
   void do_reset(i64 seq) override { cache_.reset(seq); }
 
   void do_prefill(const PrefillItem* items, i64 n_items, float* logits, bool all_logits) override {
-    const i64 V = m_.cfg_.vocab_size;
-    // Groups of consecutive items within the reserved rows, one forward pass each.
-    i64 out_row = 0;
-    for (i64 i0 = 0; i0 < n_items;) {
-      i64 i1 = i0, R = 0;
-      while (i1 < n_items && R + items[i1].n <= rows_) R += items[i1++].n;
-      const float* h = run(items + i0, i1 - i0);
-      if (all_logits) {
-        head(h, R, logits + out_row * V);
-        out_row += R;
-      } else {
-        const i64 d = m_.cfg_.d_token;
-        i64 r = 0;
-        for (i64 i = i0; i < i1; ++i) {
-          r += items[i].n;
-          std::copy_n(h + (r - 1) * d, d, last_.data() + (i - i0) * d);
-        }
-        head(last_.data(), i1 - i0, logits + i0 * V);
-      }
-      i0 = i1;
-    }
+    prefill_in_groups(
+        items, n_items, logits, all_logits, rows_, m_.cfg_.d_token, last_.data(),
+        [&](const PrefillItem* it, i64 n) { return run(it, n); },
+        [&](const float* h, i64 N, float* out) { head(h, N, out); });
   }
 
   void do_step(const i64* seqs, const i32* tokens, i64 n, float* logits) override {

@@ -101,25 +101,12 @@ class DlcmStream final : public InferenceStream {
   }
 
   void do_prefill(const PrefillItem* items, i64 n_items, float* logits, bool all_logits) override {
-    const i64 V = vocab_size();
-    i64 out_row = 0;
-    for (i64 i0 = 0; i0 < n_items;) {
-      i64 i1 = i0, R = 0;
-      while (i1 < n_items && R + items[i1].n <= rows_) R += items[i1++].n;
-      const float* h = run(items + i0, i1 - i0);
-      if (all_logits) {
-        m_.head_.logits(h, R, logits + out_row * V, xn_.data(), rstd_.data());
-        out_row += R;
-      } else {
-        i64 r = 0;
-        for (i64 i = i0; i < i1; ++i) {
-          r += items[i].n;
-          std::copy_n(h + (r - 1) * d_, d_, last_.data() + (i - i0) * d_);
-        }
-        m_.head_.logits(last_.data(), i1 - i0, logits + i0 * V, xn_.data(), rstd_.data());
-      }
-      i0 = i1;
-    }
+    prefill_in_groups(
+        items, n_items, logits, all_logits, rows_, d_, last_.data(),
+        [&](const PrefillItem* it, i64 n) { return run(it, n); },
+        [&](const float* h, i64 N, float* out) {
+          m_.head_.logits(h, N, out, xn_.data(), rstd_.data());
+        });
   }
 
   void do_step(const i64* seqs, const i32* tokens, i64 n, float* logits) override {
