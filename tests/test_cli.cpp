@@ -9,21 +9,8 @@
 
 using namespace dlcm;
 
-namespace {
-struct CmdResult {
-  int rc;
-  std::string out;
-};
-CmdResult run(const std::string& args) {
-  std::string cmd = std::string(DLCM_BINARY) + " " + args + " 2>&1";
-  CmdResult r{-1, ""};
-  FILE* p = popen(cmd.c_str(), "r");
-  char buf[4096];
-  while (size_t n = fread(buf, 1, sizeof buf, p)) r.out.append(buf, n);
-  r.rc = pclose(p);
-  return r;
-}
-}  // namespace
+using test::CmdResult;
+static CmdResult run(const std::string& args) { return test::run_dlcm(args); }
 
 TEST(Cli, BadInputsGiveOneLineErrors) {
   test::TempDir tmp;

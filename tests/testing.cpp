@@ -1,6 +1,7 @@
 #include "testing.h"
 
 #include <algorithm>
+#include <cstdio>
 #include <filesystem>
 #include <random>
 
@@ -59,6 +60,17 @@ double max_abs_diff(const float* a, const float* b, i64 n) {
   double diff = 0;
   for (i64 i = 0; i < n; ++i) diff = std::max(diff, double(std::abs(a[i] - b[i])));
   return diff;
+}
+
+CmdResult run_dlcm(const std::string& args) {
+  std::string cmd = std::string(DLCM_BINARY) + " " + args + " 2>&1";
+  CmdResult r{-1, ""};
+  FILE* p = popen(cmd.c_str(), "r");
+  if (!p) return r;
+  char buf[4096];
+  while (size_t n = fread(buf, 1, sizeof buf, p)) r.out.append(buf, n);
+  r.rc = pclose(p);
+  return r;
 }
 
 TempDir::TempDir() {

@@ -29,6 +29,13 @@ double check_grad(const std::string& what, float* x, const float* analytic, i64 
 double rel_err(const float* a, const float* b, i64 n);
 double max_abs_diff(const float* a, const float* b, i64 n);
 
+// Runs the dlcm binary under test with `args`; out holds stdout and stderr together.
+struct CmdResult {
+  int rc;  // as returned by pclose (exit status << 8)
+  std::string out;
+};
+CmdResult run_dlcm(const std::string& args);
+
 // A fresh empty directory under the system temp dir, removed by the destructor.
 struct TempDir {
   std::string path;
