@@ -415,6 +415,25 @@ TEST(EvalScorer, BatchingAndPrefixSharingDoNotChangeScores) {
   for (size_t i = 0; i < reqs.size(); ++i) EXPECT_NEAR(c[i].loglik, a[i].loglik, 1e-5 * std::abs(a[i].loglik)) << i;
 }
 
+// logits_at (the head on chosen rows only) equals rows of the full logits, for the baseline's
+// own implementation and for the interface's default.
+TEST(EvalScorer, LogitsAtEqualsRowsOfFullLogits) {
+  test::TempDir tmp;
+  auto base = tiny_checkpoint("baseline", tmp.path + "/ck");
+  BigramModel bigram(260, 128);
+  for (LanguageModel* m : {static_cast<LanguageModel*>(base.get()), static_cast<LanguageModel*>(&bigram)}) {
+    const i64 B = 3, L = 11, V = m->config().vocab_size;
+    auto tok = test::random_tokens(B * L, V, 5);
+    std::vector<float> all(B * L * V);
+    m->logits(tok.data(), B, L, all.data());
+    std::vector<i64> pos = {32, 0, 5, 11, 12, 13, 20};
+    std::vector<float> got(pos.size() * V);
+    m->logits_at(tok.data(), B, L, pos.data(), pos.size(), got.data());
+    for (size_t i = 0; i < pos.size(); ++i)
+      EXPECT_LT(test::rel_err(got.data() + i * V, all.data() + pos[i] * V, V), 1e-6) << i;
+  }
+}
+
 // Long contexts lose tokens on the left, BOS stays; the result equals scoring the cut request.
 TEST(EvalScorer, TruncatesTheContextFromTheLeft) {
   test::TempDir tmp;

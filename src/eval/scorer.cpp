@@ -107,29 +107,38 @@ std::vector<Score> Scorer::score(const std::vector<ScoreRequest>& reqs, const Sc
   const bool tty = o.progress && isatty(fileno(stderr));
   double last_print = -1;
   i64 done_tokens = 0, next_decile = 1;
-  std::vector<std::pair<i64, i64>> work;  // (request, batch row)
+  std::vector<std::pair<i64, i64>> work;  // (request, logits row of its position 0)
   for (i64 h0 = 0; h0 < H;) {
     const i64 L = fed[hosts[h0]];
     const i64 B = std::min({H - h0, max_rows, std::max<i64>(1, budget / L)});
     tok_.assign(B * L, pad_);  // padding at the end of rows only
     work.clear();
+    pos_.clear();
     for (i64 b = 0; b < B; ++b) {
       const i64 h = h0 + b, r = hosts[h];
       std::copy(rows[r].begin(), rows[r].begin() + fed[r], tok_.begin() + b * L);
-      for (i64 m = first[h]; m < first[h + 1]; ++m) work.push_back({members[m], b});
+      // Logits are needed from the earliest continuation start among the row's requests on;
+      // a request reads position p of its row at logits row offset + p.
+      i64 start = fed[r];
+      for (i64 m = first[h]; m < first[h + 1]; ++m)
+        start = std::min<i64>(start, fed[members[m]] - reqs[members[m]].continuation.size());
+      for (i64 m = first[h]; m < first[h + 1]; ++m) work.push_back({members[m], i64(pos_.size()) - start});
+      for (i64 p = start; p < fed[r]; ++p) pos_.push_back(b * L + p);
       done_tokens += fed[r];
     }
-    if (i64(logits_.size()) < B * L * V) logits_.resize(B * L * V);
-    m_.logits(tok_.data(), B, L, logits_.data());
+    const i64 n_pos = pos_.size();
+    st.logit_rows += n_pos;
+    if (i64(logits_.size()) < n_pos * V) logits_.resize(n_pos * V);
+    m_.logits_at(tok_.data(), B, L, pos_.data(), n_pos, logits_.data());
 #pragma omp parallel for schedule(dynamic, 4)
     for (i64 w = 0; w < i64(work.size()); ++w) {
-      const auto [i, b] = work[w];
+      const auto [i, offset] = work[w];
       const i64 nc = reqs[i].continuation.size(), n = fed[i];
       double ll = 0;
       bool greedy = true;
       for (i64 p = n - nc; p < n; ++p) {
         bool top;
-        ll += log_prob(logits_.data() + (b * L + p) * V, V, rows[i][p + 1], &top);
+        ll += log_prob(logits_.data() + (offset + p) * V, V, rows[i][p + 1], &top);
         greedy = greedy && top;
       }
       out[i].loglik = ll;

@@ -1,8 +1,10 @@
 // Batched log-likelihood scoring of (context, continuation) token pairs through the
-// LanguageModel interface only (logits [B, L, V]; log-softmax here).
+// LanguageModel interface only (logits_at: logits at chosen positions; log-softmax here).
 //
 // Each request becomes one row [BOS, context..., continuation...] fed without its last token;
-// the continuation's log-likelihood is the sum of log p(cont[k] | row up to it). For dlcm the
+// the continuation's log-likelihood is the sum of log p(cont[k] | row up to it), from
+// logits_at() at the continuation's positions only (the baseline runs its LM head on those
+// rows only). For dlcm the
 // model's logits() thresholds boundaries over the whole row it is given (context and
 // continuation together), the teacher-forced rule.
 //
@@ -45,6 +47,7 @@ struct ScoreStats {
   i64 requests = 0, rows = 0, batches = 0;
   i64 tokens = 0;         // real tokens fed (sum of row lengths)
   i64 padded_tokens = 0;  // B * L summed over batches
+  i64 logit_rows = 0;     // positions whose logits were computed (continuations)
   i64 truncated = 0;
   double seconds = 0;
 };
@@ -70,7 +73,8 @@ class Scorer {
   LanguageModel& m_;
   i32 bos_, pad_;
   std::vector<i32> tok_;
-  Buf logits_;
+  std::vector<i64> pos_;  // flat positions whose logits a batch needs
+  Buf logits_;            // [positions, V]
 };
 
 }  // namespace dlcm

@@ -2,6 +2,7 @@
 
 #include <chrono>
 #include <cmath>
+#include <ctime>
 #include <cstdio>
 
 namespace dlcm {
@@ -129,6 +130,7 @@ TaskResult task_metrics(const TaskData& d, const std::vector<Score>& scores, boo
 
 TaskResult run_task(LanguageModel& model, const Tokenizer& tok, const TaskSpec& spec, const EvalOptions& o) {
   auto t0 = std::chrono::steady_clock::now();
+  const std::clock_t c0 = std::clock();
   TaskResult r;
   try {
     DLCM_CHECK(tok.vocab_size() <= model.config().vocab_size, "the tokenizer's vocabulary (",
@@ -154,6 +156,7 @@ TaskResult run_task(LanguageModel& model, const Tokenizer& tok, const TaskSpec& 
   r.name = spec.name;
   r.layout = spec.layout;
   r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  r.cpu_seconds = double(std::clock() - c0) / CLOCKS_PER_SEC;
   return r;
 }
 
@@ -162,9 +165,9 @@ static json num(double v) { return std::isfinite(v) ? json(v) : json(nullptr); }
 json task_result_json(const TaskResult& r) {
   if (!r.ok()) return {{"layout", r.layout}, {"error", r.error}, {"seconds", r.seconds}};
   json j = {{"layout", r.layout}, {"n", r.n}, {"acc", num(r.acc)}, {"acc_stderr", num(r.acc_stderr)},
-            {"chance", r.chance}, {"seconds", r.seconds}, {"files", r.files},
+            {"chance", r.chance}, {"seconds", r.seconds}, {"cpu_seconds", r.cpu_seconds}, {"files", r.files},
             {"requests", r.stats.requests}, {"rows", r.stats.rows}, {"batches", r.stats.batches},
-            {"tokens", r.stats.tokens}, {"padded_tokens", r.stats.padded_tokens},
+            {"tokens", r.stats.tokens}, {"padded_tokens", r.stats.padded_tokens}, {"logit_rows", r.stats.logit_rows},
             {"truncated", r.stats.truncated}, {"scoring_seconds", r.stats.seconds},
             {"tokens_per_s", r.stats.tokens / std::max(r.stats.seconds, 1e-9)}};
   if (r.kind == TaskKind::MultipleChoice) {
@@ -188,8 +191,8 @@ std::string markdown_table(const std::vector<TaskResult>& results) {
     return b;
   };
   std::string s =
-      "| task | items | acc | ± | acc_norm | ± | chance | perplexity | seconds |\n"
-      "|---|---:|---:|---:|---:|---:|---:|---:|---:|\n";
+      "| task | items | acc | ± | acc_norm | ± | chance | perplexity | seconds | CPU seconds |\n"
+      "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
   std::string failed;
   for (const auto& r : results) {
     if (!r.ok()) {
@@ -198,7 +201,8 @@ std::string markdown_table(const std::vector<TaskResult>& results) {
     }
     s += "| " + r.name + " | " + std::to_string(r.n) + " | " + f(r.acc, "%.4f") + " | " +
          f(r.acc_stderr, "%.4f") + " | " + f(r.acc_norm, "%.4f") + " | " + f(r.acc_norm_stderr, "%.4f") +
-         " | " + f(r.chance, "%.4f") + " | " + f(r.perplexity, "%.2f") + " | " + f(r.seconds, "%.1f") + " |\n";
+         " | " + f(r.chance, "%.4f") + " | " + f(r.perplexity, "%.2f") + " | " + f(r.seconds, "%.1f") + " | " +
+         f(r.cpu_seconds, "%.1f") + " |\n";
   }
   return s + failed;
 }

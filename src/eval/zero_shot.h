@@ -49,7 +49,8 @@ struct TaskResult {
   double acc_norm = NAN, acc_norm_stderr = NAN;  // MultipleChoice only
   double perplexity = NAN;                       // Greedy only
   double chance = 0;
-  double seconds = 0;
+  double seconds = 0;      // wall clock: reading, tokenizing, scoring
+  double cpu_seconds = 0;  // process CPU time over the same span (all threads)
   ScoreStats stats;
   std::vector<GroupResult> groups;  // MMLU subjects
   std::vector<std::string> files;
@@ -76,7 +77,7 @@ TaskResult run_task(LanguageModel& model, const Tokenizer& tok, const TaskSpec& 
                     const EvalOptions& o);
 
 nlohmann::json task_result_json(const TaskResult& r);
-// | task | n | acc | ± | acc_norm | ± | chance | ppl | s | ...
+// | task | items | acc | ± | acc_norm | ± | chance | perplexity | seconds | CPU seconds |
 std::string markdown_table(const std::vector<TaskResult>& results);
 
 }  // namespace dlcm

@@ -80,6 +80,17 @@ void BaselineModel::logits(const i32* tokens, i64 B, i64 L, float* out) {
   head_.logits(h, B * L, out);
 }
 
+void BaselineModel::logits_at(const i32* tokens, i64 B, i64 L, const i64* pos, i64 n, float* out) {
+  const float* h = run_forward(tokens, B, L);
+  const i64 d = cfg_.d_token;
+  if (i64(picked_.size()) < n * d) picked_.resize(n * d);
+  for (i64 i = 0; i < n; ++i) {
+    DLCM_CHECK(pos[i] >= 0 && pos[i] < B * L, "logits_at: position ", pos[i], " outside [0, ", B * L, ")");
+    std::memcpy(picked_.data() + i * d, h + pos[i] * d, sizeof(float) * d);
+  }
+  head_.logits(picked_.data(), n, out);  // n <= B * L rows: within the reserved head
+}
+
 double BaselineModel::flops_per_token(i64 L) const { return flops_report(cfg_, L).total(); }
 
 }  // namespace dlcm

@@ -1,10 +1,21 @@
 #include "models/model.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "models/baseline.h"
 
 namespace dlcm {
+
+void LanguageModel::logits_at(const i32* tokens, i64 B, i64 L, const i64* pos, i64 n, float* out) {
+  const i64 V = cfg_.vocab_size;
+  Buf all(B * L * V);
+  logits(tokens, B, L, all.data());
+  for (i64 i = 0; i < n; ++i) {
+    DLCM_CHECK(pos[i] >= 0 && pos[i] < B * L, "logits_at: position ", pos[i], " outside [0, ", B * L, ")");
+    std::copy_n(all.data() + pos[i] * V, V, out + i * V);
+  }
+}
 
 std::unique_ptr<LanguageModel> make_model(const ModelConfig& cfg) {
   if (cfg.arch == "baseline") return std::make_unique<BaselineModel>(cfg);
