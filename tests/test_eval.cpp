@@ -152,6 +152,11 @@ class BigramModel : public LanguageModel {
     for (i64 n = 0; n < B * L; ++n) std::copy_n(&T_[tokens[n] * V], V, out + n * V);
   }
   double flops_per_token(i64) const override { return 0; }
+  // Makes `text` the greedy continuation of its first byte (bytes tokenizer ids).
+  void make_greedy(const std::string& text) {
+    for (size_t i = 0; i + 1 < text.size(); ++i)
+      T_[(4 + (unsigned char)text[i]) * cfg_.vocab_size + 4 + (unsigned char)text[i + 1]] = 50.0f;
+  }
   // log p(next | prev)
   double logp(i32 prev, i32 next) const {
     const i64 V = cfg_.vocab_size;
@@ -280,6 +285,7 @@ TEST(EvalTasks, KnownModelGivesExactChoicesAndAccuracies) {
   for (const TaskSpec& s : fixture_specs()) {
     SCOPED_TRACE(s.name);
     BigramModel m(260, 128);
+    m.make_greedy("e mat");  // LAMBADA's first item: " mat" after "...the" is the greedy choice
     TaskResult r = run_task(m, *tok, s, o);
     ASSERT_TRUE(r.ok()) << r.error;
     const auto& exp = want.at(s.name);
@@ -345,6 +351,8 @@ TEST(EvalTasks, KnownModelGivesExactChoicesAndAccuracies) {
       EXPECT_TRUE(std::isnan(r.acc_norm));
     }
     if (s.name == "lambada") {
+      EXPECT_TRUE(r.items[0].greedy);
+      EXPECT_FALSE(r.items[1].greedy);
       EXPECT_NEAR(r.perplexity, std::exp(-ll_sum / n), 1e-4 * r.perplexity);
     }
     if (s.name == "mmlu") {
@@ -458,12 +466,17 @@ TEST(EvalScorer, TruncatesTheContextFromTheLeft) {
   EXPECT_FALSE(s[1].truncated);
   EXPECT_EQ(s[0].loglik, s[1].loglik);
   EXPECT_EQ(st.rows, 1);  // the same fed row
-  // a continuation that cannot fit is an error naming the task
-  ScoreRequest huge = make_request(*tok, "c", std::string(Lmax + 1, 'y'));
-  ScorerOptions o;
-  o.label = "mytask";
-  EXPECT_NE(error_of([&] { sc.score({huge}, o); }).find("mytask: request 0: a continuation of 129 tokens"),
-            std::string::npos);
+  // a continuation longer than the window is scored on its last Lmax tokens after BOS
+  std::string big(Lmax + 7, 'y');
+  for (size_t i = 0; i < big.size(); ++i) big[i] = char('A' + i % 23);
+  ScoreRequest huge = make_request(*tok, "c", big), tail = make_request(*tok, "", big.substr(7));
+  auto hs = sc.score({huge, tail}, ScorerOptions{}, &st);
+  EXPECT_EQ(hs[0].scored, Lmax);
+  EXPECT_EQ(hs[1].scored, Lmax);
+  EXPECT_TRUE(hs[0].truncated);  // the context went too
+  EXPECT_EQ(st.cut_continuations, 1);
+  EXPECT_EQ(hs[0].loglik, hs[1].loglik);
+  EXPECT_EQ(sc.full_row(huge), sc.full_row(tail));
 }
 
 // The C++ per-continuation log-likelihoods equal the PyTorch reference's (relative error
@@ -494,6 +507,23 @@ TEST_P(EvalReference, LogLikelihoodsChoicesAndAccuraciesMatchPyTorch) {
       rf << "\n";
     }
   }
+  // One request whose continuation is the model's own greedy choice, so that greedy = true is
+  // compared as well: three argmax steps after a context.
+  ScoreRequest g{tok->encode("The cat sat"), {}};
+  std::vector<i32> fed = {tok->bos_id()};
+  fed.insert(fed.end(), g.context.begin(), g.context.end());
+  for (int step = 0; step < 3; ++step) {
+    const i64 L = fed.size(), V = m->config().vocab_size;
+    std::vector<float> lg(L * V);
+    m->logits(fed.data(), 1, L, lg.data());
+    fed.push_back(i32(std::max_element(&lg[(L - 1) * V], &lg[L * V]) - &lg[(L - 1) * V]));
+    g.continuation.push_back(fed.back());
+  }
+  Score g_score = sc.score({g}, ScorerOptions{})[0];
+  EXPECT_TRUE(g_score.greedy);
+  rf << g.continuation.size();
+  for (i32 t : sc.full_row(g)) rf << " " << t;
+  rf << "\n";
   rf.close();
   std::string cmd = std::string("/usr/bin/python3 ") + DLCM_SOURCE_DIR + "/python/score_reference.py --ckpt " +
                     tmp.path + "/ck --requests " + tmp.path + "/requests.txt --out " + tmp.path + "/ref.json 2>&1";
@@ -539,7 +569,9 @@ TEST_P(EvalReference, LogLikelihoodsChoicesAndAccuraciesMatchPyTorch) {
       EXPECT_NEAR(got.perplexity, exp.perplexity, 1e-4 * exp.perplexity);
     }
   }
-  EXPECT_EQ(k, ref["loglik"].size());
+  ASSERT_EQ(k + 1, ref["loglik"].size());
+  EXPECT_TRUE(ref["greedy"][k].get<bool>());
+  EXPECT_NEAR(g_score.loglik, ref["loglik"][k].get<double>(), 1e-4 * std::abs(g_score.loglik));
   std::printf("[%s] worst relative error of %zu continuation log-likelihoods vs PyTorch: %.2e\n",
               arch.c_str(), k, worst);
 }

@@ -17,15 +17,14 @@ Scorer::Scorer(LanguageModel& model, i32 bos_id, i32 pad_id) : m_(model), bos_(b
 std::vector<i32> Scorer::full_row(const ScoreRequest& r, bool* truncated) const {
   const i64 Lmax = m_.config().max_seq_len, nc = r.continuation.size();
   DLCM_CHECK(nc >= 1, "a continuation encodes to no tokens");
-  DLCM_CHECK(nc <= Lmax, "a continuation of ", nc, " tokens does not fit the model's context of ",
-             Lmax, " tokens");
-  // Fed tokens = BOS + context + continuation minus the last = kept context + nc <= Lmax.
-  const i64 keep = std::min<i64>(r.context.size(), Lmax - nc);
+  // Fed tokens = BOS + context + continuation minus the last = kept context + kept cont <= Lmax.
+  const i64 keep_cont = std::min(nc, Lmax);
+  const i64 keep = std::min<i64>(r.context.size(), Lmax - keep_cont);
   std::vector<i32> row;
-  row.reserve(1 + keep + nc);
+  row.reserve(1 + keep + keep_cont);
   row.push_back(bos_);
   row.insert(row.end(), r.context.end() - keep, r.context.end());
-  row.insert(row.end(), r.continuation.begin(), r.continuation.end());
+  row.insert(row.end(), r.continuation.end() - keep_cont, r.continuation.end());
   if (truncated) *truncated = keep < i64(r.context.size());
   return row;
 }
@@ -62,7 +61,9 @@ std::vector<Score> Scorer::score(const std::vector<ScoreRequest>& reqs, const Sc
       DLCM_CHECK(t >= 0 && t < V, o.label, ": request ", i, ": token id ", t,
                  " is outside the model's vocabulary [0, ", V, ") (tokenizer and model disagree)");
     fed[i] = rows[i].size() - 1;
+    out[i].scored = std::min<i64>(reqs[i].continuation.size(), fed[i]);
     st.truncated += out[i].truncated;
+    st.cut_continuations += out[i].scored < i64(reqs[i].continuation.size());
   }
 
   // Prefix deduplication: in lexicographic order every fed row that is a prefix of another is
@@ -121,7 +122,7 @@ std::vector<Score> Scorer::score(const std::vector<ScoreRequest>& reqs, const Sc
       // a request reads position p of its row at logits row offset + p.
       i64 start = fed[r];
       for (i64 m = first[h]; m < first[h + 1]; ++m)
-        start = std::min<i64>(start, fed[members[m]] - reqs[members[m]].continuation.size());
+        start = std::min<i64>(start, fed[members[m]] - out[members[m]].scored);
       for (i64 m = first[h]; m < first[h + 1]; ++m) work.push_back({members[m], i64(pos_.size()) - start});
       for (i64 p = start; p < fed[r]; ++p) pos_.push_back(b * L + p);
       done_tokens += fed[r];
@@ -133,7 +134,7 @@ std::vector<Score> Scorer::score(const std::vector<ScoreRequest>& reqs, const Sc
 #pragma omp parallel for schedule(dynamic, 4)
     for (i64 w = 0; w < i64(work.size()); ++w) {
       const auto [i, offset] = work[w];
-      const i64 nc = reqs[i].continuation.size(), n = fed[i];
+      const i64 nc = out[i].scored, n = fed[i];
       double ll = 0;
       bool greedy = true;
       for (i64 p = n - nc; p < n; ++p) {

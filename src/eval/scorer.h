@@ -22,8 +22,9 @@
 // causal-only interface cannot share it without a KV cache).
 //
 // Truncation: when BOS + context + continuation - 1 exceeds the model's max_seq_len, the
-// context loses tokens from the LEFT (BOS is kept); a continuation longer than max_seq_len is
-// an error naming the request.
+// context loses tokens from the LEFT (BOS is kept). A continuation longer than max_seq_len
+// keeps only BOS and its last max_seq_len tokens, which are the ones scored (its first tokens
+// are dropped, as lm-evaluation-harness drops the left of context + continuation).
 #pragma once
 #include <string>
 #include <vector>
@@ -40,7 +41,8 @@ struct ScoreRequest {
 struct Score {
   double loglik = 0;   // sum over the continuation's tokens of log p
   bool greedy = false; // every continuation token is the argmax (first index on ties)
-  bool truncated = false;
+  bool truncated = false;  // the context lost tokens
+  i64 scored = 0;          // continuation tokens summed (fewer than given only when cut)
 };
 
 struct ScoreStats {
@@ -49,6 +51,7 @@ struct ScoreStats {
   i64 padded_tokens = 0;  // B * L summed over batches
   i64 logit_rows = 0;     // positions whose logits were computed (continuations)
   i64 truncated = 0;
+  i64 cut_continuations = 0;  // continuations longer than max_seq_len (scored on their tail)
   double seconds = 0;
 };
 
@@ -66,7 +69,8 @@ class Scorer {
                            ScoreStats* stats = nullptr);
 
   // The row a request is scored with (BOS, left-truncated context, continuation), as the
-  // scorer feeds it plus its last token; for cross-checks with other implementations.
+  // scorer feeds it plus its last token; for cross-checks with other implementations. The
+  // last min(continuation, row length - 1) tokens are the scored ones.
   std::vector<i32> full_row(const ScoreRequest& r, bool* truncated = nullptr) const;
 
  private:

@@ -168,7 +168,7 @@ json task_result_json(const TaskResult& r) {
             {"chance", r.chance}, {"seconds", r.seconds}, {"cpu_seconds", r.cpu_seconds}, {"files", r.files},
             {"requests", r.stats.requests}, {"rows", r.stats.rows}, {"batches", r.stats.batches},
             {"tokens", r.stats.tokens}, {"padded_tokens", r.stats.padded_tokens}, {"logit_rows", r.stats.logit_rows},
-            {"truncated", r.stats.truncated}, {"scoring_seconds", r.stats.seconds},
+            {"truncated", r.stats.truncated}, {"cut_continuations", r.stats.cut_continuations}, {"scoring_seconds", r.stats.seconds},
             {"tokens_per_s", r.stats.tokens / std::max(r.stats.seconds, 1e-9)}};
   if (r.kind == TaskKind::MultipleChoice) {
     j["acc_norm"] = num(r.acc_norm);
