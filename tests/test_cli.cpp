@@ -12,12 +12,8 @@
 
 using namespace dlcm;
 
-namespace {
-using CmdResult = test::CommandResult;
-CmdResult run(const std::string& args) {
-  return test::run_command(std::string(DLCM_BINARY) + " " + args + " 2>&1");
-}
-}  // namespace
+using test::CmdResult;
+static CmdResult run(const std::string& args) { return test::run_dlcm(args); }
 
 TEST(Cli, BadInputsGiveOneLineErrors) {
   test::TempDir tmp;

@@ -72,6 +72,10 @@ double max_abs_diff(const float* a, const float* b, i64 n) {
   return diff;
 }
 
+CmdResult run_dlcm(const std::string& args) {
+  return run_command(std::string(DLCM_BINARY) + " " + args + " 2>&1");
+}
+
 TempDir::TempDir() {
   std::random_device rd;
   auto base = std::filesystem::temp_directory_path();

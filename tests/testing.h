@@ -36,6 +36,9 @@ struct CommandResult {
   std::string out;
 };
 CommandResult run_command(const std::string& cmd);
+// Runs the dlcm binary under test with `args`; out holds stdout and stderr together.
+using CmdResult = CommandResult;
+CmdResult run_dlcm(const std::string& args);
 
 // A fresh empty directory under the system temp dir, removed by the destructor.
 struct TempDir {

@@ -24,7 +24,7 @@ DEFAULTS = {
     "x_kv_heads": 4,
     "x_d_ff": 768,
     "d_scan": 0,
-    "router": {"kind": "projected", "alpha": 0.5, "tau": 0.5, "smooth_grad": False},
+    "router": {"kind": "projected", "alpha": 0.1, "tau": 0.5, "smooth_grad": False},
     "target_R": 4.0,
     "aux_weight": 0.03,
     "xattn_impl": "compact",

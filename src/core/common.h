@@ -1,6 +1,8 @@
 // Shared basics: errors with context, aligned float buffers, small helpers.
 #pragma once
+#include <cmath>
 #include <cstddef>
+#include <cstdio>
 #include <cstdint>
 #include <cstdlib>
 #include <memory>
@@ -54,5 +56,15 @@ struct AlignedAlloc {
 using Buf = std::vector<float, AlignedAlloc<float>>;
 
 inline void zero(Buf& b) { std::fill(b.begin(), b.end(), 0.0f); }
+
+// "1h02m", "3m05s", "42s" for progress lines ("?" when unknown).
+inline std::string fmt_duration(double s) {
+  char buf[32];
+  if (s < 0 || !std::isfinite(s)) return "?";
+  if (s >= 3600) std::snprintf(buf, sizeof buf, "%dh%02dm", int(s / 3600), int(s / 60) % 60);
+  else if (s >= 60) std::snprintf(buf, sizeof buf, "%dm%02ds", int(s / 60), int(s) % 60);
+  else std::snprintf(buf, sizeof buf, "%.0fs", s);
+  return buf;
+}
 
 }  // namespace dlcm

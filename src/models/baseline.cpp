@@ -149,6 +149,17 @@ std::vector<std::pair<std::string, double>> BaselineModel::activation_rms() cons
   return {{"tok_embeddings", rms(x_.data(), n)}, {"layers", rms(last_out_, n)}};
 }
 
+void BaselineModel::logits_at(const i32* tokens, i64 B, i64 L, const i64* pos, i64 n, float* out) {
+  const float* h = run_forward(tokens, B, L);
+  const i64 d = cfg_.d_token;
+  if (i64(picked_.size()) < n * d) picked_.resize(n * d);
+  for (i64 i = 0; i < n; ++i) {
+    DLCM_CHECK(pos[i] >= 0 && pos[i] < B * L, "logits_at: position ", pos[i], " outside [0, ", B * L, ")");
+    std::memcpy(picked_.data() + i * d, h + pos[i] * d, sizeof(float) * d);
+  }
+  head_.logits(picked_.data(), n, out);  // n <= B * L rows: within the reserved head
+}
+
 double BaselineModel::flops_per_token(i64 L) const { return flops_report(cfg_, L).total(); }
 
 }  // namespace dlcm

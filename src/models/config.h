@@ -11,7 +11,7 @@ namespace dlcm {
 
 struct RouterConfig {
   std::string kind = "projected";  // "projected" (learned Wq/Wk) | "raw" (cosine of h itself)
-  float alpha = 0.5f;              // Bernoulli sharpening temperature (alpha < 1 sharpens)
+  float alpha = 0.1f;              // Bernoulli sharpening temperature (alpha < 1 sharpens; docs/dlcm.md)
   float tau = 0.5f;                // inference threshold
   bool smooth_grad = false;        // let the LM loss reach p through the smoother
 };

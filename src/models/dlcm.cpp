@@ -394,6 +394,21 @@ void DlcmModel::logits(const i32* tokens, i64 B, i64 L, float* out) {
   head_.logits(h, B * L, out);
 }
 
+void DlcmModel::logits_at(const i32* tokens, i64 B, i64 L, const i64* pos, i64 n, float* out) {
+  encode(tokens, B, L);
+  live_micro_ = -1;
+  ops::threshold_boundaries(b_.data(), p_.data(), tokens, cfg_.bos_id, B, L, cfg_.router.tau);
+  const float* h = decode(tokens, b_.data(), B, L);
+  const i64 d = cfg_.d_token;
+  if (i64(picked_.size()) < n * d) picked_.resize(n * d);
+  for (i64 i = 0; i < n; ++i) {
+    DLCM_CHECK(pos[i] >= 0 && pos[i] < B * L, "logits_at: position ", pos[i], " outside [0, ",
+               B * L, ")");
+    std::memcpy(picked_.data() + i * d, h + pos[i] * d, sizeof(float) * d);
+  }
+  head_.logits(picked_.data(), n, out);  // n <= B * L rows: within the reserved head
+}
+
 bool DlcmModel::boundaries(const i32* tokens, i64 B, i64 L, float* p, uint8_t* b, float tau) {
   encode(tokens, B, L);
   live_micro_ = -1;

@@ -31,6 +31,8 @@ class DlcmModel : public LanguageModel {
   // Thresholded boundaries, or the batch's given ones (Batch::boundaries).
   MicroStats eval_micro(const Batch& b, float* row_loss) override;
   void logits(const i32* tokens, i64 B, i64 L, float* out) override;
+  // Logits at chosen positions only: the head runs on those rows (scoring, evaluation).
+  void logits_at(const i32* tokens, i64 B, i64 L, const i64* pos, i64 n, float* out) override;
   bool boundaries(const i32* tokens, i64 B, i64 L, float* p, uint8_t* b, float tau) override;
   // The streaming state of SPEC 5 (models/dlcm_stream.cpp).
   std::unique_ptr<InferenceStream> new_stream(const StreamOptions& o) override;
@@ -76,6 +78,7 @@ class DlcmModel : public LanguageModel {
   Buf att_, lse_, krep_, vrep_;            // attention output, lse [B, Hq, L], replicate K/V
   Buf psi_, pn_, pn_rstd_, fa_, fb_, fh_, X_;  // cross FFN block
   std::vector<i32> pos_;
+  Buf picked_;  // decoder outputs gathered for logits_at
   // Concept-level activations [B*Mc, ...] and [B*(Mc+1), ...] (grow with the batch's Mc).
   Buf pooled_, C_, Z_, z_rstd_, zs_, list_, kx_raw_, kx_, kx_rstd_, vx_;
   std::vector<i32> pos_c_;

@@ -1,5 +1,6 @@
 #include "models/model.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "kernels/ops.h"
@@ -10,6 +11,16 @@
 namespace dlcm {
 
 double rms(const float* x, i64 n) { return n > 0 ? std::sqrt(ops::sum_squares(x, n) / double(n)) : 0.0; }
+
+void LanguageModel::logits_at(const i32* tokens, i64 B, i64 L, const i64* pos, i64 n, float* out) {
+  const i64 V = cfg_.vocab_size;
+  Buf all(B * L * V);
+  logits(tokens, B, L, all.data());
+  for (i64 i = 0; i < n; ++i) {
+    DLCM_CHECK(pos[i] >= 0 && pos[i] < B * L, "logits_at: position ", pos[i], " outside [0, ", B * L, ")");
+    std::copy_n(all.data() + pos[i] * V, V, out + i * V);
+  }
+}
 
 i64 LanguageModel::stream_len(const StreamOptions& o) const {
   DLCM_CHECK(o.max_seqs >= 1, "stream: need at least one sequence slot, got ", o.max_seqs);

@@ -65,6 +65,10 @@ class LanguageModel {
   virtual MicroStats eval_micro(const Batch& b, float* row_loss = nullptr) = 0;
   // Logits [B, L, V] (DLCM: thresholded boundaries, the inference rule).
   virtual void logits(const i32* tokens, i64 B, i64 L, float* out) = 0;
+  // Logits at selected positions only: out [n, V], row i for flat position pos[i] in [0, B*L)
+  // of the same forward pass (zero-shot scoring needs the continuation's positions only, so
+  // the LM head runs on those rows). Default: logits() into a temporary and a copy.
+  virtual void logits_at(const i32* tokens, i64 B, i64 L, const i64* pos, i64 n, float* out);
   // DLCM: router probabilities p [B*L] and inference boundaries b [B*L] (b = [p >= tau] with
   // forced boundaries at row start and BOS; tau < 0 means the config's router.tau). Returns
   // false for architectures without concepts (the baseline), leaving p and b untouched.

@@ -19,6 +19,8 @@
 #include "data/train_data.h"
 #include "infer/generate.h"
 #include "infer/segment.h"
+#include "eval/zero_shot.h"
+#include "infer/sampler.h"
 #include "models/flops.h"
 #include "models/plan.h"
 #include "models/model.h"
@@ -334,32 +336,77 @@ int cmd_prepare(const PrepareArgs& a) {
 }
 
 int cmd_eval(const EvalArgs& a) {
+  DLCM_CHECK(!a.data.empty() || !a.tasks.empty(),
+             "eval: give --data DIR (validation bits per byte) and/or --tasks LIST (zero-shot benchmarks)");
+  auto t0 = std::chrono::steady_clock::now();
   std::string dir = resolve_checkpoint(a.ckpt);
   Config cfg = load_checkpoint_config(dir);
-  if (a.seq_len > 0) cfg.train.seq_len = a.seq_len;
-  cfg.train.batch_size = a.batch_size;
-  DLCM_CHECK(cfg.train.seq_len <= cfg.model.max_seq_len, "--seq-len ", cfg.train.seq_len,
-             " exceeds the model's max_seq_len ", cfg.model.max_seq_len);
-  TrainData data = open_train_data(a.data, cfg);
-  TrainOptions o;
-  o.quiet = true;
-  o.peak_gflops = 1;
-  o.init_from = dir;
-  auto t0 = std::chrono::steady_clock::now();
-  Trainer tr(cfg, std::move(data), o);
-  auto v = tr.validate(a.limit);
-  double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  json r = {{"checkpoint", dir}, {"data", a.data}, {"arch", cfg.model.arch},
-            {"val_loss", v.loss}, {"val_ppl", v.ppl}, {"val_bpb", v.bpb},
-            {"val_tokens", v.tokens}, {"seq_len", cfg.train.seq_len}, {"seconds", sec}};
-  if (v.compression > 0) r["val_compression"] = v.compression;
+  // Resolve the task list first: a typo fails before any work.
+  std::vector<TaskSpec> specs = a.tasks.empty() ? std::vector<TaskSpec>{} : resolve_tasks(a.tasks, a.task_file);
+  json r = {{"checkpoint", dir}, {"arch", cfg.model.arch}};
+  if (!a.data.empty()) {
+    if (a.seq_len > 0) cfg.train.seq_len = a.seq_len;
+    cfg.train.batch_size = a.batch_size;
+    DLCM_CHECK(cfg.train.seq_len <= cfg.model.max_seq_len, "--seq-len ", cfg.train.seq_len,
+               " exceeds the model's max_seq_len ", cfg.model.max_seq_len);
+    TrainData data = open_train_data(a.data, cfg);
+    TrainOptions o;
+    o.quiet = true;
+    o.peak_gflops = 1;
+    o.init_from = dir;
+    Trainer tr(cfg, std::move(data), o);
+    auto v = tr.validate(a.limit);
+    r["data"] = a.data;
+    r["val_loss"] = v.loss;
+    r["val_ppl"] = v.ppl;
+    r["val_bpb"] = v.bpb;
+    r["val_tokens"] = v.tokens;
+    r["seq_len"] = cfg.train.seq_len;
+    if (v.compression > 0) r["val_compression"] = v.compression;
+  }
+  int rc = 0;
+  if (!specs.empty()) {
+    auto m = load_model(dir);
+    auto tok = load_tokenizer(dir);
+    EvalOptions eo;
+    eo.bench_dir = a.bench_dir;
+    eo.limit = a.limit;
+    eo.batch_tokens = a.batch_tokens;
+    eo.progress = !a.quiet;
+    eo.share_prefixes = !a.no_prefix_sharing;
+    std::vector<TaskResult> results;
+    json tasks = json::object();
+    for (const TaskSpec& s : specs) {
+      TaskResult t = run_task(*m, *tok, s, eo);
+      if (!t.ok()) {
+        std::fprintf(stderr, "[eval] %s: not run: %s\n", s.name.c_str(), t.error.c_str());
+        rc = 1;
+      } else if (!a.quiet) {
+        std::fprintf(stderr, "[eval] %s: acc %.4f (chance %.4f), %lld items, %.1f s\n", s.name.c_str(),
+                     t.acc, t.chance, (long long)t.n, t.seconds);
+      }
+      tasks[s.name] = task_result_json(t);
+      results.push_back(std::move(t));
+    }
+    r["bench_dir"] = a.bench_dir;
+    if (a.limit >= 0) r["limit"] = a.limit;
+    r["tasks"] = tasks;
+    std::string table = markdown_table(results);
+    if (!a.quiet) std::fprintf(stderr, "\n%s\n", table.c_str());
+    if (!a.markdown.empty()) {
+      std::ofstream f(a.markdown);
+      DLCM_CHECK(f, a.markdown, ": cannot write the table (check --markdown)");
+      f << table;
+    }
+  }
+  r["seconds"] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   std::printf("%s\n", r.dump(1).c_str());
   if (!a.out.empty()) {
     std::ofstream f(a.out);
     DLCM_CHECK(f, a.out, ": cannot write the report (check --out)");
     f << r.dump(1) << "\n";
   }
-  return 0;
+  return rc;
 }
 
 static json flops_to_json(const FlopsReport& r, const ModelConfig& m, i64 L) {

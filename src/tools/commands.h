@@ -95,10 +95,17 @@ struct PrepareArgs {
 };
 int cmd_prepare(const PrepareArgs& a);
 
+// Validation (--data: loss, perplexity, bits per byte, dlcm compression) and/or zero-shot
+// tasks (--tasks, read from --bench-dir); one JSON report. Returns 1 when a task could not run
+// (the others still run and are reported), 0 otherwise.
 struct EvalArgs {
   std::string ckpt, data, out;
-  i64 limit = -1;  // validation batches (-1 = all)
+  i64 limit = -1;  // validation batches and items per task (-1 = all)
   i64 batch_size = 8, seq_len = 0;
+  std::string tasks, bench_dir = "../shared/bench", task_file, markdown;
+  i64 batch_tokens = 2048;  // zero-shot: padded tokens per forward pass
+  bool no_prefix_sharing = false;  // zero-shot: one row per request (measurement)
+  bool quiet = false;       // no progress lines or table on stderr
 };
 int cmd_eval(const EvalArgs& a);
 

@@ -109,13 +109,24 @@ int main(int argc, char** argv) {
   prep->add_option("--val-fraction", pa.val_fraction, "share of documents for validation")->check(CLI::Range(0.0, 0.5));
 
   EvalArgs ea;
-  auto* ev = app.add_subcommand("eval", "validation bits per byte, perplexity (JSON report)");
+  auto* ev = app.add_subcommand("eval", "validation bits per byte and zero-shot benchmarks (JSON report)");
   ev->add_option("--ckpt", ea.ckpt, "checkpoint or run folder")->required();
-  ev->add_option("--data", ea.data, "prepared data folder (validation split)")->required();
-  ev->add_option("--limit", ea.limit, "at most this many validation batches");
-  ev->add_option("--batch-size", ea.batch_size, "rows per batch")->check(CLI::Range(1, 4096));
-  ev->add_option("--seq-len", ea.seq_len, "window length (default: the model's train.seq_len)");
+  ev->add_option("--data", ea.data, "prepared data folder: validation loss, perplexity, bits per byte");
+  ev->add_option("--tasks", ea.tasks,
+                 "zero-shot tasks, comma-separated: hellaswag,piqa,arc_easy,boolq,winogrande,copa,lambada,mmlu, "
+                 "all, or name=layout:path");
+  ev->add_option("--bench-dir", ea.bench_dir, "folder with the benchmark files (default ../shared/bench)");
+  ev->add_option("--task-file", ea.task_file, "JSON array of extra task specs (docs/evaluation.md)");
+  ev->add_option("--limit", ea.limit, "at most this many validation batches / items per task");
+  ev->add_option("--batch-size", ea.batch_size, "validation rows per batch")->check(CLI::Range(1, 4096));
+  ev->add_option("--seq-len", ea.seq_len, "validation window length (default: the model's train.seq_len)");
+  ev->add_option("--batch-tokens", ea.batch_tokens, "zero-shot: padded tokens per forward pass")
+      ->check(CLI::Range(1, 1 << 24));
   ev->add_option("--out", ea.out, "write the JSON report here");
+  ev->add_option("--markdown", ea.markdown, "write the zero-shot table (markdown) here");
+  ev->add_flag("--no-prefix-sharing", ea.no_prefix_sharing,
+               "zero-shot: one forward row per request (to measure what prefix sharing saves)");
+  ev->add_flag("--quiet", ea.quiet, "no progress lines or table on stderr");
 
   auto* mup = app.add_subcommand("mup", "decoupled µP tools (SPEC 6)");
   mup->require_subcommand(1);

@@ -346,15 +346,6 @@ void Trainer::save_checkpoint_now() {
   dist::barrier();
 }
 
-static std::string fmt_duration(double s) {
-  char buf[32];
-  if (s < 0 || !std::isfinite(s)) return "?";
-  if (s >= 3600) std::snprintf(buf, sizeof buf, "%dh%02dm", int(s / 3600), int(s / 60) % 60);
-  else if (s >= 60) std::snprintf(buf, sizeof buf, "%dm%02ds", int(s / 60), int(s) % 60);
-  else std::snprintf(buf, sizeof buf, "%.0fs", s);
-  return buf;
-}
-
 void Trainer::run() {
   const TrainConfig& t = cfg_.train;
   const bool tty = isatty(fileno(stderr));

@@ -1,0 +1,722 @@
+// Zero-shot evaluation: fixture files of every layout (written here), prompts built as
+// lm-evaluation-harness builds them, exact choices and accuracies under a model whose
+// log-likelihoods are known in closed form (a bigram table), per-continuation log-likelihoods
+// against the PyTorch reference on a tiny checkpoint of each architecture, batching/prefix
+// sharing/truncation invariance, clear errors, and the CLI.
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "data/tokenizer.h"
+#include "eval/scorer.h"
+#include "eval/zero_shot.h"
+#include "model_fixtures.h"
+#include "testing.h"
+#include "tools/commands.h"
+
+using namespace dlcm;
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace {
+
+// ---- fixture benchmark files (built-in file names, so "--tasks all" finds them) ----
+
+const char* kLongContext =
+    "It was a long day at the harbour, and the boats came in one by one while the gulls cried "
+    "over the water and the fishermen sorted their catch on the stones until the light was "
+    "almost gone at the very";
+
+void write_bench(const std::string& dir) {
+  fs::create_directories(dir + "/mmlu_dev");
+  std::ofstream(dir + "/hellaswag_val.txt")
+      << "Baking cookies: A woman puts dough on a tray. she\n1\neats the tray.\n"
+         "puts the tray in the oven.\nwaves  at the camera.\nsings a song.\n"
+         "Fixing a bike: The man [header] lifts the wheel. he\n3\ndrops it.\nrides away.\n"
+         "paints it red.\nspins the wheel slowly.\n";
+  std::ofstream(dir + "/piqa_valid.jsonl")
+      << R"({"goal": "How do I open a jar?", "sol1": "Twist the lid.", "sol2": "Paint the lid."})" "\n"
+      << R"({"goal": "dry wet shoes", "sol1": "put newspaper inside them", "sol2": "put them in the freezer"})" "\n";
+  std::ofstream(dir + "/piqa_valid-labels.lst") << "0\n1\n";
+  std::ofstream(dir + "/arc_easy.jsonl")
+      << R"({"query": "Question: What do plants need?", "choices": ["light", "sand", "noise", "metal"], "gold": 0})" "\n"
+      << R"({"query": "Question: Which is a mammal?", "choices": ["frog", "whale", "trout"], "gold": 1})" "\n\n"
+      << R"({"query": "Question: Pick a letter.", "choices": ["A", "B"], "gold": "1"})" "\n";
+  std::ofstream(dir + "/boolq.jsonl")
+      << R"({"query": "Passage: Water boils at 100 C at sea level.\nQuestion: does water boil at 100 c?", "choices": ["no", "yes"], "gold": 1})" "\n"
+      << R"({"query": "Passage: Cats are mammals.\nQuestion: are cats reptiles?", "choices": ["no", "yes"], "gold": 0})" "\n";
+  std::ofstream(dir + "/copa.jsonl")
+      << R"({"query": "The man turned on the faucet, therefore", "gold": 1, "choices": ["the toilet filled with water.", "water flowed from the spout."]})" "\n"
+      << R"({"query": "The girl ate too much candy, because", "gold": 0, "choices": ["she was hungry for sweets.", "it rained."]})" "\n";
+  std::ofstream(dir + "/winogrande_dev.jsonl")
+      << R"({"qID": "a", "sentence": "Sarah was a better surgeon than Maria so _ got the easier cases.", "option1": "Sarah", "option2": "Maria", "answer": "2"})" "\n"
+      << R"({"qID": "b", "sentence": "The trophy did not fit in the suitcase because the _ was too big.", "option1": "trophy", "option2": "suitcase", "answer": "1"})" "\n";
+  std::ofstream(dir + "/lambada_openai.jsonl")
+      << R"({"context": "The cat sat on the", "continuation": "mat"})" "\n"
+      << R"({"context": "She opened the door and said hello to her ", "continuation": "friend"})" "\n"
+      << json{{"context", kLongContext}, {"continuation", "end"}}.dump() << "\n";
+  std::ofstream(dir + "/wsc.jsonl")
+      << R"({"context_options": ["The council refused the marchers a permit because the council", "The council refused the marchers a permit because the marchers"], "continuation": "feared violence.", "gold": 0})" "\n"
+      << R"({"context_options": ["Anna did worse than Lucy because Anna", "Anna did worse than Lucy because Lucy", "Anna did worse than Lucy because Bob"], "continuation": "had studied less.", "gold": 0})" "\n";
+  std::ofstream(dir + "/mmlu_dev/alpha_dev.csv")
+      << "question,choice0,choice1,choice2,choice3,answer\n"
+         "What is 2+2?,3,4,5,6,1\n"
+         "\"Which pair, in order, is sorted?\",\"1, 2\",\"2, 1\",\"3, 1\",\"b, a\",0\n";
+  std::ofstream(dir + "/mmlu_dev/beta_test.csv")
+      << "question,choice0,choice1,choice2,choice3,answer\r\n"
+         "\"A \"\"quoted\"\" word\non two lines?\",yes,no,maybe,never,C\r\n"
+         "Second?,w,x,y,z,d\r\nThird?,p,q,r,s,A\r\n";
+}
+
+// What each item must become: contexts and continuations after lm-eval's whitespace rule,
+// the choice texts (for acc_norm), gold and MMLU subject.
+struct Expect {
+  std::vector<std::string> ctx, cont, text;
+  int gold = 0, group = -1;
+};
+
+std::string mmlu_ctx(const std::string& topic, const std::string& q, std::vector<std::string> c) {
+  std::string s = "The following are multiple choice questions (with answers) about " + topic + ".\n\n" + q;
+  for (int i = 0; i < 4; ++i) s.append("\n").append(1, char('A' + i)).append(". ").append(c[i]);
+  return s + "\nAnswer:";
+}
+
+Expect mc(const std::string& ctx, std::vector<std::string> choices, int gold, int group = -1) {
+  Expect e{{ctx}, {}, choices, gold, group};
+  for (auto& c : choices) e.cont.push_back(" " + c);
+  return e;
+}
+
+std::map<std::string, std::vector<Expect>> expected_items() {
+  std::map<std::string, std::vector<Expect>> m;
+  m["hellaswag"] = {
+      mc("Baking cookies: A woman puts dough on a tray. she",
+         {"eats the tray.", "puts the tray in the oven.", "waves at the camera.", "sings a song."}, 1),
+      mc("Fixing a bike: The man lifts the wheel. he",
+         {"drops it.", "rides away.", "paints it red.", "spins the wheel slowly."}, 3)};
+  m["piqa"] = {mc("Question: How do I open a jar?\nAnswer:", {"Twist the lid.", "Paint the lid."}, 0),
+               mc("Question: dry wet shoes\nAnswer:", {"put newspaper inside them", "put them in the freezer"}, 1)};
+  m["arc_easy"] = {mc("Question: What do plants need?\nAnswer:", {"light", "sand", "noise", "metal"}, 0),
+                   mc("Question: Which is a mammal?\nAnswer:", {"frog", "whale", "trout"}, 1),
+                   mc("Question: Pick a letter.\nAnswer:", {"A", "B"}, 1)};
+  m["boolq"] = {mc("Passage: Water boils at 100 C at sea level.\nQuestion: does water boil at 100 c?\nAnswer:", {"no", "yes"}, 1),
+                mc("Passage: Cats are mammals.\nQuestion: are cats reptiles?\nAnswer:", {"no", "yes"}, 0)};
+  m["copa"] = {mc("The man turned on the faucet, therefore", {"the toilet filled with water.", "water flowed from the spout."}, 1),
+               mc("The girl ate too much candy, because", {"she was hungry for sweets.", "it rained."}, 0)};
+  m["winogrande"] = {
+      {{"Sarah was a better surgeon than Maria so Sarah", "Sarah was a better surgeon than Maria so Maria"},
+       {" got the easier cases."}, {"got the easier cases."}, 1},
+      {{"The trophy did not fit in the suitcase because the trophy", "The trophy did not fit in the suitcase because the suitcase"},
+       {" was too big."}, {"was too big."}, 0}};
+  m["lambada"] = {{{"The cat sat on the"}, {" mat"}, {"mat"}, 0},
+                  {{"She opened the door and said hello to her"}, {" friend"}, {"friend"}, 0},
+                  {{kLongContext}, {" end"}, {"end"}, 0}};
+  m["wsc"] = {
+      {{"The council refused the marchers a permit because the council", "The council refused the marchers a permit because the marchers"},
+       {" feared violence."}, {"feared violence."}, 0},
+      {{"Anna did worse than Lucy because Anna", "Anna did worse than Lucy because Lucy", "Anna did worse than Lucy because Bob"},
+       {" had studied less."}, {"had studied less."}, 0}};
+  std::vector<std::string> L = {"A", "B", "C", "D"};
+  m["mmlu"] = {mc(mmlu_ctx("alpha", "What is 2+2?", {"3", "4", "5", "6"}), L, 1, 0),
+               mc(mmlu_ctx("alpha", "Which pair, in order, is sorted?", {"1, 2", "2, 1", "3, 1", "b, a"}), L, 0, 0),
+               mc(mmlu_ctx("beta", "A \"quoted\" word\non two lines?", {"yes", "no", "maybe", "never"}), L, 2, 1),
+               mc(mmlu_ctx("beta", "Second?", {"w", "x", "y", "z"}), L, 3, 1),
+               mc(mmlu_ctx("beta", "Third?", {"p", "q", "r", "s"}), L, 0, 1)};
+  return m;
+}
+
+std::vector<TaskSpec> fixture_specs() {
+  auto s = resolve_tasks("all,wsc=context_options:wsc.jsonl");
+  EXPECT_EQ(s.size(), 9u);
+  return s;
+}
+
+// A model whose log-likelihoods are known in closed form: logits at t = T[token_t].
+class BigramModel : public LanguageModel {
+ public:
+  explicit BigramModel(i64 V, i64 max_len) : T_(V * V) {
+    cfg_.vocab_size = V;
+    cfg_.max_seq_len = max_len;
+    test::fill_normal(T_.data(), V * V, 17, 2.0f);
+  }
+  void reserve(i64, i64) override {}
+  MicroStats train_micro(const Batch&, i64, const StepContext&) override { fail("not used"); }
+  MicroStats eval_micro(const Batch&, float*) override { fail("not used"); }
+  void logits(const i32* tokens, i64 B, i64 L, float* out) override {
+    const i64 V = cfg_.vocab_size;
+    ++calls;
+    max_B = std::max(max_B, B);
+    EXPECT_LE(L, cfg_.max_seq_len);
+    for (i64 n = 0; n < B * L; ++n) std::copy_n(&T_[tokens[n] * V], V, out + n * V);
+  }
+  double flops_per_token(i64) const override { return 0; }
+  // Makes `text` the greedy continuation of its first byte (bytes tokenizer ids).
+  void make_greedy(const std::string& text) {
+    for (size_t i = 0; i + 1 < text.size(); ++i)
+      T_[(4 + (unsigned char)text[i]) * cfg_.vocab_size + 4 + (unsigned char)text[i + 1]] = 50.0f;
+  }
+  // log p(next | prev)
+  double logp(i32 prev, i32 next) const {
+    const i64 V = cfg_.vocab_size;
+    double mx = -1e30, s = 0;
+    for (i64 j = 0; j < V; ++j) mx = std::max(mx, double(T_[prev * V + j]));
+    for (i64 j = 0; j < V; ++j) s += std::exp(double(T_[prev * V + j]) - mx);
+    return double(T_[prev * V + next]) - mx - std::log(s);
+  }
+  bool is_top(i32 prev, i32 next) const {
+    const i64 V = cfg_.vocab_size;
+    for (i64 j = 0; j < V; ++j)
+      if (T_[prev * V + j] > T_[prev * V + next] || (j < next && T_[prev * V + j] == T_[prev * V + next])) return false;
+    return true;
+  }
+  i64 calls = 0, max_B = 0;
+
+ private:
+  std::vector<float> T_;
+};
+
+// Closed-form continuation log-likelihood under the bigram model, bytes tokenizer (id = 4 + byte).
+std::pair<double, bool> bigram_loglik(const BigramModel& m, const std::string& ctx, const std::string& cont) {
+  i32 prev = ctx.empty() ? 1 : 4 + (unsigned char)ctx.back();
+  double ll = 0;
+  bool greedy = true;
+  for (unsigned char c : cont) {
+    ll += m.logp(prev, 4 + c);
+    greedy = greedy && m.is_top(prev, 4 + c);
+    prev = 4 + c;
+  }
+  return {ll, greedy};
+}
+
+int first_max(const std::vector<double>& v) {
+  int b = 0;
+  for (int i = 1; i < int(v.size()); ++i)
+    if (v[i] > v[b]) b = i;
+  return b;
+}
+
+Config tiny_config(const std::string& arch) {
+  Config c = test::tiny_baseline();
+  c.model.vocab_size = 260;  // the bytes tokenizer
+  c.model.max_seq_len = 128;
+  if (arch == "dlcm") {  // the dlcm fixture of python/make_fixture.py, bytes vocabulary
+    ModelConfig& m = c.model;
+    m.arch = "dlcm";
+    m.n_heads = 4, m.n_kv_heads = 2, m.head_dim = 4, m.d_ff = 24;
+    m.enc_layers = 1, m.dec_layers = 1, m.d_concept = 24, m.bb_layers = 2, m.bb_heads = 3;
+    m.bb_kv_heads = 1, m.bb_d_ff = 40, m.x_heads = 4, m.x_kv_heads = 2, m.x_d_ff = 20, m.d_scan = 12;
+  }
+  return c;
+}
+
+// A tiny checkpoint with the bytes tokenizer; nullptr when the architecture is not built yet.
+std::unique_ptr<LanguageModel> tiny_checkpoint(const std::string& arch, const std::string& dir) {
+  Config c = tiny_config(arch);
+  std::unique_ptr<LanguageModel> m = make_initialised_model(c.model, 21);
+  test::save_model_only(dir, c, m->params());
+  make_byte_tokenizer()->save(dir);
+  return m;
+}
+
+std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "(no error)";
+}
+
+}  // namespace
+
+// Every layout: the prompts are exactly lm-evaluation-harness's (decoded from the requests).
+TEST(EvalTasks, EveryLayoutBuildsTheExpectedPrompts) {
+  test::TempDir tmp;
+  write_bench(tmp.path);
+  auto tok = make_byte_tokenizer();
+  auto want = expected_items();
+  for (const TaskSpec& s : fixture_specs()) {
+    SCOPED_TRACE(s.name);
+    TaskData d = read_task(s, tmp.path);
+    const auto& exp = want.at(s.name);
+    ASSERT_EQ(d.items.size(), exp.size());
+    auto reqs = task_requests(d, *tok);
+    size_t k = 0;
+    for (size_t i = 0; i < exp.size(); ++i) {
+      EXPECT_EQ(d.items[i].gold, exp[i].gold) << i;
+      EXPECT_EQ(d.items[i].group, exp[i].group) << i;
+      EXPECT_EQ(d.items[i].choices, exp[i].text) << i;
+      const size_t m = std::max(exp[i].ctx.size(), exp[i].cont.size());
+      for (size_t j = 0; j < m; ++j, ++k) {
+        ASSERT_LT(k, reqs.size());
+        EXPECT_EQ(tok->decode(reqs[k].context), exp[i].ctx[exp[i].ctx.size() > 1 ? j : 0]) << i << "/" << j;
+        EXPECT_EQ(tok->decode(reqs[k].continuation), exp[i].cont[exp[i].cont.size() > 1 ? j : 0]) << i << "/" << j;
+      }
+    }
+    EXPECT_EQ(k, reqs.size());
+  }
+  TaskData mm = read_task(resolve_tasks("mmlu")[0], tmp.path);
+  EXPECT_EQ(mm.groups, (std::vector<std::string>{"alpha", "beta"}));
+  // --limit: the first N items (per subject for MMLU)
+  EXPECT_EQ(read_task(resolve_tasks("hellaswag")[0], tmp.path, 1).items.size(), 1u);
+  EXPECT_EQ(read_task(resolve_tasks("mmlu")[0], tmp.path, 1).items.size(), 2u);
+}
+
+// A model with closed-form log-likelihoods: chosen answers, accuracies, standard errors,
+// chance levels and LAMBADA perplexity match exactly (1e-12) on every layout.
+TEST(EvalTasks, KnownModelGivesExactChoicesAndAccuracies) {
+  test::TempDir tmp;
+  write_bench(tmp.path);
+  auto tok = make_byte_tokenizer();
+  auto want = expected_items();
+  EvalOptions o;
+  o.bench_dir = tmp.path;
+  o.keep_items = true;
+  o.batch_tokens = 150;  // several batches per task
+  double sum_acc = 0;
+  for (const TaskSpec& s : fixture_specs()) {
+    SCOPED_TRACE(s.name);
+    BigramModel m(260, 128);
+    m.make_greedy("e mat");  // LAMBADA's first item: " mat" after "...the" is the greedy choice
+    TaskResult r = run_task(m, *tok, s, o);
+    ASSERT_TRUE(r.ok()) << r.error;
+    const auto& exp = want.at(s.name);
+    ASSERT_EQ(r.items.size(), exp.size());
+    std::vector<double> correct, correct_norm, weight;
+    double chance = 0, ll_sum = 0;
+    i64 truncated = 0;  // BOS + context + continuation - 1 > max_seq_len (bytes tokenizer)
+    std::map<int, int> group_n;
+    for (auto& e : exp) group_n[e.group]++;
+    for (size_t i = 0; i < exp.size(); ++i) {
+      const Expect& e = exp[i];
+      const size_t m_choices = std::max(e.ctx.size(), e.cont.size());
+      std::vector<double> ll, norm;
+      bool greedy = false;
+      for (size_t j = 0; j < m_choices; ++j) {
+        const std::string &c = e.ctx[e.ctx.size() > 1 ? j : 0], &x = e.cont[e.cont.size() > 1 ? j : 0];
+        auto [l, g] = bigram_loglik(m, c, x);
+        truncated += c.size() + x.size() > 128;
+        ll.push_back(l);
+        greedy = g;
+        norm.push_back(l / double(e.text[e.text.size() > 1 ? j : 0].size()));
+        // float logits and a float exp-sum: about 1e-7 relative per token
+        EXPECT_NEAR(r.items[i].loglik[j], l, 1e-6 * std::abs(l)) << i << "/" << j;
+      }
+      for (auto v : {ll, norm}) {  // a near tie would make "exact" depend on rounding
+        std::sort(v.rbegin(), v.rend());
+        ASSERT_TRUE(v.size() < 2 || v[0] - v[1] > 1e-5 * std::abs(v[0])) << "near tie in item " << i;
+      }
+      weight.push_back(e.group >= 0 ? 1.0 / (group_n.size() * group_n[e.group]) : 1.0 / exp.size());
+      if (s.name == "lambada") {
+        EXPECT_EQ(r.items[i].greedy, greedy) << i;
+        correct.push_back(greedy);
+        ll_sum += ll[0];
+      } else {
+        EXPECT_EQ(r.items[i].pred, first_max(ll)) << i;
+        correct.push_back(first_max(ll) == e.gold);
+        correct_norm.push_back(first_max(norm) == e.gold);
+        chance += weight.back() / double(m_choices);
+        if (e.ctx.size() == 1) {
+          EXPECT_EQ(r.items[i].pred_norm, first_max(norm)) << i;
+        }
+      }
+    }
+    auto wmean = [&](const std::vector<double>& x) {
+      double p = 0;
+      for (size_t i = 0; i < x.size(); ++i) p += weight[i] * x[i];
+      return p;
+    };
+    const double n = exp.size(), p = wmean(correct);
+    EXPECT_EQ(r.n, i64(n));
+    EXPECT_NEAR(r.acc, p, 1e-12);
+    EXPECT_NEAR(r.chance, s.name == "lambada" ? 0.0 : chance, 1e-12);
+    double w2 = 0;
+    for (double w : weight) w2 += w * w;
+    EXPECT_NEAR(r.acc_stderr, std::sqrt(w2 * p * (1 - p) * n / (n - 1)), 1e-12);
+    if (s.name != "mmlu") {
+      EXPECT_NEAR(r.acc_stderr, std::sqrt(p * (1 - p) / (n - 1)), 1e-12);
+    }
+    const bool is_mc = s.name != "lambada" && s.name != "winogrande" && s.name != "wsc";
+    if (is_mc) {
+      EXPECT_NEAR(r.acc_norm, wmean(correct_norm), 1e-12);
+    } else {
+      EXPECT_TRUE(std::isnan(r.acc_norm));
+    }
+    if (s.name == "lambada") {
+      EXPECT_TRUE(r.items[0].greedy);
+      EXPECT_FALSE(r.items[1].greedy);
+      EXPECT_NEAR(r.perplexity, std::exp(-ll_sum / n), 1e-4 * r.perplexity);
+    }
+    if (s.name == "mmlu") {
+      ASSERT_EQ(r.groups.size(), 2u);
+      EXPECT_NEAR(r.acc, (r.groups[0].acc + r.groups[1].acc) / 2, 1e-12);  // subjects averaged
+    }
+    EXPECT_EQ(r.stats.truncated, truncated);
+    EXPECT_EQ(m.calls, r.stats.batches);
+    EXPECT_GT(r.stats.batches, 1);  // batch_tokens = 150: at most 2 rows per pass
+    EXPECT_LE(m.max_B, 2);
+    sum_acc += r.acc;
+  }
+  EXPECT_GT(sum_acc, 0);  // a test where everything is wrong would prove little
+}
+
+// Shared prefixes cost one row; batching, padding and row order do not change any score.
+TEST(EvalScorer, BatchingAndPrefixSharingDoNotChangeScores) {
+  test::TempDir tmp;
+  auto m = tiny_checkpoint("baseline", tmp.path + "/ck");
+  auto tok = make_byte_tokenizer();
+  std::vector<ScoreRequest> reqs;
+  for (const char* c : {"Question: Pick one.\nAnswer:", "Short", "A much longer context for this row"}) {
+    for (const char* ch : {" A", " B", " C", " word", " A"})  // " A" twice: identical requests
+      reqs.push_back(make_request(*tok, c, ch));
+  }
+  reqs.push_back(make_request(*tok, "", " empty context"));
+  Scorer sc(*m, tok->bos_id(), tok->pad_id());
+  ScorerOptions one, many;
+  one.batch_tokens = 1;  // one row per forward pass
+  many.batch_tokens = 1 << 16;
+  ScoreStats s1, s2;
+  auto a = sc.score(reqs, one, &s1);
+  auto b = sc.score(reqs, many, &s2);
+  // " A", " B", " C" are 2 bytes each: their fed rows BOS+context+" " are identical and a
+  // prefix of the fed row of " word" (BOS+context+" wor"), so each context needs one row.
+  EXPECT_EQ(s1.rows, 3 + 1);
+  EXPECT_EQ(s1.requests, i64(reqs.size()));
+  EXPECT_EQ(s1.batches, s1.rows);
+  EXPECT_LT(s2.batches, s1.batches);
+  EXPECT_EQ(s1.padded_tokens, s1.tokens);
+  const i64 V = m->config().vocab_size;
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    // direct: the request's own row alone, log-softmax in double
+    auto row = sc.full_row(reqs[i]);
+    const i64 L = row.size() - 1, nc = reqs[i].continuation.size();
+    std::vector<float> lg(L * V);
+    m->logits(row.data(), 1, L, lg.data());
+    double want = 0;
+    bool greedy = true;
+    for (i64 p = L - nc; p < L; ++p) {
+      const float* x = &lg[p * V];
+      double mx = *std::max_element(x, x + V), s = 0;
+      for (i64 j = 0; j < V; ++j) s += std::exp(double(x[j]) - mx);
+      want += double(x[row[p + 1]]) - mx - std::log(s);
+      greedy = greedy && (std::max_element(x, x + V) - x) == row[p + 1];
+    }
+    EXPECT_NEAR(a[i].loglik, want, 1e-5 * std::abs(want)) << i;
+    EXPECT_NEAR(b[i].loglik, want, 1e-5 * std::abs(want)) << i;
+    EXPECT_EQ(a[i].greedy, greedy) << i;
+    EXPECT_EQ(b[i].greedy, greedy) << i;
+  }
+  EXPECT_EQ(a[0].loglik, a[4].loglik);  // identical requests, one row
+  ScorerOptions apart;
+  apart.share_prefixes = false;
+  ScoreStats s3;
+  auto c = sc.score(reqs, apart, &s3);
+  EXPECT_EQ(s3.rows, s3.requests);
+  for (size_t i = 0; i < reqs.size(); ++i) EXPECT_NEAR(c[i].loglik, a[i].loglik, 1e-5 * std::abs(a[i].loglik)) << i;
+}
+
+// logits_at (the head on chosen rows only) equals rows of the full logits, for the baseline's
+// own implementation and for the interface's default.
+TEST(EvalScorer, LogitsAtEqualsRowsOfFullLogits) {
+  test::TempDir tmp;
+  auto base = tiny_checkpoint("baseline", tmp.path + "/ck");
+  BigramModel bigram(260, 128);
+  for (LanguageModel* m : {static_cast<LanguageModel*>(base.get()), static_cast<LanguageModel*>(&bigram)}) {
+    const i64 B = 3, L = 11, V = m->config().vocab_size;
+    auto tok = test::random_tokens(B * L, V, 5);
+    std::vector<float> all(B * L * V);
+    m->logits(tok.data(), B, L, all.data());
+    std::vector<i64> pos = {32, 0, 5, 11, 12, 13, 20};
+    std::vector<float> got(pos.size() * V);
+    m->logits_at(tok.data(), B, L, pos.data(), pos.size(), got.data());
+    for (size_t i = 0; i < pos.size(); ++i)
+      EXPECT_LT(test::rel_err(got.data() + i * V, all.data() + pos[i] * V, V), 1e-6) << i;
+  }
+}
+
+// Long contexts lose tokens on the left, BOS stays; the result equals scoring the cut request.
+TEST(EvalScorer, TruncatesTheContextFromTheLeft) {
+  test::TempDir tmp;
+  auto m = tiny_checkpoint("baseline", tmp.path + "/ck");
+  auto tok = make_byte_tokenizer();
+  const i64 Lmax = m->config().max_seq_len;
+  std::string ctx(300, 'x');
+  for (size_t i = 0; i < ctx.size(); ++i) ctx[i] = char('a' + i % 26);
+  ScoreRequest r = make_request(*tok, ctx, " tail");
+  Scorer sc(*m, tok->bos_id(), tok->pad_id());
+  bool trunc = false;
+  auto row = sc.full_row(r, &trunc);
+  EXPECT_TRUE(trunc);
+  ASSERT_EQ(i64(row.size()), Lmax + 1);  // fed = Lmax tokens
+  EXPECT_EQ(row[0], tok->bos_id());
+  EXPECT_EQ(tok->decode(std::vector<i32>(row.end() - 5, row.end())), " tail");
+  EXPECT_EQ(tok->decode(std::vector<i32>(row.begin() + 1, row.end() - 5)), ctx.substr(300 - (Lmax - 5)));
+  ScoreRequest cut = make_request(*tok, ctx.substr(300 - (Lmax - 5)), " tail");
+  ScoreStats st;
+  auto s = sc.score({r, cut}, ScorerOptions{}, &st);
+  EXPECT_TRUE(s[0].truncated);
+  EXPECT_FALSE(s[1].truncated);
+  EXPECT_EQ(s[0].loglik, s[1].loglik);
+  EXPECT_EQ(st.rows, 1);  // the same fed row
+  // a continuation longer than the window is scored on its last Lmax tokens after BOS
+  std::string big(Lmax + 7, 'y');
+  for (size_t i = 0; i < big.size(); ++i) big[i] = char('A' + i % 23);
+  ScoreRequest huge = make_request(*tok, "c", big), tail = make_request(*tok, "", big.substr(7));
+  auto hs = sc.score({huge, tail}, ScorerOptions{}, &st);
+  EXPECT_EQ(hs[0].scored, Lmax);
+  EXPECT_EQ(hs[1].scored, Lmax);
+  EXPECT_TRUE(hs[0].truncated);  // the context went too
+  EXPECT_EQ(st.cut_continuations, 1);
+  EXPECT_EQ(hs[0].loglik, hs[1].loglik);
+  EXPECT_EQ(sc.full_row(huge), sc.full_row(tail));
+}
+
+// The C++ per-continuation log-likelihoods equal the PyTorch reference's (relative error
+// < 1e-4) on every fixture task, and the chosen answers and accuracies are the same.
+class EvalReference : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(EvalReference, LogLikelihoodsChoicesAndAccuraciesMatchPyTorch) {
+  const std::string arch = GetParam();
+  test::TempDir tmp;
+  auto m = tiny_checkpoint(arch, tmp.path + "/ck");
+  if (!test::torch_available()) GTEST_SKIP() << "PyTorch reference not available";
+  write_bench(tmp.path + "/bench");
+  auto tok = make_byte_tokenizer();
+  Scorer sc(*m, tok->bos_id(), tok->pad_id());
+  std::vector<TaskData> tasks;
+  std::vector<std::vector<Score>> scores;
+  std::ofstream rf(tmp.path + "/requests.txt");
+  for (const TaskSpec& s : fixture_specs()) {
+    tasks.push_back(read_task(s, tmp.path + "/bench"));
+    auto reqs = task_requests(tasks.back(), *tok);
+    ScorerOptions o;
+    o.batch_tokens = 512;
+    scores.push_back(sc.score(reqs, o));
+    for (auto& r : reqs) {
+      rf << r.continuation.size();
+      for (i32 t : sc.full_row(r)) rf << " " << t;
+      rf << "\n";
+    }
+  }
+  // One request whose continuation is the model's own greedy choice, so that greedy = true is
+  // compared as well: three argmax steps after a context.
+  ScoreRequest g{tok->encode("The cat sat"), {}};
+  std::vector<i32> fed = {tok->bos_id()};
+  fed.insert(fed.end(), g.context.begin(), g.context.end());
+  for (int step = 0; step < 3; ++step) {
+    const i64 L = fed.size(), V = m->config().vocab_size;
+    std::vector<float> lg(L * V);
+    m->logits(fed.data(), 1, L, lg.data());
+    fed.push_back(i32(std::max_element(&lg[(L - 1) * V], &lg[L * V]) - &lg[(L - 1) * V]));
+    g.continuation.push_back(fed.back());
+  }
+  Score g_score = sc.score({g}, ScorerOptions{})[0];
+  EXPECT_TRUE(g_score.greedy);
+  rf << g.continuation.size();
+  for (i32 t : sc.full_row(g)) rf << " " << t;
+  rf << "\n";
+  rf.close();
+  std::string cmd = std::string("/usr/bin/python3 ") + DLCM_SOURCE_DIR + "/python/score_reference.py --ckpt " +
+                    tmp.path + "/ck --requests " + tmp.path + "/requests.txt --out " + tmp.path + "/ref.json 2>&1";
+  ASSERT_EQ(std::system(cmd.c_str()), 0) << cmd;
+  json ref = json::parse(std::ifstream(tmp.path + "/ref.json"));
+  size_t k = 0;
+  double worst = 0;
+  for (size_t t = 0; t < tasks.size(); ++t) {
+    SCOPED_TRACE(tasks[t].spec.name);
+    std::vector<Score> want(scores[t].size());
+    for (size_t i = 0; i < want.size(); ++i, ++k) {
+      want[i].loglik = ref["loglik"][k].get<double>();
+      want[i].greedy = ref["greedy"][k].get<bool>();
+      if (!ref["margin"][k].is_null()) {  // a boundary decision this close to tau could flip
+        ASSERT_GT(ref["margin"][k].get<double>(), 1e-4) << "request " << k << ": choose another seed";
+      }
+      double e = std::abs(scores[t][i].loglik - want[i].loglik) / std::max(std::abs(want[i].loglik), 1e-6);
+      worst = std::max(worst, e);
+      EXPECT_LT(e, 1e-4) << "request " << i << ": " << scores[t][i].loglik << " vs " << want[i].loglik;
+      EXPECT_EQ(scores[t][i].greedy, want[i].greedy) << i;
+    }
+    TaskResult got = task_metrics(tasks[t], scores[t], true), exp = task_metrics(tasks[t], want, true);
+    // Log-likelihoods agree to 1e-4 relative, so choices must agree wherever the reference's
+    // best leads the runner-up by more than twice that.
+    auto clear_gap = [](std::vector<double> v) {
+      std::sort(v.rbegin(), v.rend());
+      return v.size() < 2 || v[0] - v[1] > 2e-4 * std::abs(v[0]);
+    };
+    for (size_t i = 0; i < exp.items.size(); ++i) {
+      const Item& it = tasks[t].items[i];
+      std::vector<double> ll = exp.items[i].loglik, norm = ll;
+      for (size_t j = 0; j < norm.size() && it.choices.size() == norm.size(); ++j)
+        norm[j] /= double(utf8_length(it.choices[j]));
+      ASSERT_TRUE(clear_gap(ll) && clear_gap(norm)) << "near tie in item " << i << ": choose another seed";
+      EXPECT_EQ(got.items[i].pred, exp.items[i].pred) << i;
+      EXPECT_EQ(got.items[i].pred_norm, exp.items[i].pred_norm) << i;
+    }
+    EXPECT_EQ(got.acc, exp.acc);
+    if (std::isfinite(exp.acc_norm)) {
+      EXPECT_EQ(got.acc_norm, exp.acc_norm);
+    }
+    if (std::isfinite(exp.perplexity)) {
+      EXPECT_NEAR(got.perplexity, exp.perplexity, 1e-4 * exp.perplexity);
+    }
+  }
+  ASSERT_EQ(k + 1, ref["loglik"].size());
+  EXPECT_TRUE(ref["greedy"][k].get<bool>());
+  EXPECT_NEAR(g_score.loglik, ref["loglik"][k].get<double>(), 1e-4 * std::abs(g_score.loglik));
+  std::printf("[%s] worst relative error of %zu continuation log-likelihoods vs PyTorch: %.2e\n",
+              arch.c_str(), k, worst);
+}
+
+INSTANTIATE_TEST_SUITE_P(Arch, EvalReference, ::testing::Values("baseline", "dlcm"),
+                         [](const auto& i) { return i.param; });
+
+TEST(EvalTasks, ResolvesNamesInlineSpecsAndTaskFiles) {
+  test::TempDir tmp;
+  EXPECT_EQ(resolve_tasks("all").size(), builtin_tasks().size());
+  auto s = resolve_tasks(" copa , obqa=query_choices_gold:obqa.jsonl");
+  ASSERT_EQ(s.size(), 2u);
+  EXPECT_EQ(s[1].name, "obqa");
+  EXPECT_EQ(s[1].context_suffix, "\nAnswer:");
+  EXPECT_EQ(resolve_tasks("p=piqa:x/my.jsonl")[0].labels, "x/my-labels.lst");
+  std::ofstream(tmp.path + "/t.json")
+      << R"([{"name": "mycopa", "layout": "query_choices_gold", "path": "c.jsonl", "context_suffix": "", "delimiter": "\n"}])";
+  auto f = resolve_tasks("mycopa,lambada", tmp.path + "/t.json");
+  ASSERT_EQ(f.size(), 2u);
+  EXPECT_EQ(f[0].context_suffix, "");
+  EXPECT_EQ(f[0].delimiter, "\n");
+  EXPECT_NE(error_of([] { resolve_tasks("hellaswag,nosuch"); }).find("unknown task 'nosuch'"), std::string::npos);
+  EXPECT_NE(error_of([] { resolve_tasks("copa,copa"); }).find("listed twice"), std::string::npos);
+  EXPECT_NE(error_of([] { resolve_tasks("x=csv:a.csv"); }).find("unknown task layout 'csv'"), std::string::npos);
+  EXPECT_NE(error_of([] { resolve_tasks("x=a.csv"); }).find("expected name=layout:path"), std::string::npos);
+  std::ofstream(tmp.path + "/bad.json") << R"([{"name": "x", "layout": "piqa", "path": "p", "lables": "l"}])";
+  EXPECT_NE(error_of([&] { resolve_tasks("x", tmp.path + "/bad.json"); }).find("unknown field \"lables\""),
+            std::string::npos);
+}
+
+// Malformed files: one-line errors naming the file and line; a missing file stops only its task.
+TEST(EvalTasks, BadFilesGiveErrorsNamingFileAndLine) {
+  test::TempDir tmp;
+  const std::string d = tmp.path;
+  auto err = [&](const std::string& spec, const std::string& file, const std::string& text) {
+    std::ofstream(d + "/" + file) << text;
+    return error_of([&] { read_task(resolve_tasks(spec)[0], d); });
+  };
+  struct Case {
+    std::string spec, file, text, expect;
+  } cases[] = {
+      {"q=query_choices_gold:q.jsonl", "q.jsonl", "{\"query\": \"a\", \"choices\": [\"x\", \"y\"], \"gold\": 0}\n{oops\n", "q.jsonl:2: invalid JSON"},
+      {"q=query_choices_gold:q.jsonl", "q.jsonl", "{\"query\": \"a\", \"gold\": 0}\n", "q.jsonl:1: missing field \"choices\""},
+      {"q=query_choices_gold:q.jsonl", "q.jsonl", "{\"query\": \"a\", \"choices\": [\"x\", \"y\"], \"gold\": 2}\n", "q.jsonl:1: gold index 2 is outside [0, 2)"},
+      {"q=query_choices_gold:q.jsonl", "q.jsonl", "{\"query\": \"a\", \"choices\": [\"x\", \" \"], \"gold\": 0}\n", "q.jsonl:1: choice 1 is empty"},
+      {"h=hellaswag:h.txt", "h.txt", "ctx\n1\na\nb\nc\n", "h.txt: 5 lines is not a multiple of 6"},
+      {"h=hellaswag:h.txt", "h.txt", "ctx\n7\na\nb\nc\nd\n", "h.txt:2: expected the gold index 0-3"},
+      {"w=winogrande:w.jsonl", "w.jsonl", "{\"sentence\": \"no blank\", \"option1\": \"a\", \"option2\": \"b\", \"answer\": \"1\"}\n", "w.jsonl:1: \"sentence\" has no \"_\""},
+      {"w=winogrande:w.jsonl", "w.jsonl", "{\"sentence\": \"a _ b\", \"option1\": \"a\", \"option2\": \"b\", \"answer\": \"3\"}\n", "w.jsonl:1: \"answer\" must be"},
+      {"c=context_options:c.jsonl", "c.jsonl", "{\"context_options\": [\"a\"], \"continuation\": \"b\", \"gold\": 0}\n", "c.jsonl:1: field \"context_options\" must be an array of at least 2"},
+      {"l=context_continuation:l.jsonl", "l.jsonl", "{\"context\": 3, \"continuation\": \"b\"}\n", "l.jsonl:1: field \"context\" must be a string"},
+      {"m=mmlu_csv:m.csv", "m.csv", "q,a,b,c\n", "m.csv:1: expected the header question"},
+      {"m=mmlu_csv:m.csv", "m.csv", "question,c0,c1,answer\nq,a,b\n", "m.csv:2: 3 fields, the header has 4"},
+      {"m=mmlu_csv:m.csv", "m.csv", "question,c0,c1,answer\nq,a,b,7\n", "m.csv:2: gold index 7"},
+      {"m=mmlu_csv:m.csv", "m.csv", "question,c0,c1,answer\n\"q,a,b,1\n", "m.csv:2: unterminated quoted field"},
+      {"m=mmlu_csv:m.csv", "m.csv", "question,c0,c1,answer\n", "no items"},
+  };
+  for (auto& c : cases) EXPECT_NE(err(c.spec, c.file, c.text).find(c.expect), std::string::npos) << c.expect << " <- " << err(c.spec, c.file, c.text);
+  std::ofstream(d + "/p.jsonl") << R"({"goal": "g", "sol1": "a", "sol2": "b"})" "\n" << R"({"goal": "g", "sol1": "a", "sol2": "b"})" "\n";
+  std::ofstream(d + "/p-labels.lst") << "1\n";
+  EXPECT_NE(error_of([&] { read_task(resolve_tasks("p=piqa:p.jsonl")[0], d); }).find("p-labels.lst: has 1 labels"), std::string::npos);
+  // a missing file or folder: the task reports it, another task still runs
+  BigramModel m(260, 128);
+  auto tok = make_byte_tokenizer();
+  EvalOptions o;
+  o.bench_dir = d;
+  TaskResult miss = run_task(m, *tok, resolve_tasks("hellaswag")[0], o);
+  EXPECT_FALSE(miss.ok());
+  EXPECT_NE(miss.error.find("file not found: " + d + "/hellaswag_val.txt"), std::string::npos) << miss.error;
+  std::ofstream(d + "/copa.jsonl") << R"({"query": "q, because", "choices": ["a", "b"], "gold": 0})" "\n";
+  EXPECT_TRUE(run_task(m, *tok, resolve_tasks("copa")[0], o).ok());
+  o.bench_dir = d + "/nonexistent";
+  TaskResult nodir = run_task(m, *tok, resolve_tasks("copa")[0], o);
+  EXPECT_NE(nodir.error.find("benchmark folder not found: " + d + "/nonexistent"), std::string::npos) << nodir.error;
+  std::string table = markdown_table({miss, run_task(m, *tok, resolve_tasks("copa")[0], EvalOptions{d})});
+  EXPECT_NE(table.find("| copa | 1 |"), std::string::npos) << table;
+  EXPECT_NE(table.find("- hellaswag: not run: "), std::string::npos) << table;
+}
+
+// The CLI: all tasks of the fixture folder, a JSON report and a markdown table; a missing file
+// is reported and the others run (exit status 1); no task and no data is an error.
+TEST(EvalCli, RunsTasksReportsMissingFilesAndWritesReport) {
+  test::TempDir tmp;
+  ASSERT_TRUE(tiny_checkpoint("baseline", tmp.path + "/ck"));
+  write_bench(tmp.path + "/bench");
+  std::string base = "eval --ckpt " + tmp.path + "/ck --bench-dir " + tmp.path + "/bench ";
+  test::CmdResult r = test::run_dlcm(base + "--tasks all,wsc=context_options:wsc.jsonl --out " + tmp.path +
+                        "/r.json --markdown " + tmp.path + "/t.md");
+  ASSERT_EQ(r.rc, 0) << r.out;
+  json j = json::parse(std::ifstream(tmp.path + "/r.json"));
+  EXPECT_EQ(j["arch"], "baseline");
+  ASSERT_EQ(j["tasks"].size(), 9u);
+  for (auto& [name, t] : j["tasks"].items()) {
+    EXPECT_TRUE(t.contains("acc")) << name << ": " << t.dump();
+    EXPECT_GE(t["acc"].get<double>(), 0.0);
+    EXPECT_GT(t["chance"].get<double>() + (name == "lambada"), 0.0) << name;
+    EXPECT_TRUE(t.contains("acc_stderr") && t.contains("n") && t.contains("seconds")) << name;
+  }
+  EXPECT_EQ(j["tasks"]["mmlu"]["subjects"].size(), 2u);
+  EXPECT_TRUE(j["tasks"]["lambada"].contains("perplexity"));
+  EXPECT_TRUE(j["tasks"]["hellaswag"].contains("acc_norm"));
+  std::stringstream md;
+  md << std::ifstream(tmp.path + "/t.md").rdbuf();
+  EXPECT_NE(md.str().find("| hellaswag | 2 |"), std::string::npos) << md.str();
+  EXPECT_NE(r.out.find("| task | items | acc |"), std::string::npos) << r.out;  // on the terminal
+
+  fs::remove(tmp.path + "/bench/boolq.jsonl");
+  r = test::run_dlcm(base + "--tasks boolq,copa --out " + tmp.path + "/r2.json");
+  EXPECT_EQ(r.rc >> 8, 1) << r.out;
+  EXPECT_NE(r.out.find("boolq: not run: file not found"), std::string::npos) << r.out;
+  j = json::parse(std::ifstream(tmp.path + "/r2.json"));
+  EXPECT_TRUE(j["tasks"]["boolq"].contains("error"));
+  EXPECT_EQ(j["tasks"]["copa"]["n"], 2);
+
+  r = test::run_dlcm("eval --ckpt " + tmp.path + "/ck");
+  EXPECT_NE(r.rc, 0);
+  EXPECT_NE(r.out.find("dlcm: error: eval: give --data DIR"), std::string::npos) << r.out;
+  r = test::run_dlcm(base + "--tasks copa,bogus");
+  EXPECT_NE(r.out.find("dlcm: error: --tasks: unknown task 'bogus'"), std::string::npos) << r.out;
+}
+
+// The real benchmark files (../shared/bench), when present: item counts and first prompts.
+TEST(EvalTasks, ReadsTheRealBenchmarkFiles) {
+  std::string dir = std::getenv("DLCM_BENCH_DIR") ? std::getenv("DLCM_BENCH_DIR")
+                                                  : std::string(DLCM_SOURCE_DIR) + "/../shared/bench";
+  if (!fs::is_directory(dir)) GTEST_SKIP() << "no benchmark folder at " << dir << " (set DLCM_BENCH_DIR)";
+  std::map<std::string, size_t> n = {{"hellaswag", 10042}, {"piqa", 1838}, {"arc_easy", 2376},
+                                     {"boolq", 3270},      {"winogrande", 1267}, {"copa", 100},
+                                     {"lambada", 5153},    {"mmlu", 285}};
+  auto tok = make_byte_tokenizer();
+  for (const TaskSpec& s : builtin_tasks()) {
+    SCOPED_TRACE(s.name);
+    TaskData d = read_task(s, dir);
+    EXPECT_EQ(d.items.size(), n.at(s.name));
+    auto r = task_requests(TaskData{d.spec, d.kind, {d.items[0]}, d.groups, d.files}, *tok);
+    ASSERT_FALSE(r.empty());
+    std::string ctx = tok->decode(r[0].context), cont = tok->decode(r[0].continuation);
+    if (s.name == "hellaswag") {
+      EXPECT_EQ(ctx, "Roof shingle removal: A man is sitting on a roof. he");
+    }
+    if (s.name == "piqa") {
+      EXPECT_EQ(ctx, "Question: How do I ready a guinea pig cage for it's new occupants?\nAnswer:");
+    }
+    if (s.name == "winogrande") {
+      EXPECT_EQ(ctx + cont, "Sarah was a much better surgeon than Maria so Sarah always got the easier cases.");
+    }
+    if (s.name == "lambada") {
+      EXPECT_EQ(cont, " signs");
+    }
+    if (s.name == "mmlu") {
+      EXPECT_EQ(d.groups.size(), 57u);
+    }
+    EXPECT_EQ(cont[0], ' ');
+  }
+}
