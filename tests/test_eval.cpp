@@ -152,6 +152,7 @@ class BigramModel : public LanguageModel {
     for (i64 n = 0; n < B * L; ++n) std::copy_n(&T_[tokens[n] * V], V, out + n * V);
   }
   double flops_per_token(i64) const override { return 0; }
+  std::unique_ptr<InferenceStream> new_stream(const StreamOptions&) override { fail("not used"); }
   // Makes `text` the greedy continuation of its first byte (bytes tokenizer ids).
   void make_greedy(const std::string& text) {
     for (size_t i = 0; i + 1 < text.size(); ++i)
