@@ -376,6 +376,16 @@ void Trainer::run() {
     double tps = r.tokens / r.seconds;
     ema_rate = ema_rate == 0 ? tps : 0.9 * ema_rate + 0.1 * tps;
     double mfu = flops_tok * tps / (peak_gflops_ * 1e9);
+    // A peak measured while the machine was busy is too low (MFU > 100%): measure again, a few
+    // times at most (one process only: ranks would have to agree on it).
+    if (mfu > 1.0 && o_.peak_gflops <= 0 && world_ == 1 && peak_remeasures_ < 3) {
+      ++peak_remeasures_;
+      peak_gflops_ = std::max(peak_gflops_, measure_gemm_peak_gflops(0.3));
+      mfu = flops_tok * tps / (peak_gflops_ * 1e9);
+      if (!o_.quiet)
+        std::fprintf(stderr, "%s[train] FP32 GEMM peak measured again: %.0f GFLOP/s\n",
+                     tty ? "\r\033[K" : "", peak_gflops_);
+    }
     if (step_ % t.log_every == 0 || step_ == 1 || step_ == t.steps) {
       json j = {{"step", step_}, {"loss", r.loss}, {"ce", r.ce}, {"lr", r.lr},
                 {"grad_norm", r.grad_norm}, {"tokens_per_s", tps}, {"mfu", mfu},

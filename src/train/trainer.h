@@ -91,6 +91,7 @@ class Trainer {
   i64 step_ = 0;
   i64 tokens_seen_ = 0;
   double peak_gflops_ = 0;
+  int peak_remeasures_ = 0;
   std::vector<i32> tok_, tgt_;  // [grad_accum, B, L]
   std::string log_path_;
   std::vector<std::string> log_lines_;
