@@ -65,7 +65,8 @@ nlohmann::json config_to_json(const Config& c) {
                 {"eval_every", t.eval_every},
                 {"eval_batches", t.eval_batches},
                 {"ckpt_every", t.ckpt_every},
-                {"threads", t.threads}};
+                {"threads", t.threads},
+                {"precision", t.precision}};
   return j;
 }
 
@@ -182,6 +183,7 @@ Config config_from_json(const json& src, const std::string& source) {
   get(tj, "eval_batches", t.eval_batches);
   get(tj, "ckpt_every", t.ckpt_every);
   get(tj, "threads", t.threads);
+  get(tj, "precision", t.precision);
   validate(c, source);
   return c;
 }
@@ -301,6 +303,8 @@ void validate(const Config& c, const std::string& src) {
   DLCM_CHECK(t.beta1 >= 0 && t.beta1 < 1 && t.beta2 >= 0 && t.beta2 < 1, src,
              ": 'train.beta1'/'train.beta2' must be in [0,1)");
   pos(t.log_every, "train.log_every");
+  DLCM_CHECK(t.precision == "fp32" || t.precision == "bf16", src,
+             ": 'train.precision' must be \"fp32\" or \"bf16\", got \"", t.precision, "\"");
 }
 
 }  // namespace dlcm

@@ -84,6 +84,9 @@ struct TrainConfig {
   i64 eval_batches = 16;
   i64 ckpt_every = 500;
   i64 threads = 0;  // 0 = all cores (OpenMP default)
+  // Matrix products: "fp32" or "bf16" (mixed precision: bf16 operands, fp32 accumulation,
+  // fp32 master weights and optimizer state; kernels/gemm.h). Validation runs in fp32.
+  std::string precision = "fp32";
 };
 
 struct Config {

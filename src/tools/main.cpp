@@ -57,6 +57,20 @@ int main(int argc, char** argv) {
   btrain->add_option("--repeats", ba.repeats, "repeats (median reported)");
   btrain->add_flag("--no-torch", ba.no_torch, "skip the PyTorch reference");
 
+  BenchXattnArgs xa;
+  bool x_only_fixed = false, x_only_variable = false;
+  auto* bxattn = bench->add_subcommand("xattn", "concept cross-attention: masked vs replicate vs compact (Table 6)");
+  bxattn->add_option("--lengths", xa.lengths, "sequence lengths")->delimiter(',');
+  bxattn->add_option("--batch", xa.batch, "rows")->check(CLI::Range(1, 1024));
+  bxattn->add_option("--heads", xa.heads, "query heads")->check(CLI::Range(1, 256));
+  bxattn->add_option("--kv-heads", xa.kv_heads, "key/value heads")->check(CLI::Range(1, 256));
+  bxattn->add_option("--head-dim", xa.head_dim, "head dimension")->check(CLI::Range(1, 1024));
+  bxattn->add_option("--repeats", xa.repeats, "repeats (median reported)")->check(CLI::Range(1, 1000));
+  bxattn->add_option("--interval", xa.interval, "fixed concept length")->check(CLI::Range(1, 1 << 20));
+  bxattn->add_option("--mean-len", xa.mean_len, "mean variable concept length")->check(CLI::Range(1.0, 1e6));
+  bxattn->add_flag("--fixed-only", x_only_fixed, "only fixed-length concepts");
+  bxattn->add_flag("--variable-only", x_only_variable, "only variable-length concepts");
+
   PrepareArgs pa;
   auto* prep = app.add_subcommand("prepare", "corpus files/folders -> tokenizer + train/val token shards");
   prep->add_option("--input", pa.inputs, "corpus files or folders (*.jsonl, *.txt)")->required();
@@ -85,6 +99,11 @@ int main(int argc, char** argv) {
     if (*gen) return cmd_generate(ga);
     if (*flops) return cmd_flops(la);
     if (*btrain) return cmd_bench_train(ba);
+    if (*bxattn) {
+      if (x_only_fixed) xa.variable = false;
+      if (x_only_variable) xa.fixed = false;
+      return cmd_bench_xattn(xa);
+    }
     if (*prep) return cmd_prepare(pa);
     if (*ev) return cmd_eval(ea);
   } catch (const dlcm::Error& e) {

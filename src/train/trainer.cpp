@@ -11,6 +11,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
+#include "core/profiler.h"
 #include "kernels/gemm.h"
 #include "train/checkpoint.h"
 
@@ -69,6 +70,9 @@ Trainer::Trainer(const Config& cfg, TrainData data, TrainOptions opt)
   model_->reserve(t.batch_size, t.seq_len);
   tok_.assign(t.grad_accum * t.batch_size * t.seq_len, 0);
   tgt_.assign(tok_.size(), 0);
+  if (data_.train_boundaries) bnd_.assign(tok_.size(), 0);
+  precision_ = ops::parse_precision(t.precision, "train.precision");
+  ops::PrecisionScope check(precision_);  // fails here, clearly, without AVX512-BF16
   if (!o_.out_dir.empty()) {
     fs::create_directories(o_.out_dir);
     log_path_ = (fs::path(o_.out_dir) / "train_log.jsonl").string();
@@ -117,10 +121,13 @@ StepResult Trainer::train_step() {
   const TrainConfig& t = cfg_.train;
   const i64 B = t.batch_size, L = t.seq_len, K = t.grad_accum;
   auto t0 = Clock::now();
+  ops::PrecisionScope precision(precision_);
   StepResult r;
   r.lr = lr_at(t, step_, t.steps);
   // Load the step's micro-batches first: the totals scale the loss, and DLCM's Global
   // Parser needs the whole step's boundaries before any backward pass.
+  prof::Section sec;  // benchmark breakdown (dlcm bench train --breakdown)
+  sec.next("data");
   std::vector<Batch> micro(K);
   StepContext ctx;
   ctx.seed = t.seed;
@@ -130,11 +137,19 @@ StepResult Trainer::train_step() {
     i32* tg = tgt_.data() + k * B * L;
     data_.train_batch(step_, k, 0, B, L, tk, tg);
     micro[k] = Batch{tk, tg, B, L, k * B};
+    if (data_.train_boundaries) {
+      uint8_t* bk = bnd_.data() + k * B * L;
+      data_.train_boundaries(step_, k, 0, B, L, bk);
+      micro[k].boundaries = bk;
+    }
     for (i64 i = 0; i < B * L; ++i) ctx.total_targets += tg[i] >= 0;
     ctx.total_positions += B * L;
   }
+  sec.next("other");
   ctx.sum_b = model_->prepare_step(micro, ctx);
+  sec.next("optimizer");
   model_->params().zero_grad();
+  sec.next("other");
   MicroStats tot;
   for (i64 k = 0; k < K; ++k) {
     MicroStats s = model_->train_micro(micro[k], k, ctx);
@@ -154,8 +169,10 @@ StepResult Trainer::train_step() {
     r.F_thresholded = double(tot.n_thresholded) / tot.n_positions;
   }
   r.loss = r.ce + cfg_.model.aux_weight * r.aux * (cfg_.model.is_dlcm() ? 1 : 0);
+  sec.next("optimizer");
   r.grad_norm = clip_grad_norm(model_->params(), t.grad_clip);
   opt_.step(model_->params(), float(r.lr), t);
+  sec.next("other");
   ++step_;
   r.tokens = K * B * L;
   tokens_seen_ += r.tokens;
@@ -170,6 +187,7 @@ Trainer::ValResult Trainer::validate(i64 max_batches) {
   i64 n = data_.val_count(B, L);
   if (max_batches >= 0) n = std::min(n, max_batches);
   std::vector<i32> tk(B * L), tg(B * L);
+  ops::PrecisionScope fp32(ops::Precision::FP32);  // validation is always FP32
   double ce = 0, concepts = 0, positions = 0;
   i64 count = 0;
   for (i64 i = 0; i < n; ++i) {
