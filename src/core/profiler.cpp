@@ -1,5 +1,7 @@
 #include "core/profiler.h"
 
+#include <time.h>
+
 #include <chrono>
 #include <cstring>
 
@@ -14,7 +16,14 @@ std::vector<Entry> g_entries;
 struct Frame {
   i64 index;
   Clock::time_point start;
+  double cpu_start;
 };
+
+double cpu_now() {
+  timespec ts;
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+  return ts.tv_sec + 1e-9 * ts.tv_nsec;
+}
 std::vector<Frame> g_stack;
 
 i64 index_of(const char* name) {
@@ -38,6 +47,7 @@ void enable(bool on) {
 void reset() {
   for (auto& e : g_entries) {
     e.seconds = 0;
+    e.cpu_seconds = 0;
     e.calls = 0;
   }
 }
@@ -50,20 +60,32 @@ double seconds_of(const std::string& name) {
   return 0;
 }
 
+// Charges the time since the top frame (re)started to its entry.
+void charge_top(Clock::time_point now, double cpu) {
+  Frame& f = g_stack.back();
+  g_entries[f.index].seconds += since(f.start, now);
+  g_entries[f.index].cpu_seconds += cpu - f.cpu_start;
+}
+
 void enter(const char* name) {
   const auto now = Clock::now();
-  if (!g_stack.empty()) g_entries[g_stack.back().index].seconds += since(g_stack.back().start, now);
+  const double cpu = cpu_now();
+  if (!g_stack.empty()) charge_top(now, cpu);
   const i64 i = index_of(name);
   ++g_entries[i].calls;
-  g_stack.push_back(Frame{i, now});
+  g_stack.push_back(Frame{i, now, cpu});
 }
 
 void leave() {
   if (g_stack.empty()) return;  // enabled inside an open scope: nothing to close
   const auto now = Clock::now();
-  g_entries[g_stack.back().index].seconds += since(g_stack.back().start, now);
+  const double cpu = cpu_now();
+  charge_top(now, cpu);
   g_stack.pop_back();
-  if (!g_stack.empty()) g_stack.back().start = now;
+  if (!g_stack.empty()) {
+    g_stack.back().start = now;
+    g_stack.back().cpu_start = cpu;
+  }
 }
 
 }  // namespace dlcm::prof

@@ -5,6 +5,7 @@
 // Disabled (the default) a scope is one load of a global flag and a branch. Enabled, scopes
 // nest with exclusive attribution: entering a scope pauses the enclosing one, so every
 // second is charged to exactly one component and the parts add up to the timed total.
+// Wall time and process CPU time are both kept.
 // Scopes belong on the thread that drives the step (kernels parallelise inside them).
 // Names must be string literals (kept by pointer).
 #pragma once
@@ -19,7 +20,9 @@ extern bool g_enabled;
 
 struct Entry {
   const char* name;
-  double seconds = 0;
+  double seconds = 0;      // wall time
+  double cpu_seconds = 0;  // process CPU time (all threads): robust to a loaded machine when
+                           // idle threads sleep (OMP_WAIT_POLICY=passive)
   i64 calls = 0;
 };
 

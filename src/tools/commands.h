@@ -43,6 +43,11 @@ struct BenchTrainArgs {
   std::vector<std::string> sets;
   i64 steps = 5, repeats = 3;
   bool no_torch = false;
+  bool torch_default = false;           // PyTorch peer without jemalloc and ATen AVX-512
+  std::vector<std::string> precisions;  // engines to time side by side; empty = the config's
+  bool breakdown = false;               // per-component time of a step (StepProfiler)
+  double R = -1;                        // dlcm: given concepts of mean length R (-1: target_R,
+                                        // 0: sample boundaries from the router)
 };
 int cmd_bench_train(const BenchTrainArgs& a);
 

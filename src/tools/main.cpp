@@ -56,6 +56,11 @@ int main(int argc, char** argv) {
   btrain->add_option("--steps", ba.steps, "timed steps per repeat");
   btrain->add_option("--repeats", ba.repeats, "repeats (median reported)");
   btrain->add_flag("--no-torch", ba.no_torch, "skip the PyTorch reference");
+  btrain->add_flag("--torch-defaults", ba.torch_default, "PyTorch peer with glibc malloc and ATen's default (AVX2) kernels");
+  btrain->add_option("--precision", ba.precisions, "fp32 and/or bf16, timed side by side (default: the config's)")
+      ->delimiter(',')->check(CLI::IsMember({"fp32", "bf16"}));
+  btrain->add_flag("--breakdown", ba.breakdown, "per-component time of a training step");
+  btrain->add_option("--R", ba.R, "dlcm: concepts of 1+Geometric lengths with this mean (default target_R; 0 = sample from the router)");
 
   BenchXattnArgs xa;
   bool x_only_fixed = false, x_only_variable = false;
