@@ -31,6 +31,9 @@
 namespace dlcm {
 namespace fs = std::filesystem;
 using nlohmann::json;
+using bench::cpu_seconds;
+using bench::measure_peak;
+using bench::Peak;
 
 namespace {
 
@@ -41,12 +44,6 @@ json reference_baseline() {
           {"n_kv_heads", 8},    {"head_dim", 64},     {"d_ff", 1536},     {"n_layers", 8},
           {"max_seq_len", 512}, {"train", {{"seq_len", 512}, {"batch_size", 8}, {"grad_accum", 1},
                                            {"warmup_steps", 0}, {"schedule", "constant"}}}};
-}
-
-double cpu_seconds() {
-  timespec ts;
-  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
-  return ts.tv_sec + 1e-9 * ts.tv_nsec;
 }
 
 // A child process we talk to by lines (the PyTorch peer in --serve mode).
@@ -115,26 +112,6 @@ class LineProcess {
   FILE* from_ = nullptr;
   std::string log_;
 };
-
-// GEMM throughput of square products of size n for about `seconds`: median GFLOP per wall
-// second and per process CPU-second (the engine's own ops::gemm, current precision).
-struct Peak {
-  double wall = 0, cpu = 0;
-};
-Peak measure_peak(double seconds, i64 n) {
-  Buf a(n * n, 0.5f), b(n * n, 0.25f), c(n * n, 0.f);
-  std::vector<double> w, u;
-  ops::gemm(false, false, n, n, n, 1.f, a.data(), n, b.data(), n, 0.f, c.data(), n);  // warm-up
-  auto t_end = std::chrono::steady_clock::now() + std::chrono::duration<double>(seconds);
-  do {
-    const double c0 = cpu_seconds();
-    auto t0 = std::chrono::steady_clock::now();
-    ops::gemm(false, false, n, n, n, 1.f, a.data(), n, b.data(), n, 0.f, c.data(), n);
-    w.push_back(2.0 * n * n * n / bench::seconds_since(t0) / 1e9);
-    u.push_back(2.0 * n * n * n / std::max(1e-9, cpu_seconds() - c0) / 1e9);
-  } while (std::chrono::steady_clock::now() < t_end || w.size() < 3);
-  return {bench::median(w), bench::median(u)};
-}
 
 // One engine configuration under test (one precision).
 struct Engine {

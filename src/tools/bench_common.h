@@ -27,6 +27,17 @@ double time_it(F&& f) {
   return seconds_since(t0);
 }
 
+// Process CPU time (all threads), seconds.
+double cpu_seconds();
+
+// GEMM throughput of square products of size n for about `seconds`: median GFLOP per wall
+// second and per process CPU-second (the engine's own ops::gemm, current precision). Per
+// CPU-second is the figure that survives a loaded machine (with OMP_WAIT_POLICY=passive).
+struct Peak {
+  double wall = 0, cpu = 0;
+};
+Peak measure_peak(double seconds, i64 n);
+
 // Resident set size now and its peak (high-water mark) in MiB, from /proc/self/status
 // (VmRSS, VmHWM); 0 where unavailable.
 struct Rss {

@@ -69,9 +69,11 @@ int cmd_bench_xattn(const BenchXattnArgs& a) {
               (long long)B, (long long)Hq, (long long)Hkv, (long long)hd, omp_get_max_threads(),
               (long long)a.repeats);
   std::printf("(a) masked dense scores + sgemm, (b) replicate + causal kernel, (c) compact\n");
-  std::printf("%-9s %6s %6s | %9s %9s %9s %6s %6s | %9s %9s %9s %6s %6s | %6s %8s\n", "concepts",
-              "L", "M", "fwd (a)", "fwd (b)", "fwd (c)", "a/b", "b/c", "bwd (a)", "bwd (b)",
-              "bwd (c)", "a/b", "b/c", "c GF/s", "max|d|");
+  const double sgemm_cpu = bench::measure_peak(0.5, 2048).cpu;
+  std::printf("FP32 sgemm 2048^3: %.1f GFLOP per process CPU-second\n", sgemm_cpu);
+  std::printf("%-9s %6s %6s | %9s %9s %9s %6s %6s | %9s %9s %9s %6s %6s | %6s %6s %8s\n",
+              "concepts", "L", "M", "fwd (a)", "fwd (b)", "fwd (c)", "a/b", "b/c", "bwd (a)",
+              "bwd (b)", "bwd (c)", "a/b", "b/c", "c GF/s", "c eff", "max|d|");
   for (int variable = 0; variable < 2; ++variable) {
     if (variable ? !a.variable : !a.fixed) continue;
     for (i64 L : a.lengths) {
@@ -143,12 +145,15 @@ int cmd_bench_xattn(const BenchXattnArgs& a) {
         diff = std::max(diff, max_abs_diff(im[i].dk, im[2].dk));
         diff = std::max(diff, max_abs_diff(im[i].dv, im[2].dv));
       }
-      std::vector<double> tf[3], tb[3];
+      std::vector<double> tf[3], tb[3], cpu_c;
       for (i64 r = 0; r < a.repeats; ++r)
         for (int i = 0; i < 3; ++i) {
+          const double c0 = bench::cpu_seconds();
           tf[i].push_back(1e3 * bench::time_it([&] { fwd(i); }));
           zero_grads(i);
+          const double c1 = bench::cpu_seconds();
           tb[i].push_back(1e3 * bench::time_it([&] { bwd(i); }));
+          if (i == 2) cpu_c.push_back(c1 - c0 + bench::cpu_seconds() - c1);
         }
       double f[3], g[3];
       for (int i = 0; i < 3; ++i) {
@@ -161,21 +166,22 @@ int cmd_bench_xattn(const BenchXattnArgs& a) {
       for (i64 n = 0; n < B * L; ++n) pairs += sg.seg[n] + 1;
       const double useful = 4.0 * hd * Hq * pairs;
       const double gfs = 3 * useful / ((f[2] + g[2]) * 1e-3) / 1e9;
+      const double cpu_eff = 3 * useful / bench::median(cpu_c) / 1e9 / sgemm_cpu;
       char label[32];
       if (variable)
         std::snprintf(label, sizeof label, "geo(%.0f)", a.mean_len);
       else
         std::snprintf(label, sizeof label, "every %lld", (long long)a.interval);
       std::printf("%-9s %6lld %6lld | %9.2f %9.2f %9.2f %5.2fx %5.2fx | %9.2f %9.2f %9.2f %5.2fx "
-                  "%5.2fx | %6.1f %8.1e\n",
+                  "%5.2fx | %6.1f %5.0f%% %8.1e\n",
                   label, (long long)L, (long long)sg.Mmax, f[0], f[1], f[2], f[0] / f[1],
-                  f[1] / f[2], g[0], g[1], g[2], g[0] / g[1], g[1] / g[2], gfs, diff);
+                  f[1] / f[2], g[0], g[1], g[2], g[0] / g[1], g[1] / g[2], gfs, 100 * cpu_eff, diff);
       std::fflush(stdout);
     }
   }
   std::printf("a/b: speed-up of (b) over (a); b/c: of (c) over (b). c GF/s: useful FLOP/s of "
-              "(c) forward+backward. max|d|: largest |difference| of (a), (b) to (c) over out, "
-              "dq, dk, dv.\n");
+              "(c) forward+backward; c eff: the same per process CPU-second over sgemm's. max|d|: "
+              "largest |difference| of (a), (b) to (c) over out, dq, dk, dv.\n");
   return 0;
 }
 
