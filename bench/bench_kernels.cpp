@@ -17,6 +17,13 @@ static void fill(Buf& b, uint64_t seed) {
   for (auto& x : b) x = r.normal() * 0.5f;
 }
 
+static void fill_attention(Buf& q, Buf& k, Buf& v, Buf& dout) {
+  fill(q, 1);
+  fill(k, 2);
+  fill(v, 3);
+  fill(dout, 4);
+}
+
 // Square FP32 GEMM; reports FLOP/s (the MFU denominator of the training benchmark).
 static void BM_Sgemm(benchmark::State& st) {
   const i64 n = st.range(0);
@@ -49,10 +56,7 @@ BENCHMARK(BM_GemmBf16)->Arg(512)->Arg(1024)->Arg(2048)->UseRealTime();
 static void BM_AttentionFwdBwd(benchmark::State& st) {
   const i64 B = 8, L = st.range(0), H = 8, hd = 64, N = B * L * H * hd;
   Buf q(N), k(N), v(N), o(N), lse(B * H * L), dq(N), dk(N), dv(N), dout(N);
-  fill(q, 1);
-  fill(k, 2);
-  fill(v, 3);
-  fill(dout, 4);
+  fill_attention(q, k, v, dout);
   const float scale = 1.0f / std::sqrt(float(hd));
   for (auto _ : st) {
     ops::attention_forward(o.data(), lse.data(), q.data(), k.data(), v.data(), B, L, L, H, H, hd, 0, scale);
@@ -76,10 +80,7 @@ static void BM_ConceptAttentionFwdBwd(benchmark::State& st) {
   sg.build(bnd.data(), nullptr, -1, B, L);
   const i64 nq = B * L * H * hd, nk = B * (sg.Mmax + 1) * H * hd;
   Buf q(nq), k(nk), v(nk), o(nq), lse(B * H * L), dq(nq), dk(nk), dv(nk), dout(nq);
-  fill(q, 1);
-  fill(k, 2);
-  fill(v, 3);
-  fill(dout, 4);
+  fill_attention(q, k, v, dout);
   const float scale = 1.0f / std::sqrt(float(hd));
   for (auto _ : st) {
     ops::concept_attention_forward(o.data(), lse.data(), q.data(), k.data(), v.data(), sg, B, L, H, H, hd, scale);

@@ -117,9 +117,11 @@ class LineProcess {
 struct Engine {
   std::string precision;
   std::unique_ptr<Trainer> tr;
-  // per repeat: tokens/s, tokens per process CPU-second, MFU (wall), MFU (CPU time), the
-  // ratio to the PyTorch peer (wall, CPU time)
-  std::vector<double> rate, cpu_rate, mfu, cpu_mfu, vs_torch, vs_torch_cpu;
+  // per repeat: tokens/s, tokens per process CPU-second, tokens per second of the busiest
+  // thread (idle-machine estimate), MFU (wall, idle estimate), the ratio to the PyTorch peer
+  // (wall, CPU time, idle estimate)
+  std::vector<double> rate, cpu_rate, idle_rate, mfu, idle_mfu, vs_torch, vs_torch_cpu,
+      vs_torch_idle;
   std::map<std::string, double> prof_sec, prof_cpu;
   std::vector<std::string> prof_order;
   i64 prof_steps = 0;
@@ -326,15 +328,18 @@ int cmd_bench_train(const BenchTrainArgs& a) {
   }
 
   // Repeats, interleaved: GEMM peak, each engine, the PyTorch peer.
-  std::vector<double> peaks, cpu_peaks, peaks16, torch_rates, torch_cpu_rates, rss_steps;
+  std::vector<double> peaks, idle_peaks, peaks16, idle_peaks16, torch_rates, torch_cpu_rates,
+      torch_idle_rates, rss_steps;
   double torch_rss = 0;
   for (i64 r = 0; r < a.repeats; ++r) {
     const Peak pk = measure_peak(0.3, 2048);
     peaks.push_back(pk.wall);
-    cpu_peaks.push_back(pk.cpu);
+    idle_peaks.push_back(pk.idle);
     if (has16) {
       ops::PrecisionScope bf(ops::Precision::BF16);
-      peaks16.push_back(measure_peak(0.3, 2048).wall);
+      const Peak p16 = measure_peak(0.3, 2048);
+      peaks16.push_back(p16.wall);
+      idle_peaks16.push_back(p16.idle);
     }
     for (auto& e : eng) {
       const double flops_tok =
@@ -345,6 +350,7 @@ int cmd_bench_train(const BenchTrainArgs& a) {
         prof::enable(true);
       }
       const double c0 = cpu_seconds();
+      const auto th0 = bench::thread_cpu_seconds();
       auto t0 = std::chrono::steady_clock::now();
       for (i64 s = 0; s < a.steps; ++s) {
         StepResult sr = e.tr->train_step();
@@ -353,6 +359,7 @@ int cmd_bench_train(const BenchTrainArgs& a) {
         rss_steps.push_back(bench::read_rss().now_mib);
       }
       const double sec = bench::seconds_since(t0), cpu = cpu_seconds() - c0;
+      const double busiest = bench::busiest_thread_seconds(th0, bench::thread_cpu_seconds());
       prof::enable(false);
       if (a.breakdown) {
         for (auto& en : prof::entries()) {
@@ -363,10 +370,12 @@ int cmd_bench_train(const BenchTrainArgs& a) {
         e.prof_steps += a.steps;
       }
       const double rate = a.steps * tokens_per_step / sec, cpu_rate = a.steps * tokens_per_step / cpu;
+      const double idle_rate = a.steps * tokens_per_step / busiest;
       e.rate.push_back(rate);
       e.cpu_rate.push_back(cpu_rate);
+      e.idle_rate.push_back(idle_rate);
       e.mfu.push_back(flops_tok * rate / (pk.wall * 1e9));
-      e.cpu_mfu.push_back(flops_tok * cpu_rate / (pk.cpu * 1e9));
+      e.idle_mfu.push_back(flops_tok * idle_rate / (pk.idle * 1e9));
     }
     if (torch) {
       torch->send("run " + std::to_string(a.steps));
@@ -375,55 +384,67 @@ int cmd_bench_train(const BenchTrainArgs& a) {
                  "pytorch peer stopped answering:\n", torch->log());
       torch_rates.push_back(rep["tokens_per_s"].get<double>());
       torch_cpu_rates.push_back(rep.value("tokens_per_cpu_s", 0.0));
+      torch_idle_rates.push_back(rep.value("tokens_per_busiest_thread_s", 0.0));
       torch_rss = std::max(torch_rss, rep.value("peak_rss_mib", 0.0));
       for (auto& e : eng) {
         e.vs_torch.push_back(e.rate.back() / torch_rates.back());
         e.vs_torch_cpu.push_back(e.cpu_rate.back() / std::max(1e-9, torch_cpu_rates.back()));
+        e.vs_torch_idle.push_back(e.idle_rate.back() / std::max(1e-9, torch_idle_rates.back()));
       }
     }
   }
 
   // ---- report ----
-  std::printf("\nFP32 GEMM peak (oneDNN sgemm 2048^3, median of repeats): %.1f GFLOP/s, %.1f GFLOP "
-              "per process CPU-second\n",
-              bench::median(peaks), bench::median(cpu_peaks));
+  std::printf("\nFigures: wall = measured tokens/s (the target's definition; on a loaded machine it "
+              "depends on the CPU share each program got); idle = tokens per second of the busiest "
+              "thread's on-CPU time (what an idle machine would give; needs OMP_WAIT_POLICY=passive "
+              "under load, now %s).\n",
+              std::getenv("OMP_WAIT_POLICY") ? std::getenv("OMP_WAIT_POLICY") : "unset");
+  std::printf("FP32 GEMM peak (oneDNN sgemm 2048^3, median of repeats): wall %.1f GFLOP/s, idle "
+              "%.1f GFLOP/s\n",
+              bench::median(peaks), bench::median(idle_peaks));
   if (!peaks16.empty())
-    std::printf("BF16 GEMM peak (oneDNN bf16 matmul 2048^3 incl. operand rounding): %.1f GFLOP/s "
-                "(%.2fx FP32)\n",
-                bench::median(peaks16), bench::median(peaks16) / bench::median(peaks));
+    std::printf("BF16 GEMM peak (oneDNN bf16 matmul 2048^3 incl. operand rounding): wall %.1f "
+                "GFLOP/s, idle %.1f GFLOP/s (%.2fx FP32)\n",
+                bench::median(peaks16), bench::median(idle_peaks16),
+                bench::median(idle_peaks16) / bench::median(idle_peaks));
   const double flops_tok = 3.0 * (cfg.model.is_dlcm() && R > 0 ? flops_report(cfg.model, L, R).total()
                                                                : eng[0].tr->model().flops_per_token(L));
   std::printf("model FLOPs: %.4f GFLOP/token (training = 3x forward)\n", flops_tok / 1e9);
   std::printf("median of %lld repeats x %lld steps of %.0f tokens:\n", (long long)a.repeats,
               (long long)a.steps, tokens_per_step);
-  for (auto& e : eng) {
-    std::printf("  dlcm engine %-5s: %9.0f tokens/s  MFU %5.1f%% (vs FP32 peak)  |  CPU time: %.0f "
-                "tokens/CPU-s, MFU %5.1f%%\n",
+  std::printf("  %-18s %11s %8s | %11s %8s | %14s\n", "", "wall tok/s", "MFU", "idle tok/s",
+              "MFU", "tok/CPU-second");
+  for (auto& e : eng)
+    std::printf("  dlcm engine %-6s %11.0f %7.1f%% | %11.0f %7.1f%% | %14.0f\n",
                 e.precision.c_str(), bench::median(e.rate), 100 * bench::median(e.mfu),
-                bench::median(e.cpu_rate), 100 * bench::median(e.cpu_mfu));
-  }
+                bench::median(e.idle_rate), 100 * bench::median(e.idle_mfu),
+                bench::median(e.cpu_rate));
   if (eng.size() > 1)
     for (size_t i = 1; i < eng.size(); ++i) {
-      std::vector<double> ratio, cpu_ratio;
+      std::vector<double> ratio, cpu_ratio, idle_ratio;
       for (size_t r = 0; r < eng[i].rate.size(); ++r) {
         ratio.push_back(eng[i].rate[r] / eng[0].rate[r]);
         cpu_ratio.push_back(eng[i].cpu_rate[r] / eng[0].cpu_rate[r]);
+        idle_ratio.push_back(eng[i].idle_rate[r] / eng[0].idle_rate[r]);
       }
-      std::printf("  %s / %s tokens/s: %.2fx (median of per-repeat ratios; CPU time: %.2fx)\n",
+      std::printf("  %s / %s tokens/s (medians of per-repeat ratios): wall %.2fx, idle %.2fx, per "
+                  "CPU-second %.2fx\n",
                   eng[i].precision.c_str(), eng[0].precision.c_str(), bench::median(ratio),
-                  bench::median(cpu_ratio));
+                  bench::median(idle_ratio), bench::median(cpu_ratio));
     }
   if (torch) {
     const double theirs = bench::median(torch_rates);
-    const double theirs_cpu = bench::median(torch_cpu_rates);
-    std::printf("  pytorch          : %9.0f tokens/s  MFU %5.1f%%                 |  CPU time: %.0f "
-                "tokens/CPU-s, MFU %5.1f%%\n",
-                theirs, 100 * flops_tok * theirs / (bench::median(peaks) * 1e9), theirs_cpu,
-                100 * flops_tok * theirs_cpu / (bench::median(cpu_peaks) * 1e9));
+    const double theirs_idle = bench::median(torch_idle_rates);
+    std::printf("  pytorch            %11.0f %7.1f%% | %11.0f %7.1f%% | %14.0f\n", theirs,
+                100 * flops_tok * theirs / (bench::median(peaks) * 1e9), theirs_idle,
+                100 * flops_tok * theirs_idle / (bench::median(idle_peaks) * 1e9),
+                bench::median(torch_cpu_rates));
     for (auto& e : eng)
-      std::printf("  speed-up of the %s engine over pytorch: %.2fx (median of per-repeat ratios; "
-                  "CPU time: %.2fx)\n",
-                  e.precision.c_str(), bench::median(e.vs_torch), bench::median(e.vs_torch_cpu));
+      std::printf("  speed-up of the %s engine over pytorch (medians of per-repeat ratios): wall "
+                  "%.2fx, idle %.2fx, per CPU-second %.2fx\n",
+                  e.precision.c_str(), bench::median(e.vs_torch), bench::median(e.vs_torch_idle),
+                  bench::median(e.vs_torch_cpu));
   }
   const auto [lo, hi] = std::minmax_element(rss_steps.begin(), rss_steps.end());
   std::printf("memory: peak RSS (VmHWM) %.1f MiB (the whole process: %zu engine(s), warm-up and "

@@ -4,6 +4,8 @@
 
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
+#include <fstream>
 
 #include "kernels/gemm.h"
 
@@ -15,19 +17,43 @@ double cpu_seconds() {
   return ts.tv_sec + 1e-9 * ts.tv_nsec;
 }
 
+std::map<long, double> thread_cpu_seconds() {
+  std::map<long, double> r;
+  std::error_code ec;
+  for (const auto& e : std::filesystem::directory_iterator("/proc/self/task", ec)) {
+    std::ifstream f(e.path() / "schedstat");
+    double ns = 0;
+    if (f >> ns) r[std::stol(e.path().filename().string())] = ns * 1e-9;
+  }
+  return r;
+}
+
+double busiest_thread_seconds(const std::map<long, double>& before,
+                              const std::map<long, double>& after) {
+  double m = 0;
+  for (const auto& [tid, t] : after) {
+    auto it = before.find(tid);
+    m = std::max(m, t - (it == before.end() ? 0.0 : it->second));
+  }
+  return m;
+}
+
 Peak measure_peak(double seconds, i64 n) {
   Buf a(n * n, 0.5f), b(n * n, 0.25f), c(n * n, 0.f);
-  std::vector<double> w, u;
+  std::vector<double> w, u, b1;
   ops::gemm(false, false, n, n, n, 1.f, a.data(), n, b.data(), n, 0.f, c.data(), n);  // warm-up
   auto t_end = std::chrono::steady_clock::now() + std::chrono::duration<double>(seconds);
+  const double flop = 2.0 * n * n * n / 1e9;
   do {
     const double c0 = cpu_seconds();
+    const auto th0 = thread_cpu_seconds();
     auto t0 = std::chrono::steady_clock::now();
     ops::gemm(false, false, n, n, n, 1.f, a.data(), n, b.data(), n, 0.f, c.data(), n);
-    w.push_back(2.0 * n * n * n / seconds_since(t0) / 1e9);
-    u.push_back(2.0 * n * n * n / std::max(1e-9, cpu_seconds() - c0) / 1e9);
+    w.push_back(flop / seconds_since(t0));
+    u.push_back(flop / std::max(1e-9, cpu_seconds() - c0));
+    b1.push_back(flop / std::max(1e-9, busiest_thread_seconds(th0, thread_cpu_seconds())));
   } while (std::chrono::steady_clock::now() < t_end || w.size() < 3);
-  return {median(w), median(u)};
+  return {median(w), median(u), median(b1)};
 }
 
 Rss read_rss() {

@@ -2,6 +2,7 @@
 #pragma once
 #include <algorithm>
 #include <chrono>
+#include <map>
 #include <vector>
 
 #include "core/common.h"
@@ -30,11 +31,20 @@ double time_it(F&& f) {
 // Process CPU time (all threads), seconds.
 double cpu_seconds();
 
+// On-CPU time of every thread of this process (/proc/self/task/*/schedstat), seconds by
+// thread id. Over an interval, the busiest thread's time is what a dedicated machine's wall
+// time could not go below: with idle threads sleeping (OMP_WAIT_POLICY=passive) waits are not
+// counted, so tokens / (busiest thread's time) estimates the throughput on an idle machine
+// from a run on a loaded one. A program with serial phases has one thread busier than the rest.
+std::map<long, double> thread_cpu_seconds();
+double busiest_thread_seconds(const std::map<long, double>& before,
+                              const std::map<long, double>& after);
+
 // GEMM throughput of square products of size n for about `seconds`: median GFLOP per wall
 // second and per process CPU-second (the engine's own ops::gemm, current precision). Per
 // CPU-second is the figure that survives a loaded machine (with OMP_WAIT_POLICY=passive).
 struct Peak {
-  double wall = 0, cpu = 0;
+  double wall = 0, cpu = 0, idle = 0;  // per wall second, per CPU-second, per busiest-thread second
 };
 Peak measure_peak(double seconds, i64 n);
 
