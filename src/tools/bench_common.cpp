@@ -39,7 +39,14 @@ double busiest_thread_seconds(const std::map<long, double>& before,
 }
 
 Peak measure_peak(double seconds, i64 n) {
-  Buf a(n * n, 0.5f), b(n * n, 0.25f), c(n * n, 0.f);
+  // Kept between calls: allocating and freeing 3 n^2 floats every repeat would make the
+  // benchmark's own RSS samples swing by tens of MiB (glibc's adaptive mmap threshold).
+  static Buf a, b, c;
+  if (a.size() < size_t(n * n)) {
+    a.assign(n * n, 0.5f);
+    b.assign(n * n, 0.25f);
+    c.assign(n * n, 0.f);
+  }
   std::vector<double> w, u, b1;
   ops::gemm(false, false, n, n, n, 1.f, a.data(), n, b.data(), n, 0.f, c.data(), n);  // warm-up
   auto t_end = std::chrono::steady_clock::now() + std::chrono::duration<double>(seconds);
