@@ -335,9 +335,10 @@ int cmd_bench_train(const BenchTrainArgs& a) {
     const Peak pk = measure_peak(0.3, 2048);
     peaks.push_back(pk.wall);
     idle_peaks.push_back(pk.idle);
+    Peak p16 = pk;
     if (has16) {
       ops::PrecisionScope bf(ops::Precision::BF16);
-      const Peak p16 = measure_peak(0.3, 2048);
+      p16 = measure_peak(0.3, 2048);
       peaks16.push_back(p16.wall);
       idle_peaks16.push_back(p16.idle);
     }
@@ -374,8 +375,10 @@ int cmd_bench_train(const BenchTrainArgs& a) {
       e.rate.push_back(rate);
       e.cpu_rate.push_back(cpu_rate);
       e.idle_rate.push_back(idle_rate);
-      e.mfu.push_back(flops_tok * rate / (pk.wall * 1e9));
-      e.idle_mfu.push_back(flops_tok * idle_rate / (pk.idle * 1e9));
+      // MFU against the peak of the engine's own precision (SPEC 7)
+      const Peak& own = e.precision == "bf16" ? p16 : pk;
+      e.mfu.push_back(flops_tok * rate / (own.wall * 1e9));
+      e.idle_mfu.push_back(flops_tok * idle_rate / (own.idle * 1e9));
     }
     if (torch) {
       torch->send("run " + std::to_string(a.steps));
@@ -413,6 +416,7 @@ int cmd_bench_train(const BenchTrainArgs& a) {
   std::printf("model FLOPs: %.4f GFLOP/token (training = 3x forward)\n", flops_tok / 1e9);
   std::printf("median of %lld repeats x %lld steps of %.0f tokens:\n", (long long)a.repeats,
               (long long)a.steps, tokens_per_step);
+  std::printf("  (MFU against the FP32 peak, for bf16 engines against the BF16 peak)\n");
   std::printf("  %-18s %11s %8s | %11s %8s | %14s\n", "", "wall tok/s", "MFU", "idle tok/s",
               "MFU", "tok/CPU-second");
   for (auto& e : eng)
