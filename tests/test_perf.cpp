@@ -191,6 +191,35 @@ TEST(Bf16, GemmEqualsProductOfRoundedOperands) {
   }
 }
 
+// The FP32 path splits two shapes across threads itself (rows for narrow x W^T products,
+// columns for LM-head chunks): same results as a plain product, strided C and beta kept.
+TEST(Fp32Gemm, ThreadSplitShapesAreExact) {
+  struct S {
+    i64 M, N, K;
+  };
+  for (S c : {S{2048, 64, 256}, S{40, 2050, 256}, S{2049, 500, 257}}) {
+    const i64 ldc = c.N + 3;
+    Vec A = randn(c.M * c.K, 71), B = randn(c.N * c.K, 72), C = randn(c.M * ldc, 73), C0 = C;
+    ops::gemm(false, true, c.M, c.N, c.K, 0.5f, A.data(), c.K, B.data(), c.K, 1.f, C.data(), ldc);
+    double worst = 0;
+    for (i64 i = 0; i < c.M; ++i)
+      for (i64 j = 0; j < ldc; ++j) {
+        if (j >= c.N) {
+          ASSERT_EQ(C[i * ldc + j], C0[i * ldc + j]) << "padding written";
+          continue;
+        }
+        double ref = 0, mag = 0;
+        for (i64 k = 0; k < c.K; ++k) {
+          ref += double(A[i * c.K + k]) * B[j * c.K + k];
+          mag += std::abs(double(A[i * c.K + k]) * B[j * c.K + k]);
+        }
+        ref = 0.5 * ref + C0[i * ldc + j];
+        worst = std::max(worst, std::abs(C[i * ldc + j] - ref) / (0.5 * mag + std::abs(C0[i * ldc + j])));
+      }
+    EXPECT_LT(worst, 1e-5) << "M=" << c.M << " N=" << c.N;
+  }
+}
+
 TEST(Bf16, ConcurrentCallsFromAParallelRegion) {
   if (!ops::cpu_has_bf16()) GTEST_SKIP() << "no AVX512-BF16 on this CPU";
   const i64 n = 8, M = 48, N = 40, K = 72;

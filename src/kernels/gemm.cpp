@@ -1,7 +1,9 @@
 #include "kernels/gemm.h"
 
 #include <dnnl.h>
+#include <omp.h>
 
+#include <algorithm>
 #include <cstring>
 #include <dnnl.hpp>
 #include <map>
@@ -21,11 +23,52 @@ namespace {
 
 Precision g_precision = Precision::FP32;
 
-void sgemm(bool trans_a, bool trans_b, i64 M, i64 N, i64 K, float alpha, const float* A, i64 lda,
-           const float* B, i64 ldb, float beta, float* C, i64 ldc) {
+void sgemm_1(bool trans_a, bool trans_b, i64 M, i64 N, i64 K, float alpha, const float* A,
+             i64 lda, const float* B, i64 ldb, float beta, float* C, i64 ldc) {
   dnnl_status_t st = dnnl_sgemm(trans_a ? 'T' : 'N', trans_b ? 'T' : 'N', M, N, K, alpha, A, lda,
                                 B, ldb, beta, C, ldc);
   DLCM_CHECK(st == dnnl_success, "oneDNN sgemm failed with status ", int(st), " (M=", M,
+             " N=", N, " K=", K, ")");
+}
+
+// oneDNN 2.6's threaded sgemm partitions two training shapes poorly on this CPU (2 threads,
+// idle-machine estimates): x W^T with a narrow output (N <= 512, M >= 2048: the q/k/v/o and
+// w2 projections) runs at 178 GFLOP/s against 199-210 when each thread multiplies its own
+// block of rows, and the LM head's chunks (M <= 512 rows, N = vocab >= 2048) at 150 against 206
+// when each thread takes a block of columns. For those, split the product here; sgemm called
+// inside the parallel region runs on its calling thread. Every element of C is still one
+// sgemm's full K reduction.
+void sgemm(bool trans_a, bool trans_b, i64 M, i64 N, i64 K, float alpha, const float* A, i64 lda,
+           const float* B, i64 ldb, float beta, float* C, i64 ldc) {
+  const int T = omp_in_parallel() ? 1 : omp_get_max_threads();
+  const bool by_rows = T > 1 && !trans_a && trans_b && N <= 512 && M >= 2048 && K >= 256;
+  const bool by_cols = T > 1 && !trans_a && trans_b && M <= 512 && N >= 2048 && K >= 256;
+  if (!by_rows && !by_cols) return sgemm_1(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+  // rows: A is [M, K] row-major (not transposed); columns: B^T is [N, K] row-major.
+  // Failures are collected and reported after the region (no throwing inside it).
+  dnnl_status_t worst = dnnl_success;
+#pragma omp parallel num_threads(T)
+  {
+    const i64 t = omp_get_thread_num(), n = omp_get_num_threads();
+    dnnl_status_t st = dnnl_success;
+    if (by_rows) {
+      const i64 r0 = M * t / n, r1 = M * (t + 1) / n;
+      if (r1 > r0)
+        st = dnnl_sgemm('N', 'T', r1 - r0, N, K, alpha, A + r0 * lda, lda, B, ldb, beta,
+                        C + r0 * ldc, ldc);
+    } else {
+      // column blocks of 16 floats, so that every thread's C block starts on a cache line
+      const i64 nb = (N + 15) / 16, c0 = nb * t / n * 16, c1 = std::min(N, nb * (t + 1) / n * 16);
+      if (c1 > c0)
+        st = dnnl_sgemm('N', 'T', M, c1 - c0, K, alpha, A, lda, B + c0 * ldb, ldb, beta, C + c0,
+                        ldc);
+    }
+    if (st != dnnl_success) {
+#pragma omp critical(dlcm_sgemm_status)
+      worst = st;
+    }
+  }
+  DLCM_CHECK(worst == dnnl_success, "oneDNN sgemm failed with status ", int(worst), " (M=", M,
              " N=", N, " K=", K, ")");
 }
 
