@@ -3,6 +3,7 @@
 #include <benchmark/benchmark.h>
 
 #include <cmath>
+#include <vector>
 
 #include "core/rng.h"
 #include "kernels/dlcm_ops.h"
@@ -16,6 +17,13 @@ static void fill(Buf& b, uint64_t seed) {
   for (auto& x : b) x = r.normal() * 0.5f;
 }
 
+static void fill_attention(Buf& q, Buf& k, Buf& v, Buf& dout) {
+  fill(q, 1);
+  fill(k, 2);
+  fill(v, 3);
+  fill(dout, 4);
+}
+
 // Square FP32 GEMM; reports FLOP/s (the MFU denominator of the training benchmark).
 static void BM_Sgemm(benchmark::State& st) {
   const i64 n = st.range(0);
@@ -27,14 +35,28 @@ static void BM_Sgemm(benchmark::State& st) {
 }
 BENCHMARK(BM_Sgemm)->Arg(512)->Arg(1024)->Arg(2048)->UseRealTime();
 
+// The same products in BF16 mixed precision (operands rounded to bf16 on the way in, FP32
+// accumulation and output): train.precision = "bf16".
+static void BM_GemmBf16(benchmark::State& st) {
+  if (!ops::cpu_has_bf16()) {
+    st.SkipWithError("no AVX512-BF16");
+    return;
+  }
+  const i64 n = st.range(0);
+  Buf a(n * n), b(n * n), c(n * n);
+  fill(a, 1);
+  fill(b, 2);
+  ops::PrecisionScope bf(ops::Precision::BF16);
+  for (auto _ : st) ops::gemm(false, false, n, n, n, 1.f, a.data(), n, b.data(), n, 0.f, c.data(), n);
+  st.counters["FLOP/s"] = benchmark::Counter(2.0 * n * n * n, benchmark::Counter::kIsIterationInvariantRate);
+}
+BENCHMARK(BM_GemmBf16)->Arg(512)->Arg(1024)->Arg(2048)->UseRealTime();
+
 // Causal attention forward + backward at the reference training shape (B=8, L=512, H=8, hd=64).
 static void BM_AttentionFwdBwd(benchmark::State& st) {
   const i64 B = 8, L = st.range(0), H = 8, hd = 64, N = B * L * H * hd;
   Buf q(N), k(N), v(N), o(N), lse(B * H * L), dq(N), dk(N), dv(N), dout(N);
-  fill(q, 1);
-  fill(k, 2);
-  fill(v, 3);
-  fill(dout, 4);
+  fill_attention(q, k, v, dout);
   const float scale = 1.0f / std::sqrt(float(hd));
   for (auto _ : st) {
     ops::attention_forward(o.data(), lse.data(), q.data(), k.data(), v.data(), B, L, L, H, H, hd, 0, scale);
@@ -46,6 +68,30 @@ static void BM_AttentionFwdBwd(benchmark::State& st) {
   st.counters["FLOP/s"] = benchmark::Counter(3 * 4.0 * hd * pairs, benchmark::Counter::kIsIterationInvariantRate);
 }
 BENCHMARK(BM_AttentionFwdBwd)->Arg(512)->Arg(2048)->UseRealTime()->Unit(benchmark::kMillisecond);
+
+// Concept cross-attention (compact) forward + backward at the decoder shape of a
+// reference-sized dlcm: B=1, 8 heads, hd 64, a concept every 6 tokens (`dlcm bench xattn`
+// compares it with the masked and replicate forms).
+static void BM_ConceptAttentionFwdBwd(benchmark::State& st) {
+  const i64 B = 1, L = st.range(0), H = 8, hd = 64;
+  std::vector<uint8_t> bnd(L);
+  for (i64 t = 0; t < L; ++t) bnd[t] = t % 6 == 0;
+  ops::Segments sg;
+  sg.build(bnd.data(), nullptr, -1, B, L);
+  const i64 nq = B * L * H * hd, nk = B * (sg.Mmax + 1) * H * hd;
+  Buf q(nq), k(nk), v(nk), o(nq), lse(B * H * L), dq(nq), dk(nk), dv(nk), dout(nq);
+  fill_attention(q, k, v, dout);
+  const float scale = 1.0f / std::sqrt(float(hd));
+  for (auto _ : st) {
+    ops::concept_attention_forward(o.data(), lse.data(), q.data(), k.data(), v.data(), sg, B, L, H, H, hd, scale);
+    ops::concept_attention_backward(dq.data(), dk.data(), dv.data(), dout.data(), o.data(), lse.data(),
+                                    q.data(), k.data(), v.data(), sg, B, L, H, H, hd, scale);
+  }
+  double pairs = 0;
+  for (i64 t = 0; t < L; ++t) pairs += sg.seg[t] + 1;
+  st.counters["FLOP/s"] = benchmark::Counter(3 * 4.0 * hd * H * pairs, benchmark::Counter::kIsIterationInvariantRate);
+}
+BENCHMARK(BM_ConceptAttentionFwdBwd)->Arg(2048)->Arg(8192)->UseRealTime()->Unit(benchmark::kMillisecond);
 
 static void BM_RmsNormFwdBwd(benchmark::State& st) {
   const i64 N = 4096, d = 512;

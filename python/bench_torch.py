@@ -1,11 +1,22 @@
 """Training throughput of the PyTorch reference on the same model (called by `dlcm bench train`).
 
-Prints progress to stderr and, last, one JSON line {"tokens_per_s": ..., "torch": ..., "settings": ...}.
+Two modes:
+  one-shot: prints progress to stderr and, last, one JSON line
+            {"tokens_per_s": ..., "torch": ..., "settings": ...}
+  --serve : builds the model, runs one warm-up step, prints {"ready": true, ...}, then answers
+            each stdin line "run N" with {"tokens_per_s": ...} for N timed steps ("quit" ends).
+            `dlcm bench train` uses this to interleave the peer's repeats with its own.
+DLCM configs train on given boundaries: concept lengths 1 + Geometric with mean --R (the
+engine's benchmark uses the same distribution), through the reference's `replicate`
+cross-attention (its vectorised form; `compact` there is a per-token Python loop).
 Usage: /usr/bin/python3 python/bench_torch.py --config CFG.json [--steps N] [--repeats R]
 """
 import argparse
+import ctypes
 import json
+import math
 import os
+import resource
 import sys
 import time
 
@@ -15,12 +26,59 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from dlcm_ref import config_from_dict, forward, init_params  # noqa: E402
 
 
+def blas_core():
+    """OpenBLAS's kernel choice (e.g. 'Cooperlake'), or '?' when torch is not on OpenBLAS."""
+    for name in ("libblas.so.3", "libopenblas.so.0"):
+        try:
+            lib = ctypes.CDLL(name)
+            lib.openblas_get_corename.restype = ctypes.c_char_p
+            return lib.openblas_get_corename().decode()
+        except (OSError, AttributeError):
+            continue
+    return "?"
+
+
+def aten_capability():
+    """The vector ISA of ATen's own kernels (AVX2 unless ATEN_CPU_CAPABILITY says otherwise)."""
+    try:
+        return torch.__config__.show().split("CPU capability usage:")[1].split()[0]
+    except IndexError:
+        return "?"
+
+
+def thread_cpu_seconds():
+    """On-CPU seconds of every thread of this process, by thread id (schedstat)."""
+    r = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/schedstat") as f:
+                r[tid] = int(f.read().split()[0]) * 1e-9
+        except (OSError, ValueError, IndexError):
+            pass
+    return r
+
+
+def geometric_boundaries(B, L, R, g):
+    """[B, L] 0/1 with concept lengths 1 + Geometric(mean R - 1 failures)."""
+    b = torch.zeros(B, L, dtype=torch.int64)
+    q = math.log(1.0 - 1.0 / R)
+    for r in range(B):
+        t = 0
+        while t < L:
+            b[r, t] = 1
+            u = max(1e-12, torch.rand(1, generator=g).item())
+            t += 1 + int(math.floor(math.log(u) / q))
+    return b
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", required=True)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
+    ap.add_argument("--R", type=float, default=0.0, help="dlcm: mean concept length (0: target_R)")
+    ap.add_argument("--serve", action="store_true")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     with open(a.config) as f:
@@ -35,27 +93,59 @@ def main():
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
                              {"params": no_decay, "weight_decay": 0.0}], lr=1e-3, betas=(0.9, 0.95))
     g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, cfg.vocab_size, (B, L), generator=g)
+    tokens = torch.randint(2, cfg.vocab_size, (B, L), generator=g)  # no BOS inside rows
     targets = torch.randint(0, cfg.vocab_size, (B, L), generator=g)
+    kw = {}
+    if cfg.is_dlcm:
+        R = a.R if a.R > 1 else float(cfg.target_R)
+        kw = {"boundaries": geometric_boundaries(B, L, R, g), "xattn_impl": "replicate"}
 
     def step():
         opt.zero_grad(set_to_none=True)
-        out = forward(leaves, cfg, tokens, targets)
+        out = forward(leaves, cfg, tokens, targets, **kw)
         out["loss"].backward()
         torch.nn.utils.clip_grad_norm_(list(leaves.values()), 1.0)
         opt.step()
 
+    def timed(n):
+        """tokens per wall second, per CPU-second of the process, per on-CPU second of the
+        busiest thread (the idle-machine estimate, as in `dlcm bench train`)"""
+        t0, c0, th0 = time.perf_counter(), time.process_time(), thread_cpu_seconds()
+        for _ in range(n):
+            step()
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        th1 = thread_cpu_seconds()
+        busiest = max(t - th0.get(tid, 0.0) for tid, t in th1.items())
+        tok = n * B * L
+        return tok / wall, tok / cpu, tok / busiest
+
+    settings = (f"threads={a.threads}, BLAS core={blas_core()}, "
+                f"LD_PRELOAD={os.environ.get('LD_PRELOAD', '') or 'none'}, "
+                f"MALLOC_CONF={os.environ.get('MALLOC_CONF', '') or 'none'}, "
+                f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '') or 'unset'}, "
+                f"ATen CPU capability={aten_capability()}")
     step()  # warm-up
+    if a.serve:
+        print(json.dumps({"ready": True, "torch": torch.__version__, "settings": settings}),
+              flush=True)
+        for line in sys.stdin:
+            parts = line.split()
+            if not parts or parts[0] == "quit":
+                break
+            if parts[0] == "run":
+                wall, cpu, idle = timed(int(parts[1]))
+                rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+                print(json.dumps({"tokens_per_s": wall, "tokens_per_cpu_s": cpu,
+                                  "tokens_per_busiest_thread_s": idle, "peak_rss_mib": rss}),
+                      flush=True)
+        return
     rates = []
     for _ in range(a.repeats):
-        t0 = time.perf_counter()
-        for _ in range(a.steps):
-            step()
-        rates.append(a.steps * B * L / (time.perf_counter() - t0))
+        rates.append(timed(a.steps)[0])
         print(f"[bench_torch] {rates[-1]:.0f} tokens/s", file=sys.stderr)
     rates.sort()
     print(json.dumps({"tokens_per_s": rates[len(rates) // 2], "torch": torch.__version__,
-                      "settings": f"threads={a.threads}, LD_PRELOAD={os.environ.get('LD_PRELOAD', '')}"}))
+                      "settings": settings}))
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ command -v mpirun >/dev/null || { echo "bench_mpi.sh: mpirun not found (apt-get 
 MPIRUN=(mpirun --oversubscribe)
 [ "$(id -u)" -eq 0 ] && MPIRUN+=(--allow-run-as-root)
 K2=$((2 * K))
-BENCH=(bench train --no-torch --config "$CONFIG" --steps "$STEPS" --repeats 1 "${SETS[@]}")
+BENCH=(bench train --no-torch --R 0 --config "$CONFIG" --steps "$STEPS" --repeats 1 "${SETS[@]}")
 
 run() {  # layout -> tokens/s and all-reduce share on stdout
   local out
@@ -43,9 +43,11 @@ run() {  # layout -> tokens/s and all-reduce share on stdout
     2x1) out=$(env -u OMP_NUM_THREADS "${MPIRUN[@]}" -np 2 "$DLCM" "${BENCH[@]}" --set grad_accum=$K) ;;
     2x1b) out=$(env -u OMP_NUM_THREADS "${MPIRUN[@]}" -np 2 "$DLCM" "${BENCH[@]}" --set grad_accum=$K --set allreduce_overlap=false) ;;
   esac
-  local tps cpu share
-  tps=$(sed -n 's/^dlcm engine : *\([0-9.]*\) tokens.*/\1/p' <<<"$out")
-  cpu=$(sed -n 's/^CPU time: \([0-9.]*\) s per 1k.*/\1/p' <<<"$out")
+  local tps cpu share tpc
+  # the table row "  dlcm engine fp32  <wall tok/s> <MFU>% ... | <tok/CPU-second>"
+  tps=$(awk '$1 == "dlcm" && $2 == "engine" {print $4; exit}' <<<"$out")
+  tpc=$(awk '$1 == "dlcm" && $2 == "engine" {print $NF; exit}' <<<"$out")
+  cpu=$(awk -v t="$tpc" 'BEGIN { if (t > 0) printf "%.3f", 1000 / t }')
   share=$(sed -n 's/^gradient all-reduce: \([0-9.]*\)%.*/\1/p' <<<"$out")
   [ -n "$tps" ] && [ -n "$cpu" ] || { echo "bench_mpi.sh: layout $1 failed:" >&2; echo "$out" >&2; exit 1; }
   echo "$tps $cpu ${share:--}"

@@ -434,12 +434,24 @@ void pack_t(float* dst, const float* src, i64 ld, i64 n, i64 hd) {
   }
 }
 
+// log(t - start(seg(t)) + 1) for every token [B*L]: the bias of a token's own concept,
+// computed once per call rather than once per head.
+std::vector<float> own_concept_log_mult(const Segments& sg) {
+  std::vector<float> r(sg.B * sg.L);
+  for (i64 n = 0; n < sg.B * sg.L; ++n) {
+    const i64 b = n / sg.L, t = n % sg.L;
+    r[n] = std::log(float(t - sg.start[b * sg.Mmax + sg.seg[n]] + 1));
+  }
+  return r;
+}
+
 // Per-query facts of one block: seg(t) and log(t - start(seg(t)) + 1).
 struct QueryBlock {
   i64 t0 = 0, nq = 0, j0 = 0, j1 = 0;
   alignas(64) float segf[BQ];  // seg(t) as float (exact below 2^24), for vector compares
   alignas(64) float logd[BQ];
-  void set(const Segments& sg, i64 b, i64 qb) {
+  // own_log: own_concept_log_mult(sg)
+  void set(const Segments& sg, const float* own_log, i64 b, i64 qb) {
     t0 = qb * BQ;
     nq = std::min<i64>(BQ, sg.L - t0);
     const i32* sr = sg.seg.data() + b * sg.L;
@@ -447,9 +459,8 @@ struct QueryBlock {
     j1 = sr[t0 + nq - 1];
     for (i64 i = 0; i < BQ; ++i) {
       if (i < nq) {
-        const i64 s = sr[t0 + i];
-        segf[i] = float(s);
-        logd[i] = std::log(float(t0 + i - sg.start[b * sg.Mmax + s] + 1));
+        segf[i] = float(sr[t0 + i]);
+        logd[i] = own_log[b * sg.L + t0 + i];
       } else {
         segf[i] = -1.f;  // padding columns: everything masked
         logd[i] = 0.f;
@@ -550,6 +561,7 @@ void concept_attention_forward(float* out, float* lse, const float* q, const flo
   check_attention_args(sg, B, L, Hq, Hkv, hd, "concept_attention_forward");
   const i64 G = Hq / Hkv, K1 = sg.Mmax + 1, nqb = (L + BQ - 1) / BQ;
   const i64 ldq = Hq * hd, ldk = Hkv * hd;
+  const std::vector<float> own_log = own_concept_log_mult(sg);
 #pragma omp parallel if(parallel_worth(attn_work(sg, Hq, hd)))
   {
     Buf QT(hd * BQ), ST(BK * BQ), O(BQ * hd), m(BQ), l(BQ), corr(BQ), logm(K1);
@@ -565,7 +577,7 @@ void concept_attention_forward(float* out, float* lse, const float* q, const flo
             log_lengths(logm.data(), sg, b);
             last_b = b;
           }
-          qbk.set(sg, b, qb);
+          qbk.set(sg, own_log.data(), b, qb);
           const i64 t0 = qbk.t0, nq = qbk.nq;
           const float* qbase = q + ((b * L + t0) * Hq + h) * hd;
           std::fill(QT.begin(), QT.end(), 0.f);
@@ -605,6 +617,7 @@ void concept_attention_backward(float* dq, float* dk, float* dv, const float* do
   check_attention_args(sg, B, L, Hq, Hkv, hd, "concept_attention_backward");
   const i64 G = Hq / Hkv, K1 = sg.Mmax + 1, nqb = (L + BQ - 1) / BQ;
   const i64 ldq = Hq * hd, ldk = Hkv * hd;
+  const std::vector<float> own_log = own_concept_log_mult(sg);
   // One task per (row, kv head): it owns dk/dv of its list entries and dq of its query heads.
 #pragma omp parallel if(parallel_worth(attn_work(sg, Hq, hd)))
   {
@@ -615,7 +628,7 @@ void concept_attention_backward(float* dq, float* dk, float* dv, const float* do
       for (i64 g = 0; g < Hkv; ++g) {
         log_lengths(logm.data(), sg, b);
         for (i64 qb = 0; qb < nqb; ++qb) {
-          qbk.set(sg, b, qb);
+          qbk.set(sg, own_log.data(), b, qb);
           const i64 t0 = qbk.t0, nq = qbk.nq;
           for (i64 hh = 0; hh < G; ++hh) {
             const i64 h = g * G + hh;

@@ -168,6 +168,24 @@ void concept_attention_backward(float* dq, float* dk, float* dv, const float* do
                                 const float* k, const float* v, const Segments& sg, i64 B, i64 L,
                                 i64 Hq, i64 Hkv, i64 hd, float scale);
 
+// masked: the same function computed the way a flexible masked-attention implementation
+// (Flex Attention's role in the paper's Table 6) does it: per head, the score matrix
+// S = scale Q K^T + log mult, masked to -inf where k > seg(t), is materialised densely in
+// chunks of kMaskedChunk query rows (only the key columns 0..seg(last query of the chunk)
+// are formed: the block mask skips fully masked key blocks), softmaxed row-wise, and
+// multiplied by V, all products through oneDNN sgemm. O(L * M * hd) work like compact, but
+// with [chunk, M+1] score matrices in memory and separate passes for scores, mask/bias,
+// softmax and the products. The backward recomputes S from q, k and lse. Benchmark baseline;
+// shapes and accumulation as concept_attention_forward/backward.
+constexpr i64 kMaskedChunk = 256;
+void concept_attention_masked_forward(float* out, float* lse, const float* q, const float* k,
+                                      const float* v, const Segments& sg, i64 B, i64 L, i64 Hq,
+                                      i64 Hkv, i64 hd, float scale);
+void concept_attention_masked_backward(float* dq, float* dk, float* dv, const float* dout,
+                                       const float* out, const float* lse, const float* q,
+                                       const float* k, const float* v, const Segments& sg,
+                                       i64 B, i64 L, i64 Hq, i64 Hkv, i64 hd, float scale);
+
 // One query token against an explicit concept list with multiplicities (streaming decode,
 // SPEC 5): out[h] = sum_e softmax_e(scale q_h.k_e + log mult[e]) v_e over e < nk, kv head
 // h / (Hq/Hkv). q, out: [Hq, hd]; entry e of kv head g is at k + e*ld + g*hd (ld >= Hkv*hd;

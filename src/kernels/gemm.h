@@ -1,8 +1,41 @@
 // Row-major GEMM through oneDNN: C[M,N] = alpha * op(A)[M,K] * op(B)[K,N] + beta * C.
+//
+// Precision: every product goes through ops::gemm, so one switch selects how all of them run.
+//   FP32 (default): oneDNN sgemm.
+//   BF16: mixed precision. A and B are rounded to bfloat16 (round to nearest even) into
+//         scratch buffers, multiplied by a cached oneDNN bf16 matmul primitive (AVX512-BF16
+//         brgemm kernels) with FP32 accumulation, alpha/beta applied in FP32, C stays FP32.
+//         Weights, gradients and optimizer state stay FP32 (master weights); only the
+//         operands of the products are rounded. Needs a CPU with AVX512-BF16.
+// The switch is process-wide (set it from the thread that drives training, outside parallel
+// regions); the BF16 path itself may be called from inside parallel regions.
 #pragma once
+#include <string>
+
 #include "core/common.h"
 
 namespace dlcm::ops {
+
+enum class Precision { FP32, BF16 };
+// "fp32" | "bf16"; anything else throws naming `what` (e.g. "train.precision").
+Precision parse_precision(const std::string& s, const std::string& what);
+const char* precision_name(Precision p);
+// Throws a clear error when BF16 is asked for on a CPU without AVX512-BF16.
+void set_gemm_precision(Precision p);
+Precision gemm_precision();
+bool cpu_has_bf16();
+
+// Sets the precision for a scope and restores the previous one at exit.
+class PrecisionScope {
+ public:
+  explicit PrecisionScope(Precision p) : prev_(gemm_precision()) { set_gemm_precision(p); }
+  ~PrecisionScope() { set_gemm_precision(prev_); }
+  PrecisionScope(const PrecisionScope&) = delete;
+  PrecisionScope& operator=(const PrecisionScope&) = delete;
+
+ private:
+  Precision prev_;
+};
 
 void gemm(bool trans_a, bool trans_b, i64 M, i64 N, i64 K, float alpha, const float* A, i64 lda,
           const float* B, i64 ldb, float beta, float* C, i64 ldc);
@@ -14,5 +47,9 @@ void gemm(bool trans_a, bool trans_b, i64 M, i64 N, i64 K, float alpha, const fl
 void linear_forward(float* y, const float* x, const float* W, i64 N, i64 in, i64 out);
 void linear_backward(float* dx, float* dW, const float* dy, const float* x, const float* W, i64 N,
                      i64 in, i64 out);
+
+// Rounds n floats to bfloat16 (nearest even; NaN stays NaN), as the BF16 path does (tests).
+void round_to_bf16(uint16_t* dst, const float* src, i64 n);
+float bf16_to_float(uint16_t x);
 
 }  // namespace dlcm::ops

@@ -2,6 +2,7 @@
 
 #include <cstring>
 
+#include "core/profiler.h"
 #include "kernels/ops.h"
 #include "models/flops.h"
 
@@ -41,12 +42,15 @@ const float* BaselineModel::run_forward(const i32* tokens, i64 B, i64 L) {
              cfg_.max_seq_len);
   reserve(B, L);
   const i64 N = B * L;
+  prof::Section sec;  // benchmark breakdown (dlcm bench train --breakdown)
+  sec.next("embedding");
   for (i64 n = 0; n < N; ++n) {
     DLCM_CHECK(tokens[n] >= 0 && tokens[n] < cfg_.vocab_size, "token id ", tokens[n],
                " at position ", n, " is outside the vocabulary [0, ", cfg_.vocab_size, ")");
     pos_[n] = i32(n % L);
   }
   ops::embedding_forward(x_.data(), tokens, tok_emb_->w, N, cfg_.d_token);
+  sec.next("layers");
   last_out_ = layers_.forward(x_.data(), pos_.data(), B, L);
   last_rows_ = N;
   return last_out_;
@@ -55,13 +59,17 @@ const float* BaselineModel::run_forward(const i32* tokens, i64 B, i64 L) {
 MicroStats BaselineModel::train_micro(const Batch& b, i64, const StepContext& ctx) {
   const i64 N = b.B * b.L, d = cfg_.d_token;
   const float* out = run_forward(b.tokens, b.B, b.L);
+  prof::Section sec;
+  sec.next("head");
   std::memset(g_out_.data(), 0, sizeof(float) * N * d);
   MicroStats s;
   s.ce_sum = head_.forward_backward(g_out_.data(), out, b.targets, N,
                                     1.0f / float(std::max<i64>(ctx.total_targets, 1)));
   grad_ready(norm_->offset);  // norm and lm_head (the block's tail) are complete
+  sec.next("layers");
   std::memset(g_x_.data(), 0, sizeof(float) * N * d);
   layers_.backward(g_x_.data(), g_out_.data(), b.B, b.L, grad_ready_);
+  sec.next("embedding");
   ops::embedding_backward(tok_emb_->g, g_x_.data(), b.tokens, N, d);
   for (i64 n = 0; n < N; ++n) s.n_targets += b.targets[n] >= 0;
   s.n_positions = N;

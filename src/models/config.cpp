@@ -73,7 +73,8 @@ nlohmann::json config_to_json(const Config& c) {
                 {"ckpt_every", t.ckpt_every},
                 {"threads", t.threads},
                 {"allreduce_bucket_mb", t.allreduce_bucket_mb},
-                {"allreduce_overlap", t.allreduce_overlap}};
+                {"allreduce_overlap", t.allreduce_overlap},
+                {"precision", t.precision}};
   return j;
 }
 
@@ -195,6 +196,7 @@ Config config_from_json(const json& src, const std::string& source) {
   get(tj, "threads", t.threads);
   get(tj, "allreduce_bucket_mb", t.allreduce_bucket_mb);
   get(tj, "allreduce_overlap", t.allreduce_overlap);
+  get(tj, "precision", t.precision);
   validate(c, source);
   mup_resolve(c.model);
   return c;
@@ -321,6 +323,8 @@ void validate(const Config& c, const std::string& src) {
   pos(t.log_every, "train.log_every");
   DLCM_CHECK(t.threads >= 0, src, ": 'train.threads' must be >= 0 (0 = automatic)");
   DLCM_CHECK(t.allreduce_bucket_mb > 0, src, ": 'train.allreduce_bucket_mb' must be positive");
+  DLCM_CHECK(t.precision == "fp32" || t.precision == "bf16", src,
+             ": 'train.precision' must be \"fp32\" or \"bf16\", got \"", t.precision, "\"");
 }
 
 }  // namespace dlcm

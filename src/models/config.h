@@ -100,6 +100,9 @@ struct TrainConfig {
   // the last micro-batch's backward (non-blocking) or after it (blocking).
   float allreduce_bucket_mb = 8.0f;
   bool allreduce_overlap = true;
+  // Matrix products: "fp32" or "bf16" (mixed precision: bf16 operands, fp32 accumulation,
+  // fp32 master weights and optimizer state; kernels/gemm.h). Validation runs in fp32.
+  std::string precision = "fp32";
 };
 
 struct Config {

@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "kernels/gemm.h"
+#include "core/profiler.h"
 #include "kernels/ops.h"
 #include "models/flops.h"
 
@@ -137,6 +138,8 @@ void DlcmModel::check_tokens(const i32* tokens, i64 N, i64 L) const {
 
 void DlcmModel::encode(const i32* tokens, i64 B, i64 L) {
   const i64 N = B * L, d = cfg_.d_token;
+  prof::Section sec;  // benchmark breakdown (dlcm bench train --breakdown); off: a flag test
+  sec.next("encoder");
   check_tokens(tokens, N, L);
   reserve(B, L);
   for (i64 n = 0; n < N; ++n) pos_[n] = i32(n % L);
@@ -145,6 +148,7 @@ void DlcmModel::encode(const i32* tokens, i64 B, i64 L) {
   enc_out_ = enc_.forward(x0_.data(), pos_.data(), B, L);
   ops::rmsnorm_forward(H_.data(), enc_rstd_.data(), enc_out_, enc_norm_->w, N, d, cfg_.norm_eps);
   // router: q = Wq H, k = Wk H [N, ds] (raw: H itself) -> p [N]
+  sec.next("router");
   const float* q = H_.data();
   const float* k = H_.data();
   if (projected_) {
@@ -159,6 +163,8 @@ void DlcmModel::encode(const i32* tokens, i64 B, i64 L) {
 const float* DlcmModel::decode(const i32* tokens, const uint8_t* b, i64 B, i64 L) {
   const i64 N = B * L, d = cfg_.d_token, dc = cfg_.d_concept, hd = cfg_.head_dim;
   const float eps = cfg_.norm_eps;
+  prof::Section sec;
+  sec.next("pooling");
   sg_.build(b, tokens, cfg_.bos_id, B, L);
   const i64 Mc = sg_.Mmax;
   reserve_concepts(B, Mc);
@@ -167,10 +173,12 @@ const float* DlcmModel::decode(const i32* tokens, const uint8_t* b, i64 B, i64 L
   ops::pool_mean_forward(pooled_.data(), H_.data(), sg_, d);
   ops::linear_forward(C_.data(), pooled_.data(), w_up_->w, nc, d, dc);
   // backbone over concepts, RoPE position = concept index within the row
+  sec.next("backbone");
   for (i64 i = 0; i < nc; ++i) pos_c_[i] = i32(i % Mc);
   bb_out_ = bb_.forward(C_.data(), pos_c_.data(), B, Mc);
   ops::rmsnorm_forward(Z_.data(), z_rstd_.data(), bb_out_, bb_norm_->w, nc, dc, eps);
   // smoother (gate from p, detached unless smooth_grad) -> concept list [z_null, zs...]
+  sec.next("cross-attention");
   ops::smoother_forward(zs_.data(), Z_.data(), p_.data(), sg_, dc);
   ops::concept_list_forward(list_.data(), x_null_->w, zs_.data(), B, Mc, dc);
   // keys/values of the list [B, Mc+1, Hkv, hd] with QK-norm on keys
@@ -184,6 +192,7 @@ const float* DlcmModel::decode(const i32* tokens, const uint8_t* b, i64 B, i64 L
   head_rmsnorm_forward(qx_.data(), qx_rstd_.data(), qx_raw_.data(), x_qn_->w, N, cfg_.x_heads,
                        hd, eps);
   const float scale = 1.0f / std::sqrt(float(hd));
+  sec.next("  concept attention kernel");
   if (cfg_.xattn_impl == "replicate")
     ops::concept_attention_replicate_forward(att_.data(), lse_.data(), krep_.data(), vrep_.data(),
                                              qx_.data(), kx_.data(), vx_.data(), sg_, B, L,
@@ -191,17 +200,20 @@ const float* DlcmModel::decode(const i32* tokens, const uint8_t* b, i64 B, i64 L
   else
     ops::concept_attention_forward(att_.data(), lse_.data(), qx_.data(), kx_.data(), vx_.data(),
                                    sg_, B, L, cfg_.x_heads, cfg_.x_kv_heads, hd, scale);
+  sec.next("cross-attention");
   // Psi = H + Wo att; X = Psi + w2(silu(w1 pn) * w3 pn), pn = ffn_norm(Psi)
   ops::linear_forward(psi_.data(), att_.data(), x_wo_->w, N, xq_, d);
   add_into(psi_.data(), H_.data(), N * d);
   ops::rmsnorm_forward(pn_.data(), pn_rstd_.data(), psi_.data(), x_ffn_norm_->w, N, d, eps);
   const i64 xf = cfg_.x_d_ff;
+  sec.next("cross FFN");
   ops::linear_forward(fa_.data(), pn_.data(), x_w1_->w, N, d, xf);
   ops::linear_forward(fb_.data(), pn_.data(), x_w3_->w, N, d, xf);
   ops::swiglu_forward(fh_.data(), fa_.data(), fb_.data(), N * xf);
   ops::linear_forward(X_.data(), fh_.data(), x_w2_->w, N, xf, d);
   add_into(X_.data(), psi_.data(), N * d);
   // decoder (token positions as in the encoder)
+  sec.next("decoder");
   dec_out_ = dec_.forward(X_.data(), pos_.data(), B, L);
   last_N_ = N;
   return dec_out_;
@@ -213,10 +225,13 @@ void DlcmModel::backward(const i32* tokens, const float* g_dec_out, float aux_gr
                          i64 L) {
   const i64 N = B * L, d = cfg_.d_token, dc = cfg_.d_concept, hd = cfg_.head_dim;
   const i64 Mc = sg_.Mmax, nc = B * Mc, nc1 = B * (Mc + 1), xf = cfg_.x_d_ff;
+  prof::Section sec;
+  sec.next("decoder");
   // decoder: dX
   clear(g_X_, N * d);
   dec_.backward(g_X_.data(), g_dec_out, B, L, grad_ready_);
   // cross FFN: X = Psi + w2 h  ->  dPsi = dX + norm backward of (w1, w3 branches)
+  sec.next("cross FFN");
   clear(g_fh_, N * xf);
   ops::linear_backward(g_fh_.data(), x_w2_->g, g_X_.data(), fh_.data(), x_w2_->w, N, xf, d);
   clear(g_fa_, N * xf);
@@ -229,6 +244,7 @@ void DlcmModel::backward(const i32* tokens, const float* g_dec_out, float aux_gr
   ops::rmsnorm_backward(g_psi_.data(), x_ffn_norm_->g, g_pn_.data(), psi_.data(), x_ffn_norm_->w,
                         pn_rstd_.data(), N, d);
   // Psi = H + Wo att: dH starts as dPsi (the residual)
+  sec.next("cross-attention");
   std::memcpy(g_H_.data(), g_psi_.data(), sizeof(float) * N * d);
   clear(g_att_, N * xq_);
   ops::linear_backward(g_att_.data(), x_wo_->g, g_psi_.data(), att_.data(), x_wo_->w, N, xq_, d);
@@ -237,6 +253,7 @@ void DlcmModel::backward(const i32* tokens, const float* g_dec_out, float aux_gr
   clear(g_k_, nc1 * xkv_);
   clear(g_v_, nc1 * xkv_);
   const float scale = 1.0f / std::sqrt(float(hd));
+  sec.next("  concept attention kernel");
   if (cfg_.xattn_impl == "replicate")
     ops::concept_attention_replicate_backward(g_q_.data(), g_k_.data(), g_v_.data(),
                                               g_krep_.data(), g_vrep_.data(), g_att_.data(),
@@ -248,6 +265,7 @@ void DlcmModel::backward(const i32* tokens, const float* g_dec_out, float aux_gr
                                     att_.data(), lse_.data(), qx_.data(), kx_.data(), vx_.data(),
                                     sg_, B, L, cfg_.x_heads, cfg_.x_kv_heads, hd, scale);
   // queries: QK-norm, Wq, xattn.norm -> dH
+  sec.next("cross-attention");
   clear(g_qraw_, N * xq_);
   head_rmsnorm_backward(g_qraw_.data(), x_qn_->g, g_q_.data(), qx_raw_.data(), x_qn_->w,
                         qx_rstd_.data(), N, cfg_.x_heads, hd);
@@ -274,17 +292,20 @@ void DlcmModel::backward(const i32* tokens, const float* g_dec_out, float aux_gr
   clear(g_Z_, nc * dc);
   ops::smoother_backward(g_Z_.data(), cfg_.router.smooth_grad ? dp_.data() : nullptr,
                          g_zs_.data(), zs_.data(), Z_.data(), p_.data(), sg_, dc);
+  sec.next("backbone");
   clear(g_bb_, nc * dc);
   ops::rmsnorm_backward(g_bb_.data(), bb_norm_->g, g_Z_.data(), bb_out_, bb_norm_->w,
                         z_rstd_.data(), nc, dc);
   clear(g_C_, nc * dc);
   bb_.backward(g_C_.data(), g_bb_.data(), B, Mc, grad_ready_);
   // W_up and mean pooling -> dH
+  sec.next("pooling");
   clear(g_pooled_, nc * d);
   ops::linear_backward(g_pooled_.data(), w_up_->g, g_C_.data(), pooled_.data(), w_up_->w, nc, d,
                        dc);
   ops::pool_mean_backward(g_H_.data(), g_pooled_.data(), sg_, d);
   // router: dp -> dq, dk -> dH (raw: q = k = H, so both land in dH directly)
+  sec.next("router");
   if (projected_) {
     clear(g_rq_, N * ds_);
     clear(g_rk_, N * ds_);
@@ -297,6 +318,7 @@ void DlcmModel::backward(const i32* tokens, const float* g_dec_out, float aux_gr
                               H_.data(), tokens, cfg_.bos_id, B, L, ds_);
   }
   // encoder norm and stack, embeddings
+  sec.next("encoder");
   clear(g_enc_, N * d);
   ops::rmsnorm_backward(g_enc_.data(), enc_norm_->g, g_H_.data(), enc_out_, enc_norm_->w,
                         enc_rstd_.data(), N, d);
@@ -317,6 +339,7 @@ double DlcmModel::prepare_step(const std::vector<Batch>& micro, const StepContex
     const Batch& mb = micro[k];
     const i64 N = mb.B * mb.L;
     encode(mb.tokens, mb.B, mb.L);
+    prof::Scope ps("router");
     auto& b = step_b_[k];
     b.resize(N);
     if (mb.boundaries) {
@@ -344,8 +367,11 @@ MicroStats DlcmModel::train_micro(const Batch& mb, i64 index, const StepContext&
   const float* out = decode(mb.tokens, b, B, L);
   clear(g_out_, N * d);
   MicroStats s;
-  s.ce_sum = head_.forward_backward(g_out_.data(), out, mb.targets, N,
-                                    1.0f / float(std::max<i64>(ctx.total_targets, 1)));
+  {
+    prof::Scope ps("head");
+    s.ce_sum = head_.forward_backward(g_out_.data(), out, mb.targets, N,
+                                      1.0f / float(std::max<i64>(ctx.total_targets, 1)));
+  }
   grad_ready(dec_norm_->offset);  // decoder.norm and lm_head (the block's tail) are complete
   // Global Parser: F over the whole step (ctx.sum_b), every p_t gets the same gradient.
   const double count = double(std::max<i64>(ctx.total_positions, 1));

@@ -84,8 +84,23 @@ struct BenchTrainArgs {
   std::vector<std::string> sets;
   i64 steps = 5, repeats = 3;
   bool no_torch = false;
+  bool torch_default = false;           // PyTorch peer without jemalloc and ATen AVX-512
+  std::vector<std::string> precisions;  // engines to time side by side; empty = the config's
+  bool breakdown = false;               // per-component time of a step (StepProfiler)
+  double R = -1;                        // dlcm: given concepts of mean length R (-1: target_R,
+                                        // 0: sample boundaries from the router)
 };
 int cmd_bench_train(const BenchTrainArgs& a);
+
+// The concept cross-attention benchmark (paper Table 6): masked vs replicate vs compact.
+struct BenchXattnArgs {
+  std::vector<i64> lengths = {2048, 4096, 8192, 16384};
+  i64 batch = 1, heads = 8, kv_heads = 8, head_dim = 64, repeats = 3;
+  i64 interval = 6;       // fixed-length concepts ("Interval=6")
+  double mean_len = 5.0;  // variable-length concepts: 1 + Geometric, this mean
+  bool fixed = true, variable = true;
+};
+int cmd_bench_xattn(const BenchXattnArgs& a);
 
 struct PrepareArgs {
   std::vector<std::string> inputs;

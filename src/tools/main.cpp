@@ -90,6 +90,26 @@ int main(int argc, char** argv) {
   btrain->add_option("--steps", ba.steps, "timed steps per repeat");
   btrain->add_option("--repeats", ba.repeats, "repeats (median reported)");
   btrain->add_flag("--no-torch", ba.no_torch, "skip the PyTorch reference");
+  btrain->add_flag("--torch-defaults", ba.torch_default, "PyTorch peer with glibc malloc and ATen's default (AVX2) kernels");
+  btrain->add_option("--precision", ba.precisions, "fp32 and/or bf16, timed side by side (default: the config's)")
+      ->delimiter(',')->check(CLI::IsMember({"fp32", "bf16"}));
+  btrain->add_flag("--breakdown", ba.breakdown, "per-component time of a training step");
+  btrain->add_option("--R", ba.R, "dlcm: concepts of 1+Geometric lengths with this mean (default target_R; 0 = sample from the router)");
+
+  BenchXattnArgs xa;
+  bool x_only_fixed = false, x_only_variable = false;
+  auto* bxattn = bench->add_subcommand("xattn", "concept cross-attention: masked vs replicate vs compact (Table 6)");
+  bxattn->add_option("--lengths", xa.lengths, "sequence lengths")->delimiter(',');
+  bxattn->add_option("--batch", xa.batch, "rows")->check(CLI::Range(1, 1024));
+  bxattn->add_option("--heads", xa.heads, "query heads")->check(CLI::Range(1, 256));
+  bxattn->add_option("--kv-heads", xa.kv_heads, "key/value heads")->check(CLI::Range(1, 256));
+  bxattn->add_option("--head-dim", xa.head_dim, "head dimension")->check(CLI::Range(1, 1024));
+  bxattn->add_option("--repeats", xa.repeats, "repeats (median reported)")->check(CLI::Range(1, 1000));
+  bxattn->add_option("--interval", xa.interval, "fixed concept length")->check(CLI::Range(1, 1 << 20));
+  bxattn->add_option("--mean-len", xa.mean_len, "mean variable concept length")->check(CLI::Range(1.0, 1e6));
+  bxattn->add_flag("--fixed-only", x_only_fixed, "only fixed-length concepts");
+  bxattn->add_flag("--variable-only", x_only_variable, "only variable-length concepts");
+
   BenchDecodeArgs bd;
   auto* bdec = bench->add_subcommand("decode", "decode tokens/s with the streaming caches vs recomputing the prefix");
   bdec->add_option("--ckpt", bd.ckpt, "checkpoint or run folder (default: a config with random weights)");
@@ -217,6 +237,11 @@ int main(int argc, char** argv) {
     }
     if (*bdec) return cmd_bench_decode(bd);
     if (*seg) return cmd_segment(sa);
+    if (*bxattn) {
+      if (x_only_fixed) xa.variable = false;
+      if (x_only_variable) xa.fixed = false;
+      return cmd_bench_xattn(xa);
+    }
     if (*prep) return cmd_prepare(pa);
     if (*ev) return cmd_eval(ea);
     if (*coord) return cmd_coord_check(ca);

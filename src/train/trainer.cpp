@@ -12,6 +12,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
+#include "core/profiler.h"
 #include "kernels/gemm.h"
 #include "train/checkpoint.h"
 
@@ -124,6 +125,9 @@ Trainer::Trainer(const Config& cfg, TrainData data, TrainOptions opt)
   model_->reserve(t.batch_size, t.seq_len);
   tok_.assign(t.grad_accum * t.batch_size * t.seq_len, 0);
   tgt_.assign(tok_.size(), 0);
+  if (data_.train_boundaries) bnd_.assign(tok_.size(), 0);
+  precision_ = ops::parse_precision(t.precision, "train.precision");
+  ops::PrecisionScope check(precision_);  // fails here, clearly, without AVX512-BF16
   if (!o_.out_dir.empty() && rank_ == 0) {
     fs::create_directories(o_.out_dir);
     log_path_ = (fs::path(o_.out_dir) / "train_log.jsonl").string();
@@ -211,6 +215,7 @@ StepResult Trainer::train_step() {
   const TrainConfig& t = cfg_.train;
   const i64 B = t.batch_size, L = t.seq_len, K = t.grad_accum;
   auto t0 = Clock::now();
+  ops::PrecisionScope precision(precision_);
   StepResult r;
   r.lr = lr_at(t, step_, t.steps);
   // Load the step's micro-batches first: the totals scale the loss, and DLCM's Global
@@ -218,6 +223,8 @@ StepResult Trainer::train_step() {
   // rank r is micro-batch g = r*K + k of the step's global batch: its data and its rows
   // (row0, which keys the boundary RNG) are those of micro-batch g in one process running
   // ranks*K micro-batches, so both runs see the same batches.
+  prof::Section sec;  // benchmark breakdown (dlcm bench train --breakdown)
+  sec.next("data");
   std::vector<Batch> micro(K);
   StepContext ctx;
   ctx.seed = t.seed;
@@ -228,9 +235,15 @@ StepResult Trainer::train_step() {
     i32* tg = tgt_.data() + k * B * L;
     data_.train_batch(step_, g, 0, B, L, tk, tg);
     micro[k] = Batch{tk, tg, B, L, g * B};
+    if (data_.train_boundaries) {
+      uint8_t* bk = bnd_.data() + k * B * L;
+      data_.train_boundaries(step_, g, 0, B, L, bk);
+      micro[k].boundaries = bk;
+    }
     for (i64 i = 0; i < B * L; ++i) ctx.total_targets += tg[i] >= 0;
     ctx.total_positions += B * L;
   }
+  sec.next("other");
   if (world_ > 1) {  // the loss is a mean over the global batch
     double tot[2] = {double(ctx.total_targets), double(ctx.total_positions)};
     dist::allreduce_sum(tot, 2);
@@ -239,7 +252,9 @@ StepResult Trainer::train_step() {
   }
   ctx.sum_b = model_->prepare_step(micro, ctx);
   dist::allreduce_sum(&ctx.sum_b, 1);  // F spans all ranks (SPEC 4)
+  sec.next("optimizer");
   model_->params().zero_grad();
+  sec.next("other");
   MicroStats tot;
   if (world_ > 1) allreduce_.begin_step();
   for (i64 k = 0; k < K; ++k) {
@@ -279,8 +294,10 @@ StepResult Trainer::train_step() {
   }
   r.loss = r.ce + cfg_.model.aux_weight * r.aux * (cfg_.model.is_dlcm() ? 1 : 0);
   // After the all-reduce every rank holds the same gradients, hence the same global norm.
+  sec.next("optimizer");
   r.grad_norm = clip_grad_norm(model_->params(), t.grad_clip);
   opt_.step(model_->params(), float(r.lr), t);
+  sec.next("other");
   ++step_;
   r.tokens = K * B * L * world_;
   tokens_seen_ += r.tokens;
@@ -295,6 +312,7 @@ Trainer::ValResult Trainer::validate(i64 max_batches) {
   i64 n = data_.val_count(B, L);
   if (max_batches >= 0) n = std::min(n, max_batches);
   std::vector<i32> tk(B * L), tg(B * L);
+  ops::PrecisionScope fp32(ops::Precision::FP32);  // validation is always FP32
   // Under MPI rank r evaluates batches r, r + ranks, ...; the sums are then added up.
   double sums[4] = {0, 0, 0, 0};  // CE, targets, concepts, positions
   for (i64 i = rank_; i < n; i += world_) {

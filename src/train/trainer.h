@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "core/dist.h"
+#include "kernels/gemm.h"
 #include "models/model.h"
 #include "train/optimizer.h"
 
@@ -25,6 +26,9 @@ struct TrainData {
   // over processes (docs/distributed.md).
   std::function<void(i64 step, i64 micro, i64 rank, i64 B, i64 L, i32* tokens, i32* targets)>
       train_batch;
+  // DLCM, optional: given boundary decisions b [B, L] (0/1) for a micro-batch instead of
+  // sampling them from the router (benchmarks fix the compression this way). Empty = sample.
+  std::function<void(i64 step, i64 micro, i64 rank, i64 B, i64 L, uint8_t* b)> train_boundaries;
   // Validation split as [B, L] batches covering it once (targets -1 where padded).
   std::function<i64(i64 B, i64 L)> val_count;
   std::function<void(i64 index, i64 B, i64 L, i32* tokens, i32* targets)> val_batch;
@@ -93,6 +97,8 @@ class Trainer {
   double peak_gflops_ = 0;
   int peak_remeasures_ = 0;
   std::vector<i32> tok_, tgt_;  // [grad_accum, B, L]
+  std::vector<uint8_t> bnd_;    // given boundaries [grad_accum, B, L] (train_boundaries)
+  ops::Precision precision_ = ops::Precision::FP32;
   std::string log_path_;
   std::vector<std::string> log_lines_;
   // data parallel

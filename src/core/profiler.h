@@ -1,0 +1,72 @@
+// StepProfiler: wall time per named component of a training step (benchmarks only).
+//
+//   { prof::Scope s("encoder"); ... }     // time of the block is charged to "encoder"
+//
+// Disabled (the default) a scope is one load of a global flag and a branch. Enabled, scopes
+// nest with exclusive attribution: entering a scope pauses the enclosing one, so every
+// second is charged to exactly one component and the parts add up to the timed total.
+// Wall time and process CPU time are both kept.
+// Scopes belong on the thread that drives the step (kernels parallelise inside them).
+// Names must be string literals (kept by pointer).
+#pragma once
+#include <string>
+#include <vector>
+
+#include "core/common.h"
+
+namespace dlcm::prof {
+
+extern bool g_enabled;
+
+struct Entry {
+  const char* name;
+  double seconds = 0;      // wall time
+  double cpu_seconds = 0;  // process CPU time (all threads): robust to a loaded machine when
+                           // idle threads sleep (OMP_WAIT_POLICY=passive)
+  i64 calls = 0;
+};
+
+void enable(bool on);
+void reset();                  // zero every accumulator (names stay registered)
+std::vector<Entry> entries();  // in first-use order
+double seconds_of(const std::string& name);  // 0 when unknown
+
+void enter(const char* name);
+void leave();
+
+class Scope {
+ public:
+  explicit Scope(const char* name) : on_(g_enabled) {
+    if (on_) enter(name);
+  }
+  ~Scope() {
+    if (on_) leave();
+  }
+  Scope(const Scope&) = delete;
+  Scope& operator=(const Scope&) = delete;
+
+ private:
+  bool on_;
+};
+
+// Consecutive components of straight-line code without extra braces:
+//   prof::Section sec; sec.next("pooling"); ...; sec.next("backbone"); ...   (closed at exit)
+class Section {
+ public:
+  Section() = default;
+  ~Section() {
+    if (open_) leave();
+  }
+  void next(const char* name) {
+    if (open_) leave();
+    open_ = g_enabled;
+    if (open_) enter(name);
+  }
+  Section(const Section&) = delete;
+  Section& operator=(const Section&) = delete;
+
+ private:
+  bool open_ = false;
+};
+
+}  // namespace dlcm::prof

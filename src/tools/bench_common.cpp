@@ -1,0 +1,80 @@
+#include "tools/bench_common.h"
+
+#include <time.h>
+
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+
+#include "kernels/gemm.h"
+
+namespace dlcm::bench {
+
+double cpu_seconds() {
+  timespec ts;
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+  return ts.tv_sec + 1e-9 * ts.tv_nsec;
+}
+
+std::map<long, double> thread_cpu_seconds() {
+  std::map<long, double> r;
+  std::error_code ec;
+  for (const auto& e : std::filesystem::directory_iterator("/proc/self/task", ec)) {
+    std::ifstream f(e.path() / "schedstat");
+    double ns = 0;
+    if (f >> ns) r[std::stol(e.path().filename().string())] = ns * 1e-9;
+  }
+  return r;
+}
+
+double busiest_thread_seconds(const std::map<long, double>& before,
+                              const std::map<long, double>& after) {
+  double m = 0;
+  for (const auto& [tid, t] : after) {
+    auto it = before.find(tid);
+    m = std::max(m, t - (it == before.end() ? 0.0 : it->second));
+  }
+  return m;
+}
+
+Peak measure_peak(double seconds, i64 n) {
+  // Kept between calls: allocating and freeing 3 n^2 floats every repeat would make the
+  // benchmark's own RSS samples swing by tens of MiB (glibc's adaptive mmap threshold).
+  static Buf a, b, c;
+  if (a.size() < size_t(n * n)) {
+    a.assign(n * n, 0.5f);
+    b.assign(n * n, 0.25f);
+    c.assign(n * n, 0.f);
+  }
+  std::vector<double> w, u, b1;
+  ops::gemm(false, false, n, n, n, 1.f, a.data(), n, b.data(), n, 0.f, c.data(), n);  // warm-up
+  auto t_end = std::chrono::steady_clock::now() + std::chrono::duration<double>(seconds);
+  const double flop = 2.0 * n * n * n / 1e9;
+  do {
+    const double c0 = cpu_seconds();
+    const auto th0 = thread_cpu_seconds();
+    auto t0 = std::chrono::steady_clock::now();
+    ops::gemm(false, false, n, n, n, 1.f, a.data(), n, b.data(), n, 0.f, c.data(), n);
+    w.push_back(flop / seconds_since(t0));
+    u.push_back(flop / std::max(1e-9, cpu_seconds() - c0));
+    b1.push_back(flop / std::max(1e-9, busiest_thread_seconds(th0, thread_cpu_seconds())));
+  } while (std::chrono::steady_clock::now() < t_end || w.size() < 3);
+  return {median(w), median(u), median(b1)};
+}
+
+Rss read_rss() {
+  Rss r;
+  FILE* f = std::fopen("/proc/self/status", "r");
+  if (!f) return r;
+  char line[256];
+  while (std::fgets(line, sizeof line, f)) {
+    long kb = 0;
+    if (std::sscanf(line, "VmRSS: %ld kB", &kb) == 1) r.now_mib = kb / 1024.0;
+    if (std::sscanf(line, "VmHWM: %ld kB", &kb) == 1) r.peak_mib = kb / 1024.0;
+  }
+  std::fclose(f);
+  return r;
+}
+
+}  // namespace dlcm::bench

@@ -1,0 +1,58 @@
+// Small helpers shared by the `dlcm bench` subcommands: medians, wall clock, resident memory.
+#pragma once
+#include <algorithm>
+#include <chrono>
+#include <map>
+#include <vector>
+
+#include "core/common.h"
+
+namespace dlcm::bench {
+
+inline double median(std::vector<double> v) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  const size_t n = v.size();
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+inline double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+// Wall time of f() in seconds.
+template <typename F>
+double time_it(F&& f) {
+  auto t0 = std::chrono::steady_clock::now();
+  f();
+  return seconds_since(t0);
+}
+
+// Process CPU time (all threads), seconds.
+double cpu_seconds();
+
+// On-CPU time of every thread of this process (/proc/self/task/*/schedstat), seconds by
+// thread id. Over an interval, the busiest thread's time is what a dedicated machine's wall
+// time could not go below: with idle threads sleeping (OMP_WAIT_POLICY=passive) waits are not
+// counted, so tokens / (busiest thread's time) estimates the throughput on an idle machine
+// from a run on a loaded one. A program with serial phases has one thread busier than the rest.
+std::map<long, double> thread_cpu_seconds();
+double busiest_thread_seconds(const std::map<long, double>& before,
+                              const std::map<long, double>& after);
+
+// GEMM throughput of square products of size n for about `seconds`: median GFLOP per wall
+// second and per process CPU-second (the engine's own ops::gemm, current precision). Per
+// CPU-second is the figure that survives a loaded machine (with OMP_WAIT_POLICY=passive).
+struct Peak {
+  double wall = 0, cpu = 0, idle = 0;  // per wall second, per CPU-second, per busiest-thread second
+};
+Peak measure_peak(double seconds, i64 n);
+
+// Resident set size now and its peak (high-water mark) in MiB, from /proc/self/status
+// (VmRSS, VmHWM); 0 where unavailable.
+struct Rss {
+  double now_mib = 0, peak_mib = 0;
+};
+Rss read_rss();
+
+}  // namespace dlcm::bench

@@ -1,0 +1,397 @@
+// Tests of the performance work: the masked dense concept attention (the Table-6 baseline)
+// computes the compact kernel's function; the BF16 GEMM path rounds the operands and nothing
+// else, and BF16 training tracks FP32; the step profiler attributes time exclusively and
+// costs nothing when off; given boundaries (TrainData::train_boundaries) reach the model.
+#include <omp.h>
+
+#include <chrono>
+#include <cmath>
+#include <thread>
+#include <vector>
+
+#include "core/profiler.h"
+#include "core/rng.h"
+#include "kernels/dlcm_ops.h"
+#include "kernels/gemm.h"
+#include "model_fixtures.h"
+#include "testing.h"
+#include "train/trainer.h"
+
+using namespace dlcm;
+using Vec = std::vector<float>;
+
+namespace {
+
+Vec randn(i64 n, uint64_t seed) {
+  Vec v(n);
+  test::fill_normal(v.data(), n, seed, 1.f);
+  return v;
+}
+
+// max |a - b| / max(max |b|, 1)
+double scaled_err(const Vec& a, const Vec& b) {
+  double m = 1;
+  for (float x : b) m = std::max(m, double(std::abs(x)));
+  return test::max_abs_diff(a.data(), b.data(), a.size()) / m;
+}
+
+struct MaskedCase {
+  i64 B, L, Hq, Hkv, hd;
+  float p_boundary;  // share of boundaries (1 = every token a concept)
+  bool bos;          // a BOS token in the middle of each row (document restart)
+};
+
+class MaskedVsCompact : public ::testing::TestWithParam<MaskedCase> {};
+
+TEST_P(MaskedVsCompact, OutputsLseAndGradientsAgree) {
+  const MaskedCase c = GetParam();
+  const i64 B = c.B, L = c.L, Hq = c.Hq, Hkv = c.Hkv, hd = c.hd, N = B * L;
+  std::vector<uint8_t> b(N);
+  std::vector<i32> tok(N, 5);
+  for (i64 n = 0; n < N; ++n)
+    b[n] = (n % L == 0 || counter_uniform(3, n) < c.p_boundary) ? 1 : 0;
+  if (c.bos)
+    for (i64 r = 0; r < B; ++r) {
+      tok[r * L + L / 2] = 1;
+      b[r * L + L / 2] = 1;
+    }
+  ops::Segments sg;
+  sg.build(b.data(), tok.data(), 1, B, L);
+  const i64 K1 = sg.Mmax + 1;
+  const float scale = 1.f / std::sqrt(float(hd));
+  Vec q = randn(N * Hq * hd, 1), k = randn(B * K1 * Hkv * hd, 2), v = randn(B * K1 * Hkv * hd, 3);
+  Vec dout = randn(N * Hq * hd, 4);
+  Vec o1(q.size()), l1(B * Hq * L), o2(q.size()), l2(B * Hq * L);
+  ops::concept_attention_forward(o1.data(), l1.data(), q.data(), k.data(), v.data(), sg, B, L, Hq,
+                                 Hkv, hd, scale);
+  ops::concept_attention_masked_forward(o2.data(), l2.data(), q.data(), k.data(), v.data(), sg, B,
+                                        L, Hq, Hkv, hd, scale);
+  EXPECT_LT(scaled_err(o2, o1), 2e-5);
+  EXPECT_LT(test::max_abs_diff(l2.data(), l1.data(), l1.size()), 2e-5);
+  // Gradients accumulate: start the masked ones from a non-zero value and subtract it.
+  Vec dq1(q.size(), 0.f), dk1(k.size(), 0.f), dv1(v.size(), 0.f);
+  Vec dq2(q.size(), 1.f), dk2(k.size(), 1.f), dv2(v.size(), 1.f);
+  ops::concept_attention_backward(dq1.data(), dk1.data(), dv1.data(), dout.data(), o1.data(),
+                                  l1.data(), q.data(), k.data(), v.data(), sg, B, L, Hq, Hkv, hd,
+                                  scale);
+  ops::concept_attention_masked_backward(dq2.data(), dk2.data(), dv2.data(), dout.data(),
+                                         o2.data(), l2.data(), q.data(), k.data(), v.data(), sg, B,
+                                         L, Hq, Hkv, hd, scale);
+  for (Vec* g : {&dq2, &dk2, &dv2})
+    for (float& x : *g) x -= 1.f;
+  EXPECT_LT(scaled_err(dq2, dq1), 5e-5);
+  EXPECT_LT(scaled_err(dk2, dk1), 5e-5);
+  EXPECT_LT(scaled_err(dv2, dv1), 5e-5);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, MaskedVsCompact,
+    ::testing::Values(MaskedCase{1, 40, 2, 2, 8, 0.3f, false},
+                      MaskedCase{2, 300, 4, 2, 16, 0.2f, true},     // two chunks, GQA, BOS
+                      MaskedCase{3, 600, 2, 1, 32, 0.5f, false},    // three chunks
+                      MaskedCase{2, 520, 8, 8, 64, 1.0f, false},    // one concept per token
+                      MaskedCase{1, 257, 2, 2, 8, 0.0f, false},     // one concept per row
+                      MaskedCase{4, 700, 8, 4, 64, 0.17f, true}),   // > threads tasks
+    [](const auto& info) { return std::to_string(info.index); });
+
+TEST(MaskedAttention, BadShapesGiveErrors) {
+  std::vector<uint8_t> b(8, 1);
+  ops::Segments sg;
+  sg.build(b.data(), nullptr, -1, 1, 8);
+  Vec q(8 * 4 * 8), k(9 * 2 * 8), v(k.size()), o(q.size()), l(4 * 8);
+  EXPECT_THROW(ops::concept_attention_masked_forward(o.data(), l.data(), q.data(), k.data(),
+                                                     v.data(), sg, 1, 8, 3, 2, 8, 1.f),
+               Error);
+  EXPECT_THROW(ops::concept_attention_masked_forward(o.data(), l.data(), q.data(), k.data(),
+                                                     v.data(), sg, 2, 4, 4, 2, 8, 1.f),
+               Error);
+}
+
+// ---- BF16 GEMM ---------------------------------------------------------------------------
+
+TEST(Bf16, RoundingIsNearestEven) {
+  const float in[] = {1.0f, 1.00390625f /* 1 + 2^-8: tie, even is 1 */,
+                      1.01171875f /* 1 + 3*2^-8: tie, even is 1 + 2^-6 */, 1.0043f, -2.5f,
+                      65504.f /* carries into the exponent */, 1e-40f /* denormal */, INFINITY};
+  const float want[] = {1.0f, 1.0f, 1.015625f, 1.0078125f, -2.5f, 65536.f, 0.f, INFINITY};
+  // 33 values so that the vector body (32) and the scalar tail both run
+  std::vector<float> src(33), back(33);
+  std::vector<uint16_t> h(33);
+  for (int rep = 0; rep < 33; ++rep) src[rep] = in[rep % 8];
+  ops::round_to_bf16(h.data(), src.data(), 33);
+  for (int i = 0; i < 33; ++i) {
+    back[i] = ops::bf16_to_float(h[i]);
+    const float w = want[i % 8];
+    if (std::isinf(w)) {
+      EXPECT_TRUE(std::isinf(back[i]));
+    } else {
+      EXPECT_EQ(back[i], w) << "value " << src[i] << " at " << i;
+    }
+  }
+  float nan = std::nanf("");
+  uint16_t hn;
+  ops::round_to_bf16(&hn, &nan, 1);
+  EXPECT_TRUE(std::isnan(ops::bf16_to_float(hn)));
+}
+
+struct GemmCase {
+  bool ta, tb;
+  i64 M, N, K;
+  float alpha, beta;
+};
+
+// C = alpha op(A) op(B) + beta C with bf16 operands equals the same product of the rounded
+// operands in double (FP32 accumulation error only), and is within bf16 tolerance of FP32.
+TEST(Bf16, GemmEqualsProductOfRoundedOperands) {
+  if (!ops::cpu_has_bf16()) GTEST_SKIP() << "no AVX512-BF16 on this CPU";
+  const GemmCase cases[] = {{false, true, 70, 50, 64, 1.f, 0.f},  {false, false, 33, 17, 129, 1.f, 1.f},
+                            {true, false, 40, 24, 300, 1.f, 1.f}, {true, true, 9, 31, 5, 0.5f, 0.f},
+                            {false, true, 256, 300, 96, 2.f, 1.f}, {false, false, 1, 1, 1, 1.f, 0.f}};
+  for (const GemmCase& c : cases) {
+    // stored shapes with padding in the leading dimensions (strided operands)
+    const i64 ar = c.ta ? c.K : c.M, ac = c.ta ? c.M : c.K, lda = ac + 3;
+    const i64 br = c.tb ? c.N : c.K, bc = c.tb ? c.K : c.N, ldb = bc + 5, ldc = c.N + 2;
+    Vec A = randn(ar * lda, 11 + c.M), B = randn(br * ldb, 12 + c.N), C0 = randn(c.M * ldc, 13);
+    std::vector<uint16_t> ha(A.size()), hb(B.size());
+    ops::round_to_bf16(ha.data(), A.data(), A.size());
+    ops::round_to_bf16(hb.data(), B.data(), B.size());
+    auto a_at = [&](i64 i, i64 k) {
+      return double(ops::bf16_to_float(ha[c.ta ? k * lda + i : i * lda + k]));
+    };
+    auto b_at = [&](i64 k, i64 j) {
+      return double(ops::bf16_to_float(hb[c.tb ? j * ldb + k : k * ldb + j]));
+    };
+    Vec C16 = C0, C32 = C0;
+    {
+      ops::PrecisionScope bf(ops::Precision::BF16);
+      ops::gemm(c.ta, c.tb, c.M, c.N, c.K, c.alpha, A.data(), lda, B.data(), ldb, c.beta,
+                C16.data(), ldc);
+    }
+    ops::gemm(c.ta, c.tb, c.M, c.N, c.K, c.alpha, A.data(), lda, B.data(), ldb, c.beta,
+              C32.data(), ldc);
+    double worst_exact = 0, worst_tol = 0;
+    for (i64 i = 0; i < c.M; ++i)
+      for (i64 j = 0; j < c.N; ++j) {
+        double ref = 0, mag = 0;
+        for (i64 k = 0; k < c.K; ++k) {
+          ref += a_at(i, k) * b_at(k, j);
+          mag += std::abs(a_at(i, k) * b_at(k, j));
+        }
+        ref = c.alpha * ref + c.beta * C0[i * ldc + j];
+        mag = std::abs(c.alpha) * mag + std::abs(c.beta * C0[i * ldc + j]) + 1e-30;
+        worst_exact = std::max(worst_exact, std::abs(C16[i * ldc + j] - ref) / mag);
+        // bf16 has 8 significant bits: each operand carries a relative error <= 2^-9
+        worst_tol = std::max(worst_tol, std::abs(C16[i * ldc + j] - C32[i * ldc + j]) / mag);
+      }
+    EXPECT_LT(worst_exact, 1e-5) << "ta=" << c.ta << " tb=" << c.tb << " M=" << c.M;
+    EXPECT_LT(worst_tol, 2.0 * std::ldexp(1.0, -9) + 1e-5) << "ta=" << c.ta << " tb=" << c.tb;
+    // padding columns of C are untouched
+    for (i64 i = 0; i < c.M; ++i)
+      for (i64 j = c.N; j < ldc; ++j) EXPECT_EQ(C16[i * ldc + j], C0[i * ldc + j]);
+  }
+}
+
+// The FP32 path splits two shapes across threads itself (rows for narrow x W^T products,
+// columns for LM-head chunks): same results as a plain product, strided C and beta kept.
+TEST(Fp32Gemm, ThreadSplitShapesAreExact) {
+  struct S {
+    i64 M, N, K;
+  };
+  for (S c : {S{2048, 64, 256}, S{40, 2050, 256}, S{2049, 500, 257}}) {
+    const i64 ldc = c.N + 3;
+    Vec A = randn(c.M * c.K, 71), B = randn(c.N * c.K, 72), C = randn(c.M * ldc, 73), C0 = C;
+    ops::gemm(false, true, c.M, c.N, c.K, 0.5f, A.data(), c.K, B.data(), c.K, 1.f, C.data(), ldc);
+    double worst = 0;
+    for (i64 i = 0; i < c.M; ++i)
+      for (i64 j = 0; j < ldc; ++j) {
+        if (j >= c.N) {
+          ASSERT_EQ(C[i * ldc + j], C0[i * ldc + j]) << "padding written";
+          continue;
+        }
+        double ref = 0, mag = 0;
+        for (i64 k = 0; k < c.K; ++k) {
+          ref += double(A[i * c.K + k]) * B[j * c.K + k];
+          mag += std::abs(double(A[i * c.K + k]) * B[j * c.K + k]);
+        }
+        ref = 0.5 * ref + C0[i * ldc + j];
+        worst = std::max(worst, std::abs(C[i * ldc + j] - ref) / (0.5 * mag + std::abs(C0[i * ldc + j])));
+      }
+    EXPECT_LT(worst, 1e-5) << "M=" << c.M << " N=" << c.N;
+  }
+}
+
+TEST(Bf16, ConcurrentCallsFromAParallelRegion) {
+  if (!ops::cpu_has_bf16()) GTEST_SKIP() << "no AVX512-BF16 on this CPU";
+  const i64 n = 8, M = 48, N = 40, K = 72;
+  std::vector<Vec> A(n), B(n), Cp(n), Cs(n);
+  for (i64 t = 0; t < n; ++t) {
+    A[t] = randn((M + t) * K, 30 + t);
+    B[t] = randn(K * N, 50 + t);
+    Cp[t].assign((M + t) * N, 0.f);
+    Cs[t].assign((M + t) * N, 0.f);
+  }
+  ops::PrecisionScope bf(ops::Precision::BF16);
+  for (i64 t = 0; t < n; ++t)
+    ops::gemm(false, false, M + t, N, K, 1.f, A[t].data(), K, B[t].data(), N, 0.f, Cs[t].data(), N);
+#pragma omp parallel for num_threads(2) schedule(dynamic, 1)
+  for (i64 t = 0; t < n; ++t)
+    ops::gemm(false, false, M + t, N, K, 1.f, A[t].data(), K, B[t].data(), N, 0.f, Cp[t].data(), N);
+  for (i64 t = 0; t < n; ++t) EXPECT_EQ(test::max_abs_diff(Cp[t].data(), Cs[t].data(), Cp[t].size()), 0.0);
+}
+
+TEST(Bf16, PrecisionConfigIsValidated) {
+  EXPECT_EQ(ops::parse_precision("bf16", "x"), ops::Precision::BF16);
+  EXPECT_EQ(ops::parse_precision("fp32", "x"), ops::Precision::FP32);
+  try {
+    ops::parse_precision("fp16", "train.precision");
+    FAIL() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("train.precision"), std::string::npos);
+  }
+  Config c = test::tiny_baseline();
+  nlohmann::json j = config_to_json(c);
+  j["train"]["precision"] = "half";
+  EXPECT_THROW(config_from_json(j, "cfg.json"), Error);
+  j["train"]["precision"] = "bf16";
+  EXPECT_EQ(config_from_json(j, "cfg.json").train.precision, "bf16");
+}
+
+TrainData pattern_data(i64 V, i32 bos) {
+  TrainData d;
+  d.train_batch = [V, bos](i64 step, i64 micro, i64 rank, i64 B, i64 L, i32* tok, i32* tgt) {
+    for (i64 b = 0; b < B; ++b)
+      for (i64 t = 0; t <= L; ++t) {
+        i32 v = i32((counter_hash(5, step, micro, b) + t * 3) % uint64_t(V));
+        if (bos >= 0 && t % 13 == 0) v = bos;
+        if (t < L) tok[b * L + t] = v;
+        if (t > 0) tgt[b * L + t - 1] = v;
+      }
+  };
+  return d;
+}
+
+// BF16 training follows FP32 closely on tiny models: per-step losses agree to a few percent
+// and both learn. (The operands' rounding is the only difference.)
+void expect_bf16_tracks_fp32(Config c, i32 bos) {
+  c.train.steps = 40;
+  c.train.lr = 1e-2f;
+  c.train.warmup_steps = 5;
+  c.train.eval_every = 0;
+  TrainOptions o;
+  o.quiet = true;
+  o.peak_gflops = 100;
+  Trainer t32(c, pattern_data(c.model.vocab_size, bos), o);
+  c.train.precision = "bf16";
+  Trainer t16(c, pattern_data(c.model.vocab_size, bos), o);
+  double first = 0, l32 = 0, l16 = 0, worst = 0;
+  for (int s = 0; s < 40; ++s) {
+    l32 = t32.train_step().ce;
+    l16 = t16.train_step().ce;
+    if (s == 0) first = l32;
+    worst = std::max(worst, std::abs(l16 - l32) / l32);
+  }
+  EXPECT_LT(worst, 0.05) << "largest relative gap of the per-step losses";
+  EXPECT_GT(worst, 0.0) << "bf16 losses identical to fp32: the bf16 path did not run";
+  EXPECT_LT(std::abs(l16 - l32) / l32, 0.03) << "fp32 " << l32 << " bf16 " << l16;
+  EXPECT_LT(l16, 0.7 * first) << "bf16 did not learn";
+  EXPECT_EQ(ops::gemm_precision(), ops::Precision::FP32) << "the step must restore the precision";
+}
+
+TEST(Bf16, TinyBaselineTrainingTracksFp32) {
+  if (!ops::cpu_has_bf16()) GTEST_SKIP() << "no AVX512-BF16 on this CPU";
+  expect_bf16_tracks_fp32(test::tiny_baseline(), -1);
+}
+
+TEST(Bf16, TinyDlcmTrainingTracksFp32) {
+  if (!ops::cpu_has_bf16()) GTEST_SKIP() << "no AVX512-BF16 on this CPU";
+  // Boundaries are sampled from each run's own p with the same random numbers, so the
+  // segmentations may differ where p sits next to the sample: that is part of what is checked.
+  expect_bf16_tracks_fp32(test::tiny_dlcm(), test::tiny_dlcm().model.bos_id);
+}
+
+// ---- step profiler -------------------------------------------------------------------------
+
+TEST(Profiler, OffRecordsNothingOnAttributesExclusively) {
+  using namespace std::chrono_literals;
+  prof::enable(false);
+  prof::reset();
+  {
+    prof::Scope s("test-outer");
+    std::this_thread::sleep_for(2ms);
+  }
+  EXPECT_EQ(prof::seconds_of("test-outer"), 0.0);
+  prof::enable(true);
+  {
+    prof::Section sec;
+    sec.next("test-outer");
+    std::this_thread::sleep_for(20ms);
+    {
+      prof::Scope inner("test-inner");
+      std::this_thread::sleep_for(30ms);
+    }
+    sec.next("test-second");
+    std::this_thread::sleep_for(10ms);
+  }
+  prof::enable(false);
+  const double outer = prof::seconds_of("test-outer"), inner = prof::seconds_of("test-inner"),
+               second = prof::seconds_of("test-second");
+  // exclusive: the outer scope does not include the inner one's 30 ms
+  EXPECT_GE(outer, 0.019);
+  EXPECT_GE(inner, 0.029);
+  EXPECT_GE(second, 0.009);
+  EXPECT_LT(outer, inner + 0.25);  // generous: loaded machines oversleep
+  i64 calls = 0;
+  for (auto& e : prof::entries())
+    if (std::string(e.name) == "test-inner") calls = e.calls;
+  EXPECT_EQ(calls, 1);
+  prof::reset();
+  EXPECT_EQ(prof::seconds_of("test-inner"), 0.0);
+}
+
+TEST(Profiler, DlcmStepIsBrokenDownByComponent) {
+  Config c = test::tiny_dlcm();
+  c.train.eval_every = 0;
+  TrainOptions o;
+  o.quiet = true;
+  o.peak_gflops = 100;
+  Trainer tr(c, pattern_data(c.model.vocab_size, c.model.bos_id), o);
+  prof::enable(true);
+  prof::reset();
+  auto t0 = std::chrono::steady_clock::now();
+  tr.train_step();
+  const double total = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  prof::enable(false);
+  double sum = 0;
+  for (auto& e : prof::entries()) sum += e.seconds;
+  for (const char* part : {"encoder", "router", "pooling", "backbone", "cross-attention",
+                           "  concept attention kernel", "cross FFN", "decoder", "head",
+                           "optimizer", "data"})
+    EXPECT_GT(prof::seconds_of(part), 0.0) << part;
+  EXPECT_LE(sum, total * 1.0001 + 1e-6);
+  EXPECT_GT(sum, total * 0.8);
+}
+
+// ---- given boundaries ----------------------------------------------------------------------
+
+TEST(GivenBoundaries, TrainDataHookFixesTheCompression) {
+  Config c = test::tiny_dlcm();
+  c.train.eval_every = 0;
+  TrainData d = pattern_data(c.model.vocab_size, -1);
+  auto gen = d.train_batch;
+  d.train_batch = [gen, bos = c.model.bos_id](i64 s, i64 m, i64 r, i64 B, i64 L, i32* tok, i32* tgt) {
+    gen(s, m, r, B, L, tok, tgt);
+    for (i64 n = 0; n < B * L; ++n)
+      if (tok[n] == bos) tok[n] = bos + 1;  // no forced boundaries inside rows
+  };
+  // a boundary every 5 tokens: F = 1/5 exactly (row starts are multiples of 5 as L = 20)
+  d.train_boundaries = [](i64, i64, i64, i64 B, i64 L, uint8_t* b) {
+    for (i64 n = 0; n < B * L; ++n) b[n] = (n % L) % 5 == 0;
+  };
+  TrainOptions o;
+  o.quiet = true;
+  o.peak_gflops = 100;
+  Trainer tr(c, d, o);
+  for (int s = 0; s < 2; ++s) EXPECT_DOUBLE_EQ(tr.train_step().F, 0.2);
+}
+
+}  // namespace
