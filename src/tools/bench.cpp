@@ -623,8 +623,8 @@ int cmd_bench_decode(const BenchDecodeArgs& a) {
   }
   i64 agree = 0;
   while (agree < T && gen_cached[agree] == gen_recompute[agree]) ++agree;
-  const double c = median(cached_rates), rc = median(recompute_rates);
-  std::printf("prefill (cached)       : %10.1f tokens/s\n", median(prefill_rates));
+  const double c = bench::median(cached_rates), rc = bench::median(recompute_rates);
+  std::printf("prefill (cached)       : %10.1f tokens/s\n", bench::median(prefill_rates));
   std::printf("decode with caches     : %10.1f tokens/s  (%.2f ms per step)\n", c, 1e3 * B / c);
   std::printf("decode by recompute    : %10.1f tokens/s  (%.2f ms per step)\n", rc, 1e3 * B / rc);
   std::printf("speed-up of the caches : %.2fx   (median of %lld repeats; greedy tokens agree for %lld of %lld)\n",
