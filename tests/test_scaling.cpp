@@ -122,6 +122,25 @@ TEST(ScalingLaw, AllocationMinimisesPredictedLossUnderTheBudget) {
   EXPECT_LT(best(allocate_budget(t, C, 2)).loss, best(allocate_budget(t, C, 16)).loss);
   EXPECT_THROW(allocate_budget(t, -1, R), Error);
   EXPECT_THROW(allocate_budget(t, C, 0.5), Error);
+
+  // N bounded (e.g. to the fitted range) or fixed: N stays inside, the budget holds, and no
+  // bounded choice beats the unbounded one at the same P.
+  const double unbounded_N = best(allocate_budget(t, C, R)).N;
+  const auto free_N = allocate_budget(t, C, R, 0.1, 0.9, 0.1);
+  const auto bounded = allocate_budget(t, C, R, 0.1, 0.9, 0.1, unbounded_N * 2, unbounded_N * 4);
+  ASSERT_EQ(bounded.size(), free_N.size());
+  for (size_t i = 0; i < bounded.size(); ++i) {
+    EXPECT_GE(bounded[i].N, unbounded_N * 2 * (1 - 1e-9));
+    EXPECT_LE(bounded[i].N, unbounded_N * 4 * (1 + 1e-9));
+    EXPECT_GE(bounded[i].loss, free_N[i].loss - 1e-12);
+    EXPECT_NEAR(training_flops_estimate(bounded[i].N, bounded[i].D, R, bounded[i].P), C, 1e-6 * C);
+  }
+  for (auto& a : allocate_budget(t, C, R, 0.1, 0.9, 0.1, 3e6, 3e6)) {
+    EXPECT_NEAR(a.N, 3e6, 1e-6);
+    EXPECT_NEAR(training_flops_estimate(a.N, a.D, R, a.P), C, 1e-6 * C);
+  }
+  EXPECT_THROW(allocate_budget(t, C, R, 0.1, 0.9, 0.1, 5e6, 1e6), Error);
+  EXPECT_THROW(allocate_budget(t, C, R, 0.1, 0.9, 0.1, 0, 1e6), Error);
 }
 
 TEST(ScalingLaw, JsonRoundTripAndMissingConstant) {

@@ -259,11 +259,13 @@ double training_flops_estimate(double N, double D, double R, double P) {
 }
 
 std::vector<Allocation> allocate_budget(const ScalingLaw& law, double C, double R, double p_min,
-                                        double p_max, double p_step) {
+                                        double p_max, double p_step, double n_min, double n_max) {
   DLCM_CHECK(C > 0 && std::isfinite(C), "--flops: budget must be positive, got ", C);
   DLCM_CHECK(R >= 1, "--R must be >= 1, got ", R);
   DLCM_CHECK(p_min >= 0 && p_max < 1 && p_min <= p_max && p_step > 0,
              "allocate: need 0 <= p_min <= p_max < 1 and p_step > 0");
+  DLCM_CHECK(n_min > 0 && std::isfinite(n_max) && n_min <= n_max,
+             "allocate: need 0 < --n-min <= --n-max (or a positive --N), got ", n_min, " and ", n_max);
   std::vector<Allocation> out;
   for (double P = p_min; P <= p_max + 1e-9; P += p_step) {
     auto at = [&](double logN) {
@@ -271,8 +273,12 @@ std::vector<Allocation> allocate_budget(const ScalingLaw& law, double C, double 
       double D = C / (6.0 * N * ((1 - P) + P / R));
       return Allocation{P, N, D, law.loss(N, D, R, P)};
     };
-    // Dense scan over N from 1e4 to 1e13, then golden-section refinement around the best.
-    const double lo0 = std::log(1e4), hi0 = std::log(1e13);
+    // Dense scan over N from n_min to n_max, then golden-section refinement around the best.
+    const double lo0 = std::log(n_min), hi0 = std::log(n_max);
+    if (hi0 - lo0 < 1e-12) {  // N fixed
+      out.push_back(at(lo0));
+      continue;
+    }
     const int K = 400;
     int bi = 0;
     double bl = INFINITY;

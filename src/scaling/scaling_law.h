@@ -75,13 +75,15 @@ std::vector<ScalingPoint> load_scaling_points(const std::vector<std::string>& ru
 // The allocation of a training FLOPs budget C at compression R: minimise L over N and P with
 // D = C / (6 N ((1 - P) + P / R)) (every non-embedding parameter costs 2 forward FLOPs per token
 // it processes; backbone parameters see one token in R; training = 3 x forward; attention
-// and the output head are left out). P from p_min to p_max in steps of p_step.
+// and the output head are left out). P from p_min to p_max in steps of p_step; N searched in
+// [n_min, n_max] (equal bounds fix N: only P and D are chosen).
 struct Allocation {
   double P = 0, N = 0, D = 0, loss = 0;
 };
 std::vector<Allocation> allocate_budget(const ScalingLaw& law, double flops, double R,
                                         double p_min = 0.05, double p_max = 0.95,
-                                        double p_step = 0.01);  // best N for each P
+                                        double p_step = 0.01, double n_min = 1e4,
+                                        double n_max = 1e13);  // best N for each P
 double training_flops_estimate(double N, double D, double R, double P);
 
 }  // namespace dlcm

@@ -170,6 +170,7 @@ int cmd_scaling_predict(const ScalingPredictArgs& a);
 struct ScalingAllocateArgs {
   std::string fit;
   double flops = 0, R = 4, p_min = 0.05, p_max = 0.95, p_step = 0.01;
+  double n_min = 1e4, n_max = 1e13, N = 0;  // N > 0 fixes the model size
 };
 int cmd_scaling_allocate(const ScalingAllocateArgs& a);
 

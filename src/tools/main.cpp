@@ -200,6 +200,9 @@ int main(int argc, char** argv) {
   salloc->add_option("--p-min", saa.p_min, "smallest P searched (default 0.05)");
   salloc->add_option("--p-max", saa.p_max, "largest P searched (default 0.95)");
   salloc->add_option("--p-step", saa.p_step, "P step (default 0.01)");
+  salloc->add_option("--n-min", saa.n_min, "smallest N searched (default 1e4)");
+  salloc->add_option("--n-max", saa.n_max, "largest N searched (default 1e13)");
+  salloc->add_option("--N", saa.N, "fix the non-embedding parameters N (choose only P and D)");
 
   try {
     app.parse(argc, argv);

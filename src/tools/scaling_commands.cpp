@@ -191,11 +191,15 @@ int cmd_scaling_predict(const ScalingPredictArgs& a) {
 int cmd_scaling_allocate(const ScalingAllocateArgs& a) {
   json j = read_fit(a.fit);
   ScalingLaw law = ScalingLaw::from_json(j, a.fit);
-  auto all = allocate_budget(law, a.flops, a.R, a.p_min, a.p_max, a.p_step);
+  const double n_min = a.N > 0 ? a.N : a.n_min, n_max = a.N > 0 ? a.N : a.n_max;
+  auto all = allocate_budget(law, a.flops, a.R, a.p_min, a.p_max, a.p_step, n_min, n_max);
   auto best = *std::min_element(all.begin(), all.end(), [](const Allocation& x, const Allocation& y) {
     return x.loss < y.loss;
   });
-  std::printf("budget %.4g training FLOPs at R %g (C = 6 N ((1-P) + P/R) D)\n", a.flops, a.R);
+  std::printf("budget %.4g training FLOPs at R %g (C = 6 N ((1-P) + P/R) D)", a.flops, a.R);
+  if (a.N > 0) std::printf(", N fixed at %.4g", a.N);
+  else if (a.n_min != 1e4 || a.n_max != 1e13) std::printf(", N in [%.4g, %.4g]", n_min, n_max);
+  std::printf("\n");
   std::printf("%6s %12s %12s %10s\n", "P", "N", "D", "loss");
   for (auto& x : all) {
     // print about 10 rows plus the optimum
