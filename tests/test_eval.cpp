@@ -674,7 +674,7 @@ TEST(EvalCli, RunsTasksReportsMissingFilesAndWritesReport) {
 
   fs::remove(tmp.path + "/bench/boolq.jsonl");
   r = test::run_dlcm(base + "--tasks boolq,copa --out " + tmp.path + "/r2.json");
-  EXPECT_EQ(r.rc >> 8, 1) << r.out;
+  EXPECT_EQ(r.rc, 1) << r.out;
   EXPECT_NE(r.out.find("boolq: not run: file not found"), std::string::npos) << r.out;
   j = json::parse(std::ifstream(tmp.path + "/r2.json"));
   EXPECT_TRUE(j["tasks"]["boolq"].contains("error"));

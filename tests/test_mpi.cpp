@@ -23,21 +23,8 @@ using nlohmann::json;
 
 namespace {
 
-struct CmdResult {
-  int rc;
-  std::string out;
-};
-
-CmdResult sh(const std::string& cmd) {
-  CmdResult r{-1, ""};
-  FILE* p = popen((cmd + " 2>&1").c_str(), "r");
-  if (!p) return r;
-  char buf[4096];
-  while (size_t n = fread(buf, 1, sizeof buf, p)) r.out.append(buf, n);
-  int st = pclose(p);
-  r.rc = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-  return r;
-}
+using test::CmdResult;
+CmdResult sh(const std::string& cmd) { return test::run_command(cmd + " 2>&1"); }
 
 bool have_mpirun() { return sh("command -v mpirun").rc == 0; }
 

@@ -256,20 +256,6 @@ TEST(Bf16, PrecisionConfigIsValidated) {
   EXPECT_EQ(config_from_json(j, "cfg.json").train.precision, "bf16");
 }
 
-TrainData pattern_data(i64 V, i32 bos) {
-  TrainData d;
-  d.train_batch = [V, bos](i64 step, i64 micro, i64 rank, i64 B, i64 L, i32* tok, i32* tgt) {
-    for (i64 b = 0; b < B; ++b)
-      for (i64 t = 0; t <= L; ++t) {
-        i32 v = i32((counter_hash(5, step, micro, b) + t * 3) % uint64_t(V));
-        if (bos >= 0 && t % 13 == 0) v = bos;
-        if (t < L) tok[b * L + t] = v;
-        if (t > 0) tgt[b * L + t - 1] = v;
-      }
-  };
-  return d;
-}
-
 // BF16 training follows FP32 closely on tiny models: per-step losses agree to a few percent
 // and both learn. (The operands' rounding is the only difference.)
 void expect_bf16_tracks_fp32(Config c, i32 bos) {
@@ -280,9 +266,9 @@ void expect_bf16_tracks_fp32(Config c, i32 bos) {
   TrainOptions o;
   o.quiet = true;
   o.peak_gflops = 100;
-  Trainer t32(c, pattern_data(c.model.vocab_size, bos), o);
+  Trainer t32(c, test::pattern_data(c.model.vocab_size, 5, 2, bos), o);
   c.train.precision = "bf16";
-  Trainer t16(c, pattern_data(c.model.vocab_size, bos), o);
+  Trainer t16(c, test::pattern_data(c.model.vocab_size, 5, 2, bos), o);
   double first = 0, l32 = 0, l16 = 0, worst = 0;
   for (int s = 0; s < 40; ++s) {
     l32 = t32.train_step().ce;
@@ -354,7 +340,7 @@ TEST(Profiler, DlcmStepIsBrokenDownByComponent) {
   TrainOptions o;
   o.quiet = true;
   o.peak_gflops = 100;
-  Trainer tr(c, pattern_data(c.model.vocab_size, c.model.bos_id), o);
+  Trainer tr(c, test::pattern_data(c.model.vocab_size, 5, 2, c.model.bos_id), o);
   prof::enable(true);
   prof::reset();
   auto t0 = std::chrono::steady_clock::now();
@@ -376,7 +362,7 @@ TEST(Profiler, DlcmStepIsBrokenDownByComponent) {
 TEST(GivenBoundaries, TrainDataHookFixesTheCompression) {
   Config c = test::tiny_dlcm();
   c.train.eval_every = 0;
-  TrainData d = pattern_data(c.model.vocab_size, -1);
+  TrainData d = test::pattern_data(c.model.vocab_size, 5, 2, -1);
   auto gen = d.train_batch;
   d.train_batch = [gen, bos = c.model.bos_id](i64 s, i64 m, i64 r, i64 B, i64 L, i32* tok, i32* tgt) {
     gen(s, m, r, B, L, tok, tgt);

@@ -149,12 +149,9 @@ TEST(Segment, HtmlOpensInHeadlessChromium) {
                     " --disable-component-update --disable-sync --no-first-run"
                     " --user-data-dir=" + tmp.path + "/profile --dump-dom file://" + html +
                     " 2>" + tmp.path + "/stderr.txt";
-  std::string dom;
-  FILE* p = popen(cmd.c_str(), "r");
-  ASSERT_NE(p, nullptr);
-  char buf[4096];
-  while (size_t k = fread(buf, 1, sizeof buf, p)) dom.append(buf, k);
-  int rc = pclose(p);
+  const test::CommandResult r = test::run_command(cmd);
+  const std::string& dom = r.out;
+  const int rc = r.rc;
   std::ifstream es(tmp.path + "/stderr.txt");
   std::string err((std::istreambuf_iterator<char>(es)), std::istreambuf_iterator<char>());
   ASSERT_EQ(rc, 0) << err;

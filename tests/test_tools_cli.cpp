@@ -13,9 +13,7 @@ namespace fs = std::filesystem;
 
 namespace {
 using Out = test::CommandResult;
-Out dlcm_cmd(const std::string& args) {
-  return test::run_command(std::string(DLCM_BINARY) + " " + args + " 2>&1");
-}
+Out dlcm_cmd(const std::string& args) { return test::run_dlcm(args); }
 const std::string kTiny =
     "--set vocab_size=64 --set d_token=16 --set n_heads=2 --set n_kv_heads=2 --set head_dim=8 "
     "--set d_ff=48 --set n_layers=2 --set mup.d_base=16 --set train.batch_size=2 "

@@ -5,6 +5,8 @@
 #include <filesystem>
 #include <random>
 
+#include <sys/wait.h>
+
 namespace dlcm::test {
 
 CommandResult run_command(const std::string& cmd) {
@@ -13,7 +15,8 @@ CommandResult run_command(const std::string& cmd) {
   if (!p) return r;
   char buf[4096];
   while (size_t n = fread(buf, 1, sizeof buf, p)) r.out.append(buf, n);
-  r.rc = pclose(p);
+  const int st = pclose(p);
+  r.rc = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
   return r;
 }
 

@@ -29,7 +29,7 @@ double check_grad(const std::string& what, float* x, const float* analytic, i64 
 double rel_err(const float* a, const float* b, i64 n);
 double max_abs_diff(const float* a, const float* b, i64 n);
 
-// Runs a shell command; returns its exit status and its standard output (add " 2>&1" to the
+// Runs a shell command; returns its exit code (-1 if it did not exit normally) and its standard output (add " 2>&1" to the
 // command for standard error too).
 struct CommandResult {
   int rc = -1;

@@ -198,7 +198,7 @@ int cmd_scaling_allocate(const ScalingAllocateArgs& a) {
   });
   std::printf("budget %.4g training FLOPs at R %g (C = 6 N ((1-P) + P/R) D)", a.flops, a.R);
   if (a.N > 0) std::printf(", N fixed at %.4g", a.N);
-  else if (a.n_min != 1e4 || a.n_max != 1e13) std::printf(", N in [%.4g, %.4g]", n_min, n_max);
+  else std::printf(", N in [%.4g, %.4g]", n_min, n_max);
   std::printf("\n");
   std::printf("%6s %12s %12s %10s\n", "P", "N", "D", "loss");
   for (auto& x : all) {
