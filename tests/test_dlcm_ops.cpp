@@ -1,6 +1,8 @@
-// Tests of the DLCM kernels (SPEC section 4): router probability, boundary sampling and
-// thresholding, segment bookkeeping, pooling, smoother, concept cross-attention (compact vs
-// replicate) and the Global Parser loss.
+// Properties of the DLCM kernels (SPEC section 4) beyond agreement with their references:
+// edge cases, hand-made examples, RNG determinism and distribution, gradient sparsity,
+// replicate == compact, the streaming step, causality, row isolation, thread-count
+// independence and the Global Parser loss's formula. Every kernel's fast-vs-reference and
+// finite-difference checks are rows of the op table in test_ops.cpp.
 #include <algorithm>
 #include <cmath>
 #include <numeric>
@@ -17,10 +19,12 @@ using namespace dlcm;
 using Vec = std::vector<float>;
 using Bits = std::vector<uint8_t>;
 using Toks = std::vector<i32>;
+using test::kBos;
+using test::make_pattern;
+using test::name_of;
+using test::Pattern;
 
 namespace {
-
-constexpr i32 kBos = 1;
 
 // max |a - b| / max(max |b|, 1)
 double scaled_err(const Vec& a, const Vec& b) {
@@ -35,124 +39,13 @@ Vec randn(i64 n, uint64_t seed, float std = 1.f) {
   return v;
 }
 
-// ---- naive causal attention (double precision), GQA, q/k/v [B, L, H, hd] ----
-void naive_attn_forward(float* out, float* lse, const float* q, const float* k, const float* v,
-                        i64 B, i64 L, i64 Hq, i64 Hkv, i64 hd, float scale) {
-  const i64 G = Hq / Hkv;
-  std::vector<double> s(L);
-  for (i64 b = 0; b < B; ++b)
-    for (i64 h = 0; h < Hq; ++h)
-      for (i64 t = 0; t < L; ++t) {
-        const float* qr = q + ((b * L + t) * Hq + h) * hd;
-        double m = -1e300;
-        for (i64 u = 0; u <= t; ++u) {
-          const float* kr = k + ((b * L + u) * Hkv + h / G) * hd;
-          double d = 0;
-          for (i64 i = 0; i < hd; ++i) d += double(qr[i]) * kr[i];
-          s[u] = d * scale;
-          m = std::max(m, s[u]);
-        }
-        double l = 0;
-        for (i64 u = 0; u <= t; ++u) l += std::exp(s[u] - m);
-        lse[(b * Hq + h) * L + t] = float(m + std::log(l));
-        for (i64 i = 0; i < hd; ++i) {
-          double o = 0;
-          for (i64 u = 0; u <= t; ++u)
-            o += std::exp(s[u] - m) / l * v[((b * L + u) * Hkv + h / G) * hd + i];
-          out[((b * L + t) * Hq + h) * hd + i] = float(o);
-        }
-      }
-}
-
-void naive_attn_backward(float* dq, float* dk, float* dv, const float* dout, const float* q,
-                         const float* k, const float* v, i64 B, i64 L, i64 Hq, i64 Hkv, i64 hd,
-                         float scale) {
-  const i64 G = Hq / Hkv;
-  std::vector<double> P(L), dP(L);
-  for (i64 b = 0; b < B; ++b)
-    for (i64 h = 0; h < Hq; ++h)
-      for (i64 t = 0; t < L; ++t) {
-        const float* qr = q + ((b * L + t) * Hq + h) * hd;
-        const float* dor = dout + ((b * L + t) * Hq + h) * hd;
-        double m = -1e300;
-        for (i64 u = 0; u <= t; ++u) {
-          const float* kr = k + ((b * L + u) * Hkv + h / G) * hd;
-          double d = 0;
-          for (i64 i = 0; i < hd; ++i) d += double(qr[i]) * kr[i];
-          P[u] = d * scale;
-          m = std::max(m, P[u]);
-        }
-        double l = 0;
-        for (i64 u = 0; u <= t; ++u) l += (P[u] = std::exp(P[u] - m));
-        double D = 0;
-        for (i64 u = 0; u <= t; ++u) {
-          P[u] /= l;
-          const float* vr = v + ((b * L + u) * Hkv + h / G) * hd;
-          double d = 0;
-          for (i64 i = 0; i < hd; ++i) d += double(dor[i]) * vr[i];
-          dP[u] = d;
-          D += P[u] * d;
-        }
-        for (i64 u = 0; u <= t; ++u) {
-          const double ds = P[u] * (dP[u] - D) * scale;
-          const i64 kv = ((b * L + u) * Hkv + h / G) * hd;
-          for (i64 i = 0; i < hd; ++i) {
-            dq[((b * L + t) * Hq + h) * hd + i] += float(ds * k[kv + i]);
-            dk[kv + i] += float(ds * qr[i]);
-            dv[kv + i] += float(P[u] * dor[i]);
-          }
-        }
-      }
-}
-
-// ---- boundary patterns ----
-enum class Pattern { Random, AllOnes, WholeRow, MultiDoc, Uneven };
-
-const char* name_of(Pattern p) {
-  switch (p) {
-    case Pattern::Random: return "random";
-    case Pattern::AllOnes: return "one-token concepts";
-    case Pattern::WholeRow: return "whole row one concept";
-    case Pattern::MultiDoc: return "several documents per row";
-    case Pattern::Uneven: return "very different concept counts";
-  }
-  return "?";
-}
-
-// Tokens (BOS = kBos at row starts only for most patterns; inside rows for MultiDoc) and b.
-void make_pattern(Pattern pat, i64 B, i64 L, uint64_t seed, Toks& tokens, Bits& b) {
-  Rng r(seed);
-  tokens.assign(B * L, 0);
-  b.assign(B * L, 0);
-  for (i64 n = 0; n < B * L; ++n) tokens[n] = 2 + i32(r.next() % 50);
-  for (i64 row = 0; row < B; ++row) {
-    tokens[row * L] = kBos;
-    for (i64 t = 0; t < L; ++t) {
-      const i64 n = row * L + t;
-      uint8_t v = 0;
-      switch (pat) {
-        case Pattern::Random: v = r.uniform() < 0.35f; break;
-        case Pattern::AllOnes: v = 1; break;
-        case Pattern::WholeRow: v = 0; break;
-        case Pattern::MultiDoc:
-          if (t > 0 && r.uniform() < 0.12f) tokens[n] = kBos;
-          v = r.uniform() < 0.25f;
-          break;
-        case Pattern::Uneven: v = (row % 3 == 0) ? 1 : (row % 3 == 1 ? 0 : r.uniform() < 0.2f); break;
-      }
-      if (t == 0 || tokens[n] == kBos) v = 1;
-      b[n] = v;
-    }
-  }
-}
-
 }  // namespace
 
 // =============================================================================================
 // Router probability
 // =============================================================================================
 
-TEST(RouterProb, ForwardMatchesDefinitionAndForcedPositions) {
+TEST(RouterProb, ForcedPositionsAndEdgeCases) {
   const i64 B = 2, L = 7, ds = 5;
   Vec q = randn(B * L * ds, 1), k = randn(B * L * ds, 2);
   Toks tok(B * L, 5);
@@ -164,16 +57,9 @@ TEST(RouterProb, ForwardMatchesDefinitionAndForcedPositions) {
       const i64 n = row * L + t;
       if (t == 0 || tok[n] == kBos) {
         EXPECT_EQ(p[n], 1.f) << row << "," << t;
-        continue;
+      } else {
+        EXPECT_TRUE(p[n] >= 0.f && p[n] <= 1.f) << row << "," << t;
       }
-      double dot = 0, na = 0, nb = 0;
-      for (i64 i = 0; i < ds; ++i) {
-        dot += double(q[(n - 1) * ds + i]) * k[n * ds + i];
-        na += double(q[(n - 1) * ds + i]) * q[(n - 1) * ds + i];
-        nb += double(k[n * ds + i]) * k[n * ds + i];
-      }
-      const double want = std::clamp((1 - dot / std::sqrt(na * nb)) / 2, 0.0, 1.0);
-      EXPECT_NEAR(p[n], want, 1e-6) << row << "," << t;
     }
   // Identical directions -> p = 0, opposite -> p = 1, zero vector -> 1/2 (no NaN).
   Vec q2(3 * 2, 0.f), k2(3 * 2, 0.f);
@@ -191,76 +77,6 @@ TEST(RouterProb, ForwardMatchesDefinitionAndForcedPositions) {
   ops::router_prob_backward(dz.data(), dz.data(), dp2.data(), c2.data(), z.data(), z.data(),
                             nullptr, kBos, 1, 3, 2);
   for (float x : dz) EXPECT_TRUE(std::isfinite(x));
-}
-
-struct RouterCase {
-  const char* name;
-  bool raw;  // q = k = H, dq and dk alias
-  i64 B, L, ds;
-};
-
-void PrintTo(const RouterCase& c, std::ostream* os) {
-  *os << c.name << " B=" << c.B << " L=" << c.L << " ds=" << c.ds;
-}
-
-class RouterGrad : public ::testing::TestWithParam<RouterCase> {};
-
-TEST_P(RouterGrad, FiniteDifferences) {
-  const auto c = GetParam();
-  const i64 N = c.B * c.L;
-  Vec q = randn(N * c.ds, 11), k = randn(N * c.ds, 12), w = randn(N, 13);
-  Toks tok(N, 3);
-  tok[c.L / 2] = kBos;  // a BOS inside row 0
-  Vec p(N), cache(N * ops::kRouterCacheStride);
-  const float* kk = c.raw ? q.data() : k.data();
-  auto loss = [&]() {
-    const float* kp = c.raw ? q.data() : k.data();
-    ops::router_prob_forward(p.data(), cache.data(), q.data(), kp, tok.data(), kBos, c.B, c.L,
-                             c.ds);
-    return test::dot(p.data(), w.data(), N);
-  };
-  loss();
-  Vec dq(N * c.ds, 0.f), dk(N * c.ds, 0.f);
-  float* dkp = c.raw ? dq.data() : dk.data();
-  ops::router_prob_backward(dq.data(), dkp, w.data(), cache.data(), q.data(), kk, tok.data(), kBos,
-                            c.B, c.L, c.ds);
-  test::check_grad(std::string(c.name) + " dq", q.data(), dq.data(), N * c.ds, loss, 1e-3, 2e-2,
-                   64);
-  if (!c.raw)
-    test::check_grad(std::string(c.name) + " dk", k.data(), dk.data(), N * c.ds, loss, 1e-3, 2e-2,
-                     64);
-  // No gradient flows from forced positions: dp there must be ignored.
-  loss();  // check_grad leaves the cache at a perturbed point
-  Vec w2 = w;
-  for (i64 n = 0; n < N; ++n)
-    if (n % c.L == 0 || tok[n] == kBos) w2[n] += 100.f;
-  Vec dq2(N * c.ds, 0.f), dk2(N * c.ds, 0.f);
-  ops::router_prob_backward(dq2.data(), c.raw ? dq2.data() : dk2.data(), w2.data(), cache.data(),
-                            q.data(), kk, tok.data(), kBos, c.B, c.L, c.ds);
-  EXPECT_EQ(test::max_abs_diff(dq.data(), dq2.data(), N * c.ds), 0.0);
-  EXPECT_EQ(test::max_abs_diff(dk.data(), dk2.data(), N * c.ds), 0.0);
-}
-
-INSTANTIATE_TEST_SUITE_P(Kinds, RouterGrad,
-                         ::testing::Values(RouterCase{"projected", false, 2, 9, 6},
-                                           RouterCase{"raw", true, 3, 8, 5},
-                                           RouterCase{"single-token rows", false, 3, 1, 4}),
-                         [](const auto& info) { return std::to_string(info.index); });
-
-TEST(RouterProb, BackwardAccumulates) {
-  const i64 B = 1, L = 5, ds = 4, N = B * L;
-  Vec q = randn(N * ds, 21), k = randn(N * ds, 22), dp = randn(N, 23);
-  Vec p(N), cache(N * 3);
-  ops::router_prob_forward(p.data(), cache.data(), q.data(), k.data(), nullptr, kBos, B, L, ds);
-  Vec dq(N * ds, 0.f), dk(N * ds, 0.f), dq2(N * ds, 1.f), dk2(N * ds, -1.f);
-  ops::router_prob_backward(dq.data(), dk.data(), dp.data(), cache.data(), q.data(), k.data(),
-                            nullptr, kBos, B, L, ds);
-  ops::router_prob_backward(dq2.data(), dk2.data(), dp.data(), cache.data(), q.data(), k.data(),
-                            nullptr, kBos, B, L, ds);
-  for (i64 i = 0; i < N * ds; ++i) {
-    EXPECT_NEAR(dq2[i], dq[i] + 1.f, 1e-6);
-    EXPECT_NEAR(dk2[i], dk[i] - 1.f, 1e-6);
-  }
 }
 
 // =============================================================================================
@@ -312,14 +128,6 @@ TEST(Boundaries, SamplingIsDeterministicAndForced) {
   for (i64 t = 0; t < L; ++t) EXPECT_EQ(b4[t], b1[2 * L + t]);
   for (i64 r = 0; r < B; ++r) EXPECT_EQ(b1[r * L], 1);
   EXPECT_EQ(b1[2 * L + 10], 1);
-  // The draw uses counter_uniform(seed, step, global_row, t).
-  for (i64 r = 0; r < B; ++r)
-    for (i64 t = 1; t < L; ++t) {
-      const i64 n = r * L + t;
-      if (tok[n] == kBos) continue;
-      const bool want = counter_uniform(42, 3, 10 + r, t) < ops::boundary_prob(p[n], 0.7f);
-      EXPECT_EQ(b1[n], want ? 1 : 0);
-    }
 }
 
 TEST(Boundaries, SamplingDistribution) {
@@ -399,7 +207,7 @@ TEST(Segments, HandMadeExample) {
 // Pooling
 // =============================================================================================
 
-TEST(Pooling, ForwardAndGradient) {
+TEST(Pooling, HandMadeExample) {
   const i64 B = 2, L = 7, d = 5;
   Bits b = {1, 0, 1, 1, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0};
   ops::Segments sg;
@@ -416,14 +224,6 @@ TEST(Pooling, ForwardAndGradient) {
     EXPECT_NEAR(pooled[(4 + 0) * d + i], row1 / L, 1e-5);
     for (i64 j = 1; j < 4; ++j) EXPECT_EQ(pooled[(4 + j) * d + i], 0.f);  // pads
   }
-  Vec w = randn(pooled.size(), 32);
-  auto loss = [&]() {
-    ops::pool_mean_forward(pooled.data(), H.data(), sg, d);
-    return test::dot(pooled.data(), w.data(), pooled.size());
-  };
-  Vec dH(H.size(), 0.f);
-  ops::pool_mean_backward(dH.data(), w.data(), sg, d);
-  test::check_grad("pool dH", H.data(), dH.data(), H.size(), loss);
 }
 
 // =============================================================================================
@@ -452,7 +252,7 @@ TEST(Smoother, ForwardByHand) {
   for (int i = 0; i < 8; ++i) EXPECT_NEAR(zs[i], want[i], 1e-6) << i;
 }
 
-TEST(Smoother, Gradients) {
+TEST(Smoother, GradientProperties) {
   const i64 B = 3, L = 12, d = 4, N = B * L;
   Toks tok;
   Bits b;
@@ -465,22 +265,19 @@ TEST(Smoother, Gradients) {
     if (n % L == 0 || tok[n] == kBos) p[n] = 1.f;
   const i64 S = B * sg.Mmax * d;
   Vec z = randn(S, 79), zs(S), w = randn(S, 80);
-  for (i64 r = 0; r < B; ++r)  // the loss ignores pads (they are 0 anyway)
+  for (i64 r = 0; r < B; ++r)  // dzs is 0 on pads (they are 0 anyway)
     for (i64 j = sg.count[r]; j < sg.Mmax; ++j)
       for (i64 i = 0; i < d; ++i) w[(r * sg.Mmax + j) * d + i] = 0.f;
-  auto loss = [&]() {
-    ops::smoother_forward(zs.data(), z.data(), p.data(), sg, d);
-    return test::dot(zs.data(), w.data(), S);
-  };
-  loss();
+  ops::smoother_forward(zs.data(), z.data(), p.data(), sg, d);
   for (i64 r = 0; r < B; ++r)
     for (i64 j = sg.count[r]; j < sg.Mmax; ++j)
       for (i64 i = 0; i < d; ++i) EXPECT_EQ(zs[(r * sg.Mmax + j) * d + i], 0.f);
   Vec dz(S, 0.f), dp(N, 0.f);
   ops::smoother_backward(dz.data(), dp.data(), w.data(), zs.data(), z.data(), p.data(), sg, d);
-  test::check_grad("smoother dz", z.data(), dz.data(), S, loss, 1e-2, 2e-2, 64);
-  test::check_grad("smoother dp", p.data(), dp.data(), N, loss, 1e-3, 2e-2, N);
-  // dp only at non-forced concept starts
+  // dp only at non-forced concept starts (and there it is live)
+  i64 live = 0;
+  for (i64 n = 0; n < N; ++n) live += dp[n] != 0.f;
+  EXPECT_GT(live, 0);
   for (i64 n = 0; n < N; ++n) {
     const bool is_start = n % L == 0 || b[n];
     const bool forced = n % L == 0 || tok[n] == kBos;
@@ -501,56 +298,7 @@ TEST(Smoother, Gradients) {
 }
 
 // =============================================================================================
-// Concept list, gather / scatter
-// =============================================================================================
-
-TEST(ConceptList, AssembleAndGradient) {
-  const i64 B = 2, Mmax = 3, d = 4;
-  Vec zn = randn(d, 1), zs = randn(B * Mmax * d, 2), list(B * (Mmax + 1) * d);
-  ops::concept_list_forward(list.data(), zn.data(), zs.data(), B, Mmax, d);
-  for (i64 r = 0; r < B; ++r)
-    for (i64 i = 0; i < d; ++i) {
-      EXPECT_EQ(list[r * (Mmax + 1) * d + i], zn[i]);
-      for (i64 j = 0; j < Mmax; ++j)
-        EXPECT_EQ(list[(r * (Mmax + 1) + 1 + j) * d + i], zs[(r * Mmax + j) * d + i]);
-    }
-  Vec w = randn(list.size(), 3);
-  auto loss = [&]() {
-    ops::concept_list_forward(list.data(), zn.data(), zs.data(), B, Mmax, d);
-    return test::dot(list.data(), w.data(), list.size());
-  };
-  Vec dzn(d, 0.f), dzs(zs.size(), 0.f);
-  ops::concept_list_backward(dzn.data(), dzs.data(), w.data(), B, Mmax, d);
-  test::check_grad("list dz_null", zn.data(), dzn.data(), d, loss);
-  test::check_grad("list dzs", zs.data(), dzs.data(), zs.size(), loss);
-}
-
-TEST(ConceptGather, GatherScatterGradient) {
-  const i64 B = 3, L = 11, W = 6;
-  Toks tok;
-  Bits b;
-  make_pattern(Pattern::Uneven, B, L, 5, tok, b);
-  ops::Segments sg;
-  sg.build(b.data(), tok.data(), kBos, B, L);
-  const i64 K1 = sg.Mmax + 1;
-  Vec list = randn(B * K1 * W, 6), rep(B * L * W), w = randn(B * L * W, 7);
-  ops::concept_gather(rep.data(), list.data(), sg, W);
-  for (i64 r = 0; r < B; ++r)
-    for (i64 s = 0; s < L; ++s)
-      for (i64 i = 0; i < W; ++i)
-        EXPECT_EQ(rep[(r * L + s) * W + i], list[(r * K1 + sg.seg[r * L + s]) * W + i]);
-  auto loss = [&]() {
-    ops::concept_gather(rep.data(), list.data(), sg, W);
-    return test::dot(rep.data(), w.data(), rep.size());
-  };
-  Vec dlist(list.size(), 0.f);
-  ops::concept_scatter_add(dlist.data(), w.data(), sg, W);
-  test::check_grad("gather/scatter", list.data(), dlist.data(), list.size(), loss, 1e-2, 2e-2,
-                   list.size());
-}
-
-// =============================================================================================
-// Concept attention: compact vs replicate, gradients
+// Concept attention: compact vs replicate, shapes, streaming step, causality
 // =============================================================================================
 
 namespace {
@@ -584,25 +332,6 @@ struct AttnData {
   }
 };
 
-// Replicate path with the naive causal attention: gather, attention, scatter.
-void replicate_naive(const AttnData& a, Vec& out, Vec& lse, Vec& dq, Vec& dk, Vec& dv) {
-  const i64 W = a.Hkv * a.hd, NR = a.B * a.L * W;
-  Vec krep(NR), vrep(NR), dkrep(NR, 0.f), dvrep(NR, 0.f);
-  ops::concept_gather(krep.data(), a.k.data(), a.sg, W);
-  ops::concept_gather(vrep.data(), a.v.data(), a.sg, W);
-  out.assign(a.q.size(), 0.f);
-  lse.assign(a.B * a.Hq * a.L, 0.f);
-  naive_attn_forward(out.data(), lse.data(), a.q.data(), krep.data(), vrep.data(), a.B, a.L, a.Hq,
-                     a.Hkv, a.hd, a.scale);
-  dq.assign(a.q.size(), 0.f);
-  dk.assign(a.k.size(), 0.f);
-  dv.assign(a.v.size(), 0.f);
-  naive_attn_backward(dq.data(), dkrep.data(), dvrep.data(), a.dout.data(), a.q.data(),
-                      krep.data(), vrep.data(), a.B, a.L, a.Hq, a.Hkv, a.hd, a.scale);
-  ops::concept_scatter_add(dk.data(), dkrep.data(), a.sg, W);
-  ops::concept_scatter_add(dv.data(), dvrep.data(), a.sg, W);
-}
-
 void compact(const AttnData& a, Vec& out, Vec& lse, Vec& dq, Vec& dk, Vec& dv) {
   out.assign(a.q.size(), 0.f);
   lse.assign(a.B * a.Hq * a.L, 0.f);
@@ -620,40 +349,8 @@ void compact(const AttnData& a, Vec& out, Vec& lse, Vec& dq, Vec& dk, Vec& dv) {
 
 class CompactVsReplicate : public ::testing::TestWithParam<AttnCase> {};
 
-TEST_P(CompactVsReplicate, OutputsAndGradientsAgree) {
-  const auto c = GetParam();
-  AttnData a(c, 100 + i64(c.pat) * 7 + c.L);
-  Vec o1, l1, dq1, dk1, dv1, o2, l2, dq2, dk2, dv2;
-  replicate_naive(a, o1, l1, dq1, dk1, dv1);
-  compact(a, o2, l2, dq2, dk2, dv2);
-  SCOPED_TRACE(name_of(c.pat));
-  EXPECT_LT(test::rel_err(o2.data(), o1.data(), o1.size()), 2e-5);
-  EXPECT_LT(test::max_abs_diff(l2.data(), l1.data(), l1.size()), 2e-5);
-  // Gradients can be exactly 0 in theory (a row in one concept: softmax over one key), so
-  // compare with an absolute floor on the scale.
-  EXPECT_LT(scaled_err(dq2, dq1), 5e-5);
-  EXPECT_LT(scaled_err(dk2, dk1), 5e-5);
-  EXPECT_LT(scaled_err(dv2, dv1), 5e-5);
-  // The last concept of each row and the pads are never attended: zero gradient.
-  const i64 W = a.Hkv * a.hd;
-  for (i64 r = 0; r < a.B; ++r)
-    for (i64 kk = a.sg.count[r]; kk < a.K1; ++kk)
-      for (i64 i = 0; i < W; ++i) {
-        EXPECT_EQ(dk2[(r * a.K1 + kk) * W + i], 0.f);
-        EXPECT_EQ(dv2[(r * a.K1 + kk) * W + i], 0.f);
-      }
-}
-
-// The same comparison with the project's flash attention kernel (ops::attention_*), once the
-// kernels are part of the tree (kernels/ops_ref.h ships with their implementation).
-#if __has_include("kernels/ops_ref.h")
-#define DLCM_HAVE_ATTENTION_KERNEL 1
-#endif
-
+// The two forms of the same function, replicate on the flash attention kernel, agree.
 TEST_P(CompactVsReplicate, AgreesWithAttentionKernel) {
-#ifndef DLCM_HAVE_ATTENTION_KERNEL
-  GTEST_SKIP() << "ops::attention_* not in this tree yet";
-#else
   const auto c = GetParam();
   AttnData a(c, 500 + i64(c.pat) * 3 + c.L);
   const i64 NR = a.B * a.L * a.Hkv * a.hd;
@@ -674,7 +371,6 @@ TEST_P(CompactVsReplicate, AgreesWithAttentionKernel) {
   EXPECT_LT(scaled_err(dq2, dq1), 2e-4);
   EXPECT_LT(scaled_err(dk2, dk1), 2e-4);
   EXPECT_LT(scaled_err(dv2, dv1), 2e-4);
-#endif
 }
 
 INSTANTIATE_TEST_SUITE_P(
@@ -693,46 +389,10 @@ INSTANTIATE_TEST_SUITE_P(
                       AttnCase{Pattern::Uneven, 3, 1, 2, 1, 8}),
     [](const auto& info) { return std::to_string(info.index); });
 
-class CompactGrad : public ::testing::TestWithParam<AttnCase> {};
-
-TEST_P(CompactGrad, FiniteDifferences) {
-  const auto c = GetParam();
-  AttnData a(c, 300 + c.L);
-  Vec out(a.q.size()), lse(a.B * a.Hq * a.L);
-  auto loss = [&]() {
-    ops::concept_attention_forward(out.data(), lse.data(), a.q.data(), a.k.data(), a.v.data(),
-                                   a.sg, a.B, a.L, a.Hq, a.Hkv, a.hd, a.scale);
-    return test::dot(out.data(), a.dout.data(), out.size());
-  };
-  loss();
-  Vec dq(a.q.size(), 0.f), dk(a.k.size(), 0.f), dv(a.v.size(), 0.f);
-  ops::concept_attention_backward(dq.data(), dk.data(), dv.data(), a.dout.data(), out.data(),
-                                  lse.data(), a.q.data(), a.k.data(), a.v.data(), a.sg, a.B, a.L,
-                                  a.Hq, a.Hkv, a.hd, a.scale);
-  SCOPED_TRACE(name_of(c.pat));
-  // floor 1e-2: the float loss has ~1e-6 rounding noise, i.e. ~1e-4 in a finite difference.
-  test::check_grad("compact dq", a.q.data(), dq.data(), a.q.size(), loss, 1e-2, 2e-2, 64, 7, 1e-2);
-  test::check_grad("compact dk", a.k.data(), dk.data(), a.k.size(), loss, 1e-2, 2e-2, 64, 7, 1e-2);
-  test::check_grad("compact dv", a.v.data(), dv.data(), a.v.size(), loss, 1e-2, 2e-2, 64, 7, 1e-2);
-}
-
-INSTANTIATE_TEST_SUITE_P(Patterns, CompactGrad,
-                         ::testing::Values(AttnCase{Pattern::Random, 2, 13, 4, 2, 4},
-                                           AttnCase{Pattern::MultiDoc, 2, 20, 2, 1, 4},
-                                           AttnCase{Pattern::Uneven, 3, 9, 2, 2, 4}),
-                         [](const auto& info) { return std::to_string(info.index); });
-
-TEST(CompactAttention, BackwardAccumulatesAndChecksShapes) {
+TEST(CompactAttention, ChecksShapes) {
   AttnData a(AttnCase{Pattern::Random, 2, 15, 4, 2, 8}, 17);
   Vec o, l, dq, dk, dv;
   compact(a, o, l, dq, dk, dv);
-  Vec dq2(dq.size(), 1.f), dk2(dk.size(), 1.f), dv2(dv.size(), 1.f);
-  ops::concept_attention_backward(dq2.data(), dk2.data(), dv2.data(), a.dout.data(), o.data(),
-                                  l.data(), a.q.data(), a.k.data(), a.v.data(), a.sg, a.B, a.L,
-                                  a.Hq, a.Hkv, a.hd, a.scale);
-  for (size_t i = 0; i < dq.size(); ++i) EXPECT_NEAR(dq2[i], dq[i] + 1.f, 1e-5);
-  for (size_t i = 0; i < dk.size(); ++i) EXPECT_NEAR(dk2[i], dk[i] + 1.f, 1e-5);
-  for (size_t i = 0; i < dv.size(); ++i) EXPECT_NEAR(dv2[i], dv[i] + 1.f, 1e-5);
   EXPECT_THROW(ops::concept_attention_forward(o.data(), l.data(), a.q.data(), a.k.data(),
                                               a.v.data(), a.sg, a.B, a.L, 3, 2, a.hd, a.scale),
                Error);

@@ -1,59 +1,105 @@
-// One table-driven test over the kernels in ops.h, in the style of ggml's test-backend-ops.
-// For every case of a differentiable op:
+// One table-driven test over the kernels, in the style of ggml's test-backend-ops: ops.h,
+// linear (gemm.h) and the DLCM kernels (dlcm_ops.h). For every case of a differentiable op:
 //   1. the fast forward equals the reference forward (ops_ref.h), every output;
 //   2. the fast backward equals the reference backward, every gradient, and both ACCUMULATE
 //      (gradients start from random values, and the increments are compared);
 //   3. the fast gradients match central finite differences of the projected loss
 //      sum(out * R), R random, computed in double (the reference forward instantiated for
 //      double), so that float rounding does not drown small gradients.
-// Plus per-op extras: attention causality, ignored cross-entropy targets, AdamW over three
-// steps against a double-precision transcription of the formula.
+// Ops without a gradient (boundary decisions, segments) check step 1 exactly. Plus per-op
+// extras: attention causality, ignored cross-entropy targets, AdamW over three steps against a
+// double-precision transcription of the formula, router forced positions, concept attention's
+// never-attended entries.
+//
+// The same table drives a perf mode: `test_ops --perf` times the fast forward and backward of
+// the rows marked perf (realistic shapes: the reference configs' d=512, L=512, B=8 and DLCM
+// concept shapes) and prints GFLOP/s (or GB/s for bandwidth-bound ops). The test never times.
 #include <algorithm>
+#include <array>
+#include <chrono>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <functional>
 #include <string>
 #include <vector>
 
+#include "kernels/dlcm_ops.h"
+#include "kernels/gemm.h"
 #include "kernels/ops.h"
 #include "kernels/ops_ref.h"
 #include "testing.h"
 
 using namespace dlcm;
+using test::kBos;
+using test::Pattern;
 
 namespace {
 
 struct Case {
   const char* op;
-  i64 N = 1, d = 1, V = 1;  // rows, width, vocab/table rows (also n = N*d for elementwise ops)
-  i64 B = 1, Lq = 1, Lk = 1, Hq = 1, Hkv = 1, hd = 2, q_offset = 0;  // attention; rope: N,Hq,hd
+  i64 N = 1, d = 1, V = 1;  // rows, width, vocab/table rows (also n = N*d for elementwise ops);
+                            // linear: in = d, out = V
+  i64 B = 1, Lq = 1, Lk = 1, Hq = 1, Hkv = 1, hd = 2, q_offset = 0;  // attention; rope and
+                                                                     // head_rmsnorm: N,Hq,hd
   float std = 1.0f;  // input scale
+  // DLCM ops: B rows of Lq tokens with this boundary pattern; d is the feature width (router
+  // ds, pooled/smoothed width, gather width); concept_list uses Lq as Mmax.
+  Pattern pat = Pattern::Random;
+  bool perf = false;  // a perf-mode shape: skipped by the test, timed by --perf
 };
 
+// The fields a row sets (defaults left out).
 std::string describe(const Case& c) {
-  std::string s = std::string(c.op) + " N=" + std::to_string(c.N) + " d=" + std::to_string(c.d) +
-                  " V=" + std::to_string(c.V);
-  if (std::string(c.op) == "attention" || std::string(c.op) == "rope")
-    s += " B=" + std::to_string(c.B) + " Lq=" + std::to_string(c.Lq) +
-         " Lk=" + std::to_string(c.Lk) + " Hq=" + std::to_string(c.Hq) +
-         " Hkv=" + std::to_string(c.Hkv) + " hd=" + std::to_string(c.hd) +
-         " q_offset=" + std::to_string(c.q_offset);
-  return s + " std=" + std::to_string(c.std);
+  const Case z{.op = c.op};
+  std::string s;
+  auto add = [&](const char* k, i64 v, i64 dflt) {
+    if (v != dflt) s += std::string(" ") + k + "=" + std::to_string(v);
+  };
+  add("N", c.N, z.N);
+  add("d", c.d, z.d);
+  add("V", c.V, z.V);
+  add("B", c.B, z.B);
+  add("L", c.Lq, z.Lq);
+  add("Lk", c.Lk, z.Lk);
+  add("Hq", c.Hq, z.Hq);
+  add("Hkv", c.Hkv, z.Hkv);
+  add("hd", c.hd, z.hd);
+  add("q_offset", c.q_offset, z.q_offset);
+  if (c.std != z.std) s += " std=" + std::to_string(c.std);
+  const std::string op = c.op;
+  for (const char* uses : {"router", "boundaries", "segments", "pool_mean", "smoother",
+                           "concept_gather", "concept_attention"})
+    if (op.find(uses) != std::string::npos) s += std::string(" (") + test::name_of(c.pat) + ")";
+  return s.empty() ? s : s.substr(1);
 }
 
 const Case kCases[] = {
     {.op = "embedding", .N = 37, .d = 19, .V = 11},
     {.op = "embedding", .N = 1, .d = 1, .V = 1},
     {.op = "embedding", .N = 300, .d = 80, .V = 7},  // parallel path, many repeated ids
+    {.op = "embedding", .N = 4096, .d = 512, .V = 4096, .perf = true},
     {.op = "rmsnorm", .N = 13, .d = 33},
     {.op = "rmsnorm", .N = 1, .d = 4},
     {.op = "rmsnorm", .N = 300, .d = 96, .std = 3.0f},  // parallel path
+    {.op = "rmsnorm", .N = 4096, .d = 512, .perf = true},
+    {.op = "head_rmsnorm", .N = 5, .Hq = 3, .hd = 8},
+    {.op = "head_rmsnorm", .N = 200, .Hq = 4, .hd = 64, .std = 2.0f},  // parallel path
+    {.op = "head_rmsnorm", .N = 4096, .Hq = 8, .hd = 64, .perf = true},
+    {.op = "linear", .N = 7, .d = 5, .V = 3},
+    {.op = "linear", .N = 1, .d = 1, .V = 1},
+    {.op = "linear", .N = 65, .d = 130, .V = 33},
+    {.op = "linear", .N = 300, .d = 96, .V = 200},
+    {.op = "linear", .N = 4096, .d = 512, .V = 1536, .perf = true},  // FFN up projection
+    {.op = "linear", .N = 4096, .d = 512, .V = 512, .perf = true},   // attention projection
     {.op = "rope", .N = 9, .Hq = 3, .hd = 8},
     {.op = "rope", .N = 1, .Hq = 1, .hd = 2},
     {.op = "rope", .N = 70, .Hq = 4, .hd = 64},
+    {.op = "rope", .N = 4096, .Hq = 8, .hd = 64, .perf = true},
     {.op = "swiglu", .N = 1, .d = 1, .std = 3.0f},
     {.op = "swiglu", .N = 37, .d = 1, .std = 3.0f},
     {.op = "swiglu", .N = 20011, .d = 1, .std = 3.0f},  // parallel path and a 16-lane tail
+    {.op = "swiglu", .N = 4096, .d = 1536, .perf = true},
     // attention: self, GQA 1/2/4, odd sizes, L not a multiple of 64, L=1, decode, chunked
     // prefill (q_offset>0, Lq<Lk), queries that do not reach the end of the cache, hd > 64.
     // Lq < 16 exercises the few-queries forward path, larger Lq the transposed-tile path.
@@ -67,23 +113,110 @@ const Case kCases[] = {
     {.op = "attention", .B = 1, .Lq = 10, .Lk = 80, .Hq = 4, .Hkv = 4, .hd = 7, .q_offset = 5},
     {.op = "attention", .B = 1, .Lq = 33, .Lk = 33, .Hq = 2, .Hkv = 2, .hd = 80},
     {.op = "attention", .B = 2, .Lq = 150, .Lk = 150, .Hq = 2, .Hkv = 1, .hd = 64, .std = 2.0f},
+    {.op = "attention", .B = 8, .Lq = 512, .Lk = 512, .Hq = 8, .Hkv = 8, .hd = 64, .perf = true},
     {.op = "cross_entropy", .N = 9, .V = 13},
     {.op = "cross_entropy", .N = 4, .V = 1000},
     {.op = "cross_entropy", .N = 1, .V = 1},
     {.op = "cross_entropy", .N = 6, .V = 50, .std = 40.0f},  // would overflow without max-sub
     {.op = "cross_entropy", .N = 40, .V = 500},              // parallel path
+    {.op = "cross_entropy", .N = 4096, .V = 4096, .perf = true},
     {.op = "adamw", .N = 1000, .d = 1},
     {.op = "adamw", .N = 40000, .d = 1},
+    {.op = "adamw", .N = 512, .d = 1536, .perf = true},
     {.op = "reduce", .N = 1, .d = 1},
     {.op = "reduce", .N = 100003, .d = 1},
+    {.op = "reduce", .N = 512, .d = 1536, .perf = true},
+    // ---- DLCM kernels ----
+    // router: projected (separate q, k) and raw (q = k = H, aliased gradients), single-token
+    // rows, BOS tokens inside rows, a parallel-path shape.
+    {.op = "router_prob", .d = 6, .B = 2, .Lq = 9, .pat = Pattern::MultiDoc},
+    {.op = "router_prob_raw", .d = 5, .B = 3, .Lq = 8, .pat = Pattern::MultiDoc},
+    {.op = "router_prob", .d = 4, .B = 3, .Lq = 1},
+    {.op = "router_prob", .d = 32, .B = 4, .Lq = 300, .pat = Pattern::MultiDoc},
+    {.op = "router_prob", .d = 512, .B = 8, .Lq = 512, .perf = true},
+    {.op = "sample_boundaries", .B = 4, .Lq = 64, .pat = Pattern::MultiDoc},
+    {.op = "sample_boundaries", .B = 8, .Lq = 512},  // parallel path
+    {.op = "sample_boundaries", .B = 8, .Lq = 512, .perf = true},
+    {.op = "threshold_boundaries", .B = 3, .Lq = 40, .pat = Pattern::MultiDoc},
+    {.op = "threshold_boundaries", .B = 8, .Lq = 5000},  // parallel path
+    {.op = "threshold_boundaries", .B = 8, .Lq = 512, .perf = true},
+    {.op = "segments", .B = 3, .Lq = 30, .pat = Pattern::MultiDoc},
+    {.op = "segments", .B = 6, .Lq = 21, .pat = Pattern::Uneven},
+    {.op = "segments", .B = 2, .Lq = 17, .pat = Pattern::AllOnes},
+    {.op = "segments", .B = 2, .Lq = 19, .pat = Pattern::WholeRow},
+    {.op = "segments", .B = 8, .Lq = 512, .perf = true},
+    {.op = "pool_mean", .d = 5, .B = 2, .Lq = 7},
+    {.op = "pool_mean", .d = 6, .B = 3, .Lq = 25, .pat = Pattern::Uneven},
+    {.op = "pool_mean", .d = 64, .B = 3, .Lq = 300, .pat = Pattern::MultiDoc},  // parallel
+    {.op = "pool_mean", .d = 512, .B = 8, .Lq = 512, .perf = true},
+    {.op = "smoother", .d = 4, .B = 3, .Lq = 12, .pat = Pattern::MultiDoc},
+    {.op = "smoother", .d = 3, .B = 3, .Lq = 10, .pat = Pattern::Uneven},
+    {.op = "smoother", .d = 100, .B = 3, .Lq = 400, .pat = Pattern::MultiDoc},  // parallel
+    {.op = "smoother", .d = 768, .B = 8, .Lq = 512, .perf = true},
+    {.op = "concept_list", .d = 4, .B = 2, .Lq = 3},
+    {.op = "concept_list", .d = 1, .B = 1, .Lq = 0},
+    {.op = "concept_list", .d = 48, .B = 3, .Lq = 300},  // parallel path
+    {.op = "concept_list", .d = 768, .B = 8, .Lq = 180, .perf = true},
+    {.op = "concept_gather", .d = 6, .B = 3, .Lq = 11, .pat = Pattern::Uneven},
+    {.op = "concept_gather", .d = 32, .B = 2, .Lq = 600, .pat = Pattern::MultiDoc},  // parallel
+    {.op = "concept_gather", .d = 512, .B = 8, .Lq = 512, .perf = true},
+    // concept attention: the compact kernel, the replicate path (gather + flash attention +
+    // scatter) and the masked dense baseline, all against the definition (ref: replicate with
+    // the reference attention). Every pattern; chunking (> 16 tokens), several key tiles,
+    // hd > 64, GQA, a single-token row; masked: two or three chunks of kMaskedChunk rows.
+    {.op = "concept_attention_compact", .B = 2, .Lq = 23, .Hq = 4, .Hkv = 2, .hd = 8},
+    {.op = "concept_attention_compact",
+     .B = 2, .Lq = 17, .Hq = 4, .Hkv = 1, .hd = 8, .pat = Pattern::AllOnes},
+    {.op = "concept_attention_compact",
+     .B = 2, .Lq = 19, .Hq = 2, .Hkv = 2, .hd = 8, .pat = Pattern::WholeRow},
+    {.op = "concept_attention_compact",
+     .B = 3, .Lq = 40, .Hq = 6, .Hkv = 3, .hd = 8, .pat = Pattern::MultiDoc},
+    {.op = "concept_attention_compact",
+     .B = 6, .Lq = 21, .Hq = 4, .Hkv = 2, .hd = 16, .pat = Pattern::Uneven},
+    {.op = "concept_attention_compact", .B = 2, .Lq = 37, .Hq = 1, .Hkv = 1, .hd = 4},
+    {.op = "concept_attention_compact",
+     .B = 2, .Lq = 160, .Hq = 8, .Hkv = 2, .hd = 64, .pat = Pattern::MultiDoc},
+    {.op = "concept_attention_compact",
+     .B = 1, .Lq = 70, .Hq = 4, .Hkv = 2, .hd = 32, .pat = Pattern::WholeRow},
+    {.op = "concept_attention_compact",
+     .B = 1, .Lq = 150, .Hq = 2, .Hkv = 1, .hd = 24, .pat = Pattern::AllOnes},
+    {.op = "concept_attention_compact", .B = 1, .Lq = 260, .Hq = 2, .Hkv = 2, .hd = 80},
+    {.op = "concept_attention_compact",
+     .B = 3, .Lq = 130, .Hq = 3, .Hkv = 1, .hd = 16, .pat = Pattern::Uneven},
+    {.op = "concept_attention_compact",
+     .B = 3, .Lq = 1, .Hq = 2, .Hkv = 1, .hd = 8, .pat = Pattern::Uneven},
+    {.op = "concept_attention_replicate", .B = 2, .Lq = 23, .Hq = 4, .Hkv = 2, .hd = 8},
+    {.op = "concept_attention_replicate",
+     .B = 3, .Lq = 40, .Hq = 6, .Hkv = 3, .hd = 8, .pat = Pattern::MultiDoc},
+    {.op = "concept_attention_replicate",
+     .B = 1, .Lq = 150, .Hq = 2, .Hkv = 1, .hd = 24, .pat = Pattern::AllOnes},
+    {.op = "concept_attention_replicate",
+     .B = 1, .Lq = 70, .Hq = 4, .Hkv = 2, .hd = 32, .pat = Pattern::WholeRow},
+    {.op = "concept_attention_masked", .B = 1, .Lq = 40, .Hq = 2, .Hkv = 2, .hd = 8},
+    {.op = "concept_attention_masked",
+     .B = 2, .Lq = 300, .Hq = 4, .Hkv = 2, .hd = 16, .pat = Pattern::MultiDoc},
+    {.op = "concept_attention_masked",
+     .B = 1, .Lq = 520, .Hq = 2, .Hkv = 1, .hd = 8, .pat = Pattern::AllOnes},
+    {.op = "concept_attention_masked",
+     .B = 1, .Lq = 257, .Hq = 2, .Hkv = 2, .hd = 8, .pat = Pattern::WholeRow},
+    {.op = "concept_attention_compact",
+     .B = 8, .Lq = 512, .Hq = 8, .Hkv = 8, .hd = 64, .perf = true},
+    {.op = "concept_attention_replicate",
+     .B = 8, .Lq = 512, .Hq = 8, .Hkv = 8, .hd = 64, .perf = true},
+    {.op = "concept_attention_masked",
+     .B = 8, .Lq = 512, .Hq = 8, .Hkv = 8, .hd = 64, .perf = true},
+    {.op = "aux_loss", .B = 4, .Lq = 16},
+    {.op = "aux_loss", .B = 8, .Lq = 5000},  // parallel path
+    {.op = "aux_loss", .B = 8, .Lq = 512, .perf = true},
 };
 
 enum Impl { Fast, Ref };
+enum Mode { Check, Perf };
 using Vec = std::vector<double>;
 
-// A differentiable op: named inputs (finite differences perturb them in place), a forward
-// that fills outs (outs[0] is projected by R; the rest, e.g. rstd or lse, are compared and
-// passed to backward), and a backward that accumulates into grads given dout = R.
+// An op: named inputs (finite differences perturb them in place), a forward that fills outs
+// (outs[0] is projected by R; the rest, e.g. rstd or lse, are compared and passed to backward),
+// and a backward that accumulates into grads given dout = R (none for ops without a gradient).
 struct Harness {
   std::vector<std::string> names;
   std::vector<Buf> in;
@@ -92,13 +225,25 @@ struct Harness {
   std::function<void(Impl, const std::vector<Buf>&, const float*, std::vector<Buf>&)> bwd;
   // Reference forward in double: inputs (converted from in), writes the projected output.
   std::function<void(const std::vector<Vec>&, Vec&)> fwd64;
-  double tol = 1e-5, fd_h = 1e-2, fd_tol = 2e-2;
+  // Fast vs reference: max |fast - ref| / max(max |ref|, floor) <= tol. floor = 1 where an
+  // exact-zero reference is legitimate (fast rounding noise there is not an error).
+  double tol = 1e-5, floor = 1e-30;
+  double fd_h = 1e-2, fd_tol = 2e-2;
+  i64 fd_probes = 48;
+  // Perf mode: FLOPs (compute-bound ops) or bytes moved (bandwidth-bound ops), {fwd, bwd}.
+  std::array<double, 2> flops{}, bytes{};
 };
 
 std::vector<Buf> alloc(const std::vector<i64>& sizes) {
   std::vector<Buf> v;
   for (i64 s : sizes) v.emplace_back(size_t(s), 0.0f);
   return v;
+}
+
+double scaled_err(const Buf& a, const Buf& b, double floor) {
+  double scale = floor;
+  for (float x : b) scale = std::max(scale, double(std::abs(x)));
+  return test::max_abs_diff(a.data(), b.data(), i64(a.size())) / scale;
 }
 
 void run_harness(Harness& H, uint64_t seed) {
@@ -108,8 +253,8 @@ void run_harness(Harness& H, uint64_t seed) {
   H.fwd(Fast, of);
   H.fwd(Ref, orf);
   for (size_t i = 0; i < of.size(); ++i)
-    EXPECT_LT(test::rel_err(of[i].data(), orf[i].data(), i64(of[i].size())), H.tol)
-        << "forward output " << i;
+    EXPECT_LE(scaled_err(of[i], orf[i], H.floor), H.tol) << "forward output " << i;
+  if (!H.bwd) return;
 
   Buf R(of[0].size());
   test::fill_normal(R.data(), i64(R.size()), seed + 100);
@@ -125,7 +270,7 @@ void run_harness(Harness& H, uint64_t seed) {
       gf[i][e] -= g0[i][e];
       gr[i][e] -= g0[i][e];
     }
-    EXPECT_LT(test::rel_err(gf[i].data(), gr[i].data(), i64(gf[i].size())), H.tol)
+    EXPECT_LE(scaled_err(gf[i], gr[i], H.floor), H.tol)
         << "gradient of " << H.names[i] << " vs reference";
   }
 
@@ -140,11 +285,52 @@ void run_harness(Harness& H, uint64_t seed) {
       return s;
     };
     test::check_grad(H.names[i], H.in[i].data(), gf[i].data(), i64(H.in[i].size()), loss,
-                     H.fd_h, H.fd_tol);
+                     H.fd_h, H.fd_tol, H.fd_probes);
   }
 }
 
-void run_embedding(const Case& c) {
+// Perf mode: best time of fn over repeated calls (at least 3, about 0.3 s), printed with the
+// rate: GFLOP/s when flops > 0, else GB/s of `bytes`.
+void perf_row(const Case& c, const char* pass, double flops, double bytes,
+              const std::function<void()>& fn) {
+  using clk = std::chrono::steady_clock;
+  fn();  // warm-up: first-touch pages, oneDNN primitive creation
+  double best = 1e30, total = 0;
+  for (int rep = 0; rep < 200 && (rep < 3 || total < 0.3); ++rep) {
+    const auto t0 = clk::now();
+    fn();
+    const double s = std::chrono::duration<double>(clk::now() - t0).count();
+    best = std::min(best, s);
+    total += s;
+  }
+  const bool compute = flops > 0;
+  std::printf("%-28s %-44s %-11s %9.3f ms %9.1f %s\n", c.op, describe(c).c_str(), pass,
+              best * 1e3, (compute ? flops : bytes) / best * 1e-9, compute ? "GFLOP/s" : "GB/s");
+  std::fflush(stdout);
+}
+
+// Check: run the harness and return true (the caller goes on with its extras). Perf: time the
+// fast forward and backward and return false.
+bool finish(Harness& H, const Case& c, Mode m, uint64_t seed) {
+  if (m == Check) {
+    run_harness(H, seed);
+    return true;
+  }
+  auto outs = alloc(H.out_sizes);
+  perf_row(c, "forward", H.flops[0], H.bytes[0], [&] { H.fwd(Fast, outs); });
+  if (H.bwd) {
+    std::vector<i64> in_sizes;
+    for (auto& x : H.in) in_sizes.push_back(i64(x.size()));
+    auto grads = alloc(in_sizes);
+    Buf R(outs[0].size());
+    test::fill_normal(R.data(), i64(R.size()), seed + 100);
+    perf_row(c, "backward", H.flops[1], H.bytes[1],
+             [&] { H.bwd(Fast, outs, R.data(), grads); });
+  }
+  return false;
+}
+
+void run_embedding(const Case& c, Mode m) {
   const i64 N = c.N, d = c.d, V = c.V;
   std::vector<i32> ids(N);
   for (i64 n = 0; n < N; ++n) ids[n] = i32((n * 7 + 3) % V);
@@ -164,10 +350,11 @@ void run_embedding(const Case& c) {
     (im == Fast ? ops::embedding_backward : ops::ref::embedding_backward)(g[0].data(), dout,
                                                                           ids.data(), N, d);
   };
-  run_harness(H, 11);
+  H.bytes = {2.0 * N * d * 4, 3.0 * N * d * 4};
+  if (!finish(H, c, m, 11)) return;
 }
 
-void run_rmsnorm(const Case& c) {
+void run_rmsnorm(const Case& c, Mode m) {
   const i64 N = c.N, d = c.d;
   const float eps = 1e-5f;
   Harness H;
@@ -188,10 +375,11 @@ void run_rmsnorm(const Case& c) {
     (im == Fast ? ops::rmsnorm_backward : ops::ref::rmsnorm_backward)(
         g[0].data(), g[1].data(), dout, H.in[0].data(), H.in[1].data(), o[1].data(), N, d);
   };
-  run_harness(H, 12);
+  H.bytes = {2.0 * N * d * 4, 4.0 * N * d * 4};
+  if (!finish(H, c, m, 12)) return;
 }
 
-void run_rope(const Case& c) {
+void run_rope(const Case& c, Mode m) {
   const i64 N = c.N, Hh = c.Hq, hd = c.hd;
   const float theta = 10000.0f;
   std::vector<i32> pos(N);
@@ -202,7 +390,7 @@ void run_rope(const Case& c) {
   test::fill_normal(H.in[0].data(), N * Hh * hd, 4, c.std);
   H.out_sizes = {N * Hh * hd};
   H.fwd = [&](Impl im, std::vector<Buf>& o) {
-    o[0] = H.in[0];
+    if (m == Check) o[0] = H.in[0];  // perf: rotate in place, the rotation keeps the scale
     (im == Fast ? ops::rope_apply : ops::ref::rope_apply<float>)(o[0].data(), pos.data(), N, Hh, hd,
                                                           theta, false);
   };
@@ -212,12 +400,17 @@ void run_rope(const Case& c) {
   };
   // The transpose rotation is the backward.
   H.bwd = [&](Impl im, const std::vector<Buf>&, const float* dout, std::vector<Buf>& g) {
+    if (m == Perf) {
+      ops::rope_apply(g[0].data(), pos.data(), N, Hh, hd, theta, true);
+      return;
+    }
     Buf t(dout, dout + N * Hh * hd);
     (im == Fast ? ops::rope_apply : ops::ref::rope_apply<float>)(t.data(), pos.data(), N, Hh, hd, theta,
                                                           true);
     for (size_t i = 0; i < t.size(); ++i) g[0][i] += t[i];
   };
-  run_harness(H, 13);
+  H.bytes = {2.0 * N * Hh * hd * 4, 2.0 * N * Hh * hd * 4};
+  if (!finish(H, c, m, 13)) return;
 
   // inverse(forward(x)) == x.
   Buf x = H.in[0];
@@ -226,7 +419,7 @@ void run_rope(const Case& c) {
   EXPECT_LT(test::rel_err(x.data(), H.in[0].data(), i64(x.size())), 1e-5);
 }
 
-void run_swiglu(const Case& c) {
+void run_swiglu(const Case& c, Mode m) {
   const i64 n = c.N * c.d;
   Harness H;
   H.names = {"a", "b"};
@@ -245,10 +438,11 @@ void run_swiglu(const Case& c) {
     (im == Fast ? ops::swiglu_backward : ops::ref::swiglu_backward)(
         g[0].data(), g[1].data(), dout, H.in[0].data(), H.in[1].data(), n);
   };
-  run_harness(H, 14);
+  H.bytes = {3.0 * n * 4, 7.0 * n * 4};
+  if (!finish(H, c, m, 14)) return;
 }
 
-void run_attention(const Case& c) {
+void run_attention(const Case& c, Mode m) {
   const i64 B = c.B, Lq = c.Lq, Lk = c.Lk, Hq = c.Hq, Hkv = c.Hkv, hd = c.hd, qo = c.q_offset;
   const float scale = 1.0f / std::sqrt(float(hd));
   Harness H;
@@ -271,7 +465,12 @@ void run_attention(const Case& c) {
         g[0].data(), g[1].data(), g[2].data(), dout, o[0].data(), o[1].data(), H.in[0].data(),
         H.in[1].data(), H.in[2].data(), B, Lq, Lk, Hq, Hkv, hd, qo, scale);
   };
-  run_harness(H, 15);
+  // Multiply-adds of the visible (query, key) pairs: QK^T and PV forward; the backward
+  // recomputes QK^T and forms dP, dV, dQ, dK.
+  double pairs = 0;
+  for (i64 i = 0; i < Lq; ++i) pairs += double(std::min(Lk, qo + i + 1));
+  H.flops = {4.0 * B * Hq * pairs * hd, 10.0 * B * Hq * pairs * hd};
+  if (!finish(H, c, m, 15)) return;
 
   // Causality: replacing k/v at positions > q_offset + i leaves rows <= i bit-identical.
   const i64 i = Lq / 2, first_hidden = qo + i + 1;
@@ -303,7 +502,7 @@ void run_attention(const Case& c) {
   }
 }
 
-void run_cross_entropy(const Case& c) {
+void run_cross_entropy(const Case& c, Mode m) {
   const i64 N = c.N, V = c.V;
   std::vector<i32> tg(N);
   for (i64 n = 0; n < N; ++n) tg[n] = (N > 1 && n % 3 == 1) ? -1 : i32((n * 5 + 2) % V);
@@ -322,13 +521,18 @@ void run_cross_entropy(const Case& c) {
   // The fused kernel takes one grad_scale for all rows; dout (per-row) is applied afterwards.
   const float gs = 0.37f;
   H.bwd = [&](Impl im, const std::vector<Buf>&, const float* dout, std::vector<Buf>& g) {
+    if (m == Perf) {  // the fused kernel alone, in place (gradients are valid logits too)
+      ops::cross_entropy_fused(g[0].data(), tg.data(), N, V, gs);
+      return;
+    }
     Buf x = H.in[0];
     (im == Fast ? ops::cross_entropy_fused : ops::ref::cross_entropy_fused)(x.data(), tg.data(),
                                                                             N, V, gs);
     for (i64 n = 0; n < N; ++n)
       for (i64 v = 0; v < V; ++v) g[0][n * V + v] += x[n * V + v] / gs * dout[n];
   };
-  run_harness(H, 16);
+  H.bytes = {1.0 * N * V * 4, 2.0 * N * V * 4};
+  if (!finish(H, c, m, 16)) return;
 
   // Losses: fused == forward == reference; ignored rows contribute nothing.
   Buf rl(N), x = H.in[0];
@@ -346,9 +550,19 @@ void run_cross_entropy(const Case& c) {
   }
 }
 
-void run_adamw(const Case& c) {
+void run_adamw(const Case& c, Mode m) {
   const i64 n = c.N * c.d;
   const float lr = 3e-3f, b1 = 0.9f, b2 = 0.95f, eps = 1e-8f;
+  if (m == Perf) {  // reads w, g, m, v and writes w, m, v
+    Buf w(n), mm(n, 0.f), v(n, 0.f), g(n);
+    test::fill_normal(w.data(), n, 30);
+    test::fill_normal(g.data(), n, 31);
+    i64 t = 0;
+    perf_row(c, "update", 0, 28.0 * n, [&] {
+      ops::adamw_update(w.data(), g.data(), mm.data(), v.data(), n, lr, b1, b2, eps, 0.1f, ++t);
+    });
+    return;
+  }
   for (float wd : {0.0f, 0.1f}) {
     Buf w(n), m(n, 0.f), v(n, 0.f), g(n);
     test::fill_normal(w.data(), n, 30);
@@ -380,10 +594,17 @@ void run_adamw(const Case& c) {
   }
 }
 
-void run_reduce(const Case& c) {
+void run_reduce(const Case& c, Mode m) {
   const i64 n = c.N * c.d;
   Buf x(n);
   test::fill_normal(x.data(), n, 50);
+  if (m == Perf) {
+    double sink = 0;
+    perf_row(c, "sum_squares", 0, 4.0 * n, [&] { sink += ops::sum_squares(x.data(), n); });
+    perf_row(c, "scale", 0, 8.0 * n, [&] { ops::scale_inplace(x.data(), n, 1.0f); });
+    EXPECT_TRUE(std::isfinite(sink));
+    return;
+  }
   double a = ops::sum_squares(x.data(), n), r = ops::ref::sum_squares(x.data(), n);
   EXPECT_NEAR(a, r, 1e-12 * r);
   Buf y = x;
@@ -391,22 +612,485 @@ void run_reduce(const Case& c) {
   for (i64 i = 0; i < n; ++i) ASSERT_EQ(y[i], x[i] * -0.25f);
 }
 
+
+void run_head_rmsnorm(const Case& c, Mode m) {
+  const i64 N = c.N, Hh = c.Hq, hd = c.hd, n = N * Hh * hd;
+  const float eps = 1e-6f;
+  Harness H;
+  H.names = {"x", "w"};
+  H.in = {Buf(n), Buf(hd)};
+  test::fill_normal(H.in[0].data(), n, 2, c.std);
+  test::fill_uniform(H.in[1].data(), hd, 3, 0.5f, 1.5f);
+  H.out_sizes = {n, N * Hh};
+  H.fwd = [&](Impl im, std::vector<Buf>& o) {
+    (im == Fast ? ops::head_rmsnorm_forward : ops::ref::head_rmsnorm_forward<float>)(
+        o[0].data(), o[1].data(), H.in[0].data(), H.in[1].data(), N, Hh, hd, eps);
+  };
+  H.fwd64 = [&](const std::vector<Vec>& in, Vec& o) {
+    Vec r(N * Hh);
+    ops::ref::head_rmsnorm_forward<double>(o.data(), r.data(), in[0].data(), in[1].data(), N, Hh,
+                                           hd, eps);
+  };
+  H.bwd = [&](Impl im, const std::vector<Buf>& o, const float* dout, std::vector<Buf>& g) {
+    (im == Fast ? ops::head_rmsnorm_backward : ops::ref::head_rmsnorm_backward)(
+        g[0].data(), g[1].data(), dout, H.in[0].data(), H.in[1].data(), o[1].data(), N, Hh, hd);
+  };
+  H.bytes = {2.0 * n * 4, 4.0 * n * 4};
+  finish(H, c, m, 17);
+}
+
+void run_linear(const Case& c, Mode m) {
+  const i64 N = c.N, in = c.d, out = c.V;
+  Harness H;
+  H.names = {"x", "W"};
+  H.in = {Buf(N * in), Buf(out * in)};
+  test::fill_normal(H.in[0].data(), N * in, 8, c.std);
+  test::fill_normal(H.in[1].data(), out * in, 9, 1.0f / std::sqrt(float(in)));
+  H.out_sizes = {N * out};
+  H.fwd = [&](Impl im, std::vector<Buf>& o) {
+    (im == Fast ? ops::linear_forward : ops::ref::linear_forward<float>)(
+        o[0].data(), H.in[0].data(), H.in[1].data(), N, in, out);
+  };
+  H.fwd64 = [&](const std::vector<Vec>& x, Vec& o) {
+    ops::ref::linear_forward<double>(o.data(), x[0].data(), x[1].data(), N, in, out);
+  };
+  H.bwd = [&](Impl im, const std::vector<Buf>&, const float* dout, std::vector<Buf>& g) {
+    (im == Fast ? ops::linear_backward : ops::ref::linear_backward)(
+        g[0].data(), g[1].data(), dout, H.in[0].data(), H.in[1].data(), N, in, out);
+  };
+  H.flops = {2.0 * N * in * out, 4.0 * N * in * out};
+  if (!finish(H, c, m, 18)) return;
+
+  // dx == nullptr skips the input gradient and still accumulates dW.
+  Buf dy(N * out), dW1(out * in, 0.5f), dW2(out * in, 0.5f), dx(N * in, 0.f);
+  test::fill_normal(dy.data(), N * out, 19);
+  ops::linear_backward(dx.data(), dW1.data(), dy.data(), H.in[0].data(), H.in[1].data(), N, in,
+                       out);
+  ops::linear_backward(nullptr, dW2.data(), dy.data(), H.in[0].data(), H.in[1].data(), N, in,
+                       out);
+  EXPECT_EQ(dW1, dW2);
+}
+
+// ---- DLCM kernels ----
+
+// Tokens and decisions of c's pattern, and their segments (an input of most DLCM ops).
+struct Rows {
+  std::vector<i32> tok;
+  std::vector<uint8_t> b;
+  ops::Segments sg;
+  Rows(const Case& c, uint64_t seed) {
+    test::make_pattern(c.pat, c.B, c.Lq, seed, tok, b);
+    sg.build(b.data(), tok.data(), kBos, c.B, c.Lq);
+  }
+};
+
+void run_router_prob(const Case& c, Mode m) {
+  const bool raw = std::string(c.op) == "router_prob_raw";  // q = k = H, dq and dk alias
+  const i64 B = c.B, L = c.Lq, ds = c.d, N = B * L, S = ops::kRouterCacheStride;
+  Rows rw(c, 40 + L);
+  const i32* tok = rw.tok.data();
+  Harness H;
+  H.names = raw ? std::vector<std::string>{"h"} : std::vector<std::string>{"q", "k"};
+  H.in.assign(raw ? 1 : 2, Buf(N * ds));
+  for (size_t i = 0; i < H.in.size(); ++i)
+    test::fill_normal(H.in[i].data(), N * ds, 41 + i, c.std);
+  auto K = [&](const auto& in) { return in[raw ? 0 : 1].data(); };
+  H.out_sizes = {N, N * S};
+  H.fwd = [&](Impl im, std::vector<Buf>& o) {
+    (im == Fast ? ops::router_prob_forward : ops::ref::router_prob_forward<float>)(
+        o[0].data(), o[1].data(), H.in[0].data(), K(H.in), tok, kBos, B, L, ds);
+  };
+  H.fwd64 = [&](const std::vector<Vec>& in, Vec& o) {
+    Vec cache(N * S);
+    ops::ref::router_prob_forward<double>(o.data(), cache.data(), in[0].data(), K(in), tok, kBos,
+                                          B, L, ds);
+  };
+  H.bwd = [&](Impl im, const std::vector<Buf>& o, const float* dout, std::vector<Buf>& g) {
+    (im == Fast ? ops::router_prob_backward : ops::ref::router_prob_backward)(
+        g[0].data(), g[raw ? 0 : 1].data(), dout, o[1].data(), H.in[0].data(), K(H.in), tok,
+        kBos, B, L, ds);
+  };
+  H.fd_h = 1e-3;
+  H.bytes = {2.0 * N * ds * 4, 6.0 * N * ds * 4};
+  if (!finish(H, c, m, 19)) return;
+
+  // No gradient flows from forced positions: dp there is ignored.
+  auto o = alloc(H.out_sizes);
+  H.fwd(Fast, o);
+  Buf dp(N);
+  test::fill_normal(dp.data(), N, 42);
+  std::vector<Buf> g1 = alloc({N * ds, N * ds}), g2 = g1;
+  H.bwd(Fast, o, dp.data(), g1);
+  for (i64 n = 0; n < N; ++n)
+    if (n % L == 0 || tok[n] == kBos) dp[n] += 100.f;
+  H.bwd(Fast, o, dp.data(), g2);
+  EXPECT_EQ(g1, g2);
+}
+
+// Boundary decisions have no gradient: the fast and reference decisions must agree exactly.
+void run_boundaries(const Case& c, Mode m) {
+  const bool sample = std::string(c.op) == "sample_boundaries";
+  const i64 B = c.B, L = c.Lq, N = B * L;
+  Rows rw(c, 50 + L);
+  Harness H;
+  H.names = {"p"};
+  H.in = {Buf(N)};
+  test::fill_uniform(H.in[0].data(), N, 51, 0.f, 1.f);
+  for (i64 n = 0; n < N; n += 7) H.in[0][n] = float(n % 3) * 0.5f;  // exactly 0, tau, 1
+  H.out_sizes = {N};
+  H.fwd = [&](Impl im, std::vector<Buf>& o) {
+    std::vector<uint8_t> b(N);
+    if (sample)
+      (im == Fast ? ops::sample_boundaries : ops::ref::sample_boundaries)(
+          b.data(), H.in[0].data(), rw.tok.data(), kBos, B, L, 0.7f, 42, 3, 10);
+    else
+      (im == Fast ? ops::threshold_boundaries : ops::ref::threshold_boundaries)(
+          b.data(), H.in[0].data(), rw.tok.data(), kBos, B, L, 0.5f);
+    std::copy(b.begin(), b.end(), o[0].begin());
+  };
+  H.tol = 0;
+  H.bytes = {9.0 * N, 0};
+  finish(H, c, m, 20);
+}
+
+void run_segments(const Case& c, Mode m) {
+  const i64 B = c.B, L = c.Lq;
+  Rows rw(c, 60 + L);
+  const ops::Segments& sg = rw.sg;
+  Harness H;
+  // Every field as a float output: seg, count, start, len, forced, Mmax.
+  H.out_sizes = {B * L, B, B * sg.Mmax, B * sg.Mmax, B * sg.Mmax, 1};
+  H.fwd = [&](Impl im, std::vector<Buf>& o) {
+    ops::Segments s;
+    if (m == Perf) {  // the build alone
+      s.build(rw.b.data(), rw.tok.data(), kBos, B, L);
+      return;
+    }
+    if (im == Fast)
+      s.build(rw.b.data(), rw.tok.data(), kBos, B, L);
+    else
+      s = ops::ref::build_segments(rw.b.data(), rw.tok.data(), kBos, B, L);
+    ASSERT_EQ(s.Mmax, sg.Mmax);
+    ASSERT_EQ(s.B, B);
+    ASSERT_EQ(s.L, L);
+    o[0].assign(s.seg.begin(), s.seg.end());
+    o[1].assign(s.count.begin(), s.count.end());
+    o[2].assign(s.start.begin(), s.start.end());
+    o[3].assign(s.len.begin(), s.len.end());
+    o[4].assign(s.forced.begin(), s.forced.end());
+    o[5] = {float(s.Mmax)};
+  };
+  H.tol = 0;
+  H.bytes = {5.0 * B * L + 4.0 * B * L, 0};
+  finish(H, c, m, 21);
+}
+
+// Concept-slot buffers [B, Mmax, d] of random values with zero pads (pads are never read).
+Buf slot_values(const ops::Segments& sg, i64 d, uint64_t seed) {
+  Buf z(sg.B * sg.Mmax * d);
+  test::fill_normal(z.data(), i64(z.size()), seed);
+  for (i64 r = 0; r < sg.B; ++r)
+    for (i64 j = sg.count[r]; j < sg.Mmax; ++j)
+      std::fill_n(z.data() + sg.slot(r, j) * d, d, 0.f);
+  return z;
+}
+
+void run_pool_mean(const Case& c, Mode m) {
+  const i64 d = c.d;
+  Rows rw(c, 70 + c.Lq);
+  const ops::Segments& sg = rw.sg;
+  const i64 N = sg.B * sg.L, S = sg.B * sg.Mmax * d;
+  Harness H;
+  H.names = {"H"};
+  H.in = {Buf(N * d)};
+  test::fill_normal(H.in[0].data(), N * d, 71, c.std);
+  H.out_sizes = {S};
+  H.fwd = [&](Impl im, std::vector<Buf>& o) {
+    (im == Fast ? ops::pool_mean_forward : ops::ref::pool_mean_forward<float>)(
+        o[0].data(), H.in[0].data(), sg, d);
+  };
+  H.fwd64 = [&](const std::vector<Vec>& in, Vec& o) {
+    ops::ref::pool_mean_forward<double>(o.data(), in[0].data(), sg, d);
+  };
+  H.bwd = [&](Impl im, const std::vector<Buf>&, const float* dout, std::vector<Buf>& g) {
+    (im == Fast ? ops::pool_mean_backward : ops::ref::pool_mean_backward)(g[0].data(), dout, sg,
+                                                                          d);
+  };
+  H.bytes = {4.0 * (N * d + S), 4.0 * (2 * N * d + S)};
+  finish(H, c, m, 22);
+}
+
+// p in [0.1, 0.9] (inside the clamp's pass-through range, so dp is live) and 1 at forced
+// positions, as the router produces.
+void run_smoother(const Case& c, Mode m) {
+  const i64 d = c.d;
+  Rows rw(c, 80 + c.Lq);
+  const ops::Segments& sg = rw.sg;
+  const i64 N = sg.B * sg.L, S = sg.B * sg.Mmax * d;
+  Harness H;
+  H.names = {"z", "p"};
+  H.in = {slot_values(sg, d, 81), Buf(N)};
+  test::fill_uniform(H.in[1].data(), N, 82, 0.1f, 0.9f);
+  for (i64 n = 0; n < N; ++n)
+    if (n % sg.L == 0 || rw.tok[n] == kBos) H.in[1][n] = 1.f;
+  H.out_sizes = {S};
+  H.fwd = [&](Impl im, std::vector<Buf>& o) {
+    (im == Fast ? ops::smoother_forward : ops::ref::smoother_forward<float>)(
+        o[0].data(), H.in[0].data(), H.in[1].data(), sg, d);
+  };
+  H.fwd64 = [&](const std::vector<Vec>& in, Vec& o) {
+    ops::ref::smoother_forward<double>(o.data(), in[0].data(), in[1].data(), sg, d);
+  };
+  H.bwd = [&](Impl im, const std::vector<Buf>& o, const float* dout, std::vector<Buf>& g) {
+    (im == Fast ? ops::smoother_backward : ops::ref::smoother_backward)(
+        g[0].data(), g[1].data(), dout, o[0].data(), H.in[0].data(), H.in[1].data(), sg, d);
+  };
+  H.fd_h = 1e-3;
+  H.fd_probes = 2 * N;  // most p carry no gradient (not a concept start): probe them all
+  H.bytes = {8.0 * S, 20.0 * S};
+  finish(H, c, m, 23);
+}
+
+void run_concept_list(const Case& c, Mode m) {
+  const i64 B = c.B, Mmax = c.Lq, d = c.d, K = B * (Mmax + 1) * d;
+  Harness H;
+  H.names = {"z_null", "zs"};
+  H.in = {Buf(d), Buf(B * Mmax * d)};
+  test::fill_normal(H.in[0].data(), d, 90);
+  test::fill_normal(H.in[1].data(), B * Mmax * d, 91);
+  H.out_sizes = {K};
+  H.fwd = [&](Impl im, std::vector<Buf>& o) {
+    (im == Fast ? ops::concept_list_forward : ops::ref::concept_list_forward<float>)(
+        o[0].data(), H.in[0].data(), H.in[1].data(), B, Mmax, d);
+  };
+  H.fwd64 = [&](const std::vector<Vec>& in, Vec& o) {
+    ops::ref::concept_list_forward<double>(o.data(), in[0].data(), in[1].data(), B, Mmax, d);
+  };
+  H.bwd = [&](Impl im, const std::vector<Buf>&, const float* dout, std::vector<Buf>& g) {
+    (im == Fast ? ops::concept_list_backward : ops::ref::concept_list_backward)(
+        g[0].data(), g[1].data(), dout, B, Mmax, d);
+  };
+  H.bytes = {8.0 * K, 12.0 * K};
+  finish(H, c, m, 24);
+}
+
+void run_concept_gather(const Case& c, Mode m) {
+  const i64 W = c.d;
+  Rows rw(c, 100 + c.Lq);
+  const ops::Segments& sg = rw.sg;
+  const i64 N = sg.B * sg.L, K = sg.B * (sg.Mmax + 1) * W;
+  Harness H;
+  H.names = {"list"};
+  H.in = {Buf(K)};
+  test::fill_normal(H.in[0].data(), K, 101);
+  H.out_sizes = {N * W};
+  H.fwd = [&](Impl im, std::vector<Buf>& o) {
+    (im == Fast ? ops::concept_gather : ops::ref::concept_gather<float>)(
+        o[0].data(), H.in[0].data(), sg, W);
+  };
+  H.fwd64 = [&](const std::vector<Vec>& in, Vec& o) {
+    ops::ref::concept_gather<double>(o.data(), in[0].data(), sg, W);
+  };
+  H.bwd = [&](Impl im, const std::vector<Buf>&, const float* dout, std::vector<Buf>& g) {
+    (im == Fast ? ops::concept_scatter_add : ops::ref::concept_scatter_add)(g[0].data(), dout,
+                                                                            sg, W);
+  };
+  H.bytes = {4.0 * (2 * N * W), 4.0 * (N * W + 2 * K)};
+  finish(H, c, m, 25);
+}
+
+// compact / replicate / masked, all against ref::concept_attention (the definition).
+void run_concept_attention(const Case& c, Mode m) {
+  const std::string kind = std::string(c.op).substr(std::string("concept_attention_").size());
+  const i64 B = c.B, L = c.Lq, Hq = c.Hq, Hkv = c.Hkv, hd = c.hd, W = Hkv * hd;
+  Rows rw(c, 300 + L);
+  const ops::Segments& sg = rw.sg;
+  const i64 K1 = sg.Mmax + 1;
+  const float scale = 1.0f / std::sqrt(float(hd));
+  Harness H;
+  H.names = {"q", "k", "v"};
+  H.in = {Buf(B * L * Hq * hd), Buf(B * K1 * W), Buf(B * K1 * W)};
+  for (int i = 0; i < 3; ++i)
+    test::fill_normal(H.in[i].data(), i64(H.in[i].size()), 301 + i, c.std);
+  H.out_sizes = {B * L * Hq * hd, B * Hq * L};
+  Buf krep(B * L * W), vrep(B * L * W), dkrep(B * L * W), dvrep(B * L * W);  // replicate scratch
+  const float *q = H.in[0].data(), *k = H.in[1].data(), *v = H.in[2].data();
+  H.fwd = [&](Impl im, std::vector<Buf>& o) {
+    if (im == Ref)
+      ops::ref::concept_attention_forward<float>(o[0].data(), o[1].data(), q, k, v, sg, B, L, Hq,
+                                                 Hkv, hd, scale);
+    else if (kind == "compact")
+      ops::concept_attention_forward(o[0].data(), o[1].data(), q, k, v, sg, B, L, Hq, Hkv, hd,
+                                     scale);
+    else if (kind == "replicate")
+      ops::concept_attention_replicate_forward(o[0].data(), o[1].data(), krep.data(),
+                                               vrep.data(), q, k, v, sg, B, L, Hq, Hkv, hd,
+                                               scale);
+    else
+      ops::concept_attention_masked_forward(o[0].data(), o[1].data(), q, k, v, sg, B, L, Hq, Hkv,
+                                            hd, scale);
+  };
+  H.fwd64 = [&](const std::vector<Vec>& in, Vec& o) {
+    Vec lse(B * Hq * L);
+    ops::ref::concept_attention_forward<double>(o.data(), lse.data(), in[0].data(), in[1].data(),
+                                                in[2].data(), sg, B, L, Hq, Hkv, hd, scale);
+  };
+  H.bwd = [&](Impl im, const std::vector<Buf>& o, const float* dout, std::vector<Buf>& g) {
+    float *dq = g[0].data(), *dk = g[1].data(), *dv = g[2].data();
+    if (im == Ref)
+      ops::ref::concept_attention_backward(dq, dk, dv, dout, o[0].data(), o[1].data(), q, k, v,
+                                           sg, B, L, Hq, Hkv, hd, scale);
+    else if (kind == "compact")
+      ops::concept_attention_backward(dq, dk, dv, dout, o[0].data(), o[1].data(), q, k, v, sg, B,
+                                      L, Hq, Hkv, hd, scale);
+    else if (kind == "replicate")
+      ops::concept_attention_replicate_backward(dq, dk, dv, dkrep.data(), dvrep.data(), dout,
+                                                o[0].data(), o[1].data(), q, krep.data(),
+                                                vrep.data(), sg, B, L, Hq, Hkv, hd, scale);
+    else
+      ops::concept_attention_masked_backward(dq, dk, dv, dout, o[0].data(), o[1].data(), q, k, v,
+                                             sg, B, L, Hq, Hkv, hd, scale);
+  };
+  // A row in a single concept attends one key: its dq is exactly 0 in theory, rounding noise
+  // in practice, so errors are measured against max(scale, 1).
+  H.tol = kind == "compact" ? 5e-5 : 2e-4;
+  H.floor = 1;
+  // The function's cost, the same for all three forms (so they compare by time): the
+  // multiply-adds of QK^T and PV over the list entries token t sees (seg(t) + 1 of them).
+  double pairs = 0;
+  for (i32 s : sg.seg) pairs += s + 1;
+  H.flops = {4.0 * Hq * pairs * hd, 10.0 * Hq * pairs * hd};
+  if (L > 100) H.fd_probes = 12;  // the double reference is O(L^2) per probe
+  if (!finish(H, c, m, 30)) return;
+
+  // The last concept of each row and the pads are never attended: zero gradient.
+  auto o = alloc(H.out_sizes);
+  H.fwd(Fast, o);
+  Buf R(o[0].size());
+  test::fill_normal(R.data(), i64(R.size()), 304);
+  auto g = alloc({i64(H.in[0].size()), B * K1 * W, B * K1 * W});
+  H.bwd(Fast, o, R.data(), g);
+  for (i64 r = 0; r < B; ++r)
+    for (i64 e = sg.count[r]; e < K1; ++e)
+      for (i64 i = 0; i < W; ++i) {
+        ASSERT_EQ(g[1][(r * K1 + e) * W + i], 0.f) << "row " << r << " entry " << e;
+        ASSERT_EQ(g[2][(r * K1 + e) * W + i], 0.f) << "row " << r << " entry " << e;
+      }
+}
+
+// The Global Parser loss as a function of p (b fixed): one scalar output; its backward is
+// aux_loss_backward with grad_p scaled by dout.
+void run_aux_loss(const Case& c, Mode m) {
+  const i64 n = c.B * c.Lq;
+  const double R = 4.0;
+  Harness H;
+  H.names = {"p"};
+  H.in = {Buf(n)};
+  test::fill_uniform(H.in[0].data(), n, 110, 0.f, 1.f);
+  std::vector<uint8_t> b(n);
+  ops::sample_boundaries(b.data(), H.in[0].data(), nullptr, kBos, c.B, c.Lq, 1.f, 1, 1, 0);
+  double sum_b = 0;
+  for (uint8_t x : b) sum_b += x;
+  auto sum = [](const auto& p) {
+    double s = 0;
+    for (auto x : p) s += double(x);
+    return s;
+  };
+  H.out_sizes = {1};
+  H.fwd = [&](Impl im, std::vector<Buf>& o) {
+    const double sp = sum(H.in[0]);
+    o[0][0] = float(im == Fast ? ops::global_parser_loss(sum_b, sp, double(n), R).value
+                               : ops::ref::global_parser_loss(sum_b, sp, double(n), R).value);
+  };
+  H.fwd64 = [&](const std::vector<Vec>& in, Vec& o) {
+    o[0] = ops::ref::global_parser_loss(sum_b, sum(in[0]), double(n), R).value;
+  };
+  H.bwd = [&](Impl im, const std::vector<Buf>&, const float* dout, std::vector<Buf>& g) {
+    const double sp = sum(H.in[0]);
+    if (im == Fast)
+      ops::aux_loss_backward(
+          g[0].data(), n, float(ops::global_parser_loss(sum_b, sp, double(n), R, dout[0]).grad_p));
+    else
+      ops::ref::aux_loss_backward(
+          g[0].data(), n,
+          float(ops::ref::global_parser_loss(sum_b, sp, double(n), R, dout[0]).grad_p));
+  };
+  H.bytes = {4.0 * n, 8.0 * n};
+  finish(H, c, m, 31);
+}
+
+using Runner = void (*)(const Case&, Mode);
+const std::pair<const char*, Runner> kOps[] = {
+    {"embedding", run_embedding},
+    {"rmsnorm", run_rmsnorm},
+    {"head_rmsnorm", run_head_rmsnorm},
+    {"linear", run_linear},
+    {"rope", run_rope},
+    {"swiglu", run_swiglu},
+    {"attention", run_attention},
+    {"cross_entropy", run_cross_entropy},
+    {"adamw", run_adamw},
+    {"reduce", run_reduce},
+    {"router_prob", run_router_prob},
+    {"router_prob_raw", run_router_prob},
+    {"sample_boundaries", run_boundaries},
+    {"threshold_boundaries", run_boundaries},
+    {"segments", run_segments},
+    {"pool_mean", run_pool_mean},
+    {"smoother", run_smoother},
+    {"concept_list", run_concept_list},
+    {"concept_gather", run_concept_gather},
+    {"concept_attention_compact", run_concept_attention},
+    {"concept_attention_replicate", run_concept_attention},
+    {"concept_attention_masked", run_concept_attention},
+    {"aux_loss", run_aux_loss},
+};
+
+Runner runner_of(const Case& c) {
+  for (const auto& [name, fn] : kOps)
+    if (std::string(name) == c.op) return fn;
+  return nullptr;
+}
+
+// `test_ops --perf [op...]`: the perf rows (optionally only those of the named ops).
+int run_perf(const std::vector<std::string>& only) {
+  std::printf("%-28s %-44s %-11s %12s %17s\n", "op", "shape", "pass", "best", "rate");
+  for (const Case& c : kCases) {
+    if (!c.perf) continue;
+    if (!only.empty() && std::find(only.begin(), only.end(), c.op) == only.end()) continue;
+    runner_of(c)(c, Perf);
+  }
+  return 0;
+}
+
 }  // namespace
 
 TEST(Ops, TableMatchesReferenceAndFiniteDifferences) {
   for (const Case& c : kCases) {
-    SCOPED_TRACE(describe(c));
-    const std::string op = c.op;
-    // clang-format off
-    if (op == "embedding") { run_embedding(c); }
-    else if (op == "rmsnorm") { run_rmsnorm(c); }
-    else if (op == "rope") { run_rope(c); }
-    else if (op == "swiglu") { run_swiglu(c); }
-    else if (op == "attention") { run_attention(c); }
-    else if (op == "cross_entropy") { run_cross_entropy(c); }
-    else if (op == "adamw") { run_adamw(c); }
-    else if (op == "reduce") { run_reduce(c); }
-    else { ADD_FAILURE() << "unknown op " << op; }
-    // clang-format on
+    if (c.perf) continue;
+    SCOPED_TRACE(std::string(c.op) + " " + describe(c));
+    Runner fn = runner_of(c);
+    ASSERT_NE(fn, nullptr) << "unknown op " << c.op;
+    fn(c, Check);
   }
+}
+
+// Every op has at least one checked row and one perf row.
+TEST(Ops, EveryOpHasTestAndPerfRows) {
+  for (const auto& [name, fn] : kOps) {
+    bool has_test = false, has_perf = false;
+    for (const Case& c : kCases)
+      if (std::string(c.op) == name) (c.perf ? has_perf : has_test) = true;
+    EXPECT_TRUE(has_test) << name;
+    EXPECT_TRUE(has_perf || std::string(name) == "router_prob_raw") << name;  // same kernel
+  }
+}
+
+// Own main (instead of gtest_main, which this object then replaces at link time) for the perf
+// mode: `test_ops --perf [op...]`.
+int main(int argc, char** argv) {
+  if (argc > 1 && std::string(argv[1]) == "--perf")
+    return run_perf(std::vector<std::string>(argv + 2, argv + argc));
+  ::testing::InitGoogleTest(&argc, argv);
+  return RUN_ALL_TESTS();
 }

@@ -79,6 +79,46 @@ CmdResult run_dlcm(const std::string& args) {
   return run_command(std::string(DLCM_BINARY) + " " + args + " 2>&1");
 }
 
+const char* name_of(Pattern p) {
+  switch (p) {
+    case Pattern::Random: return "random";
+    case Pattern::AllOnes: return "one-token concepts";
+    case Pattern::WholeRow: return "whole row one concept";
+    case Pattern::MultiDoc: return "several documents per row";
+    case Pattern::Uneven: return "very different concept counts";
+  }
+  return "?";
+}
+
+void make_pattern(Pattern pat, i64 B, i64 L, uint64_t seed, std::vector<i32>& tokens,
+                  std::vector<uint8_t>& b) {
+  Rng r(seed);
+  tokens.assign(B * L, 0);
+  b.assign(B * L, 0);
+  for (i64 n = 0; n < B * L; ++n) tokens[n] = 2 + i32(r.next() % 50);
+  for (i64 row = 0; row < B; ++row) {
+    tokens[row * L] = kBos;
+    for (i64 t = 0; t < L; ++t) {
+      const i64 n = row * L + t;
+      uint8_t v = 0;
+      switch (pat) {
+        case Pattern::Random: v = r.uniform() < 0.35f; break;
+        case Pattern::AllOnes: v = 1; break;
+        case Pattern::WholeRow: v = 0; break;
+        case Pattern::MultiDoc:
+          if (t > 0 && r.uniform() < 0.12f) tokens[n] = kBos;
+          v = r.uniform() < 0.25f;
+          break;
+        case Pattern::Uneven:
+          v = (row % 3 == 0) ? 1 : (row % 3 == 1 ? 0 : r.uniform() < 0.2f);
+          break;
+      }
+      if (t == 0 || tokens[n] == kBos) v = 1;
+      b[n] = v;
+    }
+  }
+}
+
 TempDir::TempDir() {
   std::random_device rd;
   auto base = std::filesystem::temp_directory_path();

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <functional>
 #include <string>
+#include <vector>
 
 #include "core/common.h"
 #include "core/rng.h"
@@ -39,6 +40,14 @@ CommandResult run_command(const std::string& cmd);
 // Runs the dlcm binary under test with `args`; out holds stdout and stderr together.
 using CmdResult = CommandResult;
 CmdResult run_dlcm(const std::string& args);
+
+// Boundary patterns for the DLCM kernels: tokens (random ids >= 2, kBos at every row start;
+// MultiDoc also puts kBos inside rows) and decisions b (1 at every row start and BOS token).
+constexpr i32 kBos = 1;
+enum class Pattern { Random, AllOnes, WholeRow, MultiDoc, Uneven };
+const char* name_of(Pattern p);
+void make_pattern(Pattern pat, i64 B, i64 L, uint64_t seed, std::vector<i32>& tokens,
+                  std::vector<uint8_t>& b);
 
 // A fresh empty directory under the system temp dir, removed by the destructor.
 struct TempDir {

@@ -97,6 +97,18 @@ void rmsnorm_backward(float* dx, float* dw, const float* dy, const float* x, con
   }
 }
 
+// ---- per-head RMSNorm ----
+// [N, H, hd] is [N*H, hd] rows: one RMSNorm per (token, head).
+void head_rmsnorm_forward(float* y, float* rstd, const float* x, const float* w, i64 N, i64 H,
+                          i64 hd, float eps) {
+  rmsnorm_forward(y, rstd, x, w, N * H, hd, eps);
+}
+
+void head_rmsnorm_backward(float* dx, float* dw, const float* dy, const float* x, const float* w,
+                           const float* rstd, i64 N, i64 H, i64 hd) {
+  rmsnorm_backward(dx, dw, dy, x, w, rstd, N * H, hd);
+}
+
 // ---- RoPE ----
 
 // cos/sin table for positions [0, npos) and the hd/2 frequencies of one (theta, hd). Angles

@@ -20,6 +20,13 @@ void rmsnorm_forward(float* y, float* rstd, const float* x, const float* w, i64 
 void rmsnorm_backward(float* dx, float* dw, const float* dy, const float* x, const float* w,
                       const float* rstd, i64 N, i64 d);
 
+// ---- per-head RMSNorm (QK-norm): x [N, H, hd] is normalised over head_dim, one RMSNorm per
+// (token, head) sharing the weight w [hd]; rstd [N*H] ----
+void head_rmsnorm_forward(float* y, float* rstd, const float* x, const float* w, i64 N, i64 H,
+                          i64 hd, float eps);
+void head_rmsnorm_backward(float* dx, float* dw, const float* dy, const float* x, const float* w,
+                           const float* rstd, i64 N, i64 H, i64 hd);
+
 // ---- RoPE, rotate-half layout (dim i pairs with i + hd/2), in place ----
 // x is [N, H, hd]; pos[n] is the position of token n. inverse=true applies the transpose
 // rotation, which is the backward of the forward rotation.

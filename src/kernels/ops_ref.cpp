@@ -3,6 +3,9 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <vector>
+
+#include "core/rng.h"
 
 namespace dlcm::ops::ref {
 
@@ -43,6 +46,54 @@ void rmsnorm_backward(float* dx, float* dw, const float* dy, const float* x, con
       dw[c] += float(double(g[c]) * xr[c] * r);
     }
   }
+}
+
+template <class T>
+void head_rmsnorm_forward(T* y, T* rstd, const T* x, const T* w, i64 N, i64 H, i64 hd,
+                          float eps) {
+  for (i64 n = 0; n < N; ++n)
+    for (i64 h = 0; h < H; ++h) {
+      const i64 row = n * H + h;
+      rmsnorm_forward(y + row * hd, rstd + row, x + row * hd, w, 1, hd, eps);
+    }
+}
+
+void head_rmsnorm_backward(float* dx, float* dw, const float* dy, const float* x, const float* w,
+                           const float* rstd, i64 N, i64 H, i64 hd) {
+  for (i64 n = 0; n < N; ++n)
+    for (i64 h = 0; h < H; ++h) {
+      const i64 row = n * H + h;
+      rmsnorm_backward(dx + row * hd, dw, dy + row * hd, x + row * hd, w, rstd + row, 1, hd);
+    }
+}
+
+template <class T>
+void linear_forward(T* y, const T* x, const T* W, i64 N, i64 in, i64 out) {
+  for (i64 n = 0; n < N; ++n)
+    for (i64 o = 0; o < out; ++o) {
+      double s = 0;
+      for (i64 i = 0; i < in; ++i) s += double(x[n * in + i]) * W[o * in + i];
+      y[n * out + o] = T(s);
+    }
+}
+
+// dx[n,i] += sum_o dy[n,o] W[o,i];  dW[o,i] += sum_n dy[n,o] x[n,i].
+void linear_backward(float* dx, float* dW, const float* dy, const float* x, const float* W, i64 N,
+                     i64 in, i64 out) {
+  if (dx)
+    for (i64 n = 0; n < N; ++n)
+      for (i64 i = 0; i < in; ++i) {
+        double s = 0;
+        for (i64 o = 0; o < out; ++o) s += double(dy[n * out + o]) * W[o * in + i];
+        dx[n * in + i] += float(s);
+      }
+  if (dW)
+    for (i64 o = 0; o < out; ++o)
+      for (i64 i = 0; i < in; ++i) {
+        double s = 0;
+        for (i64 n = 0; n < N; ++n) s += double(dy[n * out + o]) * x[n * in + i];
+        dW[o * in + i] += float(s);
+      }
 }
 
 template <class T>
@@ -227,6 +278,274 @@ void scale_inplace(float* x, i64 n, float s) {
   for (i64 i = 0; i < n; ++i) x[i] *= s;
 }
 
+// ---- DLCM kernels ----
+
+static bool forced_at(const i32* tokens, i32 bos_id, i64 n, i64 t) {
+  return t == 0 || (tokens != nullptr && tokens[n] == bos_id);
+}
+
+static double floored_norm(double sq) { return std::max(std::sqrt(sq), double(kRouterNormEps)); }
+
+template <class T>
+void router_prob_forward(T* p, T* cache, const T* q, const T* k, const i32* tokens, i32 bos_id,
+                         i64 B, i64 L, i64 ds) {
+  for (i64 n = 0; n < B * L; ++n) {
+    double qq = 0, kk = 0;
+    for (i64 i = 0; i < ds; ++i) {
+      qq += double(q[n * ds + i]) * q[n * ds + i];
+      kk += double(k[n * ds + i]) * k[n * ds + i];
+    }
+    cache[n * kRouterCacheStride + 0] = T(std::sqrt(qq));
+    cache[n * kRouterCacheStride + 1] = T(std::sqrt(kk));
+  }
+  for (i64 n = 0; n < B * L; ++n) {
+    const i64 t = n % L;
+    double c = 0;
+    if (t > 0) {  // cos(q_{t-1}, k_t)
+      double dot = 0, aa = 0, bb = 0;
+      for (i64 i = 0; i < ds; ++i) {
+        dot += double(q[(n - 1) * ds + i]) * k[n * ds + i];
+        aa += double(q[(n - 1) * ds + i]) * q[(n - 1) * ds + i];
+        bb += double(k[n * ds + i]) * k[n * ds + i];
+      }
+      c = dot / (floored_norm(aa) * floored_norm(bb));
+    }
+    cache[n * kRouterCacheStride + 2] = T(c);
+    p[n] = forced_at(tokens, bos_id, n, t) ? T(1) : T(std::clamp((1 - c) / 2, 0.0, 1.0));
+  }
+}
+
+// p = (1 - c)/2, c = a.b / (|a| |b|): dc/da = b/(|a||b|) - c a/|a|^2 (no second term where the
+// norm is floored, as the floor is a constant there), symmetrically for b.
+void router_prob_backward(float* dq, float* dk, const float* dp, const float* /*cache*/,
+                          const float* q, const float* k, const i32* tokens, i32 bos_id, i64 B,
+                          i64 L, i64 ds) {
+  std::vector<double> ga(ds), gb(ds);
+  for (i64 n = 0; n < B * L; ++n) {
+    const i64 t = n % L;
+    if (forced_at(tokens, bos_id, n, t)) continue;
+    const float* a = q + (n - 1) * ds;
+    const float* b = k + n * ds;
+    double dot = 0, aa = 0, bb = 0;
+    for (i64 i = 0; i < ds; ++i) {
+      dot += double(a[i]) * b[i];
+      aa += double(a[i]) * a[i];
+      bb += double(b[i]) * b[i];
+    }
+    const double na = floored_norm(aa), nb = floored_norm(bb), c = dot / (na * nb);
+    const double raw = (1 - c) / 2;
+    if (raw < 0 || raw > 1) continue;  // the clamp is active: no gradient
+    const double g = -0.5 * dp[n];
+    const bool fa = std::sqrt(aa) > kRouterNormEps, fb = std::sqrt(bb) > kRouterNormEps;
+    for (i64 i = 0; i < ds; ++i) {
+      ga[i] = g * (b[i] / (na * nb) - (fa ? c * a[i] / (na * na) : 0.0));
+      gb[i] = g * (a[i] / (na * nb) - (fb ? c * b[i] / (nb * nb) : 0.0));
+    }
+    for (i64 i = 0; i < ds; ++i) dq[(n - 1) * ds + i] += float(ga[i]);
+    for (i64 i = 0; i < ds; ++i) dk[n * ds + i] += float(gb[i]);
+  }
+}
+
+void sample_boundaries(uint8_t* b, const float* p, const i32* tokens, i32 bos_id, i64 B, i64 L,
+                       float alpha, uint64_t seed, uint64_t step, i64 row_offset) {
+  for (i64 r = 0; r < B; ++r)
+    for (i64 t = 0; t < L; ++t) {
+      const i64 n = r * L + t;
+      if (forced_at(tokens, bos_id, n, t)) {
+        b[n] = 1;
+        continue;
+      }
+      const double pc = std::isnan(p[n]) ? 0.0 : std::clamp(double(p[n]), 0.0, 1.0);
+      const double x = std::pow(pc, 1.0 / alpha), y = std::pow(1.0 - pc, 1.0 / alpha);
+      const double u = counter_uniform(seed, step, uint64_t(row_offset + r), uint64_t(t));
+      b[n] = u < x / (x + y) ? 1 : 0;
+    }
+}
+
+void threshold_boundaries(uint8_t* b, const float* p, const i32* tokens, i32 bos_id, i64 B, i64 L,
+                          float tau) {
+  for (i64 n = 0; n < B * L; ++n) b[n] = forced_at(tokens, bos_id, n, n % L) || p[n] >= tau;
+}
+
+Segments build_segments(const uint8_t* b, const i32* tokens, i32 bos_id, i64 B, i64 L) {
+  Segments sg;
+  sg.B = B;
+  sg.L = L;
+  std::vector<std::vector<i32>> starts(B);
+  for (i64 r = 0; r < B; ++r)
+    for (i64 t = 0; t < L; ++t) {
+      if (b[r * L + t]) starts[r].push_back(i32(t));
+      sg.seg.push_back(i32(starts[r].size()) - 1);
+    }
+  for (i64 r = 0; r < B; ++r) {
+    sg.count.push_back(i32(starts[r].size()));
+    sg.Mmax = std::max<i64>(sg.Mmax, i64(starts[r].size()));
+  }
+  for (i64 r = 0; r < B; ++r)
+    for (i64 j = 0; j < sg.Mmax; ++j) {
+      if (j >= sg.count[r]) {  // padded slot
+        sg.start.push_back(i32(L));
+        sg.len.push_back(0);
+        sg.forced.push_back(0);
+        continue;
+      }
+      const i32 st = starts[r][j];
+      const i32 end = j + 1 < sg.count[r] ? starts[r][j + 1] : i32(L);
+      sg.start.push_back(st);
+      sg.len.push_back(end - st);
+      sg.forced.push_back(forced_at(tokens, bos_id, r * L + st, st) ? 1 : 0);
+    }
+  return sg;
+}
+
+template <class T>
+void pool_mean_forward(T* pooled, const T* H, const Segments& sg, i64 d) {
+  for (i64 r = 0; r < sg.B; ++r)
+    for (i64 j = 0; j < sg.Mmax; ++j) {
+      const i64 sl = sg.slot(r, j);
+      for (i64 i = 0; i < d; ++i) {
+        double s = 0;
+        for (i64 t = sg.start[sl]; t < sg.start[sl] + sg.len[sl]; ++t)
+          s += H[(r * sg.L + t) * d + i];
+        pooled[sl * d + i] = sg.len[sl] > 0 ? T(s / sg.len[sl]) : T(0);
+      }
+    }
+}
+
+void pool_mean_backward(float* dH, const float* dpooled, const Segments& sg, i64 d) {
+  for (i64 r = 0; r < sg.B; ++r)
+    for (i64 t = 0; t < sg.L; ++t) {
+      const i64 sl = sg.slot(r, sg.seg[r * sg.L + t]);
+      for (i64 i = 0; i < d; ++i)
+        dH[(r * sg.L + t) * d + i] += float(double(dpooled[sl * d + i]) / sg.len[sl]);
+    }
+}
+
+// The gate P_j in double: 1 at forced starts, else p clamped to [kSmootherClamp,
+// 1 - kSmootherClamp].
+template <class T>
+static double gate(const T* p, const Segments& sg, i64 r, i64 j) {
+  const i64 sl = sg.slot(r, j);
+  if (sg.forced[sl]) return 1.0;
+  return std::clamp(double(p[r * sg.L + sg.start[sl]]), double(kSmootherClamp),
+                    double(1.f - kSmootherClamp));
+}
+
+template <class T>
+void smoother_forward(T* zs, const T* z, const T* p, const Segments& sg, i64 d) {
+  for (i64 r = 0; r < sg.B; ++r) {
+    std::vector<double> prev(d, 0.0);
+    for (i64 j = 0; j < sg.Mmax; ++j) {
+      const i64 sl = sg.slot(r, j);
+      if (j >= sg.count[r]) {
+        for (i64 i = 0; i < d; ++i) zs[sl * d + i] = T(0);
+        continue;
+      }
+      const double P = gate(p, sg, r, j);
+      for (i64 i = 0; i < d; ++i) {
+        prev[i] = P * z[sl * d + i] + (1 - P) * prev[i];
+        zs[sl * d + i] = T(prev[i]);
+      }
+    }
+  }
+}
+
+// Reverse sweep: g_j = dzs_j + (1 - P_{j+1}) g_{j+1} is dL/dzs_j through the whole recurrence;
+// dz_j += P_j g_j; dP_j = g_j . (z_j - zs_{j-1}), passed to p only inside the clamp's range.
+void smoother_backward(float* dz, float* dp, const float* dzs, const float* zs, const float* z,
+                       const float* p, const Segments& sg, i64 d) {
+  for (i64 r = 0; r < sg.B; ++r) {
+    std::vector<double> g(d, 0.0);
+    for (i64 j = sg.count[r] - 1; j >= 0; --j) {
+      const i64 sl = sg.slot(r, j);
+      const double keep = j + 1 < sg.count[r] ? 1 - gate(p, sg, r, j + 1) : 0.0;
+      for (i64 i = 0; i < d; ++i) g[i] = dzs[sl * d + i] + keep * g[i];
+      const double P = gate(p, sg, r, j);
+      for (i64 i = 0; i < d; ++i) dz[sl * d + i] += float(P * g[i]);
+      const double pj = p[r * sg.L + sg.start[sl]];
+      if (dp && !sg.forced[sl] && pj >= kSmootherClamp && pj <= 1.f - kSmootherClamp) {
+        double s = 0;
+        for (i64 i = 0; i < d; ++i)
+          s += g[i] * (double(z[sl * d + i]) - (j > 0 ? double(zs[(sl - 1) * d + i]) : 0.0));
+        dp[r * sg.L + sg.start[sl]] += float(s);
+      }
+    }
+  }
+}
+
+template <class T>
+void concept_list_forward(T* list, const T* z_null, const T* zs, i64 B, i64 Mmax, i64 d) {
+  for (i64 r = 0; r < B; ++r)
+    for (i64 e = 0; e <= Mmax; ++e)
+      for (i64 i = 0; i < d; ++i)
+        list[(r * (Mmax + 1) + e) * d + i] = e == 0 ? z_null[i] : zs[(r * Mmax + e - 1) * d + i];
+}
+
+void concept_list_backward(float* dz_null, float* dzs, const float* dlist, i64 B, i64 Mmax,
+                           i64 d) {
+  for (i64 r = 0; r < B; ++r)
+    for (i64 e = 0; e <= Mmax; ++e)
+      for (i64 i = 0; i < d; ++i) {
+        const float g = dlist[(r * (Mmax + 1) + e) * d + i];
+        if (e == 0 && dz_null) dz_null[i] += g;
+        if (e > 0 && dzs) dzs[(r * Mmax + e - 1) * d + i] += g;
+      }
+}
+
+template <class T>
+void concept_gather(T* rep, const T* list, const Segments& sg, i64 width) {
+  for (i64 r = 0; r < sg.B; ++r)
+    for (i64 s = 0; s < sg.L; ++s)
+      for (i64 i = 0; i < width; ++i)
+        rep[(r * sg.L + s) * width + i] =
+            list[(r * (sg.Mmax + 1) + sg.seg[r * sg.L + s]) * width + i];
+}
+
+void concept_scatter_add(float* dlist, const float* drep, const Segments& sg, i64 width) {
+  for (i64 r = 0; r < sg.B; ++r)
+    for (i64 s = 0; s < sg.L; ++s)
+      for (i64 i = 0; i < width; ++i)
+        dlist[(r * (sg.Mmax + 1) + sg.seg[r * sg.L + s]) * width + i] +=
+            drep[(r * sg.L + s) * width + i];
+}
+
+template <class T>
+void concept_attention_forward(T* out, T* lse, const T* q, const T* k, const T* v,
+                               const Segments& sg, i64 B, i64 L, i64 Hq, i64 Hkv, i64 hd,
+                               float scale) {
+  std::vector<T> krep(B * L * Hkv * hd), vrep(B * L * Hkv * hd);
+  ref::concept_gather<T>(krep.data(), k, sg, Hkv * hd);
+  ref::concept_gather<T>(vrep.data(), v, sg, Hkv * hd);
+  ref::attention_forward<T>(out, lse, q, krep.data(), vrep.data(), B, L, L, Hq, Hkv, hd, 0, scale);
+}
+
+void concept_attention_backward(float* dq, float* dk, float* dv, const float* dout,
+                                const float* out, const float* lse, const float* q,
+                                const float* k, const float* v, const Segments& sg, i64 B, i64 L,
+                                i64 Hq, i64 Hkv, i64 hd, float scale) {
+  const i64 n = B * L * Hkv * hd;
+  std::vector<float> krep(n), vrep(n), dkrep(n, 0.f), dvrep(n, 0.f);
+  ref::concept_gather<float>(krep.data(), k, sg, Hkv * hd);
+  ref::concept_gather<float>(vrep.data(), v, sg, Hkv * hd);
+  ref::attention_backward(dq, dkrep.data(), dvrep.data(), dout, out, lse, q, krep.data(),
+                          vrep.data(), B, L, L, Hq, Hkv, hd, 0, scale);
+  ref::concept_scatter_add(dk, dkrep.data(), sg, Hkv * hd);
+  ref::concept_scatter_add(dv, dvrep.data(), sg, Hkv * hd);
+}
+
+AuxLoss global_parser_loss(double sum_b, double sum_p, double count, double R, double weight) {
+  AuxLoss a;
+  a.F = sum_b / count;
+  a.G = sum_p / count;
+  a.value = R / (R - 1) * ((R - 1) * a.F * a.G + (1 - a.F) * (1 - a.G)) - 1;
+  a.grad_p = weight * R / (R - 1) * ((R - 1) * a.F - (1 - a.F)) / count;
+  return a;
+}
+
+void aux_loss_backward(float* dp, i64 n, float grad_p) {
+  for (i64 i = 0; i < n; ++i) dp[i] += grad_p;
+}
+
 #define DLCM_REF_INSTANTIATE(T)                                                              \
   template void embedding_forward<T>(T*, const i32*, const T*, i64, i64);                     \
   template void rmsnorm_forward<T>(T*, T*, const T*, const T*, i64, i64, float);              \
@@ -234,7 +553,17 @@ void scale_inplace(float* x, i64 n, float s) {
   template void swiglu_forward<T>(T*, const T*, const T*, i64);                               \
   template void attention_forward<T>(T*, T*, const T*, const T*, const T*, i64, i64, i64, i64, \
                                      i64, i64, i64, float);                                   \
-  template double cross_entropy_forward<T>(const T*, const i32*, i64, i64, T*);
+  template double cross_entropy_forward<T>(const T*, const i32*, i64, i64, T*);              \
+  template void head_rmsnorm_forward<T>(T*, T*, const T*, const T*, i64, i64, i64, float);    \
+  template void linear_forward<T>(T*, const T*, const T*, i64, i64, i64);                     \
+  template void router_prob_forward<T>(T*, T*, const T*, const T*, const i32*, i32, i64, i64, \
+                                       i64);                                                  \
+  template void pool_mean_forward<T>(T*, const T*, const Segments&, i64);                     \
+  template void smoother_forward<T>(T*, const T*, const T*, const Segments&, i64);            \
+  template void concept_list_forward<T>(T*, const T*, const T*, i64, i64, i64);               \
+  template void concept_gather<T>(T*, const T*, const Segments&, i64);                        \
+  template void concept_attention_forward<T>(T*, T*, const T*, const T*, const T*,            \
+                                             const Segments&, i64, i64, i64, i64, i64, float);
 DLCM_REF_INSTANTIATE(float)
 DLCM_REF_INSTANTIATE(double)
 

@@ -184,13 +184,13 @@ const float* DlcmModel::decode(const i32* tokens, const uint8_t* b, i64 B, i64 L
   // keys/values of the list [B, Mc+1, Hkv, hd] with QK-norm on keys
   ops::linear_forward(kx_raw_.data(), list_.data(), x_wk_->w, nc1, dc, xkv_);
   ops::linear_forward(vx_.data(), list_.data(), x_wv_->w, nc1, dc, xkv_);
-  head_rmsnorm_forward(kx_.data(), kx_rstd_.data(), kx_raw_.data(), x_kn_->w, nc1,
-                       cfg_.x_kv_heads, hd, eps);
+  ops::head_rmsnorm_forward(kx_.data(), kx_rstd_.data(), kx_raw_.data(), x_kn_->w, nc1,
+                            cfg_.x_kv_heads, hd, eps);
   // queries [N, Hq, hd] from xattn.norm(H), QK-norm, no RoPE
   ops::rmsnorm_forward(hn_.data(), hn_rstd_.data(), H_.data(), x_norm_->w, N, d, eps);
   ops::linear_forward(qx_raw_.data(), hn_.data(), x_wq_->w, N, d, xq_);
-  head_rmsnorm_forward(qx_.data(), qx_rstd_.data(), qx_raw_.data(), x_qn_->w, N, cfg_.x_heads,
-                       hd, eps);
+  ops::head_rmsnorm_forward(qx_.data(), qx_rstd_.data(), qx_raw_.data(), x_qn_->w, N, cfg_.x_heads,
+                            hd, eps);
   const float scale = 1.0f / std::sqrt(float(hd));
   sec.next("  concept attention kernel");
   if (cfg_.xattn_impl == "replicate")
@@ -267,16 +267,16 @@ void DlcmModel::backward(const i32* tokens, const float* g_dec_out, float aux_gr
   // queries: QK-norm, Wq, xattn.norm -> dH
   sec.next("cross-attention");
   clear(g_qraw_, N * xq_);
-  head_rmsnorm_backward(g_qraw_.data(), x_qn_->g, g_q_.data(), qx_raw_.data(), x_qn_->w,
-                        qx_rstd_.data(), N, cfg_.x_heads, hd);
+  ops::head_rmsnorm_backward(g_qraw_.data(), x_qn_->g, g_q_.data(), qx_raw_.data(), x_qn_->w,
+                             qx_rstd_.data(), N, cfg_.x_heads, hd);
   clear(g_hn_, N * d);
   ops::linear_backward(g_hn_.data(), x_wq_->g, g_qraw_.data(), hn_.data(), x_wq_->w, N, d, xq_);
   ops::rmsnorm_backward(g_H_.data(), x_norm_->g, g_hn_.data(), H_.data(), x_norm_->w,
                         hn_rstd_.data(), N, d);
   // keys/values -> d list -> d z_null, d zs
   clear(g_kraw_, nc1 * xkv_);
-  head_rmsnorm_backward(g_kraw_.data(), x_kn_->g, g_k_.data(), kx_raw_.data(), x_kn_->w,
-                        kx_rstd_.data(), nc1, cfg_.x_kv_heads, hd);
+  ops::head_rmsnorm_backward(g_kraw_.data(), x_kn_->g, g_k_.data(), kx_raw_.data(), x_kn_->w,
+                             kx_rstd_.data(), nc1, cfg_.x_kv_heads, hd);
   clear(g_list_, nc1 * dc);
   ops::linear_backward(g_list_.data(), x_wk_->g, g_kraw_.data(), list_.data(), x_wk_->w, nc1, dc,
                        xkv_);

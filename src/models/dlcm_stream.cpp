@@ -66,8 +66,8 @@ class DlcmStream final : public InferenceStream {
     null_v_.assign(xkv_, 0);
     Buf raw(xkv_), rs(c.x_kv_heads);
     ops::linear_forward(raw.data(), m.x_null_->w, m.x_wk_->w, 1, dc_, xkv_);
-    head_rmsnorm_forward(null_k_.data(), rs.data(), raw.data(), m.x_kn_->w, 1, c.x_kv_heads,
-                         c.head_dim, c.norm_eps);
+    ops::head_rmsnorm_forward(null_k_.data(), rs.data(), raw.data(), m.x_kn_->w, 1, c.x_kv_heads,
+                              c.head_dim, c.norm_eps);
     ops::linear_forward(null_v_.data(), m.x_null_->w, m.x_wv_->w, 1, dc_, xkv_);
     for (i64 s = 0; s < max_seqs; ++s) do_reset(s);
   }
@@ -220,8 +220,8 @@ class DlcmStream final : public InferenceStream {
         slots_[s].backbone_positions += closed_n[i];
       }
       ops::linear_forward(k_raw_.data(), zs_new_.data(), m_.x_wk_->w, nc, dc_, xkv_);
-      head_rmsnorm_forward(k_new_.data(), k_rstd_.data(), k_raw_.data(), m_.x_kn_->w, nc,
-                           c.x_kv_heads, c.head_dim, eps);
+      ops::head_rmsnorm_forward(k_new_.data(), k_rstd_.data(), k_raw_.data(), m_.x_kn_->w, nc,
+                                c.x_kv_heads, c.head_dim, eps);
       ops::linear_forward(v_new_.data(), zs_new_.data(), m_.x_wv_->w, nc, dc_, xkv_);
       for (i64 i = 0; i < n_items; ++i) {
         const i64 s = items[i].seq;
@@ -235,8 +235,8 @@ class DlcmStream final : public InferenceStream {
     // 4. cross-attention queries and attention over each token's visible entries
     ops::rmsnorm_forward(hn_.data(), hn_rstd_.data(), H_.data(), m_.x_norm_->w, R, d_, eps);
     ops::linear_forward(qx_raw_.data(), hn_.data(), m_.x_wq_->w, R, d_, xq_);
-    head_rmsnorm_forward(qx_.data(), qx_rstd_.data(), qx_raw_.data(), m_.x_qn_->w, R, c.x_heads,
-                         c.head_dim, eps);
+    ops::head_rmsnorm_forward(qx_.data(), qx_rstd_.data(), qx_raw_.data(), m_.x_qn_->w, R,
+                              c.x_heads, c.head_dim, eps);
     const float scale = 1.0f / std::sqrt(float(c.head_dim));
     std::vector<i64> item_of(R);
     for (i64 i = 0; i < n_items; ++i)

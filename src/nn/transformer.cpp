@@ -36,17 +36,6 @@ BlockParams add_block_params(ParamStore& ps, const std::string& p, const BlockDi
   return b;
 }
 
-void head_rmsnorm_forward(float* y, float* rstd, const float* x, const float* w, i64 N, i64 H,
-                          i64 hd, float eps) {
-  // [N, H, hd] is [N*H, hd] rows: one RMSNorm per (token, head).
-  ops::rmsnorm_forward(y, rstd, x, w, N * H, hd, eps);
-}
-
-void head_rmsnorm_backward(float* dx, float* dw, const float* dy, const float* x, const float* w,
-                           const float* rstd, i64 N, i64 H, i64 hd) {
-  ops::rmsnorm_backward(dx, dw, dy, x, w, rstd, N * H, hd);
-}
-
 void TransformerStack::init(ParamStore& ps, const std::string& prefix, i64 n_layers,
                             const BlockDims& dims, ParamGroup group) {
   dims_ = dims;
@@ -137,10 +126,10 @@ void TransformerStack::block_qkv(i64 l, const float* x, const i32* pos, i64 N, B
   ops::linear_forward(kdst, A.xn1.data(), P.wk->w, N, d.d, d.kv_dim());
   ops::linear_forward(A.v.data(), A.xn1.data(), P.wv->w, N, d.d, d.kv_dim());
   if (d.qk_norm) {
-    head_rmsnorm_forward(A.q.data(), A.q_rstd.data(), A.q_raw.data(), P.q_norm->w, N, d.n_heads,
-                         d.head_dim, d.norm_eps);
-    head_rmsnorm_forward(A.k.data(), A.k_rstd.data(), A.k_raw.data(), P.k_norm->w, N,
-                         d.n_kv_heads, d.head_dim, d.norm_eps);
+    ops::head_rmsnorm_forward(A.q.data(), A.q_rstd.data(), A.q_raw.data(), P.q_norm->w, N,
+                              d.n_heads, d.head_dim, d.norm_eps);
+    ops::head_rmsnorm_forward(A.k.data(), A.k_rstd.data(), A.k_raw.data(), P.k_norm->w, N,
+                              d.n_kv_heads, d.head_dim, d.norm_eps);
   }
   ops::rope_apply(A.q.data(), pos, N, d.n_heads, d.head_dim, d.rope_theta, false);
   ops::rope_apply(A.k.data(), pos, N, d.n_kv_heads, d.head_dim, d.rope_theta, false);
@@ -309,12 +298,12 @@ void TransformerStack::block_backward(i64 l, float* dx, const float* dout, const
   ops::rope_apply(g_k_.data(), pos_, N, d.n_kv_heads, d.head_dim, d.rope_theta, true);
   if (d.qk_norm) {
     clear(g_raw_, N * d.q_dim());
-    head_rmsnorm_backward(g_raw_.data(), P.q_norm->g, g_q_.data(), A.q_raw.data(), P.q_norm->w,
-                          A.q_rstd.data(), N, d.n_heads, d.head_dim);
+    ops::head_rmsnorm_backward(g_raw_.data(), P.q_norm->g, g_q_.data(), A.q_raw.data(), P.q_norm->w,
+                               A.q_rstd.data(), N, d.n_heads, d.head_dim);
     std::memcpy(g_q_.data(), g_raw_.data(), sizeof(float) * N * d.q_dim());
     clear(g_raw_, N * d.kv_dim());
-    head_rmsnorm_backward(g_raw_.data(), P.k_norm->g, g_k_.data(), A.k_raw.data(), P.k_norm->w,
-                          A.k_rstd.data(), N, d.n_kv_heads, d.head_dim);
+    ops::head_rmsnorm_backward(g_raw_.data(), P.k_norm->g, g_k_.data(), A.k_raw.data(), P.k_norm->w,
+                               A.k_rstd.data(), N, d.n_kv_heads, d.head_dim);
     std::memcpy(g_k_.data(), g_raw_.data(), sizeof(float) * N * d.kv_dim());
   }
   clear(g_xn_, N * d.d);

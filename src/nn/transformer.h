@@ -32,13 +32,6 @@ struct BlockParams {
 BlockParams add_block_params(ParamStore& ps, const std::string& prefix, const BlockDims& d,
                              ParamGroup group);
 
-// Attention sub-layer building blocks shared with the DLCM cross-attention: per-head
-// RMSNorm over head_dim (QK-norm) on x [N, H, hd].
-void head_rmsnorm_forward(float* y, float* rstd, const float* x, const float* w, i64 N, i64 H,
-                          i64 hd, float eps);
-void head_rmsnorm_backward(float* dx, float* dw, const float* dy, const float* x, const float* w,
-                           const float* rstd, i64 N, i64 H, i64 hd);
-
 // Per-layer saved activations for backward. Shapes use N = B*L rows.
 struct BlockActs {
   Buf xn1, rstd1;          // [N,d], [N]
