@@ -10,7 +10,9 @@ spaces, all rows of the same length L. --targets: same format (default: next-tok
 position -1 = ignored; any target < 0 is ignored). --boundaries (dlcm): 0/1 per position, the
 given samples b (forced positions - row start and BOS - are boundaries regardless); without it
 b = [p >= tau]. All rows form ONE batch: CE is the mean over all target tokens of all rows, F and
-G the means over all B*L positions.
+G the means over all B*L positions. The model config may set the SPEC 4.9 research variants
+(concept_repr, concept_visibility, enc_window, dec_window, concept_path); --xattn selects the
+replicate or compact form of the cross-attention for every visibility.
 
 Writes (float32): logits [B,L,V], loss [1], ce [1]; dlcm also aux [1], p [B,L], b [B,L] (0/1),
 F [1], G [1], n_concepts [B]; mode train (default) also grad_norm [1] (global L2 norm of the
@@ -107,6 +109,9 @@ def main(argv=None):
 
     if train:
         res["loss"].backward()
+        for t in params.values():  # unused tensors (concept_path = false): zero gradient
+            if t.grad is None:
+                t.grad = torch.zeros_like(t)
         sq = sum(float(t.grad.double().pow(2).sum()) for t in params.values())
         out["grad_norm"] = np.array([np.sqrt(sq)], dtype=np.float32)
         for name, t in params.items():
