@@ -19,6 +19,9 @@ F [1], G [1], n_concepts [B]; mode train (default) also grad_norm [1] (global L2
 gradient, before clipping) and grad.<name> for every parameter (gradient of the total loss);
 with --adam-steps N > 0 also loss_steps [N] (loss before each step; loss_steps[0] = loss),
 param_after.<name>, exp_avg.<name>, exp_avg_sq.<name> (AdamW state after N steps).
+--diagnostics (dlcm): also the concept-usage diagnostics of dlcm_ref/diagnostics.py on the same
+tokens, targets and boundaries (given, else thresholded), computed in float32 with float64 sums:
+diag.ce, diag.ce_null, diag.ce_shuffle, diag.xattn_ratio [1] and diag.pos_ce, diag.pos_count [K+1].
 """
 import argparse
 import os
@@ -29,6 +32,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import dlcm_ref as R  # noqa: E402
+from dlcm_ref.diagnostics import concept_usage  # noqa: E402
 
 
 def make_optimizer(cfg, params, lr, beta1, beta2, eps, weight_decay):
@@ -67,6 +71,7 @@ def main(argv=None):
     ap.add_argument("--weight-decay", type=float, default=0.0)
     ap.add_argument("--grad-clip", type=float, default=0.0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--diagnostics", action="store_true")
     a = ap.parse_args(argv)
 
     torch.set_num_threads(a.threads)
@@ -88,6 +93,8 @@ def main(argv=None):
         boundaries = R.read_rows(a.boundaries)
         if boundaries.shape != tokens.shape:
             raise SystemExit(f"{a.boundaries}: shape {tuple(boundaries.shape)} != tokens {tuple(tokens.shape)}")
+    if a.diagnostics and not cfg.is_dlcm:
+        raise SystemExit("--diagnostics only applies to dlcm checkpoints")
 
     train = a.mode == "train"
     for t in params.values():
@@ -106,6 +113,13 @@ def main(argv=None):
         out["p"] = res["p"].detach().numpy()
         out["b"] = res["b"].detach().numpy()
         out["n_concepts"] = res["n_concepts"].to(torch.float32).numpy()
+
+    if a.diagnostics:  # at the checkpoint's weights, before any AdamW step
+        dg = concept_usage(params, cfg, tokens, targets, boundaries, xattn_impl=a.xattn)
+        for k in ("ce", "ce_null", "ce_shuffle", "xattn_ratio"):
+            out["diag." + k] = np.array([dg[k]], dtype=np.float32)
+        out["diag.pos_ce"] = np.array(dg["pos_ce"], dtype=np.float32)
+        out["diag.pos_count"] = np.array(dg["pos_count"], dtype=np.float32)
 
     if train:
         res["loss"].backward()
