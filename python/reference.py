@@ -10,13 +10,18 @@ spaces, all rows of the same length L. --targets: same format (default: next-tok
 position -1 = ignored; any target < 0 is ignored). --boundaries (dlcm): 0/1 per position, the
 given samples b (forced positions - row start and BOS - are boundaries regardless); without it
 b = [p >= tau]. All rows form ONE batch: CE is the mean over all target tokens of all rows, F and
-G the means over all B*L positions.
+G the means over all B*L positions. The model config may set the SPEC 4.9 research variants
+(concept_repr, concept_visibility, enc_window, dec_window, concept_path); --xattn selects the
+replicate or compact form of the cross-attention for every visibility.
 
 Writes (float32): logits [B,L,V], loss [1], ce [1]; dlcm also aux [1], p [B,L], b [B,L] (0/1),
 F [1], G [1], n_concepts [B]; mode train (default) also grad_norm [1] (global L2 norm of the
 gradient, before clipping) and grad.<name> for every parameter (gradient of the total loss);
 with --adam-steps N > 0 also loss_steps [N] (loss before each step; loss_steps[0] = loss),
 param_after.<name>, exp_avg.<name>, exp_avg_sq.<name> (AdamW state after N steps).
+--diagnostics (dlcm): also the concept-usage diagnostics of dlcm_ref/diagnostics.py on the same
+tokens, targets and boundaries (given, else thresholded), computed in float32 with float64 sums:
+diag.ce, diag.ce_null, diag.ce_shuffle, diag.xattn_ratio [1] and diag.pos_ce, diag.pos_count [K+1].
 """
 import argparse
 import os
@@ -27,6 +32,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import dlcm_ref as R  # noqa: E402
+from dlcm_ref.diagnostics import concept_usage  # noqa: E402
 
 
 def make_optimizer(cfg, params, lr, beta1, beta2, eps, weight_decay):
@@ -65,6 +71,7 @@ def main(argv=None):
     ap.add_argument("--weight-decay", type=float, default=0.0)
     ap.add_argument("--grad-clip", type=float, default=0.0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--diagnostics", action="store_true")
     a = ap.parse_args(argv)
 
     torch.set_num_threads(a.threads)
@@ -86,6 +93,8 @@ def main(argv=None):
         boundaries = R.read_rows(a.boundaries)
         if boundaries.shape != tokens.shape:
             raise SystemExit(f"{a.boundaries}: shape {tuple(boundaries.shape)} != tokens {tuple(tokens.shape)}")
+    if a.diagnostics and not cfg.is_dlcm:
+        raise SystemExit("--diagnostics only applies to dlcm checkpoints")
 
     train = a.mode == "train"
     for t in params.values():
@@ -105,8 +114,18 @@ def main(argv=None):
         out["b"] = res["b"].detach().numpy()
         out["n_concepts"] = res["n_concepts"].to(torch.float32).numpy()
 
+    if a.diagnostics:  # at the checkpoint's weights, before any AdamW step
+        dg = concept_usage(params, cfg, tokens, targets, boundaries, xattn_impl=a.xattn)
+        for k in ("ce", "ce_null", "ce_shuffle", "xattn_ratio"):
+            out["diag." + k] = np.array([dg[k]], dtype=np.float32)
+        out["diag.pos_ce"] = np.array(dg["pos_ce"], dtype=np.float32)
+        out["diag.pos_count"] = np.array(dg["pos_count"], dtype=np.float32)
+
     if train:
         res["loss"].backward()
+        for t in params.values():  # unused tensors (concept_path = false): zero gradient
+            if t.grad is None:
+                t.grad = torch.zeros_like(t)
         sq = sum(float(t.grad.double().pow(2).sum()) for t in params.values())
         out["grad_norm"] = np.array([np.sqrt(sq)], dtype=np.float32)
         for name, t in params.items():

@@ -8,6 +8,10 @@ variants; float64 finite-difference gradients (including the detached smoother g
 gradient on p and router.smooth_grad); causality (a future token or boundary changes nothing at
 earlier positions); replicate == compact cross-attention (and the multiplicity formula); one AdamW
 step against a hand-written update with weight-decay groups and global-norm clipping.
+SPEC 4.9 research variants (concept_repr, concept_visibility, enc/dec_window, concept_path):
+CLI, finite differences, causality, replicate == compact, the inclusive cross-attention written
+out by hand, windows >= L == full attention, far information only via the concepts; and the
+concept-usage diagnostics (dlcm_ref/diagnostics.py).
 """
 import math
 import os
@@ -15,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import traceback
 
 import numpy as np
@@ -24,6 +29,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import dlcm_ref as R  # noqa: E402
 import make_fixture  # noqa: E402
+from dlcm_ref import diagnostics as Diag  # noqa: E402
 from dlcm_ref import model as Mdl  # noqa: E402
 
 torch.set_num_threads(2)
@@ -46,9 +52,10 @@ def test(fn):
 
 def run_test(fn):
     name = fn.__name__
+    t0 = time.time()
     try:
         fn()
-        print(f"[ OK ] {name}", flush=True)
+        print(f"[ OK ] {name} ({time.time() - t0:.1f} s)", flush=True)
     except Exception:  # noqa: BLE001
         print(f"[FAIL] {name}", flush=True)
         traceback.print_exc()
@@ -83,6 +90,17 @@ DLCM_VARIANTS = {
     "dlcm_raw": ['router.kind="raw"', "qk_norm=false", "dec_layers=0"],
     "dlcm_smooth": ["router.smooth_grad=true", "d_scan=0"],
     "dlcm_mha": ["n_kv_heads=4", "bb_kv_heads=3", "x_kv_heads=4", "logit_mult=0.5"],
+}
+
+# SPEC 4.9 research variants
+FIRST_INCL = ['concept_repr="first"', 'concept_visibility="inclusive"']
+PREFIX_INCL = ['concept_repr="prefix_mean"', 'concept_visibility="inclusive"']
+RESEARCH_VARIANTS = {
+    "first": ['concept_repr="first"'],
+    "first_inclusive": FIRST_INCL,
+    "prefix_inclusive": PREFIX_INCL + ["router.smooth_grad=true"],
+    "windows": ["enc_window=3", "dec_window=2"],
+    "no_concept_path": ["concept_path=false"],
 }
 
 
@@ -487,6 +505,332 @@ def adamw_several_steps_decrease_loss():
     ls = o["loss_steps"]
     check(len(ls) == 4 and ls[0] == o["loss"][0], "loss_steps[0] = loss")
     check(ls[-1] < ls[0], f"loss should go down: {ls}")
+
+
+# ----------------------------------------------------------------------------------------------
+# SPEC 4.9 research variants
+# ----------------------------------------------------------------------------------------------
+@test
+def variant_config_validation():
+    base = {"arch": "dlcm"}
+    try:
+        R.config_from_dict(dict(base, concept_visibility="inclusive"))
+        raise AssertionError("inclusive + mean accepted")
+    except ValueError as e:
+        check("inclusive" in str(e) and "concept_repr" in str(e), f"unclear message: {e}")
+    for bad in ({"concept_repr": "max"}, {"concept_visibility": "all"}, {"enc_window": -1},
+                {"dec_window": 2.5}, {"concept_path": 1}):
+        try:
+            R.config_from_dict(dict(base, **bad))
+            raise AssertionError(f"{bad} accepted")
+        except ValueError as e:
+            check(list(bad)[0] in str(e), f"message should name the key: {e}")
+    c = R.config_from_dict(base)
+    check((c.concept_repr, c.concept_visibility, c.enc_window, c.dec_window, c.concept_path) ==
+          ("mean", "shifted", 0, 0, True), "defaults")
+    for ok in (FIRST_INCL, PREFIX_INCL):
+        R.config_from_dict(dict(base, **{k: v.strip('"') for k, v in (x.split("=") for x in ok)}))
+
+
+@test
+def cli_research_variants():
+    for name, sets in RESEARCH_VARIANTS.items():
+        if name != "first":  # its pooling is in first_inclusive
+            cli_case("dlcm", "cli_" + name, sets)
+
+
+@test
+def cli_no_concept_path_with_unused_tensors():
+    """A concept_path = false checkpoint that still carries the concept path's tensors: they are
+    loaded, get exactly zero gradient, and the rest equals a checkpoint without them."""
+    d, cfg, params, tokens = fixture("dlcm", "cli_unused", [])
+    d2, cfg2, params2, _ = fixture("dlcm", "cli_unused2", ["concept_path=false"])
+    R.save_checkpoint(d, dict(make_fixture.TINY["dlcm"], concept_path=False), params)
+    unused = {n for n, _, _ in R.unused_specs(cfg2)}
+    check(unused and unused.isdisjoint(n for n, _, _ in R.param_specs(cfg2)), "unused specs")
+    outs = []
+    for dd in (d, d2):
+        R.save_checkpoint(dd, dict(make_fixture.TINY["dlcm"], concept_path=False),
+                          {k: v for k, v in params.items() if dd == d or k not in unused})
+        out = os.path.join(dd, "o.safetensors")
+        run_cli("--ckpt", dd, "--tokens", os.path.join(d, "tokens.txt"), "--boundaries",
+                os.path.join(d, "boundaries.txt"), "--out", out, "--adam-steps", 1, "--weight-decay", 0.1)
+        outs.append(R.read_safetensors(out)[0])
+    a, b = outs
+    for n in unused:
+        check(("grad." + n) in a and not np.any(a["grad." + n]), f"grad.{n} should be zero")
+        check(("grad." + n) not in b, f"grad.{n} without the tensor")
+    for k in b:
+        check(np.array_equal(a[k], b[k]), f"{k} differs with the unused tensors present")
+
+
+@test
+def gradcheck_research_variants():
+    # every option value once ("first" pooling via first_inclusive); one random direction per
+    # tensor and one backbone layer keep this affordable on 2 cores
+    for i, name in enumerate(("first_inclusive", "prefix_inclusive", "windows", "no_concept_path")):
+        d, cfg, params, tokens = fixture("dlcm", f"fd_{name}", GRAD_TINY + RESEARCH_VARIANTS[name] + ["bb_layers=1"],
+                                         rows=2, L=12, seed=70 + i)
+        bnd = R.read_rows(os.path.join(d, "boundaries.txt"))
+        fd_check(cfg, params, tokens, bnd, smoother_fixed=not cfg.router["smooth_grad"], n_per_tensor=0,
+                 seed=i)
+
+
+@test
+def causality_research_variants():
+    for i, (name, sets) in enumerate(RESEARCH_VARIANTS.items()):
+        causality_case("dlcm", sets, 80 + i, False)
+    for i, sets in enumerate((FIRST_INCL, PREFIX_INCL)):
+        causality_case("dlcm", sets, 90 + i, True)
+
+
+@test
+def replicate_equals_compact_inclusive():
+    """Inclusive visibility: the replication form (first: L+1 slots, z_null visible to all, slot
+    s+1 carrying zs_seg(s); prefix_mean: per-query slots) == the multiplicity form."""
+    for i, sets in enumerate((FIRST_INCL, PREFIX_INCL + ["router.smooth_grad=true"])):
+        d, cfg, params, tokens = fixture("dlcm", f"xai_{i}", sets, rows=3, L=20, seed=100 + i)
+        bnd = R.read_rows(os.path.join(d, "boundaries.txt"))
+        for b in (bnd, None):
+            outs = {}
+            for impl in ("replicate", "compact"):
+                P = {k: v.clone().requires_grad_(True) for k, v in to64(params).items()}
+                res = R.forward(P, cfg, tokens, None, b, xattn_impl=impl)
+                res["loss"].backward()
+                outs[impl] = (res["logits"].detach().numpy(), {k: v.grad.numpy() for k, v in P.items()})
+            check(rel_err(outs["compact"][0], outs["replicate"][0]) < 1e-12, f"{sets}: logits differ")
+            for k in outs["replicate"][1]:
+                check(np.abs(outs["compact"][1][k] - outs["replicate"][1][k]).max() < 1e-10, f"{sets}: grad {k}")
+
+
+@test
+def xattn_inclusive_direct_formula():
+    """Cross-attention term of every token under inclusive visibility, written out by hand from
+    SPEC 4.9: slots [z_null] + [zs_seg(s)(t) for s <= t], the own concept j = seg(t) evaluated on
+    the prefix start_j..t (prefix_mean) by an unpadded backbone run over [c_0 .. c_{j-1}, c_j(t)]."""
+    for repr_ in ("first", "prefix_mean"):
+        sets = [f'concept_repr="{repr_}"', 'concept_visibility="inclusive"', "router.smooth_grad=true"]
+        d, cfg, params, tokens = fixture("dlcm", f"xid_{repr_}", sets, rows=2, L=14, seed=110)
+        P = to64(params)
+        bnd = R.read_rows(os.path.join(d, "boundaries.txt"))
+        hd, Hq, Hkv, eps = cfg.head_dim, cfg.x_heads, cfg.x_kv_heads, cfg.norm_eps
+        res = {impl: R.forward(P, cfg, tokens, None, bnd, xattn_impl=impl) for impl in ("replicate", "compact")}
+        H, p, b = res["compact"]["H"], res["compact"]["p"], res["compact"]["b"]
+        B, L = tokens.shape
+
+        def rms(x, w):
+            return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+        for r in range(B):
+            spans = Mdl.segments_of_row(b[r].long().tolist())
+            seg = (torch.cumsum(b[r].long(), 0) - 1).tolist()
+            forced = [t == 0 or int(tokens[r, t]) == cfg.bos_id for t in range(L)]
+
+            def c_of(j, t_end):
+                s0 = spans[j][0]
+                h = H[r, s0] if repr_ == "first" else H[r, s0:t_end + 1].mean(0)
+                return P["pool.w_up.weight"] @ h
+
+            for t in range(L):
+                j = seg[t]
+                C = torch.stack([c_of(k, spans[k][1] - 1) for k in range(j)] + [c_of(j, t)])
+                Z = Mdl.backbone(P, cfg, C[None])[0]
+                zs, prev = [], torch.zeros(cfg.d_concept, dtype=torch.float64)
+                for k in range(j + 1):
+                    s0 = spans[k][0]
+                    g = 1.0 if forced[s0] else min(max(float(p[r, s0]), 1e-4), 1 - 1e-4)
+                    prev = g * Z[k] + (1 - g) * prev
+                    zs.append(prev)
+                slots = [P["xattn.null_concept"]] + [zs[seg[s]] for s in range(t + 1)]
+                q = P["xattn.wq.weight"] @ rms(H[r, t], P["xattn.norm.weight"])
+                q = rms(q.view(Hq, hd), P["xattn.q_norm.weight"])
+                heads = []
+                for h in range(Hq):
+                    kvh = h // (Hq // Hkv)
+                    ks = [rms((P["xattn.wk.weight"] @ z).view(Hkv, hd)[kvh], P["xattn.k_norm.weight"]) for z in slots]
+                    vs = [(P["xattn.wv.weight"] @ z).view(Hkv, hd)[kvh] for z in slots]
+                    w = torch.softmax(torch.stack([q[h] @ k for k in ks]) / math.sqrt(hd), 0)
+                    heads.append(sum(wi * vi for wi, vi in zip(w, vs)))
+                xo = P["xattn.wo.weight"] @ torch.cat(heads)
+                for impl in res:
+                    check(torch.allclose(res[impl]["xattn_out"][r, t], xo, atol=1e-10),
+                          f"{repr_}/{impl}: row {r} token {t}")
+
+
+@test
+def prefix_mean_shifted_equals_mean():
+    """Under shifted visibility every concept a token sees is closed, so prefix_mean == mean."""
+    d, cfg, params, tokens = fixture("dlcm", "pm_sh", [], rows=2, L=20, seed=120)
+    cfg2 = R.config_from_dict(dict(make_fixture.TINY["dlcm"], concept_repr="prefix_mean"))
+    P = to64(params)
+    for b in (R.read_rows(os.path.join(d, "boundaries.txt")), None):
+        check(torch.equal(R.forward(P, cfg, tokens, None, b)["logits"], R.forward(P, cfg2, tokens, None, b)["logits"]),
+              "prefix_mean + shifted != mean + shifted")
+
+
+@test
+def windows_at_least_L_equal_full_attention():
+    L = 16
+    for t in range(L):  # the mask itself: token t sees s in (t - w, t]
+        for w in (1, 3):
+            row = Mdl.window_mask(L, w)[0, t]
+            check(row.tolist() == [t - w < s <= t for s in range(L)], f"window mask w={w} t={t}")
+    d, cfg, params, tokens = fixture("dlcm", "win_full", [], rows=2, L=L, seed=130)
+    P = to64(params)
+    ref = R.forward(P, cfg, tokens)
+    for w in (L, L + 7):
+        cw = R.config_from_dict(dict(make_fixture.TINY["dlcm"], enc_window=w, dec_window=w))
+        out = R.forward(P, cw, tokens)
+        check(torch.equal(out["logits"], ref["logits"]) and torch.equal(out["b"], ref["b"]), f"w = {w}")
+    cw = R.config_from_dict(dict(make_fixture.TINY["dlcm"], enc_window=2, dec_window=2))
+    check(not torch.equal(R.forward(P, cw, tokens)["logits"], ref["logits"]), "w = 2 should differ")
+
+
+@test
+def window_far_information_only_via_concepts():
+    """enc/dec windows w, one encoder and one decoder block: without the concept path the logit
+    at t depends only on tokens s >= t - 2(w-1); with it, farther tokens reach t (via concepts)."""
+    w = 3
+    far = 2 * (w - 1)
+    sets = [f"enc_window={w}", f"dec_window={w}", "enc_layers=1", "dec_layers=1"]
+    g = torch.Generator().manual_seed(7)
+    for path in (False, True):
+        d, cfg, params, tokens = fixture("dlcm", f"win_far_{path}", sets + [f"concept_path={str(path).lower()}"],
+                                         rows=2, L=24, seed=140)
+        P = to64(params)
+        bnd = R.read_rows(os.path.join(d, "boundaries.txt"))  # same segmentation for both inputs
+        tg = R.default_targets(tokens)
+        ref = R.forward(P, cfg, tokens, tg, bnd)["logits"]
+        reached_far = False
+        for s0 in (2, 6, 9):
+            tk = tokens.clone()
+            tk[:, s0] = (tk[:, s0] + 1 + torch.randint(cfg.vocab_size - 1, (2,), generator=g)) % cfg.vocab_size
+            tk[:, s0] = torch.where(tk[:, s0] == cfg.bos_id, (tk[:, s0] + 1) % cfg.vocab_size, tk[:, s0])
+            tk[:, s0] = torch.where(tokens[:, s0] == cfg.bos_id, tokens[:, s0], tk[:, s0])  # keep BOS
+            diff = (R.forward(P, cfg, tk, tg, bnd)["logits"] - ref).abs().amax(dim=(0, 2))  # [L]
+            check(float(diff[s0]) > 1e-9 or bool((tokens[:, s0] == cfg.bos_id).all()), "perturbation had no effect")
+            beyond = diff[s0 + far + 1:]
+            if not path:
+                check(float(beyond.max()) == 0.0, f"token {s0} reached t > {s0 + far} without concepts")
+            reached_far |= float(beyond.max()) > 1e-9
+        check(reached_far == path, "with the concept path far tokens must reach later logits")
+
+
+# ----------------------------------------------------------------------------------------------
+# concept-usage diagnostics
+# ----------------------------------------------------------------------------------------------
+@test
+def diagnostics_no_concept_path_exact_zero():
+    for sets in (["concept_path=false"], ["concept_path=false", "enc_window=4"]):
+        d, cfg, params, tokens = fixture("dlcm", "diag_np", sets, rows=3, L=20, seed=150)
+        dg = Diag.concept_usage(to64(params), cfg, tokens)
+        check(dg["delta_null"] == 0.0 and dg["delta_shuffle"] == 0.0 and dg["xattn_ratio"] == 0.0,
+              f"no concept path: {dg}")
+
+
+@test
+def diagnostics_with_concepts():
+    ce_null = []
+    for i, sets in enumerate(([], FIRST_INCL, PREFIX_INCL, ["enc_window=3"])):
+        d, cfg, params, tokens = fixture("dlcm", f"diag_{i}", sets, rows=3, L=20, seed=160)
+        P = to64(params)
+        tg = R.default_targets(tokens)
+        tg[:, ::5] = -1
+        for bnd in (None, R.read_rows(os.path.join(d, "boundaries.txt"))):
+            dg = Diag.concept_usage(P, cfg, tokens, tg, bnd)
+            check(abs(dg["delta_null"]) > 1e-6 and abs(dg["delta_shuffle"]) > 1e-6, f"{sets}: {dg}")
+            check(dg["xattn_ratio"] > 0, "ratio")
+            res = R.forward(P, cfg, tokens, tg, bnd)
+            check(abs(dg["ce"] - float(res["ce"])) < 1e-12, "ce")
+            # (c) by hand
+            xo = res["xattn_out"].norm(dim=-1).mean() / res["H"].norm(dim=-1).mean()
+            check(abs(dg["xattn_ratio"] - float(xo)) < 1e-12, "xattn_ratio")
+            # (d): counts and the weighted mean
+            check(sum(dg["pos_count"]) == int((tg >= 0).sum()), "pos_count total")
+            wm = sum(c * n for c, n in zip(dg["pos_ce"], dg["pos_count"])) / sum(dg["pos_count"])
+            check(abs(wm - dg["ce"]) < 1e-12, "weighted pos_ce == ce")
+            bb = res["b"].long()
+            for r in range(bb.shape[0]):
+                last = 0
+                for t in range(bb.shape[1]):
+                    last = t if bb[r, t] else last
+                    check(int(Diag.position_in_concept(bb)[r, t]) == t - last, "position in concept")
+            if bnd is not None:
+                ce_null.append(dg["ce_null"])
+            # (a) by hand: every token's cross-attention output is Wv z_null per head
+            nul = R.forward(P, cfg, tokens, tg, bnd, concept_ablation="null")["xattn_out"]
+            v = (P["xattn.wv.weight"] @ P["xattn.null_concept"]).view(cfg.x_kv_heads, cfg.head_dim)
+            v = v.repeat_interleave(cfg.x_heads // cfg.x_kv_heads, dim=0).reshape(-1)
+            check(torch.allclose(nul, (P["xattn.wo.weight"] @ v).expand_as(nul), atol=1e-12), "null = Wo Wv z_null")
+    # without concepts, the variants differ only in the concept path
+    check(max(ce_null[:3]) - min(ce_null[:3]) < 1e-12, f"ce_null depends on the concept variant: {ce_null}")
+
+
+@test
+def diagnostics_shuffle_definition():
+    d, cfg, params, tokens = fixture("dlcm", "diag_sh", [], rows=3, L=20, seed=170)
+    P = to64(params)
+    bnd = R.read_rows(os.path.join(d, "boundaries.txt"))
+    # identical rows get their own lists back; so does a single row
+    same = tokens[:1].repeat(3, 1)
+    dg = Diag.concept_usage(P, cfg, same, None, bnd[:1].repeat(3, 1))
+    check(dg["delta_shuffle"] == 0.0, f"identical rows: {dg['delta_shuffle']}")
+    check(Diag.concept_usage(P, cfg, tokens[:1], None, bnd[:1])["delta_shuffle"] == 0.0, "B = 1")
+    # row r's list = row (r+1)'s, truncated or padded with z_null: row 0 with 2 concepts sees
+    # row 1's first two; row 1 with more concepts than row 2 sees row 2's then z_null
+    b = torch.zeros(3, 20, dtype=torch.long)
+    b[:, 0] = 1
+    b[0, 10] = 1
+    b[1, [4, 8, 12, 16]] = 1
+    b[2, [5, 15]] = 1
+    tk = tokens.clone()
+    tk[:, 1:][tk[:, 1:] == cfg.bos_id] = 5  # no forced boundaries beyond t = 0
+    sh = R.forward(P, cfg, tk, None, b, xattn_impl="compact", concept_ablation="shuffle")
+    base = R.forward(P, cfg, tk, None, b, xattn_impl="compact")
+    # rebuild the lists from the per-row smoothed concepts of the base run
+    H = base["H"]
+    spans = [Mdl.segments_of_row(b[r].tolist()) for r in range(3)]
+    Mmax = max(len(s) for s in spans)
+    C = torch.stack([torch.stack([H[r, s:e].mean(0) for s, e in spans[r]] +
+                                 [torch.zeros(cfg.d_token, dtype=torch.float64)] * (Mmax - len(spans[r])))
+                     for r in range(3)]) @ P["pool.w_up.weight"].t()
+    Z = Mdl.backbone(P, cfg, C)
+    p_sm = base["p"]
+    forced = torch.zeros(3, 20, dtype=torch.bool)
+    forced[:, 0] = True
+    ZS = [Mdl.smooth_row(Z[r], spans[r], forced[r], p_sm[r]) for r in range(3)]
+    nul = P["xattn.null_concept"][None]
+    lists = [torch.cat([nul, ZS[1][:2]]),
+             torch.cat([nul, ZS[2], nul, nul]),
+             torch.cat([nul, ZS[0], nul])]
+    q = Mdl.rmsnorm(Mdl.linear(Mdl.rmsnorm(H, P["xattn.norm.weight"], cfg.norm_eps), P["xattn.wq.weight"])
+                    .view(3, 20, cfg.x_heads, cfg.head_dim), P["xattn.q_norm.weight"], cfg.norm_eps)
+    seg = torch.cumsum(b, 1) - 1
+    for r in range(3):
+        xo = Mdl.linear(Mdl.xattn_compact(q[r], lists[r], seg[r], P, cfg), P["xattn.wo.weight"])
+        check(torch.allclose(sh["xattn_out"][r], xo, atol=1e-12), f"shuffled row {r}")
+
+
+@test
+def cli_diagnostics():
+    for name, sets, given in (("cdg_default", [], False), ("cdg_prefix", PREFIX_INCL, True),
+                              ("cdg_nopath", ["concept_path=false"], True)):
+        d, cfg, params, tokens = fixture("dlcm", name, sets, rows=3, L=20, seed=180)
+        out = os.path.join(TMP, name + ".safetensors")
+        args = ["--ckpt", d, "--tokens", os.path.join(d, "tokens.txt"), "--out", out, "--mode", "infer",
+                "--diagnostics", "--xattn", "compact"]
+        bnd = None
+        if given:
+            args += ["--boundaries", os.path.join(d, "boundaries.txt")]
+            bnd = R.read_rows(os.path.join(d, "boundaries.txt"))
+        run_cli(*args)
+        o, _ = R.read_safetensors(out)
+        dg = Diag.concept_usage(to64(params), cfg, tokens, None, bnd)
+        for k in ("ce", "ce_null", "ce_shuffle", "xattn_ratio"):
+            check(abs(float(o["diag." + k][0]) - dg[k]) < 1e-5 * max(1.0, abs(dg[k])), f"{name}: diag.{k}")
+        check(np.array_equal(o["diag.pos_count"], np.array(dg["pos_count"], dtype=np.float32)), "pos_count")
+        check(np.allclose(o["diag.pos_ce"], dg["pos_ce"], rtol=1e-5), f"{name}: pos_ce")
+        check(abs(float(o["diag.ce"][0]) - float(o["ce"][0])) < 1e-6 * float(o["ce"][0]), "diag.ce == ce")
 
 
 if __name__ == "__main__":

@@ -8,12 +8,14 @@ import torch
 
 from .config import Config, config_from_dict, load_config  # noqa: F401
 from .model import (baseline_forward, default_targets, dlcm_forward, forward,  # noqa: F401
-                    mup_group, param_specs)
+                    mup_group, param_specs, unused_specs)
 from .safetensors_io import read_safetensors, write_safetensors  # noqa: F401
 
 
 def load_checkpoint(ckpt_dir, dtype=torch.float32):
-    """Returns (cfg, params) with params an ordered dict name -> tensor (SPEC-9 names)."""
+    """Returns (cfg, params) with params an ordered dict name -> tensor (SPEC-9 names). Tensors
+    of unused_specs(cfg) (the concept path under concept_path = false) are loaded when present:
+    they are parameters without gradient (reference.py writes zero gradients for them)."""
     cfg = load_config(os.path.join(ckpt_dir, "config.json"))
     path = os.path.join(ckpt_dir, "model.safetensors")
     tensors, _ = read_safetensors(path)
@@ -25,6 +27,12 @@ def load_checkpoint(ckpt_dir, dtype=torch.float32):
         if list(a.shape) != list(shape):
             raise ValueError(f"{path}: tensor '{name}' has shape {list(a.shape)}, expected {shape}")
         params[name] = torch.tensor(np.asarray(a, dtype=np.float32), dtype=dtype)
+    for name, shape, _ in unused_specs(cfg):
+        if name in tensors:
+            if list(tensors[name].shape) != list(shape):
+                raise ValueError(f"{path}: tensor '{name}' has shape {list(tensors[name].shape)}, "
+                                 f"expected {shape}")
+            params[name] = torch.tensor(np.asarray(tensors[name], dtype=np.float32), dtype=dtype)
     extra = set(tensors) - set(params)
     if extra:
         print(f"{path}: warning: ignoring unexpected tensors {sorted(extra)}", file=sys.stderr)

@@ -1,5 +1,7 @@
 """Model configuration (mirrors src/models/config.h; config.json = SPEC section 9 keys plus
-"xattn_impl", "init_std", "mup" and a "train" object). Unknown keys are ignored with a warning."""
+"xattn_impl", "init_std", "mup", a "train" object and the SPEC 4.9 research variants
+"concept_repr", "concept_visibility", "enc_window", "dec_window", "concept_path").
+Unknown keys are ignored with a warning."""
 import copy
 import json
 import sys
@@ -40,6 +42,12 @@ DEFAULTS = {
     "mup": {"enabled": False, "d_base": 64, "sigma_base": 0.02,
             "lr_mult_token": 1.0, "lr_mult_concept": 1.0, "lr_mult_other": 1.0},
     "train": {},
+    # SPEC 4.9 research variants (dlcm only; these defaults are the SPEC 4 model)
+    "concept_repr": "mean",           # "mean" | "first" | "prefix_mean"
+    "concept_visibility": "shifted",  # "shifted" | "inclusive"
+    "enc_window": 0,                  # sliding-window width of encoder self-attention, 0 = full
+    "dec_window": 0,                  # same for the decoder blocks
+    "concept_path": True,             # false: no pooling/backbone/cross-attention term (Psi = H)
 }
 
 
@@ -87,6 +95,22 @@ def config_from_dict(src, source="config"):
             raise ValueError(f"{source}: kv heads must divide heads")
         if cfg.router["kind"] not in ("projected", "raw"):
             raise ValueError(f"{source}: 'router.kind' must be projected or raw")
+        if cfg.concept_repr not in ("mean", "first", "prefix_mean"):
+            raise ValueError(f"{source}: 'concept_repr' must be mean, first or prefix_mean, "
+                             f"got {cfg.concept_repr!r}")
+        if cfg.concept_visibility not in ("shifted", "inclusive"):
+            raise ValueError(f"{source}: 'concept_visibility' must be shifted or inclusive, "
+                             f"got {cfg.concept_visibility!r}")
+        if cfg.concept_visibility == "inclusive" and cfg.concept_repr == "mean":
+            raise ValueError(f"{source}: 'concept_visibility' = inclusive with 'concept_repr' = mean "
+                             "lets a token see the mean of its whole concept, i.e. future tokens; "
+                             "use concept_repr first or prefix_mean (SPEC 4.9)")
+        for k in ("enc_window", "dec_window"):
+            if isinstance(cfg[k], bool) or not isinstance(cfg[k], int) or cfg[k] < 0:
+                raise ValueError(f"{source}: '{k}' must be an integer >= 0 (0 = full causal "
+                                 f"attention), got {cfg[k]!r}")
+        if not isinstance(cfg.concept_path, bool):
+            raise ValueError(f"{source}: 'concept_path' must be true or false, got {cfg.concept_path!r}")
     return cfg
 
 

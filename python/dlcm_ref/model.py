@@ -35,23 +35,10 @@ def _block_specs(prefix, d, n_heads, n_kv_heads, head_dim, d_ff, qk_norm):
     return s
 
 
-def param_specs(cfg):
-    """Ordered list of (name, shape, kind) for every parameter of the model."""
-    V, d, hd = cfg.vocab_size, cfg.d_token, cfg.head_dim
-    s = [("tok_embeddings.weight", [V, d], "embedding")]
-    if not cfg.is_dlcm:
-        for i in range(cfg.n_layers):
-            s += _block_specs(f"layers.{i}.", d, cfg.n_heads, cfg.n_kv_heads, hd, cfg.d_ff, cfg.qk_norm)
-        s += [("norm.weight", [d], "norm"), ("lm_head.weight", [V, d], "matrix")]
-        return s
-    dc = cfg.d_concept
-    for i in range(cfg.enc_layers):
-        s += _block_specs(f"encoder.layers.{i}.", d, cfg.n_heads, cfg.n_kv_heads, hd, cfg.d_ff, cfg.qk_norm)
-    s += [("encoder.norm.weight", [d], "norm")]
-    if cfg.router["kind"] == "projected":
-        s += [("router.wq.weight", [cfg.scan_dim, d], "identity"),
-              ("router.wk.weight", [cfg.scan_dim, d], "identity")]
-    s += [("pool.w_up.weight", [dc, d], "matrix")]
+def _concept_path_specs(cfg):
+    """Tensors of the concept path: pooling, backbone and the cross-attention term."""
+    d, dc, hd = cfg.d_token, cfg.d_concept, cfg.head_dim
+    s = [("pool.w_up.weight", [dc, d], "matrix")]
     for i in range(cfg.bb_layers):
         s += _block_specs(f"backbone.layers.{i}.", dc, cfg.bb_heads, cfg.bb_kv_heads, hd, cfg.bb_d_ff, cfg.qk_norm)
     s += [("backbone.norm.weight", [dc], "norm")]
@@ -64,6 +51,29 @@ def param_specs(cfg):
         ("xattn.wo.weight", [d, cfg.x_heads * hd], "matrix"),
         ("xattn.q_norm.weight", [hd], "norm"),
         ("xattn.k_norm.weight", [hd], "norm"),
+    ]
+    return s
+
+
+def param_specs(cfg):
+    """Ordered list of (name, shape, kind) for every parameter of the model. With
+    concept_path = false (SPEC 4.9) the concept path's tensors (unused_specs) are not listed."""
+    V, d, hd = cfg.vocab_size, cfg.d_token, cfg.head_dim
+    s = [("tok_embeddings.weight", [V, d], "embedding")]
+    if not cfg.is_dlcm:
+        for i in range(cfg.n_layers):
+            s += _block_specs(f"layers.{i}.", d, cfg.n_heads, cfg.n_kv_heads, hd, cfg.d_ff, cfg.qk_norm)
+        s += [("norm.weight", [d], "norm"), ("lm_head.weight", [V, d], "matrix")]
+        return s
+    for i in range(cfg.enc_layers):
+        s += _block_specs(f"encoder.layers.{i}.", d, cfg.n_heads, cfg.n_kv_heads, hd, cfg.d_ff, cfg.qk_norm)
+    s += [("encoder.norm.weight", [d], "norm")]
+    if cfg.router["kind"] == "projected":
+        s += [("router.wq.weight", [cfg.scan_dim, d], "identity"),
+              ("router.wk.weight", [cfg.scan_dim, d], "identity")]
+    if cfg.concept_path:
+        s += _concept_path_specs(cfg)
+    s += [
         ("xattn.ffn_norm.weight", [d], "norm"),
         ("xattn.ffn.w1.weight", [cfg.x_d_ff, d], "matrix"),
         ("xattn.ffn.w2.weight", [d, cfg.x_d_ff], "matrix"),
@@ -73,6 +83,15 @@ def param_specs(cfg):
         s += _block_specs(f"decoder.layers.{i}.", d, cfg.n_heads, cfg.n_kv_heads, hd, cfg.d_ff, cfg.qk_norm)
     s += [("decoder.norm.weight", [d], "norm"), ("lm_head.weight", [V, d], "matrix")]
     return s
+
+
+def unused_specs(cfg):
+    """Tensors a checkpoint may carry although the model does not use them: the concept path's
+    tensors under concept_path = false. load_checkpoint loads those present (they are
+    parameters that never receive gradient), so either engine convention cross-checks."""
+    if cfg.is_dlcm and not cfg.concept_path:
+        return _concept_path_specs(cfg)
+    return []
 
 
 def mup_group(cfg, name, shape):
@@ -135,14 +154,23 @@ def causal_mask(L, device=None):
     return torch.ones(L, L, dtype=torch.bool, device=device).tril()[None]  # [1, L, L]
 
 
+def window_mask(L, window):
+    """Sliding-window causal mask (SPEC 4.9): token t sees s in (t - window, t]; 0 = full causal."""
+    m = causal_mask(L)
+    if window > 0:
+        m = m & ~torch.ones(L, L, dtype=torch.bool).tril(-window)[None]  # drop t - s >= window
+    return m
+
+
 def swiglu_ffn(P, prefix, x):
     """w2( silu(w1 x) * (w3 x) )."""
     return linear(Fn.silu(linear(x, P[prefix + "w1.weight"])) * linear(x, P[prefix + "w3.weight"]),
                   P[prefix + "w2.weight"])
 
 
-def self_attention(P, prefix, x, n_heads, n_kv_heads, head_dim, cfg):
-    """Causal GQA self-attention with RoPE at positions 0..L-1 (optional QK-norm before RoPE)."""
+def self_attention(P, prefix, x, n_heads, n_kv_heads, head_dim, cfg, window=0):
+    """Causal GQA self-attention with RoPE at positions 0..L-1 (optional QK-norm before RoPE);
+    window > 0: token t attends only to s in (t - window, t]."""
     B, L, _ = x.shape
     q = linear(x, P[prefix + "wq.weight"]).view(B, L, n_heads, head_dim)
     k = linear(x, P[prefix + "wk.weight"]).view(B, L, n_kv_heads, head_dim)
@@ -153,14 +181,14 @@ def self_attention(P, prefix, x, n_heads, n_kv_heads, head_dim, cfg):
     pos = torch.arange(L)
     q = rope(q, pos, cfg.rope_theta)
     k = rope(k, pos, cfg.rope_theta)
-    out = attention(q, k, v, causal_mask(L))
+    out = attention(q, k, v, window_mask(L, window))
     return linear(out, P[prefix + "wo.weight"])
 
 
-def block(P, prefix, x, n_heads, n_kv_heads, head_dim, cfg):
+def block(P, prefix, x, n_heads, n_kv_heads, head_dim, cfg, window=0):
     """Pre-norm block: x += attn(attn_norm(x)); x += ffn(ffn_norm(x))."""
     x = x + self_attention(P, prefix + "attn.", rmsnorm(x, P[prefix + "attn_norm.weight"], cfg.norm_eps),
-                           n_heads, n_kv_heads, head_dim, cfg)
+                           n_heads, n_kv_heads, head_dim, cfg, window)
     x = x + swiglu_ffn(P, prefix + "ffn.", rmsnorm(x, P[prefix + "ffn_norm.weight"], cfg.norm_eps))
     return x
 
@@ -238,6 +266,13 @@ def segments_of_row(b_row):
     return list(zip(starts, ends))
 
 
+def smoother_gate(forced, p_sm, s, dtype):
+    """P_j of a concept starting at s: 1 exactly at a forced start, else clamp(p_s, 1e-4, 1-1e-4)."""
+    if bool(forced[s]):
+        return torch.ones((), dtype=dtype)
+    return torch.clamp(p_sm[s], P_SMOOTH_MIN, 1.0 - P_SMOOTH_MIN)
+
+
 def smooth_row(Z, spans, forced, p_sm):
     """Smoother of one row: zs_j = P_j z_j + (1 - P_j) zs_{j-1}, zs_{-1} = 0, with
     P_j = 1 exactly when concept j starts at a forced position, else clamp(p_start, 1e-4, 1-1e-4).
@@ -245,14 +280,64 @@ def smooth_row(Z, spans, forced, p_sm):
     prev = torch.zeros(Z.shape[-1], dtype=Z.dtype)
     out = []
     for j, (s, _) in enumerate(spans):
-        if bool(forced[s]):
-            Pj = torch.ones((), dtype=Z.dtype)
-        else:
-            Pj = torch.clamp(p_sm[s], P_SMOOTH_MIN, 1.0 - P_SMOOTH_MIN)
+        Pj = smoother_gate(forced, p_sm, s, Z.dtype)
         cur = Pj * Z[j] + (1.0 - Pj) * prev
         out.append(cur)
         prev = cur
     return torch.stack(out)
+
+
+def backbone(P, cfg, C):
+    """Concept backbone: C [N, M, d_concept] -> Z = bb.norm(blocks(C)), causal over concepts,
+    RoPE positions = concept index 0..M-1."""
+    z = C
+    for i in range(cfg.bb_layers):
+        z = block(P, f"backbone.layers.{i}.", z, cfg.bb_heads, cfg.bb_kv_heads, cfg.head_dim, cfg)
+    return rmsnorm(z, P["backbone.norm.weight"], cfg.norm_eps)
+
+
+def prefix_own_concepts(P, cfg, H, spans, seg, C, ZS, forced, p_sm):
+    """concept_repr = prefix_mean with inclusive visibility (SPEC 4.9): the own concept of token t
+    (j = seg(t)) evaluated on its prefix, zs_j(t) = P_j z_j(t) + (1 - P_j) zs_{j-1}, where
+    z_j(t) is the backbone output at position j of [c_0 .. c_{j-1}, c_j(t)],
+    c_j(t) = W_up mean_{start_j <= i <= t} h_i, and c_k, zs_k (k < j) are the closed concepts.
+    Straightforward and slow: one backbone sequence per token (B*L sequences of length Mmax,
+    zero-padded after position j, which the causal backbone ignores). Returns [B, L, d_concept]."""
+    B, L, _ = H.shape
+    Mmax, dc = C.shape[1], C.shape[2]
+    seqs = []
+    for r in range(B):
+        for t in range(L):
+            j = int(seg[r, t])
+            s0 = spans[r][j][0]
+            c_t = linear(H[r, s0:t + 1].mean(dim=0), P["pool.w_up.weight"])
+            seqs.append(torch.cat([C[r, :j], c_t[None], torch.zeros(Mmax - j - 1, dc, dtype=C.dtype)]))
+    Zp = backbone(P, cfg, torch.stack(seqs)).view(B, L, Mmax, dc)
+    own = []
+    for r in range(B):
+        row = []
+        for t in range(L):
+            j = int(seg[r, t])
+            prev = ZS[r][j - 1] if j > 0 else torch.zeros(dc, dtype=C.dtype)
+            Pj = smoother_gate(forced[r], p_sm[r], spans[r][j][0], C.dtype)
+            row.append(Pj * Zp[r, t, j] + (1.0 - Pj) * prev)
+        own.append(torch.stack(row))
+    return torch.stack(own)
+
+
+def xattn_kv(Zsrc, P, cfg):
+    """Cross-attention keys (with k_norm) and values of concept vectors Zsrc [..., dc]."""
+    shp = Zsrc.shape[:-1] + (cfg.x_kv_heads, cfg.head_dim)
+    k = rmsnorm(linear(Zsrc, P["xattn.wk.weight"]).view(shp), P["xattn.k_norm.weight"], cfg.norm_eps)
+    v = linear(Zsrc, P["xattn.wv.weight"]).view(shp)
+    return k, v
+
+
+def attend_per_query(q, kv_src, mask, bias, P, cfg):
+    """Cross-attention where every query has its own key/value list.
+    q [L, Hq, hd]; kv_src [L, S, dc]; mask bool [L, S]; bias [L, S] or None. Returns [L, Hq*hd]."""
+    k, v = xattn_kv(kv_src, P, cfg)  # [L, S, Hkv, hd]
+    return attention(q[:, None], k, v, mask[:, None], None if bias is None else bias[:, None])[:, 0]
 
 
 def xattn_replicate(q, Zlist, seg, P, cfg):
@@ -269,6 +354,17 @@ def xattn_replicate(q, Zlist, seg, P, cfg):
     return attention(q[None], k[None], v[None], causal_mask(L))[0]  # [L, Hq*hd]
 
 
+def segment_sizes(seg, n):
+    """(size, start) of segments 0..n-1 of one row (segments beyond the row: size 0)."""
+    size = [0] * n
+    start = [None] * n
+    for t, s in enumerate(int(v) for v in seg):
+        size[s] += 1
+        if start[s] is None:
+            start[s] = t
+    return size, start
+
+
 def xattn_compact(q, Zlist, seg, P, cfg):
     """The same function over the M+1 unique list entries with an additive log(multiplicity)
     bias: token t sees entries k = 0..seg(t); entry k < seg(t) is carried by the |S_k| positions
@@ -280,12 +376,7 @@ def xattn_compact(q, Zlist, seg, P, cfg):
     v = linear(Zlist, P["xattn.wv.weight"]).view(M1, cfg.x_kv_heads, hd)
     k = rmsnorm(k, P["xattn.k_norm.weight"], cfg.norm_eps)
     seg_l = [int(s) for s in seg]
-    size = [0] * M1
-    start = [None] * M1
-    for t, s in enumerate(seg_l):
-        size[s] += 1
-        if start[s] is None:
-            start[s] = t
+    size, start = segment_sizes(seg_l, M1)
     mult = torch.zeros(L, M1, dtype=q.dtype)
     for t in range(L):
         for kk in range(seg_l[t]):
@@ -296,12 +387,112 @@ def xattn_compact(q, Zlist, seg, P, cfg):
     return attention(q[None], k[None], v[None], mask[None], bias[None])[0]
 
 
+def xattn_inclusive_replicate(q, Zlist, seg, own, P, cfg):
+    """Inclusive visibility (SPEC 4.9), replicate form. Zlist [M+1, dc] = [z_null, zs_0, ...].
+    own None (concept_repr first): slot 0 carries z_null and is visible to all, slot s+1 carries
+    zs_{seg(s)}; token t attends slots 0..t+1 (ordinary causal mask shifted by the null slot).
+    own [L, dc] (prefix_mean): the same, except that for query t every slot of its own concept
+    carries own[t] = zs_j(t) (per-query keys)."""
+    L = q.shape[0]
+    slots = Zlist[seg + 1]  # [L, dc]: slot s+1 carries zs_{seg(s)}
+    mask = torch.ones(L, L + 1, dtype=torch.bool).tril(1)  # query t sees slots 0..t+1
+    if own is None:
+        k, v = xattn_kv(torch.cat([Zlist[:1], slots]), P, cfg)
+        return attention(q[None], k[None], v[None], mask[None])[0]
+    same = (seg[None, :] == seg[:, None])[..., None]  # [t, s, 1]: slot s+1 is t's own concept
+    per_q = torch.where(same, own[:, None, :], slots[None, :, :])  # [L(t), L(s), dc]
+    kv_src = torch.cat([Zlist[:1][None].expand(L, 1, -1), per_q], dim=1)  # [L, L+1, dc]
+    return attend_per_query(q, kv_src, mask, None, P, cfg)
+
+
+def xattn_inclusive_compact(q, Zlist, seg, own, P, cfg):
+    """Inclusive visibility, compact form: token t (j = seg(t)) attends list entries 0..j+1 with
+    an additive log(multiplicity) bias: z_null (mult 1), zs_k for k < j (mult |S_k|) and its own
+    concept (entry j+1, mult t - start_j + 1), whose value is zs_j (own None) or own[t]."""
+    L = q.shape[0]
+    M1 = Zlist.shape[0]
+    seg_l = [int(s) for s in seg]
+    size, start = segment_sizes(seg_l, M1)
+    mult = torch.zeros(L, M1, dtype=q.dtype)
+    for t in range(L):
+        j = seg_l[t]
+        mult[t, 0] = 1
+        for kk in range(j):
+            mult[t, kk + 1] = size[kk]
+        mult[t, j + 1] = t - start[j] + 1
+    mask = mult > 0
+    bias = torch.where(mask, torch.log(torch.clamp(mult, min=1.0)), torch.zeros_like(mult))
+    kv_src = Zlist[None].expand(L, M1, -1)
+    if own is not None:
+        is_own = Fn.one_hot(seg + 1, M1).to(torch.bool)[..., None]  # [L, M1, 1]
+        kv_src = torch.where(is_own, own[:, None, :], kv_src)
+    return attend_per_query(q, kv_src, mask, bias, P, cfg)
+
+
+def concept_term(P, cfg, H, spans, seg, forced, p_sm, xattn_impl, ablation=None):
+    """Steps 4-7: pooling, backbone, smoother and the cross-attention term Wo_x attn [B, L, d].
+    ablation (concept-usage diagnostics, see diagnostics.py): None; "null" = every concept entry
+    the decoder sees replaced by z_null; "shuffle" = row r sees row (r+1) mod B's concept list
+    (truncated to M_r, padded with z_null), own-concept entries included."""
+    B, L, d = H.shape
+    dt = H.dtype
+    hd = cfg.head_dim
+    M = [len(s) for s in spans]
+    Mmax = max(M)
+
+    # 4. pooling; rows padded with zero concepts to Mmax
+    rows = []
+    for r in range(B):
+        if cfg.concept_repr == "first":  # c_j = W_up h_{start(S_j)}
+            vecs = [H[r, s] for (s, _) in spans[r]]
+        else:  # mean; prefix_mean: the prefix of a closed concept is the whole concept
+            vecs = [H[r, s:e].mean(dim=0) for (s, e) in spans[r]]
+        vecs += [torch.zeros(d, dtype=dt)] * (Mmax - M[r])
+        rows.append(torch.stack(vecs))
+    C = linear(torch.stack(rows), P["pool.w_up.weight"])  # [B, Mmax, d_concept]
+
+    # 5. concept backbone; 6. smoother
+    Z = backbone(P, cfg, C)  # [B, Mmax, d_concept]
+    ZS = [smooth_row(Z[r], spans[r], forced[r], p_sm[r]) for r in range(B)]  # [M_r, d_concept]
+    inclusive = cfg.concept_visibility == "inclusive"
+    own = None
+    if inclusive and cfg.concept_repr == "prefix_mean" and ablation is None:
+        own = prefix_own_concepts(P, cfg, H, spans, seg, C, ZS, forced, p_sm)
+
+    # 7. causal cross-attention with the null concept
+    Hn = rmsnorm(H, P["xattn.norm.weight"], cfg.norm_eps)
+    q = linear(Hn, P["xattn.wq.weight"]).view(B, L, cfg.x_heads, hd)
+    q = rmsnorm(q, P["xattn.q_norm.weight"], cfg.norm_eps)
+    null = P["xattn.null_concept"][None]
+    att = []
+    for r in range(B):
+        if ablation is None:
+            Zlist = torch.cat([null, ZS[r]], dim=0)  # [M_r + 1, dc]
+        elif ablation == "null":
+            Zlist = null.expand(M[r] + 1, -1)
+        elif ablation == "shuffle":
+            src = ZS[(r + 1) % B][:M[r]]
+            Zlist = torch.cat([null, src, null.expand(M[r] - src.shape[0], -1)], dim=0)
+        else:
+            raise ValueError(f"unknown concept ablation {ablation!r}")
+        if inclusive:
+            xfn = {"replicate": xattn_inclusive_replicate, "compact": xattn_inclusive_compact}[xattn_impl]
+            att.append(xfn(q[r], Zlist, seg[r], None if own is None else own[r], P, cfg))
+        else:
+            xfn = {"replicate": xattn_replicate, "compact": xattn_compact}[xattn_impl]
+            att.append(xfn(q[r], Zlist, seg[r], P, cfg))
+    att = torch.stack(att)  # [B, L, x_heads*hd]
+    return linear(att, P["xattn.wo.weight"])
+
+
 def dlcm_forward(P, cfg, tokens, targets=None, boundaries=None, xattn_impl="replicate",
-                 p_smoother_override=None):
+                 p_smoother_override=None, concept_ablation=None):
     """DLCM forward. tokens [B, L] int. boundaries: optional [B, L] 0/1 (the given training
     samples b); None -> b = [p >= tau] (inference). Forced positions always have b = 1.
     p_smoother_override: optional constant [B, L] used in place of p by the smoother (only for
-    finite-difference tests of the detached-gate gradient)."""
+    finite-difference tests of the detached-gate gradient). concept_ablation: see concept_term.
+    Besides the outputs, returns "H" (encoder output) and "xattn_out" (Wo_x attn; zero without
+    the concept path) for the diagnostics."""
     B, L = tokens.shape
     eps = cfg.norm_eps
     hd = cfg.head_dim
@@ -310,7 +501,7 @@ def dlcm_forward(P, cfg, tokens, targets=None, boundaries=None, xattn_impl="repl
     # 1. encoder
     x = P["tok_embeddings.weight"][tokens.long()]
     for i in range(cfg.enc_layers):
-        x = block(P, f"encoder.layers.{i}.", x, cfg.n_heads, cfg.n_kv_heads, hd, cfg)
+        x = block(P, f"encoder.layers.{i}.", x, cfg.n_heads, cfg.n_kv_heads, hd, cfg, cfg.enc_window)
     H = rmsnorm(x, P["encoder.norm.weight"], eps)  # [B, L, d_token]
 
     # 2. boundary predictor
@@ -325,47 +516,25 @@ def dlcm_forward(P, cfg, tokens, targets=None, boundaries=None, xattn_impl="repl
     seg = torch.cumsum(b.long(), dim=1) - 1  # [B, L]
     spans = [segments_of_row(b[r].tolist()) for r in range(B)]
     M = [len(s) for s in spans]
-    Mmax = max(M)
 
-    # 4. pooling: c_j = W_up mean_{t in S_j} h_t; rows padded with zero concepts to Mmax
-    rows = []
-    for r in range(B):
-        means = [H[r, s:e].mean(dim=0) for (s, e) in spans[r]]
-        means += [torch.zeros(cfg.d_token, dtype=dt)] * (Mmax - M[r])
-        rows.append(torch.stack(means))
-    C = linear(torch.stack(rows), P["pool.w_up.weight"])  # [B, Mmax, d_concept]
-
-    # 5. concept backbone: causal over concepts, RoPE positions = concept index
-    z = C
-    for i in range(cfg.bb_layers):
-        z = block(P, f"backbone.layers.{i}.", z, cfg.bb_heads, cfg.bb_kv_heads, hd, cfg)
-    Z = rmsnorm(z, P["backbone.norm.weight"], eps)  # [B, Mmax, d_concept]
-
-    # 6. smoother: zs_j = P_j z_j + (1 - P_j) zs_{j-1}, zs_{-1} = 0
+    # 4-7. concept path: Psi = H + Wo_x attn (concept_path = false: Psi = H)
     if p_smoother_override is not None:
         p_sm = p_smoother_override
     elif cfg.router["smooth_grad"]:
         p_sm = p
     else:
         p_sm = p.detach()
-    ZS = [smooth_row(Z[r], spans[r], forced[r], p_sm[r]) for r in range(B)]  # [M_r, d_concept]
-
-    # 7. causal cross-attention with the null concept
-    Hn = rmsnorm(H, P["xattn.norm.weight"], eps)
-    q = linear(Hn, P["xattn.wq.weight"]).view(B, L, cfg.x_heads, hd)
-    q = rmsnorm(q, P["xattn.q_norm.weight"], eps)
-    xfn = {"replicate": xattn_replicate, "compact": xattn_compact}[xattn_impl]
-    att = []
-    for r in range(B):
-        Zlist = torch.cat([P["xattn.null_concept"][None], ZS[r]], dim=0)  # [M_r + 1, dc]
-        att.append(xfn(q[r], Zlist, seg[r], P, cfg))
-    att = torch.stack(att)  # [B, L, x_heads*hd]
-    Psi = H + linear(att, P["xattn.wo.weight"])
+    if cfg.concept_path:
+        xo = concept_term(P, cfg, H, spans, seg, forced, p_sm, xattn_impl, concept_ablation)
+        Psi = H + xo
+    else:
+        xo = torch.zeros_like(H)
+        Psi = H
     X = Psi + swiglu_ffn(P, "xattn.ffn.", rmsnorm(Psi, P["xattn.ffn_norm.weight"], eps))
 
     # 8. decoder
     for i in range(cfg.dec_layers):
-        X = block(P, f"decoder.layers.{i}.", X, cfg.n_heads, cfg.n_kv_heads, hd, cfg)
+        X = block(P, f"decoder.layers.{i}.", X, cfg.n_heads, cfg.n_kv_heads, hd, cfg, cfg.dec_window)
     X = rmsnorm(X, P["decoder.norm.weight"], eps)
     logits = linear(X, P["lm_head.weight"]) * cfg.logit_mult
 
@@ -379,7 +548,7 @@ def dlcm_forward(P, cfg, tokens, targets=None, boundaries=None, xattn_impl="repl
     aux = R / (R - 1.0) * ((R - 1.0) * Fb * G + (1.0 - Fb) * (1.0 - G)) - 1.0
     loss = ce + cfg.aux_weight * aux
     return {"logits": logits, "loss": loss, "ce": ce, "aux": aux, "p": p, "b": b.to(dt),
-            "F": Fb, "G": G, "seg": seg, "n_concepts": torch.tensor(M)}
+            "F": Fb, "G": G, "seg": seg, "n_concepts": torch.tensor(M), "H": H, "xattn_out": xo}
 
 
 def forward(P, cfg, tokens, targets=None, boundaries=None, xattn_impl="replicate", **kw):
