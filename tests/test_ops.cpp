@@ -453,7 +453,7 @@ void run_attention(const Case& c, Mode m) {
   H.fwd = [&](Impl im, std::vector<Buf>& o) {
     (im == Fast ? ops::attention_forward : ops::ref::attention_forward<float>)(
         o[0].data(), o[1].data(), H.in[0].data(), H.in[1].data(), H.in[2].data(), B, Lq, Lk, Hq,
-        Hkv, hd, qo, scale);
+        Hkv, hd, qo, scale, 0);
   };
   H.fwd64 = [&](const std::vector<Vec>& in, Vec& o) {
     Vec lse(B * Hq * Lq);
@@ -463,7 +463,7 @@ void run_attention(const Case& c, Mode m) {
   H.bwd = [&](Impl im, const std::vector<Buf>& o, const float* dout, std::vector<Buf>& g) {
     (im == Fast ? ops::attention_backward : ops::ref::attention_backward)(
         g[0].data(), g[1].data(), g[2].data(), dout, o[0].data(), o[1].data(), H.in[0].data(),
-        H.in[1].data(), H.in[2].data(), B, Lq, Lk, Hq, Hkv, hd, qo, scale);
+        H.in[1].data(), H.in[2].data(), B, Lq, Lk, Hq, Hkv, hd, qo, scale, 0);
   };
   // Multiply-adds of the visible (query, key) pairs: QK^T and PV forward; the backward
   // recomputes QK^T and forms dP, dV, dQ, dK.

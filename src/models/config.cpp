@@ -36,6 +36,8 @@ nlohmann::json config_to_json(const Config& c) {
   j["target_R"] = m.target_R;
   j["aux_weight"] = m.aux_weight;
   j["xattn_impl"] = m.xattn_impl;
+  j["enc_window"] = m.enc_window;
+  j["dec_window"] = m.dec_window;
   j["qk_norm"] = m.qk_norm;
   j["rope_theta"] = m.rope_theta;
   j["norm_eps"] = m.norm_eps;
@@ -156,6 +158,8 @@ Config config_from_json(const json& src, const std::string& source) {
   get(j, "target_R", m.target_R);
   get(j, "aux_weight", m.aux_weight);
   get(j, "xattn_impl", m.xattn_impl);
+  get(j, "enc_window", m.enc_window);
+  get(j, "dec_window", m.dec_window);
   get(j, "qk_norm", m.qk_norm);
   get(j, "rope_theta", m.rope_theta);
   get(j, "norm_eps", m.norm_eps);
@@ -298,6 +302,9 @@ void validate(const Config& c, const std::string& src) {
     DLCM_CHECK(m.aux_weight >= 0, src, ": 'aux_weight' must be >= 0");
     DLCM_CHECK(m.xattn_impl == "compact" || m.xattn_impl == "replicate", src,
                ": 'xattn_impl' must be \"compact\" or \"replicate\", got \"", m.xattn_impl, "\"");
+    for (auto [w, k] : {std::pair{m.enc_window, "enc_window"}, {m.dec_window, "dec_window"}})
+      DLCM_CHECK(w >= 0 && w <= m.max_seq_len, src, ": '", k, "' must be in [0, max_seq_len = ",
+                 m.max_seq_len, "] (0 = full causal attention), got ", w);
   }
   if (m.mup.enabled) {
     pos(m.mup.d_base, "mup.d_base");

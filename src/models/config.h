@@ -58,6 +58,10 @@ struct ModelConfig {
   float target_R = 4.0f;
   float aux_weight = 0.03f;
   std::string xattn_impl = "compact";  // "compact" | "replicate" (same function)
+  // Sliding-window self-attention in the encoder / decoder blocks (SPEC 4.9): token t sees
+  // tokens (t - w, t]; 0 = full causal.
+  i64 enc_window = 0;
+  i64 dec_window = 0;
   // shared
   bool qk_norm = false;
   float rope_theta = 10000.0f;

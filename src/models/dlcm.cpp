@@ -50,7 +50,10 @@ DlcmModel::DlcmModel(const ModelConfig& cfg) {
                      cfg.rope_theta};
   BlockDims bb_dims{dc, cfg.bb_heads, cfg.bb_kv_heads, hd, cfg.bb_d_ff, cfg.qk_norm, cfg.norm_eps,
                     cfg.rope_theta};
-  enc_.init(params_, "encoder.layers.", cfg.enc_layers, tok_dims, ParamGroup::TokenHidden);
+  BlockDims enc_dims = tok_dims, dec_dims = tok_dims;
+  enc_dims.window = cfg.enc_window;
+  dec_dims.window = cfg.dec_window;
+  enc_.init(params_, "encoder.layers.", cfg.enc_layers, enc_dims, ParamGroup::TokenHidden);
   enc_norm_ = norm("encoder.norm.weight", d);
   if (projected_) {
     r_wq_ = mat("router.wq.weight", ds_, d, ParamGroup::TokenHidden);
@@ -72,7 +75,7 @@ DlcmModel::DlcmModel(const ModelConfig& cfg) {
   x_w1_ = mat("xattn.ffn.w1.weight", cfg.x_d_ff, d, ParamGroup::TokenHidden);
   x_w2_ = mat("xattn.ffn.w2.weight", d, cfg.x_d_ff, ParamGroup::TokenHidden);
   x_w3_ = mat("xattn.ffn.w3.weight", cfg.x_d_ff, d, ParamGroup::TokenHidden);
-  dec_.init(params_, "decoder.layers.", cfg.dec_layers, tok_dims, ParamGroup::TokenHidden);
+  dec_.init(params_, "decoder.layers.", cfg.dec_layers, dec_dims, ParamGroup::TokenHidden);
   dec_norm_ = norm("decoder.norm.weight", d);
   lm_head_ = params_.add("lm_head.weight", {V, d}, ParamGroup::Other, true);
   params_.finalize();

@@ -51,10 +51,17 @@ double FlopsReport::backbone_flops_share() const {
   return t > 0 ? flops("backbone") / t : 0.0;
 }
 
-double block_flops_per_position(i64 d, i64 H, i64 Hkv, i64 hd, i64 dff, double len) {
+double causal_keys_per_query(double len, i64 window) {
+  if (window <= 0 || double(window) >= len) return (len + 1) / 2;
+  // Positions t < w see t + 1 keys, the remaining len - w see w.
+  const double w = double(window);
+  return (w * (w + 1) / 2 + (len - w) * w) / len;
+}
+
+double block_flops_per_position(i64 d, i64 H, i64 Hkv, i64 hd, i64 dff, double len, i64 window) {
   double proj = 2.0 * d * (H * hd) * 2 + 2.0 * d * (Hkv * hd) * 2;  // q, o, k, v
   double ffn = 2.0 * 3 * d * dff;
-  double attn = 4.0 * hd * H * (len + 1) / 2;  // causal: average (len+1)/2 keys
+  double attn = 4.0 * hd * H * causal_keys_per_query(len, window);
   return proj + ffn + attn;
 }
 
@@ -83,7 +90,8 @@ FlopsReport flops_report(const ModelConfig& m, i64 L, double R) {
   const double M = L / R;  // concepts per row
   r.model.push_back({"embedding", 0});
   r.model.push_back({"encoder", m.enc_layers * block_flops_per_position(d, m.n_heads, m.n_kv_heads,
-                                                                         hd, m.d_ff, L)});
+                                                                         hd, m.d_ff, L,
+                                                                         m.enc_window)});
   r.model.push_back({"router", m.router.kind == "raw" ? 0.0 : 2.0 * 2 * d * ds});
   // mean pooling adds are negligible; W_up runs once per concept
   r.model.push_back({"pooling", 2.0 * d * dc / R});
@@ -103,7 +111,8 @@ FlopsReport flops_report(const ModelConfig& m, i64 L, double R) {
   if (m.xattn_impl == "replicate") r.kernel.push_back({"cross_attention", r.xattn.replicate});
   r.model.push_back({"cross_ffn", 2.0 * 3 * d * m.x_d_ff});
   r.model.push_back({"decoder", m.dec_layers * block_flops_per_position(d, m.n_heads, m.n_kv_heads,
-                                                                         hd, m.d_ff, L)});
+                                                                         hd, m.d_ff, L,
+                                                                         m.dec_window)});
   r.model.push_back({"head", 2.0 * d * V});
   r.params = {
       {"embedding", V * d},
