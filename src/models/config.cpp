@@ -436,7 +436,7 @@ ConfigSize config_size(const Config& c, const std::string& src) {
   const i64 d = m.d_token, hd = m.head_dim;
   const i64 tokens = k.mul(c.train.batch_size, c.train.seq_len);
   const i64 tok_block = block_act_per_token(k, d, m.n_heads, m.n_kv_heads, hd, m.d_ff);
-  i64 per_token = k.sum(k.mul(2, m.vocab_size), k.mul(8, d));  // logits and their gradient
+  i64 per_token = k.mul(8, d);  // embedding, final norm and their gradients
   if (!m.is_dlcm()) {
     per_token = k.add(per_token, k.mul(m.n_layers, tok_block));
   } else {
@@ -448,7 +448,8 @@ ConfigSize config_size(const Config& c, const std::string& src) {
                       k.mul(m.bb_layers, bb_block), xattn, k.mul(8, m.d_concept),
                       k.mul(4, m.scan_dim()));
   }
-  r.activations = k.mul(tokens, per_token);
+  // The head computes logits in chunks of 256 rows (nn/lm_head.h): no [tokens, V] tensor.
+  r.activations = k.add(k.mul(tokens, per_token), k.mul(512, m.vocab_size));
   return r;
 }
 
