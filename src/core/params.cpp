@@ -21,7 +21,7 @@ Param* ParamStore::add(const std::string& name, std::vector<i64> shape, ParamGro
   // Keep every tensor 64-byte aligned inside the block.
   total_ += (p.numel + 15) / 16 * 16;
   params_.push_back(std::move(p));
-  by_name_.emplace(name, &params_.back());
+  by_name_.emplace(name, params_.size() - 1);
   return &params_.back();
 }
 
@@ -58,7 +58,7 @@ void ParamStore::zero_grad() { std::fill(grad_.begin(), grad_.end(), 0.0f); }
 
 Param* ParamStore::find(const std::string& name) {
   auto it = by_name_.find(name);
-  return it == by_name_.end() ? nullptr : it->second;
+  return it == by_name_.end() ? nullptr : &params_[it->second];
 }
 
 }  // namespace dlcm
