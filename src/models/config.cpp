@@ -36,6 +36,9 @@ nlohmann::json config_to_json(const Config& c) {
   j["target_R"] = m.target_R;
   j["aux_weight"] = m.aux_weight;
   j["xattn_impl"] = m.xattn_impl;
+  j["concept_repr"] = m.concept_repr;
+  j["concept_visibility"] = m.concept_visibility;
+  j["concept_path"] = m.concept_path;
   j["qk_norm"] = m.qk_norm;
   j["rope_theta"] = m.rope_theta;
   j["norm_eps"] = m.norm_eps;
@@ -156,6 +159,9 @@ Config config_from_json(const json& src, const std::string& source) {
   get(j, "target_R", m.target_R);
   get(j, "aux_weight", m.aux_weight);
   get(j, "xattn_impl", m.xattn_impl);
+  get(j, "concept_repr", m.concept_repr);
+  get(j, "concept_visibility", m.concept_visibility);
+  get(j, "concept_path", m.concept_path);
   get(j, "qk_norm", m.qk_norm);
   get(j, "rope_theta", m.rope_theta);
   get(j, "norm_eps", m.norm_eps);
@@ -298,6 +304,17 @@ void validate(const Config& c, const std::string& src) {
     DLCM_CHECK(m.aux_weight >= 0, src, ": 'aux_weight' must be >= 0");
     DLCM_CHECK(m.xattn_impl == "compact" || m.xattn_impl == "replicate", src,
                ": 'xattn_impl' must be \"compact\" or \"replicate\", got \"", m.xattn_impl, "\"");
+    DLCM_CHECK(m.concept_repr == "mean" || m.concept_repr == "first" ||
+                   m.concept_repr == "prefix_mean",
+               src, ": 'concept_repr' must be \"mean\", \"first\" or \"prefix_mean\", got \"",
+               m.concept_repr, "\"");
+    DLCM_CHECK(m.concept_visibility == "shifted" || m.concept_visibility == "inclusive", src,
+               ": 'concept_visibility' must be \"shifted\" or \"inclusive\", got \"",
+               m.concept_visibility, "\"");
+    DLCM_CHECK(!(m.concept_visibility == "inclusive" && m.concept_repr == "mean"), src,
+               ": 'concept_visibility' \"inclusive\" with 'concept_repr' \"mean\" leaks the "
+               "future (a token would see the mean of tokens after it); use 'concept_repr' "
+               "\"first\" or \"prefix_mean\", or 'concept_visibility' \"shifted\"");
   }
   if (m.mup.enabled) {
     pos(m.mup.d_base, "mup.d_base");

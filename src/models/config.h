@@ -58,6 +58,10 @@ struct ModelConfig {
   float target_R = 4.0f;
   float aux_weight = 0.03f;
   std::string xattn_impl = "compact";  // "compact" | "replicate" (same function)
+  // Research variants (SPEC 4.9; docs/dlcm.md). "inclusive" needs "first" or "prefix_mean".
+  std::string concept_repr = "mean";           // "mean" | "first" | "prefix_mean"
+  std::string concept_visibility = "shifted";  // "shifted" | "inclusive"
+  bool concept_path = true;  // false: no backbone, no concept attention (Psi = H), control
   // shared
   bool qk_norm = false;
   float rope_theta = 10000.0f;
