@@ -50,7 +50,6 @@ class ConceptPool {
   // Streaming: C [n, dc] = W_up pooled [n, d] (pooled rows made by the caller per repr()).
   void project(float* C, const float* pooled, i64 n) const;
   ConceptRepr repr() const { return repr_; }
-  const float* last_concepts() const { return C_.data(); }
 
  private:
   Param* w_up_ = nullptr;
@@ -130,7 +129,6 @@ class ConceptCrossAttention {
   // Offset of the first registered parameter: from there on, gradients are complete after
   // backward() (ParamStore order).
   i64 param_offset() const;
-  const float* last_output() const { return X_.data(); }
 
  private:
   void ffn_forward(float* X, float* psi, float* pn, float* pn_rstd, float* fa, float* fb,
