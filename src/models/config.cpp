@@ -55,6 +55,9 @@ const std::vector<ConfigKey> kKeys = {
     NUM_GT("target_R", model.target_R, 1, 1024, "dlcm: target tokens per concept"),
     NUM("aux_weight", model.aux_weight, 0, 1000, "dlcm: weight of the compression loss"),
     STR("xattn_impl", model.xattn_impl, "compact|replicate", "dlcm: cross-attention implementation (same function)"),
+    STR("concept_repr", model.concept_repr, "mean|first|prefix_mean", "dlcm: concept vector = mean of its tokens, its first token, or the mean of its prefix"),
+    STR("concept_visibility", model.concept_visibility, "shifted|inclusive", "dlcm: a token sees concepts closed before its own (shifted) or also its own (inclusive; not with mean)"),
+    BOOL("concept_path", model.concept_path, "dlcm: false = control without backbone and concept attention (Psi = H)"),
     NUM("enc_window", model.enc_window, 0, kSeq, "dlcm: encoder sliding attention window, token t sees (t-w, t] (0 = full; <= max_seq_len)"),
     NUM("dec_window", model.dec_window, 0, kSeq, "dlcm: decoder sliding attention window (0 = full; <= max_seq_len)"),
     BOOL("qk_norm", model.qk_norm, "RMSNorm on queries and keys"),
@@ -423,8 +426,13 @@ i64 model_param_count(const ModelConfig& m, const std::string& src) {
   const i64 router = m.router.kind == "projected" ? k.mul(k.mul(2, m.scan_dim()), d) : 0;
   const i64 bb_block =
       block_param_count(k, dc, m.bb_heads, m.bb_kv_heads, hd, m.bb_d_ff, m.qk_norm);
-  const i64 xattn = k.sum(d, k.mul(xq, d), k.mul(k.mul(2, xkv), dc), k.mul(d, xq), k.mul(2, hd), d,
-                          k.mul(k.mul(3, m.x_d_ff), d));
+  const i64 cross_ffn = k.sum(d, k.mul(k.mul(3, m.x_d_ff), d));
+  // concept_path = false registers no pooling, backbone or concept attention (the control).
+  if (!m.concept_path)
+    return k.sum(emb, k.mul(m.enc_layers, tok_block), d, router, cross_ffn,
+                 k.mul(m.dec_layers, tok_block), d, emb);
+  const i64 xattn = k.sum(d, k.mul(xq, d), k.mul(k.mul(2, xkv), dc), k.mul(d, xq), k.mul(2, hd),
+                          cross_ffn);
   return k.sum(emb, k.mul(m.enc_layers, tok_block), d, router, k.mul(dc, d),
                k.mul(m.bb_layers, bb_block), dc, dc, xattn, k.mul(m.dec_layers, tok_block), d,
                emb);
@@ -484,6 +492,10 @@ void validate(const Config& c_in, const std::string& src) {
   if (m.is_dlcm()) {
     heads(m.bb_heads, m.bb_kv_heads, "bb_heads", "bb_kv_heads");
     heads(m.x_heads, m.x_kv_heads, "x_heads", "x_kv_heads");
+    DLCM_CHECK(!(m.concept_visibility == "inclusive" && m.concept_repr == "mean"), src,
+               ": 'concept_visibility' \"inclusive\" with 'concept_repr' \"mean\" leaks the "
+               "future (a token would see the mean of tokens after it); use 'concept_repr' "
+               "\"first\" or \"prefix_mean\", or 'concept_visibility' \"shifted\"");
     for (auto [w, k] : {std::pair{m.enc_window, "enc_window"}, {m.dec_window, "dec_window"}})
       DLCM_CHECK(w <= m.max_seq_len, src, ": '", k, "' must be in [0, max_seq_len = ",
                  m.max_seq_len, "] (0 = full causal attention), got ", w);

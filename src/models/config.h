@@ -77,6 +77,10 @@ struct ModelConfig {
   // tokens (t - w, t]; 0 = full causal.
   i64 enc_window = 0;
   i64 dec_window = 0;
+  // Research variants (SPEC 4.9; docs/dlcm.md). "inclusive" needs "first" or "prefix_mean".
+  std::string concept_repr = "mean";           // "mean" | "first" | "prefix_mean"
+  std::string concept_visibility = "shifted";  // "shifted" | "inclusive"
+  bool concept_path = true;  // false: no backbone, no concept attention (Psi = H), control
   // shared
   bool qk_norm = false;
   float rope_theta = 10000.0f;
