@@ -7,7 +7,7 @@
 #include <vector>
 
 #include "core/params.h"
-#include "infer/stream.h"
+#include "models/stream.h"
 #include "models/config.h"
 
 namespace dlcm {
@@ -79,7 +79,7 @@ class LanguageModel {
 
   // Streaming inference (SPEC 5): a stream with o.max_seqs slots of up to stream_len(o) tokens,
   // its caches allocated once here. It reads this model's weights (it must not outlive the
-  // model) and its logits equal logits() over each slot's tokens (see infer/stream.h for the
+  // model) and its logits equal logits() over each slot's tokens (see models/stream.h for the
   // contract). The baseline keeps a KV cache per layer; the DLCM keeps the state of SPEC 5
   // (encoder/backbone/decoder KV caches, router's last q, open concept, smoother, concept K/V
   // with multiplicities) and thresholds p with o.tau.
