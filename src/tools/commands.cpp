@@ -24,7 +24,7 @@
 #include "models/flops.h"
 #include "models/plan.h"
 #include "models/model.h"
-#include "train/checkpoint.h"
+#include "models/checkpoint.h"
 #include "train/trainer.h"
 
 namespace dlcm {
@@ -109,15 +109,6 @@ std::vector<std::vector<i32>> read_token_rows(const std::string& path) {
   }
   DLCM_CHECK(!rows.empty(), path, ": no token rows found");
   return rows;
-}
-
-std::unique_ptr<LanguageModel> load_model(const std::string& path, std::string* dir_out) {
-  std::string dir = resolve_checkpoint(path);
-  Config cfg = load_checkpoint_config(dir);
-  auto m = make_model(cfg.model);
-  load_checkpoint_params(dir, m->params());
-  if (dir_out) *dir_out = dir;
-  return m;
 }
 
 int cmd_forward(const ForwardArgs& a) {

@@ -14,22 +14,12 @@
 
 #include "core/profiler.h"
 #include "kernels/gemm.h"
-#include "train/checkpoint.h"
+#include "models/checkpoint.h"
 
 namespace dlcm {
 namespace fs = std::filesystem;
 using nlohmann::json;
 using Clock = std::chrono::steady_clock;
-
-std::string resolve_checkpoint(const std::string& path) {
-  if (is_checkpoint(path)) return path;
-  std::string sub = (fs::path(path) / "checkpoint").string();
-  if (is_checkpoint(sub)) return sub;
-  if (!fs::exists(path))
-    fail(path, ": no such checkpoint or run directory (give the --out folder of 'dlcm train')");
-  fail(path, ": not a checkpoint (no config.json and model.safetensors here or in ",
-       "checkpoint/); give the --out folder of 'dlcm train'");
-}
 
 double measure_gemm_peak_gflops(double seconds, i64 n) {
   Buf a(n * n, 0.5f), b(n * n, 0.25f), c(n * n, 0.f);
