@@ -19,6 +19,7 @@
 #include "data/train_data.h"
 #include "infer/generate.h"
 #include "infer/segment.h"
+#include "eval/validate.h"
 #include "eval/zero_shot.h"
 #include "infer/sampler.h"
 #include "models/flops.h"
@@ -341,12 +342,8 @@ int cmd_eval(const EvalArgs& a) {
     DLCM_CHECK(cfg.train.seq_len <= cfg.model.max_seq_len, "--seq-len ", cfg.train.seq_len,
                " exceeds the model's max_seq_len ", cfg.model.max_seq_len);
     TrainData data = open_train_data(a.data, cfg);
-    TrainOptions o;
-    o.quiet = true;
-    o.peak_gflops = 1;
-    o.init_from = dir;
-    Trainer tr(cfg, std::move(data), o);
-    auto v = tr.validate(a.limit);
+    auto m = load_model(dir);
+    ValResult v = validate_split(*m, data, cfg.train.batch_size, cfg.train.seq_len, a.limit);
     r["data"] = a.data;
     r["val_loss"] = v.loss;
     r["val_ppl"] = v.ppl;

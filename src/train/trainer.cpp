@@ -296,34 +296,7 @@ StepResult Trainer::train_step() {
 }
 
 Trainer::ValResult Trainer::validate(i64 max_batches) {
-  ValResult v;
-  if (!data_.val_count) return v;
-  const i64 B = cfg_.train.batch_size, L = cfg_.train.seq_len;
-  i64 n = data_.val_count(B, L);
-  if (max_batches >= 0) n = std::min(n, max_batches);
-  std::vector<i32> tk(B * L), tg(B * L);
-  ops::PrecisionScope fp32(ops::Precision::FP32);  // validation is always FP32
-  // Under MPI rank r evaluates batches r, r + ranks, ...; the sums are then added up.
-  double sums[4] = {0, 0, 0, 0};  // CE, targets, concepts, positions
-  for (i64 i = rank_; i < n; i += world_) {
-    data_.val_batch(i, B, L, tk.data(), tg.data());
-    MicroStats s = model_->eval_micro(Batch{tk.data(), tg.data(), B, L, 0});
-    sums[0] += s.ce_sum;
-    sums[1] += s.n_targets;
-    sums[2] += s.n_concepts;
-    sums[3] += s.n_positions;
-  }
-  dist::allreduce_sum(sums, 4);
-  const double ce = sums[0], concepts = sums[2], positions = sums[3];
-  const i64 count = i64(sums[1]);
-  v.tokens = count;
-  v.loss = ce / std::max<i64>(count, 1);
-  v.ppl = std::exp(v.loss);
-  // bits per UTF-8 byte: scale the byte count to the share of the split evaluated
-  if (data_.val_bytes > 0 && data_.val_tokens > 0 && count > 0)
-    v.bpb = ce / std::log(2.0) / (data_.val_bytes * double(count) / double(data_.val_tokens));
-  if (concepts > 0) v.compression = positions / concepts;
-  return v;
+  return validate_split(*model_, data_, cfg_.train.batch_size, cfg_.train.seq_len, max_batches);
 }
 
 void Trainer::save_checkpoint_now() {

@@ -12,6 +12,7 @@
 
 #include "core/dist.h"
 #include "data/train_data.h"
+#include "eval/validate.h"
 #include "kernels/gemm.h"
 #include "models/model.h"
 #include "train/optimizer.h"
@@ -49,10 +50,9 @@ class Trainer {
   // and writes a final checkpoint.
   void run();
   StepResult train_step();
-  struct ValResult {
-    double loss = 0, ppl = 0, bpb = 0, compression = 0;
-    i64 tokens = 0;
-  };
+  using ValResult = dlcm::ValResult;
+  // validate_split (eval/validate.h) of the model on the run's validation data with the
+  // training batch shape, the first max_batches batches (-1: all).
   ValResult validate(i64 max_batches = -1);
   void save_checkpoint_now();
 
