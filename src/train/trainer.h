@@ -29,9 +29,8 @@ struct TrainOptions {
 };
 
 struct StepResult {
-  double loss = 0, ce = 0, aux = 0, lr = 0, grad_norm = 0;
-  double F = 0, G = 0;
-  double F_thresholded = 0;  // DLCM: share of positions the inference rule (p >= tau) cuts
+  double loss = 0, ce = 0, lr = 0, grad_norm = 0;  // loss = ce + terms.aux_loss
+  LossTerms terms;  // the model's auxiliary loss and log fields (DLCM: aux, F, G, ...)
   double seconds = 0;
   double allreduce_seconds = 0;  // MPI: time spent finishing the gradient all-reduce
   i64 buckets = 0, buckets_early = 0;  // MPI: gradient buckets, those started during backward
