@@ -15,7 +15,6 @@
 #include "kernels/ops.h"
 #include "model_fixtures.h"
 #include "testing.h"
-#include "tools/commands.h"
 
 using namespace dlcm;
 namespace fs = std::filesystem;
