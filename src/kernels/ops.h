@@ -61,6 +61,10 @@ double cross_entropy_fused(float* logits, const i32* targets, i64 N, i64 V, floa
 double cross_entropy_forward(const float* logits, const i32* targets, i64 N, i64 V,
                              float* row_loss);
 
+// ---- log-sum-exp of one row: log(sum_j exp(x[j])) of x [n], computed as max + log(sum
+// exp(x - max)) (the log-softmax of entry j is x[j] - result); *max_out gets max_j x[j] ----
+double logsumexp(const float* x, i64 n, float* max_out = nullptr);
+
 // ---- optimizer pieces ----
 // AdamW with decoupled weight decay wd (0 for non-matrices); step t is 1-based.
 void adamw_update(float* w, const float* g, float* m, float* v, i64 n, float lr, float beta1,

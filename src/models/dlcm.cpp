@@ -320,6 +320,24 @@ MicroStats DlcmModel::eval_micro(const Batch& mb, float* row_loss) {
   return s;
 }
 
+LossTerms DlcmModel::loss_terms(const MicroStats& st) const {
+  LossTerms t;
+  double aux = 0, F = 0, G = 0, F_thresholded = 0;
+  if (st.n_positions > 0) {
+    const ops::AuxLoss a = ops::global_parser_loss(st.sum_b, st.sum_p, double(st.n_positions),
+                                                   double(cfg_.target_R));
+    aux = a.value;
+    F = a.F;
+    G = a.G;
+    F_thresholded = double(st.n_thresholded) / double(st.n_positions);
+  }
+  t.aux_loss = cfg_.aux_weight * aux;
+  t.fields = {{"aux", aux}, {"F", F}, {"G", G},
+              {"compression", F > 0 ? 1.0 / F : 0.0},  // sampled boundaries
+              {"compression_thresholded", F_thresholded > 0 ? 1.0 / F_thresholded : 0.0}};
+  return t;
+}
+
 void DlcmModel::logits(const i32* tokens, i64 B, i64 L, float* out) {
   encode(tokens, B, L);
   live_micro_ = -1;

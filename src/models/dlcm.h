@@ -28,6 +28,9 @@ class DlcmModel : public LanguageModel {
   void reserve(i64 B, i64 L) override;
   double prepare_step(const std::vector<Batch>& micro, const StepContext& ctx) override;
   MicroStats train_micro(const Batch& b, i64 index, const StepContext& ctx) override;
+  // Global Parser loss (weighted by aux_weight) and the log's aux, F, G, compression and
+  // compression_thresholded (sampled and inference-rule boundaries).
+  LossTerms loss_terms(const MicroStats& step) const override;
   // Thresholded boundaries, or the batch's given ones (Batch::boundaries).
   MicroStats eval_micro(const Batch& b, float* row_loss) override;
   void logits(const i32* tokens, i64 B, i64 L, float* out) override;

@@ -424,7 +424,7 @@ int cmd_bench_train(const BenchTrainArgs& a) {
       auto t0 = std::chrono::steady_clock::now();
       for (i64 s = 0; s < a.steps; ++s) {
         StepResult sr = e.tr->train_step();
-        e.sum_F += sr.F;
+        e.sum_F += sr.terms.value("F");
         ++e.n_F;
         rss_steps.push_back(bench::read_rss().now_mib);
       }

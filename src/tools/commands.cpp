@@ -19,12 +19,13 @@
 #include "data/train_data.h"
 #include "infer/generate.h"
 #include "infer/segment.h"
+#include "eval/validate.h"
 #include "eval/zero_shot.h"
 #include "infer/sampler.h"
 #include "models/flops.h"
 #include "models/plan.h"
 #include "models/model.h"
-#include "train/checkpoint.h"
+#include "models/checkpoint.h"
 #include "train/trainer.h"
 
 namespace dlcm {
@@ -98,15 +99,6 @@ std::vector<std::vector<i32>> read_token_rows(const std::string& path) {
   }
   DLCM_CHECK(!rows.empty(), path, ": no token rows found");
   return rows;
-}
-
-std::unique_ptr<LanguageModel> load_model(const std::string& path, std::string* dir_out) {
-  std::string dir = resolve_checkpoint(path);
-  Config cfg = load_checkpoint_config(dir);
-  auto m = make_model(cfg.model);
-  load_checkpoint_params(dir, m->params());
-  if (dir_out) *dir_out = dir;
-  return m;
 }
 
 int cmd_forward(const ForwardArgs& a) {
@@ -339,12 +331,8 @@ int cmd_eval(const EvalArgs& a) {
     DLCM_CHECK(cfg.train.seq_len <= cfg.model.max_seq_len, "--seq-len ", cfg.train.seq_len,
                " exceeds the model's max_seq_len ", cfg.model.max_seq_len);
     TrainData data = open_train_data(a.data, cfg);
-    TrainOptions o;
-    o.quiet = true;
-    o.peak_gflops = 1;
-    o.init_from = dir;
-    Trainer tr(cfg, std::move(data), o);
-    auto v = tr.validate(a.limit);
+    auto m = load_model(dir);
+    ValResult v = validate_split(*m, data, cfg.train.batch_size, cfg.train.seq_len, a.limit);
     r["data"] = a.data;
     r["val_loss"] = v.loss;
     r["val_ppl"] = v.ppl;

@@ -6,14 +6,10 @@
 #include <vector>
 
 #include "core/common.h"
+#include "models/checkpoint.h"  // load_model, resolve_checkpoint
 #include "models/config.h"
 
 namespace dlcm {
-
-class LanguageModel;
-// A model with a checkpoint's weights (`path`: checkpoint or run folder); dir_out gets the
-// checkpoint folder. Errors name the folder and file at fault.
-std::unique_ptr<LanguageModel> load_model(const std::string& path, std::string* dir_out = nullptr);
 
 struct TrainArgs {
   std::string config, data, out, init_from;
