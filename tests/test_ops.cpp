@@ -885,15 +885,19 @@ void run_concept_gather(const Case& c, Mode m) {
   test::fill_normal(H.in[0].data(), K, 101);
   H.out_sizes = {N * W};
   H.fwd = [&](Impl im, std::vector<Buf>& o) {
-    (im == Fast ? ops::concept_gather : ops::ref::concept_gather<float>)(
-        o[0].data(), H.in[0].data(), sg, W);
+    if (im == Fast)
+      ops::concept_gather(o[0].data(), H.in[0].data(), sg, W);
+    else
+      ops::ref::concept_gather<float>(o[0].data(), H.in[0].data(), sg, W);
   };
   H.fwd64 = [&](const std::vector<Vec>& in, Vec& o) {
     ops::ref::concept_gather<double>(o.data(), in[0].data(), sg, W);
   };
   H.bwd = [&](Impl im, const std::vector<Buf>&, const float* dout, std::vector<Buf>& g) {
-    (im == Fast ? ops::concept_scatter_add : ops::ref::concept_scatter_add)(g[0].data(), dout,
-                                                                            sg, W);
+    if (im == Fast)
+      ops::concept_scatter_add(g[0].data(), dout, sg, W);
+    else
+      ops::ref::concept_scatter_add(g[0].data(), dout, sg, W);
   };
   H.bytes = {4.0 * (2 * N * W), 4.0 * (N * W + 2 * K)};
   finish(H, c, m, 25);
