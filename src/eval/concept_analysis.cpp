@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <limits>
 
 #include "data/loader.h"
@@ -54,6 +56,13 @@ bool is_word(int32_t c) {
 }
 
 double ratio(double a, double b) { return b > 0 ? a / b : 0.0; }
+
+// A float as the 7 significant digits it holds (0.3, not 0.30000001192092896).
+double float_value(float v) {
+  char b[32];
+  std::snprintf(b, sizeof b, "%.7g", double(v));
+  return std::strtod(b, nullptr);
+}
 
 }  // namespace
 
@@ -430,7 +439,7 @@ AnalysisReport analyze_checkpoint(LanguageModel& m, const DataDir& d, const Anal
 json report_json(const AnalysisReport& r) {
   json j = {{"checkpoint", r.checkpoint},
             {"data", r.data},
-            {"tau", r.tau},
+            {"tau", float_value(r.tau)},
             {"windows", r.windows},
             {"seq_len", r.L},
             {"tokens", r.tokens},

@@ -73,7 +73,9 @@ PlotSeries line(const std::string& label, std::vector<double> x, std::vector<dou
   return s;
 }
 
-std::string render_page(const AnalysisReport& r) {
+}  // namespace
+
+std::string analysis_html(const AnalysisReport& r) {
   std::ostringstream h;
   h << "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>dlcm analyze</title>\n<style>"
        "body{font-family:sans-serif;margin:24px;max-width:1100px}table{border-collapse:collapse;"
@@ -127,11 +129,7 @@ std::string render_page(const AnalysisReport& r) {
                 {line("", t, R, 0), line("this tau", {r.tau}, {r.lengths.mean}, 1)}};
     PlotPanel b{"share of router decisions that cut", "tau", "boundary rate", false, false, {},
                 {line("", t, rate, 0)}};
-    h << "<h2 id=\"tau\">Compression against tau</h2>\n" << render_svg({a, b}, 2, "") << "<table><tr><th>tau</th>";
-    for (const TauPoint& p : r.taus) h << "<td>" << fmt(p.tau, 2) << "</td>";
-    h << "</tr><tr><th>tokens/concept</th>";
-    for (const TauPoint& p : r.taus) h << "<td>" << fmt(p.tokens_per_concept, 2) << "</td>";
-    h << "</tr></table>\n";
+    h << "<h2 id=\"tau\">Compression against tau</h2>\n" << render_svg({a, b}, 2, "");
   }
 
   // Alignment.
@@ -221,6 +219,8 @@ std::string render_page(const AnalysisReport& r) {
   return h.str();
 }
 
+namespace {
+
 void write_text(const std::string& path, const std::string& text) {
   std::ofstream f(path, std::ios::binary);
   DLCM_CHECK(f, path, ": cannot write (check --out)");
@@ -251,7 +251,7 @@ int cmd_analyze(const AnalyzeArgs& a) {
   const std::string json_path = (fs::path(a.out) / "analysis.json").string();
   const std::string html_path = (fs::path(a.out) / "analysis.html").string();
   write_text(json_path, report_json(r).dump(1) + "\n");
-  write_text(html_path, render_page(r));
+  write_text(html_path, analysis_html(r));
   std::fprintf(stderr, "[analyze] %lld windows x %lld tokens, tau %.3f: %.3f tokens/concept, loss %.4f",
                (long long)r.windows, (long long)r.L, r.tau, r.lengths.mean, r.val_loss);
   if (base) std::fprintf(stderr, " (baseline %.4f)", r.base_val_loss);

@@ -133,6 +133,9 @@ struct AnalyzeArgs {
   double tau = -1;  // < 0: the checkpoint's router.tau
 };
 int cmd_analyze(const AnalyzeArgs& a);
+struct AnalysisReport;
+// The self-contained analysis.html page (tables and inline SVG figures) of a report.
+std::string analysis_html(const AnalysisReport& r);
 
 // `dlcm mup coord-check`: the µP coordinate check (train/coord_check.h) written as
 // OUT/coord_check.{csv,json,svg}, with a summary of the spread across widths on stdout.
