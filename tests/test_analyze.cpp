@@ -407,6 +407,28 @@ TEST(AnalyzeCommand, SourcesOfOlderDataFolders) {
   EXPECT_EQ(got.names, expect.names);
   EXPECT_EQ(got.doc, expect.doc);
   EXPECT_NE(got.origin.find("re-derived"), std::string::npos);
+  // Each validation document's source matches its text (code lines hold " = f(").
+  DataDir dd = open_data_dir(f.data);
+  std::vector<std::vector<i32>> docs;
+  for (i64 i = 0; i < dd.val->size(); ++i) {
+    if (dd.val->at(i) == dd.tokenizer->bos_id()) docs.emplace_back();
+    docs.back().push_back(dd.val->at(i));
+  }
+  ASSERT_EQ(docs.size(), expect.doc.size());
+  for (size_t k = 0; k < docs.size(); ++k)
+    EXPECT_EQ(dd.tokenizer->decode(docs[k]).find(" = f(") != std::string::npos,
+              expect.names[expect.doc[k]] == "code") << k;
+
+  // A relative corpus path (prepare run elsewhere) is found from a folder above the data.
+  test::TempDir rel;
+  fs::copy(f.corpus, rel.path + "/c.jsonl");
+  fs::create_directories(rel.path + "/sub");
+  test::CmdResult p = test::run_command("cd " + rel.path + " && " + kDlcm +
+                                        " prepare --input c.jsonl --out sub/data --tokenizer bytes --val-fraction 0.05 2>&1");
+  ASSERT_EQ(p.rc, 0) << p.out;
+  fs::remove(rel.path + "/sub/data/" + kValSourcesFile);
+  ASSERT_TRUE(load_val_sources(open_data_dir(rel.path + "/sub/data"), got, &why)) << why;
+  EXPECT_EQ(got.doc, expect.doc);
 
   const std::string args = "analyze --batches 2 --ckpt " + f.dlcm + " --data " + old + " --out " + tmp.path;
   test::CmdResult r = test::run_dlcm(args + "/a1");

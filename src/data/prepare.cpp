@@ -500,10 +500,19 @@ bool load_val_sources(const DataDir& d, ValSources& out, std::string* why) {
   } catch (const json::exception&) {
     return no(std::string(kValSourcesFile) + " is missing and meta.json lacks files/split.val_fraction");
   }
-  for (const auto& f : files)
-    if (!fs::is_regular_file(f))
+  // A relative path is relative to where prepare ran: try the working directory, then the
+  // folders above the data folder.
+  for (auto& f : files) {
+    if (fs::is_regular_file(f)) continue;
+    std::error_code ec;
+    fs::path up = fs::absolute(d.dir, ec);
+    while (!ec && fs::path(f).is_relative() && up.has_relative_path() && !fs::is_regular_file(up / f))
+      up = up.parent_path();
+    if (ec || !fs::path(f).is_relative() || !fs::is_regular_file(up / f))
       return no(std::string(kValSourcesFile) + " is missing (prepared by an older dlcm) and the corpus file " +
-                f + " listed in meta.json is not readable from here");
+                f + " listed in meta.json is not readable from here or from a folder above " + d.dir);
+    f = (up / f).string();
+  }
   Reader rd;
   for (const auto& f : files) rd.read_file(f);
   std::vector<const Doc*> train, val;

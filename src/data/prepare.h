@@ -62,8 +62,9 @@ struct ValSources {
   std::string origin;              // where they came from (the file, or re-derived)
 };
 // Reads DIR/val_sources.json. A folder prepared before that file existed gets its sources
-// re-derived: the corpus files listed in meta.json are read, cleaned and split again exactly as
-// prepare does, and the result must match val.bin (document count, token counts of the first
+// re-derived: the corpus files listed in meta.json (a relative path from the working directory
+// or from a folder above DIR) are read, cleaned and split again exactly as prepare does, and the
+// result must match val.bin (document count, token counts of the first
 // and last documents). Returns false with the reason in *why when neither is possible; throws
 // Error for a malformed val_sources.json.
 bool load_val_sources(const DataDir& d, ValSources& out, std::string* why = nullptr);
