@@ -500,6 +500,7 @@ TEST(AnalyzeCommand, BadInputsGiveOneLineErrors) {
       {"--ckpt " + f.base, "analyze needs a dlcm checkpoint"},
       {"--ckpt " + f.dlcm + " --tau 0", "--tau: expected a value in (0, 1]"},
       {"--ckpt " + f.dlcm + " --seq-len 999", "exceeds the model's max_seq_len"},
+      {"--ckpt " + f.dlcm + " --batches 0", "--batches: expected a positive count"},
       {"--ckpt " + f.dlcm + " --baseline " + f.dir.path + "/nothing", "nothing"},
   };
   for (const auto& [args, msg] : cases) {

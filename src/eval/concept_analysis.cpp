@@ -357,6 +357,8 @@ AnalysisData collect_analysis_data(LanguageModel& m, const DataDir& d, const Ana
   DLCM_CHECK(L > 0, "--seq-len must be positive, got ", L);
   DLCM_CHECK(L <= mc.max_seq_len, "--seq-len ", L, " exceeds the model's max_seq_len ", mc.max_seq_len);
   DLCM_CHECK(o.batch_size > 0, "--batch-size must be positive, got ", o.batch_size);
+  DLCM_CHECK(o.max_batches != 0 && o.max_batches >= -1, "--batches: expected a positive count (or -1 for all), got ",
+             o.max_batches);
   DLCM_CHECK(o.tau < 0 || (o.tau > 0 && o.tau <= 1), "--tau: expected a value in (0, 1], got ", o.tau);
   if (baseline) {
     const ModelConfig& bc = baseline->config();
