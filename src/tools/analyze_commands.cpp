@@ -181,9 +181,11 @@ std::string analysis_html(const AnalysisReport& r) {
       if (pl.has_baseline()) h << "<td>" << fmt(b) << "</td><td>" << fmt(v - b) << "</td>";
       h << "</tr>";
     };
-    row("first concept of a window (sees only z_null)", pl.first_count, pl.first_loss, pl.first_base_loss);
+    row("first concept of a window", pl.first_count, pl.first_loss, pl.first_base_loss);
     row("later concepts", pl.other_count, pl.other_loss, pl.other_base_loss);
-    h << "</table>\n";
+    h << "</table>\n<p class=\"note\">Position k: the k-th token of its concept makes the "
+         "prediction of the next token. Under the strict (shifted) design the tokens of a window's "
+         "first concept see only z_null.</p>\n";
   }
 
   // Sources.
