@@ -125,7 +125,7 @@ std::string analysis_html(const AnalysisReport& r) {
   {
     std::vector<double> t, R, rate;
     for (const TauPoint& p : r.taus) t.push_back(p.tau), R.push_back(p.tokens_per_concept), rate.push_back(p.boundary_rate);
-    PlotPanel a{"realised compression", "tau", "tokens per concept", false, false, {},
+    PlotPanel a{"realised compression", "tau", "tokens per concept", false, true, {},
                 {line("", t, R, 0), line("this tau", {r.tau}, {r.lengths.mean}, 1)}};
     PlotPanel b{"share of router decisions that cut", "tau", "boundary rate", false, false, {},
                 {line("", t, rate, 0)}};
