@@ -130,6 +130,19 @@ struct EvalArgs {
 };
 int cmd_eval(const EvalArgs& a);
 
+// `dlcm analyze`: the concept analysis of a dlcm checkpoint on the validation split of --data
+// (eval/concept_analysis.h) written as OUT/analysis.json and OUT/analysis.html (SVG figures);
+// --baseline adds the baseline's loss on the same tokens by position inside a concept.
+struct AnalyzeArgs {
+  std::string ckpt, data, out = "analysis", baseline;
+  i64 batches = -1, batch_size = 8, seq_len = 0, top = 30;  // batches -1: the whole split
+  double tau = -1;  // < 0: the checkpoint's router.tau
+};
+int cmd_analyze(const AnalyzeArgs& a);
+struct AnalysisReport;
+// The self-contained analysis.html page (tables and inline SVG figures) of a report.
+std::string analysis_html(const AnalysisReport& r);
+
 // `dlcm mup coord-check`: the µP coordinate check (train/coord_check.h) written as
 // OUT/coord_check.{csv,json,svg}, with a summary of the spread across widths on stdout.
 struct CoordCheckArgs {
