@@ -11,7 +11,7 @@
 #include "models/model.h"
 #include "tools/commands.h"
 #include "tools/plot.h"
-#include "train/checkpoint.h"
+#include "models/checkpoint.h"
 
 namespace dlcm {
 namespace fs = std::filesystem;
