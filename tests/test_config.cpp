@@ -121,6 +121,8 @@ TEST(ConfigKeys, OldCheckpointConfigsLoad) {
 TEST(ConfigKeys, EveryKeyRoundTrips) {
   Config base = test::tiny_dlcm();
   base.model.vocab_size = 100;
+  // "first" so that concept_visibility = "inclusive" is valid on its own (not with "mean").
+  base.model.concept_repr = "first";
   const json j0 = config_to_json(base);
   for (const ConfigKey& k : config_keys()) {
     Config probe;
