@@ -357,6 +357,9 @@ void load_params(const std::string& path, ParamStore& ps) {
   for (Param& p : ps.params()) {
     DLCM_CHECK(p.w, "internal: load_params before ParamStore::finalize (", p.name, ")");
     f.read_f32(p.name, p.shape, p.w);
+    const i64 i = first_nonfinite(p.w, p.numel);
+    DLCM_CHECK(i < 0, path, ": tensor '", p.name, "' holds a non-finite value (", p.w[std::max<i64>(i, 0)],
+               " at element ", i, "); the weights are corrupt or come from a diverged run");
   }
 }
 

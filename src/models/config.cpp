@@ -74,7 +74,9 @@ nlohmann::json config_to_json(const Config& c) {
                 {"threads", t.threads},
                 {"allreduce_bucket_mb", t.allreduce_bucket_mb},
                 {"allreduce_overlap", t.allreduce_overlap},
-                {"precision", t.precision}};
+                {"precision", t.precision},
+                {"on_nonfinite", t.on_nonfinite},
+                {"max_nonfinite_skips", t.max_nonfinite_skips}};
   return j;
 }
 
@@ -197,6 +199,8 @@ Config config_from_json(const json& src, const std::string& source) {
   get(tj, "allreduce_bucket_mb", t.allreduce_bucket_mb);
   get(tj, "allreduce_overlap", t.allreduce_overlap);
   get(tj, "precision", t.precision);
+  get(tj, "on_nonfinite", t.on_nonfinite);
+  get(tj, "max_nonfinite_skips", t.max_nonfinite_skips);
   validate(c, source);
   mup_resolve(c.model);
   return c;
@@ -325,6 +329,10 @@ void validate(const Config& c, const std::string& src) {
   DLCM_CHECK(t.allreduce_bucket_mb > 0, src, ": 'train.allreduce_bucket_mb' must be positive");
   DLCM_CHECK(t.precision == "fp32" || t.precision == "bf16", src,
              ": 'train.precision' must be \"fp32\" or \"bf16\", got \"", t.precision, "\"");
+  DLCM_CHECK(t.on_nonfinite == "stop" || t.on_nonfinite == "skip", src,
+             ": 'train.on_nonfinite' must be \"stop\" or \"skip\", got \"", t.on_nonfinite, "\"");
+  DLCM_CHECK(t.max_nonfinite_skips >= 1 && t.max_nonfinite_skips <= 1000000, src,
+             ": 'train.max_nonfinite_skips' must be in [1, 1000000], got ", t.max_nonfinite_skips);
 }
 
 }  // namespace dlcm
