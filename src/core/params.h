@@ -3,6 +3,7 @@
 #pragma once
 #include <deque>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "core/common.h"
@@ -49,6 +50,7 @@ class ParamStore {
 
  private:
   std::deque<Param> params_;
+  std::unordered_map<std::string, Param*> by_name_;  // O(1) find: registration stays linear
   i64 total_ = 0;
   bool finalized_ = false;
   Buf data_, grad_;

@@ -32,6 +32,7 @@ i64 LanguageModel::stream_len(const StreamOptions& o) const {
 std::unique_ptr<LanguageModel> make_model(const ModelConfig& given) {
   ModelConfig cfg = given;
   mup_resolve(cfg);  // logit_mult = 1/s_token under µP
+  check_model_size(cfg, "config");  // refuse absurd sizes before anything is allocated
   std::unique_ptr<LanguageModel> m;
   if (cfg.arch == "baseline") m = std::make_unique<BaselineModel>(cfg);
   else if (cfg.arch == "dlcm") m = std::make_unique<DlcmModel>(cfg);

@@ -217,13 +217,7 @@ static Config bench_config(const std::string& path, const std::vector<std::strin
   if (path.empty()) {
     j = reference_baseline();
   } else {
-    std::ifstream f(path);
-    DLCM_CHECK(f, path, ": cannot open config file (check --config)");
-    try {
-      j = json::parse(f);
-    } catch (const json::parse_error& e) {
-      fail(path, ": invalid JSON: ", e.what());
-    }
+    j = load_config_json(path);
   }
   apply_overrides(j, sets);
   return config_from_json(j, path.empty() ? "reference baseline" : path);

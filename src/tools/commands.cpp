@@ -32,18 +32,7 @@ namespace fs = std::filesystem;
 using nlohmann::json;
 
 Config config_with_overrides(const std::string& path, const std::vector<std::string>& sets) {
-  json j;
-  if (!path.empty()) {
-    std::ifstream f(path);
-    DLCM_CHECK(f, path, ": cannot open config file (check --config)");
-    try {
-      j = json::parse(f);
-    } catch (const json::parse_error& e) {
-      fail(path, ": invalid JSON: ", e.what());
-    }
-  } else {
-    j = json::object();
-  }
+  json j = path.empty() ? json::object() : load_config_json(path);
   apply_overrides(j, sets);
   return config_from_json(j, path.empty() ? "config" : path);
 }
@@ -439,6 +428,16 @@ static json flops_to_json(const FlopsReport& r, const ModelConfig& m, i64 L) {
                             {"kernel_flops_per_token_replicate", r.xattn.replicate}};
   }
   return j;
+}
+
+int cmd_config(const ConfigArgs& a) {
+  if (a.keys) {
+    std::fputs(config_keys_listing(a.markdown).c_str(), stdout);
+    return 0;
+  }
+  const Config cfg = config_with_overrides(a.config, a.sets);
+  std::printf("%s\n", config_to_json(cfg).dump(2).c_str());
+  return 0;
 }
 
 int cmd_flops(const FlopsArgs& a) {

@@ -60,6 +60,16 @@ struct BenchDecodeArgs {
 // Decode tokens/s with the streaming caches against recomputing the whole prefix each step.
 int cmd_bench_decode(const BenchDecodeArgs& a);
 
+// `dlcm config [--config FILE] [--set k=v]...`: prints the resolved, validated config JSON;
+// `--keys` lists every key with its type, default and allowed range (`--markdown`: the table
+// of docs/config.md).
+struct ConfigArgs {
+  std::string config;
+  std::vector<std::string> sets;
+  bool keys = false, markdown = false;
+};
+int cmd_config(const ConfigArgs& a);
+
 struct FlopsArgs {
   std::string config;
   i64 seq_len = 0;

@@ -61,6 +61,13 @@ int main(int argc, char** argv) {
   seg->add_option("--html", sa.html, "write a self-contained HTML page here");
   seg->add_flag("--no-color", sa.no_color, "no ANSI colours (concepts separated by '|')");
 
+  ConfigArgs cf;
+  auto* conf = app.add_subcommand("config", "print the resolved config JSON, or list every key (--keys)");
+  conf->add_option("--config", cf.config, "config JSON (default: the built-in defaults)");
+  conf->add_option("--set", cf.sets, "override a config key: key=value (repeatable)");
+  conf->add_flag("--keys", cf.keys, "list every key: type, default, allowed range, meaning");
+  conf->add_flag("--markdown", cf.markdown, "with --keys: the Markdown table of docs/config.md");
+
   FlopsArgs la;
   auto* flops = app.add_subcommand("flops", "forward FLOPs per token per component (SPEC 7)");
   flops->add_option("--config", la.config, "config JSON")->required();
@@ -231,6 +238,7 @@ int main(int argc, char** argv) {
     }
     if (*fwd) return cmd_forward(fa);
     if (*gen) return cmd_generate(ga);
+    if (*conf) return cmd_config(cf);
     if (*flops) return cmd_flops(la);
     if (*plan) return cmd_plan(pl);
     if (*btrain) {

@@ -11,6 +11,7 @@
 #include <filesystem>
 #include <fstream>
 
+#include "core/json_util.h"
 #include "core/safetensors.h"
 
 namespace dlcm {
@@ -60,11 +61,7 @@ json read_json_file(const std::string& dir, const char* file, const char* what) 
   const std::string p = join(dir, file);
   std::ifstream f(p);
   DLCM_CHECK(f, dir, ": cannot open ", file, " (", what, ")");
-  try {
-    return json::parse(f);
-  } catch (const json::parse_error& e) {
-    fail(p, ": invalid JSON: ", e.what());
-  }
+  return read_json_file_bounded(p);  // bounded size and nesting (core/json_util.h)
 }
 
 bool pid_alive(long pid) { return pid > 0 && (::kill(pid_t(pid), 0) == 0 || errno == EPERM); }
