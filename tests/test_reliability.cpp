@@ -408,8 +408,65 @@ void write_file(const std::string& path, const std::string& bytes) {
   std::ofstream(path, std::ios::binary) << bytes;
 }
 
+// A safetensors file from a header text and a data section.
+std::string safetensors_bytes(const std::string& header, const std::string& data) {
+  std::string out(8, '\0');
+  for (int i = 0; i < 8; ++i) out[i] = char(uint64_t(header.size()) >> (8 * i));
+  return out + header + data;
+}
+
 
 }  // namespace
+
+TEST(Parsing, SafetensorsHeaderBounds) {
+  test::TempDir tmp;
+  const std::string p = tmp.path + "/t.safetensors";
+  const std::string data(16, '\0');
+  auto err = [&](const std::string& header) {
+    write_file(p, safetensors_bytes(header, data));
+    return error_of([&] { SafeTensorsFile f(p); });
+  };
+  // Deeply nested metadata used to overflow the stack while the message was built.
+  std::string deep = R"({"__metadata__": {"k": )" + std::string(100000, '[') +
+                     std::string(100000, ']') + "}}";
+  EXPECT_NE(err(deep).find("nested deeper than 3 levels"), std::string::npos) << err(deep);
+  // Duplicate tensor names are refused (JSON parsers keep the last one silently).
+  const std::string a = R"("a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]})";
+  const std::string a2 = R"("a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]})";
+  EXPECT_NE(err("{" + a + ", " + a2 + "}").find("names tensor 'a' twice"), std::string::npos);
+  EXPECT_EQ(err("{" + a + "}"), "");
+  // Element counts that overflow i64 even with a zero dimension.
+  EXPECT_NE(err(R"({"z": {"dtype": "F32", "shape": [4611686018427387904, 4, 0], "data_offsets": [0, 0]}})")
+                .find("too many elements"),
+            std::string::npos);
+  EXPECT_NE(err(R"({"z": {"dtype": "F32", "shape": [1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1], "data_offsets": [0, 4]}})")
+                .find("at most 16"),
+            std::string::npos);
+  // A huge tensor name is cut in messages.
+  const std::string name(100000, 'n');
+  std::string e = err(R"({")" + name + R"(": {"dtype": "X9", "shape": [], "data_offsets": [0, 0]}})");
+  EXPECT_NE(e.find("unknown dtype"), std::string::npos) << e.substr(0, 300);
+  EXPECT_LT(e.size(), 1000u);
+}
+
+TEST(Parsing, TokenizerModelFileStaysInItsFolder) {
+  test::TempDir tmp;
+  const std::string dir = tmp.path + "/tok";
+  fs::create_directories(dir);
+  write_file(tmp.path + "/secret.model", "outside");
+  auto err = [&](const std::string& model_file) {
+    write_file(dir + "/tokenizer.json", R"({"kind": "bpe", "model_file": )" + model_file + "}");
+    return error_of([&] { load_tokenizer(dir); });
+  };
+  for (const char* bad : {R"("../secret.model")", R"("/etc/passwd")", R"("..")", R"("")"})
+    EXPECT_NE(err(bad).find("must name a file in"), std::string::npos) << bad << ": " << err(bad);
+  EXPECT_NE(err("42").find("must be a string"), std::string::npos);
+  fs::create_symlink(tmp.path + "/secret.model", dir + "/link.model");
+  EXPECT_NE(err(R"("link.model")").find("leads outside"), std::string::npos) << err(R"("link.model")");
+  // Bounded: a tokenizer.json of 2 MiB is refused before parsing.
+  write_file(dir + "/tokenizer.json", R"({"kind": "bytes", "pad": ")" + std::string(2 << 20, 'x') + "\"}");
+  EXPECT_NE(error_of([&] { load_tokenizer(dir); }).find("exceeds the limit"), std::string::npos);
+}
 
 TEST(Parsing, ValidationSplitOfUnderTwoTokensIsAnError) {
   test::TempDir tmp;
@@ -432,6 +489,9 @@ TEST(Parsing, ValidationSplitOfUnderTwoTokensIsAnError) {
   TrainData t = open_train_data(d, c);
   std::string e = error_of([&] { t.val_count(2, 8); });
   EXPECT_NE(e.find("the validation split holds 1 token(s)"), std::string::npos) << e;
+  write_file(d + "/meta.json", R"({"val": {"bytes": -3}})");
+  e = error_of([&] { open_data_dir(d); });
+  EXPECT_NE(e.find("val.bytes missing or not an integer in [0, 2^50]"), std::string::npos) << e;
 }
 
 TEST(Parsing, BenchmarkFileLinesAreBounded) {
@@ -600,11 +660,25 @@ TEST(FaultCli, ExitCodesAndMessagesOfRefusedRuns) {
   r = sh(cli().train(out, "--resume --overwrite"));
   EXPECT_EQ(r.rc, 2) << r.out;
   EXPECT_TRUE(slurp(out + "/checkpoint/model.safetensors") == model) << "checkpoint changed";
-  // A diverging learning rate: exit code 2 naming the step, checkpoint untouched.
-  r = sh(cli().train(out, "--steps 6 --resume --set train.lr=1e30 --set train.grad_clip=0 --set train.ckpt_every=0"));
-  EXPECT_EQ(r.rc, 2) << r.out;
-  EXPECT_NE(r.out.find("non-finite"), std::string::npos) << r.out;
-  EXPECT_TRUE(slurp(out + "/checkpoint/model.safetensors") == model) << "checkpoint changed";
+  // Divergence within the config's ranges (decoupled weight decay lr * wd = 10^4 multiplies
+  // the weights by -9999 per step), in each train.on_nonfinite mode: exit code 2 naming the
+  // step and the component, and the last checkpoint (step 2) finite and in place.
+  const std::string diverge = " --steps 40 --set train.lr=10 --set train.weight_decay=1000 "
+                              "--set train.warmup_steps=0 --set train.schedule=constant "
+                              "--set train.ckpt_every=2";
+  for (const char* mode : {"stop", "skip"}) {
+    const std::string d = tmp.path + "/diverge-" + mode;
+    r = sh(cli().train(d, diverge + " --set train.on_nonfinite=" + mode +
+                              " --set train.max_nonfinite_skips=3"));
+    EXPECT_EQ(r.rc, 2) << mode << ": " << r.out;
+    EXPECT_NE(r.out.find("went non-finite"), std::string::npos) << mode << ": " << r.out;
+    if (std::string(mode) == "skip")
+      EXPECT_NE(r.out.find("3 steps in a row were already skipped"), std::string::npos) << r.out;
+    json st = load_trainer_state(d + "/checkpoint");
+    EXPECT_EQ(st.at("step").get<i64>() % 2, 0) << mode;
+    auto m = make_model(load_checkpoint_config(d + "/checkpoint").model);
+    EXPECT_NO_THROW(load_checkpoint_params(d + "/checkpoint", m->params())) << mode;
+  }
   // flops --seq-len 0 is refused rather than replaced.
   r = sh(kDlcm + " flops --config " + cli().cfg + " --seq-len 0");
   EXPECT_NE(r.rc, 0) << r.out;

@@ -7,6 +7,8 @@
 #include <nlohmann/json.hpp>
 #include <set>
 
+#include "core/json_util.h"
+
 namespace dlcm {
 namespace fs = std::filesystem;
 using nlohmann::json;
@@ -61,14 +63,9 @@ static TaskSpec spec_with_defaults(const std::string& name, const std::string& l
 }
 
 static std::vector<TaskSpec> read_task_file(const std::string& path) {
-  std::ifstream f(path);
-  DLCM_CHECK(f, path, ": cannot open the task file (check --task-file)");
-  json j;
-  try {
-    j = json::parse(f);
-  } catch (const json::parse_error& e) {
-    fail(path, ": invalid JSON: ", e.what());
-  }
+  DLCM_CHECK(fs::exists(path), path, ": cannot open the task file (check --task-file)");
+  // A task file lists a few dozen specs; the bounds only stop a wrong or hostile file.
+  const json j = read_json_file_bounded(path, JsonLimits{8, size_t(1) << 20});
   DLCM_CHECK(j.is_array(), path, ": expected a JSON array of task objects");
   std::vector<TaskSpec> out;
   for (size_t i = 0; i < j.size(); ++i) {
@@ -215,12 +212,8 @@ static void read_json_items(TaskData& d, const std::string& path, i64 limit, con
   for (size_t i = 0; i < lines.size() && (limit < 0 || i64(d.items.size()) < limit); ++i) {
     if (trim(lines[i]).empty()) continue;
     std::string where = path + ":" + std::to_string(i + 1);
-    json j;
-    try {
-      j = json::parse(lines[i]);
-    } catch (const json::parse_error& e) {
-      fail(where, ": invalid JSON: ", e.what());
-    }
+    // Items nest two levels (object, list of choices); 8 leaves room for extra fields.
+    const json j = parse_json_bounded(lines[i], where, JsonLimits{8, kMaxBenchLineBytes});
     DLCM_CHECK(j.is_object(), where, ": expected a JSON object per line");
     Item it;
     it.where = where;
