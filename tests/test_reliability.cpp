@@ -449,6 +449,22 @@ TEST(Parsing, SafetensorsHeaderBounds) {
   EXPECT_LT(e.size(), 1000u);
 }
 
+// Found by fuzz_trainer_state: a number beyond double's range escaped as nlohmann's
+// out_of_range instead of an Error naming the file.
+TEST(Parsing, NumberOverflowInJsonIsAnError) {
+  test::TempDir tmp;
+  const std::string ck = tmp.path + "/ckpt";
+  fs::create_directories(ck);
+  write_file(ck + "/config.json", config_to_json(Config{}).dump());
+  write_file(ck + "/model.safetensors", "");
+  write_file(ck + "/trainer_state.json", "4444444444844444444444E444444444411");
+  std::string e = error_of([&] { load_trainer_state(ck); });
+  EXPECT_NE(e.find("trainer_state.json: invalid JSON"), std::string::npos) << e;
+  write_file(ck + "/trainer_state.json", R"({"step": 1e999})");
+  e = error_of([&] { load_trainer_state(ck); });
+  EXPECT_NE(e.find("number overflow"), std::string::npos) << e;
+}
+
 TEST(Parsing, TokenizerModelFileStaysInItsFolder) {
   test::TempDir tmp;
   const std::string dir = tmp.path + "/tok";
@@ -672,8 +688,9 @@ TEST(FaultCli, ExitCodesAndMessagesOfRefusedRuns) {
                               " --set train.max_nonfinite_skips=3"));
     EXPECT_EQ(r.rc, 2) << mode << ": " << r.out;
     EXPECT_NE(r.out.find("went non-finite"), std::string::npos) << mode << ": " << r.out;
-    if (std::string(mode) == "skip")
+    if (std::string(mode) == "skip") {
       EXPECT_NE(r.out.find("3 steps in a row were already skipped"), std::string::npos) << r.out;
+    }
     json st = load_trainer_state(d + "/checkpoint");
     EXPECT_EQ(st.at("step").get<i64>() % 2, 0) << mode;
     auto m = make_model(load_checkpoint_config(d + "/checkpoint").model);
