@@ -706,3 +706,26 @@ TEST(FaultCli, ExitCodesAndMessagesOfRefusedRuns) {
     EXPECT_NE(r.out.find("--temperature"), std::string::npos) << t << ": " << r.out;
   }
 }
+
+// A full disk while saving, simulated with a file-size limit (writes fail with EFBIG as they
+// would with ENOSPC; SIGXFSZ ignored): a clean error naming the file, the previous checkpoint
+// intact, no temporary folder left, and --resume works once there is room again.
+TEST(FaultCli, FullDiskWhileSavingKeepsThePreviousCheckpoint) {
+  test::TempDir tmp;
+  const std::string out = tmp.path + "/run";
+  test::CommandResult r = sh(cli().train(out, "--steps 2"));
+  ASSERT_EQ(r.rc, 0) << r.out;
+  const std::string model = slurp(out + "/checkpoint/model.safetensors");
+  // 60 KiB per file: the model (~48 KB) fits, the optimizer state (~96 KB) does not.
+  r = sh("bash -c \"trap '' XFSZ; ulimit -f 60; exec " + cli().train(out, "--steps 4 --resume") +
+         "\"");
+  EXPECT_EQ(r.rc, 2) << r.out;
+  EXPECT_NE(r.out.find("optimizer.safetensors: write failed"), std::string::npos) << r.out;
+  EXPECT_TRUE(slurp(out + "/checkpoint/model.safetensors") == model) << "checkpoint changed";
+  EXPECT_EQ(load_trainer_state(out + "/checkpoint").at("step").get<i64>(), 2);
+  for (const auto& e : fs::directory_iterator(out))
+    EXPECT_EQ(e.path().filename().string().find("checkpoint."), std::string::npos) << e.path();
+  r = sh(cli().train(out, "--steps 4 --resume"));
+  EXPECT_EQ(r.rc, 0) << r.out;
+  EXPECT_EQ(load_trainer_state(out + "/checkpoint").at("step").get<i64>(), 4);
+}
