@@ -6,6 +6,7 @@ cd "$(dirname "$0")/.."
 PKGS=(build-essential cmake pkg-config git
       libdnnl-dev libsentencepiece-dev sentencepiece nlohmann-json3-dev libcli11-dev
       libgtest-dev libgmock-dev libbenchmark-dev libomp-dev
+      clang  # libFuzzer harnesses (fuzz/, scripts/fuzz.sh)
       libopenmpi-dev openmpi-bin libceres-dev
       python3 python3-torch python3-numpy libopenblas0-openmp libjemalloc2
       chromium  # headless check of the `dlcm segment --html` page (tests/test_segment.cpp)

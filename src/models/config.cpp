@@ -98,6 +98,8 @@ const std::vector<ConfigKey> kKeys = {
     NUM_GT("train.allreduce_bucket_mb", train.allreduce_bucket_mb, 0, 65536, "MPI gradient all-reduce bucket size"),
     BOOL("train.allreduce_overlap", train.allreduce_overlap, "all-reduce buckets during the last backward"),
     STR("train.precision", train.precision, "fp32|bf16", "matrix products: fp32 or bf16 (fp32 accumulation)"),
+    STR("train.on_nonfinite", train.on_nonfinite, "stop|skip", "a step with a non-finite loss or gradient: stop the run, or skip the step"),
+    NUM("train.max_nonfinite_skips", train.max_nonfinite_skips, 1, 1000000, "skip: stop after this many non-finite steps in a row"),
 };
 
 #undef FIELD
