@@ -524,6 +524,15 @@ TEST(DlcmVariants, ConceptPathOffRegistersOnlyTheTokenPath) {
   const double inc = flops_report(variant(kVariants[1]).model, 64).flops("cross_attention");
   const double sh = flops_report(variant(kVariants[0]).model, 64).flops("cross_attention");
   EXPECT_NEAR(inc - sh, 4.0 * 8 * 2, 1e-9);  // 4 * head_dim * x_heads
+  // prefix_mean + inclusive: one backbone prefix row and W_up per token on top of the concepts'
+  // (R per concept), and the K/V of every token's own concept
+  const ModelConfig pi = variant({"prefix_mean", "inclusive", true}).model;
+  const ModelConfig ps = variant({"prefix_mean", "shifted", true}).model;
+  const FlopsReport a = flops_report(pi, 64), b = flops_report(ps, 64);
+  const double R = pi.target_R;
+  EXPECT_NEAR(a.flops("backbone"), b.flops("backbone") * (1 + R), 1e-6 * a.flops("backbone"));
+  EXPECT_NEAR(a.flops("pooling"), b.flops("pooling") * (1 + R), 1e-6 * a.flops("pooling"));
+  EXPECT_NEAR(a.flops("cross_attention"), inc + 2.0 * 2 * 24 * 8, 1e-6 * inc);  // 2 dc xkv x 2
 }
 
 // Why validation refuses inclusive + mean: built anyway, the model leaks (a token's logits
