@@ -583,6 +583,12 @@ TEST(DlcmVariants, LeakingOrMissingCombinationsAreRefused) {
   Config pm = variant({"prefix_mean", "inclusive", true}, "replicate");
   EXPECT_NO_THROW(make_model(variant({"prefix_mean", "inclusive", true}).model));
   try {
+    validate(pm, "cfg.json");
+    FAIL() << "prefix_mean + inclusive with replicate must be refused by validation";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("cfg.json"), std::string::npos) << e.what();
+  }
+  try {
     make_model(pm.model);
     FAIL() << "prefix_mean + inclusive with replicate is not implemented";
   } catch (const Error& e) {
