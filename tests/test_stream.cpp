@@ -303,7 +303,7 @@ TEST(Stream, PrefixRowsSeeTheRealSequence) {
   stack.reserve_prefix_rows(ne);
   std::vector<float> out(N * 16);
   std::copy_n(stack.forward(x.data(), pos.data(), B, L), N * 16, out.begin());
-  const float* oe = stack.forward_prefix_rows(xe.data(), rp, rs, ne);
+  const float* oe = stack.forward_prefix_rows(xe.data(), rs, rp, ne);
   for (i64 i = 0; i < 4; ++i)
     EXPECT_LT(test::max_abs_diff(oe + i * 16, out.data() + (rs[i] * L + rp[i]) * 16, 16), 1e-5)
         << "prefix row " << i;
@@ -327,7 +327,7 @@ TEST(Stream, PrefixRowsSeeTheRealSequence) {
     const float* o = stack.forward(x.data(), pos.data(), B, L);
     double l = 0;
     for (i64 i = 0; i < N * 16; ++i) l += double(w[i]) * o[i];
-    const float* q = stack.forward_prefix_rows(xe.data(), rp, rs, ne);
+    const float* q = stack.forward_prefix_rows(xe.data(), rs, rp, ne);
     for (i64 i = 0; i < ne * 16; ++i) l += double(we[i]) * q[i];
     return l;
   };

@@ -183,7 +183,7 @@ const float* DlcmModel::decode(const i32* tokens, const uint8_t* b, i64 B, i64 L
         pos_p_[n] = sg_.seg[n];
         seq_p_[n] = i32(n / L);
       }
-      bbp_out_ = bb_.forward_prefix_rows(Cp, pos_p_.data(), seq_p_.data(), N);
+      bbp_out_ = bb_.forward_prefix_rows(Cp, seq_p_.data(), pos_p_.data(), N);
       ops::rmsnorm_forward(Zp_.data(), zp_rstd_.data(), bbp_out_, bb_norm_->w, N, dc,
                            cfg_.norm_eps);
     }

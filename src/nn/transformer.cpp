@@ -435,8 +435,8 @@ void TransformerStack::reserve_prefix_rows(i64 n) {
   cap_ext_ = n;
 }
 
-const float* TransformerStack::forward_prefix_rows(const float* xe, const i32* pos,
-                                                   const i32* seq, i64 n) {
+const float* TransformerStack::forward_prefix_rows(const float* xe, const i32* seq,
+                                                   const i32* pos, i64 n) {
   const BlockDims& d = dims_;
   DLCM_CHECK(n <= cap_ext_, "internal: TransformerStack::forward_prefix_rows beyond reserved (",
              n, " > ", cap_ext_, ")");

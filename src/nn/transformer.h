@@ -109,7 +109,7 @@ class TransformerStack {
   // forward). The backward adds the rows' key/value gradients into the positions they read,
   // layer by layer. Full causal attention only (window 0).
   void reserve_prefix_rows(i64 n);  // grows only
-  const float* forward_prefix_rows(const float* xe, const i32* pos, const i32* seq, i64 n);
+  const float* forward_prefix_rows(const float* xe, const i32* seq, const i32* pos, i64 n);
 
   // ---- inference (no gradients; buffers apart from the training activations) ----
   // Scratch for up to max_rows new positions per forward_cached call (idempotent, grows only).
