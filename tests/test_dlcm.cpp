@@ -447,7 +447,8 @@ TEST(DlcmVariants, CausalityFutureTokensChangeNoPastLogitOrBoundary) {
   for (const Variant& v : kVariants)
     for (const char* xattn : {"compact", "replicate"})
       if (replicable(v) || std::string(xattn) == "compact")
-        for (uint64_t seed : {1, 2}) check_causality(variant(v, xattn), seed, variant_name(v, xattn));
+        for (uint64_t seed : {1, 2})
+          check_causality(variant(v, xattn), seed, variant_name(v, xattn));
 }
 
 TEST(DlcmVariants, ReplicateAndCompactAgree) {

@@ -463,7 +463,8 @@ const float* ConceptCrossAttention::forward_cached(const float* H, const i64* se
     // prefix rows: each token's own entry, zs = P z + (1 - P) zs of the entry before it
     const bool per_token = own_z != nullptr;
     DLCM_CHECK(per_token == opt_.prefix_rows() && (!per_token || own_gate != nullptr),
-               "internal: ConceptCrossAttention::forward_cached: own entries given iff prefix rows");
+               "internal: ConceptCrossAttention::forward_cached: own entries are given "
+               "exactly with prefix rows");
     if (per_token) {
       const i64 dc = dims_.dc;
       for (i64 r = 0; r < R; ++r) {
