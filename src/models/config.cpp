@@ -498,6 +498,11 @@ void validate(const Config& c_in, const std::string& src) {
                ": 'concept_visibility' \"inclusive\" with 'concept_repr' \"mean\" leaks the "
                "future (a token would see the mean of tokens after it); use 'concept_repr' "
                "\"first\" or \"prefix_mean\", or 'concept_visibility' \"shifted\"");
+    DLCM_CHECK(!(m.concept_visibility == "inclusive" && m.concept_repr == "prefix_mean" &&
+                 m.concept_path && m.xattn_impl == "replicate"),
+               src, ": 'xattn_impl' \"replicate\" is not implemented for 'concept_repr' "
+               "\"prefix_mean\" with 'concept_visibility' \"inclusive\" (a token's own concept "
+               "differs per token); use \"compact\"");
     for (auto [w, k] : {std::pair{m.enc_window, "enc_window"}, {m.dec_window, "dec_window"}})
       DLCM_CHECK(w <= m.max_seq_len, src, ": '", k, "' must be in [0, max_seq_len = ",
                  m.max_seq_len, "] (0 = full causal attention), got ", w);
