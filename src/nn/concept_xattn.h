@@ -32,6 +32,18 @@ struct ConceptOptions {
   bool concept_path = true;  // false: no concept term, Psi = H (control)
   bool inclusive() const { return visibility == ConceptVisibility::Inclusive; }
 };
+// Evaluation-only replacement of the concepts the decoder sees (concept-usage diagnostics,
+// python/dlcm_ref/diagnostics.py): Null = every list entry is z_null; Shuffle = row r's list
+// [z_null, zs_0 .. zs_{M_r - 1}] takes row (r + 1) mod B's zs, truncated to M_r entries or
+// padded at the end with z_null. Queries, segmentation and multiplicities stay the row's own.
+enum class ConceptAblation { None, Null, Shuffle };
+
+// Sums over the positions of one forward of ||Wo att_t||_2 and ||H_t||_2 (float64).
+struct XAttnNorms {
+  double xo = 0, h = 0;
+  i64 n = 0;
+};
+
 // Parses the config strings (names as in SPEC 4.9); throws Error naming `what` otherwise.
 ConceptRepr parse_concept_repr(const std::string& s, const std::string& what);
 ConceptVisibility parse_concept_visibility(const std::string& s, const std::string& what);
@@ -98,9 +110,12 @@ class ConceptCrossAttention {
   // H [B*L, d] encoder output; Z [B*Mmax, dc] backbone.norm output; p [B*L] router
   // probabilities (the smoother's gate) -> X [B*L, d] (owned, valid until the next forward).
   // With concept_path = false, Z and p are not read (may be nullptr). H, Z, p and sg must stay
-  // alive until backward().
+  // alive until backward(). Evaluation only: `ablation` replaces the concept list (backward()
+  // refuses to follow an ablated forward); `norms`, when given, receives += the residual norms
+  // (xo = 0 without the concept path).
   const float* forward(const float* H, const float* Z, const float* p, const ops::Segments& sg,
-                       i64 B, i64 L);
+                       i64 B, i64 L, ConceptAblation ablation = ConceptAblation::None,
+                       XAttnNorms* norms = nullptr);
   // dX [B*L, d] -> dH +=, dZ += [B*Mmax, dc], dp += (the smoother gate's share; nullptr keeps
   // P detached). Parameter gradients +=.
   void backward(float* dH, float* dZ, float* dp, const float* dX, i64 B, i64 L);
@@ -135,6 +150,7 @@ class ConceptCrossAttention {
                    float* fh, i64 N) const;
   void kv_forward(float* k_raw, float* k, float* k_rstd, float* v, const float* list,
                   i64 n) const;
+  void ablate_list(ConceptAblation a, const ops::Segments& sg, i64 B);
   void query_forward(float* hn, float* hn_rstd, float* q_raw, float* q, float* q_rstd,
                      const float* H, i64 N) const;
 
@@ -149,6 +165,7 @@ class ConceptCrossAttention {
   const float* Z_ = nullptr;
   const float* p_ = nullptr;
   const ops::Segments* sg_ = nullptr;
+  ConceptAblation ablation_ = ConceptAblation::None;
   // Token-level activations [N, ...].
   Buf hn_, hn_rstd_, qx_raw_, qx_, qx_rstd_;  // queries
   Buf att_, lse_, krep_, vrep_;               // attention output, lse [B, Hq, L], replicate K/V
