@@ -19,6 +19,7 @@
 #include "data/train_data.h"
 #include "infer/generate.h"
 #include "infer/segment.h"
+#include "eval/concept_usage.h"
 #include "eval/zero_shot.h"
 #include "infer/sampler.h"
 #include "models/flops.h"
@@ -332,6 +333,8 @@ int cmd_eval(const EvalArgs& a) {
   Config cfg = load_checkpoint_config(dir);
   // Resolve the task list first: a typo fails before any work.
   std::vector<TaskSpec> specs = a.tasks.empty() ? std::vector<TaskSpec>{} : resolve_tasks(a.tasks, a.task_file);
+  DLCM_CHECK(!a.concept_usage || !a.data.empty(),
+             "eval --concept-usage: give --data DIR (the diagnostics run on its validation split)");
   json r = {{"checkpoint", dir}, {"arch", cfg.model.arch}};
   if (!a.data.empty()) {
     if (a.seq_len > 0) cfg.train.seq_len = a.seq_len;
@@ -339,6 +342,9 @@ int cmd_eval(const EvalArgs& a) {
     DLCM_CHECK(cfg.train.seq_len <= cfg.model.max_seq_len, "--seq-len ", cfg.train.seq_len,
                " exceeds the model's max_seq_len ", cfg.model.max_seq_len);
     TrainData data = open_train_data(a.data, cfg);
+    const i64 B = cfg.train.batch_size, L = cfg.train.seq_len;
+    ValSplit split{B, L, data.val_count(B, L),
+                   [vb = data.val_batch, B, L](i64 i, i32* tk, i32* tg) { vb(i, B, L, tk, tg); }};
     TrainOptions o;
     o.quiet = true;
     o.peak_gflops = 1;
@@ -352,6 +358,17 @@ int cmd_eval(const EvalArgs& a) {
     r["val_tokens"] = v.tokens;
     r["seq_len"] = cfg.train.seq_len;
     if (v.compression > 0) r["val_compression"] = v.compression;
+    if (a.concept_usage) {
+      ConceptUsage u = measure_concept_usage(tr.model(), split, a.usage_batches);
+      if (!u.applicable) {
+        r["concept_usage"] = {{"applicable", false}};
+        if (!a.quiet) std::fprintf(stderr, "[eval] concept usage: not applicable (%s has no concepts)\n",
+                                   cfg.model.arch.c_str());
+      } else {
+        r["concept_usage"] = concept_usage_json(u);
+        if (!a.quiet) std::fprintf(stderr, "[eval] %s", concept_usage_text(u).c_str());
+      }
+    }
   }
   int rc = 0;
   if (!specs.empty()) {

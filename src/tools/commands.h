@@ -131,6 +131,8 @@ struct EvalArgs {
   i64 batch_tokens = 2048;  // zero-shot: padded tokens per forward pass
   bool no_prefix_sharing = false;  // zero-shot: one row per request (measurement)
   bool quiet = false;       // no progress lines or table on stderr
+  bool concept_usage = false;  // dlcm: concept-usage diagnostics on the validation split
+  i64 usage_batches = -1;      // their batches (-1 = the full split)
 };
 int cmd_eval(const EvalArgs& a);
 

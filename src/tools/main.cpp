@@ -153,6 +153,11 @@ int main(int argc, char** argv) {
   ev->add_option("--markdown", ea.markdown, "write the zero-shot table (markdown) here");
   ev->add_flag("--no-prefix-sharing", ea.no_prefix_sharing,
                "zero-shot: one forward row per request (to measure what prefix sharing saves)");
+  ev->add_flag("--concept-usage", ea.concept_usage,
+               "dlcm: concept-usage diagnostics on the validation split (z_null / shuffled "
+               "concepts, |Wo att|/|H|, CE by position in concept; docs/dlcm.md)");
+  ev->add_option("--batches", ea.usage_batches, "concept usage: at most this many validation batches (default: all)")
+      ->check(CLI::Range(i64(1), i64(1) << 40));
   ev->add_flag("--quiet", ea.quiet, "no progress lines or table on stderr");
 
   auto* mup = app.add_subcommand("mup", "decoupled µP tools (SPEC 6)");
