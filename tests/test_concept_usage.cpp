@@ -3,11 +3,13 @@
 // default design and the SPEC 4.9 variants; exact zeros where the decoder cannot see concepts;
 // aggregation over a validation split; evaluation leaves training untouched.
 #include <cmath>
+#include <fstream>
 
 #include "core/safetensors.h"
 #include "eval/concept_usage.h"
 #include "model_fixtures.h"
 #include "testing.h"
+#include "train/trainer.h"
 
 using namespace dlcm;
 
@@ -278,4 +280,50 @@ TEST(ConceptUsage, AggregatesOverTheSplitAndLeavesTrainingAlone) {
   auto base = make_initialised_model(bc.model, 1);
   split.B = 3;
   EXPECT_FALSE(measure_concept_usage(*base, split).applicable);
+}
+
+// TrainOptions::concept_usage (dlcm train --concept-usage): every logged evaluation carries the
+// diagnostics of its eval batches, on the same tokens as val_loss; the baseline's and a run
+// without the option carry none; training itself is unchanged (same final weights).
+TEST(ConceptUsage, TrainingLogCarriesTheDiagnostics) {
+  for (Config c : {test::tiny_dlcm(), test::tiny_baseline()}) {
+    SCOPED_TRACE(c.model.arch);
+    c.train.steps = 4;
+    c.train.warmup_steps = 1;
+    c.train.eval_every = 2;
+    c.train.eval_batches = -1;
+    c.train.ckpt_every = 0;
+    const i32 bos = c.model.is_dlcm() ? c.model.bos_id : -1;
+    test::TempDir tmp;
+    std::vector<float> weights[2];
+    for (bool on : {false, true}) {
+      TrainOptions o;
+      o.quiet = true;
+      o.peak_gflops = 100;
+      o.concept_usage = on;
+      o.out_dir = tmp.path + (on ? "/on" : "/off");
+      Trainer tr(c, test::pattern_data(c.model.vocab_size, 7, 2, bos), o);
+      tr.run();
+      weights[on].assign(tr.model().params().data(),
+                         tr.model().params().data() + tr.model().params().total());
+      std::ifstream f(o.out_dir + "/train_log.jsonl");
+      int evals = 0;
+      for (std::string line; std::getline(f, line);) {
+        auto j = nlohmann::json::parse(line);
+        if (!j.contains("val_loss")) continue;
+        ++evals;
+        const bool want = on && c.model.is_dlcm();
+        ASSERT_EQ(j.contains("concept_usage"), want) << line;
+        if (!want) continue;
+        const auto& u = j["concept_usage"];
+        EXPECT_EQ(u["tokens"], j["val_tokens"]);
+        EXPECT_NEAR(u["ce"].get<double>(), j["val_loss"].get<double>(), 1e-9);
+        EXPECT_TRUE(u["full_split"].get<bool>());
+        EXPECT_TRUE(u.contains("delta_null") && u.contains("delta_shuffle") &&
+                    u.contains("xattn_ratio") && u.contains("pos_ce"));
+      }
+      EXPECT_EQ(evals, 2);
+    }
+    EXPECT_EQ(weights[0], weights[1]);
+  }
 }

@@ -55,6 +55,7 @@ int cmd_train(const TrainArgs& a) {
   opt.resume = a.resume;
   opt.quiet = a.quiet;
   opt.init_from = a.init_from;
+  opt.concept_usage = a.concept_usage;
   const bool rank0 = dist::rank() == 0;  // under MPI only rank 0 talks
   if (rank0)
     for (const auto& s : a.sets) std::fprintf(stderr, "[train] --set %s\n", s.c_str());

@@ -21,6 +21,7 @@ struct TrainArgs {
   std::vector<std::string> sets;
   bool resume = false, quiet = false;
   bool final_eval = true;  // full validation pass at the end
+  bool concept_usage = false;  // dlcm: concept-usage diagnostics at every logged eval
 };
 int cmd_train(const TrainArgs& a);
 

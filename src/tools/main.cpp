@@ -24,6 +24,8 @@ int main(int argc, char** argv) {
   train->add_flag("--resume", ta.resume, "continue the run in --out from its checkpoint");
   train->add_option("--init-from", ta.init_from, "start from the weights of this checkpoint");
   train->add_flag("--quiet", ta.quiet, "no progress output");
+  train->add_flag("--concept-usage", ta.concept_usage,
+                  "dlcm: concept-usage diagnostics on the eval batches at every logged eval (docs/dlcm.md)");
   bool no_final_eval = false;
   train->add_flag("--no-final-eval", no_final_eval, "skip the full validation pass at the end (logged evals still run)");
 

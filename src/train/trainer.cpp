@@ -13,6 +13,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/profiler.h"
+#include "eval/concept_usage.h"
 #include "kernels/gemm.h"
 #include "train/checkpoint.h"
 
@@ -439,6 +440,14 @@ void Trainer::run() {
                 {"tokens", tokens_seen_}};
       if (v.bpb > 0) j["val_bpb"] = v.bpb;
       if (v.compression > 0) j["val_compression"] = v.compression;
+      if (o_.concept_usage && rank_ == 0) {
+        const i64 B = cfg_.train.batch_size, L = cfg_.train.seq_len;
+        ValSplit split{B, L, data_.val_count(B, L), [this, B, L](i64 i, i32* tk, i32* tg) {
+                         data_.val_batch(i, B, L, tk, tg);
+                       }};
+        ConceptUsage u = measure_concept_usage(*model_, split, t.eval_batches);
+        if (u.applicable) j["concept_usage"] = concept_usage_json(u);
+      }
       log_line(j.dump());
       if (talk())
         std::fprintf(stderr, "%sstep %lld | val loss %.4f | ppl %.2f%s\n", tty ? "\r\033[K" : "",
