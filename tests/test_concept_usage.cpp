@@ -220,11 +220,9 @@ TEST(ConceptUsage, AggregatesOverTheSplitAndLeavesTrainingAlone) {
   auto m = jittered_model(c, 3);
   std::vector<Rows> batches = {make_rows(c, 3, 16, 1), make_rows(c, 3, 16, 2),
                                make_rows(c, 3, 16, 3)};
-  ValSplit split;
-  split.B = 3;
-  split.L = 16;
-  split.count = 3;
-  split.batch = [&](i64 i, i32* tok, i32* tgt) {
+  TrainData split;
+  split.val_count = [](i64 B, i64 L) { return B == 3 && L == 16 ? 3 : 0; };
+  split.val_batch = [&](i64 i, i64, i64, i32* tok, i32* tgt) {
     std::copy(batches[i].tok.begin(), batches[i].tok.end(), tok);
     std::copy(batches[i].tgt.begin(), batches[i].tgt.end(), tgt);
   };
@@ -232,7 +230,7 @@ TEST(ConceptUsage, AggregatesOverTheSplitAndLeavesTrainingAlone) {
   for (i64 i = 0; i < 2; ++i)
     m->concept_usage(Batch{batches[i].tok.data(), batches[i].tgt.data(), 3, 16, 0}, s);
   ConceptUsage want = concept_usage_from_sums(s);
-  ConceptUsage got = measure_concept_usage(*m, split, 2);
+  ConceptUsage got = measure_concept_usage(*m, split, 3, 16, 2);
   EXPECT_TRUE(got.applicable);
   EXPECT_FALSE(got.full_split);
   EXPECT_EQ(got.batches, 2);
@@ -242,7 +240,7 @@ TEST(ConceptUsage, AggregatesOverTheSplitAndLeavesTrainingAlone) {
   EXPECT_DOUBLE_EQ(got.delta_shuffle, want.delta_shuffle);
   EXPECT_DOUBLE_EQ(got.xattn_ratio, want.xattn_ratio);
   EXPECT_EQ(got.pos_count, want.pos_count);
-  ConceptUsage all = measure_concept_usage(*m, split);
+  ConceptUsage all = measure_concept_usage(*m, split, 3, 16);
   EXPECT_TRUE(all.full_split);
   EXPECT_EQ(all.batches, 3);
   EXPECT_GT(all.tokens, got.tokens);
@@ -278,8 +276,8 @@ TEST(ConceptUsage, AggregatesOverTheSplitAndLeavesTrainingAlone) {
 
   Config bc = test::tiny_baseline();
   auto base = make_initialised_model(bc.model, 1);
-  split.B = 3;
-  EXPECT_FALSE(measure_concept_usage(*base, split).applicable);
+  EXPECT_FALSE(measure_concept_usage(*base, split, 3, 16).applicable);
+  EXPECT_FALSE(measure_concept_usage(*m, TrainData{}, 3, 16).applicable);  // no split
 }
 
 // TrainOptions::concept_usage (dlcm train --concept-usage): every logged evaluation carries the

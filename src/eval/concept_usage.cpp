@@ -26,20 +26,21 @@ ConceptUsage concept_usage_from_sums(const ConceptUsageSums& s) {
   return u;
 }
 
-ConceptUsage measure_concept_usage(LanguageModel& m, const ValSplit& split, i64 max_batches) {
-  DLCM_CHECK(split.B > 0 && split.L > 0 && split.batch,
-             "concept usage: the validation split has no batches (check the data folder)");
-  const i64 n = max_batches >= 0 ? std::min(split.count, max_batches) : split.count;
-  std::vector<i32> tk(split.B * split.L), tg(split.B * split.L);
+ConceptUsage measure_concept_usage(LanguageModel& m, const TrainData& data, i64 B, i64 L,
+                                   i64 max_batches) {
+  if (!data.val_count) return {};
+  const i64 count = data.val_count(B, L);
+  const i64 n = max_batches >= 0 ? std::min(count, max_batches) : count;
+  std::vector<i32> tk(B * L), tg(B * L);
   ops::PrecisionScope fp32(ops::Precision::FP32);  // like validation
   ConceptUsageSums s;
   for (i64 i = 0; i < n; ++i) {
-    split.batch(i, tk.data(), tg.data());
-    if (!m.concept_usage(Batch{tk.data(), tg.data(), split.B, split.L, 0}, s)) return {};
+    data.val_batch(i, B, L, tk.data(), tg.data());
+    if (!m.concept_usage(Batch{tk.data(), tg.data(), B, L, 0}, s)) return {};
   }
   ConceptUsage u = concept_usage_from_sums(s);
   u.batches = n;
-  u.full_split = n == split.count;
+  u.full_split = n == count;
   return u;
 }
 

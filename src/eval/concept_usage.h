@@ -9,21 +9,14 @@
 // All with thresholded boundaries (the inference rule), FP32, sums in float64. The shuffle
 // needs batches of at least 2 rows (a single row gets its own concepts back).
 #pragma once
-#include <functional>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
+#include "data/train_data.h"
 #include "models/model.h"
 
 namespace dlcm {
-
-// A validation split as `count` batches of [B, L] tokens and targets (targets < 0 ignored);
-// TrainData's val_count/val_batch give one.
-struct ValSplit {
-  i64 B = 0, L = 0, count = 0;
-  std::function<void(i64 index, i32* tokens, i32* targets)> batch;
-};
 
 struct ConceptUsage {
   bool applicable = false;  // false: the model has no concepts (baseline); nothing below is set
@@ -38,8 +31,9 @@ struct ConceptUsage {
   std::vector<i64> pos_count;
 };
 
-// Evaluates the first max_batches batches (all when < 0) of the split.
-ConceptUsage measure_concept_usage(LanguageModel& m, const ValSplit& split,
+// Evaluates the first max_batches (all when < 0) of the validation batches of `data` as [B, L]
+// rows, on this process (not a collective). Not applicable when `data` has no validation split.
+ConceptUsage measure_concept_usage(LanguageModel& m, const TrainData& data, i64 B, i64 L,
                                    i64 max_batches = -1);
 // The means of summed diagnostics (what measure_concept_usage does after its batches).
 ConceptUsage concept_usage_from_sums(const ConceptUsageSums& s);

@@ -343,9 +343,7 @@ int cmd_eval(const EvalArgs& a) {
     DLCM_CHECK(cfg.train.seq_len <= cfg.model.max_seq_len, "--seq-len ", cfg.train.seq_len,
                " exceeds the model's max_seq_len ", cfg.model.max_seq_len);
     TrainData data = open_train_data(a.data, cfg);
-    const i64 B = cfg.train.batch_size, L = cfg.train.seq_len;
-    ValSplit split{B, L, data.val_count(B, L),
-                   [vb = data.val_batch, B, L](i64 i, i32* tk, i32* tg) { vb(i, B, L, tk, tg); }};
+    const TrainData val = data;  // the Trainer takes `data`
     TrainOptions o;
     o.quiet = true;
     o.peak_gflops = 1;
@@ -360,7 +358,8 @@ int cmd_eval(const EvalArgs& a) {
     r["seq_len"] = cfg.train.seq_len;
     if (v.compression > 0) r["val_compression"] = v.compression;
     if (a.concept_usage) {
-      ConceptUsage u = measure_concept_usage(tr.model(), split, a.usage_batches);
+      ConceptUsage u = measure_concept_usage(tr.model(), val, cfg.train.batch_size,
+                                             cfg.train.seq_len, a.usage_batches);
       if (!u.applicable) {
         r["concept_usage"] = {{"applicable", false}};
         if (!a.quiet) std::fprintf(stderr, "[eval] concept usage: not applicable (%s has no concepts)\n",

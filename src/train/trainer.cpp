@@ -441,11 +441,8 @@ void Trainer::run() {
       if (v.bpb > 0) j["val_bpb"] = v.bpb;
       if (v.compression > 0) j["val_compression"] = v.compression;
       if (o_.concept_usage && rank_ == 0) {
-        const i64 B = cfg_.train.batch_size, L = cfg_.train.seq_len;
-        ValSplit split{B, L, data_.val_count(B, L), [this, B, L](i64 i, i32* tk, i32* tg) {
-                         data_.val_batch(i, B, L, tk, tg);
-                       }};
-        ConceptUsage u = measure_concept_usage(*model_, split, t.eval_batches);
+        ConceptUsage u = measure_concept_usage(*model_, data_, cfg_.train.batch_size,
+                                               cfg_.train.seq_len, t.eval_batches);
         if (u.applicable) j["concept_usage"] = concept_usage_json(u);
       }
       log_line(j.dump());
