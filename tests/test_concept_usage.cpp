@@ -52,7 +52,7 @@ std::unique_ptr<LanguageModel> jittered_model(const Config& c, uint64_t seed) {
   return m;
 }
 
-ConceptUsage usage(LanguageModel& m, const Rows& d, bool given) {
+ConceptUsageResult usage(LanguageModel& m, const Rows& d, bool given) {
   ConceptUsageSums s;
   EXPECT_TRUE(m.concept_usage(
       Batch{d.tok.data(), d.tgt.data(), d.B, d.L, 0, given ? d.b.data() : nullptr}, s));
@@ -115,7 +115,7 @@ TEST(ConceptUsage, MatchesPyTorchReference) {
                  ce_shuf = ref.read_f32("diag.ce_shuffle")[0];
     auto pos_ce = ref.read_f32("diag.pos_ce"), pos_count = ref.read_f32("diag.pos_count");
 
-    ConceptUsage u = usage(*m, d, cs.given);
+    ConceptUsageResult u = usage(*m, d, cs.given);
     EXPECT_NEAR(u.ce, ce, 2e-5 * ce);
     EXPECT_NEAR(u.ce_null, ce_null, 2e-5 * ce_null);
     EXPECT_NEAR(u.ce_shuffle, ce_shuf, 2e-5 * ce_shuf);
@@ -146,7 +146,7 @@ TEST(ConceptUsage, NoConceptPathGivesExactZeros) {
   auto m = jittered_model(c, 5);
   Rows d = make_rows(c, 3, 20, 2);
   for (bool given : {false, true}) {
-    ConceptUsage u = usage(*m, d, given);
+    ConceptUsageResult u = usage(*m, d, given);
     EXPECT_EQ(u.delta_null, 0.0);
     EXPECT_EQ(u.delta_shuffle, 0.0);
     EXPECT_EQ(u.xattn_ratio, 0.0);
@@ -167,13 +167,13 @@ TEST(ConceptUsage, ZeroOutputProjectionAndSingleRowGiveExactZeros) {
     Rows one{std::vector<i32>(d.tok.begin(), d.tok.begin() + d.L),
              std::vector<i32>(d.tgt.begin(), d.tgt.begin() + d.L),
              std::vector<uint8_t>(d.b.begin(), d.b.begin() + d.L), 1, d.L};
-    ConceptUsage u1 = usage(*m, one, true);
+    ConceptUsageResult u1 = usage(*m, one, true);
     EXPECT_EQ(u1.delta_shuffle, 0.0);
     EXPECT_GT(std::abs(u1.delta_null), 1e-4);
     Param* wo = m->params().find("xattn.wo.weight");
     ASSERT_NE(wo, nullptr);
     std::fill_n(wo->w, wo->numel, 0.f);
-    ConceptUsage u = usage(*m, d, true);
+    ConceptUsageResult u = usage(*m, d, true);
     EXPECT_EQ(u.delta_null, 0.0);
     EXPECT_EQ(u.delta_shuffle, 0.0);
     EXPECT_EQ(u.xattn_ratio, 0.0);
@@ -186,7 +186,7 @@ TEST(ConceptUsage, PositionCeSplitsTheCe) {
   Config c = variant("mean", "shifted", true, "compact");
   auto m = jittered_model(c, 12);
   Rows d = make_rows(c, 3, 20, 4);
-  ConceptUsage u = usage(*m, d, true);
+  ConceptUsageResult u = usage(*m, d, true);
   double sum = 0;
   i64 n = 0;
   for (size_t k = 0; k < u.pos_ce.size(); ++k) {
@@ -229,8 +229,8 @@ TEST(ConceptUsage, AggregatesOverTheSplitAndLeavesTrainingAlone) {
   ConceptUsageSums s;
   for (i64 i = 0; i < 2; ++i)
     m->concept_usage(Batch{batches[i].tok.data(), batches[i].tgt.data(), 3, 16, 0}, s);
-  ConceptUsage want = concept_usage_from_sums(s);
-  ConceptUsage got = measure_concept_usage(*m, split, 3, 16, 2);
+  ConceptUsageResult want = concept_usage_from_sums(s);
+  ConceptUsageResult got = measure_concept_usage(*m, split, 3, 16, 2);
   EXPECT_TRUE(got.applicable);
   EXPECT_FALSE(got.full_split);
   EXPECT_EQ(got.batches, 2);
@@ -240,7 +240,7 @@ TEST(ConceptUsage, AggregatesOverTheSplitAndLeavesTrainingAlone) {
   EXPECT_DOUBLE_EQ(got.delta_shuffle, want.delta_shuffle);
   EXPECT_DOUBLE_EQ(got.xattn_ratio, want.xattn_ratio);
   EXPECT_EQ(got.pos_count, want.pos_count);
-  ConceptUsage all = measure_concept_usage(*m, split, 3, 16);
+  ConceptUsageResult all = measure_concept_usage(*m, split, 3, 16);
   EXPECT_TRUE(all.full_split);
   EXPECT_EQ(all.batches, 3);
   EXPECT_GT(all.tokens, got.tokens);

@@ -7,8 +7,8 @@
 
 namespace dlcm {
 
-ConceptUsage concept_usage_from_sums(const ConceptUsageSums& s) {
-  ConceptUsage u;
+ConceptUsageResult concept_usage_from_sums(const ConceptUsageSums& s) {
+  ConceptUsageResult u;
   u.applicable = true;
   u.tokens = s.n_targets;
   const double n = double(std::max<i64>(s.n_targets, 1));
@@ -26,8 +26,8 @@ ConceptUsage concept_usage_from_sums(const ConceptUsageSums& s) {
   return u;
 }
 
-ConceptUsage measure_concept_usage(LanguageModel& m, const TrainData& data, i64 B, i64 L,
-                                   i64 max_batches) {
+ConceptUsageResult measure_concept_usage(LanguageModel& m, const TrainData& data, i64 B,
+                                         i64 L, i64 max_batches) {
   if (!data.val_count) return {};
   const i64 count = data.val_count(B, L);
   const i64 n = max_batches >= 0 ? std::min(count, max_batches) : count;
@@ -38,13 +38,13 @@ ConceptUsage measure_concept_usage(LanguageModel& m, const TrainData& data, i64 
     data.val_batch(i, B, L, tk.data(), tg.data());
     if (!m.concept_usage(Batch{tk.data(), tg.data(), B, L, 0}, s)) return {};
   }
-  ConceptUsage u = concept_usage_from_sums(s);
+  ConceptUsageResult u = concept_usage_from_sums(s);
   u.batches = n;
   u.full_split = n == count;
   return u;
 }
 
-nlohmann::json concept_usage_json(const ConceptUsage& u) {
+nlohmann::json concept_usage_json(const ConceptUsageResult& u) {
   return {{"ce", u.ce},
           {"ce_null", u.ce_null},
           {"ce_shuffle", u.ce_shuffle},
@@ -59,7 +59,7 @@ nlohmann::json concept_usage_json(const ConceptUsage& u) {
           {"full_split", u.full_split}};
 }
 
-std::string concept_usage_text(const ConceptUsage& u) {
+std::string concept_usage_text(const ConceptUsageResult& u) {
   char buf[512];
   std::string s;
   std::snprintf(buf, sizeof buf,

@@ -18,7 +18,7 @@
 
 namespace dlcm {
 
-struct ConceptUsage {
+struct ConceptUsageResult {
   bool applicable = false;  // false: the model has no concepts (baseline); nothing below is set
   i64 batches = 0;          // batches evaluated
   bool full_split = false;  // every batch of the split
@@ -33,15 +33,15 @@ struct ConceptUsage {
 
 // Evaluates the first max_batches (all when < 0) of the validation batches of `data` as [B, L]
 // rows, on this process (not a collective). Not applicable when `data` has no validation split.
-ConceptUsage measure_concept_usage(LanguageModel& m, const TrainData& data, i64 B, i64 L,
-                                   i64 max_batches = -1);
+ConceptUsageResult measure_concept_usage(LanguageModel& m, const TrainData& data, i64 B,
+                                         i64 L, i64 max_batches = -1);
 // The means of summed diagnostics (what measure_concept_usage does after its batches).
-ConceptUsage concept_usage_from_sums(const ConceptUsageSums& s);
+ConceptUsageResult concept_usage_from_sums(const ConceptUsageSums& s);
 
 // {"ce", "ce_null", "ce_shuffle", "delta_null", "delta_shuffle", "xattn_ratio",
 //  "compression", "pos_ce", "pos_count", "tokens", "batches", "full_split"}.
-nlohmann::json concept_usage_json(const ConceptUsage& u);
+nlohmann::json concept_usage_json(const ConceptUsageResult& u);
 // A few human-readable lines (the first positions of pos_ce).
-std::string concept_usage_text(const ConceptUsage& u);
+std::string concept_usage_text(const ConceptUsageResult& u);
 
 }  // namespace dlcm

@@ -358,8 +358,8 @@ int cmd_eval(const EvalArgs& a) {
     r["seq_len"] = cfg.train.seq_len;
     if (v.compression > 0) r["val_compression"] = v.compression;
     if (a.concept_usage) {
-      ConceptUsage u = measure_concept_usage(tr.model(), val, cfg.train.batch_size,
-                                             cfg.train.seq_len, a.usage_batches);
+      ConceptUsageResult u = measure_concept_usage(tr.model(), val, cfg.train.batch_size,
+                                                   cfg.train.seq_len, a.usage_batches);
       if (!u.applicable) {
         r["concept_usage"] = {{"applicable", false}};
         if (!a.quiet) std::fprintf(stderr, "[eval] concept usage: not applicable (%s has no concepts)\n",

@@ -441,8 +441,8 @@ void Trainer::run() {
       if (v.bpb > 0) j["val_bpb"] = v.bpb;
       if (v.compression > 0) j["val_compression"] = v.compression;
       if (o_.concept_usage && rank_ == 0) {
-        ConceptUsage u = measure_concept_usage(*model_, data_, cfg_.train.batch_size,
-                                               cfg_.train.seq_len, t.eval_batches);
+        ConceptUsageResult u = measure_concept_usage(*model_, data_, cfg_.train.batch_size,
+                                                     cfg_.train.seq_len, t.eval_batches);
         if (u.applicable) j["concept_usage"] = concept_usage_json(u);
       }
       log_line(j.dump());
