@@ -739,3 +739,57 @@ TEST(EvalTasks, ReadsTheRealBenchmarkFiles) {
     EXPECT_EQ(cont[0], ' ');
   }
 }
+
+// `eval --concept-usage`: the diagnostics under "concept_usage" in the report, on the whole
+// validation split by default (its token count equals val_tokens) or on --batches N of it;
+// "applicable": false for the baseline; --data is required.
+TEST(EvalCli, ConceptUsageReport) {
+  test::TempDir tmp;
+  {
+    std::ofstream f(tmp.path + "/corpus.txt");
+    Rng r(5);
+    const char* words[] = {"the", "concept", "model", "reads", "tokens", "and", "writes", "text"};
+    for (int d = 0; d < 200; ++d) {
+      const int n = 4 + int(r.next() % 20);
+      for (int w = 0; w < n; ++w) f << words[r.next() % 8] << (w + 1 < n ? " " : ".\n");
+      f << "\f";  // document separator
+    }
+  }
+  test::CmdResult p = test::run_dlcm("prepare --input " + tmp.path + "/corpus.txt --out " +
+                                     tmp.path + "/data --tokenizer bytes --val-fraction 0.2");
+  ASSERT_EQ(p.rc, 0) << p.out;
+  ASSERT_TRUE(tiny_checkpoint("dlcm", tmp.path + "/ck"));
+  const std::string base = "eval --ckpt " + tmp.path + "/ck --data " + tmp.path + "/data ";
+  test::CmdResult r = test::run_dlcm(base + "--concept-usage --out " + tmp.path + "/all.json");
+  ASSERT_EQ(r.rc, 0) << r.out;
+  json j = json::parse(std::ifstream(tmp.path + "/all.json"));
+  ASSERT_TRUE(j.contains("concept_usage")) << j.dump();
+  const json& u = j["concept_usage"];
+  for (const char* k : {"delta_null", "delta_shuffle", "xattn_ratio", "pos_ce", "pos_count",
+                        "compression", "tokens", "batches"})
+    EXPECT_TRUE(u.contains(k)) << k;
+  EXPECT_TRUE(u["full_split"].get<bool>());
+  EXPECT_EQ(u["tokens"], j["val_tokens"]);
+  EXPECT_NEAR(u["ce"].get<double>(), j["val_loss"].get<double>(), 1e-6);
+  EXPECT_GT(u["batches"].get<i64>(), 2);
+  EXPECT_NE(r.out.find("validation tokens (full split"), std::string::npos) << r.out;
+
+  r = test::run_dlcm(base + "--concept-usage --batches 2 --out " + tmp.path + "/two.json");
+  ASSERT_EQ(r.rc, 0) << r.out;
+  j = json::parse(std::ifstream(tmp.path + "/two.json"));
+  EXPECT_FALSE(j["concept_usage"]["full_split"].get<bool>());
+  EXPECT_EQ(j["concept_usage"]["batches"], 2);
+  i64 counted = 0;
+  for (auto& c : j["concept_usage"]["pos_count"]) counted += c.get<i64>();
+  EXPECT_EQ(j["concept_usage"]["tokens"].get<i64>(), counted);
+
+  ASSERT_TRUE(tiny_checkpoint("baseline", tmp.path + "/bk"));
+  r = test::run_dlcm("eval --ckpt " + tmp.path + "/bk --data " + tmp.path +
+                     "/data --concept-usage --out " + tmp.path + "/b.json");
+  ASSERT_EQ(r.rc, 0) << r.out;
+  j = json::parse(std::ifstream(tmp.path + "/b.json"));
+  EXPECT_FALSE(j["concept_usage"]["applicable"].get<bool>());
+  r = test::run_dlcm("eval --ckpt " + tmp.path + "/ck --concept-usage --tasks copa");
+  EXPECT_NE(r.rc, 0);
+  EXPECT_NE(r.out.find("--concept-usage: give --data DIR"), std::string::npos) << r.out;
+}

@@ -155,7 +155,8 @@ void DlcmModel::encode(const i32* tokens, i64 B, i64 L) {
   ops::router_prob_forward(p_.data(), rcache_.data(), q, k, tokens, cfg_.bos_id, B, L, ds_);
 }
 
-const float* DlcmModel::decode(const i32* tokens, const uint8_t* b, i64 B, i64 L) {
+const float* DlcmModel::decode(const i32* tokens, const uint8_t* b, i64 B, i64 L,
+                              ConceptAblation ablation, XAttnNorms* norms) {
   const i64 N = B * L, dc = cfg_.d_concept;
   prof::Section sec;
   sec.next("pooling");
@@ -191,7 +192,7 @@ const float* DlcmModel::decode(const i32* tokens, const uint8_t* b, i64 B, i64 L
   // smoother (gate from p, detached unless smooth_grad), concept attention, Psi, cross FFN
   sec.next("cross-attention");
   X_ = xattn_.forward(H_.data(), Z, p_.data(), sg_, B, L,
-                      copt_.prefix_rows() ? Zp_.data() : nullptr);
+                      copt_.prefix_rows() ? Zp_.data() : nullptr, ablation, norms);
   // decoder (token positions as in the encoder)
   sec.next("decoder");
   dec_out_ = dec_.forward(X_, pos_.data(), B, L);
@@ -397,6 +398,51 @@ bool DlcmModel::boundaries(const i32* tokens, i64 B, i64 L, float* p, uint8_t* b
   ops::threshold_boundaries(b, p_.data(), tokens, cfg_.bos_id, B, L,
                             tau < 0 ? cfg_.router.tau : tau);
   std::memcpy(p, p_.data(), sizeof(float) * B * L);
+  return true;
+}
+
+bool DlcmModel::concept_usage(const Batch& mb, ConceptUsageSums& u) {
+  const i64 B = mb.B, L = mb.L, N = B * L;
+  encode(mb.tokens, B, L);
+  live_micro_ = -1;
+  if (mb.boundaries)
+    given_boundaries(b_.data(), mb);
+  else
+    ops::threshold_boundaries(b_.data(), p_.data(), mb.tokens, cfg_.bos_id, B, L,
+                              cfg_.router.tau);
+  if (i64(nll_.size()) < N) nll_.assign(N, 0);
+  // The ablations first, so that the last forward (activation_rms, segments()) is the real one.
+  double ce_null = 0, ce_shuffle = 0;
+  if (copt_.concept_path) {
+    ce_null = head_.forward_loss(decode(mb.tokens, b_.data(), B, L, ConceptAblation::Null),
+                                 mb.targets, N);
+    ce_shuffle = head_.forward_loss(
+        decode(mb.tokens, b_.data(), B, L, ConceptAblation::Shuffle), mb.targets, N);
+  }
+  XAttnNorms nr;
+  const double ce = head_.forward_loss(decode(mb.tokens, b_.data(), B, L,
+                                              ConceptAblation::None, &nr),
+                                       mb.targets, N, nll_.data());
+  u.ce += ce;
+  u.xo_norm += nr.xo;
+  u.h_norm += nr.h;
+  u.n_positions += N;
+  u.n_concepts += sg_.total();
+  // Without the concept path the decoder sees no concept: nothing to replace.
+  u.ce_null += copt_.concept_path ? ce_null : ce;
+  u.ce_shuffle += copt_.concept_path ? ce_shuffle : ce;
+  // CE by position inside the concept
+  for (i64 n = 0; n < N; ++n) {
+    if (mb.targets[n] < 0) continue;
+    const i64 r = n / L, k = n % L - sg_.start[sg_.slot(r, sg_.seg[n])];
+    if (k >= i64(u.pos_count.size())) {
+      u.pos_count.resize(k + 1, 0);
+      u.pos_ce.resize(k + 1, 0.0);
+    }
+    u.pos_count[k] += 1;
+    u.pos_ce[k] += nll_[n];
+    u.n_targets += 1;
+  }
   return true;
 }
 

@@ -39,6 +39,10 @@ class DlcmModel : public LanguageModel {
   // Logits at chosen positions only: the head runs on those rows (scoring, evaluation).
   void logits_at(const i32* tokens, i64 B, i64 L, const i64* pos, i64 n, float* out) override;
   bool boundaries(const i32* tokens, i64 B, i64 L, float* p, uint8_t* b, float tau) override;
+  // Runs the decoder three times on one encoder pass and segmentation: as is (with residual
+  // norms and per-position CE), with z_null concepts, with shuffled concepts. Without the
+  // concept path the decoder sees no concept: ce_null = ce_shuffle = ce exactly.
+  bool concept_usage(const Batch& b, ConceptUsageSums& acc) override;
   // The streaming state of SPEC 5 (models/dlcm_stream.cpp).
   std::unique_ptr<InferenceStream> new_stream(const StreamOptions& o) override;
   double flops_per_token(i64 L) const override;
@@ -77,7 +81,10 @@ class DlcmModel : public LanguageModel {
   // Everything after the boundary decisions b [B*L] (already OR-ed with forced positions):
   // segments, pooling, backbone, cross-attention layer, decoder. Returns the decoder output
   // before decoder.norm [N, d].
-  const float* decode(const i32* tokens, const uint8_t* b, i64 B, i64 L);
+  // ablation and norms: evaluation only (ConceptCrossAttention::forward).
+  const float* decode(const i32* tokens, const uint8_t* b, i64 B, i64 L,
+                      ConceptAblation ablation = ConceptAblation::None,
+                      XAttnNorms* norms = nullptr);
   // Backward of decode() and encode() from the gradient of the decoder output, plus the
   // router's dp (aux loss and, with smooth_grad, the smoother). Parameter gradients +=.
   void backward(const i32* tokens, const float* g_dec_out, float aux_grad_p, i64 B, i64 L);
@@ -101,6 +108,7 @@ class DlcmModel : public LanguageModel {
   std::vector<uint8_t> b_;                 // boundaries of the current forward [N]
   std::vector<i32> pos_;
   Buf picked_;  // decoder outputs gathered for logits_at
+  Buf nll_;     // per-position CE of concept_usage [N]
   // Concept-level activations [B*Mc, ...] (grow with the batch's Mc).
   Buf Z_, z_rstd_;
   std::vector<i32> pos_c_;

@@ -61,6 +61,21 @@ struct LossTerms {
   double value(const std::string& name, double missing = 0) const;
 };
 
+// Concept-usage diagnostics of batches, as sums that add up over batches (eval/concept_usage.h
+// turns them into means; the definitions are those of python/dlcm_ref/diagnostics.py): CE sums
+// over the kept targets of the forward as is (ce), with every concept the decoder sees replaced
+// by z_null (ce_null), with concepts shuffled across the batch's rows (ce_shuffle); sums of
+// ||Wo att_t||_2 and ||H_t||_2 over all positions; CE sum and count of the kept targets by
+// position inside the token's concept, pos(t) = t - start of its concept.
+struct ConceptUsageSums {
+  double ce = 0, ce_null = 0, ce_shuffle = 0;
+  i64 n_targets = 0;
+  double xo_norm = 0, h_norm = 0;
+  i64 n_positions = 0, n_concepts = 0;
+  std::vector<double> pos_ce;
+  std::vector<i64> pos_count;
+};
+
 class LanguageModel {
  public:
   virtual ~LanguageModel() = default;
@@ -98,6 +113,11 @@ class LanguageModel {
                           float tau = -1) {
     return false;
   }
+
+  // DLCM: adds the concept-usage sums of one batch (thresholded boundaries, or the batch's
+  // given ones) to acc; no gradients. Returns false, leaving acc untouched, for architectures
+  // without concepts (the baseline).
+  virtual bool concept_usage(const Batch& b, ConceptUsageSums& acc) { return false; }
 
   // Streaming inference (SPEC 5): a stream with o.max_seqs slots of up to stream_len(o) tokens,
   // its caches allocated once here. It reads this model's weights (it must not outlive the

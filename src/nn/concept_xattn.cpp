@@ -224,11 +224,50 @@ void ConceptCrossAttention::ffn_forward(float* X, float* psi, float* pn, float* 
 
 // ---- forward --------------------------------------------------------------------------------
 
+namespace {
+
+// Sum over N rows of ||x_n||_2 (float64).
+double row_norm_sum(const float* x, i64 N, i64 d) {
+  double s = 0;
+#pragma omp parallel for reduction(+ : s) schedule(static) if (N * d > (1 << 15))
+  for (i64 n = 0; n < N; ++n) {
+    double q = 0;
+    for (i64 u = 0; u < d; ++u) q += double(x[n * d + u]) * x[n * d + u];
+    s += std::sqrt(q);
+  }
+  return s;
+}
+
+}  // namespace
+
+// list_ [B, Mc+1, dc] holds [z_null, zs_0 ..] per row; rewrite the entries 1..M_r (padding
+// slots beyond are never attended).
+void ConceptCrossAttention::ablate_list(ConceptAblation a, const ops::Segments& sg, i64 B) {
+  const i64 Mc = sg.Mmax, dc = dims_.dc;
+  const float* zn = null_->w;
+  for (i64 r = 0; r < B; ++r) {
+    float* row = list_.data() + r * (Mc + 1) * dc;
+    const i64 src = (r + 1) % B, M = sg.count[r];
+    const i64 keep = a == ConceptAblation::Shuffle ? std::min<i64>(M, sg.count[src]) : 0;
+    for (i64 j = 0; j < M; ++j) {
+      float* e = row + (1 + j) * dc;
+      if (j < keep)
+        std::copy_n(zs_.data() + (src * Mc + j) * dc, dc, e);
+      else
+        std::copy_n(zn, dc, e);
+    }
+  }
+}
+
 const float* ConceptCrossAttention::forward(const float* H, const float* Z, const float* p,
                                             const ops::Segments& sg, i64 B, i64 L,
-                                            const float* Zp) {
+                                            const float* Zp, ConceptAblation ablation,
+                                            XAttnNorms* norms) {
   const i64 N = B * L, d = dims_.d, dc = dims_.dc, hd = dims_.head_dim;
-  const bool own = opt_.prefix_rows();
+  ablation_ = opt_.concept_path ? ablation : ConceptAblation::None;
+  // An ablation replaces every entry a token sees, its own included: with prefix rows the own
+  // entry then comes from the (ablated) list, as the reference's diagnostics define it.
+  const bool own = opt_.prefix_rows() && ablation_ == ConceptAblation::None;
   DLCM_CHECK(!own || Zp != nullptr, "internal: ConceptCrossAttention::forward without the "
              "prefix rows' backbone output");
   H_ = H;
@@ -236,6 +275,10 @@ const float* ConceptCrossAttention::forward(const float* H, const float* Z, cons
   Zp_ = Zp;
   p_ = p;
   sg_ = &sg;
+  if (norms) {
+    norms->h += row_norm_sum(H, N, d);
+    norms->n += N;
+  }
   if (!opt_.concept_path) {
     std::memcpy(psi_.data(), H, sizeof(float) * N * d);  // Psi = H
     ffn_forward(X_.data(), psi_.data(), pn_.data(), pn_rstd_.data(), fa_.data(), fb_.data(),
@@ -248,6 +291,7 @@ const float* ConceptCrossAttention::forward(const float* H, const float* Z, cons
   // smoother (gate from p) -> concept list [z_null, zs...] -> K/V [B, Mc+1, Hkv, hd]
   ops::smoother_forward(zs_.data(), Z, p, sg, dc);
   ops::concept_list_forward(list_.data(), null_->w, zs_.data(), B, Mc, dc);
+  if (ablation_ != ConceptAblation::None) ablate_list(ablation_, sg, B);
   kv_forward(kx_raw_.data(), kx_.data(), kx_rstd_.data(), vx_.data(), list_.data(), nc1);
   // prefix rows: every token's own concept zs_j(t) = P_j z_j(t) + (1 - P_j) zs_{j-1} -> K/V
   if (own) {
@@ -274,6 +318,7 @@ const float* ConceptCrossAttention::forward(const float* H, const float* Z, cons
   }
   // Psi = H + Wo att
   ops::linear_forward(psi_.data(), att_.data(), wo_->w, N, dims_.q_dim(), d);
+  if (norms) norms->xo += row_norm_sum(psi_.data(), N, d);
   add_into(psi_.data(), H, N * d);
   ffn_forward(X_.data(), psi_.data(), pn_.data(), pn_rstd_.data(), fa_.data(), fb_.data(),
               fh_.data(), N);
@@ -286,6 +331,8 @@ void ConceptCrossAttention::backward(float* dH, float* dZ, float* dp, const floa
                                      i64 L, float* dZp) {
   const i64 N = B * L, d = dims_.d, dc = dims_.dc, hd = dims_.head_dim, xf = dims_.d_ff;
   const i64 xq = dims_.q_dim(), xkv = dims_.kv_dim();
+  DLCM_CHECK(ablation_ == ConceptAblation::None,
+             "internal: ConceptCrossAttention::backward after an ablated (evaluation) forward");
   // cross FFN: X = Psi + w2 h  ->  dPsi = dX + norm backward of (w1, w3 branches)
   {
     prof::Scope ps("cross FFN");

@@ -35,6 +35,18 @@ struct ConceptOptions {
   // backbone row per token (the prefix rows of TransformerStack).
   bool prefix_rows() const { return inclusive() && repr == ConceptRepr::PrefixMean; }
 };
+// Evaluation-only replacement of the concepts the decoder sees (concept-usage diagnostics,
+// python/dlcm_ref/diagnostics.py): Null = every list entry is z_null; Shuffle = row r's list
+// [z_null, zs_0 .. zs_{M_r - 1}] takes row (r + 1) mod B's zs, truncated to M_r entries or
+// padded at the end with z_null. Queries, segmentation and multiplicities stay the row's own.
+enum class ConceptAblation { None, Null, Shuffle };
+
+// Sums over the positions of one forward of ||Wo att_t||_2 and ||H_t||_2 (float64).
+struct XAttnNorms {
+  double xo = 0, h = 0;
+  i64 n = 0;
+};
+
 // Parses the config strings (names as in SPEC 4.9); throws Error naming `what` otherwise.
 ConceptRepr parse_concept_repr(const std::string& s, const std::string& what);
 ConceptVisibility parse_concept_visibility(const std::string& s, const std::string& what);
@@ -113,9 +125,14 @@ class ConceptCrossAttention {
   // probabilities (the smoother's gate) -> X [B*L, d] (owned, valid until the next forward).
   // With concept_path = false, Z and p are not read (may be nullptr). Zp [B*L, dc]
   // (options().prefix_rows() only): backbone.norm output of every token's prefix row, z_j(t).
-  // H, Z, Zp, p and sg must stay alive until backward().
+  // H, Z, Zp, p and sg must stay alive until backward(). Evaluation only: `ablation` replaces
+  // the concept list (with prefix rows, the own entry then comes from the ablated list too;
+  // backward() refuses to follow an ablated forward); `norms`, when given, receives += the
+  // residual norms (xo = 0 without the concept path).
   const float* forward(const float* H, const float* Z, const float* p, const ops::Segments& sg,
-                       i64 B, i64 L, const float* Zp = nullptr);
+                       i64 B, i64 L, const float* Zp = nullptr,
+                       ConceptAblation ablation = ConceptAblation::None,
+                       XAttnNorms* norms = nullptr);
   // dX [B*L, d] -> dH +=, dZ += [B*Mmax, dc], dZp += [B*L, dc] (prefix rows only), dp += (the
   // smoother gate's share; nullptr keeps P detached). Parameter gradients +=.
   void backward(float* dH, float* dZ, float* dp, const float* dX, i64 B, i64 L,
@@ -154,6 +171,7 @@ class ConceptCrossAttention {
                    float* fh, i64 N) const;
   void kv_forward(float* k_raw, float* k, float* k_rstd, float* v, const float* list,
                   i64 n) const;
+  void ablate_list(ConceptAblation a, const ops::Segments& sg, i64 B);
   void query_forward(float* hn, float* hn_rstd, float* q_raw, float* q, float* q_rstd,
                      const float* H, i64 N) const;
 
@@ -169,6 +187,7 @@ class ConceptCrossAttention {
   const float* Zp_ = nullptr;
   const float* p_ = nullptr;
   const ops::Segments* sg_ = nullptr;
+  ConceptAblation ablation_ = ConceptAblation::None;
   // Token-level activations [N, ...].
   Buf hn_, hn_rstd_, qx_raw_, qx_, qx_rstd_;  // queries
   Buf att_, lse_, krep_, vrep_;               // attention output, lse [B, Hq, L], replicate K/V

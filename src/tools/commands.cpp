@@ -20,6 +20,7 @@
 #include "infer/generate.h"
 #include "infer/segment.h"
 #include "eval/validate.h"
+#include "eval/concept_usage.h"
 #include "eval/zero_shot.h"
 #include "infer/sampler.h"
 #include "models/flops.h"
@@ -54,6 +55,7 @@ int cmd_train(const TrainArgs& a) {
   opt.overwrite = a.overwrite;
   opt.quiet = a.quiet;
   opt.init_from = a.init_from;
+  opt.concept_usage = a.concept_usage;
   const bool rank0 = dist::rank() == 0;  // under MPI only rank 0 talks
   if (rank0)
     for (const auto& s : a.sets) std::fprintf(stderr, "[train] --set %s\n", s.c_str());
@@ -332,6 +334,8 @@ int cmd_eval(const EvalArgs& a) {
   Config cfg = load_checkpoint_config(dir);
   // Resolve the task list first: a typo fails before any work.
   std::vector<TaskSpec> specs = a.tasks.empty() ? std::vector<TaskSpec>{} : resolve_tasks(a.tasks, a.task_file);
+  DLCM_CHECK(!a.concept_usage || !a.data.empty(),
+             "eval --concept-usage: give --data DIR (the diagnostics run on its validation split)");
   json r = {{"checkpoint", dir}, {"arch", cfg.model.arch}};
   if (!a.data.empty()) {
     if (a.seq_len > 0) cfg.train.seq_len = a.seq_len;
@@ -348,6 +352,18 @@ int cmd_eval(const EvalArgs& a) {
     r["val_tokens"] = v.tokens;
     r["seq_len"] = cfg.train.seq_len;
     if (v.compression > 0) r["val_compression"] = v.compression;
+    if (a.concept_usage) {
+      ConceptUsageResult u = measure_concept_usage(*m, data, cfg.train.batch_size,
+                                                   cfg.train.seq_len, a.usage_batches);
+      if (!u.applicable) {
+        r["concept_usage"] = {{"applicable", false}};
+        if (!a.quiet) std::fprintf(stderr, "[eval] concept usage: not applicable (%s has no concepts)\n",
+                                   cfg.model.arch.c_str());
+      } else {
+        r["concept_usage"] = concept_usage_json(u);
+        if (!a.quiet) std::fprintf(stderr, "[eval] %s", concept_usage_text(u).c_str());
+      }
+    }
   }
   int rc = 0;
   if (!specs.empty()) {

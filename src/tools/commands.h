@@ -17,6 +17,7 @@ struct TrainArgs {
   std::vector<std::string> sets;
   bool resume = false, overwrite = false, quiet = false;
   bool final_eval = true;  // full validation pass at the end
+  bool concept_usage = false;  // dlcm: concept-usage diagnostics at every logged eval
 };
 int cmd_train(const TrainArgs& a);
 
@@ -127,6 +128,8 @@ struct EvalArgs {
   i64 batch_tokens = 2048;  // zero-shot: padded tokens per forward pass
   bool no_prefix_sharing = false;  // zero-shot: one row per request (measurement)
   bool quiet = false;       // no progress lines or table on stderr
+  bool concept_usage = false;  // dlcm: concept-usage diagnostics on the validation split
+  i64 usage_batches = -1;      // their batches (-1 = the full split)
 };
 int cmd_eval(const EvalArgs& a);
 

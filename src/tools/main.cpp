@@ -25,6 +25,8 @@ int main(int argc, char** argv) {
   train->add_flag("--overwrite", ta.overwrite, "start over in an --out that already holds a run (replaces its checkpoint and log)");
   train->add_option("--init-from", ta.init_from, "start from the weights of this checkpoint");
   train->add_flag("--quiet", ta.quiet, "no progress output");
+  train->add_flag("--concept-usage", ta.concept_usage,
+                  "dlcm: concept-usage diagnostics on the eval batches at every logged eval (docs/dlcm.md)");
   bool no_final_eval = false;
   train->add_flag("--no-final-eval", no_final_eval, "skip the full validation pass at the end (logged evals still run)");
 
@@ -154,6 +156,11 @@ int main(int argc, char** argv) {
   ev->add_option("--markdown", ea.markdown, "write the zero-shot table (markdown) here");
   ev->add_flag("--no-prefix-sharing", ea.no_prefix_sharing,
                "zero-shot: one forward row per request (to measure what prefix sharing saves)");
+  ev->add_flag("--concept-usage", ea.concept_usage,
+               "dlcm: concept-usage diagnostics on the validation split (z_null / shuffled "
+               "concepts, |Wo att|/|H|, CE by position in concept; docs/dlcm.md)");
+  ev->add_option("--batches", ea.usage_batches, "concept usage: at most this many validation batches (default: all)")
+      ->check(CLI::Range(i64(1), i64(1) << 40));
   ev->add_flag("--quiet", ea.quiet, "no progress lines or table on stderr");
 
   AnalyzeArgs na;

@@ -14,6 +14,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/profiler.h"
+#include "eval/concept_usage.h"
 #include "kernels/gemm.h"
 #include "kernels/ops.h"
 #include "models/checkpoint.h"
@@ -487,6 +488,11 @@ void Trainer::run() {
                 {"tokens", tokens_seen_}};
       if (v.bpb > 0) j["val_bpb"] = v.bpb;
       if (v.compression > 0) j["val_compression"] = v.compression;
+      if (o_.concept_usage && rank_ == 0) {
+        ConceptUsageResult u = measure_concept_usage(*model_, data_, cfg_.train.batch_size,
+                                                     cfg_.train.seq_len, t.eval_batches);
+        if (u.applicable) j["concept_usage"] = concept_usage_json(u);
+      }
       log_line(j.dump());
       if (talk())
         std::fprintf(stderr, "%sstep %lld | val loss %.4f | ppl %.2f%s\n", tty ? "\r\033[K" : "",

@@ -28,6 +28,10 @@ struct TrainOptions {
   double peak_gflops = 0;      // FP32 GEMM peak of one process for MFU; 0 = measure at start
   i64 stop_after = -1;         // stop after this many steps in this run (tests); -1 = no
   std::string init_from;       // optional: initial weights from a checkpoint
+  // DLCM: concept-usage diagnostics (eval/concept_usage.h) on the eval batches at every
+  // logged evaluation, under "concept_usage" in the log line (three decoder passes a batch;
+  // rank 0 only under MPI).
+  bool concept_usage = false;
 };
 
 struct StepResult {
