@@ -9,6 +9,8 @@
 #include "data/prepare.h"
 #include "eval/concept_analysis.h"
 #include "models/model.h"
+#include "data/train_data.h"
+#include "eval/concept_usage.h"
 #include "tools/commands.h"
 #include "tools/plot.h"
 #include "models/checkpoint.h"
@@ -246,6 +248,22 @@ int cmd_analyze(const AnalyzeArgs& a) {
   o.seq_len = a.seq_len > 0 ? a.seq_len : load_checkpoint_config(dir).train.seq_len;
   o.tau = float(a.tau);
   o.top_k = a.top;
+  // The concept-usage diagnostics (eval/concept_usage.h) over the same validation windows;
+  // they threshold at the checkpoint's router.tau (the model's inference rule).
+  Config cfg = load_checkpoint_config(dir);
+  cfg.train.seq_len = o.seq_len;
+  TrainData val = open_train_data(a.data, cfg);
+  o.usage = [&](LanguageModel& model, const AnalysisData&) {
+    const ConceptUsageResult u = measure_concept_usage(model, val, o.batch_size, o.seq_len,
+                                                       o.max_batches);
+    ConceptUsage c;
+    c.val_loss = u.ce;
+    c.delta_loss_null = u.delta_null;
+    c.delta_loss_shuffled = u.delta_shuffle;
+    c.xattn_ratio = u.xattn_ratio;
+    c.tokens = u.tokens;
+    return c;
+  };
   AnalysisReport r = analyze_checkpoint(*m, d, o, base.get());
   r.checkpoint = dir;
   r.baseline = base_dir;
