@@ -18,6 +18,8 @@ nlohmann::json config_to_json(const Config& c) {
   j["head_dim"] = m.head_dim;
   j["d_ff"] = m.d_ff;
   j["n_layers"] = m.n_layers;
+  j["baseline_extras"] = m.baseline_extras;
+  j["n_layers_pre"] = m.n_layers_pre;
   j["enc_layers"] = m.enc_layers;
   j["dec_layers"] = m.dec_layers;
   j["d_concept"] = m.d_concept;
@@ -30,11 +32,14 @@ nlohmann::json config_to_json(const Config& c) {
   j["x_d_ff"] = m.x_d_ff;
   j["d_scan"] = m.d_scan;
   j["router"] = {{"kind", m.router.kind},
+                 {"stride", m.router.stride},
                  {"alpha", m.router.alpha},
                  {"tau", m.router.tau},
                  {"smooth_grad", m.router.smooth_grad}};
   j["target_R"] = m.target_R;
   j["aux_weight"] = m.aux_weight;
+  j["aux_kind"] = m.aux_kind;
+  j["smoother"] = m.smoother;
   j["xattn_impl"] = m.xattn_impl;
   j["qk_norm"] = m.qk_norm;
   j["rope_theta"] = m.rope_theta;
@@ -137,6 +142,8 @@ Config config_from_json(const json& src, const std::string& source) {
   get(j, "head_dim", m.head_dim);
   get(j, "d_ff", m.d_ff);
   get(j, "n_layers", m.n_layers);
+  get(j, "baseline_extras", m.baseline_extras);
+  get(j, "n_layers_pre", m.n_layers_pre);
   get(j, "enc_layers", m.enc_layers);
   get(j, "dec_layers", m.dec_layers);
   get(j, "d_concept", m.d_concept);
@@ -150,11 +157,14 @@ Config config_from_json(const json& src, const std::string& source) {
   get(j, "d_scan", m.d_scan);
   const json& r = j.at("router");
   get(r, "kind", m.router.kind);
+  get(r, "stride", m.router.stride);
   get(r, "alpha", m.router.alpha);
   get(r, "tau", m.router.tau);
   get(r, "smooth_grad", m.router.smooth_grad);
   get(j, "target_R", m.target_R);
   get(j, "aux_weight", m.aux_weight);
+  get(j, "aux_kind", m.aux_kind);
+  get(j, "smoother", m.smoother);
   get(j, "xattn_impl", m.xattn_impl);
   get(j, "qk_norm", m.qk_norm);
   get(j, "rope_theta", m.rope_theta);
@@ -276,6 +286,11 @@ void validate(const Config& c, const std::string& src) {
                " is outside the vocabulary [0, ", m.vocab_size, ")");
   if (m.arch == "baseline") {
     pos(m.n_layers, "n_layers");
+    if (m.baseline_extras)
+      DLCM_CHECK(m.layers_pre() >= 1 && m.layers_pre() < m.n_layers && m.x_d_ff >= 1, src,
+                 ": 'baseline_extras' splits the stack at 'n_layers_pre' (", m.layers_pre(),
+                 "), which must lie in [1, n_layers - 1] = [1, ", m.n_layers - 1,
+                 "] (0 means n_layers / 2), and needs 'x_d_ff' >= 1");
   } else {
     pos(m.enc_layers, "enc_layers");
     DLCM_CHECK(m.dec_layers >= 0, src, ": 'dec_layers' must be >= 0");
@@ -290,8 +305,16 @@ void validate(const Config& c, const std::string& src) {
     DLCM_CHECK(m.bb_heads % m.bb_kv_heads == 0, src, ": 'bb_kv_heads' must divide 'bb_heads'");
     DLCM_CHECK(m.x_heads % m.x_kv_heads == 0, src, ": 'x_kv_heads' must divide 'x_heads'");
     DLCM_CHECK(m.d_scan >= 0, src, ": 'd_scan' must be >= 0 (0 means d_token)");
-    DLCM_CHECK(m.router.kind == "projected" || m.router.kind == "raw", src,
-               ": 'router.kind' must be \"projected\" or \"raw\", got \"", m.router.kind, "\"");
+    DLCM_CHECK(m.router.kind == "projected" || m.router.kind == "raw" ||
+                   m.router.kind == "fixed" || m.router.kind == "word",
+               src, ": 'router.kind' must be \"projected\", \"raw\", \"fixed\" or \"word\", got \"",
+               m.router.kind, "\"");
+    DLCM_CHECK(m.router.stride >= 1, src, ": 'router.stride' must be >= 1, got ", m.router.stride);
+    DLCM_CHECK(!(m.rule_router() && m.router.smooth_grad), src, ": 'router.smooth_grad' needs a ",
+               "learned router; router.kind \"", m.router.kind, "\" is a rule (p is its 0/1 ",
+               "decision, nothing to train)");
+    DLCM_CHECK(m.aux_kind == "global" || m.aux_kind == "sequence", src,
+               ": 'aux_kind' must be \"global\" or \"sequence\", got \"", m.aux_kind, "\"");
     DLCM_CHECK(m.router.alpha > 0, src, ": 'router.alpha' must be positive");
     DLCM_CHECK(m.router.tau >= 0 && m.router.tau <= 1, src, ": 'router.tau' must be in [0,1]");
     DLCM_CHECK(m.target_R > 1, src, ": 'target_R' must be > 1, got ", m.target_R);

@@ -23,8 +23,10 @@ void add_into(float* y, const float* x, i64 n) {
 
 }  // namespace
 
-// Given decisions (Batch::boundaries), OR-ed with the forced ones (row start, BOS).
+// Given decisions (Batch::boundaries), OR-ed with the forced ones (row start, BOS). A rule
+// router ignores them: its rule (in p_, from encode) decides in training as everywhere.
 void DlcmModel::given_boundaries(uint8_t* b, const Batch& mb) const {
+  if (decider_.is_rule()) return decider_.threshold(b, p_.data(), mb.tokens, mb.B, mb.L, 0.5f);
   for (i64 n = 0; n < mb.B * mb.L; ++n)
     b[n] = (mb.boundaries[n] != 0 || n % mb.L == 0 || mb.tokens[n] == cfg_.bos_id) ? 1 : 0;
 }
@@ -33,6 +35,7 @@ DlcmModel::DlcmModel(const ModelConfig& cfg) {
   cfg_ = cfg;
   const i64 d = cfg.d_token, dc = cfg.d_concept, V = cfg.vocab_size, hd = cfg.head_dim;
   projected_ = cfg.router.kind == "projected";
+  decider_.init(cfg);
   ds_ = projected_ ? cfg.scan_dim() : d;
   xq_ = cfg.x_heads * hd;
   xkv_ = cfg.x_kv_heads * hd;
@@ -90,7 +93,7 @@ void DlcmModel::reserve(i64 B, i64 L) {
   for (Buf* b : {&x0_, &H_, &hn_, &psi_, &pn_, &X_, &g_out_, &g_X_, &g_pn_, &g_psi_, &g_hn_, &g_H_,
                  &g_enc_, &g_x0_})
     b->assign(N * d, 0);
-  for (Buf* b : {&enc_rstd_, &p_, &dp_, &hn_rstd_, &pn_rstd_}) b->assign(N, 0);
+  for (Buf* b : {&enc_rstd_, &p_, &dp_, &aux_dp_, &hn_rstd_, &pn_rstd_}) b->assign(N, 0);
   rcache_.assign(N * ops::kRouterCacheStride, 0);
   if (projected_)
     for (Buf* b : {&rq_, &rk_, &g_rq_, &g_rk_}) b->assign(N * ds_, 0);
@@ -157,7 +160,10 @@ void DlcmModel::encode(const i32* tokens, i64 B, i64 L) {
     q = rq_.data();
     k = rk_.data();
   }
-  ops::router_prob_forward(p_.data(), rcache_.data(), q, k, tokens, cfg_.bos_id, B, L, ds_);
+  if (decider_.is_rule())
+    decider_.rule_probs(p_.data(), tokens, B, L);
+  else
+    ops::router_prob_forward(p_.data(), rcache_.data(), q, k, tokens, cfg_.bos_id, B, L, ds_);
 }
 
 const float* DlcmModel::decode(const i32* tokens, const uint8_t* b, i64 B, i64 L) {
@@ -179,7 +185,7 @@ const float* DlcmModel::decode(const i32* tokens, const uint8_t* b, i64 B, i64 L
   ops::rmsnorm_forward(Z_.data(), z_rstd_.data(), bb_out_, bb_norm_->w, nc, dc, eps);
   // smoother (gate from p, detached unless smooth_grad) -> concept list [z_null, zs...]
   sec.next("cross-attention");
-  ops::smoother_forward(zs_.data(), Z_.data(), p_.data(), sg_, dc);
+  ops::smoother_forward(zs_.data(), Z_.data(), cfg_.smoother ? p_.data() : nullptr, sg_, dc);
   ops::concept_list_forward(list_.data(), x_null_->w, zs_.data(), B, Mc, dc);
   // keys/values of the list [B, Mc+1, Hkv, hd] with QK-norm on keys
   ops::linear_forward(kx_raw_.data(), list_.data(), x_wk_->w, nc1, dc, xkv_);
@@ -221,7 +227,7 @@ const float* DlcmModel::decode(const i32* tokens, const uint8_t* b, i64 B, i64 L
 
 // ---- backward -------------------------------------------------------------------------------
 
-void DlcmModel::backward(const i32* tokens, const float* g_dec_out, float aux_grad_p, i64 B,
+void DlcmModel::backward(const i32* tokens, const float* g_dec_out, const float* aux_dp, i64 B,
                          i64 L) {
   const i64 N = B * L, d = cfg_.d_token, dc = cfg_.d_concept, hd = cfg_.head_dim;
   const i64 Mc = sg_.Mmax, nc = B * Mc, nc1 = B * (Mc + 1), xf = cfg_.x_d_ff;
@@ -285,13 +291,15 @@ void DlcmModel::backward(const i32* tokens, const float* g_dec_out, float aux_gr
   clear(g_zs_, nc * dc);
   ops::concept_list_backward(x_null_->g, g_zs_.data(), g_list_.data(), B, Mc, dc);
   grad_ready(x_null_->offset);  // every xattn.* gradient is complete
-  // router dp: the aux loss's constant share for every position, plus the smoother's share
-  // when the LM loss may reach p (smooth_grad).
-  std::fill(dp_.begin(), dp_.begin() + N, aux_grad_p);
+  // router dp: the aux loss's share, plus the smoother's share when the LM loss may reach p
+  // (smooth_grad).
+  std::copy_n(aux_dp, N, dp_.begin());
   // smoother -> dZ; backbone norm and stack -> dC
   clear(g_Z_, nc * dc);
-  ops::smoother_backward(g_Z_.data(), cfg_.router.smooth_grad ? dp_.data() : nullptr,
-                         g_zs_.data(), zs_.data(), Z_.data(), p_.data(), sg_, dc);
+  ops::smoother_backward(g_Z_.data(),
+                         cfg_.router.smooth_grad && cfg_.smoother ? dp_.data() : nullptr,
+                         g_zs_.data(), zs_.data(), Z_.data(), cfg_.smoother ? p_.data() : nullptr,
+                         sg_, dc);
   sec.next("backbone");
   clear(g_bb_, nc * dc);
   ops::rmsnorm_backward(g_bb_.data(), bb_norm_->g, g_Z_.data(), bb_out_, bb_norm_->w,
@@ -313,7 +321,7 @@ void DlcmModel::backward(const i32* tokens, const float* g_dec_out, float aux_gr
                               rk_.data(), tokens, cfg_.bos_id, B, L, ds_);
     ops::linear_backward(g_H_.data(), r_wq_->g, g_rq_.data(), H_.data(), r_wq_->w, N, d, ds_);
     ops::linear_backward(g_H_.data(), r_wk_->g, g_rk_.data(), H_.data(), r_wk_->w, N, d, ds_);
-  } else {
+  } else if (!decider_.is_rule()) {  // a rule's p has no gradient
     ops::router_prob_backward(g_H_.data(), g_H_.data(), dp_.data(), rcache_.data(), H_.data(),
                               H_.data(), tokens, cfg_.bos_id, B, L, ds_);
   }
@@ -345,8 +353,8 @@ double DlcmModel::prepare_step(const std::vector<Batch>& micro, const StepContex
     if (mb.boundaries) {
       given_boundaries(b.data(), mb);
     } else {
-      ops::sample_boundaries(b.data(), p_.data(), mb.tokens, cfg_.bos_id, mb.B, mb.L,
-                             cfg_.router.alpha, ctx.seed, uint64_t(ctx.step), mb.row0);
+      decider_.sample(b.data(), p_.data(), mb.tokens, mb.B, mb.L, cfg_.router.alpha, ctx.seed,
+                      uint64_t(ctx.step), mb.row0);
     }
     for (i64 n = 0; n < N; ++n) sum_b += b[n];
     live_step_ = ctx.step;
@@ -373,16 +381,15 @@ MicroStats DlcmModel::train_micro(const Batch& mb, i64 index, const StepContext&
                                       1.0f / float(std::max<i64>(ctx.total_targets, 1)));
   }
   grad_ready(dec_norm_->offset);  // decoder.norm and lm_head (the block's tail) are complete
-  // Global Parser: F over the whole step (ctx.sum_b), every p_t gets the same gradient.
-  const double count = double(std::max<i64>(ctx.total_positions, 1));
-  const ops::AuxLoss aux = ops::global_parser_loss(ctx.sum_b, 0.0, count, cfg_.target_R,
-                                                   cfg_.aux_weight);
-  backward(mb.tokens, g_out_.data(), float(aux.grad_p), B, L);
+  // Auxiliary loss (Global Parser over the whole step, or per sequence; none for rules).
+  s.aux_rows = decider_.aux_grad(aux_dp_.data(), b, p_.data(), B, L, ctx);
+  backward(mb.tokens, g_out_.data(), aux_dp_.data(), B, L);
   for (i64 n = 0; n < N; ++n) {
     s.n_targets += mb.targets[n] >= 0;
     s.sum_b += b[n];
     s.sum_p += p_[n];
-    s.n_thresholded += (n % L == 0 || mb.tokens[n] == cfg_.bos_id || p_[n] >= cfg_.router.tau);
+    s.n_thresholded += (n % L == 0 || mb.tokens[n] == cfg_.bos_id ||
+                        decider_.decide(p_[n], cfg_.router.tau));
   }
   s.n_positions = N;
   s.n_concepts = sg_.total();
@@ -396,8 +403,7 @@ MicroStats DlcmModel::eval_micro(const Batch& mb, float* row_loss) {
   if (mb.boundaries)
     given_boundaries(b_.data(), mb);
   else
-    ops::threshold_boundaries(b_.data(), p_.data(), mb.tokens, cfg_.bos_id, B, L,
-                              cfg_.router.tau);
+    decider_.threshold(b_.data(), p_.data(), mb.tokens, B, L, cfg_.router.tau);
   const float* out = decode(mb.tokens, b_.data(), B, L);
   MicroStats s;
   s.ce_sum = head_.forward_loss(out, mb.targets, N, row_loss);
@@ -415,7 +421,7 @@ MicroStats DlcmModel::eval_micro(const Batch& mb, float* row_loss) {
 void DlcmModel::logits(const i32* tokens, i64 B, i64 L, float* out) {
   encode(tokens, B, L);
   live_micro_ = -1;
-  ops::threshold_boundaries(b_.data(), p_.data(), tokens, cfg_.bos_id, B, L, cfg_.router.tau);
+  decider_.threshold(b_.data(), p_.data(), tokens, B, L, cfg_.router.tau);
   const float* h = decode(tokens, b_.data(), B, L);
   head_.logits(h, B * L, out);
 }
@@ -423,7 +429,7 @@ void DlcmModel::logits(const i32* tokens, i64 B, i64 L, float* out) {
 void DlcmModel::logits_at(const i32* tokens, i64 B, i64 L, const i64* pos, i64 n, float* out) {
   encode(tokens, B, L);
   live_micro_ = -1;
-  ops::threshold_boundaries(b_.data(), p_.data(), tokens, cfg_.bos_id, B, L, cfg_.router.tau);
+  decider_.threshold(b_.data(), p_.data(), tokens, B, L, cfg_.router.tau);
   const float* h = decode(tokens, b_.data(), B, L);
   const i64 d = cfg_.d_token;
   if (i64(picked_.size()) < n * d) picked_.resize(n * d);
@@ -438,8 +444,7 @@ void DlcmModel::logits_at(const i32* tokens, i64 B, i64 L, const i64* pos, i64 n
 bool DlcmModel::boundaries(const i32* tokens, i64 B, i64 L, float* p, uint8_t* b, float tau) {
   encode(tokens, B, L);
   live_micro_ = -1;
-  ops::threshold_boundaries(b, p_.data(), tokens, cfg_.bos_id, B, L,
-                            tau < 0 ? cfg_.router.tau : tau);
+  decider_.threshold(b, p_.data(), tokens, B, L, tau < 0 ? cfg_.router.tau : tau);
   std::memcpy(p, p_.data(), sizeof(float) * B * L);
   return true;
 }

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "kernels/dlcm_ops.h"
+#include "models/boundary_rule.h"
 #include "models/model.h"
 #include "nn/lm_head.h"
 #include "nn/transformer.h"
@@ -37,6 +38,8 @@ class DlcmModel : public LanguageModel {
   // The streaming state of SPEC 5 (models/dlcm_stream.cpp).
   std::unique_ptr<InferenceStream> new_stream(const StreamOptions& o) override;
   double flops_per_token(i64 L) const override;
+  // router.kind = "word": the tokenizer's word-start flags (Tokenizer::word_starts()).
+  void set_word_starts(std::vector<uint8_t> w) override { decider_.set_word_starts(std::move(w)); }
   // µP coordinate check: tok_embeddings, encoder (before its norm), concepts (after W_up),
   // backbone (before its norm; both over real concepts only), cross_attention (X, the
   // decoder's input), decoder (before its norm), of the last forward pass.
@@ -56,13 +59,16 @@ class DlcmModel : public LanguageModel {
   // decoder output before decoder.norm [N, d].
   const float* decode(const i32* tokens, const uint8_t* b, i64 B, i64 L);
   // Backward of decode() and encode() from the gradient of the decoder output, plus the
-  // router's dp (aux loss and, with smooth_grad, the smoother). Parameter gradients +=.
-  void backward(const i32* tokens, const float* g_dec_out, float aux_grad_p, i64 B, i64 L);
+  // router's dp (aux_dp [N], the aux loss's, and with smooth_grad the smoother's).
+  // Parameter gradients +=.
+  void backward(const i32* tokens, const float* g_dec_out, const float* aux_dp, i64 B, i64 L);
   void reserve_concepts(i64 B, i64 Mc);
   void given_boundaries(uint8_t* b, const Batch& mb) const;
   void check_tokens(const i32* tokens, i64 N, i64 L) const;
 
   bool projected_ = true;
+  BoundaryDecider decider_;  // sampling/thresholding, rule routers, aux loss (boundary_rule.h)
+  Buf aux_dp_;               // the aux loss's gradient w.r.t. p [N]
   i64 ds_ = 0, xq_ = 0, xkv_ = 0;
   Param *tok_emb_, *enc_norm_, *r_wq_ = nullptr, *r_wk_ = nullptr, *w_up_, *bb_norm_;
   Param *x_null_, *x_norm_, *x_wq_, *x_wk_, *x_wv_, *x_wo_, *x_qn_, *x_kn_;

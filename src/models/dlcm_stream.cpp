@@ -29,6 +29,7 @@ class DlcmStream final : public InferenceStream {
       : InferenceStream(max_seqs, max_len, m.cfg_.vocab_size), m_(m) {
     const ModelConfig& c = m.cfg_;
     tau_ = tau < 0 ? c.router.tau : tau;
+    m.decider_.check_ready();  // router.kind "word" without its table fails here, not mid-run
     DLCM_CHECK(!std::isnan(tau_), "stream: tau must be a number");
     d_ = c.d_token;
     dc_ = c.d_concept;
@@ -122,6 +123,7 @@ class DlcmStream final : public InferenceStream {
     i64 open_start = 0;          // position of its first token
     float open_p = 1.f;          // p at its first token
     bool open_forced = true;     // it starts at t = 0 or at a BOS token
+    i64 doc_start = 0;           // position of the last forced boundary (rule routers)
     i64 backbone_positions = 0;  // backbone steps run for this slot
   };
 
@@ -164,13 +166,18 @@ class DlcmStream final : public InferenceStream {
     for (i64 i = 0; i < n_items; ++i) {
       const i64 s = items[i].seq, n = items[i].n;
       Slot& st = slots_[s];
-      router_probs(p_.data(), q + row0[i] * ds_, k + row0[i] * ds_, q_last_.data() + s * ds_, n);
+      const BoundaryDecider& rule = m_.decider_;
+      if (!rule.is_rule())
+        router_probs(p_.data(), q + row0[i] * ds_, k + row0[i] * ds_, q_last_.data() + s * ds_, n);
       closed0[i] = nc;
       for (i64 t = 0; t < n; ++t) {
         const i64 r = row0[i] + t, pos = pos0[i] + t;
         const bool forced = pos == 0 || items[i].tokens[t] == c.bos_id;
-        const float p = forced ? 1.f : p_[t];
-        const bool b = forced || p >= tau_;
+        if (forced) st.doc_start = pos;
+        const float p = forced             ? 1.f
+                        : rule.is_rule() ? float(rule.rule_at(items[i].tokens[t], pos - st.doc_start))
+                                         : p_[t];
+        const bool b = forced || rule.decide(p, tau_);
         const float* h = H_.data() + r * d_;
         float* sum = open_sum_.data() + s * d_;
         if (b) {
@@ -178,7 +185,7 @@ class DlcmStream final : public InferenceStream {
             float* o = pooled_.data() + nc * d_;
             const float inv = 1.f / float(st.open_count);
             for (i64 j = 0; j < d_; ++j) o[j] = sum[j] * inv;
-            gate_[nc] = ops::smoother_gate(st.open_p, st.open_forced);
+            gate_[nc] = c.smoother ? ops::smoother_gate(st.open_p, st.open_forced) : 1.f;
             ++nc;
             ++st.closed;
             mult(s)[st.closed] = 0;  // the new entry, carried by the concept opening now

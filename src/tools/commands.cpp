@@ -116,6 +116,7 @@ std::unique_ptr<LanguageModel> load_model(const std::string& path, std::string* 
   Config cfg = load_checkpoint_config(dir);
   auto m = make_model(cfg.model);
   load_checkpoint_params(dir, m->params());
+  if (cfg.model.router.kind == "word") m->set_word_starts(load_tokenizer(dir)->word_starts());
   if (dir_out) *dir_out = dir;
   return m;
 }

@@ -119,6 +119,7 @@ Trainer::Trainer(const Config& cfg, TrainData data, TrainOptions opt)
     }
   }
   model_ = make_initialised_model(cfg_.model, cfg_.train.seed);
+  if (!data_.word_starts.empty()) model_->set_word_starts(data_.word_starts);
   opt_.init(model_->params());
   if (!o_.init_from.empty()) load_checkpoint_params(resolve_checkpoint(o_.init_from), model_->params());
   const TrainConfig& t = cfg_.train;
@@ -266,6 +267,7 @@ StepResult Trainer::train_step() {
     tot.n_targets += s.n_targets;
     tot.sum_b += s.sum_b;
     tot.sum_p += s.sum_p;
+    tot.aux_rows += s.aux_rows;
     tot.n_positions += s.n_positions;
     tot.n_thresholded += s.n_thresholded;
   }
@@ -274,22 +276,29 @@ StepResult Trainer::train_step() {
     r.buckets_early = allreduce_.started_early();
     r.buckets = allreduce_.buckets();
     r.allreduce_seconds = allreduce_.finish();
-    double st[6] = {tot.ce_sum, double(tot.n_targets), tot.sum_b, tot.sum_p,
-                    double(tot.n_positions), double(tot.n_thresholded)};
-    dist::allreduce_sum(st, 6);
+    double st[7] = {tot.ce_sum, double(tot.n_targets), tot.sum_b, tot.sum_p,
+                    double(tot.n_positions), double(tot.n_thresholded), tot.aux_rows};
+    dist::allreduce_sum(st, 7);
     tot.ce_sum = st[0];
     tot.n_targets = i64(st[1]);
     tot.sum_b = st[2];
     tot.sum_p = st[3];
     tot.n_positions = i64(st[4]);
     tot.n_thresholded = i64(st[5]);
+    tot.aux_rows = st[6];
   }
   r.ce = tot.ce_sum / std::max<i64>(tot.n_targets, 1);
   if (cfg_.model.is_dlcm() && tot.n_positions > 0) {
     const double R = cfg_.model.target_R;
     r.F = tot.sum_b / tot.n_positions;
     r.G = tot.sum_p / tot.n_positions;
-    r.aux = R / (R - 1) * ((R - 1) * r.F * r.G + (1 - r.F) * (1 - r.G)) - 1;
+    const ModelConfig& mc = cfg_.model;
+    if (mc.rule_router())  // boundaries by rule: no auxiliary loss (F is the compression)
+      r.aux = 0;
+    else if (mc.aux_kind == "sequence")  // mean of the rows' L_r
+      r.aux = tot.aux_rows / double(std::max<i64>(tot.n_positions / t.seq_len, 1));
+    else
+      r.aux = R / (R - 1) * ((R - 1) * r.F * r.G + (1 - r.F) * (1 - r.G)) - 1;
     r.F_thresholded = double(tot.n_thresholded) / tot.n_positions;
   }
   r.loss = r.ce + cfg_.model.aux_weight * r.aux * (cfg_.model.is_dlcm() ? 1 : 0);
