@@ -69,12 +69,17 @@ FlopsReport flops_report(const ModelConfig& m, i64 L, double R) {
     r.model.push_back({"embedding", 0});
     r.model.push_back({"layers", m.n_layers * block_flops_per_position(d, m.n_heads, m.n_kv_heads,
                                                                         m.head_dim, m.d_ff, L)});
+    // baseline_extras: the DLCM's cross FFN between the halves (its mid-stack encoder.norm
+    // is counted with the layers, as the final norm is)
+    if (m.baseline_extras) r.model.push_back({"cross_ffn", 2.0 * 3 * d * m.x_d_ff});
     r.model.push_back({"head", 2.0 * d * V});
     // the final norm is counted with the layers, so "head" is exactly lm_head
     r.params = {{"embedding", V * d},
                 {"layers", m.n_layers * block_params(d, m.n_heads, m.n_kv_heads, m.head_dim,
-                                                     m.d_ff, m.qk_norm) + d},
+                                                     m.d_ff, m.qk_norm) +
+                               d * (m.baseline_extras ? 2 : 1)},
                 {"head", V * d}};
+    if (m.baseline_extras) r.params.insert(r.params.end() - 1, {"cross_ffn", 3 * d * m.x_d_ff + d});
     return r;
   }
   if (R <= 0) R = m.target_R;
@@ -84,7 +89,7 @@ FlopsReport flops_report(const ModelConfig& m, i64 L, double R) {
   r.model.push_back({"embedding", 0});
   r.model.push_back({"encoder", m.enc_layers * block_flops_per_position(d, m.n_heads, m.n_kv_heads,
                                                                          hd, m.d_ff, L)});
-  r.model.push_back({"router", m.router.kind == "raw" ? 0.0 : 2.0 * 2 * d * ds});
+  r.model.push_back({"router", m.router.kind != "projected" ? 0.0 : 2.0 * 2 * d * ds});
   // mean pooling adds are negligible; W_up runs once per concept
   r.model.push_back({"pooling", 2.0 * d * dc / R});
   r.model.push_back({"backbone", m.bb_layers *
@@ -108,7 +113,7 @@ FlopsReport flops_report(const ModelConfig& m, i64 L, double R) {
   r.params = {
       {"embedding", V * d},
       {"encoder", m.enc_layers * block_params(d, m.n_heads, m.n_kv_heads, hd, m.d_ff, m.qk_norm) + d},
-      {"router", m.router.kind == "raw" ? 0 : 2 * ds * d},
+      {"router", m.router.kind != "projected" ? 0 : 2 * ds * d},
       {"pooling", dc * d},
       {"backbone", m.bb_layers * block_params(dc, m.bb_heads, m.bb_kv_heads, hd, m.bb_d_ff, m.qk_norm) + dc},
       {"cross_attention", 2 * d * xq + 2 * dc * xkv + dc + d + 2 * hd},
