@@ -514,3 +514,48 @@ TEST(Controls, FlopsAndConfig) {
   c4.model.n_layers_pre = 3;
   bad(c4, "n_layers_pre");
 }
+
+// ---- the trainer ----------------------------------------------------------------------------
+
+// The trainer hands the data's word-start table to the model, logs aux = 0 and the realised
+// compression for a rule router, and logs the mean of the rows' L_r for aux_kind "sequence"
+// (grad_accum 2: the rows of both micro-batches count).
+TEST(Controls, TrainerPassesTheTableAndReportsTheAuxLoss) {
+  {
+    Config c = test::tiny_dlcm("word");
+    c.train.steps = 3;
+    c.train.eval_every = 0;
+    TrainOptions o;
+    o.quiet = true;
+    o.peak_gflops = 100;
+    TrainData data = test::pattern_data(c.model.vocab_size, 99, 2, c.model.bos_id);
+    EXPECT_THROW(Trainer(c, data, o).train_step(), Error);  // no table: a clear error
+    data.word_starts = tiny_word_starts(c.model.vocab_size);
+    Trainer tr(c, data, o);
+    const StepResult r = tr.train_step();
+    EXPECT_EQ(r.aux, 0.0);
+    EXPECT_GT(r.F, 0.0);
+    EXPECT_EQ(r.F, r.F_thresholded);  // one rule for training and inference
+    EXPECT_EQ(r.loss, r.ce);
+  }
+  {
+    Config c = test::tiny_dlcm();
+    c.model.aux_kind = "sequence";
+    c.train.steps = 3;
+    c.train.grad_accum = 2;
+    c.train.eval_every = 0;
+    TrainOptions o;
+    o.quiet = true;
+    o.peak_gflops = 100;
+    Trainer tr(c, test::pattern_data(c.model.vocab_size, 99, 2, c.model.bos_id), o);
+    const StepResult r = tr.train_step();
+    // L_r lies in [-1, R - 1]; and the step's value is the model's rows' mean
+    EXPECT_GE(r.aux, -1.0);
+    EXPECT_LE(r.aux, c.model.target_R - 1);
+    EXPECT_NEAR(r.loss, r.ce + c.model.aux_weight * r.aux, 1e-9);
+    const double global = c.model.target_R / (c.model.target_R - 1) *
+                              ((c.model.target_R - 1) * r.F * r.G + (1 - r.F) * (1 - r.G)) -
+                          1;
+    EXPECT_NE(r.aux, global);  // per-row means differ from the step-wide formula
+  }
+}
