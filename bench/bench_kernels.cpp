@@ -2,6 +2,7 @@
 //   ./build/bench_kernels --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
 #include <benchmark/benchmark.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -68,6 +69,27 @@ static void BM_AttentionFwdBwd(benchmark::State& st) {
   st.counters["FLOP/s"] = benchmark::Counter(3 * 4.0 * hd * pairs, benchmark::Counter::kIsIterationInvariantRate);
 }
 BENCHMARK(BM_AttentionFwdBwd)->Arg(512)->Arg(2048)->UseRealTime()->Unit(benchmark::kMillisecond);
+
+// Sliding-window causal attention (enc_window / dec_window), forward + backward at L = 2048,
+// B = 1, 8 heads, hd 64, over the window (0 = full causal): time should grow with L * w.
+static void BM_WindowAttentionFwdBwd(benchmark::State& st) {
+  const i64 B = 1, L = 2048, H = 8, hd = 64, w = st.range(0), N = B * L * H * hd;
+  Buf q(N), k(N), v(N), o(N), lse(B * H * L), dq(N), dk(N), dv(N), dout(N);
+  fill_attention(q, k, v, dout);
+  const float scale = 1.0f / std::sqrt(float(hd));
+  for (auto _ : st) {
+    ops::attention_forward(o.data(), lse.data(), q.data(), k.data(), v.data(), B, L, L, H, H, hd, 0,
+                           scale, w);
+    ops::attention_backward(dq.data(), dk.data(), dv.data(), dout.data(), o.data(), lse.data(),
+                            q.data(), k.data(), v.data(), B, L, L, H, H, hd, 0, scale, w);
+  }
+  double pairs = 0;
+  for (i64 t = 0; t < L; ++t) pairs += w > 0 ? std::min<i64>(t + 1, w) : t + 1;
+  st.counters["FLOP/s"] = benchmark::Counter(3 * 4.0 * hd * H * B * pairs,
+                                             benchmark::Counter::kIsIterationInvariantRate);
+}
+BENCHMARK(BM_WindowAttentionFwdBwd)->Arg(64)->Arg(256)->Arg(1024)->Arg(0)->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
 
 // Concept cross-attention (compact) forward + backward at the decoder shape of a
 // reference-sized dlcm: B=1, 8 heads, hd 64, a concept every 6 tokens (`dlcm bench xattn`

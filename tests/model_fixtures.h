@@ -9,7 +9,7 @@
 #include "core/rng.h"
 #include "models/config.h"
 #include "models/model.h"
-#include "train/checkpoint.h"
+#include "models/checkpoint.h"
 #include "train/trainer.h"
 
 namespace dlcm::test {

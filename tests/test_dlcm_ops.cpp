@@ -373,6 +373,63 @@ TEST_P(CompactVsReplicate, AgreesWithAttentionKernel) {
   EXPECT_LT(scaled_err(dv2, dv1), 2e-4);
 }
 
+// concept_visibility "inclusive" (SPEC 4.9): compact (inclusive) against the replicated form
+// with the leading z_null slot on the attention kernel, and the forward against the explicit
+// definition (z_null with multiplicity 1, closed concepts with their lengths, the own concept
+// with t - start + 1) through the streaming step.
+TEST_P(CompactVsReplicate, InclusiveAgrees) {
+#ifndef DLCM_HAVE_ATTENTION_KERNEL
+  GTEST_SKIP() << "ops::attention_* not in this tree yet";
+#else
+  const auto c = GetParam();
+  AttnData a(c, 700 + i64(c.pat) * 5 + c.L);
+  const i64 W = a.Hkv * a.hd, NR = a.B * (a.L + 1) * W;
+  Vec o1(a.q.size()), l1(a.B * a.Hq * a.L), krep(NR), vrep(NR), dkrep(NR), dvrep(NR);
+  ops::concept_attention_replicate_forward(o1.data(), l1.data(), krep.data(), vrep.data(),
+                                           a.q.data(), a.k.data(), a.v.data(), a.sg, a.B, a.L,
+                                           a.Hq, a.Hkv, a.hd, a.scale, true);
+  Vec dq1(a.q.size(), 0.f), dk1(a.k.size(), 0.f), dv1(a.v.size(), 0.f);
+  ops::concept_attention_replicate_backward(dq1.data(), dk1.data(), dv1.data(), dkrep.data(),
+                                            dvrep.data(), a.dout.data(), o1.data(), l1.data(),
+                                            a.q.data(), krep.data(), vrep.data(), a.sg, a.B, a.L,
+                                            a.Hq, a.Hkv, a.hd, a.scale, true);
+  Vec o2(a.q.size()), l2(a.B * a.Hq * a.L);
+  ops::concept_attention_forward(o2.data(), l2.data(), a.q.data(), a.k.data(), a.v.data(), a.sg,
+                                 a.B, a.L, a.Hq, a.Hkv, a.hd, a.scale, true);
+  Vec dq2(a.q.size(), 0.f), dk2(a.k.size(), 0.f), dv2(a.v.size(), 0.f);
+  ops::concept_attention_backward(dq2.data(), dk2.data(), dv2.data(), a.dout.data(), o2.data(),
+                                  l2.data(), a.q.data(), a.k.data(), a.v.data(), a.sg, a.B, a.L,
+                                  a.Hq, a.Hkv, a.hd, a.scale, true);
+  SCOPED_TRACE(name_of(c.pat));
+  EXPECT_LT(test::rel_err(o2.data(), o1.data(), o1.size()), 1e-4);
+  EXPECT_LT(test::max_abs_diff(l2.data(), l1.data(), l1.size()), 1e-4);
+  EXPECT_LT(scaled_err(dq2, dq1), 2e-4);
+  EXPECT_LT(scaled_err(dk2, dk1), 2e-4);
+  EXPECT_LT(scaled_err(dv2, dv1), 2e-4);
+  // the definition, token by token
+  Vec o(a.Hq * a.hd);
+  double worst = 0;
+  for (i64 b = 0; b < a.B; ++b)
+    for (i64 t = 0; t < a.L; ++t) {
+      const i64 s = a.sg.seg[b * a.L + t];
+      Vec mult(s + 2);
+      mult[0] = 1.f;
+      for (i64 e = 0; e < s; ++e) mult[e + 1] = float(a.sg.len[b * a.sg.Mmax + e]);
+      mult[s + 1] = float(t - a.sg.start[b * a.sg.Mmax + s] + 1);
+      ops::concept_attention_step(o.data(), a.q.data() + (b * a.L + t) * a.Hq * a.hd,
+                                  a.k.data() + b * a.K1 * W, a.v.data() + b * a.K1 * W, W,
+                                  mult.data(), s + 2, a.Hq, a.Hkv, a.hd, a.scale);
+      worst = std::max(worst, test::max_abs_diff(o.data(), o2.data() + (b * a.L + t) * a.Hq * a.hd,
+                                                 a.Hq * a.hd));
+    }
+  EXPECT_LT(worst, 1e-5);
+  // list entries past a row's last concept are never attended
+  for (i64 r = 0; r < a.B; ++r)
+    for (i64 kk = a.sg.count[r] + 1; kk < a.K1; ++kk)
+      for (i64 i = 0; i < W; ++i) EXPECT_EQ(dk2[(r * a.K1 + kk) * W + i], 0.f);
+#endif
+}
+
 INSTANTIATE_TEST_SUITE_P(
     Patterns, CompactVsReplicate,
     ::testing::Values(AttnCase{Pattern::Random, 2, 23, 4, 2, 8},

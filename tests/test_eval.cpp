@@ -12,9 +12,9 @@
 #include "data/tokenizer.h"
 #include "eval/scorer.h"
 #include "eval/zero_shot.h"
+#include "kernels/ops.h"
 #include "model_fixtures.h"
 #include "testing.h"
-#include "tools/commands.h"
 
 using namespace dlcm;
 namespace fs = std::filesystem;
@@ -416,6 +416,24 @@ TEST(EvalScorer, BatchingAndPrefixSharingDoNotChangeScores) {
   auto c = sc.score(reqs, apart, &s3);
   EXPECT_EQ(s3.rows, s3.requests);
   for (size_t i = 0; i < reqs.size(); ++i) EXPECT_NEAR(c[i].loglik, a[i].loglik, 1e-5 * std::abs(a[i].loglik)) << i;
+}
+
+// The scorer's log-softmax kernel: ops::logsumexp against a double-precision sum, for row
+// lengths around the vector width (masked tails) and with large values (the max shift).
+TEST(EvalScorer, LogSumExpMatchesDoubleReference) {
+  for (i64 n : {1, 15, 16, 17, 260, 1001}) {
+    std::vector<float> x(n);
+    Rng rng{uint64_t(n)};
+    for (auto& v : x) v = 80.f + 10.f * rng.normal();
+    double mx_ref = -1e300, s = 0;
+    for (float v : x) mx_ref = std::max(mx_ref, double(v));
+    for (float v : x) s += std::exp(double(v) - mx_ref);
+    float mx = 0;
+    const double lse = ops::logsumexp(x.data(), n, &mx);
+    EXPECT_EQ(double(mx), mx_ref) << n;
+    EXPECT_NEAR(lse, mx_ref + std::log(s), 1e-5) << n;
+    EXPECT_EQ(ops::logsumexp(x.data(), n), lse) << n;
+  }
 }
 
 // logits_at (the head on chosen rows only) equals rows of the full logits, for the baseline's

@@ -10,7 +10,7 @@
 #include "core/safetensors.h"
 #include "models/config.h"
 #include "testing.h"
-#include "train/checkpoint.h"
+#include "models/checkpoint.h"
 
 using namespace dlcm;
 namespace fs = std::filesystem;

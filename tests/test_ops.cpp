@@ -457,7 +457,7 @@ void run_attention(const Case& c, Mode m) {
   H.fwd = [&](Impl im, std::vector<Buf>& o) {
     (im == Fast ? ops::attention_forward : ops::ref::attention_forward<float>)(
         o[0].data(), o[1].data(), H.in[0].data(), H.in[1].data(), H.in[2].data(), B, Lq, Lk, Hq,
-        Hkv, hd, qo, scale);
+        Hkv, hd, qo, scale, 0);
   };
   H.fwd64 = [&](const std::vector<Vec>& in, Vec& o) {
     Vec lse(B * Hq * Lq);
@@ -467,7 +467,7 @@ void run_attention(const Case& c, Mode m) {
   H.bwd = [&](Impl im, const std::vector<Buf>& o, const float* dout, std::vector<Buf>& g) {
     (im == Fast ? ops::attention_backward : ops::ref::attention_backward)(
         g[0].data(), g[1].data(), g[2].data(), dout, o[0].data(), o[1].data(), H.in[0].data(),
-        H.in[1].data(), H.in[2].data(), B, Lq, Lk, Hq, Hkv, hd, qo, scale);
+        H.in[1].data(), H.in[2].data(), B, Lq, Lk, Hq, Hkv, hd, qo, scale, 0);
   };
   // Multiply-adds of the visible (query, key) pairs: QK^T and PV forward; the backward
   // recomputes QK^T and forms dP, dV, dQ, dK.
@@ -889,15 +889,19 @@ void run_concept_gather(const Case& c, Mode m) {
   test::fill_normal(H.in[0].data(), K, 101);
   H.out_sizes = {N * W};
   H.fwd = [&](Impl im, std::vector<Buf>& o) {
-    (im == Fast ? ops::concept_gather : ops::ref::concept_gather<float>)(
-        o[0].data(), H.in[0].data(), sg, W);
+    if (im == Fast)
+      ops::concept_gather(o[0].data(), H.in[0].data(), sg, W);
+    else
+      ops::ref::concept_gather<float>(o[0].data(), H.in[0].data(), sg, W);
   };
   H.fwd64 = [&](const std::vector<Vec>& in, Vec& o) {
     ops::ref::concept_gather<double>(o.data(), in[0].data(), sg, W);
   };
   H.bwd = [&](Impl im, const std::vector<Buf>&, const float* dout, std::vector<Buf>& g) {
-    (im == Fast ? ops::concept_scatter_add : ops::ref::concept_scatter_add)(g[0].data(), dout,
-                                                                            sg, W);
+    if (im == Fast)
+      ops::concept_scatter_add(g[0].data(), dout, sg, W);
+    else
+      ops::ref::concept_scatter_add(g[0].data(), dout, sg, W);
   };
   H.bytes = {4.0 * (2 * N * W), 4.0 * (N * W + 2 * K)};
   finish(H, c, m, 25);

@@ -377,7 +377,7 @@ TEST(GivenBoundaries, TrainDataHookFixesTheCompression) {
   o.quiet = true;
   o.peak_gflops = 100;
   Trainer tr(c, d, o);
-  for (int s = 0; s < 2; ++s) EXPECT_DOUBLE_EQ(tr.train_step().F, 0.2);
+  for (int s = 0; s < 2; ++s) EXPECT_DOUBLE_EQ(tr.train_step().terms.value("F", -1), 0.2);
 }
 
 }  // namespace

@@ -50,7 +50,12 @@ void check_concepts(LanguageModel& m, InferenceStream& st, i64 slot, const std::
   EXPECT_EQ(c.tokens, L);
   EXPECT_EQ(c.concepts, concepts);
   EXPECT_EQ(c.concepts_closed, concepts - 1);
-  EXPECT_EQ(c.backbone_positions, c.concepts_closed);
+  // The backbone runs once per concept: at its close, or at its first token with inclusive
+  // visibility (the open one too); never without the concept path.
+  const ModelConfig& mc = m.config();
+  EXPECT_EQ(c.backbone_positions, !mc.concept_path                      ? 0
+                                   : mc.concept_visibility == "inclusive" ? c.concepts
+                                                                          : c.concepts_closed);
   EXPECT_GT(concepts, 3) << "the test sequence should cross several concept boundaries";
 }
 
@@ -152,13 +157,35 @@ Config baseline_gqa() { return test::tiny_baseline(false, 2); }
 Config baseline_qk_gqa() { return test::tiny_baseline(true, 2); }
 Config dlcm_projected_compact() { return test::tiny_dlcm("projected", "compact"); }
 Config dlcm_raw_replicate() { return test::tiny_dlcm("raw", "replicate"); }
+// Research variants (SPEC 4.9).
+Config dlcm_variant(const char* repr, const char* vis, const char* xattn, bool path) {
+  Config c = test::tiny_dlcm("projected", xattn);
+  c.model.concept_repr = repr;
+  c.model.concept_visibility = vis;
+  c.model.concept_path = path;
+  return c;
+}
+Config dlcm_first_shifted() { return dlcm_variant("first", "shifted", "compact", true); }
+Config dlcm_first_inclusive() { return dlcm_variant("first", "inclusive", "compact", true); }
+Config dlcm_first_inclusive_replicate() {
+  return dlcm_variant("first", "inclusive", "replicate", true);
+}
+Config dlcm_prefix_mean_shifted() { return dlcm_variant("prefix_mean", "shifted", "compact", true); }
+Config dlcm_no_concept_path() { return dlcm_variant("mean", "shifted", "compact", false); }
 
 INSTANTIATE_TEST_SUITE_P(Arch, StreamEquivalence,
                          ::testing::Values(Case{"baseline_qk_mqa", baseline_qk_mqa},
                                            Case{"baseline_gqa", baseline_gqa},
                                            Case{"baseline_qk_gqa", baseline_qk_gqa},
                                            Case{"dlcm_projected_compact", dlcm_projected_compact},
-                                           Case{"dlcm_raw_replicate", dlcm_raw_replicate}),
+                                           Case{"dlcm_raw_replicate", dlcm_raw_replicate},
+                                           Case{"dlcm_first_shifted", dlcm_first_shifted},
+                                           Case{"dlcm_first_inclusive", dlcm_first_inclusive},
+                                           Case{"dlcm_first_inclusive_replicate",
+                                                dlcm_first_inclusive_replicate},
+                                           Case{"dlcm_prefix_mean_shifted",
+                                                dlcm_prefix_mean_shifted},
+                                           Case{"dlcm_no_concept_path", dlcm_no_concept_path}),
                          [](const auto& info) { return info.param.name; });
 
 // Splitting a sequence differently (one prefill, token by token, chunks) gives the same logits,

@@ -9,7 +9,7 @@ namespace dlcm {
 Param* ParamStore::add(const std::string& name, std::vector<i64> shape, ParamGroup group,
                        bool decay) {
   DLCM_CHECK(!finalized_, "internal: parameter '", name, "' added after finalize");
-  DLCM_CHECK(!find(name), "internal: duplicate parameter name '", name, "'");
+  DLCM_CHECK(!by_name_.count(name), "internal: duplicate parameter name '", name, "'");
   Param p;
   p.name = name;
   p.shape = std::move(shape);
@@ -21,6 +21,7 @@ Param* ParamStore::add(const std::string& name, std::vector<i64> shape, ParamGro
   // Keep every tensor 64-byte aligned inside the block.
   total_ += (p.numel + 15) / 16 * 16;
   params_.push_back(std::move(p));
+  by_name_.emplace(name, params_.size() - 1);
   return &params_.back();
 }
 
@@ -56,9 +57,8 @@ void ParamStore::init(uint64_t seed) {
 void ParamStore::zero_grad() { std::fill(grad_.begin(), grad_.end(), 0.0f); }
 
 Param* ParamStore::find(const std::string& name) {
-  for (auto& p : params_)
-    if (p.name == name) return &p;
-  return nullptr;
+  auto it = by_name_.find(name);
+  return it == by_name_.end() ? nullptr : &params_[it->second];
 }
 
 }  // namespace dlcm

@@ -3,6 +3,7 @@
 #pragma once
 #include <deque>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "core/common.h"
@@ -49,6 +50,8 @@ class ParamStore {
 
  private:
   std::deque<Param> params_;
+  std::unordered_map<std::string, size_t> by_name_;  // index into params_: O(1) find, so
+                                                    // registration stays linear
   i64 total_ = 0;
   bool finalized_ = false;
   Buf data_, grad_;

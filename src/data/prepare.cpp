@@ -272,12 +272,34 @@ SplitResult encode_split(const char* name, const std::vector<const Doc*>& docs,
   return r;
 }
 
-void write_json(const std::string& path, const json& j) {
+// Validation iff a hash of the text falls below val_fraction; tiny corpora keep at least one
+// document on each side. Both lists keep the order of `docs`, which is the order of the shards.
+void split_documents(const std::vector<Doc>& docs, double val_fraction,
+                     std::vector<const Doc*>& train, std::vector<const Doc*>& val) {
+  const uint64_t cut = uint64_t(val_fraction * 18446744073709551615.0);
+  const Doc* min_doc = nullptr;
+  uint64_t min_h = ~0ull;
+  for (const auto& d : docs) {
+    const uint64_t h = splitmix64(text_hash(d.text) ^ 0x5851F42D4C957F2Dull);
+    (h < cut ? val : train).push_back(&d);
+    if (h < min_h) min_h = h, min_doc = &d;
+  }
+  if (val.empty()) {  // tiny corpus: the lowest hash goes to validation
+    val.push_back(min_doc);
+    train.erase(std::find(train.begin(), train.end(), min_doc));
+  }
+  if (train.empty()) {  // cannot happen with val_fraction < 0.5 unless 2-3 docs; move one back
+    train.push_back(val.back());
+    val.pop_back();
+  }
+}
+
+void write_json(const std::string& path, const json& j, int indent = 2) {
   const std::string tmp = path + ".tmp";
   {
     std::ofstream f(tmp, std::ios::trunc);
     DLCM_CHECK(f, "cannot write ", tmp);
-    f << j.dump(2) << "\n";
+    f << j.dump(indent) << "\n";
     DLCM_CHECK(f.good(), "error writing ", tmp);
   }
   fs::rename(tmp, path);
@@ -324,23 +346,8 @@ json prepare(const std::vector<std::string>& inputs, const std::string& out_dir,
              " (separate documents with form feeds in .txt files, or use .jsonl)");
 
   // 2. Split by a hash of the text.
-  const uint64_t cut = uint64_t(opt.val_fraction * 18446744073709551615.0);
   std::vector<const Doc*> train, val;
-  const Doc* min_doc = nullptr;
-  uint64_t min_h = ~0ull;
-  for (const auto& d : rd.docs) {
-    const uint64_t h = splitmix64(text_hash(d.text) ^ 0x5851F42D4C957F2Dull);
-    (h < cut ? val : train).push_back(&d);
-    if (h < min_h) min_h = h, min_doc = &d;
-  }
-  if (val.empty()) {  // tiny corpus: the lowest hash goes to validation
-    val.push_back(min_doc);
-    train.erase(std::find(train.begin(), train.end(), min_doc));
-  }
-  if (train.empty()) {  // cannot happen with val_fraction < 0.5 unless 2-3 docs; move one back
-    train.push_back(val.back());
-    val.pop_back();
-  }
+  split_documents(rd.docs, opt.val_fraction, train, val);
 
   // 3. Tokenizer.
   fs::create_directories(out_dir);
@@ -424,6 +431,11 @@ json prepare(const std::vector<std::string>& inputs, const std::string& out_dir,
        "bytes = UTF-8 bytes of the cleaned text (BOS excluded); bits per byte = summed CE nats / "
        "ln 2 / val.bytes; bytes_per_token excludes the BOS tokens"},
   };
+  // The source of each validation document, in val.bin order (per-source analysis).
+  json val_doc_sources = json::array();
+  for (const Doc* d : val) val_doc_sources.push_back(d->source);
+  write_json((fs::path(out_dir) / kValSourcesFile).string(),
+             json{{"sources", rd.sources}, {"documents", val_doc_sources}}, -1);
   write_json((fs::path(out_dir) / "meta.json").string(), meta);
   say("done: train ", tr.tokens, " tokens (", tr.documents, " docs), val ", va.tokens,
       " tokens (", va.documents, " docs), ", meta["bytes_per_token"].get<double>(),
@@ -452,6 +464,79 @@ DataDir open_data_dir(const std::string& dir) {
     fail(mpath, ": field val.bytes missing or not an integer");
   }
   return d;
+}
+
+bool load_val_sources(const DataDir& d, ValSources& out, std::string* why) {
+  auto no = [&](const std::string& reason) {
+    if (why) *why = reason;
+    return false;
+  };
+  const int64_t n_docs = d.val->documents();
+  const fs::path file = fs::path(d.dir) / kValSourcesFile;
+  if (fs::exists(file)) {
+    json j;
+    try {
+      j = json::parse(slurp(file.string()));
+      out.names = j.at("sources").get<std::vector<std::string>>();
+      out.doc = j.at("documents").get<std::vector<int32_t>>();
+    } catch (const json::exception& e) {
+      fail(file.string(), ": expected {\"sources\": [names], \"documents\": [indices]} (",
+           e.what(), "); run `dlcm prepare` again to rewrite it");
+    }
+    DLCM_CHECK(int64_t(out.doc.size()) == n_docs, file.string(), ": lists ", out.doc.size(),
+               " documents but val.bin holds ", n_docs, " (the folder was changed after prepare)");
+    for (int32_t s : out.doc)
+      DLCM_CHECK(s >= 0 && s < int32_t(out.names.size()), file.string(), ": source index ", s,
+                 " is outside [0, ", out.names.size(), ")");
+    out.origin = kValSourcesFile;
+    return true;
+  }
+  // Prepared before the file existed: read the corpus again as prepare did.
+  std::vector<std::string> files;
+  double val_fraction = 0;
+  try {
+    files = d.meta.at("files").get<std::vector<std::string>>();
+    val_fraction = d.meta.at("split").at("val_fraction").get<double>();
+  } catch (const json::exception&) {
+    return no(std::string(kValSourcesFile) + " is missing and meta.json lacks files/split.val_fraction");
+  }
+  // A relative path is relative to where prepare ran: try the working directory, then the
+  // folders above the data folder.
+  for (auto& f : files) {
+    if (fs::is_regular_file(f)) continue;
+    std::error_code ec;
+    fs::path up = fs::absolute(d.dir, ec);
+    while (!ec && fs::path(f).is_relative() && up.has_relative_path() && !fs::is_regular_file(up / f))
+      up = up.parent_path();
+    if (ec || !fs::path(f).is_relative() || !fs::is_regular_file(up / f))
+      return no(std::string(kValSourcesFile) + " is missing (prepared by an older dlcm) and the corpus file " +
+                f + " listed in meta.json is not readable from here or from a folder above " + d.dir);
+    f = (up / f).string();
+  }
+  Reader rd;
+  for (const auto& f : files) rd.read_file(f);
+  std::vector<const Doc*> train, val;
+  if (rd.docs.size() >= 2) split_documents(rd.docs, val_fraction, train, val);
+  if (int64_t(val.size()) != n_docs)
+    return no("re-reading the corpus files of meta.json gives " + std::to_string(val.size()) +
+              " validation documents, val.bin holds " + std::to_string(n_docs) +
+              " (the files changed since prepare)");
+  // The first and last documents must encode to the lengths val.bin holds.
+  std::vector<int64_t> starts;
+  for (int64_t i = 0; i < d.val->size(); ++i)
+    if (d.val->at(i) == d.tokenizer->bos_id()) starts.push_back(i);
+  starts.push_back(d.val->size());
+  for (int64_t k : {int64_t(0), n_docs - 1}) {
+    const int64_t len = int64_t(d.tokenizer->encode(val[k]->text).size()) + 1;
+    if (int64_t(starts.size()) != n_docs + 1 || starts[k + 1] - starts[k] != len)
+      return no("re-reading the corpus files of meta.json gives validation document " +
+                std::to_string(k) + " with another token count than val.bin (the files changed since prepare)");
+  }
+  out.names = rd.sources;
+  out.doc.clear();
+  for (const Doc* v : val) out.doc.push_back(v->source);
+  out.origin = "re-derived from the corpus files in meta.json";
+  return true;
 }
 
 }  // namespace dlcm

@@ -14,7 +14,8 @@
 // (deterministic by document, independent of order and of the tokenizer); at least one
 // document goes to each side.
 // Outputs in out_dir: tokenizer.json (+ tokenizer.model), train.bin, val.bin (see shards.h;
-// every document starts with BOS), meta.json.
+// every document starts with BOS), meta.json, and val_sources.json: {"sources": [names],
+// "documents": [source index of each validation document, in val.bin order]}.
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -51,5 +52,21 @@ struct DataDir {
   int64_t val_bytes = 0;  // UTF-8 bytes of the validation text (bits per byte denominator)
 };
 DataDir open_data_dir(const std::string& dir);
+
+inline const char* kValSourcesFile = "val_sources.json";
+
+// The corpus source of each validation document, in val.bin order.
+struct ValSources {
+  std::vector<std::string> names;  // source names (the "source" field of .jsonl, else the file stem)
+  std::vector<int32_t> doc;        // per validation document: index into names
+  std::string origin;              // where they came from (the file, or re-derived)
+};
+// Reads DIR/val_sources.json. A folder prepared before that file existed gets its sources
+// re-derived: the corpus files listed in meta.json (a relative path from the working directory
+// or from a folder above DIR) are read, cleaned and split again exactly as prepare does, and the
+// result must match val.bin (document count, token counts of the first
+// and last documents). Returns false with the reason in *why when neither is possible; throws
+// Error for a malformed val_sources.json.
+bool load_val_sources(const DataDir& d, ValSources& out, std::string* why = nullptr);
 
 }  // namespace dlcm

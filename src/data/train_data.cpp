@@ -1,6 +1,7 @@
 #include "data/train_data.h"
 
 #include <algorithm>
+#include <memory>
 #include <mutex>
 
 #include "data/loader.h"

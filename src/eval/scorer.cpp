@@ -8,7 +8,7 @@
 #include <cstdio>
 #include <numeric>
 
-#include "kernels/simd.h"
+#include "kernels/ops.h"
 
 namespace dlcm {
 
@@ -33,8 +33,8 @@ namespace {
 // log-softmax of x at `target`, and whether target is the argmax (first index on ties, as
 // torch.argmax).
 inline double log_prob(const float* x, i64 V, i32 target, bool* is_argmax) {
-  const float mx = ops::simd::hmax(x, V);
-  const double lse = double(mx) + std::log(ops::simd::exp_sum(x, V, mx));
+  float mx;
+  const double lse = ops::logsumexp(x, V, &mx);
   bool top = x[target] == mx;
   for (i64 j = 0; top && j < target; ++j) top = x[j] != mx;
   *is_argmax = top;

@@ -16,6 +16,12 @@
 //
 // Blocks that straddle the causal diagonal skip masked work in row slabs (mm_causal). All
 // tile products go through one register-blocked microkernel, tile_mm() below.
+//
+// Sliding window (window = w > 0): the query at position p sees keys (p - w, p]. Key blocks
+// wholly before a query tile's window are never visited (forward: the key loop starts at the
+// tile's first visible key; backward: the query loop of a key block ends at the last query
+// that sees it), so the cost is O(L w); blocks the window's lower edge cuts are computed whole
+// and masked. window = 0 takes exactly the causal path.
 #include <algorithm>
 #include <array>
 #include <cmath>
@@ -150,12 +156,23 @@ void mm_causal(float* C, i64 ldc, const float* A, i64 rsa, i64 csa, const float*
   }
 }
 
-void check_shapes(const char* who, i64 B, i64 Lq, i64 Lk, i64 Hq, i64 Hkv, i64 hd, i64 q_offset) {
+void check_shapes(const char* who, i64 B, i64 Lq, i64 Lk, i64 Hq, i64 Hkv, i64 hd, i64 q_offset,
+                  i64 window) {
   DLCM_CHECK(B >= 0 && Lq >= 0 && hd >= 1, who, ": bad shape B=", B, " Lq=", Lq, " hd=", hd);
   DLCM_CHECK(Lk >= 1, who, ": need at least one key, got Lk=", Lk);
   DLCM_CHECK(Hkv >= 1 && Hq % Hkv == 0, who, ": n_kv_heads (", Hkv,
              ") must divide n_heads (", Hq, ")");
   DLCM_CHECK(q_offset >= 0, who, ": q_offset must be >= 0, got ", q_offset);
+  DLCM_CHECK(window >= 0, who, ": window must be >= 0 (0 = full causal), got ", window);
+  // Every query must see at least its own key, or its softmax would be empty.
+  DLCM_CHECK(window == 0 || q_offset + Lq <= Lk, who, ": a sliding window needs every query's ",
+             "own key (q_offset + Lq <= Lk), got q_offset=", q_offset, " Lq=", Lq, " Lk=", Lk);
+}
+
+// Keys one query sees at most: what the parallel-or-not threshold counts.
+i64 keys_seen(i64 Lq, i64 Lk, i64 q_offset, i64 window) {
+  const i64 n = std::min(Lk, q_offset + Lq);
+  return window > 0 ? std::min(n, window) : n;
 }
 
 // Forward for few queries (decode: Lq = 1, or short chunks). One task per (batch, kv head);
@@ -164,9 +181,10 @@ void check_shapes(const char* who, i64 B, i64 Lq, i64 Lk, i64 Hq, i64 Hkv, i64 h
 // layout would leave most of each vector empty when there are only a few queries).
 void attention_forward_rows(float* out, float* lse, const float* q, const float* k,
                             const float* v, i64 B, i64 Lq, i64 Lk, i64 Hq, i64 Hkv, i64 hd,
-                            i64 q_offset, float scale, bool par) {
+                            i64 q_offset, float scale, i64 window, bool par) {
   const i64 group = Hq / Hkv, ldk = Hkv * hd, R = Lq * group;
   const i64 jend = std::min(Lk, q_offset + Lq);  // keys seen by the last query
+  const i64 jbeg = window > 0 ? std::max<i64>(0, q_offset - window + 1) : 0;  // by the first
 #pragma omp parallel if (par)
   {
     Buf qs(size_t(R) * hd), kt(size_t(hd) * BK), s(size_t(R) * BK), o(size_t(R) * hd);
@@ -182,7 +200,7 @@ void attention_forward_rows(float* out, float* lse, const float* q, const float*
       std::fill(m.begin(), m.end(), -INFINITY);
       std::fill(l.begin(), l.end(), 0.0f);
       std::fill(o.begin(), o.end(), 0.0f);
-      for (i64 j0 = 0; j0 < jend; j0 += BK) {
+      for (i64 j0 = jbeg; j0 < jend; j0 += BK) {
         const i64 nk = std::min(BK, jend - j0);
         pack_t(kt.data(), BK, kp + j0 * ldk, ldk, nk, hd);
         tile_mm(s.data(), BK, qs.data(), hd, 1, kt.data(), BK, R, nk, hd, scale, false);  // S [R, nk]
@@ -190,7 +208,11 @@ void attention_forward_rows(float* out, float* lse, const float* q, const float*
           float* row = s.data() + r * BK;
           const i64 nv = std::clamp<i64>(q_offset + r / group + 1 - j0, 0, nk);
           std::fill(row + nv, row + nk, -INFINITY);
-          // Block 0 holds key 0, visible to every query, so m is finite from then on.
+          if (window > 0)
+            std::fill(row, row + std::clamp<i64>(q_offset + r / group - window + 1 - j0, 0, nv),
+                      -INFINITY);
+          // The first block holds each query's first visible key (key 0, or with a window key
+          // jbeg + i with i < Lq < BK), so m is finite from then on.
           const float mnew = std::max(m[r], simd::hmax(row, nk));
           const float corr = std::exp(m[r] - mnew);  // 0 on the first block
           l[r] = float(l[r] * corr + simd::exp_sub_sum(row, nk, mnew));
@@ -220,14 +242,15 @@ void attention_forward_rows(float* out, float* lse, const float* q, const float*
 
 void attention_forward(float* out, float* lse, const float* q, const float* k, const float* v,
                        i64 B, i64 Lq, i64 Lk, i64 Hq, i64 Hkv, i64 hd, i64 q_offset,
-                       float scale) {
-  check_shapes("attention_forward", B, Lq, Lk, Hq, Hkv, hd, q_offset);
+                       float scale, i64 window) {
+  check_shapes("attention_forward", B, Lq, Lk, Hq, Hkv, hd, q_offset, window);
   const i64 group = Hq / Hkv, ldq = Hq * hd, ldk = Hkv * hd;
   const i64 nqb = (Lq + BQ - 1) / BQ;
   const i64 ntask = B * Hq * nqb;
-  const bool par = B * Hq * Lq * std::min(Lk, q_offset + Lq) * hd > (1 << 16);
+  const bool par = B * Hq * Lq * keys_seen(Lq, Lk, q_offset, window) * hd > (1 << 16);
   if (Lq < 16 && Lq * group <= BQ)
-    return attention_forward_rows(out, lse, q, k, v, B, Lq, Lk, Hq, Hkv, hd, q_offset, scale, par);
+    return attention_forward_rows(out, lse, q, k, v, B, Lq, Lk, Hq, Hkv, hd, q_offset, scale,
+                                  window, par);
 #pragma omp parallel if (par)
   {
     Buf qt(size_t(hd) * BQ), st(size_t(BK) * BQ), o(size_t(BQ) * hd);
@@ -242,11 +265,15 @@ void attention_forward(float* out, float* lse, const float* q, const float* k, c
       const float* kp = k + (b * Lk * Hkv + g) * hd;
       const float* vp = v + (b * Lk * Hkv + g) * hd;
       const i64 jend = std::min(Lk, q_offset + i0 + mq);  // keys seen by the tile's last row
+      // First key seen by the tile's row 0. Starting the key blocks there (not on the BK grid)
+      // puts every row's first visible key (<= jbeg + r, r < BQ = BK) into the first block, so
+      // the running max is finite after it.
+      const i64 jbeg = window > 0 ? std::max<i64>(0, q_offset + i0 - window + 1) : 0;
       pack_t(qt.data(), BQ, qp, ldq, mq, hd);  // Q^T [hd, mq], packed once for all key blocks
       std::fill(m, m + BQ, -INFINITY);
       std::fill(l, l + BQ, 0.0f);
       std::fill(o.begin(), o.begin() + mq * hd, 0.0f);
-      for (i64 j0 = 0; j0 < jend; j0 += BK) {
+      for (i64 j0 = jbeg; j0 < jend; j0 += BK) {
         const i64 nk = std::min(BK, jend - j0);
         const i64 off = q_offset + i0 - j0;  // tile query r sees tile key j iff j <= r + off
         const bool diag = nk - 1 > off;       // some key in this block is hidden from row 0
@@ -259,6 +286,13 @@ void attention_forward(float* out, float* lse, const float* q, const float* k, c
           for (i64 j = 0; j < nk; ++j)
             std::fill_n(st.data() + j * BQ, std::clamp<i64>(j - off, 0, mq), -INFINITY);
         }
+        // Window mask: key j hides from rows r >= j - off + window (the last row sees key 0
+        // of the block iff mq - 1 + off < window).
+        if (window > 0 && mq - 1 + off >= window)
+          for (i64 j = 0; j < nk; ++j) {
+            const i64 r0 = std::clamp<i64>(j - off + window, 0, mq);
+            std::fill(st.data() + j * BQ + r0, st.data() + j * BQ + mq, -INFINITY);
+          }
         softmax_cols(st.data(), nk, mq, m, l, corr);  // S^T -> P^T, running stats
         for (i64 r = 0; r < mq; ++r)
           if (corr[r] != 1.0f) {
@@ -288,10 +322,11 @@ void attention_forward(float* out, float* lse, const float* q, const float* k, c
 
 void attention_backward(float* dq, float* dk, float* dv, const float* dout, const float* out,
                         const float* lse, const float* q, const float* k, const float* v, i64 B,
-                        i64 Lq, i64 Lk, i64 Hq, i64 Hkv, i64 hd, i64 q_offset, float scale) {
-  check_shapes("attention_backward", B, Lq, Lk, Hq, Hkv, hd, q_offset);
+                        i64 Lq, i64 Lk, i64 Hq, i64 Hkv, i64 hd, i64 q_offset, float scale,
+                        i64 window) {
+  check_shapes("attention_backward", B, Lq, Lk, Hq, Hkv, hd, q_offset, window);
   const i64 group = Hq / Hkv, ldq = Hq * hd, ldk = Hkv * hd;
-  const bool par = B * Hq * Lq * std::min(Lk, q_offset + Lq) * hd > (1 << 16);
+  const bool par = B * Hq * Lq * keys_seen(Lq, Lk, q_offset, window) * hd > (1 << 16);
 
   // D[b, h, i] = dO_i . O_i  (the softmax Jacobian's row term), same layout as lse.
   Buf D(size_t(B * Hq * Lq));
@@ -319,14 +354,18 @@ void attention_backward(float* dq, float* dk, float* dv, const float* dout, cons
       const i64 jend = std::min(Lk, q_offset + Lq);
       for (i64 j0 = 0; j0 < jend; j0 += BK) {
         const i64 nk = std::min(BK, jend - j0);
+        const i64 istart = std::max<i64>(0, j0 - q_offset);  // first query that sees key j0
+        // One past the last query that sees the block's last key (position < key + window).
+        const i64 iend =
+            window > 0 ? std::clamp<i64>(j0 + nk - 1 + window - q_offset, 0, Lq) : Lq;
+        if (istart >= iend) continue;  // cached keys below every query's window
         pack_t(kt.data(), BK, kp + j0 * ldk, ldk, nk, hd);
         pack_t(vt.data(), BK, vp + j0 * ldk, ldk, nk, hd);
         std::fill(dka.begin(), dka.begin() + nk * hd, 0.0f);
         std::fill(dva.begin(), dva.begin() + nk * hd, 0.0f);
-        const i64 istart = std::max<i64>(0, j0 - q_offset);  // first query that sees key j0
         for (i64 h = g * group; h < (g + 1) * group; ++h) {
-          for (i64 i0 = istart; i0 < Lq; i0 += BQ) {
-            const i64 mq = std::min(BQ, Lq - i0);
+          for (i64 i0 = istart; i0 < iend; i0 += BQ) {
+            const i64 mq = std::min(BQ, iend - i0);
             const i64 rowoff = ((b * Lq + i0) * Hq + h) * hd;
             const float* qp = q + rowoff;
             const float* gp = dout + rowoff;
@@ -346,11 +385,15 @@ void attention_backward(float* dq, float* dk, float* dv, const float* dout, cons
               float* pr = p.data() + r * BK;
               float* dr = ds.data() + r * BK;
               const i64 nv = std::clamp<i64>(r + off + 1, 0, nk);
+              // Keys before the window: [0, lo).
+              const i64 lo = window > 0 ? std::clamp<i64>(r + off - window + 1, 0, nv) : 0;
               const float dd = drow[r];
-              simd::exp_sub_sum(pr, nv, lrow[r]);  // P = exp(S - lse)
+              simd::exp_sub_sum(pr + lo, nv - lo, lrow[r]);  // P = exp(S - lse)
 #pragma omp simd
-              for (i64 j = 0; j < nv; ++j) dr[j] = pr[j] * (dr[j] - dd);  // dS = P (dP - D)
+              for (i64 j = lo; j < nv; ++j) dr[j] = pr[j] * (dr[j] - dd);  // dS = P (dP - D)
               // Hidden keys: exact zeros (mm_causal may not have written these entries).
+              std::fill(pr, pr + lo, 0.0f);
+              std::fill(dr, dr + lo, 0.0f);
               std::fill(pr + nv, pr + nk, 0.0f);
               std::fill(dr + nv, dr + nk, 0.0f);
             }

@@ -248,6 +248,30 @@ void pool_mean_forward(float* pooled, const float* H, const Segments& sg, i64 d)
   }
 }
 
+void pool_first_forward(float* pooled, const float* H, const Segments& sg, i64 d) {
+  check_segments(sg, sg.B, sg.L, "pool_first_forward");
+  DLCM_CHECK(d > 0, "pool_first_forward: d must be > 0");
+  const i64 L = sg.L, Mmax = sg.Mmax;
+#pragma omp parallel for schedule(static) if(parallel_worth(sg.B * Mmax * d))
+  for (i64 sl = 0; sl < sg.B * Mmax; ++sl) {
+    float* o = pooled + sl * d;
+    if (sg.len[sl] == 0)
+      std::fill(o, o + d, 0.f);
+    else
+      std::memcpy(o, H + ((sl / Mmax) * L + sg.start[sl]) * d, sizeof(float) * d);
+  }
+}
+
+void pool_first_backward(float* dH, const float* dpooled, const Segments& sg, i64 d) {
+  check_segments(sg, sg.B, sg.L, "pool_first_backward");
+  DLCM_CHECK(d > 0, "pool_first_backward: d must be > 0");
+  const i64 L = sg.L, Mmax = sg.Mmax;
+  // Distinct concepts start at distinct tokens: every dH row is written at most once.
+#pragma omp parallel for schedule(static) if(parallel_worth(sg.B * Mmax * d))
+  for (i64 sl = 0; sl < sg.B * Mmax; ++sl)
+    if (sg.len[sl] > 0) axpy(dH + ((sl / Mmax) * L + sg.start[sl]) * d, 1.f, dpooled + sl * d, d);
+}
+
 void pool_mean_backward(float* dH, const float* dpooled, const Segments& sg, i64 d) {
   check_segments(sg, sg.B, sg.L, "pool_mean_backward");
   DLCM_CHECK(d > 0, "pool_mean_backward: d must be > 0");
@@ -372,32 +396,42 @@ void concept_list_backward(float* dz_null, float* dzs, const float* dlist, i64 B
   }
 }
 
-void concept_gather(float* rep, const float* list, const Segments& sg, i64 width) {
+void concept_gather(float* rep, const float* list, const Segments& sg, i64 width,
+                    bool inclusive) {
   check_segments(sg, sg.B, sg.L, "concept_gather");
   DLCM_CHECK(width > 0, "concept_gather: width must be > 0");
-  const i64 L = sg.L, K1 = sg.Mmax + 1, N = sg.B * sg.L;
+  const i64 L = sg.L, K1 = sg.Mmax + 1, N = sg.B * sg.L, sh = inclusive ? 1 : 0;
+  const i64 Lr = L + sh;  // replicated positions per row
 #pragma omp parallel for schedule(static) if(parallel_worth(N * width))
   for (i64 n = 0; n < N; ++n) {
-    const i64 r = n / L;
-    std::memcpy(rep + n * width, list + (r * K1 + sg.seg[n]) * width, sizeof(float) * width);
+    const i64 r = n / L, t = n % L;
+    std::memcpy(rep + (r * Lr + sh + t) * width, list + (r * K1 + sg.seg[n] + sh) * width,
+                sizeof(float) * width);
   }
+  if (inclusive)  // the leading z_null slot of every row
+    for (i64 r = 0; r < sg.B; ++r)
+      std::memcpy(rep + r * Lr * width, list + r * K1 * width, sizeof(float) * width);
 }
 
-void concept_scatter_add(float* dlist, const float* drep, const Segments& sg, i64 width) {
+void concept_scatter_add(float* dlist, const float* drep, const Segments& sg, i64 width,
+                         bool inclusive) {
   check_segments(sg, sg.B, sg.L, "concept_scatter_add");
   DLCM_CHECK(width > 0, "concept_scatter_add: width must be > 0");
-  const i64 B = sg.B, L = sg.L, Mmax = sg.Mmax, K1 = Mmax + 1;
-  // Positions carrying list index k are exactly segment k's tokens.
+  const i64 B = sg.B, L = sg.L, Mmax = sg.Mmax, K1 = Mmax + 1, sh = inclusive ? 1 : 0;
+  const i64 Lr = L + sh;
+  // Positions carrying list index k + sh are exactly segment k's tokens.
 #pragma omp parallel for collapse(2) schedule(dynamic, 16) if(parallel_worth(B * L * width))
   for (i64 r = 0; r < B; ++r) {
     for (i64 kk = 0; kk < Mmax; ++kk) {
       if (kk >= sg.count[r]) continue;
       const i64 sl = r * Mmax + kk;
-      float* o = dlist + (r * K1 + kk) * width;
+      float* o = dlist + (r * K1 + kk + sh) * width;
       const i64 st = sg.start[sl], ln = sg.len[sl];
-      for (i64 t = st; t < st + ln; ++t) axpy(o, 1.f, drep + (r * L + t) * width, width);
+      for (i64 t = st; t < st + ln; ++t) axpy(o, 1.f, drep + (r * Lr + sh + t) * width, width);
     }
   }
+  if (inclusive)
+    for (i64 r = 0; r < B; ++r) axpy(dlist + r * K1 * width, 1.f, drep + r * Lr * width, width);
 }
 
 // ---- compact concept attention, blockwise ----------------------------------------------------
@@ -451,16 +485,16 @@ struct QueryBlock {
   i64 t0 = 0, nq = 0, j0 = 0, j1 = 0;
   alignas(64) float segf[BQ];  // seg(t) as float (exact below 2^24), for vector compares
   alignas(64) float logd[BQ];
-  // own_log: own_concept_log_mult(sg)
-  void set(const Segments& sg, const float* own_log, i64 b, i64 qb) {
+  // own_log: own_concept_log_mult(sg); sh = 1 (inclusive): token t's own entry is seg(t) + 1.
+  void set(const Segments& sg, const float* own_log, i64 b, i64 qb, i64 sh) {
     t0 = qb * BQ;
     nq = std::min<i64>(BQ, sg.L - t0);
     const i32* sr = sg.seg.data() + b * sg.L;
-    j0 = sr[t0];
-    j1 = sr[t0 + nq - 1];
+    j0 = sr[t0] + sh;
+    j1 = sr[t0 + nq - 1] + sh;
     for (i64 i = 0; i < BQ; ++i) {
       if (i < nq) {
-        segf[i] = float(sr[t0 + i]);
+        segf[i] = float(sr[t0 + i] + sh);
         logd[i] = own_log[b * sg.L + t0 + i];
       } else {
         segf[i] = -1.f;  // padding columns: everything masked
@@ -550,16 +584,20 @@ void check_attention_args(const Segments& sg, i64 B, i64 L, i64 Hq, i64 Hkv, i64
   DLCM_CHECK(Hq % Hkv == 0, who, ": n_kv_heads (", Hkv, ") must divide n_heads (", Hq, ")");
 }
 
-void log_lengths(float* logm, const Segments& sg, i64 b) {
-  for (i64 kk = 0; kk < sg.count[b]; ++kk) logm[kk] = std::log(float(sg.len[b * sg.Mmax + kk]));
+// logm[k] = log(len_k) (shifted); inclusive: logm[0] = log 1 (z_null), logm[k+1] = log(len_k).
+void log_lengths(float* logm, const Segments& sg, i64 b, i64 sh) {
+  if (sh) logm[0] = 0.f;
+  for (i64 kk = 0; kk < sg.count[b]; ++kk)
+    logm[kk + sh] = std::log(float(sg.len[b * sg.Mmax + kk]));
 }
 
 }  // namespace
 
 void concept_attention_forward(float* out, float* lse, const float* q, const float* k,
                                const float* v, const Segments& sg, i64 B, i64 L, i64 Hq, i64 Hkv,
-                               i64 hd, float scale) {
+                               i64 hd, float scale, bool inclusive) {
   check_attention_args(sg, B, L, Hq, Hkv, hd, "concept_attention_forward");
+  const i64 sh = inclusive ? 1 : 0;
   const i64 G = Hq / Hkv, K1 = sg.Mmax + 1, nqb = (L + BQ - 1) / BQ;
   const i64 ldq = Hq * hd, ldk = Hkv * hd;
   const std::vector<float> own_log = own_concept_log_mult(sg);
@@ -575,10 +613,10 @@ void concept_attention_forward(float* out, float* lse, const float* q, const flo
         for (i64 qr = 0; qr < nqb; ++qr) {
           const i64 qb = nqb - 1 - qr, g = h / G;
           if (b != last_b) {
-            log_lengths(logm.data(), sg, b);
+            log_lengths(logm.data(), sg, b, sh);
             last_b = b;
           }
-          qbk.set(sg, own_log.data(), b, qb);
+          qbk.set(sg, own_log.data(), b, qb, sh);
           const i64 t0 = qbk.t0, nq = qbk.nq;
           const float* qbase = q + ((b * L + t0) * Hq + h) * hd;
           std::fill(QT.begin(), QT.end(), 0.f);
@@ -614,8 +652,9 @@ void concept_attention_forward(float* out, float* lse, const float* q, const flo
 void concept_attention_backward(float* dq, float* dk, float* dv, const float* dout,
                                 const float* out, const float* lse, const float* q,
                                 const float* k, const float* v, const Segments& sg, i64 B, i64 L,
-                                i64 Hq, i64 Hkv, i64 hd, float scale) {
+                                i64 Hq, i64 Hkv, i64 hd, float scale, bool inclusive) {
   check_attention_args(sg, B, L, Hq, Hkv, hd, "concept_attention_backward");
+  const i64 sh = inclusive ? 1 : 0;
   const i64 G = Hq / Hkv, K1 = sg.Mmax + 1, nqb = (L + BQ - 1) / BQ;
   const i64 ldq = Hq * hd, ldk = Hkv * hd;
   const std::vector<float> own_log = own_concept_log_mult(sg);
@@ -627,9 +666,9 @@ void concept_attention_backward(float* dq, float* dk, float* dv, const float* do
 #pragma omp for collapse(2) schedule(dynamic, 1)
     for (i64 b = 0; b < B; ++b)
       for (i64 g = 0; g < Hkv; ++g) {
-        log_lengths(logm.data(), sg, b);
+        log_lengths(logm.data(), sg, b, sh);
         for (i64 qb = 0; qb < nqb; ++qb) {
-          qbk.set(sg, own_log.data(), b, qb);
+          qbk.set(sg, own_log.data(), b, qb, sh);
           const i64 t0 = qbk.t0, nq = qbk.nq;
           for (i64 hh = 0; hh < G; ++hh) {
             const i64 h = g * G + hh;

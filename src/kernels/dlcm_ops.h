@@ -85,6 +85,10 @@ struct Segments {
 void pool_mean_forward(float* pooled, const float* H, const Segments& sg, i64 d);
 // dH[n] += dpooled[b, seg(n)] / len.
 void pool_mean_backward(float* dH, const float* dpooled, const Segments& sg, i64 d);
+// concept_repr "first" (SPEC 4.9): pooled [B, Mmax, d] = H at each segment's first token;
+// padded slots = 0. Backward: dH[start(S_j)] += dpooled[b, j].
+void pool_first_forward(float* pooled, const float* H, const Segments& sg, i64 d);
+void pool_first_backward(float* dH, const float* dpooled, const Segments& sg, i64 d);
 
 // ============================================================================================
 // 5. Smoother
@@ -124,9 +128,16 @@ void concept_list_backward(float* dz_null, float* dzs, const float* dlist, i64 B
 // replicate: Krep[b,s] = K[b, seg(s)] into [B, L, width] (width = Hkv*hd), then the caller
 // runs ops::attention_forward/backward(causal, Lq = Lk = L, q_offset 0) on (q, Krep, Vrep)
 // and scatter-adds dKrep / dVrep back into the list gradients.
-void concept_gather(float* rep, const float* list, const Segments& sg, i64 width);
-// dlist[b, k] += sum over positions s with seg(s) == k of drep[b, s]. (Race-free.)
-void concept_scatter_add(float* dlist, const float* drep, const Segments& sg, i64 width);
+//
+// inclusive (concept_visibility "inclusive", SPEC 4.9): token t also sees its own concept's
+// entry: list index 0 (z_null) with multiplicity 1, index k+1 (zs_k) with len_k for k < seg(t)
+// and index seg(t)+1 with t - start + 1. Replicated: Krep [B, L+1, width], position 0 carries
+// z_null and position s+1 carries list index seg(s)+1; attention with Lk = L+1, q_offset 1.
+void concept_gather(float* rep, const float* list, const Segments& sg, i64 width,
+                    bool inclusive = false);
+// dlist[b, k] += sum over positions s carrying list index k of drep[b, s]. (Race-free.)
+void concept_scatter_add(float* dlist, const float* drep, const Segments& sg, i64 width,
+                         bool inclusive = false);
 
 // The replicate path in one call, on ops::attention_forward/backward (inline so that this header
 // adds no link dependency for callers that only use the compact path). krep/vrep/dkrep/dvrep
@@ -135,40 +146,45 @@ void concept_scatter_add(float* dlist, const float* drep, const Segments& sg, i6
 inline void concept_attention_replicate_forward(float* out, float* lse, float* krep, float* vrep,
                                                 const float* q, const float* k, const float* v,
                                                 const Segments& sg, i64 B, i64 L, i64 Hq,
-                                                i64 Hkv, i64 hd, float scale) {
+                                                i64 Hkv, i64 hd, float scale,
+                                                bool inclusive = false) {
   DLCM_CHECK(sg.B == B && sg.L == L, "concept_attention_replicate_forward: Segments shape");
-  concept_gather(krep, k, sg, Hkv * hd);
-  concept_gather(vrep, v, sg, Hkv * hd);
-  attention_forward(out, lse, q, krep, vrep, B, L, L, Hq, Hkv, hd, 0, scale);
+  const i64 sh = inclusive ? 1 : 0;
+  concept_gather(krep, k, sg, Hkv * hd, inclusive);
+  concept_gather(vrep, v, sg, Hkv * hd, inclusive);
+  attention_forward(out, lse, q, krep, vrep, B, L, L + sh, Hq, Hkv, hd, sh, scale);
 }
 inline void concept_attention_replicate_backward(float* dq, float* dk, float* dv, float* dkrep,
                                                  float* dvrep, const float* dout,
                                                  const float* out, const float* lse,
                                                  const float* q, const float* krep,
                                                  const float* vrep, const Segments& sg, i64 B,
-                                                 i64 L, i64 Hq, i64 Hkv, i64 hd, float scale) {
+                                                 i64 L, i64 Hq, i64 Hkv, i64 hd, float scale,
+                                                 bool inclusive = false) {
   DLCM_CHECK(sg.B == B && sg.L == L, "concept_attention_replicate_backward: Segments shape");
-  const i64 n = B * L * Hkv * hd;
+  const i64 sh = inclusive ? 1 : 0, n = B * (L + sh) * Hkv * hd;
   std::fill(dkrep, dkrep + n, 0.f);
   std::fill(dvrep, dvrep + n, 0.f);
-  attention_backward(dq, dkrep, dvrep, dout, out, lse, q, krep, vrep, B, L, L, Hq, Hkv, hd, 0,
-                     scale);
-  concept_scatter_add(dk, dkrep, sg, Hkv * hd);
-  concept_scatter_add(dv, dvrep, sg, Hkv * hd);
+  attention_backward(dq, dkrep, dvrep, dout, out, lse, q, krep, vrep, B, L, L + sh, Hq, Hkv, hd,
+                     sh, scale);
+  concept_scatter_add(dk, dkrep, sg, Hkv * hd, inclusive);
+  concept_scatter_add(dv, dvrep, sg, Hkv * hd, inclusive);
 }
 
 // compact: attend over list indices k = 0..seg(t) with additive bias log(mult(t,k)),
 // mult(t,k) = len(S_k) for k < seg(t), t - start(S_{seg(t)}) + 1 for k = seg(t).
+// inclusive: list indices 0..seg(t)+1 with multiplicities 1, len(S_0), ..., len(S_{seg(t)-1}),
+// t - start(S_{seg(t)}) + 1 (see concept_gather).
 // O(L * M * hd) work. Saves lse for backward.
 void concept_attention_forward(float* out, float* lse, const float* q, const float* k,
                                const float* v, const Segments& sg, i64 B, i64 L, i64 Hq, i64 Hkv,
-                               i64 hd, float scale);
+                               i64 hd, float scale, bool inclusive = false);
 // Recomputes the probabilities from q, k and lse. dq, dk, dv accumulate; parallel over
 // (row, kv head), so dk/dv accumulation is race-free.
 void concept_attention_backward(float* dq, float* dk, float* dv, const float* dout,
                                 const float* out, const float* lse, const float* q,
                                 const float* k, const float* v, const Segments& sg, i64 B, i64 L,
-                                i64 Hq, i64 Hkv, i64 hd, float scale);
+                                i64 Hq, i64 Hkv, i64 hd, float scale, bool inclusive = false);
 
 // masked: the same function computed the way a flexible masked-attention implementation
 // (Flex Attention's role in the paper's Table 6) does it: per head, the score matrix

@@ -276,6 +276,12 @@ double cross_entropy_forward(const float* logits, const i32* targets, i64 N, i64
   return total;
 }
 
+double logsumexp(const float* x, i64 n, float* max_out) {
+  const float mx = simd::hmax(x, n);
+  if (max_out) *max_out = mx;
+  return double(mx) + std::log(simd::exp_sum(x, n, mx));
+}
+
 // ---- optimizer ----
 
 // PyTorch AdamW (foreach=False) order of operations: decay, moments, bias-corrected step

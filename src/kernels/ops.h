@@ -41,12 +41,16 @@ void swiglu_backward(float* da, float* db, const float* dh, const float* a, cons
 // Query i (0-based within its row) sits at absolute position q_offset + i and attends keys
 // j <= q_offset + i (j < Lk). Self-attention: Lq == Lk, q_offset = 0. Head h uses kv head
 // h / (Hq / Hkv). Never materialises a full Lq x Lk score matrix; saves lse for backward.
+// window > 0: sliding window, query i sees only keys q_offset + i - window < j <= q_offset + i
+// (needs q_offset + Lq <= Lk); work O(Lq * window). window = 0: full causal.
 void attention_forward(float* out, float* lse, const float* q, const float* k, const float* v,
-                       i64 B, i64 Lq, i64 Lk, i64 Hq, i64 Hkv, i64 hd, i64 q_offset, float scale);
+                       i64 B, i64 Lq, i64 Lk, i64 Hq, i64 Hkv, i64 hd, i64 q_offset, float scale,
+                       i64 window = 0);
 // Recomputes the probabilities from q, k and lse. dq/dk/dv accumulate.
 void attention_backward(float* dq, float* dk, float* dv, const float* dout, const float* out,
                         const float* lse, const float* q, const float* k, const float* v, i64 B,
-                        i64 Lq, i64 Lk, i64 Hq, i64 Hkv, i64 hd, i64 q_offset, float scale);
+                        i64 Lq, i64 Lk, i64 Hq, i64 Hkv, i64 hd, i64 q_offset, float scale,
+                        i64 window = 0);
 
 // ---- softmax cross-entropy fused with the logits' gradient ----
 // logits [N, V] are overwritten in place by dloss/dlogits * grad_scale (no separate probability
@@ -56,6 +60,10 @@ double cross_entropy_fused(float* logits, const i32* targets, i64 N, i64 V, floa
 // Forward only: sum of losses; optionally per-row loss (nullptr to skip). Logits untouched.
 double cross_entropy_forward(const float* logits, const i32* targets, i64 N, i64 V,
                              float* row_loss);
+
+// ---- log-sum-exp of one row: log(sum_j exp(x[j])) of x [n], computed as max + log(sum
+// exp(x - max)) (the log-softmax of entry j is x[j] - result); *max_out gets max_j x[j] ----
+double logsumexp(const float* x, i64 n, float* max_out = nullptr);
 
 // ---- optimizer pieces ----
 // AdamW with decoupled weight decay wd (0 for non-matrices); step t is 1-based.

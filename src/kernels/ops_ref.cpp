@@ -131,17 +131,22 @@ void swiglu_backward(float* da, float* db, const float* dh, const float* a, cons
   }
 }
 
-// Softmax row of query (b, i, h): p[j] for j < n_vis (keys visible to it).
+// Softmax row of query (b, i, h): p[j] for lo <= j < n_vis (keys visible to it; *lo_out =
+// the first, 0 without a window), p[j] = 0 for j < lo.
 template <class T>
 static i64 attn_probs(std::vector<double>& p, const T* q, const T* k, i64 b, i64 i,
                       i64 h, i64 Lq, i64 Lk, i64 Hq, i64 Hkv, i64 hd, i64 q_offset, float scale,
-                      double* lse_out) {
+                      i64 window, i64* lo_out, double* lse_out) {
   i64 kvh = h / (Hq / Hkv);
   i64 n_vis = std::min(Lk, q_offset + i + 1);
+  i64 lo = window > 0 ? std::max<i64>(0, q_offset + i - window + 1) : 0;
+  DLCM_CHECK(lo < n_vis, "ref::attention: query ", i, " sees no key (window ", window,
+             ", q_offset ", q_offset, ", Lk ", Lk, ")");
+  *lo_out = lo;
   const T* qr = q + ((b * Lq + i) * Hq + h) * hd;
   p.assign(n_vis, 0.0);
   double mx = -std::numeric_limits<double>::infinity();
-  for (i64 j = 0; j < n_vis; ++j) {
+  for (i64 j = lo; j < n_vis; ++j) {
     const T* kr = k + ((b * Lk + j) * Hkv + kvh) * hd;
     double s = 0;
     for (i64 c = 0; c < hd; ++c) s += double(qr[c]) * kr[c];
@@ -149,24 +154,26 @@ static i64 attn_probs(std::vector<double>& p, const T* q, const T* k, i64 b, i64
     mx = std::max(mx, p[j]);
   }
   double sum = 0;
-  for (i64 j = 0; j < n_vis; ++j) sum += std::exp(p[j] - mx);
-  for (i64 j = 0; j < n_vis; ++j) p[j] = std::exp(p[j] - mx) / sum;
+  for (i64 j = lo; j < n_vis; ++j) sum += std::exp(p[j] - mx);
+  for (i64 j = lo; j < n_vis; ++j) p[j] = std::exp(p[j] - mx) / sum;
   if (lse_out) *lse_out = mx + std::log(sum);
   return n_vis;
 }
 
 template <class T>
 void attention_forward(T* out, T* lse, const T* q, const T* k, const T* v, i64 B, i64 Lq, i64 Lk,
-                       i64 Hq, i64 Hkv, i64 hd, i64 q_offset, float scale) {
+                       i64 Hq, i64 Hkv, i64 hd, i64 q_offset, float scale, i64 window) {
   std::vector<double> p, o(hd);
   for (i64 b = 0; b < B; ++b)
     for (i64 i = 0; i < Lq; ++i)
       for (i64 h = 0; h < Hq; ++h) {
         double l;
-        i64 n_vis = attn_probs(p, q, k, b, i, h, Lq, Lk, Hq, Hkv, hd, q_offset, scale, &l);
+        i64 lo;
+        i64 n_vis =
+            attn_probs(p, q, k, b, i, h, Lq, Lk, Hq, Hkv, hd, q_offset, scale, window, &lo, &l);
         i64 kvh = h / (Hq / Hkv);
         std::fill(o.begin(), o.end(), 0.0);
-        for (i64 j = 0; j < n_vis; ++j) {
+        for (i64 j = lo; j < n_vis; ++j) {
           const T* vr = v + ((b * Lk + j) * Hkv + kvh) * hd;
           for (i64 c = 0; c < hd; ++c) o[c] += p[j] * vr[c];
         }
@@ -180,24 +187,27 @@ void attention_forward(T* out, T* lse, const T* q, const T* k, const T* v, i64 B
 // dk_j += scale dS_j q, dv_j += P_j dO.
 void attention_backward(float* dq, float* dk, float* dv, const float* dout, const float* out,
                         const float* lse, const float* q, const float* k, const float* v, i64 B,
-                        i64 Lq, i64 Lk, i64 Hq, i64 Hkv, i64 hd, i64 q_offset, float scale) {
+                        i64 Lq, i64 Lk, i64 Hq, i64 Hkv, i64 hd, i64 q_offset, float scale,
+                        i64 window) {
   std::vector<double> p, dp;
   for (i64 b = 0; b < B; ++b)
     for (i64 i = 0; i < Lq; ++i)
       for (i64 h = 0; h < Hq; ++h) {
-        i64 n_vis = attn_probs(p, q, k, b, i, h, Lq, Lk, Hq, Hkv, hd, q_offset, scale, nullptr);
+        i64 lo;
+        i64 n_vis = attn_probs(p, q, k, b, i, h, Lq, Lk, Hq, Hkv, hd, q_offset, scale, window,
+                               &lo, nullptr);
         i64 kvh = h / (Hq / Hkv);
         i64 row = (b * Lq + i) * Hq + h;
         const float* g = dout + row * hd;
         const float* qr = q + row * hd;
         dp.assign(n_vis, 0.0);
         double D = 0;
-        for (i64 j = 0; j < n_vis; ++j) {
+        for (i64 j = lo; j < n_vis; ++j) {
           const float* vr = v + ((b * Lk + j) * Hkv + kvh) * hd;
           for (i64 c = 0; c < hd; ++c) dp[j] += double(g[c]) * vr[c];
           D += p[j] * dp[j];
         }
-        for (i64 j = 0; j < n_vis; ++j) {
+        for (i64 j = lo; j < n_vis; ++j) {
           i64 kr = ((b * Lk + j) * Hkv + kvh) * hd;
           double ds = p[j] * (dp[j] - D) * scale;
           for (i64 c = 0; c < hd; ++c) {
@@ -579,7 +589,7 @@ void sequence_parser_loss_backward(float* dp, const uint8_t* b, i64 B, i64 L, i6
   template void rope_apply<T>(T*, const i32*, i64, i64, i64, float, bool);                    \
   template void swiglu_forward<T>(T*, const T*, const T*, i64);                               \
   template void attention_forward<T>(T*, T*, const T*, const T*, const T*, i64, i64, i64, i64, \
-                                     i64, i64, i64, float);                                   \
+                                     i64, i64, i64, float, i64);                              \
   template double cross_entropy_forward<T>(const T*, const i32*, i64, i64, T*);              \
   template void head_rmsnorm_forward<T>(T*, T*, const T*, const T*, i64, i64, i64, float);    \
   template void linear_forward<T>(T*, const T*, const T*, i64, i64, i64);                     \

@@ -40,12 +40,14 @@ void swiglu_backward(float* da, float* db, const float* dh, const float* a, cons
 
 // Materialises each query's full score row (fine for tests); backward recomputes the softmax
 // from scratch rather than from lse, so it does not share the fast path's assumptions.
+// window > 0: query i sees keys (q_offset + i - window, q_offset + i] only.
 template <class T>
 void attention_forward(T* out, T* lse, const T* q, const T* k, const T* v, i64 B, i64 Lq, i64 Lk,
-                       i64 Hq, i64 Hkv, i64 hd, i64 q_offset, float scale);
+                       i64 Hq, i64 Hkv, i64 hd, i64 q_offset, float scale, i64 window = 0);
 void attention_backward(float* dq, float* dk, float* dv, const float* dout, const float* out,
                         const float* lse, const float* q, const float* k, const float* v, i64 B,
-                        i64 Lq, i64 Lk, i64 Hq, i64 Hkv, i64 hd, i64 q_offset, float scale);
+                        i64 Lq, i64 Lk, i64 Hq, i64 Hkv, i64 hd, i64 q_offset, float scale,
+                        i64 window = 0);
 
 double cross_entropy_fused(float* logits, const i32* targets, i64 N, i64 V, float grad_scale);
 template <class T>

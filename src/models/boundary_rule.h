@@ -48,8 +48,8 @@ class BoundaryDecider {
 
   // The auxiliary loss of one micro-batch of the step: writes dp [B*L] = weight * dL_aux/dp
   // (overwrites) and returns this batch's share of the loss value that the trainer sums:
-  //   "global": F over the step (ctx.sum_b), every p gets the same gradient; returns 0 (the
-  //             trainer computes L_aux from the step's sums of b and p);
+  //   "global": F over the step (ctx.sum_b), every p gets the same gradient; returns 0
+  //             (DlcmModel::loss_terms computes L_aux from the step's sums of b and p);
   //   "sequence": per-row F_r, G_r, averaged over the step's ctx.total_positions / L rows;
   //             returns sum_r L_r over this batch's rows (unweighted);
   //   rule routers: dp = 0, returns 0.

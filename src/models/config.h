@@ -1,8 +1,23 @@
 // Model and training configuration: defaults in one place, loaded from JSON, overridable with
 // --set key=value, saved into every checkpoint as config.json (SPEC section 9).
+//
+// Each key is declared twice and nowhere else: its struct member below (type and default) and
+// its line in the key table (kKeys in config.cpp: JSON path, member, documented range, one-line
+// doc). Reading, writing (checkpoints), --set, range checks, `dlcm config --keys` and the table
+// in docs/config.md all follow the table. To add a key:
+//   1. add the member with its default here, e.g. `i64 enc_window = 0;` in ModelConfig;
+//   2. add one line to kKeys, e.g.
+//        NUM("enc_window", model.enc_window, 0, 1 << 20, "encoder attention window (0 = full)"),
+//      (NUM: inclusive [min, max]; NUM_GT: min excluded; NUM_LT: max excluded; BOOL; STR with
+//      the allowed values "a|b"). Nested keys use dots: "router.alpha", "train.lr";
+//   3. regenerate docs/config.md with `dlcm config --keys --markdown` (a test compares them).
+// Consistency rules between keys (head counts dividing, ids inside the vocabulary, ...) live in
+// validate().
 #pragma once
 #include <nlohmann/json.hpp>
 #include <string>
+#include <string_view>
+#include <variant>
 #include <vector>
 
 #include "core/common.h"
@@ -73,6 +88,14 @@ struct ModelConfig {
   std::string aux_kind = "global";
   bool smoother = true;  // false: zs_j = z_j (no smoothing across concepts)
   std::string xattn_impl = "compact";  // "compact" | "replicate" (same function)
+  // Sliding-window self-attention in the encoder / decoder blocks (SPEC 4.9): token t sees
+  // tokens (t - w, t]; 0 = full causal.
+  i64 enc_window = 0;
+  i64 dec_window = 0;
+  // Research variants (SPEC 4.9; docs/dlcm.md). "inclusive" needs "first" or "prefix_mean".
+  std::string concept_repr = "mean";           // "mean" | "first" | "prefix_mean"
+  std::string concept_visibility = "shifted";  // "shifted" | "inclusive"
+  bool concept_path = true;  // false: no backbone, no concept attention (Psi = H), control
   // shared
   bool qk_norm = false;
   float rope_theta = 10000.0f;
@@ -128,15 +151,61 @@ struct Config {
   TrainConfig train;
 };
 
+// The member a key sets, inside a given Config.
+using ConfigField = std::variant<i64*, i32*, uint64_t*, float*, bool*, std::string*>;
+
+// One row of the key table. Numeric keys hold [min, max] (an end is excluded when its *_open
+// flag is set); every float must also be finite. String keys list their allowed values.
+struct ConfigKey {
+  const char* path;  // JSON path with dots: "d_token", "router.alpha", "train.lr"
+  ConfigField (*field)(Config&);
+  double min = 0, max = 0;
+  bool min_open = false, max_open = false;
+  const char* choices = nullptr;  // string keys: "baseline|dlcm"
+  const char* doc = "";
+};
+
+// Every key, in the order of docs/config.md.
+const std::vector<ConfigKey>& config_keys();
+// The key at `path` ("router.alpha"), or nullptr.
+const ConfigKey* find_config_key(std::string_view path);
+// A listing of every key with its type, default, range and doc: aligned text, or the Markdown
+// table of docs/config.md.
+std::string config_keys_listing(bool markdown);
+
 // JSON with model keys at the top level (SPEC section 9) and training keys under "train".
 nlohmann::json config_to_json(const Config& c);
-// Starts from defaults, applies j; unknown keys and wrong types are errors naming `source`.
+// Starts from defaults, applies j; unknown keys, wrong types and out-of-range values are errors
+// naming `source` and the key. Validates the result.
 Config config_from_json(const nlohmann::json& j, const std::string& source);
+// A config file's JSON, read with bounded size and nesting (core/json_util.h).
+nlohmann::json load_config_json(const std::string& path);
 Config load_config(const std::string& path);
 // Applies "key=value" overrides ("d_token=512", "router.alpha=0.7", "train.lr=1e-3"; a bare
-// training key like "lr=1e-3" is accepted when it is not also a model key).
+// training key like "lr=1e-3" is accepted when it is not also a model key). A string key takes
+// the text as it is; other values are parsed as bounded JSON.
 void apply_overrides(nlohmann::json& j, const std::vector<std::string>& sets);
-// Checks ranges and consistency; throws Error naming the field.
+// Checks every key's range and the consistency rules, and that the model's size estimate is
+// within bounds; throws Error naming the field.
 void validate(const Config& c, const std::string& source);
+
+// Sizes a config implies, in floats, computed with overflow checks (an overflow is an Error
+// naming `source`): parameters exactly as the models register them (ignoring 64-byte padding)
+// and a coarse upper estimate of the activations held for one micro-batch's backward.
+struct ConfigSize {
+  i64 params = 0;
+  i64 activations = 0;
+};
+ConfigSize config_size(const Config& c, const std::string& source);
+i64 model_param_count(const ModelConfig& m, const std::string& source);
+// Bounds enforced by validate() (all three) and make_model() (parameters): 2^34 parameters
+// (64 GiB of floats, before gradients and optimizer state), 2^36 activation floats, and at most
+// 2^24 tokens per micro-batch (batch_size * seq_len).
+constexpr i64 kMaxParams = i64(1) << 34;
+constexpr i64 kMaxActivations = i64(1) << 36;
+constexpr i64 kMaxBatchTokens = i64(1) << 24;
+// Throws, naming `source`, when the model's parameter count exceeds kMaxParams; cheap, and
+// called before anything is allocated.
+void check_model_size(const ModelConfig& m, const std::string& source);
 
 }  // namespace dlcm

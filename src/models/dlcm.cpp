@@ -15,12 +15,6 @@ namespace {
 
 void clear(Buf& b, i64 n) { std::memset(b.data(), 0, sizeof(float) * n); }
 
-// y += x over n elements.
-void add_into(float* y, const float* x, i64 n) {
-#pragma omp parallel for schedule(static) if (n > (1 << 15))
-  for (i64 i = 0; i < n; ++i) y[i] += x[i];
-}
-
 }  // namespace
 
 // Given decisions (Batch::boundaries), OR-ed with the forced ones (row start, BOS). A rule
@@ -37,15 +31,19 @@ DlcmModel::DlcmModel(const ModelConfig& cfg) {
   projected_ = cfg.router.kind == "projected";
   decider_.init(cfg);
   ds_ = projected_ ? cfg.scan_dim() : d;
-  xq_ = cfg.x_heads * hd;
-  xkv_ = cfg.x_kv_heads * hd;
+  copt_.repr = parse_concept_repr(cfg.concept_repr, "model config");
+  copt_.visibility = parse_concept_visibility(cfg.concept_visibility, "model config");
+  copt_.replicate = cfg.xattn_impl == "replicate";
+  copt_.concept_path = cfg.concept_path;
+  copt_.smoother = cfg.smoother;
+  DLCM_CHECK(!(copt_.repr == ConceptRepr::PrefixMean && copt_.inclusive()),
+             "model config: 'concept_repr' \"prefix_mean\" with 'concept_visibility' "
+             "\"inclusive\" is not implemented by this engine; use \"first\" with "
+             "\"inclusive\", or \"prefix_mean\" with \"shifted\"");
   auto norm = [&](const std::string& n, i64 dim) {
     Param* p = params_.add(n, {dim}, ParamGroup::Other, false);
     p->init_one = true;
     return p;
-  };
-  auto mat = [&](const std::string& n, i64 out, i64 in, ParamGroup g) {
-    return params_.add(n, {out, in}, g, true);
   };
   // Registration follows the reference's inventory order (python/dlcm_ref/model.py).
   tok_emb_ = params_.add("tok_embeddings.weight", {V, d}, ParamGroup::Other, true);
@@ -53,56 +51,51 @@ DlcmModel::DlcmModel(const ModelConfig& cfg) {
                      cfg.rope_theta};
   BlockDims bb_dims{dc, cfg.bb_heads, cfg.bb_kv_heads, hd, cfg.bb_d_ff, cfg.qk_norm, cfg.norm_eps,
                     cfg.rope_theta};
-  enc_.init(params_, "encoder.layers.", cfg.enc_layers, tok_dims, ParamGroup::TokenHidden);
+  // Sliding windows (SPEC 4.9) restrict the token-level stacks only, never the backbone.
+  BlockDims enc_dims = tok_dims, dec_dims = tok_dims;
+  enc_dims.window = cfg.enc_window;
+  dec_dims.window = cfg.dec_window;
+  enc_.init(params_, "encoder.layers.", cfg.enc_layers, enc_dims, ParamGroup::TokenHidden);
   enc_norm_ = norm("encoder.norm.weight", d);
   if (projected_) {
-    r_wq_ = mat("router.wq.weight", ds_, d, ParamGroup::TokenHidden);
-    r_wk_ = mat("router.wk.weight", ds_, d, ParamGroup::TokenHidden);
+    r_wq_ = params_.add("router.wq.weight", {ds_, d}, ParamGroup::TokenHidden, true);
+    r_wk_ = params_.add("router.wk.weight", {ds_, d}, ParamGroup::TokenHidden, true);
     r_wq_->init_identity = r_wk_->init_identity = true;
   }
-  w_up_ = mat("pool.w_up.weight", dc, d, ParamGroup::TokenHidden);  // µP: by fan-in d_token
-  bb_.init(params_, "backbone.layers.", cfg.bb_layers, bb_dims, ParamGroup::ConceptHidden);
-  bb_norm_ = norm("backbone.norm.weight", dc);
-  x_null_ = params_.add("xattn.null_concept", {dc}, ParamGroup::Other, false);
-  x_norm_ = norm("xattn.norm.weight", d);
-  x_wq_ = mat("xattn.wq.weight", xq_, d, ParamGroup::TokenHidden);
-  x_wk_ = mat("xattn.wk.weight", xkv_, dc, ParamGroup::ConceptHidden);  // by fan-in d_concept
-  x_wv_ = mat("xattn.wv.weight", xkv_, dc, ParamGroup::ConceptHidden);
-  x_wo_ = mat("xattn.wo.weight", d, xq_, ParamGroup::TokenHidden);
-  x_qn_ = norm("xattn.q_norm.weight", hd);
-  x_kn_ = norm("xattn.k_norm.weight", hd);
-  x_ffn_norm_ = norm("xattn.ffn_norm.weight", d);
-  x_w1_ = mat("xattn.ffn.w1.weight", cfg.x_d_ff, d, ParamGroup::TokenHidden);
-  x_w2_ = mat("xattn.ffn.w2.weight", d, cfg.x_d_ff, ParamGroup::TokenHidden);
-  x_w3_ = mat("xattn.ffn.w3.weight", cfg.x_d_ff, d, ParamGroup::TokenHidden);
-  dec_.init(params_, "decoder.layers.", cfg.dec_layers, tok_dims, ParamGroup::TokenHidden);
+  // Without the concept path (control) nothing of pooling and backbone runs: not registered.
+  if (copt_.concept_path) {
+    pool_.init(params_, "pool.w_up.weight", d, dc, copt_.repr);  // µP: by fan-in d_token
+    bb_.init(params_, "backbone.layers.", cfg.bb_layers, bb_dims, ParamGroup::ConceptHidden);
+    bb_norm_ = norm("backbone.norm.weight", dc);
+  }
+  XAttnDims xd{d, dc, cfg.x_heads, cfg.x_kv_heads, hd, cfg.x_d_ff, cfg.norm_eps};
+  xattn_.init(params_, "xattn.", xd, copt_);
+  dec_.init(params_, "decoder.layers.", cfg.dec_layers, dec_dims, ParamGroup::TokenHidden);
   dec_norm_ = norm("decoder.norm.weight", d);
   lm_head_ = params_.add("lm_head.weight", {V, d}, ParamGroup::Other, true);
   params_.finalize();
   head_.init(dec_norm_, lm_head_, d, V, cfg.norm_eps, cfg.logit_mult);
 }
 
+DlcmModel::Parts DlcmModel::parts() {
+  return Parts{tok_emb_, &enc_, enc_norm_, r_wq_, r_wk_, ds_,   &pool_,
+               &bb_,     bb_norm_, &xattn_, &dec_, &head_, &decider_};
+}
+
 void DlcmModel::reserve(i64 B, i64 L) {
   if (B <= cap_B_ && L <= cap_L_) return;
   B = std::max(B, cap_B_);
   L = std::max(L, cap_L_);
-  const i64 N = B * L, d = cfg_.d_token, xf = cfg_.x_d_ff;
+  const i64 N = B * L, d = cfg_.d_token;
   enc_.reserve(B, L);
   dec_.reserve(B, L);
+  xattn_.reserve(B, L);
   head_.reserve(N);
-  for (Buf* b : {&x0_, &H_, &hn_, &psi_, &pn_, &X_, &g_out_, &g_X_, &g_pn_, &g_psi_, &g_hn_, &g_H_,
-                 &g_enc_, &g_x0_})
-    b->assign(N * d, 0);
-  for (Buf* b : {&enc_rstd_, &p_, &dp_, &aux_dp_, &hn_rstd_, &pn_rstd_}) b->assign(N, 0);
+  for (Buf* b : {&x0_, &H_, &g_out_, &g_X_, &g_H_, &g_enc_, &g_x0_}) b->assign(N * d, 0);
+  for (Buf* b : {&enc_rstd_, &p_, &dp_, &aux_dp_}) b->assign(N, 0);
   rcache_.assign(N * ops::kRouterCacheStride, 0);
   if (projected_)
     for (Buf* b : {&rq_, &rk_, &g_rq_, &g_rk_}) b->assign(N * ds_, 0);
-  for (Buf* b : {&qx_raw_, &qx_, &att_, &g_att_, &g_q_, &g_qraw_}) b->assign(N * xq_, 0);
-  qx_rstd_.assign(N * cfg_.x_heads, 0);
-  lse_.assign(N * cfg_.x_heads, 0);
-  if (cfg_.xattn_impl == "replicate")
-    for (Buf* b : {&krep_, &vrep_, &g_krep_, &g_vrep_}) b->assign(N * xkv_, 0);
-  for (Buf* b : {&fa_, &fb_, &fh_, &g_fa_, &g_fb_, &g_fh_}) b->assign(N * xf, 0);
   b_.assign(N, 0);
   pos_.assign(N, 0);
   cap_B_ = B;
@@ -112,18 +105,16 @@ void DlcmModel::reserve(i64 B, i64 L) {
 }
 
 void DlcmModel::reserve_concepts(i64 B, i64 Mc) {
-  if (B <= conc_B_ && Mc <= cap_Mc_) return;
+  if (!copt_.concept_path || (B <= conc_B_ && Mc <= cap_Mc_)) return;
   B = std::max(B, conc_B_);
   // Round up so that a slowly drifting compression does not reallocate every step.
   Mc = std::min<i64>(cap_L_, (std::max(Mc, cap_Mc_) + 31) / 32 * 32);
-  const i64 n = B * Mc, n1 = B * (Mc + 1), d = cfg_.d_token, dc = cfg_.d_concept;
+  const i64 n = B * Mc, dc = cfg_.d_concept;
   bb_.reserve(B, Mc);
-  for (Buf* b : {&pooled_, &g_pooled_}) b->assign(n * d, 0);
-  for (Buf* b : {&C_, &Z_, &zs_, &g_zs_, &g_Z_, &g_bb_, &g_C_}) b->assign(n * dc, 0);
+  pool_.reserve(n);
+  xattn_.reserve_concepts(B, Mc);
+  for (Buf* b : {&Z_, &g_Z_, &g_bb_, &g_C_}) b->assign(n * dc, 0);
   z_rstd_.assign(n, 0);
-  for (Buf* b : {&list_, &g_list_}) b->assign(n1 * dc, 0);
-  for (Buf* b : {&kx_raw_, &kx_, &vx_, &g_k_, &g_kraw_, &g_v_}) b->assign(n1 * xkv_, 0);
-  kx_rstd_.assign(n1 * cfg_.x_kv_heads, 0);
   pos_c_.assign(n, 0);
   conc_B_ = B;
   cap_Mc_ = Mc;
@@ -167,60 +158,30 @@ void DlcmModel::encode(const i32* tokens, i64 B, i64 L) {
 }
 
 const float* DlcmModel::decode(const i32* tokens, const uint8_t* b, i64 B, i64 L) {
-  const i64 N = B * L, d = cfg_.d_token, dc = cfg_.d_concept, hd = cfg_.head_dim;
-  const float eps = cfg_.norm_eps;
+  const i64 N = B * L, dc = cfg_.d_concept;
   prof::Section sec;
   sec.next("pooling");
   sg_.build(b, tokens, cfg_.bos_id, B, L);
-  const i64 Mc = sg_.Mmax;
-  reserve_concepts(B, Mc);
-  const i64 nc = B * Mc, nc1 = B * (Mc + 1);
-  // pooling: pooled [B, Mc, d] (zero padding) -> C = W_up pooled [B, Mc, dc]
-  ops::pool_mean_forward(pooled_.data(), H_.data(), sg_, d);
-  ops::linear_forward(C_.data(), pooled_.data(), w_up_->w, nc, d, dc);
-  // backbone over concepts, RoPE position = concept index within the row
-  sec.next("backbone");
-  for (i64 i = 0; i < nc; ++i) pos_c_[i] = i32(i % Mc);
-  bb_out_ = bb_.forward(C_.data(), pos_c_.data(), B, Mc);
-  ops::rmsnorm_forward(Z_.data(), z_rstd_.data(), bb_out_, bb_norm_->w, nc, dc, eps);
-  // smoother (gate from p, detached unless smooth_grad) -> concept list [z_null, zs...]
+  const float* Z = nullptr;
+  if (copt_.concept_path) {
+    const i64 Mc = sg_.Mmax;
+    reserve_concepts(B, Mc);
+    const i64 nc = B * Mc;
+    // pooling -> C = W_up pooled [B, Mc, dc] (zero padding)
+    C_ = pool_.forward(H_.data(), sg_);
+    // backbone over concepts, RoPE position = concept index within the row
+    sec.next("backbone");
+    for (i64 i = 0; i < nc; ++i) pos_c_[i] = i32(i % Mc);
+    bb_out_ = bb_.forward(C_, pos_c_.data(), B, Mc);
+    ops::rmsnorm_forward(Z_.data(), z_rstd_.data(), bb_out_, bb_norm_->w, nc, dc, cfg_.norm_eps);
+    Z = Z_.data();
+  }
+  // smoother (gate from p, detached unless smooth_grad), concept attention, Psi, cross FFN
   sec.next("cross-attention");
-  ops::smoother_forward(zs_.data(), Z_.data(), cfg_.smoother ? p_.data() : nullptr, sg_, dc);
-  ops::concept_list_forward(list_.data(), x_null_->w, zs_.data(), B, Mc, dc);
-  // keys/values of the list [B, Mc+1, Hkv, hd] with QK-norm on keys
-  ops::linear_forward(kx_raw_.data(), list_.data(), x_wk_->w, nc1, dc, xkv_);
-  ops::linear_forward(vx_.data(), list_.data(), x_wv_->w, nc1, dc, xkv_);
-  ops::head_rmsnorm_forward(kx_.data(), kx_rstd_.data(), kx_raw_.data(), x_kn_->w, nc1,
-                            cfg_.x_kv_heads, hd, eps);
-  // queries [N, Hq, hd] from xattn.norm(H), QK-norm, no RoPE
-  ops::rmsnorm_forward(hn_.data(), hn_rstd_.data(), H_.data(), x_norm_->w, N, d, eps);
-  ops::linear_forward(qx_raw_.data(), hn_.data(), x_wq_->w, N, d, xq_);
-  ops::head_rmsnorm_forward(qx_.data(), qx_rstd_.data(), qx_raw_.data(), x_qn_->w, N, cfg_.x_heads,
-                            hd, eps);
-  const float scale = 1.0f / std::sqrt(float(hd));
-  sec.next("  concept attention kernel");
-  if (cfg_.xattn_impl == "replicate")
-    ops::concept_attention_replicate_forward(att_.data(), lse_.data(), krep_.data(), vrep_.data(),
-                                             qx_.data(), kx_.data(), vx_.data(), sg_, B, L,
-                                             cfg_.x_heads, cfg_.x_kv_heads, hd, scale);
-  else
-    ops::concept_attention_forward(att_.data(), lse_.data(), qx_.data(), kx_.data(), vx_.data(),
-                                   sg_, B, L, cfg_.x_heads, cfg_.x_kv_heads, hd, scale);
-  sec.next("cross-attention");
-  // Psi = H + Wo att; X = Psi + w2(silu(w1 pn) * w3 pn), pn = ffn_norm(Psi)
-  ops::linear_forward(psi_.data(), att_.data(), x_wo_->w, N, xq_, d);
-  add_into(psi_.data(), H_.data(), N * d);
-  ops::rmsnorm_forward(pn_.data(), pn_rstd_.data(), psi_.data(), x_ffn_norm_->w, N, d, eps);
-  const i64 xf = cfg_.x_d_ff;
-  sec.next("cross FFN");
-  ops::linear_forward(fa_.data(), pn_.data(), x_w1_->w, N, d, xf);
-  ops::linear_forward(fb_.data(), pn_.data(), x_w3_->w, N, d, xf);
-  ops::swiglu_forward(fh_.data(), fa_.data(), fb_.data(), N * xf);
-  ops::linear_forward(X_.data(), fh_.data(), x_w2_->w, N, xf, d);
-  add_into(X_.data(), psi_.data(), N * d);
+  X_ = xattn_.forward(H_.data(), Z, p_.data(), sg_, B, L);
   // decoder (token positions as in the encoder)
   sec.next("decoder");
-  dec_out_ = dec_.forward(X_.data(), pos_.data(), B, L);
+  dec_out_ = dec_.forward(X_, pos_.data(), B, L);
   last_N_ = N;
   return dec_out_;
 }
@@ -229,89 +190,35 @@ const float* DlcmModel::decode(const i32* tokens, const uint8_t* b, i64 B, i64 L
 
 void DlcmModel::backward(const i32* tokens, const float* g_dec_out, const float* aux_dp, i64 B,
                          i64 L) {
-  const i64 N = B * L, d = cfg_.d_token, dc = cfg_.d_concept, hd = cfg_.head_dim;
-  const i64 Mc = sg_.Mmax, nc = B * Mc, nc1 = B * (Mc + 1), xf = cfg_.x_d_ff;
+  const i64 N = B * L, d = cfg_.d_token, dc = cfg_.d_concept;
+  const i64 Mc = sg_.Mmax, nc = B * Mc;
   prof::Section sec;
   sec.next("decoder");
   // decoder: dX
   clear(g_X_, N * d);
   dec_.backward(g_X_.data(), g_dec_out, B, L, grad_ready_);
-  // cross FFN: X = Psi + w2 h  ->  dPsi = dX + norm backward of (w1, w3 branches)
-  sec.next("cross FFN");
-  clear(g_fh_, N * xf);
-  ops::linear_backward(g_fh_.data(), x_w2_->g, g_X_.data(), fh_.data(), x_w2_->w, N, xf, d);
-  clear(g_fa_, N * xf);
-  clear(g_fb_, N * xf);
-  ops::swiglu_backward(g_fa_.data(), g_fb_.data(), g_fh_.data(), fa_.data(), fb_.data(), N * xf);
-  clear(g_pn_, N * d);
-  ops::linear_backward(g_pn_.data(), x_w1_->g, g_fa_.data(), pn_.data(), x_w1_->w, N, d, xf);
-  ops::linear_backward(g_pn_.data(), x_w3_->g, g_fb_.data(), pn_.data(), x_w3_->w, N, d, xf);
-  std::memcpy(g_psi_.data(), g_X_.data(), sizeof(float) * N * d);
-  ops::rmsnorm_backward(g_psi_.data(), x_ffn_norm_->g, g_pn_.data(), psi_.data(), x_ffn_norm_->w,
-                        pn_rstd_.data(), N, d);
-  // Psi = H + Wo att: dH starts as dPsi (the residual)
-  sec.next("cross-attention");
-  std::memcpy(g_H_.data(), g_psi_.data(), sizeof(float) * N * d);
-  clear(g_att_, N * xq_);
-  ops::linear_backward(g_att_.data(), x_wo_->g, g_psi_.data(), att_.data(), x_wo_->w, N, xq_, d);
-  // cross-attention -> dq [N, xq], dk/dv [B*(Mc+1), xkv]
-  clear(g_q_, N * xq_);
-  clear(g_k_, nc1 * xkv_);
-  clear(g_v_, nc1 * xkv_);
-  const float scale = 1.0f / std::sqrt(float(hd));
-  sec.next("  concept attention kernel");
-  if (cfg_.xattn_impl == "replicate")
-    ops::concept_attention_replicate_backward(g_q_.data(), g_k_.data(), g_v_.data(),
-                                              g_krep_.data(), g_vrep_.data(), g_att_.data(),
-                                              att_.data(), lse_.data(), qx_.data(), krep_.data(),
-                                              vrep_.data(), sg_, B, L, cfg_.x_heads,
-                                              cfg_.x_kv_heads, hd, scale);
-  else
-    ops::concept_attention_backward(g_q_.data(), g_k_.data(), g_v_.data(), g_att_.data(),
-                                    att_.data(), lse_.data(), qx_.data(), kx_.data(), vx_.data(),
-                                    sg_, B, L, cfg_.x_heads, cfg_.x_kv_heads, hd, scale);
-  // queries: QK-norm, Wq, xattn.norm -> dH
-  sec.next("cross-attention");
-  clear(g_qraw_, N * xq_);
-  ops::head_rmsnorm_backward(g_qraw_.data(), x_qn_->g, g_q_.data(), qx_raw_.data(), x_qn_->w,
-                             qx_rstd_.data(), N, cfg_.x_heads, hd);
-  clear(g_hn_, N * d);
-  ops::linear_backward(g_hn_.data(), x_wq_->g, g_qraw_.data(), hn_.data(), x_wq_->w, N, d, xq_);
-  ops::rmsnorm_backward(g_H_.data(), x_norm_->g, g_hn_.data(), H_.data(), x_norm_->w,
-                        hn_rstd_.data(), N, d);
-  // keys/values -> d list -> d z_null, d zs
-  clear(g_kraw_, nc1 * xkv_);
-  ops::head_rmsnorm_backward(g_kraw_.data(), x_kn_->g, g_k_.data(), kx_raw_.data(), x_kn_->w,
-                             kx_rstd_.data(), nc1, cfg_.x_kv_heads, hd);
-  clear(g_list_, nc1 * dc);
-  ops::linear_backward(g_list_.data(), x_wk_->g, g_kraw_.data(), list_.data(), x_wk_->w, nc1, dc,
-                       xkv_);
-  ops::linear_backward(g_list_.data(), x_wv_->g, g_v_.data(), list_.data(), x_wv_->w, nc1, dc,
-                       xkv_);
-  clear(g_zs_, nc * dc);
-  ops::concept_list_backward(x_null_->g, g_zs_.data(), g_list_.data(), B, Mc, dc);
-  grad_ready(x_null_->offset);  // every xattn.* gradient is complete
   // router dp: the aux loss's share, plus the smoother's share when the LM loss may reach p
   // (smooth_grad).
   std::copy_n(aux_dp, N, dp_.begin());
-  // smoother -> dZ; backbone norm and stack -> dC
-  clear(g_Z_, nc * dc);
-  ops::smoother_backward(g_Z_.data(),
-                         cfg_.router.smooth_grad && cfg_.smoother ? dp_.data() : nullptr,
-                         g_zs_.data(), zs_.data(), Z_.data(), cfg_.smoother ? p_.data() : nullptr,
-                         sg_, dc);
-  sec.next("backbone");
-  clear(g_bb_, nc * dc);
-  ops::rmsnorm_backward(g_bb_.data(), bb_norm_->g, g_Z_.data(), bb_out_, bb_norm_->w,
-                        z_rstd_.data(), nc, dc);
-  clear(g_C_, nc * dc);
-  bb_.backward(g_C_.data(), g_bb_.data(), B, Mc, grad_ready_);
-  // W_up and mean pooling -> dH
-  sec.next("pooling");
-  clear(g_pooled_, nc * d);
-  ops::linear_backward(g_pooled_.data(), w_up_->g, g_C_.data(), pooled_.data(), w_up_->w, nc, d,
-                       dc);
-  ops::pool_mean_backward(g_H_.data(), g_pooled_.data(), sg_, d);
+  // cross-attention layer -> dH (residual, queries), dZ, dp
+  sec.next("cross-attention");
+  clear(g_H_, N * d);
+  if (copt_.concept_path) clear(g_Z_, nc * dc);
+  xattn_.backward(g_H_.data(), g_Z_.data(), cfg_.router.smooth_grad ? dp_.data() : nullptr,
+                  g_X_.data(), B, L);
+  grad_ready(xattn_.param_offset());  // every xattn.* gradient is complete
+  if (copt_.concept_path) {
+    // backbone norm and stack -> dC
+    sec.next("backbone");
+    clear(g_bb_, nc * dc);
+    ops::rmsnorm_backward(g_bb_.data(), bb_norm_->g, g_Z_.data(), bb_out_, bb_norm_->w,
+                          z_rstd_.data(), nc, dc);
+    clear(g_C_, nc * dc);
+    bb_.backward(g_C_.data(), g_bb_.data(), B, Mc, grad_ready_);
+    // W_up and pooling -> dH
+    sec.next("pooling");
+    pool_.backward(g_H_.data(), g_C_.data(), sg_);
+  }
   // router: dp -> dq, dk -> dH (raw: q = k = H, so both land in dH directly)
   sec.next("router");
   if (projected_) {
@@ -391,6 +298,7 @@ MicroStats DlcmModel::train_micro(const Batch& mb, i64 index, const StepContext&
     s.n_thresholded += (n % L == 0 || mb.tokens[n] == cfg_.bos_id ||
                         decider_.decide(p_[n], cfg_.router.tau));
   }
+  s.n_rows = B;
   s.n_positions = N;
   s.n_concepts = sg_.total();
   return s;
@@ -416,6 +324,31 @@ MicroStats DlcmModel::eval_micro(const Batch& mb, float* row_loss) {
   s.n_concepts = sg_.total();
   s.n_thresholded = s.n_concepts;
   return s;
+}
+
+LossTerms DlcmModel::loss_terms(const MicroStats& st) const {
+  LossTerms t;
+  double aux = 0, F = 0, G = 0, F_thresholded = 0;
+  if (st.n_positions > 0) {
+    const ops::AuxLoss a = ops::global_parser_loss(st.sum_b, st.sum_p, double(st.n_positions),
+                                                   double(cfg_.target_R));
+    // Rule routers have no auxiliary loss (F is their compression); aux_kind "sequence" is
+    // the mean of the rows' L_r.
+    if (decider_.is_rule())
+      aux = 0;
+    else if (cfg_.aux_kind == "sequence")
+      aux = st.aux_rows / double(std::max<i64>(st.n_rows, 1));
+    else
+      aux = a.value;
+    F = a.F;
+    G = a.G;
+    F_thresholded = double(st.n_thresholded) / double(st.n_positions);
+  }
+  t.aux_loss = cfg_.aux_weight * aux;
+  t.fields = {{"aux", aux}, {"F", F}, {"G", G},
+              {"compression", F > 0 ? 1.0 / F : 0.0},  // sampled boundaries
+              {"compression_thresholded", F_thresholded > 0 ? 1.0 / F_thresholded : 0.0}};
+  return t;
 }
 
 void DlcmModel::logits(const i32* tokens, i64 B, i64 L, float* out) {
@@ -464,9 +397,12 @@ std::vector<std::pair<std::string, double>> DlcmModel::activation_rms() const {
       }
     return n > 0 ? std::sqrt(ss / double(n)) : 0.0;
   };
+  if (!copt_.concept_path)
+    return {{"tok_embeddings", rms(x0_.data(), N * d)}, {"encoder", rms(enc_out_, N * d)},
+            {"cross_attention", rms(X_, N * d)},       {"decoder", rms(dec_out_, N * d)}};
   return {{"tok_embeddings", rms(x0_.data(), N * d)}, {"encoder", rms(enc_out_, N * d)},
-          {"concepts", concept_rms(C_.data())},       {"backbone", concept_rms(bb_out_)},
-          {"cross_attention", rms(X_.data(), N * d)}, {"decoder", rms(dec_out_, N * d)}};
+          {"concepts", concept_rms(C_)},              {"backbone", concept_rms(bb_out_)},
+          {"cross_attention", rms(X_, N * d)},        {"decoder", rms(dec_out_, N * d)}};
 }
 
 double DlcmModel::flops_per_token(i64 L) const { return flops_report(cfg_, L).total(); }

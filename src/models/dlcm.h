@@ -2,15 +2,15 @@
 //
 //   tokens -> tok_embeddings -> encoder blocks -> encoder.norm = H          [N, d_token]
 //   H -> router (q = Wq H, k = Wk H) -> p [N] -> b [N] (sampled or thresholded)
-//   b -> segments; mean-pool H per concept -> W_up -> C                     [B, Mc, d_concept]
+//   b -> segments; pool H per concept -> W_up -> C (ConceptPool)          [B, Mc, d_concept]
 //   C -> backbone blocks (causal over concepts) -> backbone.norm = Z
-//   Z -> smoother (gate P = p at the concept's start) = ZS
-//   [z_null, ZS] -> K, V (QK-norm); Q from xattn.norm(H); leak-free causal cross-attention
-//   Psi = H + Wo att; X = Psi + ffn(ffn_norm(Psi)) -> decoder blocks -> decoder.norm -> lm_head
+//   H, Z -> ConceptCrossAttention (smoother, [z_null, ZS] K/V, leak-free concept attention,
+//   Psi = H + Wo att, X = Psi + ffn(ffn_norm(Psi))) -> decoder blocks -> decoder.norm -> lm_head
 //
 // N = B*L token rows; Mc = the concept capacity per row of the current batch (max concepts
 // of a row, rows with fewer are padded with zero concepts that never reach a real one).
-// Loss = CE + aux_weight * L_aux, the Global Parser loss over the whole optimizer step: the
+// Loss = CE + aux_weight * L_aux, the Global Parser loss over the whole optimizer step (per row
+// with aux_kind "sequence", none for the rule routers "fixed"/"word", models/boundary_rule.h): the
 // step's boundaries are sampled for every micro-batch in prepare_step() before any backward.
 #pragma once
 #include <vector>
@@ -18,6 +18,7 @@
 #include "kernels/dlcm_ops.h"
 #include "models/boundary_rule.h"
 #include "models/model.h"
+#include "nn/concept_xattn.h"
 #include "nn/lm_head.h"
 #include "nn/transformer.h"
 
@@ -29,6 +30,10 @@ class DlcmModel : public LanguageModel {
   void reserve(i64 B, i64 L) override;
   double prepare_step(const std::vector<Batch>& micro, const StepContext& ctx) override;
   MicroStats train_micro(const Batch& b, i64 index, const StepContext& ctx) override;
+  // Auxiliary loss (weighted by aux_weight: the Global Parser, the per-row mean for aux_kind
+  // "sequence", 0 for rule routers) and the log's aux, F, G, compression and
+  // compression_thresholded (sampled and inference-rule boundaries).
+  LossTerms loss_terms(const MicroStats& step) const override;
   // Thresholded boundaries, or the batch's given ones (Batch::boundaries).
   MicroStats eval_micro(const Batch& b, float* row_loss) override;
   void logits(const i32* tokens, i64 B, i64 L, float* out) override;
@@ -50,13 +55,32 @@ class DlcmModel : public LanguageModel {
   // Router probabilities of the last forward pass [B*L].
   const float* last_p() const { return p_.data(); }
 
+  // The model's parts in pipeline order, for the streaming state (models/dlcm_stream.cpp),
+  // which runs the same layer objects with its own caches. Router projections are nullptr
+  // for router.kind "raw" (q = k = H, ds = d_token); pool and backbone are unused (and their
+  // parameters unregistered) without the concept path.
+  struct Parts {
+    const Param* tok_embeddings;
+    TransformerStack* encoder;
+    const Param* encoder_norm;
+    const Param *router_wq, *router_wk;
+    i64 ds;
+    ConceptPool* pool;
+    TransformerStack* backbone;
+    const Param* backbone_norm;
+    ConceptCrossAttention* xattn;
+    TransformerStack* decoder;
+    LMHead* head;
+    const BoundaryDecider* decider;  // rule routers decide b in place of the router's p
+  };
+  Parts parts();
+
  private:
-  friend class DlcmStream;
   // Encoder + router: fills x0_, H_, p_ (and the router's q/k). Validates tokens.
   void encode(const i32* tokens, i64 B, i64 L);
   // Everything after the boundary decisions b [B*L] (already OR-ed with forced positions):
-  // segments, pooling, backbone, smoother, cross-attention, cross FFN, decoder. Returns the
-  // decoder output before decoder.norm [N, d].
+  // segments, pooling, backbone, cross-attention layer, decoder. Returns the decoder output
+  // before decoder.norm [N, d].
   const float* decode(const i32* tokens, const uint8_t* b, i64 B, i64 L);
   // Backward of decode() and encode() from the gradient of the decoder output, plus the
   // router's dp (aux_dp [N], the aux loss's, and with smooth_grad the smoother's).
@@ -69,34 +93,34 @@ class DlcmModel : public LanguageModel {
   bool projected_ = true;
   BoundaryDecider decider_;  // sampling/thresholding, rule routers, aux loss (boundary_rule.h)
   Buf aux_dp_;               // the aux loss's gradient w.r.t. p [N]
-  i64 ds_ = 0, xq_ = 0, xkv_ = 0;
-  Param *tok_emb_, *enc_norm_, *r_wq_ = nullptr, *r_wk_ = nullptr, *w_up_, *bb_norm_;
-  Param *x_null_, *x_norm_, *x_wq_, *x_wk_, *x_wv_, *x_wo_, *x_qn_, *x_kn_;
-  Param *x_ffn_norm_, *x_w1_, *x_w2_, *x_w3_, *dec_norm_, *lm_head_;
+  ConceptOptions copt_;
+  i64 ds_ = 0;
+  Param *tok_emb_, *enc_norm_, *r_wq_ = nullptr, *r_wk_ = nullptr, *bb_norm_ = nullptr;
+  Param *dec_norm_, *lm_head_;
   TransformerStack enc_, bb_, dec_;
+  ConceptPool pool_;
+  ConceptCrossAttention xattn_;
   LMHead head_;
 
   // Token-level activations [N, ...] (allocated by reserve).
   Buf x0_, H_, enc_rstd_;
   Buf rq_, rk_, rcache_, p_;               // router q/k [N, ds], cache [N, 3], p [N]
   std::vector<uint8_t> b_;                 // boundaries of the current forward [N]
-  Buf hn_, hn_rstd_, qx_raw_, qx_, qx_rstd_;  // cross-attention queries
-  Buf att_, lse_, krep_, vrep_;            // attention output, lse [B, Hq, L], replicate K/V
-  Buf psi_, pn_, pn_rstd_, fa_, fb_, fh_, X_;  // cross FFN block
   std::vector<i32> pos_;
   Buf picked_;  // decoder outputs gathered for logits_at
-  // Concept-level activations [B*Mc, ...] and [B*(Mc+1), ...] (grow with the batch's Mc).
-  Buf pooled_, C_, Z_, z_rstd_, zs_, list_, kx_raw_, kx_, kx_rstd_, vx_;
+  // Concept-level activations [B*Mc, ...] (grow with the batch's Mc).
+  Buf Z_, z_rstd_;
   std::vector<i32> pos_c_;
   ops::Segments sg_;
   const float* enc_out_ = nullptr;
+  const float* C_ = nullptr;
   const float* bb_out_ = nullptr;
+  const float* X_ = nullptr;
   const float* dec_out_ = nullptr;
   i64 last_N_ = 0;
   // Gradients (token level and concept level).
-  Buf g_out_, g_X_, g_fh_, g_fa_, g_fb_, g_pn_, g_psi_, g_att_, g_q_, g_qraw_, g_hn_, g_H_;
-  Buf g_rq_, g_rk_, dp_, g_enc_, g_x0_, g_krep_, g_vrep_;
-  Buf g_k_, g_kraw_, g_v_, g_list_, g_zs_, g_Z_, g_bb_, g_C_, g_pooled_;
+  Buf g_out_, g_X_, g_H_, g_rq_, g_rk_, dp_, g_enc_, g_x0_;
+  Buf g_Z_, g_bb_, g_C_;
   i64 cap_B_ = 0, cap_L_ = 0, conc_B_ = 0, cap_Mc_ = 0;
 
   // Boundaries sampled by prepare_step for each micro-batch of the step [K][B*L], and which

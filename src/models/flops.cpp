@@ -51,10 +51,17 @@ double FlopsReport::backbone_flops_share() const {
   return t > 0 ? flops("backbone") / t : 0.0;
 }
 
-double block_flops_per_position(i64 d, i64 H, i64 Hkv, i64 hd, i64 dff, double len) {
+double causal_keys_per_query(double len, i64 window) {
+  if (window <= 0 || double(window) >= len) return (len + 1) / 2;
+  // Positions t < w see t + 1 keys, the remaining len - w see w.
+  const double w = double(window);
+  return (w * (w + 1) / 2 + (len - w) * w) / len;
+}
+
+double block_flops_per_position(i64 d, i64 H, i64 Hkv, i64 hd, i64 dff, double len, i64 window) {
   double proj = 2.0 * d * (H * hd) * 2 + 2.0 * d * (Hkv * hd) * 2;  // q, o, k, v
   double ffn = 2.0 * 3 * d * dff;
-  double attn = 4.0 * hd * H * (len + 1) / 2;  // causal: average (len+1)/2 keys
+  double attn = 4.0 * hd * H * causal_keys_per_query(len, window);
   return proj + ffn + attn;
 }
 
@@ -88,35 +95,44 @@ FlopsReport flops_report(const ModelConfig& m, i64 L, double R) {
   const double M = L / R;  // concepts per row
   r.model.push_back({"embedding", 0});
   r.model.push_back({"encoder", m.enc_layers * block_flops_per_position(d, m.n_heads, m.n_kv_heads,
-                                                                         hd, m.d_ff, L)});
+                                                                         hd, m.d_ff, L,
+                                                                         m.enc_window)});
   r.model.push_back({"router", m.router.kind != "projected" ? 0.0 : 2.0 * 2 * d * ds});
-  // mean pooling adds are negligible; W_up runs once per concept
-  r.model.push_back({"pooling", 2.0 * d * dc / R});
-  r.model.push_back({"backbone", m.bb_layers *
-                                     block_flops_per_position(dc, m.bb_heads, m.bb_kv_heads, hd,
-                                                              m.bb_d_ff, M) /
-                                     R});
+  // Without the concept path (control) pooling, backbone and the concept attention term do
+  // not run (and their parameters are not registered).
+  const bool cp = m.concept_path;
+  // pooling adds (mean) or copies (first) are negligible; W_up runs once per concept
+  r.model.push_back({"pooling", cp ? 2.0 * d * dc / R : 0.0});
+  r.model.push_back({"backbone", cp ? m.bb_layers *
+                                          block_flops_per_position(dc, m.bb_heads, m.bb_kv_heads,
+                                                                   hd, m.bb_d_ff, M) /
+                                          R
+                                    : 0.0});
   // Cross-attention: q and o per token, k and v per concept (+ null). Token t in concept j
   // admits the j + 1 list entries [z_null, zs_0 .. zs_{j-1}]: (M+1)/2 on average (model and
-  // compact kernel). The replicate kernel runs full causal attention over L positions.
+  // compact kernel); with concept_visibility "inclusive" also its own zs_j, one more. The
+  // replicate kernel runs full causal attention over L positions (inclusive: plus the
+  // leading z_null slot every query sees).
   const i64 xq = m.x_heads * hd, xkv = m.x_kv_heads * hd;
+  const double own = m.concept_visibility == "inclusive" ? 1.0 : 0.0;
   double x_proj = 2.0 * d * xq * 2 + 2.0 * dc * xkv * 2 * (M + 1) / L;
-  r.xattn.model = x_proj + 4.0 * hd * m.x_heads * (M + 1) / 2.0;
+  r.xattn.model = cp ? x_proj + 4.0 * hd * m.x_heads * ((M + 1) / 2.0 + own) : 0.0;
   r.xattn.compact = r.xattn.model;
-  r.xattn.replicate = x_proj + 4.0 * hd * m.x_heads * (L + 1) / 2.0;
+  r.xattn.replicate = cp ? x_proj + 4.0 * hd * m.x_heads * ((L + 1) / 2.0 + own) : 0.0;
   r.model.push_back({"cross_attention", r.xattn.model});
   if (m.xattn_impl == "replicate") r.kernel.push_back({"cross_attention", r.xattn.replicate});
   r.model.push_back({"cross_ffn", 2.0 * 3 * d * m.x_d_ff});
   r.model.push_back({"decoder", m.dec_layers * block_flops_per_position(d, m.n_heads, m.n_kv_heads,
-                                                                         hd, m.d_ff, L)});
+                                                                         hd, m.d_ff, L,
+                                                                         m.dec_window)});
   r.model.push_back({"head", 2.0 * d * V});
   r.params = {
       {"embedding", V * d},
       {"encoder", m.enc_layers * block_params(d, m.n_heads, m.n_kv_heads, hd, m.d_ff, m.qk_norm) + d},
       {"router", m.router.kind != "projected" ? 0 : 2 * ds * d},
-      {"pooling", dc * d},
-      {"backbone", m.bb_layers * block_params(dc, m.bb_heads, m.bb_kv_heads, hd, m.bb_d_ff, m.qk_norm) + dc},
-      {"cross_attention", 2 * d * xq + 2 * dc * xkv + dc + d + 2 * hd},
+      {"pooling", cp ? dc * d : 0},
+      {"backbone", cp ? m.bb_layers * block_params(dc, m.bb_heads, m.bb_kv_heads, hd, m.bb_d_ff, m.qk_norm) + dc : 0},
+      {"cross_attention", cp ? 2 * d * xq + 2 * dc * xkv + dc + d + 2 * hd : 0},
       {"cross_ffn", 3 * d * m.x_d_ff + d},
       {"decoder", m.dec_layers * block_params(d, m.n_heads, m.n_kv_heads, hd, m.d_ff, m.qk_norm) + d},
       {"head", V * d}};

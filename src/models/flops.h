@@ -34,10 +34,13 @@ struct FlopsReport {
   double backbone_flops_share() const;  // backbone forward FLOPs / total
 };
 
-// Forward FLOPs per token of a pre-norm block stack over sequences of `len` positions with
-// causal attention (average admitted keys per query = (len+1)/2).
+// Average keys a query admits over a sequence of `len` positions: (len+1)/2 with full causal
+// attention (window 0 or >= len); with a sliding window w < len, (w(w+1)/2 + (len-w) w) / len.
+double causal_keys_per_query(double len, i64 window = 0);
+// Forward FLOPs per token of one pre-norm block over sequences of `len` positions with causal
+// (or sliding-window) attention, causal_keys_per_query admitted keys per query.
 double block_flops_per_position(i64 d, i64 n_heads, i64 n_kv_heads, i64 head_dim, i64 d_ff,
-                                double len);
+                                double len, i64 window = 0);
 // Parameters of one pre-norm block (attention, SwiGLU, two norms, optional QK-norm weights).
 i64 block_params(i64 d, i64 n_heads, i64 n_kv_heads, i64 head_dim, i64 d_ff, bool qk_norm);
 // R: tokens per concept (dlcm only; target_R when R <= 0).

@@ -1,5 +1,6 @@
 // The interface the trainer, evaluator, CLI and tests use for both architectures.
 #pragma once
+#include <array>
 #include <functional>
 #include <memory>
 #include <string>
@@ -7,7 +8,7 @@
 #include <vector>
 
 #include "core/params.h"
-#include "infer/stream.h"
+#include "models/stream.h"
 #include "models/config.h"
 
 namespace dlcm {
@@ -34,14 +35,33 @@ struct StepContext {
   double sum_b = 0;
 };
 
+// What one micro-batch's forward pass counted. The trainer adds them up over a step's
+// micro-batches and ranks without looking inside; the model turns the step's sums into its
+// loss terms (LanguageModel::loss_terms). A new statistic goes into all three members below.
 struct MicroStats {
   double ce_sum = 0;   // sum of CE over targets
   i64 n_targets = 0;
   double sum_b = 0, sum_p = 0;  // DLCM: boundary count and probability sum (sampled)
   double aux_rows = 0;  // DLCM, aux_kind "sequence": sum of the rows' L_r (unweighted)
+  i64 n_rows = 0;       // rows (sequences) of the batch, for the per-row mean of aux_rows
   i64 n_positions = 0;
   i64 n_concepts = 0;   // concepts the forward pass used (sampled in training)
   i64 n_thresholded = 0;  // DLCM training: concepts the inference rule (p >= tau) would cut
+
+  static constexpr int kFields = 9;
+  MicroStats& operator+=(const MicroStats& o);
+  // Flat form for the MPI all-reduce (counts are exact in double up to 2^53).
+  std::array<double, kFields> to_array() const;
+  static MicroStats from_array(const std::array<double, kFields>& a);
+};
+
+// A model's contribution to a training step's loss and log, from the step's summed stats.
+struct LossTerms {
+  double aux_loss = 0;  // added to the mean CE, weights included: loss = ce + aux_loss
+  // Named values for the step's train_log.jsonl line (DLCM: aux, F, G, compression, ...).
+  std::vector<std::pair<std::string, double>> fields;
+  // The field called `name`, or `missing` when the model logs no such field.
+  double value(const std::string& name, double missing = 0) const;
 };
 
 class LanguageModel {
@@ -62,6 +82,9 @@ class LanguageModel {
   // the CE gradient is scaled by 1/ctx.total_targets so that k micro-batches equal one
   // batch k times larger.
   virtual MicroStats train_micro(const Batch& b, i64 index, const StepContext& ctx) = 0;
+  // The step's auxiliary loss and log fields from its MicroStats summed over micro-batches
+  // and ranks. Default: none (the loss is the CE alone).
+  virtual LossTerms loss_terms(const MicroStats& step) const { return {}; }
   // Evaluation (thresholded boundaries for DLCM): CE sum, no gradients. row_loss [B*L]
   // optional.
   virtual MicroStats eval_micro(const Batch& b, float* row_loss = nullptr) = 0;
@@ -81,7 +104,7 @@ class LanguageModel {
 
   // Streaming inference (SPEC 5): a stream with o.max_seqs slots of up to stream_len(o) tokens,
   // its caches allocated once here. It reads this model's weights (it must not outlive the
-  // model) and its logits equal logits() over each slot's tokens (see infer/stream.h for the
+  // model) and its logits equal logits() over each slot's tokens (see models/stream.h for the
   // contract). The baseline keeps a KV cache per layer; the DLCM keeps the state of SPEC 5
   // (encoder/backbone/decoder KV caches, router's last q, open concept, smoother, concept K/V
   // with multiplicities) and thresholds p with o.tau.

@@ -112,7 +112,7 @@ void TransformerStack::block_forward(i64 l, const float* x, const i32* pos, i64 
   block_qkv(l, x, pos, B * L, A);
   const float scale = 1.0f / std::sqrt(float(d.head_dim));
   ops::attention_forward(A.att.data(), A.lse.data(), A.q.data(), A.k.data(), A.v.data(), B, L, L,
-                         d.n_heads, d.n_kv_heads, d.head_dim, 0, scale);
+                         d.n_heads, d.n_kv_heads, d.head_dim, 0, scale, d.window);
   block_out(l, x, A.out.data(), B * L, A);
 }
 
@@ -232,7 +232,7 @@ const float* TransformerStack::forward_cached(const float* x, const CacheChunk* 
       ops::attention_forward(A.att.data() + row0[c] * qd, A.lse.data() + row0[c] * d.n_heads,
                              A.q.data() + row0[c] * qd, cache.k_at(l, ch.seq, 0),
                              cache.v_at(l, ch.seq, 0), 1, ch.n, p0 + ch.n, d.n_heads,
-                             d.n_kv_heads, d.head_dim, p0, scale);
+                             d.n_kv_heads, d.head_dim, p0, scale, d.window);
     }
     float* out = inf_out_[l % 2].data();
     block_out(l, cur, out, R, A);
@@ -293,7 +293,7 @@ void TransformerStack::block_backward(i64 l, float* dx, const float* dout, const
   const float scale = 1.0f / std::sqrt(float(d.head_dim));
   ops::attention_backward(g_q_.data(), g_k_.data(), g_v_.data(), g_att_.data(), A.att.data(),
                           A.lse.data(), A.q.data(), A.k.data(), A.v.data(), B, L, L, d.n_heads,
-                          d.n_kv_heads, d.head_dim, 0, scale);
+                          d.n_kv_heads, d.head_dim, 0, scale, d.window);
   ops::rope_apply(g_q_.data(), pos_, N, d.n_heads, d.head_dim, d.rope_theta, true);
   ops::rope_apply(g_k_.data(), pos_, N, d.n_kv_heads, d.head_dim, d.rope_theta, true);
   if (d.qk_norm) {

@@ -19,6 +19,9 @@ struct BlockDims {
   bool qk_norm = false;
   float norm_eps = 1e-5f;
   float rope_theta = 10000.f;
+  // Sliding-window self-attention: position t attends (t - window, t]; 0 = full causal. The
+  // KV cache still keeps every position; only the mask changes.
+  i64 window = 0;
   i64 q_dim() const { return n_heads * head_dim; }
   i64 kv_dim() const { return n_kv_heads * head_dim; }
 };

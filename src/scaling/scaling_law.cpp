@@ -7,9 +7,8 @@
 #include <filesystem>
 #include <fstream>
 
+#include "models/checkpoint.h"
 #include "models/flops.h"
-#include "train/checkpoint.h"
-#include "train/trainer.h"
 
 namespace dlcm {
 namespace fs = std::filesystem;

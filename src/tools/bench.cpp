@@ -217,13 +217,7 @@ static Config bench_config(const std::string& path, const std::vector<std::strin
   if (path.empty()) {
     j = reference_baseline();
   } else {
-    std::ifstream f(path);
-    DLCM_CHECK(f, path, ": cannot open config file (check --config)");
-    try {
-      j = json::parse(f);
-    } catch (const json::parse_error& e) {
-      fail(path, ": invalid JSON: ", e.what());
-    }
+    j = load_config_json(path);
   }
   apply_overrides(j, sets);
   return config_from_json(j, path.empty() ? "reference baseline" : path);
@@ -430,7 +424,7 @@ int cmd_bench_train(const BenchTrainArgs& a) {
       auto t0 = std::chrono::steady_clock::now();
       for (i64 s = 0; s < a.steps; ++s) {
         StepResult sr = e.tr->train_step();
-        e.sum_F += sr.F;
+        e.sum_F += sr.terms.value("F");
         ++e.n_F;
         rss_steps.push_back(bench::read_rss().now_mib);
       }
@@ -549,7 +543,7 @@ int cmd_bench_decode(const BenchDecodeArgs& a) {
   std::string what;
   if (!a.ckpt.empty()) {
     DLCM_CHECK(a.config.empty() && a.sets.empty(), "give --ckpt or --config/--set, not both");
-    m = load_model(a.ckpt, &what);
+    m = load_model_with_tokenizer(a.ckpt, &what);
   } else {
     Config cfg = bench_config(a.config, a.sets);
     m = make_initialised_model(cfg.model, 1);

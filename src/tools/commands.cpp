@@ -19,12 +19,13 @@
 #include "data/train_data.h"
 #include "infer/generate.h"
 #include "infer/segment.h"
+#include "eval/validate.h"
 #include "eval/zero_shot.h"
 #include "infer/sampler.h"
 #include "models/flops.h"
 #include "models/plan.h"
 #include "models/model.h"
-#include "train/checkpoint.h"
+#include "models/checkpoint.h"
 #include "train/trainer.h"
 
 namespace dlcm {
@@ -32,18 +33,7 @@ namespace fs = std::filesystem;
 using nlohmann::json;
 
 Config config_with_overrides(const std::string& path, const std::vector<std::string>& sets) {
-  json j;
-  if (!path.empty()) {
-    std::ifstream f(path);
-    DLCM_CHECK(f, path, ": cannot open config file (check --config)");
-    try {
-      j = json::parse(f);
-    } catch (const json::parse_error& e) {
-      fail(path, ": invalid JSON: ", e.what());
-    }
-  } else {
-    j = json::object();
-  }
+  json j = path.empty() ? json::object() : load_config_json(path);
   apply_overrides(j, sets);
   return config_from_json(j, path.empty() ? "config" : path);
 }
@@ -111,18 +101,8 @@ std::vector<std::vector<i32>> read_token_rows(const std::string& path) {
   return rows;
 }
 
-std::unique_ptr<LanguageModel> load_model(const std::string& path, std::string* dir_out) {
-  std::string dir = resolve_checkpoint(path);
-  Config cfg = load_checkpoint_config(dir);
-  auto m = make_model(cfg.model);
-  load_checkpoint_params(dir, m->params());
-  if (cfg.model.router.kind == "word") m->set_word_starts(load_tokenizer(dir)->word_starts());
-  if (dir_out) *dir_out = dir;
-  return m;
-}
-
 int cmd_forward(const ForwardArgs& a) {
-  auto m = load_model(a.ckpt);
+  auto m = load_model_with_tokenizer(a.ckpt);
   auto rows = read_token_rows(a.tokens);
   const i64 B = rows.size(), L = rows[0].size(), V = m->config().vocab_size;
   DLCM_CHECK(L <= m->config().max_seq_len, a.tokens, ": rows have ", L,
@@ -204,7 +184,7 @@ int cmd_generate(const GenerateArgs& a) {
     names = {"--prompt"};
   }
   std::string dir;
-  auto m = load_model(a.ckpt, &dir);
+  auto m = load_model_with_tokenizer(a.ckpt, &dir);
   auto tok = load_tokenizer(dir);
   GenerateOptions o;
   o.sampler = {float(a.temperature), a.top_k, float(a.top_p)};
@@ -299,7 +279,7 @@ int cmd_segment(const SegmentArgs& a) {
     texts.push_back(s);
   }
   std::string dir;
-  auto m = load_model(a.ckpt, &dir);
+  auto m = load_model_with_tokenizer(a.ckpt, &dir);
   DLCM_CHECK(m->config().is_dlcm(), dir, ": this is a ", m->config().arch,
              " checkpoint without concepts; segment needs a dlcm checkpoint");
   auto tok = load_tokenizer(dir);
@@ -351,12 +331,8 @@ int cmd_eval(const EvalArgs& a) {
     DLCM_CHECK(cfg.train.seq_len <= cfg.model.max_seq_len, "--seq-len ", cfg.train.seq_len,
                " exceeds the model's max_seq_len ", cfg.model.max_seq_len);
     TrainData data = open_train_data(a.data, cfg);
-    TrainOptions o;
-    o.quiet = true;
-    o.peak_gflops = 1;
-    o.init_from = dir;
-    Trainer tr(cfg, std::move(data), o);
-    auto v = tr.validate(a.limit);
+    auto m = load_model_with_tokenizer(dir);
+    ValResult v = validate_split(*m, data, cfg.train.batch_size, cfg.train.seq_len, a.limit);
     r["data"] = a.data;
     r["val_loss"] = v.loss;
     r["val_ppl"] = v.ppl;
@@ -367,7 +343,7 @@ int cmd_eval(const EvalArgs& a) {
   }
   int rc = 0;
   if (!specs.empty()) {
-    auto m = load_model(dir);
+    auto m = load_model_with_tokenizer(dir);
     auto tok = load_tokenizer(dir);
     EvalOptions eo;
     eo.bench_dir = a.bench_dir;
@@ -432,6 +408,16 @@ static json flops_to_json(const FlopsReport& r, const ModelConfig& m, i64 L) {
                             {"kernel_flops_per_token_replicate", r.xattn.replicate}};
   }
   return j;
+}
+
+int cmd_config(const ConfigArgs& a) {
+  if (a.keys) {
+    std::fputs(config_keys_listing(a.markdown).c_str(), stdout);
+    return 0;
+  }
+  const Config cfg = config_with_overrides(a.config, a.sets);
+  std::printf("%s\n", config_to_json(cfg).dump(2).c_str());
+  return 0;
 }
 
 int cmd_flops(const FlopsArgs& a) {

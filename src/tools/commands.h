@@ -6,14 +6,11 @@
 #include <vector>
 
 #include "core/common.h"
+#include "data/model_loader.h"   // load_model_with_tokenizer
+#include "models/checkpoint.h"  // resolve_checkpoint
 #include "models/config.h"
 
 namespace dlcm {
-
-class LanguageModel;
-// A model with a checkpoint's weights (`path`: checkpoint or run folder); dir_out gets the
-// checkpoint folder. Errors name the folder and file at fault.
-std::unique_ptr<LanguageModel> load_model(const std::string& path, std::string* dir_out = nullptr);
 
 struct TrainArgs {
   std::string config, data, out, init_from;
@@ -59,6 +56,16 @@ struct BenchDecodeArgs {
 };
 // Decode tokens/s with the streaming caches against recomputing the whole prefix each step.
 int cmd_bench_decode(const BenchDecodeArgs& a);
+
+// `dlcm config [--config FILE] [--set k=v]...`: prints the resolved, validated config JSON;
+// `--keys` lists every key with its type, default and allowed range (`--markdown`: the table
+// of docs/config.md).
+struct ConfigArgs {
+  std::string config;
+  std::vector<std::string> sets;
+  bool keys = false, markdown = false;
+};
+int cmd_config(const ConfigArgs& a);
 
 struct FlopsArgs {
   std::string config;
@@ -123,6 +130,19 @@ struct EvalArgs {
   bool quiet = false;       // no progress lines or table on stderr
 };
 int cmd_eval(const EvalArgs& a);
+
+// `dlcm analyze`: the concept analysis of a dlcm checkpoint on the validation split of --data
+// (eval/concept_analysis.h) written as OUT/analysis.json and OUT/analysis.html (SVG figures);
+// --baseline adds the baseline's loss on the same tokens by position inside a concept.
+struct AnalyzeArgs {
+  std::string ckpt, data, out = "analysis", baseline;
+  i64 batches = -1, batch_size = 8, seq_len = 0, top = 30;  // batches -1: the whole split
+  double tau = -1;  // < 0: the checkpoint's router.tau
+};
+int cmd_analyze(const AnalyzeArgs& a);
+struct AnalysisReport;
+// The self-contained analysis.html page (tables and inline SVG figures) of a report.
+std::string analysis_html(const AnalysisReport& r);
 
 // `dlcm mup coord-check`: the µP coordinate check (train/coord_check.h) written as
 // OUT/coord_check.{csv,json,svg}, with a summary of the spread across widths on stdout.

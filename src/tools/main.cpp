@@ -60,6 +60,13 @@ int main(int argc, char** argv) {
   seg->add_option("--html", sa.html, "write a self-contained HTML page here");
   seg->add_flag("--no-color", sa.no_color, "no ANSI colours (concepts separated by '|')");
 
+  ConfigArgs cf;
+  auto* conf = app.add_subcommand("config", "print the resolved config JSON, or list every key (--keys)");
+  conf->add_option("--config", cf.config, "config JSON (default: the built-in defaults)");
+  conf->add_option("--set", cf.sets, "override a config key: key=value (repeatable)");
+  conf->add_flag("--keys", cf.keys, "list every key: type, default, allowed range, meaning");
+  conf->add_flag("--markdown", cf.markdown, "with --keys: the Markdown table of docs/config.md");
+
   FlopsArgs la;
   auto* flops = app.add_subcommand("flops", "forward FLOPs per token per component (SPEC 7)");
   flops->add_option("--config", la.config, "config JSON")->required();
@@ -148,6 +155,18 @@ int main(int argc, char** argv) {
                "zero-shot: one forward row per request (to measure what prefix sharing saves)");
   ev->add_flag("--quiet", ea.quiet, "no progress lines or table on stderr");
 
+  AnalyzeArgs na;
+  auto* an = app.add_subcommand("analyze", "concept analysis of a dlcm checkpoint: JSON report and HTML page with figures");
+  an->add_option("--ckpt", na.ckpt, "dlcm checkpoint or run folder")->required();
+  an->add_option("--data", na.data, "prepared data folder (its validation split is analysed)")->required();
+  an->add_option("--out", na.out, "output folder for analysis.json and analysis.html (default analysis)");
+  an->add_option("--batches", na.batches, "at most this many validation batches (default: all)");
+  an->add_option("--batch-size", na.batch_size, "validation windows per forward pass")->check(CLI::Range(1, 4096));
+  an->add_option("--seq-len", na.seq_len, "window length (default: the checkpoint's train.seq_len)")->check(CLI::Range(1, 1 << 24));
+  an->add_option("--tau", na.tau, "boundary threshold (default: the checkpoint's router.tau)");
+  an->add_option("--baseline", na.baseline, "baseline checkpoint on the same tokenizer: loss by position in concept, dlcm minus baseline");
+  an->add_option("--top", na.top, "tokens listed as concept openers (default 30)")->check(CLI::Range(1, 100000));
+
   auto* mup = app.add_subcommand("mup", "decoupled µP tools (SPEC 6)");
   mup->require_subcommand(1);
   CoordCheckArgs ca;
@@ -230,6 +249,7 @@ int main(int argc, char** argv) {
     }
     if (*fwd) return cmd_forward(fa);
     if (*gen) return cmd_generate(ga);
+    if (*conf) return cmd_config(cf);
     if (*flops) return cmd_flops(la);
     if (*plan) return cmd_plan(pl);
     if (*btrain) {
@@ -247,6 +267,7 @@ int main(int argc, char** argv) {
     }
     if (*prep) return cmd_prepare(pa);
     if (*ev) return cmd_eval(ea);
+    if (*an) return cmd_analyze(na);
     if (*coord) return cmd_coord_check(ca);
     if (*lrs) return cmd_lr_sweep(lsa);
     if (*sfit) return cmd_scaling_fit(sfa);

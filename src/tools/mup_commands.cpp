@@ -12,7 +12,7 @@
 #include "models/mup.h"
 #include "tools/commands.h"
 #include "tools/plot.h"
-#include "train/checkpoint.h"
+#include "models/checkpoint.h"
 #include "train/coord_check.h"
 #include "train/trainer.h"
 

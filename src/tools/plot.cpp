@@ -68,6 +68,9 @@ void data_range(const PlotPanel& p, bool is_x, double& lo, double& hi) {
       lo = std::min(lo, v);
       hi = std::max(hi, v);
     }
+  if (!is_x && !log && std::isfinite(lo))
+    for (auto& s : p.series)
+      if (s.bars) lo = std::min(lo, 0.0), hi = std::max(hi, 0.0);  // bars stand on 0
   if (is_x)
     for (double v : p.x_ticks)
       if (usable(v, log)) lo = std::min(lo, v), hi = std::max(hi, v);
@@ -185,6 +188,16 @@ std::string render_svg(const std::vector<PlotPanel>& panels, int cols, const std
       for (size_t i = 0; i < s.x.size() && i < s.y.size(); ++i)
         if (usable(s.x[i], ax.log) && usable(s.y[i], ay.log))
           xy.push_back({ax.map(s.x[i]), ay.map(s.y[i])});
+      if (s.bars && !xy.empty()) {  // 80% of the closest spacing of the points
+        double w = 20;
+        for (size_t i = 1; i < xy.size(); ++i)
+          if (xy[i].first != xy[i - 1].first) w = std::min(w, 0.8 * std::fabs(xy[i].first - xy[i - 1].first));
+        const double y0 = ay.map(ay.log ? ay.lo : std::clamp(0.0, ay.lo, ay.hi));
+        for (auto& [x, y] : xy)
+          o << "<rect x=\"" << num(x - w / 2) << "\" y=\"" << num(std::min(y, y0)) << "\" width=\""
+            << num(w) << "\" height=\"" << num(std::fabs(y0 - y)) << "\" fill=\"" << col
+            << "\" fill-opacity=\"0.75\"/>\n";
+      }
       if (s.line && xy.size() > 1) {
         for (auto& [x, y] : xy) pts += num(x) + "," + num(y) + " ";
         o << "<polyline fill=\"none\" stroke=\"" << col << "\" stroke-width=\"1.6\""

@@ -13,6 +13,7 @@ struct PlotSeries {
   bool line = true;           // polyline through the points in order
   bool markers = false;       // a dot at each point
   bool dashed = false;
+  bool bars = false;          // a bar from 0 (a log axis: its bottom) up to each point
   int color = -1;             // palette index; -1 = the series' position in its panel
 };
 

@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -14,22 +15,12 @@
 
 #include "core/profiler.h"
 #include "kernels/gemm.h"
-#include "train/checkpoint.h"
+#include "models/checkpoint.h"
 
 namespace dlcm {
 namespace fs = std::filesystem;
 using nlohmann::json;
 using Clock = std::chrono::steady_clock;
-
-std::string resolve_checkpoint(const std::string& path) {
-  if (is_checkpoint(path)) return path;
-  std::string sub = (fs::path(path) / "checkpoint").string();
-  if (is_checkpoint(sub)) return sub;
-  if (!fs::exists(path))
-    fail(path, ": no such checkpoint or run directory (give the --out folder of 'dlcm train')");
-  fail(path, ": not a checkpoint (no config.json and model.safetensors here or in ",
-       "checkpoint/); give the --out folder of 'dlcm train'");
-}
 
 double measure_gemm_peak_gflops(double seconds, i64 n) {
   Buf a(n * n, 0.5f), b(n * n, 0.25f), c(n * n, 0.f);
@@ -262,46 +253,20 @@ StepResult Trainer::train_step() {
     // Gradients become final during the last micro-batch's backward: buckets can start then.
     if (world_ > 1 && k == K - 1 && t.allreduce_overlap)
       model_->set_grad_ready_callback([this](i64 off) { allreduce_.ready_from(off); });
-    MicroStats s = model_->train_micro(micro[k], k, ctx);
-    tot.ce_sum += s.ce_sum;
-    tot.n_targets += s.n_targets;
-    tot.sum_b += s.sum_b;
-    tot.sum_p += s.sum_p;
-    tot.aux_rows += s.aux_rows;
-    tot.n_positions += s.n_positions;
-    tot.n_thresholded += s.n_thresholded;
+    tot += model_->train_micro(micro[k], k, ctx);
   }
   if (world_ > 1) {
     model_->set_grad_ready_callback(nullptr);
     r.buckets_early = allreduce_.started_early();
     r.buckets = allreduce_.buckets();
     r.allreduce_seconds = allreduce_.finish();
-    double st[7] = {tot.ce_sum, double(tot.n_targets), tot.sum_b, tot.sum_p,
-                    double(tot.n_positions), double(tot.n_thresholded), tot.aux_rows};
-    dist::allreduce_sum(st, 7);
-    tot.ce_sum = st[0];
-    tot.n_targets = i64(st[1]);
-    tot.sum_b = st[2];
-    tot.sum_p = st[3];
-    tot.n_positions = i64(st[4]);
-    tot.n_thresholded = i64(st[5]);
-    tot.aux_rows = st[6];
+    std::array<double, MicroStats::kFields> st = tot.to_array();
+    dist::allreduce_sum(st.data(), i64(st.size()));
+    tot = MicroStats::from_array(st);
   }
   r.ce = tot.ce_sum / std::max<i64>(tot.n_targets, 1);
-  if (cfg_.model.is_dlcm() && tot.n_positions > 0) {
-    const double R = cfg_.model.target_R;
-    r.F = tot.sum_b / tot.n_positions;
-    r.G = tot.sum_p / tot.n_positions;
-    const ModelConfig& mc = cfg_.model;
-    if (mc.rule_router())  // boundaries by rule: no auxiliary loss (F is the compression)
-      r.aux = 0;
-    else if (mc.aux_kind == "sequence")  // mean of the rows' L_r
-      r.aux = tot.aux_rows / double(std::max<i64>(tot.n_positions / t.seq_len, 1));
-    else
-      r.aux = R / (R - 1) * ((R - 1) * r.F * r.G + (1 - r.F) * (1 - r.G)) - 1;
-    r.F_thresholded = double(tot.n_thresholded) / tot.n_positions;
-  }
-  r.loss = r.ce + cfg_.model.aux_weight * r.aux * (cfg_.model.is_dlcm() ? 1 : 0);
+  r.terms = model_->loss_terms(tot);
+  r.loss = r.ce + r.terms.aux_loss;
   // After the all-reduce every rank holds the same gradients, hence the same global norm.
   sec.next("optimizer");
   r.grad_norm = clip_grad_norm(model_->params(), t.grad_clip);
@@ -315,34 +280,7 @@ StepResult Trainer::train_step() {
 }
 
 Trainer::ValResult Trainer::validate(i64 max_batches) {
-  ValResult v;
-  if (!data_.val_count) return v;
-  const i64 B = cfg_.train.batch_size, L = cfg_.train.seq_len;
-  i64 n = data_.val_count(B, L);
-  if (max_batches >= 0) n = std::min(n, max_batches);
-  std::vector<i32> tk(B * L), tg(B * L);
-  ops::PrecisionScope fp32(ops::Precision::FP32);  // validation is always FP32
-  // Under MPI rank r evaluates batches r, r + ranks, ...; the sums are then added up.
-  double sums[4] = {0, 0, 0, 0};  // CE, targets, concepts, positions
-  for (i64 i = rank_; i < n; i += world_) {
-    data_.val_batch(i, B, L, tk.data(), tg.data());
-    MicroStats s = model_->eval_micro(Batch{tk.data(), tg.data(), B, L, 0});
-    sums[0] += s.ce_sum;
-    sums[1] += s.n_targets;
-    sums[2] += s.n_concepts;
-    sums[3] += s.n_positions;
-  }
-  dist::allreduce_sum(sums, 4);
-  const double ce = sums[0], concepts = sums[2], positions = sums[3];
-  const i64 count = i64(sums[1]);
-  v.tokens = count;
-  v.loss = ce / std::max<i64>(count, 1);
-  v.ppl = std::exp(v.loss);
-  // bits per UTF-8 byte: scale the byte count to the share of the split evaluated
-  if (data_.val_bytes > 0 && data_.val_tokens > 0 && count > 0)
-    v.bpb = ce / std::log(2.0) / (data_.val_bytes * double(count) / double(data_.val_tokens));
-  if (concepts > 0) v.compression = positions / concepts;
-  return v;
+  return validate_split(*model_, data_, cfg_.train.batch_size, cfg_.train.seq_len, max_batches);
 }
 
 void Trainer::save_checkpoint_now() {
@@ -422,13 +360,7 @@ void Trainer::run() {
         j["allreduce_buckets"] = r.buckets;
         j["allreduce_early"] = r.buckets_early;
       }
-      if (cfg_.model.is_dlcm()) {
-        j["aux"] = r.aux;
-        j["F"] = r.F;
-        j["G"] = r.G;
-        j["compression"] = r.F > 0 ? 1.0 / r.F : 0.0;  // sampled boundaries
-        j["compression_thresholded"] = r.F_thresholded > 0 ? 1.0 / r.F_thresholded : 0.0;
-      }
+      for (const auto& [name, value] : r.terms.fields) j[name] = value;
       log_line(j.dump());
       if (talk()) {
         double eta = (t.steps - step_) * double(r.tokens) / ema_rate;

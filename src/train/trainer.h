@@ -11,34 +11,13 @@
 #include <vector>
 
 #include "core/dist.h"
+#include "data/train_data.h"
+#include "eval/validate.h"
 #include "kernels/gemm.h"
 #include "models/model.h"
 #include "train/optimizer.h"
 
 namespace dlcm {
-
-// Where batches come from. Every function is deterministic in its arguments, so a resumed
-// run sees exactly the batches an uninterrupted run would.
-struct TrainData {
-  // tokens/targets [B, L] for micro-batch `micro` of optimizer step `step` on rank `rank`.
-  // The trainer passes the step's global micro-batch index (rank * grad_accum + k under MPI)
-  // and rank 0, so a step's data depends on the global batch only, not on how it is split
-  // over processes (docs/distributed.md).
-  std::function<void(i64 step, i64 micro, i64 rank, i64 B, i64 L, i32* tokens, i32* targets)>
-      train_batch;
-  // DLCM, optional: given boundary decisions b [B, L] (0/1) for a micro-batch instead of
-  // sampling them from the router (benchmarks fix the compression this way). Empty = sample.
-  std::function<void(i64 step, i64 micro, i64 rank, i64 B, i64 L, uint8_t* b)> train_boundaries;
-  // Validation split as [B, L] batches covering it once (targets -1 where padded).
-  std::function<i64(i64 B, i64 L)> val_count;
-  std::function<void(i64 index, i64 B, i64 L, i32* tokens, i32* targets)> val_batch;
-  double val_bytes = 0;     // UTF-8 bytes of the validation text (0: unknown)
-  i64 val_tokens = 0;       // target tokens of the validation text
-  std::vector<std::string> checkpoint_files;  // copied into checkpoints (tokenizer files)
-  // The tokenizer's word-start flags (Tokenizer::word_starts()), for a DLCM with
-  // router.kind = "word"; empty when there is no tokenizer.
-  std::vector<uint8_t> word_starts;
-};
 
 struct TrainOptions {
   std::string out_dir;
@@ -50,9 +29,8 @@ struct TrainOptions {
 };
 
 struct StepResult {
-  double loss = 0, ce = 0, aux = 0, lr = 0, grad_norm = 0;
-  double F = 0, G = 0;
-  double F_thresholded = 0;  // DLCM: share of positions the inference rule (p >= tau) cuts
+  double loss = 0, ce = 0, lr = 0, grad_norm = 0;  // loss = ce + terms.aux_loss
+  LossTerms terms;  // the model's auxiliary loss and log fields (DLCM: aux, F, G, ...)
   double seconds = 0;
   double allreduce_seconds = 0;  // MPI: time spent finishing the gradient all-reduce
   i64 buckets = 0, buckets_early = 0;  // MPI: gradient buckets, those started during backward
@@ -71,10 +49,9 @@ class Trainer {
   // and writes a final checkpoint.
   void run();
   StepResult train_step();
-  struct ValResult {
-    double loss = 0, ppl = 0, bpb = 0, compression = 0;
-    i64 tokens = 0;
-  };
+  using ValResult = dlcm::ValResult;
+  // validate_split (eval/validate.h) of the model on the run's validation data with the
+  // training batch shape, the first max_batches batches (-1: all).
   ValResult validate(i64 max_batches = -1);
   void save_checkpoint_now();
 
@@ -111,9 +88,6 @@ class Trainer {
   std::string threads_note_;
   dist::GradAllreduce allreduce_;
 };
-
-// Resolves a user-given checkpoint path: DIR itself, or DIR/checkpoint for a run directory.
-std::string resolve_checkpoint(const std::string& path);
 
 // FP32 GEMM throughput of this machine (GFLOP/s) measured with the engine's own GEMM on
 // large square products for about `seconds` (median of repeats).

@@ -4,6 +4,7 @@
 // Written to DIR.tmp-XXXX and renamed into place, so a crash never leaves a half checkpoint;
 // an existing DIR is replaced only after the new one is complete.
 #pragma once
+#include <memory>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
@@ -42,5 +43,12 @@ bool load_checkpoint_optimizer(const std::string& dir, const ParamStore& ps, Buf
 nlohmann::json load_trainer_state(const std::string& dir);
 // True when dir looks like a checkpoint (has config.json and model.safetensors).
 bool is_checkpoint(const std::string& dir);
+// Resolves a user-given checkpoint path: DIR itself, or DIR/checkpoint for a run directory.
+std::string resolve_checkpoint(const std::string& path);
+
+class LanguageModel;
+// A model with a checkpoint's weights (`path`: checkpoint or run folder); dir_out gets the
+// checkpoint folder. Errors name the folder and file at fault.
+std::unique_ptr<LanguageModel> load_model(const std::string& path, std::string* dir_out = nullptr);
 
 }  // namespace dlcm

@@ -1,4 +1,4 @@
-#include "train/checkpoint.h"
+#include "models/checkpoint.h"
 
 #include <fcntl.h>
 #include <signal.h>
@@ -10,7 +10,9 @@
 #include <filesystem>
 #include <fstream>
 
+#include "core/json_util.h"
 #include "core/safetensors.h"
+#include "models/model.h"
 
 namespace dlcm {
 
@@ -59,11 +61,7 @@ json read_json_file(const std::string& dir, const char* file, const char* what) 
   const std::string p = join(dir, file);
   std::ifstream f(p);
   DLCM_CHECK(f, dir, ": cannot open ", file, " (", what, ")");
-  try {
-    return json::parse(f);
-  } catch (const json::parse_error& e) {
-    fail(p, ": invalid JSON: ", e.what());
-  }
+  return read_json_file_bounded(p);  // bounded size and nesting (core/json_util.h)
 }
 
 bool pid_alive(long pid) { return pid > 0 && (::kill(pid_t(pid), 0) == 0 || errno == EPERM); }
@@ -285,6 +283,25 @@ bool is_checkpoint(const std::string& dir_in) {
   std::error_code ec;
   return fs::is_directory(dir, ec) && fs::is_regular_file(join(dir, "config.json"), ec) &&
          fs::is_regular_file(join(dir, "model.safetensors"), ec);
+}
+
+std::string resolve_checkpoint(const std::string& path) {
+  if (is_checkpoint(path)) return path;
+  std::string sub = (fs::path(path) / "checkpoint").string();
+  if (is_checkpoint(sub)) return sub;
+  if (!fs::exists(path))
+    fail(path, ": no such checkpoint or run directory (give the --out folder of 'dlcm train')");
+  fail(path, ": not a checkpoint (no config.json and model.safetensors here or in ",
+       "checkpoint/); give the --out folder of 'dlcm train'");
+}
+
+std::unique_ptr<LanguageModel> load_model(const std::string& path, std::string* dir_out) {
+  std::string dir = resolve_checkpoint(path);
+  Config cfg = load_checkpoint_config(dir);
+  auto m = make_model(cfg.model);
+  load_checkpoint_params(dir, m->params());
+  if (dir_out) *dir_out = dir;
+  return m;
 }
 
 }  // namespace dlcm

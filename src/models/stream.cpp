@@ -1,4 +1,4 @@
-#include "infer/stream.h"
+#include "models/stream.h"
 
 namespace dlcm {
 

@@ -1,0 +1,33 @@
+cmake_minimum_required(VERSION 3.20)
+# Layering check (ctest `layering`): every #include "X/..." in src/L/ must name a layer that L
+# reaches through the layer table in CMakeLists.txt (RULES, written at configure time).
+# Usage: cmake -DSRC=<src dir> -DRULES=<dlcm_layers.cmake> -P check_layers.cmake
+get_filename_component(SRC ${SRC} ABSOLUTE)
+include(${RULES})
+set(bad "")
+foreach(layer ${LAYERS})
+  file(GLOB files ${SRC}/${layer}/*.h ${SRC}/${layer}/*.cpp)
+  foreach(f ${files})
+    file(STRINGS ${f} lines REGEX "^[ \t]*#[ \t]*include[ \t]+\"[a-z_]+/")
+    foreach(line ${lines})
+      string(REGEX REPLACE "^[ \t]*#[ \t]*include[ \t]+\"([a-z_]+)/.*" "\\1" target "${line}")
+      if(NOT target IN_LIST REACH_${layer})
+        file(RELATIVE_PATH rel ${SRC} ${f})
+        string(APPEND bad "  src/${rel}: ${line} (layer ${layer} builds on: ${REACH_${layer}})\n")
+      endif()
+    endforeach()
+  endforeach()
+endforeach()
+# A folder outside the table has no library target: its files would not be built.
+file(GLOB dirs LIST_DIRECTORIES true ${SRC}/*)
+foreach(d ${dirs})
+  get_filename_component(name ${d} NAME)
+  if(IS_DIRECTORY ${d} AND NOT name IN_LIST LAYERS)
+    string(APPEND bad "  src/${name}/: a folder that is no layer (add it to DLCM_LAYERS in CMakeLists.txt)\n")
+  endif()
+endforeach()
+if(bad)
+  message(FATAL_ERROR "upward or unknown includes (docs/design.md, layers):\n${bad}"
+                      "Move the code to the lowest layer that needs it, or change the layer table.")
+endif()
+message(STATUS "layering: every include follows the layer table")

@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# Issue 20's experiments as one resumable command: does the concept path carry information,
+# for which design, and does the DLCM still beat its controls when it must use it?
+#
+#   bash scripts/science.sh --data DIR [--out runs/science] [--phase lr|design|main|ablations|all]
+#        [--short-steps N] [--main-steps N] [--ablation-steps N] [--seeds "1 2 3"]
+#        [--train-only] [--design NAME] [--designs "A B ..."] [--lr X] [--precision fp32|bf16] [--threads T] [--dry-run] [--bin build/dlcm]
+#
+# Phases (each run trains into its own folder; finished runs are skipped, interrupted ones
+# resume with `dlcm train --resume`, so re-running the same command picks up where it stopped):
+#   lr        3-point learning-rate sweep (1e-3, 2e-3, 4e-3) per architecture at --short-steps
+#   design    every design of SPEC 4.9 (or those of --designs) at --short-steps, each followed by a full-validation
+#             `dlcm eval --concept-usage` (delta CE with concepts nulled and shuffled, |Wo att|/|H|)
+#   main      the chosen design (--design) vs the baseline vs the two controls (DLCM without its
+#             concept path; baseline with the DLCM's token-path extras), one run per seed, at
+#             --main-steps (default 2500 x 8 x 256 = 5.1M tokens)
+#   ablations section 3's ablations of the chosen design at one seed, --ablation-steps
+#             (default 1250 = 2.6M tokens)
+# Every run ends with a full pass over the validation split (no subset), written to eval.json
+# (--train-only: train now, evaluate on a later run of the same command).
+# Tables: `python3 scripts/science_report.py --out DIR` (markdown, docs/science.md).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DATA="" OUT=runs/science BIN=${BUILD_DIR:-build}/dlcm PHASE=all DRY=0 TRAIN_ONLY=0
+ONLY="" SHORT=300 MAIN=2500 ABL=1250 SEEDS="1 2 3" DESIGN="first_incl_w16" LR="" PREC=bf16 THREADS=""
+usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+while (($#)); do
+  case "$1" in
+    --data) DATA=$2; shift 2 ;;
+    --out) OUT=$2; shift 2 ;;
+    --phase) PHASE=$2; shift 2 ;;
+    --short-steps) SHORT=$2; shift 2 ;;
+    --main-steps) MAIN=$2; shift 2 ;;
+    --ablation-steps) ABL=$2; shift 2 ;;
+    --seeds) SEEDS=$2; shift 2 ;;
+    --design) DESIGN=$2; shift 2 ;;
+    --designs) ONLY=$2; shift 2 ;;
+    --lr) LR=$2; shift 2 ;;
+    --precision) PREC=$2; shift 2 ;;
+    --threads) THREADS=$2; shift 2 ;;
+    --dry-run) DRY=1; shift ;;
+    --train-only) TRAIN_ONLY=1; shift ;;
+    --bin) BIN=$2; shift 2 ;;
+    -h|--help) usage 0 ;;
+    *) echo "science.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
+  esac
+done
+[ -n "$DATA" ] || { echo "science.sh: --data DIR (a 'dlcm prepare' folder) is required" >&2; exit 2; }
+[ -d "$DATA" ] || { echo "science.sh: --data $DATA: no such folder" >&2; exit 2; }
+[ -x "$BIN" ] || { echo "science.sh: $BIN not built (run: bash scripts/setup.sh)" >&2; exit 2; }
+case "$PHASE" in lr|design|main|ablations|all) ;; *) echo "science.sh: --phase $PHASE: expected lr, design, main, ablations or all" >&2; exit 2 ;; esac
+
+DLCM=configs/dlcm-small.json BASE=configs/baseline-small.json
+# Designs: name -> "config|--set overrides" (SPEC 4.9 and the issue's controls). w16: sliding
+# windows of 16 tokens in encoder and decoder, so farther context must come through concepts.
+declare -A DESIGNS=(
+  [baseline]="$BASE|"
+  [mean_shifted]="$DLCM|"
+  [first_shifted]="$DLCM|concept_repr=first"
+  [first_incl]="$DLCM|concept_repr=first concept_visibility=inclusive"
+  [prefix_incl]="$DLCM|concept_repr=prefix_mean concept_visibility=inclusive"
+  [mean_shifted_w16]="$DLCM|enc_window=16 dec_window=16"
+  [first_incl_w16]="$DLCM|concept_repr=first concept_visibility=inclusive enc_window=16 dec_window=16"
+  [nopath]="$DLCM|concept_path=false"
+  [nopath_w16]="$DLCM|concept_path=false enc_window=16 dec_window=16"
+)
+DESIGN_ORDER="baseline mean_shifted first_shifted first_incl prefix_incl mean_shifted_w16 first_incl_w16 nopath nopath_w16"
+
+run() { echo "+ $*"; ((DRY)) || "$@"; }
+
+ckpt_step() {
+  local st="$1/checkpoint/trainer_state.json"
+  [ -f "$st" ] || { echo 0; return; }
+  grep -o '"step": *[0-9]*' "$st" | head -1 | grep -o '[0-9]*$'
+}
+
+# train_eval DIR STEPS NAME [extra --set k=v ...]: train (or resume), then a full-validation eval.
+train_eval() {
+  local dir=$1 steps=$2 name=$3; shift 3
+  local spec=${DESIGNS[$name]:-}
+  [ -n "$spec" ] || { echo "science.sh: unknown design '$name' (known: $DESIGN_ORDER)" >&2; exit 2; }
+  local cfg=${spec%%|*} sets=() kv
+  for kv in ${spec#*|} "$@"; do sets+=(--set "$kv"); done
+  sets+=(--set "train.precision=$PREC" --set train.eval_every=0 --set "train.ckpt_every=250")
+  [ -n "$THREADS" ] && sets+=(--set "train.threads=$THREADS")
+  local have; have=$(ckpt_step "$dir")
+  if [ -f "$dir/eval.json" ]; then
+    echo "[science] $dir: done"
+    return
+  fi
+  local args=(train --config "$cfg" --data "$DATA" --out "$dir" --steps "$steps" --no-final-eval "${sets[@]}" --quiet)
+  if [ "$have" -ge "$steps" ]; then :
+  elif [ "$have" -gt 0 ]; then echo "[science] $dir: resuming at step $have"; run "$BIN" "${args[@]}" --resume
+  else echo "[science] $dir: training $steps steps"; run "$BIN" "${args[@]}"
+  fi
+  ((TRAIN_ONLY)) && return
+  local ev=(eval --ckpt "$dir" --data "$DATA" --out "$dir/eval.json")
+  [[ "$cfg" == "$DLCM" ]] && ev+=(--concept-usage)
+  run "$BIN" "${ev[@]}"
+}
+
+lr_of() {  # the learning rate chosen by the lr phase for an architecture (or --lr)
+  if [ -n "$LR" ]; then echo "$LR"; return; fi
+  /usr/bin/python3 scripts/science_report.py --out "$OUT" --best-lr "$1" 2>/dev/null || echo 2e-3
+}
+
+((DRY)) || mkdir -p "$OUT"
+if [[ $PHASE == lr || $PHASE == all ]]; then
+  for name in baseline mean_shifted "$DESIGN"; do
+    for lr in 1e-3 2e-3 4e-3; do train_eval "$OUT/lr/${name}_lr$lr" "$SHORT" "$name" "train.lr=$lr"; done
+  done
+fi
+if [[ $PHASE == design || $PHASE == all ]]; then
+  for name in ${ONLY:-$DESIGN_ORDER}; do train_eval "$OUT/design/$name" "$SHORT" "$name"; done
+fi
+if [[ $PHASE == main || $PHASE == all ]]; then
+  for seed in $SEEDS; do
+    for name in "$DESIGN" baseline nopath_w16 baseline_extras; do
+      [ "$name" = baseline_extras ] && { [ -n "${DESIGNS[baseline_extras]:-}" ] || continue; }
+      arch=dlcm; [[ $name == baseline* ]] && arch=baseline
+      train_eval "$OUT/main/${name}_s$seed" "$MAIN" "$name" "train.seed=$seed" "train.lr=$(lr_of $arch)"
+    done
+  done
+fi
+if [[ $PHASE == ablations || $PHASE == all ]]; then
+  for abl in "router.kind=fixed" "router.kind=word" "aux_kind=sequence" "router.kind=raw" \
+             "smoother=false" "router.smooth_grad=true"; do
+    tag=$(echo "$abl" | tr '=.' '__')
+    train_eval "$OUT/ablations/${DESIGN}_$tag" "$ABL" "$DESIGN" "$abl"
+  done
+fi
+echo "[science] done: /usr/bin/python3 scripts/science_report.py --out $OUT"

@@ -1,0 +1,415 @@
+#include "nn/concept_xattn.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "core/profiler.h"
+#include "kernels/gemm.h"
+#include "kernels/ops.h"
+#include "nn/transformer.h"
+
+namespace dlcm {
+
+namespace {
+
+void clear(Buf& b, i64 n) { std::memset(b.data(), 0, sizeof(float) * n); }
+
+// y += x over n elements.
+void add_into(float* y, const float* x, i64 n) {
+#pragma omp parallel for schedule(static) if (n > (1 << 15))
+  for (i64 i = 0; i < n; ++i) y[i] += x[i];
+}
+
+void grow(Buf& b, i64 n) {
+  if (i64(b.size()) < n) b.assign(n, 0);
+}
+
+}  // namespace
+
+ConceptRepr parse_concept_repr(const std::string& s, const std::string& what) {
+  if (s == "mean") return ConceptRepr::Mean;
+  if (s == "first") return ConceptRepr::First;
+  if (s == "prefix_mean") return ConceptRepr::PrefixMean;
+  throw Error(what + ": 'concept_repr' must be \"mean\", \"first\" or \"prefix_mean\", got \"" +
+              s + "\"");
+}
+
+ConceptVisibility parse_concept_visibility(const std::string& s, const std::string& what) {
+  if (s == "shifted") return ConceptVisibility::Shifted;
+  if (s == "inclusive") return ConceptVisibility::Inclusive;
+  throw Error(what + ": 'concept_visibility' must be \"shifted\" or \"inclusive\", got \"" + s +
+              "\"");
+}
+
+// ---- ConceptPool ----------------------------------------------------------------------------
+
+void ConceptPool::init(ParamStore& ps, const std::string& name, i64 d, i64 dc, ConceptRepr repr) {
+  w_up_ = ps.add(name, {dc, d}, ParamGroup::TokenHidden, true);
+  d_ = d;
+  dc_ = dc;
+  repr_ = repr;
+}
+
+void ConceptPool::reserve(i64 n) {
+  if (n <= cap_) return;
+  for (Buf* b : {&pooled_, &g_pooled_}) b->assign(n * d_, 0);
+  C_.assign(n * dc_, 0);
+  cap_ = n;
+}
+
+const float* ConceptPool::forward(const float* H, const ops::Segments& sg) {
+  const i64 nc = sg.B * sg.Mmax;
+  DLCM_CHECK(nc <= cap_, "internal: ConceptPool::forward before reserve (", nc, " > ", cap_, ")");
+  H_ = H;
+  // pooled [B, Mc, d] (zero padding) -> C = W_up pooled [B, Mc, dc]
+  if (repr_ == ConceptRepr::First)
+    ops::pool_first_forward(pooled_.data(), H, sg, d_);
+  else
+    ops::pool_mean_forward(pooled_.data(), H, sg, d_);
+  ops::linear_forward(C_.data(), pooled_.data(), w_up_->w, nc, d_, dc_);
+  return C_.data();
+}
+
+void ConceptPool::backward(float* dH, const float* dC, const ops::Segments& sg) {
+  const i64 nc = sg.B * sg.Mmax;
+  clear(g_pooled_, nc * d_);
+  ops::linear_backward(g_pooled_.data(), w_up_->g, dC, pooled_.data(), w_up_->w, nc, d_, dc_);
+  if (repr_ == ConceptRepr::First)
+    ops::pool_first_backward(dH, g_pooled_.data(), sg, d_);
+  else
+    ops::pool_mean_backward(dH, g_pooled_.data(), sg, d_);
+}
+
+void ConceptPool::project(float* C, const float* pooled, i64 n) const {
+  ops::linear_forward(C, pooled, w_up_->w, n, d_, dc_);
+}
+
+// ---- ConceptCrossAttention: parameters and buffers ------------------------------------------
+
+void ConceptCrossAttention::init(ParamStore& ps, const std::string& prefix, const XAttnDims& dims,
+                                 const ConceptOptions& opt) {
+  dims_ = dims;
+  opt_ = opt;
+  const i64 d = dims.d, dc = dims.dc, hd = dims.head_dim;
+  auto norm = [&](const std::string& n, i64 dim) {
+    Param* p = ps.add(prefix + n, {dim}, ParamGroup::Other, false);
+    p->init_one = true;
+    return p;
+  };
+  auto mat = [&](const std::string& n, i64 out, i64 in, ParamGroup g) {
+    return ps.add(prefix + n, {out, in}, g, true);
+  };
+  if (opt.concept_path) {
+    null_ = ps.add(prefix + "null_concept", {dc}, ParamGroup::Other, false);
+    norm_ = norm("norm.weight", d);
+    wq_ = mat("wq.weight", dims.q_dim(), d, ParamGroup::TokenHidden);
+    wk_ = mat("wk.weight", dims.kv_dim(), dc, ParamGroup::ConceptHidden);  // by fan-in d_concept
+    wv_ = mat("wv.weight", dims.kv_dim(), dc, ParamGroup::ConceptHidden);
+    wo_ = mat("wo.weight", d, dims.q_dim(), ParamGroup::TokenHidden);
+    qn_ = norm("q_norm.weight", hd);
+    kn_ = norm("k_norm.weight", hd);
+  }
+  ffn_norm_ = norm("ffn_norm.weight", d);
+  w1_ = mat("ffn.w1.weight", dims.d_ff, d, ParamGroup::TokenHidden);
+  w2_ = mat("ffn.w2.weight", d, dims.d_ff, ParamGroup::TokenHidden);
+  w3_ = mat("ffn.w3.weight", dims.d_ff, d, ParamGroup::TokenHidden);
+}
+
+i64 ConceptCrossAttention::param_offset() const {
+  return opt_.concept_path ? null_->offset : ffn_norm_->offset;
+}
+
+void ConceptCrossAttention::reserve(i64 B, i64 L) {
+  if (B <= cap_B_ && L <= cap_L_) return;
+  B = std::max(B, cap_B_);
+  L = std::max(L, cap_L_);
+  const i64 N = B * L, d = dims_.d, xf = dims_.d_ff, xq = dims_.q_dim(), xkv = dims_.kv_dim();
+  for (Buf* b : {&psi_, &pn_, &X_, &g_pn_, &g_psi_}) b->assign(N * d, 0);
+  pn_rstd_.assign(N, 0);
+  for (Buf* b : {&fa_, &fb_, &fh_, &g_fa_, &g_fb_, &g_fh_}) b->assign(N * xf, 0);
+  if (opt_.concept_path) {
+    for (Buf* b : {&hn_, &g_hn_}) b->assign(N * d, 0);
+    hn_rstd_.assign(N, 0);
+    for (Buf* b : {&qx_raw_, &qx_, &att_, &g_att_, &g_q_, &g_qraw_}) b->assign(N * xq, 0);
+    qx_rstd_.assign(N * dims_.n_heads, 0);
+    lse_.assign(N * dims_.n_heads, 0);
+    // inclusive replication adds one leading z_null position per row
+    const i64 Lr = L + (opt_.inclusive() ? 1 : 0);
+    if (opt_.replicate)
+      for (Buf* b : {&krep_, &vrep_, &g_krep_, &g_vrep_}) b->assign(B * Lr * xkv, 0);
+  }
+  cap_B_ = B;
+  cap_L_ = L;
+}
+
+void ConceptCrossAttention::reserve_concepts(i64 B, i64 Mc) {
+  if (!opt_.concept_path || (B <= conc_B_ && Mc <= cap_Mc_)) return;
+  B = std::max(B, conc_B_);
+  Mc = std::max(Mc, cap_Mc_);
+  const i64 n = B * Mc, n1 = B * (Mc + 1), dc = dims_.dc, xkv = dims_.kv_dim();
+  for (Buf* b : {&zs_, &g_zs_}) b->assign(n * dc, 0);
+  for (Buf* b : {&list_, &g_list_}) b->assign(n1 * dc, 0);
+  for (Buf* b : {&kx_raw_, &kx_, &vx_, &g_k_, &g_kraw_, &g_v_}) b->assign(n1 * xkv, 0);
+  kx_rstd_.assign(n1 * dims_.n_kv_heads, 0);
+  conc_B_ = B;
+  cap_Mc_ = Mc;
+}
+
+// ---- shared pieces of the training and streaming forwards -----------------------------------
+
+// keys/values of list rows [n, dc] -> [n, Hkv, hd], QK-norm on keys
+void ConceptCrossAttention::kv_forward(float* k_raw, float* k, float* k_rstd, float* v,
+                                       const float* list, i64 n) const {
+  ops::linear_forward(k_raw, list, wk_->w, n, dims_.dc, dims_.kv_dim());
+  ops::linear_forward(v, list, wv_->w, n, dims_.dc, dims_.kv_dim());
+  ops::head_rmsnorm_forward(k, k_rstd, k_raw, kn_->w, n, dims_.n_kv_heads, dims_.head_dim,
+                       dims_.norm_eps);
+}
+
+// queries [N, Hq, hd] from xattn.norm(H), QK-norm, no RoPE
+void ConceptCrossAttention::query_forward(float* hn, float* hn_rstd, float* q_raw, float* q,
+                                          float* q_rstd, const float* H, i64 N) const {
+  ops::rmsnorm_forward(hn, hn_rstd, H, norm_->w, N, dims_.d, dims_.norm_eps);
+  ops::linear_forward(q_raw, hn, wq_->w, N, dims_.d, dims_.q_dim());
+  ops::head_rmsnorm_forward(q, q_rstd, q_raw, qn_->w, N, dims_.n_heads, dims_.head_dim,
+                       dims_.norm_eps);
+}
+
+// X = Psi + w2(silu(w1 pn) * w3 pn), pn = ffn_norm(Psi); psi holds Psi on entry.
+void ConceptCrossAttention::ffn_forward(float* X, float* psi, float* pn, float* pn_rstd,
+                                        float* fa, float* fb, float* fh, i64 N) const {
+  const i64 d = dims_.d, xf = dims_.d_ff;
+  ops::rmsnorm_forward(pn, pn_rstd, psi, ffn_norm_->w, N, d, dims_.norm_eps);
+  prof::Scope ps("cross FFN");
+  ops::linear_forward(fa, pn, w1_->w, N, d, xf);
+  ops::linear_forward(fb, pn, w3_->w, N, d, xf);
+  ops::swiglu_forward(fh, fa, fb, N * xf);
+  ops::linear_forward(X, fh, w2_->w, N, xf, d);
+  add_into(X, psi, N * d);
+}
+
+// ---- forward --------------------------------------------------------------------------------
+
+const float* ConceptCrossAttention::forward(const float* H, const float* Z, const float* p,
+                                            const ops::Segments& sg, i64 B, i64 L) {
+  const i64 N = B * L, d = dims_.d, dc = dims_.dc, hd = dims_.head_dim;
+  H_ = H;
+  Z_ = Z;
+  p_ = p;
+  sg_ = &sg;
+  if (!opt_.concept_path) {
+    std::memcpy(psi_.data(), H, sizeof(float) * N * d);  // Psi = H
+    ffn_forward(X_.data(), psi_.data(), pn_.data(), pn_rstd_.data(), fa_.data(), fb_.data(),
+                fh_.data(), N);
+    return X_.data();
+  }
+  const i64 Mc = sg.Mmax, nc1 = B * (Mc + 1);
+  DLCM_CHECK(B <= conc_B_ && Mc <= cap_Mc_,
+             "internal: ConceptCrossAttention::forward before reserve_concepts");
+  // smoother (gate from p; off: p = nullptr, every gate 1) -> concept list [z_null, zs...]
+  // -> K/V [B, Mc+1, Hkv, hd]
+  ops::smoother_forward(zs_.data(), Z, opt_.smoother ? p : nullptr, sg, dc);
+  ops::concept_list_forward(list_.data(), null_->w, zs_.data(), B, Mc, dc);
+  kv_forward(kx_raw_.data(), kx_.data(), kx_rstd_.data(), vx_.data(), list_.data(), nc1);
+  query_forward(hn_.data(), hn_rstd_.data(), qx_raw_.data(), qx_.data(), qx_rstd_.data(), H, N);
+  const float scale = 1.0f / std::sqrt(float(hd));
+  {
+    prof::Scope ps("  concept attention kernel");
+    if (opt_.replicate)
+      ops::concept_attention_replicate_forward(att_.data(), lse_.data(), krep_.data(),
+                                               vrep_.data(), qx_.data(), kx_.data(), vx_.data(),
+                                               sg, B, L, dims_.n_heads, dims_.n_kv_heads, hd,
+                                               scale, opt_.inclusive());
+    else
+      ops::concept_attention_forward(att_.data(), lse_.data(), qx_.data(), kx_.data(),
+                                     vx_.data(), sg, B, L, dims_.n_heads, dims_.n_kv_heads, hd,
+                                     scale, opt_.inclusive());
+  }
+  // Psi = H + Wo att
+  ops::linear_forward(psi_.data(), att_.data(), wo_->w, N, dims_.q_dim(), d);
+  add_into(psi_.data(), H, N * d);
+  ffn_forward(X_.data(), psi_.data(), pn_.data(), pn_rstd_.data(), fa_.data(), fb_.data(),
+              fh_.data(), N);
+  return X_.data();
+}
+
+// ---- backward -------------------------------------------------------------------------------
+
+void ConceptCrossAttention::backward(float* dH, float* dZ, float* dp, const float* dX, i64 B,
+                                     i64 L) {
+  const i64 N = B * L, d = dims_.d, dc = dims_.dc, hd = dims_.head_dim, xf = dims_.d_ff;
+  const i64 xq = dims_.q_dim(), xkv = dims_.kv_dim();
+  // cross FFN: X = Psi + w2 h  ->  dPsi = dX + norm backward of (w1, w3 branches)
+  {
+    prof::Scope ps("cross FFN");
+    clear(g_fh_, N * xf);
+    ops::linear_backward(g_fh_.data(), w2_->g, dX, fh_.data(), w2_->w, N, xf, d);
+    clear(g_fa_, N * xf);
+    clear(g_fb_, N * xf);
+    ops::swiglu_backward(g_fa_.data(), g_fb_.data(), g_fh_.data(), fa_.data(), fb_.data(),
+                         N * xf);
+    clear(g_pn_, N * d);
+    ops::linear_backward(g_pn_.data(), w1_->g, g_fa_.data(), pn_.data(), w1_->w, N, d, xf);
+    ops::linear_backward(g_pn_.data(), w3_->g, g_fb_.data(), pn_.data(), w3_->w, N, d, xf);
+    std::memcpy(g_psi_.data(), dX, sizeof(float) * N * d);
+    ops::rmsnorm_backward(g_psi_.data(), ffn_norm_->g, g_pn_.data(), psi_.data(), ffn_norm_->w,
+                          pn_rstd_.data(), N, d);
+  }
+  // Psi = H + Wo att: the residual
+  add_into(dH, g_psi_.data(), N * d);
+  if (!opt_.concept_path) return;
+  const ops::Segments& sg = *sg_;
+  const i64 Mc = sg.Mmax, nc = B * Mc, nc1 = B * (Mc + 1);
+  clear(g_att_, N * xq);
+  ops::linear_backward(g_att_.data(), wo_->g, g_psi_.data(), att_.data(), wo_->w, N, xq, d);
+  // attention -> dq [N, xq], dk/dv [B*(Mc+1), xkv]
+  clear(g_q_, N * xq);
+  clear(g_k_, nc1 * xkv);
+  clear(g_v_, nc1 * xkv);
+  const float scale = 1.0f / std::sqrt(float(hd));
+  {
+    prof::Scope ps("  concept attention kernel");
+    if (opt_.replicate)
+      ops::concept_attention_replicate_backward(
+          g_q_.data(), g_k_.data(), g_v_.data(), g_krep_.data(), g_vrep_.data(), g_att_.data(),
+          att_.data(), lse_.data(), qx_.data(), krep_.data(), vrep_.data(), sg, B, L,
+          dims_.n_heads, dims_.n_kv_heads, hd, scale, opt_.inclusive());
+    else
+      ops::concept_attention_backward(g_q_.data(), g_k_.data(), g_v_.data(), g_att_.data(),
+                                      att_.data(), lse_.data(), qx_.data(), kx_.data(),
+                                      vx_.data(), sg, B, L, dims_.n_heads, dims_.n_kv_heads, hd,
+                                      scale, opt_.inclusive());
+  }
+  // queries: QK-norm, Wq, xattn.norm -> dH
+  clear(g_qraw_, N * xq);
+  ops::head_rmsnorm_backward(g_qraw_.data(), qn_->g, g_q_.data(), qx_raw_.data(), qn_->w,
+                        qx_rstd_.data(), N, dims_.n_heads, hd);
+  clear(g_hn_, N * d);
+  ops::linear_backward(g_hn_.data(), wq_->g, g_qraw_.data(), hn_.data(), wq_->w, N, d, xq);
+  ops::rmsnorm_backward(dH, norm_->g, g_hn_.data(), H_, norm_->w, hn_rstd_.data(), N, d);
+  // keys/values -> d list -> d z_null, d zs
+  clear(g_kraw_, nc1 * xkv);
+  ops::head_rmsnorm_backward(g_kraw_.data(), kn_->g, g_k_.data(), kx_raw_.data(), kn_->w,
+                        kx_rstd_.data(), nc1, dims_.n_kv_heads, hd);
+  clear(g_list_, nc1 * dc);
+  ops::linear_backward(g_list_.data(), wk_->g, g_kraw_.data(), list_.data(), wk_->w, nc1, dc,
+                       xkv);
+  ops::linear_backward(g_list_.data(), wv_->g, g_v_.data(), list_.data(), wv_->w, nc1, dc, xkv);
+  clear(g_zs_, nc * dc);
+  ops::concept_list_backward(null_->g, g_zs_.data(), g_list_.data(), B, Mc, dc);
+  // smoother -> dZ (and dp with a live gate; none when the smoother is off)
+  ops::smoother_backward(dZ, opt_.smoother ? dp : nullptr, g_zs_.data(), zs_.data(), Z_,
+                         opt_.smoother ? p_ : nullptr, sg, dc);
+}
+
+// ---- streaming ------------------------------------------------------------------------------
+
+void ConceptCrossAttention::reserve_infer(i64 rows) {
+  if (rows <= inf_rows_) return;
+  const i64 d = dims_.d, xq = dims_.q_dim(), xkv = dims_.kv_dim(), xf = dims_.d_ff;
+  for (Buf* b : {&i_psi_, &i_pn_, &i_X_}) grow(*b, rows * d);
+  grow(i_pn_rstd_, rows);
+  for (Buf* b : {&i_fa_, &i_fb_, &i_fh_}) grow(*b, rows * xf);
+  if (opt_.concept_path) {
+    grow(i_hn_, rows * d);
+    grow(i_hn_rstd_, rows);
+    for (Buf* b : {&i_qraw_, &i_q_, &i_att_}) grow(*b, rows * xq);
+    grow(i_q_rstd_, rows * dims_.n_heads);
+    grow(i_zs_, rows * dims_.dc);
+    for (Buf* b : {&i_kraw_, &i_k_, &i_v_}) grow(*b, rows * xkv);
+    grow(i_krstd_, rows * dims_.n_kv_heads);
+  }
+  inf_rows_ = rows;
+}
+
+ConceptCache ConceptCrossAttention::make_cache(i64 max_seqs, i64 max_entries) const {
+  ConceptCache c;
+  c.max_seqs = max_seqs;
+  c.max_entries = max_entries;
+  c.kv_dim = dims_.kv_dim();
+  c.dc = dims_.dc;
+  c.n.assign(max_seqs, 0);
+  if (!opt_.concept_path) return c;
+  c.k.assign(max_seqs * max_entries * c.kv_dim, 0);
+  c.v.assign(max_seqs * max_entries * c.kv_dim, 0);
+  c.mult.assign(max_seqs * max_entries, 0);
+  c.zs_last.assign(max_seqs * c.dc, 0);
+  return c;
+}
+
+void ConceptCrossAttention::reset(ConceptCache& c, i64 seq) const {
+  c.n[seq] = 1;
+  if (!opt_.concept_path) return;
+  // K/V of the null concept, entry 0 (computed like any list entry, one row)
+  Buf raw(c.kv_dim), rs(dims_.n_kv_heads);
+  ops::linear_forward(raw.data(), null_->w, wk_->w, 1, dims_.dc, c.kv_dim);
+  ops::head_rmsnorm_forward(c.k_at(seq, 0), rs.data(), raw.data(), kn_->w, 1, dims_.n_kv_heads,
+                       dims_.head_dim, dims_.norm_eps);
+  ops::linear_forward(c.v_at(seq, 0), null_->w, wv_->w, 1, dims_.dc, c.kv_dim);
+  // inclusive: z_null is one fixed slot; shifted: it carries the first concept's tokens
+  c.mult_of(seq)[0] = opt_.inclusive() ? 1.f : 0.f;
+  std::fill_n(c.zs_last.data() + seq * c.dc, c.dc, 0.f);
+}
+
+void ConceptCrossAttention::append_concepts(const float* Z, const float* gate, const i64* seqs,
+                                            i64 n, ConceptCache& c) {
+  if (n == 0) return;
+  DLCM_CHECK(n <= inf_rows_, "internal: ConceptCrossAttention::append_concepts: ", n,
+             " concepts exceed the reserved ", inf_rows_, " rows");
+  const i64 dc = dims_.dc, xkv = dims_.kv_dim();
+  // smoother, in order within each sequence
+  for (i64 j = 0; j < n; ++j) {
+    const float P = gate[j];
+    const float* zj = Z + j * dc;
+    float* prev = c.zs_last.data() + seqs[j] * dc;
+    float* o = i_zs_.data() + j * dc;
+    for (i64 u = 0; u < dc; ++u) o[u] = P * zj[u] + (1.f - P) * prev[u];
+    std::copy_n(o, dc, prev);
+  }
+  kv_forward(i_kraw_.data(), i_k_.data(), i_krstd_.data(), i_v_.data(), i_zs_.data(), n);
+  for (i64 j = 0; j < n; ++j) {
+    const i64 s = seqs[j], e = c.n[s];
+    DLCM_CHECK(e < c.max_entries, "stream: concept list of sequence ", s, " is full (",
+               c.max_entries, " entries)");
+    std::copy_n(i_k_.data() + j * xkv, xkv, c.k_at(s, e));
+    std::copy_n(i_v_.data() + j * xkv, xkv, c.v_at(s, e));
+    c.n[s] = e + 1;
+  }
+}
+
+const float* ConceptCrossAttention::forward_cached(const float* H, const i64* seqs,
+                                                   const i64* last, const float* own, i64 R,
+                                                   ConceptCache& c) {
+  DLCM_CHECK(R <= inf_rows_, "internal: ConceptCrossAttention::forward_cached: ", R,
+             " rows exceed the reserved ", inf_rows_);
+  const i64 d = dims_.d, xq = dims_.q_dim(), hd = dims_.head_dim;
+  if (!opt_.concept_path) {
+    std::memcpy(i_psi_.data(), H, sizeof(float) * R * d);
+  } else {
+    query_forward(i_hn_.data(), i_hn_rstd_.data(), i_qraw_.data(), i_q_.data(), i_q_rstd_.data(),
+                  H, R);
+    const float scale = 1.0f / std::sqrt(float(hd));
+#pragma omp parallel if (R * dims_.n_heads * hd * 8 > (1 << 15))
+    {
+      std::vector<float> mt(c.max_entries);
+#pragma omp for schedule(dynamic, 4)
+      for (i64 r = 0; r < R; ++r) {
+        const i64 s = seqs[r], nk = last[r] + 1;
+        std::copy_n(c.mult_of(s), nk - 1, mt.data());
+        mt[nk - 1] = own[r];
+        ops::concept_attention_step(i_att_.data() + r * xq, i_q_.data() + r * xq, c.k_at(s, 0),
+                                    c.v_at(s, 0), c.kv_dim, mt.data(), nk, dims_.n_heads,
+                                    dims_.n_kv_heads, hd, scale);
+      }
+    }
+    // Psi = H + Wo att
+    ops::linear_forward(i_psi_.data(), i_att_.data(), wo_->w, R, xq, d);
+    for (i64 j = 0; j < R * d; ++j) i_psi_[j] += H[j];
+  }
+  ffn_forward(i_X_.data(), i_psi_.data(), i_pn_.data(), i_pn_rstd_.data(), i_fa_.data(),
+              i_fb_.data(), i_fh_.data(), R);
+  return i_X_.data();
+}
+
+}  // namespace dlcm

@@ -1,0 +1,169 @@
+// The DLCM's concept side (SPEC 4.4 and 4.6-4.7, variants 4.9), forward and backward side by
+// side, used by training (models/dlcm.cpp) and streaming (models/dlcm_stream.cpp):
+//
+//   ConceptPool:            H [N, d] -> pool per concept -> W_up -> C [B*Mc, dc]
+//   ConceptCrossAttention:  Z [B*Mc, dc] (backbone.norm output) -> smoother (gate P from p) = ZS
+//                           [z_null, ZS] -> K, V (QK-norm); Q from xattn.norm(H), QK-norm
+//                           leak-free concept attention (compact or replicate)
+//                           Psi = H + Wo att;  X = Psi + ffn(ffn_norm(Psi))
+//
+// ConceptOptions select how a concept is represented (concept_repr) and which concepts a token
+// sees (concept_visibility); concept_path = false drops the concept term (Psi = H).
+#pragma once
+#include <string>
+#include <vector>
+
+#include "core/params.h"
+#include "kernels/dlcm_ops.h"
+
+namespace dlcm {
+
+// concept_repr: "mean" (c_j = W_up mean of S_j), "first" (W_up h_{start(S_j)}), "prefix_mean"
+// (token t in S_j sees c_j(t) = W_up mean_{i in S_j, i <= t} h_i).
+enum class ConceptRepr { Mean, First, PrefixMean };
+// concept_visibility: "shifted" (token t sees the concepts closed before its own began) or
+// "inclusive" (also its own concept, evaluated on what is known at t).
+enum class ConceptVisibility { Shifted, Inclusive };
+
+struct ConceptOptions {
+  ConceptRepr repr = ConceptRepr::Mean;
+  ConceptVisibility visibility = ConceptVisibility::Shifted;
+  bool replicate = false;    // xattn_impl "replicate" (else "compact"): same function
+  bool concept_path = true;  // false: no concept term, Psi = H (control)
+  bool smoother = true;      // false: every gate is 1, ZS = Z (control; p is then unused)
+  bool inclusive() const { return visibility == ConceptVisibility::Inclusive; }
+};
+// Parses the config strings (names as in SPEC 4.9); throws Error naming `what` otherwise.
+ConceptRepr parse_concept_repr(const std::string& s, const std::string& what);
+ConceptVisibility parse_concept_visibility(const std::string& s, const std::string& what);
+
+// Pooling + W_up. For prefix_mean with shifted visibility every concept a token sees is closed,
+// so its prefix is the whole concept: the mean pooling (the same function, same arithmetic).
+class ConceptPool {
+ public:
+  // Registers `name` [dc, d] (µP group TokenHidden: fan-in d_token).
+  void init(ParamStore& ps, const std::string& name, i64 d, i64 dc, ConceptRepr repr);
+  void reserve(i64 n_concepts);  // concept rows B*Mc (grows only)
+  // H [B*L, d] -> C [B*Mmax, dc] (owned; padded slots 0). H must stay alive until backward.
+  const float* forward(const float* H, const ops::Segments& sg);
+  // dC [B*Mmax, dc] -> dH += ; W_up gradient +=.
+  void backward(float* dH, const float* dC, const ops::Segments& sg);
+  // Streaming: C [n, dc] = W_up pooled [n, d] (pooled rows made by the caller per repr()).
+  void project(float* C, const float* pooled, i64 n) const;
+  ConceptRepr repr() const { return repr_; }
+
+ private:
+  Param* w_up_ = nullptr;
+  i64 d_ = 0, dc_ = 0;
+  ConceptRepr repr_ = ConceptRepr::Mean;
+  const float* H_ = nullptr;
+  Buf pooled_, C_, g_pooled_;
+  i64 cap_ = 0;
+};
+
+struct XAttnDims {
+  i64 d = 0;           // token width (queries, output)
+  i64 dc = 0;          // concept width (keys/values input)
+  i64 n_heads = 0;     // x_heads
+  i64 n_kv_heads = 0;  // x_kv_heads
+  i64 head_dim = 64;
+  i64 d_ff = 0;        // x_d_ff (cross FFN)
+  float norm_eps = 1e-5f;
+  i64 q_dim() const { return n_heads * head_dim; }
+  i64 kv_dim() const { return n_kv_heads * head_dim; }
+};
+
+// Streaming state of the concept list of up to max_seqs sequences: entry 0 is z_null, entry
+// e >= 1 is zs_{e-1}; k/v [max_seqs, max_entries, kv_dim] after QK-norm, mult [max_seqs,
+// max_entries] the multiplicity each entry has for the next token (the last visible entry's is
+// given per token instead), zs_last [max_seqs, dc] the smoother's last value.
+struct ConceptCache {
+  i64 max_seqs = 0, max_entries = 0, kv_dim = 0, dc = 0;
+  Buf k, v, mult, zs_last;
+  std::vector<i64> n;  // entries held per sequence (>= 1)
+  float* k_at(i64 seq, i64 e) { return k.data() + (seq * max_entries + e) * kv_dim; }
+  float* v_at(i64 seq, i64 e) { return v.data() + (seq * max_entries + e) * kv_dim; }
+  float* mult_of(i64 seq) { return mult.data() + seq * max_entries; }
+};
+
+class ConceptCrossAttention {
+ public:
+  // Registers, under prefix ("xattn."): null_concept, norm, wq, wk, wv, wo, q_norm, k_norm,
+  // ffn_norm, ffn.w1/w2/w3 (in this order). With concept_path = false only ffn_norm and
+  // ffn.w1/w2/w3 (nothing else would run).
+  void init(ParamStore& ps, const std::string& prefix, const XAttnDims& dims,
+            const ConceptOptions& opt);
+  void reserve(i64 B, i64 L);            // token rows
+  void reserve_concepts(i64 B, i64 Mc);  // concept slots per row (grows only)
+
+  // H [B*L, d] encoder output; Z [B*Mmax, dc] backbone.norm output; p [B*L] router
+  // probabilities (the smoother's gate) -> X [B*L, d] (owned, valid until the next forward).
+  // With concept_path = false, Z and p are not read (may be nullptr). H, Z, p and sg must stay
+  // alive until backward().
+  const float* forward(const float* H, const float* Z, const float* p, const ops::Segments& sg,
+                       i64 B, i64 L);
+  // dX [B*L, d] -> dH +=, dZ += [B*Mmax, dc], dp += (the smoother gate's share; nullptr keeps
+  // P detached). Parameter gradients +=.
+  void backward(float* dH, float* dZ, float* dp, const float* dX, i64 B, i64 L);
+
+  // ---- streaming (no gradients; buffers apart from the training activations) ----
+  void reserve_infer(i64 max_rows);  // new tokens / new concepts per call (grows only)
+  ConceptCache make_cache(i64 max_seqs, i64 max_entries) const;
+  // Empties a sequence: entry 0 = z_null, the smoother restarts.
+  void reset(ConceptCache& c, i64 seq) const;
+  // The list entry whose multiplicity counts the tokens of a sequence's open concept when
+  // `closed` concepts are closed before it; a token there sees entries 0..open_entry.
+  i64 open_entry(i64 closed) const { return opt_.inclusive() ? closed + 1 : closed; }
+  // Appends n concepts in order: Z [n, dc] (backbone.norm rows), gate [n] (smoother P), seqs
+  // [n] their sequences. zs = P z + (1 - P) zs_last of the sequence; K/V become the
+  // sequence's next entry. Multiplicities are the caller's: it zeroes open_entry() when a
+  // concept opens and counts that concept's tokens into it.
+  void append_concepts(const float* Z, const float* gate, const i64* seqs, i64 n,
+                       ConceptCache& c);
+  // R new tokens: H [R, d]; token r of sequence seqs[r] sees entries 0..last[r] with their
+  // cached multiplicities, except entry last[r] with own[r]. -> X [R, d] (owned, valid until
+  // the next call).
+  const float* forward_cached(const float* H, const i64* seqs, const i64* last,
+                              const float* own, i64 R, ConceptCache& c);
+
+  const ConceptOptions& options() const { return opt_; }
+  // Offset of the first registered parameter: from there on, gradients are complete after
+  // backward() (ParamStore order).
+  i64 param_offset() const;
+
+ private:
+  void ffn_forward(float* X, float* psi, float* pn, float* pn_rstd, float* fa, float* fb,
+                   float* fh, i64 N) const;
+  void kv_forward(float* k_raw, float* k, float* k_rstd, float* v, const float* list,
+                  i64 n) const;
+  void query_forward(float* hn, float* hn_rstd, float* q_raw, float* q, float* q_rstd,
+                     const float* H, i64 N) const;
+
+  XAttnDims dims_;
+  ConceptOptions opt_;
+  Param *null_ = nullptr, *norm_ = nullptr, *wq_ = nullptr, *wk_ = nullptr, *wv_ = nullptr;
+  Param *wo_ = nullptr, *qn_ = nullptr, *kn_ = nullptr;
+  Param *ffn_norm_ = nullptr, *w1_ = nullptr, *w2_ = nullptr, *w3_ = nullptr;
+
+  // Inputs of the last forward.
+  const float* H_ = nullptr;
+  const float* Z_ = nullptr;
+  const float* p_ = nullptr;
+  const ops::Segments* sg_ = nullptr;
+  // Token-level activations [N, ...].
+  Buf hn_, hn_rstd_, qx_raw_, qx_, qx_rstd_;  // queries
+  Buf att_, lse_, krep_, vrep_;               // attention output, lse [B, Hq, L], replicate K/V
+  Buf psi_, pn_, pn_rstd_, fa_, fb_, fh_, X_;  // cross FFN block
+  // Concept-level activations [B*Mc, ...] and [B*(Mc+1), ...].
+  Buf zs_, list_, kx_raw_, kx_, kx_rstd_, vx_;
+  // Gradients.
+  Buf g_fh_, g_fa_, g_fb_, g_pn_, g_psi_, g_att_, g_q_, g_qraw_, g_hn_, g_krep_, g_vrep_;
+  Buf g_k_, g_kraw_, g_v_, g_list_, g_zs_;
+  i64 cap_B_ = 0, cap_L_ = 0, conc_B_ = 0, cap_Mc_ = 0;
+  // Streaming scratch.
+  Buf i_hn_, i_hn_rstd_, i_qraw_, i_q_, i_q_rstd_, i_att_, i_psi_, i_pn_, i_pn_rstd_;
+  Buf i_fa_, i_fb_, i_fh_, i_X_, i_zs_, i_kraw_, i_k_, i_krstd_, i_v_;
+  i64 inf_rows_ = 0;
+};
+
+}  // namespace dlcm
