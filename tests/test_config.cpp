@@ -345,8 +345,18 @@ TEST(ConfigKeys, HugeModelsRefusedBeforeAllocation) {
 // The estimate counts exactly what the models register.
 TEST(ConfigKeys, ParamCountMatchesTheModels) {
   std::vector<Config> cs = {test::tiny_baseline(), test::tiny_baseline(false, 2),
-                            test::tiny_dlcm(), test::tiny_dlcm("raw"), all_changed()};
+                            test::tiny_dlcm(), test::tiny_dlcm("raw"), test::tiny_dlcm("fixed"),
+                            test::tiny_dlcm("word"), all_changed()};
   cs.back().model.mup.enabled = false;
+  // the baseline control with the DLCM's token-path extras (default and explicit split)
+  for (i64 pre : {0, 1}) {
+    Config b = test::tiny_baseline();
+    b.model.n_layers = 3;
+    b.model.baseline_extras = true;
+    b.model.n_layers_pre = pre;
+    b.model.x_d_ff = 20;
+    cs.push_back(b);
+  }
   for (const Config& c : cs) {
     auto model = make_model(c.model);
     i64 n = 0;
