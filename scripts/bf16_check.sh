@@ -21,7 +21,7 @@ for p in fp32 bf16; do
   echo "[bf16_check] training $CONFIG for $STEPS steps in $p"
   start=$(date +%s)
   ./build/dlcm train --config "$CONFIG" --data "$DATA" --out "$OUT/$p" --steps "$STEPS" \
-    --set train.precision=$p --set train.eval_every=0 --set train.ckpt_every=0 --quiet
+    --set train.precision=$p --set train.eval_every=0 --set train.ckpt_every=0 --quiet --overwrite
   echo "[bf16_check] $p: $(( $(date +%s) - start )) s"
   ./build/dlcm eval --ckpt "$OUT/$p" --data "$DATA" --limit "$EVAL_LIMIT" --out "$OUT/$p/eval.json" >/dev/null
 done

@@ -15,8 +15,8 @@ RUN=runs/dlcm-small${SMALL:+-on-small-corpus}
 # A finished run is kept (delete the run folder to train again); an interrupted one resumes.
 if [ -f "$RUN/checkpoint/trainer_state.json" ]; then
   "$B/dlcm" train --config configs/dlcm-small.json --data "$PREP" --out "$RUN" --resume
-else
-  "$B/dlcm" train --config configs/dlcm-small.json --data "$PREP" --out "$RUN"
+else  # no checkpoint yet: start over (a run killed before its first save left only a log)
+  "$B/dlcm" train --config configs/dlcm-small.json --data "$PREP" --out "$RUN" --overwrite
 fi
 "$B/dlcm" eval --ckpt "$RUN" --data "$PREP" --out "$RUN/eval.json" >/dev/null
 echo "---- validation: $(tr -d '\n' < "$RUN/eval.json")"

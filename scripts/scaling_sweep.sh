@@ -74,7 +74,7 @@ train_run() {  # DIR CONFIG
     run "$BIN" "${args[@]}" --resume
   else
     echo "[sweep] $dir: training"
-    run "$BIN" "${args[@]}"
+    run "$BIN" "${args[@]}" --overwrite  # no checkpoint yet: nothing to keep
   fi
 }
 

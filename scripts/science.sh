@@ -92,7 +92,7 @@ train_eval() {
   local args=(train --config "$cfg" --data "$DATA" --out "$dir" --steps "$steps" --no-final-eval "${sets[@]}" --quiet)
   if [ "$have" -ge "$steps" ]; then :
   elif [ "$have" -gt 0 ]; then echo "[science] $dir: resuming at step $have"; run "$BIN" "${args[@]}" --resume
-  else echo "[science] $dir: training $steps steps"; run "$BIN" "${args[@]}"
+  else echo "[science] $dir: training $steps steps"; run "$BIN" "${args[@]}" --overwrite  # no checkpoint yet: start afresh
   fi
   ((TRAIN_ONLY)) && return
   local ev=(eval --ckpt "$dir" --data "$DATA" --out "$dir/eval.json")

@@ -6,6 +6,8 @@ cd "$(dirname "$0")/.."
 PKGS=(build-essential cmake pkg-config git
       libdnnl-dev libsentencepiece-dev sentencepiece nlohmann-json3-dev libcli11-dev
       libgtest-dev libgmock-dev libbenchmark-dev libomp-dev
+      clang libclang-rt-14-dev  # libFuzzer harnesses (fuzz/, scripts/fuzz.sh); the runtime is only "recommended" by clang
+      ccache  # repeated builds (the tests' ASan build, rebuilds after a pull) reuse compiled objects
       libopenmpi-dev openmpi-bin libceres-dev
       python3 python3-torch python3-numpy libopenblas0-openmp libjemalloc2
       chromium  # headless check of the `dlcm segment --html` page (tests/test_segment.cpp)
@@ -27,6 +29,8 @@ else
 fi
 
 BUILD=${BUILD_DIR:-build}
-cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release >/dev/null
+launcher=()
+command -v ccache >/dev/null 2>&1 && launcher=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache)
+cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release "${launcher[@]}" >/dev/null
 cmake --build "$BUILD" -j"$(nproc)"
 echo "[setup] built $BUILD/dlcm"

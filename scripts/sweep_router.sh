@@ -16,7 +16,7 @@ for cell in $GRID; do
   a=${cell%%:*}; l=${cell##*:}
   run="$OUT/a${a}-l${l}-s${STEPS}"
   if [ -f "$run/eval.json" ]; then echo "[sweep] $run done"; continue; fi
-  resume=""; [ -f "$run/checkpoint/trainer_state.json" ] && resume="--resume"
+  resume="--overwrite"; [ -f "$run/checkpoint/trainer_state.json" ] && resume="--resume"
   "$B/dlcm" train --config configs/dlcm-small.json --data "$DATA" --out "$run" --steps "$STEPS" \
     --set router.alpha="$a" --set aux_weight="$l" --set train.eval_every=0 $resume --quiet
   "$B/dlcm" eval --ckpt "$run" --data "$DATA" --out "$run/eval.json" >/dev/null

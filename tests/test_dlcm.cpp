@@ -165,6 +165,87 @@ TEST(Dlcm, ReplicateAndCompactAgreeOnOutputsAndGradients) {
   }
 }
 
+namespace {
+
+// Loss, F, G, every gradient (given boundaries), p, thresholded b and logits, and the weights
+// after two AdamW steps, against python/reference.py run on the same checkpoint and data.
+void check_against_reference(Config c, const char* xattn) {
+  c.model.aux_weight = 0.2f;
+  c.model.router.tau = 0.45f;
+  c.train.weight_decay = 0.1f;
+  auto m = make_initialised_model(c.model, 21);
+  // The reference's tiny fixtures perturb norms away from 1; do the same so norm gradients
+  // are not special.
+  Rng jr(4);
+  for (auto& p : m->params().params())
+    if (p.init_one)
+      for (i64 i = 0; i < p.numel; ++i) p.w[i] += 0.2f * (jr.uniform() - 0.5f);
+  Data d = make_data(c, 13);
+  test::TempDir tmp;
+  std::string ck = tmp.path + "/ckpt";
+  test::save_model_only(ck, c, m->params());
+  test::write_rows(tmp.path + "/tokens.txt", d.tok, d.B, d.L);
+  test::write_rows(tmp.path + "/targets.txt", d.tgt, d.B, d.L);
+  test::write_rows(tmp.path + "/b.txt", d.b, d.B, d.L);
+  const float lr = 1e-3f;
+  std::string log;
+  char args[2048];
+  std::snprintf(args, sizeof args,
+                "--ckpt %s --tokens %s/tokens.txt --targets %s/targets.txt --boundaries %s/b.txt "
+                "--xattn %s --out %s/train.safetensors --adam-steps 2 --lr %g --beta1 %g "
+                "--beta2 %g --eps %g --weight-decay %g",
+                ck.c_str(), tmp.path.c_str(), tmp.path.c_str(), tmp.path.c_str(), xattn,
+                tmp.path.c_str(), lr, c.train.beta1, c.train.beta2, c.train.eps,
+                c.train.weight_decay);
+  ASSERT_EQ(test::run_reference(args, &log), 0) << log;
+  std::snprintf(args, sizeof args,
+                "--ckpt %s --tokens %s/tokens.txt --targets %s/targets.txt --xattn %s "
+                "--mode infer --out %s/infer.safetensors",
+                ck.c_str(), tmp.path.c_str(), tmp.path.c_str(), xattn, tmp.path.c_str());
+  ASSERT_EQ(test::run_reference(args, &log), 0) << log;
+  SafeTensorsFile tr(tmp.path + "/train.safetensors"), inf(tmp.path + "/infer.safetensors");
+  const i64 N = d.B * d.L, V = c.model.vocab_size;
+
+  // training path with the given boundaries: loss, F, G, every gradient
+  m->params().zero_grad();
+  MicroStats s;
+  double loss = loss_and_grads(*m, d, &s);
+  EXPECT_NEAR(loss, tr.read_f32("loss")[0], 2e-5 * std::abs(loss));
+  EXPECT_NEAR(s.sum_b / N, tr.read_f32("F")[0], 1e-6);
+  EXPECT_NEAR(s.sum_p / N, tr.read_f32("G")[0], 1e-5);
+  for (auto& p : m->params().params()) {
+    auto g = tr.read_f32("grad." + p.name);
+    EXPECT_LT(test::rel_err(p.g, g.data(), p.numel), 1e-4) << p.name;
+  }
+  // inference path: p, thresholded b, logits
+  Buf p(N), logits(N * V);
+  std::vector<uint8_t> b(N);
+  ASSERT_TRUE(m->boundaries(d.tok.data(), d.B, d.L, p.data(), b.data(), -1));
+  auto rp = inf.read_f32("p"), rb = inf.read_f32("b");
+  EXPECT_LT(test::max_abs_diff(p.data(), rp.data(), N), 1e-5);
+  i64 b_diff = 0;
+  for (i64 n = 0; n < N; ++n) b_diff += (b[n] != 0) != (rb[n] != 0);
+  EXPECT_EQ(b_diff, 0);
+  m->logits(d.tok.data(), d.B, d.L, logits.data());
+  auto rl = inf.read_f32("logits");
+  EXPECT_LT(test::rel_err(logits.data(), rl.data(), N * V), 1e-4);
+
+  // two AdamW steps with the boundaries held fixed
+  AdamW opt;
+  opt.init(m->params());
+  for (int step = 0; step < 2; ++step) {
+    m->params().zero_grad();
+    loss_and_grads(*m, d);
+    opt.step(m->params(), lr, c.train);
+  }
+  for (auto& p : m->params().params()) {
+    auto w = tr.read_f32("param_after." + p.name);
+    EXPECT_LT(test::rel_err(p.w, w.data(), p.numel), 1e-4) << p.name;
+  }
+}
+
+}  // namespace
+
 TEST(Dlcm, MatchesPyTorchReference) {
   if (!test::torch_available()) GTEST_SKIP() << "/usr/bin/python3 with torch not found";
   struct Case {
@@ -178,78 +259,7 @@ TEST(Dlcm, MatchesPyTorchReference) {
     SCOPED_TRACE(std::string(cs.router) + "/" + cs.xattn + (cs.smooth ? "/smooth" : ""));
     Config c = test::tiny_dlcm(cs.router, cs.xattn, cs.smooth);
     c.model.x_kv_heads = cs.x_kv;
-    c.model.aux_weight = 0.2f;
-    c.model.router.tau = 0.45f;
-    c.train.weight_decay = 0.1f;
-    auto m = make_initialised_model(c.model, 21);
-    // The reference's tiny fixtures perturb norms away from 1; do the same so norm gradients
-    // are not special.
-    Rng jr(4);
-    for (auto& p : m->params().params())
-      if (p.init_one)
-        for (i64 i = 0; i < p.numel; ++i) p.w[i] += 0.2f * (jr.uniform() - 0.5f);
-    Data d = make_data(c, 13);
-    test::TempDir tmp;
-    std::string ck = tmp.path + "/ckpt";
-    test::save_model_only(ck, c, m->params());
-    test::write_rows(tmp.path + "/tokens.txt", d.tok, d.B, d.L);
-    test::write_rows(tmp.path + "/targets.txt", d.tgt, d.B, d.L);
-    test::write_rows(tmp.path + "/b.txt", d.b, d.B, d.L);
-    const float lr = 1e-3f;
-    std::string log;
-    char args[2048];
-    std::snprintf(args, sizeof args,
-                  "--ckpt %s --tokens %s/tokens.txt --targets %s/targets.txt --boundaries %s/b.txt "
-                  "--xattn %s --out %s/train.safetensors --adam-steps 2 --lr %g --beta1 %g "
-                  "--beta2 %g --eps %g --weight-decay %g",
-                  ck.c_str(), tmp.path.c_str(), tmp.path.c_str(), tmp.path.c_str(), cs.xattn,
-                  tmp.path.c_str(), lr, c.train.beta1, c.train.beta2, c.train.eps,
-                  c.train.weight_decay);
-    ASSERT_EQ(test::run_reference(args, &log), 0) << log;
-    std::snprintf(args, sizeof args,
-                  "--ckpt %s --tokens %s/tokens.txt --targets %s/targets.txt --xattn %s "
-                  "--mode infer --out %s/infer.safetensors",
-                  ck.c_str(), tmp.path.c_str(), tmp.path.c_str(), cs.xattn, tmp.path.c_str());
-    ASSERT_EQ(test::run_reference(args, &log), 0) << log;
-    SafeTensorsFile tr(tmp.path + "/train.safetensors"), inf(tmp.path + "/infer.safetensors");
-    const i64 N = d.B * d.L, V = c.model.vocab_size;
-
-    // training path with the given boundaries: loss, F, G, every gradient
-    m->params().zero_grad();
-    MicroStats s;
-    double loss = loss_and_grads(*m, d, &s);
-    EXPECT_NEAR(loss, tr.read_f32("loss")[0], 2e-5 * std::abs(loss));
-    EXPECT_NEAR(s.sum_b / N, tr.read_f32("F")[0], 1e-6);
-    EXPECT_NEAR(s.sum_p / N, tr.read_f32("G")[0], 1e-5);
-    for (auto& p : m->params().params()) {
-      auto g = tr.read_f32("grad." + p.name);
-      EXPECT_LT(test::rel_err(p.g, g.data(), p.numel), 1e-4) << p.name;
-    }
-    // inference path: p, thresholded b, logits
-    Buf p(N), logits(N * V);
-    std::vector<uint8_t> b(N);
-    ASSERT_TRUE(m->boundaries(d.tok.data(), d.B, d.L, p.data(), b.data(), -1));
-    auto rp = inf.read_f32("p"), rb = inf.read_f32("b");
-    EXPECT_LT(test::max_abs_diff(p.data(), rp.data(), N), 1e-5);
-    i64 b_diff = 0;
-    for (i64 n = 0; n < N; ++n) b_diff += (b[n] != 0) != (rb[n] != 0);
-    EXPECT_EQ(b_diff, 0);
-    m->logits(d.tok.data(), d.B, d.L, logits.data());
-    auto rl = inf.read_f32("logits");
-    EXPECT_LT(test::rel_err(logits.data(), rl.data(), N * V), 1e-4);
-
-    // two AdamW steps with the boundaries held fixed
-    AdamW opt;
-    opt.init(m->params());
-    for (int step = 0; step < 2; ++step) {
-      m->params().zero_grad();
-      loss_and_grads(*m, d);
-      opt.step(m->params(), lr, c.train);
-    }
-    for (auto& p : m->params().params()) {
-      auto w = tr.read_f32("param_after." + p.name);
-      EXPECT_LT(test::rel_err(p.w, w.data(), p.numel), 1e-4) << p.name;
-    }
+    check_against_reference(c, cs.xattn);
   }
 }
 
@@ -391,7 +401,14 @@ struct Variant {
 const Variant kVariants[] = {{"first", "shifted", true},
                              {"first", "inclusive", true},
                              {"prefix_mean", "shifted", true},
+                             {"prefix_mean", "inclusive", true},
                              {"mean", "shifted", false}};
+
+// Whether the variant has a replicate form: not without the concept path (no attention), nor
+// with prefix_mean + inclusive (a token's own concept differs per token; refused).
+bool replicable(const Variant& v) {
+  return v.path && !(std::string(v.repr) == "prefix_mean" && std::string(v.vis) == "inclusive");
+}
 
 Config variant(const Variant& v, const std::string& xattn = "compact", bool smooth = false) {
   Config c = test::tiny_dlcm("projected", xattn, smooth);
@@ -412,7 +429,7 @@ std::string variant_name(const Variant& v, const std::string& xattn) {
 TEST(DlcmVariants, FiniteDifferenceGradientsEveryParameter) {
   for (const Variant& v : kVariants)
     for (const char* xattn : {"compact", "replicate"}) {
-      if (!v.path && std::string(xattn) == "replicate") continue;  // no attention to replicate
+      if (!replicable(v) && std::string(xattn) == "replicate") continue;
       Config c = variant(v, xattn, true);
       c.model.aux_weight = 0.5f;
       auto m = make_initialised_model(c.model, 11);
@@ -429,12 +446,14 @@ TEST(DlcmVariants, FiniteDifferenceGradientsEveryParameter) {
 TEST(DlcmVariants, CausalityFutureTokensChangeNoPastLogitOrBoundary) {
   for (const Variant& v : kVariants)
     for (const char* xattn : {"compact", "replicate"})
-      for (uint64_t seed : {1, 2}) check_causality(variant(v, xattn), seed, variant_name(v, xattn));
+      if (replicable(v) || std::string(xattn) == "compact")
+        for (uint64_t seed : {1, 2})
+          check_causality(variant(v, xattn), seed, variant_name(v, xattn));
 }
 
 TEST(DlcmVariants, ReplicateAndCompactAgree) {
   for (const Variant& v : kVariants) {
-    if (!v.path) continue;
+    if (!replicable(v)) continue;
     Config a = variant(v, "compact", true), b = variant(v, "replicate", true);
     a.train.seq_len = b.train.seq_len = 70;  // more than one 64-token block
     auto ma = make_initialised_model(a.model, 3);
@@ -472,7 +491,7 @@ TEST(DlcmVariants, OptionsChangeTheFunctionExceptPrefixMeanShifted) {
       std::copy_n(mb->params().find(p.name)->w, p.numel, p.w);
     m->logits(d.tok.data(), d.B, d.L, got.data());
     const double diff = test::max_abs_diff(got.data(), want.data(), N * V);
-    if (std::string(v.repr) == "prefix_mean")
+    if (std::string(v.repr) == "prefix_mean" && std::string(v.vis) == "shifted")
       EXPECT_EQ(diff, 0.0) << variant_name(v, "compact");
     else
       EXPECT_GT(diff, 1e-3) << variant_name(v, "compact");
@@ -506,6 +525,15 @@ TEST(DlcmVariants, ConceptPathOffRegistersOnlyTheTokenPath) {
   const double inc = flops_report(variant(kVariants[1]).model, 64).flops("cross_attention");
   const double sh = flops_report(variant(kVariants[0]).model, 64).flops("cross_attention");
   EXPECT_NEAR(inc - sh, 4.0 * 8 * 2, 1e-9);  // 4 * head_dim * x_heads
+  // prefix_mean + inclusive: one backbone prefix row and W_up per token on top of the concepts'
+  // (R per concept), and the K/V of every token's own concept
+  const ModelConfig pi = variant({"prefix_mean", "inclusive", true}).model;
+  const ModelConfig ps = variant({"prefix_mean", "shifted", true}).model;
+  const FlopsReport a = flops_report(pi, 64), b = flops_report(ps, 64);
+  const double R = pi.target_R;
+  EXPECT_NEAR(a.flops("backbone"), b.flops("backbone") * (1 + R), 1e-6 * a.flops("backbone"));
+  EXPECT_NEAR(a.flops("pooling"), b.flops("pooling") * (1 + R), 1e-6 * a.flops("pooling"));
+  EXPECT_NEAR(a.flops("cross_attention"), inc + 2.0 * 2 * 24 * 8, 1e-6 * inc);  // 2 dc xkv x 2
 }
 
 // Why validation refuses inclusive + mean: built anyway, the model leaks (a token's logits
@@ -552,13 +580,53 @@ TEST(DlcmVariants, LeakingOrMissingCombinationsAreRefused) {
   bad.model.concept_visibility = "all";
   EXPECT_THROW(validate(bad, "cfg.json"), Error);
   for (const Variant& v : kVariants) EXPECT_NO_THROW(validate(variant(v), "cfg.json"));
-  // valid by the SPEC, not implemented by this engine: a clear error at model creation
-  Config pm = variant({"prefix_mean", "inclusive", true});
-  EXPECT_NO_THROW(validate(pm, "cfg.json"));
+  // prefix_mean + inclusive has no replicate form: a clear error at model creation
+  Config pm = variant({"prefix_mean", "inclusive", true}, "replicate");
+  EXPECT_NO_THROW(make_model(variant({"prefix_mean", "inclusive", true}).model));
+  try {
+    validate(pm, "cfg.json");
+    FAIL() << "prefix_mean + inclusive with replicate must be refused by validation";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("cfg.json"), std::string::npos) << e.what();
+  }
   try {
     make_model(pm.model);
-    FAIL() << "prefix_mean + inclusive is not implemented";
+    FAIL() << "prefix_mean + inclusive with replicate is not implemented";
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("not implemented"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("compact"), std::string::npos) << e.what();
   }
+}
+
+// prefix_mean + inclusive against the PyTorch reference (python/dlcm_ref/model.py evaluates
+// every token's own concept with one backbone sequence per token): loss, every gradient,
+// logits, AdamW steps; with the smoother's gate detached and live (smooth_grad), GQA in the
+// cross-attention.
+TEST(DlcmVariants, PrefixMeanInclusiveMatchesPyTorchReference) {
+  if (!test::torch_available()) GTEST_SKIP() << "/usr/bin/python3 with torch not found";
+  for (bool smooth : {false, true}) {
+    SCOPED_TRACE(smooth ? "smooth" : "detached");
+    Config c = variant({"prefix_mean", "inclusive", true}, "compact", smooth);
+    c.model.x_kv_heads = smooth ? 2 : 1;
+    check_against_reference(c, "compact");
+  }
+}
+
+// With one-token concepts every prefix is its whole concept and every prefix row is its
+// concept's own backbone row, so prefix_mean + inclusive is first + inclusive (same function,
+// same gradients); with multi-token concepts the two differ.
+TEST(DlcmVariants, PrefixMeanInclusiveEqualsFirstOnOneTokenConcepts) {
+  Config a = variant({"prefix_mean", "inclusive", true}, "compact", true);
+  Config b = variant({"first", "inclusive", true}, "compact", true);
+  auto ma = make_initialised_model(a.model, 6);
+  auto mb = make_initialised_model(b.model, 6);
+  Data one = make_data(a, 8);
+  std::fill(one.b.begin(), one.b.end(), 1);  // every token starts a concept
+  ma->params().zero_grad();
+  mb->params().zero_grad();
+  const double la = loss_and_grads(*ma, one), lb = loss_and_grads(*mb, one);
+  EXPECT_NEAR(la, lb, 1e-5 * std::abs(lb));
+  EXPECT_LT(test::rel_err(ma->params().grad(), mb->params().grad(), ma->params().total()), 1e-4);
+  Data multi = make_data(a, 8);
+  EXPECT_GT(std::abs(loss_only(*ma, multi) - loss_only(*mb, multi)), 1e-4);
 }

@@ -310,6 +310,14 @@ TEST(Controls, FiniteDifferenceGradientsEveryParameter) {
     c.model.smoother = false;
     cases.push_back({"sequence aux, raw, smoother off", c});
   }
+  {
+    // the prefix rows' own-concept smoother (smoother_own_*) is off as well
+    Config c = test::tiny_dlcm("projected", "compact", true);
+    c.model.smoother = false;
+    c.model.concept_repr = "prefix_mean";
+    c.model.concept_visibility = "inclusive";
+    cases.push_back({"smoother off, prefix_mean inclusive, smooth_grad", c});
+  }
   cases.push_back({"fixed", fixed_cfg(3)});
   cases.push_back({"word", test::tiny_dlcm("word")});
   cases.push_back({"baseline extras", baseline_extras_cfg()});
@@ -355,6 +363,9 @@ TEST(Controls, StreamingEqualsFullForward) {
     c.model.smoother = false;
     c.model.router.tau = 0.45f;
     cases.push_back({"smoother off", c});
+    c.model.concept_repr = "prefix_mean";
+    c.model.concept_visibility = "inclusive";
+    cases.push_back({"smoother off, prefix_mean inclusive", c});
   }
   cases.push_back({"baseline extras", baseline_extras_cfg()});
   for (auto& [name, c] : cases) {

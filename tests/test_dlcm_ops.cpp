@@ -691,3 +691,115 @@ TEST(Parallel, ThreadCountDoesNotChangeResults) {
     EXPECT_EQ(r1[i], r3[i]) << "result " << i;
   }
 }
+
+// =============================================================================================
+// prefix_mean + inclusive: prefix pooling, the own-concept smoother, the own-entry attention
+// =============================================================================================
+
+// Own entries equal to the list's (k_own[t] = K[seg(t) + 1]) give the inclusive compact
+// kernel: same multiplicities, same function; and the backward folds into the same gradients.
+TEST(OwnConceptAttention, EqualsInclusiveCompactWhenOwnIsTheListEntry) {
+  for (Pattern pat : {Pattern::MultiDoc, Pattern::Uneven}) {
+    AttnData a({pat, 3, 70, 4, 2, 8}, 61);
+    const i64 W = a.Hkv * a.hd, N = a.B * a.L;
+    Vec ko(N * W), vo(N * W);
+    for (i64 n = 0; n < N; ++n) {
+      const i64 e = (n / a.L) * a.K1 + a.sg.seg[n] + 1;
+      std::copy_n(a.k.data() + e * W, W, ko.data() + n * W);
+      std::copy_n(a.v.data() + e * W, W, vo.data() + n * W);
+    }
+    Vec want(a.q.size()), lse(a.B * a.Hq * a.L), got(a.q.size());
+    ops::concept_attention_forward(want.data(), lse.data(), a.q.data(), a.k.data(), a.v.data(),
+                                   a.sg, a.B, a.L, a.Hq, a.Hkv, a.hd, a.scale, true);
+    ops::concept_attention_own_forward(got.data(), a.q.data(), a.k.data(), a.v.data(), ko.data(),
+                                       vo.data(), a.sg, a.B, a.L, a.Hq, a.Hkv, a.hd, a.scale);
+    EXPECT_LT(scaled_err(got, want), 1e-5) << name_of(pat);
+    Vec dq1(a.q.size()), dk1(a.k.size()), dv1(a.v.size());
+    ops::concept_attention_backward(dq1.data(), dk1.data(), dv1.data(), a.dout.data(), want.data(),
+                                    lse.data(), a.q.data(), a.k.data(), a.v.data(), a.sg, a.B,
+                                    a.L, a.Hq, a.Hkv, a.hd, a.scale, true);
+    Vec dq2(a.q.size()), dk2(a.k.size()), dv2(a.v.size()), dko(N * W), dvo(N * W);
+    ops::concept_attention_own_backward(dq2.data(), dk2.data(), dv2.data(), dko.data(),
+                                        dvo.data(), a.dout.data(), a.q.data(), a.k.data(),
+                                        a.v.data(), ko.data(), vo.data(), a.sg, a.B, a.L, a.Hq,
+                                        a.Hkv, a.hd, a.scale);
+    for (i64 n = 0; n < N; ++n) {  // fold the own entries' gradients into their list entries
+      const i64 e = (n / a.L) * a.K1 + a.sg.seg[n] + 1;
+      for (i64 i = 0; i < W; ++i) {
+        dk2[e * W + i] += dko[n * W + i];
+        dv2[e * W + i] += dvo[n * W + i];
+      }
+    }
+    EXPECT_LT(scaled_err(dq2, dq1), 1e-4) << name_of(pat);
+    EXPECT_LT(scaled_err(dk2, dk1), 1e-4) << name_of(pat);
+    EXPECT_LT(scaled_err(dv2, dv1), 1e-4) << name_of(pat);
+  }
+}
+
+// Finite differences of the three kernels through L = sum R * out (R random).
+TEST(OwnConceptAttention, PrefixKernelsFiniteDifferences) {
+  AttnData a({Pattern::MultiDoc, 2, 23, 4, 2, 8}, 62);
+  const ops::Segments& sg = a.sg;
+  const i64 W = a.Hkv * a.hd, N = a.B * a.L, d = 5, S = a.B * sg.Mmax * d;
+  // pool_prefix_mean
+  {
+    Vec H = randn(N * d, 63), R = randn(N * d, 64), out(N * d), dH(N * d, 0.f);
+    auto loss = [&] {
+      ops::pool_prefix_mean_forward(out.data(), H.data(), sg, d);
+      double l = 0;
+      for (i64 i = 0; i < N * d; ++i) l += double(R[i]) * out[i];
+      return l;
+    };
+    ops::pool_prefix_mean_backward(dH.data(), R.data(), sg, d);
+    test::check_grad("pool_prefix_mean H", H.data(), dH.data(), N * d, loss, 1e-2, 1e-2);
+    // the last token of each concept holds the whole concept's mean
+    Vec pooled(S);
+    ops::pool_mean_forward(pooled.data(), H.data(), sg, d);
+    loss();
+    for (i64 r = 0; r < a.B; ++r)
+      for (i64 j = 0; j < sg.count[r]; ++j) {
+        const i64 sl = sg.slot(r, j), last = r * a.L + sg.start[sl] + sg.len[sl] - 1;
+        EXPECT_LT(test::max_abs_diff(out.data() + last * d, pooled.data() + sl * d, d), 1e-6);
+      }
+  }
+  // smoother_own (p in the pass-through range, 1 at forced starts)
+  {
+    Vec zp = randn(N * d, 65), zs = randn(S, 66), p(N), R = randn(N * d, 67), out(N * d);
+    test::fill_uniform(p.data(), N, 68, 0.1f, 0.9f);
+    for (i64 n = 0; n < N; ++n)
+      if (n % a.L == 0 || a.tok[n] == kBos) p[n] = 1.f;
+    Vec dzp(N * d, 0.f), dzs(S, 0.f), dp(N, 0.f);
+    auto loss = [&] {
+      ops::smoother_own_forward(out.data(), zp.data(), zs.data(), p.data(), sg, d);
+      double l = 0;
+      for (i64 i = 0; i < N * d; ++i) l += double(R[i]) * out[i];
+      return l;
+    };
+    ops::smoother_own_backward(dzp.data(), dzs.data(), dp.data(), R.data(), zp.data(), zs.data(),
+                               p.data(), sg, d);
+    test::check_grad("smoother_own zp", zp.data(), dzp.data(), N * d, loss, 1e-2, 1e-2);
+    test::check_grad("smoother_own zs", zs.data(), dzs.data(), S, loss, 1e-2, 1e-2);
+    test::check_grad("smoother_own p", p.data(), dp.data(), N, loss, 1e-3, 2e-2, N);
+  }
+  // concept_attention_own
+  {
+    Vec ko = randn(N * W, 69), vo = randn(N * W, 70), out(a.q.size());
+    Vec q = a.q, k = a.k, v = a.v;
+    auto loss = [&] {
+      ops::concept_attention_own_forward(out.data(), q.data(), k.data(), v.data(), ko.data(),
+                                         vo.data(), sg, a.B, a.L, a.Hq, a.Hkv, a.hd, a.scale);
+      double l = 0;
+      for (size_t i = 0; i < out.size(); ++i) l += double(a.dout[i]) * out[i];
+      return l;
+    };
+    Vec dq(q.size(), 0.f), dk(k.size(), 0.f), dv(v.size(), 0.f), dko(N * W, 0.f), dvo(N * W, 0.f);
+    ops::concept_attention_own_backward(dq.data(), dk.data(), dv.data(), dko.data(), dvo.data(),
+                                        a.dout.data(), q.data(), k.data(), v.data(), ko.data(),
+                                        vo.data(), sg, a.B, a.L, a.Hq, a.Hkv, a.hd, a.scale);
+    test::check_grad("own attention q", q.data(), dq.data(), i64(q.size()), loss, 1e-2, 2e-2);
+    test::check_grad("own attention k", k.data(), dk.data(), i64(k.size()), loss, 1e-2, 2e-2);
+    test::check_grad("own attention v", v.data(), dv.data(), i64(v.size()), loss, 1e-2, 2e-2);
+    test::check_grad("own attention k_own", ko.data(), dko.data(), N * W, loss, 1e-2, 2e-2);
+    test::check_grad("own attention v_own", vo.data(), dvo.data(), N * W, loss, 1e-2, 2e-2);
+  }
+}

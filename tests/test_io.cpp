@@ -186,7 +186,7 @@ TEST(SafeTensors, MalformedFilesRejected) {
       {"truncated_data", st_file(good_hdr, good_data.substr(0, 5)), {"out of bounds", "truncated"}},
       {"absurd_header", le64(uint64_t(1) << 60) + good_hdr, {"absurdly large"}},
       {"header_too_big_for_file", le64(50ull << 20) + good_hdr, {"truncated header"}},
-      {"bad_json", st_file(R"({"a":{"dtype":"F32",)", ""), {"invalid JSON header"}},
+      {"bad_json", st_file(R"({"a":{"dtype":"F32",)", ""), {"header: invalid JSON"}},
       {"not_object", st_file("[1,2]", ""), {"must be a JSON object"}},
       {"entry_not_object", st_file(R"({"a":[1,2]})", ""), {"tensor 'a'", "must be an object"}},
       {"unknown_dtype",

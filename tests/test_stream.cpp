@@ -51,11 +51,15 @@ void check_concepts(LanguageModel& m, InferenceStream& st, i64 slot, const std::
   EXPECT_EQ(c.concepts, concepts);
   EXPECT_EQ(c.concepts_closed, concepts - 1);
   // The backbone runs once per concept: at its close, or at its first token with inclusive
-  // visibility (the open one too); never without the concept path.
+  // visibility (the open one too); never without the concept path. prefix_mean + inclusive
+  // adds one prefix row per token to the closed concepts.
   const ModelConfig& mc = m.config();
-  EXPECT_EQ(c.backbone_positions, !mc.concept_path                      ? 0
-                                   : mc.concept_visibility == "inclusive" ? c.concepts
-                                                                          : c.concepts_closed);
+  const bool inclusive = mc.concept_visibility == "inclusive";
+  const bool prefix_rows = inclusive && mc.concept_repr == "prefix_mean";
+  EXPECT_EQ(c.backbone_positions, !mc.concept_path ? 0
+                                  : prefix_rows    ? c.concepts_closed + c.tokens
+                                  : inclusive      ? c.concepts
+                                                   : c.concepts_closed);
   EXPECT_GT(concepts, 3) << "the test sequence should cross several concept boundaries";
 }
 
@@ -171,6 +175,9 @@ Config dlcm_first_inclusive_replicate() {
   return dlcm_variant("first", "inclusive", "replicate", true);
 }
 Config dlcm_prefix_mean_shifted() { return dlcm_variant("prefix_mean", "shifted", "compact", true); }
+Config dlcm_prefix_mean_inclusive() {
+  return dlcm_variant("prefix_mean", "inclusive", "compact", true);
+}
 Config dlcm_no_concept_path() { return dlcm_variant("mean", "shifted", "compact", false); }
 
 INSTANTIATE_TEST_SUITE_P(Arch, StreamEquivalence,
@@ -185,6 +192,8 @@ INSTANTIATE_TEST_SUITE_P(Arch, StreamEquivalence,
                                                 dlcm_first_inclusive_replicate},
                                            Case{"dlcm_prefix_mean_shifted",
                                                 dlcm_prefix_mean_shifted},
+                                           Case{"dlcm_prefix_mean_inclusive",
+                                                dlcm_prefix_mean_inclusive},
                                            Case{"dlcm_no_concept_path", dlcm_no_concept_path}),
                          [](const auto& info) { return info.param.name; });
 
@@ -261,6 +270,81 @@ TEST(Stream, KVCacheCountsPositions) {
   EXPECT_EQ(c.positions_run, 8);
   CacheChunk too_many = {1, 8};
   EXPECT_THROW(stack.forward_cached(x.data(), &too_many, 1, c), Error);
+}
+
+// Prefix rows of a stack (prefix_mean + inclusive): a prefix row given the input of real
+// position j of a row sees exactly that row's keys/values < j and itself, so it reproduces
+// the real position's output, in the full forward and against a cache; the cache keeps its
+// length. The backward's key/value gradients into the real positions: finite differences.
+TEST(Stream, PrefixRowsSeeTheRealSequence) {
+  BlockDims d{16, 4, 2, 8, 24, true, 1e-5f, 10000.f};
+  ParamStore ps;
+  TransformerStack stack;
+  stack.init(ps, "layers.", 2, d, ParamGroup::TokenHidden);
+  ps.finalize();
+  ps.init(5);
+  // Larger matrices than the default init, so every path carries visible signal (and finite
+  // differences of a weight are not a large relative step).
+  for (Param& p : ps.params())
+    if (!p.init_one)
+      for (i64 i = 0; i < p.numel; ++i) p.w[i] *= 10.0f;
+  const i64 B = 2, L = 6, N = B * L, ne = 5;
+  Rng r(3);
+  std::vector<float> x(N * 16), xe(ne * 16);
+  for (auto& v : x) v = r.uniform() - 0.5f;
+  std::vector<i32> pos(N);
+  for (i64 n = 0; n < N; ++n) pos[n] = i32(n % L);
+  // rows: copies of real positions (0,0), (0,3), (1,2), (1,5), and one new input at (1,4)
+  const i32 rs[ne] = {0, 0, 1, 1, 1}, rp[ne] = {0, 3, 2, 5, 4};
+  for (i64 i = 0; i < ne; ++i)
+    for (i64 u = 0; u < 16; ++u)
+      xe[i * 16 + u] = i == 4 ? r.uniform() - 0.5f : x[(rs[i] * L + rp[i]) * 16 + u];
+  stack.reserve(B, L);
+  stack.reserve_prefix_rows(ne);
+  std::vector<float> out(N * 16);
+  std::copy_n(stack.forward(x.data(), pos.data(), B, L), N * 16, out.begin());
+  const float* oe = stack.forward_prefix_rows(xe.data(), rs, rp, ne);
+  for (i64 i = 0; i < 4; ++i)
+    EXPECT_LT(test::max_abs_diff(oe + i * 16, out.data() + (rs[i] * L + rp[i]) * 16, 16), 1e-5)
+        << "prefix row " << i;
+  std::vector<float> oe4(oe + 4 * 16, oe + 5 * 16);
+  // against a cache holding row 1's first 4 positions: the new input at position 4
+  stack.reserve_infer(L);
+  KVCache c = stack.make_cache(2, L);
+  CacheChunk ch = {1, 4};
+  stack.forward_cached(x.data() + L * 16, &ch, 1, c);
+  const i32 s1 = 1, p4 = 4;
+  const float* oc = stack.forward_cached_prefix_rows(xe.data() + 4 * 16, &s1, &p4, 1, c);
+  EXPECT_LT(test::max_abs_diff(oc, oe4.data(), 16), 1e-5);
+  EXPECT_EQ(c.len[1], 4);
+  EXPECT_EQ(c.positions_run, 5);
+
+  // loss = sum w * out + sum we * out_prefix: gradients of x, xe and the weights; first with
+  // w = 0, where x reaches the loss only through the keys/values the prefix rows read
+  std::vector<float> w(N * 16, 0.f), we(ne * 16);
+  for (auto& v : we) v = r.uniform() - 0.5f;
+  auto loss = [&] {
+    const float* o = stack.forward(x.data(), pos.data(), B, L);
+    double l = 0;
+    for (i64 i = 0; i < N * 16; ++i) l += double(w[i]) * o[i];
+    const float* q = stack.forward_prefix_rows(xe.data(), rs, rp, ne);
+    for (i64 i = 0; i < ne * 16; ++i) l += double(we[i]) * q[i];
+    return l;
+  };
+  for (bool main_loss : {false, true}) {
+    if (main_loss)
+      for (auto& v : w) v = r.uniform() - 0.5f;
+    const std::string what = main_loss ? "with the sequence's loss: " : "prefix rows only: ";
+    loss();
+    ps.zero_grad();
+    std::vector<float> dx(N * 16, 0.f), dxe(ne * 16, 0.f);
+    stack.backward(dx.data(), w.data(), B, L, {}, dxe.data(), we.data());
+    test::check_grad(what + "x", x.data(), dx.data(), N * 16, loss, 3e-3, 2e-2);
+    test::check_grad(what + "xe", xe.data(), dxe.data(), ne * 16, loss, 3e-3, 2e-2);
+    std::vector<float> an(ps.grad(), ps.grad() + ps.total());
+    for (auto& p : ps.params())
+      test::check_grad(what + p.name, p.w, an.data() + p.offset, p.numel, loss, 1e-2, 2e-2, 12);
+  }
 }
 
 }  // namespace

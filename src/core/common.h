@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <memory>
 #include <new>
 #include <sstream>
@@ -56,6 +57,25 @@ struct AlignedAlloc {
 using Buf = std::vector<float, AlignedAlloc<float>>;
 
 inline void zero(Buf& b) { std::fill(b.begin(), b.end(), 0.0f); }
+
+// Index of the first NaN or infinity in x[0, n), or -1. Blocks are screened with a branch-free
+// pass on the exponent bits (vectorised), so clean data costs one streaming read.
+inline i64 first_nonfinite(const float* x, i64 n) {
+  constexpr i64 kBlock = 4096;
+  for (i64 a = 0; a < n; a += kBlock) {
+    const i64 b = n - a < kBlock ? n : a + kBlock;
+    uint32_t bad = 0;
+    for (i64 i = a; i < b; ++i) {
+      uint32_t u;
+      std::memcpy(&u, x + i, 4);
+      bad |= uint32_t((u & 0x7f800000u) == 0x7f800000u);
+    }
+    if (bad)
+      for (i64 i = a; i < b; ++i)
+        if (!std::isfinite(x[i])) return i;
+  }
+  return -1;
+}
 
 // "1h02m", "3m05s", "42s" for progress lines ("?" when unknown).
 inline std::string fmt_duration(double s) {

@@ -30,7 +30,8 @@ nlohmann::json parse_json_bounded(std::string_view text, const std::string& sour
   }
   try {
     return nlohmann::json::parse(text);
-  } catch (const nlohmann::json::parse_error& e) {
+  } catch (const nlohmann::json::exception& e) {
+    // parse_error, and out_of_range for a number too large for a double ("1e999").
     fail(source, ": invalid JSON: ", e.what());
   }
 }

@@ -13,6 +13,9 @@
 #include <filesystem>
 #include <nlohmann/json.hpp>
 #include <set>
+#include <string_view>
+
+#include "core/json_util.h"
 
 namespace dlcm {
 
@@ -49,6 +52,11 @@ i64 numel_of(const std::vector<i64>& s) {
   i64 n = 1;
   for (i64 v : s) n *= v;
   return n;
+}
+
+// Names and values from a file go into messages cut to a readable length.
+std::string excerpt(const std::string& s, size_t max_chars = 80) {
+  return s.size() <= max_chars ? s : s.substr(0, max_chars) + "...";
 }
 
 bool json_nonneg_int(const json& v) {
@@ -118,13 +126,25 @@ SafeTensorsFile::SafeTensorsFile(const std::string& path) : path_(path) {
              " bytes but only ", fsize - 8, " follow (incomplete download or copy?)");
   DLCM_CHECK(hlen >= 2, P, ": header of ", hlen, " bytes cannot hold a JSON object");
 
-  json h;
-  try {
-    h = json::parse(base + 8, base + 8 + hlen);
-  } catch (const json::parse_error& e) {
-    fail(P, ": invalid JSON header: ", e.what());
-  }
+  // The format nests three levels (header object, tensor entry, shape/offsets array).
+  const std::string_view text(reinterpret_cast<const char*>(base + 8), size_t(hlen));
+  json h = parse_json_bounded(text, P + ": header", JsonLimits{3, size_t(kMaxHeader)});
   DLCM_CHECK(h.is_object(), P, ": header must be a JSON object of tensors, got ", h.type_name());
+  {
+    // nlohmann keeps the last of duplicate keys; two entries for one tensor name mean a
+    // corrupt or crafted header, so find them (second pass, keys only).
+    std::set<std::string> seen;
+    std::string dup;
+    json::parser_callback_t keys = [&](int depth, json::parse_event_t ev, json& parsed) {
+      if (ev == json::parse_event_t::key && depth == 1 && dup.empty() &&
+          !seen.insert(parsed.get<std::string>()).second)
+        dup = parsed.get<std::string>();
+      return ev != json::parse_event_t::value || depth <= 1;  // keep no values
+    };
+    const json skeleton = json::parse(text, keys);  // keys only: the values were discarded
+    DLCM_CHECK(dup.empty(), P, ": header names tensor '", excerpt(dup),
+               "' twice (corrupt header)");
+  }
 
   const uint64_t dsize = fsize - 8 - hlen;
   for (auto it = h.begin(); it != h.end(); ++it) {
@@ -134,13 +154,13 @@ SafeTensorsFile::SafeTensorsFile(const std::string& path) : path_(path) {
       DLCM_CHECK(e.is_object(), P, ": __metadata__ must be an object of string to string, got ",
                  e.type_name());
       for (auto m = e.begin(); m != e.end(); ++m) {
-        DLCM_CHECK(m.value().is_string(), P, ": __metadata__ value for '", m.key(),
-                   "' must be a string, got ", m.value().dump());
+        DLCM_CHECK(m.value().is_string(), P, ": __metadata__ value for '", excerpt(m.key()),
+                   "' must be a string, got ", json_excerpt(m.value()));
         metadata_[m.key()] = m.value().get<std::string>();
       }
       continue;
     }
-    const std::string T = P + ": tensor '" + name + "'";
+    const std::string T = P + ": tensor '" + excerpt(name) + "'";
     DLCM_CHECK(e.is_object(), T, ": header entry must be an object with dtype, shape and "
                "data_offsets, got ", e.type_name());
     DLCM_CHECK(e.contains("dtype") && e["dtype"].is_string(), T, ": missing or non-string 'dtype'");
@@ -150,22 +170,30 @@ SafeTensorsFile::SafeTensorsFile(const std::string& path) : path_(path) {
     TensorEntry te;
     te.dtype = e["dtype"].get<std::string>();
     const size_t es = dtype_size(te.dtype);
-    DLCM_CHECK(es != 0, T, ": unknown dtype \"", te.dtype,
+    DLCM_CHECK(es != 0, T, ": unknown dtype \"", excerpt(te.dtype),
                "\" (expected one of F32, BF16, F16, F64, I64, I32, I16, I8, U8, BOOL, ...)");
-    // Byte count from the shape, saturated so that absurd shapes cannot overflow.
-    unsigned __int128 bytes = es;
+    // Byte count from the shape, saturated so that absurd shapes cannot overflow. The product
+    // of the non-zero dimensions must fit too: code multiplies dimensions in i64.
+    DLCM_CHECK(e["shape"].size() <= 16, T, ": shape has ", e["shape"].size(),
+               " dimensions (at most 16)");
+    unsigned __int128 bytes = es, nonzero = 1;
     for (const json& d : e["shape"]) {
       DLCM_CHECK(json_nonneg_int(d), T, ": shape must be a list of non-negative integers, got ",
-                 e["shape"].dump());
+                 json_excerpt(e["shape"]));
       uint64_t v = d.get<uint64_t>();
       DLCM_CHECK(v <= uint64_t(INT64_MAX), T, ": shape dimension ", v, " is too large");
       te.shape.push_back(i64(v));
       bytes *= v;
       if (bytes > (unsigned __int128)(UINT64_MAX)) bytes = (unsigned __int128)(UINT64_MAX);
+      if (v && nonzero <= (unsigned __int128)(uint64_t(1) << 62)) nonzero *= v;
     }
+    // Without a zero dimension the byte count below bounds the product; with one, it does not.
+    DLCM_CHECK(bytes > 0 || nonzero <= (unsigned __int128)(uint64_t(1) << 62), T, ": shape ",
+               json_excerpt(e["shape"]), " has too many elements");
     const json& off = e["data_offsets"];
     DLCM_CHECK(off.size() == 2 && json_nonneg_int(off[0]) && json_nonneg_int(off[1]), T,
-               ": data_offsets must be two non-negative integers [begin, end], got ", off.dump());
+               ": data_offsets must be two non-negative integers [begin, end], got ",
+               json_excerpt(off));
     uint64_t b = off[0].get<uint64_t>(), en = off[1].get<uint64_t>();
     DLCM_CHECK(b <= en, T, ": data_offsets [", b, ", ", en, "] end before they begin");
     DLCM_CHECK(en <= dsize, T, ": data_offsets [", b, ", ", en,
@@ -187,8 +215,8 @@ SafeTensorsFile::SafeTensorsFile(const std::string& path) : path_(path) {
             [](auto& a, auto& b) { return a.second->begin < b.second->begin; });
   for (size_t i = 1; i < order.size(); ++i)
     DLCM_CHECK(order[i].second->begin >= order[i - 1].second->end, P, ": tensors '",
-               *order[i - 1].first, "' [", order[i - 1].second->begin, ", ",
-               order[i - 1].second->end, ") and '", *order[i].first, "' [",
+               excerpt(*order[i - 1].first), "' [", order[i - 1].second->begin, ", ",
+               order[i - 1].second->end, ") and '", excerpt(*order[i].first), "' [",
                order[i].second->begin, ", ", order[i].second->end,
                ") overlap in the data section (corrupt header)");
 
@@ -345,7 +373,7 @@ void check_tensor_set(const SafeTensorsFile& f, const std::vector<std::string>& 
   DLCM_CHECK(missing.empty(), f.path(), ": missing tensor", missing.size() > 1 ? "s " : " ",
              list_names(missing), " (does the config match the checkpoint?)");
   for (auto& [n, te] : f.entries())
-    DLCM_CHECK(want.count(n), f.path(), ": unexpected tensor '", n,
+    DLCM_CHECK(want.count(n), f.path(), ": unexpected tensor '", excerpt(n),
                "' in file (does the config match the checkpoint?)");
 }
 
@@ -357,6 +385,9 @@ void load_params(const std::string& path, ParamStore& ps) {
   for (Param& p : ps.params()) {
     DLCM_CHECK(p.w, "internal: load_params before ParamStore::finalize (", p.name, ")");
     f.read_f32(p.name, p.shape, p.w);
+    const i64 i = first_nonfinite(p.w, p.numel);
+    DLCM_CHECK(i < 0, path, ": tensor '", p.name, "' holds a non-finite value (", p.w[std::max<i64>(i, 0)],
+               " at element ", i, "); the weights are corrupt or come from a diverged run");
   }
 }
 

@@ -12,6 +12,7 @@
 #include <unordered_set>
 
 #include "core/common.h"
+#include "core/json_util.h"
 #include "core/rng.h"
 
 namespace dlcm {
@@ -449,20 +450,21 @@ DataDir open_data_dir(const std::string& dir) {
   const std::string mpath = (fs::path(dir) / "meta.json").string();
   DLCM_CHECK(fs::exists(mpath), "data directory ", dir,
              ": meta.json not found (run `dlcm prepare` first)");
-  try {
-    d.meta = json::parse(slurp(mpath));
-  } catch (const json::exception& e) {
-    fail(mpath, ": invalid JSON (", e.what(), ")");
-  }
+  // A few KB in practice (the list of input files makes it grow); the limits bound a
+  // hostile file.
+  d.meta = read_json_file_bounded(mpath, JsonLimits{16, size_t(16) << 20});
+  DLCM_CHECK(d.meta.is_object(), mpath, ": must be a JSON object, got ", d.meta.type_name());
   d.tokenizer = load_tokenizer(dir);
   const int64_t V = d.tokenizer->vocab_size();
   d.train = std::make_shared<ShardReader>((fs::path(dir) / "train.bin").string(), V);
   d.val = std::make_shared<ShardReader>((fs::path(dir) / "val.bin").string(), V);
-  try {
-    d.val_bytes = d.meta.at("val").at("bytes").get<int64_t>();
-  } catch (const json::exception&) {
-    fail(mpath, ": field val.bytes missing or not an integer");
-  }
+  const json* vb = d.meta.contains("val") && d.meta["val"].is_object() && d.meta["val"].contains("bytes")
+                       ? &d.meta["val"]["bytes"] : nullptr;
+  // Bits per byte divide by it: a negative or absurd count would report garbage.
+  DLCM_CHECK(vb && (vb->is_number_unsigned() || vb->is_number_integer()) &&
+                 vb->get<int64_t>() >= 0 && vb->get<int64_t>() <= (int64_t(1) << 50),
+             mpath, ": field val.bytes missing or not an integer in [0, 2^50]");
+  d.val_bytes = vb->get<int64_t>();
   return d;
 }
 

@@ -12,6 +12,7 @@
 #include <unordered_map>
 
 #include "core/common.h"
+#include "core/json_util.h"
 #include "core/rng.h"
 
 namespace dlcm {
@@ -22,11 +23,22 @@ namespace {
 
 constexpr int kFormatVersion = 1;
 
-std::string read_file(const std::string& path) {
+// SentencePiece models are ~0.5 MB at 32k pieces and a few MB at 256k; 64 MiB stops a wrong
+// file (or a device such as /dev/zero) from being read whole.
+constexpr std::uintmax_t kMaxModelBytes = std::uintmax_t(64) << 20;
+
+std::string read_file(const std::string& path, std::uintmax_t max_bytes = kMaxModelBytes) {
+  std::error_code ec;
+  DLCM_CHECK(fs::is_regular_file(path, ec), path, ": not a regular file");
+  const std::uintmax_t size = fs::file_size(path, ec);
+  DLCM_CHECK(!ec, "cannot read ", path, ": ", ec.message());
+  DLCM_CHECK(size <= max_bytes, path, ": ", size, " bytes, over the limit of ", max_bytes,
+             " for a tokenizer file");
   std::ifstream f(path, std::ios::binary);
   DLCM_CHECK(f, "cannot open ", path);
-  std::string s((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-  DLCM_CHECK(!f.bad(), "error reading ", path);
+  std::string s(size_t(size), '\0');
+  f.read(s.data(), std::streamsize(size));
+  DLCM_CHECK(!f.bad() && f.gcount() == std::streamsize(size), "error reading ", path);
   return s;
 }
 
@@ -323,12 +335,8 @@ std::unique_ptr<Tokenizer> train_bpe(const std::vector<std::string>& docs, const
 std::unique_ptr<Tokenizer> load_tokenizer(const std::string& dir) {
   const std::string jpath = (fs::path(dir) / kTokenizerJson).string();
   DLCM_CHECK(fs::exists(jpath), "tokenizer: ", jpath, " not found (expected a tokenizer.json)");
-  json j;
-  try {
-    j = json::parse(read_file(jpath));
-  } catch (const json::exception& e) {
-    fail(jpath, ": invalid JSON (", e.what(), ")");
-  }
+  // A few hundred bytes in practice; the limits only bound a hostile file.
+  json j = read_json_file_bounded(jpath, JsonLimits{8, size_t(1) << 20});
   DLCM_CHECK(j.is_object() && j.contains("kind") && j["kind"].is_string(), jpath,
              ": field \"kind\" (\"bpe\" or \"bytes\") missing");
   const std::string kind = j["kind"];
@@ -336,12 +344,26 @@ std::unique_ptr<Tokenizer> load_tokenizer(const std::string& dir) {
   if (kind == "bytes") {
     t = make_byte_tokenizer();
   } else if (kind == "bpe") {
-    std::string mf = j.value("model_file", std::string(kTokenizerModel));
+    std::string mf = kTokenizerModel;
+    if (j.contains("model_file")) {
+      DLCM_CHECK(j["model_file"].is_string(), jpath, ": field \"model_file\" must be a string, got ",
+                 json_excerpt(j["model_file"]));
+      mf = j["model_file"].get<std::string>();
+    }
+    // The model file belongs to the folder: a bare file name, and no symlink out of it.
+    DLCM_CHECK(!mf.empty() && mf.size() <= 255 && mf.find('/') == std::string::npos &&
+                   mf.find('\0') == std::string::npos && mf != "." && mf != "..",
+               jpath, ": field \"model_file\" must name a file in ", dir, " (a bare file name), got ",
+               json_excerpt(j["model_file"]));
     const std::string mpath = (fs::path(dir) / mf).string();
     DLCM_CHECK(fs::exists(mpath), jpath, ": model file ", mpath, " not found");
+    std::error_code ec;
+    const fs::path real = fs::canonical(mpath, ec), home = fs::canonical(dir, ec);
+    DLCM_CHECK(!ec && real.parent_path() == home, jpath, ": model file ", mpath,
+               " leads outside ", dir, " (a symbolic link?); copy the model file into the folder");
     t = std::make_unique<BpeTokenizer>(read_file(mpath), mpath);
   } else {
-    fail(jpath, ": field \"kind\" must be \"bpe\" or \"bytes\", got \"", kind, "\"");
+    fail(jpath, ": field \"kind\" must be \"bpe\" or \"bytes\", got ", json_excerpt(j["kind"]));
   }
   for (auto [field, want] : {std::pair<const char*, int32_t>{"vocab_size", t->vocab_size()},
                              {"pad_id", t->pad_id()},
@@ -350,7 +372,7 @@ std::unique_ptr<Tokenizer> load_tokenizer(const std::string& dir) {
                              {"unk_id", t->unk_id()}}) {
     if (!j.contains(field)) continue;
     DLCM_CHECK(j[field].is_number_integer() && j[field].get<int64_t>() == want, jpath,
-               ": field \"", field, "\" is ", j[field].dump(), " but the tokenizer has ", want);
+               ": field \"", field, "\" is ", json_excerpt(j[field]), " but the tokenizer has ", want);
   }
   return t;
 }

@@ -36,7 +36,12 @@ TrainData open_train_data(const std::string& dir, const Config& cfg) {
   };
   auto val = std::make_shared<Val>();
   val->dd = dd;
-  t.val_count = [val](i64 B, i64 L) {
+  t.val_count = [val, dir](i64 B, i64 L) {
+    // Under 2 tokens there is no target to score: a loss of 0 would be silent garbage.
+    DLCM_CHECK(val->dd->val->size() >= 2, dir, "/val.bin: the validation split holds ",
+               val->dd->val->size(), " token(s), so there is nothing to validate on; prepare "
+               "the data with more validation text (dlcm prepare --val-fraction) or set "
+               "train.eval_every=0");
     if (!val->it || val->L != L) {
       val->it = std::make_unique<ValIterator>(val->dd->val, L, val->dd->tokenizer->pad_id());
       val->L = L;

@@ -7,6 +7,8 @@
 #include <nlohmann/json.hpp>
 #include <set>
 
+#include "core/json_util.h"
+
 namespace dlcm {
 namespace fs = std::filesystem;
 using nlohmann::json;
@@ -61,14 +63,9 @@ static TaskSpec spec_with_defaults(const std::string& name, const std::string& l
 }
 
 static std::vector<TaskSpec> read_task_file(const std::string& path) {
-  std::ifstream f(path);
-  DLCM_CHECK(f, path, ": cannot open the task file (check --task-file)");
-  json j;
-  try {
-    j = json::parse(f);
-  } catch (const json::parse_error& e) {
-    fail(path, ": invalid JSON: ", e.what());
-  }
+  DLCM_CHECK(fs::exists(path), path, ": cannot open the task file (check --task-file)");
+  // A task file lists a few dozen specs; the bounds only stop a wrong or hostile file.
+  const json j = read_json_file_bounded(path, JsonLimits{8, size_t(1) << 20});
   DLCM_CHECK(j.is_array(), path, ": expected a JSON array of task objects");
   std::vector<TaskSpec> out;
   for (size_t i = 0; i < j.size(); ++i) {
@@ -163,9 +160,21 @@ static std::string resolve_path(const std::string& p, const std::string& bench_d
   return q.is_absolute() || bench_dir.empty() ? q.string() : (fs::path(bench_dir) / q).string();
 }
 
+// Benchmark files are external input: the largest real one (MMLU's test split, HellaSwag's
+// validation file) is tens of MB with lines of a few KB, so these bounds only stop a wrong or
+// hostile file from exhausting memory.
+constexpr std::uintmax_t kMaxBenchFileBytes = std::uintmax_t(1) << 30;  // 1 GiB
+constexpr size_t kMaxBenchLineBytes = size_t(1) << 20;                   // 1 MiB
+constexpr size_t kMaxBenchLines = size_t(10) << 20;                      // ~10M
+
 static std::ifstream open_input(const std::string& path, const std::string& task) {
   DLCM_CHECK(fs::exists(path), task, ": file not found: ", path,
              " (check --bench-dir; see docs/evaluation.md for the expected files)");
+  std::error_code ec;
+  const std::uintmax_t size = fs::file_size(path, ec);
+  DLCM_CHECK(!ec, task, ": cannot read ", path, " (", ec.message(), ")");
+  DLCM_CHECK(size <= kMaxBenchFileBytes, task, ": ", path, " has ", size,
+             " bytes, over the limit of ", kMaxBenchFileBytes, " for a benchmark file");
   std::ifstream f(path, std::ios::binary);
   DLCM_CHECK(f, task, ": cannot open ", path);
   return f;
@@ -177,6 +186,11 @@ static std::vector<std::string> read_lines(const std::string& path, const std::s
   std::vector<std::string> lines;
   std::string line;
   while (std::getline(f, line)) {
+    DLCM_CHECK(line.size() <= kMaxBenchLineBytes, path, ":", lines.size() + 1, ": line of ",
+               line.size(), " bytes, over the limit of ", kMaxBenchLineBytes,
+               " (not a benchmark file?)");
+    DLCM_CHECK(lines.size() < kMaxBenchLines, path, ": more than ", kMaxBenchLines,
+               " lines (not a benchmark file?)");
     if (!line.empty() && line.back() == '\r') line.pop_back();
     lines.push_back(std::move(line));
   }
@@ -198,12 +212,8 @@ static void read_json_items(TaskData& d, const std::string& path, i64 limit, con
   for (size_t i = 0; i < lines.size() && (limit < 0 || i64(d.items.size()) < limit); ++i) {
     if (trim(lines[i]).empty()) continue;
     std::string where = path + ":" + std::to_string(i + 1);
-    json j;
-    try {
-      j = json::parse(lines[i]);
-    } catch (const json::parse_error& e) {
-      fail(where, ": invalid JSON: ", e.what());
-    }
+    // Items nest two levels (object, list of choices); 8 leaves room for extra fields.
+    const json j = parse_json_bounded(lines[i], where, JsonLimits{8, kMaxBenchLineBytes});
     DLCM_CHECK(j.is_object(), where, ": expected a JSON object per line");
     Item it;
     it.where = where;
@@ -236,7 +246,14 @@ static std::vector<std::string> str_list_field(const json& j, const char* k, con
 static i32 index_field(const json& j, const char* k, const std::string& where) {
   DLCM_CHECK(j.contains(k), where, ": missing field \"", k, "\"");
   const json& v = j[k];
-  if (v.is_number_integer()) return i32(v.get<i64>());
+  if (v.is_number_integer()) {
+    // Out of range would wrap into a valid-looking index.
+    DLCM_CHECK(!v.is_number_unsigned() || v.get<uint64_t>() <= uint64_t(INT32_MAX), where,
+               ": field \"", k, "\" is out of range");
+    const i64 x = v.get<i64>();
+    DLCM_CHECK(x >= INT32_MIN && x <= INT32_MAX, where, ": field \"", k, "\" is out of range");
+    return i32(x);
+  }
   if (v.is_string()) {
     std::string s = v.get<std::string>();
     if (!s.empty() && s.size() < 9 && std::all_of(s.begin(), s.end(), ::isdigit)) return std::stoi(s);

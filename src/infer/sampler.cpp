@@ -5,6 +5,16 @@
 
 namespace dlcm {
 
+void validate_sampler(const SamplerConfig& c) {
+  // Logits are O(10..100); dividing by less than 1e-6 is greedy in all but name, and far
+  // smaller values (denormals) overflow to inf, whose softmax is NaN.
+  DLCM_CHECK(std::isfinite(c.temperature) && (c.temperature == 0 ||
+                                              (c.temperature >= 1e-6f && c.temperature <= 100)),
+             "--temperature: expected 0 (greedy) or a value in [1e-6, 100], got ", c.temperature);
+  DLCM_CHECK(c.top_p >= 0 && c.top_p <= 1, "--top-p: expected a value in [0, 1], got ", c.top_p);
+  DLCM_CHECK(c.top_k >= 0, "--top-k: expected a value >= 0, got ", c.top_k);
+}
+
 i32 sample_token(const float* logits, i64 V, const SamplerConfig& c, Rng& rng,
                  std::vector<std::pair<float, i32>>& s) {
   if (c.temperature <= 0) return i32(std::max_element(logits, logits + V) - logits);

@@ -15,6 +15,11 @@ struct SamplerConfig {
   float top_p = 1.0f;        // 1 = no nucleus cut
 };
 
+// Refuses settings that would sample garbage (Error naming the flag): a temperature that is
+// NaN, infinite, negative, or so small (denormal) that logits / temperature overflow; top_p
+// outside [0, 1] or NaN; a negative top_k.
+void validate_sampler(const SamplerConfig& c);
+
 // Picks a token from logits [V]: greedy when temperature <= 0 (first maximum); otherwise
 // softmax(logits / temperature) restricted to the top_k most likely tokens, then to the
 // smallest prefix (by decreasing probability) whose mass reaches top_p, renormalised, and one

@@ -283,6 +283,53 @@ void pool_mean_backward(float* dH, const float* dpooled, const Segments& sg, i64
   }
 }
 
+void pool_prefix_mean_forward(float* pref, const float* H, const Segments& sg, i64 d) {
+  check_segments(sg, sg.B, sg.L, "pool_prefix_mean_forward");
+  DLCM_CHECK(d > 0, "pool_prefix_mean_forward: d must be > 0");
+  const i64 L = sg.L, Mmax = sg.Mmax;
+  // One concept per task: its running sum, then each prefix row = sum * (1 / count).
+#pragma omp parallel if(parallel_worth(sg.B * L * d))
+  {
+    std::vector<float> sum(d);
+#pragma omp for schedule(dynamic, 16)
+    for (i64 sl = 0; sl < sg.B * Mmax; ++sl) {
+      const i64 ln = sg.len[sl], st = sg.start[sl], r = sl / Mmax;
+      std::fill(sum.begin(), sum.end(), 0.f);
+      for (i64 c = 0; c < ln; ++c) {
+        const i64 n = r * L + st + c;
+        const float* h = H + n * d;
+        float* o = pref + n * d;
+        const float inv = 1.f / float(c + 1);
+        for (i64 i = 0; i < d; ++i) {
+          sum[i] += h[i];
+          o[i] = sum[i] * inv;
+        }
+      }
+    }
+  }
+}
+
+void pool_prefix_mean_backward(float* dH, const float* dpref, const Segments& sg, i64 d) {
+  check_segments(sg, sg.B, sg.L, "pool_prefix_mean_backward");
+  DLCM_CHECK(d > 0, "pool_prefix_mean_backward: d must be > 0");
+  const i64 L = sg.L, Mmax = sg.Mmax;
+  // dH[i] = sum_{t >= i} dpref[t] / count(t): a suffix sum, walked backwards per concept.
+#pragma omp parallel if(parallel_worth(sg.B * L * d))
+  {
+    std::vector<float> acc(d);
+#pragma omp for schedule(dynamic, 16)
+    for (i64 sl = 0; sl < sg.B * Mmax; ++sl) {
+      const i64 ln = sg.len[sl], st = sg.start[sl], r = sl / Mmax;
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (i64 c = ln - 1; c >= 0; --c) {
+        const i64 n = r * L + st + c;
+        axpy(acc.data(), 1.f / float(c + 1), dpref + n * d, d);
+        axpy(dH + n * d, 1.f, acc.data(), d);
+      }
+    }
+  }
+}
+
 // ============================================================================================
 // 5. Smoother
 // ============================================================================================
@@ -364,6 +411,57 @@ void smoother_backward(float* dz, float* dp, const float* dzs, const float* zs, 
         Pnext = P;
       }
     }
+  }
+}
+
+void smoother_own_forward(float* zso, const float* zp, const float* zs, const float* p,
+                          const Segments& sg, i64 d) {
+  check_segments(sg, sg.B, sg.L, "smoother_own_forward");
+  DLCM_CHECK(d > 0, "smoother_own_forward: d must be > 0");
+  const i64 L = sg.L, Mmax = sg.Mmax, N = sg.B * L;
+#pragma omp parallel for schedule(static) if(parallel_worth(N * d))
+  for (i64 n = 0; n < N; ++n) {
+    const i64 r = n / L, j = sg.seg[n], sl = r * Mmax + j;
+    const float P = p ? smoother_gate(p[r * L + sg.start[sl]], sg.forced[sl] != 0) : 1.f;
+    const float* z = zp + n * d;
+    float* o = zso + n * d;
+    if (j == 0) {
+      for (i64 i = 0; i < d; ++i) o[i] = P * z[i];
+    } else {
+      const float* prev = zs + (sl - 1) * d;
+      for (i64 i = 0; i < d; ++i) o[i] = P * z[i] + (1.f - P) * prev[i];
+    }
+  }
+}
+
+void smoother_own_backward(float* dzp, float* dzs, float* dp, const float* dzso, const float* zp,
+                           const float* zs, const float* p, const Segments& sg, i64 d) {
+  check_segments(sg, sg.B, sg.L, "smoother_own_backward");
+  DLCM_CHECK(p != nullptr || dp == nullptr,
+             "smoother_own_backward: dp needs p (smoother off has no gate)");
+  DLCM_CHECK(d > 0, "smoother_own_backward: d must be > 0");
+  const i64 L = sg.L, Mmax = sg.Mmax;
+  // One concept per task: its tokens write dzs of the concept before it and dp at its start.
+#pragma omp parallel for schedule(dynamic, 16) if(parallel_worth(sg.B * L * d))
+  for (i64 sl = 0; sl < sg.B * Mmax; ++sl) {
+    const i64 r = sl / Mmax, j = sl % Mmax, ln = sg.len[sl], st = sg.start[sl];
+    if (ln == 0) continue;
+    const bool fz = sg.forced[sl] != 0;
+    const float pj = p ? p[r * L + st] : 1.f;
+    const float P = p ? smoother_gate(pj, fz) : 1.f;
+    const bool live = dp != nullptr && p != nullptr && !fz && pj >= kSmootherClamp && pj <= 1.f - kSmootherClamp;
+    const float* prev = j > 0 ? zs + (sl - 1) * d : nullptr;
+    double s = 0;
+    for (i64 n = r * L + st; n < r * L + st + ln; ++n) {
+      const float* g = dzso + n * d;
+      axpy(dzp + n * d, P, g, d);
+      if (prev) axpy(dzs + (sl - 1) * d, 1.f - P, g, d);
+      if (live) {  // dzso/dP = zp - zs_{j-1}
+        const float* z = zp + n * d;
+        for (i64 i = 0; i < d; ++i) s += double(g[i]) * (z[i] - (prev ? prev[i] : 0.f));
+      }
+    }
+    if (live) dp[r * L + st] += float(s);
   }
 }
 
@@ -720,26 +818,130 @@ void concept_attention_backward(float* dq, float* dk, float* dv, const float* do
 }
 
 void concept_attention_step(float* out, const float* q, const float* k, const float* v, i64 ld,
-                            const float* mult, i64 nk, i64 Hq, i64 Hkv, i64 hd, float scale) {
+                            const float* mult, i64 nk, i64 Hq, i64 Hkv, i64 hd, float scale,
+                            const float* k_own, const float* v_own, float* s) {
   DLCM_CHECK(Hq > 0 && Hkv > 0 && hd > 0 && Hq % Hkv == 0,
              "concept_attention_step: bad head shape Hq=", Hq, " Hkv=", Hkv, " hd=", hd);
   DLCM_CHECK(nk > 0, "concept_attention_step: the concept list is empty");
   DLCM_CHECK(ld >= Hkv * hd, "concept_attention_step: ld (", ld, ") < Hkv*hd");
+  std::vector<float> local;
+  if (s == nullptr) {
+    local.resize(nk);
+    s = local.data();
+  }
   const i64 G = Hq / Hkv;
-  std::vector<float> s(nk);
   for (i64 h = 0; h < Hq; ++h) {
     const i64 g = h / G;
     const float* qh = q + h * hd;
+    auto key = [&](i64 e) { return k_own && e == nk - 1 ? k_own + g * hd : k + e * ld + g * hd; };
+    auto val = [&](i64 e) { return v_own && e == nk - 1 ? v_own + g * hd : v + e * ld + g * hd; };
     float m = kNegInf;
     for (i64 e = 0; e < nk; ++e) {
-      s[e] = dotf(qh, k + e * ld + g * hd, hd) * scale + std::log(mult[e]);
+      s[e] = dotf(qh, key(e), hd) * scale + (mult ? std::log(mult[e]) : 0.f);
       m = std::max(m, s[e]);
     }
     float l = 0.f;
     for (i64 e = 0; e < nk; ++e) l += (s[e] = std::exp(s[e] - m));
     float* o = out + h * hd;
     std::fill(o, o + hd, 0.f);
-    for (i64 e = 0; e < nk; ++e) axpy(o, s[e] / l, v + e * ld + g * hd, hd);
+    for (i64 e = 0; e < nk; ++e) axpy(o, s[e] / l, val(e), hd);
+  }
+}
+
+void concept_attention_step_backward(float* dq, float* dk, float* dv, float* dk_own,
+                                     float* dv_own, const float* dout, const float* q,
+                                     const float* k, const float* v, i64 ld, const float* mult,
+                                     i64 nk, i64 Hq, i64 Hkv, i64 hd, float scale, i64 g,
+                                     const float* k_own, const float* v_own, float* s) {
+  const i64 G = Hq / Hkv;
+  float* dpv = s + nk;
+  const bool own = k_own != nullptr;
+  auto key = [&](i64 e) { return own && e == nk - 1 ? k_own + g * hd : k + e * ld + g * hd; };
+  auto val = [&](i64 e) { return own && e == nk - 1 ? v_own + g * hd : v + e * ld + g * hd; };
+  auto dkey = [&](i64 e) { return own && e == nk - 1 ? dk_own + g * hd : dk + e * ld + g * hd; };
+  auto dval = [&](i64 e) { return own && e == nk - 1 ? dv_own + g * hd : dv + e * ld + g * hd; };
+  for (i64 h = g * G; h < (g + 1) * G; ++h) {
+    const float* qh = q + h * hd;
+    const float* doh = dout + h * hd;
+    // probabilities p_e, and dp_e = dout . v_e; D = sum_e p_e dp_e (= dout . out)
+    float m = kNegInf;
+    for (i64 e = 0; e < nk; ++e) {
+      s[e] = dotf(qh, key(e), hd) * scale + (mult ? std::log(mult[e]) : 0.f);
+      m = std::max(m, s[e]);
+    }
+    float l = 0.f;
+    for (i64 e = 0; e < nk; ++e) l += (s[e] = std::exp(s[e] - m));
+    float D = 0.f;
+    for (i64 e = 0; e < nk; ++e) {
+      s[e] /= l;
+      dpv[e] = dotf(doh, val(e), hd);
+      D += s[e] * dpv[e];
+    }
+    // dv_e += p_e dout; dS_e = p_e (dp_e - D); dq += scale dS_e k_e; dk_e += scale dS_e q
+    float* dqh = dq + h * hd;
+    for (i64 e = 0; e < nk; ++e) {
+      const float ds = s[e] * (dpv[e] - D) * scale;
+      axpy(dval(e), s[e], doh, hd);
+      axpy(dqh, ds, key(e), hd);
+      axpy(dkey(e), ds, qh, hd);
+    }
+  }
+}
+
+namespace {
+
+// Multiplicities of token n's visible entries for concept_attention_own_*: [1, len_0, ...,
+// len_{j-1}, t - start_j + 1], j = seg(n); returns their count j + 2.
+i64 own_mults(float* mt, const Segments& sg, i64 n) {
+  const i64 r = n / sg.L, t = n % sg.L, j = sg.seg[n];
+  mt[0] = 1.f;
+  for (i64 kk = 0; kk < j; ++kk) mt[kk + 1] = float(sg.len[r * sg.Mmax + kk]);
+  mt[j + 1] = float(t - sg.start[r * sg.Mmax + j] + 1);
+  return j + 2;
+}
+
+}  // namespace
+
+void concept_attention_own_forward(float* out, const float* q, const float* k, const float* v,
+                                   const float* k_own, const float* v_own, const Segments& sg,
+                                   i64 B, i64 L, i64 Hq, i64 Hkv, i64 hd, float scale) {
+  check_attention_args(sg, B, L, Hq, Hkv, hd, "concept_attention_own_forward");
+  const i64 K1 = sg.Mmax + 1, ldk = Hkv * hd;
+#pragma omp parallel if(parallel_worth(attn_work(sg, Hq, hd)))
+  {
+    std::vector<float> mt(K1 + 1), sc(K1 + 1);
+#pragma omp for schedule(dynamic, 16)
+    for (i64 n = 0; n < B * L; ++n) {
+      const i64 nk = own_mults(mt.data(), sg, n), r = n / L;
+      concept_attention_step(out + n * Hq * hd, q + n * Hq * hd, k + r * K1 * ldk,
+                             v + r * K1 * ldk, ldk, mt.data(), nk, Hq, Hkv, hd, scale,
+                             k_own + n * ldk, v_own + n * ldk, sc.data());
+    }
+  }
+}
+
+void concept_attention_own_backward(float* dq, float* dk, float* dv, float* dk_own, float* dv_own,
+                                    const float* dout, const float* q, const float* k,
+                                    const float* v, const float* k_own, const float* v_own,
+                                    const Segments& sg, i64 B, i64 L, i64 Hq, i64 Hkv, i64 hd,
+                                    float scale) {
+  check_attention_args(sg, B, L, Hq, Hkv, hd, "concept_attention_own_backward");
+  const i64 K1 = sg.Mmax + 1, ldk = Hkv * hd, ldq = Hq * hd;
+  // One task per (row, kv head): it owns that slice of the row's list gradients.
+#pragma omp parallel if(parallel_worth(attn_work(sg, Hq, hd)))
+  {
+    std::vector<float> mt(K1 + 1), sc(2 * (K1 + 1));
+#pragma omp for collapse(2) schedule(dynamic, 1)
+    for (i64 r = 0; r < B; ++r)
+      for (i64 g = 0; g < Hkv; ++g)
+        for (i64 n = r * L; n < (r + 1) * L; ++n) {
+          const i64 nk = own_mults(mt.data(), sg, n);
+          concept_attention_step_backward(
+              dq + n * ldq, dk + r * K1 * ldk, dv + r * K1 * ldk, dk_own + n * ldk,
+              dv_own + n * ldk, dout + n * ldq, q + n * ldq, k + r * K1 * ldk, v + r * K1 * ldk,
+              ldk, mt.data(), nk, Hq, Hkv, hd, scale, g, k_own + n * ldk, v_own + n * ldk,
+              sc.data());
+        }
   }
 }
 

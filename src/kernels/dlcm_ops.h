@@ -89,6 +89,12 @@ void pool_mean_backward(float* dH, const float* dpooled, const Segments& sg, i64
 // padded slots = 0. Backward: dH[start(S_j)] += dpooled[b, j].
 void pool_first_forward(float* pooled, const float* H, const Segments& sg, i64 d);
 void pool_first_backward(float* dH, const float* dpooled, const Segments& sg, i64 d);
+// concept_repr "prefix_mean" with inclusive visibility (SPEC 4.9): every token's own concept on
+// its prefix, pref [B*L, d]: pref[t] = (sum_{start <= i <= t} H_i) * (1 / (t - start + 1)), the
+// sum running in token order (as the stream keeps it). Backward: dH[i] += sum over tokens t >= i
+// of the same concept of dpref[t] / (t - start + 1).
+void pool_prefix_mean_forward(float* pref, const float* H, const Segments& sg, i64 d);
+void pool_prefix_mean_backward(float* dH, const float* dpref, const Segments& sg, i64 d);
 
 // ============================================================================================
 // 5. Smoother
@@ -107,6 +113,16 @@ void smoother_forward(float* zs, const float* z, const float* p, const Segments&
 // dp only when router.smooth_grad is on. zs is the forward output.
 void smoother_backward(float* dz, float* dp, const float* dzs, const float* zs, const float* z,
                        const float* p, const Segments& sg, i64 d);
+// The own concept of every token (prefix_mean + inclusive): zso[n] = P_j zp[n] + (1 - P_j)
+// zs_{j-1}, j = seg(n), P_j the gate of concept j, zs_{-1} = 0. zp, zso [B*L, d] (zp: the
+// backbone output of the token's prefix row); zs [B, Mmax, d] the closed concepts' smoother.
+// p == nullptr: smoother off, every gate 1 (and smoother_own_backward's dp must be nullptr).
+void smoother_own_forward(float* zso, const float* zp, const float* zs, const float* p,
+                          const Segments& sg, i64 d);
+// dzp += P_j dzso; dzs[j-1] += (1 - P_j) dzso; dp as smoother_backward (non-forced concepts in
+// the clamp's pass-through range, dp may be nullptr). Parallel over concepts (race-free).
+void smoother_own_backward(float* dzp, float* dzs, float* dp, const float* dzso, const float* zp,
+                           const float* zs, const float* p, const Segments& sg, i64 d);
 
 // ============================================================================================
 // 6. Causal concept cross-attention (SPEC 4.7)
@@ -210,8 +226,37 @@ void concept_attention_masked_backward(float* dq, float* dk, float* dv, const fl
 // ld = Hkv*hd for a dense [nk, Hkv, hd] cache). mult[e] >= 1. For token t the list is
 // 0..seg(t) with mult = len_e for e < seg(t) and t - start(S_seg(t)) + 1 for e = seg(t).
 // Serial (decode batches parallelise over sequences).
+// mult nullptr: every multiplicity 1 (plain attention over the entries). k_own/v_own
+// ([Hkv, hd], optional): the last entry nk-1 is read from there instead of the list: an entry
+// that exists for this query only (the own concept on its prefix; a backbone prefix row's own
+// key). s: scratch of nk floats (nullptr: allocated per call).
 void concept_attention_step(float* out, const float* q, const float* k, const float* v, i64 ld,
-                            const float* mult, i64 nk, i64 Hq, i64 Hkv, i64 hd, float scale);
+                            const float* mult, i64 nk, i64 Hq, i64 Hkv, i64 hd, float scale,
+                            const float* k_own = nullptr, const float* v_own = nullptr,
+                            float* s = nullptr);
+// Its backward for the query heads of kv head g only, so that callers parallelise over
+// (sequence, kv head) without races on the list gradients: recomputes the probabilities;
+// dq (heads of g), dk/dv (kv head g of every list entry read, stride ld), dk_own/dv_own (kv
+// head g, when k_own is given) accumulate. s: scratch of 2*nk floats.
+void concept_attention_step_backward(float* dq, float* dk, float* dv, float* dk_own,
+                                     float* dv_own, const float* dout, const float* q,
+                                     const float* k, const float* v, i64 ld, const float* mult,
+                                     i64 nk, i64 Hq, i64 Hkv, i64 hd, float scale, i64 g,
+                                     const float* k_own, const float* v_own, float* s);
+
+// prefix_mean + inclusive (SPEC 4.9): token t (j = seg(t)) attends list entries 0..j (z_null
+// with multiplicity 1, zs_k with len_k) and its own entry, read per token from k_own/v_own
+// [B*L, Hkv, hd], with multiplicity t - start_j + 1. k, v: [B, Mmax+1, Hkv, hd] as above; q, out
+// [B, L, Hq, hd]. Per-token loops over concept_attention_step, O(L * M * hd) like compact; the
+// backward recomputes the probabilities (no lse) and is parallel over (row, kv head).
+void concept_attention_own_forward(float* out, const float* q, const float* k, const float* v,
+                                   const float* k_own, const float* v_own, const Segments& sg,
+                                   i64 B, i64 L, i64 Hq, i64 Hkv, i64 hd, float scale);
+void concept_attention_own_backward(float* dq, float* dk, float* dv, float* dk_own, float* dv_own,
+                                    const float* dout, const float* q, const float* k,
+                                    const float* v, const float* k_own, const float* v_own,
+                                    const Segments& sg, i64 B, i64 L, i64 Hq, i64 Hkv, i64 hd,
+                                    float scale);
 
 // ============================================================================================
 // 7. Global Parser auxiliary loss

@@ -4,6 +4,7 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
@@ -107,7 +108,7 @@ void check_dir(const std::string& dir) {
 
 }  // namespace
 
-int clean_stale_checkpoint_siblings(const std::string& dir_in) {
+int clean_stale_checkpoint_siblings(const std::string& dir_in, bool owned) {
   const std::string dir = normalize_dir(dir_in);
   fs::path p(dir);
   fs::path parent = p.parent_path();
@@ -122,9 +123,9 @@ int clean_stale_checkpoint_siblings(const std::string& dir_in) {
     long pid;
     if ((pid = sibling_pid(name, base, "tmp")) >= 0) {
       // A live writer other than us may still be building it; leave it alone.
-      if (pid == self || !pid_alive(pid)) tmps.push_back(e.path());
+      if (owned || pid == self || !pid_alive(pid)) tmps.push_back(e.path());
     } else if ((pid = sibling_pid(name, base, "old")) >= 0) {
-      if (pid == self || !pid_alive(pid)) olds.push_back(e.path());
+      if (owned || pid == self || !pid_alive(pid)) olds.push_back(e.path());
     }
   }
   int removed = 0;
@@ -158,6 +159,19 @@ void save_checkpoint(const std::string& dir_in, const CheckpointWrite& w) {
   if (w.exp_avg) {
     DLCM_CHECK(i64(w.exp_avg->size()) >= ps.total() && i64(w.exp_avg_sq->size()) >= ps.total(),
                "internal: optimizer buffers smaller than the parameter block");
+  }
+  // A checkpoint is the run's last good state: never replace it with NaN or infinity.
+  for (const Param& p : ps.params()) {
+    const std::pair<const float*, const char*> parts[] = {
+        {p.w, ""},
+        {w.exp_avg ? w.exp_avg->data() + p.offset : nullptr, ".exp_avg"},
+        {w.exp_avg_sq ? w.exp_avg_sq->data() + p.offset : nullptr, ".exp_avg_sq"}};
+    for (auto [x, suffix] : parts) {
+      const i64 i = x ? first_nonfinite(x, p.numel) : -1;
+      DLCM_CHECK(i < 0, dir, ": refusing to save a checkpoint: tensor '", p.name, suffix,
+                 "' holds a non-finite value (", x ? x[std::max<i64>(i, 0)] : 0.f, " at element ",
+                 i, "); the previous checkpoint is kept");
+    }
   }
   std::error_code ec;
   fs::path parent = fs::path(dir).parent_path();
@@ -264,6 +278,12 @@ bool load_checkpoint_optimizer(const std::string& dir_in, const ParamStore& ps, 
   for (const Param& q : ps.params()) {
     f.read_f32(q.name + ".exp_avg", q.shape, exp_avg.data() + q.offset);
     f.read_f32(q.name + ".exp_avg_sq", q.shape, exp_avg_sq.data() + q.offset);
+    for (auto [x, suffix] : {std::pair{exp_avg.data(), ".exp_avg"}, {exp_avg_sq.data(), ".exp_avg_sq"}}) {
+      const i64 i = first_nonfinite(x + q.offset, q.numel);
+      DLCM_CHECK(i < 0, p, ": tensor '", q.name, suffix, "' holds a non-finite value (",
+                 x[q.offset + std::max<i64>(i, 0)], " at element ", i,
+                 "); the optimizer state is corrupt or comes from a diverged run");
+    }
   }
   return true;
 }
@@ -272,9 +292,37 @@ json load_trainer_state(const std::string& dir_in) {
   const std::string dir = normalize_dir(dir_in);
   check_dir(dir);
   json j = read_json_file(dir, "trainer_state.json", "needed to resume training");
-  DLCM_CHECK(j.is_object(), join(dir, "trainer_state.json"), ": must be a JSON object, got ",
-             j.type_name());
+  validate_trainer_state(j, join(dir, "trainer_state.json"));
   return j;
+}
+
+void validate_trainer_state(const json& st, const std::string& source) {
+  DLCM_CHECK(st.is_object(), source, ": must be a JSON object, got ", st.type_name());
+  // Counters a run can reach: 2^40 steps, 2^62 tokens, 2^20 ranks. Anything else is a corrupt
+  // or hand-edited file and would resume into a wrong schedule.
+  auto counter = [&](const char* key, i64 max) -> i64 {
+    if (!st.contains(key)) return 0;
+    const json& v = st[key];
+    DLCM_CHECK(v.is_number_integer() || v.is_number_unsigned(), source, ": '", key,
+               "' must be an integer, got a ", v.type_name());
+    DLCM_CHECK(!v.is_number_unsigned() || v.get<uint64_t>() <= uint64_t(max), source, ": '", key,
+               "' = ", v.get<uint64_t>(), " is out of range [0, ", max, "] (corrupt file?)");
+    const i64 x = v.get<i64>();
+    DLCM_CHECK(x >= 0 && x <= max, source, ": '", key, "' = ", x, " is out of range [0, ", max,
+               "] (corrupt file?)");
+    return x;
+  };
+  const i64 step = counter("step", i64(1) << 40);
+  counter("tokens_seen", i64(1) << 62);
+  counter("adam_t", step);
+  const i64 skips = counter("nonfinite_skips", step);
+  counter("nonfinite_in_a_row", skips);
+  if (st.contains("world_size"))
+    DLCM_CHECK(counter("world_size", i64(1) << 20) >= 1, source,
+               ": 'world_size' must be in [1, 2^20], got 0");
+  if (st.contains("seed"))
+    DLCM_CHECK(st["seed"].is_number_integer() || st["seed"].is_number_unsigned(), source,
+               ": 'seed' must be an integer, got a ", st["seed"].type_name());
 }
 
 bool is_checkpoint(const std::string& dir_in) {

@@ -32,7 +32,9 @@ void save_checkpoint(const std::string& dir, const CheckpointWrite& w);
 // Crash recovery for DIR: removes DIR.tmp-PID and DIR.old-PID siblings left by dead writers
 // (a live process's ones are kept), and if DIR itself is missing but a DIR.old-PID exists
 // (crash between the two renames) restores it as DIR. Returns how many were removed.
-int clean_stale_checkpoint_siblings(const std::string& dir);
+// `owned`: the caller holds the run folder's lock (RunDirLock), so no other writer exists and
+// every sibling is stale whatever its pid (a dead writer's pid may have been reused).
+int clean_stale_checkpoint_siblings(const std::string& dir, bool owned = false);
 
 // Each reader names the checkpoint directory and file in its errors.
 Config load_checkpoint_config(const std::string& dir);
@@ -40,7 +42,12 @@ void load_checkpoint_params(const std::string& dir, ParamStore& ps);
 // Returns false when optimizer.safetensors is absent; throws when it is present but broken.
 bool load_checkpoint_optimizer(const std::string& dir, const ParamStore& ps, Buf& exp_avg,
                                Buf& exp_avg_sq);
+// trainer_state.json, checked by validate_trainer_state.
 nlohmann::json load_trainer_state(const std::string& dir);
+// The counters of a trainer state (step, tokens_seen, adam_t, world_size, non-finite skips),
+// where present, are integers in their ranges (adam_t <= step, ...); Error naming `source` and
+// the field otherwise.
+void validate_trainer_state(const nlohmann::json& st, const std::string& source);
 // True when dir looks like a checkpoint (has config.json and model.safetensors).
 bool is_checkpoint(const std::string& dir);
 // Resolves a user-given checkpoint path: DIR itself, or DIR/checkpoint for a run directory.

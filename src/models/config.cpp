@@ -103,6 +103,8 @@ const std::vector<ConfigKey> kKeys = {
     NUM_GT("train.allreduce_bucket_mb", train.allreduce_bucket_mb, 0, 65536, "MPI gradient all-reduce bucket size"),
     BOOL("train.allreduce_overlap", train.allreduce_overlap, "all-reduce buckets during the last backward"),
     STR("train.precision", train.precision, "fp32|bf16", "matrix products: fp32 or bf16 (fp32 accumulation)"),
+    STR("train.on_nonfinite", train.on_nonfinite, "stop|skip", "a step with a non-finite loss or gradient: stop the run, or skip the step"),
+    NUM("train.max_nonfinite_skips", train.max_nonfinite_skips, 1, 1000000, "skip: stop after this many non-finite steps in a row"),
 };
 
 #undef FIELD
@@ -515,6 +517,11 @@ void validate(const Config& c_in, const std::string& src) {
                ": 'concept_visibility' \"inclusive\" with 'concept_repr' \"mean\" leaks the "
                "future (a token would see the mean of tokens after it); use 'concept_repr' "
                "\"first\" or \"prefix_mean\", or 'concept_visibility' \"shifted\"");
+    DLCM_CHECK(!(m.concept_visibility == "inclusive" && m.concept_repr == "prefix_mean" &&
+                 m.concept_path && m.xattn_impl == "replicate"),
+               src, ": 'xattn_impl' \"replicate\" is not implemented for 'concept_repr' "
+               "\"prefix_mean\" with 'concept_visibility' \"inclusive\" (a token's own concept "
+               "differs per token); use \"compact\"");
     for (auto [w, k] : {std::pair{m.enc_window, "enc_window"}, {m.dec_window, "dec_window"}})
       DLCM_CHECK(w <= m.max_seq_len, src, ": '", k, "' must be in [0, max_seq_len = ",
                  m.max_seq_len, "] (0 = full causal attention), got ", w);

@@ -144,6 +144,11 @@ struct TrainConfig {
   // Matrix products: "fp32" or "bf16" (mixed precision: bf16 operands, fp32 accumulation,
   // fp32 master weights and optimizer state; kernels/gemm.h). Validation runs in fp32.
   std::string precision = "fp32";
+  // A step whose loss or gradient norm is not finite never updates the weights: "stop" ends
+  // the run with an error naming the step and the component; "skip" drops the step (counted
+  // in the log) and stops after max_nonfinite_skips such steps in a row.
+  std::string on_nonfinite = "stop";
+  i64 max_nonfinite_skips = 10;
 };
 
 struct Config {

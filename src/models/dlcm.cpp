@@ -36,10 +36,6 @@ DlcmModel::DlcmModel(const ModelConfig& cfg) {
   copt_.replicate = cfg.xattn_impl == "replicate";
   copt_.concept_path = cfg.concept_path;
   copt_.smoother = cfg.smoother;
-  DLCM_CHECK(!(copt_.repr == ConceptRepr::PrefixMean && copt_.inclusive()),
-             "model config: 'concept_repr' \"prefix_mean\" with 'concept_visibility' "
-             "\"inclusive\" is not implemented by this engine; use \"first\" with "
-             "\"inclusive\", or \"prefix_mean\" with \"shifted\"");
   auto norm = [&](const std::string& n, i64 dim) {
     Param* p = params_.add(n, {dim}, ParamGroup::Other, false);
     p->init_one = true;
@@ -98,6 +94,15 @@ void DlcmModel::reserve(i64 B, i64 L) {
     for (Buf* b : {&rq_, &rk_, &g_rq_, &g_rk_}) b->assign(N * ds_, 0);
   b_.assign(N, 0);
   pos_.assign(N, 0);
+  if (copt_.concept_path && copt_.prefix_rows()) {
+    // one prefix row per token through W_up, the backbone and its norm
+    pool_.reserve_prefix(N);
+    bb_.reserve_prefix_rows(N);
+    for (Buf* b : {&Zp_, &g_Zp_, &g_bbp_, &g_Cp_}) b->assign(N * cfg_.d_concept, 0);
+    zp_rstd_.assign(N, 0);
+    pos_p_.assign(N, 0);
+    seq_p_.assign(N, 0);
+  }
   cap_B_ = B;
   cap_L_ = L;
   // Concept buffers start at twice the target compression's count and grow on demand.
@@ -175,10 +180,25 @@ const float* DlcmModel::decode(const i32* tokens, const uint8_t* b, i64 B, i64 L
     bb_out_ = bb_.forward(C_, pos_c_.data(), B, Mc);
     ops::rmsnorm_forward(Z_.data(), z_rstd_.data(), bb_out_, bb_norm_->w, nc, dc, cfg_.norm_eps);
     Z = Z_.data();
+    if (copt_.prefix_rows()) {
+      // every token's own concept on its prefix: c_j(t) at concept position j = seg(t), after
+      // the row's closed concepts c_0..c_{j-1} (the prefix rows of the same backbone pass)
+      sec.next("pooling");
+      const float* Cp = pool_.forward_prefix(H_.data(), sg_);
+      sec.next("backbone");
+      for (i64 n = 0; n < N; ++n) {
+        pos_p_[n] = sg_.seg[n];
+        seq_p_[n] = i32(n / L);
+      }
+      bbp_out_ = bb_.forward_prefix_rows(Cp, seq_p_.data(), pos_p_.data(), N);
+      ops::rmsnorm_forward(Zp_.data(), zp_rstd_.data(), bbp_out_, bb_norm_->w, N, dc,
+                           cfg_.norm_eps);
+    }
   }
   // smoother (gate from p, detached unless smooth_grad), concept attention, Psi, cross FFN
   sec.next("cross-attention");
-  X_ = xattn_.forward(H_.data(), Z, p_.data(), sg_, B, L);
+  X_ = xattn_.forward(H_.data(), Z, p_.data(), sg_, B, L,
+                      copt_.prefix_rows() ? Zp_.data() : nullptr);
   // decoder (token positions as in the encoder)
   sec.next("decoder");
   dec_out_ = dec_.forward(X_, pos_.data(), B, L);
@@ -203,9 +223,11 @@ void DlcmModel::backward(const i32* tokens, const float* g_dec_out, const float*
   // cross-attention layer -> dH (residual, queries), dZ, dp
   sec.next("cross-attention");
   clear(g_H_, N * d);
+  const bool prefix = copt_.concept_path && copt_.prefix_rows();
   if (copt_.concept_path) clear(g_Z_, nc * dc);
+  if (prefix) clear(g_Zp_, N * dc);
   xattn_.backward(g_H_.data(), g_Z_.data(), cfg_.router.smooth_grad ? dp_.data() : nullptr,
-                  g_X_.data(), B, L);
+                  g_X_.data(), B, L, prefix ? g_Zp_.data() : nullptr);
   grad_ready(xattn_.param_offset());  // every xattn.* gradient is complete
   if (copt_.concept_path) {
     // backbone norm and stack -> dC
@@ -214,10 +236,18 @@ void DlcmModel::backward(const i32* tokens, const float* g_dec_out, const float*
     ops::rmsnorm_backward(g_bb_.data(), bb_norm_->g, g_Z_.data(), bb_out_, bb_norm_->w,
                           z_rstd_.data(), nc, dc);
     clear(g_C_, nc * dc);
-    bb_.backward(g_C_.data(), g_bb_.data(), B, Mc, grad_ready_);
+    if (prefix) {  // the prefix rows go back through the same norm and stack
+      clear(g_bbp_, N * dc);
+      ops::rmsnorm_backward(g_bbp_.data(), bb_norm_->g, g_Zp_.data(), bbp_out_, bb_norm_->w,
+                            zp_rstd_.data(), N, dc);
+      clear(g_Cp_, N * dc);
+    }
+    bb_.backward(g_C_.data(), g_bb_.data(), B, Mc, grad_ready_,
+                 prefix ? g_Cp_.data() : nullptr, prefix ? g_bbp_.data() : nullptr);
     // W_up and pooling -> dH
     sec.next("pooling");
     pool_.backward(g_H_.data(), g_C_.data(), sg_);
+    if (prefix) pool_.backward_prefix(g_H_.data(), g_Cp_.data(), sg_);
   }
   // router: dp -> dq, dk -> dH (raw: q = k = H, so both land in dH directly)
   sec.next("router");

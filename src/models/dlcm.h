@@ -4,6 +4,8 @@
 //   H -> router (q = Wq H, k = Wk H) -> p [N] -> b [N] (sampled or thresholded)
 //   b -> segments; pool H per concept -> W_up -> C (ConceptPool)          [B, Mc, d_concept]
 //   C -> backbone blocks (causal over concepts) -> backbone.norm = Z
+//   (prefix_mean + inclusive: also one prefix row per token, W_up of its concept's mean up to
+//   itself, through the same backbone pass after its closed concepts -> backbone.norm = Zp)
 //   H, Z -> ConceptCrossAttention (smoother, [z_null, ZS] K/V, leak-free concept attention,
 //   Psi = H + Wo att, X = Psi + ffn(ffn_norm(Psi))) -> decoder blocks -> decoder.norm -> lm_head
 //
@@ -112,6 +114,10 @@ class DlcmModel : public LanguageModel {
   Buf Z_, z_rstd_;
   std::vector<i32> pos_c_;
   ops::Segments sg_;
+  // Prefix rows (prefix_mean + inclusive) [N, ...]: one backbone row per token.
+  Buf Zp_, zp_rstd_, g_Zp_, g_bbp_, g_Cp_;
+  std::vector<i32> pos_p_, seq_p_;  // concept position and row of each token's prefix row
+  const float* bbp_out_ = nullptr;
   const float* enc_out_ = nullptr;
   const float* C_ = nullptr;
   const float* bb_out_ = nullptr;

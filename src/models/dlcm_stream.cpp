@@ -9,6 +9,9 @@
 //      (cached, one position per concept), backbone.norm, the smoother, K/V, and becomes the
 //      next list entry; the boundary token opens a new concept (visibility "inclusive": the
 //      concept goes through that path when it opens, from its first token);
+//      with "prefix_mean" + inclusive every token also runs one backbone prefix row: the mean
+//      of its open concept so far, at the position after the closed concepts, not cached;
+//      its output continues the smoother from the last closed concept for that token only;
 //   3. each token attends its visible entries with multiplicities (ConceptCrossAttention::
 //      forward_cached), then the cross FFN, the decoder (cached) and the head.
 // The arithmetic of every piece matches the full forward pass (same kernels for the router's
@@ -39,6 +42,7 @@ class DlcmStream final : public InferenceStream {
     concepts_ = m_.xattn->options().concept_path;
     first_ = concepts_ && m_.pool->repr() == ConceptRepr::First;
     inclusive_ = concepts_ && m_.xattn->options().inclusive();
+    prefix_ = concepts_ && m_.xattn->options().prefix_rows();
     rows_ = std::max(max_len, max_seqs);
     enc_cache_ = m_.encoder->make_cache(max_seqs, max_len);
     dec_cache_ = m_.decoder->make_cache(max_seqs, max_len);
@@ -56,6 +60,13 @@ class DlcmStream final : public InferenceStream {
     if (m_.router_wq)
       for (Buf* b : {&rq_, &rk_}) b->assign(rows_ * ds_, 0);
     for (Buf* b : {&C_, &Z_}) b->assign(rows_ * dc_, 0);
+    if (prefix_) {
+      ppooled_.assign(rows_ * d_, 0);
+      for (Buf* b : {&Cp_, &Zp_}) b->assign(rows_ * dc_, 0);
+      for (Buf* b : {&zp_rstd_, &own_gate_}) b->assign(rows_, 0);
+      pseq_.assign(rows_, 0);
+      ppos_.assign(rows_, 0);
+    }
     // per slot state
     q_last_.assign(max_seqs * ds_, 0);
     open_sum_.assign(max_seqs * d_, 0);
@@ -175,7 +186,7 @@ class DlcmStream final : public InferenceStream {
         float* sum = open_sum_.data() + s * d_;
         if (b) {
           if (st.open_count > 0) {  // close the open concept
-            if (concepts_ && !inclusive_) {
+            if (concepts_ && (!inclusive_ || prefix_)) {
               float* o = pooled_.data() + nc * d_;
               if (first_) {  // sum holds its first token's H
                 std::copy_n(sum, d_, o);
@@ -194,7 +205,7 @@ class DlcmStream final : public InferenceStream {
           st.open_forced = forced;
           // the entry the new concept's tokens count into
           if (concepts_) mult[m_.xattn->open_entry(st.closed)] = 0;
-          if (inclusive_) {  // "first": the concept is its first token, known now
+          if (inclusive_ && !prefix_) {  // "first": the concept is its first token, known now
             std::copy_n(h, d_, pooled_.data() + nc * d_);
             queue_concept(nc, s, p, forced);
           }
@@ -205,6 +216,14 @@ class DlcmStream final : public InferenceStream {
           for (i64 j = 0; j < d_; ++j) sum[j] += h[j];
         }
         st.open_count += 1;
+        if (prefix_) {  // the open concept's mean so far, for this token's prefix row
+          const float inv = 1.f / float(st.open_count);
+          float* o = ppooled_.data() + r * d_;
+          for (i64 j = 0; j < d_; ++j) o[j] = sum[j] * inv;
+          own_gate_[r] = c_.smoother ? ops::smoother_gate(st.open_p, st.open_forced) : 1.f;
+          pseq_[r] = i32(s);
+          ppos_[r] = i32(st.closed);
+        }
         const i64 e = m_.xattn->open_entry(st.closed);
         if (concepts_) mult[e] += 1;
         seq_of_[r] = s;
@@ -217,6 +236,7 @@ class DlcmStream final : public InferenceStream {
         bb_chunks.push_back({s, nc - nc0});
         st.backbone_positions += nc - nc0;
       }
+      if (prefix_) st.backbone_positions += n;  // one prefix row per token
     }
     // 3. queued concepts: W_up, backbone (cached), norm; smoother and K/V into the lists
     if (nc > 0) {
@@ -226,9 +246,19 @@ class DlcmStream final : public InferenceStream {
       ops::rmsnorm_forward(Z_.data(), z_rstd_.data(), z, m_.backbone_norm->w, nc, dc_, eps);
       m_.xattn->append_concepts(Z_.data(), gate_.data(), concept_seq_.data(), nc, list_);
     }
+    // prefix rows: every token's open concept on its prefix after its closed ones (all cached
+    // by now, including those closed in this call), without entering the cache
+    if (prefix_) {
+      m_.pool->project(Cp_.data(), ppooled_.data(), R);
+      const float* zp = m_.backbone->forward_cached_prefix_rows(Cp_.data(), pseq_.data(),
+                                                                ppos_.data(), R, bb_cache_);
+      ops::rmsnorm_forward(Zp_.data(), zp_rstd_.data(), zp, m_.backbone_norm->w, R, dc_, eps);
+    }
     // 4. each token attends its visible entries; Psi, cross FFN; decoder (cached)
     const float* X = m_.xattn->forward_cached(H_.data(), seq_of_.data(), last_entry_.data(),
-                                              own_.data(), R, list_);
+                                              own_.data(), R, list_,
+                                              prefix_ ? Zp_.data() : nullptr,
+                                              prefix_ ? own_gate_.data() : nullptr);
     return m_.decoder->forward_cached(X, chunks.data(), n_items, dec_cache_);
   }
 
@@ -253,13 +283,15 @@ class DlcmStream final : public InferenceStream {
   DlcmModel::Parts m_;
   float tau_ = 0.5f;
   i64 d_ = 0, dc_ = 0, ds_ = 0, rows_ = 0;
-  bool concepts_ = true, first_ = false, inclusive_ = false;
+  bool concepts_ = true, first_ = false, inclusive_ = false, prefix_ = false;
   KVCache enc_cache_, bb_cache_, dec_cache_;
   ConceptCache list_;
   Buf x_, H_, rstd_, rq_, rk_, last_, xn_;
   Buf pooled_, C_, Z_, z_rstd_;
   Buf q_last_, open_sum_;  // open_sum_: running sum of H ("mean"), or its first H ("first")
   Buf p_, gate_, own_;
+  Buf ppooled_, Cp_, Zp_, zp_rstd_, own_gate_;  // prefix rows [R, ...]
+  std::vector<i32> pseq_, ppos_;                // their sequence and backbone position
   Buf pair_q_, pair_k_, pair_p_, pair_cache_;
   std::vector<i64> concept_seq_, seq_of_, last_entry_;
   std::vector<Slot> slots_;

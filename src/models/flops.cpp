@@ -101,12 +101,19 @@ FlopsReport flops_report(const ModelConfig& m, i64 L, double R) {
   // Without the concept path (control) pooling, backbone and the concept attention term do
   // not run (and their parameters are not registered).
   const bool cp = m.concept_path;
+  // prefix_mean + inclusive: every token also runs one backbone prefix row (W_up of its prefix
+  // mean; at concept position j it attends the j closed concepts and itself: (M+1)/2 keys on
+  // average, like a concept row) and the K/V of its own concept.
+  const double prefix = cp && m.concept_repr == "prefix_mean" &&
+                                m.concept_visibility == "inclusive"
+                            ? 1.0
+                            : 0.0;
   // pooling adds (mean) or copies (first) are negligible; W_up runs once per concept
-  r.model.push_back({"pooling", cp ? 2.0 * d * dc / R : 0.0});
+  r.model.push_back({"pooling", cp ? 2.0 * d * dc * (1.0 / R + prefix) : 0.0});
   r.model.push_back({"backbone", cp ? m.bb_layers *
                                           block_flops_per_position(dc, m.bb_heads, m.bb_kv_heads,
-                                                                   hd, m.bb_d_ff, M) /
-                                          R
+                                                                   hd, m.bb_d_ff, M) *
+                                          (1.0 / R + prefix)
                                     : 0.0});
   // Cross-attention: q and o per token, k and v per concept (+ null). Token t in concept j
   // admits the j + 1 list entries [z_null, zs_0 .. zs_{j-1}]: (M+1)/2 on average (model and
@@ -115,7 +122,7 @@ FlopsReport flops_report(const ModelConfig& m, i64 L, double R) {
   // leading z_null slot every query sees).
   const i64 xq = m.x_heads * hd, xkv = m.x_kv_heads * hd;
   const double own = m.concept_visibility == "inclusive" ? 1.0 : 0.0;
-  double x_proj = 2.0 * d * xq * 2 + 2.0 * dc * xkv * 2 * (M + 1) / L;
+  double x_proj = 2.0 * d * xq * 2 + 2.0 * dc * xkv * 2 * ((M + 1) / L + prefix);
   r.xattn.model = cp ? x_proj + 4.0 * hd * m.x_heads * ((M + 1) / 2.0 + own) : 0.0;
   r.xattn.compact = r.xattn.model;
   r.xattn.replicate = cp ? x_proj + 4.0 * hd * m.x_heads * ((L + 1) / 2.0 + own) : 0.0;

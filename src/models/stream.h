@@ -48,7 +48,9 @@ struct StreamCounters {
   i64 tokens = 0;              // tokens fed
   i64 concepts = 0;            // concepts begun (closed ones + the open one); 0 for the baseline
   i64 concepts_closed = 0;     // concepts closed (their pooled vector went through the backbone)
-  i64 backbone_positions = 0;  // positions run through the concept backbone (== concepts_closed)
+  i64 backbone_positions = 0;  // positions run through the concept backbone: concepts_closed
+                               // (concepts with inclusive "first"), plus one prefix row per
+                               // token with "prefix_mean" + inclusive
 };
 
 class InferenceStream {

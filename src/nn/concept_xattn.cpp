@@ -81,6 +81,30 @@ void ConceptPool::backward(float* dH, const float* dC, const ops::Segments& sg) 
     ops::pool_mean_backward(dH, g_pooled_.data(), sg, d_);
 }
 
+void ConceptPool::reserve_prefix(i64 n) {
+  if (n <= cap_prefix_) return;
+  for (Buf* b : {&ppooled_, &g_ppooled_}) b->assign(n * d_, 0);
+  Cp_.assign(n * dc_, 0);
+  cap_prefix_ = n;
+}
+
+const float* ConceptPool::forward_prefix(const float* H, const ops::Segments& sg) {
+  const i64 N = sg.B * sg.L;
+  DLCM_CHECK(N <= cap_prefix_, "internal: ConceptPool::forward_prefix before reserve_prefix");
+  H_ = H;
+  // prefix means [N, d] -> Cp = W_up prefix means [N, dc]
+  ops::pool_prefix_mean_forward(ppooled_.data(), H, sg, d_);
+  ops::linear_forward(Cp_.data(), ppooled_.data(), w_up_->w, N, d_, dc_);
+  return Cp_.data();
+}
+
+void ConceptPool::backward_prefix(float* dH, const float* dCp, const ops::Segments& sg) {
+  const i64 N = sg.B * sg.L;
+  clear(g_ppooled_, N * d_);
+  ops::linear_backward(g_ppooled_.data(), w_up_->g, dCp, ppooled_.data(), w_up_->w, N, d_, dc_);
+  ops::pool_prefix_mean_backward(dH, g_ppooled_.data(), sg, d_);
+}
+
 void ConceptPool::project(float* C, const float* pooled, i64 n) const {
   ops::linear_forward(C, pooled, w_up_->w, n, d_, dc_);
 }
@@ -89,6 +113,10 @@ void ConceptPool::project(float* C, const float* pooled, i64 n) const {
 
 void ConceptCrossAttention::init(ParamStore& ps, const std::string& prefix, const XAttnDims& dims,
                                  const ConceptOptions& opt) {
+  DLCM_CHECK(!(opt.prefix_rows() && opt.replicate),
+             "model config: 'xattn_impl' \"replicate\" is not implemented for 'concept_repr' "
+             "\"prefix_mean\" with 'concept_visibility' \"inclusive\" (a token's own concept "
+             "differs per token, so no replicated K/V serves a causal kernel); use \"compact\"");
   dims_ = dims;
   opt_ = opt;
   const i64 d = dims.d, dc = dims.dc, hd = dims.head_dim;
@@ -138,6 +166,11 @@ void ConceptCrossAttention::reserve(i64 B, i64 L) {
     const i64 Lr = L + (opt_.inclusive() ? 1 : 0);
     if (opt_.replicate)
       for (Buf* b : {&krep_, &vrep_, &g_krep_, &g_vrep_}) b->assign(B * Lr * xkv, 0);
+    if (opt_.prefix_rows()) {
+      for (Buf* b : {&zso_, &g_zso_}) b->assign(N * dims_.dc, 0);
+      for (Buf* b : {&ko_raw_, &ko_, &vo_, &g_ko_, &g_koraw_, &g_vo_}) b->assign(N * xkv, 0);
+      ko_rstd_.assign(N * dims_.n_kv_heads, 0);
+    }
   }
   cap_B_ = B;
   cap_L_ = L;
@@ -192,10 +225,15 @@ void ConceptCrossAttention::ffn_forward(float* X, float* psi, float* pn, float* 
 // ---- forward --------------------------------------------------------------------------------
 
 const float* ConceptCrossAttention::forward(const float* H, const float* Z, const float* p,
-                                            const ops::Segments& sg, i64 B, i64 L) {
+                                            const ops::Segments& sg, i64 B, i64 L,
+                                            const float* Zp) {
   const i64 N = B * L, d = dims_.d, dc = dims_.dc, hd = dims_.head_dim;
+  const bool own = opt_.prefix_rows();
+  DLCM_CHECK(!own || Zp != nullptr, "internal: ConceptCrossAttention::forward without the "
+             "prefix rows' backbone output");
   H_ = H;
   Z_ = Z;
+  Zp_ = Zp;
   p_ = p;
   sg_ = &sg;
   if (!opt_.concept_path) {
@@ -212,11 +250,20 @@ const float* ConceptCrossAttention::forward(const float* H, const float* Z, cons
   ops::smoother_forward(zs_.data(), Z, opt_.smoother ? p : nullptr, sg, dc);
   ops::concept_list_forward(list_.data(), null_->w, zs_.data(), B, Mc, dc);
   kv_forward(kx_raw_.data(), kx_.data(), kx_rstd_.data(), vx_.data(), list_.data(), nc1);
+  // prefix rows: every token's own concept zs_j(t) = P_j z_j(t) + (1 - P_j) zs_{j-1} -> K/V
+  if (own) {
+    ops::smoother_own_forward(zso_.data(), Zp, zs_.data(), opt_.smoother ? p : nullptr, sg, dc);
+    kv_forward(ko_raw_.data(), ko_.data(), ko_rstd_.data(), vo_.data(), zso_.data(), N);
+  }
   query_forward(hn_.data(), hn_rstd_.data(), qx_raw_.data(), qx_.data(), qx_rstd_.data(), H, N);
   const float scale = 1.0f / std::sqrt(float(hd));
   {
     prof::Scope ps("  concept attention kernel");
-    if (opt_.replicate)
+    if (own)
+      ops::concept_attention_own_forward(att_.data(), qx_.data(), kx_.data(), vx_.data(),
+                                         ko_.data(), vo_.data(), sg, B, L, dims_.n_heads,
+                                         dims_.n_kv_heads, hd, scale);
+    else if (opt_.replicate)
       ops::concept_attention_replicate_forward(att_.data(), lse_.data(), krep_.data(),
                                                vrep_.data(), qx_.data(), kx_.data(), vx_.data(),
                                                sg, B, L, dims_.n_heads, dims_.n_kv_heads, hd,
@@ -237,7 +284,7 @@ const float* ConceptCrossAttention::forward(const float* H, const float* Z, cons
 // ---- backward -------------------------------------------------------------------------------
 
 void ConceptCrossAttention::backward(float* dH, float* dZ, float* dp, const float* dX, i64 B,
-                                     i64 L) {
+                                     i64 L, float* dZp) {
   const i64 N = B * L, d = dims_.d, dc = dims_.dc, hd = dims_.head_dim, xf = dims_.d_ff;
   const i64 xq = dims_.q_dim(), xkv = dims_.kv_dim();
   // cross FFN: X = Psi + w2 h  ->  dPsi = dX + norm backward of (w1, w3 branches)
@@ -268,18 +315,28 @@ void ConceptCrossAttention::backward(float* dH, float* dZ, float* dp, const floa
   clear(g_k_, nc1 * xkv);
   clear(g_v_, nc1 * xkv);
   const float scale = 1.0f / std::sqrt(float(hd));
+  const bool own = opt_.prefix_rows();
+  DLCM_CHECK(!own || dZp != nullptr, "internal: ConceptCrossAttention::backward without dZp");
   {
     prof::Scope ps("  concept attention kernel");
-    if (opt_.replicate)
+    if (own) {
+      clear(g_ko_, N * xkv);
+      clear(g_vo_, N * xkv);
+      ops::concept_attention_own_backward(g_q_.data(), g_k_.data(), g_v_.data(), g_ko_.data(),
+                                          g_vo_.data(), g_att_.data(), qx_.data(), kx_.data(),
+                                          vx_.data(), ko_.data(), vo_.data(), sg, B, L,
+                                          dims_.n_heads, dims_.n_kv_heads, hd, scale);
+    } else if (opt_.replicate) {
       ops::concept_attention_replicate_backward(
           g_q_.data(), g_k_.data(), g_v_.data(), g_krep_.data(), g_vrep_.data(), g_att_.data(),
           att_.data(), lse_.data(), qx_.data(), krep_.data(), vrep_.data(), sg, B, L,
           dims_.n_heads, dims_.n_kv_heads, hd, scale, opt_.inclusive());
-    else
+    } else {
       ops::concept_attention_backward(g_q_.data(), g_k_.data(), g_v_.data(), g_att_.data(),
                                       att_.data(), lse_.data(), qx_.data(), kx_.data(),
                                       vx_.data(), sg, B, L, dims_.n_heads, dims_.n_kv_heads, hd,
                                       scale, opt_.inclusive());
+    }
   }
   // queries: QK-norm, Wq, xattn.norm -> dH
   clear(g_qraw_, N * xq);
@@ -298,6 +355,18 @@ void ConceptCrossAttention::backward(float* dH, float* dZ, float* dp, const floa
   ops::linear_backward(g_list_.data(), wv_->g, g_v_.data(), list_.data(), wv_->w, nc1, dc, xkv);
   clear(g_zs_, nc * dc);
   ops::concept_list_backward(null_->g, g_zs_.data(), g_list_.data(), B, Mc, dc);
+  // prefix rows: own K/V -> own concept -> dZp, and zs_{j-1} (before the smoother's backward)
+  if (own) {
+    clear(g_koraw_, N * xkv);
+    ops::head_rmsnorm_backward(g_koraw_.data(), kn_->g, g_ko_.data(), ko_raw_.data(), kn_->w,
+                               ko_rstd_.data(), N, dims_.n_kv_heads, hd);
+    clear(g_zso_, N * dc);
+    ops::linear_backward(g_zso_.data(), wk_->g, g_koraw_.data(), zso_.data(), wk_->w, N, dc,
+                         xkv);
+    ops::linear_backward(g_zso_.data(), wv_->g, g_vo_.data(), zso_.data(), wv_->w, N, dc, xkv);
+    ops::smoother_own_backward(dZp, g_zs_.data(), opt_.smoother ? dp : nullptr, g_zso_.data(),
+                               Zp_, zs_.data(), opt_.smoother ? p_ : nullptr, sg, dc);
+  }
   // smoother -> dZ (and dp with a live gate; none when the smoother is off)
   ops::smoother_backward(dZ, opt_.smoother ? dp : nullptr, g_zs_.data(), zs_.data(), Z_,
                          opt_.smoother ? p_ : nullptr, sg, dc);
@@ -335,6 +404,7 @@ ConceptCache ConceptCrossAttention::make_cache(i64 max_seqs, i64 max_entries) co
   c.v.assign(max_seqs * max_entries * c.kv_dim, 0);
   c.mult.assign(max_seqs * max_entries, 0);
   c.zs_last.assign(max_seqs * c.dc, 0);
+  if (opt_.prefix_rows()) c.zs.assign(max_seqs * max_entries * c.dc, 0);
   return c;
 }
 
@@ -350,6 +420,7 @@ void ConceptCrossAttention::reset(ConceptCache& c, i64 seq) const {
   // inclusive: z_null is one fixed slot; shifted: it carries the first concept's tokens
   c.mult_of(seq)[0] = opt_.inclusive() ? 1.f : 0.f;
   std::fill_n(c.zs_last.data() + seq * c.dc, c.dc, 0.f);
+  if (opt_.prefix_rows()) std::fill_n(c.zs_at(seq, 0), c.dc, 0.f);
 }
 
 void ConceptCrossAttention::append_concepts(const float* Z, const float* gate, const i64* seqs,
@@ -374,13 +445,15 @@ void ConceptCrossAttention::append_concepts(const float* Z, const float* gate, c
                c.max_entries, " entries)");
     std::copy_n(i_k_.data() + j * xkv, xkv, c.k_at(s, e));
     std::copy_n(i_v_.data() + j * xkv, xkv, c.v_at(s, e));
+    if (opt_.prefix_rows()) std::copy_n(i_zs_.data() + j * c.dc, c.dc, c.zs_at(s, e));
     c.n[s] = e + 1;
   }
 }
 
 const float* ConceptCrossAttention::forward_cached(const float* H, const i64* seqs,
                                                    const i64* last, const float* own, i64 R,
-                                                   ConceptCache& c) {
+                                                   ConceptCache& c, const float* own_z,
+                                                   const float* own_gate) {
   DLCM_CHECK(R <= inf_rows_, "internal: ConceptCrossAttention::forward_cached: ", R,
              " rows exceed the reserved ", inf_rows_);
   const i64 d = dims_.d, xq = dims_.q_dim(), hd = dims_.head_dim;
@@ -389,6 +462,22 @@ const float* ConceptCrossAttention::forward_cached(const float* H, const i64* se
   } else {
     query_forward(i_hn_.data(), i_hn_rstd_.data(), i_qraw_.data(), i_q_.data(), i_q_rstd_.data(),
                   H, R);
+    // prefix rows: each token's own entry, zs = P z + (1 - P) zs of the entry before it
+    const bool per_token = own_z != nullptr;
+    DLCM_CHECK(per_token == opt_.prefix_rows() && (!per_token || own_gate != nullptr),
+               "internal: ConceptCrossAttention::forward_cached: own entries are given "
+               "exactly with prefix rows");
+    if (per_token) {
+      const i64 dc = dims_.dc;
+      for (i64 r = 0; r < R; ++r) {
+        const float P = own_gate[r];
+        const float* z = own_z + r * dc;
+        const float* prev = c.zs_at(seqs[r], last[r] - 1);
+        float* o = i_zs_.data() + r * dc;
+        for (i64 u = 0; u < dc; ++u) o[u] = P * z[u] + (1.f - P) * prev[u];
+      }
+      kv_forward(i_kraw_.data(), i_k_.data(), i_krstd_.data(), i_v_.data(), i_zs_.data(), R);
+    }
     const float scale = 1.0f / std::sqrt(float(hd));
 #pragma omp parallel if (R * dims_.n_heads * hd * 8 > (1 << 15))
     {
@@ -400,7 +489,9 @@ const float* ConceptCrossAttention::forward_cached(const float* H, const i64* se
         mt[nk - 1] = own[r];
         ops::concept_attention_step(i_att_.data() + r * xq, i_q_.data() + r * xq, c.k_at(s, 0),
                                     c.v_at(s, 0), c.kv_dim, mt.data(), nk, dims_.n_heads,
-                                    dims_.n_kv_heads, hd, scale);
+                                    dims_.n_kv_heads, hd, scale,
+                                    per_token ? i_k_.data() + r * c.kv_dim : nullptr,
+                                    per_token ? i_v_.data() + r * c.kv_dim : nullptr);
       }
     }
     // Psi = H + Wo att

@@ -32,6 +32,9 @@ struct ConceptOptions {
   bool concept_path = true;  // false: no concept term, Psi = H (control)
   bool smoother = true;      // false: every gate is 1, ZS = Z (control; p is then unused)
   bool inclusive() const { return visibility == ConceptVisibility::Inclusive; }
+  // prefix_mean + inclusive: a token's own concept is evaluated on its prefix, one extra
+  // backbone row per token (the prefix rows of TransformerStack).
+  bool prefix_rows() const { return inclusive() && repr == ConceptRepr::PrefixMean; }
 };
 // Parses the config strings (names as in SPEC 4.9); throws Error naming `what` otherwise.
 ConceptRepr parse_concept_repr(const std::string& s, const std::string& what);
@@ -48,6 +51,13 @@ class ConceptPool {
   const float* forward(const float* H, const ops::Segments& sg);
   // dC [B*Mmax, dc] -> dH += ; W_up gradient +=.
   void backward(float* dH, const float* dC, const ops::Segments& sg);
+  // prefix_mean + inclusive: every token's own concept on its prefix, Cp [B*L, dc] = W_up
+  // (mean of its concept's tokens up to itself) (owned). H must stay alive until
+  // backward_prefix(); reserve_prefix(B*L) first.
+  void reserve_prefix(i64 n_tokens);  // grows only
+  const float* forward_prefix(const float* H, const ops::Segments& sg);
+  // dCp [B*L, dc] -> dH +=; W_up gradient +=.
+  void backward_prefix(float* dH, const float* dCp, const ops::Segments& sg);
   // Streaming: C [n, dc] = W_up pooled [n, d] (pooled rows made by the caller per repr()).
   void project(float* C, const float* pooled, i64 n) const;
   ConceptRepr repr() const { return repr_; }
@@ -58,7 +68,8 @@ class ConceptPool {
   ConceptRepr repr_ = ConceptRepr::Mean;
   const float* H_ = nullptr;
   Buf pooled_, C_, g_pooled_;
-  i64 cap_ = 0;
+  Buf ppooled_, Cp_, g_ppooled_;  // prefix rows [B*L, ...]
+  i64 cap_ = 0, cap_prefix_ = 0;
 };
 
 struct XAttnDims {
@@ -76,14 +87,17 @@ struct XAttnDims {
 // Streaming state of the concept list of up to max_seqs sequences: entry 0 is z_null, entry
 // e >= 1 is zs_{e-1}; k/v [max_seqs, max_entries, kv_dim] after QK-norm, mult [max_seqs,
 // max_entries] the multiplicity each entry has for the next token (the last visible entry's is
-// given per token instead), zs_last [max_seqs, dc] the smoother's last value.
+// given per token instead), zs_last [max_seqs, dc] the smoother's last value. With prefix
+// rows (prefix_mean + inclusive) zs [max_seqs, max_entries, dc] also keeps each entry's
+// smoother value (entry 0: zs_{-1} = 0), the one a token's own concept continues from.
 struct ConceptCache {
   i64 max_seqs = 0, max_entries = 0, kv_dim = 0, dc = 0;
-  Buf k, v, mult, zs_last;
+  Buf k, v, mult, zs_last, zs;
   std::vector<i64> n;  // entries held per sequence (>= 1)
   float* k_at(i64 seq, i64 e) { return k.data() + (seq * max_entries + e) * kv_dim; }
   float* v_at(i64 seq, i64 e) { return v.data() + (seq * max_entries + e) * kv_dim; }
   float* mult_of(i64 seq) { return mult.data() + seq * max_entries; }
+  float* zs_at(i64 seq, i64 e) { return zs.data() + (seq * max_entries + e) * dc; }
 };
 
 class ConceptCrossAttention {
@@ -98,13 +112,15 @@ class ConceptCrossAttention {
 
   // H [B*L, d] encoder output; Z [B*Mmax, dc] backbone.norm output; p [B*L] router
   // probabilities (the smoother's gate) -> X [B*L, d] (owned, valid until the next forward).
-  // With concept_path = false, Z and p are not read (may be nullptr). H, Z, p and sg must stay
-  // alive until backward().
+  // With concept_path = false, Z and p are not read (may be nullptr). Zp [B*L, dc]
+  // (options().prefix_rows() only): backbone.norm output of every token's prefix row, z_j(t).
+  // H, Z, Zp, p and sg must stay alive until backward().
   const float* forward(const float* H, const float* Z, const float* p, const ops::Segments& sg,
-                       i64 B, i64 L);
-  // dX [B*L, d] -> dH +=, dZ += [B*Mmax, dc], dp += (the smoother gate's share; nullptr keeps
-  // P detached). Parameter gradients +=.
-  void backward(float* dH, float* dZ, float* dp, const float* dX, i64 B, i64 L);
+                       i64 B, i64 L, const float* Zp = nullptr);
+  // dX [B*L, d] -> dH +=, dZ += [B*Mmax, dc], dZp += [B*L, dc] (prefix rows only), dp += (the
+  // smoother gate's share; nullptr keeps P detached). Parameter gradients +=.
+  void backward(float* dH, float* dZ, float* dp, const float* dX, i64 B, i64 L,
+                float* dZp = nullptr);
 
   // ---- streaming (no gradients; buffers apart from the training activations) ----
   void reserve_infer(i64 max_rows);  // new tokens / new concepts per call (grows only)
@@ -122,9 +138,12 @@ class ConceptCrossAttention {
                        ConceptCache& c);
   // R new tokens: H [R, d]; token r of sequence seqs[r] sees entries 0..last[r] with their
   // cached multiplicities, except entry last[r] with own[r]. -> X [R, d] (owned, valid until
-  // the next call).
+  // the next call). Prefix rows: own_z [R, dc] (backbone.norm of the token's prefix row) and
+  // own_gate [R] (its concept's smoother gate) give entry last[r] per token, continuing the
+  // smoother from the cached entry last[r] - 1; it is not stored.
   const float* forward_cached(const float* H, const i64* seqs, const i64* last,
-                              const float* own, i64 R, ConceptCache& c);
+                              const float* own, i64 R, ConceptCache& c,
+                              const float* own_z = nullptr, const float* own_gate = nullptr);
 
   const ConceptOptions& options() const { return opt_; }
   // Offset of the first registered parameter: from there on, gradients are complete after
@@ -148,6 +167,7 @@ class ConceptCrossAttention {
   // Inputs of the last forward.
   const float* H_ = nullptr;
   const float* Z_ = nullptr;
+  const float* Zp_ = nullptr;
   const float* p_ = nullptr;
   const ops::Segments* sg_ = nullptr;
   // Token-level activations [N, ...].
@@ -156,6 +176,8 @@ class ConceptCrossAttention {
   Buf psi_, pn_, pn_rstd_, fa_, fb_, fh_, X_;  // cross FFN block
   // Concept-level activations [B*Mc, ...] and [B*(Mc+1), ...].
   Buf zs_, list_, kx_raw_, kx_, kx_rstd_, vx_;
+  // Prefix rows: every token's own concept [N, ...] and its keys/values.
+  Buf zso_, ko_raw_, ko_, ko_rstd_, vo_, g_zso_, g_ko_, g_koraw_, g_vo_;
   // Gradients.
   Buf g_fh_, g_fa_, g_fb_, g_pn_, g_psi_, g_att_, g_q_, g_qraw_, g_hn_, g_krep_, g_vrep_;
   Buf g_k_, g_kraw_, g_v_, g_list_, g_zs_;

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "kernels/dlcm_ops.h"
 #include "kernels/gemm.h"
 #include "kernels/ops.h"
 
@@ -68,6 +69,14 @@ static void alloc_block_acts(BlockActs& a, const BlockDims& d, i64 N) {
   a.h.assign(N * d.d_ff, 0);
 }
 
+static void alloc_block_grads(BlockGrads& g, const BlockDims& d, i64 N) {
+  for (Buf* b : {&g.res, &g.res2, &g.xn, &g.mid}) b->assign(N * d.d, 0);
+  for (Buf* b : {&g.q, &g.att}) b->assign(N * d.q_dim(), 0);
+  for (Buf* b : {&g.k, &g.v}) b->assign(N * d.kv_dim(), 0);
+  for (Buf* b : {&g.a, &g.b, &g.h}) b->assign(N * d.d_ff, 0);
+  if (d.qk_norm) g.raw.assign(N * std::max(d.q_dim(), d.kv_dim()), 0);
+}
+
 void TransformerStack::reserve(i64 B, i64 L) {
   if (B * L <= cap_rows_ && B <= cap_B_ && L <= cap_L_) return;
   const BlockDims& d = dims_;
@@ -79,18 +88,7 @@ void TransformerStack::reserve(i64 B, i64 L) {
     alloc_block_acts(a, d, N);
     a.out.assign(N * d.d, 0);
   }
-  g_res_.assign(N * d.d, 0);
-  g_res2_.assign(N * d.d, 0);
-  g_xn_.assign(N * d.d, 0);
-  g_mid_.assign(N * d.d, 0);
-  g_q_.assign(N * d.q_dim(), 0);
-  g_k_.assign(N * d.kv_dim(), 0);
-  g_v_.assign(N * d.kv_dim(), 0);
-  g_att_.assign(N * d.q_dim(), 0);
-  g_a_.assign(N * d.d_ff, 0);
-  g_b_.assign(N * d.d_ff, 0);
-  g_h_.assign(N * d.d_ff, 0);
-  if (d.qk_norm) g_raw_.assign(N * std::max(d.q_dim(), d.kv_dim()), 0);
+  alloc_block_grads(grads_, d, N);
 }
 
 const float* TransformerStack::forward(const float* x, const i32* pos, i64 B, i64 L) {
@@ -98,6 +96,9 @@ const float* TransformerStack::forward(const float* x, const i32* pos, i64 B, i6
              "internal: TransformerStack::forward beyond reserved size");
   input_ = x;
   pos_ = pos;
+  last_B_ = B;
+  last_L_ = L;
+  n_ext_ = 0;
   const float* cur = x;
   for (i64 l = 0; l < n_layers(); ++l) {
     block_forward(l, cur, pos, B, L);
@@ -244,81 +245,253 @@ const float* TransformerStack::forward_cached(const float* x, const CacheChunk* 
 }
 
 void TransformerStack::backward(float* dx, const float* dout, i64 B, i64 L,
-                                const std::function<void(i64)>& block_done) {
-  const i64 N = B * L, D = dims_.d;
+                                const std::function<void(i64)>& block_done, float* dxe,
+                                const float* doute) {
+  DLCM_CHECK(n_ext_ == 0 || (dxe != nullptr && doute != nullptr),
+             "internal: TransformerStack::backward without the gradients of its prefix rows");
+  const i64 N = B * L, D = dims_.d, ne = n_ext_;
   const float* g_cur = dout;
+  const float* ge_cur = doute;
   for (i64 l = n_layers() - 1; l >= 0; --l) {
     const float* x = l == 0 ? input_ : acts_[l - 1].out.data();
-    float* g_prev;
-    if (l == 0) {
-      g_prev = dx;  // accumulate into the caller's buffer
-    } else {
-      g_prev = (g_cur == g_res_.data()) ? g_res2_.data() : g_res_.data();
+    const float* xe = l == 0 ? ext_input_ : (ne ? ext_acts_[l - 1].out.data() : nullptr);
+    float* g_prev = dx;  // layer 0 accumulates into the caller's buffers
+    float* ge_prev = dxe;
+    if (l > 0) {
+      g_prev = (g_cur == grads_.res.data()) ? grads_.res2.data() : grads_.res.data();
       std::memset(g_prev, 0, sizeof(float) * N * D);
+      if (ne) {
+        ge_prev = (ge_cur == ext_grads_.res.data()) ? ext_grads_.res2.data()
+                                                    : ext_grads_.res.data();
+        std::memset(ge_prev, 0, sizeof(float) * ne * D);
+      }
     }
-    block_backward(l, g_prev, g_cur, x, B, L);
+    block_backward(l, g_prev, g_cur, x, B, L, ge_prev, ge_cur, xe);
     if (block_done) block_done(layers_[l].attn_norm->offset);  // registered first in a block
     g_cur = g_prev;
+    ge_cur = ge_prev;
   }
 }
 
-void TransformerStack::block_backward(i64 l, float* dx, const float* dout, const float* x, i64 B,
-                                      i64 L) {
-  const BlockDims& d = dims_;
-  const BlockParams& P = layers_[l];
-  BlockActs& A = acts_[l];
-  const i64 N = B * L;
-  auto clear = [](Buf& b, i64 n) { std::memset(b.data(), 0, sizeof(float) * n); };
-  // out = mid + w2(h): dh = dout W2, dW2 += dout^T h
-  clear(g_h_, N * d.d_ff);
-  ops::linear_backward(g_h_.data(), P.w2->g, dout, A.h.data(), P.w2->w, N, d.d_ff, d.d);
-  clear(g_a_, N * d.d_ff);
-  clear(g_b_, N * d.d_ff);
-  ops::swiglu_backward(g_a_.data(), g_b_.data(), g_h_.data(), A.a.data(), A.b.data(),
-                       N * d.d_ff);
-  clear(g_xn_, N * d.d);
-  ops::linear_backward(g_xn_.data(), P.w1->g, g_a_.data(), A.xn2.data(), P.w1->w, N, d.d, d.d_ff);
-  ops::linear_backward(g_xn_.data(), P.w3->g, g_b_.data(), A.xn2.data(), P.w3->w, N, d.d, d.d_ff);
-  // d mid = dout (residual) + norm backward
-  std::memcpy(g_mid_.data(), dout, sizeof(float) * N * d.d);
-  ops::rmsnorm_backward(g_mid_.data(), P.ffn_norm->g, g_xn_.data(), A.mid.data(), P.ffn_norm->w,
-                        A.rstd2.data(), N, d.d);
-  // mid = x + wo(att)
-  clear(g_att_, N * d.q_dim());
-  ops::linear_backward(g_att_.data(), P.wo->g, g_mid_.data(), A.att.data(), P.wo->w, N,
-                       d.q_dim(), d.d);
-  clear(g_q_, N * d.q_dim());
-  clear(g_k_, N * d.kv_dim());
-  clear(g_v_, N * d.kv_dim());
+namespace {
+
+void clear(Buf& b, i64 n) { std::memset(b.data(), 0, sizeof(float) * n); }
+
+// Prefix rows' attention: row i (queries q, own key/value ke/ve) attends the positions < pos[i]
+// of sequence seq[i], whose keys/values start at K/V + seq[i] * stride (dense [len, kv]), and
+// itself: concept_attention_step with multiplicities 1 and the own entry last.
+void prefix_attention_forward(float* att, const float* q, const float* ke, const float* ve,
+                              const float* K, const float* V, i64 stride, const i32* seq,
+                              const i32* pos, i64 n, const BlockDims& d) {
   const float scale = 1.0f / std::sqrt(float(d.head_dim));
-  ops::attention_backward(g_q_.data(), g_k_.data(), g_v_.data(), g_att_.data(), A.att.data(),
+  const i64 qd = d.q_dim(), kvd = d.kv_dim();
+  i64 max_pos = 0;
+  for (i64 i = 0; i < n; ++i) max_pos = std::max<i64>(max_pos, pos[i]);
+#pragma omp parallel if (n * qd * (max_pos + 1) > (1 << 15))
+  {
+    std::vector<float> sc(max_pos + 1);
+#pragma omp for schedule(dynamic, 16)
+    for (i64 i = 0; i < n; ++i)
+      ops::concept_attention_step(att + i * qd, q + i * qd, K + seq[i] * stride,
+                                  V + seq[i] * stride, kvd, nullptr, pos[i] + 1, d.n_heads,
+                                  d.n_kv_heads, d.head_dim, scale, ke + i * kvd, ve + i * kvd,
+                                  sc.data());
+  }
+}
+
+// Its backward: dq/dke/dve of the rows and dK/dV of the positions they read (+=), parallel over
+// (sequence, kv head); rows of one sequence are contiguous (seq non-decreasing).
+void prefix_attention_backward(float* dq, float* dke, float* dve, float* dK, float* dV,
+                               const float* datt, const float* q, const float* ke,
+                               const float* ve, const float* K, const float* V, i64 stride,
+                               const i32* seq, const i32* pos, i64 n, const BlockDims& d) {
+  const float scale = 1.0f / std::sqrt(float(d.head_dim));
+  const i64 qd = d.q_dim(), kvd = d.kv_dim(), Hkv = d.n_kv_heads;
+  std::vector<i64> first;  // first row of each run of equal seq, plus the end
+  i64 max_pos = 0;
+  for (i64 i = 0; i < n; ++i) {
+    if (i == 0 || seq[i] != seq[i - 1]) first.push_back(i);
+    max_pos = std::max<i64>(max_pos, pos[i]);
+  }
+  first.push_back(n);
+  const i64 runs = i64(first.size()) - 1;
+#pragma omp parallel if (n * qd * (max_pos + 1) > (1 << 15))
+  {
+    std::vector<float> sc(2 * (max_pos + 1));
+#pragma omp for collapse(2) schedule(dynamic, 1)
+    for (i64 u = 0; u < runs; ++u)
+      for (i64 g = 0; g < Hkv; ++g)
+        for (i64 i = first[u]; i < first[u + 1]; ++i) {
+          const i64 o = seq[i] * stride;
+          ops::concept_attention_step_backward(
+              dq + i * qd, dK + o, dV + o, dke + i * kvd, dve + i * kvd, datt + i * qd,
+              q + i * qd, K + o, V + o, kvd, nullptr, pos[i] + 1, d.n_heads, Hkv, d.head_dim,
+              scale, g, ke + i * kvd, ve + i * kvd, sc.data());
+        }
+  }
+}
+
+}  // namespace
+
+void TransformerStack::block_backward(i64 l, float* dx, const float* dout, const float* x, i64 B,
+                                      i64 L, float* dxe, const float* doute, const float* xe) {
+  const BlockDims& d = dims_;
+  BlockActs& A = acts_[l];
+  BlockGrads& G = grads_;
+  const i64 N = B * L;
+  block_backward_out(l, dout, N, A, G);
+  clear(G.q, N * d.q_dim());
+  clear(G.k, N * d.kv_dim());
+  clear(G.v, N * d.kv_dim());
+  const float scale = 1.0f / std::sqrt(float(d.head_dim));
+  ops::attention_backward(G.q.data(), G.k.data(), G.v.data(), G.att.data(), A.att.data(),
                           A.lse.data(), A.q.data(), A.k.data(), A.v.data(), B, L, L, d.n_heads,
                           d.n_kv_heads, d.head_dim, 0, scale, d.window);
-  ops::rope_apply(g_q_.data(), pos_, N, d.n_heads, d.head_dim, d.rope_theta, true);
-  ops::rope_apply(g_k_.data(), pos_, N, d.n_kv_heads, d.head_dim, d.rope_theta, true);
-  if (d.qk_norm) {
-    clear(g_raw_, N * d.q_dim());
-    ops::head_rmsnorm_backward(g_raw_.data(), P.q_norm->g, g_q_.data(), A.q_raw.data(), P.q_norm->w,
-                               A.q_rstd.data(), N, d.n_heads, d.head_dim);
-    std::memcpy(g_q_.data(), g_raw_.data(), sizeof(float) * N * d.q_dim());
-    clear(g_raw_, N * d.kv_dim());
-    ops::head_rmsnorm_backward(g_raw_.data(), P.k_norm->g, g_k_.data(), A.k_raw.data(), P.k_norm->w,
-                               A.k_rstd.data(), N, d.n_kv_heads, d.head_dim);
-    std::memcpy(g_k_.data(), g_raw_.data(), sizeof(float) * N * d.kv_dim());
+  if (n_ext_ > 0) {
+    // The prefix rows read this layer's keys/values: their share joins G.k/G.v before the
+    // keys' RoPE/QK-norm backward.
+    const i64 ne = n_ext_;
+    BlockActs& E = ext_acts_[l];
+    BlockGrads& EG = ext_grads_;
+    block_backward_out(l, doute, ne, E, EG);
+    clear(EG.q, ne * d.q_dim());
+    clear(EG.k, ne * d.kv_dim());
+    clear(EG.v, ne * d.kv_dim());
+    prefix_attention_backward(EG.q.data(), EG.k.data(), EG.v.data(), G.k.data(), G.v.data(),
+                              EG.att.data(), E.q.data(), E.k.data(), E.v.data(), A.k.data(),
+                              A.v.data(), L * d.kv_dim(), ext_seq_.data(), ext_pos_.data(), ne,
+                              d);
+    block_backward_qkv(l, dxe, xe, ext_pos_.data(), ne, E, EG);
   }
-  clear(g_xn_, N * d.d);
-  ops::linear_backward(g_xn_.data(), P.wq->g, g_q_.data(), A.xn1.data(), P.wq->w, N, d.d,
+  block_backward_qkv(l, dx, x, pos_, N, A, G);
+}
+
+void TransformerStack::block_backward_out(i64 l, const float* dout, i64 N, BlockActs& A,
+                                          BlockGrads& G) {
+  const BlockDims& d = dims_;
+  const BlockParams& P = layers_[l];
+  // out = mid + w2(h): dh = dout W2, dW2 += dout^T h
+  clear(G.h, N * d.d_ff);
+  ops::linear_backward(G.h.data(), P.w2->g, dout, A.h.data(), P.w2->w, N, d.d_ff, d.d);
+  clear(G.a, N * d.d_ff);
+  clear(G.b, N * d.d_ff);
+  ops::swiglu_backward(G.a.data(), G.b.data(), G.h.data(), A.a.data(), A.b.data(), N * d.d_ff);
+  clear(G.xn, N * d.d);
+  ops::linear_backward(G.xn.data(), P.w1->g, G.a.data(), A.xn2.data(), P.w1->w, N, d.d, d.d_ff);
+  ops::linear_backward(G.xn.data(), P.w3->g, G.b.data(), A.xn2.data(), P.w3->w, N, d.d, d.d_ff);
+  // d mid = dout (residual) + norm backward
+  std::memcpy(G.mid.data(), dout, sizeof(float) * N * d.d);
+  ops::rmsnorm_backward(G.mid.data(), P.ffn_norm->g, G.xn.data(), A.mid.data(), P.ffn_norm->w,
+                        A.rstd2.data(), N, d.d);
+  // mid = x + wo(att)
+  clear(G.att, N * d.q_dim());
+  ops::linear_backward(G.att.data(), P.wo->g, G.mid.data(), A.att.data(), P.wo->w, N, d.q_dim(),
+                       d.d);
+}
+
+void TransformerStack::block_backward_qkv(i64 l, float* dx, const float* x, const i32* pos,
+                                          i64 N, BlockActs& A, BlockGrads& G) {
+  const BlockDims& d = dims_;
+  const BlockParams& P = layers_[l];
+  ops::rope_apply(G.q.data(), pos, N, d.n_heads, d.head_dim, d.rope_theta, true);
+  ops::rope_apply(G.k.data(), pos, N, d.n_kv_heads, d.head_dim, d.rope_theta, true);
+  if (d.qk_norm) {
+    clear(G.raw, N * d.q_dim());
+    ops::head_rmsnorm_backward(G.raw.data(), P.q_norm->g, G.q.data(), A.q_raw.data(),
+                               P.q_norm->w, A.q_rstd.data(), N, d.n_heads, d.head_dim);
+    std::memcpy(G.q.data(), G.raw.data(), sizeof(float) * N * d.q_dim());
+    clear(G.raw, N * d.kv_dim());
+    ops::head_rmsnorm_backward(G.raw.data(), P.k_norm->g, G.k.data(), A.k_raw.data(),
+                               P.k_norm->w, A.k_rstd.data(), N, d.n_kv_heads, d.head_dim);
+    std::memcpy(G.k.data(), G.raw.data(), sizeof(float) * N * d.kv_dim());
+  }
+  clear(G.xn, N * d.d);
+  ops::linear_backward(G.xn.data(), P.wq->g, G.q.data(), A.xn1.data(), P.wq->w, N, d.d,
                        d.q_dim());
-  ops::linear_backward(g_xn_.data(), P.wk->g, g_k_.data(), A.xn1.data(), P.wk->w, N, d.d,
+  ops::linear_backward(G.xn.data(), P.wk->g, G.k.data(), A.xn1.data(), P.wk->w, N, d.d,
                        d.kv_dim());
-  ops::linear_backward(g_xn_.data(), P.wv->g, g_v_.data(), A.xn1.data(), P.wv->w, N, d.d,
+  ops::linear_backward(G.xn.data(), P.wv->g, G.v.data(), A.xn1.data(), P.wv->w, N, d.d,
                        d.kv_dim());
   // x feeds both the residual and the norm
-  float* g_mid = g_mid_.data();
+  float* g_mid = G.mid.data();
 #pragma omp parallel for schedule(static) if (N * d.d > (1 << 15))
   for (i64 i = 0; i < N * d.d; ++i) dx[i] += g_mid[i];
-  ops::rmsnorm_backward(dx, P.attn_norm->g, g_xn_.data(), x, P.attn_norm->w, A.rstd1.data(), N,
+  ops::rmsnorm_backward(dx, P.attn_norm->g, G.xn.data(), x, P.attn_norm->w, A.rstd1.data(), N,
                         d.d);
+}
+
+// ---- prefix rows ----
+
+void TransformerStack::reserve_prefix_rows(i64 n) {
+  if (n <= cap_ext_) return;
+  ext_acts_.resize(n_layers());
+  for (auto& a : ext_acts_) {
+    alloc_block_acts(a, dims_, n);
+    a.out.assign(n * dims_.d, 0);
+  }
+  alloc_block_grads(ext_grads_, dims_, n);
+  ext_pos_.assign(n, 0);
+  ext_seq_.assign(n, 0);
+  cap_ext_ = n;
+}
+
+const float* TransformerStack::forward_prefix_rows(const float* xe, const i32* seq,
+                                                   const i32* pos, i64 n) {
+  const BlockDims& d = dims_;
+  DLCM_CHECK(n <= cap_ext_, "internal: TransformerStack::forward_prefix_rows beyond reserved (",
+             n, " > ", cap_ext_, ")");
+  DLCM_CHECK(d.window == 0, "internal: prefix rows need full causal attention");
+  for (i64 i = 0; i < n; ++i)
+    DLCM_CHECK(seq[i] >= 0 && seq[i] < last_B_ && pos[i] >= 0 && pos[i] < last_L_ &&
+                   (i == 0 || seq[i] >= seq[i - 1]),
+               "internal: prefix row ", i, " at (", seq[i], ", ", pos[i],
+               ") outside the last forward's ", last_B_, " x ", last_L_, " or out of order");
+  std::copy_n(pos, n, ext_pos_.data());
+  std::copy_n(seq, n, ext_seq_.data());
+  ext_input_ = xe;
+  n_ext_ = n;
+  const float* cur = xe;
+  for (i64 l = 0; l < n_layers(); ++l) {
+    BlockActs& A = acts_[l];
+    BlockActs& E = ext_acts_[l];
+    block_qkv(l, cur, ext_pos_.data(), n, E);
+    prefix_attention_forward(E.att.data(), E.q.data(), E.k.data(), E.v.data(), A.k.data(),
+                             A.v.data(), last_L_ * d.kv_dim(), ext_seq_.data(), ext_pos_.data(),
+                             n, d);
+    block_out(l, cur, E.out.data(), n, E);
+    cur = E.out.data();
+  }
+  return cur;
+}
+
+const float* TransformerStack::forward_cached_prefix_rows(const float* x, const i32* seq,
+                                                          const i32* pos, i64 n,
+                                                          KVCache& cache) {
+  const BlockDims& d = dims_;
+  DLCM_CHECK(cache.n_layers == n_layers() && cache.kv_dim == d.kv_dim(),
+             "internal: KVCache shaped for another stack");
+  DLCM_CHECK(d.window == 0, "internal: prefix rows need full causal attention");
+  DLCM_CHECK(n <= inf_rows_, "internal: forward_cached_prefix_rows with ", n,
+             " rows beyond the reserved ", inf_rows_);
+  for (i64 i = 0; i < n; ++i)
+    DLCM_CHECK(seq[i] >= 0 && seq[i] < cache.max_seqs && pos[i] >= 0 &&
+                   pos[i] <= cache.len[seq[i]],
+               "internal: prefix row ", i, " at position ", pos[i], " of sequence ", seq[i],
+               " beyond its cached positions");
+  std::copy_n(pos, n, inf_pos_.data());
+  BlockActs& A = inf_;
+  const float* cur = x;
+  for (i64 l = 0; l < n_layers(); ++l) {
+    block_qkv(l, cur, inf_pos_.data(), n, A);
+    prefix_attention_forward(A.att.data(), A.q.data(), A.k.data(), A.v.data(),
+                             cache.k[l].data(), cache.v[l].data(), cache.max_len * d.kv_dim(),
+                             seq, inf_pos_.data(), n, d);
+    float* out = inf_out_[l % 2].data();
+    block_out(l, cur, out, n, A);
+    cur = out;
+  }
+  cache.positions_run += n;
+  return cur;
 }
 
 }  // namespace dlcm

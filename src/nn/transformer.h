@@ -48,6 +48,14 @@ struct BlockActs {
   Buf out;                 // block output [N,d]
 };
 
+// Backward scratch of one block's rows (shared by all layers, one layer at a time).
+struct BlockGrads {
+  Buf res, res2;           // [N,d] gradient ping-pong between layers
+  Buf xn, mid;             // [N,d]
+  Buf q, k, v, att, raw;   // [N,q_dim] / [N,kv_dim]; raw: QK-norm scratch
+  Buf a, b, h;             // [N,d_ff]
+};
+
 // ---- inference with a KV cache ----
 // Keys (after QK-norm and RoPE) and values of every layer of one stack for up to max_seqs
 // sequences of up to max_len positions each. Sequence s holds len[s] positions; k[l] and v[l]
@@ -87,8 +95,21 @@ class TransformerStack {
   // block_done (optional) is called after each block's backward with the block's first
   // parameter offset: from there on, this stack's parameter gradients are complete (blocks
   // finish from the last to the first; used to start gradient all-reduces early).
+  // With prefix rows (below) after the forward, dxe [n, d] += and doute [n, d] are theirs.
   void backward(float* dx, const float* dout, i64 B, i64 L,
-                const std::function<void(i64 offset)>& block_done = {});
+                const std::function<void(i64 offset)>& block_done = {}, float* dxe = nullptr,
+                const float* doute = nullptr);
+
+  // ---- prefix rows (the DLCM's concept_repr "prefix_mean" with inclusive visibility) ----
+  // n extra rows evaluated against the sequences of the last forward(): row i stands at
+  // position pos[i] of batch row seq[i] (RoPE position pos[i]); at every layer it attends that
+  // row's keys/values at positions < pos[i], exactly those of the real sequence, and its own
+  // key/value; nothing attends it. seq must be non-decreasing (the backward runs per row).
+  // xe [n, d] must stay alive until backward(); returns [n, d] (owned, valid until the next
+  // forward). The backward adds the rows' key/value gradients into the positions they read,
+  // layer by layer. Full causal attention only (window 0).
+  void reserve_prefix_rows(i64 n);  // grows only
+  const float* forward_prefix_rows(const float* xe, const i32* seq, const i32* pos, i64 n);
 
   // ---- inference (no gradients; buffers apart from the training activations) ----
   // Scratch for up to max_rows new positions per forward_cached call (idempotent, grows only).
@@ -106,6 +127,12 @@ class TransformerStack {
   // Returns the output [R, d] (owned by the stack, valid until the next forward_cached).
   const float* forward_cached(const float* x, const CacheChunk* chunks, i64 n_chunks,
                               KVCache& cache);
+  // Prefix rows against a cache (as forward_prefix_rows): row i at position pos[i] <=
+  // cache.len[seq[i]] of sequence seq[i] attends its cached positions < pos[i] and itself; the
+  // cache keeps its length and contents (positions_run counts the rows). Returns [n, d]
+  // (valid until the next forward_cached or forward_cached_prefix_rows).
+  const float* forward_cached_prefix_rows(const float* x, const i32* seq, const i32* pos, i64 n,
+                                          KVCache& cache);
 
   i64 n_layers() const { return (i64)layers_.size(); }
   const BlockDims& dims() const { return dims_; }
@@ -118,7 +145,13 @@ class TransformerStack {
   // FFN sub-layer into `out` (A's mid/xn2/a/b/h as scratch).
   void block_qkv(i64 l, const float* x, const i32* pos, i64 N, BlockActs& A);
   void block_out(i64 l, const float* x, float* out, i64 N, BlockActs& A);
-  void block_backward(i64 l, float* dx, const float* dout, const float* x, i64 B, i64 L);
+  // Backward of one block, split around its attention core like the forward: block_out's
+  // half (dout -> G.att, G.mid) and block_qkv's half (G.q/k/v -> dx +=).
+  void block_backward(i64 l, float* dx, const float* dout, const float* x, i64 B, i64 L,
+                      float* dxe, const float* doute, const float* xe);
+  void block_backward_out(i64 l, const float* dout, i64 N, BlockActs& A, BlockGrads& G);
+  void block_backward_qkv(i64 l, float* dx, const float* x, const i32* pos, i64 N, BlockActs& A,
+                          BlockGrads& G);
 
   BlockDims dims_;
   std::vector<BlockParams> layers_;
@@ -132,7 +165,13 @@ class TransformerStack {
   std::vector<i32> inf_pos_;
   i64 inf_rows_ = 0;
   // Backward scratch shared by all layers (one layer at a time).
-  Buf g_res_, g_res2_, g_xn_, g_mid_, g_q_, g_k_, g_v_, g_att_, g_a_, g_b_, g_h_, g_raw_;
+  BlockGrads grads_;
+  // Prefix rows: their activations per layer, rows, backward scratch.
+  std::vector<BlockActs> ext_acts_;
+  std::vector<i32> ext_pos_, ext_seq_;
+  BlockGrads ext_grads_;
+  const float* ext_input_ = nullptr;
+  i64 n_ext_ = 0, cap_ext_ = 0, last_B_ = 0, last_L_ = 0;
 };
 
 }  // namespace dlcm

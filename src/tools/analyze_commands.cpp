@@ -11,6 +11,7 @@
 #include "models/model.h"
 #include "tools/commands.h"
 #include "tools/plot.h"
+#include "models/checkpoint.h"
 
 namespace dlcm {
 namespace fs = std::filesystem;

@@ -39,20 +39,19 @@ Config config_with_overrides(const std::string& path, const std::vector<std::str
 }
 
 int cmd_train(const TrainArgs& a) {
+  DLCM_CHECK(!(a.resume && a.overwrite), "train: --resume continues the run in --out and "
+             "--overwrite starts it over; give one of them");
   std::vector<std::string> sets = a.sets;
   if (a.steps >= 0) sets.push_back("train.steps=" + std::to_string(a.steps));
   Config cfg = config_with_overrides(a.config, sets);
-  if (a.resume) {
-    // The run's own config is authoritative for the model; training keys come from the
-    // given config and --set (so a run can be extended with --steps).
-    Config saved = load_checkpoint_config((fs::path(a.out) / "checkpoint").string());
-    cfg.model = saved.model;
-  }
+  // On --resume the Trainer checks that the model keys equal the checkpoint's (training keys
+  // may change, so a run can be extended with --steps).
   TrainData data = open_train_data(a.data, cfg);
   // Special ids come from the tokenizer of the data.
   TrainOptions opt;
   opt.out_dir = a.out;
   opt.resume = a.resume;
+  opt.overwrite = a.overwrite;
   opt.quiet = a.quiet;
   opt.init_from = a.init_from;
   const bool rank0 = dist::rank() == 0;  // under MPI only rank 0 talks
@@ -60,16 +59,21 @@ int cmd_train(const TrainArgs& a) {
     for (const auto& s : a.sets) std::fprintf(stderr, "[train] --set %s\n", s.c_str());
   Trainer tr(cfg, std::move(data), opt);
   tr.run();
+  // Name a checkpoint only when one holds this step (written now, or the one resumed from).
+  const std::string where =
+      tr.saved_step() == tr.step() || (a.resume && tr.saved_step() < 0)
+          ? "checkpoint in " + a.out + "/checkpoint"
+          : "no steps run, no checkpoint written";
   if (!a.final_eval) {
-    std::fprintf(stderr, "[train] done: step %lld, checkpoint in %s/checkpoint\n", (long long)tr.step(),
-                 a.out.c_str());
+    if (rank0)
+      std::fprintf(stderr, "[train] done: step %lld, %s\n", (long long)tr.step(), where.c_str());
     return 0;
   }
   auto v = tr.validate(-1);
   if (rank0)
-    std::fprintf(stderr, "[train] done: step %lld, full validation loss %.4f (ppl %.2f%s), checkpoint in %s/checkpoint\n",
+    std::fprintf(stderr, "[train] done: step %lld, full validation loss %.4f (ppl %.2f%s), %s\n",
                (long long)tr.step(), v.loss, v.ppl,
-               v.bpb > 0 ? (", bpb " + std::to_string(v.bpb)).c_str() : "", a.out.c_str());
+               v.bpb > 0 ? (", bpb " + std::to_string(v.bpb)).c_str() : "", where.c_str());
   return 0;
 }
 
@@ -183,6 +187,10 @@ int cmd_generate(const GenerateArgs& a) {
     prompts = {a.prompt};
     names = {"--prompt"};
   }
+  // Before any loading; a double too small for a float would silently become greedy.
+  DLCM_CHECK(a.temperature == 0 || float(a.temperature) != 0,
+             "--temperature: expected 0 (greedy) or a value in [1e-6, 100], got ", a.temperature);
+  validate_sampler({float(a.temperature), a.top_k, float(a.top_p)});
   std::string dir;
   auto m = load_model_with_tokenizer(a.ckpt, &dir);
   auto tok = load_tokenizer(dir);

@@ -16,7 +16,7 @@ struct TrainArgs {
   std::string config, data, out, init_from;
   i64 steps = -1;
   std::vector<std::string> sets;
-  bool resume = false, quiet = false;
+  bool resume = false, overwrite = false, quiet = false;
   bool final_eval = true;  // full validation pass at the end
 };
 int cmd_train(const TrainArgs& a);

@@ -22,6 +22,7 @@ int main(int argc, char** argv) {
   train->add_option("--steps", ta.steps, "optimizer steps (overrides train.steps)");
   train->add_option("--set", ta.sets, "override a config key: key=value (repeatable)");
   train->add_flag("--resume", ta.resume, "continue the run in --out from its checkpoint");
+  train->add_flag("--overwrite", ta.overwrite, "start over in an --out that already holds a run (replaces its checkpoint and log)");
   train->add_option("--init-from", ta.init_from, "start from the weights of this checkpoint");
   train->add_flag("--quiet", ta.quiet, "no progress output");
   bool no_final_eval = false;
@@ -70,7 +71,7 @@ int main(int argc, char** argv) {
   FlopsArgs la;
   auto* flops = app.add_subcommand("flops", "forward FLOPs per token per component (SPEC 7)");
   flops->add_option("--config", la.config, "config JSON")->required();
-  flops->add_option("--seq-len", la.seq_len, "sequence length (default: train.seq_len)");
+  flops->add_option("--seq-len", la.seq_len, "sequence length (default: train.seq_len)")->check(CLI::PositiveNumber);
   flops->add_option("--R", la.R, "tokens per concept (dlcm; default target_R)");
   flops->add_option("--set", la.sets, "override a config key: key=value");
   flops->add_flag("--json", la.json, "print the report as JSON");
@@ -82,7 +83,7 @@ int main(int argc, char** argv) {
   plan->add_option("--P", pl.P, "backbone share of non-embedding parameters")->required()->check(CLI::Range(0.0, 1.0));
   plan->add_option("--d-concept", pl.d_concept, "fix the concept width (default: search)");
   plan->add_option("--d-token", pl.d_token, "fix the token width (default: the baseline's, else nearby)");
-  plan->add_option("--seq-len", pl.seq_len, "sequence length for attention FLOPs (default: train.seq_len)");
+  plan->add_option("--seq-len", pl.seq_len, "sequence length for attention FLOPs (default: train.seq_len)")->check(CLI::PositiveNumber);
   plan->add_option("--flops-tol", pl.flops_tol, "relative FLOPs tolerance (default 0.05)")->check(CLI::Range(1e-6, 1.0));
   plan->add_option("--p-tol", pl.p_tol, "absolute tolerance on P (default 0.03)")->check(CLI::Range(1e-6, 1.0));
   plan->add_option("--set", pl.sets, "override a key of the baseline config: key=value");

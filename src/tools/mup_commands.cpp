@@ -214,6 +214,7 @@ int cmd_lr_sweep(const LrSweepArgs& a) {
           TrainOptions o;
           o.out_dir = dir;
           o.resume = done > 0;
+          o.overwrite = done == 0;  // the sweep owns its run folders: restart a crashed one
           o.quiet = a.quiet;
           o.peak_gflops = peak;
           Trainer tr(c, open_train_data(a.data, c), o);

@@ -15,6 +15,7 @@
 
 #include "core/profiler.h"
 #include "kernels/gemm.h"
+#include "kernels/ops.h"
 #include "models/checkpoint.h"
 
 namespace dlcm {
@@ -59,10 +60,22 @@ Trainer::Trainer(const Config& cfg, TrainData data, TrainOptions opt)
                       std::to_string(threads_.sharing) + " local ranks sharing them";
     }
   }
-  // A save interrupted by a kill (of this process or, under MPI, of the job) leaves a
-  // checkpoint.tmp-PID beside the intact checkpoint; remove it now rather than at the next save.
-  if (!o_.out_dir.empty() && rank_ == 0)
-    clean_stale_checkpoint_siblings((fs::path(o_.out_dir) / "checkpoint").string());
+  if (!o_.out_dir.empty() && rank_ == 0) {
+    lock_ = std::make_unique<RunDirLock>(o_.out_dir);
+    DLCM_CHECK(o_.resume || o_.overwrite || !run_dir_has_run(o_.out_dir), o_.out_dir,
+               ": already holds a run (checkpoint or training log); continue it with --resume, "
+               "start it over with --overwrite (its checkpoint and log are replaced), or choose "
+               "another --out");
+    // A save interrupted by a kill (of this process or, under MPI, of the job) leaves a
+    // checkpoint.tmp-PID beside the intact checkpoint, or, between its two renames, only
+    // checkpoint.old-PID: with the folder locked every such sibling is stale, so the previous
+    // checkpoint is put back and the rest removed.
+    const std::string ck = (fs::path(o_.out_dir) / "checkpoint").string();
+    clean_stale_checkpoint_siblings(ck, true);
+    // Starting over: drop the old checkpoint now, so that a crash before the first save
+    // cannot leave it to be resumed under the new run's log.
+    if (o_.overwrite && !o_.resume && is_checkpoint(ck)) fs::remove_all(ck);
+  }
   dist::barrier();
   std::string ckpt_dir;
   if (o_.resume) {
@@ -74,14 +87,34 @@ Trainer::Trainer(const Config& cfg, TrainData data, TrainOptions opt)
                             "all hosts share" : "");
     Config saved = load_checkpoint_config(ckpt_dir);
     // The model must be the one saved; training settings may change (e.g. more steps).
-    DLCM_CHECK(config_to_json(Config{saved.model, {}}) == config_to_json(Config{cfg_.model, {}}),
-               ckpt_dir, "/config.json: model settings differ from the given config; resume ",
-               "needs the same model (drop the changed model keys or start a new run)");
+    json was = config_to_json(Config{saved.model, {}}), now = config_to_json(Config{cfg_.model, {}});
+    was.erase("train");
+    now.erase("train");
+    if (was != now) {
+      std::string keys;
+      int shown = 0;
+      const json diff = json::diff(was, now);
+      for (const json& d : diff) {
+        if (shown++ == 8) {
+          keys += ", ...";
+          break;
+        }
+        std::string path = d.value("path", std::string("?"));
+        const json::json_pointer ptr(path);
+        path = path.substr(1);
+        std::replace(path.begin(), path.end(), '/', '.');
+        keys += (keys.empty() ? "" : ", ") + path + " (checkpoint " +
+                (was.contains(ptr) ? was.at(ptr).dump() : "absent") + ", given " +
+                (now.contains(ptr) ? now.at(ptr).dump() : "absent") + ")";
+      }
+      fail(ckpt_dir, "/config.json: --resume needs the model the run was trained with, but the "
+           "given config changes model key(s) ", keys, "; drop those changes (only training "
+           "keys may change on resume) or start a new run");
+    }
     // A different number of ranks: keep the global batch (ranks x grad_accum micro-batches)
     // by adjusting grad_accum, unless the user changed the batch settings themselves.
     json st = load_trainer_state(ckpt_dir);
     const i64 old_world = st.value("world_size", i64(1));
-    DLCM_CHECK(old_world >= 1, ckpt_dir, "/trainer_state.json: world_size must be >= 1");
     resumed_from_world_ = old_world;
     TrainConfig& t = cfg_.train;
     const i64 old_k = saved.train.grad_accum, global = old_world * old_k;
@@ -178,13 +211,15 @@ void Trainer::restore(const std::string& ckpt_dir) {
   DLCM_CHECK(load_checkpoint_optimizer(ckpt_dir, model_->params(), opt_.m, opt_.v), ckpt_dir,
              ": optimizer.safetensors is missing; cannot resume exactly");
   json st = load_trainer_state(ckpt_dir);
-  try {
-    step_ = st.at("step").get<i64>();
-    tokens_seen_ = st.at("tokens_seen").get<i64>();
-    opt_.t = st.at("adam_t").get<i64>();
-  } catch (const json::exception& e) {
-    fail(ckpt_dir, "/trainer_state.json: missing or invalid field (", e.what(), ")");
-  }
+  // load_trainer_state checked the ranges; resuming needs the three counters present.
+  for (const char* key : {"step", "tokens_seen", "adam_t"})
+    DLCM_CHECK(st.contains(key), ckpt_dir, "/trainer_state.json: missing field '", key,
+               "'; cannot resume exactly");
+  step_ = st["step"].get<i64>();
+  tokens_seen_ = st["tokens_seen"].get<i64>();
+  opt_.t = st["adam_t"].get<i64>();
+  nonfinite_skips_ = st.value("nonfinite_skips", i64(0));
+  nonfinite_in_a_row_ = st.value("nonfinite_in_a_row", i64(0));
   // Continue the log from the checkpoint's copy, dropping lines written after it.
   log_lines_.clear();
   std::ifstream in(fs::path(ckpt_dir) / "train_log.jsonl");
@@ -270,13 +305,81 @@ StepResult Trainer::train_step() {
   // After the all-reduce every rank holds the same gradients, hence the same global norm.
   sec.next("optimizer");
   r.grad_norm = clip_grad_norm(model_->params(), t.grad_clip);
-  opt_.step(model_->params(), float(r.lr), t);
+  // Every rank holds the same loss and gradients here, so all take the same branch.
+  r.nonfinite = nonfinite_component(r);
+  if (r.nonfinite.empty()) {
+    opt_.step(model_->params(), float(r.lr), t);
+    // Finite gradients can still give a non-finite update (e.g. train.eps 0 over a zero
+    // gradient) or overflow the second moment; the weights are then lost, so stop.
+    ParamStore& ps = model_->params();
+    if (!std::isfinite(ops::sum_squares(ps.data(), ps.total())) ||
+        !std::isfinite(ops::sum_squares(opt_.v.data(), ps.total()))) {
+      std::string what = "?";
+      for (const Param& p : ps.params()) {
+        if (first_nonfinite(p.w, p.numel) >= 0) what = "weight '" + p.name + "'";
+        else if (first_nonfinite(opt_.v.data() + p.offset, p.numel) >= 0)
+          what = "AdamW second moment of '" + p.name + "'";
+        else continue;
+        break;
+      }
+      fail("step ", step_ + 1, ": the AdamW update made the ", what, " non-finite (lr ", r.lr,
+           ", train.eps ", t.eps, ", grad norm ", r.grad_norm, "); the run cannot continue from "
+           "these weights. Resume from the last checkpoint with a lower train.lr or a larger "
+           "train.eps");
+    }
+  } else {
+    handle_nonfinite(r);  // throws under "stop"
+  }
   sec.next("other");
   ++step_;
+  if (!r.skipped) nonfinite_in_a_row_ = 0;
   r.tokens = K * B * L * world_;
   tokens_seen_ += r.tokens;
   r.seconds = std::chrono::duration<double>(Clock::now() - t0).count();
   return r;
+}
+
+// What went non-finite in a step, in the order it is computed: "" when all is finite.
+std::string Trainer::nonfinite_component(const StepResult& r) const {
+  if (!std::isfinite(r.ce)) return "loss (CE = " + std::to_string(r.ce) + ")";
+  if (!std::isfinite(r.terms.aux_loss))
+    return "loss (aux = " + std::to_string(r.terms.aux_loss) + ")";
+  if (!std::isfinite(r.loss)) return "loss (" + std::to_string(r.loss) + ")";
+  if (std::isfinite(r.grad_norm)) return "";
+  // The norm is a double sum of float squares: it is non-finite only if some gradient is.
+  for (const Param& p : model_->params().params())
+    if (first_nonfinite(p.g, p.numel) >= 0) return "gradient of '" + p.name + "'";
+  return "gradient norm";
+}
+
+// The weights were not updated. "skip" counts the step and moves on to the next batch (the
+// step counter and schedule advance, AdamW's t does not); "stop", or too many skips in a row,
+// ends the run with the step and the component.
+void Trainer::handle_nonfinite(StepResult& r) {
+  const TrainConfig& t = cfg_.train;
+  const i64 step = step_ + 1;  // the number this step is logged under
+  const bool skip = t.on_nonfinite == "skip" && nonfinite_in_a_row_ < t.max_nonfinite_skips;
+  json j = {{"event", "nonfinite"}, {"step", step}, {"component", r.nonfinite},
+            {"action", skip ? "skip" : "stop"}, {"lr", r.lr}};
+  if (skip) j["skipped_total"] = nonfinite_skips_ + 1;
+  log_line(j.dump());
+  if (!skip) {
+    if (t.on_nonfinite == "skip")
+      fail("step ", step, ": ", r.nonfinite, " went non-finite; ", nonfinite_in_a_row_,
+           " steps in a row were already skipped (train.max_nonfinite_skips = ",
+           t.max_nonfinite_skips, "), so training stops. The weights were not updated and the "
+           "last checkpoint is intact: resume it with a lower train.lr");
+    fail("step ", step, ": ", r.nonfinite, " went non-finite (lr ", r.lr,
+         "); the weights were not updated and the last checkpoint is intact. Resume it with a "
+         "lower train.lr, or set train.on_nonfinite=skip to skip such steps");
+  }
+  ++nonfinite_skips_;
+  ++nonfinite_in_a_row_;
+  r.skipped = true;
+  if (talk())
+    std::fprintf(stderr, "%s[train] step %lld: %s went non-finite; step skipped (%lld in a row, "
+                 "%lld in all)\n", isatty(fileno(stderr)) ? "\r\033[K" : "", (long long)step,
+                 r.nonfinite.c_str(), (long long)nonfinite_in_a_row_, (long long)nonfinite_skips_);
 }
 
 Trainer::ValResult Trainer::validate(i64 max_batches) {
@@ -298,7 +401,9 @@ void Trainer::save_checkpoint_now() {
              {"seed", cfg_.train.seed},
              {"data_cursor", {{"kind", "counter"}, {"step", step_}}},
              {"schedule", {{"name", cfg_.train.schedule}, {"step", step_}, {"total", cfg_.train.steps}}},
-             {"world_size", world_}};
+             {"world_size", world_},
+             {"nonfinite_skips", nonfinite_skips_},
+             {"nonfinite_in_a_row", nonfinite_in_a_row_}};
   CheckpointWrite w;
   w.config = &cfg_;
   w.params = &model_->params();
@@ -308,6 +413,7 @@ void Trainer::save_checkpoint_now() {
   w.extra_files = data_.checkpoint_files;
   if (!log_path_.empty()) w.extra_files.push_back(log_path_);
   save_checkpoint((fs::path(o_.out_dir) / "checkpoint").string(), w);
+  saved_step_ = step_;
   dist::barrier();
 }
 
@@ -361,6 +467,8 @@ void Trainer::run() {
         j["allreduce_early"] = r.buckets_early;
       }
       for (const auto& [name, value] : r.terms.fields) j[name] = value;
+      if (r.skipped) j["skipped"] = true;
+      if (nonfinite_skips_ > 0) j["skipped_total"] = nonfinite_skips_;
       log_line(j.dump());
       if (talk()) {
         double eta = (t.steps - step_) * double(r.tokens) / ema_rate;

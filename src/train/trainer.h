@@ -16,12 +16,14 @@
 #include "kernels/gemm.h"
 #include "models/model.h"
 #include "train/optimizer.h"
+#include "train/run_dir.h"
 
 namespace dlcm {
 
 struct TrainOptions {
   std::string out_dir;
   bool resume = false;
+  bool overwrite = false;      // train into an existing run folder from scratch (no --resume)
   bool quiet = false;          // no progress output (tests)
   double peak_gflops = 0;      // FP32 GEMM peak of one process for MFU; 0 = measure at start
   i64 stop_after = -1;         // stop after this many steps in this run (tests); -1 = no
@@ -35,6 +37,9 @@ struct StepResult {
   double allreduce_seconds = 0;  // MPI: time spent finishing the gradient all-reduce
   i64 buckets = 0, buckets_early = 0;  // MPI: gradient buckets, those started during backward
   i64 tokens = 0;                // over all ranks
+  // Non-finite guard (train.on_nonfinite = skip): the step left the weights untouched.
+  bool skipped = false;
+  std::string nonfinite;  // what went non-finite ("loss (CE)", "gradient of 'x'"), "" = none
 };
 
 // Under MPI (dist::size() > 1) every rank builds a Trainer with the same config: each rank
@@ -46,7 +51,9 @@ class Trainer {
   Trainer(const Config& cfg, TrainData data, TrainOptions opt);
   ~Trainer();
   // Trains until cfg.train.steps (or stop_after), validating and checkpointing on schedule,
-  // and writes a final checkpoint.
+  // and writes a final checkpoint. A non-finite step under train.on_nonfinite = "stop" (or too
+  // many skipped in a row) throws Error naming the step and the component; the last
+  // checkpoint is left as it was.
   void run();
   StepResult train_step();
   using ValResult = dlcm::ValResult;
@@ -58,6 +65,9 @@ class Trainer {
   LanguageModel& model() { return *model_; }
   AdamW& optimizer() { return opt_; }
   i64 step() const { return step_; }
+  i64 nonfinite_skips() const { return nonfinite_skips_; }
+  // Step of the checkpoint this trainer wrote last (-1: none written by it).
+  i64 saved_step() const { return saved_step_; }
   const Config& config() const { return cfg_; }
 
  private:
@@ -65,15 +75,20 @@ class Trainer {
   void restore(const std::string& ckpt_dir);
   void check_same_run_on_all_ranks();
   void check_same_weights_on_all_ranks(const char* when);
+  std::string nonfinite_component(const StepResult& r) const;
+  void handle_nonfinite(StepResult& r);
   bool talk() const { return !o_.quiet && rank_ == 0; }
 
   Config cfg_;
   TrainData data_;
   TrainOptions o_;
+  std::unique_ptr<RunDirLock> lock_;  // rank 0 owns --out for the trainer's life
   std::unique_ptr<LanguageModel> model_;
   AdamW opt_;
   i64 step_ = 0;
   i64 tokens_seen_ = 0;
+  i64 nonfinite_skips_ = 0, nonfinite_in_a_row_ = 0;  // train.on_nonfinite = skip
+  i64 saved_step_ = -1;
   double peak_gflops_ = 0;
   int peak_remeasures_ = 0;
   std::vector<i32> tok_, tgt_;  // [grad_accum, B, L]

@@ -1,0 +1,193 @@
+#!/usr/bin/env python3
+"""Tables (markdown) and learning curves (SVG) of scripts/science.sh's runs.
+
+    python3 scripts/science_report.py --out runs/science [--svg DIR]
+    python3 scripts/science_report.py --out runs/science --best-lr baseline|dlcm
+
+Reads each run folder's eval.json (full validation split, written by `dlcm eval`, with the
+concept-usage diagnostics for DLCM runs) and train_log.jsonl. Main-phase runs are grouped by
+design over seeds (mean +/- sample std). --best-lr prints the learning rate of the lr phase
+with the lowest validation loss for that architecture (science.sh uses it for the main phase).
+"""
+import argparse
+import glob
+import json
+import math
+import os
+import statistics
+import sys
+
+
+def load_run(d):
+    r = {"name": os.path.basename(d), "dir": d}
+    ev = os.path.join(d, "eval.json")
+    if os.path.exists(ev):
+        r["eval"] = json.load(open(ev))
+    cfgp = os.path.join(d, "checkpoint", "config.json")
+    if os.path.exists(cfgp):
+        r["config"] = json.load(open(cfgp))
+    log = os.path.join(d, "train_log.jsonl")
+    r["log"] = []
+    if os.path.exists(log):
+        for line in open(log):
+            line = line.strip()
+            if line:
+                try:
+                    r["log"].append(json.loads(line))
+                except json.JSONDecodeError:
+                    pass  # a line cut by an interrupted run
+    return r
+
+
+def usage(r):
+    return (r.get("eval") or {}).get("concept_usage") or {}
+
+
+def fmt(x, nd=4):
+    if x is None:
+        return "-"
+    if isinstance(x, float) and (math.isnan(x) or math.isinf(x)):
+        return str(x)
+    return f"{x:.{nd}f}" if isinstance(x, float) else str(x)
+
+
+def first(d, *keys):
+    for k in keys:
+        if k in d:
+            return d[k]
+    return None
+
+
+def design_table(runs):
+    rows = ["| run | val loss | bits/byte | val compression | delta CE, concepts -> z_null | "
+            "delta CE, concepts shuffled | abs(Wo att) / abs(H) | val tokens |",
+            "|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        e = r.get("eval")
+        if not e:
+            rows.append(f"| {r['name']} | (not evaluated) | | | | | | |")
+            continue
+        u = usage(r)
+        rows.append("| {} | {} | {} | {} | {} | {} | {} | {} |".format(
+            r["name"], fmt(e.get("val_loss")), fmt(e.get("val_bpb")),
+            fmt(e.get("val_compression"), 2),
+            fmt(first(u, "delta_null", "delta_loss_null"), 4),
+            fmt(first(u, "delta_shuffle", "delta_loss_shuffled"), 4),
+            fmt(u.get("xattn_ratio"), 4), e.get("val_tokens", "-")))
+    return "\n".join(rows)
+
+
+def mean_std(xs):
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return "-"
+    if len(xs) == 1:
+        return f"{xs[0]:.4f} (1 seed)"
+    return f"{statistics.mean(xs):.4f} +/- {statistics.stdev(xs):.4f} ({len(xs)} seeds)"
+
+
+def main_table(runs):
+    groups = {}
+    for r in runs:
+        base = r["name"].rsplit("_s", 1)[0]
+        groups.setdefault(base, []).append(r)
+    rows = ["| design | val loss | bits/byte | delta CE, z_null | delta CE, shuffled |",
+            "|---|---|---|---|---|"]
+    for g, rs in sorted(groups.items()):
+        ev = [r.get("eval") or {} for r in rs]
+        us = [usage(r) for r in rs]
+        rows.append("| {} | {} | {} | {} | {} |".format(
+            g, mean_std([e.get("val_loss") for e in ev]), mean_std([e.get("val_bpb") for e in ev]),
+            mean_std([first(u, "delta_null", "delta_loss_null") for u in us]),
+            mean_std([first(u, "delta_shuffle", "delta_loss_shuffled") for u in us])))
+    return "\n".join(rows)
+
+
+def curves_svg(runs, path, key="ce", w=720, h=420):
+    """Training CE against tokens for several runs, one polyline each, with a legend."""
+    series = []
+    for r in runs:
+        pts = [(x["tokens"], x[key]) for x in r["log"] if key in x and "tokens" in x
+               and x[key] is not None and math.isfinite(x[key])]
+        if pts:
+            series.append((r["name"], pts))
+    if not series:
+        return False
+    xs = [p[0] for _, s in series for p in s]
+    ys = [p[1] for _, s in series for p in s]
+    x0, x1 = min(xs), max(xs)
+    ys_sorted = sorted(ys)
+    y0, y1 = ys_sorted[0], ys_sorted[int(0.98 * (len(ys_sorted) - 1))]  # clip the first steps
+    m = 60
+    sx = lambda x: m + (x - x0) / max(x1 - x0, 1) * (w - 2 * m)
+    sy = lambda y: h - m - (min(y, y1) - y0) / max(y1 - y0, 1e-9) * (h - 2 * m)
+    colors = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2",
+              "#7f7f7f", "#bcbd22", "#17becf"]
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-size="12">',
+           f'<rect width="{w}" height="{h}" fill="white"/>',
+           f'<line x1="{m}" y1="{h-m}" x2="{w-m}" y2="{h-m}" stroke="black"/>',
+           f'<line x1="{m}" y1="{m}" x2="{m}" y2="{h-m}" stroke="black"/>',
+           f'<text x="{w/2}" y="{h-20}" text-anchor="middle">training tokens</text>',
+           f'<text x="15" y="{h/2}" transform="rotate(-90 15 {h/2})" text-anchor="middle">training {key}</text>']
+    for i in range(5):
+        yv = y0 + (y1 - y0) * i / 4
+        xv = x0 + (x1 - x0) * i / 4
+        out.append(f'<text x="{m-5}" y="{sy(yv)+4:.1f}" text-anchor="end">{yv:.2f}</text>')
+        out.append(f'<text x="{sx(xv):.1f}" y="{h-m+15}" text-anchor="middle">{xv/1e6:.2f}M</text>')
+    for i, (name, pts) in enumerate(series):
+        c = colors[i % len(colors)]
+        d = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
+        out.append(f'<polyline fill="none" stroke="{c}" stroke-width="1.5" points="{d}"/>')
+        out.append(f'<rect x="{w-m-170}" y="{m+i*16-9}" width="10" height="10" fill="{c}"/>')
+        out.append(f'<text x="{w-m-155}" y="{m+i*16}">{name}</text>')
+    out.append("</svg>")
+    with open(path, "w") as f:
+        f.write("\n".join(out) + "\n")
+    return True
+
+
+def best_lr(out, arch):
+    best = None
+    for d in glob.glob(os.path.join(out, "lr", "*_lr*")):
+        r = load_run(d)
+        e = r.get("eval")
+        name = r["name"]
+        is_base = name.startswith("baseline")
+        if e is None or (arch == "baseline") != is_base:
+            continue
+        if arch == "dlcm" and not name.startswith("mean_shifted"):
+            continue
+        lr = name.rsplit("_lr", 1)[1]
+        if best is None or e["val_loss"] < best[0]:
+            best = (e["val_loss"], lr)
+    if best is None:
+        sys.exit(f"science_report: no evaluated lr-phase run for {arch} under {out}/lr")
+    print(best[1])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="runs/science")
+    ap.add_argument("--svg", help="folder for learning-curve SVGs (one per phase)")
+    ap.add_argument("--best-lr", choices=["baseline", "dlcm"])
+    a = ap.parse_args()
+    if a.best_lr:
+        best_lr(a.out, a.best_lr)
+        return
+    for phase in ["lr", "design", "main", "ablations"]:
+        dirs = sorted(d for d in glob.glob(os.path.join(a.out, phase, "*")) if os.path.isdir(d))
+        if not dirs:
+            continue
+        runs = [load_run(d) for d in dirs]
+        print(f"## {phase}\n")
+        print(main_table(runs) if phase == "main" else design_table(runs))
+        print()
+        if a.svg:
+            os.makedirs(a.svg, exist_ok=True)
+            p = os.path.join(a.svg, f"science_{phase}_curves.svg")
+            if curves_svg(runs, p):
+                print(f"Learning curves: `{p}`\n")
+
+
+if __name__ == "__main__":
+    main()
