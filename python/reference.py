@@ -72,6 +72,8 @@ def main(argv=None):
     ap.add_argument("--grad-clip", type=float, default=0.0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--diagnostics", action="store_true")
+    ap.add_argument("--word-starts", help="router.kind = word: a file with the tokenizer's "
+                    "word-start flags, one 0/1 per vocabulary id (whitespace-separated)")
     a = ap.parse_args(argv)
 
     torch.set_num_threads(a.threads)
@@ -96,12 +98,20 @@ def main(argv=None):
     if a.diagnostics and not cfg.is_dlcm:
         raise SystemExit("--diagnostics only applies to dlcm checkpoints")
 
+    word_starts = None
+    if a.word_starts:
+        with open(a.word_starts) as f:
+            word_starts = torch.tensor([int(x) for x in f.read().split()], dtype=torch.uint8)
+        if word_starts.numel() != cfg.vocab_size:
+            raise SystemExit(f"{a.word_starts}: {word_starts.numel()} flags, vocab_size is {cfg.vocab_size}")
+    kw = {"word_starts": word_starts} if cfg.is_dlcm else {}
+
     train = a.mode == "train"
     for t in params.values():
         t.requires_grad_(train)
 
     def run():
-        return R.forward(params, cfg, tokens, targets, boundaries, xattn_impl=a.xattn)
+        return R.forward(params, cfg, tokens, targets, boundaries, xattn_impl=a.xattn, **kw)
 
     out = {}
     with torch.set_grad_enabled(train):

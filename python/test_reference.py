@@ -12,6 +12,9 @@ SPEC 4.9 research variants (concept_repr, concept_visibility, enc/dec_window, co
 CLI, finite differences, causality, replicate == compact, the inclusive cross-attention written
 out by hand, windows >= L == full attention, far information only via the concepts; and the
 concept-usage diagnostics (dlcm_ref/diagnostics.py).
+Controls (issue 20 section 3): rule routers (fixed stride, word starts) exactly as defined,
+the per-sequence ratio loss and its gradient on p, smoother off, the baseline with the DLCM's
+token-path extras: finite differences and causality for each.
 """
 import math
 import os
@@ -831,6 +834,140 @@ def cli_diagnostics():
         check(np.array_equal(o["diag.pos_count"], np.array(dg["pos_count"], dtype=np.float32)), "pos_count")
         check(np.allclose(o["diag.pos_ce"], dg["pos_ce"], rtol=1e-5), f"{name}: pos_ce")
         check(abs(float(o["diag.ce"][0]) - float(o["ce"][0])) < 1e-6 * float(o["ce"][0]), "diag.ce == ce")
+
+
+# ----------------------------------------------------------------------------------------------
+# controls (issue 20 section 3)
+CONTROLS = {
+    "fixed": ['router.kind="fixed"', "router.stride=3"],
+    "sequence_aux": ['aux_kind="sequence"'],
+    "smoother_off": ["smoother=false"],
+}
+BASELINE_EXTRAS = ["baseline_extras=true", "n_layers=3", "n_layers_pre=1", "x_d_ff=10"]
+
+
+@test
+def rule_routers_exact():
+    d, cfg, params, _ = fixture("dlcm", "rule_fixed", CONTROLS["fixed"], rows=2, L=10)
+    check("router.wq.weight" not in params, "rule routers have no router parameters")
+    bos = cfg.bos_id
+    tokens = torch.tensor([[bos, 5, 6, 7, 8, 9, bos, 5, 6, 7],
+                           [4, 5, 6, 7, bos, 9, 10, 11, 12, 4]])
+    want = torch.tensor([[1, 0, 0, 1, 0, 0, 1, 0, 0, 1],
+                         [1, 0, 0, 1, 1, 0, 0, 1, 0, 0]])
+    P = to64(params)
+    given = torch.ones_like(tokens)  # a rule ignores given samples: it decides in training too
+    for bnd in (None, given):
+        res = R.forward(P, cfg, tokens, None, bnd)
+        check(torch.equal(res["b"].long(), want), f"fixed-stride b {res['b'].tolist()}")
+        check(torch.equal(res["p"], want.to(res["p"].dtype)), "p = the rule's decision")
+        check(float(res["aux"]) == 0.0, "no aux loss for rules")
+    ws = torch.zeros(cfg.vocab_size, dtype=torch.uint8)
+    ws[[5, 9, 12]] = 1
+    cw = R.config_from_dict(dict(cfg, router=dict(cfg.router, kind="word")))
+    res = R.forward(P, cw, tokens, None, None, word_starts=ws)
+    want_w = torch.tensor([[1, 1, 0, 0, 0, 1, 1, 1, 0, 0],
+                           [1, 1, 0, 0, 1, 1, 0, 0, 1, 0]])
+    check(torch.equal(res["b"].long(), want_w), f"word b {res['b'].tolist()}")
+    try:
+        R.forward(P, cw, tokens, None, None)
+        check(False, "word router without its table must fail")
+    except ValueError as e:
+        check("word-start table" in str(e), str(e))
+
+
+@test
+def sequence_aux_gradient_on_p():
+    d, cfg, params, tokens = fixture("dlcm", "seqaux", CONTROLS["sequence_aux"], rows=3, L=20)
+    bnd = R.read_rows(os.path.join(d, "boundaries.txt"))
+    P = {k: v.clone().requires_grad_(True) for k, v in to64(params).items()}
+    captured = {}
+    orig = Mdl.router_probs
+
+    def hooked(*a, **k):
+        p, forced = orig(*a, **k)
+        p.retain_grad()
+        captured["p"], captured["forced"] = p, forced
+        return p, forced
+
+    Mdl.router_probs = hooked
+    try:
+        res = R.forward(P, cfg, tokens, None, bnd)
+        res["loss"].backward()
+    finally:
+        Mdl.router_probs = orig
+    p, forced, b = captured["p"], captured["forced"], res["b"]
+    Rr, lam = cfg.target_R, cfg.aux_weight
+    B, L = p.shape
+    Fr = b.double().mean(dim=1)
+    Gr = p.detach().mean(dim=1)
+    val = (Rr / (Rr - 1) * ((Rr - 1) * Fr * Gr + (1 - Fr) * (1 - Gr)) - 1).mean()
+    check(abs(float(res["aux"]) - float(val)) < 1e-12, "per-row aux value")
+    for r in range(B):
+        expect = lam * Rr * (Rr * float(Fr[r]) - 1) / ((Rr - 1) * L * B)
+        gp = p.grad[r][~forced[r]].numpy()
+        check(np.allclose(gp, expect, rtol=1e-9, atol=1e-15), f"row {r}: dL/dp = {gp[:3]} expected {expect}")
+    check(len(set(Fr.tolist())) > 1, "rows with different F_r (else the test equals the global one)")
+
+
+@test
+def smoother_off_is_identity():
+    d, cfg, params, tokens = fixture("dlcm", "sm_off", CONTROLS["smoother_off"], rows=2, L=16)
+    Z = torch.randn(4, 5, dtype=torch.float64)
+    forced = torch.zeros(16, dtype=torch.bool)
+    spans = [(0, 3), (3, 7), (7, 9), (9, 16)]
+    check(torch.equal(Mdl.smooth_row(Z, spans, forced, None), Z), "smoother off: zs = z")
+    on = R.config_from_dict(dict(cfg, smoother=True))
+    bnd = R.read_rows(os.path.join(d, "boundaries.txt"))
+    a = R.forward(to64(params), cfg, tokens, None, bnd)["loss"]
+    b = R.forward(to64(params), on, tokens, None, bnd)["loss"]
+    check(abs(float(a) - float(b)) > 1e-9, "smoother off must change the loss (else vacuous)")
+
+
+@test
+def baseline_extras_structure():
+    d, cfg, params, tokens = fixture("baseline", "bx", BASELINE_EXTRAS, rows=2, L=12)
+    names = list(params)
+    check(names[:2] == ["tok_embeddings.weight", "encoder.layers.0.attn_norm.weight"], names[:2])
+    for n in ("encoder.norm.weight", "xattn.ffn_norm.weight", "xattn.ffn.w1.weight",
+              "decoder.layers.1.ffn.w3.weight", "norm.weight", "lm_head.weight"):
+        check(n in params, n)
+    check(not any(n.startswith("layers.") for n in names), "no plain layers.* with extras")
+    # with the cross FFN zeroed and encoder.norm at 1 the extras reduce to a mid-stack RMSNorm
+    P = to64(params)
+    P["xattn.ffn.w2.weight"] = torch.zeros_like(P["xattn.ffn.w2.weight"])
+    P["encoder.norm.weight"] = torch.ones_like(P["encoder.norm.weight"])
+    x = P["tok_embeddings.weight"][tokens.long()]
+    x = Mdl.block(P, "encoder.layers.0.", x, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg)
+    x = Mdl.rmsnorm(x, P["encoder.norm.weight"], cfg.norm_eps)
+    for i in range(2):
+        x = Mdl.block(P, f"decoder.layers.{i}.", x, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg)
+    logits = Mdl.linear(Mdl.rmsnorm(x, P["norm.weight"], cfg.norm_eps), P["lm_head.weight"])
+    check(rel_err(R.forward(P, cfg, tokens)["logits"].numpy(), logits.numpy()) < 1e-12, "extras by hand")
+    run_cli("--ckpt", d, "--tokens", os.path.join(d, "tokens.txt"), "--out", os.path.join(TMP, "bx.st"))
+
+
+@test
+def gradcheck_controls():
+    for i, (name, sets) in enumerate(CONTROLS.items()):
+        d, cfg, params, tokens = fixture("dlcm", f"fd_c_{name}", GRAD_TINY + sets + ["bb_layers=1"],
+                                         rows=2, L=12, seed=120 + i)
+        bnd = R.read_rows(os.path.join(d, "boundaries.txt"))
+        # smoother off / rules: no gate to hold; otherwise the detached gate's function
+        fd_check(cfg, params, tokens, bnd, smoother_fixed=cfg.smoother and not cfg.rule_router,
+                 n_per_tensor=1, seed=i)
+    d, cfg, params, tokens = fixture("baseline", "fd_bx", ["vocab_size=13", "d_token=8", "n_heads=2",
+                                                           "n_kv_heads=1", "d_ff=12"] + BASELINE_EXTRAS,
+                                     rows=2, L=9, seed=130)
+    fd_check(cfg, params, tokens, None, False)
+
+
+@test
+def causality_controls():
+    for i, (name, sets) in enumerate(CONTROLS.items()):
+        causality_case("dlcm", sets, 140 + i, False)
+    causality_case("dlcm", CONTROLS["smoother_off"], 150, True)
+    causality_case("baseline", BASELINE_EXTRAS, 151, False)
 
 
 if __name__ == "__main__":

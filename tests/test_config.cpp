@@ -61,16 +61,19 @@ Config all_changed() {
   t.precision = "bf16";
   m.enc_window = 7; m.dec_window = 9;
   m.concept_repr = "first"; m.concept_visibility = "inclusive"; m.concept_path = false;
+  m.baseline_extras = true; m.n_layers_pre = 1; m.router.stride = 5; m.aux_kind = "sequence";
+  m.smoother = false;
   return c;
 }
 
 // config_to_json(...).dump() of Config{} and all_changed() as written by the code before the
-// key table (commit f5f2677), plus the keys added since (enc_window, dec_window, concept_*): checkpoints
+// key table (commit f5f2677), plus the keys added since (enc_window, dec_window, concept_*, and
+// the controls baseline_extras, n_layers_pre, router.stride, aux_kind, smoother): checkpoints
 // depend on these keys and values.
 const char* kOldDefaults =
-    R"({"arch":"baseline","aux_weight":0.029999999329447746,"bb_d_ff":1152,"bb_heads":6,"bb_kv_heads":6,"bb_layers":4,"bos_id":1,"concept_path":true,"concept_repr":"mean","concept_visibility":"shifted","d_concept":384,"d_ff":768,"d_scan":0,"d_token":256,"dec_layers":2,"dec_window":0,"enc_layers":2,"enc_window":0,"eos_id":2,"head_dim":64,"init_std":0.019999999552965164,"logit_mult":1.0,"max_seq_len":512,"mup":{"d_base":64,"enabled":false,"lr_mult_concept":1.0,"lr_mult_other":1.0,"lr_mult_token":1.0,"sigma_base":0.019999999552965164},"n_heads":4,"n_kv_heads":4,"n_layers":4,"norm_eps":9.999999747378752e-06,"pad_id":0,"qk_norm":false,"rope_theta":10000.0,"router":{"alpha":0.10000000149011612,"kind":"projected","smooth_grad":false,"tau":0.5},"target_R":4.0,"train":{"allreduce_bucket_mb":8.0,"allreduce_overlap":true,"batch_size":8,"beta1":0.8999999761581421,"beta2":0.949999988079071,"ckpt_every":500,"eps":9.99999993922529e-09,"eval_batches":16,"eval_every":200,"grad_accum":1,"grad_clip":1.0,"log_every":10,"lr":0.003000000026077032,"min_lr_ratio":0.10000000149011612,"precision":"fp32","schedule":"cosine","seed":1234,"seq_len":256,"steps":1000,"threads":0,"warmup_steps":50,"weight_decay":0.10000000149011612,"wsd_decay_frac":0.20000000298023224},"vocab_size":4096,"x_d_ff":768,"x_heads":4,"x_kv_heads":4,"xattn_impl":"compact"})";
+    R"({"arch":"baseline","aux_kind":"global","aux_weight":0.029999999329447746,"baseline_extras":false,"bb_d_ff":1152,"bb_heads":6,"bb_kv_heads":6,"bb_layers":4,"bos_id":1,"concept_path":true,"concept_repr":"mean","concept_visibility":"shifted","d_concept":384,"d_ff":768,"d_scan":0,"d_token":256,"dec_layers":2,"dec_window":0,"enc_layers":2,"enc_window":0,"eos_id":2,"head_dim":64,"init_std":0.019999999552965164,"logit_mult":1.0,"max_seq_len":512,"mup":{"d_base":64,"enabled":false,"lr_mult_concept":1.0,"lr_mult_other":1.0,"lr_mult_token":1.0,"sigma_base":0.019999999552965164},"n_heads":4,"n_kv_heads":4,"n_layers":4,"n_layers_pre":0,"norm_eps":9.999999747378752e-06,"pad_id":0,"qk_norm":false,"rope_theta":10000.0,"router":{"alpha":0.10000000149011612,"kind":"projected","smooth_grad":false,"stride":4,"tau":0.5},"smoother":true,"target_R":4.0,"train":{"allreduce_bucket_mb":8.0,"allreduce_overlap":true,"batch_size":8,"beta1":0.8999999761581421,"beta2":0.949999988079071,"ckpt_every":500,"eps":9.99999993922529e-09,"eval_batches":16,"eval_every":200,"grad_accum":1,"grad_clip":1.0,"log_every":10,"lr":0.003000000026077032,"min_lr_ratio":0.10000000149011612,"precision":"fp32","schedule":"cosine","seed":1234,"seq_len":256,"steps":1000,"threads":0,"warmup_steps":50,"weight_decay":0.10000000149011612,"wsd_decay_frac":0.20000000298023224},"vocab_size":4096,"x_d_ff":768,"x_heads":4,"x_kv_heads":4,"xattn_impl":"compact"})";
 const char* kOldChanged =
-    R"({"arch":"dlcm","aux_weight":0.07000000029802322,"bb_d_ff":100,"bb_heads":5,"bb_kv_heads":1,"bb_layers":5,"bos_id":5,"concept_path":false,"concept_repr":"first","concept_visibility":"inclusive","d_concept":80,"d_ff":200,"d_scan":32,"d_token":96,"dec_layers":0,"dec_window":9,"enc_layers":1,"enc_window":7,"eos_id":6,"head_dim":16,"init_std":0.009999999776482582,"logit_mult":0.30000001192092896,"max_seq_len":1024,"mup":{"d_base":32,"enabled":true,"lr_mult_concept":2.5,"lr_mult_other":0.25,"lr_mult_token":1.5,"sigma_base":0.029999999329447746},"n_heads":6,"n_kv_heads":3,"n_layers":3,"norm_eps":9.999999974752427e-07,"pad_id":7,"qk_norm":true,"rope_theta":500000.0,"router":{"alpha":0.30000001192092896,"kind":"raw","smooth_grad":true,"tau":0.4000000059604645},"target_R":3.5,"train":{"allreduce_bucket_mb":2.5,"allreduce_overlap":false,"batch_size":3,"beta1":0.800000011920929,"beta2":0.9900000095367432,"ckpt_every":13,"eps":1.0000000116860974e-07,"eval_batches":4,"eval_every":11,"grad_accum":2,"grad_clip":0.5,"log_every":3,"lr":9.999999747378752e-05,"min_lr_ratio":0.05000000074505806,"precision":"bf16","schedule":"wsd","seed":18446744073709551615,"seq_len":128,"steps":77,"threads":2,"warmup_steps":9,"weight_decay":0.009999999776482582,"wsd_decay_frac":0.30000001192092896},"vocab_size":1000,"x_d_ff":60,"x_heads":2,"x_kv_heads":1,"xattn_impl":"replicate"})";
+    R"({"arch":"dlcm","aux_kind":"sequence","aux_weight":0.07000000029802322,"baseline_extras":true,"bb_d_ff":100,"bb_heads":5,"bb_kv_heads":1,"bb_layers":5,"bos_id":5,"concept_path":false,"concept_repr":"first","concept_visibility":"inclusive","d_concept":80,"d_ff":200,"d_scan":32,"d_token":96,"dec_layers":0,"dec_window":9,"enc_layers":1,"enc_window":7,"eos_id":6,"head_dim":16,"init_std":0.009999999776482582,"logit_mult":0.30000001192092896,"max_seq_len":1024,"mup":{"d_base":32,"enabled":true,"lr_mult_concept":2.5,"lr_mult_other":0.25,"lr_mult_token":1.5,"sigma_base":0.029999999329447746},"n_heads":6,"n_kv_heads":3,"n_layers":3,"n_layers_pre":1,"norm_eps":9.999999974752427e-07,"pad_id":7,"qk_norm":true,"rope_theta":500000.0,"router":{"alpha":0.30000001192092896,"kind":"raw","smooth_grad":true,"stride":5,"tau":0.4000000059604645},"smoother":false,"target_R":3.5,"train":{"allreduce_bucket_mb":2.5,"allreduce_overlap":false,"batch_size":3,"beta1":0.800000011920929,"beta2":0.9900000095367432,"ckpt_every":13,"eps":1.0000000116860974e-07,"eval_batches":4,"eval_every":11,"grad_accum":2,"grad_clip":0.5,"log_every":3,"lr":9.999999747378752e-05,"min_lr_ratio":0.05000000074505806,"precision":"bf16","schedule":"wsd","seed":18446744073709551615,"seq_len":128,"steps":77,"threads":2,"warmup_steps":9,"weight_decay":0.009999999776482582,"wsd_decay_frac":0.30000001192092896},"vocab_size":1000,"x_d_ff":60,"x_heads":2,"x_kv_heads":1,"xattn_impl":"replicate"})";
 
 // Keys added after commit f5f2677: old checkpoints lack them and load with their defaults.
 json without_new_keys(json j) {
@@ -347,8 +350,18 @@ TEST(ConfigKeys, HugeModelsRefusedBeforeAllocation) {
 // The estimate counts exactly what the models register.
 TEST(ConfigKeys, ParamCountMatchesTheModels) {
   std::vector<Config> cs = {test::tiny_baseline(), test::tiny_baseline(false, 2),
-                            test::tiny_dlcm(), test::tiny_dlcm("raw"), all_changed()};
+                            test::tiny_dlcm(), test::tiny_dlcm("raw"), test::tiny_dlcm("fixed"),
+                            test::tiny_dlcm("word"), all_changed()};
   cs.back().model.mup.enabled = false;
+  // the baseline control with the DLCM's token-path extras (default and explicit split)
+  for (i64 pre : {0, 1}) {
+    Config b = test::tiny_baseline();
+    b.model.n_layers = 3;
+    b.model.baseline_extras = true;
+    b.model.n_layers_pre = pre;
+    b.model.x_d_ff = 20;
+    cs.push_back(b);
+  }
   for (const Config& c : cs) {
     auto model = make_model(c.model);
     i64 n = 0;

@@ -208,6 +208,10 @@ const Case kCases[] = {
     {.op = "aux_loss", .B = 4, .Lq = 16},
     {.op = "aux_loss", .B = 8, .Lq = 5000},  // parallel path
     {.op = "aux_loss", .B = 8, .Lq = 512, .perf = true},
+    {.op = "aux_loss_sequence", .B = 1, .Lq = 7},
+    {.op = "aux_loss_sequence", .B = 5, .Lq = 16},
+    {.op = "aux_loss_sequence", .B = 8, .Lq = 5000},  // parallel path
+    {.op = "aux_loss_sequence", .B = 8, .Lq = 512, .perf = true},
 };
 
 enum Impl { Fast, Ref };
@@ -1023,6 +1027,50 @@ void run_aux_loss(const Case& c, Mode m) {
   finish(H, c, m, 31);
 }
 
+// The per-sequence ratio loss (aux_kind = "sequence") as a function of p (b fixed): one scalar,
+// the mean of the rows' L_r over rows = B + 3 (three rows of other micro-batches, absent here,
+// count in the mean as they do in a step); its backward scales by dout.
+void run_aux_loss_sequence(const Case& c, Mode m) {
+  const i64 B = c.B, L = c.Lq, n = B * L, rows = B + 3;
+  const double R = 3.0;
+  Harness H;
+  H.names = {"p"};
+  H.in = {Buf(n)};
+  test::fill_uniform(H.in[0].data(), n, 112, 0.f, 1.f);
+  std::vector<uint8_t> b(n);
+  // Rows with different boundary rates, so the per-row F_r differ.
+  for (i64 r = 0; r < B; ++r)
+    for (i64 t = 0; t < L; ++t) b[r * L + t] = (t == 0 || (t * (r + 2)) % 7 < 2) ? 1 : 0;
+  H.out_sizes = {1};
+  H.fwd = [&](Impl im, std::vector<Buf>& o) {
+    const double s = im == Fast ? ops::sequence_parser_loss_forward(b.data(), H.in[0].data(), B, L, R)
+                                : ops::ref::sequence_parser_loss_forward(b.data(), H.in[0].data(),
+                                                                         B, L, R);
+    o[0][0] = float(s / double(rows));
+  };
+  H.fwd64 = [&](const std::vector<Vec>& in, Vec& o) {
+    o[0] = ops::ref::sequence_parser_loss_forward(b.data(), in[0].data(), B, L, R) / double(rows);
+  };
+  H.bwd = [&](Impl im, const std::vector<Buf>&, const float* dout, std::vector<Buf>& g) {
+    if (im == Fast)
+      ops::sequence_parser_loss_backward(g[0].data(), b.data(), B, L, rows, R, dout[0]);
+    else
+      ops::ref::sequence_parser_loss_backward(g[0].data(), b.data(), B, L, rows, R, dout[0]);
+  };
+  H.bytes = {5.0 * n, 5.0 * n};
+  if (!finish(H, c, m, 32)) return;
+  // With one row and rows = 1 it is the Global Parser loss of that row.
+  const double sp = [&] {
+    double s = 0;
+    for (i64 t = 0; t < L; ++t) s += H.in[0][t];
+    return s;
+  }();
+  double sb = 0;
+  for (i64 t = 0; t < L; ++t) sb += b[t];
+  EXPECT_NEAR(ops::sequence_parser_loss_forward(b.data(), H.in[0].data(), 1, L, R),
+              ops::global_parser_loss(sb, sp, double(L), R).value, 1e-9);
+}
+
 using Runner = void (*)(const Case&, Mode);
 const std::pair<const char*, Runner> kOps[] = {
     {"embedding", run_embedding},
@@ -1048,6 +1096,7 @@ const std::pair<const char*, Runner> kOps[] = {
     {"concept_attention_replicate", run_concept_attention},
     {"concept_attention_masked", run_concept_attention},
     {"aux_loss", run_aux_loss},
+    {"aux_loss_sequence", run_aux_loss_sequence},
 };
 
 Runner runner_of(const Case& c) {

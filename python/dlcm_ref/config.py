@@ -1,6 +1,8 @@
 """Model configuration (mirrors src/models/config.h; config.json = SPEC section 9 keys plus
 "xattn_impl", "init_std", "mup", a "train" object and the SPEC 4.9 research variants
-"concept_repr", "concept_visibility", "enc_window", "dec_window", "concept_path").
+"concept_repr", "concept_visibility", "enc_window", "dec_window", "concept_path", and the
+controls "router.kind" = fixed | word with "router.stride", "aux_kind", "smoother",
+"baseline_extras" and "n_layers_pre").
 Unknown keys are ignored with a warning."""
 import copy
 import json
@@ -15,6 +17,9 @@ DEFAULTS = {
     "head_dim": 64,
     "d_ff": 768,
     "n_layers": 4,
+    # baseline control: the DLCM's token-path extras after layer n_layers_pre (0 = n_layers // 2)
+    "baseline_extras": False,
+    "n_layers_pre": 0,
     "enc_layers": 2,
     "dec_layers": 2,
     "d_concept": 384,
@@ -26,9 +31,12 @@ DEFAULTS = {
     "x_kv_heads": 4,
     "x_d_ff": 768,
     "d_scan": 0,
-    "router": {"kind": "projected", "alpha": 0.1, "tau": 0.5, "smooth_grad": False},
+    # kind: "projected" | "raw" (learned) | "fixed" (every `stride` tokens) | "word" (rules)
+    "router": {"kind": "projected", "stride": 4, "alpha": 0.1, "tau": 0.5, "smooth_grad": False},
     "target_R": 4.0,
     "aux_weight": 0.03,
+    "aux_kind": "global",   # "global" (Global Parser over the step) | "sequence" (per row, averaged)
+    "smoother": True,       # False: zs_j = z_j
     "xattn_impl": "compact",
     "qk_norm": False,
     "rope_theta": 10000.0,
@@ -68,6 +76,14 @@ class Config(dict):
     def is_dlcm(self):
         return self["arch"] == "dlcm"
 
+    @property
+    def rule_router(self):
+        return self["router"]["kind"] in ("fixed", "word")
+
+    @property
+    def layers_pre(self):
+        return self["n_layers_pre"] if self["n_layers_pre"] > 0 else self["n_layers"] // 2
+
 
 def config_from_dict(src, source="config"):
     c = copy.deepcopy(DEFAULTS)
@@ -90,11 +106,20 @@ def config_from_dict(src, source="config"):
         raise ValueError(f"{source}: 'head_dim' must be even")
     if cfg.n_heads % cfg.n_kv_heads:
         raise ValueError(f"{source}: 'n_kv_heads' must divide 'n_heads'")
+    if not cfg.is_dlcm and cfg.baseline_extras and not 1 <= cfg.layers_pre < cfg.n_layers:
+        raise ValueError(f"{source}: 'n_layers_pre' must lie in [1, n_layers - 1] with "
+                         f"baseline_extras, got {cfg.layers_pre}")
     if cfg.is_dlcm:
         if cfg.bb_heads % cfg.bb_kv_heads or cfg.x_heads % cfg.x_kv_heads:
             raise ValueError(f"{source}: kv heads must divide heads")
-        if cfg.router["kind"] not in ("projected", "raw"):
-            raise ValueError(f"{source}: 'router.kind' must be projected or raw")
+        if cfg.router["kind"] not in ("projected", "raw", "fixed", "word"):
+            raise ValueError(f"{source}: 'router.kind' must be projected, raw, fixed or word")
+        if cfg.router["stride"] < 1:
+            raise ValueError(f"{source}: 'router.stride' must be >= 1")
+        if cfg.rule_router and cfg.router["smooth_grad"]:
+            raise ValueError(f"{source}: 'router.smooth_grad' needs a learned router")
+        if cfg.aux_kind not in ("global", "sequence"):
+            raise ValueError(f"{source}: 'aux_kind' must be global or sequence, got {cfg.aux_kind!r}")
         if cfg.concept_repr not in ("mean", "first", "prefix_mean"):
             raise ValueError(f"{source}: 'concept_repr' must be mean, first or prefix_mean, "
                              f"got {cfg.concept_repr!r}")

@@ -55,11 +55,31 @@ def _concept_path_specs(cfg):
     return s
 
 
+def _cross_ffn_specs(cfg):
+    """The cross FFN block (the DLCM's, and the baseline control's with baseline_extras)."""
+    d = cfg.d_token
+    return [
+        ("xattn.ffn_norm.weight", [d], "norm"),
+        ("xattn.ffn.w1.weight", [cfg.x_d_ff, d], "matrix"),
+        ("xattn.ffn.w2.weight", [d, cfg.x_d_ff], "matrix"),
+        ("xattn.ffn.w3.weight", [cfg.x_d_ff, d], "matrix"),
+    ]
+
+
 def param_specs(cfg):
     """Ordered list of (name, shape, kind) for every parameter of the model. With
     concept_path = false (SPEC 4.9) the concept path's tensors (unused_specs) are not listed."""
     V, d, hd = cfg.vocab_size, cfg.d_token, cfg.head_dim
     s = [("tok_embeddings.weight", [V, d], "embedding")]
+    if not cfg.is_dlcm and cfg.baseline_extras:
+        k = cfg.layers_pre
+        for i in range(k):
+            s += _block_specs(f"encoder.layers.{i}.", d, cfg.n_heads, cfg.n_kv_heads, hd, cfg.d_ff, cfg.qk_norm)
+        s += [("encoder.norm.weight", [d], "norm")] + _cross_ffn_specs(cfg)
+        for i in range(cfg.n_layers - k):
+            s += _block_specs(f"decoder.layers.{i}.", d, cfg.n_heads, cfg.n_kv_heads, hd, cfg.d_ff, cfg.qk_norm)
+        s += [("norm.weight", [d], "norm"), ("lm_head.weight", [V, d], "matrix")]
+        return s
     if not cfg.is_dlcm:
         for i in range(cfg.n_layers):
             s += _block_specs(f"layers.{i}.", d, cfg.n_heads, cfg.n_kv_heads, hd, cfg.d_ff, cfg.qk_norm)
@@ -73,12 +93,7 @@ def param_specs(cfg):
               ("router.wk.weight", [cfg.scan_dim, d], "identity")]
     if cfg.concept_path:
         s += _concept_path_specs(cfg)
-    s += [
-        ("xattn.ffn_norm.weight", [d], "norm"),
-        ("xattn.ffn.w1.weight", [cfg.x_d_ff, d], "matrix"),
-        ("xattn.ffn.w2.weight", [d, cfg.x_d_ff], "matrix"),
-        ("xattn.ffn.w3.weight", [cfg.x_d_ff, d], "matrix"),
-    ]
+    s += _cross_ffn_specs(cfg)
     for i in range(cfg.dec_layers):
         s += _block_specs(f"decoder.layers.{i}.", d, cfg.n_heads, cfg.n_kv_heads, hd, cfg.d_ff, cfg.qk_norm)
     s += [("decoder.norm.weight", [d], "norm"), ("lm_head.weight", [V, d], "matrix")]
@@ -219,8 +234,18 @@ def default_targets(tokens):
 # ----------------------------------------------------------------------------------------------
 
 def baseline_forward(P, cfg, tokens, targets=None):
+    """Baseline; with baseline_extras the DLCM's token-path extras sit between the halves:
+    encoder.layers -> H = encoder.norm -> X = H + ffn_x(xattn.ffn_norm(H)) -> decoder.layers."""
     x = P["tok_embeddings.weight"][tokens.long()]
-    for i in range(cfg.n_layers):
+    if cfg.baseline_extras:
+        k = cfg.layers_pre
+        for i in range(k):
+            x = block(P, f"encoder.layers.{i}.", x, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg)
+        H = rmsnorm(x, P["encoder.norm.weight"], cfg.norm_eps)
+        x = H + swiglu_ffn(P, "xattn.ffn.", rmsnorm(H, P["xattn.ffn_norm.weight"], cfg.norm_eps))
+        for i in range(cfg.n_layers - k):
+            x = block(P, f"decoder.layers.{i}.", x, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg)
+    for i in range(0 if cfg.baseline_extras else cfg.n_layers):
         x = block(P, f"layers.{i}.", x, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg)
     x = rmsnorm(x, P["norm.weight"], cfg.norm_eps)
     logits = linear(x, P["lm_head.weight"]) * cfg.logit_mult
@@ -238,9 +263,37 @@ COS_EPS = 1e-8      # cos(a, b) = a.b / max(|a| |b|, COS_EPS)
 P_SMOOTH_MIN = 1e-4  # smoother gate clamp
 
 
-def router_probs(P, cfg, H, tokens):
+def rule_boundaries(cfg, tokens, word_starts=None):
+    """Rule routers (router.kind fixed | word): the 0/1 decision [B, L] (bool), forced included.
+    fixed: b_t = [(t - s) % stride == 0], s = the last forced position <= t (row start, BOS);
+    word: b_t = word_starts[token_t] (a [V] 0/1 table from the tokenizer) or forced."""
+    B, L = tokens.shape
+    forced = tokens == cfg.bos_id
+    forced[:, 0] = True
+    if cfg.router["kind"] == "word":
+        if word_starts is None:
+            raise ValueError("router.kind = word needs the tokenizer's word-start table "
+                             "(pass word_starts=[V] 0/1)")
+        ws = torch.as_tensor(word_starts).to(torch.bool)
+        return forced | ws[tokens.long()]
+    b = torch.zeros(B, L, dtype=torch.bool)
+    for r in range(B):
+        s = 0
+        for t in range(L):
+            if bool(forced[r, t]):
+                s = t
+            b[r, t] = (t - s) % cfg.router["stride"] == 0
+    return b
+
+
+def router_probs(P, cfg, H, tokens, word_starts=None):
     """p [B, L] and forced [B, L] (bool). p_t = clamp((1 - cos(q_{t-1}, k_t)) / 2, 0, 1);
-    p_t = 1 exactly at t = 0 and wherever tokens[t] == bos_id (forced boundaries)."""
+    p_t = 1 exactly at t = 0 and wherever tokens[t] == bos_id (forced boundaries). Rule routers:
+    p = the rule's 0/1 decision (no gradient)."""
+    if cfg.router["kind"] in ("fixed", "word"):
+        forced = tokens == cfg.bos_id
+        forced[:, 0] = True
+        return rule_boundaries(cfg, tokens, word_starts).to(H.dtype), forced
     if cfg.router["kind"] == "projected":
         q = linear(H, P["router.wq.weight"])
         k = linear(H, P["router.wk.weight"])
@@ -267,8 +320,9 @@ def segments_of_row(b_row):
 
 
 def smoother_gate(forced, p_sm, s, dtype):
-    """P_j of a concept starting at s: 1 exactly at a forced start, else clamp(p_s, 1e-4, 1-1e-4)."""
-    if bool(forced[s]):
+    """P_j of a concept starting at s: 1 exactly at a forced start, else clamp(p_s, 1e-4, 1-1e-4).
+    p_sm None: smoother off (config smoother = false), every gate 1 and zs = z."""
+    if p_sm is None or bool(forced[s]):
         return torch.ones((), dtype=dtype)
     return torch.clamp(p_sm[s], P_SMOOTH_MIN, 1.0 - P_SMOOTH_MIN)
 
@@ -319,7 +373,7 @@ def prefix_own_concepts(P, cfg, H, spans, seg, C, ZS, forced, p_sm):
         for t in range(L):
             j = int(seg[r, t])
             prev = ZS[r][j - 1] if j > 0 else torch.zeros(dc, dtype=C.dtype)
-            Pj = smoother_gate(forced[r], p_sm[r], spans[r][j][0], C.dtype)
+            Pj = smoother_gate(forced[r], None if p_sm is None else p_sm[r], spans[r][j][0], C.dtype)
             row.append(Pj * Zp[r, t, j] + (1.0 - Pj) * prev)
         own.append(torch.stack(row))
     return torch.stack(own)
@@ -453,7 +507,8 @@ def concept_term(P, cfg, H, spans, seg, forced, p_sm, xattn_impl, ablation=None)
 
     # 5. concept backbone; 6. smoother
     Z = backbone(P, cfg, C)  # [B, Mmax, d_concept]
-    ZS = [smooth_row(Z[r], spans[r], forced[r], p_sm[r]) for r in range(B)]  # [M_r, d_concept]
+    ZS = [smooth_row(Z[r], spans[r], forced[r], None if p_sm is None else p_sm[r])
+          for r in range(B)]  # [M_r, d_concept]
     inclusive = cfg.concept_visibility == "inclusive"
     own = None
     if inclusive and cfg.concept_repr == "prefix_mean" and ablation is None:
@@ -486,11 +541,12 @@ def concept_term(P, cfg, H, spans, seg, forced, p_sm, xattn_impl, ablation=None)
 
 
 def dlcm_forward(P, cfg, tokens, targets=None, boundaries=None, xattn_impl="replicate",
-                 p_smoother_override=None, concept_ablation=None):
+                 p_smoother_override=None, concept_ablation=None, word_starts=None):
     """DLCM forward. tokens [B, L] int. boundaries: optional [B, L] 0/1 (the given training
     samples b); None -> b = [p >= tau] (inference). Forced positions always have b = 1.
     p_smoother_override: optional constant [B, L] used in place of p by the smoother (only for
     finite-difference tests of the detached-gate gradient). concept_ablation: see concept_term.
+    word_starts: the tokenizer's [V] 0/1 word-start table (router.kind = word only).
     Besides the outputs, returns "H" (encoder output) and "xattn_out" (Wo_x attn; zero without
     the concept path) for the diagnostics."""
     B, L = tokens.shape
@@ -505,8 +561,10 @@ def dlcm_forward(P, cfg, tokens, targets=None, boundaries=None, xattn_impl="repl
     H = rmsnorm(x, P["encoder.norm.weight"], eps)  # [B, L, d_token]
 
     # 2. boundary predictor
-    p, forced = router_probs(P, cfg, H, tokens)
-    if boundaries is None:
+    p, forced = router_probs(P, cfg, H, tokens, word_starts)
+    if cfg.rule_router:  # the rule decides, in training and inference alike
+        b = p.detach() > 0.5
+    elif boundaries is None:
         b = p.detach() >= cfg.router["tau"]
     else:
         b = boundaries.to(torch.bool).clone()
@@ -518,7 +576,9 @@ def dlcm_forward(P, cfg, tokens, targets=None, boundaries=None, xattn_impl="repl
     M = [len(s) for s in spans]
 
     # 4-7. concept path: Psi = H + Wo_x attn (concept_path = false: Psi = H)
-    if p_smoother_override is not None:
+    if not cfg.smoother:
+        p_sm = None
+    elif p_smoother_override is not None:
         p_sm = p_smoother_override
     elif cfg.router["smooth_grad"]:
         p_sm = p
@@ -545,7 +605,14 @@ def dlcm_forward(P, cfg, tokens, targets=None, boundaries=None, xattn_impl="repl
     R = float(cfg.target_R)
     Fb = b.to(dt).mean()  # no gradient (b is discrete)
     G = p.mean()          # over every token position, forced ones included
-    aux = R / (R - 1.0) * ((R - 1.0) * Fb * G + (1.0 - Fb) * (1.0 - G)) - 1.0
+    if cfg.rule_router:  # no auxiliary loss for rules (F is still the realised compression)
+        aux = torch.zeros((), dtype=dt)
+    elif cfg.aux_kind == "sequence":  # per row (F_r, G_r), averaged over rows
+        Fr = b.to(dt).mean(dim=1)
+        Gr = p.mean(dim=1)
+        aux = (R / (R - 1.0) * ((R - 1.0) * Fr * Gr + (1.0 - Fr) * (1.0 - Gr)) - 1.0).mean()
+    else:
+        aux = R / (R - 1.0) * ((R - 1.0) * Fb * G + (1.0 - Fb) * (1.0 - G)) - 1.0
     loss = ce + cfg.aux_weight * aux
     return {"logits": logits, "loss": loss, "ce": ce, "aux": aux, "p": p, "b": b.to(dt),
             "F": Fb, "G": G, "seg": seg, "n_concepts": torch.tensor(M), "H": H, "xattn_out": xo}

@@ -5,6 +5,7 @@
 #include <sentencepiece_trainer.h>
 #include <unistd.h>
 
+#include <cctype>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -232,6 +233,19 @@ std::vector<int32_t> Tokenizer::piece_byte_lengths() const {
   std::vector<int32_t> n(vocab_size());
   for (int32_t i = 0; i < vocab_size(); ++i) n[i] = int32_t(decode_piece(i).size());
   return n;
+}
+
+std::vector<uint8_t> Tokenizer::word_starts() const {
+  std::vector<uint8_t> w(vocab_size(), 0);
+  for (int32_t i = 0; i < vocab_size(); ++i) {
+    if (is_special(i)) continue;
+    const std::string piece = decode_piece(i);
+    if (piece.empty()) continue;
+    const unsigned char c = piece[0];
+    // "\xE2\x96\x81" (U+2581) in case a piece keeps the raw marker.
+    w[i] = (std::isspace(c) || std::ispunct(c) || piece.rfind("\xE2\x96\x81", 0) == 0) ? 1 : 0;
+  }
+  return w;
 }
 
 std::vector<std::string> tokenizer_files(const std::string& dir) {

@@ -50,6 +50,11 @@ class Tokenizer {
   // Bytes of text each id stands for (decode_piece(id).size(); 0 for specials); the sum over
   // the targets of a window is that window's UTF-8 byte count, for bits per byte.
   std::vector<int32_t> piece_byte_lengths() const;
+  // Word-start flag per id, for the DLCM's router.kind = "word" (SPEC 4.9 controls): 1 when
+  // the token begins a word, i.e. its piece starts with whitespace (space, newline, tab; the
+  // SentencePiece marker U+2581 comes back as a space) or with ASCII punctuation; 0 for
+  // specials (BOS is a forced boundary anyway) and for pieces that continue a word.
+  std::vector<uint8_t> word_starts() const;
 
  protected:
   SpecialIds special_;

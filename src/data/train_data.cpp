@@ -71,6 +71,7 @@ TrainData open_train_data(const std::string& dir, const Config& cfg) {
   t.val_bytes = double(dd->val_bytes);
   t.val_tokens = dd->val->size() > 0 ? dd->val->size() - 1 : 0;
   t.checkpoint_files = tokenizer_files(dir);
+  t.word_starts = dd->tokenizer->word_starts();
   return t;
 }
 

@@ -27,6 +27,9 @@ struct TrainData {
   double val_bytes = 0;     // UTF-8 bytes of the validation text (0: unknown)
   i64 val_tokens = 0;       // target tokens of the validation text
   std::vector<std::string> checkpoint_files;  // copied into checkpoints (tokenizer files)
+  // The tokenizer's word-start flags (Tokenizer::word_starts()), for a DLCM with
+  // router.kind = "word"; empty when there is no tokenizer.
+  std::vector<uint8_t> word_starts;
 };
 
 // Opens DIR/train.bin, DIR/val.bin and the tokenizer in DIR; checks the vocabulary against

@@ -358,7 +358,7 @@ void smoother_forward(float* zs, const float* z, const float* p, const Segments&
           for (i64 i = i0; i < i1; ++i) o[i] = 0.f;
           continue;
         }
-        const float P = smoother_gate(p[r * L + sg.start[sl]], sg.forced[sl] != 0);
+        const float P = p ? smoother_gate(p[r * L + sg.start[sl]], sg.forced[sl] != 0) : 1.f;
         const float* zj = z + sl * d;
         if (j == 0) {
           for (i64 i = i0; i < i1; ++i) o[i] = P * zj[i];
@@ -374,6 +374,7 @@ void smoother_forward(float* zs, const float* z, const float* p, const Segments&
 void smoother_backward(float* dz, float* dp, const float* dzs, const float* zs, const float* z,
                        const float* p, const Segments& sg, i64 d) {
   check_segments(sg, sg.B, sg.L, "smoother_backward");
+  DLCM_CHECK(p != nullptr || dp == nullptr, "smoother_backward: dp needs p (smoother off has no gate)");
   DLCM_CHECK(d > 0, "smoother_backward: d must be > 0");
   const i64 B = sg.B, L = sg.L, Mmax = sg.Mmax;
 #pragma omp parallel if(parallel_worth(B * Mmax * d))
@@ -388,8 +389,8 @@ void smoother_backward(float* dz, float* dp, const float* dzs, const float* zs, 
       for (i64 j = M - 1; j >= 0; --j) {
         const i64 sl = r * Mmax + j;
         const bool fz = sg.forced[sl] != 0;
-        const float pj = p[r * L + sg.start[sl]];
-        const float P = smoother_gate(pj, fz);
+        const float pj = p ? p[r * L + sg.start[sl]] : 1.f;
+        const float P = p ? smoother_gate(pj, fz) : 1.f;
         const float* dzj = dzs + sl * d;
         const float keep = 1.f - Pnext;
 #pragma omp simd
@@ -421,7 +422,7 @@ void smoother_own_forward(float* zso, const float* zp, const float* zs, const fl
 #pragma omp parallel for schedule(static) if(parallel_worth(N * d))
   for (i64 n = 0; n < N; ++n) {
     const i64 r = n / L, j = sg.seg[n], sl = r * Mmax + j;
-    const float P = smoother_gate(p[r * L + sg.start[sl]], sg.forced[sl] != 0);
+    const float P = p ? smoother_gate(p[r * L + sg.start[sl]], sg.forced[sl] != 0) : 1.f;
     const float* z = zp + n * d;
     float* o = zso + n * d;
     if (j == 0) {
@@ -436,6 +437,8 @@ void smoother_own_forward(float* zso, const float* zp, const float* zs, const fl
 void smoother_own_backward(float* dzp, float* dzs, float* dp, const float* dzso, const float* zp,
                            const float* zs, const float* p, const Segments& sg, i64 d) {
   check_segments(sg, sg.B, sg.L, "smoother_own_backward");
+  DLCM_CHECK(p != nullptr || dp == nullptr,
+             "smoother_own_backward: dp needs p (smoother off has no gate)");
   DLCM_CHECK(d > 0, "smoother_own_backward: d must be > 0");
   const i64 L = sg.L, Mmax = sg.Mmax;
   // One concept per task: its tokens write dzs of the concept before it and dp at its start.
@@ -444,9 +447,9 @@ void smoother_own_backward(float* dzp, float* dzs, float* dp, const float* dzso,
     const i64 r = sl / Mmax, j = sl % Mmax, ln = sg.len[sl], st = sg.start[sl];
     if (ln == 0) continue;
     const bool fz = sg.forced[sl] != 0;
-    const float pj = p[r * L + st];
-    const float P = smoother_gate(pj, fz);
-    const bool live = dp != nullptr && !fz && pj >= kSmootherClamp && pj <= 1.f - kSmootherClamp;
+    const float pj = p ? p[r * L + st] : 1.f;
+    const float P = p ? smoother_gate(pj, fz) : 1.f;
+    const bool live = dp != nullptr && p != nullptr && !fz && pj >= kSmootherClamp && pj <= 1.f - kSmootherClamp;
     const float* prev = j > 0 ? zs + (sl - 1) * d : nullptr;
     double s = 0;
     for (i64 n = r * L + st; n < r * L + st + ln; ++n) {
@@ -960,6 +963,45 @@ AuxLoss global_parser_loss(double sum_b, double sum_p, double count, double R, d
 void aux_loss_backward(float* dp, i64 n, float grad_p) {
 #pragma omp parallel for schedule(static) if(parallel_worth(n))
   for (i64 i = 0; i < n; ++i) dp[i] += grad_p;
+}
+
+namespace {
+void check_sequence_loss(i64 B, i64 L, i64 rows, double R, const char* who) {
+  DLCM_CHECK(R > 1.0 && std::isfinite(R), who, ": target_R must be > 1, got ", R);
+  DLCM_CHECK(B >= 1 && L >= 1 && rows >= B, who, ": need B >= 1, L >= 1 and rows >= B, got B=",
+             B, " L=", L, " rows=", rows);
+}
+// F_r of one row: the share of boundaries.
+double row_mean_b(const uint8_t* b, i64 L) {
+  i64 s = 0;
+  for (i64 t = 0; t < L; ++t) s += b[t];
+  return double(s) / double(L);
+}
+}  // namespace
+
+double sequence_parser_loss_forward(const uint8_t* b, const float* p, i64 B, i64 L, double R) {
+  check_sequence_loss(B, L, B, R, "sequence_parser_loss_forward");
+  double total = 0;
+#pragma omp parallel for schedule(static) reduction(+ : total) if (parallel_worth(B * L))
+  for (i64 r = 0; r < B; ++r) {
+    const double F = row_mean_b(b + r * L, L);
+    double sp = 0;
+    for (i64 t = 0; t < L; ++t) sp += p[r * L + t];
+    const double G = sp / double(L);
+    total += R / (R - 1.0) * ((R - 1.0) * F * G + (1.0 - F) * (1.0 - G)) - 1.0;
+  }
+  return total;
+}
+
+void sequence_parser_loss_backward(float* dp, const uint8_t* b, i64 B, i64 L, i64 rows, double R,
+                                   double weight) {
+  check_sequence_loss(B, L, rows, R, "sequence_parser_loss_backward");
+#pragma omp parallel for schedule(static) if (parallel_worth(B * L))
+  for (i64 r = 0; r < B; ++r) {
+    const double F = row_mean_b(b + r * L, L);
+    const float g = float(weight * R * (R * F - 1.0) / ((R - 1.0) * double(L) * double(rows)));
+    for (i64 t = 0; t < L; ++t) dp[r * L + t] += g;
+  }
 }
 
 }  // namespace dlcm::ops

@@ -102,7 +102,9 @@ void pool_prefix_mean_backward(float* dH, const float* dpref, const Segments& sg
 // zs_j = P_j z_j + (1 - P_j) zs_{j-1}, zs_{-1} = 0, per row over its count[b] concepts.
 // P_j = smoother_gate(p[start(S_j)], forced_j): clamp(p, kSmootherClamp, 1 - kSmootherClamp),
 // or exactly 1 at forced-start concepts (the smoother restarts at every document).
-// z, zs: [B, Mmax, d]; p: [B*L]. Padded slots of zs are 0.
+// z, zs: [B, Mmax, d]; p: [B*L]. Padded slots of zs are 0. p == nullptr turns the smoother
+// off (config smoother = false): every gate is 1, so zs = z exactly and dz += dzs (dp must
+// then be nullptr too).
 constexpr float kSmootherClamp = 1e-4f;
 float smoother_gate(float p, bool forced);
 void smoother_forward(float* zs, const float* z, const float* p, const Segments& sg, i64 d);
@@ -114,6 +116,7 @@ void smoother_backward(float* dz, float* dp, const float* dzs, const float* zs, 
 // The own concept of every token (prefix_mean + inclusive): zso[n] = P_j zp[n] + (1 - P_j)
 // zs_{j-1}, j = seg(n), P_j the gate of concept j, zs_{-1} = 0. zp, zso [B*L, d] (zp: the
 // backbone output of the token's prefix row); zs [B, Mmax, d] the closed concepts' smoother.
+// p == nullptr: smoother off, every gate 1 (and smoother_own_backward's dp must be nullptr).
 void smoother_own_forward(float* zso, const float* zp, const float* zs, const float* p,
                           const Segments& sg, i64 d);
 // dzp += P_j dzso; dzs[j-1] += (1 - P_j) dzso; dp as smoother_backward (non-forced concepts in
@@ -273,5 +276,18 @@ AuxLoss global_parser_loss(double sum_b, double sum_p, double count, double R,
                            double weight = 1.0);
 // dp[i] += grad_p for i < n (forced positions included; the router's backward drops them).
 void aux_loss_backward(float* dp, i64 n, float grad_p);
+
+// The per-sequence variant (aux_kind = "sequence", the paper's "Normal" ratio loss): the same
+// formula per row r of L positions, averaged over the step's rows:
+//   F_r = (1/L) sum_t b[r,t],  G_r = (1/L) sum_t p[r,t],
+//   L_r = R/(R-1) * [ F_r G_r + (1-F_r)(1-G_r) ] - 1,   L_aux = (1/rows) sum_r L_r,
+// with `rows` every row of the optimizer step (all micro-batches and ranks; this batch holds B
+// of them). F_r carries no gradient, so
+//   dL_aux/dp[r,t] = R (R F_r - 1) / ((R-1) L rows).
+// Forward: sum over this batch's B rows of L_r (unweighted; divide the step's sum by rows).
+double sequence_parser_loss_forward(const uint8_t* b, const float* p, i64 B, i64 L, double R);
+// dp[r,t] += weight * R (R F_r - 1) / ((R-1) L rows). rows >= B.
+void sequence_parser_loss_backward(float* dp, const uint8_t* b, i64 B, i64 L, i64 rows, double R,
+                                   double weight);
 
 }  // namespace dlcm::ops

@@ -435,6 +435,7 @@ void pool_mean_backward(float* dH, const float* dpooled, const Segments& sg, i64
 // 1 - kSmootherClamp].
 template <class T>
 static double gate(const T* p, const Segments& sg, i64 r, i64 j) {
+  if (p == nullptr) return 1.0;  // smoother off
   const i64 sl = sg.slot(r, j);
   if (sg.forced[sl]) return 1.0;
   return std::clamp(double(p[r * sg.L + sg.start[sl]]), double(kSmootherClamp),
@@ -472,8 +473,8 @@ void smoother_backward(float* dz, float* dp, const float* dzs, const float* zs, 
       for (i64 i = 0; i < d; ++i) g[i] = dzs[sl * d + i] + keep * g[i];
       const double P = gate(p, sg, r, j);
       for (i64 i = 0; i < d; ++i) dz[sl * d + i] += float(P * g[i]);
-      const double pj = p[r * sg.L + sg.start[sl]];
-      if (dp && !sg.forced[sl] && pj >= kSmootherClamp && pj <= 1.f - kSmootherClamp) {
+      const double pj = p ? double(p[r * sg.L + sg.start[sl]]) : 1.0;
+      if (dp && p && !sg.forced[sl] && pj >= kSmootherClamp && pj <= 1.f - kSmootherClamp) {
         double s = 0;
         for (i64 i = 0; i < d; ++i)
           s += g[i] * (double(z[sl * d + i]) - (j > 0 ? double(zs[(sl - 1) * d + i]) : 0.0));
@@ -556,6 +557,32 @@ void aux_loss_backward(float* dp, i64 n, float grad_p) {
   for (i64 i = 0; i < n; ++i) dp[i] += grad_p;
 }
 
+template <class T>
+double sequence_parser_loss_forward(const uint8_t* b, const T* p, i64 B, i64 L, double R) {
+  double total = 0;
+  for (i64 r = 0; r < B; ++r) {
+    double sb = 0, sp = 0;
+    for (i64 t = 0; t < L; ++t) {
+      sb += b[r * L + t];
+      sp += double(p[r * L + t]);
+    }
+    const double F = sb / L, G = sp / L;
+    total += R / (R - 1) * ((R - 1) * F * G + (1 - F) * (1 - G)) - 1;
+  }
+  return total;
+}
+
+void sequence_parser_loss_backward(float* dp, const uint8_t* b, i64 B, i64 L, i64 rows, double R,
+                                   double weight) {
+  for (i64 r = 0; r < B; ++r) {
+    double sb = 0;
+    for (i64 t = 0; t < L; ++t) sb += b[r * L + t];
+    const double F = sb / L;
+    const double dG = R / (R - 1) * ((R - 1) * F - (1 - F));
+    for (i64 t = 0; t < L; ++t) dp[r * L + t] += float(weight * dG / L / rows);
+  }
+}
+
 #define DLCM_REF_INSTANTIATE(T)                                                              \
   template void embedding_forward<T>(T*, const i32*, const T*, i64, i64);                     \
   template void rmsnorm_forward<T>(T*, T*, const T*, const T*, i64, i64, float);              \
@@ -573,7 +600,8 @@ void aux_loss_backward(float* dp, i64 n, float grad_p) {
   template void concept_list_forward<T>(T*, const T*, const T*, i64, i64, i64);               \
   template void concept_gather<T>(T*, const T*, const Segments&, i64);                        \
   template void concept_attention_forward<T>(T*, T*, const T*, const T*, const T*,            \
-                                             const Segments&, i64, i64, i64, i64, i64, float);
+                                             const Segments&, i64, i64, i64, i64, i64, float); \
+  template double sequence_parser_loss_forward<T>(const uint8_t*, const T*, i64, i64, double);
 DLCM_REF_INSTANTIATE(float)
 DLCM_REF_INSTANTIATE(double)
 

@@ -104,5 +104,11 @@ void concept_attention_backward(float* dq, float* dk, float* dv, const float* do
 AuxLoss global_parser_loss(double sum_b, double sum_p, double count, double R,
                            double weight = 1.0);
 void aux_loss_backward(float* dp, i64 n, float grad_p);
+// Per-sequence loss: (1/rows) sum_r L_r is left to the caller as in the fast path; the
+// gradient from the unsimplified dL_r/dG_r = R/(R-1) [(R-1) F_r - (1-F_r)] times dG_r/dp = 1/L.
+template <class T>
+double sequence_parser_loss_forward(const uint8_t* b, const T* p, i64 B, i64 L, double R);
+void sequence_parser_loss_backward(float* dp, const uint8_t* b, i64 B, i64 L, i64 rows, double R,
+                                   double weight);
 
 }  // namespace dlcm::ops::ref

@@ -3,6 +3,7 @@
 #include <cstring>
 
 #include "core/profiler.h"
+#include "kernels/gemm.h"
 #include "kernels/ops.h"
 #include "models/flops.h"
 
@@ -14,7 +15,25 @@ BaselineModel::BaselineModel(const ModelConfig& cfg) {
   tok_emb_ = params_.add("tok_embeddings.weight", {V, d}, ParamGroup::Other, true);
   BlockDims dims{d, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff, cfg.qk_norm,
                  cfg.norm_eps, cfg.rope_theta};
-  layers_.init(params_, "layers.", cfg.n_layers, dims, ParamGroup::TokenHidden);
+  extras_ = cfg.baseline_extras;
+  if (extras_) {
+    // Registration follows the reference's inventory order (python/dlcm_ref/model.py).
+    auto norm = [&](const std::string& n) {
+      Param* p = params_.add(n, {d}, ParamGroup::Other, false);
+      p->init_one = true;
+      return p;
+    };
+    const i64 k = cfg.layers_pre(), xf = cfg.x_d_ff;
+    layers_.init(params_, "encoder.layers.", k, dims, ParamGroup::TokenHidden);
+    mid_norm_ = norm("encoder.norm.weight");
+    ffn_norm_ = norm("xattn.ffn_norm.weight");
+    w1_ = params_.add("xattn.ffn.w1.weight", {xf, d}, ParamGroup::TokenHidden, true);
+    w2_ = params_.add("xattn.ffn.w2.weight", {d, xf}, ParamGroup::TokenHidden, true);
+    w3_ = params_.add("xattn.ffn.w3.weight", {xf, d}, ParamGroup::TokenHidden, true);
+    post_.init(params_, "decoder.layers.", cfg.n_layers - k, dims, ParamGroup::TokenHidden);
+  } else {
+    layers_.init(params_, "layers.", cfg.n_layers, dims, ParamGroup::TokenHidden);
+  }
   norm_ = params_.add("norm.weight", {d}, ParamGroup::Other, false);
   norm_->init_one = true;
   lm_head_ = params_.add("lm_head.weight", {V, d}, ParamGroup::Other, true);
@@ -29,6 +48,13 @@ void BaselineModel::reserve(i64 B, i64 L) {
   const i64 N = B * L, d = cfg_.d_token;
   layers_.reserve(B, L);
   head_.reserve(N);
+  if (extras_) {
+    const i64 xf = cfg_.x_d_ff;
+    post_.reserve(B, L);
+    for (Buf* b : {&H_, &pn_, &X_, &g_X_, &g_pn_, &g_H_, &g_mid_}) b->assign(N * d, 0);
+    for (Buf* b : {&h_rstd_, &pn_rstd_}) b->assign(N, 0);
+    for (Buf* b : {&fa_, &fb_, &fh_, &g_fa_, &g_fb_, &g_fh_}) b->assign(N * xf, 0);
+  }
   x_.assign(N * d, 0);
   g_x_.assign(N * d, 0);
   g_out_.assign(N * d, 0);
@@ -52,6 +78,12 @@ const float* BaselineModel::run_forward(const i32* tokens, i64 B, i64 L) {
   ops::embedding_forward(x_.data(), tokens, tok_emb_->w, N, cfg_.d_token);
   sec.next("layers");
   last_out_ = layers_.forward(x_.data(), pos_.data(), B, L);
+  if (extras_) {
+    mid_ = last_out_;
+    extras_forward(X_.data(), H_.data(), h_rstd_.data(), pn_.data(), pn_rstd_.data(), fa_.data(),
+                   fb_.data(), fh_.data(), mid_, N);
+    last_out_ = post_.forward(X_.data(), pos_.data(), B, L);
+  }
   last_rows_ = N;
   return last_out_;
 }
@@ -68,7 +100,15 @@ MicroStats BaselineModel::train_micro(const Batch& b, i64, const StepContext& ct
   grad_ready(norm_->offset);  // norm and lm_head (the block's tail) are complete
   sec.next("layers");
   std::memset(g_x_.data(), 0, sizeof(float) * N * d);
-  layers_.backward(g_x_.data(), g_out_.data(), b.B, b.L, grad_ready_);
+  if (extras_) {
+    std::memset(g_X_.data(), 0, sizeof(float) * N * d);
+    post_.backward(g_X_.data(), g_out_.data(), b.B, b.L, grad_ready_);
+    extras_backward(g_mid_.data(), g_X_.data(), mid_, N);
+    grad_ready(mid_norm_->offset);  // encoder.norm and xattn.ffn* are complete
+    layers_.backward(g_x_.data(), g_mid_.data(), b.B, b.L, grad_ready_);
+  } else {
+    layers_.backward(g_x_.data(), g_out_.data(), b.B, b.L, grad_ready_);
+  }
   sec.next("embedding");
   ops::embedding_backward(tok_emb_->g, g_x_.data(), b.tokens, N, d);
   for (i64 n = 0; n < N; ++n) s.n_targets += b.targets[n] >= 0;
@@ -91,7 +131,42 @@ void BaselineModel::logits(const i32* tokens, i64 B, i64 L, float* out) {
   head_.logits(h, B * L, out);
 }
 
-// Streaming: one KV cache for the layer stack; the embedding and the head are per-token maps.
+void BaselineModel::extras_forward(float* X, float* H, float* h_rstd, float* pn, float* pn_rstd,
+                                   float* fa, float* fb, float* fh, const float* mid,
+                                   i64 N) const {
+  const i64 d = cfg_.d_token, xf = cfg_.x_d_ff;
+  const float eps = cfg_.norm_eps;
+  // H = encoder.norm(mid); X = H + w2(silu(w1 pn) * w3 pn), pn = xattn.ffn_norm(H)
+  ops::rmsnorm_forward(H, h_rstd, mid, mid_norm_->w, N, d, eps);
+  ops::rmsnorm_forward(pn, pn_rstd, H, ffn_norm_->w, N, d, eps);
+  ops::linear_forward(fa, pn, w1_->w, N, d, xf);
+  ops::linear_forward(fb, pn, w3_->w, N, d, xf);
+  ops::swiglu_forward(fh, fa, fb, N * xf);
+  ops::linear_forward(X, fh, w2_->w, N, xf, d);
+  for (i64 i = 0; i < N * d; ++i) X[i] += H[i];
+}
+
+void BaselineModel::extras_backward(float* dmid, const float* dX, const float* mid, i64 N) {
+  const i64 d = cfg_.d_token, xf = cfg_.x_d_ff;
+  auto clear = [](Buf& b, i64 n) { std::memset(b.data(), 0, sizeof(float) * n); };
+  clear(g_fh_, N * xf);
+  ops::linear_backward(g_fh_.data(), w2_->g, dX, fh_.data(), w2_->w, N, xf, d);
+  clear(g_fa_, N * xf);
+  clear(g_fb_, N * xf);
+  ops::swiglu_backward(g_fa_.data(), g_fb_.data(), g_fh_.data(), fa_.data(), fb_.data(), N * xf);
+  clear(g_pn_, N * d);
+  ops::linear_backward(g_pn_.data(), w1_->g, g_fa_.data(), pn_.data(), w1_->w, N, d, xf);
+  ops::linear_backward(g_pn_.data(), w3_->g, g_fb_.data(), pn_.data(), w3_->w, N, d, xf);
+  // dH = dX (the residual) + the ffn_norm branch; dmid through encoder.norm
+  std::memcpy(g_H_.data(), dX, sizeof(float) * N * d);
+  ops::rmsnorm_backward(g_H_.data(), ffn_norm_->g, g_pn_.data(), H_.data(), ffn_norm_->w,
+                        pn_rstd_.data(), N, d);
+  std::memset(dmid, 0, sizeof(float) * N * d);
+  ops::rmsnorm_backward(dmid, mid_norm_->g, g_H_.data(), mid, mid_norm_->w, h_rstd_.data(), N, d);
+}
+
+// Streaming: one KV cache for the layer stack (two with baseline_extras, whose extra block is
+// per token); the embedding and the head are per-token maps.
 class BaselineStream final : public InferenceStream {
  public:
   BaselineStream(BaselineModel& m, i64 max_seqs, i64 max_len)
@@ -100,6 +175,13 @@ class BaselineStream final : public InferenceStream {
     cache_ = m.layers_.make_cache(max_seqs, max_len);
     rows_ = std::max(max_len, max_seqs);  // a whole prompt, or one token of every slot
     m.layers_.reserve_infer(rows_);
+    if (m.extras_) {
+      post_cache_ = m.post_.make_cache(max_seqs, max_len);
+      m.post_.reserve_infer(rows_);
+      for (Buf* b : {&H_, &pn_, &X_}) b->assign(rows_ * d, 0);
+      for (Buf* b : {&h_rstd_, &pn_rstd_}) b->assign(rows_, 0);
+      for (Buf* b : {&fa_, &fb_, &fh_}) b->assign(rows_ * m.cfg_.x_d_ff, 0);
+    }
     x_.assign(rows_ * d, 0);
     last_.assign(max_seqs * d, 0);
     xn_.assign(rows_ * d, 0);
@@ -108,7 +190,10 @@ class BaselineStream final : public InferenceStream {
   }
 
  protected:
-  void do_reset(i64 seq) override { cache_.reset(seq); }
+  void do_reset(i64 seq) override {
+    cache_.reset(seq);
+    if (m_.extras_) post_cache_.reset(seq);
+  }
 
   void do_prefill(const PrefillItem* items, i64 n_items, float* logits, bool all_logits) override {
     prefill_in_groups(
@@ -134,16 +219,21 @@ class BaselineStream final : public InferenceStream {
       chunks_.push_back({items[i].seq, items[i].n});
       R += items[i].n;
     }
-    return m_.layers_.forward_cached(x_.data(), chunks_.data(), n, cache_);
+    const float* mid = m_.layers_.forward_cached(x_.data(), chunks_.data(), n, cache_);
+    if (!m_.extras_) return mid;
+    m_.extras_forward(X_.data(), H_.data(), h_rstd_.data(), pn_.data(), pn_rstd_.data(),
+                      fa_.data(), fb_.data(), fh_.data(), mid, R);
+    return m_.post_.forward_cached(X_.data(), chunks_.data(), n, post_cache_);
   }
   void head(const float* h, i64 N, float* out) {
     m_.head_.logits(h, N, out, xn_.data(), rstd_.data());
   }
 
   BaselineModel& m_;
-  KVCache cache_;
+  KVCache cache_, post_cache_;
   i64 rows_ = 0;
   Buf x_, last_, xn_, rstd_;
+  Buf H_, h_rstd_, pn_, pn_rstd_, fa_, fb_, fh_, X_;  // baseline_extras, per new row
   std::vector<CacheChunk> chunks_;
 };
 

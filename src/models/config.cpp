@@ -37,6 +37,8 @@ const std::vector<ConfigKey> kKeys = {
     NUM("head_dim", model.head_dim, 2, 4096, "width of every attention head (even, for RoPE)"),
     NUM("d_ff", model.d_ff, 1, kWidth, "SwiGLU hidden width of token-level blocks"),
     NUM("n_layers", model.n_layers, 1, kLayers, "baseline: transformer blocks"),
+    BOOL("baseline_extras", model.baseline_extras, "baseline: control with the DLCM's token-path extras (encoder.norm + cross FFN of width x_d_ff) after n_layers_pre blocks"),
+    NUM("n_layers_pre", model.n_layers_pre, 0, kLayers, "baseline_extras: blocks before the extras (0 = n_layers / 2)"),
     NUM("enc_layers", model.enc_layers, 1, kLayers, "dlcm: encoder blocks"),
     NUM("dec_layers", model.dec_layers, 0, kLayers, "dlcm: decoder blocks"),
     NUM("d_concept", model.d_concept, 1, kWidth, "dlcm: concept (backbone) width"),
@@ -48,12 +50,15 @@ const std::vector<ConfigKey> kKeys = {
     NUM("x_kv_heads", model.x_kv_heads, 1, kHeads, "dlcm: cross-attention key/value heads (divides x_heads)"),
     NUM("x_d_ff", model.x_d_ff, 1, kWidth, "dlcm: cross-attention SwiGLU hidden width"),
     NUM("d_scan", model.d_scan, 0, kWidth, "dlcm: router projection width (0 = d_token)"),
-    STR("router.kind", model.router.kind, "projected|raw", "dlcm: learned Wq/Wk or cosine of h itself"),
+    STR("router.kind", model.router.kind, "projected|raw|fixed|word", "dlcm: learned Wq/Wk, cosine of h itself, or a rule: every router.stride tokens (fixed), at word starts (word)"),
+    NUM("router.stride", model.router.stride, 1, kSeq, "dlcm, router.kind fixed: tokens per concept (restarted at every document)"),
     NUM_GT("router.alpha", model.router.alpha, 0, 100, "dlcm: Bernoulli sharpening temperature"),
     NUM("router.tau", model.router.tau, 0, 1, "dlcm: inference boundary threshold"),
     BOOL("router.smooth_grad", model.router.smooth_grad, "dlcm: let the LM loss reach p through the smoother"),
     NUM_GT("target_R", model.target_R, 1, 1024, "dlcm: target tokens per concept"),
     NUM("aux_weight", model.aux_weight, 0, 1000, "dlcm: weight of the compression loss"),
+    STR("aux_kind", model.aux_kind, "global|sequence", "dlcm: compression loss over the whole step (global) or per sequence, averaged over the rows"),
+    BOOL("smoother", model.smoother, "dlcm: false = no smoothing across concepts (ZS = Z, every gate 1)"),
     STR("xattn_impl", model.xattn_impl, "compact|replicate", "dlcm: cross-attention implementation (same function)"),
     STR("concept_repr", model.concept_repr, "mean|first|prefix_mean", "dlcm: concept vector = mean of its tokens, its first token, or the mean of its prefix"),
     STR("concept_visibility", model.concept_visibility, "shifted|inclusive", "dlcm: a token sees concepts closed before its own (shifted) or also its own (inclusive; not with mean)"),
@@ -423,7 +428,11 @@ i64 model_param_count(const ModelConfig& m, const std::string& src) {
   const i64 d = m.d_token, V = m.vocab_size, hd = m.head_dim;
   const i64 emb = k.mul(V, d);
   const i64 tok_block = block_param_count(k, d, m.n_heads, m.n_kv_heads, hd, m.d_ff, m.qk_norm);
-  if (!m.is_dlcm()) return k.sum(emb, k.mul(m.n_layers, tok_block), d, emb);
+  if (!m.is_dlcm()) {
+    // baseline_extras: encoder.norm, xattn.ffn_norm and the cross FFN's w1, w2, w3
+    const i64 extras = m.baseline_extras ? k.sum(d, d, k.mul(k.mul(3, m.x_d_ff), d)) : 0;
+    return k.sum(emb, k.mul(m.n_layers, tok_block), extras, d, emb);
+  }
   const i64 dc = m.d_concept, xq = k.mul(m.x_heads, hd), xkv = k.mul(m.x_kv_heads, hd);
   const i64 router = m.router.kind == "projected" ? k.mul(k.mul(2, m.scan_dim()), d) : 0;
   const i64 bb_block =
@@ -451,6 +460,8 @@ ConfigSize config_size(const Config& c, const std::string& src) {
   i64 per_token = k.mul(8, d);  // embedding, final norm and their gradients
   if (!m.is_dlcm()) {
     per_token = k.add(per_token, k.mul(m.n_layers, tok_block));
+    // baseline_extras: 7 [d] activations/gradients and 6 [x_d_ff] ones per token (and rstds)
+    if (m.baseline_extras) per_token = k.sum(per_token, k.mul(16, d), k.mul(6, m.x_d_ff));
   } else {
     // Concepts are at most as many as tokens: counting the backbone per token bounds it.
     const i64 bb_block =
@@ -491,7 +502,15 @@ void validate(const Config& c_in, const std::string& src) {
   for (auto [id, k] : {std::pair{m.bos_id, "bos_id"}, {m.eos_id, "eos_id"}, {m.pad_id, "pad_id"}})
     DLCM_CHECK(id >= 0 && id < m.vocab_size, src, ": '", k, "' = ", id,
                " is outside the vocabulary [0, ", m.vocab_size, ")");
+  if (!m.is_dlcm() && m.baseline_extras)
+    DLCM_CHECK(m.layers_pre() >= 1 && m.layers_pre() < m.n_layers, src,
+               ": 'baseline_extras' splits the stack at 'n_layers_pre' (", m.layers_pre(),
+               "), which must lie in [1, n_layers - 1] = [1, ", m.n_layers - 1,
+               "] (0 means n_layers / 2; n_layers must be >= 2)");
   if (m.is_dlcm()) {
+    DLCM_CHECK(!(m.rule_router() && m.router.smooth_grad), src, ": 'router.smooth_grad' needs a ",
+               "learned router; router.kind \"", m.router.kind, "\" is a rule (p is its 0/1 ",
+               "decision, nothing to train)");
     heads(m.bb_heads, m.bb_kv_heads, "bb_heads", "bb_kv_heads");
     heads(m.x_heads, m.x_kv_heads, "x_heads", "x_kv_heads");
     DLCM_CHECK(!(m.concept_visibility == "inclusive" && m.concept_repr == "mean"), src,

@@ -25,7 +25,13 @@
 namespace dlcm {
 
 struct RouterConfig {
-  std::string kind = "projected";  // "projected" (learned Wq/Wk) | "raw" (cosine of h itself)
+  // "projected" (learned Wq/Wk) | "raw" (cosine of h itself) | "fixed" (a concept every
+  // `stride` tokens, counted from each row start and BOS) | "word" (a concept at every token
+  // that begins a word; the table comes from the tokenizer, DlcmModel::set_word_starts).
+  // "fixed"/"word" are rules (models/boundary_rule.h): p is the rule's 0/1 decision, no router
+  // parameters, no auxiliary loss.
+  std::string kind = "projected";
+  i64 stride = 4;                  // "fixed": tokens per concept
   float alpha = 0.1f;              // Bernoulli sharpening temperature (alpha < 1 sharpens; docs/dlcm.md)
   float tau = 0.5f;                // inference threshold
   bool smooth_grad = false;        // let the LM loss reach p through the smoother
@@ -57,6 +63,11 @@ struct ModelConfig {
   i64 head_dim = 64;
   i64 d_ff = 768;
   i64 n_layers = 4;  // baseline
+  // Baseline control with the DLCM's token-path extras: after layer n_layers_pre, an RMSNorm
+  // (encoder.norm) and a pre-norm SwiGLU block of width x_d_ff (xattn.ffn_norm, xattn.ffn.*),
+  // as the DLCM has between its encoder and decoder. n_layers_pre = 0 means n_layers / 2.
+  bool baseline_extras = false;
+  i64 n_layers_pre = 0;
   // dlcm
   i64 enc_layers = 2;
   i64 dec_layers = 2;
@@ -72,6 +83,10 @@ struct ModelConfig {
   RouterConfig router;
   float target_R = 4.0f;
   float aux_weight = 0.03f;
+  // "global": the Global Parser, F and G over the whole step; "sequence": the paper's "Normal"
+  // variant, the same formula per row (sequence), averaged over the step's rows.
+  std::string aux_kind = "global";
+  bool smoother = true;  // false: zs_j = z_j (no smoothing across concepts)
   std::string xattn_impl = "compact";  // "compact" | "replicate" (same function)
   // Sliding-window self-attention in the encoder / decoder blocks (SPEC 4.9): token t sees
   // tokens (t - w, t]; 0 = full causal.
@@ -95,6 +110,9 @@ struct ModelConfig {
 
   i64 scan_dim() const { return d_scan > 0 ? d_scan : d_token; }
   bool is_dlcm() const { return arch == "dlcm"; }
+  // Router kinds whose boundaries are a fixed rule rather than learned.
+  bool rule_router() const { return router.kind == "fixed" || router.kind == "word"; }
+  i64 layers_pre() const { return n_layers_pre > 0 ? n_layers_pre : n_layers / 2; }
 };
 
 struct TrainConfig {

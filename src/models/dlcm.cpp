@@ -17,8 +17,10 @@ void clear(Buf& b, i64 n) { std::memset(b.data(), 0, sizeof(float) * n); }
 
 }  // namespace
 
-// Given decisions (Batch::boundaries), OR-ed with the forced ones (row start, BOS).
+// Given decisions (Batch::boundaries), OR-ed with the forced ones (row start, BOS). A rule
+// router ignores them: its rule (in p_, from encode) decides in training as everywhere.
 void DlcmModel::given_boundaries(uint8_t* b, const Batch& mb) const {
+  if (decider_.is_rule()) return decider_.threshold(b, p_.data(), mb.tokens, mb.B, mb.L, 0.5f);
   for (i64 n = 0; n < mb.B * mb.L; ++n)
     b[n] = (mb.boundaries[n] != 0 || n % mb.L == 0 || mb.tokens[n] == cfg_.bos_id) ? 1 : 0;
 }
@@ -27,11 +29,13 @@ DlcmModel::DlcmModel(const ModelConfig& cfg) {
   cfg_ = cfg;
   const i64 d = cfg.d_token, dc = cfg.d_concept, V = cfg.vocab_size, hd = cfg.head_dim;
   projected_ = cfg.router.kind == "projected";
+  decider_.init(cfg);
   ds_ = projected_ ? cfg.scan_dim() : d;
   copt_.repr = parse_concept_repr(cfg.concept_repr, "model config");
   copt_.visibility = parse_concept_visibility(cfg.concept_visibility, "model config");
   copt_.replicate = cfg.xattn_impl == "replicate";
   copt_.concept_path = cfg.concept_path;
+  copt_.smoother = cfg.smoother;
   auto norm = [&](const std::string& n, i64 dim) {
     Param* p = params_.add(n, {dim}, ParamGroup::Other, false);
     p->init_one = true;
@@ -71,7 +75,7 @@ DlcmModel::DlcmModel(const ModelConfig& cfg) {
 
 DlcmModel::Parts DlcmModel::parts() {
   return Parts{tok_emb_, &enc_, enc_norm_, r_wq_, r_wk_, ds_,   &pool_,
-               &bb_,     bb_norm_, &xattn_, &dec_, &head_};
+               &bb_,     bb_norm_, &xattn_, &dec_, &head_, &decider_};
 }
 
 void DlcmModel::reserve(i64 B, i64 L) {
@@ -84,7 +88,7 @@ void DlcmModel::reserve(i64 B, i64 L) {
   xattn_.reserve(B, L);
   head_.reserve(N);
   for (Buf* b : {&x0_, &H_, &g_out_, &g_X_, &g_H_, &g_enc_, &g_x0_}) b->assign(N * d, 0);
-  for (Buf* b : {&enc_rstd_, &p_, &dp_}) b->assign(N, 0);
+  for (Buf* b : {&enc_rstd_, &p_, &dp_, &aux_dp_}) b->assign(N, 0);
   rcache_.assign(N * ops::kRouterCacheStride, 0);
   if (projected_)
     for (Buf* b : {&rq_, &rk_, &g_rq_, &g_rk_}) b->assign(N * ds_, 0);
@@ -152,7 +156,10 @@ void DlcmModel::encode(const i32* tokens, i64 B, i64 L) {
     q = rq_.data();
     k = rk_.data();
   }
-  ops::router_prob_forward(p_.data(), rcache_.data(), q, k, tokens, cfg_.bos_id, B, L, ds_);
+  if (decider_.is_rule())
+    decider_.rule_probs(p_.data(), tokens, B, L);
+  else
+    ops::router_prob_forward(p_.data(), rcache_.data(), q, k, tokens, cfg_.bos_id, B, L, ds_);
 }
 
 const float* DlcmModel::decode(const i32* tokens, const uint8_t* b, i64 B, i64 L,
@@ -202,7 +209,7 @@ const float* DlcmModel::decode(const i32* tokens, const uint8_t* b, i64 B, i64 L
 
 // ---- backward -------------------------------------------------------------------------------
 
-void DlcmModel::backward(const i32* tokens, const float* g_dec_out, float aux_grad_p, i64 B,
+void DlcmModel::backward(const i32* tokens, const float* g_dec_out, const float* aux_dp, i64 B,
                          i64 L) {
   const i64 N = B * L, d = cfg_.d_token, dc = cfg_.d_concept;
   const i64 Mc = sg_.Mmax, nc = B * Mc;
@@ -211,9 +218,9 @@ void DlcmModel::backward(const i32* tokens, const float* g_dec_out, float aux_gr
   // decoder: dX
   clear(g_X_, N * d);
   dec_.backward(g_X_.data(), g_dec_out, B, L, grad_ready_);
-  // router dp: the aux loss's constant share for every position, plus the smoother's share
-  // when the LM loss may reach p (smooth_grad).
-  std::fill(dp_.begin(), dp_.begin() + N, aux_grad_p);
+  // router dp: the aux loss's share, plus the smoother's share when the LM loss may reach p
+  // (smooth_grad).
+  std::copy_n(aux_dp, N, dp_.begin());
   // cross-attention layer -> dH (residual, queries), dZ, dp
   sec.next("cross-attention");
   clear(g_H_, N * d);
@@ -252,7 +259,7 @@ void DlcmModel::backward(const i32* tokens, const float* g_dec_out, float aux_gr
                               rk_.data(), tokens, cfg_.bos_id, B, L, ds_);
     ops::linear_backward(g_H_.data(), r_wq_->g, g_rq_.data(), H_.data(), r_wq_->w, N, d, ds_);
     ops::linear_backward(g_H_.data(), r_wk_->g, g_rk_.data(), H_.data(), r_wk_->w, N, d, ds_);
-  } else {
+  } else if (!decider_.is_rule()) {  // a rule's p has no gradient
     ops::router_prob_backward(g_H_.data(), g_H_.data(), dp_.data(), rcache_.data(), H_.data(),
                               H_.data(), tokens, cfg_.bos_id, B, L, ds_);
   }
@@ -284,8 +291,8 @@ double DlcmModel::prepare_step(const std::vector<Batch>& micro, const StepContex
     if (mb.boundaries) {
       given_boundaries(b.data(), mb);
     } else {
-      ops::sample_boundaries(b.data(), p_.data(), mb.tokens, cfg_.bos_id, mb.B, mb.L,
-                             cfg_.router.alpha, ctx.seed, uint64_t(ctx.step), mb.row0);
+      decider_.sample(b.data(), p_.data(), mb.tokens, mb.B, mb.L, cfg_.router.alpha, ctx.seed,
+                      uint64_t(ctx.step), mb.row0);
     }
     for (i64 n = 0; n < N; ++n) sum_b += b[n];
     live_step_ = ctx.step;
@@ -312,17 +319,17 @@ MicroStats DlcmModel::train_micro(const Batch& mb, i64 index, const StepContext&
                                       1.0f / float(std::max<i64>(ctx.total_targets, 1)));
   }
   grad_ready(dec_norm_->offset);  // decoder.norm and lm_head (the block's tail) are complete
-  // Global Parser: F over the whole step (ctx.sum_b), every p_t gets the same gradient.
-  const double count = double(std::max<i64>(ctx.total_positions, 1));
-  const ops::AuxLoss aux = ops::global_parser_loss(ctx.sum_b, 0.0, count, cfg_.target_R,
-                                                   cfg_.aux_weight);
-  backward(mb.tokens, g_out_.data(), float(aux.grad_p), B, L);
+  // Auxiliary loss (Global Parser over the whole step, or per sequence; none for rules).
+  s.aux_rows = decider_.aux_grad(aux_dp_.data(), b, p_.data(), B, L, ctx);
+  backward(mb.tokens, g_out_.data(), aux_dp_.data(), B, L);
   for (i64 n = 0; n < N; ++n) {
     s.n_targets += mb.targets[n] >= 0;
     s.sum_b += b[n];
     s.sum_p += p_[n];
-    s.n_thresholded += (n % L == 0 || mb.tokens[n] == cfg_.bos_id || p_[n] >= cfg_.router.tau);
+    s.n_thresholded += (n % L == 0 || mb.tokens[n] == cfg_.bos_id ||
+                        decider_.decide(p_[n], cfg_.router.tau));
   }
+  s.n_rows = B;
   s.n_positions = N;
   s.n_concepts = sg_.total();
   return s;
@@ -335,8 +342,7 @@ MicroStats DlcmModel::eval_micro(const Batch& mb, float* row_loss) {
   if (mb.boundaries)
     given_boundaries(b_.data(), mb);
   else
-    ops::threshold_boundaries(b_.data(), p_.data(), mb.tokens, cfg_.bos_id, B, L,
-                              cfg_.router.tau);
+    decider_.threshold(b_.data(), p_.data(), mb.tokens, B, L, cfg_.router.tau);
   const float* out = decode(mb.tokens, b_.data(), B, L);
   MicroStats s;
   s.ce_sum = head_.forward_loss(out, mb.targets, N, row_loss);
@@ -357,7 +363,14 @@ LossTerms DlcmModel::loss_terms(const MicroStats& st) const {
   if (st.n_positions > 0) {
     const ops::AuxLoss a = ops::global_parser_loss(st.sum_b, st.sum_p, double(st.n_positions),
                                                    double(cfg_.target_R));
-    aux = a.value;
+    // Rule routers have no auxiliary loss (F is their compression); aux_kind "sequence" is
+    // the mean of the rows' L_r.
+    if (decider_.is_rule())
+      aux = 0;
+    else if (cfg_.aux_kind == "sequence")
+      aux = st.aux_rows / double(std::max<i64>(st.n_rows, 1));
+    else
+      aux = a.value;
     F = a.F;
     G = a.G;
     F_thresholded = double(st.n_thresholded) / double(st.n_positions);
@@ -372,7 +385,7 @@ LossTerms DlcmModel::loss_terms(const MicroStats& st) const {
 void DlcmModel::logits(const i32* tokens, i64 B, i64 L, float* out) {
   encode(tokens, B, L);
   live_micro_ = -1;
-  ops::threshold_boundaries(b_.data(), p_.data(), tokens, cfg_.bos_id, B, L, cfg_.router.tau);
+  decider_.threshold(b_.data(), p_.data(), tokens, B, L, cfg_.router.tau);
   const float* h = decode(tokens, b_.data(), B, L);
   head_.logits(h, B * L, out);
 }
@@ -380,7 +393,7 @@ void DlcmModel::logits(const i32* tokens, i64 B, i64 L, float* out) {
 void DlcmModel::logits_at(const i32* tokens, i64 B, i64 L, const i64* pos, i64 n, float* out) {
   encode(tokens, B, L);
   live_micro_ = -1;
-  ops::threshold_boundaries(b_.data(), p_.data(), tokens, cfg_.bos_id, B, L, cfg_.router.tau);
+  decider_.threshold(b_.data(), p_.data(), tokens, B, L, cfg_.router.tau);
   const float* h = decode(tokens, b_.data(), B, L);
   const i64 d = cfg_.d_token;
   if (i64(picked_.size()) < n * d) picked_.resize(n * d);
@@ -395,8 +408,7 @@ void DlcmModel::logits_at(const i32* tokens, i64 B, i64 L, const i64* pos, i64 n
 bool DlcmModel::boundaries(const i32* tokens, i64 B, i64 L, float* p, uint8_t* b, float tau) {
   encode(tokens, B, L);
   live_micro_ = -1;
-  ops::threshold_boundaries(b, p_.data(), tokens, cfg_.bos_id, B, L,
-                            tau < 0 ? cfg_.router.tau : tau);
+  decider_.threshold(b, p_.data(), tokens, B, L, tau < 0 ? cfg_.router.tau : tau);
   std::memcpy(p, p_.data(), sizeof(float) * B * L);
   return true;
 }

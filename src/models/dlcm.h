@@ -11,12 +11,14 @@
 //
 // N = B*L token rows; Mc = the concept capacity per row of the current batch (max concepts
 // of a row, rows with fewer are padded with zero concepts that never reach a real one).
-// Loss = CE + aux_weight * L_aux, the Global Parser loss over the whole optimizer step: the
+// Loss = CE + aux_weight * L_aux, the Global Parser loss over the whole optimizer step (per row
+// with aux_kind "sequence", none for the rule routers "fixed"/"word", models/boundary_rule.h): the
 // step's boundaries are sampled for every micro-batch in prepare_step() before any backward.
 #pragma once
 #include <vector>
 
 #include "kernels/dlcm_ops.h"
+#include "models/boundary_rule.h"
 #include "models/model.h"
 #include "nn/concept_xattn.h"
 #include "nn/lm_head.h"
@@ -30,7 +32,8 @@ class DlcmModel : public LanguageModel {
   void reserve(i64 B, i64 L) override;
   double prepare_step(const std::vector<Batch>& micro, const StepContext& ctx) override;
   MicroStats train_micro(const Batch& b, i64 index, const StepContext& ctx) override;
-  // Global Parser loss (weighted by aux_weight) and the log's aux, F, G, compression and
+  // Auxiliary loss (weighted by aux_weight: the Global Parser, the per-row mean for aux_kind
+  // "sequence", 0 for rule routers) and the log's aux, F, G, compression and
   // compression_thresholded (sampled and inference-rule boundaries).
   LossTerms loss_terms(const MicroStats& step) const override;
   // Thresholded boundaries, or the batch's given ones (Batch::boundaries).
@@ -46,6 +49,8 @@ class DlcmModel : public LanguageModel {
   // The streaming state of SPEC 5 (models/dlcm_stream.cpp).
   std::unique_ptr<InferenceStream> new_stream(const StreamOptions& o) override;
   double flops_per_token(i64 L) const override;
+  // router.kind = "word": the tokenizer's word-start flags (Tokenizer::word_starts()).
+  void set_word_starts(std::vector<uint8_t> w) override { decider_.set_word_starts(std::move(w)); }
   // µP coordinate check: tok_embeddings, encoder (before its norm), concepts (after W_up),
   // backbone (before its norm; both over real concepts only), cross_attention (X, the
   // decoder's input), decoder (before its norm), of the last forward pass.
@@ -72,6 +77,7 @@ class DlcmModel : public LanguageModel {
     ConceptCrossAttention* xattn;
     TransformerStack* decoder;
     LMHead* head;
+    const BoundaryDecider* decider;  // rule routers decide b in place of the router's p
   };
   Parts parts();
 
@@ -86,13 +92,16 @@ class DlcmModel : public LanguageModel {
                       ConceptAblation ablation = ConceptAblation::None,
                       XAttnNorms* norms = nullptr);
   // Backward of decode() and encode() from the gradient of the decoder output, plus the
-  // router's dp (aux loss and, with smooth_grad, the smoother). Parameter gradients +=.
-  void backward(const i32* tokens, const float* g_dec_out, float aux_grad_p, i64 B, i64 L);
+  // router's dp (aux_dp [N], the aux loss's, and with smooth_grad the smoother's).
+  // Parameter gradients +=.
+  void backward(const i32* tokens, const float* g_dec_out, const float* aux_dp, i64 B, i64 L);
   void reserve_concepts(i64 B, i64 Mc);
   void given_boundaries(uint8_t* b, const Batch& mb) const;
   void check_tokens(const i32* tokens, i64 N, i64 L) const;
 
   bool projected_ = true;
+  BoundaryDecider decider_;  // sampling/thresholding, rule routers, aux loss (boundary_rule.h)
+  Buf aux_dp_;               // the aux loss's gradient w.r.t. p [N]
   ConceptOptions copt_;
   i64 ds_ = 0;
   Param *tok_emb_, *enc_norm_, *r_wq_ = nullptr, *r_wk_ = nullptr, *bb_norm_ = nullptr;

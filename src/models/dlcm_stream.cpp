@@ -34,6 +34,7 @@ class DlcmStream final : public InferenceStream {
       : InferenceStream(max_seqs, max_len, m.config().vocab_size), c_(m.config()),
         m_(m.parts()) {
     tau_ = tau < 0 ? c_.router.tau : tau;
+    m_.decider->check_ready();  // router.kind "word" without its table fails here, not mid-run
     DLCM_CHECK(!std::isnan(tau_), "stream: tau must be a number");
     d_ = c_.d_token;
     dc_ = c_.d_concept;
@@ -121,12 +122,13 @@ class DlcmStream final : public InferenceStream {
     i64 open_start = 0;          // position of its first token
     float open_p = 1.f;          // p at its first token
     bool open_forced = true;     // it starts at t = 0 or at a BOS token
+    i64 doc_start = 0;           // position of the last forced boundary (rule routers)
     i64 backbone_positions = 0;  // backbone steps run for this slot
   };
 
   // Queues concept row nc for the backbone: its pooled H is already in pooled_[nc].
   void queue_concept(i64& nc, i64 seq, float p, bool forced) {
-    gate_[nc] = ops::smoother_gate(p, forced);
+    gate_[nc] = c_.smoother ? ops::smoother_gate(p, forced) : 1.f;  // smoother off: gate 1
     concept_seq_.push_back(seq);
     ++nc;
   }
@@ -169,12 +171,17 @@ class DlcmStream final : public InferenceStream {
       const i64 s = items[i].seq, n = items[i].n, nc0 = nc;
       Slot& st = slots_[s];
       float* mult = concepts_ ? list_.mult_of(s) : nullptr;
-      router_probs(p_.data(), q + row0[i] * ds_, k + row0[i] * ds_, q_last_.data() + s * ds_, n);
+      const BoundaryDecider& rule = *m_.decider;
+      if (!rule.is_rule())
+        router_probs(p_.data(), q + row0[i] * ds_, k + row0[i] * ds_, q_last_.data() + s * ds_, n);
       for (i64 t = 0; t < n; ++t) {
         const i64 r = row0[i] + t, pos = pos0[i] + t;
         const bool forced = pos == 0 || items[i].tokens[t] == c_.bos_id;
-        const float p = forced ? 1.f : p_[t];
-        const bool b = forced || p >= tau_;
+        if (forced) st.doc_start = pos;
+        const float p = forced           ? 1.f
+                        : rule.is_rule() ? float(rule.rule_at(items[i].tokens[t], pos - st.doc_start))
+                                         : p_[t];
+        const bool b = forced || rule.decide(p, tau_);
         const float* h = H_.data() + r * d_;
         float* sum = open_sum_.data() + s * d_;
         if (b) {
@@ -213,7 +220,7 @@ class DlcmStream final : public InferenceStream {
           const float inv = 1.f / float(st.open_count);
           float* o = ppooled_.data() + r * d_;
           for (i64 j = 0; j < d_; ++j) o[j] = sum[j] * inv;
-          own_gate_[r] = ops::smoother_gate(st.open_p, st.open_forced);
+          own_gate_[r] = c_.smoother ? ops::smoother_gate(st.open_p, st.open_forced) : 1.f;
           pseq_[r] = i32(s);
           ppos_[r] = i32(st.closed);
         }

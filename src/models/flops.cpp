@@ -76,12 +76,17 @@ FlopsReport flops_report(const ModelConfig& m, i64 L, double R) {
     r.model.push_back({"embedding", 0});
     r.model.push_back({"layers", m.n_layers * block_flops_per_position(d, m.n_heads, m.n_kv_heads,
                                                                         m.head_dim, m.d_ff, L)});
+    // baseline_extras: the DLCM's cross FFN between the halves (its mid-stack encoder.norm
+    // is counted with the layers, as the final norm is)
+    if (m.baseline_extras) r.model.push_back({"cross_ffn", 2.0 * 3 * d * m.x_d_ff});
     r.model.push_back({"head", 2.0 * d * V});
     // the final norm is counted with the layers, so "head" is exactly lm_head
     r.params = {{"embedding", V * d},
                 {"layers", m.n_layers * block_params(d, m.n_heads, m.n_kv_heads, m.head_dim,
-                                                     m.d_ff, m.qk_norm) + d},
+                                                     m.d_ff, m.qk_norm) +
+                               d * (m.baseline_extras ? 2 : 1)},
                 {"head", V * d}};
+    if (m.baseline_extras) r.params.insert(r.params.end() - 1, {"cross_ffn", 3 * d * m.x_d_ff + d});
     return r;
   }
   if (R <= 0) R = m.target_R;
@@ -92,7 +97,7 @@ FlopsReport flops_report(const ModelConfig& m, i64 L, double R) {
   r.model.push_back({"encoder", m.enc_layers * block_flops_per_position(d, m.n_heads, m.n_kv_heads,
                                                                          hd, m.d_ff, L,
                                                                          m.enc_window)});
-  r.model.push_back({"router", m.router.kind == "raw" ? 0.0 : 2.0 * 2 * d * ds});
+  r.model.push_back({"router", m.router.kind != "projected" ? 0.0 : 2.0 * 2 * d * ds});
   // Without the concept path (control) pooling, backbone and the concept attention term do
   // not run (and their parameters are not registered).
   const bool cp = m.concept_path;
@@ -131,7 +136,7 @@ FlopsReport flops_report(const ModelConfig& m, i64 L, double R) {
   r.params = {
       {"embedding", V * d},
       {"encoder", m.enc_layers * block_params(d, m.n_heads, m.n_kv_heads, hd, m.d_ff, m.qk_norm) + d},
-      {"router", m.router.kind == "raw" ? 0 : 2 * ds * d},
+      {"router", m.router.kind != "projected" ? 0 : 2 * ds * d},
       {"pooling", cp ? dc * d : 0},
       {"backbone", cp ? m.bb_layers * block_params(dc, m.bb_heads, m.bb_kv_heads, hd, m.bb_d_ff, m.qk_norm) + dc : 0},
       {"cross_attention", cp ? 2 * d * xq + 2 * dc * xkv + dc + d + 2 * hd : 0},

@@ -17,6 +17,8 @@ MicroStats& MicroStats::operator+=(const MicroStats& o) {
   n_targets += o.n_targets;
   sum_b += o.sum_b;
   sum_p += o.sum_p;
+  aux_rows += o.aux_rows;
+  n_rows += o.n_rows;
   n_positions += o.n_positions;
   n_concepts += o.n_concepts;
   n_thresholded += o.n_thresholded;
@@ -25,7 +27,7 @@ MicroStats& MicroStats::operator+=(const MicroStats& o) {
 
 std::array<double, MicroStats::kFields> MicroStats::to_array() const {
   return {ce_sum, double(n_targets), sum_b, sum_p, double(n_positions), double(n_concepts),
-          double(n_thresholded)};
+          double(n_thresholded), aux_rows, double(n_rows)};
 }
 
 MicroStats MicroStats::from_array(const std::array<double, kFields>& a) {
@@ -37,6 +39,8 @@ MicroStats MicroStats::from_array(const std::array<double, kFields>& a) {
   s.n_positions = i64(a[4]);
   s.n_concepts = i64(a[5]);
   s.n_thresholded = i64(a[6]);
+  s.aux_rows = a[7];
+  s.n_rows = i64(a[8]);
   return s;
 }
 

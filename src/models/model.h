@@ -21,6 +21,7 @@ struct Batch {
   i64 row0 = 0;  // global index of row 0 within the step (keys the boundary RNG)
   // DLCM: given boundary decisions b [B, L] (0/1) used instead of sampling them (tests,
   // replays of a recorded step); forced positions (row start, BOS) are boundaries regardless.
+  // Rule routers (router.kind "fixed", "word") ignore them: the rule decides.
   const uint8_t* boundaries = nullptr;
 };
 
@@ -41,11 +42,13 @@ struct MicroStats {
   double ce_sum = 0;   // sum of CE over targets
   i64 n_targets = 0;
   double sum_b = 0, sum_p = 0;  // DLCM: boundary count and probability sum (sampled)
+  double aux_rows = 0;  // DLCM, aux_kind "sequence": sum of the rows' L_r (unweighted)
+  i64 n_rows = 0;       // rows (sequences) of the batch, for the per-row mean of aux_rows
   i64 n_positions = 0;
   i64 n_concepts = 0;   // concepts the forward pass used (sampled in training)
   i64 n_thresholded = 0;  // DLCM training: concepts the inference rule (p >= tau) would cut
 
-  static constexpr int kFields = 7;
+  static constexpr int kFields = 9;
   MicroStats& operator+=(const MicroStats& o);
   // Flat form for the MPI all-reduce (counts are exact in double up to 2^53).
   std::array<double, kFields> to_array() const;
@@ -130,6 +133,11 @@ class LanguageModel {
   // (train_micro, eval_micro or logits), as (name, RMS) pairs in a fixed order. Stack outputs
   // are taken before the stack's final norm. Empty before any forward pass.
   virtual std::vector<std::pair<std::string, double>> activation_rms() const { return {}; }
+
+  // DLCM with router.kind = "word": the per-vocabulary-id word-start flags of its tokenizer
+  // (Tokenizer::word_starts()); whatever builds a model together with its tokenizer (trainer,
+  // checkpoint loader) passes them. Other models ignore them.
+  virtual void set_word_starts(std::vector<uint8_t> w) {}
 
   // Forward FLOPs per token of the model (SPEC 7), for MFU.
   virtual double flops_per_token(i64 L) const = 0;

@@ -288,14 +288,15 @@ const float* ConceptCrossAttention::forward(const float* H, const float* Z, cons
   const i64 Mc = sg.Mmax, nc1 = B * (Mc + 1);
   DLCM_CHECK(B <= conc_B_ && Mc <= cap_Mc_,
              "internal: ConceptCrossAttention::forward before reserve_concepts");
-  // smoother (gate from p) -> concept list [z_null, zs...] -> K/V [B, Mc+1, Hkv, hd]
-  ops::smoother_forward(zs_.data(), Z, p, sg, dc);
+  // smoother (gate from p; off: p = nullptr, every gate 1) -> concept list [z_null, zs...]
+  // -> K/V [B, Mc+1, Hkv, hd]
+  ops::smoother_forward(zs_.data(), Z, opt_.smoother ? p : nullptr, sg, dc);
   ops::concept_list_forward(list_.data(), null_->w, zs_.data(), B, Mc, dc);
   if (ablation_ != ConceptAblation::None) ablate_list(ablation_, sg, B);
   kv_forward(kx_raw_.data(), kx_.data(), kx_rstd_.data(), vx_.data(), list_.data(), nc1);
   // prefix rows: every token's own concept zs_j(t) = P_j z_j(t) + (1 - P_j) zs_{j-1} -> K/V
   if (own) {
-    ops::smoother_own_forward(zso_.data(), Zp, zs_.data(), p, sg, dc);
+    ops::smoother_own_forward(zso_.data(), Zp, zs_.data(), opt_.smoother ? p : nullptr, sg, dc);
     kv_forward(ko_raw_.data(), ko_.data(), ko_rstd_.data(), vo_.data(), zso_.data(), N);
   }
   query_forward(hn_.data(), hn_rstd_.data(), qx_raw_.data(), qx_.data(), qx_rstd_.data(), H, N);
@@ -410,11 +411,12 @@ void ConceptCrossAttention::backward(float* dH, float* dZ, float* dp, const floa
     ops::linear_backward(g_zso_.data(), wk_->g, g_koraw_.data(), zso_.data(), wk_->w, N, dc,
                          xkv);
     ops::linear_backward(g_zso_.data(), wv_->g, g_vo_.data(), zso_.data(), wv_->w, N, dc, xkv);
-    ops::smoother_own_backward(dZp, g_zs_.data(), dp, g_zso_.data(), Zp_, zs_.data(), p_, sg,
-                               dc);
+    ops::smoother_own_backward(dZp, g_zs_.data(), opt_.smoother ? dp : nullptr, g_zso_.data(),
+                               Zp_, zs_.data(), opt_.smoother ? p_ : nullptr, sg, dc);
   }
-  // smoother -> dZ (and dp with a live gate)
-  ops::smoother_backward(dZ, dp, g_zs_.data(), zs_.data(), Z_, p_, sg, dc);
+  // smoother -> dZ (and dp with a live gate; none when the smoother is off)
+  ops::smoother_backward(dZ, opt_.smoother ? dp : nullptr, g_zs_.data(), zs_.data(), Z_,
+                         opt_.smoother ? p_ : nullptr, sg, dc);
 }
 
 // ---- streaming ------------------------------------------------------------------------------

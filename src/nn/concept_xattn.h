@@ -30,6 +30,7 @@ struct ConceptOptions {
   ConceptVisibility visibility = ConceptVisibility::Shifted;
   bool replicate = false;    // xattn_impl "replicate" (else "compact"): same function
   bool concept_path = true;  // false: no concept term, Psi = H (control)
+  bool smoother = true;      // false: every gate is 1, ZS = Z (control; p is then unused)
   bool inclusive() const { return visibility == ConceptVisibility::Inclusive; }
   // prefix_mean + inclusive: a token's own concept is evaluated on its prefix, one extra
   // backbone row per token (the prefix rows of TransformerStack).

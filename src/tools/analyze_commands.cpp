@@ -236,11 +236,11 @@ void write_text(const std::string& path, const std::string& text) {
 
 int cmd_analyze(const AnalyzeArgs& a) {
   std::string dir, base_dir;
-  auto m = load_model(a.ckpt, &dir);
+  auto m = load_model_with_tokenizer(a.ckpt, &dir);
   DLCM_CHECK(m->config().is_dlcm(), dir, ": this is a ", m->config().arch,
              " checkpoint without concepts; analyze needs a dlcm checkpoint");
   std::unique_ptr<LanguageModel> base;
-  if (!a.baseline.empty()) base = load_model(a.baseline, &base_dir);
+  if (!a.baseline.empty()) base = load_model_with_tokenizer(a.baseline, &base_dir);
   DataDir d = open_data_dir(a.data);
   AnalyzeOptions o;
   o.batch_size = a.batch_size;

@@ -543,7 +543,7 @@ int cmd_bench_decode(const BenchDecodeArgs& a) {
   std::string what;
   if (!a.ckpt.empty()) {
     DLCM_CHECK(a.config.empty() && a.sets.empty(), "give --ckpt or --config/--set, not both");
-    m = load_model(a.ckpt, &what);
+    m = load_model_with_tokenizer(a.ckpt, &what);
   } else {
     Config cfg = bench_config(a.config, a.sets);
     m = make_initialised_model(cfg.model, 1);

@@ -108,7 +108,7 @@ std::vector<std::vector<i32>> read_token_rows(const std::string& path) {
 }
 
 int cmd_forward(const ForwardArgs& a) {
-  auto m = load_model(a.ckpt);
+  auto m = load_model_with_tokenizer(a.ckpt);
   auto rows = read_token_rows(a.tokens);
   const i64 B = rows.size(), L = rows[0].size(), V = m->config().vocab_size;
   DLCM_CHECK(L <= m->config().max_seq_len, a.tokens, ": rows have ", L,
@@ -194,7 +194,7 @@ int cmd_generate(const GenerateArgs& a) {
              "--temperature: expected 0 (greedy) or a value in [1e-6, 100], got ", a.temperature);
   validate_sampler({float(a.temperature), a.top_k, float(a.top_p)});
   std::string dir;
-  auto m = load_model(a.ckpt, &dir);
+  auto m = load_model_with_tokenizer(a.ckpt, &dir);
   auto tok = load_tokenizer(dir);
   GenerateOptions o;
   o.sampler = {float(a.temperature), a.top_k, float(a.top_p)};
@@ -289,7 +289,7 @@ int cmd_segment(const SegmentArgs& a) {
     texts.push_back(s);
   }
   std::string dir;
-  auto m = load_model(a.ckpt, &dir);
+  auto m = load_model_with_tokenizer(a.ckpt, &dir);
   DLCM_CHECK(m->config().is_dlcm(), dir, ": this is a ", m->config().arch,
              " checkpoint without concepts; segment needs a dlcm checkpoint");
   auto tok = load_tokenizer(dir);
@@ -343,7 +343,7 @@ int cmd_eval(const EvalArgs& a) {
     DLCM_CHECK(cfg.train.seq_len <= cfg.model.max_seq_len, "--seq-len ", cfg.train.seq_len,
                " exceeds the model's max_seq_len ", cfg.model.max_seq_len);
     TrainData data = open_train_data(a.data, cfg);
-    auto m = load_model(dir);
+    auto m = load_model_with_tokenizer(dir);
     ValResult v = validate_split(*m, data, cfg.train.batch_size, cfg.train.seq_len, a.limit);
     r["data"] = a.data;
     r["val_loss"] = v.loss;
@@ -367,7 +367,7 @@ int cmd_eval(const EvalArgs& a) {
   }
   int rc = 0;
   if (!specs.empty()) {
-    auto m = load_model(dir);
+    auto m = load_model_with_tokenizer(dir);
     auto tok = load_tokenizer(dir);
     EvalOptions eo;
     eo.bench_dir = a.bench_dir;

@@ -6,7 +6,8 @@
 #include <vector>
 
 #include "core/common.h"
-#include "models/checkpoint.h"  // load_model, resolve_checkpoint
+#include "data/model_loader.h"   // load_model_with_tokenizer
+#include "models/checkpoint.h"  // resolve_checkpoint
 #include "models/config.h"
 
 namespace dlcm {

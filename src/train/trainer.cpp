@@ -144,6 +144,7 @@ Trainer::Trainer(const Config& cfg, TrainData data, TrainOptions opt)
     }
   }
   model_ = make_initialised_model(cfg_.model, cfg_.train.seed);
+  if (!data_.word_starts.empty()) model_->set_word_starts(data_.word_starts);
   opt_.init(model_->params());
   if (!o_.init_from.empty()) load_checkpoint_params(resolve_checkpoint(o_.init_from), model_->params());
   const TrainConfig& t = cfg_.train;
