@@ -64,8 +64,13 @@ declare -A DESIGNS=(
   [first_incl_w16]="$DLCM|concept_repr=first concept_visibility=inclusive enc_window=16 dec_window=16"
   [nopath]="$DLCM|concept_path=false"
   [nopath_w16]="$DLCM|concept_path=false enc_window=16 dec_window=16"
+  # w4: the token path sees 4 tokens; anything farther must come through the concepts. A
+  # test of whether the concept path can carry information at all when it must.
+  [first_incl_w4]="$DLCM|concept_repr=first concept_visibility=inclusive enc_window=4 dec_window=4"
+  [mean_shifted_w4]="$DLCM|enc_window=4 dec_window=4"
+  [nopath_w4]="$DLCM|concept_path=false enc_window=4 dec_window=4"
 )
-DESIGN_ORDER="baseline mean_shifted first_shifted first_incl prefix_incl mean_shifted_w16 first_incl_w16 nopath nopath_w16"
+DESIGN_ORDER="baseline mean_shifted first_shifted first_incl prefix_incl mean_shifted_w16 first_incl_w16 nopath nopath_w16 first_incl_w4 mean_shifted_w4 nopath_w4"
 
 run() { echo "+ $*"; ((DRY)) || "$@"; }
 
