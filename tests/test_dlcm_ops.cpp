@@ -378,9 +378,6 @@ TEST_P(CompactVsReplicate, AgreesWithAttentionKernel) {
 // definition (z_null with multiplicity 1, closed concepts with their lengths, the own concept
 // with t - start + 1) through the streaming step.
 TEST_P(CompactVsReplicate, InclusiveAgrees) {
-#ifndef DLCM_HAVE_ATTENTION_KERNEL
-  GTEST_SKIP() << "ops::attention_* not in this tree yet";
-#else
   const auto c = GetParam();
   AttnData a(c, 700 + i64(c.pat) * 5 + c.L);
   const i64 W = a.Hkv * a.hd, NR = a.B * (a.L + 1) * W;
@@ -427,7 +424,6 @@ TEST_P(CompactVsReplicate, InclusiveAgrees) {
   for (i64 r = 0; r < a.B; ++r)
     for (i64 kk = a.sg.count[r] + 1; kk < a.K1; ++kk)
       for (i64 i = 0; i < W; ++i) EXPECT_EQ(dk2[(r * a.K1 + kk) * W + i], 0.f);
-#endif
 }
 
 INSTANTIATE_TEST_SUITE_P(
