@@ -3,13 +3,18 @@
 //    batches (rank r, micro-batch k <-> micro-batch r*k_per_rank + k), for both architectures;
 //  - resuming with another number of ranks keeps the global batch and continues the same run;
 //  - a failure on any rank stops every rank with a message naming it, and leaves no
-//    half-written checkpoint.
+//    half-written checkpoint; a rank killed outright stops the job too, and --resume goes on.
 // Skipped, with the reason, when the build has no MPI or mpirun is missing (CI installs it).
+#include <signal.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <map>
+#include <sstream>
+#include <thread>
 #include <nlohmann/json.hpp>
 
 #include "core/dist.h"
@@ -314,4 +319,108 @@ TEST_F(Mpi, FailureWhileSavingStopsAllRanksAndLeavesNoPartialCheckpoint) {
   EXPECT_NE(r.out.find("exists and is not a directory"), std::string::npos) << r.out;
   for (auto& e : fs::directory_iterator(out))
     EXPECT_EQ(e.path().filename().string().find("checkpoint.tmp"), std::string::npos) << e.path();
+}
+
+namespace {
+
+std::string slurp(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  std::stringstream ss;
+  ss << f.rdbuf();
+  return ss.str();
+}
+
+// The live dlcm ranks training into `out`, by rank (Open MPI puts OMPI_COMM_WORLD_RANK in each
+// rank's environment; mpirun and the shell around it have none).
+std::map<int, pid_t> ranks_training_into(const std::string& out) {
+  std::map<int, pid_t> found;
+  for (auto& e : fs::directory_iterator("/proc")) {
+    const std::string name = e.path().filename().string();
+    if (name.find_first_not_of("0123456789") != std::string::npos) continue;
+    std::string cmd = slurp(e.path().string() + "/cmdline");
+    if (cmd.rfind(kDlcm + '\0', 0) != 0 || cmd.find('\0' + out + '\0') == std::string::npos) continue;
+    std::string env = slurp(e.path().string() + "/environ");
+    const std::string key = std::string(1, '\0') + "OMPI_COMM_WORLD_RANK=";
+    size_t at = ('\0' + env).find(key);
+    if (at != std::string::npos) found[std::atoi(env.c_str() + at + key.size() - 1)] = pid_t(std::stol(name));
+  }
+  return found;
+}
+
+// The highest step with a loss in the run's log so far (the trainer may be writing its last line).
+long last_logged_step(const std::string& run) {
+  long step = 0;
+  std::ifstream f(run + "/train_log.jsonl");
+  for (std::string l; std::getline(f, l);) {
+    json j = json::parse(l, nullptr, false);
+    if (!j.is_discarded() && j.contains("loss")) step = std::max(step, j.value("step", 0L));
+  }
+  return step;
+}
+
+}  // namespace
+
+// Rank 1 is killed outright (SIGKILL, as the kernel's OOM killer or a lost node would do it) in
+// the middle of training, while rank 0 waits for it in the gradient all-reduce: mpirun notices,
+// stops rank 0 and exits non-zero within seconds; the run folder still holds the last complete
+// checkpoint, byte for byte, and nothing else that would stop --resume; --resume on 2 ranks then
+// continues from it to exactly the weights of a run that was never interrupted.
+TEST_F(Mpi, RankKilledDuringTrainingStopsTheJobAndResumeContinues) {
+  test::TempDir tmp;
+  std::string cfg = write_config(tmp.path, tiny("baseline"));
+  const std::string run = tmp.path + "/run", ref = tmp.path + "/ref";
+  CmdResult r = sh(mpirun(2) + train(cfg, run, "--steps 2"));
+  ASSERT_EQ(r.rc, 0) << r.out;
+  std::map<std::string, std::string> saved;
+  for (auto& e : fs::directory_iterator(run + "/checkpoint"))
+    saved[e.path().filename().string()] = slurp(e.path().string());
+
+  // Resumed for many steps (its only save would be at the end, never reached); rank 1 is killed
+  // once rank 0 has logged step 4, so both ranks are inside the training loop.
+  CmdResult killed;
+  std::thread job([&] { killed = sh(mpirun(2) + train(cfg, run, "--resume --steps 100000")); });
+  const auto t0 = std::chrono::steady_clock::now();
+  std::map<int, pid_t> ranks;
+  long at_kill = 0;
+  while (std::chrono::steady_clock::now() - t0 < std::chrono::seconds(60)) {
+    ranks = ranks_training_into(run);
+    at_kill = last_logged_step(run);
+    if (at_kill >= 4 && ranks.count(1)) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  const bool kill_sent = at_kill >= 4 && ranks.count(1) && ::kill(ranks[1], SIGKILL) == 0;
+  const auto t_kill = std::chrono::steady_clock::now();
+  if (!kill_sent)  // do not leave the job running (until mpirun's timeout) behind a failed test
+    for (auto& [rank, pid] : ranks_training_into(run)) ::kill(pid, SIGKILL);
+  job.join();
+  const double stop_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_kill).count();
+  ASSERT_TRUE(kill_sent) << "rank 1 not found training past step 4 (last logged step " << at_kill
+                         << "):\n" << killed.out;
+  EXPECT_NE(killed.rc, 0) << killed.out;
+  EXPECT_NE(killed.rc, 124) << "mpirun hung instead of stopping: " << killed.out;
+  EXPECT_LT(stop_s, 30) << killed.out;
+  // Open MPI's report: "mpirun noticed that process rank 1 with PID ... exited on signal 9"
+  EXPECT_NE(killed.out.find("process rank 1 "), std::string::npos) << killed.out;
+  EXPECT_NE(killed.out.find("exited on signal 9"), std::string::npos) << killed.out;
+  EXPECT_TRUE(ranks_training_into(run).empty()) << "rank 0 outlived the job";
+  EXPECT_LT(last_logged_step(run), 100000);  // it was killed mid-run, not finished
+
+  // The checkpoint is the step-2 one, whole; no temporary or half-renamed folder is left.
+  for (auto& [file, bytes] : saved) EXPECT_TRUE(slurp(run + "/checkpoint/" + file) == bytes) << file;
+  for (auto& e : fs::directory_iterator(run)) {
+    const std::string n = e.path().filename().string();
+    EXPECT_TRUE(n == "checkpoint" || n == "train_log.jsonl" || n == "train.lock") << n;
+  }
+
+  // --resume on 2 ranks continues from step 2; it ends where an uninterrupted run ends.
+  r = sh(mpirun(2) + train(cfg, run, "--resume --steps 4"));
+  ASSERT_EQ(r.rc, 0) << r.out;
+  r = sh(mpirun(2) + train(cfg, ref, "--steps 4"));
+  ASSERT_EQ(r.rc, 0) << r.out;
+  EXPECT_EQ(load_trainer_state(run + "/checkpoint").value("step", 0), 4);
+  for (const char* f : {"model.safetensors", "optimizer.safetensors"})
+    EXPECT_TRUE(slurp(run + "/checkpoint/" + f) == slurp(ref + "/checkpoint/" + f)) << f;
+  auto a = losses(run), b = losses(ref);
+  ASSERT_EQ(a.size(), 4u);
+  EXPECT_EQ(a, b);  // the killed run's steps 3..N were dropped from the log
 }
