@@ -3,7 +3,7 @@
 #include <filesystem>
 
 #include "fuzz_common.h"
-#include "train/checkpoint.h"
+#include "models/checkpoint.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   using namespace dlcm;

@@ -343,13 +343,4 @@ std::string resolve_checkpoint(const std::string& path) {
        "checkpoint/); give the --out folder of 'dlcm train'");
 }
 
-std::unique_ptr<LanguageModel> load_model(const std::string& path, std::string* dir_out) {
-  std::string dir = resolve_checkpoint(path);
-  Config cfg = load_checkpoint_config(dir);
-  auto m = make_model(cfg.model);
-  load_checkpoint_params(dir, m->params());
-  if (dir_out) *dir_out = dir;
-  return m;
-}
-
 }  // namespace dlcm
