@@ -16,17 +16,6 @@ namespace {
 const char* kPalette[] = {"#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd",
                           "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"};
 
-std::string esc(const std::string& s) {
-  std::string o;
-  for (char c : s) {
-    if (c == '<') o += "&lt;";
-    else if (c == '>') o += "&gt;";
-    else if (c == '&') o += "&amp;";
-    else if (c == '"') o += "&quot;";
-    else o += c;
-  }
-  return o;
-}
 
 std::string num(double v) {
   char b[32];
@@ -88,6 +77,18 @@ void data_range(const PlotPanel& p, bool is_x, double& lo, double& hi) {
 
 }  // namespace
 
+std::string xml_escape(const std::string& s) {
+  std::string o;
+  for (char c : s) {
+    if (c == '<') o += "&lt;";
+    else if (c == '>') o += "&gt;";
+    else if (c == '&') o += "&amp;";
+    else if (c == '"') o += "&quot;";
+    else o += c;
+  }
+  return o;
+}
+
 std::vector<double> axis_ticks(double lo, double hi, bool log) {
   std::vector<double> t;
   if (!(hi > lo)) return t;
@@ -141,7 +142,7 @@ std::string render_svg(const std::vector<PlotPanel>& panels, int cols, const std
   o << "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n";
   if (!title.empty())
     o << "<text x=\"" << num(total_w / 2) << "\" y=\"24\" text-anchor=\"middle\" font-size=\"15\">"
-      << esc(title) << "</text>\n";
+      << xml_escape(title) << "</text>\n";
   for (size_t pi = 0; pi < panels.size(); ++pi) {
     const PlotPanel& p = panels[pi];
     const double ox = W * (pi % cols), oy = top + H * (pi / cols);
@@ -155,7 +156,7 @@ std::string render_svg(const std::vector<PlotPanel>& panels, int cols, const std
     ay.p0 = oy + H - mb;  // y grows upwards
     ay.p1 = oy + mt;
     o << "<g>\n<text x=\"" << num((ax.p0 + ax.p1) / 2) << "\" y=\"" << num(oy + 18)
-      << "\" text-anchor=\"middle\" font-size=\"13\">" << esc(p.title) << "</text>\n";
+      << "\" text-anchor=\"middle\" font-size=\"13\">" << xml_escape(p.title) << "</text>\n";
     o << "<rect x=\"" << num(ax.p0) << "\" y=\"" << num(ay.p1) << "\" width=\"" << num(ax.p1 - ax.p0)
       << "\" height=\"" << num(ay.p0 - ay.p1) << "\" fill=\"none\" stroke=\"#333\"/>\n";
     std::vector<double> xt = p.x_ticks.empty() ? axis_ticks(ax.lo, ax.hi, ax.log) : p.x_ticks;
@@ -173,9 +174,9 @@ std::string render_svg(const std::vector<PlotPanel>& panels, int cols, const std
         << "\" text-anchor=\"end\">" << tick_label(v) << "</text>\n";
     }
     o << "<text x=\"" << num((ax.p0 + ax.p1) / 2) << "\" y=\"" << num(oy + H - 14)
-      << "\" text-anchor=\"middle\">" << esc(p.xlabel) << (p.log_x ? " (log)" : "") << "</text>\n";
+      << "\" text-anchor=\"middle\">" << xml_escape(p.xlabel) << (p.log_x ? " (log)" : "") << "</text>\n";
     o << "<text transform=\"translate(" << num(ox + 16) << "," << num((ay.p0 + ay.p1) / 2)
-      << ") rotate(-90)\" text-anchor=\"middle\">" << esc(p.ylabel) << (p.log_y ? " (log)" : "")
+      << ") rotate(-90)\" text-anchor=\"middle\">" << xml_escape(p.ylabel) << (p.log_y ? " (log)" : "")
       << "</text>\n";
     int legend_rows = 0, labels = 0;
     for (auto& s : p.series) labels += !s.label.empty();
@@ -212,7 +213,7 @@ std::string render_svg(const std::vector<PlotPanel>& panels, int cols, const std
         leg << "<line x1=\"" << num(lx) << "\" y1=\"" << num(ly - 4) << "\" x2=\"" << num(lx + 16)
           << "\" y2=\"" << num(ly - 4) << "\" stroke=\"" << col << "\" stroke-width=\"2\""
           << (s.dashed ? " stroke-dasharray=\"4,2\"" : "") << "/>\n<text x=\"" << num(lx + 20)
-          << "\" y=\"" << num(ly) << "\">" << esc(s.label) << "</text>\n";
+          << "\" y=\"" << num(ly) << "\">" << xml_escape(s.label) << "</text>\n";
       }
     }
     if (labels > 0)

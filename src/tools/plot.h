@@ -25,6 +25,9 @@ struct PlotPanel {
 };
 
 // The SVG document: panels laid out in `cols` columns under an optional title.
+// Text escaped for SVG/HTML element content and attribute values (< > & ").
+std::string xml_escape(const std::string& s);
+
 std::string render_svg(const std::vector<PlotPanel>& panels, int cols, const std::string& title);
 // render_svg into a file; throws Error naming the path when it cannot be written.
 void write_svg(const std::string& path, const std::vector<PlotPanel>& panels, int cols,
