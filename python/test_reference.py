@@ -307,11 +307,9 @@ def gradcheck_dlcm_thresholded():
     fd_check(cfg, params, tokens, None, smoother_fixed=True)
 
 
-@test
-def p_gets_gradient_only_from_aux():
-    d, cfg, params, tokens = fixture("dlcm", "pgrad", [], rows=3, L=20)
-    bnd = R.read_rows(os.path.join(d, "boundaries.txt"))
-    P = {k: v.clone().requires_grad_(True) for k, v in to64(params).items()}
+def backward_capturing_p(P, cfg, tokens, bnd):
+    """Forward + backward of the loss with the router's p kept (retain_grad) for inspection:
+    returns (result, {"p": p, "forced": forced})."""
     captured = {}
     orig = Mdl.router_probs
 
@@ -327,6 +325,15 @@ def p_gets_gradient_only_from_aux():
         res["loss"].backward()
     finally:
         Mdl.router_probs = orig
+    return res, captured
+
+
+@test
+def p_gets_gradient_only_from_aux():
+    d, cfg, params, tokens = fixture("dlcm", "pgrad", [], rows=3, L=20)
+    bnd = R.read_rows(os.path.join(d, "boundaries.txt"))
+    P = {k: v.clone().requires_grad_(True) for k, v in to64(params).items()}
+    res, captured = backward_capturing_p(P, cfg, tokens, bnd)
     p, forced = captured["p"], captured["forced"]
     Rr, F, lam = cfg.target_R, float(res["F"]), cfg.aux_weight
     expect = lam * Rr * (Rr * F - 1) / ((Rr - 1) * p.numel())
@@ -881,21 +888,7 @@ def sequence_aux_gradient_on_p():
     d, cfg, params, tokens = fixture("dlcm", "seqaux", CONTROLS["sequence_aux"], rows=3, L=20)
     bnd = R.read_rows(os.path.join(d, "boundaries.txt"))
     P = {k: v.clone().requires_grad_(True) for k, v in to64(params).items()}
-    captured = {}
-    orig = Mdl.router_probs
-
-    def hooked(*a, **k):
-        p, forced = orig(*a, **k)
-        p.retain_grad()
-        captured["p"], captured["forced"] = p, forced
-        return p, forced
-
-    Mdl.router_probs = hooked
-    try:
-        res = R.forward(P, cfg, tokens, None, bnd)
-        res["loss"].backward()
-    finally:
-        Mdl.router_probs = orig
+    res, captured = backward_capturing_p(P, cfg, tokens, bnd)
     p, forced, b = captured["p"], captured["forced"], res["b"]
     Rr, lam = cfg.target_R, cfg.aux_weight
     B, L = p.shape
