@@ -7,4 +7,4 @@ bash scripts/setup.sh
 # Reliability (docs/reliability.md): the input- and file-handling tests under ASan + UBSan,
 # then every fuzz harness briefly (FUZZ_SECONDS each; the long run is scripts/fuzz.sh --seconds N).
 bash scripts/test_sanitize.sh
-bash scripts/fuzz.sh --seconds "${FUZZ_SECONDS:-10}"
+bash scripts/fuzz.sh --seconds "${FUZZ_SECONDS:-20}"
