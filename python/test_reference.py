@@ -385,21 +385,27 @@ def causality_dlcm_given_boundaries():
 
 
 # ----------------------------------------------------------------------------------------------
+def check_replicate_equals_compact(what, cfg, params, tokens, bnd):
+    """Logits and every gradient of both cross-attention forms agree, with the given boundaries
+    and with thresholded ones."""
+    for b in (bnd, None):
+        outs = {}
+        for impl in ("replicate", "compact"):
+            P = {k: v.clone().requires_grad_(True) for k, v in to64(params).items()}
+            res = R.forward(P, cfg, tokens, None, b, xattn_impl=impl)
+            res["loss"].backward()
+            outs[impl] = (res["logits"].detach().numpy(), {k: v.grad.numpy() for k, v in P.items()})
+        check(rel_err(outs["compact"][0], outs["replicate"][0]) < 1e-12, f"{what}: logits differ")
+        for k in outs["replicate"][1]:
+            check(np.abs(outs["compact"][1][k] - outs["replicate"][1][k]).max() < 1e-10, f"{what}: grad {k}")
+
+
 @test
 def replicate_equals_compact():
     for i, (name, sets) in enumerate(DLCM_VARIANTS.items()):
         d, cfg, params, tokens = fixture("dlcm", f"xa_{name}", sets, rows=3, L=24, seed=40 + i)
         bnd = R.read_rows(os.path.join(d, "boundaries.txt"))
-        for b in (bnd, None):
-            outs = {}
-            for impl in ("replicate", "compact"):
-                P = {k: v.clone().requires_grad_(True) for k, v in to64(params).items()}
-                res = R.forward(P, cfg, tokens, None, b, xattn_impl=impl)
-                res["loss"].backward()
-                outs[impl] = (res["logits"].detach().numpy(), {k: v.grad.numpy() for k, v in P.items()})
-            check(rel_err(outs["compact"][0], outs["replicate"][0]) < 1e-12, f"{name}: logits differ")
-            for k in outs["replicate"][1]:
-                check(np.abs(outs["compact"][1][k] - outs["replicate"][1][k]).max() < 1e-10, f"{name}: grad {k}")
+        check_replicate_equals_compact(name, cfg, params, tokens, bnd)
 
 
 @test
@@ -601,16 +607,7 @@ def replicate_equals_compact_inclusive():
     for i, sets in enumerate((FIRST_INCL, PREFIX_INCL + ["router.smooth_grad=true"])):
         d, cfg, params, tokens = fixture("dlcm", f"xai_{i}", sets, rows=3, L=20, seed=100 + i)
         bnd = R.read_rows(os.path.join(d, "boundaries.txt"))
-        for b in (bnd, None):
-            outs = {}
-            for impl in ("replicate", "compact"):
-                P = {k: v.clone().requires_grad_(True) for k, v in to64(params).items()}
-                res = R.forward(P, cfg, tokens, None, b, xattn_impl=impl)
-                res["loss"].backward()
-                outs[impl] = (res["logits"].detach().numpy(), {k: v.grad.numpy() for k, v in P.items()})
-            check(rel_err(outs["compact"][0], outs["replicate"][0]) < 1e-12, f"{sets}: logits differ")
-            for k in outs["replicate"][1]:
-                check(np.abs(outs["compact"][1][k] - outs["replicate"][1][k]).max() < 1e-10, f"{sets}: grad {k}")
+        check_replicate_equals_compact(sets, cfg, params, tokens, bnd)
 
 
 @test
