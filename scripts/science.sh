@@ -69,6 +69,9 @@ declare -A DESIGNS=(
   [first_incl_w4]="$DLCM|concept_repr=first concept_visibility=inclusive enc_window=4 dec_window=4"
   [mean_shifted_w4]="$DLCM|enc_window=4 dec_window=4"
   [nopath_w4]="$DLCM|concept_path=false enc_window=4 dec_window=4"
+  # The baseline with the DLCM's token-path extras (encoder.norm + cross FFN): the main phase's
+  # control for "a DLCM beats the baseline only through its extra token-path parameters".
+  [baseline_extras]="$BASE|baseline_extras=true"
 )
 DESIGN_ORDER="baseline mean_shifted first_shifted first_incl prefix_incl mean_shifted_w16 first_incl_w16 nopath nopath_w16 first_incl_w4 mean_shifted_w4 nopath_w4"
 
@@ -122,7 +125,6 @@ fi
 if [[ $PHASE == main || $PHASE == all ]]; then
   for seed in $SEEDS; do
     for name in "$DESIGN" baseline nopath_w16 baseline_extras; do
-      [ "$name" = baseline_extras ] && { [ -n "${DESIGNS[baseline_extras]:-}" ] || continue; }
       arch=dlcm; [[ $name == baseline* ]] && arch=baseline
       train_eval "$OUT/main/${name}_s$seed" "$MAIN" "$name" "train.seed=$seed" "train.lr=$(lr_of $arch)"
     done
