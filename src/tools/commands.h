@@ -197,6 +197,24 @@ struct ScalingAllocateArgs {
 };
 int cmd_scaling_allocate(const ScalingAllocateArgs& a);
 
+// `dlcm export --ckpt DIR --format hf --out DIR`: a baseline checkpoint as a transformers
+// LlamaForCausalLM folder (models/hf_llama.h); written atomically, an existing --out only
+// replaced with --force.
+struct ExportArgs {
+  std::string ckpt, format = "hf", out, dtype = "f32";
+  std::string shard_size;  // bytes per safetensors file ("500MB"); empty = 5GB
+  bool force = false;
+};
+int cmd_export(const ExportArgs& a);
+
+// `dlcm import --format hf --in DIR --out CKPT`: a transformers LlamaForCausalLM folder as a
+// dlcm baseline checkpoint.
+struct ImportArgs {
+  std::string format = "hf", in, out;
+  bool force = false;
+};
+int cmd_import(const ImportArgs& a);
+
 // JSON file + `--set` overrides -> validated Config (an empty path means the defaults).
 Config config_with_overrides(const std::string& path, const std::vector<std::string>& sets);
 // "1,2,4" -> {1, 2, 4}; errors name the flag.

@@ -63,6 +63,21 @@ int main(int argc, char** argv) {
   seg->add_option("--html", sa.html, "write a self-contained HTML page here");
   seg->add_flag("--no-color", sa.no_color, "no ANSI colours (concepts separated by '|')");
 
+  ExportArgs xp;
+  auto* exp = app.add_subcommand("export", "write a checkpoint in another tool's format (--format hf: transformers LlamaForCausalLM)");
+  exp->add_option("--ckpt", xp.ckpt, "checkpoint or run folder")->required();
+  exp->add_option("--format", xp.format, "hf")->required();
+  exp->add_option("--out", xp.out, "output folder (written atomically)")->required();
+  exp->add_option("--dtype", xp.dtype, "weights on disk: f32, bf16 or f16 (default f32)");
+  exp->add_option("--shard-size", xp.shard_size, "largest weights file, e.g. 500MB or 2GiB (default 5GB)");
+  exp->add_flag("--force", xp.force, "replace an existing --out");
+  ImportArgs ia;
+  auto* imp = app.add_subcommand("import", "make a checkpoint from another tool's model folder (--format hf: LlamaForCausalLM)");
+  imp->add_option("--format", ia.format, "hf")->required();
+  imp->add_option("--in", ia.in, "model folder (config.json, safetensors weights)")->required();
+  imp->add_option("--out", ia.out, "checkpoint folder to write")->required();
+  imp->add_flag("--force", ia.force, "replace an existing --out checkpoint");
+
   ConfigArgs cf;
   auto* conf = app.add_subcommand("config", "print the resolved config JSON, or list every key (--keys)");
   conf->add_option("--config", cf.config, "config JSON (default: the built-in defaults)");
@@ -258,6 +273,8 @@ int main(int argc, char** argv) {
     if (*fwd) return cmd_forward(fa);
     if (*gen) return cmd_generate(ga);
     if (*conf) return cmd_config(cf);
+    if (*exp) return cmd_export(xp);
+    if (*imp) return cmd_import(ia);
     if (*flops) return cmd_flops(la);
     if (*plan) return cmd_plan(pl);
     if (*btrain) {
