@@ -37,6 +37,7 @@ struct GenerateArgs {
   i64 batch = 8;             // prompts decoded together
   double tau = -1;           // dlcm boundary threshold (< 0: the checkpoint's)
   bool show_concepts = false, ignore_eos = false, quiet = false;
+  bool ids = false;  // print token ids, not text: "PROMPT_IDS -> COMPLETION_IDS" per prompt
 };
 // One prompt: streams the completion as it is produced. Several (--prompt-file): prints each
 // completion when it is done, under a header line "[i/n] stop: REASON, K tokens".

@@ -52,6 +52,7 @@ int main(int argc, char** argv) {
   gen->add_flag("--show-concepts", ga.show_concepts, "print each generated token's boundary probability and concept index (dlcm)");
   gen->add_flag("--ignore-eos", ga.ignore_eos, "keep generating after the end-of-sequence token");
   gen->add_flag("--quiet", ga.quiet, "no summary line on stderr");
+  gen->add_flag("--ids", ga.ids, "print token ids instead of text: one line per prompt, 'PROMPT_IDS -> COMPLETION_IDS' (BOS included)");
 
   SegmentArgs sa;
   auto* seg = app.add_subcommand("segment", "show a dlcm's concept boundaries on text (terminal colours, --html page)");
