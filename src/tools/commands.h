@@ -134,6 +134,15 @@ struct EvalArgs {
 };
 int cmd_eval(const EvalArgs& a);
 
+// `dlcm plot RUN... --out FILE.svg|FILE.html`: training curves of the runs' train_log.jsonl
+// overlaid (loss, validation bits per byte, compression, aux, learning rate, tokens/s against
+// tokens seen; tools/run_plot.h).
+struct PlotArgs {
+  std::vector<std::string> runs;
+  std::string out, x = "tokens", metrics, title;  // metrics: comma-separated, empty = the defaults
+};
+int cmd_plot(const PlotArgs& a);
+
 // `dlcm analyze`: the concept analysis of a dlcm checkpoint on the validation split of --data
 // (eval/concept_analysis.h) written as OUT/analysis.json and OUT/analysis.html (SVG figures);
 // --baseline adds the baseline's loss on the same tokens by position inside a concept.

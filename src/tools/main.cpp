@@ -175,6 +175,16 @@ int main(int argc, char** argv) {
   an->add_option("--baseline", na.baseline, "baseline checkpoint on the same tokenizer: loss by position in concept, dlcm minus baseline");
   an->add_option("--top", na.top, "tokens listed as concept openers (default 30)")->check(CLI::Range(1, 100000));
 
+  PlotArgs pla;
+  auto* plot = app.add_subcommand("plot", "training curves of runs, overlaid (SVG or HTML page)");
+  plot->add_option("runs", pla.runs, "run folders (or their train_log.jsonl)")->required();
+  plot->add_option("--out", pla.out, "FILE.svg or FILE.html")->required();
+  plot->add_option("--x", pla.x, "x axis: tokens (tokens seen) or step")->check(CLI::IsMember({"tokens", "step"}));
+  plot->add_option("--metrics", pla.metrics,
+                   "panels, comma-separated (default loss,val_bpb,compression,aux,lr,tokens_per_s; "
+                   "any numeric field of the log)");
+  plot->add_option("--title", pla.title, "figure title");
+
   auto* mup = app.add_subcommand("mup", "decoupled µP tools (SPEC 6)");
   mup->require_subcommand(1);
   CoordCheckArgs ca;
@@ -276,6 +286,7 @@ int main(int argc, char** argv) {
     if (*prep) return cmd_prepare(pa);
     if (*ev) return cmd_eval(ea);
     if (*an) return cmd_analyze(na);
+    if (*plot) return cmd_plot(pla);
     if (*coord) return cmd_coord_check(ca);
     if (*lrs) return cmd_lr_sweep(lsa);
     if (*sfit) return cmd_scaling_fit(sfa);
