@@ -140,11 +140,11 @@ int main(int argc, char** argv) {
 
   EvalArgs ea;
   auto* ev = app.add_subcommand("eval", "validation bits per byte and zero-shot benchmarks (JSON report)");
-  ev->add_option("--ckpt", ea.ckpt, "checkpoint or run folder")->required();
+  ev->add_option("--ckpt", ea.ckpt, "checkpoint or run folder (required unless --tasks list)");
   ev->add_option("--data", ea.data, "prepared data folder: validation loss, perplexity, bits per byte");
   ev->add_option("--tasks", ea.tasks,
-                 "zero-shot tasks, comma-separated: hellaswag,piqa,arc_easy,boolq,winogrande,copa,lambada,mmlu, "
-                 "all, or name=layout:path");
+                 "zero-shot tasks, comma-separated: hellaswag,piqa,arc_easy,boolq,winogrande,copa,lambada_openai,mmlu, "
+                 "all, or name=layout:path; 'list' prints the tasks and their data files");
   ev->add_option("--bench-dir", ea.bench_dir, "folder with the benchmark files (default ../shared/bench)");
   ev->add_option("--task-file", ea.task_file, "JSON array of extra task specs (docs/evaluation.md)");
   ev->add_option("--limit", ea.limit, "at most this many validation batches / items per task");
@@ -162,6 +162,11 @@ int main(int argc, char** argv) {
   ev->add_option("--batches", ea.usage_batches, "concept usage: at most this many validation batches (default: all)")
       ->check(CLI::Range(i64(1), i64(1) << 40));
   ev->add_flag("--quiet", ea.quiet, "no progress lines or table on stderr");
+  ev->add_option("--num-fewshot", ea.num_fewshot, "zero-shot: examples from the task's other items before each context")
+      ->check(CLI::Range(0, 1000));
+  ev->add_option("--fewshot-seed", ea.fewshot_seed, "zero-shot: seed of the few-shot draw (default 1234)");
+  ev->add_flag("--log-samples", ea.log_samples,
+               "zero-shot: one JSON line per request in OUT_samples_<task>.jsonl beside the --out report");
 
   AnalyzeArgs na;
   auto* an = app.add_subcommand("analyze", "concept analysis of a dlcm checkpoint: JSON report and HTML page with figures");
