@@ -999,7 +999,8 @@ TEST(EvalCli, LmEvalLayoutSamplesLimitAndTaskList) {
   // --limit: a warning on stderr and a field in the report; the old name with a note
   r = test::run_dlcm(base + "--tasks lambada,mmlu --limit 1 --num-fewshot 1 --quiet --out " + tmp.path + "/p.json");
   ASSERT_EQ(r.rc, 0) << r.out;
-  EXPECT_NE(r.out.find("[eval] warning: --limit 1: a partial evaluation"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("[eval] warning: --limit 1: a partial evaluation of lambada_openai (1 of 3 items), "
+                       "mmlu (2 of 5 items)"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("[eval] note: --tasks: 'lambada' is now called 'lambada_openai'"), std::string::npos) << r.out;
   j = json::parse(std::ifstream(tmp.path + "/p.json"));
   EXPECT_EQ(j["partial_evaluation"]["limit"], 1);
@@ -1008,6 +1009,12 @@ TEST(EvalCli, LmEvalLayoutSamplesLimitAndTaskList) {
   EXPECT_EQ(j["n-samples"]["lambada_openai"], (json{{"original", 3}, {"effective", 1}}));
   EXPECT_EQ(j["n-samples"]["mmlu"], (json{{"original", 5}, {"effective", 2}}));
   EXPECT_TRUE(j["tasks"].contains("lambada_openai"));
+
+  // a limit that leaves nothing out is not partial
+  r = test::run_dlcm(base + "--tasks copa --limit 2 --quiet --out " + tmp.path + "/c.json");
+  ASSERT_EQ(r.rc, 0) << r.out;
+  EXPECT_EQ(r.out.find("partial evaluation"), std::string::npos) << r.out;
+  EXPECT_FALSE(json::parse(std::ifstream(tmp.path + "/c.json")).contains("partial_evaluation"));
 
   r = test::run_dlcm(base + "--tasks copa --log-samples");
   EXPECT_NE(r.rc, 0);

@@ -350,11 +350,6 @@ int cmd_eval(const EvalArgs& a) {
   std::vector<TaskSpec> specs =
       a.tasks.empty() ? std::vector<TaskSpec>{} : resolve_tasks(a.tasks, a.task_file, &notes);
   for (const std::string& n : notes) std::fprintf(stderr, "[eval] note: %s\n", n.c_str());
-  const bool partial = a.limit >= 0 && !specs.empty();
-  if (partial)
-    std::fprintf(stderr, "[eval] warning: --limit %lld: a partial evaluation (the first %lld items of each "
-                 "task, and of each MMLU subject); its scores do not compare with full-set results\n",
-                 (long long)a.limit, (long long)a.limit);
   DLCM_CHECK(!a.concept_usage || !a.data.empty(),
              "eval --concept-usage: give --data DIR (the diagnostics run on its validation split)");
   json r = {{"checkpoint", dir}, {"arch", cfg.model.arch}};
@@ -425,10 +420,21 @@ int cmd_eval(const EvalArgs& a) {
     }
     r["bench_dir"] = a.bench_dir;
     if (a.limit >= 0) r["limit"] = a.limit;
-    if (partial)
+    // --limit that left items out: a partial evaluation, said on stderr even with --quiet.
+    std::string cut;
+    for (const TaskResult& t : results)
+      if (t.ok() && t.n < t.n_original)
+        cut += (cut.empty() ? "" : ", ") + t.name + " (" + std::to_string(t.n) + " of " +
+               std::to_string(t.n_original) + " items)";
+    if (!cut.empty()) {
+      std::fprintf(stderr, "[eval] warning: --limit %lld: a partial evaluation of %s; its scores do not "
+                   "compare with full-set results\n", (long long)a.limit, cut.c_str());
       r["partial_evaluation"] = {{"limit", a.limit},
-                                 {"note", "--limit scored the first items of each task only: not comparable "
-                                          "with full-set results (n-samples gives original and effective counts)"}};
+                                 {"tasks", cut},
+                                 {"note", "--limit scored the first items of each task (and MMLU subject) only: "
+                                          "not comparable with full-set results (n-samples: original and effective "
+                                          "item counts)"}};
+    }
     r["num_fewshot"] = a.num_fewshot;
     r["tasks"] = tasks;
     // The same results in lm-evaluation-harness's results.json layout, beside the fields above.
