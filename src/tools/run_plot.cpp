@@ -156,10 +156,10 @@ std::string run_plot_html(const RunPlot& p, const std::vector<TrainLog>& logs,
   const std::string title = p.title.empty() ? "dlcm training curves" : p.title;
   h << "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>" << xml_escape(title)
     << "</title>\n<style>body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse}"
-       "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}td:first-child,th:first-child,"
-       "td:nth-child(2){text-align:left}</style></head><body>\n<h1>"
+       "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}td:nth-child(-n+2),"
+       "th:nth-child(-n+2){text-align:left}</style></head><body>\n<h1>"
     << xml_escape(title) << "</h1>\n"
-    << run_plot_svg(p)
+    << render_svg(p.panels, std::min<int>(3, p.panels.size()), "", p.legend)  // the page has the title
     << "<h2>Runs</h2>\n<table><tr><th>run</th><th>log</th><th>last step</th><th>tokens</th>"
        "<th>training loss</th><th>validation loss</th><th>validation bits per byte</th>"
        "<th>validation compression</th></tr>\n";
