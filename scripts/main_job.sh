@@ -18,6 +18,7 @@ if [ -f "$RUN/checkpoint/trainer_state.json" ]; then
 else  # no checkpoint yet: start over (a run killed before its first save left only a log)
   "$B/dlcm" train --config configs/dlcm-small.json --data "$PREP" --out "$RUN" --overwrite
 fi
+"$B/dlcm" plot "$RUN" --out "$RUN/train_plot.svg" --title "$RUN"
 "$B/dlcm" eval --ckpt "$RUN" --data "$PREP" --out "$RUN/eval.json" >/dev/null
 echo "---- validation: $(tr -d '\n' < "$RUN/eval.json")"
 echo "---- sample (temperature 0.7, top-k 40) ----"

@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <numeric>
 
 #include "data/tokenizer.h"
 #include "eval/scorer.h"
@@ -110,7 +111,7 @@ std::map<std::string, std::vector<Expect>> expected_items() {
        {" got the easier cases."}, {"got the easier cases."}, 1},
       {{"The trophy did not fit in the suitcase because the trophy", "The trophy did not fit in the suitcase because the suitcase"},
        {" was too big."}, {"was too big."}, 0}};
-  m["lambada"] = {{{"The cat sat on the"}, {" mat"}, {"mat"}, 0},
+  m["lambada_openai"] = {{{"The cat sat on the"}, {" mat"}, {"mat"}, 0},
                   {{"She opened the door and said hello to her"}, {" friend"}, {"friend"}, 0},
                   {{kLongContext}, {" end"}, {"end"}, 0}};
   m["wsc"] = {
@@ -310,7 +311,7 @@ TEST(EvalTasks, KnownModelGivesExactChoicesAndAccuracies) {
         ASSERT_TRUE(v.size() < 2 || v[0] - v[1] > 1e-5 * std::abs(v[0])) << "near tie in item " << i;
       }
       weight.push_back(e.group >= 0 ? 1.0 / (group_n.size() * group_n[e.group]) : 1.0 / exp.size());
-      if (s.name == "lambada") {
+      if (s.name == "lambada_openai") {
         EXPECT_EQ(r.items[i].greedy, greedy) << i;
         correct.push_back(greedy);
         ll_sum += ll[0];
@@ -332,20 +333,20 @@ TEST(EvalTasks, KnownModelGivesExactChoicesAndAccuracies) {
     const double n = exp.size(), p = wmean(correct);
     EXPECT_EQ(r.n, i64(n));
     EXPECT_NEAR(r.acc, p, 1e-12);
-    EXPECT_NEAR(r.chance, s.name == "lambada" ? 0.0 : chance, 1e-12);
+    EXPECT_NEAR(r.chance, s.name == "lambada_openai" ? 0.0 : chance, 1e-12);
     double w2 = 0;
     for (double w : weight) w2 += w * w;
     EXPECT_NEAR(r.acc_stderr, std::sqrt(w2 * p * (1 - p) * n / (n - 1)), 1e-12);
     if (s.name != "mmlu") {
       EXPECT_NEAR(r.acc_stderr, std::sqrt(p * (1 - p) / (n - 1)), 1e-12);
     }
-    const bool is_mc = s.name != "lambada" && s.name != "winogrande" && s.name != "wsc";
+    const bool is_mc = s.name != "lambada_openai" && s.name != "winogrande" && s.name != "wsc";
     if (is_mc) {
       EXPECT_NEAR(r.acc_norm, wmean(correct_norm), 1e-12);
     } else {
       EXPECT_TRUE(std::isnan(r.acc_norm));
     }
-    if (s.name == "lambada") {
+    if (s.name == "lambada_openai") {
       EXPECT_TRUE(r.items[0].greedy);
       EXPECT_FALSE(r.items[1].greedy);
       EXPECT_NEAR(r.perplexity, std::exp(-ll_sum / n), 1e-4 * r.perplexity);
@@ -679,11 +680,11 @@ TEST(EvalCli, RunsTasksReportsMissingFilesAndWritesReport) {
   for (auto& [name, t] : j["tasks"].items()) {
     EXPECT_TRUE(t.contains("acc")) << name << ": " << t.dump();
     EXPECT_GE(t["acc"].get<double>(), 0.0);
-    EXPECT_GT(t["chance"].get<double>() + (name == "lambada"), 0.0) << name;
+    EXPECT_GT(t["chance"].get<double>() + (name == "lambada_openai"), 0.0) << name;
     EXPECT_TRUE(t.contains("acc_stderr") && t.contains("n") && t.contains("seconds")) << name;
   }
   EXPECT_EQ(j["tasks"]["mmlu"]["subjects"].size(), 2u);
-  EXPECT_TRUE(j["tasks"]["lambada"].contains("perplexity"));
+  EXPECT_TRUE(j["tasks"]["lambada_openai"].contains("perplexity"));
   EXPECT_TRUE(j["tasks"]["hellaswag"].contains("acc_norm"));
   std::stringstream md;
   md << std::ifstream(tmp.path + "/t.md").rdbuf();
@@ -712,7 +713,7 @@ TEST(EvalTasks, ReadsTheRealBenchmarkFiles) {
   if (!fs::is_directory(dir)) GTEST_SKIP() << "no benchmark folder at " << dir << " (set DLCM_BENCH_DIR)";
   std::map<std::string, size_t> n = {{"hellaswag", 10042}, {"piqa", 1838}, {"arc_easy", 2376},
                                      {"boolq", 3270},      {"winogrande", 1267}, {"copa", 100},
-                                     {"lambada", 5153},    {"mmlu", 285}};
+                                     {"lambada_openai", 5153},    {"mmlu", 285}};
   auto tok = make_byte_tokenizer();
   for (const TaskSpec& s : builtin_tasks()) {
     SCOPED_TRACE(s.name);
@@ -730,7 +731,7 @@ TEST(EvalTasks, ReadsTheRealBenchmarkFiles) {
     if (s.name == "winogrande") {
       EXPECT_EQ(ctx + cont, "Sarah was a much better surgeon than Maria so Sarah always got the easier cases.");
     }
-    if (s.name == "lambada") {
+    if (s.name == "lambada_openai") {
       EXPECT_EQ(cont, " signs");
     }
     if (s.name == "mmlu") {
@@ -792,4 +793,295 @@ TEST(EvalCli, ConceptUsageReport) {
   r = test::run_dlcm("eval --ckpt " + tmp.path + "/ck --concept-usage --tasks copa");
   EXPECT_NE(r.rc, 0);
   EXPECT_NE(r.out.find("--concept-usage: give --data DIR"), std::string::npos) << r.out;
+}
+
+// ---- issue 21: lm-eval-shaped reports, samples, few-shot, task names, partial scoring ----
+
+namespace {
+std::vector<json> read_jsonl(const std::string& path) {
+  std::vector<json> v;
+  std::ifstream f(path);
+  std::string line;
+  while (std::getline(f, line))
+    if (!line.empty()) v.push_back(json::parse(line));
+  return v;
+}
+}  // namespace
+
+// --num-fewshot: K examples from the task's other items (never the item; MMLU: its subject),
+// drawn by a fixed seed, formatted as lm-eval formats them (description, examples each followed
+// by the fewshot delimiter, then the context); each layout's example is its gold prompt.
+TEST(EvalFewShot, DrawsOtherItemsAndFormatsThemAsLmEval) {
+  test::TempDir tmp;
+  write_bench(tmp.path);
+  auto spec = [](const std::string& n) { return resolve_tasks(n)[0]; };
+  // arc_easy has 3 items: with k = 2 each item gets exactly the two others, in a seeded order
+  TaskData arc = read_task(spec("arc_easy"), tmp.path);
+  const std::vector<std::string> ex = {"Question: What do plants need?\nAnswer: light",
+                                       "Question: Which is a mammal?\nAnswer: whale",
+                                       "Question: Pick a letter.\nAnswer: B"};
+  TaskData a2 = arc;
+  add_fewshot(a2, 2, 1234);
+  for (size_t i = 0; i < 3; ++i) {
+    const std::string& f = a2.items[i].fewshot;
+    const size_t j = (i + 1) % 3, k = (i + 2) % 3;
+    EXPECT_TRUE(f == ex[j] + "\n\n" + ex[k] + "\n\n" || f == ex[k] + "\n\n" + ex[j] + "\n\n") << i << ": " << f;
+  }
+  auto texts = task_request_texts(a2);
+  EXPECT_EQ(texts[0].context, a2.items[0].fewshot + "Question: What do plants need?\nAnswer:");
+  EXPECT_EQ(texts[0].continuation, " light");
+  // fixed seed: the same draw again; k = 1 draws differ across seeds for some item
+  TaskData again = arc;
+  add_fewshot(again, 2, 1234);
+  for (size_t i = 0; i < 3; ++i) EXPECT_EQ(again.items[i].fewshot, a2.items[i].fewshot);
+  bool differs = false;
+  for (uint64_t seed = 1; seed < 20 && !differs; ++seed) {
+    TaskData x = arc, y = arc;
+    add_fewshot(x, 1, 1234);
+    add_fewshot(y, 1, seed);
+    for (size_t i = 0; i < 3; ++i) differs = differs || x.items[i].fewshot != y.items[i].fewshot;
+  }
+  EXPECT_TRUE(differs);
+  EXPECT_NE(error_of([&] { TaskData x = arc; add_fewshot(x, 3, 1); }).find("arc_easy: --num-fewshot 3 needs 3 other items"),
+            std::string::npos);
+
+  // MMLU: description first, then examples of the same subject (beta has 3 items)
+  TaskData mm = read_task(spec("mmlu"), tmp.path);
+  add_fewshot(mm, 1, 7);
+  auto mt = task_request_texts(mm);
+  const std::string beta = "The following are multiple choice questions (with answers) about beta.\n\n";
+  const std::string second = "Second?\nA. w\nB. x\nC. y\nD. z\nAnswer: D\n\n",
+                    third = "Third?\nA. p\nB. q\nC. r\nD. s\nAnswer: A\n\n";
+  EXPECT_TRUE(mm.items[2].fewshot == second || mm.items[2].fewshot == third) << mm.items[2].fewshot;
+  EXPECT_EQ(mt[8].context, beta + mm.items[2].fewshot + "A \"quoted\" word\non two lines?\nA. yes\nB. no\nC. maybe\nD. never\nAnswer:");
+  EXPECT_EQ(mm.items[0].fewshot, "Which pair, in order, is sorted?\nA. 1, 2\nB. 2, 1\nC. 3, 1\nD. b, a\nAnswer: A\n\n");
+  // partial scoring: the example is the gold option's context and the shared continuation
+  TaskData wg = read_task(spec("winogrande"), tmp.path);
+  add_fewshot(wg, 1, 1);
+  EXPECT_EQ(wg.items[0].fewshot, "The trophy did not fit in the suitcase because the trophy was too big.\n\n");
+  // greedy: context and target
+  TaskData lb = read_task(spec("lambada_openai"), tmp.path);
+  add_fewshot(lb, 2, 1);
+  EXPECT_NE(lb.items[1].fewshot.find("The cat sat on the mat\n\n"), std::string::npos) << lb.items[1].fewshot;
+  // a task file sets the description and the delimiter
+  std::ofstream(tmp.path + "/t.json") << R"([{"name": "c2", "layout": "query_choices_gold", "path": "copa.jsonl",
+      "context_suffix": "", "description": "Pick.\n", "fewshot_delimiter": "\n###\n", "version": 2}])";
+  TaskSpec c2 = resolve_tasks("c2", tmp.path + "/t.json")[0];
+  EXPECT_EQ(c2.version, 2);
+  TaskData cd = read_task(c2, tmp.path);
+  add_fewshot(cd, 1, 1);
+  EXPECT_EQ(task_request_texts(cd)[0].context,
+            "Pick.\nThe girl ate too much candy, because she was hungry for sweets.\n###\nThe man turned on the faucet, therefore");
+
+  // through run_task: an item's examples do not depend on --limit
+  BigramModel m(260, 512);
+  auto tok = make_byte_tokenizer();
+  EvalOptions o;
+  o.bench_dir = tmp.path;
+  o.num_fewshot = 2;
+  o.log_samples = true;
+  TaskResult all = run_task(m, *tok, spec("arc_easy"), o);
+  o.limit = 1;
+  TaskResult one = run_task(m, *tok, spec("arc_easy"), o);
+  ASSERT_TRUE(all.ok() && one.ok()) << all.error << one.error;
+  EXPECT_EQ(one.samples[0]["context"], all.samples[0]["context"]);
+  EXPECT_EQ(one.num_fewshot, 2);
+  EXPECT_EQ(one.n, 1);
+  EXPECT_EQ(one.n_original, 3);
+}
+
+// --log-samples: one object per request with the strings scored, the log-likelihood (equal to
+// the closed form of the bigram model), the greedy flag, gold and the item's results.
+TEST(EvalSamples, OneRecordPerRequestWithItsScore) {
+  test::TempDir tmp;
+  write_bench(tmp.path);
+  auto tok = make_byte_tokenizer();
+  auto want = expected_items();
+  EvalOptions o;
+  o.bench_dir = tmp.path;
+  o.log_samples = true;
+  for (const TaskSpec& s : fixture_specs()) {
+    SCOPED_TRACE(s.name);
+    BigramModel m(260, 128);
+    m.make_greedy("e mat");
+    TaskResult r = run_task(m, *tok, s, o);
+    ASSERT_TRUE(r.ok()) << r.error;
+    EXPECT_TRUE(r.items.empty());  // kept for the samples only
+    const auto& exp = want.at(s.name);
+    size_t k = 0;
+    double acc_sum = 0;
+    for (size_t i = 0; i < exp.size(); ++i) {
+      const size_t n = std::max(exp[i].ctx.size(), exp[i].cont.size());
+      for (size_t j = 0; j < n; ++j, ++k) {
+        ASSERT_LT(k, r.samples.size());
+        const json& x = r.samples[k];
+        EXPECT_EQ(x["task"], s.name);
+        EXPECT_EQ(x["doc_id"], i64(i));
+        EXPECT_EQ(x["choice"], j);
+        EXPECT_EQ(x["gold"], exp[i].gold);
+        const std::string c = exp[i].ctx[exp[i].ctx.size() > 1 ? j : 0], t = exp[i].cont[exp[i].cont.size() > 1 ? j : 0];
+        EXPECT_EQ(x["context"].get<std::string>() + x["continuation"].get<std::string>(), c + t);
+        if (c.size() + t.size() <= 128) {
+          auto [ll, greedy] = bigram_loglik(m, c, t);
+          EXPECT_NEAR(x["loglik"].get<double>(), ll, 1e-6 * std::abs(ll));
+          EXPECT_EQ(x["greedy"].get<bool>(), greedy);
+        }
+        EXPECT_EQ(x.contains("acc_norm"), s.name != "lambada_openai" && s.name != "winogrande" && s.name != "wsc");
+        if (j == 0) acc_sum += x["acc"].get<int>();
+      }
+    }
+    EXPECT_EQ(k, r.samples.size());
+    if (s.name != "mmlu") {
+      EXPECT_NEAR(r.acc, acc_sum / double(exp.size()), 1e-12);
+    }
+  }
+}
+
+// The report in lm-evaluation-harness's layout beside today's fields, the standard error as
+// lm-eval defines it (sample standard deviation / sqrt(n), from the logged samples), the
+// samples files, the --limit warning and field, --tasks list and the lambada rename.
+TEST(EvalCli, LmEvalLayoutSamplesLimitAndTaskList) {
+  test::TempDir tmp;
+  ASSERT_TRUE(tiny_checkpoint("baseline", tmp.path + "/ck"));
+  write_bench(tmp.path + "/bench");
+  const std::string base = "eval --ckpt " + tmp.path + "/ck --bench-dir " + tmp.path + "/bench ";
+  test::CmdResult r = test::run_dlcm(base + "--tasks all,wsc=context_options:wsc.jsonl --log-samples --quiet --out " +
+                                     tmp.path + "/r.json");
+  ASSERT_EQ(r.rc, 0) << r.out;
+  EXPECT_EQ(r.out.find("partial evaluation"), std::string::npos) << r.out;
+  json j = json::parse(std::ifstream(tmp.path + "/r.json"));
+  EXPECT_FALSE(j.contains("partial_evaluation"));
+  EXPECT_EQ(j["config"]["model"], "dlcm");
+  EXPECT_EQ(j["config"]["model_args"], "ckpt=" + tmp.path + "/ck,arch=baseline");
+  EXPECT_TRUE(j["config"]["limit"].is_null());
+  EXPECT_EQ(j["config"]["batch_size"], "2048 tokens");
+  EXPECT_GT(j["date"].get<double>(), 1.7e9);
+  for (auto& [name, t] : j["tasks"].items()) {
+    SCOPED_TRACE(name);
+    const json& e = j["results"][name];
+    EXPECT_EQ(e["alias"], name);
+    EXPECT_EQ(e["acc,none"], t["acc"]);
+    EXPECT_EQ(e["acc_stderr,none"], t["acc_stderr"]);
+    EXPECT_EQ(e.contains("acc_norm,none"), t.contains("acc_norm"));
+    if (t.contains("acc_norm")) {
+      EXPECT_EQ(e["acc_norm,none"], t["acc_norm"]);
+      EXPECT_EQ(e["acc_norm_stderr,none"], t["acc_norm_stderr"]);
+    }
+    EXPECT_EQ(j["n-shot"][name], 0);
+    EXPECT_EQ(j["versions"][name], 1.0);
+    EXPECT_EQ(j["n-samples"][name]["effective"], t["n"]);
+    EXPECT_EQ(j["n-samples"][name]["original"], t["n"]);
+    EXPECT_TRUE(j["higher_is_better"][name]["acc"].get<bool>());
+    EXPECT_EQ(j["configs"][name]["num_fewshot"], 0);
+    // lm-eval's stderr of a mean: sample standard deviation (n - 1) / sqrt(n), from the samples
+    const std::string path = tmp.path + "/r_samples_" + name + ".jsonl";
+    EXPECT_EQ(t["samples_file"], path);
+    auto lines = read_jsonl(path);
+    EXPECT_EQ(i64(lines.size()), t["requests"].get<i64>());
+    if (name == "mmlu") continue;  // subjects averaged: its own weights (tested above)
+    std::vector<double> acc;
+    for (auto& l : lines)
+      if (l["choice"] == 0) acc.push_back(l["acc"].get<double>());
+    const double n = acc.size(), mean = std::accumulate(acc.begin(), acc.end(), 0.0) / n;
+    double ss = 0;
+    for (double v : acc) ss += (v - mean) * (v - mean);
+    EXPECT_NEAR(e["acc,none"].get<double>(), mean, 1e-12);
+    EXPECT_NEAR(e["acc_stderr,none"].get<double>(), std::sqrt(ss / (n - 1)) / std::sqrt(n), 1e-12);
+  }
+  EXPECT_TRUE(j["results"]["lambada_openai"].contains("perplexity,none"));
+  EXPECT_TRUE(j["results"]["lambada_openai"]["perplexity_stderr,none"].get<double>() > 0);
+  EXPECT_FALSE(j["higher_is_better"]["lambada_openai"]["perplexity"].get<bool>());
+  EXPECT_EQ(j["group_subtasks"]["mmlu"], (json{"mmlu_alpha", "mmlu_beta"}));
+  EXPECT_EQ(j["results"]["mmlu_beta"]["alias"], " - beta");
+  EXPECT_EQ(j["n-samples"]["mmlu_beta"]["effective"], 3);
+  EXPECT_EQ(j["groups"]["mmlu"]["acc,none"], j["results"]["mmlu"]["acc,none"]);
+
+  // --limit: a warning on stderr and a field in the report; the old name with a note
+  r = test::run_dlcm(base + "--tasks lambada,mmlu --limit 1 --num-fewshot 1 --quiet --out " + tmp.path + "/p.json");
+  ASSERT_EQ(r.rc, 0) << r.out;
+  EXPECT_NE(r.out.find("[eval] warning: --limit 1: a partial evaluation of lambada_openai (1 of 3 items), "
+                       "mmlu (2 of 5 items)"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("[eval] note: --tasks: 'lambada' is now called 'lambada_openai'"), std::string::npos) << r.out;
+  j = json::parse(std::ifstream(tmp.path + "/p.json"));
+  EXPECT_EQ(j["partial_evaluation"]["limit"], 1);
+  EXPECT_EQ(j["config"]["limit"], 1);
+  EXPECT_EQ(j["n-shot"]["lambada_openai"], 1);
+  EXPECT_EQ(j["n-samples"]["lambada_openai"], (json{{"original", 3}, {"effective", 1}}));
+  EXPECT_EQ(j["n-samples"]["mmlu"], (json{{"original", 5}, {"effective", 2}}));
+  EXPECT_TRUE(j["tasks"].contains("lambada_openai"));
+
+  // a limit that leaves nothing out is not partial
+  r = test::run_dlcm(base + "--tasks copa --limit 2 --quiet --out " + tmp.path + "/c.json");
+  ASSERT_EQ(r.rc, 0) << r.out;
+  EXPECT_EQ(r.out.find("partial evaluation"), std::string::npos) << r.out;
+  EXPECT_FALSE(json::parse(std::ifstream(tmp.path + "/c.json")).contains("partial_evaluation"));
+
+  r = test::run_dlcm(base + "--tasks copa --log-samples");
+  EXPECT_NE(r.rc, 0);
+  EXPECT_NE(r.out.find("dlcm: error: --log-samples: give --out FILE.json too"), std::string::npos) << r.out;
+
+  // --tasks list: no checkpoint needed; files under the bench dir, missing ones marked
+  fs::remove(tmp.path + "/bench/boolq.jsonl");
+  r = test::run_dlcm("eval --tasks list --bench-dir " + tmp.path + "/bench");
+  ASSERT_EQ(r.rc, 0) << r.out;
+  EXPECT_NE(r.out.find("lambada_openai   context_continuation   " + tmp.path + "/bench/lambada_openai.jsonl\n"),
+            std::string::npos) << r.out;
+  EXPECT_NE(r.out.find(tmp.path + "/bench/boolq.jsonl (missing)"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("piqa_valid-labels.lst"), std::string::npos) << r.out;
+}
+
+// The generic partial-scoring layout (context_options): WinoGrande written in it scores exactly
+// as WinoGrande's own reader, on the fixture and on the real dev split when present; a task
+// file registers such a file under a name.
+TEST(EvalTasks, WinoGrandeAsContextOptionsScoresIdentically) {
+  test::TempDir tmp;
+  write_bench(tmp.path);
+  std::string dir = std::getenv("DLCM_BENCH_DIR") ? std::getenv("DLCM_BENCH_DIR")
+                                                  : std::string(DLCM_SOURCE_DIR) + "/../shared/bench";
+  std::vector<std::pair<std::string, i64>> sources = {{tmp.path + "/winogrande_dev.jsonl", -1}};
+  if (fs::exists(dir + "/winogrande_dev.jsonl")) sources.push_back({dir + "/winogrande_dev.jsonl", 300});
+  auto tok = make_byte_tokenizer();
+  for (auto& [src, limit] : sources) {
+    SCOPED_TRACE(src);
+    // The conversion, written from the official layout's definition: the sentence up to "_"
+    // with each option, and the rest of the sentence after "_" (stripped) as the continuation.
+    std::ofstream out(tmp.path + "/wg_as_options.jsonl");
+    std::ifstream in(src);
+    std::string line;
+    for (i64 n = 0; std::getline(in, line) && (limit < 0 || n < limit); ++n) {
+      json w = json::parse(line);
+      const std::string s = w["sentence"];
+      const size_t blank = s.find('_');
+      std::string rest = s.substr(blank + 1);
+      rest.erase(0, rest.find_first_not_of(" "));
+      while (!rest.empty() && rest.back() == ' ') rest.pop_back();
+      out << json{{"context_options", {s.substr(0, blank) + w["option1"].get<std::string>(),
+                                       s.substr(0, blank) + w["option2"].get<std::string>()}},
+                  {"continuation", rest},
+                  {"gold", w["answer"].get<std::string>() == "1" ? 0 : 1}}.dump()
+          << "\n";
+    }
+    out.close();
+    std::ofstream(tmp.path + "/tasks.json") << json::array(
+        {{{"name", "wg_options"}, {"layout", "context_options"}, {"path", tmp.path + "/wg_as_options.jsonl"}},
+         {{"name", "wg"}, {"layout", "winogrande"}, {"path", src}}}).dump();
+    auto specs = resolve_tasks("wg,wg_options", tmp.path + "/tasks.json");
+    BigramModel m(260, 512);
+    EvalOptions o;
+    o.keep_items = true;
+    o.limit = limit;
+    TaskResult a = run_task(m, *tok, specs[0], o), b = run_task(m, *tok, specs[1], o);
+    ASSERT_TRUE(a.ok() && b.ok()) << a.error << b.error;
+    EXPECT_EQ(b.kind, TaskKind::Partial);
+    ASSERT_EQ(a.n, b.n);
+    EXPECT_GT(a.n, 1);
+    for (i64 i = 0; i < a.n; ++i) {
+      EXPECT_EQ(a.items[i].loglik, b.items[i].loglik) << i;
+      EXPECT_EQ(a.items[i].pred, b.items[i].pred) << i;
+    }
+    EXPECT_EQ(a.acc, b.acc);
+    EXPECT_EQ(a.acc_stderr, b.acc_stderr);
+    EXPECT_EQ(a.chance, b.chance);
+    EXPECT_EQ(a.stats.tokens, b.stats.tokens);
+  }
 }

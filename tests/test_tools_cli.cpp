@@ -1,12 +1,18 @@
 // The µP, planning and scaling-law commands as a user meets them (the dlcm binary): outputs
-// written, one-line errors naming the flag or file at fault. Also the SVG plot helper.
+// written, one-line errors naming the flag or file at fault. Also the SVG plot helper and
+// `dlcm plot` (training curves of runs read from their train_log.jsonl).
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <nlohmann/json.hpp>
+#include <sstream>
 
+#include "core/rng.h"
 #include "testing.h"
 #include "tools/plot.h"
+#include "tools/run_plot.h"
+#include "train/train_log.h"
 
 using namespace dlcm;
 namespace fs = std::filesystem;
@@ -99,4 +105,238 @@ TEST(Plot, TicksAndSvg) {
   EXPECT_EQ(svg.find("nan"), std::string::npos);
   EXPECT_EQ(svg.find("inf"), std::string::npos);
   EXPECT_THROW(write_svg("/nonexistent-dir/x.svg", {p}, 1, ""), Error);
+}
+
+namespace {
+
+// A train_log.jsonl as Trainer::run writes it: a train record every 10 steps (2048 tokens per
+// step), an eval record every 20, an event line; dlcm runs also log their loss terms.
+std::string fake_log(bool dlcm, double offset) {
+  std::string s;
+  for (int step = 10; step <= 60; step += 10) {
+    nlohmann::json t = {{"step", step}, {"tokens", step * 2048}, {"loss", 8.0 - step / 20.0 + offset},
+                        {"ce", 8.0 - step / 20.0}, {"lr", 1e-3 * step / 60}, {"grad_norm", 1.0},
+                        {"tokens_per_s", 5000 + step}, {"mfu", 0.5}};
+    if (dlcm) t.update({{"aux", 0.01 * step}, {"F", 0.25}, {"G", 0.3}, {"compression", 4.0},
+                        {"compression_thresholded", 3.0 + step / 60.0}});
+    s += t.dump() + "\n";
+    if (step % 20 == 0) {
+      nlohmann::json e = {{"step", step}, {"tokens", step * 2048}, {"val_loss", 7.5 - step / 30.0},
+                          {"val_ppl", 100.0}, {"val_tokens", 4096}, {"val_bpb", 3.0 - step / 100.0 + offset},
+                          {"concept_usage", {{"ce", 1.0}, {"pos_ce", {1.0, 2.0}}}}};
+      if (dlcm) e["val_compression"] = 4.0 + step / 100.0;
+      s += e.dump() + "\n";
+    }
+  }
+  return s + R"({"event": "nonfinite", "step": 61, "component": "loss"})" "\n";
+}
+
+std::string run_dir(const std::string& root, const std::string& name, const std::string& log) {
+  fs::create_directories(root + "/" + name);
+  std::ofstream(root + "/" + name + "/train_log.jsonl") << log;
+  return root + "/" + name;
+}
+
+// The panels of an SVG written by render_svg: the text of each "<g>" group.
+std::vector<std::string> svg_panels(const std::string& svg) {
+  std::vector<std::string> out;
+  for (size_t a = svg.find("<g>\n"); a != std::string::npos; a = svg.find("<g>\n", a + 1))
+    out.push_back(svg.substr(a, svg.find("</g>", a) - a));
+  return out;
+}
+
+// Points of each polyline drawn in `color`.
+std::vector<size_t> polyline_points(const std::string& panel, const std::string& color) {
+  std::vector<size_t> out;
+  const std::string key = "<polyline fill=\"none\" stroke=\"" + color + "\"";
+  for (size_t a = panel.find(key); a != std::string::npos; a = panel.find(key, a + 1)) {
+    const size_t p = panel.find("points=\"", a) + 8, e = panel.find('"', p);
+    std::istringstream pts(panel.substr(p, e - p));
+    std::string pt;
+    size_t n = 0;
+    while (pts >> pt) ++n;
+    out.push_back(n);
+  }
+  return out;
+}
+
+std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "(no error)";
+}
+
+}  // namespace
+
+// The log reader keeps train and eval records with their numeric fields (events and nested
+// objects skipped); bad input names the folder, or the file and line.
+TEST(RunPlot, ReadsTrainLogsAndNamesBadInput) {
+  test::TempDir tmp;
+  const std::string run = run_dir(tmp.path, "run_a", fake_log(true, 0));
+  TrainLog l = read_train_log(run);
+  EXPECT_EQ(l.path, run + "/train_log.jsonl");
+  ASSERT_EQ(l.records.size(), 6u + 3u);
+  EXPECT_FALSE(l.records[0].eval);
+  EXPECT_EQ(l.records[0].values.at("tokens"), 20480);
+  EXPECT_TRUE(l.records[2].eval);  // after step 20's train record
+  EXPECT_EQ(l.records[2].line, 3);
+  EXPECT_EQ(l.records[2].values.at("val_bpb"), 3.0 - 0.2);
+  EXPECT_FALSE(l.records[2].has("concept_usage"));
+  EXPECT_EQ(read_train_log(run + "/train_log.jsonl").records.size(), l.records.size());  // the file itself
+
+  EXPECT_NE(error_of([&] { read_train_log(tmp.path + "/nosuch"); }).find(tmp.path + "/nosuch: no such run folder"),
+            std::string::npos);
+  fs::create_directories(tmp.path + "/nolog");
+  EXPECT_NE(error_of([&] { read_train_log(tmp.path + "/nolog"); }).find(tmp.path + "/nolog/train_log.jsonl: not found"),
+            std::string::npos);
+  run_dir(tmp.path, "empty", "\n");
+  EXPECT_NE(error_of([&] { read_train_log(tmp.path + "/empty"); }).find("train_log.jsonl: empty training log"),
+            std::string::npos);
+  run_dir(tmp.path, "bad", "{\"step\": 1, \"tokens\": 2, \"loss\": 3}\n{\"step\": 2, \"loss\n");
+  EXPECT_NE(error_of([&] { read_train_log(tmp.path + "/bad"); }).find("bad/train_log.jsonl:2: "), std::string::npos)
+      << error_of([&] { read_train_log(tmp.path + "/bad"); });
+  run_dir(tmp.path, "array", "[1, 2]\n");
+  EXPECT_NE(error_of([&] { read_train_log(tmp.path + "/array"); }).find("array/train_log.jsonl:1: expected a JSON object"),
+            std::string::npos);
+  run_dir(tmp.path, "nostep", "{\"loss\": 3}\n");
+  EXPECT_NE(error_of([&] { read_train_log(tmp.path + "/nostep"); }).find("nostep/train_log.jsonl:1: missing integer field \"step\""),
+            std::string::npos);
+  // no "tokens": plotting against tokens names the line and suggests --x step
+  run_dir(tmp.path, "old", "{\"step\": 1, \"loss\": 3}\n");
+  TrainLog old = read_train_log(tmp.path + "/old");
+  EXPECT_NE(error_of([&] { build_run_plot({old}, {"old"}, RunPlotOptions{}); }).find("old/train_log.jsonl:1: no \"tokens\" field"),
+            std::string::npos);
+  RunPlotOptions by_step;
+  by_step.x = "step";
+  EXPECT_EQ(build_run_plot({old}, {"old"}, by_step).panels.size(), 1u);
+}
+
+// Two runs overlaid: one colour per run in every panel, series equal to the logged values,
+// the dlcm-only panels present, a legend of the run names; explicit metrics and their errors.
+TEST(RunPlot, OverlaysRunsWithOneColourEachAndALegend) {
+  test::TempDir tmp;
+  const std::string base = run_dir(tmp.path + "/a", "baseline", fake_log(false, 0.5));
+  const std::string dl = run_dir(tmp.path + "/b", "dlcm", fake_log(true, 0));
+  std::vector<TrainLog> logs = {read_train_log(base), read_train_log(dl)};
+  auto labels = run_labels({base, dl + "/"});
+  EXPECT_EQ(labels, (std::vector<std::string>{"baseline", "dlcm"}));
+  EXPECT_EQ(run_labels({base, tmp.path + "/b/dlcm/train_log.jsonl"})[1], "dlcm");
+  EXPECT_EQ(run_labels({tmp.path + "/a/x", tmp.path + "/b/x"})[0], tmp.path + "/a/x");  // same names: paths
+
+  RunPlot p = build_run_plot(logs, labels, RunPlotOptions{});
+  std::vector<std::string> titles;
+  for (auto& panel : p.panels) titles.push_back(panel.title);
+  EXPECT_EQ(titles, (std::vector<std::string>{"loss: training (line), validation (dots)", "validation bits per byte",
+                                              "realised compression: training (line), validation (dots)",
+                                              "auxiliary loss term (before its weight)", "learning rate", "throughput"}));
+  EXPECT_EQ(p.panels[0].xlabel, "tokens seen (thousands)");
+  // loss panel: baseline line, baseline dots, dlcm line, dlcm dots, from the records
+  ASSERT_EQ(p.panels[0].series.size(), 4u);
+  const PlotSeries& bl = p.panels[0].series[0];
+  EXPECT_EQ(bl.color, 0);
+  ASSERT_EQ(bl.y.size(), 6u);
+  EXPECT_DOUBLE_EQ(bl.y[2], 8.0 - 30 / 20.0 + 0.5);
+  EXPECT_DOUBLE_EQ(bl.x[2], 30 * 2048 / 1e3);
+  EXPECT_EQ(p.panels[0].series[3].color, 1);
+  EXPECT_EQ(p.panels[0].series[3].y.size(), 3u);
+  EXPECT_DOUBLE_EQ(p.panels[0].series[3].y[0], 7.5 - 20 / 30.0);
+  // compression and aux: the dlcm run only
+  EXPECT_EQ(p.panels[2].series.size(), 2u);
+  EXPECT_EQ(p.panels[2].series[0].color, 1);
+  EXPECT_EQ(p.panels[3].series.size(), 1u);
+
+  const std::string svg = run_plot_svg(p);
+  for (auto& l : labels) EXPECT_NE(svg.find(">" + l + "</text></g>"), std::string::npos) << l;
+  auto panels = svg_panels(svg);
+  ASSERT_EQ(panels.size(), 6u);
+  EXPECT_EQ(polyline_points(panels[0], "#1f77b4"), std::vector<size_t>{6});  // baseline: train loss
+  EXPECT_EQ(polyline_points(panels[0], "#d62728"), std::vector<size_t>{6});
+  EXPECT_EQ(polyline_points(panels[1], "#1f77b4"), std::vector<size_t>{3});  // val_bpb: a line through the evals
+  EXPECT_TRUE(polyline_points(panels[2], "#1f77b4").empty());               // no compression for the baseline
+  EXPECT_EQ(polyline_points(panels[2], "#d62728"), std::vector<size_t>{6});
+
+  // the baseline alone: no compression or aux panel
+  EXPECT_EQ(build_run_plot({logs[0]}, {"baseline"}, RunPlotOptions{}).panels.size(), 4u);
+  RunPlotOptions o;
+  o.metrics = {"F", "val_ppl"};
+  o.x = "step";
+  RunPlot q = build_run_plot(logs, labels, o);
+  ASSERT_EQ(q.panels.size(), 2u);
+  EXPECT_EQ(q.panels[0].series.size(), 1u);  // F: dlcm only
+  EXPECT_DOUBLE_EQ(q.panels[1].series[0].x[0], 20);
+  o.metrics = {"nosuch"};
+  const std::string e = error_of([&] { build_run_plot(logs, labels, o); });
+  EXPECT_NE(e.find("--metrics: no run logs 'nosuch' (the logs have: "), std::string::npos) << e;
+  EXPECT_NE(e.find("val_bpb"), std::string::npos) << e;
+  o.metrics = {"compression"};
+  EXPECT_NE(error_of([&] { build_run_plot({logs[0]}, {"baseline"}, o); }).find("no run logs 'compression'"),
+            std::string::npos);
+}
+
+// The command on real runs: a tiny dlcm trained by the CLI with evaluations, plotted as SVG and
+// HTML beside a second log; bad output names and bad logs are one-line errors.
+TEST(RunPlot, CliPlotsTrainedRuns) {
+  test::TempDir tmp;
+  {
+    std::ofstream f(tmp.path + "/corpus.txt");
+    const char* words[] = {"the", "concept", "model", "reads", "tokens", "and", "writes", "text"};
+    Rng r(3);
+    for (int d = 0; d < 120; ++d) {
+      const int n = 6 + int(r.next() % 20);
+      for (int w = 0; w < n; ++w) f << words[r.next() % 8] << (w + 1 < n ? " " : ".\n");
+      f << "\f";
+    }
+  }
+  Out p = dlcm_cmd("prepare --input " + tmp.path + "/corpus.txt --out " + tmp.path + "/data --tokenizer bytes --val-fraction 0.1");
+  ASSERT_EQ(p.rc, 0) << p.out;
+  nlohmann::json cfg = {{"arch", "dlcm"},   {"vocab_size", 260}, {"d_token", 16},     {"n_heads", 2},
+                        {"n_kv_heads", 1},  {"head_dim", 8},     {"d_ff", 32},        {"max_seq_len", 32},
+                        {"enc_layers", 1},  {"dec_layers", 1},   {"d_concept", 24},   {"bb_layers", 1},
+                        {"bb_heads", 2},    {"bb_kv_heads", 2},  {"bb_d_ff", 48},     {"x_heads", 2},
+                        {"x_kv_heads", 1},  {"x_d_ff", 32}};
+  cfg["train"] = {{"seq_len", 32}, {"batch_size", 2}, {"steps", 6}, {"warmup_steps", 0}, {"eval_every", 3},
+                  {"eval_batches", 1}, {"ckpt_every", 0}, {"log_every", 2}, {"threads", 1}};
+  std::ofstream(tmp.path + "/cfg.json") << cfg.dump();
+  Out t = dlcm_cmd("train --quiet --no-final-eval --config " + tmp.path + "/cfg.json --data " + tmp.path +
+                   "/data --out " + tmp.path + "/tiny_dlcm");
+  ASSERT_EQ(t.rc, 0) << t.out;
+  const std::string other = run_dir(tmp.path, "synthetic_baseline", fake_log(false, 0));
+  Out r = dlcm_cmd("plot " + tmp.path + "/tiny_dlcm " + other + " --out " + tmp.path + "/curves.svg");
+  ASSERT_EQ(r.rc, 0) << r.out;
+  std::stringstream svg;
+  svg << std::ifstream(tmp.path + "/curves.svg").rdbuf();
+  EXPECT_EQ(svg.str().rfind("<svg", 0), 0u);
+  EXPECT_NE(svg.str().find(">tiny_dlcm</text></g>"), std::string::npos);
+  EXPECT_NE(svg.str().find(">synthetic_baseline</text></g>"), std::string::npos);
+  auto panels = svg_panels(svg.str());
+  ASSERT_EQ(panels.size(), 6u);  // every default panel has data from the trained dlcm
+  // train records at steps 1, 2, 4, 6; evals at 3 and 6
+  EXPECT_EQ(polyline_points(panels[0], "#1f77b4"), std::vector<size_t>{4});
+  EXPECT_EQ(polyline_points(panels[1], "#1f77b4"), std::vector<size_t>{2});
+  EXPECT_EQ(polyline_points(panels[2], "#1f77b4"), std::vector<size_t>{4});
+  r = dlcm_cmd("plot " + tmp.path + "/tiny_dlcm --x step --metrics loss,val_bpb --title 'tiny run' --out " +
+               tmp.path + "/curves.html");
+  ASSERT_EQ(r.rc, 0) << r.out;
+  std::stringstream html;
+  html << std::ifstream(tmp.path + "/curves.html").rdbuf();
+  EXPECT_EQ(html.str().rfind("<!DOCTYPE html>", 0), 0u);
+  EXPECT_NE(html.str().find("<svg"), std::string::npos);
+  EXPECT_NE(html.str().find("<title>tiny run</title>"), std::string::npos);
+  EXPECT_NE(html.str().find("<td>tiny_dlcm</td>"), std::string::npos);
+  EXPECT_EQ(svg_panels(html.str()).size(), 2u);
+
+  r = dlcm_cmd("plot " + tmp.path + "/tiny_dlcm --out " + tmp.path + "/curves.png");
+  EXPECT_NE(r.rc, 0);
+  EXPECT_NE(r.out.find("dlcm: error: --out " + tmp.path + "/curves.png: expected a file name ending in .svg or .html"),
+            std::string::npos) << r.out;
+  run_dir(tmp.path, "broken", fake_log(false, 0) + "{\"step\": 70, \"loss\": }\n");
+  r = dlcm_cmd("plot " + tmp.path + "/tiny_dlcm " + tmp.path + "/broken --out " + tmp.path + "/x.svg");
+  EXPECT_NE(r.rc, 0);
+  EXPECT_NE(r.out.find("dlcm: error: " + tmp.path + "/broken/train_log.jsonl:11: "), std::string::npos) << r.out;
+  EXPECT_FALSE(fs::exists(tmp.path + "/x.svg"));
+  r = dlcm_cmd("plot " + tmp.path + "/missing --out " + tmp.path + "/x.svg");
+  EXPECT_NE(r.out.find("dlcm: error: " + tmp.path + "/missing: no such run folder"), std::string::npos) << r.out;
 }

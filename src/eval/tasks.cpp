@@ -1,10 +1,12 @@
 #include "eval/tasks.h"
 
 #include <algorithm>
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <functional>
 #include <nlohmann/json.hpp>
+#include <map>
 #include <set>
 
 #include "core/json_util.h"
@@ -13,17 +15,28 @@ namespace dlcm {
 namespace fs = std::filesystem;
 using nlohmann::json;
 
+static TaskSpec make_spec(const std::string& name, const std::string& layout, const std::string& path,
+                          const std::string& labels = "", const std::string& context_suffix = "") {
+  TaskSpec s;
+  s.name = name;
+  s.layout = layout;
+  s.path = path;
+  s.labels = labels;
+  s.context_suffix = context_suffix;
+  return s;
+}
+
 const std::vector<TaskSpec>& builtin_tasks() {
   // Prompts as in lm-evaluation-harness (../shared/bench/README.md).
   static const std::vector<TaskSpec> t = {
-      {"hellaswag", "hellaswag", "hellaswag_val.txt", "", "", " "},
-      {"piqa", "piqa", "piqa_valid.jsonl", "piqa_valid-labels.lst", "", " "},
-      {"arc_easy", "query_choices_gold", "arc_easy.jsonl", "", "\nAnswer:", " "},
-      {"boolq", "query_choices_gold", "boolq.jsonl", "", "\nAnswer:", " "},
-      {"winogrande", "winogrande", "winogrande_dev.jsonl", "", "", " "},
-      {"copa", "query_choices_gold", "copa.jsonl", "", "", " "},
-      {"lambada", "context_continuation", "lambada_openai.jsonl", "", "", " "},
-      {"mmlu", "mmlu_csv", "mmlu_dev", "", "", " "},
+      make_spec("hellaswag", "hellaswag", "hellaswag_val.txt"),
+      make_spec("piqa", "piqa", "piqa_valid.jsonl", "piqa_valid-labels.lst"),
+      make_spec("arc_easy", "query_choices_gold", "arc_easy.jsonl", "", "\nAnswer:"),
+      make_spec("boolq", "query_choices_gold", "boolq.jsonl", "", "\nAnswer:"),
+      make_spec("winogrande", "winogrande", "winogrande_dev.jsonl"),
+      make_spec("copa", "query_choices_gold", "copa.jsonl"),
+      make_spec("lambada_openai", "context_continuation", "lambada_openai.jsonl"),
+      make_spec("mmlu", "mmlu_csv", "mmlu_dev"),
   };
   return t;
 }
@@ -53,7 +66,7 @@ static void check_layout(const std::string& layout, const std::string& where) {
 // Defaults for a task given only a layout and a path (inline specs).
 static TaskSpec spec_with_defaults(const std::string& name, const std::string& layout,
                                    const std::string& path) {
-  TaskSpec s{name, layout, path, "", "", " "};
+  TaskSpec s = make_spec(name, layout, path);
   if (layout == "query_choices_gold") s.context_suffix = "\nAnswer:";  // ARC/OBQA style
   if (layout == "piqa") {
     std::string stem = path.size() > 6 && path.ends_with(".jsonl") ? path.substr(0, path.size() - 6) : path;
@@ -81,22 +94,36 @@ static std::vector<TaskSpec> read_task_file(const std::string& path) {
       return o[k].get<std::string>();
     };
     for (auto& [k, v] : o.items())
-      DLCM_CHECK(k == "name" || k == "layout" || k == "path" || k == "labels" ||
-                     k == "context_suffix" || k == "delimiter",
+      DLCM_CHECK(k == "name" || k == "layout" || k == "path" || k == "labels" || k == "context_suffix" ||
+                     k == "delimiter" || k == "description" || k == "fewshot_delimiter" || k == "version",
                  where, ": unknown field \"", k,
-                 "\" (expected name, layout, path, labels, context_suffix, delimiter)");
+                 "\" (expected name, layout, path, labels, context_suffix, delimiter, description, "
+                 "fewshot_delimiter, version)");
     TaskSpec s = spec_with_defaults(str("name", true), str("layout", true), str("path", true));
     check_layout(s.layout, where);
     if (o.contains("labels")) s.labels = str("labels", false);
     if (o.contains("context_suffix")) s.context_suffix = str("context_suffix", false);
     if (o.contains("delimiter")) s.delimiter = str("delimiter", false);
+    if (o.contains("description")) s.description = str("description", false);
+    if (o.contains("fewshot_delimiter")) s.fewshot_delimiter = str("fewshot_delimiter", false);
+    if (o.contains("version")) {
+      DLCM_CHECK(o["version"].is_number(), where, ": field \"version\" must be a number");
+      s.version = o["version"].get<double>();
+    }
     DLCM_CHECK(!s.name.empty(), where, ": empty \"name\"");
     out.push_back(s);
   }
   return out;
 }
 
-std::vector<TaskSpec> resolve_tasks(const std::string& list, const std::string& task_file) {
+// Former names of built-in tasks.
+static const char* renamed(const std::string& name) {
+  if (name == "lambada") return "lambada_openai";
+  return nullptr;
+}
+
+std::vector<TaskSpec> resolve_tasks(const std::string& list, const std::string& task_file,
+                                    std::vector<std::string>* notes) {
   std::vector<TaskSpec> defined = task_file.empty() ? std::vector<TaskSpec>{} : read_task_file(task_file);
   std::vector<TaskSpec> out;
   std::set<std::string> seen;
@@ -134,6 +161,11 @@ std::vector<TaskSpec> resolve_tasks(const std::string& list, const std::string& 
     };
     const TaskSpec* s = by_name(defined);
     if (!s) s = by_name(builtin_tasks());
+    if (!s && renamed(e)) {
+      if (notes) notes->push_back("--tasks: '" + e + "' is now called '" + renamed(e) + "' (its name in lm-evaluation-harness)");
+      e = renamed(e);
+      s = by_name(builtin_tasks());
+    }
     if (!s) {
       std::string known;
       for (auto& b : builtin_tasks()) known += b.name + ", ";
@@ -145,6 +177,37 @@ std::vector<TaskSpec> resolve_tasks(const std::string& list, const std::string& 
   }
   DLCM_CHECK(!out.empty(), "--tasks: no task given");
   return out;
+}
+
+std::string task_listing(const std::string& bench_dir, const std::string& task_file) {
+  std::vector<TaskSpec> all = builtin_tasks();
+  if (!task_file.empty())
+    for (auto& s : read_task_file(task_file)) all.push_back(s);
+  auto where = [&](const std::string& p) {
+    return fs::path(p).is_absolute() || bench_dir.empty() ? p : (fs::path(bench_dir) / p).string();
+  };
+  std::string out;
+  for (const TaskSpec& s : all) {
+    std::string files;
+    for (const std::string& p : {s.path, s.labels}) {
+      if (p.empty()) continue;
+      const std::string f = where(p);
+      files += (files.empty() ? "" : ", ") + f + (fs::exists(f) ? "" : " (missing)");
+    }
+    char line[128];
+    std::snprintf(line, sizeof line, "%-16s %-22s ", s.name.c_str(), s.layout.c_str());
+    out += line + files + "\n";
+  }
+  return out;
+}
+
+void limit_items(TaskData& d, i64 limit) {
+  if (limit < 0) return;
+  std::map<i32, i64> kept;  // per group (-1: no group)
+  std::vector<Item> out;
+  for (Item& it : d.items)
+    if (kept[it.group]++ < limit) out.push_back(std::move(it));
+  d.items = std::move(out);
 }
 
 i64 utf8_length(const std::string& s) {
@@ -430,9 +493,10 @@ static void read_mmlu(TaskData& d, const std::string& path, i64 limit) {
       Item it;
       it.where = where;
       it.group = group;
-      // lm-evaluation-harness's MMLU prompt: subject line, question, lettered choices, "Answer:".
-      std::string ctx = "The following are multiple choice questions (with answers) about " + topic +
-                        ".\n\n" + trim(f[0]);
+      // lm-evaluation-harness's MMLU prompt: the subject line (its description, before any
+      // few-shot examples), question, lettered choices, "Answer:".
+      it.description = "The following are multiple choice questions (with answers) about " + topic + ".\n\n";
+      std::string ctx = trim(f[0]);
       for (i64 c = 0; c < k; ++c) {
         const char letter[2] = {char('A' + c), 0};
         ctx.append("\n").append(letter).append(". ").append(f[1 + c]);
@@ -482,6 +546,10 @@ TaskData read_task(const TaskSpec& spec, const std::string& bench_dir, i64 limit
            : L == "context_continuation"                 ? TaskKind::Greedy
                                                          : TaskKind::MultipleChoice;
   DLCM_CHECK(!d.items.empty(), spec.name, ": no items in ", path);
+  for (size_t i = 0; i < d.items.size(); ++i) {
+    d.items[i].doc_id = i64(i);
+    if (d.items[i].description.empty()) d.items[i].description = spec.description;
+  }
   return d;
 }
 

@@ -347,14 +347,30 @@ int cmd_prepare(const PrepareArgs& a) {
   return 0;
 }
 
+// The --log-samples file of a task: beside the report, named after it.
+static std::string samples_path(const std::string& report, const std::string& task) {
+  std::string stem = report.ends_with(".json") ? report.substr(0, report.size() - 5) : report;
+  return stem + "_samples_" + task + ".jsonl";
+}
+
 int cmd_eval(const EvalArgs& a) {
+  if (a.tasks == "list") {
+    std::fputs(task_listing(a.bench_dir, a.task_file).c_str(), stdout);
+    return 0;
+  }
+  DLCM_CHECK(!a.ckpt.empty(), "eval: give --ckpt DIR (a checkpoint or run folder)");
   DLCM_CHECK(!a.data.empty() || !a.tasks.empty(),
              "eval: give --data DIR (validation bits per byte) and/or --tasks LIST (zero-shot benchmarks)");
+  DLCM_CHECK(!a.log_samples || !a.out.empty(),
+             "--log-samples: give --out FILE.json too (the samples are written beside the report)");
   auto t0 = std::chrono::steady_clock::now();
   std::string dir = resolve_checkpoint(a.ckpt);
   Config cfg = load_checkpoint_config(dir);
   // Resolve the task list first: a typo fails before any work.
-  std::vector<TaskSpec> specs = a.tasks.empty() ? std::vector<TaskSpec>{} : resolve_tasks(a.tasks, a.task_file);
+  std::vector<std::string> notes;
+  std::vector<TaskSpec> specs =
+      a.tasks.empty() ? std::vector<TaskSpec>{} : resolve_tasks(a.tasks, a.task_file, &notes);
+  for (const std::string& n : notes) std::fprintf(stderr, "[eval] note: %s\n", n.c_str());
   DLCM_CHECK(!a.concept_usage || !a.data.empty(),
              "eval --concept-usage: give --data DIR (the diagnostics run on its validation split)");
   json r = {{"checkpoint", dir}, {"arch", cfg.model.arch}};
@@ -396,6 +412,9 @@ int cmd_eval(const EvalArgs& a) {
     eo.batch_tokens = a.batch_tokens;
     eo.progress = !a.quiet;
     eo.share_prefixes = !a.no_prefix_sharing;
+    eo.num_fewshot = a.num_fewshot;
+    eo.fewshot_seed = a.fewshot_seed;
+    eo.log_samples = a.log_samples;
     std::vector<TaskResult> results;
     json tasks = json::object();
     for (const TaskSpec& s : specs) {
@@ -408,11 +427,46 @@ int cmd_eval(const EvalArgs& a) {
                      t.acc, t.chance, (long long)t.n, t.seconds);
       }
       tasks[s.name] = task_result_json(t);
+      if (a.log_samples && t.ok()) {
+        const std::string path = samples_path(a.out, s.name);
+        std::ofstream f(path, std::ios::binary);
+        DLCM_CHECK(f, path, ": cannot write the samples (check --out)");
+        for (const json& line : t.samples) f << line.dump() << "\n";
+        f.close();
+        DLCM_CHECK(f.good(), path, ": write failed");
+        tasks[s.name]["samples_file"] = path;
+        t.samples.clear();
+      }
       results.push_back(std::move(t));
     }
     r["bench_dir"] = a.bench_dir;
     if (a.limit >= 0) r["limit"] = a.limit;
+    // --limit that left items out: a partial evaluation, said on stderr even with --quiet.
+    std::string cut;
+    for (const TaskResult& t : results)
+      if (t.ok() && t.n < t.n_original)
+        cut += (cut.empty() ? "" : ", ") + t.name + " (" + std::to_string(t.n) + " of " +
+               std::to_string(t.n_original) + " items)";
+    if (!cut.empty()) {
+      std::fprintf(stderr, "[eval] warning: --limit %lld: a partial evaluation of %s; its scores do not "
+                   "compare with full-set results\n", (long long)a.limit, cut.c_str());
+      r["partial_evaluation"] = {{"limit", a.limit},
+                                 {"tasks", cut},
+                                 {"note", "--limit scored the first items of each task (and MMLU subject) only: "
+                                          "not comparable with full-set results (n-samples: original and effective "
+                                          "item counts)"}};
+    }
+    r["num_fewshot"] = a.num_fewshot;
     r["tasks"] = tasks;
+    // The same results in lm-evaluation-harness's results.json layout, beside the fields above.
+    LmEvalConfig lc;
+    lc.model_args = "ckpt=" + dir + ",arch=" + cfg.model.arch;
+    lc.batch_tokens = a.batch_tokens;
+    lc.limit = a.limit;
+    lc.num_fewshot = a.num_fewshot;
+    lc.fewshot_seed = a.fewshot_seed;
+    lc.bench_dir = a.bench_dir;
+    r.update(lm_eval_results(results, lc));
     std::string table = markdown_table(results);
     if (!a.quiet) std::fprintf(stderr, "\n%s\n", table.c_str());
     if (!a.markdown.empty()) {

@@ -132,8 +132,21 @@ struct EvalArgs {
   bool quiet = false;       // no progress lines or table on stderr
   bool concept_usage = false;  // dlcm: concept-usage diagnostics on the validation split
   i64 usage_batches = -1;      // their batches (-1 = the full split)
+  i64 num_fewshot = 0;         // zero-shot: examples before each context
+  uint64_t fewshot_seed = 1234;
+  bool log_samples = false;    // OUT_samples_<task>.jsonl beside the report (--out OUT.json)
 };
+// `--tasks list` prints the tasks and their data files instead (no --ckpt needed).
 int cmd_eval(const EvalArgs& a);
+
+// `dlcm plot RUN... --out FILE.svg|FILE.html`: training curves of the runs' train_log.jsonl
+// overlaid (loss, validation bits per byte, compression, aux, learning rate, tokens/s against
+// tokens seen; tools/run_plot.h).
+struct PlotArgs {
+  std::vector<std::string> runs;
+  std::string out, x = "tokens", metrics, title;  // metrics: comma-separated, empty = the defaults
+};
+int cmd_plot(const PlotArgs& a);
 
 // `dlcm analyze`: the concept analysis of a dlcm checkpoint on the validation split of --data
 // (eval/concept_analysis.h) written as OUT/analysis.json and OUT/analysis.html (SVG figures);

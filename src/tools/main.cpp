@@ -156,11 +156,11 @@ int main(int argc, char** argv) {
 
   EvalArgs ea;
   auto* ev = app.add_subcommand("eval", "validation bits per byte and zero-shot benchmarks (JSON report)");
-  ev->add_option("--ckpt", ea.ckpt, "checkpoint or run folder")->required();
+  ev->add_option("--ckpt", ea.ckpt, "checkpoint or run folder (required unless --tasks list)");
   ev->add_option("--data", ea.data, "prepared data folder: validation loss, perplexity, bits per byte");
   ev->add_option("--tasks", ea.tasks,
-                 "zero-shot tasks, comma-separated: hellaswag,piqa,arc_easy,boolq,winogrande,copa,lambada,mmlu, "
-                 "all, or name=layout:path");
+                 "zero-shot tasks, comma-separated: hellaswag,piqa,arc_easy,boolq,winogrande,copa,lambada_openai,mmlu, "
+                 "all, or name=layout:path; 'list' prints the tasks and their data files");
   ev->add_option("--bench-dir", ea.bench_dir, "folder with the benchmark files (default ../shared/bench)");
   ev->add_option("--task-file", ea.task_file, "JSON array of extra task specs (docs/evaluation.md)");
   ev->add_option("--limit", ea.limit, "at most this many validation batches / items per task");
@@ -178,6 +178,11 @@ int main(int argc, char** argv) {
   ev->add_option("--batches", ea.usage_batches, "concept usage: at most this many validation batches (default: all)")
       ->check(CLI::Range(i64(1), i64(1) << 40));
   ev->add_flag("--quiet", ea.quiet, "no progress lines or table on stderr");
+  ev->add_option("--num-fewshot", ea.num_fewshot, "zero-shot: examples from the task's other items before each context")
+      ->check(CLI::Range(0, 1000));
+  ev->add_option("--fewshot-seed", ea.fewshot_seed, "zero-shot: seed of the few-shot draw (default 1234)");
+  ev->add_flag("--log-samples", ea.log_samples,
+               "zero-shot: one JSON line per request in OUT_samples_<task>.jsonl beside the --out report");
 
   AnalyzeArgs na;
   auto* an = app.add_subcommand("analyze", "concept analysis of a dlcm checkpoint: JSON report and HTML page with figures");
@@ -190,6 +195,16 @@ int main(int argc, char** argv) {
   an->add_option("--tau", na.tau, "boundary threshold (default: the checkpoint's router.tau)");
   an->add_option("--baseline", na.baseline, "baseline checkpoint on the same tokenizer: loss by position in concept, dlcm minus baseline");
   an->add_option("--top", na.top, "tokens listed as concept openers (default 30)")->check(CLI::Range(1, 100000));
+
+  PlotArgs pla;
+  auto* plot = app.add_subcommand("plot", "training curves of runs, overlaid (SVG or HTML page)");
+  plot->add_option("runs", pla.runs, "run folders (or their train_log.jsonl)")->required();
+  plot->add_option("--out", pla.out, "FILE.svg or FILE.html")->required();
+  plot->add_option("--x", pla.x, "x axis: tokens (tokens seen) or step")->check(CLI::IsMember({"tokens", "step"}));
+  plot->add_option("--metrics", pla.metrics,
+                   "panels, comma-separated (default loss,val_bpb,compression,aux,lr,tokens_per_s; "
+                   "any numeric field of the log)");
+  plot->add_option("--title", pla.title, "figure title");
 
   auto* mup = app.add_subcommand("mup", "decoupled µP tools (SPEC 6)");
   mup->require_subcommand(1);
@@ -294,6 +309,7 @@ int main(int argc, char** argv) {
     if (*prep) return cmd_prepare(pa);
     if (*ev) return cmd_eval(ea);
     if (*an) return cmd_analyze(na);
+    if (*plot) return cmd_plot(pla);
     if (*coord) return cmd_coord_check(ca);
     if (*lrs) return cmd_lr_sweep(lsa);
     if (*sfit) return cmd_scaling_fit(sfa);

@@ -43,6 +43,14 @@ struct Axis {
   }
 };
 
+// Width in pixels of a label at 11 px (about 6.2 px per character; UTF-8 continuation bytes
+// do not count).
+double label_width(const std::string& s) {
+  double n = 0;
+  for (unsigned char c : s) n += (c & 0xC0) != 0x80;
+  return 6.2 * n;
+}
+
 bool usable(double v, bool log) { return std::isfinite(v) && (!log || v > 0); }
 
 // Data range of one coordinate over all series, padded so lines do not touch the frame.
@@ -128,21 +136,40 @@ std::vector<double> axis_ticks(double lo, double hi, bool log) {
   return t;
 }
 
-std::string render_svg(const std::vector<PlotPanel>& panels, int cols, const std::string& title) {
+std::string render_svg(const std::vector<PlotPanel>& panels, int cols, const std::string& title,
+                       const std::vector<PlotLegendItem>& legend) {
   DLCM_CHECK(!panels.empty(), "internal: render_svg needs at least one panel");
   cols = std::max(1, std::min<int>(cols, panels.size()));
   const int rows = int((panels.size() + cols - 1) / cols);
-  const double W = 420, H = 320, top = title.empty() ? 10 : 40;
+  const double W = 420, H = 320, title_h = title.empty() ? 10 : 40;
   const double ml = 70, mr = 15, mt = 30, mb = 50;  // panel margins
   std::ostringstream o;
   // wide enough for the title (about 7.5 px per character at 15 px)
   const double total_w = std::max(W * cols, 7.5 * double(title.size()) + 40);
+  // Figure legend: entries left to right, wrapped at the figure's width.
+  std::vector<std::pair<double, double>> at;  // each entry's x, y
+  double lx = 20, ly = title_h + 14;
+  for (const PlotLegendItem& e : legend) {
+    const double w = 28 + label_width(e.label) + 18;
+    if (lx > 20 && lx + w > total_w - 10) lx = 20, ly += 18;
+    at.push_back({lx, ly});
+    lx += w;
+  }
+  const double top = legend.empty() ? title_h : ly + 12;
   o << "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" << num(total_w) << "\" height=\""
     << num(top + H * rows) << "\" font-family=\"sans-serif\" font-size=\"11\">\n";
   o << "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n";
   if (!title.empty())
     o << "<text x=\"" << num(total_w / 2) << "\" y=\"24\" text-anchor=\"middle\" font-size=\"15\">"
       << xml_escape(title) << "</text>\n";
+  for (size_t i = 0; i < legend.size(); ++i) {
+    const PlotLegendItem& e = legend[i];
+    const auto [x, y] = at[i];
+    o << "<g class=\"legend\"><line x1=\"" << num(x) << "\" y1=\"" << num(y - 4) << "\" x2=\"" << num(x + 22)
+      << "\" y2=\"" << num(y - 4) << "\" stroke=\"" << kPalette[std::max(0, e.color) % 10]
+      << "\" stroke-width=\"2.5\"" << (e.dashed ? " stroke-dasharray=\"4,2\"" : "") << "/><text x=\""
+      << num(x + 28) << "\" y=\"" << num(y) << "\">" << xml_escape(e.label) << "</text></g>\n";
+  }
   for (size_t pi = 0; pi < panels.size(); ++pi) {
     const PlotPanel& p = panels[pi];
     const double ox = W * (pi % cols), oy = top + H * (pi / cols);
@@ -179,7 +206,10 @@ std::string render_svg(const std::vector<PlotPanel>& panels, int cols, const std
       << ") rotate(-90)\" text-anchor=\"middle\">" << xml_escape(p.ylabel) << (p.log_y ? " (log)" : "")
       << "</text>\n";
     int legend_rows = 0, labels = 0;
-    for (auto& s : p.series) labels += !s.label.empty();
+    double leg_w = 120;  // fits the longest label
+    for (auto& s : p.series)
+      if (!s.label.empty()) ++labels, leg_w = std::max(leg_w, 28 + label_width(s.label));
+    leg_w = std::min(leg_w, ax.p1 - ax.p0 - 8);
     std::ostringstream leg;  // drawn last, over a translucent box, so it stays readable
     for (size_t si = 0; si < p.series.size(); ++si) {
       const PlotSeries& s = p.series[si];
@@ -209,7 +239,7 @@ std::string render_svg(const std::vector<PlotPanel>& panels, int cols, const std
           o << "<circle cx=\"" << num(x) << "\" cy=\"" << num(y) << "\" r=\"2.6\" fill=\"" << col
             << "\"/>\n";
       if (!s.label.empty()) {
-        double lx = ax.p1 - 120, ly = ay.p1 + 12 + 13 * legend_rows++;
+        double lx = ax.p1 - leg_w, ly = ay.p1 + 12 + 13 * legend_rows++;
         leg << "<line x1=\"" << num(lx) << "\" y1=\"" << num(ly - 4) << "\" x2=\"" << num(lx + 16)
           << "\" y2=\"" << num(ly - 4) << "\" stroke=\"" << col << "\" stroke-width=\"2\""
           << (s.dashed ? " stroke-dasharray=\"4,2\"" : "") << "/>\n<text x=\"" << num(lx + 20)
@@ -217,7 +247,8 @@ std::string render_svg(const std::vector<PlotPanel>& panels, int cols, const std
       }
     }
     if (labels > 0)
-      o << "<rect x=\"" << num(ax.p1 - 124) << "\" y=\"" << num(ay.p1 + 2) << "\" width=\"120\" height=\""
+      o << "<rect x=\"" << num(ax.p1 - leg_w - 4) << "\" y=\"" << num(ay.p1 + 2) << "\" width=\"" << num(leg_w)
+        << "\" height=\""
         << num(13 * labels + 4) << "\" fill=\"white\" fill-opacity=\"0.85\" stroke=\"#ccc\"/>\n"
         << leg.str();
     o << "</g>\n";
@@ -227,10 +258,10 @@ std::string render_svg(const std::vector<PlotPanel>& panels, int cols, const std
 }
 
 void write_svg(const std::string& path, const std::vector<PlotPanel>& panels, int cols,
-               const std::string& title) {
+               const std::string& title, const std::vector<PlotLegendItem>& legend) {
   std::ofstream f(path);
   DLCM_CHECK(f, path, ": cannot write the plot (check the output folder)");
-  f << render_svg(panels, cols, title);
+  f << render_svg(panels, cols, title, legend);
   DLCM_CHECK(f.good(), path, ": write failed");
 }
 

@@ -24,14 +24,23 @@ struct PlotPanel {
   std::vector<PlotSeries> series;
 };
 
-// The SVG document: panels laid out in `cols` columns under an optional title.
+// One entry of a figure-wide legend (a run of an overlay drawn in the same colour in every panel).
+struct PlotLegendItem {
+  std::string label;
+  int color = 0;  // palette index
+  bool dashed = false;
+};
+
 // Text escaped for SVG/HTML element content and attribute values (< > & ").
 std::string xml_escape(const std::string& s);
 
-std::string render_svg(const std::vector<PlotPanel>& panels, int cols, const std::string& title);
+// The SVG document: panels laid out in `cols` columns under an optional title and an optional
+// figure legend (rows of entries between the title and the panels).
+std::string render_svg(const std::vector<PlotPanel>& panels, int cols, const std::string& title,
+                       const std::vector<PlotLegendItem>& legend = {});
 // render_svg into a file; throws Error naming the path when it cannot be written.
 void write_svg(const std::string& path, const std::vector<PlotPanel>& panels, int cols,
-               const std::string& title);
+               const std::string& title, const std::vector<PlotLegendItem>& legend = {});
 
 // Axis ticks between lo and hi (lo < hi): "nice" 1-2-5 steps on a linear axis; 1-2-5 x 10^k
 // (or only powers of ten when that gives too many) on a log axis.
