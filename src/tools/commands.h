@@ -197,6 +197,14 @@ struct ScalingAllocateArgs {
 };
 int cmd_scaling_allocate(const ScalingAllocateArgs& a);
 
+// `dlcm export --format gguf`: a baseline checkpoint as a GGUF file for llama.cpp
+// (tools/export_gguf.cpp; docs/interop.md). An existing --out is kept unless force.
+struct ExportGgufArgs {
+  std::string ckpt, out, dtype = "f32";  // dtype: f32 | f16 | bf16 | q8_0
+  bool force = false;
+};
+int cmd_export_gguf(const ExportGgufArgs& a);
+
 // JSON file + `--set` overrides -> validated Config (an empty path means the defaults).
 Config config_with_overrides(const std::string& path, const std::vector<std::string>& sets);
 // "1,2,4" -> {1, 2, 4}; errors name the flag.

@@ -231,6 +231,15 @@ int main(int argc, char** argv) {
   salloc->add_option("--n-max", saa.n_max, "largest N searched (default 1e13)");
   salloc->add_option("--N", saa.N, "fix the non-embedding parameters N (choose only P and D)");
 
+  ExportGgufArgs xg;
+  std::string export_format;
+  auto* exp = app.add_subcommand("export", "write a checkpoint in another tool's format (docs/interop.md)");
+  exp->add_option("--ckpt", xg.ckpt, "checkpoint or run folder")->required();
+  exp->add_option("--format", export_format, "gguf: one file for llama.cpp (baselines)")->required()->check(CLI::IsMember({"gguf"}));
+  exp->add_option("--out", xg.out, "output file")->required();
+  exp->add_option("--dtype", xg.dtype, "tensor type: f32 (default), f16, bf16 or q8_0");
+  exp->add_flag("--force", xg.force, "replace an existing --out");
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -281,6 +290,7 @@ int main(int argc, char** argv) {
     if (*sfit) return cmd_scaling_fit(sfa);
     if (*spred) return cmd_scaling_predict(spa);
     if (*salloc) return cmd_scaling_allocate(saa);
+    if (*exp) return cmd_export_gguf(xg);
   } catch (const dlcm::Error& e) {
     return report(e.what(), 2);
   } catch (const std::exception& e) {

@@ -1,0 +1,37 @@
+// `dlcm export --format gguf`: a baseline checkpoint as one GGUF file for llama.cpp.
+#include <filesystem>
+
+#include "core/gguf.h"
+#include "data/gguf_tokenizer.h"
+#include "data/model_loader.h"
+#include "data/tokenizer.h"
+#include "models/gguf_llama.h"
+#include "tools/commands.h"
+
+namespace dlcm {
+
+int cmd_export_gguf(const ExportGgufArgs& a) {
+  namespace fs = std::filesystem;
+  const GgmlType type = parse_ggml_type(a.dtype, "--dtype");
+  std::error_code ec;
+  DLCM_CHECK(!fs::is_directory(a.out, ec), "--out ", a.out,
+             " is a folder; GGUF is one file (e.g. --out model.gguf)");
+  DLCM_CHECK(a.force || !fs::exists(a.out, ec), "--out ", a.out,
+             " exists; pass --force to replace it");
+  std::string dir;
+  auto m = load_model_with_tokenizer(a.ckpt, &dir);
+  auto tok = load_tokenizer(dir);
+  DLCM_CHECK(tok->vocab_size() == m->config().vocab_size, dir, ": the tokenizer has ",
+             tok->vocab_size(), " ids but the model's vocab_size is ", m->config().vocab_size);
+  GgufWriter w;
+  std::string name = fs::path(dir).filename().string();
+  if (name == "checkpoint") name = fs::path(dir).parent_path().filename().string();
+  add_gguf_llama_model(w, m->config(), m->params(), type, name, dir + "/config.json");
+  add_gguf_tokenizer(w, *tok);
+  w.write(a.out);
+  std::fprintf(stderr, "[export] wrote %s (GGUF, llama, %s, %lld MB)\n", a.out.c_str(),
+               ggml_type_name(type), (long long)(fs::file_size(a.out, ec) >> 20));
+  return 0;
+}
+
+}  // namespace dlcm
