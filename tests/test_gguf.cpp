@@ -413,7 +413,7 @@ const Trained& trained() {
         {"head_dim", 32}, {"d_ff", 128}, {"n_layers", 2}, {"max_seq_len", 128}, {"rope_theta", 5000},
         {"norm_eps", 1e-6}, {"logit_mult", 0.5},
         {"train", {{"seq_len", 32}, {"batch_size", 4}, {"steps", 150}, {"lr", 1e-2}, {"warmup_steps", 10},
-                   {"eval_every", 1000}, {"ckpt_every", 1000}, {"log_every", 1000}}}}.dump();
+                   {"eval_every", 1000}, {"ckpt_every", 1000}, {"log_every", 1000}, {"threads", 1}}}}.dump();
     r = test::run_dlcm("train --config " + p + "/cfg.json --data " + p + "/data --out " + p +
                        "/run --quiet --no-final-eval");
     if (r.rc != 0) throw std::runtime_error("train: " + r.out);
@@ -499,7 +499,9 @@ TEST(GgufLlamaCpp, F32LogitsAndGreedyMatchDlcm) {
   EXPECT_EQ(meta["llama"]["attention"]["head_count_kv"], 1);
   const i64 L = i64(ref.row.size());
   const double err = logprob_rel_err(out[1]["logprobs"], ref.logp, L, ref.V);
-  EXPECT_LE(err, 1e-3) << "llama.cpp's log-probs differ from dlcm forward's";
+  std::printf("[gguf] f32: log-prob relative error %.2e over %lld positions\n", err, (long long)L);
+  // The issue asks for 1e-3; with f32 K/V caches llama.cpp agrees to ~1e-6.
+  EXPECT_LE(err, 1e-4) << "llama.cpp's log-probs differ from dlcm forward's";
   // And the model is trained: the memorised sentence is predicted with confidence.
   EXPECT_GT(ref.logp[(L - 1) * ref.V + ref.greedy[0]], std::log(0.5));
   EXPECT_EQ(out[2]["ids"].get<std::vector<i32>>(), ref.greedy);
@@ -529,6 +531,10 @@ TEST(GgufLlamaCpp, HalfPrecisionAndQ8_0Agree) {
     EXPECT_LE(err, rel);
     std::vector<i32> ids = out[j][2]["ids"].get<std::vector<i32>>();
     ASSERT_EQ(ids.size(), 32u);
+    i64 same = 0;
+    while (same < 32 && ids[same] == ref.greedy[same]) ++same;
+    std::printf("[gguf] %s: log-prob relative error %.2e, greedy agrees for %lld of 32 tokens\n", dt, err,
+                (long long)same);
     EXPECT_EQ(std::vector<i32>(ids.begin(), ids.begin() + 8),
               std::vector<i32>(ref.greedy.begin(), ref.greedy.begin() + 8));
   }

@@ -19,7 +19,11 @@ import {getLlama, readGgufFileInfo} from "node-llama-cpp";
 const llama = await getLlama({gpu: false, build: "never", logLevel: "error"});
 
 async function withSequence(model, fn) {
-  const context = await model.createContext({contextSize: 256, batchSize: 256, sequences: 1, threads: 2});
+  const context = await model.createContext({
+    contextSize: 256, batchSize: 256, sequences: 1, threads: 1,
+    // llama.cpp keeps K and V in f16 by default; f32 makes the f32 file an exact comparison.
+    experimentalKvCacheKeyType: "F32", experimentalKvCacheValueType: "F32", flashAttention: false,
+  });
   try {
     return await fn(context.getSequence());
   } finally {
