@@ -9,6 +9,8 @@
 #include <filesystem>
 #include <type_traits>
 
+#include "core/half.h"
+
 namespace dlcm {
 
 namespace {
@@ -25,12 +27,6 @@ enum : uint32_t {
 constexpr uint32_t kVersion = 3;
 constexpr uint32_t kDefaultAlignment = 32;
 constexpr i64 kQ8BlockBytes = 2 + kQ8BlockSize;
-
-uint32_t float_bits(float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, 4);
-  return u;
-}
 
 // Little-endian byte sink over a FILE*, naming the file on errors.
 struct Sink {
@@ -88,48 +84,6 @@ const char* ggml_type_name(GgmlType t) {
   return "?";
 }
 
-uint16_t float_to_half(float x) {
-  const uint32_t u = float_bits(x);
-  const uint16_t sign = uint16_t((u >> 16) & 0x8000u);
-  const uint32_t a = u & 0x7fffffffu;
-  if (a > 0x7f800000u) return sign | 0x7e00u;  // NaN (quiet)
-  if (a >= 0x477ff000u) return sign | 0x7c00u;  // rounds to >= 65536: infinity
-  if (a < 0x38800000u) {
-    // Below the smallest normal half (2^-14): adding 0.5 puts the half subnormal's unit 2^-24
-    // at the float's last mantissa bit, so the FPU rounds to nearest even for us.
-    float y;
-    std::memcpy(&y, &a, 4);
-    y += 0.5f;
-    return sign | uint16_t(float_bits(y) - float_bits(0.5f));
-  }
-  // Normal: rebias the exponent (127 -> 15) and round the 13 dropped bits to nearest even.
-  const uint32_t odd = (a >> 13) & 1u;
-  const uint32_t r = a + ((uint32_t(15 - 127) << 23) + 0xfffu + odd);
-  return sign | uint16_t(r >> 13);
-}
-
-float half_to_float(uint16_t h) {
-  const uint32_t sign = uint32_t(h & 0x8000u) << 16;
-  const uint32_t e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
-  float v;
-  if (e == 0) {
-    v = std::ldexp(float(m), -24);
-  } else if (e == 31) {
-    v = m ? NAN : INFINITY;
-  } else {
-    v = std::ldexp(float(m | 0x400u), int(e) - 25);
-  }
-  uint32_t u = float_bits(v) | sign;
-  std::memcpy(&v, &u, 4);
-  return v;
-}
-
-uint16_t float_to_bf16(float x) {
-  const uint32_t u = float_bits(x);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40u);  // quiet NaN
-  return uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-
 void quantize_q8_0(const float* x, i64 n, std::vector<uint8_t>& out) {
   DLCM_CHECK(n % kQ8BlockSize == 0, "internal: quantize_q8_0 of ", n,
              " values, not a multiple of ", kQ8BlockSize);
@@ -143,7 +97,7 @@ void quantize_q8_0(const float* x, i64 n, std::vector<uint8_t>& out) {
     // rounding, and rounded half away from zero.
     const float d = amax / 127.0f;
     const float id = d != 0.0f ? 1.0f / d : 0.0f;
-    const uint16_t dh = float_to_half(d);
+    const uint16_t dh = f32_to_f16_bits(d);
     std::memcpy(o, &dh, 2);
     for (i64 j = 0; j < kQ8BlockSize; ++j) o[2 + j] = uint8_t(int8_t(std::round(x[b + j] * id)));
   }
@@ -278,8 +232,8 @@ void GgufWriter::write(const std::string& path) const {
       case GgmlType::BF16:
         buf.resize(size_t(n) * 2);
         for (i64 i = 0; i < n; ++i) {
-          const uint16_t h = t.type == GgmlType::F16 ? float_to_half(t.data[i])
-                                                     : float_to_bf16(t.data[i]);
+          const uint16_t h = t.type == GgmlType::F16 ? f32_to_f16_bits(t.data[i])
+                                                     : f32_to_bf16_bits(t.data[i]);
           std::memcpy(buf.data() + 2 * i, &h, 2);
         }
         break;

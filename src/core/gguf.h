@@ -24,11 +24,7 @@ GgmlType parse_ggml_type(const std::string& name, const std::string& flag);
 const char* ggml_type_name(GgmlType t);
 constexpr i64 kQ8BlockSize = 32;  // values per Q8_0 block (2-byte scale + 32 bytes)
 
-// Conversions used for the data (exposed for tests). float_to_half gives infinity for values
-// whose magnitude rounds above 65504 (the writer refuses such tensors); NaN stays NaN.
-uint16_t float_to_half(float x);
-float half_to_float(uint16_t h);
-uint16_t float_to_bf16(float x);
+// F16 and BF16 data come from core/half.h (nearest even). Q8_0:
 // n values (a multiple of 32) -> n / 32 blocks of 34 bytes appended to out.
 void quantize_q8_0(const float* x, i64 n, std::vector<uint8_t>& out);
 

@@ -213,7 +213,9 @@ int cmd_generate(const GenerateArgs& a) {
 
   const bool single = prompts.size() == 1;
   GenerateEvents ev;
-  if (single && concepts) {
+  if (a.ids) {
+    // Ids only, printed below once every prompt is done (comparisons with other tools).
+  } else if (single && concepts) {
     std::printf("%s\n%6s  %-24s %7s  %s\n", prompts[0].c_str(), "token", "text", "p", "concept");
     ev.on_token = [&](i64, i32 id, const TokenConcept* tc) {
       std::string q = quote_piece(tok->decode_piece(id));
@@ -255,6 +257,14 @@ int cmd_generate(const GenerateArgs& a) {
   auto t0 = std::chrono::steady_clock::now();
   auto done = generate(*m, *tok, prompts, o, ev);
   const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  if (a.ids)
+    for (const Completion& c : done) {
+      std::string line;
+      for (i32 id : c.prompt_ids) line += std::to_string(id) + " ";
+      line += "->";
+      for (i32 id : c.ids) line += " " + std::to_string(id);
+      std::printf("%s\n", line.c_str());
+    }
   i64 total = 0;
   for (size_t i = 0; i < done.size(); ++i) {
     total += done[i].ids.size();

@@ -10,8 +10,9 @@
 
 namespace dlcm {
 
-int cmd_export_gguf(const ExportGgufArgs& a) {
+int cmd_export_gguf(const ExportArgs& a) {
   namespace fs = std::filesystem;
+  DLCM_CHECK(a.shard_size.empty(), "--shard-size: a GGUF export is one file; drop the flag");
   const GgmlType type = parse_ggml_type(a.dtype, "--dtype");
   std::error_code ec;
   DLCM_CHECK(!fs::is_directory(a.out, ec), "--out ", a.out,

@@ -52,6 +52,7 @@ int main(int argc, char** argv) {
   gen->add_flag("--show-concepts", ga.show_concepts, "print each generated token's boundary probability and concept index (dlcm)");
   gen->add_flag("--ignore-eos", ga.ignore_eos, "keep generating after the end-of-sequence token");
   gen->add_flag("--quiet", ga.quiet, "no summary line on stderr");
+  gen->add_flag("--ids", ga.ids, "print token ids instead of text: one line per prompt, 'PROMPT_IDS -> COMPLETION_IDS' (BOS included)");
 
   SegmentArgs sa;
   auto* seg = app.add_subcommand("segment", "show a dlcm's concept boundaries on text (terminal colours, --html page)");
@@ -62,6 +63,21 @@ int main(int argc, char** argv) {
   seg->add_option("--target-R", sa.target_R, "find the tau giving this many tokens per concept on the text")->check(CLI::PositiveNumber);
   seg->add_option("--html", sa.html, "write a self-contained HTML page here");
   seg->add_flag("--no-color", sa.no_color, "no ANSI colours (concepts separated by '|')");
+
+  ExportArgs xp;
+  auto* exp = app.add_subcommand("export", "write a checkpoint in another tool's format (--format hf: transformers LlamaForCausalLM; gguf: llama.cpp)");
+  exp->add_option("--ckpt", xp.ckpt, "checkpoint or run folder")->required();
+  exp->add_option("--format", xp.format, "hf or gguf")->required();
+  exp->add_option("--out", xp.out, "output folder (hf) or file (gguf), written atomically")->required();
+  exp->add_option("--dtype", xp.dtype, "weights on disk: f32, bf16 or f16 (default f32); gguf also q8_0");
+  exp->add_option("--shard-size", xp.shard_size, "largest weights file, e.g. 500MB or 2GiB (default 5GB)");
+  exp->add_flag("--force", xp.force, "replace an existing --out");
+  ImportArgs ia;
+  auto* imp = app.add_subcommand("import", "make a checkpoint from another tool's model folder (--format hf: LlamaForCausalLM)");
+  imp->add_option("--format", ia.format, "hf")->required();
+  imp->add_option("--in", ia.in, "model folder (config.json, safetensors weights)")->required();
+  imp->add_option("--out", ia.out, "checkpoint folder to write")->required();
+  imp->add_flag("--force", ia.force, "replace an existing --out checkpoint");
 
   ConfigArgs cf;
   auto* conf = app.add_subcommand("config", "print the resolved config JSON, or list every key (--keys)");
@@ -231,15 +247,6 @@ int main(int argc, char** argv) {
   salloc->add_option("--n-max", saa.n_max, "largest N searched (default 1e13)");
   salloc->add_option("--N", saa.N, "fix the non-embedding parameters N (choose only P and D)");
 
-  ExportGgufArgs xg;
-  std::string export_format;
-  auto* exp = app.add_subcommand("export", "write a checkpoint in another tool's format (docs/interop.md)");
-  exp->add_option("--ckpt", xg.ckpt, "checkpoint or run folder")->required();
-  exp->add_option("--format", export_format, "gguf: one file for llama.cpp (baselines)")->required()->check(CLI::IsMember({"gguf"}));
-  exp->add_option("--out", xg.out, "output file")->required();
-  exp->add_option("--dtype", xg.dtype, "tensor type: f32 (default), f16, bf16 or q8_0");
-  exp->add_flag("--force", xg.force, "replace an existing --out");
-
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -267,6 +274,8 @@ int main(int argc, char** argv) {
     if (*fwd) return cmd_forward(fa);
     if (*gen) return cmd_generate(ga);
     if (*conf) return cmd_config(cf);
+    if (*exp) return cmd_export(xp);
+    if (*imp) return cmd_import(ia);
     if (*flops) return cmd_flops(la);
     if (*plan) return cmd_plan(pl);
     if (*btrain) {
@@ -290,7 +299,6 @@ int main(int argc, char** argv) {
     if (*sfit) return cmd_scaling_fit(sfa);
     if (*spred) return cmd_scaling_predict(spa);
     if (*salloc) return cmd_scaling_allocate(saa);
-    if (*exp) return cmd_export_gguf(xg);
   } catch (const dlcm::Error& e) {
     return report(e.what(), 2);
   } catch (const std::exception& e) {
