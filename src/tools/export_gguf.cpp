@@ -30,8 +30,9 @@ int cmd_export_gguf(const ExportArgs& a) {
   add_gguf_llama_model(w, m->config(), m->params(), type, name, dir + "/config.json");
   add_gguf_tokenizer(w, *tok);
   w.write(a.out);
-  std::fprintf(stderr, "[export] wrote %s (GGUF, llama, %s, %lld MB)\n", a.out.c_str(),
-               ggml_type_name(type), (long long)(fs::file_size(a.out, ec) >> 20));
+  std::fprintf(stderr, "[export] wrote %s (GGUF llama, %s, %.2f MB): llama.cpp runs it, e.g. "
+               "llama-cli -m %s\n", a.out.c_str(), ggml_type_name(type),
+               double(fs::file_size(a.out, ec)) / 1e6, a.out.c_str());
   return 0;
 }
 
