@@ -10,6 +10,7 @@
 #include "core/gguf.h"
 #include "core/half.h"
 #include "core/rng.h"
+#include "data/gguf_tokenizer.h"
 #include "data/model_loader.h"
 #include "data/tokenizer.h"
 #include "infer/generate.h"
@@ -330,6 +331,50 @@ TEST(GgufExport, TensorsAndMetadata) {
   EXPECT_EQ(g.kv["tokenizer.ggml.bos_token_id"], 1);
   EXPECT_EQ(g.kv["tokenizer.ggml.add_bos_token"], true);
   EXPECT_EQ(g.kv["tokenizer.ggml.add_space_prefix"], false);
+}
+
+// The SentencePiece model's piece kinds reach the GGUF token types; "\n" is the one
+// user-defined symbol dlcm's trainer declares (read from the model proto).
+TEST(GgufExport, BpeVocabularyEntries) {
+  std::vector<std::string> docs;
+  for (int i = 0; i < 40; ++i)
+    docs.push_back("the café serves naïve coffee\nat night; 東京 " + std::to_string(i) + "\n");
+  BpeOptions o;
+  o.vocab_size = 360;
+  auto tok = train_bpe(docs, o);
+  std::vector<VocabEntry> e = tok->vocab_entries();
+  ASSERT_EQ(i64(e.size()), tok->vocab_size());
+  using K = VocabEntry::Kind;
+  EXPECT_EQ(e[0].piece, "<pad>");
+  EXPECT_EQ(e[1].kind, K::Control);
+  EXPECT_EQ(e[2].kind, K::Control);
+  EXPECT_EQ(e[3].kind, K::Unknown);
+  const i32 nl = tok->encode("\n").at(0);
+  EXPECT_EQ(e[nl].piece, "\n");
+  EXPECT_EQ(e[nl].kind, K::UserDefined);
+  int user = 0, bytes = 0, merged = 0;
+  for (const VocabEntry& v : e) {
+    user += v.kind == K::UserDefined;
+    bytes += v.kind == K::Byte;
+    merged += v.kind == K::Normal && v.piece.size() > 4;
+  }
+  EXPECT_EQ(user, 1);
+  EXPECT_EQ(bytes, 256);
+  EXPECT_GT(merged, 5);
+  const i32 serves = tok->encode(" serves").at(0);
+  EXPECT_EQ(e[serves].piece, "\xE2\x96\x81serves");
+  EXPECT_LT(e[serves].score, 0.0f);  // BPE: merge rank as a negative score
+
+  test::TempDir tmp;
+  GgufWriter w;
+  add_gguf_tokenizer(w, *tok);
+  w.write(tmp.path + "/t.gguf");
+  ParsedGguf g = parse_gguf(tmp.path + "/t.gguf");
+  EXPECT_EQ(g.kv["tokenizer.ggml.token_type"][nl], 4);
+  EXPECT_EQ(g.kv["tokenizer.ggml.token_type"][serves], 1);
+  EXPECT_EQ(g.kv["tokenizer.ggml.tokens"][serves], e[serves].piece);
+  EXPECT_EQ(g.kv["tokenizer.ggml.scores"][serves], double(e[serves].score));
+  EXPECT_EQ(g.kv["tokenizer.ggml.tokens"].size(), e.size());
 }
 
 // ---- llama.cpp itself ----

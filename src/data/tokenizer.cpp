@@ -125,12 +125,14 @@ std::vector<uint8_t> user_defined_pieces(std::string_view proto, int n, const st
   };
   // Skips a field of wire type wt at s[i].
   auto skip = [&](std::string_view s, size_t& i, uint64_t wt) {
+    uint64_t n = 0;
     if (wt == 0) varint(s, i);
-    else if (wt == 1) i += 8;
-    else if (wt == 5) i += 4;
-    else if (wt == 2) i += size_t(varint(s, i));
+    else if (wt == 1) n = 8;
+    else if (wt == 5) n = 4;
+    else if (wt == 2) n = varint(s, i);
     else fail(where, ": unsupported protobuf wire type ", wt, " in the SentencePiece model");
-    DLCM_CHECK(i <= s.size(), where, ": truncated SentencePiece model");
+    DLCM_CHECK(n <= s.size() - i, where, ": truncated SentencePiece model");
+    i += size_t(n);
   };
   std::vector<uint8_t> ud;
   while (p < proto.size()) {
