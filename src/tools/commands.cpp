@@ -44,7 +44,18 @@ int cmd_train(const TrainArgs& a) {
              "--overwrite starts it over; give one of them");
   std::vector<std::string> sets = a.sets;
   if (a.steps >= 0) sets.push_back("train.steps=" + std::to_string(a.steps));
-  Config cfg = config_with_overrides(a.config, sets);
+  DLCM_CHECK(!a.config.empty() || !a.init_from.empty(), "train: --config is required (or "
+             "--init-from CKPT alone, whose config.json then stands in for it)");
+  Config cfg;
+  if (a.config.empty()) {
+    // Fine-tuning with the checkpoint's own settings (model and training keys), --set on top.
+    const std::string dir = resolve_checkpoint(a.init_from);
+    json j = config_to_json(load_checkpoint_config(dir));
+    apply_overrides(j, sets);
+    cfg = config_from_json(j, (fs::path(dir) / "config.json").string());
+  } else {
+    cfg = config_with_overrides(a.config, sets);
+  }
   // On --resume the Trainer checks that the model keys equal the checkpoint's (training keys
   // may change, so a run can be extended with --steps).
   TrainData data = open_train_data(a.data, cfg);

@@ -16,14 +16,14 @@ int main(int argc, char** argv) {
 
   TrainArgs ta;
   auto* train = app.add_subcommand("train", "train a model from a config on prepared data");
-  train->add_option("--config", ta.config, "model/training config JSON (e.g. configs/baseline-small.json)")->required();
+  train->add_option("--config", ta.config, "model/training config JSON (e.g. configs/baseline-small.json); optional with --init-from");
   train->add_option("--data", ta.data, "folder written by 'dlcm prepare'")->required();
   train->add_option("--out", ta.out, "run folder: train_log.jsonl and checkpoint/")->required();
   train->add_option("--steps", ta.steps, "optimizer steps (overrides train.steps)");
   train->add_option("--set", ta.sets, "override a config key: key=value (repeatable)");
   train->add_flag("--resume", ta.resume, "continue the run in --out from its checkpoint");
   train->add_flag("--overwrite", ta.overwrite, "start over in an --out that already holds a run (replaces its checkpoint and log)");
-  train->add_option("--init-from", ta.init_from, "start from the weights of this checkpoint");
+  train->add_option("--init-from", ta.init_from, "start from the weights of this checkpoint (fresh optimizer; same architecture; without --config its config is used)");
   train->add_flag("--quiet", ta.quiet, "no progress output");
   train->add_flag("--concept-usage", ta.concept_usage,
                   "dlcm: concept-usage diagnostics on the eval batches at every logged eval (docs/dlcm.md)");
