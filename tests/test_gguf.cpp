@@ -158,6 +158,9 @@ TEST(Gguf, FileLayout) {
   w.add_tensor("m.q8", {3, 64}, m, GgmlType::Q8_0);
   EXPECT_THROW(w.add_tensor("bad.q8", {64, 3}, m, GgmlType::Q8_0), Error);  // rows of 3
   EXPECT_THROW(w.add_tensor("bad.f16", {1}, {70000.0f}, GgmlType::F16), Error);
+  std::vector<float> big(32, 1.0f);
+  big[5] = 1e7f;  // scale 1e7 / 127 beyond f16
+  EXPECT_THROW(w.add_tensor("bad.q8", {1, 32}, big, GgmlType::Q8_0), Error);
   EXPECT_THROW(w.add_tensor("bad.nan", {1}, {NAN}, GgmlType::F32), Error);
   const std::string path = tmp.path + "/t.gguf";
   w.write(path);
@@ -367,14 +370,18 @@ TEST(GgufExport, BpeVocabularyEntries) {
 
   test::TempDir tmp;
   GgufWriter w;
-  add_gguf_tokenizer(w, *tok);
+  add_gguf_tokenizer(w, *tok, tok->vocab_size() + 2);
   w.write(tmp.path + "/t.gguf");
   ParsedGguf g = parse_gguf(tmp.path + "/t.gguf");
   EXPECT_EQ(g.kv["tokenizer.ggml.token_type"][nl], 4);
   EXPECT_EQ(g.kv["tokenizer.ggml.token_type"][serves], 1);
   EXPECT_EQ(g.kv["tokenizer.ggml.tokens"][serves], e[serves].piece);
   EXPECT_EQ(g.kv["tokenizer.ggml.scores"][serves], double(e[serves].score));
-  EXPECT_EQ(g.kv["tokenizer.ggml.tokens"].size(), e.size());
+  ASSERT_EQ(g.kv["tokenizer.ggml.tokens"].size(), e.size() + 2);  // padded to the model's rows
+  EXPECT_EQ(g.kv["tokenizer.ggml.tokens"][e.size() + 1], "<unused_1>");
+  EXPECT_EQ(g.kv["tokenizer.ggml.token_type"][e.size() + 1], 5);
+  GgufWriter small;
+  EXPECT_THROW(add_gguf_tokenizer(small, *tok, tok->vocab_size() - 1), Error);
 }
 
 // ---- llama.cpp itself ----
@@ -599,11 +606,12 @@ TEST(GgufLlamaCpp, BpeTokenizerMatchesDlcm) {
   check_tokenizer(trained().ckpt, trained().gguf("f32"), tmp.path);
 }
 
+// Also a model with more embedding rows than tokenizer ids (padded with unused pieces).
 TEST(GgufLlamaCpp, BytesTokenizerMatchesDlcm) {
   REQUIRE_LLAMA_CPP();
   test::TempDir tmp;
   Config c = test::tiny_baseline(false);
-  c.model.vocab_size = 260;
+  c.model.vocab_size = 264;
   c.model.max_seq_len = 128;
   auto m = make_initialised_model(c.model, 5);
   test::save_model_only(tmp.path + "/ck", c, m->params());

@@ -139,10 +139,11 @@ void GgufWriter::add_tensor(const std::string& name, std::vector<i64> shape,
   const i64 bad = first_nonfinite(data.data(), n);
   DLCM_CHECK(bad < 0, "tensor '", name, "' has a non-finite value at element ", bad,
              " (a diverged checkpoint?)");
-  if (type == GgmlType::F16)
-    for (i64 i = 0; i < n; ++i)
-      DLCM_CHECK(std::fabs(data[i]) < 65520.0f, "tensor '", name, "': value ", data[i],
-                 " at element ", i, " is outside the f16 range (|x| <= 65504); use --dtype bf16 or f32");
+  // F16 values, and Q8_0 scales max|x| / 127, must fit in f16.
+  const float limit = type == GgmlType::F16 ? 65520.0f : type == GgmlType::Q8_0 ? 65520.0f * 127 : INFINITY;
+  for (i64 i = 0; i < n; ++i)
+    DLCM_CHECK(std::fabs(data[i]) < limit, "tensor '", name, "': value ", data[i], " at element ", i,
+               " is too large for ", ggml_type_name(type), " (f16 range); use --dtype bf16 or f32");
   tensors_.push_back({name, std::move(shape), std::move(data), type});
 }
 

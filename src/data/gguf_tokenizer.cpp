@@ -16,10 +16,13 @@ int32_t gguf_token_type(VocabEntry::Kind k) {
 }
 }  // namespace
 
-void add_gguf_tokenizer(GgufWriter& w, const Tokenizer& tok) {
+void add_gguf_tokenizer(GgufWriter& w, const Tokenizer& tok, i64 n_vocab) {
   std::vector<VocabEntry> entries = tok.vocab_entries();
   DLCM_CHECK(i64(entries.size()) == tok.vocab_size(), "internal: tokenizer lists ", entries.size(),
              " entries for a vocabulary of ", tok.vocab_size());
+  DLCM_CHECK(n_vocab >= tok.vocab_size(), "the tokenizer has ", tok.vocab_size(),
+             " ids but the model's vocab_size is only ", n_vocab,
+             "; is this the tokenizer the model was trained with?");
   if (tok.kind() == "bytes") {
     VocabEntry& space = entries[size_t(tok.encode(" ")[0])];
     space = {"\xE2\x96\x81", 0, VocabEntry::Kind::Normal};
@@ -31,6 +34,11 @@ void add_gguf_tokenizer(GgufWriter& w, const Tokenizer& tok) {
     pieces.push_back(std::move(e.piece));
     scores.push_back(e.score);
     types.push_back(gguf_token_type(e.kind));
+  }
+  for (i64 id = tok.vocab_size(); id < n_vocab; ++id) {
+    pieces.push_back("<unused_" + std::to_string(id - tok.vocab_size()) + ">");
+    scores.push_back(0);
+    types.push_back(5);  // llama.cpp's UNUSED
   }
   w.set_string("tokenizer.ggml.model", "llama");
   w.set_strings("tokenizer.ggml.tokens", std::move(pieces));

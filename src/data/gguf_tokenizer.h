@@ -14,6 +14,8 @@
 
 namespace dlcm {
 
-void add_gguf_tokenizer(GgufWriter& w, const Tokenizer& tok);
+// n_vocab: the model's vocabulary (>= the tokenizer's); ids past the tokenizer's are written as
+// unused pieces "<unused_K>" (type 5), since llama.cpp wants one piece per row of the embedding.
+void add_gguf_tokenizer(GgufWriter& w, const Tokenizer& tok, i64 n_vocab);
 
 }  // namespace dlcm

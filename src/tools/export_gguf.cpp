@@ -21,14 +21,14 @@ int cmd_export_gguf(const ExportArgs& a) {
              " exists; pass --force to replace it");
   std::string dir;
   auto m = load_model_with_tokenizer(a.ckpt, &dir);
+  DLCM_CHECK(!tokenizer_files(dir).empty(), dir, ": no tokenizer files; a GGUF file carries "
+             "its tokenizer, so copy the tokenizer the model was trained with into the checkpoint");
   auto tok = load_tokenizer(dir);
-  DLCM_CHECK(tok->vocab_size() == m->config().vocab_size, dir, ": the tokenizer has ",
-             tok->vocab_size(), " ids but the model's vocab_size is ", m->config().vocab_size);
   GgufWriter w;
   std::string name = fs::path(dir).filename().string();
   if (name == "checkpoint") name = fs::path(dir).parent_path().filename().string();
   add_gguf_llama_model(w, m->config(), m->params(), type, name, dir + "/config.json");
-  add_gguf_tokenizer(w, *tok);
+  add_gguf_tokenizer(w, *tok, m->config().vocab_size);
   w.write(a.out);
   std::fprintf(stderr, "[export] wrote %s (GGUF llama, %s, %.2f MB): llama.cpp runs it, e.g. "
                "llama-cli -m %s\n", a.out.c_str(), ggml_type_name(type),
