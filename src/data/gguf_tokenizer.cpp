@@ -18,6 +18,8 @@ int32_t gguf_token_type(VocabEntry::Kind k) {
 
 void add_gguf_tokenizer(GgufWriter& w, const Tokenizer& tok, i64 n_vocab) {
   std::vector<VocabEntry> entries = tok.vocab_entries();
+  DLCM_CHECK(!entries.empty(), "GGUF export writes dlcm's own tokenizers (bpe, bytes), not a \"",
+             tok.kind(), "\" tokenizer");
   DLCM_CHECK(i64(entries.size()) == tok.vocab_size(), "internal: tokenizer lists ", entries.size(),
              " entries for a vocabulary of ", tok.vocab_size());
   DLCM_CHECK(n_vocab >= tok.vocab_size(), "the tokenizer has ", tok.vocab_size(),

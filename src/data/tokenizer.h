@@ -49,8 +49,8 @@ class Tokenizer {
   // Raw bytes of one token, for streaming output ("" for specials).
   virtual std::string decode_piece(int32_t id) const = 0;
   // Every id's entry, in id order. bytes: the specials ("<pad>", "<s>", "</s>", "<unk>"),
-  // then byte b as the byte piece "<0xBB>".
-  virtual std::vector<VocabEntry> vocab_entries() const = 0;
+  // then byte b as the byte piece "<0xBB>". Empty for a kind that has no such description.
+  virtual std::vector<VocabEntry> vocab_entries() const { return {}; }
   // Writes tokenizer.json (and tokenizer.model for bpe) into dir (which must exist).
   virtual void save(const std::string& dir) const = 0;
 
