@@ -39,6 +39,17 @@ if ! cmp -s python/requirements.txt "$VENV/.requirements.installed"; then
   cp python/requirements.txt "$VENV/.requirements.installed"
 fi
 
+# llama.cpp for the GGUF checks (tests/test_gguf.cpp): node-llama-cpp's prebuilt CPU binaries,
+# pinned by tests/interop/package-lock.json (about 85 MB, seconds to install; no build from
+# source: --ignore-scripts skips its postinstall, --omit=optional the GPU and other-OS builds).
+# Re-installs only when the lock file changed since the last successful install.
+NODE_DIR=tests/interop
+if ! cmp -s "$NODE_DIR/package-lock.json" "$NODE_DIR/node_modules/.dlcm-installed-lock"; then
+  echo "[setup] npm ci in $NODE_DIR (node-llama-cpp)"
+  npm ci --prefix "$NODE_DIR" --omit=optional --ignore-scripts --no-audit --no-fund --loglevel=error
+  cp "$NODE_DIR/package-lock.json" "$NODE_DIR/node_modules/.dlcm-installed-lock"
+fi
+
 BUILD=${BUILD_DIR:-build}
 launcher=()
 command -v ccache >/dev/null 2>&1 && launcher=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache)

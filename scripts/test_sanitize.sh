@@ -2,12 +2,13 @@
 # The tests that read external input or manage files, built with gcc under AddressSanitizer +
 # UBSan (build-asan/) and run: safetensors/config/checkpoint I/O (test_io), data preparation,
 # shards and tokenizers (test_data), run folders, non-finite guard and fault tests
-# (test_reliability), benchmark files (test_eval's task readers). Only these targets are built
+# (test_reliability), benchmark files (test_eval's task readers), the GGUF writer and export
+# (test_gguf, without the llama.cpp runs). Only these targets are built
 # (the library is compiled once, -O1). scripts/test.sh runs it after the main suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 B=${ASAN_BUILD_DIR:-build-asan}
-targets=(test_io test_data test_reliability test_eval)
+targets=(test_io test_data test_reliability test_eval test_gguf)
 [[ -f tests/test_config.cpp ]] && targets+=(test_config)
 launcher=()
 command -v ccache >/dev/null 2>&1 && launcher=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache)
@@ -19,8 +20,15 @@ cmake --build "$B" -j"${JOBS:-$(nproc)}" --target dlcm "${targets[@]}"
 # oneDNN and OpenMP keep per-process caches until exit: not leaks of ours.
 export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=0:abort_on_error=1:strict_string_checks=1}
 export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
-# test_eval: the task readers only (its model-scoring tests add nothing under sanitizers).
-filter_for() { [[ "$1" == test_eval ]] && echo "--gtest_filter=EvalTasks.*" || echo ""; }
+# test_eval: the task readers only (its model-scoring tests add nothing under sanitizers);
+# test_gguf: not the llama.cpp runs (node and llama.cpp are not ours to sanitize).
+filter_for() {
+  case "$1" in
+    test_eval) echo "--gtest_filter=EvalTasks.*" ;;
+    test_gguf) echo "--gtest_filter=Gguf.*:GgufExport.*" ;;
+    *) echo "" ;;
+  esac
+}
 for t in "${targets[@]}"; do
   echo "[sanitize] $t"
   OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} "$B/$t" --gtest_brief=1 $(filter_for "$t")

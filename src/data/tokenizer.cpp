@@ -92,12 +92,71 @@ class ByteTokenizer final : public Tokenizer {
                " outside the vocabulary [0, ", vocab_size(), ")");
     return id >= kOffset ? std::string(1, char(id - kOffset)) : std::string();
   }
+  std::vector<VocabEntry> vocab_entries() const override {
+    using K = VocabEntry::Kind;
+    std::vector<VocabEntry> v = {
+        {"<pad>", 0, K::Control}, {"<s>", 0, K::Control}, {"</s>", 0, K::Control}, {"<unk>", 0, K::Unknown}};
+    static const char* hex = "0123456789ABCDEF";
+    for (int b = 0; b < 256; ++b)
+      v.push_back({std::string("<0x") + hex[b >> 4] + hex[b & 15] + ">", 0, K::Byte});
+    return v;
+  }
   void save(const std::string& dir) const override {
     json j = base_json(*this, special_);
     j["byte_offset"] = kOffset;
     write_file((fs::path(dir) / kTokenizerJson).string(), j.dump(2) + "\n");
   }
 };
+
+// Which pieces of a serialized SentencePiece ModelProto are USER_DEFINED (the processor's API
+// has no such query and the proto's generated header is not installed). The proto's field 1 is
+// the repeated piece message, whose field 3 is the type (USER_DEFINED = 4).
+std::vector<uint8_t> user_defined_pieces(std::string_view proto, int n, const std::string& where) {
+  size_t p = 0;
+  auto varint = [&](std::string_view s, size_t& i) {
+    uint64_t v = 0;
+    for (int shift = 0; shift < 64; shift += 7) {
+      DLCM_CHECK(i < s.size(), where, ": truncated SentencePiece model");
+      const uint8_t c = uint8_t(s[i++]);
+      v |= uint64_t(c & 0x7f) << shift;
+      if (!(c & 0x80)) return v;
+    }
+    fail(where, ": malformed varint in the SentencePiece model");
+  };
+  // Skips a field of wire type wt at s[i].
+  auto skip = [&](std::string_view s, size_t& i, uint64_t wt) {
+    uint64_t n = 0;
+    if (wt == 0) varint(s, i);
+    else if (wt == 1) n = 8;
+    else if (wt == 5) n = 4;
+    else if (wt == 2) n = varint(s, i);
+    else fail(where, ": unsupported protobuf wire type ", wt, " in the SentencePiece model");
+    DLCM_CHECK(n <= s.size() - i, where, ": truncated SentencePiece model");
+    i += size_t(n);
+  };
+  std::vector<uint8_t> ud;
+  while (p < proto.size()) {
+    const uint64_t key = varint(proto, p);
+    if (key >> 3 != 1 || (key & 7) != 2) {
+      skip(proto, p, key & 7);
+      continue;
+    }
+    const uint64_t len = varint(proto, p);
+    DLCM_CHECK(len <= proto.size() - p, where, ": truncated SentencePiece model");
+    std::string_view piece = proto.substr(p, size_t(len));
+    p += size_t(len);
+    uint64_t type = 1;  // NORMAL when absent
+    for (size_t i = 0; i < piece.size();) {
+      const uint64_t k = varint(piece, i);
+      if (k >> 3 == 3 && (k & 7) == 0) type = varint(piece, i);
+      else skip(piece, i, k & 7);
+    }
+    ud.push_back(type == 4);
+  }
+  DLCM_CHECK(int(ud.size()) == n, where, ": the SentencePiece model lists ", ud.size(),
+             " pieces, the processor ", n);
+  return ud;
+}
 
 // ---------------------------------------------------------------------------------------------
 class BpeTokenizer final : public Tokenizer {
@@ -114,6 +173,7 @@ class BpeTokenizer final : public Tokenizer {
                where, ": expected special ids pad=0 bos=1 eos=2 unk=3, model has pad=",
                special_.pad, " bos=", special_.bos, " eos=", special_.eos, " unk=", special_.unk);
     const int n = sp_.GetPieceSize();
+    user_defined_ = user_defined_pieces(model_, n, where);
     pieces_.resize(n);
     for (int i = 0; i < n; ++i) {
       if (sp_.IsControl(i) || sp_.IsUnknown(i)) continue;
@@ -177,6 +237,20 @@ class BpeTokenizer final : public Tokenizer {
                " outside the vocabulary [0, ", vocab_size(), ")");
     return pieces_[id];
   }
+  std::vector<VocabEntry> vocab_entries() const override {
+    using K = VocabEntry::Kind;
+    std::vector<VocabEntry> v(pieces_.size());
+    for (int i = 0; i < int(v.size()); ++i) {
+      v[i].piece = sp_.IdToPiece(i);
+      v[i].score = sp_.GetScore(i);
+      v[i].kind = sp_.IsUnknown(i)   ? K::Unknown
+                  : sp_.IsControl(i) ? K::Control
+                  : sp_.IsByte(i)    ? K::Byte
+                  : user_defined_[i] ? K::UserDefined
+                                     : K::Normal;
+    }
+    return v;
+  }
   void save(const std::string& dir) const override {
     write_file((fs::path(dir) / kTokenizerModel).string(), model_);
     json j = base_json(*this, special_);
@@ -192,6 +266,7 @@ class BpeTokenizer final : public Tokenizer {
   std::string model_;
   sentencepiece::SentencePieceProcessor sp_;
   std::vector<std::string> pieces_;
+  std::vector<uint8_t> user_defined_;  // per id: a user-defined symbol ("\n")
 };
 
 // Feeds the training sample to SentencePiece from memory.

@@ -27,6 +27,16 @@ struct SpecialIds {
   int32_t pad = 0, bos = 1, eos = 2, unk = 3;
 };
 
+// One vocabulary entry as SentencePiece describes it, for writing the tokenizer into other
+// formats (GGUF): the piece text (spaces as U+2581, byte pieces "<0xAB>", specials "<s>"...),
+// its score (BPE: higher merges first) and its kind.
+struct VocabEntry {
+  enum class Kind { Normal, Unknown, Control, UserDefined, Byte };
+  std::string piece;
+  float score = 0;
+  Kind kind = Kind::Normal;
+};
+
 class Tokenizer {
  public:
   virtual ~Tokenizer() = default;
@@ -38,6 +48,9 @@ class Tokenizer {
   virtual std::string decode(const std::vector<int32_t>& ids) const = 0;
   // Raw bytes of one token, for streaming output ("" for specials).
   virtual std::string decode_piece(int32_t id) const = 0;
+  // Every id's entry, in id order. bytes: the specials ("<pad>", "<s>", "</s>", "<unk>"),
+  // then byte b as the byte piece "<0xBB>". Empty for a kind that has no such description.
+  virtual std::vector<VocabEntry> vocab_entries() const { return {}; }
   // Writes tokenizer.json (and tokenizer.model for bpe) into dir (which must exist).
   virtual void save(const std::string& dir) const = 0;
 

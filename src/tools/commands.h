@@ -220,6 +220,9 @@ struct ExportArgs {
   bool force = false;
 };
 int cmd_export(const ExportArgs& a);
+// `--format gguf` (tools/export_gguf.cpp, docs/interop.md): a baseline as one GGUF file for
+// llama.cpp at --out; dtype f32, f16, bf16 or q8_0; no shards.
+int cmd_export_gguf(const ExportArgs& a);
 
 // `dlcm import --format hf --in DIR --out CKPT`: a transformers LlamaForCausalLM folder as a
 // dlcm baseline checkpoint.

@@ -47,7 +47,8 @@ int export_hf(const ExportArgs& a, const std::string& dir, const Config& cfg) {
 }  // namespace
 
 int cmd_export(const ExportArgs& a) {
-  DLCM_CHECK(a.format == "hf", "--format: expected hf, got '", a.format, "'");
+  if (a.format == "gguf") return cmd_export_gguf(a);
+  DLCM_CHECK(a.format == "hf", "--format: expected hf or gguf, got '", a.format, "'");
   const std::string dir = resolve_checkpoint(a.ckpt);
   const Config cfg = load_checkpoint_config(dir);
   return export_hf(a, dir, cfg);

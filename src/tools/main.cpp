@@ -65,11 +65,11 @@ int main(int argc, char** argv) {
   seg->add_flag("--no-color", sa.no_color, "no ANSI colours (concepts separated by '|')");
 
   ExportArgs xp;
-  auto* exp = app.add_subcommand("export", "write a checkpoint in another tool's format (--format hf: transformers LlamaForCausalLM)");
+  auto* exp = app.add_subcommand("export", "write a checkpoint in another tool's format (--format hf: transformers LlamaForCausalLM; gguf: llama.cpp)");
   exp->add_option("--ckpt", xp.ckpt, "checkpoint or run folder")->required();
-  exp->add_option("--format", xp.format, "hf")->required();
-  exp->add_option("--out", xp.out, "output folder (written atomically)")->required();
-  exp->add_option("--dtype", xp.dtype, "weights on disk: f32, bf16 or f16 (default f32)");
+  exp->add_option("--format", xp.format, "hf or gguf")->required();
+  exp->add_option("--out", xp.out, "output folder (hf) or file (gguf), written atomically")->required();
+  exp->add_option("--dtype", xp.dtype, "weights on disk: f32, bf16 or f16 (default f32); gguf also q8_0");
   exp->add_option("--shard-size", xp.shard_size, "largest weights file, e.g. 500MB or 2GiB (default 5GB)");
   exp->add_flag("--force", xp.force, "replace an existing --out");
   ImportArgs ia;
