@@ -231,6 +231,8 @@ int main(int argc, char** argv) {
   salloc->add_option("--n-max", saa.n_max, "largest N searched (default 1e13)");
   salloc->add_option("--N", saa.N, "fix the non-embedding parameters N (choose only P and D)");
 
+  auto run_tokenizer = add_tokenizer_commands(app);
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -281,6 +283,7 @@ int main(int argc, char** argv) {
     if (*sfit) return cmd_scaling_fit(sfa);
     if (*spred) return cmd_scaling_predict(spa);
     if (*salloc) return cmd_scaling_allocate(saa);
+    if (int rc = run_tokenizer(); rc >= 0) return rc;
   } catch (const dlcm::Error& e) {
     return report(e.what(), 2);
   } catch (const std::exception& e) {
