@@ -34,11 +34,11 @@ int run_encode(const TokArgs& a) {
   nlohmann::json out;
   if (a.lines) {
     out = nlohmann::json::array();
-    size_t i = 0;
-    while (i < text.size()) {
-      size_t e = text.find('\n', i);
-      if (e == std::string::npos) e = text.size();
-      out.push_back(tok->encode(std::string_view(text).substr(i, e - i)));
+    // n newlines make n + 1 lines (the last one possibly empty).
+    for (size_t i = 0;;) {
+      const size_t e = text.find('\n', i);
+      out.push_back(tok->encode(std::string_view(text).substr(i, e == std::string::npos ? e : e - i)));
+      if (e == std::string::npos) break;
       i = e + 1;
     }
   } else {
@@ -94,7 +94,7 @@ std::function<int()> add_tokenizer_commands(CLI::App& app) {
   enc->add_option("--dir", a->dir, "folder with the tokenizer (checkpoint, prepared data, HF tokenizer folder)")->required();
   enc->add_option("--text", a->text, "text to encode");
   enc->add_option("--file", a->file, "file to encode");
-  enc->add_flag("--lines", a->lines, "encode each line separately (without its newline): a JSON array per line");
+  enc->add_flag("--lines", a->lines, "encode each line (split at \\n, without it) separately: a JSON array per line");
   auto* dec = t->add_subcommand("decode", "print the text of token ids");
   dec->add_option("--dir", a->dir, "folder with the tokenizer")->required();
   dec->add_option("--ids", a->ids, "ids separated by commas or spaces")->required();
