@@ -13,7 +13,7 @@
 // Split: a document is validation when a 64-bit hash of its text falls below val_fraction
 // (deterministic by document, independent of order and of the tokenizer); at least one
 // document goes to each side.
-// Outputs in out_dir: tokenizer.json (+ tokenizer.model), train.bin, val.bin (see shards.h;
+// Outputs in out_dir: dlcm_tokenizer.json (+ tokenizer.model), train.bin, val.bin (see shards.h;
 // every document starts with BOS), meta.json, and val_sources.json: {"sources": [names],
 // "documents": [source index of each validation document, in val.bin order]}.
 #pragma once
