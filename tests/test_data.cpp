@@ -332,6 +332,11 @@ TEST(HfTokenizer, UnsupportedPartsAreRefusedByName) {
        "ByteLevel must be used by both"},
       {with("<|endoftext|>", "<|eot|>"), "no end-of-sequence token"},
       {"[" + std::string(40, '[') + std::string(41, ']'), "nested deeper than 32"},
+      {with(R"("normalizer": null)",
+            R"("normalizer": {"type": "Replace", "pattern": {"String": "a"}, "content": ")" +
+                std::string(65, 'x') + "\"}"),
+       "field \"normalizer.content\" is longer than 64 bytes"},
+      {with(R"("c": 2)", R"("c": 2097152)"), "field \"model.vocab[\"c\"]\" must be an integer id in [0, 2097151]"},
       {R"({"model": 3})", "field \"model\" must be an object"},
       {"{}", "field \"model\" is missing"},
   };

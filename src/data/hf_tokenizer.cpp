@@ -24,7 +24,12 @@ namespace {
 // Real tokenizer.json files reach ~10 MB (128k-token vocabularies) and nest about 6 levels.
 constexpr size_t kMaxJsonBytes = size_t(64) << 20;
 constexpr int kMaxJsonDepth = 32;
-constexpr int32_t kMaxId = (1 << 24) - 1;
+// Ids up to 2^21 - 1 (the largest real vocabularies have ~256k tokens): the per-id tables of
+// a hostile file stay small.
+constexpr int32_t kMaxId = (1 << 21) - 1;
+// Normalizer and decoder strings ("▁", " "): a long replacement would let a small text expand
+// without bound.
+constexpr size_t kMaxRuleBytes = 64;
 const std::string kSpMeta = "\xE2\x96\x81";  // U+2581, SentencePiece's whitespace marker
 
 // ---------------------------------------------------------------------------------- UTF-8
@@ -250,7 +255,14 @@ struct Reader {
         p["String"].get<std::string>().empty())
       bad(where + "pattern", "must be {\"String\": \"...\"} (regex patterns are not supported), got " +
                                  json_excerpt(p));
-    return p["String"].get<std::string>();
+    return rule(p, "String", where + "pattern.");
+  }
+  // A normalizer/decoder string: at most kMaxRuleBytes.
+  std::string rule(const json& o, const char* key, const std::string& where) const {
+    std::string s = str(o, key, where);
+    if (s.size() > kMaxRuleBytes)
+      bad(where + key, "is longer than " + std::to_string(kMaxRuleBytes) + " bytes");
+    return s;
   }
 };
 
@@ -292,6 +304,13 @@ struct AddedToken {
   std::string content;
   std::string match;  // what is searched for: content, normalized when `normalized`
   bool lstrip = false, rstrip = false, normalized = false, special = false;
+};
+
+// Added tokens by their first byte, longest first (the first hit at a position is the
+// leftmost-longest match).
+struct AddedIndex {
+  std::vector<const AddedToken*> by_byte[256];
+  bool empty = true;
 };
 
 struct NormOp {
@@ -344,8 +363,7 @@ class HfTokenizer final : public Tokenizer {
   // Splits text at the added tokens of `list`; calls seg(begin, end) for text between matches
   // and tok(id) for each match, in order.
   template <class Seg, class Tok>
-  void split_added(std::string_view s, const std::vector<const AddedToken*>& list, Seg seg,
-                   Tok tok) const;
+  void split_added(std::string_view s, const AddedIndex& ix, Seg seg, Tok tok) const;
   std::string normalize(std::string_view s) const {
     std::string n(s);
     for (const NormOp& op : norm_) {
@@ -373,7 +391,7 @@ class HfTokenizer final : public Tokenizer {
   std::string meta_rep_ = kSpMeta;
   std::vector<DecStep> dec_;
   std::vector<AddedToken> added_;
-  std::vector<const AddedToken*> raw_added_, norm_added_;  // matched before / after normalizing
+  AddedIndex raw_added_, norm_added_;  // matched before / after normalizing
   // Word -> ids for short words, shared by the threads that encode (prepare runs many).
   mutable std::shared_mutex cache_mu_;
   mutable std::unordered_map<std::string, std::vector<int32_t>> cache_;
@@ -428,13 +446,16 @@ HfTokenizer::HfTokenizer(const std::string& dir) {
   // in the raw text first.
   for (auto& t : added_) {
     t.match = t.normalized ? normalize(t.content) : t.content;
-    (t.normalized ? norm_added_ : raw_added_).push_back(&t);
+    if (t.match.empty()) continue;  // normalized away: it never matches
+    AddedIndex& ix = t.normalized ? norm_added_ : raw_added_;
+    ix.by_byte[uint8_t(t.match[0])].push_back(&t);
+    ix.empty = false;
   }
-  // Longest first, so the first hit at a position is the leftmost-longest match.
-  for (auto* l : {&raw_added_, &norm_added_})
-    std::stable_sort(l->begin(), l->end(), [](const AddedToken* a, const AddedToken* b) {
-      return a->match.size() > b->match.size();
-    });
+  for (auto* ix : {&raw_added_, &norm_added_})
+    for (auto& l : ix->by_byte)
+      std::stable_sort(l.begin(), l.end(), [](const AddedToken* a, const AddedToken* b) {
+        return a->match.size() > b->match.size();
+      });
   if (const json* p = r.opt(j, "pre_tokenizer")) parse_pre_tokenizer(r, *p, "pre_tokenizer.");
   if (const json* d = r.opt(j, "decoder")) parse_decoder(r, *d, "decoder.");
   const bool byte_level_dec =
@@ -549,9 +570,9 @@ void HfTokenizer::parse_normalizer(const Reader& r, const json& n, const std::st
     for (size_t i = 0; i < list.size(); ++i)
       parse_normalizer(r, list[i], where + "normalizers[" + std::to_string(i) + "].");
   } else if (t == "Prepend") {
-    norm_.push_back({true, r.str(n, "prepend", where), ""});
+    norm_.push_back({true, r.rule(n, "prepend", where), ""});
   } else if (t == "Replace") {
-    norm_.push_back({false, r.pattern(n, where), r.str(n, "content", where)});
+    norm_.push_back({false, r.pattern(n, where), r.rule(n, "content", where)});
   } else {
     r.bad(where + "type", "\"" + t + "\" is not supported (normalizers: Sequence, Prepend, Replace)");
   }
@@ -603,7 +624,7 @@ void HfTokenizer::parse_decoder(const Reader& r, const json& d, const std::strin
   } else if (t == "Replace") {
     s.kind = DecStep::Replace;
     s.a = r.pattern(d, where);
-    s.b = r.str(d, "content", where);
+    s.b = r.rule(d, "content", where);
   } else if (t == "ByteFallback") {
     s.kind = DecStep::ByteFallback;
   } else if (t == "Fuse") {
@@ -715,8 +736,7 @@ json HfTokenizer::config_json() const {
 }
 
 template <class Seg, class Tok>
-void HfTokenizer::split_added(std::string_view s, const std::vector<const AddedToken*>& list,
-                              Seg seg, Tok tok) const {
+void HfTokenizer::split_added(std::string_view s, const AddedIndex& ix, Seg seg, Tok tok) const {
   size_t done = 0;  // text before this has been handed out
   size_t i = 0;
   auto ws_before = [&](size_t p) {  // start of the whitespace run ending at p (>= done)
@@ -728,10 +748,10 @@ void HfTokenizer::split_added(std::string_view s, const std::vector<const AddedT
     }
     return p;
   };
-  while (!list.empty() && i < s.size()) {
+  while (!ix.empty && i < s.size()) {
     const AddedToken* hit = nullptr;
-    for (const AddedToken* t : list)
-      if (!t->match.empty() && s.compare(i, t->match.size(), t->match) == 0) {
+    for (const AddedToken* t : ix.by_byte[uint8_t(s[i])])
+      if (s.compare(i, t->match.size(), t->match) == 0) {
         hit = t;
         break;
       }
