@@ -383,6 +383,7 @@ class HfTokenizer final : public Tokenizer {
   std::unordered_map<uint64_t, Merge> merges_;      // (left id, right id) -> merge
   int32_t byte_ids_[256];
   int32_t model_unk_ = -1;
+  bool split_special_ = false;  // tokenizer_config.json: special tokens in text are plain text
   bool byte_fallback_ = false, fuse_unk_ = false, ignore_merges_ = false;
   std::vector<NormOp> norm_;
   Pre pre_ = Pre::None;
@@ -442,11 +443,13 @@ HfTokenizer::HfTokenizer(const std::string& dir) {
   for (const auto& t : added_) tokens_[size_t(t.id)] = t.content;
 
   if (const json* n = r.opt(j, "normalizer")) parse_normalizer(r, *n, "normalizer.");
+  resolve_specials(r, j, dir);  // also reads split_special_tokens
   // Tokens marked normalized are searched for, normalized, in the normalized text; the others
-  // in the raw text first.
+  // in the raw text first. With split_special_tokens, special ones are not searched for.
   for (auto& t : added_) {
     t.match = t.normalized ? normalize(t.content) : t.content;
     if (t.match.empty()) continue;  // normalized away: it never matches
+    if (t.special && split_special_) continue;
     AddedIndex& ix = t.normalized ? norm_added_ : raw_added_;
     ix.by_byte[uint8_t(t.match[0])].push_back(&t);
     ix.empty = false;
@@ -484,7 +487,6 @@ HfTokenizer::HfTokenizer(const std::string& dir) {
     }
     pieces_[id] = std::move(p);
   }
-  resolve_specials(r, j, dir);
 }
 
 void HfTokenizer::parse_model(const Reader& r, const json& m) {
@@ -667,6 +669,12 @@ void HfTokenizer::resolve_specials(const Reader& r, const json& j, const std::st
     const json c = parse_json_bounded(text, path, JsonLimits{kMaxJsonDepth, kMaxJsonBytes});
     files_[file] = text;
     DLCM_CHECK(c.is_object(), path, ": must be a JSON object, got ", c.type_name());
+    if (file == std::string(kHfTokenizerConfig) && c.contains("split_special_tokens")) {
+      DLCM_CHECK(c["split_special_tokens"].is_boolean(), path,
+                 ": field \"split_special_tokens\" must be true or false, got ",
+                 json_excerpt(c["split_special_tokens"]));
+      split_special_ = c["split_special_tokens"].get<bool>();
+    }
     for (const char* role : {"bos_token", "eos_token", "unk_token", "pad_token"}) {
       if (named.count(role) || !c.contains(role)) continue;
       const json& v = c[role];
@@ -1097,11 +1105,13 @@ json byte_level_json(bool use_regex) {
 // tokenizer_config.json and special_tokens_map.json for the given special tokens.
 void write_transformers_configs(const std::string& dir, const std::string& cls,
                                 const std::map<std::string, json>& specials, bool add_bos,
-                                int64_t model_max_length) {
+                                int64_t model_max_length, bool split_special) {
   json cfg = {{"tokenizer_class", cls},
               {"add_bos_token", add_bos},
               {"add_eos_token", false},
               {"clean_up_tokenization_spaces", false}};
+  // dlcm's own tokenizers read "<s>" in a text as the characters, not as the special token.
+  if (!split_special) cfg["split_special_tokens"] = true;
   json map = json::object();
   for (const auto& [role, tok] : specials) {
     cfg[role] = tok;
@@ -1172,7 +1182,7 @@ void write_bpe(const Tokenizer& tok, const std::string& dir, const HfWriteOption
                               {"eos_token", pieces[size_t(tok.eos_id())].piece},
                               {"unk_token", unk},
                               {"pad_token", pieces[size_t(tok.pad_id())].piece}},
-                             opt.add_bos, opt.model_max_length);
+                             opt.add_bos, opt.model_max_length, false);
 }
 
 void write_bytes(const Tokenizer& tok, const std::string& dir, const HfWriteOptions& opt) {
@@ -1194,7 +1204,7 @@ void write_bytes(const Tokenizer& tok, const std::string& dir, const HfWriteOpti
   write_transformers_configs(dir, "PreTrainedTokenizerFast",
                              {{"bos_token", "<s>"}, {"eos_token", "</s>"}, {"unk_token", "<unk>"},
                               {"pad_token", "<pad>"}},
-                             opt.add_bos, opt.model_max_length);
+                             opt.add_bos, opt.model_max_length, false);
 }
 
 }  // namespace
@@ -1271,7 +1281,7 @@ void convert_gpt2_tokenizer(const std::string& encoder_json, const std::string& 
   write_text((fs::path(out_dir) / kHfTokenizerJson).string(), dump(tj));
   write_transformers_configs(out_dir, "GPT2TokenizerFast",
                              {{"bos_token", eot_tok}, {"eos_token", eot_tok}, {"unk_token", eot_tok}},
-                             false, 1024);
+                             false, 1024, true);
 }
 
 }  // namespace dlcm

@@ -129,7 +129,8 @@ def check_export(a):
     lines = doc_lines()
     with open(os.path.join(corpus, "docs.txt"), "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n\f" + RICH * 3)
-    texts = [RICH, "\n".join(lines[:400]), "  leading spaces", "x\n\ny", "▁marker▁ in text"]
+    texts = [RICH, "\n".join(lines[:400]), "  leading spaces", "x\n\ny", "▁marker▁ in text",
+             "literal <s> and </s><pad> are text"]
     for kind, extra in [("bpe", ["--vocab-size", "1500"]), ("bytes", [])]:
         data = os.path.join(a.work, "data_" + kind)
         hf = os.path.join(a.work, "hf_" + kind)
@@ -142,6 +143,9 @@ def check_export(a):
         check(not os.path.exists(os.path.join(data, "tokenizer.json")),
               f"{kind}: the prepared folder still has a tokenizer.json that is not HF's")
         hf_tok = Tokenizer.from_file(os.path.join(hf, "tokenizer.json"))
+        # dlcm reads "<s>" in a text as characters; tokenizer_config.json says so to transformers
+        # (split_special_tokens), a bare tokenizers.Tokenizer is told here.
+        hf_tok.encode_special_tokens = True
         # dlcm's own tokenizer (SentencePiece / bytes) against HF tokenizers on the export ...
         ours = agree(a.dlcm, a.work, data, hf_tok, "export_" + kind, texts, lines)
         # ... dlcm's HF loader on the export against dlcm's own tokenizer ...
