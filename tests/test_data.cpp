@@ -662,3 +662,18 @@ TEST(HfTokenizer, OldTokenizerJsonNameStillLoads) {
   EXPECT_EQ(load_tokenizer(b.path)->kind(), "bytes");
   EXPECT_FALSE(has_legacy_tokenizer_meta(ck.path));
 }
+
+TEST(HfTokenizer, CommandLine) {
+  test::TempDir d;
+  make_byte_tokenizer()->save(d.path);
+  auto r = test::run_dlcm("tokenizer export-hf --dir " + d.path + " --out " + d.path + "/hf");
+  ASSERT_EQ(r.rc, 0) << r.out;
+  r = test::run_dlcm("tokenizer encode --dir " + d.path + "/hf --text 'hé'");
+  EXPECT_EQ(r.rc, 0) << r.out;
+  EXPECT_NE(r.out.find("[108,199,173]"), std::string::npos) << r.out;  // 4 + bytes h, C3, A9
+  r = test::run_dlcm("tokenizer decode --dir " + d.path + "/hf --ids 1,108,199,173,2");
+  EXPECT_EQ(r.out, "hé");
+  r = test::run_dlcm("tokenizer encode --dir " + d.path + "/nowhere --text x");
+  EXPECT_NE(r.rc, 0);
+  EXPECT_NE(r.out.find("dlcm_tokenizer.json"), std::string::npos) << r.out;
+}
