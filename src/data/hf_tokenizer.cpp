@@ -360,7 +360,7 @@ class HfTokenizer final : public Tokenizer {
   void parse_pre_tokenizer(const Reader& r, const json& p, const std::string& where);
   void parse_decoder(const Reader& r, const json& d, const std::string& where);
   void resolve_specials(const Reader& r, const json& j, const std::string& dir);
-  // Splits text at the added tokens of `list`; calls seg(begin, end) for text between matches
+  // Splits s at the added tokens of `ix`; calls seg(begin, end) for the text between matches
   // and tok(id) for each match, in order.
   template <class Seg, class Tok>
   void split_added(std::string_view s, const AddedIndex& ix, Seg seg, Tok tok) const;
