@@ -677,3 +677,26 @@ TEST(HfTokenizer, CommandLine) {
   EXPECT_NE(r.rc, 0);
   EXPECT_NE(r.out.find("dlcm_tokenizer.json"), std::string::npos) << r.out;
 }
+
+TEST(HfTokenizer, PrepareWithAGivenTokenizer) {
+  // Data for fine-tuning an imported model: the tokenizer comes from an HF folder (here the
+  // bytes tokenizer in HF's format), and the shards are those its own kind would give.
+  test::TempDir in, hf, a, b;
+  write(in.path + "/c.jsonl", corpus_jsonl(60, 9));
+  write_hf_tokenizer_files(*make_byte_tokenizer(), hf.path);
+  PrepareOptions po;
+  po.quiet = true;
+  po.tokenizer = "bytes";
+  prepare({in.path + "/c.jsonl"}, a.path, po);
+  po.tokenizer_from = hf.path;
+  prepare({in.path + "/c.jsonl"}, b.path, po);
+  EXPECT_EQ(slurp(a.path + "/train.bin"), slurp(b.path + "/train.bin"));
+  EXPECT_EQ(slurp(a.path + "/val.bin"), slurp(b.path + "/val.bin"));
+  EXPECT_EQ(load_tokenizer(b.path)->kind(), "hf");
+  std::set<std::string> names;
+  for (const auto& f : tokenizer_files(b.path)) names.insert(fs::path(f).filename().string());
+  EXPECT_EQ(names, (std::set<std::string>{"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"}));
+  // A wrong folder fails before any reading.
+  po.tokenizer_from = in.path + "/none";
+  EXPECT_NE(error_of([&] { prepare({in.path + "/c.jsonl"}, b.path, po); }).find("none"), std::string::npos);
+}

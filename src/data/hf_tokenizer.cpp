@@ -345,6 +345,9 @@ class HfTokenizer final : public Tokenizer {
   }
   void save(const std::string& dir) const override {
     for (const auto& [name, text] : files_) write_text((fs::path(dir) / name).string(), text);
+    // Our metadata takes precedence in a folder: a stale one would hide these files.
+    std::error_code ec;
+    fs::remove(fs::path(dir) / kTokenizerMeta, ec);
   }
   // tokenizer_config.json content naming the special tokens (when the folder had none).
   json config_json() const;

@@ -30,6 +30,9 @@ namespace dlcm {
 
 struct PrepareOptions {
   std::string tokenizer = "bpe";  // "bpe" | "bytes"
+  // A folder whose tokenizer to use instead of training one (a checkpoint, another prepared
+  // folder, an HF tokenizer folder): data for fine-tuning an imported or earlier model.
+  std::string tokenizer_from;
   int32_t vocab_size = 8192;      // bpe only (the bytes tokenizer has 260)
   double val_fraction = 0.01;
   int64_t bpe_sample_bytes = 40'000'000;  // text sampled for BPE training

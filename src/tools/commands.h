@@ -121,7 +121,7 @@ int cmd_bench_xattn(const BenchXattnArgs& a);
 
 struct PrepareArgs {
   std::vector<std::string> inputs;
-  std::string out, tokenizer = "bpe";
+  std::string out, tokenizer = "bpe", tokenizer_from;
   i64 vocab_size = 8192;
   double val_fraction = 0.01;
 };

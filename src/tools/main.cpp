@@ -136,6 +136,7 @@ int main(int argc, char** argv) {
   prep->add_option("--out", pa.out, "output folder")->required();
   prep->add_option("--tokenizer", pa.tokenizer, "bpe (SentencePiece) or bytes")->check(CLI::IsMember({"bpe", "bytes"}));
   prep->add_option("--vocab-size", pa.vocab_size, "BPE vocabulary size")->check(CLI::Range(300, 1 << 20));
+  prep->add_option("--tokenizer-from", pa.tokenizer_from, "use the tokenizer of this folder (checkpoint, data, HF tokenizer.json) instead of training one");
   prep->add_option("--val-fraction", pa.val_fraction, "share of documents for validation")->check(CLI::Range(0.0, 0.5));
 
   EvalArgs ea;
