@@ -243,6 +243,19 @@ TEST(HfTokenizer, OurBpeExportReadsBackIdentically) {
   auto h = load_tokenizer(d.path);
   EXPECT_EQ(h->kind(), "hf");
   expect_same_tokenizer(*t, *h, interop_texts());
+  // The SentencePiece pieces behind the export: types as SentencePiece has them.
+  const std::string model = t->sentencepiece_model();
+  const auto pieces = read_sentencepiece_pieces(model);
+  ASSERT_EQ(int32_t(pieces.size()), t->vocab_size());
+  EXPECT_EQ(pieces[0].type, 3);  // <pad>, control
+  EXPECT_EQ(pieces[1].piece, "<s>");
+  EXPECT_EQ(pieces[3].type, 2);  // <unk>
+  int user = 0, bytes = 0;
+  for (const auto& p : pieces) user += p.type == 4, bytes += p.type == 6;
+  EXPECT_EQ(user, 1);  // "\n"
+  EXPECT_EQ(bytes, 256);
+  EXPECT_NE(error_of([&] { read_sentencepiece_pieces(model.substr(0, 7)); }).find("truncated"),
+            std::string::npos);
   // The HF files go with a checkpoint; written again they are the same bytes.
   EXPECT_EQ(tokenizer_files(d.path).size(), 4u);
   test::TempDir e;

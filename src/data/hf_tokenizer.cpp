@@ -1004,65 +1004,6 @@ std::string HfTokenizer::decode(const std::vector<int32_t>& ids) const {
   return out;
 }
 
-// ------------------------------------------------------------- SentencePiece model file
-// The few fields of the ModelProto the writer needs: pieces (field 1) with piece (1), score
-// (2) and type (3: 1 normal, 2 unknown, 3 control, 4 user defined, 5 unused, 6 byte).
-struct SpPiece {
-  std::string piece;
-  float score = 0;
-  int type = 1;
-};
-
-std::vector<SpPiece> parse_sentencepiece(std::string_view m) {
-  auto varint = [](std::string_view s, size_t& i) -> uint64_t {
-    uint64_t v = 0;
-    for (int shift = 0; shift < 64; shift += 7) {
-      DLCM_CHECK(i < s.size(), "SentencePiece model: truncated varint");
-      const uint8_t c = uint8_t(s[i++]);
-      v |= uint64_t(c & 0x7F) << shift;
-      if (!(c & 0x80)) return v;
-    }
-    fail("SentencePiece model: malformed varint");
-  };
-  // Calls f(field, wire type, value, bytes) for each field of a message.
-  auto fields = [&](std::string_view s, auto&& f) {
-    for (size_t i = 0; i < s.size();) {
-      const uint64_t key = varint(s, i);
-      const int field = int(key >> 3), wt = int(key & 7);
-      uint64_t v = 0;
-      std::string_view bytes;
-      if (wt == 0) {
-        v = varint(s, i);
-      } else if (wt == 1 || wt == 5) {
-        const size_t n = wt == 1 ? 8 : 4;
-        DLCM_CHECK(i + n <= s.size(), "SentencePiece model: truncated field");
-        bytes = s.substr(i, n);
-        i += n;
-      } else if (wt == 2) {
-        const uint64_t n = varint(s, i);
-        DLCM_CHECK(n <= s.size() - i, "SentencePiece model: truncated field");
-        bytes = s.substr(i, size_t(n));
-        i += size_t(n);
-      } else {
-        fail("SentencePiece model: unsupported wire type ", wt);
-      }
-      f(field, wt, v, bytes);
-    }
-  };
-  std::vector<SpPiece> out;
-  fields(m, [&](int field, int wt, uint64_t, std::string_view bytes) {
-    if (field != 1 || wt != 2) return;
-    SpPiece p;
-    fields(bytes, [&](int f2, int wt2, uint64_t v2, std::string_view b2) {
-      if (f2 == 1 && wt2 == 2) p.piece = std::string(b2);
-      else if (f2 == 2 && wt2 == 5) std::memcpy(&p.score, b2.data(), 4);
-      else if (f2 == 3 && wt2 == 0) p.type = int(v2);
-    });
-    out.push_back(std::move(p));
-  });
-  return out;
-}
-
 json added_token_json(int32_t id, const std::string& content, bool special) {
   return json{{"id", id},         {"content", content}, {"single_word", false}, {"lstrip", false},
               {"rstrip", false},  {"normalized", false}, {"special", special}};
@@ -1127,7 +1068,7 @@ void write_transformers_configs(const std::string& dir, const std::string& cls,
 
 void write_bpe(const Tokenizer& tok, const std::string& dir, const HfWriteOptions& opt) {
   const std::string model = tok.sentencepiece_model();
-  const std::vector<SpPiece> pieces = parse_sentencepiece(model);
+  const std::vector<SpPiece> pieces = read_sentencepiece_pieces(model);
   DLCM_CHECK(int32_t(pieces.size()) == tok.vocab_size(), "bpe tokenizer: the SentencePiece model has ",
              pieces.size(), " pieces but the tokenizer ", tok.vocab_size());
   json vocab = json::object(), added = json::array();
@@ -1211,6 +1152,59 @@ void write_bytes(const Tokenizer& tok, const std::string& dir, const HfWriteOpti
 }
 
 }  // namespace
+
+// ------------------------------------------------------------- SentencePiece model file
+// The few fields of the ModelProto needed here: pieces (field 1) with piece (1), score (2) and
+// type (3), read from the protobuf wire format.
+std::vector<SpPiece> read_sentencepiece_pieces(std::string_view m) {
+  auto varint = [](std::string_view s, size_t& i) -> uint64_t {
+    uint64_t v = 0;
+    for (int shift = 0; shift < 64; shift += 7) {
+      DLCM_CHECK(i < s.size(), "SentencePiece model: truncated varint");
+      const uint8_t c = uint8_t(s[i++]);
+      v |= uint64_t(c & 0x7F) << shift;
+      if (!(c & 0x80)) return v;
+    }
+    fail("SentencePiece model: malformed varint");
+  };
+  // Calls f(field, wire type, value, bytes) for each field of a message.
+  auto fields = [&](std::string_view s, auto&& f) {
+    for (size_t i = 0; i < s.size();) {
+      const uint64_t key = varint(s, i);
+      const int field = int(key >> 3), wt = int(key & 7);
+      uint64_t v = 0;
+      std::string_view bytes;
+      if (wt == 0) {
+        v = varint(s, i);
+      } else if (wt == 1 || wt == 5) {
+        const size_t n = wt == 1 ? 8 : 4;
+        DLCM_CHECK(i + n <= s.size(), "SentencePiece model: truncated field");
+        bytes = s.substr(i, n);
+        i += n;
+      } else if (wt == 2) {
+        const uint64_t n = varint(s, i);
+        DLCM_CHECK(n <= s.size() - i, "SentencePiece model: truncated field");
+        bytes = s.substr(i, size_t(n));
+        i += size_t(n);
+      } else {
+        fail("SentencePiece model: unsupported wire type ", wt);
+      }
+      f(field, wt, v, bytes);
+    }
+  };
+  std::vector<SpPiece> out;
+  fields(m, [&](int field, int wt, uint64_t, std::string_view bytes) {
+    if (field != 1 || wt != 2) return;
+    SpPiece p;
+    fields(bytes, [&](int f2, int wt2, uint64_t v2, std::string_view b2) {
+      if (f2 == 1 && wt2 == 2) p.piece = std::string(b2);
+      else if (f2 == 2 && wt2 == 5) std::memcpy(&p.score, b2.data(), 4);
+      else if (f2 == 3 && wt2 == 0) p.type = int(v2);
+    });
+    out.push_back(std::move(p));
+  });
+  return out;
+}
 
 std::unique_ptr<Tokenizer> load_hf_tokenizer(const std::string& dir) {
   return std::make_unique<HfTokenizer>(dir);

@@ -19,6 +19,8 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <string_view>
+#include <vector>
 
 #include "data/tokenizer.h"
 
@@ -41,6 +43,16 @@ struct HfWriteOptions {
 // tokens is added when there was none).
 void write_hf_tokenizer_files(const Tokenizer& tok, const std::string& dir,
                               const HfWriteOptions& opt = {});
+
+// The pieces of a serialized SentencePiece model (Tokenizer::sentencepiece_model()), in id
+// order: piece text, score, type (1 normal, 2 unknown, 3 control, 4 user defined, 5 unused,
+// 6 byte), e.g. for writing other formats' vocabularies.
+struct SpPiece {
+  std::string piece;
+  float score = 0;
+  int type = 1;
+};
+std::vector<SpPiece> read_sentencepiece_pieces(std::string_view model);
 
 // Converts GPT-2's original tokenizer files (encoder.json: token -> id; vocab.bpe: a
 // "#version" line, then one merge "a b" per line) into an HF byte-level tokenizer.json (plus
