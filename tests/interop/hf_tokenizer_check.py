@@ -248,10 +248,11 @@ def add_byte_fallback_vocab(tok):
 
 
 def check_hf_made(a):
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     lines = doc_lines()
     train = lines + RICH.split("\n")
-    texts = [RICH, "\n".join(lines[:300]), "<s>hello</s> world<unk>  <s> again", " lead", "x<s>"]
+    texts = [RICH, "\n".join(lines[:300]), "<s>hello</s> world<unk>  <s> again", " lead", "x<s>",
+             "say hello world, not hello  world [raw]x"]
     made = {}
     # 1. SentencePiece style as LLaMA's files have it: Prepend + Replace, byte fallback.
     t = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
@@ -262,6 +263,7 @@ def check_hf_made(a):
                                                      show_progress=False))
     t = add_byte_fallback_vocab(t)
     t.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    t.add_tokens([AddedToken("hello world", normalized=True), AddedToken("[raw]", normalized=False)])
     made["sp_prepend"] = (t, None)
     # 2. The Metaspace form (prepend only at the start of the text), Metaspace decoder.
     t = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
@@ -279,9 +281,11 @@ def check_hf_made(a):
     t.train_from_iterator(train, trainers.BpeTrainer(vocab_size=800, special_tokens=["<|endoftext|>", "<|pad|>"],
                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                                      show_progress=False))
+    t.add_special_tokens([AddedToken("<|sep|>", lstrip=True, rstrip=True)])
     made["byte_level"] = (t, {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
                               "pad_token": {"content": "<|pad|>", "special": True}})
-    texts_bl = texts + ["<|endoftext|>first doc<|endoftext|> second", "ok <|pad|><|pad|>"]
+    texts_bl = texts + ["<|endoftext|>first doc<|endoftext|> second", "ok <|pad|><|pad|>",
+                        "a  <|sep|>  b\t<|sep|>\nc<|sep|>"]
     for name, (tok, cfg) in made.items():
         d = os.path.join(a.work, "made_" + name)
         os.makedirs(d, exist_ok=True)
