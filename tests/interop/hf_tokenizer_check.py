@@ -215,6 +215,13 @@ def check_gpt2(a):
         check(got == want, f"gpt2: {s!r}: dlcm {got}, package's test expects {want}")
         check(hf_tok.encode(s).ids == want, f"gpt2: {s!r}: HF {hf_tok.encode(s).ids}, expects {want}")
         check(dlcm_decode(a.dlcm, out, got) == s, f"gpt2: {s!r} does not decode back")
+    # transformers reads the converted folder as GPT-2's own tokenizer class.
+    from transformers import AutoTokenizer
+    at = AutoTokenizer.from_pretrained(out)
+    check(type(at).__name__ == "GPT2TokenizerFast" and at.eos_token_id == 50256 and at.bos_token_id == 50256,
+          f"gpt2: AutoTokenizer gives {type(at).__name__}, eos {at.eos_token_id}")
+    for s, want in UPSTREAM_TESTS:
+        check(at(s)["input_ids"] == want, f"gpt2: AutoTokenizer on {s!r}")
     lines = doc_lines()
     texts = [RICH, "\n".join(lines[:300]), "a" * 3000 + " " * 50 + "\n" * 20]
     agree(a.dlcm, a.work, out, hf_tok, "gpt2", texts, lines + random_unicode_texts(3000, 7))
