@@ -1,5 +1,7 @@
-// Tokenizer metadata (tokenizer.json of a data folder or checkpoint): its fields, and the
-// model file it names (must stay inside the folder; a small garbage model file is present).
+// Tokenizer files read as tokenizer.json: our metadata under its old name (its fields, and the
+// model file it names, which must stay inside the folder; a small garbage model file is
+// present) and HF's tokenizer.json (every field of data/hf_tokenizer.cpp). A file that loads
+// then encodes its own bytes, which drives the pre-tokenizers and BPE with arbitrary text.
 #include <filesystem>
 
 #include "data/tokenizer.h"
@@ -18,6 +20,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   try {
     auto t = load_tokenizer(dir);
     t->encode("fuzz");
+    const auto ids = t->encode(std::string_view(reinterpret_cast<const char*>(data), size));
+    t->decode(ids);
   } catch (const Error&) {
   }
   return 0;

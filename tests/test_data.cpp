@@ -4,10 +4,13 @@
 #include <nlohmann/json.hpp>
 #include <set>
 
+#include "data/hf_tokenizer.h"
 #include "data/loader.h"
 #include "data/prepare.h"
 #include "data/shards.h"
 #include "data/tokenizer.h"
+#include "data/train_data.h"
+#include "model_fixtures.h"
 #include "testing.h"
 
 using namespace dlcm;
@@ -182,6 +185,217 @@ TEST(Tokenizer, LoadErrorsNameTheFile) {
   write(d.path + "/tokenizer.model", "garbage");
   EXPECT_NE(error_of([&] { load_tokenizer(d.path); }).find("not a valid SentencePiece"),
             std::string::npos);
+}
+
+// --------------------------------------------------------------- HF tokenizer.json (interop)
+namespace {
+
+// Every observable of two tokenizers agrees on the texts.
+void expect_same_tokenizer(const Tokenizer& a, const Tokenizer& b, const std::vector<std::string>& texts) {
+  ASSERT_EQ(a.vocab_size(), b.vocab_size());
+  EXPECT_EQ(a.bos_id(), b.bos_id());
+  EXPECT_EQ(a.eos_id(), b.eos_id());
+  EXPECT_EQ(a.pad_id(), b.pad_id());
+  EXPECT_EQ(a.unk_id(), b.unk_id());
+  for (int32_t i = 0; i < a.vocab_size(); ++i) {
+    ASSERT_EQ(a.is_special(i), b.is_special(i)) << i;
+    ASSERT_EQ(a.decode_piece(i), b.decode_piece(i)) << i;
+  }
+  EXPECT_EQ(a.word_starts(), b.word_starts());
+  EXPECT_EQ(a.piece_byte_lengths(), b.piece_byte_lengths());
+  for (const auto& s : texts) {
+    const auto ids = a.encode(s);
+    EXPECT_EQ(b.encode(s), ids) << s;
+    EXPECT_EQ(b.decode(ids), a.decode(ids)) << s;
+  }
+}
+
+const std::vector<std::string>& interop_texts() {
+  static const std::vector<std::string> t = {
+      gen_text(1, 30), gen_text(3, 400), "", " leading and trailing  ", "tabs\tand\nnew\n\nlines\n",
+      "Unicode: 日本語, emoji 😀👍🏽, Ελληνικά, ß, €100", "digits 1234567890", "▁marker", "<s> is text, </s><pad><unk> too", "bad \xFF\xC3 utf8",
+      std::string(3000, ' ') + "x" + std::string(300, '\n')};
+  return t;
+}
+
+// A small byte-level tokenizer.json written by hand: bytes-to-unicode letters a, b, c and the
+// space (U+0120 "Ġ"), two merges, specials at ids that are not 0..3.
+std::string tiny_byte_level_json(const std::string& extra_model = "", const std::string& pre = "") {
+  return R"({"version": "1.0", "added_tokens": [
+      {"id": 7, "content": "<|endoftext|>", "special": true, "normalized": false},
+      {"id": 8, "content": "<|pad|>", "special": true, "normalized": false}],
+    "normalizer": null,
+    "pre_tokenizer": )" + (pre.empty() ? R"({"type": "ByteLevel", "add_prefix_space": false})" : pre) + R"(,
+    "decoder": {"type": "ByteLevel"},
+    "model": {"type": "BPE", "vocab": {"a": 0, "b": 1, "c": 2, "Ġ": 3, "ab": 4, "Ġab": 5, "abc": 6},
+              "merges": ["a b", ["Ġ", "ab"]])" + extra_model + R"(}})";
+}
+
+}  // namespace
+
+TEST(HfTokenizer, OurBpeExportReadsBackIdentically) {
+  auto t = tiny_bpe();
+  test::TempDir d;
+  write_hf_tokenizer_files(*t, d.path);
+  for (const char* f : {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model"})
+    EXPECT_TRUE(fs::exists(d.path + "/" + f)) << f;
+  EXPECT_FALSE(fs::exists(d.path + "/dlcm_tokenizer.json"));
+  auto h = load_tokenizer(d.path);
+  EXPECT_EQ(h->kind(), "hf");
+  expect_same_tokenizer(*t, *h, interop_texts());
+  // The SentencePiece pieces behind the export: types as SentencePiece has them.
+  const std::string model = t->sentencepiece_model();
+  const auto pieces = read_sentencepiece_pieces(model);
+  ASSERT_EQ(int32_t(pieces.size()), t->vocab_size());
+  EXPECT_EQ(pieces[0].type, 3);  // <pad>, control
+  EXPECT_EQ(pieces[1].piece, "<s>");
+  EXPECT_EQ(pieces[3].type, 2);  // <unk>
+  int user = 0, bytes = 0;
+  for (const auto& p : pieces) user += p.type == 4, bytes += p.type == 6;
+  EXPECT_EQ(user, 1);  // "\n"
+  EXPECT_EQ(bytes, 256);
+  EXPECT_NE(error_of([&] { read_sentencepiece_pieces(model.substr(0, 7)); }).find("truncated"),
+            std::string::npos);
+  // The HF files go with a checkpoint; written again they are the same bytes.
+  EXPECT_EQ(tokenizer_files(d.path).size(), 4u);
+  test::TempDir e;
+  write_hf_tokenizer_files(*h, e.path);
+  EXPECT_EQ(slurp(e.path + "/tokenizer.json"), slurp(d.path + "/tokenizer.json"));
+}
+
+TEST(HfTokenizer, BytesExportReadsBackIdentically) {
+  auto t = make_byte_tokenizer();
+  test::TempDir d;
+  write_hf_tokenizer_files(*t, d.path);
+  auto h = load_tokenizer(d.path);
+  EXPECT_EQ(h->kind(), "hf");
+  std::vector<std::string> texts = interop_texts();
+  // Valid UTF-8 only: hf repairs malformed bytes, bytes keeps them.
+  std::erase_if(texts, [](const std::string& s) { return !is_valid_utf8(s); });
+  expect_same_tokenizer(*t, *h, texts);
+}
+
+TEST(HfTokenizer, SpecialIdsComeFromTheFiles) {
+  test::TempDir d;
+  write(d.path + "/tokenizer.json", tiny_byte_level_json());
+  auto t = load_tokenizer(d.path);
+  // No tokenizer_config.json: eos by its well-known name, bos = eos, pad = eos, no unk.
+  EXPECT_EQ(t->vocab_size(), 9);
+  EXPECT_EQ(t->eos_id(), 7);
+  EXPECT_EQ(t->bos_id(), 7);
+  EXPECT_EQ(t->pad_id(), 7);
+  EXPECT_EQ(t->unk_id(), -1);
+  EXPECT_TRUE(t->is_special(7));
+  EXPECT_TRUE(t->is_special(8));
+  EXPECT_FALSE(t->is_special(0));
+  EXPECT_FALSE(t->is_special(3));  // 0..3 are ordinary tokens here
+  EXPECT_EQ(t->encode("ab abc"), (std::vector<int32_t>{4, 5, 2}));
+  EXPECT_EQ(t->encode("c<|endoftext|> ab<|pad|>"), (std::vector<int32_t>{2, 7, 5, 8}));
+  EXPECT_EQ(t->decode({7, 4, 5, 2, 8}), "ab abc");
+  EXPECT_EQ(t->decode_piece(5), " ab");
+  EXPECT_EQ(t->decode_piece(7), "");
+  EXPECT_EQ(t->word_starts()[5], 1);
+  EXPECT_EQ(t->word_starts()[4], 0);
+  // The config names them (strings or {"content": ...}).
+  write(d.path + "/tokenizer_config.json",
+        R"({"bos_token": {"content": "<|pad|>"}, "eos_token": "<|endoftext|>", "pad_token": "<|pad|>"})");
+  t = load_tokenizer(d.path);
+  EXPECT_EQ(t->bos_id(), 8);
+  EXPECT_EQ(t->pad_id(), 8);
+  EXPECT_EQ(t->eos_id(), 7);
+  const auto files = tokenizer_files(d.path);
+  EXPECT_EQ(files.size(), 2u);
+  write(d.path + "/tokenizer_config.json", R"({"eos_token": "</s>"})");
+  const std::string e = error_of([&] { load_tokenizer(d.path); });
+  EXPECT_NE(e.find("tokenizer_config.json: field \"eos_token\" names \"</s>\""), std::string::npos) << e;
+}
+
+TEST(HfTokenizer, UnsupportedPartsAreRefusedByName) {
+  test::TempDir d;
+  auto err = [&](const std::string& json) {
+    write(d.path + "/tokenizer.json", json);
+    return error_of([&] { load_tokenizer(d.path); });
+  };
+  const std::string ok = tiny_byte_level_json();
+  auto with = [&](const std::string& from, const std::string& to) {
+    std::string s = ok;
+    s.replace(s.find(from), from.size(), to);
+    return s;
+  };
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {with(R"("type": "BPE")", R"("type": "WordPiece")"), "field \"model.type\" must be \"BPE\""},
+      {with(R"("type": "BPE")", R"("type": "Unigram")"), "field \"model.type\""},
+      {with(R"("normalizer": null)", R"("normalizer": {"type": "NFKC"})"),
+       "field \"normalizer.type\" \"NFKC\" is not supported"},
+      {with(R"({"type": "ByteLevel", "add_prefix_space": false})",
+            R"({"type": "Sequence", "pretokenizers": [{"type": "Split"}, {"type": "ByteLevel"}]})"),
+       "field \"pre_tokenizer.pretokenizers\""},
+      {with(R"({"type": "ByteLevel", "add_prefix_space": false})", R"({"type": "Whitespace"})"),
+       "field \"pre_tokenizer.type\" \"Whitespace\" is not supported"},
+      {with(R"(["Ġ", "ab"])", R"(["Ġ", "zz"])"), "field \"model.merges[1]\" merges tokens missing"},
+      {with(R"("a b")", R"("a  b")"), "field \"model.merges[0]\" must be"},
+      {with(R"("vocab": {"a": 0)", R"("dropout": 0.1, "vocab": {"a": 0)"), "field \"model.dropout\""},
+      {with(R"("vocab": {"a": 0)", R"("vocab": {"a": -4)"), "field \"model.vocab[\"a\"]\""},
+      {with(R"("c": 2)", R"("c": 1)"), "gives id 1 to two tokens"},
+      {with(R"("special": true, "normalized": false},)", R"("special": true, "single_word": true},)"),
+       "field \"added_tokens[0].single_word\""},
+      {with(R"("decoder": {"type": "ByteLevel"})", R"("decoder": {"type": "WordPiece"})"),
+       "field \"decoder.type\" \"WordPiece\""},
+      {with(R"("decoder": {"type": "ByteLevel"})", R"("decoder": null)"),
+       "ByteLevel must be used by both"},
+      {with("<|endoftext|>", "<|eot|>"), "no end-of-sequence token"},
+      {"[" + std::string(40, '[') + std::string(41, ']'), "nested deeper than 32"},
+      {with(R"("normalizer": null)",
+            R"("normalizer": {"type": "Replace", "pattern": {"String": "a"}, "content": ")" +
+                std::string(65, 'x') + "\"}"),
+       "field \"normalizer.content\" is longer than 64 bytes"},
+      {with(R"("c": 2)", R"("c": 2097152)"), "field \"model.vocab[\"c\"]\" must be an integer id in [0, 2097151]"},
+      {R"({"model": 3})", "field \"model\" must be an object"},
+      {"{}", "field \"model\" is missing"},
+  };
+  for (const auto& [json, want] : cases) {
+    const std::string e = err(json);
+    EXPECT_NE(e.find(want), std::string::npos) << "want: " << want << "\ngot: " << e;
+    EXPECT_NE(e.find("tokenizer.json"), std::string::npos) << e;
+  }
+}
+
+TEST(HfTokenizer, SentencePieceStyleFromHandWrittenFile) {
+  // LLaMA's shape: Prepend + Replace, byte fallback, decoder Replace/ByteFallback/Fuse/Strip.
+  test::TempDir d;
+  std::string vocab = R"("<unk>": 0, "<s>": 1, "</s>": 2, "▁": 3, "h": 4, "i": 5, "▁h": 6, "▁hi": 7)";
+  for (int b = 0; b < 256; ++b) {
+    char buf[32];
+    std::snprintf(buf, sizeof buf, ", \"<0x%02X>\": %d", b, 8 + b);
+    vocab += buf;
+  }
+  write(d.path + "/tokenizer.json", R"({"added_tokens": [
+      {"id": 0, "content": "<unk>", "special": true, "normalized": false},
+      {"id": 1, "content": "<s>", "special": true, "normalized": false},
+      {"id": 2, "content": "</s>", "special": true, "normalized": false}],
+    "normalizer": {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "▁"},
+                   {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]},
+    "pre_tokenizer": null,
+    "post_processor": {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}},
+                       {"Sequence": {"id": "A", "type_id": 0}}]},
+    "decoder": {"type": "Sequence", "decoders": [{"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+                {"type": "ByteFallback"}, {"type": "Fuse"}, {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+    "model": {"type": "BPE", "unk_token": "<unk>", "byte_fallback": true, "fuse_unk": true,
+              "vocab": {)" + vocab + R"(}, "merges": ["▁ h", "▁h i"]}})");
+  auto t = load_tokenizer(d.path);
+  EXPECT_EQ(t->bos_id(), 1);
+  EXPECT_EQ(t->eos_id(), 2);
+  EXPECT_EQ(t->unk_id(), 0);
+  EXPECT_EQ(t->pad_id(), 2);
+  // "hi hi" -> "▁hi▁hi"; "é" (C3 A9) falls back to bytes; each segment between special tokens
+  // gets the prefix (HF's rule for a Prepend normalizer).
+  EXPECT_EQ(t->encode("hi hi"), (std::vector<int32_t>{7, 7}));
+  EXPECT_EQ(t->encode("é"), (std::vector<int32_t>{3, 8 + 0xC3, 8 + 0xA9}));
+  EXPECT_EQ(t->encode("hi</s>hi"), (std::vector<int32_t>{7, 2, 7}));
+  EXPECT_EQ(t->decode({1, 7, 7, 3, 8 + 0xC3, 8 + 0xA9, 2}), "hi hi é");
+  EXPECT_EQ(t->decode({8 + 0xC3, 4}), "\xEF\xBF\xBDh");  // a lone byte: U+FFFD, as HF
+  EXPECT_EQ(t->decode_piece(7), " hi");
+  EXPECT_EQ(t->decode_piece(8 + 0xC3), "\xC3");
 }
 
 TEST(Tokenizer, Utf8Repair) {
@@ -394,8 +608,10 @@ TEST(Prepare, BpeEndToEnd) {
   EXPECT_EQ(meta["val"]["bytes"], meta["val"]["target_bytes"]);
   EXPECT_EQ(dd.train->at(0), dd.tokenizer->bos_id());
   EXPECT_EQ(dd.val->at(0), dd.tokenizer->bos_id());
-  for (const char* f : {"tokenizer.json", "tokenizer.model", "train.bin", "val.bin", "meta.json"})
+  for (const char* f : {"dlcm_tokenizer.json", "tokenizer.model", "train.bin", "val.bin", "meta.json"})
     EXPECT_TRUE(fs::exists(out.path + "/" + f)) << f;
+  // tokenizer.json is HF's name: a prepared folder does not use it for our metadata.
+  EXPECT_FALSE(fs::exists(out.path + "/tokenizer.json"));
   ValIterator it(dd.val, 64, dd.tokenizer->pad_id(), dd.tokenizer->piece_byte_lengths());
   TokenBatch b;
   int64_t bytes = 0;
@@ -424,4 +640,76 @@ TEST(Prepare, EmptyOrJunkInputIsAClearError) {
   po.tokenizer = "wordpiece";
   e = error_of([&] { prepare({in.path}, out.path, po); });
   EXPECT_NE(e.find("--tokenizer"), std::string::npos) << e;
+}
+
+TEST(HfTokenizer, OldTokenizerJsonNameStillLoads) {
+  // A prepared folder written before the rename: our metadata as tokenizer.json.
+  test::TempDir in, out;
+  write(in.path + "/c.jsonl", corpus_jsonl(120, 5));
+  PrepareOptions po;
+  po.vocab_size = 400;
+  po.quiet = true;
+  prepare({in.path + "/c.jsonl"}, out.path, po);
+  const auto fresh = load_tokenizer(out.path);
+  fs::rename(out.path + "/dlcm_tokenizer.json", out.path + "/tokenizer.json");
+  EXPECT_TRUE(has_legacy_tokenizer_meta(out.path));
+  const auto old = load_tokenizer(out.path);
+  EXPECT_EQ(old->kind(), "bpe");
+  expect_same_tokenizer(*fresh, *old, {gen_text(5, 40)});
+  DataDir dd = open_data_dir(out.path);
+  EXPECT_EQ(dd.tokenizer->kind(), "bpe");
+  // Checkpoints trained from it carry the tokenizer under the new name only.
+  Config c = test::tiny_baseline();
+  c.model.vocab_size = old->vocab_size();
+  TrainData td = open_train_data(out.path, c);
+  std::set<std::string> names;
+  for (const auto& f : td.checkpoint_files) names.insert(fs::path(f).filename().string());
+  EXPECT_EQ(names, (std::set<std::string>{"dlcm_tokenizer.json", "tokenizer.model"}));
+  test::TempDir ck;
+  for (const auto& f : td.checkpoint_files) fs::copy_file(f, ck.path + "/" + fs::path(f).filename().string());
+  expect_same_tokenizer(*fresh, *load_tokenizer(ck.path), {gen_text(6, 40)});
+  // The bytes tokenizer too.
+  test::TempDir b;
+  make_byte_tokenizer()->save(b.path);
+  fs::rename(b.path + "/dlcm_tokenizer.json", b.path + "/tokenizer.json");
+  EXPECT_EQ(load_tokenizer(b.path)->kind(), "bytes");
+  EXPECT_FALSE(has_legacy_tokenizer_meta(ck.path));
+}
+
+TEST(HfTokenizer, CommandLine) {
+  test::TempDir d;
+  make_byte_tokenizer()->save(d.path);
+  auto r = test::run_dlcm("tokenizer export-hf --dir " + d.path + " --out " + d.path + "/hf");
+  ASSERT_EQ(r.rc, 0) << r.out;
+  r = test::run_dlcm("tokenizer encode --dir " + d.path + "/hf --text 'hé'");
+  EXPECT_EQ(r.rc, 0) << r.out;
+  EXPECT_NE(r.out.find("[108,199,173]"), std::string::npos) << r.out;  // 4 + bytes h, C3, A9
+  r = test::run_dlcm("tokenizer decode --dir " + d.path + "/hf --ids 1,108,199,173,2");
+  EXPECT_EQ(r.out, "hé");
+  r = test::run_dlcm("tokenizer encode --dir " + d.path + "/nowhere --text x");
+  EXPECT_NE(r.rc, 0);
+  EXPECT_NE(r.out.find("dlcm_tokenizer.json"), std::string::npos) << r.out;
+}
+
+TEST(HfTokenizer, PrepareWithAGivenTokenizer) {
+  // Data for fine-tuning an imported model: the tokenizer comes from an HF folder (here the
+  // bytes tokenizer in HF's format), and the shards are those its own kind would give.
+  test::TempDir in, hf, a, b;
+  write(in.path + "/c.jsonl", corpus_jsonl(60, 9));
+  write_hf_tokenizer_files(*make_byte_tokenizer(), hf.path);
+  PrepareOptions po;
+  po.quiet = true;
+  po.tokenizer = "bytes";
+  prepare({in.path + "/c.jsonl"}, a.path, po);
+  po.tokenizer_from = hf.path;
+  prepare({in.path + "/c.jsonl"}, b.path, po);
+  EXPECT_EQ(slurp(a.path + "/train.bin"), slurp(b.path + "/train.bin"));
+  EXPECT_EQ(slurp(a.path + "/val.bin"), slurp(b.path + "/val.bin"));
+  EXPECT_EQ(load_tokenizer(b.path)->kind(), "hf");
+  std::set<std::string> names;
+  for (const auto& f : tokenizer_files(b.path)) names.insert(fs::path(f).filename().string());
+  EXPECT_EQ(names, (std::set<std::string>{"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"}));
+  // A wrong folder fails before any reading.
+  po.tokenizer_from = in.path + "/none";
+  EXPECT_NE(error_of([&] { prepare({in.path + "/c.jsonl"}, b.path, po); }).find("none"), std::string::npos);
 }

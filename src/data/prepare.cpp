@@ -313,6 +313,8 @@ json prepare(const std::vector<std::string>& inputs, const std::string& out_dir,
   const auto t_start = Clock::now();
   DLCM_CHECK(opt.tokenizer == "bpe" || opt.tokenizer == "bytes",
              "prepare: --tokenizer must be \"bpe\" or \"bytes\", got \"", opt.tokenizer, "\"");
+  // A given tokenizer is read first, so a wrong folder fails before the corpus is read.
+  std::unique_ptr<Tokenizer> tok = opt.tokenizer_from.empty() ? nullptr : load_tokenizer(opt.tokenizer_from);
   DLCM_CHECK(opt.val_fraction > 0 && opt.val_fraction < 0.5,
              "prepare: val_fraction must be in (0, 0.5), got ", opt.val_fraction);
   if (opt.threads > 0) omp_set_num_threads(opt.threads);
@@ -353,8 +355,9 @@ json prepare(const std::vector<std::string>& inputs, const std::string& out_dir,
   // 3. Tokenizer.
   fs::create_directories(out_dir);
   auto t_tok = Clock::now();
-  std::unique_ptr<Tokenizer> tok;
-  if (opt.tokenizer == "bytes") {
+  if (tok) {
+    say("tokenizer from ", opt.tokenizer_from, " (", tok->kind(), ")");
+  } else if (opt.tokenizer == "bytes") {
     tok = make_byte_tokenizer();
   } else {
     std::vector<std::string> texts;
@@ -403,7 +406,8 @@ json prepare(const std::vector<std::string>& inputs, const std::string& out_dir,
       {"tokenizer",
        {{"kind", tok->kind()},
         {"vocab_size", tok->vocab_size()},
-        {"requested_vocab_size", opt.tokenizer == "bpe" ? opt.vocab_size : tok->vocab_size()},
+        {"requested_vocab_size",
+         opt.tokenizer == "bpe" && opt.tokenizer_from.empty() ? opt.vocab_size : tok->vocab_size()},
         {"pad_id", tok->pad_id()},
         {"bos_id", tok->bos_id()},
         {"eos_id", tok->eos_id()},

@@ -13,7 +13,7 @@
 // Split: a document is validation when a 64-bit hash of its text falls below val_fraction
 // (deterministic by document, independent of order and of the tokenizer); at least one
 // document goes to each side.
-// Outputs in out_dir: tokenizer.json (+ tokenizer.model), train.bin, val.bin (see shards.h;
+// Outputs in out_dir: dlcm_tokenizer.json (+ tokenizer.model), train.bin, val.bin (see shards.h;
 // every document starts with BOS), meta.json, and val_sources.json: {"sources": [names],
 // "documents": [source index of each validation document, in val.bin order]}.
 #pragma once
@@ -30,6 +30,9 @@ namespace dlcm {
 
 struct PrepareOptions {
   std::string tokenizer = "bpe";  // "bpe" | "bytes"
+  // A folder whose tokenizer to use instead of training one (a checkpoint, another prepared
+  // folder, an HF tokenizer folder): data for fine-tuning an imported or earlier model.
+  std::string tokenizer_from;
   int32_t vocab_size = 8192;      // bpe only (the bytes tokenizer has 260)
   double val_fraction = 0.01;
   int64_t bpe_sample_bytes = 40'000'000;  // text sampled for BPE training

@@ -14,6 +14,7 @@
 #include "core/common.h"
 #include "core/json_util.h"
 #include "core/rng.h"
+#include "data/hf_tokenizer.h"
 
 namespace dlcm {
 namespace fs = std::filesystem;
@@ -104,7 +105,7 @@ class ByteTokenizer final : public Tokenizer {
   void save(const std::string& dir) const override {
     json j = base_json(*this, special_);
     j["byte_offset"] = kOffset;
-    write_file((fs::path(dir) / kTokenizerJson).string(), j.dump(2) + "\n");
+    write_file((fs::path(dir) / kTokenizerMeta).string(), j.dump(2) + "\n");
   }
 };
 
@@ -259,8 +260,9 @@ class BpeTokenizer final : public Tokenizer {
     j["model_type"] = "bpe";
     j["byte_fallback"] = true;
     j["normalization"] = "identity";
-    write_file((fs::path(dir) / kTokenizerJson).string(), j.dump(2) + "\n");
+    write_file((fs::path(dir) / kTokenizerMeta).string(), j.dump(2) + "\n");
   }
+  std::string sentencepiece_model() const override { return model_; }
 
  private:
   std::string model_;
@@ -323,11 +325,36 @@ std::vector<uint8_t> Tokenizer::word_starts() const {
   return w;
 }
 
+namespace {
+
+// Our metadata under its old name: a small object with "kind" (HF's files have "model").
+bool is_legacy_meta(const json& j) { return j.is_object() && j.contains("kind") && !j.contains("model"); }
+
+// The text of dir/tokenizer.json, bounded for HF's files (64 MiB; ours are under 1 KiB).
+std::string read_tokenizer_json(const std::string& path) {
+  return read_file(path, std::uintmax_t(64) << 20);
+}
+
+}  // namespace
+
+bool has_legacy_tokenizer_meta(const std::string& dir) {
+  std::error_code ec;
+  if (fs::exists(fs::path(dir) / kTokenizerMeta, ec)) return false;
+  const std::string p = (fs::path(dir) / kHfTokenizerJson).string();
+  if (!fs::is_regular_file(p, ec)) return false;
+  const std::string text = read_tokenizer_json(p);
+  return is_legacy_meta(parse_json_bounded(text, p, JsonLimits{32, size_t(64) << 20}));
+}
+
 std::vector<std::string> tokenizer_files(const std::string& dir) {
   std::vector<std::string> out;
-  for (const char* f : {kTokenizerJson, kTokenizerModel}) {
+  std::error_code ec;
+  const bool ours = fs::exists(fs::path(dir) / kTokenizerMeta, ec);
+  std::vector<const char*> names = {kTokenizerMeta, kTokenizerModel};
+  if (!ours) names = {kHfTokenizerJson, kHfTokenizerConfig, kHfSpecialTokensMap, kTokenizerModel};
+  for (const char* f : names) {
     fs::path p = fs::path(dir) / f;
-    if (fs::exists(p)) out.push_back(p.string());
+    if (fs::exists(p, ec)) out.push_back(p.string());
   }
   return out;
 }
@@ -408,10 +435,21 @@ std::unique_ptr<Tokenizer> train_bpe(const std::vector<std::string>& docs, const
 }
 
 std::unique_ptr<Tokenizer> load_tokenizer(const std::string& dir) {
-  const std::string jpath = (fs::path(dir) / kTokenizerJson).string();
-  DLCM_CHECK(fs::exists(jpath), "tokenizer: ", jpath, " not found (expected a tokenizer.json)");
-  // A few hundred bytes in practice; the limits only bound a hostile file.
-  json j = read_json_file_bounded(jpath, JsonLimits{8, size_t(1) << 20});
+  std::string jpath = (fs::path(dir) / kTokenizerMeta).string();
+  json j;
+  // Our metadata is a few hundred bytes; the limits only bound a hostile file.
+  const JsonLimits ours{8, size_t(1) << 20};
+  if (fs::exists(jpath)) {
+    j = read_json_file_bounded(jpath, ours);
+  } else {
+    jpath = (fs::path(dir) / kHfTokenizerJson).string();
+    DLCM_CHECK(fs::exists(jpath), "tokenizer: neither ", (fs::path(dir) / kTokenizerMeta).string(),
+               " nor ", jpath, " found (expected a dlcm_tokenizer.json, or an HF tokenizer.json)");
+    const std::string text = read_tokenizer_json(jpath);
+    j = parse_json_bounded(text, jpath, JsonLimits{32, size_t(64) << 20});
+    if (!is_legacy_meta(j)) return load_hf_tokenizer(dir);
+    j = parse_json_bounded(text, jpath, ours);  // ours under the old name: our limits
+  }
   DLCM_CHECK(j.is_object() && j.contains("kind") && j["kind"].is_string(), jpath,
              ": field \"kind\" (\"bpe\" or \"bytes\") missing");
   const std::string kind = j["kind"];

@@ -1,6 +1,9 @@
 #include "data/train_data.h"
 
+#include <stdlib.h>
+
 #include <algorithm>
+#include <filesystem>
 #include <memory>
 #include <mutex>
 
@@ -71,6 +74,20 @@ TrainData open_train_data(const std::string& dir, const Config& cfg) {
   t.val_bytes = double(dd->val_bytes);
   t.val_tokens = dd->val->size() > 0 ? dd->val->size() - 1 : 0;
   t.checkpoint_files = tokenizer_files(dir);
+  if (has_legacy_tokenizer_meta(dir)) {
+    // A folder prepared before the rename holds our metadata as tokenizer.json, which is HF's
+    // name: checkpoints get the tokenizer saved under the new name instead (from a private
+    // folder that lives as long as the TrainData).
+    std::string tmpl = (std::filesystem::temp_directory_path() / "dlcm-tok-XXXXXX").string();
+    DLCM_CHECK(mkdtemp(tmpl.data()) != nullptr, "cannot create a temporary folder for ", dir,
+               "'s tokenizer files");
+    t.staged = std::shared_ptr<void>(nullptr, [tmpl](void*) {
+      std::error_code ec;
+      std::filesystem::remove_all(tmpl, ec);
+    });
+    dd->tokenizer->save(tmpl);
+    t.checkpoint_files = tokenizer_files(tmpl);
+  }
   t.word_starts = dd->tokenizer->word_starts();
   return t;
 }

@@ -2,6 +2,7 @@
 // provides them.
 #pragma once
 #include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -27,6 +28,7 @@ struct TrainData {
   double val_bytes = 0;     // UTF-8 bytes of the validation text (0: unknown)
   i64 val_tokens = 0;       // target tokens of the validation text
   std::vector<std::string> checkpoint_files;  // copied into checkpoints (tokenizer files)
+  std::shared_ptr<void> staged;  // keeps checkpoint_files alive when they were re-saved
   // The tokenizer's word-start flags (Tokenizer::word_starts()), for a DLCM with
   // router.kind = "word"; empty when there is no tokenizer.
   std::vector<uint8_t> word_starts;

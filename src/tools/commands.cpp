@@ -340,6 +340,7 @@ int cmd_segment(const SegmentArgs& a) {
 int cmd_prepare(const PrepareArgs& a) {
   PrepareOptions o;
   o.tokenizer = a.tokenizer;
+  o.tokenizer_from = a.tokenizer_from;
   o.vocab_size = i32(a.vocab_size);
   o.val_fraction = a.val_fraction;
   json meta = prepare(a.inputs, a.out, o);

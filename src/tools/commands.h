@@ -1,6 +1,7 @@
 // The subcommands of the dlcm tool, as library functions (the CLI parses flags into these
 // structs and calls them; tests may call them directly).
 #pragma once
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -10,7 +11,15 @@
 #include "models/checkpoint.h"  // resolve_checkpoint
 #include "models/config.h"
 
+namespace CLI {
+class App;
+}
+
 namespace dlcm {
+
+// `dlcm tokenizer encode|decode|export-hf|from-gpt2` (tools/tokenizer_commands.cpp): adds the
+// subcommands to app; the returned function runs the one parsed (-1 when none was).
+std::function<int()> add_tokenizer_commands(CLI::App& app);
 
 struct TrainArgs {
   std::string config, data, out, init_from;
@@ -113,7 +122,7 @@ int cmd_bench_xattn(const BenchXattnArgs& a);
 
 struct PrepareArgs {
   std::vector<std::string> inputs;
-  std::string out, tokenizer = "bpe";
+  std::string out, tokenizer = "bpe", tokenizer_from;
   i64 vocab_size = 8192;
   double val_fraction = 0.01;
 };

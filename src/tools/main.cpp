@@ -152,6 +152,7 @@ int main(int argc, char** argv) {
   prep->add_option("--out", pa.out, "output folder")->required();
   prep->add_option("--tokenizer", pa.tokenizer, "bpe (SentencePiece) or bytes")->check(CLI::IsMember({"bpe", "bytes"}));
   prep->add_option("--vocab-size", pa.vocab_size, "BPE vocabulary size")->check(CLI::Range(300, 1 << 20));
+  prep->add_option("--tokenizer-from", pa.tokenizer_from, "use the tokenizer of this folder (checkpoint, data, HF tokenizer.json) instead of training one");
   prep->add_option("--val-fraction", pa.val_fraction, "share of documents for validation")->check(CLI::Range(0.0, 0.5));
 
   EvalArgs ea;
@@ -262,6 +263,8 @@ int main(int argc, char** argv) {
   salloc->add_option("--n-max", saa.n_max, "largest N searched (default 1e13)");
   salloc->add_option("--N", saa.N, "fix the non-embedding parameters N (choose only P and D)");
 
+  auto run_tokenizer = add_tokenizer_commands(app);
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -315,6 +318,7 @@ int main(int argc, char** argv) {
     if (*sfit) return cmd_scaling_fit(sfa);
     if (*spred) return cmd_scaling_predict(spa);
     if (*salloc) return cmd_scaling_allocate(saa);
+    if (int rc = run_tokenizer(); rc >= 0) return rc;
   } catch (const dlcm::Error& e) {
     return report(e.what(), 2);
   } catch (const std::exception& e) {
