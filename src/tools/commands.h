@@ -13,8 +13,11 @@
 namespace dlcm {
 
 struct TrainArgs {
-  std::string config, data, out, init_from;
+  std::string config, data, out, init_from;  // config: optional with --resume (the run's own)
   i64 steps = -1;
+  i64 threads = 0;      // > 0: train.threads
+  i64 keep = -1;        // checkpoint-step-N folders kept (-1: as the resumed run, else none)
+  bool keep_best = false;
   std::vector<std::string> sets;
   bool resume = false, overwrite = false, quiet = false;
   bool final_eval = true;  // full validation pass at the end
@@ -37,9 +40,12 @@ struct GenerateArgs {
   i64 batch = 8;             // prompts decoded together
   double tau = -1;           // dlcm boundary threshold (< 0: the checkpoint's)
   bool show_concepts = false, ignore_eos = false, quiet = false;
+  bool json = false;  // one JSON object per completion on stdout
 };
-// One prompt: streams the completion as it is produced. Several (--prompt-file): prints each
-// completion when it is done, under a header line "[i/n] stop: REASON, K tokens".
+// One prompt: streams the completion as it is produced. Several (--prompt-file, "-" for
+// stdin): prints each completion when it is done, under a header line "[i/n] stop: REASON, K
+// tokens". --json: one line per completion, {"index", "name", "prompt", "text", "tokens",
+// "prompt_tokens", "new_tokens", "stop_reason"} (+ "concepts" with --show-concepts on a dlcm).
 int cmd_generate(const GenerateArgs& a);
 
 struct SegmentArgs {
@@ -115,6 +121,7 @@ struct PrepareArgs {
   std::string out, tokenizer = "bpe";
   i64 vocab_size = 8192;
   double val_fraction = 0.01;
+  i64 threads = 0;  // 0: OpenMP default
 };
 int cmd_prepare(const PrepareArgs& a);
 
