@@ -519,12 +519,6 @@ int cmd_flops(const FlopsArgs& a) {
   return 0;
 }
 
-static std::string fmt_g7(double v) {
-  char b[32];
-  std::snprintf(b, sizeof b, "%.7g", v);
-  return b;
-}
-
 static std::string shape_line(const ModelConfig& m) {
   char b[512];
   if (!m.is_dlcm()) {
@@ -589,16 +583,7 @@ int cmd_plan(const PlanArgs& a) {
               100 * a.flops_tol);
   std::printf("backbone share of non-embedding parameters P = %.4f (asked %g +- %g); of forward "
               "FLOPs %.1f%%\n", p.P, a.P, a.p_tol, 100 * p.prop.backbone_flops_share());
-  // floats as the 7 significant digits they hold (0.03, not 0.029999999329447746)
-  std::function<void(json&)> tidy = [&](json& j) {
-    if (j.is_object() || j.is_array())
-      for (auto& v : j) tidy(v);
-    else if (j.is_number_float())
-      j = std::stod(fmt_g7(j.get<double>()));
-  };
-  json cj = config_to_json(p.dlcm);
-  tidy(cj);
-  std::string text = cj.dump(2);
+  const std::string text = config_to_json(p.dlcm).dump(2);
   if (!a.out.empty()) {
     std::ofstream f(a.out);
     DLCM_CHECK(f, a.out, ": cannot write the proposed config (check --out)");

@@ -45,7 +45,8 @@ struct GenerateArgs {
 // One prompt: streams the completion as it is produced. Several (--prompt-file, "-" for
 // stdin): prints each completion when it is done, under a header line "[i/n] stop: REASON, K
 // tokens". --json: one line per completion, {"index", "name", "prompt", "text", "tokens",
-// "prompt_tokens", "new_tokens", "stop_reason"} (+ "concepts" with --show-concepts on a dlcm).
+// "prompt_tokens", "new_tokens", "stop_reason"} (+ "concepts" with --show-concepts on a dlcm);
+// bytes of "text" that are not valid UTF-8 become U+FFFD ("tokens" holds the exact ids).
 int cmd_generate(const GenerateArgs& a);
 
 struct SegmentArgs {

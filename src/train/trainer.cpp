@@ -164,6 +164,12 @@ Trainer::Trainer(const Config& cfg, TrainData data, TrainOptions opt)
   keep_best_ = o_.keep_best > 0;
   if (o_.resume) {
     restore(ckpt_dir);
+    // A kill between a save and its kept copy: the checkpoint resumed from is one of the last
+    // saves, so it is kept like the others.
+    if (keep_ > 0 && rank_ == 0 && !is_checkpoint(step_checkpoint_dir(o_.out_dir, step_))) {
+      copy_checkpoint(ckpt_dir, step_checkpoint_dir(o_.out_dir, step_));
+      prune_step_checkpoints(o_.out_dir, keep_);
+    }
   } else if (!log_path_.empty()) {
     std::ofstream(log_path_, std::ios::trunc);
   }
