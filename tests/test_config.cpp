@@ -474,7 +474,7 @@ TEST(ConfigKeys, ResumableKeysAreFlaggedInTheTable) {
                         "train.lr", "train.on_nonfinite", "train.threads"})
     EXPECT_TRUE(find_config_key(k)->on_resume) << k;
   for (const char* k : {"d_token", "arch", "router.alpha", "train.seq_len", "train.batch_size",
-                        "train.grad_accum", "train.seed", "train.schedule", "max_seq_len"})
+                        "train.seed", "train.schedule", "max_seq_len"})
     EXPECT_FALSE(find_config_key(k)->on_resume) << k;
   expect_has(config_keys_listing(true), "| `train.steps` | int | 1000 | [0, 1099511627776] | may change |");
   expect_has(config_keys_listing(true), "| `d_token` | int | 256 | [1, 65536] |  |");

@@ -447,7 +447,9 @@ TEST(Prepare, SingleTextFileIsSplitAtBlankLinesAndSourcesKeepFullNames) {
   DataDir dd = open_data_dir(out.path);
   auto tr = docs_of(*dd.train, *dd.tokenizer), va = docs_of(*dd.val, *dd.tokenizer);
   EXPECT_EQ(tr.size() + va.size(), 120u);
-  EXPECT_EQ(va.count(gen_text(500, 8)) + tr.count(gen_text(500, 8)), 1u);  // a whole paragraph
+  std::string first = gen_text(500, 8);  // a whole paragraph, trimmed like every document
+  first.erase(first.find_last_not_of(" \n") + 1);
+  EXPECT_EQ(va.count(first) + tr.count(first), 1u);
   // With form feeds, they separate the documents (blank lines do not).
   write(in.path + "/ff.txt", gen_text(1, 8) + "\n\n" + gen_text(2, 8) + "\f" + gen_text(3, 8));
   meta = prepare({in.path + "/ff.txt"}, out2.path, po);

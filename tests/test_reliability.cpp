@@ -417,9 +417,12 @@ TEST(RunFolder, ResumeUsesTheRunsConfigAndRefusesOtherKeys) {
   std::string err = error_of([&] {
     resume_config(out, "", {"d_ff=48", "train.steps=5", "train.batch_size=4", "router.alpha=0.5"});
   });
-  EXPECT_NE(err.find("--set d_ff, train.batch_size, router.alpha may not change when a run is "
+  EXPECT_NE(err.find("--set would change d_ff (run 40, given 48), train.batch_size (run 3, given "
+                     "4), router.alpha (run 0.1, given 0.5), which may not change when a run is "
                      "resumed"), std::string::npos) << err;
   EXPECT_NE(err.find("keys that may change: train.steps,"), std::string::npos) << err;
+  // The run's own value is no change (scripts repeat the first start's flags on resume).
+  EXPECT_EQ(resume_config(out, "", {"d_ff=40", "train.batch_size=3", "steps=3"}).train.steps, 3);
   // An interrupted save between its renames: the config is read from checkpoint.old-PID.
   fs::rename(ck, ck + ".old-123456");
   EXPECT_EQ(resume_config(out, "", {}).model.d_ff, 40);
@@ -777,8 +780,8 @@ TEST(FaultCli, ExitCodesAndMessagesOfRefusedRuns) {
   // on resume, or a --config whose model keys differ from the checkpoint's).
   r = sh(cli().train(out, "--steps 4 --resume --set d_ff=40 --set train.seq_len=8"));
   EXPECT_EQ(r.rc, 2) << r.out;
-  EXPECT_NE(r.out.find("--set d_ff, train.seq_len may not change when a run is resumed"),
-            std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("--set would change d_ff (run 24, given 40), train.seq_len (run 16, given "
+                       "8), which may not change when a run is resumed"), std::string::npos) << r.out;
   json other = json::parse(slurp(cli().cfg));
   other["d_ff"] = 40;
   std::ofstream(tmp.path + "/other.json") << other.dump();

@@ -88,7 +88,7 @@ const std::vector<ConfigKey> kKeys = {
     NUM_GT("mup.lr_mult_other", model.mup.lr_mult_other, 0, 1e6, "µP: learning-rate multiplier, other parameters"),
     NUM("train.seq_len", train.seq_len, 1, kSeq, "tokens per training sequence (<= max_seq_len)"),
     NUM("train.batch_size", train.batch_size, 1, kWidth, "sequences per micro-batch (batch_size * seq_len <= 2^24)"),
-    NUM("train.grad_accum", train.grad_accum, 1, kWidth, "micro-batches per optimizer step"),
+    RESUMABLE(NUM("train.grad_accum", train.grad_accum, 1, kWidth, "micro-batches per optimizer step (on resume with another rank count: docs/distributed.md)")),
     RESUMABLE(NUM("train.steps", train.steps, 0, kSteps, "optimizer steps")),
     STR("train.schedule", train.schedule, "cosine|wsd|constant", "learning-rate schedule"),
     RESUMABLE(NUM_GT("train.lr", train.lr, 0, 10, "peak (base, under µP) learning rate")),

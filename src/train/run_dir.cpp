@@ -139,40 +139,51 @@ void remove_run_checkpoints(const std::string& dir) {
 
 Config resume_config(const std::string& dir, const std::string& config_path,
                      const std::vector<std::string>& sets) {
+  // An interrupted save may have left the checkpoint under checkpoint.old-PID (the Trainer
+  // puts it back once it holds the lock); its config is the run's.
+  std::string ck = (fs::path(dir) / "checkpoint").string();
+  std::error_code ec;
+  if (!is_checkpoint(ck))
+    for (const auto& e : fs::directory_iterator(dir, ec))
+      if (e.path().filename().string().rfind("checkpoint.old-", 0) == 0 &&
+          is_checkpoint(e.path().string()))
+        ck = e.path().string();
+  if (!is_checkpoint(ck)) {
+    // A trainer that has not saved yet: its lock names it, which says more than "no checkpoint".
+    if (fs::is_directory(dir, ec)) RunDirLock probe(dir);
+    fail(dir, ": --resume given but there is no checkpoint in ",
+         (fs::path(dir) / "checkpoint").string(), " (start without --resume)");
+  }
+  const std::string run_config = (fs::path(dir) / "checkpoint" / "config.json").string();
+  const nlohmann::json saved = config_to_json(load_checkpoint_config(ck));
+  // A key that may not change on resume may still be --set to the run's own value (scripts
+  // repeat the flags of the first start when they resume).
   std::string refused;
   for (const std::string& s : sets) {
     const ConfigKey* k = override_key(s);
-    if (k && !k->on_resume) refused += std::string(refused.empty() ? "" : ", ") + k->path;
+    if (!k || k->on_resume) continue;
+    nlohmann::json probe = saved;
+    apply_overrides(probe, {s});
+    const nlohmann::json now = config_to_json(config_from_json(probe, "--set '" + s + "'"));
+    std::string path = std::string("/") + k->path;
+    std::replace(path.begin(), path.end(), '.', '/');
+    const nlohmann::json::json_pointer at(path);
+    if (now.at(at) != saved.at(at))
+      refused += std::string(refused.empty() ? "" : ", ") + k->path + " (run " + saved.at(at).dump() +
+                 ", given " + now.at(at).dump() + ")";
   }
   if (!refused.empty()) {
     std::string allowed;
     for (const ConfigKey& k : config_keys())
       if (k.on_resume) allowed += std::string(allowed.empty() ? "" : ", ") + k.path;
-    fail("--resume: --set ", refused, " may not change when a run is resumed (the run keeps ",
-         "its own config, ", (fs::path(dir) / "checkpoint" / "config.json").string(),
-         "); keys that may change: ", allowed, ". To change the others, start a new run ",
-         "(--init-from ", dir, " starts one from these weights)");
+    fail("--resume: --set would change ", refused, ", which may not change when a run is ",
+         "resumed (the run keeps its own config, ", run_config, "); keys that may change: ",
+         allowed, ". To change the others, start a new run (--init-from ", dir,
+         " starts one from these weights)");
   }
-  nlohmann::json j;
-  if (!config_path.empty()) {
-    j = load_config_json(config_path);
-  } else {
-    // An interrupted save may have left the checkpoint under checkpoint.old-PID (the Trainer
-    // puts it back once it holds the lock); its config is the run's.
-    std::string ck = (fs::path(dir) / "checkpoint").string();
-    std::error_code ec;
-    if (!is_checkpoint(ck))
-      for (const auto& e : fs::directory_iterator(dir, ec))
-        if (e.path().filename().string().rfind("checkpoint.old-", 0) == 0 &&
-            is_checkpoint(e.path().string()))
-          ck = e.path().string();
-    DLCM_CHECK(is_checkpoint(ck), dir, ": --resume given but there is no checkpoint in ",
-               (fs::path(dir) / "checkpoint").string(), " (start without --resume)");
-    j = config_to_json(load_checkpoint_config(ck));
-  }
+  nlohmann::json j = config_path.empty() ? saved : load_config_json(config_path);
   apply_overrides(j, sets);
-  return config_from_json(j, config_path.empty() ? (fs::path(dir) / "checkpoint" / "config.json").string()
-                                                 : config_path);
+  return config_from_json(j, config_path.empty() ? run_config : config_path);
 }
 
 bool run_dir_has_run(const std::string& dir) {

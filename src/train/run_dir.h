@@ -49,7 +49,7 @@ void remove_run_checkpoints(const std::string& dir);
 // The config a resumed run trains with: the run's own DIR/checkpoint/config.json (or, when
 // `config_path` is given, that file, whose model keys the Trainer compares with the
 // checkpoint's), then `sets`. Only keys marked on_resume in the key table (models/config.h) may
-// be set; others are refused naming them.
+// be set to another value than the run's; others are refused naming them with both values.
 Config resume_config(const std::string& dir, const std::string& config_path,
                      const std::vector<std::string>& sets);
 
