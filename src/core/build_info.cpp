@@ -48,10 +48,4 @@ const BuildInfo& build_info() {
   return b;
 }
 
-std::string build_version_line() {
-  const BuildInfo& b = build_info();
-  std::string c = b.git_commit == "unknown" ? b.git_commit : b.git_commit.substr(0, 12);
-  return b.version + " (commit " + c + (b.git_dirty ? ", dirty" : "") + ")";
-}
-
 }  // namespace dlcm

@@ -21,7 +21,4 @@ struct BuildInfo {
 };
 const BuildInfo& build_info();
 
-// "0.1 (commit 147c6a7, dirty)": the version and the short commit, for one-line messages.
-std::string build_version_line();
-
 }  // namespace dlcm
