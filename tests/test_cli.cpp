@@ -4,11 +4,15 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
 
+#include "core/build_info.h"
 #include "core/safetensors.h"
 #include "data/tokenizer.h"
 #include "model_fixtures.h"
 #include "testing.h"
+#include "tools/cli_help.h"
 
 using namespace dlcm;
 
@@ -176,4 +180,115 @@ TEST(Cli, BenchDecodeRuns) {
   ASSERT_EQ(r.rc, 0) << r.out;
   EXPECT_NE(r.out.find("speed-up of the caches"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("greedy tokens agree for 10 of 10"), std::string::npos) << r.out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Command-line niceties (issue 21): defaults in --help, "did you mean", --prompt-file -,
+// generate --json, --threads, --version.
+
+TEST(Cli, HelpShowsDefaults) {
+  CmdResult r = run("generate --help");
+  ASSERT_EQ(r.rc, 0) << r.out;
+  EXPECT_NE(r.out.find("=0.8"), std::string::npos) << r.out;  // --temperature
+  EXPECT_NE(r.out.find("=100"), std::string::npos) << r.out;  // --max-new-tokens
+  r = run("prepare --help");
+  EXPECT_NE(r.out.find("=bpe"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("=8192"), std::string::npos) << r.out;
+}
+
+TEST(Cli, UnknownSubcommandsAndFlagsSuggestTheNearestName) {
+  EXPECT_EQ(edit_distance("trian", "train"), 2u);
+  EXPECT_EQ(edit_distance("", "abc"), 3u);
+  EXPECT_EQ(edit_distance("steps", "steps"), 0u);
+  EXPECT_EQ(closest_name("--stpes", {"--steps", "--set", "--out"}), "--steps");
+  EXPECT_EQ(closest_name("zzzzzz", {"train", "eval"}), "");
+  struct Case {
+    std::string args, expect;
+  } cases[] = {
+      {"trian", "unknown subcommand 'trian' of 'dlcm' (did you mean 'train'?)"},
+      {"evl --ckpt x", "unknown subcommand 'evl' of 'dlcm' (did you mean 'eval'?)"},
+      {"bench decod", "unknown subcommand 'decod' of 'dlcm bench' (did you mean 'decode'?)"},
+      {"train --stpes 3 --config c --data d --out o",
+       "unknown flag '--stpes' of 'dlcm train' (did you mean '--steps'?)"},
+      {"generate --ckpt x --max-new-token=5", "(did you mean '--max-new-tokens'?)"},
+      {"xyzzyq", "unknown subcommand 'xyzzyq' of 'dlcm' (expected one of: train,"},
+  };
+  for (auto& c : cases) {
+    CmdResult r = run(c.args);
+    EXPECT_NE(r.rc, 0) << c.args;
+    EXPECT_NE(r.out.find(c.expect), std::string::npos) << c.args << " -> " << r.out;
+  }
+}
+
+TEST(Cli, GenerateJsonAndPromptsFromStdin) {
+  test::TempDir tmp;
+  const std::string ck = byte_checkpoint(tmp.path);
+  const std::string gen = std::string(DLCM_BINARY) + " generate --ckpt " + ck +
+                          " --max-new-tokens 4 --temperature 0 --ignore-eos --quiet --json";
+  test::CommandResult r = test::run_command("printf 'one\\n\\ntwo\\n' | " + gen + " --prompt-file - 2>&1");
+  ASSERT_EQ(r.rc, 0) << r.out;
+  std::istringstream lines(r.out);
+  std::vector<nlohmann::json> got;
+  for (std::string l; std::getline(lines, l);) got.push_back(nlohmann::json::parse(l));
+  ASSERT_EQ(got.size(), 2u) << r.out;
+  std::sort(got.begin(), got.end(), [](auto& a, auto& b) { return a["index"] < b["index"]; });
+  EXPECT_EQ(got[0]["prompt"], "one");
+  EXPECT_EQ(got[1]["prompt"], "two");
+  EXPECT_EQ(got[1]["name"], "stdin:3");
+  for (const auto& j : got) {
+    EXPECT_EQ(j["stop_reason"], "length");
+    EXPECT_EQ(j["tokens"].size(), 4u);
+    EXPECT_EQ(j["new_tokens"], 4);
+    EXPECT_EQ(j["prompt_tokens"], 4);  // BOS + 3 bytes
+    EXPECT_TRUE(j["text"].is_string());
+  }
+  // The same completion as the plain output of one prompt.
+  r = test::run_command(gen + " --prompt one 2>&1");
+  ASSERT_EQ(r.rc, 0) << r.out;
+  EXPECT_EQ(nlohmann::json::parse(r.out)["text"], got[0]["text"]);
+  CmdResult plain = run("generate --ckpt " + ck + " --prompt one --max-new-tokens 4 --temperature 0 "
+                        "--ignore-eos --quiet");
+  ASSERT_EQ(plain.out.rfind("one", 0), 0u) << plain.out;
+  // JSON text is UTF-8: bytes of incomplete characters (random weights) become U+FFFD there,
+  // while "tokens" keeps the exact ids.
+  const std::string raw = plain.out.substr(3, plain.out.size() - 4);
+  EXPECT_EQ(nlohmann::json::parse(nlohmann::json(raw).dump(-1, ' ', false,
+                                                           nlohmann::json::error_handler_t::replace)),
+            got[0]["text"]);
+  // An empty stdin is an error naming it.
+  r = test::run_command(gen + " --prompt-file - < /dev/null 2>&1");
+  EXPECT_NE(r.rc, 0);
+  EXPECT_NE(r.out.find("stdin: no prompts"), std::string::npos) << r.out;
+}
+
+TEST(Cli, ThreadsFlagOnComputeCommands) {
+  test::TempDir tmp;
+  const std::string ck = byte_checkpoint(tmp.path);
+  CmdResult r = run("generate --ckpt " + ck + " --prompt a --max-new-tokens 2 --quiet --threads 1");
+  ASSERT_EQ(r.rc, 0) << r.out;
+  EXPECT_NE(r.out.find("[dlcm] OpenMP threads: 1 (--threads)"), std::string::npos) << r.out;
+  for (const char* cmd : {"train", "forward", "generate", "segment", "prepare", "eval", "analyze",
+                          "bench train", "bench decode", "bench xattn", "mup coord-check",
+                          "mup lr-sweep"}) {
+    r = run(std::string(cmd) + " --help");
+    EXPECT_NE(r.out.find("--threads"), std::string::npos) << cmd;
+  }
+  r = run("generate --ckpt " + ck + " --prompt a --threads -2");
+  EXPECT_NE(r.rc, 0) << r.out;
+}
+
+TEST(Cli, VersionNamesCommitFlagsAndIsa) {
+  CmdResult r = run("--version");
+  ASSERT_EQ(r.rc, 0) << r.out;
+  const BuildInfo& b = build_info();
+  EXPECT_NE(r.out.find("dlcm " + b.version), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("commit   " + b.git_commit), std::string::npos) << r.out;
+  EXPECT_TRUE(b.git_commit == "unknown" || b.git_commit.size() == 40) << b.git_commit;
+  EXPECT_NE(r.out.find("flags    "), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find(b.build_type), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("isa      built for:"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("oneDNN "), std::string::npos) << r.out;
+#ifdef __AVX2__
+  EXPECT_NE(r.out.find("avx2"), std::string::npos) << r.out;
+#endif
 }

@@ -5,7 +5,9 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <cstring>
 #include <limits>
+#include <random>
 
 #include "core/json_util.h"
 #include "core/params.h"
@@ -95,15 +97,26 @@ json& at_path(json& j, const std::string& path) {
   return const_cast<json&>(at_path(static_cast<const json&>(j), path));
 }
 
+// The old writer's JSON with each float printed as the writer now prints it: the shortest text
+// of the same float (0.029999999329447746 -> 0.03).
+json shortest_floats(json j) {
+  if (j.is_object() || j.is_array())
+    for (auto& v : j) v = shortest_floats(v);
+  else if (j.is_number_float())
+    j = std::stod(float_text(float(j.get<double>())));
+  return j;
+}
+
 bool is_int(const ConfigField& f) {
   return std::holds_alternative<i64*>(f) || std::holds_alternative<i32*>(f);
 }
 
 }  // namespace
 
+// The same keys and values as the old writer; floats now as their shortest text.
 TEST(ConfigKeys, JsonIdenticalToTheOldWriter) {
-  EXPECT_EQ(without_new_keys(config_to_json(Config{})).dump(), kOldDefaults);
-  EXPECT_EQ(without_new_keys(config_to_json(all_changed())).dump(), kOldChanged);
+  EXPECT_EQ(without_new_keys(config_to_json(Config{})).dump(), shortest_floats(json::parse(kOldDefaults)).dump());
+  EXPECT_EQ(without_new_keys(config_to_json(all_changed())).dump(), shortest_floats(json::parse(kOldChanged)).dump());
   // Every key of the table is in the JSON, and the JSON has no other leaf.
   const json j = config_to_json(all_changed());
   size_t leaves = 0;
@@ -119,8 +132,8 @@ TEST(ConfigKeys, OldCheckpointConfigsLoad) {
   for (const char* text : {kOldDefaults, kOldChanged}) {
     const json old = json::parse(text);
     const Config c = config_from_json(old, "old/config.json");
-    json expect = old;
-    expect["logit_mult"] = json(c.model.logit_mult);  // forced to 1/s_token under µP
+    json expect = shortest_floats(old);
+    expect["logit_mult"] = std::stod(float_text(c.model.logit_mult));  // forced to 1/s_token under µP
     EXPECT_EQ(without_new_keys(config_to_json(c)), expect);
   }
   EXPECT_FLOAT_EQ(config_from_json(json::parse(kOldChanged), "t").model.logit_mult, 1.0f / 3);
@@ -156,7 +169,7 @@ TEST(ConfigKeys, EveryKeyRoundTrips) {
     } else {
       const double d = def.get<double>();
       for (double v : {d * 0.5, d * 0.9, (d + k.max) / 2, (d + k.min) / 2})
-        if (v > k.min && v < k.max) cands.push_back(json(float(v)));
+        if (v > k.min && v < k.max) cands.push_back(json(std::stod(float_text(float(v)))));
     }
     bool done = false;
     for (const json& v : cands) {
@@ -422,4 +435,50 @@ TEST(ConfigKeys, CliListsKeysAndResolvesConfigs) {
   r = test::run_dlcm("config --set bb_layers=1000000000");
   EXPECT_NE(r.rc, 0);
   expect_has(r.out, "'bb_layers' = 1000000000 exceeds the maximum 1024");
+}
+
+// Floats are written as the shortest text that reads back as the same float.
+TEST(ConfigKeys, FloatsAreWrittenAsTheirShortestText) {
+  Config c;
+  json j = config_to_json(c);
+  EXPECT_EQ(j["aux_weight"].dump(), "0.03");
+  EXPECT_EQ(j["train"]["lr"].dump(), "0.003");
+  EXPECT_EQ(j["norm_eps"].dump(), "1e-05");
+  EXPECT_EQ(j.dump().find("0.0299999"), std::string::npos) << j.dump();
+  // Every float key of a written config reads back bit for bit, on random values too.
+  std::mt19937 rng(7);
+  for (int i = 0; i < 20000; ++i) {
+    float f;
+    const uint32_t bits = rng();
+    std::memcpy(&f, &bits, 4);
+    if (!std::isfinite(f)) continue;
+    const std::string t = float_text(f);
+    EXPECT_EQ(float(std::stod(t)), f) << t;
+    EXPECT_EQ(float(json::parse(json(std::stod(t)).dump()).get<double>()), f) << t;
+  }
+  c.model.router.alpha = 0.7f;
+  c.train.lr = 1e-3f;
+  c.train.wsd_decay_frac = 0.1f;
+  const std::string text = config_to_json(c).dump();
+  for (const char* want : {"\"alpha\":0.7", "\"lr\":0.001", "\"wsd_decay_frac\":0.1"})
+    expect_has(text, want);
+  EXPECT_EQ(config_to_json(config_from_json(config_to_json(c), "c")).dump(), text);
+  test::CmdResult r = test::run_dlcm("config --set aux_weight=0.03");
+  expect_has(r.out, "\"aux_weight\": 0.03,");
+}
+
+// The keys that may change on --resume are flagged in the one key table, and the listing
+// (docs/config.md) shows them.
+TEST(ConfigKeys, ResumableKeysAreFlaggedInTheTable) {
+  for (const char* k : {"train.steps", "train.eval_every", "train.ckpt_every", "train.log_every",
+                        "train.lr", "train.on_nonfinite", "train.threads"})
+    EXPECT_TRUE(find_config_key(k)->on_resume) << k;
+  for (const char* k : {"d_token", "arch", "router.alpha", "train.seq_len", "train.batch_size",
+                        "train.seed", "train.schedule", "max_seq_len"})
+    EXPECT_FALSE(find_config_key(k)->on_resume) << k;
+  expect_has(config_keys_listing(true), "| `train.steps` | int | 1000 | [0, 1099511627776] | may change |");
+  expect_has(config_keys_listing(true), "| `d_token` | int | 256 | [1, 65536] |  |");
+  EXPECT_EQ(override_key("lr=1e-3"), find_config_key("train.lr"));
+  EXPECT_EQ(override_key("d_ff=3"), find_config_key("d_ff"));
+  EXPECT_EQ(override_key("nope=3"), nullptr);
 }

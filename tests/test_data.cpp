@@ -713,3 +713,42 @@ TEST(HfTokenizer, PrepareWithAGivenTokenizer) {
   po.tokenizer_from = in.path + "/none";
   EXPECT_NE(error_of([&] { prepare({in.path + "/c.jsonl"}, b.path, po); }).find("none"), std::string::npos);
 }
+
+// One plain-text file without form feeds: its paragraphs are the documents, with a validation
+// share as for any input; one that has form feeds keeps them as separators. Source names are
+// the full file names (path under the input folder, or as given), not stems.
+TEST(Prepare, SingleTextFileIsSplitAtBlankLinesAndSourcesKeepFullNames) {
+  test::TempDir in, out, out2, out3;
+  std::string book;
+  for (int i = 0; i < 120; ++i) book += gen_text(500 + i, 8) + (i % 3 ? "\n\n" : "\n  \n\n\n");
+  write(in.path + "/book.en.txt", book);
+  PrepareOptions po;
+  po.tokenizer = "bytes";
+  po.quiet = true;
+  po.val_fraction = 0.1;
+  auto meta = prepare({in.path + "/book.en.txt"}, out.path, po);
+  EXPECT_EQ(meta["documents"]["kept"], 120);
+  EXPECT_GT(meta["val"]["documents"].get<int64_t>(), 2);
+  EXPECT_LT(meta["val"]["documents"].get<int64_t>(), 30);
+  ASSERT_EQ(meta["sources"].size(), 1u);
+  EXPECT_EQ(meta["sources"][0]["name"], in.path + "/book.en.txt");
+  DataDir dd = open_data_dir(out.path);
+  auto tr = docs_of(*dd.train, *dd.tokenizer), va = docs_of(*dd.val, *dd.tokenizer);
+  EXPECT_EQ(tr.size() + va.size(), 120u);
+  std::string first = gen_text(500, 8);  // a whole paragraph, trimmed like every document
+  first.erase(first.find_last_not_of(" \n") + 1);
+  EXPECT_EQ(va.count(first) + tr.count(first), 1u);
+  // With form feeds, they separate the documents (blank lines do not).
+  write(in.path + "/ff.txt", gen_text(1, 8) + "\n\n" + gen_text(2, 8) + "\f" + gen_text(3, 8));
+  meta = prepare({in.path + "/ff.txt"}, out2.path, po);
+  EXPECT_EQ(meta["documents"]["kept"], 2);
+  // In a folder, names are paths under it with their extensions; text files stay whole.
+  fs::create_directories(in.path + "/web");
+  write(in.path + "/web/part.1.txt", gen_text(7, 8) + "\n\n" + gen_text(8, 8));
+  write(in.path + "/web/part.2.txt", gen_text(9, 8));
+  meta = prepare({in.path + "/web"}, out3.path, po);
+  EXPECT_EQ(meta["documents"]["kept"], 2);
+  std::vector<std::string> names;
+  for (const auto& s : meta["sources"]) names.push_back(s["name"]);
+  EXPECT_EQ(names, (std::vector<std::string>{"part.1.txt", "part.2.txt"}));
+}

@@ -20,7 +20,9 @@
 #include <thread>
 
 #include "core/safetensors.h"
+#include "core/build_info.h"
 #include "data/prepare.h"
+#include "data/provenance.h"
 #include "data/tokenizer.h"
 #include "data/train_data.h"
 #include "eval/tasks.h"
@@ -399,6 +401,92 @@ TEST(RunFolder, ResumeRefusesChangedModelKeysAndCorruptState) {
   }
 }
 
+// --resume continues with the run's own config: only resumable keys may be --set.
+TEST(RunFolder, ResumeUsesTheRunsConfigAndRefusesOtherKeys) {
+  test::TempDir tmp;
+  Config c = small_run(2);
+  c.model.d_ff = 40;
+  const std::string out = tmp.path + "/run", ck = out + "/checkpoint";
+  Trainer(c, test::pattern_data(c.model.vocab_size), opts(out)).run();
+  Config r = resume_config(out, "", {"train.steps=4", "lr=1e-3", "train.eval_every=1"});
+  EXPECT_EQ(config_to_json(Config{r.model, {}}), config_to_json(Config{c.model, {}}));
+  EXPECT_EQ(r.train.steps, 4);
+  EXPECT_FLOAT_EQ(r.train.lr, 1e-3f);
+  EXPECT_EQ(r.train.eval_every, 1);
+  EXPECT_EQ(r.train.seq_len, c.train.seq_len);
+  std::string err = error_of([&] {
+    resume_config(out, "", {"d_ff=48", "train.steps=5", "train.batch_size=4", "router.alpha=0.5"});
+  });
+  EXPECT_NE(err.find("--set would change d_ff (run 40, given 48), train.batch_size (run 3, given "
+                     "4), router.alpha (run 0.1, given 0.5), which may not change when a run is "
+                     "resumed"), std::string::npos) << err;
+  EXPECT_NE(err.find("keys that may change: train.grad_accum, train.steps,"), std::string::npos) << err;
+  // The run's own value is no change (scripts repeat the first start's flags on resume).
+  EXPECT_EQ(resume_config(out, "", {"d_ff=40", "train.batch_size=3", "steps=3"}).train.steps, 3);
+  // An interrupted save between its renames: the config is read from checkpoint.old-PID.
+  fs::rename(ck, ck + ".old-123456");
+  EXPECT_EQ(resume_config(out, "", {}).model.d_ff, 40);
+  err = error_of([&] { resume_config(tmp.path + "/none", "", {}); });
+  EXPECT_NE(err.find("--resume given but there is no checkpoint"), std::string::npos) << err;
+}
+
+// --keep N keeps the last N saves as checkpoint-step-N/, --keep-best the lowest logged
+// validation loss as checkpoint-best/; a resume keeps both settings; --overwrite drops them.
+TEST(RunFolder, KeepsTheLastCheckpointsAndTheBest) {
+  test::TempDir tmp;
+  Config c = small_run(6);
+  c.train.ckpt_every = 1;
+  c.train.eval_every = 1;
+  c.train.lr = 0.05f;  // a loss that moves, so the best is not simply the last step
+  const std::string out = tmp.path + "/run";
+  TrainOptions o = opts(out);
+  o.keep = 2;
+  o.keep_best = 1;
+  Trainer(c, test::pattern_data(c.model.vocab_size), o).run();
+  auto steps = step_checkpoints(out);
+  ASSERT_EQ(steps.size(), 2u);
+  EXPECT_EQ(steps[0].first, 5);
+  EXPECT_EQ(steps[1].first, 6);
+  EXPECT_EQ(steps[1].second, step_checkpoint_dir(out, 6));
+  EXPECT_EQ(load_trainer_state(steps[0].second).at("step").get<i64>(), 5);
+  EXPECT_EQ(slurp(steps[1].second + "/model.safetensors"), slurp(out + "/checkpoint/model.safetensors"));
+  double best = 1e300;
+  i64 best_step = -1;
+  for (const json& l : read_log(out))
+    if (l.contains("val_loss") && l["val_loss"].get<double>() < best) {
+      best = l["val_loss"].get<double>();
+      best_step = l["step"].get<i64>();
+    }
+  const json bs = load_trainer_state(best_checkpoint_dir(out));
+  EXPECT_EQ(bs.at("step").get<i64>(), best_step);
+  EXPECT_EQ(bs.at("best_step").get<i64>(), best_step);
+  EXPECT_DOUBLE_EQ(bs.at("best_val_loss").get<double>(), best);
+  EXPECT_EQ(load_trainer_state(out + "/checkpoint").at("best_step").get<i64>(), best_step);
+  // The best checkpoint loads like any other (--ckpt RUN/checkpoint-best).
+  EXPECT_EQ(resolve_checkpoint(best_checkpoint_dir(out)), best_checkpoint_dir(out));
+  // Resumed without the options: the run's own (keep 2, keep best) continue.
+  c.train.steps = 8;
+  TrainOptions r = opts(out);
+  r.resume = true;
+  {
+    Trainer tr(c, test::pattern_data(c.model.vocab_size), r);
+    tr.run();
+    steps = step_checkpoints(out);
+    ASSERT_EQ(steps.size(), 2u);
+    EXPECT_EQ(steps[0].first, 7);
+    EXPECT_EQ(steps[1].first, 8);
+    EXPECT_LE(tr.best_val_loss(), best);
+    EXPECT_EQ(load_trainer_state(best_checkpoint_dir(out)).at("step").get<i64>(), tr.best_step());
+  }
+  // --overwrite starts over without the old run's checkpoints.
+  TrainOptions w = opts(out);
+  w.overwrite = true;
+  c.train.steps = 1;
+  Trainer fresh(c, test::pattern_data(c.model.vocab_size), w);
+  EXPECT_TRUE(step_checkpoints(out).empty());
+  EXPECT_FALSE(fs::exists(best_checkpoint_dir(out)));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Bounded parsing of external files (regressions of issue 15's crashes and accepted nonsense).
 
@@ -596,11 +684,14 @@ bool has_old_sibling(const std::string& out) {
 
 }  // namespace
 
-TEST(FaultCli, KillDuringSavesThenResumeIsExact) {
+// kill -9 at random moments of a run started with `extra` flags, --resume until it finishes:
+// the latest checkpoint (and any kept ones) equal those of an uninterrupted run.
+void kill_and_resume(const std::string& extra) {
   test::TempDir tmp;
   const std::string ref = tmp.path + "/ref", run = tmp.path + "/run";
+  cli();  // the shared corpus is prepared before the reference run is timed
   const auto t0 = std::chrono::steady_clock::now();
-  test::CommandResult r = sh(cli().train(ref));
+  test::CommandResult r = sh(cli().train(ref, extra));
   ASSERT_EQ(r.rc, 0) << r.out;
   // Kill moments spread over the reference run's duration (start-up, steps and saves).
   const double whole = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -610,24 +701,42 @@ TEST(FaultCli, KillDuringSavesThenResumeIsExact) {
     const bool resume = fs::exists(run) && (fs::exists(run + "/checkpoint") || has_old_sibling(run));
     const std::string flag = resume ? "--resume" : fs::exists(run) ? "--overwrite" : "";
     const double t = whole * std::uniform_real_distribution<double>(0.2, 0.9)(rng);
-    r = sh("timeout -s KILL " + std::to_string(t) + " " + cli().train(run, flag));
+    r = sh("timeout -s KILL " + std::to_string(t) + " " + cli().train(run, flag + " " + extra));
     if (r.rc == 0) break;
     ASSERT_EQ(r.rc, 128 + SIGKILL) << r.out;
     ++kills;
   }
-  r = sh(cli().train(run, fs::exists(run + "/checkpoint") || has_old_sibling(run) ? "--resume" : "--overwrite"));
+  r = sh(cli().train(run, (fs::exists(run + "/checkpoint") || has_old_sibling(run) ? "--resume " : "--overwrite ") + extra));
   ASSERT_EQ(r.rc, 0) << r.out;
   EXPECT_GT(kills, 0);
-  for (const char* f : {"model.safetensors", "optimizer.safetensors", "trainer_state.json"})
-    EXPECT_EQ(slurp(ref + "/checkpoint/" + f), slurp(run + "/checkpoint/" + f))
-        << f << " differs after " << kills << " kill(s)";
+  std::vector<std::string> kept = {"checkpoint"};
+  for (const auto& e : fs::directory_iterator(ref))
+    if (e.path().filename().string().rfind("checkpoint-", 0) == 0) kept.push_back(e.path().filename().string());
+  for (const auto& e : fs::directory_iterator(run)) {
+    const std::string n = e.path().filename().string();
+    if (n.rfind("checkpoint-", 0) == 0)
+      EXPECT_NE(std::find(kept.begin(), kept.end(), n), kept.end()) << n << " is not in the reference run";
+  }
+  for (const std::string& k : kept)
+    for (const char* f : {"model.safetensors", "optimizer.safetensors", "trainer_state.json"})
+      EXPECT_EQ(slurp(ref + "/" + k + "/" + f), slurp(run + "/" + k + "/" + f))
+          << k << "/" << f << " differs after " << kills << " kill(s)";
   auto a = read_log(ref), b = read_log(run);
   ASSERT_EQ(a.size(), b.size());
   for (size_t i = 0; i < a.size(); ++i) EXPECT_EQ(a[i].value("loss", -1.0), b[i].value("loss", -1.0));
   for (const auto& e : fs::directory_iterator(run)) {
     const std::string n = e.path().filename().string();
-    EXPECT_TRUE(n == "checkpoint" || n == "train_log.jsonl" || n == "train.lock") << n;
+    EXPECT_TRUE(n == "train_log.jsonl" || n == "train.lock" ||
+                std::find(kept.begin(), kept.end(), n) != kept.end()) << n;
   }
+}
+
+TEST(FaultCli, KillDuringSavesThenResumeIsExact) { kill_and_resume(""); }
+
+// The same with kept checkpoints: every checkpoint-step-N/ and checkpoint-best/ is written
+// atomically, so kills inside those saves resume to the same folders.
+TEST(FaultCli, KillDuringSavesWithKeptCheckpointsThenResumeIsExact) {
+  kill_and_resume("--keep 3 --keep-best --set train.eval_every=2 --set train.eval_batches=1");
 }
 
 TEST(FaultCli, SecondTrainerOnOneFolderIsRefusedWithThePid) {
@@ -668,11 +777,24 @@ TEST(FaultCli, ExitCodesAndMessagesOfRefusedRuns) {
   r = sh(cli().train(out, "--steps 4"));
   EXPECT_EQ(r.rc, 2) << r.out;
   EXPECT_NE(r.out.find("already holds a run"), std::string::npos) << r.out;
-  // --resume with a changed model key: refused, naming it.
-  r = sh(cli().train(out, "--steps 4 --resume --set d_ff=40"));
+  // --resume with a changed model key: refused, naming it (a --set of a key that may not change
+  // on resume, or a --config whose model keys differ from the checkpoint's).
+  r = sh(cli().train(out, "--steps 4 --resume --set d_ff=40 --set train.seq_len=8"));
+  EXPECT_EQ(r.rc, 2) << r.out;
+  EXPECT_NE(r.out.find("--set would change d_ff (run 24, given 40), train.seq_len (run 16, given "
+                       "8), which may not change when a run is resumed"), std::string::npos) << r.out;
+  json other = json::parse(slurp(cli().cfg));
+  other["d_ff"] = 40;
+  std::ofstream(tmp.path + "/other.json") << other.dump();
+  r = sh(kDlcm + " train --quiet --no-final-eval --config " + tmp.path + "/other.json --data " +
+         cli().data + " --out " + out + " --resume --steps 4");
   EXPECT_EQ(r.rc, 2) << r.out;
   EXPECT_NE(r.out.find("changes model key(s) d_ff (checkpoint 24, given 40)"), std::string::npos)
       << r.out;
+  // Without --resume, --config is needed.
+  r = sh(kDlcm + " train --data " + cli().data + " --out " + tmp.path + "/new");
+  EXPECT_EQ(r.rc, 2) << r.out;
+  EXPECT_NE(r.out.find("give --config FILE (only --resume may leave it out"), std::string::npos) << r.out;
   r = sh(cli().train(out, "--resume --overwrite"));
   EXPECT_EQ(r.rc, 2) << r.out;
   EXPECT_TRUE(slurp(out + "/checkpoint/model.safetensors") == model) << "checkpoint changed";
@@ -705,6 +827,60 @@ TEST(FaultCli, ExitCodesAndMessagesOfRefusedRuns) {
     EXPECT_NE(r.rc, 0) << t << ": " << r.out;
     EXPECT_NE(r.out.find("--temperature"), std::string::npos) << t << ": " << r.out;
   }
+}
+
+// Provenance: every checkpoint records the code, command, libraries, CPU and data; a resume
+// keeps the first start and adds its record; eval reports carry it too.
+TEST(FaultCli, ProvenanceInCheckpointsAndEvalReports) {
+  test::TempDir tmp;
+  const std::string out = tmp.path + "/run";
+  test::CommandResult r = sh(cli().train(out, "--steps 2"));
+  ASSERT_EQ(r.rc, 0) << r.out;
+  const json p = json::parse(slurp(out + "/checkpoint/provenance.json"));
+  EXPECT_EQ(p["git_commit"], build_info().git_commit);
+  EXPECT_EQ(p["git_dirty"], build_info().git_dirty);
+  EXPECT_EQ(p["version"], build_info().version);
+  EXPECT_EQ(p["command"][1], "train");
+  EXPECT_EQ(p["command"].back(), "2");
+  EXPECT_EQ(p["step"], 2);
+  EXPECT_TRUE(p["libraries"]["onednn"].is_string());
+  EXPECT_TRUE(p["cpu"]["isa"].is_array());
+  EXPECT_EQ(p["data"]["shards"]["train.bin"]["bytes"].get<uint64_t>(),
+            fs::file_size(cli().data + "/train.bin"));
+  EXPECT_EQ(p["data"]["meta_fnv1a64"].get<std::string>().size(), 16u);
+  EXPECT_LE(p["start"].get<std::string>(), p["end"].get<std::string>());
+  // Resumed without --config: the first start stays, the resume is recorded.
+  r = sh(kDlcm + " train --quiet --no-final-eval --data " + cli().data + " --out " + out +
+         " --resume --steps 3");
+  ASSERT_EQ(r.rc, 0) << r.out;
+  const json q = json::parse(slurp(out + "/checkpoint/provenance.json"));
+  EXPECT_EQ(q["start"], p["start"]);
+  EXPECT_EQ(q["step"], 3);
+  ASSERT_EQ(q["resumes"].size(), 1u);
+  EXPECT_EQ(q["resumes"][0]["step"], 2);
+  EXPECT_NE(q["resumes"][0]["command"].dump().find("--resume"), std::string::npos) << q.dump();
+  EXPECT_TRUE(q["resumes"][0].contains("start"));
+  // The eval report.
+  r = sh(kDlcm + " eval --ckpt " + out + " --data " + cli().data + " --limit 1 --quiet --out " +
+         tmp.path + "/report.json");
+  ASSERT_EQ(r.rc, 0) << r.out;
+  const json e = json::parse(slurp(tmp.path + "/report.json"));
+  EXPECT_EQ(e["provenance"]["git_commit"], build_info().git_commit);
+  EXPECT_EQ(e["provenance"]["data"]["meta_fnv1a64"], p["data"]["meta_fnv1a64"]);
+  EXPECT_EQ(e["provenance"]["command"][1], "eval");
+  // The fingerprint follows the shard headers.
+  const std::string copy = tmp.path + "/data";
+  fs::copy(cli().data, copy);
+  const json before = data_fingerprint(copy);
+  {
+    std::fstream f(copy + "/val.bin", std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(40);
+    f.put('\x01');  // a reserved header byte
+  }
+  const json after = data_fingerprint(copy);
+  EXPECT_NE(after["shards"]["val.bin"]["header_fnv1a64"], before["shards"]["val.bin"]["header_fnv1a64"]);
+  EXPECT_EQ(after["shards"]["train.bin"], before["shards"]["train.bin"]);
+  EXPECT_EQ(after["meta_fnv1a64"], before["meta_fnv1a64"]);
 }
 
 // A full disk while saving, simulated with a file-size limit (writes fail with EFBIG as they

@@ -37,7 +37,10 @@ struct Stats {
 
 bool has_ext(const fs::path& p, const char* ext) { return p.extension() == ext; }
 
-std::vector<std::string> collect_files(const std::vector<std::string>& inputs) {
+// The files of the inputs, and in `names` each one's source name: its path under the input
+// folder ("web/part-1.txt"), or the path as given for a file input.
+std::vector<std::string> collect_files(const std::vector<std::string>& inputs,
+                                       std::vector<std::string>& names) {
   DLCM_CHECK(!inputs.empty(), "prepare: no --input given");
   std::vector<std::string> files;
   for (const auto& in : inputs) {
@@ -56,8 +59,10 @@ std::vector<std::string> collect_files(const std::vector<std::string>& inputs) {
                  " contains no .txt or .jsonl files");
       std::sort(found.begin(), found.end());
       files.insert(files.end(), found.begin(), found.end());
+      for (const auto& f : found) names.push_back(fs::path(f).lexically_relative(p).string());
     } else if (fs::is_regular_file(p, ec)) {
       files.push_back(p.string());
+      names.push_back(p.string());
     } else {
       fail("prepare: input ", in, " does not exist (expected a file or folder)");
     }
@@ -128,6 +133,23 @@ bool clean_doc(std::string& t, Stats& st) {
   return true;
 }
 
+// A plain-text file without form feeds given alone: its paragraphs (text between blank lines,
+// i.e. lines holding only spaces or tabs) are the documents.
+void split_paragraphs(const std::string& all, std::vector<std::string>& out) {
+  size_t start = 0, pos = 0;
+  bool blank_run = false;
+  while (pos <= all.size()) {
+    size_t nl = all.find('\n', pos);
+    if (nl == std::string::npos) nl = all.size();
+    const bool blank = all.find_first_not_of(" \t\r", pos) >= nl;
+    if (blank && !blank_run && pos > start) out.emplace_back(all.substr(start, pos - start));
+    if (!blank && blank_run) start = pos;
+    blank_run = blank;
+    pos = nl + 1;
+  }
+  if (!blank_run && start < all.size()) out.emplace_back(all.substr(start));
+}
+
 // Plain text: form feeds separate documents; long documents are cut at blank lines.
 void split_text(const std::string& all, std::vector<std::string>& out) {
   constexpr size_t kLong = 64 * 1024, kTarget = 16 * 1024;
@@ -180,9 +202,13 @@ struct Reader {
     }
     docs.push_back({std::move(text), src});
   }
-  void read_file(const std::string& path) {
+  bool paragraphs = false;  // a single plain-text input: split_paragraphs
+  bool used_paragraphs = false;
+
+  // `name`: the source name recorded in meta.json (the file's path under its input folder, or
+  // as given), unless a .jsonl line names its own.
+  void read_file(const std::string& path, const std::string& name) {
     const std::string all = slurp(path);
-    const std::string stem = fs::path(path).stem().string();
     if (has_ext(path, ".jsonl")) {
       size_t pos = 0;
       int64_t line_no = 0;
@@ -201,14 +227,16 @@ struct Reader {
         }
         DLCM_CHECK(j.is_object() && j.contains("text") && j["text"].is_string(), path, ":",
                    line_no, ": expected a JSON object with a string field \"text\"");
-        std::string src = stem;
+        std::string src = name;
         if (j.contains("source") && j["source"].is_string()) src = j["source"].get<std::string>();
         add(j["text"].get<std::string>(), source_id(src));
       }
     } else {
       std::vector<std::string> parts;
-      split_text(all, parts);
-      const int32_t sid = source_id(stem);
+      used_paragraphs = paragraphs && all.find('\f') == std::string::npos;
+      if (used_paragraphs) split_paragraphs(all, parts);
+      else split_text(all, parts);
+      const int32_t sid = source_id(name);
       for (auto& p : parts) add(std::move(p), sid);
     }
   }
@@ -327,9 +355,13 @@ json prepare(const std::vector<std::string>& inputs, const std::string& out_dir,
   };
 
   // 1. Read, clean, deduplicate.
-  const std::vector<std::string> files = collect_files(inputs);
+  std::vector<std::string> names;
+  const std::vector<std::string> files = collect_files(inputs, names);
   Reader rd;
-  for (const auto& f : files) rd.read_file(f);
+  rd.paragraphs = files.size() == 1 && !has_ext(files[0], ".jsonl");
+  for (size_t i = 0; i < files.size(); ++i) rd.read_file(files[i], names[i]);
+  if (rd.used_paragraphs)
+    say("one plain-text file without form feeds: its paragraphs (split at blank lines) are the documents");
   const double t_read = secs(t_start);
   int64_t kept_bytes = 0;
   for (const auto& d : rd.docs) kept_bytes += int64_t(d.text.size());
@@ -346,7 +378,7 @@ json prepare(const std::vector<std::string>& inputs, const std::string& out_dir,
   }
   DLCM_CHECK(rd.docs.size() >= 2, "prepare: need at least 2 usable documents for a train/",
              "validation split, the input has ", rd.docs.size(),
-             " (separate documents with form feeds in .txt files, or use .jsonl)");
+             " (separate documents with blank lines or form feeds in .txt files, or use .jsonl)");
 
   // 2. Split by a hash of the text.
   std::vector<const Doc*> train, val;
@@ -519,8 +551,8 @@ bool load_val_sources(const DataDir& d, ValSources& out, std::string* why) {
                 f + " listed in meta.json is not readable from here or from a folder above " + d.dir);
     f = (up / f).string();
   }
-  Reader rd;
-  for (const auto& f : files) rd.read_file(f);
+  Reader rd;  // as the dlcm before val_sources.json read them: sources named by file stem
+  for (const auto& f : files) rd.read_file(f, fs::path(f).stem().string());
   std::vector<const Doc*> train, val;
   if (rd.docs.size() >= 2) split_documents(rd.docs, val_fraction, train, val);
   if (int64_t(val.size()) != n_docs)

@@ -6,7 +6,10 @@
 //            this is what scripts/build_corpus.sh writes.
 //   other    plain UTF-8 text; form feeds ('\f') separate documents; a document longer than
 //            64 KiB is cut at blank lines into ~16 KiB documents so the split has units to work
-//            with.
+//            with. A single plain-text input without form feeds is split into documents at
+//            blank lines (its paragraphs).
+// Source names (meta.json "sources", val_sources.json): the .jsonl "source" field, else the
+// file's path under its input folder ("web/part-1.txt"), or the path as given for a file input.
 // Cleaning: CRLF -> LF, malformed UTF-8 bytes -> U+FFFD, control characters other than \n and
 // \t removed, ends trimmed. Dropped: empty documents, junk (mostly replacement characters or
 // fewer than 25% letters among non-space characters) and exact duplicates.

@@ -202,6 +202,12 @@ bool cpu_has_bf16() {
 #endif
 }
 
+std::string onednn_version() {
+  const dnnl_version_t* v = dnnl_version();
+  return std::to_string(v->major) + "." + std::to_string(v->minor) + "." +
+         std::to_string(v->patch) + " (commit " + (v->hash ? v->hash : "unknown") + ")";
+}
+
 void set_gemm_precision(Precision p) {
   DLCM_CHECK(p != Precision::BF16 || cpu_has_bf16(),
              "bf16 precision needs a CPU with AVX512-BF16 (this one has none); use fp32");

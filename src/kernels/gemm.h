@@ -24,6 +24,8 @@ const char* precision_name(Precision p);
 void set_gemm_precision(Precision p);
 Precision gemm_precision();
 bool cpu_has_bf16();
+// The oneDNN library in use, "3.0.0 (commit abc123)" (provenance).
+std::string onednn_version();
 
 // Sets the precision for a scope and restores the previous one at exit.
 class PrecisionScope {

@@ -88,6 +88,28 @@ std::vector<fs::path> old_siblings(const std::string& dir) {
   return out;
 }
 
+// Renames the complete folder TMP to DIR. An existing DIR is moved aside to DIR.old-PID (not
+// deleted) until TMP has its final name, so some complete checkpoint exists at every instant.
+void swap_into_place(const std::string& tmp, const std::string& dir) {
+  std::error_code ec;
+  const std::string old = dir + ".old-" + std::to_string(::getpid());
+  const fs::path parent = fs::path(dir).parent_path();
+  const bool had_old = fs::exists(dir, ec);
+  if (had_old) {
+    fs::remove_all(old, ec);
+    fs::rename(dir, old, ec);
+    DLCM_CHECK(!ec, dir, ": cannot move previous checkpoint aside: ", ec.message());
+  }
+  fs::rename(tmp, dir, ec);
+  if (ec) {
+    std::error_code ec2;
+    if (had_old) fs::rename(old, dir, ec2);  // put the previous one back
+    fail(dir, ": cannot rename ", tmp, " into place: ", ec.message());
+  }
+  fsync_path(parent.empty() ? "." : parent.string(), true);
+  if (had_old) fs::remove_all(old, ec);
+}
+
 void check_dir(const std::string& dir) {
   std::error_code ec;
   if (!fs::exists(dir, ec)) {
@@ -190,8 +212,7 @@ void save_checkpoint(const std::string& dir_in, const CheckpointWrite& w) {
                "refusing to replace it. Choose another output directory or empty this one");
   }
 
-  const std::string pid = std::to_string(::getpid());
-  const std::string tmp = dir + ".tmp-" + pid, old = dir + ".old-" + pid;
+  const std::string tmp = dir + ".tmp-" + std::to_string(::getpid());
   fs::remove_all(tmp, ec);
   fs::create_directory(tmp, ec);
   DLCM_CHECK(!ec, tmp, ": cannot create temporary checkpoint directory: ", ec.message());
@@ -209,34 +230,46 @@ void save_checkpoint(const std::string& dir_in, const CheckpointWrite& w) {
     }
     const json& st = w.trainer_state.is_null() ? json::object() : w.trainer_state;
     write_text_file(join(tmp, "trainer_state.json"), st.dump(2) + "\n");
+    if (!w.provenance.is_null())
+      write_text_file(join(tmp, "provenance.json"), w.provenance.dump(2) + "\n");
     for (const std::string& src : w.extra_files) {
       const std::string name = fs::path(src).filename().string();
       DLCM_CHECK(!name.empty(), src, ": extra checkpoint file has no file name");
       DLCM_CHECK(name != "config.json" && name != "model.safetensors" &&
-                     name != "optimizer.safetensors" && name != "trainer_state.json",
+                     name != "optimizer.safetensors" && name != "trainer_state.json" &&
+                     name != "provenance.json",
                  src, ": extra file would overwrite the checkpoint's own ", name);
       DLCM_CHECK(fs::is_regular_file(src, ec), src,
                  ": cannot copy into checkpoint: file does not exist");
       copy_file_synced(src, join(tmp, name.c_str()));
     }
     fsync_path(tmp, true);
+    swap_into_place(tmp, dir);
+  } catch (...) {
+    fs::remove_all(tmp, ec);
+    throw;
+  }
+}
 
-    // Swap into place: the old checkpoint is moved aside (not deleted) until the new one has
-    // its final name, so some complete checkpoint exists at every instant.
-    const bool had_old = fs::exists(dir, ec);
-    if (had_old) {
-      fs::remove_all(old, ec);
-      fs::rename(dir, old, ec);
-      DLCM_CHECK(!ec, dir, ": cannot move previous checkpoint aside: ", ec.message());
+void copy_checkpoint(const std::string& src_in, const std::string& dst_in) {
+  const std::string src = normalize_dir(src_in), dst = normalize_dir(dst_in);
+  DLCM_CHECK(is_checkpoint(src), src, ": not a checkpoint, nothing to copy");
+  clean_stale_checkpoint_siblings(dst);
+  std::error_code ec;
+  DLCM_CHECK(!fs::exists(dst, ec) || is_checkpoint(dst), dst,
+             ": exists and is not a checkpoint; refusing to replace it");
+  const std::string tmp = dst + ".tmp-" + std::to_string(::getpid());
+  fs::remove_all(tmp, ec);
+  fs::create_directory(tmp, ec);
+  DLCM_CHECK(!ec, tmp, ": cannot create temporary checkpoint directory: ", ec.message());
+  try {
+    for (const auto& e : fs::directory_iterator(src)) {
+      const fs::path to = fs::path(tmp) / e.path().filename();
+      fs::create_hard_link(e.path(), to, ec);
+      if (ec) copy_file_synced(e.path().string(), to.string());
     }
-    fs::rename(tmp, dir, ec);
-    if (ec) {
-      std::error_code ec2;
-      if (had_old) fs::rename(old, dir, ec2);  // put the previous one back
-      fail(dir, ": cannot rename ", tmp, " into place: ", ec.message());
-    }
-    fsync_path(parent.empty() ? "." : parent.string(), true);
-    if (had_old) fs::remove_all(old, ec);
+    fsync_path(tmp, true);
+    swap_into_place(tmp, dst);
   } catch (...) {
     fs::remove_all(tmp, ec);
     throw;

@@ -1,6 +1,6 @@
 // Checkpoint directories (SPEC section 9):
 //   config.json, model.safetensors, optimizer.safetensors (<name>.exp_avg, <name>.exp_avg_sq),
-//   trainer_state.json, tokenizer files, train_log.jsonl.
+//   trainer_state.json, provenance.json (data/provenance.h), tokenizer files, train_log.jsonl.
 // Written to DIR.tmp-XXXX and renamed into place, so a crash never leaves a half checkpoint;
 // an existing DIR is replaced only after the new one is complete.
 #pragma once
@@ -20,6 +20,7 @@ struct CheckpointWrite {
   const Buf* exp_avg = nullptr;     // same layout as ParamStore data (offsets), may be null
   const Buf* exp_avg_sq = nullptr;  // idem
   nlohmann::json trainer_state;     // step, tokens, RNG, data cursor, schedule position
+  nlohmann::json provenance;        // written as provenance.json when not null (data/provenance.h)
   std::vector<std::string> extra_files;  // copied in by file name (tokenizer, log)
 };
 
@@ -28,6 +29,12 @@ struct CheckpointWrite {
 // neither a checkpoint nor empty is never replaced (error). Calls
 // clean_stale_checkpoint_siblings(dir) first.
 void save_checkpoint(const std::string& dir, const CheckpointWrite& w);
+
+// Makes DST a checkpoint with SRC's files, hard-linked (copied where links are refused), as
+// atomically as save_checkpoint: built in DST.tmp-PID, then swapped in. A checkpoint's files are
+// never rewritten in place (a save replaces the folder), so the links stay valid after SRC is
+// replaced. An existing DST must be a checkpoint.
+void copy_checkpoint(const std::string& src, const std::string& dst);
 
 // Crash recovery for DIR: removes DIR.tmp-PID and DIR.old-PID siblings left by dead writers
 // (a live process's ones are kept), and if DIR itself is missing but a DIR.old-PID exists

@@ -1,5 +1,6 @@
 #include "models/config.h"
 
+#include <charconv>
 #include <cstdint>
 #include <fstream>
 #include <limits>
@@ -24,6 +25,11 @@ namespace {
 #define BOOL(path, member, doc) ConfigKey{path, FIELD(member), 0, 1, false, false, nullptr, doc}
 #define STR(path, member, choices, doc) \
   ConfigKey{path, FIELD(member), 0, 0, false, false, choices, doc}
+// A key that may change when a run is resumed (ConfigKey::on_resume).
+constexpr ConfigKey RESUMABLE(ConfigKey k) {
+  k.on_resume = true;
+  return k;
+}
 
 constexpr i64 kWidth = 65536, kHeads = 1024, kLayers = 1024, kVocab = i64(1) << 24;
 constexpr i64 kSeq = i64(1) << 20, kSteps = i64(1) << 40;
@@ -82,29 +88,29 @@ const std::vector<ConfigKey> kKeys = {
     NUM_GT("mup.lr_mult_other", model.mup.lr_mult_other, 0, 1e6, "µP: learning-rate multiplier, other parameters"),
     NUM("train.seq_len", train.seq_len, 1, kSeq, "tokens per training sequence (<= max_seq_len)"),
     NUM("train.batch_size", train.batch_size, 1, kWidth, "sequences per micro-batch (batch_size * seq_len <= 2^24)"),
-    NUM("train.grad_accum", train.grad_accum, 1, kWidth, "micro-batches per optimizer step"),
-    NUM("train.steps", train.steps, 0, kSteps, "optimizer steps"),
+    RESUMABLE(NUM("train.grad_accum", train.grad_accum, 1, kWidth, "micro-batches per optimizer step (on resume with another rank count: docs/distributed.md)")),
+    RESUMABLE(NUM("train.steps", train.steps, 0, kSteps, "optimizer steps")),
     STR("train.schedule", train.schedule, "cosine|wsd|constant", "learning-rate schedule"),
-    NUM_GT("train.lr", train.lr, 0, 10, "peak (base, under µP) learning rate"),
+    RESUMABLE(NUM_GT("train.lr", train.lr, 0, 10, "peak (base, under µP) learning rate")),
     NUM("train.min_lr_ratio", train.min_lr_ratio, 0, 1, "final learning rate / peak"),
     NUM("train.warmup_steps", train.warmup_steps, 0, kSteps, "linear warmup steps"),
-    NUM("train.wsd_decay_frac", train.wsd_decay_frac, 0, 1, "WSD: share of steps in the final decay"),
+    RESUMABLE(NUM("train.wsd_decay_frac", train.wsd_decay_frac, 0, 1, "WSD: share of steps in the final decay")),
     NUM_LT("train.beta1", train.beta1, 0, 1, "AdamW beta1"),
     NUM_LT("train.beta2", train.beta2, 0, 1, "AdamW beta2"),
-    NUM_GT("train.eps", train.eps, 0, 1, "AdamW epsilon"),
+    RESUMABLE(NUM_GT("train.eps", train.eps, 0, 1, "AdamW epsilon")),
     NUM("train.weight_decay", train.weight_decay, 0, 1000, "AdamW weight decay (matrices only)"),
     NUM("train.grad_clip", train.grad_clip, 0, 1e9, "global gradient-norm clip (0 = off)"),
     NUM("train.seed", train.seed, 0, std::numeric_limits<uint64_t>::max(), "initialisation and data seed"),
-    NUM("train.log_every", train.log_every, 1, kSteps, "steps between log lines"),
-    NUM("train.eval_every", train.eval_every, 0, kSteps, "steps between validations (0 = off)"),
-    NUM("train.eval_batches", train.eval_batches, -1, kSteps, "validation batches (-1 = the whole split)"),
-    NUM("train.ckpt_every", train.ckpt_every, 0, kSteps, "steps between checkpoints (0 = only the last)"),
-    NUM("train.threads", train.threads, 0, 4096, "OpenMP threads per process (0 = automatic)"),
-    NUM_GT("train.allreduce_bucket_mb", train.allreduce_bucket_mb, 0, 65536, "MPI gradient all-reduce bucket size"),
-    BOOL("train.allreduce_overlap", train.allreduce_overlap, "all-reduce buckets during the last backward"),
+    RESUMABLE(NUM("train.log_every", train.log_every, 1, kSteps, "steps between log lines")),
+    RESUMABLE(NUM("train.eval_every", train.eval_every, 0, kSteps, "steps between validations (0 = off)")),
+    RESUMABLE(NUM("train.eval_batches", train.eval_batches, -1, kSteps, "validation batches (-1 = the whole split)")),
+    RESUMABLE(NUM("train.ckpt_every", train.ckpt_every, 0, kSteps, "steps between checkpoints (0 = only the last)")),
+    RESUMABLE(NUM("train.threads", train.threads, 0, 4096, "OpenMP threads per process (0 = automatic)")),
+    RESUMABLE(NUM_GT("train.allreduce_bucket_mb", train.allreduce_bucket_mb, 0, 65536, "MPI gradient all-reduce bucket size")),
+    RESUMABLE(BOOL("train.allreduce_overlap", train.allreduce_overlap, "all-reduce buckets during the last backward")),
     STR("train.precision", train.precision, "fp32|bf16", "matrix products: fp32 or bf16 (fp32 accumulation)"),
-    STR("train.on_nonfinite", train.on_nonfinite, "stop|skip", "a step with a non-finite loss or gradient: stop the run, or skip the step"),
-    NUM("train.max_nonfinite_skips", train.max_nonfinite_skips, 1, 1000000, "skip: stop after this many non-finite steps in a row"),
+    RESUMABLE(STR("train.on_nonfinite", train.on_nonfinite, "stop|skip", "a step with a non-finite loss or gradient: stop the run, or skip the step")),
+    RESUMABLE(NUM("train.max_nonfinite_skips", train.max_nonfinite_skips, 1, 1000000, "skip: stop after this many non-finite steps in a row")),
 };
 
 #undef FIELD
@@ -262,6 +268,9 @@ void read_object(Config& c, const json& src, const std::string& prefix, const st
 }
 
 json field_json(const ConfigField& f) {
+  // A float goes through its shortest text: json(float) would widen it to the double
+  // 0.029999999329447746 and print every digit of that.
+  if (auto p = std::get_if<float*>(&f)) return json(std::stod(float_text(**p)));
   return std::visit([](auto* p) { return json(*p); }, f);
 }
 
@@ -306,6 +315,12 @@ i64 block_act_per_token(const Checked& k, i64 d, i64 H, i64 Hkv, i64 hd, i64 dff
 
 const std::vector<ConfigKey>& config_keys() { return kKeys; }
 
+std::string float_text(float v) {
+  char buf[64];
+  const auto r = std::to_chars(buf, buf + sizeof buf, v);  // shortest round-trip form
+  return std::string(buf, r.ptr);
+}
+
 const ConfigKey* find_config_key(std::string_view path) {
   for (const ConfigKey& k : kKeys)
     if (path == k.path) return &k;
@@ -316,18 +331,13 @@ std::string config_keys_listing(bool markdown) {
   Config d;
   std::ostringstream os;
   if (markdown) {
-    os << "| key | type | default | allowed | description |\n"
-       << "|---|---|---|---|---|\n";
+    os << "| key | type | default | allowed | on resume | description |\n"
+       << "|---|---|---|---|---|---|\n";
   }
   for (const ConfigKey& k : kKeys) {
     const ConfigField f = k.field(d);
     std::string type, range;
-    std::string def = field_json(f).dump();
-    if (std::holds_alternative<float*>(f)) {
-      std::ostringstream v;
-      v << *std::get<float*>(f);  // the float as written in a config, not its double expansion
-      def = v.str();
-    }
+    const std::string def = field_json(f).dump();
     if (std::holds_alternative<std::string*>(f)) {
       type = "string";
       std::string c = k.choices;
@@ -346,12 +356,12 @@ std::string config_keys_listing(bool markdown) {
               fmt_limit(k.max, integer) + (k.max_open ? ")" : "]");
     }
     if (markdown) {
-      os << "| `" << k.path << "` | " << type << " | " << def << " | " << range << " | " << k.doc
-         << " |\n";
+      os << "| `" << k.path << "` | " << type << " | " << def << " | " << range << " | "
+         << (k.on_resume ? "may change" : "") << " | " << k.doc << " |\n";
     } else {
       char line[160];
-      std::snprintf(line, sizeof line, "%-26s %-6s %-12s %-26s ", k.path, type.c_str(),
-                    def.c_str(), range.c_str());
+      std::snprintf(line, sizeof line, "%-26s %-6s %-12s %-26s %-7s ", k.path, type.c_str(),
+                    def.c_str(), range.c_str(), k.on_resume ? "resume" : "");
       os << line << k.doc << "\n";
     }
   }
@@ -387,15 +397,24 @@ nlohmann::json load_config_json(const std::string& path) {
 
 Config load_config(const std::string& path) { return config_from_json(load_config_json(path), path); }
 
+// The key path an override names: its text before '=', or "train.<key>" for a bare training
+// key ("lr=1e-3").
+static std::string override_path(const std::string& s) {
+  std::string key = s.substr(0, s.find('='));
+  if (!find_config_key(key) && !is_group(key) && find_config_key("train." + key))
+    key = "train." + key;
+  return key;
+}
+
+const ConfigKey* override_key(const std::string& set) { return find_config_key(override_path(set)); }
+
 void apply_overrides(json& j, const std::vector<std::string>& sets) {
   for (const std::string& s : sets) {
     const std::string shown = short_text(s);
     auto eq = s.find('=');
     DLCM_CHECK(eq != std::string::npos && eq > 0, "--set '", shown,
                "': expected key=value, e.g. --set d_token=512 or --set train.lr=1e-3");
-    std::string key = s.substr(0, eq), val = s.substr(eq + 1);
-    if (!find_config_key(key) && !is_group(key) && find_config_key("train." + key))
-      key = "train." + key;  // bare training key ("lr=1e-3")
+    const std::string key = override_path(s), val = s.substr(eq + 1);
     const ConfigKey* k = find_config_key(key);
     DLCM_CHECK(k || is_group(key), "--set '", shown, "': unknown config key '", short_text(key),
                "' (`dlcm config --keys` lists them)");

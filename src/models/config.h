@@ -168,6 +168,9 @@ struct ConfigKey {
   bool min_open = false, max_open = false;
   const char* choices = nullptr;  // string keys: "baseline|dlcm"
   const char* doc = "";
+  // May differ from the checkpoint's value on `dlcm train --resume --set` (run length,
+  // cadences, recovery knobs); every other key is the run's own and is refused there.
+  bool on_resume = false;
 };
 
 // Every key, in the order of docs/config.md.
@@ -179,7 +182,11 @@ const ConfigKey* find_config_key(std::string_view path);
 std::string config_keys_listing(bool markdown);
 
 // JSON with model keys at the top level (SPEC section 9) and training keys under "train".
+// Floats are written as the shortest text that reads back as the same float (0.03, not
+// 0.029999999329447746).
 nlohmann::json config_to_json(const Config& c);
+// The shortest decimal text of a float that reads back as the same float ("0.03").
+std::string float_text(float v);
 // Starts from defaults, applies j; unknown keys, wrong types and out-of-range values are errors
 // naming `source` and the key. Validates the result.
 Config config_from_json(const nlohmann::json& j, const std::string& source);
@@ -190,6 +197,9 @@ Config load_config(const std::string& path);
 // training key like "lr=1e-3" is accepted when it is not also a model key). A string key takes
 // the text as it is; other values are parsed as bounded JSON.
 void apply_overrides(nlohmann::json& j, const std::vector<std::string>& sets);
+// The key an override "key=value" names after apply_overrides' rules ("lr=1e-3" names
+// "train.lr"); nullptr for an unknown key or a group ("router={...}").
+const ConfigKey* override_key(const std::string& set);
 // Checks every key's range and the consistency rules, and that the model's size estimate is
 // within bounds; throws Error naming the field.
 void validate(const Config& c, const std::string& source);

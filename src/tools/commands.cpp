@@ -9,12 +9,14 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <iostream>
 #include <nlohmann/json.hpp>
 #include <sstream>
 
 #include "core/dist.h"
 #include "core/safetensors.h"
 #include "data/prepare.h"
+#include "data/provenance.h"
 #include "data/tokenizer.h"
 #include "data/train_data.h"
 #include "infer/generate.h"
@@ -44,10 +46,17 @@ int cmd_train(const TrainArgs& a) {
              "--overwrite starts it over; give one of them");
   std::vector<std::string> sets = a.sets;
   if (a.steps >= 0) sets.push_back("train.steps=" + std::to_string(a.steps));
-  DLCM_CHECK(!a.config.empty() || !a.init_from.empty(), "train: --config is required (or "
-             "--init-from CKPT alone, whose config.json then stands in for it)");
+  if (a.threads > 0) sets.push_back("train.threads=" + std::to_string(a.threads));
+  DLCM_CHECK(a.resume || !a.config.empty() || !a.init_from.empty(),
+             "train: give --config FILE (only --resume, which continues with the run's own "
+             "checkpoint/config.json, or --init-from CKPT, whose config.json stands in for it, may "
+             "leave it out)");
+  // On --resume the run's saved config is used (and only resumable keys may be --set); a
+  // --config given there is checked by the Trainer for the checkpoint's model keys.
   Config cfg;
-  if (a.config.empty()) {
+  if (a.resume) {
+    cfg = resume_config(a.out, a.config, sets);
+  } else if (a.config.empty()) {
     // Fine-tuning with the checkpoint's own settings (model and training keys), --set on top.
     const std::string dir = resolve_checkpoint(a.init_from);
     json j = config_to_json(load_checkpoint_config(dir));
@@ -56,8 +65,6 @@ int cmd_train(const TrainArgs& a) {
   } else {
     cfg = config_with_overrides(a.config, sets);
   }
-  // On --resume the Trainer checks that the model keys equal the checkpoint's (training keys
-  // may change, so a run can be extended with --steps).
   TrainData data = open_train_data(a.data, cfg);
   // Special ids come from the tokenizer of the data.
   TrainOptions opt;
@@ -67,6 +74,9 @@ int cmd_train(const TrainArgs& a) {
   opt.quiet = a.quiet;
   opt.init_from = a.init_from;
   opt.concept_usage = a.concept_usage;
+  opt.keep = a.keep;
+  opt.keep_best = a.keep_best ? 1 : -1;
+  opt.provenance = provenance_json(a.data);
   const bool rank0 = dist::rank() == 0;  // under MPI only rank 0 talks
   if (rank0)
     for (const auto& s : a.sets) std::fprintf(stderr, "[train] --set %s\n", s.c_str());
@@ -172,17 +182,24 @@ static std::string quote_piece(const std::string& s) {
 
 static std::vector<std::string> read_prompt_file(const std::string& path,
                                                  std::vector<std::string>& names) {
-  std::ifstream f(path);
-  DLCM_CHECK(f, path, ": cannot open the prompt file (check --prompt-file)");
+  // "-" reads the prompts from standard input (a pipe or a here-document).
+  const bool stdin_ = path == "-";
+  std::ifstream file;
+  if (!stdin_) {
+    file.open(path);
+    DLCM_CHECK(file, path, ": cannot open the prompt file (check --prompt-file)");
+  }
+  std::istream& f = stdin_ ? std::cin : file;
+  const std::string shown = stdin_ ? "stdin" : path;
   std::vector<std::string> prompts;
   std::string line;
   for (i64 n = 1; std::getline(f, line); ++n) {
     if (!line.empty() && line.back() == '\r') line.pop_back();
     if (line.find_first_not_of(" \t") == std::string::npos) continue;  // blank lines separate
     prompts.push_back(line);
-    names.push_back(path + ":" + std::to_string(n));
+    names.push_back(shown + ":" + std::to_string(n));
   }
-  DLCM_CHECK(!prompts.empty(), path, ": no prompts (one prompt per line, blank lines skipped)");
+  DLCM_CHECK(!prompts.empty(), shown, ": no prompts (one prompt per line, blank lines skipped)");
   return prompts;
 }
 
@@ -224,7 +241,27 @@ int cmd_generate(const GenerateArgs& a) {
 
   const bool single = prompts.size() == 1;
   GenerateEvents ev;
-  if (a.ids) {
+  if (a.json) {
+    // One JSON object per line and completion, in prompt order as each finishes.
+    ev.on_done = [&](i64 i, const Completion& c) {
+      json j = {{"index", i},
+                {"name", names[i]},
+                {"prompt", prompts[i]},
+                {"text", c.text},
+                {"tokens", c.ids},
+                {"prompt_tokens", c.prompt_ids.size()},
+                {"new_tokens", c.ids.size()},
+                {"stop_reason", c.stop_reason}};
+      if (concepts) {
+        json cs = json::array();
+        for (const TokenConcept& tc : c.concepts)
+          cs.push_back({{"p", tc.p}, {"concept", tc.concept_index}, {"boundary", tc.boundary}});
+        j["concepts"] = cs;
+      }
+      std::printf("%s\n", j.dump(-1, ' ', false, json::error_handler_t::replace).c_str());
+      std::fflush(stdout);
+    };
+  } else if (a.ids) {
     // Ids only, printed below once every prompt is done (comparisons with other tools).
   } else if (single && concepts) {
     std::printf("%s\n%6s  %-24s %7s  %s\n", prompts[0].c_str(), "token", "text", "p", "concept");
@@ -342,6 +379,7 @@ int cmd_prepare(const PrepareArgs& a) {
   o.tokenizer = a.tokenizer;
   o.tokenizer_from = a.tokenizer_from;
   o.vocab_size = i32(a.vocab_size);
+  o.threads = int(a.threads);
   o.val_fraction = a.val_fraction;
   json meta = prepare(a.inputs, a.out, o);
   std::printf("%s\n", meta.dump(1).c_str());
@@ -477,6 +515,7 @@ int cmd_eval(const EvalArgs& a) {
     }
   }
   r["seconds"] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  r["provenance"] = provenance_json(a.data);
   std::printf("%s\n", r.dump(1).c_str());
   if (!a.out.empty()) {
     std::ofstream f(a.out);
@@ -558,12 +597,6 @@ int cmd_flops(const FlopsArgs& a) {
   return 0;
 }
 
-static std::string fmt_g7(double v) {
-  char b[32];
-  std::snprintf(b, sizeof b, "%.7g", v);
-  return b;
-}
-
 static std::string shape_line(const ModelConfig& m) {
   char b[512];
   if (!m.is_dlcm()) {
@@ -628,16 +661,7 @@ int cmd_plan(const PlanArgs& a) {
               100 * a.flops_tol);
   std::printf("backbone share of non-embedding parameters P = %.4f (asked %g +- %g); of forward "
               "FLOPs %.1f%%\n", p.P, a.P, a.p_tol, 100 * p.prop.backbone_flops_share());
-  // floats as the 7 significant digits they hold (0.03, not 0.029999999329447746)
-  std::function<void(json&)> tidy = [&](json& j) {
-    if (j.is_object() || j.is_array())
-      for (auto& v : j) tidy(v);
-    else if (j.is_number_float())
-      j = std::stod(fmt_g7(j.get<double>()));
-  };
-  json cj = config_to_json(p.dlcm);
-  tidy(cj);
-  std::string text = cj.dump(2);
+  const std::string text = config_to_json(p.dlcm).dump(2);
   if (!a.out.empty()) {
     std::ofstream f(a.out);
     DLCM_CHECK(f, a.out, ": cannot write the proposed config (check --out)");

@@ -22,8 +22,11 @@ namespace dlcm {
 std::function<int()> add_tokenizer_commands(CLI::App& app);
 
 struct TrainArgs {
-  std::string config, data, out, init_from;
+  std::string config, data, out, init_from;  // config: optional with --resume (the run's own)
   i64 steps = -1;
+  i64 threads = 0;      // > 0: train.threads
+  i64 keep = -1;        // checkpoint-step-N folders kept (-1: as the resumed run, else none)
+  bool keep_best = false;
   std::vector<std::string> sets;
   bool resume = false, overwrite = false, quiet = false;
   bool final_eval = true;  // full validation pass at the end
@@ -47,9 +50,13 @@ struct GenerateArgs {
   double tau = -1;           // dlcm boundary threshold (< 0: the checkpoint's)
   bool show_concepts = false, ignore_eos = false, quiet = false;
   bool ids = false;  // print token ids, not text: "PROMPT_IDS -> COMPLETION_IDS" per prompt
+  bool json = false;  // one JSON object per completion on stdout
 };
-// One prompt: streams the completion as it is produced. Several (--prompt-file): prints each
-// completion when it is done, under a header line "[i/n] stop: REASON, K tokens".
+// One prompt: streams the completion as it is produced. Several (--prompt-file, "-" for
+// stdin): prints each completion when it is done, under a header line "[i/n] stop: REASON, K
+// tokens". --json: one line per completion, {"index", "name", "prompt", "text", "tokens",
+// "prompt_tokens", "new_tokens", "stop_reason"} (+ "concepts" with --show-concepts on a dlcm);
+// bytes of "text" that are not valid UTF-8 become U+FFFD ("tokens" holds the exact ids).
 int cmd_generate(const GenerateArgs& a);
 
 struct SegmentArgs {
@@ -125,6 +132,7 @@ struct PrepareArgs {
   std::string out, tokenizer = "bpe", tokenizer_from;
   i64 vocab_size = 8192;
   double val_fraction = 0.01;
+  i64 threads = 0;  // 0: OpenMP default
 };
 int cmd_prepare(const PrepareArgs& a);
 

@@ -1,26 +1,43 @@
 // dlcm command-line tool: a thin shell over the library. Every failure prints one line
 // naming the file, field or flag at fault, and exits non-zero.
 #include <CLI/CLI.hpp>
+#include <omp.h>
+
 #include <cstdio>
 #include <exception>
 
 #include "core/common.h"
 #include "core/dist.h"
+#include "data/provenance.h"
+#include "tools/cli_help.h"
 #include "tools/commands.h"
 
 int main(int argc, char** argv) {
   using namespace dlcm;
+  set_command_line(argc, argv);  // provenance of checkpoints and reports
   CLI::App app{"dlcm: train, evaluate and run Dynamic Large Concept Models and LLaMA-style baselines"};
   app.require_subcommand(1);
-  app.set_version_flag("--version", "dlcm 0.1");
+  app.set_version_flag("--version", [] { return version_text(); }, "version, git commit, build flags and ISA");
+  app.option_defaults()->always_capture_default();  // every --help shows the defaults
+  // --threads on every command that computes: OpenMP threads of this process (0 = default).
+  i64 threads = 0;
+  auto add_threads = [&](CLI::App* c) {
+    c->add_option("--threads", threads, "OpenMP threads (0 = the OpenMP default or OMP_NUM_THREADS)")
+        ->check(CLI::Range(0, 4096));
+  };
 
   TrainArgs ta;
   auto* train = app.add_subcommand("train", "train a model from a config on prepared data");
-  train->add_option("--config", ta.config, "model/training config JSON (e.g. configs/baseline-small.json); optional with --init-from");
+  train->add_option("--config", ta.config, "model/training config JSON (e.g. configs/baseline-small.json); "
+                    "optional with --resume (the run's own checkpoint/config.json) or --init-from");
   train->add_option("--data", ta.data, "folder written by 'dlcm prepare'")->required();
   train->add_option("--out", ta.out, "run folder: train_log.jsonl and checkpoint/")->required();
   train->add_option("--steps", ta.steps, "optimizer steps (overrides train.steps)");
-  train->add_option("--set", ta.sets, "override a config key: key=value (repeatable)");
+  train->add_option("--set", ta.sets, "override a config key: key=value (repeatable; with --resume only keys "
+                    "that may change on resume, docs/config.md)");
+  train->add_option("--keep", ta.keep, "also keep the last N checkpoints as checkpoint-step-STEP/ "
+                    "(-1: as the resumed run, else none)")->check(CLI::Range(-1, 1 << 20));
+  train->add_flag("--keep-best", ta.keep_best, "keep the checkpoint of the lowest logged validation loss as checkpoint-best/");
   train->add_flag("--resume", ta.resume, "continue the run in --out from its checkpoint");
   train->add_flag("--overwrite", ta.overwrite, "start over in an --out that already holds a run (replaces its checkpoint and log)");
   train->add_option("--init-from", ta.init_from, "start from the weights of this checkpoint (fresh optimizer; same architecture; without --config its config is used)");
@@ -29,18 +46,20 @@ int main(int argc, char** argv) {
                   "dlcm: concept-usage diagnostics on the eval batches at every logged eval (docs/dlcm.md)");
   bool no_final_eval = false;
   train->add_flag("--no-final-eval", no_final_eval, "skip the full validation pass at the end (logged evals still run)");
+  add_threads(train);
 
   ForwardArgs fa;
   auto* fwd = app.add_subcommand("forward", "write logits (and dlcm p, b) for token rows");
   fwd->add_option("--ckpt", fa.ckpt, "checkpoint or run folder")->required();
   fwd->add_option("--tokens", fa.tokens, "text file: one row of space-separated token ids per line")->required();
   fwd->add_option("--out", fa.out, "output .safetensors")->required();
+  add_threads(fwd);
 
   GenerateArgs ga;
   auto* gen = app.add_subcommand("generate", "generate text from prompts (streams one prompt to stdout)");
   gen->add_option("--ckpt", ga.ckpt, "checkpoint or run folder")->required();
   gen->add_option("--prompt", ga.prompt, "prompt text");
-  gen->add_option("--prompt-file", ga.prompt_file, "prompts, one per line (blank lines skipped), decoded together");
+  gen->add_option("--prompt-file", ga.prompt_file, "prompts, one per line (blank lines skipped), decoded together; - reads stdin");
   gen->add_option("--max-new-tokens", ga.max_new_tokens, "tokens to generate per prompt")->check(CLI::Range(1, 1 << 20));
   gen->add_option("--temperature", ga.temperature, "0 = greedy")->check(CLI::Range(0.0, 100.0));
   gen->add_option("--top-k", ga.top_k, "keep the k most likely tokens (0 = all)")->check(CLI::Range(0, 1 << 24));
@@ -53,6 +72,8 @@ int main(int argc, char** argv) {
   gen->add_flag("--ignore-eos", ga.ignore_eos, "keep generating after the end-of-sequence token");
   gen->add_flag("--quiet", ga.quiet, "no summary line on stderr");
   gen->add_flag("--ids", ga.ids, "print token ids instead of text: one line per prompt, 'PROMPT_IDS -> COMPLETION_IDS' (BOS included)");
+  gen->add_flag("--json", ga.json, "one JSON object per completion on stdout (prompt, text, tokens, stop reason)");
+  add_threads(gen);
 
   SegmentArgs sa;
   auto* seg = app.add_subcommand("segment", "show a dlcm's concept boundaries on text (terminal colours, --html page)");
@@ -63,6 +84,7 @@ int main(int argc, char** argv) {
   seg->add_option("--target-R", sa.target_R, "find the tau giving this many tokens per concept on the text")->check(CLI::PositiveNumber);
   seg->add_option("--html", sa.html, "write a self-contained HTML page here");
   seg->add_flag("--no-color", sa.no_color, "no ANSI colours (concepts separated by '|')");
+  add_threads(seg);
 
   ExportArgs xp;
   auto* exp = app.add_subcommand("export", "write a checkpoint in another tool's format (--format hf: transformers LlamaForCausalLM; gguf: llama.cpp)");
@@ -121,6 +143,7 @@ int main(int argc, char** argv) {
       ->delimiter(',')->check(CLI::IsMember({"fp32", "bf16"}));
   btrain->add_flag("--breakdown", ba.breakdown, "per-component time of a training step");
   btrain->add_option("--R", ba.R, "dlcm: concepts of 1+Geometric lengths with this mean (default target_R; 0 = sample from the router)");
+  add_threads(btrain);
 
   BenchXattnArgs xa;
   bool x_only_fixed = false, x_only_variable = false;
@@ -135,6 +158,7 @@ int main(int argc, char** argv) {
   bxattn->add_option("--mean-len", xa.mean_len, "mean variable concept length")->check(CLI::Range(1.0, 1e6));
   bxattn->add_flag("--fixed-only", x_only_fixed, "only fixed-length concepts");
   bxattn->add_flag("--variable-only", x_only_variable, "only variable-length concepts");
+  add_threads(bxattn);
 
   BenchDecodeArgs bd;
   auto* bdec = bench->add_subcommand("decode", "decode tokens/s with the streaming caches vs recomputing the prefix");
@@ -145,15 +169,18 @@ int main(int argc, char** argv) {
   bdec->add_option("--new-tokens", bd.new_tokens, "generated tokens per sequence")->check(CLI::Range(1, 1 << 20));
   bdec->add_option("--batch", bd.batch, "sequences decoded together")->check(CLI::Range(1, 4096));
   bdec->add_option("--repeats", bd.repeats, "repeats (median reported)")->check(CLI::Range(1, 100));
+  add_threads(bdec);
 
   PrepareArgs pa;
   auto* prep = app.add_subcommand("prepare", "corpus files/folders -> tokenizer + train/val token shards");
-  prep->add_option("--input", pa.inputs, "corpus files or folders (*.jsonl, *.txt)")->required();
+  prep->add_option("--input", pa.inputs, "corpus files or folders (*.jsonl, *.txt; a single text file "
+                   "without form feeds is split into documents at blank lines)")->required();
   prep->add_option("--out", pa.out, "output folder")->required();
   prep->add_option("--tokenizer", pa.tokenizer, "bpe (SentencePiece) or bytes")->check(CLI::IsMember({"bpe", "bytes"}));
   prep->add_option("--vocab-size", pa.vocab_size, "BPE vocabulary size")->check(CLI::Range(300, 1 << 20));
   prep->add_option("--tokenizer-from", pa.tokenizer_from, "use the tokenizer of this folder (checkpoint, data, HF tokenizer.json) instead of training one");
   prep->add_option("--val-fraction", pa.val_fraction, "share of documents for validation")->check(CLI::Range(0.0, 0.5));
+  add_threads(prep);
 
   EvalArgs ea;
   auto* ev = app.add_subcommand("eval", "validation bits per byte and zero-shot benchmarks (JSON report)");
@@ -184,6 +211,7 @@ int main(int argc, char** argv) {
   ev->add_option("--fewshot-seed", ea.fewshot_seed, "zero-shot: seed of the few-shot draw (default 1234)");
   ev->add_flag("--log-samples", ea.log_samples,
                "zero-shot: one JSON line per request in OUT_samples_<task>.jsonl beside the --out report");
+  add_threads(ev);
 
   AnalyzeArgs na;
   auto* an = app.add_subcommand("analyze", "concept analysis of a dlcm checkpoint: JSON report and HTML page with figures");
@@ -196,6 +224,7 @@ int main(int argc, char** argv) {
   an->add_option("--tau", na.tau, "boundary threshold (default: the checkpoint's router.tau)");
   an->add_option("--baseline", na.baseline, "baseline checkpoint on the same tokenizer: loss by position in concept, dlcm minus baseline");
   an->add_option("--top", na.top, "tokens listed as concept openers (default 30)")->check(CLI::Range(1, 100000));
+  add_threads(an);
 
   PlotArgs pla;
   auto* plot = app.add_subcommand("plot", "training curves of runs, overlaid (SVG or HTML page)");
@@ -220,6 +249,7 @@ int main(int argc, char** argv) {
   coord->add_option("--params", ca.params, "parametrisations: mup,sp (default both)");
   coord->add_option("--seeds", ca.seeds, "initialisations averaged (default 1)")->check(CLI::Range(1, 100));
   coord->add_option("--out", ca.out, "output folder for coord_check.{csv,json,svg} (default coord_check)");
+  add_threads(coord);
   LrSweepArgs lsa;
   auto* lrs = mup->add_subcommand("lr-sweep", "learning-rate transfer sweep: widths x base learning rates (resumable)");
   lrs->add_option("--config", lsa.config, "config JSON of the model at multiplier 1")->required();
@@ -232,6 +262,7 @@ int main(int argc, char** argv) {
   lrs->add_option("--scale", lsa.scale, "which widths scale: both, token or concept")->check(CLI::IsMember({"both", "token", "concept"}));
   lrs->add_option("--steps", lsa.steps, "optimizer steps per run (overrides train.steps)");
   lrs->add_flag("--quiet", lsa.quiet, "no per-step progress");
+  add_threads(lrs);
 
   auto* scaling = app.add_subcommand("scaling", "compression-aware scaling law (SPEC 8)");
   scaling->require_subcommand(1);
@@ -268,7 +299,10 @@ int main(int argc, char** argv) {
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
-    return app.exit(e);
+    const std::string hint = e.get_exit_code() != 0 ? unknown_name_hint(app, argc, argv) : "";
+    if (hint.empty()) return app.exit(e);
+    std::fprintf(stderr, "dlcm: error: %s\n", hint.c_str());
+    return e.get_exit_code();
   }
   // Under MPI a failure on any rank ends every rank (MPI_Abort) after one line naming it.
   auto report = [](const char* what, int code) {
@@ -281,6 +315,12 @@ int main(int argc, char** argv) {
     dist::finalize();
     return code;
   };
+  if (threads > 0) {
+    omp_set_num_threads(int(threads));
+    std::fprintf(stderr, "[dlcm] OpenMP threads: %lld (--threads)\n", (long long)threads);
+  }
+  ta.threads = threads;  // also train.threads: the trainer applies it under MPI too
+  pa.threads = threads;
   try {
     ta.final_eval = !no_final_eval;
     if (*train) {

@@ -13,7 +13,9 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
+#include "core/json_util.h"
 #include "core/profiler.h"
+#include "data/provenance.h"
 #include "eval/concept_usage.h"
 #include "kernels/gemm.h"
 #include "kernels/ops.h"
@@ -103,11 +105,10 @@ Trainer::Trainer(const Config& cfg, TrainData data, TrainOptions opt)
     // checkpoint.tmp-PID beside the intact checkpoint, or, between its two renames, only
     // checkpoint.old-PID: with the folder locked every such sibling is stale, so the previous
     // checkpoint is put back and the rest removed.
-    const std::string ck = (fs::path(o_.out_dir) / "checkpoint").string();
-    clean_stale_checkpoint_siblings(ck, true);
-    // Starting over: drop the old checkpoint now, so that a crash before the first save
-    // cannot leave it to be resumed under the new run's log.
-    if (o_.overwrite && !o_.resume && is_checkpoint(ck)) fs::remove_all(ck);
+    clean_run_dir(o_.out_dir);
+    // Starting over: drop the old checkpoints now, so that a crash before the first save
+    // cannot leave them to be resumed (or mistaken for this run's) under the new run's log.
+    if (o_.overwrite && !o_.resume) remove_run_checkpoints(o_.out_dir);
   }
   dist::barrier();
   std::string ckpt_dir;
@@ -185,8 +186,17 @@ Trainer::Trainer(const Config& cfg, TrainData data, TrainOptions opt)
     fs::create_directories(o_.out_dir);
     log_path_ = (fs::path(o_.out_dir) / "train_log.jsonl").string();
   }
+  prov_ = o_.provenance.is_null() ? provenance_json() : o_.provenance;
+  keep_ = std::max<i64>(o_.keep, 0);
+  keep_best_ = o_.keep_best > 0;
   if (o_.resume) {
     restore(ckpt_dir);
+    // A kill between a save and its kept copy: the checkpoint resumed from is one of the last
+    // saves, so it is kept like the others.
+    if (keep_ > 0 && rank_ == 0 && !is_checkpoint(step_checkpoint_dir(o_.out_dir, step_))) {
+      copy_checkpoint(ckpt_dir, step_checkpoint_dir(o_.out_dir, step_));
+      prune_step_checkpoints(o_.out_dir, keep_);
+    }
   } else if (!log_path_.empty()) {
     std::ofstream(log_path_, std::ios::trunc);
   }
@@ -248,6 +258,37 @@ void Trainer::restore(const std::string& ckpt_dir) {
   opt_.t = st["adam_t"].get<i64>();
   nonfinite_skips_ = st.value("nonfinite_skips", i64(0));
   nonfinite_in_a_row_ = st.value("nonfinite_in_a_row", i64(0));
+  // Checkpoints kept: as the run had them unless given again.
+  if (o_.keep < 0 && st.contains("keep") && st["keep"].is_number_integer())
+    keep_ = std::max<i64>(st["keep"].get<i64>(), 0);
+  if (o_.keep_best < 0 && st.contains("keep_best") && st["keep_best"].is_boolean())
+    keep_best_ = st["keep_best"].get<bool>();
+  if (st.contains("best_val_loss") && st["best_val_loss"].is_number() &&
+      st.contains("best_step") && st["best_step"].is_number_integer()) {
+    best_val_ = st["best_val_loss"].get<double>();
+    best_step_ = st["best_step"].get<i64>();
+  }
+  // The run keeps its first start and its origin; this process adds a resume record.
+  const fs::path prov_file = fs::path(ckpt_dir) / "provenance.json";
+  if (fs::exists(prov_file)) {
+    json was;
+    try {
+      was = read_json_file_bounded(prov_file.string());
+    } catch (const Error&) {
+      // a damaged record must not stop the run: it restarts from this process's provenance
+    }
+    if (was.is_object()) {
+      json now = prov_;
+      now.erase("resumes");
+      json rec = {{"step", step_}};
+      for (auto it = now.begin(); it != now.end(); ++it)
+        if (!was.contains(it.key()) || was[it.key()] != it.value() || it.key() == "start")
+          rec[it.key()] = it.value();  // what differs from the original run, and when
+      prov_ = was;
+      if (!prov_.contains("resumes") || !prov_["resumes"].is_array()) prov_["resumes"] = json::array();
+      prov_["resumes"].push_back(rec);
+    }
+  }
   // Continue the log from the checkpoint's copy, dropping lines written after it.
   log_lines_.clear();
   std::ifstream in(fs::path(ckpt_dir) / "train_log.jsonl");
@@ -416,6 +457,25 @@ Trainer::ValResult Trainer::validate(i64 max_batches) {
 
 void Trainer::save_checkpoint_now() {
   if (o_.out_dir.empty()) return;
+  const std::string ck = (fs::path(o_.out_dir) / "checkpoint").string();
+  save_to(ck);
+  saved_step_ = step_;
+  if (keep_ > 0 && rank_ == 0) {
+    copy_checkpoint(ck, step_checkpoint_dir(o_.out_dir, step_));
+    prune_step_checkpoints(o_.out_dir, keep_);
+  }
+}
+
+// A validation loss was logged: with keep_best, a new lowest one is saved as checkpoint-best/.
+void Trainer::note_validation(double val_loss) {
+  if (!keep_best_ || o_.out_dir.empty() || !std::isfinite(val_loss)) return;
+  if (best_step_ >= 0 && !(val_loss < best_val_)) return;
+  best_val_ = val_loss;
+  best_step_ = step_;
+  save_to(best_checkpoint_dir(o_.out_dir));
+}
+
+void Trainer::save_to(const std::string& dir) {
   // Rank 0 writes (atomically: tmp folder + rename); the others wait so that no rank runs
   // ahead of a checkpoint that might still fail.
   if (world_ > 1) check_same_weights_on_all_ranks("before saving a checkpoint");
@@ -431,8 +491,17 @@ void Trainer::save_checkpoint_now() {
              {"schedule", {{"name", cfg_.train.schedule}, {"step", step_}, {"total", cfg_.train.steps}}},
              {"world_size", world_},
              {"nonfinite_skips", nonfinite_skips_},
-             {"nonfinite_in_a_row", nonfinite_in_a_row_}};
+             {"nonfinite_in_a_row", nonfinite_in_a_row_},
+             {"keep", keep_},
+             {"keep_best", keep_best_}};
+  if (best_step_ >= 0) {
+    st["best_val_loss"] = best_val_;
+    st["best_step"] = best_step_;
+  }
+  prov_["end"] = utc_time_iso();
+  prov_["step"] = step_;
   CheckpointWrite w;
+  w.provenance = prov_;
   w.config = &cfg_;
   w.params = &model_->params();
   w.exp_avg = &opt_.m;
@@ -440,8 +509,7 @@ void Trainer::save_checkpoint_now() {
   w.trainer_state = st;
   w.extra_files = data_.checkpoint_files;
   if (!log_path_.empty()) w.extra_files.push_back(log_path_);
-  save_checkpoint((fs::path(o_.out_dir) / "checkpoint").string(), w);
-  saved_step_ = step_;
+  save_checkpoint(dir, w);
   dist::barrier();
 }
 
@@ -522,6 +590,7 @@ void Trainer::run() {
         if (u.applicable) j["concept_usage"] = concept_usage_json(u);
       }
       log_line(j.dump());
+      note_validation(v.loss);
       if (talk())
         std::fprintf(stderr, "%sstep %lld | val loss %.4f | ppl %.2f%s\n", tty ? "\r\033[K" : "",
                      (long long)step_, v.loss, v.ppl,

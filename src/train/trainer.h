@@ -4,9 +4,14 @@
 // Run directory layout (--out DIR):
 //   DIR/train_log.jsonl   the live log, one JSON object per line
 //   DIR/checkpoint/       the latest checkpoint (SPEC 9), replaced atomically
+//   DIR/checkpoint-step-N/  with keep > 0: the last `keep` checkpoints (train/run_dir.h)
+//   DIR/checkpoint-best/  with keep_best: the lowest logged validation loss
+// Every checkpoint holds provenance.json: the options' provenance (data/provenance.h) with the
+// run's first start, "end" (the time of the save), "step", and a "resumes" record per resume.
 #pragma once
 #include <functional>
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
@@ -32,6 +37,11 @@ struct TrainOptions {
   // logged evaluation, under "concept_usage" in the log line (three decoder passes a batch;
   // rank 0 only under MPI).
   bool concept_usage = false;
+  // Checkpoints kept besides checkpoint/ (-1: as the resumed run had it, else 0 / false).
+  i64 keep = -1;        // the last N saves as checkpoint-step-N/
+  int keep_best = -1;   // 1: checkpoint-best/ at each new lowest logged validation loss
+  // Where the run comes from (provenance_json(data dir) in `dlcm train`); null: provenance_json().
+  nlohmann::json provenance;
 };
 
 struct StepResult {
@@ -65,6 +75,9 @@ class Trainer {
   // training batch shape, the first max_batches batches (-1: all).
   ValResult validate(i64 max_batches = -1);
   void save_checkpoint_now();
+  // Lowest logged validation loss and its step (keep_best; step -1 while none).
+  double best_val_loss() const { return best_val_; }
+  i64 best_step() const { return best_step_; }
 
   LanguageModel& model() { return *model_; }
   AdamW& optimizer() { return opt_; }
@@ -76,6 +89,8 @@ class Trainer {
 
  private:
   void log_line(const std::string& json_line);
+  void save_to(const std::string& dir);
+  void note_validation(double val_loss);
   void restore(const std::string& ckpt_dir);
   void check_same_run_on_all_ranks();
   void check_same_weights_on_all_ranks(const char* when);
@@ -93,6 +108,11 @@ class Trainer {
   i64 tokens_seen_ = 0;
   i64 nonfinite_skips_ = 0, nonfinite_in_a_row_ = 0;  // train.on_nonfinite = skip
   i64 saved_step_ = -1;
+  i64 keep_ = 0;
+  bool keep_best_ = false;
+  double best_val_ = 0;
+  i64 best_step_ = -1;
+  nlohmann::json prov_;  // provenance.json of the next checkpoint
   double peak_gflops_ = 0;
   int peak_remeasures_ = 0;
   std::vector<i32> tok_, tgt_;  // [grad_accum, B, L]
