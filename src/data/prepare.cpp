@@ -133,49 +133,54 @@ bool clean_doc(std::string& t, Stats& st) {
   return true;
 }
 
+// A document longer than kLong is cut into pieces of about kTarget bytes, at a blank line, else
+// at a line end, else anywhere (never inside a UTF-8 sequence).
+void cut_long_document(std::string_view d, std::vector<std::string>& out) {
+  constexpr size_t kLong = 64 * 1024, kTarget = 16 * 1024;
+  if (d.size() <= kLong) {
+    out.emplace_back(d);
+    return;
+  }
+  size_t s = 0;
+  while (s < d.size()) {
+    size_t cut = d.size();
+    if (d.size() - s > kTarget + kTarget / 2) {
+      cut = d.find("\n\n", s + kTarget);
+      if (cut == std::string_view::npos || cut > s + 4 * kTarget) {
+        cut = d.find('\n', s + kTarget);
+        if (cut == std::string_view::npos || cut > s + 4 * kTarget) cut = s + kTarget;
+      }
+    }
+    while (cut < d.size() && (uint8_t(d[cut]) & 0xC0) == 0x80) ++cut;
+    out.emplace_back(d.substr(s, cut - s));
+    s = cut;
+  }
+}
+
 // A plain-text file without form feeds given alone: its paragraphs (text between blank lines,
-// i.e. lines holding only spaces or tabs) are the documents.
+// i.e. lines holding only spaces or tabs) are the documents (a very long one cut as above).
 void split_paragraphs(const std::string& all, std::vector<std::string>& out) {
+  const std::string_view v(all);
   size_t start = 0, pos = 0;
   bool blank_run = false;
   while (pos <= all.size()) {
     size_t nl = all.find('\n', pos);
     if (nl == std::string::npos) nl = all.size();
     const bool blank = all.find_first_not_of(" \t\r", pos) >= nl;
-    if (blank && !blank_run && pos > start) out.emplace_back(all.substr(start, pos - start));
+    if (blank && !blank_run && pos > start) cut_long_document(v.substr(start, pos - start), out);
     if (!blank && blank_run) start = pos;
     blank_run = blank;
     pos = nl + 1;
   }
-  if (!blank_run && start < all.size()) out.emplace_back(all.substr(start));
+  if (!blank_run && start < all.size()) cut_long_document(v.substr(start), out);
 }
 
 // Plain text: form feeds separate documents; long documents are cut at blank lines.
 void split_text(const std::string& all, std::vector<std::string>& out) {
-  constexpr size_t kLong = 64 * 1024, kTarget = 16 * 1024;
   size_t pos = 0;
   while (pos <= all.size()) {
     size_t ff = all.find('\f', pos);
-    std::string_view d(all.data() + pos, (ff == std::string::npos ? all.size() : ff) - pos);
-    if (d.size() <= kLong) {
-      out.emplace_back(d);
-    } else {
-      size_t s = 0;
-      while (s < d.size()) {
-        size_t cut = d.size();
-        if (d.size() - s > kTarget + kTarget / 2) {
-          cut = d.find("\n\n", s + kTarget);
-          if (cut == std::string_view::npos || cut > s + 4 * kTarget) {
-            cut = d.find('\n', s + kTarget);
-            if (cut == std::string_view::npos || cut > s + 4 * kTarget) cut = s + kTarget;
-          }
-        }
-        // never cut inside a UTF-8 sequence
-        while (cut < d.size() && (uint8_t(d[cut]) & 0xC0) == 0x80) ++cut;
-        out.emplace_back(d.substr(s, cut - s));
-        s = cut;
-      }
-    }
+    cut_long_document(std::string_view(all.data() + pos, (ff == std::string::npos ? all.size() : ff) - pos), out);
     if (ff == std::string::npos) break;
     pos = ff + 1;
   }

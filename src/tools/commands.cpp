@@ -1,3 +1,4 @@
+#include "core/build_info.h"
 #include "tools/commands.h"
 
 #include <unistd.h>
@@ -506,6 +507,9 @@ int cmd_eval(const EvalArgs& a) {
     lc.fewshot_seed = a.fewshot_seed;
     lc.bench_dir = a.bench_dir;
     r.update(lm_eval_results(results, lc));
+    // lm-eval records `git describe --always` of its own tree: the commit this binary was built from.
+    const BuildInfo& bi = build_info();
+    r["git_hash"] = bi.git_commit.substr(0, 7) + (bi.git_dirty ? "-dirty" : "");
     std::string table = markdown_table(results);
     if (!a.quiet) std::fprintf(stderr, "\n%s\n", table.c_str());
     if (!a.markdown.empty()) {

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.numpy import load_file
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from transformers.utils import logging as hf_logging
 
 FAILS = []
@@ -155,6 +155,22 @@ def check_exports(dlcm, work):
                                                            b[k].view(np.uint32)) for k in a)
         cb = json.load(open(os.path.join(back, "config.json")))
         check(same and cb == cfg, f"{name}: export -> import is bit-identical (weights, config)")
+
+        # The tokenizer travels both ways: AutoTokenizer on the export gives dlcm's ids, and
+        # the imported-back checkpoint (its tokenizer now read from HF's tokenizer.json)
+        # generates the same greedy ids as the original.
+        text = "Ça va? naïve café, 東京 and 😀 emoji;\n\ttabs  and   spaces end"
+        ours = json.loads(run(dlcm, "tokenizer", "encode", "--dir", ckpt, "--text", text))
+        at = AutoTokenizer.from_pretrained(hf)
+        theirs = at(text, add_special_tokens=False)["input_ids"]
+        check(theirs == ours and at.decode(theirs) == text,
+              f"{name}: AutoTokenizer on the export encodes a UTF-8-rich text to dlcm's "
+              f"{len(ours)} ids and decodes it back")
+        out_back = run(dlcm, "generate", "--ckpt", back, "--prompt-file",
+                       write(work, "prompts.txt", "the quick brown\nseven cats sat on\n"),
+                       "--temperature", "0", "--max-new-tokens", "32", "--ignore-eos", "--ids",
+                       "--quiet")
+        check(out_back == out, f"{name}: the imported-back checkpoint generates the same ids")
 
         # Sharded and 16-bit exports load too (one model is enough).
         if name != "standard":
