@@ -7,6 +7,7 @@
 #include "core/common.h"
 #include "core/dist.h"
 #include "tools/commands.h"
+#include "tools/export_dlcm.h"
 
 int main(int argc, char** argv) {
   using namespace dlcm;
@@ -35,6 +36,14 @@ int main(int argc, char** argv) {
   fwd->add_option("--ckpt", fa.ckpt, "checkpoint or run folder")->required();
   fwd->add_option("--tokens", fa.tokens, "text file: one row of space-separated token ids per line")->required();
   fwd->add_option("--out", fa.out, "output .safetensors")->required();
+
+  ExportArgs exa;
+  auto* exp = app.add_subcommand("export", "export a checkpoint for other tools (docs/interop.md)");
+  exp->add_option("--ckpt", exa.ckpt, "checkpoint or run folder")->required();
+  exp->add_option("--format", exa.format, "hf: a transformers folder")->required()->check(CLI::IsMember({"hf"}));
+  exp->add_option("--out", exa.out, "export folder (written atomically)")->required();
+  exp->add_option("--dtype", exa.dtype, "tensor type: f32")->check(CLI::IsMember({"f32"}));
+  exp->add_flag("--force", exa.force, "replace an existing --out");
 
   GenerateArgs ga;
   auto* gen = app.add_subcommand("generate", "generate text from prompts (streams one prompt to stdout)");
@@ -256,6 +265,7 @@ int main(int argc, char** argv) {
       return rc;
     }
     if (*fwd) return cmd_forward(fa);
+    if (*exp) return cmd_export(exa);
     if (*gen) return cmd_generate(ga);
     if (*conf) return cmd_config(cf);
     if (*flops) return cmd_flops(la);
