@@ -7,8 +7,9 @@ engine wrote into EXPECT (a safetensors file).
   hf_dlcm_check.py train --model DIR --expect F   one training step with the engine's given
                                                   boundaries: loss and every gradient (<= 1e-4
                                                   relative); the counter-RNG training samples
-  hf_dlcm_check.py accum --model DIR              2 micro-batches == one batch of both (F, G,
-                                                  loss, gradients), also through the HF Trainer
+  hf_dlcm_check.py accum --model DIR [--save D]   2 micro-batches == one batch of both (F, G,
+                                                  loss, gradients), also through the HF Trainer;
+                                                  the trained model back as a dlcm checkpoint
 Exit status 0 when every check passes; each failure prints one line.
 """
 import argparse
@@ -167,7 +168,20 @@ def accum(a):
         check("dlcm_prepare_step" in str(ex), f"unclear order error: {ex}")
 
     # The HF Trainer: gradient_accumulation_steps 2 x batch 2 == 1 x batch 4 (one SGD step)
-    trainer_check(a, tokens, labels)
+    trained = trainer_check(a, tokens, labels)
+    if a.save:  # back to the engine: a dlcm checkpoint and the trained model's logits
+        import os
+
+        from safetensors.torch import save_file
+
+        trained.dlcm_save_checkpoint(os.path.join(a.save, "ckpt"))
+        trained.eval()
+        with torch.no_grad():
+            logits = trained(tokens).logits
+        save_file({"logits": logits.contiguous()}, os.path.join(a.save, "hf_logits.safetensors"))
+        with open(os.path.join(a.save, "tokens.txt"), "w") as f:
+            for row in tokens.tolist():
+                f.write(" ".join(str(v) for v in row) + "\n")
 
 
 def trainer_check(a, tokens, labels):
@@ -198,10 +212,13 @@ def trainer_check(a, tokens, labels):
             logs = [h for h in trainer.state.log_history if "dlcm_F" in h]
             check(len(logs) == 1, f"Trainer logs without dlcm_F: {trainer.state.log_history}")
         delta.append({k: p.detach() - before[k] for k, p in m.named_parameters()})
+        moved = sum(1 for v in delta[-1].values() if float(v.abs().max()) > 0)
+        check(moved == len(delta[-1]), f"Trainer step moved {moved} of {len(delta[-1])} tensors")
     for k in delta[0]:
         err = rel_err(delta[1][k], delta[0][k])
         check(err <= 1e-4, f"Trainer: the update of {k} differs between 2x2 and 1x4 micro-batches "
               f"({err:.3g} relative)")
+    return m
 
 
 def main():
@@ -209,6 +226,8 @@ def main():
     ap.add_argument("mode", choices=["infer", "train", "accum"])
     ap.add_argument("--model", required=True)
     ap.add_argument("--expect")
+    ap.add_argument("--save", help="accum: write the Trainer-trained model as a dlcm checkpoint "
+                    "(SAVE/ckpt), its logits (SAVE/hf_logits.safetensors) and rows (SAVE/tokens.txt)")
     a = ap.parse_args()
     torch.manual_seed(0)
     {"infer": infer, "train": train, "accum": accum}[a.mode](a)

@@ -42,6 +42,9 @@ from .configuration_dlcm import DlcmConfig
 from .dlcm_ref_model import (dlcm_forward, encode_and_route, global_parser_loss, param_specs,
                              rule_boundaries, sample_boundaries)
 
+# The cross-attention in its replicate form (SPEC 4.7): the same function as compact, and the
+# reference computes it with whole-tensor operations (compact builds its bias element by element).
+_XATTN = "replicate"
 _ENGINE_DEFAULT_SEED = 1234  # train.seed when the checkpoint's config has none
 # generate() and the Trainer pass these; the full causal forward needs none of them
 _IGNORED_KWARGS = ("num_items_in_batch", "use_cache", "past_key_values", "cache_position",
@@ -114,6 +117,11 @@ class DlcmPreTrainedModel(PreTrainedModel):
 
 
 class DlcmForCausalLM(DlcmPreTrainedModel, GenerationMixin):
+    # save_pretrained copies this file and the ones it imports and keeps config.json's auto_map,
+    # so a saved model loads with trust_remote_code like the export (transformers registers a
+    # remote-code model class for that only when it comes from the Hub)
+    _auto_class = "AutoModelForCausalLM"
+
     def __init__(self, config):
         super().__init__(config)
         cfg = config.dlcm_config
@@ -229,7 +237,7 @@ class DlcmForCausalLM(DlcmPreTrainedModel, GenerationMixin):
         st, k = self._claim(tokens, labels)
         b = st["b"][k].to(tokens.device)
         targets = _targets_from_labels(labels) if labels is not None else None
-        res = dlcm_forward(P, cfg, tokens, targets, b, cfg.xattn_impl)
+        res = dlcm_forward(P, cfg, tokens, targets, b, _XATTN)
         R = float(cfg.target_R)
         N = st["positions"]
         p = res["p"]
@@ -263,6 +271,23 @@ class DlcmForCausalLM(DlcmPreTrainedModel, GenerationMixin):
                           "aux": aux, "loss": ce + self._cfg.aux_weight * aux,
                           "compression": 1.0 / F if F > 0 else 0.0}
 
+    def dlcm_save_checkpoint(self, path):
+        """Writes a dlcm checkpoint folder (the engine's side of the round trip): config.json =
+        the "dlcm" config object, model.safetensors = every tensor under its SPEC-9 name in
+        float32. Copy the original checkpoint's tokenizer files next to them for `dlcm generate`."""
+        import json
+        import os
+
+        from safetensors.torch import save_file
+
+        os.makedirs(path, exist_ok=True)
+        tensors = {k: v.detach().to("cpu", torch.float32).contiguous()
+                   for k, v in self.named_parameters()}
+        save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(self.config.dlcm, f, indent=2)
+            f.write("\n")
+
     # ---- forward and generation --------------------------------------------------------------
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, boundaries=None,
@@ -295,7 +320,7 @@ class DlcmForCausalLM(DlcmPreTrainedModel, GenerationMixin):
             else:
                 cfg = self._cfg
                 targets = _targets_from_labels(labels) if labels is not None else None
-                res = dlcm_forward(P, cfg, input_ids, targets, boundaries, cfg.xattn_impl)
+                res = dlcm_forward(P, cfg, input_ids, targets, boundaries, _XATTN)
                 loss = res["loss"] if labels is not None else None
         if return_dict is False:
             return (res["logits"],) if loss is None else (loss, res["logits"])
