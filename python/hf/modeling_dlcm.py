@@ -32,6 +32,7 @@ batch step by itself. After each step `model.dlcm_last` holds F, G, CE, aux and 
 compression 1/F of that step.
 """
 import contextlib
+import json
 
 import torch
 from torch import nn
@@ -124,18 +125,28 @@ class DlcmForCausalLM(DlcmPreTrainedModel, GenerationMixin):
 
     def __init__(self, config):
         super().__init__(config)
-        cfg = config.dlcm_config
-        if cfg.router["kind"] == "word":
-            raise ValueError("config.json: router.kind = \"word\" needs the tokenizer's word-start "
-                             "table, which this remote code does not carry; export a model with a "
-                             "projected, raw or fixed router")
-        self._cfg = cfg
+        self._cfg_key = None
+        cfg = self._cfg
         for name, shape, kind in param_specs(cfg):
             self._add_param(name, shape, kind)
         self.dlcm_step = 0      # the step that the next prepared step draws its samples for
         self._prepared = None   # the prepared step (dlcm_prepare_step)
         self.dlcm_last = {}     # F, G, ce, aux, loss, compression of the last completed step
         self.post_init()
+
+    @property
+    def _cfg(self):
+        """The reference config of config.dlcm, re-read when that object changes, so that an edit
+        such as model.config.dlcm["router"]["tau"] = 0.4 applies from the next forward."""
+        key = json.dumps(self.config.dlcm, sort_keys=True)
+        if key != self._cfg_key:
+            cfg = self.config.dlcm_config
+            if cfg.router["kind"] == "word":
+                raise ValueError("config.json: router.kind = \"word\" needs the tokenizer's "
+                                 "word-start table, which this remote code does not carry; export "
+                                 "a model with a projected, raw or fixed router")
+            self._cfg_cached, self._cfg_key = cfg, key
+        return self._cfg_cached
 
     def _add_param(self, name, shape, kind):
         """Registers a SPEC-9 tensor under a module path equal to its name."""
@@ -275,7 +286,6 @@ class DlcmForCausalLM(DlcmPreTrainedModel, GenerationMixin):
         """Writes a dlcm checkpoint folder (the engine's side of the round trip): config.json =
         the "dlcm" config object, model.safetensors = every tensor under its SPEC-9 name in
         float32. Copy the original checkpoint's tokenizer files next to them for `dlcm generate`."""
-        import json
         import os
 
         from safetensors.torch import save_file
