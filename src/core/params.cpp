@@ -61,4 +61,9 @@ Param* ParamStore::find(const std::string& name) {
   return it == by_name_.end() ? nullptr : &params_[it->second];
 }
 
+const Param* ParamStore::find(const std::string& name) const {
+  auto it = by_name_.find(name);
+  return it == by_name_.end() ? nullptr : &params_[it->second];
+}
+
 }  // namespace dlcm

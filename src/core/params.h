@@ -40,6 +40,7 @@ class ParamStore {
   void zero_grad();
 
   Param* find(const std::string& name);
+  const Param* find(const std::string& name) const;
   const std::deque<Param>& params() const { return params_; }
   std::deque<Param>& params() { return params_; }
   i64 total() const { return total_; }

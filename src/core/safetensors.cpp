@@ -15,6 +15,7 @@
 #include <set>
 #include <string_view>
 
+#include "core/half.h"
 #include "core/json_util.h"
 
 namespace dlcm {
@@ -234,16 +235,16 @@ void SafeTensorsFile::read_f32(const std::string& name, const std::vector<i64>& 
   const i64 n = numel_of(te.shape);
   if (te.dtype == "F32") {
     if (n) std::memcpy(out, src, size_t(n) * 4);
-  } else if (te.dtype == "BF16") {
+  } else if (te.dtype == "BF16" || te.dtype == "F16") {
+    const bool bf = te.dtype == "BF16";
     for (i64 i = 0; i < n; ++i) {
       uint16_t v;
       std::memcpy(&v, src + 2 * i, 2);
-      uint32_t bits = uint32_t(v) << 16;  // bf16 is the top half of an IEEE float
-      std::memcpy(out + i, &bits, 4);
+      out[i] = bf ? bf16_bits_to_f32(v) : f16_bits_to_f32(v);
     }
   } else {
     fail(path_, ": tensor '", name, "' has dtype ", te.dtype,
-         "; only F32 and BF16 can be read as float");
+         "; only F32, BF16 and F16 can be read as float");
   }
 }
 
@@ -301,9 +302,16 @@ void write_safetensors(const std::string& path, const std::vector<TensorToWrite>
                "' has both float and int data");
     for (i64 d : t.shape)
       DLCM_CHECK(d >= 0, "internal: tensor '", t.name, "' has negative dimension");
-    const uint64_t bytes = uint64_t(numel_of(t.shape)) * 4;
+    DLCM_CHECK(t.dtype == "F32" || (!t.data_i32 && (t.dtype == "BF16" || t.dtype == "F16")),
+               "internal: tensor '", t.name, "' cannot be written as ", t.dtype);
+    const uint64_t bytes = uint64_t(numel_of(t.shape)) * (t.dtype == "F32" ? 4 : 2);
     DLCM_CHECK(bytes == 0 || t.data || t.data_i32, "internal: tensor '", t.name, "' has no data");
-    h[t.name] = {{"dtype", t.data_i32 ? "I32" : "F32"},
+    if (t.dtype == "F16")
+      for (i64 i = 0, n = numel_of(t.shape); i < n; ++i)
+        DLCM_CHECK(!std::isfinite(t.data[i]) || std::isfinite(f16_bits_to_f32(f32_to_f16_bits(t.data[i]))),
+                   path, ": tensor '", t.name, "' element ", i, " = ", t.data[i],
+                   " is beyond the F16 range (|x| <= 65504); write it as BF16 or F32");
+    h[t.name] = {{"dtype", t.data_i32 ? "I32" : t.dtype},
                  {"shape", t.shape},
                  {"data_offsets", {off, off + bytes}}};
     off += bytes;
@@ -326,10 +334,23 @@ void write_safetensors(const std::string& path, const std::vector<TensorToWrite>
   for (int i = 0; i < 8; ++i) lenbuf[i] = uint8_t(uint64_t(htext.size()) >> (8 * i));
   put(lenbuf, 8);
   put(htext.data(), htext.size());
+  std::vector<uint16_t> half;  // 16-bit data, converted a block at a time
   for (const TensorToWrite& t : tensors) {
-    const size_t bytes = size_t(numel_of(t.shape)) * 4;
-    put(t.data_i32 ? static_cast<const void*>(t.data_i32) : static_cast<const void*>(t.data),
-        bytes);
+    const i64 n = numel_of(t.shape);
+    if (t.dtype == "F32") {
+      put(t.data_i32 ? static_cast<const void*>(t.data_i32) : static_cast<const void*>(t.data),
+          size_t(n) * 4);
+      continue;
+    }
+    const bool bf = t.dtype == "BF16";
+    constexpr i64 kBlock = 1 << 16;
+    half.resize(size_t(std::min(n, kBlock)));
+    for (i64 a = 0; a < n; a += kBlock) {
+      const i64 m = std::min(kBlock, n - a);
+      for (i64 i = 0; i < m; ++i)
+        half[i] = bf ? f32_to_bf16_bits(t.data[a + i]) : f32_to_f16_bits(t.data[a + i]);
+      put(half.data(), size_t(m) * 2);
+    }
   }
   DLCM_CHECK(std::fflush(tf.f) == 0, path, ": write failed: ", errno_str(), " (disk full?)");
   DLCM_CHECK(::fsync(::fileno(tf.f)) == 0, path, ": fsync failed: ", errno_str());

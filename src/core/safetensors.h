@@ -27,7 +27,7 @@ class SafeTensorsFile {
   bool has(const std::string& name) const { return entries_.count(name) != 0; }
   const std::map<std::string, TensorEntry>& entries() const { return entries_; }
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
-  // Copies tensor `name` into out as float32 (F32 or BF16 source) after checking its shape
+  // Copies tensor `name` into out as float32 (F32, BF16 or F16 source) after checking its shape
   // equals `shape`; errors name the file, tensor, expected and found shapes.
   void read_f32(const std::string& name, const std::vector<i64>& shape, float* out) const;
   std::vector<float> read_f32(const std::string& name) const;  // any shape
@@ -49,6 +49,9 @@ struct TensorToWrite {
   std::vector<i64> shape;
   const float* data = nullptr;  // F32
   const i32* data_i32 = nullptr;  // or I32 (exactly one of the two)
+  // On disk, float data is "F32", or rounded to nearest even into "BF16" or "F16" (a value
+  // beyond F16's range is an error naming the tensor).
+  std::string dtype = "F32";
 };
 
 // Writes path atomically (temp file in the same directory, fsync, rename).

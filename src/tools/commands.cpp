@@ -44,7 +44,18 @@ int cmd_train(const TrainArgs& a) {
              "--overwrite starts it over; give one of them");
   std::vector<std::string> sets = a.sets;
   if (a.steps >= 0) sets.push_back("train.steps=" + std::to_string(a.steps));
-  Config cfg = config_with_overrides(a.config, sets);
+  DLCM_CHECK(!a.config.empty() || !a.init_from.empty(), "train: --config is required (or "
+             "--init-from CKPT alone, whose config.json then stands in for it)");
+  Config cfg;
+  if (a.config.empty()) {
+    // Fine-tuning with the checkpoint's own settings (model and training keys), --set on top.
+    const std::string dir = resolve_checkpoint(a.init_from);
+    json j = config_to_json(load_checkpoint_config(dir));
+    apply_overrides(j, sets);
+    cfg = config_from_json(j, (fs::path(dir) / "config.json").string());
+  } else {
+    cfg = config_with_overrides(a.config, sets);
+  }
   // On --resume the Trainer checks that the model keys equal the checkpoint's (training keys
   // may change, so a run can be extended with --steps).
   TrainData data = open_train_data(a.data, cfg);
@@ -213,7 +224,9 @@ int cmd_generate(const GenerateArgs& a) {
 
   const bool single = prompts.size() == 1;
   GenerateEvents ev;
-  if (single && concepts) {
+  if (a.ids) {
+    // Ids only, printed below once every prompt is done (comparisons with other tools).
+  } else if (single && concepts) {
     std::printf("%s\n%6s  %-24s %7s  %s\n", prompts[0].c_str(), "token", "text", "p", "concept");
     ev.on_token = [&](i64, i32 id, const TokenConcept* tc) {
       std::string q = quote_piece(tok->decode_piece(id));
@@ -255,6 +268,14 @@ int cmd_generate(const GenerateArgs& a) {
   auto t0 = std::chrono::steady_clock::now();
   auto done = generate(*m, *tok, prompts, o, ev);
   const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  if (a.ids)
+    for (const Completion& c : done) {
+      std::string line;
+      for (i32 id : c.prompt_ids) line += std::to_string(id) + " ";
+      line += "->";
+      for (i32 id : c.ids) line += " " + std::to_string(id);
+      std::printf("%s\n", line.c_str());
+    }
   i64 total = 0;
   for (size_t i = 0; i < done.size(); ++i) {
     total += done[i].ids.size();

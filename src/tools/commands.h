@@ -37,6 +37,7 @@ struct GenerateArgs {
   i64 batch = 8;             // prompts decoded together
   double tau = -1;           // dlcm boundary threshold (< 0: the checkpoint's)
   bool show_concepts = false, ignore_eos = false, quiet = false;
+  bool ids = false;  // print token ids, not text: "PROMPT_IDS -> COMPLETION_IDS" per prompt
 };
 // One prompt: streams the completion as it is produced. Several (--prompt-file): prints each
 // completion when it is done, under a header line "[i/n] stop: REASON, K tokens".
@@ -196,6 +197,24 @@ struct ScalingAllocateArgs {
   double n_min = 1e4, n_max = 1e13, N = 0;  // N > 0 fixes the model size
 };
 int cmd_scaling_allocate(const ScalingAllocateArgs& a);
+
+// `dlcm export --ckpt DIR --format hf --out DIR`: a baseline checkpoint as a transformers
+// LlamaForCausalLM folder (models/hf_llama.h); written atomically, an existing --out only
+// replaced with --force.
+struct ExportArgs {
+  std::string ckpt, format = "hf", out, dtype = "f32";
+  std::string shard_size;  // bytes per safetensors file ("500MB"); empty = 5GB
+  bool force = false;
+};
+int cmd_export(const ExportArgs& a);
+
+// `dlcm import --format hf --in DIR --out CKPT`: a transformers LlamaForCausalLM folder as a
+// dlcm baseline checkpoint.
+struct ImportArgs {
+  std::string format = "hf", in, out;
+  bool force = false;
+};
+int cmd_import(const ImportArgs& a);
 
 // JSON file + `--set` overrides -> validated Config (an empty path means the defaults).
 Config config_with_overrides(const std::string& path, const std::vector<std::string>& sets);

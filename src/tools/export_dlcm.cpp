@@ -1,16 +1,16 @@
 #include "tools/export_dlcm.h"
 
-#include <unistd.h>
-
+#include <cstdio>
 #include <filesystem>
-#include <fstream>
 #include <nlohmann/json.hpp>
 
 #include "core/common.h"
 #include "core/safetensors.h"
+#include "core/staged_dir.h"
 #include "models/checkpoint.h"
 #include "models/config.h"
 #include "models/model.h"
+#include "tools/commands.h"
 
 namespace dlcm {
 
@@ -18,13 +18,6 @@ namespace fs = std::filesystem;
 using nlohmann::json;
 
 namespace {
-
-void write_text(const fs::path& path, const std::string& text) {
-  std::ofstream f(path, std::ios::binary);
-  f << text;
-  f.close();
-  DLCM_CHECK(f.good(), path.string(), ": cannot write (disk full or no permission?)");
-}
 
 json hf_config(const Config& c) {
   const ModelConfig& m = c.model;
@@ -50,70 +43,38 @@ json hf_config(const Config& c) {
 
 }  // namespace
 
-void export_dlcm_hf(const ExportDlcmHfArgs& a) {
-  std::string dir;
-  const std::string ckpt = resolve_checkpoint(a.ckpt);
-  const Config cfg = load_checkpoint_config(ckpt);
-  DLCM_CHECK(cfg.model.arch == "dlcm", ckpt, "/config.json: arch is \"", cfg.model.arch,
-             "\"; the remote-code export is for DLCM checkpoints");
-  DLCM_CHECK(cfg.model.router.kind != "word", ckpt,
-             "/config.json: router.kind = \"word\" needs the tokenizer's word-start table, which "
-             "the transformers export does not carry; export a model with a projected, raw or "
-             "fixed router");
-  DLCM_CHECK(!a.out.empty(), "dlcm export: --out is required");
-  std::error_code ec;
-  const bool exists = fs::exists(a.out, ec);
-  DLCM_CHECK(!exists || a.force, a.out, ": already exists; pass --force to replace it");
-  DLCM_CHECK(!exists || fs::is_directory(a.out, ec), a.out,
-             ": exists and is not a folder; --force replaces only an export folder");
-  auto model = load_model(ckpt, &dir);  // checks every tensor's name and shape
-
-  // Everything goes into OUT.tmp-PID first and is renamed into place when complete.
-  const std::string pid = std::to_string(::getpid());
-  const fs::path tmp = a.out + ".tmp-" + pid, old = a.out + ".old-" + pid;
-  fs::remove_all(tmp, ec);
-  fs::create_directories(tmp, ec);
-  DLCM_CHECK(!ec, tmp.string(), ": cannot create the folder (", ec.message(), ")");
-  try {
-    write_text(tmp / "config.json", hf_config(cfg).dump(2) + "\n");
-    json gen = {{"bos_token_id", cfg.model.bos_id}, {"eos_token_id", cfg.model.eos_id},
-                {"pad_token_id", cfg.model.pad_id}, {"use_cache", false}};
-    write_text(tmp / "generation_config.json", gen.dump(2) + "\n");
-    // transformers requires the "format" metadata of save_pretrained
-    std::vector<TensorToWrite> tensors;
-    for (const Param& p : model->params().params())
-      tensors.push_back({p.name, p.shape, p.w, nullptr});
-    write_safetensors((tmp / "model.safetensors").string(), tensors, {{"format", "pt"}});
-    for (const EmbeddedFile& f : hf_dlcm_files()) write_text(tmp / f.name, f.text);
-  } catch (...) {
-    fs::remove_all(tmp, ec);
-    throw;
+int export_hf_dlcm(const ExportArgs& a, const std::string& dir, const Config& cfg) {
+  const std::string src = (fs::path(dir) / "config.json").string();
+  DLCM_CHECK(cfg.model.is_dlcm(), src, ": internal: export_hf_dlcm of a ", cfg.model.arch,
+             " checkpoint");
+  DLCM_CHECK(cfg.model.router.kind != "word", src,
+             ": router.kind = \"word\" needs the tokenizer's word-start table, which the "
+             "transformers export does not carry; export a model with a projected, raw or fixed "
+             "router");
+  DLCM_CHECK(a.dtype == "f32", "--dtype: a DLCM exports in f32 only (its remote code computes in "
+             "float32), got '", a.dtype, "'");
+  DLCM_CHECK(a.shard_size.empty(), "--shard-size: a DLCM export is one model.safetensors");
+  auto model = load_model(dir);  // checks every tensor's name and shape
+  StagedDir out(a.out, a.force, "--force");
+  const fs::path tmp = out.path();
+  write_text_file_synced((tmp / "config.json").string(), hf_config(cfg).dump(2) + "\n");
+  json gen = {{"bos_token_id", cfg.model.bos_id}, {"eos_token_id", cfg.model.eos_id},
+              {"pad_token_id", cfg.model.pad_id}, {"use_cache", false}};
+  write_text_file_synced((tmp / "generation_config.json").string(), gen.dump(2) + "\n");
+  // transformers requires the "format" metadata that save_pretrained writes
+  std::vector<TensorToWrite> tensors;
+  i64 n_params = 0;
+  for (const Param& p : model->params().params()) {
+    tensors.push_back({p.name, p.shape, p.w, nullptr});
+    n_params += p.numel;
   }
-  if (exists) fs::rename(a.out, old, ec);
-  DLCM_CHECK(!ec, a.out, ": cannot move the old export aside (", ec.message(), ")");
-  fs::rename(tmp, a.out, ec);
-  if (ec) {
-    if (exists) fs::rename(old, a.out);
-    fs::remove_all(tmp);
-    fail(a.out, ": cannot rename the new export into place (", ec.message(), ")");
-  }
-  if (exists) fs::remove_all(old, ec);
-}
-
-}  // namespace dlcm
-
-namespace dlcm {
-
-int cmd_export(const ExportArgs& a) {
-  DLCM_CHECK(a.format == "hf", "dlcm export: --format ", a.format, " is not supported (use hf)");
-  DLCM_CHECK(a.dtype == "f32", "dlcm export: --dtype ", a.dtype,
-             " is not supported for a DLCM (the remote code computes in float32; use f32)");
-  const Config cfg = load_checkpoint_config(resolve_checkpoint(a.ckpt));
-  DLCM_CHECK(cfg.model.arch == "dlcm", a.ckpt, ": --format hf of a ", cfg.model.arch,
-             " checkpoint is not supported by this build (only DLCM checkpoints)");
-  export_dlcm_hf({a.ckpt, a.out, a.force});
-  std::fprintf(stderr, "[export] wrote %s (transformers: AutoModelForCausalLM.from_pretrained(dir, "
-               "trust_remote_code=True))\n", a.out.c_str());
+  write_safetensors((tmp / "model.safetensors").string(), tensors, {{"format", "pt"}});
+  for (const EmbeddedFile& f : hf_dlcm_files())
+    write_text_file_synced((tmp / f.name).string(), f.text);
+  out.commit();
+  std::fprintf(stderr, "[export] %s -> %s: DLCM as transformers remote code, %lld parameters, "
+               "f32 (AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True))\n",
+               dir.c_str(), out.out().c_str(), (long long)n_params);
   return 0;
 }
 

@@ -4,6 +4,8 @@
 #include <string>
 #include <vector>
 
+#include "models/config.h"
+
 namespace dlcm {
 
 // A text file compiled into the binary (cmake/embed_text_files.cmake).
@@ -17,25 +19,11 @@ struct EmbeddedFile {
 // and model.py, the PyTorch reference that the modeling file wraps).
 const std::vector<EmbeddedFile>& hf_dlcm_files();
 
-struct ExportDlcmHfArgs {
-  std::string ckpt;   // checkpoint or run folder of a DLCM
-  std::string out;    // the export folder (written atomically)
-  bool force = false; // replace an existing --out
-};
-// Writes config.json (model_type "dlcm", auto_map, the checkpoint's config under "dlcm"),
+struct ExportArgs;
+// `dlcm export --format hf` of the DLCM checkpoint in dir (config cfg): writes a.out atomically
+// with config.json (model_type "dlcm", auto_map, the checkpoint's config under "dlcm"),
 // model.safetensors (the checkpoint's tensors under their SPEC-9 names, float32),
 // generation_config.json and the remote-code files. Nothing is written on an error.
-void export_dlcm_hf(const ExportDlcmHfArgs& a);
-
-}  // namespace dlcm
-
-namespace dlcm {
-
-// `dlcm export`: --format hf of a DLCM checkpoint (export_dlcm_hf); --dtype f32.
-struct ExportArgs {
-  std::string ckpt, format = "hf", out, dtype = "f32";
-  bool force = false;
-};
-int cmd_export(const ExportArgs& a);
+int export_hf_dlcm(const ExportArgs& a, const std::string& dir, const Config& cfg);
 
 }  // namespace dlcm

@@ -7,7 +7,6 @@
 #include "core/common.h"
 #include "core/dist.h"
 #include "tools/commands.h"
-#include "tools/export_dlcm.h"
 
 int main(int argc, char** argv) {
   using namespace dlcm;
@@ -17,14 +16,14 @@ int main(int argc, char** argv) {
 
   TrainArgs ta;
   auto* train = app.add_subcommand("train", "train a model from a config on prepared data");
-  train->add_option("--config", ta.config, "model/training config JSON (e.g. configs/baseline-small.json)")->required();
+  train->add_option("--config", ta.config, "model/training config JSON (e.g. configs/baseline-small.json); optional with --init-from");
   train->add_option("--data", ta.data, "folder written by 'dlcm prepare'")->required();
   train->add_option("--out", ta.out, "run folder: train_log.jsonl and checkpoint/")->required();
   train->add_option("--steps", ta.steps, "optimizer steps (overrides train.steps)");
   train->add_option("--set", ta.sets, "override a config key: key=value (repeatable)");
   train->add_flag("--resume", ta.resume, "continue the run in --out from its checkpoint");
   train->add_flag("--overwrite", ta.overwrite, "start over in an --out that already holds a run (replaces its checkpoint and log)");
-  train->add_option("--init-from", ta.init_from, "start from the weights of this checkpoint");
+  train->add_option("--init-from", ta.init_from, "start from the weights of this checkpoint (fresh optimizer; same architecture; without --config its config is used)");
   train->add_flag("--quiet", ta.quiet, "no progress output");
   train->add_flag("--concept-usage", ta.concept_usage,
                   "dlcm: concept-usage diagnostics on the eval batches at every logged eval (docs/dlcm.md)");
@@ -36,14 +35,6 @@ int main(int argc, char** argv) {
   fwd->add_option("--ckpt", fa.ckpt, "checkpoint or run folder")->required();
   fwd->add_option("--tokens", fa.tokens, "text file: one row of space-separated token ids per line")->required();
   fwd->add_option("--out", fa.out, "output .safetensors")->required();
-
-  ExportArgs exa;
-  auto* exp = app.add_subcommand("export", "export a checkpoint for other tools (docs/interop.md)");
-  exp->add_option("--ckpt", exa.ckpt, "checkpoint or run folder")->required();
-  exp->add_option("--format", exa.format, "hf: a transformers folder")->required()->check(CLI::IsMember({"hf"}));
-  exp->add_option("--out", exa.out, "export folder (written atomically)")->required();
-  exp->add_option("--dtype", exa.dtype, "tensor type: f32")->check(CLI::IsMember({"f32"}));
-  exp->add_flag("--force", exa.force, "replace an existing --out");
 
   GenerateArgs ga;
   auto* gen = app.add_subcommand("generate", "generate text from prompts (streams one prompt to stdout)");
@@ -61,6 +52,7 @@ int main(int argc, char** argv) {
   gen->add_flag("--show-concepts", ga.show_concepts, "print each generated token's boundary probability and concept index (dlcm)");
   gen->add_flag("--ignore-eos", ga.ignore_eos, "keep generating after the end-of-sequence token");
   gen->add_flag("--quiet", ga.quiet, "no summary line on stderr");
+  gen->add_flag("--ids", ga.ids, "print token ids instead of text: one line per prompt, 'PROMPT_IDS -> COMPLETION_IDS' (BOS included)");
 
   SegmentArgs sa;
   auto* seg = app.add_subcommand("segment", "show a dlcm's concept boundaries on text (terminal colours, --html page)");
@@ -71,6 +63,21 @@ int main(int argc, char** argv) {
   seg->add_option("--target-R", sa.target_R, "find the tau giving this many tokens per concept on the text")->check(CLI::PositiveNumber);
   seg->add_option("--html", sa.html, "write a self-contained HTML page here");
   seg->add_flag("--no-color", sa.no_color, "no ANSI colours (concepts separated by '|')");
+
+  ExportArgs xp;
+  auto* exp = app.add_subcommand("export", "write a checkpoint in another tool's format (--format hf: transformers LlamaForCausalLM, or remote code for a DLCM)");
+  exp->add_option("--ckpt", xp.ckpt, "checkpoint or run folder")->required();
+  exp->add_option("--format", xp.format, "hf")->required();
+  exp->add_option("--out", xp.out, "output folder (written atomically)")->required();
+  exp->add_option("--dtype", xp.dtype, "weights on disk: f32, bf16 or f16 (default f32)");
+  exp->add_option("--shard-size", xp.shard_size, "largest weights file, e.g. 500MB or 2GiB (default 5GB)");
+  exp->add_flag("--force", xp.force, "replace an existing --out");
+  ImportArgs ia;
+  auto* imp = app.add_subcommand("import", "make a checkpoint from another tool's model folder (--format hf: LlamaForCausalLM)");
+  imp->add_option("--format", ia.format, "hf")->required();
+  imp->add_option("--in", ia.in, "model folder (config.json, safetensors weights)")->required();
+  imp->add_option("--out", ia.out, "checkpoint folder to write")->required();
+  imp->add_flag("--force", ia.force, "replace an existing --out checkpoint");
 
   ConfigArgs cf;
   auto* conf = app.add_subcommand("config", "print the resolved config JSON, or list every key (--keys)");
@@ -265,9 +272,10 @@ int main(int argc, char** argv) {
       return rc;
     }
     if (*fwd) return cmd_forward(fa);
-    if (*exp) return cmd_export(exa);
     if (*gen) return cmd_generate(ga);
     if (*conf) return cmd_config(cf);
+    if (*exp) return cmd_export(xp);
+    if (*imp) return cmd_import(ia);
     if (*flops) return cmd_flops(la);
     if (*plan) return cmd_plan(pl);
     if (*btrain) {

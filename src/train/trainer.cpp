@@ -39,6 +39,38 @@ double measure_gemm_peak_gflops(double seconds, i64 n) {
   return rates[rates.size() / 2];
 }
 
+// Model keys (JSON paths, "router.tau") whose values differ between a and b, except those in
+// `ignore`: "key (checkpoint A, given B), ..." (at most 8 named), or "" when none differ.
+static std::string model_key_differences(const ModelConfig& a, const ModelConfig& b,
+                                         const std::vector<std::string>& ignore) {
+  json was = config_to_json(Config{a, {}}), now = config_to_json(Config{b, {}});
+  was.erase("train");
+  now.erase("train");
+  for (const std::string& k : ignore) {
+    std::string path = "/" + k;
+    std::replace(path.begin(), path.end(), '.', '/');
+    const json::json_pointer ptr(path);
+    if (was.contains(ptr)) was.at(ptr) = nullptr;
+    if (now.contains(ptr)) now.at(ptr) = nullptr;
+  }
+  std::string keys;
+  int shown = 0;
+  for (const json& d : json::diff(was, now)) {
+    if (shown++ == 8) {
+      keys += ", ...";
+      break;
+    }
+    std::string path = d.value("path", std::string("?"));
+    const json::json_pointer ptr(path);
+    path = path.substr(1);
+    std::replace(path.begin(), path.end(), '/', '.');
+    keys += (keys.empty() ? "" : ", ") + path + " (checkpoint " +
+            (was.contains(ptr) ? was.at(ptr).dump() : "absent") + ", given " +
+            (now.contains(ptr) ? now.at(ptr).dump() : "absent") + ")";
+  }
+  return keys;
+}
+
 Trainer::Trainer(const Config& cfg, TrainData data, TrainOptions opt)
     : cfg_(cfg), data_(std::move(data)), o_(std::move(opt)) {
   rank_ = dist::rank();
@@ -88,30 +120,11 @@ Trainer::Trainer(const Config& cfg, TrainData data, TrainOptions opt)
                             "all hosts share" : "");
     Config saved = load_checkpoint_config(ckpt_dir);
     // The model must be the one saved; training settings may change (e.g. more steps).
-    json was = config_to_json(Config{saved.model, {}}), now = config_to_json(Config{cfg_.model, {}});
-    was.erase("train");
-    now.erase("train");
-    if (was != now) {
-      std::string keys;
-      int shown = 0;
-      const json diff = json::diff(was, now);
-      for (const json& d : diff) {
-        if (shown++ == 8) {
-          keys += ", ...";
-          break;
-        }
-        std::string path = d.value("path", std::string("?"));
-        const json::json_pointer ptr(path);
-        path = path.substr(1);
-        std::replace(path.begin(), path.end(), '/', '.');
-        keys += (keys.empty() ? "" : ", ") + path + " (checkpoint " +
-                (was.contains(ptr) ? was.at(ptr).dump() : "absent") + ", given " +
-                (now.contains(ptr) ? now.at(ptr).dump() : "absent") + ")";
-      }
+    const std::string keys = model_key_differences(saved.model, cfg_.model, {});
+    if (!keys.empty())
       fail(ckpt_dir, "/config.json: --resume needs the model the run was trained with, but the "
            "given config changes model key(s) ", keys, "; drop those changes (only training "
            "keys may change on resume) or start a new run");
-    }
     // A different number of ranks: keep the global batch (ranks x grad_accum micro-batches)
     // by adjusting grad_accum, unless the user changed the batch settings themselves.
     json st = load_trainer_state(ckpt_dir);
@@ -146,7 +159,21 @@ Trainer::Trainer(const Config& cfg, TrainData data, TrainOptions opt)
   model_ = make_initialised_model(cfg_.model, cfg_.train.seed);
   if (!data_.word_starts.empty()) model_->set_word_starts(data_.word_starts);
   opt_.init(model_->params());
-  if (!o_.init_from.empty()) load_checkpoint_params(resolve_checkpoint(o_.init_from), model_->params());
+  if (!o_.init_from.empty()) {
+    // Fine-tuning starts from another run's weights with a fresh optimizer: the architecture
+    // must be the checkpoint's. Settings that only steer training or inference may change.
+    const std::string dir = resolve_checkpoint(o_.init_from);
+    const std::string keys = model_key_differences(
+        load_checkpoint_config(dir).model, cfg_.model,
+        {"max_seq_len", "init_std", "router.tau", "router.alpha", "router.smooth_grad",
+         "target_R", "aux_weight", "aux_kind", "xattn_impl", "mup.sigma_base",
+         "mup.lr_mult_token", "mup.lr_mult_concept", "mup.lr_mult_other"});
+    if (!keys.empty())
+      fail(dir, "/config.json: --init-from needs the checkpoint's architecture, but the config "
+           "changes model key(s) ", keys, "; drop those changes (or leave out --config to train "
+           "with the checkpoint's config)");
+    load_checkpoint_params(dir, model_->params());
+  }
   const TrainConfig& t = cfg_.train;
   model_->reserve(t.batch_size, t.seq_len);
   tok_.assign(t.grad_accum * t.batch_size * t.seq_len, 0);
