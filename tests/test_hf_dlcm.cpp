@@ -1,13 +1,13 @@
 // `dlcm export --format hf` of a DLCM, judged by transformers itself (tests/hf_dlcm_check.py under
 // the project venv's python): the folder loads with trust_remote_code; logits agree with
-// `dlcm forward` and greedy generation with the engine's generate; one training step with
+// `dlcm forward` and greedy generation with `dlcm generate --ids`; one training step with
 // given boundaries gives the engine's loss and gradients; the counter-RNG samples are the
 // engine's; gradient accumulation over micro-batches equals one batch (also via the HF Trainer).
 #include <filesystem>
+#include <sstream>
 
 #include "core/safetensors.h"
 #include "data/tokenizer.h"
-#include "infer/generate.h"
 #include "kernels/dlcm_ops.h"
 #include "model_fixtures.h"
 #include "testing.h"
@@ -53,6 +53,7 @@ struct Exported {
     ckpt = tmp.path + "/ckpt";
     hf = tmp.path + "/hf";
     test::save_model_only(ckpt, c, m->params());
+    make_byte_tokenizer()->save(ckpt);  // for `dlcm generate`
     auto r = test::run_dlcm("export --ckpt " + ckpt + " --format hf --out " + hf);
     EXPECT_EQ(r.rc, 0) << r.out;
   }
@@ -100,20 +101,28 @@ TEST(HfDlcm, LogitsAndGreedyGenerationMatchTheEngine) {
   SafeTensorsFile fwd(e.tmp.path + "/fwd.safetensors");
   auto logits = fwd.read_f32("logits");
 
-  auto byte_tok = make_byte_tokenizer();
-  GenerateOptions o;
-  o.sampler.temperature = 0;  // greedy
-  o.max_new_tokens = 32;
-  o.stop_at_eos = false;
-  auto done = generate(*e.m, *byte_tok, {"Concepts, then tokens"}, o);
-  ASSERT_EQ(done[0].ids.size(), 32u);
-
-  const i64 P = done[0].prompt_ids.size();
+  // 32 greedy tokens of `dlcm generate` (past EOS), as ids: "PROMPT_IDS -> COMPLETION_IDS"
+  r = test::run_dlcm("generate --ckpt " + e.ckpt + " --prompt 'Concepts, then tokens' "
+                     "--temperature 0 --max-new-tokens 32 --ignore-eos --ids --quiet");
+  ASSERT_EQ(r.rc, 0) << r.out;
+  std::vector<i32> prompt, greedy;
+  {
+    std::istringstream line(r.out.substr(0, r.out.find('\n')));
+    std::string w;
+    bool after = false;
+    while (line >> w) {
+      if (w == "->") after = true;
+      else (after ? greedy : prompt).push_back(std::stoi(w));
+    }
+  }
+  ASSERT_EQ(greedy.size(), 32u) << r.out;
+  ASSERT_EQ(prompt[0], e.c.model.bos_id) << r.out;
+  const i64 P = prompt.size();
   std::vector<TensorToWrite> out = {
       {"tokens", {B, L}, nullptr, tok.data()},
       {"logits", {B, L, e.c.model.vocab_size}, logits.data(), nullptr},
-      {"prompt", {P}, nullptr, done[0].prompt_ids.data()},
-      {"greedy", {32}, nullptr, done[0].ids.data()}};
+      {"prompt", {P}, nullptr, prompt.data()},
+      {"greedy", {32}, nullptr, greedy.data()}};
   write_safetensors(e.tmp.path + "/expect.safetensors", out);
   std::string log;
   EXPECT_EQ(run_check("infer --model " + e.hf + " --expect " + e.tmp.path + "/expect.safetensors",
