@@ -106,17 +106,8 @@ def grads(m):
     return {k: p.grad.detach().clone() for k, p in m.named_parameters()}
 
 
-def accum(a):
-    m = load(a.model).train()
-    V = m.config.vocab_size
-    g = torch.Generator().manual_seed(5)
-    tokens = torch.randint(3, V, (4, 20), generator=g)
-    tokens[:, 0] = m.config.bos_token_id
-    tokens[1, 9] = m.config.bos_token_id
-    labels = tokens.clone()
-    labels[2, 5:8] = -100
-
-    # one batch of 4 rows, sampled boundaries (step 7)
+def one_vs_two(m, tokens, labels, what):
+    """One batch of 4 rows against 2 micro-batches of 2 (sampled boundaries, step 7)."""
     m.zero_grad()
     m.dlcm_prepare_step([{"input_ids": tokens, "labels": labels}], step=7)
     big_b = m._prepared["b"][0].clone()
@@ -129,7 +120,8 @@ def accum(a):
     mbs = [{"input_ids": tokens[:2], "labels": labels[:2]},
            {"input_ids": tokens[2:], "labels": labels[2:]}]
     m.dlcm_prepare_step(mbs, step=7)
-    check(torch.equal(torch.cat(m._prepared["b"]), big_b), "micro-batch samples != one batch's")
+    check(torch.equal(torch.cat(m._prepared["b"]), big_b),
+          f"{what}: micro-batch samples != one batch's")
     total = 0.0
     for mb in mbs:
         loss = m(mb["input_ids"], labels=mb["labels"]).loss
@@ -137,14 +129,32 @@ def accum(a):
         total += float(loss)
     two, last_two = grads(m), dict(m.dlcm_last)
     check(abs(total - float(loss_one)) <= 1e-6 * abs(float(loss_one)),
-          f"summed micro-batch losses {total:.8g} != one batch {float(loss_one):.8g}")
+          f"{what}: summed micro-batch losses {total:.8g} != one batch {float(loss_one):.8g}")
     for k in ("F", "G", "ce", "aux", "loss"):
         check(abs(last_one[k] - last_two[k]) <= 1e-6 * max(1.0, abs(last_one[k])),
-              f"step {k}: one batch {last_one[k]:.8g}, two micro-batches {last_two[k]:.8g}")
+              f"{what}: step {k}: one batch {last_one[k]:.8g}, two micro-batches {last_two[k]:.8g}")
     for k in one:
         err = rel_err(two[k], one[k])
-        check(err <= 1e-5, f"accumulated gradient of {k}: {err:.3g} relative to one batch")
+        check(err <= 1e-5, f"{what}: accumulated gradient of {k}: {err:.3g} relative to one batch")
     check(0 < last_one["F"] < 1, "degenerate boundaries (F = 0 or 1)")
+
+
+def accum(a):
+    m = load(a.model).train()
+    V = m.config.vocab_size
+    g = torch.Generator().manual_seed(5)
+    tokens = torch.randint(3, V, (4, 20), generator=g)
+    tokens[:, 0] = m.config.bos_token_id
+    tokens[1, 9] = m.config.bos_token_id
+    labels = tokens.clone()
+    labels[2, 5:8] = -100
+
+    for aux_kind in ("global", "sequence"):  # the Global Parser, and its per-row variant
+        m.config.dlcm["aux_kind"] = aux_kind
+        one_vs_two(m, tokens, labels, aux_kind)
+    m.config.dlcm["aux_kind"] = "global"
+    mbs = [{"input_ids": tokens[:2], "labels": labels[:2]},
+           {"input_ids": tokens[2:], "labels": labels[2:]}]
     # a forward that is not the prepared micro-batch is refused
     m.dlcm_prepare_step(mbs, step=8)
     try:
