@@ -8,7 +8,8 @@ engine wrote into EXPECT (a safetensors file).
                                                   boundaries: loss and every gradient (<= 1e-4
                                                   relative); the counter-RNG training samples
   hf_dlcm_check.py accum --model DIR [--save D]   2 micro-batches == one batch of both (F, G,
-                                                  loss, gradients), also through the HF Trainer;
+                                                  loss, gradients), 2 gloo ranks == one
+                                                  process, also through the HF Trainer;
                                                   the trained model back as a dlcm checkpoint
 Exit status 0 when every check passes; each failure prints one line.
 """
@@ -139,6 +140,66 @@ def one_vs_two(m, tokens, labels, what):
     check(0 < last_one["F"] < 1, "degenerate boundaries (F = 0 or 1)")
 
 
+def _rank_main(rank, m, tokens, labels, init_file, out_file):
+    """One of 2 gloo ranks: rows 2*rank, 2*rank+1; gradients averaged over the ranks as DDP
+    does; rank 0 saves loss, step stats and gradients."""
+    torch.distributed.init_process_group("gloo", init_method="file://" + init_file, rank=rank,
+                                         world_size=2)
+    rows = slice(2 * rank, 2 * rank + 2)
+    m.zero_grad()
+    m.dlcm_prepare_step([{"input_ids": tokens[rows], "labels": labels[rows]}], step=7)
+    b = m._prepared["b"][0].to(torch.uint8)  # gloo gathers no bool tensors
+    loss = m(tokens[rows], labels=labels[rows]).loss
+    loss.backward()
+    for p in m.parameters():
+        torch.distributed.all_reduce(p.grad)
+        p.grad /= 2
+    losses = [torch.zeros(()) for _ in range(2)]
+    torch.distributed.all_gather(losses, loss.detach())
+    bs = [torch.zeros_like(b) for _ in range(2)]
+    torch.distributed.all_gather(bs, b)
+    if rank == 0:
+        torch.save({"loss": sum(losses) / 2, "last": m.dlcm_last, "b": torch.cat(bs),
+                    "grads": grads(m)}, out_file)
+    torch.distributed.destroy_process_group()
+
+
+def two_ranks(m, tokens, labels):
+    import multiprocessing
+    import os
+    import tempfile
+
+    m.zero_grad()
+    m.dlcm_prepare_step([{"input_ids": tokens, "labels": labels}], step=7)
+    big_b = m._prepared["b"][0].clone()
+    loss_one = m(tokens, labels=labels).loss
+    loss_one.backward()
+    one, last_one = grads(m), dict(m.dlcm_last)
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file, out_file = os.path.join(tmp, "init"), os.path.join(tmp, "out.pt")
+        ctx = multiprocessing.get_context("fork")  # the ranks inherit the loaded model
+        procs = [ctx.Process(target=_rank_main, args=(r, m, tokens, labels, init_file, out_file))
+                 for r in range(2)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(120)
+        check(all(p.exitcode == 0 for p in procs), f"ranks exited {[p.exitcode for p in procs]}")
+        if not os.path.exists(out_file):
+            return
+        got = torch.load(out_file)
+    check(torch.equal(got["b"].bool(), big_b), "2 ranks: samples != one process's (global rows)")
+    # DDP averages: the mean of the ranks' returned losses is the global step loss
+    check(abs(float(got["loss"]) - float(loss_one)) <= 1e-6 * abs(float(loss_one)),
+          f"2 ranks: loss {float(got['loss']):.8g} != one process {float(loss_one):.8g}")
+    for k in ("F", "G", "ce", "aux", "loss"):
+        check(abs(got["last"][k] - last_one[k]) <= 1e-6 * max(1.0, abs(last_one[k])),
+              f"2 ranks: step {k} {got['last'][k]:.8g} != one process {last_one[k]:.8g}")
+    for k in one:
+        err = rel_err(got["grads"][k], one[k])
+        check(err <= 1e-5, f"2 ranks: averaged gradient of {k}: {err:.3g} relative to one process")
+
+
 def accum(a):
     m = load(a.model).train()
     V = m.config.vocab_size
@@ -162,6 +223,9 @@ def accum(a):
         check(False, "a micro-batch out of order was accepted")
     except ValueError as ex:
         check("dlcm_prepare_step" in str(ex), f"unclear order error: {ex}")
+
+    # 2 torch.distributed ranks (gloo) of 2 rows each == one process with all 4 rows
+    two_ranks(m, tokens, labels)
 
     # The HF Trainer: gradient_accumulation_steps 2 x batch 2 == 1 x batch 4 (one SGD step)
     trained = trainer_check(a, tokens, labels)
