@@ -140,9 +140,11 @@ def one_vs_two(m, tokens, labels, what):
     check(0 < last_one["F"] < 1, "degenerate boundaries (F = 0 or 1)")
 
 
-def _rank_main(rank, m, tokens, labels, init_file, out_file):
-    """One of 2 gloo ranks: rows 2*rank, 2*rank+1; gradients averaged over the ranks as DDP
-    does; rank 0 saves loss, step stats and gradients."""
+def _rank_main(rank, model_dir, tokens, labels, init_file, out_file):
+    """One of 2 gloo ranks (a spawned process): rows 2*rank, 2*rank+1; gradients averaged over
+    the ranks as DDP does; rank 0 saves loss, step stats and gradients."""
+    torch.set_num_threads(1)
+    m = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True).train()
     torch.distributed.init_process_group("gloo", init_method="file://" + init_file, rank=rank,
                                          world_size=2)
     rows = slice(2 * rank, 2 * rank + 2)
@@ -164,7 +166,7 @@ def _rank_main(rank, m, tokens, labels, init_file, out_file):
     torch.distributed.destroy_process_group()
 
 
-def two_ranks(m, tokens, labels):
+def two_ranks(m, model_dir, tokens, labels):
     import multiprocessing
     import os
     import tempfile
@@ -177,14 +179,20 @@ def two_ranks(m, tokens, labels):
     one, last_one = grads(m), dict(m.dlcm_last)
     with tempfile.TemporaryDirectory() as tmp:
         init_file, out_file = os.path.join(tmp, "init"), os.path.join(tmp, "out.pt")
-        ctx = multiprocessing.get_context("fork")  # the ranks inherit the loaded model
-        procs = [ctx.Process(target=_rank_main, args=(r, m, tokens, labels, init_file, out_file))
+        # spawn, not fork: a forked child can hang in the OpenMP pool the parent has used
+        ctx = multiprocessing.get_context("spawn")
+        procs = [ctx.Process(target=_rank_main, daemon=True,
+                             args=(r, model_dir, tokens, labels, init_file, out_file))
                  for r in range(2)]
         for p in procs:
             p.start()
         for p in procs:
             p.join(120)
-        check(all(p.exitcode == 0 for p in procs), f"ranks exited {[p.exitcode for p in procs]}")
+        codes = [p.exitcode for p in procs]
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+        check(codes == [0, 0], f"2 ranks: exit codes {codes} (None = still running after 120 s)")
         if not os.path.exists(out_file):
             return
         got = torch.load(out_file)
@@ -225,7 +233,7 @@ def accum(a):
         check("dlcm_prepare_step" in str(ex), f"unclear order error: {ex}")
 
     # 2 torch.distributed ranks (gloo) of 2 rows each == one process with all 4 rows
-    two_ranks(m, tokens, labels)
+    two_ranks(m, a.model, tokens, labels)
 
     # The HF Trainer: gradient_accumulation_steps 2 x batch 2 == 1 x batch 4 (one SGD step)
     trained = trainer_check(a, tokens, labels)
