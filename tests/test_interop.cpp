@@ -339,6 +339,11 @@ TEST(HfFolders, ExistingOutputNeedsForceAndOnlyModelFoldersAreReplaced) {
   e.out = w + "/notes";
   EXPECT_NE(error_of([&] { cmd_export(e); }).find("holds no config.json"), std::string::npos);
   EXPECT_TRUE(fs::exists(w + "/notes/todo.txt"));
+  // Nor a dlcm checkpoint (it holds a config.json too).
+  e.out = ck;
+  EXPECT_NE(error_of([&] { cmd_export(e); }).find("is a dlcm checkpoint; refusing"),
+            std::string::npos);
+  EXPECT_TRUE(fs::exists(ck + "/trainer_state.json"));
   // Import: an existing --out needs --force too.
   ImportArgs i = import_args(w + "/hf", w + "/ck");
   EXPECT_NE(error_of([&] { cmd_import(i); }).find("already exists; give --force"),

@@ -20,13 +20,16 @@ namespace {
 // A baseline checkpoint as a transformers LlamaForCausalLM folder.
 int export_hf(const ExportArgs& a, const std::string& dir, const Config& cfg) {
   const std::string src = (fs::path(dir) / "config.json").string();
-  // The one place where the architecture decides what --format hf writes.
+  // cmd_export is the one place where the architecture decides what --format hf writes.
   DLCM_CHECK(!cfg.model.is_dlcm(), src, ": internal: the LlamaForCausalLM export of a DLCM");
   check_llama_expressible(cfg.model, src);
   HfExportOptions o;
   o.dtype = a.dtype;
   hf_safetensors_dtype(o.dtype, "--dtype");
   if (!a.shard_size.empty()) o.shard_size = parse_byte_size(a.shard_size, "--shard-size");
+  std::error_code ec;
+  DLCM_CHECK(!fs::exists(fs::path(a.out) / "trainer_state.json", ec), a.out, ": is a dlcm "
+             "checkpoint; refusing to replace it with an export (choose another --out)");
   auto m = load_model(dir);
   StagedDir out(a.out, a.force, "--force");
   write_hf_llama(out.path(), cfg, m->params(), o, dir);
@@ -68,8 +71,12 @@ int cmd_import(const ImportArgs& a) {
                a.in.c_str(), a.out.c_str(), (long long)h.config.model.n_layers,
                (long long)h.config.model.d_token, (long long)h.config.model.vocab_size,
                h.restored ? " (dlcm settings restored from the export)" : "");
-  std::fprintf(stderr, "[import] note: no tokenizer imported; forward takes token ids, and "
-               "generate/eval need a tokenizer in %s\n", a.out.c_str());
+  const bool has_tok = fs::exists(fs::path(a.in) / "tokenizer.json", ec) ||
+                       fs::exists(fs::path(a.in) / "tokenizer.model", ec);
+  std::fprintf(stderr, "[import] note: %s; forward takes token ids, generate/eval need a "
+               "tokenizer with the same ids in %s\n",
+               has_tok ? "the folder's tokenizer is not imported" : "the folder has no tokenizer",
+               a.out.c_str());
   return 0;
 }
 
