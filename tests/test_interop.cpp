@@ -297,8 +297,10 @@ TEST(HfFolders, ExportRefusesWhatItCannotWriteAndLeavesNothing) {
   const std::string dl = saved_checkpoint(w + "/dl", tiny_dlcm(), 1);
   std::string msg = error_of([&] { cmd_export(export_args(qk, w + "/x1")); });
   EXPECT_NE(msg.find("'qk_norm' is true"), std::string::npos) << msg;
-  msg = error_of([&] { cmd_export(export_args(dl, w + "/x2")); });
-  EXPECT_NE(msg.find("'arch' is \"dlcm\""), std::string::npos) << msg;
+  ExportArgs dl16 = export_args(dl, w + "/x2");  // a DLCM goes to remote code, f32 only
+  dl16.dtype = "bf16";
+  msg = error_of([&] { cmd_export(dl16); });
+  EXPECT_NE(msg.find("a DLCM exports in f32 only"), std::string::npos) << msg;
   ExportArgs bad = export_args(saved_checkpoint(w + "/ok", plain_baseline(), 1), w + "/x3");
   bad.dtype = "fp8";
   EXPECT_NE(error_of([&] { cmd_export(bad); }).find("--dtype: expected f32, bf16 or f16"),

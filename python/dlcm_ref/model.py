@@ -6,6 +6,7 @@ Linear weights are [out, in], applied as x @ W.T. No biases anywhere.
 """
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as Fn
 
@@ -540,10 +541,78 @@ def concept_term(P, cfg, H, spans, seg, forced, p_sm, xattn_impl, ablation=None)
     return linear(att, P["xattn.wo.weight"])
 
 
+# ----------------------------------------------------------------------------------------------
+# training boundaries and the Global Parser - SPEC 4.2 and the loss
+# ----------------------------------------------------------------------------------------------
+
+def _splitmix64(x):
+    """src/core/rng.h splitmix64 on a uint64 array (arithmetic mod 2^64)."""
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def counter_uniform(seed, a, b, c, d=0):
+    """The engine's counter_uniform(seed, a, b, c, d) in [0, 1) (24 bits, exact in float32),
+    elementwise over integer arrays a, b, c, d (broadcast)."""
+    u64 = lambda v: np.asarray(v, dtype=np.uint64)  # noqa: E731
+    with np.errstate(over="ignore"):
+        h = _splitmix64(u64(seed) ^ np.uint64(0x6A09E667F3BCC908))
+        h = _splitmix64(h ^ u64(a))
+        h = _splitmix64(h ^ (u64(b) + np.uint64(0x3C6EF372FE94F82B)))
+        h = _splitmix64(h ^ (u64(c) + np.uint64(0xA54FF53A5F1D36F1)))
+        h = _splitmix64(h ^ (u64(d) + np.uint64(0x510E527FADE682D1)))
+    return (h >> np.uint64(40)).astype(np.float32) * np.float32(1.0 / 16777216.0)
+
+
+def boundary_prob(p, alpha):
+    """sigmoid(logit(p) / alpha) computed in float64 from float32 p and rounded to float32;
+    p <= 0 (or NaN) -> 0, p >= 1 -> 1 exactly."""
+    p64 = np.asarray(p, dtype=np.float32).astype(np.float64)
+    inner = np.clip(p64, 1e-300, 1.0 - 1e-16)
+    with np.errstate(over="ignore", divide="ignore"):
+        x = (np.log(inner) - np.log1p(-inner)) / float(alpha)
+        pr = 1.0 / (1.0 + np.exp(-x))
+    pr = np.where(p64 >= 1.0, 1.0, np.where(p64 > 0.0, pr, 0.0))
+    return pr.astype(np.float32)
+
+
+def sample_boundaries(p, forced, alpha, seed, step, row0=0):
+    """Training samples (SPEC 4.2): b_t = [u < sigmoid(logit(p_t) / alpha)] with
+    u = counter_uniform(seed, step, row0 + r, t), so a step can be recomputed exactly and a
+    micro-batch whose first row is global row row0 of the step draws what that row draws in one
+    big batch. Forced positions are boundaries. p, forced [B, L]; returns bool [B, L]."""
+    B, L = p.shape
+    rows = (np.arange(B, dtype=np.uint64) + np.uint64(row0))[:, None]
+    cols = np.arange(L, dtype=np.uint64)[None, :]
+    u = counter_uniform(seed, step, rows, cols)
+    pr = boundary_prob(p.detach().float().cpu().numpy(), alpha)
+    b = torch.from_numpy(u < pr).to(forced.device)
+    return b | forced
+
+
+def global_parser_loss(F, G, R):
+    """L_aux = R/(R-1) [(R-1) F G + (1-F)(1-G)] - 1 (SPEC 4, the loss)."""
+    return R / (R - 1.0) * ((R - 1.0) * F * G + (1.0 - F) * (1.0 - G)) - 1.0
+
+
+def encode_and_route(P, cfg, tokens, word_starts=None):
+    """Steps 1-2: H = encoder output [B, L, d_token], p [B, L] and forced [B, L] (bool)."""
+    x = P["tok_embeddings.weight"][tokens.long()]
+    for i in range(cfg.enc_layers):
+        x = block(P, f"encoder.layers.{i}.", x, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg,
+                  cfg.enc_window)
+    H = rmsnorm(x, P["encoder.norm.weight"], cfg.norm_eps)
+    p, forced = router_probs(P, cfg, H, tokens, word_starts)
+    return H, p, forced
+
+
 def dlcm_forward(P, cfg, tokens, targets=None, boundaries=None, xattn_impl="replicate",
                  p_smoother_override=None, concept_ablation=None, word_starts=None):
     """DLCM forward. tokens [B, L] int. boundaries: optional [B, L] 0/1 (the given training
-    samples b); None -> b = [p >= tau] (inference). Forced positions always have b = 1.
+    samples b), or a function (p, forced) -> b (e.g. sample_boundaries, called with p detached);
+    None -> b = [p >= tau] (inference). Forced positions always have b = 1.
     p_smoother_override: optional constant [B, L] used in place of p by the smoother (only for
     finite-difference tests of the detached-gate gradient). concept_ablation: see concept_term.
     word_starts: the tokenizer's [V] 0/1 word-start table (router.kind = word only).
@@ -554,18 +623,14 @@ def dlcm_forward(P, cfg, tokens, targets=None, boundaries=None, xattn_impl="repl
     hd = cfg.head_dim
     dt = P["tok_embeddings.weight"].dtype
 
-    # 1. encoder
-    x = P["tok_embeddings.weight"][tokens.long()]
-    for i in range(cfg.enc_layers):
-        x = block(P, f"encoder.layers.{i}.", x, cfg.n_heads, cfg.n_kv_heads, hd, cfg, cfg.enc_window)
-    H = rmsnorm(x, P["encoder.norm.weight"], eps)  # [B, L, d_token]
-
-    # 2. boundary predictor
-    p, forced = router_probs(P, cfg, H, tokens, word_starts)
+    # 1. encoder (H [B, L, d_token]); 2. boundary predictor
+    H, p, forced = encode_and_route(P, cfg, tokens, word_starts)
     if cfg.rule_router:  # the rule decides, in training and inference alike
         b = p.detach() > 0.5
     elif boundaries is None:
         b = p.detach() >= cfg.router["tau"]
+    elif callable(boundaries):
+        b = boundaries(p.detach(), forced)
     else:
         b = boundaries.to(torch.bool).clone()
     b = b | forced  # forced boundaries are always boundaries
@@ -608,11 +673,9 @@ def dlcm_forward(P, cfg, tokens, targets=None, boundaries=None, xattn_impl="repl
     if cfg.rule_router:  # no auxiliary loss for rules (F is still the realised compression)
         aux = torch.zeros((), dtype=dt)
     elif cfg.aux_kind == "sequence":  # per row (F_r, G_r), averaged over rows
-        Fr = b.to(dt).mean(dim=1)
-        Gr = p.mean(dim=1)
-        aux = (R / (R - 1.0) * ((R - 1.0) * Fr * Gr + (1.0 - Fr) * (1.0 - Gr)) - 1.0).mean()
+        aux = global_parser_loss(b.to(dt).mean(dim=1), p.mean(dim=1), R).mean()
     else:
-        aux = R / (R - 1.0) * ((R - 1.0) * Fb * G + (1.0 - Fb) * (1.0 - G)) - 1.0
+        aux = global_parser_loss(Fb, G, R)
     loss = ce + cfg.aux_weight * aux
     return {"logits": logits, "loss": loss, "ce": ce, "aux": aux, "p": p, "b": b.to(dt),
             "F": Fb, "G": G, "seg": seg, "n_concepts": torch.tensor(M), "H": H, "xattn_out": xo}

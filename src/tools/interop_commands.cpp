@@ -11,6 +11,7 @@
 #include "models/hf_llama.h"
 #include "models/model.h"
 #include "tools/commands.h"
+#include "tools/export_dlcm.h"
 
 namespace dlcm {
 
@@ -21,9 +22,8 @@ namespace {
 // A baseline checkpoint as a transformers LlamaForCausalLM folder.
 int export_hf(const ExportArgs& a, const std::string& dir, const Config& cfg) {
   const std::string src = (fs::path(dir) / "config.json").string();
-  // The one place where the architecture decides what --format hf writes.
-  DLCM_CHECK(!cfg.model.is_dlcm(), src, ": 'arch' is \"dlcm\"; --format hf exports baseline "
-             "checkpoints (LlamaForCausalLM) only");
+  // cmd_export is the one place where the architecture decides what --format hf writes.
+  DLCM_CHECK(!cfg.model.is_dlcm(), src, ": internal: the LlamaForCausalLM export of a DLCM");
   check_llama_expressible(cfg.model, src);
   HfExportOptions o;
   o.dtype = a.dtype;
@@ -74,6 +74,7 @@ int cmd_export(const ExportArgs& a) {
   DLCM_CHECK(a.format == "hf", "--format: expected hf or gguf, got '", a.format, "'");
   const std::string dir = resolve_checkpoint(a.ckpt);
   const Config cfg = load_checkpoint_config(dir);
+  if (cfg.model.is_dlcm()) return export_hf_dlcm(a, dir, cfg);  // remote code (tools/export_dlcm.h)
   return export_hf(a, dir, cfg);
 }
 

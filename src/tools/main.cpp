@@ -87,7 +87,7 @@ int main(int argc, char** argv) {
   add_threads(seg);
 
   ExportArgs xp;
-  auto* exp = app.add_subcommand("export", "write a checkpoint in another tool's format (--format hf: transformers LlamaForCausalLM; gguf: llama.cpp)");
+  auto* exp = app.add_subcommand("export", "write a checkpoint in another tool's format (--format hf: transformers LlamaForCausalLM, or remote code for a DLCM; gguf: llama.cpp)");
   exp->add_option("--ckpt", xp.ckpt, "checkpoint or run folder")->required();
   exp->add_option("--format", xp.format, "hf or gguf")->required();
   exp->add_option("--out", xp.out, "output folder (hf) or file (gguf), written atomically")->required();
