@@ -55,6 +55,7 @@ int export_hf_dlcm(const ExportArgs& a, const std::string& dir, const Config& cf
              "float32), got '", a.dtype, "'");
   DLCM_CHECK(a.shard_size.empty(), "--shard-size: a DLCM export is one model.safetensors");
   auto model = load_model(dir);  // checks every tensor's name and shape
+  std::unique_ptr<Tokenizer> tok = export_tokenizer_of(dir, cfg);
   StagedDir out(a.out, a.force, "--force");
   const fs::path tmp = out.path();
   write_text_file_synced((tmp / "config.json").string(), hf_config(cfg).dump(2) + "\n");
@@ -71,6 +72,7 @@ int export_hf_dlcm(const ExportArgs& a, const std::string& dir, const Config& cf
   write_safetensors((tmp / "model.safetensors").string(), tensors, {{"format", "pt"}});
   for (const EmbeddedFile& f : hf_dlcm_files())
     write_text_file_synced((tmp / f.name).string(), f.text);
+  write_export_tokenizer(tok.get(), cfg, tmp.string());
   out.commit();
   std::fprintf(stderr, "[export] %s -> %s: DLCM as transformers remote code, %lld parameters, "
                "f32 (AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True))\n",

@@ -33,41 +33,45 @@ int export_hf(const ExportArgs& a, const std::string& dir, const Config& cfg) {
   DLCM_CHECK(!fs::exists(fs::path(a.out) / "trainer_state.json", ec), a.out, ": is a dlcm "
              "checkpoint; refusing to replace it with an export (choose another --out)");
   auto m = load_model(dir);
-  // The tokenizer in HF's format beside the weights (a checkpoint without tokenizer files,
-  // e.g. one imported from a folder that had none, exports the model alone).
-  std::unique_ptr<Tokenizer> tok;
-  if (!tokenizer_files(dir).empty()) tok = load_tokenizer(dir);
-  if (tok) {
-    DLCM_CHECK(tok->vocab_size() <= cfg.model.vocab_size, dir, ": the tokenizer has ",
-               tok->vocab_size(), " ids but the model's vocab_size is ", cfg.model.vocab_size);
-    DLCM_CHECK(tok->bos_id() == cfg.model.bos_id && tok->eos_id() == cfg.model.eos_id, dir,
-               ": the tokenizer's bos/eos ids (", tok->bos_id(), ", ", tok->eos_id(),
-               ") differ from config.json's bos_id/eos_id (", cfg.model.bos_id, ", ",
-               cfg.model.eos_id, ")");
-  }
+  std::unique_ptr<Tokenizer> tok = export_tokenizer_of(dir, cfg);
   StagedDir out(a.out, a.force, "--force");
   write_hf_llama(out.path(), cfg, m->params(), o, dir);
-  if (tok) {
-    HfWriteOptions to;
-    to.model_max_length = cfg.model.max_seq_len;
-    write_hf_tokenizer_files(*tok, out.path(), to);
-  }
+  write_export_tokenizer(tok.get(), cfg, out.path());
   out.commit();
   i64 n_params = 0;
   for (const Param& p : m->params().params()) n_params += p.numel;
   std::fprintf(stderr, "[export] %s -> %s: LlamaForCausalLM, %lld parameters, %s%s\n",
                dir.c_str(), out.out().c_str(), (long long)n_params, o.dtype.c_str(),
                cfg.model.logit_mult != 1.0f ? ", logit_mult folded into lm_head" : "");
-  if (tok)
-    std::fprintf(stderr, "[export] tokenizer (%s, %d ids) written as tokenizer.json + "
-                 "tokenizer_config.json for AutoTokenizer\n", tok->kind().c_str(), tok->vocab_size());
-  else
-    std::fprintf(stderr, "[export] note: %s has no tokenizer files, so none are written; feed "
-                 "transformers token ids (docs/interop.md)\n", dir.c_str());
   return 0;
 }
 
 }  // namespace
+
+std::unique_ptr<Tokenizer> export_tokenizer_of(const std::string& dir, const Config& cfg) {
+  if (tokenizer_files(dir).empty()) return nullptr;
+  std::unique_ptr<Tokenizer> tok = load_tokenizer(dir);
+  DLCM_CHECK(tok->vocab_size() <= cfg.model.vocab_size, dir, ": the tokenizer has ",
+             tok->vocab_size(), " ids but the model's vocab_size is ", cfg.model.vocab_size);
+  DLCM_CHECK(tok->bos_id() == cfg.model.bos_id && tok->eos_id() == cfg.model.eos_id, dir,
+             ": the tokenizer's bos/eos ids (", tok->bos_id(), ", ", tok->eos_id(),
+             ") differ from config.json's bos_id/eos_id (", cfg.model.bos_id, ", ",
+             cfg.model.eos_id, ")");
+  return tok;
+}
+
+void write_export_tokenizer(const Tokenizer* tok, const Config& cfg, const std::string& out_dir) {
+  if (!tok) {
+    std::fprintf(stderr, "[export] note: the checkpoint has no tokenizer files, so none are "
+                 "written; feed transformers token ids (docs/interop.md)\n");
+    return;
+  }
+  HfWriteOptions to;
+  to.model_max_length = cfg.model.max_seq_len;
+  write_hf_tokenizer_files(*tok, out_dir, to);
+  std::fprintf(stderr, "[export] tokenizer (%s, %d ids) written as tokenizer.json + "
+               "tokenizer_config.json for AutoTokenizer\n", tok->kind().c_str(), tok->vocab_size());
+}
 
 int cmd_export(const ExportArgs& a) {
   if (a.format == "gguf") return cmd_export_gguf(a);
