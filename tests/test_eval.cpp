@@ -10,6 +10,7 @@
 #include <nlohmann/json.hpp>
 #include <numeric>
 
+#include "core/build_info.h"
 #include "data/tokenizer.h"
 #include "eval/scorer.h"
 #include "eval/zero_shot.h"
@@ -956,6 +957,9 @@ TEST(EvalCli, LmEvalLayoutSamplesLimitAndTaskList) {
   EXPECT_TRUE(j["config"]["limit"].is_null());
   EXPECT_EQ(j["config"]["batch_size"], "2048 tokens");
   EXPECT_GT(j["date"].get<double>(), 1.7e9);
+  // lm-eval's git_hash: the short commit the binary was built from (+ "-dirty").
+  const BuildInfo& bi = build_info();
+  EXPECT_EQ(j["git_hash"], bi.git_commit.substr(0, 7) + (bi.git_dirty ? "-dirty" : ""));
   for (auto& [name, t] : j["tasks"].items()) {
     SCOPED_TRACE(name);
     const json& e = j["results"][name];

@@ -266,34 +266,6 @@ struct Reader {
   }
 };
 
-std::string read_text(const std::string& path, size_t max_bytes) {
-  std::error_code ec;
-  DLCM_CHECK(fs::is_regular_file(path, ec), path, ": not a regular file");
-  const auto size = fs::file_size(path, ec);
-  DLCM_CHECK(!ec, "cannot read ", path, ": ", ec.message());
-  DLCM_CHECK(size <= max_bytes, path, ": ", size, " bytes, over the limit of ", max_bytes,
-             " bytes for a tokenizer file");
-  std::ifstream f(path, std::ios::binary);
-  DLCM_CHECK(f, "cannot open ", path);
-  std::string s(size_t(size), '\0');
-  f.read(s.data(), std::streamsize(size));
-  DLCM_CHECK(!f.bad() && f.gcount() == std::streamsize(size), "error reading ", path);
-  return s;
-}
-
-void write_text(const std::string& path, std::string_view data) {
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
-    DLCM_CHECK(f, "cannot write ", tmp);
-    f.write(data.data(), std::streamsize(data.size()));
-    DLCM_CHECK(f.good(), "error writing ", tmp);
-  }
-  std::error_code ec;
-  fs::rename(tmp, path, ec);
-  DLCM_CHECK(!ec, "cannot rename ", tmp, " to ", path, ": ", ec.message());
-}
-
 std::string dump(const json& j) {
   return j.dump(2, ' ', false, json::error_handler_t::strict) + "\n";
 }
@@ -344,7 +316,7 @@ class HfTokenizer final : public Tokenizer {
     return is_special(id) ? std::string() : pieces_[size_t(id)];
   }
   void save(const std::string& dir) const override {
-    for (const auto& [name, text] : files_) write_text((fs::path(dir) / name).string(), text);
+    for (const auto& [name, text] : files_) write_tokenizer_file((fs::path(dir) / name).string(), text);
     // Our metadata takes precedence in a folder: a stale one would hide these files.
     std::error_code ec;
     fs::remove(fs::path(dir) / kTokenizerMeta, ec);
@@ -404,7 +376,7 @@ class HfTokenizer final : public Tokenizer {
 HfTokenizer::HfTokenizer(const std::string& dir) {
   std::fill(std::begin(byte_ids_), std::end(byte_ids_), -1);
   const std::string path = (fs::path(dir) / kHfTokenizerJson).string();
-  const std::string text = read_text(path, kMaxJsonBytes);
+  const std::string text = read_tokenizer_file(path, kMaxJsonBytes);
   const json j = parse_json_bounded(text, path, JsonLimits{kMaxJsonDepth, kMaxJsonBytes});
   Reader r{path};
   DLCM_CHECK(j.is_object(), path, ": must be a JSON object (HF tokenizers format), got ",
@@ -668,7 +640,7 @@ void HfTokenizer::resolve_specials(const Reader& r, const json& j, const std::st
   for (const char* file : {kHfTokenizerConfig, kHfSpecialTokensMap}) {
     const std::string path = (fs::path(dir) / file).string();
     if (!fs::exists(path)) continue;
-    const std::string text = read_text(path, kMaxJsonBytes);
+    const std::string text = read_tokenizer_file(path, kMaxJsonBytes);
     const json c = parse_json_bounded(text, path, JsonLimits{kMaxJsonDepth, kMaxJsonBytes});
     files_[file] = text;
     DLCM_CHECK(c.is_object(), path, ": must be a JSON object, got ", c.type_name());
@@ -1062,8 +1034,8 @@ void write_transformers_configs(const std::string& dir, const std::string& cls,
     if (!tok.is_null()) map[role] = tok;
   }
   if (model_max_length > 0) cfg["model_max_length"] = model_max_length;
-  write_text((fs::path(dir) / kHfTokenizerConfig).string(), dump(cfg));
-  write_text((fs::path(dir) / kHfSpecialTokensMap).string(), dump(map));
+  write_tokenizer_file((fs::path(dir) / kHfTokenizerConfig).string(), dump(cfg));
+  write_tokenizer_file((fs::path(dir) / kHfSpecialTokensMap).string(), dump(map));
 }
 
 void write_bpe(const Tokenizer& tok, const std::string& dir, const HfWriteOptions& opt) {
@@ -1119,8 +1091,8 @@ void write_bpe(const Tokenizer& tok, const std::string& dir, const HfWriteOption
   const json tj = tokenizer_json(added, normalizer, nullptr,
                                  opt.add_bos ? bos_template(bos, tok.bos_id()) : json(), decoder,
                                  bpe_model_json(std::move(vocab), std::move(merges), unk, true));
-  write_text((fs::path(dir) / kHfTokenizerJson).string(), dump(tj));
-  write_text((fs::path(dir) / kTokenizerModel).string(), model);
+  write_tokenizer_file((fs::path(dir) / kHfTokenizerJson).string(), dump(tj));
+  write_tokenizer_file((fs::path(dir) / kTokenizerModel).string(), model);
   write_transformers_configs(dir, "PreTrainedTokenizerFast",
                              {{"bos_token", bos},
                               {"eos_token", pieces[size_t(tok.eos_id())].piece},
@@ -1144,7 +1116,7 @@ void write_bytes(const Tokenizer& tok, const std::string& dir, const HfWriteOpti
                                  opt.add_bos ? bos_template("<s>", 1) : json(),
                                  byte_level_json(false),
                                  bpe_model_json(std::move(vocab), json::array(), nullptr, false));
-  write_text((fs::path(dir) / kHfTokenizerJson).string(), dump(tj));
+  write_tokenizer_file((fs::path(dir) / kHfTokenizerJson).string(), dump(tj));
   write_transformers_configs(dir, "PreTrainedTokenizerFast",
                              {{"bos_token", "<s>"}, {"eos_token", "</s>"}, {"unk_token", "<unk>"},
                               {"pad_token", "<pad>"}},
@@ -1224,7 +1196,7 @@ void write_hf_tokenizer_files(const Tokenizer& tok, const std::string& dir, cons
     if (!h.has_file(kHfTokenizerConfig)) {
       json cfg = h.config_json();
       if (opt.model_max_length > 0) cfg["model_max_length"] = opt.model_max_length;
-      write_text((fs::path(dir) / kHfTokenizerConfig).string(), dump(cfg));
+      write_tokenizer_file((fs::path(dir) / kHfTokenizerConfig).string(), dump(cfg));
     }
   } else {
     fail("write_hf_tokenizer_files: unknown tokenizer kind \"", kind, "\"");
@@ -1241,7 +1213,7 @@ void convert_gpt2_tokenizer(const std::string& encoder_json, const std::string& 
                    it.value().get<int64_t>() <= kMaxId,
                encoder_json, ": token ", json_excerpt(json(it.key()), 40), " has id ",
                json_excerpt(it.value()), ", expected an integer in [0, ", kMaxId, "]");
-  const std::string text = read_text(vocab_bpe, kMaxJsonBytes);
+  const std::string text = read_tokenizer_file(vocab_bpe, kMaxJsonBytes);
   json merges = json::array();
   size_t line_no = 0;
   for (size_t i = 0; i < text.size();) {
@@ -1275,7 +1247,7 @@ void convert_gpt2_tokenizer(const std::string& encoder_json, const std::string& 
                                  bpe_model_json(enc, std::move(merges), nullptr, false));
   std::error_code ec;
   DLCM_CHECK(fs::is_directory(out_dir, ec), out_dir, ": not a directory");
-  write_text((fs::path(out_dir) / kHfTokenizerJson).string(), dump(tj));
+  write_tokenizer_file((fs::path(out_dir) / kHfTokenizerJson).string(), dump(tj));
   write_transformers_configs(out_dir, "GPT2TokenizerFast",
                              {{"bos_token", eot_tok}, {"eos_token", eot_tok}, {"unk_token", eot_tok}},
                              false, 1024, true);

@@ -20,21 +20,13 @@ namespace dlcm {
 namespace fs = std::filesystem;
 using nlohmann::json;
 
-namespace {
-
-constexpr int kFormatVersion = 1;
-
-// SentencePiece models are ~0.5 MB at 32k pieces and a few MB at 256k; 64 MiB stops a wrong
-// file (or a device such as /dev/zero) from being read whole.
-constexpr std::uintmax_t kMaxModelBytes = std::uintmax_t(64) << 20;
-
-std::string read_file(const std::string& path, std::uintmax_t max_bytes = kMaxModelBytes) {
+std::string read_tokenizer_file(const std::string& path, std::uintmax_t max_bytes) {
   std::error_code ec;
   DLCM_CHECK(fs::is_regular_file(path, ec), path, ": not a regular file");
   const std::uintmax_t size = fs::file_size(path, ec);
   DLCM_CHECK(!ec, "cannot read ", path, ": ", ec.message());
   DLCM_CHECK(size <= max_bytes, path, ": ", size, " bytes, over the limit of ", max_bytes,
-             " for a tokenizer file");
+             " bytes for a tokenizer file");
   std::ifstream f(path, std::ios::binary);
   DLCM_CHECK(f, "cannot open ", path);
   std::string s(size_t(size), '\0');
@@ -43,16 +35,26 @@ std::string read_file(const std::string& path, std::uintmax_t max_bytes = kMaxMo
   return s;
 }
 
-void write_file(const std::string& path, std::string_view data) {
-  std::string tmp = path + ".tmp";
+void write_tokenizer_file(const std::string& path, std::string_view data) {
+  const std::string tmp = path + ".tmp";
   {
     std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
     DLCM_CHECK(f, "cannot write ", tmp);
-    f.write(data.data(), data.size());
+    f.write(data.data(), std::streamsize(data.size()));
     DLCM_CHECK(f.good(), "error writing ", tmp);
   }
-  fs::rename(tmp, path);
+  std::error_code ec;
+  fs::rename(tmp, path, ec);
+  DLCM_CHECK(!ec, "cannot rename ", tmp, " to ", path, ": ", ec.message());
 }
+
+namespace {
+
+constexpr int kFormatVersion = 1;
+
+// SentencePiece models are ~0.5 MB at 32k pieces and a few MB at 256k; 64 MiB stops a wrong
+// file (or a device such as /dev/zero) from being read whole.
+constexpr std::uintmax_t kMaxModelBytes = std::uintmax_t(64) << 20;
 
 json base_json(const Tokenizer& t, const SpecialIds& s) {
   return json{{"format_version", kFormatVersion}, {"kind", t.kind()},
@@ -105,7 +107,7 @@ class ByteTokenizer final : public Tokenizer {
   void save(const std::string& dir) const override {
     json j = base_json(*this, special_);
     j["byte_offset"] = kOffset;
-    write_file((fs::path(dir) / kTokenizerMeta).string(), j.dump(2) + "\n");
+    write_tokenizer_file((fs::path(dir) / kTokenizerMeta).string(), j.dump(2) + "\n");
   }
 };
 
@@ -253,14 +255,14 @@ class BpeTokenizer final : public Tokenizer {
     return v;
   }
   void save(const std::string& dir) const override {
-    write_file((fs::path(dir) / kTokenizerModel).string(), model_);
+    write_tokenizer_file((fs::path(dir) / kTokenizerModel).string(), model_);
     json j = base_json(*this, special_);
     j["model_file"] = kTokenizerModel;
     j["library"] = "sentencepiece";
     j["model_type"] = "bpe";
     j["byte_fallback"] = true;
     j["normalization"] = "identity";
-    write_file((fs::path(dir) / kTokenizerMeta).string(), j.dump(2) + "\n");
+    write_tokenizer_file((fs::path(dir) / kTokenizerMeta).string(), j.dump(2) + "\n");
   }
   std::string sentencepiece_model() const override { return model_; }
 
@@ -332,7 +334,7 @@ bool is_legacy_meta(const json& j) { return j.is_object() && j.contains("kind") 
 
 // The text of dir/tokenizer.json, bounded for HF's files (64 MiB; ours are under 1 KiB).
 std::string read_tokenizer_json(const std::string& path) {
-  return read_file(path, std::uintmax_t(64) << 20);
+  return read_tokenizer_file(path, std::uintmax_t(64) << 20);
 }
 
 }  // namespace
@@ -474,7 +476,7 @@ std::unique_ptr<Tokenizer> load_tokenizer(const std::string& dir) {
     const fs::path real = fs::canonical(mpath, ec), home = fs::canonical(dir, ec);
     DLCM_CHECK(!ec && real.parent_path() == home, jpath, ": model file ", mpath,
                " leads outside ", dir, " (a symbolic link?); copy the model file into the folder");
-    t = std::make_unique<BpeTokenizer>(read_file(mpath), mpath);
+    t = std::make_unique<BpeTokenizer>(read_tokenizer_file(mpath, kMaxModelBytes), mpath);
   } else {
     fail(jpath, ": field \"kind\" must be \"bpe\" or \"bytes\", got ", json_excerpt(j["kind"]));
   }

@@ -124,6 +124,12 @@ std::unique_ptr<Tokenizer> train_bpe(const std::vector<std::string>& docs, const
 // the file and field.
 std::unique_ptr<Tokenizer> load_tokenizer(const std::string& dir);
 
+// Whole-file read of a tokenizer file, refused above max_bytes (a wrong file or a device such as
+// /dev/zero is never read whole; errors name the file), and an atomic write (temp file, rename).
+// Shared by every tokenizer kind.
+std::string read_tokenizer_file(const std::string& path, std::uintmax_t max_bytes);
+void write_tokenizer_file(const std::string& path, std::string_view data);
+
 // UTF-8 helpers (used by prepare and tests).
 bool is_valid_utf8(std::string_view s);
 // Replaces each malformed byte with U+FFFD; returns the number of replacements.
