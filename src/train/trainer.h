@@ -32,6 +32,12 @@ struct TrainOptions {
   // logged evaluation, under "concept_usage" in the log line (three decoder passes a batch;
   // rank 0 only under MPI).
   bool concept_usage = false;
+  // For callers that drive training from elsewhere (the Python package): on_log gets each log
+  // record (one JSON object) as it is appended to train_log.jsonl; stop_requested is asked
+  // after every step, and true ends the run there with a checkpoint, as stop_after does. One
+  // process only: under MPI the ranks would have to agree on stopping.
+  std::function<void(const std::string& json_line)> on_log;
+  std::function<bool()> stop_requested;
 };
 
 struct StepResult {
