@@ -1,5 +1,7 @@
 #include "model.h"
 
+#include "docs.h"
+
 #include <pybind11/stl.h>
 
 #include <chrono>
@@ -392,7 +394,7 @@ class PyModel {
       d["stop_reason"] = c.stop_reason;
       out.append(d);
     }
-    if (multi) return std::move(out);
+    if (multi) return out;
     return out[0];
   }
 
@@ -486,7 +488,7 @@ class PyModel {
 }  // namespace
 
 void bind_model(py::module_& m) {
-  py::class_<PyTokenizer>(m, "Tokenizer", "A checkpoint's tokenizer (model.tokenizer).")
+  py::class_<PyTokenizer>(m, "Tokenizer", doc::Tokenizer)
       .def("encode",
            [](const PyTokenizer& t, py::handle text) {
              std::string s;
@@ -497,20 +499,20 @@ void bind_model(py::module_& m) {
              py::gil_scoped_release nogil;
              return t.get().encode(s);
            },
-           py::arg("text"), "Text -> token ids (no BOS/EOS).")
+           py::arg("text"), doc::Tokenizer_encode)
       .def("decode",
            [](const PyTokenizer& t, py::handle ids) {
              std::vector<i32> v = token_list(ids, t.get().vocab_size(), "ids", true);
              return to_str(t.get().decode(v));
            },
-           py::arg("ids"), "Token ids -> text; special ids are skipped.")
+           py::arg("ids"), doc::Tokenizer_decode)
       .def("decode_piece",
            [](const PyTokenizer& t, i64 id) {
              if (id < 0 || id >= t.get().vocab_size())
                raise<ArgumentError>("id: ", id, " is outside the vocabulary [0, ", t.get().vocab_size(), ")");
              return py::bytes(t.get().decode_piece(i32(id)));
            },
-           py::arg("id"), "The raw bytes of one token (b'' for special ids).")
+           py::arg("id"), doc::Tokenizer_decode_piece)
       .def_property_readonly("kind", [](const PyTokenizer& t) { return t.get().kind(); })
       .def_property_readonly("vocab_size", [](const PyTokenizer& t) { return t.get().vocab_size(); })
       .def_property_readonly("bos_id", [](const PyTokenizer& t) { return t.get().bos_id(); })
@@ -520,39 +522,43 @@ void bind_model(py::module_& m) {
         return "<dlcm.Tokenizer " + t.get().kind() + ", " + std::to_string(t.get().vocab_size()) + " ids>";
       });
 
-  py::class_<PyGenerateStream>(m, "GenerateStream",
-                               "Iterator over generated text pieces (Model.generate(stream=True)).")
+  py::class_<PyGenerateStream>(m, "GenerateStream", doc::GenerateStream)
       .def("__iter__", [](py::object self) { return self; })
       .def("__next__", &PyGenerateStream::next)
-      .def("close", &PyGenerateStream::stop, "Stops generation (also when the iterator is dropped).");
+      .def("close", &PyGenerateStream::stop, doc::GenerateStream_close);
 
-  py::class_<PyModel>(m, "Model", "A checkpoint's model (dlcm.load).")
-      .def("close", &PyModel::close, "Frees the model; later calls raise dlcm.ClosedError.")
+  py::class_<PyModel>(m, "Model", doc::Model)
+      .def("close", &PyModel::close, doc::Model_close)
       .def_property_readonly("closed", [](const PyModel& p) { return p.state()->closed.load(); })
       .def("__enter__", [](py::object self) { return self; })
       .def("__exit__", [](PyModel& p, py::args) { p.close(); })
       .def_property_readonly("path", [](const PyModel& p) { return p.state()->dir; },
-                             "The checkpoint folder.")
+                             doc::Model_path)
       .def_property_readonly("config", [](const PyModel& p) { return to_py(p.state()->config); },
-                             "The model's config (a new dict each time).")
+                             doc::Model_config)
       .def_property_readonly("arch", [](const PyModel& p) { return p.state()->arch; })
       .def_property_readonly("vocab_size", [](const PyModel& p) { return vocab(p.state()); })
       .def_property_readonly("max_seq_len", [](const PyModel& p) { return max_len(p.state()); })
       .def_property_readonly("tokenizer", [](const PyModel& p) { return PyTokenizer(p.state()->tok); })
-      .def("forward", &PyModel::forward, py::arg("tokens"))
-      .def("logits_at", &PyModel::logits_at, py::arg("tokens"), py::arg("positions"))
-      .def("boundaries", &PyModel::boundaries, py::arg("tokens"), py::arg("tau") = py::none())
-      .def("concepts", &PyModel::concepts, py::arg("text"), py::arg("tau") = py::none())
-      .def("score", &PyModel::score, py::arg("context"), py::arg("continuation"))
-      .def("score_batch", &PyModel::score_batch, py::arg("pairs"), py::arg("batch_tokens") = 2048)
+      .def("forward", &PyModel::forward, py::arg("tokens"), doc::Model_forward)
+      .def("logits_at", &PyModel::logits_at, py::arg("tokens"), py::arg("positions"), doc::Model_logits_at)
+      .def("boundaries", &PyModel::boundaries, py::arg("tokens"), py::arg("tau") = py::none(),
+           doc::Model_boundaries)
+      .def("concepts", &PyModel::concepts, py::arg("text"), py::arg("tau") = py::none(),
+           doc::Model_concepts)
+      .def("score", &PyModel::score, py::arg("context"), py::arg("continuation"), doc::Model_score)
+      .def("score_batch", &PyModel::score_batch, py::arg("pairs"), py::arg("batch_tokens") = 2048,
+           doc::Model_score_batch)
       .def("generate", &PyModel::generate, py::arg("prompts"), py::arg("max_new_tokens") = 100,
            py::arg("temperature") = 0.8, py::arg("top_k") = 0, py::arg("top_p") = 1.0,
            py::arg("seed") = 0, py::arg("stop") = py::none(), py::arg("stream") = false,
            py::arg("tau") = py::none(), py::arg("ignore_eos") = false, py::arg("batch") = 8,
-           py::arg("details") = false)
-      .def("state_dict", &PyModel::state_dict)
-      .def("load_state_dict", &PyModel::load_state_dict, py::arg("state_dict"), py::arg("strict") = true)
-      .def("_time_forward", &PyModel::time_forward, py::arg("tokens"), py::arg("repeats") = 5)
+           py::arg("details") = false, doc::Model_generate)
+      .def("state_dict", &PyModel::state_dict, doc::Model_state_dict)
+      .def("load_state_dict", &PyModel::load_state_dict, py::arg("state_dict"), py::arg("strict") = true,
+           doc::Model_load_state_dict)
+      .def("_time_forward", &PyModel::time_forward, py::arg("tokens"), py::arg("repeats") = 5,
+           doc::Model__time_forward)
       .def("__repr__", [](const PyModel& p) {
         const auto& s = p.state();
         return "<dlcm.Model " + s->arch + " from " + s->dir +
@@ -579,7 +585,7 @@ void bind_model(py::module_& m) {
         }
         return PyModel(std::move(s));
       },
-      py::arg("path"));
+      py::arg("path"), doc::load);
 }
 
 }  // namespace dlcm::py_bind

@@ -6,6 +6,7 @@
 #include <optional>
 
 #include "convert.h"
+#include "docs.h"
 #include "data/prepare.h"
 #include "model.h"
 #include "models/config.h"
@@ -144,17 +145,13 @@ PYBIND11_MODULE(_core, m) {
   using namespace dlcm::py_bind;
   m.doc() = "dlcm's C++ engine (use the package dlcm; docs/python.md)";
 
-  g_error = new_exception(m, "Error",
-                          "An error of the engine: its one-line message names the file, key or "
-                          "argument at fault and what was expected.",
-                          PyExc_RuntimeError);
-  g_argument = new_exception(m, "ArgumentError",
-                             "An argument with a wrong value or shape (also a ValueError).",
+  g_error = new_exception(m, "Error", doc::Error, PyExc_RuntimeError);
+  g_argument = new_exception(m, "ArgumentError", doc::ArgumentError,
                              py::make_tuple(py::handle(g_error), py::handle(PyExc_ValueError)).ptr());
   g_argument_type = new_exception(
-      m, "ArgumentTypeError", "An argument of the wrong type or dtype (also a TypeError).",
+      m, "ArgumentTypeError", doc::ArgumentTypeError,
       py::make_tuple(py::handle(g_argument), py::handle(PyExc_TypeError)).ptr());
-  g_closed = new_exception(m, "ClosedError", "The model was closed.", g_error);
+  g_closed = new_exception(m, "ClosedError", doc::ClosedError, g_error);
   py::register_exception_translator([](std::exception_ptr p) {
     try {
       if (p) std::rethrow_exception(p);
@@ -204,13 +201,13 @@ PYBIND11_MODULE(_core, m) {
         return to_py(meta);
       },
       py::arg("inputs"), py::arg("out"), py::arg("tokenizer") = "bpe", py::arg("vocab_size") = 8192,
-      py::arg("val_fraction") = 0.01, py::arg("quiet") = true);
+      py::arg("val_fraction") = 0.01, py::arg("quiet") = true, doc::prepare);
 
   m.def("train", &train, py::arg("config"), py::arg("data"), py::arg("out"),
         py::arg("steps") = py::none(), py::arg("overrides") = py::none(),
         py::arg("on_log") = py::none(), py::arg("resume") = false, py::arg("overwrite") = false,
         py::arg("init_from") = py::none(), py::arg("quiet") = false, py::arg("final_eval") = true,
-        py::arg("concept_usage") = false);
+        py::arg("concept_usage") = false, doc::train);
 
   m.def(
       "eval",
@@ -243,7 +240,7 @@ PYBIND11_MODULE(_core, m) {
       py::arg("limit") = -1, py::arg("batch_size") = 8, py::arg("seq_len") = 0,
       py::arg("bench_dir") = py::none(), py::arg("task_file") = py::none(),
       py::arg("batch_tokens") = 2048, py::arg("concept_usage") = false,
-      py::arg("usage_batches") = -1, py::arg("quiet") = true);
+      py::arg("usage_batches") = -1, py::arg("quiet") = true, doc::eval);
 
   m.def(
       "resolve_config",
@@ -253,5 +250,5 @@ PYBIND11_MODULE(_core, m) {
         tidy_floats(j);
         return to_py(j);
       },
-      py::arg("config") = py::none(), py::arg("overrides") = py::none());
+      py::arg("config") = py::none(), py::arg("overrides") = py::none(), doc::resolve_config);
 }
