@@ -1,0 +1,84 @@
+"""What calling the engine from Python costs: Model.forward from Python against the same
+computation timed inside C++ (Model._time_forward, the loop `dlcm forward` runs), and the CLI's
+`dlcm forward` end to end, on the reference shape (8 rows of 512 tokens). Not a test; the
+figures are in docs/python.md.
+
+    PYTHONPATH=build/python OMP_NUM_THREADS=2 .venv/bin/python python/bench_bindings.py \
+        [--config configs/baseline-reference.json] [--repeats 5] [--dlcm build/dlcm]
+
+The model has the config's shape and the weights of one training step (a tiny corpus is
+prepared and trained on first, in a temporary folder).
+"""
+
+import argparse
+import json
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+import dlcm
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default=str(ROOT / "configs" / "baseline-reference.json"))
+    ap.add_argument("--rows", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--dlcm", default=str(ROOT / "build" / "dlcm"), help="the CLI binary")
+    a = ap.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        words = "the cat sat on a mat and ran to see big small red blue tree house".split()
+        rng = np.random.default_rng(0)
+        docs = [" ".join(rng.choice(words, 200)) for _ in range(40)]
+        (tmp / "c.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+        dlcm.prepare([tmp / "c.jsonl"], tmp / "data", tokenizer="bytes", val_fraction=0.1)
+        dlcm.train(a.config, tmp / "data", tmp / "run", steps=1, quiet=True, final_eval=False,
+                   overrides={"train.batch_size": 1, "train.seq_len": 64})
+
+        model = dlcm.load(tmp / "run")
+        tokens = rng.integers(4, 260, size=(a.rows, a.seq_len)).astype(np.int32)
+        model.forward(tokens)  # warm-up: buffers, GEMM primitives, page faults
+
+        cpp = model._time_forward(tokens, a.repeats)
+        py = []
+        for _ in range(a.repeats):
+            t0 = time.perf_counter()
+            model.forward(tokens)
+            py.append(time.perf_counter() - t0)
+        c, p = statistics.median(cpp), statistics.median(py)
+
+        (tmp / "tokens.txt").write_text("".join(" ".join(map(str, r)) + "\n" for r in tokens))
+        cli = []
+        for _ in range(max(1, a.repeats // 2)):
+            t0 = time.perf_counter()
+            subprocess.run([a.dlcm, "forward", "--ckpt", str(tmp / "run"), "--tokens",
+                            str(tmp / "tokens.txt"), "--out", str(tmp / "out.safetensors")],
+                           check=True, capture_output=True)
+            cli.append(time.perf_counter() - t0)
+        e2e = []
+        for _ in range(max(1, a.repeats // 2)):
+            t0 = time.perf_counter()
+            with dlcm.load(tmp / "run") as m:
+                m.forward(tokens)
+            e2e.append(time.perf_counter() - t0)
+
+    print(f"{model.arch} {Path(a.config).name}, tokens [{a.rows}, {a.seq_len}], "
+          f"median of {a.repeats}")
+    print(f"  forward inside C++ (Model._time_forward): {c * 1e3:9.1f} ms")
+    print(f"  Model.forward called from Python:        {p * 1e3:9.1f} ms  ({100 * (p / c - 1):+.2f}%)")
+    print(f"  `dlcm forward` process, end to end:      {statistics.median(cli) * 1e3:9.1f} ms"
+          f"  (load, token file, {a.rows * a.seq_len * model.vocab_size * 4 / 2**20:.0f} MiB written)")
+    print(f"  dlcm.load + Model.forward from Python:   {statistics.median(e2e) * 1e3:9.1f} ms")
+
+
+if __name__ == "__main__":
+    main()
