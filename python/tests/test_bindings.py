@@ -61,6 +61,19 @@ def test_ctrl_c_stops_training_after_saving(tmp_path, data_dir):
     assert s["step"] == 6
 
 
+def test_sigint_during_compute_stops_training_after_saving(tmp_path, data_dir):
+    # The signal arrives while C++ trains without the GIL: the check after each step sees it.
+    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            dlcm.train(BASELINE, data_dir, tmp_path / "run", steps=100000, quiet=True)
+    finally:
+        timer.cancel()
+    state = json.loads((tmp_path / "run" / "checkpoint" / "trainer_state.json").read_text())
+    assert 1 <= state["step"] < 100000
+
+
 def test_an_exception_in_the_callback_propagates(tmp_path, data_dir):
     def on_log(r):
         raise ValueError("stop here")
