@@ -217,7 +217,7 @@ class PyModel {
   }
 
   // Seconds of each of `repeats` forward passes over tokens timed inside C++ (no Python in the
-  // loop): the reference the Python-call overhead is measured against (python/bench_bindings.py).
+  // loop): the reference the Python-call overhead is measured against (bench/python_forward.py).
   std::vector<double> time_forward(py::handle tokens, i64 repeats) {
     s_->check_open();
     if (repeats < 1) raise<ArgumentError>("repeats: expected >= 1, got ", repeats);

@@ -3,7 +3,7 @@ computation timed inside C++ (Model._time_forward, the loop `dlcm forward` runs)
 `dlcm forward` end to end, on the reference shape (8 rows of 512 tokens). Not a test; the
 figures are in docs/python.md.
 
-    PYTHONPATH=build/python OMP_NUM_THREADS=2 .venv/bin/python python/bench_bindings.py \
+    PYTHONPATH=build/python OMP_NUM_THREADS=2 .venv/bin/python bench/python_forward.py \
         [--config configs/baseline-reference.json] [--repeats 5] [--dlcm build/dlcm]
 
 The model has the config's shape and the weights of one training step (a tiny corpus is
