@@ -53,7 +53,8 @@ def main():
         # Interleaved, so that a change in the machine's load hits both sides alike. Wall time,
         # and the process's CPU time (all threads), which other programs on a shared machine
         # disturb less (with OMP_WAIT_POLICY=passive, idle OpenMP threads do not spin).
-        cpp, py, cpp_cpu, py_cpu = [], [], [], []
+        cpp, py, cpp_cpu, py_cpu, py_out = [], [], [], [], []
+        buf = np.empty((a.rows, a.seq_len, vocab), np.float32)
         for _ in range(a.repeats):
             u0 = time.process_time()
             cpp += model._time_forward(tokens, 1)
@@ -64,6 +65,9 @@ def main():
             u2 = time.process_time()
             cpp_cpu.append(u1 - u0)
             py_cpu.append(u2 - u1)
+            t0 = time.perf_counter()
+            model.forward(tokens, out=buf)
+            py_out.append(time.perf_counter() - t0)
         c, p = statistics.median(cpp), statistics.median(py)
 
         (tmp / "tokens.txt").write_text("".join(" ".join(map(str, r)) + "\n" for r in tokens))
@@ -88,6 +92,9 @@ def main():
     print(f"  Model.forward called from Python:        {p * 1e3:9.1f} ms  (median of the paired "
           f"ratios {100 * (statistics.median(ratios) - 1):+.2f}%, range {100 * (ratios[0] - 1):+.1f}% "
           f"to {100 * (ratios[-1] - 1):+.1f}%)")
+    out_r = sorted(y / x for x, y in zip(cpp, py_out))
+    print(f"  Model.forward(out=buffer) from Python:   {statistics.median(py_out) * 1e3:9.1f} ms  "
+          f"(median of the paired ratios {100 * (statistics.median(out_r) - 1):+.2f}%)")
     cpu = sorted(y / x for x, y in zip(cpp_cpu, py_cpu))
     print(f"  CPU time, C++ / Python:                  {statistics.median(cpp_cpu) * 1e3:9.1f} ms / "
           f"{statistics.median(py_cpu) * 1e3:.1f} ms  (median of the paired ratios "

@@ -33,7 +33,7 @@ inline constexpr const char* Model_config =
 inline constexpr const char* Model_close =
     R"doc(Frees the model; later calls raise dlcm.ClosedError (state_dict views stay valid).)doc";
 inline constexpr const char* Model_forward =
-    R"doc(Logits float32 [B, L, V] of token ids [B, L] ([L, V] for one row [L]), row by row as `dlcm forward` computes them (bit-identical). DLCM: boundaries thresholded at router.tau.)doc";
+    R"doc(Logits float32 [B, L, V] of token ids [B, L] ([L, V] for one row [L]), row by row as `dlcm forward` computes them (bit-identical). DLCM: boundaries thresholded at router.tau. out: a C-contiguous float32 array of that shape to write into (and return) instead of a new one.)doc";
 inline constexpr const char* Model_logits_at =
     R"doc(Logits float32 [n, V] at flat positions b * L + t of one forward pass over tokens [B, L] (the LM head runs on those rows only).)doc";
 inline constexpr const char* Model_boundaries =

@@ -205,13 +205,31 @@ class PyModel {
     s_->closed = true;
   }
 
-  py::array_t<float> forward(py::handle tokens) {
+  py::array forward(py::handle tokens, py::handle out_arg) {
     s_->check_open();
     const TokenRows t = token_rows(tokens, vocab(s_), max_len(s_), "tokens");
     const i64 V = vocab(s_);
-    py::array_t<float> out(t.batched ? std::vector<py::ssize_t>{t.B, t.L, V}
-                                     : std::vector<py::ssize_t>{t.L, V});
-    float* o = out.mutable_data();
+    const std::vector<py::ssize_t> shape = t.batched ? std::vector<py::ssize_t>{t.B, t.L, V}
+                                                     : std::vector<py::ssize_t>{t.L, V};
+    py::array out;
+    if (out_arg.is_none()) {
+      out = py::array_t<float>(shape);
+    } else {
+      // A caller's buffer, written in place (no allocation, no first-touch page faults).
+      if (!py::isinstance<py::array>(out_arg) || !py::isinstance<py::array_t<float>>(out_arg))
+        raise<ArgumentTypeError>("out: expected a float32 NumPy array");
+      out = py::reinterpret_borrow<py::array>(out_arg);
+      const std::vector<py::ssize_t> got(out.shape(), out.shape() + out.ndim());
+      if (got != shape) {
+        std::ostringstream want, have;
+        for (auto x : shape) want << (want.tellp() ? ", " : "") << x;
+        for (auto x : got) have << (have.tellp() ? ", " : "") << x;
+        raise<ArgumentError>("out: shape [", have.str(), "] but the logits are [", want.str(), "]");
+      }
+      if (!(out.flags() & py::array::c_style) || !out.writeable())
+        raise<ArgumentError>("out: expected a writeable C-contiguous array");
+    }
+    float* o = static_cast<float*>(out.mutable_data());
     s_->run([&](LanguageModel& m) { forward_rows(m, t, V, o); });
     return out;
   }
@@ -540,7 +558,8 @@ void bind_model(py::module_& m) {
       .def_property_readonly("vocab_size", [](const PyModel& p) { return vocab(p.state()); })
       .def_property_readonly("max_seq_len", [](const PyModel& p) { return max_len(p.state()); })
       .def_property_readonly("tokenizer", [](const PyModel& p) { return PyTokenizer(p.state()->tok); })
-      .def("forward", &PyModel::forward, py::arg("tokens"), doc::Model_forward)
+      .def("forward", &PyModel::forward, py::arg("tokens"), py::arg("out") = py::none(),
+           doc::Model_forward)
       .def("logits_at", &PyModel::logits_at, py::arg("tokens"), py::arg("positions"), doc::Model_logits_at)
       .def("boundaries", &PyModel::boundaries, py::arg("tokens"), py::arg("tau") = py::none(),
            doc::Model_boundaries)

@@ -72,8 +72,8 @@ class Model:
         """Frees the model; later calls raise dlcm.ClosedError (state_dict views stay valid)."""
     def __enter__(self) -> Model: ...
     def __exit__(self, *args: object) -> None: ...
-    def forward(self, tokens: Tokens) -> npt.NDArray[np.float32]:
-        """Logits float32 [B, L, V] of token ids [B, L] ([L, V] for one row [L]), row by row as `dlcm forward` computes them (bit-identical). DLCM: boundaries thresholded at router.tau."""
+    def forward(self, tokens: Tokens, out: npt.NDArray[np.float32] | None = None) -> npt.NDArray[np.float32]:
+        """Logits float32 [B, L, V] of token ids [B, L] ([L, V] for one row [L]), row by row as `dlcm forward` computes them (bit-identical). DLCM: boundaries thresholded at router.tau. out: a C-contiguous float32 array of that shape to write into (and return) instead of a new one."""
     def logits_at(self, tokens: Tokens, positions: npt.ArrayLike) -> npt.NDArray[np.float32]:
         """Logits float32 [n, V] at flat positions b * L + t of one forward pass over tokens [B, L] (the LM head runs on those rows only)."""
     def boundaries(self, tokens: Tokens, tau: float | None = None) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:

@@ -153,6 +153,14 @@ def test_forward_accepts_other_layouts(model, tokens):
     assert np.array_equal(model.forward(wide[:, ::2]), ref)
     one = model.forward(tokens[1])
     assert one.shape == (24, 260) and np.array_equal(one, ref[1])
+    buf = np.full((3, 24, 260), np.nan, np.float32)
+    assert model.forward(tokens, out=buf) is buf and np.array_equal(buf, ref)
+    with pytest.raises(dlcm.ArgumentError, match=r"out: shape \[3, 24, 259\]"):
+        model.forward(tokens, out=buf[..., :259].copy())
+    with pytest.raises(dlcm.ArgumentError, match="C-contiguous"):
+        model.forward(tokens, out=np.zeros((3, 260, 24), np.float32).transpose(0, 2, 1))
+    with pytest.raises(dlcm.ArgumentTypeError):
+        model.forward(tokens, out=np.zeros((3, 24, 260)))
 
 
 def test_forward_is_causal(model, tokens):
