@@ -32,6 +32,50 @@ std::string ModelState::closed_message() const {
          "with dlcm.load()";
 }
 
+BufferPool::~BufferPool() {
+  for (auto& [p, n] : free_) std::free(p);
+}
+
+void BufferPool::give_back(float* p, size_t bytes) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (free_.size() < kKeep) {
+    free_.emplace_back(p, bytes);
+    return;
+  }
+  std::free(p);
+}
+
+py::array_t<float> BufferPool::array(const std::shared_ptr<BufferPool>& pool,
+                                     const std::vector<py::ssize_t>& shape) {
+  size_t bytes = sizeof(float);
+  for (auto d : shape) bytes *= size_t(d);
+  bytes = (bytes + 63) / 64 * 64 + 64;  // aligned_alloc wants a multiple of the alignment
+  float* p = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(pool->mu_);
+    for (size_t i = 0; i < pool->free_.size(); ++i)
+      if (pool->free_[i].second == bytes) {
+        p = pool->free_[i].first;
+        pool->free_.erase(pool->free_.begin() + i);
+        break;
+      }
+  }
+  if (!p) p = static_cast<float*>(std::aligned_alloc(64, bytes));
+  if (!p) throw std::bad_alloc();
+  struct Block {
+    std::shared_ptr<BufferPool> pool;
+    float* p;
+    size_t bytes;
+  };
+  auto* b = new Block{pool, p, bytes};
+  py::capsule owner(b, [](void* v) {
+    auto* blk = static_cast<Block*>(v);
+    blk->pool->give_back(blk->p, blk->bytes);
+    delete blk;
+  });
+  return py::array_t<float>(shape, p, owner);
+}
+
 namespace {
 
 using State = std::shared_ptr<ModelState>;
@@ -213,7 +257,7 @@ class PyModel {
                                                      : std::vector<py::ssize_t>{t.L, V};
     py::array out;
     if (out_arg.is_none()) {
-      out = py::array_t<float>(shape);
+      out = BufferPool::array(s_->pool, shape);
     } else {
       // A caller's buffer, written in place (no allocation, no first-touch page faults).
       if (!py::isinstance<py::array>(out_arg) || !py::isinstance<py::array_t<float>>(out_arg))

@@ -153,6 +153,12 @@ def test_forward_accepts_other_layouts(model, tokens):
     assert np.array_equal(model.forward(wide[:, ::2]), ref)
     one = model.forward(tokens[1])
     assert one.shape == (24, 260) and np.array_equal(one, ref[1])
+    # Results own their memory: a later call (which may reuse a freed result's block) leaves
+    # an earlier result as it was.
+    again = model.forward(tokens[::-1].copy())
+    assert np.array_equal(ref, model.forward(tokens)) and np.array_equal(again[0], ref[2])
+    del again
+    assert np.array_equal(model.forward(tokens[:1]), ref[:1]) and ref.flags.writeable
     buf = np.full((3, 24, 260), np.nan, np.float32)
     assert model.forward(tokens, out=buf) is buf and np.array_equal(buf, ref)
     with pytest.raises(dlcm.ArgumentError, match=r"out: shape \[3, 24, 259\]"):
