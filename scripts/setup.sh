@@ -11,6 +11,8 @@ PKGS=(build-essential cmake pkg-config git
       ccache  # repeated builds (the tests' ASan build, rebuilds after a pull) reuse compiled objects
       libopenmpi-dev openmpi-bin libceres-dev
       python3 python3-venv python3-pip python3-torch python3-numpy libopenblas0-openmp libjemalloc2
+      python3-dev pybind11-dev python3-pytest  # the Python package dlcm (python/dlcm) and its tests
+      python3-matplotlib  # docs/python.md's plots
       chromium  # headless check of the `dlcm segment --html` page (tests/test_segment.cpp)
       ca-certificates)
 # npm (for the corpus's npm packages): many machines ship their own Node.js, which Debian's
@@ -57,3 +59,14 @@ command -v ccache >/dev/null 2>&1 && launcher=(-DCMAKE_CXX_COMPILER_LAUNCHER=cca
 cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release "${launcher[@]}" >/dev/null
 cmake --build "$BUILD" -j"$(nproc)"
 echo "[setup] built $BUILD/dlcm"
+
+# The Python package dlcm (pyproject.toml, docs/python.md) into $VENV: scikit-build-core builds
+# only the module target in $BUILD/python-wheel, kept between runs so a rerun is incremental.
+# With the main build's compiler and ccache every object of the layers is a cache hit (ccache
+# keys on the compiler's name; scikit-build-core would otherwise take Python's build compiler).
+cxx=$(sed -n 's/^CMAKE_CXX_COMPILER:[A-Z]*=//p' "$BUILD/CMakeCache.txt")
+pyargs=(--config-settings=build-dir="$BUILD/python-wheel")
+command -v ccache >/dev/null 2>&1 && pyargs+=(--config-settings=cmake.define.CMAKE_CXX_COMPILER_LAUNCHER=ccache)
+CXX=${cxx:-c++} CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) "$VENV/bin/python" -m pip install -q \
+  --disable-pip-version-check --no-build-isolation --no-deps "${pyargs[@]}" .
+echo "[setup] installed the Python package dlcm into $VENV"

@@ -37,18 +37,23 @@ namespace fs = std::filesystem;
 using nlohmann::json;
 
 Config config_with_overrides(const std::string& path, const std::vector<std::string>& sets) {
-  json j = path.empty() ? json::object() : load_config_json(path);
-  apply_overrides(j, sets);
-  return config_from_json(j, path.empty() ? "config" : path);
+  return config_with_overrides(path.empty() ? json::object() : load_config_json(path),
+                               path.empty() ? "config" : path, sets);
 }
 
-int cmd_train(const TrainArgs& a) {
+Config config_with_overrides(json j, const std::string& source,
+                             const std::vector<std::string>& sets) {
+  apply_overrides(j, sets);
+  return config_from_json(j, source);
+}
+
+TrainSummary train_run(const TrainArgs& a) {
   DLCM_CHECK(!(a.resume && a.overwrite), "train: --resume continues the run in --out and "
              "--overwrite starts it over; give one of them");
   std::vector<std::string> sets = a.sets;
   if (a.steps >= 0) sets.push_back("train.steps=" + std::to_string(a.steps));
   if (a.threads > 0) sets.push_back("train.threads=" + std::to_string(a.threads));
-  DLCM_CHECK(a.resume || !a.config.empty() || !a.init_from.empty(),
+  DLCM_CHECK(a.resume || !a.config.empty() || !a.config_json.is_null() || !a.init_from.empty(),
              "train: give --config FILE (only --resume, which continues with the run's own "
              "checkpoint/config.json, or --init-from CKPT, whose config.json stands in for it, may "
              "leave it out)");
@@ -57,6 +62,8 @@ int cmd_train(const TrainArgs& a) {
   Config cfg;
   if (a.resume) {
     cfg = resume_config(a.out, a.config, sets);
+  } else if (!a.config_json.is_null()) {  // a config given as JSON (the Python package)
+    cfg = config_with_overrides(a.config_json, a.config.empty() ? "config" : a.config, sets);
   } else if (a.config.empty()) {
     // Fine-tuning with the checkpoint's own settings (model and training keys), --set on top.
     const std::string dir = resolve_checkpoint(a.init_from);
@@ -78,25 +85,38 @@ int cmd_train(const TrainArgs& a) {
   opt.keep = a.keep;
   opt.keep_best = a.keep_best ? 1 : -1;
   opt.provenance = provenance_json(a.data);
+  opt.on_log = a.on_log;
+  opt.stop_requested = a.stop_requested;
   const bool rank0 = dist::rank() == 0;  // under MPI only rank 0 talks
   if (rank0)
     for (const auto& s : a.sets) std::fprintf(stderr, "[train] --set %s\n", s.c_str());
   Trainer tr(cfg, std::move(data), opt);
   tr.run();
-  // Name a checkpoint only when one holds this step (written now, or the one resumed from).
-  const std::string where =
-      tr.saved_step() == tr.step() || (a.resume && tr.saved_step() < 0)
-          ? "checkpoint in " + a.out + "/checkpoint"
-          : "no steps run, no checkpoint written";
-  if (!a.final_eval) {
-    if (rank0)
-      std::fprintf(stderr, "[train] done: step %lld, %s\n", (long long)tr.step(), where.c_str());
+  TrainSummary r;
+  r.step = tr.step();
+  r.stopped = tr.step() < cfg.train.steps;
+  // A checkpoint holds this step when written now, or it is the one resumed from.
+  if (tr.saved_step() == tr.step() || (a.resume && tr.saved_step() < 0))
+    r.checkpoint = (fs::path(a.out) / "checkpoint").string();
+  if (a.final_eval && !r.stopped) {
+    r.val = tr.validate(-1);
+    r.validated = true;
+  }
+  return r;
+}
+
+int cmd_train(const TrainArgs& a) {
+  const TrainSummary r = train_run(a);
+  if (dist::rank() != 0) return 0;
+  const std::string where = !r.checkpoint.empty() ? "checkpoint in " + a.out + "/checkpoint"
+                                                  : "no steps run, no checkpoint written";
+  if (!r.validated) {
+    std::fprintf(stderr, "[train] done: step %lld, %s\n", (long long)r.step, where.c_str());
     return 0;
   }
-  auto v = tr.validate(-1);
-  if (rank0)
-    std::fprintf(stderr, "[train] done: step %lld, full validation loss %.4f (ppl %.2f%s), %s\n",
-               (long long)tr.step(), v.loss, v.ppl,
+  const ValResult& v = r.val;
+  std::fprintf(stderr, "[train] done: step %lld, full validation loss %.4f (ppl %.2f%s), %s\n",
+               (long long)r.step, v.loss, v.ppl,
                v.bpb > 0 ? (", bpb " + std::to_string(v.bpb)).c_str() : "", where.c_str());
   return 0;
 }
@@ -398,6 +418,18 @@ int cmd_eval(const EvalArgs& a) {
     std::fputs(task_listing(a.bench_dir, a.task_file).c_str(), stdout);
     return 0;
   }
+  int rc = 0;
+  const json r = eval_report(a, &rc);
+  std::printf("%s\n", r.dump(1).c_str());
+  if (!a.out.empty()) {
+    std::ofstream f(a.out);
+    DLCM_CHECK(f, a.out, ": cannot write the report (check --out)");
+    f << r.dump(1) << "\n";
+  }
+  return rc;
+}
+
+json eval_report(const EvalArgs& a, int* rc_out) {
   DLCM_CHECK(!a.ckpt.empty(), "eval: give --ckpt DIR (a checkpoint or run folder)");
   DLCM_CHECK(!a.data.empty() || !a.tasks.empty(),
              "eval: give --data DIR (validation bits per byte) and/or --tasks LIST (zero-shot benchmarks)");
@@ -520,13 +552,8 @@ int cmd_eval(const EvalArgs& a) {
   }
   r["seconds"] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   r["provenance"] = provenance_json(a.data);
-  std::printf("%s\n", r.dump(1).c_str());
-  if (!a.out.empty()) {
-    std::ofstream f(a.out);
-    DLCM_CHECK(f, a.out, ": cannot write the report (check --out)");
-    f << r.dump(1) << "\n";
-  }
-  return rc;
+  if (rc_out) *rc_out = rc;
+  return r;
 }
 
 static json flops_to_json(const FlopsReport& r, const ModelConfig& m, i64 L) {

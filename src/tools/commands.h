@@ -3,6 +3,7 @@
 #pragma once
 #include <functional>
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
@@ -10,6 +11,7 @@
 #include "data/model_loader.h"   // load_model_with_tokenizer
 #include "models/checkpoint.h"  // resolve_checkpoint
 #include "models/config.h"
+#include "eval/validate.h"      // ValResult
 
 namespace CLI {
 class App;
@@ -31,8 +33,23 @@ struct TrainArgs {
   bool resume = false, overwrite = false, quiet = false;
   bool final_eval = true;  // full validation pass at the end
   bool concept_usage = false;  // dlcm: concept-usage diagnostics at every logged eval
+  // Not flags (the Python package): the config itself when not null (`config` then only names
+  // it in errors), and the trainer's hooks (TrainOptions::on_log, stop_requested).
+  nlohmann::json config_json;
+  std::function<void(const std::string& json_line)> on_log;
+  std::function<bool()> stop_requested;
 };
-int cmd_train(const TrainArgs& a);
+// What a training run left: the step reached, its checkpoint folder ("" when no steps ran and
+// none was written), whether stop_requested ended it early, and the full validation.
+struct TrainSummary {
+  i64 step = 0;
+  std::string checkpoint;
+  bool stopped = false;
+  bool validated = false;  // final_eval ran (not after a stop)
+  ValResult val;
+};
+TrainSummary train_run(const TrainArgs& a);
+int cmd_train(const TrainArgs& a);  // train_run and a closing line on stderr
 
 struct ForwardArgs {
   std::string ckpt, tokens, out;
@@ -155,6 +172,8 @@ struct EvalArgs {
 };
 // `--tasks list` prints the tasks and their data files instead (no --ckpt needed).
 int cmd_eval(const EvalArgs& a);
+// cmd_eval's report (and --markdown table) without printing it; rc as cmd_eval's exit code.
+nlohmann::json eval_report(const EvalArgs& a, int* rc = nullptr);
 
 // `dlcm plot RUN... --out FILE.svg|FILE.html`: training curves of the runs' train_log.jsonl
 // overlaid (loss, validation bits per byte, compression, aux, learning rate, tokens/s against
@@ -251,6 +270,9 @@ int cmd_import(const ImportArgs& a);
 
 // JSON file + `--set` overrides -> validated Config (an empty path means the defaults).
 Config config_with_overrides(const std::string& path, const std::vector<std::string>& sets);
+// The same for config JSON in hand; `source` names it in errors.
+Config config_with_overrides(nlohmann::json j, const std::string& source,
+                             const std::vector<std::string>& sets);
 // "1,2,4" -> {1, 2, 4}; errors name the flag.
 std::vector<double> parse_number_list(const std::string& flag, const std::string& text);
 std::vector<std::string> split_list(const std::string& text);

@@ -302,6 +302,7 @@ void Trainer::restore(const std::string& ckpt_dir) {
 
 void Trainer::log_line(const std::string& line) {
   log_lines_.push_back(line);
+  if (o_.on_log) o_.on_log(line);
   if (log_path_.empty()) return;
   std::ofstream out(log_path_, std::ios::app);
   out << line << "\n";
@@ -600,6 +601,7 @@ void Trainer::run() {
       save_checkpoint_now();
       saved_at = step_;
     }
+    if (o_.stop_requested && o_.stop_requested()) break;
   }
   // Stopped early (stop_after): leave a checkpoint of where we are.
   if (ran > 0 && saved_at != step_) save_checkpoint_now();

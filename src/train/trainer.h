@@ -42,6 +42,12 @@ struct TrainOptions {
   int keep_best = -1;   // 1: checkpoint-best/ at each new lowest logged validation loss
   // Where the run comes from (provenance_json(data dir) in `dlcm train`); null: provenance_json().
   nlohmann::json provenance;
+  // For callers that drive training from elsewhere (the Python package): on_log gets each log
+  // record (one JSON object) as it is appended to train_log.jsonl; stop_requested is asked
+  // after every step, and true ends the run there with a checkpoint, as stop_after does. One
+  // process only: under MPI the ranks would have to agree on stopping.
+  std::function<void(const std::string& json_line)> on_log;
+  std::function<bool()> stop_requested;
 };
 
 struct StepResult {
