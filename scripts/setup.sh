@@ -60,13 +60,14 @@ cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release "${launcher[@]}" >/dev/null
 cmake --build "$BUILD" -j"$(nproc)"
 echo "[setup] built $BUILD/dlcm"
 
-# The Python package dlcm (pyproject.toml, docs/python.md) into $VENV: scikit-build-core builds
-# only the module target in $BUILD/python-wheel, kept between runs so a rerun is incremental.
-# With the main build's compiler and ccache every object of the layers is a cache hit (ccache
-# keys on the compiler's name; scikit-build-core would otherwise take Python's build compiler).
+# The Python package dlcm (pyproject.toml, docs/python.md) into $VENV: scikit-build-core
+# configures the main build folder $BUILD itself (same generator, compiler and ccache, so the
+# configure changes no compile flag) and builds only the module target, which the build above
+# has just built: the install costs seconds, not a second build of every layer.
 cxx=$(sed -n 's/^CMAKE_CXX_COMPILER:[A-Z]*=//p' "$BUILD/CMakeCache.txt")
-pyargs=(--config-settings=build-dir="$BUILD/python-wheel")
+pyargs=(--config-settings=build-dir="$BUILD")
 command -v ccache >/dev/null 2>&1 && pyargs+=(--config-settings=cmake.define.CMAKE_CXX_COMPILER_LAUNCHER=ccache)
-CXX=${cxx:-c++} CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) "$VENV/bin/python" -m pip install -q \
-  --disable-pip-version-check --no-build-isolation --no-deps "${pyargs[@]}" .
+CMAKE_GENERATOR="Unix Makefiles" CXX=${cxx:-c++} CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps \
+  "${pyargs[@]}" .
 echo "[setup] installed the Python package dlcm into $VENV"

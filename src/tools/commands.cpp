@@ -61,7 +61,8 @@ TrainSummary train_run(const TrainArgs& a) {
   // --config given there is checked by the Trainer for the checkpoint's model keys.
   Config cfg;
   if (a.resume) {
-    cfg = resume_config(a.out, a.config, sets);
+    // (a config given as JSON by the Python package is not a file: the run's own is used)
+    cfg = resume_config(a.out, a.config_json.is_null() ? a.config : std::string(), sets);
   } else if (!a.config_json.is_null()) {  // a config given as JSON (the Python package)
     cfg = config_with_overrides(a.config_json, a.config.empty() ? "config" : a.config, sets);
   } else if (a.config.empty()) {
