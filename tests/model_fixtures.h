@@ -137,4 +137,26 @@ inline void save_model_only(const std::string& dir, const Config& cfg, const Par
   save_checkpoint(dir, w);
 }
 
+// Token rows with next-token targets and given boundaries, for the DLCM model tests: the
+// batch and step context the model's forward/backward take.
+struct DlcmData {
+  std::vector<i32> tok, tgt;
+  std::vector<uint8_t> b;  // given boundaries (forced ones included; rule routers ignore them)
+  i64 B, L;
+};
+
+inline Batch batch_of(const DlcmData& d) {
+  return Batch{d.tok.data(), d.tgt.data(), d.B, d.L, 0, d.b.data()};
+}
+
+// A fixed step (seed 5, step 3) whose totals are this batch's alone.
+inline StepContext context_for(const DlcmData& d) {
+  StepContext ctx;
+  ctx.seed = 5;
+  ctx.step = 3;
+  for (i32 t : d.tgt) ctx.total_targets += t >= 0;
+  ctx.total_positions = d.B * d.L;
+  return ctx;
+}
+
 }  // namespace dlcm::test

@@ -19,11 +19,9 @@ using namespace dlcm;
 
 namespace {
 
-struct Data {
-  std::vector<i32> tok, tgt;
-  std::vector<uint8_t> b;  // given boundaries (forced ones included)
-  i64 B, L;
-};
+using Data = test::DlcmData;
+using test::batch_of;
+using test::context_for;
 
 // Rows with packed documents (BOS inside), plus the shapes that break naive bookkeeping:
 // row 1 is a single concept (no BOS, no boundary after t = 0), the last row has one-token
@@ -54,14 +52,6 @@ Data make_data(const Config& c, uint64_t seed, double bos_rate = 0.08, double b_
   return d;
 }
 
-StepContext context_for(const Data& d) {
-  StepContext ctx;
-  ctx.seed = 5;
-  ctx.step = 3;
-  for (i32 t : d.tgt) ctx.total_targets += t >= 0;
-  ctx.total_positions = d.B * d.L;
-  return ctx;
-}
 
 // Total loss CE + aux_weight * L_aux with the given boundaries (gradients accumulate as a side
 // effect). Also returns the micro stats.

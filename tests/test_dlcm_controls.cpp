@@ -19,11 +19,9 @@ using namespace dlcm;
 
 namespace {
 
-struct Data {
-  std::vector<i32> tok, tgt;
-  std::vector<uint8_t> b;  // given boundaries (learned routers; rules ignore them)
-  i64 B, L;
-};
+using Data = test::DlcmData;
+using test::batch_of;
+using test::context_for;
 
 // B rows of L random tokens with a few BOS (packed documents), next-token targets and random
 // given boundaries at rate 0.3 (forced ones included).
@@ -41,16 +39,7 @@ Data make_data(const ModelConfig& m, i64 B, i64 L, uint64_t seed) {
   return d;
 }
 
-Batch batch_of(const Data& d) { return Batch{d.tok.data(), d.tgt.data(), d.B, d.L, 0, d.b.data()}; }
 
-StepContext context_for(const Data& d) {
-  StepContext ctx;
-  ctx.seed = 5;
-  ctx.step = 3;
-  for (i32 t : d.tgt) ctx.total_targets += t >= 0;
-  ctx.total_positions = d.B * d.L;
-  return ctx;
-}
 
 // The auxiliary loss value of the model's config from b and the last forward's p.
 double aux_value(LanguageModel& m, const uint8_t* b, i64 B, i64 L) {
