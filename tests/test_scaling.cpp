@@ -16,11 +16,8 @@ using namespace dlcm;
 
 namespace {
 
-#ifdef DLCM_CERES
-constexpr bool kWithCeres = true;
-#else
-constexpr bool kWithCeres = false;  // CMake left the fit out (no Ceres found or DLCM_WITH_CERES=OFF)
-#endif
+// False when CMake left the fit out (no Ceres found or DLCM_WITH_CERES=OFF).
+const bool kWithCeres = scaling_fit_available();
 
 ScalingLaw truth() {
   ScalingLaw t;

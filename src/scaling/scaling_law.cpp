@@ -76,10 +76,21 @@ ScalingLaw ScalingLaw::from_json(const json& j, const std::string& src) {
   return law;
 }
 
+const char* const kScalingFitMissing =
+    "scaling fit: built without Ceres (install libceres-dev and reconfigure)";
+
+bool scaling_fit_available() {
+#ifdef DLCM_CERES
+  return true;
+#else
+  return false;
+#endif
+}
+
 ScalingFit fit_scaling_law(const std::vector<ScalingPoint>& pts, const ScalingFitOptions& o) {
 #ifndef DLCM_CERES
   // The fit needs Ceres (optional: CMake option DLCM_WITH_CERES); the rest of the law does not.
-  throw Error("scaling fit: built without Ceres (install libceres-dev and reconfigure)");
+  throw Error(kScalingFitMissing);
 #else
   double min_loss = INFINITY, mean = 0;
   std::vector<double> ntok, ncon, dd;

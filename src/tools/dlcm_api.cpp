@@ -1,6 +1,6 @@
 // include/dlcm/dlcm.h: the supported C++ API, each call a thin wrapper over the entry points the
 // CLI and the Python module use (load_model_with_tokenizer, LanguageModel, generate, train_run).
-#include "dlcm/dlcm.h"
+#include <dlcm/dlcm.h>  // the public header (include/), outside the layer folders
 
 #include "core/build_info.h"
 #include "data/model_loader.h"
