@@ -1,7 +1,8 @@
 #!/bin/bash
 # The installed tree as a consumer meets it (docs/library.md): `cmake --install` into a
 # build-local prefix, examples/library configured and built as its own CMake project with
-# find_package(dlcm), then run: it trains a tiny DLCM through the API and uses it.
+# find_package(dlcm), then run: it trains a tiny DLCM through the API and uses it; and the
+# same program built with pkg-config (dlcm.pc).
 #   library_check.sh BUILD_DIR SOURCE_DIR WORK_DIR
 set -euo pipefail
 BUILD=$1 SRC=$2 WORK=$3
@@ -26,4 +27,9 @@ grep -q "^dlcm model, 18 tokens: 'the concept model'" "$WORK/example.log"
 grep -q "^logits: 4680 = 18 x 260" "$WORK/example.log"
 grep -q "^concepts: [1-9]" "$WORK/example.log"
 grep -q "^generated [0-9]* bytes in [1-9]" "$WORK/example.log"
+# The same program built with pkg-config (lib/pkgconfig/dlcm.pc finds its prefix itself).
+PKG_CONFIG_PATH="$WORK/prefix/lib/pkgconfig" pkg-config --cflags --libs dlcm > "$WORK/pc_flags.txt"
+${CXX:-c++} -O1 "$SRC/examples/library/main.cpp" -o "$WORK/pc_example" $(cat "$WORK/pc_flags.txt")
+OMP_NUM_THREADS=2 "$WORK/pc_example" "$WORK/cfg.json" "$WORK/data" "$WORK/pc_run" > "$WORK/pc_example.log"
+grep -q "^logits: 4680 = 18 x 260" "$WORK/pc_example.log"
 echo "library check passed"
