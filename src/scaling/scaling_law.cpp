@@ -1,6 +1,8 @@
 #include "scaling/scaling_law.h"
 
+#ifdef DLCM_CERES
 #include <ceres/ceres.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -74,7 +76,22 @@ ScalingLaw ScalingLaw::from_json(const json& j, const std::string& src) {
   return law;
 }
 
+const char* const kScalingFitMissing =
+    "scaling fit: built without Ceres (install libceres-dev and reconfigure)";
+
+bool scaling_fit_available() {
+#ifdef DLCM_CERES
+  return true;
+#else
+  return false;
+#endif
+}
+
 ScalingFit fit_scaling_law(const std::vector<ScalingPoint>& pts, const ScalingFitOptions& o) {
+#ifndef DLCM_CERES
+  // The fit needs Ceres (optional: CMake option DLCM_WITH_CERES); the rest of the law does not.
+  throw Error(kScalingFitMissing);
+#else
   double min_loss = INFINITY, mean = 0;
   std::vector<double> ntok, ncon, dd;
   for (auto& p : pts) {
@@ -192,6 +209,7 @@ ScalingFit fit_scaling_law(const std::vector<ScalingPoint>& pts, const ScalingFi
   best.r2 = ss_tot > 0 ? 1 - ss_res / ss_tot : 0;
   best.rmse = std::sqrt(ss_res / double(pts.size()));
   return best;
+#endif
 }
 
 std::vector<ScalingPoint> load_scaling_points(const std::vector<std::string>& runs,

@@ -57,8 +57,11 @@ struct ScalingFit {
 };
 
 // Fits the law to the points; throws Error when there are too few points or the inputs are
-// not finite and positive.
+// not finite and positive, or (scaling_fit_available() false) when built without Ceres.
 ScalingFit fit_scaling_law(const std::vector<ScalingPoint>& pts, const ScalingFitOptions& o);
+// Whether this build has the fit (CMake found Ceres; option DLCM_WITH_CERES).
+bool scaling_fit_available();
+extern const char* const kScalingFitMissing;  // the error a build without it gives
 
 // Points from run folders (`dlcm train --out`): the config from RUN/checkpoint/config.json, the
 // curve from RUN/train_log.jsonl. metric "val_loss" uses the validation lines (default),

@@ -22,6 +22,7 @@ static std::string g4(double v) {
 }
 
 int cmd_scaling_fit(const ScalingFitArgs& a) {
+  DLCM_CHECK(scaling_fit_available(), kScalingFitMissing);  // before reading any run
   ScalingLoadOptions lo;
   lo.metric = a.metric;
   lo.min_frac = a.min_frac;
