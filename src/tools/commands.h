@@ -134,6 +134,13 @@ struct BenchTrainArgs {
 };
 int cmd_bench_train(const BenchTrainArgs& a);
 
+// GEMM GFLOP/s of the runtime-shape vs fixed-shape oneDNN paths (bench_gemm.cpp).
+struct BenchGemmArgs {
+  i64 repeats = 5;
+  double seconds = 0.3;  // per path and repeat
+};
+int cmd_bench_gemm(const BenchGemmArgs& a);
+
 // The concept cross-attention benchmark (paper Table 6): masked vs replicate vs compact.
 struct BenchXattnArgs {
   std::vector<i64> lengths = {2048, 4096, 8192, 16384};

@@ -145,6 +145,12 @@ int main(int argc, char** argv) {
   btrain->add_option("--R", ba.R, "dlcm: concepts of 1+Geometric lengths with this mean (default target_R; 0 = sample from the router)");
   add_threads(btrain);
 
+  BenchGemmArgs bg;
+  auto* bgemm = bench->add_subcommand("gemm", "GEMM GFLOP/s: runtime-shape vs fixed-shape oneDNN products, FP32 and BF16");
+  bgemm->add_option("--repeats", bg.repeats, "repeats (median reported)")->check(CLI::Range(1, 1000));
+  bgemm->add_option("--seconds", bg.seconds, "seconds per path and repeat")->check(CLI::Range(0.01, 60.0));
+  add_threads(bgemm);
+
   BenchXattnArgs xa;
   bool x_only_fixed = false, x_only_variable = false;
   auto* bxattn = bench->add_subcommand("xattn", "concept cross-attention: masked vs replicate vs compact (Table 6)");
@@ -343,6 +349,7 @@ int main(int argc, char** argv) {
       return rc;
     }
     if (*bdec) return cmd_bench_decode(bd);
+    if (*bgemm) return cmd_bench_gemm(bg);
     if (*seg) return cmd_segment(sa);
     if (*bxattn) {
       if (x_only_fixed) xa.variable = false;
