@@ -1,10 +1,12 @@
 // `dlcm bench gemm`: GFLOP/s of the engine's products (ops::gemm) on the runtime-shape and the
 // fixed-shape oneDNN paths, FP32 and BF16, for the reference baseline's training shapes and
 // 2048^3, with the oneDNN implementation each path runs. The two paths alternate within every
-// repeat so that load drifts hit them alike; medians of repeats and of per-repeat ratios.
+// repeat so that load drifts hit them alike; medians of repeats and of per-repeat ratios
+// (fixed / runtime).
 #include <omp.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <string>
 
 #include "core/rng.h"
@@ -61,15 +63,24 @@ void run(const Shape& s, Operands& o) {
             o.C.data(), o.ldc);
 }
 
-// Median GFLOP/s of calls for about `seconds` (at least 3 calls).
-double rate(const Shape& s, Operands& o, double seconds) {
+// GFLOP/s of calls for about `seconds` (at least 3 calls): per wall second, and per second of
+// the busiest thread's on-CPU time (the idle-machine estimate of docs/performance.md, robust to
+// load with OMP_WAIT_POLICY=passive).
+struct Rate {
+  double wall, idle;
+};
+Rate rate(const Shape& s, Operands& o, double seconds) {
   const double flop = 2.0 * s.M * s.N * s.K / 1e9;
-  std::vector<double> r;
-  const auto end = std::chrono::steady_clock::now() + std::chrono::duration<double>(seconds);
+  const auto th0 = bench::thread_cpu_seconds();
+  const auto t0 = std::chrono::steady_clock::now();
+  i64 calls = 0;
   do {
-    r.push_back(flop / bench::time_it([&] { run(s, o); }));
-  } while (std::chrono::steady_clock::now() < end || r.size() < 3);
-  return bench::median(r);
+    run(s, o);
+    ++calls;
+  } while (bench::seconds_since(t0) < seconds || calls < 3);
+  const double wall = bench::seconds_since(t0);
+  const double busiest = bench::busiest_thread_seconds(th0, bench::thread_cpu_seconds());
+  return {calls * flop / wall, calls * flop / std::max(1e-9, busiest)};
 }
 
 }  // namespace
@@ -86,10 +97,12 @@ int cmd_bench_gemm(const BenchGemmArgs& a) {
   std::printf("median of %lld repeats of ~%.2f s per path (runtime and fixed alternate); BF16 "
               "includes the operands' rounding\n",
               (long long)a.repeats, a.seconds);
-  std::printf("%-5s %-17s %-4s %16s %9s %9s %7s  %s\n", "prec", "product", "op", "M x N x K",
-              "runtime", "fixed", "fixed/", "implementation (runtime | fixed)");
-  std::printf("%-5s %-17s %-4s %16s %9s %9s %7s\n", "", "", "", "", "GFLOP/s", "GFLOP/s",
-              "runtime");
+  std::printf("GFLOP/s per wall second | per second of the busiest thread's CPU time (idle "
+              "estimate; OMP_WAIT_POLICY=%s)\n",
+              std::getenv("OMP_WAIT_POLICY") ? std::getenv("OMP_WAIT_POLICY") : "unset");
+  std::printf("%-5s %-17s %-4s %15s %7s %7s %7s | %7s %7s %7s  %s\n", "prec", "product", "op",
+              "M x N x K", "runtime", "fixed", "ratio", "runtime", "fixed", "ratio",
+              "implementation (runtime | fixed)");
   for (ops::Precision p : precs) {
     ops::set_gemm_precision(p);
     for (const Shape& s : kShapes) {
@@ -101,21 +114,26 @@ int cmd_bench_gemm(const BenchGemmArgs& a) {
         impl[k] = ops::gemm_impl(s.ta, s.tb, s.M, s.N, s.K, 1.f, o.lda, o.ldb, s.beta, o.ldc);
         for (int w = 0; w < 3; ++w) run(s, o);  // warm-up; the fixed path's primitive creation
       }
-      std::vector<double> r[2], ratio;
+      std::vector<double> wall[2], idle[2], ratio, idle_ratio;
       for (i64 rep = 0; rep < a.repeats; ++rep) {
         for (int k = 0; k < 2; ++k) {
           ops::set_gemm_path(paths[k]);
-          r[k].push_back(rate(s, o, a.seconds));
+          const Rate r = rate(s, o, a.seconds);
+          wall[k].push_back(r.wall);
+          idle[k].push_back(r.idle);
         }
-        ratio.push_back(r[1].back() / r[0].back());
+        ratio.push_back(wall[1].back() / wall[0].back());
+        idle_ratio.push_back(idle[1].back() / idle[0].back());
       }
       char dims[48];
       std::snprintf(dims, sizeof dims, "%lldx%lldx%lld", (long long)s.M, (long long)s.N,
                     (long long)s.K);
-      std::printf("%-5s %-17s %c%c%s %16s %9.1f %9.1f %6.2fx  %s | %s\n", ops::precision_name(p),
-                  s.what, s.ta ? 'T' : 'N', s.tb ? 'T' : 'N', s.beta == 0.f ? "  " : "+C", dims,
-                  bench::median(r[0]), bench::median(r[1]), bench::median(ratio),
-                  impl[0].c_str(), impl[1].c_str());
+      std::printf("%-5s %-17s %c%c%s %15s %7.1f %7.1f %6.2fx | %7.1f %7.1f %6.2fx  %s | %s\n",
+                  ops::precision_name(p), s.what, s.ta ? 'T' : 'N', s.tb ? 'T' : 'N',
+                  s.beta == 0.f ? "  " : "+C", dims, bench::median(wall[0]),
+                  bench::median(wall[1]), bench::median(ratio), bench::median(idle[0]),
+                  bench::median(idle[1]), bench::median(idle_ratio), impl[0].c_str(),
+                  impl[1].c_str());
       std::fflush(stdout);
     }
   }
