@@ -296,10 +296,17 @@ FixedCache& fixed_cache() {
   return c;
 }
 
-// DLCM_GEMM read once, before the first product.
+// DLCM_GEMM read once, before the first product. Without it: fixed where oneDNN runs AMX
+// (brgemm AMX kernels exist only for fixed shapes: 1.1-1.9x on the issue-19 Xeon for BF16),
+// runtime elsewhere (on the AMD Zen 4/5 hosts of docs/performance.md, fixed-shape brgemm
+// trains 4-5% slower than sgemm / the runtime-shape bf16 kernels).
 GemmPath initial_path() {
   const char* e = std::getenv("DLCM_GEMM");
-  if (!e || !*e) return GemmPath::Fixed;
+  if (!e || !*e) {
+    const unsigned amx = dnnl_cpu_isa_avx512_core_amx;
+    return (unsigned(dnnl_get_effective_cpu_isa()) & amx) == amx ? GemmPath::Fixed
+                                                                  : GemmPath::Runtime;
+  }
   const GemmPath p = parse_gemm_path(e, "DLCM_GEMM");
   std::fprintf(stderr, "dlcm: DLCM_GEMM=%s: GEMMs use the %s-shape oneDNN path\n", e,
                gemm_path_name(p));

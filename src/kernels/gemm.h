@@ -1,7 +1,7 @@
 // Row-major GEMM through oneDNN: C[M,N] = alpha * op(A)[M,K] * op(B)[K,N] + beta * C.
 //
 // Precision: every product goes through ops::gemm, so one switch selects how all of them run.
-//   FP32 (default): oneDNN sgemm.
+//   FP32 (default): FP32 products (oneDNN sgemm or an f32 matmul, see the path below).
 //   BF16: mixed precision. A and B are rounded to bfloat16 (round to nearest even) into
 //         scratch buffers, multiplied by a cached oneDNN bf16 matmul primitive (AVX512-BF16
 //         brgemm kernels) with FP32 accumulation, alpha/beta applied in FP32, C stays FP32.
@@ -12,12 +12,13 @@
 //
 // Path (both precisions): oneDNN 2.6 picks its fastest kernels (brgemm; AMX where the CPU has
 // it) only for matmul primitives created with fixed shapes.
-//   fixed (default): a product called outside a parallel region with at least min_flops
-//         FLOPs, once its exact (precision, transposes, M, N, K, leading dimensions, alpha,
-//         beta) has been seen min_uses times, runs a fixed-shape primitive from a bounded
-//         LRU cache (a run's shapes are few; a new one costs ~0.3-1 ms to create). Everything
+//   fixed (default where oneDNN runs AMX): a product called outside a parallel region with at
+//         least min_flops FLOPs, once its exact (precision, transposes, M, N, K, leading
+//         dimensions, alpha, beta) has been seen min_uses times, runs a fixed-shape primitive
+//         from a bounded LRU cache (a run's shapes are few; a new one costs ~0.3-1 ms to create). Everything
 //         else (small per-head products, calls inside parallel regions) runs as `runtime`.
-//   runtime: FP32 through oneDNN sgemm, BF16 through one runtime-shape matmul primitive per
+//   runtime (default elsewhere: as fast or faster on AMD Zen 4/5, docs/performance.md): FP32
+//         through oneDNN sgemm, BF16 through one runtime-shape matmul primitive per
 //         (transposes, beta): no primitive creation per shape.
 // The environment variable DLCM_GEMM=runtime|fixed sets the initial path (logged to stderr).
 #pragma once

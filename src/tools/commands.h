@@ -129,7 +129,7 @@ struct BenchTrainArgs {
   bool torch_default = false;           // PyTorch peer without jemalloc and ATen AVX-512
   std::vector<std::string> precisions;  // engines to time side by side; empty = the config's
   std::vector<std::string> gemm_paths;  // "runtime"/"fixed" engines side by side; empty = the
-                                        // process's (DLCM_GEMM, default fixed)
+                                        // process's (DLCM_GEMM, else fixed on AMX CPUs)
   bool breakdown = false;               // per-component time of a step (StepProfiler)
   double R = -1;                        // dlcm: given concepts of mean length R (-1: target_R,
                                         // 0: sample boundaries from the router)

@@ -141,7 +141,7 @@ int main(int argc, char** argv) {
   btrain->add_flag("--torch-defaults", ba.torch_default, "PyTorch peer with glibc malloc and ATen's default (AVX2) kernels");
   btrain->add_option("--precision", ba.precisions, "fp32 and/or bf16, timed side by side (default: the config's)")
       ->delimiter(',')->check(CLI::IsMember({"fp32", "bf16"}));
-  btrain->add_option("--gemm", ba.gemm_paths, "runtime and/or fixed: oneDNN GEMM paths timed side by side (default: DLCM_GEMM, else fixed)")
+  btrain->add_option("--gemm", ba.gemm_paths, "runtime and/or fixed: oneDNN GEMM paths timed side by side (default: DLCM_GEMM, else fixed on AMX CPUs, runtime elsewhere)")
       ->delimiter(',')->check(CLI::IsMember({"runtime", "fixed"}));
   btrain->add_flag("--breakdown", ba.breakdown, "per-component time of a training step");
   btrain->add_option("--R", ba.R, "dlcm: concepts of 1+Geometric lengths with this mean (default target_R; 0 = sample from the router)");
