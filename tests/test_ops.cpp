@@ -92,6 +92,13 @@ const Case kCases[] = {
     {.op = "linear", .N = 300, .d = 96, .V = 200},
     {.op = "linear", .N = 4096, .d = 512, .V = 1536, .perf = true},  // FFN up projection
     {.op = "linear", .N = 4096, .d = 512, .V = 512, .perf = true},   // attention projection
+    // gemm: M = N, K = d, N = V; every transpose, beta, alpha and padding, both paths
+    {.op = "gemm", .N = 7, .d = 5, .V = 3},
+    {.op = "gemm", .N = 1, .d = 1, .V = 1},
+    {.op = "gemm", .N = 65, .d = 130, .V = 33},
+    {.op = "gemm", .N = 96, .d = 300, .V = 200},
+    {.op = "gemm", .N = 2048, .d = 2048, .V = 2048, .perf = true},  // the GEMM peak's product
+    {.op = "gemm", .N = 4096, .d = 512, .V = 1536, .perf = true},   // FFN up projection
     {.op = "rope", .N = 9, .Hq = 3, .hd = 8},
     {.op = "rope", .N = 1, .Hq = 1, .hd = 2},
     {.op = "rope", .N = 70, .Hq = 4, .hd = 64},
@@ -675,6 +682,107 @@ void run_linear(const Case& c, Mode m) {
   EXPECT_EQ(dW1, dW2);
 }
 
+// Fixed-shape cache settings for a scope (restored, with an empty cache, at exit).
+struct GemmCacheScope {
+  ops::GemmCacheConfig prev = ops::gemm_cache_config();
+  ops::GemmPath prev_path = ops::gemm_path();
+  GemmCacheScope(ops::GemmCacheConfig c) { ops::set_gemm_cache_config(c); }
+  ~GemmCacheScope() {
+    ops::set_gemm_cache_config(prev);
+    ops::set_gemm_path(prev_path);
+  }
+};
+
+// C = alpha op(A) op(B) + beta C against a double product of the operands (for BF16: of the
+// operands rounded to bf16, so only the FP32 accumulation differs). Returns the worst error
+// relative to sum |alpha a b| + |beta c| of each entry, and checks C's padding is untouched.
+double gemm_error(bool ta, bool tb, i64 M, i64 N, i64 K, float alpha, float beta, i64 pad,
+                  uint64_t seed) {
+  const i64 ar = ta ? K : M, ac = ta ? M : K, lda = ac + pad;
+  const i64 br = tb ? N : K, bc = tb ? K : N, ldb = bc + pad, ldc = N + pad;
+  Buf A(ar * lda), B(br * ldb), C(M * ldc);
+  test::fill_normal(A.data(), ar * lda, seed);
+  test::fill_normal(B.data(), br * ldb, seed + 1);
+  test::fill_normal(C.data(), M * ldc, seed + 2);
+  const Buf C0 = C;
+  auto op = [](const Buf& X) {  // the values the product multiplies
+    if (ops::gemm_precision() == ops::Precision::FP32) return X;
+    std::vector<uint16_t> h(X.size());
+    ops::round_to_bf16(h.data(), X.data(), i64(X.size()));
+    Buf r(X.size());
+    for (size_t i = 0; i < X.size(); ++i) r[i] = ops::bf16_to_float(h[i]);
+    return r;
+  };
+  const Buf Ar = op(A), Br = op(B);
+  ops::gemm(ta, tb, M, N, K, alpha, A.data(), lda, B.data(), ldb, beta, C.data(), ldc);
+  double worst = 0;
+  for (i64 i = 0; i < M; ++i) {
+    for (i64 j = 0; j < N; ++j) {
+      double ref = 0, mag = 0;
+      for (i64 k = 0; k < K; ++k) {
+        const double p = double(Ar[ta ? k * lda + i : i * lda + k]) * Br[tb ? j * ldb + k : k * ldb + j];
+        ref += p;
+        mag += std::abs(p);
+      }
+      const double c0 = beta == 0.f ? 0.0 : beta * double(C0[i * ldc + j]);
+      ref = alpha * ref + c0;
+      mag = std::abs(alpha) * mag + std::abs(c0) + 1e-30;
+      worst = std::max(worst, std::abs(C[i * ldc + j] - ref) / mag);
+    }
+    for (i64 j = N; j < ldc; ++j) EXPECT_EQ(C[i * ldc + j], C0[i * ldc + j]) << "padding written";
+  }
+  return worst;
+}
+
+// Every product form on both oneDNN paths (the fixed one forced for every size) and both
+// precisions, against the double reference: FP32 to accumulation rounding, BF16 likewise on
+// the rounded operands (bf16 operands are exact in the FP32 accumulation).
+void run_gemm(const Case& c, Mode m) {
+  const i64 M = c.N, K = c.d, N = c.V;
+  if (m == Perf) {
+    const i64 lda = K, ldb = N;
+    Buf A(M * K), B(K * N), C(M * N);
+    test::fill_normal(A.data(), M * K, 1);
+    test::fill_normal(B.data(), K * N, 2);
+    std::vector<ops::Precision> precs = {ops::Precision::FP32};
+    if (ops::cpu_has_bf16()) precs.push_back(ops::Precision::BF16);
+    for (ops::Precision p : precs) {
+      ops::PrecisionScope ps(p);
+      for (ops::GemmPath path : {ops::GemmPath::Runtime, ops::GemmPath::Fixed}) {
+        ops::set_gemm_path(path);
+        const std::string pass = std::string(ops::gemm_path_name(path)) + " " + ops::precision_name(p);
+        perf_row(c, pass.c_str(), 2.0 * M * N * K, 0, [&] {
+          ops::gemm(false, false, M, N, K, 1.f, A.data(), lda, B.data(), ldb, 0.f, C.data(), N);
+        });
+      }
+    }
+    ops::set_gemm_path(ops::GemmPath::Fixed);
+    return;
+  }
+  GemmCacheScope every_shape({.capacity = 64, .min_flops = 0, .min_uses = 1});
+  std::vector<ops::Precision> precs = {ops::Precision::FP32};
+  if (ops::cpu_has_bf16()) precs.push_back(ops::Precision::BF16);
+  uint64_t seed = 1000;
+  for (ops::Precision p : precs) {
+    ops::PrecisionScope ps(p);
+    for (ops::GemmPath path : {ops::GemmPath::Runtime, ops::GemmPath::Fixed}) {
+      ops::set_gemm_path(path);
+      const i64 fixed0 = ops::gemm_cache_stats().fixed_calls;
+      for (int form = 0; form < 32; ++form) {
+        const bool ta = form & 1, tb = form & 2;
+        const float beta = form & 4 ? 1.f : 0.f, alpha = form & 8 ? 0.7f : 1.f;
+        const i64 pad = form & 16 ? 3 : 0;
+        const double err = gemm_error(ta, tb, M, N, K, alpha, beta, pad, seed += 3);
+        EXPECT_LT(err, 1e-5) << ops::precision_name(p) << " " << ops::gemm_path_name(path)
+                             << " ta=" << ta << " tb=" << tb << " alpha=" << alpha
+                             << " beta=" << beta << " pad=" << pad;
+      }
+      // the path asked for is the path taken
+      EXPECT_EQ(ops::gemm_cache_stats().fixed_calls - fixed0, path == ops::GemmPath::Fixed ? 32 : 0);
+    }
+  }
+}
+
 // ---- DLCM kernels ----
 
 // Tokens and decisions of c's pattern, and their segments (an input of most DLCM ops).
@@ -1077,6 +1185,7 @@ const std::pair<const char*, Runner> kOps[] = {
     {"rmsnorm", run_rmsnorm},
     {"head_rmsnorm", run_head_rmsnorm},
     {"linear", run_linear},
+    {"gemm", run_gemm},
     {"rope", run_rope},
     {"swiglu", run_swiglu},
     {"attention", run_attention},
@@ -1125,6 +1234,57 @@ TEST(Ops, TableMatchesReferenceAndFiniteDifferences) {
     Runner fn = runner_of(c);
     ASSERT_NE(fn, nullptr) << "unknown op " << c.op;
     fn(c, Check);
+  }
+}
+
+// The fixed-shape cache: bounded (least recently used shapes evicted, results unchanged when
+// they come back), a shape below min_uses stays on the runtime path, and calls from inside a
+// parallel region never use it.
+TEST(Ops, GemmFixedCacheEvictsAndFallsBack) {
+  GemmCacheScope small({.capacity = 2, .min_flops = 0, .min_uses = 1});
+  ops::set_gemm_path(ops::GemmPath::Fixed);
+  // four shapes cycled through a cache of two: every call creates and evicts
+  const i64 sizes[] = {17, 18, 19, 20};
+  for (int round = 0; round < 3; ++round)
+    for (i64 n : sizes) {
+      const ops::GemmCacheStats before = ops::gemm_cache_stats();
+      EXPECT_LT(gemm_error(false, true, n, n + 1, n + 2, 0.5f, 1.f, 1, 7 + n), 1e-5) << n;
+      const ops::GemmCacheStats after = ops::gemm_cache_stats();
+      EXPECT_EQ(after.created - before.created, 1) << n;
+      EXPECT_EQ(after.fixed_calls - before.fixed_calls, 1) << n;
+      EXPECT_LE(after.size, 2);
+    }
+  EXPECT_EQ(ops::gemm_cache_stats().evicted, 3 * 4 - 2);
+  // two shapes alternate within the capacity: hits, no more creation
+  const ops::GemmCacheStats s0 = ops::gemm_cache_stats();
+  for (int i = 0; i < 4; ++i) EXPECT_LT(gemm_error(false, true, 19 + i % 2, 20 + i % 2, 21 + i % 2, 0.5f, 1.f, 1, 1), 1e-5);
+  EXPECT_EQ(ops::gemm_cache_stats().created, s0.created);
+  // inside a parallel region: the runtime path
+  const i64 fixed0 = ops::gemm_cache_stats().fixed_calls;
+  double worst = 0;
+#pragma omp parallel for num_threads(2) reduction(max : worst)
+  for (int i = 0; i < 4; ++i) worst = std::max(worst, gemm_error(false, true, 20, 21, 22, 0.5f, 1.f, 1, 5 + i));
+  EXPECT_LT(worst, 1e-5);
+  EXPECT_EQ(ops::gemm_cache_stats().fixed_calls, fixed0);
+  // min_uses = 2: a shape's first call runs on the runtime path, its second creates and uses
+  ops::set_gemm_cache_config({.capacity = 2, .min_flops = 0, .min_uses = 2});
+  for (int use = 0; use < 3; ++use) {
+    const ops::GemmCacheStats before = ops::gemm_cache_stats();
+    EXPECT_LT(gemm_error(true, false, 23, 24, 25, 1.f, 0.f, 0, 3), 1e-5);
+    const ops::GemmCacheStats after = ops::gemm_cache_stats();
+    EXPECT_EQ(after.created - before.created, use == 1 ? 1 : 0) << use;
+    EXPECT_EQ(after.fixed_calls - before.fixed_calls, use == 0 ? 0 : 1) << use;
+  }
+  // min_flops: smaller products stay on the runtime path
+  ops::set_gemm_cache_config({.capacity = 2, .min_flops = 2.0 * 23 * 24 * 25 + 1, .min_uses = 1});
+  EXPECT_LT(gemm_error(true, false, 23, 24, 25, 1.f, 0.f, 0, 3), 1e-5);
+  EXPECT_EQ(ops::gemm_cache_stats().size, 0);
+  // bad DLCM_GEMM values are named
+  try {
+    ops::parse_gemm_path("amx", "DLCM_GEMM");
+    FAIL() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("DLCM_GEMM"), std::string::npos);
   }
 }
 

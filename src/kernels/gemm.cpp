@@ -4,8 +4,11 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <dnnl.hpp>
+#include <list>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -109,13 +112,13 @@ dnnl::engine& engine() {
   return eng;
 }
 
-// One matmul primitive per (transposes, beta), with every dimension, stride and alpha given at
-// run time: oneDNN 2.6 then runs its gemm-based bf16 kernels (avx512_core_bf16), which on this
-// CPU are as fast as the shape-specialised brgemm ones, and a batch's new concept count costs
-// no primitive creation (~0.3-1 ms each).
+// Runtime path: one matmul primitive per (transposes, beta), with every dimension, stride and
+// alpha given at run time: oneDNN 2.6 then runs its gemm-based bf16 kernels ("gemm:jit"), and a
+// new shape costs no primitive creation (~0.3-1 ms each).
 struct Prim {
   dnnl::matmul mm;
   dnnl::memory::desc sp;  // scratchpad
+  std::string impl;       // primitive_desc::impl_info_str()
 };
 
 const Prim& primitive(bool ta, bool tb, float beta) {
@@ -140,47 +143,212 @@ const Prim& primitive(bool ta, bool tb, float beta) {
     attr.set_post_ops(po);
   }
   auto pd = dnnl::matmul::primitive_desc(dnnl::matmul::desc(a, b, c), attr, engine());
-  slot = std::make_unique<Prim>(Prim{dnnl::matmul(pd), pd.scratchpad_desc()});
+  slot = std::make_unique<Prim>(Prim{dnnl::matmul(pd), pd.scratchpad_desc(), pd.impl_info_str()});
   return *slot;
+}
+
+// Per-thread scratch: the bf16 operands, the primitives' scratchpad and a stream, so that
+// concurrent calls (parallel regions, several driving threads) share nothing mutable.
+struct ThreadScratch {
+  U16Buf a, b;
+  std::vector<uint8_t> sp;
+  std::unique_ptr<dnnl::stream> strm;
+};
+ThreadScratch& scratch() {
+  thread_local ThreadScratch t;
+  if (!t.strm) t.strm = std::make_unique<dnnl::stream>(engine());
+  return t;
+}
+
+// Operands into contiguous bf16 buffers in their stored layout.
+void convert_operands(ThreadScratch& t, bool ta, bool tb, i64 M, i64 N, i64 K, const float* A,
+                      i64 lda, const float* B, i64 ldb) {
+  if (t.a.size() < size_t(M * K)) t.a.resize(M * K);
+  if (t.b.size() < size_t(K * N)) t.b.resize(K * N);
+  if (ta)
+    convert_rows(t.a.data(), A, K, M, lda);
+  else
+    convert_rows(t.a.data(), A, M, K, lda);
+  if (tb)
+    convert_rows(t.b.data(), B, N, K, ldb);
+  else
+    convert_rows(t.b.data(), B, K, N, ldb);
+}
+
+void execute(ThreadScratch& t, const dnnl::matmul& mm, const dnnl::memory::desc& sp,
+             std::unordered_map<int, dnnl::memory> args) {
+  const size_t sp_bytes = sp.get_size();
+  if (t.sp.size() < sp_bytes) t.sp.resize(sp_bytes);
+  if (sp_bytes > 0) args.emplace(DNNL_ARG_SCRATCHPAD, dnnl::memory(sp, engine(), t.sp.data()));
+  mm.execute(*t.strm, args);
+  t.strm->wait();
 }
 
 void bf16_gemm(bool ta, bool tb, i64 M, i64 N, i64 K, float alpha, const float* A, i64 lda,
                const float* B, i64 ldb, float beta, float* C, i64 ldc) {
-  thread_local U16Buf abuf, bbuf;
-  thread_local std::vector<uint8_t> scratch;
-  thread_local std::unique_ptr<dnnl::stream> strm;
-  if (abuf.size() < size_t(M * K)) abuf.resize(M * K);
-  if (bbuf.size() < size_t(K * N)) bbuf.resize(K * N);
-  // operands into contiguous bf16 buffers in their stored layout
-  if (ta)
-    convert_rows(abuf.data(), A, K, M, lda);
-  else
-    convert_rows(abuf.data(), A, M, K, lda);
-  if (tb)
-    convert_rows(bbuf.data(), B, N, K, ldb);
-  else
-    convert_rows(bbuf.data(), B, K, N, ldb);
+  ThreadScratch& t = scratch();
+  convert_operands(t, ta, tb, M, N, K, A, lda, B, ldb);
   try {
     using dt = dnnl::memory::data_type;
     using dims = dnnl::memory::dims;
     const Prim& p = primitive(ta, tb, beta);
-    const size_t sp_bytes = p.sp.get_size();
-    if (scratch.size() < sp_bytes) scratch.resize(sp_bytes);
-    if (!strm) strm = std::make_unique<dnnl::stream>(engine());
-    dnnl::memory ma({{M, K}, dt::bf16, ta ? dims{1, M} : dims{K, 1}}, engine(), abuf.data());
-    dnnl::memory mb({{K, N}, dt::bf16, tb ? dims{1, K} : dims{N, 1}}, engine(), bbuf.data());
+    dnnl::memory ma({{M, K}, dt::bf16, ta ? dims{1, M} : dims{K, 1}}, engine(), t.a.data());
+    dnnl::memory mb({{K, N}, dt::bf16, tb ? dims{1, K} : dims{N, 1}}, engine(), t.b.data());
     dnnl::memory mc({{M, N}, dt::f32, dims{ldc, 1}}, engine(), C);
     dnnl::memory ms({{1}, dt::f32, dnnl::memory::format_tag::x}, engine(), &alpha);
-    std::unordered_map<int, dnnl::memory> args = {{DNNL_ARG_SRC, ma},
-                                                  {DNNL_ARG_WEIGHTS, mb},
-                                                  {DNNL_ARG_DST, mc},
-                                                  {DNNL_ARG_ATTR_OUTPUT_SCALES, ms}};
-    if (sp_bytes > 0)
-      args.emplace(DNNL_ARG_SCRATCHPAD, dnnl::memory(p.sp, engine(), scratch.data()));
-    p.mm.execute(*strm, args);
-    strm->wait();
+    execute(t, p.mm, p.sp,
+            {{DNNL_ARG_SRC, ma},
+             {DNNL_ARG_WEIGHTS, mb},
+             {DNNL_ARG_DST, mc},
+             {DNNL_ARG_ATTR_OUTPUT_SCALES, ms}});
   } catch (const dnnl::error& e) {
     fail("oneDNN bf16 matmul failed (M=", M, " N=", N, " K=", K, "): ", e.what());
+  }
+}
+
+// ---- fixed-shape path ----------------------------------------------------------------------
+
+// Everything a fixed-shape primitive bakes in. BF16 operands are packed contiguously, so their
+// lda/ldb are not part of the key (0).
+struct FixedKey {
+  Precision prec;
+  bool ta, tb;
+  i64 M, N, K, lda, ldb, ldc;
+  float alpha, beta;
+  bool operator==(const FixedKey& o) const {
+    return prec == o.prec && ta == o.ta && tb == o.tb && M == o.M && N == o.N && K == o.K &&
+           lda == o.lda && ldb == o.ldb && ldc == o.ldc &&
+           std::memcmp(&alpha, &o.alpha, 4) == 0 && std::memcmp(&beta, &o.beta, 4) == 0;
+  }
+};
+struct FixedKeyHash {
+  size_t operator()(const FixedKey& k) const {
+    uint32_t a, b;
+    std::memcpy(&a, &k.alpha, 4);
+    std::memcpy(&b, &k.beta, 4);
+    size_t h = size_t(k.prec) * 4 + size_t(k.ta) * 2 + size_t(k.tb);
+    for (uint64_t v : {uint64_t(k.M), uint64_t(k.N), uint64_t(k.K), uint64_t(k.lda),
+                       uint64_t(k.ldb), uint64_t(k.ldc), uint64_t(a), uint64_t(b)})
+      h = (h ^ v) * 0x100000001b3ull + (h >> 29);
+    return h;
+  }
+};
+
+std::unique_ptr<Prim> create_fixed(const FixedKey& k) {
+  using dt = dnnl::memory::data_type;
+  using dims = dnnl::memory::dims;
+  const dt in = k.prec == Precision::BF16 ? dt::bf16 : dt::f32;
+  dnnl::memory::desc a({k.M, k.K}, in, k.ta ? dims{1, k.lda} : dims{k.lda, 1});
+  dnnl::memory::desc b({k.K, k.N}, in, k.tb ? dims{1, k.ldb} : dims{k.ldb, 1});
+  dnnl::memory::desc c({k.M, k.N}, dt::f32, dims{k.ldc, 1});
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  if (k.alpha != 1.0f) attr.set_output_scales(0, {k.alpha});
+  if (k.beta != 0.0f) {
+    dnnl::post_ops po;
+    po.append_sum(k.beta);
+    attr.set_post_ops(po);
+  }
+  auto pd = dnnl::matmul::primitive_desc(dnnl::matmul::desc(a, b, c), attr, engine());
+  return std::make_unique<Prim>(Prim{dnnl::matmul(pd), pd.scratchpad_desc(), pd.impl_info_str()});
+}
+
+// Bounded LRU of fixed-shape primitives; entries are shared so that an eviction while another
+// thread runs the primitive keeps it alive until that call returns.
+struct FixedCache {
+  std::mutex mu;
+  GemmCacheConfig cfg;
+  std::list<std::pair<FixedKey, std::shared_ptr<const Prim>>> lru;  // most recent first
+  std::unordered_map<FixedKey, decltype(lru)::iterator, FixedKeyHash> index;
+  std::unordered_map<FixedKey, int, FixedKeyHash> seen;  // uses of shapes not cached yet
+  GemmCacheStats stats;
+
+  // The primitive for k, or null when k stays on the runtime path for now.
+  std::shared_ptr<const Prim> get(const FixedKey& k, bool count_use) {
+    std::lock_guard<std::mutex> lock(mu);
+    if (cfg.capacity == 0 || 2.0 * double(k.M) * double(k.N) * double(k.K) < cfg.min_flops)
+      return nullptr;
+    if (auto it = index.find(k); it != index.end()) {
+      lru.splice(lru.begin(), lru, it->second);
+      if (count_use) ++stats.fixed_calls;
+      return lru.front().second;
+    }
+    if (count_use) {
+      if (seen.size() > 16 * cfg.capacity + 1024) seen.clear();  // bounded too
+      if (++seen[k] < cfg.min_uses) return nullptr;
+      seen.erase(k);
+    }
+    std::shared_ptr<const Prim> p = create_fixed(k);  // under the lock: creation is rare
+    if (lru.size() >= cfg.capacity) {
+      index.erase(lru.back().first);
+      lru.pop_back();
+      ++stats.evicted;
+    }
+    lru.emplace_front(k, p);
+    index[k] = lru.begin();
+    ++stats.created;
+    if (count_use) ++stats.fixed_calls;
+    return p;
+  }
+};
+FixedCache& fixed_cache() {
+  static FixedCache c;
+  return c;
+}
+
+// DLCM_GEMM read once, before the first product. Without it: fixed where oneDNN runs AMX
+// (brgemm AMX kernels exist only for fixed shapes: 1.1-1.9x on the issue-19 Xeon for BF16),
+// runtime elsewhere (on the AMD Zen 4/5 hosts of docs/performance.md, fixed-shape brgemm
+// trains 4-5% slower than sgemm / the runtime-shape bf16 kernels).
+GemmPath initial_path() {
+  const char* e = std::getenv("DLCM_GEMM");
+  if (!e || !*e) {
+    const unsigned amx = dnnl_cpu_isa_avx512_core_amx;
+    return (unsigned(dnnl_get_effective_cpu_isa()) & amx) == amx ? GemmPath::Fixed
+                                                                  : GemmPath::Runtime;
+  }
+  const GemmPath p = parse_gemm_path(e, "DLCM_GEMM");
+  std::fprintf(stderr, "dlcm: DLCM_GEMM=%s: GEMMs use the %s-shape oneDNN path\n", e,
+               gemm_path_name(p));
+  return p;
+}
+GemmPath& path_ref() {
+  static GemmPath p = initial_path();
+  return p;
+}
+
+FixedKey fixed_key(bool ta, bool tb, i64 M, i64 N, i64 K, float alpha, i64 lda, i64 ldb,
+                   float beta, i64 ldc) {
+  const bool bf = g_precision == Precision::BF16;
+  // BF16 operands are packed: [M,K] (or [K,M]) and [K,N] (or [N,K]) without padding
+  return {g_precision, ta, tb, M, N, K, bf ? (ta ? M : K) : lda, bf ? (tb ? K : N) : ldb,
+          ldc, alpha, beta};
+}
+
+// The fixed-shape primitive this call runs, or null for the runtime path.
+std::shared_ptr<const Prim> fixed_for(const FixedKey& k, bool count_use) {
+  if (path_ref() != GemmPath::Fixed || k.K == 0 || omp_in_parallel()) return nullptr;
+  return fixed_cache().get(k, count_use);
+}
+
+void fixed_gemm(const Prim& p, const FixedKey& k, const float* A, i64 lda, const float* B,
+                i64 ldb, float* C) {
+  ThreadScratch& t = scratch();
+  using dt = dnnl::memory::data_type;
+  using dims = dnnl::memory::dims;
+  const bool bf = k.prec == Precision::BF16;
+  if (bf) convert_operands(t, k.ta, k.tb, k.M, k.N, k.K, A, lda, B, ldb);
+  try {
+    const dt in = bf ? dt::bf16 : dt::f32;
+    // A's and B's stored layout (BF16: the packed copies; k.lda/k.ldb are their row widths)
+    void* pa = bf ? static_cast<void*>(t.a.data()) : const_cast<float*>(A);
+    void* pb = bf ? static_cast<void*>(t.b.data()) : const_cast<float*>(B);
+    dnnl::memory ma({{k.M, k.K}, in, k.ta ? dims{1, k.lda} : dims{k.lda, 1}}, engine(), pa);
+    dnnl::memory mb({{k.K, k.N}, in, k.tb ? dims{1, k.ldb} : dims{k.ldb, 1}}, engine(), pb);
+    dnnl::memory mc({{k.M, k.N}, dt::f32, dims{k.ldc, 1}}, engine(), C);
+    execute(t, p.mm, p.sp, {{DNNL_ARG_SRC, ma}, {DNNL_ARG_WEIGHTS, mb}, {DNNL_ARG_DST, mc}});
+  } catch (const dnnl::error& e) {
+    fail("oneDNN fixed-shape matmul failed (M=", k.M, " N=", k.N, " K=", k.K, "): ", e.what());
   }
 }
 
@@ -216,9 +384,53 @@ void set_gemm_precision(Precision p) {
 
 Precision gemm_precision() { return g_precision; }
 
+GemmPath parse_gemm_path(const std::string& s, const std::string& what) {
+  if (s == "runtime") return GemmPath::Runtime;
+  if (s == "fixed") return GemmPath::Fixed;
+  fail(what, ": expected \"runtime\" or \"fixed\", got \"", s, "\"");
+}
+
+const char* gemm_path_name(GemmPath p) { return p == GemmPath::Fixed ? "fixed" : "runtime"; }
+void set_gemm_path(GemmPath p) { path_ref() = p; }
+GemmPath gemm_path() { return path_ref(); }
+
+void set_gemm_cache_config(const GemmCacheConfig& c) {
+  FixedCache& f = fixed_cache();
+  std::lock_guard<std::mutex> lock(f.mu);
+  f.cfg = c;
+  f.lru.clear();
+  f.index.clear();
+  f.seen.clear();
+  f.stats.size = 0;
+}
+
+GemmCacheConfig gemm_cache_config() {
+  FixedCache& f = fixed_cache();
+  std::lock_guard<std::mutex> lock(f.mu);
+  return f.cfg;
+}
+
+GemmCacheStats gemm_cache_stats() {
+  FixedCache& f = fixed_cache();
+  std::lock_guard<std::mutex> lock(f.mu);
+  GemmCacheStats s = f.stats;
+  s.size = i64(f.lru.size());
+  return s;
+}
+
+std::string gemm_impl(bool trans_a, bool trans_b, i64 M, i64 N, i64 K, float alpha, i64 lda,
+                      i64 ldb, float beta, i64 ldc) {
+  if (auto p = fixed_for(fixed_key(trans_a, trans_b, M, N, K, alpha, lda, ldb, beta, ldc), false))
+    return p->impl;
+  if (g_precision == Precision::BF16 && K > 0) return primitive(trans_a, trans_b, beta).impl;
+  return "sgemm";
+}
+
 void gemm(bool trans_a, bool trans_b, i64 M, i64 N, i64 K, float alpha, const float* A, i64 lda,
           const float* B, i64 ldb, float beta, float* C, i64 ldc) {
   if (M == 0 || N == 0) return;
+  const FixedKey key = fixed_key(trans_a, trans_b, M, N, K, alpha, lda, ldb, beta, ldc);
+  if (auto p = fixed_for(key, true)) return fixed_gemm(*p, key, A, lda, B, ldb, C);
   if (g_precision == Precision::BF16 && K > 0)
     bf16_gemm(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
   else

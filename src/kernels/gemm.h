@@ -1,7 +1,7 @@
 // Row-major GEMM through oneDNN: C[M,N] = alpha * op(A)[M,K] * op(B)[K,N] + beta * C.
 //
 // Precision: every product goes through ops::gemm, so one switch selects how all of them run.
-//   FP32 (default): oneDNN sgemm.
+//   FP32 (default): FP32 products (oneDNN sgemm or an f32 matmul, see the path below).
 //   BF16: mixed precision. A and B are rounded to bfloat16 (round to nearest even) into
 //         scratch buffers, multiplied by a cached oneDNN bf16 matmul primitive (AVX512-BF16
 //         brgemm kernels) with FP32 accumulation, alpha/beta applied in FP32, C stays FP32.
@@ -9,6 +9,18 @@
 //         operands of the products are rounded. Needs a CPU with AVX512-BF16.
 // The switch is process-wide (set it from the thread that drives training, outside parallel
 // regions); the BF16 path itself may be called from inside parallel regions.
+//
+// Path (both precisions): oneDNN 2.6 picks its fastest kernels (brgemm; AMX where the CPU has
+// it) only for matmul primitives created with fixed shapes.
+//   fixed (default where oneDNN runs AMX): a product called outside a parallel region with at
+//         least min_flops FLOPs, once its exact (precision, transposes, M, N, K, leading
+//         dimensions, alpha, beta) has been seen min_uses times, runs a fixed-shape primitive
+//         from a bounded LRU cache (a run's shapes are few; a new one costs ~0.3-1 ms to create). Everything
+//         else (small per-head products, calls inside parallel regions) runs as `runtime`.
+//   runtime (default elsewhere: as fast or faster on AMD Zen 4/5, docs/performance.md): FP32
+//         through oneDNN sgemm, BF16 through one runtime-shape matmul primitive per
+//         (transposes, beta): no primitive creation per shape.
+// The environment variable DLCM_GEMM=runtime|fixed sets the initial path (logged to stderr).
 #pragma once
 #include <string>
 
@@ -38,6 +50,32 @@ class PrecisionScope {
  private:
   Precision prev_;
 };
+
+enum class GemmPath { Runtime, Fixed };
+// "runtime" | "fixed"; anything else throws naming `what` (e.g. "DLCM_GEMM").
+GemmPath parse_gemm_path(const std::string& s, const std::string& what);
+const char* gemm_path_name(GemmPath p);
+void set_gemm_path(GemmPath p);
+GemmPath gemm_path();
+
+// Fixed-shape cache tuning (tests shrink it to reach the eviction path and every shape).
+struct GemmCacheConfig {
+  size_t capacity = 64;        // primitives kept; the least recently used one is evicted
+  double min_flops = 1 << 22;  // 2*M*N*K below this: runtime path (creation would not pay)
+  int min_uses = 2;            // a shape seen once (e.g. a batch's concept count) stays runtime
+};
+void set_gemm_cache_config(const GemmCacheConfig& c);  // also empties the cache
+GemmCacheConfig gemm_cache_config();
+struct GemmCacheStats {
+  i64 fixed_calls = 0, created = 0, evicted = 0, size = 0;
+};
+GemmCacheStats gemm_cache_stats();
+
+// The oneDNN implementation that gemm() runs for this product now (current precision and path,
+// the fixed-shape primitive is created if it would be used), e.g. "brg:avx512_core" or
+// "gemm:jit"; "sgemm" for oneDNN's sgemm function. For benchmarks' provenance.
+std::string gemm_impl(bool trans_a, bool trans_b, i64 M, i64 N, i64 K, float alpha, i64 lda,
+                      i64 ldb, float beta, i64 ldc);
 
 void gemm(bool trans_a, bool trans_b, i64 M, i64 N, i64 K, float alpha, const float* A, i64 lda,
           const float* B, i64 ldb, float beta, float* C, i64 ldc);

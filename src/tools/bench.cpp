@@ -114,9 +114,15 @@ class LineProcess {
   std::string log_;
 };
 
-// One engine configuration under test (one precision).
+// The oneDNN implementation of the GEMM-peak product (2048^3) at the current precision and path.
+static std::string peak_impl() {
+  return ops::gemm_impl(false, false, 2048, 2048, 2048, 1.f, 2048, 2048, 0.f, 2048);
+}
+
+// One engine configuration under test (one precision, one GEMM path).
 struct Engine {
-  std::string precision;
+  std::string precision, label;  // label: "fp32", or "fp32/fixed" when paths are compared
+  ops::GemmPath path = ops::GemmPath::Fixed;
   std::unique_ptr<Trainer> tr;
   // per repeat: tokens/s, tokens per process CPU-second, tokens per second of the busiest
   // thread (idle-machine estimate), MFU (wall, idle estimate), the ratio to the PyTorch peer
@@ -180,7 +186,7 @@ void print_breakdown(const Engine& e, const Config& cfg, double tokens_per_step)
   double total = 0;
   for (auto& [k, v] : e.prof_sec) total += v;
   std::printf("\nbreakdown of one training step (%s, %s, mean over %lld timed steps%s)\n",
-              cfg.model.arch.c_str(), e.precision.c_str(), (long long)e.prof_steps,
+              cfg.model.arch.c_str(), e.label.c_str(), (long long)e.prof_steps,
               cfg.model.is_dlcm() ? (", realised compression " + std::to_string(R).substr(0, 4)).c_str() : "");
   double total_cpu = 0;
   for (auto& [k, v] : e.prof_cpu) total_cpu += v;
@@ -245,8 +251,10 @@ static int bench_train_ranks(const BenchTrainArgs& a, const Config& cfg) {
   const bool rank0 = dist::rank() == 0;
   DLCM_CHECK(a.no_torch, "bench train: under mpirun give --no-torch (the PyTorch reference runs "
              "one process)");
-  DLCM_CHECK(a.precisions.size() <= 1 && !a.breakdown,
-             "bench train: under mpirun give at most one --precision and no --breakdown");
+  DLCM_CHECK(a.precisions.size() <= 1 && a.gemm_paths.size() <= 1 && !a.breakdown,
+             "bench train: under mpirun give at most one --precision, at most one --gemm and no "
+             "--breakdown");
+  if (!a.gemm_paths.empty()) ops::set_gemm_path(ops::parse_gemm_path(a.gemm_paths[0], "--gemm"));
   auto say = [&](auto... args) {
     if (rank0) std::printf(args...);
   };
@@ -260,8 +268,8 @@ static int bench_train_ranks(const BenchTrainArgs& a, const Config& cfg) {
       omp_get_max_threads(), ranks);
   double peak = measure_gemm_peak_gflops(1.0, 2048), job_peak = peak;
   dist::allreduce_sum(&job_peak, 1);
-  say("FP32 GEMM peak (oneDNN sgemm 2048^3, median, measured on all ranks at once): %.1f GFLOP/s "
-      "(rank 0: %.1f)\n", job_peak, peak);
+  say("FP32 GEMM peak (2048^3, %s path: %s; median, measured on all ranks at once): %.1f GFLOP/s "
+      "(rank 0: %.1f)\n", ops::gemm_path_name(ops::gemm_path()), peak_impl().c_str(), job_peak, peak);
   const double flops_tok = 3.0 * tr.model().flops_per_token(L);
   tr.train_step();  // warm-up: first touch of every buffer
   std::vector<double> rates, comm, cpu_rate;
@@ -328,13 +336,22 @@ int cmd_bench_train(const BenchTrainArgs& a) {
   TrainOptions opt;
   opt.quiet = true;
   opt.peak_gflops = 1;  // MFU is computed here, against the peak measured in each repeat
-  std::vector<Engine> eng(precisions.size());
-  for (size_t i = 0; i < eng.size(); ++i) {
-    Config c = cfg;
-    c.train.precision = precisions[i];
-    eng[i].precision = precisions[i];
-    eng[i].tr = std::make_unique<Trainer>(c, data, opt);
-  }
+  // GEMM peaks on the process's path; each engine switches to its own around its steps
+  const ops::GemmPath path0 = ops::gemm_path();
+  std::vector<ops::GemmPath> paths;
+  for (auto& p : a.gemm_paths) paths.push_back(ops::parse_gemm_path(p, "--gemm"));
+  if (paths.empty()) paths.push_back(path0);
+  std::vector<Engine> eng;
+  for (const std::string& prec : precisions)
+    for (ops::GemmPath path : paths) {
+      Config c = cfg;
+      c.train.precision = prec;
+      Engine& e = eng.emplace_back();
+      e.precision = prec;
+      e.path = path;
+      e.label = paths.size() > 1 ? prec + "/" + ops::gemm_path_name(path) : prec;
+      e.tr = std::make_unique<Trainer>(c, data, opt);
+    }
   std::printf("parameters: %.2fM\n", eng[0].tr->model().params().total() / 1e6);
   // warm-up: first touch of every buffer, primitive caches, concept buffers, and the GEMM-peak
   // products' scratch (so that RSS over the timed steps is the engines' own)
@@ -345,8 +362,11 @@ int cmd_bench_train(const BenchTrainArgs& a) {
     ops::PrecisionScope bf(ops::Precision::BF16);
     measure_peak(0.05, 2048);
   }
-  for (auto& e : eng)
+  for (auto& e : eng) {
+    ops::set_gemm_path(e.path);
     for (int w = 0; w < 2; ++w) e.tr->train_step();
+  }
+  ops::set_gemm_path(path0);
 
   // The PyTorch peer: a child process that has built the same model and answers "run N".
   std::unique_ptr<LineProcess> torch;
@@ -419,6 +439,7 @@ int cmd_bench_train(const BenchTrainArgs& a) {
         prof::reset();
         prof::enable(true);
       }
+      ops::set_gemm_path(e.path);
       const double c0 = cpu_seconds();
       const auto th0 = bench::thread_cpu_seconds();
       auto t0 = std::chrono::steady_clock::now();
@@ -430,6 +451,7 @@ int cmd_bench_train(const BenchTrainArgs& a) {
       }
       const double sec = bench::seconds_since(t0), cpu = cpu_seconds() - c0;
       const double busiest = bench::busiest_thread_seconds(th0, bench::thread_cpu_seconds());
+      ops::set_gemm_path(path0);
       prof::enable(false);
       if (a.breakdown) {
         for (auto& en : prof::entries()) {
@@ -472,14 +494,17 @@ int cmd_bench_train(const BenchTrainArgs& a) {
               "thread's on-CPU time (what an idle machine would give; needs OMP_WAIT_POLICY=passive "
               "under load, now %s).\n",
               std::getenv("OMP_WAIT_POLICY") ? std::getenv("OMP_WAIT_POLICY") : "unset");
-  std::printf("FP32 GEMM peak (oneDNN sgemm 2048^3, median of repeats): wall %.1f GFLOP/s, idle "
-              "%.1f GFLOP/s\n",
-              bench::median(peaks), bench::median(idle_peaks));
-  if (!peaks16.empty())
-    std::printf("BF16 GEMM peak (oneDNN bf16 matmul 2048^3 incl. operand rounding): wall %.1f "
+  std::printf("FP32 GEMM peak (ops::gemm 2048^3, %s path: %s; median of repeats): wall %.1f "
+              "GFLOP/s, idle %.1f GFLOP/s\n",
+              ops::gemm_path_name(path0), peak_impl().c_str(), bench::median(peaks),
+              bench::median(idle_peaks));
+  if (!peaks16.empty()) {
+    ops::PrecisionScope bf(ops::Precision::BF16);
+    std::printf("BF16 GEMM peak (ops::gemm 2048^3 incl. operand rounding, %s path: %s): wall %.1f "
                 "GFLOP/s, idle %.1f GFLOP/s (%.2fx FP32)\n",
-                bench::median(peaks16), bench::median(idle_peaks16),
-                bench::median(idle_peaks16) / bench::median(idle_peaks));
+                ops::gemm_path_name(path0), peak_impl().c_str(), bench::median(peaks16),
+                bench::median(idle_peaks16), bench::median(idle_peaks16) / bench::median(idle_peaks));
+  }
   const double flops_tok = 3.0 * (cfg.model.is_dlcm() && R > 0 ? flops_report(cfg.model, L, R).total()
                                                                : eng[0].tr->model().flops_per_token(L));
   std::printf("model FLOPs: %.4f GFLOP/token (training = 3x forward)\n", flops_tok / 1e9);
@@ -490,7 +515,7 @@ int cmd_bench_train(const BenchTrainArgs& a) {
               "MFU", "tok/CPU-second");
   for (auto& e : eng)
     std::printf("  dlcm engine %-6s %11.0f %7.1f%% | %11.0f %7.1f%% | %14.0f\n",
-                e.precision.c_str(), bench::median(e.rate), 100 * bench::median(e.mfu),
+                e.label.c_str(), bench::median(e.rate), 100 * bench::median(e.mfu),
                 bench::median(e.idle_rate), 100 * bench::median(e.idle_mfu),
                 bench::median(e.cpu_rate));
   if (eng.size() > 1)
@@ -503,7 +528,7 @@ int cmd_bench_train(const BenchTrainArgs& a) {
       }
       std::printf("  %s / %s tokens/s (medians of per-repeat ratios): wall %.2fx, idle %.2fx, per "
                   "CPU-second %.2fx\n",
-                  eng[i].precision.c_str(), eng[0].precision.c_str(), bench::median(ratio),
+                  eng[i].label.c_str(), eng[0].label.c_str(), bench::median(ratio),
                   bench::median(idle_ratio), bench::median(cpu_ratio));
     }
   if (torch) {
@@ -516,7 +541,7 @@ int cmd_bench_train(const BenchTrainArgs& a) {
     for (auto& e : eng)
       std::printf("  speed-up of the %s engine over pytorch (medians of per-repeat ratios): wall "
                   "%.2fx, idle %.2fx, per CPU-second %.2fx\n",
-                  e.precision.c_str(), bench::median(e.vs_torch), bench::median(e.vs_torch_idle),
+                  e.label.c_str(), bench::median(e.vs_torch), bench::median(e.vs_torch_idle),
                   bench::median(e.vs_torch_cpu));
   }
   const auto [lo, hi] = std::minmax_element(rss_steps.begin(), rss_steps.end());

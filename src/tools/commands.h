@@ -128,11 +128,20 @@ struct BenchTrainArgs {
   bool no_torch = false;
   bool torch_default = false;           // PyTorch peer without jemalloc and ATen AVX-512
   std::vector<std::string> precisions;  // engines to time side by side; empty = the config's
+  std::vector<std::string> gemm_paths;  // "runtime"/"fixed" engines side by side; empty = the
+                                        // process's (DLCM_GEMM, else fixed on AMX CPUs)
   bool breakdown = false;               // per-component time of a step (StepProfiler)
   double R = -1;                        // dlcm: given concepts of mean length R (-1: target_R,
                                         // 0: sample boundaries from the router)
 };
 int cmd_bench_train(const BenchTrainArgs& a);
+
+// GEMM GFLOP/s of the runtime-shape vs fixed-shape oneDNN paths (bench_gemm.cpp).
+struct BenchGemmArgs {
+  i64 repeats = 5;
+  double seconds = 0.3;  // per path and repeat
+};
+int cmd_bench_gemm(const BenchGemmArgs& a);
 
 // The concept cross-attention benchmark (paper Table 6): masked vs replicate vs compact.
 struct BenchXattnArgs {

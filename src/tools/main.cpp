@@ -141,9 +141,17 @@ int main(int argc, char** argv) {
   btrain->add_flag("--torch-defaults", ba.torch_default, "PyTorch peer with glibc malloc and ATen's default (AVX2) kernels");
   btrain->add_option("--precision", ba.precisions, "fp32 and/or bf16, timed side by side (default: the config's)")
       ->delimiter(',')->check(CLI::IsMember({"fp32", "bf16"}));
+  btrain->add_option("--gemm", ba.gemm_paths, "runtime and/or fixed: oneDNN GEMM paths timed side by side (default: DLCM_GEMM, else fixed on AMX CPUs, runtime elsewhere)")
+      ->delimiter(',')->check(CLI::IsMember({"runtime", "fixed"}));
   btrain->add_flag("--breakdown", ba.breakdown, "per-component time of a training step");
   btrain->add_option("--R", ba.R, "dlcm: concepts of 1+Geometric lengths with this mean (default target_R; 0 = sample from the router)");
   add_threads(btrain);
+
+  BenchGemmArgs bg;
+  auto* bgemm = bench->add_subcommand("gemm", "GEMM GFLOP/s: runtime-shape vs fixed-shape oneDNN products, FP32 and BF16");
+  bgemm->add_option("--repeats", bg.repeats, "repeats (median reported)")->check(CLI::Range(1, 1000));
+  bgemm->add_option("--seconds", bg.seconds, "seconds per path and repeat")->check(CLI::Range(0.01, 60.0));
+  add_threads(bgemm);
 
   BenchXattnArgs xa;
   bool x_only_fixed = false, x_only_variable = false;
@@ -343,6 +351,7 @@ int main(int argc, char** argv) {
       return rc;
     }
     if (*bdec) return cmd_bench_decode(bd);
+    if (*bgemm) return cmd_bench_gemm(bg);
     if (*seg) return cmd_segment(sa);
     if (*bxattn) {
       if (x_only_fixed) xa.variable = false;

@@ -1,0 +1,145 @@
+// `dlcm bench gemm`: GFLOP/s of the engine's products (ops::gemm) on the runtime-shape and the
+// fixed-shape oneDNN paths, FP32 and BF16, for the reference baseline's training shapes and
+// 2048^3, with the oneDNN implementation each path runs. The two paths alternate within every
+// repeat so that load drifts hit them alike; medians of repeats and of per-repeat ratios
+// (fixed / runtime).
+#include <omp.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+
+#include "core/rng.h"
+#include "kernels/gemm.h"
+#include "tools/bench_common.h"
+#include "tools/commands.h"
+
+namespace dlcm {
+
+namespace {
+
+struct Shape {
+  const char* what;
+  bool ta, tb;
+  i64 M, N, K;
+  float beta;
+};
+
+// The reference baseline (d = 512, d_ff = 1536, B*L = 4096 tokens): each linear layer's
+// forward x W^T, input gradient dy W (accumulating) and weight gradient dy^T x (accumulating).
+const Shape kShapes[] = {
+    {"square 2048^3", false, false, 2048, 2048, 2048, 0.f},
+    {"q/k/v/o forward", false, true, 4096, 512, 512, 0.f},
+    {"q/k/v/o dx", false, false, 4096, 512, 512, 1.f},
+    {"q/k/v/o dW", true, false, 512, 512, 4096, 1.f},
+    {"FFN up forward", false, true, 4096, 1536, 512, 0.f},
+    {"FFN up dx", false, false, 4096, 512, 1536, 1.f},
+    {"FFN up dW", true, false, 1536, 512, 4096, 1.f},
+    {"FFN down forward", false, true, 4096, 512, 1536, 0.f},
+    {"FFN down dx", false, false, 4096, 1536, 512, 1.f},
+    {"FFN down dW", true, false, 512, 1536, 4096, 1.f},
+};
+
+struct Operands {
+  Buf A, B, C;
+  i64 lda, ldb, ldc;
+};
+
+Operands make_operands(const Shape& s) {
+  Operands o;
+  o.lda = s.ta ? s.M : s.K;
+  o.ldb = s.tb ? s.K : s.N;
+  o.ldc = s.N;
+  o.A.resize(s.M * s.K);
+  o.B.resize(s.K * s.N);
+  o.C.assign(s.M * s.N, 0.f);
+  for (size_t i = 0; i < o.A.size(); ++i) o.A[i] = counter_uniform(1, 0, i) - 0.5f;
+  for (size_t i = 0; i < o.B.size(); ++i) o.B[i] = counter_uniform(2, 0, i) - 0.5f;
+  return o;
+}
+
+void run(const Shape& s, Operands& o) {
+  ops::gemm(s.ta, s.tb, s.M, s.N, s.K, 1.f, o.A.data(), o.lda, o.B.data(), o.ldb, s.beta,
+            o.C.data(), o.ldc);
+}
+
+// GFLOP/s of calls for about `seconds` (at least 3 calls): per wall second, and per second of
+// the busiest thread's on-CPU time (the idle-machine estimate of docs/performance.md, robust to
+// load with OMP_WAIT_POLICY=passive).
+struct Rate {
+  double wall, idle;
+};
+Rate rate(const Shape& s, Operands& o, double seconds) {
+  const double flop = 2.0 * s.M * s.N * s.K / 1e9;
+  const auto th0 = bench::thread_cpu_seconds();
+  const auto t0 = std::chrono::steady_clock::now();
+  i64 calls = 0;
+  do {
+    run(s, o);
+    ++calls;
+  } while (bench::seconds_since(t0) < seconds || calls < 3);
+  const double wall = bench::seconds_since(t0);
+  const double busiest = bench::busiest_thread_seconds(th0, bench::thread_cpu_seconds());
+  return {calls * flop / wall, calls * flop / std::max(1e-9, busiest)};
+}
+
+}  // namespace
+
+int cmd_bench_gemm(const BenchGemmArgs& a) {
+  DLCM_CHECK(a.repeats > 0 && a.seconds > 0, "bench gemm: --repeats and --seconds must be > 0");
+  const ops::GemmPath path0 = ops::gemm_path();
+  const ops::Precision prec0 = ops::gemm_precision();
+  std::vector<ops::Precision> precs = {ops::Precision::FP32};
+  if (ops::cpu_has_bf16()) precs.push_back(ops::Precision::BF16);
+  std::printf("threads: %d (OMP_NUM_THREADS); oneDNN %s\n", omp_get_max_threads(),
+              ops::onednn_version().c_str());
+  if (!ops::cpu_has_bf16()) std::printf("no AVX512-BF16 on this CPU: FP32 only\n");
+  std::printf("median of %lld repeats of ~%.2f s per path (runtime and fixed alternate); BF16 "
+              "includes the operands' rounding\n",
+              (long long)a.repeats, a.seconds);
+  std::printf("GFLOP/s per wall second | per second of the busiest thread's CPU time (idle "
+              "estimate; OMP_WAIT_POLICY=%s)\n",
+              std::getenv("OMP_WAIT_POLICY") ? std::getenv("OMP_WAIT_POLICY") : "unset");
+  std::printf("%-5s %-17s %-4s %15s %7s %7s %7s | %7s %7s %7s  %s\n", "prec", "product", "op",
+              "M x N x K", "runtime", "fixed", "ratio", "runtime", "fixed", "ratio",
+              "implementation (runtime | fixed)");
+  for (ops::Precision p : precs) {
+    ops::set_gemm_precision(p);
+    for (const Shape& s : kShapes) {
+      Operands o = make_operands(s);
+      std::string impl[2];
+      const ops::GemmPath paths[2] = {ops::GemmPath::Runtime, ops::GemmPath::Fixed};
+      for (int k = 0; k < 2; ++k) {
+        ops::set_gemm_path(paths[k]);
+        impl[k] = ops::gemm_impl(s.ta, s.tb, s.M, s.N, s.K, 1.f, o.lda, o.ldb, s.beta, o.ldc);
+        for (int w = 0; w < 3; ++w) run(s, o);  // warm-up; the fixed path's primitive creation
+      }
+      std::vector<double> wall[2], idle[2], ratio, idle_ratio;
+      for (i64 rep = 0; rep < a.repeats; ++rep) {
+        for (int k = 0; k < 2; ++k) {
+          ops::set_gemm_path(paths[k]);
+          const Rate r = rate(s, o, a.seconds);
+          wall[k].push_back(r.wall);
+          idle[k].push_back(r.idle);
+        }
+        ratio.push_back(wall[1].back() / wall[0].back());
+        idle_ratio.push_back(idle[1].back() / idle[0].back());
+      }
+      char dims[48];
+      std::snprintf(dims, sizeof dims, "%lldx%lldx%lld", (long long)s.M, (long long)s.N,
+                    (long long)s.K);
+      std::printf("%-5s %-17s %c%c%s %15s %7.1f %7.1f %6.2fx | %7.1f %7.1f %6.2fx  %s | %s\n",
+                  ops::precision_name(p), s.what, s.ta ? 'T' : 'N', s.tb ? 'T' : 'N',
+                  s.beta == 0.f ? "  " : "+C", dims, bench::median(wall[0]),
+                  bench::median(wall[1]), bench::median(ratio), bench::median(idle[0]),
+                  bench::median(idle[1]), bench::median(idle_ratio), impl[0].c_str(),
+                  impl[1].c_str());
+      std::fflush(stdout);
+    }
+  }
+  ops::set_gemm_path(path0);
+  ops::set_gemm_precision(prec0);
+  return 0;
+}
+
+}  // namespace dlcm
