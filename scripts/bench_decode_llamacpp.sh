@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Greedy decode tokens/s of dlcm vs llama.cpp on the same baseline weights (issue 19, Inference).
+# A benchmark, not a test: prints a table, checks nothing.
+#
+#   scripts/bench_decode_llamacpp.sh [--ckpt RUN] [--dlcm BIN] [--threads "1 2"] [--prompt-len 32]
+#                                    [--new-tokens 128] [--rounds 3] [--work DIR]
+#
+# Without --ckpt it trains configs/baseline-small.json for one step on data/prepared (the weights'
+# values do not change the cost of a step). The checkpoint is exported as GGUF f32, f16 and bf16;
+# then, in rounds that alternate the engines, batch 1 with the same prompt length, new tokens and
+# thread count: `dlcm bench decode --ckpt` (f32 weights, decode with the K/V caches) and
+# bench/llama_decode.mjs (llama.cpp through node-llama-cpp, f32 K/V cache) on each GGUF file.
+# Each cell is the median over the rounds; the ratio is dlcm / llama.cpp f32.
+#
+# Per step, both sides count one token in and one greedy argmax out. dlcm's "decode with caches"
+# rate is T tokens over T argmaxes and T-1 steps, so it is scaled by (T-1)/T here.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+dlcm="$root/build/dlcm"
+ckpt="" threads="1 2" plen=32 ntok=128 rounds=3 work=""
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --ckpt) ckpt=$2; shift 2 ;;
+    --dlcm) dlcm=$2; shift 2 ;;
+    --threads) threads=$2; shift 2 ;;
+    --prompt-len) plen=$2; shift 2 ;;
+    --new-tokens) ntok=$2; shift 2 ;;
+    --rounds) rounds=$2; shift 2 ;;
+    --work) work=$2; shift 2 ;;
+    *) echo "bench_decode_llamacpp.sh: unknown argument '$1' (see the header of this script)" >&2; exit 2 ;;
+  esac
+done
+[[ -x "$dlcm" ]] || { echo "no dlcm binary at $dlcm: build it (cmake --build build --target dlcm) or give --dlcm" >&2; exit 2; }
+[[ -d "$root/tests/interop/node_modules/node-llama-cpp" ]] ||
+  { echo "node-llama-cpp missing: (cd tests/interop && npm ci), docs/interop.md" >&2; exit 2; }
+work=${work:-$(mktemp -d /tmp/dlcm-llamadec.XXXXXX)}
+mkdir -p "$work"
+
+if [[ -z "$ckpt" ]]; then
+  ckpt="$work/run"
+  if [[ ! -d "$ckpt/checkpoint" ]]; then
+    "$dlcm" train --config "$root/configs/baseline-small.json" --data "$root/data/prepared" --out "$ckpt" \
+      --steps 1 --set train.eval_every=0 --no-final-eval --quiet >/dev/null 2>&1 ||
+      { echo "training the baseline failed: give --ckpt, or prepare data/prepared (dlcm prepare)" >&2; exit 1; }
+  fi
+fi
+dtypes="f32 f16 bf16"
+for d in $dtypes; do
+  "$dlcm" export --ckpt "$ckpt" --format gguf --out "$work/model-$d.gguf" --dtype "$d" --force >/dev/null 2>&1
+done
+
+cpuinfo() { grep -m1 "^$1" /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'; }
+echo "cpu: $(cpuinfo 'model name') (family $(cpuinfo 'cpu family'), model $(cpuinfo 'model')), $(nproc) cores"
+echo "checkpoint: $ckpt"
+echo "batch 1, prompt $plen tokens, $ntok new tokens (greedy), $rounds rounds, median"
+echo "load before: $(uptime)"
+
+declare -A rates  # "engine threads" -> space-separated rates of the rounds
+for ((r = 0; r < rounds; ++r)); do
+  for t in $threads; do
+    v=$("$dlcm" bench decode --ckpt "$ckpt" --prompt-len "$plen" --new-tokens "$ntok" --repeats 1 --threads "$t" 2>/dev/null |
+        awk -v T="$ntok" '/decode with caches/ {printf "%.1f", $5 * (T - 1) / T}')
+    rates["dlcm $t"]+="$v "
+    for d in $dtypes; do
+      line=$(node "$root/bench/llama_decode.mjs" "$work/model-$d.gguf" "$t" "$plen" "$ntok")
+      rates["llama-$d $t"]+="$(echo "$line" | sed 's/.*"tokens_per_s":\([0-9.]*\).*/\1/' | xargs printf '%.1f') "
+      rates["cpu-$d $t"]+="$(echo "$line" | sed 's/.*"cpu_per_wall":\([0-9.]*\).*/\1/' | xargs printf '%.2f') "
+    done
+  done
+done
+echo "load after:  $(uptime)"
+
+median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR] = $1} END {printf "%.2f", NR % 2 ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2}'; }
+printf '\n%-8s %12s %14s %14s %14s %14s %16s\n' threads "dlcm f32" "llama.cpp f32" "llama.cpp f16" "llama.cpp bf16" "dlcm/llama f32" "llama cpu/wall"
+for t in $threads; do
+  dm=$(echo "${rates["dlcm $t"]}" | median)
+  lm=() ; for d in $dtypes; do lm+=("$(echo "${rates["llama-$d $t"]}" | median)"); done
+  cpu=$(echo "${rates["cpu-f32 $t"]}" | median)
+  printf '%-8s %12s %14s %14s %14s %13.2fx %16s\n' "$t" "$dm" "${lm[0]}" "${lm[1]}" "${lm[2]}" \
+    "$(awk -v a="$dm" -v b="${lm[0]}" 'BEGIN {print a / b}')" "$cpu"
+done
+echo "tokens/s per sequence; each round (engine threads: rates):"
+for k in "${!rates[@]}"; do echo "  $k: ${rates[$k]}"; done | sort
