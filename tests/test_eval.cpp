@@ -223,14 +223,7 @@ std::unique_ptr<LanguageModel> tiny_checkpoint(const std::string& arch, const st
   return m;
 }
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
+using test::error_of;
 
 }  // namespace
 

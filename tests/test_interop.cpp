@@ -20,15 +20,7 @@ namespace fs = std::filesystem;
 
 namespace {
 
-template <typename F>
-std::string error_of(F&& fn) {
-  try {
-    fn();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
+using test::error_of;
 
 Config plain_baseline(float logit_mult = 1.0f) {
   Config c = tiny_baseline(/*qk_norm=*/false, /*kv_heads=*/1);

@@ -160,14 +160,7 @@ std::vector<size_t> polyline_points(const std::string& panel, const std::string&
   return out;
 }
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
+using test::error_of;
 
 }  // namespace
 

@@ -9,6 +9,15 @@
 
 namespace dlcm::test {
 
+std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "(no error)";
+}
+
 CommandResult run_command(const std::string& cmd) {
   CommandResult r;
   FILE* p = popen(cmd.c_str(), "r");

@@ -12,6 +12,9 @@
 
 namespace dlcm::test {
 
+// The message of the dlcm::Error that f throws, or "(no error)" when it throws none.
+std::string error_of(const std::function<void()>& f);
+
 void fill_normal(float* x, i64 n, uint64_t seed, float std = 1.0f);
 void fill_uniform(float* x, i64 n, uint64_t seed, float lo, float hi);
 
