@@ -43,12 +43,13 @@ if ! cmp -s python/requirements.txt "$VENV/.requirements.installed"; then
 fi
 
 # llama.cpp for the GGUF checks (tests/test_gguf.cpp): node-llama-cpp's prebuilt CPU binaries,
+# and the official openai npm SDK for the `dlcm serve` checks (tests/interop/serve_openai.mjs),
 # pinned by tests/interop/package-lock.json (about 85 MB, seconds to install; no build from
 # source: --ignore-scripts skips its postinstall, --omit=optional the GPU and other-OS builds).
 # Re-installs only when the lock file changed since the last successful install.
 NODE_DIR=tests/interop
 if ! cmp -s "$NODE_DIR/package-lock.json" "$NODE_DIR/node_modules/.dlcm-installed-lock"; then
-  echo "[setup] npm ci in $NODE_DIR (node-llama-cpp)"
+  echo "[setup] npm ci in $NODE_DIR (node-llama-cpp, openai)"
   npm ci --prefix "$NODE_DIR" --omit=optional --ignore-scripts --no-audit --no-fund --loglevel=error
   cp "$NODE_DIR/package-lock.json" "$NODE_DIR/node_modules/.dlcm-installed-lock"
 fi
