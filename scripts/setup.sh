@@ -5,6 +5,7 @@ cd "$(dirname "$0")/.."
 
 PKGS=(build-essential cmake pkg-config git
       libdnnl-dev libsentencepiece-dev sentencepiece nlohmann-json3-dev libcli11-dev
+      libcpp-httplib-dev  # `dlcm serve` (src/infer/http_server.cpp), its tests and `dlcm bench serve`
       libicu-dev  # Unicode categories for HF byte-level (GPT-2) tokenizers (src/data/hf_tokenizer.cpp)
       libgtest-dev libgmock-dev libbenchmark-dev libomp-dev
       clang libclang-rt-14-dev  # libFuzzer harnesses (fuzz/, scripts/fuzz.sh); the runtime is only "recommended" by clang

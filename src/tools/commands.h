@@ -22,6 +22,8 @@ namespace dlcm {
 // `dlcm tokenizer encode|decode|export-hf|from-gpt2` (tools/tokenizer_commands.cpp): adds the
 // subcommands to app; the returned function runs the one parsed (-1 when none was).
 std::function<int()> add_tokenizer_commands(CLI::App& app);
+// `dlcm serve` and `dlcm bench serve` (tools/serve_command.cpp), added like the above.
+std::function<int()> add_serve_commands(CLI::App& app, CLI::App& bench);
 
 struct TrainArgs {
   std::string config, data, out, init_from;  // config: optional with --resume (the run's own)

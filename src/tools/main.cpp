@@ -303,6 +303,7 @@ int main(int argc, char** argv) {
   salloc->add_option("--N", saa.N, "fix the non-embedding parameters N (choose only P and D)");
 
   auto run_tokenizer = add_tokenizer_commands(app);
+  auto run_serve = add_serve_commands(app, *bench);
 
   try {
     app.parse(argc, argv);
@@ -368,6 +369,7 @@ int main(int argc, char** argv) {
     if (*spred) return cmd_scaling_predict(spa);
     if (*salloc) return cmd_scaling_allocate(saa);
     if (int rc = run_tokenizer(); rc >= 0) return rc;
+    if (int rc = run_serve(); rc >= 0) return rc;
   } catch (const dlcm::Error& e) {
     return report(e.what(), 2);
   } catch (const std::exception& e) {

@@ -1,0 +1,269 @@
+// `dlcm serve` (an OpenAI-compatible HTTP server, docs/serving.md) and `dlcm bench serve` (its
+// throughput and latency at 1..32 concurrent streaming clients against generate()'s speed).
+#include <CLI/CLI.hpp>
+#include <httplib.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <atomic>
+#include <csignal>
+#include <cstdio>
+#include <filesystem>
+#include <nlohmann/json.hpp>
+#include <thread>
+
+#include "data/model_loader.h"
+#include "infer/generate.h"
+#include "infer/http_server.h"
+#include "tools/commands.h"
+
+namespace dlcm {
+
+namespace {
+
+struct ServeArgs {
+  std::string ckpt, host = "127.0.0.1", api_key, chat_template, model_name;
+  int port = 8080;
+  i64 slots = 4, ctx = 0, max_queue = 64, prefill_chunk = 256, threads = 0;
+  size_t max_body = 1 << 20;
+  double timeout = 600, tau = -1;
+};
+
+struct BenchServeArgs {
+  std::string ckpt;
+  std::vector<i64> clients = {1, 4, 16, 32};
+  i64 prompt_len = 32, max_tokens = 64, requests = 2, threads = 0;
+};
+
+std::atomic<bool> g_stop{false};
+extern "C" void on_stop_signal(int) { g_stop = true; }
+
+std::string folder_name(const std::string& path) {
+  std::filesystem::path p(path);
+  if (!p.has_filename()) p = p.parent_path();  // "runs/x/" -> "x"
+  // A run's checkpoint folder is named "checkpoint": the run's name says more.
+  if (p.filename() == "checkpoint" && p.has_parent_path()) p = p.parent_path();
+  return p.filename().string();
+}
+
+int cmd_serve(const ServeArgs& a) {
+  DLCM_CHECK(a.tau < 0 || (a.tau > 0 && a.tau <= 1), "--tau: expected a value in (0, 1], got ", a.tau);
+  std::string dir;
+  auto m = load_model_with_tokenizer(a.ckpt, &dir);
+  auto tok = load_tokenizer(dir);
+  EngineOptions eo;
+  eo.slots = a.slots;
+  eo.ctx = a.ctx;
+  eo.max_queue = a.max_queue;
+  eo.prefill_chunk = a.prefill_chunk;
+  eo.timeout_s = a.timeout;
+  eo.tau = float(a.tau);
+  eo.threads = int(a.threads);
+  ServerOptions so;
+  so.host = a.host;
+  so.port = a.port;
+  so.api_key = a.api_key;
+  so.max_body = a.max_body;
+  so.max_queue = a.max_queue;
+  so.model_name = a.model_name.empty() ? folder_name(a.ckpt) : a.model_name;
+  if (!a.chat_template.empty()) so.chat = load_chat_template(a.chat_template);
+  ServingEngine engine(*m, *tok, eo);
+  HttpServer server(engine, so);
+  server.bind();
+  std::signal(SIGINT, on_stop_signal);
+  std::signal(SIGTERM, on_stop_signal);
+  std::fprintf(stderr, "[serve] %s (%s), %lld slots of %lld tokens, queue %lld\n",
+               so.model_name.c_str(), m->config().arch.c_str(), (long long)a.slots,
+               (long long)engine.ctx(), (long long)a.max_queue);
+  std::printf("dlcm serve: listening on %s\n", server.url().c_str());
+  std::fflush(stdout);
+  // A signal only sets a flag; this thread does the graceful stop, run() then returns.
+  std::thread watcher([&] {
+    while (!g_stop) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    std::fprintf(stderr, "[serve] stopping: no new requests; running ones get up to --timeout %g s\n",
+                 a.timeout);
+    server.shutdown(std::chrono::milliseconds(i64(a.timeout * 1000)));
+  });
+  server.run();
+  g_stop = true;
+  watcher.join();
+  std::fprintf(stderr, "[serve] stopped\n");
+  return 0;
+}
+
+double percentile(std::vector<double> v, double q) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  return v[std::min(v.size() - 1, size_t(q * double(v.size() - 1) + 0.5))];
+}
+
+int cmd_bench_serve(const BenchServeArgs& a) {
+  using json = nlohmann::json;
+  std::string dir;
+  auto m = load_model_with_tokenizer(a.ckpt, &dir);
+  auto tok = load_tokenizer(dir);
+  const ModelConfig& mc = m->config();
+  DLCM_CHECK(a.prompt_len + 1 + a.max_tokens <= mc.max_seq_len, "--prompt-len + --max-tokens + 1 (BOS) = ",
+             a.prompt_len + 1 + a.max_tokens, " exceeds the model's context of ", mc.max_seq_len);
+  const i64 max_clients = *std::max_element(a.clients.begin(), a.clients.end());
+  // Fixed prompts of ordinary ids (no specials), one per client.
+  auto prompt_ids = [&](i64 c) {
+    std::vector<i32> ids;
+    for (i64 t = 0; t < a.prompt_len; ++t)
+      ids.push_back(i32(4 + counter_hash(7, uint64_t(c), uint64_t(t)) % uint64_t(tok->vocab_size() - 4)));
+    return ids;
+  };
+  std::printf("dlcm bench serve: %s (%s), prompt %lld tokens, %lld new tokens per request, "
+              "%lld requests per client, OpenMP threads %d\n",
+              a.ckpt.c_str(), mc.arch.c_str(), (long long)a.prompt_len, (long long)a.max_tokens,
+              (long long)a.requests, a.threads > 0 ? int(a.threads) : omp_get_max_threads());
+
+  // generate() on one sequence: the reference decode speed (same prompt, EOS ignored).
+  double gen_tps = 0;
+  {
+    GenerateOptions go;
+    go.sampler.temperature = 0;
+    go.max_new_tokens = a.max_tokens;
+    go.stop_at_eos = false;
+    go.max_batch = 1;
+    const std::string text = tok->decode(prompt_ids(0));
+    generate(*m, *tok, {text}, go);  // warm-up
+    std::vector<double> runs;
+    for (int r = 0; r < 3; ++r) {
+      auto t0 = ServeClock::now();
+      auto out = generate(*m, *tok, {text}, go);
+      runs.push_back(double(out[0].ids.size()) /
+                     std::chrono::duration<double>(ServeClock::now() - t0).count());
+    }
+    gen_tps = percentile(runs, 0.5);
+  }
+
+  EngineOptions eo;
+  eo.slots = max_clients;
+  eo.max_queue = max_clients;
+  eo.threads = int(a.threads);
+  ServingEngine engine(*m, *tok, eo);
+  ServerOptions so;
+  so.host = "127.0.0.1";
+  so.port = 0;
+  so.log = false;
+  so.max_queue = max_clients;
+  HttpServer server(engine, so);
+  const int port = server.bind();
+  std::thread srv([&] { server.run(); });
+  while (!server.running()) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+
+  std::printf("generate (1 sequence): %.1f tokens/s\n", gen_tps);
+  std::printf("%8s %12s %10s %10s %10s %10s %10s\n", "clients", "tokens/s", "x 1-client",
+              "ttft p50", "ttft p99", "itl p50", "itl p99");
+  double one = 0;
+  for (i64 nc : a.clients) {
+    std::vector<std::vector<double>> ttft(nc), itl(nc);
+    std::vector<i64> tokens(nc, 0);
+    std::atomic<int> failures{0};
+    auto t0 = ServeClock::now();
+    std::vector<std::thread> th;
+    for (i64 c = 0; c < nc; ++c)
+      th.emplace_back([&, c] {
+        httplib::Client cli("127.0.0.1", port);
+        cli.set_read_timeout(600, 0);
+        json body = {{"prompt", prompt_ids(c)}, {"max_tokens", a.max_tokens}, {"temperature", 0},
+                     {"ignore_eos", true}, {"stream", true}};
+        for (i64 r = 0; r < a.requests; ++r) {
+          auto start = ServeClock::now(), last = start;
+          bool first = true;
+          std::string buf;
+          httplib::Request rq;
+          rq.method = "POST";
+          rq.path = "/v1/completions";
+          rq.body = body.dump();
+          rq.set_header("Content-Type", "application/json");
+          rq.content_receiver = [&](const char* d, size_t n, uint64_t, uint64_t) {
+                                buf.append(d, n);
+                                size_t at;
+                                while ((at = buf.find("\n\n")) != std::string::npos) {
+                                  const std::string ev = buf.substr(0, at);
+                                  buf.erase(0, at + 2);
+                                  if (ev.rfind("data: {", 0) != 0) continue;
+                                  auto j = json::parse(ev.substr(6));
+                                  if (j["choices"].empty() || !j["choices"][0]["finish_reason"].is_null()) continue;
+                                  const auto now = ServeClock::now();
+                                  if (first)
+                                    ttft[c].push_back(std::chrono::duration<double>(now - start).count());
+                                  else
+                                    itl[c].push_back(std::chrono::duration<double>(now - last).count());
+                                  first = false;
+                                  last = now;
+                                  ++tokens[c];
+                                }
+                                return true;
+                              };
+          auto res = cli.send(rq);
+          if (!res || res->status != 200) ++failures;
+        }
+      });
+    for (auto& t : th) t.join();
+    const double wall = std::chrono::duration<double>(ServeClock::now() - t0).count();
+    std::vector<double> all_ttft, all_itl;
+    i64 total = 0;
+    for (i64 c = 0; c < nc; ++c) {
+      all_ttft.insert(all_ttft.end(), ttft[c].begin(), ttft[c].end());
+      all_itl.insert(all_itl.end(), itl[c].begin(), itl[c].end());
+      total += tokens[c];
+    }
+    const double tps = double(total) / wall;
+    if (nc == a.clients.front()) one = tps;
+    std::printf("%8lld %12.1f %10.2f %8.1fms %8.1fms %8.2fms %8.2fms%s\n", (long long)nc, tps,
+                one > 0 ? tps / one : 0.0, 1e3 * percentile(all_ttft, 0.5),
+                1e3 * percentile(all_ttft, 0.99), 1e3 * percentile(all_itl, 0.5),
+                1e3 * percentile(all_itl, 0.99),
+                failures ? ("  (" + std::to_string(failures.load()) + " failed requests)").c_str() : "");
+    std::fflush(stdout);
+    if (nc == a.clients.front() && a.clients.front() == 1)
+      std::printf("%8s server 1 client / generate: %.2f\n", "", tps / gen_tps);
+  }
+  server.shutdown(std::chrono::milliseconds(1000));
+  srv.join();
+  return 0;
+}
+
+}  // namespace
+
+std::function<int()> add_serve_commands(CLI::App& app, CLI::App& bench) {
+  auto a = std::make_shared<ServeArgs>();
+  auto* s = app.add_subcommand("serve", "OpenAI-compatible HTTP server with continuous batching (docs/serving.md)");
+  s->add_option("--ckpt", a->ckpt, "checkpoint or run folder")->required();
+  s->add_option("--host", a->host, "address to listen on (loopback by default)");
+  s->add_option("--port", a->port, "TCP port (0: a free one, printed)")->check(CLI::Range(0, 65535));
+  s->add_option("--slots", a->slots, "sequences decoded together (one batched step)")->check(CLI::Range(1, 256));
+  s->add_option("--ctx", a->ctx, "tokens per slot (0: the model's max_seq_len)")->check(CLI::Range(0, 1 << 20));
+  s->add_option("--api-key", a->api_key, "require 'Authorization: Bearer KEY' (all but /health)");
+  s->add_option("--max-queue", a->max_queue, "requests waiting for a slot before 503")->check(CLI::Range(0, 1 << 16));
+  s->add_option("--max-body", a->max_body, "largest request body in bytes (413 beyond)")->check(CLI::Range(size_t(64), size_t(1) << 30));
+  s->add_option("--timeout", a->timeout, "seconds a request may run before it is cancelled")->check(CLI::Range(0.001, 1e7));
+  s->add_option("--threads", a->threads, "OpenMP threads of the model (0: the default)")->check(CLI::Range(0, 4096));
+  s->add_option("--chat-template", a->chat_template, "chat template JSON file (docs/serving.md)");
+  s->add_option("--model-name", a->model_name, "model id in responses (default: the checkpoint folder's name)");
+  s->add_option("--prefill-chunk", a->prefill_chunk, "prompt tokens prefilled per engine iteration")->check(CLI::Range(1, 1 << 20));
+  s->add_option("--tau", a->tau, "dlcm boundary threshold (default: the checkpoint's)");
+
+  auto b = std::make_shared<BenchServeArgs>();
+  auto* bs = bench.add_subcommand("serve", "dlcm serve: tokens/s and latency at 1..32 concurrent streaming clients vs generate");
+  bs->add_option("--ckpt", b->ckpt, "checkpoint or run folder")->required();
+  bs->add_option("--clients", b->clients, "concurrent streaming clients (a list; the first is the ratio's base)")
+      ->delimiter(',')->check(CLI::Range(1, 256));
+  bs->add_option("--prompt-len", b->prompt_len, "prompt tokens (BOS excluded)")->check(CLI::Range(1, 1 << 20));
+  bs->add_option("--max-tokens", b->max_tokens, "tokens generated per request (EOS ignored)")->check(CLI::Range(1, 1 << 20));
+  bs->add_option("--requests", b->requests, "requests per client, one after another")->check(CLI::Range(1, 1000));
+  bs->add_option("--threads", b->threads, "OpenMP threads (0: the default)")->check(CLI::Range(0, 4096));
+  return [s, bs, a, b]() -> int {
+    if (*s) return cmd_serve(*a);
+    if (*bs) {
+      if (b->threads > 0) omp_set_num_threads(int(b->threads));
+      return cmd_bench_serve(*b);
+    }
+    return -1;
+  };
+}
+
+}  // namespace dlcm
