@@ -110,7 +110,8 @@ class Server:
         self.base = self.url.rstrip("/") + "/v1"
 
     def tail(self, n=30):
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
         with open(self.log_path, errors="replace") as f:
             return "".join(f.readlines()[-n:])
 
