@@ -64,6 +64,13 @@ def generate(dlcm, ckpt, work, prompts, max_new, *extra):
     return js
 
 
+def piece_bytes(piece):
+    """The bytes of a logprobs token: "bytes:\\xNN..." marks a piece that is not whole UTF-8."""
+    if piece.startswith("bytes:"):
+        return bytes(int(h, 16) for h in piece[len("bytes:"):].split("\\x")[1:])
+    return piece.encode()
+
+
 def finish_of(ref):
     return "length" if ref["stop_reason"] == "length" else "stop"
 
@@ -193,18 +200,20 @@ def python_checks(a, srv, ckpt, work, refs, chat_ref, long_ref):
     c = r.choices[0]
     lp = c.logprobs
     ok = (len(lp.tokens) == r.usage.completion_tokens == len(lp.token_logprobs) == len(lp.top_logprobs)
-          and "".join(lp.tokens) == c.text
+          and b"".join(map(piece_bytes, lp.tokens)).decode(errors="replace") == c.text
           and all(len(t) == 3 and max(t.values()) == v and t.get(tok) == v and v <= 0
                   for tok, v, t in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs))
-          and lp.text_offset == [sum(len(x.encode()) for x in lp.tokens[:i]) for i in range(len(lp.tokens))])
+          and lp.text_offset == [sum(len(piece_bytes(x)) for x in lp.tokens[:i])
+                                 for i in range(len(lp.tokens))])
     check(ok, f"logprobs=3: {len(lp.tokens)} tokens spelling the text, each the best of its 3 "
           f"alternatives, byte offsets")
     r = client.chat.completions.create(model=name, messages=CHAT, max_tokens=8, temperature=0,
                                        logprobs=True, top_logprobs=2)
     content = r.choices[0].logprobs.content if r.choices[0].logprobs else []
     check(len(content) == r.usage.completion_tokens
-          and "".join(t.token for t in content) == r.choices[0].message.content
-          and all(t.bytes == list(t.token.encode()) and len(t.top_logprobs) == 2
+          and bytes(b for t in content for b in t.bytes).decode(errors="replace")
+          == r.choices[0].message.content
+          and all(bytes(t.bytes) == piece_bytes(t.token) and len(t.top_logprobs) == 2
                   and t.top_logprobs[0].logprob == t.logprob for t in content),
           f"chat logprobs: {len(content)} tokens with bytes and 2 alternatives, the first the chosen")
 
