@@ -419,8 +419,10 @@ void ServingEngine::finish(Slot& s, const std::string& reason) {
   e.text = s.text.finish();
   e.finish = reason;
   e.completion_tokens = s.generated;
-  s.req->ch->push(std::move(e));
+  // The slot is free before the client hears of the end (a /health right after sees it idle).
+  auto ch = s.req->ch;
   free_slot(s);
+  ch->push(std::move(e));
 }
 
 }  // namespace dlcm
