@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <fstream>
 #include <cmath>
 #include <nlohmann/json.hpp>
 #include <thread>
@@ -355,6 +356,30 @@ TEST(Serve, ChatUsesTheTemplateAndEqualsGenerate) {
   EXPECT_EQ(st.events[0]["choices"][0]["delta"]["role"], "assistant");
   EXPECT_EQ(st.text[0], shown(want[0].text));
   EXPECT_TRUE(st.done);
+}
+
+TEST(Serve, ChatTemplateFromAFile) {
+  test::TempDir td;
+  const std::string dir = td.path;
+  {
+    std::ofstream(dir + "/t.json") << R"({"user_prefix": "Q: ", "generation": "A:", "stop": ["\nQ:"]})";
+    std::ofstream(dir + "/bad.json") << R"({"user_prefix": "Q: ", "bogus": 1})";
+  }
+  ServerOptions so;
+  so.chat = load_chat_template(dir + "/t.json");
+  EXPECT_NE(test::error_of([&] { load_chat_template(dir + "/bad.json"); }).find("unknown key 'bogus'"),
+            std::string::npos);
+  Served s("baseline", 128, {}, so);
+  GenerateOptions o;
+  o.sampler.temperature = 0;
+  o.max_new_tokens = 20;
+  o.stop = {"\nQ:"};
+  auto want = generate(*s.ref, *s.tok, {"Q: Hi\n\nA:"}, o);
+  Reply r = s.post("/v1/chat/completions", {{"messages", {{{"role", "user"}, {"content", "Hi"}}}},
+                                            {"max_tokens", 20}, {"temperature", 0}});
+  ASSERT_EQ(r.status, 200) << r.body;
+  EXPECT_EQ(r.j["choices"][0]["message"]["content"], shown(want[0].text));
+  EXPECT_EQ(r.j["usage"]["prompt_tokens"], 9);  // "Q: Hi\n\nA:"
 }
 
 TEST(Serve, ModelsHealthTokenizeMetricsConcepts) {

@@ -217,6 +217,15 @@ struct RequestInfo {
   int status = 0;  // a stream that failed after its 200 header (timeout, shutdown)
 };
 
+// httplib 0.11 listens with a backlog of 5: a burst of clients (32 streams connecting at once)
+// overflows it and the kernel makes the rest retry after a second. Listening again on the same
+// socket raises the backlog (Linux).
+struct Server : httplib::Server {
+  void raise_backlog() {
+    if (svr_sock_ != INVALID_SOCKET) ::listen(svr_sock_, SOMAXCONN);
+  }
+};
+
 }  // namespace
 
 ChatTemplate load_chat_template(const std::string& path) {
@@ -263,7 +272,7 @@ struct HttpServer::Impl {
   ServingEngine& eng;
   const Tokenizer& tok;
   ServerOptions o;
-  httplib::Server svr;
+  Server svr;
   int port = 0;
   RequestCounters counters;
   std::mutex info_mu;
@@ -973,6 +982,9 @@ struct HttpServer::Impl {
     route("/detokenize", "POST", &Impl::detokenize);
     route("/v1/concepts", "POST", &Impl::concepts);
     svr.set_payload_max_length(o.max_body);
+    // Stream events are small writes: without TCP_NODELAY, Nagle's algorithm holds each one
+    // until the previous is acknowledged (delayed ACKs: tens of ms per token).
+    svr.set_tcp_nodelay(true);
     // Streams hold a connection thread each: enough for every slot, the queue and spares.
     const int threads = o.http_threads > 0 ? o.http_threads : int(eng.slots() + o.max_queue + 16);
     svr.new_task_queue = [threads] { return new httplib::ThreadPool(threads); };
@@ -1057,6 +1069,7 @@ int HttpServer::bind() {
                "this machine); try --port 0 for a free port");
     impl_->port = impl_->o.port;
   }
+  impl_->svr.raise_backlog();
   return impl_->port;
 }
 

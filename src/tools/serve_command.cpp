@@ -181,6 +181,7 @@ int cmd_bench_serve(const BenchServeArgs& a) {
       th.emplace_back([&, c] {
         httplib::Client cli("127.0.0.1", port);
         cli.set_read_timeout(600, 0);
+        cli.set_tcp_nodelay(true);
         json body = {{"prompt", prompt_text(c)}, {"max_tokens", a.max_tokens}, {"temperature", 0},
                      {"ignore_eos", true}, {"stream", true}};
         for (i64 r = 0; r < a.requests; ++r) {
