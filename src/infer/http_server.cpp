@@ -25,6 +25,19 @@ namespace {
 // dump() exception.
 std::string dump(const json& j) { return j.dump(-1, ' ', false, json::error_handler_t::replace); }
 
+bool valid_utf8(const std::string& s) {
+  size_t i = 0;
+  while (i < s.size()) {
+    const unsigned char c = s[i];
+    const int n = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 0;
+    if (n == 0 || i + n > s.size()) return false;
+    for (int k = 1; k < n; ++k)
+      if ((static_cast<unsigned char>(s[i + k]) >> 6) != 2) return false;
+    i += n;
+  }
+  return true;
+}
+
 double unix_now() {
   return double(std::chrono::duration_cast<std::chrono::seconds>(
                     std::chrono::system_clock::now().time_since_epoch())
@@ -204,6 +217,15 @@ struct RequestInfo {
   int status = 0;  // a stream that failed after its 200 header (timeout, shutdown)
 };
 
+// httplib 0.11 listens with a backlog of 5: a burst of clients (32 streams connecting at once)
+// overflows it and the kernel makes the rest retry after a second. Listening again on the same
+// socket raises the backlog (Linux).
+struct Server : httplib::Server {
+  void raise_backlog() {
+    if (svr_sock_ != INVALID_SOCKET) ::listen(svr_sock_, SOMAXCONN);
+  }
+};
+
 }  // namespace
 
 ChatTemplate load_chat_template(const std::string& path) {
@@ -250,7 +272,7 @@ struct HttpServer::Impl {
   ServingEngine& eng;
   const Tokenizer& tok;
   ServerOptions o;
-  httplib::Server svr;
+  Server svr;
   int port = 0;
   RequestCounters counters;
   std::mutex info_mu;
@@ -365,11 +387,28 @@ struct HttpServer::Impl {
     return info;
   }
 
+  // A token's text in logprobs. Bytes that are not whole UTF-8 characters (byte-fallback
+  // tokens) are written "bytes:\\xNN..." as OpenAI does, so that distinct tokens keep distinct
+  // keys in top_logprobs; ids the model has but the tokenizer lacks (never sampled, but they
+  // can be among the top alternatives) are "<id N>".
+  std::string piece(i32 id) const {
+    if (id >= tok.vocab_size()) return "<id " + std::to_string(id) + ">";
+    std::string p = tok.decode_piece(id);
+    if (valid_utf8(p)) return p;
+    std::string out = "bytes:";
+    char hex[8];
+    for (unsigned char c : p) {
+      std::snprintf(hex, sizeof hex, "\\x%02x", c);
+      out += hex;
+    }
+    return out;
+  }
+
   json top_map(const TokenLogprob& t) const {
     json m = json::object();
     for (const auto& [id, lp] : t.top) {
-      const std::string piece = tok.decode_piece(id);
-      if (!m.contains(piece)) m[piece] = lp;  // pieces shared by ids: the likelier one
+      const std::string p = piece(id);
+      if (!m.contains(p)) m[p] = lp;  // pieces shared by ids: the likelier one
     }
     return m;
   }
@@ -380,22 +419,22 @@ struct HttpServer::Impl {
     json toks = json::array(), lp = json::array(), top = json::array(), off = json::array();
     size_t at = offset0;
     for (size_t i = 0; i < ids.size(); ++i) {
-      const std::string piece = tok.decode_piece(ids[i]);
-      toks.push_back(piece);
+      const std::string p = piece(ids[i]);
+      toks.push_back(p);
       lp.push_back(lps[i].logprob);
       top.push_back(top_n > 0 ? top_map(lps[i]) : json(nullptr));
       off.push_back(at);
-      at += piece.size();
+      at += p.size();
     }
     return {{"tokens", toks}, {"token_logprobs", lp}, {"top_logprobs", top}, {"text_offset", off}};
   }
 
   json chat_logprob_entry(i32 id, const TokenLogprob& t) const {
     auto entry = [&](i32 i, double lp) {
-      const std::string piece = tok.decode_piece(i);
+      const std::string p = piece(i);
       json bytes = json::array();
-      for (unsigned char c : piece) bytes.push_back(int(c));
-      return json{{"token", piece}, {"logprob", lp}, {"bytes", bytes}};
+      for (unsigned char c : p) bytes.push_back(int(c));
+      return json{{"token", p}, {"logprob", lp}, {"bytes", bytes}};
     };
     json e = entry(id, t.logprob);
     json top = json::array();
@@ -943,11 +982,14 @@ struct HttpServer::Impl {
     route("/detokenize", "POST", &Impl::detokenize);
     route("/v1/concepts", "POST", &Impl::concepts);
     svr.set_payload_max_length(o.max_body);
+    // Stream events are small writes: without TCP_NODELAY, Nagle's algorithm holds each one
+    // until the previous is acknowledged (delayed ACKs: tens of ms per token).
+    svr.set_tcp_nodelay(true);
     // Streams hold a connection thread each: enough for every slot, the queue and spares.
     const int threads = o.http_threads > 0 ? o.http_threads : int(eng.slots() + o.max_queue + 16);
     svr.new_task_queue = [threads] { return new httplib::ThreadPool(threads); };
-    svr.set_read_timeout(30, 0);   // a client stuck sending its body loses the connection
-    svr.set_write_timeout(30, 0);
+    svr.set_read_timeout(o.io_timeout_s, 0);  // a client stuck sending its body is dropped
+    svr.set_write_timeout(o.io_timeout_s, 0);
     // Answers that httplib makes itself (404, 413, a malformed request) get an error object.
     svr.set_error_handler(httplib::Server::HandlerWithResponse([this](const httplib::Request& req,
                                                                       httplib::Response& res) {
@@ -1027,6 +1069,7 @@ int HttpServer::bind() {
                "this machine); try --port 0 for a free port");
     impl_->port = impl_->o.port;
   }
+  impl_->svr.raise_backlog();
   return impl_->port;
 }
 

@@ -37,6 +37,7 @@ struct ServerOptions {
   int http_threads = 0;      // connection threads (0: slots + max_queue + 16)
   i64 max_queue = 64;        // for the default thread count
   bool log = true;           // one line per request on stderr
+  int io_timeout_s = 30;     // a client silent this long while sending (or not reading) is dropped
 };
 
 class HttpServer {

@@ -131,8 +131,8 @@ ServingEngine::Submit ServingEngine::submit(std::vector<SeqSpec> seqs,
   {
     std::lock_guard<std::mutex> l(mu_);
     if (!accepting_) return Submit::kShuttingDown;
-    if (i64(queue_.size()) >= opt_.max_queue + (busy_ < opt_.slots ? 1 : 0))
-      return Submit::kQueueFull;
+    // Queued requests that free slots will take at once are not waiting.
+    if (i64(queue_.size()) >= opt_.max_queue + (opt_.slots - busy_)) return Submit::kQueueFull;
     queue_.push_back(std::move(r));
     stats_.queue = queue_.size();
   }
@@ -419,8 +419,10 @@ void ServingEngine::finish(Slot& s, const std::string& reason) {
   e.text = s.text.finish();
   e.finish = reason;
   e.completion_tokens = s.generated;
-  s.req->ch->push(std::move(e));
+  // The slot is free before the client hears of the end (a /health right after sees it idle).
+  auto ch = s.req->ch;
   free_slot(s);
+  ch->push(std::move(e));
 }
 
 }  // namespace dlcm
