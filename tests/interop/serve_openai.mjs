@@ -17,6 +17,10 @@ function check(ok, what) {
   if (!ok) fails.push(what);
 }
 const q = (s) => JSON.stringify(s);
+// A logprobs token's bytes: "bytes:\xNN..." marks a piece that is not whole UTF-8.
+const pieceBytes = (p) => p.startsWith("bytes:")
+  ? Buffer.from(p.slice(6).split("\\x").slice(1).map((h) => parseInt(h, 16)))
+  : Buffer.from(p, "utf8");
 
 const models = await client.models.list();
 check(models.data.length === 1 && models.data[0].id === spec.model,
@@ -71,7 +75,7 @@ for (const c of spec.cases.slice(0, 2)) {
 const lp = await client.completions.create({model: spec.model, prompt: spec.cases[0].prompt, max_tokens: 8,
                                             temperature: 0, logprobs: 2});
 const l = lp.choices[0].logprobs;
-check(l.tokens.length === lp.usage.completion_tokens && l.tokens.join("") === lp.choices[0].text &&
+check(l.tokens.length === lp.usage.completion_tokens && Buffer.concat(l.tokens.map(pieceBytes)).toString("utf8") === lp.choices[0].text &&
       l.top_logprobs.every((t, i) => Object.keys(t).length === 2 && Math.max(...Object.values(t)) === l.token_logprobs[i]),
       `logprobs=2: ${l.tokens.length} tokens spell the text, each the best of its alternatives`);
 
@@ -96,7 +100,7 @@ check(role === "assistant" && content === m.message.content && cfin.length === 1
 const cl = await client.chat.completions.create({model: spec.model, messages: spec.chat.messages, max_tokens: 6,
                                                  temperature: 0, logprobs: true, top_logprobs: 2});
 const items = cl.choices[0].logprobs?.content ?? [];
-check(items.length === cl.usage.completion_tokens && items.map((t) => t.token).join("") === cl.choices[0].message.content &&
+check(items.length === cl.usage.completion_tokens && Buffer.concat(items.map((t) => Buffer.from(t.bytes))).toString("utf8") === cl.choices[0].message.content &&
       items.every((t) => t.top_logprobs.length === 2 && t.top_logprobs[0].logprob === t.logprob),
       `chat logprobs: ${items.length} tokens with 2 alternatives, the first the chosen`);
 
