@@ -234,6 +234,22 @@ def python_checks(a, srv, ckpt, work, refs, chat_ref, long_ref):
             check(ok and err <= 1e-4, f"echo of {len(want)} prompt tokens "
                   f"({'text' if isinstance(prompt, str) else 'ids'}): logprobs vs dlcm forward, "
                   f"max |diff| {err:.2e} <= 1e-4")
+    # A text with multi-byte characters: byte-fallback pieces ("bytes:\\xNN"), byte offsets.
+    utf8 = "Ça va? 東京 and 😀"
+    ids = [bos] + json.loads(run(a.dlcm, "tokenizer", "encode", "--dir", ckpt, "--text", utf8))
+    want = echo_reference(a.dlcm, ckpt, work, ids)
+    r = client.completions.create(model=name, prompt=utf8, max_tokens=0, echo=True, logprobs=1,
+                                  temperature=0)
+    lp = r.choices[0].logprobs
+    ok = r.choices[0].text == utf8 and len(lp.token_logprobs) == len(want)
+    err = max(abs(x - y) for x, y in zip(lp.token_logprobs, want)) if ok else float("inf")
+    worst = max(worst, err)
+    check(ok and err <= 1e-4 and b"".join(map(piece_bytes, lp.tokens)) == utf8.encode()
+          and lp.text_offset == [sum(len(piece_bytes(x)) for x in lp.tokens[:i])
+                                 for i in range(len(lp.tokens))],
+          f"echo of {utf8!r} ({len(want)} tokens, {sum(t.startswith('bytes:') for t in lp.tokens)} "
+          f"partial-UTF-8 pieces): the pieces' bytes spell it, byte offsets, logprobs vs dlcm "
+          f"forward max |diff| {err:.2e}")
     print(f"     (largest echo logprob difference: {worst:.3e})")
     r = client.completions.create(model=name, prompt=PROMPTS[0], max_tokens=5, echo=True,
                                   logprobs=0, temperature=0)
