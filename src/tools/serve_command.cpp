@@ -167,6 +167,13 @@ int cmd_bench_serve(const BenchServeArgs& a) {
   std::thread srv([&] { server.run(); });
   while (!server.running()) std::this_thread::sleep_for(std::chrono::milliseconds(5));
 
+  {  // warm-up: first-touch of the engine's buffers, the first connection
+    httplib::Client cli("127.0.0.1", port);
+    json body = {{"prompt", prompt_text(0)}, {"max_tokens", a.max_tokens}, {"temperature", 0},
+                 {"ignore_eos", true}};
+    auto res = cli.Post("/v1/completions", body.dump(), "application/json");
+    DLCM_CHECK(res && res->status == 200, "bench serve: the warm-up request failed");
+  }
   std::printf("generate (1 sequence): %.1f tokens/s\n", gen_tps);
   std::printf("%8s %12s %10s %10s %10s %10s %10s\n", "clients", "tokens/s", "x 1-client",
               "ttft p50", "ttft p99", "itl p50", "itl p99");
@@ -183,7 +190,8 @@ int cmd_bench_serve(const BenchServeArgs& a) {
         cli.set_read_timeout(600, 0);
         cli.set_tcp_nodelay(true);
         json body = {{"prompt", prompt_text(c)}, {"max_tokens", a.max_tokens}, {"temperature", 0},
-                     {"ignore_eos", true}, {"stream", true}};
+                     {"ignore_eos", true}, {"stream", true},
+                     {"stream_options", {{"include_usage", true}}}};
         for (i64 r = 0; r < a.requests; ++r) {
           auto start = ServeClock::now(), last = start;
           bool first = true;
@@ -201,6 +209,8 @@ int cmd_bench_serve(const BenchServeArgs& a) {
                                   buf.erase(0, at + 2);
                                   if (ev.rfind("data: {", 0) != 0) continue;
                                   auto j = json::parse(ev.substr(6));
+                                  if (j.contains("usage") && j["usage"].is_object())
+                                    tokens[c] += j["usage"]["completion_tokens"].get<i64>();
                                   if (j["choices"].empty() || !j["choices"][0]["finish_reason"].is_null()) continue;
                                   const auto now = ServeClock::now();
                                   if (first)
@@ -209,7 +219,6 @@ int cmd_bench_serve(const BenchServeArgs& a) {
                                     itl[c].push_back(std::chrono::duration<double>(now - last).count());
                                   first = false;
                                   last = now;
-                                  ++tokens[c];
                                 }
                                 return true;
                               };
