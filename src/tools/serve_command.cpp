@@ -33,6 +33,7 @@ struct BenchServeArgs {
   std::string ckpt;
   std::vector<i64> clients = {1, 4, 16, 32};
   i64 prompt_len = 32, max_tokens = 64, requests = 2, threads = 0;
+  i64 slots = 0;  // 0: the most clients
 };
 
 std::atomic<bool> g_stop{false};
@@ -133,7 +134,7 @@ int cmd_bench_serve(const BenchServeArgs& a) {
               (long long)a.requests, a.threads > 0 ? int(a.threads) : omp_get_max_threads());
 
   EngineOptions eo;
-  eo.slots = max_clients;
+  eo.slots = a.slots > 0 ? a.slots : max_clients;
   eo.max_queue = max_clients;
   eo.threads = int(a.threads);
   ServingEngine engine(*m, *tok, eo);
@@ -279,6 +280,7 @@ std::function<int()> add_serve_commands(CLI::App& app, CLI::App& bench) {
   bs->add_option("--prompt-len", b->prompt_len, "prompt tokens (BOS excluded)")->check(CLI::Range(1, 1 << 20));
   bs->add_option("--max-tokens", b->max_tokens, "tokens generated per request (EOS ignored)")->check(CLI::Range(1, 1 << 20));
   bs->add_option("--requests", b->requests, "requests per client, one after another")->check(CLI::Range(1, 1000));
+  bs->add_option("--slots", b->slots, "server slots (0: the most clients)")->check(CLI::Range(0, 256));
   bs->add_option("--threads", b->threads, "OpenMP threads (0: the default)")->check(CLI::Range(0, 4096));
   return [s, bs, a, b]() -> int {
     if (*s) return cmd_serve(*a);
