@@ -236,7 +236,7 @@ TEST_P(ServeArch, EchoLogprobsEqualLogSoftmaxOfTheForward) {
   EngineOptions eo;
   eo.prefill_chunk = 5;  // the prompt's logits come in several chunks
   Served s(GetParam(), 96, eo);
-  const std::string text = "Hello, concept world! 123";
+  const std::string text = "Hello, concept world! 123 Ça va? 東京";
   Reply r = s.post("/v1/completions", {{"prompt", text}, {"max_tokens", 0}, {"echo", true},
                                        {"logprobs", 3}, {"temperature", 0}});
   ASSERT_EQ(r.status, 200) << r.body;
@@ -266,6 +266,13 @@ TEST_P(ServeArch, EchoLogprobsEqualLogSoftmaxOfTheForward) {
     EXPECT_NEAR(best, double(row[am]) - mx - std::log(z), 1e-4);
   }
   EXPECT_LE(worst, 1e-4);
+  // text_offset: the byte offset of each piece in the text (a byte token counts 1, whatever
+  // its "bytes:\xNN" spelling)
+  size_t at = 0;
+  for (i64 t = 0; t + 1 < L; ++t) {
+    EXPECT_EQ(lp["text_offset"][t], at) << t;
+    at += s.tok->decode_piece(ids[t + 1]).size();
+  }
   EXPECT_EQ(r.j["usage"]["prompt_tokens"], L - 1);
   EXPECT_EQ(r.j["usage"]["completion_tokens"], 0);
   // echo + generation: the prompt's entries come first, then the generated token's
