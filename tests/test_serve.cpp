@@ -653,6 +653,37 @@ TEST(Serve, AFullQueueAnswers503AndShutdownCancelsTheQueued) {
   EXPECT_FALSE(s.srv->running());
 }
 
+TEST(Serve, ARequestPastTheTimeoutIsCancelled) {
+  EngineOptions eo;
+  eo.timeout_s = 0.05;
+  Served s("baseline", 64, eo);
+  // The engine is held past the timeout: both requests time out while queued.
+  std::atomic<bool> release{false};
+  std::thread hold([&] {
+    s.eng->run_exclusive([&](LanguageModel&) {
+      while (!release) std::this_thread::sleep_for(1ms);
+    });
+  });
+  std::this_thread::sleep_for(20ms);
+  Reply r;
+  Served::Stream st;
+  std::thread a([&] { r = s.post("/v1/completions", {{"prompt", "hi"}, {"max_tokens", 4}}); });
+  std::thread b([&] {
+    st = s.stream("/v1/completions", {{"prompt", "hi"}, {"max_tokens", 4}, {"stream", true}});
+  });
+  std::this_thread::sleep_for(200ms);
+  release = true;
+  hold.join();
+  a.join();
+  b.join();
+  expect_error(r, 504, "timeout");
+  EXPECT_EQ(r.j["error"]["code"], "timeout");
+  EXPECT_TRUE(st.done);
+  ASSERT_FALSE(st.events.empty());
+  EXPECT_EQ(st.events.back()["error"]["code"], "timeout");
+  EXPECT_EQ(s.get("/health").j["slots_busy"], 0);
+}
+
 TEST(Serve, ShutdownLetsARunningStreamFinish) {
   Served s("baseline", 256);
   std::atomic<bool> first{false};
