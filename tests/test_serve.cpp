@@ -6,13 +6,18 @@
 #include <arpa/inet.h>
 #include <httplib.h>
 #include <netinet/in.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
 #include <sys/socket.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <atomic>
 #include <fstream>
 #include <cmath>
 #include <nlohmann/json.hpp>
+#include <regex>
 #include <thread>
 
 #include "data/tokenizer.h"
@@ -705,6 +710,54 @@ TEST(Serve, ShutdownLetsARunningStreamFinish) {
   EXPECT_EQ(st.finish[0], "length");
   ASSERT_FALSE(st.events.empty());
   EXPECT_EQ(st.events.back()["usage"]["completion_tokens"], 200);  // every token was made
+}
+
+// ---- the command ----
+
+TEST(Serve, TheCommandPrintsItsUrlServesAndExitsZeroOnSigterm) {
+  test::TempDir tmp;
+  Config c = small_model("baseline", 64);
+  c.model.vocab_size = 260;
+  auto m = make_initialised_model(c.model, 5);
+  const std::string ck = tmp.path + "/run/checkpoint";
+  test::save_model_only(ck, c, m->params());
+  make_byte_tokenizer()->save(ck);
+  int out[2];
+  ASSERT_EQ(pipe(out), 0);
+  const pid_t pid = fork();
+  if (pid == 0) {
+    dup2(out[1], 1);
+    const int null = open("/dev/null", O_WRONLY);
+    dup2(null, 2);
+    close(out[0]);
+    execl(DLCM_BINARY, DLCM_BINARY, "serve", "--ckpt", ck.c_str(), "--port", "0", "--threads", "1",
+          (char*)nullptr);
+    _exit(127);
+  }
+  close(out[1]);
+  std::string line;
+  pollfd pfd{out[0], POLLIN, 0};
+  char ch;
+  while (line.find('\n') == std::string::npos && poll(&pfd, 1, 30000) > 0 && read(out[0], &ch, 1) == 1)
+    line += ch;
+  std::smatch mt;
+  const bool found = std::regex_search(line, mt, std::regex("listening on http://127\\.0\\.0\\.1:(\\d+)"));
+  if (found) {
+    httplib::Client cli("127.0.0.1", std::stoi(mt[1]));
+    auto res = cli.Get("/v1/models");
+    ASSERT_TRUE(res);
+    EXPECT_EQ(res->status, 200);
+    EXPECT_EQ(json::parse(res->body)["data"][0]["id"], "run");  // the run's name, not "checkpoint"
+    res = cli.Post("/v1/completions", R"({"prompt": "ab", "max_tokens": 3})", "application/json");
+    ASSERT_TRUE(res);
+    EXPECT_EQ(res->status, 200) << res->body;
+  }
+  kill(pid, SIGTERM);
+  int status = 0;
+  waitpid(pid, &status, 0);
+  close(out[0]);
+  EXPECT_TRUE(found) << line;
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status;
 }
 
 }  // namespace

@@ -73,9 +73,10 @@ int cmd_serve(const ServeArgs& a) {
   server.bind();
   std::signal(SIGINT, on_stop_signal);
   std::signal(SIGTERM, on_stop_signal);
-  std::fprintf(stderr, "[serve] %s (%s), %lld slots of %lld tokens, queue %lld\n",
+  std::fprintf(stderr, "[serve] %s (%s), %lld slots of %lld tokens, queue %lld, OpenMP threads %s\n",
                so.model_name.c_str(), m->config().arch.c_str(), (long long)a.slots,
-               (long long)engine.ctx(), (long long)a.max_queue);
+               (long long)engine.ctx(), (long long)a.max_queue,
+               a.threads > 0 ? std::to_string(a.threads).c_str() : "default");
   std::printf("dlcm serve: listening on %s\n", server.url().c_str());
   std::fflush(stdout);
   // A signal only sets a flag; this thread does the graceful stop, run() then returns.
