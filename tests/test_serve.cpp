@@ -425,8 +425,14 @@ TEST(Serve, ModelsHealthTokenizeMetricsConcepts) {
   EXPECT_EQ(r.j["n_concepts"], seg[0].concepts());
   r = s.post("/v1/completions", {{"prompt", "ok"}, {"max_tokens", 3}, {"ignore_eos", true}});
   EXPECT_EQ(r.j["usage"]["completion_tokens"], 3);
-  const std::string m = s.get("/metrics").body;
-  EXPECT_NE(m.find("dlcm_requests_total{endpoint=\"/v1/completions\",status=\"200\"} 1"), std::string::npos) << m;
+  // A request is counted when its answer has been written, just after the client has it.
+  const std::string counted = "dlcm_requests_total{endpoint=\"/v1/completions\",status=\"200\"} 1";
+  std::string m = s.get("/metrics").body;
+  for (int i = 0; i < 200 && m.find(counted) == std::string::npos; ++i) {
+    std::this_thread::sleep_for(5ms);
+    m = s.get("/metrics").body;
+  }
+  EXPECT_NE(m.find(counted), std::string::npos) << m;
   EXPECT_NE(m.find("dlcm_time_to_first_token_seconds_count 1"), std::string::npos) << m;
   EXPECT_NE(m.find("dlcm_inter_token_latency_seconds_bucket{le=\"+Inf\"} 2"), std::string::npos) << m;
   EXPECT_NE(m.find("dlcm_generated_tokens_total 3"), std::string::npos) << m;
@@ -628,7 +634,7 @@ TEST(Serve, AFullQueueAnswers503AndShutdownCancelsTheQueued) {
   std::vector<Reply> queued(2);
   std::vector<std::thread> th;
   for (int i = 0; i < 2; ++i) th.emplace_back([&, i] { queued[i] = s.post("/v1/completions", body); });
-  for (int i = 0; i < 500 && s.get("/health").j["queue"] != 2; ++i) std::this_thread::sleep_for(2ms);
+  for (int i = 0; i < 2500 && s.get("/health").j["queue"] != 2; ++i) std::this_thread::sleep_for(2ms);
   EXPECT_EQ(s.get("/health").j["queue"], 2);  // one for the free slot, one waiting (--max-queue 1)
   Reply r = s.post("/v1/completions", body);
   expect_error(r, 503, "queue full");
@@ -647,7 +653,7 @@ TEST(Serve, AFullQueueAnswers503AndShutdownCancelsTheQueued) {
   std::this_thread::sleep_for(50ms);
   Reply late;
   std::thread waiting([&] { late = s.post("/v1/completions", body); });
-  for (int i = 0; i < 500 && s.get("/health").j["queue"] != 1; ++i) std::this_thread::sleep_for(2ms);
+  for (int i = 0; i < 2500 && s.get("/health").j["queue"] != 1; ++i) std::this_thread::sleep_for(2ms);
   std::thread stopper([&] { s.stop(); });
   std::this_thread::sleep_for(100ms);
   release = true;
@@ -676,7 +682,8 @@ TEST(Serve, ARequestPastTheTimeoutIsCancelled) {
   std::thread b([&] {
     st = s.stream("/v1/completions", {{"prompt", "hi"}, {"max_tokens", 4}, {"stream", true}});
   });
-  std::this_thread::sleep_for(200ms);
+  for (int i = 0; i < 2500 && s.get("/health").j["queue"] != 2; ++i) std::this_thread::sleep_for(2ms);
+  std::this_thread::sleep_for(100ms);  // both are past their 50 ms
   release = true;
   hold.join();
   a.join();
