@@ -486,6 +486,8 @@ TEST(Serve, HostileRequestsGet4xxErrorObjectsAndTheServerKeepsServing) {
   std::vector<Case> cases = {
       {"not JSON", "POST", C, "{prompt: hi", 400},
       {"JSON array body", "POST", C, "[1, 2]", 400},
+      {"deeply nested JSON", "POST", C, std::string(2000, '[') + std::string(2000, ']'), 400},
+      {"nested JSON in the prompt", "POST", C, "{\"prompt\": " + std::string(1000, '[') + std::string(1000, ']') + "}", 400},
       {"empty body", "POST", C, "", 400},
       {"prompt missing", "POST", C, with({{"max_tokens", 2}}), 400},
       {"prompt a number", "POST", C, with({{"prompt", 5}}), 400},
