@@ -6,13 +6,18 @@
 #include <arpa/inet.h>
 #include <httplib.h>
 #include <netinet/in.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
 #include <sys/socket.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <atomic>
 #include <fstream>
 #include <cmath>
 #include <nlohmann/json.hpp>
+#include <regex>
 #include <thread>
 
 #include "data/tokenizer.h"
@@ -236,7 +241,7 @@ TEST_P(ServeArch, EchoLogprobsEqualLogSoftmaxOfTheForward) {
   EngineOptions eo;
   eo.prefill_chunk = 5;  // the prompt's logits come in several chunks
   Served s(GetParam(), 96, eo);
-  const std::string text = "Hello, concept world! 123";
+  const std::string text = "Hello, concept world! 123 Ça va? 東京";
   Reply r = s.post("/v1/completions", {{"prompt", text}, {"max_tokens", 0}, {"echo", true},
                                        {"logprobs", 3}, {"temperature", 0}});
   ASSERT_EQ(r.status, 200) << r.body;
@@ -266,6 +271,13 @@ TEST_P(ServeArch, EchoLogprobsEqualLogSoftmaxOfTheForward) {
     EXPECT_NEAR(best, double(row[am]) - mx - std::log(z), 1e-4);
   }
   EXPECT_LE(worst, 1e-4);
+  // text_offset: the byte offset of each piece in the text (a byte token counts 1, whatever
+  // its "bytes:\xNN" spelling)
+  size_t at = 0;
+  for (i64 t = 0; t + 1 < L; ++t) {
+    EXPECT_EQ(lp["text_offset"][t], at) << t;
+    at += s.tok->decode_piece(ids[t + 1]).size();
+  }
   EXPECT_EQ(r.j["usage"]["prompt_tokens"], L - 1);
   EXPECT_EQ(r.j["usage"]["completion_tokens"], 0);
   // echo + generation: the prompt's entries come first, then the generated token's
@@ -413,8 +425,14 @@ TEST(Serve, ModelsHealthTokenizeMetricsConcepts) {
   EXPECT_EQ(r.j["n_concepts"], seg[0].concepts());
   r = s.post("/v1/completions", {{"prompt", "ok"}, {"max_tokens", 3}, {"ignore_eos", true}});
   EXPECT_EQ(r.j["usage"]["completion_tokens"], 3);
-  const std::string m = s.get("/metrics").body;
-  EXPECT_NE(m.find("dlcm_requests_total{endpoint=\"/v1/completions\",status=\"200\"} 1"), std::string::npos) << m;
+  // A request is counted when its answer has been written, just after the client has it.
+  const std::string counted = "dlcm_requests_total{endpoint=\"/v1/completions\",status=\"200\"} 1";
+  std::string m = s.get("/metrics").body;
+  for (int i = 0; i < 200 && m.find(counted) == std::string::npos; ++i) {
+    std::this_thread::sleep_for(5ms);
+    m = s.get("/metrics").body;
+  }
+  EXPECT_NE(m.find(counted), std::string::npos) << m;
   EXPECT_NE(m.find("dlcm_time_to_first_token_seconds_count 1"), std::string::npos) << m;
   EXPECT_NE(m.find("dlcm_inter_token_latency_seconds_bucket{le=\"+Inf\"} 2"), std::string::npos) << m;
   EXPECT_NE(m.find("dlcm_generated_tokens_total 3"), std::string::npos) << m;
@@ -468,6 +486,8 @@ TEST(Serve, HostileRequestsGet4xxErrorObjectsAndTheServerKeepsServing) {
   std::vector<Case> cases = {
       {"not JSON", "POST", C, "{prompt: hi", 400},
       {"JSON array body", "POST", C, "[1, 2]", 400},
+      {"deeply nested JSON", "POST", C, std::string(2000, '[') + std::string(2000, ']'), 400},
+      {"nested JSON in the prompt", "POST", C, "{\"prompt\": " + std::string(1000, '[') + std::string(1000, ']') + "}", 400},
       {"empty body", "POST", C, "", 400},
       {"prompt missing", "POST", C, with({{"max_tokens", 2}}), 400},
       {"prompt a number", "POST", C, with({{"prompt", 5}}), 400},
@@ -616,7 +636,7 @@ TEST(Serve, AFullQueueAnswers503AndShutdownCancelsTheQueued) {
   std::vector<Reply> queued(2);
   std::vector<std::thread> th;
   for (int i = 0; i < 2; ++i) th.emplace_back([&, i] { queued[i] = s.post("/v1/completions", body); });
-  for (int i = 0; i < 500 && s.get("/health").j["queue"] != 2; ++i) std::this_thread::sleep_for(2ms);
+  for (int i = 0; i < 2500 && s.get("/health").j["queue"] != 2; ++i) std::this_thread::sleep_for(2ms);
   EXPECT_EQ(s.get("/health").j["queue"], 2);  // one for the free slot, one waiting (--max-queue 1)
   Reply r = s.post("/v1/completions", body);
   expect_error(r, 503, "queue full");
@@ -635,7 +655,7 @@ TEST(Serve, AFullQueueAnswers503AndShutdownCancelsTheQueued) {
   std::this_thread::sleep_for(50ms);
   Reply late;
   std::thread waiting([&] { late = s.post("/v1/completions", body); });
-  for (int i = 0; i < 500 && s.get("/health").j["queue"] != 1; ++i) std::this_thread::sleep_for(2ms);
+  for (int i = 0; i < 2500 && s.get("/health").j["queue"] != 1; ++i) std::this_thread::sleep_for(2ms);
   std::thread stopper([&] { s.stop(); });
   std::this_thread::sleep_for(100ms);
   release = true;
@@ -644,6 +664,38 @@ TEST(Serve, AFullQueueAnswers503AndShutdownCancelsTheQueued) {
   stopper.join();
   expect_error(late, 503, "cancelled by shutdown");
   EXPECT_FALSE(s.srv->running());
+}
+
+TEST(Serve, ARequestPastTheTimeoutIsCancelled) {
+  EngineOptions eo;
+  eo.timeout_s = 0.05;
+  Served s("baseline", 64, eo);
+  // The engine is held past the timeout: both requests time out while queued.
+  std::atomic<bool> release{false};
+  std::thread hold([&] {
+    s.eng->run_exclusive([&](LanguageModel&) {
+      while (!release) std::this_thread::sleep_for(1ms);
+    });
+  });
+  std::this_thread::sleep_for(20ms);
+  Reply r;
+  Served::Stream st;
+  std::thread a([&] { r = s.post("/v1/completions", {{"prompt", "hi"}, {"max_tokens", 4}}); });
+  std::thread b([&] {
+    st = s.stream("/v1/completions", {{"prompt", "hi"}, {"max_tokens", 4}, {"stream", true}});
+  });
+  for (int i = 0; i < 2500 && s.get("/health").j["queue"] != 2; ++i) std::this_thread::sleep_for(2ms);
+  std::this_thread::sleep_for(100ms);  // both are past their 50 ms
+  release = true;
+  hold.join();
+  a.join();
+  b.join();
+  expect_error(r, 504, "timeout");
+  EXPECT_EQ(r.j["error"]["code"], "timeout");
+  EXPECT_TRUE(st.done);
+  ASSERT_FALSE(st.events.empty());
+  EXPECT_EQ(st.events.back()["error"]["code"], "timeout");
+  EXPECT_EQ(s.get("/health").j["slots_busy"], 0);
 }
 
 TEST(Serve, ShutdownLetsARunningStreamFinish) {
@@ -667,6 +719,54 @@ TEST(Serve, ShutdownLetsARunningStreamFinish) {
   EXPECT_EQ(st.finish[0], "length");
   ASSERT_FALSE(st.events.empty());
   EXPECT_EQ(st.events.back()["usage"]["completion_tokens"], 200);  // every token was made
+}
+
+// ---- the command ----
+
+TEST(Serve, TheCommandPrintsItsUrlServesAndExitsZeroOnSigterm) {
+  test::TempDir tmp;
+  Config c = small_model("baseline", 64);
+  c.model.vocab_size = 260;
+  auto m = make_initialised_model(c.model, 5);
+  const std::string ck = tmp.path + "/run/checkpoint";
+  test::save_model_only(ck, c, m->params());
+  make_byte_tokenizer()->save(ck);
+  int out[2];
+  ASSERT_EQ(pipe(out), 0);
+  const pid_t pid = fork();
+  if (pid == 0) {
+    dup2(out[1], 1);
+    const int null = open("/dev/null", O_WRONLY);
+    dup2(null, 2);
+    close(out[0]);
+    execl(DLCM_BINARY, DLCM_BINARY, "serve", "--ckpt", ck.c_str(), "--port", "0", "--threads", "1",
+          (char*)nullptr);
+    _exit(127);
+  }
+  close(out[1]);
+  std::string line;
+  pollfd pfd{out[0], POLLIN, 0};
+  char ch;
+  while (line.find('\n') == std::string::npos && poll(&pfd, 1, 30000) > 0 && read(out[0], &ch, 1) == 1)
+    line += ch;
+  std::smatch mt;
+  const bool found = std::regex_search(line, mt, std::regex("listening on http://127\\.0\\.0\\.1:(\\d+)"));
+  if (found) {
+    httplib::Client cli("127.0.0.1", std::stoi(mt[1]));
+    auto res = cli.Get("/v1/models");
+    ASSERT_TRUE(res);
+    EXPECT_EQ(res->status, 200);
+    EXPECT_EQ(json::parse(res->body)["data"][0]["id"], "run");  // the run's name, not "checkpoint"
+    res = cli.Post("/v1/completions", R"({"prompt": "ab", "max_tokens": 3})", "application/json");
+    ASSERT_TRUE(res);
+    EXPECT_EQ(res->status, 200) << res->body;
+  }
+  kill(pid, SIGTERM);
+  int status = 0;
+  waitpid(pid, &status, 0);
+  close(out[0]);
+  EXPECT_TRUE(found) << line;
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status;
 }
 
 }  // namespace

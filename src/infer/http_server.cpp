@@ -424,7 +424,8 @@ struct HttpServer::Impl {
       lp.push_back(lps[i].logprob);
       top.push_back(top_n > 0 ? top_map(lps[i]) : json(nullptr));
       off.push_back(at);
-      at += p.size();
+      // offsets count the piece's bytes in the returned text, not its "bytes:\\xNN" spelling
+      if (ids[i] < tok.vocab_size()) at += tok.decode_piece(ids[i]).size();
     }
     return {{"tokens", toks}, {"token_logprobs", lp}, {"top_logprobs", top}, {"text_offset", off}};
   }

@@ -33,6 +33,7 @@ struct BenchServeArgs {
   std::string ckpt;
   std::vector<i64> clients = {1, 4, 16, 32};
   i64 prompt_len = 32, max_tokens = 64, requests = 2, threads = 0;
+  i64 slots = 0;  // 0: the most clients
 };
 
 std::atomic<bool> g_stop{false};
@@ -72,9 +73,10 @@ int cmd_serve(const ServeArgs& a) {
   server.bind();
   std::signal(SIGINT, on_stop_signal);
   std::signal(SIGTERM, on_stop_signal);
-  std::fprintf(stderr, "[serve] %s (%s), %lld slots of %lld tokens, queue %lld\n",
+  std::fprintf(stderr, "[serve] %s (%s), %lld slots of %lld tokens, queue %lld, OpenMP threads %s\n",
                so.model_name.c_str(), m->config().arch.c_str(), (long long)a.slots,
-               (long long)engine.ctx(), (long long)a.max_queue);
+               (long long)engine.ctx(), (long long)a.max_queue,
+               a.threads > 0 ? std::to_string(a.threads).c_str() : "default");
   std::printf("dlcm serve: listening on %s\n", server.url().c_str());
   std::fflush(stdout);
   // A signal only sets a flag; this thread does the graceful stop, run() then returns.
@@ -133,7 +135,7 @@ int cmd_bench_serve(const BenchServeArgs& a) {
               (long long)a.requests, a.threads > 0 ? int(a.threads) : omp_get_max_threads());
 
   EngineOptions eo;
-  eo.slots = max_clients;
+  eo.slots = a.slots > 0 ? a.slots : max_clients;
   eo.max_queue = max_clients;
   eo.threads = int(a.threads);
   ServingEngine engine(*m, *tok, eo);
@@ -167,6 +169,13 @@ int cmd_bench_serve(const BenchServeArgs& a) {
   std::thread srv([&] { server.run(); });
   while (!server.running()) std::this_thread::sleep_for(std::chrono::milliseconds(5));
 
+  {  // warm-up: first-touch of the engine's buffers, the first connection
+    httplib::Client cli("127.0.0.1", port);
+    json body = {{"prompt", prompt_text(0)}, {"max_tokens", a.max_tokens}, {"temperature", 0},
+                 {"ignore_eos", true}};
+    auto res = cli.Post("/v1/completions", body.dump(), "application/json");
+    DLCM_CHECK(res && res->status == 200, "bench serve: the warm-up request failed");
+  }
   std::printf("generate (1 sequence): %.1f tokens/s\n", gen_tps);
   std::printf("%8s %12s %10s %10s %10s %10s %10s\n", "clients", "tokens/s", "x 1-client",
               "ttft p50", "ttft p99", "itl p50", "itl p99");
@@ -183,7 +192,8 @@ int cmd_bench_serve(const BenchServeArgs& a) {
         cli.set_read_timeout(600, 0);
         cli.set_tcp_nodelay(true);
         json body = {{"prompt", prompt_text(c)}, {"max_tokens", a.max_tokens}, {"temperature", 0},
-                     {"ignore_eos", true}, {"stream", true}};
+                     {"ignore_eos", true}, {"stream", true},
+                     {"stream_options", {{"include_usage", true}}}};
         for (i64 r = 0; r < a.requests; ++r) {
           auto start = ServeClock::now(), last = start;
           bool first = true;
@@ -201,6 +211,8 @@ int cmd_bench_serve(const BenchServeArgs& a) {
                                   buf.erase(0, at + 2);
                                   if (ev.rfind("data: {", 0) != 0) continue;
                                   auto j = json::parse(ev.substr(6));
+                                  if (j.contains("usage") && j["usage"].is_object())
+                                    tokens[c] += j["usage"]["completion_tokens"].get<i64>();
                                   if (j["choices"].empty() || !j["choices"][0]["finish_reason"].is_null()) continue;
                                   const auto now = ServeClock::now();
                                   if (first)
@@ -209,7 +221,6 @@ int cmd_bench_serve(const BenchServeArgs& a) {
                                     itl[c].push_back(std::chrono::duration<double>(now - last).count());
                                   first = false;
                                   last = now;
-                                  ++tokens[c];
                                 }
                                 return true;
                               };
@@ -270,6 +281,7 @@ std::function<int()> add_serve_commands(CLI::App& app, CLI::App& bench) {
   bs->add_option("--prompt-len", b->prompt_len, "prompt tokens (BOS excluded)")->check(CLI::Range(1, 1 << 20));
   bs->add_option("--max-tokens", b->max_tokens, "tokens generated per request (EOS ignored)")->check(CLI::Range(1, 1 << 20));
   bs->add_option("--requests", b->requests, "requests per client, one after another")->check(CLI::Range(1, 1000));
+  bs->add_option("--slots", b->slots, "server slots (0: the most clients)")->check(CLI::Range(0, 256));
   bs->add_option("--threads", b->threads, "OpenMP threads (0: the default)")->check(CLI::Range(0, 4096));
   return [s, bs, a, b]() -> int {
     if (*s) return cmd_serve(*a);
