@@ -1,4 +1,4 @@
-"""lm-evaluation-harness against `dlcm serve` (docs/serving_clients.md; CTest
+"""lm-evaluation-harness against `dlcm serve` (docs/serving.md, "Clients"; CTest
 interop_serve_lm_eval_*, run with the project venv's python).
 
 A tiny checkpoint of the given architecture with a SentencePiece BPE tokenizer (trained here on

@@ -1,4 +1,4 @@
-"""`dlcm serve` judged by the official OpenAI SDKs (docs/serving_clients.md; CTest
+"""`dlcm serve` judged by the official OpenAI SDKs (docs/serving.md, "Clients"; CTest
 interop_serve_python_* and interop_serve_node_*, run with the project venv's python).
 
 A tiny checkpoint of the given architecture (BPE tokenizer, trained here in seconds) is served on
