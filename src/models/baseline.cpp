@@ -238,7 +238,9 @@ class BaselineStream final : public InferenceStream {
 };
 
 std::unique_ptr<InferenceStream> BaselineModel::new_stream(const StreamOptions& o) {
-  return std::make_unique<BaselineStream>(*this, o.max_seqs, stream_len(o));
+  auto s = std::make_unique<BaselineStream>(*this, o.max_seqs, stream_len(o));
+  s->pack_weights(params(), o);
+  return s;
 }
 
 std::vector<std::pair<std::string, double>> BaselineModel::activation_rms() const {

@@ -92,6 +92,14 @@ struct BenchDecodeArgs {
 // Decode tokens/s with the streaming caches against recomputing the whole prefix each step.
 int cmd_bench_decode(const BenchDecodeArgs& a);
 
+struct BenchPrefillArgs {
+  std::vector<std::string> ckpts;  // checkpoints compared in one run (the first is the reference)
+  i64 prompt_len = 128, batch = 1, repeats = 11;
+  bool breakdown = false;  // wall time per component of the stream's prefill
+};
+// Prefill tokens/s of several checkpoints, interleaved, against the first (tools/bench_prefill.cpp).
+int cmd_bench_prefill(const BenchPrefillArgs& a);
+
 // `dlcm config [--config FILE] [--set k=v]...`: prints the resolved, validated config JSON;
 // `--keys` lists every key with its type, default and allowed range (`--markdown`: the table
 // of docs/config.md).

@@ -179,6 +179,15 @@ int main(int argc, char** argv) {
   bdec->add_option("--repeats", bd.repeats, "repeats (median reported)")->check(CLI::Range(1, 100));
   add_threads(bdec);
 
+  BenchPrefillArgs bp;
+  auto* bpre = bench->add_subcommand("prefill", "prefill tokens/s of checkpoints in one run, against the first (matched FLOPs)");
+  bpre->add_option("--ckpt", bp.ckpts, "checkpoints or run folders (repeat the flag; the first is the reference)")->required();
+  bpre->add_option("--prompt-len", bp.prompt_len, "prompt tokens")->check(CLI::Range(1, 1 << 20));
+  bpre->add_option("--batch", bp.batch, "sequences prefilled together")->check(CLI::Range(1, 4096));
+  bpre->add_option("--repeats", bp.repeats, "repeats (median reported)")->check(CLI::Range(1, 1000));
+  bpre->add_flag("--breakdown", bp.breakdown, "wall time per component of each stream's prefill");
+  add_threads(bpre);
+
   PrepareArgs pa;
   auto* prep = app.add_subcommand("prepare", "corpus files/folders -> tokenizer + train/val token shards");
   prep->add_option("--input", pa.inputs, "corpus files or folders (*.jsonl, *.txt; a single text file "
@@ -351,6 +360,7 @@ int main(int argc, char** argv) {
       return rc;
     }
     if (*bdec) return cmd_bench_decode(bd);
+    if (*bpre) return cmd_bench_prefill(bp);
     if (*bgemm) return cmd_bench_gemm(bg);
     if (*seg) return cmd_segment(sa);
     if (*bxattn) {

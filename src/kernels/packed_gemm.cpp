@@ -1,0 +1,238 @@
+// Packed small-M products (see packed_gemm.h). Micro-kernel: up to 3 rows x 64 columns, two
+// accumulator sets (even and odd k, FP32) summed at the end, so every row is computed the same
+// way whatever M is and whichever rows share its block (a step's row equals a prefill's).
+#include "kernels/packed_gemm.h"
+
+#include <immintrin.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "kernels/gemm.h"
+
+namespace dlcm::ops {
+
+namespace {
+
+constexpr i64 kNB = 64;  // output columns per block
+constexpr i64 kMR = 3;   // rows per micro-kernel call
+
+thread_local const PackedWeights* t_active = nullptr;
+
+// y[r, c] = alpha * acc for the block's valid columns (n of 64).
+#if defined(__AVX512F__)
+inline void store_block(float* C, __m512 acc[4], float alpha, i64 n) {
+  const __m512 va = _mm512_set1_ps(alpha);
+  for (int j = 0; j < 4; ++j) {
+    const i64 left = n - j * 16;
+    if (left <= 0) break;
+    const __mmask16 m = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
+    _mm512_mask_storeu_ps(C + j * 16, m, _mm512_mul_ps(va, acc[j]));
+  }
+}
+
+template <int MR>
+void kernel_f32(float* C, i64 ldc, const float* A, i64 lda, const float* pb, i64 K, float alpha,
+                i64 n) {
+  __m512 e[MR][4], o[MR][4];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < 4; ++j) e[i][j] = o[i][j] = _mm512_setzero_ps();
+  i64 k = 0;
+  for (; k + 1 < K; k += 2) {
+    const float* b = pb + k * kNB;
+    const __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16);
+    const __m512 b2 = _mm512_loadu_ps(b + 32), b3 = _mm512_loadu_ps(b + 48);
+    const __m512 c0 = _mm512_loadu_ps(b + 64), c1 = _mm512_loadu_ps(b + 80);
+    const __m512 c2 = _mm512_loadu_ps(b + 96), c3 = _mm512_loadu_ps(b + 112);
+    for (int i = 0; i < MR; ++i) {
+      const __m512 a = _mm512_set1_ps(A[i * lda + k]);
+      e[i][0] = _mm512_fmadd_ps(a, b0, e[i][0]);
+      e[i][1] = _mm512_fmadd_ps(a, b1, e[i][1]);
+      e[i][2] = _mm512_fmadd_ps(a, b2, e[i][2]);
+      e[i][3] = _mm512_fmadd_ps(a, b3, e[i][3]);
+      const __m512 a2 = _mm512_set1_ps(A[i * lda + k + 1]);
+      o[i][0] = _mm512_fmadd_ps(a2, c0, o[i][0]);
+      o[i][1] = _mm512_fmadd_ps(a2, c1, o[i][1]);
+      o[i][2] = _mm512_fmadd_ps(a2, c2, o[i][2]);
+      o[i][3] = _mm512_fmadd_ps(a2, c3, o[i][3]);
+    }
+  }
+  if (k < K) {
+    const float* b = pb + k * kNB;
+    for (int i = 0; i < MR; ++i) {
+      const __m512 a = _mm512_set1_ps(A[i * lda + k]);
+      for (int j = 0; j < 4; ++j) e[i][j] = _mm512_fmadd_ps(a, _mm512_loadu_ps(b + 16 * j), e[i][j]);
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    for (int j = 0; j < 4; ++j) e[i][j] = _mm512_add_ps(e[i][j], o[i][j]);
+    store_block(C + i * ldc, e[i], alpha, n);
+  }
+}
+#endif
+
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+// A: BF16 rows [MR][Kp] (pairs of k as 32-bit words), pb: the block's [Kp/2][64][2].
+template <int MR>
+void kernel_bf16(float* C, i64 ldc, const uint16_t* A, i64 lda, const uint16_t* pb, i64 Kp,
+                 float alpha, i64 n) {
+  __m512 e[MR][4], o[MR][4];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < 4; ++j) e[i][j] = o[i][j] = _mm512_setzero_ps();
+  const i64 K2 = Kp / 2;
+  i64 kk = 0;
+  auto ld = [](const uint16_t* p) { return (__m512bh)_mm512_loadu_si512(p); };
+  auto bc = [](const uint16_t* p) {
+    uint32_t w;
+    std::memcpy(&w, p, 4);
+    return (__m512bh)_mm512_set1_epi32(int(w));
+  };
+  for (; kk + 1 < K2; kk += 2) {
+    const uint16_t* b = pb + kk * 2 * kNB;
+    const __m512bh b0 = ld(b), b1 = ld(b + 32), b2 = ld(b + 64), b3 = ld(b + 96);
+    const __m512bh c0 = ld(b + 128), c1 = ld(b + 160), c2 = ld(b + 192), c3 = ld(b + 224);
+    for (int i = 0; i < MR; ++i) {
+      const __m512bh a = bc(A + i * lda + 2 * kk);
+      e[i][0] = _mm512_dpbf16_ps(e[i][0], a, b0);
+      e[i][1] = _mm512_dpbf16_ps(e[i][1], a, b1);
+      e[i][2] = _mm512_dpbf16_ps(e[i][2], a, b2);
+      e[i][3] = _mm512_dpbf16_ps(e[i][3], a, b3);
+      const __m512bh a2 = bc(A + i * lda + 2 * kk + 2);
+      o[i][0] = _mm512_dpbf16_ps(o[i][0], a2, c0);
+      o[i][1] = _mm512_dpbf16_ps(o[i][1], a2, c1);
+      o[i][2] = _mm512_dpbf16_ps(o[i][2], a2, c2);
+      o[i][3] = _mm512_dpbf16_ps(o[i][3], a2, c3);
+    }
+  }
+  if (kk < K2) {
+    const uint16_t* b = pb + kk * 2 * kNB;
+    for (int i = 0; i < MR; ++i) {
+      const __m512bh a = bc(A + i * lda + 2 * kk);
+      for (int j = 0; j < 4; ++j) e[i][j] = _mm512_dpbf16_ps(e[i][j], a, ld(b + 32 * j));
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    for (int j = 0; j < 4; ++j) e[i][j] = _mm512_add_ps(e[i][j], o[i][j]);
+    store_block(C + i * ldc, e[i], alpha, n);
+  }
+}
+#endif
+
+// Portable block: the same even/odd split, FP32 arithmetic on the (rounded) operands.
+template <class GetA, class GetB>
+void block_ref(float* C, i64 ldc, i64 mr, i64 K, float alpha, i64 n, GetA a_at, GetB b_at) {
+  for (i64 i = 0; i < mr; ++i)
+    for (i64 c = 0; c < n; ++c) {
+      float e = 0, o = 0;
+      for (i64 k = 0; k < K; ++k) {
+        const float t = a_at(i, k) * b_at(k, c);
+        if (k % 2 == 0) e += t;
+        else o += t;
+      }
+      C[i * ldc + c] = alpha * (e + o);
+    }
+}
+
+}  // namespace
+
+bool packed_bf16_native() {
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+  return true;
+#else
+  return false;
+#endif
+}
+
+void pack_matrix(PackedMatrix& p, const float* W, i64 N, i64 K, bool bf16) {
+  p.N = N;
+  p.K = K;
+  p.bf16 = bf16;
+  p.Np = (N + kNB - 1) / kNB * kNB;
+  p.Kp = bf16 ? (K + 1) / 2 * 2 : K;
+  if (!bf16) {
+    p.h.clear();
+    p.f.assign(p.Np * K, 0.f);
+    for (i64 c = 0; c < N; ++c) {
+      float* dst = p.f.data() + (c / kNB) * K * kNB + c % kNB;
+      for (i64 k = 0; k < K; ++k) dst[k * kNB] = W[c * K + k];
+    }
+    return;
+  }
+  p.f.clear();
+  p.h.assign(p.Np * p.Kp, 0);
+  std::vector<uint16_t> row(K);
+  for (i64 c = 0; c < N; ++c) {
+    round_to_bf16(row.data(), W + c * K, K);
+    uint16_t* dst = p.h.data() + (c / kNB) * p.Kp * kNB + (c % kNB) * 2;
+    for (i64 k = 0; k < K; ++k) dst[(k / 2) * 2 * kNB + k % 2] = row[k];
+  }
+}
+
+void packed_gemm(float* C, i64 ldc, const float* A, i64 lda, const PackedMatrix& p, i64 M,
+                 float alpha) {
+  const i64 N = p.N, K = p.K, Kp = p.Kp, nb = p.Np / kNB;
+  // BF16: the rows of A rounded once, [M, Kp] (zero padded)
+  thread_local std::vector<uint16_t> a16;
+  if (p.bf16) {
+    a16.assign(M * Kp, 0);
+    for (i64 i = 0; i < M; ++i) round_to_bf16(a16.data() + i * Kp, A + i * lda, K);
+  }
+  const uint16_t* Ah = a16.data();
+  const bool par = !omp_in_parallel() && nb > 1 && 2.0 * M * N * K >= double(1 << 18);
+#pragma omp parallel for schedule(static) if (par)
+  for (i64 blk = 0; blk < nb; ++blk) {
+    const i64 c0 = blk * kNB, n = std::min(kNB, N - c0);
+    for (i64 r0 = 0; r0 < M; r0 += kMR) {
+      const i64 mr = std::min(kMR, M - r0);
+      float* Cb = C + r0 * ldc + c0;
+      if (!p.bf16) {
+        const float* pb = p.f.data() + blk * K * kNB;
+        const float* Ab = A + r0 * lda;
+#if defined(__AVX512F__)
+        if (mr == 3) kernel_f32<3>(Cb, ldc, Ab, lda, pb, K, alpha, n);
+        else if (mr == 2) kernel_f32<2>(Cb, ldc, Ab, lda, pb, K, alpha, n);
+        else kernel_f32<1>(Cb, ldc, Ab, lda, pb, K, alpha, n);
+#else
+        block_ref(Cb, ldc, mr, K, alpha, n, [&](i64 i, i64 k) { return Ab[i * lda + k]; },
+                  [&](i64 k, i64 c) { return pb[k * kNB + c]; });
+#endif
+      } else {
+        const uint16_t* pb = p.h.data() + blk * Kp * kNB;
+        const uint16_t* Ab = Ah + r0 * Kp;
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+        if (mr == 3) kernel_bf16<3>(Cb, ldc, Ab, Kp, pb, Kp, alpha, n);
+        else if (mr == 2) kernel_bf16<2>(Cb, ldc, Ab, Kp, pb, Kp, alpha, n);
+        else kernel_bf16<1>(Cb, ldc, Ab, Kp, pb, Kp, alpha, n);
+#else
+        block_ref(Cb, ldc, mr, Kp, alpha, n,
+                  [&](i64 i, i64 k) { return bf16_to_float(Ab[i * Kp + k]); },
+                  [&](i64 k, i64 c) { return bf16_to_float(pb[(k / 2) * 2 * kNB + c * 2 + k % 2]); });
+#endif
+      }
+    }
+  }
+}
+
+void PackedWeights::add(const float* W, i64 N, i64 K, bool bf16) {
+  pack_matrix(mats_[W], W, N, K, bf16);
+}
+
+const PackedMatrix* PackedWeights::find(const float* W, i64 N, i64 K, i64 M) const {
+  if (M > max_rows_) return nullptr;
+  auto it = mats_.find(W);
+  if (it == mats_.end() || it->second.N != N || it->second.K != K) return nullptr;
+  return &it->second;
+}
+
+i64 PackedWeights::bytes() const {
+  i64 b = 0;
+  for (auto& [w, p] : mats_) b += i64(p.f.size() * sizeof(float) + p.h.size() * sizeof(uint16_t));
+  return b;
+}
+
+PackedScope::PackedScope(const PackedWeights* w) : prev_(t_active) { t_active = w; }
+PackedScope::~PackedScope() { t_active = prev_; }
+const PackedWeights* active_packed_weights() { return t_active; }
+
+}  // namespace dlcm::ops
