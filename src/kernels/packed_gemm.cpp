@@ -1,13 +1,13 @@
 // Packed small-M products (see packed_gemm.h). Micro-kernel: up to 3 rows x 64 columns, two
 // accumulator sets (even and odd k, FP32) summed at the end, so every row is computed the same
 // way whatever M is and whichever rows share its block (a step's row equals a prefill's).
+// Without AVX-512 a portable loop with the same even/odd sums runs instead.
 #include "kernels/packed_gemm.h"
 
 #include <immintrin.h>
 #include <omp.h>
 
 #include <algorithm>
-#include <cstring>
 
 #include "kernels/gemm.h"
 
@@ -72,44 +72,34 @@ void kernel_f32(float* C, i64 ldc, const float* A, i64 lda, const float* pb, i64
 }
 #endif
 
-#if defined(__AVX512BF16__) && defined(__AVX512F__)
-// A: BF16 rows [MR][Kp] (pairs of k as 32-bit words), pb: the block's [Kp/2][64][2].
+
+#if defined(__AVX512F__)
+// Weight-only BF16: A stays FP32; each 32-bit lane of the packed block holds (W[c][k],
+// W[c][k+1]) as BF16, which widen to FP32 exactly (a shift, a mask), so the even/odd k
+// accumulators of the FP32 kernel apply unchanged and only W carries BF16 rounding.
 template <int MR>
-void kernel_bf16(float* C, i64 ldc, const uint16_t* A, i64 lda, const uint16_t* pb, i64 Kp,
-                 float alpha, i64 n) {
+void kernel_bf16w(float* C, i64 ldc, const float* A, i64 lda, const uint16_t* pb, i64 K,
+                  float alpha, i64 n) {
   __m512 e[MR][4], o[MR][4];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < 4; ++j) e[i][j] = o[i][j] = _mm512_setzero_ps();
-  const i64 K2 = Kp / 2;
-  i64 kk = 0;
-  auto ld = [](const uint16_t* p) { return (__m512bh)_mm512_loadu_si512(p); };
-  auto bc = [](const uint16_t* p) {
-    uint32_t w;
-    std::memcpy(&w, p, 4);
-    return (__m512bh)_mm512_set1_epi32(int(w));
-  };
-  for (; kk + 1 < K2; kk += 2) {
-    const uint16_t* b = pb + kk * 2 * kNB;
-    const __m512bh b0 = ld(b), b1 = ld(b + 32), b2 = ld(b + 64), b3 = ld(b + 96);
-    const __m512bh c0 = ld(b + 128), c1 = ld(b + 160), c2 = ld(b + 192), c3 = ld(b + 224);
-    for (int i = 0; i < MR; ++i) {
-      const __m512bh a = bc(A + i * lda + 2 * kk);
-      e[i][0] = _mm512_dpbf16_ps(e[i][0], a, b0);
-      e[i][1] = _mm512_dpbf16_ps(e[i][1], a, b1);
-      e[i][2] = _mm512_dpbf16_ps(e[i][2], a, b2);
-      e[i][3] = _mm512_dpbf16_ps(e[i][3], a, b3);
-      const __m512bh a2 = bc(A + i * lda + 2 * kk + 2);
-      o[i][0] = _mm512_dpbf16_ps(o[i][0], a2, c0);
-      o[i][1] = _mm512_dpbf16_ps(o[i][1], a2, c1);
-      o[i][2] = _mm512_dpbf16_ps(o[i][2], a2, c2);
-      o[i][3] = _mm512_dpbf16_ps(o[i][3], a2, c3);
+  const __m512i hi = _mm512_set1_epi32(int(0xFFFF0000u));
+  for (i64 k = 0; k < K; k += 2) {
+    const uint16_t* b = pb + k * kNB;
+    __m512 be[4], bo[4];
+    for (int j = 0; j < 4; ++j) {
+      const __m512i v = _mm512_loadu_si512(b + 32 * j);
+      be[j] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+      bo[j] = _mm512_castsi512_ps(_mm512_and_si512(v, hi));
     }
-  }
-  if (kk < K2) {
-    const uint16_t* b = pb + kk * 2 * kNB;
+    const bool odd = k + 1 < K;  // the padding k of an odd K is zero: skip its product
     for (int i = 0; i < MR; ++i) {
-      const __m512bh a = bc(A + i * lda + 2 * kk);
-      for (int j = 0; j < 4; ++j) e[i][j] = _mm512_dpbf16_ps(e[i][j], a, ld(b + 32 * j));
+      const __m512 a = _mm512_set1_ps(A[i * lda + k]);
+      for (int j = 0; j < 4; ++j) e[i][j] = _mm512_fmadd_ps(a, be[j], e[i][j]);
+      if (odd) {
+        const __m512 a2 = _mm512_set1_ps(A[i * lda + k + 1]);
+        for (int j = 0; j < 4; ++j) o[i][j] = _mm512_fmadd_ps(a2, bo[j], o[i][j]);
+      }
     }
   }
   for (int i = 0; i < MR; ++i) {
@@ -135,14 +125,6 @@ void block_ref(float* C, i64 ldc, i64 mr, i64 K, float alpha, i64 n, GetA a_at, 
 }
 
 }  // namespace
-
-bool packed_bf16_native() {
-#if defined(__AVX512BF16__) && defined(__AVX512F__)
-  return true;
-#else
-  return false;
-#endif
-}
 
 void pack_matrix(PackedMatrix& p, const float* W, i64 N, i64 K, bool bf16) {
   p.N = N;
@@ -172,13 +154,6 @@ void pack_matrix(PackedMatrix& p, const float* W, i64 N, i64 K, bool bf16) {
 void packed_gemm(float* C, i64 ldc, const float* A, i64 lda, const PackedMatrix& p, i64 M,
                  float alpha) {
   const i64 N = p.N, K = p.K, Kp = p.Kp, nb = p.Np / kNB;
-  // BF16: the rows of A rounded once, [M, Kp] (zero padded)
-  thread_local std::vector<uint16_t> a16;
-  if (p.bf16) {
-    a16.assign(M * Kp, 0);
-    for (i64 i = 0; i < M; ++i) round_to_bf16(a16.data() + i * Kp, A + i * lda, K);
-  }
-  const uint16_t* Ah = a16.data();
   const bool par = !omp_in_parallel() && nb > 1 && 2.0 * M * N * K >= double(1 << 18);
 #pragma omp parallel for schedule(static) if (par)
   for (i64 blk = 0; blk < nb; ++blk) {
@@ -186,9 +161,9 @@ void packed_gemm(float* C, i64 ldc, const float* A, i64 lda, const PackedMatrix&
     for (i64 r0 = 0; r0 < M; r0 += kMR) {
       const i64 mr = std::min(kMR, M - r0);
       float* Cb = C + r0 * ldc + c0;
+      const float* Ab = A + r0 * lda;
       if (!p.bf16) {
         const float* pb = p.f.data() + blk * K * kNB;
-        const float* Ab = A + r0 * lda;
 #if defined(__AVX512F__)
         if (mr == 3) kernel_f32<3>(Cb, ldc, Ab, lda, pb, K, alpha, n);
         else if (mr == 2) kernel_f32<2>(Cb, ldc, Ab, lda, pb, K, alpha, n);
@@ -199,14 +174,12 @@ void packed_gemm(float* C, i64 ldc, const float* A, i64 lda, const PackedMatrix&
 #endif
       } else {
         const uint16_t* pb = p.h.data() + blk * Kp * kNB;
-        const uint16_t* Ab = Ah + r0 * Kp;
-#if defined(__AVX512BF16__) && defined(__AVX512F__)
-        if (mr == 3) kernel_bf16<3>(Cb, ldc, Ab, Kp, pb, Kp, alpha, n);
-        else if (mr == 2) kernel_bf16<2>(Cb, ldc, Ab, Kp, pb, Kp, alpha, n);
-        else kernel_bf16<1>(Cb, ldc, Ab, Kp, pb, Kp, alpha, n);
+#if defined(__AVX512F__)
+        if (mr == 3) kernel_bf16w<3>(Cb, ldc, Ab, lda, pb, K, alpha, n);
+        else if (mr == 2) kernel_bf16w<2>(Cb, ldc, Ab, lda, pb, K, alpha, n);
+        else kernel_bf16w<1>(Cb, ldc, Ab, lda, pb, K, alpha, n);
 #else
-        block_ref(Cb, ldc, mr, Kp, alpha, n,
-                  [&](i64 i, i64 k) { return bf16_to_float(Ab[i * Kp + k]); },
+        block_ref(Cb, ldc, mr, K, alpha, n, [&](i64 i, i64 k) { return Ab[i * lda + k]; },
                   [&](i64 k, i64 c) { return bf16_to_float(pb[(k / 2) * 2 * kNB + c * 2 + k % 2]); });
 #endif
       }

@@ -5,8 +5,12 @@
 // reading W: a general GEMM repacks W's panels on every call (oneDNN sgemm does), which costs as
 // much as the arithmetic when M is a few dozen rows or less. A PackedMatrix holds W once in
 // the layout the micro-kernel streams: blocks of 64 output columns, [N/64][K][64] in FP32, or
-// [N/64][K/2][64][2] in BF16 (pairs of consecutive k per column, the operand layout of
-// AVX512-BF16's dot product vdpbf16ps; x is rounded to BF16 too, products accumulate in FP32).
+// weight-only BF16 [N/64][Kp/2][64][2] (pairs of consecutive k per column; half the bytes to
+// read, widened to FP32 exactly in registers). x stays FP32 and every product accumulates in
+// FP32, so BF16 changes only W's rounding (relative 2^-9) and a row's result is a continuous
+// function of x: streaming results stay split-independent to FP32 rounding. (Rounding x to
+// BF16 as well, for AVX512-BF16 dot products, turns FP32 rounding differences of x between a
+// prefill and a step into BF16 steps of 2^-9 and breaks that.)
 //
 // PackedWeights maps weight pointers to their packed copies; while a PackedScope is active on a
 // thread, ops::gemm on that thread sends every product it can serve (x W^T with a registered
@@ -35,9 +39,6 @@ void pack_matrix(PackedMatrix& p, const float* W, i64 N, i64 K, bool bf16);
 // blocks outside parallel regions when the product is large enough.
 void packed_gemm(float* C, i64 ldc, const float* A, i64 lda, const PackedMatrix& p, i64 M,
                  float alpha);
-// Whether packed BF16 products run on AVX512-BF16 here (else a portable loop, same results up
-// to FP32 summation order).
-bool packed_bf16_native();
 
 class PackedWeights {
  public:

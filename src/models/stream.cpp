@@ -9,8 +9,6 @@ i64 InferenceStream::length(i64 seq) const {
 
 void InferenceStream::pack_weights(const ParamStore& ps, const StreamOptions& o) {
   const bool bf16 = o.precision == ops::Precision::BF16;
-  DLCM_CHECK(!bf16 || ops::cpu_has_bf16(), "stream precision bf16 needs a CPU with AVX512-BF16 "
-             "(this one has none); use fp32");
   const i64 rows = bf16 ? i64(1) << 40 : o.packed_rows < 0 ? kPackedRowsDefault : o.packed_rows;
   if (rows == 0) {
     packed_.reset();
