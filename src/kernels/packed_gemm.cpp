@@ -1,7 +1,7 @@
-// Packed small-M products (see packed_gemm.h). Micro-kernel: up to 3 rows x 64 columns, two
-// accumulator sets (even and odd k, FP32) summed at the end, so every row is computed the same
-// way whatever M is and whichever rows share its block (a step's row equals a prefill's).
-// Without AVX-512 a portable loop with the same even/odd sums runs instead.
+// Packed small-M products (see packed_gemm.h). Micro-kernel: up to MR rows x 64 columns (four
+// 16-wide FP32 accumulators per row), k in order from 0 to K-1 for every row, so a row's result
+// is bit for bit the same whatever M is and whichever rows share its block (a step's row equals
+// the same row in a prefill). Without AVX-512 a portable loop with the same order runs instead.
 #include "kernels/packed_gemm.h"
 
 #include <immintrin.h>
@@ -15,14 +15,16 @@ namespace dlcm::ops {
 
 namespace {
 
-constexpr i64 kNB = 64;  // output columns per block
-constexpr i64 kMR = 3;   // rows per micro-kernel call
+constexpr i64 kNB = 64;     // output columns per block
+constexpr i64 kMRf32 = 6;   // rows per FP32 micro-kernel call (24 accumulators)
+constexpr i64 kMRbf16 = 4;  // rows per BF16 call (16 accumulators + 8 widened W vectors)
+constexpr i64 kRows = 96;   // rows per parallel tile (a multiple of both)
 
 thread_local const PackedWeights* t_active = nullptr;
 
-// y[r, c] = alpha * acc for the block's valid columns (n of 64).
 #if defined(__AVX512F__)
-inline void store_block(float* C, __m512 acc[4], float alpha, i64 n) {
+// C[c] = alpha * acc for the block's valid columns (n of 64).
+inline void store_block(float* C, const __m512 acc[4], float alpha, i64 n) {
   const __m512 va = _mm512_set1_ps(alpha);
   for (int j = 0; j < 4; ++j) {
     const i64 left = n - j * 16;
@@ -35,54 +37,32 @@ inline void store_block(float* C, __m512 acc[4], float alpha, i64 n) {
 template <int MR>
 void kernel_f32(float* C, i64 ldc, const float* A, i64 lda, const float* pb, i64 K, float alpha,
                 i64 n) {
-  __m512 e[MR][4], o[MR][4];
+  __m512 acc[MR][4];
   for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < 4; ++j) e[i][j] = o[i][j] = _mm512_setzero_ps();
-  i64 k = 0;
-  for (; k + 1 < K; k += 2) {
+    for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_ps();
+  for (i64 k = 0; k < K; ++k) {
     const float* b = pb + k * kNB;
     const __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16);
     const __m512 b2 = _mm512_loadu_ps(b + 32), b3 = _mm512_loadu_ps(b + 48);
-    const __m512 c0 = _mm512_loadu_ps(b + 64), c1 = _mm512_loadu_ps(b + 80);
-    const __m512 c2 = _mm512_loadu_ps(b + 96), c3 = _mm512_loadu_ps(b + 112);
     for (int i = 0; i < MR; ++i) {
       const __m512 a = _mm512_set1_ps(A[i * lda + k]);
-      e[i][0] = _mm512_fmadd_ps(a, b0, e[i][0]);
-      e[i][1] = _mm512_fmadd_ps(a, b1, e[i][1]);
-      e[i][2] = _mm512_fmadd_ps(a, b2, e[i][2]);
-      e[i][3] = _mm512_fmadd_ps(a, b3, e[i][3]);
-      const __m512 a2 = _mm512_set1_ps(A[i * lda + k + 1]);
-      o[i][0] = _mm512_fmadd_ps(a2, c0, o[i][0]);
-      o[i][1] = _mm512_fmadd_ps(a2, c1, o[i][1]);
-      o[i][2] = _mm512_fmadd_ps(a2, c2, o[i][2]);
-      o[i][3] = _mm512_fmadd_ps(a2, c3, o[i][3]);
+      acc[i][0] = _mm512_fmadd_ps(a, b0, acc[i][0]);
+      acc[i][1] = _mm512_fmadd_ps(a, b1, acc[i][1]);
+      acc[i][2] = _mm512_fmadd_ps(a, b2, acc[i][2]);
+      acc[i][3] = _mm512_fmadd_ps(a, b3, acc[i][3]);
     }
   }
-  if (k < K) {
-    const float* b = pb + k * kNB;
-    for (int i = 0; i < MR; ++i) {
-      const __m512 a = _mm512_set1_ps(A[i * lda + k]);
-      for (int j = 0; j < 4; ++j) e[i][j] = _mm512_fmadd_ps(a, _mm512_loadu_ps(b + 16 * j), e[i][j]);
-    }
-  }
-  for (int i = 0; i < MR; ++i) {
-    for (int j = 0; j < 4; ++j) e[i][j] = _mm512_add_ps(e[i][j], o[i][j]);
-    store_block(C + i * ldc, e[i], alpha, n);
-  }
+  for (int i = 0; i < MR; ++i) store_block(C + i * ldc, acc[i], alpha, n);
 }
-#endif
 
-
-#if defined(__AVX512F__)
 // Weight-only BF16: A stays FP32; each 32-bit lane of the packed block holds (W[c][k],
-// W[c][k+1]) as BF16, which widen to FP32 exactly (a shift, a mask), so the even/odd k
-// accumulators of the FP32 kernel apply unchanged and only W carries BF16 rounding.
+// W[c][k+1]) as BF16, which widen to FP32 exactly (a shift, a mask).
 template <int MR>
 void kernel_bf16w(float* C, i64 ldc, const float* A, i64 lda, const uint16_t* pb, i64 K,
                   float alpha, i64 n) {
-  __m512 e[MR][4], o[MR][4];
+  __m512 acc[MR][4];
   for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < 4; ++j) e[i][j] = o[i][j] = _mm512_setzero_ps();
+    for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_ps();
   const __m512i hi = _mm512_set1_epi32(int(0xFFFF0000u));
   for (i64 k = 0; k < K; k += 2) {
     const uint16_t* b = pb + k * kNB;
@@ -92,35 +72,41 @@ void kernel_bf16w(float* C, i64 ldc, const float* A, i64 lda, const uint16_t* pb
       be[j] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
       bo[j] = _mm512_castsi512_ps(_mm512_and_si512(v, hi));
     }
-    const bool odd = k + 1 < K;  // the padding k of an odd K is zero: skip its product
+    const bool odd = k + 1 < K;  // an odd K's padding k is zero: skip its product
     for (int i = 0; i < MR; ++i) {
       const __m512 a = _mm512_set1_ps(A[i * lda + k]);
-      for (int j = 0; j < 4; ++j) e[i][j] = _mm512_fmadd_ps(a, be[j], e[i][j]);
+      for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_fmadd_ps(a, be[j], acc[i][j]);
       if (odd) {
         const __m512 a2 = _mm512_set1_ps(A[i * lda + k + 1]);
-        for (int j = 0; j < 4; ++j) o[i][j] = _mm512_fmadd_ps(a2, bo[j], o[i][j]);
+        for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_fmadd_ps(a2, bo[j], acc[i][j]);
       }
     }
   }
-  for (int i = 0; i < MR; ++i) {
-    for (int j = 0; j < 4; ++j) e[i][j] = _mm512_add_ps(e[i][j], o[i][j]);
-    store_block(C + i * ldc, e[i], alpha, n);
+  for (int i = 0; i < MR; ++i) store_block(C + i * ldc, acc[i], alpha, n);
+}
+
+template <class F>
+void dispatch(i64 mr, F&& f) {
+  switch (mr) {
+    case 6: return f(std::integral_constant<int, 6>{});
+    case 5: return f(std::integral_constant<int, 5>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    default: return f(std::integral_constant<int, 1>{});
   }
 }
 #endif
 
-// Portable block: the same even/odd split, FP32 arithmetic on the (rounded) operands.
-template <class GetA, class GetB>
-void block_ref(float* C, i64 ldc, i64 mr, i64 K, float alpha, i64 n, GetA a_at, GetB b_at) {
+// Portable block: the same order of k, FP32 arithmetic.
+template <class GetB>
+void block_ref(float* C, i64 ldc, const float* A, i64 lda, i64 mr, i64 K, float alpha, i64 n,
+               GetB b_at) {
   for (i64 i = 0; i < mr; ++i)
     for (i64 c = 0; c < n; ++c) {
-      float e = 0, o = 0;
-      for (i64 k = 0; k < K; ++k) {
-        const float t = a_at(i, k) * b_at(k, c);
-        if (k % 2 == 0) e += t;
-        else o += t;
-      }
-      C[i * ldc + c] = alpha * (e + o);
+      float s = 0;
+      for (i64 k = 0; k < K; ++k) s += A[i * lda + k] * b_at(k, c);
+      C[i * ldc + c] = alpha * s;
     }
 }
 
@@ -154,33 +140,36 @@ void pack_matrix(PackedMatrix& p, const float* W, i64 N, i64 K, bool bf16) {
 void packed_gemm(float* C, i64 ldc, const float* A, i64 lda, const PackedMatrix& p, i64 M,
                  float alpha) {
   const i64 N = p.N, K = p.K, Kp = p.Kp, nb = p.Np / kNB;
-  const bool par = !omp_in_parallel() && nb > 1 && 2.0 * M * N * K >= double(1 << 18);
+  const i64 MR = p.bf16 ? kMRbf16 : kMRf32;
+  // tiles of (up to kRows rows, one column block), so that narrow products with many rows
+  // also split across threads
+  const i64 nr = (M + kRows - 1) / kRows, tiles = nr * nb;
+  const bool par = !omp_in_parallel() && tiles > 1 && 2.0 * M * N * K >= double(1 << 18);
 #pragma omp parallel for schedule(static) if (par)
-  for (i64 blk = 0; blk < nb; ++blk) {
+  for (i64 tile = 0; tile < tiles; ++tile) {
+    const i64 blk = tile % nb, rt = tile / nb;
     const i64 c0 = blk * kNB, n = std::min(kNB, N - c0);
-    for (i64 r0 = 0; r0 < M; r0 += kMR) {
-      const i64 mr = std::min(kMR, M - r0);
+    for (i64 r0 = rt * kRows; r0 < std::min(M, (rt + 1) * kRows); r0 += MR) {
+      const i64 mr = std::min(MR, std::min(M, (rt + 1) * kRows) - r0);
       float* Cb = C + r0 * ldc + c0;
       const float* Ab = A + r0 * lda;
       if (!p.bf16) {
         const float* pb = p.f.data() + blk * K * kNB;
 #if defined(__AVX512F__)
-        if (mr == 3) kernel_f32<3>(Cb, ldc, Ab, lda, pb, K, alpha, n);
-        else if (mr == 2) kernel_f32<2>(Cb, ldc, Ab, lda, pb, K, alpha, n);
-        else kernel_f32<1>(Cb, ldc, Ab, lda, pb, K, alpha, n);
+        dispatch(mr, [&](auto R) { kernel_f32<R>(Cb, ldc, Ab, lda, pb, K, alpha, n); });
 #else
-        block_ref(Cb, ldc, mr, K, alpha, n, [&](i64 i, i64 k) { return Ab[i * lda + k]; },
-                  [&](i64 k, i64 c) { return pb[k * kNB + c]; });
+        block_ref(Cb, ldc, Ab, lda, mr, K, alpha, n, [&](i64 k, i64 c) { return pb[k * kNB + c]; });
 #endif
       } else {
         const uint16_t* pb = p.h.data() + blk * Kp * kNB;
 #if defined(__AVX512F__)
-        if (mr == 3) kernel_bf16w<3>(Cb, ldc, Ab, lda, pb, K, alpha, n);
-        else if (mr == 2) kernel_bf16w<2>(Cb, ldc, Ab, lda, pb, K, alpha, n);
-        else kernel_bf16w<1>(Cb, ldc, Ab, lda, pb, K, alpha, n);
+        dispatch(mr, [&](auto R) {
+          if constexpr (R <= kMRbf16) kernel_bf16w<R>(Cb, ldc, Ab, lda, pb, K, alpha, n);
+        });
 #else
-        block_ref(Cb, ldc, mr, K, alpha, n, [&](i64 i, i64 k) { return Ab[i * lda + k]; },
-                  [&](i64 k, i64 c) { return bf16_to_float(pb[(k / 2) * 2 * kNB + c * 2 + k % 2]); });
+        block_ref(Cb, ldc, Ab, lda, mr, K, alpha, n, [&](i64 k, i64 c) {
+          return bf16_to_float(pb[(k / 2) * 2 * kNB + c * 2 + k % 2]);
+        });
 #endif
       }
     }

@@ -245,11 +245,13 @@ class DlcmStream final : public InferenceStream {
       if (prefix_) st.backbone_positions += n;  // one prefix row per token
     }
     // 3. queued concepts: W_up, backbone (cached), norm; smoother and K/V into the lists
-    sec.next("stream backbone");
+    sec.next("stream pooling");
     if (nc > 0) {
       m_.pool->project(C_.data(), pooled_.data(), nc);
+      sec.next("stream backbone stack");
       const float* z = m_.backbone->forward_cached(C_.data(), bb_chunks.data(), bb_chunks.size(),
                                                    bb_cache_);
+      sec.next("stream concept list");
       ops::rmsnorm_forward(Z_.data(), z_rstd_.data(), z, m_.backbone_norm->w, nc, dc_, eps);
       m_.xattn->append_concepts(Z_.data(), gate_.data(), concept_seq_.data(), nc, list_);
     }

@@ -38,9 +38,10 @@ struct StreamOptions {
   // GEMM (-1: kPackedRowsDefault; 0: no copies). Ignored with BF16.
   i64 packed_rows = -1;
 };
-// Rows up to which the packed FP32 kernel beats oneDNN's sgemm on the development machine
-// (docs/performance.md).
-constexpr i64 kPackedRowsDefault = 32;
+// Rows up to which the stream's FP32 products use the packed kernel: on the development
+// machine (Zen 5) it matched or beat oneDNN's sgemm from 1 to 2048 rows (docs/performance.md);
+// beyond, a long multi-prompt prefill goes to the general GEMM.
+constexpr i64 kPackedRowsDefault = 1024;
 
 // Tokens of one sequence for prefill.
 struct PrefillItem {

@@ -29,7 +29,7 @@ int cmd_bench_prefill(const BenchPrefillArgs& a) {
     std::unique_ptr<InferenceStream> st;
     std::vector<double> wall, idle, fwd_wall, fwd_idle;
     double flops_tok = 0, R = 0;
-    std::vector<std::pair<const char*, double>> parts;  // --breakdown: seconds per component
+    std::vector<std::pair<const char*, double>> parts;  // --breakdown: CPU seconds per component
   };
   std::vector<Model> ms(a.ckpts.size());
   std::vector<i32> prompt;
@@ -82,8 +82,8 @@ int cmd_bench_prefill(const BenchPrefillArgs& a) {
         for (const prof::Entry& e : prof::entries()) {
           auto it = std::find_if(x.parts.begin(), x.parts.end(),
                                  [&](auto& p) { return std::string(p.first) == e.name; });
-          if (it == x.parts.end()) x.parts.push_back({e.name, e.seconds});
-          else it->second += e.seconds;
+          if (it == x.parts.end()) x.parts.push_back({e.name, e.cpu_seconds});
+          else it->second += e.cpu_seconds;
         }
       timed([&] { x.m->logits(rows.data(), B, P, lg.data()); }, fw, fi);
       if (r < 0) continue;
@@ -110,9 +110,10 @@ int cmd_bench_prefill(const BenchPrefillArgs& a) {
   for (size_t i = 0; i < ms.size() && a.breakdown; ++i) {
     double total = 0;
     for (auto& p : ms[i].parts) total += p.second;
-    std::printf("model %zu prefill breakdown (wall, all repeats):", i);
+    std::printf("model %zu prefill breakdown (CPU ms per prefill, all threads):", i);
     for (auto& p : ms[i].parts)
-      if (p.second > 0) std::printf("  %s %.1f%%", p.first, 100 * p.second / total);
+      if (p.second > 0) std::printf("  %s %.2f", p.first, 1e3 * p.second / double(a.repeats));
+    std::printf("  (total %.2f)", 1e3 * total / double(a.repeats));
     std::printf("\n");
   }
   for (size_t i = 1; i < ms.size(); ++i) {

@@ -97,7 +97,7 @@ int cmd_bench_decode(const BenchDecodeArgs& a);
 struct BenchPrefillArgs {
   std::vector<std::string> ckpts;  // checkpoints compared in one run (the first is the reference)
   i64 prompt_len = 128, batch = 1, repeats = 11;
-  bool breakdown = false;  // wall time per component of the stream's prefill
+  bool breakdown = false;  // CPU time per component of the stream's prefill
 };
 // Prefill tokens/s of several checkpoints, interleaved, against the first (tools/bench_prefill.cpp).
 int cmd_bench_prefill(const BenchPrefillArgs& a);

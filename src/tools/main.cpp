@@ -187,7 +187,7 @@ int main(int argc, char** argv) {
   bpre->add_option("--prompt-len", bp.prompt_len, "prompt tokens")->check(CLI::Range(1, 1 << 20));
   bpre->add_option("--batch", bp.batch, "sequences prefilled together")->check(CLI::Range(1, 4096));
   bpre->add_option("--repeats", bp.repeats, "repeats (median reported)")->check(CLI::Range(1, 1000));
-  bpre->add_flag("--breakdown", bp.breakdown, "wall time per component of each stream's prefill");
+  bpre->add_flag("--breakdown", bp.breakdown, "CPU time per component of each stream's prefill");
   add_threads(bpre);
 
   PrepareArgs pa;
