@@ -112,6 +112,14 @@ void block_ref(float* C, i64 ldc, const float* A, i64 lda, i64 mr, i64 K, float 
 
 }  // namespace
 
+bool packed_gemm_native() {
+#if defined(__AVX512F__)
+  return true;
+#else
+  return false;
+#endif
+}
+
 void pack_matrix(PackedMatrix& p, const float* W, i64 N, i64 K, bool bf16) {
   p.N = N;
   p.K = K;

@@ -35,6 +35,9 @@ struct PackedMatrix {
 
 // Packs W[N, K] (row stride K); padding columns and k are zero.
 void pack_matrix(PackedMatrix& p, const float* W, i64 N, i64 K, bool bf16);
+// Whether the AVX-512 micro-kernels were compiled in (else a portable loop, correct but slower
+// than sgemm: streams then keep FP32 products on the general GEMM).
+bool packed_gemm_native();
 // C[M, N] (row stride ldc) = alpha * A[M, K] (row stride lda) W^T. Parallel over column
 // blocks outside parallel regions when the product is large enough.
 void packed_gemm(float* C, i64 ldc, const float* A, i64 lda, const PackedMatrix& p, i64 M,

@@ -9,7 +9,11 @@ i64 InferenceStream::length(i64 seq) const {
 
 void InferenceStream::pack_weights(const ParamStore& ps, const StreamOptions& o) {
   const bool bf16 = o.precision == ops::Precision::BF16;
-  const i64 rows = bf16 ? i64(1) << 40 : o.packed_rows < 0 ? kPackedRowsDefault : o.packed_rows;
+  // FP32 copies only pay with the AVX-512 kernel; BF16 needs the copies whatever runs them
+  const i64 rows = bf16                         ? i64(1) << 40
+                   : !ops::packed_gemm_native() ? 0
+                   : o.packed_rows < 0          ? kPackedRowsDefault
+                                                : o.packed_rows;
   if (rows == 0) {
     packed_.reset();
     return;

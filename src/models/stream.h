@@ -35,7 +35,8 @@ struct StreamOptions {
   // BF16 with FP32 accumulation, whatever its row count; the rest of the arithmetic stays FP32).
   ops::Precision precision = ops::Precision::FP32;
   // FP32: products of at most this many rows use the packed copies, larger ones the general
-  // GEMM (-1: kPackedRowsDefault; 0: no copies). Ignored with BF16.
+  // GEMM (-1: kPackedRowsDefault; 0: no copies; none either where the AVX-512 kernel is not
+  // compiled in, ops::packed_gemm_native()). Ignored with BF16.
   i64 packed_rows = -1;
 };
 // Rows up to which the stream's FP32 products use the packed kernel: on the development
