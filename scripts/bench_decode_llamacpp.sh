@@ -8,9 +8,10 @@
 # Without --ckpt it trains configs/baseline-small.json for one step on data/prepared (the weights'
 # values do not change the cost of a step). The checkpoint is exported as GGUF f32, f16 and bf16;
 # then, in rounds that alternate the engines, batch 1 with the same prompt length, new tokens and
-# thread count: `dlcm bench decode --ckpt` (f32 weights, decode with the K/V caches) and
-# bench/llama_decode.mjs (llama.cpp through node-llama-cpp, f32 K/V cache) on each GGUF file.
-# Each cell is the median over the rounds; the ratio is dlcm / llama.cpp f32.
+# thread count: `dlcm bench decode --ckpt --precision fp32,bf16` (f32 weights, and bf16 weight
+# copies, decode with the K/V caches) and bench/llama_decode.mjs (llama.cpp through
+# node-llama-cpp, f32 K/V cache) on each GGUF file. Each cell is the median over the rounds; the
+# ratios are dlcm f32 / llama.cpp f32 and dlcm bf16 / llama.cpp f16.
 #
 # Per step, both sides count one token in and one greedy argmax out. dlcm's "decode with caches"
 # rate is T tokens over T argmaxes and T-1 steps, so it is scaled by (T-1)/T here.
@@ -58,9 +59,12 @@ echo "load before: $(uptime)"
 declare -A rates  # "engine threads" -> space-separated rates of the rounds
 for ((r = 0; r < rounds; ++r)); do
   for t in $threads; do
-    v=$("$dlcm" bench decode --ckpt "$ckpt" --prompt-len "$plen" --new-tokens "$ntok" --repeats 1 --threads "$t" 2>/dev/null |
-        awk -v T="$ntok" '/decode with caches/ {printf "%.1f", $5 * (T - 1) / T}')
-    rates["dlcm $t"]+="$v "
+    out=$("$dlcm" bench decode --ckpt "$ckpt" --prompt-len "$plen" --new-tokens "$ntok" --repeats 1 \
+          --threads "$t" --precision fp32,bf16 2>/dev/null)
+    for p in fp32 bf16; do
+      v=$(echo "$out" | awk -v T="$ntok" -v P="[$p]" '$1 == P && /decode with caches/ {printf "%.1f", $6 * (T - 1) / T}')
+      rates["dlcm-$p $t"]+="$v "
+    done
     for d in $dtypes; do
       line=$(node "$root/bench/llama_decode.mjs" "$work/model-$d.gguf" "$t" "$plen" "$ntok")
       rates["llama-$d $t"]+="$(echo "$line" | sed 's/.*"tokens_per_s":\([0-9.]*\).*/\1/' | xargs printf '%.1f') "
@@ -71,13 +75,16 @@ done
 echo "load after:  $(uptime)"
 
 median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR] = $1} END {printf "%.2f", NR % 2 ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2}'; }
-printf '\n%-8s %12s %14s %14s %14s %14s %16s\n' threads "dlcm f32" "llama.cpp f32" "llama.cpp f16" "llama.cpp bf16" "dlcm/llama f32" "llama cpu/wall"
+printf '\n%-8s %10s %10s %14s %14s %14s %15s %16s %15s\n' threads "dlcm f32" "dlcm bf16" "llama.cpp f32" \
+  "llama.cpp f16" "llama.cpp bf16" "dlcm/llama f32" "dlcm bf16/l f16" "llama cpu/wall"
 for t in $threads; do
-  dm=$(echo "${rates["dlcm $t"]}" | median)
+  dm=$(echo "${rates["dlcm-fp32 $t"]}" | median)
+  db=$(echo "${rates["dlcm-bf16 $t"]}" | median)
   lm=() ; for d in $dtypes; do lm+=("$(echo "${rates["llama-$d $t"]}" | median)"); done
   cpu=$(echo "${rates["cpu-f32 $t"]}" | median)
-  printf '%-8s %12s %14s %14s %14s %13.2fx %16s\n' "$t" "$dm" "${lm[0]}" "${lm[1]}" "${lm[2]}" \
-    "$(awk -v a="$dm" -v b="${lm[0]}" 'BEGIN {print a / b}')" "$cpu"
+  printf '%-8s %10s %10s %14s %14s %14s %14.2fx %15.2fx %15s\n' "$t" "$dm" "$db" "${lm[0]}" "${lm[1]}" \
+    "${lm[2]}" "$(awk -v a="$dm" -v b="${lm[0]}" 'BEGIN {print a / b}')" \
+    "$(awk -v a="$db" -v b="${lm[1]}" 'BEGIN {print a / b}')" "$cpu"
 done
 echo "tokens/s per sequence; each round (engine threads: rates):"
 for k in "${!rates[@]}"; do echo "  $k: ${rates[$k]}"; done | sort

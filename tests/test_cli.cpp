@@ -153,6 +153,14 @@ TEST(Cli, GenerateStreamsOnePromptAndBatchesAFile) {
   // Same seed, same text; the baseline has no concepts to show.
   std::string sample = "generate --ckpt " + ck + " --prompt 'Hi' --max-new-tokens 10 --seed 3 --quiet";
   EXPECT_EQ(run(sample).out, run(sample).out);
+  // BF16 weights in the decode: runs, and a bad precision is a one-line error
+  r = run("generate --ckpt " + ck + " --prompt 'Hello' --max-new-tokens 5 --temperature 0 "
+          "--ignore-eos --quiet --precision bf16");
+  ASSERT_EQ(r.rc, 0) << r.out;
+  EXPECT_EQ(r.out.rfind("Hello", 0), 0u) << r.out;
+  r = run("generate --ckpt " + ck + " --prompt 'Hello' --precision fp16");
+  EXPECT_NE(r.rc, 0);
+  EXPECT_NE(r.out.find("--precision"), std::string::npos) << r.out;
   r = run("generate --ckpt " + ck + " --prompt 'Hi' --max-new-tokens 3 --show-concepts");
   ASSERT_EQ(r.rc, 0) << r.out;
   EXPECT_NE(r.out.find("concepts do not apply"), std::string::npos) << r.out;
@@ -176,10 +184,18 @@ TEST(Cli, BenchDecodeRuns) {
   std::ofstream(cfg) << "{\"vocab_size\": 64, \"d_token\": 32, \"n_heads\": 2, \"n_kv_heads\": 1,"
                         " \"head_dim\": 16, \"d_ff\": 64, \"n_layers\": 2, \"max_seq_len\": 64,"
                         " \"train\": {\"seq_len\": 64}}";
-  CmdResult r = run("bench decode --config " + cfg + " --prompt-len 20 --new-tokens 10 --batch 2");
+  CmdResult r = run("bench decode --config " + cfg + " --prompt-len 20 --new-tokens 10 --batch 2 "
+                    "--precision fp32,bf16");
   ASSERT_EQ(r.rc, 0) << r.out;
-  EXPECT_NE(r.out.find("speed-up of the caches"), std::string::npos) << r.out;
-  EXPECT_NE(r.out.find("greedy tokens agree for 10 of 10"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("[fp32] speed-up of the caches"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("agree with the fp32 recompute for 10 of 10"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("[bf16] decode tokens/s against [fp32]"), std::string::npos) << r.out;
+  // bench prefill: two checkpoints in one run, the second against the first
+  const std::string ck = byte_checkpoint(tmp.path);
+  r = run("bench prefill --ckpt " + ck + " --ckpt " + ck + " --prompt-len 16 --repeats 2 --breakdown");
+  ASSERT_EQ(r.rc, 0) << r.out;
+  EXPECT_NE(r.out.find("model 1 / model 0 prefill tokens/s"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("stream layers"), std::string::npos) << r.out;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -2,8 +2,11 @@
 // prompts crossing attention block boundaries and documents, batched sequences of different
 // lengths, prefill and steps interleaved, slots reused; and the stream rejects bad calls.
 #include <algorithm>
+#include <cstring>
+#include <tuple>
 
 #include "model_fixtures.h"
+#include "kernels/packed_gemm.h"
 #include "nn/transformer.h"
 #include "testing.h"
 
@@ -29,7 +32,11 @@ struct Case {
 
 void PrintTo(const Case& c, std::ostream* os) { *os << c.name; }
 
-class StreamEquivalence : public ::testing::TestWithParam<Case> {};
+// Each case in both stream precisions: FP32 (against LanguageModel::logits) and BF16 (the
+// decode path with BF16 weights: against the same BF16 stream's one-call prefill of the whole
+// sequence, as every weight product of a BF16 stream computes a row the same way whatever the
+// call; and against the FP32 full forward within BF16 rounding).
+class StreamEquivalence : public ::testing::TestWithParam<std::tuple<Case, ops::Precision>> {};
 
 // A stream's concept info for the tokens of slot `slot` against the full-pass boundaries of the
 // same tokens, and its counters: one backbone position per closed concept, never one per token.
@@ -68,7 +75,9 @@ void check_concepts(LanguageModel& m, InferenceStream& st, i64 slot, const std::
 // prompt lengths, then batched steps while the active set shrinks, a second prefill in the
 // middle of one sequence, and a slot reset and reused for a fourth sequence.
 TEST_P(StreamEquivalence, IncrementalEqualsFullForward) {
-  Config c = GetParam().config();
+  Config c = std::get<0>(GetParam()).config();
+  const ops::Precision prec = std::get<1>(GetParam());
+  const bool bf16 = prec == ops::Precision::BF16;
   c.model.max_seq_len = 160;
   auto m = make_initialised_model(c.model, 11);
   const i64 V = c.model.vocab_size;
@@ -82,9 +91,34 @@ TEST_P(StreamEquivalence, IncrementalEqualsFullForward) {
   ASSERT_GE(std::count(seqs[0].begin(), seqs[0].end(), bos), 3);
   std::vector<std::vector<float>> want;
   for (auto& s : seqs) want.push_back(full_logits(*m, s));
-
   StreamOptions so;
   so.max_seqs = 3;
+  so.precision = prec;
+  // BF16: the reference is the BF16 stream's prefill of each whole sequence (all positions),
+  // itself within BF16 rounding of the FP32 full forward (logits of size ~1 here; BF16 keeps 8
+  // significant bits, so products carry relative errors ~2^-9 through a few layers).
+  std::unique_ptr<InferenceStream> whole_st;  // its concept info, for the BF16 check below
+  if (bf16) {
+    StreamOptions one = so;
+    one.max_seqs = 1;
+    double vs_fp32 = 0;
+    for (size_t i = 0; i < seqs.size(); ++i) {
+      auto ws = m->new_stream(one);
+      std::vector<float> got(seqs[i].size() * V);
+      ws->prefill(0, seqs[i].data(), seqs[i].size(), got.data(), true);
+      vs_fp32 = std::max(vs_fp32, test::max_abs_diff(got.data(), want[i].data(), got.size()));
+      want[i] = got;
+      if (i == 0) whole_st = std::move(ws);
+    }
+    // Measured on these random tiny models (init_std 0.3, logits up to ~4): 1-1.5% of the
+    // largest logit for the baseline, up to 7% for the DLCM (more layers on the token's path,
+    // and the router's p moves with BF16 weights); trained models: docs/inference.md.
+    double mag = 0;
+    for (float v : want[0]) mag = std::max(mag, double(std::abs(v)));
+    EXPECT_LT(vs_fp32, (c.model.is_dlcm() ? 0.1 : 0.025) * mag)
+        << "BF16 stream against the FP32 full forward";
+    EXPECT_GT(vs_fp32, 1e-6) << "the BF16 stream should not compute in FP32";
+  }
   auto st = m->new_stream(so);
   EXPECT_EQ(st->max_len(), 160);
   double worst = 0;
@@ -146,7 +180,13 @@ TEST_P(StreamEquivalence, IncrementalEqualsFullForward) {
   for (float x : want[0]) mag = std::max(mag, double(std::abs(x)));
   EXPECT_GT(mag, 0.5);
   EXPECT_EQ(st->has_concepts(), c.model.is_dlcm());
-  if (st->has_concepts()) {
+  if (st->has_concepts() && bf16) {
+    // the BF16 stream's decisions do not depend on the split either
+    for (i64 t = 0; t < 150; ++t) {
+      EXPECT_EQ(st->token_concept(0, t).boundary, whole_st->token_concept(0, t).boundary) << t;
+      EXPECT_EQ(st->token_concept(0, t).concept_index, whole_st->token_concept(0, t).concept_index);
+    }
+  } else if (st->has_concepts()) {
     for (i64 s = 0; s < 3; ++s) check_concepts(*m, *st, s, seqs[which[s]]);
   } else {
     StreamCounters ct = st->counters(0);
@@ -181,7 +221,7 @@ Config dlcm_prefix_mean_inclusive() {
 Config dlcm_no_concept_path() { return dlcm_variant("mean", "shifted", "compact", false); }
 
 INSTANTIATE_TEST_SUITE_P(Arch, StreamEquivalence,
-                         ::testing::Values(Case{"baseline_qk_mqa", baseline_qk_mqa},
+                         ::testing::Combine(::testing::Values(Case{"baseline_qk_mqa", baseline_qk_mqa},
                                            Case{"baseline_gqa", baseline_gqa},
                                            Case{"baseline_qk_gqa", baseline_qk_gqa},
                                            Case{"dlcm_projected_compact", dlcm_projected_compact},
@@ -195,7 +235,12 @@ INSTANTIATE_TEST_SUITE_P(Arch, StreamEquivalence,
                                            Case{"dlcm_prefix_mean_inclusive",
                                                 dlcm_prefix_mean_inclusive},
                                            Case{"dlcm_no_concept_path", dlcm_no_concept_path}),
-                         [](const auto& info) { return info.param.name; });
+                                            ::testing::Values(ops::Precision::FP32,
+                                                              ops::Precision::BF16)),
+                         [](const auto& info) {
+                           return std::get<0>(info.param).name + "_" +
+                                  ops::precision_name(std::get<1>(info.param));
+                         });
 
 // Splitting a sequence differently (one prefill, token by token, chunks) gives the same logits,
 // and batching does not change a sequence's results beyond rounding.
@@ -345,6 +390,67 @@ TEST(Stream, PrefixRowsSeeTheRealSequence) {
     for (auto& p : ps.params())
       test::check_grad(what + p.name, p.w, an.data() + p.offset, p.numel, loss, 1e-2, 2e-2, 12);
   }
+}
+
+// The packed products of a stream (kernels/packed_gemm.h) against a plain loop: FP32 on the
+// given operands, BF16 with W rounded to BF16 (x stays FP32); every row of a product is
+// computed bit for bit the same whatever M is (a step's row equals the same row in a prefill);
+// partial column blocks (N % 64), odd K and alpha; and ops::gemm serves registered weights from
+// the packed copy only inside a PackedScope and up to max_rows rows.
+TEST(PackedGemm, MatchesLoopAndRowsAreIndependentOfM) {
+  Rng r(7);
+  for (bool bf16 : {false, true})
+    for (auto [N, K] : {std::pair<i64, i64>{37, 19}, {64, 64}, {130, 33}, {200, 256}}) {
+      const i64 M = 8;
+      std::vector<float> W(N * K), x(M * K), y(M * N), y1(N);
+      for (auto& v : W) v = r.uniform() - 0.5f;
+      for (auto& v : x) v = r.uniform() - 0.5f;
+      ops::PackedMatrix p;
+      ops::pack_matrix(p, W.data(), N, K, bf16);
+      ops::packed_gemm(y.data(), N, x.data(), K, p, M, 0.5f);
+      auto rd = [&](float v) {
+        if (!bf16) return double(v);
+        uint16_t h;
+        ops::round_to_bf16(&h, &v, 1);
+        return double(ops::bf16_to_float(h));
+      };
+      double err = 0, mag = 0;
+      for (i64 i = 0; i < M; ++i)
+        for (i64 j = 0; j < N; ++j) {
+          double want = 0;
+          for (i64 k = 0; k < K; ++k) want += double(x[i * K + k]) * rd(W[j * K + k]);
+          err = std::max(err, std::abs(0.5 * want - y[i * N + j]));
+          mag = std::max(mag, std::abs(want));
+        }
+      EXPECT_LT(err, 1e-5) << "bf16 " << bf16 << " N " << N << " K " << K;
+      EXPECT_GT(mag, 0.5);
+      for (i64 i = 0; i < M; ++i) {  // row i alone: bitwise the same
+        ops::packed_gemm(y1.data(), N, x.data() + i * K, K, p, 1, 0.5f);
+        EXPECT_EQ(0, std::memcmp(y1.data(), y.data() + i * N, N * sizeof(float))) << "row " << i;
+      }
+    }
+  // the hook in ops::gemm: the packed copy is taken at registration, so changing W afterwards
+  // shows which path ran
+  const i64 N = 70, K = 24;
+  std::vector<float> W(N * K), x(4 * K), old(4 * N), got(4 * N), now(4 * N);
+  for (auto& v : W) v = r.uniform() - 0.5f;
+  for (auto& v : x) v = r.uniform() - 0.5f;
+  ops::linear_forward(old.data(), x.data(), W.data(), 4, K, N);
+  ops::PackedWeights pw(3);
+  pw.add(W.data(), N, K, false);
+  for (auto& v : W) v *= 2;
+  ops::linear_forward(now.data(), x.data(), W.data(), 4, K, N);
+  {
+    ops::PackedScope scope(&pw);
+    ops::linear_forward(got.data(), x.data(), W.data(), 3, K, N);  // 3 rows: packed (old W)
+    EXPECT_LT(test::max_abs_diff(got.data(), old.data(), 3 * N), 1e-5);
+    ops::linear_forward(got.data(), x.data(), W.data(), 4, K, N);  // 4 > max_rows: general
+    EXPECT_LT(test::max_abs_diff(got.data(), now.data(), 4 * N), 1e-5);
+  }
+  EXPECT_EQ(ops::active_packed_weights(), nullptr);
+  ops::linear_forward(got.data(), x.data(), W.data(), 3, K, N);
+  EXPECT_LT(test::max_abs_diff(got.data(), now.data(), 3 * N), 1e-5);
+  EXPECT_GT(test::max_abs_diff(old.data(), now.data(), 3 * N), 0.1);
 }
 
 }  // namespace

@@ -42,6 +42,7 @@ std::vector<Completion> generate(LanguageModel& m, const Tokenizer& tok,
   StreamOptions so;
   so.max_seqs = S;
   so.tau = o.tau;
+  so.precision = o.precision;
   auto st = m.new_stream(so);
   const bool want_info = o.concepts && st->has_concepts();
   std::vector<Slot> slots(S);

@@ -1,4 +1,5 @@
 #include "kernels/gemm.h"
+#include "kernels/packed_gemm.h"
 
 #include <dnnl.h>
 #include <omp.h>
@@ -429,6 +430,11 @@ std::string gemm_impl(bool trans_a, bool trans_b, i64 M, i64 N, i64 K, float alp
 void gemm(bool trans_a, bool trans_b, i64 M, i64 N, i64 K, float alpha, const float* A, i64 lda,
           const float* B, i64 ldb, float beta, float* C, i64 ldc) {
   if (M == 0 || N == 0) return;
+  // x W^T with weights packed by an inference stream on this thread (kernels/packed_gemm.h)
+  if (const PackedWeights* pw = active_packed_weights();
+      pw && !trans_a && trans_b && beta == 0 && ldb == K)
+    if (const PackedMatrix* pm = pw->find(B, N, K, M))
+      return packed_gemm(C, ldc, A, lda, *pm, M, alpha);
   const FixedKey key = fixed_key(trans_a, trans_b, M, N, K, alpha, lda, ldb, beta, ldc);
   if (auto p = fixed_for(key, true)) return fixed_gemm(*p, key, A, lda, B, ldb, C);
   if (g_precision == Precision::BF16 && K > 0)

@@ -219,6 +219,7 @@ class BaselineStream final : public InferenceStream {
       chunks_.push_back({items[i].seq, items[i].n});
       R += items[i].n;
     }
+    prof::Scope ps("stream layers");
     const float* mid = m_.layers_.forward_cached(x_.data(), chunks_.data(), n, cache_);
     if (!m_.extras_) return mid;
     m_.extras_forward(X_.data(), H_.data(), h_rstd_.data(), pn_.data(), pn_rstd_.data(),
@@ -226,6 +227,7 @@ class BaselineStream final : public InferenceStream {
     return m_.post_.forward_cached(X_.data(), chunks_.data(), n, post_cache_);
   }
   void head(const float* h, i64 N, float* out) {
+    prof::Scope ps("stream head");
     m_.head_.logits(h, N, out, xn_.data(), rstd_.data());
   }
 
@@ -238,7 +240,9 @@ class BaselineStream final : public InferenceStream {
 };
 
 std::unique_ptr<InferenceStream> BaselineModel::new_stream(const StreamOptions& o) {
-  return std::make_unique<BaselineStream>(*this, o.max_seqs, stream_len(o));
+  auto s = std::make_unique<BaselineStream>(*this, o.max_seqs, stream_len(o));
+  s->pack_weights(params(), o);
+  return s;
 }
 
 std::vector<std::pair<std::string, double>> BaselineModel::activation_rms() const {

@@ -21,6 +21,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "core/profiler.h"
 #include "kernels/dlcm_ops.h"
 #include "kernels/gemm.h"
 #include "kernels/ops.h"
@@ -105,6 +106,7 @@ class DlcmStream final : public InferenceStream {
         items, n_items, logits, all_logits, rows_, d_, last_.data(),
         [&](const PrefillItem* it, i64 n) { return run(it, n); },
         [&](const float* h, i64 N, float* out) {
+          prof::Scope ps("stream head");
           m_.head->logits(h, N, out, xn_.data(), rstd_.data());
         });
   }
@@ -136,6 +138,8 @@ class DlcmStream final : public InferenceStream {
   // Runs everything up to the decoder output for the items' tokens (R rows in item order).
   const float* run(const PrefillItem* items, i64 n_items) {
     const float eps = c_.norm_eps;
+    prof::Section sec;
+    sec.next("stream encoder");
     std::vector<CacheChunk> chunks(n_items);
     std::vector<i64> row0(n_items);
     i64 R = 0;
@@ -151,6 +155,7 @@ class DlcmStream final : public InferenceStream {
     for (i64 i = 0; i < n_items; ++i) pos0[i] = enc_cache_.len[items[i].seq];
     const float* enc = m_.encoder->forward_cached(x_.data(), chunks.data(), n_items, enc_cache_);
     ops::rmsnorm_forward(H_.data(), rstd_.data(), enc, m_.encoder_norm->w, R, d_, eps);
+    sec.next("stream router");
     const float* q = H_.data();
     const float* k = H_.data();
     if (m_.router_wq) {
@@ -162,6 +167,7 @@ class DlcmStream final : public InferenceStream {
     // 2. p, b and concept bookkeeping, item by item, token by token. A concept goes through
     // the backbone when its representation is final: at its close (shifted), or at its first
     // token (inclusive with "first": the first token is all it holds).
+    sec.next("stream concepts");
     i64 nc = 0;  // concepts queued for the backbone in this call, all items
     concept_seq_.clear();
     std::vector<CacheChunk> bb_chunks;
@@ -239,10 +245,13 @@ class DlcmStream final : public InferenceStream {
       if (prefix_) st.backbone_positions += n;  // one prefix row per token
     }
     // 3. queued concepts: W_up, backbone (cached), norm; smoother and K/V into the lists
+    sec.next("stream pooling");
     if (nc > 0) {
       m_.pool->project(C_.data(), pooled_.data(), nc);
+      sec.next("stream backbone stack");
       const float* z = m_.backbone->forward_cached(C_.data(), bb_chunks.data(), bb_chunks.size(),
                                                    bb_cache_);
+      sec.next("stream concept list");
       ops::rmsnorm_forward(Z_.data(), z_rstd_.data(), z, m_.backbone_norm->w, nc, dc_, eps);
       m_.xattn->append_concepts(Z_.data(), gate_.data(), concept_seq_.data(), nc, list_);
     }
@@ -254,11 +263,13 @@ class DlcmStream final : public InferenceStream {
                                                                 ppos_.data(), R, bb_cache_);
       ops::rmsnorm_forward(Zp_.data(), zp_rstd_.data(), zp, m_.backbone_norm->w, R, dc_, eps);
     }
+    sec.next("stream cross-attention");
     // 4. each token attends its visible entries; Psi, cross FFN; decoder (cached)
     const float* X = m_.xattn->forward_cached(H_.data(), seq_of_.data(), last_entry_.data(),
                                               own_.data(), R, list_,
                                               prefix_ ? Zp_.data() : nullptr,
                                               prefix_ ? own_gate_.data() : nullptr);
+    sec.next("stream decoder");
     return m_.decoder->forward_cached(X, chunks.data(), n_items, dec_cache_);
   }
 
@@ -299,7 +310,9 @@ class DlcmStream final : public InferenceStream {
 };
 
 std::unique_ptr<InferenceStream> DlcmModel::new_stream(const StreamOptions& o) {
-  return std::make_unique<DlcmStream>(*this, o.max_seqs, stream_len(o), o.tau);
+  auto s = std::make_unique<DlcmStream>(*this, o.max_seqs, stream_len(o), o.tau);
+  s->pack_weights(params(), o);
+  return s;
 }
 
 }  // namespace dlcm

@@ -7,6 +7,22 @@ i64 InferenceStream::length(i64 seq) const {
   return len_[seq];
 }
 
+void InferenceStream::pack_weights(const ParamStore& ps, const StreamOptions& o) {
+  const bool bf16 = o.precision == ops::Precision::BF16;
+  // FP32 copies only pay with the AVX-512 kernel; BF16 needs the copies whatever runs them
+  const i64 rows = bf16                         ? i64(1) << 40
+                   : !ops::packed_gemm_native() ? 0
+                   : o.packed_rows < 0          ? kPackedRowsDefault
+                                                : o.packed_rows;
+  if (rows == 0) {
+    packed_.reset();
+    return;
+  }
+  packed_ = std::make_unique<ops::PackedWeights>(rows);
+  for (const Param& p : ps.params())
+    if (p.shape.size() == 2) packed_->add(p.w, p.shape[0], p.shape[1], bf16);
+}
+
 StreamCounters InferenceStream::counters(i64 seq) const {
   StreamCounters c;
   c.tokens = length(seq);
@@ -58,6 +74,7 @@ void InferenceStream::prefill(const PrefillItem* items, i64 n_items, float* logi
     check_tokens(it.tokens, it.n);
   }
   check_distinct(seqs.data(), n_items, "prefill");
+  ops::PackedScope packed(packed_.get());
   do_prefill(items, n_items, logits, all_logits);
   for (i64 i = 0; i < n_items; ++i) len_[items[i].seq] += items[i].n;
 }
@@ -69,6 +86,7 @@ void InferenceStream::step(const i64* seqs, const i32* tokens, i64 n, float* log
     DLCM_CHECK(len_[seqs[i]] < max_len_, "context full: slot ", seqs[i], " holds ", max_len_,
                " tokens, the model's context");
   check_tokens(tokens, n);
+  ops::PackedScope packed(packed_.get());
   do_step(seqs, tokens, n, logits);
   for (i64 i = 0; i < n; ++i) len_[seqs[i]] += 1;
 }

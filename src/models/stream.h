@@ -16,9 +16,13 @@
 //   - the work per step does not grow with the full prefix recomputed (caches, not recompute).
 #pragma once
 #include <algorithm>
+#include <memory>
 #include <vector>
 
 #include "core/common.h"
+#include "core/params.h"
+#include "kernels/gemm.h"
+#include "kernels/packed_gemm.h"
 
 namespace dlcm {
 
@@ -26,7 +30,19 @@ struct StreamOptions {
   i64 max_seqs = 1;  // slots decoded together
   i64 max_len = 0;   // tokens per slot (0 = the model's max_seq_len; never more)
   float tau = -1;    // DLCM boundary threshold (< 0: the config's router.tau)
+  // Weights of the stream's products (kernels/packed_gemm.h): FP32 copies packed for products
+  // of few rows, or BF16 copies (the "bf16" decode path: every weight product of the stream in
+  // BF16 with FP32 accumulation, whatever its row count; the rest of the arithmetic stays FP32).
+  ops::Precision precision = ops::Precision::FP32;
+  // FP32: products of at most this many rows use the packed copies, larger ones the general
+  // GEMM (-1: kPackedRowsDefault; 0: no copies; none either where the AVX-512 kernel is not
+  // compiled in, ops::packed_gemm_native()). Ignored with BF16.
+  i64 packed_rows = -1;
 };
+// Rows up to which the stream's FP32 products use the packed kernel: on the development
+// machine (Zen 5) it matched or beat oneDNN's sgemm from 1 to 2048 rows (docs/performance.md);
+// beyond, a long multi-prompt prefill goes to the general GEMM.
+constexpr i64 kPackedRowsDefault = 1024;
 
 // Tokens of one sequence for prefill.
 struct PrefillItem {
@@ -79,6 +95,11 @@ class InferenceStream {
   virtual TokenConcept token_concept(i64 seq, i64 pos) const { return {}; }
   virtual StreamCounters counters(i64 seq) const;
 
+  // Copies of the weight matrices (every 2-D parameter) in the layout and precision `o` asks
+  // for; prefill and step run their products on them. Called by the model's new_stream; the
+  // weights must not change while the stream is used (a new stream copies them again).
+  void pack_weights(const ParamStore& ps, const StreamOptions& o);
+
  protected:
   InferenceStream(i64 max_seqs, i64 max_len, i64 vocab)
       : max_seqs_(max_seqs), max_len_(max_len), vocab_(vocab), len_(max_seqs, 0) {}
@@ -122,6 +143,7 @@ class InferenceStream {
   void check_distinct(const i64* seqs, i64 n, const char* who) const;
   i64 max_seqs_, max_len_, vocab_;
   std::vector<i64> len_;
+  std::unique_ptr<ops::PackedWeights> packed_;
 };
 
 }  // namespace dlcm

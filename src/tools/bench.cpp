@@ -598,38 +598,51 @@ int cmd_bench_decode(const BenchDecodeArgs& a) {
     i64 s0 = 0;
     st->step(&s0, prompt.data() + 1, 1, lg.data());
   }
-  std::vector<double> cached_rates, prefill_rates, recompute_rates;
-  std::vector<i32> gen_cached, gen_recompute;
+  std::vector<ops::Precision> precs;
+  for (const std::string& p : a.precisions) precs.push_back(ops::parse_precision(p, "--precision"));
+  DLCM_CHECK(!precs.empty(), "bench decode: --precision needs fp32 and/or bf16");
+  const i64 NP = precs.size();
+  std::vector<std::vector<double>> cached_rates(NP), prefill_rates(NP);
+  std::vector<double> recompute_rates;
+  std::vector<std::vector<i32>> gen_cached(NP);
+  std::vector<i32> gen_recompute;
   for (i64 r = 0; r < a.repeats; ++r) {
-    // Cached: prefill every sequence in one batched pass, then T batched steps.
-    StreamOptions so;
-    so.max_seqs = B;
-    so.max_len = P + T;
-    auto st = m->new_stream(so);
-    std::vector<PrefillItem> items;
-    for (i64 b = 0; b < B; ++b) items.push_back({b, prompt.data(), P});
-    Buf lg(B * V);
-    std::vector<i64> seqs(B);
-    std::vector<i32> next(B);
-    for (i64 b = 0; b < B; ++b) seqs[b] = b;
-    gen_cached.clear();
-    auto t0 = clk::now();
-    st->prefill(items.data(), B, lg.data());
-    prefill_rates.push_back(double(B * P) / secs(t0));
-    t0 = clk::now();
-    for (i64 t = 0; t < T; ++t) {
-      for (i64 b = 0; b < B; ++b) next[b] = argmax(lg.data() + b * V);
-      gen_cached.push_back(next[0]);
-      if (t + 1 < T) st->step(seqs.data(), next.data(), B, lg.data());
+    // Cached, in each precision: prefill every sequence in one batched pass, then T batched steps.
+    for (i64 pi = 0; pi < NP; ++pi) {
+      StreamOptions so;
+      so.max_seqs = B;
+      so.max_len = P + T;
+      so.precision = precs[pi];
+      auto st = m->new_stream(so);
+      std::vector<PrefillItem> items;
+      for (i64 b = 0; b < B; ++b) items.push_back({b, prompt.data(), P});
+      Buf lg(B * V);
+      std::vector<i64> seqs(B);
+      std::vector<i32> next(B);
+      for (i64 b = 0; b < B; ++b) seqs[b] = b;
+      {  // warm-up of this stream's kernels and buffers, then a fresh slot
+        st->prefill(0, prompt.data(), 1, lg.data());
+        st->reset(0);
+      }
+      gen_cached[pi].clear();
+      auto t0 = clk::now();
+      st->prefill(items.data(), B, lg.data());
+      prefill_rates[pi].push_back(double(B * P) / secs(t0));
+      t0 = clk::now();
+      for (i64 t = 0; t < T; ++t) {
+        for (i64 b = 0; b < B; ++b) next[b] = argmax(lg.data() + b * V);
+        gen_cached[pi].push_back(next[0]);
+        if (t + 1 < T) st->step(seqs.data(), next.data(), B, lg.data());
+      }
+      cached_rates[pi].push_back(double(B * T) / secs(t0));
     }
-    cached_rates.push_back(double(B * T) / secs(t0));
 
     // Recompute: the whole prefix of every sequence each step.
     std::vector<i32> rows(B * (P + T));
     std::vector<i32> cur = prompt;
     Buf full(B * (P + T) * V);
     gen_recompute.clear();
-    t0 = clk::now();
+    auto t0 = clk::now();
     for (i64 t = 0; t < T; ++t) {
       const i64 L = cur.size();
       for (i64 b = 0; b < B; ++b) std::copy(cur.begin(), cur.end(), rows.begin() + b * L);
@@ -640,14 +653,24 @@ int cmd_bench_decode(const BenchDecodeArgs& a) {
     }
     recompute_rates.push_back(double(B * T) / secs(t0));
   }
-  i64 agree = 0;
-  while (agree < T && gen_cached[agree] == gen_recompute[agree]) ++agree;
-  const double c = bench::median(cached_rates), rc = bench::median(recompute_rates);
-  std::printf("prefill (cached)       : %10.1f tokens/s\n", bench::median(prefill_rates));
-  std::printf("decode with caches     : %10.1f tokens/s  (%.2f ms per step)\n", c, 1e3 * B / c);
+  const double rc = bench::median(recompute_rates);
   std::printf("decode by recompute    : %10.1f tokens/s  (%.2f ms per step)\n", rc, 1e3 * B / rc);
-  std::printf("speed-up of the caches : %.2fx   (median of %lld repeats; greedy tokens agree for %lld of %lld)\n",
-              c / rc, (long long)a.repeats, (long long)agree, (long long)T);
+  for (i64 pi = 0; pi < NP; ++pi) {
+    i64 agree = 0;
+    while (agree < T && gen_cached[pi][agree] == gen_recompute[agree]) ++agree;
+    const double c = bench::median(cached_rates[pi]);
+    const char* pn = ops::precision_name(precs[pi]);
+    std::printf("[%s] prefill (cached)       : %10.1f tokens/s\n", pn,
+                bench::median(prefill_rates[pi]));
+    std::printf("[%s] decode with caches     : %10.1f tokens/s  (%.2f ms per step)\n", pn, c,
+                1e3 * B / c);
+    std::printf("[%s] speed-up of the caches : %.2fx   (median of %lld repeats; greedy tokens agree "
+                "with the fp32 recompute for %lld of %lld)\n",
+                pn, c / rc, (long long)a.repeats, (long long)agree, (long long)T);
+    if (pi > 0)
+      std::printf("[%s] decode tokens/s against [%s]: %.2fx\n", pn,
+                  ops::precision_name(precs[0]), c / bench::median(cached_rates[0]));
+  }
   return 0;
 }
 

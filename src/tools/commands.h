@@ -67,6 +67,7 @@ struct GenerateArgs {
   std::vector<std::string> stops;
   i64 batch = 8;             // prompts decoded together
   double tau = -1;           // dlcm boundary threshold (< 0: the checkpoint's)
+  std::string precision = "fp32";  // the stream's weights: fp32 | bf16 (StreamOptions)
   bool show_concepts = false, ignore_eos = false, quiet = false;
   bool ids = false;  // print token ids, not text: "PROMPT_IDS -> COMPLETION_IDS" per prompt
   bool json = false;  // one JSON object per completion on stdout
@@ -90,9 +91,18 @@ struct BenchDecodeArgs {
   std::string ckpt, config;  // a checkpoint, or a config (random weights; default: the reference)
   std::vector<std::string> sets;
   i64 prompt_len = 128, new_tokens = 128, batch = 1, repeats = 1;
+  std::vector<std::string> precisions = {"fp32"};  // the cached decode in each, side by side
 };
 // Decode tokens/s with the streaming caches against recomputing the whole prefix each step.
 int cmd_bench_decode(const BenchDecodeArgs& a);
+
+struct BenchPrefillArgs {
+  std::vector<std::string> ckpts;  // checkpoints compared in one run (the first is the reference)
+  i64 prompt_len = 128, batch = 1, repeats = 11;
+  bool breakdown = false;  // CPU time per component of the stream's prefill
+};
+// Prefill tokens/s of several checkpoints, interleaved, against the first (tools/bench_prefill.cpp).
+int cmd_bench_prefill(const BenchPrefillArgs& a);
 
 // `dlcm config [--config FILE] [--set k=v]...`: prints the resolved, validated config JSON;
 // `--keys` lists every key with its type, default and allowed range (`--markdown`: the table

@@ -67,6 +67,7 @@ int main(int argc, char** argv) {
   gen->add_option("--seed", ga.seed, "sampling seed (same seed, same text)");
   gen->add_option("--stop", ga.stops, "stop before this string (repeatable)");
   gen->add_option("--batch", ga.batch, "prompts decoded together")->check(CLI::Range(1, 4096));
+  gen->add_option("--precision", ga.precision, "weights of the decode: fp32, or bf16 copies (AVX512-BF16 dot products, FP32 accumulation)");
   gen->add_option("--tau", ga.tau, "dlcm boundary threshold (default: the checkpoint's router.tau)");
   gen->add_flag("--show-concepts", ga.show_concepts, "print each generated token's boundary probability and concept index (dlcm)");
   gen->add_flag("--ignore-eos", ga.ignore_eos, "keep generating after the end-of-sequence token");
@@ -177,7 +178,17 @@ int main(int argc, char** argv) {
   bdec->add_option("--new-tokens", bd.new_tokens, "generated tokens per sequence")->check(CLI::Range(1, 1 << 20));
   bdec->add_option("--batch", bd.batch, "sequences decoded together")->check(CLI::Range(1, 4096));
   bdec->add_option("--repeats", bd.repeats, "repeats (median reported)")->check(CLI::Range(1, 100));
+  bdec->add_option("--precision", bd.precisions, "fp32 and/or bf16 weights for the cached decode, side by side")->delimiter(',');
   add_threads(bdec);
+
+  BenchPrefillArgs bp;
+  auto* bpre = bench->add_subcommand("prefill", "prefill tokens/s of checkpoints in one run, against the first (matched FLOPs)");
+  bpre->add_option("--ckpt", bp.ckpts, "checkpoints or run folders (repeat the flag; the first is the reference)")->required();
+  bpre->add_option("--prompt-len", bp.prompt_len, "prompt tokens")->check(CLI::Range(1, 1 << 20));
+  bpre->add_option("--batch", bp.batch, "sequences prefilled together")->check(CLI::Range(1, 4096));
+  bpre->add_option("--repeats", bp.repeats, "repeats (median reported)")->check(CLI::Range(1, 1000));
+  bpre->add_flag("--breakdown", bp.breakdown, "CPU time per component of each stream's prefill");
+  add_threads(bpre);
 
   PrepareArgs pa;
   auto* prep = app.add_subcommand("prepare", "corpus files/folders -> tokenizer + train/val token shards");
@@ -352,6 +363,7 @@ int main(int argc, char** argv) {
       return rc;
     }
     if (*bdec) return cmd_bench_decode(bd);
+    if (*bpre) return cmd_bench_prefill(bp);
     if (*bgemm) return cmd_bench_gemm(bg);
     if (*seg) return cmd_segment(sa);
     if (*bxattn) {

@@ -1,0 +1,75 @@
+// Products with few rows against weights packed once (inference: decode steps, the DLCM
+// backbone's few concepts per prefill).
+//
+// A product y[M, N] = alpha * x[M, K] W^T with W[N, K] in PyTorch layout and M small is bound by
+// reading W: a general GEMM repacks W's panels on every call (oneDNN sgemm does), which costs as
+// much as the arithmetic when M is a few dozen rows or less. A PackedMatrix holds W once in
+// the layout the micro-kernel streams: blocks of 64 output columns, [N/64][K][64] in FP32, or
+// weight-only BF16 [N/64][Kp/2][64][2] (pairs of consecutive k per column; half the bytes to
+// read, widened to FP32 exactly in registers). x stays FP32 and every product accumulates in
+// FP32, so BF16 changes only W's rounding (relative 2^-9) and a row's result is a continuous
+// function of x: streaming results stay split-independent to FP32 rounding. (Rounding x to
+// BF16 as well, for AVX512-BF16 dot products, turns FP32 rounding differences of x between a
+// prefill and a step into BF16 steps of 2^-9 and breaks that.)
+//
+// PackedWeights maps weight pointers to their packed copies; while a PackedScope is active on a
+// thread, ops::gemm on that thread sends every product it can serve (x W^T with a registered
+// W, beta 0, at most max_rows rows) to packed_gemm. The copies are taken when registered: the
+// owner re-registers (or drops the table) when the weights change.
+#pragma once
+#include <cstdint>
+#include <unordered_map>
+#include <vector>
+
+#include "core/common.h"
+
+namespace dlcm::ops {
+
+struct PackedMatrix {
+  i64 N = 0, K = 0;  // W[N, K]
+  bool bf16 = false;
+  i64 Np = 0, Kp = 0;  // N rounded up to 64; K rounded up to 2 (BF16)
+  Buf f;                       // FP32 [Np/64][K][64]
+  std::vector<uint16_t> h;     // BF16 [Np/64][Kp/2][64][2]
+};
+
+// Packs W[N, K] (row stride K); padding columns and k are zero.
+void pack_matrix(PackedMatrix& p, const float* W, i64 N, i64 K, bool bf16);
+// Whether the AVX-512 micro-kernels were compiled in (else a portable loop, correct but slower
+// than sgemm: streams then keep FP32 products on the general GEMM).
+bool packed_gemm_native();
+// C[M, N] (row stride ldc) = alpha * A[M, K] (row stride lda) W^T. Parallel over column
+// blocks outside parallel regions when the product is large enough.
+void packed_gemm(float* C, i64 ldc, const float* A, i64 lda, const PackedMatrix& p, i64 M,
+                 float alpha);
+
+class PackedWeights {
+ public:
+  explicit PackedWeights(i64 max_rows = 32) : max_rows_(max_rows) {}
+  // Registers (or re-packs) W[N, K].
+  void add(const float* W, i64 N, i64 K, bool bf16);
+  // The packed copy serving x[M, K] W^T, or nullptr.
+  const PackedMatrix* find(const float* W, i64 N, i64 K, i64 M) const;
+  i64 max_rows() const { return max_rows_; }
+  i64 bytes() const;
+
+ private:
+  i64 max_rows_;
+  std::unordered_map<const float*, PackedMatrix> mats_;
+};
+
+// Makes `w` the table gemm() consults on this thread for the scope's lifetime (nullptr: none).
+class PackedScope {
+ public:
+  explicit PackedScope(const PackedWeights* w);
+  ~PackedScope();
+  PackedScope(const PackedScope&) = delete;
+  PackedScope& operator=(const PackedScope&) = delete;
+
+ private:
+  const PackedWeights* prev_;
+};
+// The table active on this thread (nullptr when none).
+const PackedWeights* active_packed_weights();
+
+}  // namespace dlcm::ops

@@ -1,0 +1,135 @@
+// `dlcm bench prefill`: prefill tokens/s of one or several checkpoints measured in one run,
+// their repeats interleaved so that a noisy machine slows them alike. Per model: the stream's
+// prefill of `batch` copies of a random prompt (one call), and the full forward pass over the
+// same rows (LanguageModel::logits, the training-style batched forward), wall and idle
+// estimate (tokens per second of the busiest thread, robust to other processes with
+// OMP_WAIT_POLICY=passive); then each model's rates against the first one's, raw and per
+// forward FLOP (flops_report at the prompt length, with the DLCM's measured R).
+#include <omp.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <memory>
+#include <string>
+
+#include "core/profiler.h"
+#include "core/rng.h"
+#include "models/flops.h"
+#include "tools/bench_common.h"
+#include "tools/commands.h"
+
+namespace dlcm {
+
+int cmd_bench_prefill(const BenchPrefillArgs& a) {
+  DLCM_CHECK(!a.ckpts.empty(), "bench prefill: give at least one --ckpt");
+  const i64 B = a.batch, P = a.prompt_len;
+  struct Model {
+    std::unique_ptr<LanguageModel> m;
+    std::unique_ptr<InferenceStream> st;
+    std::vector<double> wall, idle, fwd_wall, fwd_idle;
+    double flops_tok = 0, R = 0;
+    std::vector<std::pair<const char*, double>> parts;  // --breakdown: CPU seconds per component
+  };
+  std::vector<Model> ms(a.ckpts.size());
+  std::vector<i32> prompt;
+  for (size_t i = 0; i < ms.size(); ++i) {
+    std::string what;
+    ms[i].m = load_model_with_tokenizer(a.ckpts[i], &what);
+    const ModelConfig& mc = ms[i].m->config();
+    DLCM_CHECK(P <= mc.max_seq_len, "bench prefill: --prompt-len ", P, " exceeds the max_seq_len ",
+               mc.max_seq_len, " of ", a.ckpts[i]);
+    if (i == 0) {
+      prompt.resize(P);
+      for (i64 t = 0; t < P; ++t)
+        prompt[t] = i32(4 + counter_hash(3, t) % uint64_t(mc.vocab_size - 4));
+      prompt[0] = mc.bos_id;
+    }
+    for (i64 t = 0; t < P; ++t)
+      DLCM_CHECK(prompt[t] < mc.vocab_size, "bench prefill: the checkpoints' vocabularies differ (",
+                 a.ckpts[i], ")");
+    StreamOptions so;
+    so.max_seqs = B;
+    so.max_len = P;
+    ms[i].st = ms[i].m->new_stream(so);
+    std::printf("model %zu: %s, %s, %.2fM params\n", i, a.ckpts[i].c_str(), mc.arch.c_str(),
+                ms[i].m->params().total() / 1e6);
+  }
+  std::printf("prefill: batch %lld, prompt %lld tokens, threads %d, %lld repeats (medians)\n",
+              (long long)B, (long long)P, omp_get_max_threads(), (long long)a.repeats);
+  std::vector<PrefillItem> items;
+  for (i64 b = 0; b < B; ++b) items.push_back({b, prompt.data(), P});
+  std::vector<i32> rows(B * P);
+  for (i64 b = 0; b < B; ++b) std::copy(prompt.begin(), prompt.end(), rows.begin() + b * P);
+  Buf lg(B * P * ms[0].m->config().vocab_size);
+  auto timed = [&](auto&& f, std::vector<double>& wall, std::vector<double>& idle) {
+    const auto th0 = bench::thread_cpu_seconds();
+    const double s = bench::time_it(f);
+    const double busy = bench::busiest_thread_seconds(th0, bench::thread_cpu_seconds());
+    wall.push_back(double(B * P) / s);
+    idle.push_back(double(B * P) / std::max(busy, 1e-9));
+  };
+  for (i64 r = -1; r < a.repeats; ++r) {  // r = -1: warm-up, not kept
+    for (Model& x : ms) {
+      lg.resize(B * P * x.m->config().vocab_size);
+      std::vector<double> w, id, fw, fi;
+      for (i64 b = 0; b < B; ++b) x.st->reset(b);
+      prof::reset();
+      prof::enable(a.breakdown);
+      timed([&] { x.st->prefill(items.data(), B, lg.data()); }, w, id);
+      prof::enable(false);
+      if (a.breakdown && r >= 0)
+        for (const prof::Entry& e : prof::entries()) {
+          auto it = std::find_if(x.parts.begin(), x.parts.end(),
+                                 [&](auto& p) { return std::string(p.first) == e.name; });
+          if (it == x.parts.end()) x.parts.push_back({e.name, e.cpu_seconds});
+          else it->second += e.cpu_seconds;
+        }
+      timed([&] { x.m->logits(rows.data(), B, P, lg.data()); }, fw, fi);
+      if (r < 0) continue;
+      x.wall.push_back(w[0]);
+      x.idle.push_back(id[0]);
+      x.fwd_wall.push_back(fw[0]);
+      x.fwd_idle.push_back(fi[0]);
+    }
+  }
+  std::printf("%-6s %10s %12s %12s %12s %12s %8s %12s\n", "model", "R", "MFLOP/token",
+              "prefill", "prefill idle", "forward", "fwd idle", "prefill/fwd");
+  for (size_t i = 0; i < ms.size(); ++i) {
+    Model& x = ms[i];
+    if (x.st->has_concepts()) {
+      const StreamCounters c = x.st->counters(0);
+      x.R = double(c.tokens) / double(std::max<i64>(c.concepts, 1));
+    }
+    x.flops_tok = flops_report(x.m->config(), P, x.R).total();
+    std::printf("%-6zu %10.2f %12.2f %12.1f %12.1f %12.1f %8.1f %12.2f\n", i, x.R,
+                x.flops_tok / 1e6, bench::median(x.wall), bench::median(x.idle),
+                bench::median(x.fwd_wall), bench::median(x.fwd_idle),
+                bench::median(x.wall) / bench::median(x.fwd_wall));
+  }
+  for (size_t i = 0; i < ms.size() && a.breakdown; ++i) {
+    double total = 0;
+    for (auto& p : ms[i].parts) total += p.second;
+    std::printf("model %zu prefill breakdown (CPU ms per prefill, all threads):", i);
+    for (auto& p : ms[i].parts)
+      if (p.second > 0) std::printf("  %s %.2f", p.first, 1e3 * p.second / double(a.repeats));
+    std::printf("  (total %.2f)", 1e3 * total / double(a.repeats));
+    std::printf("\n");
+  }
+  for (size_t i = 1; i < ms.size(); ++i) {
+    // per-repeat ratios against model 0 (same repeat, so the same load), then their median
+    std::vector<double> rw, ri;
+    for (size_t r = 0; r < ms[i].wall.size(); ++r) {
+      rw.push_back(ms[i].wall[r] / ms[0].wall[r]);
+      ri.push_back(ms[i].idle[r] / ms[0].idle[r]);
+    }
+    const double f = ms[i].flops_tok / ms[0].flops_tok;
+    std::printf("model %zu / model 0 prefill tokens/s: %.2fx wall, %.2fx idle; at matched FLOPs "
+                "(x %.3f FLOP/token ratio): %.2fx wall, %.2fx idle\n",
+                i, bench::median(rw), bench::median(ri), f, bench::median(rw) * f,
+                bench::median(ri) * f);
+  }
+  return 0;
+}
+
+}  // namespace dlcm
