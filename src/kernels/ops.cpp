@@ -12,7 +12,6 @@
 #include "kernels/isa_target.h"  // last include: the variant's target and namespace
 #include "kernels/simd.h"
 
-
 namespace dlcm::ops::DLCM_ISA_NS {
 
 // Below this many elements a parallel region costs more than it saves.

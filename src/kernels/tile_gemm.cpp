@@ -6,7 +6,6 @@
 #include "kernels/isa_target.h"  // last include: the variant's target and namespace
 #include "kernels/simd.h"
 
-
 namespace dlcm::ops::DLCM_ISA_NS {
 namespace {
 // C[M,N] = (acc ? C : 0) + alpha * A(M,K) B[K,N].
