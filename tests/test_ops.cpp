@@ -1238,8 +1238,9 @@ class OpsAtLevel : public ::testing::TestWithParam<ops::Isa> {};
 TEST_P(OpsAtLevel, TableMatchesReferenceAndFiniteDifferences) {
   const ops::Isa level = GetParam();
   const std::vector<ops::Isa> have = ops::isa_available();
-  if (std::find(have.begin(), have.end(), level) == have.end())
+  if (std::find(have.begin(), have.end(), level) == have.end()) {
     GTEST_SKIP() << ops::isa_name(level) << " kernels not available: " << ops::isa_summary();
+  }
   struct Restore {
     ops::Isa prev = ops::isa();
     ~Restore() { ops::set_isa(prev); }
@@ -1269,8 +1270,9 @@ TEST(Ops, IsaLevelsAndErrors) {
   if (!ops::isa_native_build()) {
     EXPECT_EQ(have.front(), ops::Isa::Scalar);
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
       EXPECT_EQ(have.size(), 3u) << ops::isa_summary();
+    }
   } else {
     EXPECT_EQ(have.size(), 1u);
   }
