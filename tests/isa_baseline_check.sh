@@ -4,10 +4,17 @@
 # mask registers), or the binary would die with an illegal instruction on a CPU without AVX.
 # Catches an out-of-line copy of an inline function compiled for AVX-512 that the linker kept for
 # every caller (the ODR hazard of compiling one source several times with different targets).
+# Needs the full symbol table: in a stripped file (the wheel's module, an installed binary) the
+# local functions' code is attributed to the exported symbol before it.
 # Usage: isa_baseline_check.sh BINARY...
 set -eu
 status=0
 for bin in "$@"; do
+  if [ -z "$(nm "$bin" 2>/dev/null | head -1)" ]; then
+    echo "$bin: no symbol table (stripped?): check the build tree's unstripped file"
+    status=1
+    continue
+  fi
   bad=$(objdump -d --no-show-raw-insn -C "$bin" | awk '
     /^[0-9a-f]+ <.*>:$/ { fn = $0; next }
     /^ +[0-9a-f]+:\t/ {
