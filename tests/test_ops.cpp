@@ -1220,6 +1220,7 @@ Runner runner_of(const Case& c) {
 
 // `test_ops --perf [op...]`: the perf rows (optionally only those of the named ops).
 int run_perf(const std::vector<std::string>& only) {
+  std::printf("kernels: %s\n", ops::isa_summary().c_str());
   std::printf("%-28s %-44s %-11s %12s %17s\n", "op", "shape", "pass", "best", "rate");
   for (const Case& c : kCases) {
     if (!c.perf) continue;
