@@ -2,6 +2,7 @@
 // and the forward/flops/generate/segment/bench decode commands on real (tiny) checkpoints.
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -303,8 +304,34 @@ TEST(Cli, VersionNamesCommitFlagsAndIsa) {
   EXPECT_NE(r.out.find("flags    "), std::string::npos) << r.out;
   EXPECT_NE(r.out.find(b.build_type), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("isa      built for:"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("kernels  "), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("oneDNN "), std::string::npos) << r.out;
 #ifdef __AVX2__
   EXPECT_NE(r.out.find("avx2"), std::string::npos) << r.out;
 #endif
+}
+
+// DLCM_ISA forces the kernels' level (logged once) or fails naming the variable.
+TEST(Cli, DlcmIsaForcesTheKernelLevel) {
+  struct Env {
+    explicit Env(const char* v) { setenv("DLCM_ISA", v, 1); }
+    ~Env() { unsetenv("DLCM_ISA"); }
+  };
+  {
+    Env e("scalar");  // every CPU and every build offers it, except a native AVX build
+    CmdResult r = run("--version");
+    if (r.out.find("native build") == std::string::npos) {
+      ASSERT_EQ(r.rc, 0) << r.out;
+      EXPECT_NE(r.out.find("kernels  scalar ("), std::string::npos) << r.out;
+      EXPECT_NE(r.out.find("DLCM_ISA=scalar: the kernels run their scalar variant"),
+                std::string::npos) << r.out;
+    }
+  }
+  {
+    Env e("avx3");
+    CmdResult r = run("--version");
+    EXPECT_EQ(r.rc, 2) << r.out;
+    EXPECT_NE(r.out.find("dlcm: error: DLCM_ISA: expected \"scalar\", \"avx2\" or \"avx512\""),
+              std::string::npos) << r.out;
+  }
 }

@@ -14,6 +14,9 @@
 // The same table drives a perf mode: `test_ops --perf` times the fast forward and backward of
 // the rows marked perf (realistic shapes: the reference configs' d=512, L=512, B=8 and DLCM
 // concept shapes) and prints GFLOP/s (or GB/s for bandwidth-bound ops). The test never times.
+//
+// The table runs once per instruction-set level of the kernels (kernels/isa.h) that this build
+// and CPU offer: scalar, avx2, avx512 (DLCM_ISA=... picks the level of the perf mode).
 #include <algorithm>
 #include <array>
 #include <chrono>
@@ -26,6 +29,7 @@
 
 #include "kernels/dlcm_ops.h"
 #include "kernels/gemm.h"
+#include "kernels/isa.h"
 #include "kernels/ops.h"
 #include "kernels/ops_ref.h"
 #include "testing.h"
@@ -1216,6 +1220,7 @@ Runner runner_of(const Case& c) {
 
 // `test_ops --perf [op...]`: the perf rows (optionally only those of the named ops).
 int run_perf(const std::vector<std::string>& only) {
+  std::printf("kernels: %s\n", ops::isa_summary().c_str());
   std::printf("%-28s %-44s %-11s %12s %17s\n", "op", "shape", "pass", "best", "rate");
   for (const Case& c : kCases) {
     if (!c.perf) continue;
@@ -1227,13 +1232,66 @@ int run_perf(const std::vector<std::string>& only) {
 
 }  // namespace
 
-TEST(Ops, TableMatchesReferenceAndFiniteDifferences) {
+// The whole table at each kernel level; a level this build or CPU lacks is skipped (and
+// says so).
+class OpsAtLevel : public ::testing::TestWithParam<ops::Isa> {};
+
+TEST_P(OpsAtLevel, TableMatchesReferenceAndFiniteDifferences) {
+  const ops::Isa level = GetParam();
+  const std::vector<ops::Isa> have = ops::isa_available();
+  if (std::find(have.begin(), have.end(), level) == have.end()) {
+    GTEST_SKIP() << ops::isa_name(level) << " kernels not available: " << ops::isa_summary();
+  }
+  struct Restore {
+    ops::Isa prev = ops::isa();
+    ~Restore() { ops::set_isa(prev); }
+  } restore;
+  ops::set_isa(level);
+  ASSERT_EQ(ops::isa(), level);
   for (const Case& c : kCases) {
     if (c.perf) continue;
-    SCOPED_TRACE(std::string(c.op) + " " + describe(c));
+    SCOPED_TRACE(std::string(ops::isa_name(level)) + " " + c.op + " " + describe(c));
     Runner fn = runner_of(c);
     ASSERT_NE(fn, nullptr) << "unknown op " << c.op;
     fn(c, Check);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Isa, OpsAtLevel,
+                         ::testing::Values(ops::Isa::Scalar, ops::Isa::Avx2, ops::Isa::Avx512),
+                         [](const auto& info) { return std::string(ops::isa_name(info.param)); });
+
+// The levels: the portable build offers scalar and whatever the CPU supports above it (all of
+// them where the CPU has AVX-512); bad names and unavailable levels are errors that say what
+// is available.
+TEST(Ops, IsaLevelsAndErrors) {
+  const std::vector<ops::Isa> have = ops::isa_available();
+  ASSERT_FALSE(have.empty());
+  EXPECT_NE(ops::isa_summary().find(ops::isa_name(ops::isa())), std::string::npos);
+  if (!ops::isa_native_build()) {
+    EXPECT_EQ(have.front(), ops::Isa::Scalar);
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
+      EXPECT_EQ(have.size(), 3u) << ops::isa_summary();
+    }
+  } else {
+    EXPECT_EQ(have.size(), 1u);
+  }
+  try {
+    ops::parse_isa("avx3", "DLCM_ISA");
+    FAIL() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("DLCM_ISA"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("avx512"), std::string::npos) << e.what();
+  }
+  for (ops::Isa i : {ops::Isa::Scalar, ops::Isa::Avx2, ops::Isa::Avx512}) {
+    if (std::find(have.begin(), have.end(), i) != have.end()) continue;
+    try {
+      ops::set_isa(i);
+      FAIL() << "no error for " << ops::isa_name(i);
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("not available"), std::string::npos) << e.what();
+    }
   }
 }
 

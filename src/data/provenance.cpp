@@ -14,6 +14,7 @@
 #include "core/build_info.h"
 #include "core/common.h"
 #include "kernels/gemm.h"
+#include "kernels/isa.h"
 
 namespace dlcm {
 namespace fs = std::filesystem;
@@ -143,7 +144,8 @@ json provenance_json(const std::string& data_dir) {
             {"git_dirty", b.git_dirty},
             {"build",
              {{"type", b.build_type}, {"compiler", b.compiler}, {"flags", b.cxx_flags},
-              {"isa", b.isa}}},
+              {"isa", b.isa},
+              {"kernels", ops::isa_name(ops::isa())}}},
             {"command", command_line()},
             {"libraries", library_versions_json()},
             {"cpu", cpu_json()},
@@ -165,6 +167,7 @@ std::string version_text() {
      << "build    " << b.build_type << ", " << b.compiler << "\n"
      << "flags    " << b.cxx_flags << "\n"
      << "isa      built for: " << (isa.empty() ? "baseline x86-64" : isa) << "\n"
+     << "kernels  " << ops::isa_summary() << "\n"
      << "cpu      " << cpu["model"].get<std::string>() << ": " << cpu_isa << "\n"
      << "libs     oneDNN " << ops::onednn_version() << ", SentencePiece " << b.sentencepiece
      << ", OpenMP " << b.openmp << "\n";

@@ -27,10 +27,12 @@
 #include <cmath>
 
 #include "kernels/ops.h"
-#include "kernels/simd.h"
 #include "kernels/tile_gemm.h"
 
-namespace dlcm::ops {
+#include "kernels/isa_target.h"  // last include: the variant's target and namespace
+#include "kernels/simd.h"
+
+namespace dlcm::ops::DLCM_ISA_NS {
 
 namespace {
 
@@ -429,4 +431,4 @@ void attention_backward(float* dq, float* dk, float* dv, const float* dout, cons
   }
 }
 
-}  // namespace dlcm::ops
+}  // namespace dlcm::ops::DLCM_ISA_NS

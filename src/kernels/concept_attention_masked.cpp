@@ -18,9 +18,11 @@
 
 #include "kernels/dlcm_ops.h"
 #include "kernels/gemm.h"
+
+#include "kernels/isa_target.h"  // last include: the variant's target and namespace
 #include "kernels/simd.h"
 
-namespace dlcm::ops {
+namespace dlcm::ops::DLCM_ISA_NS {
 
 namespace {
 
@@ -172,4 +174,4 @@ void concept_attention_masked_backward(float* dq, float* dk, float* dv, const fl
   }
 }
 
-}  // namespace dlcm::ops
+}  // namespace dlcm::ops::DLCM_ISA_NS

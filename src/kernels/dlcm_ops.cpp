@@ -7,14 +7,12 @@
 #include <limits>
 
 #include "core/rng.h"
-#include "kernels/simd.h"
 #include "kernels/tile_gemm.h"
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+#include "kernels/isa_target.h"  // last include: the variant's target and namespace
+#include "kernels/simd.h"
 
-namespace dlcm::ops {
+namespace dlcm::ops::DLCM_ISA_NS {
 
 namespace {
 
@@ -179,51 +177,8 @@ void threshold_boundaries(uint8_t* b, const float* p, const i32* tokens, i32 bos
 // 3. Segments
 // ============================================================================================
 
-void Segments::build(const uint8_t* b, const i32* tokens, i32 bos_id, i64 B_, i64 L_) {
-  DLCM_CHECK(B_ > 0 && L_ > 0, "Segments::build: need B > 0 and L > 0, got B=", B_, " L=", L_);
-  DLCM_CHECK(L_ < std::numeric_limits<i32>::max(), "Segments::build: L too large");
-  B = B_;
-  L = L_;
-  seg.assign(B * L, 0);
-  count.assign(B, 0);
-  Mmax = 0;
-  for (i64 r = 0; r < B; ++r) {
-    const uint8_t* br = b + r * L;
-    DLCM_CHECK(br[0] == 1, "Segments::build: row ", r, " does not start a concept at t = 0 (b=",
-               int(br[0]), ")");
-    i32 c = -1;
-    for (i64 t = 0; t < L; ++t) {
-      DLCM_CHECK(br[t] <= 1, "Segments::build: b[", r, ",", t, "] = ", int(br[t]),
-                 ", expected 0 or 1");
-      if (tokens && tokens[r * L + t] == bos_id)
-        DLCM_CHECK(br[t] == 1, "Segments::build: BOS token at row ", r, ", position ", t,
-                   " does not start a concept");
-      c += br[t];
-      seg[r * L + t] = c;
-    }
-    count[r] = c + 1;
-    Mmax = std::max<i64>(Mmax, c + 1);
-  }
-  start.assign(B * Mmax, i32(L));
-  len.assign(B * Mmax, 0);
-  forced.assign(B * Mmax, 0);
-  for (i64 r = 0; r < B; ++r) {
-    for (i64 t = 0; t < L; ++t) {
-      const i64 j = seg[r * L + t];
-      if (b[r * L + t]) {
-        start[r * Mmax + j] = i32(t);
-        forced[r * Mmax + j] = (t == 0 || (tokens && tokens[r * L + t] == bos_id)) ? 1 : 0;
-      }
-      len[r * Mmax + j] += 1;
-    }
-  }
-}
-
-i64 Segments::total() const {
-  i64 s = 0;
-  for (i32 c : count) s += c;
-  return s;
-}
+// Segments::build and Segments::total are in segments.cpp (compiled once: members of a
+// class outside the per-variant namespace).
 
 // ============================================================================================
 // 4. Mean pooling
@@ -551,7 +506,7 @@ i64 attn_work(const Segments& sg, i64 Hq, i64 hd) {
   return sg.B * sg.L * Hq * hd * std::max<i64>(1, (sg.Mmax + 1) / 2);
 }
 
-#if defined(__AVX512F__)
+#if defined(DLCM_AVX512)
 
 // exp(x) shared with the attention kernel: exactly 0 for -inf (masked) inputs.
 using simd::exp_ps;
@@ -624,7 +579,7 @@ void add_bias(float* st, i64 kt0, i64 nk, const QueryBlock& qb, const float* log
 // Online softmax over the columns of S^T [nk, BQ]: m_new = max(m, max_r st), corr =
 // exp(m - m_new), st = exp(st - m_new), l = l * corr + sum_r st.
 void softmax_cols(float* st, i64 nk, float* m, float* l, float* corr) {
-#if defined(__AVX512F__)
+#if defined(DLCM_AVX512)
   for (i64 i = 0; i < BQ; i += 16) {
     const __m512 mo = _mm512_load_ps(m + i);
     __m512 mx = mo;
@@ -662,7 +617,7 @@ void softmax_cols(float* st, i64 nk, float* m, float* l, float* corr) {
 
 // st = exp(st - lse[i]) per column (lse of padding columns is +inf -> 0).
 void exp_minus_lse(float* st, i64 nk, const float* lsev) {
-#if defined(__AVX512F__)
+#if defined(DLCM_AVX512)
   for (i64 r = 0; r < nk; ++r)
     for (i64 i = 0; i < BQ; i += 16) {
       float* p = st + r * BQ + i;
@@ -1004,4 +959,4 @@ void sequence_parser_loss_backward(float* dp, const uint8_t* b, i64 B, i64 L, i6
   }
 }
 
-}  // namespace dlcm::ops
+}  // namespace dlcm::ops::DLCM_ISA_NS

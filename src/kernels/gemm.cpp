@@ -17,9 +17,9 @@
 #include <unordered_map>
 #include <vector>
 
-#if defined(__AVX512BF16__)
 #include <immintrin.h>
-#endif
+
+#include "kernels/isa.h"
 
 namespace dlcm::ops {
 
@@ -89,19 +89,28 @@ inline uint16_t to_bf16(float f) {
   return uint16_t(u >> 16);
 }
 
-// dst [rows, cols] contiguous = bf16(src rows ld apart).
+// d[c] = bf16(s[c]) for c < cols with VCVTNE2PS2BF16, 32 at a time; returns the columns done.
+// Compiled for AVX512-BF16 whatever the build's target; called only where the CPU has it.
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) i64 convert_row_avx512bf16(
+    uint16_t* d, const float* s, i64 cols) {
+  i64 c = 0;
+  for (; c + 32 <= cols; c += 32) {
+    const __m512bh v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(s + c + 16), _mm512_loadu_ps(s + c));
+    _mm512_storeu_si512(d + c, (__m512i)v);
+  }
+  return c;
+}
+
+// dst [rows, cols] contiguous = bf16(src rows ld apart). The instruction when the kernels run at
+// the avx512 level (kernels/isa.h) on a CPU with AVX512-BF16; the same rounding in plain code
+// otherwise.
 void convert_rows(uint16_t* dst, const float* src, i64 rows, i64 cols, i64 ld) {
+  const bool vec = isa() == Isa::Avx512 && cpu_has_bf16();
 #pragma omp parallel for schedule(static) if (rows * cols > (1 << 16))
   for (i64 r = 0; r < rows; ++r) {
     const float* s = src + r * ld;
     uint16_t* d = dst + r * cols;
-    i64 c = 0;
-#if defined(__AVX512BF16__)
-    for (; c + 32 <= cols; c += 32) {
-      const __m512bh v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(s + c + 16), _mm512_loadu_ps(s + c));
-      _mm512_storeu_si512(d + c, (__m512i)v);
-    }
-#endif
+    i64 c = vec ? convert_row_avx512bf16(d, s, cols) : 0;
     for (; c < cols; ++c) d[c] = to_bf16(s[c]);
   }
 }

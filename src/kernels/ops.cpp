@@ -9,9 +9,10 @@
 #include <memory>
 #include <mutex>
 
+#include "kernels/isa_target.h"  // last include: the variant's target and namespace
 #include "kernels/simd.h"
 
-namespace dlcm::ops {
+namespace dlcm::ops::DLCM_ISA_NS {
 
 // Below this many elements a parallel region costs more than it saves.
 static constexpr i64 kParMin = 1 << 14;
@@ -342,4 +343,4 @@ void scale_inplace(float* x, i64 n, float s) {
   for (i64 i = 0; i < n; ++i) x[i] *= s;
 }
 
-}  // namespace dlcm::ops
+}  // namespace dlcm::ops::DLCM_ISA_NS

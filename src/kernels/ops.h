@@ -1,5 +1,5 @@
-// CPU kernels (OpenMP + AVX-512 through the compiler). Each op has its forward and backward
-// side by side. Conventions (llm.c style):
+// CPU kernels (OpenMP; AVX-512 intrinsics in the avx512 variant, picked at run time: see
+// kernels/isa.h). Each op has its forward and backward side by side. Conventions (llm.c style):
 //   - raw float pointers, shapes passed explicitly, row-major, token-major activations;
 //   - backward functions ACCUMULATE (+=) into every gradient output (dx, dw, ...), so the
 //     caller zeroes gradients once per step and branches simply add up;

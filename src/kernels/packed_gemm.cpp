@@ -2,6 +2,8 @@
 // 16-wide FP32 accumulators per row), k in order from 0 to K-1 for every row, so a row's result
 // is bit for bit the same whatever M is and whichever rows share its block (a step's row equals
 // the same row in a prefill). Without AVX-512 a portable loop with the same order runs instead.
+// The micro-kernels carry their own target attribute and run only when the kernel level in use
+// (kernels/isa.h) is avx512, so the portable build has them too.
 #include "kernels/packed_gemm.h"
 
 #include <immintrin.h>
@@ -10,6 +12,9 @@
 #include <algorithm>
 
 #include "kernels/gemm.h"
+#include "kernels/isa.h"
+
+#define DLCM_PACKED_AVX512 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq")))
 
 namespace dlcm::ops {
 
@@ -22,9 +27,12 @@ constexpr i64 kRows = 96;   // rows per parallel tile (a multiple of both)
 
 thread_local const PackedWeights* t_active = nullptr;
 
-#if defined(__AVX512F__)
+// The AVX-512 code sits in a namespace named like the kernel variants' (the isa_baseline check
+// allows AVX instructions only there).
+namespace isa_avx512 {
+
 // C[c] = alpha * acc for the block's valid columns (n of 64).
-inline void store_block(float* C, const __m512 acc[4], float alpha, i64 n) {
+DLCM_PACKED_AVX512 inline void store_block(float* C, const __m512 acc[4], float alpha, i64 n) {
   const __m512 va = _mm512_set1_ps(alpha);
   for (int j = 0; j < 4; ++j) {
     const i64 left = n - j * 16;
@@ -35,7 +43,7 @@ inline void store_block(float* C, const __m512 acc[4], float alpha, i64 n) {
 }
 
 template <int MR>
-void kernel_f32(float* C, i64 ldc, const float* A, i64 lda, const float* pb, i64 K, float alpha,
+DLCM_PACKED_AVX512 void kernel_f32(float* C, i64 ldc, const float* A, i64 lda, const float* pb, i64 K, float alpha,
                 i64 n) {
   __m512 acc[MR][4];
   for (int i = 0; i < MR; ++i)
@@ -58,7 +66,7 @@ void kernel_f32(float* C, i64 ldc, const float* A, i64 lda, const float* pb, i64
 // Weight-only BF16: A stays FP32; each 32-bit lane of the packed block holds (W[c][k],
 // W[c][k+1]) as BF16, which widen to FP32 exactly (a shift, a mask).
 template <int MR>
-void kernel_bf16w(float* C, i64 ldc, const float* A, i64 lda, const uint16_t* pb, i64 K,
+DLCM_PACKED_AVX512 void kernel_bf16w(float* C, i64 ldc, const float* A, i64 lda, const uint16_t* pb, i64 K,
                   float alpha, i64 n) {
   __m512 acc[MR][4];
   for (int i = 0; i < MR; ++i)
@@ -85,18 +93,29 @@ void kernel_bf16w(float* C, i64 ldc, const float* A, i64 lda, const uint16_t* pb
   for (int i = 0; i < MR; ++i) store_block(C + i * ldc, acc[i], alpha, n);
 }
 
-template <class F>
-void dispatch(i64 mr, F&& f) {
+// One block of up to MR rows (no lambdas here: they would not inherit the target attribute).
+DLCM_PACKED_AVX512 void block_f32(float* C, i64 ldc, const float* A, i64 lda, const float* pb,
+                                  i64 K, float alpha, i64 n, i64 mr) {
   switch (mr) {
-    case 6: return f(std::integral_constant<int, 6>{});
-    case 5: return f(std::integral_constant<int, 5>{});
-    case 4: return f(std::integral_constant<int, 4>{});
-    case 3: return f(std::integral_constant<int, 3>{});
-    case 2: return f(std::integral_constant<int, 2>{});
-    default: return f(std::integral_constant<int, 1>{});
+    case 6: return kernel_f32<6>(C, ldc, A, lda, pb, K, alpha, n);
+    case 5: return kernel_f32<5>(C, ldc, A, lda, pb, K, alpha, n);
+    case 4: return kernel_f32<4>(C, ldc, A, lda, pb, K, alpha, n);
+    case 3: return kernel_f32<3>(C, ldc, A, lda, pb, K, alpha, n);
+    case 2: return kernel_f32<2>(C, ldc, A, lda, pb, K, alpha, n);
+    default: return kernel_f32<1>(C, ldc, A, lda, pb, K, alpha, n);
   }
 }
-#endif
+DLCM_PACKED_AVX512 void block_bf16w(float* C, i64 ldc, const float* A, i64 lda,
+                                    const uint16_t* pb, i64 K, float alpha, i64 n, i64 mr) {
+  switch (mr) {
+    case 4: return kernel_bf16w<4>(C, ldc, A, lda, pb, K, alpha, n);
+    case 3: return kernel_bf16w<3>(C, ldc, A, lda, pb, K, alpha, n);
+    case 2: return kernel_bf16w<2>(C, ldc, A, lda, pb, K, alpha, n);
+    default: return kernel_bf16w<1>(C, ldc, A, lda, pb, K, alpha, n);
+  }
+}
+
+}  // namespace isa_avx512
 
 // Portable block: the same order of k, FP32 arithmetic.
 template <class GetB>
@@ -112,13 +131,7 @@ void block_ref(float* C, i64 ldc, const float* A, i64 lda, i64 mr, i64 K, float 
 
 }  // namespace
 
-bool packed_gemm_native() {
-#if defined(__AVX512F__)
-  return true;
-#else
-  return false;
-#endif
-}
+bool packed_gemm_native() { return isa() == Isa::Avx512; }
 
 void pack_matrix(PackedMatrix& p, const float* W, i64 N, i64 K, bool bf16) {
   p.N = N;
@@ -149,6 +162,7 @@ void packed_gemm(float* C, i64 ldc, const float* A, i64 lda, const PackedMatrix&
                  float alpha) {
   const i64 N = p.N, K = p.K, Kp = p.Kp, nb = p.Np / kNB;
   const i64 MR = p.bf16 ? kMRbf16 : kMRf32;
+  const bool avx512 = packed_gemm_native();
   // tiles of (up to kRows rows, one column block), so that narrow products with many rows
   // also split across threads
   const i64 nr = (M + kRows - 1) / kRows, tiles = nr * nb;
@@ -163,22 +177,18 @@ void packed_gemm(float* C, i64 ldc, const float* A, i64 lda, const PackedMatrix&
       const float* Ab = A + r0 * lda;
       if (!p.bf16) {
         const float* pb = p.f.data() + blk * K * kNB;
-#if defined(__AVX512F__)
-        dispatch(mr, [&](auto R) { kernel_f32<R>(Cb, ldc, Ab, lda, pb, K, alpha, n); });
-#else
-        block_ref(Cb, ldc, Ab, lda, mr, K, alpha, n, [&](i64 k, i64 c) { return pb[k * kNB + c]; });
-#endif
+        if (avx512)
+          isa_avx512::block_f32(Cb, ldc, Ab, lda, pb, K, alpha, n, mr);
+        else
+          block_ref(Cb, ldc, Ab, lda, mr, K, alpha, n, [&](i64 k, i64 c) { return pb[k * kNB + c]; });
       } else {
         const uint16_t* pb = p.h.data() + blk * Kp * kNB;
-#if defined(__AVX512F__)
-        dispatch(mr, [&](auto R) {
-          if constexpr (R <= kMRbf16) kernel_bf16w<R>(Cb, ldc, Ab, lda, pb, K, alpha, n);
-        });
-#else
-        block_ref(Cb, ldc, Ab, lda, mr, K, alpha, n, [&](i64 k, i64 c) {
-          return bf16_to_float(pb[(k / 2) * 2 * kNB + c * 2 + k % 2]);
-        });
-#endif
+        if (avx512)
+          isa_avx512::block_bf16w(Cb, ldc, Ab, lda, pb, K, alpha, n, mr);
+        else
+          block_ref(Cb, ldc, Ab, lda, mr, K, alpha, n, [&](i64 k, i64 c) {
+            return bf16_to_float(pb[(k / 2) * 2 * kNB + c * 2 + k % 2]);
+          });
       }
     }
   }

@@ -1,17 +1,13 @@
 // Internal helpers for the kernels: a vectorised exp and short-row reductions. AVX-512 paths
-// when the compiler targets it (the default -march=native build on Zen 5); plain loops
-// otherwise, so the library still builds with DLCM_NATIVE=OFF.
+// in the avx512 variant of the kernels (DLCM_AVX512, kernels/isa_target.h); plain loops
+// otherwise. Inline code compiled per variant, so it lives in the variant's namespace.
 #pragma once
 #include <cmath>
 
 #include "core/common.h"
+#include "kernels/isa_target.h"
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#define DLCM_AVX512 1
-#endif
-
-namespace dlcm::ops::simd {
+namespace dlcm::ops::DLCM_ISA_NS::simd {
 
 #ifdef DLCM_AVX512
 // Mask with the low n (0..16) lanes set.
@@ -39,6 +35,10 @@ inline __m512 exp_ps(__m512 x) {
 }
 #endif
 
+// GCC 12 warns about an uninitialised register inside _mm512_reduce_max_ps (its header) when
+// the AVX-512 target comes from a pragma; a false positive.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
 inline float hmax(const float* x, i64 n) {
 #ifdef DLCM_AVX512
   __m512 m = _mm512_set1_ps(-INFINITY);
@@ -51,6 +51,7 @@ inline float hmax(const float* x, i64 n) {
   return m;
 #endif
 }
+#pragma GCC diagnostic pop
 
 // x[i] = exp(x[i] - m) in place; returns the sum (float lanes, summed in double at the end).
 inline double exp_sub_sum(float* x, i64 n, float m) {
@@ -96,4 +97,4 @@ inline double exp_sum(const float* x, i64 n, float m) {
 #endif
 }
 
-}  // namespace dlcm::ops::simd
+}  // namespace dlcm::ops::DLCM_ISA_NS::simd

@@ -3,9 +3,10 @@
 #include <algorithm>
 #include <array>
 
+#include "kernels/isa_target.h"  // last include: the variant's target and namespace
 #include "kernels/simd.h"
 
-namespace dlcm::ops {
+namespace dlcm::ops::DLCM_ISA_NS {
 namespace {
 // C[M,N] = (acc ? C : 0) + alpha * A(M,K) B[K,N].
 // A(r,k) = A[r*rsa + k*csa] (any strides: lets P^T and dS^T be read without a transpose);
@@ -105,4 +106,4 @@ void tile_mm(float* C, i64 ldc, const float* A, i64 rsa, i64 csa, const float* B
 }
 #endif
 
-}  // namespace dlcm::ops
+}  // namespace dlcm::ops::DLCM_ISA_NS

@@ -24,6 +24,7 @@
 #include "core/profiler.h"
 #include "core/rng.h"
 #include "kernels/gemm.h"
+#include "kernels/isa.h"
 #include "models/flops.h"
 #include "tools/bench_common.h"
 #include "tools/commands.h"
@@ -322,6 +323,7 @@ int cmd_bench_train(const BenchTrainArgs& a) {
   DLCM_CHECK(R == 0 || R > 1, "--R must be > 1 (or 0: sample boundaries from the router)");
 
   std::printf("threads: %d (OMP_NUM_THREADS)\n", omp_get_max_threads());
+  std::printf("kernels: %s\n", ops::isa_summary().c_str());
   std::printf("model: %s%s\n", a.config.empty() ? "reference baseline" : a.config.c_str(),
               cfg.model.is_dlcm()
                   ? (R > 0 ? (", concepts of 1 + Geometric lengths, mean R = " + std::to_string(R).substr(0, 4))
@@ -589,6 +591,7 @@ int cmd_bench_decode(const BenchDecodeArgs& a) {
 
   std::printf("model: %s (%s), %.2fM params, threads %d\n", mc.arch.c_str(), what.c_str(),
               m->params().total() / 1e6, omp_get_max_threads());
+  std::printf("kernels: %s\n", ops::isa_summary().c_str());
   std::printf("decode: batch %lld, prompt %lld tokens, %lld new tokens per sequence (greedy)\n",
               (long long)B, (long long)P, (long long)T);
   {  // warm-up: first touch of buffers, GEMM kernel set-up

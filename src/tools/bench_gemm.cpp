@@ -11,6 +11,7 @@
 
 #include "core/rng.h"
 #include "kernels/gemm.h"
+#include "kernels/isa.h"
 #include "tools/bench_common.h"
 #include "tools/commands.h"
 
@@ -93,6 +94,7 @@ int cmd_bench_gemm(const BenchGemmArgs& a) {
   if (ops::cpu_has_bf16()) precs.push_back(ops::Precision::BF16);
   std::printf("threads: %d (OMP_NUM_THREADS); oneDNN %s\n", omp_get_max_threads(),
               ops::onednn_version().c_str());
+  std::printf("kernels: %s\n", ops::isa_summary().c_str());
   if (!ops::cpu_has_bf16()) std::printf("no AVX512-BF16 on this CPU: FP32 only\n");
   std::printf("median of %lld repeats of ~%.2f s per path (runtime and fixed alternate); BF16 "
               "includes the operands' rounding\n",

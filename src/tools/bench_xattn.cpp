@@ -13,6 +13,7 @@
 
 #include "core/rng.h"
 #include "kernels/dlcm_ops.h"
+#include "kernels/isa.h"
 #include "tools/bench_common.h"
 #include "tools/commands.h"
 
@@ -68,6 +69,7 @@ int cmd_bench_xattn(const BenchXattnArgs& a) {
               "%d threads; median of %lld repeats (ms)\n",
               (long long)B, (long long)Hq, (long long)Hkv, (long long)hd, omp_get_max_threads(),
               (long long)a.repeats);
+  std::printf("kernels: %s\n", ops::isa_summary().c_str());
   std::printf("(a) masked dense scores + sgemm, (b) replicate + causal kernel, (c) compact\n");
   const double sgemm_cpu = bench::measure_peak(0.5, 2048).cpu;
   std::printf("FP32 sgemm 2048^3: %.1f GFLOP per process CPU-second\n", sgemm_cpu);

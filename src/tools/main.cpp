@@ -9,12 +9,19 @@
 #include "core/common.h"
 #include "core/dist.h"
 #include "data/provenance.h"
+#include "kernels/isa.h"
 #include "tools/cli_help.h"
 #include "tools/commands.h"
 
 int main(int argc, char** argv) {
   using namespace dlcm;
   set_command_line(argc, argv);  // provenance of checkpoints and reports
+  try {  // DLCM_ISA read up front: a bad value fails every command (--version too) with one line
+    ops::isa();
+  } catch (const dlcm::Error& e) {
+    std::fprintf(stderr, "dlcm: error: %s\n", e.what());
+    return 2;
+  }
   CLI::App app{"dlcm: train, evaluate and run Dynamic Large Concept Models and LLaMA-style baselines"};
   app.require_subcommand(1);
   app.set_version_flag("--version", [] { return version_text(); }, "version, git commit, build flags and ISA");
