@@ -33,12 +33,18 @@ from dlcm_ref import config_from_dict, forward, init_params  # noqa: E402
 
 
 def blas_core():
-    """OpenBLAS's kernel choice (e.g. 'Cooperlake'), or '?' when torch is not on OpenBLAS."""
+    """The BLAS torch multiplies with: torch's own build setting (pip wheels: 'mkl'), or for
+    Debian's torch (BLAS_INFO=generic, i.e. the system libblas) OpenBLAS's kernel choice
+    (e.g. 'OpenBLAS Cooperlake'); '?' when neither is known."""
+    import re
+    info = re.findall(r"BLAS_INFO=(\w+)", torch.__config__.show())
+    if info and info[0] != "generic":
+        return info[0]
     for name in ("libblas.so.3", "libopenblas.so.0"):
         try:
             lib = ctypes.CDLL(name)
             lib.openblas_get_corename.restype = ctypes.c_char_p
-            return lib.openblas_get_corename().decode()
+            return "OpenBLAS " + lib.openblas_get_corename().decode()
         except (OSError, AttributeError):
             continue
     return "?"
@@ -183,7 +189,7 @@ def main():
         tok = n * B * L
         return tok / wall, tok / cpu, tok / busiest
 
-    settings = (f"threads={a.threads}, BLAS core={blas_core()}, "
+    settings = (f"threads={a.threads}, BLAS={blas_core()}, "
                 f"LD_PRELOAD={os.environ.get('LD_PRELOAD', '') or 'none'}, "
                 f"MALLOC_CONF={os.environ.get('MALLOC_CONF', '') or 'none'}, "
                 f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '') or 'unset'}, "
