@@ -53,6 +53,9 @@ class LineProcess {
   // Runs `argv` with `env` added to this process's environment (and `unset` removed).
   LineProcess(const std::vector<std::string>& argv, const std::vector<std::string>& env,
               const std::vector<std::string>& unset) {
+    // A peer that dies (e.g. killed for memory) must give an error naming it, not kill the
+    // benchmark with SIGPIPE on the next write.
+    signal(SIGPIPE, SIG_IGN);
     int in[2], out[2];
     DLCM_CHECK(pipe(in) == 0 && pipe(out) == 0, "bench: cannot create pipes");
     pid_ = fork();
@@ -105,7 +108,19 @@ class LineProcess {
     }
     return false;
   }
-  const std::string& log() const { return log_; }
+  // The log, and how the process ended if it did ("killed by signal 9 (out of memory?)").
+  std::string log() {
+    int st = 0;
+    if (pid_ > 0 && waitpid(pid_, &st, WNOHANG) == pid_) {
+      pid_ = -1;
+      if (WIFSIGNALED(st))
+        log_ += "[the peer was killed by signal " + std::to_string(WTERMSIG(st)) +
+                (WTERMSIG(st) == SIGKILL ? " (out of memory? see dmesg)" : "") + "]\n";
+      else if (WIFEXITED(st))
+        log_ += "[the peer exited with status " + std::to_string(WEXITSTATUS(st)) + "]\n";
+    }
+    return log_;
+  }
 
  private:
   pid_t pid_ = -1;
