@@ -9,6 +9,12 @@ Two modes:
 DLCM configs train on given boundaries: concept lengths 1 + Geometric with mean --R (the
 engine's benchmark uses the same distribution), through the reference's `replicate`
 cross-attention (its vectorised form; `compact` there is a per-token Python loop).
+Peer settings (torch 2.x; `dlcm bench train --torch PY[:autocast][:sdpa][:compile]`):
+  --autocast  forward under torch.autocast("cpu", dtype=torch.bfloat16) (the BF16 peer)
+  --sdpa      the reference's attention through F.scaled_dot_product_attention (is_causal for
+              plain causal masks) instead of its einsum/softmax form
+  --compile   the training step's forward through torch.compile (reported, and dropped with a
+              note when it fails on this CPU)
 Usage: /usr/bin/python3 python/bench_torch.py --config CFG.json [--steps N] [--repeats R]
 """
 import argparse
@@ -27,12 +33,18 @@ from dlcm_ref import config_from_dict, forward, init_params  # noqa: E402
 
 
 def blas_core():
-    """OpenBLAS's kernel choice (e.g. 'Cooperlake'), or '?' when torch is not on OpenBLAS."""
+    """The BLAS torch multiplies with: torch's own build setting (pip wheels: 'mkl'), or for
+    Debian's torch (BLAS_INFO=generic, i.e. the system libblas) OpenBLAS's kernel choice
+    (e.g. 'OpenBLAS Cooperlake'); '?' when neither is known."""
+    import re
+    info = re.findall(r"BLAS_INFO=(\w+)", torch.__config__.show())
+    if info and info[0] != "generic":
+        return info[0]
     for name in ("libblas.so.3", "libopenblas.so.0"):
         try:
             lib = ctypes.CDLL(name)
             lib.openblas_get_corename.restype = ctypes.c_char_p
-            return lib.openblas_get_corename().decode()
+            return "OpenBLAS " + lib.openblas_get_corename().decode()
         except (OSError, AttributeError):
             continue
     return "?"
@@ -71,6 +83,33 @@ def geometric_boundaries(B, L, R, g):
     return b
 
 
+def use_sdpa():
+    """Replaces the reference's attention by F.scaled_dot_product_attention (same mathematics:
+    scale 1/sqrt(hd), boolean mask True = may attend, optional additive bias)."""
+    import dlcm_ref.model as M
+    import torch.nn.functional as F
+
+    def attention(q, k, v, mask, bias=None):
+        B, Lq, Hq, hd = q.shape
+        rep = Hq // k.shape[2]
+        if rep > 1:
+            k = k.repeat_interleave(rep, dim=2)
+            v = v.repeat_interleave(rep, dim=2)
+        q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+        Lk = k.shape[2]
+        if bias is None and Lq == Lk and mask.shape[0] == 1 and bool(
+                torch.equal(mask[0], torch.ones(Lq, Lk, dtype=torch.bool).tril())):
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            m = torch.zeros(mask.shape, dtype=q.dtype).masked_fill(~mask, float("-inf"))
+            if bias is not None:
+                m = m + bias.to(q.dtype)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=m[:, None])
+        return out.transpose(1, 2).reshape(B, Lq, Hq * hd)
+
+    M.attention = attention
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", required=True)
@@ -79,8 +118,15 @@ def main():
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     ap.add_argument("--R", type=float, default=0.0, help="dlcm: mean concept length (0: target_R)")
     ap.add_argument("--serve", action="store_true")
+    ap.add_argument("--autocast", action="store_true")
+    ap.add_argument("--sdpa", action="store_true")
+    ap.add_argument("--compile", action="store_true")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    notes = []
+    if (a.sdpa or a.compile) and int(torch.__version__.split(".")[0]) < 2:
+        sys.exit(f"bench_torch: --sdpa/--compile need torch 2.x, this is {torch.__version__}")
+
     with open(a.config) as f:
         raw = json.load(f)
     cfg = config_from_dict(raw, a.config)
@@ -100,10 +146,34 @@ def main():
         R = a.R if a.R > 1 else float(cfg.target_R)
         kw = {"boundaries": geometric_boundaries(B, L, R, g), "xattn_impl": "replicate"}
 
+    def loss_of():
+        return forward(leaves, cfg, tokens, targets, **kw)["loss"]
+
+    if a.sdpa:  # same mathematics, so the same loss (checked, so the peer stays honest)
+        with torch.no_grad():
+            before = loss_of().item()
+            use_sdpa()
+            after = loss_of().item()
+        if abs(after - before) > 1e-4 * max(1.0, abs(before)):
+            sys.exit(f"bench_torch: the SDPA attention changes the loss ({before} -> {after})")
+
+    fwd = loss_of
+    if a.compile:
+        try:
+            fwd = torch.compile(loss_of)
+            fwd()  # compiles now, so a failure is caught here and the timing excludes it
+        except Exception as e:  # noqa: BLE001 - any compiler failure: report and run eager
+            notes.append(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); eager")
+            fwd = loss_of
+
     def step():
         opt.zero_grad(set_to_none=True)
-        out = forward(leaves, cfg, tokens, targets, **kw)
-        out["loss"].backward()
+        if a.autocast:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = fwd()
+        else:
+            loss = fwd()
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(list(leaves.values()), 1.0)
         opt.step()
 
@@ -119,11 +189,14 @@ def main():
         tok = n * B * L
         return tok / wall, tok / cpu, tok / busiest
 
-    settings = (f"threads={a.threads}, BLAS core={blas_core()}, "
+    settings = (f"threads={a.threads}, BLAS={blas_core()}, "
                 f"LD_PRELOAD={os.environ.get('LD_PRELOAD', '') or 'none'}, "
                 f"MALLOC_CONF={os.environ.get('MALLOC_CONF', '') or 'none'}, "
                 f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '') or 'unset'}, "
-                f"ATen CPU capability={aten_capability()}")
+                f"ATen CPU capability={aten_capability()}, "
+                f"autocast={'bf16' if a.autocast else 'off'}, sdpa={'on' if a.sdpa else 'off'}, "
+                f"compile={'on' if a.compile and not notes else 'off'}"
+                + "".join(f"; {n}" for n in notes))
     step()  # warm-up
     if a.serve:
         print(json.dumps({"ready": True, "torch": torch.__version__, "settings": settings}),

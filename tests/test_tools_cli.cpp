@@ -74,6 +74,9 @@ TEST(ToolsCli, BadInputsGiveOneLineErrors) {
       {"scaling predict --fit " + tmp.path + "/fit.json --N 1e6 --D 1e8 --R 4 --P 0.5", "missing number 'A_tok'"},
       {"scaling allocate --fit " + tmp.path + "/fit.json --flops 1e15 --R 4", "missing number"},
       {"mup lr-sweep --config " + base + " --data " + tmp.path + "/nodata --out " + tmp.path + "/sw --lrs 0", "--lrs"},
+      // PyTorch peers of bench train are checked before any engine is built
+      {"bench train --config " + base + " --torch " + tmp.path + "/no-python", "no Python interpreter"},
+      {"bench train --config " + base + " --torch /usr/bin/python3:fast", "unknown setting 'fast'"},
   };
   for (auto& c : cases) {
     Out r = dlcm_cmd(c.args);

@@ -54,6 +54,9 @@ class LineProcess {
   // Runs `argv` with `env` added to this process's environment (and `unset` removed).
   LineProcess(const std::vector<std::string>& argv, const std::vector<std::string>& env,
               const std::vector<std::string>& unset) {
+    // A peer that dies (e.g. killed for memory) must give an error naming it, not kill the
+    // benchmark with SIGPIPE on the next write.
+    signal(SIGPIPE, SIG_IGN);
     int in[2], out[2];
     DLCM_CHECK(pipe(in) == 0 && pipe(out) == 0, "bench: cannot create pipes");
     pid_ = fork();
@@ -106,7 +109,19 @@ class LineProcess {
     }
     return false;
   }
-  const std::string& log() const { return log_; }
+  // The log, and how the process ended if it did ("killed by signal 9 (out of memory?)").
+  std::string log() {
+    int st = 0;
+    if (pid_ > 0 && waitpid(pid_, &st, WNOHANG) == pid_) {
+      pid_ = -1;
+      if (WIFSIGNALED(st))
+        log_ += "[the peer was killed by signal " + std::to_string(WTERMSIG(st)) +
+                (WTERMSIG(st) == SIGKILL ? " (out of memory? see dmesg)" : "") + "]\n";
+      else if (WIFEXITED(st))
+        log_ += "[the peer exited with status " + std::to_string(WEXITSTATUS(st)) + "]\n";
+    }
+    return log_;
+  }
 
  private:
   pid_t pid_ = -1;
@@ -128,8 +143,7 @@ struct Engine {
   // per repeat: tokens/s, tokens per process CPU-second, tokens per second of the busiest
   // thread (idle-machine estimate), MFU (wall, idle estimate), the ratio to the PyTorch peer
   // (wall, CPU time, idle estimate)
-  std::vector<double> rate, cpu_rate, idle_rate, mfu, idle_mfu, vs_torch, vs_torch_cpu,
-      vs_torch_idle;
+  std::vector<double> rate, cpu_rate, idle_rate, mfu, idle_mfu;
   std::map<std::string, double> prof_sec, prof_cpu;
   std::vector<std::string> prof_order;
   i64 prof_steps = 0;
@@ -307,6 +321,37 @@ static int bench_train_ranks(const BenchTrainArgs& a, const Config& cfg) {
   return 0;
 }
 
+// A PyTorch peer of `bench train --torch`: "PY[:autocast][:sdpa][:compile]" -> the interpreter
+// and bench_torch.py's flags; checked before any engine is built.
+struct PeerSpec {
+  std::string python;
+  std::vector<std::string> flags;  // --autocast, --sdpa, --compile
+  std::string opts;                // "autocast+sdpa" for the label
+};
+static PeerSpec parse_peer_spec(const std::string& spec) {
+  PeerSpec p;
+  std::vector<std::string> parts;
+  for (size_t b = 0;;) {
+    const size_t e = spec.find(':', b);
+    parts.push_back(spec.substr(b, e == std::string::npos ? std::string::npos : e - b));
+    if (e == std::string::npos) break;
+    b = e + 1;
+  }
+  p.python = parts[0];
+  DLCM_CHECK(!p.python.empty() && fs::exists(p.python), "bench train: --torch ", spec,
+             ": no Python interpreter at '", p.python,
+             "' (expected PY[:autocast][:sdpa][:compile]; torch 2.x: bash scripts/setup_bench.sh "
+             "makes .venv-torch2/bin/python)");
+  for (size_t i = 1; i < parts.size(); ++i) {
+    DLCM_CHECK(parts[i] == "autocast" || parts[i] == "sdpa" || parts[i] == "compile",
+               "bench train: --torch ", spec, ": unknown setting '", parts[i],
+               "' (expected autocast, sdpa or compile)");
+    p.flags.push_back("--" + parts[i]);
+    p.opts += (p.opts.empty() ? "" : "+") + parts[i];
+  }
+  return p;
+}
+
 int cmd_bench_train(const BenchTrainArgs& a) {
   Config cfg = bench_config(a.config, a.sets);
   cfg.train.warmup_steps = 0;
@@ -321,6 +366,11 @@ int cmd_bench_train(const BenchTrainArgs& a) {
   for (auto& p : precisions) ops::parse_precision(p, "--precision");
   const double R = cfg.model.is_dlcm() ? (a.R < 0 ? cfg.model.target_R : a.R) : 0;
   DLCM_CHECK(R == 0 || R > 1, "--R must be > 1 (or 0: sample boundaries from the router)");
+  std::vector<PeerSpec> peer_specs;
+  if (!a.no_torch)
+    for (const std::string& spec :
+         a.torch.empty() ? std::vector<std::string>{"/usr/bin/python3"} : a.torch)
+      peer_specs.push_back(parse_peer_spec(spec));
 
   std::printf("threads: %d (OMP_NUM_THREADS)\n", omp_get_max_threads());
   std::printf("kernels: %s\n", ops::isa_summary().c_str());
@@ -370,9 +420,17 @@ int cmd_bench_train(const BenchTrainArgs& a) {
   }
   ops::set_gemm_path(path0);
 
-  // The PyTorch peer: a child process that has built the same model and answers "run N".
-  std::unique_ptr<LineProcess> torch;
-  json torch_info;
+  // The PyTorch peers: child processes that have built the same model and answer "run N".
+  // Each is an interpreter with settings (--torch PY[:autocast][:sdpa][:compile]); the default is
+  // Debian's torch 1.13 (/usr/bin/python3).
+  struct Peer {
+    std::string spec, label;
+    std::unique_ptr<LineProcess> proc;
+    std::vector<double> rates, cpu_rates, idle_rates;
+    double rss = 0;
+    std::vector<std::vector<double>> vs, vs_cpu, vs_idle;  // [engine][repeat]
+  };
+  std::vector<Peer> peers;
   if (!a.no_torch) {
     fs::path cfg_path = fs::temp_directory_path() / ("dlcm-bench-" + std::to_string(getpid()) + ".json");
     {
@@ -401,27 +459,37 @@ int cmd_bench_train(const BenchTrainArgs& a) {
         std::printf("pytorch: OPENBLAS_CORETYPE=%s unset for the peer (not an AVX-512 core)\n", ct);
       }
     }
-    std::vector<std::string> argv = {"/usr/bin/python3",
-                                     std::string(DLCM_SOURCE_DIR) + "/python/bench_torch.py",
-                                     "--config", cfg_path.string(), "--serve",
-                                     "--R", std::to_string(R)};
-    torch = std::make_unique<LineProcess>(argv, env, unset);
-    if (!torch->reply(torch_info) || !torch_info.contains("ready")) {
-      std::printf("pytorch: failed to start (%s)\n%s\n", argv[1].c_str(), torch->log().c_str());
-      fs::remove(cfg_path);
-      return 1;
-    }
-    fs::remove(cfg_path);
     std::string envs;
     for (auto& e : env) envs += (envs.empty() ? "" : " ") + e;
-    std::printf("pytorch %s peer: %s; env: %s\n", torch_info.value("torch", "?").c_str(),
-                torch_info.value("settings", "").c_str(), envs.c_str());
+    for (size_t k = 0; k < peer_specs.size(); ++k) {
+      const PeerSpec& ps = peer_specs[k];
+      Peer pr;
+      pr.spec = a.torch.empty() ? ps.python : a.torch[k];
+      std::vector<std::string> argv = {ps.python,
+                                       std::string(DLCM_SOURCE_DIR) + "/python/bench_torch.py",
+                                       "--config", cfg_path.string(), "--serve",
+                                       "--R", std::to_string(R)};
+      argv.insert(argv.end(), ps.flags.begin(), ps.flags.end());
+      pr.proc = std::make_unique<LineProcess>(argv, env, unset);
+      json info;
+      if (!pr.proc->reply(info) || !info.contains("ready")) {
+        std::printf("pytorch: failed to start (%s)\n%s\n", pr.spec.c_str(), pr.proc->log().c_str());
+        fs::remove(cfg_path);
+        return 1;
+      }
+      pr.label = "pytorch " + info.value("torch", std::string("?")) + (ps.opts.empty() ? "" : " " + ps.opts);
+      pr.vs.resize(eng.size());
+      pr.vs_cpu.resize(eng.size());
+      pr.vs_idle.resize(eng.size());
+      std::printf("%s peer (%s): %s; env: %s\n", pr.label.c_str(), ps.python.c_str(),
+                  info.value("settings", "").c_str(), envs.c_str());
+      peers.push_back(std::move(pr));
+    }
+    fs::remove(cfg_path);
   }
 
   // Repeats, interleaved: GEMM peak, each engine, the PyTorch peer.
-  std::vector<double> peaks, idle_peaks, peaks16, idle_peaks16, torch_rates, torch_cpu_rates,
-      torch_idle_rates, rss_steps;
-  double torch_rss = 0;
+  std::vector<double> peaks, idle_peaks, peaks16, idle_peaks16, rss_steps;
   for (i64 r = 0; r < a.repeats; ++r) {
     const Peak pk = measure_peak(0.3, 2048);
     peaks.push_back(pk.wall);
@@ -473,19 +541,20 @@ int cmd_bench_train(const BenchTrainArgs& a) {
       e.mfu.push_back(flops_tok * rate / (own.wall * 1e9));
       e.idle_mfu.push_back(flops_tok * idle_rate / (own.idle * 1e9));
     }
-    if (torch) {
-      torch->send("run " + std::to_string(a.steps));
+    for (auto& pr : peers) {
+      pr.proc->send("run " + std::to_string(a.steps));
       json rep;
-      DLCM_CHECK(torch->reply(rep) && rep.contains("tokens_per_s"),
-                 "pytorch peer stopped answering:\n", torch->log());
-      torch_rates.push_back(rep["tokens_per_s"].get<double>());
-      torch_cpu_rates.push_back(rep.value("tokens_per_cpu_s", 0.0));
-      torch_idle_rates.push_back(rep.value("tokens_per_busiest_thread_s", 0.0));
-      torch_rss = std::max(torch_rss, rep.value("peak_rss_mib", 0.0));
-      for (auto& e : eng) {
-        e.vs_torch.push_back(e.rate.back() / torch_rates.back());
-        e.vs_torch_cpu.push_back(e.cpu_rate.back() / std::max(1e-9, torch_cpu_rates.back()));
-        e.vs_torch_idle.push_back(e.idle_rate.back() / std::max(1e-9, torch_idle_rates.back()));
+      DLCM_CHECK(pr.proc->reply(rep) && rep.contains("tokens_per_s"), pr.label,
+                 " peer stopped answering:\n", pr.proc->log());
+      pr.rates.push_back(rep["tokens_per_s"].get<double>());
+      pr.cpu_rates.push_back(rep.value("tokens_per_cpu_s", 0.0));
+      pr.idle_rates.push_back(rep.value("tokens_per_busiest_thread_s", 0.0));
+      pr.rss = std::max(pr.rss, rep.value("peak_rss_mib", 0.0));
+      for (size_t i = 0; i < eng.size(); ++i) {
+        const auto& e = eng[i];
+        pr.vs[i].push_back(e.rate.back() / pr.rates.back());
+        pr.vs_cpu[i].push_back(e.cpu_rate.back() / std::max(1e-9, pr.cpu_rates.back()));
+        pr.vs_idle[i].push_back(e.idle_rate.back() / std::max(1e-9, pr.idle_rates.back()));
       }
     }
   }
@@ -512,12 +581,15 @@ int cmd_bench_train(const BenchTrainArgs& a) {
   std::printf("model FLOPs: %.4f GFLOP/token (training = 3x forward)\n", flops_tok / 1e9);
   std::printf("median of %lld repeats x %lld steps of %.0f tokens:\n", (long long)a.repeats,
               (long long)a.steps, tokens_per_step);
-  std::printf("  (MFU against the FP32 peak, for bf16 engines against the BF16 peak)\n");
-  std::printf("  %-18s %11s %8s | %11s %8s | %14s\n", "", "wall tok/s", "MFU", "idle tok/s",
+  std::printf("  (MFU against the FP32 peak, for bf16 engines and autocast peers against the BF16 "
+              "peak)\n");
+  int w = 18;  // the row labels' column
+  for (auto& pr : peers) w = std::max(w, int(pr.label.size()));
+  std::printf("  %-*s %11s %8s | %11s %8s | %14s\n", w, "", "wall tok/s", "MFU", "idle tok/s",
               "MFU", "tok/CPU-second");
   for (auto& e : eng)
-    std::printf("  dlcm engine %-6s %11.0f %7.1f%% | %11.0f %7.1f%% | %14.0f\n",
-                e.label.c_str(), bench::median(e.rate), 100 * bench::median(e.mfu),
+    std::printf("  %-*s %11.0f %7.1f%% | %11.0f %7.1f%% | %14.0f\n", w,
+                ("dlcm engine " + e.label).c_str(), bench::median(e.rate), 100 * bench::median(e.mfu),
                 bench::median(e.idle_rate), 100 * bench::median(e.idle_mfu),
                 bench::median(e.cpu_rate));
   if (eng.size() > 1)
@@ -533,19 +605,21 @@ int cmd_bench_train(const BenchTrainArgs& a) {
                   eng[i].label.c_str(), eng[0].label.c_str(), bench::median(ratio),
                   bench::median(idle_ratio), bench::median(cpu_ratio));
     }
-  if (torch) {
-    const double theirs = bench::median(torch_rates);
-    const double theirs_idle = bench::median(torch_idle_rates);
-    std::printf("  pytorch            %11.0f %7.1f%% | %11.0f %7.1f%% | %14.0f\n", theirs,
-                100 * flops_tok * theirs / (bench::median(peaks) * 1e9), theirs_idle,
-                100 * flops_tok * theirs_idle / (bench::median(idle_peaks) * 1e9),
-                bench::median(torch_cpu_rates));
-    for (auto& e : eng)
-      std::printf("  speed-up of the %s engine over pytorch (medians of per-repeat ratios): wall "
-                  "%.2fx, idle %.2fx, per CPU-second %.2fx\n",
-                  e.label.c_str(), bench::median(e.vs_torch), bench::median(e.vs_torch_idle),
-                  bench::median(e.vs_torch_cpu));
+  for (auto& pr : peers) {
+    // MFU of a peer against the peak of its precision (autocast: the BF16 peak).
+    const bool bf = pr.spec.find(":autocast") != std::string::npos && !peaks16.empty();
+    const double pk = bench::median(bf ? peaks16 : peaks), pk_idle = bench::median(bf ? idle_peaks16 : idle_peaks);
+    const double theirs = bench::median(pr.rates), theirs_idle = bench::median(pr.idle_rates);
+    std::printf("  %-*s %11.0f %7.1f%% | %11.0f %7.1f%% | %14.0f\n", w, pr.label.c_str(), theirs,
+                100 * flops_tok * theirs / (pk * 1e9), theirs_idle,
+                100 * flops_tok * theirs_idle / (pk_idle * 1e9), bench::median(pr.cpu_rates));
   }
+  for (auto& pr : peers)
+    for (size_t i = 0; i < eng.size(); ++i)
+      std::printf("  speed-up of the %s engine over %s (medians of per-repeat ratios): wall "
+                  "%.2fx, idle %.2fx, per CPU-second %.2fx\n",
+                  eng[i].label.c_str(), pr.label.c_str(), bench::median(pr.vs[i]),
+                  bench::median(pr.vs_idle[i]), bench::median(pr.vs_cpu[i]));
   const auto [lo, hi] = std::minmax_element(rss_steps.begin(), rss_steps.end());
   std::printf("memory: peak RSS (VmHWM) %.1f MiB (the whole process: %zu engine(s), warm-up and "
               "GEMM-peak buffers included); RSS after each of the %zu timed steps %.1f..%.1f MiB, "
@@ -555,7 +629,8 @@ int cmd_bench_train(const BenchTrainArgs& a) {
   std::printf("        RSS after each timed step (MiB, engines in turn):");
   for (double m : rss_steps) std::printf(" %.1f", m);
   std::printf("\n");
-  if (torch) std::printf("        pytorch peer: peak RSS %.1f MiB\n", torch_rss);
+  for (auto& pr : peers)
+    std::printf("        %s peer: peak RSS %.1f MiB\n", pr.label.c_str(), pr.rss);
   if (a.breakdown)
     for (auto& e : eng) print_breakdown(e, cfg, tokens_per_step);
   return 0;

@@ -139,6 +139,8 @@ struct BenchTrainArgs {
   i64 steps = 5, repeats = 3;
   bool no_torch = false;
   bool torch_default = false;           // PyTorch peer without jemalloc and ATen AVX-512
+  std::vector<std::string> torch;       // peers "PY[:autocast][:sdpa][:compile]"; empty = Debian's
+                                        // torch 1.13 (/usr/bin/python3)
   std::vector<std::string> precisions;  // engines to time side by side; empty = the config's
   std::vector<std::string> gemm_paths;  // "runtime"/"fixed" engines side by side; empty = the
                                         // process's (DLCM_GEMM, else fixed on AMX CPUs)

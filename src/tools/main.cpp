@@ -147,6 +147,10 @@ int main(int argc, char** argv) {
   btrain->add_option("--repeats", ba.repeats, "repeats (median reported)");
   btrain->add_flag("--no-torch", ba.no_torch, "skip the PyTorch reference");
   btrain->add_flag("--torch-defaults", ba.torch_default, "PyTorch peer with glibc malloc and ATen's default (AVX2) kernels");
+  btrain->add_option("--torch", ba.torch,
+                     "PyTorch peers, each PY[:autocast][:sdpa][:compile] (default /usr/bin/python3, "
+                     "Debian's torch 1.13; torch 2.x: bash scripts/setup_bench.sh, then "
+                     ".venv-torch2/bin/python)")->delimiter(',');
   btrain->add_option("--precision", ba.precisions, "fp32 and/or bf16, timed side by side (default: the config's)")
       ->delimiter(',')->check(CLI::IsMember({"fp32", "bf16"}));
   btrain->add_option("--gemm", ba.gemm_paths, "runtime and/or fixed: oneDNN GEMM paths timed side by side (default: DLCM_GEMM, else fixed on AMX CPUs, runtime elsewhere)")
