@@ -179,6 +179,18 @@ Config dlcm_prefix_mean_inclusive() {
   return dlcm_variant("prefix_mean", "inclusive", "compact", true);
 }
 Config dlcm_no_concept_path() { return dlcm_variant("mean", "shifted", "compact", false); }
+// xattn_rope: cached keys rotated once at their concept's start, queries at their position.
+Config with_rope(Config c) {
+  c.model.xattn_rope = true;
+  return c;
+}
+Config dlcm_mean_rope() { return with_rope(dlcm_variant("mean", "shifted", "compact", true)); }
+Config dlcm_first_inclusive_rope_replicate() {
+  return with_rope(dlcm_variant("first", "inclusive", "replicate", true));
+}
+Config dlcm_prefix_mean_inclusive_rope() {
+  return with_rope(dlcm_variant("prefix_mean", "inclusive", "compact", true));
+}
 
 INSTANTIATE_TEST_SUITE_P(Arch, StreamEquivalence,
                          ::testing::Values(Case{"baseline_qk_mqa", baseline_qk_mqa},
@@ -194,7 +206,12 @@ INSTANTIATE_TEST_SUITE_P(Arch, StreamEquivalence,
                                                 dlcm_prefix_mean_shifted},
                                            Case{"dlcm_prefix_mean_inclusive",
                                                 dlcm_prefix_mean_inclusive},
-                                           Case{"dlcm_no_concept_path", dlcm_no_concept_path}),
+                                           Case{"dlcm_no_concept_path", dlcm_no_concept_path},
+                                           Case{"dlcm_mean_rope", dlcm_mean_rope},
+                                           Case{"dlcm_first_inclusive_rope_replicate",
+                                                dlcm_first_inclusive_rope_replicate},
+                                           Case{"dlcm_prefix_mean_inclusive_rope",
+                                                dlcm_prefix_mean_inclusive_rope}),
                          [](const auto& info) { return info.param.name; });
 
 // Splitting a sequence differently (one prefill, token by token, chunks) gives the same logits,
