@@ -569,6 +569,17 @@ TEST(XattnRope, ChangesTheFunctionWithTheSameWeights) {
   }
 }
 
+// The model's FLOPs are the function's; the kernels run widened heads (2 hd): more work.
+TEST(XattnRope, FlopsModelUnchangedKernelAttentionDoubled) {
+  for (const char* xattn : {"compact", "replicate"}) {
+    const ModelConfig a = variant({"mean", "shifted", true}, xattn).model;
+    const ModelConfig b = rope_variant({"mean", "shifted", true}, xattn).model;
+    const auto ra = flops_report(a, 64), rb = flops_report(b, 64);
+    EXPECT_EQ(ra.flops("cross_attention"), rb.flops("cross_attention")) << xattn;
+    EXPECT_GT(rb.kernel_total(), ra.kernel_total()) << xattn;
+  }
+}
+
 // Engine against the PyTorch reference (python/dlcm_ref: the definition, per-query rotated
 // keys): loss, every gradient, logits, AdamW steps.
 TEST(XattnRope, MatchesPyTorchReference) {
