@@ -11,7 +11,7 @@ position -1 = ignored; any target < 0 is ignored). --boundaries (dlcm): 0/1 per 
 given samples b (forced positions - row start and BOS - are boundaries regardless); without it
 b = [p >= tau]. All rows form ONE batch: CE is the mean over all target tokens of all rows, F and
 G the means over all B*L positions. The model config may set the SPEC 4.9 research variants
-(concept_repr, concept_visibility, enc_window, dec_window, concept_path); --xattn selects the
+(concept_repr, concept_visibility, enc_window, dec_window, concept_path, xattn_rope); --xattn selects the
 replicate or compact form of the cross-attention for every visibility.
 
 Writes (float32): logits [B,L,V], loss [1], ce [1]; dlcm also aux [1], p [B,L], b [B,L] (0/1),

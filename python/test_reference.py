@@ -611,6 +611,53 @@ def replicate_equals_compact_inclusive():
 
 
 @test
+def xattn_rope_variant():
+    """xattn_rope (docs/dlcm.md): validated; replicate == compact (every copy of concept j
+    carries the key rotated at start_j); it changes the function; and the z_null score is
+    position-free while a concept's score depends on t - start_j only (checked on
+    xattn_attend directly)."""
+    try:
+        R.config_from_dict({"arch": "dlcm", "xattn_rope": 1})
+        raise AssertionError("xattn_rope = 1 accepted")
+    except ValueError as e:
+        check("xattn_rope" in str(e), f"message should name the key: {e}")
+    check(R.config_from_dict({"arch": "dlcm"}).xattn_rope is False, "default")
+    for i, sets in enumerate(([], FIRST_INCL, PREFIX_INCL)):
+        sets = list(sets) + ["xattn_rope=true"]
+        d, cfg, params, tokens = fixture("dlcm", f"xrope_{i}", sets, rows=3, L=20, seed=130 + i)
+        bnd = R.read_rows(os.path.join(d, "boundaries.txt"))
+        if i < 2:  # prefix_mean + inclusive has no replicate form in the engine; same reference
+            check_replicate_equals_compact(f"rope {sets}", cfg, params, tokens, bnd)
+        P = to64(params)
+        on = R.forward(P, cfg, tokens, None, bnd, xattn_impl="compact")["logits"]
+        off = R.forward(P, R.Config(dict(cfg, xattn_rope=False)), tokens, None, bnd,
+                        xattn_impl="compact")["logits"]
+        check((on - off).abs().max().item() > 1e-3, f"rope {sets}: no effect on the logits")
+    # one query head, keys [z_null, a, b]: shifting every concept start and the query position
+    # by the same offset keeps the output; the z_null score alone ignores the query position.
+    cfg = R.Config(dict(R.config_from_dict({"arch": "dlcm"}), xattn_rope=True, head_dim=8))
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(6, 1, 8, generator=g, dtype=torch.float64)
+    k = torch.randn(3, 1, 8, generator=g, dtype=torch.float64)
+    v = torch.randn(3, 1, 8, generator=g, dtype=torch.float64)
+    mask = torch.ones(6, 3, dtype=torch.bool)
+    a = Mdl.xattn_attend(q, k, v, mask, None, [-1, 0, 2], cfg)
+    qs = torch.cat([torch.zeros(3, 1, 8, dtype=torch.float64), q])  # queries shifted by 3
+    b = Mdl.xattn_attend(qs, k, v, torch.ones(9, 3, dtype=torch.bool), None, [-1, 3, 5], cfg)[3:]
+    check((a - b).abs().max().item() < 1e-12, "rope: not relative in t - start_j")
+    # by hand, keys [z_null, a at start 0]: z_null scores q_t.k_null (no rotation), a scores
+    # (R_t q_t).k_a
+    two = torch.tensor([[True, True, False]]).expand(6, 3)
+    got = Mdl.xattn_attend(q, k, v, two, None, [-1, 0, 2], cfg)
+    qr = Mdl.rope_at(q, torch.arange(6)[:, None], cfg.rope_theta)[:, 0]  # [6, 8]
+    sc = torch.stack([q[:, 0] @ k[0, 0], qr @ k[1, 0]], dim=1) / math.sqrt(8)
+    want = torch.softmax(sc, dim=1) @ v[:2, 0]
+    check((got - want).abs().max().item() < 1e-12, "rope: scores by hand")
+    plain = torch.softmax(torch.stack([q[:, 0] @ k[0, 0], q[:, 0] @ k[1, 0]], 1) / math.sqrt(8), 1)
+    check((got - plain @ v[:2, 0]).abs().max().item() > 1e-6, "rope: the rotation must matter")
+
+
+@test
 def xattn_inclusive_direct_formula():
     """Cross-attention term of every token under inclusive visibility, written out by hand from
     SPEC 4.9: slots [z_null] + [zs_seg(s)(t) for s <= t], the own concept j = seg(t) evaluated on

@@ -80,7 +80,8 @@ TEST(ConceptUsage, MatchesPyTorchReference) {
     bool path;
     const char* xattn;
     i64 enc_window, dec_window;
-    bool given;  // given boundaries (else thresholded)
+    bool given;         // given boundaries (else thresholded)
+    bool rope = false;  // xattn_rope (the ablations keep the row's own key positions)
   };
   for (const Case& cs : {Case{"mean", "shifted", true, "compact", 0, 0, false},
                          Case{"mean", "shifted", true, "replicate", 0, 0, true},
@@ -90,12 +91,16 @@ TEST(ConceptUsage, MatchesPyTorchReference) {
                          Case{"prefix_mean", "shifted", true, "compact", 0, 0, true},
                          Case{"mean", "shifted", true, "compact", 4, 6, true},
                          Case{"first", "inclusive", true, "compact", 5, 3, true},
-                         Case{"mean", "shifted", false, "compact", 0, 0, true}}) {
+                         Case{"mean", "shifted", false, "compact", 0, 0, true},
+                         Case{"mean", "shifted", true, "compact", 4, 4, true, true},
+                         Case{"first", "inclusive", true, "replicate", 0, 0, false, true}}) {
     const std::string what = std::string(cs.repr) + "/" + cs.vis + (cs.path ? "" : "/no_path") +
                              "/" + cs.xattn + " windows " + std::to_string(cs.enc_window) + "/" +
-                             std::to_string(cs.dec_window) + (cs.given ? " given b" : " thresholded");
+                             std::to_string(cs.dec_window) + (cs.given ? " given b" : " thresholded") +
+                             (cs.rope ? " rope" : "");
     SCOPED_TRACE(what);
     Config c = variant(cs.repr, cs.vis, cs.path, cs.xattn, cs.enc_window, cs.dec_window);
+    c.model.xattn_rope = cs.rope;
     auto m = jittered_model(c, 31);
     Rows d = make_rows(c, 4, 24, 17);
     test::TempDir tmp;

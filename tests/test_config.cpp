@@ -63,6 +63,7 @@ Config all_changed() {
   t.precision = "bf16";
   m.enc_window = 7; m.dec_window = 9;
   m.concept_repr = "first"; m.concept_visibility = "inclusive"; m.concept_path = false;
+  m.xattn_rope = true;
   m.baseline_extras = true; m.n_layers_pre = 1; m.router.stride = 5; m.aux_kind = "sequence";
   m.smoother = false;
   return c;
@@ -80,6 +81,7 @@ const char* kOldChanged =
 // Keys added after commit f5f2677: old checkpoints lack them and load with their defaults.
 json without_new_keys(json j) {
   for (const char* k : {"on_nonfinite", "max_nonfinite_skips"}) j["train"].erase(k);
+  j.erase("xattn_rope");
   return j;
 }
 

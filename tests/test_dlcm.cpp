@@ -491,6 +491,114 @@ TEST(DlcmVariants, OptionsChangeTheFunctionExceptPrefixMeanShifted) {
   }
 }
 
+// ---- xattn_rope: RoPE in the concept cross-attention (docs/dlcm.md) -----------------------
+
+namespace {
+
+const Variant kRopeVariants[] = {{"mean", "shifted", true},
+                                 {"first", "inclusive", true},
+                                 {"prefix_mean", "inclusive", true}};
+
+Config rope_variant(const Variant& v, const std::string& xattn = "compact", bool smooth = false) {
+  Config c = variant(v, xattn, smooth);
+  c.model.xattn_rope = true;
+  return c;
+}
+
+}  // namespace
+
+// The rotation's backward (its transpose on q and k, z_null's key position-free) against
+// central differences, every parameter, compact and replicate.
+TEST(XattnRope, FiniteDifferenceGradientsEveryParameter) {
+  for (const Variant& v : kRopeVariants)
+    for (const char* xattn : {"compact", "replicate"}) {
+      if (!replicable(v) && std::string(xattn) == "replicate") continue;
+      Config c = rope_variant(v, xattn, true);
+      c.model.aux_weight = 0.5f;
+      auto m = make_initialised_model(c.model, 11);
+      Data d = make_data(c, 5);
+      m->params().zero_grad();
+      loss_and_grads(*m, d);
+      std::vector<float> an(m->params().grad(), m->params().grad() + m->params().total());
+      for (auto& p : m->params().params())
+        test::check_grad("rope " + variant_name(v, xattn) + " " + p.name, p.w,
+                         an.data() + p.offset, p.numel, [&] { return loss_only(*m, d); }, 5e-3,
+                         3e-2, 6);
+    }
+}
+
+TEST(XattnRope, CausalityFutureTokensChangeNoPastLogitOrBoundary) {
+  for (const Variant& v : kRopeVariants)
+    for (const char* xattn : {"compact", "replicate"})
+      if (replicable(v) || std::string(xattn) == "compact")
+        check_causality(rope_variant(v, xattn), 1, "rope " + variant_name(v, xattn));
+}
+
+// Every replicated copy of concept j carries the key rotated at start_j: replicate == compact.
+TEST(XattnRope, ReplicateAndCompactAgree) {
+  for (const Variant& v : kRopeVariants) {
+    if (!replicable(v)) continue;
+    Config a = rope_variant(v, "compact", true), b = rope_variant(v, "replicate", true);
+    a.train.seq_len = b.train.seq_len = 70;  // more than one 64-token block
+    auto ma = make_initialised_model(a.model, 3);
+    auto mb = make_initialised_model(b.model, 3);
+    Data d = make_data(a, 21);
+    ma->params().zero_grad();
+    mb->params().zero_grad();
+    double la = loss_and_grads(*ma, d), lb = loss_and_grads(*mb, d);
+    EXPECT_NEAR(la, lb, 1e-5 * std::abs(la)) << variant_name(v, "");
+    EXPECT_LT(test::rel_err(ma->params().grad(), mb->params().grad(), ma->params().total()), 1e-4)
+        << variant_name(v, "");
+  }
+}
+
+// The rotation does something: the same weights (xattn_rope adds none) give other logits.
+TEST(XattnRope, ChangesTheFunctionWithTheSameWeights) {
+  for (const Variant& v : kRopeVariants) {
+    Config a = variant(v), b = rope_variant(v);
+    auto ma = make_initialised_model(a.model, 4);
+    auto mb = make_model(b.model);
+    ASSERT_EQ(ma->params().total(), mb->params().total());
+    std::copy_n(ma->params().data(), ma->params().total(), mb->params().data());
+    Data d = make_data(a, 9);
+    const i64 V = a.model.vocab_size, N = d.B * d.L;
+    Buf xa(N * V), xb(N * V);
+    ma->logits(d.tok.data(), d.B, d.L, xa.data());
+    mb->logits(d.tok.data(), d.B, d.L, xb.data());
+    EXPECT_GT(test::max_abs_diff(xa.data(), xb.data(), N * V), 1e-3) << variant_name(v, "");
+  }
+}
+
+// The model's FLOPs are the function's; the kernels run widened heads (2 hd): more work.
+TEST(XattnRope, FlopsModelUnchangedKernelAttentionDoubled) {
+  for (const char* xattn : {"compact", "replicate"}) {
+    const ModelConfig a = variant({"mean", "shifted", true}, xattn).model;
+    const ModelConfig b = rope_variant({"mean", "shifted", true}, xattn).model;
+    const auto ra = flops_report(a, 64), rb = flops_report(b, 64);
+    EXPECT_EQ(ra.flops("cross_attention"), rb.flops("cross_attention")) << xattn;
+    EXPECT_GT(rb.kernel_total(), ra.kernel_total()) << xattn;
+  }
+}
+
+// Engine against the PyTorch reference (python/dlcm_ref: the definition, per-query rotated
+// keys): loss, every gradient, logits, AdamW steps.
+TEST(XattnRope, MatchesPyTorchReference) {
+  if (!test::torch_available()) GTEST_SKIP() << "/usr/bin/python3 with torch not found";
+  struct Case {
+    Variant v;
+    const char* xattn;
+    i64 x_kv;
+  };
+  for (const Case& cs : {Case{{"mean", "shifted", true}, "compact", 2},
+                         Case{{"mean", "shifted", true}, "replicate", 1},
+                         Case{{"first", "inclusive", true}, "replicate", 2},
+                         Case{{"prefix_mean", "inclusive", true}, "compact", 2}}) {
+    Config c = rope_variant(cs.v, cs.xattn, true);
+    c.model.x_kv_heads = cs.x_kv;
+    check_against_reference(c, "rope " + variant_name(cs.v, cs.xattn));
+  }
+}
+
 TEST(DlcmVariants, ConceptPathOffRegistersOnlyTheTokenPath) {
   Config c = variant({"mean", "shifted", false});
   auto m = make_model(c.model);

@@ -219,6 +219,18 @@ Config dlcm_prefix_mean_inclusive() {
   return dlcm_variant("prefix_mean", "inclusive", "compact", true);
 }
 Config dlcm_no_concept_path() { return dlcm_variant("mean", "shifted", "compact", false); }
+// xattn_rope: cached keys rotated once at their concept's start, queries at their position.
+Config with_rope(Config c) {
+  c.model.xattn_rope = true;
+  return c;
+}
+Config dlcm_mean_rope() { return with_rope(dlcm_variant("mean", "shifted", "compact", true)); }
+Config dlcm_first_inclusive_rope_replicate() {
+  return with_rope(dlcm_variant("first", "inclusive", "replicate", true));
+}
+Config dlcm_prefix_mean_inclusive_rope() {
+  return with_rope(dlcm_variant("prefix_mean", "inclusive", "compact", true));
+}
 
 INSTANTIATE_TEST_SUITE_P(Arch, StreamEquivalence,
                          ::testing::Combine(::testing::Values(Case{"baseline_qk_mqa", baseline_qk_mqa},
@@ -234,7 +246,12 @@ INSTANTIATE_TEST_SUITE_P(Arch, StreamEquivalence,
                                                 dlcm_prefix_mean_shifted},
                                            Case{"dlcm_prefix_mean_inclusive",
                                                 dlcm_prefix_mean_inclusive},
-                                           Case{"dlcm_no_concept_path", dlcm_no_concept_path}),
+                                           Case{"dlcm_no_concept_path", dlcm_no_concept_path},
+                                           Case{"dlcm_mean_rope", dlcm_mean_rope},
+                                           Case{"dlcm_first_inclusive_rope_replicate",
+                                                dlcm_first_inclusive_rope_replicate},
+                                           Case{"dlcm_prefix_mean_inclusive_rope",
+                                                dlcm_prefix_mean_inclusive_rope}),
                                             ::testing::Values(ops::Precision::FP32,
                                                               ops::Precision::BF16)),
                          [](const auto& info) {

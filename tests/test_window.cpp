@@ -471,9 +471,14 @@ TEST(WindowDlcm, FarTokensReachOnlyThroughConcepts) {
 // Streaming a windowed DLCM (prefill chunks, batched steps, cache spanning several 64-key
 // blocks) gives the full forward's logits and boundaries.
 TEST(WindowDlcm, StreamingEqualsFullForward) {
-  for (auto [ew, dw] : {std::pair<i64, i64>{4, 9}, {70, 1}}) {
-    SCOPED_TRACE(::testing::Message() << "windows " << ew << "/" << dw);
+  struct Case {
+    i64 ew, dw;
+    bool rope;  // xattn_rope (the copy-task control's setting: windows 4/4)
+  };
+  for (auto [ew, dw, rope] : {Case{4, 9, false}, Case{70, 1, false}, Case{4, 4, true}}) {
+    SCOPED_TRACE(::testing::Message() << "windows " << ew << "/" << dw << (rope ? " rope" : ""));
     Config c = windowed_dlcm(ew, dw);
+    c.model.xattn_rope = rope;
     auto m = make_initialised_model(c.model, 8);
     const i64 V = c.model.vocab_size;
     std::vector<std::vector<i32>> seqs;

@@ -1,6 +1,6 @@
 """Model configuration (mirrors src/models/config.h; config.json = SPEC section 9 keys plus
 "xattn_impl", "init_std", "mup", a "train" object and the SPEC 4.9 research variants
-"concept_repr", "concept_visibility", "enc_window", "dec_window", "concept_path", and the
+"concept_repr", "concept_visibility", "enc_window", "dec_window", "concept_path", "xattn_rope", and the
 controls "router.kind" = fixed | word with "router.stride", "aux_kind", "smoother",
 "baseline_extras" and "n_layers_pre").
 Unknown keys are ignored with a warning."""
@@ -56,6 +56,7 @@ DEFAULTS = {
     "enc_window": 0,                  # sliding-window width of encoder self-attention, 0 = full
     "dec_window": 0,                  # same for the decoder blocks
     "concept_path": True,             # false: no pooling/backbone/cross-attention term (Psi = H)
+    "xattn_rope": False,              # RoPE in the concept cross-attention (docs/dlcm.md)
 }
 
 
@@ -134,6 +135,8 @@ def config_from_dict(src, source="config"):
             if isinstance(cfg[k], bool) or not isinstance(cfg[k], int) or cfg[k] < 0:
                 raise ValueError(f"{source}: '{k}' must be an integer >= 0 (0 = full causal "
                                  f"attention), got {cfg[k]!r}")
+        if not isinstance(cfg.xattn_rope, bool):
+            raise ValueError(f"{source}: 'xattn_rope' must be true or false, got {cfg.xattn_rope!r}")
         if not isinstance(cfg.concept_path, bool):
             raise ValueError(f"{source}: 'concept_path' must be true or false, got {cfg.concept_path!r}")
     return cfg

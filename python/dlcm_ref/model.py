@@ -148,6 +148,18 @@ def rope(x, pos, theta):
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
+def rope_at(x, pos, theta):
+    """rope() with one position per vector: x [..., hd], pos integer [...] broadcastable to
+    x.shape[:-1] (e.g. [L, 1] for x [L, H, hd])."""
+    hd = x.shape[-1]
+    half = hd // 2
+    inv_freq = theta ** (-torch.arange(half, dtype=torch.float64) * 2.0 / hd)
+    ang = pos.to(torch.float64)[..., None] * inv_freq
+    cos, sin = torch.cos(ang).to(x.dtype), torch.sin(ang).to(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
 def attention(q, k, v, mask, bias=None):
     """Softmax attention with grouped-query heads (query head h uses kv head h // (Hq/Hkv)).
     q [B, Lq, Hq, hd], k/v [B, Lk, Hkv, hd], mask bool [B or 1, Lq, Lk] (True = may attend),
@@ -388,11 +400,41 @@ def xattn_kv(Zsrc, P, cfg):
     return k, v
 
 
-def attend_per_query(q, kv_src, mask, bias, P, cfg):
+def attend_per_query(q, kv_src, mask, bias, P, cfg, kpos=None):
     """Cross-attention where every query has its own key/value list.
-    q [L, Hq, hd]; kv_src [L, S, dc]; mask bool [L, S]; bias [L, S] or None. Returns [L, Hq*hd]."""
+    q [L, Hq, hd]; kv_src [L, S, dc]; mask bool [L, S]; bias [L, S] or None; kpos [S] key
+    positions (xattn_rope). Returns [L, Hq*hd]."""
     k, v = xattn_kv(kv_src, P, cfg)  # [L, S, Hkv, hd]
-    return attention(q[:, None], k, v, mask[:, None], None if bias is None else bias[:, None])[:, 0]
+    return xattn_attend(q, k, v, mask, bias, kpos, cfg)
+
+
+def xattn_attend(q, k, v, mask, bias, kpos, cfg):
+    """The concept attention of one row. q [L, Hq, hd]; k/v [S, Hkv, hd] (shared by the
+    queries) or [L, S, Hkv, hd] (per query); mask bool [L, S]; bias [L, S] or None.
+    xattn_rope: query t is rotated by t, key s by kpos[s] (the start of its concept), and a key
+    with kpos[s] < 0 (z_null) by the query's own position t, so its score is position-free."""
+    L = q.shape[0]
+    if not cfg.xattn_rope:
+        if k.dim() == 3:
+            return attention(q[None], k[None], v[None], mask[None], None if bias is None else bias[None])[0]
+        return attention(q[:, None], k, v, mask[:, None], None if bias is None else bias[:, None])[:, 0]
+    bias = None if bias is None else bias[:, None]
+    t = torch.arange(L)
+    kpos = torch.as_tensor(kpos, dtype=torch.long)
+    if k.dim() == 3:
+        k = k[None].expand(L, *k.shape)
+        v = v[None].expand(L, *v.shape)
+    pos = torch.where(kpos[None, :] < 0, t[:, None], kpos[None, :])  # [L, S]
+    q = rope_at(q, t[:, None], cfg.rope_theta)
+    k = rope_at(k, pos[..., None], cfg.rope_theta)
+    return attention(q[:, None], k, v, mask[:, None], bias)[:, 0]
+
+
+def list_positions(seg, M1):
+    """Key positions of the list entries [z_null, zs_0, ..] of one row for xattn_rope: -1 for
+    z_null, start_k for zs_k."""
+    _, start = segment_sizes([int(s) for s in seg], M1)
+    return [-1] + [start[k] for k in range(M1 - 1)]
 
 
 def xattn_replicate(q, Zlist, seg, P, cfg):
@@ -406,7 +448,8 @@ def xattn_replicate(q, Zlist, seg, P, cfg):
     k = linear(kv_src, P["xattn.wk.weight"]).view(L, cfg.x_kv_heads, hd)
     v = linear(kv_src, P["xattn.wv.weight"]).view(L, cfg.x_kv_heads, hd)
     k = rmsnorm(k, P["xattn.k_norm.weight"], cfg.norm_eps)
-    return attention(q[None], k[None], v[None], causal_mask(L))[0]  # [L, Hq*hd]
+    kpos = [list_positions(seg, Zlist.shape[0])[int(e)] for e in seg]  # copies share start_j
+    return xattn_attend(q, k, v, causal_mask(L)[0], None, kpos, cfg)  # [L, Hq*hd]
 
 
 def segment_sizes(seg, n):
@@ -439,7 +482,7 @@ def xattn_compact(q, Zlist, seg, P, cfg):
         mult[t, seg_l[t]] = t - start[seg_l[t]] + 1
     mask = mult > 0
     bias = torch.where(mask, torch.log(torch.clamp(mult, min=1.0)), torch.zeros_like(mult))
-    return attention(q[None], k[None], v[None], mask[None], bias[None])[0]
+    return xattn_attend(q, k, v, mask, bias, list_positions(seg, M1), cfg)
 
 
 def xattn_inclusive_replicate(q, Zlist, seg, own, P, cfg):
@@ -451,13 +494,15 @@ def xattn_inclusive_replicate(q, Zlist, seg, own, P, cfg):
     L = q.shape[0]
     slots = Zlist[seg + 1]  # [L, dc]: slot s+1 carries zs_{seg(s)}
     mask = torch.ones(L, L + 1, dtype=torch.bool).tril(1)  # query t sees slots 0..t+1
+    lpos = list_positions(seg, Zlist.shape[0])
+    kpos = [-1] + [lpos[int(e) + 1] for e in seg]  # slot s+1 at start_{seg(s)}
     if own is None:
         k, v = xattn_kv(torch.cat([Zlist[:1], slots]), P, cfg)
-        return attention(q[None], k[None], v[None], mask[None])[0]
+        return xattn_attend(q, k, v, mask, None, kpos, cfg)
     same = (seg[None, :] == seg[:, None])[..., None]  # [t, s, 1]: slot s+1 is t's own concept
     per_q = torch.where(same, own[:, None, :], slots[None, :, :])  # [L(t), L(s), dc]
     kv_src = torch.cat([Zlist[:1][None].expand(L, 1, -1), per_q], dim=1)  # [L, L+1, dc]
-    return attend_per_query(q, kv_src, mask, None, P, cfg)
+    return attend_per_query(q, kv_src, mask, None, P, cfg, kpos)
 
 
 def xattn_inclusive_compact(q, Zlist, seg, own, P, cfg):
@@ -481,7 +526,7 @@ def xattn_inclusive_compact(q, Zlist, seg, own, P, cfg):
     if own is not None:
         is_own = Fn.one_hot(seg + 1, M1).to(torch.bool)[..., None]  # [L, M1, 1]
         kv_src = torch.where(is_own, own[:, None, :], kv_src)
-    return attend_per_query(q, kv_src, mask, bias, P, cfg)
+    return attend_per_query(q, kv_src, mask, bias, P, cfg, list_positions(seg, M1))
 
 
 def concept_term(P, cfg, H, spans, seg, forced, p_sm, xattn_impl, ablation=None):

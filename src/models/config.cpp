@@ -68,6 +68,7 @@ const std::vector<ConfigKey> kKeys = {
     STR("xattn_impl", model.xattn_impl, "compact|replicate", "dlcm: cross-attention implementation (same function)"),
     STR("concept_repr", model.concept_repr, "mean|first|prefix_mean", "dlcm: concept vector = mean of its tokens, its first token, or the mean of its prefix"),
     STR("concept_visibility", model.concept_visibility, "shifted|inclusive", "dlcm: a token sees concepts closed before its own (shifted) or also its own (inclusive; not with mean)"),
+    BOOL("xattn_rope", model.xattn_rope, "dlcm: RoPE in the concept cross-attention (query at t, concept key at its start, z_null position-free)"),
     BOOL("concept_path", model.concept_path, "dlcm: false = control without backbone and concept attention (Psi = H)"),
     NUM("enc_window", model.enc_window, 0, kSeq, "dlcm: encoder sliding attention window, token t sees (t-w, t] (0 = full; <= max_seq_len)"),
     NUM("dec_window", model.dec_window, 0, kSeq, "dlcm: decoder sliding attention window (0 = full; <= max_seq_len)"),

@@ -95,6 +95,9 @@ struct ModelConfig {
   // Research variants (SPEC 4.9; docs/dlcm.md). "inclusive" needs "first" or "prefix_mean".
   std::string concept_repr = "mean";           // "mean" | "first" | "prefix_mean"
   std::string concept_visibility = "shifted";  // "shifted" | "inclusive"
+  // RoPE in the concept cross-attention: query of token t at t, key of concept j at start_j,
+  // z_null at the query's own position (its score position-free).
+  bool xattn_rope = false;
   bool concept_path = true;  // false: no backbone, no concept attention (Psi = H), control
   // shared
   bool qk_norm = false;

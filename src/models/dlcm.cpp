@@ -36,6 +36,8 @@ DlcmModel::DlcmModel(const ModelConfig& cfg) {
   copt_.replicate = cfg.xattn_impl == "replicate";
   copt_.concept_path = cfg.concept_path;
   copt_.smoother = cfg.smoother;
+  copt_.rope = cfg.xattn_rope;
+  copt_.rope_theta = cfg.rope_theta;
   auto norm = [&](const std::string& n, i64 dim) {
     Param* p = params_.add(n, {dim}, ParamGroup::Other, false);
     p->init_one = true;

@@ -129,9 +129,10 @@ class DlcmStream final : public InferenceStream {
   };
 
   // Queues concept row nc for the backbone: its pooled H is already in pooled_[nc].
-  void queue_concept(i64& nc, i64 seq, float p, bool forced) {
+  void queue_concept(i64& nc, i64 seq, float p, bool forced, i64 start) {
     gate_[nc] = c_.smoother ? ops::smoother_gate(p, forced) : 1.f;  // smoother off: gate 1
     concept_seq_.push_back(seq);
+    concept_start_.push_back(start);  // xattn_rope: the key's position
     ++nc;
   }
 
@@ -170,8 +171,10 @@ class DlcmStream final : public InferenceStream {
     sec.next("stream concepts");
     i64 nc = 0;  // concepts queued for the backbone in this call, all items
     concept_seq_.clear();
+    concept_start_.clear();
     std::vector<CacheChunk> bb_chunks;
     seq_of_.assign(R, 0);
+    pos_of_.assign(R, 0);
     last_entry_.assign(R, 0);
     for (i64 i = 0; i < n_items; ++i) {
       const i64 s = items[i].seq, n = items[i].n, nc0 = nc;
@@ -200,7 +203,7 @@ class DlcmStream final : public InferenceStream {
                 const float inv = 1.f / float(st.open_count);
                 for (i64 j = 0; j < d_; ++j) o[j] = sum[j] * inv;
               }
-              queue_concept(nc, s, st.open_p, st.open_forced);
+              queue_concept(nc, s, st.open_p, st.open_forced, st.open_start);
             }
             ++st.closed;
           }
@@ -213,7 +216,7 @@ class DlcmStream final : public InferenceStream {
           if (concepts_) mult[m_.xattn->open_entry(st.closed)] = 0;
           if (inclusive_ && !prefix_) {  // "first": the concept is its first token, known now
             std::copy_n(h, d_, pooled_.data() + nc * d_);
-            queue_concept(nc, s, p, forced);
+            queue_concept(nc, s, p, forced, pos);
           }
         }
         if (first_) {
@@ -233,6 +236,7 @@ class DlcmStream final : public InferenceStream {
         const i64 e = m_.xattn->open_entry(st.closed);
         if (concepts_) mult[e] += 1;
         seq_of_[r] = s;
+        pos_of_[r] = pos;
         last_entry_[r] = e;
         own_[r] = float(pos - st.open_start + 1);  // positions of its own segment so far
         tokens_[s * max_len() + pos] = TokenConcept{p, i32(st.closed), b};
@@ -253,7 +257,8 @@ class DlcmStream final : public InferenceStream {
                                                    bb_cache_);
       sec.next("stream concept list");
       ops::rmsnorm_forward(Z_.data(), z_rstd_.data(), z, m_.backbone_norm->w, nc, dc_, eps);
-      m_.xattn->append_concepts(Z_.data(), gate_.data(), concept_seq_.data(), nc, list_);
+      m_.xattn->append_concepts(Z_.data(), gate_.data(), concept_seq_.data(),
+                                 concept_start_.data(), nc, list_);
     }
     // prefix rows: every token's open concept on its prefix after its closed ones (all cached
     // by now, including those closed in this call), without entering the cache
@@ -265,7 +270,8 @@ class DlcmStream final : public InferenceStream {
     }
     sec.next("stream cross-attention");
     // 4. each token attends its visible entries; Psi, cross FFN; decoder (cached)
-    const float* X = m_.xattn->forward_cached(H_.data(), seq_of_.data(), last_entry_.data(),
+    const float* X = m_.xattn->forward_cached(H_.data(), seq_of_.data(), pos_of_.data(),
+                                              last_entry_.data(),
                                               own_.data(), R, list_,
                                               prefix_ ? Zp_.data() : nullptr,
                                               prefix_ ? own_gate_.data() : nullptr);
@@ -305,6 +311,7 @@ class DlcmStream final : public InferenceStream {
   std::vector<i32> pseq_, ppos_;                // their sequence and backbone position
   Buf pair_q_, pair_k_, pair_p_, pair_cache_;
   std::vector<i64> concept_seq_, seq_of_, last_entry_;
+  std::vector<i64> concept_start_, pos_of_;  // xattn_rope positions
   std::vector<Slot> slots_;
   std::vector<TokenConcept> tokens_;
 };

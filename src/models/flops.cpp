@@ -127,7 +127,12 @@ FlopsReport flops_report(const ModelConfig& m, i64 L, double R) {
   r.xattn.compact = r.xattn.model;
   r.xattn.replicate = cp ? x_proj + 4.0 * hd * m.x_heads * ((L + 1) / 2.0 + own) : 0.0;
   r.model.push_back({"cross_attention", r.xattn.model});
-  if (m.xattn_impl == "replicate") r.kernel.push_back({"cross_attention", r.xattn.replicate});
+  // xattn_rope widens every head to 2 hd in the kernels (docs/dlcm.md): the model's FLOPs stay
+  // those of the function, the kernel does twice the score and value work.
+  if (m.xattn_impl == "replicate" || m.xattn_rope) {
+    const double att = (m.xattn_impl == "replicate" ? r.xattn.replicate : r.xattn.model) - x_proj;
+    r.kernel.push_back({"cross_attention", cp ? x_proj + (m.xattn_rope ? 2.0 : 1.0) * att : 0.0});
+  }
   r.model.push_back({"cross_ffn", 2.0 * 3 * d * m.x_d_ff});
   r.model.push_back({"decoder", m.dec_layers * block_flops_per_position(d, m.n_heads, m.n_kv_heads,
                                                                          hd, m.d_ff, L,

@@ -164,12 +164,21 @@ void ConceptCrossAttention::reserve(i64 B, i64 L) {
     lse_.assign(N * dims_.n_heads, 0);
     // inclusive replication adds one leading z_null position per row
     const i64 Lr = L + (opt_.inclusive() ? 1 : 0);
+    const i64 w = opt_.rope ? 2 : 1;  // xattn_rope: augmented heads
     if (opt_.replicate)
-      for (Buf* b : {&krep_, &vrep_, &g_krep_, &g_vrep_}) b->assign(B * Lr * xkv, 0);
+      for (Buf* b : {&krep_, &vrep_, &g_krep_, &g_vrep_}) b->assign(B * Lr * xkv * w, 0);
     if (opt_.prefix_rows()) {
       for (Buf* b : {&zso_, &g_zso_}) b->assign(N * dims_.dc, 0);
       for (Buf* b : {&ko_raw_, &ko_, &vo_, &g_ko_, &g_koraw_, &g_vo_}) b->assign(N * xkv, 0);
       ko_rstd_.assign(N * dims_.n_kv_heads, 0);
+      if (opt_.rope)
+        for (Buf* b : {&koa_, &voa_, &g_koa_, &g_voa_}) b->assign(N * xkv * 2, 0);
+    }
+    if (opt_.rope) {
+      for (Buf* b : {&qa_, &atta_, &g_qa_, &g_atta_}) b->assign(N * xq * 2, 0);
+      grow(rot_, N * std::max(xq, xkv));
+      tpos_.assign(N, 0);
+      opos_.assign(N, 0);
     }
   }
   cap_B_ = B;
@@ -185,6 +194,11 @@ void ConceptCrossAttention::reserve_concepts(i64 B, i64 Mc) {
   for (Buf* b : {&list_, &g_list_}) b->assign(n1 * dc, 0);
   for (Buf* b : {&kx_raw_, &kx_, &vx_, &g_k_, &g_kraw_, &g_v_}) b->assign(n1 * xkv, 0);
   kx_rstd_.assign(n1 * dims_.n_kv_heads, 0);
+  if (opt_.rope) {
+    for (Buf* b : {&ka_, &va_, &g_ka_, &g_va_}) b->assign(n1 * xkv * 2, 0);
+    grow(rot_, n1 * xkv);
+    kpos_.assign(n1, 0);
+  }
   conc_B_ = B;
   cap_Mc_ = Mc;
 }
@@ -207,6 +221,95 @@ void ConceptCrossAttention::query_forward(float* hn, float* hn_rstd, float* q_ra
   ops::linear_forward(q_raw, hn, wq_->w, N, dims_.d, dims_.q_dim());
   ops::head_rmsnorm_forward(q, q_rstd, q_raw, qn_->w, N, dims_.n_heads, dims_.head_dim,
                        dims_.norm_eps);
+}
+
+// xattn_rope without touching the attention kernels: every head becomes 2 hd wide,
+//   query of token t   [R_t q ; q]      (R_p: RoPE at position p, rotate-half, rope_theta)
+//   key of concept j   [R_start_j k ; 0]
+//   key of z_null      [0 ; k]
+//   values             [v ; 0]
+// so q.k = (R_t q).(R_start_j k) for a concept, q.k = (R_t q).(R_t k_null) for z_null, and the
+// output's first hd of each head is the attention output (scale stays 1/sqrt(hd)). Every
+// replicated copy of concept j is the same augmented key, so replicate == compact still holds.
+// xa [n, H, 2hd] = [R_pos x ; both ? x : 0] (pos nullptr: no rotation).
+void ConceptCrossAttention::rope_rows(float* xa, const float* x, const i32* pos, i64 n, i64 H,
+                                      bool both, float* scratch) const {
+  const i64 hd = dims_.head_dim;
+  const float* lo = x;
+  if (pos) {
+    std::memcpy(scratch, x, sizeof(float) * n * H * hd);
+    ops::rope_apply(scratch, pos, n, H, hd, opt_.rope_theta, false);
+    lo = scratch;
+  }
+#pragma omp parallel for schedule(static) if (n * H * hd > (1 << 15))
+  for (i64 r = 0; r < n * H; ++r) {
+    std::copy_n(lo + r * hd, hd, xa + r * 2 * hd);
+    if (both)
+      std::copy_n(x + r * hd, hd, xa + r * 2 * hd + hd);
+    else
+      std::fill_n(xa + r * 2 * hd + hd, hd, 0.f);
+  }
+}
+
+// dx += R_pos^T dxa[first hd] (+ dxa[second hd] when both): the rotation's transpose.
+void ConceptCrossAttention::rope_rows_backward(float* dx, const float* dxa, const i32* pos,
+                                               i64 n, i64 H, bool both, float* scratch) const {
+  const i64 hd = dims_.head_dim;
+#pragma omp parallel for schedule(static) if (n * H * hd > (1 << 15))
+  for (i64 r = 0; r < n * H; ++r) std::copy_n(dxa + r * 2 * hd, hd, scratch + r * hd);
+  if (pos) ops::rope_apply(scratch, pos, n, H, hd, opt_.rope_theta, true);
+  add_into(dx, scratch, n * H * hd);
+  if (both)
+    for (i64 r = 0; r < n * H; ++r)
+      for (i64 u = 0; u < hd; ++u) dx[r * hd + u] += dxa[r * 2 * hd + hd + u];
+}
+
+// Positions and augmented rows of a training forward: token t at t (row-local, as in the
+// self-attention), list entry e >= 1 of row r at start of concept e-1, a token's own entry
+// (prefix rows) at its concept's start.
+void ConceptCrossAttention::rope_forward_rows(const ops::Segments& sg, i64 B, i64 L, bool own) {
+  const i64 N = B * L, Mc = sg.Mmax, M1 = Mc + 1, nc1 = B * M1, hd = dims_.head_dim;
+  const i64 Hq = dims_.n_heads, Hkv = dims_.n_kv_heads, xkv = dims_.kv_dim();
+  for (i64 n = 0; n < N; ++n) {
+    tpos_[n] = i32(n % L);
+    opos_[n] = sg.start[sg.slot(n / L, sg.seg[n])];
+  }
+  for (i64 r = 0; r < B; ++r)
+    for (i64 e = 0; e < M1; ++e)
+      kpos_[r * M1 + e] = e >= 1 && e - 1 < sg.count[r] ? sg.start[sg.slot(r, e - 1)] : 0;
+  rope_rows(qa_.data(), qx_.data(), tpos_.data(), N, Hq, true, rot_.data());
+  rope_rows(ka_.data(), kx_.data(), kpos_.data(), nc1, Hkv, false, rot_.data());
+  for (i64 r = 0; r < B; ++r)  // z_null: [0 ; k]
+    for (i64 h = 0; h < Hkv; ++h) {
+      float* a = ka_.data() + r * M1 * xkv * 2 + h * 2 * hd;
+      std::fill_n(a, hd, 0.f);
+      std::copy_n(kx_.data() + r * M1 * xkv + h * hd, hd, a + hd);
+    }
+  rope_rows(va_.data(), vx_.data(), nullptr, nc1, Hkv, false, rot_.data());
+  if (own) {
+    rope_rows(koa_.data(), ko_.data(), opos_.data(), N, Hkv, false, rot_.data());
+    rope_rows(voa_.data(), vo_.data(), nullptr, N, Hkv, false, rot_.data());
+  }
+}
+
+// Gradients of the augmented rows -> g_q_, g_k_, g_v_ (, g_ko_, g_vo_) +=.
+void ConceptCrossAttention::rope_backward_rows(i64 B, i64 Mc, i64 N, bool own) {
+  const i64 M1 = Mc + 1, nc1 = B * M1, hd = dims_.head_dim;
+  const i64 Hq = dims_.n_heads, Hkv = dims_.n_kv_heads, xkv = dims_.kv_dim();
+  rope_rows_backward(g_q_.data(), g_qa_.data(), tpos_.data(), N, Hq, true, rot_.data());
+  for (i64 r = 0; r < B; ++r)  // z_null's key is the second half only; its first half is 0
+    for (i64 h = 0; h < Hkv; ++h) {
+      float* a = g_ka_.data() + r * M1 * xkv * 2 + h * 2 * hd;
+      float* g = g_k_.data() + r * M1 * xkv + h * hd;
+      for (i64 u = 0; u < hd; ++u) g[u] += a[hd + u];
+      std::fill_n(a, hd, 0.f);
+    }
+  rope_rows_backward(g_k_.data(), g_ka_.data(), kpos_.data(), nc1, Hkv, false, rot_.data());
+  rope_rows_backward(g_v_.data(), g_va_.data(), nullptr, nc1, Hkv, false, rot_.data());
+  if (own) {
+    rope_rows_backward(g_ko_.data(), g_koa_.data(), opos_.data(), N, Hkv, false, rot_.data());
+    rope_rows_backward(g_vo_.data(), g_voa_.data(), nullptr, N, Hkv, false, rot_.data());
+  }
 }
 
 // X = Psi + w2(silu(w1 pn) * w3 pn), pn = ffn_norm(Psi); psi holds Psi on entry.
@@ -301,22 +404,36 @@ const float* ConceptCrossAttention::forward(const float* H, const float* Z, cons
   }
   query_forward(hn_.data(), hn_rstd_.data(), qx_raw_.data(), qx_.data(), qx_rstd_.data(), H, N);
   const float scale = 1.0f / std::sqrt(float(hd));
+  // The kernels read q/k/v (and own k/v) at head width ahd: plain, or augmented with RoPE.
+  const float *q = qx_.data(), *k = kx_.data(), *v = vx_.data(), *ko = ko_.data(),
+              *vo = vo_.data();
+  float* att = att_.data();
+  if (opt_.rope) {
+    rope_forward_rows(sg, B, L, own);
+    q = qa_.data();
+    k = ka_.data();
+    v = va_.data();
+    ko = koa_.data();
+    vo = voa_.data();
+    att = atta_.data();
+  }
+  const i64 ahd = att_hd();
   {
     prof::Scope ps("  concept attention kernel");
     if (own)
-      ops::concept_attention_own_forward(att_.data(), qx_.data(), kx_.data(), vx_.data(),
-                                         ko_.data(), vo_.data(), sg, B, L, dims_.n_heads,
-                                         dims_.n_kv_heads, hd, scale);
+      ops::concept_attention_own_forward(att, q, k, v, ko, vo, sg, B, L, dims_.n_heads,
+                                         dims_.n_kv_heads, ahd, scale);
     else if (opt_.replicate)
-      ops::concept_attention_replicate_forward(att_.data(), lse_.data(), krep_.data(),
-                                               vrep_.data(), qx_.data(), kx_.data(), vx_.data(),
-                                               sg, B, L, dims_.n_heads, dims_.n_kv_heads, hd,
-                                               scale, opt_.inclusive());
+      ops::concept_attention_replicate_forward(att, lse_.data(), krep_.data(), vrep_.data(), q,
+                                               k, v, sg, B, L, dims_.n_heads, dims_.n_kv_heads,
+                                               ahd, scale, opt_.inclusive());
     else
-      ops::concept_attention_forward(att_.data(), lse_.data(), qx_.data(), kx_.data(),
-                                     vx_.data(), sg, B, L, dims_.n_heads, dims_.n_kv_heads, hd,
-                                     scale, opt_.inclusive());
+      ops::concept_attention_forward(att, lse_.data(), q, k, v, sg, B, L, dims_.n_heads,
+                                     dims_.n_kv_heads, ahd, scale, opt_.inclusive());
   }
+  if (opt_.rope)  // the first hd of every augmented head
+    for (i64 r = 0; r < N * dims_.n_heads; ++r)
+      std::copy_n(atta_.data() + r * 2 * hd, hd, att_.data() + r * hd);
   // Psi = H + Wo att
   ops::linear_forward(psi_.data(), att_.data(), wo_->w, N, dims_.q_dim(), d);
   if (norms) norms->xo += row_norm_sum(psi_.data(), N, d);
@@ -364,27 +481,56 @@ void ConceptCrossAttention::backward(float* dH, float* dZ, float* dp, const floa
   const float scale = 1.0f / std::sqrt(float(hd));
   const bool own = opt_.prefix_rows();
   DLCM_CHECK(!own || dZp != nullptr, "internal: ConceptCrossAttention::backward without dZp");
+  if (own) {
+    clear(g_ko_, N * xkv);
+    clear(g_vo_, N * xkv);
+  }
+  // xattn_rope: the kernels run on the augmented heads; their gradients are mapped back below.
+  const bool rope = opt_.rope;
+  const i64 ahd = att_hd(), w = rope ? 2 : 1;
+  float* gq = rope ? g_qa_.data() : g_q_.data();
+  float* gk = rope ? g_ka_.data() : g_k_.data();
+  float* gv = rope ? g_va_.data() : g_v_.data();
+  float* gko = rope ? g_koa_.data() : g_ko_.data();
+  float* gvo = rope ? g_voa_.data() : g_vo_.data();
+  const float* gatt = g_att_.data();
+  const float *q = qx_.data(), *k = kx_.data(), *v = vx_.data(), *ko = ko_.data(),
+              *vo = vo_.data(), *att = att_.data();
+  if (rope) {
+    std::memset(gq, 0, sizeof(float) * N * xq * w);
+    std::memset(gk, 0, sizeof(float) * nc1 * xkv * w);
+    std::memset(gv, 0, sizeof(float) * nc1 * xkv * w);
+    if (own) {
+      std::memset(gko, 0, sizeof(float) * N * xkv * w);
+      std::memset(gvo, 0, sizeof(float) * N * xkv * w);
+    }
+    // d att_aug = [d att ; 0]
+    rope_rows(g_atta_.data(), g_att_.data(), nullptr, N, dims_.n_heads, false, rot_.data());
+    gatt = g_atta_.data();
+    q = qa_.data();
+    k = ka_.data();
+    v = va_.data();
+    ko = koa_.data();
+    vo = voa_.data();
+    att = atta_.data();
+  }
   {
     prof::Scope ps("  concept attention kernel");
     if (own) {
-      clear(g_ko_, N * xkv);
-      clear(g_vo_, N * xkv);
-      ops::concept_attention_own_backward(g_q_.data(), g_k_.data(), g_v_.data(), g_ko_.data(),
-                                          g_vo_.data(), g_att_.data(), qx_.data(), kx_.data(),
-                                          vx_.data(), ko_.data(), vo_.data(), sg, B, L,
-                                          dims_.n_heads, dims_.n_kv_heads, hd, scale);
+      ops::concept_attention_own_backward(gq, gk, gv, gko, gvo, gatt, q, k, v, ko, vo, sg, B, L,
+                                          dims_.n_heads, dims_.n_kv_heads, ahd, scale);
     } else if (opt_.replicate) {
-      ops::concept_attention_replicate_backward(
-          g_q_.data(), g_k_.data(), g_v_.data(), g_krep_.data(), g_vrep_.data(), g_att_.data(),
-          att_.data(), lse_.data(), qx_.data(), krep_.data(), vrep_.data(), sg, B, L,
-          dims_.n_heads, dims_.n_kv_heads, hd, scale, opt_.inclusive());
+      ops::concept_attention_replicate_backward(gq, gk, gv, g_krep_.data(), g_vrep_.data(), gatt,
+                                                att, lse_.data(), q, krep_.data(), vrep_.data(),
+                                                sg, B, L, dims_.n_heads, dims_.n_kv_heads, ahd,
+                                                scale, opt_.inclusive());
     } else {
-      ops::concept_attention_backward(g_q_.data(), g_k_.data(), g_v_.data(), g_att_.data(),
-                                      att_.data(), lse_.data(), qx_.data(), kx_.data(),
-                                      vx_.data(), sg, B, L, dims_.n_heads, dims_.n_kv_heads, hd,
-                                      scale, opt_.inclusive());
+      ops::concept_attention_backward(gq, gk, gv, gatt, att, lse_.data(), q, k, v, sg, B, L,
+                                      dims_.n_heads, dims_.n_kv_heads, ahd, scale,
+                                      opt_.inclusive());
     }
   }
+  if (rope) rope_backward_rows(B, Mc, N, own);
   // queries: QK-norm, Wq, xattn.norm -> dH
   clear(g_qraw_, N * xq);
   ops::head_rmsnorm_backward(g_qraw_.data(), qn_->g, g_q_.data(), qx_raw_.data(), qn_->w,
@@ -435,6 +581,12 @@ void ConceptCrossAttention::reserve_infer(i64 rows) {
     grow(i_zs_, rows * dims_.dc);
     for (Buf* b : {&i_kraw_, &i_k_, &i_v_}) grow(*b, rows * xkv);
     grow(i_krstd_, rows * dims_.n_kv_heads);
+    if (opt_.rope) {
+      for (Buf* b : {&i_qa_, &i_atta_}) grow(*b, rows * xq * 2);
+      for (Buf* b : {&i_ka_, &i_va_}) grow(*b, rows * xkv * 2);
+      grow(i_rot_, rows * std::max(xq, xkv));
+      i_pos_.resize(rows);
+    }
   }
   inf_rows_ = rows;
 }
@@ -443,7 +595,7 @@ ConceptCache ConceptCrossAttention::make_cache(i64 max_seqs, i64 max_entries) co
   ConceptCache c;
   c.max_seqs = max_seqs;
   c.max_entries = max_entries;
-  c.kv_dim = dims_.kv_dim();
+  c.kv_dim = dims_.n_kv_heads * att_hd();  // xattn_rope: augmented heads
   c.dc = dims_.dc;
   c.n.assign(max_seqs, 0);
   if (!opt_.concept_path) return c;
@@ -459,11 +611,22 @@ void ConceptCrossAttention::reset(ConceptCache& c, i64 seq) const {
   c.n[seq] = 1;
   if (!opt_.concept_path) return;
   // K/V of the null concept, entry 0 (computed like any list entry, one row)
-  Buf raw(c.kv_dim), rs(dims_.n_kv_heads);
-  ops::linear_forward(raw.data(), null_->w, wk_->w, 1, dims_.dc, c.kv_dim);
-  ops::head_rmsnorm_forward(c.k_at(seq, 0), rs.data(), raw.data(), kn_->w, 1, dims_.n_kv_heads,
-                       dims_.head_dim, dims_.norm_eps);
-  ops::linear_forward(c.v_at(seq, 0), null_->w, wv_->w, 1, dims_.dc, c.kv_dim);
+  const i64 xkv = dims_.kv_dim(), hd = dims_.head_dim;
+  Buf raw(xkv), rs(dims_.n_kv_heads), k(xkv), v(xkv);
+  ops::linear_forward(raw.data(), null_->w, wk_->w, 1, dims_.dc, xkv);
+  ops::head_rmsnorm_forward(k.data(), rs.data(), raw.data(), kn_->w, 1, dims_.n_kv_heads, hd,
+                            dims_.norm_eps);
+  ops::linear_forward(v.data(), null_->w, wv_->w, 1, dims_.dc, xkv);
+  if (opt_.rope) {  // z_null: key [0 ; k], value [v ; 0]
+    for (i64 h = 0; h < dims_.n_kv_heads; ++h) {
+      std::fill_n(c.k_at(seq, 0) + h * 2 * hd, hd, 0.f);
+      std::copy_n(k.data() + h * hd, hd, c.k_at(seq, 0) + h * 2 * hd + hd);
+    }
+    rope_rows(c.v_at(seq, 0), v.data(), nullptr, 1, dims_.n_kv_heads, false, raw.data());
+  } else {
+    std::copy_n(k.data(), xkv, c.k_at(seq, 0));
+    std::copy_n(v.data(), xkv, c.v_at(seq, 0));
+  }
   // inclusive: z_null is one fixed slot; shifted: it carries the first concept's tokens
   c.mult_of(seq)[0] = opt_.inclusive() ? 1.f : 0.f;
   std::fill_n(c.zs_last.data() + seq * c.dc, c.dc, 0.f);
@@ -471,11 +634,11 @@ void ConceptCrossAttention::reset(ConceptCache& c, i64 seq) const {
 }
 
 void ConceptCrossAttention::append_concepts(const float* Z, const float* gate, const i64* seqs,
-                                            i64 n, ConceptCache& c) {
+                                            const i64* start, i64 n, ConceptCache& c) {
   if (n == 0) return;
   DLCM_CHECK(n <= inf_rows_, "internal: ConceptCrossAttention::append_concepts: ", n,
              " concepts exceed the reserved ", inf_rows_, " rows");
-  const i64 dc = dims_.dc, xkv = dims_.kv_dim();
+  const i64 dc = dims_.dc;
   // smoother, in order within each sequence
   for (i64 j = 0; j < n; ++j) {
     const float P = gate[j];
@@ -486,19 +649,28 @@ void ConceptCrossAttention::append_concepts(const float* Z, const float* gate, c
     std::copy_n(o, dc, prev);
   }
   kv_forward(i_kraw_.data(), i_k_.data(), i_krstd_.data(), i_v_.data(), i_zs_.data(), n);
+  const float *k = i_k_.data(), *v = i_v_.data();
+  if (opt_.rope) {  // keys rotated once, at their concept's start
+    for (i64 j = 0; j < n; ++j) i_pos_[j] = i32(start[j]);
+    rope_rows(i_ka_.data(), k, i_pos_.data(), n, dims_.n_kv_heads, false, i_rot_.data());
+    rope_rows(i_va_.data(), v, nullptr, n, dims_.n_kv_heads, false, i_rot_.data());
+    k = i_ka_.data();
+    v = i_va_.data();
+  }
   for (i64 j = 0; j < n; ++j) {
     const i64 s = seqs[j], e = c.n[s];
     DLCM_CHECK(e < c.max_entries, "stream: concept list of sequence ", s, " is full (",
                c.max_entries, " entries)");
-    std::copy_n(i_k_.data() + j * xkv, xkv, c.k_at(s, e));
-    std::copy_n(i_v_.data() + j * xkv, xkv, c.v_at(s, e));
+    std::copy_n(k + j * c.kv_dim, c.kv_dim, c.k_at(s, e));
+    std::copy_n(v + j * c.kv_dim, c.kv_dim, c.v_at(s, e));
     if (opt_.prefix_rows()) std::copy_n(i_zs_.data() + j * c.dc, c.dc, c.zs_at(s, e));
     c.n[s] = e + 1;
   }
 }
 
 const float* ConceptCrossAttention::forward_cached(const float* H, const i64* seqs,
-                                                   const i64* last, const float* own, i64 R,
+                                                   const i64* pos, const i64* last,
+                                                   const float* own, i64 R,
                                                    ConceptCache& c, const float* own_z,
                                                    const float* own_gate) {
   DLCM_CHECK(R <= inf_rows_, "internal: ConceptCrossAttention::forward_cached: ", R,
@@ -526,6 +698,24 @@ const float* ConceptCrossAttention::forward_cached(const float* H, const i64* se
       kv_forward(i_kraw_.data(), i_k_.data(), i_krstd_.data(), i_v_.data(), i_zs_.data(), R);
     }
     const float scale = 1.0f / std::sqrt(float(hd));
+    // xattn_rope: queries at their position, own keys at their concept's start (pos - own + 1)
+    const float *q = i_q_.data(), *ko = i_k_.data(), *vo = i_v_.data();
+    float* att = i_att_.data();
+    const i64 ahd = att_hd(), aq = dims_.n_heads * ahd;
+    if (opt_.rope) {
+      for (i64 r = 0; r < R; ++r) i_pos_[r] = i32(pos[r]);
+      rope_rows(i_qa_.data(), i_q_.data(), i_pos_.data(), R, dims_.n_heads, true, i_rot_.data());
+      if (per_token) {
+        for (i64 r = 0; r < R; ++r) i_pos_[r] = i32(pos[r] - i64(own[r]) + 1);
+        rope_rows(i_ka_.data(), i_k_.data(), i_pos_.data(), R, dims_.n_kv_heads, false,
+                  i_rot_.data());
+        rope_rows(i_va_.data(), i_v_.data(), nullptr, R, dims_.n_kv_heads, false, i_rot_.data());
+      }
+      q = i_qa_.data();
+      ko = i_ka_.data();
+      vo = i_va_.data();
+      att = i_atta_.data();
+    }
 #pragma omp parallel if (R * dims_.n_heads * hd * 8 > (1 << 15))
     {
       std::vector<float> mt(c.max_entries);
@@ -534,13 +724,15 @@ const float* ConceptCrossAttention::forward_cached(const float* H, const i64* se
         const i64 s = seqs[r], nk = last[r] + 1;
         std::copy_n(c.mult_of(s), nk - 1, mt.data());
         mt[nk - 1] = own[r];
-        ops::concept_attention_step(i_att_.data() + r * xq, i_q_.data() + r * xq, c.k_at(s, 0),
-                                    c.v_at(s, 0), c.kv_dim, mt.data(), nk, dims_.n_heads,
-                                    dims_.n_kv_heads, hd, scale,
-                                    per_token ? i_k_.data() + r * c.kv_dim : nullptr,
-                                    per_token ? i_v_.data() + r * c.kv_dim : nullptr);
+        ops::concept_attention_step(att + r * aq, q + r * aq, c.k_at(s, 0), c.v_at(s, 0),
+                                    c.kv_dim, mt.data(), nk, dims_.n_heads, dims_.n_kv_heads,
+                                    ahd, scale, per_token ? ko + r * c.kv_dim : nullptr,
+                                    per_token ? vo + r * c.kv_dim : nullptr);
       }
     }
+    if (opt_.rope)  // the first hd of every augmented head
+      for (i64 r = 0; r < R * dims_.n_heads; ++r)
+        std::copy_n(i_atta_.data() + r * 2 * hd, hd, i_att_.data() + r * hd);
     // Psi = H + Wo att
     ops::linear_forward(i_psi_.data(), i_att_.data(), wo_->w, R, xq, d);
     for (i64 j = 0; j < R * d; ++j) i_psi_[j] += H[j];

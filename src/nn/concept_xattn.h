@@ -5,6 +5,7 @@
 //   ConceptCrossAttention:  Z [B*Mc, dc] (backbone.norm output) -> smoother (gate P from p) = ZS
 //                           [z_null, ZS] -> K, V (QK-norm); Q from xattn.norm(H), QK-norm
 //                           leak-free concept attention (compact or replicate)
+//                           xattn_rope: q, k rotated before the kernels (augmented heads)
 //                           Psi = H + Wo att;  X = Psi + ffn(ffn_norm(Psi))
 //
 // ConceptOptions select how a concept is represented (concept_repr) and which concepts a token
@@ -31,6 +32,10 @@ struct ConceptOptions {
   bool replicate = false;    // xattn_impl "replicate" (else "compact"): same function
   bool concept_path = true;  // false: no concept term, Psi = H (control)
   bool smoother = true;      // false: every gate is 1, ZS = Z (control; p is then unused)
+  // xattn_rope: RoPE in the concept attention (docs/dlcm.md): query of token t at t, key of
+  // concept j at start_j, z_null at the query's own position (its score position-free).
+  bool rope = false;
+  float rope_theta = 10000.f;
   bool inclusive() const { return visibility == ConceptVisibility::Inclusive; }
   // prefix_mean + inclusive: a token's own concept is evaluated on its prefix, one extra
   // backbone row per token (the prefix rows of TransformerStack).
@@ -97,7 +102,8 @@ struct XAttnDims {
 };
 
 // Streaming state of the concept list of up to max_seqs sequences: entry 0 is z_null, entry
-// e >= 1 is zs_{e-1}; k/v [max_seqs, max_entries, kv_dim] after QK-norm, mult [max_seqs,
+// e >= 1 is zs_{e-1}; k/v [max_seqs, max_entries, kv_dim] after QK-norm (xattn_rope: the
+// augmented heads of 2 head_dim, keys rotated once at their concept's start), mult [max_seqs,
 // max_entries] the multiplicity each entry has for the next token (the last visible entry's is
 // given per token instead), zs_last [max_seqs, dc] the smoother's last value. With prefix
 // rows (prefix_mean + inclusive) zs [max_seqs, max_entries, dc] also keeps each entry's
@@ -148,17 +154,17 @@ class ConceptCrossAttention {
   // `closed` concepts are closed before it; a token there sees entries 0..open_entry.
   i64 open_entry(i64 closed) const { return opt_.inclusive() ? closed + 1 : closed; }
   // Appends n concepts in order: Z [n, dc] (backbone.norm rows), gate [n] (smoother P), seqs
-  // [n] their sequences. zs = P z + (1 - P) zs_last of the sequence; K/V become the
+  // [n] their sequences, start [n] the position of each concept's first token (xattn_rope). zs = P z + (1 - P) zs_last of the sequence; K/V become the
   // sequence's next entry. Multiplicities are the caller's: it zeroes open_entry() when a
   // concept opens and counts that concept's tokens into it.
-  void append_concepts(const float* Z, const float* gate, const i64* seqs, i64 n,
-                       ConceptCache& c);
-  // R new tokens: H [R, d]; token r of sequence seqs[r] sees entries 0..last[r] with their
+  void append_concepts(const float* Z, const float* gate, const i64* seqs, const i64* start,
+                       i64 n, ConceptCache& c);
+  // R new tokens: H [R, d] at positions pos [R] (xattn_rope); token r of sequence seqs[r] sees entries 0..last[r] with their
   // cached multiplicities, except entry last[r] with own[r]. -> X [R, d] (owned, valid until
   // the next call). Prefix rows: own_z [R, dc] (backbone.norm of the token's prefix row) and
   // own_gate [R] (its concept's smoother gate) give entry last[r] per token, continuing the
   // smoother from the cached entry last[r] - 1; it is not stored.
-  const float* forward_cached(const float* H, const i64* seqs, const i64* last,
+  const float* forward_cached(const float* H, const i64* seqs, const i64* pos, const i64* last,
                               const float* own, i64 R, ConceptCache& c,
                               const float* own_z = nullptr, const float* own_gate = nullptr);
 
@@ -175,6 +181,15 @@ class ConceptCrossAttention {
   void ablate_list(ConceptAblation a, const ops::Segments& sg, i64 B);
   void query_forward(float* hn, float* hn_rstd, float* q_raw, float* q, float* q_rstd,
                      const float* H, i64 N) const;
+  // xattn_rope: the attention's head width (2 head_dim with RoPE, else head_dim) and the
+  // augmented rows (see concept_xattn.cpp).
+  i64 att_hd() const { return opt_.rope ? 2 * dims_.head_dim : dims_.head_dim; }
+  void rope_rows(float* xa, const float* x, const i32* pos, i64 n, i64 H, bool both,
+                 float* scratch) const;
+  void rope_forward_rows(const ops::Segments& sg, i64 B, i64 L, bool own);
+  void rope_backward_rows(i64 B, i64 Mc, i64 N, bool own);
+  void rope_rows_backward(float* dx, const float* dxa, const i32* pos, i64 n, i64 H, bool both,
+                          float* scratch) const;
 
   XAttnDims dims_;
   ConceptOptions opt_;
@@ -197,6 +212,9 @@ class ConceptCrossAttention {
   Buf zs_, list_, kx_raw_, kx_, kx_rstd_, vx_;
   // Prefix rows: every token's own concept [N, ...] and its keys/values.
   Buf zso_, ko_raw_, ko_, ko_rstd_, vo_, g_zso_, g_ko_, g_koraw_, g_vo_;
+  // xattn_rope: augmented q/k/v/att (and own k/v), their gradients, positions, scratch.
+  Buf qa_, ka_, va_, atta_, koa_, voa_, g_qa_, g_ka_, g_va_, g_atta_, g_koa_, g_voa_, rot_;
+  std::vector<i32> tpos_, kpos_, opos_;
   // Gradients.
   Buf g_fh_, g_fa_, g_fb_, g_pn_, g_psi_, g_att_, g_q_, g_qraw_, g_hn_, g_krep_, g_vrep_;
   Buf g_k_, g_kraw_, g_v_, g_list_, g_zs_;
@@ -204,6 +222,8 @@ class ConceptCrossAttention {
   // Streaming scratch.
   Buf i_hn_, i_hn_rstd_, i_qraw_, i_q_, i_q_rstd_, i_att_, i_psi_, i_pn_, i_pn_rstd_;
   Buf i_fa_, i_fb_, i_fh_, i_X_, i_zs_, i_kraw_, i_k_, i_krstd_, i_v_;
+  Buf i_qa_, i_atta_, i_ka_, i_va_, i_rot_;
+  std::vector<i32> i_pos_;
   i64 inf_rows_ = 0;
 };
 
