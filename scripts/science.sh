@@ -5,6 +5,7 @@
 #   bash scripts/science.sh --data DIR [--out runs/science] [--phase lr|design|main|ablations|all]
 #        [--short-steps N] [--main-steps N] [--ablation-steps N] [--seeds "1 2 3"]
 #        [--train-only] [--design NAME] [--designs "A B ..."] [--lr X] [--precision fp32|bf16] [--threads T] [--dry-run] [--bin build/dlcm]
+#        [--set key=value]...   (added to every run, e.g. vocab_size=260 for a bytes-tokenizer corpus)
 #
 # Phases (each run trains into its own folder; finished runs are skipped, interrupted ones
 # resume with `dlcm train --resume`, so re-running the same command picks up where it stopped):
@@ -24,7 +25,8 @@ cd "$(dirname "$0")/.."
 
 DATA="" OUT=runs/science BIN=${BUILD_DIR:-build}/dlcm PHASE=all DRY=0 TRAIN_ONLY=0
 ONLY="" SHORT=300 MAIN=2500 ABL=1250 SEEDS="1 2 3" DESIGN="first_incl_w16" LR="" PREC=bf16 THREADS=""
-usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+EXTRA_SETS=()
+usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 while (($#)); do
   case "$1" in
     --data) DATA=$2; shift 2 ;;
@@ -42,6 +44,7 @@ while (($#)); do
     --dry-run) DRY=1; shift ;;
     --train-only) TRAIN_ONLY=1; shift ;;
     --bin) BIN=$2; shift 2 ;;
+    --set) EXTRA_SETS+=("$2"); shift 2 ;;
     -h|--help) usage 0 ;;
     *) echo "science.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
@@ -89,7 +92,7 @@ train_eval() {
   local spec=${DESIGNS[$name]:-}
   [ -n "$spec" ] || { echo "science.sh: unknown design '$name' (known: $DESIGN_ORDER)" >&2; exit 2; }
   local cfg=${spec%%|*} sets=() kv
-  for kv in ${spec#*|} "$@"; do sets+=(--set "$kv"); done
+  for kv in ${spec#*|} "$@" "${EXTRA_SETS[@]}"; do sets+=(--set "$kv"); done
   sets+=(--set "train.precision=$PREC" --set train.eval_every=0 --set "train.ckpt_every=250")
   [ -n "$THREADS" ] && sets+=(--set "train.threads=$THREADS")
   local have; have=$(ckpt_step "$dir")
