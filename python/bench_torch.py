@@ -70,6 +70,19 @@ def thread_cpu_seconds():
     return r
 
 
+def peak_rss_mib():
+    """This process's peak RSS: VmHWM (per address space, so exec starts it afresh; ru_maxrss
+    would carry over the forking benchmark's own peak)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
 def geometric_boundaries(B, L, R, g):
     """[B, L] 0/1 with concept lengths 1 + Geometric(mean R - 1 failures)."""
     b = torch.zeros(B, L, dtype=torch.int64)
@@ -207,7 +220,7 @@ def main():
                 break
             if parts[0] == "run":
                 wall, cpu, idle = timed(int(parts[1]))
-                rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+                rss = peak_rss_mib()
                 print(json.dumps({"tokens_per_s": wall, "tokens_per_cpu_s": cpu,
                                   "tokens_per_busiest_thread_s": idle, "peak_rss_mib": rss}),
                       flush=True)
