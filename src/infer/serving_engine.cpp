@@ -141,7 +141,8 @@ ServingEngine::Submit ServingEngine::submit(std::vector<SeqSpec> seqs,
 }
 
 void ServingEngine::run_exclusive(const std::function<void(LanguageModel&)>& fn) {
-  Task task{&fn};
+  Task task;
+  task.fn = &fn;
   {
     std::unique_lock<std::mutex> l(mu_);
     DLCM_CHECK(!stopping_, "the server is shutting down");

@@ -164,7 +164,7 @@ class ServingEngine {
   std::condition_variable cv_;
   std::deque<std::shared_ptr<Request>> queue_;
   struct Task {
-    const std::function<void(LanguageModel&)>* fn;
+    const std::function<void(LanguageModel&)>* fn = nullptr;
     bool done = false;
     std::exception_ptr err;
   };
