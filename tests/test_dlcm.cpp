@@ -5,6 +5,7 @@
 // tests/test_baseline.cpp, Trainer.ResumeIsBitIdentical, runs both architectures.)
 #include <cstring>
 #include <filesystem>
+#include <span>
 
 #include "core/safetensors.h"
 #include "kernels/dlcm_ops.h"
@@ -415,15 +416,17 @@ std::string variant_name(const Variant& v, const std::string& xattn) {
   return std::string(v.repr) + "/" + v.vis + (v.path ? "" : "/no_concept_path") + "/" + xattn;
 }
 
-}  // namespace
+using MakeVariant = Config (*)(const Variant&, const std::string&, bool);
 
-// Every parameter of every variant against central differences (smooth_grad on, so the
-// parameters upstream of p are checked too; the boundary samples are fixed).
-TEST(DlcmVariants, FiniteDifferenceGradientsEveryParameter) {
-  for (const Variant& v : kVariants)
+// Every parameter of each variant (compact, and replicate where it exists) against central
+// differences (smooth_grad on, so the parameters upstream of p are checked too; the boundary
+// samples are fixed).
+void check_gradients_every_parameter(std::span<const Variant> vs, MakeVariant make,
+                                     const std::string& tag) {
+  for (const Variant& v : vs)
     for (const char* xattn : {"compact", "replicate"}) {
       if (!replicable(v) && std::string(xattn) == "replicate") continue;
-      Config c = variant(v, xattn, true);
+      Config c = make(v, xattn, true);
       c.model.aux_weight = 0.5f;
       auto m = make_initialised_model(c.model, 11);
       Data d = make_data(c, 5);
@@ -431,9 +434,40 @@ TEST(DlcmVariants, FiniteDifferenceGradientsEveryParameter) {
       loss_and_grads(*m, d);
       std::vector<float> an(m->params().grad(), m->params().grad() + m->params().total());
       for (auto& p : m->params().params())
-        test::check_grad(variant_name(v, xattn) + " " + p.name, p.w, an.data() + p.offset,
+        test::check_grad(tag + variant_name(v, xattn) + " " + p.name, p.w, an.data() + p.offset,
                          p.numel, [&] { return loss_only(*m, d); }, 5e-3, 3e-2, 6);
     }
+}
+
+// The replicate and compact forms of each replicable variant: loss, gradients and logits.
+void check_replicate_equals_compact(std::span<const Variant> vs, MakeVariant make,
+                                    const std::string& tag) {
+  for (const Variant& v : vs) {
+    if (!replicable(v)) continue;
+    Config a = make(v, "compact", true), b = make(v, "replicate", true);
+    a.train.seq_len = b.train.seq_len = 70;  // more than one 64-token block
+    auto ma = make_initialised_model(a.model, 3);
+    auto mb = make_initialised_model(b.model, 3);
+    Data d = make_data(a, 21);
+    ma->params().zero_grad();
+    mb->params().zero_grad();
+    double la = loss_and_grads(*ma, d), lb = loss_and_grads(*mb, d);
+    const std::string name = tag + variant_name(v, "");
+    EXPECT_NEAR(la, lb, 1e-5 * std::abs(la)) << name;
+    EXPECT_LT(test::rel_err(ma->params().grad(), mb->params().grad(), ma->params().total()), 1e-4)
+        << name;
+    const i64 V = a.model.vocab_size, N = d.B * d.L;
+    Buf xa(N * V), xb(N * V);
+    ma->logits(d.tok.data(), d.B, d.L, xa.data());
+    mb->logits(d.tok.data(), d.B, d.L, xb.data());
+    EXPECT_LT(test::rel_err(xa.data(), xb.data(), N * V), 1e-5) << name;
+  }
+}
+
+}  // namespace
+
+TEST(DlcmVariants, FiniteDifferenceGradientsEveryParameter) {
+  check_gradients_every_parameter(kVariants, variant, "");
 }
 
 TEST(DlcmVariants, CausalityFutureTokensChangeNoPastLogitOrBoundary) {
@@ -445,25 +479,7 @@ TEST(DlcmVariants, CausalityFutureTokensChangeNoPastLogitOrBoundary) {
 }
 
 TEST(DlcmVariants, ReplicateAndCompactAgree) {
-  for (const Variant& v : kVariants) {
-    if (!replicable(v)) continue;
-    Config a = variant(v, "compact", true), b = variant(v, "replicate", true);
-    a.train.seq_len = b.train.seq_len = 70;  // more than one 64-token block
-    auto ma = make_initialised_model(a.model, 3);
-    auto mb = make_initialised_model(b.model, 3);
-    Data d = make_data(a, 21);
-    ma->params().zero_grad();
-    mb->params().zero_grad();
-    double la = loss_and_grads(*ma, d), lb = loss_and_grads(*mb, d);
-    EXPECT_NEAR(la, lb, 1e-5 * std::abs(la)) << variant_name(v, "");
-    EXPECT_LT(test::rel_err(ma->params().grad(), mb->params().grad(), ma->params().total()), 1e-4)
-        << variant_name(v, "");
-    const i64 V = a.model.vocab_size, N = d.B * d.L;
-    Buf xa(N * V), xb(N * V);
-    ma->logits(d.tok.data(), d.B, d.L, xa.data());
-    mb->logits(d.tok.data(), d.B, d.L, xb.data());
-    EXPECT_LT(test::rel_err(xa.data(), xb.data(), N * V), 1e-5) << variant_name(v, "");
-  }
+  check_replicate_equals_compact(kVariants, variant, "");
 }
 
 // Each option changes the function (the same weights give other logits than the default),
@@ -510,21 +526,7 @@ Config rope_variant(const Variant& v, const std::string& xattn = "compact", bool
 // The rotation's backward (its transpose on q and k, z_null's key position-free) against
 // central differences, every parameter, compact and replicate.
 TEST(XattnRope, FiniteDifferenceGradientsEveryParameter) {
-  for (const Variant& v : kRopeVariants)
-    for (const char* xattn : {"compact", "replicate"}) {
-      if (!replicable(v) && std::string(xattn) == "replicate") continue;
-      Config c = rope_variant(v, xattn, true);
-      c.model.aux_weight = 0.5f;
-      auto m = make_initialised_model(c.model, 11);
-      Data d = make_data(c, 5);
-      m->params().zero_grad();
-      loss_and_grads(*m, d);
-      std::vector<float> an(m->params().grad(), m->params().grad() + m->params().total());
-      for (auto& p : m->params().params())
-        test::check_grad("rope " + variant_name(v, xattn) + " " + p.name, p.w,
-                         an.data() + p.offset, p.numel, [&] { return loss_only(*m, d); }, 5e-3,
-                         3e-2, 6);
-    }
+  check_gradients_every_parameter(kRopeVariants, rope_variant, "rope ");
 }
 
 TEST(XattnRope, CausalityFutureTokensChangeNoPastLogitOrBoundary) {
@@ -536,20 +538,7 @@ TEST(XattnRope, CausalityFutureTokensChangeNoPastLogitOrBoundary) {
 
 // Every replicated copy of concept j carries the key rotated at start_j: replicate == compact.
 TEST(XattnRope, ReplicateAndCompactAgree) {
-  for (const Variant& v : kRopeVariants) {
-    if (!replicable(v)) continue;
-    Config a = rope_variant(v, "compact", true), b = rope_variant(v, "replicate", true);
-    a.train.seq_len = b.train.seq_len = 70;  // more than one 64-token block
-    auto ma = make_initialised_model(a.model, 3);
-    auto mb = make_initialised_model(b.model, 3);
-    Data d = make_data(a, 21);
-    ma->params().zero_grad();
-    mb->params().zero_grad();
-    double la = loss_and_grads(*ma, d), lb = loss_and_grads(*mb, d);
-    EXPECT_NEAR(la, lb, 1e-5 * std::abs(la)) << variant_name(v, "");
-    EXPECT_LT(test::rel_err(ma->params().grad(), mb->params().grad(), ma->params().total()), 1e-4)
-        << variant_name(v, "");
-  }
+  check_replicate_equals_compact(kRopeVariants, rope_variant, "rope ");
 }
 
 // The rotation does something: the same weights (xattn_rope adds none) give other logits.

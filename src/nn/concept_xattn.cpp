@@ -313,6 +313,12 @@ void ConceptCrossAttention::rope_backward_rows(i64 B, i64 Mc, i64 N, bool own) {
 }
 
 // X = Psi + w2(silu(w1 pn) * w3 pn), pn = ffn_norm(Psi); psi holds Psi on entry.
+ConceptCrossAttention::KernelOperands ConceptCrossAttention::kernel_operands() {
+  if (opt_.rope)
+    return {qa_.data(), ka_.data(), va_.data(), koa_.data(), voa_.data(), atta_.data()};
+  return {qx_.data(), kx_.data(), vx_.data(), ko_.data(), vo_.data(), att_.data()};
+}
+
 void ConceptCrossAttention::ffn_forward(float* X, float* psi, float* pn, float* pn_rstd,
                                         float* fa, float* fb, float* fh, i64 N) const {
   const i64 d = dims_.d, xf = dims_.d_ff;
@@ -405,18 +411,8 @@ const float* ConceptCrossAttention::forward(const float* H, const float* Z, cons
   query_forward(hn_.data(), hn_rstd_.data(), qx_raw_.data(), qx_.data(), qx_rstd_.data(), H, N);
   const float scale = 1.0f / std::sqrt(float(hd));
   // The kernels read q/k/v (and own k/v) at head width ahd: plain, or augmented with RoPE.
-  const float *q = qx_.data(), *k = kx_.data(), *v = vx_.data(), *ko = ko_.data(),
-              *vo = vo_.data();
-  float* att = att_.data();
-  if (opt_.rope) {
-    rope_forward_rows(sg, B, L, own);
-    q = qa_.data();
-    k = ka_.data();
-    v = va_.data();
-    ko = koa_.data();
-    vo = voa_.data();
-    att = atta_.data();
-  }
+  if (opt_.rope) rope_forward_rows(sg, B, L, own);
+  const auto [q, k, v, ko, vo, att] = kernel_operands();
   const i64 ahd = att_hd();
   {
     prof::Scope ps("  concept attention kernel");
@@ -494,8 +490,7 @@ void ConceptCrossAttention::backward(float* dH, float* dZ, float* dp, const floa
   float* gko = rope ? g_koa_.data() : g_ko_.data();
   float* gvo = rope ? g_voa_.data() : g_vo_.data();
   const float* gatt = g_att_.data();
-  const float *q = qx_.data(), *k = kx_.data(), *v = vx_.data(), *ko = ko_.data(),
-              *vo = vo_.data(), *att = att_.data();
+  const auto [q, k, v, ko, vo, att] = kernel_operands();
   if (rope) {
     std::memset(gq, 0, sizeof(float) * N * xq * w);
     std::memset(gk, 0, sizeof(float) * nc1 * xkv * w);
@@ -507,12 +502,6 @@ void ConceptCrossAttention::backward(float* dH, float* dZ, float* dp, const floa
     // d att_aug = [d att ; 0]
     rope_rows(g_atta_.data(), g_att_.data(), nullptr, N, dims_.n_heads, false, rot_.data());
     gatt = g_atta_.data();
-    q = qa_.data();
-    k = ka_.data();
-    v = va_.data();
-    ko = koa_.data();
-    vo = voa_.data();
-    att = atta_.data();
   }
   {
     prof::Scope ps("  concept attention kernel");

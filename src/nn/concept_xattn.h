@@ -212,6 +212,12 @@ class ConceptCrossAttention {
   Buf zs_, list_, kx_raw_, kx_, kx_rstd_, vx_;
   // Prefix rows: every token's own concept [N, ...] and its keys/values.
   Buf zso_, ko_raw_, ko_, ko_rstd_, vo_, g_zso_, g_ko_, g_koraw_, g_vo_;
+  // The attention kernels' operands: the plain heads, or with xattn_rope the augmented ones.
+  struct KernelOperands {
+    const float *q, *k, *v, *ko, *vo;
+    float* att;
+  };
+  KernelOperands kernel_operands();
   // xattn_rope: augmented q/k/v/att (and own k/v), their gradients, positions, scratch.
   Buf qa_, ka_, va_, atta_, koa_, voa_, g_qa_, g_ka_, g_va_, g_atta_, g_koa_, g_voa_, rot_;
   std::vector<i32> tpos_, kpos_, opos_;
