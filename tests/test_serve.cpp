@@ -771,4 +771,27 @@ TEST(Serve, TheCommandPrintsItsUrlServesAndExitsZeroOnSigterm) {
   EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status;
 }
 
+// `dlcm bench serve` runs its sweep and the interleaved 1-client pairs and prints each figure
+// (a benchmark: only that it runs and reports, not how fast).
+TEST(Serve, BenchServePrintsTheSweepAndThePairs) {
+  test::TempDir tmp;
+  Config c = small_model("baseline", 64);
+  c.model.vocab_size = 260;
+  auto m = make_initialised_model(c.model, 5);
+  const std::string ck = tmp.path + "/run/checkpoint";
+  test::save_model_only(ck, c, m->params());
+  make_byte_tokenizer()->save(ck);
+  test::CommandResult r = test::run_dlcm("bench serve --ckpt " + ck +
+                                         " --clients 1,2 --requests 1 --prompt-len 8 --max-tokens 4"
+                                         " --pairs 3 --threads 1");
+  ASSERT_EQ(r.rc, 0) << r.out;
+  EXPECT_NE(r.out.find("generate (1 sequence):"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("server 1 client / generate:"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("1 client / generate, 3 interleaved pairs: median"), std::string::npos) << r.out;
+  EXPECT_EQ(r.out.find("failed requests"), std::string::npos) << r.out;
+  r = test::run_dlcm("bench serve --ckpt " + ck + " --pairs -1");
+  EXPECT_NE(r.rc, 0);
+  EXPECT_NE(r.out.find("--pairs"), std::string::npos) << r.out;
+}
+
 }  // namespace

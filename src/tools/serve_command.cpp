@@ -34,6 +34,7 @@ struct BenchServeArgs {
   std::vector<i64> clients = {1, 4, 16, 32};
   i64 prompt_len = 32, max_tokens = 64, requests = 2, threads = 0;
   i64 slots = 0;  // 0: the most clients
+  i64 pairs = 7;  // interleaved (generate, 1 streaming request) pairs for the 1-client ratio
 };
 
 std::atomic<bool> g_stop{false};
@@ -141,24 +142,26 @@ int cmd_bench_serve(const BenchServeArgs& a) {
   ServingEngine engine(*m, *tok, eo);
   // generate() on one sequence, run on the engine's own thread (same OpenMP team as the
   // server's decoding): the reference decode speed.
-  double gen_tps = 0;
-  engine.run_exclusive([&](LanguageModel& model) {
-    GenerateOptions go;
-    go.sampler.temperature = 0;
-    go.max_new_tokens = a.max_tokens;
-    go.stop_at_eos = false;
-    go.max_batch = 1;
-    const std::string text = prompt_text(0);
-    generate(model, *tok, {text}, go);  // warm-up
-    std::vector<double> runs;
-    for (int r = 0; r < 3; ++r) {
+  // One greedy generate() of prompt 0 on the engine's thread: tokens/s (prompt included, as the
+  // server's figure).
+  auto generate_tps = [&] {
+    double tps = 0;
+    engine.run_exclusive([&](LanguageModel& model) {
+      GenerateOptions go;
+      go.sampler.temperature = 0;
+      go.max_new_tokens = a.max_tokens;
+      go.stop_at_eos = false;
+      go.max_batch = 1;
       auto t0 = ServeClock::now();
-      auto out = generate(model, *tok, {text}, go);
-      runs.push_back(double(out[0].ids.size()) /
-                     std::chrono::duration<double>(ServeClock::now() - t0).count());
-    }
-    gen_tps = percentile(runs, 0.5);
-  });
+      auto out = generate(model, *tok, {prompt_text(0)}, go);
+      tps = double(out[0].ids.size()) / std::chrono::duration<double>(ServeClock::now() - t0).count();
+    });
+    return tps;
+  };
+  generate_tps();  // warm-up
+  std::vector<double> gen_runs;
+  for (int r = 0; r < 3; ++r) gen_runs.push_back(generate_tps());
+  const double gen_tps = percentile(gen_runs, 0.5);
   ServerOptions so;
   so.host = "127.0.0.1";
   so.port = 0;
@@ -248,6 +251,49 @@ int cmd_bench_serve(const BenchServeArgs& a) {
     if (nc == a.clients.front() && a.clients.front() == 1)
       std::printf("%8s server 1 client / generate: %.2f\n", "", tps / gen_tps);
   }
+  // The 1-client ratio on a noisy machine: generate and one streaming request of the same prompt,
+  // alternated, so both see the same load; the median of the per-pair ratios.
+  if (a.pairs > 0) {
+    std::vector<double> ratios;
+    httplib::Client cli("127.0.0.1", port);
+    cli.set_read_timeout(600, 0);
+    cli.set_tcp_nodelay(true);
+    const json body = {{"prompt", prompt_text(0)}, {"max_tokens", a.max_tokens}, {"temperature", 0},
+                       {"ignore_eos", true}, {"stream", true},
+                       {"stream_options", {{"include_usage", true}}}};
+    for (i64 r = 0; r < a.pairs; ++r) {
+      const double g = generate_tps();
+      i64 n = 0;
+      httplib::Request rq;
+      rq.method = "POST";
+      rq.path = "/v1/completions";
+      rq.body = body.dump();
+      rq.set_header("Content-Type", "application/json");
+      std::string buf;
+      rq.content_receiver = [&](const char* d, size_t len, uint64_t, uint64_t) {
+        buf.append(d, len);
+        size_t at;
+        while ((at = buf.find("\n\n")) != std::string::npos) {
+          const std::string ev = buf.substr(0, at);
+          buf.erase(0, at + 2);
+          if (ev.rfind("data: {", 0) != 0) continue;
+          auto j = json::parse(ev.substr(6));
+          if (j.contains("usage") && j["usage"].is_object())
+            n += j["usage"]["completion_tokens"].get<i64>();
+        }
+        return true;
+      };
+      auto t0 = ServeClock::now();
+      auto res = cli.send(rq);
+      DLCM_CHECK(res && res->status == 200, "bench serve: a 1-client request failed");
+      const double srv_tps = double(n) / std::chrono::duration<double>(ServeClock::now() - t0).count();
+      ratios.push_back(srv_tps / g);
+    }
+    std::vector<double> sorted = ratios;
+    std::sort(sorted.begin(), sorted.end());
+    std::printf("1 client / generate, %lld interleaved pairs: median %.2f (range %.2f-%.2f)\n",
+                (long long)a.pairs, percentile(ratios, 0.5), sorted.front(), sorted.back());
+  }
   server.shutdown(std::chrono::milliseconds(1000));
   srv.join();
   return 0;
@@ -280,6 +326,8 @@ std::function<int()> add_serve_commands(CLI::App& app, CLI::App& bench) {
       ->delimiter(',')->check(CLI::Range(1, 256));
   bs->add_option("--prompt-len", b->prompt_len, "prompt tokens (BOS excluded)")->check(CLI::Range(1, 1 << 20));
   bs->add_option("--max-tokens", b->max_tokens, "tokens generated per request (EOS ignored)")->check(CLI::Range(1, 1 << 20));
+  bs->add_option("--pairs", b->pairs, "interleaved (generate, one 1-client request) pairs for the 1-client ratio (0: none)")
+      ->check(CLI::Range(0, 1000));
   bs->add_option("--requests", b->requests, "requests per client, one after another")->check(CLI::Range(1, 1000));
   bs->add_option("--slots", b->slots, "server slots (0: the most clients)")->check(CLI::Range(0, 256));
   bs->add_option("--threads", b->threads, "OpenMP threads (0: the default)")->check(CLI::Range(0, 4096));
