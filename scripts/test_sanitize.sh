@@ -3,12 +3,13 @@
 # UBSan (build-asan/) and run: safetensors/config/checkpoint I/O (test_io), data preparation,
 # shards and tokenizers (test_data), run folders, non-finite guard and fault tests
 # (test_reliability), benchmark files (test_eval's task readers), the GGUF writer and export
-# (test_gguf, without the llama.cpp runs). Only these targets are built
+# (test_gguf, without the llama.cpp runs), the HTTP server's request handling (test_serve: hostile
+# requests, API key, disconnects, full queue, timeouts). Only these targets are built
 # (the library is compiled once, -O1). scripts/test.sh runs it after the main suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 B=${ASAN_BUILD_DIR:-build-asan}
-targets=(test_io test_data test_reliability test_eval test_gguf)
+targets=(test_io test_data test_reliability test_eval test_gguf test_serve)
 [[ -f tests/test_config.cpp ]] && targets+=(test_config)
 launcher=()
 command -v ccache >/dev/null 2>&1 && launcher=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache)
@@ -26,6 +27,7 @@ filter_for() {
   case "$1" in
     test_eval) echo "--gtest_filter=EvalTasks.*" ;;
     test_gguf) echo "--gtest_filter=Gguf.*:GgufExport.*" ;;
+    test_serve) echo "--gtest_filter=Serve.Hostile*:Serve.ApiKey*:Serve.AClientThatHangs*:Serve.AFullQueue*:Serve.ARequestPastTheTimeout*:Serve.ModelsHealth*" ;;
     *) echo "" ;;
   esac
 }
