@@ -9,6 +9,7 @@
 #include <csignal>
 #include <cstdio>
 #include <filesystem>
+#include <functional>
 #include <nlohmann/json.hpp>
 #include <thread>
 
@@ -39,6 +40,30 @@ struct BenchServeArgs {
 
 std::atomic<bool> g_stop{false};
 extern "C" void on_stop_signal(int) { g_stop = true; }
+
+// Sends one streaming completion request and calls on_event for each `data: {...}` event.
+// Returns whether the server answered 200.
+bool stream_completion(httplib::Client& cli, const nlohmann::json& body,
+                       const std::function<void(const nlohmann::json&)>& on_event) {
+  std::string buf;
+  httplib::Request rq;
+  rq.method = "POST";
+  rq.path = "/v1/completions";
+  rq.body = body.dump();
+  rq.set_header("Content-Type", "application/json");
+  rq.content_receiver = [&](const char* d, size_t n, uint64_t, uint64_t) {
+    buf.append(d, n);
+    size_t at;
+    while ((at = buf.find("\n\n")) != std::string::npos) {
+      const std::string ev = buf.substr(0, at);
+      buf.erase(0, at + 2);
+      if (ev.rfind("data: {", 0) == 0) on_event(nlohmann::json::parse(ev.substr(6)));
+    }
+    return true;
+  };
+  auto res = cli.send(rq);
+  return res && res->status == 200;
+}
 
 std::string folder_name(const std::string& path) {
   std::filesystem::path p(path);
@@ -200,35 +225,19 @@ int cmd_bench_serve(const BenchServeArgs& a) {
         for (i64 r = 0; r < a.requests; ++r) {
           auto start = ServeClock::now(), last = start;
           bool first = true;
-          std::string buf;
-          httplib::Request rq;
-          rq.method = "POST";
-          rq.path = "/v1/completions";
-          rq.body = body.dump();
-          rq.set_header("Content-Type", "application/json");
-          rq.content_receiver = [&](const char* d, size_t n, uint64_t, uint64_t) {
-                                buf.append(d, n);
-                                size_t at;
-                                while ((at = buf.find("\n\n")) != std::string::npos) {
-                                  const std::string ev = buf.substr(0, at);
-                                  buf.erase(0, at + 2);
-                                  if (ev.rfind("data: {", 0) != 0) continue;
-                                  auto j = json::parse(ev.substr(6));
-                                  if (j.contains("usage") && j["usage"].is_object())
-                                    tokens[c] += j["usage"]["completion_tokens"].get<i64>();
-                                  if (j["choices"].empty() || !j["choices"][0]["finish_reason"].is_null()) continue;
-                                  const auto now = ServeClock::now();
-                                  if (first)
-                                    ttft[c].push_back(std::chrono::duration<double>(now - start).count());
-                                  else
-                                    itl[c].push_back(std::chrono::duration<double>(now - last).count());
-                                  first = false;
-                                  last = now;
-                                }
-                                return true;
-                              };
-          auto res = cli.send(rq);
-          if (!res || res->status != 200) ++failures;
+          const bool ok = stream_completion(cli, body, [&](const json& j) {
+            if (j.contains("usage") && j["usage"].is_object())
+              tokens[c] += j["usage"]["completion_tokens"].get<i64>();
+            if (j["choices"].empty() || !j["choices"][0]["finish_reason"].is_null()) return;
+            const auto now = ServeClock::now();
+            if (first)
+              ttft[c].push_back(std::chrono::duration<double>(now - start).count());
+            else
+              itl[c].push_back(std::chrono::duration<double>(now - last).count());
+            first = false;
+            last = now;
+          });
+          if (!ok) ++failures;
         }
       });
     for (auto& t : th) t.join();
@@ -264,28 +273,12 @@ int cmd_bench_serve(const BenchServeArgs& a) {
     for (i64 r = 0; r < a.pairs; ++r) {
       const double g = generate_tps();
       i64 n = 0;
-      httplib::Request rq;
-      rq.method = "POST";
-      rq.path = "/v1/completions";
-      rq.body = body.dump();
-      rq.set_header("Content-Type", "application/json");
-      std::string buf;
-      rq.content_receiver = [&](const char* d, size_t len, uint64_t, uint64_t) {
-        buf.append(d, len);
-        size_t at;
-        while ((at = buf.find("\n\n")) != std::string::npos) {
-          const std::string ev = buf.substr(0, at);
-          buf.erase(0, at + 2);
-          if (ev.rfind("data: {", 0) != 0) continue;
-          auto j = json::parse(ev.substr(6));
-          if (j.contains("usage") && j["usage"].is_object())
-            n += j["usage"]["completion_tokens"].get<i64>();
-        }
-        return true;
-      };
       auto t0 = ServeClock::now();
-      auto res = cli.send(rq);
-      DLCM_CHECK(res && res->status == 200, "bench serve: a 1-client request failed");
+      const bool ok = stream_completion(cli, body, [&](const json& j) {
+        if (j.contains("usage") && j["usage"].is_object())
+          n += j["usage"]["completion_tokens"].get<i64>();
+      });
+      DLCM_CHECK(ok, "bench serve: a 1-client request failed");
       const double srv_tps = double(n) / std::chrono::duration<double>(ServeClock::now() - t0).count();
       ratios.push_back(srv_tps / g);
     }
