@@ -127,7 +127,9 @@ if [[ $PHASE == design || $PHASE == all ]]; then
 fi
 if [[ $PHASE == main || $PHASE == all ]]; then
   for seed in $SEEDS; do
-    for name in "$DESIGN" baseline nopath_w16 baseline_extras; do
+    # the no-path control with the design's own token windows (w16, w4 or none)
+    control=nopath; [[ $DESIGN =~ _(w[0-9]+)$ ]] && control="nopath_${BASH_REMATCH[1]}"
+    for name in "$DESIGN" baseline "$control" baseline_extras; do
       arch=dlcm; [[ $name == baseline* ]] && arch=baseline
       train_eval "$OUT/main/${name}_s$seed" "$MAIN" "$name" "train.seed=$seed" "train.lr=$(lr_of $arch)"
     done
