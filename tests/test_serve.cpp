@@ -15,6 +15,7 @@
 
 #include <atomic>
 #include <fstream>
+#include <memory>
 #include <cmath>
 #include <nlohmann/json.hpp>
 #include <regex>
@@ -621,18 +622,30 @@ TEST(Serve, AClientThatHangsUpMidStreamFreesItsSlot) {
   expect_serves(s);
 }
 
+// Holds the engine thread (nothing is admitted or decoded) from construction until release().
+struct EngineHold {
+  explicit EngineHold(ServingEngine& e)
+      : t([this, &e] {
+          e.run_exclusive([this](LanguageModel&) {
+            while (!released) std::this_thread::sleep_for(1ms);
+          });
+        }) {}
+  ~EngineHold() { release(); }
+  void release() {
+    released = true;
+    if (t.joinable()) t.join();
+  }
+  std::atomic<bool> released{false};  // declared before t: set before the thread starts
+  std::thread t;
+};
+
 TEST(Serve, AFullQueueAnswers503AndShutdownCancelsTheQueued) {
   EngineOptions eo;
   eo.slots = 1;
   eo.max_queue = 1;
   Served s("baseline", 64, eo);
   // Hold the engine thread so that nothing is admitted while the queue fills.
-  std::atomic<bool> release{false};
-  std::thread hold([&] {
-    s.eng->run_exclusive([&](LanguageModel&) {
-      while (!release) std::this_thread::sleep_for(1ms);
-    });
-  });
+  auto hold = std::make_unique<EngineHold>(*s.eng);
   std::this_thread::sleep_for(50ms);
   const json body = {{"prompt", "hi"}, {"max_tokens", 4}};
   std::vector<Reply> queued(2);
@@ -643,25 +656,18 @@ TEST(Serve, AFullQueueAnswers503AndShutdownCancelsTheQueued) {
   Reply r = s.post("/v1/completions", body);
   expect_error(r, 503, "queue full");
   EXPECT_EQ(r.j["error"]["type"], "overloaded_error");
-  release = true;
-  hold.join();
+  hold->release();
   for (auto& t : th) t.join();
   for (auto& q : queued) EXPECT_EQ(q.status, 200) << q.body;
   // Shutdown: the queued request gets 503, the running one finishes; shutdown returns.
-  release = false;
-  std::thread hold2([&] {
-    s.eng->run_exclusive([&](LanguageModel&) {
-      while (!release) std::this_thread::sleep_for(1ms);
-    });
-  });
+  hold = std::make_unique<EngineHold>(*s.eng);
   std::this_thread::sleep_for(50ms);
   Reply late;
   std::thread waiting([&] { late = s.post("/v1/completions", body); });
   for (int i = 0; i < 2500 && s.get("/health").j["queue"] != 1; ++i) std::this_thread::sleep_for(2ms);
   std::thread stopper([&] { s.stop(); });
   std::this_thread::sleep_for(100ms);
-  release = true;
-  hold2.join();
+  hold->release();
   waiting.join();
   stopper.join();
   expect_error(late, 503, "cancelled by shutdown");
@@ -673,12 +679,7 @@ TEST(Serve, ARequestPastTheTimeoutIsCancelled) {
   eo.timeout_s = 0.05;
   Served s("baseline", 64, eo);
   // The engine is held past the timeout: both requests time out while queued.
-  std::atomic<bool> release{false};
-  std::thread hold([&] {
-    s.eng->run_exclusive([&](LanguageModel&) {
-      while (!release) std::this_thread::sleep_for(1ms);
-    });
-  });
+  EngineHold hold(*s.eng);
   std::this_thread::sleep_for(20ms);
   Reply r;
   Served::Stream st;
@@ -688,8 +689,7 @@ TEST(Serve, ARequestPastTheTimeoutIsCancelled) {
   });
   for (int i = 0; i < 2500 && s.get("/health").j["queue"] != 2; ++i) std::this_thread::sleep_for(2ms);
   std::this_thread::sleep_for(100ms);  // both are past their 50 ms
-  release = true;
-  hold.join();
+  hold.release();
   a.join();
   b.join();
   expect_error(r, 504, "timeout");

@@ -6,13 +6,13 @@
 #include <cmath>
 #include <csignal>
 #include <cstdio>
-#include <fstream>
 #include <map>
 #include <optional>
 #include <sstream>
 
 #include <nlohmann/json.hpp>
 
+#include "core/json_util.h"
 #include "infer/segment.h"
 
 namespace dlcm {
@@ -111,12 +111,23 @@ std::optional<bool> get_bool(const json& j, const std::string& k) {
   return it->get<bool>();
 }
 
+// A required field of the kind `is` tests (e.g. &json::is_string); absent or of another type
+// -> 400 naming the field and `what` it must be.
+const json& require(const json& j, const std::string& k, bool (json::*is)() const noexcept,
+                    const std::string& what) {
+  auto it = j.find(k);
+  if (it == j.end() || !((*it).*is)())
+    bad(k, "'" + k + "' must be " + what + ", got " + (it == j.end() ? "nothing" : type_name(*it)));
+  return *it;
+}
+
 json parse_body(const httplib::Request& req) {
   json j;
   try {
-    j = json::parse(req.body);
-  } catch (const json::parse_error& e) {
-    bad("", std::string("the request body is not valid JSON (it must be UTF-8): ") + e.what());
+    // bounded depth before any tree is built (core/json_util.h); the size is --max-body's
+    j = parse_json_bounded(req.body, "the request body", {64, req.body.size()});
+  } catch (const Error& e) {
+    bad("", std::string(e.what()) + " (a JSON object in UTF-8 is expected)");
   }
   if (!j.is_object()) bad("", std::string("the request body must be a JSON object, got ") +
                                   type_name(j));
@@ -229,14 +240,11 @@ struct Server : httplib::Server {
 }  // namespace
 
 ChatTemplate load_chat_template(const std::string& path) {
-  std::ifstream f(path);
-  DLCM_CHECK(f, "--chat-template: cannot read ", path);
   json j;
   try {
-    j = json::parse(f);
-  } catch (const json::parse_error& e) {
-    throw Error("--chat-template " + path + ": not valid JSON (" + e.what() +
-                "); see docs/serving.md for the format");
+    j = read_json_file_bounded(path);
+  } catch (const Error& e) {
+    throw Error(std::string("--chat-template: ") + e.what() + "; see docs/serving.md for the format");
   }
   DLCM_CHECK(j.is_object(), "--chat-template ", path, ": expected a JSON object");
   ChatTemplate t;
@@ -858,13 +866,10 @@ struct HttpServer::Impl {
 
   void tokenize(const httplib::Request& req, httplib::Response& res) {
     const json j = parse_body(req);
-    auto it = j.find("content");
-    if (it == j.end() || !it->is_string())
-      bad("content", std::string("'content' must be a string, got ") +
-                         (it == j.end() ? "nothing" : type_name(*it)));
+    const json& content = require(j, "content", &json::is_string, "a string");
     std::vector<i32> ids;
     if (get_bool(j, "add_bos").value_or(false)) ids.push_back(tok.bos_id());
-    auto e = tok.encode(it->get<std::string>());
+    auto e = tok.encode(content.get<std::string>());
     ids.insert(ids.end(), e.begin(), e.end());
     json out = {{"tokens", ids}};
     if (get_bool(j, "with_pieces").value_or(false)) {
@@ -877,11 +882,8 @@ struct HttpServer::Impl {
 
   void detokenize(const httplib::Request& req, httplib::Response& res) {
     const json j = parse_body(req);
-    auto it = j.find("tokens");
-    if (it == j.end() || !it->is_array())
-      bad("tokens", std::string("'tokens' must be a list of token ids, got ") +
-                        (it == j.end() ? "nothing" : type_name(*it)));
-    send_json(res, 200, {{"content", tok.decode(ids_from_json(*it, "tokens"))}});
+    const json& ids = require(j, "tokens", &json::is_array, "a list of token ids");
+    send_json(res, 200, {{"content", tok.decode(ids_from_json(ids, "tokens"))}});
   }
 
   void concepts(const httplib::Request& req, httplib::Response& res) {
@@ -889,16 +891,13 @@ struct HttpServer::Impl {
     if (!eng.config().is_dlcm())
       bad("", "this model (" + o.model_name + ") is a baseline: it has no concepts; /v1/concepts "
               "needs a dlcm checkpoint");
-    auto it = j.find("text");
-    if (it == j.end() || !it->is_string())
-      bad("text", std::string("'text' must be a string, got ") +
-                      (it == j.end() ? "nothing" : type_name(*it)));
-    if (it->get<std::string>().empty()) bad("text", "'text' is empty; nothing to segment");
+    const json& text = require(j, "text", &json::is_string, "a string");
+    if (text.get<std::string>().empty()) bad("text", "'text' is empty; nothing to segment");
     const float tau = float(get_num(j, "tau", 0, 1).value_or(-1));
     if (tau == 0) bad("tau", "'tau' must be in (0, 1]");
     std::vector<SegmentedText> seg;
     eng.run_exclusive([&](LanguageModel& m) {
-      seg = segment_texts(m, tok, {"text"}, {it->get<std::string>()}, tau);
+      seg = segment_texts(m, tok, {"text"}, {text.get<std::string>()}, tau);
     });
     const SegmentedText& t = seg[0];
     json toks = json::array();
