@@ -55,8 +55,9 @@ done
 case "$PHASE" in lr|design|main|ablations|all) ;; *) echo "science.sh: --phase $PHASE: expected lr, design, main, ablations or all" >&2; exit 2 ;; esac
 
 DLCM=configs/dlcm-small.json BASE=configs/baseline-small.json
-# Designs: name -> "config|--set overrides" (SPEC 4.9 and the controls). w16: sliding
-# windows of 16 tokens in encoder and decoder, so farther context must come through concepts.
+# Designs: name -> "config|--set overrides" (SPEC 4.9 and the controls). wN: sliding
+# windows of N tokens in each encoder and decoder layer; the 2 + 2 layers together reach 4(N - 1)
+# tokens back (60 for w16, 12 for w4, 4 for w2), so farther context must come through concepts.
 declare -A DESIGNS=(
   [baseline]="$BASE|"
   [mean_shifted]="$DLCM|"
@@ -67,16 +68,26 @@ declare -A DESIGNS=(
   [first_incl_w16]="$DLCM|concept_repr=first concept_visibility=inclusive enc_window=16 dec_window=16"
   [nopath]="$DLCM|concept_path=false"
   [nopath_w16]="$DLCM|concept_path=false enc_window=16 dec_window=16"
-  # w4: the token path sees 4 tokens; anything farther must come through the concepts. A
-  # test of whether the concept path can carry information at all when it must.
+  # w4 / w2: the token path reaches 12 / 4 tokens; anything farther must come through the
+  # concepts. A test of whether the concept path can carry information at all when it must.
   [first_incl_w4]="$DLCM|concept_repr=first concept_visibility=inclusive enc_window=4 dec_window=4"
   [mean_shifted_w4]="$DLCM|enc_window=4 dec_window=4"
   [nopath_w4]="$DLCM|concept_path=false enc_window=4 dec_window=4"
+  [first_incl_w2]="$DLCM|concept_repr=first concept_visibility=inclusive enc_window=2 dec_window=2"
+  [mean_shifted_w2]="$DLCM|enc_window=2 dec_window=2"
+  [nopath_w2]="$DLCM|concept_path=false enc_window=2 dec_window=2"
+  # with RoPE in the concept attention (xattn_rope): the design that passes the copy-task
+  # control (docs/science.md)
+  [first_incl_rope_w2]="$DLCM|concept_repr=first concept_visibility=inclusive xattn_rope=true enc_window=2 dec_window=2"
+  [mean_shifted_rope_w2]="$DLCM|xattn_rope=true enc_window=2 dec_window=2"
+  [first_incl_rope_w4]="$DLCM|concept_repr=first concept_visibility=inclusive xattn_rope=true enc_window=4 dec_window=4"
+  [first_incl_rope_w16]="$DLCM|concept_repr=first concept_visibility=inclusive xattn_rope=true enc_window=16 dec_window=16"
+  [mean_shifted_rope]="$DLCM|xattn_rope=true"
   # The baseline with the DLCM's token-path extras (encoder.norm + cross FFN): the main phase's
   # control for "a DLCM beats the baseline only through its extra token-path parameters".
   [baseline_extras]="$BASE|baseline_extras=true"
 )
-DESIGN_ORDER="baseline mean_shifted first_shifted first_incl prefix_incl mean_shifted_w16 first_incl_w16 nopath nopath_w16 first_incl_w4 mean_shifted_w4 nopath_w4"
+DESIGN_ORDER="baseline mean_shifted first_shifted first_incl prefix_incl mean_shifted_w16 first_incl_w16 nopath nopath_w16 first_incl_w4 mean_shifted_w4 nopath_w4 first_incl_w2 mean_shifted_w2 nopath_w2 first_incl_rope_w2 mean_shifted_rope_w2 first_incl_rope_w4 first_incl_rope_w16 mean_shifted_rope"
 
 run() { echo "+ $*"; ((DRY)) || "$@"; }
 
@@ -90,7 +101,7 @@ ckpt_step() {
 train_eval() {
   local dir=$1 steps=$2 name=$3; shift 3
   local spec=${DESIGNS[$name]:-}
-  [ -n "$spec" ] || { echo "science.sh: unknown design '$name' (known: $DESIGN_ORDER)" >&2; exit 2; }
+  [ -n "$spec" ] || { echo "science.sh: unknown design '$name' (known: $DESIGN_ORDER baseline_extras)" >&2; exit 2; }
   local cfg=${spec%%|*} sets=() kv
   for kv in ${spec#*|} "$@" "${EXTRA_SETS[@]}"; do sets+=(--set "$kv"); done
   sets+=(--set "train.precision=$PREC" --set train.eval_every=0 --set "train.ckpt_every=250")
@@ -127,7 +138,7 @@ if [[ $PHASE == design || $PHASE == all ]]; then
 fi
 if [[ $PHASE == main || $PHASE == all ]]; then
   for seed in $SEEDS; do
-    # the no-path control with the design's own token windows (w16, w4 or none)
+    # the no-path control with the design's own token windows (w16, w4, w2 or none)
     control=nopath; [[ $DESIGN =~ _(w[0-9]+)$ ]] && control="nopath_${BASH_REMATCH[1]}"
     for name in "$DESIGN" baseline "$control" baseline_extras; do
       arch=dlcm; [[ $name == baseline* ]] && arch=baseline
