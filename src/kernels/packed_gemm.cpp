@@ -60,7 +60,8 @@ DLCM_PACKED_AVX512 inline void store_block(float* C, const __m512 acc[4], float 
 
 template <int MR>
 DLCM_PACKED_AVX512 void kernel_f32(float* C, i64 ldc, const float* A, i64 lda, const float* pb,
-                                   i64 K, float alpha, i64 n, Prefetch pf) {
+                                   i64 K, float alpha, i64 n, const Prefetch& prefetch) {
+  Prefetch pf = prefetch;
   __m512 acc[MR][4];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_ps();
@@ -84,7 +85,9 @@ DLCM_PACKED_AVX512 void kernel_f32(float* C, i64 ldc, const float* A, i64 lda, c
 // W[c][k+1]) as BF16, which widen to FP32 exactly (a shift, a mask).
 template <int MR>
 DLCM_PACKED_AVX512 void kernel_bf16w(float* C, i64 ldc, const float* A, i64 lda,
-                                     const uint16_t* pb, i64 K, float alpha, i64 n, Prefetch pf) {
+                                     const uint16_t* pb, i64 K, float alpha, i64 n,
+                                     const Prefetch& prefetch) {
+  Prefetch pf = prefetch;
   __m512 acc[MR][4];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_ps();
@@ -113,7 +116,7 @@ DLCM_PACKED_AVX512 void kernel_bf16w(float* C, i64 ldc, const float* A, i64 lda,
 
 // One block of up to MR rows (no lambdas here: they would not inherit the target attribute).
 DLCM_PACKED_AVX512 void block_f32(float* C, i64 ldc, const float* A, i64 lda, const float* pb,
-                                  i64 K, float alpha, i64 n, i64 mr, Prefetch pf) {
+                                  i64 K, float alpha, i64 n, i64 mr, const Prefetch& pf) {
   switch (mr) {
     case 6: return kernel_f32<6>(C, ldc, A, lda, pb, K, alpha, n, pf);
     case 5: return kernel_f32<5>(C, ldc, A, lda, pb, K, alpha, n, pf);
@@ -125,7 +128,7 @@ DLCM_PACKED_AVX512 void block_f32(float* C, i64 ldc, const float* A, i64 lda, co
 }
 DLCM_PACKED_AVX512 void block_bf16w(float* C, i64 ldc, const float* A, i64 lda,
                                     const uint16_t* pb, i64 K, float alpha, i64 n, i64 mr,
-                                    Prefetch pf) {
+                                    const Prefetch& pf) {
   switch (mr) {
     case 4: return kernel_bf16w<4>(C, ldc, A, lda, pb, K, alpha, n, pf);
     case 3: return kernel_bf16w<3>(C, ldc, A, lda, pb, K, alpha, n, pf);
