@@ -221,7 +221,13 @@ void packed_gemm_parts(float* const* C, const i64* ldc, const float* A, i64 lda,
   // first panel after the last)
   const i64 steps = p.bf16 ? Kp / 2 : K;
   const i64 calls = (nr - 1) * (kRows / MR) + (M - (nr - 1) * kRows + MR - 1) / MR;
-  const bool chain = next != nullptr && next->Np > 0;
+  // Only where a panel serves several calls (more rows than one micro-kernel call takes): a
+  // panel read once (decode's few rows) is one sequential stream that the hardware prefetcher
+  // follows by itself, and a second stream of software prefetches slowed batch-1 decode
+  // (DLCM: 2,000 against 2,350 tokens/s; its products also vary from step to step, so
+  // `next` is a guess there).
+  const bool pf_on = calls > 1;
+  const bool chain = pf_on && next != nullptr && next->Np > 0;
 #pragma omp parallel for schedule(static) if (par)
   for (i64 tile = 0; tile < tiles; ++tile) {
     const i64 blk = tile / nr, rt = tile % nr;
@@ -230,7 +236,7 @@ void packed_gemm_parts(float* const* C, const i64* ldc, const float* A, i64 lda,
     const i64 c0 = (blk - p.part_blk0[part]) * kNB;  // first column within the part
     const i64 n = std::min(kNB, p.parts[part] - c0);
     const i64 r_end = std::min(M, (rt + 1) * kRows);
-    const PackedMatrix* target = blk + 1 < nb ? &p : chain ? next : nullptr;
+    const PackedMatrix* target = !pf_on ? nullptr : blk + 1 < nb ? &p : chain ? next : nullptr;
     const i64 target_lines = target ? panel_bytes(*target) / 64 : 0;
     const char* target_panel = target ? panel(*target, blk + 1 < nb ? blk + 1 : 0) : nullptr;
     for (i64 r0 = rt * kRows; r0 < r_end; r0 += MR) {
