@@ -29,10 +29,10 @@ thread_local const PackedWeights* t_active = nullptr;
 
 // Cache lines of the next column block's panel that a micro-kernel call asks for while it
 // works (prefetcht0, measured a little ahead of t1): `per_step` lines at each of its k steps
-// until `left` are asked for. The
-// calls of one panel split the next panel among them, so that it streams in from memory while
-// the current one is multiplied from cache (the hardware prefetcher alone leaves a product of
-// a few dozen rows waiting on memory: ~165 against ~250 GFLOP/s with W in cache).
+// until `left` are asked for. The calls of one panel split the next panel among them, so that
+// it streams in from memory while the current one is multiplied from cache (the hardware
+// prefetcher alone leaves a product of a few dozen rows waiting on memory: ~165 against ~250
+// GFLOP/s with W in cache).
 struct Prefetch {
   const char* p = nullptr;
   i64 per_step = 0, left = 0;
