@@ -32,6 +32,7 @@
 #include "kernels/isa.h"
 #include "kernels/ops.h"
 #include "kernels/ops_ref.h"
+#include "kernels/packed_gemm.h"
 #include "testing.h"
 
 using namespace dlcm;
@@ -96,6 +97,15 @@ const Case kCases[] = {
     {.op = "linear", .N = 300, .d = 96, .V = 200},
     {.op = "linear", .N = 4096, .d = 512, .V = 1536, .perf = true},  // FFN up projection
     {.op = "linear", .N = 4096, .d = 512, .V = 512, .perf = true},   // attention projection
+    // packed_linear: an inference stream's products of one input (linear_forward_multi over
+    // weights packed together, kernels/packed_gemm.h): Hq matrices of V + 7 i outputs each
+    // (partial column blocks), in = d; rows above the kernel's 6-row and 96-row tiles
+    {.op = "packed_linear", .N = 7, .d = 5, .V = 3, .Hq = 1},
+    {.op = "packed_linear", .N = 1, .d = 33, .V = 64, .Hq = 3},
+    {.op = "packed_linear", .N = 26, .d = 130, .V = 57, .Hq = 2},
+    {.op = "packed_linear", .N = 200, .d = 64, .V = 128, .Hq = 3},
+    {.op = "packed_linear", .N = 26, .d = 384, .V = 1024, .Hq = 2, .perf = true},  // backbone w1|w3
+    {.op = "packed_linear", .N = 128, .d = 256, .V = 256, .Hq = 3, .perf = true},  // token q|k|v
     // gemm: M = N, K = d, N = V; every transpose, beta, alpha and padding, both paths
     {.op = "gemm", .N = 7, .d = 5, .V = 3},
     {.op = "gemm", .N = 1, .d = 1, .V = 1},
@@ -686,6 +696,50 @@ void run_linear(const Case& c, Mode m) {
   EXPECT_EQ(dW1, dW2);
 }
 
+// No gradient (inference only): the fast side packs the weights into a stream's table, the
+// reference multiplies each matrix on its own.
+void run_packed_linear(const Case& c, Mode m) {
+  const i64 N = c.N, in = c.d;
+  const int n = int(c.Hq);
+  std::vector<i64> out(n), off(n + 1, 0);
+  for (int i = 0; i < n; ++i) {
+    out[i] = c.V + 7 * i;
+    off[i + 1] = off[i] + out[i];
+  }
+  Harness H;
+  H.names = {"x", "W"};
+  H.in = {Buf(N * in), Buf(off[n] * in)};
+  test::fill_normal(H.in[0].data(), N * in, 8, c.std);
+  test::fill_normal(H.in[1].data(), off[n] * in, 9, 1.0f / std::sqrt(float(in)));
+  std::vector<const float*> W(n);
+  for (int i = 0; i < n; ++i) W[i] = H.in[1].data() + off[i] * in;
+  ops::PackedWeights pw(N);
+  if (n == 1)
+    pw.add(W[0], out[0], in, false);
+  else
+    pw.add_group(W.data(), out.data(), n, in, false);
+  H.out_sizes = {N * off[n]};
+  H.fwd = [&](Impl im, std::vector<Buf>& o) {
+    std::vector<float*> y(n);
+    for (int i = 0; i < n; ++i) y[i] = o[0].data() + N * off[i];
+    if (im == Ref) {
+      for (int i = 0; i < n; ++i) ops::ref::linear_forward<float>(y[i], H.in[0].data(), W[i], N, in, out[i]);
+      return;
+    }
+    ops::PackedScope scope(&pw);
+    ops::linear_forward_multi(y.data(), H.in[0].data(), W.data(), N, in, out.data(), n);
+  };
+  H.flops = {2.0 * N * in * off[n], 0};
+  if (!finish(H, c, m, 18)) return;
+  // the packed copies were taken at registration: scaling W afterwards must not change the
+  // result (it would if the product had gone to the general GEMM)
+  auto a = alloc(H.out_sizes), b = alloc(H.out_sizes);
+  H.fwd(Fast, a);
+  for (auto& v : H.in[1]) v *= 2;
+  H.fwd(Fast, b);
+  EXPECT_EQ(a[0], b[0]);
+}
+
 // Fixed-shape cache settings for a scope (restored, with an empty cache, at exit).
 struct GemmCacheScope {
   ops::GemmCacheConfig prev = ops::gemm_cache_config();
@@ -1189,6 +1243,7 @@ const std::pair<const char*, Runner> kOps[] = {
     {"rmsnorm", run_rmsnorm},
     {"head_rmsnorm", run_head_rmsnorm},
     {"linear", run_linear},
+    {"packed_linear", run_packed_linear},
     {"gemm", run_gemm},
     {"rope", run_rope},
     {"swiglu", run_swiglu},

@@ -470,4 +470,54 @@ TEST(PackedGemm, MatchesLoopAndRowsAreIndependentOfM) {
   EXPECT_GT(test::max_abs_diff(old.data(), now.data(), 3 * N), 0.1);
 }
 
+
+// Stacked copies (q/k/v, w1/w3: pack_matrices) give every part's rows bit for bit as the
+// part's own packed product, FP32 and BF16, with or without a `next` matrix to prefetch; and
+// PackedWeights::served learns the order of the products it serves.
+TEST(PackedGemm, StackedPartsEqualSeparateProductsAndPrefetchChangesNothing) {
+  Rng r(11);
+  for (bool bf16 : {false, true})
+    for (i64 M : {1, 7, 26, 130}) {
+      const i64 K = 70;
+      const std::vector<i64> N = {64, 37, 130};
+      std::vector<std::vector<float>> W(3);
+      std::vector<const float*> Wp;
+      for (int i = 0; i < 3; ++i) {
+        W[i].resize(N[i] * K);
+        for (auto& v : W[i]) v = r.uniform() - 0.5f;
+        Wp.push_back(W[i].data());
+      }
+      std::vector<float> x(M * K);
+      for (auto& v : x) v = r.uniform() - 0.5f;
+      ops::PackedMatrix all, one[3];
+      ops::pack_matrices(all, Wp.data(), N.data(), 3, K, bf16);
+      std::vector<std::vector<float>> got(3), want(3), chained(3);
+      for (int i = 0; i < 3; ++i) {
+        ops::pack_matrix(one[i], Wp[i], N[i], K, bf16);
+        want[i].resize(M * N[i]);
+        got[i].resize(M * N[i]);
+        chained[i].resize(M * N[i]);
+        ops::packed_gemm(want[i].data(), N[i], x.data(), K, one[i], M, 0.5f);
+      }
+      float* y[3] = {got[0].data(), got[1].data(), got[2].data()};
+      ops::packed_gemm_parts(y, N.data(), x.data(), K, all, M, 0.5f);
+      float* yc[3] = {chained[0].data(), chained[1].data(), chained[2].data()};
+      ops::packed_gemm_parts(yc, N.data(), x.data(), K, all, M, 0.5f, &one[1]);
+      for (int i = 0; i < 3; ++i) {
+        EXPECT_EQ(got[i], want[i]) << "bf16 " << bf16 << " M " << M << " part " << i;
+        EXPECT_EQ(chained[i], want[i]) << "bf16 " << bf16 << " M " << M << " part " << i;
+      }
+    }
+  ops::PackedWeights pw;
+  std::vector<float> a(64 * 8, 0.5f), b(64 * 8, 0.25f);
+  pw.add(a.data(), 64, 8, false);
+  pw.add(b.data(), 64, 8, false);
+  const ops::PackedMatrix* pa = pw.find(a.data(), 64, 8, 1);
+  const ops::PackedMatrix* pb = pw.find(b.data(), 64, 8, 1);
+  ASSERT_TRUE(pa && pb);
+  EXPECT_EQ(pw.served(pa), nullptr);  // nothing seen after a yet
+  EXPECT_EQ(pw.served(pb), nullptr);
+  EXPECT_EQ(pw.served(pa), pb);  // a was followed by b the last time
+  EXPECT_EQ(pw.served(pb), pa);
+}
 }  // namespace

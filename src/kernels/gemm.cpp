@@ -443,7 +443,7 @@ void gemm(bool trans_a, bool trans_b, i64 M, i64 N, i64 K, float alpha, const fl
   if (const PackedWeights* pw = active_packed_weights();
       pw && !trans_a && trans_b && beta == 0 && ldb == K)
     if (const PackedMatrix* pm = pw->find(B, N, K, M))
-      return packed_gemm(C, ldc, A, lda, *pm, M, alpha);
+      return packed_gemm(C, ldc, A, lda, *pm, M, alpha, pw->served(pm));
   const FixedKey key = fixed_key(trans_a, trans_b, M, N, K, alpha, lda, ldb, beta, ldc);
   if (auto p = fixed_for(key, true)) return fixed_gemm(*p, key, A, lda, B, ldb, C);
   if (g_precision == Precision::BF16 && K > 0)
@@ -454,6 +454,15 @@ void gemm(bool trans_a, bool trans_b, i64 M, i64 N, i64 K, float alpha, const fl
 
 void linear_forward(float* y, const float* x, const float* W, i64 N, i64 in, i64 out) {
   gemm(false, true, N, out, in, 1.0f, x, in, W, in, 0.0f, y, out);
+}
+
+void linear_forward_multi(float* const* y, const float* x, const float* const* W, i64 N, i64 in,
+                          const i64* out, int n) {
+  if (N == 0) return;
+  if (const PackedWeights* pw = active_packed_weights())
+    if (const PackedMatrix* pm = pw->find_group(W, out, n, in, N))
+      return packed_gemm_parts(y, out, x, in, *pm, N, 1.0f, pw->served(pm));
+  for (int i = 0; i < n; ++i) linear_forward(y[i], x, W[i], N, in, out[i]);
 }
 
 void linear_backward(float* dx, float* dW, const float* dy, const float* x, const float* W, i64 N,

@@ -87,6 +87,12 @@ void gemm(bool trans_a, bool trans_b, i64 M, i64 N, i64 K, float alpha, const fl
 void linear_forward(float* y, const float* x, const float* W, i64 N, i64 in, i64 out);
 void linear_backward(float* dx, float* dW, const float* dy, const float* x, const float* W, i64 N,
                      i64 in, i64 out);
+// Several linear layers of one input: y[i][N, out[i]] = x[N, in] W[i]^T for i < n (q/k/v,
+// w1/w3). One product over the stacked weights where an inference stream packed them together
+// (kernels/packed_gemm.h; the same rows as the separate packed products), else linear_forward
+// for each.
+void linear_forward_multi(float* const* y, const float* x, const float* const* W, i64 N, i64 in,
+                          const i64* out, int n);
 
 // Rounds n floats to bfloat16 (nearest even; NaN stays NaN), as the BF16 path does (tests).
 void round_to_bf16(uint16_t* dst, const float* src, i64 n);

@@ -28,34 +28,70 @@ namespace dlcm::ops {
 struct PackedMatrix {
   i64 N = 0, K = 0;  // W[N, K]
   bool bf16 = false;
-  i64 Np = 0, Kp = 0;  // N rounded up to 64; K rounded up to 2 (BF16)
+  i64 Np = 0, Kp = 0;  // N rounded up to 64 (each part's); K rounded up to 2 (BF16)
+  // Several matrices of the same K stacked (pack_matrices): the N of each, and the first
+  // column block of each (part_blk0[i], with a last entry nb); one entry for a plain W.
+  std::vector<i64> parts, part_blk0;
   Buf f;                       // FP32 [Np/64][K][64]
   std::vector<uint16_t> h;     // BF16 [Np/64][Kp/2][64][2]
+  // The matrix of the product that came after this one the last time (PackedWeights::served):
+  // its first panel is prefetched while this product finishes.
+  mutable const PackedMatrix* next = nullptr;
 };
 
 // Packs W[N, K] (row stride K); padding columns and k are zero.
 void pack_matrix(PackedMatrix& p, const float* W, i64 N, i64 K, bool bf16);
+// Packs n matrices W[i][N[i], K] of one input width into one, each from a fresh column block:
+// products of one input (q/k/v, w1/w3) run as one call (packed_gemm_parts), one pass over
+// the rows and one parallel region instead of n.
+void pack_matrices(PackedMatrix& p, const float* const* W, const i64* N, int n, i64 K,
+                   bool bf16);
 // Whether the AVX-512 micro-kernels were compiled in (else a portable loop, correct but slower
 // than sgemm: streams then keep FP32 products on the general GEMM).
 bool packed_gemm_native();
 // C[M, N] (row stride ldc) = alpha * A[M, K] (row stride lda) W^T. Parallel over column
-// blocks outside parallel regions when the product is large enough.
+// blocks outside parallel regions when the product is large enough. While it runs, each column
+// block's weights are prefetched during the block before, and `next`'s first block (the
+// product expected after this one, if any) during the last: only W's cache lines move, the
+// result is the same.
 void packed_gemm(float* C, i64 ldc, const float* A, i64 lda, const PackedMatrix& p, i64 M,
-                 float alpha);
+                 float alpha, const PackedMatrix* next = nullptr);
+// The same for stacked matrices: C[i][M, N[i]] (row stride ldc[i]) = alpha * A W[i]^T. Each
+// output row is bit for bit the one packed_gemm gives with W[i] alone (same kernel, same order).
+void packed_gemm_parts(float* const* C, const i64* ldc, const float* A, i64 lda,
+                       const PackedMatrix& p, i64 M, float alpha,
+                       const PackedMatrix* next = nullptr);
 
 class PackedWeights {
  public:
   explicit PackedWeights(i64 max_rows = 32) : max_rows_(max_rows) {}
+  PackedWeights(const PackedWeights&) = delete;  // the matrices point at each other
+  PackedWeights& operator=(const PackedWeights&) = delete;
   // Registers (or re-packs) W[N, K].
   void add(const float* W, i64 N, i64 K, bool bf16);
   // The packed copy serving x[M, K] W^T, or nullptr.
   const PackedMatrix* find(const float* W, i64 N, i64 K, i64 M) const;
+  // Registers the stacked copy of W[0..n) (pack_matrices), and finds it for x[M, K] W[i]^T.
+  void add_group(const float* const* W, const i64* N, int n, i64 K, bool bf16);
+  const PackedMatrix* find_group(const float* const* W, const i64* N, int n, i64 K,
+                                 i64 M) const;
+  // Records that p serves the current product (after the one served before it) and returns
+  // the matrix that followed p last time, for packed_gemm's `next`. A forward pass runs its
+  // products in the same order every time, so from the second pass on each product's
+  // successor is known. Not thread-safe: a table serves one thread at a time (a stream's).
+  const PackedMatrix* served(const PackedMatrix* p) const;
   i64 max_rows() const { return max_rows_; }
   i64 bytes() const;
 
  private:
   i64 max_rows_;
   std::unordered_map<const float*, PackedMatrix> mats_;
+  struct Group {
+    std::vector<const float*> srcs;
+    PackedMatrix mat;
+  };
+  std::unordered_map<const float*, Group> groups_;  // by the first matrix
+  mutable const PackedMatrix* last_ = nullptr;  // the matrix of the previous product served
 };
 
 // Makes `w` the table gemm() consults on this thread for the scope's lifetime (nullptr: none).

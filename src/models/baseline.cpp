@@ -139,8 +139,10 @@ void BaselineModel::extras_forward(float* X, float* H, float* h_rstd, float* pn,
   // H = encoder.norm(mid); X = H + w2(silu(w1 pn) * w3 pn), pn = xattn.ffn_norm(H)
   ops::rmsnorm_forward(H, h_rstd, mid, mid_norm_->w, N, d, eps);
   ops::rmsnorm_forward(pn, pn_rstd, H, ffn_norm_->w, N, d, eps);
-  ops::linear_forward(fa, pn, w1_->w, N, d, xf);
-  ops::linear_forward(fb, pn, w3_->w, N, d, xf);
+  float* y[2] = {fa, fb};
+  const float* W[2] = {w1_->w, w3_->w};
+  const i64 out[2] = {xf, xf};
+  ops::linear_forward_multi(y, pn, W, N, d, out, 2);
   ops::swiglu_forward(fh, fa, fb, N * xf);
   ops::linear_forward(X, fh, w2_->w, N, xf, d);
   for (i64 i = 0; i < N * d; ++i) X[i] += H[i];

@@ -160,8 +160,10 @@ class DlcmStream final : public InferenceStream {
     const float* q = H_.data();
     const float* k = H_.data();
     if (m_.router_wq) {
-      ops::linear_forward(rq_.data(), H_.data(), m_.router_wq->w, R, d_, ds_);
-      ops::linear_forward(rk_.data(), H_.data(), m_.router_wk->w, R, d_, ds_);
+      float* y[2] = {rq_.data(), rk_.data()};
+      const float* W[2] = {m_.router_wq->w, m_.router_wk->w};
+      const i64 out[2] = {ds_, ds_};
+      ops::linear_forward_multi(y, H_.data(), W, R, d_, out, 2);
       q = rq_.data();
       k = rk_.data();
     }

@@ -1,5 +1,9 @@
 #include "models/stream.h"
 
+#include <cstring>
+#include <string>
+#include <unordered_set>
+
 namespace dlcm {
 
 i64 InferenceStream::length(i64 seq) const {
@@ -19,8 +23,49 @@ void InferenceStream::pack_weights(const ParamStore& ps, const StreamOptions& o)
     return;
   }
   packed_ = std::make_unique<ops::PackedWeights>(rows);
+  // Products that share their input run as one over stacked copies, as the layers call them
+  // through ops::linear_forward_multi: a block's q/k/v, the router's q/k, the cross-attention's
+  // k/v (its q reads another input) and every FFN's w1/w3, found by their names under one
+  // prefix. Every other matrix gets a copy of its own (a group not found here only costs
+  // speed: linear_forward_multi then runs the products one by one).
+  auto ends_with = [](const std::string& s, const std::string& e) {
+    return s.size() >= e.size() && s.compare(s.size() - e.size(), e.size(), e) == 0;
+  };
+  std::unordered_set<const float*> grouped;
+  auto group = [&](const std::string& prefix, std::initializer_list<const char*> names) {
+    std::vector<const float*> W;
+    std::vector<i64> N;
+    i64 K = -1;
+    for (const char* n : names) {
+      const Param* q = ps.find(prefix + n);
+      if (!q || q->shape.size() != 2 || (K >= 0 && q->shape[1] != K) || grouped.count(q->w))
+        return;
+      K = q->shape[1];
+      W.push_back(q->w);
+      N.push_back(q->shape[0]);
+    }
+    packed_->add_group(W.data(), N.data(), int(W.size()), K, bf16);
+    grouped.insert(W.begin(), W.end());
+  };
+  for (const Param& p : ps.params()) {
+    if (p.shape.size() != 2) continue;
+    for (const char* last : {"wq.weight", "w1.weight"})
+      if (ends_with(p.name, last)) {
+        const std::string prefix = p.name.substr(0, p.name.size() - std::strlen(last));
+        if (last[1] == '1') {
+          group(prefix, {"w1.weight", "w3.weight"});
+        } else if (ends_with(prefix, ".attn.")) {  // a transformer block (block_qkv)
+          group(prefix, {"wq.weight", "wk.weight", "wv.weight"});
+        } else if (!ps.find(prefix + "wv.weight")) {  // the router
+          group(prefix, {"wq.weight", "wk.weight"});
+        } else {  // the cross-attention: k/v of the concept list (kv_forward)
+          group(prefix, {"wk.weight", "wv.weight"});
+        }
+      }
+  }
   for (const Param& p : ps.params())
-    if (p.shape.size() == 2) packed_->add(p.w, p.shape[0], p.shape[1], bf16);
+    if (p.shape.size() == 2 && !grouped.count(p.w))
+      packed_->add(p.w, p.shape[0], p.shape[1], bf16);
 }
 
 StreamCounters InferenceStream::counters(i64 seq) const {

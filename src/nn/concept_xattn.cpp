@@ -208,8 +208,10 @@ void ConceptCrossAttention::reserve_concepts(i64 B, i64 Mc) {
 // keys/values of list rows [n, dc] -> [n, Hkv, hd], QK-norm on keys
 void ConceptCrossAttention::kv_forward(float* k_raw, float* k, float* k_rstd, float* v,
                                        const float* list, i64 n) const {
-  ops::linear_forward(k_raw, list, wk_->w, n, dims_.dc, dims_.kv_dim());
-  ops::linear_forward(v, list, wv_->w, n, dims_.dc, dims_.kv_dim());
+  float* y[2] = {k_raw, v};
+  const float* W[2] = {wk_->w, wv_->w};
+  const i64 out[2] = {dims_.kv_dim(), dims_.kv_dim()};
+  ops::linear_forward_multi(y, list, W, n, dims_.dc, out, 2);
   ops::head_rmsnorm_forward(k, k_rstd, k_raw, kn_->w, n, dims_.n_kv_heads, dims_.head_dim,
                        dims_.norm_eps);
 }
@@ -324,8 +326,10 @@ void ConceptCrossAttention::ffn_forward(float* X, float* psi, float* pn, float* 
   const i64 d = dims_.d, xf = dims_.d_ff;
   ops::rmsnorm_forward(pn, pn_rstd, psi, ffn_norm_->w, N, d, dims_.norm_eps);
   prof::Scope ps("cross FFN");
-  ops::linear_forward(fa, pn, w1_->w, N, d, xf);
-  ops::linear_forward(fb, pn, w3_->w, N, d, xf);
+  float* y[2] = {fa, fb};
+  const float* W[2] = {w1_->w, w3_->w};
+  const i64 out[2] = {xf, xf};
+  ops::linear_forward_multi(y, pn, W, N, d, out, 2);
   ops::swiglu_forward(fh, fa, fb, N * xf);
   ops::linear_forward(X, fh, w2_->w, N, xf, d);
   add_into(X, psi, N * d);

@@ -123,9 +123,12 @@ void TransformerStack::block_qkv(i64 l, const float* x, const i32* pos, i64 N, B
   ops::rmsnorm_forward(A.xn1.data(), A.rstd1.data(), x, P.attn_norm->w, N, d.d, d.norm_eps);
   float* qdst = d.qk_norm ? A.q_raw.data() : A.q.data();
   float* kdst = d.qk_norm ? A.k_raw.data() : A.k.data();
-  ops::linear_forward(qdst, A.xn1.data(), P.wq->w, N, d.d, d.q_dim());
-  ops::linear_forward(kdst, A.xn1.data(), P.wk->w, N, d.d, d.kv_dim());
-  ops::linear_forward(A.v.data(), A.xn1.data(), P.wv->w, N, d.d, d.kv_dim());
+  {
+    float* y[3] = {qdst, kdst, A.v.data()};
+    const float* W[3] = {P.wq->w, P.wk->w, P.wv->w};
+    const i64 out[3] = {d.q_dim(), d.kv_dim(), d.kv_dim()};
+    ops::linear_forward_multi(y, A.xn1.data(), W, N, d.d, out, 3);
+  }
   if (d.qk_norm) {
     ops::head_rmsnorm_forward(A.q.data(), A.q_rstd.data(), A.q_raw.data(), P.q_norm->w, N,
                               d.n_heads, d.head_dim, d.norm_eps);
@@ -145,8 +148,12 @@ void TransformerStack::block_out(i64 l, const float* x, float* out, i64 N, Block
   for (i64 i = 0; i < N * d.d; ++i) mid[i] += x[i];
   // feed-forward sub-layer
   ops::rmsnorm_forward(A.xn2.data(), A.rstd2.data(), mid, P.ffn_norm->w, N, d.d, d.norm_eps);
-  ops::linear_forward(A.a.data(), A.xn2.data(), P.w1->w, N, d.d, d.d_ff);
-  ops::linear_forward(A.b.data(), A.xn2.data(), P.w3->w, N, d.d, d.d_ff);
+  {
+    float* y[2] = {A.a.data(), A.b.data()};
+    const float* W[2] = {P.w1->w, P.w3->w};
+    const i64 out[2] = {d.d_ff, d.d_ff};
+    ops::linear_forward_multi(y, A.xn2.data(), W, N, d.d, out, 2);
+  }
   ops::swiglu_forward(A.h.data(), A.a.data(), A.b.data(), N * d.d_ff);
   ops::linear_forward(out, A.h.data(), P.w2->w, N, d.d_ff, d.d);
 #pragma omp parallel for schedule(static) if (N * d.d > (1 << 15))

@@ -31,9 +31,9 @@ double time_it(F&& f) {
 // Process CPU time (all threads), seconds.
 double cpu_seconds();
 
-// On-CPU time of every thread of this process (/proc/self/task/*/schedstat), seconds by
-// thread id. Over an interval, the busiest thread's time is what a dedicated machine's wall
-// time could not go below: with idle threads sleeping (OMP_WAIT_POLICY=passive) waits are not
+// On-CPU time of every thread of this process (each thread's CPU clock; schedstat where that
+// fails), seconds by thread id. Over an interval, the busiest thread's time is what a
+// dedicated machine's wall time could not go below: with idle threads sleeping (OMP_WAIT_POLICY=passive) waits are not
 // counted, so tokens / (busiest thread's time) estimates the throughput on an idle machine
 // from a run on a loaded one. A program with serial phases has one thread busier than the rest.
 std::map<long, double> thread_cpu_seconds();
