@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import os
+import string
 import struct
 import sys
 
@@ -111,8 +112,13 @@ def main():
     toks = torch.tensor(ids[: a.rows * a.seq].reshape(a.rows, a.seq))
     c0 = a.width + a.gap + 2 if a.gap else a.width + 1  # line position of the second copy
     rec = AttentionRecorder()
+    kw = {}
+    if cfg.is_dlcm and cfg.router["kind"] == "word":  # the bytes tokenizer's word-start table
+        punct = set(string.punctuation) | set(string.whitespace)
+        kw["word_starts"] = torch.tensor([0] * 4 + [int(b < 128 and chr(b) in punct) for b in range(256)]
+                                         + [0] * (cfg.vocab_size - 260))
     with torch.no_grad():
-        out = M.forward(P, cfg, toks, xattn_impl="compact")
+        out = M.forward(P, cfg, toks, xattn_impl="compact", **kw)
     logp = torch.log_softmax(out["logits"].double(), -1)
     nll = -logp[:, :-1].gather(-1, toks[:, 1:, None])[..., 0]  # prediction of t + 1 made at t
     role = line_roles(toks, a.width, a.gap)[:, 1:]  # role of the predicted token
