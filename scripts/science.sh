@@ -89,12 +89,13 @@ declare -A DESIGNS=(
   [fixed_incl_rope_w16]="$DLCM|concept_repr=first concept_visibility=inclusive xattn_rope=true router.kind=fixed router.stride=4 enc_window=16 dec_window=16"
   [sg_incl_rope_w2]="$DLCM|concept_repr=first concept_visibility=inclusive xattn_rope=true router.smooth_grad=true enc_window=2 dec_window=2"
   [sg_incl_rope_w4]="$DLCM|concept_repr=first concept_visibility=inclusive xattn_rope=true router.smooth_grad=true enc_window=4 dec_window=4"
+  [sg_incl_rope_w16]="$DLCM|concept_repr=first concept_visibility=inclusive xattn_rope=true router.smooth_grad=true enc_window=16 dec_window=16"
   [mean_shifted_rope]="$DLCM|xattn_rope=true"
   # The baseline with the DLCM's token-path extras (encoder.norm + cross FFN): the main phase's
   # control for "a DLCM beats the baseline only through its extra token-path parameters".
   [baseline_extras]="$BASE|baseline_extras=true"
 )
-DESIGN_ORDER="baseline mean_shifted first_shifted first_incl prefix_incl mean_shifted_w16 first_incl_w16 nopath nopath_w16 first_incl_w4 mean_shifted_w4 nopath_w4 first_incl_w2 mean_shifted_w2 nopath_w2 first_incl_rope_w2 mean_shifted_rope_w2 first_incl_rope_w4 first_incl_rope_w16 mean_shifted_rope fixed_incl_rope_w2 fixed_incl_rope_w4 fixed_incl_rope_w16 sg_incl_rope_w2 sg_incl_rope_w4"
+DESIGN_ORDER="baseline mean_shifted first_shifted first_incl prefix_incl mean_shifted_w16 first_incl_w16 nopath nopath_w16 first_incl_w4 mean_shifted_w4 nopath_w4 first_incl_w2 mean_shifted_w2 nopath_w2 first_incl_rope_w2 mean_shifted_rope_w2 first_incl_rope_w4 first_incl_rope_w16 mean_shifted_rope fixed_incl_rope_w2 fixed_incl_rope_w4 fixed_incl_rope_w16 sg_incl_rope_w2 sg_incl_rope_w4 sg_incl_rope_w16"
 
 run() { echo "+ $*"; ((DRY)) || "$@"; }
 
