@@ -46,7 +46,7 @@ def read_val_tokens(path):
     return a.astype(np.int64)
 
 
-def line_roles(toks, width, gap):
+def line_roles(toks):
     """[B, L] role of each position: its position in its line (0 = first letter of the first copy),
     -1 where the line start is not inside the window or the token is a newline."""
     B, L = toks.shape
@@ -63,13 +63,12 @@ def line_roles(toks, width, gap):
 
 
 class AttentionRecorder:
-    """Records the softmax of every attention call made inside concept_term (backbone blocks first,
-    then one cross-attention call per row)."""
+    """Records the softmax of the concept cross-attention: one call of xattn_attend per row."""
 
     def __init__(self):
         self.on = False
         self.probs = []
-        self._att, self._ct = M.attention, M.concept_term
+        self._att, self._xa = M.attention, M.xattn_attend
 
         def att(q, k, v, mask, bias=None):
             if self.on:
@@ -82,14 +81,14 @@ class AttentionRecorder:
                 self.probs.append(torch.softmax(s, -1))
             return self._att(q, k, v, mask, bias)
 
-        def ct(*a, **kw):
+        def xa(*a, **kw):
             self.on = True
             try:
-                return self._ct(*a, **kw)
+                return self._xa(*a, **kw)
             finally:
                 self.on = False
 
-        M.attention, M.concept_term = att, ct
+        M.attention, M.xattn_attend = att, xa
 
 
 def main():
@@ -121,7 +120,7 @@ def main():
         out = M.forward(P, cfg, toks, xattn_impl="compact", **kw)
     logp = torch.log_softmax(out["logits"].double(), -1)
     nll = -logp[:, :-1].gather(-1, toks[:, 1:, None])[..., 0]  # prediction of t + 1 made at t
-    role = line_roles(toks, a.width, a.gap)[:, 1:]  # role of the predicted token
+    role = line_roles(toks)[:, 1:]  # role of the predicted token
     # the layout check: every second-copy letter equals the letter c0 positions earlier
     tgt = toks[:, 1:]
     second = (role >= c0) & (role < c0 + a.width)
@@ -150,7 +149,7 @@ def main():
         rep["xattn_ratio"] = float(out["xattn_out"].norm(dim=-1).mean() / out["H"].norm(dim=-1).mean())
         incl = cfg.concept_visibility == "inclusive"
         seg = out["seg"]
-        xprobs = rec.probs[-a.rows:]  # one cross-attention call per row, after the backbone's
+        xprobs = rec.probs
         mass = {"z_null": [], "own": [], "previous": [], "source": []}
         for r in range(a.rows):
             A = xprobs[r]
