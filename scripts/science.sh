@@ -97,6 +97,8 @@ declare -A DESIGNS=(
 )
 DESIGN_ORDER="baseline mean_shifted first_shifted first_incl prefix_incl mean_shifted_w16 first_incl_w16 nopath nopath_w16 first_incl_w4 mean_shifted_w4 nopath_w4 first_incl_w2 mean_shifted_w2 nopath_w2 first_incl_rope_w2 mean_shifted_rope_w2 first_incl_rope_w4 first_incl_rope_w16 mean_shifted_rope fixed_incl_rope_w2 fixed_incl_rope_w4 fixed_incl_rope_w16 sg_incl_rope_w2 sg_incl_rope_w4 sg_incl_rope_w16"
 
+[ -n "${DESIGNS[$DESIGN]:-}" ] || { echo "science.sh: unknown design '$DESIGN' (known: $DESIGN_ORDER baseline_extras)" >&2; exit 2; }
+
 run() { echo "+ $*"; ((DRY)) || "$@"; }
 
 ckpt_step() {
@@ -130,14 +132,18 @@ train_eval() {
   run "$BIN" "${ev[@]}"
 }
 
-lr_of() {  # the learning rate chosen by the lr phase for an architecture (or --lr)
+lr_of() {  # the learning rate the lr phase chose for a design (or --lr); designs without
+  # their own sweep take mean_shifted's (DLCM) or the baseline's, as science_report.py says
   if [ -n "$LR" ]; then echo "$LR"; return; fi
+  ((DRY)) && [ ! -d "$OUT/lr" ] && { echo 2e-3; return; }
   /usr/bin/python3 scripts/science_report.py --out "$OUT" --best-lr "$1" 2>/dev/null || echo 2e-3
 }
+# the no-path control with the design's own token windows (w16, w4, w2 or none)
+control=nopath; [[ $DESIGN =~ _(w[0-9]+)$ ]] && control="nopath_${BASH_REMATCH[1]}"
 
 ((DRY)) || mkdir -p "$OUT"
 if [[ $PHASE == lr || $PHASE == all ]]; then
-  for name in baseline mean_shifted "$DESIGN"; do
+  for name in baseline mean_shifted "$DESIGN" "$control"; do
     for lr in 1e-3 2e-3 4e-3; do train_eval "$OUT/lr/${name}_lr$lr" "$SHORT" "$name" "train.lr=$lr"; done
   done
 fi
@@ -146,17 +152,21 @@ if [[ $PHASE == design || $PHASE == all ]]; then
 fi
 if [[ $PHASE == main || $PHASE == all ]]; then
   for seed in $SEEDS; do
-    # the no-path control with the design's own token windows (w16, w4, w2 or none)
-    control=nopath; [[ $DESIGN =~ _(w[0-9]+)$ ]] && control="nopath_${BASH_REMATCH[1]}"
     for name in "$DESIGN" baseline "$control" baseline_extras; do
-      arch=dlcm; [[ $name == baseline* ]] && arch=baseline
-      train_eval "$OUT/main/${name}_s$seed" "$MAIN" "$name" "train.seed=$seed" "train.lr=$(lr_of $arch)"
+      lrname=$name; [[ $name == baseline_extras ]] && lrname=baseline  # the same architecture
+      train_eval "$OUT/main/${name}_s$seed" "$MAIN" "$name" "train.seed=$seed" "train.lr=$(lr_of $lrname)"
     done
   done
 fi
 if [[ $PHASE == ablations || $PHASE == all ]]; then
+  spec=" ${DESIGNS[$DESIGN]#*|} "
   for abl in "router.kind=fixed" "router.kind=word" "aux_kind=sequence" "router.kind=raw" \
              "smoother=false" "router.smooth_grad=true"; do
+    # a design that already has the setting: flip a switch that is on, skip any other value
+    if [[ $spec == *" $abl "* ]]; then
+      if [[ $abl == *=true ]]; then abl=${abl%=true}=false
+      else echo "[science] ablation $abl: $DESIGN already has it, skipped"; continue; fi
+    fi
     tag=$(echo "$abl" | tr '=.' '__')
     train_eval "$OUT/ablations/${DESIGN}_$tag" "$ABL" "$DESIGN" "$abl"
   done

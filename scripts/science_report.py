@@ -2,7 +2,7 @@
 """Tables (markdown) and learning curves (SVG) of scripts/science.sh's runs.
 
     python3 scripts/science_report.py --out runs/science [--svg DIR]
-    python3 scripts/science_report.py --out runs/science --best-lr baseline|dlcm
+    python3 scripts/science_report.py --out runs/science --best-lr DESIGN
 
 Reads each run folder's eval.json (full validation split, written by `dlcm eval`, with the
 concept-usage diagnostics for DLCM runs) and train_log.jsonl. Main-phase runs are grouped by
@@ -146,30 +146,33 @@ def curves_svg(runs, path, key="ce", w=720, h=420):
     return True
 
 
-def best_lr(out, arch):
-    best = None
-    for d in glob.glob(os.path.join(out, "lr", "*_lr*")):
-        r = load_run(d)
-        e = r.get("eval")
-        name = r["name"]
-        is_base = name.startswith("baseline")
-        if e is None or (arch == "baseline") != is_base:
-            continue
-        if arch == "dlcm" and not name.startswith("mean_shifted"):
-            continue
-        lr = name.rsplit("_lr", 1)[1]
-        if best is None or e["val_loss"] < best[0]:
-            best = (e["val_loss"], lr)
-    if best is None:
-        sys.exit(f"science_report: no evaluated lr-phase run for {arch} under {out}/lr")
-    print(best[1])
+def best_lr(out, name):
+    """The lr-phase learning rate with the lowest full-split validation loss for design `name`.
+
+    A design without its own sweep takes mean_shifted's (any DLCM design, and the legacy
+    argument "dlcm") or the baseline's (baseline, baseline_extras)."""
+    fallback = "baseline" if name.startswith("baseline") else "mean_shifted"
+    for cand in ([name] if name not in ("dlcm", fallback) else []) + [fallback]:
+        best = None
+        for d in glob.glob(os.path.join(out, "lr", cand + "_lr*")):
+            r = load_run(d)
+            e = r.get("eval")
+            if e is None or r["name"].rsplit("_lr", 1)[0] != cand:
+                continue
+            lr = r["name"].rsplit("_lr", 1)[1]
+            if best is None or e["val_loss"] < best[0]:
+                best = (e["val_loss"], lr)
+        if best is not None:
+            print(best[1])
+            return
+    sys.exit(f"science_report: no evaluated lr-phase run for {name} (or {fallback}) under {out}/lr")
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="runs/science")
     ap.add_argument("--svg", help="folder for learning-curve SVGs (one per phase)")
-    ap.add_argument("--best-lr", choices=["baseline", "dlcm"])
+    ap.add_argument("--best-lr", metavar="DESIGN", help="a science.sh design name (or dlcm)")
     a = ap.parse_args()
     if a.best_lr:
         best_lr(a.out, a.best_lr)

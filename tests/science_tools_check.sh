@@ -57,4 +57,35 @@ if bash scripts/science.sh --data "$tmp/p" --out "$tmp/sci" --phase main --desig
      2>"$tmp/err"; then fail "unknown design accepted"; fi
 grep -q "unknown design 'nosuch'" "$tmp/err" || fail "unknown design: unexpected message"
 test ! -e "$tmp/sci/main" || fail "--dry-run created run folders"
+
+# 4. the lr phase sweeps the design and its control; the ablations flip a switch the design
+#    already has on and skip a value it already has
+bash scripts/science.sh --data "$tmp/p" --out "$tmp/sci" --phase lr --design sg_incl_rope_w2 \
+  --bin "$bin" --dry-run > "$tmp/plan" 2>&1
+for run in sg_incl_rope_w2_lr1e-3 sg_incl_rope_w2_lr4e-3 nopath_w2_lr2e-3 baseline_lr1e-3; do
+  grep -q "lr/$run:" "$tmp/plan" || fail "lr plan lacks $run"
+done
+bash scripts/science.sh --data "$tmp/p" --out "$tmp/sci" --phase ablations --design sg_incl_rope_w2 \
+  --bin "$bin" --dry-run > "$tmp/plan" 2>&1
+grep -q "ablations/sg_incl_rope_w2_router_smooth_grad_false:" "$tmp/plan" || fail "smooth_grad not flipped"
+grep "sg_incl_rope_w2_router_smooth_grad_false " "$tmp/plan" | grep -q -- "--set router.smooth_grad=true .*--set router.smooth_grad=false" \
+  || fail "the flipped switch does not come after the design's own setting (the last --set wins)"
+bash scripts/science.sh --data "$tmp/p" --out "$tmp/sci" --phase ablations --design fixed_incl_rope_w2 \
+  --bin "$bin" --dry-run > "$tmp/plan" 2>&1
+grep -q "ablation router.kind=fixed: fixed_incl_rope_w2 already has it, skipped" "$tmp/plan" || fail "router.kind=fixed not skipped"
+if bash scripts/science.sh --data "$tmp/p" --phase ablations --design nosuch --dry-run 2>"$tmp/err"; then
+  fail "unknown design accepted by the ablations phase"; fi
+grep -q "unknown design 'nosuch'" "$tmp/err" || fail "ablations, unknown design: unexpected message"
+
+# 5. science_report --best-lr: a design's own sweep, else mean_shifted's (DLCM) or the baseline's
+for r in foo_lr1e-3:5.0 foo_lr4e-3:4.9 mean_shifted_lr2e-3:4.8 mean_shifted_lr4e-3:4.85 baseline_lr1e-3:5.1 baseline_lr2e-3:5.2; do
+  mkdir -p "$tmp/rep/lr/${r%%:*}"; echo "{\"val_loss\": ${r#*:}}" > "$tmp/rep/lr/${r%%:*}/eval.json"
+done
+mkdir -p "$tmp/rep/lr/foo_lr2e-3"  # not evaluated: ignored
+for q in foo:4e-3 bar:2e-3 dlcm:2e-3 baseline:1e-3 baseline_extras:1e-3; do
+  got=$($py "$src/scripts/science_report.py" --out "$tmp/rep" --best-lr "${q%%:*}") || fail "--best-lr ${q%%:*} failed"
+  [ "$got" = "${q#*:}" ] || fail "--best-lr ${q%%:*}: got $got, expected ${q#*:}"
+done
+if $py "$src/scripts/science_report.py" --out "$tmp/nothing" --best-lr foo 2>"$tmp/err"; then fail "--best-lr without runs succeeded"; fi
+grep -q "no evaluated lr-phase run for foo" "$tmp/err" || fail "--best-lr without runs: unexpected message"
 echo "science_tools_check: ok"
