@@ -153,7 +153,7 @@ static void BM_PackedGemm(benchmark::State& st) {
   // copies of W rotated through, 64 MiB in all, so that W comes from memory as in a forward
   // pass whose weights exceed the caches
   std::vector<ops::PackedMatrix> ps(std::max<i64>(1, (i64(64) << 20) / (4 * N * K)));
-  for (auto& p : ps) ops::pack_matrix(p, w.data(), N, K, false);
+  for (auto& p : ps) ops::pack_matrix(p, w.data(), N, K, ops::PackFormat::F32);
   size_t i = 0;
   const bool chain = st.range(3) != 0;  // each product told the next one (PackedWeights::served)
   for (auto _ : st) {

@@ -154,14 +154,17 @@ TEST(Cli, GenerateStreamsOnePromptAndBatchesAFile) {
   // Same seed, same text; the baseline has no concepts to show.
   std::string sample = "generate --ckpt " + ck + " --prompt 'Hi' --max-new-tokens 10 --seed 3 --quiet";
   EXPECT_EQ(run(sample).out, run(sample).out);
-  // BF16 weights in the decode: runs, and a bad precision is a one-line error
-  r = run("generate --ckpt " + ck + " --prompt 'Hello' --max-new-tokens 5 --temperature 0 "
-          "--ignore-eos --quiet --precision bf16");
-  ASSERT_EQ(r.rc, 0) << r.out;
-  EXPECT_EQ(r.out.rfind("Hello", 0), 0u) << r.out;
+  // BF16 and int8 weights in the decode: run, and a bad precision is a one-line error
+  for (const char* prec : {"bf16", "int8"}) {
+    r = run("generate --ckpt " + ck + " --prompt 'Hello' --max-new-tokens 5 --temperature 0 "
+            "--ignore-eos --quiet --precision " + prec);
+    ASSERT_EQ(r.rc, 0) << prec << ": " << r.out;
+    EXPECT_EQ(r.out.rfind("Hello", 0), 0u) << r.out;
+  }
   r = run("generate --ckpt " + ck + " --prompt 'Hello' --precision fp16");
   EXPECT_NE(r.rc, 0);
-  EXPECT_NE(r.out.find("--precision"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("--precision: expected \"fp32\", \"bf16\" or \"int8\""), std::string::npos)
+      << r.out;
   r = run("generate --ckpt " + ck + " --prompt 'Hi' --max-new-tokens 3 --show-concepts");
   ASSERT_EQ(r.rc, 0) << r.out;
   EXPECT_NE(r.out.find("concepts do not apply"), std::string::npos) << r.out;
@@ -191,8 +194,28 @@ TEST(Cli, BenchDecodeRuns) {
   EXPECT_NE(r.out.find("[fp32] speed-up of the caches"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("agree with the fp32 recompute for 10 of 10"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("[bf16] decode tokens/s against [fp32]"), std::string::npos) << r.out;
+  // --data: each format's validation CE through its stream, against the first format's
+  r = run("bench decode --config " + cfg + " --prompt-len 4 --new-tokens 2 --data " + tmp.path);
+  EXPECT_NE(r.rc, 0);
+  EXPECT_NE(r.out.find("--data measures a trained model's quality; give --ckpt too"),
+            std::string::npos) << r.out;
+  {
+    std::ofstream f(tmp.path + "/corpus.txt");
+    for (int d = 0; d < 60; ++d) f << "the model reads tokens and writes text, line " << d << ".\n\f";
+  }
+  r = run("prepare --input " + tmp.path + "/corpus.txt --out " + tmp.path +
+          "/data --tokenizer bytes --val-fraction 0.3");
+  ASSERT_EQ(r.rc, 0) << r.out;
+  const std::string qck = byte_checkpoint(tmp.path);
+  r = run("bench decode --ckpt " + qck + " --prompt-len 8 --new-tokens 4 --precision fp32,bf16,int8 "
+          "--data " + tmp.path + "/data --val-windows 3");
+  ASSERT_EQ(r.rc, 0) << r.out;
+  EXPECT_NE(r.out.find("stream quality: 3 validation windows of 64 tokens"), std::string::npos) << r.out;
+  for (const char* l : {"[fp32] validation CE through the stream", "[int8] validation CE through the stream",
+                        "against [fp32]; argmax agrees on", "[int8] decode tokens/s against [fp32]"})
+    EXPECT_NE(r.out.find(l), std::string::npos) << l << "\n" << r.out;
   // bench prefill: two checkpoints in one run, the second against the first
-  const std::string ck = byte_checkpoint(tmp.path);
+  const std::string& ck = qck;
   r = run("bench prefill --ckpt " + ck + " --ckpt " + ck + " --prompt-len 16 --repeats 2 --breakdown");
   ASSERT_EQ(r.rc, 0) << r.out;
   EXPECT_NE(r.out.find("model 1 / model 0 prefill tokens/s"), std::string::npos) << r.out;

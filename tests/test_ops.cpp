@@ -715,9 +715,9 @@ void run_packed_linear(const Case& c, Mode m) {
   for (int i = 0; i < n; ++i) W[i] = H.in[1].data() + off[i] * in;
   ops::PackedWeights pw(N);
   if (n == 1)
-    pw.add(W[0], out[0], in, false);
+    pw.add(W[0], out[0], in, ops::PackFormat::F32);
   else
-    pw.add_group(W.data(), out.data(), n, in, false);
+    pw.add_group(W.data(), out.data(), n, in, ops::PackFormat::F32);
   H.out_sizes = {N * off[n]};
   H.fwd = [&](Impl im, std::vector<Buf>& o) {
     std::vector<float*> y(n);

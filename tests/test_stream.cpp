@@ -2,10 +2,13 @@
 // prompts crossing attention block boundaries and documents, batched sequences of different
 // lengths, prefill and steps interleaved, slots reused; and the stream rejects bad calls.
 #include <algorithm>
+#include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <tuple>
 
 #include "model_fixtures.h"
+#include "kernels/isa.h"
 #include "kernels/packed_gemm.h"
 #include "nn/transformer.h"
 #include "testing.h"
@@ -32,11 +35,12 @@ struct Case {
 
 void PrintTo(const Case& c, std::ostream* os) { *os << c.name; }
 
-// Each case in both stream precisions: FP32 (against LanguageModel::logits) and BF16 (the
-// decode path with BF16 weights: against the same BF16 stream's one-call prefill of the whole
-// sequence, as every weight product of a BF16 stream computes a row the same way whatever the
-// call; and against the FP32 full forward within BF16 rounding).
-class StreamEquivalence : public ::testing::TestWithParam<std::tuple<Case, ops::Precision>> {};
+// Each case in every stream precision: FP32 (against LanguageModel::logits), BF16 and int8 (the
+// decode paths with weight-only BF16 / per-column int8 weights: against the same stream's
+// one-call prefill of the whole sequence, as every weight product of such a stream computes a
+// row the same way whatever the call; and against the FP32 full forward within the format's
+// rounding).
+class StreamEquivalence : public ::testing::TestWithParam<std::tuple<Case, ops::PackFormat>> {};
 
 // A stream's concept info for the tokens of slot `slot` against the full-pass boundaries of the
 // same tokens, and its counters: one backbone position per closed concept, never one per token.
@@ -76,8 +80,8 @@ void check_concepts(LanguageModel& m, InferenceStream& st, i64 slot, const std::
 // middle of one sequence, and a slot reset and reused for a fourth sequence.
 TEST_P(StreamEquivalence, IncrementalEqualsFullForward) {
   Config c = std::get<0>(GetParam()).config();
-  const ops::Precision prec = std::get<1>(GetParam());
-  const bool bf16 = prec == ops::Precision::BF16;
+  const ops::PackFormat prec = std::get<1>(GetParam());
+  const bool coarse = prec != ops::PackFormat::F32;  // BF16 or int8 weights
   c.model.max_seq_len = 160;
   auto m = make_initialised_model(c.model, 11);
   const i64 V = c.model.vocab_size;
@@ -94,11 +98,12 @@ TEST_P(StreamEquivalence, IncrementalEqualsFullForward) {
   StreamOptions so;
   so.max_seqs = 3;
   so.precision = prec;
-  // BF16: the reference is the BF16 stream's prefill of each whole sequence (all positions),
-  // itself within BF16 rounding of the FP32 full forward (logits of size ~1 here; BF16 keeps 8
-  // significant bits, so products carry relative errors ~2^-9 through a few layers).
-  std::unique_ptr<InferenceStream> whole_st;  // its concept info, for the BF16 check below
-  if (bf16) {
+  // BF16 / int8: the reference is the same stream's prefill of each whole sequence (all
+  // positions), itself within the format's rounding of the FP32 full forward (logits of size ~1
+  // here; BF16 keeps 8 significant bits, so products carry relative errors ~2^-9 through a few
+  // layers; int8 rounds each weight to half a step of its row's max / 127).
+  std::unique_ptr<InferenceStream> whole_st;  // its concept info, for the check below
+  if (coarse) {
     StreamOptions one = so;
     one.max_seqs = 1;
     double vs_fp32 = 0;
@@ -110,14 +115,22 @@ TEST_P(StreamEquivalence, IncrementalEqualsFullForward) {
       want[i] = got;
       if (i == 0) whole_st = std::move(ws);
     }
-    // Measured on these random tiny models (init_std 0.3, logits up to ~4): 1-1.5% of the
+    // Measured on these random tiny models (init_std 0.3, logits up to ~4): BF16 1-1.5% of the
     // largest logit for the baseline, up to 7% for the DLCM (more layers on the token's path,
-    // and the router's p moves with BF16 weights); trained models: docs/inference.md.
+    // and the router's p moves with the rounded weights); int8 (a step of a row's max / 127,
+    // about 5x BF16's rounding for Gaussian weights) 2.6-3.6% and up to 13.4%. Trained models:
+    // docs/inference.md. (The packed products themselves are checked exactly against the
+    // rounded weights in PackedGemm.MatchesLoopAndRowsAreIndependentOfM.)
+    const bool q8 = prec == ops::PackFormat::Q8;
+    const double tol = c.model.is_dlcm() ? (q8 ? 0.2 : 0.1) : (q8 ? 0.06 : 0.025);
     double mag = 0;
     for (float v : want[0]) mag = std::max(mag, double(std::abs(v)));
-    EXPECT_LT(vs_fp32, (c.model.is_dlcm() ? 0.1 : 0.025) * mag)
-        << "BF16 stream against the FP32 full forward";
-    EXPECT_GT(vs_fp32, 1e-6) << "the BF16 stream should not compute in FP32";
+    std::printf("[%s] stream against the FP32 full forward: %.4f of the largest logit\n",
+                ops::pack_format_name(prec), vs_fp32 / mag);
+    EXPECT_LT(vs_fp32, tol * mag)
+        << ops::pack_format_name(prec) << " stream against the FP32 full forward";
+    EXPECT_GT(vs_fp32, 1e-6) << "the " << ops::pack_format_name(prec)
+                             << " stream should not compute in FP32";
   }
   auto st = m->new_stream(so);
   EXPECT_EQ(st->max_len(), 160);
@@ -180,8 +193,8 @@ TEST_P(StreamEquivalence, IncrementalEqualsFullForward) {
   for (float x : want[0]) mag = std::max(mag, double(std::abs(x)));
   EXPECT_GT(mag, 0.5);
   EXPECT_EQ(st->has_concepts(), c.model.is_dlcm());
-  if (st->has_concepts() && bf16) {
-    // the BF16 stream's decisions do not depend on the split either
+  if (st->has_concepts() && coarse) {
+    // the BF16 / int8 stream's decisions do not depend on the split either
     for (i64 t = 0; t < 150; ++t) {
       EXPECT_EQ(st->token_concept(0, t).boundary, whole_st->token_concept(0, t).boundary) << t;
       EXPECT_EQ(st->token_concept(0, t).concept_index, whole_st->token_concept(0, t).concept_index);
@@ -252,11 +265,12 @@ INSTANTIATE_TEST_SUITE_P(Arch, StreamEquivalence,
                                                 dlcm_first_inclusive_rope_replicate},
                                            Case{"dlcm_prefix_mean_inclusive_rope",
                                                 dlcm_prefix_mean_inclusive_rope}),
-                                            ::testing::Values(ops::Precision::FP32,
-                                                              ops::Precision::BF16)),
+                                            ::testing::Values(ops::PackFormat::F32,
+                                                              ops::PackFormat::BF16,
+                                                              ops::PackFormat::Q8)),
                          [](const auto& info) {
                            return std::get<0>(info.param).name + "_" +
-                                  ops::precision_name(std::get<1>(info.param));
+                                  ops::pack_format_name(std::get<1>(info.param));
                          });
 
 // Splitting a sequence differently (one prefill, token by token, chunks) gives the same logits,
@@ -410,42 +424,67 @@ TEST(Stream, PrefixRowsSeeTheRealSequence) {
 }
 
 // The packed products of a stream (kernels/packed_gemm.h) against a plain loop: FP32 on the
-// given operands, BF16 with W rounded to BF16 (x stays FP32); every row of a product is
+// given operands, BF16 with W rounded to BF16, int8 with W quantised per output column (x stays
+// FP32); every row of a product is
 // computed bit for bit the same whatever M is (a step's row equals the same row in a prefill);
 // partial column blocks (N % 64), odd K and alpha; and ops::gemm serves registered weights from
 // the packed copy only inside a PackedScope and up to max_rows rows.
 TEST(PackedGemm, MatchesLoopAndRowsAreIndependentOfM) {
   Rng r(7);
-  for (bool bf16 : {false, true})
+  // every kernel level this CPU runs: the AVX-512 micro-kernels and the portable loop
+  const ops::Isa level0 = ops::isa();
+  for (ops::Isa level : ops::isa_available())
+  for (ops::PackFormat fmt : {ops::PackFormat::F32, ops::PackFormat::BF16, ops::PackFormat::Q8})
     for (auto [N, K] : {std::pair<i64, i64>{37, 19}, {64, 64}, {130, 33}, {200, 256}}) {
+      ops::set_isa(level);
+      SCOPED_TRACE(ops::isa_name(level));
       const i64 M = 8;
       std::vector<float> W(N * K), x(M * K), y(M * N), y1(N);
       for (auto& v : W) v = r.uniform() - 0.5f;
       for (auto& v : x) v = r.uniform() - 0.5f;
       ops::PackedMatrix p;
-      ops::pack_matrix(p, W.data(), N, K, bf16);
+      ops::pack_matrix(p, W.data(), N, K, fmt);
       ops::packed_gemm(y.data(), N, x.data(), K, p, M, 0.5f);
-      auto rd = [&](float v) {
-        if (!bf16) return double(v);
-        uint16_t h;
-        ops::round_to_bf16(&h, &v, 1);
-        return double(ops::bf16_to_float(h));
+      // W as the format stores it: BF16 rounding, or int8 steps of max |W[j][:]| / 127
+      auto rd = [&](i64 j, i64 k) {
+        const float v = W[j * K + k];
+        if (fmt == ops::PackFormat::F32) return double(v);
+        if (fmt == ops::PackFormat::BF16) {
+          uint16_t h;
+          ops::round_to_bf16(&h, &v, 1);
+          return double(ops::bf16_to_float(h));
+        }
+        float amax = 0;
+        for (i64 kk = 0; kk < K; ++kk) amax = std::max(amax, std::abs(W[j * K + kk]));
+        return double(amax / 127.f) * double(std::lrint(v * (127.f / amax)));
       };
-      double err = 0, mag = 0;
+      double err = 0, mag = 0, vs_exact = 0;
       for (i64 i = 0; i < M; ++i)
         for (i64 j = 0; j < N; ++j) {
-          double want = 0;
-          for (i64 k = 0; k < K; ++k) want += double(x[i * K + k]) * rd(W[j * K + k]);
+          double want = 0, exact = 0;
+          for (i64 k = 0; k < K; ++k) {
+            want += double(x[i * K + k]) * rd(j, k);
+            exact += double(x[i * K + k]) * double(W[j * K + k]);
+          }
           err = std::max(err, std::abs(0.5 * want - y[i * N + j]));
+          vs_exact = std::max(vs_exact, std::abs(0.5 * exact - y[i * N + j]));
           mag = std::max(mag, std::abs(want));
         }
-      EXPECT_LT(err, 1e-5) << "bf16 " << bf16 << " N " << N << " K " << K;
+      const char* fn = ops::pack_format_name(fmt);
+      EXPECT_LT(err, 1e-5) << fn << " N " << N << " K " << K;
       EXPECT_GT(mag, 0.5);
+      // a coarse format really rounds W (not FP32 in disguise), and only by its own step
+      if (fmt != ops::PackFormat::F32) {
+        EXPECT_GT(vs_exact, 1e-5) << fn << " N " << N << " K " << K;
+        EXPECT_LT(vs_exact, (fmt == ops::PackFormat::Q8 ? 0.01 : 0.005) * mag) << fn;
+      }
       for (i64 i = 0; i < M; ++i) {  // row i alone: bitwise the same
         ops::packed_gemm(y1.data(), N, x.data() + i * K, K, p, 1, 0.5f);
-        EXPECT_EQ(0, std::memcmp(y1.data(), y.data() + i * N, N * sizeof(float))) << "row " << i;
+        EXPECT_EQ(0, std::memcmp(y1.data(), y.data() + i * N, N * sizeof(float)))
+            << fn << " row " << i;
       }
     }
+  ops::set_isa(level0);
   // the hook in ops::gemm: the packed copy is taken at registration, so changing W afterwards
   // shows which path ran
   const i64 N = 70, K = 24;
@@ -454,7 +493,7 @@ TEST(PackedGemm, MatchesLoopAndRowsAreIndependentOfM) {
   for (auto& v : x) v = r.uniform() - 0.5f;
   ops::linear_forward(old.data(), x.data(), W.data(), 4, K, N);
   ops::PackedWeights pw(3);
-  pw.add(W.data(), N, K, false);
+  pw.add(W.data(), N, K, ops::PackFormat::F32);
   for (auto& v : W) v *= 2;
   ops::linear_forward(now.data(), x.data(), W.data(), 4, K, N);
   {
@@ -476,7 +515,7 @@ TEST(PackedGemm, MatchesLoopAndRowsAreIndependentOfM) {
 // PackedWeights::served learns the order of the products it serves.
 TEST(PackedGemm, StackedPartsEqualSeparateProductsAndPrefetchChangesNothing) {
   Rng r(11);
-  for (bool bf16 : {false, true})
+  for (ops::PackFormat fmt : {ops::PackFormat::F32, ops::PackFormat::BF16, ops::PackFormat::Q8})
     for (i64 M : {1, 7, 26, 130}) {
       const i64 K = 70;
       const std::vector<i64> N = {64, 37, 130};
@@ -490,10 +529,10 @@ TEST(PackedGemm, StackedPartsEqualSeparateProductsAndPrefetchChangesNothing) {
       std::vector<float> x(M * K);
       for (auto& v : x) v = r.uniform() - 0.5f;
       ops::PackedMatrix all, one[3];
-      ops::pack_matrices(all, Wp.data(), N.data(), 3, K, bf16);
+      ops::pack_matrices(all, Wp.data(), N.data(), 3, K, fmt);
       std::vector<std::vector<float>> got(3), want(3), chained(3);
       for (int i = 0; i < 3; ++i) {
-        ops::pack_matrix(one[i], Wp[i], N[i], K, bf16);
+        ops::pack_matrix(one[i], Wp[i], N[i], K, fmt);
         want[i].resize(M * N[i]);
         got[i].resize(M * N[i]);
         chained[i].resize(M * N[i]);
@@ -504,14 +543,15 @@ TEST(PackedGemm, StackedPartsEqualSeparateProductsAndPrefetchChangesNothing) {
       float* yc[3] = {chained[0].data(), chained[1].data(), chained[2].data()};
       ops::packed_gemm_parts(yc, N.data(), x.data(), K, all, M, 0.5f, &one[1]);
       for (int i = 0; i < 3; ++i) {
-        EXPECT_EQ(got[i], want[i]) << "bf16 " << bf16 << " M " << M << " part " << i;
-        EXPECT_EQ(chained[i], want[i]) << "bf16 " << bf16 << " M " << M << " part " << i;
+        const char* fn = ops::pack_format_name(fmt);
+        EXPECT_EQ(got[i], want[i]) << fn << " M " << M << " part " << i;
+        EXPECT_EQ(chained[i], want[i]) << fn << " M " << M << " part " << i;
       }
     }
   ops::PackedWeights pw;
   std::vector<float> a(64 * 8, 0.5f), b(64 * 8, 0.25f);
-  pw.add(a.data(), 64, 8, false);
-  pw.add(b.data(), 64, 8, false);
+  pw.add(a.data(), 64, 8, ops::PackFormat::F32);
+  pw.add(b.data(), 64, 8, ops::PackFormat::F32);
   const ops::PackedMatrix* pa = pw.find(a.data(), 64, 8, 1);
   const ops::PackedMatrix* pb = pw.find(b.data(), 64, 8, 1);
   ASSERT_TRUE(pa && pb);

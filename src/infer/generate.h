@@ -21,7 +21,7 @@ struct GenerateOptions {
   bool stop_at_eos = true;
   i64 max_batch = 8;              // sequences decoded together
   float tau = -1;                 // DLCM boundary threshold (< 0: the config's)
-  ops::Precision precision = ops::Precision::FP32;  // the stream's weights (StreamOptions)
+  ops::PackFormat precision = ops::PackFormat::F32;  // the stream's weights (StreamOptions)
   // Record each generated token's TokenConcept (DLCM). A token's p is known once it has been
   // fed to the model, so the last token of a completion is fed once more when room remains.
   bool concepts = false;

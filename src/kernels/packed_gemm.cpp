@@ -10,6 +10,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cmath>
 
 #include "kernels/gemm.h"
 #include "kernels/isa.h"
@@ -23,6 +24,7 @@ namespace {
 constexpr i64 kNB = 64;     // output columns per block
 constexpr i64 kMRf32 = 6;   // rows per FP32 micro-kernel call (24 accumulators)
 constexpr i64 kMRbf16 = 4;  // rows per BF16 call (16 accumulators + 8 widened W vectors)
+constexpr i64 kMRq8 = 6;    // rows per int8 call (24 accumulators + 4 widened W vectors)
 constexpr i64 kRows = 96;   // rows per parallel tile (a multiple of both)
 
 thread_local const PackedWeights* t_active = nullptr;
@@ -59,26 +61,45 @@ DLCM_PACKED_AVX512 inline void store_block(float* C, const __m512 acc[4], float 
   }
 }
 
-template <int MR>
-DLCM_PACKED_AVX512 void kernel_f32(float* C, i64 ldc, const float* A, i64 lda, const float* pb,
-                                   i64 K, float alpha, i64 n, const Prefetch& prefetch) {
+// acc[i][:] = sum over k of A[i][k] * W[k][:] for the MR rows of one column block, k in order;
+// `load(k, b)` widens step k's 64 weights to FP32 (one loader per packed format).
+template <int MR, class Load>
+DLCM_PACKED_AVX512 inline __attribute__((always_inline)) void accumulate(
+    __m512 (&acc)[MR][4], const float* A, i64 lda, i64 K, const Prefetch& prefetch, Load load) {
   Prefetch pf = prefetch;
-  __m512 acc[MR][4];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_ps();
   for (i64 k = 0; k < K; ++k) {
     pf.step();
-    const float* b = pb + k * kNB;
-    const __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16);
-    const __m512 b2 = _mm512_loadu_ps(b + 32), b3 = _mm512_loadu_ps(b + 48);
+    __m512 b[4];
+    load(k, b);
     for (int i = 0; i < MR; ++i) {
       const __m512 a = _mm512_set1_ps(A[i * lda + k]);
-      acc[i][0] = _mm512_fmadd_ps(a, b0, acc[i][0]);
-      acc[i][1] = _mm512_fmadd_ps(a, b1, acc[i][1]);
-      acc[i][2] = _mm512_fmadd_ps(a, b2, acc[i][2]);
-      acc[i][3] = _mm512_fmadd_ps(a, b3, acc[i][3]);
+      for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_fmadd_ps(a, b[j], acc[i][j]);
     }
   }
+}
+
+struct LoadF32 {
+  const float* pb;
+  DLCM_PACKED_AVX512 inline __attribute__((always_inline)) void operator()(i64 k, __m512 (&b)[4]) const {
+    for (int j = 0; j < 4; ++j) b[j] = _mm512_loadu_ps(pb + k * kNB + 16 * j);
+  }
+};
+struct LoadQ8 {  // int8 -> FP32, exact
+  const int8_t* pb;
+  DLCM_PACKED_AVX512 inline __attribute__((always_inline)) void operator()(i64 k, __m512 (&b)[4]) const {
+    for (int j = 0; j < 4; ++j)
+      b[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(pb + k * kNB + 16 * j))));
+  }
+};
+
+template <int MR>
+DLCM_PACKED_AVX512 void kernel_f32(float* C, i64 ldc, const float* A, i64 lda, const float* pb,
+                                   i64 K, float alpha, i64 n, const Prefetch& prefetch) {
+  __m512 acc[MR][4];
+  accumulate<MR>(acc, A, lda, K, prefetch, LoadF32{pb});
   for (int i = 0; i < MR; ++i) store_block(C + i * ldc, acc[i], alpha, n);
 }
 
@@ -115,6 +136,20 @@ DLCM_PACKED_AVX512 void kernel_bf16w(float* C, i64 ldc, const float* A, i64 lda,
   for (int i = 0; i < MR; ++i) store_block(C + i * ldc, acc[i], alpha, n);
 }
 
+// Weight-only int8: each k's 64 bytes widen to four FP32 vectors (exact); the column scales
+// multiply the sums once at the end, C[c] = alpha * (scale[c] * sum_k A[k] q[k][c]).
+template <int MR>
+DLCM_PACKED_AVX512 void kernel_q8w(float* C, i64 ldc, const float* A, i64 lda, const int8_t* pb,
+                                   const float* scale, i64 K, float alpha, i64 n,
+                                   const Prefetch& prefetch) {
+  __m512 acc[MR][4];
+  accumulate<MR>(acc, A, lda, K, prefetch, LoadQ8{pb});
+  for (int i = 0; i < MR; ++i) {
+    for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_mul_ps(_mm512_loadu_ps(scale + 16 * j), acc[i][j]);
+    store_block(C + i * ldc, acc[i], alpha, n);
+  }
+}
+
 // One block of up to MR rows (no lambdas here: they would not inherit the target attribute).
 DLCM_PACKED_AVX512 void block_f32(float* C, i64 ldc, const float* A, i64 lda, const float* pb,
                                   i64 K, float alpha, i64 n, i64 mr, const Prefetch& pf) {
@@ -138,6 +173,19 @@ DLCM_PACKED_AVX512 void block_bf16w(float* C, i64 ldc, const float* A, i64 lda,
   }
 }
 
+DLCM_PACKED_AVX512 void block_q8w(float* C, i64 ldc, const float* A, i64 lda, const int8_t* pb,
+                                  const float* scale, i64 K, float alpha, i64 n, i64 mr,
+                                  const Prefetch& pf) {
+  switch (mr) {
+    case 6: return kernel_q8w<6>(C, ldc, A, lda, pb, scale, K, alpha, n, pf);
+    case 5: return kernel_q8w<5>(C, ldc, A, lda, pb, scale, K, alpha, n, pf);
+    case 4: return kernel_q8w<4>(C, ldc, A, lda, pb, scale, K, alpha, n, pf);
+    case 3: return kernel_q8w<3>(C, ldc, A, lda, pb, scale, K, alpha, n, pf);
+    case 2: return kernel_q8w<2>(C, ldc, A, lda, pb, scale, K, alpha, n, pf);
+    default: return kernel_q8w<1>(C, ldc, A, lda, pb, scale, K, alpha, n, pf);
+  }
+}
+
 }  // namespace isa_avx512
 
 // Portable block: the same order of k, FP32 arithmetic.
@@ -156,11 +204,24 @@ void block_ref(float* C, i64 ldc, const float* A, i64 lda, i64 mr, i64 K, float 
 
 bool packed_gemm_native() { return isa() == Isa::Avx512; }
 
+PackFormat parse_pack_format(const std::string& s, const std::string& what) {
+  if (s == "fp32") return PackFormat::F32;
+  if (s == "bf16") return PackFormat::BF16;
+  if (s == "int8") return PackFormat::Q8;
+  fail(what, ": expected \"fp32\", \"bf16\" or \"int8\" (weight-only, per-column scales), got \"",
+       s, "\"");
+}
+
+const char* pack_format_name(PackFormat f) {
+  return f == PackFormat::BF16 ? "bf16" : f == PackFormat::Q8 ? "int8" : "fp32";
+}
+
 void pack_matrices(PackedMatrix& p, const float* const* W, const i64* N, int n, i64 K,
-                   bool bf16) {
+                   PackFormat fmt) {
+  const bool bf16 = fmt == PackFormat::BF16, q8 = fmt == PackFormat::Q8;
   DLCM_CHECK(n >= 1, "internal: pack_matrices without a matrix");
   p.K = K;
-  p.bf16 = bf16;
+  p.fmt = fmt;
   p.Kp = bf16 ? (K + 1) / 2 * 2 : K;
   p.parts.assign(N, N + n);
   p.part_blk0.assign(1, 0);
@@ -172,16 +233,31 @@ void pack_matrices(PackedMatrix& p, const float* const* W, const i64* N, int n, 
   p.Np = p.part_blk0.back() * kNB;
   p.f.clear();
   p.h.clear();
-  if (!bf16)
-    p.f.assign(p.Np * K, 0.f);
-  else
+  p.q.clear();
+  p.qscale.clear();
+  if (bf16) {
     p.h.assign(p.Np * p.Kp, 0);
+  } else if (q8) {
+    p.q.assign(p.Np * K, 0);
+    p.qscale.assign(p.Np, 0.f);
+  } else {
+    p.f.assign(p.Np * K, 0.f);
+  }
   std::vector<uint16_t> row(bf16 ? K : 0);
   for (int i = 0; i < n; ++i)
     for (i64 c = 0; c < N[i]; ++c) {
       const i64 pc = p.part_blk0[i] * kNB + c;  // the column in the packed layout
       const float* w = W[i] + c * K;
-      if (!bf16) {
+      if (q8) {
+        // symmetric, one scale per output column: q = round(w / s) in [-127, 127]
+        float amax = 0;
+        for (i64 k = 0; k < K; ++k) amax = std::max(amax, std::abs(w[k]));
+        const float sc = amax / 127.f, inv = amax > 0 ? 127.f / amax : 0.f;
+        p.qscale[pc] = sc;
+        int8_t* dst = p.q.data() + (pc / kNB) * K * kNB + pc % kNB;
+        for (i64 k = 0; k < K; ++k)
+          dst[k * kNB] = int8_t(std::clamp(std::lrint(w[k] * inv), -127L, 127L));
+      } else if (!bf16) {
         float* dst = p.f.data() + (pc / kNB) * K * kNB + pc % kNB;
         for (i64 k = 0; k < K; ++k) dst[k * kNB] = w[k];
       } else {
@@ -192,18 +268,23 @@ void pack_matrices(PackedMatrix& p, const float* const* W, const i64* N, int n, 
     }
 }
 
-void pack_matrix(PackedMatrix& p, const float* W, i64 N, i64 K, bool bf16) {
-  pack_matrices(p, &W, &N, 1, K, bf16);
+void pack_matrix(PackedMatrix& p, const float* W, i64 N, i64 K, PackFormat fmt) {
+  pack_matrices(p, &W, &N, 1, K, fmt);
 }
 
 namespace {
 // Bytes of one column block's panel.
 i64 panel_bytes(const PackedMatrix& p) {
-  return p.bf16 ? p.Kp * kNB * i64(sizeof(uint16_t)) : p.K * kNB * i64(sizeof(float));
+  switch (p.fmt) {
+    case PackFormat::BF16: return p.Kp * kNB * i64(sizeof(uint16_t));
+    case PackFormat::Q8: return p.K * kNB;
+    default: return p.K * kNB * i64(sizeof(float));
+  }
 }
 const char* panel(const PackedMatrix& p, i64 blk) {
-  const char* base = p.bf16 ? reinterpret_cast<const char*>(p.h.data())
-                            : reinterpret_cast<const char*>(p.f.data());
+  const char* base = p.fmt == PackFormat::BF16 ? reinterpret_cast<const char*>(p.h.data())
+                     : p.fmt == PackFormat::Q8 ? reinterpret_cast<const char*>(p.q.data())
+                                               : reinterpret_cast<const char*>(p.f.data());
   return base + blk * panel_bytes(p);
 }
 }  // namespace
@@ -211,7 +292,7 @@ const char* panel(const PackedMatrix& p, i64 blk) {
 void packed_gemm_parts(float* const* C, const i64* ldc, const float* A, i64 lda,
                        const PackedMatrix& p, i64 M, float alpha, const PackedMatrix* next) {
   const i64 K = p.K, Kp = p.Kp, nb = p.Np / kNB;
-  const i64 MR = p.bf16 ? kMRbf16 : kMRf32;
+  const i64 MR = p.fmt == PackFormat::BF16 ? kMRbf16 : p.fmt == PackFormat::Q8 ? kMRq8 : kMRf32;
   const bool avx512 = packed_gemm_native();
   // tiles of (up to kRows rows, one column block), so that narrow products with many rows
   // also split across threads; a column block's tiles are consecutive (its panel stays in
@@ -220,7 +301,7 @@ void packed_gemm_parts(float* const* C, const i64* ldc, const float* A, i64 lda,
   const bool par = !omp_in_parallel() && tiles > 1 && 2.0 * M * p.N * K >= double(1 << 18);
   // the micro-kernel calls of a panel share the prefetch of the one after it (of `next`'s
   // first panel after the last)
-  const i64 steps = p.bf16 ? Kp / 2 : K;
+  const i64 steps = p.fmt == PackFormat::BF16 ? Kp / 2 : K;
   const i64 calls = (nr - 1) * (kRows / MR) + (M - (nr - 1) * kRows + MR - 1) / MR;
   // Only where a panel serves several calls (more rows than one micro-kernel call takes): a
   // panel read once (decode's few rows) is one sequential stream that the hardware prefetcher
@@ -253,7 +334,17 @@ void packed_gemm_parts(float* const* C, const i64* ldc, const float* A, i64 lda,
         pf.left = l1 - l0;
         pf.per_step = (pf.left + steps - 1) / steps;
       }
-      if (!p.bf16) {
+      if (p.fmt == PackFormat::Q8) {
+        const int8_t* pb = p.q.data() + blk * K * kNB;
+        const float* sc = p.qscale.data() + blk * kNB;
+        if (avx512) {
+          isa_avx512::block_q8w(Cb, ld, Ab, lda, pb, sc, K, alpha, n, mr, pf);
+        } else {
+          block_ref(Cb, ld, Ab, lda, mr, K, 1.f, n, [&](i64 k, i64 c) { return float(pb[k * kNB + c]); });
+          for (i64 i = 0; i < mr; ++i)
+            for (i64 c = 0; c < n; ++c) Cb[i * ld + c] = alpha * (sc[c] * Cb[i * ld + c]);
+        }
+      } else if (p.fmt == PackFormat::F32) {
         const float* pb = p.f.data() + blk * K * kNB;
         if (avx512)
           isa_avx512::block_f32(Cb, ld, Ab, lda, pb, K, alpha, n, mr, pf);
@@ -279,8 +370,8 @@ void packed_gemm(float* C, i64 ldc, const float* A, i64 lda, const PackedMatrix&
   packed_gemm_parts(&C, &ldc, A, lda, p, M, alpha, next);
 }
 
-void PackedWeights::add(const float* W, i64 N, i64 K, bool bf16) {
-  pack_matrix(mats_[W], W, N, K, bf16);
+void PackedWeights::add(const float* W, i64 N, i64 K, PackFormat fmt) {
+  pack_matrix(mats_[W], W, N, K, fmt);
 }
 
 const PackedMatrix* PackedWeights::served(const PackedMatrix* p) const {
@@ -296,10 +387,11 @@ const PackedMatrix* PackedWeights::find(const float* W, i64 N, i64 K, i64 M) con
   return &it->second;
 }
 
-void PackedWeights::add_group(const float* const* W, const i64* N, int n, i64 K, bool bf16) {
+void PackedWeights::add_group(const float* const* W, const i64* N, int n, i64 K,
+                              PackFormat fmt) {
   Group& g = groups_[W[0]];
   g.srcs.assign(W, W + n);
-  pack_matrices(g.mat, W, N, n, K, bf16);
+  pack_matrices(g.mat, W, N, n, K, fmt);
 }
 
 const PackedMatrix* PackedWeights::find_group(const float* const* W, const i64* N, int n, i64 K,
@@ -314,10 +406,13 @@ const PackedMatrix* PackedWeights::find_group(const float* const* W, const i64* 
 }
 
 i64 PackedWeights::bytes() const {
+  auto of = [](const PackedMatrix& p) {
+    return i64(p.f.size() * sizeof(float) + p.h.size() * sizeof(uint16_t) + p.q.size() +
+               p.qscale.size() * sizeof(float));
+  };
   i64 b = 0;
-  for (auto& [w, p] : mats_) b += i64(p.f.size() * sizeof(float) + p.h.size() * sizeof(uint16_t));
-  for (auto& [w, g] : groups_)
-    b += i64(g.mat.f.size() * sizeof(float) + g.mat.h.size() * sizeof(uint16_t));
+  for (auto& [w, p] : mats_) b += of(p);
+  for (auto& [w, g] : groups_) b += of(g.mat);
   return b;
 }
 

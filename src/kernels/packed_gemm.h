@@ -4,13 +4,16 @@
 // A product y[M, N] = alpha * x[M, K] W^T with W[N, K] in PyTorch layout and M small is bound by
 // reading W: a general GEMM repacks W's panels on every call (oneDNN sgemm does), which costs as
 // much as the arithmetic when M is a few dozen rows or less. A PackedMatrix holds W once in
-// the layout the micro-kernel streams: blocks of 64 output columns, [N/64][K][64] in FP32, or
+// the layout the micro-kernel streams: blocks of 64 output columns, [N/64][K][64] in FP32,
 // weight-only BF16 [N/64][Kp/2][64][2] (pairs of consecutive k per column; half the bytes to
-// read, widened to FP32 exactly in registers). x stays FP32 and every product accumulates in
-// FP32, so BF16 changes only W's rounding (relative 2^-9) and a row's result is a continuous
-// function of x: streaming results stay split-independent to FP32 rounding. (Rounding x to
-// BF16 as well, for AVX512-BF16 dot products, turns FP32 rounding differences of x between a
-// prefill and a step into BF16 steps of 2^-9 and breaks that.)
+// read, widened to FP32 exactly in registers), or weight-only int8 [N/64][K][64] with one FP32
+// scale per output column (symmetric, scale = max |W[c][:]| / 127; a quarter of the bytes,
+// widened to FP32 in registers, the scale applied to the column's sum). x stays FP32 and every
+// product accumulates in FP32, so BF16 / int8 change only W's rounding (relative 2^-9 / half a
+// step of max|row| / 127) and a row's result is a continuous function of x: streaming results
+// stay split-independent to FP32 rounding. (Rounding x to BF16 or int8 as well, for
+// AVX512-BF16 or VNNI dot products, turns FP32 rounding differences of x between a prefill and
+// a step into steps of the coarse format and breaks that.)
 //
 // PackedWeights maps weight pointers to their packed copies; while a PackedScope is active on a
 // thread, ops::gemm on that thread sends every product it can serve (x W^T with a registered
@@ -18,6 +21,7 @@
 // owner re-registers (or drops the table) when the weights change.
 #pragma once
 #include <cstdint>
+#include <string>
 #include <unordered_map>
 #include <vector>
 
@@ -25,27 +29,35 @@
 
 namespace dlcm::ops {
 
+// The format of a packed copy's weights (a stream's "precision": fp32 | bf16 | int8).
+enum class PackFormat : uint8_t { F32, BF16, Q8 };
+// "fp32" | "bf16" | "int8"; anything else throws naming `what` (e.g. "--precision").
+PackFormat parse_pack_format(const std::string& s, const std::string& what);
+const char* pack_format_name(PackFormat f);
+
 struct PackedMatrix {
   i64 N = 0, K = 0;  // W[N, K]
-  bool bf16 = false;
+  PackFormat fmt = PackFormat::F32;
   i64 Np = 0, Kp = 0;  // N rounded up to 64 (each part's); K rounded up to 2 (BF16)
   // Several matrices of the same K stacked (pack_matrices): the N of each, and the first
   // column block of each (part_blk0[i], with a last entry nb); one entry for a plain W.
   std::vector<i64> parts, part_blk0;
   Buf f;                       // FP32 [Np/64][K][64]
   std::vector<uint16_t> h;     // BF16 [Np/64][Kp/2][64][2]
+  std::vector<int8_t> q;       // int8 [Np/64][K][64]
+  std::vector<float> qscale;   // int8: W[c][k] ~ qscale[c] * q (packed column order, [Np])
   // The matrix of the product that came after this one the last time (PackedWeights::served):
   // its first panel is prefetched while this product finishes.
   mutable const PackedMatrix* next = nullptr;
 };
 
 // Packs W[N, K] (row stride K); padding columns and k are zero.
-void pack_matrix(PackedMatrix& p, const float* W, i64 N, i64 K, bool bf16);
+void pack_matrix(PackedMatrix& p, const float* W, i64 N, i64 K, PackFormat fmt);
 // Packs n matrices W[i][N[i], K] of one input width into one, each from a fresh column block:
 // products of one input (q/k/v, w1/w3) run as one call (packed_gemm_parts), one pass over
 // the rows and one parallel region instead of n.
 void pack_matrices(PackedMatrix& p, const float* const* W, const i64* N, int n, i64 K,
-                   bool bf16);
+                   PackFormat fmt);
 // Whether the AVX-512 micro-kernels were compiled in (else a portable loop, correct but slower
 // than sgemm: streams then keep FP32 products on the general GEMM).
 bool packed_gemm_native();
@@ -68,11 +80,11 @@ class PackedWeights {
   PackedWeights(const PackedWeights&) = delete;  // the matrices point at each other
   PackedWeights& operator=(const PackedWeights&) = delete;
   // Registers (or re-packs) W[N, K].
-  void add(const float* W, i64 N, i64 K, bool bf16);
+  void add(const float* W, i64 N, i64 K, PackFormat fmt);
   // The packed copy serving x[M, K] W^T, or nullptr.
   const PackedMatrix* find(const float* W, i64 N, i64 K, i64 M) const;
   // Registers the stacked copy of W[0..n) (pack_matrices), and finds it for x[M, K] W[i]^T.
-  void add_group(const float* const* W, const i64* N, int n, i64 K, bool bf16);
+  void add_group(const float* const* W, const i64* N, int n, i64 K, PackFormat fmt);
   const PackedMatrix* find_group(const float* const* W, const i64* N, int n, i64 K,
                                  i64 M) const;
   // Records that p serves the current product (after the one served before it) and returns

@@ -12,9 +12,10 @@ i64 InferenceStream::length(i64 seq) const {
 }
 
 void InferenceStream::pack_weights(const ParamStore& ps, const StreamOptions& o) {
-  const bool bf16 = o.precision == ops::Precision::BF16;
-  // FP32 copies only pay with the AVX-512 kernel; BF16 needs the copies whatever runs them
-  const i64 rows = bf16                         ? i64(1) << 40
+  const ops::PackFormat fmt = o.precision;
+  // FP32 copies only pay with the AVX-512 kernel; BF16 and int8 need the copies whatever runs
+  // them
+  const i64 rows = fmt != ops::PackFormat::F32  ? i64(1) << 40
                    : !ops::packed_gemm_native() ? 0
                    : o.packed_rows < 0          ? kPackedRowsDefault
                                                 : o.packed_rows;
@@ -44,7 +45,7 @@ void InferenceStream::pack_weights(const ParamStore& ps, const StreamOptions& o)
       W.push_back(q->w);
       N.push_back(q->shape[0]);
     }
-    packed_->add_group(W.data(), N.data(), int(W.size()), K, bf16);
+    packed_->add_group(W.data(), N.data(), int(W.size()), K, fmt);
     grouped.insert(W.begin(), W.end());
   };
   for (const Param& p : ps.params()) {
@@ -65,7 +66,7 @@ void InferenceStream::pack_weights(const ParamStore& ps, const StreamOptions& o)
   }
   for (const Param& p : ps.params())
     if (p.shape.size() == 2 && !grouped.count(p.w))
-      packed_->add(p.w, p.shape[0], p.shape[1], bf16);
+      packed_->add(p.w, p.shape[0], p.shape[1], fmt);
 }
 
 StreamCounters InferenceStream::counters(i64 seq) const {

@@ -31,12 +31,13 @@ struct StreamOptions {
   i64 max_len = 0;   // tokens per slot (0 = the model's max_seq_len; never more)
   float tau = -1;    // DLCM boundary threshold (< 0: the config's router.tau)
   // Weights of the stream's products (kernels/packed_gemm.h): FP32 copies packed for products
-  // of few rows, or BF16 copies (the "bf16" decode path: every weight product of the stream in
-  // BF16 with FP32 accumulation, whatever its row count; the rest of the arithmetic stays FP32).
-  ops::Precision precision = ops::Precision::FP32;
+  // of few rows, or BF16 / int8 copies (the "bf16" and "int8" decode paths: every weight
+  // product of the stream from weight-only BF16 or per-column-scaled int8 copies with FP32
+  // accumulation, whatever its row count; the rest of the arithmetic stays FP32).
+  ops::PackFormat precision = ops::PackFormat::F32;
   // FP32: products of at most this many rows use the packed copies, larger ones the general
   // GEMM (-1: kPackedRowsDefault; 0: no copies; none either where the AVX-512 kernel is not
-  // compiled in, ops::packed_gemm_native()). Ignored with BF16.
+  // compiled in, ops::packed_gemm_native()). Ignored with BF16 and int8.
   i64 packed_rows = -1;
 };
 // Rows up to which the stream's FP32 products use the packed kernel: on the development

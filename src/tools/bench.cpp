@@ -636,6 +636,57 @@ int cmd_bench_train(const BenchTrainArgs& a) {
   return 0;
 }
 
+// The quality of each weight format's stream on trained weights: validation windows of the
+// model's max_seq_len tokens prefilled in one call (all positions' logits), their mean CE and
+// how often the argmax matches the first format's. The decode figures say how fast a format
+// is; these say what it costs.
+static void stream_quality(LanguageModel& m, Config cfg, const std::string& data, i64 windows,
+                    const std::vector<ops::PackFormat>& precs) {
+  const i64 L = m.config().max_seq_len, V = m.config().vocab_size;
+  cfg.train.seq_len = L;
+  TrainData d = open_train_data(data, cfg);
+  DLCM_CHECK(d.val_count, "bench decode --data ", data, ": no validation split (val.bin)");
+  const i64 n = std::min(windows, d.val_count(1, L));
+  std::vector<i32> tk(L), tg(L);
+  std::vector<std::vector<i32>> argmax(precs.size());
+  std::printf("stream quality: %lld validation windows of %lld tokens from %s\n", (long long)n,
+              (long long)L, data.c_str());
+  double ce0 = 0;
+  for (size_t pi = 0; pi < precs.size(); ++pi) {
+    StreamOptions so;
+    so.precision = precs[pi];
+    auto st = m.new_stream(so);
+    Buf lg(L * V);
+    double ce = 0;
+    i64 count = 0, agree = 0;
+    for (i64 w = 0; w < n; ++w) {
+      d.val_batch(w, 1, L, tk.data(), tg.data());
+      st->reset(0);
+      st->prefill(0, tk.data(), L, lg.data(), true);
+      for (i64 t = 0; t < L; ++t) {
+        const float* l = lg.data() + t * V;
+        const i32 am = i32(std::max_element(l, l + V) - l);
+        if (pi == 0) argmax[0].push_back(am);
+        else agree += am == argmax[0][w * L + t];
+        if (tg[t] < 0) continue;
+        const float mx = l[am];
+        double s = 0;
+        for (i64 v = 0; v < V; ++v) s += std::exp(double(l[v] - mx));
+        ce += std::log(s) + mx - l[tg[t]];
+        ++count;
+      }
+    }
+    ce /= std::max<i64>(count, 1);
+    if (pi == 0) ce0 = ce;
+    std::printf("[%s] validation CE through the stream: %.4f nats", ops::pack_format_name(precs[pi]), ce);
+    if (pi > 0)
+      std::printf(" (%+.4f against [%s]; argmax agrees on %.2f%% of %lld positions)",
+                  ce - ce0, ops::pack_format_name(precs[0]),
+                  100.0 * double(agree) / double(argmax[0].size()), (long long)argmax[0].size());
+    std::printf("\n");
+  }
+}
+
 // `dlcm bench decode`: greedy decoding of `batch` copies of a random prompt, once with the
 // streaming caches (prefill + one step per token) and once recomputing the whole prefix every
 // step (LanguageModel::logits over all positions, as generation did before the caches). Both
@@ -676,11 +727,15 @@ int cmd_bench_decode(const BenchDecodeArgs& a) {
     i64 s0 = 0;
     st->step(&s0, prompt.data() + 1, 1, lg.data());
   }
-  std::vector<ops::Precision> precs;
-  for (const std::string& p : a.precisions) precs.push_back(ops::parse_precision(p, "--precision"));
-  DLCM_CHECK(!precs.empty(), "bench decode: --precision needs fp32 and/or bf16");
+  std::vector<ops::PackFormat> precs;
+  for (const std::string& p : a.precisions) precs.push_back(ops::parse_pack_format(p, "--precision"));
+  DLCM_CHECK(!precs.empty(), "bench decode: --precision needs one or more of fp32, bf16, int8");
+  DLCM_CHECK(a.data.empty() || !a.ckpt.empty(),
+             "bench decode: --data measures a trained model's quality; give --ckpt too");
+  if (!a.data.empty()) stream_quality(*m, load_checkpoint_config(resolve_checkpoint(a.ckpt)), a.data,
+                                      a.val_windows, precs);
   const i64 NP = precs.size();
-  std::vector<std::vector<double>> cached_rates(NP), prefill_rates(NP);
+  std::vector<std::vector<double>> cached_rates(NP), prefill_rates(NP), idle_rates(NP);
   std::vector<double> recompute_rates;
   std::vector<std::vector<i32>> gen_cached(NP);
   std::vector<i32> gen_recompute;
@@ -707,12 +762,15 @@ int cmd_bench_decode(const BenchDecodeArgs& a) {
       st->prefill(items.data(), B, lg.data());
       prefill_rates[pi].push_back(double(B * P) / secs(t0));
       t0 = clk::now();
+      const auto th0 = bench::thread_cpu_seconds();
       for (i64 t = 0; t < T; ++t) {
         for (i64 b = 0; b < B; ++b) next[b] = argmax(lg.data() + b * V);
         gen_cached[pi].push_back(next[0]);
         if (t + 1 < T) st->step(seqs.data(), next.data(), B, lg.data());
       }
       cached_rates[pi].push_back(double(B * T) / secs(t0));
+      const double busy = bench::busiest_thread_seconds(th0, bench::thread_cpu_seconds());
+      idle_rates[pi].push_back(double(B * T) / std::max(busy, 1e-9));
     }
 
     // Recompute: the whole prefix of every sequence each step.
@@ -737,17 +795,18 @@ int cmd_bench_decode(const BenchDecodeArgs& a) {
     i64 agree = 0;
     while (agree < T && gen_cached[pi][agree] == gen_recompute[agree]) ++agree;
     const double c = bench::median(cached_rates[pi]);
-    const char* pn = ops::precision_name(precs[pi]);
+    const char* pn = ops::pack_format_name(precs[pi]);
     std::printf("[%s] prefill (cached)       : %10.1f tokens/s\n", pn,
                 bench::median(prefill_rates[pi]));
-    std::printf("[%s] decode with caches     : %10.1f tokens/s  (%.2f ms per step)\n", pn, c,
-                1e3 * B / c);
+    std::printf("[%s] decode with caches     : %10.1f tokens/s  (%.2f ms per step; idle %.1f "
+                "tokens/s: per busiest-thread CPU-second)\n",
+                pn, c, 1e3 * B / c, bench::median(idle_rates[pi]));
     std::printf("[%s] speed-up of the caches : %.2fx   (median of %lld repeats; greedy tokens agree "
                 "with the fp32 recompute for %lld of %lld)\n",
                 pn, c / rc, (long long)a.repeats, (long long)agree, (long long)T);
     if (pi > 0)
       std::printf("[%s] decode tokens/s against [%s]: %.2fx\n", pn,
-                  ops::precision_name(precs[0]), c / bench::median(cached_rates[0]));
+                  ops::pack_format_name(precs[0]), c / bench::median(cached_rates[0]));
   }
   return 0;
 }

@@ -254,7 +254,7 @@ int cmd_generate(const GenerateArgs& a) {
   o.stop_at_eos = !a.ignore_eos;
   o.max_batch = a.batch;
   o.tau = float(a.tau);
-  o.precision = ops::parse_precision(a.precision, "--precision");
+  o.precision = ops::parse_pack_format(a.precision, "--precision");
   o.prompt_names = names;
   const bool concepts = a.show_concepts && m->config().is_dlcm();
   o.concepts = concepts;

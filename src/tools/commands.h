@@ -67,7 +67,7 @@ struct GenerateArgs {
   std::vector<std::string> stops;
   i64 batch = 8;             // prompts decoded together
   double tau = -1;           // dlcm boundary threshold (< 0: the checkpoint's)
-  std::string precision = "fp32";  // the stream's weights: fp32 | bf16 (StreamOptions)
+  std::string precision = "fp32";  // the stream's weights: fp32 | bf16 | int8 (StreamOptions)
   bool show_concepts = false, ignore_eos = false, quiet = false;
   bool ids = false;  // print token ids, not text: "PROMPT_IDS -> COMPLETION_IDS" per prompt
   bool json = false;  // one JSON object per completion on stdout
@@ -92,6 +92,10 @@ struct BenchDecodeArgs {
   std::vector<std::string> sets;
   i64 prompt_len = 128, new_tokens = 128, batch = 1, repeats = 1;
   std::vector<std::string> precisions = {"fp32"};  // the cached decode in each, side by side
+  // With --ckpt: the quality of each precision's stream on the first val_windows validation
+  // windows of this prepared folder (CE, and argmax agreement with the first precision).
+  std::string data;
+  i64 val_windows = 16;
 };
 // Decode tokens/s with the streaming caches against recomputing the whole prefix each step.
 int cmd_bench_decode(const BenchDecodeArgs& a);

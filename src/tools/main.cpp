@@ -74,7 +74,7 @@ int main(int argc, char** argv) {
   gen->add_option("--seed", ga.seed, "sampling seed (same seed, same text)");
   gen->add_option("--stop", ga.stops, "stop before this string (repeatable)");
   gen->add_option("--batch", ga.batch, "prompts decoded together")->check(CLI::Range(1, 4096));
-  gen->add_option("--precision", ga.precision, "weights of the decode: fp32, or bf16 copies (AVX512-BF16 dot products, FP32 accumulation)");
+  gen->add_option("--precision", ga.precision, "weights of the decode: fp32, or weight-only bf16 or int8 copies (per-column scales; FP32 activations and accumulation)");
   gen->add_option("--tau", ga.tau, "dlcm boundary threshold (default: the checkpoint's router.tau)");
   gen->add_flag("--show-concepts", ga.show_concepts, "print each generated token's boundary probability and concept index (dlcm)");
   gen->add_flag("--ignore-eos", ga.ignore_eos, "keep generating after the end-of-sequence token");
@@ -189,7 +189,9 @@ int main(int argc, char** argv) {
   bdec->add_option("--new-tokens", bd.new_tokens, "generated tokens per sequence")->check(CLI::Range(1, 1 << 20));
   bdec->add_option("--batch", bd.batch, "sequences decoded together")->check(CLI::Range(1, 4096));
   bdec->add_option("--repeats", bd.repeats, "repeats (median reported)")->check(CLI::Range(1, 100));
-  bdec->add_option("--precision", bd.precisions, "fp32 and/or bf16 weights for the cached decode, side by side")->delimiter(',');
+  bdec->add_option("--precision", bd.precisions, "fp32, bf16 and/or int8 weights for the cached decode, side by side")->delimiter(',');
+  bdec->add_option("--data", bd.data, "prepared data folder: also report each precision's validation CE through its stream (needs --ckpt)");
+  bdec->add_option("--val-windows", bd.val_windows, "validation windows of max_seq_len tokens for --data")->check(CLI::Range(1, 100000));
   add_threads(bdec);
 
   BenchPrefillArgs bp;
