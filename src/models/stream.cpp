@@ -1,6 +1,5 @@
 #include "models/stream.h"
 
-#include <cstring>
 #include <string>
 #include <unordered_set>
 
@@ -48,21 +47,22 @@ void InferenceStream::pack_weights(const ParamStore& ps, const StreamOptions& o)
     packed_->add_group(W.data(), N.data(), int(W.size()), K, fmt);
     grouped.insert(W.begin(), W.end());
   };
+  auto prefix_of = [](const std::string& name, const std::string& last) {
+    return name.substr(0, name.size() - last.size());
+  };
   for (const Param& p : ps.params()) {
     if (p.shape.size() != 2) continue;
-    for (const char* last : {"wq.weight", "w1.weight"})
-      if (ends_with(p.name, last)) {
-        const std::string prefix = p.name.substr(0, p.name.size() - std::strlen(last));
-        if (last[1] == '1') {
-          group(prefix, {"w1.weight", "w3.weight"});
-        } else if (ends_with(prefix, ".attn.")) {  // a transformer block (block_qkv)
-          group(prefix, {"wq.weight", "wk.weight", "wv.weight"});
-        } else if (!ps.find(prefix + "wv.weight")) {  // the router
-          group(prefix, {"wq.weight", "wk.weight"});
-        } else {  // the cross-attention: k/v of the concept list (kv_forward)
-          group(prefix, {"wk.weight", "wv.weight"});
-        }
-      }
+    if (ends_with(p.name, "w1.weight")) {  // an FFN
+      group(prefix_of(p.name, "w1.weight"), {"w1.weight", "w3.weight"});
+    } else if (ends_with(p.name, "wq.weight")) {
+      const std::string prefix = prefix_of(p.name, "wq.weight");
+      if (ends_with(prefix, ".attn."))  // a transformer block (block_qkv)
+        group(prefix, {"wq.weight", "wk.weight", "wv.weight"});
+      else if (!ps.find(prefix + "wv.weight"))  // the router
+        group(prefix, {"wq.weight", "wk.weight"});
+      else  // the cross-attention: k/v of the concept list (kv_forward)
+        group(prefix, {"wk.weight", "wv.weight"});
+    }
   }
   for (const Param& p : ps.params())
     if (p.shape.size() == 2 && !grouped.count(p.w))
