@@ -9,7 +9,9 @@
 #
 # Phases (each run trains into its own folder; finished runs are skipped, interrupted ones
 # resume with `dlcm train --resume`, so re-running the same command picks up where it stopped):
-#   lr        3-point learning-rate sweep (1e-3, 2e-3, 4e-3) per architecture at --short-steps
+#   lr        3-point learning-rate sweep (1e-3, 2e-3, 4e-3) at --short-steps of the baseline,
+#             mean_shifted, the chosen design and its no-path control (the main phase uses each
+#             design's best; a design without a sweep takes mean_shifted's or the baseline's)
 #   design    every design of SPEC 4.9 (or those of --designs) at --short-steps, each followed by a full-validation
 #             `dlcm eval --concept-usage` (delta CE with concepts nulled and shuffled, |Wo att|/|H|)
 #   main      the chosen design (--design) vs the baseline vs the two controls (DLCM without its
