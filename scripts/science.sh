@@ -28,7 +28,7 @@ cd "$(dirname "$0")/.."
 DATA="" OUT=runs/science BIN=${BUILD_DIR:-build}/dlcm PHASE=all DRY=0 TRAIN_ONLY=0
 ONLY="" SHORT=300 MAIN=2500 ABL=1250 SEEDS="1 2 3" DESIGN="first_incl_w16" LR="" PREC=bf16 THREADS=""
 EXTRA_SETS=()
-usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 while (($#)); do
   case "$1" in
     --data) DATA=$2; shift 2 ;;
