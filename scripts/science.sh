@@ -18,7 +18,8 @@
 #             concept path; baseline with the DLCM's token-path extras), one run per seed, at
 #             --main-steps (default 2500 x 8 x 256 = 5.1M tokens)
 #   ablations section 3's ablations of the chosen design at one seed, --ablation-steps
-#             (default 1250 = 2.6M tokens)
+#             (default 1250 = 2.6M tokens); a switch the design already has on is turned off
+#             instead, a value it already has is skipped
 # Every run ends with a full pass over the validation split (no subset), written to eval.json
 # (--train-only: train now, evaluate on a later run of the same command).
 # Tables: `python3 scripts/science_report.py --out DIR` (markdown, docs/science.md).
@@ -28,7 +29,7 @@ cd "$(dirname "$0")/.."
 DATA="" OUT=runs/science BIN=${BUILD_DIR:-build}/dlcm PHASE=all DRY=0 TRAIN_ONLY=0
 ONLY="" SHORT=300 MAIN=2500 ABL=1250 SEEDS="1 2 3" DESIGN="first_incl_w16" LR="" PREC=bf16 THREADS=""
 EXTRA_SETS=()
-usage() { sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 while (($#)); do
   case "$1" in
     --data) DATA=$2; shift 2 ;;
