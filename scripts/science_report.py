@@ -14,6 +14,7 @@ import glob
 import json
 import math
 import os
+import re
 import statistics
 import sys
 
@@ -103,6 +104,36 @@ def main_table(runs):
     return "\n".join(rows)
 
 
+def split_seed(name):
+    """("sg_incl_rope_w2", "3") for "sg_incl_rope_w2_s3"; (name, None) without a seed suffix."""
+    base, _, seed = name.rpartition("_s")
+    return (base, seed) if base and seed.isdigit() else (name, None)
+
+
+def paired_table(runs, design):
+    """The chosen design's validation loss minus every other main-phase design's, paired by
+    seed (only seeds both have): mean +/- sample std and the per-seed differences."""
+    by = {}
+    for r in runs:
+        base, seed = split_seed(r["name"])
+        e = r.get("eval")
+        if seed is not None and e and e.get("val_loss") is not None:
+            by.setdefault(base, {})[seed] = e["val_loss"]
+    if design not in by:
+        return None
+    rows = [f"| {design} minus | seeds | val loss difference, mean +/- std | per seed |",
+            "|---|---|---|---|"]
+    for g in sorted(by):
+        common = sorted(set(by[g]) & set(by[design]), key=int)
+        if g == design or not common:
+            continue
+        d = [by[design][k] - by[g][k] for k in common]
+        sd = f" +/- {statistics.stdev(d):.4f}" if len(d) > 1 else ""
+        per = ", ".join(f"s{k} {x:+.4f}" for k, x in zip(common, d))
+        rows.append(f"| {g} | {len(d)} | {statistics.mean(d):+.4f}{sd} | {per} |")
+    return "\n".join(rows)
+
+
 def curves_svg(runs, path, key="ce", w=720, h=420):
     """Training CE against tokens for several runs, one polyline each, with a legend."""
     series = []
@@ -173,6 +204,9 @@ def main():
     ap.add_argument("--out", default="runs/science")
     ap.add_argument("--svg", help="folder for learning-curve SVGs (one per phase)")
     ap.add_argument("--best-lr", metavar="DESIGN", help="a science.sh design name (or dlcm)")
+    ap.add_argument("--design", help="main phase: also list its runs one by one, the design's "
+                    "loss minus every other design's paired by seed, and draw only the design, "
+                    "its no-path control and the two baselines")
     a = ap.parse_args()
     if a.best_lr:
         best_lr(a.out, a.best_lr)
@@ -185,6 +219,17 @@ def main():
         print(f"## {phase}\n")
         print(main_table(runs) if phase == "main" else design_table(runs))
         print()
+        if phase == "main" and a.design:
+            pt = paired_table(runs, a.design)
+            if pt is None:
+                sys.exit(f"science_report: --design {a.design}: no evaluated main-phase run of it under {a.out}/main")
+            m = re.search(r"_(w\d+)$", a.design)
+            keep = {a.design, "nopath_" + m.group(1) if m else "nopath", "baseline", "baseline_extras"}
+            runs = [r for r in runs if split_seed(r["name"])[0] in keep]
+            print(design_table(runs))
+            print()
+            print(pt)
+            print()
         if a.svg:
             os.makedirs(a.svg, exist_ok=True)
             p = os.path.join(a.svg, f"science_{phase}_curves.svg")

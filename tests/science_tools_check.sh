@@ -86,6 +86,15 @@ for q in foo:4e-3 bar:2e-3 dlcm:2e-3 baseline:1e-3 baseline_extras:1e-3; do
   got=$($py "$src/scripts/science_report.py" --out "$tmp/rep" --best-lr "${q%%:*}") || fail "--best-lr ${q%%:*} failed"
   [ "$got" = "${q#*:}" ] || fail "--best-lr ${q%%:*}: got $got, expected ${q#*:}"
 done
+# 6. science_report --design: the design minus every other design, paired by seed
+for r in foo_s1:4.0 foo_s2:4.2 nopath_s1:4.1 nopath_s2:4.3 nopath_s3:4.4 baseline_s1:3.9; do
+  mkdir -p "$tmp/rep/main/${r%%:*}"; echo "{\"val_loss\": ${r#*:}}" > "$tmp/rep/main/${r%%:*}/eval.json"
+done
+$py "$src/scripts/science_report.py" --out "$tmp/rep" --design foo > "$tmp/report" || fail "--design foo failed"
+grep -qF "| nopath | 2 | -0.1000 +/- 0.0000 | s1 -0.1000, s2 -0.1000 |" "$tmp/report" || fail "paired nopath row: $(cat "$tmp/report")"
+grep -qF "| baseline | 1 | +0.1000 | s1 +0.1000 |" "$tmp/report" || fail "paired baseline row"
+if $py "$src/scripts/science_report.py" --out "$tmp/rep" --design bar >/dev/null 2>"$tmp/err"; then fail "--design without runs succeeded"; fi
+grep -q "no evaluated main-phase run of it" "$tmp/err" || fail "--design bar: unexpected message"
 if $py "$src/scripts/science_report.py" --out "$tmp/nothing" --best-lr foo 2>"$tmp/err"; then fail "--best-lr without runs succeeded"; fi
 grep -q "no evaluated lr-phase run for foo" "$tmp/err" || fail "--best-lr without runs: unexpected message"
 echo "science_tools_check: ok"
