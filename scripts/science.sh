@@ -171,7 +171,10 @@ if [[ $PHASE == ablations || $PHASE == all ]]; then
       else echo "[science] ablation $abl: $DESIGN already has it, skipped"; continue; fi
     fi
     tag=$(echo "$abl" | tr '=.' '__')
-    train_eval "$OUT/ablations/${DESIGN}_$tag" "$ABL" "$DESIGN" "$abl"
+    extra=()  # a rule router has nothing for the LM loss to train: smooth_grad goes with it
+    [[ $abl == router.kind=fixed || $abl == router.kind=word ]] && [[ $spec == *" router.smooth_grad=true "* ]] \
+      && extra=(router.smooth_grad=false)
+    train_eval "$OUT/ablations/${DESIGN}_$tag" "$ABL" "$DESIGN" "$abl" "${extra[@]}"
   done
 fi
 echo "[science] done: /usr/bin/python3 scripts/science_report.py --out $OUT"

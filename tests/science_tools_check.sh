@@ -68,6 +68,8 @@ done
 bash scripts/science.sh --data "$tmp/p" --out "$tmp/sci" --phase ablations --design sg_incl_rope_w2 \
   --bin "$bin" --dry-run > "$tmp/plan" 2>&1
 grep -q "ablations/sg_incl_rope_w2_router_smooth_grad_false:" "$tmp/plan" || fail "smooth_grad not flipped"
+grep "sg_incl_rope_w2_router_kind_word " "$tmp/plan" | grep -q -- "--set router.kind=word --set router.smooth_grad=false" \
+  || fail "a rule router (word) keeps smooth_grad on, which the config refuses"
 grep "sg_incl_rope_w2_router_smooth_grad_false " "$tmp/plan" | grep -q -- "--set router.smooth_grad=true .*--set router.smooth_grad=false" \
   || fail "the flipped switch does not come after the design's own setting (the last --set wins)"
 bash scripts/science.sh --data "$tmp/p" --out "$tmp/sci" --phase ablations --design fixed_incl_rope_w2 \
