@@ -697,11 +697,17 @@ void kill_and_resume(const std::string& extra) {
   const double whole = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   std::mt19937 rng(std::random_device{}());
   int kills = 0;
+  double scale = 1.0;  // shrinks when a run outpaces the timed reference before any kill
   for (int attempt = 0; attempt < 12; ++attempt) {
     const bool resume = fs::exists(run) && (fs::exists(run + "/checkpoint") || has_old_sibling(run));
     const std::string flag = resume ? "--resume" : fs::exists(run) ? "--overwrite" : "";
-    const double t = whole * std::uniform_real_distribution<double>(0.2, 0.9)(rng);
+    const double t = scale * whole * std::uniform_real_distribution<double>(0.2, 0.9)(rng);
     r = sh("timeout -s KILL " + std::to_string(t) + " " + cli().train(run, flag + " " + extra));
+    if (r.rc == 0 && kills == 0) {  // finished before the kill: start again, killing sooner
+      fs::remove_all(run);
+      scale *= 0.5;
+      continue;
+    }
     if (r.rc == 0) break;
     ASSERT_EQ(r.rc, 128 + SIGKILL) << r.out;
     ++kills;
