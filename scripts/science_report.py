@@ -87,11 +87,16 @@ def mean_std(xs):
     return f"{statistics.mean(xs):.4f} +/- {statistics.stdev(xs):.4f} ({len(xs)} seeds)"
 
 
+def split_seed(name):
+    """("sg_incl_rope_w2", "3") for "sg_incl_rope_w2_s3"; (name, None) without a seed suffix."""
+    base, _, seed = name.rpartition("_s")
+    return (base, seed) if base and seed.isdigit() else (name, None)
+
+
 def main_table(runs):
     groups = {}
     for r in runs:
-        base = r["name"].rsplit("_s", 1)[0]
-        groups.setdefault(base, []).append(r)
+        groups.setdefault(split_seed(r["name"])[0], []).append(r)
     rows = ["| design | val loss | bits/byte | delta CE, z_null | delta CE, shuffled |",
             "|---|---|---|---|---|"]
     for g, rs in sorted(groups.items()):
@@ -102,12 +107,6 @@ def main_table(runs):
             mean_std([first(u, "delta_null", "delta_loss_null") for u in us]),
             mean_std([first(u, "delta_shuffle", "delta_loss_shuffled") for u in us])))
     return "\n".join(rows)
-
-
-def split_seed(name):
-    """("sg_incl_rope_w2", "3") for "sg_incl_rope_w2_s3"; (name, None) without a seed suffix."""
-    base, _, seed = name.rpartition("_s")
-    return (base, seed) if base and seed.isdigit() else (name, None)
 
 
 def paired_table(runs, design):

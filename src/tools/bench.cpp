@@ -25,6 +25,7 @@
 #include "core/rng.h"
 #include "kernels/gemm.h"
 #include "kernels/isa.h"
+#include "kernels/ops.h"
 #include "models/flops.h"
 #include "tools/bench_common.h"
 #include "tools/commands.h"
@@ -669,10 +670,7 @@ static void stream_quality(LanguageModel& m, Config cfg, const std::string& data
         if (pi == 0) argmax[0].push_back(am);
         else agree += am == argmax[0][w * L + t];
         if (tg[t] < 0) continue;
-        const float mx = l[am];
-        double s = 0;
-        for (i64 v = 0; v < V; ++v) s += std::exp(double(l[v] - mx));
-        ce += std::log(s) + mx - l[tg[t]];
+        ce += ops::logsumexp(l, V) - l[tg[t]];
         ++count;
       }
     }
