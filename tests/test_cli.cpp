@@ -182,12 +182,18 @@ TEST(Cli, GenerateStreamsOnePromptAndBatchesAFile) {
   EXPECT_NE(r.out.find("stopped at the context limit of 64 tokens"), std::string::npos) << r.out;
 }
 
-TEST(Cli, BenchDecodeRuns) {
-  test::TempDir tmp;
-  const std::string cfg = tmp.path + "/tiny.json";
+// A tiny baseline config file (d 32, 2 layers, 64 tokens) in dir; returns its path.
+std::string tiny_config_file(const std::string& dir, const std::string& train_extra = "") {
+  const std::string cfg = dir + "/tiny.json";
   std::ofstream(cfg) << "{\"vocab_size\": 64, \"d_token\": 32, \"n_heads\": 2, \"n_kv_heads\": 1,"
                         " \"head_dim\": 16, \"d_ff\": 64, \"n_layers\": 2, \"max_seq_len\": 64,"
-                        " \"train\": {\"seq_len\": 64}}";
+                        " \"train\": {\"seq_len\": 64" << train_extra << "}}";
+  return cfg;
+}
+
+TEST(Cli, BenchDecodeRuns) {
+  test::TempDir tmp;
+  const std::string cfg = tiny_config_file(tmp.path);
   CmdResult r = run("bench decode --config " + cfg + " --prompt-len 20 --new-tokens 10 --batch 2 "
                     "--precision fp32,bf16");
   ASSERT_EQ(r.rc, 0) << r.out;
@@ -220,6 +226,18 @@ TEST(Cli, BenchDecodeRuns) {
   ASSERT_EQ(r.rc, 0) << r.out;
   EXPECT_NE(r.out.find("model 1 / model 0 prefill tokens/s"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("stream layers"), std::string::npos) << r.out;
+}
+
+// bench train --breakdown-gemm: the products and the attention kernel in rows of their own, and
+// the products by shape (here the k projection: 2 rows x 64 tokens, 1 kv head of 16, d 32).
+TEST(Cli, BenchTrainBreakdownGemm) {
+  test::TempDir tmp;
+  const std::string cfg = tiny_config_file(tmp.path, ", \"batch_size\": 2");
+  CmdResult r = run("bench train --config " + cfg + " --no-torch --steps 1 --repeats 1 --breakdown-gemm");
+  ASSERT_EQ(r.rc, 0) << r.out;
+  for (const char* l : {"breakdown of one training step", "    GEMM ", "    attention kernel",
+                        "GEMMs by shape", "NT      128 x    16 x    32"})
+    EXPECT_NE(r.out.find(l), std::string::npos) << l << "\n" << r.out;
 }
 
 // ---------------------------------------------------------------------------------------------

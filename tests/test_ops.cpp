@@ -23,6 +23,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <optional>
 #include <functional>
 #include <string>
 #include <vector>
@@ -33,6 +34,7 @@
 #include "kernels/ops.h"
 #include "kernels/ops_ref.h"
 #include "kernels/packed_gemm.h"
+#include "kernels/tile_gemm.h"
 #include "testing.h"
 
 using namespace dlcm;
@@ -135,6 +137,15 @@ const Case kCases[] = {
     {.op = "attention", .B = 1, .Lq = 33, .Lk = 33, .Hq = 2, .Hkv = 2, .hd = 80},
     {.op = "attention", .B = 2, .Lq = 150, .Lk = 150, .Hq = 2, .Hkv = 1, .hd = 64, .std = 2.0f},
     {.op = "attention", .B = 8, .Lq = 512, .Lk = 512, .Hq = 8, .Hkv = 8, .hd = 64, .perf = true},
+    // BF16 precision: on AMX CPUs the tile products run on AMX with bf16 operands
+    // (tile_mm_amx), elsewhere the FP32 kernel runs (same rows, tighter result).
+    {.op = "attention_bf16", .B = 2, .Lq = 7, .Lk = 7, .Hq = 2, .Hkv = 2, .hd = 8},
+    {.op = "attention_bf16", .B = 1, .Lq = 67, .Lk = 67, .Hq = 4, .Hkv = 2, .hd = 16},
+    {.op = "attention_bf16", .B = 2, .Lq = 130, .Lk = 130, .Hq = 4, .Hkv = 1, .hd = 5},
+    {.op = "attention_bf16", .B = 1, .Lq = 20, .Lk = 90, .Hq = 2, .Hkv = 1, .hd = 24, .q_offset = 70},
+    {.op = "attention_bf16", .B = 1, .Lq = 33, .Lk = 33, .Hq = 2, .Hkv = 2, .hd = 80},
+    {.op = "attention_bf16", .B = 2, .Lq = 150, .Lk = 150, .Hq = 2, .Hkv = 1, .hd = 64, .std = 2.0f},
+    {.op = "attention_bf16", .B = 8, .Lq = 512, .Lk = 512, .Hq = 8, .Hkv = 8, .hd = 64, .perf = true},
     {.op = "cross_entropy", .N = 9, .V = 13},
     {.op = "cross_entropy", .N = 4, .V = 1000},
     {.op = "cross_entropy", .N = 1, .V = 1},
@@ -467,7 +478,7 @@ void run_swiglu(const Case& c, Mode m) {
   if (!finish(H, c, m, 14)) return;
 }
 
-void run_attention(const Case& c, Mode m) {
+void run_attention_at(const Case& c, Mode m, bool bf16) {
   const i64 B = c.B, Lq = c.Lq, Lk = c.Lk, Hq = c.Hq, Hkv = c.Hkv, hd = c.hd, qo = c.q_offset;
   const float scale = 1.0f / std::sqrt(float(hd));
   Harness H;
@@ -495,7 +506,36 @@ void run_attention(const Case& c, Mode m) {
   double pairs = 0;
   for (i64 i = 0; i < Lq; ++i) pairs += double(std::min(Lk, qo + i + 1));
   H.flops = {4.0 * B * Hq * pairs * hd, 10.0 * B * Hq * pairs * hd};
+  std::optional<ops::PrecisionScope> prec;
+  // the AMX tiles run where BF16 meets an AMX CPU and the avx512 kernels
+  const bool amx = bf16 && ops::amx_bf16_usable() && ops::isa() == ops::Isa::Avx512;
+  if (bf16) {
+    prec.emplace(ops::Precision::BF16);
+    if (amx) {
+      // bf16 operands (8 significant bits) in every tile product: within 2% of the largest
+      // output or gradient of the reference (whose gradients the FP32 rows check by finite
+      // differences; per-entry finite differences do not fit bf16 noise on near-zero entries)
+      H.tol = 2e-2;
+      H.fd_probes = 0;
+    }
+  }
   if (!finish(H, c, m, 15)) return;
+  if (amx) {
+    // the AMX path really ran: the backward (always tiles) is not the FP32 kernel's
+    auto o = alloc(H.out_sizes);
+    H.fwd(Fast, o);
+    std::vector<i64> in_sizes;
+    for (auto& x : H.in) in_sizes.push_back(i64(x.size()));
+    auto g16 = alloc(in_sizes), g32 = alloc(in_sizes);
+    Buf R(o[0].size());
+    test::fill_normal(R.data(), i64(R.size()), 99);
+    H.bwd(Fast, o, R.data(), g16);
+    {
+      ops::PrecisionScope fp(ops::Precision::FP32);
+      H.bwd(Fast, o, R.data(), g32);
+    }
+    EXPECT_GT(scaled_err(g16[2], g32[2], 1e-30), 1e-5) << "bf16 attention equals the FP32 one";
+  }
 
   // Causality: replacing k/v at positions > q_offset + i leaves rows <= i bit-identical.
   const i64 i = Lq / 2, first_hidden = qo + i + 1;
@@ -525,6 +565,12 @@ void run_attention(const Case& c, Mode m) {
       EXPECT_TRUE(later_changed);
     }
   }
+}
+
+void run_attention(const Case& c, Mode m) { run_attention_at(c, m, false); }
+void run_attention_bf16(const Case& c, Mode m) {
+  if (!ops::cpu_has_bf16()) return;  // BF16 precision needs AVX512-BF16
+  run_attention_at(c, m, true);
 }
 
 void run_cross_entropy(const Case& c, Mode m) {
@@ -1248,6 +1294,7 @@ const std::pair<const char*, Runner> kOps[] = {
     {"rope", run_rope},
     {"swiglu", run_swiglu},
     {"attention", run_attention},
+    {"attention_bf16", run_attention_bf16},
     {"cross_entropy", run_cross_entropy},
     {"adamw", run_adamw},
     {"reduce", run_reduce},
@@ -1399,6 +1446,106 @@ TEST(Ops, GemmFixedCacheEvictsAndFallsBack) {
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("DLCM_GEMM"), std::string::npos);
   }
+}
+
+// BF16: linear_backward rounds dy once for dx and dW, linear_forward_multi x once for its
+// products; the results must be the bits of the separate products, on both oneDNN paths.
+TEST(Ops, Bf16SharedOperandRoundedOnceIsBitIdentical) {
+  if (!ops::cpu_has_bf16()) GTEST_SKIP() << "no AVX512-BF16";
+  GemmCacheScope every_shape({.capacity = 64, .min_flops = 0, .min_uses = 1});
+  ops::PrecisionScope ps(ops::Precision::BF16);
+  const i64 N = 37, in = 48, outs[3] = {40, 24, 56};
+  Buf x(N * in), dy(N * outs[0]), W0(outs[0] * in), W1(outs[1] * in), W2(outs[2] * in);
+  test::fill_normal(x.data(), N * in, 11);
+  test::fill_normal(dy.data(), N * outs[0], 12);
+  test::fill_normal(W0.data(), outs[0] * in, 13);
+  test::fill_normal(W1.data(), outs[1] * in, 14);
+  test::fill_normal(W2.data(), outs[2] * in, 15);
+  for (ops::GemmPath path : {ops::GemmPath::Runtime, ops::GemmPath::Fixed}) {
+    ops::set_gemm_path(path);
+    const std::string at = ops::gemm_path_name(path);
+    // backward: dx += dy W, dW += dy^T x, from non-zero starting values
+    Buf dx(N * in), dW(outs[0] * in);
+    test::fill_normal(dx.data(), N * in, 16);
+    test::fill_normal(dW.data(), outs[0] * in, 17);
+    Buf dx_ref = dx, dW_ref = dW;
+    ops::linear_backward(dx.data(), dW.data(), dy.data(), x.data(), W0.data(), N, in, outs[0]);
+    ops::gemm(false, false, N, in, outs[0], 1.f, dy.data(), outs[0], W0.data(), in, 1.f,
+              dx_ref.data(), in);
+    ops::gemm(true, false, outs[0], in, N, 1.f, dy.data(), outs[0], x.data(), in, 1.f,
+              dW_ref.data(), in);
+    EXPECT_EQ(0, std::memcmp(dx.data(), dx_ref.data(), sizeof(float) * N * in)) << at;
+    EXPECT_EQ(0, std::memcmp(dW.data(), dW_ref.data(), sizeof(float) * outs[0] * in)) << at;
+    // forward of three products of one input
+    Buf y0(N * outs[0]), y1(N * outs[1]), y2(N * outs[2]);
+    float* y[3] = {y0.data(), y1.data(), y2.data()};
+    const float* W[3] = {W0.data(), W1.data(), W2.data()};
+    ops::linear_forward_multi(y, x.data(), W, N, in, outs, 3);
+    for (int i = 0; i < 3; ++i) {
+      Buf ref(N * outs[i]);
+      ops::linear_forward(ref.data(), x.data(), W[i], N, in, outs[i]);
+      EXPECT_EQ(0, std::memcmp(y[i], ref.data(), sizeof(float) * N * outs[i])) << at << " " << i;
+    }
+    // the shared copy ends with the call: new values in the same buffer are rounded anew (a
+    // stale copy would multiply the old ones)
+    for (float& v : x) v = -2.f * v;
+    const Buf x2 = x;  // the new values at another address
+    Buf a(N * outs[0]), b(N * outs[0]);
+    ops::linear_forward(a.data(), x.data(), W0.data(), N, in, outs[0]);
+    ops::linear_forward(b.data(), x2.data(), W0.data(), N, in, outs[0]);
+    EXPECT_EQ(0, std::memcmp(a.data(), b.data(), sizeof(float) * N * outs[0])) << at;
+  }
+}
+
+// tile_mm_amx against a double product of the bf16-rounded operands, for every operand layout
+// the attention kernels use (rows of A contiguous, A read transposed, any strides), sizes off
+// the tiles' grid and beyond one 32 x 32 block, with and without accumulation.
+TEST(Ops, TileMmAmxMatchesRoundedOperands) {
+  if (!ops::amx_bf16_usable() || ops::isa() != ops::Isa::Avx512)
+    GTEST_SKIP() << "no AMX-BF16 (or kernels below avx512): " << ops::isa_summary();
+  auto rounded = [](float x) {
+    uint16_t h;
+    ops::round_to_bf16(&h, &x, 1);
+    return double(ops::bf16_to_float(h));
+  };
+  const i64 shapes[][3] = {{5, 7, 3}, {64, 64, 64}, {37, 80, 45}, {100, 33, 70}, {16, 16, 32}};
+  uint64_t seed = 500;
+  double worst_vs_fp32 = 0;
+  for (auto [M, N, K] : shapes)
+    for (int layout = 0; layout < 3; ++layout)
+      for (bool acc : {false, true}) {
+        // layout 0: A(r,k) = A[r*(K+3) + k]; 1: A[r + k*(M+2)]; 2: A[2r + k*(2M+1)]
+        const i64 rsa = layout == 0 ? K + 3 : layout == 1 ? 1 : 2;
+        const i64 csa = layout == 0 ? 1 : layout == 1 ? M + 2 : 2 * M + 1;
+        const i64 ldb = N + 5, ldc = N + 2;
+        Buf A((M + 2) * rsa + (K + 1) * csa + 8), Bm(K * ldb), C(M * ldc);
+        test::fill_normal(A.data(), i64(A.size()), seed++);
+        test::fill_normal(Bm.data(), i64(Bm.size()), seed++);
+        test::fill_normal(C.data(), i64(C.size()), seed++);
+        const Buf C0 = C;
+        const float alpha = 0.7f;
+        ops::tile_mm_amx(C.data(), ldc, A.data(), rsa, csa, Bm.data(), ldb, M, N, K, alpha, acc);
+        double worst = 0;
+        for (i64 i = 0; i < M; ++i) {
+          for (i64 j = 0; j < N; ++j) {
+            double ref = 0, mag = 0, ref32 = 0;
+            for (i64 k = 0; k < K; ++k) {
+              const float a = A[i * rsa + k * csa], b = Bm[k * ldb + j];
+              ref += rounded(a) * rounded(b);
+              ref32 += double(a) * b;
+              mag += std::abs(rounded(a) * rounded(b));
+            }
+            const double c0 = acc ? double(C0[i * ldc + j]) : 0.0;
+            worst = std::max(worst, std::abs(C[i * ldc + j] - (alpha * ref + c0)) /
+                                        (alpha * mag + std::abs(c0) + 1e-30));
+            worst_vs_fp32 = std::max(worst_vs_fp32, std::abs(C[i * ldc + j] - (alpha * ref32 + c0)) /
+                                                        (alpha * mag + std::abs(c0) + 1e-30));
+          }
+          for (i64 j = N; j < ldc; ++j) EXPECT_EQ(C[i * ldc + j], C0[i * ldc + j]) << "padding";
+        }
+        EXPECT_LT(worst, 1e-5) << M << "x" << N << "x" << K << " layout " << layout << " acc " << acc;
+      }
+  EXPECT_GT(worst_vs_fp32, 1e-4) << "the operands were not rounded to bf16";
 }
 
 // Every op has at least one checked row and one perf row.

@@ -1,5 +1,6 @@
 #include "core/profiler.h"
 
+#include <omp.h>
 #include <time.h>
 
 #include <chrono>
@@ -8,6 +9,7 @@
 namespace dlcm::prof {
 
 bool g_enabled = false;
+bool g_detail = false;
 
 namespace {
 
@@ -49,6 +51,7 @@ void reset() {
     e.seconds = 0;
     e.cpu_seconds = 0;
     e.calls = 0;
+    e.flops = 0;
   }
 }
 
@@ -86,6 +89,19 @@ void leave() {
     g_stack.back().start = now;
     g_stack.back().cpu_start = cpu;
   }
+}
+
+void set_detail(bool on) { g_detail = on; }
+
+DetailScope::DetailScope(const char* name, double flops) {
+  if (!g_enabled || !g_detail || omp_in_parallel()) return;
+  on_ = true;
+  enter(name);
+  add_flops(flops);
+}
+
+void add_flops(double f) {
+  if (!g_stack.empty()) g_entries[g_stack.back().index].flops += f;
 }
 
 }  // namespace dlcm::prof

@@ -17,6 +17,7 @@
 namespace dlcm::prof {
 
 extern bool g_enabled;
+extern bool g_detail;  // DetailScope rows (bench train --breakdown-gemm)
 
 struct Entry {
   const char* name;
@@ -24,6 +25,7 @@ struct Entry {
   double cpu_seconds = 0;  // process CPU time (all threads): robust to a loaded machine when
                            // idle threads sleep (OMP_WAIT_POLICY=passive)
   i64 calls = 0;
+  double flops = 0;        // work counted by add_flops while this entry was on top
 };
 
 void enable(bool on);
@@ -33,6 +35,9 @@ double seconds_of(const std::string& name);  // 0 when unknown
 
 void enter(const char* name);
 void leave();
+// Adds FLOPs to the innermost open scope (a GFLOP/s column for components without a model
+// FLOP count, e.g. the GEMM scopes of kernels/gemm.cpp).
+void add_flops(double f);
 
 class Scope {
  public:
@@ -47,6 +52,22 @@ class Scope {
 
  private:
   bool on_;
+};
+
+// A finer row (GEMMs, attention kernels) inside the components, opened only when detail is on
+// (set_detail) and only on the driving thread outside parallel regions.
+void set_detail(bool on);
+class DetailScope {
+ public:
+  explicit DetailScope(const char* name, double flops = 0);
+  ~DetailScope() {
+    if (on_) leave();
+  }
+  DetailScope(const DetailScope&) = delete;
+  DetailScope& operator=(const DetailScope&) = delete;
+
+ private:
+  bool on_ = false;
 };
 
 // Consecutive components of straight-line code without extra braces:

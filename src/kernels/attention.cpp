@@ -26,6 +26,8 @@
 #include <array>
 #include <cmath>
 
+#include "kernels/gemm.h"
+#include "kernels/isa.h"
 #include "kernels/ops.h"
 #include "kernels/tile_gemm.h"
 
@@ -40,39 +42,6 @@ constexpr i64 BQ = 64;  // query rows per tile
 constexpr i64 BK = 64;  // keys per tile
 
 
-#ifdef DLCM_AVX512
-// dst[c*ldd + r] = src[r*ld + c] for a full 16x16 tile, in registers: unpack pairs of rows,
-// then 4x4 shuffles inside 128-bit lanes, then two rounds of lane shuffles.
-// (GCC 12 flags the intrinsics' internal undefined pass-through operand; a false positive.)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-inline void transpose16(float* dst, i64 ldd, const float* src, i64 ld) {
-  __m512 r[16], t[16];
-  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * ld);
-  for (int i = 0; i < 8; ++i) {
-    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-  }
-  // r[4i+k], 128-bit lane L: column 4L+k of rows 4i..4i+3.
-  for (int i = 0; i < 4; ++i) {
-    r[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
-    r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
-    r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
-    r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
-  }
-  for (int k = 0; k < 4; ++k) {
-    const __m512 x0 = _mm512_shuffle_f32x4(r[k], r[4 + k], 0x88);
-    const __m512 x1 = _mm512_shuffle_f32x4(r[k], r[4 + k], 0xDD);
-    const __m512 y0 = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0x88);
-    const __m512 y1 = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0xDD);
-    _mm512_storeu_ps(dst + k * ldd, _mm512_shuffle_f32x4(x0, y0, 0x88));
-    _mm512_storeu_ps(dst + (4 + k) * ldd, _mm512_shuffle_f32x4(x1, y1, 0x88));
-    _mm512_storeu_ps(dst + (8 + k) * ldd, _mm512_shuffle_f32x4(x0, y0, 0xDD));
-    _mm512_storeu_ps(dst + (12 + k) * ldd, _mm512_shuffle_f32x4(x1, y1, 0xDD));
-  }
-}
-#pragma GCC diagnostic pop
-#endif
 
 // dst[c*ldd + j] = src[j*ld + c] for j < n, c < hd: a block of rows, transposed so that it
 // can be the contiguous B operand of tile_mm(). Full 16x16 tiles in registers, edges scalar.
@@ -82,7 +51,8 @@ void pack_t(float* dst, i64 ldd, const float* src, i64 ld, i64 n, i64 hd) {
   n16 = n / 16 * 16;
   h16 = hd / 16 * 16;
   for (i64 j = 0; j < n16; j += 16)
-    for (i64 c = 0; c < h16; c += 16) transpose16(dst + c * ldd + j, ldd, src + j * ld + c, ld);
+    for (i64 c = 0; c < h16; c += 16)
+      simd::transpose16(dst + c * ldd + j, ldd, src + j * ld + c, ld);
 #endif
   for (i64 j = 0; j < n; ++j) {
     const float* s = src + j * ld;
@@ -128,15 +98,36 @@ void softmax_cols(float* st, i64 nk, i64 mq, float* m, float* l, float* corr) {
 }
 
 
+// The tile product of one attention call: tile_mm() (FP32), or, with the GEMMs in BF16 on a CPU
+// with AMX, tile_mm_amx() (operands rounded to bf16, FP32 accumulation), as the BF16 GEMMs do.
+struct TileProduct {
+  bool amx = false;
+  TileProduct() {
+#ifdef DLCM_AVX512
+    amx = gemm_precision() == Precision::BF16 && amx_bf16_usable();
+#endif
+  }
+  void operator()(float* C, i64 ldc, const float* A, i64 rsa, i64 csa, const float* B, i64 ldb,
+                  i64 M, i64 N, i64 K, float alpha, bool acc) const {
+#ifdef DLCM_AVX512
+    if (amx) return tile_mm_amx(C, ldc, A, rsa, csa, B, ldb, M, N, K, alpha, acc);
+#endif
+    tile_mm(C, ldc, A, rsa, csa, B, ldb, M, N, K, alpha, acc);
+  }
+};
+
 // tile_mm() for a tile that straddles the causal diagonal: query row r of the tile sees key column
 // c iff c <= r + off. Rows index queries (else keys); the other index (keys, or queries) runs
 // along K when other_on_k (else along N). Work on
 // entries the mask removes is skipped in slabs of 12 rows (two microkernel row tiles); those
 // entries of C are left unwritten, so callers mask or zero them afterwards. On 64x64 blocks
 // this saves about a third of the diagonal block's flops.
-void mm_causal(float* C, i64 ldc, const float* A, i64 rsa, i64 csa, const float* B, i64 ldb,
-               i64 M, i64 N, i64 K, float alpha, bool acc, i64 off, bool rows_are_queries,
-               bool other_on_k) {
+// On AMX the whole tile is computed (a tile product costs less than the slabs' packing): the
+// callers' masks and zeros make the hidden entries' values irrelevant.
+void mm_causal(const TileProduct& mm, float* C, i64 ldc, const float* A, i64 rsa, i64 csa,
+               const float* B, i64 ldb, i64 M, i64 N, i64 K, float alpha, bool acc, i64 off,
+               bool rows_are_queries, bool other_on_k) {
+  if (mm.amx) return mm(C, ldc, A, rsa, csa, B, ldb, M, N, K, alpha, acc);
   constexpr i64 SLAB = 12;
   for (i64 r0 = 0; r0 < M; r0 += SLAB) {
     const i64 r1 = std::min(M, r0 + SLAB);
@@ -253,6 +244,7 @@ void attention_forward(float* out, float* lse, const float* q, const float* k, c
   if (Lq < 16 && Lq * group <= BQ)
     return attention_forward_rows(out, lse, q, k, v, B, Lq, Lk, Hq, Hkv, hd, q_offset, scale,
                                   window, par);
+  const TileProduct mm;
 #pragma omp parallel if (par)
   {
     Buf qt(size_t(hd) * BQ), st(size_t(BK) * BQ), o(size_t(BQ) * hd);
@@ -280,10 +272,10 @@ void attention_forward(float* out, float* lse, const float* q, const float* k, c
         const i64 off = q_offset + i0 - j0;  // tile query r sees tile key j iff j <= r + off
         const bool diag = nk - 1 > off;       // some key in this block is hidden from row 0
         if (!diag) {
-          tile_mm(st.data(), BQ, kp + j0 * ldk, ldk, 1, qt.data(), BQ, nk, mq, hd, scale, false);
+          mm(st.data(), BQ, kp + j0 * ldk, ldk, 1, qt.data(), BQ, nk, mq, hd, scale, false);
         } else {
-          mm_causal(st.data(), BQ, kp + j0 * ldk, ldk, 1, qt.data(), BQ, nk, mq, hd, scale, false,
-                    off, false, false);
+          mm_causal(mm, st.data(), BQ, kp + j0 * ldk, ldk, 1, qt.data(), BQ, nk, mq, hd, scale,
+                    false, off, false, false);
           // Causal mask (also covers entries mm_causal skipped): key j hides from i < j - off.
           for (i64 j = 0; j < nk; ++j)
             std::fill_n(st.data() + j * BQ, std::clamp<i64>(j - off, 0, mq), -INFINITY);
@@ -305,10 +297,10 @@ void attention_forward(float* out, float* lse, const float* q, const float* k, c
           }
         // O += P V, P read transposed out of P^T.
         if (!diag)
-          tile_mm(o.data(), hd, st.data(), 1, BQ, vp + j0 * ldk, ldk, mq, hd, nk, 1.0f, true);
+          mm(o.data(), hd, st.data(), 1, BQ, vp + j0 * ldk, ldk, mq, hd, nk, 1.0f, true);
         else
-          mm_causal(o.data(), hd, st.data(), 1, BQ, vp + j0 * ldk, ldk, mq, hd, nk, 1.0f, true, off,
-                    true, true);
+          mm_causal(mm, o.data(), hd, st.data(), 1, BQ, vp + j0 * ldk, ldk, mq, hd, nk, 1.0f, true,
+                    off, true, true);
       }
       for (i64 r = 0; r < mq; ++r) {
         const float inv = 1.0f / l[r];
@@ -329,6 +321,7 @@ void attention_backward(float* dq, float* dk, float* dv, const float* dout, cons
   check_shapes("attention_backward", B, Lq, Lk, Hq, Hkv, hd, q_offset, window);
   const i64 group = Hq / Hkv, ldq = Hq * hd, ldk = Hkv * hd;
   const bool par = B * Hq * Lq * keys_seen(Lq, Lk, q_offset, window) * hd > (1 << 16);
+  const TileProduct mm;
 
   // D[b, h, i] = dO_i . O_i  (the softmax Jacobian's row term), same layout as lse.
   Buf D(size_t(B * Hq * Lq));
@@ -375,12 +368,12 @@ void attention_backward(float* dq, float* dk, float* dv, const float* dout, cons
             const float* drow = D.data() + (b * Hq + h) * Lq + i0;
             const i64 off = q_offset + i0 - j0;  // tile query r sees tile key j iff j <= r+off
             if (nk - 1 <= off) {  // the whole block is visible to every query of the tile
-              tile_mm(p.data(), BK, qp, ldq, 1, kt.data(), BK, mq, nk, hd, scale, false);   // S
-              tile_mm(ds.data(), BK, gp, ldq, 1, vt.data(), BK, mq, nk, hd, 1.0f, false);  // dP
+              mm(p.data(), BK, qp, ldq, 1, kt.data(), BK, mq, nk, hd, scale, false);   // S
+              mm(ds.data(), BK, gp, ldq, 1, vt.data(), BK, mq, nk, hd, 1.0f, false);  // dP
             } else {
-              mm_causal(p.data(), BK, qp, ldq, 1, kt.data(), BK, mq, nk, hd, scale, false, off,
+              mm_causal(mm, p.data(), BK, qp, ldq, 1, kt.data(), BK, mq, nk, hd, scale, false, off,
                         true, false);
-              mm_causal(ds.data(), BK, gp, ldq, 1, vt.data(), BK, mq, nk, hd, 1.0f, false, off,
+              mm_causal(mm, ds.data(), BK, gp, ldq, 1, vt.data(), BK, mq, nk, hd, 1.0f, false, off,
                         true, false);
             }
             for (i64 r = 0; r < mq; ++r) {
@@ -401,16 +394,16 @@ void attention_backward(float* dq, float* dk, float* dv, const float* dout, cons
             }
             if (nk - 1 <= off) {
               // dV += P^T dO, dK += scale dS^T Q (A read transposed through its strides).
-              tile_mm(dva.data(), hd, p.data(), 1, BK, gp, ldq, nk, hd, mq, 1.0f, true);
-              tile_mm(dka.data(), hd, ds.data(), 1, BK, qp, ldq, nk, hd, mq, scale, true);
+              mm(dva.data(), hd, p.data(), 1, BK, gp, ldq, nk, hd, mq, 1.0f, true);
+              mm(dka.data(), hd, ds.data(), 1, BK, qp, ldq, nk, hd, mq, scale, true);
               // dQ += scale dS K, straight into dq: this task owns these rows.
-              tile_mm(dq + rowoff, ldq, ds.data(), BK, 1, kp + j0 * ldk, ldk, mq, hd, nk, scale, true);
+              mm(dq + rowoff, ldq, ds.data(), BK, 1, kp + j0 * ldk, ldk, mq, hd, nk, scale, true);
             } else {
-              mm_causal(dva.data(), hd, p.data(), 1, BK, gp, ldq, nk, hd, mq, 1.0f, true, off,
+              mm_causal(mm, dva.data(), hd, p.data(), 1, BK, gp, ldq, nk, hd, mq, 1.0f, true, off,
                         false, true);
-              mm_causal(dka.data(), hd, ds.data(), 1, BK, qp, ldq, nk, hd, mq, scale, true, off,
+              mm_causal(mm, dka.data(), hd, ds.data(), 1, BK, qp, ldq, nk, hd, mq, scale, true, off,
                         false, true);
-              mm_causal(dq + rowoff, ldq, ds.data(), BK, 1, kp + j0 * ldk, ldk, mq, hd, nk, scale,
+              mm_causal(mm, dq + rowoff, ldq, ds.data(), BK, 1, kp + j0 * ldk, ldk, mq, hd, nk, scale,
                         true, off, true, true);
             }
           }

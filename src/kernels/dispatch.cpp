@@ -5,6 +5,9 @@
 #include <cstdlib>
 #include <mutex>
 
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #include "kernels/dlcm_ops.h"
 #include "kernels/isa.h"
 #include "kernels/kernel_list.h"
@@ -208,6 +211,20 @@ std::string cpu_isa_features() {
   add(__builtin_cpu_supports("amx-tile"), "amx-tile");
   add(__builtin_cpu_supports("amx-bf16"), "amx-bf16");
   return s.empty() ? "none" : s;
+}
+
+bool amx_bf16_usable() {
+  // Linux hands out the tile data state only on request (ARCH_REQ_XCOMP_PERM, feature 18,
+  // XTILEDATA); without it the first tile instruction faults. Asked once per process.
+  static const bool ok = [] {
+    __builtin_cpu_init();
+    if (!__builtin_cpu_supports("amx-tile") || !__builtin_cpu_supports("amx-bf16") ||
+        !__builtin_cpu_supports("avx512bf16"))
+      return false;
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ok;
 }
 
 std::string isa_summary() {

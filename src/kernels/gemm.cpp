@@ -5,6 +5,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -13,12 +14,14 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <tuple>
 #include <unordered_map>
 #include <vector>
 
 #include <immintrin.h>
 
+#include "core/profiler.h"
 #include "kernels/isa.h"
 
 namespace dlcm::ops {
@@ -26,6 +29,30 @@ namespace dlcm::ops {
 namespace {
 
 Precision g_precision = Precision::FP32;
+
+std::mutex g_shape_mu;
+std::map<std::tuple<int, bool, bool, i64, i64, i64, bool>, GemmShapeStat> g_shape_stats;
+
+// Per-shape time of the products while GEMM profiling is on (driving thread only).
+struct ShapeTimer {
+  bool on;
+  std::chrono::steady_clock::time_point t0;
+  ShapeTimer() : on(prof::g_detail && prof::g_enabled && !omp_in_parallel()) {
+    if (on) t0 = std::chrono::steady_clock::now();
+  }
+  void done(bool ta, bool tb, i64 M, i64 N, i64 K, bool accumulate, const char* impl) {
+    if (!on) return;
+    const double sec =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    std::lock_guard<std::mutex> lock(g_shape_mu);
+    GemmShapeStat& st = g_shape_stats[{int(g_precision), ta, tb, M, N, K, accumulate}];
+    st.precision = g_precision;
+    st.trans_a = ta, st.trans_b = tb, st.M = M, st.N = N, st.K = K, st.accumulate = accumulate;
+    st.impl = impl;
+    ++st.calls;
+    st.seconds += sec;
+  }
+};
 
 void sgemm_1(bool trans_a, bool trans_b, i64 M, i64 N, i64 K, float alpha, const float* A,
              i64 lda, const float* B, i64 ldb, float beta, float* C, i64 ldc) {
@@ -170,19 +197,66 @@ ThreadScratch& scratch() {
   return t;
 }
 
-// Operands into contiguous bf16 buffers in their stored layout.
-void convert_operands(ThreadScratch& t, bool ta, bool tb, i64 M, i64 N, i64 K, const float* A,
-                      i64 lda, const float* B, i64 ldb) {
-  if (t.a.size() < size_t(M * K)) t.a.resize(M * K);
+// A operand shared by several products of one call (linear_backward's dy, linear_forward_multi's
+// x), rounded to bf16 once: products on this thread whose A is exactly this stored block read
+// the copy instead of rounding it again (the same rounding, so the same bits). Active only for
+// the span of a call that does not modify the source.
+struct SharedA {
+  bool active = false;
+  const float* src = nullptr;
+  i64 rows = 0, cols = 0, ld = 0;  // stored layout: rows of cols floats, ld apart
+  U16Buf data;
+};
+thread_local SharedA t_shared_a;
+
+class SharedAScope {
+ public:
+  SharedAScope(const float* src, i64 rows, i64 cols, i64 ld) {
+    if (g_precision != Precision::BF16 || rows * cols == 0) return;
+    SharedA& s = t_shared_a;
+    if (s.active) return;  // nested: the outer copy stays
+    prof::DetailScope ps("  GEMM: bf16 operand rounding", 0);
+    if (s.data.size() < size_t(rows * cols)) s.data.resize(rows * cols);
+    convert_rows(s.data.data(), src, rows, cols, ld);
+    s.active = true, s.src = src, s.rows = rows, s.cols = cols, s.ld = ld;
+    owner_ = true;
+  }
+  ~SharedAScope() {
+    if (owner_) t_shared_a.active = false;
+  }
+  SharedAScope(const SharedAScope&) = delete;
+  SharedAScope& operator=(const SharedAScope&) = delete;
+
+ private:
+  bool owner_ = false;
+};
+
+struct Bf16Operands {
+  const uint16_t* a;
+  const uint16_t* b;
+};
+
+// Operands into contiguous bf16 buffers in their stored layout (A from the shared copy when it
+// is exactly that block).
+Bf16Operands convert_operands(ThreadScratch& t, bool ta, bool tb, i64 M, i64 N, i64 K,
+                              const float* A, i64 lda, const float* B, i64 ldb) {
+  prof::DetailScope ps("  GEMM: bf16 operand rounding", 0);
+  const i64 ar = ta ? K : M, ac = ta ? M : K;  // A's stored rows and columns
+  const SharedA& s = t_shared_a;
+  const uint16_t* a = nullptr;
+  if (s.active && s.src == A && s.rows == ar && s.cols == ac && s.ld == lda) {
+    a = s.data.data();
+  } else {
+    if (t.a.size() < size_t(M * K)) t.a.resize(M * K);
+    convert_rows(t.a.data(), A, ar, ac, lda);
+    a = t.a.data();
+  }
   if (t.b.size() < size_t(K * N)) t.b.resize(K * N);
-  if (ta)
-    convert_rows(t.a.data(), A, K, M, lda);
-  else
-    convert_rows(t.a.data(), A, M, K, lda);
   if (tb)
     convert_rows(t.b.data(), B, N, K, ldb);
   else
     convert_rows(t.b.data(), B, K, N, ldb);
+  return {a, t.b.data()};
 }
 
 void execute(ThreadScratch& t, const dnnl::matmul& mm, const dnnl::memory::desc& sp,
@@ -197,13 +271,15 @@ void execute(ThreadScratch& t, const dnnl::matmul& mm, const dnnl::memory::desc&
 void bf16_gemm(bool ta, bool tb, i64 M, i64 N, i64 K, float alpha, const float* A, i64 lda,
                const float* B, i64 ldb, float beta, float* C, i64 ldc) {
   ThreadScratch& t = scratch();
-  convert_operands(t, ta, tb, M, N, K, A, lda, B, ldb);
+  const Bf16Operands ops16 = convert_operands(t, ta, tb, M, N, K, A, lda, B, ldb);
   try {
     using dt = dnnl::memory::data_type;
     using dims = dnnl::memory::dims;
     const Prim& p = primitive(ta, tb, beta);
-    dnnl::memory ma({{M, K}, dt::bf16, ta ? dims{1, M} : dims{K, 1}}, engine(), t.a.data());
-    dnnl::memory mb({{K, N}, dt::bf16, tb ? dims{1, K} : dims{N, 1}}, engine(), t.b.data());
+    dnnl::memory ma({{M, K}, dt::bf16, ta ? dims{1, M} : dims{K, 1}}, engine(),
+                    const_cast<uint16_t*>(ops16.a));
+    dnnl::memory mb({{K, N}, dt::bf16, tb ? dims{1, K} : dims{N, 1}}, engine(),
+                    const_cast<uint16_t*>(ops16.b));
     dnnl::memory mc({{M, N}, dt::f32, dims{ldc, 1}}, engine(), C);
     dnnl::memory ms({{1}, dt::f32, dnnl::memory::format_tag::x}, engine(), &alpha);
     execute(t, p.mm, p.sp,
@@ -347,12 +423,13 @@ void fixed_gemm(const Prim& p, const FixedKey& k, const float* A, i64 lda, const
   using dt = dnnl::memory::data_type;
   using dims = dnnl::memory::dims;
   const bool bf = k.prec == Precision::BF16;
-  if (bf) convert_operands(t, k.ta, k.tb, k.M, k.N, k.K, A, lda, B, ldb);
+  Bf16Operands ops16{nullptr, nullptr};
+  if (bf) ops16 = convert_operands(t, k.ta, k.tb, k.M, k.N, k.K, A, lda, B, ldb);
   try {
     const dt in = bf ? dt::bf16 : dt::f32;
     // A's and B's stored layout (BF16: the packed copies; k.lda/k.ldb are their row widths)
-    void* pa = bf ? static_cast<void*>(t.a.data()) : const_cast<float*>(A);
-    void* pb = bf ? static_cast<void*>(t.b.data()) : const_cast<float*>(B);
+    void* pa = bf ? static_cast<void*>(const_cast<uint16_t*>(ops16.a)) : const_cast<float*>(A);
+    void* pb = bf ? static_cast<void*>(const_cast<uint16_t*>(ops16.b)) : const_cast<float*>(B);
     dnnl::memory ma({{k.M, k.K}, in, k.ta ? dims{1, k.lda} : dims{k.lda, 1}}, engine(), pa);
     dnnl::memory mb({{k.K, k.N}, in, k.tb ? dims{1, k.ldb} : dims{k.ldb, 1}}, engine(), pb);
     dnnl::memory mc({{k.M, k.N}, dt::f32, dims{k.ldc, 1}}, engine(), C);
@@ -402,6 +479,13 @@ GemmPath parse_gemm_path(const std::string& s, const std::string& what) {
 
 const char* gemm_path_name(GemmPath p) { return p == GemmPath::Fixed ? "fixed" : "runtime"; }
 void set_gemm_path(GemmPath p) { path_ref() = p; }
+std::vector<GemmShapeStat> gemm_shape_stats(bool reset) {
+  std::lock_guard<std::mutex> lock(g_shape_mu);
+  std::vector<GemmShapeStat> v;
+  for (auto& [k, st] : g_shape_stats) v.push_back(st);
+  if (reset) g_shape_stats.clear();
+  return v;
+}
 GemmPath gemm_path() { return path_ref(); }
 
 void set_gemm_cache_config(const GemmCacheConfig& c) {
@@ -439,17 +523,27 @@ std::string gemm_impl(bool trans_a, bool trans_b, i64 M, i64 N, i64 K, float alp
 void gemm(bool trans_a, bool trans_b, i64 M, i64 N, i64 K, float alpha, const float* A, i64 lda,
           const float* B, i64 ldb, float beta, float* C, i64 ldc) {
   if (M == 0 || N == 0) return;
+  prof::DetailScope ps("  GEMM", 2.0 * double(M) * double(N) * double(K));
+  ShapeTimer timer;
+  const bool acc = beta != 0;
   // x W^T with weights packed by an inference stream on this thread (kernels/packed_gemm.h)
   if (const PackedWeights* pw = active_packed_weights();
       pw && !trans_a && trans_b && beta == 0 && ldb == K)
-    if (const PackedMatrix* pm = pw->find(B, N, K, M))
-      return packed_gemm(C, ldc, A, lda, *pm, M, alpha, pw->served(pm));
+    if (const PackedMatrix* pm = pw->find(B, N, K, M)) {
+      packed_gemm(C, ldc, A, lda, *pm, M, alpha, pw->served(pm));
+      return timer.done(trans_a, trans_b, M, N, K, acc, "packed");
+    }
   const FixedKey key = fixed_key(trans_a, trans_b, M, N, K, alpha, lda, ldb, beta, ldc);
-  if (auto p = fixed_for(key, true)) return fixed_gemm(*p, key, A, lda, B, ldb, C);
-  if (g_precision == Precision::BF16 && K > 0)
+  if (auto p = fixed_for(key, true)) {
+    fixed_gemm(*p, key, A, lda, B, ldb, C);
+    return timer.done(trans_a, trans_b, M, N, K, acc, p->impl.c_str());
+  }
+  if (g_precision == Precision::BF16 && K > 0) {
     bf16_gemm(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
-  else
-    sgemm(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    return timer.done(trans_a, trans_b, M, N, K, acc, "runtime bf16");
+  }
+  sgemm(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+  timer.done(trans_a, trans_b, M, N, K, acc, "sgemm");
 }
 
 void linear_forward(float* y, const float* x, const float* W, i64 N, i64 in, i64 out) {
@@ -462,11 +556,15 @@ void linear_forward_multi(float* const* y, const float* x, const float* const* W
   if (const PackedWeights* pw = active_packed_weights())
     if (const PackedMatrix* pm = pw->find_group(W, out, n, in, N))
       return packed_gemm_parts(y, out, x, in, *pm, N, 1.0f, pw->served(pm));
+  SharedAScope shared(x, N, in, in);  // BF16: x rounded once for the n products
   for (int i = 0; i < n; ++i) linear_forward(y[i], x, W[i], N, in, out[i]);
 }
 
 void linear_backward(float* dx, float* dW, const float* dy, const float* x, const float* W, i64 N,
                      i64 in, i64 out) {
+  // BF16: dy, the A operand of both products (read transposed for dW), rounded once
+  std::optional<SharedAScope> shared;
+  if (dx && dW) shared.emplace(dy, N, out, out);
   if (dx) gemm(false, false, N, in, out, 1.0f, dy, out, W, in, 1.0f, dx, in);
   if (dW) gemm(true, false, out, in, N, 1.0f, dy, out, x, in, 1.0f, dW, in);
 }

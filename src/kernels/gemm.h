@@ -23,6 +23,7 @@
 // The environment variable DLCM_GEMM=runtime|fixed sets the initial path (logged to stderr).
 #pragma once
 #include <string>
+#include <vector>
 
 #include "core/common.h"
 
@@ -57,6 +58,19 @@ GemmPath parse_gemm_path(const std::string& s, const std::string& what);
 const char* gemm_path_name(GemmPath p);
 void set_gemm_path(GemmPath p);
 GemmPath gemm_path();
+
+// Benchmarks (`bench train --breakdown-gemm`): with the profiler's detail rows on
+// (core/profiler.h), every product called on the driving thread is charged to a row "  GEMM"
+// (with its FLOPs), the BF16 operand rounding to "  GEMM: bf16 operand rounding", and its time
+// per product shape is kept here (wall seconds of the calls, FLOPs 2MNK).
+struct GemmShapeStat {
+  Precision precision = Precision::FP32;
+  bool trans_a = false, trans_b = false, accumulate = false;
+  i64 M = 0, N = 0, K = 0, calls = 0;
+  double seconds = 0;
+  std::string impl;  // the last call's path: oneDNN implementation, "sgemm", "packed", ...
+};
+std::vector<GemmShapeStat> gemm_shape_stats(bool reset);
 
 // Fixed-shape cache tuning (tests shrink it to reach the eviction path and every shape).
 struct GemmCacheConfig {

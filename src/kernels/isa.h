@@ -30,6 +30,8 @@ void set_isa(Isa i);
 // The CPU's vector extensions that matter here, e.g. "avx2 fma avx512f avx512bw avx512vl
 // avx512dq avx512bf16" (amx-tile / amx-bf16 appended where present).
 std::string cpu_isa_features();
+// The CPU has AMX-BF16 (and AVX512-BF16) and the kernel granted this process the tile state.
+bool amx_bf16_usable();
 // One line for --version and benchmarks: "avx512 (dispatched; available: scalar avx2 avx512;
 // CPU: avx2 fma ...)" or "avx512 (native build; CPU: ...)".
 std::string isa_summary();

@@ -97,4 +97,38 @@ inline double exp_sum(const float* x, i64 n, float m) {
 #endif
 }
 
+#ifdef DLCM_AVX512
+// dst[c*ldd + r] = src[r*ld + c] for a full 16x16 tile, in registers: unpack pairs of rows,
+// then 4x4 shuffles inside 128-bit lanes, then two rounds of lane shuffles.
+// (GCC 12 flags the intrinsics' internal undefined pass-through operand; a false positive.)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+inline void transpose16(float* dst, i64 ldd, const float* src, i64 ld) {
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * ld);
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  // r[4i+k], 128-bit lane L: column 4L+k of rows 4i..4i+3.
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+    r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+  for (int k = 0; k < 4; ++k) {
+    const __m512 x0 = _mm512_shuffle_f32x4(r[k], r[4 + k], 0x88);
+    const __m512 x1 = _mm512_shuffle_f32x4(r[k], r[4 + k], 0xDD);
+    const __m512 y0 = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0x88);
+    const __m512 y1 = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0xDD);
+    _mm512_storeu_ps(dst + k * ldd, _mm512_shuffle_f32x4(x0, y0, 0x88));
+    _mm512_storeu_ps(dst + (4 + k) * ldd, _mm512_shuffle_f32x4(x1, y1, 0x88));
+    _mm512_storeu_ps(dst + (8 + k) * ldd, _mm512_shuffle_f32x4(x0, y0, 0xDD));
+    _mm512_storeu_ps(dst + (12 + k) * ldd, _mm512_shuffle_f32x4(x1, y1, 0xDD));
+  }
+}
+#pragma GCC diagnostic pop
+#endif
+
 }  // namespace dlcm::ops::DLCM_ISA_NS::simd

@@ -2,6 +2,10 @@
 
 #include <algorithm>
 #include <array>
+#include <cstdint>
+#include <vector>
+
+#include "kernels/isa.h"
 
 #include "kernels/isa_target.h"  // last include: the variant's target and namespace
 #include "kernels/simd.h"
@@ -85,8 +89,164 @@ void tile_mm(float* C, i64 ldc, const float* A, i64 rsa, i64 csa, const float* B
     }
   }
 }
+
+// ---- AMX-BF16 ----
+// Packed operands, per thread: A as bf16 rows [Mp][Kp], B in the tiles' pair-interleaved
+// ("VNNI") layout [Kp/2][Np][2], C as FP32 [Mp][Np]; Mp, Np, Kp rounded up to 32 and the
+// padding zero, so every tile is full. Tile registers: 0-3 C (2 x 2 tiles of 16 x 16 FP32),
+// 4-5 A (16 rows x 32 bf16), 6-7 B (16 pairs x 16 columns).
+#define DLCM_AMX_TARGET                                                                        \
+  __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,"      \
+                        "amx-tile,amx-bf16")))
+namespace {
+
+template <typename T>
+using AVec = std::vector<T, AlignedAlloc<T>>;
+
+struct AmxScratch {
+  AVec<uint16_t> a, b;
+  AVec<float> c;
+};
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+DLCM_AMX_TARGET inline __m256i to_bf16x16(__m512 x) { return (__m256i)_mm512_cvtneps_pbh(x); }
+
+// A(r, k) for r < M, k < K into a [Mp][Kp] bf16 block (zero padding).
+DLCM_AMX_TARGET void amx_pack_a(uint16_t* d, i64 Mp, i64 Kp, const float* A, i64 rsa, i64 csa,
+                                i64 M, i64 K) {
+  if (csa == 1) {  // rows of A contiguous
+    for (i64 r = 0; r < M; ++r)
+      for (i64 k = 0; k < Kp; k += 16) {
+        const __mmask16 m = k < K ? simd::tail_mask(K - k) : __mmask16(0);
+        _mm256_store_si256((__m256i*)(d + r * Kp + k),
+                           to_bf16x16(_mm512_maskz_loadu_ps(m, A + r * rsa + k)));
+      }
+  } else if (rsa == 1) {  // columns of A contiguous (a transposed tile): 16 x 16 transposes
+    alignas(64) float src[16 * 16], t[16 * 16];
+    for (i64 r0 = 0; r0 < M; r0 += 16) {
+      const __mmask16 mr = simd::tail_mask(M - r0);
+      for (i64 k0 = 0; k0 < Kp; k0 += 16) {
+        for (i64 kk = 0; kk < 16; ++kk) {
+          const i64 k = k0 + kk;
+          _mm512_store_ps(src + kk * 16, k < K ? _mm512_maskz_loadu_ps(mr, A + r0 + k * csa)
+                                               : _mm512_setzero_ps());
+        }
+        simd::transpose16(t, 16, src, 16);  // t[r][kk]
+        for (i64 rr = 0; rr < 16 && r0 + rr < M; ++rr)
+          _mm256_store_si256((__m256i*)(d + (r0 + rr) * Kp + k0),
+                             to_bf16x16(_mm512_load_ps(t + rr * 16)));
+      }
+    }
+  } else {
+    alignas(64) float row[16];
+    for (i64 r = 0; r < M; ++r)
+      for (i64 k0 = 0; k0 < Kp; k0 += 16) {
+        for (i64 kk = 0; kk < 16; ++kk)
+          row[kk] = k0 + kk < K ? A[r * rsa + (k0 + kk) * csa] : 0.0f;
+        _mm256_store_si256((__m256i*)(d + r * Kp + k0), to_bf16x16(_mm512_load_ps(row)));
+      }
+  }
+  std::fill(d + M * Kp, d + Mp * Kp, uint16_t(0));
+}
+
+// B[k][n] for k < K, n < N into pairs of rows interleaved: d[(k/2)*2*Np + 2n + k%2].
+DLCM_AMX_TARGET void amx_pack_b(uint16_t* d, i64 Np, i64 Kp, const float* B, i64 ldb, i64 K,
+                                i64 N) {
+  // words 0-15 of the two-row conversion are row k, 16-31 row k+1: interleave them
+  alignas(64) static const uint16_t kIdx[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,
+                                                21, 6, 22, 7, 23, 8, 24, 9,  25, 10, 26,
+                                                11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i idx = _mm512_load_si512(kIdx);
+  for (i64 k = 0; k < Kp; k += 2)
+    for (i64 n = 0; n < Np; n += 16) {
+      const __mmask16 m = n < N ? simd::tail_mask(N - n) : __mmask16(0);
+      const __m512 r0 = k < K ? _mm512_maskz_loadu_ps(m, B + k * ldb + n) : _mm512_setzero_ps();
+      const __m512 r1 =
+          k + 1 < K ? _mm512_maskz_loadu_ps(m, B + (k + 1) * ldb + n) : _mm512_setzero_ps();
+      const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(r1, r0);
+      _mm512_store_si512(d + k * Np + 2 * n, _mm512_permutexvar_epi16(idx, both));
+    }
+}
+
+DLCM_AMX_TARGET void amx_mm(float* C, i64 ldc, const float* A, i64 rsa, i64 csa,
+                            const float* B, i64 ldb, i64 M, i64 N, i64 K, float alpha, bool acc) {
+  const auto up = [](i64 x) { return std::max<i64>(32, (x + 31) / 32 * 32); };
+  const i64 Mp = up(M), Np = up(N), Kp = up(K);
+  thread_local AmxScratch s;
+  if (s.a.size() < size_t(Mp * Kp)) s.a.resize(Mp * Kp);
+  if (s.b.size() < size_t(Kp * Np)) s.b.resize(Kp * Np);
+  if (s.c.size() < size_t(Mp * Np)) s.c.resize(Mp * Np);
+  amx_pack_a(s.a.data(), Mp, Kp, A, rsa, csa, M, K);
+  amx_pack_b(s.b.data(), Np, Kp, B, ldb, K, N);
+  // The tile configuration is per thread and oneDNN's AMX kernels set their own: load ours on
+  // every call (tens of cycles against the thousands of a tile product).
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+  const uint16_t* a = s.a.data();
+  const uint16_t* b = s.b.data();
+  float* c = s.c.data();
+  const i64 sa = Kp * 2, sb = Np * 4, sc = Np * 4;  // tile row strides in bytes
+  for (i64 i = 0; i < Mp; i += 32)
+    for (i64 j = 0; j < Np; j += 32) {
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (i64 k = 0; k < Kp; k += 32) {
+        _tile_loadd(4, a + i * Kp + k, sa);
+        _tile_loadd(5, a + (i + 16) * Kp + k, sa);
+        _tile_loadd(6, b + k * Np + 2 * j, sb);
+        _tile_loadd(7, b + k * Np + 2 * (j + 16), sb);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+      _tile_stored(0, c + i * Np + j, sc);
+      _tile_stored(1, c + i * Np + j + 16, sc);
+      _tile_stored(2, c + (i + 16) * Np + j, sc);
+      _tile_stored(3, c + (i + 16) * Np + j + 16, sc);
+    }
+  _tile_release();  // leave no tile state in use (it would be saved at every context switch)
+  const __m512 al = _mm512_set1_ps(alpha);
+  for (i64 r = 0; r < M; ++r)
+    for (i64 n = 0; n < N; n += 16) {
+      const __mmask16 m = simd::tail_mask(N - n);
+      float* dst = C + r * ldc + n;
+      const __m512 x = _mm512_load_ps(c + r * Np + n);
+      _mm512_mask_storeu_ps(dst, m, acc ? _mm512_fmadd_ps(x, al, _mm512_maskz_loadu_ps(m, dst))
+                                        : _mm512_mul_ps(x, al));
+    }
+}
+
+}  // namespace
+
+// (The AMX target stays on the internal function: a target attribute on a declared kernel
+// would make GCC treat the definition as one version of a multi-versioned function.)
+void tile_mm_amx(float* C, i64 ldc, const float* A, i64 rsa, i64 csa, const float* B, i64 ldb,
+                 i64 M, i64 N, i64 K, float alpha, bool acc) {
+  DLCM_CHECK(amx_bf16_usable(), "tile_mm_amx: this CPU (or the kernel) offers no AMX-BF16 tiles");
+  if (M <= 0 || N <= 0) return;
+  amx_mm(C, ldc, A, rsa, csa, B, ldb, M, N, K, alpha, acc);
+}
+#undef DLCM_AMX_TARGET
 #else
 }  // namespace
+void tile_mm_amx(float*, i64, const float*, i64, i64, const float*, i64, i64, i64, i64, float,
+                 bool) {
+  fail("tile_mm_amx: AMX tile products need the avx512 kernels (DLCM_ISA=avx512) on a CPU with "
+       "AMX-BF16; this process runs the ", isa_name(isa()), " kernels");
+}
 void tile_mm(float* C, i64 ldc, const float* A, i64 rsa, i64 csa, const float* B, i64 ldb, i64 M,
         i64 N, i64 K, float alpha, bool acc) {
   for (i64 i = 0; i < M; ++i) {

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "core/profiler.h"
 #include "kernels/dlcm_ops.h"
 #include "kernels/gemm.h"
 #include "kernels/ops.h"
@@ -107,13 +108,29 @@ const float* TransformerStack::forward(const float* x, const i32* pos, i64 B, i6
   return cur;
 }
 
+// (query, key) pairs the causal (or windowed) attention of B rows of L tokens computes (FLOP
+// counts of the benchmark's detail rows).
+double TransformerStack::attention_pairs(i64 B, i64 L) const {
+  const i64 w = dims_.window;
+  double per_row = 0;
+  if (w > 0 && w < L)
+    per_row = double(w) * (w + 1) / 2 + double(L - w) * w;
+  else
+    per_row = double(L) * (L + 1) / 2;
+  return double(B) * per_row;
+}
+
 void TransformerStack::block_forward(i64 l, const float* x, const i32* pos, i64 B, i64 L) {
   const BlockDims& d = dims_;
   BlockActs& A = acts_[l];
   block_qkv(l, x, pos, B * L, A);
   const float scale = 1.0f / std::sqrt(float(d.head_dim));
-  ops::attention_forward(A.att.data(), A.lse.data(), A.q.data(), A.k.data(), A.v.data(), B, L, L,
-                         d.n_heads, d.n_kv_heads, d.head_dim, 0, scale, d.window);
+  {
+    prof::DetailScope ps("  attention kernel",
+                         4.0 * attention_pairs(B, L) * d.n_heads * d.head_dim);
+    ops::attention_forward(A.att.data(), A.lse.data(), A.q.data(), A.k.data(), A.v.data(), B, L,
+                           L, d.n_heads, d.n_kv_heads, d.head_dim, 0, scale, d.window);
+  }
   block_out(l, x, A.out.data(), B * L, A);
 }
 
@@ -351,9 +368,13 @@ void TransformerStack::block_backward(i64 l, float* dx, const float* dout, const
   clear(G.k, N * d.kv_dim());
   clear(G.v, N * d.kv_dim());
   const float scale = 1.0f / std::sqrt(float(d.head_dim));
-  ops::attention_backward(G.q.data(), G.k.data(), G.v.data(), G.att.data(), A.att.data(),
-                          A.lse.data(), A.q.data(), A.k.data(), A.v.data(), B, L, L, d.n_heads,
-                          d.n_kv_heads, d.head_dim, 0, scale, d.window);
+  {
+    prof::DetailScope ps("  attention kernel",
+                         8.0 * attention_pairs(B, L) * d.n_heads * d.head_dim);
+    ops::attention_backward(G.q.data(), G.k.data(), G.v.data(), G.att.data(), A.att.data(),
+                            A.lse.data(), A.q.data(), A.k.data(), A.v.data(), B, L, L, d.n_heads,
+                            d.n_kv_heads, d.head_dim, 0, scale, d.window);
+  }
   if (n_ext_ > 0) {
     // The prefix rows read this layer's keys/values: their share joins G.k/G.v before the
     // keys' RoPE/QK-norm backward.

@@ -140,6 +140,7 @@ class TransformerStack {
 
  private:
   void block_forward(i64 l, const float* x, const i32* pos, i64 B, i64 L);
+  double attention_pairs(i64 B, i64 L) const;
   // The two halves of a block around its attention core, shared by forward and forward_cached:
   // attn_norm, q/k/v projections, QK-norm, RoPE into A.xn1/q/k/v; then wo, residual and the
   // FFN sub-layer into `out` (A's mid/xn2/a/b/h as scratch).

@@ -145,7 +145,13 @@ struct Engine {
   // thread (idle-machine estimate), MFU (wall, idle estimate), the ratio to the PyTorch peer
   // (wall, CPU time, idle estimate)
   std::vector<double> rate, cpu_rate, idle_rate, mfu, idle_mfu;
-  std::map<std::string, double> prof_sec, prof_cpu;
+  std::map<std::string, double> prof_sec, prof_cpu, prof_flops;
+  struct ShapeRow {
+    i64 calls = 0;
+    double sec = 0, flops = 0;
+    std::string impl;
+  };
+  std::map<std::string, ShapeRow> gemm_shapes;  // --breakdown-gemm: per product shape
   std::vector<std::string> prof_order;
   i64 prof_steps = 0;
   double sum_F = 0;
@@ -195,7 +201,7 @@ std::map<std::string, double> component_flops(const Config& cfg, double R) {
   return f;
 }
 
-void print_breakdown(const Engine& e, const Config& cfg, double tokens_per_step) {
+void print_breakdown(const Engine& e, const Config& cfg, double tokens_per_step, bool gemm_rows) {
   if (e.prof_steps == 0) return;
   const double R = e.n_F > 0 && e.sum_F > 0 ? e.n_F / e.sum_F : cfg.model.target_R;
   auto fl = component_flops(cfg, R);
@@ -213,9 +219,13 @@ void print_breakdown(const Engine& e, const Config& cfg, double tokens_per_step)
     const double sec = e.prof_sec.at(name) / e.prof_steps;
     auto it = fl.find(name);
     char gf[32] = "";
-    if (it != fl.end() && it->second > 0 && sec > 0) {
+    if (it != fl.end() && it->second > 0) model_flops += 3 * it->second * tokens_per_step;
+    const double counted = e.prof_flops.count(name) ? e.prof_flops.at(name) : 0;
+    if (counted > 0 && sec > 0) {  // the GEMM rows: the products' own FLOPs
+      std::snprintf(gf, sizeof gf, "%10.1f", counted / e.prof_steps / sec / 1e9);
+    } else if (it != fl.end() && it->second > 0 && sec > 0 && !gemm_rows) {
+      // (with GEMM rows a component's time no longer includes its products)
       std::snprintf(gf, sizeof gf, "%10.1f", 3 * it->second * tokens_per_step / sec / 1e9);
-      model_flops += 3 * it->second * tokens_per_step;
     } else if (name == "optimizer" && sec > 0) {
       // AdamW reads w, g, m, v and writes w, m, v; clipping reads g twice; zero_grad writes g.
       const double bytes = 40.0 * e.tr->model().params().total();
@@ -229,6 +239,18 @@ void print_breakdown(const Engine& e, const Config& cfg, double tokens_per_step)
   std::printf("  %-28s %10.1f %6.1f%% %10.1f  %12.1f %6.1f%%\n", "total", 1e3 * total / e.prof_steps,
               100.0, model_flops / (total / e.prof_steps) / 1e9, 1e3 * total_cpu / e.prof_steps,
               100.0);
+  if (e.gemm_shapes.empty()) return;
+  // the products by time, with the operand rounding of BF16 inside each product's time
+  std::vector<std::pair<std::string, Engine::ShapeRow>> rows(e.gemm_shapes.begin(),
+                                                             e.gemm_shapes.end());
+  std::sort(rows.begin(), rows.end(),
+            [](auto& x, auto& y) { return x.second.sec > y.second.sec; });
+  std::printf("  GEMMs by shape (op M x N x K, +C accumulates; time includes BF16 operand rounding):\n");
+  std::printf("    %-26s %9s %10s %9s  %s\n", "product", "calls/step", "ms/step", "GFLOP/s",
+              "implementation");
+  for (auto& [k, r] : rows)
+    std::printf("    %-26s %9.1f %10.1f %9.1f  %s\n", k.c_str(), double(r.calls) / e.prof_steps,
+                1e3 * r.sec / e.prof_steps, r.flops / r.sec / 1e9, r.impl.c_str());
 }
 
 }  // namespace
@@ -353,7 +375,10 @@ static PeerSpec parse_peer_spec(const std::string& spec) {
   return p;
 }
 
-int cmd_bench_train(const BenchTrainArgs& a) {
+int cmd_bench_train(const BenchTrainArgs& args) {
+  BenchTrainArgs a = args;
+  a.breakdown = a.breakdown || a.breakdown_gemm;
+  prof::set_detail(a.breakdown_gemm);
   Config cfg = bench_config(a.config, a.sets);
   cfg.train.warmup_steps = 0;
   cfg.train.schedule = "constant";
@@ -529,6 +554,18 @@ int cmd_bench_train(const BenchTrainArgs& a) {
           if (!e.prof_sec.count(en.name)) e.prof_order.push_back(en.name);
           e.prof_sec[en.name] += en.seconds;
           e.prof_cpu[en.name] += en.cpu_seconds;
+          e.prof_flops[en.name] += en.flops;
+        }
+        for (const ops::GemmShapeStat& g : ops::gemm_shape_stats(true)) {
+          char key[96];
+          std::snprintf(key, sizeof key, "%s%s%s %6lld x %5lld x %5lld", g.trans_a ? "T" : "N",
+                        g.trans_b ? "T" : "N", g.accumulate ? "+C" : "  ", (long long)g.M,
+                        (long long)g.N, (long long)g.K);
+          auto& row = e.gemm_shapes[key];
+          row.calls += g.calls;
+          row.sec += g.seconds;
+          row.flops += 2.0 * double(g.M) * double(g.N) * double(g.K) * double(g.calls);
+          row.impl = g.impl;
         }
         e.prof_steps += a.steps;
       }
@@ -633,7 +670,7 @@ int cmd_bench_train(const BenchTrainArgs& a) {
   for (auto& pr : peers)
     std::printf("        %s peer: peak RSS %.1f MiB\n", pr.label.c_str(), pr.rss);
   if (a.breakdown)
-    for (auto& e : eng) print_breakdown(e, cfg, tokens_per_step);
+    for (auto& e : eng) print_breakdown(e, cfg, tokens_per_step, a.breakdown_gemm);
   return 0;
 }
 

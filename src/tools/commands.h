@@ -149,6 +149,7 @@ struct BenchTrainArgs {
   std::vector<std::string> gemm_paths;  // "runtime"/"fixed" engines side by side; empty = the
                                         // process's (DLCM_GEMM, else fixed on AMX CPUs)
   bool breakdown = false;               // per-component time of a step (StepProfiler)
+  bool breakdown_gemm = false;          // with breakdown: GEMMs (and BF16 rounding) as own rows
   double R = -1;                        // dlcm: given concepts of mean length R (-1: target_R,
                                         // 0: sample boundaries from the router)
 };

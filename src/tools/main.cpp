@@ -156,6 +156,9 @@ int main(int argc, char** argv) {
   btrain->add_option("--gemm", ba.gemm_paths, "runtime and/or fixed: oneDNN GEMM paths timed side by side (default: DLCM_GEMM, else fixed on AMX CPUs, runtime elsewhere)")
       ->delimiter(',')->check(CLI::IsMember({"runtime", "fixed"}));
   btrain->add_flag("--breakdown", ba.breakdown, "per-component time of a training step");
+  btrain->add_flag("--breakdown-gemm", ba.breakdown_gemm,
+                   "--breakdown with every GEMM, and the BF16 operand rounding, in rows of their "
+                   "own (the components keep the rest: attention, norms, elementwise work)");
   btrain->add_option("--R", ba.R, "dlcm: concepts of 1+Geometric lengths with this mean (default target_R; 0 = sample from the router)");
   add_threads(btrain);
 
