@@ -78,6 +78,23 @@ def design_table(runs):
     return "\n".join(rows)
 
 
+def row_position_table(runs):
+    """CE by the target's position in its row (dlcm eval's val_ce_by_row_position), for the runs
+    whose eval has it; None when none has."""
+    have = [r for r in runs if (r.get("eval") or {}).get("val_ce_by_row_position")]
+    if not have:
+        return None
+    widest = max(have, key=lambda r: len(r["eval"]["val_ce_by_row_position"]["from"]))
+    b = widest["eval"]["val_ce_by_row_position"]
+    heads = [f"positions {f}-{t}" for f, t in zip(b["from"], b["to"])]
+    rows = ["| run | " + " | ".join(heads) + " |", "|---|" + "---|" * len(heads)]
+    for r in have:
+        ce = r["eval"]["val_ce_by_row_position"]["ce"]
+        cells = [fmt(float(x)) for x in ce] + ["-"] * (len(heads) - len(ce))
+        rows.append(f"| {r['name']} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 def mean_std(xs):
     xs = [x for x in xs if x is not None]
     if not xs:
@@ -218,6 +235,11 @@ def main():
         print(f"## {phase}\n")
         print(main_table(runs) if phase == "main" else design_table(runs))
         print()
+        rp = row_position_table(runs)
+        if rp:
+            print("Validation CE by position in the row:\n")
+            print(rp)
+            print()
         if phase == "main" and a.design:
             pt = paired_table(runs, a.design)
             if pt is None:

@@ -99,4 +99,13 @@ if $py "$src/scripts/science_report.py" --out "$tmp/rep" --design bar >/dev/null
 grep -q "no evaluated main-phase run of it" "$tmp/err" || fail "--design bar: unexpected message"
 if $py "$src/scripts/science_report.py" --out "$tmp/nothing" --best-lr foo 2>"$tmp/err"; then fail "--best-lr without runs succeeded"; fi
 grep -q "no evaluated lr-phase run for foo" "$tmp/err" || fail "--best-lr without runs: unexpected message"
+# 7. the CE-by-row-position table, for the runs whose eval has it
+mkdir -p "$tmp/rp/design/a" "$tmp/rp/design/b"
+echo '{"val_loss": 4.0, "val_ce_by_row_position": {"from": [0, 16], "to": [16, 40], "ce": [4.5, 3.9], "tokens": [30, 70]}}' > "$tmp/rp/design/a/eval.json"
+echo '{"val_loss": 4.1}' > "$tmp/rp/design/b/eval.json"
+$py "$src/scripts/science_report.py" --out "$tmp/rp" > "$tmp/report" || fail "report with row positions failed"
+grep -qF "| run | positions 0-16 | positions 16-40 |" "$tmp/report" || fail "row-position header: $(cat "$tmp/report")"
+grep -qF "| a | 4.5000 | 3.9000 |" "$tmp/report" || fail "row-position row"
+grep -q "^| b | 4" "$tmp/report" || fail "run b missing from the design table"
+[ "$(grep -c '^| b |' "$tmp/report")" = 1 ] || fail "run b without row positions appears in the row-position table"
 echo "science_tools_check: ok"

@@ -7,6 +7,7 @@
 
 #include "core/safetensors.h"
 #include "eval/concept_usage.h"
+#include "eval/validate.h"
 #include "model_fixtures.h"
 #include "testing.h"
 #include "train/trainer.h"
@@ -285,6 +286,54 @@ TEST(ConceptUsage, AggregatesOverTheSplitAndLeavesTrainingAlone) {
   auto base = make_initialised_model(bc.model, 1);
   EXPECT_FALSE(measure_concept_usage(*base, split, 3, 16).applicable);
   EXPECT_FALSE(measure_concept_usage(*m, TrainData{}, 3, 16).applicable);  // no split
+}
+
+// Validation's CE by position in the row (dlcm eval's val_ce_by_row_position): the buckets
+// 0-16, 16-64, ... split the validation CE and its targets exactly, ignored targets excluded,
+// each bucket's CE is the mean of the per-position losses at those positions.
+TEST(Validation, CeByRowPositionSplitsTheLoss) {
+  EXPECT_EQ(row_position_buckets(0), std::vector<i64>{});
+  EXPECT_EQ(row_position_buckets(16), std::vector<i64>{0});
+  EXPECT_EQ(row_position_buckets(17), (std::vector<i64>{0, 16}));
+  EXPECT_EQ(row_position_buckets(1024), (std::vector<i64>{0, 16, 64, 256}));
+  EXPECT_EQ(row_position_buckets(1025), (std::vector<i64>{0, 16, 64, 256, 1024}));
+  for (const bool dlcm : {false, true}) {
+    SCOPED_TRACE(dlcm ? "dlcm" : "baseline");
+    Config c = dlcm ? variant("first", "inclusive", true, "replicate") : test::tiny_baseline();
+    c.model.max_seq_len = 64;
+    const i64 B = 2, L = 40;  // buckets 0-16, 16-40
+    auto m = jittered_model(c, 5);
+    std::vector<Rows> batches = {make_rows(c, B, L, 7), make_rows(c, B, L, 8)};
+    batches[1].tgt[B * L - 20] = -1;  // an ignored target in the second bucket (row 1, t = 20)
+    TrainData split;
+    split.val_count = [](i64, i64) { return 2; };
+    split.val_batch = [&](i64 i, i64, i64, i32* tok, i32* tgt) {
+      std::copy(batches[i].tok.begin(), batches[i].tok.end(), tok);
+      std::copy(batches[i].tgt.begin(), batches[i].tgt.end(), tgt);
+    };
+    const ValResult v = validate_split(*m, split, B, L);
+    ASSERT_EQ(v.row_pos_from, (std::vector<i64>{0, 16}));
+    ASSERT_EQ(v.row_pos_to, (std::vector<i64>{16, 40}));
+    // by hand: each batch's per-position losses, bucketed
+    double ce[2] = {0, 0};
+    i64 n[2] = {0, 0};
+    for (const Rows& d : batches) {
+      std::vector<float> rl(B * L);
+      m->eval_micro(Batch{d.tok.data(), d.tgt.data(), B, L, 0}, rl.data());
+      for (i64 j = 0; j < B * L; ++j)
+        if (d.tgt[j] >= 0) ce[j % L >= 16] += rl[j], ++n[j % L >= 16];
+    }
+    // make_rows ignores each row's last target and target 3 of row 0; plus the one above
+    EXPECT_EQ(n[0], 2 * (B * 16) - 2);
+    EXPECT_EQ(n[1], 2 * (B * 24 - B) - 1);
+    for (int k = 0; k < 2; ++k) {
+      EXPECT_EQ(v.row_pos_tokens[k], n[k]);
+      EXPECT_NEAR(v.row_pos_ce[k], ce[k] / n[k], 1e-9);
+    }
+    EXPECT_EQ(v.row_pos_tokens[0] + v.row_pos_tokens[1], v.tokens);
+    EXPECT_NEAR((v.row_pos_ce[0] * n[0] + v.row_pos_ce[1] * n[1]) / v.tokens, v.loss, 1e-6);
+    EXPECT_GT(std::abs(v.row_pos_ce[0] - v.row_pos_ce[1]), 1e-4);  // two different means
+  }
 }
 
 // TrainOptions::concept_usage (dlcm train --concept-usage): every logged evaluation carries the

@@ -463,6 +463,20 @@ json eval_report(const EvalArgs& a, int* rc_out) {
     r["val_tokens"] = v.tokens;
     r["seq_len"] = cfg.train.seq_len;
     if (v.compression > 0) r["val_compression"] = v.compression;
+    r["val_ce_by_row_position"] = {{"from", v.row_pos_from},
+                                   {"to", v.row_pos_to},
+                                   {"ce", v.row_pos_ce},
+                                   {"tokens", v.row_pos_tokens}};
+    if (!a.quiet) {
+      std::string line = "[eval] validation CE by position in the row:";
+      char buf[96];
+      for (size_t k = 0; k < v.row_pos_ce.size(); ++k) {
+        std::snprintf(buf, sizeof buf, " %lld-%lld: %.4f", (long long)v.row_pos_from[k],
+                      (long long)v.row_pos_to[k], v.row_pos_ce[k]);
+        line += buf;
+      }
+      std::fprintf(stderr, "%s\n", line.c_str());
+    }
     if (a.concept_usage) {
       ConceptUsageResult u = measure_concept_usage(*m, data, cfg.train.batch_size,
                                                    cfg.train.seq_len, a.usage_batches);
