@@ -535,6 +535,13 @@ void run_attention_at(const Case& c, Mode m, bool bf16) {
       H.bwd(Fast, o, R.data(), g32);
     }
     EXPECT_GT(scaled_err(g16[2], g32[2], 1e-30), 1e-5) << "bf16 attention equals the FP32 one";
+    // and the forward ran on the tiles too (the row path for few queries stays FP32)
+    if (c.Lq >= 16) {
+      auto o32 = alloc(H.out_sizes);
+      ops::PrecisionScope fp(ops::Precision::FP32);
+      H.fwd(Fast, o32);
+      EXPECT_GT(scaled_err(o[0], o32[0], 1e-30), 1e-5) << "bf16 forward equals the FP32 one";
+    }
   }
 
   // Causality: replacing k/v at positions > q_offset + i leaves rows <= i bit-identical.

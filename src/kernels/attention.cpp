@@ -7,6 +7,11 @@
 // Saves lse = m + log(l). Few queries (decoding) take a row-layout path instead,
 // attention_forward_rows, one task per (batch, kv head).
 //
+// BF16 on AMX: with the GEMMs in BF16 on a CPU with AMX tiles, both passes of the block path
+// run on the tiles with their operands kept in the tiles' layouts (attention_forward_amx,
+// attention_backward_amx: bf16 operands as the BF16 GEMMs round them, FP32 accumulation and
+// softmax). Decoding's row path stays FP32.
+//
 // Backward: one task per (batch, kv head). The task owns every query head of its group, so it
 // can accumulate dq, dk and dv without races or per-thread copies: for each key block it
 // recomputes P = exp(S - lse) for every query block that sees it, and forms
@@ -33,6 +38,7 @@
 
 #include "kernels/isa_target.h"  // last include: the variant's target and namespace
 #include "kernels/simd.h"
+#include "kernels/amx.h"
 
 namespace dlcm::ops::DLCM_ISA_NS {
 
@@ -100,6 +106,8 @@ void softmax_cols(float* st, i64 nk, i64 mq, float* m, float* l, float* corr) {
 
 // The tile product of one attention call: tile_mm() (FP32), or, with the GEMMs in BF16 on a CPU
 // with AMX, tile_mm_amx() (operands rounded to bf16, FP32 accumulation), as the BF16 GEMMs do.
+// (There the tile-layout kernels below run instead, except for a scale <= 0, which their
+// masking of unscaled scores does not allow.)
 struct TileProduct {
   bool amx = false;
   TileProduct() {
@@ -115,6 +123,416 @@ struct TileProduct {
     tile_mm(C, ldc, A, rsa, csa, B, ldb, M, N, K, alpha, acc);
   }
 };
+
+// A key block's dK and dV (rows ld apart in the task's accumulators) into dk and dv (+=), dK
+// times ks: the rows of key j0 + j, kv head g, batch b.
+void add_key_grads(float* dk, float* dv, const float* dka, const float* dva, i64 ld, float ks,
+                   i64 b, i64 g, i64 j0, i64 nk, i64 Lk, i64 Hkv, i64 hd) {
+  for (i64 j = 0; j < nk; ++j) {
+    float* dkr = dk + ((b * Lk + j0 + j) * Hkv + g) * hd;
+    float* dvr = dv + ((b * Lk + j0 + j) * Hkv + g) * hd;
+    const float* a = dka + j * ld;
+    const float* c = dva + j * ld;
+#pragma omp simd
+    for (i64 x = 0; x < hd; ++x) {
+      dkr[x] += ks * a[x];
+      dvr[x] += c[x];
+    }
+  }
+}
+
+#ifdef DLCM_AVX512
+// ---- Forward on AMX tiles, in the tiles' own layouts (BF16 precision on an AMX CPU) ----
+// The block path's schedule (one task per batch, query head and query block; key blocks in
+// order with an online softmax), with every operand kept in the layout a tile reads, instead
+// of packed again for each product as tile_mm_amx() must:
+//   per call       K as A operands [Lkp][hdp] and V^T as A operands [hdp][BK] per key block
+//                  (on the BK grid), for every batch and kv head: converted once, where each
+//                  task would convert every block it visits again (and converted long before
+//                  a tile loads them: tile loads of data that vector stores just wrote stall);
+//   per task       Q^T as a B operand [hdp/2][BQ][2] (pairs of channels interleaved);
+//   per key block  S^T = K Q^T in FP32 [BK][BQ]; the online softmax writes P^T (bf16)
+//                  straight into a B operand [BK/2][BQ][2]; O^T [hdp][BQ] += V^T P^T,
+//                  accumulated in FP32 in memory, so rescaling by the softmax correction is a
+//                  vertical multiply.
+// hdp is hd rounded up to 32, Lkp is Lk rounded up to BK, all padding zero, so every tile is
+// full. Key blocks lie on the BK grid, so with a window a tile's first block may hold no key
+// some query sees (the softmax then keeps that query's statistics empty). Q, K, V and P are
+// rounded to bf16 as the BF16 GEMMs round their operands; scores, softmax, lse and the
+// accumulation stay FP32. Tiles: 0-3 C (2 x 2 of 16 x 16 FP32), 4-5 A, 6-7 B.
+
+// Rows [n][hd] (ld apart) -> bf16 rows [rows_p][hdp], zero beyond n rows and hd columns.
+DLCM_AMX_TARGET void amx_rows(uint16_t* d, i64 hdp, const float* src, i64 ld, i64 n, i64 rows_p,
+                              i64 hd) {
+  for (i64 r = 0; r < n; ++r)
+    for (i64 c = 0; c < hdp; c += 32) {
+      const __m512 lo =
+          _mm512_maskz_loadu_ps(simd::tail_mask(std::max<i64>(0, hd - c)), src + r * ld + c);
+      const __m512 hi = _mm512_maskz_loadu_ps(simd::tail_mask(std::max<i64>(0, hd - c - 16)),
+                                              src + r * ld + c + 16);
+      _mm512_store_si512(d + r * hdp + c, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+    }
+  std::fill(d + n * hdp, d + rows_p * hdp, uint16_t(0));
+}
+
+// Q rows [mq][hd] -> Q^T as a B operand. Channels 2p and 2p+1 of query r form one 32-bit word
+// of a bf16 row; the B layout wants word (p, r) at p*BQ + r: a 32-bit transpose of the rows.
+DLCM_AMX_TARGET void amx_qt(uint16_t* d, uint16_t* tmp, const float* q, i64 ld, i64 mq, i64 hd,
+                            i64 hdp) {
+  amx_rows(tmp, hdp, q, ld, mq, BQ, hd);  // [BQ][hdp] bf16 = [BQ][hdp/2] words
+  const i64 np = hdp / 2;
+  const float* w = reinterpret_cast<const float*>(tmp);  // moved by shuffles only: bits kept
+  for (i64 r = 0; r < BQ; r += 16)
+    for (i64 p = 0; p < np; p += 16)
+      simd::transpose16(reinterpret_cast<float*>(d) + p * BQ + r, BQ, w + r * np + p, np);
+}
+
+// V rows [n][hd] -> V^T as an A operand [hdp][BK] bf16, zero beyond n keys and hd channels.
+DLCM_AMX_TARGET void amx_vt(uint16_t* d, float* tmp, const float* v, i64 ld, i64 n, i64 hd,
+                            i64 hdp) {
+  alignas(64) float blk[16 * 16];
+  for (i64 j = 0; j < BK; j += 16)
+    for (i64 c = 0; c < hdp; c += 16) {
+      const __mmask16 mc = simd::tail_mask(std::max<i64>(0, hd - c));
+      if (j + 16 <= n && c + 16 <= hd) {
+        simd::transpose16(tmp + c * BK + j, BK, v + j * ld + c, ld);
+        continue;
+      }
+      for (i64 jj = 0; jj < 16; ++jj)
+        _mm512_store_ps(blk + jj * 16, j + jj < n ? _mm512_maskz_loadu_ps(mc, v + (j + jj) * ld + c)
+                                                  : _mm512_setzero_ps());
+      simd::transpose16(tmp + c * BK + j, BK, blk, 16);
+    }
+  for (i64 c = 0; c < hdp; ++c)
+    for (i64 j = 0; j < BK; j += 32)
+      _mm512_store_si512(d + c * BK + j,
+                         (__m512i)_mm512_cvtne2ps_pbh(_mm512_load_ps(tmp + c * BK + j + 16),
+                                                      _mm512_load_ps(tmp + c * BK + j)));
+}
+
+// C [M][N] (FP32, rows ldc apart) = (acc ? C : 0) + A B, with A as bf16 rows [M][K] (lda
+// apart) and B in the pair layout: rows 2p and 2p+1 of B interleaved, column n of pair p at
+// Bp[p * ldp + 2n] (ldp = 2N when packed alone). M, N, K multiples of 32.
+DLCM_AMX_TARGET void amx_product(float* C, i64 ldc, const uint16_t* A, i64 lda, const uint16_t* Bp,
+                                 i64 ldp, i64 M, i64 N, i64 K, bool acc) {
+  for (i64 i = 0; i < M; i += 32)
+    for (i64 j = 0; j < N; j += 32) {
+      float* c = C + i * ldc + j;
+      if (acc) {
+        _tile_loadd(0, c, ldc * 4);
+        _tile_loadd(1, c + 16, ldc * 4);
+        _tile_loadd(2, c + 16 * ldc, ldc * 4);
+        _tile_loadd(3, c + 16 * ldc + 16, ldc * 4);
+      } else {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+      }
+      for (i64 k = 0; k < K; k += 32) {
+        _tile_loadd(4, A + i * lda + k, lda * 2);
+        _tile_loadd(5, A + (i + 16) * lda + k, lda * 2);
+        _tile_loadd(6, Bp + k / 2 * ldp + 2 * j, ldp * 2);
+        _tile_loadd(7, Bp + k / 2 * ldp + 2 * (j + 16), ldp * 2);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+      _tile_stored(0, c, ldc * 4);
+      _tile_stored(1, c + 16, ldc * 4);
+      _tile_stored(2, c + 16 * ldc, ldc * 4);
+      _tile_stored(3, c + 16 * ldc + 16, ldc * 4);
+    }
+}
+
+// Rows [n][hd] (ld apart) -> the pair layout of a B operand [rows_p/2][hdp][2] (rows 2p and
+// 2p+1 interleaved per column), zero beyond n rows and hd columns.
+DLCM_AMX_TARGET void amx_pairs(uint16_t* d, const float* src, i64 ld, i64 n, i64 rows_p, i64 hd,
+                               i64 hdp) {
+  const __m512i idx = _mm512_load_si512(amx::kPairIdx);
+  for (i64 r = 0; r < rows_p; r += 2)
+    for (i64 c = 0; c < hdp; c += 16) {
+      const __mmask16 m = simd::tail_mask(std::max<i64>(0, hd - c));
+      const __m512 r0 = r < n ? _mm512_maskz_loadu_ps(m, src + r * ld + c) : _mm512_setzero_ps();
+      const __m512 r1 =
+          r + 1 < n ? _mm512_maskz_loadu_ps(m, src + (r + 1) * ld + c) : _mm512_setzero_ps();
+      _mm512_store_si512(d + r * hdp + 2 * c,
+                         _mm512_permutexvar_epi16(idx, (__m512i)_mm512_cvtne2ps_pbh(r1, r0)));
+    }
+}
+
+// softmax_cols() on unscaled scores (scale > 0 applied here), over all BQ columns (padded
+// queries' outputs are never read), writing P^T in bf16 as
+// the B operand of O^T += V^T P^T (amx_product): keys j, j+1 of query i at pv[j*BQ + 2i + (0, 1)] for even
+// j, keys >= nk zero. The running sum l adds the FP32 values.
+DLCM_AMX_TARGET void softmax_cols_tiles(const float* st, i64 nk, float scale, float* m, float* l,
+                                        float* corr, uint16_t* pv) {
+  const __m512i idx = _mm512_load_si512(amx::kPairIdx);
+  const __m512 sc = _mm512_set1_ps(scale), zero = _mm512_setzero_ps();
+  for (i64 i = 0; i < BQ; i += 16) {
+    const __m512 mo = _mm512_load_ps(m + i);
+    __m512 mx = _mm512_set1_ps(-INFINITY);
+    for (i64 j = 0; j < nk; ++j) mx = _mm512_max_ps(mx, _mm512_load_ps(st + j * BQ + i));
+    // Floored at -1e30: a query with no visible key in this block (and none before) keeps
+    // m = -1e30, l = 0 and writes zeros, instead of exp(-inf - -inf) = NaN.
+    mx = _mm512_max_ps(mo, _mm512_max_ps(_mm512_mul_ps(mx, sc), _mm512_set1_ps(-1e30f)));
+    const __m512 c = simd::exp_ps(_mm512_sub_ps(mo, mx));
+    __m512 sum = zero;
+    for (i64 j = 0; j < BK; j += 2) {
+      const __m512 e0 =
+          j < nk ? simd::exp_ps(_mm512_fmsub_ps(_mm512_load_ps(st + j * BQ + i), sc, mx)) : zero;
+      const __m512 e1 =
+          j + 1 < nk ? simd::exp_ps(_mm512_fmsub_ps(_mm512_load_ps(st + (j + 1) * BQ + i), sc, mx))
+                     : zero;
+      sum = _mm512_add_ps(sum, _mm512_add_ps(e0, e1));
+      _mm512_store_si512(pv + j * BQ + 2 * i,
+                         _mm512_permutexvar_epi16(idx, (__m512i)_mm512_cvtne2ps_pbh(e1, e0)));
+    }
+    _mm512_store_ps(l + i, _mm512_fmadd_ps(_mm512_load_ps(l + i), c, sum));
+    _mm512_store_ps(m + i, mx);
+    _mm512_store_ps(corr + i, c);
+  }
+}
+
+DLCM_AMX_TARGET void attention_forward_amx(float* out, float* lse, const float* q, const float* k,
+                                           const float* v, i64 B, i64 Lq, i64 Lk, i64 Hq, i64 Hkv,
+                                           i64 hd, i64 q_offset, float scale, i64 window,
+                                           bool par) {
+  const i64 group = Hq / Hkv, ldq = Hq * hd, ldk = Hkv * hd;
+  const i64 nqb = (Lq + BQ - 1) / BQ, ntask = B * Hq * nqb;
+  const i64 hdp = (hd + 31) / 32 * 32;
+  const i64 nkb = (Lk + BK - 1) / BK, Lkp = nkb * BK;
+  // K and V^T of every (batch, kv head) in tile layout; grown, never shrunk (per calling thread).
+  thread_local amx::AVec<uint16_t> kc, vc;
+  const size_t kv_words = size_t(B * Hkv * Lkp * hdp);
+  if (kc.size() < kv_words) {
+    kc.resize(kv_words);
+    vc.resize(kv_words);
+  }
+  // Pointers, not the thread_local names: inside the parallel regions those would name each
+  // worker thread's own (empty) buffers.
+  uint16_t* const kcp = kc.data();
+  uint16_t* const vcp = vc.data();
+#pragma omp parallel if (par)
+  {
+    Buf vtmp(size_t(hdp) * BK);
+#pragma omp for schedule(static)
+    for (i64 t = 0; t < B * Hkv * nkb; ++t) {
+      const i64 kb = t % nkb, g = (t / nkb) % Hkv, b = t / (nkb * Hkv);
+      const i64 j0 = kb * BK, n = std::min(BK, Lk - j0);
+      const i64 src = (b * Lk * Hkv + g) * hd + j0 * ldk;
+      amx_rows(kcp + t * BK * hdp, hdp, k + src, ldk, n, BK, hd);
+      amx_vt(vcp + t * BK * hdp, vtmp.data(), v + src, ldk, n, hd, hdp);
+    }
+  }
+#pragma omp parallel if (par)
+  {
+    amx::AVec<uint16_t> qv(hdp * BQ), qtmp(BQ * hdp), pv(BK * BQ);
+    Buf st(size_t(BK) * BQ), ot(size_t(hdp) * BQ);
+    alignas(64) float m[BQ], l[BQ], corr[BQ], blk[16 * 16];
+    const amx::TileConfig cfg = amx::full_tiles();
+#pragma omp for schedule(dynamic, 1)
+    for (i64 t = 0; t < ntask; ++t) {
+      // As attention_forward's block path: heaviest query blocks first.
+      const i64 qb = nqb - 1 - t % nqb, h = (t / nqb) % Hq, b = t / (nqb * Hq);
+      const i64 g = h / group;
+      const i64 i0 = qb * BQ, mq = std::min(BQ, Lq - i0);
+      const uint16_t* kg = kcp + (b * Hkv + g) * Lkp * hdp;  // block kb at kb * BK * hdp
+      const uint16_t* vg = vcp + (b * Hkv + g) * Lkp * hdp;
+      const i64 jend = std::min(Lk, q_offset + i0 + mq);
+      // From the block that holds the first key the tile's row 0 sees.
+      const i64 jbeg = window > 0 ? std::max<i64>(0, q_offset + i0 - window + 1) / BK * BK : 0;
+      // oneDNN's AMX kernels load their own configuration: ours, on every task.
+      _tile_loadconfig(&cfg);
+      amx_qt(qv.data(), qtmp.data(), q + ((b * Lq + i0) * Hq + h) * hd, ldq, mq, hd, hdp);
+      std::fill(m, m + BQ, -INFINITY);
+      std::fill(l, l + BQ, 0.0f);
+      std::fill(ot.begin(), ot.end(), 0.0f);
+      for (i64 j0 = jbeg; j0 < jend; j0 += BK) {
+        const i64 nk = std::min(BK, jend - j0);
+        const i64 off = q_offset + i0 - j0;  // tile query r sees tile key j iff j <= r + off
+        amx_product(st.data(), BQ, kg + j0 * hdp, hdp, qv.data(), 2 * BQ, BK, BQ, hdp, false);
+        if (nk - 1 > off)  // causal mask: key j hides from queries r < j - off
+          for (i64 j = 0; j < nk; ++j)
+            std::fill_n(st.data() + j * BQ, std::clamp<i64>(j - off, 0, mq), -INFINITY);
+        if (window > 0 && mq - 1 + off >= window)  // window mask: rows r >= j - off + window
+          for (i64 j = 0; j < nk; ++j) {
+            const i64 r0 = std::clamp<i64>(j - off + window, 0, mq);
+            std::fill(st.data() + j * BQ + r0, st.data() + j * BQ + mq, -INFINITY);
+          }
+        softmax_cols_tiles(st.data(), nk, scale, m, l, corr, pv.data());
+        for (i64 i = 0; i < BQ; i += 16) {  // O^T columns *= corr, where some corr != 1
+          const __m512 c = _mm512_load_ps(corr + i);
+          if (!_mm512_cmp_ps_mask(c, _mm512_set1_ps(1.0f), _CMP_NEQ_UQ)) continue;
+          for (i64 r = 0; r < hd; ++r) {
+            float* o = ot.data() + r * BQ + i;
+            _mm512_store_ps(o, _mm512_mul_ps(_mm512_load_ps(o), c));
+          }
+        }
+        amx_product(ot.data(), BQ, vg + j0 * hdp, BK, pv.data(), 2 * BQ, hdp, BQ, BK, true);
+      }
+      _tile_release();  // no tile state in use between tasks (saved at every context switch)
+      // out = (O^T)^T / l, 16 x 16 blocks.
+      for (i64 r0 = 0; r0 < mq; r0 += 16)
+        for (i64 c0 = 0; c0 < hd; c0 += 16) {
+          simd::transpose16(blk, 16, ot.data() + c0 * BQ + r0, BQ);  // blk[r][c]
+          const __mmask16 mc = simd::tail_mask(hd - c0);
+          for (i64 r = 0; r < 16 && r0 + r < mq; ++r)
+            _mm512_mask_storeu_ps(out + ((b * Lq + i0 + r0 + r) * Hq + h) * hd + c0, mc,
+                                  _mm512_mul_ps(_mm512_load_ps(blk + r * 16),
+                                                _mm512_set1_ps(1.0f / l[r0 + r])));
+        }
+      for (i64 r = 0; r < mq; ++r) lse[(b * Hq + h) * Lq + i0 + r] = m[r] + std::log(l[r]);
+    }
+  }
+}
+
+// ---- Backward on AMX tiles ----
+// attention_backward's schedule (one task per batch and kv head, key blocks outer, every
+// query head of the group and query block inner), with the scores transposed as in the
+// forward, so that P^T and dS^T come out as rows, the layout an A operand wants:
+//   S^T = K Q^T, dP^T = V dO^T                       (B operands: Q^T, dO^T, per query block)
+//   P^T = exp(scale S^T - lse), dS^T = P^T (dP^T - D) (per query column: vertical vector ops)
+//   dV += P^T dO, dK += dS^T Q                        (B operands: dO, Q in the pair layout)
+//   dQ^T += K^T dS^T                                  (B operand: dS^T in the pair layout)
+// The task converts each query block's four operands once (it owns every query head of its
+// group) and each key block's three (K, V rows; K^T) once. dQ^T accumulates per query block in
+// FP32 and is added into dq, scaled, at the end; dK, dV per key block, as in the FP32 kernel.
+// Key and query blocks lie on the 64 grid; masked entries and padded queries (lse = +inf)
+// give P = 0 and dS = 0.
+
+// P^T and dS^T from S^T and dP^T [BK][BQ] (FP32; S^T unscaled with hidden entries -inf), as
+// bf16 rows [BK][BQ] (A operands of dV and dK) and dS^T in the pair layout (B operand of dQ^T).
+DLCM_AMX_TARGET void softmax_grad_tiles(const float* st, const float* dpt, float scale,
+                                        const float* lse, const float* D, uint16_t* pa,
+                                        uint16_t* dsa, uint16_t* dsb) {
+  const __m512i idx = _mm512_load_si512(amx::kPairIdx);
+  const __m512 sc = _mm512_set1_ps(scale);
+  for (i64 i = 0; i < BQ; i += 16) {
+    const __m512 ls = _mm512_load_ps(lse + i), dd = _mm512_load_ps(D + i);
+    for (i64 j = 0; j < BK; j += 2) {
+      const __m512 p0 = simd::exp_ps(_mm512_fmsub_ps(_mm512_load_ps(st + j * BQ + i), sc, ls));
+      const __m512 p1 =
+          simd::exp_ps(_mm512_fmsub_ps(_mm512_load_ps(st + (j + 1) * BQ + i), sc, ls));
+      const __m512 d0 = _mm512_mul_ps(p0, _mm512_sub_ps(_mm512_load_ps(dpt + j * BQ + i), dd));
+      const __m512 d1 =
+          _mm512_mul_ps(p1, _mm512_sub_ps(_mm512_load_ps(dpt + (j + 1) * BQ + i), dd));
+      _mm256_store_si256((__m256i*)(pa + j * BQ + i), (__m256i)_mm512_cvtneps_pbh(p0));
+      _mm256_store_si256((__m256i*)(pa + (j + 1) * BQ + i), (__m256i)_mm512_cvtneps_pbh(p1));
+      _mm256_store_si256((__m256i*)(dsa + j * BQ + i), (__m256i)_mm512_cvtneps_pbh(d0));
+      _mm256_store_si256((__m256i*)(dsa + (j + 1) * BQ + i), (__m256i)_mm512_cvtneps_pbh(d1));
+      _mm512_store_si512(dsb + j * BQ + 2 * i,
+                         _mm512_permutexvar_epi16(idx, (__m512i)_mm512_cvtne2ps_pbh(d1, d0)));
+    }
+  }
+}
+
+DLCM_AMX_TARGET void attention_backward_amx(float* dq, float* dk, float* dv, const float* dout,
+                                            const float* lse, const float* D, const float* q,
+                                            const float* k, const float* v, i64 B, i64 Lq,
+                                            i64 Lk, i64 Hq, i64 Hkv, i64 hd, i64 q_offset,
+                                            float scale, i64 window, bool par) {
+  const i64 group = Hq / Hkv, ldq = Hq * hd, ldk = Hkv * hd;
+  const i64 hdp = (hd + 31) / 32 * 32, nqb = (Lq + BQ - 1) / BQ;
+  const i64 jend = std::min(Lk, q_offset + Lq);  // keys some query sees
+  const i64 nblk = group * nqb, opw = BQ * hdp;  // query blocks of a task; words per operand
+#pragma omp parallel if (par)
+  {
+    // Per query block (h, qb): Q^T, dO^T (B operands of the scores), Q, dO (pair layout), lse
+    // and D padded with +inf and 0, and the dQ^T accumulator.
+    amx::AVec<uint16_t> qt(nblk * opw), gt(nblk * opw), qp(nblk * opw), gp(nblk * opw),
+        tmp(opw);
+    Buf ls(size_t(nblk) * BQ), dd(size_t(nblk) * BQ), dqt(size_t(nblk) * opw);
+    // Per key block: K and V rows, K^T; scores, P^T, dS^T; dK and dV accumulators.
+    amx::AVec<uint16_t> ka(BK * hdp), va(BK * hdp), kt(BK * hdp), pa(BK * BQ), dsa(BK * BQ),
+        dsb(BK * BQ);
+    Buf st(size_t(BK) * BQ), dpt(size_t(BK) * BQ), ktmp(size_t(hdp) * BK), dka(size_t(BK) * hdp),
+        dva(size_t(BK) * hdp);
+    const amx::TileConfig cfg = amx::full_tiles();
+#pragma omp for schedule(dynamic, 1)
+    for (i64 t = 0; t < B * Hkv; ++t) {
+      const i64 b = t / Hkv, g = t % Hkv;
+      const float* kp = k + (b * Lk * Hkv + g) * hd;
+      const float* vp = v + (b * Lk * Hkv + g) * hd;
+      for (i64 hh = 0; hh < group; ++hh)
+        for (i64 qb = 0; qb < nqb; ++qb) {
+          const i64 h = g * group + hh, i0 = qb * BQ, mq = std::min(BQ, Lq - i0), x = hh * nqb + qb;
+          const i64 rowoff = ((b * Lq + i0) * Hq + h) * hd;
+          amx_qt(qt.data() + x * opw, tmp.data(), q + rowoff, ldq, mq, hd, hdp);
+          amx_qt(gt.data() + x * opw, tmp.data(), dout + rowoff, ldq, mq, hd, hdp);
+          amx_pairs(qp.data() + x * opw, q + rowoff, ldq, mq, BQ, hd, hdp);
+          amx_pairs(gp.data() + x * opw, dout + rowoff, ldq, mq, BQ, hd, hdp);
+          for (i64 r = 0; r < BQ; ++r) {
+            const i64 at = (b * Hq + h) * Lq + i0 + r;
+            ls[x * BQ + r] = r < mq ? lse[at] : INFINITY;
+            dd[x * BQ + r] = r < mq ? D[at] : 0.0f;
+          }
+        }
+      std::fill(dqt.begin(), dqt.end(), 0.0f);
+      _tile_loadconfig(&cfg);
+      for (i64 j0 = 0; j0 < jend; j0 += BK) {
+        const i64 nk = std::min(BK, jend - j0);
+        // Queries that see some key of the block: [istart, iend).
+        const i64 istart = std::max<i64>(0, j0 - q_offset);
+        const i64 iend = window > 0 ? std::clamp<i64>(j0 + nk - 1 + window - q_offset, 0, Lq) : Lq;
+        if (istart >= iend) continue;
+        amx_rows(ka.data(), hdp, kp + j0 * ldk, ldk, nk, BK, hd);
+        amx_rows(va.data(), hdp, vp + j0 * ldk, ldk, nk, BK, hd);
+        amx_vt(kt.data(), ktmp.data(), kp + j0 * ldk, ldk, nk, hd, hdp);
+        std::fill(dka.begin(), dka.end(), 0.0f);
+        std::fill(dva.begin(), dva.end(), 0.0f);
+        for (i64 hh = 0; hh < group; ++hh)
+          for (i64 qb = istart / BQ; qb * BQ < iend; ++qb) {
+            const i64 x = hh * nqb + qb, i0 = qb * BQ;
+            const i64 off = q_offset + i0 - j0;  // tile query r sees tile key j iff j <= r + off
+            amx_product(st.data(), BQ, ka.data(), hdp, qt.data() + x * opw, 2 * BQ, BK, BQ, hdp,
+                        false);
+            amx_product(dpt.data(), BQ, va.data(), hdp, gt.data() + x * opw, 2 * BQ, BK, BQ, hdp,
+                        false);
+            // Hidden entries (all BQ columns; padded queries are zeroed by lse = +inf). Keys
+            // >= nk are after every query of the call: the causal mask hides them.
+            for (i64 j = 0; j < BK; ++j) {
+              float* row = st.data() + j * BQ;
+              std::fill_n(row, std::clamp<i64>(j - off, 0, BQ), -INFINITY);  // causal
+              if (window > 0)  // rows r >= j - off + window
+                std::fill(row + std::clamp<i64>(j - off + window, 0, BQ), row + BQ, -INFINITY);
+            }
+            softmax_grad_tiles(st.data(), dpt.data(), scale, ls.data() + x * BQ,
+                               dd.data() + x * BQ, pa.data(), dsa.data(), dsb.data());
+            amx_product(dva.data(), hdp, pa.data(), BQ, gp.data() + x * opw, 2 * hdp, BK, hdp,
+                        BQ, true);
+            amx_product(dka.data(), hdp, dsa.data(), BQ, qp.data() + x * opw, 2 * hdp, BK, hdp,
+                        BQ, true);
+            amx_product(dqt.data() + x * opw, BQ, kt.data(), BK, dsb.data(), 2 * BQ, hdp, BQ, BK,
+                        true);
+          }
+        add_key_grads(dk, dv, dka.data(), dva.data(), hdp, scale, b, g, j0, nk, Lk, Hkv, hd);
+      }
+      _tile_release();
+      // dq += scale (dQ^T)^T, 16 x 16 blocks.
+      alignas(64) float blk[16 * 16];
+      for (i64 hh = 0; hh < group; ++hh)
+        for (i64 qb = 0; qb < nqb; ++qb) {
+          const i64 h = g * group + hh, i0 = qb * BQ, mq = std::min(BQ, Lq - i0);
+          const float* src = dqt.data() + (hh * nqb + qb) * opw;
+          for (i64 r0 = 0; r0 < mq; r0 += 16)
+            for (i64 c0 = 0; c0 < hd; c0 += 16) {
+              simd::transpose16(blk, 16, src + c0 * BQ + r0, BQ);  // blk[r][c]
+              const __mmask16 mc = simd::tail_mask(hd - c0);
+              for (i64 r = 0; r < 16 && r0 + r < mq; ++r) {
+                float* d = dq + ((b * Lq + i0 + r0 + r) * Hq + h) * hd + c0;
+                _mm512_mask_storeu_ps(d, mc,
+                                      _mm512_fmadd_ps(_mm512_load_ps(blk + r * 16),
+                                                      _mm512_set1_ps(scale),
+                                                      _mm512_maskz_loadu_ps(mc, d)));
+              }
+            }
+        }
+    }
+  }
+}
+#endif
 
 // tile_mm() for a tile that straddles the causal diagonal: query row r of the tile sees key column
 // c iff c <= r + off. Rows index queries (else keys); the other index (keys, or queries) runs
@@ -245,6 +663,11 @@ void attention_forward(float* out, float* lse, const float* q, const float* k, c
     return attention_forward_rows(out, lse, q, k, v, B, Lq, Lk, Hq, Hkv, hd, q_offset, scale,
                                   window, par);
   const TileProduct mm;
+#ifdef DLCM_AVX512
+  if (mm.amx && scale > 0)
+    return attention_forward_amx(out, lse, q, k, v, B, Lq, Lk, Hq, Hkv, hd, q_offset, scale,
+                                 window, par);
+#endif
 #pragma omp parallel if (par)
   {
     Buf qt(size_t(hd) * BQ), st(size_t(BK) * BQ), o(size_t(BQ) * hd);
@@ -336,6 +759,11 @@ void attention_backward(float* dq, float* dk, float* dv, const float* dout, cons
     D[(b * Hq + h) * Lq + i] = s;
   }
 
+#ifdef DLCM_AVX512
+  if (mm.amx && scale > 0)
+    return attention_backward_amx(dq, dk, dv, dout, lse, D.data(), q, k, v, B, Lq, Lk, Hq, Hkv,
+                                  hd, q_offset, scale, window, par);
+#endif
 #pragma omp parallel if (par)
   {
     Buf kt(size_t(hd) * BK), vt(size_t(hd) * BK), p(size_t(BQ) * BK), ds(size_t(BQ) * BK);
@@ -408,17 +836,7 @@ void attention_backward(float* dq, float* dk, float* dv, const float* dout, cons
             }
           }
         }
-        for (i64 j = 0; j < nk; ++j) {
-          float* dkr = dk + ((b * Lk + j0 + j) * Hkv + g) * hd;
-          float* dvr = dv + ((b * Lk + j0 + j) * Hkv + g) * hd;
-          const float* a = dka.data() + j * hd;
-          const float* c = dva.data() + j * hd;
-#pragma omp simd
-          for (i64 x = 0; x < hd; ++x) {
-            dkr[x] += a[x];
-            dvr[x] += c[x];
-          }
-        }
+        add_key_grads(dk, dv, dka.data(), dva.data(), hd, 1.0f, b, g, j0, nk, Lk, Hkv, hd);
       }
     }
   }

@@ -9,6 +9,7 @@
 
 #include "kernels/isa_target.h"  // last include: the variant's target and namespace
 #include "kernels/simd.h"
+#include "kernels/amx.h"
 
 namespace dlcm::ops::DLCM_ISA_NS {
 namespace {
@@ -95,24 +96,13 @@ void tile_mm(float* C, i64 ldc, const float* A, i64 rsa, i64 csa, const float* B
 // ("VNNI") layout [Kp/2][Np][2], C as FP32 [Mp][Np]; Mp, Np, Kp rounded up to 32 and the
 // padding zero, so every tile is full. Tile registers: 0-3 C (2 x 2 tiles of 16 x 16 FP32),
 // 4-5 A (16 rows x 32 bf16), 6-7 B (16 pairs x 16 columns).
-#define DLCM_AMX_TARGET                                                                        \
-  __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,"      \
-                        "amx-tile,amx-bf16")))
 namespace {
 
-template <typename T>
-using AVec = std::vector<T, AlignedAlloc<T>>;
+using amx::AVec;
 
 struct AmxScratch {
   AVec<uint16_t> a, b;
   AVec<float> c;
-};
-
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
 };
 
 DLCM_AMX_TARGET inline __m256i to_bf16x16(__m512 x) { return (__m256i)_mm512_cvtneps_pbh(x); }
@@ -158,11 +148,7 @@ DLCM_AMX_TARGET void amx_pack_a(uint16_t* d, i64 Mp, i64 Kp, const float* A, i64
 // B[k][n] for k < K, n < N into pairs of rows interleaved: d[(k/2)*2*Np + 2n + k%2].
 DLCM_AMX_TARGET void amx_pack_b(uint16_t* d, i64 Np, i64 Kp, const float* B, i64 ldb, i64 K,
                                 i64 N) {
-  // words 0-15 of the two-row conversion are row k, 16-31 row k+1: interleave them
-  alignas(64) static const uint16_t kIdx[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,
-                                                21, 6, 22, 7, 23, 8, 24, 9,  25, 10, 26,
-                                                11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
-  const __m512i idx = _mm512_load_si512(kIdx);
+  const __m512i idx = _mm512_load_si512(amx::kPairIdx);
   for (i64 k = 0; k < Kp; k += 2)
     for (i64 n = 0; n < Np; n += 16) {
       const __mmask16 m = n < N ? simd::tail_mask(N - n) : __mmask16(0);
@@ -186,11 +172,7 @@ DLCM_AMX_TARGET void amx_mm(float* C, i64 ldc, const float* A, i64 rsa, i64 csa,
   amx_pack_b(s.b.data(), Np, Kp, B, ldb, K, N);
   // The tile configuration is per thread and oneDNN's AMX kernels set their own: load ours on
   // every call (tens of cycles against the thousands of a tile product).
-  TileConfig cfg;
-  for (int t = 0; t < 8; ++t) {
-    cfg.rows[t] = 16;
-    cfg.colsb[t] = 64;
-  }
+  const amx::TileConfig cfg = amx::full_tiles();
   _tile_loadconfig(&cfg);
   const uint16_t* a = s.a.data();
   const uint16_t* b = s.b.data();
@@ -239,7 +221,6 @@ void tile_mm_amx(float* C, i64 ldc, const float* A, i64 rsa, i64 csa, const floa
   if (M <= 0 || N <= 0) return;
   amx_mm(C, ldc, A, rsa, csa, B, ldb, M, N, K, alpha, acc);
 }
-#undef DLCM_AMX_TARGET
 #else
 }  // namespace
 void tile_mm_amx(float*, i64, const float*, i64, i64, const float*, i64, i64, i64, i64, float,

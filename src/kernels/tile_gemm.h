@@ -12,8 +12,9 @@ void tile_mm(float* C, i64 ldc, const float* A, i64 rsa, i64 csa, const float* B
 
 // tile_mm with both operands rounded to bfloat16 (nearest even, as the BF16 GEMMs round) and
 // FP32 accumulation on AMX tiles (any sizes: packed into zero-padded 32 x 32 tiles per call).
-// The attention kernels use it when the GEMMs run in BF16 and ops::amx_bf16_usable()
-// (kernels/isa.h); it throws elsewhere (no AMX, or kernels below the avx512 level).
+// The attention kernels' generic fallback when the GEMMs run in BF16 and
+// ops::amx_bf16_usable() (kernels/isa.h); their main paths keep operands in tile layout
+// themselves (kernels/amx.h). It throws elsewhere (no AMX, or kernels below the avx512 level).
 void tile_mm_amx(float* C, i64 ldc, const float* A, i64 rsa, i64 csa, const float* B, i64 ldb,
                  i64 M, i64 N, i64 K, float alpha, bool acc);
 
