@@ -143,14 +143,14 @@ void add_key_grads(float* dk, float* dv, const float* dka, const float* dva, i64
 
 #ifdef DLCM_AVX512
 // ---- Forward on AMX tiles, in the tiles' own layouts (BF16 precision on an AMX CPU) ----
-// The block path's schedule (one task per batch, query head and query block; key blocks in
-// order with an online softmax), with every operand kept in the layout a tile reads, instead
-// of packed again for each product as tile_mm_amx() must:
-//   per call       K as A operands [Lkp][hdp] and V^T as A operands [hdp][BK] per key block
-//                  (on the BK grid), for every batch and kv head: converted once, where each
-//                  task would convert every block it visits again (and converted long before
-//                  a tile loads them: tile loads of data that vector stores just wrote stall);
-//   per task       Q^T as a B operand [hdp/2][BQ][2] (pairs of channels interleaved);
+// The block path's arithmetic (query blocks of 64, key blocks in order with an online
+// softmax), with every operand kept in the layout a tile reads, instead of packed again for
+// each product as tile_mm_amx() must:
+//   per task       (one batch and query head, all its query blocks) K as A operands
+//                  [Lkp][hdp] and V^T as A operands [hdp][BK] per key block (on the BK grid),
+//                  converted once while they stay in this core's cache, where a task per
+//                  query block would convert every key block it visits again;
+//   per query blk  Q^T as a B operand [hdp/2][BQ][2] (pairs of channels interleaved);
 //   per key block  S^T = K Q^T in FP32 [BK][BQ]; the online softmax writes P^T (bf16)
 //                  straight into a B operand [BK/2][BQ][2]; O^T [hdp][BQ] += V^T P^T,
 //                  accumulated in FP32 in memory, so rescaling by the softmax correction is a
@@ -263,9 +263,9 @@ DLCM_AMX_TARGET void amx_pairs(uint16_t* d, const float* src, i64 ld, i64 n, i64
 }
 
 // softmax_cols() on unscaled scores (scale > 0 applied here), over all BQ columns (padded
-// queries' outputs are never read), writing P^T in bf16 as
-// the B operand of O^T += V^T P^T (amx_product): keys j, j+1 of query i at pv[j*BQ + 2i + (0, 1)] for even
-// j, keys >= nk zero. The running sum l adds the FP32 values.
+// queries' outputs are never read), writing P^T in bf16 as the B operand of O^T += V^T P^T
+// (amx_product): keys j, j+1 of query i at pv[j*BQ + 2i + (0, 1)] for even j, keys >= nk
+// zero. The running sum l adds the FP32 values.
 DLCM_AMX_TARGET void softmax_cols_tiles(const float* st, i64 nk, float scale, float* m, float* l,
                                         float* corr, uint16_t* pv) {
   const __m512i idx = _mm512_load_si512(amx::kPairIdx);
@@ -300,90 +300,77 @@ DLCM_AMX_TARGET void attention_forward_amx(float* out, float* lse, const float* 
                                            i64 hd, i64 q_offset, float scale, i64 window,
                                            bool par) {
   const i64 group = Hq / Hkv, ldq = Hq * hd, ldk = Hkv * hd;
-  const i64 nqb = (Lq + BQ - 1) / BQ, ntask = B * Hq * nqb;
+  const i64 nqb = (Lq + BQ - 1) / BQ;
   const i64 hdp = (hd + 31) / 32 * 32;
-  const i64 nkb = (Lk + BK - 1) / BK, Lkp = nkb * BK;
-  // K and V^T of every (batch, kv head) in tile layout; grown, never shrunk (per calling thread).
-  thread_local amx::AVec<uint16_t> kc, vc;
-  const size_t kv_words = size_t(B * Hkv * Lkp * hdp);
-  if (kc.size() < kv_words) {
-    kc.resize(kv_words);
-    vc.resize(kv_words);
-  }
-  // Pointers, not the thread_local names: inside the parallel regions those would name each
-  // worker thread's own (empty) buffers.
-  uint16_t* const kcp = kc.data();
-  uint16_t* const vcp = vc.data();
+  const i64 Lkp = (Lk + BK - 1) / BK * BK;
+  const i64 jall = std::min(Lk, q_offset + Lq);  // keys some query sees, from the block of jlo
+  const i64 jlo = window > 0 ? std::max<i64>(0, q_offset - window + 1) / BK * BK : 0;
 #pragma omp parallel if (par)
   {
-    Buf vtmp(size_t(hdp) * BK);
-#pragma omp for schedule(static)
-    for (i64 t = 0; t < B * Hkv * nkb; ++t) {
-      const i64 kb = t % nkb, g = (t / nkb) % Hkv, b = t / (nkb * Hkv);
-      const i64 j0 = kb * BK, n = std::min(BK, Lk - j0);
-      const i64 src = (b * Lk * Hkv + g) * hd + j0 * ldk;
-      amx_rows(kcp + t * BK * hdp, hdp, k + src, ldk, n, BK, hd);
-      amx_vt(vcp + t * BK * hdp, vtmp.data(), v + src, ldk, n, hd, hdp);
-    }
-  }
-#pragma omp parallel if (par)
-  {
-    amx::AVec<uint16_t> qv(hdp * BQ), qtmp(BQ * hdp), pv(BK * BQ);
-    Buf st(size_t(BK) * BQ), ot(size_t(hdp) * BQ);
+    amx::AVec<uint16_t> kt(Lkp * hdp), vt(Lkp * hdp), qv(hdp * BQ), qtmp(BQ * hdp), pv(BK * BQ);
+    Buf vtmp(size_t(hdp) * BK), st(size_t(BK) * BQ), ot(size_t(hdp) * BQ);
     alignas(64) float m[BQ], l[BQ], corr[BQ], blk[16 * 16];
     const amx::TileConfig cfg = amx::full_tiles();
 #pragma omp for schedule(dynamic, 1)
-    for (i64 t = 0; t < ntask; ++t) {
-      // As attention_forward's block path: heaviest query blocks first.
-      const i64 qb = nqb - 1 - t % nqb, h = (t / nqb) % Hq, b = t / (nqb * Hq);
-      const i64 g = h / group;
-      const i64 i0 = qb * BQ, mq = std::min(BQ, Lq - i0);
-      const uint16_t* kg = kcp + (b * Hkv + g) * Lkp * hdp;  // block kb at kb * BK * hdp
-      const uint16_t* vg = vcp + (b * Hkv + g) * Lkp * hdp;
-      const i64 jend = std::min(Lk, q_offset + i0 + mq);
-      // From the block that holds the first key the tile's row 0 sees.
-      const i64 jbeg = window > 0 ? std::max<i64>(0, q_offset + i0 - window + 1) / BK * BK : 0;
+    for (i64 t = 0; t < B * Hq; ++t) {
+      const i64 h = t % Hq, b = t / Hq, g = h / group;
+      // K and V^T of the keys this head's queries see, in tile layout (block kb at kb * BK *
+      // hdp), converted once for all its query blocks while they stay in this core's cache.
+      for (i64 j0 = jlo; j0 < jall; j0 += BK) {
+        const float* src = k + (b * Lk * Hkv + g) * hd + j0 * ldk;
+        amx_rows(kt.data() + j0 * hdp, hdp, src, ldk, std::min(BK, Lk - j0), BK, hd);
+        amx_vt(vt.data() + j0 * hdp, vtmp.data(), v + (src - k), ldk, std::min(BK, Lk - j0), hd,
+               hdp);
+      }
       // oneDNN's AMX kernels load their own configuration: ours, on every task.
       _tile_loadconfig(&cfg);
-      amx_qt(qv.data(), qtmp.data(), q + ((b * Lq + i0) * Hq + h) * hd, ldq, mq, hd, hdp);
-      std::fill(m, m + BQ, -INFINITY);
-      std::fill(l, l + BQ, 0.0f);
-      std::fill(ot.begin(), ot.end(), 0.0f);
-      for (i64 j0 = jbeg; j0 < jend; j0 += BK) {
-        const i64 nk = std::min(BK, jend - j0);
-        const i64 off = q_offset + i0 - j0;  // tile query r sees tile key j iff j <= r + off
-        amx_product(st.data(), BQ, kg + j0 * hdp, hdp, qv.data(), 2 * BQ, BK, BQ, hdp, false);
-        if (nk - 1 > off)  // causal mask: key j hides from queries r < j - off
-          for (i64 j = 0; j < nk; ++j)
-            std::fill_n(st.data() + j * BQ, std::clamp<i64>(j - off, 0, mq), -INFINITY);
-        if (window > 0 && mq - 1 + off >= window)  // window mask: rows r >= j - off + window
-          for (i64 j = 0; j < nk; ++j) {
-            const i64 r0 = std::clamp<i64>(j - off + window, 0, mq);
-            std::fill(st.data() + j * BQ + r0, st.data() + j * BQ + mq, -INFINITY);
+      for (i64 qb = 0; qb < nqb; ++qb) {
+        const i64 i0 = qb * BQ, mq = std::min(BQ, Lq - i0);
+        const i64 jend = std::min(Lk, q_offset + i0 + mq);
+        // From the block that holds the first key the tile's row 0 sees.
+        const i64 jbeg = window > 0 ? std::max<i64>(0, q_offset + i0 - window + 1) / BK * BK : 0;
+        amx_qt(qv.data(), qtmp.data(), q + ((b * Lq + i0) * Hq + h) * hd, ldq, mq, hd, hdp);
+        std::fill(m, m + BQ, -INFINITY);
+        std::fill(l, l + BQ, 0.0f);
+        std::fill(ot.begin(), ot.end(), 0.0f);
+        for (i64 j0 = jbeg; j0 < jend; j0 += BK) {
+          const i64 nk = std::min(BK, jend - j0);
+          const i64 off = q_offset + i0 - j0;  // tile query r sees tile key j iff j <= r + off
+          amx_product(st.data(), BQ, kt.data() + j0 * hdp, hdp, qv.data(), 2 * BQ, BK, BQ, hdp,
+                      false);
+          if (nk - 1 > off)  // causal mask: key j hides from queries r < j - off
+            for (i64 j = 0; j < nk; ++j)
+              std::fill_n(st.data() + j * BQ, std::clamp<i64>(j - off, 0, mq), -INFINITY);
+          if (window > 0 && mq - 1 + off >= window)  // window mask: rows r >= j - off + window
+            for (i64 j = 0; j < nk; ++j) {
+              const i64 r0 = std::clamp<i64>(j - off + window, 0, mq);
+              std::fill(st.data() + j * BQ + r0, st.data() + j * BQ + mq, -INFINITY);
+            }
+          softmax_cols_tiles(st.data(), nk, scale, m, l, corr, pv.data());
+          for (i64 i = 0; i < BQ; i += 16) {  // O^T columns *= corr, where some corr != 1
+            const __m512 c = _mm512_load_ps(corr + i);
+            if (!_mm512_cmp_ps_mask(c, _mm512_set1_ps(1.0f), _CMP_NEQ_UQ)) continue;
+            for (i64 r = 0; r < hd; ++r) {
+              float* o = ot.data() + r * BQ + i;
+              _mm512_store_ps(o, _mm512_mul_ps(_mm512_load_ps(o), c));
+            }
           }
-        softmax_cols_tiles(st.data(), nk, scale, m, l, corr, pv.data());
-        for (i64 i = 0; i < BQ; i += 16) {  // O^T columns *= corr, where some corr != 1
-          const __m512 c = _mm512_load_ps(corr + i);
-          if (!_mm512_cmp_ps_mask(c, _mm512_set1_ps(1.0f), _CMP_NEQ_UQ)) continue;
-          for (i64 r = 0; r < hd; ++r) {
-            float* o = ot.data() + r * BQ + i;
-            _mm512_store_ps(o, _mm512_mul_ps(_mm512_load_ps(o), c));
-          }
+          amx_product(ot.data(), BQ, vt.data() + j0 * hdp, BK, pv.data(), 2 * BQ, hdp, BQ, BK,
+                      true);
         }
-        amx_product(ot.data(), BQ, vg + j0 * hdp, BK, pv.data(), 2 * BQ, hdp, BQ, BK, true);
+        // out = (O^T)^T / l, 16 x 16 blocks.
+        for (i64 r0 = 0; r0 < mq; r0 += 16)
+          for (i64 c0 = 0; c0 < hd; c0 += 16) {
+            simd::transpose16(blk, 16, ot.data() + c0 * BQ + r0, BQ);  // blk[r][c]
+            const __mmask16 mc = simd::tail_mask(hd - c0);
+            for (i64 r = 0; r < 16 && r0 + r < mq; ++r)
+              _mm512_mask_storeu_ps(out + ((b * Lq + i0 + r0 + r) * Hq + h) * hd + c0, mc,
+                                    _mm512_mul_ps(_mm512_load_ps(blk + r * 16),
+                                                  _mm512_set1_ps(1.0f / l[r0 + r])));
+          }
+        for (i64 r = 0; r < mq; ++r) lse[(b * Hq + h) * Lq + i0 + r] = m[r] + std::log(l[r]);
       }
       _tile_release();  // no tile state in use between tasks (saved at every context switch)
-      // out = (O^T)^T / l, 16 x 16 blocks.
-      for (i64 r0 = 0; r0 < mq; r0 += 16)
-        for (i64 c0 = 0; c0 < hd; c0 += 16) {
-          simd::transpose16(blk, 16, ot.data() + c0 * BQ + r0, BQ);  // blk[r][c]
-          const __mmask16 mc = simd::tail_mask(hd - c0);
-          for (i64 r = 0; r < 16 && r0 + r < mq; ++r)
-            _mm512_mask_storeu_ps(out + ((b * Lq + i0 + r0 + r) * Hq + h) * hd + c0, mc,
-                                  _mm512_mul_ps(_mm512_load_ps(blk + r * 16),
-                                                _mm512_set1_ps(1.0f / l[r0 + r])));
-        }
-      for (i64 r = 0; r < mq; ++r) lse[(b * Hq + h) * Lq + i0 + r] = m[r] + std::log(l[r]);
     }
   }
 }
