@@ -200,6 +200,15 @@ TEST(Cli, BenchDecodeRuns) {
   EXPECT_NE(r.out.find("[fp32] speed-up of the caches"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("agree with the fp32 recompute for 10 of 10"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("[bf16] decode tokens/s against [fp32]"), std::string::npos) << r.out;
+  // --no-recompute: no baseline; the second precision's tokens against the first one's
+  r = run("bench decode --config " + cfg + " --prompt-len 20 --new-tokens 10 --precision fp32,bf16 "
+          "--no-recompute");
+  ASSERT_EQ(r.rc, 0) << r.out;
+  EXPECT_NE(r.out.find("decode by recompute    : skipped (--no-recompute)"), std::string::npos)
+      << r.out;
+  EXPECT_EQ(r.out.find("speed-up of the caches"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("[bf16] greedy tokens agree with [fp32]'s for"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("[bf16] decode with caches"), std::string::npos) << r.out;
   // --data: each format's validation CE through its stream, against the first format's
   r = run("bench decode --config " + cfg + " --prompt-len 4 --new-tokens 2 --data " + tmp.path);
   EXPECT_NE(r.rc, 0);

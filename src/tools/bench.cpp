@@ -808,6 +808,7 @@ int cmd_bench_decode(const BenchDecodeArgs& a) {
       idle_rates[pi].push_back(double(B * T) / std::max(busy, 1e-9));
     }
 
+    if (a.no_recompute) continue;
     // Recompute: the whole prefix of every sequence each step.
     std::vector<i32> rows(B * (P + T));
     std::vector<i32> cur = prompt;
@@ -824,11 +825,16 @@ int cmd_bench_decode(const BenchDecodeArgs& a) {
     }
     recompute_rates.push_back(double(B * T) / secs(t0));
   }
-  const double rc = bench::median(recompute_rates);
-  std::printf("decode by recompute    : %10.1f tokens/s  (%.2f ms per step)\n", rc, 1e3 * B / rc);
+  const double rc = a.no_recompute ? 0.0 : bench::median(recompute_rates);
+  if (!a.no_recompute)
+    std::printf("decode by recompute    : %10.1f tokens/s  (%.2f ms per step)\n", rc, 1e3 * B / rc);
+  else
+    std::printf("decode by recompute    : skipped (--no-recompute)\n");
+  // Greedy tokens against the fp32 recompute, or without it against the first precision's.
+  const std::vector<i32>& ref_tokens = a.no_recompute ? gen_cached[0] : gen_recompute;
   for (i64 pi = 0; pi < NP; ++pi) {
     i64 agree = 0;
-    while (agree < T && gen_cached[pi][agree] == gen_recompute[agree]) ++agree;
+    while (agree < T && gen_cached[pi][agree] == ref_tokens[agree]) ++agree;
     const double c = bench::median(cached_rates[pi]);
     const char* pn = ops::pack_format_name(precs[pi]);
     std::printf("[%s] prefill (cached)       : %10.1f tokens/s\n", pn,
@@ -836,9 +842,13 @@ int cmd_bench_decode(const BenchDecodeArgs& a) {
     std::printf("[%s] decode with caches     : %10.1f tokens/s  (%.2f ms per step; idle %.1f "
                 "tokens/s: per busiest-thread CPU-second)\n",
                 pn, c, 1e3 * B / c, bench::median(idle_rates[pi]));
-    std::printf("[%s] speed-up of the caches : %.2fx   (median of %lld repeats; greedy tokens agree "
-                "with the fp32 recompute for %lld of %lld)\n",
-                pn, c / rc, (long long)a.repeats, (long long)agree, (long long)T);
+    if (!a.no_recompute)
+      std::printf("[%s] speed-up of the caches : %.2fx   (median of %lld repeats; greedy tokens "
+                  "agree with the fp32 recompute for %lld of %lld)\n",
+                  pn, c / rc, (long long)a.repeats, (long long)agree, (long long)T);
+    else if (pi > 0)
+      std::printf("[%s] greedy tokens agree with [%s]'s for %lld of %lld\n", pn,
+                  ops::pack_format_name(precs[0]), (long long)agree, (long long)T);
     if (pi > 0)
       std::printf("[%s] decode tokens/s against [%s]: %.2fx\n", pn,
                   ops::pack_format_name(precs[0]), c / bench::median(cached_rates[0]));

@@ -96,6 +96,9 @@ struct BenchDecodeArgs {
   // windows of this prepared folder (CE, and argmax agreement with the first precision).
   std::string data;
   i64 val_windows = 16;
+  // Skip the recompute baseline (it re-reads the whole prefix for every new token: minutes at
+  // long prompts); greedy tokens are then checked against the first precision's cached decode.
+  bool no_recompute = false;
 };
 // Decode tokens/s with the streaming caches against recomputing the whole prefix each step.
 int cmd_bench_decode(const BenchDecodeArgs& a);

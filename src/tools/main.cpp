@@ -195,6 +195,7 @@ int main(int argc, char** argv) {
   bdec->add_option("--precision", bd.precisions, "fp32, bf16 and/or int8 weights for the cached decode, side by side")->delimiter(',');
   bdec->add_option("--data", bd.data, "prepared data folder: also report each precision's validation CE through its stream (needs --ckpt)");
   bdec->add_option("--val-windows", bd.val_windows, "validation windows of max_seq_len tokens for --data")->check(CLI::Range(1, 100000));
+  bdec->add_flag("--no-recompute", bd.no_recompute, "skip the recompute baseline (slow at long prompts); greedy tokens checked against the first --precision");
   add_threads(bdec);
 
   BenchPrefillArgs bp;
