@@ -726,15 +726,21 @@ void run_linear(const Case& c, Mode m) {
   test::fill_normal(H.in[1].data(), out * in, 9, 1.0f / std::sqrt(float(in)));
   H.out_sizes = {N * out};
   H.fwd = [&](Impl im, std::vector<Buf>& o) {
-    (im == Fast ? ops::linear_forward : ops::ref::linear_forward<float>)(
-        o[0].data(), H.in[0].data(), H.in[1].data(), N, in, out);
+    if (im == Fast)
+      ops::linear_forward(o[0].data(), H.in[0].data(), H.in[1].data(), N, in, out);
+    else
+      ops::ref::linear_forward<float>(o[0].data(), H.in[0].data(), H.in[1].data(), N, in, out);
   };
   H.fwd64 = [&](const std::vector<Vec>& x, Vec& o) {
     ops::ref::linear_forward<double>(o.data(), x[0].data(), x[1].data(), N, in, out);
   };
   H.bwd = [&](Impl im, const std::vector<Buf>&, const float* dout, std::vector<Buf>& g) {
-    (im == Fast ? ops::linear_backward : ops::ref::linear_backward)(
-        g[0].data(), g[1].data(), dout, H.in[0].data(), H.in[1].data(), N, in, out);
+    if (im == Fast)
+      ops::linear_backward(g[0].data(), g[1].data(), dout, H.in[0].data(), H.in[1].data(), N, in,
+                           out);
+    else
+      ops::ref::linear_backward(g[0].data(), g[1].data(), dout, H.in[0].data(), H.in[1].data(), N,
+                                in, out);
   };
   H.flops = {2.0 * N * in * out, 4.0 * N * in * out};
   if (!finish(H, c, m, 18)) return;
@@ -1501,6 +1507,38 @@ TEST(Ops, Bf16SharedOperandRoundedOnceIsBitIdentical) {
     ops::linear_forward(a.data(), x.data(), W0.data(), N, in, outs[0]);
     ops::linear_forward(b.data(), x2.data(), W0.data(), N, in, outs[0]);
     EXPECT_EQ(0, std::memcmp(a.data(), b.data(), sizeof(float) * N * outs[0])) << at;
+
+    // a layer's kept copy of x (Bf16Copy): the forward rounds x into it, the backward's dW
+    // product reads it; the same bits as rounding x again, and only for the x it was made from
+    Buf k0(N * outs[0]), k1(N * outs[1]), k2(N * outs[2]);
+    float* yk[3] = {k0.data(), k1.data(), k2.data()};
+    ops::Bf16Copy keep;
+    ops::linear_forward_multi(yk, x.data(), W, N, in, outs, 3, &keep);
+    EXPECT_EQ(keep.src, x.data()) << at;
+    EXPECT_EQ(0, std::memcmp(k0.data(), a.data(), sizeof(float) * N * outs[0])) << at;
+    Buf dxk = dx, dWk = dW, dxn = dx, dWn = dW;
+    i64 used = ops::bf16_copies_reused();
+    ops::linear_backward(dxk.data(), dWk.data(), dy.data(), x.data(), W0.data(), N, in, outs[0],
+                         &keep);
+    EXPECT_EQ(ops::bf16_copies_reused(), used + 1) << at << ": the kept copy was not read";
+    ops::linear_backward(dxn.data(), dWn.data(), dy.data(), x.data(), W0.data(), N, in, outs[0]);
+    EXPECT_EQ(0, std::memcmp(dxk.data(), dxn.data(), sizeof(float) * N * in)) << at;
+    EXPECT_EQ(0, std::memcmp(dWk.data(), dWn.data(), sizeof(float) * outs[0] * in)) << at;
+    // a copy of another x (here x2, equal values at another address) is not taken for x
+    used = ops::bf16_copies_reused();
+    ops::linear_forward(a.data(), x2.data(), W0.data(), N, in, outs[0], &keep);
+    EXPECT_EQ(keep.src, x2.data()) << at;
+    ops::linear_backward(dxk.data(), dWk.data(), dy.data(), x.data(), W0.data(), N, in, outs[0],
+                         &keep);
+    EXPECT_EQ(ops::bf16_copies_reused(), used) << at << ": a copy of another x was read";
+    // reuse off: the forward empties the copy, so no backward reads an old one
+    ops::set_bf16_reuse(false);
+    ops::linear_forward(a.data(), x.data(), W0.data(), N, in, outs[0], &keep);
+    ops::set_bf16_reuse(true);
+    EXPECT_EQ(keep.src, nullptr) << at;
+    ops::linear_backward(dxk.data(), dWk.data(), dy.data(), x.data(), W0.data(), N, in, outs[0],
+                         &keep);
+    EXPECT_EQ(ops::bf16_copies_reused(), used) << at;
   }
 }
 

@@ -295,6 +295,48 @@ TEST(Bf16, TinyDlcmTrainingTracksFp32) {
   expect_bf16_tracks_fp32(test::tiny_dlcm(), test::tiny_dlcm().model.bos_id);
 }
 
+// The transformer blocks' kept BF16 copies of their products' inputs (ops::Bf16Copy) change no
+// bit of training: every loss, gradient norm and weight after a few steps equals the run that
+// rounds every operand anew. A copy that went stale between a forward and its backward (a
+// buffer rewritten, a recompute missing its copy) would show as a difference.
+void expect_bf16_copies_change_nothing(Config c, i32 bos) {
+  c.train.steps = 6;
+  c.train.lr = 1e-2f;
+  c.train.warmup_steps = 2;
+  c.train.eval_every = 0;
+  c.train.precision = "bf16";
+  TrainOptions o;
+  o.quiet = true;
+  o.peak_gflops = 100;
+  Trainer with(c, test::pattern_data(c.model.vocab_size, 5, 2, bos), o);
+  Trainer without(c, test::pattern_data(c.model.vocab_size, 5, 2, bos), o);
+  const i64 used0 = ops::bf16_copies_reused();
+  for (int s = 0; s < 6; ++s) {
+    const StepResult a = with.train_step();
+    const i64 used = ops::bf16_copies_reused();
+    ops::set_bf16_reuse(false);
+    const StepResult b = without.train_step();
+    ops::set_bf16_reuse(true);
+    EXPECT_EQ(ops::bf16_copies_reused(), used) << "reuse off still read a copy";
+    EXPECT_EQ(a.ce, b.ce) << "step " << s;
+    EXPECT_EQ(a.grad_norm, b.grad_norm) << "step " << s;
+  }
+  EXPECT_GT(ops::bf16_copies_reused(), used0) << "no kept copy was read: the test checks nothing";
+  const ParamStore &pa = with.model().params(), &pb = without.model().params();
+  ASSERT_EQ(pa.total(), pb.total());
+  EXPECT_EQ(0, std::memcmp(pa.data(), pb.data(), sizeof(float) * pa.total())) << "weights differ";
+}
+
+TEST(Bf16, KeptOperandCopiesChangeNoBitBaseline) {
+  if (!ops::cpu_has_bf16()) GTEST_SKIP() << "no AVX512-BF16 on this CPU";
+  expect_bf16_copies_change_nothing(test::tiny_baseline(), -1);
+}
+
+TEST(Bf16, KeptOperandCopiesChangeNoBitDlcm) {
+  if (!ops::cpu_has_bf16()) GTEST_SKIP() << "no AVX512-BF16 on this CPU";
+  expect_bf16_copies_change_nothing(test::tiny_dlcm(), test::tiny_dlcm().model.bos_id);
+}
+
 // ---- step profiler -------------------------------------------------------------------------
 
 TEST(Profiler, OffRecordsNothingOnAttributesExclusively) {

@@ -5,6 +5,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -197,37 +198,80 @@ ThreadScratch& scratch() {
   return t;
 }
 
-// A operand shared by several products of one call (linear_backward's dy, linear_forward_multi's
-// x), rounded to bf16 once: products on this thread whose A is exactly this stored block read
-// the copy instead of rounding it again (the same rounding, so the same bits). Active only for
-// the span of a call that does not modify the source.
-struct SharedA {
-  bool active = false;
-  const float* src = nullptr;
-  i64 rows = 0, cols = 0, ld = 0;  // stored layout: rows of cols floats, ld apart
-  U16Buf data;
+// Stored blocks already rounded to bf16, which products on this thread read instead of rounding
+// them again (the same rounding, so the same bits): a call's shared A operand (linear_backward's
+// dy, linear_forward_multi's x) and a layer's kept copy of its input (Bf16Copy). Each entry
+// lives for the span of a call that does not modify its source (KnownScope).
+struct Known {
+  const float* src;
+  i64 rows, cols, ld;  // stored layout: rows of cols floats, ld apart
+  const uint16_t* data;
 };
-thread_local SharedA t_shared_a;
+constexpr int kMaxKnown = 4;
+thread_local Known t_known[kMaxKnown];
+thread_local int t_n_known = 0;
 
+std::atomic<bool> g_bf16_reuse{[] {
+  const char* e = std::getenv("DLCM_BF16_REUSE");
+  if (!e || !*e) return true;
+  const bool on = std::string(e) != "0";
+  std::fprintf(stderr, "dlcm: DLCM_BF16_REUSE=%s: linear layers %s their BF16 input copies\n", e,
+               on ? "reuse" : "do not reuse");
+  return on;
+}()};
+std::atomic<i64> g_copies_reused{0};
+
+const uint16_t* find_known(const float* src, i64 rows, i64 cols, i64 ld) {
+  for (int i = t_n_known - 1; i >= 0; --i) {
+    const Known& k = t_known[i];
+    if (k.src == src && k.rows == rows && k.cols == cols && k.ld == ld) return k.data;
+  }
+  return nullptr;
+}
+
+class KnownScope {
+ public:
+  KnownScope() = default;
+  void add(const float* src, i64 rows, i64 cols, i64 ld, const uint16_t* data) {
+    if (t_n_known >= kMaxKnown) return;  // not remembered: the products round it themselves
+    t_known[t_n_known++] = {src, rows, cols, ld, data};
+    ++added_;
+  }
+  ~KnownScope() { t_n_known -= added_; }
+  KnownScope(const KnownScope&) = delete;
+  KnownScope& operator=(const KnownScope&) = delete;
+
+ private:
+  int added_ = 0;
+};
+
+// Rounds src (rows of cols floats, ld apart) into dst, charged to the profiler's rounding row.
+void round_block(U16Buf& dst, const float* src, i64 rows, i64 cols, i64 ld) {
+  prof::DetailScope ps("  GEMM: bf16 operand rounding", 0);
+  if (dst.size() < size_t(rows * cols)) dst.resize(rows * cols);
+  convert_rows(dst.data(), src, rows, cols, ld);
+}
+
+// One A operand rounded for all the products of a call (in a per-thread buffer; a nested
+// scope leaves the outer copy in place).
+thread_local U16Buf t_shared_buf;
+thread_local bool t_shared_busy = false;
 class SharedAScope {
  public:
   SharedAScope(const float* src, i64 rows, i64 cols, i64 ld) {
-    if (g_precision != Precision::BF16 || rows * cols == 0) return;
-    SharedA& s = t_shared_a;
-    if (s.active) return;  // nested: the outer copy stays
-    prof::DetailScope ps("  GEMM: bf16 operand rounding", 0);
-    if (s.data.size() < size_t(rows * cols)) s.data.resize(rows * cols);
-    convert_rows(s.data.data(), src, rows, cols, ld);
-    s.active = true, s.src = src, s.rows = rows, s.cols = cols, s.ld = ld;
-    owner_ = true;
+    if (g_precision != Precision::BF16 || rows * cols == 0 || t_shared_busy) return;
+    round_block(t_shared_buf, src, rows, cols, ld);
+    known_.add(src, rows, cols, ld, t_shared_buf.data());
+    t_shared_busy = owner_ = true;
   }
   ~SharedAScope() {
-    if (owner_) t_shared_a.active = false;
+    if (owner_) t_shared_busy = false;
   }
   SharedAScope(const SharedAScope&) = delete;
   SharedAScope& operator=(const SharedAScope&) = delete;
 
  private:
+  KnownScope known_;
   bool owner_ = false;
 };
 
@@ -242,21 +286,22 @@ Bf16Operands convert_operands(ThreadScratch& t, bool ta, bool tb, i64 M, i64 N, 
                               const float* A, i64 lda, const float* B, i64 ldb) {
   prof::DetailScope ps("  GEMM: bf16 operand rounding", 0);
   const i64 ar = ta ? K : M, ac = ta ? M : K;  // A's stored rows and columns
-  const SharedA& s = t_shared_a;
-  const uint16_t* a = nullptr;
-  if (s.active && s.src == A && s.rows == ar && s.cols == ac && s.ld == lda) {
-    a = s.data.data();
-  } else {
+  const uint16_t* a = find_known(A, ar, ac, lda);
+  if (!a) {
     if (t.a.size() < size_t(M * K)) t.a.resize(M * K);
     convert_rows(t.a.data(), A, ar, ac, lda);
     a = t.a.data();
   }
-  if (t.b.size() < size_t(K * N)) t.b.resize(K * N);
-  if (tb)
-    convert_rows(t.b.data(), B, N, K, ldb);
-  else
-    convert_rows(t.b.data(), B, K, N, ldb);
-  return {a, t.b.data()};
+  const i64 br = tb ? N : K, bc = tb ? K : N;  // B's stored rows and columns
+  const uint16_t* b = find_known(B, br, bc, ldb);
+  if (b) {
+    g_copies_reused.fetch_add(1, std::memory_order_relaxed);
+  } else {
+    if (t.b.size() < size_t(K * N)) t.b.resize(K * N);
+    convert_rows(t.b.data(), B, br, bc, ldb);
+    b = t.b.data();
+  }
+  return {a, b};
 }
 
 void execute(ThreadScratch& t, const dnnl::matmul& mm, const dnnl::memory::desc& sp,
@@ -546,22 +591,56 @@ void gemm(bool trans_a, bool trans_b, i64 M, i64 N, i64 K, float alpha, const fl
   timer.done(trans_a, trans_b, M, N, K, acc, "sgemm");
 }
 
-void linear_forward(float* y, const float* x, const float* W, i64 N, i64 in, i64 out) {
+namespace {
+// Rounds x into keep when the BF16 linear layers use their copies; otherwise marks it empty, so
+// that a backward never reads a copy older than its x.
+bool fill_copy(Bf16Copy* keep, const float* x, i64 N, i64 in) {
+  if (!keep) return false;
+  keep->src = nullptr;
+  if (g_precision != Precision::BF16 || !g_bf16_reuse.load() || N * in == 0 ||
+      active_packed_weights())
+    return false;
+  round_block(keep->data, x, N, in, in);
+  keep->src = x, keep->rows = N, keep->cols = in;
+  return true;
+}
+}  // namespace
+
+void set_bf16_reuse(bool on) { g_bf16_reuse = on; }
+bool bf16_reuse() { return g_bf16_reuse.load(); }
+i64 bf16_copies_reused() { return g_copies_reused.load(); }
+
+void linear_forward(float* y, const float* x, const float* W, i64 N, i64 in, i64 out,
+                    Bf16Copy* keep) {
+  KnownScope known;
+  if (fill_copy(keep, x, N, in)) known.add(x, N, in, in, keep->data.data());
   gemm(false, true, N, out, in, 1.0f, x, in, W, in, 0.0f, y, out);
 }
 
 void linear_forward_multi(float* const* y, const float* x, const float* const* W, i64 N, i64 in,
-                          const i64* out, int n) {
+                          const i64* out, int n, Bf16Copy* keep) {
   if (N == 0) return;
   if (const PackedWeights* pw = active_packed_weights())
-    if (const PackedMatrix* pm = pw->find_group(W, out, n, in, N))
+    if (const PackedMatrix* pm = pw->find_group(W, out, n, in, N)) {
+      if (keep) keep->src = nullptr;
       return packed_gemm_parts(y, out, x, in, *pm, N, 1.0f, pw->served(pm));
-  SharedAScope shared(x, N, in, in);  // BF16: x rounded once for the n products
+    }
+  KnownScope known;
+  std::optional<SharedAScope> shared;  // BF16: x rounded once for the n products
+  if (fill_copy(keep, x, N, in))
+    known.add(x, N, in, in, keep->data.data());
+  else
+    shared.emplace(x, N, in, in);
   for (int i = 0; i < n; ++i) linear_forward(y[i], x, W[i], N, in, out[i]);
 }
 
 void linear_backward(float* dx, float* dW, const float* dy, const float* x, const float* W, i64 N,
-                     i64 in, i64 out) {
+                     i64 in, i64 out, const Bf16Copy* keep) {
+  // BF16: x, the B operand of dW = dy^T x, from the forward's copy when there is one
+  KnownScope known;
+  if (dW && keep && keep->src == x && keep->rows == N && keep->cols == in &&
+      g_precision == Precision::BF16 && g_bf16_reuse.load())
+    known.add(x, N, in, in, keep->data.data());
   // BF16: dy, the A operand of both products (read transposed for dW), rounded once
   std::optional<SharedAScope> shared;
   if (dx && dW) shared.emplace(dy, N, out, out);

@@ -98,15 +98,35 @@ void gemm(bool trans_a, bool trans_b, i64 M, i64 N, i64 K, float alpha, const fl
 //   forward : y[N,out] = x[N,in] W^T          (beta = 0: overwrites y)
 //   backward: dx[N,in] += dy W   (skipped when dx == nullptr)
 //             dW[out,in] += dy^T x
-void linear_forward(float* y, const float* x, const float* W, i64 N, i64 in, i64 out);
+//
+// BF16: the forward rounds x for x W^T and the backward rounds it again for dy^T x (the same
+// stored block). A layer that keeps its input until its backward may pass a Bf16Copy to both
+// calls: the forward rounds x into it, and the backward reads it instead of rounding x again (the
+// same rounding, so the same bits; 2 bytes per element of x kept). The backward uses the copy
+// only when it was made from this x pointer and shape, and x must not have changed since that
+// forward (true of activations a layer writes in its forward and reads in its backward).
+// Ignored in FP32, for products an inference stream packed, and with set_bf16_reuse(false).
+struct Bf16Copy {
+  std::vector<uint16_t, AlignedAlloc<uint16_t>> data;
+  const float* src = nullptr;  // the x it was made from (null: no valid copy)
+  i64 rows = 0, cols = 0;
+};
+void linear_forward(float* y, const float* x, const float* W, i64 N, i64 in, i64 out,
+                    Bf16Copy* keep = nullptr);
 void linear_backward(float* dx, float* dW, const float* dy, const float* x, const float* W, i64 N,
-                     i64 in, i64 out);
+                     i64 in, i64 out, const Bf16Copy* keep = nullptr);
 // Several linear layers of one input: y[i][N, out[i]] = x[N, in] W[i]^T for i < n (q/k/v,
 // w1/w3). One product over the stacked weights where an inference stream packed them together
 // (kernels/packed_gemm.h; the same rows as the separate packed products), else linear_forward
-// for each.
+// for each (x rounded once for all of them, into `keep` when given).
 void linear_forward_multi(float* const* y, const float* x, const float* const* W, i64 N, i64 in,
-                          const i64* out, int n);
+                          const i64* out, int n, Bf16Copy* keep = nullptr);
+// Whether linear layers use their Bf16Copy (default on; DLCM_BF16_REUSE=0 turns it off at start,
+// logged). Off, every product rounds its operands itself: the same bits, for A/B timing and tests.
+void set_bf16_reuse(bool on);
+bool bf16_reuse();
+// Products (since the start) whose operand came from a kept copy instead of being rounded.
+i64 bf16_copies_reused();
 
 // Rounds n floats to bfloat16 (nearest even; NaN stays NaN), as the BF16 path does (tests).
 void round_to_bf16(uint16_t* dst, const float* src, i64 n);

@@ -144,7 +144,7 @@ void TransformerStack::block_qkv(i64 l, const float* x, const i32* pos, i64 N, B
     float* y[3] = {qdst, kdst, A.v.data()};
     const float* W[3] = {P.wq->w, P.wk->w, P.wv->w};
     const i64 out[3] = {d.q_dim(), d.kv_dim(), d.kv_dim()};
-    ops::linear_forward_multi(y, A.xn1.data(), W, N, d.d, out, 3);
+    ops::linear_forward_multi(y, A.xn1.data(), W, N, d.d, out, 3, &A.xn1_16);
   }
   if (d.qk_norm) {
     ops::head_rmsnorm_forward(A.q.data(), A.q_rstd.data(), A.q_raw.data(), P.q_norm->w, N,
@@ -159,7 +159,7 @@ void TransformerStack::block_qkv(i64 l, const float* x, const i32* pos, i64 N, B
 void TransformerStack::block_out(i64 l, const float* x, float* out, i64 N, BlockActs& A) {
   const BlockDims& d = dims_;
   const BlockParams& P = layers_[l];
-  ops::linear_forward(A.mid.data(), A.att.data(), P.wo->w, N, d.q_dim(), d.d);
+  ops::linear_forward(A.mid.data(), A.att.data(), P.wo->w, N, d.q_dim(), d.d, &A.att_16);
   float* mid = A.mid.data();
 #pragma omp parallel for schedule(static) if (N * d.d > (1 << 15))
   for (i64 i = 0; i < N * d.d; ++i) mid[i] += x[i];
@@ -169,10 +169,10 @@ void TransformerStack::block_out(i64 l, const float* x, float* out, i64 N, Block
     float* y[2] = {A.a.data(), A.b.data()};
     const float* W[2] = {P.w1->w, P.w3->w};
     const i64 out[2] = {d.d_ff, d.d_ff};
-    ops::linear_forward_multi(y, A.xn2.data(), W, N, d.d, out, 2);
+    ops::linear_forward_multi(y, A.xn2.data(), W, N, d.d, out, 2, &A.xn2_16);
   }
   ops::swiglu_forward(A.h.data(), A.a.data(), A.b.data(), N * d.d_ff);
-  ops::linear_forward(out, A.h.data(), P.w2->w, N, d.d_ff, d.d);
+  ops::linear_forward(out, A.h.data(), P.w2->w, N, d.d_ff, d.d, &A.h_16);
 #pragma omp parallel for schedule(static) if (N * d.d > (1 << 15))
   for (i64 i = 0; i < N * d.d; ++i) out[i] += mid[i];
 }
@@ -400,13 +400,16 @@ void TransformerStack::block_backward_out(i64 l, const float* dout, i64 N, Block
   const BlockParams& P = layers_[l];
   // out = mid + w2(h): dh = dout W2, dW2 += dout^T h
   clear(G.h, N * d.d_ff);
-  ops::linear_backward(G.h.data(), P.w2->g, dout, A.h.data(), P.w2->w, N, d.d_ff, d.d);
+  ops::linear_backward(G.h.data(), P.w2->g, dout, A.h.data(), P.w2->w, N, d.d_ff, d.d,
+                       &A.h_16);
   clear(G.a, N * d.d_ff);
   clear(G.b, N * d.d_ff);
   ops::swiglu_backward(G.a.data(), G.b.data(), G.h.data(), A.a.data(), A.b.data(), N * d.d_ff);
   clear(G.xn, N * d.d);
-  ops::linear_backward(G.xn.data(), P.w1->g, G.a.data(), A.xn2.data(), P.w1->w, N, d.d, d.d_ff);
-  ops::linear_backward(G.xn.data(), P.w3->g, G.b.data(), A.xn2.data(), P.w3->w, N, d.d, d.d_ff);
+  ops::linear_backward(G.xn.data(), P.w1->g, G.a.data(), A.xn2.data(), P.w1->w, N, d.d, d.d_ff,
+                       &A.xn2_16);
+  ops::linear_backward(G.xn.data(), P.w3->g, G.b.data(), A.xn2.data(), P.w3->w, N, d.d, d.d_ff,
+                       &A.xn2_16);
   // d mid = dout (residual) + norm backward
   std::memcpy(G.mid.data(), dout, sizeof(float) * N * d.d);
   ops::rmsnorm_backward(G.mid.data(), P.ffn_norm->g, G.xn.data(), A.mid.data(), P.ffn_norm->w,
@@ -414,7 +417,7 @@ void TransformerStack::block_backward_out(i64 l, const float* dout, i64 N, Block
   // mid = x + wo(att)
   clear(G.att, N * d.q_dim());
   ops::linear_backward(G.att.data(), P.wo->g, G.mid.data(), A.att.data(), P.wo->w, N, d.q_dim(),
-                       d.d);
+                       d.d, &A.att_16);
 }
 
 void TransformerStack::block_backward_qkv(i64 l, float* dx, const float* x, const i32* pos,
@@ -435,11 +438,11 @@ void TransformerStack::block_backward_qkv(i64 l, float* dx, const float* x, cons
   }
   clear(G.xn, N * d.d);
   ops::linear_backward(G.xn.data(), P.wq->g, G.q.data(), A.xn1.data(), P.wq->w, N, d.d,
-                       d.q_dim());
+                       d.q_dim(), &A.xn1_16);
   ops::linear_backward(G.xn.data(), P.wk->g, G.k.data(), A.xn1.data(), P.wk->w, N, d.d,
-                       d.kv_dim());
+                       d.kv_dim(), &A.xn1_16);
   ops::linear_backward(G.xn.data(), P.wv->g, G.v.data(), A.xn1.data(), P.wv->w, N, d.d,
-                       d.kv_dim());
+                       d.kv_dim(), &A.xn1_16);
   // x feeds both the residual and the norm
   float* g_mid = G.mid.data();
 #pragma omp parallel for schedule(static) if (N * d.d > (1 << 15))

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "core/params.h"
+#include "kernels/gemm.h"
 
 namespace dlcm {
 
@@ -46,6 +47,9 @@ struct BlockActs {
   Buf xn2, rstd2;          // [N,d], [N]
   Buf a, b, h;             // [N,d_ff] gate, up, silu(a)*b
   Buf out;                 // block output [N,d]
+  // BF16: the inputs of the block's products (xn1, att, xn2, h) as their forward rounded them,
+  // read again by the backward's dW products (ops::Bf16Copy; empty in FP32)
+  ops::Bf16Copy xn1_16, att_16, xn2_16, h_16;
 };
 
 // Backward scratch of one block's rows (shared by all layers, one layer at a time).
