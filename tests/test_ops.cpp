@@ -472,10 +472,24 @@ void run_swiglu(const Case& c, Mode m) {
   };
   H.bwd = [&](Impl im, const std::vector<Buf>&, const float* dout, std::vector<Buf>& g) {
     (im == Fast ? ops::swiglu_backward : ops::ref::swiglu_backward)(
-        g[0].data(), g[1].data(), dout, H.in[0].data(), H.in[1].data(), n);
+        g[0].data(), g[1].data(), dout, H.in[0].data(), H.in[1].data(), n, true);
   };
   H.bytes = {3.0 * n * 4, 7.0 * n * 4};
   if (!finish(H, c, m, 14)) return;
+
+  // accumulate = false writes the gradients without reading da/db (NaN there must not leak):
+  // the bits of accumulating into zeros, in both implementations
+  Buf dh(n), z0(n, 0.f), z1(n, 0.f), w0(n, NAN), w1(n, NAN);
+  test::fill_normal(dh.data(), n, 15);
+  for (Impl im : {Fast, Ref}) {
+    auto bwd = im == Fast ? ops::swiglu_backward : ops::ref::swiglu_backward;
+    std::fill(z0.begin(), z0.end(), 0.f), std::fill(z1.begin(), z1.end(), 0.f);
+    std::fill(w0.begin(), w0.end(), NAN), std::fill(w1.begin(), w1.end(), NAN);
+    bwd(z0.data(), z1.data(), dh.data(), H.in[0].data(), H.in[1].data(), n, true);
+    bwd(w0.data(), w1.data(), dh.data(), H.in[0].data(), H.in[1].data(), n, false);
+    EXPECT_EQ(0, std::memcmp(z0.data(), w0.data(), sizeof(float) * n)) << c.op << " da";
+    EXPECT_EQ(0, std::memcmp(z1.data(), w1.data(), sizeof(float) * n)) << c.op << " db";
+  }
 }
 
 void run_attention_at(const Case& c, Mode m, bool bf16) {
@@ -753,6 +767,26 @@ void run_linear(const Case& c, Mode m) {
   ops::linear_backward(nullptr, dW2.data(), dy.data(), H.in[0].data(), H.in[1].data(), N, in,
                        out);
   EXPECT_EQ(dW1, dW2);
+  // dx_accumulate = false writes dx = dy W without reading dx (NaN there must not leak), the
+  // values of accumulating into zeros (ulp-level: another oneDNN primitive may run)
+  std::vector<ops::Precision> precs = {ops::Precision::FP32};
+  if (ops::cpu_has_bf16()) precs.push_back(ops::Precision::BF16);
+  for (ops::Precision p : precs) {
+    ops::PrecisionScope ps(p);
+    Buf acc(N * in, 0.f), set(N * in, NAN), dWa(out * in, 0.f), dWs(out * in, 0.f);
+    ops::linear_backward(acc.data(), dWa.data(), dy.data(), H.in[0].data(), H.in[1].data(), N, in,
+                         out);
+    ops::linear_backward(set.data(), dWs.data(), dy.data(), H.in[0].data(), H.in[1].data(), N, in,
+                         out, nullptr, false);
+    double worst = 0, scale = 1e-30;
+    for (i64 i = 0; i < N * in; ++i) {
+      if (!std::isfinite(set[i])) worst = INFINITY;  // dx was read
+      worst = std::max(worst, double(std::abs(acc[i] - set[i])));
+      scale = std::max(scale, double(std::abs(acc[i])));
+    }
+    EXPECT_LE(worst, 1e-6 * scale) << c.op << " " << ops::precision_name(p);
+    EXPECT_EQ(dWa, dWs) << c.op << " " << ops::precision_name(p);
+  }
 }
 
 // No gradient (inference only): the fast side packs the weights into a stream's table, the

@@ -635,7 +635,7 @@ void linear_forward_multi(float* const* y, const float* x, const float* const* W
 }
 
 void linear_backward(float* dx, float* dW, const float* dy, const float* x, const float* W, i64 N,
-                     i64 in, i64 out, const Bf16Copy* keep) {
+                     i64 in, i64 out, const Bf16Copy* keep, bool dx_accumulate) {
   // BF16: x, the B operand of dW = dy^T x, from the forward's copy when there is one
   KnownScope known;
   if (dW && keep && keep->src == x && keep->rows == N && keep->cols == in &&
@@ -644,7 +644,7 @@ void linear_backward(float* dx, float* dW, const float* dy, const float* x, cons
   // BF16: dy, the A operand of both products (read transposed for dW), rounded once
   std::optional<SharedAScope> shared;
   if (dx && dW) shared.emplace(dy, N, out, out);
-  if (dx) gemm(false, false, N, in, out, 1.0f, dy, out, W, in, 1.0f, dx, in);
+  if (dx) gemm(false, false, N, in, out, 1.0f, dy, out, W, in, dx_accumulate ? 1.0f : 0.0f, dx, in);
   if (dW) gemm(true, false, out, in, N, 1.0f, dy, out, x, in, 1.0f, dW, in);
 }
 

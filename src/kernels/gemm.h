@@ -96,7 +96,8 @@ void gemm(bool trans_a, bool trans_b, i64 M, i64 N, i64 K, float alpha, const fl
 
 // Linear layer with PyTorch weight layout W[out, in], no bias.
 //   forward : y[N,out] = x[N,in] W^T          (beta = 0: overwrites y)
-//   backward: dx[N,in] += dy W   (skipped when dx == nullptr)
+//   backward: dx[N,in] += dy W   (skipped when dx == nullptr; dx = dy W, without reading dx,
+//                                  when dx_accumulate is false: no clearing needed)
 //             dW[out,in] += dy^T x
 //
 // BF16: the forward rounds x for x W^T and the backward rounds it again for dy^T x (the same
@@ -114,7 +115,7 @@ struct Bf16Copy {
 void linear_forward(float* y, const float* x, const float* W, i64 N, i64 in, i64 out,
                     Bf16Copy* keep = nullptr);
 void linear_backward(float* dx, float* dW, const float* dy, const float* x, const float* W, i64 N,
-                     i64 in, i64 out, const Bf16Copy* keep = nullptr);
+                     i64 in, i64 out, const Bf16Copy* keep = nullptr, bool dx_accumulate = true);
 // Several linear layers of one input: y[i][N, out[i]] = x[N, in] W[i]^T for i < n (q/k/v,
 // w1/w3). One product over the stacked weights where an inference stream packed them together
 // (kernels/packed_gemm.h; the same rows as the separate packed products), else linear_forward

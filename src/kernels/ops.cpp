@@ -196,7 +196,7 @@ void swiglu_forward(float* h, const float* a, const float* b, i64 n) {
 
 // silu'(a) = s (1 + a (1 - s)), s = sigmoid(a).
 void swiglu_backward(float* da, float* db, const float* dh, const float* a, const float* b,
-                     i64 n) {
+                     i64 n, bool accumulate) {
 #pragma omp parallel for schedule(static) if (n > kParMin)
   for (i64 i0 = 0; i0 < n; i0 += 1024) {
     i64 i1 = std::min(n, i0 + 1024);
@@ -211,17 +211,20 @@ void swiglu_backward(float* da, float* db, const float* dh, const float* a, cons
       __m512 silu = _mm512_mul_ps(av, s);
       __m512 dsilu = _mm512_mul_ps(s, _mm512_fmadd_ps(av, _mm512_sub_ps(one, s), one));
       __m512 gb = _mm512_mul_ps(g, bv);
+      // without accumulate, da/db are not read (they may hold anything)
+      const __mmask16 ka = accumulate ? k : __mmask16(0);
       _mm512_mask_storeu_ps(da + i, k,
-                            _mm512_fmadd_ps(gb, dsilu, _mm512_maskz_loadu_ps(k, da + i)));
+                            _mm512_fmadd_ps(gb, dsilu, _mm512_maskz_loadu_ps(ka, da + i)));
       _mm512_mask_storeu_ps(db + i, k,
-                            _mm512_fmadd_ps(g, silu, _mm512_maskz_loadu_ps(k, db + i)));
+                            _mm512_fmadd_ps(g, silu, _mm512_maskz_loadu_ps(ka, db + i)));
     }
 #else
     for (i64 i = i0; i < i1; ++i) {
       float s = 1.0f / (1.0f + std::exp(-a[i]));
       float silu = a[i] * s;
-      da[i] += dh[i] * b[i] * s * (1.0f + a[i] * (1.0f - s));
-      db[i] += dh[i] * silu;
+      const float ga = dh[i] * b[i] * s * (1.0f + a[i] * (1.0f - s)), gb = dh[i] * silu;
+      da[i] = accumulate ? da[i] + ga : ga;
+      db[i] = accumulate ? db[i] + gb : gb;
     }
 #endif
   }

@@ -34,7 +34,9 @@ void rope_apply(float* x, const i32* pos, i64 N, i64 H, i64 hd, float theta, boo
 
 // ---- SwiGLU gate: h = silu(a) * b, elementwise over n elements ----
 void swiglu_forward(float* h, const float* a, const float* b, i64 n);
-void swiglu_backward(float* da, float* db, const float* dh, const float* a, const float* b, i64 n);
+// da/db += the gradients; with accumulate = false, da/db = the gradients (no clearing needed).
+void swiglu_backward(float* da, float* db, const float* dh, const float* a, const float* b, i64 n,
+                     bool accumulate = true);
 
 // ---- causal multi-head attention with grouped-query heads, blockwise (flash style) ----
 // q [B, Lq, Hq, hd], k/v [B, Lk, Hkv, hd], out [B, Lq, Hq, hd], lse [B, Hq, Lq].

@@ -121,13 +121,13 @@ void swiglu_forward(T* h, const T* a, const T* b, i64 n) {
 }
 
 void swiglu_backward(float* da, float* db, const float* dh, const float* a, const float* b,
-                     i64 n) {
+                     i64 n, bool accumulate) {
   for (i64 i = 0; i < n; ++i) {
     double s = sigmoid(a[i]);
     double silu = a[i] * s;
     double dsilu = s * (1.0 + a[i] * (1.0 - s));
-    da[i] += float(double(dh[i]) * b[i] * dsilu);
-    db[i] += float(double(dh[i]) * silu);
+    da[i] = (accumulate ? da[i] : 0.0f) + float(double(dh[i]) * b[i] * dsilu);
+    db[i] = (accumulate ? db[i] : 0.0f) + float(double(dh[i]) * silu);
   }
 }
 

@@ -36,7 +36,8 @@ void rope_apply(T* x, const i32* pos, i64 N, i64 H, i64 hd, float theta, bool in
 
 template <class T>
 void swiglu_forward(T* h, const T* a, const T* b, i64 n);
-void swiglu_backward(float* da, float* db, const float* dh, const float* a, const float* b, i64 n);
+void swiglu_backward(float* da, float* db, const float* dh, const float* a, const float* b, i64 n,
+                     bool accumulate = true);
 
 // Materialises each query's full score row (fine for tests); backward recomputes the softmax
 // from scratch rather than from lse, so it does not share the fast path's assumptions.

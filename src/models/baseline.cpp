@@ -150,14 +150,12 @@ void BaselineModel::extras_forward(float* X, float* H, float* h_rstd, float* pn,
 
 void BaselineModel::extras_backward(float* dmid, const float* dX, const float* mid, i64 N) {
   const i64 d = cfg_.d_token, xf = cfg_.x_d_ff;
-  auto clear = [](Buf& b, i64 n) { std::memset(b.data(), 0, sizeof(float) * n); };
-  clear(g_fh_, N * xf);
-  ops::linear_backward(g_fh_.data(), w2_->g, dX, fh_.data(), w2_->w, N, xf, d);
-  clear(g_fa_, N * xf);
-  clear(g_fb_, N * xf);
-  ops::swiglu_backward(g_fa_.data(), g_fb_.data(), g_fh_.data(), fa_.data(), fb_.data(), N * xf);
-  clear(g_pn_, N * d);
-  ops::linear_backward(g_pn_.data(), w1_->g, g_fa_.data(), pn_.data(), w1_->w, N, d, xf);
+  // the scratch gradients are written by their first producer (no clearing pass)
+  ops::linear_backward(g_fh_.data(), w2_->g, dX, fh_.data(), w2_->w, N, xf, d, nullptr, false);
+  ops::swiglu_backward(g_fa_.data(), g_fb_.data(), g_fh_.data(), fa_.data(), fb_.data(), N * xf,
+                       false);
+  ops::linear_backward(g_pn_.data(), w1_->g, g_fa_.data(), pn_.data(), w1_->w, N, d, xf, nullptr,
+                       false);
   ops::linear_backward(g_pn_.data(), w3_->g, g_fb_.data(), pn_.data(), w3_->w, N, d, xf);
   // dH = dX (the residual) + the ffn_norm branch; dmid through encoder.norm
   std::memcpy(g_H_.data(), dX, sizeof(float) * N * d);

@@ -454,14 +454,12 @@ void ConceptCrossAttention::backward(float* dH, float* dZ, float* dp, const floa
   // cross FFN: X = Psi + w2 h  ->  dPsi = dX + norm backward of (w1, w3 branches)
   {
     prof::Scope ps("cross FFN");
-    clear(g_fh_, N * xf);
-    ops::linear_backward(g_fh_.data(), w2_->g, dX, fh_.data(), w2_->w, N, xf, d);
-    clear(g_fa_, N * xf);
-    clear(g_fb_, N * xf);
+    // the scratch gradients are written by their first producer (no clearing pass)
+    ops::linear_backward(g_fh_.data(), w2_->g, dX, fh_.data(), w2_->w, N, xf, d, nullptr, false);
     ops::swiglu_backward(g_fa_.data(), g_fb_.data(), g_fh_.data(), fa_.data(), fb_.data(),
-                         N * xf);
-    clear(g_pn_, N * d);
-    ops::linear_backward(g_pn_.data(), w1_->g, g_fa_.data(), pn_.data(), w1_->w, N, d, xf);
+                         N * xf, false);
+    ops::linear_backward(g_pn_.data(), w1_->g, g_fa_.data(), pn_.data(), w1_->w, N, d, xf,
+                         nullptr, false);
     ops::linear_backward(g_pn_.data(), w3_->g, g_fb_.data(), pn_.data(), w3_->w, N, d, xf);
     std::memcpy(g_psi_.data(), dX, sizeof(float) * N * d);
     ops::rmsnorm_backward(g_psi_.data(), ffn_norm_->g, g_pn_.data(), psi_.data(), ffn_norm_->w,
@@ -472,8 +470,8 @@ void ConceptCrossAttention::backward(float* dH, float* dZ, float* dp, const floa
   if (!opt_.concept_path) return;
   const ops::Segments& sg = *sg_;
   const i64 Mc = sg.Mmax, nc = B * Mc, nc1 = B * (Mc + 1);
-  clear(g_att_, N * xq);
-  ops::linear_backward(g_att_.data(), wo_->g, g_psi_.data(), att_.data(), wo_->w, N, xq, d);
+  ops::linear_backward(g_att_.data(), wo_->g, g_psi_.data(), att_.data(), wo_->w, N, xq, d,
+                       nullptr, false);
   // attention -> dq [N, xq], dk/dv [B*(Mc+1), xkv]
   clear(g_q_, N * xq);
   clear(g_k_, nc1 * xkv);

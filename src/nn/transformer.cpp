@@ -398,16 +398,15 @@ void TransformerStack::block_backward_out(i64 l, const float* dout, i64 N, Block
                                           BlockGrads& G) {
   const BlockDims& d = dims_;
   const BlockParams& P = layers_[l];
-  // out = mid + w2(h): dh = dout W2, dW2 += dout^T h
-  clear(G.h, N * d.d_ff);
+  // out = mid + w2(h): dh = dout W2, dW2 += dout^T h. The scratch gradients G.* are written by
+  // their first producer (dx_accumulate / accumulate false) instead of cleared and accumulated:
+  // a pass less over each.
   ops::linear_backward(G.h.data(), P.w2->g, dout, A.h.data(), P.w2->w, N, d.d_ff, d.d,
-                       &A.h_16);
-  clear(G.a, N * d.d_ff);
-  clear(G.b, N * d.d_ff);
-  ops::swiglu_backward(G.a.data(), G.b.data(), G.h.data(), A.a.data(), A.b.data(), N * d.d_ff);
-  clear(G.xn, N * d.d);
+                       &A.h_16, false);
+  ops::swiglu_backward(G.a.data(), G.b.data(), G.h.data(), A.a.data(), A.b.data(), N * d.d_ff,
+                       false);
   ops::linear_backward(G.xn.data(), P.w1->g, G.a.data(), A.xn2.data(), P.w1->w, N, d.d, d.d_ff,
-                       &A.xn2_16);
+                       &A.xn2_16, false);
   ops::linear_backward(G.xn.data(), P.w3->g, G.b.data(), A.xn2.data(), P.w3->w, N, d.d, d.d_ff,
                        &A.xn2_16);
   // d mid = dout (residual) + norm backward
@@ -415,9 +414,8 @@ void TransformerStack::block_backward_out(i64 l, const float* dout, i64 N, Block
   ops::rmsnorm_backward(G.mid.data(), P.ffn_norm->g, G.xn.data(), A.mid.data(), P.ffn_norm->w,
                         A.rstd2.data(), N, d.d);
   // mid = x + wo(att)
-  clear(G.att, N * d.q_dim());
   ops::linear_backward(G.att.data(), P.wo->g, G.mid.data(), A.att.data(), P.wo->w, N, d.q_dim(),
-                       d.d, &A.att_16);
+                       d.d, &A.att_16, false);
 }
 
 void TransformerStack::block_backward_qkv(i64 l, float* dx, const float* x, const i32* pos,
@@ -436,9 +434,8 @@ void TransformerStack::block_backward_qkv(i64 l, float* dx, const float* x, cons
                                P.k_norm->w, A.k_rstd.data(), N, d.n_kv_heads, d.head_dim);
     std::memcpy(G.k.data(), G.raw.data(), sizeof(float) * N * d.kv_dim());
   }
-  clear(G.xn, N * d.d);
   ops::linear_backward(G.xn.data(), P.wq->g, G.q.data(), A.xn1.data(), P.wq->w, N, d.d,
-                       d.q_dim(), &A.xn1_16);
+                       d.q_dim(), &A.xn1_16, false);
   ops::linear_backward(G.xn.data(), P.wk->g, G.k.data(), A.xn1.data(), P.wk->w, N, d.d,
                        d.kv_dim(), &A.xn1_16);
   ops::linear_backward(G.xn.data(), P.wv->g, G.v.data(), A.xn1.data(), P.wv->w, N, d.d,
