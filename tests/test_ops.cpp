@@ -143,6 +143,8 @@ const Case kCases[] = {
     {.op = "attention_bf16", .B = 1, .Lq = 67, .Lk = 67, .Hq = 4, .Hkv = 2, .hd = 16},
     {.op = "attention_bf16", .B = 2, .Lq = 130, .Lk = 130, .Hq = 4, .Hkv = 1, .hd = 5},
     {.op = "attention_bf16", .B = 1, .Lq = 20, .Lk = 90, .Hq = 2, .Hkv = 1, .hd = 24, .q_offset = 70},
+    // keys after every query (Lk > q_offset + Lq): never seen, zero gradients
+    {.op = "attention_bf16", .B = 1, .Lq = 40, .Lk = 200, .Hq = 2, .Hkv = 1, .hd = 16, .q_offset = 60},
     {.op = "attention_bf16", .B = 1, .Lq = 33, .Lk = 33, .Hq = 2, .Hkv = 2, .hd = 80},
     {.op = "attention_bf16", .B = 2, .Lq = 150, .Lk = 150, .Hq = 2, .Hkv = 1, .hd = 64, .std = 2.0f},
     {.op = "attention_bf16", .B = 8, .Lq = 512, .Lk = 512, .Hq = 8, .Hkv = 8, .hd = 64, .perf = true},
@@ -408,11 +410,40 @@ void run_rmsnorm(const Case& c, Mode m) {
     ops::ref::rmsnorm_forward<double>(o.data(), r.data(), in[0].data(), in[1].data(), N, d, eps);
   };
   H.bwd = [&](Impl im, const std::vector<Buf>& o, const float* dout, std::vector<Buf>& g) {
-    (im == Fast ? ops::rmsnorm_backward : ops::ref::rmsnorm_backward)(
-        g[0].data(), g[1].data(), dout, H.in[0].data(), H.in[1].data(), o[1].data(), N, d);
+    if (im == Fast)
+      ops::rmsnorm_backward(g[0].data(), g[1].data(), dout, H.in[0].data(), H.in[1].data(),
+                            o[1].data(), N, d);
+    else
+      ops::ref::rmsnorm_backward(g[0].data(), g[1].data(), dout, H.in[0].data(), H.in[1].data(),
+                                 o[1].data(), N, d);
   };
   H.bytes = {2.0 * N * d * 4, 4.0 * N * d * 4};
   if (!finish(H, c, m, 12)) return;
+
+  // A residual gradient res joins in the same pass: dx (+)= res + the gradient is bit for bit
+  // (dx + res) accumulated with the gradient, and accumulate = false never reads dx (NaN there
+  // must not leak). dw accumulates in every form.
+  auto o = alloc(H.out_sizes);
+  H.fwd(Fast, o);
+  Buf dy(N * d), res(N * d), dx0(N * d);
+  test::fill_normal(dy.data(), N * d, 13);
+  test::fill_normal(res.data(), N * d, 14);
+  test::fill_normal(dx0.data(), N * d, 15);
+  const float* x = H.in[0].data();
+  const float* w = H.in[1].data();
+  for (const float* r : {static_cast<const float*>(nullptr), static_cast<const float*>(res.data())})
+    for (bool acc : {true, false}) {
+      Buf want(acc ? dx0 : Buf(N * d, 0.f)), dw1(d, 0.5f);
+      if (r)
+        for (i64 i = 0; i < N * d; ++i) want[i] += r[i];
+      ops::rmsnorm_backward(want.data(), dw1.data(), dy.data(), x, w, o[1].data(), N, d);
+      Buf got(acc ? dx0 : Buf(N * d, NAN)), dw2(d, 0.5f);
+      ops::rmsnorm_backward(got.data(), dw2.data(), dy.data(), x, w, o[1].data(), N, d, r, acc);
+      i64 bad = 0;
+      for (i64 i = 0; i < N * d; ++i) bad += !(got[i] == want[i]);
+      EXPECT_EQ(bad, 0) << c.op << " res=" << (r != nullptr) << " accumulate=" << acc;
+      EXPECT_EQ(dw1, dw2) << c.op << " res=" << (r != nullptr) << " accumulate=" << acc;
+    }
 }
 
 void run_rope(const Case& c, Mode m) {
@@ -511,9 +542,14 @@ void run_attention_at(const Case& c, Mode m, bool bf16) {
                                         in[2].data(), B, Lq, Lk, Hq, Hkv, hd, qo, scale);
   };
   H.bwd = [&](Impl im, const std::vector<Buf>& o, const float* dout, std::vector<Buf>& g) {
-    (im == Fast ? ops::attention_backward : ops::ref::attention_backward)(
-        g[0].data(), g[1].data(), g[2].data(), dout, o[0].data(), o[1].data(), H.in[0].data(),
-        H.in[1].data(), H.in[2].data(), B, Lq, Lk, Hq, Hkv, hd, qo, scale, 0);
+    if (im == Fast)
+      ops::attention_backward(g[0].data(), g[1].data(), g[2].data(), dout, o[0].data(),
+                              o[1].data(), H.in[0].data(), H.in[1].data(), H.in[2].data(), B, Lq,
+                              Lk, Hq, Hkv, hd, qo, scale, 0);
+    else
+      ops::ref::attention_backward(g[0].data(), g[1].data(), g[2].data(), dout, o[0].data(),
+                                   o[1].data(), H.in[0].data(), H.in[1].data(), H.in[2].data(), B,
+                                   Lq, Lk, Hq, Hkv, hd, qo, scale, 0);
   };
   // Multiply-adds of the visible (query, key) pairs: QK^T and PV forward; the backward
   // recomputes QK^T and forms dP, dV, dQ, dK.
@@ -555,6 +591,29 @@ void run_attention_at(const Case& c, Mode m, bool bf16) {
       ops::PrecisionScope fp(ops::Precision::FP32);
       H.fwd(Fast, o32);
       EXPECT_GT(scaled_err(o[0], o32[0], 1e-30), 1e-5) << "bf16 forward equals the FP32 one";
+    }
+  }
+
+  // accumulate = false writes dq/dk/dv without reading them (NaN there must not leak, keys no
+  // query sees get 0): the values of accumulating into zeros, FP32 and on the tiles alike
+  {
+    auto o = alloc(H.out_sizes);
+    H.fwd(Fast, o);
+    Buf R(o[0].size());
+    test::fill_normal(R.data(), i64(R.size()), 98);
+    std::vector<i64> in_sizes;
+    for (auto& x : H.in) in_sizes.push_back(i64(x.size()));
+    auto acc = alloc(in_sizes), set = alloc(in_sizes);
+    for (auto& g : set) std::fill(g.begin(), g.end(), NAN);
+    H.bwd(Fast, o, R.data(), acc);
+    ops::attention_backward(set[0].data(), set[1].data(), set[2].data(), R.data(), o[0].data(),
+                            o[1].data(), H.in[0].data(), H.in[1].data(), H.in[2].data(), B, Lq,
+                            Lk, Hq, Hkv, hd, qo, scale, 0, false);
+    for (int x = 0; x < 3; ++x) {
+      i64 bad = 0;
+      for (size_t e = 0; e < acc[x].size(); ++e) bad += !(acc[x][e] == set[x][e]);
+      EXPECT_EQ(bad, 0) << c.op << " accumulate=false, " << H.names[x] << ": " << bad
+                        << " entries differ from accumulating into zeros";
     }
   }
 

@@ -209,6 +209,35 @@ TEST(WindowAttention, AmxTilesMatchReferenceAndCut) {
   }
 }
 
+// accumulate = false writes dq/dk/dv without reading them: NaN-filled outputs end up with the
+// values of accumulating into zeros, including the cached keys before every query's window
+// (skipped blocks: exact zeros), in FP32 and, where there are AMX tiles, in BF16.
+TEST(WindowAttention, OverwriteModeEqualsAccumulatingIntoZeros) {
+  std::vector<ops::Precision> precs = {ops::Precision::FP32};
+  if (ops::amx_bf16_usable() && ops::isa() == ops::Isa::Avx512)
+    precs.push_back(ops::Precision::BF16);
+  for (ops::Precision p : precs) {
+    ops::PrecisionScope ps(p);
+    for (const KCase& c : kCases) {
+      SCOPED_TRACE(::testing::PrintToString(c) + " " + ops::precision_name(p));
+      Attn a(c, 30 + c.Lq + c.w);
+      Buf out, lse, dq, dk, dv;
+      a.fwd(out, lse, c.w);
+      a.bwd(dq, dk, dv, out, lse, c.w);
+      Buf sq(dq.size(), NAN), sk(dk.size(), NAN), sv(dv.size(), NAN);
+      ops::attention_backward(sq.data(), sk.data(), sv.data(), a.dout.data(), out.data(),
+                              lse.data(), a.q.data(), a.k.data(), a.v.data(), c.B, c.Lq, c.Lk,
+                              c.Hq, c.Hkv, c.hd, c.qo, a.scale, c.w, false);
+      for (auto [x, y, name] : {std::tuple{&dq, &sq, "dq"}, std::tuple{&dk, &sk, "dk"},
+                                std::tuple{&dv, &sv, "dv"}}) {
+        i64 bad = 0;
+        for (size_t e = 0; e < x->size(); ++e) bad += !((*x)[e] == (*y)[e]);
+        EXPECT_EQ(bad, 0) << name;
+      }
+    }
+  }
+}
+
 // The fast backward against central finite differences of the windowed attention function
 // (evaluated in double by the reference): loss = sum(out * dout).
 TEST(WindowAttention, FiniteDifferenceGradients) {

@@ -124,20 +124,36 @@ struct TileProduct {
   }
 };
 
-// A key block's dK and dV (rows ld apart in the task's accumulators) into dk and dv (+=), dK
-// times ks: the rows of key j0 + j, kv head g, batch b.
+// A key block's dK and dV (rows ld apart in the task's accumulators) into dk and dv (+=, or =
+// without acc), dK times ks: the rows of key j0 + j, kv head g, batch b.
 void add_key_grads(float* dk, float* dv, const float* dka, const float* dva, i64 ld, float ks,
-                   i64 b, i64 g, i64 j0, i64 nk, i64 Lk, i64 Hkv, i64 hd) {
+                   i64 b, i64 g, i64 j0, i64 nk, i64 Lk, i64 Hkv, i64 hd, bool acc) {
   for (i64 j = 0; j < nk; ++j) {
     float* dkr = dk + ((b * Lk + j0 + j) * Hkv + g) * hd;
     float* dvr = dv + ((b * Lk + j0 + j) * Hkv + g) * hd;
     const float* a = dka + j * ld;
     const float* c = dva + j * ld;
+    if (acc) {
 #pragma omp simd
-    for (i64 x = 0; x < hd; ++x) {
-      dkr[x] += ks * a[x];
-      dvr[x] += c[x];
+      for (i64 x = 0; x < hd; ++x) {
+        dkr[x] += ks * a[x];
+        dvr[x] += c[x];
+      }
+    } else {
+#pragma omp simd
+      for (i64 x = 0; x < hd; ++x) {
+        dkr[x] = ks * a[x];
+        dvr[x] = c[x];
+      }
     }
+  }
+}
+
+// Overwrite mode: dk and dv of keys [j0, j1) (kv head g, batch b), which no query sees, are 0.
+void zero_key_grads(float* dk, float* dv, i64 b, i64 g, i64 j0, i64 j1, i64 Lk, i64 Hkv, i64 hd) {
+  for (i64 j = j0; j < j1; ++j) {
+    std::fill_n(dk + ((b * Lk + j) * Hkv + g) * hd, hd, 0.0f);
+    std::fill_n(dv + ((b * Lk + j) * Hkv + g) * hd, hd, 0.0f);
   }
 }
 
@@ -419,7 +435,7 @@ DLCM_AMX_TARGET void attention_backward_amx(float* dq, float* dk, float* dv, con
                                             const float* lse, const float* D, const float* q,
                                             const float* k, const float* v, i64 B, i64 Lq,
                                             i64 Lk, i64 Hq, i64 Hkv, i64 hd, i64 q_offset,
-                                            float scale, i64 window, bool par) {
+                                            float scale, i64 window, bool par, bool acc) {
   const i64 group = Hq / Hkv, ldq = Hq * hd, ldk = Hkv * hd;
   const i64 hdp = (hd + 31) / 32 * 32, nqb = (Lq + BQ - 1) / BQ;
   const i64 jend = std::min(Lk, q_offset + Lq);  // keys some query sees
@@ -463,7 +479,10 @@ DLCM_AMX_TARGET void attention_backward_amx(float* dq, float* dk, float* dv, con
         // Queries that see some key of the block: [istart, iend).
         const i64 istart = std::max<i64>(0, j0 - q_offset);
         const i64 iend = window > 0 ? std::clamp<i64>(j0 + nk - 1 + window - q_offset, 0, Lq) : Lq;
-        if (istart >= iend) continue;
+        if (istart >= iend) {
+          if (!acc) zero_key_grads(dk, dv, b, g, j0, j0 + nk, Lk, Hkv, hd);
+          continue;
+        }
         amx_rows(ka.data(), hdp, kp + j0 * ldk, ldk, nk, BK, hd);
         amx_rows(va.data(), hdp, vp + j0 * ldk, ldk, nk, BK, hd);
         amx_vt(kt.data(), ktmp.data(), kp + j0 * ldk, ldk, nk, hd, hdp);
@@ -494,9 +513,10 @@ DLCM_AMX_TARGET void attention_backward_amx(float* dq, float* dk, float* dv, con
             amx_product(dqt.data() + x * opw, BQ, kt.data(), BK, dsb.data(), 2 * BQ, hdp, BQ, BK,
                         true);
           }
-        add_key_grads(dk, dv, dka.data(), dva.data(), hdp, scale, b, g, j0, nk, Lk, Hkv, hd);
+        add_key_grads(dk, dv, dka.data(), dva.data(), hdp, scale, b, g, j0, nk, Lk, Hkv, hd, acc);
       }
       _tile_release();
+      if (!acc) zero_key_grads(dk, dv, b, g, jend, Lk, Lk, Hkv, hd);
       // dq += scale (dQ^T)^T, 16 x 16 blocks.
       alignas(64) float blk[16 * 16];
       for (i64 hh = 0; hh < group; ++hh)
@@ -509,10 +529,9 @@ DLCM_AMX_TARGET void attention_backward_amx(float* dq, float* dk, float* dv, con
               const __mmask16 mc = simd::tail_mask(hd - c0);
               for (i64 r = 0; r < 16 && r0 + r < mq; ++r) {
                 float* d = dq + ((b * Lq + i0 + r0 + r) * Hq + h) * hd + c0;
-                _mm512_mask_storeu_ps(d, mc,
-                                      _mm512_fmadd_ps(_mm512_load_ps(blk + r * 16),
-                                                      _mm512_set1_ps(scale),
-                                                      _mm512_maskz_loadu_ps(mc, d)));
+                const __m512 prev = acc ? _mm512_maskz_loadu_ps(mc, d) : _mm512_setzero_ps();
+                _mm512_mask_storeu_ps(
+                    d, mc, _mm512_fmadd_ps(_mm512_load_ps(blk + r * 16), _mm512_set1_ps(scale), prev));
               }
             }
         }
@@ -727,7 +746,7 @@ void attention_forward(float* out, float* lse, const float* q, const float* k, c
 void attention_backward(float* dq, float* dk, float* dv, const float* dout, const float* out,
                         const float* lse, const float* q, const float* k, const float* v, i64 B,
                         i64 Lq, i64 Lk, i64 Hq, i64 Hkv, i64 hd, i64 q_offset, float scale,
-                        i64 window) {
+                        i64 window, bool accumulate) {
   check_shapes("attention_backward", B, Lq, Lk, Hq, Hkv, hd, q_offset, window);
   const i64 group = Hq / Hkv, ldq = Hq * hd, ldk = Hkv * hd;
   const bool par = B * Hq * Lq * keys_seen(Lq, Lk, q_offset, window) * hd > (1 << 16);
@@ -749,7 +768,7 @@ void attention_backward(float* dq, float* dk, float* dv, const float* dout, cons
 #ifdef DLCM_AVX512
   if (mm.amx && scale > 0)
     return attention_backward_amx(dq, dk, dv, dout, lse, D.data(), q, k, v, B, Lq, Lk, Hq, Hkv,
-                                  hd, q_offset, scale, window, par);
+                                  hd, q_offset, scale, window, par, accumulate);
 #endif
 #pragma omp parallel if (par)
   {
@@ -762,13 +781,21 @@ void attention_backward(float* dq, float* dk, float* dv, const float* dout, cons
       const float* vp = v + (b * Lk * Hkv + g) * hd;
       // Only keys some query can see: j < q_offset + Lq.
       const i64 jend = std::min(Lk, q_offset + Lq);
+      if (!accumulate) {  // overwrite: this task's dq rows start at 0, unseen keys get 0
+        for (i64 i = 0; i < Lq; ++i)
+          std::fill_n(dq + ((b * Lq + i) * Hq + g * group) * hd, group * hd, 0.0f);
+        zero_key_grads(dk, dv, b, g, jend, Lk, Lk, Hkv, hd);
+      }
       for (i64 j0 = 0; j0 < jend; j0 += BK) {
         const i64 nk = std::min(BK, jend - j0);
         const i64 istart = std::max<i64>(0, j0 - q_offset);  // first query that sees key j0
         // One past the last query that sees the block's last key (position < key + window).
         const i64 iend =
             window > 0 ? std::clamp<i64>(j0 + nk - 1 + window - q_offset, 0, Lq) : Lq;
-        if (istart >= iend) continue;  // cached keys below every query's window
+        if (istart >= iend) {  // cached keys below every query's window
+          if (!accumulate) zero_key_grads(dk, dv, b, g, j0, j0 + nk, Lk, Hkv, hd);
+          continue;
+        }
         pack_t(kt.data(), BK, kp + j0 * ldk, ldk, nk, hd);
         pack_t(vt.data(), BK, vp + j0 * ldk, ldk, nk, hd);
         std::fill(dka.begin(), dka.begin() + nk * hd, 0.0f);
@@ -823,7 +850,8 @@ void attention_backward(float* dq, float* dk, float* dv, const float* dout, cons
             }
           }
         }
-        add_key_grads(dk, dv, dka.data(), dva.data(), hd, 1.0f, b, g, j0, nk, Lk, Hkv, hd);
+        add_key_grads(dk, dv, dka.data(), dva.data(), hd, 1.0f, b, g, j0, nk, Lk, Hkv, hd,
+                      accumulate);
       }
     }
   }

@@ -65,7 +65,7 @@ void rmsnorm_forward(float* y, float* rstd, const float* x, const float* w, i64 
 // dw: each thread sums its rows into a private row, then the partials are added column-wise
 // in thread order (deterministic for a fixed thread count).
 void rmsnorm_backward(float* dx, float* dw, const float* dy, const float* x, const float* w,
-                      const float* rstd, i64 N, i64 d) {
+                      const float* rstd, i64 N, i64 d, const float* res, bool accumulate) {
   int nt_max = (N * d > kParMin) ? omp_get_max_threads() : 1;
   Buf part(size_t(nt_max) * d, 0.0f);
 #pragma omp parallel num_threads(nt_max)
@@ -82,11 +82,23 @@ void rmsnorm_backward(float* dx, float* dw, const float* dy, const float* x, con
       for (i64 c = 0; c < d; ++c) dot += double(g[c] * w[c]) * double(xr[c]);
       float k = float(dot / double(d)) * r * r * r;
       float* dxr = dx + n * d;
+      const float* rr = res ? res + n * d : nullptr;
+      // The four forms of dx = (base) + grad, base = dx, res, dx + res or 0: one pass each.
+      if (accumulate && rr) {
 #pragma omp simd
-      for (i64 c = 0; c < d; ++c) {
-        dxr[c] += r * w[c] * g[c] - k * xr[c];
-        pw[c] += g[c] * xr[c] * r;
+        for (i64 c = 0; c < d; ++c) dxr[c] = (dxr[c] + rr[c]) + (r * w[c] * g[c] - k * xr[c]);
+      } else if (accumulate) {
+#pragma omp simd
+        for (i64 c = 0; c < d; ++c) dxr[c] += r * w[c] * g[c] - k * xr[c];
+      } else if (rr) {
+#pragma omp simd
+        for (i64 c = 0; c < d; ++c) dxr[c] = rr[c] + (r * w[c] * g[c] - k * xr[c]);
+      } else {
+#pragma omp simd
+        for (i64 c = 0; c < d; ++c) dxr[c] = r * w[c] * g[c] - k * xr[c];
       }
+#pragma omp simd
+      for (i64 c = 0; c < d; ++c) pw[c] += g[c] * xr[c] * r;
     }
     // implicit barrier after omp for
 #pragma omp for schedule(static)
@@ -107,7 +119,7 @@ void head_rmsnorm_forward(float* y, float* rstd, const float* x, const float* w,
 
 void head_rmsnorm_backward(float* dx, float* dw, const float* dy, const float* x, const float* w,
                            const float* rstd, i64 N, i64 H, i64 hd) {
-  rmsnorm_backward(dx, dw, dy, x, w, rstd, N * H, hd);
+  rmsnorm_backward(dx, dw, dy, x, w, rstd, N * H, hd, nullptr, true);
 }
 
 // ---- RoPE ----

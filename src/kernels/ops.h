@@ -17,8 +17,12 @@ void embedding_backward(float* dtable, const float* dout, const i32* ids, i64 N,
 // ---- RMSNorm: y = x * rstd * w, rstd[n] = 1/sqrt(mean(x^2)+eps) (saved for backward) ----
 void rmsnorm_forward(float* y, float* rstd, const float* x, const float* w, i64 N, i64 d,
                      float eps);
+// dx += the input's gradient, dw += the weight's. A residual branch's gradient res [N, d]
+// (optional) joins in the same pass: dx (+)= res + the gradient, computed as (dx + res) + grad,
+// the order of adding res first. accumulate = false writes dx without reading it.
 void rmsnorm_backward(float* dx, float* dw, const float* dy, const float* x, const float* w,
-                      const float* rstd, i64 N, i64 d);
+                      const float* rstd, i64 N, i64 d, const float* res = nullptr,
+                      bool accumulate = true);
 
 // ---- per-head RMSNorm (QK-norm): x [N, H, hd] is normalised over head_dim, one RMSNorm per
 // (token, head) sharing the weight w [hd]; rstd [N*H] ----
@@ -48,11 +52,12 @@ void swiglu_backward(float* da, float* db, const float* dh, const float* a, cons
 void attention_forward(float* out, float* lse, const float* q, const float* k, const float* v,
                        i64 B, i64 Lq, i64 Lk, i64 Hq, i64 Hkv, i64 hd, i64 q_offset, float scale,
                        i64 window = 0);
-// Recomputes the probabilities from q, k and lse. dq/dk/dv accumulate.
+// Recomputes the probabilities from q, k and lse. dq/dk/dv accumulate; with accumulate =
+// false they are written without being read (no clearing needed; keys no query sees get 0).
 void attention_backward(float* dq, float* dk, float* dv, const float* dout, const float* out,
                         const float* lse, const float* q, const float* k, const float* v, i64 B,
                         i64 Lq, i64 Lk, i64 Hq, i64 Hkv, i64 hd, i64 q_offset, float scale,
-                        i64 window = 0);
+                        i64 window = 0, bool accumulate = true);
 
 // ---- softmax cross-entropy fused with the logits' gradient ----
 // logits [N, V] are overwritten in place by dloss/dlogits * grad_scale (no separate probability

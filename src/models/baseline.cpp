@@ -158,11 +158,11 @@ void BaselineModel::extras_backward(float* dmid, const float* dX, const float* m
                        false);
   ops::linear_backward(g_pn_.data(), w3_->g, g_fb_.data(), pn_.data(), w3_->w, N, d, xf);
   // dH = dX (the residual) + the ffn_norm branch; dmid through encoder.norm
-  std::memcpy(g_H_.data(), dX, sizeof(float) * N * d);
+  // (each written in one pass, without clearing)
   ops::rmsnorm_backward(g_H_.data(), ffn_norm_->g, g_pn_.data(), H_.data(), ffn_norm_->w,
-                        pn_rstd_.data(), N, d);
-  std::memset(dmid, 0, sizeof(float) * N * d);
-  ops::rmsnorm_backward(dmid, mid_norm_->g, g_H_.data(), mid, mid_norm_->w, h_rstd_.data(), N, d);
+                        pn_rstd_.data(), N, d, dX, false);
+  ops::rmsnorm_backward(dmid, mid_norm_->g, g_H_.data(), mid, mid_norm_->w, h_rstd_.data(), N, d,
+                        nullptr, false);
 }
 
 // Streaming: one KV cache for the layer stack (two with baseline_extras, whose extra block is

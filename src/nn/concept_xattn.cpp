@@ -461,9 +461,9 @@ void ConceptCrossAttention::backward(float* dH, float* dZ, float* dp, const floa
     ops::linear_backward(g_pn_.data(), w1_->g, g_fa_.data(), pn_.data(), w1_->w, N, d, xf,
                          nullptr, false);
     ops::linear_backward(g_pn_.data(), w3_->g, g_fb_.data(), pn_.data(), w3_->w, N, d, xf);
-    std::memcpy(g_psi_.data(), dX, sizeof(float) * N * d);
+    // d Psi = dX (the residual) + the norm's branch, written in one pass
     ops::rmsnorm_backward(g_psi_.data(), ffn_norm_->g, g_pn_.data(), psi_.data(), ffn_norm_->w,
-                          pn_rstd_.data(), N, d);
+                          pn_rstd_.data(), N, d, dX, false);
   }
   // Psi = H + Wo att: the residual
   add_into(dH, g_psi_.data(), N * d);

@@ -273,7 +273,7 @@ void TransformerStack::backward(float* dx, const float* dout, i64 B, i64 L,
                                 const float* doute) {
   DLCM_CHECK(n_ext_ == 0 || (dxe != nullptr && doute != nullptr),
              "internal: TransformerStack::backward without the gradients of its prefix rows");
-  const i64 N = B * L, D = dims_.d, ne = n_ext_;
+  const i64 ne = n_ext_;
   const float* g_cur = dout;
   const float* ge_cur = doute;
   for (i64 l = n_layers() - 1; l >= 0; --l) {
@@ -281,16 +281,13 @@ void TransformerStack::backward(float* dx, const float* dout, i64 B, i64 L,
     const float* xe = l == 0 ? ext_input_ : (ne ? ext_acts_[l - 1].out.data() : nullptr);
     float* g_prev = dx;  // layer 0 accumulates into the caller's buffers
     float* ge_prev = dxe;
-    if (l > 0) {
+    if (l > 0) {  // the block writes these (no clearing), layer 0 adds into the caller's
       g_prev = (g_cur == grads_.res.data()) ? grads_.res2.data() : grads_.res.data();
-      std::memset(g_prev, 0, sizeof(float) * N * D);
-      if (ne) {
+      if (ne)
         ge_prev = (ge_cur == ext_grads_.res.data()) ? ext_grads_.res2.data()
                                                     : ext_grads_.res.data();
-        std::memset(ge_prev, 0, sizeof(float) * ne * D);
-      }
     }
-    block_backward(l, g_prev, g_cur, x, B, L, ge_prev, ge_cur, xe);
+    block_backward(l, g_prev, g_cur, x, B, L, ge_prev, ge_cur, xe, /*dx_accumulate=*/l == 0);
     if (block_done) block_done(layers_[l].attn_norm->offset);  // registered first in a block
     g_cur = g_prev;
     ge_cur = ge_prev;
@@ -358,22 +355,21 @@ void prefix_attention_backward(float* dq, float* dke, float* dve, float* dK, flo
 }  // namespace
 
 void TransformerStack::block_backward(i64 l, float* dx, const float* dout, const float* x, i64 B,
-                                      i64 L, float* dxe, const float* doute, const float* xe) {
+                                      i64 L, float* dxe, const float* doute, const float* xe,
+                                      bool dx_accumulate) {
   const BlockDims& d = dims_;
   BlockActs& A = acts_[l];
   BlockGrads& G = grads_;
   const i64 N = B * L;
   block_backward_out(l, dout, N, A, G);
-  clear(G.q, N * d.q_dim());
-  clear(G.k, N * d.kv_dim());
-  clear(G.v, N * d.kv_dim());
   const float scale = 1.0f / std::sqrt(float(d.head_dim));
   {
     prof::DetailScope ps("  attention kernel",
                          8.0 * attention_pairs(B, L) * d.n_heads * d.head_dim);
     ops::attention_backward(G.q.data(), G.k.data(), G.v.data(), G.att.data(), A.att.data(),
                             A.lse.data(), A.q.data(), A.k.data(), A.v.data(), B, L, L, d.n_heads,
-                            d.n_kv_heads, d.head_dim, 0, scale, d.window);
+                            d.n_kv_heads, d.head_dim, 0, scale, d.window,
+                            /*accumulate=*/false);  // writes G.q/k/v: no clearing pass
   }
   if (n_ext_ > 0) {
     // The prefix rows read this layer's keys/values: their share joins G.k/G.v before the
@@ -389,9 +385,9 @@ void TransformerStack::block_backward(i64 l, float* dx, const float* dout, const
                               EG.att.data(), E.q.data(), E.k.data(), E.v.data(), A.k.data(),
                               A.v.data(), L * d.kv_dim(), ext_seq_.data(), ext_pos_.data(), ne,
                               d);
-    block_backward_qkv(l, dxe, xe, ext_pos_.data(), ne, E, EG);
+    block_backward_qkv(l, dxe, xe, ext_pos_.data(), ne, E, EG, dx_accumulate);
   }
-  block_backward_qkv(l, dx, x, pos_, N, A, G);
+  block_backward_qkv(l, dx, x, pos_, N, A, G, dx_accumulate);
 }
 
 void TransformerStack::block_backward_out(i64 l, const float* dout, i64 N, BlockActs& A,
@@ -409,17 +405,17 @@ void TransformerStack::block_backward_out(i64 l, const float* dout, i64 N, Block
                        &A.xn2_16, false);
   ops::linear_backward(G.xn.data(), P.w3->g, G.b.data(), A.xn2.data(), P.w3->w, N, d.d, d.d_ff,
                        &A.xn2_16);
-  // d mid = dout (residual) + norm backward
-  std::memcpy(G.mid.data(), dout, sizeof(float) * N * d.d);
+  // d mid = dout (residual) + norm backward, written in one pass
   ops::rmsnorm_backward(G.mid.data(), P.ffn_norm->g, G.xn.data(), A.mid.data(), P.ffn_norm->w,
-                        A.rstd2.data(), N, d.d);
+                        A.rstd2.data(), N, d.d, dout, false);
   // mid = x + wo(att)
   ops::linear_backward(G.att.data(), P.wo->g, G.mid.data(), A.att.data(), P.wo->w, N, d.q_dim(),
                        d.d, &A.att_16, false);
 }
 
 void TransformerStack::block_backward_qkv(i64 l, float* dx, const float* x, const i32* pos,
-                                          i64 N, BlockActs& A, BlockGrads& G) {
+                                          i64 N, BlockActs& A, BlockGrads& G,
+                                          bool dx_accumulate) {
   const BlockDims& d = dims_;
   const BlockParams& P = layers_[l];
   ops::rope_apply(G.q.data(), pos, N, d.n_heads, d.head_dim, d.rope_theta, true);
@@ -440,12 +436,9 @@ void TransformerStack::block_backward_qkv(i64 l, float* dx, const float* x, cons
                        d.kv_dim(), &A.xn1_16);
   ops::linear_backward(G.xn.data(), P.wv->g, G.v.data(), A.xn1.data(), P.wv->w, N, d.d,
                        d.kv_dim(), &A.xn1_16);
-  // x feeds both the residual and the norm
-  float* g_mid = G.mid.data();
-#pragma omp parallel for schedule(static) if (N * d.d > (1 << 15))
-  for (i64 i = 0; i < N * d.d; ++i) dx[i] += g_mid[i];
+  // x feeds both the residual and the norm: dx (+)= d mid + norm backward, in one pass
   ops::rmsnorm_backward(dx, P.attn_norm->g, G.xn.data(), x, P.attn_norm->w, A.rstd1.data(), N,
-                        d.d);
+                        d.d, G.mid.data(), dx_accumulate);
 }
 
 // ---- prefix rows ----

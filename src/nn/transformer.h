@@ -151,12 +151,13 @@ class TransformerStack {
   void block_qkv(i64 l, const float* x, const i32* pos, i64 N, BlockActs& A);
   void block_out(i64 l, const float* x, float* out, i64 N, BlockActs& A);
   // Backward of one block, split around its attention core like the forward: block_out's
-  // half (dout -> G.att, G.mid) and block_qkv's half (G.q/k/v -> dx +=).
+  // half (dout -> G.att, G.mid) and block_qkv's half (G.q/k/v -> dx += or, without
+  // dx_accumulate, dx =: the stack's scratch gradients of the inner blocks need no clearing).
   void block_backward(i64 l, float* dx, const float* dout, const float* x, i64 B, i64 L,
-                      float* dxe, const float* doute, const float* xe);
+                      float* dxe, const float* doute, const float* xe, bool dx_accumulate);
   void block_backward_out(i64 l, const float* dout, i64 N, BlockActs& A, BlockGrads& G);
   void block_backward_qkv(i64 l, float* dx, const float* x, const i32* pos, i64 N, BlockActs& A,
-                          BlockGrads& G);
+                          BlockGrads& G, bool dx_accumulate);
 
   BlockDims dims_;
   std::vector<BlockParams> layers_;
