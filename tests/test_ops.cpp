@@ -1632,6 +1632,28 @@ TEST(Ops, Bf16SharedOperandRoundedOnceIsBitIdentical) {
     ops::linear_backward(dxk.data(), dWk.data(), dy.data(), x.data(), W0.data(), N, in, outs[0],
                          &keep);
     EXPECT_EQ(ops::bf16_copies_reused(), used) << at;
+
+    // the weights' kept copies (wkeep): the forward rounds W[i] into them (and reads them), the
+    // backward's dx = dy W reads W's; the same bits, and only for the W it was made from
+    ops::Bf16Copy w16[3];
+    ops::Bf16Copy* wk[3] = {&w16[0], &w16[1], &w16[2]};
+    used = ops::bf16_copies_reused();
+    ops::linear_forward_multi(yk, x.data(), W, N, in, outs, 3, &keep, wk);
+    EXPECT_EQ(ops::bf16_copies_reused(), used + 3) << at << ": the weight copies were not read";
+    for (int i = 0; i < 3; ++i) EXPECT_EQ(w16[i].src, W[i]) << at << " " << i;
+    EXPECT_EQ(0, std::memcmp(k0.data(), a.data(), sizeof(float) * N * outs[0])) << at;
+    dxk = dx, dWk = dW;
+    used = ops::bf16_copies_reused();
+    ops::linear_backward(dxk.data(), dWk.data(), dy.data(), x.data(), W0.data(), N, in, outs[0],
+                         &keep, true, &w16[0]);
+    EXPECT_EQ(ops::bf16_copies_reused(), used + 2) << at << ": x's and W's copies were not read";
+    EXPECT_EQ(0, std::memcmp(dxk.data(), dxn.data(), sizeof(float) * N * in)) << at;
+    EXPECT_EQ(0, std::memcmp(dWk.data(), dWn.data(), sizeof(float) * outs[0] * in)) << at;
+    // a copy of another weight (W1's, offered for W0) is not read
+    used = ops::bf16_copies_reused();
+    ops::linear_backward(dxk.data(), nullptr, dy.data(), x.data(), W0.data(), N, in, outs[0],
+                         nullptr, true, &w16[1]);
+    EXPECT_EQ(ops::bf16_copies_reused(), used) << at << ": a copy of another W was read";
   }
 }
 

@@ -604,25 +604,37 @@ bool fill_copy(Bf16Copy* keep, const float* x, i64 N, i64 in) {
   keep->src = x, keep->rows = N, keep->cols = in;
   return true;
 }
+
+// The kept copy when it was made from this block (src, rows x cols, dense) and copies are on.
+const Bf16Copy* usable_copy(const Bf16Copy* keep, const float* src, i64 rows, i64 cols) {
+  if (keep && keep->src == src && keep->rows == rows && keep->cols == cols &&
+      g_precision == Precision::BF16 && g_bf16_reuse.load())
+    return keep;
+  return nullptr;
+}
 }  // namespace
 
 void set_bf16_reuse(bool on) { g_bf16_reuse = on; }
 bool bf16_reuse() { return g_bf16_reuse.load(); }
 i64 bf16_copies_reused() { return g_copies_reused.load(); }
 
+
 void linear_forward(float* y, const float* x, const float* W, i64 N, i64 in, i64 out,
-                    Bf16Copy* keep) {
+                    Bf16Copy* keep, Bf16Copy* wkeep) {
   KnownScope known;
   if (fill_copy(keep, x, N, in)) known.add(x, N, in, in, keep->data.data());
+  if (fill_copy(wkeep, W, out, in)) known.add(W, out, in, in, wkeep->data.data());
   gemm(false, true, N, out, in, 1.0f, x, in, W, in, 0.0f, y, out);
 }
 
 void linear_forward_multi(float* const* y, const float* x, const float* const* W, i64 N, i64 in,
-                          const i64* out, int n, Bf16Copy* keep) {
+                          const i64* out, int n, Bf16Copy* keep, Bf16Copy* const* wkeep) {
   if (N == 0) return;
   if (const PackedWeights* pw = active_packed_weights())
     if (const PackedMatrix* pm = pw->find_group(W, out, n, in, N)) {
       if (keep) keep->src = nullptr;
+      for (int i = 0; wkeep && i < n; ++i)
+        if (wkeep[i]) wkeep[i]->src = nullptr;
       return packed_gemm_parts(y, out, x, in, *pm, N, 1.0f, pw->served(pm));
     }
   KnownScope known;
@@ -631,16 +643,20 @@ void linear_forward_multi(float* const* y, const float* x, const float* const* W
     known.add(x, N, in, in, keep->data.data());
   else
     shared.emplace(x, N, in, in);
-  for (int i = 0; i < n; ++i) linear_forward(y[i], x, W[i], N, in, out[i]);
+  for (int i = 0; i < n; ++i)
+    linear_forward(y[i], x, W[i], N, in, out[i], nullptr, wkeep ? wkeep[i] : nullptr);
 }
 
 void linear_backward(float* dx, float* dW, const float* dy, const float* x, const float* W, i64 N,
-                     i64 in, i64 out, const Bf16Copy* keep, bool dx_accumulate) {
-  // BF16: x, the B operand of dW = dy^T x, from the forward's copy when there is one
+                     i64 in, i64 out, const Bf16Copy* keep, bool dx_accumulate,
+                     const Bf16Copy* wkeep) {
+  // BF16: x, the B operand of dW = dy^T x, and W, the B operand of dx = dy W, from the
+  // forward's copies when there are
   KnownScope known;
-  if (dW && keep && keep->src == x && keep->rows == N && keep->cols == in &&
-      g_precision == Precision::BF16 && g_bf16_reuse.load())
-    known.add(x, N, in, in, keep->data.data());
+  if (const Bf16Copy* c = dW ? usable_copy(keep, x, N, in) : nullptr)
+    known.add(x, N, in, in, c->data.data());
+  if (const Bf16Copy* c = dx ? usable_copy(wkeep, W, out, in) : nullptr)
+    known.add(W, out, in, in, c->data.data());
   // BF16: dy, the A operand of both products (read transposed for dW), rounded once
   std::optional<SharedAScope> shared;
   if (dx && dW) shared.emplace(dy, N, out, out);

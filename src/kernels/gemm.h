@@ -107,21 +107,26 @@ void gemm(bool trans_a, bool trans_b, i64 M, i64 N, i64 K, float alpha, const fl
 // only when it was made from this x pointer and shape, and x must not have changed since that
 // forward (true of activations a layer writes in its forward and reads in its backward).
 // Ignored in FP32, for products an inference stream packed, and with set_bf16_reuse(false).
+// The same holds for the weight: a layer may pass a second Bf16Copy (wkeep) to both calls, so
+// that W, rounded for x W^T, is not rounded again for dx = dy W (W must not change in between,
+// as in training: the optimizer steps after the backward).
 struct Bf16Copy {
   std::vector<uint16_t, AlignedAlloc<uint16_t>> data;
   const float* src = nullptr;  // the x it was made from (null: no valid copy)
   i64 rows = 0, cols = 0;
 };
 void linear_forward(float* y, const float* x, const float* W, i64 N, i64 in, i64 out,
-                    Bf16Copy* keep = nullptr);
+                    Bf16Copy* keep = nullptr, Bf16Copy* wkeep = nullptr);
 void linear_backward(float* dx, float* dW, const float* dy, const float* x, const float* W, i64 N,
-                     i64 in, i64 out, const Bf16Copy* keep = nullptr, bool dx_accumulate = true);
+                     i64 in, i64 out, const Bf16Copy* keep = nullptr, bool dx_accumulate = true,
+                     const Bf16Copy* wkeep = nullptr);
 // Several linear layers of one input: y[i][N, out[i]] = x[N, in] W[i]^T for i < n (q/k/v,
 // w1/w3). One product over the stacked weights where an inference stream packed them together
 // (kernels/packed_gemm.h; the same rows as the separate packed products), else linear_forward
-// for each (x rounded once for all of them, into `keep` when given).
+// for each (x rounded once for all of them, into `keep` when given; W[i] into wkeep[i]).
 void linear_forward_multi(float* const* y, const float* x, const float* const* W, i64 N, i64 in,
-                          const i64* out, int n, Bf16Copy* keep = nullptr);
+                          const i64* out, int n, Bf16Copy* keep = nullptr,
+                          Bf16Copy* const* wkeep = nullptr);
 // Whether linear layers use their Bf16Copy (default on; DLCM_BF16_REUSE=0 turns it off at start,
 // logged). Off, every product rounds its operands itself: the same bits, for A/B timing and tests.
 void set_bf16_reuse(bool on);

@@ -144,7 +144,8 @@ void TransformerStack::block_qkv(i64 l, const float* x, const i32* pos, i64 N, B
     float* y[3] = {qdst, kdst, A.v.data()};
     const float* W[3] = {P.wq->w, P.wk->w, P.wv->w};
     const i64 out[3] = {d.q_dim(), d.kv_dim(), d.kv_dim()};
-    ops::linear_forward_multi(y, A.xn1.data(), W, N, d.d, out, 3, &A.xn1_16);
+    ops::Bf16Copy* wk16[3] = {&A.wq_16, &A.wk_16, &A.wv_16};
+    ops::linear_forward_multi(y, A.xn1.data(), W, N, d.d, out, 3, &A.xn1_16, wk16);
   }
   if (d.qk_norm) {
     ops::head_rmsnorm_forward(A.q.data(), A.q_rstd.data(), A.q_raw.data(), P.q_norm->w, N,
@@ -159,7 +160,8 @@ void TransformerStack::block_qkv(i64 l, const float* x, const i32* pos, i64 N, B
 void TransformerStack::block_out(i64 l, const float* x, float* out, i64 N, BlockActs& A) {
   const BlockDims& d = dims_;
   const BlockParams& P = layers_[l];
-  ops::linear_forward(A.mid.data(), A.att.data(), P.wo->w, N, d.q_dim(), d.d, &A.att_16);
+  ops::linear_forward(A.mid.data(), A.att.data(), P.wo->w, N, d.q_dim(), d.d, &A.att_16,
+                      &A.wo_16);
   float* mid = A.mid.data();
 #pragma omp parallel for schedule(static) if (N * d.d > (1 << 15))
   for (i64 i = 0; i < N * d.d; ++i) mid[i] += x[i];
@@ -169,10 +171,11 @@ void TransformerStack::block_out(i64 l, const float* x, float* out, i64 N, Block
     float* y[2] = {A.a.data(), A.b.data()};
     const float* W[2] = {P.w1->w, P.w3->w};
     const i64 out[2] = {d.d_ff, d.d_ff};
-    ops::linear_forward_multi(y, A.xn2.data(), W, N, d.d, out, 2, &A.xn2_16);
+    ops::Bf16Copy* wk16[2] = {&A.w1_16, &A.w3_16};
+    ops::linear_forward_multi(y, A.xn2.data(), W, N, d.d, out, 2, &A.xn2_16, wk16);
   }
   ops::swiglu_forward(A.h.data(), A.a.data(), A.b.data(), N * d.d_ff);
-  ops::linear_forward(out, A.h.data(), P.w2->w, N, d.d_ff, d.d, &A.h_16);
+  ops::linear_forward(out, A.h.data(), P.w2->w, N, d.d_ff, d.d, &A.h_16, &A.w2_16);
 #pragma omp parallel for schedule(static) if (N * d.d > (1 << 15))
   for (i64 i = 0; i < N * d.d; ++i) out[i] += mid[i];
 }
@@ -398,19 +401,19 @@ void TransformerStack::block_backward_out(i64 l, const float* dout, i64 N, Block
   // their first producer (dx_accumulate / accumulate false) instead of cleared and accumulated:
   // a pass less over each.
   ops::linear_backward(G.h.data(), P.w2->g, dout, A.h.data(), P.w2->w, N, d.d_ff, d.d,
-                       &A.h_16, false);
+                       &A.h_16, false, &A.w2_16);
   ops::swiglu_backward(G.a.data(), G.b.data(), G.h.data(), A.a.data(), A.b.data(), N * d.d_ff,
                        false);
   ops::linear_backward(G.xn.data(), P.w1->g, G.a.data(), A.xn2.data(), P.w1->w, N, d.d, d.d_ff,
-                       &A.xn2_16, false);
+                       &A.xn2_16, false, &A.w1_16);
   ops::linear_backward(G.xn.data(), P.w3->g, G.b.data(), A.xn2.data(), P.w3->w, N, d.d, d.d_ff,
-                       &A.xn2_16);
+                       &A.xn2_16, true, &A.w3_16);
   // d mid = dout (residual) + norm backward, written in one pass
   ops::rmsnorm_backward(G.mid.data(), P.ffn_norm->g, G.xn.data(), A.mid.data(), P.ffn_norm->w,
                         A.rstd2.data(), N, d.d, dout, false);
   // mid = x + wo(att)
   ops::linear_backward(G.att.data(), P.wo->g, G.mid.data(), A.att.data(), P.wo->w, N, d.q_dim(),
-                       d.d, &A.att_16, false);
+                       d.d, &A.att_16, false, &A.wo_16);
 }
 
 void TransformerStack::block_backward_qkv(i64 l, float* dx, const float* x, const i32* pos,
@@ -431,11 +434,11 @@ void TransformerStack::block_backward_qkv(i64 l, float* dx, const float* x, cons
     std::memcpy(G.k.data(), G.raw.data(), sizeof(float) * N * d.kv_dim());
   }
   ops::linear_backward(G.xn.data(), P.wq->g, G.q.data(), A.xn1.data(), P.wq->w, N, d.d,
-                       d.q_dim(), &A.xn1_16, false);
+                       d.q_dim(), &A.xn1_16, false, &A.wq_16);
   ops::linear_backward(G.xn.data(), P.wk->g, G.k.data(), A.xn1.data(), P.wk->w, N, d.d,
-                       d.kv_dim(), &A.xn1_16);
+                       d.kv_dim(), &A.xn1_16, true, &A.wk_16);
   ops::linear_backward(G.xn.data(), P.wv->g, G.v.data(), A.xn1.data(), P.wv->w, N, d.d,
-                       d.kv_dim(), &A.xn1_16);
+                       d.kv_dim(), &A.xn1_16, true, &A.wv_16);
   // x feeds both the residual and the norm: dx (+)= d mid + norm backward, in one pass
   ops::rmsnorm_backward(dx, P.attn_norm->g, G.xn.data(), x, P.attn_norm->w, A.rstd1.data(), N,
                         d.d, G.mid.data(), dx_accumulate);

@@ -48,8 +48,10 @@ struct BlockActs {
   Buf a, b, h;             // [N,d_ff] gate, up, silu(a)*b
   Buf out;                 // block output [N,d]
   // BF16: the inputs of the block's products (xn1, att, xn2, h) as their forward rounded them,
-  // read again by the backward's dW products (ops::Bf16Copy; empty in FP32)
+  // read again by the backward's dW products, and the weights as the forward rounded them, read
+  // again by the backward's dx products (ops::Bf16Copy; empty in FP32)
   ops::Bf16Copy xn1_16, att_16, xn2_16, h_16;
+  ops::Bf16Copy wq_16, wk_16, wv_16, wo_16, w1_16, w3_16, w2_16;
 };
 
 // Backward scratch of one block's rows (shared by all layers, one layer at a time).
