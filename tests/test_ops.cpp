@@ -235,6 +235,22 @@ const Case kCases[] = {
      .B = 1, .Lq = 257, .Hq = 2, .Hkv = 2, .hd = 8, .pat = Pattern::WholeRow},
     {.op = "concept_attention_compact",
      .B = 8, .Lq = 512, .Hq = 8, .Hkv = 8, .hd = 64, .perf = true},
+    // BF16 precision: on AMX CPUs the compact kernel runs on AMX tiles with bf16 operands
+    // (several key tiles, hd > 64 and odd, GQA, every pattern, padded query blocks)
+    {.op = "concept_attention_compact_bf16", .B = 2, .Lq = 23, .Hq = 4, .Hkv = 2, .hd = 8},
+    {.op = "concept_attention_compact_bf16",
+     .B = 2, .Lq = 160, .Hq = 8, .Hkv = 2, .hd = 64, .pat = Pattern::MultiDoc},
+    {.op = "concept_attention_compact_bf16",
+     .B = 1, .Lq = 150, .Hq = 2, .Hkv = 1, .hd = 24, .pat = Pattern::AllOnes},
+    {.op = "concept_attention_compact_bf16",
+     .B = 2, .Lq = 19, .Hq = 2, .Hkv = 2, .hd = 8, .pat = Pattern::WholeRow},
+    {.op = "concept_attention_compact_bf16", .B = 1, .Lq = 260, .Hq = 2, .Hkv = 2, .hd = 80},
+    {.op = "concept_attention_compact_bf16",
+     .B = 3, .Lq = 130, .Hq = 3, .Hkv = 1, .hd = 5, .std = 2.0f, .pat = Pattern::Uneven},
+    {.op = "concept_attention_compact_bf16",
+     .B = 3, .Lq = 1, .Hq = 2, .Hkv = 1, .hd = 8, .pat = Pattern::Uneven},
+    {.op = "concept_attention_compact_bf16",
+     .B = 8, .Lq = 512, .Hq = 8, .Hkv = 8, .hd = 64, .perf = true},
     {.op = "concept_attention_replicate",
      .B = 8, .Lq = 512, .Hq = 8, .Hkv = 8, .hd = 64, .perf = true},
     {.op = "concept_attention_masked",
@@ -1227,7 +1243,12 @@ void run_concept_gather(const Case& c, Mode m) {
 
 // compact / replicate / masked, all against ref::concept_attention (the definition).
 void run_concept_attention(const Case& c, Mode m) {
-  const std::string kind = std::string(c.op).substr(std::string("concept_attention_").size());
+  std::string kind = std::string(c.op).substr(std::string("concept_attention_").size());
+  const bool bf16 = kind.size() > 5 && kind.substr(kind.size() - 5) == "_bf16";
+  if (bf16) {
+    if (!ops::cpu_has_bf16()) return;  // BF16 precision needs AVX512-BF16
+    kind.resize(kind.size() - 5);
+  }
   const i64 B = c.B, L = c.Lq, Hq = c.Hq, Hkv = c.Hkv, hd = c.hd, W = Hkv * hd;
   Rows rw(c, 300 + L);
   const ops::Segments& sg = rw.sg;
@@ -1287,7 +1308,33 @@ void run_concept_attention(const Case& c, Mode m) {
   for (i32 s : sg.seg) pairs += s + 1;
   H.flops = {4.0 * Hq * pairs * hd, 10.0 * Hq * pairs * hd};
   if (L > 100) H.fd_probes = 12;  // the double reference is O(L^2) per probe
+  std::optional<ops::PrecisionScope> prec;
+  const bool amx = bf16 && ops::amx_bf16_usable() && ops::isa() == ops::Isa::Avx512;
+  if (bf16) {
+    prec.emplace(ops::Precision::BF16);
+    if (amx) {  // bf16 operands in every tile product: as attention_bf16
+      H.tol = 2e-2;
+      H.fd_probes = 0;
+    }
+  }
   if (!finish(H, c, m, 30)) return;
+  if (amx && L > 1) {
+    // the tiles really ran: forward and backward differ from the FP32 kernel's
+    auto o16 = alloc(H.out_sizes), o32 = alloc(H.out_sizes);
+    H.fwd(Fast, o16);
+    Buf R(o16[0].size());
+    test::fill_normal(R.data(), i64(R.size()), 305);
+    auto g16 = alloc({i64(H.in[0].size()), B * K1 * W, B * K1 * W});
+    auto g32 = alloc({i64(H.in[0].size()), B * K1 * W, B * K1 * W});
+    H.bwd(Fast, o16, R.data(), g16);
+    {
+      ops::PrecisionScope fp(ops::Precision::FP32);
+      H.fwd(Fast, o32);
+      H.bwd(Fast, o16, R.data(), g32);
+    }
+    EXPECT_GT(scaled_err(o16[0], o32[0], 1e-30), 1e-5) << "bf16 forward equals the FP32 one";
+    EXPECT_GT(scaled_err(g16[2], g32[2], 1e-30), 1e-5) << "bf16 backward equals the FP32 one";
+  }
 
   // The last concept of each row and the pads are never attended: zero gradient.
   auto o = alloc(H.out_sizes);
@@ -1414,6 +1461,7 @@ const std::pair<const char*, Runner> kOps[] = {
     {"concept_list", run_concept_list},
     {"concept_gather", run_concept_gather},
     {"concept_attention_compact", run_concept_attention},
+    {"concept_attention_compact_bf16", run_concept_attention},
     {"concept_attention_replicate", run_concept_attention},
     {"concept_attention_masked", run_concept_attention},
     {"aux_loss", run_aux_loss},

@@ -311,16 +311,92 @@ DLCM_AMX_TARGET void softmax_cols_tiles(const float* st, i64 nk, float scale, fl
   }
 }
 
+// Which keys each query sees, for the tile-layout kernels below (one policy per attention):
+//   keys_all(b)          keys [lo, end) some query of row b sees, lo on the BK grid
+//   keys(b, i0, mq)      the same for the query block [i0, i0 + mq), begin on the BK grid
+//   queries(b, j0, nk)   queries [begin, end) that see some key of the block [j0, j0 + nk)
+//   hide(st, b, i0, ncols, j0, nrows)  on unscaled scores S^T (row j: key j0 + j, column r:
+//                        query i0 + r), columns < ncols and rows < nrows: -inf where hidden,
+//                        plus bias / scale where the attention adds a bias.
+// Causal (with an optional sliding window): query i at position q_offset + i sees keys
+// (q_offset + i - window, q_offset + i].
+struct CausalMask {
+  i64 Lq, Lk, q_offset, window;
+  std::pair<i64, i64> keys_all(i64) const {
+    return {window > 0 ? std::max<i64>(0, q_offset - window + 1) / BK * BK : 0,
+            std::min(Lk, q_offset + Lq)};
+  }
+  std::pair<i64, i64> keys(i64, i64 i0, i64 mq) const {
+    return {window > 0 ? std::max<i64>(0, q_offset + i0 - window + 1) / BK * BK : 0,
+            std::min(Lk, q_offset + i0 + mq)};
+  }
+  std::pair<i64, i64> queries(i64, i64 j0, i64 nk) const {
+    return {std::max<i64>(0, j0 - q_offset),
+            window > 0 ? std::clamp<i64>(j0 + nk - 1 + window - q_offset, 0, Lq) : Lq};
+  }
+  void hide(float* st, i64, i64 i0, i64 ncols, i64 j0, i64 nrows) const {
+    const i64 off = q_offset + i0 - j0;  // tile query r sees tile key j iff j <= r + off
+    for (i64 j = 0; j < nrows; ++j) {
+      float* row = st + j * BQ;
+      std::fill_n(row, std::clamp<i64>(j - off, 0, ncols), -INFINITY);  // causal
+      if (window > 0)  // rows r >= j - off + window
+        std::fill(row + std::clamp<i64>(j - off + window, 0, ncols), row + ncols, -INFINITY);
+    }
+  }
+};
+
+// The compact concept attention (dlcm_ops.h): query t sees the list entries k <= s(t) (s(t) =
+// seg(t), plus 1 with inclusive visibility), with the bias log(mult): logm[k] = log len for
+// k < s(t) and logd(t) = log(t - start + 1) for k = s(t). Per token: sf (s(t) as float) and
+// logd [B*L]; per row: logm [B*K1]. s(t) never decreases along a row.
+struct ConceptMask {
+  i64 L, K1;
+  float scale;
+  const float* sf;
+  const float* logd;
+  const float* logm;
+  std::pair<i64, i64> keys_all(i64 b) const { return {0, i64(sf[b * L + L - 1]) + 1}; }
+  std::pair<i64, i64> keys(i64 b, i64 i0, i64 mq) const {
+    return {0, i64(sf[b * L + i0 + mq - 1]) + 1};
+  }
+  std::pair<i64, i64> queries(i64 b, i64 j0, i64) const {
+    const float* row = sf + b * L;
+    return {std::lower_bound(row, row + L, float(j0)) - row, L};
+  }
+  DLCM_AMX_TARGET void hide(float* st, i64 b, i64 i0, i64 ncols, i64 j0, i64 nrows) const {
+    alignas(64) float s[BQ], d[BQ];  // padding columns: s = -1 hides every key
+    const float inv = 1.0f / scale;
+    for (i64 r = 0; r < BQ; ++r) {
+      const bool real = r < ncols && i0 + r < L;
+      s[r] = real ? sf[b * L + i0 + r] : -1.0f;
+      d[r] = real ? logd[b * L + i0 + r] * inv : 0.0f;
+    }
+    const __m512 ninf = _mm512_set1_ps(-INFINITY);
+    for (i64 j = 0; j < nrows; ++j) {
+      float* row = st + j * BQ;
+      const i64 kk = j0 + j;
+      const __m512 kf = _mm512_set1_ps(float(kk));
+      const __m512 lb = _mm512_set1_ps(kk < K1 ? logm[b * K1 + kk] * inv : 0.0f);
+      for (i64 r = 0; r < BQ; r += 16) {
+        const __m512 sv = _mm512_load_ps(s + r), x = _mm512_load_ps(row + r);
+        const __mmask16 lt = _mm512_cmp_ps_mask(kf, sv, _CMP_LT_OQ);
+        const __mmask16 eq = _mm512_cmp_ps_mask(kf, sv, _CMP_EQ_OQ);
+        __m512 y = _mm512_mask_add_ps(ninf, lt, x, lb);
+        y = _mm512_mask_add_ps(y, eq, x, _mm512_load_ps(d + r));
+        _mm512_store_ps(row + r, y);
+      }
+    }
+  }
+};
+
+template <class Mask>
 DLCM_AMX_TARGET void attention_forward_amx(float* out, float* lse, const float* q, const float* k,
                                            const float* v, i64 B, i64 Lq, i64 Lk, i64 Hq, i64 Hkv,
-                                           i64 hd, i64 q_offset, float scale, i64 window,
-                                           bool par) {
+                                           i64 hd, float scale, const Mask& mask, bool par) {
   const i64 group = Hq / Hkv, ldq = Hq * hd, ldk = Hkv * hd;
   const i64 nqb = (Lq + BQ - 1) / BQ;
   const i64 hdp = (hd + 31) / 32 * 32;
   const i64 Lkp = (Lk + BK - 1) / BK * BK;
-  const i64 jall = std::min(Lk, q_offset + Lq);  // keys some query sees, from the block of jlo
-  const i64 jlo = window > 0 ? std::max<i64>(0, q_offset - window + 1) / BK * BK : 0;
 #pragma omp parallel if (par)
   {
     amx::AVec<uint16_t> kt(Lkp * hdp), vt(Lkp * hdp), qv(hdp * BQ), qtmp(BQ * hdp), pv(BK * BQ);
@@ -332,6 +408,7 @@ DLCM_AMX_TARGET void attention_forward_amx(float* out, float* lse, const float* 
       const i64 h = t % Hq, b = t / Hq, g = h / group;
       // K and V^T of the keys this head's queries see, in tile layout (block kb at kb * BK *
       // hdp), converted once for all its query blocks while they stay in this core's cache.
+      const auto [jlo, jall] = mask.keys_all(b);
       for (i64 j0 = jlo; j0 < jall; j0 += BK) {
         const float* src = k + (b * Lk * Hkv + g) * hd + j0 * ldk;
         amx_rows(kt.data() + j0 * hdp, hdp, src, ldk, std::min(BK, Lk - j0), BK, hd);
@@ -342,26 +419,17 @@ DLCM_AMX_TARGET void attention_forward_amx(float* out, float* lse, const float* 
       _tile_loadconfig(&cfg);
       for (i64 qb = 0; qb < nqb; ++qb) {
         const i64 i0 = qb * BQ, mq = std::min(BQ, Lq - i0);
-        const i64 jend = std::min(Lk, q_offset + i0 + mq);
         // From the block that holds the first key the tile's row 0 sees.
-        const i64 jbeg = window > 0 ? std::max<i64>(0, q_offset + i0 - window + 1) / BK * BK : 0;
+        const auto [jbeg, jend] = mask.keys(b, i0, mq);
         amx_qt(qv.data(), qtmp.data(), q + ((b * Lq + i0) * Hq + h) * hd, ldq, mq, hd, hdp);
         std::fill(m, m + BQ, -INFINITY);
         std::fill(l, l + BQ, 0.0f);
         std::fill(ot.begin(), ot.end(), 0.0f);
         for (i64 j0 = jbeg; j0 < jend; j0 += BK) {
           const i64 nk = std::min(BK, jend - j0);
-          const i64 off = q_offset + i0 - j0;  // tile query r sees tile key j iff j <= r + off
           amx_product(st.data(), BQ, kt.data() + j0 * hdp, hdp, qv.data(), 2 * BQ, BK, BQ, hdp,
                       false);
-          if (nk - 1 > off)  // causal mask: key j hides from queries r < j - off
-            for (i64 j = 0; j < nk; ++j)
-              std::fill_n(st.data() + j * BQ, std::clamp<i64>(j - off, 0, mq), -INFINITY);
-          if (window > 0 && mq - 1 + off >= window)  // window mask: rows r >= j - off + window
-            for (i64 j = 0; j < nk; ++j) {
-              const i64 r0 = std::clamp<i64>(j - off + window, 0, mq);
-              std::fill(st.data() + j * BQ + r0, st.data() + j * BQ + mq, -INFINITY);
-            }
+          mask.hide(st.data(), b, i0, mq, j0, nk);
           softmax_cols_tiles(st.data(), nk, scale, m, l, corr, pv.data());
           for (i64 i = 0; i < BQ; i += 16) {  // O^T columns *= corr, where some corr != 1
             const __m512 c = _mm512_load_ps(corr + i);
@@ -431,14 +499,14 @@ DLCM_AMX_TARGET void softmax_grad_tiles(const float* st, const float* dpt, float
   }
 }
 
+template <class Mask>
 DLCM_AMX_TARGET void attention_backward_amx(float* dq, float* dk, float* dv, const float* dout,
                                             const float* lse, const float* D, const float* q,
                                             const float* k, const float* v, i64 B, i64 Lq,
-                                            i64 Lk, i64 Hq, i64 Hkv, i64 hd, i64 q_offset,
-                                            float scale, i64 window, bool par, bool acc) {
+                                            i64 Lk, i64 Hq, i64 Hkv, i64 hd, float scale,
+                                            const Mask& mask, bool par, bool acc) {
   const i64 group = Hq / Hkv, ldq = Hq * hd, ldk = Hkv * hd;
   const i64 hdp = (hd + 31) / 32 * 32, nqb = (Lq + BQ - 1) / BQ;
-  const i64 jend = std::min(Lk, q_offset + Lq);  // keys some query sees
   const i64 nblk = group * nqb, opw = BQ * hdp;  // query blocks of a task; words per operand
 #pragma omp parallel if (par)
   {
@@ -474,11 +542,11 @@ DLCM_AMX_TARGET void attention_backward_amx(float* dq, float* dk, float* dv, con
         }
       std::fill(dqt.begin(), dqt.end(), 0.0f);
       _tile_loadconfig(&cfg);
+      const i64 jend = mask.keys_all(b).second;  // keys some query sees
       for (i64 j0 = 0; j0 < jend; j0 += BK) {
         const i64 nk = std::min(BK, jend - j0);
         // Queries that see some key of the block: [istart, iend).
-        const i64 istart = std::max<i64>(0, j0 - q_offset);
-        const i64 iend = window > 0 ? std::clamp<i64>(j0 + nk - 1 + window - q_offset, 0, Lq) : Lq;
+        const auto [istart, iend] = mask.queries(b, j0, nk);
         if (istart >= iend) {
           if (!acc) zero_key_grads(dk, dv, b, g, j0, j0 + nk, Lk, Hkv, hd);
           continue;
@@ -491,19 +559,13 @@ DLCM_AMX_TARGET void attention_backward_amx(float* dq, float* dk, float* dv, con
         for (i64 hh = 0; hh < group; ++hh)
           for (i64 qb = istart / BQ; qb * BQ < iend; ++qb) {
             const i64 x = hh * nqb + qb, i0 = qb * BQ;
-            const i64 off = q_offset + i0 - j0;  // tile query r sees tile key j iff j <= r + off
             amx_product(st.data(), BQ, ka.data(), hdp, qt.data() + x * opw, 2 * BQ, BK, BQ, hdp,
                         false);
             amx_product(dpt.data(), BQ, va.data(), hdp, gt.data() + x * opw, 2 * BQ, BK, BQ, hdp,
                         false);
             // Hidden entries (all BQ columns; padded queries are zeroed by lse = +inf). Keys
-            // >= nk are after every query of the call: the causal mask hides them.
-            for (i64 j = 0; j < BK; ++j) {
-              float* row = st.data() + j * BQ;
-              std::fill_n(row, std::clamp<i64>(j - off, 0, BQ), -INFINITY);  // causal
-              if (window > 0)  // rows r >= j - off + window
-                std::fill(row + std::clamp<i64>(j - off + window, 0, BQ), row + BQ, -INFINITY);
-            }
+            // >= nk are after every query that sees the block: the mask hides them.
+            mask.hide(st.data(), b, i0, BQ, j0, BK);
             softmax_grad_tiles(st.data(), dpt.data(), scale, ls.data() + x * BQ,
                                dd.data() + x * BQ, pa.data(), dsa.data(), dsb.data());
             amx_product(dva.data(), hdp, pa.data(), BQ, gp.data() + x * opw, 2 * hdp, BK, hdp,
@@ -657,6 +719,61 @@ void attention_forward_rows(float* out, float* lse, const float* q, const float*
 
 }  // namespace
 
+#ifdef DLCM_AVX512
+namespace {
+// The per-token and per-row facts ConceptMask reads (sf, logd [B*L]; logm [B*K1]).
+struct ConceptFacts {
+  std::vector<float> sf, logd, logm;
+  ConceptFacts(const Segments& sg, bool inclusive) {
+    const i64 B = sg.B, L = sg.L, K1 = sg.Mmax + 1, sh = inclusive ? 1 : 0;
+    sf.resize(B * L);
+    logd.resize(B * L);
+    logm.assign(B * K1, 0.0f);
+    for (i64 n = 0; n < B * L; ++n) {
+      const i64 b = n / L, t = n % L, j = sg.seg[n];
+      sf[n] = float(j + sh);
+      logd[n] = std::log(float(t - sg.start[b * sg.Mmax + j] + 1));
+    }
+    for (i64 b = 0; b < B; ++b)
+      for (i64 kk = 0; kk < sg.count[b]; ++kk)
+        logm[b * K1 + kk + sh] = std::log(float(sg.len[b * sg.Mmax + kk]));
+  }
+  ConceptMask mask(const Segments& sg, float scale) const {
+    return {sg.L, sg.Mmax + 1, scale, sf.data(), logd.data(), logm.data()};
+  }
+};
+}  // namespace
+
+void concept_attention_forward_amx(float* out, float* lse, const float* q, const float* k,
+                                   const float* v, const Segments& sg, i64 B, i64 L, i64 Hq,
+                                   i64 Hkv, i64 hd, float scale, bool inclusive, bool par) {
+  const ConceptFacts f(sg, inclusive);
+  attention_forward_amx(out, lse, q, k, v, B, L, sg.Mmax + 1, Hq, Hkv, hd, scale,
+                        f.mask(sg, scale), par);
+}
+
+void concept_attention_backward_amx(float* dq, float* dk, float* dv, const float* dout,
+                                    const float* out, const float* lse, const float* q,
+                                    const float* k, const float* v, const Segments& sg, i64 B,
+                                    i64 L, i64 Hq, i64 Hkv, i64 hd, float scale, bool inclusive,
+                                    bool par) {
+  const ConceptFacts f(sg, inclusive);
+  Buf D(size_t(B * Hq * L));  // dO . O per query and head, in lse's layout
+#pragma omp parallel for schedule(static) if (par)
+  for (i64 row = 0; row < B * L * Hq; ++row) {
+    const i64 h = row % Hq, t = (row / Hq) % L, b = row / (Hq * L);
+    const float* a = dout + row * hd;
+    const float* o = out + row * hd;
+    float acc = 0;
+#pragma omp simd reduction(+ : acc)
+    for (i64 c = 0; c < hd; ++c) acc += a[c] * o[c];
+    D[(b * Hq + h) * L + t] = acc;
+  }
+  attention_backward_amx(dq, dk, dv, dout, lse, D.data(), q, k, v, B, L, sg.Mmax + 1, Hq, Hkv,
+                         hd, scale, f.mask(sg, scale), par, true);
+}
+#endif
+
 void attention_forward(float* out, float* lse, const float* q, const float* k, const float* v,
                        i64 B, i64 Lq, i64 Lk, i64 Hq, i64 Hkv, i64 hd, i64 q_offset,
                        float scale, i64 window) {
@@ -671,8 +788,8 @@ void attention_forward(float* out, float* lse, const float* q, const float* k, c
   const TileProduct mm;
 #ifdef DLCM_AVX512
   if (mm.amx && scale > 0)
-    return attention_forward_amx(out, lse, q, k, v, B, Lq, Lk, Hq, Hkv, hd, q_offset, scale,
-                                 window, par);
+    return attention_forward_amx(out, lse, q, k, v, B, Lq, Lk, Hq, Hkv, hd, scale,
+                                 CausalMask{Lq, Lk, q_offset, window}, par);
 #endif
 #pragma omp parallel if (par)
   {
@@ -768,7 +885,8 @@ void attention_backward(float* dq, float* dk, float* dv, const float* dout, cons
 #ifdef DLCM_AVX512
   if (mm.amx && scale > 0)
     return attention_backward_amx(dq, dk, dv, dout, lse, D.data(), q, k, v, B, Lq, Lk, Hq, Hkv,
-                                  hd, q_offset, scale, window, par, accumulate);
+                                  hd, scale, CausalMask{Lq, Lk, q_offset, window}, par,
+                                  accumulate);
 #endif
 #pragma omp parallel if (par)
   {

@@ -7,10 +7,13 @@
 #include <limits>
 
 #include "core/rng.h"
+#include "kernels/gemm.h"
+#include "kernels/isa.h"
 #include "kernels/tile_gemm.h"
 
 #include "kernels/isa_target.h"  // last include: the variant's target and namespace
 #include "kernels/simd.h"
+#include "kernels/amx.h"
 
 namespace dlcm::ops::DLCM_ISA_NS {
 
@@ -650,6 +653,12 @@ void concept_attention_forward(float* out, float* lse, const float* q, const flo
                                const float* v, const Segments& sg, i64 B, i64 L, i64 Hq, i64 Hkv,
                                i64 hd, float scale, bool inclusive) {
   check_attention_args(sg, B, L, Hq, Hkv, hd, "concept_attention_forward");
+#ifdef DLCM_AVX512
+  // BF16 GEMMs on an AMX CPU: the tiles, with every operand in a tile's layout
+  if (gemm_precision() == Precision::BF16 && amx_bf16_usable() && scale > 0)
+    return concept_attention_forward_amx(out, lse, q, k, v, sg, B, L, Hq, Hkv, hd, scale,
+                                         inclusive, parallel_worth(attn_work(sg, Hq, hd)));
+#endif
   const i64 sh = inclusive ? 1 : 0;
   const i64 G = Hq / Hkv, K1 = sg.Mmax + 1, nqb = (L + BQ - 1) / BQ;
   const i64 ldq = Hq * hd, ldk = Hkv * hd;
@@ -707,6 +716,12 @@ void concept_attention_backward(float* dq, float* dk, float* dv, const float* do
                                 const float* k, const float* v, const Segments& sg, i64 B, i64 L,
                                 i64 Hq, i64 Hkv, i64 hd, float scale, bool inclusive) {
   check_attention_args(sg, B, L, Hq, Hkv, hd, "concept_attention_backward");
+#ifdef DLCM_AVX512
+  if (gemm_precision() == Precision::BF16 && amx_bf16_usable() && scale > 0)
+    return concept_attention_backward_amx(dq, dk, dv, dout, out, lse, q, k, v, sg, B, L, Hq, Hkv,
+                                          hd, scale, inclusive,
+                                          parallel_worth(attn_work(sg, Hq, hd)));
+#endif
   const i64 sh = inclusive ? 1 : 0;
   const i64 G = Hq / Hkv, K1 = sg.Mmax + 1, nqb = (L + BQ - 1) / BQ;
   const i64 ldq = Hq * hd, ldk = Hkv * hd;
