@@ -719,6 +719,25 @@ void attention_forward_rows(float* out, float* lse, const float* q, const float*
 
 }  // namespace
 
+namespace {
+// D[b, h, i] = dO_i . O_i (the softmax Jacobian's row term) for out/dout [B, Lq, Hq, hd], in
+// lse's layout [B, Hq, Lq].
+Buf row_terms(const float* dout, const float* out, i64 B, i64 Lq, i64 Hq, i64 hd, bool par) {
+  Buf D(size_t(B * Hq * Lq));
+#pragma omp parallel for schedule(static) if (par)
+  for (i64 row = 0; row < B * Lq * Hq; ++row) {
+    const i64 h = row % Hq, i = (row / Hq) % Lq, b = row / (Hq * Lq);
+    const float* a = dout + row * hd;
+    const float* o = out + row * hd;
+    float s = 0;
+#pragma omp simd reduction(+ : s)
+    for (i64 c = 0; c < hd; ++c) s += a[c] * o[c];
+    D[(b * Hq + h) * Lq + i] = s;
+  }
+  return D;
+}
+}  // namespace
+
 #ifdef DLCM_AVX512
 namespace {
 // The per-token and per-row facts ConceptMask reads (sf, logd [B*L]; logm [B*K1]).
@@ -758,17 +777,7 @@ void concept_attention_backward_amx(float* dq, float* dk, float* dv, const float
                                     i64 L, i64 Hq, i64 Hkv, i64 hd, float scale, bool inclusive,
                                     bool par) {
   const ConceptFacts f(sg, inclusive);
-  Buf D(size_t(B * Hq * L));  // dO . O per query and head, in lse's layout
-#pragma omp parallel for schedule(static) if (par)
-  for (i64 row = 0; row < B * L * Hq; ++row) {
-    const i64 h = row % Hq, t = (row / Hq) % L, b = row / (Hq * L);
-    const float* a = dout + row * hd;
-    const float* o = out + row * hd;
-    float acc = 0;
-#pragma omp simd reduction(+ : acc)
-    for (i64 c = 0; c < hd; ++c) acc += a[c] * o[c];
-    D[(b * Hq + h) * L + t] = acc;
-  }
+  const Buf D = row_terms(dout, out, B, L, Hq, hd, par);
   attention_backward_amx(dq, dk, dv, dout, lse, D.data(), q, k, v, B, L, sg.Mmax + 1, Hq, Hkv,
                          hd, scale, f.mask(sg, scale), par, true);
 }
@@ -869,18 +878,7 @@ void attention_backward(float* dq, float* dk, float* dv, const float* dout, cons
   const bool par = B * Hq * Lq * keys_seen(Lq, Lk, q_offset, window) * hd > (1 << 16);
   const TileProduct mm;
 
-  // D[b, h, i] = dO_i . O_i  (the softmax Jacobian's row term), same layout as lse.
-  Buf D(size_t(B * Hq * Lq));
-#pragma omp parallel for schedule(static) if (par)
-  for (i64 row = 0; row < B * Lq * Hq; ++row) {
-    const i64 h = row % Hq, i = (row / Hq) % Lq, b = row / (Hq * Lq);
-    const float* a = dout + row * hd;
-    const float* o = out + row * hd;
-    float s = 0;
-#pragma omp simd reduction(+ : s)
-    for (i64 c = 0; c < hd; ++c) s += a[c] * o[c];
-    D[(b * Hq + h) * Lq + i] = s;
-  }
+  const Buf D = row_terms(dout, out, B, Lq, Hq, hd, par);
 
 #ifdef DLCM_AVX512
   if (mm.amx && scale > 0)
