@@ -739,47 +739,22 @@ Buf row_terms(const float* dout, const float* out, i64 B, i64 Lq, i64 Hq, i64 hd
 }  // namespace
 
 #ifdef DLCM_AVX512
-namespace {
-// The per-token and per-row facts ConceptMask reads (sf, logd [B*L]; logm [B*K1]).
-struct ConceptFacts {
-  std::vector<float> sf, logd, logm;
-  ConceptFacts(const Segments& sg, bool inclusive) {
-    const i64 B = sg.B, L = sg.L, K1 = sg.Mmax + 1, sh = inclusive ? 1 : 0;
-    sf.resize(B * L);
-    logd.resize(B * L);
-    logm.assign(B * K1, 0.0f);
-    for (i64 n = 0; n < B * L; ++n) {
-      const i64 b = n / L, t = n % L, j = sg.seg[n];
-      sf[n] = float(j + sh);
-      logd[n] = std::log(float(t - sg.start[b * sg.Mmax + j] + 1));
-    }
-    for (i64 b = 0; b < B; ++b)
-      for (i64 kk = 0; kk < sg.count[b]; ++kk)
-        logm[b * K1 + kk + sh] = std::log(float(sg.len[b * sg.Mmax + kk]));
-  }
-  ConceptMask mask(const Segments& sg, float scale) const {
-    return {sg.L, sg.Mmax + 1, scale, sf.data(), logd.data(), logm.data()};
-  }
-};
-}  // namespace
-
 void concept_attention_forward_amx(float* out, float* lse, const float* q, const float* k,
-                                   const float* v, const Segments& sg, i64 B, i64 L, i64 Hq,
-                                   i64 Hkv, i64 hd, float scale, bool inclusive, bool par) {
-  const ConceptFacts f(sg, inclusive);
-  attention_forward_amx(out, lse, q, k, v, B, L, sg.Mmax + 1, Hq, Hkv, hd, scale,
-                        f.mask(sg, scale), par);
+                                   const float* v, i64 B, i64 L, i64 K1, i64 Hq, i64 Hkv, i64 hd,
+                                   float scale, const float* sf, const float* logd,
+                                   const float* logm, bool par) {
+  attention_forward_amx(out, lse, q, k, v, B, L, K1, Hq, Hkv, hd, scale,
+                        ConceptMask{L, K1, scale, sf, logd, logm}, par);
 }
 
 void concept_attention_backward_amx(float* dq, float* dk, float* dv, const float* dout,
                                     const float* out, const float* lse, const float* q,
-                                    const float* k, const float* v, const Segments& sg, i64 B,
-                                    i64 L, i64 Hq, i64 Hkv, i64 hd, float scale, bool inclusive,
-                                    bool par) {
-  const ConceptFacts f(sg, inclusive);
+                                    const float* k, const float* v, i64 B, i64 L, i64 K1, i64 Hq,
+                                    i64 Hkv, i64 hd, float scale, const float* sf,
+                                    const float* logd, const float* logm, bool par) {
   const Buf D = row_terms(dout, out, B, L, Hq, hd, par);
-  attention_backward_amx(dq, dk, dv, dout, lse, D.data(), q, k, v, B, L, sg.Mmax + 1, Hq, Hkv,
-                         hd, scale, f.mask(sg, scale), par, true);
+  attention_backward_amx(dq, dk, dv, dout, lse, D.data(), q, k, v, B, L, K1, Hq, Hkv, hd, scale,
+                         ConceptMask{L, K1, scale, sf, logd, logm}, par, true);
 }
 #endif
 

@@ -647,6 +647,19 @@ void log_lengths(float* logm, const Segments& sg, i64 b, i64 sh) {
     logm[kk + sh] = std::log(float(sg.len[b * sg.Mmax + kk]));
 }
 
+#ifdef DLCM_AVX512
+// What the AMX path's concept mask reads (kernels/amx.h): s(t) = seg(t) + sh as float and
+// log(t - start + 1) per token [B*L]; per row the list entries' log lengths [B*K1].
+struct AmxConceptFacts {
+  std::vector<float> sf, logd, logm;
+  AmxConceptFacts(const Segments& sg, i64 sh)
+      : sf(sg.B * sg.L), logd(own_concept_log_mult(sg)), logm(sg.B * (sg.Mmax + 1), 0.f) {
+    for (i64 n = 0; n < sg.B * sg.L; ++n) sf[n] = float(sg.seg[n] + sh);
+    for (i64 b = 0; b < sg.B; ++b) log_lengths(logm.data() + b * (sg.Mmax + 1), sg, b, sh);
+  }
+};
+#endif
+
 }  // namespace
 
 void concept_attention_forward(float* out, float* lse, const float* q, const float* k,
@@ -655,9 +668,12 @@ void concept_attention_forward(float* out, float* lse, const float* q, const flo
   check_attention_args(sg, B, L, Hq, Hkv, hd, "concept_attention_forward");
 #ifdef DLCM_AVX512
   // BF16 GEMMs on an AMX CPU: the tiles, with every operand in a tile's layout
-  if (gemm_precision() == Precision::BF16 && amx_bf16_usable() && scale > 0)
-    return concept_attention_forward_amx(out, lse, q, k, v, sg, B, L, Hq, Hkv, hd, scale,
-                                         inclusive, parallel_worth(attn_work(sg, Hq, hd)));
+  if (gemm_precision() == Precision::BF16 && amx_bf16_usable() && scale > 0) {
+    const AmxConceptFacts f(sg, inclusive ? 1 : 0);
+    return concept_attention_forward_amx(out, lse, q, k, v, B, L, sg.Mmax + 1, Hq, Hkv, hd, scale,
+                                         f.sf.data(), f.logd.data(), f.logm.data(),
+                                         parallel_worth(attn_work(sg, Hq, hd)));
+  }
 #endif
   const i64 sh = inclusive ? 1 : 0;
   const i64 G = Hq / Hkv, K1 = sg.Mmax + 1, nqb = (L + BQ - 1) / BQ;
@@ -717,10 +733,12 @@ void concept_attention_backward(float* dq, float* dk, float* dv, const float* do
                                 i64 Hq, i64 Hkv, i64 hd, float scale, bool inclusive) {
   check_attention_args(sg, B, L, Hq, Hkv, hd, "concept_attention_backward");
 #ifdef DLCM_AVX512
-  if (gemm_precision() == Precision::BF16 && amx_bf16_usable() && scale > 0)
-    return concept_attention_backward_amx(dq, dk, dv, dout, out, lse, q, k, v, sg, B, L, Hq, Hkv,
-                                          hd, scale, inclusive,
-                                          parallel_worth(attn_work(sg, Hq, hd)));
+  if (gemm_precision() == Precision::BF16 && amx_bf16_usable() && scale > 0) {
+    const AmxConceptFacts f(sg, inclusive ? 1 : 0);
+    return concept_attention_backward_amx(dq, dk, dv, dout, out, lse, q, k, v, B, L, sg.Mmax + 1,
+                                          Hq, Hkv, hd, scale, f.sf.data(), f.logd.data(),
+                                          f.logm.data(), parallel_worth(attn_work(sg, Hq, hd)));
+  }
 #endif
   const i64 sh = inclusive ? 1 : 0;
   const i64 G = Hq / Hkv, K1 = sg.Mmax + 1, nqb = (L + BQ - 1) / BQ;

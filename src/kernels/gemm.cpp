@@ -618,7 +618,6 @@ void set_bf16_reuse(bool on) { g_bf16_reuse = on; }
 bool bf16_reuse() { return g_bf16_reuse.load(); }
 i64 bf16_copies_reused() { return g_copies_reused.load(); }
 
-
 void linear_forward(float* y, const float* x, const float* W, i64 N, i64 in, i64 out,
                     Bf16Copy* keep, Bf16Copy* wkeep) {
   KnownScope known;
