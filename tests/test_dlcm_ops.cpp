@@ -477,6 +477,65 @@ TEST(CompactAttention, StepMatchesFullForward) {
   EXPECT_LT(worst, 1e-5);
 }
 
+// The streaming prefill's one-pass form equals per-token steps over the same list: a chunk that
+// starts inside an open concept (own multiplicities not from 1), entries padded in the cache
+// (ld > Hkv*hd), several key tiles, GQA, chunks shorter and longer than a query block; the
+// open entry's count (0) and entries past the chunk's last are never read.
+TEST(CompactAttention, ListForwardMatchesSteps) {
+  struct Case { i64 L, K1, Hq, Hkv, hd, pad; };
+  for (const Case c : {Case{1, 1, 2, 1, 8, 0}, Case{9, 4, 4, 2, 16, 8}, Case{70, 30, 4, 4, 64, 0},
+                       Case{150, 100, 6, 2, 24, 16}, Case{200, 5, 2, 2, 80, 4}}) {
+    SCOPED_TRACE("L " + std::to_string(c.L) + " K1 " + std::to_string(c.K1));
+    const i64 ld = c.Hkv * c.hd + c.pad, Kc = c.K1 + 3;  // 3 cached entries past the last read
+    const float scale = 1.f / std::sqrt(float(c.hd));
+    Vec q = randn(c.L * c.Hq * c.hd, 5 + c.L), k = randn(Kc * ld, 6 + c.L),
+        v = randn(Kc * ld, 7 + c.L);
+    // tokens spread over the entries: the first continues an open concept (own 4 on entry
+    // K1 - 1 - ...), each later entry change starts own again at 1
+    std::vector<i64> last(c.L);
+    Vec own(c.L), mult(Kc, 0.f);
+    Rng r(11 + c.L);
+    const i64 first = std::max<i64>(0, c.K1 - 1 - c.L / 3);
+    for (i64 e = 0; e < Kc; ++e) mult[e] = float(1 + r.next() % 9);
+    i64 e = first;
+    float cnt = 4;
+    for (i64 t = 0; t < c.L; ++t) {
+      const i64 left = c.L - t, to_go = c.K1 - 1 - e;
+      if (to_go > 0 && (to_go >= left || r.next() % 3 == 0)) {
+        ++e;
+        cnt = 1;
+      } else if (t > 0) {
+        cnt += 1;
+      }
+      last[t] = e;
+      own[t] = cnt;
+    }
+    ASSERT_EQ(last[c.L - 1], c.K1 - 1);
+    mult[c.K1 - 1] = 0.f;  // the open entry: never read as a closed one
+    Vec out(q.size(), -1.f), o(c.Hq * c.hd);
+    ops::concept_attention_list_forward(out.data(), q.data(), k.data(), v.data(), ld, mult.data(),
+                                        c.K1, last.data(), own.data(), c.L, c.Hq, c.Hkv, c.hd,
+                                        scale);
+    double worst = 0;
+    for (i64 t = 0; t < c.L; ++t) {
+      Vec mt(mult.begin(), mult.begin() + last[t] + 1);
+      mt[last[t]] = own[t];
+      ops::concept_attention_step(o.data(), q.data() + t * c.Hq * c.hd, k.data(), v.data(), ld,
+                                  mt.data(), last[t] + 1, c.Hq, c.Hkv, c.hd, scale);
+      worst = std::max(worst, test::max_abs_diff(o.data(), out.data() + t * c.Hq * c.hd,
+                                                 c.Hq * c.hd));
+    }
+    EXPECT_LT(worst, 1e-5);
+  }
+  // a decreasing entry index or a zero own multiplicity is a caller bug, named
+  Vec q = randn(2 * 8, 1), k = randn(2 * 8, 2), mult{1.f, 1.f}, o(16), own{1.f, 1.f};
+  std::vector<i64> bad{1, 0};
+  EXPECT_THROW(ops::concept_attention_list_forward(o.data(), q.data(), k.data(), k.data(), 8,
+                                                   mult.data(), 2, bad.data(), own.data(), 2, 1,
+                                                   1, 8, 1.f),
+               Error);
+}
+
 // Token t sees only concepts that closed before its own concept began: changing the list
 // entry of concept j (list index j+1) must not affect tokens in segments <= j.
 TEST(CompactAttention, NoFutureLeak) {

@@ -536,22 +536,23 @@ std::vector<float> own_concept_log_mult(const Segments& sg) {
   return r;
 }
 
-// Per-query facts of one block: seg(t) and log(t - start(seg(t)) + 1).
+// Per-query facts of one block of row b: s(t), the last list entry token t sees (nondecreasing
+// along a row), and the log multiplicity of that, its own, entry.
 struct QueryBlock {
   i64 t0 = 0, nq = 0, j0 = 0, j1 = 0;
-  alignas(64) float segf[BQ];  // seg(t) as float (exact below 2^24), for vector compares
+  alignas(64) float segf[BQ];  // s(t) as float (exact below 2^24), for vector compares
   alignas(64) float logd[BQ];
-  // own_log: own_concept_log_mult(sg); sh = 1 (inclusive): token t's own entry is seg(t) + 1.
-  void set(const Segments& sg, const float* own_log, i64 b, i64 qb, i64 sh) {
+  // sf, own_log: [B*L] (ConceptFacts).
+  void set(const float* sf, const float* own_log, i64 L, i64 b, i64 qb) {
     t0 = qb * BQ;
-    nq = std::min<i64>(BQ, sg.L - t0);
-    const i32* sr = sg.seg.data() + b * sg.L;
-    j0 = sr[t0] + sh;
-    j1 = sr[t0 + nq - 1] + sh;
+    nq = std::min<i64>(BQ, L - t0);
+    const float* sr = sf + b * L;
+    j0 = i64(sr[t0]);
+    j1 = i64(sr[t0 + nq - 1]);
     for (i64 i = 0; i < BQ; ++i) {
       if (i < nq) {
-        segf[i] = float(sr[t0 + i] + sh);
-        logd[i] = own_log[b * sg.L + t0 + i];
+        segf[i] = sr[t0 + i];
+        logd[i] = own_log[b * L + t0 + i];
       } else {
         segf[i] = -1.f;  // padding columns: everything masked
         logd[i] = 0.f;
@@ -647,54 +648,37 @@ void log_lengths(float* logm, const Segments& sg, i64 b, i64 sh) {
     logm[kk + sh] = std::log(float(sg.len[b * sg.Mmax + kk]));
 }
 
-#ifdef DLCM_AVX512
-// What the AMX path's concept mask reads (kernels/amx.h): s(t) = seg(t) + sh as float and
-// log(t - start + 1) per token [B*L]; per row the list entries' log lengths [B*K1].
-struct AmxConceptFacts {
+// What the compact kernels' concept mask reads (the FP32 kernels below, the AMX path of
+// kernels/amx.h, the streaming list form): s(t) = seg(t) + sh as float and log(t - start + 1)
+// per token [B*L]; per row the list entries' log lengths [B*K1].
+struct ConceptFacts {
   std::vector<float> sf, logd, logm;
-  AmxConceptFacts(const Segments& sg, i64 sh)
+  ConceptFacts(const Segments& sg, i64 sh)
       : sf(sg.B * sg.L), logd(own_concept_log_mult(sg)), logm(sg.B * (sg.Mmax + 1), 0.f) {
     for (i64 n = 0; n < sg.B * sg.L; ++n) sf[n] = float(sg.seg[n] + sh);
     for (i64 b = 0; b < sg.B; ++b) log_lengths(logm.data() + b * (sg.Mmax + 1), sg, b, sh);
   }
 };
-#endif
 
-}  // namespace
-
-void concept_attention_forward(float* out, float* lse, const float* q, const float* k,
-                               const float* v, const Segments& sg, i64 B, i64 L, i64 Hq, i64 Hkv,
-                               i64 hd, float scale, bool inclusive) {
-  check_attention_args(sg, B, L, Hq, Hkv, hd, "concept_attention_forward");
-#ifdef DLCM_AVX512
-  // BF16 GEMMs on an AMX CPU: the tiles, with every operand in a tile's layout
-  if (gemm_precision() == Precision::BF16 && amx_bf16_usable() && scale > 0) {
-    const AmxConceptFacts f(sg, inclusive ? 1 : 0);
-    return concept_attention_forward_amx(out, lse, q, k, v, B, L, sg.Mmax + 1, Hq, Hkv, hd, scale,
-                                         f.sf.data(), f.logd.data(), f.logm.data(),
-                                         parallel_worth(attn_work(sg, Hq, hd)));
-  }
-#endif
-  const i64 sh = inclusive ? 1 : 0;
-  const i64 G = Hq / Hkv, K1 = sg.Mmax + 1, nqb = (L + BQ - 1) / BQ;
-  const i64 ldq = Hq * hd, ldk = Hkv * hd;
-  const std::vector<float> own_log = own_concept_log_mult(sg);
-#pragma omp parallel if(parallel_worth(attn_work(sg, Hq, hd)))
+// The compact forward from the facts: list entry e of row b, kv head g at
+// k + (b*K1 + e)*ldk + g*hd (ldk >= Hkv*hd); q, out [B, L, Hq, hd]; lse [B, Hq, L].
+void compact_forward(float* out, float* lse, const float* q, const float* k, const float* v,
+                     i64 ldk, i64 B, i64 L, i64 K1, i64 Hq, i64 Hkv, i64 hd, float scale,
+                     const float* sf, const float* own_log, const float* logm_all, bool par) {
+  const i64 G = Hq / Hkv, nqb = (L + BQ - 1) / BQ;
+  const i64 ldq = Hq * hd;
+#pragma omp parallel if(par)
   {
-    Buf QT(hd * BQ), ST(BK * BQ), O(BQ * hd), m(BQ), l(BQ), corr(BQ), logm(K1);
+    Buf QT(hd * BQ), ST(BK * BQ), O(BQ * hd), m(BQ), l(BQ), corr(BQ);
     QueryBlock qbk;
-    i64 last_b = -1;
     // Later query blocks see more keys: hand them out first.
 #pragma omp for collapse(3) schedule(dynamic, 1)
     for (i64 b = 0; b < B; ++b)
       for (i64 h = 0; h < Hq; ++h)
         for (i64 qr = 0; qr < nqb; ++qr) {
           const i64 qb = nqb - 1 - qr, g = h / G;
-          if (b != last_b) {
-            log_lengths(logm.data(), sg, b, sh);
-            last_b = b;
-          }
-          qbk.set(sg, own_log.data(), b, qb, sh);
+          const float* logm = logm_all + b * K1;
+          qbk.set(sf, own_log, L, b, qb);
           const i64 t0 = qbk.t0, nq = qbk.nq;
           const float* qbase = q + ((b * L + t0) * Hq + h) * hd;
           std::fill(QT.begin(), QT.end(), 0.f);
@@ -704,10 +688,10 @@ void concept_attention_forward(float* out, float* lse, const float* q, const flo
           std::fill(O.begin(), O.end(), 0.f);
           for (i64 kt0 = 0; kt0 <= qbk.j1; kt0 += BK) {
             const i64 nk = std::min<i64>(BK, qbk.j1 + 1 - kt0);
-            const float* kb = k + ((b * K1 + kt0) * Hkv + g) * hd;
-            const float* vb = v + ((b * K1 + kt0) * Hkv + g) * hd;
+            const float* kb = k + (b * K1 + kt0) * ldk + g * hd;
+            const float* vb = v + (b * K1 + kt0) * ldk + g * hd;
             tile_mm(ST.data(), BQ, kb, ldk, 1, QT.data(), BQ, nk, BQ, hd, scale, false);
-            add_bias(ST.data(), kt0, nk, qbk, logm.data());
+            add_bias(ST.data(), kt0, nk, qbk, logm);
             softmax_cols(ST.data(), nk, m.data(), l.data(), corr.data());
             for (i64 i = 0; i < nq; ++i) {
               float* o = O.data() + i * hd;
@@ -727,34 +711,74 @@ void concept_attention_forward(float* out, float* lse, const float* q, const flo
   }
 }
 
+}  // namespace
+
+void concept_attention_forward(float* out, float* lse, const float* q, const float* k,
+                               const float* v, const Segments& sg, i64 B, i64 L, i64 Hq, i64 Hkv,
+                               i64 hd, float scale, bool inclusive) {
+  check_attention_args(sg, B, L, Hq, Hkv, hd, "concept_attention_forward");
+  const ConceptFacts f(sg, inclusive ? 1 : 0);
+  const bool par = parallel_worth(attn_work(sg, Hq, hd));
+#ifdef DLCM_AVX512
+  // BF16 GEMMs on an AMX CPU: the tiles, with every operand in a tile's layout
+  if (gemm_precision() == Precision::BF16 && amx_bf16_usable() && scale > 0)
+    return concept_attention_forward_amx(out, lse, q, k, v, B, L, sg.Mmax + 1, Hq, Hkv, hd, scale,
+                                         f.sf.data(), f.logd.data(), f.logm.data(), par);
+#endif
+  compact_forward(out, lse, q, k, v, Hkv * hd, B, L, sg.Mmax + 1, Hq, Hkv, hd, scale, f.sf.data(),
+                  f.logd.data(), f.logm.data(), par);
+}
+
+void concept_attention_list_forward(float* out, const float* q, const float* k, const float* v,
+                                    i64 ld, const float* mult, i64 K1, const i64* last,
+                                    const float* own, i64 L, i64 Hq, i64 Hkv, i64 hd,
+                                    float scale) {
+  DLCM_CHECK(Hq > 0 && Hkv > 0 && hd > 0 && Hq % Hkv == 0,
+             "concept_attention_list_forward: bad head shape Hq=", Hq, " Hkv=", Hkv, " hd=", hd);
+  DLCM_CHECK(ld >= Hkv * hd, "concept_attention_list_forward: ld (", ld, ") < Hkv*hd");
+  DLCM_CHECK(L > 0 && K1 > 0, "concept_attention_list_forward: empty call (L=", L, ", K1=", K1,
+             ")");
+  std::vector<float> sf(L), logd(L), logm(K1), lse(Hq * L);
+  for (i64 t = 0; t < L; ++t) {
+    DLCM_CHECK(last[t] >= 0 && last[t] < K1 && (t == 0 || last[t] >= last[t - 1]) && own[t] >= 1,
+               "concept_attention_list_forward: token ", t, " has last entry ", last[t],
+               " and own multiplicity ", own[t], " (want nondecreasing entries below ", K1,
+               ", multiplicity >= 1)");
+    sf[t] = float(last[t]);
+    logd[t] = std::log(own[t]);
+  }
+  // an entry is read with its own multiplicity only below a token's last entry, where it is
+  // closed (>= 1); the open entry's count (0 before its first token) is never read
+  for (i64 e = 0; e < K1; ++e) logm[e] = std::log(std::max(mult[e], 1.f));
+  compact_forward(out, lse.data(), q, k, v, ld, 1, L, K1, Hq, Hkv, hd, scale, sf.data(),
+                  logd.data(), logm.data(), parallel_worth(L * Hq * hd * std::max<i64>(1, K1 / 2)));
+}
+
 void concept_attention_backward(float* dq, float* dk, float* dv, const float* dout,
                                 const float* out, const float* lse, const float* q,
                                 const float* k, const float* v, const Segments& sg, i64 B, i64 L,
                                 i64 Hq, i64 Hkv, i64 hd, float scale, bool inclusive) {
   check_attention_args(sg, B, L, Hq, Hkv, hd, "concept_attention_backward");
+  const ConceptFacts f(sg, inclusive ? 1 : 0);
 #ifdef DLCM_AVX512
-  if (gemm_precision() == Precision::BF16 && amx_bf16_usable() && scale > 0) {
-    const AmxConceptFacts f(sg, inclusive ? 1 : 0);
+  if (gemm_precision() == Precision::BF16 && amx_bf16_usable() && scale > 0)
     return concept_attention_backward_amx(dq, dk, dv, dout, out, lse, q, k, v, B, L, sg.Mmax + 1,
                                           Hq, Hkv, hd, scale, f.sf.data(), f.logd.data(),
                                           f.logm.data(), parallel_worth(attn_work(sg, Hq, hd)));
-  }
 #endif
-  const i64 sh = inclusive ? 1 : 0;
   const i64 G = Hq / Hkv, K1 = sg.Mmax + 1, nqb = (L + BQ - 1) / BQ;
   const i64 ldq = Hq * hd, ldk = Hkv * hd;
-  const std::vector<float> own_log = own_concept_log_mult(sg);
   // One task per (row, kv head): it owns dk/dv of its list entries and dq of its query heads.
 #pragma omp parallel if(parallel_worth(attn_work(sg, Hq, hd)))
   {
-    Buf QT(hd * BQ), dOT(hd * BQ), ST(BK * BQ), dPT(BK * BQ), logm(K1), lsev(BQ), D(BQ);
+    Buf QT(hd * BQ), dOT(hd * BQ), ST(BK * BQ), dPT(BK * BQ), lsev(BQ), D(BQ);
     QueryBlock qbk;
 #pragma omp for collapse(2) schedule(dynamic, 1)
     for (i64 b = 0; b < B; ++b)
       for (i64 g = 0; g < Hkv; ++g) {
-        log_lengths(logm.data(), sg, b, sh);
+        const float* logm = f.logm.data() + b * K1;
         for (i64 qb = 0; qb < nqb; ++qb) {
-          qbk.set(sg, own_log.data(), b, qb, sh);
+          qbk.set(f.sf.data(), f.logd.data(), L, b, qb);
           const i64 t0 = qbk.t0, nq = qbk.nq;
           for (i64 hh = 0; hh < G; ++hh) {
             const i64 h = g * G + hh;
@@ -783,7 +807,7 @@ void concept_attention_backward(float* dq, float* dk, float* dv, const float* do
               float* dvb = dv + ((b * K1 + kt0) * Hkv + g) * hd;
               // P^T = exp(scale K Q^T + bias - lse)
               tile_mm(ST.data(), BQ, kb, ldk, 1, QT.data(), BQ, nk, BQ, hd, scale, false);
-              add_bias(ST.data(), kt0, nk, qbk, logm.data());
+              add_bias(ST.data(), kt0, nk, qbk, logm);
               exp_minus_lse(ST.data(), nk, lsev.data());
               // dV += P^T dO
               tile_mm(dvb, ldk, ST.data(), BQ, 1, dobase, ldq, nk, hd, nq, 1.f, true);

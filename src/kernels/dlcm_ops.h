@@ -234,6 +234,16 @@ void concept_attention_step(float* out, const float* q, const float* k, const fl
                             const float* mult, i64 nk, i64 Hq, i64 Hkv, i64 hd, float scale,
                             const float* k_own = nullptr, const float* v_own = nullptr,
                             float* s = nullptr);
+// The streaming prefill's form (SPEC 5): the L consecutive new tokens of one sequence against
+// its cached list, in one pass of the compact kernel (as training runs it) instead of L steps.
+// Entry e of kv head g at k + e*ld + g*hd, e < K1; token t sees entries 0..last[t]
+// (nondecreasing in t), entry e < last[t] with multiplicity mult[e] and its own entry last[t]
+// with own[t] (>= 1). q, out [L, Hq, hd]. Each token's result is concept_attention_step's with
+// that list (to FP32 rounding). FP32 in every precision.
+void concept_attention_list_forward(float* out, const float* q, const float* k, const float* v,
+                                    i64 ld, const float* mult, i64 K1, const i64* last,
+                                    const float* own, i64 L, i64 Hq, i64 Hkv, i64 hd,
+                                    float scale);
 // Its backward for the query heads of kv head g only, so that callers parallelise over
 // (sequence, kv head) without races on the list gradients: recomputes the probabilities;
 // dq (heads of g), dk/dv (kv head g of every list entry read, stride ld), dk_own/dv_own (kv

@@ -707,11 +707,31 @@ const float* ConceptCrossAttention::forward_cached(const float* H, const i64* se
       vo = i_va_.data();
       att = i_atta_.data();
     }
-#pragma omp parallel if (R * dims_.n_heads * hd * 8 > (1 << 15))
+    // Runs of consecutive positions of one sequence (a prefill chunk) go through the compact
+    // kernel in one pass, as training runs it; single rows (decode steps), own entries given per
+    // token and rotated heads go token by token.
+    step_rows_.clear();
+    for (i64 r0 = 0; r0 < R;) {
+      i64 r1 = r0 + 1;
+      while (r1 < R && seqs[r1] == seqs[r0] && pos[r1] == pos[r1 - 1] + 1) ++r1;
+      if (!per_token && !opt_.rope && r1 - r0 >= kListMinRows) {
+        const i64 s = seqs[r0];
+        ops::concept_attention_list_forward(att + r0 * aq, q + r0 * aq, c.k_at(s, 0),
+                                            c.v_at(s, 0), c.kv_dim, c.mult_of(s),
+                                            last[r1 - 1] + 1, last + r0, own + r0, r1 - r0,
+                                            dims_.n_heads, dims_.n_kv_heads, ahd, scale);
+      } else {
+        for (i64 r = r0; r < r1; ++r) step_rows_.push_back(r);
+      }
+      r0 = r1;
+    }
+    const i64 n_step = i64(step_rows_.size());
+#pragma omp parallel if (n_step * dims_.n_heads * hd * 8 > (1 << 15))
     {
       std::vector<float> mt(c.max_entries);
 #pragma omp for schedule(dynamic, 4)
-      for (i64 r = 0; r < R; ++r) {
+      for (i64 i = 0; i < n_step; ++i) {
+        const i64 r = step_rows_[i];
         const i64 s = seqs[r], nk = last[r] + 1;
         std::copy_n(c.mult_of(s), nk - 1, mt.data());
         mt[nk - 1] = own[r];

@@ -230,6 +230,10 @@ class ConceptCrossAttention {
   Buf i_fa_, i_fb_, i_fh_, i_X_, i_zs_, i_kraw_, i_k_, i_krstd_, i_v_;
   Buf i_qa_, i_atta_, i_ka_, i_va_, i_rot_;
   std::vector<i32> i_pos_;
+  std::vector<i64> step_rows_;  // forward_cached: the rows attended token by token
+  // forward_cached: a run of at least this many consecutive positions of one sequence goes
+  // through ops::concept_attention_list_forward (below it, per-token steps are as fast)
+  static constexpr i64 kListMinRows = 8;
   i64 inf_rows_ = 0;
 };
 
