@@ -28,6 +28,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/amx_gemm.h"
 #include "kernels/dlcm_ops.h"
 #include "kernels/gemm.h"
 #include "kernels/isa.h"
@@ -115,6 +116,20 @@ const Case kCases[] = {
     {.op = "gemm", .N = 96, .d = 300, .V = 200},
     {.op = "gemm", .N = 2048, .d = 2048, .V = 2048, .perf = true},  // the GEMM peak's product
     {.op = "gemm", .N = 4096, .d = 512, .V = 1536, .perf = true},   // FFN up projection
+    // gemm_amx: BF16 products on the dlcm AMX tile kernel (M = N, K = d, N = V): every
+    // transpose, beta and padding; K below, at and across the 32-wide tile step; M and N
+    // past a multiple of 32 (edge blocks); a shape the padding would grow by more than 25%
+    // stays on oneDNN
+    {.op = "gemm_amx", .N = 64, .d = 40, .V = 96},
+    {.op = "gemm_amx", .N = 96, .d = 1, .V = 64},
+    {.op = "gemm_amx", .N = 32, .d = 300, .V = 160},
+    {.op = "gemm_amx", .N = 128, .d = 64, .V = 32},
+    {.op = "gemm_amx", .N = 130, .d = 40, .V = 128},
+    {.op = "gemm_amx", .N = 128, .d = 33, .V = 250},
+    {.op = "gemm_amx", .N = 250, .d = 70, .V = 230},
+    {.op = "gemm_amx", .N = 33, .d = 8, .V = 64},  // 64 x 64 for 33 x 64: oneDNN
+    {.op = "gemm_amx", .N = 4096, .d = 512, .V = 1536, .perf = true},  // FFN up projection
+    {.op = "gemm_amx", .N = 4096, .d = 512, .V = 512, .perf = true},   // attention projection
     {.op = "rope", .N = 9, .Hq = 3, .hd = 8},
     {.op = "rope", .N = 1, .Hq = 1, .hd = 2},
     {.op = "rope", .N = 70, .Hq = 4, .hd = 64},
@@ -972,6 +987,8 @@ void run_gemm(const Case& c, Mode m) {
     test::fill_normal(B.data(), K * N, 2);
     std::vector<ops::Precision> precs = {ops::Precision::FP32};
     if (ops::cpu_has_bf16()) precs.push_back(ops::Precision::BF16);
+    const bool amx_was = ops::amx_gemm_on();
+    ops::set_amx_gemm(false);  // oneDNN's two paths (gemm_amx times the tiles)
     for (ops::Precision p : precs) {
       ops::PrecisionScope ps(p);
       for (ops::GemmPath path : {ops::GemmPath::Runtime, ops::GemmPath::Fixed}) {
@@ -983,9 +1000,16 @@ void run_gemm(const Case& c, Mode m) {
       }
     }
     ops::set_gemm_path(ops::GemmPath::Fixed);
+    ops::set_amx_gemm(amx_was);
     return;
   }
   GemmCacheScope every_shape({.capacity = 64, .min_flops = 0, .min_uses = 1});
+  // oneDNN's paths only (the AMX tile kernel has rows of its own, gemm_amx)
+  struct AmxOff {
+    bool was = ops::amx_gemm_on();
+    AmxOff() { ops::set_amx_gemm(false); }
+    ~AmxOff() { ops::set_amx_gemm(was); }
+  } amx_off;
   std::vector<ops::Precision> precs = {ops::Precision::FP32};
   if (ops::cpu_has_bf16()) precs.push_back(ops::Precision::BF16);
   uint64_t seed = 1000;
@@ -1006,6 +1030,94 @@ void run_gemm(const Case& c, Mode m) {
       // the path asked for is the path taken
       EXPECT_EQ(ops::gemm_cache_stats().fixed_calls - fixed0, path == ops::GemmPath::Fixed ? 32 : 0);
     }
+  }
+}
+
+// The AMX tile kernel (kernels/amx_gemm.h) through ops::gemm: the path taken where it fits and
+// not elsewhere, every form against the double product of the rounded operands, and the same
+// products on oneDNN within accumulation rounding. Perf: both implementations, the three
+// forms of a linear layer (x W^T, dy W, dW += dy^T x).
+void run_gemm_amx(const Case& c, Mode m) {
+  const i64 M = c.N, K = c.d, N = c.V;
+  if (!ops::cpu_has_bf16()) return;  // no BF16 products at all
+  ops::PrecisionScope ps(ops::Precision::BF16);
+  const bool fits = ops::amx_gemm_fits(M, N, K) && ops::amx_gemm_on();
+  if (m == Perf) {
+    if (!fits) return;
+    Buf x(M * K), W(N * K), y(M * N), dW(N * K);
+    test::fill_normal(x.data(), M * K, 1);
+    test::fill_normal(W.data(), N * K, 2);
+    test::fill_normal(y.data(), M * N, 3);
+    for (bool amx : {false, true}) {
+      ops::set_amx_gemm(amx);
+      const std::string tag = amx ? "amx" : "onednn";
+      perf_row(c, (tag + " NT").c_str(), 2.0 * M * N * K, 0, [&] {
+        ops::gemm(false, true, M, N, K, 1.f, x.data(), K, W.data(), K, 0.f, y.data(), N);
+      });
+      perf_row(c, (tag + " NN").c_str(), 2.0 * M * N * K, 0, [&] {
+        ops::gemm(false, false, M, K, N, 1.f, y.data(), N, W.data(), K, 0.f, x.data(), K);
+      });
+      perf_row(c, (tag + " TN+C").c_str(), 2.0 * M * N * K, 0, [&] {
+        ops::gemm(true, false, N, K, M, 1.f, y.data(), N, x.data(), K, 1.f, dW.data(), K);
+      });
+    }
+    ops::set_amx_gemm(true);
+    return;
+  }
+  const bool amx_cpu = ops::amx_bf16_usable() && ops::isa() == ops::Isa::Avx512;
+  const i64 Mp = (M + 31) / 32 * 32, Np = (N + 31) / 32 * 32;
+  EXPECT_EQ(fits, amx_cpu && Mp * Np <= 1.25 * M * N && ops::amx_gemm_on());
+  GemmCacheScope every_shape({.capacity = 64, .min_flops = 0, .min_uses = 1});
+  uint64_t seed = 2000;
+  for (int form = 0; form < 16; ++form) {
+    const bool ta = form & 1, tb = form & 2;
+    const float beta = form & 4 ? 1.f : 0.f;
+    const i64 pad = form & 8 ? 3 : 0;
+    const i64 lda = (ta ? M : K) + pad, ldb = (tb ? K : N) + pad, ldc = N + pad;
+    const std::string impl = ops::gemm_impl(ta, tb, M, N, K, 1.f, lda, ldb, beta, ldc);
+    EXPECT_EQ(impl == "amx tiles (dlcm)", fits) << impl;
+    const std::string what = "ta=" + std::to_string(ta) + " tb=" + std::to_string(tb) +
+                             " beta=" + std::to_string(beta) + " pad=" + std::to_string(pad);
+    const double err = gemm_error(ta, tb, M, N, K, 1.f, beta, pad, seed += 3);
+    EXPECT_LT(err, 1e-5) << what << " (" << impl << ")";
+  }
+  if (!fits) return;
+  // the kernel itself below the size gemm() sends it: every form, against oneDNN
+  for (int form = 0; form < 8; ++form) {
+    const bool ta = form & 1, tb = form & 2, acc = form & 4;
+    const i64 lda = ta ? M : K, ldb = tb ? K : N;
+    Buf A(M * K), B(K * N), C(M * N), C1;
+    test::fill_normal(A.data(), M * K, 70 + form);
+    test::fill_normal(B.data(), K * N, 80 + form);
+    test::fill_normal(C.data(), M * N, 90 + form);
+    C1 = C;
+    ops::amx_gemm(ta, tb, M, N, K, A.data(), lda, {}, B.data(), ldb, {}, acc, C.data(), N);
+    {
+      ops::set_amx_gemm(false);
+      ops::gemm(ta, tb, M, N, K, 1.f, A.data(), lda, B.data(), ldb, acc ? 1.f : 0.f, C1.data(),
+                N);
+      ops::set_amx_gemm(true);
+    }
+    EXPECT_LT(test::rel_err(C.data(), C1.data(), M * N), 1e-5) << "form " << form;
+    // bf16 copies of the operands (as gemm.cpp's known copies) pack to the same tiles
+    std::vector<uint16_t> a16(M * K), b16(K * N);
+    ops::round_to_bf16(a16.data(), A.data(), M * K);
+    ops::round_to_bf16(b16.data(), B.data(), K * N);
+    Buf C2(M * N, 0.f), C3(M * N, 0.f), C4(M * N, 0.f);
+    ops::amx_gemm(ta, tb, M, N, K, A.data(), lda, {}, B.data(), ldb, {}, false, C2.data(), N);
+    ops::amx_gemm(ta, tb, M, N, K, nullptr, 0, {a16.data(), lda, 0}, nullptr, 0,
+                  {b16.data(), ldb, 0}, false, C3.data(), N);
+    EXPECT_EQ(std::memcmp(C2.data(), C3.data(), sizeof(float) * M * N), 0) << "form " << form;
+    // versioned copies: packed once, reused while the version stays, packed anew for a new one
+    const uint64_t v = 1000003 * uint64_t(form + 1) + uint64_t(M * 7 + N * 3 + K);
+    ops::amx_gemm(ta, tb, M, N, K, nullptr, 0, {a16.data(), lda, v}, nullptr, 0,
+                  {b16.data(), ldb, v + 1}, false, C4.data(), N);
+    EXPECT_EQ(std::memcmp(C2.data(), C4.data(), sizeof(float) * M * N), 0) << "form " << form;
+    std::vector<uint16_t> a16b = a16;
+    for (auto& h : a16b) h ^= 0x8000;  // -A: the product changes sign
+    ops::amx_gemm(ta, tb, M, N, K, nullptr, 0, {a16b.data(), lda, v + 2}, nullptr, 0,
+                  {b16.data(), ldb, v + 1}, false, C4.data(), N);
+    for (i64 i = 0; i < M * N; ++i) ASSERT_EQ(C4[i], -C2[i]) << "form " << form << " at " << i;
   }
 }
 
@@ -1444,6 +1556,7 @@ const std::pair<const char*, Runner> kOps[] = {
     {"linear", run_linear},
     {"packed_linear", run_packed_linear},
     {"gemm", run_gemm},
+    {"gemm_amx", run_gemm_amx},
     {"rope", run_rope},
     {"swiglu", run_swiglu},
     {"attention", run_attention},

@@ -11,8 +11,10 @@
 
 #include "core/profiler.h"
 #include "core/rng.h"
+#include "kernels/amx_gemm.h"
 #include "kernels/dlcm_ops.h"
 #include "kernels/gemm.h"
+#include "kernels/isa.h"
 #include "model_fixtures.h"
 #include "testing.h"
 #include "train/trainer.h"
@@ -256,16 +258,22 @@ TEST(Bf16, PrecisionConfigIsValidated) {
   EXPECT_EQ(config_from_json(j, "cfg.json").train.precision, "bf16");
 }
 
-// BF16 training follows FP32 closely on tiny models: per-step losses agree to a few percent
-// and both learn. (The operands' rounding is the only difference.)
-void expect_bf16_tracks_fp32(Config c, i32 bos) {
-  c.train.steps = 40;
+// A short training run's settings (steps, lr 1e-2, warm-up, no evaluation) and quiet options.
+TrainOptions short_run(Config& c, int steps, int warmup) {
+  c.train.steps = steps;
   c.train.lr = 1e-2f;
-  c.train.warmup_steps = 5;
+  c.train.warmup_steps = warmup;
   c.train.eval_every = 0;
   TrainOptions o;
   o.quiet = true;
   o.peak_gflops = 100;
+  return o;
+}
+
+// BF16 training follows FP32 closely on tiny models: per-step losses agree to a few percent
+// and both learn. (The operands' rounding is the only difference.)
+void expect_bf16_tracks_fp32(Config c, i32 bos) {
+  const TrainOptions o = short_run(c, 40, 5);
   Trainer t32(c, test::pattern_data(c.model.vocab_size, 5, 2, bos), o);
   c.train.precision = "bf16";
   Trainer t16(c, test::pattern_data(c.model.vocab_size, 5, 2, bos), o);
@@ -300,14 +308,8 @@ TEST(Bf16, TinyDlcmTrainingTracksFp32) {
 // rounds every operand anew. A copy that went stale between a forward and its backward (a
 // buffer rewritten, a recompute missing its copy) would show as a difference.
 void expect_bf16_copies_change_nothing(Config c, i32 bos) {
-  c.train.steps = 6;
-  c.train.lr = 1e-2f;
-  c.train.warmup_steps = 2;
-  c.train.eval_every = 0;
+  const TrainOptions o = short_run(c, 6, 2);
   c.train.precision = "bf16";
-  TrainOptions o;
-  o.quiet = true;
-  o.peak_gflops = 100;
   Trainer with(c, test::pattern_data(c.model.vocab_size, 5, 2, bos), o);
   Trainer without(c, test::pattern_data(c.model.vocab_size, 5, 2, bos), o);
   const i64 used0 = ops::bf16_copies_reused();
@@ -335,6 +337,102 @@ TEST(Bf16, KeptOperandCopiesChangeNoBitBaseline) {
 TEST(Bf16, KeptOperandCopiesChangeNoBitDlcm) {
   if (!ops::cpu_has_bf16()) GTEST_SKIP() << "no AVX512-BF16 on this CPU";
   expect_bf16_copies_change_nothing(test::tiny_dlcm(), test::tiny_dlcm().model.bos_id);
+}
+
+// The AMX tile products (kernels/amx_gemm.h) in whole training runs: models whose token-level
+// products have M and N multiples of 32, every product sent to the tiles where it fits (the size
+// threshold lowered to 0 for the scope). BF16 on the tiles tracks FP32 as on oneDNN, and the
+// layers' kept bf16 copies (packed instead of the floats) change no bit there either. The
+// products that do not fit (the DLCM's concept rows) stay on oneDNN's runtime path: with the
+// fixed-shape cache on, a shape's first call there and its later ones run different kernels,
+// which two otherwise equal runs would meet at different steps.
+struct AmxEverywhere {
+  ops::GemmCacheConfig prev = ops::gemm_cache_config();
+  AmxEverywhere() {
+    ops::GemmCacheConfig c = prev;
+    c.min_flops = 0;
+    c.capacity = 0;
+    ops::set_gemm_cache_config(c);
+  }
+  ~AmxEverywhere() { ops::set_gemm_cache_config(prev); }
+};
+Config baseline_32() {
+  Config c = test::tiny_baseline(true, 2);
+  c.model.vocab_size = 64;
+  c.model.d_token = 32;
+  c.model.head_dim = 16;
+  c.model.d_ff = 64;
+  c.model.init_std = 0.1f;  // the tiny models' 0.3 is large at these widths
+  c.train.seq_len = 32;
+  c.train.batch_size = 2;
+  return c;
+}
+Config dlcm_32() {
+  Config c = test::tiny_dlcm();
+  ModelConfig& m = c.model;
+  m.vocab_size = 64;
+  m.d_token = 32;
+  m.head_dim = 16;
+  m.d_ff = 64;
+  m.d_concept = 64;
+  m.bb_heads = 4;
+  m.bb_d_ff = 96;
+  m.x_d_ff = 32;
+  m.d_scan = 32;
+  m.init_std = 0.1f;
+  c.train.seq_len = 32;
+  c.train.batch_size = 2;
+  return c;
+}
+
+TEST(Bf16, AmxTilesTrainingTracksFp32) {
+  if (!ops::cpu_has_bf16() || !ops::amx_gemm_fits(32, 32, 32))
+    GTEST_SKIP() << "no AMX-BF16 (or kernels below avx512): " << ops::isa_summary();
+  AmxEverywhere amx;
+  const i64 calls0 = ops::amx_gemm_calls();
+  expect_bf16_tracks_fp32(baseline_32(), -1);
+  EXPECT_GT(ops::amx_gemm_calls() - calls0, 40 * 10) << "the tiles did not run";
+  // Both models, BF16 on the tiles against BF16 on oneDNN, step by step: the same rounded
+  // operands, at most the order of the FP32 accumulation differs. (The DLCM against FP32 sits at
+  // the edge of expect_bf16_tracks_fp32's 3% after 40 steps on either implementation: its
+  // sampled boundaries move with the rounding.)
+  for (Config c : {baseline_32(), dlcm_32()}) {
+    SCOPED_TRACE(c.model.arch);
+    const TrainOptions o = short_run(c, 30, 5);
+    c.train.precision = "bf16";
+    const i32 bos = c.model.is_dlcm() ? c.model.bos_id : -1;
+    Trainer tiles(c, test::pattern_data(c.model.vocab_size, 5, 2, bos), o);
+    Trainer onednn(c, test::pattern_data(c.model.vocab_size, 5, 2, bos), o);
+    double worst = 0, first = 0, last = 0;
+    for (int s = 0; s < 30; ++s) {
+      const i64 before = ops::amx_gemm_calls();
+      const double a = tiles.train_step().ce;
+      EXPECT_GT(ops::amx_gemm_calls(), before) << "step " << s;
+      ops::set_amx_gemm(false);
+      const i64 mid = ops::amx_gemm_calls();
+      const double b = onednn.train_step().ce;
+      EXPECT_EQ(ops::amx_gemm_calls(), mid) << "step " << s << ": the tiles ran with them off";
+      ops::set_amx_gemm(true);
+      worst = std::max(worst, std::abs(a - b) / b);
+      if (s == 0) first = a;
+      last = a;
+    }
+    // (0 is possible: at these small K both may sum the pairs in the same order)
+    EXPECT_LT(worst, 0.01) << "largest relative gap of the per-step losses";
+    EXPECT_LT(last, 0.7 * first) << "no learning on the tiles";
+  }
+}
+
+TEST(Bf16, AmxTilesKeptCopiesChangeNoBit) {
+  if (!ops::cpu_has_bf16() || !ops::amx_gemm_fits(32, 32, 32))
+    GTEST_SKIP() << "no AMX-BF16 (or kernels below avx512): " << ops::isa_summary();
+  AmxEverywhere amx;
+  for (const Config& c : {baseline_32(), dlcm_32()}) {
+    SCOPED_TRACE(c.model.arch);
+    const i64 calls0 = ops::amx_gemm_calls();
+    expect_bf16_copies_change_nothing(c, c.model.is_dlcm() ? c.model.bos_id : -1);
+    EXPECT_GT(ops::amx_gemm_calls() - calls0, 6 * 10) << "the tiles did not run";
+  }
 }
 
 // ---- step profiler -------------------------------------------------------------------------

@@ -1,4 +1,5 @@
 #include "kernels/gemm.h"
+#include "kernels/amx_gemm.h"
 #include "kernels/packed_gemm.h"
 
 #include <dnnl.h>
@@ -206,7 +207,12 @@ struct Known {
   const float* src;
   i64 rows, cols, ld;  // stored layout: rows of cols floats, ld apart
   const uint16_t* data;
+  uint64_t version;  // of the rounding that wrote data (new_copy_version)
 };
+// Every rounding into a kept or shared copy gets a number no other one has: what the AMX path's
+// cache of packed operands is keyed by, so a copy rewritten in place is never matched.
+std::atomic<uint64_t> g_copy_version{0};
+uint64_t new_copy_version() { return g_copy_version.fetch_add(1) + 1; }
 constexpr int kMaxKnown = 4;
 thread_local Known t_known[kMaxKnown];
 thread_local int t_n_known = 0;
@@ -221,20 +227,25 @@ std::atomic<bool> g_bf16_reuse{[] {
 }()};
 std::atomic<i64> g_copies_reused{0};
 
-const uint16_t* find_known(const float* src, i64 rows, i64 cols, i64 ld) {
+const Known* find_known_entry(const float* src, i64 rows, i64 cols, i64 ld) {
   for (int i = t_n_known - 1; i >= 0; --i) {
     const Known& k = t_known[i];
-    if (k.src == src && k.rows == rows && k.cols == cols && k.ld == ld) return k.data;
+    if (k.src == src && k.rows == rows && k.cols == cols && k.ld == ld) return &k;
   }
   return nullptr;
+}
+const uint16_t* find_known(const float* src, i64 rows, i64 cols, i64 ld) {
+  const Known* k = find_known_entry(src, rows, cols, ld);
+  return k ? k->data : nullptr;
 }
 
 class KnownScope {
  public:
   KnownScope() = default;
-  void add(const float* src, i64 rows, i64 cols, i64 ld, const uint16_t* data) {
+  void add(const float* src, i64 rows, i64 cols, i64 ld, const uint16_t* data,
+           uint64_t version) {
     if (t_n_known >= kMaxKnown) return;  // not remembered: the products round it themselves
-    t_known[t_n_known++] = {src, rows, cols, ld, data};
+    t_known[t_n_known++] = {src, rows, cols, ld, data, version};
     ++added_;
   }
   ~KnownScope() { t_n_known -= added_; }
@@ -261,7 +272,7 @@ class SharedAScope {
   SharedAScope(const float* src, i64 rows, i64 cols, i64 ld) {
     if (g_precision != Precision::BF16 || rows * cols == 0 || t_shared_busy) return;
     round_block(t_shared_buf, src, rows, cols, ld);
-    known_.add(src, rows, cols, ld, t_shared_buf.data());
+    known_.add(src, rows, cols, ld, t_shared_buf.data(), new_copy_version());
     t_shared_busy = owner_ = true;
   }
   ~SharedAScope() {
@@ -484,6 +495,28 @@ void fixed_gemm(const Prim& p, const FixedKey& k, const float* A, i64 lda, const
   }
 }
 
+// BF16 products that amx_gemm serves (kernels/amx_gemm.h): outside parallel regions, plain
+// products (alpha 1; beta 0 or 1), M and N multiples of 32, large enough to be worth a
+// parallel region (the fixed-shape cache's min_flops: tests lower it to reach every shape). The
+// operands' known bf16 copies are packed instead of the floats (the same bits).
+std::atomic<double> g_amx_min_flops{GemmCacheConfig{}.min_flops};
+bool amx_gemm_serves(i64 M, i64 N, i64 K, float alpha, float beta) {
+  return g_precision == Precision::BF16 && amx_gemm_on() && alpha == 1.0f &&
+         (beta == 0.0f || beta == 1.0f) &&
+         2.0 * double(M) * double(N) * double(K) >= g_amx_min_flops.load() &&
+         !omp_in_parallel() && amx_gemm_fits(M, N, K);
+}
+
+void amx_product(bool ta, bool tb, i64 M, i64 N, i64 K, const float* A, i64 lda, const float* B,
+                 i64 ldb, float beta, float* C, i64 ldc) {
+  const i64 ar = ta ? K : M, ac = ta ? M : K, br = tb ? N : K, bc = tb ? K : N;
+  const Known* a16 = find_known_entry(A, ar, ac, lda);
+  const Known* b16 = find_known_entry(B, br, bc, ldb);
+  if (b16) g_copies_reused.fetch_add(1, std::memory_order_relaxed);
+  amx_gemm(ta, tb, M, N, K, A, lda, {a16 ? a16->data : nullptr, ac, a16 ? a16->version : 0}, B,
+           ldb, {b16 ? b16->data : nullptr, bc, b16 ? b16->version : 0}, beta != 0.0f, C, ldc);
+}
+
 }  // namespace
 
 Precision parse_precision(const std::string& s, const std::string& what) {
@@ -537,6 +570,7 @@ void set_gemm_cache_config(const GemmCacheConfig& c) {
   FixedCache& f = fixed_cache();
   std::lock_guard<std::mutex> lock(f.mu);
   f.cfg = c;
+  g_amx_min_flops = c.min_flops;
   f.lru.clear();
   f.index.clear();
   f.seen.clear();
@@ -559,6 +593,7 @@ GemmCacheStats gemm_cache_stats() {
 
 std::string gemm_impl(bool trans_a, bool trans_b, i64 M, i64 N, i64 K, float alpha, i64 lda,
                       i64 ldb, float beta, i64 ldc) {
+  if (amx_gemm_serves(M, N, K, alpha, beta)) return "amx tiles (dlcm)";
   if (auto p = fixed_for(fixed_key(trans_a, trans_b, M, N, K, alpha, lda, ldb, beta, ldc), false))
     return p->impl;
   if (g_precision == Precision::BF16 && K > 0) return primitive(trans_a, trans_b, beta).impl;
@@ -578,6 +613,10 @@ void gemm(bool trans_a, bool trans_b, i64 M, i64 N, i64 K, float alpha, const fl
       packed_gemm(C, ldc, A, lda, *pm, M, alpha, pw->served(pm));
       return timer.done(trans_a, trans_b, M, N, K, acc, "packed");
     }
+  if (amx_gemm_serves(M, N, K, alpha, beta)) {
+    amx_product(trans_a, trans_b, M, N, K, A, lda, B, ldb, beta, C, ldc);
+    return timer.done(trans_a, trans_b, M, N, K, acc, "amx tiles (dlcm)");
+  }
   const FixedKey key = fixed_key(trans_a, trans_b, M, N, K, alpha, lda, ldb, beta, ldc);
   if (auto p = fixed_for(key, true)) {
     fixed_gemm(*p, key, A, lda, B, ldb, C);
@@ -601,7 +640,7 @@ bool fill_copy(Bf16Copy* keep, const float* x, i64 N, i64 in) {
       active_packed_weights())
     return false;
   round_block(keep->data, x, N, in, in);
-  keep->src = x, keep->rows = N, keep->cols = in;
+  keep->src = x, keep->rows = N, keep->cols = in, keep->version = new_copy_version();
   return true;
 }
 
@@ -621,8 +660,9 @@ i64 bf16_copies_reused() { return g_copies_reused.load(); }
 void linear_forward(float* y, const float* x, const float* W, i64 N, i64 in, i64 out,
                     Bf16Copy* keep, Bf16Copy* wkeep) {
   KnownScope known;
-  if (fill_copy(keep, x, N, in)) known.add(x, N, in, in, keep->data.data());
-  if (fill_copy(wkeep, W, out, in)) known.add(W, out, in, in, wkeep->data.data());
+  if (fill_copy(keep, x, N, in)) known.add(x, N, in, in, keep->data.data(), keep->version);
+  if (fill_copy(wkeep, W, out, in))
+    known.add(W, out, in, in, wkeep->data.data(), wkeep->version);
   gemm(false, true, N, out, in, 1.0f, x, in, W, in, 0.0f, y, out);
 }
 
@@ -639,7 +679,7 @@ void linear_forward_multi(float* const* y, const float* x, const float* const* W
   KnownScope known;
   std::optional<SharedAScope> shared;  // BF16: x rounded once for the n products
   if (fill_copy(keep, x, N, in))
-    known.add(x, N, in, in, keep->data.data());
+    known.add(x, N, in, in, keep->data.data(), keep->version);
   else
     shared.emplace(x, N, in, in);
   for (int i = 0; i < n; ++i)
@@ -653,9 +693,9 @@ void linear_backward(float* dx, float* dW, const float* dy, const float* x, cons
   // forward's copies when there are
   KnownScope known;
   if (const Bf16Copy* c = dW ? usable_copy(keep, x, N, in) : nullptr)
-    known.add(x, N, in, in, c->data.data());
+    known.add(x, N, in, in, c->data.data(), c->version);
   if (const Bf16Copy* c = dx ? usable_copy(wkeep, W, out, in) : nullptr)
-    known.add(W, out, in, in, c->data.data());
+    known.add(W, out, in, in, c->data.data(), c->version);
   // BF16: dy, the A operand of both products (read transposed for dW), rounded once
   std::optional<SharedAScope> shared;
   if (dx && dW) shared.emplace(dy, N, out, out);

@@ -114,6 +114,7 @@ struct Bf16Copy {
   std::vector<uint16_t, AlignedAlloc<uint16_t>> data;
   const float* src = nullptr;  // the x it was made from (null: no valid copy)
   i64 rows = 0, cols = 0;
+  uint64_t version = 0;  // unique per rounding into it (the AMX path caches packed copies by it)
 };
 void linear_forward(float* y, const float* x, const float* W, i64 N, i64 in, i64 out,
                     Bf16Copy* keep = nullptr, Bf16Copy* wkeep = nullptr);

@@ -23,6 +23,7 @@
 #include "core/dist.h"
 #include "core/profiler.h"
 #include "core/rng.h"
+#include "kernels/amx_gemm.h"
 #include "kernels/gemm.h"
 #include "kernels/isa.h"
 #include "kernels/ops.h"
@@ -136,10 +137,24 @@ static std::string peak_impl() {
   return ops::gemm_impl(false, false, 2048, 2048, 2048, 1.f, 2048, 2048, 0.f, 2048);
 }
 
+// --gemm: "runtime" or "fixed" (oneDNN's paths only) or "tiles" (BF16 products on the AMX tile
+// kernel where they fit, kernels/amx_gemm.h; the rest on the fixed path).
+struct GemmChoice {
+  ops::GemmPath path;
+  bool amx;
+  std::string name;
+};
+static GemmChoice parse_gemm_choice(const std::string& s) {
+  if (s == "tiles") return {ops::GemmPath::Fixed, true, s};
+  const ops::GemmPath p = ops::parse_gemm_path(s, "--gemm (or \"tiles\")");
+  return {p, false, ops::gemm_path_name(p)};
+}
+
 // One engine configuration under test (one precision, one GEMM path).
 struct Engine {
   std::string precision, label;  // label: "fp32", or "fp32/fixed" when paths are compared
   ops::GemmPath path = ops::GemmPath::Fixed;
+  bool amx = false;  // BF16 products on the AMX tile kernel where they fit (kernels/amx_gemm.h)
   std::unique_ptr<Trainer> tr;
   // per repeat: tokens/s, tokens per process CPU-second, tokens per second of the busiest
   // thread (idle-machine estimate), MFU (wall, idle estimate), the ratio to the PyTorch peer
@@ -292,7 +307,11 @@ static int bench_train_ranks(const BenchTrainArgs& a, const Config& cfg) {
   DLCM_CHECK(a.precisions.size() <= 1 && a.gemm_paths.size() <= 1 && !a.breakdown,
              "bench train: under mpirun give at most one --precision, at most one --gemm and no "
              "--breakdown");
-  if (!a.gemm_paths.empty()) ops::set_gemm_path(ops::parse_gemm_path(a.gemm_paths[0], "--gemm"));
+  if (!a.gemm_paths.empty()) {
+    const GemmChoice g = parse_gemm_choice(a.gemm_paths[0]);
+    ops::set_gemm_path(g.path);
+    ops::set_amx_gemm(g.amx);
+  }
   auto say = [&](auto... args) {
     if (rank0) std::printf(args...);
   };
@@ -416,18 +435,20 @@ int cmd_bench_train(const BenchTrainArgs& args) {
   opt.peak_gflops = 1;  // MFU is computed here, against the peak measured in each repeat
   // GEMM peaks on the process's path; each engine switches to its own around its steps
   const ops::GemmPath path0 = ops::gemm_path();
-  std::vector<ops::GemmPath> paths;
-  for (auto& p : a.gemm_paths) paths.push_back(ops::parse_gemm_path(p, "--gemm"));
-  if (paths.empty()) paths.push_back(path0);
+  const bool amx0 = ops::amx_gemm_on();
+  std::vector<GemmChoice> paths;
+  for (auto& p : a.gemm_paths) paths.push_back(parse_gemm_choice(p));
+  if (paths.empty()) paths.push_back({path0, amx0, ops::gemm_path_name(path0)});
   std::vector<Engine> eng;
   for (const std::string& prec : precisions)
-    for (ops::GemmPath path : paths) {
+    for (const GemmChoice& g : paths) {
       Config c = cfg;
       c.train.precision = prec;
       Engine& e = eng.emplace_back();
       e.precision = prec;
-      e.path = path;
-      e.label = paths.size() > 1 ? prec + "/" + ops::gemm_path_name(path) : prec;
+      e.path = g.path;
+      e.amx = g.amx;
+      e.label = paths.size() > 1 ? prec + "/" + g.name : prec;
       e.tr = std::make_unique<Trainer>(c, data, opt);
     }
   std::printf("parameters: %.2fM\n", eng[0].tr->model().params().total() / 1e6);
@@ -442,9 +463,11 @@ int cmd_bench_train(const BenchTrainArgs& args) {
   }
   for (auto& e : eng) {
     ops::set_gemm_path(e.path);
+    ops::set_amx_gemm(e.amx);
     for (int w = 0; w < 2; ++w) e.tr->train_step();
   }
   ops::set_gemm_path(path0);
+  ops::set_amx_gemm(amx0);
 
   // The PyTorch peers: child processes that have built the same model and answer "run N".
   // Each is an interpreter with settings (--torch PY[:autocast][:sdpa][:compile]); the default is
@@ -536,6 +559,7 @@ int cmd_bench_train(const BenchTrainArgs& args) {
         prof::enable(true);
       }
       ops::set_gemm_path(e.path);
+      ops::set_amx_gemm(e.amx);
       const double c0 = cpu_seconds();
       const auto th0 = bench::thread_cpu_seconds();
       auto t0 = std::chrono::steady_clock::now();
@@ -548,6 +572,7 @@ int cmd_bench_train(const BenchTrainArgs& args) {
       const double sec = bench::seconds_since(t0), cpu = cpu_seconds() - c0;
       const double busiest = bench::busiest_thread_seconds(th0, bench::thread_cpu_seconds());
       ops::set_gemm_path(path0);
+      ops::set_amx_gemm(amx0);
       prof::enable(false);
       if (a.breakdown) {
         for (auto& en : prof::entries()) {

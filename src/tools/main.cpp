@@ -153,8 +153,8 @@ int main(int argc, char** argv) {
                      ".venv-torch2/bin/python)")->delimiter(',');
   btrain->add_option("--precision", ba.precisions, "fp32 and/or bf16, timed side by side (default: the config's)")
       ->delimiter(',')->check(CLI::IsMember({"fp32", "bf16"}));
-  btrain->add_option("--gemm", ba.gemm_paths, "runtime and/or fixed: oneDNN GEMM paths timed side by side (default: DLCM_GEMM, else fixed on AMX CPUs, runtime elsewhere)")
-      ->delimiter(',')->check(CLI::IsMember({"runtime", "fixed"}));
+  btrain->add_option("--gemm", ba.gemm_paths, "runtime, fixed (oneDNN's paths) and/or tiles (BF16 products on the AMX tile kernel where they fit, the rest fixed), timed side by side (default: DLCM_GEMM, else fixed on AMX CPUs, runtime elsewhere; DLCM_AMX_GEMM)")
+      ->delimiter(',')->check(CLI::IsMember({"runtime", "fixed", "tiles"}));
   btrain->add_flag("--breakdown", ba.breakdown, "per-component time of a training step");
   btrain->add_flag("--breakdown-gemm", ba.breakdown_gemm,
                    "--breakdown with every GEMM, and the BF16 operand rounding, in rows of their "
