@@ -29,10 +29,9 @@ constexpr i64 kStrip = 32;      // rows of A (and of C) per strip; columns of B 
 constexpr i64 kKc = 32;         // k per tile step
 constexpr i64 kTile = 512;      // bf16 values per tile (16 x 64 bytes)
 constexpr i64 kPrefetchAhead = 2;  // k steps between a B chunk's prefetch and its load
-#ifndef DLCM_AMX_KBLOCK
-#define DLCM_AMX_KBLOCK 16
-#endif
-constexpr i64 kKBlock = DLCM_AMX_KBLOCK;  // k steps (of 32) per chunk of K
+// k steps (of 32) per chunk of K: 512 k, A's chunk of a strip 32 KiB (L1); 8 and 32 measured
+// slower, no chunking slowest for K = 4096 (docs/performance.md, session 14)
+constexpr i64 kKBlock = 16;
 
 inline i64 round_up(i64 x, i64 m) { return (x + m - 1) / m * m; }
 
@@ -63,17 +62,13 @@ alignas(64) const uint16_t kPairIdx[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20,
                                            21, 6, 22, 7, 23, 8, 24, 9,  25, 10, 26,
                                            11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
 
-// 16 values from p[0..n) (n <= 16; the rest 0) as FP32: floats, or bf16 widened exactly.
-DLCM_AMX_GEMM_TARGET inline __m512 load16(const float* p, i64 n) {
-  if (n <= 0) return _mm512_setzero_ps();
-  const __mmask16 m = n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
-  return _mm512_maskz_loadu_ps(m, p);
+// The first n of 16 lanes (n clamped to 0..16).
+DLCM_AMX_GEMM_TARGET inline __mmask16 mask16(i64 n) {
+  return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
 }
-DLCM_AMX_GEMM_TARGET inline __m512 load16(const uint16_t* p, i64 n) {
-  if (n <= 0) return _mm512_setzero_ps();
-  const __mmask16 m = n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
-  const __m512i w = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+// 16 floats from p[0..n) (the rest 0).
+DLCM_AMX_GEMM_TARGET inline __m512 load16(const float* p, i64 n) {
+  return _mm512_maskz_loadu_ps(mask16(n), p);
 }
 
 // 32 bf16: words 0-15 = lo, 16-31 = hi (nearest even).
@@ -103,11 +98,8 @@ alignas(64) const uint16_t kInterleave[32] = {0, 32, 1, 33, 2,  34, 3,  35, 4,  
                                               11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
 DLCM_AMX_GEMM_TARGET inline __m512i pairs16(const uint16_t* a, i64 na, const uint16_t* b,
                                             i64 nb) {
-  auto m = [](i64 n) {
-    return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
-  };
-  const __m512i lo = _mm512_castsi256_si512(_mm256_maskz_loadu_epi16(m(na), a));
-  const __m512i hi = _mm512_castsi256_si512(_mm256_maskz_loadu_epi16(m(nb), b));
+  const __m512i lo = _mm512_castsi256_si512(_mm256_maskz_loadu_epi16(mask16(na), a));
+  const __m512i hi = _mm512_castsi256_si512(_mm256_maskz_loadu_epi16(mask16(nb), b));
   return _mm512_permutex2var_epi16(lo, _mm512_load_si512(kInterleave), hi);
 }
 
