@@ -235,6 +235,11 @@ TEST(Cli, BenchDecodeRuns) {
   ASSERT_EQ(r.rc, 0) << r.out;
   EXPECT_NE(r.out.find("model 1 / model 0 prefill tokens/s"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("stream layers"), std::string::npos) << r.out;
+  // --breakdown-gemm: the products in a row of their own, and by shape (16 prompt rows)
+  r = run("bench prefill --ckpt " + ck + " --prompt-len 16 --repeats 2 --breakdown-gemm");
+  ASSERT_EQ(r.rc, 0) << r.out;
+  for (const char* l : {"model 0 products per prefill", "    GEMM ", "NT       16 x    16 x    16"})
+    EXPECT_NE(r.out.find(l), std::string::npos) << l << "\n" << r.out;
 }
 
 // bench train --breakdown-gemm: the products and the attention kernel in rows of their own, and

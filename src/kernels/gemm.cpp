@@ -674,7 +674,12 @@ void linear_forward_multi(float* const* y, const float* x, const float* const* W
       if (keep) keep->src = nullptr;
       for (int i = 0; wkeep && i < n; ++i)
         if (wkeep[i]) wkeep[i]->src = nullptr;
-      return packed_gemm_parts(y, out, x, in, *pm, N, 1.0f, pw->served(pm));
+      i64 out_sum = 0;
+      for (int i = 0; i < n; ++i) out_sum += out[i];
+      prof::DetailScope ps("  GEMM", 2.0 * double(N) * double(out_sum) * double(in));
+      ShapeTimer timer;
+      packed_gemm_parts(y, out, x, in, *pm, N, 1.0f, pw->served(pm));
+      return timer.done(false, true, N, out_sum, in, false, "packed group");
     }
   KnownScope known;
   std::optional<SharedAScope> shared;  // BF16: x rounded once for the n products

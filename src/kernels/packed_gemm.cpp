@@ -321,14 +321,18 @@ void packed_gemm_parts(float* const* C, const i64* ldc, const float* A, i64 lda,
     const PackedMatrix* target = !pf_on ? nullptr : blk + 1 < nb ? &p : chain ? next : nullptr;
     const i64 target_lines = target ? panel_bytes(*target) / 64 : 0;
     const char* target_panel = target ? panel(*target, blk + 1 < nb ? blk + 1 : 0) : nullptr;
-    for (i64 r0 = rt * kRows; r0 < r_end; r0 += MR) {
-      const i64 mr = std::min(MR, r_end - r0);
+    // The tile's rows split evenly over its calls (39 rows: 6,6,6,6,5,5,5, not six 6s and a
+    // 3, whose call reads W's panel for half the work). Rows are independent: same bits.
+    const i64 rows = r_end - rt * kRows, tile_calls = (rows + MR - 1) / MR;
+    const i64 base = rows / tile_calls, extra = rows % tile_calls;
+    for (i64 j = 0, r0 = rt * kRows; j < tile_calls; r0 += base + (j < extra), ++j) {
+      const i64 mr = base + (j < extra);
       const i64 ld = ldc[part];
       float* Cb = C[part] + r0 * ld + c0;
       const float* Ab = A + r0 * lda;
       Prefetch pf;
       if (avx512 && target) {
-        const i64 g = rt * (kRows / MR) + (r0 - rt * kRows) / MR;  // call g of `calls`
+        const i64 g = rt * (kRows / MR) + j;  // call g of `calls`
         const i64 l0 = target_lines * g / calls, l1 = target_lines * (g + 1) / calls;
         pf.p = target_panel + 64 * l0;
         pf.left = l1 - l0;

@@ -10,11 +10,13 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <map>
 #include <memory>
 #include <string>
 
 #include "core/profiler.h"
 #include "core/rng.h"
+#include "kernels/gemm.h"
 #include "models/flops.h"
 #include "tools/bench_common.h"
 #include "tools/commands.h"
@@ -23,6 +25,8 @@ namespace dlcm {
 
 int cmd_bench_prefill(const BenchPrefillArgs& a) {
   DLCM_CHECK(!a.ckpts.empty(), "bench prefill: give at least one --ckpt");
+  const bool breakdown = a.breakdown || a.breakdown_gemm;
+  prof::set_detail(a.breakdown_gemm);
   const i64 B = a.batch, P = a.prompt_len;
   struct Model {
     std::unique_ptr<LanguageModel> m;
@@ -32,6 +36,12 @@ int cmd_bench_prefill(const BenchPrefillArgs& a) {
     // (the head only where logits are asked for: each prompt's last position)
     double flops_tok = 0, flops_run = 0, R = 0;
     std::vector<std::pair<const char*, double>> parts;  // --breakdown: CPU seconds per component
+    struct Shape {
+      i64 calls = 0;
+      double sec = 0, flops = 0;
+      std::string impl;
+    };
+    std::map<std::string, Shape> shapes;  // --breakdown-gemm: wall time per product shape
   };
   std::vector<Model> ms(a.ckpts.size());
   std::vector<i32> prompt;
@@ -77,16 +87,28 @@ int cmd_bench_prefill(const BenchPrefillArgs& a) {
       std::vector<double> w, id, fw, fi;
       for (i64 b = 0; b < B; ++b) x.st->reset(b);
       prof::reset();
-      prof::enable(a.breakdown);
+      prof::enable(breakdown);
       timed([&] { x.st->prefill(items.data(), B, lg.data()); }, w, id);
       prof::enable(false);
-      if (a.breakdown && r >= 0)
+      if (breakdown && r >= 0)
         for (const prof::Entry& e : prof::entries()) {
           auto it = std::find_if(x.parts.begin(), x.parts.end(),
                                  [&](auto& p) { return std::string(p.first) == e.name; });
           if (it == x.parts.end()) x.parts.push_back({e.name, e.cpu_seconds});
           else it->second += e.cpu_seconds;
         }
+      for (const ops::GemmShapeStat& g : ops::gemm_shape_stats(true)) {  // (reset every repeat)
+        if (r < 0) continue;
+        char key[96];
+        std::snprintf(key, sizeof key, "%s%s%s %6lld x %5lld x %5lld", g.trans_a ? "T" : "N",
+                      g.trans_b ? "T" : "N", g.accumulate ? "+C" : "  ", (long long)g.M,
+                      (long long)g.N, (long long)g.K);
+        Model::Shape& sh = x.shapes[key];
+        sh.calls += g.calls;
+        sh.sec += g.seconds;
+        sh.flops += 2.0 * double(g.M) * double(g.N) * double(g.K) * double(g.calls);
+        sh.impl = g.impl;
+      }
       timed([&] { x.m->logits(rows.data(), B, P, lg.data()); }, fw, fi);
       if (r < 0) continue;
       x.wall.push_back(w[0]);
@@ -111,7 +133,7 @@ int cmd_bench_prefill(const BenchPrefillArgs& a) {
                 bench::median(x.fwd_wall), bench::median(x.fwd_idle),
                 bench::median(x.wall) / bench::median(x.fwd_wall));
   }
-  for (size_t i = 0; i < ms.size() && a.breakdown; ++i) {
+  for (size_t i = 0; i < ms.size() && breakdown; ++i) {
     double total = 0;
     for (auto& p : ms[i].parts) total += p.second;
     std::printf("model %zu prefill breakdown (CPU ms per prefill, all threads):", i);
@@ -119,6 +141,13 @@ int cmd_bench_prefill(const BenchPrefillArgs& a) {
       if (p.second > 0) std::printf("  %s %.2f", p.first, 1e3 * p.second / double(a.repeats));
     std::printf("  (total %.2f)", 1e3 * total / double(a.repeats));
     std::printf("\n");
+    if (ms[i].shapes.empty()) continue;
+    std::printf("model %zu products per prefill (wall ms of the calls, GFLOP/s, implementation):\n",
+                i);
+    for (auto& [key, sh] : ms[i].shapes)
+      std::printf("  %s  calls %5.1f  %8.3f ms  %7.1f GFLOP/s  %s\n", key.c_str(),
+                  double(sh.calls) / double(a.repeats), 1e3 * sh.sec / double(a.repeats),
+                  sh.flops / std::max(sh.sec, 1e-12) / 1e9, sh.impl.c_str());
   }
   for (size_t i = 1; i < ms.size(); ++i) {
     // per-repeat ratios against model 0 (same repeat, so the same load), then their median

@@ -107,6 +107,7 @@ struct BenchPrefillArgs {
   std::vector<std::string> ckpts;  // checkpoints compared in one run (the first is the reference)
   i64 prompt_len = 128, batch = 1, repeats = 11;
   bool breakdown = false;  // CPU time per component of the stream's prefill
+  bool breakdown_gemm = false;  // with breakdown: GEMMs as own rows, and time per product shape
 };
 // Prefill tokens/s of several checkpoints, interleaved, against the first (tools/bench_prefill.cpp).
 int cmd_bench_prefill(const BenchPrefillArgs& a);

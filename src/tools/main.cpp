@@ -205,6 +205,8 @@ int main(int argc, char** argv) {
   bpre->add_option("--batch", bp.batch, "sequences prefilled together")->check(CLI::Range(1, 4096));
   bpre->add_option("--repeats", bp.repeats, "repeats (median reported)")->check(CLI::Range(1, 1000));
   bpre->add_flag("--breakdown", bp.breakdown, "CPU time per component of each stream's prefill");
+  bpre->add_flag("--breakdown-gemm", bp.breakdown_gemm,
+                 "--breakdown with the GEMMs in rows of their own, and each product shape's time");
   add_threads(bpre);
 
   PrepareArgs pa;
