@@ -23,6 +23,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <limits>
 #include <optional>
 #include <functional>
 #include <string>
@@ -774,6 +775,35 @@ void run_adamw(const Case& c, Mode m) {
     EXPECT_LT(worst_m, 1e-6);
     EXPECT_LT(worst_v, 1e-6);
   }
+  // The update reports a weight or second moment it made non-finite, wherever it sits (the
+  // vector body, the scalar tail, either thread's share): an infinite weight, a gradient whose
+  // square overflows v, and 0/0 from eps 0 over a zero gradient.
+  const float inf = std::numeric_limits<float>::infinity();
+  for (i64 at : {i64(0), n / 2, n - 1}) {
+    for (int kind = 0; kind < 3; ++kind) {
+      Buf w(n), mm(n, 0.f), v(n, 0.f), g(n);
+      test::fill_normal(w.data(), n, 30);
+      test::fill_normal(g.data(), n, 31);
+      float e = eps;
+      if (kind == 0) w[at] = inf;
+      if (kind == 1) g[at] = 1e30f;
+      if (kind == 2) g[at] = 0.f, e = 0.f;
+      EXPECT_FALSE(ops::adamw_update(w.data(), g.data(), mm.data(), v.data(), n, lr, b1, b2, e,
+                                     0.1f, 1))
+          << "kind " << kind << " at " << at << " of " << n;
+      Buf w2(n), m2(n, 0.f), v2(n, 0.f);
+      test::fill_normal(w2.data(), n, 30);
+      if (kind == 0) w2[at] = inf;
+      EXPECT_FALSE(ops::ref::adamw_update(w2.data(), g.data(), m2.data(), v2.data(), n, lr, b1,
+                                          b2, e, 0.1f, 1));
+    }
+  }
+  Buf w(n), mm(n, 0.f), v(n, 0.f), g(n);
+  test::fill_normal(w.data(), n, 30);
+  test::fill_normal(g.data(), n, 31);
+  g[n / 3] = 0.f;  // a zero gradient with eps > 0 stays finite
+  EXPECT_TRUE(ops::adamw_update(w.data(), g.data(), mm.data(), v.data(), n, lr, b1, b2, eps,
+                                0.1f, 1));
 }
 
 void run_reduce(const Case& c, Mode m) {

@@ -135,6 +135,29 @@ TEST(NonFinite, StopEndsTheRunAndKeepsTheLastCheckpoint) {
   EXPECT_EQ(log.back().value("step", i64(0)), 3);
 }
 
+// Finite loss and gradients whose AdamW update still goes non-finite (the update reports it
+// from the pass that writes w and v): the run stops naming the parameter.
+TEST(NonFinite, AnUpdateThatGoesNonFiniteStopsNamingTheParameter) {
+  for (int kind = 0; kind < 2; ++kind) {
+    test::TempDir tmp;
+    Config c = small_run(4);
+    auto ps = std::make_shared<Poison>();  // from = to = 0: never poisons
+    Trainer tr(c, poisoned(c, ps), opts(tmp.path + "/run"));
+    ps->tr = &tr;
+    tr.train_step();
+    const Param* fn = tr.model().params().find("norm.weight");
+    ASSERT_NE(fn, nullptr);
+    // a NaN first moment carries into the weight; an infinite second moment stays infinite
+    if (kind == 0) tr.optimizer().m[fn->offset + 1] = std::numeric_limits<float>::quiet_NaN();
+    else tr.optimizer().v[fn->offset + 1] = std::numeric_limits<float>::infinity();
+    const std::string err = error_of([&] { tr.train_step(); });
+    const std::string what = kind == 0 ? "the weight 'norm.weight'"
+                                       : "the AdamW second moment of 'norm.weight'";
+    EXPECT_NE(err.find("step 2: the AdamW update made " + what + " non-finite"),
+              std::string::npos) << err;
+  }
+}
+
 TEST(NonFinite, SkipLeavesTheWeightsUntouchedAndCountsTheStep) {
   test::TempDir tmp;
   Config c = small_run(6);

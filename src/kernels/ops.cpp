@@ -301,8 +301,10 @@ double logsumexp(const float* x, i64 n, float* max_out) {
 // ---- optimizer ----
 
 // PyTorch AdamW (foreach=False) order of operations: decay, moments, bias-corrected step
-// w -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps).
-void adamw_update(float* w, const float* g, float* m, float* v, i64 n, float lr, float beta1,
+// w -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps). The finiteness of the new w and v rides along:
+// 0 * x is 0 for a finite x and NaN otherwise, summed per block (no fast-math here, so the
+// product is not folded away).
+bool adamw_update(float* w, const float* g, float* m, float* v, i64 n, float lr, float beta1,
                   float beta2, float eps, float wd, i64 t) {
   DLCM_CHECK(t >= 1, "adamw_update: step must be >= 1, got ", t);
   const double bc1 = 1.0 - std::pow(double(beta1), double(t));
@@ -311,13 +313,17 @@ void adamw_update(float* w, const float* g, float* m, float* v, i64 n, float lr,
   const float step = float(double(lr) / bc1);
   const float inv_sqrt_bc2 = float(1.0 / std::sqrt(bc2));
   const float b1 = beta1, b2 = beta2, c1 = 1.0f - beta1, c2 = 1.0f - beta2;
+  int bad = 0;
   // Explicit vectors: with errno-setting sqrt the compiler keeps this loop scalar (4x slower).
   // IEEE sqrt and division in both paths; the scalar loop handles the tail.
-#pragma omp parallel for schedule(static) if (n > kParMin)
+#pragma omp parallel for schedule(static) reduction(| : bad) if (n > kParMin)
   for (i64 i0 = 0; i0 < n; i0 += 4096) {
     const i64 i1 = std::min(n, i0 + 4096);
     i64 i = i0;
+    float zero_sum = 0;  // 0 * (every new w and v): NaN once one of them is not finite
 #ifdef DLCM_AVX512
+    __m512 vzero_sum = _mm512_setzero_ps();
+    const __m512 vzero = _mm512_setzero_ps();
     const __m512 vb1 = _mm512_set1_ps(b1), vb2 = _mm512_set1_ps(b2), vc1 = _mm512_set1_ps(c1),
                  vc2 = _mm512_set1_ps(c2), vdec = _mm512_set1_ps(decay),
                  vstep = _mm512_set1_ps(step), vibc = _mm512_set1_ps(inv_sqrt_bc2),
@@ -332,8 +338,12 @@ void adamw_update(float* w, const float* g, float* m, float* v, i64 n, float lr,
       _mm512_storeu_ps(v + i, vi);
       const __m512 den = _mm512_add_ps(_mm512_mul_ps(_mm512_sqrt_ps(vi), vibc), veps);
       const __m512 upd = _mm512_div_ps(_mm512_mul_ps(vstep, mi), den);
-      _mm512_storeu_ps(w + i, _mm512_sub_ps(_mm512_mul_ps(_mm512_loadu_ps(w + i), vdec), upd));
+      const __m512 wi = _mm512_sub_ps(_mm512_mul_ps(_mm512_loadu_ps(w + i), vdec), upd);
+      _mm512_storeu_ps(w + i, wi);
+      vzero_sum = _mm512_add_ps(vzero_sum, _mm512_add_ps(_mm512_mul_ps(vzero, wi),
+                                                         _mm512_mul_ps(vzero, vi)));
     }
+    zero_sum = _mm512_reduce_add_ps(vzero_sum);
 #endif
     for (; i < i1; ++i) {
       const float gi = g[i];
@@ -342,8 +352,11 @@ void adamw_update(float* w, const float* g, float* m, float* v, i64 n, float lr,
       m[i] = mi;
       v[i] = vi;
       w[i] = w[i] * decay - step * mi / (std::sqrt(vi) * inv_sqrt_bc2 + eps);
+      zero_sum += 0.0f * w[i] + 0.0f * vi;
     }
+    bad |= zero_sum != 0.0f;  // NaN != 0
   }
+  return bad == 0;
 }
 
 double sum_squares(const float* x, i64 n) {

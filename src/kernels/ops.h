@@ -73,8 +73,10 @@ double cross_entropy_forward(const float* logits, const i32* targets, i64 N, i64
 double logsumexp(const float* x, i64 n, float* max_out = nullptr);
 
 // ---- optimizer pieces ----
-// AdamW with decoupled weight decay wd (0 for non-matrices); step t is 1-based.
-void adamw_update(float* w, const float* g, float* m, float* v, i64 n, float lr, float beta1,
+// AdamW with decoupled weight decay wd (0 for non-matrices); step t is 1-based. Returns whether
+// every updated weight and second moment is finite (checked in the same pass, so a trainer
+// needs no second read of w and v to find an update that overflowed).
+bool adamw_update(float* w, const float* g, float* m, float* v, i64 n, float lr, float beta1,
                   float beta2, float eps, float wd, i64 t);
 double sum_squares(const float* x, i64 n);
 void scale_inplace(float* x, i64 n, float s);

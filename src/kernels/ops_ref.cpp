@@ -263,10 +263,11 @@ double cross_entropy_forward(const T* logits, const i32* targets, i64 N, i64 V, 
   return total;
 }
 
-void adamw_update(float* w, const float* g, float* m, float* v, i64 n, float lr, float beta1,
+bool adamw_update(float* w, const float* g, float* m, float* v, i64 n, float lr, float beta1,
                   float beta2, float eps, float wd, i64 t) {
   double bc1 = 1.0 - std::pow(double(beta1), double(t));
   double bc2 = 1.0 - std::pow(double(beta2), double(t));
+  bool finite = true;
   for (i64 i = 0; i < n; ++i) {
     double wi = double(w[i]) * (1.0 - double(lr) * wd);
     double mi = double(beta1) * m[i] + (1.0 - beta1) * g[i];
@@ -275,7 +276,9 @@ void adamw_update(float* w, const float* g, float* m, float* v, i64 n, float lr,
     w[i] = float(wi);
     m[i] = float(mi);
     v[i] = float(vi);
+    finite = finite && std::isfinite(w[i]) && std::isfinite(v[i]);
   }
+  return finite;
 }
 
 double sum_squares(const float* x, i64 n) {

@@ -12,15 +12,17 @@ void AdamW::init(const ParamStore& ps) {
   t = 0;
 }
 
-void AdamW::step(ParamStore& ps, float lr, const TrainConfig& tc) {
+bool AdamW::step(ParamStore& ps, float lr, const TrainConfig& tc) {
   ++t;
+  bool finite = true;
   for (auto& p : ps.params()) {
     float wd = p.decay ? tc.weight_decay : 0.0f;
     // µP (SPEC 6): lr * lr_mult / s and eps / s; both factors are 1 without µP.
-    ops::adamw_update(p.w, p.g, m.data() + p.offset, v.data() + p.offset, p.numel,
+    finite &= ops::adamw_update(p.w, p.g, m.data() + p.offset, v.data() + p.offset, p.numel,
                       lr * p.lr_mult / p.width_mult, tc.beta1, tc.beta2, tc.eps / p.width_mult,
                       wd, t);
   }
+  return finite;
 }
 
 double clip_grad_norm(ParamStore& ps, float max_norm) {

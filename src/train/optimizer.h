@@ -10,8 +10,9 @@ class AdamW {
  public:
   void init(const ParamStore& ps);
   // One update with base learning rate lr; parameter p uses lr * p.lr_mult / p.width_mult and
-  // eps / p.width_mult (µP, set by make_model; both 1 without µP).
-  void step(ParamStore& ps, float lr, const TrainConfig& t);
+  // eps / p.width_mult (µP, set by make_model; both 1 without µP). Returns whether every
+  // updated weight and second moment is finite.
+  bool step(ParamStore& ps, float lr, const TrainConfig& t);
   i64 t = 0;  // number of updates done (1-based inside step)
   Buf m, v;   // same layout as ParamStore data
 };

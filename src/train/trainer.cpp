@@ -378,12 +378,11 @@ StepResult Trainer::train_step() {
   // Every rank holds the same loss and gradients here, so all take the same branch.
   r.nonfinite = nonfinite_component(r);
   if (r.nonfinite.empty()) {
-    opt_.step(model_->params(), float(r.lr), t);
     // Finite gradients can still give a non-finite update (e.g. train.eps 0 over a zero
-    // gradient) or overflow the second moment; the weights are then lost, so stop.
+    // gradient) or overflow the second moment; the weights are then lost, so stop. (The update
+    // checks what it writes.)
     ParamStore& ps = model_->params();
-    if (!std::isfinite(ops::sum_squares(ps.data(), ps.total())) ||
-        !std::isfinite(ops::sum_squares(opt_.v.data(), ps.total()))) {
+    if (!opt_.step(ps, float(r.lr), t)) {
       std::string what = "?";
       for (const Param& p : ps.params()) {
         if (first_nonfinite(p.w, p.numel) >= 0) what = "weight '" + p.name + "'";
