@@ -209,6 +209,66 @@ TEST_P(StreamEquivalence, IncrementalEqualsFullForward) {
   }
 }
 
+// Prompts that together exceed one prompt's length run in one pass (stream_rows): each
+// prompt's logits are those of its own prefill in a one-slot stream, to the bit where every
+// product runs on the packed kernel (whose rows do not depend on the rows beside them).
+TEST_P(StreamEquivalence, SeveralPromptsInOnePassEqualEachAlone) {
+  Config c = std::get<0>(GetParam()).config();
+  const ops::PackFormat prec = std::get<1>(GetParam());
+  c.model.max_seq_len = 160;
+  auto m = make_initialised_model(c.model, 11);
+  const i64 V = c.model.vocab_size;
+  std::vector<std::vector<i32>> seqs;
+  for (i64 L : {150, 97, 71}) {
+    auto t = test::random_tokens(L, V, 300 + L, c.model.bos_id, 0.04);
+    t[0] = c.model.bos_id;
+    seqs.push_back(t);
+  }
+  StreamOptions so;
+  so.precision = prec;
+  so.max_seqs = 3;
+  auto st = m->new_stream(so);
+  std::vector<PrefillItem> items;
+  for (i64 s = 0; s < 3; ++s) items.push_back({s, seqs[s].data(), i64(seqs[s].size())});
+  std::vector<float> all((150 + 97 + 71) * V), last(3 * V);
+  st->prefill(items.data(), 3, all.data(), true);
+  for (i64 s = 0; s < 3; ++s) st->reset(s);
+  st->prefill(items.data(), 3, last.data(), false);  // last positions only
+  const bool exact = prec != ops::PackFormat::F32 || ops::packed_gemm_native();
+  so.max_seqs = 1;
+  i64 row = 0;
+  for (i64 s = 0; s < 3; ++s) {
+    const i64 L = i64(seqs[s].size());
+    auto one = m->new_stream(so);
+    std::vector<float> want(L * V);
+    one->prefill(0, seqs[s].data(), L, want.data(), true);
+    const double diff = test::max_abs_diff(all.data() + row * V, want.data(), L * V);
+    const double diff_last =
+        test::max_abs_diff(last.data() + s * V, want.data() + (L - 1) * V, V);
+    if (exact) {
+      EXPECT_EQ(diff, 0.0) << "prompt " << s;
+      EXPECT_EQ(diff_last, 0.0) << "prompt " << s;
+    } else {
+      EXPECT_LT(diff, 1e-5) << "prompt " << s;
+      EXPECT_LT(diff_last, 1e-5) << "prompt " << s;
+    }
+    row += L;
+    if (st->has_concepts())
+      for (i64 t = 0; t < L; ++t) {
+        EXPECT_EQ(st->token_concept(s, t).boundary, one->token_concept(0, t).boundary);
+        EXPECT_EQ(st->token_concept(s, t).concept_index, one->token_concept(0, t).concept_index);
+      }
+  }
+}
+
+TEST(Stream, PrefillRowsTakeSeveralPromptsUpToALimit) {
+  EXPECT_EQ(stream_rows(1, 128), 128);    // one prompt
+  EXPECT_EQ(stream_rows(3, 160), 480);    // three prompts in one pass
+  EXPECT_EQ(stream_rows(16, 128), kPrefillRows);
+  EXPECT_EQ(stream_rows(64, 2048), 2048);  // one prompt longer than the limit
+  EXPECT_EQ(stream_rows(4096, 1), 4096);   // one token of every slot
+}
+
 Config baseline_qk_mqa() { return test::tiny_baseline(true, 1); }
 Config baseline_gqa() { return test::tiny_baseline(false, 2); }
 Config baseline_qk_gqa() { return test::tiny_baseline(true, 2); }

@@ -173,7 +173,7 @@ class BaselineStream final : public InferenceStream {
       : InferenceStream(max_seqs, max_len, m.cfg_.vocab_size), m_(m) {
     const i64 d = m.cfg_.d_token;
     cache_ = m.layers_.make_cache(max_seqs, max_len);
-    rows_ = std::max(max_len, max_seqs);  // a whole prompt, or one token of every slot
+    rows_ = stream_rows(max_seqs, max_len);
     m.layers_.reserve_infer(rows_);
     if (m.extras_) {
       post_cache_ = m.post_.make_cache(max_seqs, max_len);

@@ -44,7 +44,7 @@ class DlcmStream final : public InferenceStream {
     first_ = concepts_ && m_.pool->repr() == ConceptRepr::First;
     inclusive_ = concepts_ && m_.xattn->options().inclusive();
     prefix_ = concepts_ && m_.xattn->options().prefix_rows();
-    rows_ = std::max(max_len, max_seqs);
+    rows_ = stream_rows(max_seqs, max_len);
     enc_cache_ = m_.encoder->make_cache(max_seqs, max_len);
     dec_cache_ = m_.decoder->make_cache(max_seqs, max_len);
     m_.encoder->reserve_infer(rows_);

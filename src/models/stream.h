@@ -45,6 +45,16 @@ struct StreamOptions {
 // beyond, a long multi-prompt prefill goes to the general GEMM.
 constexpr i64 kPackedRowsDefault = 1024;
 
+// Rows one prefill pass takes at most: a whole prompt, one token of every slot, or several
+// prompts together up to kPrefillRows, so that each weight is read once for all of them and
+// the DLCM's backbone multiplies their concepts together (4 prompts of 128 tokens: 156 concept
+// rows, not 39 four times). At most kPackedRowsDefault: every row stays on the packed kernel,
+// whose rows do not depend on the rows beside them.
+constexpr i64 kPrefillRows = 1024;
+inline i64 stream_rows(i64 max_seqs, i64 max_len) {
+  return std::max({max_len, max_seqs, std::min(max_seqs * max_len, kPrefillRows)});
+}
+
 // Tokens of one sequence for prefill.
 struct PrefillItem {
   i64 seq = 0;
