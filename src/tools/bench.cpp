@@ -582,11 +582,8 @@ int cmd_bench_train(const BenchTrainArgs& args) {
           e.prof_flops[en.name] += en.flops;
         }
         for (const ops::GemmShapeStat& g : ops::gemm_shape_stats(true)) {
-          char key[96];
-          std::snprintf(key, sizeof key, "%s%s%s %6lld x %5lld x %5lld", g.trans_a ? "T" : "N",
-                        g.trans_b ? "T" : "N", g.accumulate ? "+C" : "  ", (long long)g.M,
-                        (long long)g.N, (long long)g.K);
-          auto& row = e.gemm_shapes[key];
+          auto& row = e.gemm_shapes[bench::gemm_shape_label(g.trans_a, g.trans_b, g.accumulate,
+                                                            g.M, g.N, g.K)];
           row.calls += g.calls;
           row.sec += g.seconds;
           row.flops += 2.0 * double(g.M) * double(g.N) * double(g.K) * double(g.calls);

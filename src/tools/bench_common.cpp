@@ -11,6 +11,14 @@
 
 namespace dlcm::bench {
 
+std::string gemm_shape_label(bool trans_a, bool trans_b, bool accumulate, i64 M, i64 N, i64 K) {
+  char key[96];
+  std::snprintf(key, sizeof key, "%s%s%s %6lld x %5lld x %5lld", trans_a ? "T" : "N",
+                trans_b ? "T" : "N", accumulate ? "+C" : "  ", (long long)M, (long long)N,
+                (long long)K);
+  return key;
+}
+
 double cpu_seconds() {
   timespec ts;
   clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <map>
+#include <string>
 #include <vector>
 
 #include "core/common.h"
@@ -47,6 +48,10 @@ struct Peak {
   double wall = 0, cpu = 0, idle = 0;  // per wall second, per CPU-second, per busiest-thread second
 };
 Peak measure_peak(double seconds, i64 n);
+
+// A product shape's row label in the --breakdown-gemm tables: "NT+C   4096 x   512 x  1536"
+// (transposes, accumulation, M x N x K).
+std::string gemm_shape_label(bool trans_a, bool trans_b, bool accumulate, i64 M, i64 N, i64 K);
 
 // Resident set size now and its peak (high-water mark) in MiB, from /proc/self/status
 // (VmRSS, VmHWM); 0 where unavailable.

@@ -99,11 +99,8 @@ int cmd_bench_prefill(const BenchPrefillArgs& a) {
         }
       for (const ops::GemmShapeStat& g : ops::gemm_shape_stats(true)) {  // (reset every repeat)
         if (r < 0) continue;
-        char key[96];
-        std::snprintf(key, sizeof key, "%s%s%s %6lld x %5lld x %5lld", g.trans_a ? "T" : "N",
-                      g.trans_b ? "T" : "N", g.accumulate ? "+C" : "  ", (long long)g.M,
-                      (long long)g.N, (long long)g.K);
-        Model::Shape& sh = x.shapes[key];
+        Model::Shape& sh =
+            x.shapes[bench::gemm_shape_label(g.trans_a, g.trans_b, g.accumulate, g.M, g.N, g.K)];
         sh.calls += g.calls;
         sh.sec += g.seconds;
         sh.flops += 2.0 * double(g.M) * double(g.N) * double(g.K) * double(g.calls);
