@@ -497,8 +497,9 @@ void fixed_gemm(const Prim& p, const FixedKey& k, const float* A, i64 lda, const
 
 // BF16 products that amx_gemm serves (kernels/amx_gemm.h): outside parallel regions, plain
 // products (alpha 1; beta 0 or 1), a shape amx_gemm_fits (M, N padded to 32 by at most 25%),
-// large enough to be worth a parallel region (the fixed-shape cache's min_flops: tests lower it to reach every shape). The
-// operands' known bf16 copies are packed instead of the floats (the same bits).
+// large enough to be worth a parallel region (the fixed-shape cache's min_flops: tests lower
+// it to reach every shape). The operands' known bf16 copies are packed instead of the floats
+// (the same bits).
 std::atomic<double> g_amx_min_flops{GemmCacheConfig{}.min_flops};
 bool amx_gemm_serves(i64 M, i64 N, i64 K, float alpha, float beta) {
   return g_precision == Precision::BF16 && amx_gemm_on() && alpha == 1.0f &&

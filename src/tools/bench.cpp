@@ -161,12 +161,7 @@ struct Engine {
   // (wall, CPU time, idle estimate)
   std::vector<double> rate, cpu_rate, idle_rate, mfu, idle_mfu;
   std::map<std::string, double> prof_sec, prof_cpu, prof_flops;
-  struct ShapeRow {
-    i64 calls = 0;
-    double sec = 0, flops = 0;
-    std::string impl;
-  };
-  std::map<std::string, ShapeRow> gemm_shapes;  // --breakdown-gemm: per product shape
+  bench::GemmShapeRows gemm_shapes;  // --breakdown-gemm: per product shape
   std::vector<std::string> prof_order;
   i64 prof_steps = 0;
   double sum_F = 0;
@@ -256,7 +251,7 @@ void print_breakdown(const Engine& e, const Config& cfg, double tokens_per_step,
               100.0);
   if (e.gemm_shapes.empty()) return;
   // the products by time, with the operand rounding of BF16 inside each product's time
-  std::vector<std::pair<std::string, Engine::ShapeRow>> rows(e.gemm_shapes.begin(),
+  std::vector<std::pair<std::string, bench::GemmShapeRow>> rows(e.gemm_shapes.begin(),
                                                              e.gemm_shapes.end());
   std::sort(rows.begin(), rows.end(),
             [](auto& x, auto& y) { return x.second.sec > y.second.sec; });
@@ -581,14 +576,7 @@ int cmd_bench_train(const BenchTrainArgs& args) {
           e.prof_cpu[en.name] += en.cpu_seconds;
           e.prof_flops[en.name] += en.flops;
         }
-        for (const ops::GemmShapeStat& g : ops::gemm_shape_stats(true)) {
-          auto& row = e.gemm_shapes[bench::gemm_shape_label(g.trans_a, g.trans_b, g.accumulate,
-                                                            g.M, g.N, g.K)];
-          row.calls += g.calls;
-          row.sec += g.seconds;
-          row.flops += 2.0 * double(g.M) * double(g.N) * double(g.K) * double(g.calls);
-          row.impl = g.impl;
-        }
+        bench::take_gemm_shape_stats(e.gemm_shapes);
         e.prof_steps += a.steps;
       }
       const double rate = a.steps * tokens_per_step / sec, cpu_rate = a.steps * tokens_per_step / cpu;

@@ -11,12 +11,18 @@
 
 namespace dlcm::bench {
 
-std::string gemm_shape_label(bool trans_a, bool trans_b, bool accumulate, i64 M, i64 N, i64 K) {
-  char key[96];
-  std::snprintf(key, sizeof key, "%s%s%s %6lld x %5lld x %5lld", trans_a ? "T" : "N",
-                trans_b ? "T" : "N", accumulate ? "+C" : "  ", (long long)M, (long long)N,
-                (long long)K);
-  return key;
+void take_gemm_shape_stats(GemmShapeRows& rows) {
+  for (const ops::GemmShapeStat& g : ops::gemm_shape_stats(true)) {
+    char key[96];
+    std::snprintf(key, sizeof key, "%s%s%s %6lld x %5lld x %5lld", g.trans_a ? "T" : "N",
+                  g.trans_b ? "T" : "N", g.accumulate ? "+C" : "  ", (long long)g.M,
+                  (long long)g.N, (long long)g.K);
+    GemmShapeRow& row = rows[key];
+    row.calls += g.calls;
+    row.sec += g.seconds;
+    row.flops += 2.0 * double(g.M) * double(g.N) * double(g.K) * double(g.calls);
+    row.impl = g.impl;
+  }
 }
 
 double cpu_seconds() {

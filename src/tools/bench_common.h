@@ -49,9 +49,17 @@ struct Peak {
 };
 Peak measure_peak(double seconds, i64 n);
 
-// A product shape's row label in the --breakdown-gemm tables: "NT+C   4096 x   512 x  1536"
+// The --breakdown-gemm tables: each product shape's calls, wall time, FLOPs (2MNK per call) and
+// last implementation, summed over runs, by a label such as "NT+C   4096 x   512 x  1536"
 // (transposes, accumulation, M x N x K).
-std::string gemm_shape_label(bool trans_a, bool trans_b, bool accumulate, i64 M, i64 N, i64 K);
+struct GemmShapeRow {
+  i64 calls = 0;
+  double sec = 0, flops = 0;
+  std::string impl;
+};
+using GemmShapeRows = std::map<std::string, GemmShapeRow>;
+// Adds ops::gemm_shape_stats() to rows and resets the stats.
+void take_gemm_shape_stats(GemmShapeRows& rows);
 
 // Resident set size now and its peak (high-water mark) in MiB, from /proc/self/status
 // (VmRSS, VmHWM); 0 where unavailable.

@@ -10,7 +10,6 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
-#include <map>
 #include <memory>
 #include <string>
 
@@ -36,12 +35,7 @@ int cmd_bench_prefill(const BenchPrefillArgs& a) {
     // (the head only where logits are asked for: each prompt's last position)
     double flops_tok = 0, flops_run = 0, R = 0;
     std::vector<std::pair<const char*, double>> parts;  // --breakdown: CPU seconds per component
-    struct Shape {
-      i64 calls = 0;
-      double sec = 0, flops = 0;
-      std::string impl;
-    };
-    std::map<std::string, Shape> shapes;  // --breakdown-gemm: wall time per product shape
+    bench::GemmShapeRows shapes;  // --breakdown-gemm: wall time per product shape
   };
   std::vector<Model> ms(a.ckpts.size());
   std::vector<i32> prompt;
@@ -97,15 +91,8 @@ int cmd_bench_prefill(const BenchPrefillArgs& a) {
           if (it == x.parts.end()) x.parts.push_back({e.name, e.cpu_seconds});
           else it->second += e.cpu_seconds;
         }
-      for (const ops::GemmShapeStat& g : ops::gemm_shape_stats(true)) {  // (reset every repeat)
-        if (r < 0) continue;
-        Model::Shape& sh =
-            x.shapes[bench::gemm_shape_label(g.trans_a, g.trans_b, g.accumulate, g.M, g.N, g.K)];
-        sh.calls += g.calls;
-        sh.sec += g.seconds;
-        sh.flops += 2.0 * double(g.M) * double(g.N) * double(g.K) * double(g.calls);
-        sh.impl = g.impl;
-      }
+      if (r >= 0) bench::take_gemm_shape_stats(x.shapes);
+      else ops::gemm_shape_stats(true);  // the warm-up's products are not kept
       timed([&] { x.m->logits(rows.data(), B, P, lg.data()); }, fw, fi);
       if (r < 0) continue;
       x.wall.push_back(w[0]);
