@@ -964,6 +964,14 @@ struct GemmCacheScope {
   }
 };
 
+// The units of the BF16 products for a scope (restored at exit).
+struct Bf16UnitsScope {
+  ops::Bf16Units prev = ops::bf16_units();
+  explicit Bf16UnitsScope(ops::Bf16Units u) { ops::set_bf16_units(u); }
+  ~Bf16UnitsScope() { ops::set_bf16_units(prev); }
+};
+const ops::Bf16Units kBothUnits[2] = {ops::Bf16Units::Native, ops::Bf16Units::Fp32};
+
 // C = alpha op(A) op(B) + beta C against a double product of the operands (for BF16: of the
 // operands rounded to bf16, so only the FP32 accumulation differs). Returns the worst error
 // relative to sum |alpha a b| + |beta c| of each entry, and checks C's padding is untouched.
@@ -1021,12 +1029,17 @@ void run_gemm(const Case& c, Mode m) {
     ops::set_amx_gemm(false);  // oneDNN's two paths (gemm_amx times the tiles)
     for (ops::Precision p : precs) {
       ops::PrecisionScope ps(p);
-      for (ops::GemmPath path : {ops::GemmPath::Runtime, ops::GemmPath::Fixed}) {
-        ops::set_gemm_path(path);
-        const std::string pass = std::string(ops::gemm_path_name(path)) + " " + ops::precision_name(p);
-        perf_row(c, pass.c_str(), 2.0 * M * N * K, 0, [&] {
-          ops::gemm(false, false, M, N, K, 1.f, A.data(), lda, B.data(), ldb, 0.f, C.data(), N);
-        });
+      for (ops::Bf16Units u : kBothUnits) {
+        if (p == ops::Precision::FP32 && u == ops::Bf16Units::Fp32) continue;
+        Bf16UnitsScope units(u);
+        for (ops::GemmPath path : {ops::GemmPath::Runtime, ops::GemmPath::Fixed}) {
+          ops::set_gemm_path(path);
+          std::string pass = std::string(ops::gemm_path_name(path)) + " " + ops::precision_name(p);
+          if (p == ops::Precision::BF16) pass += std::string("/") + ops::bf16_units_name(u);
+          perf_row(c, pass.c_str(), 2.0 * M * N * K, 0, [&] {
+            ops::gemm(false, false, M, N, K, 1.f, A.data(), lda, B.data(), ldb, 0.f, C.data(), N);
+          });
+        }
       }
     }
     ops::set_gemm_path(ops::GemmPath::Fixed);
@@ -1045,20 +1058,28 @@ void run_gemm(const Case& c, Mode m) {
   uint64_t seed = 1000;
   for (ops::Precision p : precs) {
     ops::PrecisionScope ps(p);
-    for (ops::GemmPath path : {ops::GemmPath::Runtime, ops::GemmPath::Fixed}) {
-      ops::set_gemm_path(path);
-      const i64 fixed0 = ops::gemm_cache_stats().fixed_calls;
-      for (int form = 0; form < 32; ++form) {
-        const bool ta = form & 1, tb = form & 2;
-        const float beta = form & 4 ? 1.f : 0.f, alpha = form & 8 ? 0.7f : 1.f;
-        const i64 pad = form & 16 ? 3 : 0;
-        const double err = gemm_error(ta, tb, M, N, K, alpha, beta, pad, seed += 3);
-        EXPECT_LT(err, 1e-5) << ops::precision_name(p) << " " << ops::gemm_path_name(path)
-                             << " ta=" << ta << " tb=" << tb << " alpha=" << alpha
-                             << " beta=" << beta << " pad=" << pad;
+    // BF16 on both kinds of units: the FP32 ones multiply the rounded operands too (a product
+    // of the unrounded ones is ~2^-9 off the reference)
+    for (ops::Bf16Units u : kBothUnits) {
+      if (p == ops::Precision::FP32 && u == ops::Bf16Units::Fp32) continue;
+      Bf16UnitsScope units(u);
+      for (ops::GemmPath path : {ops::GemmPath::Runtime, ops::GemmPath::Fixed}) {
+        ops::set_gemm_path(path);
+        const i64 fixed0 = ops::gemm_cache_stats().fixed_calls;
+        for (int form = 0; form < 32; ++form) {
+          const bool ta = form & 1, tb = form & 2;
+          const float beta = form & 4 ? 1.f : 0.f, alpha = form & 8 ? 0.7f : 1.f;
+          const i64 pad = form & 16 ? 3 : 0;
+          const double err = gemm_error(ta, tb, M, N, K, alpha, beta, pad, seed += 3);
+          EXPECT_LT(err, 1e-5) << ops::precision_name(p) << " " << ops::bf16_units_name(u)
+                               << " " << ops::gemm_path_name(path) << " ta=" << ta
+                               << " tb=" << tb << " alpha=" << alpha << " beta=" << beta
+                               << " pad=" << pad;
+        }
+        // the path asked for is the path taken
+        EXPECT_EQ(ops::gemm_cache_stats().fixed_calls - fixed0,
+                  path == ops::GemmPath::Fixed ? 32 : 0);
       }
-      // the path asked for is the path taken
-      EXPECT_EQ(ops::gemm_cache_stats().fixed_calls - fixed0, path == ops::GemmPath::Fixed ? 32 : 0);
     }
   }
 }
@@ -1758,9 +1779,12 @@ TEST(Ops, Bf16SharedOperandRoundedOnceIsBitIdentical) {
   test::fill_normal(W0.data(), outs[0] * in, 13);
   test::fill_normal(W1.data(), outs[1] * in, 14);
   test::fill_normal(W2.data(), outs[2] * in, 15);
-  for (ops::GemmPath path : {ops::GemmPath::Runtime, ops::GemmPath::Fixed}) {
+  for (int run = 0; run < 4; ++run) {
+    const ops::GemmPath path = run & 1 ? ops::GemmPath::Fixed : ops::GemmPath::Runtime;
+    Bf16UnitsScope units(kBothUnits[run / 2]);
     ops::set_gemm_path(path);
-    const std::string at = ops::gemm_path_name(path);
+    const std::string at = std::string(ops::gemm_path_name(path)) + " " +
+                           ops::bf16_units_name(kBothUnits[run / 2]);
     // backward: dx += dy W, dW += dy^T x, from non-zero starting values
     Buf dx(N * in), dW(outs[0] * in);
     test::fill_normal(dx.data(), N * in, 16);
@@ -1846,6 +1870,89 @@ TEST(Ops, Bf16SharedOperandRoundedOnceIsBitIdentical) {
                          nullptr, true, &w16[1]);
     EXPECT_EQ(ops::bf16_copies_reused(), used) << at << ": a copy of another W was read";
   }
+}
+
+// BF16 on the FP32 units rounds each operand as the bf16 kernels do (round_to_bf16): nearest
+// even, ties both ways, denormals to signed zero, overflow to infinity, NaN kept, in the
+// vector loop and its tail alike. A product with K = 1 and B = 1 gives the rounded A exactly.
+TEST(Ops, Bf16OnFp32UnitsRoundsLikeTheBf16Kernels) {
+  if (!ops::cpu_has_bf16()) GTEST_SKIP() << "no AVX512-BF16";
+  ops::PrecisionScope ps(ops::Precision::BF16);
+  Bf16UnitsScope units(ops::Bf16Units::Fp32);
+  auto bits = [](uint32_t u) {
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  };
+  std::vector<float> a = {1.0f, -1.0f, 0.0f, -0.0f, bits(0x3F808000u), bits(0x3F818000u),
+                          bits(0x3F808001u), bits(0x3F817FFFu), bits(0x00000001u),
+                          bits(0x807FFFFFu), bits(0x00800000u), bits(0x7F7FFFFFu),
+                          bits(0xFF7FFFFFu), INFINITY, -INFINITY, NAN, bits(0xFF800001u),
+                          3.14159265f, -2.7182818f, 1e-30f, 6.5e4f, -1e38f};
+  for (int i = 0; a.size() < 53; ++i) a.push_back(std::ldexp(1.0f + 0.0078125f * i, i % 40 - 20));
+  const i64 M = i64(a.size());  // 3 vectors of 16 and a tail of 5
+  Buf A(a.begin(), a.end()), one(1, 1.0f), C(M, -7.0f);
+  for (ops::GemmPath path : {ops::GemmPath::Runtime, ops::GemmPath::Fixed}) {
+    GemmCacheScope every_shape({.capacity = 64, .min_flops = 0, .min_uses = 1});
+    ops::set_gemm_path(path);
+    // A stored [K = 1, M]: one row of M values, so the rounding runs along M
+    ops::gemm(true, false, M, 1, 1, 1.0f, A.data(), M, one.data(), 1, 0.0f, C.data(), 1);
+    for (i64 i = 0; i < M; ++i) {
+      uint16_t h;
+      ops::round_to_bf16(&h, &A[i], 1);
+      const float want = ops::bf16_to_float(h);
+      if (std::isnan(want) || want == 0.0f) {  // the sum starts at +0: a zero's sign is lost
+        EXPECT_TRUE(std::isnan(want) ? std::isnan(C[i]) : C[i] == 0.0f)
+            << ops::gemm_path_name(path) << " element " << i << " = " << A[i] << ": " << C[i];
+        continue;
+      }
+      uint32_t got_u, want_u;
+      std::memcpy(&got_u, &C[i], 4);
+      std::memcpy(&want_u, &want, 4);
+      EXPECT_EQ(got_u, want_u) << ops::gemm_path_name(path) << " element " << i << " = "
+                               << A[i] << ": " << C[i] << " against " << want;
+    }
+  }
+}
+
+// The units' names parse both ways and a wrong one names the variable; the decision is made by
+// the time BF16 is on, and a product on either kind of units is the BF16 product of the same
+// operands (within FP32 accumulation rounding), away from the FP32 product.
+TEST(Ops, Bf16UnitsDecisionAndAgreement) {
+  EXPECT_EQ(ops::parse_bf16_units("native", "X"), ops::Bf16Units::Native);
+  EXPECT_EQ(ops::parse_bf16_units("fp32", "X"), ops::Bf16Units::Fp32);
+  try {
+    ops::parse_bf16_units("fp16", "DLCM_BF16_UNITS");
+    ADD_FAILURE() << "fp16 accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("DLCM_BF16_UNITS"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("\"fp16\""), std::string::npos) << e.what();
+  }
+  if (!ops::cpu_has_bf16()) GTEST_SKIP() << "no AVX512-BF16";
+  ops::PrecisionScope ps(ops::Precision::BF16);
+  const ops::Bf16UnitsChoice& c = ops::bf16_units_choice();
+  EXPECT_TRUE(c.decided);
+  EXPECT_FALSE(c.how.empty());
+  const i64 M = 96, N = 80, K = 112;
+  Buf A(M * K), B(N * K), C[3] = {Buf(M * N), Buf(M * N), Buf(M * N)};
+  test::fill_normal(A.data(), M * K, 5);
+  test::fill_normal(B.data(), N * K, 6);
+  for (int u = 0; u < 2; ++u) {
+    Bf16UnitsScope units(kBothUnits[u]);
+    ops::gemm(false, true, M, N, K, 1.0f, A.data(), K, B.data(), K, 0.0f, C[u].data(), N);
+  }
+  {
+    ops::PrecisionScope fp(ops::Precision::FP32);
+    ops::gemm(false, true, M, N, K, 1.0f, A.data(), K, B.data(), K, 0.0f, C[2].data(), N);
+  }
+  double d_units = 0, d_fp32 = 0, mag = 0;
+  for (i64 i = 0; i < M * N; ++i) {
+    d_units = std::max(d_units, double(std::abs(C[0][i] - C[1][i])));
+    d_fp32 = std::max(d_fp32, double(std::abs(C[1][i] - C[2][i])));
+    mag = std::max(mag, double(std::abs(C[2][i])));
+  }
+  EXPECT_LT(d_units, 1e-5 * mag);  // FP32 sums in another order
+  EXPECT_GT(d_fp32, 1e-4 * mag);   // the operands were rounded
 }
 
 // tile_mm_amx against a double product of the bf16-rounded operands, for every operand layout

@@ -339,6 +339,62 @@ TEST(Bf16, KeptOperandCopiesChangeNoBitDlcm) {
   expect_bf16_copies_change_nothing(test::tiny_dlcm(), test::tiny_dlcm().model.bos_id);
 }
 
+// Two BF16 runs of c, 30 steps, that differ only in how their steps run (step_a, step_b: a
+// step of the given trainer, returning its CE): per-step losses within 1% and run a learns.
+void expect_bf16_runs_agree(Config c, const std::function<double(Trainer&, int)>& step_a,
+                            const std::function<double(Trainer&, int)>& step_b) {
+  SCOPED_TRACE(c.model.arch);
+  const TrainOptions o = short_run(c, 30, 5);
+  c.train.precision = "bf16";
+  const i32 bos = c.model.is_dlcm() ? c.model.bos_id : -1;
+  Trainer ta(c, test::pattern_data(c.model.vocab_size, 5, 2, bos), o);
+  Trainer tb(c, test::pattern_data(c.model.vocab_size, 5, 2, bos), o);
+  double worst = 0, first = 0, last = 0;
+  for (int s = 0; s < 30; ++s) {
+    const double a = step_a(ta, s), b = step_b(tb, s);
+    worst = std::max(worst, std::abs(a - b) / b);
+    if (s == 0) first = a;
+    last = a;
+  }
+  // (0 is possible: at small K both may sum the products in the same order)
+  EXPECT_LT(worst, 0.01) << "largest relative gap of the per-step losses";
+  EXPECT_LT(last, 0.7 * first) << "no learning";
+}
+
+// BF16 on the FP32 units (ops::Bf16Units::Fp32: the rounded operands multiplied by the FP32
+// products), chosen per process where the CPU's bf16 kernels are slower, forced here so that
+// every host runs it: training tracks FP32 without equalling it (the operands were rounded),
+// tracks the native units step by step, and the kept copies (widened instead of rounded again)
+// change no bit.
+struct Bf16UnitsScope {
+  ops::Bf16Units prev = ops::bf16_units();
+  explicit Bf16UnitsScope(ops::Bf16Units u) { ops::set_bf16_units(u); }
+  ~Bf16UnitsScope() { ops::set_bf16_units(prev); }
+};
+
+TEST(Bf16, Fp32UnitsTrainingTracksFp32AndTheNativeUnits) {
+  if (!ops::cpu_has_bf16()) GTEST_SKIP() << "no AVX512-BF16 on this CPU";
+  {
+    Bf16UnitsScope units(ops::Bf16Units::Fp32);
+    expect_bf16_tracks_fp32(test::tiny_baseline(), -1);
+  }
+  auto on = [](ops::Bf16Units u) {
+    return [u](Trainer& t, int) {
+      Bf16UnitsScope units(u);
+      return t.train_step().ce;
+    };
+  };
+  for (const Config& c : {test::tiny_baseline(), test::tiny_dlcm()})
+    expect_bf16_runs_agree(c, on(ops::Bf16Units::Fp32), on(ops::Bf16Units::Native));
+}
+
+TEST(Bf16, Fp32UnitsKeptCopiesChangeNoBit) {
+  if (!ops::cpu_has_bf16()) GTEST_SKIP() << "no AVX512-BF16 on this CPU";
+  Bf16UnitsScope units(ops::Bf16Units::Fp32);
+  expect_bf16_copies_change_nothing(test::tiny_baseline(), -1);
+  expect_bf16_copies_change_nothing(test::tiny_dlcm(), test::tiny_dlcm().model.bos_id);
+}
+
 // The AMX tile products (kernels/amx_gemm.h) in whole training runs: models whose token-level
 // products have M and N multiples of 32, every product sent to the tiles where it fits (the size
 // threshold lowered to 0 for the scope). BF16 on the tiles tracks FP32 as on oneDNN, and the
@@ -396,31 +452,21 @@ TEST(Bf16, AmxTilesTrainingTracksFp32) {
   // operands, at most the order of the FP32 accumulation differs. (The DLCM against FP32 sits at
   // the edge of expect_bf16_tracks_fp32's 3% after 40 steps on either implementation: its
   // sampled boundaries move with the rounding.)
-  for (Config c : {baseline_32(), dlcm_32()}) {
-    SCOPED_TRACE(c.model.arch);
-    const TrainOptions o = short_run(c, 30, 5);
-    c.train.precision = "bf16";
-    const i32 bos = c.model.is_dlcm() ? c.model.bos_id : -1;
-    Trainer tiles(c, test::pattern_data(c.model.vocab_size, 5, 2, bos), o);
-    Trainer onednn(c, test::pattern_data(c.model.vocab_size, 5, 2, bos), o);
-    double worst = 0, first = 0, last = 0;
-    for (int s = 0; s < 30; ++s) {
-      const i64 before = ops::amx_gemm_calls();
-      const double a = tiles.train_step().ce;
-      EXPECT_GT(ops::amx_gemm_calls(), before) << "step " << s;
-      ops::set_amx_gemm(false);
-      const i64 mid = ops::amx_gemm_calls();
-      const double b = onednn.train_step().ce;
-      EXPECT_EQ(ops::amx_gemm_calls(), mid) << "step " << s << ": the tiles ran with them off";
-      ops::set_amx_gemm(true);
-      worst = std::max(worst, std::abs(a - b) / b);
-      if (s == 0) first = a;
-      last = a;
-    }
-    // (0 is possible: at these small K both may sum the pairs in the same order)
-    EXPECT_LT(worst, 0.01) << "largest relative gap of the per-step losses";
-    EXPECT_LT(last, 0.7 * first) << "no learning on the tiles";
-  }
+  auto tiles = [](Trainer& t, int s) {
+    const i64 before = ops::amx_gemm_calls();
+    const double ce = t.train_step().ce;
+    EXPECT_GT(ops::amx_gemm_calls(), before) << "step " << s;
+    return ce;
+  };
+  auto onednn = [](Trainer& t, int s) {
+    ops::set_amx_gemm(false);
+    const i64 mid = ops::amx_gemm_calls();
+    const double ce = t.train_step().ce;
+    EXPECT_EQ(ops::amx_gemm_calls(), mid) << "step " << s << ": the tiles ran with them off";
+    ops::set_amx_gemm(true);
+    return ce;
+  };
+  for (const Config& c : {baseline_32(), dlcm_32()}) expect_bf16_runs_agree(c, tiles, onednn);
 }
 
 TEST(Bf16, AmxTilesKeptCopiesChangeNoBit) {

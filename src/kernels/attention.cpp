@@ -112,7 +112,8 @@ struct TileProduct {
   bool amx = false;
   TileProduct() {
 #ifdef DLCM_AVX512
-    amx = gemm_precision() == Precision::BF16 && amx_bf16_usable();
+    amx = gemm_precision() == Precision::BF16 && bf16_units() == Bf16Units::Native &&
+          amx_bf16_usable();
 #endif
   }
   void operator()(float* C, i64 ldc, const float* A, i64 rsa, i64 csa, const float* B, i64 ldb,

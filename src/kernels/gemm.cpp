@@ -146,6 +146,75 @@ void convert_rows(uint16_t* dst, const float* src, i64 rows, i64 cols, i64 ld) {
 
 using U16Buf = std::vector<uint16_t, AlignedAlloc<uint16_t>>;
 
+// d[c] = float(bf16(s[c])) with the rounding of to_bf16, in integer arithmetic (AVX-512F: the
+// FP32-units path needs no bf16 instruction); returns the columns done.
+__attribute__((target("avx512f"))) i64 round_row_f32_avx512(float* d, const float* s,
+                                                             i64 cols) {
+  const __m512i abs_mask = _mm512_set1_epi32(0x7FFFFFFF), inf = _mm512_set1_epi32(0x7F800000),
+                hi = _mm512_set1_epi32(int(0xFFFF0000u)), one = _mm512_set1_epi32(1),
+                half = _mm512_set1_epi32(0x7FFF), quiet = _mm512_set1_epi32(0x00400000),
+                sign = _mm512_set1_epi32(int(0x80000000u));
+  i64 c = 0;
+  for (; c + 16 <= cols; c += 16) {
+    const __m512i u = _mm512_loadu_si512(s + c);
+    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, abs_mask), inf);
+    const __mmask16 tiny = _mm512_testn_epi32_mask(u, inf);  // exponent 0: zero, denormal
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), one);
+    __m512i r = _mm512_and_si512(_mm512_add_epi32(u, _mm512_add_epi32(half, odd)), hi);
+    r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_and_si512(u, hi), quiet));
+    r = _mm512_mask_mov_epi32(r, tiny, _mm512_and_si512(u, sign));
+    _mm512_storeu_si512(d + c, r);
+  }
+  return c;
+}
+// d[c] = float(s[c]) for bf16 s; returns the columns done.
+__attribute__((target("avx512f"))) i64 widen_row_avx512(float* d, const uint16_t* s, i64 cols) {
+  i64 c = 0;
+  for (; c + 16 <= cols; c += 16) {
+    const __m512i w = _mm512_cvtepu16_epi32(
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + c)));
+    _mm512_storeu_si512(d + c, _mm512_slli_epi32(w, 16));
+  }
+  return c;
+}
+inline float widen(uint16_t x) {
+  const uint32_t u = uint32_t(x) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// dst [rows, cols] contiguous = float(bf16(src rows ld apart)): the values convert_rows
+// rounds to, kept as floats.
+void round_rows_f32(float* dst, const float* src, i64 rows, i64 cols, i64 ld) {
+  const bool vec = isa() == Isa::Avx512;
+#pragma omp parallel for schedule(static) if (rows * cols > (1 << 16))
+  for (i64 r = 0; r < rows; ++r) {
+    const float* s = src + r * ld;
+    float* d = dst + r * cols;
+    i64 c = vec ? round_row_f32_avx512(d, s, cols) : 0;
+    for (; c < cols; ++c) d[c] = widen(to_bf16(s[c]));
+  }
+}
+// dst [n] = float(src [n]) for bf16 src.
+void widen_f32(float* dst, const uint16_t* src, i64 n) {
+  const bool vec = isa() == Isa::Avx512;
+  constexpr i64 kChunk = 1 << 14;
+  const i64 chunks = (n + kChunk - 1) / kChunk;
+#pragma omp parallel for schedule(static) if (n > (1 << 16))
+  for (i64 ch = 0; ch < chunks; ++ch) {
+    const i64 c0 = ch * kChunk, m = std::min(kChunk, n - c0);
+    i64 c = vec ? widen_row_avx512(dst + c0, src + c0, m) : 0;
+    for (; c < m; ++c) dst[c0 + c] = widen(src[c0 + c]);
+  }
+}
+
+// The BF16 units decision: -1 not made yet, else int(Bf16Units).
+std::atomic<int> g_units{-1};
+std::mutex g_units_mu;
+Bf16UnitsChoice g_units_choice;
+bool units_fp32() { return g_units.load(std::memory_order_relaxed) == int(Bf16Units::Fp32); }
+
 dnnl::engine& engine() {
   static dnnl::engine eng(dnnl::engine::kind::cpu, 0);
   return eng;
@@ -190,6 +259,7 @@ const Prim& primitive(bool ta, bool tb, float beta) {
 // concurrent calls (parallel regions, several driving threads) share nothing mutable.
 struct ThreadScratch {
   U16Buf a, b;
+  Buf fa, fb;  // BF16 on the FP32 units: the operands' rounded values as floats
   std::vector<uint8_t> sp;
   std::unique_ptr<dnnl::stream> strm;
 };
@@ -460,10 +530,10 @@ GemmPath& path_ref() {
 }
 
 FixedKey fixed_key(bool ta, bool tb, i64 M, i64 N, i64 K, float alpha, i64 lda, i64 ldb,
-                   float beta, i64 ldc) {
-  const bool bf = g_precision == Precision::BF16;
+                   float beta, i64 ldc, Precision prec = g_precision) {
+  const bool bf = prec == Precision::BF16;
   // BF16 operands are packed: [M,K] (or [K,M]) and [K,N] (or [N,K]) without padding
-  return {g_precision, ta, tb, M, N, K, bf ? (ta ? M : K) : lda, bf ? (tb ? K : N) : ldb,
+  return {prec, ta, tb, M, N, K, bf ? (ta ? M : K) : lda, bf ? (tb ? K : N) : ldb,
           ldc, alpha, beta};
 }
 
@@ -502,7 +572,7 @@ void fixed_gemm(const Prim& p, const FixedKey& k, const float* A, i64 lda, const
 // (the same bits).
 std::atomic<double> g_amx_min_flops{GemmCacheConfig{}.min_flops};
 bool amx_gemm_serves(i64 M, i64 N, i64 K, float alpha, float beta) {
-  return g_precision == Precision::BF16 && amx_gemm_on() && alpha == 1.0f &&
+  return g_precision == Precision::BF16 && !units_fp32() && amx_gemm_on() && alpha == 1.0f &&
          (beta == 0.0f || beta == 1.0f) &&
          2.0 * double(M) * double(N) * double(K) >= g_amx_min_flops.load() &&
          !omp_in_parallel() && amx_gemm_fits(M, N, K);
@@ -518,7 +588,119 @@ void amx_product(bool ta, bool tb, i64 M, i64 N, i64 K, const float* A, i64 lda,
            ldb, {b16 ? b16->data : nullptr, bc, b16 ? b16->version : 0}, beta != 0.0f, C, ldc);
 }
 
+// A BF16 product on the FP32 units: the operands rounded to bf16 (or a known copy widened)
+// into FP32 scratch in their stored layout, then the FP32 product of the path (a fixed-shape
+// f32 primitive or sgemm). Returns the implementation that ran.
+const char* bf16_on_fp32_units(bool ta, bool tb, i64 M, i64 N, i64 K, float alpha,
+                               const float* A, i64 lda, const float* B, i64 ldb, float beta,
+                               float* C, i64 ldc) {
+  ThreadScratch& t = scratch();
+  const i64 ar = ta ? K : M, ac = ta ? M : K, br = tb ? N : K, bc = tb ? K : N;
+  {
+    prof::DetailScope ps("  GEMM: bf16 operand rounding", 0);
+    if (t.fa.size() < size_t(M * K)) t.fa.resize(M * K);
+    if (t.fb.size() < size_t(K * N)) t.fb.resize(K * N);
+    if (const uint16_t* a = find_known(A, ar, ac, lda))
+      widen_f32(t.fa.data(), a, ar * ac);
+    else
+      round_rows_f32(t.fa.data(), A, ar, ac, lda);
+    if (const uint16_t* b = find_known(B, br, bc, ldb)) {
+      g_copies_reused.fetch_add(1, std::memory_order_relaxed);
+      widen_f32(t.fb.data(), b, br * bc);
+    } else {
+      round_rows_f32(t.fb.data(), B, br, bc, ldb);
+    }
+  }
+  const FixedKey key = fixed_key(ta, tb, M, N, K, alpha, ac, bc, beta, ldc, Precision::FP32);
+  if (auto p = fixed_for(key, true)) {
+    fixed_gemm(*p, key, t.fa.data(), ac, t.fb.data(), bc, C);
+    return "f32 primitive, bf16-rounded operands";
+  }
+  sgemm(ta, tb, M, N, K, alpha, t.fa.data(), ac, t.fb.data(), bc, beta, C, ldc);
+  return "sgemm, bf16-rounded operands";
+}
+
+// Times BF16 products of one training-sized shape (x W^T, 768 x 1536 x 512) on each kind of
+// units, alternating, and returns the medians in GFLOP/s {native, fp32}. Runs with the
+// precision set to BF16 and the profiler off; restores both.
+std::pair<double, double> measure_bf16_units() {
+  constexpr i64 M = 768, N = 1536, K = 512;
+  Buf a(M * K), b(N * K), c(M * N);
+  for (i64 i = 0; i < M * K; ++i) a[i] = float((i * 37) % 101) / 101.0f - 0.5f;
+  for (i64 i = 0; i < N * K; ++i) b[i] = float((i * 53) % 97) / 97.0f - 0.5f;
+  const Precision prec0 = g_precision;
+  const bool prof0 = prof::g_enabled;
+  prof::g_enabled = false;
+  g_precision = Precision::BF16;
+  std::vector<double> rate[2];
+  for (int rep = 0; rep < 7; ++rep)
+    for (int u = 0; u < 2; ++u) {
+      g_units = u;
+      const auto t0 = std::chrono::steady_clock::now();
+      gemm(false, true, M, N, K, 1.0f, a.data(), K, b.data(), K, 0.0f, c.data(), N);
+      const double sec =
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      if (rep >= 2) rate[u].push_back(2.0 * M * N * K / sec / 1e9);  // 2 warm-ups each
+    }
+  g_precision = prec0;
+  prof::g_enabled = prof0;
+  for (auto& r : rate) std::sort(r.begin(), r.end());
+  return {rate[0][rate[0].size() / 2], rate[1][rate[1].size() / 2]};
+}
+
+// Makes the decision (caller holds g_units_mu).
+void decide_bf16_units() {
+  Bf16UnitsChoice c;
+  c.decided = true;
+  const char* e = std::getenv("DLCM_BF16_UNITS");
+  if (e && *e) {
+    c.units = parse_bf16_units(e, "DLCM_BF16_UNITS");
+    c.how = std::string("DLCM_BF16_UNITS=") + e;
+    std::fprintf(stderr, "dlcm: %s: BF16 products run on the %s units\n", c.how.c_str(),
+                 bf16_units_name(c.units));
+  } else {
+    std::tie(c.native_gflops, c.fp32_gflops) = measure_bf16_units();
+    c.units = c.fp32_gflops >= 1.1 * c.native_gflops ? Bf16Units::Fp32 : Bf16Units::Native;
+    char buf[160];
+    std::snprintf(buf, sizeof buf, "measured: native %.1f, fp32 %.1f GFLOP/s", c.native_gflops,
+                  c.fp32_gflops);
+    c.how = buf;
+    if (c.units == Bf16Units::Fp32)
+      std::fprintf(stderr,
+                   "dlcm: BF16 products run on the FP32 units (operands rounded to bf16, FP32 "
+                   "accumulation): %.0f GFLOP/s against %.0f for this CPU's bf16 kernels, "
+                   "measured on %d thread(s) (DLCM_BF16_UNITS=native|fp32 chooses)\n",
+                   c.fp32_gflops, c.native_gflops, omp_get_max_threads());
+  }
+  g_units_choice = c;
+  g_units = int(c.units);
+}
+
 }  // namespace
+
+Bf16Units parse_bf16_units(const std::string& s, const std::string& what) {
+  if (s == "native") return Bf16Units::Native;
+  if (s == "fp32") return Bf16Units::Fp32;
+  fail(what, ": expected \"native\" or \"fp32\" (the units that run the BF16 products), got \"",
+       s, "\"");
+}
+const char* bf16_units_name(Bf16Units u) { return u == Bf16Units::Fp32 ? "fp32" : "native"; }
+
+const Bf16UnitsChoice& bf16_units_choice() {
+  std::lock_guard<std::mutex> lock(g_units_mu);
+  if (!g_units_choice.decided && !omp_in_parallel()) decide_bf16_units();
+  return g_units_choice;
+}
+Bf16Units bf16_units() {
+  const int u = g_units.load(std::memory_order_relaxed);
+  if (u >= 0) return Bf16Units(u);
+  return bf16_units_choice().units;
+}
+void set_bf16_units(Bf16Units u) {
+  std::lock_guard<std::mutex> lock(g_units_mu);
+  g_units_choice = Bf16UnitsChoice{u, true, "set", 0, 0};
+  g_units = int(u);
+}
 
 Precision parse_precision(const std::string& s, const std::string& what) {
   if (s == "fp32") return Precision::FP32;
@@ -545,6 +727,7 @@ std::string onednn_version() {
 void set_gemm_precision(Precision p) {
   DLCM_CHECK(p != Precision::BF16 || cpu_has_bf16(),
              "bf16 precision needs a CPU with AVX512-BF16 (this one has none); use fp32");
+  if (p == Precision::BF16 && g_units.load() < 0) bf16_units_choice();
   g_precision = p;
 }
 
@@ -594,6 +777,12 @@ GemmCacheStats gemm_cache_stats() {
 
 std::string gemm_impl(bool trans_a, bool trans_b, i64 M, i64 N, i64 K, float alpha, i64 lda,
                       i64 ldb, float beta, i64 ldc) {
+  if (g_precision == Precision::BF16 && K > 0 && units_fp32()) {
+    const FixedKey key = fixed_key(trans_a, trans_b, M, N, K, alpha, trans_a ? M : K,
+                                   trans_b ? K : N, beta, ldc, Precision::FP32);
+    if (auto p = fixed_for(key, false)) return p->impl + " (bf16-rounded operands)";
+    return "sgemm (bf16-rounded operands)";
+  }
   if (amx_gemm_serves(M, N, K, alpha, beta)) return "amx tiles (dlcm)";
   if (auto p = fixed_for(fixed_key(trans_a, trans_b, M, N, K, alpha, lda, ldb, beta, ldc), false))
     return p->impl;
@@ -614,6 +803,11 @@ void gemm(bool trans_a, bool trans_b, i64 M, i64 N, i64 K, float alpha, const fl
       packed_gemm(C, ldc, A, lda, *pm, M, alpha, pw->served(pm));
       return timer.done(trans_a, trans_b, M, N, K, acc, "packed");
     }
+  if (g_precision == Precision::BF16 && K > 0 && units_fp32()) {
+    const char* impl =
+        bf16_on_fp32_units(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    return timer.done(trans_a, trans_b, M, N, K, acc, impl);
+  }
   if (amx_gemm_serves(M, N, K, alpha, beta)) {
     amx_product(trans_a, trans_b, M, N, K, A, lda, B, ldb, beta, C, ldc);
     return timer.done(trans_a, trans_b, M, N, K, acc, "amx tiles (dlcm)");

@@ -7,6 +7,8 @@
 //         brgemm kernels) with FP32 accumulation, alpha/beta applied in FP32, C stays FP32.
 //         Weights, gradients and optimizer state stay FP32 (master weights); only the
 //         operands of the products are rounded. Needs a CPU with AVX512-BF16.
+//         Which units run them is decided once per process (bf16_units() below): the CPU's
+//         BF16 kernels, or its FP32 units on the rounded operands where those are faster.
 // The switch is process-wide (set it from the thread that drives training, outside parallel
 // regions); the BF16 path itself may be called from inside parallel regions.
 //
@@ -51,6 +53,34 @@ class PrecisionScope {
  private:
   Precision prev_;
 };
+
+// The units that run the BF16 products. Native: oneDNN's bf16 kernels (AVX512-BF16 dot
+// products, AMX brgemm) and dlcm's AMX tiles. Fp32: the operands rounded to bf16 as above but
+// stored as FP32 values, then the FP32 product (sgemm or an f32 primitive) and, in the
+// attention, the FP32 kernel. The product of two bf16 values is exact in FP32 and both
+// accumulate in FP32, so both compute the BF16 mixed-precision product; only the order of
+// the FP32 sums differs. Fp32 wins on CPUs whose bf16 dot products run at a fraction of
+// their FMA rate (an Intel Xeon without AMX: bf16 products at 0.55x the sgemm rate,
+// docs/performance.md). The first set_gemm_precision(BF16) of a process decides: the
+// environment variable DLCM_BF16_UNITS=native|fp32 when set (logged), else a measurement of
+// both on one training-sized product (~0.1 s), keeping the native units unless the FP32 ones
+// are at least 10% faster (logged with the two rates).
+enum class Bf16Units { Native, Fp32 };
+// "native" | "fp32"; anything else throws naming `what` (e.g. "DLCM_BF16_UNITS").
+Bf16Units parse_bf16_units(const std::string& s, const std::string& what);
+const char* bf16_units_name(Bf16Units u);
+// The decision (made now if it was not: call it from the driving thread, outside parallel
+// regions) and how it was made.
+struct Bf16UnitsChoice {
+  Bf16Units units = Bf16Units::Native;
+  bool decided = false;
+  std::string how;  // "DLCM_BF16_UNITS=fp32", "measured: native 140.2, fp32 255.1 GFLOP/s", "set"
+  double native_gflops = 0, fp32_gflops = 0;  // the measurement's medians (0 when not measured)
+};
+const Bf16UnitsChoice& bf16_units_choice();
+Bf16Units bf16_units();
+// Overrides the decision for the rest of the process (tests, benchmarks comparing both).
+void set_bf16_units(Bf16Units u);
 
 enum class GemmPath { Runtime, Fixed };
 // "runtime" | "fixed"; anything else throws naming `what` (e.g. "DLCM_GEMM").

@@ -182,6 +182,12 @@ Trainer::Trainer(const Config& cfg, TrainData data, TrainOptions opt)
   if (data_.train_boundaries) bnd_.assign(tok_.size(), 0);
   precision_ = ops::parse_precision(t.precision, "train.precision");
   ops::PrecisionScope check(precision_);  // fails here, clearly, without AVX512-BF16
+  if (precision_ == ops::Precision::BF16 && world_ > 1) {
+    // every rank's products on the units rank 0 measured best, so the ranks' numerics agree
+    std::string units = ops::bf16_units_name(ops::bf16_units());
+    dist::broadcast(units);
+    ops::set_bf16_units(ops::parse_bf16_units(units, "rank 0's BF16 units"));
+  }
   if (!o_.out_dir.empty() && rank_ == 0) {
     fs::create_directories(o_.out_dir);
     log_path_ = (fs::path(o_.out_dir) / "train_log.jsonl").string();
