@@ -63,8 +63,9 @@ class PrecisionScope {
 // their FMA rate (an Intel Xeon without AMX: bf16 products at 0.55x the sgemm rate,
 // docs/performance.md). The first set_gemm_precision(BF16) of a process decides: the
 // environment variable DLCM_BF16_UNITS=native|fp32 when set (logged), else a measurement of
-// both on one training-sized product (~0.1 s), keeping the native units unless the FP32 ones
-// are at least 10% faster (logged with the two rates).
+// both on one training-sized product, on one thread by its CPU time (~0.1 s; the ratio is a
+// core's, and the thread's clock ignores whatever else runs), keeping the native units unless
+// the FP32 ones are at least 10% faster (logged with the two rates).
 enum class Bf16Units { Native, Fp32 };
 // "native" | "fp32"; anything else throws naming `what` (e.g. "DLCM_BF16_UNITS").
 Bf16Units parse_bf16_units(const std::string& s, const std::string& what);
@@ -74,7 +75,7 @@ const char* bf16_units_name(Bf16Units u);
 struct Bf16UnitsChoice {
   Bf16Units units = Bf16Units::Native;
   bool decided = false;
-  std::string how;  // "DLCM_BF16_UNITS=fp32", "measured: native 140.2, fp32 255.1 GFLOP/s", "set"
+  std::string how;  // "DLCM_BF16_UNITS=fp32", "measured on one core: native 70.1, fp32 ..."
   double native_gflops = 0, fp32_gflops = 0;  // the measurement's medians (0 when not measured)
 };
 const Bf16UnitsChoice& bf16_units_choice();
