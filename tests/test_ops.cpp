@@ -1930,7 +1930,7 @@ TEST(Ops, Bf16UnitsDecisionAndAgreement) {
   }
   if (!ops::cpu_has_bf16()) GTEST_SKIP() << "no AVX512-BF16";
   ops::PrecisionScope ps(ops::Precision::BF16);
-  const ops::Bf16UnitsChoice& c = ops::bf16_units_choice();
+  const ops::Bf16UnitsChoice c = ops::bf16_units_choice();
   EXPECT_TRUE(c.decided);
   EXPECT_FALSE(c.how.empty());
   const i64 M = 96, N = 80, K = 112;

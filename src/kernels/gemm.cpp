@@ -698,7 +698,7 @@ Bf16Units parse_bf16_units(const std::string& s, const std::string& what) {
 }
 const char* bf16_units_name(Bf16Units u) { return u == Bf16Units::Fp32 ? "fp32" : "native"; }
 
-const Bf16UnitsChoice& bf16_units_choice() {
+Bf16UnitsChoice bf16_units_choice() {
   std::lock_guard<std::mutex> lock(g_units_mu);
   if (!g_units_choice.decided && !omp_in_parallel()) decide_bf16_units();
   return g_units_choice;
@@ -792,8 +792,8 @@ std::string gemm_impl(bool trans_a, bool trans_b, i64 M, i64 N, i64 K, float alp
   if (g_precision == Precision::BF16 && K > 0 && units_fp32()) {
     const FixedKey key = fixed_key(trans_a, trans_b, M, N, K, alpha, trans_a ? M : K,
                                    trans_b ? K : N, beta, ldc, Precision::FP32);
-    if (auto p = fixed_for(key, false)) return p->impl + " (bf16-rounded operands)";
-    return "sgemm (bf16-rounded operands)";
+    if (auto p = fixed_for(key, false)) return p->impl + ", bf16-rounded operands";
+    return "sgemm, bf16-rounded operands";
   }
   if (amx_gemm_serves(M, N, K, alpha, beta)) return "amx tiles (dlcm)";
   if (auto p = fixed_for(fixed_key(trans_a, trans_b, M, N, K, alpha, lda, ldb, beta, ldc), false))

@@ -78,7 +78,7 @@ struct Bf16UnitsChoice {
   std::string how;  // "DLCM_BF16_UNITS=fp32", "measured on one core: native 70.1, fp32 ..."
   double native_gflops = 0, fp32_gflops = 0;  // the measurement's medians (0 when not measured)
 };
-const Bf16UnitsChoice& bf16_units_choice();
+Bf16UnitsChoice bf16_units_choice();  // a copy: set_bf16_units may replace it
 Bf16Units bf16_units();
 // Overrides the decision for the rest of the process (tests, benchmarks comparing both).
 void set_bf16_units(Bf16Units u);

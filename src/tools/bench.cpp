@@ -623,7 +623,7 @@ int cmd_bench_train(const BenchTrainArgs& args) {
                 "GFLOP/s, idle %.1f GFLOP/s (%.2fx FP32)\n",
                 ops::gemm_path_name(path0), peak_impl().c_str(), bench::median(peaks16),
                 bench::median(idle_peaks16), bench::median(idle_peaks16) / bench::median(idle_peaks));
-    const ops::Bf16UnitsChoice& u = ops::bf16_units_choice();
+    const ops::Bf16UnitsChoice u = ops::bf16_units_choice();
     std::printf("BF16 products run on the %s units (%s)\n", ops::bf16_units_name(u.units),
                 u.how.c_str());
   }
