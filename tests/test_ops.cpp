@@ -964,12 +964,6 @@ struct GemmCacheScope {
   }
 };
 
-// The units of the BF16 products for a scope (restored at exit).
-struct Bf16UnitsScope {
-  ops::Bf16Units prev = ops::bf16_units();
-  explicit Bf16UnitsScope(ops::Bf16Units u) { ops::set_bf16_units(u); }
-  ~Bf16UnitsScope() { ops::set_bf16_units(prev); }
-};
 const ops::Bf16Units kBothUnits[2] = {ops::Bf16Units::Native, ops::Bf16Units::Fp32};
 
 // C = alpha op(A) op(B) + beta C against a double product of the operands (for BF16: of the
@@ -1031,7 +1025,7 @@ void run_gemm(const Case& c, Mode m) {
       ops::PrecisionScope ps(p);
       for (ops::Bf16Units u : kBothUnits) {
         if (p == ops::Precision::FP32 && u == ops::Bf16Units::Fp32) continue;
-        Bf16UnitsScope units(u);
+        ops::Bf16UnitsScope units(u);
         for (ops::GemmPath path : {ops::GemmPath::Runtime, ops::GemmPath::Fixed}) {
           ops::set_gemm_path(path);
           std::string pass = std::string(ops::gemm_path_name(path)) + " " + ops::precision_name(p);
@@ -1062,7 +1056,7 @@ void run_gemm(const Case& c, Mode m) {
     // of the unrounded ones is ~2^-9 off the reference)
     for (ops::Bf16Units u : kBothUnits) {
       if (p == ops::Precision::FP32 && u == ops::Bf16Units::Fp32) continue;
-      Bf16UnitsScope units(u);
+      ops::Bf16UnitsScope units(u);
       for (ops::GemmPath path : {ops::GemmPath::Runtime, ops::GemmPath::Fixed}) {
         ops::set_gemm_path(path);
         const i64 fixed0 = ops::gemm_cache_stats().fixed_calls;
@@ -1781,7 +1775,7 @@ TEST(Ops, Bf16SharedOperandRoundedOnceIsBitIdentical) {
   test::fill_normal(W2.data(), outs[2] * in, 15);
   for (int run = 0; run < 4; ++run) {
     const ops::GemmPath path = run & 1 ? ops::GemmPath::Fixed : ops::GemmPath::Runtime;
-    Bf16UnitsScope units(kBothUnits[run / 2]);
+    ops::Bf16UnitsScope units(kBothUnits[run / 2]);
     ops::set_gemm_path(path);
     const std::string at = std::string(ops::gemm_path_name(path)) + " " +
                            ops::bf16_units_name(kBothUnits[run / 2]);
@@ -1878,7 +1872,7 @@ TEST(Ops, Bf16SharedOperandRoundedOnceIsBitIdentical) {
 TEST(Ops, Bf16OnFp32UnitsRoundsLikeTheBf16Kernels) {
   if (!ops::cpu_has_bf16()) GTEST_SKIP() << "no AVX512-BF16";
   ops::PrecisionScope ps(ops::Precision::BF16);
-  Bf16UnitsScope units(ops::Bf16Units::Fp32);
+  ops::Bf16UnitsScope units(ops::Bf16Units::Fp32);
   auto bits = [](uint32_t u) {
     float f;
     std::memcpy(&f, &u, 4);
@@ -1938,7 +1932,7 @@ TEST(Ops, Bf16UnitsDecisionAndAgreement) {
   test::fill_normal(A.data(), M * K, 5);
   test::fill_normal(B.data(), N * K, 6);
   for (int u = 0; u < 2; ++u) {
-    Bf16UnitsScope units(kBothUnits[u]);
+    ops::Bf16UnitsScope units(kBothUnits[u]);
     ops::gemm(false, true, M, N, K, 1.0f, A.data(), K, B.data(), K, 0.0f, C[u].data(), N);
   }
   {

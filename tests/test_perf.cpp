@@ -366,21 +366,15 @@ void expect_bf16_runs_agree(Config c, const std::function<double(Trainer&, int)>
 // every host runs it: training tracks FP32 without equalling it (the operands were rounded),
 // tracks the native units step by step, and the kept copies (widened instead of rounded again)
 // change no bit.
-struct Bf16UnitsScope {
-  ops::Bf16Units prev = ops::bf16_units();
-  explicit Bf16UnitsScope(ops::Bf16Units u) { ops::set_bf16_units(u); }
-  ~Bf16UnitsScope() { ops::set_bf16_units(prev); }
-};
-
 TEST(Bf16, Fp32UnitsTrainingTracksFp32AndTheNativeUnits) {
   if (!ops::cpu_has_bf16()) GTEST_SKIP() << "no AVX512-BF16 on this CPU";
   {
-    Bf16UnitsScope units(ops::Bf16Units::Fp32);
+    ops::Bf16UnitsScope units(ops::Bf16Units::Fp32);
     expect_bf16_tracks_fp32(test::tiny_baseline(), -1);
   }
   auto on = [](ops::Bf16Units u) {
     return [u](Trainer& t, int) {
-      Bf16UnitsScope units(u);
+      ops::Bf16UnitsScope units(u);
       return t.train_step().ce;
     };
   };
@@ -390,7 +384,7 @@ TEST(Bf16, Fp32UnitsTrainingTracksFp32AndTheNativeUnits) {
 
 TEST(Bf16, Fp32UnitsKeptCopiesChangeNoBit) {
   if (!ops::cpu_has_bf16()) GTEST_SKIP() << "no AVX512-BF16 on this CPU";
-  Bf16UnitsScope units(ops::Bf16Units::Fp32);
+  ops::Bf16UnitsScope units(ops::Bf16Units::Fp32);
   expect_bf16_copies_change_nothing(test::tiny_baseline(), -1);
   expect_bf16_copies_change_nothing(test::tiny_dlcm(), test::tiny_dlcm().model.bos_id);
 }

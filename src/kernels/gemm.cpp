@@ -178,12 +178,6 @@ __attribute__((target("avx512f"))) i64 widen_row_avx512(float* d, const uint16_t
   }
   return c;
 }
-inline float widen(uint16_t x) {
-  const uint32_t u = uint32_t(x) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
 
 // dst [rows, cols] contiguous = float(bf16(src rows ld apart)): the values convert_rows
 // rounds to, kept as floats.
@@ -194,7 +188,7 @@ void round_rows_f32(float* dst, const float* src, i64 rows, i64 cols, i64 ld) {
     const float* s = src + r * ld;
     float* d = dst + r * cols;
     i64 c = vec ? round_row_f32_avx512(d, s, cols) : 0;
-    for (; c < cols; ++c) d[c] = widen(to_bf16(s[c]));
+    for (; c < cols; ++c) d[c] = bf16_to_float(to_bf16(s[c]));
   }
 }
 // dst [n] = float(src [n]) for bf16 src.
@@ -206,7 +200,7 @@ void widen_f32(float* dst, const uint16_t* src, i64 n) {
   for (i64 ch = 0; ch < chunks; ++ch) {
     const i64 c0 = ch * kChunk, m = std::min(kChunk, n - c0);
     i64 c = vec ? widen_row_avx512(dst + c0, src + c0, m) : 0;
-    for (; c < m; ++c) dst[c0 + c] = widen(src[c0 + c]);
+    for (; c < m; ++c) dst[c0 + c] = bf16_to_float(src[c0 + c]);
   }
 }
 

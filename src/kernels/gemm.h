@@ -83,6 +83,18 @@ Bf16Units bf16_units();
 // Overrides the decision for the rest of the process (tests, benchmarks comparing both).
 void set_bf16_units(Bf16Units u);
 
+// Sets the units for a scope and restores the previous ones at exit (like PrecisionScope).
+class Bf16UnitsScope {
+ public:
+  explicit Bf16UnitsScope(Bf16Units u) : prev_(bf16_units()) { set_bf16_units(u); }
+  ~Bf16UnitsScope() { set_bf16_units(prev_); }
+  Bf16UnitsScope(const Bf16UnitsScope&) = delete;
+  Bf16UnitsScope& operator=(const Bf16UnitsScope&) = delete;
+
+ private:
+  Bf16Units prev_;
+};
+
 enum class GemmPath { Runtime, Fixed };
 // "runtime" | "fixed"; anything else throws naming `what` (e.g. "DLCM_GEMM").
 GemmPath parse_gemm_path(const std::string& s, const std::string& what);
