@@ -254,6 +254,21 @@ TEST(Cli, BenchTrainBreakdownGemm) {
     EXPECT_NE(r.out.find(l), std::string::npos) << l << "\n" << r.out;
 }
 
+// bench train --gemm runtime,onednn: the engine with and without dlcm's blocked sgemm, side by
+// side; bench gemm --torch names a missing interpreter.
+TEST(Cli, BenchTrainOnednnEngineAndBenchGemmPeer) {
+  test::TempDir tmp;
+  const std::string cfg = tiny_config_file(tmp.path, ", \"batch_size\": 2");
+  CmdResult r = run("bench train --config " + cfg + " --no-torch --steps 1 --repeats 1 --gemm runtime,onednn");
+  ASSERT_EQ(r.rc, 0) << r.out;
+  for (const char* l : {"dlcm engine fp32/runtime", "dlcm engine fp32/onednn"})
+    EXPECT_NE(r.out.find(l), std::string::npos) << l << "\n" << r.out;
+  r = run("bench gemm --repeats 1 --seconds 0.01 --torch " + tmp.path + "/no-python");
+  EXPECT_NE(r.rc, 0);
+  EXPECT_NE(r.out.find("--torch"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("no such interpreter"), std::string::npos) << r.out;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Command-line niceties (issue 21): defaults in --help, "did you mean", --prompt-file -,
 // generate --json, --threads, --version.

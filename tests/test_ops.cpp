@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "kernels/amx_gemm.h"
+#include "kernels/blocked_sgemm.h"
 #include "kernels/dlcm_ops.h"
 #include "kernels/gemm.h"
 #include "kernels/isa.h"
@@ -117,6 +118,17 @@ const Case kCases[] = {
     {.op = "gemm", .N = 96, .d = 300, .V = 200},
     {.op = "gemm", .N = 2048, .d = 2048, .V = 2048, .perf = true},  // the GEMM peak's product
     {.op = "gemm", .N = 4096, .d = 512, .V = 1536, .perf = true},   // FFN up projection
+    // gemm_blocked: dlcm's blocked FP32 GEMM (M = N, K = d, N = V): every form against the
+    // double product; sizes around its blocks (12 rows, 32-column panels, 48-row tiles, 384 k,
+    // 512 columns), so partial panels, tiles and k blocks are all reached
+    {.op = "gemm_blocked", .N = 1, .d = 1, .V = 1},
+    {.op = "gemm_blocked", .N = 13, .d = 385, .V = 33},
+    {.op = "gemm_blocked", .N = 50, .d = 769, .V = 70},
+    {.op = "gemm_blocked", .N = 97, .d = 1030, .V = 530},
+    {.op = "gemm_blocked", .N = 48, .d = 384, .V = 512},
+    {.op = "gemm_blocked", .N = 1536, .d = 4096, .V = 512, .perf = true},  // FFN up dW
+    {.op = "gemm_blocked", .N = 512, .d = 4096, .V = 1536, .perf = true},  // FFN down dW
+    {.op = "gemm_blocked", .N = 512, .d = 4096, .V = 512, .perf = true},   // q/k/v/o dW
     // gemm_amx: BF16 products on the dlcm AMX tile kernel (M = N, K = d, N = V): every
     // transpose, beta and padding; K below, at and across the 32-wide tile step; M and N
     // past a multiple of 32 (edge blocks); a shape the padding would grow by more than 25%
@@ -969,8 +981,10 @@ const ops::Bf16Units kBothUnits[2] = {ops::Bf16Units::Native, ops::Bf16Units::Fp
 // C = alpha op(A) op(B) + beta C against a double product of the operands (for BF16: of the
 // operands rounded to bf16, so only the FP32 accumulation differs). Returns the worst error
 // relative to sum |alpha a b| + |beta c| of each entry, and checks C's padding is untouched.
+// blocked: through ops::blocked_sgemm (kernels/blocked_sgemm.h) instead of ops::gemm, with NaN
+// in C when beta is 0 (BLAS semantics: C is not read then).
 double gemm_error(bool ta, bool tb, i64 M, i64 N, i64 K, float alpha, float beta, i64 pad,
-                  uint64_t seed) {
+                  uint64_t seed, bool blocked = false) {
   const i64 ar = ta ? K : M, ac = ta ? M : K, lda = ac + pad;
   const i64 br = tb ? N : K, bc = tb ? K : N, ldb = bc + pad, ldc = N + pad;
   Buf A(ar * lda), B(br * ldb), C(M * ldc);
@@ -987,7 +1001,13 @@ double gemm_error(bool ta, bool tb, i64 M, i64 N, i64 K, float alpha, float beta
     return r;
   };
   const Buf Ar = op(A), Br = op(B);
-  ops::gemm(ta, tb, M, N, K, alpha, A.data(), lda, B.data(), ldb, beta, C.data(), ldc);
+  if (blocked) {
+    if (beta == 0.f)
+      for (i64 i = 0; i < M; ++i) C[i * ldc] = std::numeric_limits<float>::quiet_NaN();
+    ops::blocked_sgemm(ta, tb, M, N, K, alpha, A.data(), lda, B.data(), ldb, beta, C.data(), ldc);
+  } else {
+    ops::gemm(ta, tb, M, N, K, alpha, A.data(), lda, B.data(), ldb, beta, C.data(), ldc);
+  }
   double worst = 0;
   for (i64 i = 0; i < M; ++i) {
     for (i64 j = 0; j < N; ++j) {
@@ -1075,6 +1095,56 @@ void run_gemm(const Case& c, Mode m) {
                   path == ops::GemmPath::Fixed ? 32 : 0);
       }
     }
+  }
+}
+
+// dlcm's blocked FP32 GEMM (kernels/blocked_sgemm.h): every form (transposes, alpha, beta,
+// padded leading dimensions) against the double product, the same bits on one thread as on
+// all of them, beta 0 never reading C, and ops::gemm sending the weight-gradient form (and only
+// it) there. Perf: the FFN and projection weight gradients on it and on oneDNN's sgemm.
+void run_gemm_blocked(const Case& c, Mode m) {
+  const i64 M = c.N, K = c.d, N = c.V;
+  if (!ops::blocked_sgemm_native()) return;
+  struct UseScope {
+    ops::BlockedUse was = ops::blocked_use();
+    ~UseScope() { ops::set_blocked_use(was); }
+  } restore;
+  if (m == Perf) {
+    Buf A(K * M), B(K * N), C(M * N);  // dW[M, N] += dy^T x: dy [K, M], x [K, N]
+    test::fill_normal(A.data(), K * M, 1);
+    test::fill_normal(B.data(), K * N, 2);
+    for (ops::BlockedUse u : {ops::BlockedUse::Tn, ops::BlockedUse::Off}) {
+      ops::set_blocked_use(u);
+      perf_row(c, u == ops::BlockedUse::Tn ? "TN+C dlcm blocked" : "TN+C oneDNN sgemm",
+               2.0 * M * N * K, 0, [&] {
+                 ops::gemm(true, false, M, N, K, 1.f, A.data(), M, B.data(), N, 1.f, C.data(), N);
+               });
+    }
+    return;
+  }
+  uint64_t seed = 7000;
+  for (int form = 0; form < 32; ++form) {
+    const bool ta = form & 1, tb = form & 2;
+    const float beta = form & 4 ? (form & 8 ? -0.5f : 1.f) : 0.f, alpha = form & 8 ? 0.7f : 1.f;
+    const i64 pad = form & 16 ? 3 : 0;
+    EXPECT_LT(gemm_error(ta, tb, M, N, K, alpha, beta, pad, seed += 3, true), 1e-5)
+        << "ta=" << ta << " tb=" << tb << " alpha=" << alpha << " beta=" << beta << " pad=" << pad;
+    // one thread (inside a parallel region) gives the same bits as the whole team
+    const i64 lda = (ta ? M : K) + pad, ldb = (tb ? K : N) + pad, ldc = N + pad;
+    Buf A((ta ? K : M) * lda), B((tb ? N : K) * ldb), C(M * ldc);
+    test::fill_normal(A.data(), i64(A.size()), seed + 1);
+    test::fill_normal(B.data(), i64(B.size()), seed + 2);
+    test::fill_normal(C.data(), i64(C.size()), seed + 3);
+    Buf C1 = C;
+    ops::blocked_sgemm(ta, tb, M, N, K, alpha, A.data(), lda, B.data(), ldb, beta, C.data(), ldc);
+#pragma omp parallel num_threads(2)
+    {
+#pragma omp single
+      ops::blocked_sgemm(ta, tb, M, N, K, alpha, A.data(), lda, B.data(), ldb, beta, C1.data(),
+                         ldc);
+    }
+    EXPECT_EQ(0, std::memcmp(C.data(), C1.data(), C.size() * sizeof(float)))
+        << "bits depend on the threads: ta=" << ta << " tb=" << tb;
   }
 }
 
@@ -1602,6 +1672,7 @@ const std::pair<const char*, Runner> kOps[] = {
     {"packed_linear", run_packed_linear},
     {"gemm", run_gemm},
     {"gemm_amx", run_gemm_amx},
+    {"gemm_blocked", run_gemm_blocked},
     {"rope", run_rope},
     {"swiglu", run_swiglu},
     {"attention", run_attention},
@@ -1998,6 +2069,56 @@ TEST(Ops, TileMmAmxMatchesRoundedOperands) {
         EXPECT_LT(worst, 1e-5) << M << "x" << N << "x" << K << " layout " << layout << " acc " << acc;
       }
   EXPECT_GT(worst_vs_fp32, 1e-4) << "the operands were not rounded to bf16";
+}
+
+// ops::gemm sends the FFN weight-gradient products (A^T B, K >= 1024, M N >= 2^19) to the
+// blocked kernel (its exact bits) and nothing else there; DLCM_SGEMM_OWN=off turns it off.
+TEST(Ops, BlockedSgemmServesTheWeightGradientProducts) {
+  if (!ops::blocked_sgemm_native()) GTEST_SKIP() << "no avx512 kernels here";
+  const ops::BlockedUse was = ops::blocked_use();
+  ops::PrecisionScope fp32(ops::Precision::FP32);
+  const ops::GemmPath path_was = ops::gemm_path();
+  ops::set_gemm_path(ops::GemmPath::Runtime);
+  struct Shape {
+    bool ta, tb;
+    i64 M, N, K;
+    bool serves;
+  };
+  const Shape shapes[] = {{true, false, 1024, 512, 1024, true},  {true, false, 512, 1024, 1100, true},
+                          {true, false, 512, 512, 4096, false},  {true, false, 1024, 512, 1023, false},
+                          {false, false, 1024, 512, 1024, false}, {false, true, 1024, 512, 1024, false},
+                          {true, true, 1024, 512, 1024, false}};
+  uint64_t seed = 9100;
+  for (ops::BlockedUse u : {ops::BlockedUse::Tn, ops::BlockedUse::Off}) {
+    ops::set_blocked_use(u);
+    for (const Shape& sh : shapes) {
+      const bool serves = u == ops::BlockedUse::Tn && sh.serves;
+      const i64 lda = sh.ta ? sh.M : sh.K, ldb = sh.tb ? sh.K : sh.N;
+      EXPECT_EQ(ops::blocked_sgemm_serves(sh.ta, sh.tb, sh.M, sh.N, sh.K), serves);
+      EXPECT_EQ(ops::gemm_impl(sh.ta, sh.tb, sh.M, sh.N, sh.K, 1.f, lda, ldb, 1.f, sh.N),
+                serves ? "dlcm blocked sgemm" : "sgemm")
+          << sh.M << "x" << sh.N << "x" << sh.K << " ta=" << sh.ta << " tb=" << sh.tb;
+      if (!serves) continue;
+      Buf A(sh.K * sh.M), B(sh.K * sh.N), C(sh.M * sh.N), C2;
+      test::fill_normal(A.data(), i64(A.size()), seed++);
+      test::fill_normal(B.data(), i64(B.size()), seed++);
+      test::fill_normal(C.data(), i64(C.size()), seed++);
+      C2 = C;
+      ops::gemm(sh.ta, sh.tb, sh.M, sh.N, sh.K, 1.f, A.data(), lda, B.data(), ldb, 1.f, C.data(), sh.N);
+      ops::blocked_sgemm(sh.ta, sh.tb, sh.M, sh.N, sh.K, 1.f, A.data(), lda, B.data(), ldb, 1.f,
+                         C2.data(), sh.N);
+      EXPECT_EQ(0, std::memcmp(C.data(), C2.data(), C.size() * sizeof(float)));
+    }
+  }
+  ops::set_blocked_use(was);
+  ops::set_gemm_path(path_was);
+  EXPECT_EQ(ops::parse_blocked_use("off", "X"), ops::BlockedUse::Off);
+  try {
+    ops::parse_blocked_use("on", "DLCM_SGEMM_OWN");
+    FAIL() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("DLCM_SGEMM_OWN"), std::string::npos) << e.what();
+  }
 }
 
 // Every op has at least one checked row and one perf row.

@@ -1,5 +1,6 @@
 #include "kernels/gemm.h"
 #include "kernels/amx_gemm.h"
+#include "kernels/blocked_sgemm.h"
 #include "kernels/packed_gemm.h"
 
 #include <dnnl.h>
@@ -72,8 +73,11 @@ void sgemm_1(bool trans_a, bool trans_b, i64 M, i64 N, i64 K, float alpha, const
 // when each thread takes a block of columns. For those, split the product here; sgemm called
 // inside the parallel region runs on its calling thread. Every element of C is still one
 // sgemm's full K reduction.
+// The weight-gradient form (A^T B) runs on dlcm's blocked sgemm instead (kernels/blocked_sgemm.h).
 void sgemm(bool trans_a, bool trans_b, i64 M, i64 N, i64 K, float alpha, const float* A, i64 lda,
            const float* B, i64 ldb, float beta, float* C, i64 ldc) {
+  if (blocked_sgemm_serves(trans_a, trans_b, M, N, K))
+    return blocked_sgemm(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
   const int T = omp_in_parallel() ? 1 : omp_get_max_threads();
   const bool by_rows = T > 1 && !trans_a && trans_b && N <= 512 && M >= 2048 && K >= 256;
   const bool by_cols = T > 1 && !trans_a && trans_b && M <= 512 && N >= 2048 && K >= 256;
@@ -612,7 +616,8 @@ const char* bf16_on_fp32_units(bool ta, bool tb, i64 M, i64 N, i64 K, float alph
     return "f32 primitive, bf16-rounded operands";
   }
   sgemm(ta, tb, M, N, K, alpha, t.fa.data(), ac, t.fb.data(), bc, beta, C, ldc);
-  return "sgemm, bf16-rounded operands";
+  return blocked_sgemm_serves(ta, tb, M, N, K) ? "dlcm blocked sgemm, bf16-rounded operands"
+                                               : "sgemm, bf16-rounded operands";
 }
 
 // Times BF16 products of one training-sized shape (x W^T, 512 x 1024 x 512) on each kind of
@@ -787,13 +792,15 @@ std::string gemm_impl(bool trans_a, bool trans_b, i64 M, i64 N, i64 K, float alp
     const FixedKey key = fixed_key(trans_a, trans_b, M, N, K, alpha, trans_a ? M : K,
                                    trans_b ? K : N, beta, ldc, Precision::FP32);
     if (auto p = fixed_for(key, false)) return p->impl + ", bf16-rounded operands";
-    return "sgemm, bf16-rounded operands";
+    return blocked_sgemm_serves(trans_a, trans_b, M, N, K)
+               ? "dlcm blocked sgemm, bf16-rounded operands"
+               : "sgemm, bf16-rounded operands";
   }
   if (amx_gemm_serves(M, N, K, alpha, beta)) return "amx tiles (dlcm)";
   if (auto p = fixed_for(fixed_key(trans_a, trans_b, M, N, K, alpha, lda, ldb, beta, ldc), false))
     return p->impl;
   if (g_precision == Precision::BF16 && K > 0) return primitive(trans_a, trans_b, beta).impl;
-  return "sgemm";
+  return blocked_sgemm_serves(trans_a, trans_b, M, N, K) ? "dlcm blocked sgemm" : "sgemm";
 }
 
 void gemm(bool trans_a, bool trans_b, i64 M, i64 N, i64 K, float alpha, const float* A, i64 lda,
@@ -828,7 +835,8 @@ void gemm(bool trans_a, bool trans_b, i64 M, i64 N, i64 K, float alpha, const fl
     return timer.done(trans_a, trans_b, M, N, K, acc, "runtime bf16");
   }
   sgemm(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
-  timer.done(trans_a, trans_b, M, N, K, acc, "sgemm");
+  timer.done(trans_a, trans_b, M, N, K, acc,
+             blocked_sgemm_serves(trans_a, trans_b, M, N, K) ? "dlcm blocked sgemm" : "sgemm");
 }
 
 namespace {

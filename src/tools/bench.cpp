@@ -24,6 +24,7 @@
 #include "core/profiler.h"
 #include "core/rng.h"
 #include "kernels/amx_gemm.h"
+#include "kernels/blocked_sgemm.h"
 #include "kernels/gemm.h"
 #include "kernels/isa.h"
 #include "kernels/ops.h"
@@ -38,6 +39,7 @@ using nlohmann::json;
 using bench::cpu_seconds;
 using bench::measure_peak;
 using bench::Peak;
+using bench::LineProcess;
 
 namespace {
 
@@ -50,88 +52,6 @@ json reference_baseline() {
                                            {"warmup_steps", 0}, {"schedule", "constant"}}}};
 }
 
-// A child process we talk to by lines (the PyTorch peer in --serve mode).
-class LineProcess {
- public:
-  // Runs `argv` with `env` added to this process's environment (and `unset` removed).
-  LineProcess(const std::vector<std::string>& argv, const std::vector<std::string>& env,
-              const std::vector<std::string>& unset) {
-    // A peer that dies (e.g. killed for memory) must give an error naming it, not kill the
-    // benchmark with SIGPIPE on the next write.
-    signal(SIGPIPE, SIG_IGN);
-    int in[2], out[2];
-    DLCM_CHECK(pipe(in) == 0 && pipe(out) == 0, "bench: cannot create pipes");
-    pid_ = fork();
-    DLCM_CHECK(pid_ >= 0, "bench: fork failed");
-    if (pid_ == 0) {
-      dup2(in[0], 0);
-      dup2(out[1], 1);
-      dup2(out[1], 2);
-      close(in[1]);
-      close(out[0]);
-      for (auto& u : unset) unsetenv(u.c_str());
-      for (auto& e : env) putenv(const_cast<char*>(e.c_str()));
-      std::vector<char*> args;
-      for (auto& s : argv) args.push_back(const_cast<char*>(s.c_str()));
-      args.push_back(nullptr);
-      execv(args[0], args.data());
-      std::fprintf(stderr, "exec %s failed\n", args[0]);
-      _exit(127);
-    }
-    close(in[0]);
-    close(out[1]);
-    to_ = fdopen(in[1], "w");
-    from_ = fdopen(out[0], "r");
-  }
-  ~LineProcess() {
-    if (to_) {
-      std::fputs("quit\n", to_);
-      std::fclose(to_);
-    }
-    if (from_) std::fclose(from_);
-    if (pid_ > 0) waitpid(pid_, nullptr, 0);
-  }
-  void send(const std::string& line) {
-    std::fputs((line + "\n").c_str(), to_);
-    std::fflush(to_);
-  }
-  // The next line that starts with '{' (a JSON reply); other lines are kept as the log.
-  bool reply(json& j) {
-    char buf[8192];
-    while (std::fgets(buf, sizeof buf, from_)) {
-      std::string s(buf);
-      if (!s.empty() && s[0] == '{') {
-        try {
-          j = json::parse(s);
-          return true;
-        } catch (...) {
-        }
-      }
-      log_ += s;
-    }
-    return false;
-  }
-  // The log, and how the process ended if it did ("killed by signal 9 (out of memory?)").
-  std::string log() {
-    int st = 0;
-    if (pid_ > 0 && waitpid(pid_, &st, WNOHANG) == pid_) {
-      pid_ = -1;
-      if (WIFSIGNALED(st))
-        log_ += "[the peer was killed by signal " + std::to_string(WTERMSIG(st)) +
-                (WTERMSIG(st) == SIGKILL ? " (out of memory? see dmesg)" : "") + "]\n";
-      else if (WIFEXITED(st))
-        log_ += "[the peer exited with status " + std::to_string(WEXITSTATUS(st)) + "]\n";
-    }
-    return log_;
-  }
-
- private:
-  pid_t pid_ = -1;
-  FILE* to_ = nullptr;
-  FILE* from_ = nullptr;
-  std::string log_;
-};
-
 // The oneDNN implementation of the GEMM-peak product (2048^3) at the current precision and path.
 static std::string peak_impl() {
   return ops::gemm_impl(false, false, 2048, 2048, 2048, 1.f, 2048, 2048, 0.f, 2048);
@@ -143,10 +63,12 @@ struct GemmChoice {
   ops::GemmPath path;
   bool amx;
   std::string name;
+  ops::BlockedUse blocked = ops::blocked_use();  // FP32 products on dlcm's blocked sgemm
 };
 static GemmChoice parse_gemm_choice(const std::string& s) {
   if (s == "tiles") return {ops::GemmPath::Fixed, true, s};
-  const ops::GemmPath p = ops::parse_gemm_path(s, "--gemm (or \"tiles\")");
+  if (s == "onednn") return {ops::GemmPath::Runtime, false, s, ops::BlockedUse::Off};
+  const ops::GemmPath p = ops::parse_gemm_path(s, "--gemm (or \"tiles\", \"onednn\")");
   return {p, false, ops::gemm_path_name(p)};
 }
 
@@ -155,6 +77,7 @@ struct Engine {
   std::string precision, label;  // label: "fp32", or "fp32/fixed" when paths are compared
   ops::GemmPath path = ops::GemmPath::Fixed;
   bool amx = false;  // BF16 products on the AMX tile kernel where they fit (kernels/amx_gemm.h)
+  ops::BlockedUse blocked = ops::BlockedUse::Tn;  // kernels/blocked_sgemm.h
   std::unique_ptr<Trainer> tr;
   // per repeat: tokens/s, tokens per process CPU-second, tokens per second of the busiest
   // thread (idle-machine estimate), MFU (wall, idle estimate), the ratio to the PyTorch peer
@@ -306,6 +229,7 @@ static int bench_train_ranks(const BenchTrainArgs& a, const Config& cfg) {
     const GemmChoice g = parse_gemm_choice(a.gemm_paths[0]);
     ops::set_gemm_path(g.path);
     ops::set_amx_gemm(g.amx);
+    ops::set_blocked_use(g.blocked);
   }
   auto say = [&](auto... args) {
     if (rank0) std::printf(args...);
@@ -431,6 +355,7 @@ int cmd_bench_train(const BenchTrainArgs& args) {
   // GEMM peaks on the process's path; each engine switches to its own around its steps
   const ops::GemmPath path0 = ops::gemm_path();
   const bool amx0 = ops::amx_gemm_on();
+  const ops::BlockedUse blocked0 = ops::blocked_use();
   std::vector<GemmChoice> paths;
   for (auto& p : a.gemm_paths) paths.push_back(parse_gemm_choice(p));
   if (paths.empty()) paths.push_back({path0, amx0, ops::gemm_path_name(path0)});
@@ -443,6 +368,7 @@ int cmd_bench_train(const BenchTrainArgs& args) {
       e.precision = prec;
       e.path = g.path;
       e.amx = g.amx;
+      e.blocked = g.blocked;
       e.label = paths.size() > 1 ? prec + "/" + g.name : prec;
       e.tr = std::make_unique<Trainer>(c, data, opt);
     }
@@ -459,10 +385,12 @@ int cmd_bench_train(const BenchTrainArgs& args) {
   for (auto& e : eng) {
     ops::set_gemm_path(e.path);
     ops::set_amx_gemm(e.amx);
+    ops::set_blocked_use(e.blocked);
     for (int w = 0; w < 2; ++w) e.tr->train_step();
   }
   ops::set_gemm_path(path0);
   ops::set_amx_gemm(amx0);
+  ops::set_blocked_use(blocked0);
 
   // The PyTorch peers: child processes that have built the same model and answer "run N".
   // Each is an interpreter with settings (--torch PY[:autocast][:sdpa][:compile]); the default is
@@ -555,6 +483,7 @@ int cmd_bench_train(const BenchTrainArgs& args) {
       }
       ops::set_gemm_path(e.path);
       ops::set_amx_gemm(e.amx);
+      ops::set_blocked_use(e.blocked);
       const double c0 = cpu_seconds();
       const auto th0 = bench::thread_cpu_seconds();
       auto t0 = std::chrono::steady_clock::now();
@@ -568,6 +497,7 @@ int cmd_bench_train(const BenchTrainArgs& args) {
       const double busiest = bench::busiest_thread_seconds(th0, bench::thread_cpu_seconds());
       ops::set_gemm_path(path0);
       ops::set_amx_gemm(amx0);
+      ops::set_blocked_use(blocked0);
       prof::enable(false);
       if (a.breakdown) {
         for (auto& en : prof::entries()) {

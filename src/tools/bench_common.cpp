@@ -1,6 +1,9 @@
 #include "tools/bench_common.h"
 
+#include <signal.h>
+#include <sys/wait.h>
 #include <time.h>
+#include <unistd.h>
 
 #include <cstdio>
 #include <cstring>
@@ -99,6 +102,82 @@ Rss read_rss() {
   }
   std::fclose(f);
   return r;
+}
+
+// ---- LineProcess ----
+
+LineProcess::LineProcess(const std::vector<std::string>& argv,
+                         const std::vector<std::string>& env,
+                         const std::vector<std::string>& unset) {
+  // A peer that dies (e.g. killed for memory) must give an error naming it, not kill the
+  // benchmark with SIGPIPE on the next write.
+  signal(SIGPIPE, SIG_IGN);
+  int in[2], out[2];
+  DLCM_CHECK(pipe(in) == 0 && pipe(out) == 0, "bench: cannot create pipes");
+  pid_ = fork();
+  DLCM_CHECK(pid_ >= 0, "bench: fork failed");
+  if (pid_ == 0) {
+    dup2(in[0], 0);
+    dup2(out[1], 1);
+    dup2(out[1], 2);
+    close(in[1]);
+    close(out[0]);
+    for (auto& u : unset) unsetenv(u.c_str());
+    for (auto& e : env) putenv(const_cast<char*>(e.c_str()));
+    std::vector<char*> args;
+    for (auto& s : argv) args.push_back(const_cast<char*>(s.c_str()));
+    args.push_back(nullptr);
+    execv(args[0], args.data());
+    std::fprintf(stderr, "exec %s failed\n", args[0]);
+    _exit(127);
+  }
+  close(in[0]);
+  close(out[1]);
+  to_ = fdopen(in[1], "w");
+  from_ = fdopen(out[0], "r");
+}
+
+LineProcess::~LineProcess() {
+  if (to_) {
+    std::fputs("quit\n", to_);
+    std::fclose(to_);
+  }
+  if (from_) std::fclose(from_);
+  if (pid_ > 0) waitpid(pid_, nullptr, 0);
+}
+
+void LineProcess::send(const std::string& line) {
+  std::fputs((line + "\n").c_str(), to_);
+  std::fflush(to_);
+}
+
+bool LineProcess::reply(nlohmann::json& j) {
+  char buf[8192];
+  while (std::fgets(buf, sizeof buf, from_)) {
+    std::string s(buf);
+    if (!s.empty() && s[0] == '{') {
+      try {
+        j = nlohmann::json::parse(s);
+        return true;
+      } catch (...) {
+      }
+    }
+    log_ += s;
+  }
+  return false;
+}
+
+std::string LineProcess::log() {
+  int st = 0;
+  if (pid_ > 0 && waitpid(pid_, &st, WNOHANG) == pid_) {
+    pid_ = -1;
+    if (WIFSIGNALED(st))
+      log_ += "[the peer was killed by signal " + std::to_string(WTERMSIG(st)) +
+              (WTERMSIG(st) == SIGKILL ? " (out of memory? see dmesg)" : "") + "]\n";
+    else if (WIFEXITED(st))
+      log_ += "[the peer exited with status " + std::to_string(WEXITSTATUS(st)) + "]\n";
+  }
+  return log_;
 }
 
 }  // namespace dlcm::bench

@@ -6,9 +6,35 @@
 #include <string>
 #include <vector>
 
+#include <cstdio>
+#include <nlohmann/json.hpp>
+
 #include "core/common.h"
 
 namespace dlcm::bench {
+
+// A child process we talk to by lines (the PyTorch peers of `bench train` and `bench gemm` in
+// --serve mode): lines out, JSON replies back.
+class LineProcess {
+ public:
+  // Runs `argv` with `env` added to this process's environment (and `unset` removed).
+  LineProcess(const std::vector<std::string>& argv, const std::vector<std::string>& env,
+              const std::vector<std::string>& unset);
+  ~LineProcess();
+  LineProcess(const LineProcess&) = delete;
+  LineProcess& operator=(const LineProcess&) = delete;
+  void send(const std::string& line);
+  // The next line that starts with '{' (a JSON reply); other lines are kept as the log.
+  bool reply(nlohmann::json& j);
+  // The log, and how the process ended if it did ("killed by signal 9 (out of memory?)").
+  std::string log();
+
+ private:
+  int pid_ = -1;
+  FILE* to_ = nullptr;
+  FILE* from_ = nullptr;
+  std::string log_;
+};
 
 inline double median(std::vector<double> v) {
   if (v.empty()) return 0;

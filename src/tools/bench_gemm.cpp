@@ -2,20 +2,28 @@
 // fixed-shape oneDNN paths, FP32 and BF16, for the reference baseline's training shapes and
 // 2048^3, with the oneDNN implementation each path runs. The two paths alternate within every
 // repeat so that load drifts hit them alike; medians of repeats and of per-repeat ratios
-// (fixed / runtime).
+// (fixed / runtime). FP32 rows add, in the same repeats, the runtime path with every product
+// on oneDNN's sgemm (none on dlcm's blocked sgemm, kernels/blocked_sgemm.h) and, with --torch,
+// the same product through PyTorch (a peer process, python/bench_torch_gemm.py).
 #include <omp.h>
 
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
+#include <memory>
+#include <nlohmann/json.hpp>
 #include <string>
 
 #include "core/rng.h"
+#include "kernels/blocked_sgemm.h"
 #include "kernels/gemm.h"
 #include "kernels/isa.h"
 #include "tools/bench_common.h"
 #include "tools/commands.h"
 
 namespace dlcm {
+
+using nlohmann::json;
 
 namespace {
 
@@ -88,7 +96,40 @@ Rate rate(const Shape& s, Operands& o, double seconds) {
 
 int cmd_bench_gemm(const BenchGemmArgs& a) {
   DLCM_CHECK(a.repeats > 0 && a.seconds > 0, "bench gemm: --repeats and --seconds must be > 0");
+  std::unique_ptr<bench::LineProcess> peer;
+  if (!a.torch.empty()) {
+    DLCM_CHECK(std::filesystem::exists(a.torch), "bench gemm: --torch ", a.torch,
+               ": no such interpreter (torch 2.x: bash scripts/setup_bench.sh, then "
+               ".venv-torch2/bin/python)");
+    // the settings bench train gives its peers: jemalloc, ATen's AVX-512 kernels
+    std::vector<std::string> env = {"OMP_NUM_THREADS=" + std::to_string(omp_get_max_threads()),
+                                    "ATEN_CPU_CAPABILITY=avx512"};
+    const char* jem = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2";
+    if (std::filesystem::exists(jem)) env.push_back(std::string("LD_PRELOAD=") + jem);
+    peer = std::make_unique<bench::LineProcess>(
+        std::vector<std::string>{a.torch, std::string(DLCM_SOURCE_DIR) + "/python/bench_torch_gemm.py",
+                                 "--serve"},
+        env, std::vector<std::string>{});
+    json info;
+    DLCM_CHECK(peer->reply(info) && info.contains("ready"), "bench gemm: the PyTorch peer (",
+               a.torch, ") did not start:\n", peer->log());
+    std::printf("pytorch %s peer (%s): %s\n", info.value("torch", std::string("?")).c_str(),
+                a.torch.c_str(), info.value("settings", std::string("")).c_str());
+  }
+  auto torch_rate = [&](const Shape& s, double seconds) {
+    char line[160];
+    std::snprintf(line, sizeof line, "gemm %d %d %lld %lld %lld %g %g", int(s.ta), int(s.tb),
+                  (long long)s.M, (long long)s.N, (long long)s.K, double(s.beta), seconds);
+    peer->send(line);
+    json r;
+    const bool ok = peer->reply(r);
+    DLCM_CHECK(ok && r.contains("gflops"), "bench gemm: the PyTorch peer failed on \"", line,
+               "\": ", ok ? r.value("error", std::string("no rate in its reply")) : "no reply",
+               "\n", peer->log());
+    return Rate{r["gflops"].get<double>(), r["gflops_idle"].get<double>()};
+  };
   const ops::GemmPath path0 = ops::gemm_path();
+  const ops::BlockedUse blocked0 = ops::blocked_use();
   const ops::Precision prec0 = ops::gemm_precision();
   std::vector<ops::Precision> precs = {ops::Precision::FP32};
   if (ops::cpu_has_bf16()) precs.push_back(ops::Precision::BF16);
@@ -102,9 +143,11 @@ int cmd_bench_gemm(const BenchGemmArgs& a) {
   std::printf("GFLOP/s per wall second | per second of the busiest thread's CPU time (idle "
               "estimate; OMP_WAIT_POLICY=%s)\n",
               std::getenv("OMP_WAIT_POLICY") ? std::getenv("OMP_WAIT_POLICY") : "unset");
+  std::printf("FP32 rows end with the runtime path on oneDNN's sgemm alone (no dlcm blocked "
+              "sgemm)%s, per wall second\n", peer ? " and PyTorch's matmul" : "");
   std::printf("%-5s %-17s %-4s %15s %7s %7s %7s | %7s %7s %7s  %s\n", "prec", "product", "op",
               "M x N x K", "runtime", "fixed", "ratio", "runtime", "fixed", "ratio",
-              "implementation (runtime | fixed)");
+              "implementation (runtime | fixed) | fp32: onednn, runtime/onednn[, torch, runtime/torch]");
   for (ops::Precision p : precs) {
     ops::set_gemm_precision(p);
     for (const Shape& s : kShapes) {
@@ -116,7 +159,14 @@ int cmd_bench_gemm(const BenchGemmArgs& a) {
         impl[k] = ops::gemm_impl(s.ta, s.tb, s.M, s.N, s.K, 1.f, o.lda, o.ldb, s.beta, o.ldc);
         for (int w = 0; w < 3; ++w) run(s, o);  // warm-up; the fixed path's primitive creation
       }
-      std::vector<double> wall[2], idle[2], ratio, idle_ratio;
+      const bool fp32 = p == ops::Precision::FP32;
+      if (fp32) {  // the oneDNN-only runtime path's warm-up
+        ops::set_gemm_path(ops::GemmPath::Runtime);
+        ops::set_blocked_use(ops::BlockedUse::Off);
+        for (int w = 0; w < 3; ++w) run(s, o);
+        ops::set_blocked_use(blocked0);
+      }
+      std::vector<double> wall[2], idle[2], ratio, idle_ratio, onednn, vs_onednn, torch, vs_torch;
       for (i64 rep = 0; rep < a.repeats; ++rep) {
         for (int k = 0; k < 2; ++k) {
           ops::set_gemm_path(paths[k]);
@@ -126,21 +176,45 @@ int cmd_bench_gemm(const BenchGemmArgs& a) {
         }
         ratio.push_back(wall[1].back() / wall[0].back());
         idle_ratio.push_back(idle[1].back() / idle[0].back());
+        if (fp32) {
+          ops::set_gemm_path(ops::GemmPath::Runtime);
+          ops::set_blocked_use(ops::BlockedUse::Off);
+          onednn.push_back(rate(s, o, a.seconds).wall);
+          ops::set_blocked_use(blocked0);
+          vs_onednn.push_back(wall[0].back() / onednn.back());
+          if (peer) {
+            torch.push_back(torch_rate(s, a.seconds).wall);
+            vs_torch.push_back(wall[0].back() / torch.back());
+          }
+        }
       }
       char dims[48];
       std::snprintf(dims, sizeof dims, "%lldx%lldx%lld", (long long)s.M, (long long)s.N,
                     (long long)s.K);
-      std::printf("%-5s %-17s %c%c%s %15s %7.1f %7.1f %6.2fx | %7.1f %7.1f %6.2fx  %s | %s\n",
+      std::string extra;
+      if (fp32) {
+        char buf[96];
+        std::snprintf(buf, sizeof buf, " | %.1f %.2fx", bench::median(onednn),
+                      bench::median(vs_onednn));
+        extra = buf;
+        if (peer) {
+          std::snprintf(buf, sizeof buf, ", %.1f %.2fx", bench::median(torch),
+                        bench::median(vs_torch));
+          extra += buf;
+        }
+      }
+      std::printf("%-5s %-17s %c%c%s %15s %7.1f %7.1f %6.2fx | %7.1f %7.1f %6.2fx  %s | %s%s\n",
                   ops::precision_name(p), s.what, s.ta ? 'T' : 'N', s.tb ? 'T' : 'N',
                   s.beta == 0.f ? "  " : "+C", dims, bench::median(wall[0]),
                   bench::median(wall[1]), bench::median(ratio), bench::median(idle[0]),
                   bench::median(idle[1]), bench::median(idle_ratio), impl[0].c_str(),
-                  impl[1].c_str());
+                  impl[1].c_str(), extra.c_str());
       std::fflush(stdout);
     }
   }
   ops::set_gemm_path(path0);
   ops::set_gemm_precision(prec0);
+  ops::set_blocked_use(blocked0);
   return 0;
 }
 

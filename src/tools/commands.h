@@ -159,10 +159,12 @@ struct BenchTrainArgs {
 };
 int cmd_bench_train(const BenchTrainArgs& a);
 
-// GEMM GFLOP/s of the runtime-shape vs fixed-shape oneDNN paths (bench_gemm.cpp).
+// GEMM GFLOP/s of the runtime-shape vs fixed-shape oneDNN paths (bench_gemm.cpp); FP32 also
+// with oneDNN's sgemm alone (no dlcm blocked sgemm) and, with --torch, PyTorch's matmul.
 struct BenchGemmArgs {
   i64 repeats = 5;
   double seconds = 0.3;  // per path and repeat
+  std::string torch;     // python interpreter of the PyTorch peer ("" = none)
 };
 int cmd_bench_gemm(const BenchGemmArgs& a);
 

@@ -153,8 +153,8 @@ int main(int argc, char** argv) {
                      ".venv-torch2/bin/python)")->delimiter(',');
   btrain->add_option("--precision", ba.precisions, "fp32 and/or bf16, timed side by side (default: the config's)")
       ->delimiter(',')->check(CLI::IsMember({"fp32", "bf16"}));
-  btrain->add_option("--gemm", ba.gemm_paths, "runtime, fixed (oneDNN's paths) and/or tiles (BF16 products on the AMX tile kernel where they fit, the rest fixed), timed side by side (default: DLCM_GEMM, else fixed on AMX CPUs, runtime elsewhere; DLCM_AMX_GEMM)")
-      ->delimiter(',')->check(CLI::IsMember({"runtime", "fixed", "tiles"}));
+  btrain->add_option("--gemm", ba.gemm_paths, "runtime, fixed (oneDNN's paths), tiles (BF16 products on the AMX tile kernel where they fit, the rest fixed) and/or onednn (runtime with every FP32 product on oneDNN's sgemm, none on dlcm's blocked one), timed side by side (default: DLCM_GEMM, else fixed on AMX CPUs, runtime elsewhere; DLCM_AMX_GEMM; DLCM_SGEMM_OWN)")
+      ->delimiter(',')->check(CLI::IsMember({"runtime", "fixed", "tiles", "onednn"}));
   btrain->add_flag("--breakdown", ba.breakdown, "per-component time of a training step");
   btrain->add_flag("--breakdown-gemm", ba.breakdown_gemm,
                    "--breakdown with every GEMM, and the BF16 operand rounding, in rows of their "
@@ -163,9 +163,10 @@ int main(int argc, char** argv) {
   add_threads(btrain);
 
   BenchGemmArgs bg;
-  auto* bgemm = bench->add_subcommand("gemm", "GEMM GFLOP/s: runtime-shape vs fixed-shape oneDNN products, FP32 and BF16");
+  auto* bgemm = bench->add_subcommand("gemm", "GEMM GFLOP/s: runtime-shape vs fixed-shape oneDNN products, FP32 and BF16; FP32 also on oneDNN's sgemm alone and, with --torch, PyTorch's");
   bgemm->add_option("--repeats", bg.repeats, "repeats (median reported)")->check(CLI::Range(1, 1000));
   bgemm->add_option("--seconds", bg.seconds, "seconds per path and repeat")->check(CLI::Range(0.01, 60.0));
+  bgemm->add_option("--torch", bg.torch, "FP32 products also through PyTorch's matmul (MKL in the pip wheels) in the same repeats: the interpreter, e.g. .venv-torch2/bin/python (bash scripts/setup_bench.sh)");
   add_threads(bgemm);
 
   BenchXattnArgs xa;
