@@ -1105,10 +1105,7 @@ void run_gemm(const Case& c, Mode m) {
 void run_gemm_blocked(const Case& c, Mode m) {
   const i64 M = c.N, K = c.d, N = c.V;
   if (!ops::blocked_sgemm_native()) return;
-  struct UseScope {
-    ops::BlockedUse was = ops::blocked_use();
-    ~UseScope() { ops::set_blocked_use(was); }
-  } restore;
+  ops::BlockedUseScope restore(ops::blocked_use());
   if (m == Perf) {
     Buf A(K * M), B(K * N), C(M * N);  // dW[M, N] += dy^T x: dy [K, M], x [K, N]
     test::fill_normal(A.data(), K * M, 1);
@@ -2075,10 +2072,9 @@ TEST(Ops, TileMmAmxMatchesRoundedOperands) {
 // blocked kernel (its exact bits) and nothing else there; DLCM_SGEMM_OWN=off turns it off.
 TEST(Ops, BlockedSgemmServesTheWeightGradientProducts) {
   if (!ops::blocked_sgemm_native()) GTEST_SKIP() << "no avx512 kernels here";
-  const ops::BlockedUse was = ops::blocked_use();
+  ops::BlockedUseScope restore(ops::blocked_use());
   ops::PrecisionScope fp32(ops::Precision::FP32);
-  const ops::GemmPath path_was = ops::gemm_path();
-  ops::set_gemm_path(ops::GemmPath::Runtime);
+  SettingScope<ops::GemmPath, ops::gemm_path, ops::set_gemm_path> runtime(ops::GemmPath::Runtime);
   struct Shape {
     bool ta, tb;
     i64 M, N, K;
@@ -2110,8 +2106,6 @@ TEST(Ops, BlockedSgemmServesTheWeightGradientProducts) {
       EXPECT_EQ(0, std::memcmp(C.data(), C2.data(), C.size() * sizeof(float)));
     }
   }
-  ops::set_blocked_use(was);
-  ops::set_gemm_path(path_was);
   EXPECT_EQ(ops::parse_blocked_use("off", "X"), ops::BlockedUse::Off);
   try {
     ops::parse_blocked_use("on", "DLCM_SGEMM_OWN");

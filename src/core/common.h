@@ -58,6 +58,20 @@ using Buf = std::vector<float, AlignedAlloc<float>>;
 
 inline void zero(Buf& b) { std::fill(b.begin(), b.end(), 0.0f); }
 
+// Sets a process-wide setting (read by Get, written by Set) for a scope and restores the
+// previous value at exit: ops::PrecisionScope, ops::Bf16UnitsScope, ops::BlockedUseScope.
+template <class T, T (*Get)(), void (*Set)(T)>
+class SettingScope {
+ public:
+  explicit SettingScope(T v) : prev_(Get()) { Set(v); }
+  ~SettingScope() { Set(prev_); }
+  SettingScope(const SettingScope&) = delete;
+  SettingScope& operator=(const SettingScope&) = delete;
+
+ private:
+  T prev_;
+};
+
 // Index of the first NaN or infinity in x[0, n), or -1. Blocks are screened with a branch-free
 // pass on the exponent bits (vectorised), so clean data costs one streaming read.
 inline i64 first_nonfinite(const float* x, i64 n) {

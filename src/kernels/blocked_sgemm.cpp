@@ -5,7 +5,8 @@
 //     for each block of kNC columns:
 //       the team packs op(B)[k block, column block] into panels [kKC][32] (768 KB, one copy
 //         for all threads, each packing some of the panels; a barrier)
-//       12-row tiles, taken by the threads dynamically: A's 12 x kKC block (in place when A is
+//       12-row tiles (one micro-kernel row each: fine tiles even out the threads), taken by
+//         the threads dynamically: A's 12 x kKC block (in place when A is
 //         not transposed, packed as [kKC][16] when it is) stays in L1 while the micro-kernel
 //         runs over every panel
 //       a barrier: the block is reread for the next one, and a tile's k blocks accumulate in
@@ -38,7 +39,6 @@ constexpr int kNR = 32;    // columns per panel (two vectors)
 constexpr int kAS = 16;    // floats per k of a packed A block (12 used; 64-byte rows)
 constexpr i64 kKC = 384;   // k per block: A's 12 rows x 384 = 18 KB in L1
 constexpr i64 kNC = 512;   // columns per packed B block: 384 x 512 x 4 = 768 KB (L2)
-constexpr i64 kMC = 12;    // rows per tile: one micro-kernel row (fine tiles even out the threads)
 constexpr i64 kPF = 8;     // k steps the panel is prefetched ahead
 
 // Masks of the valid lanes of a panel's two vectors, for w valid columns.
@@ -144,12 +144,12 @@ DLCM_BLOCKED_AVX512 void pack_a(float* Ap, const float* At, i64 lda, i64 k0, i64
 DLCM_BLOCKED_AVX512 void blocked(bool ta, bool tb, i64 M, i64 N, i64 K, float alpha,
                                  const float* A, i64 lda, const float* B, i64 ldb, float beta,
                                  float* C, i64 ldc) {
-  const i64 nib = (M + kMC - 1) / kMC;
-  const int T = omp_in_parallel() ? 1 : std::max<i64>(1, std::min<i64>(omp_get_max_threads(), nib));
-  // one packed block of B for the team: the threads pack its panels between them and all read
-  // it (each thread packing the whole block cost ~10% of the product's time)
-  thread_local Buf bp_shared;
-  Buf& bp = bp_shared;  // the calling thread's, shared with the team
+  const i64 tiles = (M + kMR - 1) / kMR;  // 12-row tiles
+  const int T = omp_in_parallel() ? 1 : std::max<i64>(1, std::min<i64>(omp_get_max_threads(), tiles));
+  // one packed block of B for the team (the calling thread's buffer): the threads pack its
+  // panels between them and all read it (each thread packing the whole block cost ~10% of the
+  // product's time)
+  thread_local Buf bp;
   bp.resize(kKC * ((kNC + kNR - 1) / kNR * kNR));
   float* const pb = bp.data();
 #pragma omp parallel num_threads(T)
@@ -166,21 +166,18 @@ DLCM_BLOCKED_AVX512 void blocked(bool ta, bool tb, i64 M, i64 N, i64 K, float al
           pack_b(pb + q * kNR * kc, tb, B, ldb, k0, kc, j0 + q * kNR, std::min<i64>(kNR, n - q * kNR));
         // (the implied barrier: the block is packed)
 #pragma omp for schedule(dynamic, 1)
-        for (i64 ib = 0; ib < nib; ++ib) {
-          const i64 iend = std::min(M, (ib + 1) * kMC);
-          for (i64 i0 = ib * kMC; i0 < iend; i0 += kMR) {
-            const i64 mr = std::min<i64>(kMR, iend - i0);
-            const float* a = A + i0 * lda + k0;
-            if (ta) {
-              pack_a(ap.data(), A, lda, k0, kc, i0, mr);
-              a = ap.data();
-            }
-            for (i64 p = 0; p < n; p += kNR) {
-              __mmask16 m[2];
-              lane_masks(std::min<i64>(kNR, n - p), m);
-              run_kernel(std::make_integer_sequence<int, kMR>{}, ta, mr, kc, a, lda, pb + p * kc,
-                         C + i0 * ldc + j0 + p, ldc, alpha, first, beta, m);
-            }
+        for (i64 t = 0; t < tiles; ++t) {
+          const i64 i0 = t * kMR, mr = std::min<i64>(kMR, M - i0);
+          const float* a = A + i0 * lda + k0;
+          if (ta) {
+            pack_a(ap.data(), A, lda, k0, kc, i0, mr);
+            a = ap.data();
+          }
+          for (i64 p = 0; p < n; p += kNR) {
+            __mmask16 m[2];
+            lane_masks(std::min<i64>(kNR, n - p), m);
+            run_kernel(std::make_integer_sequence<int, kMR>{}, ta, mr, kc, a, lda, pb + p * kc,
+                       C + i0 * ldc + j0 + p, ldc, alpha, first, beta, m);
           }
         }  // the implied barrier: the block is no longer read, and a k block adds to finished tiles
       }
@@ -232,7 +229,6 @@ BlockedUse parse_blocked_use(const std::string& s, const std::string& what) {
        s, "\"");
 }
 
-const char* blocked_use_name(BlockedUse u) { return u == BlockedUse::Tn ? "tn" : "off"; }
 void set_blocked_use(BlockedUse u) { use_ref() = u; }
 BlockedUse blocked_use() { return use_ref(); }
 

@@ -42,9 +42,9 @@ void blocked_sgemm(bool trans_a, bool trans_b, i64 M, i64 N, i64 K, float alpha,
 // at start (logged).
 enum class BlockedUse { Off, Tn };
 BlockedUse parse_blocked_use(const std::string& s, const std::string& what);
-const char* blocked_use_name(BlockedUse u);
 void set_blocked_use(BlockedUse u);
 BlockedUse blocked_use();
+using BlockedUseScope = SettingScope<BlockedUse, blocked_use, set_blocked_use>;
 // Whether ops::gemm sends this FP32 product to blocked_sgemm now.
 bool blocked_sgemm_serves(bool trans_a, bool trans_b, i64 M, i64 N, i64 K);
 

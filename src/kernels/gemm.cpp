@@ -74,14 +74,25 @@ void sgemm_1(bool trans_a, bool trans_b, i64 M, i64 N, i64 K, float alpha, const
 // inside the parallel region runs on its calling thread. Every element of C is still one
 // sgemm's full K reduction.
 // The weight-gradient form (A^T B) runs on dlcm's blocked sgemm instead (kernels/blocked_sgemm.h).
-void sgemm(bool trans_a, bool trans_b, i64 M, i64 N, i64 K, float alpha, const float* A, i64 lda,
-           const float* B, i64 ldb, float beta, float* C, i64 ldc) {
-  if (blocked_sgemm_serves(trans_a, trans_b, M, N, K))
-    return blocked_sgemm(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+// Returns the implementation that ran (sgemm_impl), one of these two names.
+constexpr const char* kSgemm = "sgemm";
+constexpr const char* kBlocked = "dlcm blocked sgemm";
+const char* sgemm_impl(bool trans_a, bool trans_b, i64 M, i64 N, i64 K) {
+  return blocked_sgemm_serves(trans_a, trans_b, M, N, K) ? kBlocked : kSgemm;
+}
+const char* sgemm(bool trans_a, bool trans_b, i64 M, i64 N, i64 K, float alpha, const float* A,
+                  i64 lda, const float* B, i64 ldb, float beta, float* C, i64 ldc) {
+  if (blocked_sgemm_serves(trans_a, trans_b, M, N, K)) {
+    blocked_sgemm(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    return kBlocked;
+  }
   const int T = omp_in_parallel() ? 1 : omp_get_max_threads();
   const bool by_rows = T > 1 && !trans_a && trans_b && N <= 512 && M >= 2048 && K >= 256;
   const bool by_cols = T > 1 && !trans_a && trans_b && M <= 512 && N >= 2048 && K >= 256;
-  if (!by_rows && !by_cols) return sgemm_1(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+  if (!by_rows && !by_cols) {
+    sgemm_1(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    return kSgemm;
+  }
   // rows: A is [M, K] row-major (not transposed); columns: B^T is [N, K] row-major.
   // Failures are collected and reported after the region (no throwing inside it).
   dnnl_status_t worst = dnnl_success;
@@ -108,6 +119,7 @@ void sgemm(bool trans_a, bool trans_b, i64 M, i64 N, i64 K, float alpha, const f
   }
   DLCM_CHECK(worst == dnnl_success, "oneDNN sgemm failed with status ", int(worst), " (M=", M,
              " N=", N, " K=", K, ")");
+  return kSgemm;
 }
 
 // ---- BF16 path ----------------------------------------------------------------------------
@@ -615,9 +627,9 @@ const char* bf16_on_fp32_units(bool ta, bool tb, i64 M, i64 N, i64 K, float alph
     fixed_gemm(*p, key, t.fa.data(), ac, t.fb.data(), bc, C);
     return "f32 primitive, bf16-rounded operands";
   }
-  sgemm(ta, tb, M, N, K, alpha, t.fa.data(), ac, t.fb.data(), bc, beta, C, ldc);
-  return blocked_sgemm_serves(ta, tb, M, N, K) ? "dlcm blocked sgemm, bf16-rounded operands"
-                                               : "sgemm, bf16-rounded operands";
+  return sgemm(ta, tb, M, N, K, alpha, t.fa.data(), ac, t.fb.data(), bc, beta, C, ldc) == kBlocked
+             ? "dlcm blocked sgemm, bf16-rounded operands"
+             : "sgemm, bf16-rounded operands";
 }
 
 // Times BF16 products of one training-sized shape (x W^T, 512 x 1024 x 512) on each kind of
@@ -792,15 +804,13 @@ std::string gemm_impl(bool trans_a, bool trans_b, i64 M, i64 N, i64 K, float alp
     const FixedKey key = fixed_key(trans_a, trans_b, M, N, K, alpha, trans_a ? M : K,
                                    trans_b ? K : N, beta, ldc, Precision::FP32);
     if (auto p = fixed_for(key, false)) return p->impl + ", bf16-rounded operands";
-    return blocked_sgemm_serves(trans_a, trans_b, M, N, K)
-               ? "dlcm blocked sgemm, bf16-rounded operands"
-               : "sgemm, bf16-rounded operands";
+    return sgemm_impl(trans_a, trans_b, M, N, K) + std::string(", bf16-rounded operands");
   }
   if (amx_gemm_serves(M, N, K, alpha, beta)) return "amx tiles (dlcm)";
   if (auto p = fixed_for(fixed_key(trans_a, trans_b, M, N, K, alpha, lda, ldb, beta, ldc), false))
     return p->impl;
   if (g_precision == Precision::BF16 && K > 0) return primitive(trans_a, trans_b, beta).impl;
-  return blocked_sgemm_serves(trans_a, trans_b, M, N, K) ? "dlcm blocked sgemm" : "sgemm";
+  return sgemm_impl(trans_a, trans_b, M, N, K);
 }
 
 void gemm(bool trans_a, bool trans_b, i64 M, i64 N, i64 K, float alpha, const float* A, i64 lda,
@@ -834,9 +844,8 @@ void gemm(bool trans_a, bool trans_b, i64 M, i64 N, i64 K, float alpha, const fl
     bf16_gemm(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
     return timer.done(trans_a, trans_b, M, N, K, acc, "runtime bf16");
   }
-  sgemm(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
   timer.done(trans_a, trans_b, M, N, K, acc,
-             blocked_sgemm_serves(trans_a, trans_b, M, N, K) ? "dlcm blocked sgemm" : "sgemm");
+             sgemm(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc));
 }
 
 namespace {

@@ -43,16 +43,7 @@ bool cpu_has_bf16();
 std::string onednn_version();
 
 // Sets the precision for a scope and restores the previous one at exit.
-class PrecisionScope {
- public:
-  explicit PrecisionScope(Precision p) : prev_(gemm_precision()) { set_gemm_precision(p); }
-  ~PrecisionScope() { set_gemm_precision(prev_); }
-  PrecisionScope(const PrecisionScope&) = delete;
-  PrecisionScope& operator=(const PrecisionScope&) = delete;
-
- private:
-  Precision prev_;
-};
+using PrecisionScope = SettingScope<Precision, gemm_precision, set_gemm_precision>;
 
 // The units that run the BF16 products. Native: oneDNN's bf16 kernels (AVX512-BF16 dot
 // products, AMX brgemm) and dlcm's AMX tiles. Fp32: the operands rounded to bf16 as above but
@@ -83,17 +74,8 @@ Bf16Units bf16_units();
 // Overrides the decision for the rest of the process (tests, benchmarks comparing both).
 void set_bf16_units(Bf16Units u);
 
-// Sets the units for a scope and restores the previous ones at exit (like PrecisionScope).
-class Bf16UnitsScope {
- public:
-  explicit Bf16UnitsScope(Bf16Units u) : prev_(bf16_units()) { set_bf16_units(u); }
-  ~Bf16UnitsScope() { set_bf16_units(prev_); }
-  Bf16UnitsScope(const Bf16UnitsScope&) = delete;
-  Bf16UnitsScope& operator=(const Bf16UnitsScope&) = delete;
-
- private:
-  Bf16Units prev_;
-};
+// Sets the units for a scope and restores the previous ones at exit.
+using Bf16UnitsScope = SettingScope<Bf16Units, bf16_units, set_bf16_units>;
 
 enum class GemmPath { Runtime, Fixed };
 // "runtime" | "fixed"; anything else throws naming `what` (e.g. "DLCM_GEMM").

@@ -64,6 +64,11 @@ struct GemmChoice {
   bool amx;
   std::string name;
   ops::BlockedUse blocked = ops::blocked_use();  // FP32 products on dlcm's blocked sgemm
+  void apply() const {  // makes it the process's
+    ops::set_gemm_path(path);
+    ops::set_amx_gemm(amx);
+    ops::set_blocked_use(blocked);
+  }
 };
 static GemmChoice parse_gemm_choice(const std::string& s) {
   if (s == "tiles") return {ops::GemmPath::Fixed, true, s};
@@ -75,9 +80,7 @@ static GemmChoice parse_gemm_choice(const std::string& s) {
 // One engine configuration under test (one precision, one GEMM path).
 struct Engine {
   std::string precision, label;  // label: "fp32", or "fp32/fixed" when paths are compared
-  ops::GemmPath path = ops::GemmPath::Fixed;
-  bool amx = false;  // BF16 products on the AMX tile kernel where they fit (kernels/amx_gemm.h)
-  ops::BlockedUse blocked = ops::BlockedUse::Tn;  // kernels/blocked_sgemm.h
+  GemmChoice gemm;  // path, AMX tile kernel (kernels/amx_gemm.h), blocked sgemm
   std::unique_ptr<Trainer> tr;
   // per repeat: tokens/s, tokens per process CPU-second, tokens per second of the busiest
   // thread (idle-machine estimate), MFU (wall, idle estimate), the ratio to the PyTorch peer
@@ -226,10 +229,7 @@ static int bench_train_ranks(const BenchTrainArgs& a, const Config& cfg) {
              "bench train: under mpirun give at most one --precision, at most one --gemm and no "
              "--breakdown");
   if (!a.gemm_paths.empty()) {
-    const GemmChoice g = parse_gemm_choice(a.gemm_paths[0]);
-    ops::set_gemm_path(g.path);
-    ops::set_amx_gemm(g.amx);
-    ops::set_blocked_use(g.blocked);
+    parse_gemm_choice(a.gemm_paths[0]).apply();
   }
   auto say = [&](auto... args) {
     if (rank0) std::printf(args...);
@@ -354,11 +354,10 @@ int cmd_bench_train(const BenchTrainArgs& args) {
   opt.peak_gflops = 1;  // MFU is computed here, against the peak measured in each repeat
   // GEMM peaks on the process's path; each engine switches to its own around its steps
   const ops::GemmPath path0 = ops::gemm_path();
-  const bool amx0 = ops::amx_gemm_on();
-  const ops::BlockedUse blocked0 = ops::blocked_use();
+  const GemmChoice gemm0{path0, ops::amx_gemm_on(), ops::gemm_path_name(path0)};
   std::vector<GemmChoice> paths;
   for (auto& p : a.gemm_paths) paths.push_back(parse_gemm_choice(p));
-  if (paths.empty()) paths.push_back({path0, amx0, ops::gemm_path_name(path0)});
+  if (paths.empty()) paths.push_back(gemm0);
   std::vector<Engine> eng;
   for (const std::string& prec : precisions)
     for (const GemmChoice& g : paths) {
@@ -366,9 +365,7 @@ int cmd_bench_train(const BenchTrainArgs& args) {
       c.train.precision = prec;
       Engine& e = eng.emplace_back();
       e.precision = prec;
-      e.path = g.path;
-      e.amx = g.amx;
-      e.blocked = g.blocked;
+      e.gemm = g;
       e.label = paths.size() > 1 ? prec + "/" + g.name : prec;
       e.tr = std::make_unique<Trainer>(c, data, opt);
     }
@@ -383,14 +380,10 @@ int cmd_bench_train(const BenchTrainArgs& args) {
     measure_peak(0.05, 2048);
   }
   for (auto& e : eng) {
-    ops::set_gemm_path(e.path);
-    ops::set_amx_gemm(e.amx);
-    ops::set_blocked_use(e.blocked);
+    e.gemm.apply();
     for (int w = 0; w < 2; ++w) e.tr->train_step();
   }
-  ops::set_gemm_path(path0);
-  ops::set_amx_gemm(amx0);
-  ops::set_blocked_use(blocked0);
+  gemm0.apply();
 
   // The PyTorch peers: child processes that have built the same model and answer "run N".
   // Each is an interpreter with settings (--torch PY[:autocast][:sdpa][:compile]); the default is
@@ -410,27 +403,8 @@ int cmd_bench_train(const BenchTrainArgs& args) {
       std::ofstream f(cfg_path);
       f << config_to_json(c).dump(1);
     }
-    std::vector<std::string> env = {"OMP_NUM_THREADS=" + std::to_string(omp_get_max_threads())},
-                             unset;
-    // Best settings for the PyTorch side: jemalloc without decay, OpenBLAS's own AVX-512
-    // kernel choice (an OPENBLAS_CORETYPE forcing an AVX2 core is removed).
-    // ATen's own vector kernels default to AVX2; AVX-512 measured faster here.
-    const char* jem = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2";
-    if (!a.torch_default) {
-      if (fs::exists(jem)) {
-        env.push_back(std::string("LD_PRELOAD=") + jem);
-        env.push_back("MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1");
-      }
-      env.push_back("ATEN_CPU_CAPABILITY=avx512");
-    }
-    if (const char* ct = std::getenv("OPENBLAS_CORETYPE")) {
-      std::string s(ct);
-      for (auto& ch : s) ch = char(std::toupper(ch));
-      if (s != "SKYLAKEX" && s != "COOPERLAKE" && s != "SAPPHIRERAPIDS") {
-        unset.push_back("OPENBLAS_CORETYPE");
-        std::printf("pytorch: OPENBLAS_CORETYPE=%s unset for the peer (not an AVX-512 core)\n", ct);
-      }
-    }
+    std::vector<std::string> unset;
+    const std::vector<std::string> env = bench::torch_peer_env(!a.torch_default, unset);
     std::string envs;
     for (auto& e : env) envs += (envs.empty() ? "" : " ") + e;
     for (size_t k = 0; k < peer_specs.size(); ++k) {
@@ -481,9 +455,7 @@ int cmd_bench_train(const BenchTrainArgs& args) {
         prof::reset();
         prof::enable(true);
       }
-      ops::set_gemm_path(e.path);
-      ops::set_amx_gemm(e.amx);
-      ops::set_blocked_use(e.blocked);
+      e.gemm.apply();
       const double c0 = cpu_seconds();
       const auto th0 = bench::thread_cpu_seconds();
       auto t0 = std::chrono::steady_clock::now();
@@ -495,9 +467,7 @@ int cmd_bench_train(const BenchTrainArgs& args) {
       }
       const double sec = bench::seconds_since(t0), cpu = cpu_seconds() - c0;
       const double busiest = bench::busiest_thread_seconds(th0, bench::thread_cpu_seconds());
-      ops::set_gemm_path(path0);
-      ops::set_amx_gemm(amx0);
-      ops::set_blocked_use(blocked0);
+      gemm0.apply();
       prof::enable(false);
       if (a.breakdown) {
         for (auto& en : prof::entries()) {

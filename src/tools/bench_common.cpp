@@ -1,11 +1,14 @@
 #include "tools/bench_common.h"
 
+#include <omp.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
+#include <cctype>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -102,6 +105,32 @@ Rss read_rss() {
   }
   std::fclose(f);
   return r;
+}
+
+// ---- PyTorch peers ----
+
+std::vector<std::string> torch_peer_env(bool best, std::vector<std::string>& unset) {
+  std::vector<std::string> env = {"OMP_NUM_THREADS=" + std::to_string(omp_get_max_threads())};
+  // Best settings for the PyTorch side: jemalloc without decay, OpenBLAS's own AVX-512
+  // kernel choice (an OPENBLAS_CORETYPE forcing an AVX2 core is removed).
+  // ATen's own vector kernels default to AVX2; AVX-512 measured faster here.
+  const char* jem = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2";
+  if (best) {
+    if (std::filesystem::exists(jem)) {
+      env.push_back(std::string("LD_PRELOAD=") + jem);
+      env.push_back("MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1");
+    }
+    env.push_back("ATEN_CPU_CAPABILITY=avx512");
+  }
+  if (const char* ct = std::getenv("OPENBLAS_CORETYPE")) {
+    std::string s(ct);
+    for (auto& ch : s) ch = char(std::toupper(ch));
+    if (s != "SKYLAKEX" && s != "COOPERLAKE" && s != "SAPPHIRERAPIDS") {
+      unset.push_back("OPENBLAS_CORETYPE");
+      std::printf("pytorch: OPENBLAS_CORETYPE=%s unset for the peer (not an AVX-512 core)\n", ct);
+    }
+  }
+  return env;
 }
 
 // ---- LineProcess ----

@@ -36,6 +36,12 @@ class LineProcess {
   std::string log_;
 };
 
+// The environment of a PyTorch peer process (bench train, bench gemm): OMP_NUM_THREADS of this
+// process and, with best = true, PyTorch's best settings here (jemalloc without decay, ATen's
+// AVX-512 kernels); an OPENBLAS_CORETYPE that forces a core without AVX-512 goes into `unset`
+// (logged).
+std::vector<std::string> torch_peer_env(bool best, std::vector<std::string>& unset);
+
 inline double median(std::vector<double> v) {
   if (v.empty()) return 0;
   std::sort(v.begin(), v.end());

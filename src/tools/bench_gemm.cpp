@@ -101,15 +101,12 @@ int cmd_bench_gemm(const BenchGemmArgs& a) {
     DLCM_CHECK(std::filesystem::exists(a.torch), "bench gemm: --torch ", a.torch,
                ": no such interpreter (torch 2.x: bash scripts/setup_bench.sh, then "
                ".venv-torch2/bin/python)");
-    // the settings bench train gives its peers: jemalloc, ATen's AVX-512 kernels
-    std::vector<std::string> env = {"OMP_NUM_THREADS=" + std::to_string(omp_get_max_threads()),
-                                    "ATEN_CPU_CAPABILITY=avx512"};
-    const char* jem = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2";
-    if (std::filesystem::exists(jem)) env.push_back(std::string("LD_PRELOAD=") + jem);
+    std::vector<std::string> unset;
+    const std::vector<std::string> env = bench::torch_peer_env(true, unset);  // as bench train's
     peer = std::make_unique<bench::LineProcess>(
         std::vector<std::string>{a.torch, std::string(DLCM_SOURCE_DIR) + "/python/bench_torch_gemm.py",
                                  "--serve"},
-        env, std::vector<std::string>{});
+        env, unset);
     json info;
     DLCM_CHECK(peer->reply(info) && info.contains("ready"), "bench gemm: the PyTorch peer (",
                a.torch, ") did not start:\n", peer->log());
@@ -129,7 +126,6 @@ int cmd_bench_gemm(const BenchGemmArgs& a) {
     return Rate{r["gflops"].get<double>(), r["gflops_idle"].get<double>()};
   };
   const ops::GemmPath path0 = ops::gemm_path();
-  const ops::BlockedUse blocked0 = ops::blocked_use();
   const ops::Precision prec0 = ops::gemm_precision();
   std::vector<ops::Precision> precs = {ops::Precision::FP32};
   if (ops::cpu_has_bf16()) precs.push_back(ops::Precision::BF16);
@@ -162,9 +158,8 @@ int cmd_bench_gemm(const BenchGemmArgs& a) {
       const bool fp32 = p == ops::Precision::FP32;
       if (fp32) {  // the oneDNN-only runtime path's warm-up
         ops::set_gemm_path(ops::GemmPath::Runtime);
-        ops::set_blocked_use(ops::BlockedUse::Off);
+        ops::BlockedUseScope onednn_only(ops::BlockedUse::Off);
         for (int w = 0; w < 3; ++w) run(s, o);
-        ops::set_blocked_use(blocked0);
       }
       std::vector<double> wall[2], idle[2], ratio, idle_ratio, onednn, vs_onednn, torch, vs_torch;
       for (i64 rep = 0; rep < a.repeats; ++rep) {
@@ -178,9 +173,10 @@ int cmd_bench_gemm(const BenchGemmArgs& a) {
         idle_ratio.push_back(idle[1].back() / idle[0].back());
         if (fp32) {
           ops::set_gemm_path(ops::GemmPath::Runtime);
-          ops::set_blocked_use(ops::BlockedUse::Off);
-          onednn.push_back(rate(s, o, a.seconds).wall);
-          ops::set_blocked_use(blocked0);
+          {
+            ops::BlockedUseScope onednn_only(ops::BlockedUse::Off);
+            onednn.push_back(rate(s, o, a.seconds).wall);
+          }
           vs_onednn.push_back(wall[0].back() / onednn.back());
           if (peer) {
             torch.push_back(torch_rate(s, a.seconds).wall);
@@ -214,7 +210,6 @@ int cmd_bench_gemm(const BenchGemmArgs& a) {
   }
   ops::set_gemm_path(path0);
   ops::set_gemm_precision(prec0);
-  ops::set_blocked_use(blocked0);
   return 0;
 }
 
