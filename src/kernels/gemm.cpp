@@ -851,12 +851,34 @@ void gemm(bool trans_a, bool trans_b, i64 M, i64 N, i64 K, float alpha, const fl
 namespace {
 // Rounds x into keep when the BF16 linear layers use their copies; otherwise marks it empty, so
 // that a backward never reads a copy older than its x.
+std::atomic<i64> g_copies_produced{0};
+// DLCM_BF16_PRODUCERS=0: the producers write floats only and the products round them (the same
+// bits; for A/B timing).
+const bool g_producers = [] {
+  const char* e = std::getenv("DLCM_BF16_PRODUCERS");
+  if (!e || !*e) return true;
+  const bool on = std::string(e) != "0";
+  std::fprintf(stderr, "dlcm: DLCM_BF16_PRODUCERS=%s: producers %s the bf16 roundings\n", e,
+               on ? "write" : "do not write");
+  return on;
+}();
+bool copies_wanted(i64 rows, i64 cols) {
+  return g_precision == Precision::BF16 && g_bf16_reuse.load() && rows * cols > 0 &&
+         !active_packed_weights();
+}
 bool fill_copy(Bf16Copy* keep, const float* x, i64 N, i64 in) {
   if (!keep) return false;
-  keep->src = nullptr;
-  if (g_precision != Precision::BF16 || !g_bf16_reuse.load() || N * in == 0 ||
-      active_packed_weights())
+  const bool produced = keep->produced;
+  keep->produced = false;
+  if (!copies_wanted(N, in)) {
+    keep->src = nullptr;
     return false;
+  }
+  if (produced && keep->src == x && keep->rows == N && keep->cols == in) {
+    g_copies_produced.fetch_add(1, std::memory_order_relaxed);
+    return true;
+  }
+  keep->src = nullptr;
   round_block(keep->data, x, N, in, in);
   keep->src = x, keep->rows = N, keep->cols = in, keep->version = new_copy_version();
   return true;
@@ -870,6 +892,27 @@ const Bf16Copy* usable_copy(const Bf16Copy* keep, const float* src, i64 rows, i6
   return nullptr;
 }
 }  // namespace
+
+CopyProducer::CopyProducer(Bf16Copy* keep, i64 rows, i64 cols)
+    : keep_(keep), rows_(rows), cols_(cols) {
+  keep->src = nullptr;
+  keep->produced = false;
+  if (!g_producers || !copies_wanted(rows, cols)) return;
+  if (keep->data.size() < size_t(rows * cols)) keep->data.resize(rows * cols);
+  data_ = keep->data.data();
+}
+void CopyProducer::done(const float* src) {
+  if (!data_) return;
+  keep_->src = src, keep_->rows = rows_, keep_->cols = cols_;
+  keep_->version = new_copy_version();
+  keep_->produced = true;
+}
+i64 bf16_copies_produced() { return g_copies_produced.load(); }
+
+void round_row_to_bf16(uint16_t* dst, const float* src, i64 n) {
+  i64 c = isa() == Isa::Avx512 && cpu_has_bf16() ? convert_row_avx512bf16(dst, src, n) : 0;
+  for (; c < n; ++c) dst[c] = to_bf16(src[c]);
+}
 
 void set_bf16_reuse(bool on) { g_bf16_reuse = on; }
 bool bf16_reuse() { return g_bf16_reuse.load(); }
@@ -911,7 +954,7 @@ void linear_forward_multi(float* const* y, const float* x, const float* const* W
 
 void linear_backward(float* dx, float* dW, const float* dy, const float* x, const float* W, i64 N,
                      i64 in, i64 out, const Bf16Copy* keep, bool dx_accumulate,
-                     const Bf16Copy* wkeep) {
+                     const Bf16Copy* wkeep, const Bf16Copy* dykeep) {
   // BF16: x, the B operand of dW = dy^T x, and W, the B operand of dx = dy W, from the
   // forward's copies when there are
   KnownScope known;
@@ -919,9 +962,15 @@ void linear_backward(float* dx, float* dW, const float* dy, const float* x, cons
     known.add(x, N, in, in, c->data.data(), c->version);
   if (const Bf16Copy* c = dx ? usable_copy(wkeep, W, out, in) : nullptr)
     known.add(W, out, in, in, c->data.data(), c->version);
-  // BF16: dy, the A operand of both products (read transposed for dW), rounded once
+  // BF16: dy, the A operand of both products (read transposed for dW), rounded once, or not
+  // at all where its producer wrote its rounding
   std::optional<SharedAScope> shared;
-  if (dx && dW) shared.emplace(dy, N, out, out);
+  if (const Bf16Copy* c = usable_copy(dykeep, dy, N, out)) {
+    known.add(dy, N, out, out, c->data.data(), c->version);
+    g_copies_produced.fetch_add(1, std::memory_order_relaxed);
+  } else if (dx && dW) {
+    shared.emplace(dy, N, out, out);
+  }
   if (dx) gemm(false, false, N, in, out, 1.0f, dy, out, W, in, dx_accumulate ? 1.0f : 0.0f, dx, in);
   if (dW) gemm(true, false, out, in, N, 1.0f, dy, out, x, in, 1.0f, dW, in);
 }

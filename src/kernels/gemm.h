@@ -140,12 +140,41 @@ struct Bf16Copy {
   const float* src = nullptr;  // the x it was made from (null: no valid copy)
   i64 rows = 0, cols = 0;
   uint64_t version = 0;  // unique per rounding into it (the AMX path caches packed copies by it)
+  bool produced = false;  // written by x's producer (CopyProducer), not yet read by a forward
 };
+
+// BF16: the producer of a linear layer's input (RMSNorm, SwiGLU, their backwards) may write the
+// input's bf16 rounding in the same pass as the floats, while each row is still in L1, instead
+// of the product reading the floats back and rounding them (the same rounding: the same bits).
+//   ops::CopyProducer p(&keep, rows, cols);       // p.data(): where, or null (nothing to write)
+//   ops::rmsnorm_forward(y, ..., p.data());        // writes y and its rounding
+//   p.done(y);                                     // keep now holds y's rounding
+// The next linear_forward(_multi) given keep for y reads it instead of rounding y (the forward
+// copy as before, kept for the backward), and a linear_backward given it as dy's copy (dykeep)
+// reads it for dy. data() is null in FP32, with the copies off (set_bf16_reuse(false)) and in
+// a packed inference stream: the producer then writes floats only and keep stays invalid.
+class CopyProducer {
+ public:
+  CopyProducer(Bf16Copy* keep, i64 rows, i64 cols);
+  uint16_t* data() const { return data_; }
+  void done(const float* src);  // src [rows, cols] was written with its rounding in data()
+
+ private:
+  Bf16Copy* keep_;
+  uint16_t* data_ = nullptr;
+  i64 rows_, cols_;
+};
+// Roundings producers wrote that a product then read instead of rounding (since the start).
+i64 bf16_copies_produced();
+// dst [n] = bf16(src [n]), the rounding of the BF16 products, without a parallel region (one
+// row of a producer).
+void round_row_to_bf16(uint16_t* dst, const float* src, i64 n);
 void linear_forward(float* y, const float* x, const float* W, i64 N, i64 in, i64 out,
                     Bf16Copy* keep = nullptr, Bf16Copy* wkeep = nullptr);
+// dykeep: dy's rounding written by dy's producer (CopyProducer), read for both products.
 void linear_backward(float* dx, float* dW, const float* dy, const float* x, const float* W, i64 N,
                      i64 in, i64 out, const Bf16Copy* keep = nullptr, bool dx_accumulate = true,
-                     const Bf16Copy* wkeep = nullptr);
+                     const Bf16Copy* wkeep = nullptr, const Bf16Copy* dykeep = nullptr);
 // Several linear layers of one input: y[i][N, out[i]] = x[N, in] W[i]^T for i < n (q/k/v,
 // w1/w3). One product over the stacked weights where an inference stream packed them together
 // (kernels/packed_gemm.h; the same rows as the separate packed products), else linear_forward

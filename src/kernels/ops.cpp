@@ -9,6 +9,7 @@
 #include <memory>
 #include <mutex>
 
+#include "kernels/gemm.h"        // round_row_to_bf16
 #include "kernels/isa_target.h"  // last include: the variant's target and namespace
 #include "kernels/simd.h"
 
@@ -46,7 +47,7 @@ void embedding_backward(float* dtable, const float* dout, const i32* ids, i64 N,
 // ---- RMSNorm ----
 
 void rmsnorm_forward(float* y, float* rstd, const float* x, const float* w, i64 N, i64 d,
-                     float eps) {
+                     float eps, uint16_t* y16) {
 #pragma omp parallel for schedule(static) if (N * d > kParMin)
   for (i64 n = 0; n < N; ++n) {
     const float* xr = x + n * d;
@@ -58,6 +59,7 @@ void rmsnorm_forward(float* y, float* rstd, const float* x, const float* w, i64 
     float* yr = y + n * d;
 #pragma omp simd
     for (i64 c = 0; c < d; ++c) yr[c] = xr[c] * r * w[c];
+    if (y16) round_row_to_bf16(y16 + n * d, yr, d);  // the row is still in L1
   }
 }
 
@@ -65,7 +67,8 @@ void rmsnorm_forward(float* y, float* rstd, const float* x, const float* w, i64 
 // dw: each thread sums its rows into a private row, then the partials are added column-wise
 // in thread order (deterministic for a fixed thread count).
 void rmsnorm_backward(float* dx, float* dw, const float* dy, const float* x, const float* w,
-                      const float* rstd, i64 N, i64 d, const float* res, bool accumulate) {
+                      const float* rstd, i64 N, i64 d, const float* res, bool accumulate,
+                      uint16_t* dx16) {
   int nt_max = (N * d > kParMin) ? omp_get_max_threads() : 1;
   Buf part(size_t(nt_max) * d, 0.0f);
 #pragma omp parallel num_threads(nt_max)
@@ -99,6 +102,7 @@ void rmsnorm_backward(float* dx, float* dw, const float* dy, const float* x, con
       }
 #pragma omp simd
       for (i64 c = 0; c < d; ++c) pw[c] += g[c] * xr[c] * r;
+      if (dx16) round_row_to_bf16(dx16 + n * d, dxr, d);
     }
     // implicit barrier after omp for
 #pragma omp for schedule(static)
@@ -114,12 +118,12 @@ void rmsnorm_backward(float* dx, float* dw, const float* dy, const float* x, con
 // [N, H, hd] is [N*H, hd] rows: one RMSNorm per (token, head).
 void head_rmsnorm_forward(float* y, float* rstd, const float* x, const float* w, i64 N, i64 H,
                           i64 hd, float eps) {
-  rmsnorm_forward(y, rstd, x, w, N * H, hd, eps);
+  rmsnorm_forward(y, rstd, x, w, N * H, hd, eps, nullptr);
 }
 
 void head_rmsnorm_backward(float* dx, float* dw, const float* dy, const float* x, const float* w,
                            const float* rstd, i64 N, i64 H, i64 hd) {
-  rmsnorm_backward(dx, dw, dy, x, w, rstd, N * H, hd, nullptr, true);
+  rmsnorm_backward(dx, dw, dy, x, w, rstd, N * H, hd, nullptr, true, nullptr);
 }
 
 // ---- RoPE ----
@@ -188,7 +192,7 @@ void rope_apply(float* x, const i32* pos, i64 N, i64 H, i64 hd, float theta, boo
 
 // ---- SwiGLU ----
 
-void swiglu_forward(float* h, const float* a, const float* b, i64 n) {
+void swiglu_forward(float* h, const float* a, const float* b, i64 n, uint16_t* h16) {
 #pragma omp parallel for schedule(static) if (n > kParMin)
   for (i64 i0 = 0; i0 < n; i0 += 1024) {
     i64 i1 = std::min(n, i0 + 1024);
@@ -203,12 +207,13 @@ void swiglu_forward(float* h, const float* a, const float* b, i64 n) {
 #else
     for (i64 i = i0; i < i1; ++i) h[i] = a[i] / (1.0f + std::exp(-a[i])) * b[i];
 #endif
+    if (h16) round_row_to_bf16(h16 + i0, h + i0, i1 - i0);  // while the chunk is in L1
   }
 }
 
 // silu'(a) = s (1 + a (1 - s)), s = sigmoid(a).
 void swiglu_backward(float* da, float* db, const float* dh, const float* a, const float* b,
-                     i64 n, bool accumulate) {
+                     i64 n, bool accumulate, uint16_t* da16, uint16_t* db16) {
 #pragma omp parallel for schedule(static) if (n > kParMin)
   for (i64 i0 = 0; i0 < n; i0 += 1024) {
     i64 i1 = std::min(n, i0 + 1024);
@@ -239,6 +244,8 @@ void swiglu_backward(float* da, float* db, const float* dh, const float* a, cons
       db[i] = accumulate ? db[i] + gb : gb;
     }
 #endif
+    if (da16) round_row_to_bf16(da16 + i0, da + i0, i1 - i0);
+    if (db16) round_row_to_bf16(db16 + i0, db + i0, i1 - i0);
   }
 }
 

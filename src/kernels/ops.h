@@ -15,14 +15,17 @@ void embedding_forward(float* out, const i32* ids, const float* table, i64 N, i6
 void embedding_backward(float* dtable, const float* dout, const i32* ids, i64 N, i64 d);
 
 // ---- RMSNorm: y = x * rstd * w, rstd[n] = 1/sqrt(mean(x^2)+eps) (saved for backward) ----
+// The producers of linear layers' inputs (RMSNorm forward and backward, SwiGLU forward and
+// backward) optionally write their output's bf16 rounding too (y16 etc., [same shape]; the
+// rounding of the BF16 products, bit for bit; see ops::CopyProducer in kernels/gemm.h).
 void rmsnorm_forward(float* y, float* rstd, const float* x, const float* w, i64 N, i64 d,
-                     float eps);
+                     float eps, uint16_t* y16 = nullptr);
 // dx += the input's gradient, dw += the weight's. A residual branch's gradient res [N, d]
 // (optional) joins in the same pass: dx (+)= res + the gradient, computed as (dx + res) + grad,
 // the order of adding res first. accumulate = false writes dx without reading it.
 void rmsnorm_backward(float* dx, float* dw, const float* dy, const float* x, const float* w,
                       const float* rstd, i64 N, i64 d, const float* res = nullptr,
-                      bool accumulate = true);
+                      bool accumulate = true, uint16_t* dx16 = nullptr);
 
 // ---- per-head RMSNorm (QK-norm): x [N, H, hd] is normalised over head_dim, one RMSNorm per
 // (token, head) sharing the weight w [hd]; rstd [N*H] ----
@@ -37,10 +40,10 @@ void head_rmsnorm_backward(float* dx, float* dw, const float* dy, const float* x
 void rope_apply(float* x, const i32* pos, i64 N, i64 H, i64 hd, float theta, bool inverse);
 
 // ---- SwiGLU gate: h = silu(a) * b, elementwise over n elements ----
-void swiglu_forward(float* h, const float* a, const float* b, i64 n);
+void swiglu_forward(float* h, const float* a, const float* b, i64 n, uint16_t* h16 = nullptr);
 // da/db += the gradients; with accumulate = false, da/db = the gradients (no clearing needed).
 void swiglu_backward(float* da, float* db, const float* dh, const float* a, const float* b, i64 n,
-                     bool accumulate = true);
+                     bool accumulate = true, uint16_t* da16 = nullptr, uint16_t* db16 = nullptr);
 
 // ---- causal multi-head attention with grouped-query heads, blockwise (flash style) ----
 // q [B, Lq, Hq, hd], k/v [B, Lk, Hkv, hd], out [B, Lq, Hq, hd], lse [B, Hq, Lq].

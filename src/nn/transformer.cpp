@@ -137,7 +137,12 @@ void TransformerStack::block_forward(i64 l, const float* x, const i32* pos, i64 
 void TransformerStack::block_qkv(i64 l, const float* x, const i32* pos, i64 N, BlockActs& A) {
   const BlockDims& d = dims_;
   const BlockParams& P = layers_[l];
-  ops::rmsnorm_forward(A.xn1.data(), A.rstd1.data(), x, P.attn_norm->w, N, d.d, d.norm_eps);
+  {  // BF16: the norm writes the rounding the q/k/v products read (ops::CopyProducer)
+    ops::CopyProducer p16(&A.xn1_16, N, d.d);
+    ops::rmsnorm_forward(A.xn1.data(), A.rstd1.data(), x, P.attn_norm->w, N, d.d, d.norm_eps,
+                         p16.data());
+    p16.done(A.xn1.data());
+  }
   float* qdst = d.qk_norm ? A.q_raw.data() : A.q.data();
   float* kdst = d.qk_norm ? A.k_raw.data() : A.k.data();
   {
@@ -166,7 +171,12 @@ void TransformerStack::block_out(i64 l, const float* x, float* out, i64 N, Block
 #pragma omp parallel for schedule(static) if (N * d.d > (1 << 15))
   for (i64 i = 0; i < N * d.d; ++i) mid[i] += x[i];
   // feed-forward sub-layer
-  ops::rmsnorm_forward(A.xn2.data(), A.rstd2.data(), mid, P.ffn_norm->w, N, d.d, d.norm_eps);
+  {
+    ops::CopyProducer p16(&A.xn2_16, N, d.d);
+    ops::rmsnorm_forward(A.xn2.data(), A.rstd2.data(), mid, P.ffn_norm->w, N, d.d, d.norm_eps,
+                         p16.data());
+    p16.done(A.xn2.data());
+  }
   {
     float* y[2] = {A.a.data(), A.b.data()};
     const float* W[2] = {P.w1->w, P.w3->w};
@@ -174,7 +184,11 @@ void TransformerStack::block_out(i64 l, const float* x, float* out, i64 N, Block
     ops::Bf16Copy* wk16[2] = {&A.w1_16, &A.w3_16};
     ops::linear_forward_multi(y, A.xn2.data(), W, N, d.d, out, 2, &A.xn2_16, wk16);
   }
-  ops::swiglu_forward(A.h.data(), A.a.data(), A.b.data(), N * d.d_ff);
+  {
+    ops::CopyProducer p16(&A.h_16, N, d.d_ff);
+    ops::swiglu_forward(A.h.data(), A.a.data(), A.b.data(), N * d.d_ff, p16.data());
+    p16.done(A.h.data());
+  }
   ops::linear_forward(out, A.h.data(), P.w2->w, N, d.d_ff, d.d, &A.h_16, &A.w2_16);
 #pragma omp parallel for schedule(static) if (N * d.d > (1 << 15))
   for (i64 i = 0; i < N * d.d; ++i) out[i] += mid[i];
@@ -400,20 +414,31 @@ void TransformerStack::block_backward_out(i64 l, const float* dout, i64 N, Block
   // out = mid + w2(h): dh = dout W2, dW2 += dout^T h. The scratch gradients G.* are written by
   // their first producer (dx_accumulate / accumulate false) instead of cleared and accumulated:
   // a pass less over each.
+  // BF16: dout's rounding comes from the block above's attention norm backward (G.res_16) when
+  // dout is that block's dx; the producers below write the roundings of G.a, G.b and G.mid.
   ops::linear_backward(G.h.data(), P.w2->g, dout, A.h.data(), P.w2->w, N, d.d_ff, d.d,
-                       &A.h_16, false, &A.w2_16);
-  ops::swiglu_backward(G.a.data(), G.b.data(), G.h.data(), A.a.data(), A.b.data(), N * d.d_ff,
-                       false);
+                       &A.h_16, false, &A.w2_16, &G.res_16);
+  {
+    ops::CopyProducer pa(&G.a_16, N, d.d_ff), pb(&G.b_16, N, d.d_ff);
+    ops::swiglu_backward(G.a.data(), G.b.data(), G.h.data(), A.a.data(), A.b.data(), N * d.d_ff,
+                         false, pa.data(), pb.data());
+    pa.done(G.a.data());
+    pb.done(G.b.data());
+  }
   ops::linear_backward(G.xn.data(), P.w1->g, G.a.data(), A.xn2.data(), P.w1->w, N, d.d, d.d_ff,
-                       &A.xn2_16, false, &A.w1_16);
+                       &A.xn2_16, false, &A.w1_16, &G.a_16);
   ops::linear_backward(G.xn.data(), P.w3->g, G.b.data(), A.xn2.data(), P.w3->w, N, d.d, d.d_ff,
-                       &A.xn2_16, true, &A.w3_16);
+                       &A.xn2_16, true, &A.w3_16, &G.b_16);
   // d mid = dout (residual) + norm backward, written in one pass
-  ops::rmsnorm_backward(G.mid.data(), P.ffn_norm->g, G.xn.data(), A.mid.data(), P.ffn_norm->w,
-                        A.rstd2.data(), N, d.d, dout, false);
+  {
+    ops::CopyProducer p16(&G.mid_16, N, d.d);
+    ops::rmsnorm_backward(G.mid.data(), P.ffn_norm->g, G.xn.data(), A.mid.data(),
+                          P.ffn_norm->w, A.rstd2.data(), N, d.d, dout, false, p16.data());
+    p16.done(G.mid.data());
+  }
   // mid = x + wo(att)
   ops::linear_backward(G.att.data(), P.wo->g, G.mid.data(), A.att.data(), P.wo->w, N, d.q_dim(),
-                       d.d, &A.att_16, false, &A.wo_16);
+                       d.d, &A.att_16, false, &A.wo_16, &G.mid_16);
 }
 
 void TransformerStack::block_backward_qkv(i64 l, float* dx, const float* x, const i32* pos,
@@ -439,9 +464,13 @@ void TransformerStack::block_backward_qkv(i64 l, float* dx, const float* x, cons
                        d.kv_dim(), &A.xn1_16, true, &A.wk_16);
   ops::linear_backward(G.xn.data(), P.wv->g, G.v.data(), A.xn1.data(), P.wv->w, N, d.d,
                        d.kv_dim(), &A.xn1_16, true, &A.wv_16);
-  // x feeds both the residual and the norm: dx (+)= d mid + norm backward, in one pass
+  // x feeds both the residual and the norm: dx (+)= d mid + norm backward, in one pass. BF16:
+  // where dx is the block below's dout (written, not added into the caller's buffer), its
+  // rounding too, for that block's w2 products (no rows: no copy).
+  ops::CopyProducer p16(&G.res_16, dx_accumulate ? 0 : N, d.d);
   ops::rmsnorm_backward(dx, P.attn_norm->g, G.xn.data(), x, P.attn_norm->w, A.rstd1.data(), N,
-                        d.d, G.mid.data(), dx_accumulate);
+                        d.d, G.mid.data(), dx_accumulate, p16.data());
+  p16.done(dx);
 }
 
 // ---- prefix rows ----
