@@ -849,8 +849,6 @@ void gemm(bool trans_a, bool trans_b, i64 M, i64 N, i64 K, float alpha, const fl
 }
 
 namespace {
-// Rounds x into keep when the BF16 linear layers use their copies; otherwise marks it empty, so
-// that a backward never reads a copy older than its x.
 std::atomic<i64> g_copies_produced{0};
 // DLCM_BF16_PRODUCERS=0: the producers write floats only and the products round them (the same
 // bits; for A/B timing).
@@ -866,6 +864,9 @@ bool copies_wanted(i64 rows, i64 cols) {
   return g_precision == Precision::BF16 && g_bf16_reuse.load() && rows * cols > 0 &&
          !active_packed_weights();
 }
+// Rounds x into keep when the BF16 linear layers use their copies; otherwise marks it empty, so
+// that a backward never reads a copy older than its x.
+// A copy its producer wrote for this x (CopyProducer) is taken as it is.
 bool fill_copy(Bf16Copy* keep, const float* x, i64 N, i64 in) {
   if (!keep) return false;
   const bool produced = keep->produced;
