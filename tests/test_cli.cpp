@@ -381,6 +381,34 @@ TEST(Cli, VersionNamesCommitFlagsAndIsa) {
 #endif
 }
 
+// The kernels' on/off switches (kernels/isa.h env_switch) log what a set value does: "0" turns
+// the path off, anything else keeps it on; unset says nothing.
+TEST(Cli, KernelSwitchesLogWhatTheyForce) {
+  const char* names[] = {"DLCM_AMX_GEMM", "DLCM_BF16_REUSE", "DLCM_BF16_PRODUCERS"};
+  const char* off[] = {"BF16 products on oneDNN only",
+                       "linear layers do not reuse their BF16 input copies",
+                       "producers do not write the bf16 roundings"};
+  const char* on[] = {"BF16 products on AMX tiles where they fit",
+                      "linear layers reuse their BF16 input copies",
+                      "producers write the bf16 roundings"};
+  {
+    CmdResult r = run("--version");
+    ASSERT_EQ(r.rc, 0) << r.out;
+    for (const char* n : names) EXPECT_EQ(r.out.find(n), std::string::npos) << r.out;
+  }
+  for (const char* value : {"0", "1"}) {
+    for (const char* n : names) setenv(n, value, 1);
+    CmdResult r = run("--version");
+    for (const char* n : names) unsetenv(n);
+    ASSERT_EQ(r.rc, 0) << r.out;
+    for (int i = 0; i < 3; ++i) {
+      const std::string line = std::string("dlcm: ") + names[i] + "=" + value + ": " +
+                               (value[0] == '0' ? off[i] : on[i]);
+      EXPECT_NE(r.out.find(line), std::string::npos) << line << "\n" << r.out;
+    }
+  }
+}
+
 // DLCM_ISA forces the kernels' level (logged once) or fails naming the variable.
 TEST(Cli, DlcmIsaForcesTheKernelLevel) {
   struct Env {

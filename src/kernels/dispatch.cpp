@@ -150,6 +150,14 @@ inline const Kernels& kernels() {
 
 }  // namespace
 
+bool env_switch(const char* name, const char* when_on, const char* when_off) {
+  const char* e = std::getenv(name);
+  if (!e || !*e) return true;
+  const bool on = std::string(e) != "0";
+  std::fprintf(stderr, "dlcm: %s=%s: %s\n", name, e, on ? when_on : when_off);
+  return on;
+}
+
 const char* isa_name(Isa i) {
   switch (i) {
     case Isa::Scalar:

@@ -147,18 +147,12 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) i64 convert_row_avx512bf1
   return c;
 }
 
-// dst [rows, cols] contiguous = bf16(src rows ld apart). The instruction when the kernels run at
-// the avx512 level (kernels/isa.h) on a CPU with AVX512-BF16; the same rounding in plain code
-// otherwise.
+// dst [rows, cols] contiguous = bf16(src rows ld apart), row by row (round_row_to_bf16: the
+// instruction when the kernels run at the avx512 level on a CPU with AVX512-BF16, the same
+// rounding in plain code otherwise).
 void convert_rows(uint16_t* dst, const float* src, i64 rows, i64 cols, i64 ld) {
-  const bool vec = isa() == Isa::Avx512 && cpu_has_bf16();
 #pragma omp parallel for schedule(static) if (rows * cols > (1 << 16))
-  for (i64 r = 0; r < rows; ++r) {
-    const float* s = src + r * ld;
-    uint16_t* d = dst + r * cols;
-    i64 c = vec ? convert_row_avx512bf16(d, s, cols) : 0;
-    for (; c < cols; ++c) d[c] = to_bf16(s[c]);
-  }
+  for (i64 r = 0; r < rows; ++r) round_row_to_bf16(dst + r * cols, src + r * ld, cols);
 }
 
 using U16Buf = std::vector<uint16_t, AlignedAlloc<uint16_t>>;
@@ -298,14 +292,9 @@ constexpr int kMaxKnown = 4;
 thread_local Known t_known[kMaxKnown];
 thread_local int t_n_known = 0;
 
-std::atomic<bool> g_bf16_reuse{[] {
-  const char* e = std::getenv("DLCM_BF16_REUSE");
-  if (!e || !*e) return true;
-  const bool on = std::string(e) != "0";
-  std::fprintf(stderr, "dlcm: DLCM_BF16_REUSE=%s: linear layers %s their BF16 input copies\n", e,
-               on ? "reuse" : "do not reuse");
-  return on;
-}()};
+std::atomic<bool> g_bf16_reuse{env_switch("DLCM_BF16_REUSE",
+                                          "linear layers reuse their BF16 input copies",
+                                          "linear layers do not reuse their BF16 input copies")};
 std::atomic<i64> g_copies_reused{0};
 
 const Known* find_known_entry(const float* src, i64 rows, i64 cols, i64 ld) {
@@ -852,14 +841,8 @@ namespace {
 std::atomic<i64> g_copies_produced{0};
 // DLCM_BF16_PRODUCERS=0: the producers write floats only and the products round them (the same
 // bits; for A/B timing).
-const bool g_producers = [] {
-  const char* e = std::getenv("DLCM_BF16_PRODUCERS");
-  if (!e || !*e) return true;
-  const bool on = std::string(e) != "0";
-  std::fprintf(stderr, "dlcm: DLCM_BF16_PRODUCERS=%s: producers %s the bf16 roundings\n", e,
-               on ? "write" : "do not write");
-  return on;
-}();
+const bool g_producers = env_switch("DLCM_BF16_PRODUCERS", "producers write the bf16 roundings",
+                                   "producers do not write the bf16 roundings");
 bool copies_wanted(i64 rows, i64 cols) {
   return g_precision == Precision::BF16 && g_bf16_reuse.load() && rows * cols > 0 &&
          !active_packed_weights();
@@ -869,17 +852,15 @@ bool copies_wanted(i64 rows, i64 cols) {
 // A copy its producer wrote for this x (CopyProducer) is taken as it is.
 bool fill_copy(Bf16Copy* keep, const float* x, i64 N, i64 in) {
   if (!keep) return false;
-  const bool produced = keep->produced;
+  const bool produced = keep->produced && keep->src == x && keep->rows == N && keep->cols == in;
   keep->produced = false;
-  if (!copies_wanted(N, in)) {
-    keep->src = nullptr;
-    return false;
-  }
-  if (produced && keep->src == x && keep->rows == N && keep->cols == in) {
+  const bool wanted = copies_wanted(N, in);
+  if (wanted && produced) {
     g_copies_produced.fetch_add(1, std::memory_order_relaxed);
     return true;
   }
   keep->src = nullptr;
+  if (!wanted) return false;
   round_block(keep->data, x, N, in, in);
   keep->src = x, keep->rows = N, keep->cols = in, keep->version = new_copy_version();
   return true;

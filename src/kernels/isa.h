@@ -36,4 +36,9 @@ bool amx_bf16_usable();
 // CPU: avx2 fma ...)" or "avx512 (native build; CPU: ...)".
 std::string isa_summary();
 
+// An on/off switch read from the environment once, by the caller's static initialiser: unset or
+// empty is on; "0" is off, anything else on. A value that is set is logged to stderr as
+// "dlcm: NAME=VALUE: <when_on or when_off>" (every forced setting is logged).
+bool env_switch(const char* name, const char* when_on, const char* when_off);
+
 }  // namespace dlcm::ops
