@@ -9,9 +9,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cstdio>
-#include <cstdlib>
-#include <string>
 #include <vector>
 
 #include "core/profiler.h"
@@ -218,16 +215,17 @@ DLCM_AMX_GEMM_TARGET void tile_blocks(const uint16_t* Ap, const uint16_t* Bp, fl
         std::fill(edge, edge + kStrip * kStrip, 0.f);
         for (i64 i = 0; i < mr; ++i) std::copy(cc + i * ldc, cc + i * ldc + nc, edge + i * kStrip);
       }
-      // the next block's C, prefetched over this block's k steps (4 of its 64 lines per step;
+      // the next block's C, prefetched over this block's k steps (2 of its 32 rows per step;
       // a tile load or store of C waits on each line it misses, and C streams from memory):
       // 1.0-1.3x on the reference's products (docs/performance.md, session 19)
       const float* cn = nullptr;
-      i64 cn_rows = 0, cn_lines = 0, cn_done = 0;
+      i64 cn_rows = 0, cn_row = 0;
+      bool cn_two = false;  // the next block's rows reach their second line (columns 16-31)
       if (blk + 1 < b1) {
         const i64 s2 = (blk + 1) / nbs, nb2 = (blk + 1) % nbs;
         cn = C + s2 * kStrip * ldc + nb2 * kStrip;
         cn_rows = std::min(kStrip, M - s2 * kStrip);
-        cn_lines = std::min(kStrip, N - nb2 * kStrip) > 16 ? 2 : 1;  // a row's 32 floats: 2 lines
+        cn_two = N - nb2 * kStrip > 16;
       }
       if (load_c) {
         _tile_loadd(0, c, ldcb);
@@ -247,10 +245,11 @@ DLCM_AMX_GEMM_TARGET void tile_blocks(const uint16_t* Ap, const uint16_t* Bp, fl
           const char* pf = reinterpret_cast<const char*>(bk + kPrefetchAhead * 2 * kTile);
           for (int l = 0; l < 32; ++l) _mm_prefetch(pf + 64 * l, _MM_HINT_T0);
         }
-        for (int q = 0; q < 4 && cn_done < cn_rows * cn_lines; ++q, ++cn_done)
-          _mm_prefetch(reinterpret_cast<const char*>(cn + (cn_done / cn_lines) * ldc) +
-                           64 * (cn_done % cn_lines),
-                       _MM_HINT_T0);
+        for (int q = 0; q < 2 && cn_row < cn_rows; ++q, ++cn_row) {
+          const char* p = reinterpret_cast<const char*>(cn + cn_row * ldc);
+          _mm_prefetch(p, _MM_HINT_T0);
+          if (cn_two) _mm_prefetch(p + 64, _MM_HINT_T0);
+        }
         _tile_loadd(4, ak, 64);
         _tile_loadd(6, bk, 64);
         _tile_dpbf16ps(0, 4, 6);
