@@ -254,6 +254,32 @@ TEST(Cli, BenchTrainBreakdownGemm) {
     EXPECT_NE(r.out.find(l), std::string::npos) << l << "\n" << r.out;
 }
 
+// bench train --compare: a DLCM timed in the same repeats as the baseline, its MFU printed as a
+// difference in points from the baseline engine of the same precision; PyTorch peers refused.
+TEST(Cli, BenchTrainComparesModelsInOneRun) {
+  test::TempDir tmp;
+  const std::string base = tiny_config_file(tmp.path, ", \"batch_size\": 2");
+  const std::string dl = tmp.path + "/tiny-dlcm.json";
+  std::ofstream(dl) << config_to_json(test::tiny_dlcm()).dump(1);
+  CmdResult r = run("bench train --config " + base + " --compare " + dl +
+                    " --no-torch --steps 1 --repeats 1 --precision fp32,bf16");
+  ASSERT_EQ(r.rc, 0) << r.out;
+  for (const char* l : {"model tiny-dlcm: " , "parameters tiny-dlcm: ", "model FLOPs tiny-dlcm: ",
+                        "(tiny-dlcm: 60)", "dlcm engine tiny fp32", "dlcm engine tiny-dlcm bf16",
+                        "MFU of tiny-dlcm fp32 minus tiny fp32 (points",
+                        "MFU of tiny-dlcm bf16 minus tiny bf16 (points"})
+    EXPECT_NE(r.out.find(l), std::string::npos) << l << "\n" << r.out;
+  // tokens/s ratios stay within one model
+  EXPECT_NE(r.out.find("tiny bf16 / tiny fp32 tokens/s"), std::string::npos) << r.out;
+  EXPECT_EQ(r.out.find("tiny-dlcm fp32 / tiny fp32 tokens/s"), std::string::npos) << r.out;
+  r = run("bench train --config " + base + " --compare " + dl + " --steps 1 --repeats 1");
+  EXPECT_NE(r.rc, 0);
+  EXPECT_NE(r.out.find("--compare: add --no-torch"), std::string::npos) << r.out;
+  r = run("bench train --config " + base + " --compare " + tmp.path + "/missing.json --no-torch");
+  EXPECT_NE(r.rc, 0);
+  EXPECT_NE(r.out.find("missing.json"), std::string::npos) << r.out;
+}
+
 // bench train --gemm runtime,onednn: the engine with and without dlcm's blocked sgemm, side by
 // side; bench gemm --torch names a missing interpreter.
 TEST(Cli, BenchTrainOnednnEngineAndBenchGemmPeer) {

@@ -79,6 +79,7 @@ static GemmChoice parse_gemm_choice(const std::string& s) {
 
 // One engine configuration under test (one precision, one GEMM path).
 struct Engine {
+  size_t model = 0;              // index into the models timed (--config, then --compare)
   std::string precision, label;  // label: "fp32", or "fp32/fixed" when paths are compared
   GemmChoice gemm;  // path, AMX tile kernel (kernels/amx_gemm.h), blocked sgemm
   std::unique_ptr<Trainer> tr;
@@ -225,6 +226,8 @@ static int bench_train_ranks(const BenchTrainArgs& a, const Config& cfg) {
   const bool rank0 = dist::rank() == 0;
   DLCM_CHECK(a.no_torch, "bench train: under mpirun give --no-torch (the PyTorch reference runs "
              "one process)");
+  DLCM_CHECK(a.compare.empty(), "bench train: under mpirun --compare is not supported (one model "
+             "per job)");
   DLCM_CHECK(a.precisions.size() <= 1 && a.gemm_paths.size() <= 1 && !a.breakdown,
              "bench train: under mpirun give at most one --precision, at most one --gemm and no "
              "--breakdown");
@@ -321,14 +324,33 @@ int cmd_bench_train(const BenchTrainArgs& args) {
   cfg.train.warmup_steps = 0;
   cfg.train.schedule = "constant";
   if (dist::size() > 1) return bench_train_ranks(a, cfg);
+  DLCM_CHECK(a.compare.empty() || a.no_torch,
+             "bench train --compare: add --no-torch (a PyTorch peer builds one model)");
   const TrainConfig& t = cfg.train;
-  const i64 B = t.batch_size, L = t.seq_len, V = cfg.model.vocab_size;
-  const double tokens_per_step = double(B * L * t.grad_accum);
   DLCM_CHECK(a.steps > 0 && a.repeats > 0, "--steps and --repeats must be > 0");
   std::vector<std::string> precisions = a.precisions;
   if (precisions.empty()) precisions.push_back(t.precision);
   for (auto& p : precisions) ops::parse_precision(p, "--precision");
-  const double R = cfg.model.is_dlcm() ? (a.R < 0 ? cfg.model.target_R : a.R) : 0;
+  // The models timed: --config's, then each --compare's (as its file says: --set is the first's).
+  struct BenchModel {
+    std::string path, name;  // name: the file's stem (or "reference baseline")
+    Config cfg;
+    double R = 0, tokens_per_step = 0, flops_tok = 0;
+  };
+  std::vector<BenchModel> models;
+  models.push_back({a.config, a.config.empty() ? "reference baseline" : fs::path(a.config).stem().string(), cfg});
+  for (const std::string& path : a.compare) {
+    Config c = bench_config(path, {});
+    c.train.warmup_steps = 0;
+    c.train.schedule = "constant";
+    models.push_back({path, fs::path(path).stem().string(), c});
+  }
+  for (BenchModel& m : models) {
+    const TrainConfig& mt = m.cfg.train;
+    m.tokens_per_step = double(mt.batch_size * mt.seq_len * mt.grad_accum);
+    m.R = m.cfg.model.is_dlcm() ? (a.R < 0 ? m.cfg.model.target_R : a.R) : 0;
+  }
+  const double R = models[0].R, tokens_per_step = models[0].tokens_per_step;
   DLCM_CHECK(R == 0 || R > 1, "--R must be > 1 (or 0: sample boundaries from the router)");
   std::vector<PeerSpec> peer_specs;
   if (!a.no_torch)
@@ -338,17 +360,14 @@ int cmd_bench_train(const BenchTrainArgs& args) {
 
   std::printf("threads: %d (OMP_NUM_THREADS)\n", omp_get_max_threads());
   std::printf("kernels: %s\n", ops::isa_summary().c_str());
-  std::printf("model: %s%s\n", a.config.empty() ? "reference baseline" : a.config.c_str(),
-              cfg.model.is_dlcm()
-                  ? (R > 0 ? (", concepts of 1 + Geometric lengths, mean R = " + std::to_string(R).substr(0, 4))
-                           : std::string(", boundaries sampled from the (untrained) router")).c_str()
-                  : "");
+  for (const BenchModel& m : models)
+    std::printf("model%s: %s%s\n", models.size() > 1 ? (" " + m.name).c_str() : "",
+                m.path.empty() ? "reference baseline" : m.path.c_str(),
+                m.cfg.model.is_dlcm()
+                    ? (m.R > 0 ? (", concepts of 1 + Geometric lengths, mean R = " + std::to_string(m.R).substr(0, 4))
+                               : std::string(", boundaries sampled from the (untrained) router")).c_str()
+                    : "");
 
-  TrainData data = bench_data(V);
-  if (R > 0)
-    data.train_boundaries = [R](i64 step, i64 micro, i64, i64 Bq, i64 Lq, uint8_t* b) {
-      geometric_boundaries(b, step, micro, Bq, Lq, R);
-    };
   TrainOptions opt;
   opt.quiet = true;
   opt.peak_gflops = 1;  // MFU is computed here, against the peak measured in each repeat
@@ -359,17 +378,32 @@ int cmd_bench_train(const BenchTrainArgs& args) {
   for (auto& p : a.gemm_paths) paths.push_back(parse_gemm_choice(p));
   if (paths.empty()) paths.push_back(gemm0);
   std::vector<Engine> eng;
-  for (const std::string& prec : precisions)
-    for (const GemmChoice& g : paths) {
-      Config c = cfg;
-      c.train.precision = prec;
-      Engine& e = eng.emplace_back();
-      e.precision = prec;
-      e.gemm = g;
-      e.label = paths.size() > 1 ? prec + "/" + g.name : prec;
-      e.tr = std::make_unique<Trainer>(c, data, opt);
-    }
-  std::printf("parameters: %.2fM\n", eng[0].tr->model().params().total() / 1e6);
+  for (size_t mi = 0; mi < models.size(); ++mi) {
+    BenchModel& m = models[mi];
+    TrainData data = bench_data(m.cfg.model.vocab_size);
+    if (m.R > 0)
+      data.train_boundaries = [R = m.R](i64 step, i64 micro, i64, i64 Bq, i64 Lq, uint8_t* b) {
+        geometric_boundaries(b, step, micro, Bq, Lq, R);
+      };
+    for (const std::string& prec : precisions)
+      for (const GemmChoice& g : paths) {
+        Config c = m.cfg;
+        c.train.precision = prec;
+        Engine& e = eng.emplace_back();
+        e.model = mi;
+        e.precision = prec;
+        e.gemm = g;
+        e.label = paths.size() > 1 ? prec + "/" + g.name : prec;
+        if (models.size() > 1) e.label = m.name + " " + e.label;
+        e.tr = std::make_unique<Trainer>(c, data, opt);
+      }
+    const Engine& first = eng.back();
+    const i64 Lm = m.cfg.train.seq_len;
+    m.flops_tok = 3.0 * (m.cfg.model.is_dlcm() && m.R > 0 ? flops_report(m.cfg.model, Lm, m.R).total()
+                                                          : first.tr->model().flops_per_token(Lm));
+    std::printf("parameters%s: %.2fM\n", models.size() > 1 ? (" " + m.name).c_str() : "",
+                first.tr->model().params().total() / 1e6);
+  }
   // warm-up: first touch of every buffer, primitive caches, concept buffers, and the GEMM-peak
   // products' scratch (so that RSS over the timed steps is the engines' own)
   const bool has16 = ops::cpu_has_bf16() &&
@@ -448,9 +482,8 @@ int cmd_bench_train(const BenchTrainArgs& args) {
       idle_peaks16.push_back(p16.idle);
     }
     for (auto& e : eng) {
-      const double flops_tok =
-          3.0 * (cfg.model.is_dlcm() && R > 0 ? flops_report(cfg.model, L, R).total()
-                                              : e.tr->model().flops_per_token(L));
+      const double flops_tok = models[e.model].flops_tok;
+      const double tokens_per_step = models[e.model].tokens_per_step;
       if (a.breakdown) {
         prof::reset();
         prof::enable(true);
@@ -527,15 +560,20 @@ int cmd_bench_train(const BenchTrainArgs& args) {
     std::printf("BF16 products run on the %s units (%s)\n", ops::bf16_units_name(u.units),
                 u.how.c_str());
   }
-  const double flops_tok = 3.0 * (cfg.model.is_dlcm() && R > 0 ? flops_report(cfg.model, L, R).total()
-                                                               : eng[0].tr->model().flops_per_token(L));
-  std::printf("model FLOPs: %.4f GFLOP/token (training = 3x forward)\n", flops_tok / 1e9);
-  std::printf("median of %lld repeats x %lld steps of %.0f tokens:\n", (long long)a.repeats,
+  const double flops_tok = models[0].flops_tok;
+  for (const BenchModel& m : models)
+    std::printf("model FLOPs%s: %.4f GFLOP/token (training = 3x forward)\n",
+                models.size() > 1 ? (" " + m.name).c_str() : "", m.flops_tok / 1e9);
+  std::printf("median of %lld repeats x %lld steps of %.0f tokens", (long long)a.repeats,
               (long long)a.steps, tokens_per_step);
+  for (size_t mi = 1; mi < models.size(); ++mi)
+    std::printf(" (%s: %.0f)", models[mi].name.c_str(), models[mi].tokens_per_step);
+  std::printf(":\n");
   std::printf("  (MFU against the FP32 peak, for bf16 engines and autocast peers against the BF16 "
               "peak)\n");
   int w = 18;  // the row labels' column
   for (auto& pr : peers) w = std::max(w, int(pr.label.size()));
+  for (auto& e : eng) w = std::max(w, int(e.label.size()) + 12);  // "dlcm engine " + label
   std::printf("  %-*s %11s %8s | %11s %8s | %14s\n", w, "", "wall tok/s", "MFU", "idle tok/s",
               "MFU", "tok/CPU-second");
   for (auto& e : eng)
@@ -545,6 +583,7 @@ int cmd_bench_train(const BenchTrainArgs& args) {
                 bench::median(e.cpu_rate));
   if (eng.size() > 1)
     for (size_t i = 1; i < eng.size(); ++i) {
+      if (eng[i].model != 0) continue;  // other models: their MFU against the first's, below
       std::vector<double> ratio, cpu_ratio, idle_ratio;
       for (size_t r = 0; r < eng[i].rate.size(); ++r) {
         ratio.push_back(eng[i].rate[r] / eng[0].rate[r]);
@@ -556,6 +595,21 @@ int cmd_bench_train(const BenchTrainArgs& args) {
                   eng[i].label.c_str(), eng[0].label.c_str(), bench::median(ratio),
                   bench::median(idle_ratio), bench::median(cpu_ratio));
     }
+  // Each other model's engine against the first model's engine of the same precision and GEMM
+  // path, in MFU points (each repeat's engines ran between the same peak measurements).
+  const size_t per_model = eng.size() / models.size();
+  for (size_t i = per_model; i < eng.size(); ++i) {
+    const Engine& e = eng[i];
+    const Engine& e0 = eng[i % per_model];
+    std::vector<double> d, d_idle;
+    for (size_t r = 0; r < e.mfu.size(); ++r) {
+      d.push_back(100 * (e.mfu[r] - e0.mfu[r]));
+      d_idle.push_back(100 * (e.idle_mfu[r] - e0.idle_mfu[r]));
+    }
+    std::printf("  MFU of %s minus %s (points, medians of per-repeat differences): wall %+.1f, "
+                "idle %+.1f\n",
+                e.label.c_str(), e0.label.c_str(), bench::median(d), bench::median(d_idle));
+  }
   for (auto& pr : peers) {
     // MFU of a peer against the peak of its precision (autocast: the BF16 peak).
     const bool bf = pr.spec.find(":autocast") != std::string::npos && !peaks16.empty();
@@ -583,7 +637,8 @@ int cmd_bench_train(const BenchTrainArgs& args) {
   for (auto& pr : peers)
     std::printf("        %s peer: peak RSS %.1f MiB\n", pr.label.c_str(), pr.rss);
   if (a.breakdown)
-    for (auto& e : eng) print_breakdown(e, cfg, tokens_per_step, a.breakdown_gemm);
+    for (auto& e : eng)
+      print_breakdown(e, models[e.model].cfg, models[e.model].tokens_per_step, a.breakdown_gemm);
   return 0;
 }
 

@@ -156,6 +156,8 @@ struct BenchTrainArgs {
   bool breakdown_gemm = false;          // with breakdown: GEMMs (and BF16 rounding) as own rows
   double R = -1;                        // dlcm: given concepts of mean length R (-1: target_R,
                                         // 0: sample boundaries from the router)
+  std::vector<std::string> compare;     // more models' configs timed in the same repeats (their
+                                        // MFU against the first model's, in points)
 };
 int cmd_bench_train(const BenchTrainArgs& a);
 

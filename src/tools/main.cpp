@@ -159,6 +159,11 @@ int main(int argc, char** argv) {
   btrain->add_flag("--breakdown-gemm", ba.breakdown_gemm,
                    "--breakdown with every GEMM, and the BF16 operand rounding, in rows of their "
                    "own (the components keep the rest: attention, norms, elementwise work)");
+  btrain->add_option("--compare", ba.compare,
+                     "more models (config JSON files) whose engines run in the same repeats as "
+                     "--config's; each prints its MFU minus the first model's, in points (--set "
+                     "applies to --config's model only)")
+      ->delimiter(',');
   btrain->add_option("--R", ba.R, "dlcm: concepts of 1+Geometric lengths with this mean (default target_R; 0 = sample from the router)");
   add_threads(btrain);
 
