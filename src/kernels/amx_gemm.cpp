@@ -41,6 +41,10 @@ inline i64 b_off(i64 n, i64 kc, i64 kp, i64 Kp) {
   return (n / kStrip) * kStrip * Kp + kc * 2 * kTile + ((n % kStrip) / 16) * kTile + kp * 32;
 }
 
+// Packed B (one K chunk) a pass over the strips reads, at most: a wider B goes in column chunks,
+// each through every strip, so that it streams from memory once rather than once per strip.
+std::atomic<i64> g_column_budget{i64(1) << 20};
+
 std::atomic<bool> g_amx_gemm{env_switch("DLCM_AMX_GEMM", "BF16 products on AMX tiles where they fit",
                                          "BF16 products on oneDNN only")};
 
@@ -182,12 +186,22 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
-// C blocks [b0, b1) of this thread, strip-major (block = strip * nbs + column block): each 32 x
-// 32 block in tiles 0-3 over the whole Kp; A in tiles 4-5, B in 6-7. C is M x N: a block that
-// reaches past it goes through a local 32 x 32 buffer (rows and columns past C are computed
-// from the zero padding and dropped).
+// Block blk of the visiting order -> its strip s and column block nb: column chunks of ncb
+// blocks (the last one may be narrower), strip-major within a chunk. ncb = nbs: strip-major.
+inline void block_at(i64 blk, i64 strips, i64 nbs, i64 ncb, i64& s, i64& nb) {
+  const i64 c = blk / (strips * ncb);
+  const i64 w = std::min(ncb, nbs - c * ncb);
+  const i64 r = blk - c * strips * ncb;
+  s = r / w;
+  nb = c * ncb + r % w;
+}
+
+// C blocks [b0, b1) of this thread in the order of block_at: each 32 x 32 block in tiles 0-3
+// over the whole Kp; A in tiles 4-5, B in 6-7. C is M x N: a block that reaches past it goes
+// through a local 32 x 32 buffer (rows and columns past C are computed from the zero padding
+// and dropped).
 DLCM_AMX_GEMM_TARGET void tile_blocks(const uint16_t* Ap, const uint16_t* Bp, float* C, i64 ldc,
-                                      i64 M, i64 N, i64 Kp, bool acc, i64 b0, i64 b1) {
+                                      i64 M, i64 N, i64 Kp, bool acc, i64 ncb, i64 b0, i64 b1) {
   TileConfig cfg;
   for (int t = 0; t < 8; ++t) {
     cfg.rows[t] = 16;
@@ -195,7 +209,7 @@ DLCM_AMX_GEMM_TARGET void tile_blocks(const uint16_t* Ap, const uint16_t* Bp, fl
   }
   _tile_loadconfig(&cfg);
   alignas(64) float edge[kStrip * kStrip];
-  const i64 nbs = (N + kStrip - 1) / kStrip;
+  const i64 nbs = (N + kStrip - 1) / kStrip, strips = (M + kStrip - 1) / kStrip;
   const i64 steps = Kp / kKc;
   // K in chunks of kKBlock steps: a strip's chunk of A (32 x 512 bf16, 32 KiB) stays in L1
   // while the B blocks pass; C goes through the tiles once per chunk
@@ -203,7 +217,8 @@ DLCM_AMX_GEMM_TARGET void tile_blocks(const uint16_t* Ap, const uint16_t* Bp, fl
     const i64 kb1 = std::min(steps, kb0 + kKBlock);
     const bool load_c = acc || kb0 > 0;
     for (i64 blk = b0; blk < b1; ++blk) {
-      const i64 s = blk / nbs, nb = blk % nbs;
+      i64 s, nb;
+      block_at(blk, strips, nbs, ncb, s, nb);
       const uint16_t* a = Ap + s * kStrip * Kp;
       const uint16_t* b = Bp + nb * kStrip * Kp;
       const i64 mr = std::min(kStrip, M - s * kStrip), nc = std::min(kStrip, N - nb * kStrip);
@@ -222,7 +237,8 @@ DLCM_AMX_GEMM_TARGET void tile_blocks(const uint16_t* Ap, const uint16_t* Bp, fl
       i64 cn_rows = 0, cn_row = 0;
       bool cn_two = false;  // the next block's rows reach their second line (columns 16-31)
       if (blk + 1 < b1) {
-        const i64 s2 = (blk + 1) / nbs, nb2 = (blk + 1) % nbs;
+        i64 s2, nb2;
+        block_at(blk + 1, strips, nbs, ncb, s2, nb2);
         cn = C + s2 * kStrip * ldc + nb2 * kStrip;
         cn_rows = std::min(kStrip, M - s2 * kStrip);
         cn_two = N - nb2 * kStrip > 16;
@@ -358,6 +374,17 @@ static std::atomic<i64> g_amx_calls{0};
 void set_amx_gemm(bool on) { g_amx_gemm = on; }
 i64 amx_gemm_calls() { return g_amx_calls.load(); }
 bool amx_gemm_on() { return g_amx_gemm.load(); }
+void set_amx_column_budget(i64 bytes) { g_column_budget = std::max<i64>(0, bytes); }
+i64 amx_column_budget() { return g_column_budget.load(); }
+
+i64 amx_column_chunk(i64 N, i64 K) {
+  const i64 nbs = round_up(N, kStrip) / kStrip;
+  const i64 budget = g_column_budget.load();
+  if (budget <= 0) return nbs;
+  // a column block's packed B for one K chunk: 32 columns x 32 k x 2 bytes per k step
+  const i64 block_bytes = std::min(round_up(K, kKc) / kKc, kKBlock) * kStrip * kKc * 2;
+  return std::clamp<i64>(budget / block_bytes, 1, nbs);
+}
 
 void amx_gemm(bool ta, bool tb, i64 M, i64 N, i64 K, const float* A, i64 lda, AmxCopy a16,
               const float* B, i64 ldb, AmxCopy b16, bool accumulate, float* C, i64 ldc) {
@@ -374,10 +401,11 @@ void amx_gemm(bool ta, bool tb, i64 M, i64 N, i64 K, const float* A, i64 lda, Am
     Bp = packed(1, PackKey{b16.version, false, tb, N, K}, B, b16, ldb, Kp);
   }
   const i64 blocks = (round_up(M, kStrip) / kStrip) * (round_up(N, kStrip) / kStrip);
+  const i64 ncb = amx_column_chunk(N, K);
 #pragma omp parallel if (blocks > 1)
   {
     const i64 nt = omp_get_num_threads(), id = omp_get_thread_num();
-    isa_avx512::tile_blocks(Ap, Bp, C, ldc, M, N, Kp, accumulate, blocks * id / nt,
+    isa_avx512::tile_blocks(Ap, Bp, C, ldc, M, N, Kp, accumulate, ncb, blocks * id / nt,
                             blocks * (id + 1) / nt);
   }
 }

@@ -54,4 +54,14 @@ bool amx_gemm_on();
 // amx_gemm calls since the start (tests: the path ran).
 i64 amx_gemm_calls();
 
+// The packed B of one K chunk that a pass over A's strips reads, at most (default 1 MiB, about
+// half an L2 of the AMX CPUs): a wider B (the LM head's: vocab x d) is taken in column chunks of
+// this size, each through every strip, so that B streams from memory once instead of once per
+// strip. The visiting order of the C blocks changes, not the bits. 0: no chunks. For tests and
+// benchmarks.
+void set_amx_column_budget(i64 bytes);
+i64 amx_column_budget();
+// Column blocks (of 32) per chunk for a product of N columns and K: all of them when B fits.
+i64 amx_column_chunk(i64 N, i64 K);
+
 }  // namespace dlcm::ops

@@ -64,14 +64,17 @@ struct GemmChoice {
   bool amx;
   std::string name;
   ops::BlockedUse blocked = ops::blocked_use();  // FP32 products on dlcm's blocked sgemm
+  i64 column_budget = ops::amx_column_budget();  // the tile kernel's column chunks (0: none)
   void apply() const {  // makes it the process's
     ops::set_gemm_path(path);
     ops::set_amx_gemm(amx);
     ops::set_blocked_use(blocked);
+    ops::set_amx_column_budget(column_budget);
   }
 };
 static GemmChoice parse_gemm_choice(const std::string& s) {
   if (s == "tiles") return {ops::GemmPath::Fixed, true, s};
+  if (s == "tiles-nochunk") return {ops::GemmPath::Fixed, true, s, ops::blocked_use(), 0};
   if (s == "onednn") return {ops::GemmPath::Runtime, false, s, ops::BlockedUse::Off};
   const ops::GemmPath p = ops::parse_gemm_path(s, "--gemm (or \"tiles\", \"onednn\")");
   return {p, false, ops::gemm_path_name(p)};
