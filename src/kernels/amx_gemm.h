@@ -12,8 +12,10 @@
 // of 32 columns, [N/32][Kp/32][2 halves of 16 columns][16 k pairs][16 columns x 2 k] bf16 (the
 // pair-interleaved rows TDPBF16PS reads). Kp = K rounded up to 32, zero-padded. Each thread
 // takes a range of A strips; a strip (32 x Kp) stays in L1/L2 while the B blocks stream past it,
-// each block's next 2 KiB prefetched two k steps ahead. A 32 x 32 block of C lives in four tiles
-// for the whole K (2 A tiles, 2 B tiles: all eight), so C is read (accumulate) and written once.
+// each block's next 2 KiB prefetched two k steps ahead (a B wider than the column budget
+// passes the strips in column chunks, see set_amx_column_budget). A 32 x 32 block of C lives in
+// four tiles for the whole K (2 A tiles, 2 B tiles: all eight), so C is read (accumulate) and
+// written once.
 // Packing rounds to nearest even as VCVTNE2PS2BF16 (the same bits as the oneDNN path's
 // operands); a bf16 copy of an operand in its stored layout (gemm.cpp's known copies) packs to
 // the same tiles.

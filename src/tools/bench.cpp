@@ -341,7 +341,9 @@ int cmd_bench_train(const BenchTrainArgs& args) {
     double R = 0, tokens_per_step = 0, flops_tok = 0;
   };
   std::vector<BenchModel> models;
-  models.push_back({a.config, a.config.empty() ? "reference baseline" : fs::path(a.config).stem().string(), cfg});
+  models.push_back({a.config,
+                    a.config.empty() ? "reference baseline" : fs::path(a.config).stem().string(),
+                    cfg});
   for (const std::string& path : a.compare) {
     Config c = bench_config(path, {});
     c.train.warmup_steps = 0;
