@@ -275,6 +275,10 @@ TEST(Cli, BenchTrainComparesModelsInOneRun) {
   r = run("bench train --config " + base + " --compare " + dl + " --steps 1 --repeats 1");
   EXPECT_NE(r.rc, 0);
   EXPECT_NE(r.out.find("--compare: add --no-torch"), std::string::npos) << r.out;
+  // --R applies to every DLCM compared, and is checked for each (here only the second is one)
+  r = run("bench train --config " + base + " --compare " + dl + " --no-torch --R 0.5");
+  EXPECT_NE(r.rc, 0);
+  EXPECT_NE(r.out.find("--R must be > 1"), std::string::npos) << r.out;
   r = run("bench train --config " + base + " --compare " + tmp.path + "/missing.json --no-torch");
   EXPECT_NE(r.rc, 0);
   EXPECT_NE(r.out.find("missing.json"), std::string::npos) << r.out;

@@ -354,9 +354,9 @@ int cmd_bench_train(const BenchTrainArgs& args) {
     const TrainConfig& mt = m.cfg.train;
     m.tokens_per_step = double(mt.batch_size * mt.seq_len * mt.grad_accum);
     m.R = m.cfg.model.is_dlcm() ? (a.R < 0 ? m.cfg.model.target_R : a.R) : 0;
+    DLCM_CHECK(m.R == 0 || m.R > 1, "--R must be > 1 (or 0: sample boundaries from the router)");
   }
   const double R = models[0].R, tokens_per_step = models[0].tokens_per_step;
-  DLCM_CHECK(R == 0 || R > 1, "--R must be > 1 (or 0: sample boundaries from the router)");
   std::vector<PeerSpec> peer_specs;
   if (!a.no_torch)
     for (const std::string& spec :
@@ -367,7 +367,8 @@ int cmd_bench_train(const BenchTrainArgs& args) {
   std::printf("kernels: %s\n", ops::isa_summary().c_str());
   for (const BenchModel& m : models)
     std::printf("model%s: %s%s\n", models.size() > 1 ? (" " + m.name).c_str() : "",
-                m.path.empty() ? "reference baseline" : m.path.c_str(),
+                m.path.empty() ? (models.size() > 1 ? "built in" : "reference baseline")
+                               : m.path.c_str(),
                 m.cfg.model.is_dlcm()
                     ? (m.R > 0 ? (", concepts of 1 + Geometric lengths, mean R = " + std::to_string(m.R).substr(0, 4))
                                : std::string(", boundaries sampled from the (untrained) router")).c_str()
