@@ -32,6 +32,7 @@
 #include "kernels/amx_gemm.h"
 #include "kernels/blocked_sgemm.h"
 #include "kernels/dlcm_ops.h"
+#include "kernels/fma_ceiling.h"
 #include "kernels/gemm.h"
 #include "kernels/isa.h"
 #include "kernels/ops.h"
@@ -2144,6 +2145,45 @@ TEST(Ops, TileMmAmxMatchesRoundedOperands) {
         EXPECT_LT(worst, 1e-5) << M << "x" << N << "x" << K << " layout " << layout << " acc " << acc;
       }
   EXPECT_GT(worst_vs_fp32, 1e-4) << "the operands were not rounded to bf16";
+}
+
+// The FMA ceiling's loop does every FMA it counts, at each vector level: with b = c = 1 each
+// accumulator (chain i, every lane) ends at i + n, so the sum is lanes * (chains * n + sum i),
+// exact in FP32 for n < 2^23; a loop the compiler folded or shortened gives another sum, and
+// the FLOP count matches the level's width. The scalar level measures nothing and says so.
+TEST(Ops, FmaCeilingLoopRunsEveryFma) {
+  struct Restore {
+    ops::Isa prev = ops::isa();
+    ~Restore() { ops::set_isa(prev); }
+  } restore;
+  int levels = 0;
+  for (ops::Isa level : ops::isa_available()) {
+    ops::set_isa(level);
+    SCOPED_TRACE(ops::isa_name(level));
+    if (level == ops::Isa::Scalar) {
+      EXPECT_THROW(ops::fma_loop(10, 1.f, 1.f, nullptr), Error);
+      const ops::FmaCeiling c = ops::fma_ceiling(0.01, 1);
+      EXPECT_EQ(c.gflops, 0.0);
+      EXPECT_STREQ(c.unit, "");
+      continue;
+    }
+    const double lanes = level == ops::Isa::Avx512 ? 16 : 8;
+    const double chains = level == ops::Isa::Avx512 ? 24 : 12;
+    for (i64 n : {i64(0), i64(1), i64(1000), i64(123457)}) {
+      double flops = -1;
+      const double sum = ops::fma_loop(n, 1.f, 1.f, &flops);
+      EXPECT_EQ(sum, lanes * (chains * double(n) + chains * (chains - 1) / 2)) << "n=" << n;
+      EXPECT_EQ(flops, 2 * lanes * chains * double(n));
+    }
+    // b = 0.5, c = 0: chain i halves each step (exact): i / 2^n
+    EXPECT_EQ(ops::fma_loop(3, 0.5f, 0.f, nullptr), lanes * (chains * (chains - 1) / 2) / 8);
+    const ops::FmaCeiling c = ops::fma_ceiling(0.02, 1);
+    EXPECT_GT(c.gflops, 0.0);
+    EXPECT_EQ(c.threads, 1);
+    EXPECT_STREQ(c.unit, ops::isa_name(level));
+    ++levels;
+  }
+  if (levels == 0) GTEST_SKIP() << "no vector level here: " << ops::isa_summary();
 }
 
 // ops::gemm sends the FFN weight-gradient products (A^T B, K >= 1024, M N >= 2^19) to the

@@ -25,6 +25,7 @@
 #include "core/rng.h"
 #include "kernels/amx_gemm.h"
 #include "kernels/blocked_sgemm.h"
+#include "kernels/fma_ceiling.h"
 #include "kernels/gemm.h"
 #include "kernels/isa.h"
 #include "kernels/ops.h"
@@ -475,11 +476,16 @@ int cmd_bench_train(const BenchTrainArgs& args) {
   }
 
   // Repeats, interleaved: GEMM peak, each engine, the PyTorch peer.
-  std::vector<double> peaks, idle_peaks, peaks16, idle_peaks16, rss_steps;
+  std::vector<double> peaks, idle_peaks, peaks16, idle_peaks16, rss_steps, ceilings, peak_share;
   for (i64 r = 0; r < a.repeats; ++r) {
     const Peak pk = measure_peak(0.3, 2048);
     peaks.push_back(pk.wall);
     idle_peaks.push_back(pk.idle);
+    // the hardware's FP32 FMA rate beside the GEMM peak that MFU is computed against
+    if (const ops::FmaCeiling fc = ops::fma_ceiling(0.1); fc.gflops > 0) {
+      ceilings.push_back(fc.gflops);
+      peak_share.push_back(pk.wall / fc.gflops);
+    }
     Peak p16 = pk;
     if (has16) {
       ops::PrecisionScope bf(ops::Precision::BF16);
@@ -556,6 +562,10 @@ int cmd_bench_train(const BenchTrainArgs& args) {
               "GFLOP/s, idle %.1f GFLOP/s\n",
               ops::gemm_path_name(path0), peak_impl().c_str(), bench::median(peaks),
               bench::median(idle_peaks));
+  if (!ceilings.empty())
+    std::printf("FP32 FMA ceiling (%s register loop of FMAs, no memory; median of repeats): wall "
+                "%.1f GFLOP/s; the FP32 GEMM peak is %.0f%% of it\n",
+                ops::isa_name(ops::isa()), bench::median(ceilings), 100 * bench::median(peak_share));
   if (!peaks16.empty()) {
     ops::PrecisionScope bf(ops::Precision::BF16);
     std::printf("BF16 GEMM peak (ops::gemm 2048^3 incl. operand rounding, %s path: %s): wall %.1f "

@@ -16,6 +16,7 @@
 
 #include "core/rng.h"
 #include "kernels/blocked_sgemm.h"
+#include "kernels/fma_ceiling.h"
 #include "kernels/gemm.h"
 #include "kernels/isa.h"
 #include "tools/bench_common.h"
@@ -140,10 +141,13 @@ int cmd_bench_gemm(const BenchGemmArgs& a) {
               "estimate; OMP_WAIT_POLICY=%s)\n",
               std::getenv("OMP_WAIT_POLICY") ? std::getenv("OMP_WAIT_POLICY") : "unset");
   std::printf("FP32 rows end with the runtime path on oneDNN's sgemm alone (no dlcm blocked "
-              "sgemm)%s, per wall second\n", peer ? " and PyTorch's matmul" : "");
+              "sgemm)%s, per wall second, then each path's share of the FP32 FMA ceiling (a "
+              "register loop of FMAs, no memory, measured in each repeat)\n",
+              peer ? " and PyTorch's matmul" : "");
   std::printf("%-5s %-17s %-4s %15s %7s %7s %7s | %7s %7s %7s  %s\n", "prec", "product", "op",
               "M x N x K", "runtime", "fixed", "ratio", "runtime", "fixed", "ratio",
-              "implementation (runtime | fixed) | fp32: onednn, runtime/onednn[, torch, runtime/torch]");
+              "implementation (runtime | fixed) | fp32: onednn, runtime/onednn[, torch, runtime/torch] | ceiling: runtime fixed");
+  std::vector<double> ceilings;  // the FP32 FMA ceiling, per FP32 repeat
   for (ops::Precision p : precs) {
     ops::set_gemm_precision(p);
     for (const Shape& s : kShapes) {
@@ -162,6 +166,7 @@ int cmd_bench_gemm(const BenchGemmArgs& a) {
         for (int w = 0; w < 3; ++w) run(s, o);
       }
       std::vector<double> wall[2], idle[2], ratio, idle_ratio, onednn, vs_onednn, torch, vs_torch;
+      std::vector<double> of_ceiling[2];  // FP32: each path's wall rate / the FMA ceiling
       for (i64 rep = 0; rep < a.repeats; ++rep) {
         for (int k = 0; k < 2; ++k) {
           ops::set_gemm_path(paths[k]);
@@ -178,6 +183,11 @@ int cmd_bench_gemm(const BenchGemmArgs& a) {
             onednn.push_back(rate(s, o, a.seconds).wall);
           }
           vs_onednn.push_back(wall[0].back() / onednn.back());
+          const ops::FmaCeiling fc = ops::fma_ceiling(a.seconds / 2);
+          if (fc.gflops > 0) {
+            ceilings.push_back(fc.gflops);
+            for (int k = 0; k < 2; ++k) of_ceiling[k].push_back(wall[k].back() / fc.gflops);
+          }
           if (peer) {
             torch.push_back(torch_rate(s, a.seconds).wall);
             vs_torch.push_back(wall[0].back() / torch.back());
@@ -198,6 +208,11 @@ int cmd_bench_gemm(const BenchGemmArgs& a) {
                         bench::median(vs_torch));
           extra += buf;
         }
+        if (!of_ceiling[0].empty()) {
+          std::snprintf(buf, sizeof buf, " | ceiling %.0f%% %.0f%%",
+                        100 * bench::median(of_ceiling[0]), 100 * bench::median(of_ceiling[1]));
+          extra += buf;
+        }
       }
       std::printf("%-5s %-17s %c%c%s %15s %7.1f %7.1f %6.2fx | %7.1f %7.1f %6.2fx  %s | %s%s\n",
                   ops::precision_name(p), s.what, s.ta ? 'T' : 'N', s.tb ? 'T' : 'N',
@@ -210,6 +225,12 @@ int cmd_bench_gemm(const BenchGemmArgs& a) {
   }
   ops::set_gemm_path(path0);
   ops::set_gemm_precision(prec0);
+  if (!ceilings.empty())
+    std::printf("FP32 FMA ceiling (%s register loop, %d threads; median of the FP32 repeats): "
+                "%.1f GFLOP/s\n",
+                ops::isa_name(ops::isa()), omp_get_max_threads(), bench::median(ceilings));
+  else
+    std::printf("FP32 FMA ceiling: not measured (scalar kernel level)\n");
   return 0;
 }
 
