@@ -241,6 +241,25 @@ TEST(Cli, BenchDecodeRuns) {
   ASSERT_EQ(r.rc, 0) << r.out;
   for (const char* l : {"model 0 products per prefill", "    GEMM ", "NT       16 x    16 x    16"})
     EXPECT_NE(r.out.find(l), std::string::npos) << l << "\n" << r.out;
+  // --in-a-row: several prefills per repeat, the per-prefill figures divided by the kept ones
+  // (the same calls per prefill as one in a row)
+  auto calls_of = [](const std::string& out) {
+    const size_t at = out.find("NT       16 x    16 x    16");
+    return at == std::string::npos ? std::string() : out.substr(at, out.find(" ms", at) - at);
+  };
+  const std::string one = calls_of(r.out);
+  r = run("bench prefill --ckpt " + ck + " --ckpt " + ck +
+          " --prompt-len 16 --repeats 2 --in-a-row 3 --breakdown-gemm");
+  ASSERT_EQ(r.rc, 0) << r.out;
+  EXPECT_NE(r.out.find("3 prefills of a model in a row"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("model 1 / model 0 prefill tokens/s"), std::string::npos) << r.out;
+  const std::string three = calls_of(r.out);
+  ASSERT_FALSE(one.empty());
+  EXPECT_EQ(three.substr(0, three.find("calls") + 12), one.substr(0, one.find("calls") + 12))
+      << r.out;
+  r = run("bench prefill --ckpt " + ck + " --in-a-row 0");
+  EXPECT_NE(r.rc, 0);
+  EXPECT_NE(r.out.find("--in-a-row"), std::string::npos) << r.out;
 }
 
 // bench train --breakdown-gemm: the products and the attention kernel in rows of their own, and

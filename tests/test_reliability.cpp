@@ -743,8 +743,9 @@ void kill_and_resume(const std::string& extra) {
     if (e.path().filename().string().rfind("checkpoint-", 0) == 0) kept.push_back(e.path().filename().string());
   for (const auto& e : fs::directory_iterator(run)) {
     const std::string n = e.path().filename().string();
-    if (n.rfind("checkpoint-", 0) == 0)
+    if (n.rfind("checkpoint-", 0) == 0) {
       EXPECT_NE(std::find(kept.begin(), kept.end(), n), kept.end()) << n << " is not in the reference run";
+    }
   }
   for (const std::string& k : kept)
     for (const char* f : {"model.safetensors", "optimizer.safetensors", "trainer_state.json"})

@@ -364,10 +364,12 @@ int cmd_bench_train(const BenchTrainArgs& args) {
          a.torch.empty() ? std::vector<std::string>{"/usr/bin/python3"} : a.torch)
       peer_specs.push_back(parse_peer_spec(spec));
 
+  // " name" after a line's label when several models are compared
+  auto tag = [&](const BenchModel& m) { return models.size() > 1 ? " " + m.name : std::string(); };
   std::printf("threads: %d (OMP_NUM_THREADS)\n", omp_get_max_threads());
   std::printf("kernels: %s\n", ops::isa_summary().c_str());
   for (const BenchModel& m : models)
-    std::printf("model%s: %s%s\n", models.size() > 1 ? (" " + m.name).c_str() : "",
+    std::printf("model%s: %s%s\n", tag(m).c_str(),
                 m.path.empty() ? (models.size() > 1 ? "built in" : "reference baseline")
                                : m.path.c_str(),
                 m.cfg.model.is_dlcm()
@@ -408,7 +410,7 @@ int cmd_bench_train(const BenchTrainArgs& args) {
     const i64 Lm = m.cfg.train.seq_len;
     m.flops_tok = 3.0 * (m.cfg.model.is_dlcm() && m.R > 0 ? flops_report(m.cfg.model, Lm, m.R).total()
                                                           : first.tr->model().flops_per_token(Lm));
-    std::printf("parameters%s: %.2fM\n", models.size() > 1 ? (" " + m.name).c_str() : "",
+    std::printf("parameters%s: %.2fM\n", tag(m).c_str(),
                 first.tr->model().params().total() / 1e6);
   }
   // warm-up: first touch of every buffer, primitive caches, concept buffers, and the GEMM-peak
@@ -579,7 +581,7 @@ int cmd_bench_train(const BenchTrainArgs& args) {
   const double flops_tok = models[0].flops_tok;
   for (const BenchModel& m : models)
     std::printf("model FLOPs%s: %.4f GFLOP/token (training = 3x forward)\n",
-                models.size() > 1 ? (" " + m.name).c_str() : "", m.flops_tok / 1e9);
+                tag(m).c_str(), m.flops_tok / 1e9);
   std::printf("median of %lld repeats x %lld steps of %.0f tokens", (long long)a.repeats,
               (long long)a.steps, tokens_per_step);
   for (size_t mi = 1; mi < models.size(); ++mi)

@@ -61,8 +61,12 @@ int cmd_bench_prefill(const BenchPrefillArgs& a) {
     std::printf("model %zu: %s, %s, %.2fM params\n", i, a.ckpts[i].c_str(), mc.arch.c_str(),
                 ms[i].m->params().total() / 1e6);
   }
-  std::printf("prefill: batch %lld, prompt %lld tokens, threads %d, %lld repeats (medians)\n",
+  std::printf("prefill: batch %lld, prompt %lld tokens, threads %d, %lld repeats (medians)",
               (long long)B, (long long)P, omp_get_max_threads(), (long long)a.repeats);
+  if (a.in_a_row > 1)
+    std::printf("; %lld prefills of a model in a row, the first of each run not kept",
+                (long long)a.in_a_row);
+  std::printf("\n");
   std::vector<PrefillItem> items;
   for (i64 b = 0; b < B; ++b) items.push_back({b, prompt.data(), P});
   std::vector<i32> rows(B * P);
@@ -75,28 +79,37 @@ int cmd_bench_prefill(const BenchPrefillArgs& a) {
     wall.push_back(double(B * P) / s);
     idle.push_back(double(B * P) / std::max(busy, 1e-9));
   };
+  // --in-a-row K > 1: each repeat runs K prefills of a model back to back and keeps the last
+  // K - 1 (their weights warm from the model's own previous prefill); the forward runs after
+  const i64 K = a.in_a_row, kept_per_repeat = K > 1 ? K - 1 : 1;
+  const i64 kept = a.repeats * kept_per_repeat;
   for (i64 r = -1; r < a.repeats; ++r) {  // r = -1: warm-up, not kept
     for (Model& x : ms) {
       lg.resize(B * P * x.m->config().vocab_size);
-      std::vector<double> w, id, fw, fi;
-      for (i64 b = 0; b < B; ++b) x.st->reset(b);
-      prof::reset();
-      prof::enable(breakdown);
-      timed([&] { x.st->prefill(items.data(), B, lg.data()); }, w, id);
-      prof::enable(false);
-      if (breakdown && r >= 0)
-        for (const prof::Entry& e : prof::entries()) {
-          auto it = std::find_if(x.parts.begin(), x.parts.end(),
-                                 [&](auto& p) { return std::string(p.first) == e.name; });
-          if (it == x.parts.end()) x.parts.push_back({e.name, e.cpu_seconds});
-          else it->second += e.cpu_seconds;
-        }
-      if (r >= 0) bench::take_gemm_shape_stats(x.shapes);
-      else ops::gemm_shape_stats(true);  // the warm-up's products are not kept
+      for (i64 j = 0; j < K; ++j) {
+        const bool keep = r >= 0 && (K == 1 || j >= 1);
+        std::vector<double> w, id;
+        for (i64 b = 0; b < B; ++b) x.st->reset(b);
+        prof::reset();
+        prof::enable(breakdown);
+        timed([&] { x.st->prefill(items.data(), B, lg.data()); }, w, id);
+        prof::enable(false);
+        if (breakdown && keep)
+          for (const prof::Entry& e : prof::entries()) {
+            auto it = std::find_if(x.parts.begin(), x.parts.end(),
+                                   [&](auto& p) { return std::string(p.first) == e.name; });
+            if (it == x.parts.end()) x.parts.push_back({e.name, e.cpu_seconds});
+            else it->second += e.cpu_seconds;
+          }
+        if (keep) bench::take_gemm_shape_stats(x.shapes);
+        else ops::gemm_shape_stats(true);  // warm-ups' products are not kept
+        if (!keep) continue;
+        x.wall.push_back(w[0]);
+        x.idle.push_back(id[0]);
+      }
+      std::vector<double> fw, fi;
       timed([&] { x.m->logits(rows.data(), B, P, lg.data()); }, fw, fi);
       if (r < 0) continue;
-      x.wall.push_back(w[0]);
-      x.idle.push_back(id[0]);
       x.fwd_wall.push_back(fw[0]);
       x.fwd_idle.push_back(fi[0]);
     }
@@ -122,15 +135,15 @@ int cmd_bench_prefill(const BenchPrefillArgs& a) {
     for (auto& p : ms[i].parts) total += p.second;
     std::printf("model %zu prefill breakdown (CPU ms per prefill, all threads):", i);
     for (auto& p : ms[i].parts)
-      if (p.second > 0) std::printf("  %s %.2f", p.first, 1e3 * p.second / double(a.repeats));
-    std::printf("  (total %.2f)", 1e3 * total / double(a.repeats));
+      if (p.second > 0) std::printf("  %s %.2f", p.first, 1e3 * p.second / double(kept));
+    std::printf("  (total %.2f)", 1e3 * total / double(kept));
     std::printf("\n");
     if (ms[i].shapes.empty()) continue;
     std::printf("model %zu products per prefill (wall ms of the calls, GFLOP/s, implementation):\n",
                 i);
     for (auto& [key, sh] : ms[i].shapes)
       std::printf("  %s  calls %5.1f  %8.3f ms  %7.1f GFLOP/s  %s\n", key.c_str(),
-                  double(sh.calls) / double(a.repeats), 1e3 * sh.sec / double(a.repeats),
+                  double(sh.calls) / double(kept), 1e3 * sh.sec / double(kept),
                   sh.flops / std::max(sh.sec, 1e-12) / 1e9, sh.impl.c_str());
   }
   for (size_t i = 1; i < ms.size(); ++i) {

@@ -106,6 +106,10 @@ int cmd_bench_decode(const BenchDecodeArgs& a);
 struct BenchPrefillArgs {
   std::vector<std::string> ckpts;  // checkpoints compared in one run (the first is the reference)
   i64 prompt_len = 128, batch = 1, repeats = 11;
+  // Prefills of one model in a row per repeat, the first of each run not kept: > 1 times a
+  // model whose weights its own previous prefill left in the caches (a server running one
+  // model); 1 = each prefill right after the other models' work (the default).
+  i64 in_a_row = 1;
   bool breakdown = false;  // CPU time per component of the stream's prefill
   bool breakdown_gemm = false;  // with breakdown: GEMMs as own rows, and time per product shape
 };

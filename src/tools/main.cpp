@@ -210,6 +210,11 @@ int main(int argc, char** argv) {
   bpre->add_option("--prompt-len", bp.prompt_len, "prompt tokens")->check(CLI::Range(1, 1 << 20));
   bpre->add_option("--batch", bp.batch, "sequences prefilled together")->check(CLI::Range(1, 4096));
   bpre->add_option("--repeats", bp.repeats, "repeats (median reported)")->check(CLI::Range(1, 1000));
+  bpre->add_option("--in-a-row", bp.in_a_row,
+                   "prefills of one model in a row per repeat, the first of each run not kept (> 1: "
+                   "the model's weights warm from its own previous prefill, as in a server running "
+                   "one model; 1: each prefill right after the other models' work)")
+      ->check(CLI::Range(1, 100));
   bpre->add_flag("--breakdown", bp.breakdown, "CPU time per component of each stream's prefill");
   bpre->add_flag("--breakdown-gemm", bp.breakdown_gemm,
                  "--breakdown with the GEMMs in rows of their own, and each product shape's time");
