@@ -257,6 +257,13 @@ TEST(Cli, BenchDecodeRuns) {
   ASSERT_FALSE(one.empty());
   EXPECT_EQ(three.substr(0, three.find("calls") + 12), one.substr(0, one.find("calls") + 12))
       << r.out;
+  // --precision: the streams' weight format, named in the header; a wrong one names the flag
+  r = run("bench prefill --ckpt " + ck + " --ckpt " + ck + " --prompt-len 16 --repeats 1 --precision int8");
+  ASSERT_EQ(r.rc, 0) << r.out;
+  EXPECT_NE(r.out.find("prompt 16 tokens, int8 weights"), std::string::npos) << r.out;
+  r = run("bench prefill --ckpt " + ck + " --precision fp16");
+  EXPECT_NE(r.rc, 0);
+  EXPECT_NE(r.out.find("--precision: expected"), std::string::npos) << r.out;
   r = run("bench prefill --ckpt " + ck + " --in-a-row 0");
   EXPECT_NE(r.rc, 0);
   EXPECT_NE(r.out.find("--in-a-row"), std::string::npos) << r.out;

@@ -16,6 +16,7 @@
 #include "core/profiler.h"
 #include "core/rng.h"
 #include "kernels/gemm.h"
+#include "kernels/packed_gemm.h"
 #include "models/flops.h"
 #include "tools/bench_common.h"
 #include "tools/commands.h"
@@ -27,6 +28,7 @@ int cmd_bench_prefill(const BenchPrefillArgs& a) {
   const bool breakdown = a.breakdown || a.breakdown_gemm;
   prof::set_detail(a.breakdown_gemm);
   const i64 B = a.batch, P = a.prompt_len;
+  const ops::PackFormat precision = ops::parse_pack_format(a.precision, "--precision");
   struct Model {
     std::unique_ptr<LanguageModel> m;
     std::unique_ptr<InferenceStream> st;
@@ -57,12 +59,14 @@ int cmd_bench_prefill(const BenchPrefillArgs& a) {
     StreamOptions so;
     so.max_seqs = B;
     so.max_len = P;
+    so.precision = precision;
     ms[i].st = ms[i].m->new_stream(so);
     std::printf("model %zu: %s, %s, %.2fM params\n", i, a.ckpts[i].c_str(), mc.arch.c_str(),
                 ms[i].m->params().total() / 1e6);
   }
-  std::printf("prefill: batch %lld, prompt %lld tokens, threads %d, %lld repeats (medians)",
-              (long long)B, (long long)P, omp_get_max_threads(), (long long)a.repeats);
+  std::printf("prefill: batch %lld, prompt %lld tokens, %s weights, threads %d, %lld repeats (medians)",
+              (long long)B, (long long)P, ops::pack_format_name(precision), omp_get_max_threads(),
+              (long long)a.repeats);
   if (a.in_a_row > 1)
     std::printf("; %lld prefills of a model in a row, the first of each run not kept",
                 (long long)a.in_a_row);

@@ -110,6 +110,7 @@ struct BenchPrefillArgs {
   // model whose weights its own previous prefill left in the caches (a server running one
   // model); 1 = each prefill right after the other models' work (the default).
   i64 in_a_row = 1;
+  std::string precision = "fp32";  // the streams' weight format: fp32 | bf16 | int8
   bool breakdown = false;  // CPU time per component of the stream's prefill
   bool breakdown_gemm = false;  // with breakdown: GEMMs as own rows, and time per product shape
 };

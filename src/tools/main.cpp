@@ -215,6 +215,9 @@ int main(int argc, char** argv) {
                    "the model's weights warm from its own previous prefill, as in a server running "
                    "one model; 1: each prefill right after the other models' work)")
       ->check(CLI::Range(1, 100));
+  bpre->add_option("--precision", bp.precision,
+                   "the streams' weights: fp32, or weight-only bf16 / int8 copies (FP32 arithmetic)")
+      ->capture_default_str();
   bpre->add_flag("--breakdown", bp.breakdown, "CPU time per component of each stream's prefill");
   bpre->add_flag("--breakdown-gemm", bp.breakdown_gemm,
                  "--breakdown with the GEMMs in rows of their own, and each product shape's time");
