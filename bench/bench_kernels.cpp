@@ -171,4 +171,32 @@ BENCHMARK(BM_PackedGemm)
     ->Args({26, 384, 1024, 0})->Args({26, 384, 1024, 1})
     ->Args({1, 768, 256, 0})->Args({1, 768, 256, 1});
 
+// The same products from weight-only BF16 (fmt 1) or int8 (fmt 2) copies, widened to FP32 in
+// every micro-kernel call (widen 0) or once per column block for the FP32 kernel (widen 1, the
+// default from 40 rows; ops::set_packed_widen). Compare the pairs with
+// --benchmark_enable_random_interleaving=true --benchmark_repetitions=N.
+static void BM_PackedGemmWeightOnly(benchmark::State& st) {
+  const i64 M = st.range(0), N = st.range(1), K = st.range(2);
+  const ops::PackFormat fmt = st.range(3) == 1 ? ops::PackFormat::BF16 : ops::PackFormat::Q8;
+  Buf x(M * K), w(N * K), y(M * N);
+  fill(x, 1);
+  fill(w, 2);
+  const i64 bytes = N * K * (fmt == ops::PackFormat::BF16 ? 2 : 1);
+  std::vector<ops::PackedMatrix> ps(std::max<i64>(1, (i64(64) << 20) / bytes));
+  for (auto& p : ps) ops::pack_matrix(p, w.data(), N, K, fmt);
+  const bool widen0 = ops::packed_widen_on();
+  ops::set_packed_widen(st.range(4) != 0);
+  size_t i = 0;
+  for (auto _ : st) {
+    const size_t j = i++ % ps.size();
+    ops::packed_gemm(y.data(), N, x.data(), K, ps[j], M, 1.f, &ps[(j + 1) % ps.size()]);
+  }
+  ops::set_packed_widen(widen0);
+  st.counters["FLOP/s"] =
+      benchmark::Counter(2.0 * M * N * K, benchmark::Counter::kIsIterationInvariantRate);
+}
+BENCHMARK(BM_PackedGemmWeightOnly)
+    ->ArgsProduct({{42, 128}, {1536}, {256}, {1, 2}, {0, 1}})
+    ->ArgsProduct({{42}, {2048}, {384}, {1, 2}, {0, 1}});
+
 BENCHMARK_MAIN();

@@ -486,7 +486,8 @@ TEST(Stream, PrefixRowsSeeTheRealSequence) {
 // The packed products of a stream (kernels/packed_gemm.h) against a plain loop: FP32 on the
 // given operands, BF16 with W rounded to BF16, int8 with W quantised per output column (x stays
 // FP32); every row of a product is
-// computed bit for bit the same whatever M is (a step's row equals the same row in a prefill);
+// computed bit for bit the same whatever M is (BF16 and int8 widen W per call or, from
+// kWidenRows rows, once per block) (a step's row equals the same row in a prefill);
 // partial column blocks (N % 64), odd K and alpha; and ops::gemm serves registered weights from
 // the packed copy only inside a PackedScope and up to max_rows rows.
 TEST(PackedGemm, MatchesLoopAndRowsAreIndependentOfM) {
@@ -495,10 +496,14 @@ TEST(PackedGemm, MatchesLoopAndRowsAreIndependentOfM) {
   const ops::Isa level0 = ops::isa();
   for (ops::Isa level : ops::isa_available())
   for (ops::PackFormat fmt : {ops::PackFormat::F32, ops::PackFormat::BF16, ops::PackFormat::Q8})
-    for (auto [N, K] : {std::pair<i64, i64>{37, 19}, {64, 64}, {130, 33}, {200, 256}}) {
+    for (auto [N, K] : {std::pair<i64, i64>{37, 19}, {64, 64}, {130, 33}, {200, 256}})
+    // 8 rows: BF16 / int8 widen W in every micro-kernel call; 40: once per column block into
+    // FP32 for the FP32 kernel (kWidenRows), which the rows alone (1 row) and the same product
+    // widened per call (set_packed_widen(false)) must match bit for bit; 130: two row tiles of
+    // a block share one widening
+    for (i64 M : {8, 40, 130}) {
       ops::set_isa(level);
       SCOPED_TRACE(ops::isa_name(level));
-      const i64 M = 8;
       std::vector<float> W(N * K), x(M * K), y(M * N), y1(N);
       for (auto& v : W) v = r.uniform() - 0.5f;
       for (auto& v : x) v = r.uniform() - 0.5f;
@@ -518,12 +523,15 @@ TEST(PackedGemm, MatchesLoopAndRowsAreIndependentOfM) {
         for (i64 kk = 0; kk < K; ++kk) amax = std::max(amax, std::abs(W[j * K + kk]));
         return double(amax / 127.f) * double(std::lrint(v * (127.f / amax)));
       };
+      std::vector<double> Wr(N * K);
+      for (i64 j = 0; j < N; ++j)
+        for (i64 k = 0; k < K; ++k) Wr[j * K + k] = rd(j, k);
       double err = 0, mag = 0, vs_exact = 0;
       for (i64 i = 0; i < M; ++i)
         for (i64 j = 0; j < N; ++j) {
           double want = 0, exact = 0;
           for (i64 k = 0; k < K; ++k) {
-            want += double(x[i * K + k]) * rd(j, k);
+            want += double(x[i * K + k]) * Wr[j * K + k];
             exact += double(x[i * K + k]) * double(W[j * K + k]);
           }
           err = std::max(err, std::abs(0.5 * want - y[i * N + j]));
@@ -531,17 +539,24 @@ TEST(PackedGemm, MatchesLoopAndRowsAreIndependentOfM) {
           mag = std::max(mag, std::abs(want));
         }
       const char* fn = ops::pack_format_name(fmt);
-      EXPECT_LT(err, 1e-5) << fn << " N " << N << " K " << K;
+      EXPECT_LT(err, 1e-5) << fn << " N " << N << " K " << K << " M " << M;
       EXPECT_GT(mag, 0.5);
       // a coarse format really rounds W (not FP32 in disguise), and only by its own step
       if (fmt != ops::PackFormat::F32) {
         EXPECT_GT(vs_exact, 1e-5) << fn << " N " << N << " K " << K;
         EXPECT_LT(vs_exact, (fmt == ops::PackFormat::Q8 ? 0.01 : 0.005) * mag) << fn;
       }
+      if (fmt != ops::PackFormat::F32) {
+        std::vector<float> y0(M * N);
+        ops::set_packed_widen(false);
+        ops::packed_gemm(y0.data(), N, x.data(), K, p, M, 0.5f);
+        ops::set_packed_widen(true);
+        EXPECT_EQ(y0, y) << fn << " M " << M << " widened once against per call";
+      }
       for (i64 i = 0; i < M; ++i) {  // row i alone: bitwise the same
         ops::packed_gemm(y1.data(), N, x.data() + i * K, K, p, 1, 0.5f);
         EXPECT_EQ(0, std::memcmp(y1.data(), y.data() + i * N, N * sizeof(float)))
-            << fn << " row " << i;
+            << fn << " M " << M << " row " << i;
       }
     }
   ops::set_isa(level0);

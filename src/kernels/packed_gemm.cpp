@@ -10,7 +10,9 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <vector>
 
 #include "kernels/gemm.h"
 #include "kernels/isa.h"
@@ -26,6 +28,15 @@ constexpr i64 kMRf32 = 6;   // rows per FP32 micro-kernel call (24 accumulators)
 constexpr i64 kMRbf16 = 4;  // rows per BF16 call (16 accumulators + 8 widened W vectors)
 constexpr i64 kMRq8 = 6;    // rows per int8 call (24 accumulators + 4 widened W vectors)
 constexpr i64 kRows = 96;   // rows per parallel tile (a multiple of both)
+// BF16 / int8 products of at least this many rows widen each column block's weights to FP32
+// once per thread (exact) and run the FP32 kernel over them, instead of widening in every
+// micro-kernel call: 1.07-1.25x (int8) and 1.01-1.19x (BF16) from 42 to 512 rows, 0.72-0.94x
+// below 32 (one core, docs/performance.md, session 22). Each row's k order is the same either
+// way, so the bits are too.
+constexpr i64 kWidenRows = 40;
+std::atomic<bool> g_widen{env_switch("DLCM_PACKED_WIDEN",
+                                     "BF16 / int8 stream products of many rows widen each weight block once",
+                                     "BF16 / int8 stream products widen the weights in every call")};
 
 thread_local const PackedWeights* t_active = nullptr;
 
@@ -138,12 +149,13 @@ DLCM_PACKED_AVX512 void kernel_bf16w(float* C, i64 ldc, const float* A, i64 lda,
 
 // Weight-only int8: each k's 64 bytes widen to four FP32 vectors (exact); the column scales
 // multiply the sums once at the end, C[c] = alpha * (scale[c] * sum_k A[k] q[k][c]).
-template <int MR>
-DLCM_PACKED_AVX512 void kernel_q8w(float* C, i64 ldc, const float* A, i64 lda, const int8_t* pb,
+// (`load`: LoadQ8 on the packed bytes, or LoadF32 on their widened copy: the same values)
+template <int MR, class Load>
+DLCM_PACKED_AVX512 void kernel_q8w(float* C, i64 ldc, const float* A, i64 lda, Load load,
                                    const float* scale, i64 K, float alpha, i64 n,
                                    const Prefetch& prefetch) {
   __m512 acc[MR][4];
-  accumulate<MR>(acc, A, lda, K, prefetch, LoadQ8{pb});
+  accumulate<MR>(acc, A, lda, K, prefetch, load);
   for (int i = 0; i < MR; ++i) {
     for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_mul_ps(_mm512_loadu_ps(scale + 16 * j), acc[i][j]);
     store_block(C + i * ldc, acc[i], alpha, n);
@@ -173,17 +185,40 @@ DLCM_PACKED_AVX512 void block_bf16w(float* C, i64 ldc, const float* A, i64 lda,
   }
 }
 
-DLCM_PACKED_AVX512 void block_q8w(float* C, i64 ldc, const float* A, i64 lda, const int8_t* pb,
+template <class Load>
+DLCM_PACKED_AVX512 void block_q8w(float* C, i64 ldc, const float* A, i64 lda, Load load,
                                   const float* scale, i64 K, float alpha, i64 n, i64 mr,
                                   const Prefetch& pf) {
   switch (mr) {
-    case 6: return kernel_q8w<6>(C, ldc, A, lda, pb, scale, K, alpha, n, pf);
-    case 5: return kernel_q8w<5>(C, ldc, A, lda, pb, scale, K, alpha, n, pf);
-    case 4: return kernel_q8w<4>(C, ldc, A, lda, pb, scale, K, alpha, n, pf);
-    case 3: return kernel_q8w<3>(C, ldc, A, lda, pb, scale, K, alpha, n, pf);
-    case 2: return kernel_q8w<2>(C, ldc, A, lda, pb, scale, K, alpha, n, pf);
-    default: return kernel_q8w<1>(C, ldc, A, lda, pb, scale, K, alpha, n, pf);
+    case 6: return kernel_q8w<6>(C, ldc, A, lda, load, scale, K, alpha, n, pf);
+    case 5: return kernel_q8w<5>(C, ldc, A, lda, load, scale, K, alpha, n, pf);
+    case 4: return kernel_q8w<4>(C, ldc, A, lda, load, scale, K, alpha, n, pf);
+    case 3: return kernel_q8w<3>(C, ldc, A, lda, load, scale, K, alpha, n, pf);
+    case 2: return kernel_q8w<2>(C, ldc, A, lda, load, scale, K, alpha, n, pf);
+    default: return kernel_q8w<1>(C, ldc, A, lda, load, scale, K, alpha, n, pf);
   }
+}
+
+// A column block's weights widened to FP32 [K][64] (exact): int8 values as they are (the
+// scales stay for the epilogue), BF16 pairs split into their two k.
+DLCM_PACKED_AVX512 void widen_q8(float* dst, const int8_t* pb, i64 K) {
+  const LoadQ8 load{pb};
+  for (i64 k = 0; k < K; ++k) {
+    __m512 b[4];
+    load(k, b);
+    for (int j = 0; j < 4; ++j) _mm512_store_ps(dst + k * kNB + 16 * j, b[j]);
+  }
+}
+DLCM_PACKED_AVX512 void widen_bf16(float* dst, const uint16_t* pb, i64 K) {
+  const __m512i hi = _mm512_set1_epi32(int(0xFFFF0000u));
+  for (i64 k = 0; k < K; k += 2)
+    for (int j = 0; j < 4; ++j) {
+      const __m512i v = _mm512_loadu_si512(pb + k * kNB + 32 * j);
+      _mm512_store_ps(dst + k * kNB + 16 * j, _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)));
+      if (k + 1 < K)
+        _mm512_store_ps(dst + (k + 1) * kNB + 16 * j,
+                        _mm512_castsi512_ps(_mm512_and_si512(v, hi)));
+    }
 }
 
 }  // namespace isa_avx512
@@ -203,6 +238,9 @@ void block_ref(float* C, i64 ldc, const float* A, i64 lda, i64 mr, i64 K, float 
 }  // namespace
 
 bool packed_gemm_native() { return isa() == Isa::Avx512; }
+
+void set_packed_widen(bool on) { g_widen = on; }
+bool packed_widen_on() { return g_widen.load(); }
 
 PackFormat parse_pack_format(const std::string& s, const std::string& what) {
   if (s == "fp32") return PackFormat::F32;
@@ -292,8 +330,12 @@ const char* panel(const PackedMatrix& p, i64 blk) {
 void packed_gemm_parts(float* const* C, const i64* ldc, const float* A, i64 lda,
                        const PackedMatrix& p, i64 M, float alpha, const PackedMatrix* next) {
   const i64 K = p.K, Kp = p.Kp, nb = p.Np / kNB;
-  const i64 MR = p.fmt == PackFormat::BF16 ? kMRbf16 : p.fmt == PackFormat::Q8 ? kMRq8 : kMRf32;
   const bool avx512 = packed_gemm_native();
+  // BF16 / int8 with many rows: each tile widens its block once and runs the FP32 kernel
+  const bool widen = avx512 && p.fmt != PackFormat::F32 && M >= kWidenRows && g_widen.load();
+  const i64 MR = widen || p.fmt == PackFormat::F32 ? kMRf32
+                 : p.fmt == PackFormat::BF16       ? kMRbf16
+                                                   : kMRq8;
   // tiles of (up to kRows rows, one column block), so that narrow products with many rows
   // also split across threads; a column block's tiles are consecutive (its panel stays in
   // cache between them)
@@ -301,7 +343,7 @@ void packed_gemm_parts(float* const* C, const i64* ldc, const float* A, i64 lda,
   const bool par = !omp_in_parallel() && tiles > 1 && 2.0 * M * p.N * K >= double(1 << 18);
   // the micro-kernel calls of a panel share the prefetch of the one after it (of `next`'s
   // first panel after the last)
-  const i64 steps = p.fmt == PackFormat::BF16 ? Kp / 2 : K;
+  const i64 steps = p.fmt == PackFormat::BF16 && !widen ? Kp / 2 : K;
   const i64 calls = (nr - 1) * (kRows / MR) + (M - (nr - 1) * kRows + MR - 1) / MR;
   // Only where a panel serves several calls (more rows than one micro-kernel call takes): a
   // panel read once (decode's few rows) is one sequential stream that the hardware prefetcher
@@ -310,7 +352,10 @@ void packed_gemm_parts(float* const* C, const i64* ldc, const float* A, i64 lda,
   // `next` is a guess there).
   const bool pf_on = calls > 1;
   const bool chain = pf_on && next != nullptr && next->Np > 0;
-#pragma omp parallel for schedule(static) if (par)
+#pragma omp parallel if (par)
+  {
+  i64 wide_blk = -1;  // the column block this thread's scratch holds widened (this call)
+#pragma omp for schedule(static)
   for (i64 tile = 0; tile < tiles; ++tile) {
     const i64 blk = tile / nr, rt = tile % nr;
     size_t part = 0;
@@ -325,6 +370,19 @@ void packed_gemm_parts(float* const* C, const i64* ldc, const float* A, i64 lda,
     // 3, whose call reads W's panel for half the work). Rows are independent: same bits.
     const i64 rows = r_end - rt * kRows, tile_calls = (rows + MR - 1) / MR;
     const i64 base = rows / tile_calls, extra = rows % tile_calls;
+    const float* wide = nullptr;  // the block's weights widened to FP32 [K][64], if widen
+    if (widen) {  // once per block and thread: a block's row tiles are consecutive
+      thread_local std::vector<float, AlignedAlloc<float>> scratch;
+      if (i64(scratch.size()) < K * kNB) scratch.resize(K * kNB);
+      if (blk != wide_blk) {
+        if (p.fmt == PackFormat::Q8)
+          isa_avx512::widen_q8(scratch.data(), p.q.data() + blk * K * kNB, K);
+        else
+          isa_avx512::widen_bf16(scratch.data(), p.h.data() + blk * Kp * kNB, K);
+        wide_blk = blk;
+      }
+      wide = scratch.data();
+    }
     for (i64 j = 0, r0 = rt * kRows; j < tile_calls; r0 += base + (j < extra), ++j) {
       const i64 mr = base + (j < extra);
       const i64 ld = ldc[part];
@@ -341,8 +399,11 @@ void packed_gemm_parts(float* const* C, const i64* ldc, const float* A, i64 lda,
       if (p.fmt == PackFormat::Q8) {
         const int8_t* pb = p.q.data() + blk * K * kNB;
         const float* sc = p.qscale.data() + blk * kNB;
-        if (avx512) {
-          isa_avx512::block_q8w(Cb, ld, Ab, lda, pb, sc, K, alpha, n, mr, pf);
+        if (wide) {
+          isa_avx512::block_q8w(Cb, ld, Ab, lda, isa_avx512::LoadF32{wide}, sc, K, alpha, n, mr,
+                                pf);
+        } else if (avx512) {
+          isa_avx512::block_q8w(Cb, ld, Ab, lda, isa_avx512::LoadQ8{pb}, sc, K, alpha, n, mr, pf);
         } else {
           block_ref(Cb, ld, Ab, lda, mr, K, 1.f, n, [&](i64 k, i64 c) { return float(pb[k * kNB + c]); });
           for (i64 i = 0; i < mr; ++i)
@@ -356,7 +417,9 @@ void packed_gemm_parts(float* const* C, const i64* ldc, const float* A, i64 lda,
           block_ref(Cb, ld, Ab, lda, mr, K, alpha, n, [&](i64 k, i64 c) { return pb[k * kNB + c]; });
       } else {
         const uint16_t* pb = p.h.data() + blk * Kp * kNB;
-        if (avx512)
+        if (wide)
+          isa_avx512::block_f32(Cb, ld, Ab, lda, wide, K, alpha, n, mr, pf);
+        else if (avx512)
           isa_avx512::block_bf16w(Cb, ld, Ab, lda, pb, K, alpha, n, mr, pf);
         else
           block_ref(Cb, ld, Ab, lda, mr, K, alpha, n, [&](i64 k, i64 c) {
@@ -364,6 +427,7 @@ void packed_gemm_parts(float* const* C, const i64* ldc, const float* A, i64 lda,
           });
       }
     }
+  }
   }
 }
 

@@ -61,6 +61,12 @@ void pack_matrices(PackedMatrix& p, const float* const* W, const i64* N, int n, 
 // Whether the AVX-512 micro-kernels were compiled in (else a portable loop, correct but slower
 // than sgemm: streams then keep FP32 products on the general GEMM).
 bool packed_gemm_native();
+// Whether BF16 / int8 products of at least 40 rows widen each column block's weights to FP32
+// once and run the FP32 micro-kernel (default: on; DLCM_PACKED_WIDEN=0 turns it off at start,
+// logged), rather than widening in every micro-kernel call. The bits are the same either way.
+// For A/B benchmarks and tests.
+void set_packed_widen(bool on);
+bool packed_widen_on();
 // C[M, N] (row stride ldc) = alpha * A[M, K] (row stride lda) W^T. Parallel over column
 // blocks outside parallel regions when the product is large enough. While it runs, each column
 // block's weights are prefetched during the block before, and `next`'s first block (the
