@@ -331,7 +331,7 @@ void packed_gemm_parts(float* const* C, const i64* ldc, const float* A, i64 lda,
                        const PackedMatrix& p, i64 M, float alpha, const PackedMatrix* next) {
   const i64 K = p.K, Kp = p.Kp, nb = p.Np / kNB;
   const bool avx512 = packed_gemm_native();
-  // BF16 / int8 with many rows: each tile widens its block once and runs the FP32 kernel
+  // BF16 / int8 with many rows: each thread widens a block once and runs the FP32 kernel
   const bool widen = avx512 && p.fmt != PackFormat::F32 && M >= kWidenRows && g_widen.load();
   const i64 MR = widen || p.fmt == PackFormat::F32 ? kMRf32
                  : p.fmt == PackFormat::BF16       ? kMRbf16
