@@ -98,16 +98,18 @@ int cmd_bench_prefill(const BenchPrefillArgs& a) {
         prof::enable(breakdown);
         timed([&] { x.st->prefill(items.data(), B, lg.data()); }, w, id);
         prof::enable(false);
-        if (breakdown && keep)
+        if (!keep) {
+          ops::gemm_shape_stats(true);  // warm-ups' products are not kept
+          continue;
+        }
+        if (breakdown)
           for (const prof::Entry& e : prof::entries()) {
             auto it = std::find_if(x.parts.begin(), x.parts.end(),
                                    [&](auto& p) { return std::string(p.first) == e.name; });
             if (it == x.parts.end()) x.parts.push_back({e.name, e.cpu_seconds});
             else it->second += e.cpu_seconds;
           }
-        if (keep) bench::take_gemm_shape_stats(x.shapes);
-        else ops::gemm_shape_stats(true);  // warm-ups' products are not kept
-        if (!keep) continue;
+        bench::take_gemm_shape_stats(x.shapes);
         x.wall.push_back(w[0]);
         x.idle.push_back(id[0]);
       }
