@@ -321,9 +321,10 @@ TEST(Cli, BenchTrainOnednnEngineAndBenchGemmPeer) {
   for (const char* l : {"dlcm engine fp32/runtime", "dlcm engine fp32/onednn"})
     EXPECT_NE(r.out.find(l), std::string::npos) << l << "\n" << r.out;
   // the hardware's FMA rate beside the GEMM peak, at a vector kernel level
-  if (ops::isa() != ops::Isa::Scalar)
+  if (ops::isa() != ops::Isa::Scalar) {
     EXPECT_NE(r.out.find("FP32 FMA ceiling (" + std::string(ops::isa_name(ops::isa())) +
                          " register loop"), std::string::npos) << r.out;
+  }
   r = run("bench gemm --repeats 1 --seconds 0.01 --torch " + tmp.path + "/no-python");
   EXPECT_NE(r.rc, 0);
   EXPECT_NE(r.out.find("--torch"), std::string::npos) << r.out;

@@ -159,8 +159,10 @@ std::string version_text() {
   const BuildInfo& b = build_info();
   const json cpu = cpu_json();
   std::string isa, cpu_isa;
-  for (const auto& x : b.isa) isa += (isa.empty() ? "" : " ") + x;
-  for (const auto& x : cpu["isa"]) cpu_isa += (cpu_isa.empty() ? "" : " ") + x.get<std::string>();
+  // (no `s += sep + x`: GCC 12 warns about it with a false -Wrestrict)
+  auto join = [](std::string& s, const std::string& x) { s += s.empty() ? x : " " + x; };
+  for (const auto& x : b.isa) join(isa, x);
+  for (const auto& x : cpu["isa"]) join(cpu_isa, x.get<std::string>());
   std::ostringstream os;
   os << "dlcm " << b.version << "\n"
      << "commit   " << b.git_commit << (b.git_dirty ? " (dirty: uncommitted changes)" : "") << "\n"

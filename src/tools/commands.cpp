@@ -333,7 +333,7 @@ int cmd_generate(const GenerateArgs& a) {
       std::string line;
       for (i32 id : c.prompt_ids) line += std::to_string(id) + " ";
       line += "->";
-      for (i32 id : c.ids) line += " " + std::to_string(id);
+      for (i32 id : c.ids) line += ' ' + std::to_string(id);
       std::printf("%s\n", line.c_str());
     }
   i64 total = 0;
