@@ -15,7 +15,8 @@ launcher=()
 command -v ccache >/dev/null 2>&1 && launcher=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache)
 san="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer"
 # -g1: line tables and function names, all a sanitizer's report prints; full -g made the
-# build about a third slower (serve.cpp 57 s against 39 s) and this build is CI's longest phase.
+# build about a third slower (tests/test_reliability.cpp 57 s against 39 s), and this build is
+# CI's longest phase.
 cmake -S . -B "$B" -DCMAKE_BUILD_TYPE=Sanitize "${launcher[@]}" \
   -DCMAKE_CXX_FLAGS_SANITIZE="-O1 -g1 $san" \
   -DCMAKE_EXE_LINKER_FLAGS_SANITIZE="-fsanitize=address,undefined" > /dev/null
