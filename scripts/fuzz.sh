@@ -2,7 +2,7 @@
 # Builds the libFuzzer harnesses of fuzz/ (clang, AddressSanitizer + UBSan) in build-fuzz/ and
 # runs each one for N seconds on its seed corpus (fuzz/corpus/<name>/, read only; new inputs go
 # to build-fuzz/corpus/<name>/).
-#   scripts/fuzz.sh                 ~20 s per harness (the test command runs it with --seconds 10)
+#   scripts/fuzz.sh                 20 s per harness, FUZZ_PAR (default nproc) harnesses at a time
 #   scripts/fuzz.sh --seconds 3600  the long run (docs/reliability.md)
 #   scripts/fuzz.sh --only config   one harness
 # Exits non-zero on the first finding; the input that triggered it is left in
@@ -32,17 +32,30 @@ names="safetensors config tokenizer_meta shard data_meta tasks trainer_state"
 [[ -n "$only" ]] && names="$only"
 export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=1}
 export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
-for n in $names; do
-  mkdir -p "$B/corpus/$n"
-  start=$(date +%s)
-  # -rss_limit_mb: a parser that allocates from a size field it did not bound is a finding.
-  if ! "$B/fuzz_$n" -max_total_time="$seconds" -rss_limit_mb=2048 -timeout=10 -max_len=65536 \
-       -print_final_stats=1 -artifact_prefix="$B/crash-$n-" "$B/corpus/$n" "fuzz/corpus/$n" \
-       > "$B/fuzz_$n.log" 2>&1; then
+# The harnesses are single-threaded: run FUZZ_PAR of them at a time (default: one per core), each
+# for the full N seconds, so a 2-core machine fuzzes as much in half the wall time.
+par=${FUZZ_PAR:-$(nproc)}
+declare -A started=()
+finish() {  # wait for one harness; stop at its finding
+  local pid n rc=0
+  wait -n -p pid || rc=$?
+  n=${started[$pid]}; unset "started[$pid]"
+  if ((rc != 0)); then
     tail -60 "$B/fuzz_$n.log"
     echo "fuzz.sh: fuzz_$n found a problem; input saved as $B/crash-$n-*" >&2
+    ((${#started[@]})) && kill "${!started[@]}" 2>/dev/null
     exit 1
   fi
   runs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$B/fuzz_$n.log" | grep -o '[0-9]*$' || echo "?")
-  echo "fuzz_$n: $runs inputs in $(( $(date +%s) - start )) s, no finding"
+  echo "fuzz_$n: $runs inputs in $seconds s, no finding"
+}
+for n in $names; do
+  mkdir -p "$B/corpus/$n"
+  ((${#started[@]} >= par)) && finish
+  # -rss_limit_mb: a parser that allocates from a size field it did not bound is a finding.
+  "$B/fuzz_$n" -max_total_time="$seconds" -rss_limit_mb=2048 -timeout=10 -max_len=65536 \
+    -print_final_stats=1 -artifact_prefix="$B/crash-$n-" "$B/corpus/$n" "fuzz/corpus/$n" \
+    > "$B/fuzz_$n.log" 2>&1 &
+  started[$!]=$n
 done
+while ((${#started[@]})); do finish; done

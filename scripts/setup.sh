@@ -10,6 +10,7 @@ PKGS=(build-essential cmake pkg-config git
       libgtest-dev libgmock-dev libbenchmark-dev libomp-dev
       clang libclang-rt-14-dev  # libFuzzer harnesses (fuzz/, scripts/fuzz.sh); the runtime is only "recommended" by clang
       ccache  # repeated builds (the tests' ASan build, rebuilds after a pull) reuse compiled objects
+      ninja-build  # the ASan build (scripts/test_sanitize.sh) keeps both cores busy to its end
       libopenmpi-dev openmpi-bin libceres-dev
       python3 python3-venv python3-pip python3-torch python3-numpy libopenblas0-openmp libjemalloc2
       python3-dev pybind11-dev python3-pytest  # the Python package dlcm (python/dlcm) and its tests

@@ -210,6 +210,32 @@ TEST(Trainer, LossFallsOnALearnablePattern) {
   EXPECT_LT(last, first * 0.5) << "first " << first << " last " << last;
 }
 
+// MFU above 100% (a peak measured in a slower moment of a shared host) is shown, with one note
+// that says why; a plausible MFU gets no note.
+TEST(Trainer, MfuAboveOneHundredPercentIsExplainedOnce) {
+  for (double peak : {1e-6, 1e9}) {
+    Config c = test::tiny_baseline();
+    c.train.steps = 4;
+    c.train.log_every = 1;
+    c.train.eval_every = 0;
+    c.train.ckpt_every = 0;
+    test::TempDir tmp;
+    TrainOptions o;
+    o.quiet = false;
+    o.peak_gflops = peak;  // given: never measured again
+    o.out_dir = tmp.path;
+    Trainer tr(c, test::pattern_data(c.model.vocab_size), o);
+    testing::internal::CaptureStderr();
+    tr.run();
+    const std::string err = testing::internal::GetCapturedStderr();
+    size_t notes = 0;
+    for (size_t at = err.find("MFU reads above 100%"); at != std::string::npos;
+         at = err.find("MFU reads above 100%", at + 1))
+      ++notes;
+    EXPECT_EQ(notes, peak < 1 ? 1u : 0u) << "peak " << peak << ":\n" << err;
+  }
+}
+
 TEST(Schedule, WarmupCosineAndWsd) {
   TrainConfig t;
   t.lr = 1.0f;

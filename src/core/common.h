@@ -36,6 +36,14 @@ template <typename... Args>
     if (!(cond)) ::dlcm::fail(__VA_ARGS__); \
   } while (0)
 
+// GCC 12 flags the undefined pass-through operand inside some AVX-512 intrinsics
+// (_mm512_max_ps, _mm512_reduce_max_ps, the unpacks, ...) as uninitialized once they are inlined
+// into code with its own target: GCC bug 105593, fixed in 13. Wrap such a function in these,
+// rather than turning the warning off for a whole file or build.
+#define DLCM_GCC105593_BEGIN \
+  _Pragma("GCC diagnostic push") _Pragma("GCC diagnostic ignored \"-Wuninitialized\"")
+#define DLCM_GCC105593_END _Pragma("GCC diagnostic pop")
+
 // 64-byte aligned allocator so that AVX-512 loads never split cache lines.
 template <typename T>
 struct AlignedAlloc {

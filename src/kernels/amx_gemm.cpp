@@ -99,10 +99,7 @@ DLCM_AMX_GEMM_TARGET inline __m512i pairs16(const uint16_t* a, i64 na, const uin
 }
 
 // r[j] <- dword j of every r[i] (16 x 16 transpose of 32-bit elements).
-// (GCC 12 flags the _mm512_undefined_epi32() inside the unpack intrinsics as uninitialized once
-// inlined into a function with its own target: GCC bug 105593, fixed in 13.)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
+DLCM_GCC105593_BEGIN
 DLCM_AMX_GEMM_TARGET inline void transpose16(__m512i r[16]) {
   __m512i a[16], b[16];
   for (int i = 0; i < 8; ++i) {
@@ -127,7 +124,7 @@ DLCM_AMX_GEMM_TARGET inline void transpose16(__m512i r[16]) {
     r[12 + q] = _mm512_shuffle_i32x4(c1, c3, 0xDD);
   }
 }
-#pragma GCC diagnostic pop
+DLCM_GCC105593_END
 
 // The four packers, each for a range of 16-row (A) or 16-column (B) groups [g0, g1).
 // "rows": the stored rows run along k (A not transposed, B transposed): a tile row is 32

@@ -283,10 +283,7 @@ DLCM_AMX_TARGET void amx_pairs(uint16_t* d, const float* src, i64 ld, i64 n, i64
 // queries' outputs are never read), writing P^T in bf16 as the B operand of O^T += V^T P^T
 // (amx_product): keys j, j+1 of query i at pv[j*BQ + 2i + (0, 1)] for even j, keys >= nk
 // zero. The running sum l adds the FP32 values.
-// GCC 12 flags the _mm512_undefined_ps() inside _mm512_max_ps and friends as uninitialized
-// once inlined into a function with its own target (GCC bug 105593, fixed in 13).
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
+DLCM_GCC105593_BEGIN
 DLCM_AMX_TARGET void softmax_cols_tiles(const float* st, i64 nk, float scale, float* m, float* l,
                                         float* corr, uint16_t* pv) {
   const __m512i idx = _mm512_load_si512(amx::kPairIdx);
@@ -315,7 +312,7 @@ DLCM_AMX_TARGET void softmax_cols_tiles(const float* st, i64 nk, float scale, fl
     _mm512_store_ps(corr + i, c);
   }
 }
-#pragma GCC diagnostic pop
+DLCM_GCC105593_END
 
 // Which keys each query sees, for the tile-layout kernels below (one policy per attention):
 //   keys_all(b)          keys [lo, end) some query of row b sees, lo on the BK grid
@@ -481,9 +478,7 @@ DLCM_AMX_TARGET void attention_forward_amx(float* out, float* lse, const float* 
 
 // P^T and dS^T from S^T and dP^T [BK][BQ] (FP32; S^T unscaled with hidden entries -inf), as
 // bf16 rows [BK][BQ] (A operands of dV and dK) and dS^T in the pair layout (B operand of dQ^T).
-// (GCC 12 bug 105593: see softmax_cols_tiles)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
+DLCM_GCC105593_BEGIN
 DLCM_AMX_TARGET void softmax_grad_tiles(const float* st, const float* dpt, float scale,
                                         const float* lse, const float* D, uint16_t* pa,
                                         uint16_t* dsa, uint16_t* dsb) {
@@ -507,7 +502,7 @@ DLCM_AMX_TARGET void softmax_grad_tiles(const float* st, const float* dpt, float
     }
   }
 }
-#pragma GCC diagnostic pop
+DLCM_GCC105593_END
 
 template <class Mask>
 DLCM_AMX_TARGET void attention_backward_amx(float* dq, float* dk, float* dv, const float* dout,

@@ -35,10 +35,7 @@ inline __m512 exp_ps(__m512 x) {
 }
 #endif
 
-// GCC 12 warns about an uninitialised register inside _mm512_reduce_max_ps (its header) when
-// the AVX-512 target comes from a pragma; a false positive.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
+DLCM_GCC105593_BEGIN
 inline float hmax(const float* x, i64 n) {
 #ifdef DLCM_AVX512
   __m512 m = _mm512_set1_ps(-INFINITY);
@@ -51,7 +48,7 @@ inline float hmax(const float* x, i64 n) {
   return m;
 #endif
 }
-#pragma GCC diagnostic pop
+DLCM_GCC105593_END
 
 // x[i] = exp(x[i] - m) in place; returns the sum (float lanes, summed in double at the end).
 inline double exp_sub_sum(float* x, i64 n, float m) {
@@ -100,9 +97,7 @@ inline double exp_sum(const float* x, i64 n, float m) {
 #ifdef DLCM_AVX512
 // dst[c*ldd + r] = src[r*ld + c] for a full 16x16 tile, in registers: unpack pairs of rows,
 // then 4x4 shuffles inside 128-bit lanes, then two rounds of lane shuffles.
-// (GCC 12 flags the intrinsics' internal undefined pass-through operand; a false positive.)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
+DLCM_GCC105593_BEGIN
 inline void transpose16(float* dst, i64 ldd, const float* src, i64 ld) {
   __m512 r[16], t[16];
   for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * ld);
@@ -128,7 +123,7 @@ inline void transpose16(float* dst, i64 ldd, const float* src, i64 ld) {
     _mm512_storeu_ps(dst + (12 + k) * ldd, _mm512_shuffle_f32x4(x1, y1, 0xDD));
   }
 }
-#pragma GCC diagnostic pop
+DLCM_GCC105593_END
 #endif
 
 }  // namespace dlcm::ops::DLCM_ISA_NS::simd

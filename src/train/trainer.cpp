@@ -559,6 +559,16 @@ void Trainer::run() {
         std::fprintf(stderr, "%s[train] FP32 GEMM peak measured again: %.0f GFLOP/s\n",
                      tty ? "\r\033[K" : "", peak_gflops_);
     }
+    // Still above 100% after the re-measures: the machine runs faster now than in every
+    // measurement of its peak (a noisy, shared host). Say so once rather than hide the figure.
+    if (mfu > 1.0 && !mfu_over_noted_ && talk() &&
+        (peak_remeasures_ >= 3 || o_.peak_gflops > 0 || world_ > 1)) {
+      mfu_over_noted_ = true;
+      std::fprintf(stderr,
+                   "%s[train] note: MFU reads above 100%% because the host runs faster now than "
+                   "when its FP32 GEMM peak (%.0f GFLOP/s) was measured; it is relative to that peak\n",
+                   tty ? "\r\033[K" : "", peak_gflops_);
+    }
     if (step_ % t.log_every == 0 || step_ == 1 || step_ == t.steps) {
       json j = {{"step", step_}, {"loss", r.loss}, {"ce", r.ce}, {"lr", r.lr},
                 {"grad_norm", r.grad_norm}, {"tokens_per_s", tps}, {"mfu", mfu},

@@ -121,6 +121,7 @@ class Trainer {
   nlohmann::json prov_;  // provenance.json of the next checkpoint
   double peak_gflops_ = 0;
   int peak_remeasures_ = 0;
+  bool mfu_over_noted_ = false;  // the one-time note when MFU stays above 100%
   std::vector<i32> tok_, tgt_;  // [grad_accum, B, L]
   std::vector<uint8_t> bnd_;    // given boundaries [grad_accum, B, L] (train_boundaries)
   ops::Precision precision_ = ops::Precision::FP32;
