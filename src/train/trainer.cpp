@@ -543,6 +543,9 @@ void Trainer::run() {
   }
   i64 ran = 0, saved_at = -1;
   double ema_rate = 0;
+  // The peak is ours to measure again: not given by the caller, one process only (ranks would
+  // have to agree on it).
+  const bool own_peak = o_.peak_gflops <= 0 && world_ == 1;
   while (step_ < t.steps && (o_.stop_after < 0 || ran < o_.stop_after)) {
     StepResult r = train_step();
     ++ran;
@@ -550,8 +553,8 @@ void Trainer::run() {
     ema_rate = ema_rate == 0 ? tps : 0.9 * ema_rate + 0.1 * tps;
     double mfu = flops_tok * tps / (peak_gflops_ * 1e9);
     // A peak measured while the machine was busy is too low (MFU > 100%): measure again, a few
-    // times at most (one process only: ranks would have to agree on it).
-    if (mfu > 1.0 && o_.peak_gflops <= 0 && world_ == 1 && peak_remeasures_ < 3) {
+    // times at most.
+    if (mfu > 1.0 && own_peak && peak_remeasures_ < 3) {
       ++peak_remeasures_;
       peak_gflops_ = std::max(peak_gflops_, measure_gemm_peak_gflops(0.3));
       mfu = flops_tok * tps / (peak_gflops_ * 1e9);
@@ -561,8 +564,7 @@ void Trainer::run() {
     }
     // Still above 100% after the re-measures: the machine runs faster now than in every
     // measurement of its peak (a noisy, shared host). Say so once rather than hide the figure.
-    if (mfu > 1.0 && !mfu_over_noted_ && talk() &&
-        (peak_remeasures_ >= 3 || o_.peak_gflops > 0 || world_ > 1)) {
+    if (mfu > 1.0 && !mfu_over_noted_ && talk() && !(own_peak && peak_remeasures_ < 3)) {
       mfu_over_noted_ = true;
       std::fprintf(stderr,
                    "%s[train] note: MFU reads above 100%% because the host runs faster now than "
