@@ -260,7 +260,29 @@ TEST(Cli, BenchDecodeRuns) {
   // --precision: the streams' weight format, named in the header; a wrong one names the flag
   r = run("bench prefill --ckpt " + ck + " --ckpt " + ck + " --prompt-len 16 --repeats 1 --precision int8");
   ASSERT_EQ(r.rc, 0) << r.out;
-  EXPECT_NE(r.out.find("prompt 16 tokens, int8 weights"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("prompt 16 tokens (random tokens), int8 weights"), std::string::npos) << r.out;
+  // --data: each sequence's prompt is a document of the validation split (BOS first), from
+  // --data-at on; too few documents for the batch name the file and the flags to lower
+  r = run("bench prefill --ckpt " + ck + " --ckpt " + ck + " --prompt-len 16 --repeats 1 --batch 2 "
+          "--data " + tmp.path + "/data");
+  ASSERT_EQ(r.rc, 0) << r.out;
+  EXPECT_NE(r.out.find("prompt 16 tokens (text of " + tmp.path + "/data/val.bin)"), std::string::npos)
+      << r.out;
+  EXPECT_NE(r.out.find("prompts: " + tmp.path + "/data/val.bin tokens from 0, "), std::string::npos)
+      << r.out;  // the split starts with a document; the second prompt starts at a later one
+  r = run("bench prefill --ckpt " + ck + " --prompt-len 16 --repeats 1 --data " + tmp.path +
+          "/data --data-at 1");
+  ASSERT_EQ(r.rc, 0) << r.out;
+  EXPECT_EQ(r.out.find("tokens from 0"), std::string::npos) << r.out;
+  EXPECT_EQ(r.out.find("tokens from 1\n"), std::string::npos) << r.out;  // 1 is not a BOS
+  r = run("bench prefill --ckpt " + ck + " --prompt-len 16 --repeats 1 --batch 500 --data " +
+          tmp.path + "/data");
+  EXPECT_NE(r.rc, 0);
+  EXPECT_NE(r.out.find("--batch asks for 500; lower --batch, --prompt-len or --data-at"),
+            std::string::npos) << r.out;
+  r = run("bench prefill --ckpt " + ck + " --prompt-len 16 --data " + tmp.path + "/nothing");
+  EXPECT_NE(r.rc, 0);
+  EXPECT_NE(r.out.find(tmp.path + "/nothing/val.bin"), std::string::npos) << r.out;
   r = run("bench prefill --ckpt " + ck + " --precision fp16");
   EXPECT_NE(r.rc, 0);
   EXPECT_NE(r.out.find("--precision: expected"), std::string::npos) << r.out;
@@ -311,14 +333,14 @@ TEST(Cli, BenchTrainComparesModelsInOneRun) {
   EXPECT_NE(r.out.find("missing.json"), std::string::npos) << r.out;
 }
 
-// bench train --gemm runtime,onednn: the engine with and without dlcm's blocked sgemm, side by
-// side; bench gemm --torch names a missing interpreter.
+// bench train --gemm runtime,onednn,blocked: the engine with and without dlcm's blocked sgemm,
+// side by side; bench gemm --torch names a missing interpreter.
 TEST(Cli, BenchTrainOnednnEngineAndBenchGemmPeer) {
   test::TempDir tmp;
   const std::string cfg = tiny_config_file(tmp.path, ", \"batch_size\": 2");
-  CmdResult r = run("bench train --config " + cfg + " --no-torch --steps 1 --repeats 1 --gemm runtime,onednn");
+  CmdResult r = run("bench train --config " + cfg + " --no-torch --steps 1 --repeats 1 --gemm runtime,onednn,blocked");
   ASSERT_EQ(r.rc, 0) << r.out;
-  for (const char* l : {"dlcm engine fp32/runtime", "dlcm engine fp32/onednn"})
+  for (const char* l : {"dlcm engine fp32/runtime", "dlcm engine fp32/onednn", "dlcm engine fp32/blocked"})
     EXPECT_NE(r.out.find(l), std::string::npos) << l << "\n" << r.out;
   // the hardware's FMA rate beside the GEMM peak, at a vector kernel level
   if (ops::isa() != ops::Isa::Scalar) {

@@ -2190,6 +2190,13 @@ TEST(Ops, FmaCeilingLoopRunsEveryFma) {
 // blocked kernel (its exact bits) and nothing else there; DLCM_SGEMM_OWN=off turns it off.
 TEST(Ops, BlockedSgemmServesTheWeightGradientProducts) {
   if (!ops::blocked_sgemm_native()) GTEST_SKIP() << "no avx512 kernels here";
+  // by default on Intel CPUs only (on AMD Zen 4 oneDNN's sgemm ran these products faster)
+  const char* env = std::getenv("DLCM_SGEMM_OWN");
+  if (!env || !*env) {
+    __builtin_cpu_init();
+    EXPECT_EQ(ops::blocked_use(), __builtin_cpu_is("intel") ? ops::BlockedUse::Tn : ops::BlockedUse::Off)
+        << ops::isa_summary();
+  }
   ops::BlockedUseScope restore(ops::blocked_use());
   ops::PrecisionScope fp32(ops::Precision::FP32);
   SettingScope<ops::GemmPath, ops::gemm_path, ops::set_gemm_path> runtime(ops::GemmPath::Runtime);

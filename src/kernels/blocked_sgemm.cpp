@@ -187,9 +187,16 @@ DLCM_BLOCKED_AVX512 void blocked(bool ta, bool tb, i64 M, i64 N, i64 K, float al
 
 }  // namespace isa_avx512
 
+// Without DLCM_SGEMM_OWN: the weight-gradient products on the blocked kernel on Intel CPUs, where
+// oneDNN 2.6's sgemm is slow at them (1.12x there), on oneDNN's sgemm elsewhere: on an AMD Zen 4
+// the blocked kernel ran them at 0.71x and 0.88x oneDNN's rate, and FP32 training was 1.03x
+// faster without it (docs/performance.md, "AMD EPYC Zen 4").
 BlockedUse initial_use() {
   const char* e = std::getenv("DLCM_SGEMM_OWN");
-  if (!e || !*e) return BlockedUse::Tn;
+  if (!e || !*e) {
+    __builtin_cpu_init();
+    return __builtin_cpu_is("intel") ? BlockedUse::Tn : BlockedUse::Off;
+  }
   const BlockedUse u = parse_blocked_use(e, "DLCM_SGEMM_OWN");
   std::fprintf(stderr, "dlcm: DLCM_SGEMM_OWN=%s: %s\n", e,
                u == BlockedUse::Tn ? "FP32 weight-gradient products (A^T B) run on dlcm's blocked sgemm"

@@ -35,11 +35,12 @@ void blocked_sgemm(bool trans_a, bool trans_b, i64 M, i64 N, i64 K, float alpha,
                    i64 lda, const float* B, i64 ldb, float beta, float* C, i64 ldc);
 
 // Which products ops::gemm's FP32 path (and the BF16 path on the FP32 units) sends here:
-// Tn (default on AVX-512 CPUs): the weight-gradient form (A transposed, B not) with K >= 1024
-// and M N >= 2^19 (the FFN's; for q/k/v/o's 512 x 512 oneDNN splits K across the threads and
-// is faster);
-// Off: none (oneDNN's sgemm for all). The environment variable DLCM_SGEMM_OWN=tn|off sets it
-// at start (logged).
+// Tn (default on Intel AVX-512 CPUs): the weight-gradient form (A transposed, B not) with
+// K >= 1024 and M N >= 2^19 (the FFN's; for q/k/v/o's 512 x 512 oneDNN splits K across the
+// threads and is faster);
+// Off (default elsewhere: on AMD Zen 4 oneDNN's sgemm is the faster at these products): none,
+// oneDNN's sgemm for all. The environment variable DLCM_SGEMM_OWN=tn|off sets it at start
+// (logged).
 enum class BlockedUse { Off, Tn };
 BlockedUse parse_blocked_use(const std::string& s, const std::string& what);
 void set_blocked_use(BlockedUse u);

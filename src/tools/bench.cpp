@@ -77,7 +77,9 @@ static GemmChoice parse_gemm_choice(const std::string& s) {
   if (s == "tiles") return {ops::GemmPath::Fixed, true, s};
   if (s == "tiles-nochunk") return {ops::GemmPath::Fixed, true, s, ops::blocked_use(), 0};
   if (s == "onednn") return {ops::GemmPath::Runtime, false, s, ops::BlockedUse::Off};
-  const ops::GemmPath p = ops::parse_gemm_path(s, "--gemm (or \"tiles\", \"onednn\")");
+  if (s == "blocked") return {ops::GemmPath::Runtime, false, s, ops::BlockedUse::Tn};
+  const ops::GemmPath p =
+      ops::parse_gemm_path(s, "--gemm (or \"tiles\", \"tiles-nochunk\", \"onednn\", \"blocked\")");
   return {p, false, ops::gemm_path_name(p)};
 }
 

@@ -2,9 +2,11 @@
 // fixed-shape oneDNN paths, FP32 and BF16, for the reference baseline's training shapes and
 // 2048^3, with the oneDNN implementation each path runs. The two paths alternate within every
 // repeat so that load drifts hit them alike; medians of repeats and of per-repeat ratios
-// (fixed / runtime). FP32 rows add, in the same repeats, the runtime path with every product
-// on oneDNN's sgemm (none on dlcm's blocked sgemm, kernels/blocked_sgemm.h) and, with --torch,
-// the same product through PyTorch (a peer process, python/bench_torch_gemm.py).
+// (fixed / runtime). FP32 rows add, in the same repeats, the runtime path with the other
+// choice of blocked sgemm use (kernels/blocked_sgemm.h: every product on oneDNN's sgemm where
+// the weight gradients run on dlcm's blocked kernel by default, as on Intel CPUs; the blocked
+// kernel for them where they do not, as on AMD) and, with --torch, the same product through
+// PyTorch (a peer process, python/bench_torch_gemm.py).
 #include <omp.h>
 
 #include <cstdio>
@@ -140,13 +142,25 @@ int cmd_bench_gemm(const BenchGemmArgs& a) {
   std::printf("GFLOP/s per wall second | per second of the busiest thread's CPU time (idle "
               "estimate; OMP_WAIT_POLICY=%s)\n",
               std::getenv("OMP_WAIT_POLICY") ? std::getenv("OMP_WAIT_POLICY") : "unset");
-  std::printf("FP32 rows end with the runtime path on oneDNN's sgemm alone (no dlcm blocked "
-              "sgemm)%s, per wall second, then each path's share of the FP32 FMA ceiling (a "
-              "register loop of FMAs, no memory, measured in each repeat)\n",
+  // the runtime path's other blocked-sgemm choice, measured beside it so that either default
+  // can be checked on this CPU
+  const ops::BlockedUse alt_use =
+      ops::blocked_use() == ops::BlockedUse::Tn || !ops::blocked_sgemm_native()
+          ? ops::BlockedUse::Off
+          : ops::BlockedUse::Tn;
+  const char* alt = alt_use == ops::BlockedUse::Off ? "onednn" : "blocked";
+  std::printf("FP32 rows end with the runtime path %s%s, per wall second, then each path's "
+              "share of the FP32 FMA ceiling (a register loop of FMAs, no memory, measured in "
+              "each repeat)\n",
+              alt_use == ops::BlockedUse::Off
+                  ? "on oneDNN's sgemm alone (onednn: no dlcm blocked sgemm)"
+                  : "with the weight gradients on dlcm's blocked sgemm (blocked: not the default "
+                    "on this CPU)",
               peer ? " and PyTorch's matmul" : "");
   std::printf("%-5s %-17s %-4s %15s %7s %7s %7s | %7s %7s %7s  %s\n", "prec", "product", "op",
               "M x N x K", "runtime", "fixed", "ratio", "runtime", "fixed", "ratio",
-              "implementation (runtime | fixed) | fp32: onednn, runtime/onednn[, torch, runtime/torch] | ceiling: runtime fixed");
+              ("implementation (runtime | fixed) | fp32: " + std::string(alt) + ", runtime/" + alt +
+               "[, torch, runtime/torch] | ceiling: runtime fixed").c_str());
   std::vector<double> ceilings;  // the FP32 FMA ceiling, per FP32 repeat
   for (ops::Precision p : precs) {
     ops::set_gemm_precision(p);
@@ -160,12 +174,12 @@ int cmd_bench_gemm(const BenchGemmArgs& a) {
         for (int w = 0; w < 3; ++w) run(s, o);  // warm-up; the fixed path's primitive creation
       }
       const bool fp32 = p == ops::Precision::FP32;
-      if (fp32) {  // the oneDNN-only runtime path's warm-up
+      if (fp32) {  // the other blocked-sgemm choice's warm-up
         ops::set_gemm_path(ops::GemmPath::Runtime);
-        ops::BlockedUseScope onednn_only(ops::BlockedUse::Off);
+        ops::BlockedUseScope other(alt_use);
         for (int w = 0; w < 3; ++w) run(s, o);
       }
-      std::vector<double> wall[2], idle[2], ratio, idle_ratio, onednn, vs_onednn, torch, vs_torch;
+      std::vector<double> wall[2], idle[2], ratio, idle_ratio, alt_rates, vs_alt, torch, vs_torch;
       std::vector<double> of_ceiling[2];  // FP32: each path's wall rate / the FMA ceiling
       for (i64 rep = 0; rep < a.repeats; ++rep) {
         for (int k = 0; k < 2; ++k) {
@@ -179,10 +193,10 @@ int cmd_bench_gemm(const BenchGemmArgs& a) {
         if (fp32) {
           ops::set_gemm_path(ops::GemmPath::Runtime);
           {
-            ops::BlockedUseScope onednn_only(ops::BlockedUse::Off);
-            onednn.push_back(rate(s, o, a.seconds).wall);
+            ops::BlockedUseScope other(alt_use);
+            alt_rates.push_back(rate(s, o, a.seconds).wall);
           }
-          vs_onednn.push_back(wall[0].back() / onednn.back());
+          vs_alt.push_back(wall[0].back() / alt_rates.back());
           const ops::FmaCeiling fc = ops::fma_ceiling(a.seconds / 2);
           if (fc.gflops > 0) {
             ceilings.push_back(fc.gflops);
@@ -200,8 +214,8 @@ int cmd_bench_gemm(const BenchGemmArgs& a) {
       std::string extra;
       if (fp32) {
         char buf[96];
-        std::snprintf(buf, sizeof buf, " | %.1f %.2fx", bench::median(onednn),
-                      bench::median(vs_onednn));
+        std::snprintf(buf, sizeof buf, " | %.1f %.2fx", bench::median(alt_rates),
+                      bench::median(vs_alt));
         extra = buf;
         if (peer) {
           std::snprintf(buf, sizeof buf, ", %.1f %.2fx", bench::median(torch),

@@ -1,6 +1,7 @@
 // `dlcm bench prefill`: prefill tokens/s of one or several checkpoints measured in one run,
 // their repeats interleaved so that a noisy machine slows them alike. Per model: the stream's
-// prefill of `batch` copies of a random prompt (one call), and the full forward pass over the
+// prefill of `batch` copies of a random prompt, or of `batch` texts of a validation split
+// (--data; one call), and the full forward pass over the
 // same rows (LanguageModel::logits, the training-style batched forward), wall and idle
 // estimate (tokens per second of the busiest thread, robust to other processes with
 // OMP_WAIT_POLICY=passive); then each model's rates against the first one's, raw and per
@@ -15,6 +16,7 @@
 
 #include "core/profiler.h"
 #include "core/rng.h"
+#include "data/shards.h"
 #include "kernels/gemm.h"
 #include "kernels/packed_gemm.h"
 #include "models/flops.h"
@@ -22,6 +24,40 @@
 #include "tools/commands.h"
 
 namespace dlcm {
+
+namespace {
+
+// The prompts of a run, [batch][prompt_len]: without --data, copies of one random-token prompt
+// after BOS; with it, text of the validation split, sequence b from the b-th document start at
+// or after --data-at (each prompt its own document, running on into the next if shorter).
+std::vector<std::vector<i32>> bench_prompts(const BenchPrefillArgs& a, const ModelConfig& mc) {
+  const i64 B = a.batch, P = a.prompt_len;
+  if (a.data.empty()) {
+    std::vector<i32> prompt(P);
+    for (i64 t = 0; t < P; ++t)
+      prompt[t] = i32(4 + counter_hash(3, t) % uint64_t(mc.vocab_size - 4));
+    prompt[0] = mc.bos_id;
+    return std::vector<std::vector<i32>>(B, prompt);
+  }
+  const std::string path = a.data + "/val.bin";
+  const ShardReader val(path, mc.vocab_size);
+  std::vector<std::vector<i32>> out;
+  std::string at;
+  for (i64 t = a.data_at; i64(out.size()) < B && t + P <= val.size(); ++t) {
+    if (val.at(t) != mc.bos_id) continue;
+    out.push_back(val.read(t, P));
+    if (out.size() <= 8) at += (out.size() > 1 ? ", " : "") + std::to_string(t);
+    t += P - 1;  // the next prompt starts at a later document
+  }
+  DLCM_CHECK(i64(out.size()) == B, "bench prefill: --data ", path, " has ", out.size(),
+             " document starts (BOS id ", mc.bos_id, ") from token ", a.data_at, " with ", P,
+             " tokens after them, --batch asks for ", B,
+             "; lower --batch, --prompt-len or --data-at");
+  std::printf("prompts: %s tokens from %s%s\n", path.c_str(), at.c_str(), B > 8 ? ", ..." : "");
+  return out;
+}
+
+}  // namespace
 
 int cmd_bench_prefill(const BenchPrefillArgs& a) {
   DLCM_CHECK(!a.ckpts.empty(), "bench prefill: give at least one --ckpt");
@@ -40,22 +76,18 @@ int cmd_bench_prefill(const BenchPrefillArgs& a) {
     bench::GemmShapeRows shapes;  // --breakdown-gemm: wall time per product shape
   };
   std::vector<Model> ms(a.ckpts.size());
-  std::vector<i32> prompt;
+  std::vector<std::vector<i32>> prompts;  // [B][P]
   for (size_t i = 0; i < ms.size(); ++i) {
     std::string what;
     ms[i].m = load_model_with_tokenizer(a.ckpts[i], &what);
     const ModelConfig& mc = ms[i].m->config();
     DLCM_CHECK(P <= mc.max_seq_len, "bench prefill: --prompt-len ", P, " exceeds the max_seq_len ",
                mc.max_seq_len, " of ", a.ckpts[i]);
-    if (i == 0) {
-      prompt.resize(P);
-      for (i64 t = 0; t < P; ++t)
-        prompt[t] = i32(4 + counter_hash(3, t) % uint64_t(mc.vocab_size - 4));
-      prompt[0] = mc.bos_id;
-    }
-    for (i64 t = 0; t < P; ++t)
-      DLCM_CHECK(prompt[t] < mc.vocab_size, "bench prefill: the checkpoints' vocabularies differ (",
-                 a.ckpts[i], ")");
+    if (i == 0) prompts = bench_prompts(a, mc);
+    for (const auto& pr : prompts)
+      for (i32 t : pr)
+        DLCM_CHECK(t < mc.vocab_size, "bench prefill: the checkpoints' vocabularies differ (",
+                   a.ckpts[i], ")");
     StreamOptions so;
     so.max_seqs = B;
     so.max_len = P;
@@ -64,17 +96,19 @@ int cmd_bench_prefill(const BenchPrefillArgs& a) {
     std::printf("model %zu: %s, %s, %.2fM params\n", i, a.ckpts[i].c_str(), mc.arch.c_str(),
                 ms[i].m->params().total() / 1e6);
   }
-  std::printf("prefill: batch %lld, prompt %lld tokens, %s weights, threads %d, %lld repeats (medians)",
-              (long long)B, (long long)P, ops::pack_format_name(precision), omp_get_max_threads(),
-              (long long)a.repeats);
+  std::printf("prefill: batch %lld, prompt %lld tokens (%s), %s weights, threads %d, %lld repeats "
+              "(medians)",
+              (long long)B, (long long)P,
+              a.data.empty() ? "random tokens" : ("text of " + a.data + "/val.bin").c_str(),
+              ops::pack_format_name(precision), omp_get_max_threads(), (long long)a.repeats);
   if (a.in_a_row > 1)
     std::printf("; %lld prefills of a model in a row, the first of each run not kept",
                 (long long)a.in_a_row);
   std::printf("\n");
   std::vector<PrefillItem> items;
-  for (i64 b = 0; b < B; ++b) items.push_back({b, prompt.data(), P});
+  for (i64 b = 0; b < B; ++b) items.push_back({b, prompts[b].data(), P});
   std::vector<i32> rows(B * P);
-  for (i64 b = 0; b < B; ++b) std::copy(prompt.begin(), prompt.end(), rows.begin() + b * P);
+  for (i64 b = 0; b < B; ++b) std::copy(prompts[b].begin(), prompts[b].end(), rows.begin() + b * P);
   Buf lg(B * P * ms[0].m->config().vocab_size);
   auto timed = [&](auto&& f, std::vector<double>& wall, std::vector<double>& idle) {
     const auto th0 = bench::thread_cpu_seconds();
@@ -124,9 +158,14 @@ int cmd_bench_prefill(const BenchPrefillArgs& a) {
               "as run", "prefill", "prefill idle", "forward", "fwd idle", "prefill/fwd");
   for (size_t i = 0; i < ms.size(); ++i) {
     Model& x = ms[i];
-    if (x.st->has_concepts()) {
-      const StreamCounters c = x.st->counters(0);
-      x.R = double(c.tokens) / double(std::max<i64>(c.concepts, 1));
+    if (x.st->has_concepts()) {  // over all sequences (their prompts differ with --data)
+      i64 tokens = 0, concepts = 0;
+      for (i64 b = 0; b < B; ++b) {
+        const StreamCounters c = x.st->counters(b);
+        tokens += c.tokens;
+        concepts += c.concepts;
+      }
+      x.R = double(tokens) / double(std::max<i64>(concepts, 1));
     }
     const FlopsReport fr = flops_report(x.m->config(), P, x.R);
     x.flops_tok = fr.total();

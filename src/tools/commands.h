@@ -111,6 +111,11 @@ struct BenchPrefillArgs {
   // model); 1 = each prefill right after the other models' work (the default).
   i64 in_a_row = 1;
   std::string precision = "fp32";  // the streams' weight format: fp32 | bf16 | int8
+  // Prompts from a prepared data folder's validation split (DIR/val.bin), one document start
+  // per sequence from token `data_at` on; empty: `batch` copies of one random-token prompt. A
+  // DLCM's concept count depends on the text, and random tokens are not what it was trained on.
+  std::string data;
+  i64 data_at = 0;
   bool breakdown = false;  // CPU time per component of the stream's prefill
   bool breakdown_gemm = false;  // with breakdown: GEMMs as own rows, and time per product shape
 };

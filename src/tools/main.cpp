@@ -153,8 +153,8 @@ int main(int argc, char** argv) {
                      ".venv-torch2/bin/python)")->delimiter(',');
   btrain->add_option("--precision", ba.precisions, "fp32 and/or bf16, timed side by side (default: the config's)")
       ->delimiter(',')->check(CLI::IsMember({"fp32", "bf16"}));
-  btrain->add_option("--gemm", ba.gemm_paths, "runtime, fixed (oneDNN's paths), tiles (BF16 products on the AMX tile kernel where they fit, the rest fixed), tiles-nochunk (the same, a wide B read whole by every strip of A: no column chunks) and/or onednn (runtime with every FP32 product on oneDNN's sgemm, none on dlcm's blocked one), timed side by side (default: DLCM_GEMM, else fixed on AMX CPUs, runtime elsewhere; DLCM_AMX_GEMM; DLCM_SGEMM_OWN)")
-      ->delimiter(',')->check(CLI::IsMember({"runtime", "fixed", "tiles", "tiles-nochunk", "onednn"}));
+  btrain->add_option("--gemm", ba.gemm_paths, "runtime, fixed (oneDNN's paths), tiles (BF16 products on the AMX tile kernel where they fit, the rest fixed), tiles-nochunk (the same, a wide B read whole by every strip of A: no column chunks), onednn (runtime with every FP32 product on oneDNN's sgemm, none on dlcm's blocked one) and/or blocked (runtime with the FP32 weight-gradient products on dlcm's blocked sgemm, the default on Intel CPUs), timed side by side (default: DLCM_GEMM, else fixed on AMX CPUs, runtime elsewhere; DLCM_AMX_GEMM; DLCM_SGEMM_OWN)")
+      ->delimiter(',')->check(CLI::IsMember({"runtime", "fixed", "tiles", "tiles-nochunk", "onednn", "blocked"}));
   btrain->add_flag("--breakdown", ba.breakdown, "per-component time of a training step");
   btrain->add_flag("--breakdown-gemm", ba.breakdown_gemm,
                    "--breakdown with every GEMM, and the BF16 operand rounding, in rows of their "
@@ -218,6 +218,12 @@ int main(int argc, char** argv) {
   bpre->add_option("--precision", bp.precision,
                    "the streams' weights: fp32, or weight-only bf16 / int8 copies (FP32 arithmetic)")
       ->capture_default_str();
+  bpre->add_option("--data", bp.data,
+                   "prepared data folder: each sequence's prompt is text of its validation split "
+                   "(DIR/val.bin, from a document's start), not a random-token prompt");
+  bpre->add_option("--data-at", bp.data_at,
+                   "with --data: first token of the validation split to look for documents from")
+      ->check(CLI::NonNegativeNumber);
   bpre->add_flag("--breakdown", bp.breakdown, "CPU time per component of each stream's prefill");
   bpre->add_flag("--breakdown-gemm", bp.breakdown_gemm,
                  "--breakdown with the GEMMs in rows of their own, and each product shape's time");
