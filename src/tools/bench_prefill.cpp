@@ -1,8 +1,8 @@
 // `dlcm bench prefill`: prefill tokens/s of one or several checkpoints measured in one run,
 // their repeats interleaved so that a noisy machine slows them alike. Per model: the stream's
 // prefill of `batch` copies of a random prompt, or of `batch` texts of a validation split
-// (--data; one call), and the full forward pass over the
-// same rows (LanguageModel::logits, the training-style batched forward), wall and idle
+// (--data; one call), and the full forward pass over the same rows (LanguageModel::logits,
+// the training-style batched forward), wall and idle
 // estimate (tokens per second of the busiest thread, robust to other processes with
 // OMP_WAIT_POLICY=passive); then each model's rates against the first one's, raw and per
 // forward FLOP (flops_report at the prompt length, with the DLCM's measured R).
@@ -30,16 +30,17 @@ namespace {
 // The prompts of a run, [batch][prompt_len]: without --data, copies of one random-token prompt
 // after BOS; with it, text of the validation split, sequence b from the b-th document start at
 // or after --data-at (each prompt its own document, running on into the next if shorter).
-std::vector<std::vector<i32>> bench_prompts(const BenchPrefillArgs& a, const ModelConfig& mc) {
+// `path`: the split's file, empty without --data.
+std::vector<std::vector<i32>> bench_prompts(const BenchPrefillArgs& a, const std::string& path,
+                                            const ModelConfig& mc) {
   const i64 B = a.batch, P = a.prompt_len;
-  if (a.data.empty()) {
+  if (path.empty()) {
     std::vector<i32> prompt(P);
     for (i64 t = 0; t < P; ++t)
       prompt[t] = i32(4 + counter_hash(3, t) % uint64_t(mc.vocab_size - 4));
     prompt[0] = mc.bos_id;
     return std::vector<std::vector<i32>>(B, prompt);
   }
-  const std::string path = a.data + "/val.bin";
   const ShardReader val(path, mc.vocab_size);
   std::vector<std::vector<i32>> out;
   std::string at;
@@ -64,6 +65,7 @@ int cmd_bench_prefill(const BenchPrefillArgs& a) {
   const bool breakdown = a.breakdown || a.breakdown_gemm;
   prof::set_detail(a.breakdown_gemm);
   const i64 B = a.batch, P = a.prompt_len;
+  const std::string val_path = a.data.empty() ? "" : a.data + "/val.bin";
   const ops::PackFormat precision = ops::parse_pack_format(a.precision, "--precision");
   struct Model {
     std::unique_ptr<LanguageModel> m;
@@ -83,7 +85,7 @@ int cmd_bench_prefill(const BenchPrefillArgs& a) {
     const ModelConfig& mc = ms[i].m->config();
     DLCM_CHECK(P <= mc.max_seq_len, "bench prefill: --prompt-len ", P, " exceeds the max_seq_len ",
                mc.max_seq_len, " of ", a.ckpts[i]);
-    if (i == 0) prompts = bench_prompts(a, mc);
+    if (i == 0) prompts = bench_prompts(a, val_path, mc);
     for (const auto& pr : prompts)
       for (i32 t : pr)
         DLCM_CHECK(t < mc.vocab_size, "bench prefill: the checkpoints' vocabularies differ (",
@@ -99,7 +101,7 @@ int cmd_bench_prefill(const BenchPrefillArgs& a) {
   std::printf("prefill: batch %lld, prompt %lld tokens (%s), %s weights, threads %d, %lld repeats "
               "(medians)",
               (long long)B, (long long)P,
-              a.data.empty() ? "random tokens" : ("text of " + a.data + "/val.bin").c_str(),
+              val_path.empty() ? "random tokens" : ("text of " + val_path).c_str(),
               ops::pack_format_name(precision), omp_get_max_threads(), (long long)a.repeats);
   if (a.in_a_row > 1)
     std::printf("; %lld prefills of a model in a row, the first of each run not kept",
