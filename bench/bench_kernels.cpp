@@ -37,6 +37,37 @@ static void BM_Sgemm(benchmark::State& st) {
 }
 BENCHMARK(BM_Sgemm)->Arg(512)->Arg(1024)->Arg(2048)->UseRealTime();
 
+// A DLCM training step's backbone product on the fixed-shape path: its rows are the step's
+// concept count, new at every step, and each of its layers calls it (here 3 calls per step,
+// x W^T at the dlcm-small backbone's FFN shape, 1024 x 384). Arg: GemmCacheConfig::varying_values
+// (0: a primitive is created at each step's second call; 4, the default: only for the first
+// values). Compare the two rows' time per step (docs/performance.md, session 26).
+static void BM_GemmFixedVaryingRows(benchmark::State& st) {
+  const ops::GemmPath path0 = ops::gemm_path();
+  const ops::GemmCacheConfig cfg0 = ops::gemm_cache_config();
+  ops::set_gemm_path(ops::GemmPath::Fixed);
+  ops::GemmCacheConfig cfg = cfg0;
+  cfg.varying_values = st.range(0);
+  ops::set_gemm_cache_config(cfg);  // empty cache
+  const i64 N = 1024, K = 384, M0 = 520, spread = 96;
+  Buf a((M0 + spread) * K), w(N * K), c((M0 + spread) * N);
+  fill(a, 1);
+  fill(w, 2);
+  const i64 created0 = ops::gemm_cache_stats().created;
+  i64 step = 0, flops = 0;
+  for (auto _ : st) {
+    const i64 M = M0 + (step++ * 37) % spread;  // a different count at each step
+    for (int layer = 0; layer < 3; ++layer)
+      ops::gemm(false, true, M, N, K, 1.f, a.data(), K, w.data(), K, 0.f, c.data(), N);
+    flops += 3 * 2 * M * N * K;
+  }
+  st.counters["FLOP/s"] = benchmark::Counter(double(flops), benchmark::Counter::kIsRate);
+  st.counters["created/step"] = double(ops::gemm_cache_stats().created - created0) / double(std::max<i64>(step, 1));
+  ops::set_gemm_cache_config(cfg0);
+  ops::set_gemm_path(path0);
+}
+BENCHMARK(BM_GemmFixedVaryingRows)->Arg(0)->Arg(4)->UseRealTime();
+
 // The same products in BF16 mixed precision (operands rounded to bf16 on the way in, FP32
 // accumulation and output): train.precision = "bf16".
 static void BM_GemmBf16(benchmark::State& st) {

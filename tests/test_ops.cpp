@@ -1907,6 +1907,51 @@ TEST(Ops, GemmFixedCacheEvictsAndFallsBack) {
   }
 }
 
+// A product whose M (or K) takes a new value at every step -- a DLCM's concept rows -- gets
+// primitives for its first values only: once its family (the shape with that dimension left
+// out) has shown varying_values values, new values run on the runtime path (no primitive
+// created per step, no stable shape evicted); a stable shape keeps its primitive, and results
+// are the same either way.
+TEST(Ops, GemmFixedCacheKeepsVaryingShapesOnTheRuntimePath) {
+  GemmCacheScope scope({.capacity = 64, .min_flops = 0, .min_uses = 2, .varying_values = 4});
+  ops::set_gemm_path(ops::GemmPath::Fixed);
+  for (int dim = 0; dim < 2; ++dim) {  // 0: M varies (x W^T), 1: K varies (dW += dy^T x)
+    const ops::GemmCacheStats s0 = ops::gemm_cache_stats();
+    for (i64 step = 0; step < 8; ++step) {
+      const i64 v = 40 + 3 * step;  // this step's concept count
+      for (int call = 0; call < 3; ++call) {  // three layers of one shape per step
+        const double err = dim == 0 ? gemm_error(false, true, v, 24, 32, 1.f, 0.f, 0, 3 + call)
+                                    : gemm_error(true, false, 24, 32, v, 1.f, 1.f, 0, 3 + call);
+        EXPECT_LT(err, 1e-5) << dim << " " << step;
+      }
+    }
+    const ops::GemmCacheStats s1 = ops::gemm_cache_stats();
+    // steps 0-2 create at their second call; from step 3 on the family varies
+    EXPECT_EQ(s1.created - s0.created, 3) << dim;
+    EXPECT_EQ(s1.fixed_calls - s0.fixed_calls, 3 * 2) << dim;
+    EXPECT_EQ(s1.varying_calls - s0.varying_calls, 5 * 3) << dim;
+    // a value seen before its family varied keeps its primitive
+    const double err = dim == 0 ? gemm_error(false, true, 43, 24, 32, 1.f, 0.f, 0, 9)
+                                : gemm_error(true, false, 24, 32, 43, 1.f, 1.f, 0, 9);
+    EXPECT_LT(err, 1e-5);
+    EXPECT_EQ(ops::gemm_cache_stats().fixed_calls, s1.fixed_calls + 1) << dim;
+  }
+  // a shape that repeats is unaffected by the varying families beside it
+  const ops::GemmCacheStats s2 = ops::gemm_cache_stats();
+  for (int call = 0; call < 3; ++call)
+    EXPECT_LT(gemm_error(false, true, 64, 24, 48, 1.f, 0.f, 0, 5), 1e-5);
+  EXPECT_EQ(ops::gemm_cache_stats().created - s2.created, 1);
+  EXPECT_EQ(ops::gemm_cache_stats().fixed_calls - s2.fixed_calls, 2);
+  // varying_values = 0: the old rule, a primitive per value
+  ops::set_gemm_cache_config({.capacity = 64, .min_flops = 0, .min_uses = 2, .varying_values = 0});
+  const ops::GemmCacheStats s3 = ops::gemm_cache_stats();
+  for (i64 step = 0; step < 6; ++step)
+    for (int call = 0; call < 2; ++call)
+      EXPECT_LT(gemm_error(false, true, 50 + step, 24, 32, 1.f, 0.f, 0, 3), 1e-5);
+  EXPECT_EQ(ops::gemm_cache_stats().created - s3.created, 6);
+  EXPECT_EQ(ops::gemm_cache_stats().varying_calls, s3.varying_calls);
+}
+
 // BF16: linear_backward rounds dy once for dx and dW, linear_forward_multi x once for its
 // products; the results must be the bits of the separate products, on both oneDNN paths.
 TEST(Ops, Bf16SharedOperandRoundedOnceIsBitIdentical) {

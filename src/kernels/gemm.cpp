@@ -473,7 +473,40 @@ struct FixedCache {
   std::list<std::pair<FixedKey, std::shared_ptr<const Prim>>> lru;  // most recent first
   std::unordered_map<FixedKey, decltype(lru)::iterator, FixedKeyHash> index;
   std::unordered_map<FixedKey, int, FixedKeyHash> seen;  // uses of shapes not cached yet
+  // Per family (the key with one of M, N, K and the leading dimensions left out): the distinct
+  // values that dimension took, up to cfg.varying_values.
+  std::unordered_map<FixedKey, std::vector<i64>, FixedKeyHash> family[3];
   GemmCacheStats stats;
+
+  // Whether k belongs to a family whose free dimension has taken cfg.varying_values values
+  // (k's own included when `record`). A DLCM's concept count differs at every training step,
+  // and each of its backbone products is called several times per step: with min_uses alone,
+  // every step would create (JIT) a primitive per backbone shape and evict stable ones. Such
+  // products stay on the runtime path once their family shows that it varies.
+  bool varying(const FixedKey& k, bool record) {
+    if (cfg.varying_values <= 0) return false;
+    bool out = false;
+    for (int d = 0; d < 3; ++d) {
+      FixedKey f = k;
+      f.lda = f.ldb = f.ldc = 0;
+      i64& free_dim = d == 0 ? f.M : d == 1 ? f.N : f.K;
+      const i64 v = free_dim;
+      free_dim = 0;
+      auto& m = family[d];
+      if (!record) {
+        auto it = m.find(f);
+        out |= it != m.end() && i64(it->second.size()) >= cfg.varying_values;
+        continue;
+      }
+      if (m.size() > 16 * cfg.capacity + 1024) m.clear();  // bounded
+      std::vector<i64>& vals = m[f];
+      if (i64(vals.size()) < cfg.varying_values &&
+          std::find(vals.begin(), vals.end(), v) == vals.end())
+        vals.push_back(v);
+      out |= i64(vals.size()) >= cfg.varying_values;
+    }
+    return out;
+  }
 
   // The primitive for k, or null when k stays on the runtime path for now.
   std::shared_ptr<const Prim> get(const FixedKey& k, bool count_use) {
@@ -484,6 +517,10 @@ struct FixedCache {
       lru.splice(lru.begin(), lru, it->second);
       if (count_use) ++stats.fixed_calls;
       return lru.front().second;
+    }
+    if (varying(k, count_use)) {
+      if (count_use) ++stats.varying_calls;
+      return nullptr;
     }
     if (count_use) {
       if (seen.size() > 16 * cfg.capacity + 1024) seen.clear();  // bounded too
@@ -770,6 +807,7 @@ void set_gemm_cache_config(const GemmCacheConfig& c) {
   f.lru.clear();
   f.index.clear();
   f.seen.clear();
+  for (auto& m : f.family) m.clear();
   f.stats.size = 0;
 }
 

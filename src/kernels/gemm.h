@@ -102,11 +102,15 @@ struct GemmCacheConfig {
   size_t capacity = 64;        // primitives kept; the least recently used one is evicted
   double min_flops = 1 << 22;  // 2*M*N*K below this: runtime path (creation would not pay)
   int min_uses = 2;            // a shape seen once (e.g. a batch's concept count) stays runtime
+  // A shape whose M, N or K has taken this many values with the rest of the shape the same
+  // (a DLCM's concept rows, new at every step) stays runtime unless already cached (0: off).
+  i64 varying_values = 4;
 };
 void set_gemm_cache_config(const GemmCacheConfig& c);  // also empties the cache
 GemmCacheConfig gemm_cache_config();
 struct GemmCacheStats {
   i64 fixed_calls = 0, created = 0, evicted = 0, size = 0;
+  i64 varying_calls = 0;  // calls kept on the runtime path because their shape family varies
 };
 GemmCacheStats gemm_cache_stats();
 
