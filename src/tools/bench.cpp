@@ -457,7 +457,7 @@ int cmd_bench_train(const BenchTrainArgs& args) {
       Peer pr;
       pr.spec = a.torch.empty() ? ps.python : a.torch[k];
       std::vector<std::string> argv = {ps.python,
-                                       std::string(DLCM_SOURCE_DIR) + "/python/bench_torch.py",
+                                       bench::peer_script("bench_torch.py"),
                                        "--config", cfg_path.string(), "--serve",
                                        "--R", std::to_string(R)};
       argv.insert(argv.end(), ps.flags.begin(), ps.flags.end());

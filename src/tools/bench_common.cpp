@@ -109,6 +109,22 @@ Rss read_rss() {
 
 // ---- PyTorch peers ----
 
+std::string peer_script(const std::string& name) {
+  const char* env = std::getenv("DLCM_SOURCE_DIR");
+  const bool from_env = env && *env;
+  const std::string dir = from_env ? env : DLCM_SOURCE_DIR;
+  const std::string path = dir + "/python/" + name;
+  if (from_env) {
+    static bool logged = false;
+    if (!logged) std::printf("pytorch: peer scripts from DLCM_SOURCE_DIR=%s\n", env);
+    logged = true;
+  }
+  DLCM_CHECK(std::filesystem::exists(path), "bench: the PyTorch peer's script ", path,
+             " does not exist (", from_env ? "DLCM_SOURCE_DIR" : "the checkout dlcm was built from",
+             "; set DLCM_SOURCE_DIR to a dlcm checkout, or run with --no-torch)");
+  return path;
+}
+
 std::vector<std::string> torch_peer_env(bool best, std::vector<std::string>& unset) {
   std::vector<std::string> env = {"OMP_NUM_THREADS=" + std::to_string(omp_get_max_threads())};
   // Best settings for the PyTorch side: jemalloc without decay, OpenBLAS's own AVX-512

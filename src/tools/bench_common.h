@@ -42,6 +42,11 @@ class LineProcess {
 // (logged).
 std::vector<std::string> torch_peer_env(bool best, std::vector<std::string>& unset);
 
+// The PyTorch peer's script python/NAME of the checkout: $DLCM_SOURCE_DIR if set (a dlcm run
+// from scripts/portable_bundle.sh on another machine, the checkout elsewhere; logged), else
+// the checkout dlcm was built from. A missing script is an error naming both.
+std::string peer_script(const std::string& name);
+
 inline double median(std::vector<double> v) {
   if (v.empty()) return 0;
   std::sort(v.begin(), v.end());

@@ -107,7 +107,7 @@ int cmd_bench_gemm(const BenchGemmArgs& a) {
     std::vector<std::string> unset;
     const std::vector<std::string> env = bench::torch_peer_env(true, unset);  // as bench train's
     peer = std::make_unique<bench::LineProcess>(
-        std::vector<std::string>{a.torch, std::string(DLCM_SOURCE_DIR) + "/python/bench_torch_gemm.py",
+        std::vector<std::string>{a.torch, bench::peer_script("bench_torch_gemm.py"),
                                  "--serve"},
         env, unset);
     json info;
