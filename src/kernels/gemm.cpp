@@ -21,6 +21,7 @@
 #include <optional>
 #include <tuple>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include <immintrin.h>
@@ -487,25 +488,28 @@ struct FixedCache {
     if (cfg.varying_values <= 0) return false;
     bool out = false;
     for (int d = 0; d < 3; ++d) {
-      FixedKey f = k;
+      FixedKey f = k;  // k's family: without dimension d and the leading dimensions
       f.lda = f.ldb = f.ldc = 0;
-      i64& free_dim = d == 0 ? f.M : d == 1 ? f.N : f.K;
-      const i64 v = free_dim;
-      free_dim = 0;
+      const i64 v = std::exchange(d == 0 ? f.M : d == 1 ? f.N : f.K, 0);
       auto& m = family[d];
-      if (!record) {
-        auto it = m.find(f);
-        out |= it != m.end() && i64(it->second.size()) >= cfg.varying_values;
-        continue;
+      if (record) {
+        bound(m);
+        std::vector<i64>& vals = m[f];
+        if (i64(vals.size()) < cfg.varying_values &&
+            std::find(vals.begin(), vals.end(), v) == vals.end())
+          vals.push_back(v);
+        out |= i64(vals.size()) >= cfg.varying_values;
+      } else if (auto it = m.find(f); it != m.end()) {
+        out |= i64(it->second.size()) >= cfg.varying_values;
       }
-      if (m.size() > 16 * cfg.capacity + 1024) m.clear();  // bounded
-      std::vector<i64>& vals = m[f];
-      if (i64(vals.size()) < cfg.varying_values &&
-          std::find(vals.begin(), vals.end(), v) == vals.end())
-        vals.push_back(v);
-      out |= i64(vals.size()) >= cfg.varying_values;
     }
     return out;
+  }
+
+  // The bookkeeping maps of shapes not cached stay bounded: cleared when they grow large.
+  template <class Map>
+  void bound(Map& m) const {
+    if (m.size() > 16 * cfg.capacity + 1024) m.clear();
   }
 
   // The primitive for k, or null when k stays on the runtime path for now.
@@ -523,7 +527,7 @@ struct FixedCache {
       return nullptr;
     }
     if (count_use) {
-      if (seen.size() > 16 * cfg.capacity + 1024) seen.clear();  // bounded too
+      bound(seen);
       if (++seen[k] < cfg.min_uses) return nullptr;
       seen.erase(k);
     }
