@@ -283,6 +283,22 @@ TEST(Cli, BenchDecodeRuns) {
   r = run("bench prefill --ckpt " + ck + " --prompt-len 16 --data " + tmp.path + "/nothing");
   EXPECT_NE(r.rc, 0);
   EXPECT_NE(r.out.find(tmp.path + "/nothing/val.bin"), std::string::npos) << r.out;
+  // --prefetch-c on,off: each checkpoint under both settings in the same repeats; the models
+  // against the first checkpoint's entry of the same setting, and each setting against the
+  // checkpoint's first
+  r = run("bench prefill --ckpt " + ck + " --ckpt " + ck + " --prompt-len 16 --repeats 1 "
+          "--prefetch-c on,off");
+  ASSERT_EQ(r.rc, 0) << r.out;
+  for (const char* l : {"model 1: ", "model 3: ", "params, prefetch-c off\n",
+                        "model 2 / model 0 prefill tokens/s: ", "model 3 / model 1 prefill tokens/s: ",
+                        "model 1 / model 0 prefill tokens/s (checkpoint 0, prefetch-c off / on): ",
+                        "model 3 / model 2 prefill tokens/s (checkpoint 1, prefetch-c off / on): "})
+    EXPECT_NE(r.out.find(l), std::string::npos) << l << "\n" << r.out;
+  EXPECT_EQ(r.out.find("model 2 / model 1"), std::string::npos) << r.out;
+  EXPECT_EQ(r.out.find("model 4"), std::string::npos) << r.out;
+  r = run("bench prefill --ckpt " + ck + " --prefetch-c sometimes");
+  EXPECT_NE(r.rc, 0);
+  EXPECT_NE(r.out.find("--prefetch-c"), std::string::npos) << r.out;
   r = run("bench prefill --ckpt " + ck + " --precision fp16");
   EXPECT_NE(r.rc, 0);
   EXPECT_NE(r.out.find("--precision: expected"), std::string::npos) << r.out;

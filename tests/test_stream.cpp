@@ -553,6 +553,13 @@ TEST(PackedGemm, MatchesLoopAndRowsAreIndependentOfM) {
         ops::set_packed_widen(true);
         EXPECT_EQ(y0, y) << fn << " M " << M << " widened once against per call";
       }
+      {  // without the output prefetch: only cache lines move, the same bits
+        std::vector<float> y0(M * N);
+        ops::set_packed_prefetch_c(false);
+        ops::packed_gemm(y0.data(), N, x.data(), K, p, M, 0.5f);
+        ops::set_packed_prefetch_c(true);
+        EXPECT_EQ(y0, y) << fn << " M " << M << " output prefetch off against on";
+      }
       for (i64 i = 0; i < M; ++i) {  // row i alone: bitwise the same
         ops::packed_gemm(y1.data(), N, x.data() + i * K, K, p, 1, 0.5f);
         EXPECT_EQ(0, std::memcmp(y1.data(), y.data() + i * N, N * sizeof(float)))

@@ -17,7 +17,7 @@
 #include "kernels/gemm.h"
 #include "kernels/isa.h"
 
-#define DLCM_PACKED_AVX512 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq")))
+#define DLCM_PACKED_AVX512 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq,prfchw")))
 
 namespace dlcm::ops {
 
@@ -39,6 +39,11 @@ std::atomic<bool> g_widen{env_switch("DLCM_PACKED_WIDEN",
                                      "BF16 / int8 stream products widen the weights in every call")};
 
 thread_local const PackedWeights* t_active = nullptr;
+// Each micro-kernel call of a product with several calls per panel asks for its output lines
+// with write intent when it starts (see prefetch_c).
+std::atomic<bool> g_prefetch_c{env_switch("DLCM_PACKED_PREFETCH_C",
+                                          "stream products prefetch their output lines for writing",
+                                          "stream products store to their output lines unprefetched")};
 
 // Cache lines of the next column block's panel that a micro-kernel call asks for while it
 // works (prefetcht0, measured a little ahead of t1): `per_step` lines at each of its k steps
@@ -49,6 +54,7 @@ thread_local const PackedWeights* t_active = nullptr;
 struct Prefetch {
   const char* p = nullptr;
   i64 per_step = 0, left = 0;
+  bool out = false;  // the call prefetches its output lines for writing first (prefetch_c)
   void step() {
     if (left <= 0) return;
     for (i64 j = 0; j < per_step; ++j) _mm_prefetch(p + 64 * j, _MM_HINT_T0);
@@ -70,6 +76,22 @@ DLCM_PACKED_AVX512 inline void store_block(float* C, const __m512 acc[4], float 
     const __mmask16 m = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
     _mm512_mask_storeu_ps(C + j * 16, m, _mm512_mul_ps(va, acc[j]));
   }
+}
+
+// Asks for a call's MR x n output lines with write intent (prefetchw) before it accumulates, so
+// that its stores at the end find them in cache. The output buffers of a stack's first layer
+// (and of every other stack, the cross-attention, the router) were last written one prefill
+// ago and have left the caches; a store that misses waits for the line's read-for-ownership,
+// and a call's 24 missing stores stalled it: those products ran 6-12% slower than the same
+// shape in the layers after (docs/performance.md, session 27). Only where a panel serves
+// several calls (a prefill's rows, like the next panel's prefetch): a decode step's one call
+// per panel writes one row, next to the previous block's. Only cache lines move.
+template <int MR>
+DLCM_PACKED_AVX512 inline __attribute__((always_inline)) void prefetch_c(float* C, i64 ldc, i64 n,
+                                                                         const Prefetch& pf) {
+  if (!pf.out) return;
+  for (int i = 0; i < MR; ++i)
+    for (i64 j = 0; j < n; j += 16) __builtin_prefetch(C + i * ldc + j, 1, 3);
 }
 
 // acc[i][:] = sum over k of A[i][k] * W[k][:] for the MR rows of one column block, k in order;
@@ -109,6 +131,7 @@ struct LoadQ8 {  // int8 -> FP32, exact
 template <int MR>
 DLCM_PACKED_AVX512 void kernel_f32(float* C, i64 ldc, const float* A, i64 lda, const float* pb,
                                    i64 K, float alpha, i64 n, const Prefetch& prefetch) {
+  prefetch_c<MR>(C, ldc, n, prefetch);
   __m512 acc[MR][4];
   accumulate<MR>(acc, A, lda, K, prefetch, LoadF32{pb});
   for (int i = 0; i < MR; ++i) store_block(C + i * ldc, acc[i], alpha, n);
@@ -120,6 +143,7 @@ template <int MR>
 DLCM_PACKED_AVX512 void kernel_bf16w(float* C, i64 ldc, const float* A, i64 lda,
                                      const uint16_t* pb, i64 K, float alpha, i64 n,
                                      const Prefetch& prefetch) {
+  prefetch_c<MR>(C, ldc, n, prefetch);
   Prefetch pf = prefetch;
   __m512 acc[MR][4];
   for (int i = 0; i < MR; ++i)
@@ -154,6 +178,7 @@ template <int MR, class Load>
 DLCM_PACKED_AVX512 void kernel_q8w(float* C, i64 ldc, const float* A, i64 lda, Load load,
                                    const float* scale, i64 K, float alpha, i64 n,
                                    const Prefetch& prefetch) {
+  prefetch_c<MR>(C, ldc, n, prefetch);
   __m512 acc[MR][4];
   accumulate<MR>(acc, A, lda, K, prefetch, load);
   for (int i = 0; i < MR; ++i) {
@@ -240,6 +265,8 @@ void block_ref(float* C, i64 ldc, const float* A, i64 lda, i64 mr, i64 K, float 
 bool packed_gemm_native() { return isa() == Isa::Avx512; }
 
 void set_packed_widen(bool on) { g_widen = on; }
+void set_packed_prefetch_c(bool on) { g_prefetch_c = on; }
+bool packed_prefetch_c_on() { return g_prefetch_c.load(); }
 bool packed_widen_on() { return g_widen.load(); }
 
 PackFormat parse_pack_format(const std::string& s, const std::string& what) {
@@ -352,6 +379,7 @@ void packed_gemm_parts(float* const* C, const i64* ldc, const float* A, i64 lda,
   // `next` is a guess there).
   const bool pf_on = calls > 1;
   const bool chain = pf_on && next != nullptr && next->Np > 0;
+  const bool out_prefetch = pf_on && g_prefetch_c.load(std::memory_order_relaxed);
 #pragma omp parallel if (par)
   {
   i64 wide_blk = -1;  // the column block this thread's scratch holds widened (this call)
@@ -389,6 +417,7 @@ void packed_gemm_parts(float* const* C, const i64* ldc, const float* A, i64 lda,
       float* Cb = C[part] + r0 * ld + c0;
       const float* Ab = A + r0 * lda;
       Prefetch pf;
+      pf.out = out_prefetch;
       if (avx512 && target) {
         const i64 g = rt * (kRows / MR) + j;  // call g of `calls`
         const i64 l0 = target_lines * g / calls, l1 = target_lines * (g + 1) / calls;

@@ -67,11 +67,17 @@ bool packed_gemm_native();
 // For A/B benchmarks and tests.
 void set_packed_widen(bool on);
 bool packed_widen_on();
+// Whether each micro-kernel call prefetches its output lines for writing before it accumulates
+// (default: on; DLCM_PACKED_PREFETCH_C=0 turns it off at start, logged). Only cache lines
+// move: the results are the same. For A/B benchmarks and tests.
+void set_packed_prefetch_c(bool on);
+bool packed_prefetch_c_on();
 // C[M, N] (row stride ldc) = alpha * A[M, K] (row stride lda) W^T. Parallel over column
 // blocks outside parallel regions when the product is large enough. While it runs, each column
 // block's weights are prefetched during the block before, and `next`'s first block (the
-// product expected after this one, if any) during the last: only W's cache lines move, the
-// result is the same.
+// product expected after this one, if any) during the last; with several micro-kernel calls
+// per block each call also prefetches its output lines for writing (set_packed_prefetch_c).
+// Only cache lines move: the result is the same.
 void packed_gemm(float* C, i64 ldc, const float* A, i64 lda, const PackedMatrix& p, i64 M,
                  float alpha, const PackedMatrix* next = nullptr);
 // The same for stacked matrices: C[i][M, N[i]] (row stride ldc[i]) = alpha * A W[i]^T. Each

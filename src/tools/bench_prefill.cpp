@@ -76,27 +76,38 @@ int cmd_bench_prefill(const BenchPrefillArgs& a) {
     double flops_tok = 0, flops_run = 0, R = 0;
     std::vector<std::pair<const char*, double>> parts;  // --breakdown: CPU seconds per component
     bench::GemmShapeRows shapes;  // --breakdown-gemm: wall time per product shape
+    size_t ckpt = 0;              // index into a.ckpts
+    bool prefetch_c = true;       // ops::set_packed_prefetch_c while it runs
   };
-  std::vector<Model> ms(a.ckpts.size());
+  // one entry per checkpoint and --prefetch-c value, in that order
+  const bool prefetch_c0 = ops::packed_prefetch_c_on();
+  const size_t per_ckpt = std::max<size_t>(a.prefetch_c.size(), 1);
+  std::vector<Model> ms(a.ckpts.size() * per_ckpt);
+  for (size_t i = 0; i < ms.size(); ++i) {
+    ms[i].ckpt = i / per_ckpt;
+    ms[i].prefetch_c = a.prefetch_c.empty() ? prefetch_c0 : a.prefetch_c[i % per_ckpt] == "on";
+  }
   std::vector<std::vector<i32>> prompts;  // [B][P]
   for (size_t i = 0; i < ms.size(); ++i) {
     std::string what;
-    ms[i].m = load_model_with_tokenizer(a.ckpts[i], &what);
+    const std::string& ckpt = a.ckpts[ms[i].ckpt];
+    ms[i].m = load_model_with_tokenizer(ckpt, &what);
     const ModelConfig& mc = ms[i].m->config();
     DLCM_CHECK(P <= mc.max_seq_len, "bench prefill: --prompt-len ", P, " exceeds the max_seq_len ",
-               mc.max_seq_len, " of ", a.ckpts[i]);
+               mc.max_seq_len, " of ", ckpt);
     if (i == 0) prompts = bench_prompts(a, val_path, mc);
     for (const auto& pr : prompts)
       for (i32 t : pr)
         DLCM_CHECK(t < mc.vocab_size, "bench prefill: the checkpoints' vocabularies differ (",
-                   a.ckpts[i], ")");
+                   ckpt, ")");
     StreamOptions so;
     so.max_seqs = B;
     so.max_len = P;
     so.precision = precision;
     ms[i].st = ms[i].m->new_stream(so);
-    std::printf("model %zu: %s, %s, %.2fM params\n", i, a.ckpts[i].c_str(), mc.arch.c_str(),
-                ms[i].m->params().total() / 1e6);
+    std::printf("model %zu: %s, %s, %.2fM params%s\n", i, ckpt.c_str(), mc.arch.c_str(),
+                ms[i].m->params().total() / 1e6,
+                a.prefetch_c.empty() ? "" : ms[i].prefetch_c ? ", prefetch-c on" : ", prefetch-c off");
   }
   std::printf("prefill: batch %lld, prompt %lld tokens (%s), %s weights, threads %d, %lld repeats "
               "(medians)",
@@ -125,6 +136,7 @@ int cmd_bench_prefill(const BenchPrefillArgs& a) {
   const i64 kept = a.repeats * kept_per_repeat;
   for (i64 r = -1; r < a.repeats; ++r) {  // r = -1: warm-up, not kept
     for (Model& x : ms) {
+      ops::set_packed_prefetch_c(x.prefetch_c);
       lg.resize(B * P * x.m->config().vocab_size);
       for (i64 j = 0; j < K; ++j) {
         const bool keep = r >= 0 && (K == 1 || j >= 1);
@@ -156,6 +168,7 @@ int cmd_bench_prefill(const BenchPrefillArgs& a) {
       x.fwd_idle.push_back(fi[0]);
     }
   }
+  ops::set_packed_prefetch_c(prefetch_c0);
   std::printf("%-6s %10s %12s %8s %12s %12s %12s %8s %12s\n", "model", "R", "MFLOP/token",
               "as run", "prefill", "prefill idle", "forward", "fwd idle", "prefill/fwd");
   for (size_t i = 0; i < ms.size(); ++i) {
@@ -193,19 +206,36 @@ int cmd_bench_prefill(const BenchPrefillArgs& a) {
                   double(sh.calls) / double(kept), 1e3 * sh.sec / double(kept),
                   sh.flops / std::max(sh.sec, 1e-12) / 1e9, sh.impl.c_str());
   }
-  for (size_t i = 1; i < ms.size(); ++i) {
-    // per-repeat ratios against model 0 (same repeat, so the same load), then their median
+  // per-repeat ratios against a reference model (same repeat, so the same load), then their
+  // median
+  auto ratios = [&](size_t i, size_t ref) {
     std::vector<double> rw, ri;
     for (size_t r = 0; r < ms[i].wall.size(); ++r) {
-      rw.push_back(ms[i].wall[r] / ms[0].wall[r]);
-      ri.push_back(ms[i].idle[r] / ms[0].idle[r]);
+      rw.push_back(ms[i].wall[r] / ms[ref].wall[r]);
+      ri.push_back(ms[i].idle[r] / ms[ref].idle[r]);
     }
-    const double f = ms[i].flops_tok / ms[0].flops_tok, fr = ms[i].flops_run / ms[0].flops_run;
-    std::printf("model %zu / model 0 prefill tokens/s: %.2fx wall, %.2fx idle; at matched FLOPs "
+    return std::pair{bench::median(rw), bench::median(ri)};
+  };
+  for (size_t i = 1; i < ms.size(); ++i) {
+    // across checkpoints: against model 0, or with several --prefetch-c values against the
+    // first checkpoint's entry of the same value
+    const size_t ref = i % per_ckpt;
+    if (i == ref) continue;
+    const auto [w, id] = ratios(i, ref);
+    const double f = ms[i].flops_tok / ms[ref].flops_tok, fr = ms[i].flops_run / ms[ref].flops_run;
+    std::printf("model %zu / model %zu prefill tokens/s: %.2fx wall, %.2fx idle; at matched FLOPs "
                 "as run (head once per prompt, x %.3f FLOP/token ratio): %.2fx wall, %.2fx idle; "
                 "by the model count (head at every position, x %.3f): %.2fx wall, %.2fx idle\n",
-                i, bench::median(rw), bench::median(ri), fr, bench::median(rw) * fr,
-                bench::median(ri) * fr, f, bench::median(rw) * f, bench::median(ri) * f);
+                i, ref, w, id, fr, w * fr, id * fr, f, w * f, id * f);
+  }
+  for (size_t i = 0; i < ms.size() && per_ckpt > 1; ++i) {
+    const size_t ref = i - i % per_ckpt;  // the same checkpoint's first --prefetch-c value
+    if (i == ref) continue;
+    const auto [w, id] = ratios(i, ref);
+    std::printf("model %zu / model %zu prefill tokens/s (checkpoint %zu, prefetch-c %s / %s): "
+                "%.2fx wall, %.2fx idle\n",
+                i, ref, ms[i].ckpt, ms[i].prefetch_c ? "on" : "off",
+                ms[ref].prefetch_c ? "on" : "off", w, id);
   }
   return 0;
 }
