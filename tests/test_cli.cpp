@@ -257,6 +257,23 @@ TEST(Cli, BenchDecodeRuns) {
   ASSERT_FALSE(one.empty());
   EXPECT_EQ(three.substr(0, three.find("calls") + 12), one.substr(0, one.find("calls") + 12))
       << r.out;
+  // --products-in-order: each product of a prefill in a row of its own, numbered in call
+  // order, one call each per prefill (the shape rows above sum several layers' calls)
+  r = run("bench prefill --ckpt " + ck + " --prompt-len 16 --repeats 2 --products-in-order");
+  ASSERT_EQ(r.rc, 0) << r.out;
+  for (const char* l : {"model 0 products per prefill, in call order", "  #   0  NT       16 x ",
+                        "  #   1  NT       16 x "})
+    EXPECT_NE(r.out.find(l), std::string::npos) << l << "\n" << r.out;
+  {
+    size_t rows = 0, ones = 0;
+    for (size_t at = r.out.find("  #"); at != std::string::npos; at = r.out.find("  #", at + 1)) {
+      ++rows;
+      const std::string line = r.out.substr(at, r.out.find('\n', at) - at);
+      ones += line.find("calls   1.0 ") != std::string::npos;
+    }
+    EXPECT_GE(rows, 3u) << r.out;
+    EXPECT_EQ(ones, rows) << r.out;
+  }
   // --precision: the streams' weight format, named in the header; a wrong one names the flag
   r = run("bench prefill --ckpt " + ck + " --ckpt " + ck + " --prompt-len 16 --repeats 1 --precision int8");
   ASSERT_EQ(r.rc, 0) << r.out;

@@ -36,7 +36,11 @@ namespace {
 Precision g_precision = Precision::FP32;
 
 std::mutex g_shape_mu;
-std::map<std::tuple<int, bool, bool, i64, i64, i64, bool>, GemmShapeStat> g_shape_stats;
+// key: precision, transposes, M, N, K, accumulation, and the call's index since the last reset
+// when products are kept by call (-1 otherwise)
+std::map<std::tuple<int, bool, bool, i64, i64, i64, bool, i64>, GemmShapeStat> g_shape_stats;
+std::atomic<bool> g_shape_by_call{false};
+i64 g_shape_calls = 0;  // products timed since the last reset (under g_shape_mu)
 
 // Per-shape time of the products while GEMM profiling is on (driving thread only).
 struct ShapeTimer {
@@ -50,7 +54,10 @@ struct ShapeTimer {
     const double sec =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     std::lock_guard<std::mutex> lock(g_shape_mu);
-    GemmShapeStat& st = g_shape_stats[{int(g_precision), ta, tb, M, N, K, accumulate}];
+    const i64 order = g_shape_by_call.load() ? g_shape_calls : -1;
+    ++g_shape_calls;
+    GemmShapeStat& st = g_shape_stats[{int(g_precision), ta, tb, M, N, K, accumulate, order}];
+    st.order = order;
     st.precision = g_precision;
     st.trans_a = ta, st.trans_b = tb, st.M = M, st.N = N, st.K = K, st.accumulate = accumulate;
     st.impl = impl;
@@ -798,9 +805,13 @@ std::vector<GemmShapeStat> gemm_shape_stats(bool reset) {
   std::lock_guard<std::mutex> lock(g_shape_mu);
   std::vector<GemmShapeStat> v;
   for (auto& [k, st] : g_shape_stats) v.push_back(st);
-  if (reset) g_shape_stats.clear();
+  if (reset) {
+    g_shape_stats.clear();
+    g_shape_calls = 0;
+  }
   return v;
 }
+void set_gemm_shape_by_call(bool on) { g_shape_by_call = on; }
 GemmPath gemm_path() { return path_ref(); }
 
 void set_gemm_cache_config(const GemmCacheConfig& c) {

@@ -94,8 +94,13 @@ struct GemmShapeStat {
   i64 M = 0, N = 0, K = 0, calls = 0;
   double seconds = 0;
   std::string impl;  // the last call's path: oneDNN implementation, "sgemm", "packed", ...
+  i64 order = -1;    // by call: the product's index among those timed since the last reset
 };
 std::vector<GemmShapeStat> gemm_shape_stats(bool reset);
+// Keeps each product call apart, by its index since the last gemm_shape_stats(true), instead
+// of summing the calls of a shape (`bench prefill --products-in-order`: a stream's prefill
+// calls its products in the same order every time, so index i is the same weight matrix).
+void set_gemm_shape_by_call(bool on);
 
 // Fixed-shape cache tuning (tests shrink it to reach the eviction path and every shape).
 struct GemmCacheConfig {

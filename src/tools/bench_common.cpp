@@ -19,8 +19,9 @@ namespace dlcm::bench {
 
 void take_gemm_shape_stats(GemmShapeRows& rows) {
   for (const ops::GemmShapeStat& g : ops::gemm_shape_stats(true)) {
-    char key[96];
-    std::snprintf(key, sizeof key, "%s%s%s %6lld x %5lld x %5lld", g.trans_a ? "T" : "N",
+    char key[112], at[24] = "";
+    if (g.order >= 0) std::snprintf(at, sizeof at, "#%4lld  ", (long long)g.order);
+    std::snprintf(key, sizeof key, "%s%s%s%s %6lld x %5lld x %5lld", at, g.trans_a ? "T" : "N",
                   g.trans_b ? "T" : "N", g.accumulate ? "+C" : "  ", (long long)g.M,
                   (long long)g.N, (long long)g.K);
     GemmShapeRow& row = rows[key];

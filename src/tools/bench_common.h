@@ -88,7 +88,8 @@ Peak measure_peak(double seconds, i64 n);
 
 // The --breakdown-gemm tables: each product shape's calls, wall time, FLOPs (2MNK per call) and
 // last implementation, summed over runs, by a label such as "NT+C   4096 x   512 x  1536"
-// (transposes, accumulation, M x N x K).
+// (transposes, accumulation, M x N x K); with ops::set_gemm_shape_by_call, each call apart,
+// the label led by its index ("#  12  NT ...").
 struct GemmShapeRow {
   i64 calls = 0;
   double sec = 0, flops = 0;

@@ -62,8 +62,10 @@ std::vector<std::vector<i32>> bench_prompts(const BenchPrefillArgs& a, const std
 
 int cmd_bench_prefill(const BenchPrefillArgs& a) {
   DLCM_CHECK(!a.ckpts.empty(), "bench prefill: give at least one --ckpt");
-  const bool breakdown = a.breakdown || a.breakdown_gemm;
-  prof::set_detail(a.breakdown_gemm);
+  const bool by_call = a.products_in_order;
+  const bool breakdown = a.breakdown || a.breakdown_gemm || by_call;
+  prof::set_detail(a.breakdown_gemm || by_call);
+  ops::set_gemm_shape_by_call(by_call);
   const i64 B = a.batch, P = a.prompt_len;
   const std::string val_path = a.data.empty() ? "" : a.data + "/val.bin";
   const ops::PackFormat precision = ops::parse_pack_format(a.precision, "--precision");
@@ -169,6 +171,7 @@ int cmd_bench_prefill(const BenchPrefillArgs& a) {
     }
   }
   ops::set_packed_prefetch_c(prefetch_c0);
+  ops::set_gemm_shape_by_call(false);
   std::printf("%-6s %10s %12s %8s %12s %12s %12s %8s %12s\n", "model", "R", "MFLOP/token",
               "as run", "prefill", "prefill idle", "forward", "fwd idle", "prefill/fwd");
   for (size_t i = 0; i < ms.size(); ++i) {
@@ -199,8 +202,8 @@ int cmd_bench_prefill(const BenchPrefillArgs& a) {
     std::printf("  (total %.2f)", 1e3 * total / double(kept));
     std::printf("\n");
     if (ms[i].shapes.empty()) continue;
-    std::printf("model %zu products per prefill (wall ms of the calls, GFLOP/s, implementation):\n",
-                i);
+    std::printf("model %zu products per prefill%s (wall ms of the calls, GFLOP/s, implementation):\n",
+                i, by_call ? ", in call order" : "");
     for (auto& [key, sh] : ms[i].shapes)
       std::printf("  %s  calls %5.1f  %8.3f ms  %7.1f GFLOP/s  %s\n", key.c_str(),
                   double(sh.calls) / double(kept), 1e3 * sh.sec / double(kept),

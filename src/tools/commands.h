@@ -118,6 +118,7 @@ struct BenchPrefillArgs {
   i64 data_at = 0;
   bool breakdown = false;  // CPU time per component of the stream's prefill
   bool breakdown_gemm = false;  // with breakdown: GEMMs as own rows, and time per product shape
+  bool products_in_order = false;  // breakdown_gemm with each product of a prefill apart, in order
   // The stream products' output prefetch (ops::set_packed_prefetch_c), "on" and/or "off": each
   // checkpoint runs once per value, side by side in the same repeats (an A/B in one process);
   // empty: as set (on, or DLCM_PACKED_PREFETCH_C).

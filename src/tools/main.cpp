@@ -227,6 +227,9 @@ int main(int argc, char** argv) {
   bpre->add_flag("--breakdown", bp.breakdown, "CPU time per component of each stream's prefill");
   bpre->add_flag("--breakdown-gemm", bp.breakdown_gemm,
                  "--breakdown with the GEMMs in rows of their own, and each product shape's time");
+  bpre->add_flag("--products-in-order", bp.products_in_order,
+                 "--breakdown-gemm with each product of a prefill in a row of its own, in call "
+                 "order (one weight matrix per row: the same shape in different layers apart)");
   bpre->add_option("--prefetch-c", bp.prefetch_c,
                    "the stream products prefetch their output lines for writing: on, off, or "
                    "on,off (each checkpoint under both, side by side in the same repeats)")
