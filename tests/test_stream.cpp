@@ -7,8 +7,11 @@
 #include <cstring>
 #include <tuple>
 
+#include <omp.h>
+
 #include "model_fixtures.h"
 #include "kernels/isa.h"
+#include "kernels/ops.h"
 #include "kernels/packed_gemm.h"
 #include "nn/transformer.h"
 #include "testing.h"
@@ -351,6 +354,44 @@ TEST(Stream, SplitAndBatchIndependent) {
   i32 nt[2] = {5, 5};
   st->step(s2, nt, 2, both.data());
   EXPECT_LT(test::max_abs_diff(both.data(), both.data() + V, V), 1e-5);
+}
+
+// No kernel that opens its own parallel region runs inside one an `if` clause left inactive
+// (libgomp would start a nested team, and a thread, at every call): a 2-thread prefill with one
+// prompt called the attention that way and ran 3x slower under OMP_WAIT_POLICY=active. The
+// check counts such calls (ops::note_parallel_entry); the first block shows it counts them.
+TEST(Stream, KernelsOpenNoParallelRegionInsideAnInactiveOne) {
+  const int threads0 = omp_get_max_threads();
+  omp_set_num_threads(2);
+  {
+    const i64 L = 70, H = 2, hd = 8, n = L * H * hd;
+    std::vector<float> q(n, 0.1f), k(n, 0.2f), v(n, 0.3f), o(n), lse(H * L);
+    const i64 before = ops::parallel_entries_in_inactive_regions();
+#pragma omp parallel if (q.empty())
+    ops::attention_forward(o.data(), lse.data(), q.data(), k.data(), v.data(), 1, L, L, H, H, hd,
+                           0, 0.3f);
+    EXPECT_EQ(ops::parallel_entries_in_inactive_regions(), before + 1);
+  }
+  for (Config c : {test::tiny_baseline(true, 1), test::tiny_dlcm("projected", "compact")}) {
+    SCOPED_TRACE(c.model.arch);
+    c.model.max_seq_len = 100;
+    auto m = make_initialised_model(c.model, 3);
+    const i64 V = c.model.vocab_size, L = 90;
+    auto t = test::random_tokens(L, V, 9);
+    auto st = m->new_stream({2, 0, -1});
+    std::vector<float> lg(2 * V);
+    const i64 before = ops::parallel_entries_in_inactive_regions();
+    st->prefill(0, t.data(), L - 5, lg.data());  // one prompt
+    st->prefill(1, t.data(), 40, lg.data());
+    for (i64 i = 0; i < 4; ++i) {  // steps of two sequences, then of one
+      i64 s2[2] = {0, 1};
+      i32 nt[2] = {t[L - 5 + i], t[40 + i]};
+      st->step(s2, nt, 2, lg.data());
+      st->step(s2, nt, 1, lg.data());
+    }
+    EXPECT_EQ(ops::parallel_entries_in_inactive_regions(), before);
+  }
+  omp_set_num_threads(threads0);
 }
 
 TEST(Stream, BadCallsAreErrors) {

@@ -767,6 +767,7 @@ void attention_forward(float* out, float* lse, const float* q, const float* k, c
                        i64 B, i64 Lq, i64 Lk, i64 Hq, i64 Hkv, i64 hd, i64 q_offset,
                        float scale, i64 window) {
   check_shapes("attention_forward", B, Lq, Lk, Hq, Hkv, hd, q_offset, window);
+  note_parallel_entry();
   const i64 group = Hq / Hkv, ldq = Hq * hd, ldk = Hkv * hd;
   const i64 nqb = (Lq + BQ - 1) / BQ;
   const i64 ntask = B * Hq * nqb;
@@ -854,6 +855,7 @@ void attention_backward(float* dq, float* dk, float* dv, const float* dout, cons
                         i64 Lq, i64 Lk, i64 Hq, i64 Hkv, i64 hd, i64 q_offset, float scale,
                         i64 window, bool accumulate) {
   check_shapes("attention_backward", B, Lq, Lk, Hq, Hkv, hd, q_offset, window);
+  note_parallel_entry();
   const i64 group = Hq / Hkv, ldq = Hq * hd, ldk = Hkv * hd;
   const bool par = B * Hq * Lq * keys_seen(Lq, Lk, q_offset, window) * hd > (1 << 16);
   const TileProduct mm;

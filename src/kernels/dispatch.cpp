@@ -5,6 +5,7 @@
 #include <cstdlib>
 #include <mutex>
 
+#include <omp.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -149,6 +150,16 @@ inline const Kernels& kernels() {
 }
 
 }  // namespace
+
+namespace {
+std::atomic<i64> g_inactive_entries{0};
+}  // namespace
+
+void note_parallel_entry() {
+  if (omp_get_level() > omp_get_active_level() && omp_get_max_threads() > 1)
+    g_inactive_entries.fetch_add(1, std::memory_order_relaxed);
+}
+i64 parallel_entries_in_inactive_regions() { return g_inactive_entries.load(); }
 
 bool env_switch(const char* name, const char* when_on, const char* when_off) {
   const char* e = std::getenv(name);

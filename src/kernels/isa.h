@@ -41,4 +41,13 @@ std::string isa_summary();
 // "dlcm: NAME=VALUE: <when_on or when_off>" (every forced setting is logged).
 bool env_switch(const char* name, const char* when_on, const char* when_off);
 
+// Kernels that open a parallel region of their own (attention, the packed products) call this
+// first. It counts calls made from inside a parallel region that an `if` clause left inactive
+// while more than one thread is allowed: libgomp runs the kernel's region there as a nested
+// team and starts and ends a thread at every call, beside its pool's own threads, which spin
+// under OMP_WAIT_POLICY=active (a 2-thread prefill ran 3x slower that way, session 27). Such a
+// call site should branch instead of using the `if` clause; tests check that none is left.
+void note_parallel_entry();
+i64 parallel_entries_in_inactive_regions();
+
 }  // namespace dlcm::ops

@@ -356,6 +356,7 @@ const char* panel(const PackedMatrix& p, i64 blk) {
 
 void packed_gemm_parts(float* const* C, const i64* ldc, const float* A, i64 lda,
                        const PackedMatrix& p, i64 M, float alpha, const PackedMatrix* next) {
+  note_parallel_entry();
   const i64 K = p.K, Kp = p.Kp, nb = p.Np / kNB;
   const bool avx512 = packed_gemm_native();
   // BF16 / int8 with many rows: each thread widens a block once and runs the FP32 kernel

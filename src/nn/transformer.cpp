@@ -266,15 +266,22 @@ const float* TransformerStack::forward_cached(const float* x, const CacheChunk* 
       std::copy_n(A.v.data() + row0[c] * kvd, ch.n * kvd, cache.v_at(l, ch.seq, p0));
     }
     // Decode (all chunks short): one sequence per thread, the kernel runs serially inside.
-    // Prefill: chunk after chunk, the kernel parallel inside.
-#pragma omp parallel for schedule(dynamic, 1) if (n_chunks > 1 && max_n < 16)
-    for (i64 c = 0; c < n_chunks; ++c) {
+    // Prefill: chunk after chunk, the kernel parallel inside, outside any parallel region (not
+    // in one made inactive by an if clause: the kernel's region would then be a nested one,
+    // for which libgomp starts and ends a thread at every call, beside its pool's own).
+    auto attend = [&](i64 c) {
       const CacheChunk& ch = chunks[c];
       const i64 p0 = cache.len[ch.seq];
       ops::attention_forward(A.att.data() + row0[c] * qd, A.lse.data() + row0[c] * d.n_heads,
                              A.q.data() + row0[c] * qd, cache.k_at(l, ch.seq, 0),
                              cache.v_at(l, ch.seq, 0), 1, ch.n, p0 + ch.n, d.n_heads,
                              d.n_kv_heads, d.head_dim, p0, scale, d.window);
+    };
+    if (n_chunks > 1 && max_n < 16) {
+#pragma omp parallel for schedule(dynamic, 1)
+      for (i64 c = 0; c < n_chunks; ++c) attend(c);
+    } else {
+      for (i64 c = 0; c < n_chunks; ++c) attend(c);
     }
     float* out = inf_out_[l % 2].data();
     block_out(l, cur, out, R, A);
