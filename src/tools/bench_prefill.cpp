@@ -70,7 +70,7 @@ int cmd_bench_prefill(const BenchPrefillArgs& a) {
   const std::string val_path = a.data.empty() ? "" : a.data + "/val.bin";
   const ops::PackFormat precision = ops::parse_pack_format(a.precision, "--precision");
   struct Model {
-    std::unique_ptr<LanguageModel> m;
+    std::shared_ptr<LanguageModel> m;  // shared by a checkpoint's --prefetch-c entries
     std::unique_ptr<InferenceStream> st;
     std::vector<double> wall, idle, fwd_wall, fwd_idle;
     // model FLOPs per token (SPEC 7: the head at every position), and as the prefill runs them
@@ -91,17 +91,22 @@ int cmd_bench_prefill(const BenchPrefillArgs& a) {
   }
   std::vector<std::vector<i32>> prompts;  // [B][P]
   for (size_t i = 0; i < ms.size(); ++i) {
-    std::string what;
     const std::string& ckpt = a.ckpts[ms[i].ckpt];
-    ms[i].m = load_model_with_tokenizer(ckpt, &what);
+    if (i % per_ckpt == 0) {  // a checkpoint's first entry loads it; its other entries share it
+      std::string what;
+      ms[i].m = load_model_with_tokenizer(ckpt, &what);
+      const ModelConfig& mc = ms[i].m->config();
+      DLCM_CHECK(P <= mc.max_seq_len, "bench prefill: --prompt-len ", P,
+                 " exceeds the max_seq_len ", mc.max_seq_len, " of ", ckpt);
+      if (i == 0) prompts = bench_prompts(a, val_path, mc);
+      for (const auto& pr : prompts)
+        for (i32 t : pr)
+          DLCM_CHECK(t < mc.vocab_size, "bench prefill: the checkpoints' vocabularies differ (",
+                     ckpt, ")");
+    } else {
+      ms[i].m = ms[i - 1].m;
+    }
     const ModelConfig& mc = ms[i].m->config();
-    DLCM_CHECK(P <= mc.max_seq_len, "bench prefill: --prompt-len ", P, " exceeds the max_seq_len ",
-               mc.max_seq_len, " of ", ckpt);
-    if (i == 0) prompts = bench_prompts(a, val_path, mc);
-    for (const auto& pr : prompts)
-      for (i32 t : pr)
-        DLCM_CHECK(t < mc.vocab_size, "bench prefill: the checkpoints' vocabularies differ (",
-                   ckpt, ")");
     StreamOptions so;
     so.max_seqs = B;
     so.max_len = P;
