@@ -306,13 +306,31 @@ TEST(Cli, BenchDecodeRuns) {
   r = run("bench prefill --ckpt " + ck + " --ckpt " + ck + " --prompt-len 16 --repeats 1 "
           "--prefetch-c on,off");
   ASSERT_EQ(r.rc, 0) << r.out;
-  for (const char* l : {"model 1: ", "model 3: ", "params, prefetch-c off\n",
+  for (const char* l : {"model 1: ", "model 3: ", "params, prefetch-c off, last-rows on\n",
                         "model 2 / model 0 prefill tokens/s: ", "model 3 / model 1 prefill tokens/s: ",
-                        "model 1 / model 0 prefill tokens/s (checkpoint 0, prefetch-c off / on): ",
-                        "model 3 / model 2 prefill tokens/s (checkpoint 1, prefetch-c off / on): "})
+                        "model 1 / model 0 prefill tokens/s (checkpoint 0, prefetch-c off, "
+                        "last-rows on / prefetch-c on, last-rows on): ",
+                        "model 3 / model 2 prefill tokens/s (checkpoint 1, prefetch-c off, "
+                        "last-rows on / prefetch-c on, last-rows on): "})
     EXPECT_NE(r.out.find(l), std::string::npos) << l << "\n" << r.out;
   EXPECT_EQ(r.out.find("model 2 / model 1"), std::string::npos) << r.out;
   EXPECT_EQ(r.out.find("model 4"), std::string::npos) << r.out;
+  // --last-rows on,off (with one --prefetch-c value: two entries per checkpoint); "as run"
+  // counts the final block's skipped rows only for the entries that skip them
+  r = run("bench prefill --ckpt " + ck + " --ckpt " + ck + " --prompt-len 16 --repeats 1 "
+          "--last-rows on,off --prefetch-c on");
+  ASSERT_EQ(r.rc, 0) << r.out;
+  for (const char* l : {"params, prefetch-c on, last-rows off\n",
+                        "model 2 / model 0 prefill tokens/s: ", "model 3 / model 1 prefill tokens/s: ",
+                        "(head and final block's tail once per prompt, x 1.000",
+                        "(head once per prompt, x 1.000",
+                        "model 1 / model 0 prefill tokens/s (checkpoint 0, prefetch-c on, "
+                        "last-rows off / prefetch-c on, last-rows on): "})
+    EXPECT_NE(r.out.find(l), std::string::npos) << l << "\n" << r.out;
+  EXPECT_EQ(r.out.find("model 4"), std::string::npos) << r.out;
+  r = run("bench prefill --ckpt " + ck + " --last-rows maybe");
+  EXPECT_NE(r.rc, 0);
+  EXPECT_NE(r.out.find("--last-rows"), std::string::npos) << r.out;
   r = run("bench prefill --ckpt " + ck + " --prefetch-c sometimes");
   EXPECT_NE(r.rc, 0);
   EXPECT_NE(r.out.find("--prefetch-c"), std::string::npos) << r.out;

@@ -198,19 +198,20 @@ class BaselineStream final : public InferenceStream {
   void do_prefill(const PrefillItem* items, i64 n_items, float* logits, bool all_logits) override {
     prefill_in_groups(
         items, n_items, logits, all_logits, rows_, m_.cfg_.d_token, last_.data(),
-        [&](const PrefillItem* it, i64 n) { return run(it, n); },
+        [&](const PrefillItem* it, i64 n, bool last_only) { return run(it, n, last_only); },
         [&](const float* h, i64 N, float* out) { head(h, N, out); });
   }
 
   void do_step(const i64* seqs, const i32* tokens, i64 n, float* logits) override {
     std::vector<PrefillItem> items(n);
     for (i64 i = 0; i < n; ++i) items[i] = {seqs[i], tokens + i, 1};
-    head(run(items.data(), n), n, logits);
+    head(run(items.data(), n, false), n, logits);
   }
 
  private:
-  // Embeds the items' tokens as consecutive rows and runs the cached stack over them.
-  const float* run(const PrefillItem* items, i64 n) {
+  // Embeds the items' tokens as consecutive rows and runs the cached stack over them; with
+  // last_only the output holds each item's last position only ([n, d]).
+  const float* run(const PrefillItem* items, i64 n, bool last_only) {
     const i64 d = m_.cfg_.d_token;
     chunks_.clear();
     i64 R = 0;
@@ -220,11 +221,12 @@ class BaselineStream final : public InferenceStream {
       R += items[i].n;
     }
     prof::Scope ps("stream layers");
-    const float* mid = m_.layers_.forward_cached(x_.data(), chunks_.data(), n, cache_);
+    const float* mid =
+        m_.layers_.forward_cached(x_.data(), chunks_.data(), n, cache_, last_only && !m_.extras_);
     if (!m_.extras_) return mid;
     m_.extras_forward(X_.data(), H_.data(), h_rstd_.data(), pn_.data(), pn_rstd_.data(),
                       fa_.data(), fb_.data(), fh_.data(), mid, R);
-    return m_.post_.forward_cached(X_.data(), chunks_.data(), n, post_cache_);
+    return m_.post_.forward_cached(X_.data(), chunks_.data(), n, post_cache_, last_only);
   }
   void head(const float* h, i64 N, float* out) {
     prof::Scope ps("stream head");

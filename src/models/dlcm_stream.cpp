@@ -104,7 +104,7 @@ class DlcmStream final : public InferenceStream {
   void do_prefill(const PrefillItem* items, i64 n_items, float* logits, bool all_logits) override {
     prefill_in_groups(
         items, n_items, logits, all_logits, rows_, d_, last_.data(),
-        [&](const PrefillItem* it, i64 n) { return run(it, n); },
+        [&](const PrefillItem* it, i64 n, bool last_only) { return run(it, n, last_only); },
         [&](const float* h, i64 N, float* out) {
           prof::Scope ps("stream head");
           m_.head->logits(h, N, out, xn_.data(), rstd_.data());
@@ -114,7 +114,7 @@ class DlcmStream final : public InferenceStream {
   void do_step(const i64* seqs, const i32* tokens, i64 n, float* logits) override {
     std::vector<PrefillItem> items(n);
     for (i64 i = 0; i < n; ++i) items[i] = {seqs[i], tokens + i, 1};
-    m_.head->logits(run(items.data(), n), n, logits, xn_.data(), rstd_.data());
+    m_.head->logits(run(items.data(), n, false), n, logits, xn_.data(), rstd_.data());
   }
 
  private:
@@ -136,8 +136,9 @@ class DlcmStream final : public InferenceStream {
     ++nc;
   }
 
-  // Runs everything up to the decoder output for the items' tokens (R rows in item order).
-  const float* run(const PrefillItem* items, i64 n_items) {
+  // Runs everything up to the decoder output for the items' tokens (R rows in item order; with
+  // last_only each item's last position only, [n_items, d]).
+  const float* run(const PrefillItem* items, i64 n_items, bool last_only) {
     const float eps = c_.norm_eps;
     prof::Section sec;
     sec.next("stream encoder");
@@ -278,7 +279,7 @@ class DlcmStream final : public InferenceStream {
                                               prefix_ ? Zp_.data() : nullptr,
                                               prefix_ ? own_gate_.data() : nullptr);
     sec.next("stream decoder");
-    return m_.decoder->forward_cached(X, chunks.data(), n_items, dec_cache_);
+    return m_.decoder->forward_cached(X, chunks.data(), n_items, dec_cache_, last_only);
   }
 
   // p for n consecutive new tokens of one slot: rows q/k [n, ds], q_prev the slot's last q.

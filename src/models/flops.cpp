@@ -1,5 +1,7 @@
 #include "models/flops.h"
 
+#include <algorithm>
+
 namespace dlcm {
 
 double FlopsReport::total() const {
@@ -149,6 +151,20 @@ FlopsReport flops_report(const ModelConfig& m, i64 L, double R) {
       {"decoder", m.dec_layers * block_params(d, m.n_heads, m.n_kv_heads, hd, m.d_ff, m.qk_norm) + d},
       {"head", V * d}};
   return r;
+}
+
+double prefill_last_rows_skipped(const ModelConfig& m, i64 P) {
+  const i64 final_layers = !m.is_dlcm() ? (m.baseline_extras ? m.n_layers - m.layers_pre()
+                                                               : m.n_layers)
+                                        : m.dec_layers;
+  if (final_layers <= 0 || P <= 1) return 0.0;
+  const i64 d = m.d_token, H = m.n_heads, hd = m.head_dim;
+  const i64 window = m.is_dlcm() ? m.dec_window : 0;
+  // query t (0-based) admits min(t + 1, window) keys; t = 0 .. P - 2 are skipped
+  double keys = 0;
+  for (i64 t = 0; t + 1 < P; ++t) keys += double(window > 0 ? std::min<i64>(t + 1, window) : t + 1);
+  const double per_row = 2.0 * (H * hd) * d + 2.0 * 3 * d * m.d_ff;  // o, w1/w3/w2
+  return double(P - 1) * per_row + 4.0 * hd * H * keys;
 }
 
 }  // namespace dlcm

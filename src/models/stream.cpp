@@ -11,6 +11,7 @@ i64 InferenceStream::length(i64 seq) const {
 }
 
 void InferenceStream::pack_weights(const ParamStore& ps, const StreamOptions& o) {
+  last_rows_ = o.last_rows;
   const ops::PackFormat fmt = o.precision;
   // FP32 copies only pay with the AVX-512 kernel; BF16 and int8 need the copies whatever runs
   // them

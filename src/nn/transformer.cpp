@@ -220,12 +220,13 @@ void TransformerStack::reserve_infer(i64 max_rows) {
   alloc_block_acts(inf_, dims_, max_rows);
   inf_out_[0].assign(max_rows * dims_.d, 0);
   inf_out_[1].assign(max_rows * dims_.d, 0);
+  inf_last_.assign(max_rows * dims_.d, 0);
   inf_pos_.assign(max_rows, 0);
   inf_rows_ = max_rows;
 }
 
 const float* TransformerStack::forward_cached(const float* x, const CacheChunk* chunks,
-                                              i64 n_chunks, KVCache& cache) {
+                                              i64 n_chunks, KVCache& cache, bool last_rows) {
   const BlockDims& d = dims_;
   DLCM_CHECK(cache.n_layers == n_layers() && cache.kv_dim == d.kv_dim(),
              "internal: KVCache shaped for another stack");
@@ -269,13 +270,19 @@ const float* TransformerStack::forward_cached(const float* x, const CacheChunk* 
     // Prefill: chunk after chunk, the kernel parallel inside, outside any parallel region (not
     // in one made inactive by an if clause: the kernel's region would then be a nested one,
     // for which libgomp starts and ends a thread at every call, beside its pool's own).
+    // The final layer with last_rows: only each chunk's last query, into row c (its keys and
+    // values above are every position's); it skips (n - 1) rows of attention, wo and FFN
+    // per chunk, an eighth of a 6-layer prefill's products.
+    const bool only_last = last_rows && l == n_layers() - 1 && R > n_chunks;
     auto attend = [&](i64 c) {
       const CacheChunk& ch = chunks[c];
       const i64 p0 = cache.len[ch.seq];
-      ops::attention_forward(A.att.data() + row0[c] * qd, A.lse.data() + row0[c] * d.n_heads,
-                             A.q.data() + row0[c] * qd, cache.k_at(l, ch.seq, 0),
-                             cache.v_at(l, ch.seq, 0), 1, ch.n, p0 + ch.n, d.n_heads,
-                             d.n_kv_heads, d.head_dim, p0, scale, d.window);
+      const i64 first = only_last ? ch.n - 1 : 0;  // the chunk's first query attended
+      const i64 orow = only_last ? c : row0[c];
+      ops::attention_forward(A.att.data() + orow * qd, A.lse.data() + orow * d.n_heads,
+                             A.q.data() + (row0[c] + first) * qd, cache.k_at(l, ch.seq, 0),
+                             cache.v_at(l, ch.seq, 0), 1, ch.n - first, p0 + ch.n, d.n_heads,
+                             d.n_kv_heads, d.head_dim, p0 + first, scale, d.window);
     };
     if (n_chunks > 1 && max_n < 16) {
 #pragma omp parallel for schedule(dynamic, 1)
@@ -284,7 +291,19 @@ const float* TransformerStack::forward_cached(const float* x, const CacheChunk* 
       for (i64 c = 0; c < n_chunks; ++c) attend(c);
     }
     float* out = inf_out_[l % 2].data();
-    block_out(l, cur, out, R, A);
+    if (only_last) {
+      for (i64 c = 0; c < n_chunks; ++c)
+        std::copy_n(cur + (row0[c] + chunks[c].n - 1) * d.d, d.d, inf_last_.data() + c * d.d);
+      block_out(l, inf_last_.data(), out, n_chunks, A);
+    } else {
+      block_out(l, cur, out, R, A);
+    }
+    cur = out;
+  }
+  if (last_rows && n_layers() == 0) {  // no layer to run: the input's last rows
+    float* out = inf_out_[0].data();
+    for (i64 c = 0; c < n_chunks; ++c)
+      std::copy_n(x + (row0[c] + chunks[c].n - 1) * d.d, d.d, out + c * d.d);
     cur = out;
   }
   for (i64 c = 0; c < n_chunks; ++c) cache.len[chunks[c].seq] += chunks[c].n;

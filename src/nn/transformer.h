@@ -134,8 +134,12 @@ class TransformerStack {
   // many positions; a decode step is one chunk of one position per sequence. The GEMMs run over
   // all R rows at once; attention runs per chunk (in parallel over chunks when all are short).
   // Returns the output [R, d] (owned by the stack, valid until the next forward_cached).
+  // last_rows: only each chunk's last position is wanted from the output, which is then
+  // [n_chunks, d] (chunk c's last position in row c): the final layer still appends every
+  // position's keys and values, but runs its attention, output projection and FFN for those
+  // rows alone (a prefill that wants the next-token distribution only; the same values).
   const float* forward_cached(const float* x, const CacheChunk* chunks, i64 n_chunks,
-                              KVCache& cache);
+                              KVCache& cache, bool last_rows = false);
   // Prefix rows against a cache (as forward_prefix_rows): row i at position pos[i] <=
   // cache.len[seq[i]] of sequence seq[i] attends its cached positions < pos[i] and itself; the
   // cache keeps its length and contents (positions_run counts the rows). Returns [n, d]
@@ -173,6 +177,7 @@ class TransformerStack {
   // Inference: one set of block buffers shared by all layers, ping-pong outputs.
   BlockActs inf_;
   Buf inf_out_[2];
+  Buf inf_last_;  // last_rows: the final layer's input rows it runs, [n_chunks, d]
   std::vector<i32> inf_pos_;
   i64 inf_rows_ = 0;
   // Backward scratch shared by all layers (one layer at a time).

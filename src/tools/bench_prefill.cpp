@@ -74,20 +74,31 @@ int cmd_bench_prefill(const BenchPrefillArgs& a) {
     std::unique_ptr<InferenceStream> st;
     std::vector<double> wall, idle, fwd_wall, fwd_idle;
     // model FLOPs per token (SPEC 7: the head at every position), and as the prefill runs them
-    // (the head only where logits are asked for: each prompt's last position)
+    // (the head, and the final block's attention, wo and FFN, only where logits are asked
+    // for: each prompt's last position)
     double flops_tok = 0, flops_run = 0, R = 0;
     std::vector<std::pair<const char*, double>> parts;  // --breakdown: CPU seconds per component
     bench::GemmShapeRows shapes;  // --breakdown-gemm: wall time per product shape
     size_t ckpt = 0;              // index into a.ckpts
     bool prefetch_c = true;       // ops::set_packed_prefetch_c while it runs
+    bool last_rows = true;        // StreamOptions::last_rows of its stream
+    std::string variant() const {
+      return std::string("prefetch-c ") + (prefetch_c ? "on" : "off") +
+             ", last-rows " + (last_rows ? "on" : "off");
+    }
   };
-  // one entry per checkpoint and --prefetch-c value, in that order
+  // one entry per checkpoint, --prefetch-c value and --last-rows value, in that order
   const bool prefetch_c0 = ops::packed_prefetch_c_on();
-  const size_t per_ckpt = std::max<size_t>(a.prefetch_c.size(), 1);
+  const size_t n_pc = std::max<size_t>(a.prefetch_c.size(), 1);
+  const size_t n_lr = std::max<size_t>(a.last_rows.size(), 1);
+  const size_t per_ckpt = n_pc * n_lr;
+  const bool variants = !a.prefetch_c.empty() || !a.last_rows.empty();
   std::vector<Model> ms(a.ckpts.size() * per_ckpt);
   for (size_t i = 0; i < ms.size(); ++i) {
+    const size_t v = i % per_ckpt;
     ms[i].ckpt = i / per_ckpt;
-    ms[i].prefetch_c = a.prefetch_c.empty() ? prefetch_c0 : a.prefetch_c[i % per_ckpt] == "on";
+    ms[i].prefetch_c = a.prefetch_c.empty() ? prefetch_c0 : a.prefetch_c[v / n_lr] == "on";
+    ms[i].last_rows = a.last_rows.empty() || a.last_rows[v % n_lr] == "on";
   }
   std::vector<std::vector<i32>> prompts;  // [B][P]
   for (size_t i = 0; i < ms.size(); ++i) {
@@ -111,10 +122,11 @@ int cmd_bench_prefill(const BenchPrefillArgs& a) {
     so.max_seqs = B;
     so.max_len = P;
     so.precision = precision;
+    so.last_rows = ms[i].last_rows;
     ms[i].st = ms[i].m->new_stream(so);
     std::printf("model %zu: %s, %s, %.2fM params%s\n", i, ckpt.c_str(), mc.arch.c_str(),
                 ms[i].m->params().total() / 1e6,
-                a.prefetch_c.empty() ? "" : ms[i].prefetch_c ? ", prefetch-c on" : ", prefetch-c off");
+                variants ? (", " + ms[i].variant()).c_str() : "");
   }
   std::printf("prefill: batch %lld, prompt %lld tokens (%s), %s weights, threads %d, %lld repeats "
               "(medians)",
@@ -192,7 +204,8 @@ int cmd_bench_prefill(const BenchPrefillArgs& a) {
     }
     const FlopsReport fr = flops_report(x.m->config(), P, x.R);
     x.flops_tok = fr.total();
-    x.flops_run = fr.total() - fr.flops("head") * double(P - 1) / double(P);
+    x.flops_run = fr.total() - fr.flops("head") * double(P - 1) / double(P) -
+                  (x.last_rows ? prefill_last_rows_skipped(x.m->config(), P) / double(P) : 0.0);
     std::printf("%-6zu %10.2f %12.2f %8.2f %12.1f %12.1f %12.1f %8.1f %12.2f\n", i, x.R,
                 x.flops_tok / 1e6, x.flops_run / 1e6, bench::median(x.wall), bench::median(x.idle),
                 bench::median(x.fwd_wall), bench::median(x.fwd_idle),
@@ -225,25 +238,25 @@ int cmd_bench_prefill(const BenchPrefillArgs& a) {
     return std::pair{bench::median(rw), bench::median(ri)};
   };
   for (size_t i = 1; i < ms.size(); ++i) {
-    // across checkpoints: against model 0, or with several --prefetch-c values against the
-    // first checkpoint's entry of the same value
+    // across checkpoints: against model 0, or with several --prefetch-c / --last-rows values
+    // against the first checkpoint's entry of the same values
     const size_t ref = i % per_ckpt;
     if (i == ref) continue;
     const auto [w, id] = ratios(i, ref);
     const double f = ms[i].flops_tok / ms[ref].flops_tok, fr = ms[i].flops_run / ms[ref].flops_run;
     std::printf("model %zu / model %zu prefill tokens/s: %.2fx wall, %.2fx idle; at matched FLOPs "
-                "as run (head once per prompt, x %.3f FLOP/token ratio): %.2fx wall, %.2fx idle; "
+                "as run (head%s once per prompt, x %.3f FLOP/token ratio): %.2fx wall, %.2fx idle; "
                 "by the model count (head at every position, x %.3f): %.2fx wall, %.2fx idle\n",
-                i, ref, w, id, fr, w * fr, id * fr, f, w * f, id * f);
+                i, ref, w, id, ms[i].last_rows ? " and final block's tail" : "", fr, w * fr,
+                id * fr, f, w * f, id * f);
   }
   for (size_t i = 0; i < ms.size() && per_ckpt > 1; ++i) {
-    const size_t ref = i - i % per_ckpt;  // the same checkpoint's first --prefetch-c value
+    const size_t ref = i - i % per_ckpt;  // the same checkpoint's first entry
     if (i == ref) continue;
     const auto [w, id] = ratios(i, ref);
-    std::printf("model %zu / model %zu prefill tokens/s (checkpoint %zu, prefetch-c %s / %s): "
+    std::printf("model %zu / model %zu prefill tokens/s (checkpoint %zu, %s / %s): "
                 "%.2fx wall, %.2fx idle\n",
-                i, ref, ms[i].ckpt, ms[i].prefetch_c ? "on" : "off",
-                ms[ref].prefetch_c ? "on" : "off", w, id);
+                i, ref, ms[i].ckpt, ms[i].variant().c_str(), ms[ref].variant().c_str(), w, id);
   }
   return 0;
 }

@@ -123,6 +123,9 @@ struct BenchPrefillArgs {
   // checkpoint runs once per value, side by side in the same repeats (an A/B in one process);
   // empty: as set (on, or DLCM_PACKED_PREFETCH_C).
   std::vector<std::string> prefetch_c;
+  // StreamOptions::last_rows, "on" and/or "off", the same way (entries: each --prefetch-c
+  // value with each --last-rows value); empty: on.
+  std::vector<std::string> last_rows;
 };
 // Prefill tokens/s of several checkpoints, interleaved, against the first (tools/bench_prefill.cpp).
 int cmd_bench_prefill(const BenchPrefillArgs& a);

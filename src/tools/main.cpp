@@ -235,6 +235,12 @@ int main(int argc, char** argv) {
                    "on,off (each checkpoint under both, side by side in the same repeats)")
       ->delimiter(',')
       ->check(CLI::IsMember({"on", "off"}));
+  bpre->add_option("--last-rows", bp.last_rows,
+                   "the final block runs its attention, wo and FFN for each prompt's last "
+                   "position only (the others only to their keys and values): on, off, or "
+                   "on,off (each checkpoint under both, side by side in the same repeats)")
+      ->delimiter(',')
+      ->check(CLI::IsMember({"on", "off"}));
   add_threads(bpre);
 
   PrepareArgs pa;
