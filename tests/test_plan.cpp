@@ -98,6 +98,44 @@ TEST(Flops, TwoFlopsPerMatrixParameterPlusAttention) {
   EXPECT_DOUBLE_EQ(r.training_total(), 3 * r.total());
 }
 
+// The final block's work a last-logits prefill skips = the whole block over P positions minus
+// what it still runs: q/k/v for every position, and wo, the FFN and the attention of the last
+// query (min(P, window) keys) for one.
+TEST(Flops, PrefillLastRowsSkipIsTheFinalBlockLessWhatStillRuns) {
+  auto expected = [](i64 d, i64 H, i64 Hkv, i64 hd, i64 dff, i64 P, i64 window) {
+    const double block = double(P) * block_flops_per_position(d, H, Hkv, hd, dff, double(P), window);
+    const double qkv = double(P) * 2.0 * d * (H * hd + 2 * Hkv * hd);
+    const double last = 2.0 * (H * hd) * d + 6.0 * d * dff +
+                        4.0 * hd * H * double(window > 0 ? std::min(P, window) : P);
+    return block - qkv - last;
+  };
+  Config b = small_baseline();
+  b.model.n_kv_heads = 2;
+  const ModelConfig& m = b.model;
+  for (i64 P : {2, 17, 128})
+    EXPECT_NEAR(prefill_last_rows_skipped(m, P),
+                expected(m.d_token, m.n_heads, m.n_kv_heads, m.head_dim, m.d_ff, P, 0),
+                1e-9 * expected(m.d_token, m.n_heads, m.n_kv_heads, m.head_dim, m.d_ff, P, 0))
+        << P;
+  EXPECT_EQ(prefill_last_rows_skipped(m, 1), 0.0);
+  Config x = small_baseline();  // baseline_extras: the final block is the post stack's last
+  x.model.baseline_extras = true;
+  x.model.x_d_ff = 96;
+  EXPECT_DOUBLE_EQ(prefill_last_rows_skipped(x.model, 40),
+                   expected(x.model.d_token, x.model.n_heads, x.model.n_kv_heads,
+                            x.model.head_dim, x.model.d_ff, 40, 0));
+  Config c = test::tiny_dlcm();  // the DLCM's last decoder layer, with its sliding window
+  c.model.dec_window = 5;
+  for (i64 P : {3, 5, 30})
+    EXPECT_NEAR(prefill_last_rows_skipped(c.model, P),
+                expected(c.model.d_token, c.model.n_heads, c.model.n_kv_heads, c.model.head_dim,
+                         c.model.d_ff, P, 5),
+                1e-6)
+        << P;
+  c.model.dec_layers = 0;
+  EXPECT_EQ(prefill_last_rows_skipped(c.model, 30), 0.0);
+}
+
 TEST(Flops, DlcmParamCountsMatchTheReferenceInventory) {
   if (!test::torch_available()) GTEST_SKIP() << "/usr/bin/python3 with torch not found";
   Config c;
