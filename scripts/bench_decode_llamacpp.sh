@@ -15,6 +15,9 @@
 # llama.cpp f16 and dlcm int8 / llama.cpp q8_0 (8-bit weights both; q8_0 has a scale per 32
 # weights and llama.cpp also rounds the activations to 8 bits, dlcm keeps them FP32).
 #
+# A third table compares the prompt pass: dlcm's cached prefill (bench decode) against
+# llama.cpp's prompt batch (llama_decode.mjs's prompt_tokens_per_s), per weight format.
+#
 # Per step, both sides count one token in and one greedy argmax out. dlcm's "decode with caches"
 # rate is T tokens over T argmaxes and T-1 steps, so it is scaled by (T-1)/T here.
 set -euo pipefail
@@ -68,11 +71,14 @@ for ((r = 0; r < rounds; ++r)); do
       rates["dlcm-$p $t"]+="$v "
       v=$(echo "$out" | awk -v T="$ntok" -v P="[$p]" '$1 == P && /decode with caches/ {for (i = 1; i < NF; ++i) if ($i == "idle") printf "%.1f", $(i + 1) * (T - 1) / T}')
       rates["dlcm-$p-cpu $t"]+="$v "
+      v=$(echo "$out" | awk -v P="[$p]" '$1 == P && /prefill \(cached\)/ {printf "%.1f", $5}')
+      rates["dlcm-$p-prefill $t"]+="$v "
     done
     for d in $dtypes; do
       line=$(node "$root/bench/llama_decode.mjs" "$work/model-$d.gguf" "$t" "$plen" "$ntok")
       rates["llama-$d $t"]+="$(echo "$line" | sed 's/.*"tokens_per_s":\([0-9.]*\).*/\1/' | xargs printf '%.1f') "
       rates["cpu-$d $t"]+="$(echo "$line" | sed 's/.*"cpu_per_wall":\([0-9.]*\).*/\1/' | xargs printf '%.2f') "
+      rates["llama-$d-prefill $t"]+="$(echo "$line" | sed 's/.*"prompt_tokens_per_s":\([0-9.]*\).*/\1/' | xargs printf '%.1f') "
       # per CPU-second: the rate over the process's CPU time per wall second
       rates["llama-$d-cpu $t"]+="$(echo "$line" | sed 's/.*"tokens_per_s":\([0-9.]*\).*"cpu_per_wall":\([0-9.]*\).*/\1 \2/' | awk '{printf "%.1f", ($2 > 0 ? $1 / $2 : 0)}') "
     done
@@ -103,6 +109,17 @@ for t in $threads; do
   c=(); for k in dlcm-fp32 dlcm-bf16 dlcm-int8 llama-f32 llama-f16 llama-q8_0; do c+=("$(echo "${rates["$k-cpu $t"]}" | median)"); done
   printf '%-8s %10s %10s %10s %14s %14s %14s %14.2fx %15.2fx\n' "$t" "${c[@]}" \
     "$(awk -v a="${c[0]}" -v b="${c[3]}" 'BEGIN {print (b > 0 ? a / b : 0)}')" \
+    "$(awk -v a="${c[2]}" -v b="${c[5]}" 'BEGIN {print (b > 0 ? a / b : 0)}')"
+done
+echo "prefill of the $plen-token prompt, tokens/s (dlcm: bench decode's cached prefill, the last"
+echo "position's logits; llama.cpp: one prompt batch into an emptied sequence to the first token):"
+printf '%-8s %10s %10s %10s %14s %14s %14s %15s %16s %16s\n' threads "dlcm f32" "dlcm bf16" "dlcm int8" \
+  "llama.cpp f32" "llama.cpp f16" "llama.cpp q8_0" "dlcm/llama f32" "dlcm bf16/l f16" "dlcm int8/l q8_0"
+for t in $threads; do
+  c=(); for k in dlcm-fp32 dlcm-bf16 dlcm-int8 llama-f32 llama-f16 llama-q8_0; do c+=("$(echo "${rates["$k-prefill $t"]}" | median)"); done
+  printf '%-8s %10s %10s %10s %14s %14s %14s %14.2fx %15.2fx %15.2fx\n' "$t" "${c[@]}" \
+    "$(awk -v a="${c[0]}" -v b="${c[3]}" 'BEGIN {print (b > 0 ? a / b : 0)}')" \
+    "$(awk -v a="${c[1]}" -v b="${c[4]}" 'BEGIN {print (b > 0 ? a / b : 0)}')" \
     "$(awk -v a="${c[2]}" -v b="${c[5]}" 'BEGIN {print (b > 0 ? a / b : 0)}')"
 done
 echo "each round (engine threads: rates):"
