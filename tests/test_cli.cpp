@@ -328,18 +328,16 @@ TEST(Cli, BenchDecodeRuns) {
                         "last-rows off / prefetch-c on, last-rows on): "})
     EXPECT_NE(r.out.find(l), std::string::npos) << l << "\n" << r.out;
   EXPECT_EQ(r.out.find("model 4"), std::string::npos) << r.out;
-  r = run("bench prefill --ckpt " + ck + " --last-rows maybe");
-  EXPECT_NE(r.rc, 0);
-  EXPECT_NE(r.out.find("--last-rows"), std::string::npos) << r.out;
-  r = run("bench prefill --ckpt " + ck + " --prefetch-c sometimes");
-  EXPECT_NE(r.rc, 0);
-  EXPECT_NE(r.out.find("--prefetch-c"), std::string::npos) << r.out;
-  r = run("bench prefill --ckpt " + ck + " --precision fp16");
-  EXPECT_NE(r.rc, 0);
-  EXPECT_NE(r.out.find("--precision: expected"), std::string::npos) << r.out;
-  r = run("bench prefill --ckpt " + ck + " --in-a-row 0");
-  EXPECT_NE(r.rc, 0);
-  EXPECT_NE(r.out.find("--in-a-row"), std::string::npos) << r.out;
+  // bad values: an error naming the flag
+  const std::pair<const char*, const char*> bad[] = {{" --last-rows maybe", "--last-rows"},
+                                                     {" --prefetch-c sometimes", "--prefetch-c"},
+                                                     {" --precision fp16", "--precision: expected"},
+                                                     {" --in-a-row 0", "--in-a-row"}};
+  for (const auto& [flags, msg] : bad) {
+    r = run("bench prefill --ckpt " + ck + flags);
+    EXPECT_NE(r.rc, 0) << flags;
+    EXPECT_NE(r.out.find(msg), std::string::npos) << flags << "\n" << r.out;
+  }
 }
 
 // bench train --breakdown-gemm: the products and the attention kernel in rows of their own, and

@@ -243,7 +243,7 @@ class BaselineStream final : public InferenceStream {
 
 std::unique_ptr<InferenceStream> BaselineModel::new_stream(const StreamOptions& o) {
   auto s = std::make_unique<BaselineStream>(*this, o.max_seqs, stream_len(o));
-  s->pack_weights(params(), o);
+  s->apply_options(params(), o);
   return s;
 }
 

@@ -321,7 +321,7 @@ class DlcmStream final : public InferenceStream {
 
 std::unique_ptr<InferenceStream> DlcmModel::new_stream(const StreamOptions& o) {
   auto s = std::make_unique<DlcmStream>(*this, o.max_seqs, stream_len(o), o.tau);
-  s->pack_weights(params(), o);
+  s->apply_options(params(), o);
   return s;
 }
 

@@ -10,8 +10,12 @@ i64 InferenceStream::length(i64 seq) const {
   return len_[seq];
 }
 
-void InferenceStream::pack_weights(const ParamStore& ps, const StreamOptions& o) {
+void InferenceStream::apply_options(const ParamStore& ps, const StreamOptions& o) {
   last_rows_ = o.last_rows;
+  pack_weights(ps, o);
+}
+
+void InferenceStream::pack_weights(const ParamStore& ps, const StreamOptions& o) {
   const ops::PackFormat fmt = o.precision;
   // FP32 copies only pay with the AVX-512 kernel; BF16 and int8 need the copies whatever runs
   // them

@@ -112,11 +112,9 @@ class InferenceStream {
   virtual TokenConcept token_concept(i64 seq, i64 pos) const { return {}; }
   virtual StreamCounters counters(i64 seq) const;
 
-  // Copies of the weight matrices (every 2-D parameter) in the layout and precision `o` asks
-  // for; prefill and step run their products on them. Called by the model's new_stream; the
-  // weights must not change while the stream is used (a new stream copies them again). Also
-  // takes the options' last_rows.
-  void pack_weights(const ParamStore& ps, const StreamOptions& o);
+  // The options beyond the slots' shape, applied by the model's new_stream: the packed weights
+  // (pack_weights) and last_rows.
+  void apply_options(const ParamStore& ps, const StreamOptions& o);
 
  protected:
   InferenceStream(i64 max_seqs, i64 max_len, i64 vocab)
@@ -161,13 +159,17 @@ class InferenceStream {
   }
 
  private:
+  // Copies of the weight matrices (every 2-D parameter) in the layout and precision `o` asks
+  // for; prefill and step run their products on them. The weights must not change while the
+  // stream is used (a new stream copies them again).
+  void pack_weights(const ParamStore& ps, const StreamOptions& o);
   void check_seq(i64 seq, const char* who) const;
   void check_tokens(const i32* tokens, i64 n) const;
   void check_distinct(const i64* seqs, i64 n, const char* who) const;
   i64 max_seqs_, max_len_, vocab_;
   std::vector<i64> len_;
   std::unique_ptr<ops::PackedWeights> packed_;
-  bool last_rows_ = true;  // StreamOptions::last_rows (set with the options by pack_weights)
+  bool last_rows_ = true;  // StreamOptions::last_rows
 };
 
 }  // namespace dlcm
