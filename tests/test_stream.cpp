@@ -450,6 +450,26 @@ TEST(Stream, LastOnlyPrefillRunsTheFinalBlockForTheLastRowsOnly) {
   }
 }
 
+// A DLCM without decoder layers: the final stack has no layer to cut, and a last-logits prefill
+// still gives each prompt's last position (the cross-attention output's last rows).
+TEST(Stream, LastOnlyPrefillWithoutDecoderLayers) {
+  Config c = test::tiny_dlcm("projected", "compact");
+  c.model.dec_layers = 0;
+  c.model.max_seq_len = 64;
+  auto m = make_initialised_model(c.model, 6);
+  const i64 V = c.model.vocab_size;
+  auto t = test::random_tokens(60, V, 22, c.model.bos_id, 0.05);
+  t[0] = c.model.bos_id;
+  const PrefillItem items[2] = {{0, t.data(), 37}, {1, t.data() + 10, 23}};
+  auto st = m->new_stream({2, 0, -1});
+  std::vector<float> all(60 * V), last(2 * V);
+  st->prefill(items, 2, all.data(), true);
+  for (i64 s = 0; s < 2; ++s) st->reset(s);
+  st->prefill(items, 2, last.data(), false);
+  EXPECT_LT(test::max_abs_diff(last.data(), all.data() + 36 * V, V), 1e-5);
+  EXPECT_LT(test::max_abs_diff(last.data() + V, all.data() + 59 * V, V), 1e-5);
+}
+
 TEST(Stream, BadCallsAreErrors) {
   Config c = test::tiny_baseline();
   c.model.max_seq_len = 8;
