@@ -190,7 +190,7 @@ static void BM_PackedGemm(benchmark::State& st) {
   for (auto _ : st) {
     const size_t j = i++ % ps.size();
     ops::packed_gemm(y.data(), N, x.data(), K, ps[j], M, 1.f,
-                     chain ? &ps[(j + 1) % ps.size()] : nullptr);
+                     chain ? ops::NextProduct{&ps[(j + 1) % ps.size()], 0} : ops::NextProduct{});
   }
   st.counters["FLOP/s"] =
       benchmark::Counter(2.0 * M * N * K, benchmark::Counter::kIsIterationInvariantRate);
@@ -220,7 +220,7 @@ static void BM_PackedGemmWeightOnly(benchmark::State& st) {
   size_t i = 0;
   for (auto _ : st) {
     const size_t j = i++ % ps.size();
-    ops::packed_gemm(y.data(), N, x.data(), K, ps[j], M, 1.f, &ps[(j + 1) % ps.size()]);
+    ops::packed_gemm(y.data(), N, x.data(), K, ps[j], M, 1.f, {&ps[(j + 1) % ps.size()], 0});
   }
   ops::set_packed_widen(widen0);
   st.counters["FLOP/s"] =

@@ -104,10 +104,10 @@ TEST(Flops, TwoFlopsPerMatrixParameterPlusAttention) {
 TEST(Flops, PrefillLastRowsSkipIsTheFinalBlockLessWhatStillRuns) {
   auto expected = [](i64 d, i64 H, i64 Hkv, i64 hd, i64 dff, i64 P, i64 window) {
     const double block = double(P) * block_flops_per_position(d, H, Hkv, hd, dff, double(P), window);
-    const double qkv = double(P) * 2.0 * d * (H * hd + 2 * Hkv * hd);
-    const double last = 2.0 * (H * hd) * d + 6.0 * d * dff +
+    const double kv = double(P) * 2.0 * d * (2 * Hkv * hd);
+    const double last = 2.0 * 2 * (H * hd) * d + 6.0 * d * dff +
                         4.0 * hd * H * double(window > 0 ? std::min(P, window) : P);
-    return block - qkv - last;
+    return block - kv - last;  // the keys and values of every position, the rest of the last
   };
   Config b = small_baseline();
   b.model.n_kv_heads = 2;

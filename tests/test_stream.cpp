@@ -403,8 +403,8 @@ TEST(Stream, KernelsOpenNoParallelRegionInsideAnInactiveOne) {
   omp_set_num_threads(threads0);
 }
 
-// A prefill that asks for each prompt's last logits only runs the final block's attention, wo
-// and FFN for those rows (the FFN's down product has one row per prompt, not one per
+// A prefill that asks for each prompt's last logits only runs the final block's q, attention,
+// wo and FFN for those rows (the FFN's down product has one row per prompt, not one per
 // position), and still leaves every position's keys and values in the cache: the steps after
 // it give the same logits, bit for bit, as after a prefill that asked for every position's.
 TEST(Stream, LastOnlyPrefillRunsTheFinalBlockForTheLastRowsOnly) {
@@ -417,8 +417,11 @@ TEST(Stream, LastOnlyPrefillRunsTheFinalBlockForTheLastRowsOnly) {
     auto t = test::random_tokens(60, V, 21, c.model.bos_id, 0.05);
     t[0] = c.model.bos_id;
     const PrefillItem items[2] = {{0, t.data(), 37}, {1, t.data() + 10, 23}};
+    const i64 qd = c.model.n_heads * c.model.head_dim;
     // the rows of the token stacks' FFN down products (K = d_ff, N = d_token), from the GEMM
-    // shape statistics of one prefill
+    // shape statistics of one prefill; q_rows: those of the products of q alone (K = d_token,
+    // N = q_dim, one row per prompt: the final layer's)
+    i64 q_alone = 0;
     auto down_rows = [&](InferenceStream& st, bool all) {
       std::vector<float> lg((37 + 23) * V);
       ops::gemm_shape_stats(true);
@@ -428,13 +431,21 @@ TEST(Stream, LastOnlyPrefillRunsTheFinalBlockForTheLastRowsOnly) {
       prof::enable(false);
       prof::set_detail(false);
       std::vector<i64> rows;
-      for (const ops::GemmShapeStat& g : ops::gemm_shape_stats(true))
+      q_alone = 0;
+      for (const ops::GemmShapeStat& g : ops::gemm_shape_stats(true)) {
         if (g.K == dff && g.N == d) rows.push_back(g.M);
+        if (g.K == d && g.N == qd && g.M == 2) q_alone += g.calls;
+      }
       std::sort(rows.begin(), rows.end());
       return rows;
     };
     auto a = m->new_stream({2, 0, -1}), b = m->new_stream({2, 0, -1});
-    const std::vector<i64> ra = down_rows(*a, true), rb = down_rows(*b, false);
+    const std::vector<i64> ra = down_rows(*a, true);
+    EXPECT_EQ(q_alone, 0);
+    const std::vector<i64> rb = down_rows(*b, false);
+    // the final layer's q (one row per prompt; its keys and values all 60), and its wo when
+    // q_dim = d_token
+    EXPECT_EQ(q_alone, qd == d ? 2 : 1);
     ASSERT_FALSE(ra.empty());
     EXPECT_EQ(ra.front(), 60);                       // every layer: all 60 rows
     EXPECT_EQ(rb.front(), 2);                        // the final layer: one row per prompt
@@ -740,11 +751,30 @@ TEST(PackedGemm, StackedPartsEqualSeparateProductsAndPrefetchChangesNothing) {
       float* y[3] = {got[0].data(), got[1].data(), got[2].data()};
       ops::packed_gemm_parts(y, N.data(), x.data(), K, all, M, 0.5f);
       float* yc[3] = {chained[0].data(), chained[1].data(), chained[2].data()};
-      ops::packed_gemm_parts(yc, N.data(), x.data(), K, all, M, 0.5f, &one[1]);
+      ops::packed_gemm_parts(yc, N.data(), x.data(), K, all, M, 0.5f, {&one[1], 0});
+      const char* fn = ops::pack_format_name(fmt);
       for (int i = 0; i < 3; ++i) {
-        const char* fn = ops::pack_format_name(fmt);
         EXPECT_EQ(got[i], want[i]) << fn << " M " << M << " part " << i;
         EXPECT_EQ(chained[i], want[i]) << fn << " M " << M << " part " << i;
+      }
+      // a run of parts alone (the final layer's k/v, then its q), prefetching a later block
+      // of the next product: the same bits, and nothing written outside the run's outputs
+      for (auto [p0, np] : {std::pair{1, 2}, std::pair{0, 1}, std::pair{2, 1}, std::pair{0, 2}}) {
+        std::vector<std::vector<float>> sub(np);
+        std::vector<float*> ys;
+        std::vector<i64> ld;
+        for (int i = 0; i < np; ++i) {
+          sub[i].assign(M * N[p0 + i] + 5, -7.f);  // 5 guard values after the output
+          ys.push_back(sub[i].data());
+          ld.push_back(N[p0 + i]);
+        }
+        ops::packed_gemm_parts(ys.data(), ld.data(), x.data(), K, all, M, 0.5f, {&all, 2}, p0,
+                               np);
+        for (int i = 0; i < np; ++i) {
+          EXPECT_TRUE(std::equal(want[p0 + i].begin(), want[p0 + i].end(), sub[i].begin()))
+              << fn << " M " << M << " parts from " << p0 << " part " << p0 + i;
+          EXPECT_EQ(sub[i][M * N[p0 + i] + 4], -7.f) << fn << " M " << M;
+        }
       }
     }
   ops::PackedWeights pw;
@@ -754,9 +784,34 @@ TEST(PackedGemm, StackedPartsEqualSeparateProductsAndPrefetchChangesNothing) {
   const ops::PackedMatrix* pa = pw.find(a.data(), 64, 8, 1);
   const ops::PackedMatrix* pb = pw.find(b.data(), 64, 8, 1);
   ASSERT_TRUE(pa && pb);
-  EXPECT_EQ(pw.served(pa), nullptr);  // nothing seen after a yet
-  EXPECT_EQ(pw.served(pb), nullptr);
-  EXPECT_EQ(pw.served(pa), pb);  // a was followed by b the last time
-  EXPECT_EQ(pw.served(pb), pa);
+  EXPECT_EQ(pw.served(pa).mat, nullptr);  // nothing seen after a yet
+  EXPECT_EQ(pw.served(pb).mat, nullptr);
+  EXPECT_EQ(pw.served(pa).mat, pb);  // a was followed by b the last time
+  EXPECT_EQ(pw.served(pb).mat, pa);
+  // A group found by a run of its parts; one matrix serving two calls in a pass (its parts
+  // 1-2, then part 0, as the final layer's k/v and q) keeps a successor per first part.
+  std::vector<float> g0(64 * 8, 1.f), g1(70 * 8, 2.f), g2(64 * 8, 3.f);
+  const float* gw[3] = {g0.data(), g1.data(), g2.data()};
+  const i64 gn[3] = {64, 70, 64};
+  pw.add_group(gw, gn, 3, 8, ops::PackFormat::F32);
+  int part0 = -1;
+  const ops::PackedMatrix* pg = pw.find_group(gw + 1, gn + 1, 2, 8, 1, &part0);
+  ASSERT_NE(pg, nullptr);
+  EXPECT_EQ(part0, 1);
+  EXPECT_EQ(pw.find_group(gw, gn, 3, 8, 1, &part0), pg);
+  EXPECT_EQ(part0, 0);
+  EXPECT_EQ(pw.find_group(gw, gn + 1, 1, 8, 1, &part0), nullptr);  // wrong width
+  const float* gap[2] = {g0.data(), g2.data()};  // parts 0 and 2: not a run
+  const i64 gapn[2] = {64, 64};
+  EXPECT_EQ(pw.find_group(gap, gapn, 2, 8, 1, &part0), nullptr);
+  for (int pass = 0; pass < 2; ++pass) {
+    const ops::NextProduct kv = pw.served(pg, 1), q = pw.served(pg, 0), after = pw.served(pa);
+    if (pass == 0) continue;
+    EXPECT_EQ(kv.mat, pg);  // the k/v call was followed by the q call: part 0, block 0
+    EXPECT_EQ(kv.blk, 0);
+    EXPECT_EQ(q.mat, pa);  // the q call by a
+    EXPECT_EQ(after.mat, pg);  // a by the k/v call: its first block (part 1's)
+    EXPECT_EQ(after.blk, pg->part_blk0[1]);
+  }
 }
 }  // namespace

@@ -965,8 +965,9 @@ void linear_forward(float* y, const float* x, const float* W, i64 N, i64 in, i64
 void linear_forward_multi(float* const* y, const float* x, const float* const* W, i64 N, i64 in,
                           const i64* out, int n, Bf16Copy* keep, Bf16Copy* const* wkeep) {
   if (N == 0) return;
+  int part0 = 0;
   if (const PackedWeights* pw = active_packed_weights())
-    if (const PackedMatrix* pm = pw->find_group(W, out, n, in, N)) {
+    if (const PackedMatrix* pm = pw->find_group(W, out, n, in, N, &part0)) {
       if (keep) keep->src = nullptr;
       for (int i = 0; wkeep && i < n; ++i)
         if (wkeep[i]) wkeep[i]->src = nullptr;
@@ -974,7 +975,7 @@ void linear_forward_multi(float* const* y, const float* x, const float* const* W
       for (int i = 0; i < n; ++i) out_sum += out[i];
       prof::DetailScope ps("  GEMM", 2.0 * double(N) * double(out_sum) * double(in));
       ShapeTimer timer;
-      packed_gemm_parts(y, out, x, in, *pm, N, 1.0f, pw->served(pm));
+      packed_gemm_parts(y, out, x, in, *pm, N, 1.0f, pw->served(pm, part0), part0, n);
       return timer.done(false, true, N, out_sum, in, false, "packed group");
     }
   KnownScope known;

@@ -355,9 +355,18 @@ const char* panel(const PackedMatrix& p, i64 blk) {
 }  // namespace
 
 void packed_gemm_parts(float* const* C, const i64* ldc, const float* A, i64 lda,
-                       const PackedMatrix& p, i64 M, float alpha, const PackedMatrix* next) {
+                       const PackedMatrix& p, i64 M, float alpha, NextProduct next, int part0,
+                       int n_parts) {
   note_parallel_entry();
-  const i64 K = p.K, Kp = p.Kp, nb = p.Np / kNB;
+  const int n_all = int(p.parts.size());
+  if (n_parts < 0) n_parts = n_all - part0;
+  DLCM_CHECK(part0 >= 0 && n_parts >= 1 && part0 + n_parts <= n_all, "internal: parts [", part0,
+             ", ", part0 + n_parts, ") of a packed matrix of ", n_all);
+  // the call's column blocks [b0, b1) of the packed layout
+  const i64 K = p.K, Kp = p.Kp, b0 = p.part_blk0[part0], b1 = p.part_blk0[part0 + n_parts];
+  const i64 nb = b1 - b0;
+  i64 out_cols = 0;
+  for (int i = part0; i < part0 + n_parts; ++i) out_cols += p.parts[i];
   const bool avx512 = packed_gemm_native();
   // BF16 / int8 with many rows: each thread widens a block once and runs the FP32 kernel
   const bool widen = avx512 && p.fmt != PackFormat::F32 && M >= kWidenRows && g_widen.load();
@@ -368,7 +377,7 @@ void packed_gemm_parts(float* const* C, const i64* ldc, const float* A, i64 lda,
   // also split across threads; a column block's tiles are consecutive (its panel stays in
   // cache between them)
   const i64 nr = (M + kRows - 1) / kRows, tiles = nr * nb;
-  const bool par = !omp_in_parallel() && tiles > 1 && 2.0 * M * p.N * K >= double(1 << 18);
+  const bool par = !omp_in_parallel() && tiles > 1 && 2.0 * M * out_cols * K >= double(1 << 18);
   // the micro-kernel calls of a panel share the prefetch of the one after it (of `next`'s
   // first panel after the last)
   const i64 steps = p.fmt == PackFormat::BF16 && !widen ? Kp / 2 : K;
@@ -379,22 +388,23 @@ void packed_gemm_parts(float* const* C, const i64* ldc, const float* A, i64 lda,
   // (DLCM: 2,000 against 2,350 tokens/s; its products also vary from step to step, so
   // `next` is a guess there).
   const bool pf_on = calls > 1;
-  const bool chain = pf_on && next != nullptr && next->Np > 0;
+  const bool chain = pf_on && next.mat != nullptr && next.blk * kNB < next.mat->Np;
   const bool out_prefetch = pf_on && g_prefetch_c.load(std::memory_order_relaxed);
 #pragma omp parallel if (par)
   {
   i64 wide_blk = -1;  // the column block this thread's scratch holds widened (this call)
 #pragma omp for schedule(static)
   for (i64 tile = 0; tile < tiles; ++tile) {
-    const i64 blk = tile / nr, rt = tile % nr;
-    size_t part = 0;
+    const i64 blk = b0 + tile / nr, rt = tile % nr;
+    size_t part = part0;
     while (p.part_blk0[part + 1] <= blk) ++part;
     const i64 c0 = (blk - p.part_blk0[part]) * kNB;  // first column within the part
     const i64 n = std::min(kNB, p.parts[part] - c0);
     const i64 r_end = std::min(M, (rt + 1) * kRows);
-    const PackedMatrix* target = !pf_on ? nullptr : blk + 1 < nb ? &p : chain ? next : nullptr;
+    const PackedMatrix* target = !pf_on ? nullptr : blk + 1 < b1 ? &p : chain ? next.mat : nullptr;
     const i64 target_lines = target ? panel_bytes(*target) / 64 : 0;
-    const char* target_panel = target ? panel(*target, blk + 1 < nb ? blk + 1 : 0) : nullptr;
+    const char* target_panel =
+        target ? panel(*target, blk + 1 < b1 ? blk + 1 : next.blk) : nullptr;
     // The tile's rows split evenly over its calls (39 rows: 6,6,6,6,5,5,5, not six 6s and a
     // 3, whose call reads W's panel for half the work). Rows are independent: same bits.
     const i64 rows = r_end - rt * kRows, tile_calls = (rows + MR - 1) / MR;
@@ -414,8 +424,8 @@ void packed_gemm_parts(float* const* C, const i64* ldc, const float* A, i64 lda,
     }
     for (i64 j = 0, r0 = rt * kRows; j < tile_calls; r0 += base + (j < extra), ++j) {
       const i64 mr = base + (j < extra);
-      const i64 ld = ldc[part];
-      float* Cb = C[part] + r0 * ld + c0;
+      const i64 ld = ldc[part - part0];
+      float* Cb = C[part - part0] + r0 * ld + c0;
       const float* Ab = A + r0 * lda;
       Prefetch pf;
       pf.out = out_prefetch;
@@ -462,7 +472,7 @@ void packed_gemm_parts(float* const* C, const i64* ldc, const float* A, i64 lda,
 }
 
 void packed_gemm(float* C, i64 ldc, const float* A, i64 lda, const PackedMatrix& p, i64 M,
-                 float alpha, const PackedMatrix* next) {
+                 float alpha, NextProduct next) {
   DLCM_CHECK(p.parts.size() == 1, "internal: packed_gemm on ", p.parts.size(),
              " stacked matrices (packed_gemm_parts)");
   packed_gemm_parts(&C, &ldc, A, lda, p, M, alpha, next);
@@ -472,10 +482,15 @@ void PackedWeights::add(const float* W, i64 N, i64 K, PackFormat fmt) {
   pack_matrix(mats_[W], W, N, K, fmt);
 }
 
-const PackedMatrix* PackedWeights::served(const PackedMatrix* p) const {
-  if (last_) last_->next = p;
+NextProduct PackedWeights::served(const PackedMatrix* p, int part0) const {
+  auto slot = [](const PackedMatrix* m, int part) -> NextProduct& {
+    if (m->next.size() < m->parts.size()) m->next.resize(m->parts.size());
+    return m->next[part];
+  };
+  if (last_) slot(last_, last_part_) = {p, p->part_blk0[part0]};
   last_ = p;
-  return p->next;
+  last_part_ = part0;
+  return slot(p, part0);
 }
 
 const PackedMatrix* PackedWeights::find(const float* W, i64 N, i64 K, i64 M) const {
@@ -490,17 +505,21 @@ void PackedWeights::add_group(const float* const* W, const i64* N, int n, i64 K,
   Group& g = groups_[W[0]];
   g.srcs.assign(W, W + n);
   pack_matrices(g.mat, W, N, n, K, fmt);
+  for (int i = 0; i < n; ++i) member_[W[i]] = {W[0], i};
 }
 
 const PackedMatrix* PackedWeights::find_group(const float* const* W, const i64* N, int n, i64 K,
-                                              i64 M) const {
-  if (M > max_rows_) return nullptr;
-  auto it = groups_.find(W[0]);
-  if (it == groups_.end() || it->second.mat.K != K || i64(it->second.srcs.size()) != n)
-    return nullptr;
+                                              i64 M, int* part0) const {
+  if (M > max_rows_ || n < 1) return nullptr;
+  auto m = member_.find(W[0]);
+  if (m == member_.end()) return nullptr;
+  const Group& g = groups_.at(m->second.first);
+  const int first = m->second.second;
+  if (g.mat.K != K || first + n > int(g.srcs.size())) return nullptr;
   for (int i = 0; i < n; ++i)
-    if (it->second.srcs[i] != W[i] || it->second.mat.parts[i] != N[i]) return nullptr;
-  return &it->second.mat;
+    if (g.srcs[first + i] != W[i] || g.mat.parts[first + i] != N[i]) return nullptr;
+  *part0 = first;
+  return &g.mat;
 }
 
 i64 PackedWeights::bytes() const {

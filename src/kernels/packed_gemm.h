@@ -35,6 +35,13 @@ enum class PackFormat : uint8_t { F32, BF16, Q8 };
 PackFormat parse_pack_format(const std::string& s, const std::string& what);
 const char* pack_format_name(PackFormat f);
 
+struct PackedMatrix;
+// A product expected to come next: its matrix and the first column block it reads.
+struct NextProduct {
+  const PackedMatrix* mat = nullptr;
+  i64 blk = 0;
+};
+
 struct PackedMatrix {
   i64 N = 0, K = 0;  // W[N, K]
   PackFormat fmt = PackFormat::F32;
@@ -46,9 +53,11 @@ struct PackedMatrix {
   std::vector<uint16_t> h;     // BF16 [Np/64][Kp/2][64][2]
   std::vector<int8_t> q;       // int8 [Np/64][K][64]
   std::vector<float> qscale;   // int8: W[c][k] ~ qscale[c] * q (packed column order, [Np])
-  // The matrix of the product that came after this one the last time (PackedWeights::served):
-  // its first panel is prefetched while this product finishes.
-  mutable const PackedMatrix* next = nullptr;
+  // Per first part of a call (a call may run a run of consecutive parts, packed_gemm_parts):
+  // the product that came after it the last time (PackedWeights::served), whose first panel
+  // is prefetched while this one finishes. A matrix can serve two calls in one pass (the
+  // final layer's k/v, then its q for the last rows), each with its own successor.
+  mutable std::vector<NextProduct> next;
 };
 
 // Packs W[N, K] (row stride K); padding columns and k are zero.
@@ -79,12 +88,14 @@ bool packed_prefetch_c_on();
 // per block each call also prefetches its output lines for writing (set_packed_prefetch_c).
 // Only cache lines move: the result is the same.
 void packed_gemm(float* C, i64 ldc, const float* A, i64 lda, const PackedMatrix& p, i64 M,
-                 float alpha, const PackedMatrix* next = nullptr);
-// The same for stacked matrices: C[i][M, N[i]] (row stride ldc[i]) = alpha * A W[i]^T. Each
-// output row is bit for bit the one packed_gemm gives with W[i] alone (same kernel, same order).
+                 float alpha, NextProduct next = {});
+// The same for stacked matrices: C[i][M, N[part0 + i]] (row stride ldc[i]) = alpha * A
+// W[part0 + i]^T for the n_parts parts from part0 (-1: all from part0). Each output row is bit
+// for bit the one packed_gemm gives with that W alone (same kernel, same order), whichever
+// rows and parts a call runs.
 void packed_gemm_parts(float* const* C, const i64* ldc, const float* A, i64 lda,
-                       const PackedMatrix& p, i64 M, float alpha,
-                       const PackedMatrix* next = nullptr);
+                       const PackedMatrix& p, i64 M, float alpha, NextProduct next = {},
+                       int part0 = 0, int n_parts = -1);
 
 class PackedWeights {
  public:
@@ -95,15 +106,18 @@ class PackedWeights {
   void add(const float* W, i64 N, i64 K, PackFormat fmt);
   // The packed copy serving x[M, K] W^T, or nullptr.
   const PackedMatrix* find(const float* W, i64 N, i64 K, i64 M) const;
-  // Registers the stacked copy of W[0..n) (pack_matrices), and finds it for x[M, K] W[i]^T.
+  // Registers the stacked copy of W[0..n) (pack_matrices), and finds it for x[M, K] W[i]^T:
+  // W[0..n) a run of consecutive parts of a registered group, from its part *part0 (the
+  // final layer's k/v without its q, or its q alone).
   void add_group(const float* const* W, const i64* N, int n, i64 K, PackFormat fmt);
-  const PackedMatrix* find_group(const float* const* W, const i64* N, int n, i64 K,
-                                 i64 M) const;
+  const PackedMatrix* find_group(const float* const* W, const i64* N, int n, i64 K, i64 M,
+                                 int* part0) const;
   // Records that p serves the current product (after the one served before it) and returns
   // the matrix that followed p last time, for packed_gemm's `next`. A forward pass runs its
   // products in the same order every time, so from the second pass on each product's
   // successor is known. Not thread-safe: a table serves one thread at a time (a stream's).
-  const PackedMatrix* served(const PackedMatrix* p) const;
+  // part0: the call's first part (0 for a plain matrix).
+  NextProduct served(const PackedMatrix* p, int part0 = 0) const;
   i64 max_rows() const { return max_rows_; }
   i64 bytes() const;
 
@@ -115,7 +129,11 @@ class PackedWeights {
     PackedMatrix mat;
   };
   std::unordered_map<const float*, Group> groups_;  // by the first matrix
-  mutable const PackedMatrix* last_ = nullptr;  // the matrix of the previous product served
+  // every grouped matrix: its group's first matrix and its part
+  std::unordered_map<const float*, std::pair<const float*, int>> member_;
+  // the previous product served: its matrix and first part
+  mutable const PackedMatrix* last_ = nullptr;
+  mutable int last_part_ = 0;
 };
 
 // Makes `w` the table gemm() consults on this thread for the scope's lifetime (nullptr: none).

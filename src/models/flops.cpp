@@ -163,7 +163,7 @@ double prefill_last_rows_skipped(const ModelConfig& m, i64 P) {
   // query t (0-based) admits min(t + 1, window) keys; t = 0 .. P - 2 are skipped
   double keys = 0;
   for (i64 t = 0; t + 1 < P; ++t) keys += double(window > 0 ? std::min<i64>(t + 1, window) : t + 1);
-  const double per_row = 2.0 * (H * hd) * d + 2.0 * 3 * d * m.d_ff;  // o, w1/w3/w2
+  const double per_row = 2.0 * 2 * (H * hd) * d + 2.0 * 3 * d * m.d_ff;  // q, o, w1/w3/w2
   return double(P - 1) * per_row + 4.0 * hd * H * keys;
 }
 

@@ -47,7 +47,7 @@ i64 block_params(i64 d, i64 n_heads, i64 n_kv_heads, i64 head_dim, i64 d_ff, boo
 FlopsReport flops_report(const ModelConfig& m, i64 seq_len, double R = 0);
 // Forward FLOPs that a stream's prefill of P positions into an empty slot skips when it asks
 // for the last position's logits only: the final block (the baseline's last layer, the DLCM's
-// last decoder layer) runs its attention, output projection and FFN for that position alone
+// last decoder layer) runs its q, attention, output projection and FFN for that position alone
 // (TransformerStack::forward_cached's last_rows), the P - 1 others only to their keys and
 // values. Per prompt, not per token; the head's P - 1 skipped rows are not included.
 double prefill_last_rows_skipped(const ModelConfig& m, i64 P);

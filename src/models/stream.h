@@ -128,7 +128,7 @@ class InferenceStream {
 
   // do_prefill for a model whose forward pass over new positions is run(items, n, last_only)
   // -> final hidden states, [sum n, d], or with last_only [n, d] (each item's last position
-  // only: the final layer runs its attention, wo and FFN for those rows alone), and whose head
+  // only: the final layer runs its q, attention, wo and FFN for those rows alone), and whose head
   // is head(h, N, logits): runs consecutive items in groups of at most `rows` positions; with
   // !all_logits only each item's last position goes through the final layer's tail and the head.
   // (Without StreamOptions::last_rows, run gets last_only = false and the items' last rows are

@@ -162,6 +162,40 @@ void TransformerStack::block_qkv(i64 l, const float* x, const i32* pos, i64 N, B
   ops::rope_apply(A.k.data(), pos, N, d.n_kv_heads, d.head_dim, d.rope_theta, false);
 }
 
+void TransformerStack::block_qkv_last(i64 l, const float* x, const i32* pos, i64 N,
+                                      const i64* last, i64 n_last, BlockActs& A) {
+  const BlockDims& d = dims_;
+  const BlockParams& P = layers_[l];
+  ops::rmsnorm_forward(A.xn1.data(), A.rstd1.data(), x, P.attn_norm->w, N, d.d, d.norm_eps);
+  float* qdst = d.qk_norm ? A.q_raw.data() : A.q.data();
+  float* kdst = d.qk_norm ? A.k_raw.data() : A.k.data();
+  {  // k and v of every row: the group's parts after q (packed), or two products
+    float* y[2] = {kdst, A.v.data()};
+    const float* W[2] = {P.wk->w, P.wv->w};
+    const i64 out[2] = {d.kv_dim(), d.kv_dim()};
+    ops::linear_forward_multi(y, A.xn1.data(), W, N, d.d, out, 2);
+  }
+  std::vector<i32> qpos(n_last);
+  for (i64 c = 0; c < n_last; ++c) {
+    std::copy_n(A.xn1.data() + last[c] * d.d, d.d, inf_xq_.data() + c * d.d);
+    qpos[c] = pos[last[c]];
+  }
+  {  // q of the listed rows: the group's first part
+    float* y[1] = {qdst};
+    const float* W[1] = {P.wq->w};
+    const i64 out[1] = {d.q_dim()};
+    ops::linear_forward_multi(y, inf_xq_.data(), W, n_last, d.d, out, 1);
+  }
+  if (d.qk_norm) {
+    ops::head_rmsnorm_forward(A.q.data(), A.q_rstd.data(), A.q_raw.data(), P.q_norm->w, n_last,
+                              d.n_heads, d.head_dim, d.norm_eps);
+    ops::head_rmsnorm_forward(A.k.data(), A.k_rstd.data(), A.k_raw.data(), P.k_norm->w, N,
+                              d.n_kv_heads, d.head_dim, d.norm_eps);
+  }
+  ops::rope_apply(A.q.data(), qpos.data(), n_last, d.n_heads, d.head_dim, d.rope_theta, false);
+  ops::rope_apply(A.k.data(), pos, N, d.n_kv_heads, d.head_dim, d.rope_theta, false);
+}
+
 void TransformerStack::block_out(i64 l, const float* x, float* out, i64 N, BlockActs& A) {
   const BlockDims& d = dims_;
   const BlockParams& P = layers_[l];
@@ -221,6 +255,7 @@ void TransformerStack::reserve_infer(i64 max_rows) {
   inf_out_[0].assign(max_rows * dims_.d, 0);
   inf_out_[1].assign(max_rows * dims_.d, 0);
   inf_last_.assign(max_rows * dims_.d, 0);
+  inf_xq_.assign(max_rows * dims_.d, 0);
   inf_pos_.assign(max_rows, 0);
   inf_rows_ = max_rows;
 }
@@ -256,9 +291,18 @@ const float* TransformerStack::forward_cached(const float* x, const CacheChunk* 
   BlockActs& A = inf_;
   const float scale = 1.0f / std::sqrt(float(d.head_dim));
   const i64 kvd = d.kv_dim(), qd = d.q_dim();
+  std::vector<i64> last_row(n_chunks);  // each chunk's last row
+  for (i64 c = 0; c < n_chunks; ++c) last_row[c] = row0[c] + chunks[c].n - 1;
   const float* cur = x;
   for (i64 l = 0; l < n_layers(); ++l) {
-    block_qkv(l, cur, inf_pos_.data(), R, A);
+    // The final layer with last_rows: only each chunk's last query, into row c (its keys and
+    // values are every position's); it skips (n - 1) rows of q, attention, wo and FFN per
+    // chunk, an eighth of a 6-layer prefill's products.
+    const bool only_last = last_rows && l == n_layers() - 1 && R > n_chunks;
+    if (only_last)
+      block_qkv_last(l, cur, inf_pos_.data(), R, last_row.data(), n_chunks, A);
+    else
+      block_qkv(l, cur, inf_pos_.data(), R, A);
     // Append the new keys and values, then attend per sequence over everything it holds.
     for (i64 c = 0; c < n_chunks; ++c) {
       const CacheChunk& ch = chunks[c];
@@ -270,17 +314,13 @@ const float* TransformerStack::forward_cached(const float* x, const CacheChunk* 
     // Prefill: chunk after chunk, the kernel parallel inside, outside any parallel region (not
     // in one made inactive by an if clause: the kernel's region would then be a nested one,
     // for which libgomp starts and ends a thread at every call, beside its pool's own).
-    // The final layer with last_rows: only each chunk's last query, into row c (its keys and
-    // values above are every position's); it skips (n - 1) rows of attention, wo and FFN
-    // per chunk, an eighth of a 6-layer prefill's products.
-    const bool only_last = last_rows && l == n_layers() - 1 && R > n_chunks;
     auto attend = [&](i64 c) {
       const CacheChunk& ch = chunks[c];
       const i64 p0 = cache.len[ch.seq];
       const i64 first = only_last ? ch.n - 1 : 0;  // the chunk's first query attended
       const i64 orow = only_last ? c : row0[c];
       ops::attention_forward(A.att.data() + orow * qd, A.lse.data() + orow * d.n_heads,
-                             A.q.data() + (row0[c] + first) * qd, cache.k_at(l, ch.seq, 0),
+                             A.q.data() + orow * qd, cache.k_at(l, ch.seq, 0),
                              cache.v_at(l, ch.seq, 0), 1, ch.n - first, p0 + ch.n, d.n_heads,
                              d.n_kv_heads, d.head_dim, p0 + first, scale, d.window);
     };
@@ -293,7 +333,7 @@ const float* TransformerStack::forward_cached(const float* x, const CacheChunk* 
     float* out = inf_out_[l % 2].data();
     if (only_last) {
       for (i64 c = 0; c < n_chunks; ++c)
-        std::copy_n(cur + (row0[c] + chunks[c].n - 1) * d.d, d.d, inf_last_.data() + c * d.d);
+        std::copy_n(cur + last_row[c] * d.d, d.d, inf_last_.data() + c * d.d);
       block_out(l, inf_last_.data(), out, n_chunks, A);
     } else {
       block_out(l, cur, out, R, A);

@@ -136,7 +136,7 @@ class TransformerStack {
   // Returns the output [R, d] (owned by the stack, valid until the next forward_cached).
   // last_rows: only each chunk's last position is wanted from the output, which is then
   // [n_chunks, d] (chunk c's last position in row c): the final layer still appends every
-  // position's keys and values, but runs its attention, output projection and FFN for those
+  // position's keys and values, but runs its q, attention, output projection and FFN for those
   // rows alone (a prefill that wants the next-token distribution only; the same values).
   const float* forward_cached(const float* x, const CacheChunk* chunks, i64 n_chunks,
                               KVCache& cache, bool last_rows = false);
@@ -158,6 +158,11 @@ class TransformerStack {
   // attn_norm, q/k/v projections, QK-norm, RoPE into A.xn1/q/k/v; then wo, residual and the
   // FFN sub-layer into `out` (A's mid/xn2/a/b/h as scratch).
   void block_qkv(i64 l, const float* x, const i32* pos, i64 N, BlockActs& A);
+  // block_qkv for the final layer of a last_rows call: keys and values of all N rows, queries
+  // of the n_last rows listed in `last` only, into A.q's first n_last rows (a row's q is
+  // what block_qkv gives it, bit for bit, on the packed products).
+  void block_qkv_last(i64 l, const float* x, const i32* pos, i64 N, const i64* last,
+                      i64 n_last, BlockActs& A);
   void block_out(i64 l, const float* x, float* out, i64 N, BlockActs& A);
   // Backward of one block, split around its attention core like the forward: block_out's
   // half (dout -> G.att, G.mid) and block_qkv's half (G.q/k/v -> dx += or, without
@@ -178,6 +183,7 @@ class TransformerStack {
   BlockActs inf_;
   Buf inf_out_[2];
   Buf inf_last_;  // last_rows: the final layer's input rows it runs, [n_chunks, d]
+  Buf inf_xq_;    // last_rows: their normed rows, the final layer's q product input
   std::vector<i32> inf_pos_;
   i64 inf_rows_ = 0;
   // Backward scratch shared by all layers (one layer at a time).

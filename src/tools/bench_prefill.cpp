@@ -74,10 +74,15 @@ int cmd_bench_prefill(const BenchPrefillArgs& a) {
     std::unique_ptr<InferenceStream> st;
     std::vector<double> wall, idle, fwd_wall, fwd_idle;
     // model FLOPs per token (SPEC 7: the head at every position), and as the prefill runs them
-    // (the head, and the final block's attention, wo and FFN, only where logits are asked
+    // (the head, and the final block's q, attention, wo and FFN, only where logits are asked
     // for: each prompt's last position)
     double flops_tok = 0, flops_run = 0, R = 0;
-    std::vector<std::pair<const char*, double>> parts;  // --breakdown: CPU seconds per component
+    // --breakdown: per component, CPU seconds (all threads) and wall seconds
+    struct Part {
+      const char* name;
+      double cpu = 0, wall = 0;
+    };
+    std::vector<Part> parts;
     bench::GemmShapeRows shapes;  // --breakdown-gemm: wall time per product shape
     size_t ckpt = 0;              // index into a.ckpts
     bool prefetch_c = true;       // ops::set_packed_prefetch_c while it runs
@@ -172,9 +177,9 @@ int cmd_bench_prefill(const BenchPrefillArgs& a) {
         if (breakdown)
           for (const prof::Entry& e : prof::entries()) {
             auto it = std::find_if(x.parts.begin(), x.parts.end(),
-                                   [&](auto& p) { return std::string(p.first) == e.name; });
-            if (it == x.parts.end()) x.parts.push_back({e.name, e.cpu_seconds});
-            else it->second += e.cpu_seconds;
+                                   [&](auto& p) { return std::string(p.name) == e.name; });
+            if (it == x.parts.end()) x.parts.push_back({e.name, e.cpu_seconds, e.seconds});
+            else it->cpu += e.cpu_seconds, it->wall += e.seconds;
           }
         bench::take_gemm_shape_stats(x.shapes);
         x.wall.push_back(w[0]);
@@ -212,13 +217,18 @@ int cmd_bench_prefill(const BenchPrefillArgs& a) {
                 bench::median(x.wall) / bench::median(x.fwd_wall));
   }
   for (size_t i = 0; i < ms.size() && breakdown; ++i) {
-    double total = 0;
-    for (auto& p : ms[i].parts) total += p.second;
-    std::printf("model %zu prefill breakdown (CPU ms per prefill, all threads):", i);
-    for (auto& p : ms[i].parts)
-      if (p.second > 0) std::printf("  %s %.2f", p.first, 1e3 * p.second / double(kept));
-    std::printf("  (total %.2f)", 1e3 * total / double(kept));
-    std::printf("\n");
+    // CPU time is robust to a loaded host when idle threads sleep (OMP_WAIT_POLICY=passive);
+    // wall time shows where threads wait (spinning threads count as CPU time too)
+    for (const bool cpu : {true, false}) {
+      double total = 0;
+      for (auto& p : ms[i].parts) total += cpu ? p.cpu : p.wall;
+      std::printf("model %zu prefill breakdown (%s ms per prefill):", i,
+                  cpu ? "CPU, all threads," : "wall");
+      for (auto& p : ms[i].parts)
+        if (p.cpu > 0 || p.wall > 0)
+          std::printf("  %s %.2f", p.name, 1e3 * (cpu ? p.cpu : p.wall) / double(kept));
+      std::printf("  (total %.2f)\n", 1e3 * total / double(kept));
+    }
     if (ms[i].shapes.empty()) continue;
     std::printf("model %zu products per prefill%s (wall ms of the calls, GFLOP/s, implementation):\n",
                 i, by_call ? ", in call order" : "");

@@ -236,7 +236,7 @@ int main(int argc, char** argv) {
       ->delimiter(',')
       ->check(CLI::IsMember({"on", "off"}));
   bpre->add_option("--last-rows", bp.last_rows,
-                   "the final block runs its attention, wo and FFN for each prompt's last "
+                   "the final block runs its q, attention, wo and FFN for each prompt's last "
                    "position only (the others only to their keys and values): on, off, or "
                    "on,off (each checkpoint under both, side by side in the same repeats)")
       ->delimiter(',')
