@@ -37,4 +37,18 @@ inline std::string write_scratch(const std::string& name, const std::string& tex
   return write_scratch(name, reinterpret_cast<const uint8_t*>(text.data()), text.size());
 }
 
+// A harness whose input is one file in a folder of its own: writes data to
+// scratch_dir()/folder/file and calls read(scratch_dir()/folder), where a dlcm::Error is a pass.
+template <class Read>
+void read_file_input(const char* folder, const char* file, const uint8_t* data, size_t size,
+                     Read read) {
+  const std::string dir = scratch_dir() + "/" + folder;
+  std::filesystem::create_directories(dir);
+  write_scratch(std::string(folder) + "/" + file, data, size);
+  try {
+    read(dir);
+  } catch (const Error&) {
+  }
+}
+
 }  // namespace dlcm::fuzz

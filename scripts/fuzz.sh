@@ -28,7 +28,7 @@ mkdir -p "$B"
 cmake -S fuzz -B "$B" -DCMAKE_CXX_COMPILER="$CXX_FUZZ" -DCMAKE_BUILD_TYPE=RelWithDebInfo > "$B/configure.log" 2>&1 ||
   { cat "$B/configure.log"; exit 1; }
 cmake --build "$B" -j"${FUZZ_JOBS:-2}" > "$B/build.log" 2>&1 || { tail -50 "$B/build.log"; exit 1; }
-names="safetensors config tokenizer_meta shard data_meta tasks trainer_state"
+names="safetensors config tokenizer_meta shard data_meta tasks trainer_state hf_config train_log"
 [[ -n "$only" ]] && names="$only"
 export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=1}
 export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}

@@ -197,6 +197,11 @@ TEST(RunPlot, ReadsTrainLogsAndNamesBadInput) {
   run_dir(tmp.path, "array", "[1, 2]\n");
   EXPECT_NE(error_of([&] { read_train_log(tmp.path + "/array"); }).find("array/train_log.jsonl:1: expected a JSON object"),
             std::string::npos);
+  // a file over 1 GiB (sparse) is refused by its size, before any of it is read
+  run_dir(tmp.path, "huge", "{\"step\": 1}\n");
+  fs::resize_file(tmp.path + "/huge/train_log.jsonl", (std::uintmax_t(1) << 30) + 1);
+  EXPECT_NE(error_of([&] { read_train_log(tmp.path + "/huge"); }).find("huge/train_log.jsonl: 1073741825 bytes, over the limit"),
+            std::string::npos) << error_of([&] { read_train_log(tmp.path + "/huge"); });
   run_dir(tmp.path, "nostep", "{\"loss\": 3}\n");
   EXPECT_NE(error_of([&] { read_train_log(tmp.path + "/nostep"); }).find("nostep/train_log.jsonl:1: missing integer field \"step\""),
             std::string::npos);

@@ -16,6 +16,13 @@ TrainLog read_train_log(const std::string& run) {
   log.path = fs::is_directory(run) ? (fs::path(run) / "train_log.jsonl").string() : run;
   DLCM_CHECK(fs::exists(log.path), log.path,
              ": not found (is ", run, " a run folder written by dlcm train?)");
+  // bounded before reading: a log is ~300 bytes per logged step, so 1 GiB is millions of steps
+  constexpr std::uintmax_t kMaxLogBytes = std::uintmax_t(1) << 30;
+  std::error_code ec;
+  const std::uintmax_t size = fs::file_size(log.path, ec);
+  DLCM_CHECK(!ec, log.path, ": cannot read (", ec.message(), ")");
+  DLCM_CHECK(size <= kMaxLogBytes, log.path, ": ", size, " bytes, over the limit of ",
+             kMaxLogBytes, " for a training log (not a train_log.jsonl written by dlcm train?)");
   std::ifstream f(log.path);
   DLCM_CHECK(f, log.path, ": cannot open");
   std::string text;
