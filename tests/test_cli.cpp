@@ -235,6 +235,9 @@ TEST(Cli, BenchDecodeRuns) {
   r = run("bench prefill --ckpt " + ck + " --ckpt " + ck + " --prompt-len 16 --repeats 2 --breakdown");
   ASSERT_EQ(r.rc, 0) << r.out;
   EXPECT_NE(r.out.find("model 1 / model 0 prefill tokens/s"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("  its repeats at matched FLOPs as run (wall): quartiles "),
+            std::string::npos) << r.out;
+  EXPECT_NE(r.out.find(" of 2\n"), std::string::npos) << r.out;  // 2 repeats
   EXPECT_NE(r.out.find("stream layers"), std::string::npos) << r.out;
   // --breakdown-gemm: the products in a row of their own, and by shape (16 prompt rows)
   r = run("bench prefill --ckpt " + ck + " --prompt-len 16 --repeats 2 --breakdown-gemm");

@@ -788,6 +788,47 @@ TEST(PackedGemm, StackedPartsEqualSeparateProductsAndPrefetchChangesNothing) {
   EXPECT_EQ(pw.served(pb).mat, nullptr);
   EXPECT_EQ(pw.served(pa).mat, pb);  // a was followed by b the last time
   EXPECT_EQ(pw.served(pb).mat, pa);
+  // consolidate() moves every matrix into one arena: the same products, bit for bit. Buffers
+  // of 2 MiB or more start on a 2 MiB boundary (huge pages, core/common.h), smaller ones on 64.
+  {
+    const Buf big(size_t(3) << 18), small(1000);  // 3 MiB, 4000 bytes
+    if (huge_pages_on()) {  // unless DLCM_HUGE_PAGES=0
+      EXPECT_EQ(reinterpret_cast<uintptr_t>(big.data()) % (uintptr_t(2) << 20), 0u);
+    }
+    EXPECT_EQ(reinterpret_cast<uintptr_t>(small.data()) % 64, 0u);
+  }
+  {
+    ops::PackedWeights t;
+    std::vector<float> w1(70 * 24), w2(130 * 24), w3(64 * 24), xin(5 * 24);
+    for (auto* v : {&w1, &w2, &w3, &xin})
+      for (auto& e : *v) e = r.uniform() - 0.5f;
+    for (ops::PackFormat fmt : {ops::PackFormat::F32, ops::PackFormat::BF16, ops::PackFormat::Q8}) {
+      t.add(w1.data(), 70, 24, fmt);
+      const float* gw[2] = {w2.data(), w3.data()};
+      const i64 gn[2] = {130, 64};
+      t.add_group(gw, gn, 2, 24, fmt);
+      const ops::PackedMatrix* m = t.find(w1.data(), 70, 24, 5);
+      int g0 = -1;
+      const ops::PackedMatrix* g = t.find_group(gw, gn, 2, 24, 5, &g0);
+      ASSERT_TRUE(m && g);
+      auto run = [&] {
+        std::vector<float> y(5 * 70), a(5 * 130), b(5 * 64);
+        ops::packed_gemm(y.data(), 70, xin.data(), 24, *m, 5, 1.f);
+        float* ys[2] = {a.data(), b.data()};
+        ops::packed_gemm_parts(ys, gn, xin.data(), 24, *g, 5, 1.f);
+        y.insert(y.end(), a.begin(), a.end());
+        y.insert(y.end(), b.begin(), b.end());
+        return y;
+      };
+      const std::vector<float> before = run();
+      const char* own = m->data;
+      const i64 bytes = t.bytes();
+      t.consolidate();
+      EXPECT_NE(m->data, own);  // now in the arena
+      EXPECT_EQ(t.bytes(), bytes);
+      EXPECT_EQ(run(), before) << ops::pack_format_name(fmt);
+    }
+  }
   // A group found by a run of its parts; one matrix serving two calls in a pass (its parts
   // 1-2, then part 0, as the final layer's k/v and q) keeps a successor per first part.
   std::vector<float> g0(64 * 8, 1.f), g1(70 * 8, 2.f), g2(64 * 8, 3.f);

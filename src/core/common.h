@@ -44,6 +44,12 @@ template <typename... Args>
   _Pragma("GCC diagnostic push") _Pragma("GCC diagnostic ignored \"-Wuninitialized\"")
 #define DLCM_GCC105593_END _Pragma("GCC diagnostic pop")
 
+// Large buffers on transparent huge pages (core/memory.cpp): whether buffers of 2 MiB or more
+// are 2 MiB-aligned, rounded up to whole 2 MiB pages and advised MADV_HUGEPAGE (default on;
+// DLCM_HUGE_PAGES=0 turns it off, logged).
+bool huge_pages_on();
+void advise_huge_pages(void* p, size_t bytes);
+
 // 64-byte aligned allocator so that AVX-512 loads never split cache lines.
 template <typename T>
 struct AlignedAlloc {
@@ -52,7 +58,17 @@ struct AlignedAlloc {
   template <typename U>
   AlignedAlloc(const AlignedAlloc<U>&) {}
   T* allocate(size_t n) {
-    void* p = std::aligned_alloc(64, ((n * sizeof(T) + 63) / 64) * 64 + 64);
+    constexpr size_t kHuge = size_t(2) << 20;
+    if (n > size_t(PTRDIFF_MAX - 2 * kHuge) / sizeof(T)) throw std::bad_alloc();
+    const size_t bytes = ((n * sizeof(T) + 63) / 64) * 64 + 64;
+    if (bytes >= kHuge && huge_pages_on()) {
+      const size_t rounded = (bytes + kHuge - 1) / kHuge * kHuge;
+      void* p = std::aligned_alloc(kHuge, rounded);
+      if (!p) throw std::bad_alloc();
+      advise_huge_pages(p, rounded);
+      return static_cast<T*>(p);
+    }
+    void* p = std::aligned_alloc(64, bytes);
     if (!p) throw std::bad_alloc();
     return static_cast<T*>(p);
   }

@@ -9,6 +9,8 @@
 #include <immintrin.h>
 #include <omp.h>
 
+#include <cstring>
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -331,6 +333,16 @@ void pack_matrices(PackedMatrix& p, const float* const* W, const i64* N, int n, 
         for (i64 k = 0; k < K; ++k) dst[(k / 2) * 2 * kNB + k % 2] = row[k];
       }
     }
+  if (bf16) {
+    p.data = reinterpret_cast<const char*>(p.h.data());
+    p.data_bytes = i64(p.h.size() * sizeof(uint16_t));
+  } else if (q8) {
+    p.data = reinterpret_cast<const char*>(p.q.data());
+    p.data_bytes = i64(p.q.size());
+  } else {
+    p.data = reinterpret_cast<const char*>(p.f.data());
+    p.data_bytes = i64(p.f.size() * sizeof(float));
+  }
 }
 
 void pack_matrix(PackedMatrix& p, const float* W, i64 N, i64 K, PackFormat fmt) {
@@ -346,12 +358,7 @@ i64 panel_bytes(const PackedMatrix& p) {
     default: return p.K * kNB * i64(sizeof(float));
   }
 }
-const char* panel(const PackedMatrix& p, i64 blk) {
-  const char* base = p.fmt == PackFormat::BF16 ? reinterpret_cast<const char*>(p.h.data())
-                     : p.fmt == PackFormat::Q8 ? reinterpret_cast<const char*>(p.q.data())
-                                               : reinterpret_cast<const char*>(p.f.data());
-  return base + blk * panel_bytes(p);
-}
+const char* panel(const PackedMatrix& p, i64 blk) { return p.data + blk * panel_bytes(p); }
 }  // namespace
 
 void packed_gemm_parts(float* const* C, const i64* ldc, const float* A, i64 lda,
@@ -415,9 +422,10 @@ void packed_gemm_parts(float* const* C, const i64* ldc, const float* A, i64 lda,
       if (i64(scratch.size()) < K * kNB) scratch.resize(K * kNB);
       if (blk != wide_blk) {
         if (p.fmt == PackFormat::Q8)
-          isa_avx512::widen_q8(scratch.data(), p.q.data() + blk * K * kNB, K);
+          isa_avx512::widen_q8(scratch.data(), reinterpret_cast<const int8_t*>(panel(p, blk)), K);
         else
-          isa_avx512::widen_bf16(scratch.data(), p.h.data() + blk * Kp * kNB, K);
+          isa_avx512::widen_bf16(scratch.data(), reinterpret_cast<const uint16_t*>(panel(p, blk)),
+                                 K);
         wide_blk = blk;
       }
       wide = scratch.data();
@@ -437,7 +445,7 @@ void packed_gemm_parts(float* const* C, const i64* ldc, const float* A, i64 lda,
         pf.per_step = (pf.left + steps - 1) / steps;
       }
       if (p.fmt == PackFormat::Q8) {
-        const int8_t* pb = p.q.data() + blk * K * kNB;
+        const int8_t* pb = reinterpret_cast<const int8_t*>(panel(p, blk));
         const float* sc = p.qscale.data() + blk * kNB;
         if (wide) {
           isa_avx512::block_q8w(Cb, ld, Ab, lda, isa_avx512::LoadF32{wide}, sc, K, alpha, n, mr,
@@ -450,13 +458,13 @@ void packed_gemm_parts(float* const* C, const i64* ldc, const float* A, i64 lda,
             for (i64 c = 0; c < n; ++c) Cb[i * ld + c] = alpha * (sc[c] * Cb[i * ld + c]);
         }
       } else if (p.fmt == PackFormat::F32) {
-        const float* pb = p.f.data() + blk * K * kNB;
+        const float* pb = reinterpret_cast<const float*>(panel(p, blk));
         if (avx512)
           isa_avx512::block_f32(Cb, ld, Ab, lda, pb, K, alpha, n, mr, pf);
         else
           block_ref(Cb, ld, Ab, lda, mr, K, alpha, n, [&](i64 k, i64 c) { return pb[k * kNB + c]; });
       } else {
-        const uint16_t* pb = p.h.data() + blk * Kp * kNB;
+        const uint16_t* pb = reinterpret_cast<const uint16_t*>(panel(p, blk));
         if (wide)
           isa_avx512::block_f32(Cb, ld, Ab, lda, wide, K, alpha, n, mr, pf);
         else if (avx512)
@@ -480,6 +488,27 @@ void packed_gemm(float* C, i64 ldc, const float* A, i64 lda, const PackedMatrix&
 
 void PackedWeights::add(const float* W, i64 N, i64 K, PackFormat fmt) {
   pack_matrix(mats_[W], W, N, K, fmt);
+}
+
+void PackedWeights::consolidate() {
+  std::vector<PackedMatrix*> all;
+  for (auto& [w, p] : mats_) all.push_back(&p);
+  for (auto& [w, g] : groups_) all.push_back(&g.mat);
+  auto padded = [](i64 b) { return size_t((b + 63) / 64 * 64); };
+  size_t total = 0;
+  for (const PackedMatrix* p : all) total += padded(p->data_bytes);
+  std::vector<char, AlignedAlloc<char>> arena(total);
+  size_t at = 0;
+  for (PackedMatrix* p : all) {
+    std::memcpy(arena.data() + at, p->data, size_t(p->data_bytes));
+    p->data = arena.data() + at;
+    at += padded(p->data_bytes);
+    // the matrix's own copy is no longer read
+    Buf().swap(p->f);
+    std::vector<uint16_t>().swap(p->h);
+    std::vector<int8_t>().swap(p->q);
+  }
+  arena_ = std::move(arena);  // a moved vector keeps its buffer: the pointers stay valid
 }
 
 NextProduct PackedWeights::served(const PackedMatrix* p, int part0) const {
@@ -524,8 +553,7 @@ const PackedMatrix* PackedWeights::find_group(const float* const* W, const i64* 
 
 i64 PackedWeights::bytes() const {
   auto of = [](const PackedMatrix& p) {
-    return i64(p.f.size() * sizeof(float) + p.h.size() * sizeof(uint16_t) + p.q.size() +
-               p.qscale.size() * sizeof(float));
+    return p.data_bytes + i64(p.qscale.size() * sizeof(float));
   };
   i64 b = 0;
   for (auto& [w, p] : mats_) b += of(p);

@@ -53,11 +53,21 @@ struct PackedMatrix {
   std::vector<uint16_t> h;     // BF16 [Np/64][Kp/2][64][2]
   std::vector<int8_t> q;       // int8 [Np/64][K][64]
   std::vector<float> qscale;   // int8: W[c][k] ~ qscale[c] * q (packed column order, [Np])
+  // The packed weights the kernels read: f, h or q's data, or their copy in a PackedWeights
+  // table's arena (PackedWeights::consolidate), data_bytes long.
+  const char* data = nullptr;
+  i64 data_bytes = 0;
   // Per first part of a call (a call may run a run of consecutive parts, packed_gemm_parts):
   // the product that came after it the last time (PackedWeights::served), whose first panel
   // is prefetched while this one finishes. A matrix can serve two calls in one pass (the
   // final layer's k/v, then its q for the last rows), each with its own successor.
   mutable std::vector<NextProduct> next;
+
+  PackedMatrix() = default;
+  PackedMatrix(const PackedMatrix&) = delete;  // `data` points into its own buffers
+  PackedMatrix& operator=(const PackedMatrix&) = delete;
+  PackedMatrix(PackedMatrix&&) = default;
+  PackedMatrix& operator=(PackedMatrix&&) = default;
 };
 
 // Packs W[N, K] (row stride K); padding columns and k are zero.
@@ -118,6 +128,11 @@ class PackedWeights {
   // successor is known. Not thread-safe: a table serves one thread at a time (a stream's).
   // part0: the call's first part (0 for a plain matrix).
   NextProduct served(const PackedMatrix* p, int part0 = 0) const;
+  // Moves every registered matrix's packed weights into one arena: a buffer of 2 MiB or more
+  // sits on transparent huge pages (core/common.h), so the weights a prefill streams take one
+  // TLB entry per 2 MiB and the hardware prefetchers cross no 4 KiB page ends; separate
+  // matrices (most under 1 MiB) would each stay on 4 KiB pages. Values unchanged.
+  void consolidate();
   i64 max_rows() const { return max_rows_; }
   i64 bytes() const;
 
@@ -129,6 +144,7 @@ class PackedWeights {
     PackedMatrix mat;
   };
   std::unordered_map<const float*, Group> groups_;  // by the first matrix
+  std::vector<char, AlignedAlloc<char>> arena_;      // consolidate()'s copies
   // every grouped matrix: its group's first matrix and its part
   std::unordered_map<const float*, std::pair<const float*, int>> member_;
   // the previous product served: its matrix and first part

@@ -72,6 +72,7 @@ void InferenceStream::pack_weights(const ParamStore& ps, const StreamOptions& o)
   for (const Param& p : ps.params())
     if (p.shape.size() == 2 && !grouped.count(p.w))
       packed_->add(p.w, p.shape[0], p.shape[1], fmt);
+  packed_->consolidate();
 }
 
 StreamCounters InferenceStream::counters(i64 seq) const {

@@ -239,13 +239,15 @@ int cmd_bench_prefill(const BenchPrefillArgs& a) {
   }
   // per-repeat ratios against a reference model (same repeat, so the same load), then their
   // median
+  auto per_repeat = [&](size_t i, size_t ref) {
+    std::vector<double> rw;
+    for (size_t r = 0; r < ms[i].wall.size(); ++r) rw.push_back(ms[i].wall[r] / ms[ref].wall[r]);
+    return rw;
+  };
   auto ratios = [&](size_t i, size_t ref) {
-    std::vector<double> rw, ri;
-    for (size_t r = 0; r < ms[i].wall.size(); ++r) {
-      rw.push_back(ms[i].wall[r] / ms[ref].wall[r]);
-      ri.push_back(ms[i].idle[r] / ms[ref].idle[r]);
-    }
-    return std::pair{bench::median(rw), bench::median(ri)};
+    std::vector<double> ri;
+    for (size_t r = 0; r < ms[i].wall.size(); ++r) ri.push_back(ms[i].idle[r] / ms[ref].idle[r]);
+    return std::pair{bench::median(per_repeat(i, ref)), bench::median(ri)};
   };
   for (size_t i = 1; i < ms.size(); ++i) {
     // across checkpoints: against model 0, or with several --prefetch-c / --last-rows values
@@ -259,6 +261,12 @@ int cmd_bench_prefill(const BenchPrefillArgs& a) {
                 "by the model count (head at every position, x %.3f): %.2fx wall, %.2fx idle\n",
                 i, ref, w, id, ms[i].last_rows ? " and final block's tail" : "", fr, w * fr,
                 id * fr, f, w * f, id * f);
+    // how the repeats spread: a median near 1 is "parity" only if they straddle it
+    const std::vector<double> rw = per_repeat(i, ref);
+    const auto above = std::count_if(rw.begin(), rw.end(), [&](double x) { return x * fr > 1.0; });
+    std::printf("  its repeats at matched FLOPs as run (wall): quartiles %.3fx-%.3fx, above 1.0x "
+                "in %td of %zu\n",
+                bench::quantile(rw, 0.25) * fr, bench::quantile(rw, 0.75) * fr, above, rw.size());
   }
   for (size_t i = 0; i < ms.size() && per_ckpt > 1; ++i) {
     const size_t ref = i - i % per_ckpt;  // the same checkpoint's first entry
