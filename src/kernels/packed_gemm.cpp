@@ -9,11 +9,10 @@
 #include <immintrin.h>
 #include <omp.h>
 
-#include <cstring>
-
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "kernels/gemm.h"
@@ -500,7 +499,7 @@ void PackedWeights::consolidate() {
   std::vector<char, AlignedAlloc<char>> arena(total);
   size_t at = 0;
   for (PackedMatrix* p : all) {
-    std::memcpy(arena.data() + at, p->data, size_t(p->data_bytes));
+    if (p->data_bytes > 0) std::memcpy(arena.data() + at, p->data, size_t(p->data_bytes));
     p->data = arena.data() + at;
     at += padded(p->data_bytes);
     // the matrix's own copy is no longer read
