@@ -788,8 +788,9 @@ TEST(PackedGemm, StackedPartsEqualSeparateProductsAndPrefetchChangesNothing) {
   EXPECT_EQ(pw.served(pb).mat, nullptr);
   EXPECT_EQ(pw.served(pa).mat, pb);  // a was followed by b the last time
   EXPECT_EQ(pw.served(pb).mat, pa);
-  // consolidate() moves every matrix into one arena: the same products, bit for bit. Buffers
-  // of 2 MiB or more start on a 2 MiB boundary (huge pages, core/common.h), smaller ones on 64.
+  // Buffers of 2 MiB or more start on a 2 MiB boundary (huge pages, core/common.h), smaller
+  // ones on 64. A table with a reserved arena packs into it: the same products, bit for bit,
+  // as matrices packed into buffers of their own; beyond the reservation, buffers of their own.
   {
     const Buf big(size_t(3) << 18), small(1000);  // 3 MiB, 4000 bytes
     if (huge_pages_on()) {  // unless DLCM_HUGE_PAGES=0
@@ -798,35 +799,46 @@ TEST(PackedGemm, StackedPartsEqualSeparateProductsAndPrefetchChangesNothing) {
     EXPECT_EQ(reinterpret_cast<uintptr_t>(small.data()) % 64, 0u);
   }
   {
-    ops::PackedWeights t;
-    std::vector<float> w1(70 * 24), w2(130 * 24), w3(64 * 24), xin(5 * 24);
-    for (auto* v : {&w1, &w2, &w3, &xin})
+    std::vector<float> w1(70 * 24), w2(130 * 24), w3(64 * 24), w4(50 * 24), xin(5 * 24);
+    for (auto* v : {&w1, &w2, &w3, &w4, &xin})
       for (auto& e : *v) e = r.uniform() - 0.5f;
+    const float* gw[2] = {w2.data(), w3.data()};
+    const i64 gn[2] = {130, 64}, n1 = 70, n4 = 50;
     for (ops::PackFormat fmt : {ops::PackFormat::F32, ops::PackFormat::BF16, ops::PackFormat::Q8}) {
-      t.add(w1.data(), 70, 24, fmt);
-      const float* gw[2] = {w2.data(), w3.data()};
-      const i64 gn[2] = {130, 64};
-      t.add_group(gw, gn, 2, 24, fmt);
-      const ops::PackedMatrix* m = t.find(w1.data(), 70, 24, 5);
-      int g0 = -1;
-      const ops::PackedMatrix* g = t.find_group(gw, gn, 2, 24, 5, &g0);
-      ASSERT_TRUE(m && g);
-      auto run = [&] {
-        std::vector<float> y(5 * 70), a(5 * 130), b(5 * 64);
+      const char* fn = ops::pack_format_name(fmt);
+      auto products = [&](ops::PackedWeights& t) {
+        const ops::PackedMatrix* m = t.find(w1.data(), 70, 24, 5);
+        const ops::PackedMatrix* m4 = t.find(w4.data(), 50, 24, 5);
+        int g0 = -1;
+        const ops::PackedMatrix* g = t.find_group(gw, gn, 2, 24, 5, &g0);
+        EXPECT_TRUE(m && m4 && g);
+        std::vector<float> y(5 * 70), a(5 * 130), b(5 * 64), c(5 * 50);
         ops::packed_gemm(y.data(), 70, xin.data(), 24, *m, 5, 1.f);
+        ops::packed_gemm(c.data(), 50, xin.data(), 24, *m4, 5, 1.f);
         float* ys[2] = {a.data(), b.data()};
         ops::packed_gemm_parts(ys, gn, xin.data(), 24, *g, 5, 1.f);
-        y.insert(y.end(), a.begin(), a.end());
-        y.insert(y.end(), b.begin(), b.end());
-        return y;
+        for (auto* v : {&a, &b, &c}) y.insert(y.end(), v->begin(), v->end());
+        return std::tuple{y, m, m4};
       };
-      const std::vector<float> before = run();
-      const char* own = m->data;
-      const i64 bytes = t.bytes();
-      t.consolidate();
-      EXPECT_NE(m->data, own);  // now in the arena
-      EXPECT_EQ(t.bytes(), bytes);
-      EXPECT_EQ(run(), before) << ops::pack_format_name(fmt);
+      ops::PackedWeights own, arena;
+      own.add(w1.data(), 70, 24, fmt);
+      own.add_group(gw, gn, 2, 24, fmt);
+      own.add(w4.data(), 50, 24, fmt);
+      // room for w1 and the group only: w4 gets a buffer of its own
+      const i64 room = (ops::packed_bytes(&n1, 1, 24, fmt) + 63) / 64 * 64 +
+                       ops::packed_bytes(gn, 2, 24, fmt);
+      arena.reserve(room);
+      arena.add(w1.data(), 70, 24, fmt);
+      arena.add_group(gw, gn, 2, 24, fmt);
+      arena.add(w4.data(), 50, 24, fmt);
+      const auto [want, m_own, m4_own] = products(own);
+      const auto [got, m_arena, m4_arena] = products(arena);
+      EXPECT_EQ(got, want) << fn;
+      EXPECT_EQ(arena.bytes(), own.bytes()) << fn;
+      EXPECT_TRUE(m_arena->f.empty() && m_arena->h.empty() && m_arena->q.empty()) << fn;
+      EXPECT_EQ(m_own->data_bytes, ops::packed_bytes(&n1, 1, 24, fmt)) << fn;
+      EXPECT_EQ(m4_arena->data_bytes, ops::packed_bytes(&n4, 1, 24, fmt)) << fn;
+      EXPECT_FALSE(m4_arena->f.empty() && m4_arena->h.empty() && m4_arena->q.empty()) << fn;
     }
   }
   // A group found by a run of its parts; one matrix serving two calls in a pass (its parts

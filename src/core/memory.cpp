@@ -4,7 +4,7 @@
 // kernel with THP in "madvise" mode (Debian's default) never merges: one TLB entry per 4 KiB,
 // and the hardware prefetchers stop at each page's end. Buffers of 2 MiB or more are therefore
 // 2 MiB-aligned, rounded up to whole 2 MiB pages and advised MADV_HUGEPAGE (a stream's packed
-// weights are one such buffer: ops::PackedWeights::consolidate). Only the pages change, never
+// weights are one such buffer: ops::PackedWeights::reserve). Only the pages change, never
 // a value.
 #include <sys/mman.h>
 

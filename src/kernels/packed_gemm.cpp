@@ -282,8 +282,16 @@ const char* pack_format_name(PackFormat f) {
   return f == PackFormat::BF16 ? "bf16" : f == PackFormat::Q8 ? "int8" : "fp32";
 }
 
+i64 packed_bytes(const i64* N, int n, i64 K, PackFormat fmt) {
+  i64 blocks = 0;
+  for (int i = 0; i < n; ++i) blocks += (N[i] + kNB - 1) / kNB;
+  const i64 Kp = fmt == PackFormat::BF16 ? (K + 1) / 2 * 2 : K;
+  const i64 elem = fmt == PackFormat::BF16 ? 2 : fmt == PackFormat::Q8 ? 1 : 4;
+  return blocks * kNB * Kp * elem;
+}
+
 void pack_matrices(PackedMatrix& p, const float* const* W, const i64* N, int n, i64 K,
-                   PackFormat fmt) {
+                   PackFormat fmt, char* dst) {
   const bool bf16 = fmt == PackFormat::BF16, q8 = fmt == PackFormat::Q8;
   DLCM_CHECK(n >= 1, "internal: pack_matrices without a matrix");
   p.K = K;
@@ -297,18 +305,28 @@ void pack_matrices(PackedMatrix& p, const float* const* W, const i64* N, int n, 
     p.part_blk0.push_back(p.part_blk0.back() + (N[i] + kNB - 1) / kNB);
   }
   p.Np = p.part_blk0.back() * kNB;
-  p.f.clear();
-  p.h.clear();
-  p.q.clear();
-  p.qscale.clear();
-  if (bf16) {
-    p.h.assign(p.Np * p.Kp, 0);
-  } else if (q8) {
-    p.q.assign(p.Np * K, 0);
-    p.qscale.assign(p.Np, 0.f);
-  } else {
-    p.f.assign(p.Np * K, 0.f);
+  Buf().swap(p.f);
+  std::vector<uint16_t>().swap(p.h);
+  std::vector<int8_t>().swap(p.q);
+  p.qscale.assign(q8 ? p.Np : 0, 0.f);
+  p.data_bytes = packed_bytes(N, n, K, fmt);
+  if (!dst) {  // a copy of its own
+    if (bf16) {
+      p.h.resize(p.Np * p.Kp);
+      dst = reinterpret_cast<char*>(p.h.data());
+    } else if (q8) {
+      p.q.resize(p.Np * K);
+      dst = reinterpret_cast<char*>(p.q.data());
+    } else {
+      p.f.resize(p.Np * K);
+      dst = reinterpret_cast<char*>(p.f.data());
+    }
   }
+  std::memset(dst, 0, size_t(p.data_bytes));  // padding columns and k are zero
+  p.data = dst;
+  float* const f = reinterpret_cast<float*>(dst);
+  uint16_t* const h = reinterpret_cast<uint16_t*>(dst);
+  int8_t* const q = reinterpret_cast<int8_t*>(dst);
   std::vector<uint16_t> row(bf16 ? K : 0);
   for (int i = 0; i < n; ++i)
     for (i64 c = 0; c < N[i]; ++c) {
@@ -320,28 +338,18 @@ void pack_matrices(PackedMatrix& p, const float* const* W, const i64* N, int n, 
         for (i64 k = 0; k < K; ++k) amax = std::max(amax, std::abs(w[k]));
         const float sc = amax / 127.f, inv = amax > 0 ? 127.f / amax : 0.f;
         p.qscale[pc] = sc;
-        int8_t* dst = p.q.data() + (pc / kNB) * K * kNB + pc % kNB;
+        int8_t* d = q + (pc / kNB) * K * kNB + pc % kNB;
         for (i64 k = 0; k < K; ++k)
-          dst[k * kNB] = int8_t(std::clamp(std::lrint(w[k] * inv), -127L, 127L));
+          d[k * kNB] = int8_t(std::clamp(std::lrint(w[k] * inv), -127L, 127L));
       } else if (!bf16) {
-        float* dst = p.f.data() + (pc / kNB) * K * kNB + pc % kNB;
-        for (i64 k = 0; k < K; ++k) dst[k * kNB] = w[k];
+        float* d = f + (pc / kNB) * K * kNB + pc % kNB;
+        for (i64 k = 0; k < K; ++k) d[k * kNB] = w[k];
       } else {
         round_to_bf16(row.data(), w, K);
-        uint16_t* dst = p.h.data() + (pc / kNB) * p.Kp * kNB + (pc % kNB) * 2;
-        for (i64 k = 0; k < K; ++k) dst[(k / 2) * 2 * kNB + k % 2] = row[k];
+        uint16_t* d = h + (pc / kNB) * p.Kp * kNB + (pc % kNB) * 2;
+        for (i64 k = 0; k < K; ++k) d[(k / 2) * 2 * kNB + k % 2] = row[k];
       }
     }
-  if (bf16) {
-    p.data = reinterpret_cast<const char*>(p.h.data());
-    p.data_bytes = i64(p.h.size() * sizeof(uint16_t));
-  } else if (q8) {
-    p.data = reinterpret_cast<const char*>(p.q.data());
-    p.data_bytes = i64(p.q.size());
-  } else {
-    p.data = reinterpret_cast<const char*>(p.f.data());
-    p.data_bytes = i64(p.f.size() * sizeof(float));
-  }
 }
 
 void pack_matrix(PackedMatrix& p, const float* W, i64 N, i64 K, PackFormat fmt) {
@@ -486,28 +494,20 @@ void packed_gemm(float* C, i64 ldc, const float* A, i64 lda, const PackedMatrix&
 }
 
 void PackedWeights::add(const float* W, i64 N, i64 K, PackFormat fmt) {
-  pack_matrix(mats_[W], W, N, K, fmt);
+  pack_matrices(mats_[W], &W, &N, 1, K, fmt, take(packed_bytes(&N, 1, K, fmt)));
 }
 
-void PackedWeights::consolidate() {
-  std::vector<PackedMatrix*> all;
-  for (auto& [w, p] : mats_) all.push_back(&p);
-  for (auto& [w, g] : groups_) all.push_back(&g.mat);
-  auto padded = [](i64 b) { return size_t((b + 63) / 64 * 64); };
-  size_t total = 0;
-  for (const PackedMatrix* p : all) total += padded(p->data_bytes);
-  std::vector<char, AlignedAlloc<char>> arena(total);
-  size_t at = 0;
-  for (PackedMatrix* p : all) {
-    if (p->data_bytes > 0) std::memcpy(arena.data() + at, p->data, size_t(p->data_bytes));
-    p->data = arena.data() + at;
-    at += padded(p->data_bytes);
-    // the matrix's own copy is no longer read
-    Buf().swap(p->f);
-    std::vector<uint16_t>().swap(p->h);
-    std::vector<int8_t>().swap(p->q);
-  }
-  arena_ = std::move(arena);  // a moved vector keeps its buffer: the pointers stay valid
+void PackedWeights::reserve(i64 bytes) {
+  arena_ = std::vector<char, AlignedAlloc<char>>(size_t(std::max<i64>(bytes, 0)));
+  arena_used_ = 0;
+}
+
+char* PackedWeights::take(i64 bytes) {
+  const i64 padded = (bytes + 63) / 64 * 64;
+  if (arena_used_ + padded > i64(arena_.size())) return nullptr;  // beyond the reservation
+  char* p = arena_.data() + arena_used_;
+  arena_used_ += padded;
+  return p;
 }
 
 NextProduct PackedWeights::served(const PackedMatrix* p, int part0) const {
@@ -532,7 +532,7 @@ void PackedWeights::add_group(const float* const* W, const i64* N, int n, i64 K,
                               PackFormat fmt) {
   Group& g = groups_[W[0]];
   g.srcs.assign(W, W + n);
-  pack_matrices(g.mat, W, N, n, K, fmt);
+  pack_matrices(g.mat, W, N, n, K, fmt, take(packed_bytes(N, n, K, fmt)));
   for (int i = 0; i < n; ++i) member_[W[i]] = {W[0], i};
 }
 

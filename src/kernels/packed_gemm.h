@@ -53,8 +53,8 @@ struct PackedMatrix {
   std::vector<uint16_t> h;     // BF16 [Np/64][Kp/2][64][2]
   std::vector<int8_t> q;       // int8 [Np/64][K][64]
   std::vector<float> qscale;   // int8: W[c][k] ~ qscale[c] * q (packed column order, [Np])
-  // The packed weights the kernels read: f, h or q's data, or their copy in a PackedWeights
-  // table's arena (PackedWeights::consolidate), data_bytes long.
+  // The packed weights the kernels read, data_bytes long: f, h or q's data, or a slot of a
+  // PackedWeights table's arena (PackedWeights::reserve), where f, h and q stay empty.
   const char* data = nullptr;
   i64 data_bytes = 0;
   // Per first part of a call (a call may run a run of consecutive parts, packed_gemm_parts):
@@ -74,9 +74,12 @@ struct PackedMatrix {
 void pack_matrix(PackedMatrix& p, const float* W, i64 N, i64 K, PackFormat fmt);
 // Packs n matrices W[i][N[i], K] of one input width into one, each from a fresh column block:
 // products of one input (q/k/v, w1/w3) run as one call (packed_gemm_parts), one pass over
-// the rows and one parallel region instead of n.
+// the rows and one parallel region instead of n. dst: packed_bytes(N, n, K, fmt) bytes,
+// 64-byte aligned, to pack into (nullptr: into p's own buffer).
 void pack_matrices(PackedMatrix& p, const float* const* W, const i64* N, int n, i64 K,
-                   PackFormat fmt);
+                   PackFormat fmt, char* dst = nullptr);
+// The bytes of the packed weights of W[0..n) (pack_matrices).
+i64 packed_bytes(const i64* N, int n, i64 K, PackFormat fmt);
 // Whether the AVX-512 micro-kernels were compiled in (else a portable loop, correct but slower
 // than sgemm: streams then keep FP32 products on the general GEMM).
 bool packed_gemm_native();
@@ -128,11 +131,14 @@ class PackedWeights {
   // successor is known. Not thread-safe: a table serves one thread at a time (a stream's).
   // part0: the call's first part (0 for a plain matrix).
   NextProduct served(const PackedMatrix* p, int part0 = 0) const;
-  // Moves every registered matrix's packed weights into one arena: a buffer of 2 MiB or more
-  // sits on transparent huge pages (core/common.h), so the weights a prefill streams take one
-  // TLB entry per 2 MiB and the hardware prefetchers cross no 4 KiB page ends; separate
-  // matrices (most under 1 MiB) would each stay on 4 KiB pages. Values unchanged.
-  void consolidate();
+  // Reserves one arena of `bytes` (the sum of packed_bytes of what will be added) that the
+  // next add / add_group calls pack into, each in a slot of its own (64-byte aligned), until
+  // it is full (then into their own buffers). A buffer of 2 MiB or more sits on transparent
+  // huge pages (core/common.h), so the weights a prefill streams take one TLB entry per 2 MiB
+  // and the hardware prefetchers cross no 4 KiB page ends; matrices of their own (most under
+  // 1 MiB) would each stay on 4 KiB pages. Only where the bytes live changes. Packing straight
+  // into the arena keeps the peak memory at one packed copy.
+  void reserve(i64 bytes);
   i64 max_rows() const { return max_rows_; }
   i64 bytes() const;
 
@@ -144,7 +150,9 @@ class PackedWeights {
     PackedMatrix mat;
   };
   std::unordered_map<const float*, Group> groups_;  // by the first matrix
-  std::vector<char, AlignedAlloc<char>> arena_;      // consolidate()'s copies
+  std::vector<char, AlignedAlloc<char>> arena_;      // reserve(): the packed weights
+  i64 arena_used_ = 0;
+  char* take(i64 bytes);  // the next arena slot, or nullptr when it does not fit
   // every grouped matrix: its group's first matrix and its part
   std::unordered_map<const float*, std::pair<const float*, int>> member_;
   // the previous product served: its matrix and first part

@@ -36,21 +36,30 @@ void InferenceStream::pack_weights(const ParamStore& ps, const StreamOptions& o)
   auto ends_with = [](const std::string& s, const std::string& e) {
     return s.size() >= e.size() && s.compare(s.size() - e.size(), e.size(), e) == 0;
   };
-  std::unordered_set<const float*> grouped;
-  auto group = [&](const std::string& prefix, std::initializer_list<const char*> names) {
+  // First what to pack (stacked groups, then single matrices), then one arena of their total
+  // size, packed straight into (PackedWeights::reserve: huge pages, one packed copy at a time).
+  struct Job {
     std::vector<const float*> W;
     std::vector<i64> N;
-    i64 K = -1;
+    i64 K = 0;
+    bool group = false;
+  };
+  std::vector<Job> jobs;
+  std::unordered_set<const float*> grouped;
+  auto group = [&](const std::string& prefix, std::initializer_list<const char*> names) {
+    Job j;
+    j.group = true;
+    j.K = -1;
     for (const char* n : names) {
       const Param* q = ps.find(prefix + n);
-      if (!q || q->shape.size() != 2 || (K >= 0 && q->shape[1] != K) || grouped.count(q->w))
+      if (!q || q->shape.size() != 2 || (j.K >= 0 && q->shape[1] != j.K) || grouped.count(q->w))
         return;
-      K = q->shape[1];
-      W.push_back(q->w);
-      N.push_back(q->shape[0]);
+      j.K = q->shape[1];
+      j.W.push_back(q->w);
+      j.N.push_back(q->shape[0]);
     }
-    packed_->add_group(W.data(), N.data(), int(W.size()), K, fmt);
-    grouped.insert(W.begin(), W.end());
+    grouped.insert(j.W.begin(), j.W.end());
+    jobs.push_back(std::move(j));
   };
   auto prefix_of = [](const std::string& name, const std::string& last) {
     return name.substr(0, name.size() - last.size());
@@ -71,8 +80,17 @@ void InferenceStream::pack_weights(const ParamStore& ps, const StreamOptions& o)
   }
   for (const Param& p : ps.params())
     if (p.shape.size() == 2 && !grouped.count(p.w))
-      packed_->add(p.w, p.shape[0], p.shape[1], fmt);
-  packed_->consolidate();
+      jobs.push_back(Job{{p.w}, {p.shape[0]}, p.shape[1], false});
+  i64 bytes = 0;
+  for (const Job& j : jobs)
+    bytes += (ops::packed_bytes(j.N.data(), int(j.N.size()), j.K, fmt) + 63) / 64 * 64;
+  packed_->reserve(bytes);
+  for (const Job& j : jobs) {
+    if (j.group)
+      packed_->add_group(j.W.data(), j.N.data(), int(j.W.size()), j.K, fmt);
+    else
+      packed_->add(j.W[0], j.N[0], j.K, fmt);
+  }
 }
 
 StreamCounters InferenceStream::counters(i64 seq) const {
