@@ -152,14 +152,21 @@ void TransformerStack::block_qkv(i64 l, const float* x, const i32* pos, i64 N, B
     ops::Bf16Copy* wk16[3] = {&A.wq_16, &A.wk_16, &A.wv_16};
     ops::linear_forward_multi(y, A.xn1.data(), W, N, d.d, out, 3, &A.xn1_16, wk16);
   }
+  qk_norm_rope(l, pos, N, pos, N, A);
+}
+
+void TransformerStack::qk_norm_rope(i64 l, const i32* qpos, i64 nq, const i32* kpos, i64 nk,
+                                    BlockActs& A) {
+  const BlockDims& d = dims_;
+  const BlockParams& P = layers_[l];
   if (d.qk_norm) {
-    ops::head_rmsnorm_forward(A.q.data(), A.q_rstd.data(), A.q_raw.data(), P.q_norm->w, N,
+    ops::head_rmsnorm_forward(A.q.data(), A.q_rstd.data(), A.q_raw.data(), P.q_norm->w, nq,
                               d.n_heads, d.head_dim, d.norm_eps);
-    ops::head_rmsnorm_forward(A.k.data(), A.k_rstd.data(), A.k_raw.data(), P.k_norm->w, N,
+    ops::head_rmsnorm_forward(A.k.data(), A.k_rstd.data(), A.k_raw.data(), P.k_norm->w, nk,
                               d.n_kv_heads, d.head_dim, d.norm_eps);
   }
-  ops::rope_apply(A.q.data(), pos, N, d.n_heads, d.head_dim, d.rope_theta, false);
-  ops::rope_apply(A.k.data(), pos, N, d.n_kv_heads, d.head_dim, d.rope_theta, false);
+  ops::rope_apply(A.q.data(), qpos, nq, d.n_heads, d.head_dim, d.rope_theta, false);
+  ops::rope_apply(A.k.data(), kpos, nk, d.n_kv_heads, d.head_dim, d.rope_theta, false);
 }
 
 void TransformerStack::block_qkv_last(i64 l, const float* x, const i32* pos, i64 N,
@@ -186,14 +193,7 @@ void TransformerStack::block_qkv_last(i64 l, const float* x, const i32* pos, i64
     const i64 out[1] = {d.q_dim()};
     ops::linear_forward_multi(y, inf_xq_.data(), W, n_last, d.d, out, 1);
   }
-  if (d.qk_norm) {
-    ops::head_rmsnorm_forward(A.q.data(), A.q_rstd.data(), A.q_raw.data(), P.q_norm->w, n_last,
-                              d.n_heads, d.head_dim, d.norm_eps);
-    ops::head_rmsnorm_forward(A.k.data(), A.k_rstd.data(), A.k_raw.data(), P.k_norm->w, N,
-                              d.n_kv_heads, d.head_dim, d.norm_eps);
-  }
-  ops::rope_apply(A.q.data(), qpos.data(), n_last, d.n_heads, d.head_dim, d.rope_theta, false);
-  ops::rope_apply(A.k.data(), pos, N, d.n_kv_heads, d.head_dim, d.rope_theta, false);
+  qk_norm_rope(l, qpos.data(), n_last, pos, N, A);
 }
 
 void TransformerStack::block_out(i64 l, const float* x, float* out, i64 N, BlockActs& A) {
@@ -342,8 +342,7 @@ const float* TransformerStack::forward_cached(const float* x, const CacheChunk* 
   }
   if (last_rows && n_layers() == 0) {  // no layer to run: the input's last rows
     float* out = inf_out_[0].data();
-    for (i64 c = 0; c < n_chunks; ++c)
-      std::copy_n(x + (row0[c] + chunks[c].n - 1) * d.d, d.d, out + c * d.d);
+    for (i64 c = 0; c < n_chunks; ++c) std::copy_n(x + last_row[c] * d.d, d.d, out + c * d.d);
     cur = out;
   }
   for (i64 c = 0; c < n_chunks; ++c) cache.len[chunks[c].seq] += chunks[c].n;

@@ -163,6 +163,9 @@ class TransformerStack {
   // what block_qkv gives it, bit for bit, on the packed products).
   void block_qkv_last(i64 l, const float* x, const i32* pos, i64 N, const i64* last,
                       i64 n_last, BlockActs& A);
+  // Their shared tail: QK-norm and RoPE of A's first nq queries (positions qpos) and nk keys
+  // (positions kpos).
+  void qk_norm_rope(i64 l, const i32* qpos, i64 nq, const i32* kpos, i64 nk, BlockActs& A);
   void block_out(i64 l, const float* x, float* out, i64 N, BlockActs& A);
   // Backward of one block, split around its attention core like the forward: block_out's
   // half (dout -> G.att, G.mid) and block_qkv's half (G.q/k/v -> dx += or, without
