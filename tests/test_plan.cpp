@@ -136,6 +136,37 @@ TEST(Flops, PrefillLastRowsSkipIsTheFinalBlockLessWhatStillRuns) {
   EXPECT_EQ(prefill_last_rows_skipped(c.model, 30), 0.0);
 }
 
+// A prefill's FLOPs as run: with P / R closed concepts the model count at R, less the head's
+// and the final block's skipped rows; each concept closed adds its W_up row, its backbone rows
+// and its list keys and values (and the attention they take part in), and none closed counts no
+// concept's work. (The bench counted the prompt's open concept too, until session 30: ~0.9% of
+// dlcm-small's prefill of 128 tokens in its favour.)
+TEST(Flops, PrefillAsRunCountsTheClosedConceptsOnly) {
+  Config c = test::tiny_dlcm();
+  const ModelConfig& m = c.model;
+  const i64 P = 64;
+  const FlopsReport fr = flops_report(m, P, 4.0);
+  const double full = fr.total() - fr.flops("head") * double(P - 1) / double(P);
+  EXPECT_NEAR(prefill_flops_as_run(m, P, 16, false), full, 1e-9 * full);
+  EXPECT_NEAR(prefill_flops_as_run(m, P, 16, true),
+              full - prefill_last_rows_skipped(m, P) / double(P), 1e-9 * full);
+  const i64 d = m.d_token, dc = m.d_concept, hd = m.head_dim;
+  const double rows = 2.0 * dc * (m.bb_heads * hd) * 2 + 2.0 * dc * (m.bb_kv_heads * hd) * 2 +
+                      6.0 * dc * m.bb_d_ff;  // one backbone row's products, per layer
+  const double one = (2.0 * d * dc + double(m.bb_layers) * rows +
+                      2.0 * dc * (m.x_kv_heads * hd) * 2) / double(P);
+  for (double k : {0.0, 1.0, 15.0}) {
+    // the attention: the new backbone row's k + 1 keys in every layer; every token's one more
+    // list entry on average of half
+    const double att = double(m.bb_layers) * 4.0 * hd * m.bb_heads * (k + 1) / double(P) +
+                       4.0 * hd * m.x_heads * 0.5;
+    const double diff = prefill_flops_as_run(m, P, k + 1, true) - prefill_flops_as_run(m, P, k, true);
+    EXPECT_NEAR(diff, one + att, 1e-9 * one) << k;
+  }
+  Config b = small_baseline();  // no concepts: `closed` is not read
+  EXPECT_EQ(prefill_flops_as_run(b.model, P, 0, true), prefill_flops_as_run(b.model, P, 7, true));
+}
+
 TEST(Flops, DlcmParamCountsMatchTheReferenceInventory) {
   if (!test::torch_available()) GTEST_SKIP() << "/usr/bin/python3 with torch not found";
   Config c;

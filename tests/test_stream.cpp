@@ -15,6 +15,8 @@
 #include "kernels/isa.h"
 #include "kernels/ops.h"
 #include "kernels/packed_gemm.h"
+#include "models/baseline.h"
+#include "models/dlcm.h"
 #include "nn/transformer.h"
 #include "testing.h"
 
@@ -534,6 +536,65 @@ TEST(Stream, KVCacheCountsPositions) {
   EXPECT_EQ(c.positions_run, 8);
   CacheChunk too_many = {1, 8};
   EXPECT_THROW(stack.forward_cached(x.data(), &too_many, 1, c), Error);
+}
+
+// Two stacks of different widths on one inference scratch (share_infer grows it to fit both):
+// run alternately, each gives what it gives on its own scratch, bit for bit; the DLCM's and
+// the extras baseline's streams put their stacks on one scratch.
+TEST(Stream, StacksShareOneInferenceScratch) {
+  const BlockDims da{16, 2, 1, 8, 24, false, 1e-5f, 10000.f};
+  const BlockDims db{24, 3, 3, 8, 40, true, 1e-5f, 10000.f};
+  ParamStore ps;
+  TransformerStack a, b, a0, b0;  // a0 / b0: a and b on scratch of their own
+  a.init(ps, "a.", 2, da, ParamGroup::TokenHidden);
+  b.init(ps, "b.", 3, db, ParamGroup::TokenHidden);
+  ps.finalize();
+  ps.init(7);
+  ParamStore ps0;
+  a0.init(ps0, "a.", 2, da, ParamGroup::TokenHidden);
+  b0.init(ps0, "b.", 3, db, ParamGroup::TokenHidden);
+  ps0.finalize();
+  std::copy_n(ps.data(), ps.total(), ps0.data());
+  for (TransformerStack* s : {&a, &a0}) s->reserve_infer(6);
+  for (TransformerStack* s : {&b, &b0}) s->reserve_infer(10);
+  b.share_infer(a);
+  EXPECT_TRUE(b.shares_infer_with(a));
+  EXPECT_FALSE(a0.shares_infer_with(a));
+  KVCache ca = a.make_cache(1, 30), cb = b.make_cache(1, 30);
+  KVCache ca0 = a0.make_cache(1, 30), cb0 = b0.make_cache(1, 30);
+  Rng r(11);
+  std::vector<float> xa(6 * 16), xb(10 * 24);
+  for (int round = 0; round < 2; ++round) {
+    for (auto& v : xa) v = r.uniform() - 0.5f;
+    for (auto& v : xb) v = r.uniform() - 0.5f;
+    const CacheChunk cha = {0, 6}, chb = {0, 10};
+    // a, b, a (its cache grows), then the same on scratch of their own
+    const float* p = a.forward_cached(xa.data(), &cha, 1, ca);
+    std::vector<float> ya(p, p + 6 * 16);
+    p = b.forward_cached(xb.data(), &chb, 1, cb);
+    std::vector<float> yb(p, p + 10 * 24);
+    p = a.forward_cached(xa.data(), &cha, 1, ca);
+    std::vector<float> ya2(p, p + 6 * 16);
+    const float* q = a0.forward_cached(xa.data(), &cha, 1, ca0);
+    EXPECT_EQ(std::memcmp(ya.data(), q, sizeof(float) * 6 * 16), 0) << "round " << round;
+    q = b0.forward_cached(xb.data(), &chb, 1, cb0);
+    EXPECT_EQ(std::memcmp(yb.data(), q, sizeof(float) * 10 * 24), 0) << "round " << round;
+    q = a0.forward_cached(xa.data(), &cha, 1, ca0);
+    EXPECT_EQ(std::memcmp(ya2.data(), q, sizeof(float) * 6 * 16), 0) << "round " << round;
+  }
+  for (Config c : {test::tiny_dlcm("projected", "compact"), test::tiny_baseline(true, 1)}) {
+    if (!c.model.is_dlcm()) c.model.baseline_extras = true;
+    auto m = make_initialised_model(c.model, 3);
+    auto st = m->new_stream({1, 0, -1});
+    if (auto* dm = dynamic_cast<DlcmModel*>(m.get())) {
+      const DlcmModel::Parts p = dm->parts();
+      EXPECT_TRUE(p.decoder->shares_infer_with(*p.encoder));
+      EXPECT_TRUE(p.backbone->shares_infer_with(*p.encoder));
+    } else {
+      auto& bm = dynamic_cast<BaselineModel&>(*m);
+      EXPECT_TRUE(bm.post_stack().shares_infer_with(bm.layer_stack()));
+    }
+  }
 }
 
 // Prefix rows of a stack (prefix_mean + inclusive): a prefix row given the input of real

@@ -178,6 +178,7 @@ class BaselineStream final : public InferenceStream {
     if (m.extras_) {
       post_cache_ = m.post_.make_cache(max_seqs, max_len);
       m.post_.reserve_infer(rows_);
+      m.post_.share_infer(m.layers_);  // run one after the other: one scratch
       for (Buf* b : {&H_, &pn_, &X_}) b->assign(rows_ * d, 0);
       for (Buf* b : {&h_rstd_, &pn_rstd_}) b->assign(rows_, 0);
       for (Buf* b : {&fa_, &fb_, &fh_}) b->assign(rows_ * m.cfg_.x_d_ff, 0);

@@ -27,6 +27,9 @@ class BaselineModel : public LanguageModel {
   std::unique_ptr<InferenceStream> new_stream(const StreamOptions& o) override;
   // tok_embeddings (embedding output) and layers (last block output, before the final norm).
   std::vector<std::pair<std::string, double>> activation_rms() const override;
+  // the layer stacks (with extras: the blocks before and after the cross FFN)
+  const TransformerStack& layer_stack() const { return layers_; }
+  const TransformerStack& post_stack() const { return post_; }
 
  private:
   friend class BaselineStream;

@@ -55,7 +55,10 @@ class DlcmStream final : public InferenceStream {
     if (concepts_) {
       bb_cache_ = m_.backbone->make_cache(max_seqs, max_len);
       m_.backbone->reserve_infer(rows_);
+      m_.backbone->share_infer(*m_.encoder);
     }
+    // the stacks run one after another and use each output before the next runs: one scratch
+    m_.decoder->share_infer(*m_.encoder);
     for (Buf* b : {&x_, &H_, &pooled_, &last_, &xn_}) b->assign(rows_ * d_, 0);
     for (Buf* b : {&rstd_, &z_rstd_, &p_, &gate_, &own_}) b->assign(rows_, 0);
     if (m_.router_wq)

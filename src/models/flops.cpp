@@ -167,4 +167,11 @@ double prefill_last_rows_skipped(const ModelConfig& m, i64 P) {
   return double(P - 1) * per_row + 4.0 * hd * H * keys;
 }
 
+double prefill_flops_as_run(const ModelConfig& m, i64 P, double closed, bool last_rows) {
+  const double R = !m.is_dlcm() ? 0.0 : closed > 0 ? double(P) / closed : 1e30;
+  const FlopsReport fr = flops_report(m, P, R);
+  return fr.total() - fr.flops("head") * double(P - 1) / double(P) -
+         (last_rows ? prefill_last_rows_skipped(m, P) / double(P) : 0.0);
+}
+
 }  // namespace dlcm

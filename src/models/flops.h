@@ -51,5 +51,11 @@ FlopsReport flops_report(const ModelConfig& m, i64 seq_len, double R = 0);
 // (TransformerStack::forward_cached's last_rows), the P - 1 others only to their keys and
 // values. Per prompt, not per token; the head's P - 1 skipped rows are not included.
 double prefill_last_rows_skipped(const ModelConfig& m, i64 P);
+// Forward FLOPs per token of a stream's prefill of P positions as it runs them: the head (and,
+// with last_rows, the final block's tail above) once per prompt; for a DLCM, W_up, the backbone
+// and the concept list's keys and values of the `closed` concepts only (the prompt's open one
+// reaches them when it closes), so R_closed = P / closed (closed = 0: no concept's work; a
+// batch's mean count per prompt where prompts differ).
+double prefill_flops_as_run(const ModelConfig& m, i64 P, double closed, bool last_rows);
 
 }  // namespace dlcm

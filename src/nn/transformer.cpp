@@ -184,14 +184,14 @@ void TransformerStack::block_qkv_last(i64 l, const float* x, const i32* pos, i64
   }
   std::vector<i32> qpos(n_last);
   for (i64 c = 0; c < n_last; ++c) {
-    std::copy_n(A.xn1.data() + last[c] * d.d, d.d, inf_xq_.data() + c * d.d);
+    std::copy_n(A.xn1.data() + last[c] * d.d, d.d, inf_->xq.data() + c * d.d);
     qpos[c] = pos[last[c]];
   }
   {  // q of the listed rows: the group's first part
     float* y[1] = {qdst};
     const float* W[1] = {P.wq->w};
     const i64 out[1] = {d.q_dim()};
-    ops::linear_forward_multi(y, inf_xq_.data(), W, n_last, d.d, out, 1);
+    ops::linear_forward_multi(y, inf_->xq.data(), W, n_last, d.d, out, 1);
   }
   qk_norm_rope(l, qpos.data(), n_last, pos, N, A);
 }
@@ -249,15 +249,42 @@ KVCache TransformerStack::make_cache(i64 max_seqs, i64 max_len) const {
   return c;
 }
 
+namespace {
+template <class V>
+void grow(V& b, i64 n) {
+  if (i64(b.size()) < n) b.assign(n, 0);
+}
+}  // namespace
+
 void TransformerStack::reserve_infer(i64 max_rows) {
   if (max_rows <= inf_rows_) return;
-  alloc_block_acts(inf_, dims_, max_rows);
-  inf_out_[0].assign(max_rows * dims_.d, 0);
-  inf_out_[1].assign(max_rows * dims_.d, 0);
-  inf_last_.assign(max_rows * dims_.d, 0);
-  inf_xq_.assign(max_rows * dims_.d, 0);
-  inf_pos_.assign(max_rows, 0);
+  // grow only: another stack may share these buffers (share_infer)
+  const BlockDims& d = dims_;
+  const i64 N = max_rows;
+  InferBuffers& b = *inf_;
+  BlockActs& a = b.acts;
+  for (Buf* x : {&a.xn1, &a.mid, &a.xn2, &b.out[0], &b.out[1], &b.last, &b.xq}) grow(*x, N * d.d);
+  for (Buf* x : {&a.rstd1, &a.rstd2}) grow(*x, N);
+  if (d.qk_norm) {
+    grow(a.q_raw, N * d.q_dim());
+    grow(a.k_raw, N * d.kv_dim());
+    grow(a.q_rstd, N * d.n_heads);
+    grow(a.k_rstd, N * d.n_kv_heads);
+  }
+  for (Buf* x : {&a.q, &a.att}) grow(*x, N * d.q_dim());
+  for (Buf* x : {&a.k, &a.v}) grow(*x, N * d.kv_dim());
+  grow(a.lse, N * d.n_heads);
+  for (Buf* x : {&a.a, &a.b, &a.h}) grow(*x, N * d.d_ff);
+  grow(b.pos, N);
   inf_rows_ = max_rows;
+}
+
+void TransformerStack::share_infer(TransformerStack& with) {
+  if (inf_ == with.inf_) return;
+  inf_ = with.inf_;
+  const i64 rows = inf_rows_;
+  inf_rows_ = 0;
+  if (rows > 0) reserve_infer(rows);
 }
 
 const float* TransformerStack::forward_cached(const float* x, const CacheChunk* chunks,
@@ -286,9 +313,9 @@ const float* TransformerStack::forward_cached(const float* x, const CacheChunk* 
   DLCM_CHECK(R <= inf_rows_, "internal: forward_cached with ", R, " rows beyond the reserved ",
              inf_rows_);
   for (i64 c = 0; c < n_chunks; ++c)
-    for (i64 i = 0; i < chunks[c].n; ++i) inf_pos_[row0[c] + i] = i32(cache.len[chunks[c].seq] + i);
+    for (i64 i = 0; i < chunks[c].n; ++i) inf_->pos[row0[c] + i] = i32(cache.len[chunks[c].seq] + i);
 
-  BlockActs& A = inf_;
+  BlockActs& A = inf_->acts;
   const float scale = 1.0f / std::sqrt(float(d.head_dim));
   const i64 kvd = d.kv_dim(), qd = d.q_dim();
   std::vector<i64> last_row(n_chunks);  // each chunk's last row
@@ -300,9 +327,9 @@ const float* TransformerStack::forward_cached(const float* x, const CacheChunk* 
     // chunk, an eighth of a 6-layer prefill's products.
     const bool only_last = last_rows && l == n_layers() - 1 && R > n_chunks;
     if (only_last)
-      block_qkv_last(l, cur, inf_pos_.data(), R, last_row.data(), n_chunks, A);
+      block_qkv_last(l, cur, inf_->pos.data(), R, last_row.data(), n_chunks, A);
     else
-      block_qkv(l, cur, inf_pos_.data(), R, A);
+      block_qkv(l, cur, inf_->pos.data(), R, A);
     // Append the new keys and values, then attend per sequence over everything it holds.
     for (i64 c = 0; c < n_chunks; ++c) {
       const CacheChunk& ch = chunks[c];
@@ -330,18 +357,18 @@ const float* TransformerStack::forward_cached(const float* x, const CacheChunk* 
     } else {
       for (i64 c = 0; c < n_chunks; ++c) attend(c);
     }
-    float* out = inf_out_[l % 2].data();
+    float* out = inf_->out[l % 2].data();
     if (only_last) {
       for (i64 c = 0; c < n_chunks; ++c)
-        std::copy_n(cur + last_row[c] * d.d, d.d, inf_last_.data() + c * d.d);
-      block_out(l, inf_last_.data(), out, n_chunks, A);
+        std::copy_n(cur + last_row[c] * d.d, d.d, inf_->last.data() + c * d.d);
+      block_out(l, inf_->last.data(), out, n_chunks, A);
     } else {
       block_out(l, cur, out, R, A);
     }
     cur = out;
   }
   if (last_rows && n_layers() == 0) {  // no layer to run: the input's last rows
-    float* out = inf_out_[0].data();
+    float* out = inf_->out[0].data();
     for (i64 c = 0; c < n_chunks; ++c) std::copy_n(x + last_row[c] * d.d, d.d, out + c * d.d);
     cur = out;
   }
@@ -596,15 +623,15 @@ const float* TransformerStack::forward_cached_prefix_rows(const float* x, const 
                    pos[i] <= cache.len[seq[i]],
                "internal: prefix row ", i, " at position ", pos[i], " of sequence ", seq[i],
                " beyond its cached positions");
-  std::copy_n(pos, n, inf_pos_.data());
-  BlockActs& A = inf_;
+  std::copy_n(pos, n, inf_->pos.data());
+  BlockActs& A = inf_->acts;
   const float* cur = x;
   for (i64 l = 0; l < n_layers(); ++l) {
-    block_qkv(l, cur, inf_pos_.data(), n, A);
+    block_qkv(l, cur, inf_->pos.data(), n, A);
     prefix_attention_forward(A.att.data(), A.q.data(), A.k.data(), A.v.data(),
                              cache.k[l].data(), cache.v[l].data(), cache.max_len * d.kv_dim(),
-                             seq, inf_pos_.data(), n, d);
-    float* out = inf_out_[l % 2].data();
+                             seq, inf_->pos.data(), n, d);
+    float* out = inf_->out[l % 2].data();
     block_out(l, cur, out, n, A);
     cur = out;
   }

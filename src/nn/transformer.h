@@ -3,6 +3,7 @@
 // stack of the DLCM (encoder, concept backbone, decoder).
 #pragma once
 #include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -91,6 +92,8 @@ struct CacheChunk {
 class TransformerStack {
  public:
   TransformerStack() = default;
+  TransformerStack(const TransformerStack&) = delete;  // would share its inference scratch
+  TransformerStack& operator=(const TransformerStack&) = delete;
   // Registers n_layers blocks named `<prefix><i>.` ("layers.", "encoder.layers.", ...).
   void init(ParamStore& ps, const std::string& prefix, i64 n_layers, const BlockDims& dims,
             ParamGroup group);
@@ -123,6 +126,14 @@ class TransformerStack {
   // ---- inference (no gradients; buffers apart from the training activations) ----
   // Scratch for up to max_rows new positions per forward_cached call (idempotent, grows only).
   void reserve_infer(i64 max_rows);
+  // Uses `with`'s inference scratch from now on (grown to fit both), for stacks that one stream
+  // runs one after another: a stack's first layer then writes into buffers the stack before it
+  // has just used, still in cache, instead of its own, written one call ago (each stack's
+  // first-layer products ran 2-3% slower on cold outputs, docs/performance.md). The output of
+  // forward_cached / forward_cached_prefix_rows then lives until the next call of either
+  // stack. Not for stacks that run at the same time.
+  void share_infer(TransformerStack& with);
+  bool shares_infer_with(const TransformerStack& o) const { return inf_ == o.inf_; }
   // A cache shaped for this stack.
   KVCache make_cache(i64 max_seqs, i64 max_len) const;
   // Runs the stack over new positions of several sequences at once and appends their keys and
@@ -182,13 +193,17 @@ class TransformerStack {
   const float* input_ = nullptr;
   const i32* pos_ = nullptr;
   i64 cap_rows_ = 0, cap_B_ = 0, cap_L_ = 0;
-  // Inference: one set of block buffers shared by all layers, ping-pong outputs.
-  BlockActs inf_;
-  Buf inf_out_[2];
-  Buf inf_last_;  // last_rows: the final layer's input rows it runs, [n_chunks, d]
-  Buf inf_xq_;    // last_rows: their normed rows, the final layer's q product input
-  std::vector<i32> inf_pos_;
-  i64 inf_rows_ = 0;
+  // Inference: one set of block buffers shared by all layers, ping-pong outputs; stacks that
+  // a stream runs one after another can share one set (share_infer).
+  struct InferBuffers {
+    BlockActs acts;
+    Buf out[2];
+    Buf last;  // last_rows: the final layer's input rows it runs, [n_chunks, d]
+    Buf xq;    // last_rows: their normed rows, the final layer's q product input
+    std::vector<i32> pos;
+  };
+  std::shared_ptr<InferBuffers> inf_ = std::make_shared<InferBuffers>();
+  i64 inf_rows_ = 0;  // rows this stack reserved in them
   // Backward scratch shared by all layers (one layer at a time).
   BlockGrads grads_;
   // Prefix rows: their activations per layer, rows, backward scratch.

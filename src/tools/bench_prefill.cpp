@@ -75,8 +75,9 @@ int cmd_bench_prefill(const BenchPrefillArgs& a) {
     std::vector<double> wall, idle, fwd_wall, fwd_idle;
     // model FLOPs per token (SPEC 7: the head at every position), and as the prefill runs them
     // (the head, and the final block's q, attention, wo and FFN, only where logits are asked
-    // for: each prompt's last position)
-    double flops_tok = 0, flops_run = 0, R = 0;
+    // for: each prompt's last position; W_up, the backbone and the concept list's keys and
+    // values for the closed concepts only: a prompt's open concept reaches them when it closes)
+    double flops_tok = 0, flops_run = 0, R = 0, closed = 0;
     // --breakdown: per component, CPU seconds (all threads) and wall seconds
     struct Part {
       const char* name;
@@ -194,25 +195,27 @@ int cmd_bench_prefill(const BenchPrefillArgs& a) {
   }
   ops::set_packed_prefetch_c(prefetch_c0);
   ops::set_gemm_shape_by_call(false);
-  std::printf("%-6s %10s %12s %8s %12s %12s %12s %8s %12s\n", "model", "R", "MFLOP/token",
-              "as run", "prefill", "prefill idle", "forward", "fwd idle", "prefill/fwd");
+  std::printf("%-6s %10s %8s %12s %8s %12s %12s %12s %8s %12s\n", "model", "R", "closed",
+              "MFLOP/token", "as run", "prefill", "prefill idle", "forward", "fwd idle",
+              "prefill/fwd");
   for (size_t i = 0; i < ms.size(); ++i) {
     Model& x = ms[i];
     if (x.st->has_concepts()) {  // over all sequences (their prompts differ with --data)
-      i64 tokens = 0, concepts = 0;
+      i64 tokens = 0, concepts = 0, closed = 0;
       for (i64 b = 0; b < B; ++b) {
         const StreamCounters c = x.st->counters(b);
         tokens += c.tokens;
         concepts += c.concepts;
+        closed += c.concepts_closed;
       }
       x.R = double(tokens) / double(std::max<i64>(concepts, 1));
+      x.closed = double(closed) / double(B);  // per prompt
     }
     const FlopsReport fr = flops_report(x.m->config(), P, x.R);
     x.flops_tok = fr.total();
-    x.flops_run = fr.total() - fr.flops("head") * double(P - 1) / double(P) -
-                  (x.last_rows ? prefill_last_rows_skipped(x.m->config(), P) / double(P) : 0.0);
-    std::printf("%-6zu %10.2f %12.2f %8.2f %12.1f %12.1f %12.1f %8.1f %12.2f\n", i, x.R,
-                x.flops_tok / 1e6, x.flops_run / 1e6, bench::median(x.wall), bench::median(x.idle),
+    x.flops_run = prefill_flops_as_run(x.m->config(), P, x.closed, x.last_rows);
+    std::printf("%-6zu %10.2f %8.1f %12.2f %8.2f %12.1f %12.1f %12.1f %8.1f %12.2f\n", i, x.R,
+                x.closed, x.flops_tok / 1e6, x.flops_run / 1e6, bench::median(x.wall), bench::median(x.idle),
                 bench::median(x.fwd_wall), bench::median(x.fwd_idle),
                 bench::median(x.wall) / bench::median(x.fwd_wall));
   }
