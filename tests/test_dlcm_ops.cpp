@@ -5,6 +5,7 @@
 // finite-difference checks are rows of the op table in test_ops.cpp.
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <numeric>
 #include <string>
 #include <vector>
@@ -77,6 +78,24 @@ TEST(RouterProb, ForcedPositionsAndEdgeCases) {
   ops::router_prob_backward(dz.data(), dz.data(), dp2.data(), c2.data(), z.data(), z.data(),
                             nullptr, kBos, 1, 3, 2);
   for (float x : dz) EXPECT_TRUE(std::isfinite(x));
+}
+
+// The stream's rows (q_prev given apart, DlcmStream's prefill and decode): router_prob_forward's
+// rows 1..n on [q_prev; q], bit for bit, also with zero vectors (the floored norms) and with
+// enough rows for the parallel loop.
+TEST(RouterProb, StreamRowsEqualTheForwardOnThePrependedQ) {
+  for (i64 n : {1, 9, 200}) {
+    const i64 ds = 256;
+    Vec q = randn((n + 1) * ds, 3), k = randn((n + 1) * ds, 4);
+    std::fill_n(q.begin() + ds, ds, 0.f);  // q_1 = 0: the pair (q_1, k_2) is floored
+    std::fill_n(k.begin() + ds, ds, 0.f);      // k_1 = 0
+    Vec p(n + 1), cache((n + 1) * ops::kRouterCacheStride), pr(n, -1.f);
+    ops::router_prob_forward(p.data(), cache.data(), q.data(), k.data(), nullptr, kBos, 1, n + 1,
+                             ds);
+    ops::router_prob_rows(pr.data(), q.data(), q.data() + ds, k.data() + ds, n, ds);
+    EXPECT_EQ(std::memcmp(pr.data(), p.data() + 1, sizeof(float) * n), 0) << n;
+    EXPECT_EQ(pr[0], 0.5f) << n;  // k_1 = 0
+  }
 }
 
 // =============================================================================================

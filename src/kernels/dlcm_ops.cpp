@@ -82,6 +82,21 @@ void router_prob_forward(float* p, float* cache, const float* q, const float* k,
   }
 }
 
+void router_prob_rows(float* p, const float* q_prev, const float* q, const float* k, i64 n,
+                      i64 ds) {
+  DLCM_CHECK(n >= 0 && ds > 0, "router_prob_rows: bad shape n=", n, " ds=", ds);
+  // router_prob_forward's arithmetic: the norms, floored, then the dot over their product
+#pragma omp parallel for schedule(static) if(parallel_worth(n * ds))
+  for (i64 t = 0; t < n; ++t) {
+    const float* a = t == 0 ? q_prev : q + (t - 1) * ds;
+    const float* b = k + t * ds;
+    const float na = std::max(std::sqrt(dotf(a, a, ds)), kRouterNormEps);
+    const float nb = std::max(std::sqrt(dotf(b, b, ds)), kRouterNormEps);
+    const float c = dotf(a, b, ds) / (na * nb);
+    p[t] = std::clamp((1.f - c) * 0.5f, 0.f, 1.f);
+  }
+}
+
 void router_prob_backward(float* dq, float* dk, const float* dp, const float* cache,
                           const float* q, const float* k, const i32* tokens, i32 bos_id, i64 B,
                           i64 L, i64 ds) {

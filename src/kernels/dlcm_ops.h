@@ -31,6 +31,11 @@ constexpr float kRouterNormEps = 1e-6f;
 constexpr i64 kRouterCacheStride = 3;
 void router_prob_forward(float* p, float* cache, const float* q, const float* k, const i32* tokens,
                          i32 bos_id, i64 B, i64 L, i64 ds);
+// The stream's form for n consecutive new tokens of one sequence: p[t] from (q_{t-1}, k_t),
+// where q_{-1} = q_prev is the sequence's last q before them; bit for bit router_prob_forward's
+// rows 1..n on [q_prev; q] (forced tokens are the caller's business), without that copy.
+void router_prob_rows(float* p, const float* q_prev, const float* q, const float* k, i64 n,
+                      i64 ds);
 // dq, dk += chain rule from dp. No gradient at forced positions, nor where the clamp is active
 // (raw value outside [0, 1], only possible through rounding). dq and dk MAY ALIAS (raw kind:
 // both are dH); every output row is written by exactly one thread.

@@ -27,6 +27,7 @@
   X(void, tile_mm, (float* C, i64 ldc, const float* A, i64 rsa, i64 csa, const float* B, i64 ldb, i64 M, i64 N, i64 K, float alpha, bool acc), (C, ldc, A, rsa, csa, B, ldb, M, N, K, alpha, acc)) \
   X(void, tile_mm_amx, (float* C, i64 ldc, const float* A, i64 rsa, i64 csa, const float* B, i64 ldb, i64 M, i64 N, i64 K, float alpha, bool acc), (C, ldc, A, rsa, csa, B, ldb, M, N, K, alpha, acc)) \
   X(void, router_prob_forward, (float* p, float* cache, const float* q, const float* k, const i32* tokens, i32 bos_id, i64 B, i64 L, i64 ds), (p, cache, q, k, tokens, bos_id, B, L, ds)) \
+  X(void, router_prob_rows, (float* p, const float* q_prev, const float* q, const float* k, i64 n, i64 ds), (p, q_prev, q, k, n, ds)) \
   X(void, router_prob_backward, (float* dq, float* dk, const float* dp, const float* cache, const float* q, const float* k, const i32* tokens, i32 bos_id, i64 B, i64 L, i64 ds), (dq, dk, dp, cache, q, k, tokens, bos_id, B, L, ds)) \
   X(float, boundary_prob, (float p, float alpha), (p, alpha)) \
   X(void, sample_boundaries, (uint8_t* b, const float* p, const i32* tokens, i32 bos_id, i64 B, i64 L, float alpha, uint64_t seed, uint64_t step, i64 row_offset), (b, p, tokens, bos_id, B, L, alpha, seed, step, row_offset)) \

@@ -188,7 +188,8 @@ class DlcmStream final : public InferenceStream {
       float* mult = concepts_ ? list_.mult_of(s) : nullptr;
       const BoundaryDecider& rule = *m_.decider;
       if (!rule.is_rule())
-        router_probs(p_.data(), q + row0[i] * ds_, k + row0[i] * ds_, q_last_.data() + s * ds_, n);
+        ops::router_prob_rows(p_.data(), q_last_.data() + s * ds_, q + row0[i] * ds_,
+                              k + row0[i] * ds_, n, ds_);
       for (i64 t = 0; t < n; ++t) {
         const i64 r = row0[i] + t, pos = pos0[i] + t;
         const bool forced = pos == 0 || items[i].tokens[t] == c_.bos_id;
@@ -285,23 +286,6 @@ class DlcmStream final : public InferenceStream {
     return m_.decoder->forward_cached(X, chunks.data(), n_items, dec_cache_, last_only);
   }
 
-  // p for n consecutive new tokens of one slot: rows q/k [n, ds], q_prev the slot's last q.
-  // Uses the training kernel on [q_prev; q] so the cosine is computed bit for bit as in the
-  // full forward pass (p_[t] for token t; forced positions are the caller's business).
-  void router_probs(float* p, const float* q, const float* k, const float* q_prev, i64 n) {
-    pair_q_.resize((n + 1) * ds_);
-    pair_k_.resize((n + 1) * ds_);
-    pair_p_.resize(n + 1);
-    pair_cache_.resize((n + 1) * ops::kRouterCacheStride);
-    std::copy_n(q_prev, ds_, pair_q_.data());
-    std::copy_n(q, n * ds_, pair_q_.data() + ds_);
-    std::fill_n(pair_k_.data(), ds_, 0.f);
-    std::copy_n(k, n * ds_, pair_k_.data() + ds_);
-    ops::router_prob_forward(pair_p_.data(), pair_cache_.data(), pair_q_.data(), pair_k_.data(),
-                             nullptr, c_.bos_id, 1, n + 1, ds_);
-    std::copy_n(pair_p_.data() + 1, n, p);
-  }
-
   const ModelConfig& c_;
   DlcmModel::Parts m_;
   float tau_ = 0.5f;
@@ -315,7 +299,6 @@ class DlcmStream final : public InferenceStream {
   Buf p_, gate_, own_;
   Buf ppooled_, Cp_, Zp_, zp_rstd_, own_gate_;  // prefix rows [R, ...]
   std::vector<i32> pseq_, ppos_;                // their sequence and backbone position
-  Buf pair_q_, pair_k_, pair_p_, pair_cache_;
   std::vector<i64> concept_seq_, seq_of_, last_entry_;
   std::vector<i64> concept_start_, pos_of_;  // xattn_rope positions
   std::vector<Slot> slots_;
