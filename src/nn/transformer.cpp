@@ -134,7 +134,10 @@ void TransformerStack::block_forward(i64 l, const float* x, const i32* pos, i64 
   block_out(l, x, A.out.data(), B * L, A);
 }
 
-void TransformerStack::block_qkv(i64 l, const float* x, const i32* pos, i64 N, BlockActs& A) {
+void TransformerStack::block_qkv(i64 l, const float* x, const i32* pos, i64 N, BlockActs& A,
+                                 float* K, float* V) {
+  if (!K) K = A.k.data();
+  if (!V) V = A.v.data();
   const BlockDims& d = dims_;
   const BlockParams& P = layers_[l];
   {  // BF16: the norm writes the rounding the q/k/v products read (ops::CopyProducer)
@@ -144,40 +147,43 @@ void TransformerStack::block_qkv(i64 l, const float* x, const i32* pos, i64 N, B
     p16.done(A.xn1.data());
   }
   float* qdst = d.qk_norm ? A.q_raw.data() : A.q.data();
-  float* kdst = d.qk_norm ? A.k_raw.data() : A.k.data();
+  float* kdst = d.qk_norm ? A.k_raw.data() : K;
   {
-    float* y[3] = {qdst, kdst, A.v.data()};
+    float* y[3] = {qdst, kdst, V};
     const float* W[3] = {P.wq->w, P.wk->w, P.wv->w};
     const i64 out[3] = {d.q_dim(), d.kv_dim(), d.kv_dim()};
     ops::Bf16Copy* wk16[3] = {&A.wq_16, &A.wk_16, &A.wv_16};
     ops::linear_forward_multi(y, A.xn1.data(), W, N, d.d, out, 3, &A.xn1_16, wk16);
   }
-  qk_norm_rope(l, pos, N, pos, N, A);
+  qk_norm_rope(l, pos, N, pos, N, A, K);
 }
 
 void TransformerStack::qk_norm_rope(i64 l, const i32* qpos, i64 nq, const i32* kpos, i64 nk,
-                                    BlockActs& A) {
+                                    BlockActs& A, float* K) {
   const BlockDims& d = dims_;
   const BlockParams& P = layers_[l];
   if (d.qk_norm) {
     ops::head_rmsnorm_forward(A.q.data(), A.q_rstd.data(), A.q_raw.data(), P.q_norm->w, nq,
                               d.n_heads, d.head_dim, d.norm_eps);
-    ops::head_rmsnorm_forward(A.k.data(), A.k_rstd.data(), A.k_raw.data(), P.k_norm->w, nk,
+    ops::head_rmsnorm_forward(K, A.k_rstd.data(), A.k_raw.data(), P.k_norm->w, nk,
                               d.n_kv_heads, d.head_dim, d.norm_eps);
   }
   ops::rope_apply(A.q.data(), qpos, nq, d.n_heads, d.head_dim, d.rope_theta, false);
-  ops::rope_apply(A.k.data(), kpos, nk, d.n_kv_heads, d.head_dim, d.rope_theta, false);
+  ops::rope_apply(K, kpos, nk, d.n_kv_heads, d.head_dim, d.rope_theta, false);
 }
 
 void TransformerStack::block_qkv_last(i64 l, const float* x, const i32* pos, i64 N,
-                                      const i64* last, i64 n_last, BlockActs& A) {
+                                      const i64* last, i64 n_last, BlockActs& A, float* K,
+                                      float* V) {
+  if (!K) K = A.k.data();
+  if (!V) V = A.v.data();
   const BlockDims& d = dims_;
   const BlockParams& P = layers_[l];
   ops::rmsnorm_forward(A.xn1.data(), A.rstd1.data(), x, P.attn_norm->w, N, d.d, d.norm_eps);
   float* qdst = d.qk_norm ? A.q_raw.data() : A.q.data();
-  float* kdst = d.qk_norm ? A.k_raw.data() : A.k.data();
+  float* kdst = d.qk_norm ? A.k_raw.data() : K;
   {  // k and v of every row: the group's parts after q (packed), or two products
-    float* y[2] = {kdst, A.v.data()};
+    float* y[2] = {kdst, V};
     const float* W[2] = {P.wk->w, P.wv->w};
     const i64 out[2] = {d.kv_dim(), d.kv_dim()};
     ops::linear_forward_multi(y, A.xn1.data(), W, N, d.d, out, 2);
@@ -193,7 +199,7 @@ void TransformerStack::block_qkv_last(i64 l, const float* x, const i32* pos, i64
     const i64 out[1] = {d.q_dim()};
     ops::linear_forward_multi(y, inf_->xq.data(), W, n_last, d.d, out, 1);
   }
-  qk_norm_rope(l, qpos.data(), n_last, pos, N, A);
+  qk_norm_rope(l, qpos.data(), n_last, pos, N, A, K);
 }
 
 void TransformerStack::block_out(i64 l, const float* x, float* out, i64 N, BlockActs& A) {
@@ -326,17 +332,23 @@ const float* TransformerStack::forward_cached(const float* x, const CacheChunk* 
     // values are every position's); it skips (n - 1) rows of q, attention, wo and FFN per
     // chunk, an eighth of a 6-layer prefill's products.
     const bool only_last = last_rows && l == n_layers() - 1 && R > n_chunks;
+    // One sequence (a prefill, a single decode step): its new keys and values go straight into
+    // its cache rows; several: into A, then each sequence's rows into its cache.
+    const bool direct = n_chunks == 1;
+    const i64 s0 = direct ? chunks[0].seq : 0;
+    float* K = direct ? cache.k_at(l, s0, cache.len[s0]) : nullptr;
+    float* V = direct ? cache.v_at(l, s0, cache.len[s0]) : nullptr;
     if (only_last)
-      block_qkv_last(l, cur, inf_->pos.data(), R, last_row.data(), n_chunks, A);
+      block_qkv_last(l, cur, inf_->pos.data(), R, last_row.data(), n_chunks, A, K, V);
     else
-      block_qkv(l, cur, inf_->pos.data(), R, A);
-    // Append the new keys and values, then attend per sequence over everything it holds.
-    for (i64 c = 0; c < n_chunks; ++c) {
+      block_qkv(l, cur, inf_->pos.data(), R, A, K, V);
+    for (i64 c = 0; c < n_chunks && !direct; ++c) {
       const CacheChunk& ch = chunks[c];
       const i64 p0 = cache.len[ch.seq];
       std::copy_n(A.k.data() + row0[c] * kvd, ch.n * kvd, cache.k_at(l, ch.seq, p0));
       std::copy_n(A.v.data() + row0[c] * kvd, ch.n * kvd, cache.v_at(l, ch.seq, p0));
     }
+    // Then attend per sequence over everything it holds.
     // Decode (all chunks short): one sequence per thread, the kernel runs serially inside.
     // Prefill: chunk after chunk, the kernel parallel inside, outside any parallel region (not
     // in one made inactive by an if clause: the kernel's region would then be a nested one,

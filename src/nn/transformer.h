@@ -168,15 +168,19 @@ class TransformerStack {
   // The two halves of a block around its attention core, shared by forward and forward_cached:
   // attn_norm, q/k/v projections, QK-norm, RoPE into A.xn1/q/k/v; then wo, residual and the
   // FFN sub-layer into `out` (A's mid/xn2/a/b/h as scratch).
-  void block_qkv(i64 l, const float* x, const i32* pos, i64 N, BlockActs& A);
+  // K / V (nullptr: A.k / A.v) [N, kv_dim] receive the keys and values: a KV cache's rows,
+  // where one sequence's new positions are consecutive there (no copy after).
+  void block_qkv(i64 l, const float* x, const i32* pos, i64 N, BlockActs& A, float* K = nullptr,
+                 float* V = nullptr);
   // block_qkv for the final layer of a last_rows call: keys and values of all N rows, queries
   // of the n_last rows listed in `last` only, into A.q's first n_last rows (a row's q is
   // what block_qkv gives it, bit for bit, on the packed products).
   void block_qkv_last(i64 l, const float* x, const i32* pos, i64 N, const i64* last,
-                      i64 n_last, BlockActs& A);
-  // Their shared tail: QK-norm and RoPE of A's first nq queries (positions qpos) and nk keys
-  // (positions kpos).
-  void qk_norm_rope(i64 l, const i32* qpos, i64 nq, const i32* kpos, i64 nk, BlockActs& A);
+                      i64 n_last, BlockActs& A, float* K = nullptr, float* V = nullptr);
+  // Their shared tail: QK-norm and RoPE of A's first nq queries (positions qpos) and the nk
+  // keys in K (positions kpos).
+  void qk_norm_rope(i64 l, const i32* qpos, i64 nq, const i32* kpos, i64 nk, BlockActs& A,
+                    float* K);
   void block_out(i64 l, const float* x, float* out, i64 N, BlockActs& A);
   // Backward of one block, split around its attention core like the forward: block_out's
   // half (dout -> G.att, G.mid) and block_qkv's half (G.q/k/v -> dx += or, without
