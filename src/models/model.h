@@ -127,7 +127,8 @@ class LanguageModel {
   // model) and its logits equal logits() over each slot's tokens (see models/stream.h for the
   // contract). The baseline keeps a KV cache per layer; the DLCM keeps the state of SPEC 5
   // (encoder/backbone/decoder KV caches, router's last q, open concept, smoother, concept K/V
-  // with multiplicities) and thresholds p with o.tau.
+  // with multiplicities) and thresholds p with o.tau. A model's streams share its layers'
+  // inference scratch: run one of them at a time (one per thread needs a model per thread).
   virtual std::unique_ptr<InferenceStream> new_stream(const StreamOptions& o) = 0;
   // µP coordinate check: RMS of each stack's output over the rows of the last forward pass
   // (train_micro, eval_micro or logits), as (name, RMS) pairs in a fixed order. Stack outputs
