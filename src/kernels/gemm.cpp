@@ -988,6 +988,24 @@ void linear_forward_multi(float* const* y, const float* x, const float* const* W
     linear_forward(y[i], x, W[i], N, in, out[i], nullptr, wkeep ? wkeep[i] : nullptr);
 }
 
+bool linear_swiglu_packed(float* h, const float* x, const float* const* W, i64 N, i64 in, i64 F,
+                          Bf16Copy* keep, Bf16Copy* const* wkeep, Bf16Copy* hkeep) {
+  if (N == 0 || !packed_swiglu_on()) return false;
+  const PackedWeights* pw = active_packed_weights();
+  if (!pw) return false;
+  const i64 out[2] = {F, F};
+  int part0 = 0;
+  const PackedMatrix* pm = pw->find_group(W, out, 2, in, N, &part0);
+  if (!pm || !packed_swiglu_fusable(*pm, part0)) return false;
+  for (Bf16Copy* c : {keep, hkeep, wkeep ? wkeep[0] : nullptr, wkeep ? wkeep[1] : nullptr})
+    if (c) c->src = nullptr;
+  prof::DetailScope ps("  GEMM", 2.0 * double(N) * double(2 * F) * double(in));
+  ShapeTimer timer;
+  packed_gemm_swiglu(h, F, x, in, *pm, N, pw->served(pm, part0), part0);
+  timer.done(false, true, N, 2 * F, in, false, "packed gate/up + SwiGLU");
+  return true;
+}
+
 void linear_backward(float* dx, float* dW, const float* dy, const float* x, const float* W, i64 N,
                      i64 in, i64 out, const Bf16Copy* keep, bool dx_accumulate,
                      const Bf16Copy* wkeep, const Bf16Copy* dykeep) {

@@ -15,6 +15,7 @@
   X(void, head_rmsnorm_backward, (float* dx, float* dw, const float* dy, const float* x, const float* w, const float* rstd, i64 N, i64 H, i64 hd), (dx, dw, dy, x, w, rstd, N, H, hd)) \
   X(void, rope_apply, (float* x, const i32* pos, i64 N, i64 H, i64 hd, float theta, bool inverse), (x, pos, N, H, hd, theta, inverse)) \
   X(void, swiglu_forward, (float* h, const float* a, const float* b, i64 n, uint16_t* h16), (h, a, b, n, h16)) \
+  X(void, swiglu_rows, (float* h, i64 ldh, const float* a, i64 lda, const float* b, i64 ldb, i64 rows, i64 n), (h, ldh, a, lda, b, ldb, rows, n)) \
   X(void, swiglu_backward, (float* da, float* db, const float* dh, const float* a, const float* b, i64 n, bool accumulate, uint16_t* da16, uint16_t* db16), (da, db, dh, a, b, n, accumulate, da16, db16)) \
   X(void, attention_forward, (float* out, float* lse, const float* q, const float* k, const float* v, i64 B, i64 Lq, i64 Lk, i64 Hq, i64 Hkv, i64 hd, i64 q_offset, float scale, i64 window), (out, lse, q, k, v, B, Lq, Lk, Hq, Hkv, hd, q_offset, scale, window)) \
   X(void, attention_backward, (float* dq, float* dk, float* dv, const float* dout, const float* out, const float* lse, const float* q, const float* k, const float* v, i64 B, i64 Lq, i64 Lk, i64 Hq, i64 Hkv, i64 hd, i64 q_offset, float scale, i64 window, bool accumulate), (dq, dk, dv, dout, out, lse, q, k, v, B, Lq, Lk, Hq, Hkv, hd, q_offset, scale, window, accumulate)) \

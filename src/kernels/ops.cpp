@@ -192,23 +192,34 @@ void rope_apply(float* x, const i32* pos, i64 N, i64 H, i64 hd, float theta, boo
 
 // ---- SwiGLU ----
 
+// h = silu(a) * b over n elements: each element's arithmetic alone, so any split of a span
+// gives the same bits (swiglu_forward's chunks, swiglu_rows' rows).
+static inline void swiglu_span(float* h, const float* a, const float* b, i64 n) {
+#ifdef DLCM_AVX512
+  for (i64 i = 0; i < n; i += 16) {
+    __mmask16 k = simd::tail_mask(n - i);
+    __m512 av = _mm512_maskz_loadu_ps(k, a + i), bv = _mm512_maskz_loadu_ps(k, b + i);
+    __m512 e = simd::exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), av));  // e^-a
+    __m512 s = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+    _mm512_mask_storeu_ps(h + i, k, _mm512_mul_ps(_mm512_mul_ps(av, s), bv));
+  }
+#else
+  for (i64 i = 0; i < n; ++i) h[i] = a[i] / (1.0f + std::exp(-a[i])) * b[i];
+#endif
+}
+
 void swiglu_forward(float* h, const float* a, const float* b, i64 n, uint16_t* h16) {
 #pragma omp parallel for schedule(static) if (n > kParMin)
   for (i64 i0 = 0; i0 < n; i0 += 1024) {
     i64 i1 = std::min(n, i0 + 1024);
-#ifdef DLCM_AVX512
-    for (i64 i = i0; i < i1; i += 16) {
-      __mmask16 k = simd::tail_mask(i1 - i);
-      __m512 av = _mm512_maskz_loadu_ps(k, a + i), bv = _mm512_maskz_loadu_ps(k, b + i);
-      __m512 e = simd::exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), av));  // e^-a
-      __m512 s = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_add_ps(_mm512_set1_ps(1.0f), e));
-      _mm512_mask_storeu_ps(h + i, k, _mm512_mul_ps(_mm512_mul_ps(av, s), bv));
-    }
-#else
-    for (i64 i = i0; i < i1; ++i) h[i] = a[i] / (1.0f + std::exp(-a[i])) * b[i];
-#endif
+    swiglu_span(h + i0, a + i0, b + i0, i1 - i0);
     if (h16) round_row_to_bf16(h16 + i0, h + i0, i1 - i0);  // while the chunk is in L1
   }
+}
+
+void swiglu_rows(float* h, i64 ldh, const float* a, i64 lda, const float* b, i64 ldb, i64 rows,
+                 i64 n) {
+  for (i64 r = 0; r < rows; ++r) swiglu_span(h + r * ldh, a + r * lda, b + r * ldb, n);
 }
 
 // silu'(a) = s (1 + a (1 - s)), s = sigmoid(a).

@@ -41,6 +41,10 @@ void rope_apply(float* x, const i32* pos, i64 N, i64 H, i64 hd, float theta, boo
 
 // ---- SwiGLU gate: h = silu(a) * b, elementwise over n elements ----
 void swiglu_forward(float* h, const float* a, const float* b, i64 n, uint16_t* h16 = nullptr);
+// swiglu_forward on `rows` rows of n (strided; the calling thread alone, no parallel region:
+// the fused epilogue of a stream's gate/up product), the same bits per element.
+void swiglu_rows(float* h, i64 ldh, const float* a, i64 lda, const float* b, i64 ldb, i64 rows,
+                 i64 n);
 // da/db += the gradients; with accumulate = false, da/db = the gradients (no clearing needed).
 void swiglu_backward(float* da, float* db, const float* dh, const float* a, const float* b, i64 n,
                      bool accumulate = true, uint16_t* da16 = nullptr, uint16_t* db16 = nullptr);

@@ -17,6 +17,7 @@
 
 #include "kernels/gemm.h"
 #include "kernels/isa.h"
+#include "kernels/ops.h"
 
 #define DLCM_PACKED_AVX512 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq,prfchw")))
 
@@ -40,6 +41,9 @@ std::atomic<bool> g_widen{env_switch("DLCM_PACKED_WIDEN",
                                      "BF16 / int8 stream products widen the weights in every call")};
 
 thread_local const PackedWeights* t_active = nullptr;
+std::atomic<bool> g_swiglu{env_switch("DLCM_PACKED_SWIGLU",
+                                      "stream FFNs apply SwiGLU in the gate/up product's epilogue",
+                                      "stream FFNs run SwiGLU as a pass of its own")};
 // Each micro-kernel call of a product with several calls per panel asks for its output lines
 // with write intent when it starts (see prefetch_c).
 std::atomic<bool> g_prefetch_c{env_switch("DLCM_PACKED_PREFETCH_C",
@@ -188,6 +192,20 @@ DLCM_PACKED_AVX512 void kernel_q8w(float* C, i64 ldc, const float* A, i64 lda, L
   }
 }
 
+// A fused gate/up call (packed_gemm_swiglu): acc over W1's block into sa, then over W3's into sb
+// (rows of 64, stored as kernel_f32 stores them with alpha 1), H's lines prefetched first.
+template <int MR>
+DLCM_PACKED_AVX512 void kernel_f32_pair(float* sa, float* sb, float* H, i64 ldh, const float* A,
+                                        i64 lda, const float* pa, const float* pb, i64 K, i64 n,
+                                        const Prefetch& pfa, const Prefetch& pfb) {
+  prefetch_c<MR>(H, ldh, n, pfa);
+  __m512 acc[MR][4];
+  accumulate<MR>(acc, A, lda, K, pfa, LoadF32{pa});
+  for (int i = 0; i < MR; ++i) store_block(sa + i * kNB, acc[i], 1.f, kNB);
+  accumulate<MR>(acc, A, lda, K, pfb, LoadF32{pb});
+  for (int i = 0; i < MR; ++i) store_block(sb + i * kNB, acc[i], 1.f, kNB);
+}
+
 // One block of up to MR rows (no lambdas here: they would not inherit the target attribute).
 DLCM_PACKED_AVX512 void block_f32(float* C, i64 ldc, const float* A, i64 lda, const float* pb,
                                   i64 K, float alpha, i64 n, i64 mr, const Prefetch& pf) {
@@ -198,6 +216,18 @@ DLCM_PACKED_AVX512 void block_f32(float* C, i64 ldc, const float* A, i64 lda, co
     case 3: return kernel_f32<3>(C, ldc, A, lda, pb, K, alpha, n, pf);
     case 2: return kernel_f32<2>(C, ldc, A, lda, pb, K, alpha, n, pf);
     default: return kernel_f32<1>(C, ldc, A, lda, pb, K, alpha, n, pf);
+  }
+}
+DLCM_PACKED_AVX512 void block_f32_pair(float* sa, float* sb, float* H, i64 ldh, const float* A,
+                                       i64 lda, const float* pa, const float* pb, i64 K, i64 n,
+                                       i64 mr, const Prefetch& pfa, const Prefetch& pfb) {
+  switch (mr) {
+    case 6: return kernel_f32_pair<6>(sa, sb, H, ldh, A, lda, pa, pb, K, n, pfa, pfb);
+    case 5: return kernel_f32_pair<5>(sa, sb, H, ldh, A, lda, pa, pb, K, n, pfa, pfb);
+    case 4: return kernel_f32_pair<4>(sa, sb, H, ldh, A, lda, pa, pb, K, n, pfa, pfb);
+    case 3: return kernel_f32_pair<3>(sa, sb, H, ldh, A, lda, pa, pb, K, n, pfa, pfb);
+    case 2: return kernel_f32_pair<2>(sa, sb, H, ldh, A, lda, pa, pb, K, n, pfa, pfb);
+    default: return kernel_f32_pair<1>(sa, sb, H, ldh, A, lda, pa, pb, K, n, pfa, pfb);
   }
 }
 DLCM_PACKED_AVX512 void block_bf16w(float* C, i64 ldc, const float* A, i64 lda,
@@ -485,6 +515,81 @@ void packed_gemm_parts(float* const* C, const i64* ldc, const float* A, i64 lda,
   }
   }
 }
+
+bool packed_swiglu_fusable(const PackedMatrix& p, int part0) {
+  return p.fmt == PackFormat::F32 && part0 >= 0 && part0 + 2 <= int(p.parts.size()) &&
+         p.parts[part0] == p.parts[part0 + 1];
+}
+
+void packed_gemm_swiglu(float* H, i64 ldh, const float* A, i64 lda, const PackedMatrix& p,
+                        i64 M, NextProduct next, int part0) {
+  note_parallel_entry();
+  DLCM_CHECK(packed_swiglu_fusable(p, part0), "internal: packed_gemm_swiglu needs two FP32 ",
+             "parts of one width from part ", part0);
+  const i64 K = p.K, F = p.parts[part0];
+  const i64 ba = p.part_blk0[part0], bb = p.part_blk0[part0 + 1], nb = bb - ba;
+  const bool avx512 = packed_gemm_native();
+  const i64 MR = kMRf32;
+  // tiles and calls as packed_gemm_parts lays them out (the same rows per call: the same bits)
+  const i64 nr = (M + kRows - 1) / kRows, tiles = nr * nb;
+  const bool par = !omp_in_parallel() && tiles > 1 && 2.0 * M * (2 * F) * K >= double(1 << 18);
+  const i64 calls = (nr - 1) * (kRows / MR) + (M - (nr - 1) * kRows + MR - 1) / MR;
+  const bool pf_on = calls > 1;
+  const bool chain = pf_on && next.mat != nullptr && next.blk * kNB < next.mat->Np;
+  const bool out_prefetch = pf_on && g_prefetch_c.load(std::memory_order_relaxed);
+  const i64 own_lines = panel_bytes(p) / 64;
+#pragma omp parallel if (par)
+  {
+  alignas(64) float sa[kMRf32 * kNB], sb[kMRf32 * kNB];  // this call's gate and up rows
+#pragma omp for schedule(static)
+  for (i64 tile = 0; tile < tiles; ++tile) {
+    const i64 j = tile / nr, rt = tile % nr;
+    const i64 c0 = j * kNB, n = std::min(kNB, F - c0);
+    const i64 r_end = std::min(M, (rt + 1) * kRows);
+    const float* pa = reinterpret_cast<const float*>(panel(p, ba + j));
+    const float* pb = reinterpret_cast<const float*>(panel(p, bb + j));
+    // while this pair of panels is multiplied, the next pair streams in (after the last pair,
+    // `next`'s first panel, during the W1 half)
+    const bool more = j + 1 < nb;
+    const char* ta = !pf_on ? nullptr : more ? panel(p, ba + j + 1) : chain ? panel(*next.mat, next.blk) : nullptr;
+    const char* tb = pf_on && more ? panel(p, bb + j + 1) : nullptr;
+    const i64 la = !ta ? 0 : more ? own_lines : panel_bytes(*next.mat) / 64;
+    const i64 lb = tb ? own_lines : 0;
+    const i64 rows = r_end - rt * kRows, tile_calls = (rows + MR - 1) / MR;
+    const i64 base = rows / tile_calls, extra = rows % tile_calls;
+    for (i64 c = 0, r0 = rt * kRows; c < tile_calls; r0 += base + (c < extra), ++c) {
+      const i64 mr = base + (c < extra);
+      float* Hb = H + r0 * ldh + c0;
+      const float* Ab = A + r0 * lda;
+      Prefetch pfa, pfb;
+      pfa.out = out_prefetch;
+      const i64 g = rt * (kRows / MR) + c;  // call g of `calls`
+      if (avx512 && ta) {
+        const i64 l0 = la * g / calls, l1 = la * (g + 1) / calls;
+        pfa.p = ta + 64 * l0;
+        pfa.left = l1 - l0;
+        pfa.per_step = (pfa.left + K - 1) / K;
+      }
+      if (avx512 && tb) {
+        const i64 l0 = lb * g / calls, l1 = lb * (g + 1) / calls;
+        pfb.p = tb + 64 * l0;
+        pfb.left = l1 - l0;
+        pfb.per_step = (pfb.left + K - 1) / K;
+      }
+      if (avx512) {
+        isa_avx512::block_f32_pair(sa, sb, Hb, ldh, Ab, lda, pa, pb, K, n, mr, pfa, pfb);
+      } else {
+        block_ref(sa, kNB, Ab, lda, mr, K, 1.f, n, [&](i64 k, i64 col) { return pa[k * kNB + col]; });
+        block_ref(sb, kNB, Ab, lda, mr, K, 1.f, n, [&](i64 k, i64 col) { return pb[k * kNB + col]; });
+      }
+      swiglu_rows(Hb, ldh, sa, kNB, sb, kNB, mr, n);
+    }
+  }
+  }
+}
+
+void set_packed_swiglu(bool on) { g_swiglu = on; }
+bool packed_swiglu_on() { return g_swiglu.load(); }
 
 void packed_gemm(float* C, i64 ldc, const float* A, i64 lda, const PackedMatrix& p, i64 M,
                  float alpha, NextProduct next) {

@@ -326,11 +326,13 @@ void ConceptCrossAttention::ffn_forward(float* X, float* psi, float* pn, float* 
   const i64 d = dims_.d, xf = dims_.d_ff;
   ops::rmsnorm_forward(pn, pn_rstd, psi, ffn_norm_->w, N, d, dims_.norm_eps);
   prof::Scope ps("cross FFN");
-  float* y[2] = {fa, fb};
   const float* W[2] = {w1_->w, w3_->w};
-  const i64 out[2] = {xf, xf};
-  ops::linear_forward_multi(y, pn, W, N, d, out, 2);
-  ops::swiglu_forward(fh, fa, fb, N * xf);
+  if (!ops::linear_swiglu_packed(fh, pn, W, N, d, xf)) {  // a stream's packed FFN: fused
+    float* y[2] = {fa, fb};
+    const i64 out[2] = {xf, xf};
+    ops::linear_forward_multi(y, pn, W, N, d, out, 2);
+    ops::swiglu_forward(fh, fa, fb, N * xf);
+  }
   ops::linear_forward(X, fh, w2_->w, N, xf, d);
   add_into(X, psi, N * d);
 }

@@ -217,14 +217,14 @@ void TransformerStack::block_out(i64 l, const float* x, float* out, i64 N, Block
                          p16.data());
     p16.done(A.xn2.data());
   }
-  {
+  const float* W13[2] = {P.w1->w, P.w3->w};
+  ops::Bf16Copy* wk16[2] = {&A.w1_16, &A.w3_16};
+  // a stream's packed FFN: SwiGLU in the gate/up product (A.a, A.b left untouched)
+  if (!ops::linear_swiglu_packed(A.h.data(), A.xn2.data(), W13, N, d.d, d.d_ff, &A.xn2_16, wk16,
+                                 &A.h_16)) {
     float* y[2] = {A.a.data(), A.b.data()};
-    const float* W[2] = {P.w1->w, P.w3->w};
     const i64 out[2] = {d.d_ff, d.d_ff};
-    ops::Bf16Copy* wk16[2] = {&A.w1_16, &A.w3_16};
-    ops::linear_forward_multi(y, A.xn2.data(), W, N, d.d, out, 2, &A.xn2_16, wk16);
-  }
-  {
+    ops::linear_forward_multi(y, A.xn2.data(), W13, N, d.d, out, 2, &A.xn2_16, wk16);
     ops::CopyProducer p16(&A.h_16, N, d.d_ff);
     ops::swiglu_forward(A.h.data(), A.a.data(), A.b.data(), N * d.d_ff, p16.data());
     p16.done(A.h.data());
