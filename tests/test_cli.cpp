@@ -239,6 +239,21 @@ TEST(Cli, BenchDecodeRuns) {
             std::string::npos) << r.out;
   EXPECT_NE(r.out.find(" of 2\n"), std::string::npos) << r.out;  // 2 repeats
   EXPECT_NE(r.out.find("stream layers"), std::string::npos) << r.out;
+  // the passive wait policy with several threads: one note per process (with one thread none)
+  for (int threads : {2, 1}) {
+    const test::CommandResult w = test::run_command(
+        "OMP_WAIT_POLICY=passive " + std::string(DLCM_BINARY) + " bench prefill --ckpt " + ck +
+        " --ckpt " + ck + " --prompt-len 16 --repeats 1 --threads " + std::to_string(threads) +
+        " 2>&1");
+    ASSERT_EQ(w.rc, 0) << w.out;
+    const size_t note = w.out.find("OMP_WAIT_POLICY=passive with 2 threads: every parallel region");
+    if (threads == 2) {
+      EXPECT_NE(note, std::string::npos) << w.out;
+      EXPECT_EQ(w.out.find("OMP_WAIT_POLICY=passive with", note + 1), std::string::npos) << w.out;
+    } else {
+      EXPECT_EQ(w.out.find("OMP_WAIT_POLICY=passive with"), std::string::npos) << w.out;
+    }
+  }
   // --breakdown-gemm: the products in a row of their own, and by shape (16 prompt rows)
   r = run("bench prefill --ckpt " + ck + " --prompt-len 16 --repeats 2 --breakdown-gemm");
   ASSERT_EQ(r.rc, 0) << r.out;

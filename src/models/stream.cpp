@@ -1,5 +1,10 @@
 #include "models/stream.h"
 
+#include <omp.h>
+
+#include <cctype>
+#include <cstdio>
+#include <cstdlib>
 #include <string>
 #include <unordered_set>
 
@@ -10,7 +15,29 @@ i64 InferenceStream::length(i64 seq) const {
   return len_[seq];
 }
 
+namespace {
+// Once per process: the passive wait policy with several threads makes every parallel region of
+// a prefill or a decode step wake sleeping threads (~40 us each on a VM against 0.6 us
+// spinning; a prefill runs ~90 regions: a third slower at 2 threads, docs/inference.md).
+void note_wait_policy() {
+  static const bool once = [] {
+    const char* w = std::getenv("OMP_WAIT_POLICY");
+    std::string v = w ? w : "";
+    for (char& c : v) c = char(std::tolower(static_cast<unsigned char>(c)));
+    if (v == "passive" && omp_get_max_threads() > 1)
+      std::fprintf(stderr,
+                   "dlcm: note: OMP_WAIT_POLICY=passive with %d threads: every parallel region of "
+                   "a prefill or decode step wakes sleeping threads; inference can run a third "
+                   "slower than with the default policy (unset it, or use 1 thread)\n",
+                   omp_get_max_threads());
+    return true;
+  }();
+  (void)once;
+}
+}  // namespace
+
 void InferenceStream::apply_options(const ParamStore& ps, const StreamOptions& o) {
+  note_wait_policy();
   last_rows_ = o.last_rows;
   pack_weights(ps, o);
 }
