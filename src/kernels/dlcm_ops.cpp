@@ -54,6 +54,13 @@ void check_segments(const Segments& sg, i64 B, i64 L, const char* who) {
 // 1. Router probability
 // ============================================================================================
 
+// The router's cosine with floored norms (|a| = na, |b| = nb) and its probability: one
+// definition for router_prob_forward and router_prob_rows, so their bits agree.
+static inline float router_cos(const float* a, float na, const float* b, float nb, i64 ds) {
+  return dotf(a, b, ds) / (std::max(na, kRouterNormEps) * std::max(nb, kRouterNormEps));
+}
+static inline float router_p(float c) { return std::clamp((1.f - c) * 0.5f, 0.f, 1.f); }
+
 void router_prob_forward(float* p, float* cache, const float* q, const float* k, const i32* tokens,
                          i32 bos_id, i64 B, i64 L, i64 ds) {
   DLCM_CHECK(B >= 0 && L >= 0 && ds > 0, "router_prob_forward: bad shape B=", B, " L=", L,
@@ -67,33 +74,22 @@ void router_prob_forward(float* p, float* cache, const float* q, const float* k,
 #pragma omp parallel for schedule(static) if(parallel_worth(N * ds))
   for (i64 n = 0; n < N; ++n) {
     const i64 t = n % L;
-    float c = 0.f;
-    if (t > 0) {
-      const float na = std::max(cache[(n - 1) * 3 + 0], kRouterNormEps);
-      const float nb = std::max(cache[n * 3 + 1], kRouterNormEps);
-      c = dotf(q + (n - 1) * ds, k + n * ds, ds) / (na * nb);
-    }
+    const float c = t > 0 ? router_cos(q + (n - 1) * ds, cache[(n - 1) * 3 + 0], k + n * ds,
+                                       cache[n * 3 + 1], ds)
+                          : 0.f;
     cache[n * 3 + 2] = c;
-    if (is_forced(tokens, bos_id, n, t)) {
-      p[n] = 1.f;
-    } else {
-      p[n] = std::clamp((1.f - c) * 0.5f, 0.f, 1.f);
-    }
+    p[n] = is_forced(tokens, bos_id, n, t) ? 1.f : router_p(c);
   }
 }
 
 void router_prob_rows(float* p, const float* q_prev, const float* q, const float* k, i64 n,
                       i64 ds) {
   DLCM_CHECK(n >= 0 && ds > 0, "router_prob_rows: bad shape n=", n, " ds=", ds);
-  // router_prob_forward's arithmetic: the norms, floored, then the dot over their product
 #pragma omp parallel for schedule(static) if(parallel_worth(n * ds))
   for (i64 t = 0; t < n; ++t) {
     const float* a = t == 0 ? q_prev : q + (t - 1) * ds;
     const float* b = k + t * ds;
-    const float na = std::max(std::sqrt(dotf(a, a, ds)), kRouterNormEps);
-    const float nb = std::max(std::sqrt(dotf(b, b, ds)), kRouterNormEps);
-    const float c = dotf(a, b, ds) / (na * nb);
-    p[t] = std::clamp((1.f - c) * 0.5f, 0.f, 1.f);
+    p[t] = router_p(router_cos(a, std::sqrt(dotf(a, a, ds)), b, std::sqrt(dotf(b, b, ds)), ds));
   }
 }
 

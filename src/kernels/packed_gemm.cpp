@@ -60,6 +60,15 @@ struct Prefetch {
   const char* p = nullptr;
   i64 per_step = 0, left = 0;
   bool out = false;  // the call prefetches its output lines for writing first (prefetch_c)
+  // Call g of `calls` over a panel: its share of the `lines` cache lines of `target` (nullptr:
+  // none), spread over its `steps` k steps.
+  void share(const char* target, i64 lines, i64 g, i64 calls, i64 steps) {
+    if (!target) return;
+    const i64 l0 = lines * g / calls, l1 = lines * (g + 1) / calls;
+    p = target + 64 * l0;
+    left = l1 - l0;
+    per_step = (left + steps - 1) / steps;
+  }
   void step() {
     if (left <= 0) return;
     for (i64 j = 0; j < per_step; ++j) _mm_prefetch(p + 64 * j, _MM_HINT_T0);
@@ -474,13 +483,8 @@ void packed_gemm_parts(float* const* C, const i64* ldc, const float* A, i64 lda,
       const float* Ab = A + r0 * lda;
       Prefetch pf;
       pf.out = out_prefetch;
-      if (avx512 && target) {
-        const i64 g = rt * (kRows / MR) + j;  // call g of `calls`
-        const i64 l0 = target_lines * g / calls, l1 = target_lines * (g + 1) / calls;
-        pf.p = target_panel + 64 * l0;
-        pf.left = l1 - l0;
-        pf.per_step = (pf.left + steps - 1) / steps;
-      }
+      if (avx512)  // call rt * (kRows / MR) + j of `calls`
+        pf.share(target_panel, target_lines, rt * (kRows / MR) + j, calls, steps);
       if (p.fmt == PackFormat::Q8) {
         const int8_t* pb = reinterpret_cast<const int8_t*>(panel(p, blk));
         const float* sc = p.qscale.data() + blk * kNB;
@@ -550,11 +554,15 @@ void packed_gemm_swiglu(float* H, i64 ldh, const float* A, i64 lda, const Packed
     const float* pb = reinterpret_cast<const float*>(panel(p, bb + j));
     // while this pair of panels is multiplied, the next pair streams in (after the last pair,
     // `next`'s first panel, during the W1 half)
-    const bool more = j + 1 < nb;
-    const char* ta = !pf_on ? nullptr : more ? panel(p, ba + j + 1) : chain ? panel(*next.mat, next.blk) : nullptr;
-    const char* tb = pf_on && more ? panel(p, bb + j + 1) : nullptr;
-    const i64 la = !ta ? 0 : more ? own_lines : panel_bytes(*next.mat) / 64;
-    const i64 lb = tb ? own_lines : 0;
+    const char *ta = nullptr, *tb = nullptr;
+    i64 la = own_lines, lb = own_lines;
+    if (pf_on && j + 1 < nb) {
+      ta = panel(p, ba + j + 1);
+      tb = panel(p, bb + j + 1);
+    } else if (chain) {
+      ta = panel(*next.mat, next.blk);
+      la = panel_bytes(*next.mat) / 64;
+    }
     const i64 rows = r_end - rt * kRows, tile_calls = (rows + MR - 1) / MR;
     const i64 base = rows / tile_calls, extra = rows % tile_calls;
     for (i64 c = 0, r0 = rt * kRows; c < tile_calls; r0 += base + (c < extra), ++c) {
@@ -563,18 +571,10 @@ void packed_gemm_swiglu(float* H, i64 ldh, const float* A, i64 lda, const Packed
       const float* Ab = A + r0 * lda;
       Prefetch pfa, pfb;
       pfa.out = out_prefetch;
-      const i64 g = rt * (kRows / MR) + c;  // call g of `calls`
-      if (avx512 && ta) {
-        const i64 l0 = la * g / calls, l1 = la * (g + 1) / calls;
-        pfa.p = ta + 64 * l0;
-        pfa.left = l1 - l0;
-        pfa.per_step = (pfa.left + K - 1) / K;
-      }
-      if (avx512 && tb) {
-        const i64 l0 = lb * g / calls, l1 = lb * (g + 1) / calls;
-        pfb.p = tb + 64 * l0;
-        pfb.left = l1 - l0;
-        pfb.per_step = (pfb.left + K - 1) / K;
+      if (avx512) {
+        const i64 g = rt * (kRows / MR) + c;  // call g of `calls`
+        pfa.share(ta, la, g, calls, K);
+        pfb.share(tb, lb, g, calls, K);
       }
       if (avx512) {
         isa_avx512::block_f32_pair(sa, sb, Hb, ldh, Ab, lda, pa, pb, K, n, mr, pfa, pfb);

@@ -18,7 +18,8 @@ i64 InferenceStream::length(i64 seq) const {
 namespace {
 // Once per process: the passive wait policy with several threads makes every parallel region of
 // a prefill or a decode step wake sleeping threads (~40 us each on a VM against 0.6 us
-// spinning; a prefill runs ~90 regions: a third slower at 2 threads, docs/inference.md).
+// spinning; a 128-token prefill enters 70-100 regions: a third slower at 2 threads,
+// docs/inference.md).
 void note_wait_policy() {
   static const bool once = [] {
     const char* w = std::getenv("OMP_WAIT_POLICY");

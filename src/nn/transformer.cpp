@@ -47,27 +47,25 @@ void TransformerStack::init(ParamStore& ps, const std::string& prefix, i64 n_lay
   acts_.resize(n_layers);
 }
 
-// Buffers of one block's forward for N rows.
-static void alloc_block_acts(BlockActs& a, const BlockDims& d, i64 N) {
-  a.xn1.assign(N * d.d, 0);
-  a.rstd1.assign(N, 0);
+// Sizes the buffers of one block's forward for N rows: size(buf, n) for each.
+template <class Size>
+static void size_block_acts(BlockActs& a, const BlockDims& d, i64 N, Size size) {
+  for (Buf* b : {&a.xn1, &a.mid, &a.xn2}) size(*b, N * d.d);
+  for (Buf* b : {&a.rstd1, &a.rstd2}) size(*b, N);
   if (d.qk_norm) {
-    a.q_raw.assign(N * d.q_dim(), 0);
-    a.k_raw.assign(N * d.kv_dim(), 0);
-    a.q_rstd.assign(N * d.n_heads, 0);
-    a.k_rstd.assign(N * d.n_kv_heads, 0);
+    size(a.q_raw, N * d.q_dim());
+    size(a.k_raw, N * d.kv_dim());
+    size(a.q_rstd, N * d.n_heads);
+    size(a.k_rstd, N * d.n_kv_heads);
   }
-  a.q.assign(N * d.q_dim(), 0);
-  a.k.assign(N * d.kv_dim(), 0);
-  a.v.assign(N * d.kv_dim(), 0);
-  a.att.assign(N * d.q_dim(), 0);
-  a.lse.assign(N * d.n_heads, 0);
-  a.mid.assign(N * d.d, 0);
-  a.xn2.assign(N * d.d, 0);
-  a.rstd2.assign(N, 0);
-  a.a.assign(N * d.d_ff, 0);
-  a.b.assign(N * d.d_ff, 0);
-  a.h.assign(N * d.d_ff, 0);
+  for (Buf* b : {&a.q, &a.att}) size(*b, N * d.q_dim());
+  for (Buf* b : {&a.k, &a.v}) size(*b, N * d.kv_dim());
+  size(a.lse, N * d.n_heads);
+  for (Buf* b : {&a.a, &a.b, &a.h}) size(*b, N * d.d_ff);
+}
+
+static void alloc_block_acts(BlockActs& a, const BlockDims& d, i64 N) {
+  size_block_acts(a, d, N, [](Buf& b, i64 n) { b.assign(n, 0); });
 }
 
 static void alloc_block_grads(BlockGrads& g, const BlockDims& d, i64 N) {
@@ -265,22 +263,10 @@ void grow(V& b, i64 n) {
 void TransformerStack::reserve_infer(i64 max_rows) {
   if (max_rows <= inf_rows_) return;
   // grow only: another stack may share these buffers (share_infer)
-  const BlockDims& d = dims_;
   const i64 N = max_rows;
   InferBuffers& b = *inf_;
-  BlockActs& a = b.acts;
-  for (Buf* x : {&a.xn1, &a.mid, &a.xn2, &b.out[0], &b.out[1], &b.last, &b.xq}) grow(*x, N * d.d);
-  for (Buf* x : {&a.rstd1, &a.rstd2}) grow(*x, N);
-  if (d.qk_norm) {
-    grow(a.q_raw, N * d.q_dim());
-    grow(a.k_raw, N * d.kv_dim());
-    grow(a.q_rstd, N * d.n_heads);
-    grow(a.k_rstd, N * d.n_kv_heads);
-  }
-  for (Buf* x : {&a.q, &a.att}) grow(*x, N * d.q_dim());
-  for (Buf* x : {&a.k, &a.v}) grow(*x, N * d.kv_dim());
-  grow(a.lse, N * d.n_heads);
-  for (Buf* x : {&a.a, &a.b, &a.h}) grow(*x, N * d.d_ff);
+  size_block_acts(b.acts, dims_, N, [](Buf& x, i64 n) { grow(x, n); });
+  for (Buf* x : {&b.out[0], &b.out[1], &b.last, &b.xq}) grow(*x, N * dims_.d);
   grow(b.pos, N);
   inf_rows_ = max_rows;
 }

@@ -242,22 +242,20 @@ int cmd_bench_prefill(const BenchPrefillArgs& a) {
   }
   // per-repeat ratios against a reference model (same repeat, so the same load), then their
   // median
-  auto per_repeat = [&](size_t i, size_t ref) {
-    std::vector<double> rw;
-    for (size_t r = 0; r < ms[i].wall.size(); ++r) rw.push_back(ms[i].wall[r] / ms[ref].wall[r]);
-    return rw;
-  };
-  auto ratios = [&](size_t i, size_t ref) {
-    std::vector<double> ri;
-    for (size_t r = 0; r < ms[i].wall.size(); ++r) ri.push_back(ms[i].idle[r] / ms[ref].idle[r]);
-    return std::pair{bench::median(per_repeat(i, ref)), bench::median(ri)};
+  auto per_repeat = [&](size_t i, size_t ref, std::vector<double> Model::*rate) {
+    const std::vector<double>& a = ms[i].*rate;
+    const std::vector<double>& b = ms[ref].*rate;
+    std::vector<double> v;
+    for (size_t r = 0; r < a.size(); ++r) v.push_back(a[r] / b[r]);
+    return v;
   };
   for (size_t i = 1; i < ms.size(); ++i) {
     // across checkpoints: against model 0, or with several --prefetch-c / --last-rows values
     // against the first checkpoint's entry of the same values
     const size_t ref = i % per_ckpt;
     if (i == ref) continue;
-    const auto [w, id] = ratios(i, ref);
+    const std::vector<double> rw = per_repeat(i, ref, &Model::wall);
+    const double w = bench::median(rw), id = bench::median(per_repeat(i, ref, &Model::idle));
     const double f = ms[i].flops_tok / ms[ref].flops_tok, fr = ms[i].flops_run / ms[ref].flops_run;
     std::printf("model %zu / model %zu prefill tokens/s: %.2fx wall, %.2fx idle; at matched FLOPs "
                 "as run (head%s once per prompt, x %.3f FLOP/token ratio): %.2fx wall, %.2fx idle; "
@@ -265,7 +263,6 @@ int cmd_bench_prefill(const BenchPrefillArgs& a) {
                 i, ref, w, id, ms[i].last_rows ? " and final block's tail" : "", fr, w * fr,
                 id * fr, f, w * f, id * f);
     // how the repeats spread: a median near 1 is "parity" only if they straddle it
-    const std::vector<double> rw = per_repeat(i, ref);
     const auto above = std::count_if(rw.begin(), rw.end(), [&](double x) { return x * fr > 1.0; });
     std::printf("  its repeats at matched FLOPs as run (wall): quartiles %.3fx-%.3fx, above 1.0x "
                 "in %td of %zu\n",
@@ -274,7 +271,8 @@ int cmd_bench_prefill(const BenchPrefillArgs& a) {
   for (size_t i = 0; i < ms.size() && per_ckpt > 1; ++i) {
     const size_t ref = i - i % per_ckpt;  // the same checkpoint's first entry
     if (i == ref) continue;
-    const auto [w, id] = ratios(i, ref);
+    const double w = bench::median(per_repeat(i, ref, &Model::wall));
+    const double id = bench::median(per_repeat(i, ref, &Model::idle));
     std::printf("model %zu / model %zu prefill tokens/s (checkpoint %zu, %s / %s): "
                 "%.2fx wall, %.2fx idle\n",
                 i, ref, ms[i].ckpt, ms[i].variant().c_str(), ms[ref].variant().c_str(), w, id);
