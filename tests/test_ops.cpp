@@ -169,8 +169,9 @@ const Case kCases[] = {
     {.op = "attention", .B = 1, .Lq = 33, .Lk = 33, .Hq = 2, .Hkv = 2, .hd = 80},
     {.op = "attention", .B = 2, .Lq = 150, .Lk = 150, .Hq = 2, .Hkv = 1, .hd = 64, .std = 2.0f},
     {.op = "attention", .B = 8, .Lq = 512, .Lk = 512, .Hq = 8, .Hkv = 8, .hd = 64, .perf = true},
-    // BF16 precision: on AMX CPUs the tile products run on AMX with bf16 operands
-    // (tile_mm_amx), elsewhere the FP32 kernel runs (same rows, tighter result).
+    // BF16 precision: bf16 operands in the tiles' layouts, on AMX tiles (and, there, again as
+    // AVX512-BF16 dot products) or, on a CPU with AVX512-BF16 only, as dot products; with the
+    // BF16 products on the FP32 units the FP32 kernel runs (same rows, tighter result).
     {.op = "attention_bf16", .B = 2, .Lq = 7, .Lk = 7, .Hq = 2, .Hkv = 2, .hd = 8},
     {.op = "attention_bf16", .B = 1, .Lq = 67, .Lk = 67, .Hq = 4, .Hkv = 2, .hd = 16},
     {.op = "attention_bf16", .B = 2, .Lq = 130, .Lk = 130, .Hq = 4, .Hkv = 1, .hd = 5},
@@ -267,8 +268,9 @@ const Case kCases[] = {
      .B = 1, .Lq = 257, .Hq = 2, .Hkv = 2, .hd = 8, .pat = Pattern::WholeRow},
     {.op = "concept_attention_compact",
      .B = 8, .Lq = 512, .Hq = 8, .Hkv = 8, .hd = 64, .perf = true},
-    // BF16 precision: on AMX CPUs the compact kernel runs on AMX tiles with bf16 operands
-    // (several key tiles, hd > 64 and odd, GQA, every pattern, padded query blocks)
+    // BF16 precision: the compact kernel on bf16 operands, on AMX tiles and as AVX512-BF16 dot
+    // products as attention_bf16 (several key tiles, hd > 64 and odd, GQA, every pattern,
+    // padded query blocks)
     {.op = "concept_attention_compact_bf16", .B = 2, .Lq = 23, .Hq = 4, .Hkv = 2, .hd = 8},
     {.op = "concept_attention_compact_bf16",
      .B = 2, .Lq = 160, .Hq = 8, .Hkv = 2, .hd = 64, .pat = Pattern::MultiDoc},
@@ -661,21 +663,20 @@ void run_attention_at(const Case& c, Mode m, bool bf16) {
   for (i64 i = 0; i < Lq; ++i) pairs += double(std::min(Lk, qo + i + 1));
   H.flops = {4.0 * B * Hq * pairs * hd, 10.0 * B * Hq * pairs * hd};
   std::optional<ops::PrecisionScope> prec;
-  // the AMX tiles run where BF16 meets an AMX CPU and the avx512 kernels
-  const bool amx = bf16 && ops::amx_bf16_usable() && ops::isa() == ops::Isa::Avx512;
-  if (bf16) {
-    prec.emplace(ops::Precision::BF16);
-    if (amx) {
-      // bf16 operands (8 significant bits) in every tile product: within 2% of the largest
-      // output or gradient of the reference (whose gradients the FP32 rows check by finite
-      // differences; per-entry finite differences do not fit bf16 noise on near-zero entries)
-      H.tol = 2e-2;
-      H.fd_probes = 0;
-    }
+  if (bf16) prec.emplace(ops::Precision::BF16);
+  // bf16 operands (AMX tiles or AVX512-BF16 dot products) where BF16 meets such a CPU, the
+  // native units and the avx512 kernels
+  const bool amx = ops::attention_units() != ops::AttentionUnits::Fp32;
+  if (amx) {
+    // bf16 operands (8 significant bits) in every tile product: within 2% of the largest
+    // output or gradient of the reference (whose gradients the FP32 rows check by finite
+    // differences; per-entry finite differences do not fit bf16 noise on near-zero entries)
+    H.tol = 2e-2;
+    H.fd_probes = 0;
   }
   if (!finish(H, c, m, 15)) return;
   if (amx) {
-    // the AMX path really ran: the backward (always tiles) is not the FP32 kernel's
+    // the bf16 path really ran: the backward (always bf16) is not the FP32 kernel's
     auto o = alloc(H.out_sizes);
     H.fwd(Fast, o);
     std::vector<i64> in_sizes;
@@ -752,9 +753,21 @@ void run_attention_at(const Case& c, Mode m, bool bf16) {
 }
 
 void run_attention(const Case& c, Mode m) { run_attention_at(c, m, false); }
+// On an AMX CPU the BF16 attention also runs as AVX512-BF16 dot products (the units of a CPU
+// without AMX) for the scope.
+struct AttentionTilesOff {
+  AttentionTilesOff() { ops::set_attention_tiles(false); }
+  ~AttentionTilesOff() { ops::set_attention_tiles(true); }
+};
+bool amx_kernels() { return ops::amx_bf16_usable() && ops::isa() == ops::Isa::Avx512; }
+
 void run_attention_bf16(const Case& c, Mode m) {
   if (!ops::cpu_has_bf16()) return;  // BF16 precision needs AVX512-BF16
-  run_attention_at(c, m, true);
+  run_attention_at(c, m, true);  // AMX tiles where there are, else dot products
+  if (amx_kernels()) {
+    AttentionTilesOff dot;
+    run_attention_at(c, m, true);
+  }
 }
 
 void run_cross_entropy(const Case& c, Mode m) {
@@ -1612,17 +1625,15 @@ void run_concept_attention(const Case& c, Mode m) {
   H.flops = {4.0 * Hq * pairs * hd, 10.0 * Hq * pairs * hd};
   if (L > 100) H.fd_probes = 12;  // the double reference is O(L^2) per probe
   std::optional<ops::PrecisionScope> prec;
-  const bool amx = bf16 && ops::amx_bf16_usable() && ops::isa() == ops::Isa::Avx512;
-  if (bf16) {
-    prec.emplace(ops::Precision::BF16);
-    if (amx) {  // bf16 operands in every tile product: as attention_bf16
-      H.tol = 2e-2;
-      H.fd_probes = 0;
-    }
+  if (bf16) prec.emplace(ops::Precision::BF16);
+  const bool amx = ops::attention_units() != ops::AttentionUnits::Fp32;
+  if (amx) {  // bf16 operands in every tile product: as attention_bf16
+    H.tol = 2e-2;
+    H.fd_probes = 0;
   }
   if (!finish(H, c, m, 30)) return;
   if (amx && L > 1) {
-    // the tiles really ran: forward and backward differ from the FP32 kernel's
+    // the bf16 path really ran: forward and backward differ from the FP32 kernel's
     auto o16 = alloc(H.out_sizes), o32 = alloc(H.out_sizes);
     H.fwd(Fast, o16);
     Buf R(o16[0].size());
@@ -1652,6 +1663,15 @@ void run_concept_attention(const Case& c, Mode m) {
         ASSERT_EQ(g[1][(r * K1 + e) * W + i], 0.f) << "row " << r << " entry " << e;
         ASSERT_EQ(g[2][(r * K1 + e) * W + i], 0.f) << "row " << r << " entry " << e;
       }
+}
+
+// On an AMX CPU the tiles, then the dot products; elsewhere the dot products.
+void run_concept_attention_bf16(const Case& c, Mode m) {
+  run_concept_attention(c, m);
+  if (amx_kernels() && ops::cpu_has_bf16()) {
+    AttentionTilesOff dot;
+    run_concept_attention(c, m);
+  }
 }
 
 // The Global Parser loss as a function of p (b fixed): one scalar output; its backward is
@@ -1766,7 +1786,7 @@ const std::pair<const char*, Runner> kOps[] = {
     {"concept_list", run_concept_list},
     {"concept_gather", run_concept_gather},
     {"concept_attention_compact", run_concept_attention},
-    {"concept_attention_compact_bf16", run_concept_attention},
+    {"concept_attention_compact_bf16", run_concept_attention_bf16},
     {"concept_attention_replicate", run_concept_attention},
     {"concept_attention_masked", run_concept_attention},
     {"aux_loss", run_aux_loss},

@@ -184,16 +184,36 @@ TEST(WindowAttention, KeysBeforeTheWindowAreInvisible) {
   for (const KCase& c : kCases) expect_window_cuts(c);
 }
 
-// BF16 precision on an AMX CPU: the forward runs on AMX tiles in their own layouts, key blocks
-// on the 64-key grid (so a tile's first block may hold keys before every query's window), the
-// backward on tile_mm_amx. Against the FP32 reference within bf16 rounding (2% of the largest
+// The units BF16 attention can run on here with bf16 operands (ops::attention_units()): the
+// AMX tiles and, on the same CPU, the AVX512-BF16 dot products (tiles switched off); the dot
+// products alone on a CPU with AVX512-BF16 and no AMX; none elsewhere. Call under BF16.
+std::vector<bool> bf16_attention_tile_settings() {
+  std::vector<bool> tiles;
+  if (ops::attention_units() == ops::AttentionUnits::Fp32) return tiles;
+  if (ops::attention_units() == ops::AttentionUnits::Tiles) tiles.push_back(true);
+  tiles.push_back(false);
+  return tiles;
+}
+
+struct TilesRestore {
+  ~TilesRestore() { ops::set_attention_tiles(true); }
+};
+
+// BF16 precision on an AMX or AVX512-BF16 CPU: both passes run on bf16 operands in the tiles'
+// own layouts, key blocks on the 64-key grid (so a tile's first block may hold keys before
+// every query's window). Against the FP32 reference within bf16 rounding (2% of the largest
 // entry), and the window still cuts bit-exactly.
-TEST(WindowAttention, AmxTilesMatchReferenceAndCut) {
-  if (!ops::amx_bf16_usable() || ops::isa() != ops::Isa::Avx512)
-    GTEST_SKIP() << "no AMX-BF16 tiles (or kernels below avx512) here";
+TEST(WindowAttention, Bf16TilesMatchReferenceAndCut) {
+  if (!ops::cpu_has_bf16()) GTEST_SKIP() << "no AVX512-BF16 here";
   ops::PrecisionScope bf16(ops::Precision::BF16);
+  const std::vector<bool> settings = bf16_attention_tile_settings();
+  if (settings.empty())
+    GTEST_SKIP() << "no bf16 attention units (the avx512 kernels, the native BF16 units) here";
+  TilesRestore restore;
+  for (bool tiles : settings)
   for (const KCase& c : kCases) {
-    SCOPED_TRACE(::testing::PrintToString(c));
+    ops::set_attention_tiles(tiles);
+    SCOPED_TRACE(::testing::PrintToString(c) + (tiles ? " amx tiles" : " dot products"));
     Attn a(c, 10 + c.Lq + c.w);
     Both r(a);
     EXPECT_LT(err(r.out, r.rout), 2e-2);
@@ -211,15 +231,21 @@ TEST(WindowAttention, AmxTilesMatchReferenceAndCut) {
 
 // accumulate = false writes dq/dk/dv without reading them: NaN-filled outputs end up with the
 // values of accumulating into zeros, including the cached keys before every query's window
-// (skipped blocks: exact zeros), in FP32 and, where there are AMX tiles, in BF16.
+// (skipped blocks: exact zeros), in FP32 and, on each bf16 attention unit there is, in BF16.
 TEST(WindowAttention, OverwriteModeEqualsAccumulatingIntoZeros) {
-  std::vector<ops::Precision> precs = {ops::Precision::FP32};
-  if (ops::amx_bf16_usable() && ops::isa() == ops::Isa::Avx512)
-    precs.push_back(ops::Precision::BF16);
-  for (ops::Precision p : precs) {
+  // FP32, then BF16 on each of the bf16 units there are
+  std::vector<std::pair<ops::Precision, bool>> runs = {{ops::Precision::FP32, true}};
+  if (ops::cpu_has_bf16()) {
+    ops::PrecisionScope ps(ops::Precision::BF16);
+    for (bool tiles : bf16_attention_tile_settings()) runs.push_back({ops::Precision::BF16, tiles});
+  }
+  TilesRestore restore;
+  for (auto [p, tiles] : runs) {
     ops::PrecisionScope ps(p);
+    ops::set_attention_tiles(tiles);
     for (const KCase& c : kCases) {
-      SCOPED_TRACE(::testing::PrintToString(c) + " " + ops::precision_name(p));
+      SCOPED_TRACE(::testing::PrintToString(c) + " " + ops::precision_name(p) +
+                   (p == ops::Precision::FP32 ? "" : tiles ? " amx tiles" : " dot products"));
       Attn a(c, 30 + c.Lq + c.w);
       Buf out, lse, dq, dk, dv;
       a.fwd(out, lse, c.w);

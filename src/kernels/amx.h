@@ -47,20 +47,21 @@ alignas(64) inline const uint16_t kPairIdx[32] = {0, 16, 1, 17, 2,  18, 3,  19, 
 }  // namespace dlcm::ops::DLCM_ISA_NS::amx
 
 namespace dlcm::ops::DLCM_ISA_NS {
-// The compact concept attention (dlcm_ops.h) in BF16 on AMX tiles, by attention.cpp's
-// tile-layout kernels with the concept mask and bias: the shapes, lse and accumulation (dq, dk,
-// dv +=) of concept_attention_forward/backward (k, v: [B, K1, Hkv, hd]); bf16 operands, FP32
-// softmax and accumulation. Per token, sf = the last list entry it sees (as float) and logd =
-// log of its own entry's multiplicity [B*L]; logm = the entries' log lengths [B*K1]. For an
-// AMX CPU (ops::amx_bf16_usable()), scale > 0.
-void concept_attention_forward_amx(float* out, float* lse, const float* q, const float* k,
-                                   const float* v, i64 B, i64 L, i64 K1, i64 Hq, i64 Hkv, i64 hd,
-                                   float scale, const float* sf, const float* logd,
-                                   const float* logm, bool par);
-void concept_attention_backward_amx(float* dq, float* dk, float* dv, const float* dout,
-                                    const float* out, const float* lse, const float* q,
-                                    const float* k, const float* v, i64 B, i64 L, i64 K1, i64 Hq,
-                                    i64 Hkv, i64 hd, float scale, const float* sf,
-                                    const float* logd, const float* logm, bool par);
+// The compact concept attention (dlcm_ops.h) in BF16, by attention.cpp's tile-layout kernels
+// with the concept mask and bias, on the units ops::attention_units() names (AMX tiles or
+// AVX512-BF16 dot products): the shapes, lse and accumulation (dq, dk, dv +=) of
+// concept_attention_forward/backward (k, v: [B, K1, Hkv, hd]); bf16 operands, FP32 softmax and
+// accumulation. Per token, sf = the last list entry it sees (as float) and logd = log of its
+// own entry's multiplicity [B*L]; logm = the entries' log lengths [B*K1]. For
+// attention_units() != Fp32, scale > 0.
+void concept_attention_forward_bf16(float* out, float* lse, const float* q, const float* k,
+                                    const float* v, i64 B, i64 L, i64 K1, i64 Hq, i64 Hkv, i64 hd,
+                                    float scale, const float* sf, const float* logd,
+                                    const float* logm, bool par);
+void concept_attention_backward_bf16(float* dq, float* dk, float* dv, const float* dout,
+                                     const float* out, const float* lse, const float* q,
+                                     const float* k, const float* v, i64 B, i64 L, i64 K1, i64 Hq,
+                                     i64 Hkv, i64 hd, float scale, const float* sf,
+                                     const float* logd, const float* logm, bool par);
 }  // namespace dlcm::ops::DLCM_ISA_NS
 #endif

@@ -7,10 +7,11 @@
 // Saves lse = m + log(l). Few queries (decoding) take a row-layout path instead,
 // attention_forward_rows, one task per (batch, kv head).
 //
-// BF16 on AMX: with the GEMMs in BF16 on a CPU with AMX tiles, both passes of the block path
-// run on the tiles with their operands kept in the tiles' layouts (attention_forward_amx,
-// attention_backward_amx: bf16 operands as the BF16 GEMMs round them, FP32 accumulation and
-// softmax). Decoding's row path stays FP32.
+// BF16: with the GEMMs in BF16 on the native units, both passes of the block path run on bf16
+// operands kept in the AMX tiles' layouts (attention_forward_bf16, attention_backward_bf16:
+// bf16 operands as the BF16 GEMMs round them, FP32 accumulation and softmax), their products
+// on the AMX tiles where the CPU has them, else as AVX512-BF16 dot products (vdpbf16ps reads
+// the same pair layout; ops::attention_units()). Decoding's row path stays FP32.
 //
 // Backward: one task per (batch, kv head). The task owns every query head of its group, so it
 // can accumulate dq, dk and dv without races or per-thread copies: for each key block it
@@ -112,8 +113,7 @@ struct TileProduct {
   bool amx = false;
   TileProduct() {
 #ifdef DLCM_AVX512
-    amx = gemm_precision() == Precision::BF16 && bf16_units() == Bf16Units::Native &&
-          amx_bf16_usable();
+    amx = attention_units() == AttentionUnits::Tiles;
 #endif
   }
   void operator()(float* C, i64 ldc, const float* A, i64 rsa, i64 csa, const float* B, i64 ldb,
@@ -263,6 +263,60 @@ DLCM_AMX_TARGET void amx_product(float* C, i64 ldc, const uint16_t* A, i64 lda, 
     }
 }
 
+// The same product as AVX512-BF16 dot products, for a CPU without AMX: vdpbf16ps multiplies a
+// pair of bf16 per 32-bit lane and adds both products to the lane's FP32 sum, so the A row's
+// pair (k, k+1), broadcast, against a 64-byte row of the pair layout (16 columns' pairs) gives
+// 16 columns' sums; 8 rows x 32 columns of C stay in 16 accumulators over all of K. The same
+// operands and FP32 sums as the tiles (in another order; both flush denormals).
+#define DLCM_BF16DOT_TARGET \
+  __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+DLCM_BF16DOT_TARGET void dot_product(float* C, i64 ldc, const uint16_t* A, i64 lda,
+                                     const uint16_t* Bp, i64 ldp, i64 M, i64 N, i64 K, bool acc) {
+  constexpr int MR = 8, NV = 2;
+  for (i64 i = 0; i < M; i += MR)
+    for (i64 j = 0; j < N; j += 16 * NV) {
+      __m512 c[MR][NV];
+      for (int r = 0; r < MR; ++r)
+        for (int v = 0; v < NV; ++v)
+          c[r][v] = acc ? _mm512_loadu_ps(C + (i + r) * ldc + j + 16 * v) : _mm512_setzero_ps();
+      const uint16_t* b = Bp + 2 * j;
+      const uint16_t* a = A + i * lda;
+      for (i64 p = 0; p < K / 2; ++p, b += ldp, a += 2) {
+        __m512bh bv[NV];
+        for (int v = 0; v < NV; ++v) bv[v] = (__m512bh)_mm512_loadu_si512(b + 32 * v);
+        for (int r = 0; r < MR; ++r) {
+          int32_t w;
+          std::memcpy(&w, a + r * lda, sizeof w);
+          const __m512bh av = (__m512bh)_mm512_set1_epi32(w);
+          for (int v = 0; v < NV; ++v) c[r][v] = _mm512_dpbf16_ps(c[r][v], av, bv[v]);
+        }
+      }
+      for (int r = 0; r < MR; ++r)
+        for (int v = 0; v < NV; ++v) _mm512_storeu_ps(C + (i + r) * ldc + j + 16 * v, c[r][v]);
+    }
+}
+
+// The units of the tile-layout kernels below: begin() before a task's products, end() after.
+struct AmxUnits {
+  amx::TileConfig cfg = amx::full_tiles();
+  // oneDNN's AMX kernels load their own configuration: ours, on every task.
+  DLCM_AMX_TARGET void begin() const { _tile_loadconfig(&cfg); }
+  // no tile state in use between tasks (saved at every context switch)
+  DLCM_AMX_TARGET void end() const { _tile_release(); }
+  DLCM_AMX_TARGET void product(float* C, i64 ldc, const uint16_t* A, i64 lda, const uint16_t* Bp,
+                               i64 ldp, i64 M, i64 N, i64 K, bool acc) const {
+    amx_product(C, ldc, A, lda, Bp, ldp, M, N, K, acc);
+  }
+};
+struct DotUnits {
+  void begin() const {}
+  void end() const {}
+  void product(float* C, i64 ldc, const uint16_t* A, i64 lda, const uint16_t* Bp, i64 ldp, i64 M,
+               i64 N, i64 K, bool acc) const {
+    dot_product(C, ldc, A, lda, Bp, ldp, M, N, K, acc);
+  }
+};
+
 // Rows [n][hd] (ld apart) -> the pair layout of a B operand [rows_p/2][hdp][2] (rows 2p and
 // 2p+1 interleaved per column), zero beyond n rows and hd columns.
 DLCM_AMX_TARGET void amx_pairs(uint16_t* d, const float* src, i64 ld, i64 n, i64 rows_p, i64 hd,
@@ -392,10 +446,10 @@ struct ConceptMask {
   }
 };
 
-template <class Mask>
-DLCM_AMX_TARGET void attention_forward_amx(float* out, float* lse, const float* q, const float* k,
-                                           const float* v, i64 B, i64 Lq, i64 Lk, i64 Hq, i64 Hkv,
-                                           i64 hd, float scale, const Mask& mask, bool par) {
+template <class Units, class Mask>
+DLCM_AMX_TARGET void attention_forward_bf16(float* out, float* lse, const float* q, const float* k,
+                                            const float* v, i64 B, i64 Lq, i64 Lk, i64 Hq, i64 Hkv,
+                                            i64 hd, float scale, const Mask& mask, bool par) {
   const i64 group = Hq / Hkv, ldq = Hq * hd, ldk = Hkv * hd;
   const i64 nqb = (Lq + BQ - 1) / BQ;
   const i64 hdp = (hd + 31) / 32 * 32;
@@ -405,7 +459,7 @@ DLCM_AMX_TARGET void attention_forward_amx(float* out, float* lse, const float* 
     amx::AVec<uint16_t> kt(Lkp * hdp), vt(Lkp * hdp), qv(hdp * BQ), qtmp(BQ * hdp), pv(BK * BQ);
     Buf vtmp(size_t(hdp) * BK), st(size_t(BK) * BQ), ot(size_t(hdp) * BQ);
     alignas(64) float m[BQ], l[BQ], corr[BQ], blk[16 * 16];
-    const amx::TileConfig cfg = amx::full_tiles();
+    const Units units;
 #pragma omp for schedule(dynamic, 1)
     for (i64 t = 0; t < B * Hq; ++t) {
       const i64 h = t % Hq, b = t / Hq, g = h / group;
@@ -418,8 +472,7 @@ DLCM_AMX_TARGET void attention_forward_amx(float* out, float* lse, const float* 
         amx_vt(vt.data() + j0 * hdp, vtmp.data(), v + (src - k), ldk, std::min(BK, Lk - j0), hd,
                hdp);
       }
-      // oneDNN's AMX kernels load their own configuration: ours, on every task.
-      _tile_loadconfig(&cfg);
+      units.begin();
       for (i64 qb = 0; qb < nqb; ++qb) {
         const i64 i0 = qb * BQ, mq = std::min(BQ, Lq - i0);
         // From the block that holds the first key the tile's row 0 sees.
@@ -430,7 +483,7 @@ DLCM_AMX_TARGET void attention_forward_amx(float* out, float* lse, const float* 
         std::fill(ot.begin(), ot.end(), 0.0f);
         for (i64 j0 = jbeg; j0 < jend; j0 += BK) {
           const i64 nk = std::min(BK, jend - j0);
-          amx_product(st.data(), BQ, kt.data() + j0 * hdp, hdp, qv.data(), 2 * BQ, BK, BQ, hdp,
+          units.product(st.data(), BQ, kt.data() + j0 * hdp, hdp, qv.data(), 2 * BQ, BK, BQ, hdp,
                       false);
           mask.hide(st.data(), b, i0, mq, j0, nk);
           softmax_cols_tiles(st.data(), nk, scale, m, l, corr, pv.data());
@@ -442,7 +495,7 @@ DLCM_AMX_TARGET void attention_forward_amx(float* out, float* lse, const float* 
               _mm512_store_ps(o, _mm512_mul_ps(_mm512_load_ps(o), c));
             }
           }
-          amx_product(ot.data(), BQ, vt.data() + j0 * hdp, BK, pv.data(), 2 * BQ, hdp, BQ, BK,
+          units.product(ot.data(), BQ, vt.data() + j0 * hdp, BK, pv.data(), 2 * BQ, hdp, BQ, BK,
                       true);
         }
         // out = (O^T)^T / l, 16 x 16 blocks.
@@ -457,7 +510,7 @@ DLCM_AMX_TARGET void attention_forward_amx(float* out, float* lse, const float* 
           }
         for (i64 r = 0; r < mq; ++r) lse[(b * Hq + h) * Lq + i0 + r] = m[r] + std::log(l[r]);
       }
-      _tile_release();  // no tile state in use between tasks (saved at every context switch)
+      units.end();
     }
   }
 }
@@ -504,12 +557,12 @@ DLCM_AMX_TARGET void softmax_grad_tiles(const float* st, const float* dpt, float
 }
 DLCM_GCC105593_END
 
-template <class Mask>
-DLCM_AMX_TARGET void attention_backward_amx(float* dq, float* dk, float* dv, const float* dout,
-                                            const float* lse, const float* D, const float* q,
-                                            const float* k, const float* v, i64 B, i64 Lq,
-                                            i64 Lk, i64 Hq, i64 Hkv, i64 hd, float scale,
-                                            const Mask& mask, bool par, bool acc) {
+template <class Units, class Mask>
+DLCM_AMX_TARGET void attention_backward_bf16(float* dq, float* dk, float* dv, const float* dout,
+                                             const float* lse, const float* D, const float* q,
+                                             const float* k, const float* v, i64 B, i64 Lq,
+                                             i64 Lk, i64 Hq, i64 Hkv, i64 hd, float scale,
+                                             const Mask& mask, bool par, bool acc) {
   const i64 group = Hq / Hkv, ldq = Hq * hd, ldk = Hkv * hd;
   const i64 hdp = (hd + 31) / 32 * 32, nqb = (Lq + BQ - 1) / BQ;
   const i64 nblk = group * nqb, opw = BQ * hdp;  // query blocks of a task; words per operand
@@ -525,7 +578,7 @@ DLCM_AMX_TARGET void attention_backward_amx(float* dq, float* dk, float* dv, con
         dsb(BK * BQ);
     Buf st(size_t(BK) * BQ), dpt(size_t(BK) * BQ), ktmp(size_t(hdp) * BK), dka(size_t(BK) * hdp),
         dva(size_t(BK) * hdp);
-    const amx::TileConfig cfg = amx::full_tiles();
+    const Units units;
 #pragma omp for schedule(dynamic, 1)
     for (i64 t = 0; t < B * Hkv; ++t) {
       const i64 b = t / Hkv, g = t % Hkv;
@@ -546,7 +599,7 @@ DLCM_AMX_TARGET void attention_backward_amx(float* dq, float* dk, float* dv, con
           }
         }
       std::fill(dqt.begin(), dqt.end(), 0.0f);
-      _tile_loadconfig(&cfg);
+      units.begin();
       const i64 jend = mask.keys_all(b).second;  // keys some query sees
       for (i64 j0 = 0; j0 < jend; j0 += BK) {
         const i64 nk = std::min(BK, jend - j0);
@@ -564,25 +617,25 @@ DLCM_AMX_TARGET void attention_backward_amx(float* dq, float* dk, float* dv, con
         for (i64 hh = 0; hh < group; ++hh)
           for (i64 qb = istart / BQ; qb * BQ < iend; ++qb) {
             const i64 x = hh * nqb + qb, i0 = qb * BQ;
-            amx_product(st.data(), BQ, ka.data(), hdp, qt.data() + x * opw, 2 * BQ, BK, BQ, hdp,
+            units.product(st.data(), BQ, ka.data(), hdp, qt.data() + x * opw, 2 * BQ, BK, BQ, hdp,
                         false);
-            amx_product(dpt.data(), BQ, va.data(), hdp, gt.data() + x * opw, 2 * BQ, BK, BQ, hdp,
+            units.product(dpt.data(), BQ, va.data(), hdp, gt.data() + x * opw, 2 * BQ, BK, BQ, hdp,
                         false);
             // Hidden entries (all BQ columns; padded queries are zeroed by lse = +inf). Keys
             // >= nk are after every query that sees the block: the mask hides them.
             mask.hide(st.data(), b, i0, BQ, j0, BK);
             softmax_grad_tiles(st.data(), dpt.data(), scale, ls.data() + x * BQ,
                                dd.data() + x * BQ, pa.data(), dsa.data(), dsb.data());
-            amx_product(dva.data(), hdp, pa.data(), BQ, gp.data() + x * opw, 2 * hdp, BK, hdp,
+            units.product(dva.data(), hdp, pa.data(), BQ, gp.data() + x * opw, 2 * hdp, BK, hdp,
                         BQ, true);
-            amx_product(dka.data(), hdp, dsa.data(), BQ, qp.data() + x * opw, 2 * hdp, BK, hdp,
+            units.product(dka.data(), hdp, dsa.data(), BQ, qp.data() + x * opw, 2 * hdp, BK, hdp,
                         BQ, true);
-            amx_product(dqt.data() + x * opw, BQ, kt.data(), BK, dsb.data(), 2 * BQ, hdp, BQ, BK,
+            units.product(dqt.data() + x * opw, BQ, kt.data(), BK, dsb.data(), 2 * BQ, hdp, BQ, BK,
                         true);
           }
         add_key_grads(dk, dv, dka.data(), dva.data(), hdp, scale, b, g, j0, nk, Lk, Hkv, hd, acc);
       }
-      _tile_release();
+      units.end();
       if (!acc) zero_key_grads(dk, dv, b, g, jend, Lk, Lk, Hkv, hd);
       // dq += scale (dQ^T)^T, 16 x 16 blocks.
       alignas(64) float blk[16 * 16];
@@ -744,22 +797,29 @@ Buf row_terms(const float* dout, const float* out, i64 B, i64 Lq, i64 Hq, i64 hd
 }  // namespace
 
 #ifdef DLCM_AVX512
-void concept_attention_forward_amx(float* out, float* lse, const float* q, const float* k,
-                                   const float* v, i64 B, i64 L, i64 K1, i64 Hq, i64 Hkv, i64 hd,
-                                   float scale, const float* sf, const float* logd,
-                                   const float* logm, bool par) {
-  attention_forward_amx(out, lse, q, k, v, B, L, K1, Hq, Hkv, hd, scale,
-                        ConceptMask{L, K1, scale, sf, logd, logm}, par);
+void concept_attention_forward_bf16(float* out, float* lse, const float* q, const float* k,
+                                    const float* v, i64 B, i64 L, i64 K1, i64 Hq, i64 Hkv, i64 hd,
+                                    float scale, const float* sf, const float* logd,
+                                    const float* logm, bool par) {
+  const ConceptMask mask{L, K1, scale, sf, logd, logm};
+  if (attention_units() == AttentionUnits::Tiles)
+    return attention_forward_bf16<AmxUnits>(out, lse, q, k, v, B, L, K1, Hq, Hkv, hd, scale, mask,
+                                            par);
+  attention_forward_bf16<DotUnits>(out, lse, q, k, v, B, L, K1, Hq, Hkv, hd, scale, mask, par);
 }
 
-void concept_attention_backward_amx(float* dq, float* dk, float* dv, const float* dout,
-                                    const float* out, const float* lse, const float* q,
-                                    const float* k, const float* v, i64 B, i64 L, i64 K1, i64 Hq,
-                                    i64 Hkv, i64 hd, float scale, const float* sf,
-                                    const float* logd, const float* logm, bool par) {
+void concept_attention_backward_bf16(float* dq, float* dk, float* dv, const float* dout,
+                                     const float* out, const float* lse, const float* q,
+                                     const float* k, const float* v, i64 B, i64 L, i64 K1, i64 Hq,
+                                     i64 Hkv, i64 hd, float scale, const float* sf,
+                                     const float* logd, const float* logm, bool par) {
   const Buf D = row_terms(dout, out, B, L, Hq, hd, par);
-  attention_backward_amx(dq, dk, dv, dout, lse, D.data(), q, k, v, B, L, K1, Hq, Hkv, hd, scale,
-                         ConceptMask{L, K1, scale, sf, logd, logm}, par, true);
+  const ConceptMask mask{L, K1, scale, sf, logd, logm};
+  if (attention_units() == AttentionUnits::Tiles)
+    return attention_backward_bf16<AmxUnits>(dq, dk, dv, dout, lse, D.data(), q, k, v, B, L, K1,
+                                             Hq, Hkv, hd, scale, mask, par, true);
+  attention_backward_bf16<DotUnits>(dq, dk, dv, dout, lse, D.data(), q, k, v, B, L, K1, Hq, Hkv,
+                                    hd, scale, mask, par, true);
 }
 #endif
 
@@ -777,9 +837,14 @@ void attention_forward(float* out, float* lse, const float* q, const float* k, c
                                   window, par);
   const TileProduct mm;
 #ifdef DLCM_AVX512
-  if (mm.amx && scale > 0)
-    return attention_forward_amx(out, lse, q, k, v, B, Lq, Lk, Hq, Hkv, hd, scale,
-                                 CausalMask{Lq, Lk, q_offset, window}, par);
+  if (const AttentionUnits u = attention_units(); u != AttentionUnits::Fp32 && scale > 0) {
+    const CausalMask mask{Lq, Lk, q_offset, window};
+    if (u == AttentionUnits::Tiles)
+      return attention_forward_bf16<AmxUnits>(out, lse, q, k, v, B, Lq, Lk, Hq, Hkv, hd, scale,
+                                              mask, par);
+    return attention_forward_bf16<DotUnits>(out, lse, q, k, v, B, Lq, Lk, Hq, Hkv, hd, scale,
+                                            mask, par);
+  }
 #endif
 #pragma omp parallel if (par)
   {
@@ -863,10 +928,14 @@ void attention_backward(float* dq, float* dk, float* dv, const float* dout, cons
   const Buf D = row_terms(dout, out, B, Lq, Hq, hd, par);
 
 #ifdef DLCM_AVX512
-  if (mm.amx && scale > 0)
-    return attention_backward_amx(dq, dk, dv, dout, lse, D.data(), q, k, v, B, Lq, Lk, Hq, Hkv,
-                                  hd, scale, CausalMask{Lq, Lk, q_offset, window}, par,
-                                  accumulate);
+  if (const AttentionUnits u = attention_units(); u != AttentionUnits::Fp32 && scale > 0) {
+    const CausalMask mask{Lq, Lk, q_offset, window};
+    if (u == AttentionUnits::Tiles)
+      return attention_backward_bf16<AmxUnits>(dq, dk, dv, dout, lse, D.data(), q, k, v, B, Lq, Lk,
+                                               Hq, Hkv, hd, scale, mask, par, accumulate);
+    return attention_backward_bf16<DotUnits>(dq, dk, dv, dout, lse, D.data(), q, k, v, B, Lq, Lk,
+                                             Hq, Hkv, hd, scale, mask, par, accumulate);
+  }
 #endif
 #pragma omp parallel if (par)
   {

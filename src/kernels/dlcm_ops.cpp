@@ -731,11 +731,11 @@ void concept_attention_forward(float* out, float* lse, const float* q, const flo
   const ConceptFacts f(sg, inclusive ? 1 : 0);
   const bool par = parallel_worth(attn_work(sg, Hq, hd));
 #ifdef DLCM_AVX512
-  // BF16 GEMMs on an AMX CPU: the tiles, with every operand in a tile's layout
-  if (gemm_precision() == Precision::BF16 && bf16_units() == Bf16Units::Native &&
-      amx_bf16_usable() && scale > 0)
-    return concept_attention_forward_amx(out, lse, q, k, v, B, L, sg.Mmax + 1, Hq, Hkv, hd, scale,
-                                         f.sf.data(), f.logd.data(), f.logm.data(), par);
+  // BF16 GEMMs on the native units: bf16 operands in the tiles' layouts, on AMX tiles or as
+  // AVX512-BF16 dot products
+  if (attention_units() != AttentionUnits::Fp32 && scale > 0)
+    return concept_attention_forward_bf16(out, lse, q, k, v, B, L, sg.Mmax + 1, Hq, Hkv, hd, scale,
+                                          f.sf.data(), f.logd.data(), f.logm.data(), par);
 #endif
   compact_forward(out, lse, q, k, v, Hkv * hd, B, L, sg.Mmax + 1, Hq, Hkv, hd, scale, f.sf.data(),
                   f.logd.data(), f.logm.data(), par);
@@ -773,11 +773,10 @@ void concept_attention_backward(float* dq, float* dk, float* dv, const float* do
   check_attention_args(sg, B, L, Hq, Hkv, hd, "concept_attention_backward");
   const ConceptFacts f(sg, inclusive ? 1 : 0);
 #ifdef DLCM_AVX512
-  if (gemm_precision() == Precision::BF16 && bf16_units() == Bf16Units::Native &&
-      amx_bf16_usable() && scale > 0)
-    return concept_attention_backward_amx(dq, dk, dv, dout, out, lse, q, k, v, B, L, sg.Mmax + 1,
-                                          Hq, Hkv, hd, scale, f.sf.data(), f.logd.data(),
-                                          f.logm.data(), parallel_worth(attn_work(sg, Hq, hd)));
+  if (attention_units() != AttentionUnits::Fp32 && scale > 0)
+    return concept_attention_backward_bf16(dq, dk, dv, dout, out, lse, q, k, v, B, L, sg.Mmax + 1,
+                                           Hq, Hkv, hd, scale, f.sf.data(), f.logd.data(),
+                                           f.logm.data(), parallel_worth(attn_work(sg, Hq, hd)));
 #endif
   const i64 G = Hq / Hkv, K1 = sg.Mmax + 1, nqb = (L + BQ - 1) / BQ;
   const i64 ldq = Hq * hd, ldk = Hkv * hd;

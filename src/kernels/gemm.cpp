@@ -778,6 +778,31 @@ bool cpu_has_bf16() {
 #endif
 }
 
+namespace {
+std::atomic<bool> g_bf16_attention{env_switch(
+    "DLCM_BF16_ATTENTION", "BF16 attention runs on bf16 operands (AMX tiles or AVX512-BF16 dot products)",
+    "BF16 attention runs the FP32 kernel")};
+std::atomic<bool> g_attention_tiles{true};
+}  // namespace
+
+AttentionUnits attention_units() {
+  if (gemm_precision() != Precision::BF16 || !g_bf16_attention.load(std::memory_order_relaxed) ||
+      isa() != Isa::Avx512 || !cpu_has_bf16() || bf16_units() != Bf16Units::Native)
+    return AttentionUnits::Fp32;
+  if (g_attention_tiles.load(std::memory_order_relaxed) && amx_bf16_usable())
+    return AttentionUnits::Tiles;
+  return AttentionUnits::Dot;
+}
+
+const char* attention_units_name(AttentionUnits u) {
+  return u == AttentionUnits::Tiles ? "AMX tiles"
+         : u == AttentionUnits::Dot  ? "AVX512-BF16 dot products"
+                                     : "the FP32 kernel";
+}
+
+void set_bf16_attention(bool on) { g_bf16_attention = on; }
+void set_attention_tiles(bool on) { g_attention_tiles = on; }
+
 std::string onednn_version() {
   const dnnl_version_t* v = dnnl_version();
   return std::to_string(v->major) + "." + std::to_string(v->minor) + "." +

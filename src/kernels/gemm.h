@@ -77,6 +77,23 @@ void set_bf16_units(Bf16Units u);
 // Sets the units for a scope and restores the previous ones at exit.
 using Bf16UnitsScope = SettingScope<Bf16Units, bf16_units, set_bf16_units>;
 
+// The units of the block attention kernels (causal and compact concept attention, forward
+// and backward) under BF16 precision on the native units: AMX tiles where the CPU grants them,
+// else AVX512-BF16 dot products (vdpbf16ps) in the tiles' operand layouts; both round Q, K, V,
+// P, dO and dS to bf16 as the BF16 GEMMs round their operands and keep the softmax and every
+// accumulation in FP32. Fp32: the FP32 kernel (FP32 precision, the Fp32 units, kernels below
+// avx512, a CPU without AVX512-BF16, or DLCM_BF16_ATTENTION=0, logged). Decoding's few-query
+// row path stays FP32 in every case.
+enum class AttentionUnits { Fp32, Tiles, Dot };
+AttentionUnits attention_units();
+// "the FP32 kernel" | "AMX tiles" | "AVX512-BF16 dot products"
+const char* attention_units_name(AttentionUnits u);
+// Tests and A/B benchmarks: whether BF16 attention may run in bf16 at all (default: on, or
+// DLCM_BF16_ATTENTION), and whether it may use the AMX tiles (default on; off: the dot
+// products on an AMX CPU too).
+void set_bf16_attention(bool on);
+void set_attention_tiles(bool on);
+
 enum class GemmPath { Runtime, Fixed };
 // "runtime" | "fixed"; anything else throws naming `what` (e.g. "DLCM_GEMM").
 GemmPath parse_gemm_path(const std::string& s, const std::string& what);

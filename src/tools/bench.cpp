@@ -577,8 +577,9 @@ int cmd_bench_train(const BenchTrainArgs& args) {
                 ops::gemm_path_name(path0), peak_impl().c_str(), bench::median(peaks16),
                 bench::median(idle_peaks16), bench::median(idle_peaks16) / bench::median(idle_peaks));
     const ops::Bf16UnitsChoice u = ops::bf16_units_choice();
-    std::printf("BF16 products run on the %s units (%s)\n", ops::bf16_units_name(u.units),
-                u.how.c_str());
+    std::printf("BF16 products run on the %s units (%s); BF16 attention: %s\n",
+                ops::bf16_units_name(u.units), u.how.c_str(),
+                ops::attention_units_name(ops::attention_units()));
   }
   const double flops_tok = models[0].flops_tok;
   for (const BenchModel& m : models)
