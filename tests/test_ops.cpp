@@ -2161,6 +2161,55 @@ TEST(Ops, Bf16UnitsDecisionAndAgreement) {
   EXPECT_GT(d_fp32, 1e-4 * mag);   // the operands were rounded
 }
 
+// Which units the BF16 attention runs on: the FP32 kernel under FP32, with the BF16 products on
+// the FP32 units and with DLCM_BF16_ATTENTION's switch off (then bit for bit the FP32
+// precision's attention); bf16 operands on the native units (AMX tiles where they are granted
+// and allowed, else AVX512-BF16 dot products), whose result differs from the FP32 kernel's.
+TEST(Ops, AttentionUnitsFollowPrecisionUnitsAndSwitches) {
+  EXPECT_EQ(ops::attention_units(), ops::AttentionUnits::Fp32);  // FP32 precision
+  if (!ops::cpu_has_bf16()) GTEST_SKIP() << "no AVX512-BF16";
+  const i64 B = 2, L = 70, H = 2, hd = 16;
+  Buf q(B * L * H * hd), k(q.size()), v(q.size());
+  test::fill_normal(q.data(), i64(q.size()), 41);
+  test::fill_normal(k.data(), i64(k.size()), 42);
+  test::fill_normal(v.data(), i64(v.size()), 43);
+  auto run = [&] {
+    Buf out(q.size()), lse(B * H * L);
+    ops::attention_forward(out.data(), lse.data(), q.data(), k.data(), v.data(), B, L, L, H, H, hd,
+                           0, 0.25f);
+    return out;
+  };
+  const Buf fp32 = run();
+  ops::PrecisionScope bf16(ops::Precision::BF16);
+  {
+    ops::Bf16UnitsScope units(ops::Bf16Units::Fp32);
+    EXPECT_EQ(ops::attention_units(), ops::AttentionUnits::Fp32);
+    EXPECT_EQ(run(), fp32) << "BF16 on the FP32 units: the FP32 kernel";
+  }
+  ops::Bf16UnitsScope units(ops::Bf16Units::Native);
+  ops::set_bf16_attention(false);
+  EXPECT_EQ(ops::attention_units(), ops::AttentionUnits::Fp32);
+  EXPECT_EQ(run(), fp32) << "DLCM_BF16_ATTENTION=0: the FP32 kernel";
+  ops::set_bf16_attention(true);
+  if (ops::isa() != ops::Isa::Avx512) {
+    EXPECT_EQ(ops::attention_units(), ops::AttentionUnits::Fp32) << "kernels below avx512";
+    return;
+  }
+  const bool amx = ops::amx_bf16_usable();
+  EXPECT_EQ(ops::attention_units(), amx ? ops::AttentionUnits::Tiles : ops::AttentionUnits::Dot);
+  const Buf native = run();
+  ops::set_attention_tiles(false);
+  EXPECT_EQ(ops::attention_units(), ops::AttentionUnits::Dot);
+  const Buf dot = run();
+  ops::set_attention_tiles(true);
+  EXPECT_GT(scaled_err(native, fp32, 1e-30), 1e-5) << "bf16 operands: not the FP32 kernel";
+  EXPECT_LT(scaled_err(native, fp32, 1e-30), 2e-2);
+  if (amx)  // the same bf16 operands, the FP32 sums in another order
+    EXPECT_LT(scaled_err(dot, native, 1e-30), 1e-4) << "dot products against tiles";
+  else
+    EXPECT_EQ(dot, native);
+}
+
 // tile_mm_amx against a double product of the bf16-rounded operands, for every operand layout
 // the attention kernels use (rows of A contiguous, A read transposed, any strides), sizes off
 // the tiles' grid and beyond one 32 x 32 block, with and without accumulation.
