@@ -484,7 +484,7 @@ DLCM_AMX_TARGET void attention_forward_bf16(float* out, float* lse, const float*
         for (i64 j0 = jbeg; j0 < jend; j0 += BK) {
           const i64 nk = std::min(BK, jend - j0);
           units.product(st.data(), BQ, kt.data() + j0 * hdp, hdp, qv.data(), 2 * BQ, BK, BQ, hdp,
-                      false);
+                        false);
           mask.hide(st.data(), b, i0, mq, j0, nk);
           softmax_cols_tiles(st.data(), nk, scale, m, l, corr, pv.data());
           for (i64 i = 0; i < BQ; i += 16) {  // O^T columns *= corr, where some corr != 1
@@ -496,7 +496,7 @@ DLCM_AMX_TARGET void attention_forward_bf16(float* out, float* lse, const float*
             }
           }
           units.product(ot.data(), BQ, vt.data() + j0 * hdp, BK, pv.data(), 2 * BQ, hdp, BQ, BK,
-                      true);
+                        true);
         }
         // out = (O^T)^T / l, 16 x 16 blocks.
         for (i64 r0 = 0; r0 < mq; r0 += 16)
@@ -618,20 +618,20 @@ DLCM_AMX_TARGET void attention_backward_bf16(float* dq, float* dk, float* dv, co
           for (i64 qb = istart / BQ; qb * BQ < iend; ++qb) {
             const i64 x = hh * nqb + qb, i0 = qb * BQ;
             units.product(st.data(), BQ, ka.data(), hdp, qt.data() + x * opw, 2 * BQ, BK, BQ, hdp,
-                        false);
+                          false);
             units.product(dpt.data(), BQ, va.data(), hdp, gt.data() + x * opw, 2 * BQ, BK, BQ, hdp,
-                        false);
+                          false);
             // Hidden entries (all BQ columns; padded queries are zeroed by lse = +inf). Keys
             // >= nk are after every query that sees the block: the mask hides them.
             mask.hide(st.data(), b, i0, BQ, j0, BK);
             softmax_grad_tiles(st.data(), dpt.data(), scale, ls.data() + x * BQ,
                                dd.data() + x * BQ, pa.data(), dsa.data(), dsb.data());
             units.product(dva.data(), hdp, pa.data(), BQ, gp.data() + x * opw, 2 * hdp, BK, hdp,
-                        BQ, true);
+                          BQ, true);
             units.product(dka.data(), hdp, dsa.data(), BQ, qp.data() + x * opw, 2 * hdp, BK, hdp,
-                        BQ, true);
+                          BQ, true);
             units.product(dqt.data() + x * opw, BQ, kt.data(), BK, dsb.data(), 2 * BQ, hdp, BQ, BK,
-                        true);
+                          true);
           }
         add_key_grads(dk, dv, dka.data(), dva.data(), hdp, scale, b, g, j0, nk, Lk, Hkv, hd, acc);
       }

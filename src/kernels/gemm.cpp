@@ -779,9 +779,10 @@ bool cpu_has_bf16() {
 }
 
 namespace {
-std::atomic<bool> g_bf16_attention{env_switch(
-    "DLCM_BF16_ATTENTION", "BF16 attention runs on bf16 operands (AMX tiles or AVX512-BF16 dot products)",
-    "BF16 attention runs the FP32 kernel")};
+std::atomic<bool> g_bf16_attention{
+    env_switch("DLCM_BF16_ATTENTION",
+               "BF16 attention runs on bf16 operands (AMX tiles or AVX512-BF16 dot products)",
+               "BF16 attention runs the FP32 kernel")};
 std::atomic<bool> g_attention_tiles{true};
 }  // namespace
 
