@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "core/common.h"
+#include "kernels/gemm.h"  // AttentionUnits
 
 // The AMX target goes on each function that issues tile instructions (not on the whole file:
 // the variant's other code must run on AVX-512 CPUs without AMX).
@@ -48,20 +49,19 @@ alignas(64) inline const uint16_t kPairIdx[32] = {0, 16, 1, 17, 2,  18, 3,  19, 
 
 namespace dlcm::ops::DLCM_ISA_NS {
 // The compact concept attention (dlcm_ops.h) in BF16, by attention.cpp's tile-layout kernels
-// with the concept mask and bias, on the units ops::attention_units() names (AMX tiles or
-// AVX512-BF16 dot products): the shapes, lse and accumulation (dq, dk, dv +=) of
+// with the concept mask and bias, on the units u (Tiles: AMX tiles, Dot: AVX512-BF16 dot
+// products; the caller's ops::attention_units()): the shapes, lse and accumulation (dq, dk, dv +=) of
 // concept_attention_forward/backward (k, v: [B, K1, Hkv, hd]); bf16 operands, FP32 softmax and
 // accumulation. Per token, sf = the last list entry it sees (as float) and logd = log of its
-// own entry's multiplicity [B*L]; logm = the entries' log lengths [B*K1]. For
-// attention_units() != Fp32, scale > 0.
-void concept_attention_forward_bf16(float* out, float* lse, const float* q, const float* k,
-                                    const float* v, i64 B, i64 L, i64 K1, i64 Hq, i64 Hkv, i64 hd,
-                                    float scale, const float* sf, const float* logd,
-                                    const float* logm, bool par);
-void concept_attention_backward_bf16(float* dq, float* dk, float* dv, const float* dout,
-                                     const float* out, const float* lse, const float* q,
-                                     const float* k, const float* v, i64 B, i64 L, i64 K1, i64 Hq,
-                                     i64 Hkv, i64 hd, float scale, const float* sf,
+// own entry's multiplicity [B*L]; logm = the entries' log lengths [B*K1]. scale > 0.
+void concept_attention_forward_bf16(AttentionUnits u, float* out, float* lse, const float* q,
+                                    const float* k, const float* v, i64 B, i64 L, i64 K1, i64 Hq,
+                                    i64 Hkv, i64 hd, float scale, const float* sf,
+                                    const float* logd, const float* logm, bool par);
+void concept_attention_backward_bf16(AttentionUnits u, float* dq, float* dk, float* dv,
+                                     const float* dout, const float* out, const float* lse,
+                                     const float* q, const float* k, const float* v, i64 B, i64 L,
+                                     i64 K1, i64 Hq, i64 Hkv, i64 hd, float scale, const float* sf,
                                      const float* logd, const float* logm, bool par);
 }  // namespace dlcm::ops::DLCM_ISA_NS
 #endif

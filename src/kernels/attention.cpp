@@ -329,6 +329,13 @@ struct DotUnits {
   }
 };
 
+// f(AmxUnits{}) or f(DotUnits{}): the units u names (Tiles or Dot).
+template <class F>
+void with_units(AttentionUnits u, F f) {
+  if (u == AttentionUnits::Tiles) return f(AmxUnits{});
+  f(DotUnits{});
+}
+
 // Rows [n][hd] (ld apart) -> the pair layout of a B operand [rows_p/2][hdp][2] (rows 2p and
 // 2p+1 interleaved per column), zero beyond n rows and hd columns.
 DLCM_AMX_TARGET void amx_pairs(uint16_t* d, const float* src, i64 ld, i64 n, i64 rows_p, i64 hd,
@@ -809,29 +816,28 @@ Buf row_terms(const float* dout, const float* out, i64 B, i64 Lq, i64 Hq, i64 hd
 }  // namespace
 
 #ifdef DLCM_AVX512
-void concept_attention_forward_bf16(float* out, float* lse, const float* q, const float* k,
-                                    const float* v, i64 B, i64 L, i64 K1, i64 Hq, i64 Hkv, i64 hd,
-                                    float scale, const float* sf, const float* logd,
-                                    const float* logm, bool par) {
+void concept_attention_forward_bf16(AttentionUnits u, float* out, float* lse, const float* q,
+                                    const float* k, const float* v, i64 B, i64 L, i64 K1, i64 Hq,
+                                    i64 Hkv, i64 hd, float scale, const float* sf,
+                                    const float* logd, const float* logm, bool par) {
   const ConceptMask mask{L, K1, scale, sf, logd, logm};
-  if (attention_units() == AttentionUnits::Tiles)
-    return attention_forward_bf16<AmxUnits>(out, lse, q, k, v, B, L, K1, Hq, Hkv, hd, scale, mask,
+  with_units(u, [&](auto units) {
+    attention_forward_bf16<decltype(units)>(out, lse, q, k, v, B, L, K1, Hq, Hkv, hd, scale, mask,
                                             par);
-  attention_forward_bf16<DotUnits>(out, lse, q, k, v, B, L, K1, Hq, Hkv, hd, scale, mask, par);
+  });
 }
 
-void concept_attention_backward_bf16(float* dq, float* dk, float* dv, const float* dout,
-                                     const float* out, const float* lse, const float* q,
-                                     const float* k, const float* v, i64 B, i64 L, i64 K1, i64 Hq,
-                                     i64 Hkv, i64 hd, float scale, const float* sf,
+void concept_attention_backward_bf16(AttentionUnits u, float* dq, float* dk, float* dv,
+                                     const float* dout, const float* out, const float* lse,
+                                     const float* q, const float* k, const float* v, i64 B, i64 L,
+                                     i64 K1, i64 Hq, i64 Hkv, i64 hd, float scale, const float* sf,
                                      const float* logd, const float* logm, bool par) {
   const Buf D = row_terms(dout, out, B, L, Hq, hd, par);
   const ConceptMask mask{L, K1, scale, sf, logd, logm};
-  if (attention_units() == AttentionUnits::Tiles)
-    return attention_backward_bf16<AmxUnits>(dq, dk, dv, dout, lse, D.data(), q, k, v, B, L, K1,
+  with_units(u, [&](auto units) {
+    attention_backward_bf16<decltype(units)>(dq, dk, dv, dout, lse, D.data(), q, k, v, B, L, K1,
                                              Hq, Hkv, hd, scale, mask, par, true);
-  attention_backward_bf16<DotUnits>(dq, dk, dv, dout, lse, D.data(), q, k, v, B, L, K1, Hq, Hkv,
-                                    hd, scale, mask, par, true);
+  });
 }
 #endif
 
@@ -851,11 +857,10 @@ void attention_forward(float* out, float* lse, const float* q, const float* k, c
 #ifdef DLCM_AVX512
   if (const AttentionUnits u = attention_units(); u != AttentionUnits::Fp32 && scale > 0) {
     const CausalMask mask{Lq, Lk, q_offset, window};
-    if (u == AttentionUnits::Tiles)
-      return attention_forward_bf16<AmxUnits>(out, lse, q, k, v, B, Lq, Lk, Hq, Hkv, hd, scale,
+    return with_units(u, [&](auto units) {
+      attention_forward_bf16<decltype(units)>(out, lse, q, k, v, B, Lq, Lk, Hq, Hkv, hd, scale,
                                               mask, par);
-    return attention_forward_bf16<DotUnits>(out, lse, q, k, v, B, Lq, Lk, Hq, Hkv, hd, scale,
-                                            mask, par);
+    });
   }
 #endif
 #pragma omp parallel if (par)
@@ -942,11 +947,10 @@ void attention_backward(float* dq, float* dk, float* dv, const float* dout, cons
 #ifdef DLCM_AVX512
   if (const AttentionUnits u = attention_units(); u != AttentionUnits::Fp32 && scale > 0) {
     const CausalMask mask{Lq, Lk, q_offset, window};
-    if (u == AttentionUnits::Tiles)
-      return attention_backward_bf16<AmxUnits>(dq, dk, dv, dout, lse, D.data(), q, k, v, B, Lq, Lk,
-                                               Hq, Hkv, hd, scale, mask, par, accumulate);
-    return attention_backward_bf16<DotUnits>(dq, dk, dv, dout, lse, D.data(), q, k, v, B, Lq, Lk,
-                                             Hq, Hkv, hd, scale, mask, par, accumulate);
+    return with_units(u, [&](auto units) {
+      attention_backward_bf16<decltype(units)>(dq, dk, dv, dout, lse, D.data(), q, k, v, B, Lq,
+                                               Lk, Hq, Hkv, hd, scale, mask, par, accumulate);
+    });
   }
 #endif
 #pragma omp parallel if (par)

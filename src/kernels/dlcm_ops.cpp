@@ -733,9 +733,9 @@ void concept_attention_forward(float* out, float* lse, const float* q, const flo
 #ifdef DLCM_AVX512
   // BF16 GEMMs on the native units: bf16 operands in the tiles' layouts, on AMX tiles or as
   // AVX512-BF16 dot products
-  if (attention_units() != AttentionUnits::Fp32 && scale > 0)
-    return concept_attention_forward_bf16(out, lse, q, k, v, B, L, sg.Mmax + 1, Hq, Hkv, hd, scale,
-                                          f.sf.data(), f.logd.data(), f.logm.data(), par);
+  if (const AttentionUnits u = attention_units(); u != AttentionUnits::Fp32 && scale > 0)
+    return concept_attention_forward_bf16(u, out, lse, q, k, v, B, L, sg.Mmax + 1, Hq, Hkv, hd,
+                                          scale, f.sf.data(), f.logd.data(), f.logm.data(), par);
 #endif
   compact_forward(out, lse, q, k, v, Hkv * hd, B, L, sg.Mmax + 1, Hq, Hkv, hd, scale, f.sf.data(),
                   f.logd.data(), f.logm.data(), par);
@@ -773,10 +773,11 @@ void concept_attention_backward(float* dq, float* dk, float* dv, const float* do
   check_attention_args(sg, B, L, Hq, Hkv, hd, "concept_attention_backward");
   const ConceptFacts f(sg, inclusive ? 1 : 0);
 #ifdef DLCM_AVX512
-  if (attention_units() != AttentionUnits::Fp32 && scale > 0)
-    return concept_attention_backward_bf16(dq, dk, dv, dout, out, lse, q, k, v, B, L, sg.Mmax + 1,
-                                           Hq, Hkv, hd, scale, f.sf.data(), f.logd.data(),
-                                           f.logm.data(), parallel_worth(attn_work(sg, Hq, hd)));
+  if (const AttentionUnits u = attention_units(); u != AttentionUnits::Fp32 && scale > 0)
+    return concept_attention_backward_bf16(u, dq, dk, dv, dout, out, lse, q, k, v, B, L,
+                                           sg.Mmax + 1, Hq, Hkv, hd, scale, f.sf.data(),
+                                           f.logd.data(), f.logm.data(),
+                                           parallel_worth(attn_work(sg, Hq, hd)));
 #endif
   const i64 G = Hq / Hkv, K1 = sg.Mmax + 1, nqb = (L + BQ - 1) / BQ;
   const i64 ldq = Hq * hd, ldk = Hkv * hd;

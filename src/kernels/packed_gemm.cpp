@@ -407,6 +407,43 @@ i64 panel_bytes(const PackedMatrix& p) {
 const char* panel(const PackedMatrix& p, i64 blk) { return p.data + blk * panel_bytes(p); }
 }  // namespace
 
+namespace {
+// How a product of M rows over nb column blocks runs (packed_gemm_parts, packed_gemm_swiglu: the
+// same rows per call, so the same bits): tiles of (up to kRows rows, one column block), so that
+// narrow products with many rows also split across threads, a column block's tiles consecutive
+// (its panel stays in cache between them); each tile's rows split evenly over micro-kernel
+// calls of at most MR rows (39 rows: 6,6,6,6,5,5,5, not six 6s and a 3, whose call reads W's
+// panel for half the work; rows are independent: same bits). The calls of a panel share the
+// prefetch of the one after it (of `next`'s first panel after the last).
+struct CallPlan {
+  i64 M, MR, nr, tiles, calls;
+  bool par;           // a parallel region over the tiles
+  bool pf_on, chain;  // the calls prefetch the next panel; after the last, `next`'s first
+  bool out_prefetch;  // each call prefetches its output lines (prefetch_c)
+  CallPlan(i64 M_, i64 nb, i64 MR_, i64 out_cols, i64 K, const NextProduct& next)
+      : M(M_), MR(MR_), nr((M_ + kRows - 1) / kRows), tiles(nr * nb) {
+    par = !omp_in_parallel() && tiles > 1 && 2.0 * M * out_cols * K >= double(1 << 18);
+    calls = (nr - 1) * (kRows / MR) + (M - (nr - 1) * kRows + MR - 1) / MR;
+    // Only where a panel serves several calls (more rows than one micro-kernel call takes): a
+    // panel read once (decode's few rows) is one sequential stream that the hardware
+    // prefetcher follows by itself, and a second stream of software prefetches slowed batch-1
+    // decode (DLCM: 2,000 against 2,350 tokens/s; its products also vary from step to step, so
+    // `next` is a guess there).
+    pf_on = calls > 1;
+    chain = pf_on && next.mat != nullptr && next.blk * kNB < next.mat->Np;
+    out_prefetch = pf_on && g_prefetch_c.load(std::memory_order_relaxed);
+  }
+  // f(g, r0, mr) for each call of row tile rt: rows [r0, r0 + mr), call g of `calls`.
+  template <class F>
+  void for_calls(i64 rt, F f) const {
+    const i64 rows = std::min(M, (rt + 1) * kRows) - rt * kRows, n = (rows + MR - 1) / MR;
+    const i64 base = rows / n, extra = rows % n;
+    for (i64 j = 0, r0 = rt * kRows; j < n; r0 += base + (j < extra), ++j)
+      f(rt * (kRows / MR) + j, r0, base + (j < extra));
+  }
+};
+}  // namespace
+
 void packed_gemm_parts(float* const* C, const i64* ldc, const float* A, i64 lda,
                        const PackedMatrix& p, i64 M, float alpha, NextProduct next, int part0,
                        int n_parts) {
@@ -426,42 +463,24 @@ void packed_gemm_parts(float* const* C, const i64* ldc, const float* A, i64 lda,
   const i64 MR = widen || p.fmt == PackFormat::F32 ? kMRf32
                  : p.fmt == PackFormat::BF16       ? kMRbf16
                                                    : kMRq8;
-  // tiles of (up to kRows rows, one column block), so that narrow products with many rows
-  // also split across threads; a column block's tiles are consecutive (its panel stays in
-  // cache between them)
-  const i64 nr = (M + kRows - 1) / kRows, tiles = nr * nb;
-  const bool par = !omp_in_parallel() && tiles > 1 && 2.0 * M * out_cols * K >= double(1 << 18);
-  // the micro-kernel calls of a panel share the prefetch of the one after it (of `next`'s
-  // first panel after the last)
-  const i64 steps = p.fmt == PackFormat::BF16 && !widen ? Kp / 2 : K;
-  const i64 calls = (nr - 1) * (kRows / MR) + (M - (nr - 1) * kRows + MR - 1) / MR;
-  // Only where a panel serves several calls (more rows than one micro-kernel call takes): a
-  // panel read once (decode's few rows) is one sequential stream that the hardware prefetcher
-  // follows by itself, and a second stream of software prefetches slowed batch-1 decode
-  // (DLCM: 2,000 against 2,350 tokens/s; its products also vary from step to step, so
-  // `next` is a guess there).
-  const bool pf_on = calls > 1;
-  const bool chain = pf_on && next.mat != nullptr && next.blk * kNB < next.mat->Np;
-  const bool out_prefetch = pf_on && g_prefetch_c.load(std::memory_order_relaxed);
-#pragma omp parallel if (par)
+  const CallPlan plan(M, nb, MR, out_cols, K, next);
+  const i64 nr = plan.nr;
+  const i64 steps = p.fmt == PackFormat::BF16 && !widen ? Kp / 2 : K;  // k steps of a call
+#pragma omp parallel if (plan.par)
   {
   i64 wide_blk = -1;  // the column block this thread's scratch holds widened (this call)
 #pragma omp for schedule(static)
-  for (i64 tile = 0; tile < tiles; ++tile) {
+  for (i64 tile = 0; tile < plan.tiles; ++tile) {
     const i64 blk = b0 + tile / nr, rt = tile % nr;
     size_t part = part0;
     while (p.part_blk0[part + 1] <= blk) ++part;
     const i64 c0 = (blk - p.part_blk0[part]) * kNB;  // first column within the part
     const i64 n = std::min(kNB, p.parts[part] - c0);
-    const i64 r_end = std::min(M, (rt + 1) * kRows);
-    const PackedMatrix* target = !pf_on ? nullptr : blk + 1 < b1 ? &p : chain ? next.mat : nullptr;
+    const PackedMatrix* target =
+        !plan.pf_on ? nullptr : blk + 1 < b1 ? &p : plan.chain ? next.mat : nullptr;
     const i64 target_lines = target ? panel_bytes(*target) / 64 : 0;
     const char* target_panel =
         target ? panel(*target, blk + 1 < b1 ? blk + 1 : next.blk) : nullptr;
-    // The tile's rows split evenly over its calls (39 rows: 6,6,6,6,5,5,5, not six 6s and a
-    // 3, whose call reads W's panel for half the work). Rows are independent: same bits.
-    const i64 rows = r_end - rt * kRows, tile_calls = (rows + MR - 1) / MR;
-    const i64 base = rows / tile_calls, extra = rows % tile_calls;
     const float* wide = nullptr;  // the block's weights widened to FP32 [K][64], if widen
     if (widen) {  // once per block and thread: a block's row tiles are consecutive
       thread_local std::vector<float, AlignedAlloc<float>> scratch;
@@ -476,15 +495,13 @@ void packed_gemm_parts(float* const* C, const i64* ldc, const float* A, i64 lda,
       }
       wide = scratch.data();
     }
-    for (i64 j = 0, r0 = rt * kRows; j < tile_calls; r0 += base + (j < extra), ++j) {
-      const i64 mr = base + (j < extra);
+    plan.for_calls(rt, [&](i64 g, i64 r0, i64 mr) {
       const i64 ld = ldc[part - part0];
       float* Cb = C[part - part0] + r0 * ld + c0;
       const float* Ab = A + r0 * lda;
       Prefetch pf;
-      pf.out = out_prefetch;
-      if (avx512)  // call rt * (kRows / MR) + j of `calls`
-        pf.share(target_panel, target_lines, rt * (kRows / MR) + j, calls, steps);
+      pf.out = plan.out_prefetch;
+      if (avx512) pf.share(target_panel, target_lines, g, plan.calls, steps);
       if (p.fmt == PackFormat::Q8) {
         const int8_t* pb = reinterpret_cast<const int8_t*>(panel(p, blk));
         const float* sc = p.qscale.data() + blk * kNB;
@@ -515,7 +532,7 @@ void packed_gemm_parts(float* const* C, const i64* ldc, const float* A, i64 lda,
             return bf16_to_float(pb[(k / 2) * 2 * kNB + c * 2 + k % 2]);
           });
       }
-    }
+    });
   }
   }
 }
@@ -533,48 +550,38 @@ void packed_gemm_swiglu(float* H, i64 ldh, const float* A, i64 lda, const Packed
   const i64 K = p.K, F = p.parts[part0];
   const i64 ba = p.part_blk0[part0], bb = p.part_blk0[part0 + 1], nb = bb - ba;
   const bool avx512 = packed_gemm_native();
-  const i64 MR = kMRf32;
   // tiles and calls as packed_gemm_parts lays them out (the same rows per call: the same bits)
-  const i64 nr = (M + kRows - 1) / kRows, tiles = nr * nb;
-  const bool par = !omp_in_parallel() && tiles > 1 && 2.0 * M * (2 * F) * K >= double(1 << 18);
-  const i64 calls = (nr - 1) * (kRows / MR) + (M - (nr - 1) * kRows + MR - 1) / MR;
-  const bool pf_on = calls > 1;
-  const bool chain = pf_on && next.mat != nullptr && next.blk * kNB < next.mat->Np;
-  const bool out_prefetch = pf_on && g_prefetch_c.load(std::memory_order_relaxed);
+  const CallPlan plan(M, nb, kMRf32, 2 * F, K, next);
+  const i64 nr = plan.nr;
   const i64 own_lines = panel_bytes(p) / 64;
-#pragma omp parallel if (par)
+#pragma omp parallel if (plan.par)
   {
   alignas(64) float sa[kMRf32 * kNB], sb[kMRf32 * kNB];  // this call's gate and up rows
 #pragma omp for schedule(static)
-  for (i64 tile = 0; tile < tiles; ++tile) {
+  for (i64 tile = 0; tile < plan.tiles; ++tile) {
     const i64 j = tile / nr, rt = tile % nr;
     const i64 c0 = j * kNB, n = std::min(kNB, F - c0);
-    const i64 r_end = std::min(M, (rt + 1) * kRows);
     const float* pa = reinterpret_cast<const float*>(panel(p, ba + j));
     const float* pb = reinterpret_cast<const float*>(panel(p, bb + j));
     // while this pair of panels is multiplied, the next pair streams in (after the last pair,
     // `next`'s first panel, during the W1 half)
     const char *ta = nullptr, *tb = nullptr;
     i64 la = own_lines, lb = own_lines;
-    if (pf_on && j + 1 < nb) {
+    if (plan.pf_on && j + 1 < nb) {
       ta = panel(p, ba + j + 1);
       tb = panel(p, bb + j + 1);
-    } else if (chain) {
+    } else if (plan.chain) {
       ta = panel(*next.mat, next.blk);
       la = panel_bytes(*next.mat) / 64;
     }
-    const i64 rows = r_end - rt * kRows, tile_calls = (rows + MR - 1) / MR;
-    const i64 base = rows / tile_calls, extra = rows % tile_calls;
-    for (i64 c = 0, r0 = rt * kRows; c < tile_calls; r0 += base + (c < extra), ++c) {
-      const i64 mr = base + (c < extra);
+    plan.for_calls(rt, [&](i64 g, i64 r0, i64 mr) {
       float* Hb = H + r0 * ldh + c0;
       const float* Ab = A + r0 * lda;
       Prefetch pfa, pfb;
-      pfa.out = out_prefetch;
+      pfa.out = plan.out_prefetch;
       if (avx512) {
-        const i64 g = rt * (kRows / MR) + c;  // call g of `calls`
-        pfa.share(ta, la, g, calls, K);
-        pfb.share(tb, lb, g, calls, K);
+        pfa.share(ta, la, g, plan.calls, K);
+        pfb.share(tb, lb, g, plan.calls, K);
       }
       if (avx512) {
         isa_avx512::block_f32_pair(sa, sb, Hb, ldh, Ab, lda, pa, pb, K, n, mr, pfa, pfb);
@@ -583,7 +590,7 @@ void packed_gemm_swiglu(float* H, i64 ldh, const float* A, i64 lda, const Packed
         block_ref(sb, kNB, Ab, lda, mr, K, 1.f, n, [&](i64 k, i64 col) { return pb[k * kNB + col]; });
       }
       swiglu_rows(Hb, ldh, sa, kNB, sb, kNB, mr, n);
-    }
+    });
   }
   }
 }

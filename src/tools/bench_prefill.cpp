@@ -201,22 +201,22 @@ int cmd_bench_prefill(const BenchPrefillArgs& a) {
   for (size_t i = 0; i < ms.size(); ++i) {
     Model& x = ms[i];
     if (x.st->has_concepts()) {  // over all sequences (their prompts differ with --data)
-      i64 tokens = 0, concepts = 0, closed = 0;
+      i64 tokens = 0, concepts = 0, n_closed = 0;
       for (i64 b = 0; b < B; ++b) {
         const StreamCounters c = x.st->counters(b);
         tokens += c.tokens;
         concepts += c.concepts;
-        closed += c.concepts_closed;
+        n_closed += c.concepts_closed;
       }
       x.R = double(tokens) / double(std::max<i64>(concepts, 1));
-      x.closed = double(closed) / double(B);  // per prompt
+      x.closed = double(n_closed) / double(B);  // per prompt
     }
     const FlopsReport fr = flops_report(x.m->config(), P, x.R);
     x.flops_tok = fr.total();
     x.flops_run = prefill_flops_as_run(x.m->config(), P, x.closed, x.last_rows);
     std::printf("%-6zu %10.2f %8.1f %12.2f %8.2f %12.1f %12.1f %12.1f %8.1f %12.2f\n", i, x.R,
-                x.closed, x.flops_tok / 1e6, x.flops_run / 1e6, bench::median(x.wall), bench::median(x.idle),
-                bench::median(x.fwd_wall), bench::median(x.fwd_idle),
+                x.closed, x.flops_tok / 1e6, x.flops_run / 1e6, bench::median(x.wall),
+                bench::median(x.idle), bench::median(x.fwd_wall), bench::median(x.fwd_idle),
                 bench::median(x.wall) / bench::median(x.fwd_wall));
   }
   for (size_t i = 0; i < ms.size() && breakdown; ++i) {
