@@ -112,6 +112,11 @@ const Case kCases[] = {
     {.op = "packed_linear", .N = 200, .d = 64, .V = 128, .Hq = 3},
     {.op = "packed_linear", .N = 26, .d = 384, .V = 1024, .Hq = 2, .perf = true},  // backbone w1|w3
     {.op = "packed_linear", .N = 128, .d = 256, .V = 256, .Hq = 3, .perf = true},  // token q|k|v
+    // a dlcm-small 128-token prefill's (35 concepts): backbone w2 and q|k|v, a token-level w2;
+    // here the weights stay in cache between repeats, in a prefill they stream from memory
+    {.op = "packed_linear", .N = 35, .d = 1024, .V = 384, .Hq = 1, .perf = true},
+    {.op = "packed_linear", .N = 35, .d = 384, .V = 384, .Hq = 3, .perf = true},
+    {.op = "packed_linear", .N = 128, .d = 768, .V = 256, .Hq = 1, .perf = true},
     // gemm: M = N, K = d, N = V; every transpose, beta, alpha and padding, both paths
     {.op = "gemm", .N = 7, .d = 5, .V = 3},
     {.op = "gemm", .N = 1, .d = 1, .V = 1},
@@ -169,6 +174,9 @@ const Case kCases[] = {
     {.op = "attention", .B = 1, .Lq = 33, .Lk = 33, .Hq = 2, .Hkv = 2, .hd = 80},
     {.op = "attention", .B = 2, .Lq = 150, .Lk = 150, .Hq = 2, .Hkv = 1, .hd = 64, .std = 2.0f},
     {.op = "attention", .B = 8, .Lq = 512, .Lk = 512, .Hq = 8, .Hkv = 8, .hd = 64, .perf = true},
+    // a 128-token prefill's token layers and its 35 concepts' backbone layers (dlcm-small)
+    {.op = "attention", .B = 1, .Lq = 128, .Lk = 128, .Hq = 4, .Hkv = 4, .hd = 64, .perf = true},
+    {.op = "attention", .B = 1, .Lq = 35, .Lk = 35, .Hq = 6, .Hkv = 6, .hd = 64, .perf = true},
     // BF16 precision: bf16 operands in the tiles' layouts, on AMX tiles (and, there, again as
     // AVX512-BF16 dot products) or, on a CPU with AVX512-BF16 only, as dot products; with the
     // BF16 products on the FP32 units the FP32 kernel runs (same rows, tighter result).

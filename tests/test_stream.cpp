@@ -785,69 +785,75 @@ TEST(PackedGemm, MatchesLoopAndRowsAreIndependentOfM) {
 // part's own packed product, FP32 and BF16, with or without a `next` matrix to prefetch; and
 // PackedWeights::served learns the order of the products it serves.
 // The gate/up pair with SwiGLU in its epilogue (stream FFNs) equals the stacked product and
-// swiglu_forward bit for bit, at every kernel level, for rows in one call, several calls and
-// two row tiles, a width that is no multiple of the block, as a run of parts after another
-// part, and with `next` prefetched; it writes nothing beyond H's columns. A stream's FFN runs
-// it (the DLCM's cross FFN and its stacks', the baseline's layers) and gives the same logits
-// as with DLCM_PACKED_SWIGLU=0.
+// swiglu_forward bit for bit, at every kernel level and in every packed format (FP32; BF16 and
+// int8 weight-only, widened in the call below 40 rows, widened once per block from 40, and with
+// widening off), for rows in one call, several calls and two row tiles, a width that is no
+// multiple of the block, an odd K (BF16's padding k), as a run of parts after another part,
+// and with `next` prefetched; it writes nothing beyond H's columns. A stream's FFN runs it (the
+// DLCM's cross FFN and its stacks', the baseline's layers) in every precision and gives the same
+// logits as with DLCM_PACKED_SWIGLU=0.
 TEST(PackedGemm, GateUpWithSwigluEpilogueEqualsProductsThenSwiglu) {
   Rng r(13);
   const ops::Isa level0 = ops::isa();
   for (ops::Isa level : ops::isa_available())
-    for (auto [F, K] : {std::pair<i64, i64>{100, 70}, {64, 256}})
-      for (i64 M : {1, 5, 35, 130}) {
-        ops::set_isa(level);
-        SCOPED_TRACE(std::string(ops::isa_name(level)) + " F " + std::to_string(F) + " M " +
-                     std::to_string(M));
-        const i64 N[3] = {48, F, F};  // a part before the pair: part0 = 1
-        std::vector<std::vector<float>> W(3);
-        const float* Wp[3];
-        for (int i = 0; i < 3; ++i) {
-          W[i].resize(N[i] * K);
-          for (auto& v : W[i]) v = r.uniform() - 0.5f;
-          Wp[i] = W[i].data();
-        }
-        std::vector<float> x(M * K);
-        for (auto& v : x) v = r.uniform() - 0.5f;
-        ops::PackedMatrix p, other;
-        ops::pack_matrices(p, Wp, N, 3, K, ops::PackFormat::F32);
-        ops::pack_matrix(other, Wp[0], N[0], K, ops::PackFormat::F32);
-        EXPECT_TRUE(ops::packed_swiglu_fusable(p, 1));
-        EXPECT_FALSE(ops::packed_swiglu_fusable(p, 0));  // parts of two widths
-        std::vector<float> a(M * F), b(M * F), want(M * F);
-        float* y[2] = {a.data(), b.data()};
-        ops::packed_gemm_parts(y, N + 1, x.data(), K, p, M, 1.f, {}, 1, 2);
-        ops::swiglu_forward(want.data(), a.data(), b.data(), M * F);
-        for (ops::NextProduct next : {ops::NextProduct{}, ops::NextProduct{&other, 0}}) {
-          std::vector<float> h(M * F + 3, -7.f);  // 3 guard values
-          ops::packed_gemm_swiglu(h.data(), F, x.data(), K, p, M, next, 1);
-          EXPECT_TRUE(std::equal(want.begin(), want.end(), h.begin()));
-          EXPECT_EQ(h[M * F + 2], -7.f);
-        }
-      }
+    for (ops::PackFormat fmt : {ops::PackFormat::F32, ops::PackFormat::BF16, ops::PackFormat::Q8})
+      for (bool widen : {true, false})
+        for (auto [F, K] : {std::pair<i64, i64>{100, 71}, {64, 256}})
+          for (i64 M : {1, 5, 35, 130}) {
+            if (!widen && (fmt == ops::PackFormat::F32 || M < 40)) continue;  // nothing to widen
+            ops::set_isa(level);
+            ops::set_packed_widen(widen);
+            SCOPED_TRACE(std::string(ops::isa_name(level)) + " " + ops::pack_format_name(fmt) +
+                         (widen ? "" : " unwidened") + " F " + std::to_string(F) + " M " +
+                         std::to_string(M));
+            const i64 N[3] = {48, F, F};  // a part before the pair: part0 = 1
+            std::vector<std::vector<float>> W(3);
+            const float* Wp[3];
+            for (int i = 0; i < 3; ++i) {
+              W[i].resize(N[i] * K);
+              for (auto& v : W[i]) v = r.uniform() - 0.5f;
+              Wp[i] = W[i].data();
+            }
+            std::vector<float> x(M * K);
+            for (auto& v : x) v = r.uniform() - 0.5f;
+            ops::PackedMatrix p, other;
+            ops::pack_matrices(p, Wp, N, 3, K, fmt);
+            ops::pack_matrix(other, Wp[0], N[0], K, fmt);
+            EXPECT_TRUE(ops::packed_swiglu_fusable(p, 1));
+            EXPECT_FALSE(ops::packed_swiglu_fusable(p, 0));  // parts of two widths
+            std::vector<float> a(M * F), b(M * F), want(M * F);
+            float* y[2] = {a.data(), b.data()};
+            ops::packed_gemm_parts(y, N + 1, x.data(), K, p, M, 1.f, {}, 1, 2);
+            ops::swiglu_forward(want.data(), a.data(), b.data(), M * F);
+            for (ops::NextProduct next : {ops::NextProduct{}, ops::NextProduct{&other, 0}}) {
+              std::vector<float> h(M * F + 3, -7.f);  // 3 guard values
+              ops::packed_gemm_swiglu(h.data(), F, x.data(), K, p, M, next, 1);
+              EXPECT_TRUE(std::equal(want.begin(), want.end(), h.begin()));
+              EXPECT_EQ(h[M * F + 2], -7.f);
+            }
+          }
   ops::set_isa(level0);
-  ops::PackedMatrix bf;
-  std::vector<float> w(64 * 8, 0.5f);
-  const float* wp[2] = {w.data(), w.data()};
-  const i64 n2[2] = {64, 64};
-  ops::pack_matrices(bf, wp, n2, 2, 8, ops::PackFormat::BF16);
-  EXPECT_FALSE(ops::packed_swiglu_fusable(bf, 0));  // FP32 only
+  ops::set_packed_widen(true);
 
-  // a stream of each architecture: logits with the fused FFN = without, bit for bit
-  for (Config c : {test::tiny_baseline(true, 1), test::tiny_dlcm("projected", "compact")}) {
-    auto m = make_initialised_model(c.model, 8);
-    const i64 V = c.model.vocab_size;
-    auto t = test::random_tokens(40, V, 9);
-    std::vector<float> on(40 * V), off(40 * V);
-    for (bool fused : {true, false}) {
-      ops::set_packed_swiglu(fused);
-      auto st = m->new_stream({1, 0, -1});
-      const PrefillItem item = {0, t.data(), 40};
-      st->prefill(&item, 1, (fused ? on : off).data(), true);
+  // a stream of each architecture and precision: logits with the fused FFN = without, bit for
+  // bit (the DLCM's backbone rows stay under 40, its token rows widen)
+  for (Config c : {test::tiny_baseline(true, 1), test::tiny_dlcm("projected", "compact")})
+    for (ops::PackFormat fmt : {ops::PackFormat::F32, ops::PackFormat::BF16, ops::PackFormat::Q8}) {
+      auto m = make_initialised_model(c.model, 8);
+      const i64 V = c.model.vocab_size;
+      auto t = test::random_tokens(60, V, 9);
+      std::vector<float> on(60 * V), off(60 * V);
+      for (bool fused : {true, false}) {
+        ops::set_packed_swiglu(fused);
+        StreamOptions so{1, 0, -1};
+        so.precision = fmt;
+        auto st = m->new_stream(so);
+        const PrefillItem item = {0, t.data(), 60};
+        st->prefill(&item, 1, (fused ? on : off).data(), true);
+      }
+      ops::set_packed_swiglu(true);
+      EXPECT_EQ(on, off) << c.model.arch << " " << ops::pack_format_name(fmt);
     }
-    ops::set_packed_swiglu(true);
-    EXPECT_EQ(on, off) << c.model.arch;
-  }
 }
 
 TEST(PackedGemm, StackedPartsEqualSeparateProductsAndPrefetchChangesNothing) {

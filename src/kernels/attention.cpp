@@ -48,6 +48,13 @@ namespace {
 constexpr i64 BQ = 64;  // query rows per tile
 constexpr i64 BK = 64;  // keys per tile
 
+// This thread's scratch of at least n floats, kept between calls (not cleared).
+float* attention_scratch(size_t n) {
+  thread_local Buf b;
+  if (b.size() < n) b.resize(n);
+  return b.data();
+}
+
 
 
 // dst[c*ldd + j] = src[j*ld + c] for j < n, c < hd: a block of rows, transposed so that it
@@ -865,7 +872,10 @@ void attention_forward(float* out, float* lse, const float* q, const float* k, c
 #endif
 #pragma omp parallel if (par)
   {
-    Buf qt(size_t(hd) * BQ), st(size_t(BK) * BQ), o(size_t(BQ) * hd);
+    // Q^T [hd, BQ], S^T [BK, BQ], O [BQ, hd]: each task writes what it reads
+    float* const qt = attention_scratch(size_t(hd) * BQ + size_t(BK) * BQ + size_t(BQ) * hd);
+    float* const st = qt + hd * BQ;
+    float* const o = st + BK * BQ;
     alignas(64) float m[BQ], l[BQ], corr[BQ];
 #pragma omp for schedule(dynamic, 1)
     for (i64 t = 0; t < ntask; ++t) {
@@ -881,49 +891,49 @@ void attention_forward(float* out, float* lse, const float* q, const float* k, c
       // puts every row's first visible key (<= jbeg + r, r < BQ = BK) into the first block, so
       // the running max is finite after it.
       const i64 jbeg = window > 0 ? std::max<i64>(0, q_offset + i0 - window + 1) : 0;
-      pack_t(qt.data(), BQ, qp, ldq, mq, hd);  // Q^T [hd, mq], packed once for all key blocks
+      pack_t(qt, BQ, qp, ldq, mq, hd);  // Q^T [hd, mq], packed once for all key blocks
       std::fill(m, m + BQ, -INFINITY);
       std::fill(l, l + BQ, 0.0f);
-      std::fill(o.begin(), o.begin() + mq * hd, 0.0f);
+      std::fill(o, o + mq * hd, 0.0f);
       for (i64 j0 = jbeg; j0 < jend; j0 += BK) {
         const i64 nk = std::min(BK, jend - j0);
         const i64 off = q_offset + i0 - j0;  // tile query r sees tile key j iff j <= r + off
         const bool diag = nk - 1 > off;       // some key in this block is hidden from row 0
         if (!diag) {
-          mm(st.data(), BQ, kp + j0 * ldk, ldk, 1, qt.data(), BQ, nk, mq, hd, scale, false);
+          mm(st, BQ, kp + j0 * ldk, ldk, 1, qt, BQ, nk, mq, hd, scale, false);
         } else {
-          mm_causal(mm, st.data(), BQ, kp + j0 * ldk, ldk, 1, qt.data(), BQ, nk, mq, hd, scale,
+          mm_causal(mm, st, BQ, kp + j0 * ldk, ldk, 1, qt, BQ, nk, mq, hd, scale,
                     false, off, false, false);
           // Causal mask (also covers entries mm_causal skipped): key j hides from i < j - off.
           for (i64 j = 0; j < nk; ++j)
-            std::fill_n(st.data() + j * BQ, std::clamp<i64>(j - off, 0, mq), -INFINITY);
+            std::fill_n(st + j * BQ, std::clamp<i64>(j - off, 0, mq), -INFINITY);
         }
         // Window mask: key j hides from rows r >= j - off + window (the last row sees key 0
         // of the block iff mq - 1 + off < window).
         if (window > 0 && mq - 1 + off >= window)
           for (i64 j = 0; j < nk; ++j) {
             const i64 r0 = std::clamp<i64>(j - off + window, 0, mq);
-            std::fill(st.data() + j * BQ + r0, st.data() + j * BQ + mq, -INFINITY);
+            std::fill(st + j * BQ + r0, st + j * BQ + mq, -INFINITY);
           }
-        softmax_cols(st.data(), nk, mq, m, l, corr);  // S^T -> P^T, running stats
+        softmax_cols(st, nk, mq, m, l, corr);  // S^T -> P^T, running stats
         for (i64 r = 0; r < mq; ++r)
           if (corr[r] != 1.0f) {
-            float* orow = o.data() + r * hd;
+            float* orow = o + r * hd;
             const float c = corr[r];
 #pragma omp simd
             for (i64 x = 0; x < hd; ++x) orow[x] *= c;
           }
         // O += P V, P read transposed out of P^T.
         if (!diag)
-          mm(o.data(), hd, st.data(), 1, BQ, vp + j0 * ldk, ldk, mq, hd, nk, 1.0f, true);
+          mm(o, hd, st, 1, BQ, vp + j0 * ldk, ldk, mq, hd, nk, 1.0f, true);
         else
-          mm_causal(mm, o.data(), hd, st.data(), 1, BQ, vp + j0 * ldk, ldk, mq, hd, nk, 1.0f, true,
+          mm_causal(mm, o, hd, st, 1, BQ, vp + j0 * ldk, ldk, mq, hd, nk, 1.0f, true,
                     off, true, true);
       }
       for (i64 r = 0; r < mq; ++r) {
         const float inv = 1.0f / l[r];
         float* dst = out + ((b * Lq + i0 + r) * Hq + h) * hd;
-        const float* orow = o.data() + r * hd;
+        const float* orow = o + r * hd;
 #pragma omp simd
         for (i64 x = 0; x < hd; ++x) dst[x] = orow[x] * inv;
         lse[(b * Hq + h) * Lq + i0 + r] = m[r] + std::log(l[r]);

@@ -209,8 +209,8 @@ void linear_forward_multi(float* const* y, const float* x, const float* const* W
                           const i64* out, int n, Bf16Copy* keep = nullptr,
                           Bf16Copy* const* wkeep = nullptr);
 // A feed-forward layer's gate/up products with SwiGLU: h[N, F] = silu(x W1^T) * (x W3^T), W[0] =
-// W1 and W[1] = W3 [F, in], where an inference stream packed them together in FP32
-// (packed_gemm_swiglu: the gate and up outputs never reach memory; the same bits as the
+// W1 and W[1] = W3 [F, in], where an inference stream packed them together, in any of its
+// formats (packed_gemm_swiglu: the gate and up outputs never reach memory; the same bits as the
 // products and swiglu_forward). Returns false, doing nothing, anywhere else: the caller then
 // runs linear_forward_multi and swiglu_forward. The copies given (x's, W's, h's) are marked
 // invalid, as a packed product leaves them.

@@ -152,14 +152,12 @@ DLCM_PACKED_AVX512 void kernel_f32(float* C, i64 ldc, const float* A, i64 lda, c
 }
 
 // Weight-only BF16: A stays FP32; each 32-bit lane of the packed block holds (W[c][k],
-// W[c][k+1]) as BF16, which widen to FP32 exactly (a shift, a mask).
+// W[c][k+1]) as BF16, which widen to FP32 exactly (a shift, a mask). k in order, as accumulate.
 template <int MR>
-DLCM_PACKED_AVX512 void kernel_bf16w(float* C, i64 ldc, const float* A, i64 lda,
-                                     const uint16_t* pb, i64 K, float alpha, i64 n,
-                                     const Prefetch& prefetch) {
-  prefetch_c<MR>(C, ldc, n, prefetch);
+DLCM_PACKED_AVX512 inline __attribute__((always_inline)) void accumulate_bf16w(
+    __m512 (&acc)[MR][4], const float* A, i64 lda, const uint16_t* pb, i64 K,
+    const Prefetch& prefetch) {
   Prefetch pf = prefetch;
-  __m512 acc[MR][4];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_ps();
   const __m512i hi = _mm512_set1_epi32(int(0xFFFF0000u));
@@ -182,7 +180,24 @@ DLCM_PACKED_AVX512 void kernel_bf16w(float* C, i64 ldc, const float* A, i64 lda,
       }
     }
   }
+}
+
+template <int MR>
+DLCM_PACKED_AVX512 void kernel_bf16w(float* C, i64 ldc, const float* A, i64 lda,
+                                     const uint16_t* pb, i64 K, float alpha, i64 n,
+                                     const Prefetch& prefetch) {
+  prefetch_c<MR>(C, ldc, n, prefetch);
+  __m512 acc[MR][4];
+  accumulate_bf16w<MR>(acc, A, lda, pb, K, prefetch);
   for (int i = 0; i < MR; ++i) store_block(C + i * ldc, acc[i], alpha, n);
+}
+
+// acc[i][:] *= the column block's scales (int8: W[c][k] = scale[c] * q).
+template <int MR>
+DLCM_PACKED_AVX512 inline __attribute__((always_inline)) void scale_sums(__m512 (&acc)[MR][4],
+                                                                         const float* scale) {
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_mul_ps(_mm512_loadu_ps(scale + 16 * j), acc[i][j]);
 }
 
 // Weight-only int8: each k's 64 bytes widen to four FP32 vectors (exact); the column scales
@@ -195,23 +210,46 @@ DLCM_PACKED_AVX512 void kernel_q8w(float* C, i64 ldc, const float* A, i64 lda, L
   prefetch_c<MR>(C, ldc, n, prefetch);
   __m512 acc[MR][4];
   accumulate<MR>(acc, A, lda, K, prefetch, load);
-  for (int i = 0; i < MR; ++i) {
-    for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_mul_ps(_mm512_loadu_ps(scale + 16 * j), acc[i][j]);
-    store_block(C + i * ldc, acc[i], alpha, n);
-  }
+  scale_sums(acc, scale);
+  for (int i = 0; i < MR; ++i) store_block(C + i * ldc, acc[i], alpha, n);
 }
 
-// A fused gate/up call (packed_gemm_swiglu): acc over W1's block into sa, then over W3's into sb
-// (rows of 64, stored as kernel_f32 stores them with alpha 1), H's lines prefetched first.
-template <int MR>
-DLCM_PACKED_AVX512 void kernel_f32_pair(float* sa, float* sb, float* H, i64 ldh, const float* A,
-                                        i64 lda, const float* pa, const float* pb, i64 K, i64 n,
-                                        const Prefetch& pfa, const Prefetch& pfb) {
+// The sums of one column block of a fused gate/up call, per packed format (what kernel_f32,
+// kernel_bf16w and kernel_q8w accumulate before they store, k in the same order). SumLoad: FP32
+// weights, int8 ones widened in the call (LoadQ8) or BF16 / int8 ones widened once (LoadF32),
+// with int8's column scales (else nullptr).
+template <class Load>
+struct SumLoad {
+  Load load;
+  const float* scale;
+  template <int MR>
+  DLCM_PACKED_AVX512 inline __attribute__((always_inline)) void run(
+      __m512 (&acc)[MR][4], const float* A, i64 lda, i64 K, const Prefetch& pf) const {
+    accumulate<MR>(acc, A, lda, K, pf, load);
+    if (scale) scale_sums(acc, scale);
+  }
+};
+struct SumBf16 {  // BF16 weights widened in the call
+  const uint16_t* pb;
+  template <int MR>
+  DLCM_PACKED_AVX512 inline __attribute__((always_inline)) void run(
+      __m512 (&acc)[MR][4], const float* A, i64 lda, i64 K, const Prefetch& pf) const {
+    accumulate_bf16w<MR>(acc, A, lda, pb, K, pf);
+  }
+};
+
+// A fused gate/up call (packed_gemm_swiglu): the sums over W1's block into sa, then over W3's
+// into sb (rows of 64, stored as the plain kernels store them with alpha 1), H's lines
+// prefetched first.
+template <int MR, class Sum>
+DLCM_PACKED_AVX512 void kernel_pair(float* sa, float* sb, float* H, i64 ldh, const float* A,
+                                    i64 lda, const Sum& wa, const Sum& wb, i64 K, i64 n,
+                                    const Prefetch& pfa, const Prefetch& pfb) {
   prefetch_c<MR>(H, ldh, n, pfa);
   __m512 acc[MR][4];
-  accumulate<MR>(acc, A, lda, K, pfa, LoadF32{pa});
+  wa.template run<MR>(acc, A, lda, K, pfa);
   for (int i = 0; i < MR; ++i) store_block(sa + i * kNB, acc[i], 1.f, kNB);
-  accumulate<MR>(acc, A, lda, K, pfb, LoadF32{pb});
+  wb.template run<MR>(acc, A, lda, K, pfb);
   for (int i = 0; i < MR; ++i) store_block(sb + i * kNB, acc[i], 1.f, kNB);
 }
 
@@ -227,16 +265,17 @@ DLCM_PACKED_AVX512 void block_f32(float* C, i64 ldc, const float* A, i64 lda, co
     default: return kernel_f32<1>(C, ldc, A, lda, pb, K, alpha, n, pf);
   }
 }
-DLCM_PACKED_AVX512 void block_f32_pair(float* sa, float* sb, float* H, i64 ldh, const float* A,
-                                       i64 lda, const float* pa, const float* pb, i64 K, i64 n,
-                                       i64 mr, const Prefetch& pfa, const Prefetch& pfb) {
+template <class Sum>
+DLCM_PACKED_AVX512 void block_pair(float* sa, float* sb, float* H, i64 ldh, const float* A,
+                                   i64 lda, const Sum& wa, const Sum& wb, i64 K, i64 n, i64 mr,
+                                   const Prefetch& pfa, const Prefetch& pfb) {
   switch (mr) {
-    case 6: return kernel_f32_pair<6>(sa, sb, H, ldh, A, lda, pa, pb, K, n, pfa, pfb);
-    case 5: return kernel_f32_pair<5>(sa, sb, H, ldh, A, lda, pa, pb, K, n, pfa, pfb);
-    case 4: return kernel_f32_pair<4>(sa, sb, H, ldh, A, lda, pa, pb, K, n, pfa, pfb);
-    case 3: return kernel_f32_pair<3>(sa, sb, H, ldh, A, lda, pa, pb, K, n, pfa, pfb);
-    case 2: return kernel_f32_pair<2>(sa, sb, H, ldh, A, lda, pa, pb, K, n, pfa, pfb);
-    default: return kernel_f32_pair<1>(sa, sb, H, ldh, A, lda, pa, pb, K, n, pfa, pfb);
+    case 6: return kernel_pair<6>(sa, sb, H, ldh, A, lda, wa, wb, K, n, pfa, pfb);
+    case 5: return kernel_pair<5>(sa, sb, H, ldh, A, lda, wa, wb, K, n, pfa, pfb);
+    case 4: return kernel_pair<4>(sa, sb, H, ldh, A, lda, wa, wb, K, n, pfa, pfb);
+    case 3: return kernel_pair<3>(sa, sb, H, ldh, A, lda, wa, wb, K, n, pfa, pfb);
+    case 2: return kernel_pair<2>(sa, sb, H, ldh, A, lda, wa, wb, K, n, pfa, pfb);
+    default: return kernel_pair<1>(sa, sb, H, ldh, A, lda, wa, wb, K, n, pfa, pfb);
   }
 }
 DLCM_PACKED_AVX512 void block_bf16w(float* C, i64 ldc, const float* A, i64 lda,
@@ -301,6 +340,26 @@ void block_ref(float* C, i64 ldc, const float* A, i64 lda, i64 mr, i64 K, float 
 }
 
 }  // namespace
+
+// One call's rows against column block `w` of p in the portable loop, in p's format; int8
+// (sc: the block's column scales) C = alpha * (scale * sum), as the AVX-512 kernel.
+static void block_portable(float* C, i64 ldc, const float* A, i64 lda, const PackedMatrix& p,
+                           const char* w, const float* sc, i64 mr, float alpha, i64 n) {
+  const i64 K = p.K;
+  if (p.fmt == PackFormat::F32) {
+    const float* f = reinterpret_cast<const float*>(w);
+    block_ref(C, ldc, A, lda, mr, K, alpha, n, [&](i64 k, i64 c) { return f[k * kNB + c]; });
+  } else if (p.fmt == PackFormat::BF16) {
+    const uint16_t* h = reinterpret_cast<const uint16_t*>(w);
+    block_ref(C, ldc, A, lda, mr, K, alpha, n,
+              [&](i64 k, i64 c) { return bf16_to_float(h[(k / 2) * 2 * kNB + c * 2 + k % 2]); });
+  } else {
+    const int8_t* q = reinterpret_cast<const int8_t*>(w);
+    block_ref(C, ldc, A, lda, mr, K, 1.f, n, [&](i64 k, i64 c) { return float(q[k * kNB + c]); });
+    for (i64 i = 0; i < mr; ++i)
+      for (i64 c = 0; c < n; ++c) C[i * ldc + c] = alpha * (sc[c] * C[i * ldc + c]);
+  }
+}
 
 bool packed_gemm_native() { return isa() == Isa::Avx512; }
 
@@ -408,6 +467,30 @@ const char* panel(const PackedMatrix& p, i64 blk) { return p.data + blk * panel_
 }  // namespace
 
 namespace {
+// BF16 / int8 products of at least kWidenRows rows (with the switch on) widen each column block
+// once per thread and run the FP32 kernel; the rows of one micro-kernel call follow.
+bool widens(const PackedMatrix& p, i64 M) {
+  return packed_gemm_native() && p.fmt != PackFormat::F32 && M >= kWidenRows && g_widen.load();
+}
+i64 rows_per_call(const PackedMatrix& p, bool widen) {
+  return widen || p.fmt == PackFormat::F32 ? kMRf32
+         : p.fmt == PackFormat::BF16       ? kMRbf16
+                                           : kMRq8;
+}
+// This thread's scratch for widened blocks, at least n floats.
+float* widen_scratch(i64 n) {
+  thread_local std::vector<float, AlignedAlloc<float>> scratch;
+  if (i64(scratch.size()) < n) scratch.resize(n);
+  return scratch.data();
+}
+// Block blk of a BF16 / int8 p widened to FP32 [K][64] (exact; int8 without its scales).
+void widen_block(float* dst, const PackedMatrix& p, i64 blk) {
+  if (p.fmt == PackFormat::Q8)
+    isa_avx512::widen_q8(dst, reinterpret_cast<const int8_t*>(panel(p, blk)), p.K);
+  else
+    isa_avx512::widen_bf16(dst, reinterpret_cast<const uint16_t*>(panel(p, blk)), p.K);
+}
+
 // How a product of M rows over nb column blocks runs (packed_gemm_parts, packed_gemm_swiglu: the
 // same rows per call, so the same bits): tiles of (up to kRows rows, one column block), so that
 // narrow products with many rows also split across threads, a column block's tiles consecutive
@@ -458,12 +541,8 @@ void packed_gemm_parts(float* const* C, const i64* ldc, const float* A, i64 lda,
   i64 out_cols = 0;
   for (int i = part0; i < part0 + n_parts; ++i) out_cols += p.parts[i];
   const bool avx512 = packed_gemm_native();
-  // BF16 / int8 with many rows: each thread widens a block once and runs the FP32 kernel
-  const bool widen = avx512 && p.fmt != PackFormat::F32 && M >= kWidenRows && g_widen.load();
-  const i64 MR = widen || p.fmt == PackFormat::F32 ? kMRf32
-                 : p.fmt == PackFormat::BF16       ? kMRbf16
-                                                   : kMRq8;
-  const CallPlan plan(M, nb, MR, out_cols, K, next);
+  const bool widen = widens(p, M);
+  const CallPlan plan(M, nb, rows_per_call(p, widen), out_cols, K, next);
   const i64 nr = plan.nr;
   const i64 steps = p.fmt == PackFormat::BF16 && !widen ? Kp / 2 : K;  // k steps of a call
 #pragma omp parallel if (plan.par)
@@ -481,19 +560,11 @@ void packed_gemm_parts(float* const* C, const i64* ldc, const float* A, i64 lda,
     const i64 target_lines = target ? panel_bytes(*target) / 64 : 0;
     const char* target_panel =
         target ? panel(*target, blk + 1 < b1 ? blk + 1 : next.blk) : nullptr;
-    const float* wide = nullptr;  // the block's weights widened to FP32 [K][64], if widen
+    float* wide = nullptr;  // the block's weights widened to FP32 [K][64], if widen
     if (widen) {  // once per block and thread: a block's row tiles are consecutive
-      thread_local std::vector<float, AlignedAlloc<float>> scratch;
-      if (i64(scratch.size()) < K * kNB) scratch.resize(K * kNB);
-      if (blk != wide_blk) {
-        if (p.fmt == PackFormat::Q8)
-          isa_avx512::widen_q8(scratch.data(), reinterpret_cast<const int8_t*>(panel(p, blk)), K);
-        else
-          isa_avx512::widen_bf16(scratch.data(), reinterpret_cast<const uint16_t*>(panel(p, blk)),
-                                 K);
-        wide_blk = blk;
-      }
-      wide = scratch.data();
+      wide = widen_scratch(K * kNB);
+      if (blk != wide_blk) widen_block(wide, p, blk);
+      wide_blk = blk;
     }
     plan.for_calls(rt, [&](i64 g, i64 r0, i64 mr) {
       const i64 ld = ldc[part - part0];
@@ -511,16 +582,14 @@ void packed_gemm_parts(float* const* C, const i64* ldc, const float* A, i64 lda,
         } else if (avx512) {
           isa_avx512::block_q8w(Cb, ld, Ab, lda, isa_avx512::LoadQ8{pb}, sc, K, alpha, n, mr, pf);
         } else {
-          block_ref(Cb, ld, Ab, lda, mr, K, 1.f, n, [&](i64 k, i64 c) { return float(pb[k * kNB + c]); });
-          for (i64 i = 0; i < mr; ++i)
-            for (i64 c = 0; c < n; ++c) Cb[i * ld + c] = alpha * (sc[c] * Cb[i * ld + c]);
+          block_portable(Cb, ld, Ab, lda, p, panel(p, blk), sc, mr, alpha, n);
         }
       } else if (p.fmt == PackFormat::F32) {
         const float* pb = reinterpret_cast<const float*>(panel(p, blk));
         if (avx512)
           isa_avx512::block_f32(Cb, ld, Ab, lda, pb, K, alpha, n, mr, pf);
         else
-          block_ref(Cb, ld, Ab, lda, mr, K, alpha, n, [&](i64 k, i64 c) { return pb[k * kNB + c]; });
+          block_portable(Cb, ld, Ab, lda, p, panel(p, blk), nullptr, mr, alpha, n);
       } else {
         const uint16_t* pb = reinterpret_cast<const uint16_t*>(panel(p, blk));
         if (wide)
@@ -528,9 +597,7 @@ void packed_gemm_parts(float* const* C, const i64* ldc, const float* A, i64 lda,
         else if (avx512)
           isa_avx512::block_bf16w(Cb, ld, Ab, lda, pb, K, alpha, n, mr, pf);
         else
-          block_ref(Cb, ld, Ab, lda, mr, K, alpha, n, [&](i64 k, i64 c) {
-            return bf16_to_float(pb[(k / 2) * 2 * kNB + c * 2 + k % 2]);
-          });
+          block_portable(Cb, ld, Ab, lda, p, panel(p, blk), nullptr, mr, alpha, n);
       }
     });
   }
@@ -538,31 +605,46 @@ void packed_gemm_parts(float* const* C, const i64* ldc, const float* A, i64 lda,
 }
 
 bool packed_swiglu_fusable(const PackedMatrix& p, int part0) {
-  return p.fmt == PackFormat::F32 && part0 >= 0 && part0 + 2 <= int(p.parts.size()) &&
-         p.parts[part0] == p.parts[part0 + 1];
+  return part0 >= 0 && part0 + 2 <= int(p.parts.size()) && p.parts[part0] == p.parts[part0 + 1];
 }
 
 void packed_gemm_swiglu(float* H, i64 ldh, const float* A, i64 lda, const PackedMatrix& p,
                         i64 M, NextProduct next, int part0) {
   note_parallel_entry();
-  DLCM_CHECK(packed_swiglu_fusable(p, part0), "internal: packed_gemm_swiglu needs two FP32 ",
-             "parts of one width from part ", part0);
-  const i64 K = p.K, F = p.parts[part0];
+  DLCM_CHECK(packed_swiglu_fusable(p, part0), "internal: packed_gemm_swiglu needs two parts ",
+             "of one width from part ", part0);
+  const i64 K = p.K, Kp = p.Kp, F = p.parts[part0];
   const i64 ba = p.part_blk0[part0], bb = p.part_blk0[part0 + 1], nb = bb - ba;
   const bool avx512 = packed_gemm_native();
-  // tiles and calls as packed_gemm_parts lays them out (the same rows per call: the same bits)
-  const CallPlan plan(M, nb, kMRf32, 2 * F, K, next);
+  // tiles, calls and widening as packed_gemm_parts lays them out (the same rows per call: the
+  // same bits)
+  const bool widen = widens(p, M);
+  const CallPlan plan(M, nb, rows_per_call(p, widen), 2 * F, K, next);
   const i64 nr = plan.nr;
   const i64 own_lines = panel_bytes(p) / 64;
+  const i64 steps = p.fmt == PackFormat::BF16 && !widen ? Kp / 2 : K;  // k steps of a call
+  const float* const qs = p.fmt == PackFormat::Q8 ? p.qscale.data() : nullptr;
 #pragma omp parallel if (plan.par)
   {
   alignas(64) float sa[kMRf32 * kNB], sb[kMRf32 * kNB];  // this call's gate and up rows
+  i64 wide_j = -1;  // the pair of blocks this thread's scratch holds widened (this call)
 #pragma omp for schedule(static)
   for (i64 tile = 0; tile < plan.tiles; ++tile) {
     const i64 j = tile / nr, rt = tile % nr;
     const i64 c0 = j * kNB, n = std::min(kNB, F - c0);
-    const float* pa = reinterpret_cast<const float*>(panel(p, ba + j));
-    const float* pb = reinterpret_cast<const float*>(panel(p, bb + j));
+    const char* pa = panel(p, ba + j);
+    const char* pb = panel(p, bb + j);
+    const float* sca = qs ? qs + (ba + j) * kNB : nullptr;  // int8: the blocks' column scales
+    const float* scb = qs ? qs + (bb + j) * kNB : nullptr;
+    float* wide = nullptr;  // W1's and W3's blocks widened to FP32, [2][K][64], if widen
+    if (widen) {
+      wide = widen_scratch(2 * K * kNB);
+      if (j != wide_j) {
+        widen_block(wide, p, ba + j);
+        widen_block(wide + K * kNB, p, bb + j);
+      }
+      wide_j = j;
+    }
     // while this pair of panels is multiplied, the next pair streams in (after the last pair,
     // `next`'s first panel, during the W1 half)
     const char *ta = nullptr, *tb = nullptr;
@@ -580,14 +662,28 @@ void packed_gemm_swiglu(float* H, i64 ldh, const float* A, i64 lda, const Packed
       Prefetch pfa, pfb;
       pfa.out = plan.out_prefetch;
       if (avx512) {
-        pfa.share(ta, la, g, plan.calls, K);
-        pfb.share(tb, lb, g, plan.calls, K);
+        pfa.share(ta, la, g, plan.calls, steps);
+        pfb.share(tb, lb, g, plan.calls, steps);
       }
-      if (avx512) {
-        isa_avx512::block_f32_pair(sa, sb, Hb, ldh, Ab, lda, pa, pb, K, n, mr, pfa, pfb);
+      using isa_avx512::block_pair, isa_avx512::LoadF32, isa_avx512::LoadQ8;
+      using SumF32 = isa_avx512::SumLoad<LoadF32>;
+      using SumQ8 = isa_avx512::SumLoad<LoadQ8>;
+      if (wide) {
+        block_pair(sa, sb, Hb, ldh, Ab, lda, SumF32{{wide}, sca}, SumF32{{wide + K * kNB}, scb}, K,
+                   n, mr, pfa, pfb);
+      } else if (avx512 && p.fmt == PackFormat::F32) {
+        block_pair(sa, sb, Hb, ldh, Ab, lda, SumF32{{reinterpret_cast<const float*>(pa)}, nullptr},
+                   SumF32{{reinterpret_cast<const float*>(pb)}, nullptr}, K, n, mr, pfa, pfb);
+      } else if (avx512 && p.fmt == PackFormat::BF16) {
+        block_pair(sa, sb, Hb, ldh, Ab, lda,
+                   isa_avx512::SumBf16{reinterpret_cast<const uint16_t*>(pa)},
+                   isa_avx512::SumBf16{reinterpret_cast<const uint16_t*>(pb)}, K, n, mr, pfa, pfb);
+      } else if (avx512) {
+        block_pair(sa, sb, Hb, ldh, Ab, lda, SumQ8{{reinterpret_cast<const int8_t*>(pa)}, sca},
+                   SumQ8{{reinterpret_cast<const int8_t*>(pb)}, scb}, K, n, mr, pfa, pfb);
       } else {
-        block_ref(sa, kNB, Ab, lda, mr, K, 1.f, n, [&](i64 k, i64 col) { return pa[k * kNB + col]; });
-        block_ref(sb, kNB, Ab, lda, mr, K, 1.f, n, [&](i64 k, i64 col) { return pb[k * kNB + col]; });
+        block_portable(sa, kNB, Ab, lda, p, pa, sca, mr, 1.f, n);
+        block_portable(sb, kNB, Ab, lda, p, pb, scb, mr, 1.f, n);
       }
       swiglu_rows(Hb, ldh, sa, kNB, sb, kNB, mr, n);
     });

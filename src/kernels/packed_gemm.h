@@ -112,9 +112,10 @@ void packed_gemm_parts(float* const* C, const i64* ldc, const float* A, i64 lda,
 
 // The gate/up pair of a feed-forward layer with SwiGLU in the epilogue: H[M, F] (row stride ldh)
 // = silu(A W1^T) * (A W3^T), where W1 and W3 are parts part0 and part0 + 1 of p, both F wide,
-// FP32. Each call multiplies its rows by a W1 block and the matching W3 block into scratch in
-// L1 and applies ops::swiglu_rows to them, so the gate and up outputs never reach memory; H is
-// bit for bit packed_gemm_parts (alpha 1) followed by ops::swiglu_forward.
+// in any format. Each call multiplies its rows by a W1 block and the matching W3 block into
+// scratch in L1 (with the kernel, rows per call and widening packed_gemm_parts would use) and
+// applies ops::swiglu_rows to them, so the gate and up outputs never reach memory; H is bit for
+// bit packed_gemm_parts (alpha 1) followed by ops::swiglu_forward.
 bool packed_swiglu_fusable(const PackedMatrix& p, int part0);
 void packed_gemm_swiglu(float* H, i64 ldh, const float* A, i64 lda, const PackedMatrix& p,
                         i64 M, NextProduct next = {}, int part0 = 0);
