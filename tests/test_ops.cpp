@@ -112,11 +112,15 @@ const Case kCases[] = {
     {.op = "packed_linear", .N = 200, .d = 64, .V = 128, .Hq = 3},
     {.op = "packed_linear", .N = 26, .d = 384, .V = 1024, .Hq = 2, .perf = true},  // backbone w1|w3
     {.op = "packed_linear", .N = 128, .d = 256, .V = 256, .Hq = 3, .perf = true},  // token q|k|v
-    // a dlcm-small 128-token prefill's (35 concepts): backbone w2 and q|k|v, a token-level w2;
-    // here the weights stay in cache between repeats, in a prefill they stream from memory
+    // a 128-token prefill's products (dlcm-small's 35 concepts: backbone w2, q|k|v; the token
+    // layers' w2, q|k|v, wo) with every output block full (the Hq > 1 rows above add 7 columns
+    // per matrix: partial blocks); here the weights stay in cache between repeats, in a prefill
+    // they stream from memory
     {.op = "packed_linear", .N = 35, .d = 1024, .V = 384, .Hq = 1, .perf = true},
-    {.op = "packed_linear", .N = 35, .d = 384, .V = 384, .Hq = 3, .perf = true},
+    {.op = "packed_linear", .N = 35, .d = 384, .V = 1152, .Hq = 1, .perf = true},
     {.op = "packed_linear", .N = 128, .d = 768, .V = 256, .Hq = 1, .perf = true},
+    {.op = "packed_linear", .N = 128, .d = 256, .V = 768, .Hq = 1, .perf = true},
+    {.op = "packed_linear", .N = 128, .d = 256, .V = 256, .Hq = 1, .perf = true},
     // gemm: M = N, K = d, N = V; every transpose, beta, alpha and padding, both paths
     {.op = "gemm", .N = 7, .d = 5, .V = 3},
     {.op = "gemm", .N = 1, .d = 1, .V = 1},
