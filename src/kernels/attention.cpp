@@ -55,8 +55,6 @@ float* attention_scratch(size_t n) {
   return b.data();
 }
 
-
-
 // dst[c*ldd + j] = src[j*ld + c] for j < n, c < hd: a block of rows, transposed so that it
 // can be the contiguous B operand of tile_mm(). Full 16x16 tiles in registers, edges scalar.
 void pack_t(float* dst, i64 ldd, const float* src, i64 ld, i64 n, i64 hd) {

@@ -467,16 +467,6 @@ const char* panel(const PackedMatrix& p, i64 blk) { return p.data + blk * panel_
 }  // namespace
 
 namespace {
-// BF16 / int8 products of at least kWidenRows rows (with the switch on) widen each column block
-// once per thread and run the FP32 kernel; the rows of one micro-kernel call follow.
-bool widens(const PackedMatrix& p, i64 M) {
-  return packed_gemm_native() && p.fmt != PackFormat::F32 && M >= kWidenRows && g_widen.load();
-}
-i64 rows_per_call(const PackedMatrix& p, bool widen) {
-  return widen || p.fmt == PackFormat::F32 ? kMRf32
-         : p.fmt == PackFormat::BF16       ? kMRbf16
-                                           : kMRq8;
-}
 // This thread's scratch for widened blocks, at least n floats.
 float* widen_scratch(i64 n) {
   thread_local std::vector<float, AlignedAlloc<float>> scratch;
@@ -499,13 +489,24 @@ void widen_block(float* dst, const PackedMatrix& p, i64 blk) {
 // panel for half the work; rows are independent: same bits). The calls of a panel share the
 // prefetch of the one after it (of `next`'s first panel after the last).
 struct CallPlan {
-  i64 M, MR, nr, tiles, calls;
+  // BF16 / int8 products of at least kWidenRows rows (with the switch on) widen each column
+  // block once per thread and run the FP32 kernel; the rows and k steps of a call follow.
+  bool widen;
+  i64 M, MR, steps, nr, tiles, calls;
   bool par;           // a parallel region over the tiles
   bool pf_on, chain;  // the calls prefetch the next panel; after the last, `next`'s first
   bool out_prefetch;  // each call prefetches its output lines (prefetch_c)
-  CallPlan(i64 M_, i64 nb, i64 MR_, i64 out_cols, i64 K, const NextProduct& next)
-      : M(M_), MR(MR_), nr((M_ + kRows - 1) / kRows), tiles(nr * nb) {
-    par = !omp_in_parallel() && tiles > 1 && 2.0 * M * out_cols * K >= double(1 << 18);
+  CallPlan(const PackedMatrix& p, i64 M_, i64 nb, i64 out_cols, const NextProduct& next)
+      : widen(packed_gemm_native() && p.fmt != PackFormat::F32 && M_ >= kWidenRows &&
+              g_widen.load()),
+        M(M_),
+        MR(widen || p.fmt == PackFormat::F32 ? kMRf32
+           : p.fmt == PackFormat::BF16       ? kMRbf16
+                                             : kMRq8),
+        steps(p.fmt == PackFormat::BF16 && !widen ? p.Kp / 2 : p.K),
+        nr((M_ + kRows - 1) / kRows),
+        tiles(nr * nb) {
+    par = !omp_in_parallel() && tiles > 1 && 2.0 * M * out_cols * p.K >= double(1 << 18);
     calls = (nr - 1) * (kRows / MR) + (M - (nr - 1) * kRows + MR - 1) / MR;
     // Only where a panel serves several calls (more rows than one micro-kernel call takes): a
     // panel read once (decode's few rows) is one sequential stream that the hardware
@@ -536,15 +537,13 @@ void packed_gemm_parts(float* const* C, const i64* ldc, const float* A, i64 lda,
   DLCM_CHECK(part0 >= 0 && n_parts >= 1 && part0 + n_parts <= n_all, "internal: parts [", part0,
              ", ", part0 + n_parts, ") of a packed matrix of ", n_all);
   // the call's column blocks [b0, b1) of the packed layout
-  const i64 K = p.K, Kp = p.Kp, b0 = p.part_blk0[part0], b1 = p.part_blk0[part0 + n_parts];
+  const i64 K = p.K, b0 = p.part_blk0[part0], b1 = p.part_blk0[part0 + n_parts];
   const i64 nb = b1 - b0;
   i64 out_cols = 0;
   for (int i = part0; i < part0 + n_parts; ++i) out_cols += p.parts[i];
   const bool avx512 = packed_gemm_native();
-  const bool widen = widens(p, M);
-  const CallPlan plan(M, nb, rows_per_call(p, widen), out_cols, K, next);
-  const i64 nr = plan.nr;
-  const i64 steps = p.fmt == PackFormat::BF16 && !widen ? Kp / 2 : K;  // k steps of a call
+  const CallPlan plan(p, M, nb, out_cols, next);
+  const i64 nr = plan.nr, steps = plan.steps;
 #pragma omp parallel if (plan.par)
   {
   i64 wide_blk = -1;  // the column block this thread's scratch holds widened (this call)
@@ -561,7 +560,7 @@ void packed_gemm_parts(float* const* C, const i64* ldc, const float* A, i64 lda,
     const char* target_panel =
         target ? panel(*target, blk + 1 < b1 ? blk + 1 : next.blk) : nullptr;
     float* wide = nullptr;  // the block's weights widened to FP32 [K][64], if widen
-    if (widen) {  // once per block and thread: a block's row tiles are consecutive
+    if (plan.widen) {  // once per block and thread: a block's row tiles are consecutive
       wide = widen_scratch(K * kNB);
       if (blk != wide_blk) widen_block(wide, p, blk);
       wide_blk = blk;
@@ -613,16 +612,14 @@ void packed_gemm_swiglu(float* H, i64 ldh, const float* A, i64 lda, const Packed
   note_parallel_entry();
   DLCM_CHECK(packed_swiglu_fusable(p, part0), "internal: packed_gemm_swiglu needs two parts ",
              "of one width from part ", part0);
-  const i64 K = p.K, Kp = p.Kp, F = p.parts[part0];
+  const i64 K = p.K, F = p.parts[part0];
   const i64 ba = p.part_blk0[part0], bb = p.part_blk0[part0 + 1], nb = bb - ba;
   const bool avx512 = packed_gemm_native();
   // tiles, calls and widening as packed_gemm_parts lays them out (the same rows per call: the
   // same bits)
-  const bool widen = widens(p, M);
-  const CallPlan plan(M, nb, rows_per_call(p, widen), 2 * F, K, next);
-  const i64 nr = plan.nr;
+  const CallPlan plan(p, M, nb, 2 * F, next);
+  const i64 nr = plan.nr, steps = plan.steps;
   const i64 own_lines = panel_bytes(p) / 64;
-  const i64 steps = p.fmt == PackFormat::BF16 && !widen ? Kp / 2 : K;  // k steps of a call
   const float* const qs = p.fmt == PackFormat::Q8 ? p.qscale.data() : nullptr;
 #pragma omp parallel if (plan.par)
   {
@@ -637,7 +634,7 @@ void packed_gemm_swiglu(float* H, i64 ldh, const float* A, i64 lda, const Packed
     const float* sca = qs ? qs + (ba + j) * kNB : nullptr;  // int8: the blocks' column scales
     const float* scb = qs ? qs + (bb + j) * kNB : nullptr;
     float* wide = nullptr;  // W1's and W3's blocks widened to FP32, [2][K][64], if widen
-    if (widen) {
+    if (plan.widen) {
       wide = widen_scratch(2 * K * kNB);
       if (j != wide_j) {
         widen_block(wide, p, ba + j);
@@ -668,12 +665,11 @@ void packed_gemm_swiglu(float* H, i64 ldh, const float* A, i64 lda, const Packed
       using isa_avx512::block_pair, isa_avx512::LoadF32, isa_avx512::LoadQ8;
       using SumF32 = isa_avx512::SumLoad<LoadF32>;
       using SumQ8 = isa_avx512::SumLoad<LoadQ8>;
-      if (wide) {
-        block_pair(sa, sb, Hb, ldh, Ab, lda, SumF32{{wide}, sca}, SumF32{{wide + K * kNB}, scb}, K,
-                   n, mr, pfa, pfb);
-      } else if (avx512 && p.fmt == PackFormat::F32) {
-        block_pair(sa, sb, Hb, ldh, Ab, lda, SumF32{{reinterpret_cast<const float*>(pa)}, nullptr},
-                   SumF32{{reinterpret_cast<const float*>(pb)}, nullptr}, K, n, mr, pfa, pfb);
+      if (wide || (avx512 && p.fmt == PackFormat::F32)) {  // FP32 weights, or widened to FP32
+        const float* fa = wide ? wide : reinterpret_cast<const float*>(pa);
+        const float* fb = wide ? wide + K * kNB : reinterpret_cast<const float*>(pb);
+        block_pair(sa, sb, Hb, ldh, Ab, lda, SumF32{{fa}, sca}, SumF32{{fb}, scb}, K, n, mr, pfa,
+                   pfb);
       } else if (avx512 && p.fmt == PackFormat::BF16) {
         block_pair(sa, sb, Hb, ldh, Ab, lda,
                    isa_avx512::SumBf16{reinterpret_cast<const uint16_t*>(pa)},
