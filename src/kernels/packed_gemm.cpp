@@ -142,15 +142,6 @@ struct LoadQ8 {  // int8 -> FP32, exact
   }
 };
 
-template <int MR>
-DLCM_PACKED_AVX512 void kernel_f32(float* C, i64 ldc, const float* A, i64 lda, const float* pb,
-                                   i64 K, float alpha, i64 n, const Prefetch& prefetch) {
-  prefetch_c<MR>(C, ldc, n, prefetch);
-  __m512 acc[MR][4];
-  accumulate<MR>(acc, A, lda, K, prefetch, LoadF32{pb});
-  for (int i = 0; i < MR; ++i) store_block(C + i * ldc, acc[i], alpha, n);
-}
-
 // Weight-only BF16: A stays FP32; each 32-bit lane of the packed block holds (W[c][k],
 // W[c][k+1]) as BF16, which widen to FP32 exactly (a shift, a mask). k in order, as accumulate.
 template <int MR>
@@ -182,16 +173,6 @@ DLCM_PACKED_AVX512 inline __attribute__((always_inline)) void accumulate_bf16w(
   }
 }
 
-template <int MR>
-DLCM_PACKED_AVX512 void kernel_bf16w(float* C, i64 ldc, const float* A, i64 lda,
-                                     const uint16_t* pb, i64 K, float alpha, i64 n,
-                                     const Prefetch& prefetch) {
-  prefetch_c<MR>(C, ldc, n, prefetch);
-  __m512 acc[MR][4];
-  accumulate_bf16w<MR>(acc, A, lda, pb, K, prefetch);
-  for (int i = 0; i < MR; ++i) store_block(C + i * ldc, acc[i], alpha, n);
-}
-
 // acc[i][:] *= the column block's scales (int8: W[c][k] = scale[c] * q).
 template <int MR>
 DLCM_PACKED_AVX512 inline __attribute__((always_inline)) void scale_sums(__m512 (&acc)[MR][4],
@@ -200,24 +181,11 @@ DLCM_PACKED_AVX512 inline __attribute__((always_inline)) void scale_sums(__m512 
     for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_mul_ps(_mm512_loadu_ps(scale + 16 * j), acc[i][j]);
 }
 
-// Weight-only int8: each k's 64 bytes widen to four FP32 vectors (exact); the column scales
-// multiply the sums once at the end, C[c] = alpha * (scale[c] * sum_k A[k] q[k][c]).
-// (`load`: LoadQ8 on the packed bytes, or LoadF32 on their widened copy: the same values)
-template <int MR, class Load>
-DLCM_PACKED_AVX512 void kernel_q8w(float* C, i64 ldc, const float* A, i64 lda, Load load,
-                                   const float* scale, i64 K, float alpha, i64 n,
-                                   const Prefetch& prefetch) {
-  prefetch_c<MR>(C, ldc, n, prefetch);
-  __m512 acc[MR][4];
-  accumulate<MR>(acc, A, lda, K, prefetch, load);
-  scale_sums(acc, scale);
-  for (int i = 0; i < MR; ++i) store_block(C + i * ldc, acc[i], alpha, n);
-}
-
-// The sums of one column block of a fused gate/up call, per packed format (what kernel_f32,
-// kernel_bf16w and kernel_q8w accumulate before they store, k in the same order). SumLoad: FP32
-// weights, int8 ones widened in the call (LoadQ8) or BF16 / int8 ones widened once (LoadF32),
-// with int8's column scales (else nullptr).
+// The sums of one call's rows against one column block, per packed format, k in order. SumLoad:
+// FP32 weights, int8 ones widened in the call (LoadQ8) or BF16 / int8 ones widened once
+// (LoadF32), with int8's column scales (else nullptr): weight-only int8 multiplies the sums by
+// the scales once at the end, C[c] = alpha * (scale[c] * sum_k A[k] q[k][c]). SumBf16: BF16
+// weights widened in the call (accumulate_bf16w).
 template <class Load>
 struct SumLoad {
   Load load;
@@ -238,6 +206,16 @@ struct SumBf16 {  // BF16 weights widened in the call
   }
 };
 
+// One call of packed_gemm_parts: C = alpha * the MR x n sums of one column block (every format).
+template <int MR, class Sum>
+DLCM_PACKED_AVX512 void kernel_block(float* C, i64 ldc, const float* A, i64 lda, const Sum& sum,
+                                     i64 K, float alpha, i64 n, const Prefetch& pf) {
+  prefetch_c<MR>(C, ldc, n, pf);
+  __m512 acc[MR][4];
+  sum.template run<MR>(acc, A, lda, K, pf);
+  for (int i = 0; i < MR; ++i) store_block(C + i * ldc, acc[i], alpha, n);
+}
+
 // A fused gate/up call (packed_gemm_swiglu): the sums over W1's block into sa, then over W3's
 // into sb (rows of 64, stored as the plain kernels store them with alpha 1), H's lines
 // prefetched first.
@@ -254,15 +232,17 @@ DLCM_PACKED_AVX512 void kernel_pair(float* sa, float* sb, float* H, i64 ldh, con
 }
 
 // One block of up to MR rows (no lambdas here: they would not inherit the target attribute).
-DLCM_PACKED_AVX512 void block_f32(float* C, i64 ldc, const float* A, i64 lda, const float* pb,
-                                  i64 K, float alpha, i64 n, i64 mr, const Prefetch& pf) {
+// BF16 calls take at most kMRbf16 rows; the others up to 6.
+template <class Sum>
+DLCM_PACKED_AVX512 void block(float* C, i64 ldc, const float* A, i64 lda, const Sum& sum, i64 K,
+                              float alpha, i64 n, i64 mr, const Prefetch& pf) {
   switch (mr) {
-    case 6: return kernel_f32<6>(C, ldc, A, lda, pb, K, alpha, n, pf);
-    case 5: return kernel_f32<5>(C, ldc, A, lda, pb, K, alpha, n, pf);
-    case 4: return kernel_f32<4>(C, ldc, A, lda, pb, K, alpha, n, pf);
-    case 3: return kernel_f32<3>(C, ldc, A, lda, pb, K, alpha, n, pf);
-    case 2: return kernel_f32<2>(C, ldc, A, lda, pb, K, alpha, n, pf);
-    default: return kernel_f32<1>(C, ldc, A, lda, pb, K, alpha, n, pf);
+    case 6: return kernel_block<6>(C, ldc, A, lda, sum, K, alpha, n, pf);
+    case 5: return kernel_block<5>(C, ldc, A, lda, sum, K, alpha, n, pf);
+    case 4: return kernel_block<4>(C, ldc, A, lda, sum, K, alpha, n, pf);
+    case 3: return kernel_block<3>(C, ldc, A, lda, sum, K, alpha, n, pf);
+    case 2: return kernel_block<2>(C, ldc, A, lda, sum, K, alpha, n, pf);
+    default: return kernel_block<1>(C, ldc, A, lda, sum, K, alpha, n, pf);
   }
 }
 template <class Sum>
@@ -278,31 +258,6 @@ DLCM_PACKED_AVX512 void block_pair(float* sa, float* sb, float* H, i64 ldh, cons
     default: return kernel_pair<1>(sa, sb, H, ldh, A, lda, wa, wb, K, n, pfa, pfb);
   }
 }
-DLCM_PACKED_AVX512 void block_bf16w(float* C, i64 ldc, const float* A, i64 lda,
-                                    const uint16_t* pb, i64 K, float alpha, i64 n, i64 mr,
-                                    const Prefetch& pf) {
-  switch (mr) {
-    case 4: return kernel_bf16w<4>(C, ldc, A, lda, pb, K, alpha, n, pf);
-    case 3: return kernel_bf16w<3>(C, ldc, A, lda, pb, K, alpha, n, pf);
-    case 2: return kernel_bf16w<2>(C, ldc, A, lda, pb, K, alpha, n, pf);
-    default: return kernel_bf16w<1>(C, ldc, A, lda, pb, K, alpha, n, pf);
-  }
-}
-
-template <class Load>
-DLCM_PACKED_AVX512 void block_q8w(float* C, i64 ldc, const float* A, i64 lda, Load load,
-                                  const float* scale, i64 K, float alpha, i64 n, i64 mr,
-                                  const Prefetch& pf) {
-  switch (mr) {
-    case 6: return kernel_q8w<6>(C, ldc, A, lda, load, scale, K, alpha, n, pf);
-    case 5: return kernel_q8w<5>(C, ldc, A, lda, load, scale, K, alpha, n, pf);
-    case 4: return kernel_q8w<4>(C, ldc, A, lda, load, scale, K, alpha, n, pf);
-    case 3: return kernel_q8w<3>(C, ldc, A, lda, load, scale, K, alpha, n, pf);
-    case 2: return kernel_q8w<2>(C, ldc, A, lda, load, scale, K, alpha, n, pf);
-    default: return kernel_q8w<1>(C, ldc, A, lda, load, scale, K, alpha, n, pf);
-  }
-}
-
 // A column block's weights widened to FP32 [K][64] (exact): int8 values as they are (the
 // scales stay for the epilogue), BF16 pairs split into their two k.
 DLCM_PACKED_AVX512 void widen_q8(float* dst, const int8_t* pb, i64 K) {
@@ -572,31 +527,21 @@ void packed_gemm_parts(float* const* C, const i64* ldc, const float* A, i64 lda,
       Prefetch pf;
       pf.out = plan.out_prefetch;
       if (avx512) pf.share(target_panel, target_lines, g, plan.calls, steps);
-      if (p.fmt == PackFormat::Q8) {
-        const int8_t* pb = reinterpret_cast<const int8_t*>(panel(p, blk));
-        const float* sc = p.qscale.data() + blk * kNB;
-        if (wide) {
-          isa_avx512::block_q8w(Cb, ld, Ab, lda, isa_avx512::LoadF32{wide}, sc, K, alpha, n, mr,
-                                pf);
-        } else if (avx512) {
-          isa_avx512::block_q8w(Cb, ld, Ab, lda, isa_avx512::LoadQ8{pb}, sc, K, alpha, n, mr, pf);
-        } else {
-          block_portable(Cb, ld, Ab, lda, p, panel(p, blk), sc, mr, alpha, n);
-        }
-      } else if (p.fmt == PackFormat::F32) {
-        const float* pb = reinterpret_cast<const float*>(panel(p, blk));
-        if (avx512)
-          isa_avx512::block_f32(Cb, ld, Ab, lda, pb, K, alpha, n, mr, pf);
-        else
-          block_portable(Cb, ld, Ab, lda, p, panel(p, blk), nullptr, mr, alpha, n);
+      // the same sums as packed_gemm_swiglu's halves (SumLoad / SumBf16)
+      using isa_avx512::block, isa_avx512::LoadF32, isa_avx512::LoadQ8;
+      const char* w = panel(p, blk);
+      const float* sc = p.fmt == PackFormat::Q8 ? p.qscale.data() + blk * kNB : nullptr;
+      if (wide || (avx512 && p.fmt == PackFormat::F32)) {  // FP32 weights, or widened to FP32
+        const float* f = wide ? wide : reinterpret_cast<const float*>(w);
+        block(Cb, ld, Ab, lda, isa_avx512::SumLoad<LoadF32>{{f}, sc}, K, alpha, n, mr, pf);
+      } else if (avx512 && p.fmt == PackFormat::BF16) {
+        block(Cb, ld, Ab, lda, isa_avx512::SumBf16{reinterpret_cast<const uint16_t*>(w)}, K,
+              alpha, n, mr, pf);
+      } else if (avx512) {
+        const isa_avx512::SumLoad<LoadQ8> sum{{reinterpret_cast<const int8_t*>(w)}, sc};
+        block(Cb, ld, Ab, lda, sum, K, alpha, n, mr, pf);
       } else {
-        const uint16_t* pb = reinterpret_cast<const uint16_t*>(panel(p, blk));
-        if (wide)
-          isa_avx512::block_f32(Cb, ld, Ab, lda, wide, K, alpha, n, mr, pf);
-        else if (avx512)
-          isa_avx512::block_bf16w(Cb, ld, Ab, lda, pb, K, alpha, n, mr, pf);
-        else
-          block_portable(Cb, ld, Ab, lda, p, panel(p, blk), nullptr, mr, alpha, n);
+        block_portable(Cb, ld, Ab, lda, p, w, sc, mr, alpha, n);
       }
     });
   }
