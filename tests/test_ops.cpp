@@ -94,6 +94,7 @@ const Case kCases[] = {
     {.op = "rmsnorm", .N = 1, .d = 4},
     {.op = "rmsnorm", .N = 300, .d = 96, .std = 3.0f},  // parallel path
     {.op = "rmsnorm", .N = 4096, .d = 512, .perf = true},
+    {.op = "rmsnorm", .N = 128, .d = 256, .perf = true},  // a 128-token prefill
     {.op = "head_rmsnorm", .N = 5, .Hq = 3, .hd = 8},
     {.op = "head_rmsnorm", .N = 200, .Hq = 4, .hd = 64, .std = 2.0f},  // parallel path
     {.op = "head_rmsnorm", .N = 4096, .Hq = 8, .hd = 64, .perf = true},
