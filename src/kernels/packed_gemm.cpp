@@ -27,9 +27,10 @@ namespace {
 
 constexpr i64 kNB = 64;     // output columns per block
 constexpr i64 kMRf32 = 6;   // rows per FP32 micro-kernel call (24 accumulators)
+constexpr i64 kMRf32x = 7;  // the same for one row tile where 7 need fewer calls
 constexpr i64 kMRbf16 = 4;  // rows per BF16 call (16 accumulators + 8 widened W vectors)
 constexpr i64 kMRq8 = 6;    // rows per int8 call (24 accumulators + 4 widened W vectors)
-constexpr i64 kRows = 96;   // rows per parallel tile (a multiple of both)
+constexpr i64 kRows = 96;   // rows per parallel tile (a multiple of kMRf32, kMRbf16, kMRq8)
 // BF16 / int8 products of at least this many rows widen each column block's weights to FP32
 // once per thread (exact) and run the FP32 kernel over them, instead of widening in every
 // micro-kernel call: 1.07-1.25x (int8) and 1.01-1.19x (BF16) from 42 to 512 rows, 0.72-0.94x
@@ -232,11 +233,12 @@ DLCM_PACKED_AVX512 void kernel_pair(float* sa, float* sb, float* H, i64 ldh, con
 }
 
 // One block of up to MR rows (no lambdas here: they would not inherit the target attribute).
-// BF16 calls take at most kMRbf16 rows; the others up to 6.
+// BF16 calls take at most kMRbf16 rows; the others up to 7 (fp32_rows_per_call).
 template <class Sum>
 DLCM_PACKED_AVX512 void block(float* C, i64 ldc, const float* A, i64 lda, const Sum& sum, i64 K,
                               float alpha, i64 n, i64 mr, const Prefetch& pf) {
   switch (mr) {
+    case 7: return kernel_block<7>(C, ldc, A, lda, sum, K, alpha, n, pf);
     case 6: return kernel_block<6>(C, ldc, A, lda, sum, K, alpha, n, pf);
     case 5: return kernel_block<5>(C, ldc, A, lda, sum, K, alpha, n, pf);
     case 4: return kernel_block<4>(C, ldc, A, lda, sum, K, alpha, n, pf);
@@ -250,6 +252,7 @@ DLCM_PACKED_AVX512 void block_pair(float* sa, float* sb, float* H, i64 ldh, cons
                                    i64 lda, const Sum& wa, const Sum& wb, i64 K, i64 n, i64 mr,
                                    const Prefetch& pfa, const Prefetch& pfb) {
   switch (mr) {
+    case 7: return kernel_pair<7>(sa, sb, H, ldh, A, lda, wa, wb, K, n, pfa, pfb);
     case 6: return kernel_pair<6>(sa, sb, H, ldh, A, lda, wa, wb, K, n, pfa, pfb);
     case 5: return kernel_pair<5>(sa, sb, H, ldh, A, lda, wa, wb, K, n, pfa, pfb);
     case 4: return kernel_pair<4>(sa, sb, H, ldh, A, lda, wa, wb, K, n, pfa, pfb);
@@ -436,11 +439,20 @@ void widen_block(float* dst, const PackedMatrix& p, i64 blk) {
     isa_avx512::widen_bf16(dst, reinterpret_cast<const uint16_t*>(panel(p, blk)), p.K);
 }
 
+// The FP32 kernel's rows per call (FP32 weights, or widened): 6, or 7 (28 accumulators; GCC
+// keeps 27 of them in registers) for a product of one row tile that then needs fewer calls:
+// a DLCM backbone's 35 rows in 5 calls instead of 6, each call one pass over W's panel, its
+// prefetch of the next panel over fewer calls; dlcm-small's prefill +0.6% (docs/performance.md,
+// session 33). Decode's 1-6 rows keep 6; rows are independent, so the bits are the same.
+i64 fp32_rows_per_call(i64 M) {
+  return M <= kRows && (M + kMRf32x - 1) / kMRf32x < (M + kMRf32 - 1) / kMRf32 ? kMRf32x : kMRf32;
+}
+
 // How a product of M rows over nb column blocks runs (packed_gemm_parts, packed_gemm_swiglu: the
 // same rows per call, so the same bits): tiles of (up to kRows rows, one column block), so that
 // narrow products with many rows also split across threads, a column block's tiles consecutive
 // (its panel stays in cache between them); each tile's rows split evenly over micro-kernel
-// calls of at most MR rows (39 rows: 6,6,6,6,5,5,5, not six 6s and a 3, whose call reads W's
+// calls of at most MR rows (39 rows: 7,7,7,6,6,6, not five 7s and a 4, whose call reads W's
 // panel for half the work; rows are independent: same bits). The calls of a panel share the
 // prefetch of the one after it (of `next`'s first panel after the last).
 struct CallPlan {
@@ -455,7 +467,7 @@ struct CallPlan {
       : widen(packed_gemm_native() && p.fmt != PackFormat::F32 && M_ >= kWidenRows &&
               g_widen.load()),
         M(M_),
-        MR(widen || p.fmt == PackFormat::F32 ? kMRf32
+        MR(widen || p.fmt == PackFormat::F32 ? fp32_rows_per_call(M_)
            : p.fmt == PackFormat::BF16       ? kMRbf16
                                              : kMRq8),
         steps(p.fmt == PackFormat::BF16 && !widen ? p.Kp / 2 : p.K),
@@ -568,7 +580,7 @@ void packed_gemm_swiglu(float* H, i64 ldh, const float* A, i64 lda, const Packed
   const float* const qs = p.fmt == PackFormat::Q8 ? p.qscale.data() : nullptr;
 #pragma omp parallel if (plan.par)
   {
-  alignas(64) float sa[kMRf32 * kNB], sb[kMRf32 * kNB];  // this call's gate and up rows
+  alignas(64) float sa[kMRf32x * kNB], sb[kMRf32x * kNB];  // this call's gate and up rows
   i64 wide_j = -1;  // the pair of blocks this thread's scratch holds widened (this call)
 #pragma omp for schedule(static)
   for (i64 tile = 0; tile < plan.tiles; ++tile) {
