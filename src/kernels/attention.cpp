@@ -32,6 +32,7 @@
 #include <array>
 #include <cmath>
 
+#include "core/parallel.h"
 #include "kernels/gemm.h"
 #include "kernels/isa.h"
 #include "kernels/ops.h"
@@ -746,8 +747,7 @@ void attention_forward_rows(float* out, float* lse, const float* q, const float*
   const i64 group = Hq / Hkv, ldk = Hkv * hd, R = Lq * group;
   const i64 jend = std::min(Lk, q_offset + Lq);  // keys seen by the last query
   const i64 jbeg = window > 0 ? std::max<i64>(0, q_offset - window + 1) : 0;  // by the first
-#pragma omp parallel if (par)
-  {
+  parallel_region(par, [&] {
     Buf qs(size_t(R) * hd), kt(size_t(hd) * BK), s(size_t(R) * BK), o(size_t(R) * hd);
     std::vector<float> m(R), l(R);
 #pragma omp for schedule(dynamic, 1)
@@ -796,7 +796,7 @@ void attention_forward_rows(float* out, float* lse, const float* q, const float*
         lse[(b * Hq + h) * Lq + i] = m[r] + std::log(l[r]);
       }
     }
-  }
+  });
 }
 
 }  // namespace
@@ -868,8 +868,7 @@ void attention_forward(float* out, float* lse, const float* q, const float* k, c
     });
   }
 #endif
-#pragma omp parallel if (par)
-  {
+  parallel_region(par, [&] {
     // Q^T [hd, BQ], S^T [BK, BQ], O [BQ, hd]: each task writes what it reads
     float* const qt = attention_scratch(size_t(hd) * BQ + size_t(BK) * BQ + size_t(BQ) * hd);
     float* const st = qt + hd * BQ;
@@ -937,7 +936,7 @@ void attention_forward(float* out, float* lse, const float* q, const float* k, c
         lse[(b * Hq + h) * Lq + i0 + r] = m[r] + std::log(l[r]);
       }
     }
-  }
+  });
 }
 
 void attention_backward(float* dq, float* dk, float* dv, const float* dout, const float* out,

@@ -6,6 +6,7 @@
 #include <cstring>
 #include <limits>
 
+#include "core/parallel.h"
 #include "core/rng.h"
 #include "kernels/gemm.h"
 #include "kernels/isa.h"
@@ -85,12 +86,11 @@ void router_prob_forward(float* p, float* cache, const float* q, const float* k,
 void router_prob_rows(float* p, const float* q_prev, const float* q, const float* k, i64 n,
                       i64 ds) {
   DLCM_CHECK(n >= 0 && ds > 0, "router_prob_rows: bad shape n=", n, " ds=", ds);
-#pragma omp parallel for schedule(static) if(parallel_worth(n * ds))
-  for (i64 t = 0; t < n; ++t) {
+  parallel_for(n, parallel_worth(n * ds), [&](i64 t) {
     const float* a = t == 0 ? q_prev : q + (t - 1) * ds;
     const float* b = k + t * ds;
     p[t] = router_p(router_cos(a, std::sqrt(dotf(a, a, ds)), b, std::sqrt(dotf(b, b, ds)), ds));
-  }
+  });
 }
 
 void router_prob_backward(float* dq, float* dk, const float* dp, const float* cache,

@@ -9,6 +9,7 @@
 #include <memory>
 #include <mutex>
 
+#include "core/parallel.h"
 #include "kernels/gemm.h"        // round_row_to_bf16
 #include "kernels/isa_target.h"  // last include: the variant's target and namespace
 #include "kernels/simd.h"
@@ -21,8 +22,8 @@ static constexpr i64 kParMin = 1 << 14;
 // ---- embedding ----
 
 void embedding_forward(float* out, const i32* ids, const float* table, i64 N, i64 d) {
-#pragma omp parallel for schedule(static) if (N * d > kParMin)
-  for (i64 n = 0; n < N; ++n) std::copy_n(table + i64(ids[n]) * d, d, out + n * d);
+  parallel_for(N, N * d > kParMin,
+               [&](i64 n) { std::copy_n(table + i64(ids[n]) * d, d, out + n * d); });
 }
 
 // Scatter-add. Threads own disjoint column ranges, so repeated ids never race and the sum
@@ -48,8 +49,7 @@ void embedding_backward(float* dtable, const float* dout, const i32* ids, i64 N,
 
 void rmsnorm_forward(float* y, float* rstd, const float* x, const float* w, i64 N, i64 d,
                      float eps, uint16_t* y16) {
-#pragma omp parallel for schedule(static) if (N * d > kParMin)
-  for (i64 n = 0; n < N; ++n) {
+  parallel_for(N, N * d > kParMin, [&](i64 n) {
     const float* xr = x + n * d;
     double ss = 0;
 #pragma omp simd reduction(+ : ss)
@@ -60,7 +60,7 @@ void rmsnorm_forward(float* y, float* rstd, const float* x, const float* w, i64 
 #pragma omp simd
     for (i64 c = 0; c < d; ++c) yr[c] = xr[c] * r * w[c];
     if (y16) round_row_to_bf16(y16 + n * d, yr, d);  // the row is still in L1
-  }
+  });
 }
 
 // dx_c += r w_c dy_c - x_c r^3/d * sum_k dy_k w_k x_k;  dw_c += sum_n dy_c x_c r.
@@ -172,8 +172,7 @@ void rope_apply(float* x, const i32* pos, i64 N, i64 H, i64 hd, float theta, boo
   auto tab = rope_table(theta, hd, i64(pmax) + 1);
   const i64 half = hd / 2;
   const float sgn = inverse ? -1.0f : 1.0f;
-#pragma omp parallel for schedule(static) if (N * H * hd > kParMin)
-  for (i64 n = 0; n < N; ++n) {
+  parallel_for(N, N * H * hd > kParMin, [&](i64 n) {
     const float* cs = tab->cs.data() + i64(pos[n]) * hd;
     const float* sn = cs + half;
     for (i64 h = 0; h < H; ++h) {
@@ -187,7 +186,7 @@ void rope_apply(float* x, const i32* pos, i64 N, i64 H, i64 hd, float theta, boo
         b[i] = x2 * c + x1 * s;
       }
     }
-  }
+  });
 }
 
 // ---- SwiGLU ----

@@ -15,6 +15,7 @@
 #include <cstring>
 #include <vector>
 
+#include "core/parallel.h"
 #include "kernels/gemm.h"
 #include "kernels/isa.h"
 #include "kernels/ops.h"
@@ -511,8 +512,7 @@ void packed_gemm_parts(float* const* C, const i64* ldc, const float* A, i64 lda,
   const bool avx512 = packed_gemm_native();
   const CallPlan plan(p, M, nb, out_cols, next);
   const i64 nr = plan.nr, steps = plan.steps;
-#pragma omp parallel if (plan.par)
-  {
+  parallel_region(plan.par, [&] {
   i64 wide_blk = -1;  // the column block this thread's scratch holds widened (this call)
 #pragma omp for schedule(static)
   for (i64 tile = 0; tile < plan.tiles; ++tile) {
@@ -557,7 +557,7 @@ void packed_gemm_parts(float* const* C, const i64* ldc, const float* A, i64 lda,
       }
     });
   }
-  }
+  });
 }
 
 bool packed_swiglu_fusable(const PackedMatrix& p, int part0) {
@@ -578,8 +578,7 @@ void packed_gemm_swiglu(float* H, i64 ldh, const float* A, i64 lda, const Packed
   const i64 nr = plan.nr, steps = plan.steps;
   const i64 own_lines = panel_bytes(p) / 64;
   const float* const qs = p.fmt == PackFormat::Q8 ? p.qscale.data() : nullptr;
-#pragma omp parallel if (plan.par)
-  {
+  parallel_region(plan.par, [&] {
   alignas(64) float sa[kMRf32x * kNB], sb[kMRf32x * kNB];  // this call's gate and up rows
   i64 wide_j = -1;  // the pair of blocks this thread's scratch holds widened (this call)
 #pragma omp for schedule(static)
@@ -641,7 +640,7 @@ void packed_gemm_swiglu(float* H, i64 ldh, const float* A, i64 lda, const Packed
       swiglu_rows(Hb, ldh, sa, kNB, sb, kNB, mr, n);
     });
   }
-  }
+  });
 }
 
 void set_packed_swiglu(bool on) { g_swiglu = on; }

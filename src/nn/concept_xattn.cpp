@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "core/parallel.h"
 #include "core/profiler.h"
 #include "kernels/gemm.h"
 #include "kernels/ops.h"
@@ -17,8 +18,13 @@ void clear(Buf& b, i64 n) { std::memset(b.data(), 0, sizeof(float) * n); }
 
 // y += x over n elements.
 void add_into(float* y, const float* x, i64 n) {
-#pragma omp parallel for schedule(static) if (n > (1 << 15))
-  for (i64 i = 0; i < n; ++i) y[i] += x[i];
+  // chunks of 4096 in parallel when large; a decode step's add enters no region (core/parallel.h)
+  constexpr i64 kChunk = 4096;
+  parallel_for((n + kChunk - 1) / kChunk, n > (1 << 15), [&](i64 c) {
+    const i64 i1 = std::min(n, (c + 1) * kChunk);
+#pragma omp simd
+    for (i64 i = c * kChunk; i < i1; ++i) y[i] += x[i];
+  });
 }
 
 void grow(Buf& b, i64 n) {
@@ -728,8 +734,7 @@ const float* ConceptCrossAttention::forward_cached(const float* H, const i64* se
       r0 = r1;
     }
     const i64 n_step = i64(step_rows_.size());
-#pragma omp parallel if (n_step * dims_.n_heads * hd * 8 > (1 << 15))
-    {
+    parallel_region(n_step * dims_.n_heads * hd * 8 > (1 << 15), [&] {
       std::vector<float> mt(c.max_entries);
 #pragma omp for schedule(dynamic, 4)
       for (i64 i = 0; i < n_step; ++i) {
@@ -742,7 +747,7 @@ const float* ConceptCrossAttention::forward_cached(const float* H, const i64* se
                                     ahd, scale, per_token ? ko + r * c.kv_dim : nullptr,
                                     per_token ? vo + r * c.kv_dim : nullptr);
       }
-    }
+    });
     if (opt_.rope)  // the first hd of every augmented head
       for (i64 r = 0; r < R * dims_.n_heads; ++r)
         std::copy_n(i_atta_.data() + r * 2 * hd, hd, i_att_.data() + r * hd);

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "core/parallel.h"
 #include "core/profiler.h"
 #include "kernels/dlcm_ops.h"
 #include "kernels/gemm.h"
@@ -200,14 +201,25 @@ void TransformerStack::block_qkv_last(i64 l, const float* x, const i32* pos, i64
   qk_norm_rope(l, qpos.data(), n_last, pos, N, A, K);
 }
 
+namespace {
+// y[N, d] += x[N, d] (the residual adds), rows in parallel when large (core/parallel.h).
+void add_rows(float* y, const float* x, i64 N, i64 d) {
+  parallel_for(N, N * d > (1 << 15), [&](i64 n) {
+    float* yr = y + n * d;
+    const float* xr = x + n * d;
+#pragma omp simd
+    for (i64 c = 0; c < d; ++c) yr[c] += xr[c];
+  });
+}
+}  // namespace
+
 void TransformerStack::block_out(i64 l, const float* x, float* out, i64 N, BlockActs& A) {
   const BlockDims& d = dims_;
   const BlockParams& P = layers_[l];
   ops::linear_forward(A.mid.data(), A.att.data(), P.wo->w, N, d.q_dim(), d.d, &A.att_16,
                       &A.wo_16);
   float* mid = A.mid.data();
-#pragma omp parallel for schedule(static) if (N * d.d > (1 << 15))
-  for (i64 i = 0; i < N * d.d; ++i) mid[i] += x[i];
+  add_rows(mid, x, N, d.d);
   // feed-forward sub-layer
   {
     ops::CopyProducer p16(&A.xn2_16, N, d.d);
@@ -228,8 +240,7 @@ void TransformerStack::block_out(i64 l, const float* x, float* out, i64 N, Block
     p16.done(A.h.data());
   }
   ops::linear_forward(out, A.h.data(), P.w2->w, N, d.d_ff, d.d, &A.h_16, &A.w2_16);
-#pragma omp parallel for schedule(static) if (N * d.d > (1 << 15))
-  for (i64 i = 0; i < N * d.d; ++i) out[i] += mid[i];
+  add_rows(out, mid, N, d.d);
 }
 
 // ---- inference with a KV cache ----
