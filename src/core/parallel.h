@@ -2,9 +2,10 @@
 //
 // libgomp (GCC 12) ends every parallel region with a futex wake system call, a team of one
 // thread included: a region whose `if` clause is false, any region under OMP_NUM_THREADS=1, or
-// one nested in an active region. That is ~0.3 us per region on the machines measured, and a
-// decode step enters ~60 of them for its small ops (docs/performance.md, session 33), so the
-// kernels of the decode path go through these helpers instead of `#pragma omp parallel ... if`.
+// one nested in an active region. That is ~0.3 us per region on the machine measured, and a
+// decode step entered 86-100 of them for its small ops (docs/performance.md, session 33), so
+// the kernels of the decode path go through these helpers instead of `#pragma omp parallel ...
+// if`.
 // Off the parallel path the body runs on the calling thread; outside any active region its
 // `#pragma omp for` loops then run every iteration there, omp_get_thread_num() is 0 and
 // omp_get_num_threads() 1, exactly as in a team of one.
