@@ -918,6 +918,8 @@ void run_reduce(const Case& c, Mode m) {
     double sink = 0;
     perf_row(c, "sum_squares", 0, 4.0 * n, [&] { sink += ops::sum_squares(x.data(), n); });
     perf_row(c, "scale", 0, 8.0 * n, [&] { ops::scale_inplace(x.data(), n, 1.0f); });
+    Buf y(n, 0.f);
+    perf_row(c, "add", 0, 12.0 * n, [&] { ops::add_inplace(y.data(), x.data(), n); });
     EXPECT_TRUE(std::isfinite(sink));
     return;
   }
@@ -926,6 +928,13 @@ void run_reduce(const Case& c, Mode m) {
   Buf y = x;
   ops::scale_inplace(y.data(), n, -0.25f);
   for (i64 i = 0; i < n; ++i) ASSERT_EQ(y[i], x[i] * -0.25f);
+  // every element once, whatever the chunking and the thread split (n is not a multiple of
+  // a chunk in the table's cases)
+  Buf z(n);
+  test::fill_normal(z.data(), n, 51);
+  Buf s = z;
+  ops::add_inplace(s.data(), x.data(), n);
+  for (i64 i = 0; i < n; ++i) ASSERT_EQ(s[i], z[i] + x[i]) << "element " << i << " of " << n;
 }
 
 

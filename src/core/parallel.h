@@ -16,6 +16,11 @@
 
 namespace dlcm {
 
+// Below this much work (elements touched, or multiply-adds) a parallel region costs more than
+// it saves: every kernel asks parallel_worth() rather than spelling a threshold of its own.
+inline constexpr i64 kParallelMinWork = i64(1) << 15;
+inline bool parallel_worth(i64 work) { return work >= kParallelMinWork; }
+
 // Whether a parallel region entered here would get more than one thread.
 inline bool team_possible() { return !omp_in_parallel() && omp_get_max_threads() > 1; }
 

@@ -11,6 +11,7 @@
 #include <atomic>
 #include <vector>
 
+#include "core/parallel.h"
 #include "core/profiler.h"
 #include "kernels/isa.h"
 
@@ -300,7 +301,7 @@ using U16Buf = std::vector<uint16_t, AlignedAlloc<uint16_t>>;
 template <class T>
 void pack(uint16_t* dst, bool from_rows, bool is_a, const T* S, i64 ld, i64 R, i64 K, i64 Kp) {
   const i64 groups = round_up(R, kStrip) / 16;
-#pragma omp parallel if (groups * Kp > (1 << 15))
+#pragma omp parallel if (parallel_worth(groups * Kp))
   {
     const i64 nt = omp_get_num_threads(), id = omp_get_thread_num();
     const i64 g0 = groups * id / nt, g1 = groups * (id + 1) / nt;

@@ -20,10 +20,6 @@ namespace dlcm::ops::DLCM_ISA_NS {
 
 namespace {
 
-// Spawning a parallel region costs microseconds (much more on a loaded machine); small calls
-// (decode steps, tests) run on the calling thread.
-inline bool parallel_worth(i64 work) { return work >= (i64(1) << 15); }
-
 inline bool is_forced(const i32* tokens, i32 bos_id, i64 n, i64 t) {
   return t == 0 || (tokens != nullptr && tokens[n] == bos_id);
 }

@@ -24,6 +24,7 @@
   X(double, logsumexp, (const float* x, i64 n, float* max_out), (x, n, max_out)) \
   X(bool, adamw_update, (float* w, const float* g, float* m, float* v, i64 n, float lr, float beta1, float beta2, float eps, float wd, i64 t), (w, g, m, v, n, lr, beta1, beta2, eps, wd, t)) \
   X(double, sum_squares, (const float* x, i64 n), (x, n)) \
+  X(void, add_inplace, (float* y, const float* x, i64 n), (y, x, n)) \
   X(void, scale_inplace, (float* x, i64 n, float s), (x, n, s)) \
   X(void, tile_mm, (float* C, i64 ldc, const float* A, i64 rsa, i64 csa, const float* B, i64 ldb, i64 M, i64 N, i64 K, float alpha, bool acc), (C, ldc, A, rsa, csa, B, ldb, M, N, K, alpha, acc)) \
   X(void, tile_mm_amx, (float* C, i64 ldc, const float* A, i64 rsa, i64 csa, const float* B, i64 ldb, i64 M, i64 N, i64 K, float alpha, bool acc), (C, ldc, A, rsa, csa, B, ldb, M, N, K, alpha, acc)) \

@@ -16,20 +16,17 @@
 
 namespace dlcm::ops::DLCM_ISA_NS {
 
-// Below this many elements a parallel region costs more than it saves.
-static constexpr i64 kParMin = 1 << 14;
-
 // ---- embedding ----
 
 void embedding_forward(float* out, const i32* ids, const float* table, i64 N, i64 d) {
-  parallel_for(N, N * d > kParMin,
+  parallel_for(N, parallel_worth(N * d),
                [&](i64 n) { std::copy_n(table + i64(ids[n]) * d, d, out + n * d); });
 }
 
 // Scatter-add. Threads own disjoint column ranges, so repeated ids never race and the sum
 // order per element is the token order (deterministic for any thread count).
 void embedding_backward(float* dtable, const float* dout, const i32* ids, i64 N, i64 d) {
-#pragma omp parallel if (N * d > kParMin)
+#pragma omp parallel if (parallel_worth(N * d))
   {
     int nt = omp_get_num_threads(), t = omp_get_thread_num();
     // Chunks of 16 columns keep each thread on whole cache lines.
@@ -49,7 +46,7 @@ void embedding_backward(float* dtable, const float* dout, const i32* ids, i64 N,
 
 void rmsnorm_forward(float* y, float* rstd, const float* x, const float* w, i64 N, i64 d,
                      float eps, uint16_t* y16) {
-  parallel_for(N, N * d > kParMin, [&](i64 n) {
+  parallel_for(N, parallel_worth(N * d), [&](i64 n) {
     const float* xr = x + n * d;
     double ss = 0;
 #pragma omp simd reduction(+ : ss)
@@ -69,7 +66,7 @@ void rmsnorm_forward(float* y, float* rstd, const float* x, const float* w, i64 
 void rmsnorm_backward(float* dx, float* dw, const float* dy, const float* x, const float* w,
                       const float* rstd, i64 N, i64 d, const float* res, bool accumulate,
                       uint16_t* dx16) {
-  int nt_max = (N * d > kParMin) ? omp_get_max_threads() : 1;
+  int nt_max = parallel_worth(N * d) ? omp_get_max_threads() : 1;
   Buf part(size_t(nt_max) * d, 0.0f);
 #pragma omp parallel num_threads(nt_max)
   {
@@ -150,7 +147,7 @@ static std::shared_ptr<const RopeTable> rope_table(float theta, i64 hd, i64 need
   std::vector<double> inv(t->half);
   for (i64 i = 0; i < t->half; ++i)
     inv[i] = std::pow(double(theta), -2.0 * double(i) / double(hd));
-#pragma omp parallel for schedule(static) if (npos * hd > kParMin)
+#pragma omp parallel for schedule(static) if (parallel_worth(npos * hd))
   for (i64 p = 0; p < npos; ++p)
     for (i64 i = 0; i < t->half; ++i) {
       double a = double(p) * inv[i];
@@ -172,7 +169,7 @@ void rope_apply(float* x, const i32* pos, i64 N, i64 H, i64 hd, float theta, boo
   auto tab = rope_table(theta, hd, i64(pmax) + 1);
   const i64 half = hd / 2;
   const float sgn = inverse ? -1.0f : 1.0f;
-  parallel_for(N, N * H * hd > kParMin, [&](i64 n) {
+  parallel_for(N, parallel_worth(N * H * hd), [&](i64 n) {
     const float* cs = tab->cs.data() + i64(pos[n]) * hd;
     const float* sn = cs + half;
     for (i64 h = 0; h < H; ++h) {
@@ -208,7 +205,7 @@ static inline void swiglu_span(float* h, const float* a, const float* b, i64 n) 
 }
 
 void swiglu_forward(float* h, const float* a, const float* b, i64 n, uint16_t* h16) {
-#pragma omp parallel for schedule(static) if (n > kParMin)
+#pragma omp parallel for schedule(static) if (parallel_worth(n))
   for (i64 i0 = 0; i0 < n; i0 += 1024) {
     i64 i1 = std::min(n, i0 + 1024);
     swiglu_span(h + i0, a + i0, b + i0, i1 - i0);
@@ -224,7 +221,7 @@ void swiglu_rows(float* h, i64 ldh, const float* a, i64 lda, const float* b, i64
 // silu'(a) = s (1 + a (1 - s)), s = sigmoid(a).
 void swiglu_backward(float* da, float* db, const float* dh, const float* a, const float* b,
                      i64 n, bool accumulate, uint16_t* da16, uint16_t* db16) {
-#pragma omp parallel for schedule(static) if (n > kParMin)
+#pragma omp parallel for schedule(static) if (parallel_worth(n))
   for (i64 i0 = 0; i0 < n; i0 += 1024) {
     i64 i1 = std::min(n, i0 + 1024);
 #ifdef DLCM_AVX512
@@ -271,7 +268,7 @@ static void check_targets(const i32* targets, i64 N, i64 V, const char* who) {
 double cross_entropy_fused(float* logits, const i32* targets, i64 N, i64 V, float grad_scale) {
   check_targets(targets, N, V, "cross_entropy_fused");
   double total = 0;
-#pragma omp parallel for schedule(static) reduction(+ : total) if (N * V > kParMin)
+#pragma omp parallel for schedule(static) reduction(+ : total) if (parallel_worth(N * V))
   for (i64 n = 0; n < N; ++n) {
     float* x = logits + n * V;
     i32 t = targets[n];
@@ -295,7 +292,7 @@ double cross_entropy_forward(const float* logits, const i32* targets, i64 N, i64
                              float* row_loss) {
   check_targets(targets, N, V, "cross_entropy_forward");
   double total = 0;
-#pragma omp parallel for schedule(static) reduction(+ : total) if (N * V > kParMin)
+#pragma omp parallel for schedule(static) reduction(+ : total) if (parallel_worth(N * V))
   for (i64 n = 0; n < N; ++n) {
     const float* x = logits + n * V;
     double l = 0;
@@ -333,7 +330,7 @@ bool adamw_update(float* w, const float* g, float* m, float* v, i64 n, float lr,
   int bad = 0;
   // Explicit vectors: with errno-setting sqrt the compiler keeps this loop scalar (4x slower).
   // IEEE sqrt and division in both paths; the scalar loop handles the tail.
-#pragma omp parallel for schedule(static) reduction(| : bad) if (n > kParMin)
+#pragma omp parallel for schedule(static) reduction(| : bad) if (parallel_worth(n))
   for (i64 i0 = 0; i0 < n; i0 += 4096) {
     const i64 i1 = std::min(n, i0 + 4096);
     i64 i = i0;
@@ -378,13 +375,22 @@ bool adamw_update(float* w, const float* g, float* m, float* v, i64 n, float lr,
 
 double sum_squares(const float* x, i64 n) {
   double s = 0;
-#pragma omp parallel for simd schedule(static) reduction(+ : s) if (n > kParMin)
+#pragma omp parallel for simd schedule(static) reduction(+ : s) if (parallel_worth(n))
   for (i64 i = 0; i < n; ++i) s += double(x[i]) * double(x[i]);
   return s;
 }
 
+void add_inplace(float* y, const float* x, i64 n) {
+  constexpr i64 kChunk = 4096;  // 16 KiB of each operand per chunk
+  parallel_for((n + kChunk - 1) / kChunk, parallel_worth(n), [&](i64 c) {
+    const i64 i1 = std::min(n, (c + 1) * kChunk);
+#pragma omp simd
+    for (i64 i = c * kChunk; i < i1; ++i) y[i] += x[i];
+  });
+}
+
 void scale_inplace(float* x, i64 n, float s) {
-#pragma omp parallel for simd schedule(static) if (n > kParMin)
+#pragma omp parallel for simd schedule(static) if (parallel_worth(n))
   for (i64 i = 0; i < n; ++i) x[i] *= s;
 }
 

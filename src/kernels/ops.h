@@ -86,6 +86,8 @@ double logsumexp(const float* x, i64 n, float* max_out = nullptr);
 bool adamw_update(float* w, const float* g, float* m, float* v, i64 n, float lr, float beta1,
                   float beta2, float eps, float wd, i64 t);
 double sum_squares(const float* x, i64 n);
+// y[n] += x[n] (residual adds; in parallel chunks when large, no region when small).
+void add_inplace(float* y, const float* x, i64 n);
 void scale_inplace(float* x, i64 n, float s);
 
 }  // namespace dlcm::ops

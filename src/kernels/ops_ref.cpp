@@ -287,6 +287,10 @@ double sum_squares(const float* x, i64 n) {
   return s;
 }
 
+void add_inplace(float* y, const float* x, i64 n) {
+  for (i64 i = 0; i < n; ++i) y[i] += x[i];
+}
+
 void scale_inplace(float* x, i64 n, float s) {
   for (i64 i = 0; i < n; ++i) x[i] *= s;
 }

@@ -57,6 +57,7 @@ double cross_entropy_forward(const T* logits, const i32* targets, i64 N, i64 V, 
 bool adamw_update(float* w, const float* g, float* m, float* v, i64 n, float lr, float beta1,
                   float beta2, float eps, float wd, i64 t);
 double sum_squares(const float* x, i64 n);
+void add_inplace(float* y, const float* x, i64 n);
 void scale_inplace(float* x, i64 n, float s);
 
 // ---- DLCM kernels (dlcm_ops.h) ----

@@ -130,12 +130,14 @@ DLCM_PACKED_AVX512 inline __attribute__((always_inline)) void accumulate(
 }
 
 struct LoadF32 {
+  static constexpr int kMaxRows = kMRf32x;  // rows per call at most (fp32_rows_per_call)
   const float* pb;
   DLCM_PACKED_AVX512 inline __attribute__((always_inline)) void operator()(i64 k, __m512 (&b)[4]) const {
     for (int j = 0; j < 4; ++j) b[j] = _mm512_loadu_ps(pb + k * kNB + 16 * j);
   }
 };
 struct LoadQ8 {  // int8 -> FP32, exact
+  static constexpr int kMaxRows = kMRq8;
   const int8_t* pb;
   DLCM_PACKED_AVX512 inline __attribute__((always_inline)) void operator()(i64 k, __m512 (&b)[4]) const {
     for (int j = 0; j < 4; ++j)
@@ -190,6 +192,7 @@ DLCM_PACKED_AVX512 inline __attribute__((always_inline)) void scale_sums(__m512 
 // weights widened in the call (accumulate_bf16w).
 template <class Load>
 struct SumLoad {
+  static constexpr int kMaxRows = Load::kMaxRows;
   Load load;
   const float* scale;
   template <int MR>
@@ -200,6 +203,7 @@ struct SumLoad {
   }
 };
 struct SumBf16 {  // BF16 weights widened in the call
+  static constexpr int kMaxRows = kMRbf16;
   const uint16_t* pb;
   template <int MR>
   DLCM_PACKED_AVX512 inline __attribute__((always_inline)) void run(
@@ -233,34 +237,23 @@ DLCM_PACKED_AVX512 void kernel_pair(float* sa, float* sb, float* H, i64 ldh, con
   for (int i = 0; i < MR; ++i) store_block(sb + i * kNB, acc[i], 1.f, kNB);
 }
 
-// One block of up to MR rows (no lambdas here: they would not inherit the target attribute).
-// BF16 calls take at most kMRbf16 rows; the others up to 7 (fp32_rows_per_call).
-template <class Sum>
+// One block of mr <= MR rows, the row count made a template argument from MR down (no lambdas
+// here: they would not inherit the target attribute). Called with Sum::kMaxRows, so BF16 (at
+// most kMRbf16 rows per call) instantiates no kernel for more rows than it takes.
+template <int MR, class Sum>
 DLCM_PACKED_AVX512 void block(float* C, i64 ldc, const float* A, i64 lda, const Sum& sum, i64 K,
                               float alpha, i64 n, i64 mr, const Prefetch& pf) {
-  switch (mr) {
-    case 7: return kernel_block<7>(C, ldc, A, lda, sum, K, alpha, n, pf);
-    case 6: return kernel_block<6>(C, ldc, A, lda, sum, K, alpha, n, pf);
-    case 5: return kernel_block<5>(C, ldc, A, lda, sum, K, alpha, n, pf);
-    case 4: return kernel_block<4>(C, ldc, A, lda, sum, K, alpha, n, pf);
-    case 3: return kernel_block<3>(C, ldc, A, lda, sum, K, alpha, n, pf);
-    case 2: return kernel_block<2>(C, ldc, A, lda, sum, K, alpha, n, pf);
-    default: return kernel_block<1>(C, ldc, A, lda, sum, K, alpha, n, pf);
-  }
+  if constexpr (MR > 1)
+    if (mr < MR) return block<MR - 1>(C, ldc, A, lda, sum, K, alpha, n, mr, pf);
+  kernel_block<MR>(C, ldc, A, lda, sum, K, alpha, n, pf);
 }
-template <class Sum>
+template <int MR, class Sum>
 DLCM_PACKED_AVX512 void block_pair(float* sa, float* sb, float* H, i64 ldh, const float* A,
                                    i64 lda, const Sum& wa, const Sum& wb, i64 K, i64 n, i64 mr,
                                    const Prefetch& pfa, const Prefetch& pfb) {
-  switch (mr) {
-    case 7: return kernel_pair<7>(sa, sb, H, ldh, A, lda, wa, wb, K, n, pfa, pfb);
-    case 6: return kernel_pair<6>(sa, sb, H, ldh, A, lda, wa, wb, K, n, pfa, pfb);
-    case 5: return kernel_pair<5>(sa, sb, H, ldh, A, lda, wa, wb, K, n, pfa, pfb);
-    case 4: return kernel_pair<4>(sa, sb, H, ldh, A, lda, wa, wb, K, n, pfa, pfb);
-    case 3: return kernel_pair<3>(sa, sb, H, ldh, A, lda, wa, wb, K, n, pfa, pfb);
-    case 2: return kernel_pair<2>(sa, sb, H, ldh, A, lda, wa, wb, K, n, pfa, pfb);
-    default: return kernel_pair<1>(sa, sb, H, ldh, A, lda, wa, wb, K, n, pfa, pfb);
-  }
+  if constexpr (MR > 1)
+    if (mr < MR) return block_pair<MR - 1>(sa, sb, H, ldh, A, lda, wa, wb, K, n, mr, pfa, pfb);
+  kernel_pair<MR>(sa, sb, H, ldh, A, lda, wa, wb, K, n, pfa, pfb);
 }
 // A column block's weights widened to FP32 [K][64] (exact): int8 values as they are (the
 // scales stay for the epilogue), BF16 pairs split into their two k.
@@ -545,13 +538,14 @@ void packed_gemm_parts(float* const* C, const i64* ldc, const float* A, i64 lda,
       const float* sc = p.fmt == PackFormat::Q8 ? p.qscale.data() + blk * kNB : nullptr;
       if (wide || (avx512 && p.fmt == PackFormat::F32)) {  // FP32 weights, or widened to FP32
         const float* f = wide ? wide : reinterpret_cast<const float*>(w);
-        block(Cb, ld, Ab, lda, isa_avx512::SumLoad<LoadF32>{{f}, sc}, K, alpha, n, mr, pf);
+        const isa_avx512::SumLoad<LoadF32> sum{{f}, sc};
+        block<LoadF32::kMaxRows>(Cb, ld, Ab, lda, sum, K, alpha, n, mr, pf);
       } else if (avx512 && p.fmt == PackFormat::BF16) {
-        block(Cb, ld, Ab, lda, isa_avx512::SumBf16{reinterpret_cast<const uint16_t*>(w)}, K,
-              alpha, n, mr, pf);
+        const isa_avx512::SumBf16 sum{reinterpret_cast<const uint16_t*>(w)};
+        block<isa_avx512::SumBf16::kMaxRows>(Cb, ld, Ab, lda, sum, K, alpha, n, mr, pf);
       } else if (avx512) {
         const isa_avx512::SumLoad<LoadQ8> sum{{reinterpret_cast<const int8_t*>(w)}, sc};
-        block(Cb, ld, Ab, lda, sum, K, alpha, n, mr, pf);
+        block<LoadQ8::kMaxRows>(Cb, ld, Ab, lda, sum, K, alpha, n, mr, pf);
       } else {
         block_portable(Cb, ld, Ab, lda, p, w, sc, mr, alpha, n);
       }
@@ -624,15 +618,19 @@ void packed_gemm_swiglu(float* H, i64 ldh, const float* A, i64 lda, const Packed
       if (wide || (avx512 && p.fmt == PackFormat::F32)) {  // FP32 weights, or widened to FP32
         const float* fa = wide ? wide : reinterpret_cast<const float*>(pa);
         const float* fb = wide ? wide + K * kNB : reinterpret_cast<const float*>(pb);
-        block_pair(sa, sb, Hb, ldh, Ab, lda, SumF32{{fa}, sca}, SumF32{{fb}, scb}, K, n, mr, pfa,
-                   pfb);
+        block_pair<SumF32::kMaxRows>(sa, sb, Hb, ldh, Ab, lda, SumF32{{fa}, sca},
+                                     SumF32{{fb}, scb}, K, n, mr, pfa, pfb);
       } else if (avx512 && p.fmt == PackFormat::BF16) {
-        block_pair(sa, sb, Hb, ldh, Ab, lda,
-                   isa_avx512::SumBf16{reinterpret_cast<const uint16_t*>(pa)},
-                   isa_avx512::SumBf16{reinterpret_cast<const uint16_t*>(pb)}, K, n, mr, pfa, pfb);
+        using SumBf16 = isa_avx512::SumBf16;
+        block_pair<SumBf16::kMaxRows>(sa, sb, Hb, ldh, Ab, lda,
+                                      SumBf16{reinterpret_cast<const uint16_t*>(pa)},
+                                      SumBf16{reinterpret_cast<const uint16_t*>(pb)}, K, n, mr,
+                                      pfa, pfb);
       } else if (avx512) {
-        block_pair(sa, sb, Hb, ldh, Ab, lda, SumQ8{{reinterpret_cast<const int8_t*>(pa)}, sca},
-                   SumQ8{{reinterpret_cast<const int8_t*>(pb)}, scb}, K, n, mr, pfa, pfb);
+        block_pair<SumQ8::kMaxRows>(sa, sb, Hb, ldh, Ab, lda,
+                                    SumQ8{{reinterpret_cast<const int8_t*>(pa)}, sca},
+                                    SumQ8{{reinterpret_cast<const int8_t*>(pb)}, scb}, K, n, mr,
+                                    pfa, pfb);
       } else {
         block_portable(sa, kNB, Ab, lda, p, pa, sca, mr, 1.f, n);
         block_portable(sb, kNB, Ab, lda, p, pb, scb, mr, 1.f, n);

@@ -145,7 +145,7 @@ void BaselineModel::extras_forward(float* X, float* H, float* h_rstd, float* pn,
   ops::linear_forward_multi(y, pn, W, N, d, out, 2);
   ops::swiglu_forward(fh, fa, fb, N * xf);
   ops::linear_forward(X, fh, w2_->w, N, xf, d);
-  for (i64 i = 0; i < N * d; ++i) X[i] += H[i];
+  ops::add_inplace(X, H, N * d);
 }
 
 void BaselineModel::extras_backward(float* dmid, const float* dX, const float* mid, i64 N) {

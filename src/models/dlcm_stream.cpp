@@ -229,7 +229,7 @@ class DlcmStream final : public InferenceStream {
         if (first_) {
           if (st.open_count == 0) std::copy_n(h, d_, sum);
         } else {
-          for (i64 j = 0; j < d_; ++j) sum[j] += h[j];
+          ops::add_inplace(sum, h, d_);
         }
         st.open_count += 1;
         if (prefix_) {  // the open concept's mean so far, for this token's prefix row

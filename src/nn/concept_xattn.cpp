@@ -16,17 +16,6 @@ namespace {
 
 void clear(Buf& b, i64 n) { std::memset(b.data(), 0, sizeof(float) * n); }
 
-// y += x over n elements.
-void add_into(float* y, const float* x, i64 n) {
-  // chunks of 4096 in parallel when large; a decode step's add enters no region (core/parallel.h)
-  constexpr i64 kChunk = 4096;
-  parallel_for((n + kChunk - 1) / kChunk, n > (1 << 15), [&](i64 c) {
-    const i64 i1 = std::min(n, (c + 1) * kChunk);
-#pragma omp simd
-    for (i64 i = c * kChunk; i < i1; ++i) y[i] += x[i];
-  });
-}
-
 void grow(Buf& b, i64 n) {
   if (i64(b.size()) < n) b.assign(n, 0);
 }
@@ -249,7 +238,7 @@ void ConceptCrossAttention::rope_rows(float* xa, const float* x, const i32* pos,
     ops::rope_apply(scratch, pos, n, H, hd, opt_.rope_theta, false);
     lo = scratch;
   }
-#pragma omp parallel for schedule(static) if (n * H * hd > (1 << 15))
+#pragma omp parallel for schedule(static) if (parallel_worth(n * H * hd))
   for (i64 r = 0; r < n * H; ++r) {
     std::copy_n(lo + r * hd, hd, xa + r * 2 * hd);
     if (both)
@@ -263,10 +252,10 @@ void ConceptCrossAttention::rope_rows(float* xa, const float* x, const i32* pos,
 void ConceptCrossAttention::rope_rows_backward(float* dx, const float* dxa, const i32* pos,
                                                i64 n, i64 H, bool both, float* scratch) const {
   const i64 hd = dims_.head_dim;
-#pragma omp parallel for schedule(static) if (n * H * hd > (1 << 15))
+#pragma omp parallel for schedule(static) if (parallel_worth(n * H * hd))
   for (i64 r = 0; r < n * H; ++r) std::copy_n(dxa + r * 2 * hd, hd, scratch + r * hd);
   if (pos) ops::rope_apply(scratch, pos, n, H, hd, opt_.rope_theta, true);
-  add_into(dx, scratch, n * H * hd);
+  ops::add_inplace(dx, scratch, n * H * hd);
   if (both)
     for (i64 r = 0; r < n * H; ++r)
       for (i64 u = 0; u < hd; ++u) dx[r * hd + u] += dxa[r * 2 * hd + hd + u];
@@ -340,7 +329,7 @@ void ConceptCrossAttention::ffn_forward(float* X, float* psi, float* pn, float* 
     ops::swiglu_forward(fh, fa, fb, N * xf);
   }
   ops::linear_forward(X, fh, w2_->w, N, xf, d);
-  add_into(X, psi, N * d);
+  ops::add_inplace(X, psi, N * d);
 }
 
 // ---- forward --------------------------------------------------------------------------------
@@ -350,7 +339,7 @@ namespace {
 // Sum over N rows of ||x_n||_2 (float64).
 double row_norm_sum(const float* x, i64 N, i64 d) {
   double s = 0;
-#pragma omp parallel for reduction(+ : s) schedule(static) if (N * d > (1 << 15))
+#pragma omp parallel for reduction(+ : s) schedule(static) if (parallel_worth(N * d))
   for (i64 n = 0; n < N; ++n) {
     double q = 0;
     for (i64 u = 0; u < d; ++u) q += double(x[n * d + u]) * x[n * d + u];
@@ -445,7 +434,7 @@ const float* ConceptCrossAttention::forward(const float* H, const float* Z, cons
   // Psi = H + Wo att
   ops::linear_forward(psi_.data(), att_.data(), wo_->w, N, dims_.q_dim(), d);
   if (norms) norms->xo += row_norm_sum(psi_.data(), N, d);
-  add_into(psi_.data(), H, N * d);
+  ops::add_inplace(psi_.data(), H, N * d);
   ffn_forward(X_.data(), psi_.data(), pn_.data(), pn_rstd_.data(), fa_.data(), fb_.data(),
               fh_.data(), N);
   return X_.data();
@@ -474,7 +463,7 @@ void ConceptCrossAttention::backward(float* dH, float* dZ, float* dp, const floa
                           pn_rstd_.data(), N, d, dX, false);
   }
   // Psi = H + Wo att: the residual
-  add_into(dH, g_psi_.data(), N * d);
+  ops::add_inplace(dH, g_psi_.data(), N * d);
   if (!opt_.concept_path) return;
   const ops::Segments& sg = *sg_;
   const i64 Mc = sg.Mmax, nc = B * Mc, nc1 = B * (Mc + 1);
@@ -734,7 +723,7 @@ const float* ConceptCrossAttention::forward_cached(const float* H, const i64* se
       r0 = r1;
     }
     const i64 n_step = i64(step_rows_.size());
-    parallel_region(n_step * dims_.n_heads * hd * 8 > (1 << 15), [&] {
+    parallel_region(parallel_worth(n_step * dims_.n_heads * hd * 8), [&] {
       std::vector<float> mt(c.max_entries);
 #pragma omp for schedule(dynamic, 4)
       for (i64 i = 0; i < n_step; ++i) {
@@ -753,7 +742,7 @@ const float* ConceptCrossAttention::forward_cached(const float* H, const i64* se
         std::copy_n(i_atta_.data() + r * 2 * hd, hd, i_att_.data() + r * hd);
     // Psi = H + Wo att
     ops::linear_forward(i_psi_.data(), i_att_.data(), wo_->w, R, xq, d);
-    for (i64 j = 0; j < R * d; ++j) i_psi_[j] += H[j];
+    ops::add_inplace(i_psi_.data(), H, R * d);
   }
   ffn_forward(i_X_.data(), i_psi_.data(), i_pn_.data(), i_pn_rstd_.data(), i_fa_.data(),
               i_fb_.data(), i_fh_.data(), R);

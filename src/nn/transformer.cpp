@@ -201,17 +201,6 @@ void TransformerStack::block_qkv_last(i64 l, const float* x, const i32* pos, i64
   qk_norm_rope(l, qpos.data(), n_last, pos, N, A, K);
 }
 
-namespace {
-// y[N, d] += x[N, d] (the residual adds), rows in parallel when large (core/parallel.h).
-void add_rows(float* y, const float* x, i64 N, i64 d) {
-  parallel_for(N, N * d > (1 << 15), [&](i64 n) {
-    float* yr = y + n * d;
-    const float* xr = x + n * d;
-#pragma omp simd
-    for (i64 c = 0; c < d; ++c) yr[c] += xr[c];
-  });
-}
-}  // namespace
 
 void TransformerStack::block_out(i64 l, const float* x, float* out, i64 N, BlockActs& A) {
   const BlockDims& d = dims_;
@@ -219,7 +208,7 @@ void TransformerStack::block_out(i64 l, const float* x, float* out, i64 N, Block
   ops::linear_forward(A.mid.data(), A.att.data(), P.wo->w, N, d.q_dim(), d.d, &A.att_16,
                       &A.wo_16);
   float* mid = A.mid.data();
-  add_rows(mid, x, N, d.d);
+  ops::add_inplace(mid, x, N * d.d);
   // feed-forward sub-layer
   {
     ops::CopyProducer p16(&A.xn2_16, N, d.d);
@@ -240,7 +229,7 @@ void TransformerStack::block_out(i64 l, const float* x, float* out, i64 N, Block
     p16.done(A.h.data());
   }
   ops::linear_forward(out, A.h.data(), P.w2->w, N, d.d_ff, d.d, &A.h_16, &A.w2_16);
-  add_rows(out, mid, N, d.d);
+  ops::add_inplace(out, mid, N * d.d);
 }
 
 // ---- inference with a KV cache ----
@@ -426,7 +415,7 @@ void prefix_attention_forward(float* att, const float* q, const float* ke, const
   const i64 qd = d.q_dim(), kvd = d.kv_dim();
   i64 max_pos = 0;
   for (i64 i = 0; i < n; ++i) max_pos = std::max<i64>(max_pos, pos[i]);
-#pragma omp parallel if (n * qd * (max_pos + 1) > (1 << 15))
+#pragma omp parallel if (parallel_worth(n * qd * (max_pos + 1)))
   {
     std::vector<float> sc(max_pos + 1);
 #pragma omp for schedule(dynamic, 16)
@@ -454,7 +443,7 @@ void prefix_attention_backward(float* dq, float* dke, float* dve, float* dK, flo
   }
   first.push_back(n);
   const i64 runs = i64(first.size()) - 1;
-#pragma omp parallel if (n * qd * (max_pos + 1) > (1 << 15))
+#pragma omp parallel if (parallel_worth(n * qd * (max_pos + 1)))
   {
     std::vector<float> sc(2 * (max_pos + 1));
 #pragma omp for collapse(2) schedule(dynamic, 1)
