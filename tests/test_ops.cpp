@@ -175,6 +175,10 @@ const Case kCases[] = {
     {.op = "attention", .B = 1, .Lq = 1, .Lk = 1, .Hq = 2, .Hkv = 1, .hd = 3},
     {.op = "attention", .B = 2, .Lq = 1, .Lk = 70, .Hq = 4, .Hkv = 2, .hd = 64, .q_offset = 69},
     {.op = "attention", .B = 2, .Lq = 3, .Lk = 100, .Hq = 8, .Hkv = 2, .hd = 16, .q_offset = 97},
+    // decode's scores as dot products (rows x group <= 4): 16-key groups and a tail in each key
+    // block, hd in 16-lane chunks with a masked tail
+    {.op = "attention", .B = 2, .Lq = 1, .Lk = 150, .Hq = 3, .Hkv = 3, .hd = 40, .q_offset = 149},
+    {.op = "attention", .B = 1, .Lq = 1, .Lk = 90, .Hq = 8, .Hkv = 2, .hd = 24, .q_offset = 89},
     {.op = "attention", .B = 1, .Lq = 20, .Lk = 90, .Hq = 2, .Hkv = 1, .hd = 24, .q_offset = 70},
     {.op = "attention", .B = 1, .Lq = 10, .Lk = 80, .Hq = 4, .Hkv = 4, .hd = 7, .q_offset = 5},
     {.op = "attention", .B = 1, .Lq = 33, .Lk = 33, .Hq = 2, .Hkv = 2, .hd = 80},
@@ -183,6 +187,10 @@ const Case kCases[] = {
     // a 128-token prefill's token layers and its 35 concepts' backbone layers (dlcm-small)
     {.op = "attention", .B = 1, .Lq = 128, .Lk = 128, .Hq = 4, .Hkv = 4, .hd = 64, .perf = true},
     {.op = "attention", .B = 1, .Lq = 35, .Lk = 35, .Hq = 6, .Hkv = 6, .hd = 64, .perf = true},
+    {.op = "attention", .B = 1, .Lq = 1, .Lk = 256, .Hq = 4, .Hkv = 4, .hd = 64, .q_offset = 255, .perf = true},
+    {.op = "attention", .B = 1, .Lq = 1, .Lk = 256, .Hq = 4, .Hkv = 2, .hd = 64, .q_offset = 255, .perf = true},
+    {.op = "attention", .B = 1, .Lq = 1, .Lk = 256, .Hq = 8, .Hkv = 2, .hd = 64, .q_offset = 255, .perf = true},
+    {.op = "attention", .B = 1, .Lq = 1, .Lk = 256, .Hq = 8, .Hkv = 1, .hd = 64, .q_offset = 255, .perf = true},
     // BF16 precision: bf16 operands in the tiles' layouts, on AMX tiles (and, there, again as
     // AVX512-BF16 dot products) or, on a CPU with AVX512-BF16 only, as dot products; with the
     // BF16 products on the FP32 units the FP32 kernel runs (same rows, tighter result).

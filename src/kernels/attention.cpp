@@ -48,6 +48,11 @@ namespace {
 
 constexpr i64 BQ = 64;  // query rows per tile
 constexpr i64 BK = 64;  // keys per tile
+// The few-queries path's scores as dot products from the key rows (scores_dot) up to this many
+// rows (queries x heads of a group), through transposed key blocks (pack_t, tile_mm) above.
+// One core of the Zen 4 host, 256 keys, hd 64 (test_ops --perf attention, session 34): 1 row
+// 25 -> 39 GFLOP/s, 2 rows 40 -> 51, 4 rows 56 -> 59, 8 rows 66 -> 61.
+constexpr i64 kDotRows = 4;
 
 // This thread's scratch of at least n floats, kept between calls (not cleared).
 float* attention_scratch(size_t n) {
@@ -71,6 +76,55 @@ void pack_t(float* dst, i64 ldd, const float* src, i64 ld, i64 n, i64 hd) {
     const float* s = src + j * ld;
     for (i64 c = (j < n16 ? h16 : 0); c < hd; ++c) dst[c * ldd + j] = s[c];
   }
+}
+
+// s[r * lds + j] = scale * q_r . k_j for R query rows (q rows hd apart) and n keys (rows ld
+// apart): dot products straight from the keys' rows, for the few-queries path's one or two
+// rows (decode), where transposing each key block for tile_mm costs more than the product
+// that reads it. AVX-512: 16 keys at a time, one accumulator per key over hd in 16-lane
+// chunks, the 16 sums folded into one vector of the 16 keys' scores.
+void scores_dot(float* s, i64 lds, const float* q, i64 R, const float* k, i64 ld, i64 n, i64 hd,
+                float scale) {
+  i64 j0 = 0;
+#ifdef DLCM_AVX512
+  const __m512 sc = _mm512_set1_ps(scale);
+  for (i64 r = 0; r < R; ++r) {
+    const float* qr = q + r * hd;
+    for (i64 j = 0; j + 16 <= n; j += 16) {
+      __m512 a[16];
+      for (int u = 0; u < 16; ++u) a[u] = _mm512_setzero_ps();
+      for (i64 c = 0; c < hd; c += 16) {
+        const __mmask16 m = simd::tail_mask(hd - c);
+        const __m512 qv = _mm512_maskz_loadu_ps(m, qr + c);
+        for (int u = 0; u < 16; ++u)
+          a[u] = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, k + (j + u) * ld + c), a[u]);
+      }
+      // fold: pairs within 128-bit lanes, then quads, then across lanes; lane u ends as key u
+      __m512 t[8], v[4], w[2];
+      for (int i = 0; i < 8; ++i)
+        t[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]),
+                             _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+      for (int i = 0; i < 4; ++i)
+        v[i] = _mm512_add_ps(_mm512_shuffle_ps(t[2 * i], t[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_ps(t[2 * i], t[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+      for (int i = 0; i < 2; ++i)
+        w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+      const __m512 sum = _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                       _mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(3, 1, 3, 1)));
+      _mm512_storeu_ps(s + r * lds + j, _mm512_mul_ps(sum, sc));
+    }
+  }
+  j0 = n / 16 * 16;
+#endif
+  for (i64 r = 0; r < R; ++r)
+    for (i64 j = j0; j < n; ++j) {
+      const float* qr = q + r * hd;
+      const float* kj = k + j * ld;
+      float d = 0;
+      for (i64 c = 0; c < hd; ++c) d += qr[c] * kj[c];
+      s[r * lds + j] = d * scale;
+    }
 }
 
 // Online softmax over the columns of a transposed score tile st [nk, ld] (column i = query
@@ -763,8 +817,12 @@ void attention_forward_rows(float* out, float* lse, const float* q, const float*
       std::fill(o.begin(), o.end(), 0.0f);
       for (i64 j0 = jbeg; j0 < jend; j0 += BK) {
         const i64 nk = std::min(BK, jend - j0);
-        pack_t(kt.data(), BK, kp + j0 * ldk, ldk, nk, hd);
-        tile_mm(s.data(), BK, qs.data(), hd, 1, kt.data(), BK, R, nk, hd, scale, false);  // S [R, nk]
+        if (R <= kDotRows) {  // S [R, nk]
+          scores_dot(s.data(), BK, qs.data(), R, kp + j0 * ldk, ldk, nk, hd, scale);
+        } else {
+          pack_t(kt.data(), BK, kp + j0 * ldk, ldk, nk, hd);
+          tile_mm(s.data(), BK, qs.data(), hd, 1, kt.data(), BK, R, nk, hd, scale, false);
+        }
         for (i64 r = 0; r < R; ++r) {
           float* row = s.data() + r * BK;
           const i64 nv = std::clamp<i64>(q_offset + r / group + 1 - j0, 0, nk);

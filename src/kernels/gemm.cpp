@@ -26,6 +26,7 @@
 
 #include <immintrin.h>
 
+#include "core/parallel.h"
 #include "core/profiler.h"
 #include "kernels/isa.h"
 
@@ -158,9 +159,11 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) i64 convert_row_avx512bf1
 // dst [rows, cols] contiguous = bf16(src rows ld apart), row by row (round_row_to_bf16: the
 // instruction when the kernels run at the avx512 level on a CPU with AVX512-BF16, the same
 // rounding in plain code otherwise).
+// No region for small calls: packing BF16 weights rounds one column of K at a time, tens of
+// thousands of calls per stream (core/parallel.h).
 void convert_rows(uint16_t* dst, const float* src, i64 rows, i64 cols, i64 ld) {
-#pragma omp parallel for schedule(static) if (rows * cols > (1 << 16))
-  for (i64 r = 0; r < rows; ++r) round_row_to_bf16(dst + r * cols, src + r * ld, cols);
+  parallel_for(rows, parallel_worth(rows * cols),
+               [&](i64 r) { round_row_to_bf16(dst + r * cols, src + r * ld, cols); });
 }
 
 using U16Buf = std::vector<uint16_t, AlignedAlloc<uint16_t>>;
@@ -201,25 +204,23 @@ __attribute__((target("avx512f"))) i64 widen_row_avx512(float* d, const uint16_t
 // rounds to, kept as floats.
 void round_rows_f32(float* dst, const float* src, i64 rows, i64 cols, i64 ld) {
   const bool vec = isa() == Isa::Avx512;
-#pragma omp parallel for schedule(static) if (rows * cols > (1 << 16))
-  for (i64 r = 0; r < rows; ++r) {
+  parallel_for(rows, parallel_worth(rows * cols), [&](i64 r) {
     const float* s = src + r * ld;
     float* d = dst + r * cols;
     i64 c = vec ? round_row_f32_avx512(d, s, cols) : 0;
     for (; c < cols; ++c) d[c] = bf16_to_float(to_bf16(s[c]));
-  }
+  });
 }
 // dst [n] = float(src [n]) for bf16 src.
 void widen_f32(float* dst, const uint16_t* src, i64 n) {
   const bool vec = isa() == Isa::Avx512;
   constexpr i64 kChunk = 1 << 14;
   const i64 chunks = (n + kChunk - 1) / kChunk;
-#pragma omp parallel for schedule(static) if (n > (1 << 16))
-  for (i64 ch = 0; ch < chunks; ++ch) {
+  parallel_for(chunks, parallel_worth(n), [&](i64 ch) {
     const i64 c0 = ch * kChunk, m = std::min(kChunk, n - c0);
     i64 c = vec ? widen_row_avx512(dst + c0, src + c0, m) : 0;
     for (; c < m; ++c) dst[c0 + c] = bf16_to_float(src[c0 + c]);
-  }
+  });
 }
 
 // The BF16 units decision: -1 not made yet, else int(Bf16Units).
