@@ -97,6 +97,8 @@ ServingEngine::ServingEngine(LanguageModel& m, const Tokenizer& tok, const Engin
   DLCM_CHECK(o.max_queue >= 0, "--max-queue: expected >= 0, got ", o.max_queue);
   DLCM_CHECK(o.prefill_chunk >= 1, "--prefill-chunk: expected >= 1, got ", o.prefill_chunk);
   DLCM_CHECK(o.timeout_s > 0, "--timeout: expected > 0 seconds, got ", o.timeout_s);
+  DLCM_CHECK(o.step_pause_ms >= 0 && o.step_pause_ms <= 1000,
+             "DLCM_SERVE_STEP_PAUSE_MS: expected 0..1000 milliseconds, got ", o.step_pause_ms);
   DLCM_CHECK(tok.vocab_size() <= mc.vocab_size, "the tokenizer has ", tok.vocab_size(),
              " ids but the model only ", mc.vocab_size);
   ctx_ = o.ctx > 0 ? o.ctx : mc.max_seq_len;
@@ -380,6 +382,8 @@ void ServingEngine::decode_step() {
     s.pending = -1;
     sample_next(s, logits_.data() + k * V_);
   }
+  if (opt_.step_pause_ms > 0)
+    std::this_thread::sleep_for(std::chrono::duration<double, std::milli>(opt_.step_pause_ms));
 }
 
 void ServingEngine::sample_next(Slot& s, float* lg) {

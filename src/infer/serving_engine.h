@@ -112,6 +112,10 @@ struct EngineOptions {
   double timeout_s = 600;  // a request running longer is cancelled (error event, 504)
   float tau = -1;          // DLCM boundary threshold (< 0: the config's)
   int threads = 0;         // OpenMP threads of the engine thread (0: the default)
+  // A pause after each decode step, for tests that must act while a request still generates
+  // (a tiny model writes hundreds of tokens before a client process can be killed); `dlcm
+  // serve` sets it from DLCM_SERVE_STEP_PAUSE_MS and says so.
+  double step_pause_ms = 0;
 };
 
 class ServingEngine {

@@ -82,11 +82,12 @@ def train_tiny(dlcm, work, arch, corpus, vocab=300, max_seq_len=1024, steps=40):
 class Server:
     """`dlcm serve --port 0 ...` as a child process; its stderr (the request log) goes to a file."""
 
-    def __init__(self, dlcm, ckpt, work, *extra, name="serve"):
+    def __init__(self, dlcm, ckpt, work, *extra, name="serve", env=None):
         self.log_path = os.path.join(work, name + ".log")
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen([dlcm, "serve", "--ckpt", ckpt, "--port", "0", *map(str, extra)],
-                                     stdout=subprocess.PIPE, stderr=self.log, text=True)
+                                     stdout=subprocess.PIPE, stderr=self.log, text=True,
+                                     env={**os.environ, **(env or {})})
         found = {}
 
         def read():  # the first stdout line that names the URL; later stdout lines are drained

@@ -260,7 +260,14 @@ def python_checks(a, srv, ckpt, work, refs, chat_ref, long_ref):
           "echo with max_tokens 5: prompt + completion, tokens of both")
 
     concurrent_checks(srv, name)
-    disconnect_checks(a, srv, name)
+    # The tiny model writes 900 tokens in a few milliseconds, sooner than a client process can be
+    # killed after its first chunks: the disconnect checks run on a second server of the same
+    # checkpoint whose decode steps pause 2 ms each (DLCM_SERVE_STEP_PAUSE_MS, a test setting).
+    with Server(a.dlcm, ckpt, work, "--slots", 2, "--model-name", name, name="serve_paced",
+                env={"DLCM_SERVE_STEP_PAUSE_MS": "2"}) as paced:
+        check("DLCM_SERVE_STEP_PAUSE_MS=2: every decode step pauses 2 ms" in paced.tail(),
+              "a server with DLCM_SERVE_STEP_PAUSE_MS set says so in its log")
+        disconnect_checks(a, paced, name)
     hostile_checks(srv, name, refs[0])
     # Still serving after all of that.
     r = client.completions.create(model=name, prompt=PROMPTS[0], max_tokens=MAX_NEW, temperature=0)
