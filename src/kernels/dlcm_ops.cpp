@@ -674,8 +674,7 @@ void compact_forward(float* out, float* lse, const float* q, const float* k, con
                      const float* sf, const float* own_log, const float* logm_all, bool par) {
   const i64 G = Hq / Hkv, nqb = (L + BQ - 1) / BQ;
   const i64 ldq = Hq * hd;
-#pragma omp parallel if(par)
-  {
+  parallel_region(par, [&] {
     Buf QT(hd * BQ), ST(BK * BQ), O(BQ * hd), m(BQ), l(BQ), corr(BQ);
     QueryBlock qbk;
     // Later query blocks see more keys: hand them out first.
@@ -715,7 +714,7 @@ void compact_forward(float* out, float* lse, const float* q, const float* k, con
             lse[(b * Hq + h) * L + t0 + i] = m[i] + std::log(l[i]);
           }
         }
-  }
+  });
 }
 
 }  // namespace

@@ -349,7 +349,7 @@ const float* TransformerStack::forward_cached(const float* x, const CacheChunk* 
                              cache.v_at(l, ch.seq, 0), 1, ch.n - first, p0 + ch.n, d.n_heads,
                              d.n_kv_heads, d.head_dim, p0 + first, scale, d.window);
     };
-    if (n_chunks > 1 && max_n < 16) {
+    if (n_chunks > 1 && max_n < 16 && team_possible()) {  // no region for a team of one
 #pragma omp parallel for schedule(dynamic, 1)
       for (i64 c = 0; c < n_chunks; ++c) attend(c);
     } else {
