@@ -49,7 +49,7 @@ namespace {
 constexpr i64 BQ = 64;  // query rows per tile
 constexpr i64 BK = 64;  // keys per tile
 // The few-queries path's scores as dot products from the key rows (scores_dot) up to this many
-// rows (queries x heads of a group), through transposed key blocks (pack_t, tile_mm) above.
+// rows (queries x heads of a group), through transposed key blocks (pack_t, tile_mm) beyond.
 // One core of the Zen 4 host, 256 keys, hd 64 (test_ops --perf attention, session 34): 1 row
 // 25 -> 39 GFLOP/s, 2 rows 40 -> 51, 4 rows 56 -> 59, 8 rows 66 -> 61.
 constexpr i64 kDotRows = 4;
@@ -79,9 +79,9 @@ void pack_t(float* dst, i64 ldd, const float* src, i64 ld, i64 n, i64 hd) {
 }
 
 // s[r * lds + j] = scale * q_r . k_j for R query rows (q rows hd apart) and n keys (rows ld
-// apart): dot products straight from the keys' rows, for the few-queries path's one or two
-// rows (decode), where transposing each key block for tile_mm costs more than the product
-// that reads it. AVX-512: 16 keys at a time, one accumulator per key over hd in 16-lane
+// apart): dot products straight from the keys' rows, for the few-queries path's calls of at
+// most kDotRows rows (decode), where transposing each key block for tile_mm costs more than
+// the product that reads it. AVX-512: 16 keys at a time, one accumulator per key over hd in 16-lane
 // chunks, the 16 sums folded into one vector of the 16 keys' scores.
 void scores_dot(float* s, i64 lds, const float* q, i64 R, const float* k, i64 ld, i64 n, i64 hd,
                 float scale) {
