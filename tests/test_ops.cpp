@@ -188,6 +188,8 @@ const Case kCases[] = {
     {.op = "attention", .B = 1, .Lq = 128, .Lk = 128, .Hq = 4, .Hkv = 4, .hd = 64, .perf = true},
     {.op = "attention", .B = 1, .Lq = 35, .Lk = 35, .Hq = 6, .Hkv = 6, .hd = 64, .perf = true},
     {.op = "attention", .B = 1, .Lq = 1, .Lk = 256, .Hq = 4, .Hkv = 4, .hd = 64, .q_offset = 255, .perf = true},
+    {.op = "attention", .B = 1, .Lq = 1, .Lk = 128, .Hq = 4, .Hkv = 4, .hd = 64, .q_offset = 127, .perf = true},
+    {.op = "attention", .B = 1, .Lq = 1, .Lk = 64, .Hq = 4, .Hkv = 4, .hd = 64, .q_offset = 63, .perf = true},
     {.op = "attention", .B = 1, .Lq = 1, .Lk = 256, .Hq = 4, .Hkv = 2, .hd = 64, .q_offset = 255, .perf = true},
     {.op = "attention", .B = 1, .Lq = 1, .Lk = 256, .Hq = 8, .Hkv = 2, .hd = 64, .q_offset = 255, .perf = true},
     {.op = "attention", .B = 1, .Lq = 1, .Lk = 256, .Hq = 8, .Hkv = 1, .hd = 64, .q_offset = 255, .perf = true},

@@ -802,29 +802,38 @@ void attention_forward_rows(float* out, float* lse, const float* q, const float*
   const i64 jend = std::min(Lk, q_offset + Lq);  // keys seen by the last query
   const i64 jbeg = window > 0 ? std::max<i64>(0, q_offset - window + 1) : 0;  // by the first
   parallel_region(par, [&] {
-    Buf qs(size_t(R) * hd), kt(size_t(hd) * BK), s(size_t(R) * BK), o(size_t(R) * hd);
-    std::vector<float> m(R), l(R);
+    // this thread's scratch, kept between calls (a decode step makes one call per layer):
+    // Q's rows, S, O, m, l, and K^T's block on the tile path; segments of whole cache lines
+    const auto seg = [](i64 n) { return (n + 15) / 16 * 16; };
+    const bool tiles = R > kDotRows;
+    float* const qs = attention_scratch(size_t(seg(R * hd) + seg(R * BK) + seg(R * hd) +
+                                               2 * seg(R) + (tiles ? hd * BK : 0)));
+    float* const s = qs + seg(R * hd);
+    float* const o = s + seg(R * BK);
+    float* const m = o + seg(R * hd);
+    float* const l = m + seg(R);
+    float* const kt = l + seg(R);
 #pragma omp for schedule(dynamic, 1)
     for (i64 t = 0; t < B * Hkv; ++t) {
       const i64 b = t / Hkv, g = t % Hkv;
       for (i64 i = 0; i < Lq; ++i)  // the group's heads are adjacent rows of q
         std::copy_n(q + ((b * Lq + i) * Hq + g * group) * hd, group * hd,
-                    qs.data() + i * group * hd);
+                    qs + i * group * hd);
       const float* kp = k + (b * Lk * Hkv + g) * hd;
       const float* vp = v + (b * Lk * Hkv + g) * hd;
-      std::fill(m.begin(), m.end(), -INFINITY);
-      std::fill(l.begin(), l.end(), 0.0f);
-      std::fill(o.begin(), o.end(), 0.0f);
+      std::fill(m, m + R, -INFINITY);
+      std::fill(l, l + R, 0.0f);
+      std::fill(o, o + R * hd, 0.0f);
       for (i64 j0 = jbeg; j0 < jend; j0 += BK) {
         const i64 nk = std::min(BK, jend - j0);
         if (R <= kDotRows) {  // S [R, nk]
-          scores_dot(s.data(), BK, qs.data(), R, kp + j0 * ldk, ldk, nk, hd, scale);
+          scores_dot(s, BK, qs, R, kp + j0 * ldk, ldk, nk, hd, scale);
         } else {
-          pack_t(kt.data(), BK, kp + j0 * ldk, ldk, nk, hd);
-          tile_mm(s.data(), BK, qs.data(), hd, 1, kt.data(), BK, R, nk, hd, scale, false);
+          pack_t(kt, BK, kp + j0 * ldk, ldk, nk, hd);
+          tile_mm(s, BK, qs, hd, 1, kt, BK, R, nk, hd, scale, false);
         }
         for (i64 r = 0; r < R; ++r) {
-          float* row = s.data() + r * BK;
+          float* row = s + r * BK;
           const i64 nv = std::clamp<i64>(q_offset + r / group + 1 - j0, 0, nk);
           std::fill(row + nv, row + nk, -INFINITY);
           if (window > 0)
@@ -837,18 +846,18 @@ void attention_forward_rows(float* out, float* lse, const float* q, const float*
           l[r] = float(l[r] * corr + simd::exp_sub_sum(row, nk, mnew));
           m[r] = mnew;
           if (corr != 1.0f) {
-            float* orow = o.data() + r * hd;
+            float* orow = o + r * hd;
 #pragma omp simd
             for (i64 x = 0; x < hd; ++x) orow[x] *= corr;
           }
         }
-        tile_mm(o.data(), hd, s.data(), BK, 1, vp + j0 * ldk, ldk, R, hd, nk, 1.0f, true);  // O += P V
+        tile_mm(o, hd, s, BK, 1, vp + j0 * ldk, ldk, R, hd, nk, 1.0f, true);  // O += P V
       }
       for (i64 r = 0; r < R; ++r) {
         const i64 i = r / group, h = g * group + r % group;
         const float inv = 1.0f / l[r];
         float* dst = out + ((b * Lq + i) * Hq + h) * hd;
-        const float* orow = o.data() + r * hd;
+        const float* orow = o + r * hd;
 #pragma omp simd
         for (i64 x = 0; x < hd; ++x) dst[x] = orow[x] * inv;
         lse[(b * Hq + h) * Lq + i] = m[r] + std::log(l[r]);
@@ -912,7 +921,7 @@ void attention_forward(float* out, float* lse, const float* q, const float* k, c
   const i64 group = Hq / Hkv, ldq = Hq * hd, ldk = Hkv * hd;
   const i64 nqb = (Lq + BQ - 1) / BQ;
   const i64 ntask = B * Hq * nqb;
-  const bool par = B * Hq * Lq * keys_seen(Lq, Lk, q_offset, window) * hd > (1 << 16);
+  const bool par = parallel_worth(B * Hq * Lq * keys_seen(Lq, Lk, q_offset, window) * hd);
   if (Lq < 16 && Lq * group <= BQ)
     return attention_forward_rows(out, lse, q, k, v, B, Lq, Lk, Hq, Hkv, hd, q_offset, scale,
                                   window, par);
@@ -1004,7 +1013,7 @@ void attention_backward(float* dq, float* dk, float* dv, const float* dout, cons
   check_shapes("attention_backward", B, Lq, Lk, Hq, Hkv, hd, q_offset, window);
   note_parallel_entry();
   const i64 group = Hq / Hkv, ldq = Hq * hd, ldk = Hkv * hd;
-  const bool par = B * Hq * Lq * keys_seen(Lq, Lk, q_offset, window) * hd > (1 << 16);
+  const bool par = parallel_worth(B * Hq * Lq * keys_seen(Lq, Lk, q_offset, window) * hd);
   const TileProduct mm;
 
   const Buf D = row_terms(dout, out, B, Lq, Hq, hd, par);
