@@ -14,7 +14,6 @@
 #include <unistd.h>
 
 #include <atomic>
-#include <cmath>
 #include <fstream>
 #include <memory>
 #include <cmath>

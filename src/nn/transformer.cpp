@@ -201,7 +201,6 @@ void TransformerStack::block_qkv_last(i64 l, const float* x, const i32* pos, i64
   qk_norm_rope(l, qpos.data(), n_last, pos, N, A, K);
 }
 
-
 void TransformerStack::block_out(i64 l, const float* x, float* out, i64 N, BlockActs& A) {
   const BlockDims& d = dims_;
   const BlockParams& P = layers_[l];
