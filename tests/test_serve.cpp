@@ -626,12 +626,12 @@ TEST(Serve, AClientThatHangsUpMidStreamFreesItsSlot) {
 // to be killed mid-stream (tests/interop/serve_openai_check.py): range-checked, and each decode
 // step then takes at least the pause (a lower bound only: sleeping never ends early).
 TEST(Serve, StepPauseIsCheckedAndPausesEveryDecodeStep) {
+  const Config c = small_model("baseline", 64);
+  auto m = make_initialised_model(c.model, 3);
+  auto tok = make_byte_tokenizer();
   for (double bad : {-1.0, 1001.0, std::nan("")}) {
     EngineOptions eo;
     eo.step_pause_ms = bad;
-    Config c = small_model("baseline", 64);
-    auto m = make_initialised_model(c.model, 3);
-    auto tok = make_byte_tokenizer();
     EXPECT_NE(test::error_of([&] { ServingEngine e(*m, *tok, eo); })
                   .find("DLCM_SERVE_STEP_PAUSE_MS: expected 0..1000 milliseconds"),
               std::string::npos)
@@ -643,7 +643,8 @@ TEST(Serve, StepPauseIsCheckedAndPausesEveryDecodeStep) {
   Served s("baseline", 64, eo);
   const auto t0 = std::chrono::steady_clock::now();
   auto r = s.post("/v1/completions", {{"prompt", "go"}, {"max_tokens", 9}, {"ignore_eos", true}});
-  const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  const double ms =
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
   ASSERT_EQ(r.status, 200) << r.body;
   EXPECT_EQ(r.j["usage"]["completion_tokens"], 9);
   // 9 tokens: the prefill's and 8 decode steps', the last step's pause after the reply is sent

@@ -81,8 +81,8 @@ void pack_t(float* dst, i64 ldd, const float* src, i64 ld, i64 n, i64 hd) {
 // s[r * lds + j] = scale * q_r . k_j for R query rows (q rows hd apart) and n keys (rows ld
 // apart): dot products straight from the keys' rows, for the few-queries path's calls of at
 // most kDotRows rows (decode), where transposing each key block for tile_mm costs more than
-// the product that reads it. AVX-512: 16 keys at a time, one accumulator per key over hd in 16-lane
-// chunks, the 16 sums folded into one vector of the 16 keys' scores.
+// the product that reads it. AVX-512: 16 keys at a time, one accumulator per key over hd in
+// 16-lane chunks, the 16 sums folded into one vector of the 16 keys' scores.
 void scores_dot(float* s, i64 lds, const float* q, i64 R, const float* k, i64 ld, i64 n, i64 hd,
                 float scale) {
   i64 j0 = 0;
@@ -117,14 +117,15 @@ void scores_dot(float* s, i64 lds, const float* q, i64 R, const float* k, i64 ld
   }
   j0 = n / 16 * 16;
 #endif
-  for (i64 r = 0; r < R; ++r)
+  for (i64 r = 0; r < R; ++r) {
+    const float* qr = q + r * hd;
     for (i64 j = j0; j < n; ++j) {
-      const float* qr = q + r * hd;
       const float* kj = k + j * ld;
       float d = 0;
       for (i64 c = 0; c < hd; ++c) d += qr[c] * kj[c];
       s[r * lds + j] = d * scale;
     }
+  }
 }
 
 // Online softmax over the columns of a transposed score tile st [nk, ld] (column i = query
@@ -826,7 +827,7 @@ void attention_forward_rows(float* out, float* lse, const float* q, const float*
       std::fill(o, o + R * hd, 0.0f);
       for (i64 j0 = jbeg; j0 < jend; j0 += BK) {
         const i64 nk = std::min(BK, jend - j0);
-        if (R <= kDotRows) {  // S [R, nk]
+        if (!tiles) {  // S [R, nk]
           scores_dot(s, BK, qs, R, kp + j0 * ldk, ldk, nk, hd, scale);
         } else {
           pack_t(kt, BK, kp + j0 * ldk, ldk, nk, hd);

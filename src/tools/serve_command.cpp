@@ -90,8 +90,8 @@ int cmd_serve(const ServeArgs& a) {
   if (const char* e = std::getenv("DLCM_SERVE_STEP_PAUSE_MS"); e && *e) {
     char* end = nullptr;
     eo.step_pause_ms = std::strtod(e, &end);
-    DLCM_CHECK(end && *end == 0, "DLCM_SERVE_STEP_PAUSE_MS: expected a number of milliseconds, got '",
-               e, "'");
+    DLCM_CHECK(end && *end == 0,
+               "DLCM_SERVE_STEP_PAUSE_MS: expected a number of milliseconds, got '", e, "'");
   }
   ServerOptions so;
   so.host = a.host;
@@ -111,8 +111,10 @@ int cmd_serve(const ServeArgs& a) {
                (long long)engine.ctx(), (long long)a.max_queue,
                a.threads > 0 ? std::to_string(a.threads).c_str() : "default");
   if (eo.step_pause_ms > 0)
-    std::fprintf(stderr, "[serve] DLCM_SERVE_STEP_PAUSE_MS=%g: every decode step pauses %g ms (a test "
-                 "setting: unset it to serve at full speed)\n", eo.step_pause_ms, eo.step_pause_ms);
+    std::fprintf(stderr,
+                 "[serve] DLCM_SERVE_STEP_PAUSE_MS=%g: every decode step pauses %g ms (a test "
+                 "setting: unset it to serve at full speed)\n",
+                 eo.step_pause_ms, eo.step_pause_ms);
   std::printf("dlcm serve: listening on %s\n", server.url().c_str());
   std::fflush(stdout);
   // A signal only sets a flag; this thread does the graceful stop, run() then returns.
