@@ -4,8 +4,9 @@
 # shards and tokenizers (test_data), run folders, non-finite guard and fault tests
 # (test_reliability), benchmark files (test_eval's task readers), the GGUF writer and export
 # (test_gguf, without the llama.cpp runs), the HTTP server's request handling (test_serve: hostile
-# requests, API key, disconnects, full queue, timeouts). Only these targets are built
-# (the library is compiled once, -O0). scripts/test.sh runs it after the main suite.
+# requests, every field with every kind of value, API key, disconnects, full queue, timeouts).
+# Only these targets are built (the library is compiled once, -O0). scripts/test.sh runs it after
+# the main suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 B=${ASAN_BUILD_DIR:-build-asan}
@@ -35,7 +36,7 @@ filter_for() {
   case "$1" in
     test_eval) echo "--gtest_filter=EvalTasks.*" ;;
     test_gguf) echo "--gtest_filter=Gguf.*:GgufExport.*" ;;
-    test_serve) echo "--gtest_filter=Serve.Hostile*:Serve.ApiKey*:Serve.AClientThatHangs*:Serve.AFullQueue*:Serve.ARequestPastTheTimeout*:Serve.ModelsHealth*" ;;
+    test_serve) echo "--gtest_filter=Serve.Hostile*:Serve.EveryField*:Serve.ApiKey*:Serve.AClientThatHangs*:Serve.AFullQueue*:Serve.ARequestPastTheTimeout*:Serve.ModelsHealth*" ;;
     *) echo "" ;;
   esac
 }

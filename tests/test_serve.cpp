@@ -582,6 +582,94 @@ TEST(Serve, HostileRequestsGet4xxErrorObjectsAndTheServerKeepsServing) {
   EXPECT_NE(got.find("\"status\":\"ok\""), std::string::npos) << got;
 }
 
+// Every field of every endpoint set to every kind of JSON value, one at a time, on an otherwise
+// valid request: each answer is a 200 (a JSON body, or a stream ending in [DONE]) or a 400 error
+// object naming the field, never a 5xx or a dropped connection, and the server keeps serving. A
+// validation gap that lets a value reach code expecting another type shows up as a 500 here
+// (call() turns any other exception into "internal error").
+TEST(Serve, EveryFieldWithEveryKindOfValueGetsA200OrANamed400) {
+  Served s("dlcm", 64);
+  json deep_ok = 1, deep_over = 1;  // 40 levels pass the body's depth bound (64), 70 do not
+  for (int i = 0; i < 40; ++i) deep_ok = json::array({deep_ok});
+  for (int i = 0; i < 70; ++i) deep_over = json::array({deep_over});
+  const json user = {{"role", "user"}, {"content", "hi"}};
+  const std::vector<json> values = {
+      nullptr, true, false, 0, -1, 1, 2, 3.5, -1e300, 1e300, INT64_MAX, UINT64_MAX, INT64_MIN,
+      "", "x", std::string("a\0b", 3), std::string(3000, 'y'), json::array(), {1}, {-5},
+      {"a"}, {1, "a"}, json::array({json::array()}), json::array({json::array({1, 2})}),
+      json::array({nullptr}), json::object(), {{"a", 1}}, {{"include_usage", true}},
+      {{"type", "text"}, {"text", "hi"}}, json::array({user}), deep_ok, deep_over};
+  struct Endpoint {
+    std::string path;
+    json base;
+    std::vector<std::string> fields;
+  };
+  const std::vector<std::string> sampling = {"temperature", "top_p", "top_k", "seed", "stop", "n",
+                                             "ignore_eos", "stream", "stream_options", "model",
+                                             "user", "logit_bias"};
+  auto with = [&](std::vector<std::string> f) {
+    f.insert(f.end(), sampling.begin(), sampling.end());
+    return f;
+  };
+  const std::vector<Endpoint> endpoints = {
+      {"/v1/completions", {{"prompt", "hi"}, {"max_tokens", 2}},
+       with({"prompt", "max_tokens", "echo", "logprobs", "suffix", "best_of"})},
+      {"/v1/chat/completions", {{"messages", {user}}, {"max_tokens", 2}},
+       with({"messages", "max_tokens", "max_completion_tokens", "logprobs", "top_logprobs",
+             "response_format", "tools"})},
+      {"/tokenize", {{"content", "hi"}}, {"content", "add_bos", "with_pieces"}},
+      {"/detokenize", {{"tokens", {72, 105}}}, {"tokens"}},
+      {"/v1/concepts", {{"text", "hi there"}}, {"text", "tau"}},
+  };
+  std::vector<std::pair<std::string, json>> bodies;  // (what, body)
+  for (const auto& e : endpoints)
+    for (const auto& f : e.fields)
+      for (size_t v = 0; v < values.size(); ++v) {
+        json b = e.base;
+        b[f] = values[v];
+        bodies.push_back({e.path + " " + f + " = value " + std::to_string(v), b});
+      }
+  // a chat message's own fields
+  for (const char* f : {"role", "content"})
+    for (size_t v = 0; v < values.size(); ++v) {
+      json m = user;
+      m[f] = values[v];
+      bodies.push_back({std::string("/v1/chat/completions messages[0].") + f + " = value " +
+                            std::to_string(v),
+                        {{"messages", {m}}, {"max_tokens", 2}}});
+    }
+  ASSERT_GE(bodies.size(), 1400u);
+  int ok = 0, refused = 0;
+  for (const auto& [what, body] : bodies) {
+    const std::string path = what.substr(0, what.find(' '));
+    Reply r = s.send("POST", path, body.dump(-1, ' ', false, json::error_handler_t::replace));
+    if (r.status == 200) {
+      ++ok;
+      const bool stream = r.body.rfind("data: ", 0) == 0;
+      EXPECT_TRUE(stream ? r.body.find("data: [DONE]") != std::string::npos : r.j.is_object())
+          << what << ": " << r.body.substr(0, 300);
+      continue;
+    }
+    ++refused;
+    expect_error(r, 400, what);
+    if (::testing::Test::HasFailure()) break;  // one request's story is enough
+    const json& param = r.j["error"]["param"];
+    const std::string field = what.substr(what.find(' ') + 1, what.find(" = ") - what.find(' ') - 1);
+    const std::string top = field.substr(0, field.find_first_of(".["));
+    // the field at fault is named: as the param, or in the message where the whole body is
+    // refused (its depth)
+    EXPECT_TRUE((param.is_string() && param.get<std::string>() == top) ||
+                r.j["error"]["message"].get<std::string>().find("request body") != std::string::npos)
+        << what << ": " << r.body;
+  }
+  // both kinds occur: the sweep neither refuses everything nor accepts everything
+  EXPECT_GT(ok, 200);
+  EXPECT_GT(refused, 500);
+  expect_serves(s);
+  Reply h = s.get("/health");
+  EXPECT_EQ(h.status, 200);
+}
+
 TEST(Serve, ApiKeyIsRequiredExceptForHealth) {
   ServerOptions so;
   so.api_key = "sekret";
