@@ -736,7 +736,8 @@ TEST(EvalTasks, ReadsTheRealBenchmarkFiles) {
 }
 
 // `eval --concept-usage`: the diagnostics under "concept_usage" in the report, on the whole
-// validation split by default (its token count equals val_tokens) or on --batches N of it;
+// validation split by default (its token count equals val_tokens) or on --batches N of it (or
+// --limit N's);
 // "applicable": false for the baseline; --data is required.
 TEST(EvalCli, ConceptUsageReport) {
   test::TempDir tmp;
@@ -777,6 +778,14 @@ TEST(EvalCli, ConceptUsageReport) {
   i64 counted = 0;
   for (auto& c : j["concept_usage"]["pos_count"]) counted += c.get<i64>();
   EXPECT_EQ(j["concept_usage"]["tokens"].get<i64>(), counted);
+  // --limit bounds the diagnostics' pass too when --batches is not given (and --batches wins)
+  r = test::run_dlcm(base + "--concept-usage --limit 1 --out " + tmp.path + "/one.json");
+  ASSERT_EQ(r.rc, 0) << r.out;
+  j = json::parse(std::ifstream(tmp.path + "/one.json"));
+  EXPECT_EQ(j["concept_usage"]["batches"], 1);
+  r = test::run_dlcm(base + "--concept-usage --limit 1 --batches 2 --out " + tmp.path + "/b2.json");
+  ASSERT_EQ(r.rc, 0) << r.out;
+  EXPECT_EQ(json::parse(std::ifstream(tmp.path + "/b2.json"))["concept_usage"]["batches"], 2);
 
   ASSERT_TRUE(tiny_checkpoint("baseline", tmp.path + "/bk"));
   r = test::run_dlcm("eval --ckpt " + tmp.path + "/bk --data " + tmp.path +

@@ -857,6 +857,33 @@ TEST(FaultCli, ExitCodesAndMessagesOfRefusedRuns) {
     EXPECT_NE(r.rc, 0) << t << ": " << r.out;
     EXPECT_NE(r.out.find("--temperature"), std::string::npos) << t << ": " << r.out;
   }
+  // Counts of batches that would run nothing (eval once reported loss 0 over 0 tokens for
+  // --limit 0) or that mean "all" when negative are refused, naming the flag.
+  for (const char* v : {"0", "-5"}) {
+    r = sh(kDlcm + " eval --ckpt " + out + " --data " + cli().data + " --quiet --limit " + v);
+    EXPECT_NE(r.rc, 0) << v << ": " << r.out;
+    EXPECT_NE(r.out.find("--limit"), std::string::npos) << v << ": " << r.out;
+    r = sh(kDlcm + " analyze --ckpt " + out + " --data " + cli().data + " --batches " + v);
+    EXPECT_NE(r.rc, 0) << v << ": " << r.out;
+    EXPECT_NE(r.out.find("--batches"), std::string::npos) << v << ": " << r.out;
+  }
+  // The scaling tools: a P step that would scan forever, a negative or infinite model size.
+  json fit;
+  for (const char* k : {"E0", "A_tok", "t_tok", "d1", "A_con", "g", "t_con", "d2", "A_dat",
+                        "t_dat", "a"})
+    fit["constants"][k] = 1.0;
+  std::ofstream(tmp.path + "/fit.json") << fit.dump();
+  const std::string alloc = kDlcm + " scaling allocate --fit " + tmp.path + "/fit.json --flops 1e18 --R 4";
+  r = sh("timeout 60 " + alloc + " --p-step 1e-12");
+  EXPECT_EQ(r.rc, 2) << r.out;
+  EXPECT_NE(r.out.find("raise --p-step"), std::string::npos) << r.out;
+  r = sh(alloc + " --N -5");
+  EXPECT_EQ(r.rc, 2) << r.out;
+  EXPECT_NE(r.out.find("--N must be a positive number"), std::string::npos) << r.out;
+  EXPECT_EQ(sh(alloc + " --p-step 0.1").rc, 0);
+  r = sh(kDlcm + " scaling predict --fit " + tmp.path + "/fit.json --N inf --D 1e9 --R 4 --P 0.5");
+  EXPECT_EQ(r.rc, 2) << r.out;
+  EXPECT_NE(r.out.find("positive and finite"), std::string::npos) << r.out;
 }
 
 // Provenance: every checkpoint records the code, command, libraries, CPU and data; a resume

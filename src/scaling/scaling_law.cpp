@@ -278,9 +278,14 @@ double training_flops_estimate(double N, double D, double R, double P) {
 std::vector<Allocation> allocate_budget(const ScalingLaw& law, double C, double R, double p_min,
                                         double p_max, double p_step, double n_min, double n_max) {
   DLCM_CHECK(C > 0 && std::isfinite(C), "--flops: budget must be positive, got ", C);
-  DLCM_CHECK(R >= 1, "--R must be >= 1, got ", R);
+  DLCM_CHECK(R >= 1 && std::isfinite(R), "--R must be >= 1 and finite, got ", R);
   DLCM_CHECK(p_min >= 0 && p_max < 1 && p_min <= p_max && p_step > 0,
              "allocate: need 0 <= p_min <= p_max < 1 and p_step > 0");
+  // a step so small that the scan would not end in any useful time (or P += p_step would not
+  // move P at all)
+  const double n_p = (p_max - p_min + 1e-9) / p_step;
+  DLCM_CHECK(n_p <= 1e4, "allocate: --p-step ", p_step, " gives ", n_p,
+             " values of P between --p-min and --p-max; at most 10000 (raise --p-step)");
   DLCM_CHECK(n_min > 0 && std::isfinite(n_max) && n_min <= n_max,
              "allocate: need 0 < --n-min <= --n-max (or a positive --N), got ", n_min, " and ", n_max);
   std::vector<Allocation> out;

@@ -478,8 +478,10 @@ json eval_report(const EvalArgs& a, int* rc_out) {
       std::fprintf(stderr, "%s\n", line.c_str());
     }
     if (a.concept_usage) {
+      // --limit bounds every pass over the validation split unless --batches says otherwise
+      const i64 usage_batches = a.usage_batches > 0 ? a.usage_batches : a.limit;
       ConceptUsageResult u = measure_concept_usage(*m, data, cfg.train.batch_size,
-                                                   cfg.train.seq_len, a.usage_batches);
+                                                   cfg.train.seq_len, usage_batches);
       if (!u.applicable) {
         r["concept_usage"] = {{"applicable", false}};
         if (!a.quiet) std::fprintf(stderr, "[eval] concept usage: not applicable (%s has no concepts)\n",

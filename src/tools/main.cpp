@@ -263,7 +263,8 @@ int main(int argc, char** argv) {
                  "all, or name=layout:path; 'list' prints the tasks and their data files");
   ev->add_option("--bench-dir", ea.bench_dir, "folder with the benchmark files (default ../shared/bench)");
   ev->add_option("--task-file", ea.task_file, "JSON array of extra task specs (docs/evaluation.md)");
-  ev->add_option("--limit", ea.limit, "at most this many validation batches / items per task");
+  ev->add_option("--limit", ea.limit, "at most this many validation batches / items per task (default: all)")
+      ->check(CLI::Range(i64(1), i64(1) << 40));
   ev->add_option("--batch-size", ea.batch_size, "validation rows per batch")->check(CLI::Range(1, 4096));
   ev->add_option("--seq-len", ea.seq_len, "validation window length (default: the model's train.seq_len)");
   ev->add_option("--batch-tokens", ea.batch_tokens, "zero-shot: padded tokens per forward pass")
@@ -275,7 +276,7 @@ int main(int argc, char** argv) {
   ev->add_flag("--concept-usage", ea.concept_usage,
                "dlcm: concept-usage diagnostics on the validation split (z_null / shuffled "
                "concepts, |Wo att|/|H|, CE by position in concept; docs/dlcm.md)");
-  ev->add_option("--batches", ea.usage_batches, "concept usage: at most this many validation batches (default: all)")
+  ev->add_option("--batches", ea.usage_batches, "concept usage: at most this many validation batches (default: --limit, else all)")
       ->check(CLI::Range(i64(1), i64(1) << 40));
   ev->add_flag("--quiet", ea.quiet, "no progress lines or table on stderr");
   ev->add_option("--num-fewshot", ea.num_fewshot, "zero-shot: examples from the task's other items before each context")
@@ -290,7 +291,8 @@ int main(int argc, char** argv) {
   an->add_option("--ckpt", na.ckpt, "dlcm checkpoint or run folder")->required();
   an->add_option("--data", na.data, "prepared data folder (its validation split is analysed)")->required();
   an->add_option("--out", na.out, "output folder for analysis.json and analysis.html (default analysis)");
-  an->add_option("--batches", na.batches, "at most this many validation batches (default: all)");
+  an->add_option("--batches", na.batches, "at most this many validation batches (default: all)")
+      ->check(CLI::Range(i64(1), i64(1) << 40));
   an->add_option("--batch-size", na.batch_size, "validation windows per forward pass")->check(CLI::Range(1, 4096));
   an->add_option("--seq-len", na.seq_len, "window length (default: the checkpoint's train.seq_len)")->check(CLI::Range(1, 1 << 24));
   an->add_option("--tau", na.tau, "boundary threshold (default: the checkpoint's router.tau)");

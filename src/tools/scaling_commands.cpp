@@ -175,8 +175,10 @@ static void note_if_extrapolated(const json& fit, double N, double D) {
 int cmd_scaling_predict(const ScalingPredictArgs& a) {
   json j = read_fit(a.fit);
   ScalingLaw law = ScalingLaw::from_json(j, a.fit);
-  DLCM_CHECK(a.N > 0 && a.D > 0, "--N and --D must be positive (raw counts, e.g. --N 8e6 --D 2e8)");
-  DLCM_CHECK(a.R >= 1, "--R must be >= 1, got ", a.R);
+  DLCM_CHECK(a.N > 0 && a.D > 0 && std::isfinite(a.N) && std::isfinite(a.D),
+             "--N and --D must be positive and finite (raw counts, e.g. --N 8e6 --D 2e8), got ", a.N,
+             " and ", a.D);
+  DLCM_CHECK(a.R >= 1 && std::isfinite(a.R), "--R must be >= 1 and finite, got ", a.R);
   DLCM_CHECK(a.P >= 0 && a.P < 1, "--P must be in [0, 1), got ", a.P);
   auto t = law.terms(a.N, a.D, a.R, a.P);
   double L = law.loss(a.N, a.D, a.R, a.P);
@@ -192,6 +194,9 @@ int cmd_scaling_predict(const ScalingPredictArgs& a) {
 int cmd_scaling_allocate(const ScalingAllocateArgs& a) {
   json j = read_fit(a.fit);
   ScalingLaw law = ScalingLaw::from_json(j, a.fit);
+  DLCM_CHECK(a.N == 0 || (a.N > 0 && std::isfinite(a.N)),
+             "--N must be a positive number of non-embedding parameters (leave it out to search N), "
+             "got ", a.N);
   const double n_min = a.N > 0 ? a.N : a.n_min, n_max = a.N > 0 ? a.N : a.n_max;
   auto all = allocate_budget(law, a.flops, a.R, a.p_min, a.p_max, a.p_step, n_min, n_max);
   auto best = *std::min_element(all.begin(), all.end(), [](const Allocation& x, const Allocation& y) {
