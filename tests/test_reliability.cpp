@@ -799,6 +799,10 @@ TEST(FaultCli, ExitCodesAndMessagesOfRefusedRuns) {
   EXPECT_EQ(r.rc, 0) << r.out;
   EXPECT_NE(r.out.find("no steps run, no checkpoint written"), std::string::npos) << r.out;
   EXPECT_FALSE(fs::exists(out + "/checkpoint"));
+  r = sh(cli().train(out, "--steps -1"));  // once meant "the config's train.steps"
+  EXPECT_NE(r.rc, 0) << r.out;
+  EXPECT_NE(r.out.find("--steps"), std::string::npos) << r.out;
+  EXPECT_FALSE(fs::exists(out + "/checkpoint"));
   r = sh(cli().train(out, "--steps 2"));
   ASSERT_EQ(r.rc, 0) << r.out;
   EXPECT_NE(r.out.find("checkpoint in " + out + "/checkpoint"), std::string::npos) << r.out;

@@ -39,7 +39,8 @@ int main(int argc, char** argv) {
                     "optional with --resume (the run's own checkpoint/config.json) or --init-from");
   train->add_option("--data", ta.data, "folder written by 'dlcm prepare'")->required();
   train->add_option("--out", ta.out, "run folder: train_log.jsonl and checkpoint/")->required();
-  train->add_option("--steps", ta.steps, "optimizer steps (overrides train.steps)");
+  train->add_option("--steps", ta.steps, "optimizer steps (overrides train.steps)")
+      ->check(CLI::Range(i64(0), i64(1) << 40));
   train->add_option("--set", ta.sets, "override a config key: key=value (repeatable; with --resume only keys "
                     "that may change on resume, docs/config.md)");
   train->add_option("--keep", ta.keep, "also keep the last N checkpoints as checkpoint-step-STEP/ "
@@ -143,8 +144,8 @@ int main(int argc, char** argv) {
   auto* btrain = bench->add_subcommand("train", "training tokens/s and MFU vs the PyTorch reference");
   btrain->add_option("--config", ba.config, "config JSON (default: the reference baseline of the docs)");
   btrain->add_option("--set", ba.sets, "override a config key: key=value");
-  btrain->add_option("--steps", ba.steps, "timed steps per repeat");
-  btrain->add_option("--repeats", ba.repeats, "repeats (median reported)");
+  btrain->add_option("--steps", ba.steps, "timed steps per repeat")->check(CLI::Range(1, 1 << 20));
+  btrain->add_option("--repeats", ba.repeats, "repeats (median reported)")->check(CLI::Range(1, 1 << 20));
   btrain->add_flag("--no-torch", ba.no_torch, "skip the PyTorch reference");
   btrain->add_flag("--torch-defaults", ba.torch_default, "PyTorch peer with glibc malloc and ATen's default (AVX2) kernels");
   btrain->add_option("--torch", ba.torch,
@@ -334,7 +335,8 @@ int main(int argc, char** argv) {
   lrs->add_option("--lrs", lsa.lrs, "base learning rates (default 1e-3,3e-3,1e-2,3e-2)");
   lrs->add_option("--params", lsa.params, "parametrisations: mup and/or sp (default mup)");
   lrs->add_option("--scale", lsa.scale, "which widths scale: both, token or concept")->check(CLI::IsMember({"both", "token", "concept"}));
-  lrs->add_option("--steps", lsa.steps, "optimizer steps per run (overrides train.steps)");
+  lrs->add_option("--steps", lsa.steps, "optimizer steps per run (overrides train.steps)")
+      ->check(CLI::Range(i64(1), i64(1) << 40));
   lrs->add_flag("--quiet", lsa.quiet, "no per-step progress");
   add_threads(lrs);
 
