@@ -15,7 +15,9 @@ if [ -z "$DATA" ]; then
   [ -f /work/main/data/prepared/train.bin ] && DATA=/work/main/data/prepared
 fi
 OUT=${4:-runs/bf16-check}
-EVAL_LIMIT=${EVAL_LIMIT:--1}  # validation batches (-1 = the whole split)
+EVAL_LIMIT=${EVAL_LIMIT:-}  # validation batches (empty: the whole split)
+limit=()
+[[ -n "$EVAL_LIMIT" ]] && limit=(--limit "$EVAL_LIMIT")
 mkdir -p "$OUT"
 for p in fp32 bf16; do
   echo "[bf16_check] training $CONFIG for $STEPS steps in $p"
@@ -23,7 +25,7 @@ for p in fp32 bf16; do
   ./build/dlcm train --config "$CONFIG" --data "$DATA" --out "$OUT/$p" --steps "$STEPS" \
     --set train.precision=$p --set train.eval_every=0 --set train.ckpt_every=0 --quiet --overwrite
   echo "[bf16_check] $p: $(( $(date +%s) - start )) s"
-  ./build/dlcm eval --ckpt "$OUT/$p" --data "$DATA" --limit "$EVAL_LIMIT" --out "$OUT/$p/eval.json" >/dev/null
+  ./build/dlcm eval --ckpt "$OUT/$p" --data "$DATA" "${limit[@]}" --out "$OUT/$p/eval.json" >/dev/null
 done
 /usr/bin/python3 - "$OUT" <<'PY'
 import json, sys
