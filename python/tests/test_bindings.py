@@ -316,6 +316,9 @@ def test_eval_report_equals_the_cli(run, data_dir, tmp_path):
     for k in ("seconds", "provenance", "date"):
         cli.pop(k, None), got.pop(k, None)
     assert got == cli
+    # a count of no batches is refused, as on the command line (it once gave a loss over 0 tokens)
+    with pytest.raises(dlcm.Error, match="--limit must be >= 1"):
+        dlcm.eval(run["out"], data=data_dir, limit=0)
 
 
 # ---- threads --------------------------------------------------------------------------------

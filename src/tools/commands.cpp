@@ -437,6 +437,12 @@ json eval_report(const EvalArgs& a, int* rc_out) {
              "eval: give --data DIR (validation bits per byte) and/or --tasks LIST (zero-shot benchmarks)");
   DLCM_CHECK(!a.log_samples || !a.out.empty(),
              "--log-samples: give --out FILE.json too (the samples are written beside the report)");
+  // -1 is "not given" (all); 0 would report a loss over no tokens (the library and the Python
+  // binding come here without the CLI's range check)
+  DLCM_CHECK(a.limit == -1 || a.limit >= 1, "--limit must be >= 1 (leave it out for all), got ",
+             a.limit);
+  DLCM_CHECK(a.usage_batches == -1 || a.usage_batches >= 1,
+             "--batches must be >= 1 (leave it out for all), got ", a.usage_batches);
   auto t0 = std::chrono::steady_clock::now();
   std::string dir = resolve_checkpoint(a.ckpt);
   Config cfg = load_checkpoint_config(dir);
