@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Every option of every `dlcm` subcommand with each of a dozen kinds of bad or odd value.
 
-Robustness check (docs/reliability.md), not part of the test command (it needs a real
-checkpoint and data folder): 1,346 runs in 2.5 minutes on the Zen 4 host of session 35. For each subcommand (from `--help`), the required options get working values (a
+Robustness check (docs/reliability.md). The test command runs it on a DLCM trained two steps on a
+small byte-level corpus (tests/cli_sweep_check.sh, CTest `cli_sweep`); 1,346 runs in 1.5-2.5
+minutes on the Zen 4 host of session 35. For each subcommand (from `--help`), the required options get working values (a
 checkpoint, a data folder, a config; --ckpt/--data/--config below), the cheap extras keep real
 work short (one training step, two new tokens, one batch), and then one option at a time is set
 to each value of VALUES (or given alone, for a flag). Each run starts in an empty working folder.
