@@ -292,8 +292,7 @@ int main(int argc, char** argv) {
   an->add_option("--ckpt", na.ckpt, "dlcm checkpoint or run folder")->required();
   an->add_option("--data", na.data, "prepared data folder (its validation split is analysed)")->required();
   an->add_option("--out", na.out, "output folder for analysis.json and analysis.html (default analysis)");
-  an->add_option("--batches", na.batches, "at most this many validation batches (default: all)")
-      ->check(CLI::Range(i64(1), i64(1) << 40));
+  an->add_option("--batches", na.batches, "at most this many validation batches (default: all)");
   an->add_option("--batch-size", na.batch_size, "validation windows per forward pass")->check(CLI::Range(1, 4096));
   an->add_option("--seq-len", na.seq_len, "window length (default: the checkpoint's train.seq_len)")->check(CLI::Range(1, 1 << 24));
   an->add_option("--tau", na.tau, "boundary threshold (default: the checkpoint's router.tau)");
