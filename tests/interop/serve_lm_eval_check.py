@@ -10,14 +10,21 @@ arc_easy.jsonl (no hub access: HF_DATASETS_OFFLINE / HF_HUB_OFFLINE). Its acc an
 equal `dlcm eval --tasks arc_easy --limit N`'s; per request, lm-eval's (context, continuation)
 strings must be dlcm's and its log-likelihoods within 1e-4 of dlcm's.
 
+Without the bench folder (a clone on a machine without ../shared, as CI may be) the check runs on
+a bench folder of its own: multiple-choice items in ARC-Easy's layout generated here (arithmetic,
+categories, opposites, places with accented names; choices of different lengths, so acc_norm is
+not acc), the tokenizer trained on later generated items and the project's docs. lm-eval and
+`dlcm eval` read the same file either way, so the check is the same.
+
 usage: serve_lm_eval_check.py --dlcm BUILD/dlcm --arch baseline|dlcm --bench-dir DIR (DLCM_BENCH_DIR wins)
-                              [--limit 100] [--work DIR]
-Exit status 0: all checks pass; 1: a failure (printed); 77: no arc_easy.jsonl in the bench folder.
+                              [--limit 100] [--work DIR] [--generated]
+Exit status 0: all checks pass; 1: a failure (printed).
 """
 import argparse
 import glob
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -31,15 +38,75 @@ TASK_YAML = os.path.join(HERE, "lm_eval_tasks", "dlcm_arc_easy.yaml")
 MAX_SEQ = 1024  # every one of the first items fits: neither side truncates
 
 
-def arc_corpus(bench, limit, path):
-    """ARC-Easy questions and their answers after the evaluated items, one per line."""
+def arc_corpus(bench, limit, path, extra=()):
+    """ARC-Easy questions and their answers after the evaluated items, one per line; then the
+    text of the files in `extra`."""
     lines = []
     with open(os.path.join(bench, "arc_easy.jsonl"), encoding="utf-8") as f:
         for i, line in enumerate(f):
             if i >= limit:
                 d = json.loads(line)
                 lines.append(d["query"] + " Answer: " + d["choices"][int(d["gold"])])
+    for e in extra:
+        lines.append(open(e, encoding="utf-8").read())
     return write(path, "\n".join(lines) + "\n")
+
+
+# Word lists of the generated items (written here; no benchmark text).
+CATEGORIES = {
+    "colour": ["red", "green", "blue", "yellow", "purple", "orange", "grey", "turquoise"],
+    "animal": ["horse", "sparrow", "salmon", "beetle", "otter", "tortoise", "elephant", "owl"],
+    "tool": ["hammer", "screwdriver", "saw", "wrench", "chisel", "pliers", "spanner", "drill"],
+    "fruit": ["apple", "pear", "plum", "mango", "cherry", "apricot", "banana", "pomegranate"],
+    "metal": ["iron", "copper", "zinc", "silver", "aluminium", "tin", "nickel", "tungsten"],
+}
+OPPOSITES = [("hot", "cold"), ("wet", "dry"), ("early", "late"), ("heavy", "light"),
+             ("loud", "quiet"), ("full", "empty"), ("rough", "smooth"), ("ancient", "modern"),
+             ("narrow", "wide"), ("shallow", "deep"), ("sour", "sweet"), ("tight", "loose")]
+PLACES = [("Zürich", "Switzerland"), ("Málaga", "Spain"), ("Kraków", "Poland"),
+          ("Göteborg", "Sweden"), ("São Paulo", "Brazil"), ("Besançon", "France"),
+          ("Reykjavík", "Iceland"), ("Brno", "Czechia"), ("Tromsø", "Norway"),
+          ("Düsseldorf", "Germany"), ("Ōsaka", "Japan"), ("Plzeň", "Czechia")]
+
+
+def generated_item(rng):
+    """One multiple-choice item in ARC-Easy's layout: {"query", "choices", "gold"}."""
+    kind = rng.randrange(4)
+    if kind == 0:
+        a, b = rng.randrange(2, 60), rng.randrange(2, 60)
+        right = a + b
+        wrong = rng.sample([x for x in range(max(0, right - 12), right + 13) if x != right], 3)
+        q, choices = f"What is {a} plus {b}?", [str(right)] + [str(w) for w in wrong]
+    elif kind == 1:
+        cat = rng.choice(sorted(CATEGORIES))
+        others = [c for c in sorted(CATEGORIES) if c != cat]
+        q = f"Which of these is a {cat}?"
+        choices = [rng.choice(CATEGORIES[cat])] + [rng.choice(CATEGORIES[c])
+                                                   for c in rng.sample(others, 3)]
+    elif kind == 2:
+        w, right = rng.choice(OPPOSITES)
+        if rng.random() < 0.5:
+            right, w = w, right
+        pool = [x for pair in OPPOSITES for x in pair if x not in (w, right)]
+        q, choices = f"What is the opposite of \u201c{w}\u201d?", [right] + rng.sample(pool, 3)
+    else:
+        city, country = rng.choice(PLACES)
+        pool = sorted({c for _, c in PLACES if c != country})
+        q = f"In which country is {city}?"
+        choices = [country] + rng.sample(pool, 3)
+    gold = rng.randrange(4)
+    choices[0], choices[gold] = choices[gold], choices[0]
+    return {"query": "Question: " + q, "choices": choices, "gold": gold}
+
+
+def generated_bench(work, n):
+    """A bench folder of its own: arc_easy.jsonl with n generated items (seeded)."""
+    rng = random.Random(1234)
+    d = os.path.join(work, "generated_bench")
+    os.makedirs(d, exist_ok=True)
+    write(os.path.join(d, "arc_easy.jsonl"),
+          "".join(json.dumps(generated_item(rng), ensure_ascii=False) + "\n" for _ in range(n)))
+    return d
 
 
 def task_dir(work, bench):
@@ -65,16 +132,22 @@ def main():
     ap.add_argument("--bench-dir", required=True, help="the benchmark folder (DLCM_BENCH_DIR wins)")
     ap.add_argument("--limit", type=int, default=100)
     ap.add_argument("--work")
+    ap.add_argument("--generated", action="store_true",
+                    help="use generated items even where the bench folder has arc_easy.jsonl")
     a = ap.parse_args()
     a.dlcm = os.path.abspath(a.dlcm)
     a.bench_dir = os.environ.get("DLCM_BENCH_DIR") or a.bench_dir  # as tests/test_eval.cpp
-    if not os.path.exists(os.path.join(a.bench_dir, "arc_easy.jsonl")):
-        print(f"skipped: no arc_easy.jsonl in {a.bench_dir} (set DLCM_BENCH_DIR)")
-        sys.exit(77)
     work = a.work or tempfile.mkdtemp(prefix="dlcm_lm_eval_")
     os.makedirs(work, exist_ok=True)
     try:
-        corpus = arc_corpus(a.bench_dir, a.limit, os.path.join(work, "corpus.txt"))
+        extra = ()
+        if a.generated or not os.path.exists(os.path.join(a.bench_dir, "arc_easy.jsonl")):
+            if not a.generated:
+                print(f"no arc_easy.jsonl in {a.bench_dir} (DLCM_BENCH_DIR): generated items instead")
+            a.bench_dir = generated_bench(work, a.limit + 3000)
+            # later items alone repeat a few hundred words: the docs give the tokenizer text
+            extra = sorted(glob.glob(os.path.join(HERE, "..", "..", "docs", "*.md")))
+        corpus = arc_corpus(a.bench_dir, a.limit, os.path.join(work, "corpus.txt"), extra)
         ckpt = train_tiny(a.dlcm, work, a.arch, corpus, vocab=512, max_seq_len=MAX_SEQ, steps=40)
         hf_tok = os.path.join(work, "hf_tokenizer")
         run(a.dlcm, "tokenizer", "export-hf", "--dir", ckpt, "--out", hf_tok,
