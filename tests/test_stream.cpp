@@ -347,6 +347,44 @@ INSTANTIATE_TEST_SUITE_P(Arch, StreamEquivalence,
                                   ops::pack_format_name(std::get<1>(info.param));
                          });
 
+// The most concepts a stream can hold: every token a BOS (a forced boundary), up to max_len, so
+// each slot's concept list holds max_len concepts plus z_null. Every design keeps the full
+// forward's logits to the last position, through one prefill and through steps.
+TEST(Stream, ConceptAtEveryTokenUpToMaxLen) {
+  for (auto make : {dlcm_projected_compact, dlcm_first_shifted, dlcm_first_inclusive,
+                    dlcm_prefix_mean_inclusive, dlcm_first_inclusive_rope_replicate}) {
+    Config c = make();
+    const i64 L = 40;
+    c.model.max_seq_len = L;
+    auto m = make_initialised_model(c.model, 5);
+    SCOPED_TRACE(c.model.concept_repr + " " + c.model.concept_visibility + " " +
+                 c.model.xattn_impl);
+    const i64 V = c.model.vocab_size;
+    const std::vector<i32> tok(L, c.model.bos_id);
+    const std::vector<float> want = full_logits(*m, tok);
+    StreamOptions so;
+    so.max_seqs = 2;
+    auto st = m->new_stream(so);
+    ASSERT_EQ(st->max_len(), L);
+    std::vector<float> all(L * V), one(V);
+    st->prefill(0, tok.data(), L, all.data(), true);
+    const i64 slot1 = 1;
+    double worst = 0;
+    for (i64 t = 0; t < L; ++t) {
+      st->step(&slot1, &tok[t], 1, one.data());
+      worst = std::max(worst, test::max_abs_diff(one.data(), want.data() + t * V, V));
+      worst = std::max(worst, test::max_abs_diff(all.data() + t * V, want.data() + t * V, V));
+    }
+    EXPECT_LT(worst, 1e-4);
+    for (i64 s : {0, 1}) {
+      const StreamCounters ct = st->counters(s);
+      EXPECT_EQ(ct.tokens, L);
+      EXPECT_EQ(ct.concepts, L);
+      EXPECT_EQ(st->token_concept(s, L - 1).concept_index, L - 1);
+    }
+  }
+}
+
 // Splitting a sequence differently (one prefill, token by token, chunks) gives the same logits,
 // and batching does not change a sequence's results beyond rounding.
 TEST(Stream, SplitAndBatchIndependent) {
