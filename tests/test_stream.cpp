@@ -385,6 +385,68 @@ TEST(Stream, ConceptAtEveryTokenUpToMaxLen) {
   }
 }
 
+// The stream's weight copies: every product of a prefill and of steps runs on one (the q/k/v,
+// router q/k and cross-attention k/v as stacked groups, each FFN's gate/up with SwiGLU in its
+// epilogue), each copy is read by some product (none packed twice, none for a matrix no
+// product uses, like the token embedding), and the copies add up to the weights' packed size.
+TEST(Stream, EveryProductRunsOnACopyAndEveryCopyIsRead) {
+  std::vector<ops::PackFormat> formats = {ops::PackFormat::BF16, ops::PackFormat::Q8};
+  if (ops::packed_gemm_native()) formats.push_back(ops::PackFormat::F32);
+  for (auto make : {+[] { return test::tiny_baseline(true, 1); }, dlcm_projected_compact,
+                    dlcm_prefix_mean_inclusive_rope}) {
+    for (ops::PackFormat fmt : formats) {
+      Config c = make();
+      c.model.max_seq_len = 64;
+      SCOPED_TRACE(c.model.arch + " " + c.model.concept_repr + " " +
+                   ops::pack_format_name(fmt));
+      auto m = make_initialised_model(c.model, 7);
+      const ModelConfig& mc = m->config();
+      const i64 V = mc.vocab_size;
+      auto t = test::random_tokens(40, V, 31, mc.bos_id, 0.05);
+      t[0] = mc.bos_id;
+      StreamOptions so;
+      so.max_seqs = 2;
+      so.precision = fmt;
+      auto st = m->new_stream(so);
+      // what the weights take packed: each 2-D parameter but the embedding, once
+      i64 want = 0;
+      for (const Param& p : m->params().params()) {
+        if (p.shape.size() != 2 || p.name == "tok_embeddings.weight") continue;
+        want += ops::packed_bytes(&p.shape[0], 1, p.shape[1], fmt);
+        if (fmt == ops::PackFormat::Q8) want += (p.shape[0] + 63) / 64 * 64 * i64(sizeof(float));
+      }
+      EXPECT_EQ(st->packed_weight_bytes(), want);
+      EXPECT_EQ(st->packed_weight_bytes_unread(), want);  // nothing has run yet
+      std::vector<float> lg(40 * V);
+      ops::gemm_shape_stats(true);
+      prof::set_detail(true);
+      prof::enable(true);
+      st->prefill(0, t.data(), 40, lg.data(), true);  // every position's logits
+      st->prefill(1, t.data() + 3, 30, lg.data());    // the last position's
+      for (i64 i = 0; i < 3; ++i) {
+        const i64 seqs[2] = {0, 1};
+        const i32 nt[2] = {t[i + 5], t[i + 9]};
+        st->step(seqs, nt, 2, lg.data());
+      }
+      prof::enable(false);
+      prof::set_detail(false);
+      i64 swiglu = 0, groups = 0;
+      for (const ops::GemmShapeStat& g : ops::gemm_shape_stats(true)) {
+        EXPECT_EQ(g.impl.rfind("packed", 0), 0u)
+            << g.M << " x " << g.N << " x " << g.K << " ran on " << g.impl;
+        if (g.impl == "packed gate/up + SwiGLU") swiglu += g.calls;
+        if (g.impl == "packed group") groups += g.calls;
+      }
+      // each FFN of the token path (and the cross-attention's) at each of the 5 calls
+      const i64 ffns = mc.is_dlcm() ? mc.enc_layers + mc.dec_layers + 1 : mc.n_layers;
+      if (mc.is_dlcm()) EXPECT_GE(swiglu, 5 * ffns);
+      else EXPECT_EQ(swiglu, 5 * ffns);
+      EXPECT_GE(groups, 5 * (mc.is_dlcm() ? mc.enc_layers + mc.dec_layers : mc.n_layers));
+      EXPECT_EQ(st->packed_weight_bytes_unread(), 0);
+    }
+  }
+}
+
 // Splitting a sequence differently (one prefill, token by token, chunks) gives the same logits,
 // and batching does not change a sequence's results beyond rounding.
 TEST(Stream, SplitAndBatchIndependent) {

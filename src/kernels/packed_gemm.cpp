@@ -674,6 +674,7 @@ NextProduct PackedWeights::served(const PackedMatrix* p, int part0) const {
     return m->next[part];
   };
   if (last_) slot(last_, last_part_) = {p, p->part_blk0[part0]};
+  p->read = true;
   last_ = p;
   last_part_ = part0;
   return slot(p, part0);
@@ -708,9 +709,9 @@ const PackedMatrix* PackedWeights::find_group(const float* const* W, const i64* 
   return &g.mat;
 }
 
-i64 PackedWeights::bytes() const {
-  auto of = [](const PackedMatrix& p) {
-    return p.data_bytes + i64(p.qscale.size() * sizeof(float));
+i64 PackedWeights::sum_bytes(bool unread_only) const {
+  auto of = [&](const PackedMatrix& p) {
+    return unread_only && p.read ? 0 : p.data_bytes + i64(p.qscale.size() * sizeof(float));
   };
   i64 b = 0;
   for (auto& [w, p] : mats_) b += of(p);

@@ -62,6 +62,7 @@ struct PackedMatrix {
   // is prefetched while this one finishes. A matrix can serve two calls in one pass (the
   // final layer's k/v, then its q for the last rows), each with its own successor.
   mutable std::vector<NextProduct> next;
+  mutable bool read = false;  // a product has run on it (PackedWeights::served)
 
   PackedMatrix() = default;
   PackedMatrix(const PackedMatrix&) = delete;  // `data` points into its own buffers
@@ -154,7 +155,10 @@ class PackedWeights {
   // into the arena keeps the peak memory at one packed copy.
   void reserve(i64 bytes);
   i64 max_rows() const { return max_rows_; }
-  i64 bytes() const;
+  i64 bytes() const { return sum_bytes(false); }
+  // Bytes of the copies no product has run on yet (served): after a stream's prefill and steps,
+  // a copy that stays unread is memory spent for nothing.
+  i64 unread_bytes() const { return sum_bytes(true); }
 
  private:
   i64 max_rows_;
@@ -167,6 +171,7 @@ class PackedWeights {
   std::vector<char, AlignedAlloc<char>> arena_;      // reserve(): the packed weights
   i64 arena_used_ = 0;
   char* take(i64 bytes);  // the next arena slot, or nullptr when it does not fit
+  i64 sum_bytes(bool unread_only) const;
   // every grouped matrix: its group's first matrix and its part
   std::unordered_map<const float*, std::pair<const float*, int>> member_;
   // the previous product served: its matrix and first part

@@ -106,8 +106,11 @@ void InferenceStream::pack_weights(const ParamStore& ps, const StreamOptions& o)
         group(prefix, {"wk.weight", "wv.weight"});
     }
   }
+  // The token embedding is read by row (its lookup), never as a product's weight: no copy (it
+  // was 22% of baseline-small's packed bytes and 15% of dlcm-small's, never read).
   for (const Param& p : ps.params())
-    if (p.shape.size() == 2 && !grouped.count(p.w))
+    if (p.shape.size() == 2 && !grouped.count(p.w) &&
+        !ends_with(p.name, "tok_embeddings.weight"))
       jobs.push_back(Job{{p.w}, {p.shape[0]}, p.shape[1], false});
   i64 bytes = 0;
   for (const Job& j : jobs)

@@ -112,6 +112,11 @@ class InferenceStream {
   virtual TokenConcept token_concept(i64 seq, i64 pos) const { return {}; }
   virtual StreamCounters counters(i64 seq) const;
 
+  // Bytes of the stream's packed weight copies (0 when its products run on the weights as
+  // they are: FP32 without the AVX-512 kernel), and of those no product has read yet.
+  i64 packed_weight_bytes() const { return packed_ ? packed_->bytes() : 0; }
+  i64 packed_weight_bytes_unread() const { return packed_ ? packed_->unread_bytes() : 0; }
+
   // The options beyond the slots' shape, applied by the model's new_stream: the packed weights
   // (pack_weights) and last_rows.
   void apply_options(const ParamStore& ps, const StreamOptions& o);
@@ -159,8 +164,8 @@ class InferenceStream {
   }
 
  private:
-  // Copies of the weight matrices (every 2-D parameter) in the layout and precision `o` asks
-  // for; prefill and step run their products on them. The weights must not change while the
+  // Copies of the weight matrices (every 2-D parameter but the token embedding, which is read
+  // by row) in the layout and precision `o` asks for; prefill and step run their products on them. The weights must not change while the
   // stream is used (a new stream copies them again).
   void pack_weights(const ParamStore& ps, const StreamOptions& o);
   void check_seq(i64 seq, const char* who) const;

@@ -130,8 +130,9 @@ int cmd_bench_prefill(const BenchPrefillArgs& a) {
     so.precision = precision;
     so.last_rows = ms[i].last_rows;
     ms[i].st = ms[i].m->new_stream(so);
-    std::printf("model %zu: %s, %s, %.2fM params%s\n", i, ckpt.c_str(), mc.arch.c_str(),
-                ms[i].m->params().total() / 1e6,
+    std::printf("model %zu: %s, %s, %.2fM params, packed weights %.1f MiB%s\n", i, ckpt.c_str(),
+                mc.arch.c_str(), ms[i].m->params().total() / 1e6,
+                double(ms[i].st->packed_weight_bytes()) / double(1 << 20),
                 variants ? (", " + ms[i].variant()).c_str() : "");
   }
   std::printf("prefill: batch %lld, prompt %lld tokens (%s), %s weights, threads %d, %lld repeats "
