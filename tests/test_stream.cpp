@@ -443,6 +443,16 @@ TEST(Stream, EveryProductRunsOnACopyAndEveryCopyIsRead) {
       else EXPECT_EQ(swiglu, 5 * ffns);
       EXPECT_GE(groups, 5 * (mc.is_dlcm() ? mc.enc_layers + mc.dec_layers : mc.n_layers));
       EXPECT_EQ(st->packed_weight_bytes_unread(), 0);
+      if (fmt != ops::PackFormat::F32) continue;
+      // packed_rows 0: FP32 products on the weights as they are, and no copies taken
+      so.packed_rows = 0;
+      auto plain = m->new_stream(so);
+      EXPECT_EQ(plain->packed_weight_bytes(), 0);
+      std::vector<float> lp(V);
+      plain->prefill(0, t.data(), 40, lp.data());
+      st->reset(0);
+      st->prefill(0, t.data(), 40, lg.data());
+      EXPECT_LT(test::max_abs_diff(lp.data(), lg.data(), V), 1e-4);
     }
   }
 }
@@ -613,6 +623,9 @@ TEST(Stream, BadCallsAreErrors) {
   expect_error([&] { st->step(dup, t.data(), 2, lg.data()); }, "given twice");
   EXPECT_EQ(st->length(0), 8);  // failed calls change nothing
   EXPECT_EQ(st->length(1), 0);
+  expect_error([&] { st->length(2); }, "slot 2 outside");
+  expect_error([&] { st->length(-1); }, "slot -1 outside");
+  expect_error([&] { st->reset(2); }, "slot 2 outside");
 }
 
 // The stack's KV cache on its own: positions_run counts every position run through the stack
