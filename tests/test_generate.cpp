@@ -2,6 +2,7 @@
 // (whole UTF-8 characters, stop strings), and the batched generation driver on a scripted model
 // (EOS, stop strings, lengths, the context limit, concept info of every generated token) and on
 // a real baseline (batching and seeds do not change the text).
+#include <cstring>
 #include <map>
 
 #include "core/rng.h"
@@ -109,6 +110,22 @@ TEST(TextStreamer, EarliestOfSeveralStopsAndFinish) {
   EXPECT_EQ(plain.push("x\xE2\x82"), "x");  // incomplete 3-byte character held back
   EXPECT_EQ(plain.finish(), "\xE2\x82");    // given out at the end as it is
   EXPECT_EQ(utf8_complete_prefix("\x80\x80", 2), 2u);  // stray continuation bytes: nothing to wait for
+}
+
+// Every lead-byte range at its edges: a character cut anywhere is held back whole, a complete one
+// is given; bytes that cannot lead a character (C0, C1, F5-FF) wait for nothing.
+TEST(TextStreamer, Utf8CompletePrefixAtEveryLeadByteEdge) {
+  for (const std::string ch : {"\xC2\x80", "\xDF\xBF", "\xE0\xA0\x80", "\xE0\xB8\x81",
+                               "\xEF\xBF\xBD", "\xF0\x90\x80\x80", "\xF0\x9F\x98\x80",
+                               "\xF4\x8F\xBF\xBF"}) {
+    const std::string s = "a" + ch;
+    for (size_t cut = 2; cut < s.size(); ++cut)
+      EXPECT_EQ(utf8_complete_prefix(s.data(), cut), 1u) << "lead " << int(uint8_t(ch[0])) << " cut "
+                                                          << cut;
+    EXPECT_EQ(utf8_complete_prefix(s.data(), s.size()), s.size()) << int(uint8_t(ch[0]));
+  }
+  for (const char* bad : {"a\xC0", "a\xC1", "a\xF5", "a\xFF", "a\xF8\x80"})
+    EXPECT_EQ(utf8_complete_prefix(bad, std::strlen(bad)), std::strlen(bad)) << bad;
 }
 
 // ---- the generation driver on a scripted model ----

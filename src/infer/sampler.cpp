@@ -65,7 +65,8 @@ size_t utf8_complete_prefix(const char* s, size_t n) {
   for (size_t back = 1; back <= std::min<size_t>(n, 4); ++back) {
     const unsigned char c = s[n - back];
     if ((c & 0xC0) == 0x80) continue;  // continuation byte: keep looking for the lead
-    const size_t need = c >= 0xF0 && c <= 0xF4 ? 4 : c >= 0xE0 ? 3 : c >= 0xC2 && c < 0xE0 ? 2 : 1;
+    // F5-FF, C0 and C1 lead no valid character: nothing to wait for
+    const size_t need = c > 0xF4 ? 1 : c >= 0xF0 ? 4 : c >= 0xE0 ? 3 : c >= 0xC2 ? 2 : 1;
     return need > back ? n - back : n;  // a lead still waiting for bytes is held back
   }
   return n;  // only continuation bytes in reach: invalid, nothing to wait for
