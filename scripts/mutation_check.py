@@ -62,14 +62,15 @@ def run_one(root, path, orig_lines, i, new_line, targets, tests, timeout):
     with open(path, "w") as f:
         f.write("\n".join(lines))
     b = subprocess.run(["cmake", "--build", "build", "-j", str(os.cpu_count() or 2), "--target",
-                        *targets], cwd=root, capture_output=True, text=True)
+                        *targets], cwd=root, capture_output=True, text=True, errors="replace")
     if b.returncode != 0:
         return {"result": "nobuild"}
     for t in tests:
         binary, _, flt = t.partition(":")
         cmd = [os.path.join(root, "build", binary)] + ([f"--gtest_filter={flt}"] if flt else [])
         try:
-            r = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=timeout)
+            r = subprocess.run(cmd, cwd=root, capture_output=True, text=True, errors="replace",
+                               timeout=timeout)
         except subprocess.TimeoutExpired:
             return {"result": "killed", "by": binary + " (timeout)"}
         if r.returncode != 0:

@@ -842,6 +842,38 @@ TEST(Serve, ShutdownLetsARunningStreamFinish) {
   EXPECT_EQ(st.events.back()["usage"]["completion_tokens"], 200);  // every token was made
 }
 
+// A request still running when shutdown's wait runs out gets an error event (503), after the
+// tokens it had, and its slot is freed.
+TEST(Serve, ARunningRequestPastTheShutdownWaitGetsA503) {
+  const Config c = small_model("baseline", 256);
+  auto m = make_initialised_model(c.model, 3);
+  auto tok = make_byte_tokenizer();
+  EngineOptions eo;
+  eo.slots = 1;
+  eo.step_pause_ms = 20;  // 200 tokens would take 4 s
+  ServingEngine eng(*m, *tok, eo);
+  SeqSpec spec;
+  spec.prompt = {i32(c.model.bos_id), 70, 71};
+  spec.max_tokens = 200;
+  spec.stop_at_eos = false;
+  std::vector<SeqSpec> seqs = {spec};
+  auto ch = std::make_shared<SeqChannel>();
+  ASSERT_EQ(eng.submit(std::move(seqs), ch), ServingEngine::Submit::kOk);
+  std::vector<SeqEvent> ev;
+  for (int i = 0; i < 500 && ev.empty(); ++i) ch->pop_all(ev, 10ms);
+  ASSERT_FALSE(ev.empty());
+  eng.shutdown(50ms);
+  while (ch->pop_all(ev, 10ms)) {}
+  ASSERT_GE(ev.size(), 2u);
+  for (size_t i = 0; i + 1 < ev.size(); ++i) EXPECT_EQ(ev[i].kind, SeqEvent::kToken) << i;
+  EXPECT_LT(i64(ev.size()), 200);
+  EXPECT_EQ(ev.back().kind, SeqEvent::kError);
+  EXPECT_EQ(ev.back().status, 503);
+  EXPECT_NE(ev.back().text.find("shut down before the request finished"), std::string::npos)
+      << ev.back().text;
+  EXPECT_EQ(eng.stats().slots_busy, 0);
+}
+
 // ---- the command ----
 
 TEST(Serve, TheCommandPrintsItsUrlServesAndExitsZeroOnSigterm) {
