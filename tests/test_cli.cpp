@@ -324,7 +324,8 @@ TEST(Cli, BenchDecodeRuns) {
   r = run("bench prefill --ckpt " + ck + " --ckpt " + ck + " --prompt-len 16 --repeats 1 "
           "--prefetch-c on,off");
   ASSERT_EQ(r.rc, 0) << r.out;
-  for (const char* l : {"model 1: ", "model 3: ", "params, prefetch-c off, last-rows on\n",
+  for (const char* l : {"model 1: ", "model 3: ", "params, packed weights ",
+                        "MiB, prefetch-c off, last-rows on\n",
                         "model 2 / model 0 prefill tokens/s: ", "model 3 / model 1 prefill tokens/s: ",
                         "model 1 / model 0 prefill tokens/s (checkpoint 0, prefetch-c off, "
                         "last-rows on / prefetch-c on, last-rows on): ",
@@ -338,7 +339,7 @@ TEST(Cli, BenchDecodeRuns) {
   r = run("bench prefill --ckpt " + ck + " --ckpt " + ck + " --prompt-len 16 --repeats 1 "
           "--last-rows on,off --prefetch-c on");
   ASSERT_EQ(r.rc, 0) << r.out;
-  for (const char* l : {"params, prefetch-c on, last-rows off\n",
+  for (const char* l : {"MiB, prefetch-c on, last-rows off\n",
                         "model 2 / model 0 prefill tokens/s: ", "model 3 / model 1 prefill tokens/s: ",
                         "(head and final block's tail once per prompt, x 1.000",
                         "(head once per prompt, x 1.000",
