@@ -165,8 +165,9 @@ class InferenceStream {
 
  private:
   // Copies of the weight matrices (every 2-D parameter but the token embedding, which is read
-  // by row) in the layout and precision `o` asks for; prefill and step run their products on them. The weights must not change while the
-  // stream is used (a new stream copies them again).
+  // by row) in the layout and precision `o` asks for; prefill and step run their products on
+  // them. The weights must not change while the stream is used (a new stream copies them
+  // again).
   void pack_weights(const ParamStore& ps, const StreamOptions& o);
   void check_seq(i64 seq, const char* who) const;
   void check_tokens(const i32* tokens, i64 n) const;
