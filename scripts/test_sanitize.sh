@@ -4,13 +4,16 @@
 # shards and tokenizers (test_data), run folders, non-finite guard and fault tests
 # (test_reliability), benchmark files (test_eval's task readers), the GGUF writer and export
 # (test_gguf, without the llama.cpp runs), the HTTP server's request handling (test_serve: hostile
-# requests, every field with every kind of value, API key, disconnects, full queue, timeouts).
+# requests, every field with every kind of value, API key, disconnects, full queue, timeouts),
+# the inference streams' caches and slots (test_stream, test_dlcm_stream: every design, a slot's
+# length and reset, prefix rows, the concept lists; the server indexes them from requests).
 # Only these targets are built (the library is compiled once, -O0). scripts/test.sh runs it after
 # the main suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 B=${ASAN_BUILD_DIR:-build-asan}
-targets=(test_io test_data test_reliability test_eval test_gguf test_serve)
+targets=(test_io test_data test_reliability test_eval test_gguf test_serve test_stream
+         test_dlcm_stream)
 [[ -f tests/test_config.cpp ]] && targets+=(test_config)
 launcher=()
 command -v ccache >/dev/null 2>&1 && launcher=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache)
@@ -36,7 +39,7 @@ filter_for() {
   case "$1" in
     test_eval) echo "--gtest_filter=EvalTasks.*" ;;
     test_gguf) echo "--gtest_filter=Gguf.*:GgufExport.*" ;;
-    test_serve) echo "--gtest_filter=Serve.Hostile*:Serve.EveryField*:Serve.ApiKey*:Serve.AClientThatHangs*:Serve.AFullQueue*:Serve.ARequestPastTheTimeout*:Serve.ModelsHealth*" ;;
+    test_serve) echo "--gtest_filter=*.EchoLogprobs*:Serve.Hostile*:Serve.EveryField*:Serve.ApiKey*:Serve.AClientThatHangs*:Serve.AFullQueue*:Serve.ARequestPastTheTimeout*:Serve.ModelsHealth*" ;;
     *) echo "" ;;
   esac
 }

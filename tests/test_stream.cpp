@@ -780,8 +780,11 @@ TEST(Stream, PrefixRowsSeeTheRealSequence) {
     test::check_grad(what + "x", x.data(), dx.data(), N * 16, loss, 3e-3, 2e-2);
     test::check_grad(what + "xe", xe.data(), dxe.data(), ne * 16, loss, 3e-3, 2e-2);
     std::vector<float> an(ps.grad(), ps.grad() + ps.total());
+    // floor 1e-2: these weights' gradients reach 1-10, and a probe on an entry near zero sees
+    // the FP32 loss's rounding (fd noise ~1e-4; the -O0 sanitizer build rounds differently)
     for (auto& p : ps.params())
-      test::check_grad(what + p.name, p.w, an.data() + p.offset, p.numel, loss, 1e-2, 2e-2, 12);
+      test::check_grad(what + p.name, p.w, an.data() + p.offset, p.numel, loss, 1e-2, 2e-2, 12,
+                       7, 1e-2);
   }
 }
 

@@ -50,29 +50,53 @@ template <typename... Args>
 bool huge_pages_on();
 void advise_huge_pages(void* p, size_t bytes);
 
-// 64-byte aligned allocator so that AVX-512 loads never split cache lines.
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#define DLCM_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#include <sanitizer/asan_interface.h>
+#define DLCM_ASAN 1
+#endif
+#endif
+
+// 64-byte aligned allocator so that AVX-512 loads never split cache lines. An allocation is
+// rounded up to whole 64-byte lines plus one; under AddressSanitizer that slack is poisoned, so
+// an overrun of a buffer's n elements is reported rather than landing in the padding.
 template <typename T>
 struct AlignedAlloc {
   using value_type = T;
   AlignedAlloc() = default;
   template <typename U>
   AlignedAlloc(const AlignedAlloc<U>&) {}
-  T* allocate(size_t n) {
-    constexpr size_t kHuge = size_t(2) << 20;
-    if (n > size_t(PTRDIFF_MAX - 2 * kHuge) / sizeof(T)) throw std::bad_alloc();
+  static constexpr size_t kHuge = size_t(2) << 20;
+  // bytes allocated for n elements (and whether on huge pages)
+  static size_t alloc_bytes(size_t n, bool* huge) {
     const size_t bytes = ((n * sizeof(T) + 63) / 64) * 64 + 64;
-    if (bytes >= kHuge && huge_pages_on()) {
-      const size_t rounded = (bytes + kHuge - 1) / kHuge * kHuge;
-      void* p = std::aligned_alloc(kHuge, rounded);
-      if (!p) throw std::bad_alloc();
-      advise_huge_pages(p, rounded);
-      return static_cast<T*>(p);
-    }
-    void* p = std::aligned_alloc(64, bytes);
+    *huge = bytes >= kHuge && huge_pages_on();
+    return *huge ? (bytes + kHuge - 1) / kHuge * kHuge : bytes;
+  }
+  T* allocate(size_t n) {
+    if (n > size_t(PTRDIFF_MAX - 2 * kHuge) / sizeof(T)) throw std::bad_alloc();
+    bool huge = false;
+    const size_t bytes = alloc_bytes(n, &huge);
+    void* p = std::aligned_alloc(huge ? kHuge : 64, bytes);
     if (!p) throw std::bad_alloc();
+    if (huge) advise_huge_pages(p, bytes);
+#ifdef DLCM_ASAN
+    ASAN_POISON_MEMORY_REGION(static_cast<char*>(p) + n * sizeof(T), bytes - n * sizeof(T));
+#endif
     return static_cast<T*>(p);
   }
-  void deallocate(T* p, size_t) { std::free(p); }
+  void deallocate(T* p, size_t n) {
+#ifdef DLCM_ASAN
+    bool huge = false;
+    ASAN_UNPOISON_MEMORY_REGION(p, alloc_bytes(n, &huge));
+#else
+    (void)n;
+#endif
+    std::free(p);
+  }
   template <typename U>
   bool operator==(const AlignedAlloc<U>&) const { return true; }
 };
