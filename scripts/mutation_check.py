@@ -17,6 +17,11 @@ separate worktree with its own build folder, not in the checkout you are working
   python3 scripts/mutation_check.py --file src/models/dlcm_stream.cpp --lines 30-288 \\
       --count 40 --targets "dlcm test_stream test_dlcm_stream" --tests "test_stream test_dlcm_stream"
 
+Before the first mutant the tests run once on the unmutated code: they must pass (a failing test
+would "kill" every mutant), and the tests they skip are listed (a skipped test kills nothing:
+in a worktree, link tests/interop/node_modules and .venv from the main checkout so the interop
+tests run). The `dlcm` binary is always rebuilt too: many tests run the command line.
+
 --replay RESULTS.jsonl runs again only the survivors of an earlier run (found by their line's text
 when lines moved): after a test was added, to see which of them it kills now.
 """
@@ -55,6 +60,25 @@ def candidates(lines, first, last):
     return out
 
 
+def run_tests(root, tests, timeout):
+    """Runs the test binaries; (None, skipped) when all pass, else (kill record, skipped)."""
+    skipped = []
+    for t in tests:
+        binary, _, flt = t.partition(":")
+        cmd = [os.path.join(root, "build", binary)] + ([f"--gtest_filter={flt}"] if flt else [])
+        try:
+            r = subprocess.run(cmd, cwd=root, capture_output=True, text=True, errors="replace",
+                               timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return {"result": "killed", "by": binary + " (timeout)"}, skipped
+        if r.returncode != 0:
+            failed = re.findall(r"\[  FAILED  \] ([^\s,]+)", r.stdout)
+            return {"result": "killed", "by": binary, "tests": sorted(set(failed))[:3]}, skipped
+        skipped += [f"{binary}:{name}" for name in
+                    sorted(set(re.findall(r"\[  SKIPPED \] ([^\s,]+) \(", r.stdout)))]
+    return None, skipped
+
+
 def run_one(root, path, orig_lines, i, new_line, targets, tests, timeout):
     """Builds and tests the file with line i replaced; returns the result fields."""
     lines = list(orig_lines)
@@ -65,18 +89,8 @@ def run_one(root, path, orig_lines, i, new_line, targets, tests, timeout):
                         *targets], cwd=root, capture_output=True, text=True, errors="replace")
     if b.returncode != 0:
         return {"result": "nobuild"}
-    for t in tests:
-        binary, _, flt = t.partition(":")
-        cmd = [os.path.join(root, "build", binary)] + ([f"--gtest_filter={flt}"] if flt else [])
-        try:
-            r = subprocess.run(cmd, cwd=root, capture_output=True, text=True, errors="replace",
-                               timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return {"result": "killed", "by": binary + " (timeout)"}
-        if r.returncode != 0:
-            failed = re.findall(r"\[  FAILED  \] ([^\s,]+)", r.stdout)
-            return {"result": "killed", "by": binary, "tests": sorted(set(failed))[:3]}
-    return {"result": "survived"}
+    kill, _ = run_tests(root, tests, timeout)
+    return kill or {"result": "survived"}
 
 
 def main():
@@ -101,6 +115,19 @@ def main():
         orig = f.read()
     orig_lines = orig.split("\n")
     targets, tests = a.targets.split(), a.tests.split()
+    if "dlcm" not in targets:
+        targets.append("dlcm")
+        print("mutation_check: rebuilding the dlcm binary too (tests run the command line)")
+    b = subprocess.run(["cmake", "--build", "build", "-j", str(os.cpu_count() or 2), "--target",
+                        *targets], cwd=root, capture_output=True, text=True, errors="replace")
+    if b.returncode != 0:
+        sys.exit("mutation_check: the unmutated code does not build:\n" + b.stdout[-2000:])
+    kill, skipped = run_tests(root, tests, a.timeout)
+    if kill:
+        sys.exit(f"mutation_check: the tests fail on the unmutated code ({kill}); fix that first")
+    if skipped:
+        print(f"mutation_check: {len(skipped)} tests skip here and can kill nothing: "
+              + ", ".join(skipped[:8]) + (" ..." if len(skipped) > 8 else ""))
 
     def restore(*_):
         with open(path, "w") as f:

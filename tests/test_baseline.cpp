@@ -251,6 +251,15 @@ TEST(Schedule, WarmupCosineAndWsd) {
   t.wsd_decay_frac = 0.2f;
   EXPECT_NEAR(lr_at(t, 50, 100), 1.0, 1e-6);
   EXPECT_NEAR(lr_at(t, 79, 100), 1.0, 1e-6);
+  EXPECT_NEAR(lr_at(t, 80, 100), 0.955, 1e-6);  // the decay's first step: 1/20 of the way
   EXPECT_NEAR(lr_at(t, 89, 100), 0.55, 1e-6);
   EXPECT_NEAR(lr_at(t, 99, 100), 0.1, 1e-6);
+  t.schedule = "constant";
+  EXPECT_NEAR(lr_at(t, 0, 100), 0.1, 1e-6);
+  EXPECT_NEAR(lr_at(t, 10, 100), 1.0, 1e-6);
+  EXPECT_NEAR(lr_at(t, 99, 100), 1.0, 1e-6);
+  t.schedule = "cosine";
+  t.warmup_steps = 0;  // no warmup: the first step at the full rate
+  EXPECT_NEAR(lr_at(t, 0, 100), 1.0, 1e-6);
+  EXPECT_NEAR(lr_at(t, 50, 100), 0.55, 1e-6);
 }

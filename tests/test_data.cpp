@@ -424,6 +424,21 @@ TEST(Shards, WriteReadRoundTrip) {
   }
 }
 
+// A writer dropped before finish() (an error while preparing) leaves neither the shard nor its
+// temporary file.
+TEST(Shards, AnUnfinishedWriterLeavesNoFile) {
+  test::TempDir d;
+  const std::string path = d.path + "/t.bin";
+  {
+    ShardWriter w(path, 300);
+    w.add_document({1, 2, 3});
+    EXPECT_TRUE(fs::exists(path + ".tmp"));
+  }
+  EXPECT_FALSE(fs::exists(path + ".tmp"));
+  EXPECT_FALSE(fs::exists(path));
+  EXPECT_TRUE(fs::is_empty(d.path));
+}
+
 TEST(Shards, HeaderValidationErrors) {
   test::TempDir d;
   const std::string good = make_shard(d.path, 500, 1000);
@@ -448,6 +463,15 @@ TEST(Shards, HeaderValidationErrors) {
   w[12] = 3;
   expect_err(w, 1000, "element width");
   expect_err(bytes, 999, "does not match the expected 999");
+  auto with_u64 = [&](size_t at, uint64_t x) {
+    std::string b = bytes;
+    for (int i = 0; i < 8; ++i) b[at + i] = char(uint8_t(x >> (8 * i)));
+    return b;
+  };
+  expect_err(with_u64(16, 0), -1, "vocab size 0 out of range");
+  expect_err(with_u64(16, (uint64_t(1) << 31) + 1), -1, "out of range");
+  expect_err(with_u64(16, 70000), -1, "does not fit element width 2");  // ids are 2 bytes
+  expect_err(with_u64(32, 501), 1000, "document count 501 exceeds token count 500");
   // A token id beyond the vocab is caught on read.
   std::string c = bytes;
   c[64] = char(0xFF), c[65] = char(0xFF);

@@ -209,6 +209,28 @@ TEST(Gguf, FileLayout) {
   EXPECT_EQ(g.bytes.size(), g.data_start + g.tensors["m.q8"].offset + 256);  // padded to 64
 }
 
+// A write that fails after its temporary file exists (here the rename onto a folder that holds
+// a file) throws naming the path, and leaves neither a temporary file nor a changed target.
+TEST(Gguf, AFailedWriteLeavesNoTemporaryFile) {
+  test::TempDir tmp;
+  const std::string target = tmp.path + "/out.gguf";
+  fs::create_directory(target);
+  { std::ofstream(target + "/keep") << "x"; }
+  GgufWriter w;
+  w.set_string("general.architecture", "llama");
+  w.add_tensor("v", {4}, {1, 2, 3, 4}, GgmlType::F32);
+  try {
+    w.write(target);
+    ADD_FAILURE() << "writing onto a non-empty folder succeeded";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find(target), std::string::npos) << e.what();
+  }
+  std::vector<std::string> names;
+  for (auto& e : fs::directory_iterator(tmp.path)) names.push_back(e.path().filename().string());
+  EXPECT_EQ(names, std::vector<std::string>{"out.gguf"});
+  EXPECT_TRUE(fs::exists(target + "/keep"));
+}
+
 // ---- the export command ----
 
 std::string error_of(const test::CmdResult& r) { return r.rc == 0 ? "(exit 0) " + r.out : r.out; }
