@@ -65,8 +65,9 @@ void write_bench(const std::string& dir) {
   std::ofstream(dir + "/mmlu_dev/alpha_dev.csv")
       << "question,choice0,choice1,choice2,choice3,answer\n"
          "What is 2+2?,3,4,5,6,1\n"
+         "\n"  // a blank line (skipped, but counted)
          "\"Which pair, in order, is sorted?\",\"1, 2\",\"2, 1\",\"3, 1\",\"b, a\",0\n";
-  std::ofstream(dir + "/mmlu_dev/beta_test.csv")
+  std::ofstream(dir + "/mmlu_dev/beta_two_test.csv")
       << "question,choice0,choice1,choice2,choice3,answer\r\n"
          "\"A \"\"quoted\"\" word\non two lines?\",yes,no,maybe,never,C\r\n"
          "Second?,w,x,y,z,d\r\nThird?,p,q,r,s,A\r\n";
@@ -123,9 +124,9 @@ std::map<std::string, std::vector<Expect>> expected_items() {
   std::vector<std::string> L = {"A", "B", "C", "D"};
   m["mmlu"] = {mc(mmlu_ctx("alpha", "What is 2+2?", {"3", "4", "5", "6"}), L, 1, 0),
                mc(mmlu_ctx("alpha", "Which pair, in order, is sorted?", {"1, 2", "2, 1", "3, 1", "b, a"}), L, 0, 0),
-               mc(mmlu_ctx("beta", "A \"quoted\" word\non two lines?", {"yes", "no", "maybe", "never"}), L, 2, 1),
-               mc(mmlu_ctx("beta", "Second?", {"w", "x", "y", "z"}), L, 3, 1),
-               mc(mmlu_ctx("beta", "Third?", {"p", "q", "r", "s"}), L, 0, 1)};
+               mc(mmlu_ctx("beta two", "A \"quoted\" word\non two lines?", {"yes", "no", "maybe", "never"}), L, 2, 1),
+               mc(mmlu_ctx("beta two", "Second?", {"w", "x", "y", "z"}), L, 3, 1),
+               mc(mmlu_ctx("beta two", "Third?", {"p", "q", "r", "s"}), L, 0, 1)};
   return m;
 }
 
@@ -254,7 +255,14 @@ TEST(EvalTasks, EveryLayoutBuildsTheExpectedPrompts) {
     EXPECT_EQ(k, reqs.size());
   }
   TaskData mm = read_task(resolve_tasks("mmlu")[0], tmp.path);
-  EXPECT_EQ(mm.groups, (std::vector<std::string>{"alpha", "beta"}));
+  EXPECT_EQ(mm.groups, (std::vector<std::string>{"alpha", "beta_two"}));  // "about beta two"
+  // line numbers count a CRLF once, and a quoted field's line break: the records of
+  // beta_two_test.csv (CRLF) start on lines 2 (two lines long), 4 and 5
+  ASSERT_EQ(mm.items.size(), 5u);
+  EXPECT_TRUE(mm.items[1].where.ends_with("alpha_dev.csv:4")) << mm.items[1].where;
+  for (auto [i, line] : {std::pair{2, 2}, {3, 4}, {4, 5}})
+    EXPECT_TRUE(mm.items[i].where.ends_with("beta_two_test.csv:" + std::to_string(line)))
+        << mm.items[i].where;
   // --limit: the first N items (per subject for MMLU)
   EXPECT_EQ(read_task(resolve_tasks("hellaswag")[0], tmp.path, 1).items.size(), 1u);
   EXPECT_EQ(read_task(resolve_tasks("mmlu")[0], tmp.path, 1).items.size(), 2u);
@@ -594,6 +602,7 @@ TEST(EvalTasks, ResolvesNamesInlineSpecsAndTaskFiles) {
   EXPECT_EQ(s[1].name, "obqa");
   EXPECT_EQ(s[1].context_suffix, "\nAnswer:");
   EXPECT_EQ(resolve_tasks("p=piqa:x/my.jsonl")[0].labels, "x/my-labels.lst");
+  EXPECT_EQ(resolve_tasks("p=piqa:x/my.lines")[0].labels, "x/my.lines-labels.lst");  // not .jsonl
   std::ofstream(tmp.path + "/t.json")
       << R"([{"name": "mycopa", "layout": "query_choices_gold", "path": "c.jsonl", "context_suffix": "", "delimiter": "\n"}])";
   auto f = resolve_tasks("mycopa,lambada", tmp.path + "/t.json");
@@ -848,11 +857,11 @@ TEST(EvalFewShot, DrawsOtherItemsAndFormatsThemAsLmEval) {
   EXPECT_NE(error_of([&] { TaskData x = arc; add_fewshot(x, 3, 1); }).find("arc_easy: --num-fewshot 3 needs 3 other items"),
             std::string::npos);
 
-  // MMLU: description first, then examples of the same subject (beta has 3 items)
+  // MMLU: description first, then examples of the same subject (beta_two has 3 items)
   TaskData mm = read_task(spec("mmlu"), tmp.path);
   add_fewshot(mm, 1, 7);
   auto mt = task_request_texts(mm);
-  const std::string beta = "The following are multiple choice questions (with answers) about beta.\n\n";
+  const std::string beta = "The following are multiple choice questions (with answers) about beta two.\n\n";
   const std::string second = "Second?\nA. w\nB. x\nC. y\nD. z\nAnswer: D\n\n",
                     third = "Third?\nA. p\nB. q\nC. r\nD. s\nAnswer: A\n\n";
   EXPECT_TRUE(mm.items[2].fewshot == second || mm.items[2].fewshot == third) << mm.items[2].fewshot;
@@ -997,9 +1006,9 @@ TEST(EvalCli, LmEvalLayoutSamplesLimitAndTaskList) {
   EXPECT_TRUE(j["results"]["lambada_openai"].contains("perplexity,none"));
   EXPECT_TRUE(j["results"]["lambada_openai"]["perplexity_stderr,none"].get<double>() > 0);
   EXPECT_FALSE(j["higher_is_better"]["lambada_openai"]["perplexity"].get<bool>());
-  EXPECT_EQ(j["group_subtasks"]["mmlu"], (json{"mmlu_alpha", "mmlu_beta"}));
-  EXPECT_EQ(j["results"]["mmlu_beta"]["alias"], " - beta");
-  EXPECT_EQ(j["n-samples"]["mmlu_beta"]["effective"], 3);
+  EXPECT_EQ(j["group_subtasks"]["mmlu"], (json{"mmlu_alpha", "mmlu_beta_two"}));
+  EXPECT_EQ(j["results"]["mmlu_beta_two"]["alias"], " - beta_two");
+  EXPECT_EQ(j["n-samples"]["mmlu_beta_two"]["effective"], 3);
   EXPECT_EQ(j["groups"]["mmlu"]["acc,none"], j["results"]["mmlu"]["acc,none"]);
 
   // --limit: a warning on stderr and a field in the report; the old name with a note
