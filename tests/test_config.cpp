@@ -407,6 +407,9 @@ TEST(JsonUtil, BoundedParseAndExcerpt) {
   expect_has(error_of([&] { parse_json_bounded("[1,2,3]", "s", {64, 4}); }), "exceeds the limit");
   expect_has(error_of([&] { parse_json_bounded("{", "s"); }), "s: invalid JSON");
   EXPECT_EQ(json_excerpt(json::parse(R"({"a":[1,2],"b":"x"})")), R"({"a":[1,2],"b":"x"})");
+  // exactly max_chars long: whole, no "..."; one more character: cut
+  EXPECT_EQ(json_excerpt(json::parse(R"({"a":[1,2],"b":"x"})"), 19), R"({"a":[1,2],"b":"x"})");
+  EXPECT_EQ(json_excerpt(json::parse(R"({"a":[1,2],"b":"x"})"), 18), R"({"a":[1,2],"b":"x")" "...");
   const std::string cut = json_excerpt(json(std::string(100000, 'z')), 20);
   EXPECT_LE(cut.size(), 23u);
   EXPECT_EQ(cut.substr(cut.size() - 3), "...");
