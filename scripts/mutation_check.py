@@ -60,6 +60,12 @@ def candidates(lines, first, last):
     return out
 
 
+def build(root, targets):
+    """Rebuilds the targets in root/build; the completed process."""
+    return subprocess.run(["cmake", "--build", "build", "-j", str(os.cpu_count() or 2), "--target",
+                           *targets], cwd=root, capture_output=True, text=True, errors="replace")
+
+
 def run_tests(root, tests, timeout):
     """Runs the test binaries; (None, skipped) when all pass, else (kill record, skipped)."""
     skipped = []
@@ -85,9 +91,7 @@ def run_one(root, path, orig_lines, i, new_line, targets, tests, timeout):
     lines[i] = new_line
     with open(path, "w") as f:
         f.write("\n".join(lines))
-    b = subprocess.run(["cmake", "--build", "build", "-j", str(os.cpu_count() or 2), "--target",
-                        *targets], cwd=root, capture_output=True, text=True, errors="replace")
-    if b.returncode != 0:
+    if build(root, targets).returncode != 0:
         return {"result": "nobuild"}
     kill, _ = run_tests(root, tests, timeout)
     return kill or {"result": "survived"}
@@ -118,8 +122,7 @@ def main():
     if "dlcm" not in targets:
         targets.append("dlcm")
         print("mutation_check: rebuilding the dlcm binary too (tests run the command line)")
-    b = subprocess.run(["cmake", "--build", "build", "-j", str(os.cpu_count() or 2), "--target",
-                        *targets], cwd=root, capture_output=True, text=True, errors="replace")
+    b = build(root, targets)
     if b.returncode != 0:
         sys.exit("mutation_check: the unmutated code does not build:\n" + b.stdout[-2000:])
     kill, skipped = run_tests(root, tests, a.timeout)
@@ -179,8 +182,7 @@ def main():
                       + (f"  [{res.get('by')}]" if res["result"] == "killed" else ""), flush=True)
     finally:
         restore()
-        subprocess.run(["cmake", "--build", "build", "--target", *targets], cwd=root,
-                       capture_output=True)
+        build(root, targets)
     n = counts["killed"] + counts["survived"]
     print(f"{a.file}: {counts['killed']} of {n} mutants killed, {counts['survived']} survived, "
           f"{counts['nobuild']} did not build; results in {a.out}")

@@ -225,9 +225,7 @@ TEST(Gguf, AFailedWriteLeavesNoTemporaryFile) {
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find(target), std::string::npos) << e.what();
   }
-  std::vector<std::string> names;
-  for (auto& e : fs::directory_iterator(tmp.path)) names.push_back(e.path().filename().string());
-  EXPECT_EQ(names, std::vector<std::string>{"out.gguf"});
+  EXPECT_EQ(test::file_names(tmp.path), std::vector<std::string>{"out.gguf"});
   EXPECT_TRUE(fs::exists(target + "/keep"));
 }
 

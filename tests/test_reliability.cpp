@@ -17,7 +17,6 @@
 #include <nlohmann/json.hpp>
 #include <chrono>
 #include <random>
-#include <set>
 #include <thread>
 
 #include "core/safetensors.h"
@@ -760,19 +759,15 @@ void kill_and_resume(const std::string& extra) {
       EXPECT_NE(std::find(kept.begin(), kept.end(), n), kept.end()) << n << " is not in the reference run";
     }
   }
-  auto names = [](const std::string& dir) {
-    std::set<std::string> n;
-    for (const auto& e : fs::directory_iterator(dir)) n.insert(e.path().filename().string());
-    return n;
-  };
   for (const std::string& k : kept) {
     // the same files; all but the provenance (times, resumes) and the log copy (timings) equal
-    const std::set<std::string> in_ref = names(ref + "/" + k);
-    EXPECT_EQ(in_ref, names(run + "/" + k)) << k;
-    for (const std::string& f : in_ref)
-      if (f != "provenance.json" && f != "train_log.jsonl")
-        EXPECT_EQ(slurp(ref + "/" + k + "/" + f), slurp(run + "/" + k + "/" + f))
-            << k << "/" << f << " differs after " << kills << " kill(s)";
+    const std::vector<std::string> in_ref = test::file_names(ref + "/" + k);
+    EXPECT_EQ(in_ref, test::file_names(run + "/" + k)) << k;
+    for (const std::string& f : in_ref) {
+      if (f == "provenance.json" || f == "train_log.jsonl") continue;
+      EXPECT_EQ(slurp(ref + "/" + k + "/" + f), slurp(run + "/" + k + "/" + f))
+          << k << "/" << f << " differs after " << kills << " kill(s)";
+    }
     // a checkpoint is self-contained: the data's tokenizer travels with it
     const std::string text = "the checkpoint's own tokenizer";
     EXPECT_EQ(load_tokenizer(run + "/" + k)->encode(text), load_tokenizer(cli().data)->encode(text))

@@ -18,6 +18,14 @@ std::string error_of(const std::function<void()>& f) {
   return "(no error)";
 }
 
+std::vector<std::string> file_names(const std::string& dir) {
+  std::vector<std::string> names;
+  for (const auto& e : std::filesystem::directory_iterator(dir))
+    names.push_back(e.path().filename().string());
+  std::sort(names.begin(), names.end());
+  return names;
+}
+
 CommandResult run_command(const std::string& cmd) {
   CommandResult r;
   FILE* p = popen(cmd.c_str(), "r");

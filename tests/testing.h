@@ -40,6 +40,8 @@ struct CommandResult {
   std::string out;
 };
 CommandResult run_command(const std::string& cmd);
+// The names of the entries of a folder, sorted.
+std::vector<std::string> file_names(const std::string& dir);
 // Runs the dlcm binary under test with `args`; out holds stdout and stderr together.
 using CmdResult = CommandResult;
 CmdResult run_dlcm(const std::string& args);
