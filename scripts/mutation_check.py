@@ -71,12 +71,22 @@ def run_tests(root, tests, timeout):
     skipped = []
     for t in tests:
         binary, _, flt = t.partition(":")
-        cmd = [os.path.join(root, "build", binary)] + ([f"--gtest_filter={flt}"] if flt else [])
+        if binary == "ctest":  # ctest:REGEX, the CTest entries that are not gtest binaries
+            cmd = ["ctest", "--test-dir", "build", "-R", flt, "--no-tests=error"]
+        else:
+            cmd = [os.path.join(root, "build", binary)] + ([f"--gtest_filter={flt}"] if flt else [])
         try:
             r = subprocess.run(cmd, cwd=root, capture_output=True, text=True, errors="replace",
                                timeout=timeout)
         except subprocess.TimeoutExpired:
-            return {"result": "killed", "by": binary + " (timeout)"}, skipped
+            return {"result": "killed", "by": t + " (timeout)"}, skipped
+        if binary == "ctest":
+            if r.returncode != 0:
+                failed = re.findall(r"\d+ - (\S+) \((?:Failed|Timeout|SEGFAULT|Subprocess)", r.stdout)
+                return {"result": "killed", "by": t, "tests": sorted(set(failed))[:3]}, skipped
+            skipped += [f"ctest:{name}" for name in
+                        sorted(set(re.findall(r"Test +#\d+: (\S+) \.+\*+Skipped", r.stdout)))]
+            continue
         if r.returncode != 0:
             failed = re.findall(r"\[  FAILED  \] ([^\s,]+)", r.stdout)
             return {"result": "killed", "by": binary, "tests": sorted(set(failed))[:3]}, skipped
@@ -105,7 +115,8 @@ def main():
     ap.add_argument("--seed", type=int, default=1, help="which mutants (a random sample)")
     ap.add_argument("--targets", required=True, help="CMake targets to rebuild, space-separated")
     ap.add_argument("--tests", required=True,
-                    help="test binaries in build/, space-separated (BINARY:GTEST_FILTER allowed)")
+                    help="test binaries in build/, space-separated (BINARY:GTEST_FILTER "
+                         "allowed; ctest:REGEX runs those CTest entries, e.g. the interop checks)")
     ap.add_argument("--timeout", type=int, default=120, help="seconds per test binary")
     ap.add_argument("--out", default="mutants.jsonl", help="results, one JSON line per mutant")
     ap.add_argument("--replay", help="an earlier --out: run only its survivors again")

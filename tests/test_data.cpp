@@ -439,16 +439,39 @@ TEST(Shards, AnUnfinishedWriterLeavesNoFile) {
   EXPECT_TRUE(fs::is_empty(d.path));
 }
 
+// A shard whose writes fail on the device (ENOSPC: the temporary file is a link to
+// /dev/full) is refused at finish() naming the file, with the file closed and no name left.
+TEST(Shards, ADiskFullWriteIsRefusedAndLeavesNothing) {
+  if (!fs::exists("/dev/full")) GTEST_SKIP() << "no /dev/full";
+  test::TempDir d;
+  const std::string path = d.path + "/t.bin";
+  fs::create_symlink("/dev/full", path + ".tmp");
+  const i64 fds = test::open_descriptors();
+  const std::string e = error_of([&] {
+    ShardWriter w(path, 300);
+    w.add_document({1, 2, 3});
+    w.finish();
+  });
+  EXPECT_NE(e.find("error writing " + path + ".tmp"), std::string::npos) << e;
+  EXPECT_EQ(test::open_descriptors(), fds);
+  EXPECT_TRUE(fs::is_empty(d.path));
+}
+
 TEST(Shards, HeaderValidationErrors) {
   test::TempDir d;
   const std::string good = make_shard(d.path, 500, 1000);
   const std::string bytes = slurp(good);
   const std::string p = d.path + "/bad.bin";
+  // Every refusal names the file and the fault, and leaves neither the file's mapping nor a
+  // descriptor behind (a server's reader refuses many files in one process).
+  const i64 fds = test::open_descriptors();
   auto expect_err = [&](const std::string& content, int64_t vocab, const std::string& what) {
     write(p, content);
     std::string e = error_of([&] { ShardReader r(p, vocab); });
     EXPECT_NE(e.find(p), std::string::npos) << e;
     EXPECT_NE(e.find(what), std::string::npos) << e;
+    EXPECT_FALSE(test::is_mapped(p)) << what;
+    EXPECT_EQ(test::open_descriptors(), fds) << what;
   };
   expect_err(bytes.substr(0, 40), 1000, "truncated");
   expect_err(bytes.substr(0, bytes.size() - 3), 1000, "truncated");

@@ -6,6 +6,7 @@
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <unistd.h>
 
 #include "core/gguf.h"
 #include "core/half.h"
@@ -227,6 +228,24 @@ TEST(Gguf, AFailedWriteLeavesNoTemporaryFile) {
   }
   EXPECT_EQ(test::file_names(tmp.path), std::vector<std::string>{"out.gguf"});
   EXPECT_TRUE(fs::exists(target + "/keep"));
+}
+
+// A write that fails on the device (ENOSPC: the temporary file is a link to /dev/full) names
+// the cause, closes its file and removes the temporary name.
+TEST(Gguf, ADiskFullWriteClosesAndRemovesItsTemporaryFile) {
+  if (!fs::exists("/dev/full")) GTEST_SKIP() << "no /dev/full";
+  test::TempDir tmp;
+  const std::string target = tmp.path + "/out.gguf";
+  const std::string tmp_name = target + ".tmp-" + std::to_string(::getpid());
+  fs::create_symlink("/dev/full", tmp_name);
+  GgufWriter w;
+  w.set_string("general.architecture", "llama");
+  w.add_tensor("v", {4}, {1, 2, 3, 4}, GgmlType::F32);
+  const i64 fds = test::open_descriptors();
+  const std::string e = test::error_of([&] { w.write(target); });
+  EXPECT_NE(e.find("disk full"), std::string::npos) << e;
+  EXPECT_EQ(test::open_descriptors(), fds);
+  EXPECT_TRUE(fs::is_empty(tmp.path));
 }
 
 // ---- the export command ----

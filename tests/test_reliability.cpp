@@ -138,8 +138,11 @@ TEST(NonFinite, StopEndsTheRunAndKeepsTheLastCheckpoint) {
 // Finite loss and gradients whose AdamW update still goes non-finite (the update reports it
 // from the pass that writes w and v): the run stops naming the parameter.
 TEST(NonFinite, AnUpdateThatGoesNonFiniteStopsNamingTheParameter) {
-  for (int kind = 0; kind < 2; ++kind) {
+  // kinds 0, 1: element 1 of the tensor; 2, 3: its element 0 (the search for the bad tensor
+  // must take index 0 as found)
+  for (int kind = 0; kind < 4; ++kind) {
     test::TempDir tmp;
+    const i64 at = kind < 2 ? 1 : 0;
     Config c = small_run(4);
     auto ps = std::make_shared<Poison>();  // from = to = 0: never poisons
     Trainer tr(c, poisoned(c, ps), opts(tmp.path + "/run"));
@@ -148,11 +151,11 @@ TEST(NonFinite, AnUpdateThatGoesNonFiniteStopsNamingTheParameter) {
     const Param* fn = tr.model().params().find("norm.weight");
     ASSERT_NE(fn, nullptr);
     // a NaN first moment carries into the weight; an infinite second moment stays infinite
-    if (kind == 0) tr.optimizer().m[fn->offset + 1] = std::numeric_limits<float>::quiet_NaN();
-    else tr.optimizer().v[fn->offset + 1] = std::numeric_limits<float>::infinity();
+    if (kind % 2 == 0) tr.optimizer().m[fn->offset + at] = std::numeric_limits<float>::quiet_NaN();
+    else tr.optimizer().v[fn->offset + at] = std::numeric_limits<float>::infinity();
     const std::string err = error_of([&] { tr.train_step(); });
-    const std::string what = kind == 0 ? "the weight 'norm.weight'"
-                                       : "the AdamW second moment of 'norm.weight'";
+    const std::string what = kind % 2 == 0 ? "the weight 'norm.weight'"
+                                           : "the AdamW second moment of 'norm.weight'";
     EXPECT_NE(err.find("step 2: the AdamW update made " + what + " non-finite"),
               std::string::npos) << err;
   }

@@ -651,6 +651,53 @@ TEST(Stream, KVCacheCountsPositions) {
   EXPECT_THROW(stack.forward_cached(x.data(), &too_many, 1, c), Error);
 }
 
+// The concept list's cache on its own: every streaming entry point refuses a sequence slot
+// outside the cache, and a token whose last entry lies beyond it, before touching an entry
+// (they used to index k/v/mult with it unchecked).
+TEST(Stream, ConceptCacheRefusesSlotsOutsideIt) {
+  XAttnDims d;
+  d.d = 16;
+  d.dc = 24;
+  d.n_heads = 2;
+  d.n_kv_heads = 1;
+  d.head_dim = 8;
+  d.d_ff = 32;
+  ParamStore ps;
+  ConceptCrossAttention x;
+  x.init(ps, "xattn.", d, ConceptOptions{});
+  ps.finalize();
+  ps.init(3);
+  x.reserve_infer(4);
+  ConceptCache c = x.make_cache(2, 5);
+  x.reset(c, 0);
+  x.reset(c, 1);
+  for (i64 bad : {i64(-1), i64(2)})
+    EXPECT_NE(test::error_of([&] { x.reset(c, bad); }).find("outside the concept cache's 2 slots"),
+              std::string::npos);
+  std::vector<float> Z(24, 0.1f), gate(1, 1.f), H(16, 0.2f), own(1, 1.f);
+  const i64 start = 0, pos = 0, ok_last = 0;
+  for (i64 bad : {i64(-1), i64(2)})
+    EXPECT_NE(test::error_of([&] { x.append_concepts(Z.data(), gate.data(), &bad, &start, 1, c); })
+                  .find("outside the concept cache's 2 slots"),
+              std::string::npos);
+  EXPECT_EQ(c.n[0], 1);  // nothing appended by the refused calls
+  EXPECT_EQ(c.n[1], 1);
+  const i64 seq2 = 2;
+  EXPECT_NE(test::error_of([&] { x.forward_cached(H.data(), &seq2, &pos, &ok_last, own.data(), 1, c); })
+                .find("outside the concept cache's 2 slots"),
+            std::string::npos);
+  const i64 seq1 = 1, far = 5;
+  EXPECT_NE(test::error_of([&] { x.forward_cached(H.data(), &seq1, &pos, &far, own.data(), 1, c); })
+                .find("outside the cache's 5 entries"),
+            std::string::npos);
+  // the same calls within the cache run
+  x.append_concepts(Z.data(), gate.data(), &seq1, &start, 1, c);
+  EXPECT_EQ(c.n[1], 2);
+  const i64 last1 = 1;
+  const float* X = x.forward_cached(H.data(), &seq1, &pos, &last1, own.data(), 1, c);
+  for (i64 j = 0; j < 16; ++j) EXPECT_TRUE(std::isfinite(X[j]));
+}
+
 // Two stacks of different widths on one inference scratch (share_infer grows it to fit both):
 // run alternately, each gives what it gives on its own scratch, bit for bit; the DLCM's and
 // the extras baseline's streams put their stacks on one scratch.

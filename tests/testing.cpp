@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
 #include <random>
 
 #include <sys/wait.h>
@@ -24,6 +25,17 @@ std::vector<std::string> file_names(const std::string& dir) {
     names.push_back(e.path().filename().string());
   std::sort(names.begin(), names.end());
   return names;
+}
+
+i64 open_descriptors() { return i64(file_names("/proc/self/fd").size()); }
+
+bool is_mapped(const std::string& path) {
+  const std::string real = std::filesystem::weakly_canonical(path).string();
+  std::ifstream maps("/proc/self/maps");
+  std::string line;
+  while (std::getline(maps, line))
+    if (line.find(real) != std::string::npos) return true;
+  return false;
 }
 
 CommandResult run_command(const std::string& cmd) {

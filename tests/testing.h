@@ -42,6 +42,10 @@ struct CommandResult {
 CommandResult run_command(const std::string& cmd);
 // The names of the entries of a folder, sorted.
 std::vector<std::string> file_names(const std::string& dir);
+// What this process holds open: its file descriptors (/proc/self/fd), and whether some memory
+// mapping is of `path` (/proc/self/maps), for tests that refused input leaks neither.
+i64 open_descriptors();
+bool is_mapped(const std::string& path);
 // Runs the dlcm binary under test with `args`; out holds stdout and stderr together.
 using CmdResult = CommandResult;
 CmdResult run_dlcm(const std::string& args);

@@ -595,7 +595,14 @@ ConceptCache ConceptCrossAttention::make_cache(i64 max_seqs, i64 max_entries) co
   return c;
 }
 
+// A sequence slot of the cache, checked before any entry of it is touched.
+static void check_slot(const ConceptCache& c, i64 seq, const char* who) {
+  DLCM_CHECK(seq >= 0 && seq < c.max_seqs, "ConceptCrossAttention::", who, ": sequence ", seq,
+             " outside the concept cache's ", c.max_seqs, " slots");
+}
+
 void ConceptCrossAttention::reset(ConceptCache& c, i64 seq) const {
+  check_slot(c, seq, "reset");
   c.n[seq] = 1;
   if (!opt_.concept_path) return;
   // K/V of the null concept, entry 0 (computed like any list entry, one row)
@@ -626,6 +633,7 @@ void ConceptCrossAttention::append_concepts(const float* Z, const float* gate, c
   if (n == 0) return;
   DLCM_CHECK(n <= inf_rows_, "internal: ConceptCrossAttention::append_concepts: ", n,
              " concepts exceed the reserved ", inf_rows_, " rows");
+  for (i64 j = 0; j < n; ++j) check_slot(c, seqs[j], "append_concepts");
   const i64 dc = dims_.dc;
   // smoother, in order within each sequence
   for (i64 j = 0; j < n; ++j) {
@@ -663,6 +671,12 @@ const float* ConceptCrossAttention::forward_cached(const float* H, const i64* se
                                                    const float* own_gate) {
   DLCM_CHECK(R <= inf_rows_, "internal: ConceptCrossAttention::forward_cached: ", R,
              " rows exceed the reserved ", inf_rows_);
+  for (i64 r = 0; r < R; ++r) {
+    check_slot(c, seqs[r], "forward_cached");
+    DLCM_CHECK(last[r] >= 0 && last[r] < c.max_entries, "ConceptCrossAttention::forward_cached: ",
+               "token ", r, " sees entries up to ", last[r], ", outside the cache's ",
+               c.max_entries, " entries");
+  }
   const i64 d = dims_.d, xq = dims_.q_dim(), hd = dims_.head_dim;
   if (!opt_.concept_path) {
     std::memcpy(i_psi_.data(), H, sizeof(float) * R * d);
