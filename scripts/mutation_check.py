@@ -82,7 +82,8 @@ def run_tests(root, tests, timeout):
             return {"result": "killed", "by": t + " (timeout)"}, skipped
         if binary == "ctest":
             if r.returncode != 0:
-                failed = re.findall(r"\d+ - (\S+) \((?:Failed|Timeout|SEGFAULT|Subprocess)", r.stdout)
+                failed = re.findall(r"\d+ - (\S+) \((?:Failed|Timeout|SEGFAULT|Subprocess)",
+                                    r.stdout)
                 return {"result": "killed", "by": t, "tests": sorted(set(failed))[:3]}, skipped
             skipped += [f"ctest:{name}" for name in
                         sorted(set(re.findall(r"Test +#\d+: (\S+) \.+\*+Skipped", r.stdout)))]

@@ -360,6 +360,32 @@ TEST(HfTokenizer, UnsupportedPartsAreRefusedByName) {
   }
 }
 
+// Byte fallback where some <0xXX> tokens are missing: a character whose bytes all have tokens
+// becomes them; any other becomes <unk>, held back (as HF does) until the next character found
+// in the vocab or the word's end, past byte-fallback tokens; fuse_unk joins held ones. The ids
+// are those of HF tokenizers 0.20.3 on the same file.
+TEST(HfTokenizer, ByteFallbackWithMissingBytesHoldsUnkAsHfDoes) {
+  for (bool fuse : {false, true}) {
+    test::TempDir d;
+    write(d.path + "/tokenizer.json", std::string(R"({"added_tokens": [
+        {"id": 0, "content": "<unk>", "special": true, "normalized": false},
+        {"id": 6, "content": "</s>", "special": true, "normalized": false}],
+      "normalizer": null, "pre_tokenizer": null, "post_processor": null, "decoder": null,
+      "model": {"type": "BPE", "unk_token": "<unk>", "byte_fallback": true, "fuse_unk": )") +
+                                     (fuse ? "true" : "false") + R"(,
+        "vocab": {"<unk>": 0, "a": 1, "b": 2, "<0xC3>": 3, "<0xA9>": 4, "<0xA8>": 5, "</s>": 6},
+        "merges": []}})");
+    auto t = load_tokenizer(d.path);
+    using V = std::vector<int32_t>;
+    EXPECT_EQ(t->encode("aé"), (V{1, 3, 4}));
+    EXPECT_EQ(t->encode("éb"), (V{3, 4, 2}));  // b's byte 62 has no token: b is itself
+    EXPECT_EQ(t->encode("aêb"), (V{1, 0, 2}));  // ê is C3 AA: <0xAA> missing
+    EXPECT_EQ(t->encode("êé"), (V{3, 4, 0}));
+    EXPECT_EQ(t->encode("aêéêb"), fuse ? (V{1, 3, 4, 0, 2}) : (V{1, 3, 4, 0, 0, 2}));
+    EXPECT_EQ(t->encode("êêa"), fuse ? (V{0, 1}) : (V{0, 0, 1}));
+  }
+}
+
 TEST(HfTokenizer, SentencePieceStyleFromHandWrittenFile) {
   // LLaMA's shape: Prepend + Replace, byte fallback, decoder Replace/ByteFallback/Fuse/Strip.
   test::TempDir d;

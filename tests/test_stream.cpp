@@ -677,19 +677,18 @@ TEST(Stream, ConceptCacheRefusesSlotsOutsideIt) {
   std::vector<float> Z(24, 0.1f), gate(1, 1.f), H(16, 0.2f), own(1, 1.f);
   const i64 start = 0, pos = 0, ok_last = 0;
   for (i64 bad : {i64(-1), i64(2)})
-    EXPECT_NE(test::error_of([&] { x.append_concepts(Z.data(), gate.data(), &bad, &start, 1, c); })
-                  .find("outside the concept cache's 2 slots"),
+    EXPECT_NE(test::error_of([&] {
+                x.append_concepts(Z.data(), gate.data(), &bad, &start, 1, c);
+              }).find("outside the concept cache's 2 slots"),
               std::string::npos);
   EXPECT_EQ(c.n[0], 1);  // nothing appended by the refused calls
   EXPECT_EQ(c.n[1], 1);
-  const i64 seq2 = 2;
-  EXPECT_NE(test::error_of([&] { x.forward_cached(H.data(), &seq2, &pos, &ok_last, own.data(), 1, c); })
-                .find("outside the concept cache's 2 slots"),
-            std::string::npos);
-  const i64 seq1 = 1, far = 5;
-  EXPECT_NE(test::error_of([&] { x.forward_cached(H.data(), &seq1, &pos, &far, own.data(), 1, c); })
-                .find("outside the cache's 5 entries"),
-            std::string::npos);
+  auto step = [&](i64 seq, i64 last) {
+    return test::error_of([&] { x.forward_cached(H.data(), &seq, &pos, &last, own.data(), 1, c); });
+  };
+  EXPECT_NE(step(2, ok_last).find("outside the concept cache's 2 slots"), std::string::npos);
+  EXPECT_NE(step(1, 5).find("outside the cache's 5 entries"), std::string::npos);
+  const i64 seq1 = 1;
   // the same calls within the cache run
   x.append_concepts(Z.data(), gate.data(), &seq1, &start, 1, c);
   EXPECT_EQ(c.n[1], 2);

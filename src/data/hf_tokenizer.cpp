@@ -845,26 +845,31 @@ void HfTokenizer::bpe(std::string_view word, std::vector<int32_t>& out) const {
   }
   std::vector<int32_t> id;
   id.reserve(word.size());
-  bool prev_unk = false;
+  // HF holds an unknown character's <unk> back until the next character found in the vocab or
+  // the word's end; byte-fallback tokens do not release it, so "êé" with <0xAA> missing is
+  // <0xC3> <0xA9> <unk> (tokenizers 0.20, measured). With fuse_unk the held <unk> absorbs the
+  // next unknown character, else that one releases it.
+  bool held_unk = false;
   for (size_t i = 0; i < word.size();) {
     const int n = std::min<int>(u8len(uint8_t(word[i])), int(word.size() - i));
     auto it = vocab_.find(std::string(word.substr(i, n)));
     if (it != vocab_.end()) {
+      if (held_unk) id.push_back(model_unk_);
+      held_unk = false;
       id.push_back(it->second);
-      prev_unk = false;
     } else {
-      bool bytes = byte_fallback_;
+      bool bytes = byte_fallback_;  // every byte of the character has its <0xXX> token
       for (int k = 0; bytes && k < n; ++k) bytes = byte_ids_[uint8_t(word[i + k])] >= 0;
       if (bytes) {
         for (int k = 0; k < n; ++k) id.push_back(byte_ids_[uint8_t(word[i + k])]);
-        prev_unk = false;
       } else if (model_unk_ >= 0) {
-        if (!(fuse_unk_ && prev_unk)) id.push_back(model_unk_);
-        prev_unk = true;
+        if (held_unk && !fuse_unk_) id.push_back(model_unk_);
+        held_unk = true;
       }  // no unk token: the character is dropped, as in HF
     }
     i += n;
   }
+  if (held_unk) id.push_back(model_unk_);
   const int n = int(id.size());
   if (n > 1 && !merges_.empty()) {
     std::vector<int> next(n), prev(n);

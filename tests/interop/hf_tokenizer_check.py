@@ -243,14 +243,14 @@ def check_gpt2(a):
         print("note: node not found; the package's JavaScript encoder was not run", file=sys.stderr)
 
 
-def add_byte_fallback_vocab(tok):
-    """An HF-trained BPE plus the 256 <0xXX> tokens that byte_fallback needs."""
+def add_byte_fallback_vocab(tok, byte_values=range(256)):
+    """An HF-trained BPE plus the <0xXX> tokens that byte_fallback needs (all 256, or some)."""
     from tokenizers import Tokenizer
     j = json.loads(tok.to_str())
     vocab = j["model"]["vocab"]
     n = max(max(vocab.values()), max(t["id"] for t in j["added_tokens"])) + 1
-    for b in range(256):
-        vocab.setdefault(f"<0x{b:02X}>", n + b)
+    for k, b in enumerate(byte_values):
+        vocab.setdefault(f"<0x{b:02X}>", n + k)
     return Tokenizer.from_str(json.dumps(j))
 
 
@@ -281,6 +281,20 @@ def check_hf_made(a):
                                                      show_progress=False))
     made["sp_metaspace"] = (add_byte_fallback_vocab(t), {"bos_token": "<s>", "eos_token": "</s>",
                                                          "unk_token": "<unk>", "pad_token": None})
+    # 2b. Byte fallback with some <0xXX> tokens missing, the rest of the alphabet held out of
+    # training: characters without all their byte tokens become <unk>, which HF holds back past
+    # byte-fallback tokens until the next known character (fused, and not).
+    for fuse in (True, False):
+        t = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=fuse))
+        t.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        t.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+        t.train_from_iterator([ln for ln in train if ln.isascii()],
+                              trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"],
+                                                  show_progress=False))
+        # the bytes of é (C3 A9), ß (C3 9F), ж (D0 B6) and the emoji's lead F0 9F 98: some characters
+        # complete, most not
+        made["partial_bytes_" + ("fused" if fuse else "unfused")] = (
+            add_byte_fallback_vocab(t, [0xC3, 0xA9, 0x9F, 0xD0, 0xB6, 0xF0, 0x98]), None)
     # 3. Byte-level with a prefix space and GPT-style special tokens (eos named by the config).
     t = Tokenizer(models.BPE())
     t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
