@@ -350,6 +350,8 @@ TEST(HfTokenizer, UnsupportedPartsAreRefusedByName) {
                 std::string(65, 'x') + "\"}"),
        "field \"normalizer.content\" is longer than 64 bytes"},
       {with(R"("c": 2)", R"("c": 2097152)"), "field \"model.vocab[\"c\"]\" must be an integer id in [0, 2097151]"},
+      {with(R"("added_tokens": [)", R"("added_tokens": {"x": 1}, "unused": [)"),
+       "field \"added_tokens\" must be an array"},
       {R"({"model": 3})", "field \"model\" must be an object"},
       {"{}", "field \"model\" is missing"},
   };
@@ -383,6 +385,48 @@ TEST(HfTokenizer, ByteFallbackWithMissingBytesHoldsUnkAsHfDoes) {
     EXPECT_EQ(t->encode("êé"), (V{3, 4, 0}));
     EXPECT_EQ(t->encode("aêéêb"), fuse ? (V{1, 3, 4, 0, 2}) : (V{1, 3, 4, 0, 0, 2}));
     EXPECT_EQ(t->encode("êêa"), fuse ? (V{0, 1}) : (V{0, 0, 1}));
+  }
+}
+
+// GPT-2's two files converted: the first line of vocab.bpe is skipped only when it is the
+// "#version" header (a file without one starts with its first merge), CRLF endings and blank
+// lines are allowed, and the merges keep their order.
+// The SentencePiece model's pieces as the HF export reads them: text, score and kind of every
+// piece, as SentencePiece itself reports them; a varint longer than 10 bytes is refused.
+TEST(HfTokenizer, SentencePiecePiecesMatchSentencePiece) {
+  auto t = tiny_bpe();
+  const std::vector<SpPiece> pieces = read_sentencepiece_pieces(t->sentencepiece_model());
+  const std::vector<VocabEntry> want = t->vocab_entries();
+  ASSERT_EQ(pieces.size(), want.size());
+  std::set<float> scores;
+  for (size_t i = 0; i < want.size(); ++i) {
+    EXPECT_EQ(pieces[i].piece, want[i].piece) << i;
+    EXPECT_EQ(pieces[i].score, want[i].score) << i;
+    scores.insert(pieces[i].score);
+    EXPECT_EQ(pieces[i].type == 2, want[i].kind == VocabEntry::Kind::Unknown) << i;
+    EXPECT_EQ(pieces[i].type == 3, want[i].kind == VocabEntry::Kind::Control) << i;
+  }
+  EXPECT_GT(scores.size(), 100u);  // real scores, not a default
+  EXPECT_NE(error_of([&] { read_sentencepiece_pieces(std::string(11, '\xFF')); }).find("malformed varint"),
+            std::string::npos);
+}
+
+TEST(HfTokenizer, Gpt2FilesConvertWithOrWithoutTheVersionLine) {
+  for (bool header : {true, false}) {
+    test::TempDir d;
+    write(d.path + "/encoder.json",
+          R"({"a": 0, "b": 1, "c": 2, "ab": 3, "abc": 4, "<|endoftext|>": 5})");
+    write(d.path + "/vocab.bpe", std::string(header ? "#version: 0.2\r\n" : "") + "a b\r\n\nab c\n");
+    const std::string out = d.path + "/out";
+    fs::create_directory(out);
+    convert_gpt2_tokenizer(d.path + "/encoder.json", d.path + "/vocab.bpe", out);
+    const nlohmann::json j = nlohmann::json::parse(slurp(out + "/tokenizer.json"));
+    EXPECT_EQ(j["model"]["merges"], nlohmann::json::array({"a b", "ab c"})) << header;
+    const nlohmann::json cfg = nlohmann::json::parse(slurp(out + "/tokenizer_config.json"));
+    EXPECT_EQ(cfg.value("eos_token", ""), "<|endoftext|>");  // what transformers reads
+    auto t = load_tokenizer(out);
+    EXPECT_EQ(t->encode("abc"), (std::vector<int32_t>{4})) << header;
+    EXPECT_EQ(t->encode("ab"), (std::vector<int32_t>{3})) << header;
   }
 }
 
