@@ -427,6 +427,9 @@ TEST(HfTokenizer, Gpt2FilesConvertWithOrWithoutTheVersionLine) {
     auto t = load_tokenizer(out);
     EXPECT_EQ(t->encode("abc"), (std::vector<int32_t>{4})) << header;
     EXPECT_EQ(t->encode("ab"), (std::vector<int32_t>{3})) << header;
+    // <|endoftext|> is an added special token: matched whole in text, skipped by decode
+    EXPECT_EQ(t->encode("ab<|endoftext|>c"), (std::vector<int32_t>{3, 5, 2})) << header;
+    EXPECT_EQ(t->decode({3, 5, 2}), "abc") << header;
   }
 }
 
