@@ -222,6 +222,9 @@ TEST(Cli, BenchDecodeRuns) {
   r = run("prepare --input " + tmp.path + "/corpus.txt --out " + tmp.path +
           "/data --tokenizer bytes --val-fraction 0.3");
   ASSERT_EQ(r.rc, 0) << r.out;
+  // the progress a user sees: what was read, kept and written
+  for (const char* l : {"prepare: read 1 file(s): 61 documents, kept 60", "prepare: tokenizer bytes vocab 260"})
+    EXPECT_NE(r.out.find(l), std::string::npos) << l << "\n" << r.out;
   const std::string qck = byte_checkpoint(tmp.path);
   r = run("bench decode --ckpt " + qck + " --prompt-len 8 --new-tokens 4 --precision fp32,bf16,int8 "
           "--data " + tmp.path + "/data --val-windows 3");

@@ -3,6 +3,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <set>
+#include <sstream>
 
 #include "data/hf_tokenizer.h"
 #include "data/loader.h"
@@ -837,6 +838,40 @@ TEST(HfTokenizer, PrepareWithAGivenTokenizer) {
 // One plain-text file without form feeds: its paragraphs are the documents, with a validation
 // share as for any input; one that has form feeds keeps them as separators. Source names are
 // the full file names (path under the input folder, or as given), not stems.
+// A document over 64 KiB is cut into pieces of about 16 KiB: at a blank line where there is one
+// within reach, else at a line end, so a text with line ends is never cut inside a line.
+TEST(Prepare, LongDocumentsAreCutAtLineEnds) {
+  test::TempDir in, out;
+  std::string doc;
+  std::set<std::string> lines;
+  for (int i = 0; doc.size() < 100 * 1024; ++i) {
+    std::string l = "line " + std::to_string(i) + " " + gen_text(900 + i, 8);
+    std::replace(l.begin(), l.end(), '\n', ' ');  // one line each, no blank line anywhere
+    l.erase(l.find_last_not_of(' ') + 1);         // no trailing blanks (documents are trimmed)
+    lines.insert(l);
+    doc += l + "\n";
+  }
+  write(in.path + "/long.txt", doc);  // one paragraph: no blank line, no form feed
+  PrepareOptions po;
+  po.tokenizer = "bytes";
+  po.quiet = true;
+  po.val_fraction = 0.2;
+  prepare({in.path + "/long.txt"}, out.path, po);
+  DataDir dd = open_data_dir(out.path);
+  auto docs = docs_of(*dd.train, *dd.tokenizer);
+  docs.merge(docs_of(*dd.val, *dd.tokenizer));
+  size_t pieces = 0, seen = 0;
+  for (const std::string& d : docs) {
+    ++pieces;
+    EXPECT_LE(d.size(), 4 * 16 * 1024u);
+    std::istringstream is(d);
+    for (std::string l; std::getline(is, l); ++seen)
+      EXPECT_EQ(lines.count(l), 1u) << "a cut inside a line: " << l.substr(0, 40);
+  }
+  EXPECT_GE(pieces, 5u);
+  EXPECT_EQ(seen, lines.size());  // every line in exactly one piece
+}
+
 TEST(Prepare, SingleTextFileIsSplitAtBlankLinesAndSourcesKeepFullNames) {
   test::TempDir in, out, out2, out3;
   std::string book;
@@ -858,6 +893,23 @@ TEST(Prepare, SingleTextFileIsSplitAtBlankLinesAndSourcesKeepFullNames) {
   std::string first = gen_text(500, 8);  // a whole paragraph, trimmed like every document
   first.erase(first.find_last_not_of(" \n") + 1);
   EXPECT_EQ(va.count(first) + tr.count(first), 1u);
+  EXPECT_EQ(meta["documents"]["duplicates"], 0);  // the last paragraph is read once
+  // The last paragraph without a final newline is a document too; CRLF and lone CR line ends
+  // become LF (lines of only CR and blanks separate paragraphs).
+  {
+    test::TempDir o;
+    const std::string p1 = "first paragraph line one\r\nline two of it", p2 = "the second one\rends here";
+    write(in.path + "/crlf.txt", p1 + "\r\n \r\n\r\n" + p2);
+    po.val_fraction = 0.4;
+    meta = prepare({in.path + "/crlf.txt"}, o.path, po);
+    po.val_fraction = 0.1;
+    EXPECT_EQ(meta["documents"]["kept"], 2);
+    DataDir od = open_data_dir(o.path);
+    auto all = docs_of(*od.train, *od.tokenizer);
+    all.merge(docs_of(*od.val, *od.tokenizer));
+    EXPECT_EQ(all, (std::multiset<std::string>{"first paragraph line one\nline two of it",
+                                               "the second one\nends here"}));
+  }
   // With form feeds, they separate the documents (blank lines do not).
   write(in.path + "/ff.txt", gen_text(1, 8) + "\n\n" + gen_text(2, 8) + "\f" + gen_text(3, 8));
   meta = prepare({in.path + "/ff.txt"}, out2.path, po);
