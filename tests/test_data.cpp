@@ -750,6 +750,16 @@ TEST(Prepare, EmptyOrJunkInputIsAClearError) {
   po.tokenizer = "bytes";
   std::string e = error_of([&] { prepare({in.path}, out.path, po); });
   EXPECT_NE(e.find("no usable text"), std::string::npos) << e;
+  EXPECT_NE(e.find("2 file(s): "), std::string::npos) << e;
+  EXPECT_EQ(e.find(", ..."), std::string::npos) << e;
+  {  // more than three files: the first three named, then "..."
+    test::TempDir many;
+    for (const char* f : {"a.txt", "b.txt", "c.txt", "d.txt", "e.txt"}) write(many.path + "/" + f, "\n");
+    e = error_of([&] { prepare({many.path}, out.path, po); });
+    EXPECT_NE(e.find("5 file(s): " + many.path + "/a.txt, " + many.path + "/b.txt, " + many.path +
+                     "/c.txt, ...;"),
+              std::string::npos) << e;
+  }
   test::TempDir none;
   e = error_of([&] { prepare({none.path}, out.path, po); });
   EXPECT_NE(e.find("no .txt or .jsonl"), std::string::npos) << e;
