@@ -740,6 +740,23 @@ TEST(Prepare, BpeEndToEnd) {
   EXPECT_EQ(bytes, dd.val_bytes);
 }
 
+// The junk filter counts letters against the other non-blank characters: spaces, tabs and line
+// ends do not count, so indented code with few letters is kept; symbol soup is dropped.
+TEST(Prepare, BlanksDoNotMakeADocumentJunk) {
+  test::TempDir in, out;
+  write(in.path + "/docs.jsonl",
+        nlohmann::json{{"text", "x = 1\n\t\t\t\t\t\t\t\t    y = 2"}}.dump() + "\n" +
+            nlohmann::json{{"text", gen_text(5, 20)}}.dump() + "\n" +
+            nlohmann::json{{"text", "x = 1 + 2 * 3 - 4 / 5 == 6 ## 7 @@ 8"}}.dump() + "\n");
+  PrepareOptions po;
+  po.quiet = true;
+  po.tokenizer = "bytes";
+  po.val_fraction = 0.3;
+  auto meta = prepare({in.path + "/docs.jsonl"}, out.path, po);
+  EXPECT_EQ(meta["documents"]["kept"], 2);
+  EXPECT_EQ(meta["documents"]["junk"], 1);
+}
+
 TEST(Prepare, EmptyOrJunkInputIsAClearError) {
   test::TempDir in, out;
   write(in.path + "/empty.txt", "");
