@@ -741,20 +741,29 @@ TEST(Prepare, BpeEndToEnd) {
 }
 
 // The junk filter counts letters against the other non-blank characters: spaces, tabs and line
-// ends do not count, so indented code with few letters is kept; symbol soup is dropped.
+// ends do not count, so indented code with few letters is kept; symbol soup is dropped; CJK
+// text is letters; a text that is 10% U+FFFD (bytes that were not UTF-8) is dropped.
 TEST(Prepare, BlanksDoNotMakeADocumentJunk) {
   test::TempDir in, out;
   write(in.path + "/docs.jsonl",
         nlohmann::json{{"text", "x = 1\n\t\t\t\t\t\t\t\t    y = 2"}}.dump() + "\n" +
             nlohmann::json{{"text", gen_text(5, 20)}}.dump() + "\n" +
-            nlohmann::json{{"text", "x = 1 + 2 * 3 - 4 / 5 == 6 ## 7 @@ 8"}}.dump() + "\n");
+            nlohmann::json{{"text", "x = 1 + 2 * 3 - 4 / 5 == 6 ## 7 @@ 8"}}.dump() + "\n" +
+            // non-ASCII letters count as letters, U+FFFD (repaired bytes) against the text
+            nlohmann::json{{"text", "日本語のテキスト、中文文本，한국어 텍스트。"}}.dump() + "\n" +
+            nlohmann::json{{"text", "word \xEF\xBF\xBD\xEF\xBF\xBD\xEF\xBF\xBD"}}.dump() + "\n");
   PrepareOptions po;
   po.quiet = true;
   po.tokenizer = "bytes";
   po.val_fraction = 0.3;
   auto meta = prepare({in.path + "/docs.jsonl"}, out.path, po);
-  EXPECT_EQ(meta["documents"]["kept"], 2);
-  EXPECT_EQ(meta["documents"]["junk"], 1);
+  EXPECT_EQ(meta["documents"]["kept"], 3);
+  EXPECT_EQ(meta["documents"]["junk"], 2);
+  DataDir dd = open_data_dir(out.path);
+  auto docs = docs_of(*dd.train, *dd.tokenizer);
+  docs.merge(docs_of(*dd.val, *dd.tokenizer));
+  EXPECT_EQ(docs.count("日本語のテキスト、中文文本，한국어 텍스트。"), 1u);
+  EXPECT_EQ(docs.count("x = 1\n\t\t\t\t\t\t\t\t    y = 2"), 1u);
 }
 
 TEST(Prepare, EmptyOrJunkInputIsAClearError) {
