@@ -290,6 +290,22 @@ TEST_P(ServeArch, EchoLogprobsEqualLogSoftmaxOfTheForward) {
   EXPECT_EQ(r.j["choices"][0]["logprobs"]["token_logprobs"].size(), size_t(L));
   EXPECT_NEAR(r.j["choices"][0]["logprobs"]["token_logprobs"][0].get<double>(),
               lp["token_logprobs"][0].get<double>(), 1e-9);
+  // streamed with logprobs 0 (the sampled tokens' log-probabilities, no alternatives): every
+  // token's chunk carries its entry, as the whole reply does
+  r = s.post("/v1/completions", {{"prompt", text}, {"max_tokens", 4}, {"logprobs", 0},
+                                 {"temperature", 0}, {"ignore_eos", true}});
+  ASSERT_EQ(r.status, 200) << r.body;
+  const json whole = r.j["choices"][0]["logprobs"]["token_logprobs"];
+  ASSERT_EQ(whole.size(), 4u);
+  auto st = s.stream("/v1/completions", {{"prompt", text}, {"max_tokens", 4}, {"logprobs", 0},
+                                         {"temperature", 0}, {"ignore_eos", true}, {"stream", true}});
+  std::vector<double> streamed;
+  for (const json& e : st.events)
+    for (const json& ch : e["choices"])
+      if (ch.contains("logprobs") && ch["logprobs"].is_object())
+        for (const json& v : ch["logprobs"]["token_logprobs"]) streamed.push_back(v.get<double>());
+  ASSERT_EQ(streamed.size(), 4u) << st.events.size() << " events";
+  for (size_t t = 0; t < 4; ++t) EXPECT_NEAR(streamed[t], whole[t].get<double>(), 1e-9) << t;
 }
 
 INSTANTIATE_TEST_SUITE_P(Arch, ServeArch, ::testing::Values("baseline", "dlcm"));
