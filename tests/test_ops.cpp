@@ -292,6 +292,11 @@ const Case kCases[] = {
      .B = 1, .Lq = 257, .Hq = 2, .Hkv = 2, .hd = 8, .pat = Pattern::WholeRow},
     {.op = "concept_attention_compact",
      .B = 8, .Lq = 512, .Hq = 8, .Hkv = 8, .hd = 64, .perf = true},
+    // dlcm-small's training step and its 128-token prefill
+    {.op = "concept_attention_compact",
+     .B = 8, .Lq = 256, .Hq = 4, .Hkv = 4, .hd = 64, .perf = true},
+    {.op = "concept_attention_compact",
+     .B = 1, .Lq = 128, .Hq = 4, .Hkv = 4, .hd = 64, .perf = true},
     // BF16 precision: the compact kernel on bf16 operands, on AMX tiles and as AVX512-BF16 dot
     // products as attention_bf16 (several key tiles, hd > 64 and odd, GQA, every pattern,
     // padded query blocks)
