@@ -306,6 +306,38 @@ TEST_P(ServeArch, EchoLogprobsEqualLogSoftmaxOfTheForward) {
         for (const json& v : ch["logprobs"]["token_logprobs"]) streamed.push_back(v.get<double>());
   ASSERT_EQ(streamed.size(), 4u) << st.events.size() << " events";
   for (size_t t = 0; t < 4; ++t) EXPECT_NEAR(streamed[t], whole[t].get<double>(), 1e-9) << t;
+  // echo + generation streamed, with logprobs 1, 0 and none: the chunks' texts and
+  // log-probabilities joined are the whole reply's (the prompt once, before the generated tokens)
+  for (const json& extra : {json{{"logprobs", 1}}, json{{"logprobs", 0}}, json::object()}) {
+    json body = {{"prompt", text}, {"max_tokens", 3}, {"echo", true}, {"temperature", 0},
+                 {"ignore_eos", true}};
+    body.update(extra);
+    r = s.post("/v1/completions", body);
+    ASSERT_EQ(r.status, 200) << r.body;
+    const json w = r.j["choices"][0];
+    ASSERT_EQ(w["text"].get<std::string>().rfind(text, 0), 0u) << w["text"];
+    body["stream"] = true;
+    st = s.stream("/v1/completions", body);
+    ASSERT_TRUE(st.done);
+    std::string joined;
+    std::vector<double> lps;
+    for (const json& e : st.events)
+      for (const json& ch : e["choices"]) {
+        joined += ch.value("text", "");
+        if (ch.contains("logprobs") && ch["logprobs"].is_object())
+          for (const json& v : ch["logprobs"]["token_logprobs"])
+            lps.push_back(v.is_null() ? NAN : v.get<double>());
+      }
+    EXPECT_EQ(joined, w["text"].get<std::string>()) << extra.dump();
+    if (extra.empty()) {
+      EXPECT_TRUE(lps.empty());
+      continue;
+    }
+    const json wl = w["logprobs"]["token_logprobs"];
+    ASSERT_EQ(lps.size(), wl.size());
+    ASSERT_EQ(lps.size(), size_t(L - 1 + 3));
+    for (size_t t = 0; t < lps.size(); ++t) EXPECT_NEAR(lps[t], wl[t].get<double>(), 1e-9) << t;
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Arch, ServeArch, ::testing::Values("baseline", "dlcm"));
