@@ -445,6 +445,33 @@ TEST(Serve, ChatTemplateFromAFile) {
   EXPECT_EQ(r.j["usage"]["prompt_tokens"], 9);  // "Q: Hi\n\nA:"
 }
 
+// The log-probabilities behind `logprobs` and `echo`: a row's log-softmax reads that row only
+// (a huge value just past it would otherwise become the max and make every exp underflow), and
+// the top alternatives come most likely first, ties by the smaller id, at most V of them.
+TEST(Serve, LogSoftmaxRowReadsItsRowOnlyAndTopLogprobsAreOrdered) {
+  const i64 V = 5;
+  std::vector<float> buf = {1.f, 3.f, -2.f, 3.f, 0.5f, 1e30f};  // the guard follows the row
+  std::vector<double> lsm;
+  log_softmax_row(buf.data(), V, lsm);
+  ASSERT_EQ(lsm.size(), size_t(V));
+  double z = 0;
+  for (i64 v = 0; v < V; ++v) z += std::exp(double(buf[v]));
+  for (i64 v = 0; v < V; ++v) EXPECT_NEAR(lsm[v], double(buf[v]) - std::log(z), 1e-12) << v;
+  TokenLogprob t = token_logprob(lsm, 2, 0);
+  EXPECT_EQ(t.id, 2);
+  EXPECT_DOUBLE_EQ(t.logprob, lsm[2]);
+  EXPECT_TRUE(t.top.empty());
+  t = token_logprob(lsm, 4, 3);  // ids 1 and 3 tie: 1 first; then 0
+  ASSERT_EQ(t.top.size(), 3u);
+  const i32 want[] = {1, 3, 0};
+  for (int k = 0; k < 3; ++k) {
+    EXPECT_EQ(t.top[k].first, want[k]) << k;
+    EXPECT_DOUBLE_EQ(t.top[k].second, lsm[want[k]]) << k;
+  }
+  EXPECT_EQ(token_logprob(lsm, 0, 99).top.size(), size_t(V));  // at most the vocabulary
+  EXPECT_TRUE(token_logprob(lsm, 0, -1).top.empty());
+}
+
 TEST(Serve, ModelsHealthTokenizeMetricsConcepts) {
   Served s("dlcm", 96);
   Reply r = s.get("/v1/models");

@@ -31,17 +31,6 @@ void Histogram::add(double v) {
   ++n;
 }
 
-double Histogram::quantile(double q) const {
-  if (n == 0) return 0;
-  const double want = q * double(n);
-  uint64_t c = 0;
-  for (size_t b = 0; b < counts.size(); ++b) {
-    c += counts[b];
-    if (double(c) >= want) return b < bounds.size() ? bounds[b] : INFINITY;
-  }
-  return INFINITY;
-}
-
 void log_softmax_row(const float* logits, i64 V, std::vector<double>& out) {
   out.resize(V);
   double mx = -INFINITY;

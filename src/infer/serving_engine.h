@@ -93,7 +93,6 @@ struct Histogram {
   uint64_t n = 0;
   explicit Histogram(std::vector<double> b) : bounds(std::move(b)), counts(bounds.size() + 1) {}
   void add(double v);
-  double quantile(double q) const;  // upper bound of the bucket holding the q-quantile
 };
 
 struct EngineStats {
