@@ -575,7 +575,7 @@ TEST(CompactAttention, NoFutureLeak) {
     const bool affected = a.sg.seg[t] > j;
     double diff = 0;
     for (i64 i = 0; i < a.Hq * a.hd; ++i)
-      diff = std::max(diff, double(std::abs(o1[t * a.Hq * a.hd + i] - o2[t * a.Hq * a.hd + i])));
+      diff = test::worse(diff, double(std::abs(o1[t * a.Hq * a.hd + i] - o2[t * a.Hq * a.hd + i])));
     if (affected)
       EXPECT_GT(diff, 0.0) << t;
     else

@@ -516,7 +516,7 @@ double logprob_rel_err(const json& got, const std::vector<double>& want, i64 L, 
     for (i64 v = 0; v < V; ++v) {
       const json& g = got[l][v];
       if (g.is_null()) return INFINITY;  // a token without probability (underflow or missing)
-      diff = std::max(diff, std::fabs(g.get<double>() - want[l * V + v]));
+      diff = test::worse(diff, std::fabs(g.get<double>() - want[l * V + v]));
       scale = std::max(scale, std::fabs(want[l * V + v]));
     }
   return diff / scale;

@@ -17,6 +17,8 @@
 //
 // The table runs once per instruction-set level of the kernels (kernels/isa.h) that this build
 // and CPU offer: scalar, avx2, avx512 (DLCM_ISA=... picks the level of the perf mode).
+#include <gtest/gtest-spi.h>
+
 #include <algorithm>
 #include <array>
 #include <chrono>
@@ -367,6 +369,9 @@ void run_harness(Harness& H, uint64_t seed) {
   std::vector<i64> in_sizes;
   for (auto& x : H.in) in_sizes.push_back(i64(x.size()));
   auto of = alloc(H.out_sizes), orf = alloc(H.out_sizes);
+  // NaN-poisoned, not zeroed: every element an op must write (pads included) is checked written
+  for (auto& b : of) std::fill(b.begin(), b.end(), std::numeric_limits<float>::quiet_NaN());
+  for (auto& b : orf) std::fill(b.begin(), b.end(), std::numeric_limits<float>::quiet_NaN());
   H.fwd(Fast, of);
   H.fwd(Ref, orf);
   for (size_t i = 0; i < of.size(); ++i)
@@ -886,9 +891,9 @@ void run_adamw(const Case& c, Mode m) {
     // A few float ulps of |w| (~1), far below the size of any formula slip (~lr).
     double worst = 0, worst_m = 0, worst_v = 0;
     for (i64 i = 0; i < n; ++i) {
-      worst = std::max(worst, std::abs(w[i] - W[i]) / std::max(1.0, std::abs(W[i])));
-      worst_m = std::max(worst_m, std::abs(m[i] - M[i]));
-      worst_v = std::max(worst_v, std::abs(v[i] - Vv[i]));
+      worst = test::worse(worst, std::abs(w[i] - W[i]) / std::max(1.0, std::abs(W[i])));
+      worst_m = test::worse(worst_m, std::abs(m[i] - M[i]));
+      worst_v = test::worse(worst_v, std::abs(v[i] - Vv[i]));
     }
     EXPECT_LT(worst, 1e-6) << "wd=" << wd;
     EXPECT_LT(worst_m, 1e-6);
@@ -1029,7 +1034,7 @@ void run_linear(const Case& c, Mode m) {
     double worst = 0, scale = 1e-30;
     for (i64 i = 0; i < N * in; ++i) {
       if (!std::isfinite(set[i])) worst = INFINITY;  // dx was read
-      worst = std::max(worst, double(std::abs(acc[i] - set[i])));
+      worst = test::worse(worst, double(std::abs(acc[i] - set[i])));
       scale = std::max(scale, double(std::abs(acc[i])));
     }
     EXPECT_LE(worst, 1e-6 * scale) << c.op << " " << ops::precision_name(p);
@@ -1136,7 +1141,7 @@ double gemm_error(bool ta, bool tb, i64 M, i64 N, i64 K, float alpha, float beta
       const double c0 = beta == 0.f ? 0.0 : beta * double(C0[i * ldc + j]);
       ref = alpha * ref + c0;
       mag = std::abs(alpha) * mag + std::abs(c0) + 1e-30;
-      worst = std::max(worst, std::abs(C[i * ldc + j] - ref) / mag);
+      worst = test::worse(worst, std::abs(C[i * ldc + j] - ref) / mag);
     }
     for (i64 j = N; j < ldc; ++j) EXPECT_EQ(C[i * ldc + j], C0[i * ldc + j]) << "padding written";
   }
@@ -1482,13 +1487,14 @@ void run_segments(const Case& c, Mode m) {
   finish(H, c, m, 21);
 }
 
-// Concept-slot buffers [B, Mmax, d] of random values with zero pads (pads are never read).
+// Concept-slot buffers [B, Mmax, d] of random values with NaN pads: an op that reads a pad
+// (which it must not) puts a NaN into its output, which the comparisons catch.
 Buf slot_values(const ops::Segments& sg, i64 d, uint64_t seed) {
   Buf z(sg.B * sg.Mmax * d);
   test::fill_normal(z.data(), i64(z.size()), seed);
   for (i64 r = 0; r < sg.B; ++r)
     for (i64 j = sg.count[r]; j < sg.Mmax; ++j)
-      std::fill_n(z.data() + sg.slot(r, j) * d, d, 0.f);
+      std::fill_n(z.data() + sg.slot(r, j) * d, d, std::numeric_limits<float>::quiet_NaN());
   return z;
 }
 
@@ -2196,7 +2202,7 @@ TEST(Ops, Bf16UnitsDecisionAndAgreement) {
   }
   double d_units = 0, d_fp32 = 0, mag = 0;
   for (i64 i = 0; i < M * N; ++i) {
-    d_units = std::max(d_units, double(std::abs(C[0][i] - C[1][i])));
+    d_units = test::worse(d_units, double(std::abs(C[0][i] - C[1][i])));
     d_fp32 = std::max(d_fp32, double(std::abs(C[1][i] - C[2][i])));
     mag = std::max(mag, double(std::abs(C[2][i])));
   }
@@ -2292,7 +2298,7 @@ TEST(Ops, TileMmAmxMatchesRoundedOperands) {
               mag += std::abs(rounded(a) * rounded(b));
             }
             const double c0 = acc ? double(C0[i * ldc + j]) : 0.0;
-            worst = std::max(worst, std::abs(C[i * ldc + j] - (alpha * ref + c0)) /
+            worst = test::worse(worst, std::abs(C[i * ldc + j] - (alpha * ref + c0)) /
                                         (alpha * mag + std::abs(c0) + 1e-30));
             worst_vs_fp32 = std::max(worst_vs_fp32, std::abs(C[i * ldc + j] - (alpha * ref32 + c0)) /
                                                         (alpha * mag + std::abs(c0) + 1e-30));
@@ -2395,6 +2401,32 @@ TEST(Ops, BlockedSgemmServesTheWeightGradientProducts) {
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("DLCM_SGEMM_OWN"), std::string::npos) << e.what();
   }
+}
+
+// The comparisons every test leans on must see a NaN: std::max(worst, NaN) is worst, so a
+// kernel writing NaN (or leaving a NaN-poisoned output unwritten) would pass a bound on it.
+TEST(Ops, ComparisonHelpersSeeNaN) {
+  const float nan = std::numeric_limits<float>::quiet_NaN(), inf = INFINITY;
+  const float a[] = {1.f, nan, 3.f}, b[] = {1.f, 2.f, 3.f}, c[] = {1.f, nan, 3.5f};
+  EXPECT_EQ(test::max_abs_diff(a, b, 3), INFINITY);  // NaN on one side
+  EXPECT_EQ(test::max_abs_diff(b, a, 3), INFINITY);
+  EXPECT_DOUBLE_EQ(test::max_abs_diff(a, c, 3), 0.5);  // NaN on both sides: no difference
+  EXPECT_EQ(test::rel_err(a, b, 3), INFINITY);
+  const float i1[] = {inf, -inf}, i2[] = {inf, -inf}, i3[] = {inf, 0.f};
+  EXPECT_EQ(test::max_abs_diff(i1, i2, 2), 0.0);  // the same infinities
+  EXPECT_EQ(test::max_abs_diff(i1, i3, 2), INFINITY);
+  EXPECT_EQ(test::worse(0.1, std::nan("")), INFINITY);
+  EXPECT_EQ(test::worse(test::worse(0.1, std::nan("")), 0.2), INFINITY);  // and it stays
+  EXPECT_DOUBLE_EQ(test::worse(0.1, 0.3), 0.3);
+  // the harness poisons outputs with NaN before a forward: a fast op that skips an element the
+  // reference sets to 0 (a pad, say) fails, where a zeroed output would hide it
+  Harness H;
+  H.out_sizes = {4};
+  H.fwd = [](Impl im, std::vector<Buf>& o) {
+    for (int i = 0; i < 4; ++i)
+      if (im == Ref || i != 2) o[0][i] = i == 2 ? 0.f : float(i);
+  };
+  EXPECT_NONFATAL_FAILURE(run_harness(H, 1), "forward output 0");
 }
 
 // Every op has at least one checked row and one perf row.

@@ -181,9 +181,9 @@ TEST(Bf16, GemmEqualsProductOfRoundedOperands) {
         }
         ref = c.alpha * ref + c.beta * C0[i * ldc + j];
         mag = std::abs(c.alpha) * mag + std::abs(c.beta * C0[i * ldc + j]) + 1e-30;
-        worst_exact = std::max(worst_exact, std::abs(C16[i * ldc + j] - ref) / mag);
+        worst_exact = test::worse(worst_exact, std::abs(C16[i * ldc + j] - ref) / mag);
         // bf16 has 8 significant bits: each operand carries a relative error <= 2^-9
-        worst_tol = std::max(worst_tol, std::abs(C16[i * ldc + j] - C32[i * ldc + j]) / mag);
+        worst_tol = test::worse(worst_tol, std::abs(C16[i * ldc + j] - C32[i * ldc + j]) / mag);
       }
     EXPECT_LT(worst_exact, 1e-5) << "ta=" << c.ta << " tb=" << c.tb << " M=" << c.M;
     EXPECT_LT(worst_tol, 2.0 * std::ldexp(1.0, -9) + 1e-5) << "ta=" << c.ta << " tb=" << c.tb;
@@ -216,7 +216,7 @@ TEST(Fp32Gemm, ThreadSplitShapesAreExact) {
           mag += std::abs(double(A[i * c.K + k]) * B[j * c.K + k]);
         }
         ref = 0.5 * ref + C0[i * ldc + j];
-        worst = std::max(worst, std::abs(C[i * ldc + j] - ref) / (0.5 * mag + std::abs(C0[i * ldc + j])));
+        worst = test::worse(worst, std::abs(C[i * ldc + j] - ref) / (0.5 * mag + std::abs(C0[i * ldc + j])));
       }
     EXPECT_LT(worst, 1e-5) << "M=" << c.M << " N=" << c.N;
   }
@@ -282,7 +282,7 @@ void expect_bf16_tracks_fp32(Config c, i32 bos) {
     l32 = t32.train_step().ce;
     l16 = t16.train_step().ce;
     if (s == 0) first = l32;
-    worst = std::max(worst, std::abs(l16 - l32) / l32);
+    worst = test::worse(worst, std::abs(l16 - l32) / l32);
   }
   EXPECT_LT(worst, 0.05) << "largest relative gap of the per-step losses";
   EXPECT_GT(worst, 0.0) << "bf16 losses identical to fp32: the bf16 path did not run";
@@ -358,7 +358,7 @@ void expect_bf16_runs_agree(Config c, const std::function<double(Trainer&, int)>
   double worst = 0, first = 0, last = 0;
   for (int s = 0; s < 30; ++s) {
     const double a = step_a(ta, s), b = step_b(tb, s);
-    worst = std::max(worst, std::abs(a - b) / b);
+    worst = test::worse(worst, std::abs(a - b) / b);
     if (s == 0) first = a;
     last = a;
   }

@@ -885,8 +885,8 @@ TEST(PackedGemm, MatchesLoopAndRowsAreIndependentOfM) {
             want += double(x[i * K + k]) * Wr[j * K + k];
             exact += double(x[i * K + k]) * double(W[j * K + k]);
           }
-          err = std::max(err, std::abs(0.5 * want - y[i * N + j]));
-          vs_exact = std::max(vs_exact, std::abs(0.5 * exact - y[i * N + j]));
+          err = test::worse(err, std::abs(0.5 * want - y[i * N + j]));
+          vs_exact = test::worse(vs_exact, std::abs(0.5 * exact - y[i * N + j]));
           mag = std::max(mag, std::abs(want));
         }
       const char* fn = ops::pack_format_name(fmt);

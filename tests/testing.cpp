@@ -1,6 +1,8 @@
 #include "testing.h"
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -90,17 +92,25 @@ double check_grad(const std::string& what, float* x, const float* analytic, i64 
 }
 
 double rel_err(const float* a, const float* b, i64 n) {
-  double scale = 1e-30, diff = 0;
-  for (i64 i = 0; i < n; ++i) {
-    scale = std::max(scale, double(std::abs(b[i])));
-    diff = std::max(diff, double(std::abs(a[i] - b[i])));
-  }
-  return diff / scale;
+  double scale = 1e-30;
+  for (i64 i = 0; i < n; ++i)
+    if (std::isfinite(b[i])) scale = std::max(scale, double(std::abs(b[i])));
+  return max_abs_diff(a, b, n) / scale;
 }
 
 double max_abs_diff(const float* a, const float* b, i64 n) {
   double diff = 0;
-  for (i64 i = 0; i < n; ++i) diff = std::max(diff, double(std::abs(a[i] - b[i])));
+  for (i64 i = 0; i < n; ++i) {
+    // std::max drops a NaN difference: a NaN on one side only is the largest difference there is
+    // (NaN on both sides, or the same infinity, compares equal)
+    const bool na = std::isnan(a[i]), nb = std::isnan(b[i]);
+    if (na || nb) {
+      if (na != nb) return std::numeric_limits<double>::infinity();
+      continue;
+    }
+    if (a[i] == b[i]) continue;  // equal infinities: inf - inf would be NaN
+    diff = std::max(diff, double(std::abs(a[i] - b[i])));
+  }
   return diff;
 }
 

@@ -2,6 +2,7 @@
 #pragma once
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <functional>
 #include <string>
@@ -31,7 +32,12 @@ double check_grad(const std::string& what, float* x, const float* analytic, i64 
 
 // Max |a-b| / max(max|b|, tiny) over n (relative to the reference's scale).
 double rel_err(const float* a, const float* b, i64 n);
+// NaN on one side only is an infinite difference (std::max would drop it); NaN on both sides,
+// or the same infinity, is no difference.
 double max_abs_diff(const float* a, const float* b, i64 n);
+// worst = max(worst, e) for error tracking: a NaN e makes it +inf (std::max(worst, NaN) is worst,
+// so a NaN result would pass every bound).
+inline double worse(double worst, double e) { return std::isnan(e) ? INFINITY : std::max(worst, e); }
 
 // Runs a shell command; returns its exit code (-1 if it did not exit normally) and its standard output (add " 2>&1" to the
 // command for standard error too).
