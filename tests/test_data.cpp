@@ -871,9 +871,6 @@ TEST(HfTokenizer, PrepareWithAGivenTokenizer) {
   EXPECT_NE(error_of([&] { prepare({in.path + "/c.jsonl"}, b.path, po); }).find("none"), std::string::npos);
 }
 
-// One plain-text file without form feeds: its paragraphs are the documents, with a validation
-// share as for any input; one that has form feeds keeps them as separators. Source names are
-// the full file names (path under the input folder, or as given), not stems.
 // A document over 64 KiB is cut into pieces of about 16 KiB: at a blank line where there is one
 // within reach, else at a line end, so a text with line ends is never cut inside a line.
 TEST(Prepare, LongDocumentsAreCutAtLineEnds) {
@@ -908,6 +905,9 @@ TEST(Prepare, LongDocumentsAreCutAtLineEnds) {
   EXPECT_EQ(seen, lines.size());  // every line in exactly one piece
 }
 
+// One plain-text file without form feeds: its paragraphs are the documents, with a validation
+// share as for any input; one that has form feeds keeps them as separators. Source names are
+// the full file names (path under the input folder, or as given), not stems.
 TEST(Prepare, SingleTextFileIsSplitAtBlankLinesAndSourcesKeepFullNames) {
   test::TempDir in, out, out2, out3;
   std::string book;

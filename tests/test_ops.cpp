@@ -353,9 +353,9 @@ struct Harness {
   std::array<double, 2> flops{}, bytes{};
 };
 
-std::vector<Buf> alloc(const std::vector<i64>& sizes) {
+std::vector<Buf> alloc(const std::vector<i64>& sizes, float fill = 0.0f) {
   std::vector<Buf> v;
-  for (i64 s : sizes) v.emplace_back(size_t(s), 0.0f);
+  for (i64 s : sizes) v.emplace_back(size_t(s), fill);
   return v;
 }
 
@@ -368,10 +368,9 @@ double scaled_err(const Buf& a, const Buf& b, double floor) {
 void run_harness(Harness& H, uint64_t seed) {
   std::vector<i64> in_sizes;
   for (auto& x : H.in) in_sizes.push_back(i64(x.size()));
-  auto of = alloc(H.out_sizes), orf = alloc(H.out_sizes);
   // NaN-poisoned, not zeroed: every element an op must write (pads included) is checked written
-  for (auto& b : of) std::fill(b.begin(), b.end(), std::numeric_limits<float>::quiet_NaN());
-  for (auto& b : orf) std::fill(b.begin(), b.end(), std::numeric_limits<float>::quiet_NaN());
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  auto of = alloc(H.out_sizes, nan), orf = alloc(H.out_sizes, nan);
   H.fwd(Fast, of);
   H.fwd(Ref, orf);
   for (size_t i = 0; i < of.size(); ++i)

@@ -299,11 +299,19 @@ TEST_P(ServeArch, EchoLogprobsEqualLogSoftmaxOfTheForward) {
   ASSERT_EQ(whole.size(), 4u);
   auto st = s.stream("/v1/completions", {{"prompt", text}, {"max_tokens", 4}, {"logprobs", 0},
                                          {"temperature", 0}, {"ignore_eos", true}, {"stream", true}});
+  // a stream's chunks joined: their texts, and their token log-probabilities (null as NaN)
+  auto joined = [](const Served::Stream& st, std::string& text, std::vector<double>& lps) {
+    for (const json& e : st.events)
+      for (const json& ch : e["choices"]) {
+        text += ch.value("text", "");
+        if (ch.contains("logprobs") && ch["logprobs"].is_object())
+          for (const json& v : ch["logprobs"]["token_logprobs"])
+            lps.push_back(v.is_null() ? NAN : v.get<double>());
+      }
+  };
+  std::string ignored;
   std::vector<double> streamed;
-  for (const json& e : st.events)
-    for (const json& ch : e["choices"])
-      if (ch.contains("logprobs") && ch["logprobs"].is_object())
-        for (const json& v : ch["logprobs"]["token_logprobs"]) streamed.push_back(v.get<double>());
+  joined(st, ignored, streamed);
   ASSERT_EQ(streamed.size(), 4u) << st.events.size() << " events";
   for (size_t t = 0; t < 4; ++t) EXPECT_NEAR(streamed[t], whole[t].get<double>(), 1e-9) << t;
   // echo + generation streamed, with logprobs 1, 0 and none: the chunks' texts and
@@ -319,16 +327,10 @@ TEST_P(ServeArch, EchoLogprobsEqualLogSoftmaxOfTheForward) {
     body["stream"] = true;
     st = s.stream("/v1/completions", body);
     ASSERT_TRUE(st.done);
-    std::string joined;
+    std::string text;
     std::vector<double> lps;
-    for (const json& e : st.events)
-      for (const json& ch : e["choices"]) {
-        joined += ch.value("text", "");
-        if (ch.contains("logprobs") && ch["logprobs"].is_object())
-          for (const json& v : ch["logprobs"]["token_logprobs"])
-            lps.push_back(v.is_null() ? NAN : v.get<double>());
-      }
-    EXPECT_EQ(joined, w["text"].get<std::string>()) << extra.dump();
+    joined(st, text, lps);
+    EXPECT_EQ(text, w["text"].get<std::string>()) << extra.dump();
     if (extra.empty()) {
       EXPECT_TRUE(lps.empty());
       continue;
