@@ -155,9 +155,11 @@ const Case kCases[] = {
     {.op = "gemm_amx", .N = 128, .d = 33, .V = 250},
     {.op = "gemm_amx", .N = 250, .d = 70, .V = 230},
     {.op = "gemm_amx", .N = 33, .d = 8, .V = 64},  // 64 x 64 for 33 x 64: oneDNN
-    // B wider than the column budget (1 MiB: 32 column blocks of 512 k): chunks of 32 and 18
-    // blocks, K across two chunks, the last column block an edge
+    // B wider than the column budget (1 MiB: 30 column blocks of 544 k): chunks of 30 and 20
+    // blocks, the last column block an edge
     {.op = "gemm_amx", .N = 64, .d = 520, .V = 1590},
+    // K across two chunks of the default 2048 k (C loaded and stored between them), with edges
+    {.op = "gemm_amx", .N = 130, .d = 2100, .V = 96},
     {.op = "gemm_amx", .N = 4096, .d = 512, .V = 1536, .perf = true},  // FFN up projection
     {.op = "gemm_amx", .N = 4096, .d = 512, .V = 512, .perf = true},   // attention projection
     {.op = "rope", .N = 9, .Hq = 3, .hd = 8},
@@ -1340,24 +1342,31 @@ void run_gemm_amx(const Case& c, Mode m) {
     ops::amx_gemm(ta, tb, M, N, K, nullptr, 0, {a16.data(), lda, 0}, nullptr, 0,
                   {b16.data(), ldb, 0}, false, C3.data(), N);
     EXPECT_EQ(std::memcmp(C2.data(), C3.data(), sizeof(float) * M * N), 0) << "form " << form;
-    // column chunks (a wide B, the LM head's): the C blocks in another order, the same bits,
-    // with and without accumulation
+    // column chunks (a wide B, the LM head's) and K chunks (C loaded and stored between them):
+    // the C blocks in another order, the same bits, with and without accumulation
     {
-      const i64 budget0 = ops::amx_column_budget(), nbs = (N + 31) / 32;
+      const i64 budget0 = ops::amx_column_budget(), kblock0 = ops::amx_k_block();
+      const i64 nbs = (N + 31) / 32, Kp = (K + 31) / 32 * 32;
       Buf want(M * N);
       test::fill_normal(want.data(), M * N, 95 + form);
       Buf start = want;
       ops::amx_gemm(ta, tb, M, N, K, A.data(), lda, {}, B.data(), ldb, {}, acc, want.data(), N);
-      for (i64 per_chunk : {i64(1), i64(3)}) {
-        const i64 bytes = per_chunk * std::min<i64>((K + 31) / 32, 16) * 32 * 32 * 2;
-        ops::set_amx_column_budget(bytes);
-        EXPECT_EQ(ops::amx_column_chunk(N, K), std::min(per_chunk, nbs));
-        Buf got = start;
-        ops::amx_gemm(ta, tb, M, N, K, A.data(), lda, {}, B.data(), ldb, {}, acc, got.data(), N);
-        EXPECT_EQ(std::memcmp(got.data(), want.data(), sizeof(float) * M * N), 0)
-            << "form " << form << ", " << per_chunk << " column blocks per chunk";
-      }
+      for (i64 kblock : {kblock0, i64(32), i64(64)})
+        for (i64 per_chunk : {i64(1), i64(3)}) {
+          ops::set_amx_k_block(kblock);
+          ops::set_amx_column_budget(per_chunk * std::min(Kp, kblock) * 32 * 2);
+          EXPECT_EQ(ops::amx_column_chunk(N, K), std::min(per_chunk, nbs));
+          Buf got = start;
+          ops::amx_gemm(ta, tb, M, N, K, A.data(), lda, {}, B.data(), ldb, {}, acc, got.data(),
+                        N);
+          EXPECT_EQ(std::memcmp(got.data(), want.data(), sizeof(float) * M * N), 0)
+              << "form " << form << ", " << per_chunk << " column blocks per chunk, k per chunk "
+              << kblock;
+        }
       ops::set_amx_column_budget(budget0);
+      ops::set_amx_k_block(kblock0);
+      EXPECT_THROW(ops::set_amx_k_block(48), std::exception);
+      EXPECT_EQ(ops::amx_k_block(), kblock0);
     }
     // versioned copies: packed once, reused while the version stays, packed anew for a new one
     const uint64_t v = 1000003 * uint64_t(form + 1) + uint64_t(M * 7 + N * 3 + K);

@@ -27,9 +27,6 @@ constexpr i64 kStrip = 32;      // rows of A (and of C) per strip; columns of B 
 constexpr i64 kKc = 32;         // k per tile step
 constexpr i64 kTile = 512;      // bf16 values per tile (16 x 64 bytes)
 constexpr i64 kPrefetchAhead = 2;  // k steps between a B chunk's prefetch and its load
-// k steps (of 32) per chunk of K: 512 k, A's chunk of a strip 32 KiB (L1); 8 and 32 measured
-// slower, no chunking slowest for K = 4096 (docs/performance.md, session 14)
-constexpr i64 kKBlock = 16;
 
 inline i64 round_up(i64 x, i64 m) { return (x + m - 1) / m * m; }
 
@@ -45,6 +42,12 @@ inline i64 b_off(i64 n, i64 kc, i64 kp, i64 Kp) {
 // Packed B (one K chunk) a pass over the strips reads, at most: a wider B goes in column chunks,
 // each through every strip, so that it streams from memory once rather than once per strip.
 std::atomic<i64> g_column_budget{i64(1) << 20};
+
+// k per chunk of K (a multiple of kKc): C goes through the tiles once per chunk. 2048: the
+// weight-gradient products (K = tokens) 1.04-1.36x faster than with chunks of 512 (which kept
+// a strip's chunk of A in L1, at the price of loading and storing C every 512 k) on the
+// Emerald Rapids host, the forms with K <= 512 unchanged (docs/performance.md, session 40)
+std::atomic<i64> g_k_block{2048};
 
 std::atomic<bool> g_amx_gemm{env_switch("DLCM_AMX_GEMM", "BF16 products on AMX tiles where they fit",
                                          "BF16 products on oneDNN only")};
@@ -204,7 +207,8 @@ inline void block_at(i64 blk, i64 strips, i64 nbs, i64 ncb, i64& s, i64& nb) {
 // through a local 32 x 32 buffer (rows and columns past C are computed from the zero padding
 // and dropped).
 DLCM_AMX_GEMM_TARGET void tile_blocks(const uint16_t* Ap, const uint16_t* Bp, float* C, i64 ldc,
-                                      i64 M, i64 N, i64 Kp, bool acc, i64 ncb, i64 b0, i64 b1) {
+                                      i64 M, i64 N, i64 Kp, bool acc, i64 ncb, i64 kblock, i64 b0,
+                                      i64 b1) {
   TileConfig cfg;
   for (int t = 0; t < 8; ++t) {
     cfg.rows[t] = 16;
@@ -214,10 +218,10 @@ DLCM_AMX_GEMM_TARGET void tile_blocks(const uint16_t* Ap, const uint16_t* Bp, fl
   alignas(64) float edge[kStrip * kStrip];
   const i64 nbs = (N + kStrip - 1) / kStrip, strips = (M + kStrip - 1) / kStrip;
   const i64 steps = Kp / kKc;
-  // K in chunks of kKBlock steps: a strip's chunk of A (32 x 512 bf16, 32 KiB) stays in L1
-  // while the B blocks pass; C goes through the tiles once per chunk
-  for (i64 kb0 = 0; kb0 < steps; kb0 += kKBlock) {
-    const i64 kb1 = std::min(steps, kb0 + kKBlock);
+  // K in chunks of kblock steps (amx_k_block()): the B blocks of a chunk pass each strip's
+  // chunk of A; C goes through the tiles once per chunk
+  for (i64 kb0 = 0; kb0 < steps; kb0 += kblock) {
+    const i64 kb1 = std::min(steps, kb0 + kblock);
     const bool load_c = acc || kb0 > 0;
     for (i64 blk = b0; blk < b1; ++blk) {
       i64 s, nb;
@@ -378,6 +382,12 @@ void set_amx_gemm(bool on) { g_amx_gemm = on; }
 i64 amx_gemm_calls() { return g_amx_calls.load(); }
 bool amx_gemm_on() { return g_amx_gemm.load(); }
 void set_amx_column_budget(i64 bytes) { g_column_budget = std::max<i64>(0, bytes); }
+void set_amx_k_block(i64 k) {
+  DLCM_CHECK(k >= kKc && k % kKc == 0, "set_amx_k_block: k per chunk must be a positive ",
+             "multiple of ", kKc, ", got ", k);
+  g_k_block = k;
+}
+i64 amx_k_block() { return g_k_block.load(); }
 i64 amx_column_budget() { return g_column_budget.load(); }
 
 i64 amx_column_chunk(i64 N, i64 K) {
@@ -385,7 +395,8 @@ i64 amx_column_chunk(i64 N, i64 K) {
   const i64 budget = g_column_budget.load();
   if (budget <= 0) return nbs;
   // a column block's packed B for one K chunk: 32 columns x 32 k x 2 bytes per k step
-  const i64 block_bytes = std::min(round_up(K, kKc) / kKc, kKBlock) * kStrip * kKc * 2;
+  const i64 block_bytes =
+      std::min(round_up(K, kKc), g_k_block.load()) / kKc * kStrip * kKc * 2;
   return std::clamp<i64>(budget / block_bytes, 1, nbs);
 }
 
@@ -404,12 +415,12 @@ void amx_gemm(bool ta, bool tb, i64 M, i64 N, i64 K, const float* A, i64 lda, Am
     Bp = packed(1, PackKey{b16.version, false, tb, N, K}, B, b16, ldb, Kp);
   }
   const i64 blocks = (round_up(M, kStrip) / kStrip) * (round_up(N, kStrip) / kStrip);
-  const i64 ncb = amx_column_chunk(N, K);
+  const i64 ncb = amx_column_chunk(N, K), kblock = g_k_block.load();
 #pragma omp parallel if (blocks > 1)
   {
     const i64 nt = omp_get_num_threads(), id = omp_get_thread_num();
-    isa_avx512::tile_blocks(Ap, Bp, C, ldc, M, N, Kp, accumulate, ncb, blocks * id / nt,
-                            blocks * (id + 1) / nt);
+    isa_avx512::tile_blocks(Ap, Bp, C, ldc, M, N, Kp, accumulate, ncb, kblock / kKc,
+                            blocks * id / nt, blocks * (id + 1) / nt);
   }
 }
 

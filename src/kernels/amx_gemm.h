@@ -11,11 +11,11 @@
 // buffer). A: strips of 32 rows, [M/32][Kp/32][2 halves of 16 rows][16 rows][32 k] bf16. B: blocks
 // of 32 columns, [N/32][Kp/32][2 halves of 16 columns][16 k pairs][16 columns x 2 k] bf16 (the
 // pair-interleaved rows TDPBF16PS reads). Kp = K rounded up to 32, zero-padded. Each thread
-// takes a range of A strips; a strip (32 x Kp) stays in L1/L2 while the B blocks stream past it,
+// takes a range of A strips; a strip's chunk of K stays in L2 while the B blocks stream past it,
 // each block's next 2 KiB prefetched two k steps ahead (a B wider than the column budget
 // passes the strips in column chunks, see set_amx_column_budget). A 32 x 32 block of C lives in
-// four tiles for the whole K (2 A tiles, 2 B tiles: all eight), so C is read (accumulate) and
-// written once.
+// four tiles for a chunk of K (2 A tiles, 2 B tiles: all eight; set_amx_k_block), so C is read
+// (accumulate) and written once per chunk.
 // Packing rounds to nearest even as VCVTNE2PS2BF16 (the same bits as the oneDNN path's
 // operands); a bf16 copy of an operand in its stored layout (gemm.cpp's known copies) packs to
 // the same tiles.
@@ -65,5 +65,11 @@ void set_amx_column_budget(i64 bytes);
 i64 amx_column_budget();
 // Column blocks (of 32) per chunk for a product of N columns and K: all of them when B fits.
 i64 amx_column_chunk(i64 N, i64 K);
+
+// k per chunk of K (default 2048; a positive multiple of 32): a 32 x 32 block of C stays in the
+// tiles over a chunk, so C is loaded and stored once per chunk. The bits do not depend on it
+// (each C element sums its k in order either way). For tests and benchmarks.
+void set_amx_k_block(i64 k);
+i64 amx_k_block();
 
 }  // namespace dlcm::ops
