@@ -1342,29 +1342,41 @@ void run_gemm_amx(const Case& c, Mode m) {
     ops::amx_gemm(ta, tb, M, N, K, nullptr, 0, {a16.data(), lda, 0}, nullptr, 0,
                   {b16.data(), ldb, 0}, false, C3.data(), N);
     EXPECT_EQ(std::memcmp(C2.data(), C3.data(), sizeof(float) * M * N), 0) << "form " << form;
-    // column chunks (a wide B, the LM head's) and K chunks (C loaded and stored between them):
-    // the C blocks in another order, the same bits, with and without accumulation
+    // column chunks (a wide B, the LM head's), K chunks (C loaded and stored between them) and A
+    // packed whole instead of per strip and K chunk: the C blocks in another order, the same
+    // bits, with and without accumulation, from the floats and from a bf16 copy
     {
       const i64 budget0 = ops::amx_column_budget(), kblock0 = ops::amx_k_block();
+      const bool strips0 = ops::amx_strip_packing();
       const i64 nbs = (N + 31) / 32, Kp = (K + 31) / 32 * 32;
       Buf want(M * N);
       test::fill_normal(want.data(), M * N, 95 + form);
       Buf start = want;
       ops::amx_gemm(ta, tb, M, N, K, A.data(), lda, {}, B.data(), ldb, {}, acc, want.data(), N);
-      for (i64 kblock : {kblock0, i64(32), i64(64)})
-        for (i64 per_chunk : {i64(1), i64(3)}) {
-          ops::set_amx_k_block(kblock);
-          ops::set_amx_column_budget(per_chunk * std::min(Kp, kblock) * 32 * 2);
-          EXPECT_EQ(ops::amx_column_chunk(N, K), std::min(per_chunk, nbs));
-          Buf got = start;
-          ops::amx_gemm(ta, tb, M, N, K, A.data(), lda, {}, B.data(), ldb, {}, acc, got.data(),
-                        N);
-          EXPECT_EQ(std::memcmp(got.data(), want.data(), sizeof(float) * M * N), 0)
-              << "form " << form << ", " << per_chunk << " column blocks per chunk, k per chunk "
-              << kblock;
-        }
+      for (bool strips : {true, false})
+        for (i64 kblock : {kblock0, i64(32), i64(64)})
+          for (i64 per_chunk : {i64(1), i64(3)}) {
+            ops::set_amx_strip_packing(strips);
+            ops::set_amx_k_block(kblock);
+            ops::set_amx_column_budget(per_chunk * std::min(Kp, kblock) * 32 * 2);
+            EXPECT_EQ(ops::amx_column_chunk(N, K), std::min(per_chunk, nbs));
+            for (bool copy : {false, true}) {
+              Buf got = start;
+              if (copy)
+                ops::amx_gemm(ta, tb, M, N, K, nullptr, 0, {a16.data(), lda, 0}, B.data(), ldb,
+                              {}, acc, got.data(), N);
+              else
+                ops::amx_gemm(ta, tb, M, N, K, A.data(), lda, {}, B.data(), ldb, {}, acc,
+                              got.data(), N);
+              EXPECT_EQ(std::memcmp(got.data(), want.data(), sizeof(float) * M * N), 0)
+                  << "form " << form << ", " << per_chunk << " column blocks per chunk, k per "
+                  << "chunk " << kblock << (strips ? ", A per strip" : ", A whole")
+                  << (copy ? ", A from its bf16 copy" : "");
+            }
+          }
       ops::set_amx_column_budget(budget0);
       ops::set_amx_k_block(kblock0);
+      ops::set_amx_strip_packing(strips0);
       EXPECT_THROW(ops::set_amx_k_block(48), std::exception);
       EXPECT_EQ(ops::amx_k_block(), kblock0);
     }

@@ -49,6 +49,11 @@ std::atomic<i64> g_column_budget{i64(1) << 20};
 // Emerald Rapids host, the forms with K <= 512 unchanged (docs/performance.md, session 40)
 std::atomic<i64> g_k_block{2048};
 
+// A (not transposed) packed per strip and chunk of K by the thread that uses it, into a buffer
+// that stays in its L2, instead of whole before the products into a buffer that goes out to
+// memory and comes back
+std::atomic<bool> g_strip_packing{true};
+
 std::atomic<bool> g_amx_gemm{env_switch("DLCM_AMX_GEMM", "BF16 products on AMX tiles where they fit",
                                          "BF16 products on oneDNN only")};
 
@@ -185,6 +190,26 @@ DLCM_AMX_GEMM_TARGET void pack_from_pairs(uint16_t* dst, const T* S, i64 ld, i64
     }
 }
 
+// A not transposed (stored [M][K], rows ld apart), floats or a bf16 copy, for packing one strip's
+// chunk of K at a time (amx_strip_packing).
+struct StripSource {
+  const float* f = nullptr;
+  const uint16_t* h = nullptr;
+  i64 ld = 0, M = 0, K = 0;
+};
+
+// Strip s of A for k steps [kb0, kb1) into dst, laid out as the strip's part of a whole packed A
+// with Kp = (kb1 - kb0) * 32: the same bits (rounding, zero padding) as pack() gives there.
+DLCM_AMX_GEMM_TARGET void pack_strip(uint16_t* dst, const StripSource& a, i64 s, i64 kb0,
+                                     i64 kb1) {
+  const i64 r0 = s * kStrip, R = std::min(kStrip, a.M - r0), k0 = kb0 * kKc;
+  const i64 Kc = std::min(a.K - k0, (kb1 - kb0) * kKc), Kpc = (kb1 - kb0) * kKc;
+  if (a.h)
+    pack_from_rows(dst, a.h + r0 * a.ld + k0, a.ld, Kc, Kpc, true, R, 0, 2);
+  else
+    pack_from_rows(dst, a.f + r0 * a.ld + k0, a.ld, Kc, Kpc, true, R, 0, 2);
+}
+
 struct alignas(64) TileConfig {
   uint8_t palette = 1, start_row = 0;
   uint8_t reserved[14] = {};
@@ -203,12 +228,13 @@ inline void block_at(i64 blk, i64 strips, i64 nbs, i64 ncb, i64& s, i64& nb) {
 }
 
 // C blocks [b0, b1) of this thread in the order of block_at: each 32 x 32 block in tiles 0-3
-// over the whole Kp; A in tiles 4-5, B in 6-7. C is M x N: a block that reaches past it goes
-// through a local 32 x 32 buffer (rows and columns past C are computed from the zero padding
-// and dropped).
-DLCM_AMX_GEMM_TARGET void tile_blocks(const uint16_t* Ap, const uint16_t* Bp, float* C, i64 ldc,
-                                      i64 M, i64 N, i64 Kp, bool acc, i64 ncb, i64 kblock, i64 b0,
-                                      i64 b1) {
+// over a chunk of kblock k steps; A in tiles 4-5, B in 6-7. C is M x N: a block that reaches
+// past it goes through a local 32 x 32 buffer (rows and columns past C are computed from the
+// zero padding and dropped). A: packed whole (Ap), or, without Ap, each strip's chunk packed
+// from as into abuf (32 x kblock x 32 bf16) when the thread comes to it.
+DLCM_AMX_GEMM_TARGET void tile_blocks(const uint16_t* Ap, const StripSource& as, uint16_t* abuf,
+                                      const uint16_t* Bp, float* C, i64 ldc, i64 M, i64 N, i64 Kp,
+                                      bool acc, i64 ncb, i64 kblock, i64 b0, i64 b1) {
   TileConfig cfg;
   for (int t = 0; t < 8; ++t) {
     cfg.rows[t] = 16;
@@ -223,10 +249,17 @@ DLCM_AMX_GEMM_TARGET void tile_blocks(const uint16_t* Ap, const uint16_t* Bp, fl
   for (i64 kb0 = 0; kb0 < steps; kb0 += kblock) {
     const i64 kb1 = std::min(steps, kb0 + kblock);
     const bool load_c = acc || kb0 > 0;
+    i64 in_abuf = -1;  // the strip whose chunk abuf holds
     for (i64 blk = b0; blk < b1; ++blk) {
       i64 s, nb;
       block_at(blk, strips, nbs, ncb, s, nb);
-      const uint16_t* a = Ap + s * kStrip * Kp;
+      // a + kc * 2 * kTile: A's tiles of k step ka0 + kc
+      const uint16_t* a = Ap ? Ap + s * kStrip * Kp : abuf;
+      const i64 ka0 = Ap ? 0 : kb0;
+      if (!Ap && s != in_abuf) {
+        pack_strip(abuf, as, s, kb0, kb1);
+        in_abuf = s;
+      }
       const uint16_t* b = Bp + nb * kStrip * Kp;
       const i64 mr = std::min(kStrip, M - s * kStrip), nc = std::min(kStrip, N - nb * kStrip);
       const bool whole = mr == kStrip && nc == kStrip;
@@ -262,7 +295,7 @@ DLCM_AMX_GEMM_TARGET void tile_blocks(const uint16_t* Ap, const uint16_t* Bp, fl
         _tile_zero(3);
       }
       for (i64 kc = kb0; kc < kb1; ++kc) {
-        const uint16_t* ak = a + kc * 2 * kTile;
+        const uint16_t* ak = a + (kc - ka0) * 2 * kTile;
         const uint16_t* bk = b + kc * 2 * kTile;
         if (kc + kPrefetchAhead < kb1) {
           const char* pf = reinterpret_cast<const char*>(bk + kPrefetchAhead * 2 * kTile);
@@ -388,6 +421,8 @@ void set_amx_k_block(i64 k) {
   g_k_block = k;
 }
 i64 amx_k_block() { return g_k_block.load(); }
+void set_amx_strip_packing(bool on) { g_strip_packing = on; }
+bool amx_strip_packing() { return g_strip_packing.load(); }
 i64 amx_column_budget() { return g_column_budget.load(); }
 
 i64 amx_column_chunk(i64 N, i64 K) {
@@ -405,22 +440,39 @@ void amx_gemm(bool ta, bool tb, i64 M, i64 N, i64 K, const float* A, i64 lda, Am
   DLCM_CHECK(amx_gemm_fits(M, N, K), "internal: amx_gemm called for M=", M, " N=", N, " K=", K);
   g_amx_calls.fetch_add(1, std::memory_order_relaxed);
   const i64 Kp = round_up(K, kKc);
-  const uint16_t* Ap;
+  const i64 kblock = g_k_block.load();
+  // per strip for A not transposed (x W^T, dy W): 1.05-1.21x for an A used once, even with
+  // one used by three products (q/k/v), which the whole packing packs once; A^T (the weight
+  // gradients' dy^T) whole: its strips would be transposed again for every column chunk
+  // (0.86-1.00x) (docs/performance.md, session 40)
+  const bool strips = g_strip_packing.load() && !ta;
+  const uint16_t* Ap = nullptr;
   const uint16_t* Bp;
   {
     prof::DetailScope ps("  GEMM: bf16 operand rounding", 0);  // packing rounds the operands
     // A not transposed: its stored rows are op(A)'s, along k; B transposed: its stored rows are
     // op(B)'s columns, along k
-    Ap = packed(0, PackKey{a16.version, true, !ta, M, K}, A, a16, lda, Kp);
+    if (!strips) Ap = packed(0, PackKey{a16.version, true, !ta, M, K}, A, a16, lda, Kp);
     Bp = packed(1, PackKey{b16.version, false, tb, N, K}, B, b16, ldb, Kp);
   }
+  isa_avx512::StripSource as;
+  if (strips) {
+    as.f = a16.data ? nullptr : A;
+    as.h = a16.data;
+    as.ld = a16.data ? a16.ld : lda;
+    as.M = M;
+    as.K = K;
+  }
   const i64 blocks = (round_up(M, kStrip) / kStrip) * (round_up(N, kStrip) / kStrip);
-  const i64 ncb = amx_column_chunk(N, K), kblock = g_k_block.load();
+  const i64 ncb = amx_column_chunk(N, K);
 #pragma omp parallel if (blocks > 1)
   {
     const i64 nt = omp_get_num_threads(), id = omp_get_thread_num();
-    isa_avx512::tile_blocks(Ap, Bp, C, ldc, M, N, Kp, accumulate, ncb, kblock / kKc,
-                            blocks * id / nt, blocks * (id + 1) / nt);
+    thread_local U16Buf abuf;
+    if (strips && abuf.size() < size_t(kStrip * std::min(Kp, kblock)))
+      abuf.resize(size_t(kStrip * std::min(Kp, kblock)));
+    isa_avx512::tile_blocks(Ap, as, abuf.data(), Bp, C, ldc, M, N, Kp, accumulate, ncb,
+                            kblock / kKc, blocks * id / nt, blocks * (id + 1) / nt);
   }
 }
 

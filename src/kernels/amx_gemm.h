@@ -72,4 +72,11 @@ i64 amx_column_chunk(i64 N, i64 K);
 void set_amx_k_block(i64 k);
 i64 amx_k_block();
 
+// Whether an A that is not transposed is packed per strip and chunk of K by the thread that uses
+// it, into a buffer that stays in its cache (default), or whole before the products, in a buffer
+// that the kept copies' packs can be reused from (A^T always is). The same bits either way. For
+// tests and benchmarks.
+void set_amx_strip_packing(bool on);
+bool amx_strip_packing();
+
 }  // namespace dlcm::ops

@@ -67,12 +67,14 @@ struct GemmChoice {
   ops::BlockedUse blocked = ops::blocked_use();  // FP32 products on dlcm's blocked sgemm
   i64 column_budget = ops::amx_column_budget();  // the tile kernel's column chunks (0: none)
   i64 k_block = ops::amx_k_block();              // the tile kernel's k per chunk of K
+  bool strip_packing = ops::amx_strip_packing();  // the tile kernel's A packed per strip
   void apply() const {  // makes it the process's
     ops::set_gemm_path(path);
     ops::set_amx_gemm(amx);
     ops::set_blocked_use(blocked);
     ops::set_amx_column_budget(column_budget);
     ops::set_amx_k_block(k_block);
+    ops::set_amx_strip_packing(strip_packing);
   }
 };
 static GemmChoice parse_gemm_choice(const std::string& s) {
@@ -80,11 +82,14 @@ static GemmChoice parse_gemm_choice(const std::string& s) {
   if (s == "tiles-nochunk") return {ops::GemmPath::Fixed, true, s, ops::blocked_use(), 0};
   if (s == "tiles-k512")
     return {ops::GemmPath::Fixed, true, s, ops::blocked_use(), ops::amx_column_budget(), 512};
+  if (s == "tiles-whole-a")
+    return {ops::GemmPath::Fixed, true, s, ops::blocked_use(), ops::amx_column_budget(),
+            ops::amx_k_block(), false};
   if (s == "onednn") return {ops::GemmPath::Runtime, false, s, ops::BlockedUse::Off};
   if (s == "blocked") return {ops::GemmPath::Runtime, false, s, ops::BlockedUse::Tn};
   const ops::GemmPath p =
       ops::parse_gemm_path(s, "--gemm (or \"tiles\", \"tiles-nochunk\", \"tiles-k512\", "
-                              "\"onednn\", \"blocked\")");
+                              "\"tiles-whole-a\", \"onednn\", \"blocked\")");
   return {p, false, ops::gemm_path_name(p)};
 }
 

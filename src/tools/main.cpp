@@ -154,8 +154,8 @@ int main(int argc, char** argv) {
                      ".venv-torch2/bin/python)")->delimiter(',');
   btrain->add_option("--precision", ba.precisions, "fp32 and/or bf16, timed side by side (default: the config's)")
       ->delimiter(',')->check(CLI::IsMember({"fp32", "bf16"}));
-  btrain->add_option("--gemm", ba.gemm_paths, "runtime, fixed (oneDNN's paths), tiles (BF16 products on the AMX tile kernel where they fit, the rest fixed), tiles-nochunk (the same, a wide B read whole by every strip of A: no column chunks), tiles-k512 (the same, C through the tiles every 512 k instead of 2048), onednn (runtime with every FP32 product on oneDNN's sgemm, none on dlcm's blocked one) and/or blocked (runtime with the FP32 weight-gradient products on dlcm's blocked sgemm, the default on Intel CPUs), timed side by side (default: DLCM_GEMM, else fixed on AMX CPUs, runtime elsewhere; DLCM_AMX_GEMM; DLCM_SGEMM_OWN)")
-      ->delimiter(',')->check(CLI::IsMember({"runtime", "fixed", "tiles", "tiles-nochunk", "tiles-k512", "onednn", "blocked"}));
+  btrain->add_option("--gemm", ba.gemm_paths, "runtime, fixed (oneDNN's paths), tiles (BF16 products on the AMX tile kernel where they fit, the rest fixed), tiles-nochunk (the same, a wide B read whole by every strip of A: no column chunks), tiles-k512 (the same, C through the tiles every 512 k instead of 2048), tiles-whole-a (the same, A packed whole before the products instead of per strip), onednn (runtime with every FP32 product on oneDNN's sgemm, none on dlcm's blocked one) and/or blocked (runtime with the FP32 weight-gradient products on dlcm's blocked sgemm, the default on Intel CPUs), timed side by side (default: DLCM_GEMM, else fixed on AMX CPUs, runtime elsewhere; DLCM_AMX_GEMM; DLCM_SGEMM_OWN)")
+      ->delimiter(',')->check(CLI::IsMember({"runtime", "fixed", "tiles", "tiles-nochunk", "tiles-k512", "tiles-whole-a", "onednn", "blocked"}));
   btrain->add_flag("--breakdown", ba.breakdown, "per-component time of a training step");
   btrain->add_flag("--breakdown-gemm", ba.breakdown_gemm,
                    "--breakdown with every GEMM, and the BF16 operand rounding, in rows of their "
