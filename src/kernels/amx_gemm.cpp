@@ -441,9 +441,9 @@ void amx_gemm(bool ta, bool tb, i64 M, i64 N, i64 K, const float* A, i64 lda, Am
   g_amx_calls.fetch_add(1, std::memory_order_relaxed);
   const i64 Kp = round_up(K, kKc);
   const i64 kblock = g_k_block.load();
-  // per strip for A not transposed (x W^T, dy W): 1.05-1.21x for an A used once, even with
-  // one used by three products (q/k/v), which the whole packing packs once; A^T (the weight
-  // gradients' dy^T) whole: its strips would be transposed again for every column chunk
+  // per strip for A not transposed (x W^T, dy W): 1.05-1.21x for an A used once, 0.97-1.02x
+  // for one that three products share (q/k/v), which the whole packing packs once; A^T (the
+  // weight gradients' dy^T) whole: its strips would be transposed again for every column chunk
   // (0.86-1.00x) (docs/performance.md, session 40)
   const bool strips = g_strip_packing.load() && !ta;
   const uint16_t* Ap = nullptr;
