@@ -204,11 +204,21 @@ DLCM_AMX_GEMM_TARGET void pack_strip(uint16_t* dst, const StripSource& a, i64 s,
                                      i64 kb1) {
   const i64 r0 = s * kStrip, R = std::min(kStrip, a.M - r0), k0 = kb0 * kKc;
   const i64 Kc = std::min(a.K - k0, (kb1 - kb0) * kKc), Kpc = (kb1 - kb0) * kKc;
+  const i64 at = r0 * a.ld + k0;  // the strip's first row, at the chunk's first k
   if (a.h)
-    pack_from_rows(dst, a.h + r0 * a.ld + k0, a.ld, Kc, Kpc, true, R, 0, 2);
+    pack_from_rows(dst, a.h + at, a.ld, Kc, Kpc, true, R, 0, 2);
   else
-    pack_from_rows(dst, a.f + r0 * a.ld + k0, a.ld, Kc, Kpc, true, R, 0, 2);
+    pack_from_rows(dst, a.f + at, a.ld, Kc, Kpc, true, R, 0, 2);
 }
+
+// A as tile_blocks reads it: packed whole before the products (packed), or, without that, each
+// strip's chunk of K packed from its stored rows (strips) into this thread's buffer (buf, 32 x
+// kblock x 32 bf16) when the thread comes to it.
+struct TileA {
+  const uint16_t* packed = nullptr;
+  StripSource strips;
+  uint16_t* buf = nullptr;
+};
 
 struct alignas(64) TileConfig {
   uint8_t palette = 1, start_row = 0;
@@ -230,11 +240,10 @@ inline void block_at(i64 blk, i64 strips, i64 nbs, i64 ncb, i64& s, i64& nb) {
 // C blocks [b0, b1) of this thread in the order of block_at: each 32 x 32 block in tiles 0-3
 // over a chunk of kblock k steps; A in tiles 4-5, B in 6-7. C is M x N: a block that reaches
 // past it goes through a local 32 x 32 buffer (rows and columns past C are computed from the
-// zero padding and dropped). A: packed whole (Ap), or, without Ap, each strip's chunk packed
-// from as into abuf (32 x kblock x 32 bf16) when the thread comes to it.
-DLCM_AMX_GEMM_TARGET void tile_blocks(const uint16_t* Ap, const StripSource& as, uint16_t* abuf,
-                                      const uint16_t* Bp, float* C, i64 ldc, i64 M, i64 N, i64 Kp,
-                                      bool acc, i64 ncb, i64 kblock, i64 b0, i64 b1) {
+// zero padding and dropped). A: see TileA.
+DLCM_AMX_GEMM_TARGET void tile_blocks(const TileA& A, const uint16_t* Bp, float* C, i64 ldc,
+                                      i64 M, i64 N, i64 Kp, bool acc, i64 ncb, i64 kblock, i64 b0,
+                                      i64 b1) {
   TileConfig cfg;
   for (int t = 0; t < 8; ++t) {
     cfg.rows[t] = 16;
@@ -249,15 +258,15 @@ DLCM_AMX_GEMM_TARGET void tile_blocks(const uint16_t* Ap, const StripSource& as,
   for (i64 kb0 = 0; kb0 < steps; kb0 += kblock) {
     const i64 kb1 = std::min(steps, kb0 + kblock);
     const bool load_c = acc || kb0 > 0;
-    i64 in_abuf = -1;  // the strip whose chunk abuf holds
+    i64 in_abuf = -1;  // the strip whose chunk A.buf holds
     for (i64 blk = b0; blk < b1; ++blk) {
       i64 s, nb;
       block_at(blk, strips, nbs, ncb, s, nb);
       // a + kc * 2 * kTile: A's tiles of k step ka0 + kc
-      const uint16_t* a = Ap ? Ap + s * kStrip * Kp : abuf;
-      const i64 ka0 = Ap ? 0 : kb0;
-      if (!Ap && s != in_abuf) {
-        pack_strip(abuf, as, s, kb0, kb1);
+      const uint16_t* a = A.packed ? A.packed + s * kStrip * Kp : A.buf;
+      const i64 ka0 = A.packed ? 0 : kb0;
+      if (!A.packed && s != in_abuf) {
+        pack_strip(A.buf, A.strips, s, kb0, kb1);
         in_abuf = s;
       }
       const uint16_t* b = Bp + nb * kStrip * Kp;
@@ -446,17 +455,17 @@ void amx_gemm(bool ta, bool tb, i64 M, i64 N, i64 K, const float* A, i64 lda, Am
   // weight gradients' dy^T) whole: its strips would be transposed again for every column chunk
   // (0.86-1.00x) (docs/performance.md, session 40)
   const bool strips = g_strip_packing.load() && !ta;
-  const uint16_t* Ap = nullptr;
+  isa_avx512::TileA a_op;
   const uint16_t* Bp;
   {
     prof::DetailScope ps("  GEMM: bf16 operand rounding", 0);  // packing rounds the operands
     // A not transposed: its stored rows are op(A)'s, along k; B transposed: its stored rows are
     // op(B)'s columns, along k
-    if (!strips) Ap = packed(0, PackKey{a16.version, true, !ta, M, K}, A, a16, lda, Kp);
+    if (!strips) a_op.packed = packed(0, PackKey{a16.version, true, !ta, M, K}, A, a16, lda, Kp);
     Bp = packed(1, PackKey{b16.version, false, tb, N, K}, B, b16, ldb, Kp);
   }
-  isa_avx512::StripSource as;
   if (strips) {
+    isa_avx512::StripSource& as = a_op.strips;
     as.f = a16.data ? nullptr : A;
     as.h = a16.data;
     as.ld = a16.data ? a16.ld : lda;
@@ -471,8 +480,10 @@ void amx_gemm(bool ta, bool tb, i64 M, i64 N, i64 K, const float* A, i64 lda, Am
     thread_local U16Buf abuf;
     if (strips && abuf.size() < size_t(kStrip * std::min(Kp, kblock)))
       abuf.resize(size_t(kStrip * std::min(Kp, kblock)));
-    isa_avx512::tile_blocks(Ap, as, abuf.data(), Bp, C, ldc, M, N, Kp, accumulate, ncb,
-                            kblock / kKc, blocks * id / nt, blocks * (id + 1) / nt);
+    isa_avx512::TileA mine = a_op;  // this thread's strip buffer
+    mine.buf = abuf.data();
+    isa_avx512::tile_blocks(mine, Bp, C, ldc, M, N, Kp, accumulate, ncb, kblock / kKc,
+                            blocks * id / nt, blocks * (id + 1) / nt);
   }
 }
 
