@@ -474,12 +474,13 @@ void amx_gemm(bool ta, bool tb, i64 M, i64 N, i64 K, const float* A, i64 lda, Am
   }
   const i64 blocks = (round_up(M, kStrip) / kStrip) * (round_up(N, kStrip) / kStrip);
   const i64 ncb = amx_column_chunk(N, K);
+  // a strip's chunk of K, 32 rows x min(Kp, kblock) k, in each thread's buffer (strips only)
+  const size_t abuf_len = strips ? size_t(kStrip * std::min(Kp, kblock)) : 0;
 #pragma omp parallel if (blocks > 1)
   {
     const i64 nt = omp_get_num_threads(), id = omp_get_thread_num();
     thread_local U16Buf abuf;
-    if (strips && abuf.size() < size_t(kStrip * std::min(Kp, kblock)))
-      abuf.resize(size_t(kStrip * std::min(Kp, kblock)));
+    if (abuf.size() < abuf_len) abuf.resize(abuf_len);
     isa_avx512::TileA mine = a_op;  // this thread's strip buffer
     mine.buf = abuf.data();
     isa_avx512::tile_blocks(mine, Bp, C, ldc, M, N, Kp, accumulate, ncb, kblock / kKc,
