@@ -417,6 +417,8 @@ TEST(Cli, BenchTrainOnednnEngineAndBenchGemmPeer) {
   if (ops::isa() != ops::Isa::Scalar) {
     EXPECT_NE(r.out.find("FP32 FMA ceiling (" + std::string(ops::isa_name(ops::isa())) +
                          " register loop"), std::string::npos) << r.out;
+    EXPECT_NE(r.out.find("FP32 L1 loop ceiling (" + std::string(ops::isa_name(ops::isa())) +
+                         " micro-kernel tile fed from L1"), std::string::npos) << r.out;
   }
   r = run("bench gemm --repeats 1 --seconds 0.01 --torch " + tmp.path + "/no-python");
   EXPECT_NE(r.rc, 0);

@@ -2333,7 +2333,8 @@ TEST(Ops, TileMmAmxMatchesRoundedOperands) {
 // The FMA ceiling's loop does every FMA it counts, at each vector level: with b = c = 1 each
 // accumulator (chain i, every lane) ends at i + n, so the sum is lanes * (chains * n + sum i),
 // exact in FP32 for n < 2^23; a loop the compiler folded or shortened gives another sum, and
-// the FLOP count matches the level's width. The scalar level measures nothing and says so.
+// the FLOP count matches the level's width. The same for the L1 loop (a micro-kernel tile fed
+// from L1): its accumulators end at i + n a b. The scalar level measures nothing and says so.
 TEST(Ops, FmaCeilingLoopRunsEveryFma) {
   struct Restore {
     ops::Isa prev = ops::isa();
@@ -2345,9 +2346,12 @@ TEST(Ops, FmaCeilingLoopRunsEveryFma) {
     SCOPED_TRACE(ops::isa_name(level));
     if (level == ops::Isa::Scalar) {
       EXPECT_THROW(ops::fma_loop(10, 1.f, 1.f, nullptr), Error);
-      const ops::FmaCeiling c = ops::fma_ceiling(0.01, 1);
-      EXPECT_EQ(c.gflops, 0.0);
-      EXPECT_STREQ(c.unit, "");
+      EXPECT_THROW(ops::fma_loop_l1(10, 1.f, 1.f, nullptr), Error);
+      for (ops::FmaLoop loop : {ops::FmaLoop::Registers, ops::FmaLoop::L1Operands}) {
+        const ops::FmaCeiling c = ops::fma_ceiling(0.01, 1, loop);
+        EXPECT_EQ(c.gflops, 0.0);
+        EXPECT_STREQ(c.unit, "");
+      }
       continue;
     }
     const double lanes = level == ops::Isa::Avx512 ? 16 : 8;
@@ -2360,10 +2364,25 @@ TEST(Ops, FmaCeilingLoopRunsEveryFma) {
     }
     // b = 0.5, c = 0: chain i halves each step (exact): i / 2^n
     EXPECT_EQ(ops::fma_loop(3, 0.5f, 0.f, nullptr), lanes * (chains * (chains - 1) / 2) / 8);
-    const ops::FmaCeiling c = ops::fma_ceiling(0.02, 1);
-    EXPECT_GT(c.gflops, 0.0);
-    EXPECT_EQ(c.threads, 1);
-    EXPECT_STREQ(c.unit, ops::isa_name(level));
+    // The L1 loop: a 6 x 4 (AVX2: 6 x 2) tile of accumulators, accumulator i starting at i and
+    // adding a * b per k step (k cycling over its 64 rows of operands).
+    const double tiles = level == ops::Isa::Avx512 ? 24 : 12;
+    for (i64 n : {i64(0), i64(1), i64(63), i64(64), i64(1000), i64(123457)}) {
+      double flops = -1;
+      const double sum = ops::fma_loop_l1(n, 1.f, 1.f, &flops);
+      EXPECT_EQ(sum, lanes * (tiles * double(n) + tiles * (tiles - 1) / 2)) << "n=" << n;
+      EXPECT_EQ(flops, 2 * lanes * tiles * double(n));
+      // a * b = 1/8 per step, exact: accumulator i ends at i + n / 8
+      EXPECT_EQ(ops::fma_loop_l1(n, 0.5f, 0.25f, nullptr),
+                lanes * (tiles * double(n) / 8 + tiles * (tiles - 1) / 2))
+          << "n=" << n;
+    }
+    for (ops::FmaLoop loop : {ops::FmaLoop::Registers, ops::FmaLoop::L1Operands}) {
+      const ops::FmaCeiling c = ops::fma_ceiling(0.02, 1, loop);
+      EXPECT_GT(c.gflops, 0.0);
+      EXPECT_EQ(c.threads, 1);
+      EXPECT_STREQ(c.unit, ops::isa_name(level));
+    }
     ++levels;
   }
   if (levels == 0) GTEST_SKIP() << "no vector level here: " << ops::isa_summary();

@@ -491,6 +491,7 @@ int cmd_bench_train(const BenchTrainArgs& args) {
 
   // Repeats, interleaved: GEMM peak, each engine, the PyTorch peer.
   std::vector<double> peaks, idle_peaks, peaks16, idle_peaks16, rss_steps, ceilings, peak_share;
+  std::vector<double> l1_ceilings, l1_share;  // the L1 loop's ceiling, the GEMM peak's share
   for (i64 r = 0; r < a.repeats; ++r) {
     const Peak pk = measure_peak(0.3, 2048);
     peaks.push_back(pk.wall);
@@ -499,6 +500,13 @@ int cmd_bench_train(const BenchTrainArgs& args) {
     if (const ops::FmaCeiling fc = ops::fma_ceiling(0.1); fc.gflops > 0) {
       ceilings.push_back(fc.gflops);
       peak_share.push_back(pk.wall / fc.gflops);
+    }
+    // and the rate of a GEMM micro-kernel's inner loop with its operands in L1, which no GEMM
+    // exceeds (on some hosts two cores lose a third of the register loop's rate this way)
+    if (const ops::FmaCeiling fc = ops::fma_ceiling(0.1, 0, ops::FmaLoop::L1Operands);
+        fc.gflops > 0) {
+      l1_ceilings.push_back(fc.gflops);
+      l1_share.push_back(pk.wall / fc.gflops);
     }
     Peak p16 = pk;
     if (has16) {
@@ -580,6 +588,13 @@ int cmd_bench_train(const BenchTrainArgs& args) {
     std::printf("FP32 FMA ceiling (%s register loop of FMAs, no memory; median of repeats): wall "
                 "%.1f GFLOP/s; the FP32 GEMM peak is %.0f%% of it\n",
                 ops::isa_name(ops::isa()), bench::median(ceilings), 100 * bench::median(peak_share));
+  if (!l1_ceilings.empty())
+    std::printf("FP32 L1 loop ceiling (%s micro-kernel tile fed from L1, all threads; median of "
+                "repeats): wall %.1f GFLOP/s (%.0f%% of the register loop); the FP32 GEMM peak is "
+                "%.0f%% of it\n",
+                ops::isa_name(ops::isa()), bench::median(l1_ceilings),
+                100 * bench::median(l1_ceilings) / bench::median(ceilings),
+                100 * bench::median(l1_share));
   if (!peaks16.empty()) {
     ops::PrecisionScope bf(ops::Precision::BF16);
     std::printf("BF16 GEMM peak (ops::gemm 2048^3 incl. operand rounding, %s path: %s): wall %.1f "

@@ -150,8 +150,8 @@ int cmd_bench_gemm(const BenchGemmArgs& a) {
           : ops::BlockedUse::Tn;
   const char* alt = alt_use == ops::BlockedUse::Off ? "onednn" : "blocked";
   std::printf("FP32 rows end with the runtime path %s%s, per wall second, then each path's "
-              "share of the FP32 FMA ceiling (a register loop of FMAs, no memory, measured in "
-              "each repeat)\n",
+              "share of the FP32 FMA ceiling (a register loop of FMAs, no memory) and of the L1 "
+              "loop (a micro-kernel tile fed from L1), both measured in each repeat\n",
               alt_use == ops::BlockedUse::Off
                   ? "on oneDNN's sgemm alone (onednn: no dlcm blocked sgemm)"
                   : "with the weight gradients on dlcm's blocked sgemm (blocked: not the default "
@@ -160,8 +160,8 @@ int cmd_bench_gemm(const BenchGemmArgs& a) {
   std::printf("%-5s %-17s %-4s %15s %7s %7s %7s | %7s %7s %7s  %s\n", "prec", "product", "op",
               "M x N x K", "runtime", "fixed", "ratio", "runtime", "fixed", "ratio",
               ("implementation (runtime | fixed) | fp32: " + std::string(alt) + ", runtime/" + alt +
-               "[, torch, runtime/torch] | ceiling: runtime fixed").c_str());
-  std::vector<double> ceilings;  // the FP32 FMA ceiling, per FP32 repeat
+               "[, torch, runtime/torch] | ceiling: runtime fixed | L1 loop: runtime fixed").c_str());
+  std::vector<double> ceilings, l1_ceilings;  // the FP32 FMA ceilings, per FP32 repeat
   for (ops::Precision p : precs) {
     ops::set_gemm_precision(p);
     for (const Shape& s : kShapes) {
@@ -180,7 +180,8 @@ int cmd_bench_gemm(const BenchGemmArgs& a) {
         for (int w = 0; w < 3; ++w) run(s, o);
       }
       std::vector<double> wall[2], idle[2], ratio, idle_ratio, alt_rates, vs_alt, torch, vs_torch;
-      std::vector<double> of_ceiling[2];  // FP32: each path's wall rate / the FMA ceiling
+      // FP32: each path's wall rate / the register loop's ceiling, / the L1 loop's
+      std::vector<double> of_ceiling[2], of_l1[2];
       for (i64 rep = 0; rep < a.repeats; ++rep) {
         for (int k = 0; k < 2; ++k) {
           ops::set_gemm_path(paths[k]);
@@ -201,6 +202,11 @@ int cmd_bench_gemm(const BenchGemmArgs& a) {
           if (fc.gflops > 0) {
             ceilings.push_back(fc.gflops);
             for (int k = 0; k < 2; ++k) of_ceiling[k].push_back(wall[k].back() / fc.gflops);
+          }
+          const ops::FmaCeiling l1 = ops::fma_ceiling(a.seconds / 2, 0, ops::FmaLoop::L1Operands);
+          if (l1.gflops > 0) {
+            l1_ceilings.push_back(l1.gflops);
+            for (int k = 0; k < 2; ++k) of_l1[k].push_back(wall[k].back() / l1.gflops);
           }
           if (peer) {
             torch.push_back(torch_rate(s, a.seconds).wall);
@@ -223,8 +229,9 @@ int cmd_bench_gemm(const BenchGemmArgs& a) {
           extra += buf;
         }
         if (!of_ceiling[0].empty()) {
-          std::snprintf(buf, sizeof buf, " | ceiling %.0f%% %.0f%%",
-                        100 * bench::median(of_ceiling[0]), 100 * bench::median(of_ceiling[1]));
+          std::snprintf(buf, sizeof buf, " | ceiling %.0f%% %.0f%% | L1 loop %.0f%% %.0f%%",
+                        100 * bench::median(of_ceiling[0]), 100 * bench::median(of_ceiling[1]),
+                        100 * bench::median(of_l1[0]), 100 * bench::median(of_l1[1]));
           extra += buf;
         }
       }
@@ -241,8 +248,11 @@ int cmd_bench_gemm(const BenchGemmArgs& a) {
   ops::set_gemm_precision(prec0);
   if (!ceilings.empty())
     std::printf("FP32 FMA ceiling (%s register loop, %d threads; median of the FP32 repeats): "
-                "%.1f GFLOP/s\n",
-                ops::isa_name(ops::isa()), omp_get_max_threads(), bench::median(ceilings));
+                "%.1f GFLOP/s; L1 loop (a micro-kernel tile fed from L1): %.1f GFLOP/s (%.0f%% "
+                "of the register loop)\n",
+                ops::isa_name(ops::isa()), omp_get_max_threads(), bench::median(ceilings),
+                bench::median(l1_ceilings),
+                100 * bench::median(l1_ceilings) / bench::median(ceilings));
   else
     std::printf("FP32 FMA ceiling: not measured (scalar kernel level)\n");
   return 0;
