@@ -37,8 +37,8 @@ __attribute__((target("avx2,fma,avx512f"), noipa)) double fma_loop(i64 n, float 
   return s;
 }
 
-// The L1 loop's operands: B [kFedK][kFedCols] and A [kFedK][kFedRows] (k-major, as a packed
-// micro-kernel reads them), 64-byte aligned, together 17.5 KiB (AVX-512) or 6.5 KiB (AVX2).
+// The L1 loop's operands: B [kFedK][64] and A [kFedK][kFedRows] (k-major, as a packed
+// micro-kernel reads them), 64-byte aligned, together 17.5 KiB (AVX2: B [kFedK][16], 5.5 KiB).
 constexpr int kFedRows = 6, kFedK = 64;
 #define DLCM_FED_ROW(r)                                                             \
   __m512 c##r##0 = _mm512_set1_ps(float(r * 4 + 0)), c##r##1 = _mm512_set1_ps(float(r * 4 + 1)), \
@@ -97,32 +97,37 @@ __attribute__((target("avx2,fma"), noipa)) double fma_loop(i64 n, float b, float
   return s;
 }
 
-// The L1 loop at this level: 6 rows x 2 ymm (B rows of 16 floats), 12 accumulators.
+// The L1 loop at this level: 6 rows x 2 ymm (B rows of 16 floats), 12 named accumulators.
 constexpr int kFedRows = 6, kFedK = 64;
+#define DLCM_FED_ROW(r) \
+  __m256 c##r##0 = _mm256_set1_ps(float(r * 2 + 0)), c##r##1 = _mm256_set1_ps(float(r * 2 + 1));
+#define DLCM_FED_FMA(r)                               \
+  {                                                   \
+    const __m256 av = _mm256_broadcast_ss(a + r);     \
+    c##r##0 = _mm256_fmadd_ps(av, b0, c##r##0);       \
+    c##r##1 = _mm256_fmadd_ps(av, b1, c##r##1);       \
+  }
+#define DLCM_FED_SUM(r)                               \
+  for (__m256 x : {c##r##0, c##r##1}) {               \
+    _mm256_store_ps(t, x);                            \
+    for (float v : t) s += v;                         \
+  }
 __attribute__((target("avx2,fma"), noipa)) double fed_loop(i64 n, const float* A, const float* B) {
-  __m256 c[kFedRows][2];
-  for (int r = 0; r < kFedRows; ++r)
-    for (int j = 0; j < 2; ++j) c[r][j] = _mm256_set1_ps(float(r * 2 + j));
+  DLCM_FED_ROW(0) DLCM_FED_ROW(1) DLCM_FED_ROW(2) DLCM_FED_ROW(3) DLCM_FED_ROW(4) DLCM_FED_ROW(5)
   for (i64 k = 0; k < n; ++k) {
     const float* b = B + (k % kFedK) * 16;
     const float* a = A + (k % kFedK) * kFedRows;
     const __m256 b0 = _mm256_load_ps(b), b1 = _mm256_load_ps(b + 8);
-#pragma GCC unroll 6
-    for (int r = 0; r < kFedRows; ++r) {
-      const __m256 av = _mm256_broadcast_ss(a + r);
-      c[r][0] = _mm256_fmadd_ps(av, b0, c[r][0]);
-      c[r][1] = _mm256_fmadd_ps(av, b1, c[r][1]);
-    }
+    DLCM_FED_FMA(0) DLCM_FED_FMA(1) DLCM_FED_FMA(2) DLCM_FED_FMA(3) DLCM_FED_FMA(4) DLCM_FED_FMA(5)
   }
   alignas(32) float t[8];
   double s = 0;
-  for (int r = 0; r < kFedRows; ++r)
-    for (int j = 0; j < 2; ++j) {
-      _mm256_store_ps(t, c[r][j]);
-      for (float x : t) s += x;
-    }
+  DLCM_FED_SUM(0) DLCM_FED_SUM(1) DLCM_FED_SUM(2) DLCM_FED_SUM(3) DLCM_FED_SUM(4) DLCM_FED_SUM(5)
   return s;
 }
+#undef DLCM_FED_ROW
+#undef DLCM_FED_FMA
+#undef DLCM_FED_SUM
 }  // namespace isa_avx2
 
 namespace {
@@ -137,7 +142,7 @@ double flops_per_iteration(Isa i, FmaLoop loop) {
 
 // This thread's L1 loop operands (A then B, 64-byte aligned), every A value a and B value b.
 const float* fed_operands(float a, float b) {
-  constexpr int kA = 64 * 6, kB = 64 * 64;  // sized for AVX-512; AVX2 reads the first 16 columns
+  constexpr int kA = 64 * 6, kB = 64 * 64;  // sized for AVX-512; AVX2 reads B's first 64 x 16
   thread_local std::vector<float, AlignedAlloc<float>> buf(kA + kB);
   std::fill(buf.begin(), buf.begin() + kA, a);
   std::fill(buf.begin() + kA, buf.end(), b);
