@@ -420,6 +420,16 @@ TEST(Cli, BenchTrainOnednnEngineAndBenchGemmPeer) {
     EXPECT_NE(r.out.find("FP32 L1 loop ceiling (" + std::string(ops::isa_name(ops::isa())) +
                          " micro-kernel tile fed from L1"), std::string::npos) << r.out;
   }
+  // the AMX tile kernel's whole packs with ordinary stores, side by side with the default's
+  // non-temporal ones (on a CPU without AMX both engines run oneDNN: the same command works)
+  if (ops::cpu_has_bf16()) {
+    r = run("bench train --config " + cfg +
+            " --no-torch --steps 1 --repeats 1 --precision bf16 --gemm tiles,tiles-plain-stores");
+    ASSERT_EQ(r.rc, 0) << r.out;
+    for (const char* l : {"dlcm engine bf16/tiles ", "dlcm engine bf16/tiles-plain-stores",
+                          "bf16/tiles-plain-stores / bf16/tiles tokens/s"})
+      EXPECT_NE(r.out.find(l), std::string::npos) << l << "\n" << r.out;
+  }
   r = run("bench gemm --repeats 1 --seconds 0.01 --torch " + tmp.path + "/no-python");
   EXPECT_NE(r.rc, 0);
   EXPECT_NE(r.out.find("--torch"), std::string::npos) << r.out;

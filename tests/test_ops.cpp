@@ -1296,6 +1296,43 @@ void run_gemm_amx(const Case& c, Mode m) {
       });
     }
     ops::set_amx_gemm(true);
+    // The whole packs' non-temporal stores against ordinary ones (set_amx_stream_bytes(0)):
+    // time ratios of the two in adjacent calls, 31 pairs, median and quartiles (the AMX rate of
+    // some hosts swings 2x between periods, which best-of rows of their own would compare).
+    // 64 MB are written before each timed call, as a training step's other work does between
+    // two products: the pack's scratch and the operands are no longer in the caches (called
+    // back to back, the last call's scratch lines sit in a large L3 and an ordinary store finds
+    // them there).
+    const i64 stream0 = ops::amx_stream_bytes();
+    std::vector<float> junk((64 << 20) / 4);
+    auto paired = [&](const char* pass, const std::function<void()>& fn) {
+      using clk = std::chrono::steady_clock;
+      std::vector<double> r;
+      for (int i = 0; i < 31; ++i) {
+        double t[2];
+        for (int plain : {0, 1}) {
+          ops::set_amx_stream_bytes(plain ? 0 : stream0);
+          fn();  // unmeasured: the scratch sized
+          for (size_t j = 0; j < junk.size(); j += 16) junk[j] += 1.f;
+          const auto t0 = clk::now();
+          fn();
+          t[plain] = std::chrono::duration<double>(clk::now() - t0).count();
+        }
+        r.push_back(t[1] / t[0]);
+      }
+      std::sort(r.begin(), r.end());
+      std::printf("%-28s %-44s %-11s %.3fx (quartiles %.3fx-%.3fx): plain stores' time / "
+                  "non-temporal's, 31 pairs\n",
+                  c.op, describe(c).c_str(), pass, r[15], r[7], r[23]);
+      std::fflush(stdout);
+    };
+    paired("NT st/plain", [&] {
+      ops::gemm(false, true, M, N, K, 1.f, x.data(), K, W.data(), K, 0.f, y.data(), N);
+    });
+    paired("TN+C st/pl", [&] {
+      ops::gemm(true, false, N, K, M, 1.f, y.data(), N, x.data(), K, 1.f, dW.data(), K);
+    });
+    ops::set_amx_stream_bytes(stream0);
     return;
   }
   const bool amx_cpu = ops::amx_bf16_usable() && ops::isa() == ops::Isa::Avx512;
@@ -1379,6 +1416,27 @@ void run_gemm_amx(const Case& c, Mode m) {
       ops::set_amx_strip_packing(strips0);
       EXPECT_THROW(ops::set_amx_k_block(48), std::exception);
       EXPECT_EQ(ops::amx_k_block(), kblock0);
+      // whole packs written with non-temporal stores (every one: 1 byte and up) or with
+      // ordinary ones (0: never): the same bits
+      const i64 stream0 = ops::amx_stream_bytes();
+      for (i64 stream : {i64(1), i64(0)})
+        for (bool strips : {true, false}) {
+          ops::set_amx_stream_bytes(stream);
+          ops::set_amx_strip_packing(strips);
+          const i64 packs0 = ops::amx_stream_packs();
+          Buf got = start;
+          ops::amx_gemm(ta, tb, M, N, K, A.data(), lda, {}, B.data(), ldb, {}, acc, got.data(),
+                        N);
+          // B is always packed whole; A too unless per strip
+          EXPECT_EQ(ops::amx_stream_packs() - packs0, stream == 0 ? 0 : strips && !ta ? 1 : 2)
+              << "form " << form << ", stream from " << stream << " bytes";
+          EXPECT_EQ(std::memcmp(got.data(), want.data(), sizeof(float) * M * N), 0)
+              << "form " << form << ", stream from " << stream << " bytes"
+              << (strips ? ", A per strip" : ", A whole");
+        }
+      ops::set_amx_stream_bytes(stream0);
+      ops::set_amx_strip_packing(strips0);
+      EXPECT_EQ(ops::amx_stream_bytes(), stream0);
     }
     // versioned copies: packed once, reused while the version stays, packed anew for a new one
     const uint64_t v = 1000003 * uint64_t(form + 1) + uint64_t(M * 7 + N * 3 + K);

@@ -49,6 +49,16 @@ std::atomic<i64> g_column_budget{i64(1) << 20};
 // Emerald Rapids host, the forms with K <= 512 unchanged (docs/performance.md, session 40)
 std::atomic<i64> g_k_block{2048};
 
+// A whole operand packed before the products (A^T, every B) of at least this many bytes is
+// written with non-temporal stores. Such a pack (the weight-gradient products' dy^T and x,
+// 4-12 MiB) is larger than a core's L2 and leaves the caches before the tiles read it, so an
+// ordinary store's read for ownership of each line only adds memory traffic (a third more) to
+// a pass that memory bounds: the weight-gradient products 1.01-1.06x, the others 1.01-1.02x
+// (paired medians of 31 rounds, Emerald Rapids host, docs/performance.md, session 43). Packs
+// per strip (into a buffer that stays in L2) always store normally.
+std::atomic<i64> g_stream_bytes{i64(1) << 20};
+std::atomic<i64> g_stream_packs{0};
+
 // A (not transposed) packed per strip and chunk of K by the thread that uses it, into a buffer
 // that stays in its L2, instead of whole before the products into a buffer that goes out to
 // memory and comes back
@@ -135,6 +145,15 @@ DLCM_AMX_GEMM_TARGET inline void transpose16(__m512i r[16]) {
 }
 DLCM_GCC105593_END
 
+// One 64-byte row of a packed tile: a non-temporal store for a whole operand's pack (see
+// g_stream_bytes), else an ordinary one.
+DLCM_AMX_GEMM_TARGET inline void store_tile_row(uint16_t* d, __m512i v, bool nt) {
+  if (nt)
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(d), v);
+  else
+    _mm512_store_si512(d, v);
+}
+
 // The four packers, each for a range of 16-row (A) or 16-column (B) groups [g0, g1).
 // "rows": the stored rows run along k (A not transposed, B transposed): a tile row is 32
 // consecutive k of one stored row. "pairs": the stored rows are k (A transposed, B not): two of
@@ -143,7 +162,7 @@ DLCM_GCC105593_END
 // R: the stored rows (A) or columns (B) that exist; the padding up to a multiple of 32 is zero.
 template <class T>
 DLCM_AMX_GEMM_TARGET void pack_from_rows(uint16_t* dst, const T* S, i64 ld, i64 K, i64 Kp,
-                                         bool is_a, i64 R, i64 g0, i64 g1) {
+                                         bool is_a, i64 R, i64 g0, i64 g1, bool nt = false) {
   __m512i r[16];
   for (i64 g = g0; g < g1; ++g)
     for (i64 kc = 0; kc < Kp / kKc; ++kc) {
@@ -158,17 +177,17 @@ DLCM_AMX_GEMM_TARGET void pack_from_rows(uint16_t* dst, const T* S, i64 ld, i64 
       }
       if (is_a) {
         for (int j = 0; j < 16; ++j)
-          _mm512_store_si512(dst + a_off(g * 16 + j, kc, Kp), r[j]);
+          store_tile_row(dst + a_off(g * 16 + j, kc, Kp), r[j], nt);
       } else {
         transpose16(r);
-        for (int p = 0; p < 16; ++p) _mm512_store_si512(dst + b_off(g * 16, kc, p, Kp), r[p]);
+        for (int p = 0; p < 16; ++p) store_tile_row(dst + b_off(g * 16, kc, p, Kp), r[p], nt);
       }
     }
 }
 
 template <class T>
 DLCM_AMX_GEMM_TARGET void pack_from_pairs(uint16_t* dst, const T* S, i64 ld, i64 K, i64 Kp,
-                                          bool is_a, i64 R, i64 g0, i64 g1) {
+                                          bool is_a, i64 R, i64 g0, i64 g1, bool nt = false) {
   __m512i r[16];
   // a band of 32 stored rows at a time across this thread's groups: the band's lines are read
   // while in L1, not once per group
@@ -183,9 +202,9 @@ DLCM_AMX_GEMM_TARGET void pack_from_pairs(uint16_t* dst, const T* S, i64 ld, i64
       if (is_a) {
         transpose16(r);
         for (int j = 0; j < 16; ++j)
-          _mm512_store_si512(dst + a_off(g * 16 + j, kc, Kp), r[j]);
+          store_tile_row(dst + a_off(g * 16 + j, kc, Kp), r[j], nt);
       } else {
-        for (int p = 0; p < 16; ++p) _mm512_store_si512(dst + b_off(g * 16, kc, p, Kp), r[p]);
+        for (int p = 0; p < 16; ++p) store_tile_row(dst + b_off(g * 16, kc, p, Kp), r[p], nt);
       }
     }
 }
@@ -347,14 +366,18 @@ using U16Buf = std::vector<uint16_t, AlignedAlloc<uint16_t>>;
 template <class T>
 void pack(uint16_t* dst, bool from_rows, bool is_a, const T* S, i64 ld, i64 R, i64 K, i64 Kp) {
   const i64 groups = round_up(R, kStrip) / 16;
+  const i64 stream = g_stream_bytes.load(std::memory_order_relaxed);
+  const bool st = stream > 0 && groups * 16 * Kp * i64(sizeof(uint16_t)) >= stream;
+  if (st) g_stream_packs.fetch_add(1, std::memory_order_relaxed);
 #pragma omp parallel if (parallel_worth(groups * Kp))
   {
     const i64 nt = omp_get_num_threads(), id = omp_get_thread_num();
     const i64 g0 = groups * id / nt, g1 = groups * (id + 1) / nt;
     if (from_rows)
-      isa_avx512::pack_from_rows(dst, S, ld, K, Kp, is_a, R, g0, g1);
+      isa_avx512::pack_from_rows(dst, S, ld, K, Kp, is_a, R, g0, g1, st);
     else
-      isa_avx512::pack_from_pairs(dst, S, ld, K, Kp, is_a, R, g0, g1);
+      isa_avx512::pack_from_pairs(dst, S, ld, K, Kp, is_a, R, g0, g1, st);
+    if (st) _mm_sfence();  // the streamed lines are globally visible before the region's barrier
   }
 }
 // Packed operands of this thread: the two of the current call (slots 0 and 1, scratch) and a few
@@ -431,6 +454,9 @@ void set_amx_k_block(i64 k) {
 }
 i64 amx_k_block() { return g_k_block.load(); }
 void set_amx_strip_packing(bool on) { g_strip_packing = on; }
+void set_amx_stream_bytes(i64 bytes) { g_stream_bytes = std::max<i64>(0, bytes); }
+i64 amx_stream_bytes() { return g_stream_bytes.load(); }
+i64 amx_stream_packs() { return g_stream_packs.load(); }
 bool amx_strip_packing() { return g_strip_packing.load(); }
 i64 amx_column_budget() { return g_column_budget.load(); }
 

@@ -16,6 +16,8 @@
 // passes the strips in column chunks, see set_amx_column_budget). A 32 x 32 block of C lives in
 // four tiles for a chunk of K (2 A tiles, 2 B tiles: all eight; set_amx_k_block), so C is read
 // (accumulate) and written once per chunk.
+// A whole operand's pack of 1 MiB or more is written with non-temporal stores
+// (set_amx_stream_bytes).
 // Packing rounds to nearest even as VCVTNE2PS2BF16 (the same bits as the oneDNN path's
 // operands); a bf16 copy of an operand in its stored layout (gemm.cpp's known copies) packs to
 // the same tiles.
@@ -78,5 +80,14 @@ i64 amx_k_block();
 // tests and benchmarks.
 void set_amx_strip_packing(bool on);
 bool amx_strip_packing();
+
+// Whole operands packed before the products (A^T, every B; not A's per-strip packs) of at least
+// `bytes` (default 1 MiB) are written with non-temporal stores: such a pack leaves the caches
+// before the tiles read it, and the stores then skip reading each line for ownership. 0: never.
+// The same bits either way. For tests and benchmarks; amx_stream_packs() counts the packs
+// written so since the start.
+void set_amx_stream_bytes(i64 bytes);
+i64 amx_stream_bytes();
+i64 amx_stream_packs();
 
 }  // namespace dlcm::ops

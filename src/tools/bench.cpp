@@ -68,6 +68,7 @@ struct GemmChoice {
   i64 column_budget = ops::amx_column_budget();  // the tile kernel's column chunks (0: none)
   i64 k_block = ops::amx_k_block();              // the tile kernel's k per chunk of K
   bool strip_packing = ops::amx_strip_packing();  // the tile kernel's A packed per strip
+  i64 stream_bytes = ops::amx_stream_bytes();  // whole packs from this size: non-temporal stores
   void apply() const {  // makes it the process's
     ops::set_gemm_path(path);
     ops::set_amx_gemm(amx);
@@ -75,6 +76,7 @@ struct GemmChoice {
     ops::set_amx_column_budget(column_budget);
     ops::set_amx_k_block(k_block);
     ops::set_amx_strip_packing(strip_packing);
+    ops::set_amx_stream_bytes(stream_bytes);
   }
 };
 static GemmChoice parse_gemm_choice(const std::string& s) {
@@ -85,11 +87,14 @@ static GemmChoice parse_gemm_choice(const std::string& s) {
   if (s == "tiles-whole-a")
     return {ops::GemmPath::Fixed, true, s, ops::blocked_use(), ops::amx_column_budget(),
             ops::amx_k_block(), false};
+  if (s == "tiles-plain-stores")
+    return {ops::GemmPath::Fixed, true, s, ops::blocked_use(), ops::amx_column_budget(),
+            ops::amx_k_block(), ops::amx_strip_packing(), 0};
   if (s == "onednn") return {ops::GemmPath::Runtime, false, s, ops::BlockedUse::Off};
   if (s == "blocked") return {ops::GemmPath::Runtime, false, s, ops::BlockedUse::Tn};
   const ops::GemmPath p =
       ops::parse_gemm_path(s, "--gemm (or \"tiles\", \"tiles-nochunk\", \"tiles-k512\", "
-                              "\"tiles-whole-a\", \"onednn\", \"blocked\")");
+                              "\"tiles-whole-a\", \"tiles-plain-stores\", \"onednn\", \"blocked\")");
   return {p, false, ops::gemm_path_name(p)};
 }
 
