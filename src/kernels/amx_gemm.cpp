@@ -53,7 +53,7 @@ std::atomic<i64> g_k_block{2048};
 // written with non-temporal stores. Such a pack (the weight-gradient products' dy^T and x,
 // 4-12 MiB) is larger than a core's L2 and leaves the caches before the tiles read it, so an
 // ordinary store's read for ownership of each line only adds memory traffic (a third more) to
-// a pass that memory bounds: the BF16 training step 0.99-1.08x, median 1.04x over eight runs
+// a pass that memory bounds: the BF16 training step 0.99-1.08x, median 1.04x over nine runs
 // (the 12 MiB packs' products alone 1.05-1.07x, those of 1.5-4 MiB packs 0.96-0.98x; Emerald
 // Rapids host, docs/performance.md, session 43). Packs per strip (into a buffer that stays in
 // L2) always store normally.
