@@ -424,10 +424,13 @@ TEST(Cli, BenchTrainOnednnEngineAndBenchGemmPeer) {
   // non-temporal ones (on a CPU without AMX both engines run oneDNN: the same command works)
   if (ops::cpu_has_bf16()) {
     r = run("bench train --config " + cfg +
-            " --no-torch --steps 1 --repeats 1 --precision bf16 --gemm tiles,tiles-plain-stores");
+            " --no-torch --steps 1 --repeats 1 --precision bf16 --gemm "
+            "tiles,tiles-plain-stores,tiles-plain-outputs");
     ASSERT_EQ(r.rc, 0) << r.out;
     for (const char* l : {"dlcm engine bf16/tiles ", "dlcm engine bf16/tiles-plain-stores",
-                          "bf16/tiles-plain-stores / bf16/tiles tokens/s"})
+                          "bf16/tiles-plain-stores / bf16/tiles tokens/s",
+                          "dlcm engine bf16/tiles-plain-outputs",
+                          "bf16/tiles-plain-outputs / bf16/tiles tokens/s"})
       EXPECT_NE(r.out.find(l), std::string::npos) << l << "\n" << r.out;
   }
   r = run("bench gemm --repeats 1 --seconds 0.01 --torch " + tmp.path + "/no-python");

@@ -412,6 +412,14 @@ void run_harness(Harness& H, uint64_t seed) {
   }
 }
 
+// Writes 64 MB (untimed, a float per 64-byte line of a buffer kept between calls), so that the
+// next timed call finds its operands in memory, as a training step's or a prefill's other work
+// between two products leaves them, not in the caches of the call before.
+void evict_caches() {
+  static std::vector<float> junk((64 << 20) / 4);
+  for (size_t i = 0; i < junk.size(); i += 16) junk[i] += 1.f;
+}
+
 // Perf mode: best time of fn over repeated calls (at least 3, about 0.3 s), printed with the
 // rate: GFLOP/s when flops > 0, else GB/s of `bytes`.
 void perf_row(const Case& c, const char* pass, double flops, double bytes,
@@ -419,12 +427,11 @@ void perf_row(const Case& c, const char* pass, double flops, double bytes,
   using clk = std::chrono::steady_clock;
   fn();  // warm-up: first-touch pages, oneDNN primitive creation
   double best = 1e30, total = 0;
-  // DLCM_PERF_COLD=1: 64 MB written between repeats (untimed), so the operands come from
-  // memory as a prefill's weights do, not from the caches of the repeat before
+  // DLCM_PERF_COLD=1: the caches evicted before each repeat, so the operands come from memory
+  // as a prefill's weights do
   static const bool cold = std::getenv("DLCM_PERF_COLD") != nullptr;
-  static std::vector<float> junk(cold ? (64 << 20) / 4 : 0);
   for (int rep = 0; rep < 200 && (rep < 3 || total < 0.3); ++rep) {
-    for (size_t i = 0; i < junk.size(); i += 16) junk[i] += 1.f;
+    if (cold) evict_caches();
     const auto t0 = clk::now();
     fn();
     const double s = std::chrono::duration<double>(clk::now() - t0).count();
@@ -434,6 +441,33 @@ void perf_row(const Case& c, const char* pass, double flops, double bytes,
   const bool compute = flops > 0;
   std::printf("%-28s %-44s %-11s %9.3f ms %9.1f %s\n", c.op, describe(c).c_str(), pass,
               best * 1e3, (compute ? flops : bytes) / best * 1e-9, compute ? "GFLOP/s" : "GB/s");
+  std::fflush(stdout);
+}
+
+// Perf mode: time ratios of fn under two settings in adjacent calls (set(false), then
+// set(true): the second's time over the first's), 31 pairs, median and quartiles; the caches are
+// evicted before each timed call (a training step's other work leaves them so between two
+// passes). On hosts whose rate swings between periods (this AMX host's 2x), best-of rows of
+// their own would compare the periods.
+void paired_row(const Case& c, const char* pass, const char* what,
+                const std::function<void(bool)>& set, const std::function<void()>& fn) {
+  using clk = std::chrono::steady_clock;
+  std::vector<double> r;
+  for (int i = 0; i < 31; ++i) {
+    double t[2];
+    for (bool second : {false, true}) {
+      set(second);
+      fn();  // unmeasured: scratch sized
+      evict_caches();
+      const auto t0 = clk::now();
+      fn();
+      t[second] = std::chrono::duration<double>(clk::now() - t0).count();
+    }
+    r.push_back(t[1] / t[0]);
+  }
+  std::sort(r.begin(), r.end());
+  std::printf("%-28s %-44s %-11s %.3fx (quartiles %.3fx-%.3fx): %s, 31 pairs\n", c.op,
+              describe(c).c_str(), pass, r[15], r[7], r[23], what);
   std::fflush(stdout);
 }
 
@@ -631,6 +665,24 @@ void run_swiglu(const Case& c, Mode m) {
                                 n, true);
   };
   H.bytes = {3.0 * n * 4, 7.0 * n * 4};
+  if (m == Perf) {  // BF16's forms, non-temporal outputs or ordinary stores (set_stream_outputs)
+    finish(H, c, m, 14);
+    const i64 stream0 = ops::stream_outputs();
+    const auto plain = [&](bool p) { ops::set_stream_outputs(p ? 0 : stream0); };
+    const char* what = "ordinary stores' time / non-temporal's";
+    Buf h(n), dh(n), da(n), db(n);
+    std::vector<uint16_t> h16(n), da16(n), db16(n);
+    test::fill_normal(dh.data(), n, 15);
+    const float *a = H.in[0].data(), *b = H.in[1].data();
+    paired_row(c, "fwd nt/pl", what, plain,
+               [&] { ops::swiglu_forward(h.data(), a, b, n, h16.data()); });
+    paired_row(c, "bwd nt/pl", what, plain, [&] {
+      ops::swiglu_backward(da.data(), db.data(), dh.data(), a, b, n, false, da16.data(),
+                           db16.data());
+    });
+    ops::set_stream_outputs(stream0);
+    return;
+  }
   if (!finish(H, c, m, 14)) return;
 
   // accumulate = false writes the gradients without reading da/db (NaN there must not leak):
@@ -667,6 +719,42 @@ void run_swiglu(const Case& c, Mode m) {
     expect_rounding_written(std::string(c.op) + " backward da", a0, a1, da16);
     expect_rounding_written(std::string(c.op) + " backward db", b0, b1, db16);
   }
+
+  // Non-temporal outputs (ops::set_stream_outputs; every size streams with a threshold of one
+  // byte): the same bits as ordinary stores, also where the outputs start off the 64-byte grid
+  // (offset 1: the ordinary-store fallback), and the streaming path ran at the AVX-512 level.
+  const i64 stream0 = ops::stream_outputs();
+  for (i64 off : {i64(0), i64(1)}) {
+    const std::string at = std::string(c.op) + " offset " + std::to_string(off);
+    Buf hs(n + 16), hp(n + 16), gs[2] = {Buf(n + 16), Buf(n + 16)}, gp[2] = {gs[0], gs[1]};
+    std::vector<uint16_t> h16s(n + 32), h16p(n + 32), c16s[2], c16p[2];
+    for (int i = 0; i < 2; ++i) c16s[i] = c16p[i] = h16s;
+    for (bool stream : {false, true}) {
+      ops::set_stream_outputs(stream ? 1 : 0);
+      const i64 before = ops::streamed_outputs();
+      Buf& ho = stream ? hs : hp;
+      std::vector<uint16_t>& h16o = stream ? h16s : h16p;
+      ops::swiglu_forward(ho.data() + off, H.in[0].data(), H.in[1].data(), n, h16o.data() + off);
+      Buf* g = stream ? gs : gp;
+      std::vector<uint16_t>* c16 = stream ? c16s : c16p;
+      ops::swiglu_backward(g[0].data() + off, g[1].data() + off, dh.data(), H.in[0].data(),
+                           H.in[1].data(), n, false, c16[0].data() + off, c16[1].data() + off);
+      if (stream && ops::isa() == ops::Isa::Avx512) {
+        EXPECT_EQ(ops::streamed_outputs(), before + 2) << at << ": the streaming path ran";
+      }
+      if (!stream) {
+        EXPECT_EQ(ops::streamed_outputs(), before) << at;
+      }
+    }
+    EXPECT_EQ(0, std::memcmp(hs.data(), hp.data(), sizeof(float) * hs.size())) << at << " h";
+    EXPECT_EQ(h16s, h16p) << at << " h's rounding";
+    for (int i = 0; i < 2; ++i) {
+      EXPECT_EQ(0, std::memcmp(gs[i].data(), gp[i].data(), sizeof(float) * gs[i].size()))
+          << at << (i ? " db" : " da");
+      EXPECT_EQ(c16s[i], c16p[i]) << at << (i ? " db's rounding" : " da's rounding");
+    }
+  }
+  ops::set_stream_outputs(stream0);
 }
 
 void run_attention_at(const Case& c, Mode m, bool bf16) {
@@ -714,7 +802,35 @@ void run_attention_at(const Case& c, Mode m, bool bf16) {
     H.tol = 2e-2;
     H.fd_probes = 0;
   }
+  if (m == Perf && amx) {  // the forward's output with non-temporal stores or ordinary ones
+    finish(H, c, m, 15);
+    const i64 stream0 = ops::stream_outputs();
+    std::vector<Buf> o = {Buf(H.out_sizes[0]), Buf(H.out_sizes[1])};
+    paired_row(
+        c, "fwd nt/pl", "ordinary stores' time / non-temporal's",
+        [&](bool p) { ops::set_stream_outputs(p ? 0 : stream0); }, [&] { H.fwd(Fast, o); });
+    ops::set_stream_outputs(stream0);
+    return;
+  }
   if (!finish(H, c, m, 15)) return;
+  if (amx) {  // the output streamed (every size with a threshold of one byte): the same bits
+    const i64 stream0 = ops::stream_outputs();
+    std::vector<Buf> o0 = {Buf(H.out_sizes[0]), Buf(H.out_sizes[1])}, o1 = o0;
+    ops::set_stream_outputs(0);
+    H.fwd(Fast, o0);
+    ops::set_stream_outputs(1);
+    const i64 before = ops::streamed_outputs();
+    H.fwd(Fast, o1);
+    // the few-queries path (decoding: attention_forward_rows) keeps ordinary stores
+    if (!(Lq < 16 && Lq * (Hq / Hkv) <= 64)) {
+      EXPECT_EQ(ops::streamed_outputs(), before + 1) << c.op << ": the streaming path ran";
+    }
+    ops::set_stream_outputs(stream0);
+    EXPECT_EQ(0, std::memcmp(o0[0].data(), o1[0].data(), sizeof(float) * o0[0].size()))
+        << c.op << " " << describe(c) << ": streamed output";
+    EXPECT_EQ(0, std::memcmp(o0[1].data(), o1[1].data(), sizeof(float) * o0[1].size()))
+        << c.op << " " << describe(c) << ": lse";
+  }
   if (amx) {
     // the bf16 path really ran: the backward (always bf16) is not the FP32 kernel's
     auto o = alloc(H.out_sizes);
@@ -1296,40 +1412,16 @@ void run_gemm_amx(const Case& c, Mode m) {
       });
     }
     ops::set_amx_gemm(true);
-    // The whole packs' non-temporal stores against ordinary ones (set_amx_stream_bytes(0)):
-    // time ratios of the two in adjacent calls, 31 pairs, median and quartiles (the AMX rate of
-    // some hosts swings 2x between periods, which best-of rows of their own would compare).
-    // 64 MB are written before each timed call, as a training step's other work does between
-    // two products: the pack's scratch and the operands are no longer in the caches (called
-    // back to back, the last call's scratch lines sit in a large L3 and an ordinary store finds
-    // them there).
+    // The whole packs' non-temporal stores against ordinary ones (set_amx_stream_bytes(0));
+    // called back to back, the last call's scratch lines would sit in a large L3 and an
+    // ordinary store find them there.
     const i64 stream0 = ops::amx_stream_bytes();
-    std::vector<float> junk((64 << 20) / 4);
-    auto paired = [&](const char* pass, const std::function<void()>& fn) {
-      using clk = std::chrono::steady_clock;
-      std::vector<double> r;
-      for (int i = 0; i < 31; ++i) {
-        double t[2];
-        for (int plain : {0, 1}) {
-          ops::set_amx_stream_bytes(plain ? 0 : stream0);
-          fn();  // unmeasured: the scratch sized
-          for (size_t j = 0; j < junk.size(); j += 16) junk[j] += 1.f;
-          const auto t0 = clk::now();
-          fn();
-          t[plain] = std::chrono::duration<double>(clk::now() - t0).count();
-        }
-        r.push_back(t[1] / t[0]);
-      }
-      std::sort(r.begin(), r.end());
-      std::printf("%-28s %-44s %-11s %.3fx (quartiles %.3fx-%.3fx): plain stores' time / "
-                  "non-temporal's, 31 pairs\n",
-                  c.op, describe(c).c_str(), pass, r[15], r[7], r[23]);
-      std::fflush(stdout);
-    };
-    paired("NT st/plain", [&] {
+    const auto plain = [&](bool p) { ops::set_amx_stream_bytes(p ? 0 : stream0); };
+    const char* what = "plain stores' time / non-temporal's";
+    paired_row(c, "NT st/plain", what, plain, [&] {
       ops::gemm(false, true, M, N, K, 1.f, x.data(), K, W.data(), K, 0.f, y.data(), N);
     });
-    paired("TN+C st/pl", [&] {
+    paired_row(c, "TN+C st/pl", what, plain, [&] {
       ops::gemm(true, false, N, K, M, 1.f, y.data(), N, x.data(), K, 1.f, dW.data(), K);
     });
     ops::set_amx_stream_bytes(stream0);

@@ -534,6 +534,11 @@ DLCM_AMX_TARGET void attention_forward_bf16(float* out, float* lse, const float*
   const i64 nqb = (Lq + BQ - 1) / BQ;
   const i64 hdp = (hd + 31) / 32 * 32;
   const i64 Lkp = (Lk + BK - 1) / BK * BK;
+  // A large output (a layer's activation, rows hd floats of every head apart) is written with
+  // non-temporal stores (ops::stream_output): an ordinary store first reads each line, one
+  // scattered miss per 64 bytes (the forward 1.13x alone, session 44).
+  const bool nt = stream_output(B * Lq * Hq * hd * i64(sizeof(float)));
+  if (nt) count_streamed_output();
 #pragma omp parallel if (par)
   {
     amx::AVec<uint16_t> kt(Lkp * hdp), vt(Lkp * hdp), qv(hdp * BQ), qtmp(BQ * hdp), pv(BK * BQ);
@@ -583,15 +588,21 @@ DLCM_AMX_TARGET void attention_forward_bf16(float* out, float* lse, const float*
           for (i64 c0 = 0; c0 < hd; c0 += 16) {
             simd::transpose16(blk, 16, ot.data() + c0 * BQ + r0, BQ);  // blk[r][c]
             const __mmask16 mc = simd::tail_mask(hd - c0);
-            for (i64 r = 0; r < 16 && r0 + r < mq; ++r)
-              _mm512_mask_storeu_ps(out + ((b * Lq + i0 + r0 + r) * Hq + h) * hd + c0, mc,
-                                    _mm512_mul_ps(_mm512_load_ps(blk + r * 16),
-                                                  _mm512_set1_ps(1.0f / l[r0 + r])));
+            for (i64 r = 0; r < 16 && r0 + r < mq; ++r) {
+              float* o = out + ((b * Lq + i0 + r0 + r) * Hq + h) * hd + c0;
+              const __m512 v =
+                  _mm512_mul_ps(_mm512_load_ps(blk + r * 16), _mm512_set1_ps(1.0f / l[r0 + r]));
+              if (nt && mc == 0xFFFF && (reinterpret_cast<uintptr_t>(o) & 63) == 0)
+                _mm512_stream_ps(o, v);
+              else
+                _mm512_mask_storeu_ps(o, mc, v);
+            }
           }
         for (i64 r = 0; r < mq; ++r) lse[(b * Hq + h) * Lq + i0 + r] = m[r] + std::log(l[r]);
       }
       units.end();
     }
+    if (nt) _mm_sfence();  // this thread's streamed lines before the region's barrier
   }
 }
 

@@ -156,6 +156,17 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) i64 convert_row_avx512bf1
   return c;
 }
 
+// convert_row_avx512bf16 with non-temporal stores: d 64-byte aligned.
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) i64 convert_row_avx512bf16_nt(
+    uint16_t* d, const float* s, i64 cols) {
+  i64 c = 0;
+  for (; c + 32 <= cols; c += 32) {
+    const __m512bh v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(s + c + 16), _mm512_loadu_ps(s + c));
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(d + c), (__m512i)v);
+  }
+  return c;
+}
+
 // dst [rows, cols] contiguous = bf16(src rows ld apart), row by row (round_row_to_bf16: the
 // instruction when the kernels run at the avx512 level on a CPU with AVX512-BF16, the same
 // rounding in plain code otherwise).
@@ -975,6 +986,24 @@ void round_row_to_bf16(uint16_t* dst, const float* src, i64 n) {
   i64 c = isa() == Isa::Avx512 && cpu_has_bf16() ? convert_row_avx512bf16(dst, src, n) : 0;
   for (; c < n; ++c) dst[c] = to_bf16(src[c]);
 }
+void round_row_to_bf16_stream(uint16_t* dst, const float* src, i64 n) {
+  const bool nt = (reinterpret_cast<uintptr_t>(dst) & 63) == 0;
+  i64 c = nt && isa() == Isa::Avx512 && cpu_has_bf16() ? convert_row_avx512bf16_nt(dst, src, n)
+                                                          : 0;
+  if (c < n) round_row_to_bf16(dst + c, src + c, n - c);
+}
+
+// SwiGLU's outputs of 1 MiB or more (docs/performance.md, session 44)
+static std::atomic<i64> g_stream_outputs{i64(1) << 20};
+static std::atomic<i64> g_streamed_outputs{0};
+void set_stream_outputs(i64 bytes) { g_stream_outputs = std::max<i64>(0, bytes); }
+i64 stream_outputs() { return g_stream_outputs.load(std::memory_order_relaxed); }
+bool stream_output(i64 bytes) {
+  const i64 t = stream_outputs();
+  return t > 0 && bytes >= t;
+}
+void count_streamed_output() { g_streamed_outputs.fetch_add(1, std::memory_order_relaxed); }
+i64 streamed_outputs() { return g_streamed_outputs.load(); }
 
 void set_bf16_reuse(bool on) { g_bf16_reuse = on; }
 bool bf16_reuse() { return g_bf16_reuse.load(); }

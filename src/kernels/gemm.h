@@ -195,6 +195,18 @@ i64 bf16_copies_produced();
 // dst [n] = bf16(src [n]), the rounding of the BF16 products, without a parallel region (one
 // row of a producer).
 void round_row_to_bf16(uint16_t* dst, const float* src, i64 n);
+// The same with non-temporal stores where dst is 64-byte aligned and the CPU has AVX512-BF16
+// (ordinary ones otherwise); the caller fences (_mm_sfence) before another thread reads dst.
+void round_row_to_bf16_stream(uint16_t* dst, const float* src, i64 n);
+// SwiGLU's forward (h and its rounding) and its backward's roundings of da and db, when at least
+// this many bytes of floats, are written with non-temporal stores (default 1 MiB; 0: never):
+// an ordinary store first reads each line it writes, and these lines are not in the caches.
+// The bits do not change. `bench train --gemm tiles,tiles-plain-outputs` times both.
+void set_stream_outputs(i64 bytes);
+i64 stream_outputs();
+bool stream_output(i64 bytes);  // whether an output of this many bytes streams
+void count_streamed_output();   // a pass took the streaming path (the kernels call it)
+i64 streamed_outputs();         // passes that did, since the start (tests)
 void linear_forward(float* y, const float* x, const float* W, i64 N, i64 in, i64 out,
                     Bf16Copy* keep = nullptr, Bf16Copy* wkeep = nullptr);
 // dykeep: dy's rounding written by dy's producer (CopyProducer), read for both products.

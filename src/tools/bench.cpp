@@ -69,6 +69,7 @@ struct GemmChoice {
   i64 k_block = ops::amx_k_block();              // the tile kernel's k per chunk of K
   bool strip_packing = ops::amx_strip_packing();  // the tile kernel's A packed per strip
   i64 stream_bytes = ops::amx_stream_bytes();  // whole packs from this size: non-temporal stores
+  i64 stream_outputs = ops::stream_outputs();  // SwiGLU's outputs from this size: non-temporal
   void apply() const {  // makes it the process's
     ops::set_gemm_path(path);
     ops::set_amx_gemm(amx);
@@ -77,6 +78,7 @@ struct GemmChoice {
     ops::set_amx_k_block(k_block);
     ops::set_amx_strip_packing(strip_packing);
     ops::set_amx_stream_bytes(stream_bytes);
+    ops::set_stream_outputs(stream_outputs);
   }
 };
 static GemmChoice parse_gemm_choice(const std::string& s) {
@@ -90,11 +92,15 @@ static GemmChoice parse_gemm_choice(const std::string& s) {
   if (s == "tiles-plain-stores")
     return {ops::GemmPath::Fixed, true, s, ops::blocked_use(), ops::amx_column_budget(),
             ops::amx_k_block(), ops::amx_strip_packing(), 0};
+  if (s == "tiles-plain-outputs")
+    return {ops::GemmPath::Fixed, true, s, ops::blocked_use(), ops::amx_column_budget(),
+            ops::amx_k_block(), ops::amx_strip_packing(), ops::amx_stream_bytes(), 0};
   if (s == "onednn") return {ops::GemmPath::Runtime, false, s, ops::BlockedUse::Off};
   if (s == "blocked") return {ops::GemmPath::Runtime, false, s, ops::BlockedUse::Tn};
   const ops::GemmPath p =
       ops::parse_gemm_path(s, "--gemm (or \"tiles\", \"tiles-nochunk\", \"tiles-k512\", "
-                              "\"tiles-whole-a\", \"tiles-plain-stores\", \"onednn\", \"blocked\")");
+                              "\"tiles-whole-a\", \"tiles-plain-stores\", "
+                              "\"tiles-plain-outputs\", \"onednn\", \"blocked\")");
   return {p, false, ops::gemm_path_name(p)};
 }
 
