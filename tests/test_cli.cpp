@@ -362,15 +362,16 @@ TEST(Cli, BenchDecodeRuns) {
   }
 }
 
-// bench train --breakdown-gemm: the products and the attention kernel in rows of their own, and
-// the products by shape (here the k projection: 2 rows x 64 tokens, 1 kv head of 16, d 32).
+// bench train --breakdown-gemm: the products, the attention kernel and SwiGLU in rows of their
+// own, and the products by shape (here the k projection: 2 rows x 64 tokens, 1 kv head of 16,
+// d 32).
 TEST(Cli, BenchTrainBreakdownGemm) {
   test::TempDir tmp;
   const std::string cfg = tiny_config_file(tmp.path, ", \"batch_size\": 2");
   CmdResult r = run("bench train --config " + cfg + " --no-torch --steps 1 --repeats 1 --breakdown-gemm");
   ASSERT_EQ(r.rc, 0) << r.out;
   for (const char* l : {"breakdown of one training step", "    GEMM ", "    attention kernel",
-                        "GEMMs by shape", "NT      128 x    16 x    32"})
+                        "    SwiGLU ", "GEMMs by shape", "NT      128 x    16 x    32"})
     EXPECT_NE(r.out.find(l), std::string::npos) << l << "\n" << r.out;
 }
 

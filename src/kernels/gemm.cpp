@@ -993,7 +993,7 @@ void round_row_to_bf16_stream(uint16_t* dst, const float* src, i64 n) {
   if (c < n) round_row_to_bf16(dst + c, src + c, n - c);
 }
 
-// SwiGLU's outputs of 1 MiB or more (docs/performance.md, session 44)
+// SwiGLU's and the BF16 attention's outputs of 1 MiB or more (docs/performance.md, session 44)
 static std::atomic<i64> g_stream_outputs{i64(1) << 20};
 static std::atomic<i64> g_streamed_outputs{0};
 void set_stream_outputs(i64 bytes) { g_stream_outputs = std::max<i64>(0, bytes); }

@@ -198,10 +198,11 @@ void round_row_to_bf16(uint16_t* dst, const float* src, i64 n);
 // The same with non-temporal stores where dst is 64-byte aligned and the CPU has AVX512-BF16
 // (ordinary ones otherwise); the caller fences (_mm_sfence) before another thread reads dst.
 void round_row_to_bf16_stream(uint16_t* dst, const float* src, i64 n);
-// SwiGLU's forward (h and its rounding) and its backward's roundings of da and db, when at least
-// this many bytes of floats, are written with non-temporal stores (default 1 MiB; 0: never):
-// an ordinary store first reads each line it writes, and these lines are not in the caches.
-// The bits do not change. `bench train --gemm tiles,tiles-plain-outputs` times both.
+// Outputs of at least this many bytes that a training step writes to lines no cache holds
+// (SwiGLU's h and its rounding, the roundings of its backward's da and db, the BF16 attention's
+// output) go out with non-temporal stores at the avx512 level (default 1 MiB; 0: never): an
+// ordinary store first reads each line it writes. The bits do not change. `bench train --gemm
+// tiles,tiles-plain-outputs` times both.
 void set_stream_outputs(i64 bytes);
 i64 stream_outputs();
 bool stream_output(i64 bytes);  // whether an output of this many bytes streams

@@ -224,6 +224,7 @@ void TransformerStack::block_out(i64 l, const float* x, float* out, i64 N, Block
     const i64 out[2] = {d.d_ff, d.d_ff};
     ops::linear_forward_multi(y, A.xn2.data(), W13, N, d.d, out, 2, &A.xn2_16, wk16);
     ops::CopyProducer p16(&A.h_16, N, d.d_ff);
+    prof::DetailScope ps("  SwiGLU");  // a pass bound by memory: its own row (--breakdown-gemm)
     ops::swiglu_forward(A.h.data(), A.a.data(), A.b.data(), N * d.d_ff, p16.data());
     p16.done(A.h.data());
   }
@@ -509,6 +510,7 @@ void TransformerStack::block_backward_out(i64 l, const float* dout, i64 N, Block
                        &A.h_16, false, &A.w2_16, &G.res_16);
   {
     ops::CopyProducer pa(&G.a_16, N, d.d_ff), pb(&G.b_16, N, d.d_ff);
+    prof::DetailScope ps("  SwiGLU");
     ops::swiglu_backward(G.a.data(), G.b.data(), G.h.data(), A.a.data(), A.b.data(), N * d.d_ff,
                          false, pa.data(), pb.data());
     pa.done(G.a.data());

@@ -158,8 +158,9 @@ int main(int argc, char** argv) {
       ->delimiter(',')->check(CLI::IsMember({"runtime", "fixed", "tiles", "tiles-nochunk", "tiles-k512", "tiles-whole-a", "tiles-plain-stores", "tiles-plain-outputs", "onednn", "blocked"}));
   btrain->add_flag("--breakdown", ba.breakdown, "per-component time of a training step");
   btrain->add_flag("--breakdown-gemm", ba.breakdown_gemm,
-                   "--breakdown with every GEMM, and the BF16 operand rounding, in rows of their "
-                   "own (the components keep the rest: attention, norms, elementwise work)");
+                   "--breakdown with every GEMM, the BF16 operand rounding, the attention kernel "
+                   "and SwiGLU in rows of their own (the components keep the rest: norms, RoPE, "
+                   "residual adds)");
   btrain->add_option("--compare", ba.compare,
                      "more models (config JSON files) whose engines run in the same repeats as "
                      "--config's; each prints its MFU minus the first model's, in points (--set "
