@@ -412,6 +412,10 @@ void run_harness(Harness& H, uint64_t seed) {
   }
 }
 
+// Non-temporal store thresholds set for a scope, restored at exit (also when a check throws).
+using StreamOutputsScope = SettingScope<i64, ops::stream_outputs, ops::set_stream_outputs>;
+using AmxStreamScope = SettingScope<i64, ops::amx_stream_bytes, ops::set_amx_stream_bytes>;
+
 // Writes 64 MB (untimed, a float per 64-byte line of a buffer kept between calls), so that the
 // next timed call finds its operands in memory, as a training step's or a prefill's other work
 // between two products leaves them, not in the caches of the call before.
@@ -668,6 +672,7 @@ void run_swiglu(const Case& c, Mode m) {
   if (m == Perf) {  // BF16's forms, non-temporal outputs or ordinary stores (set_stream_outputs)
     finish(H, c, m, 14);
     const i64 stream0 = ops::stream_outputs();
+    const StreamOutputsScope restore(stream0);
     const auto plain = [&](bool p) { ops::set_stream_outputs(p ? 0 : stream0); };
     const char* what = "ordinary stores' time / non-temporal's";
     Buf h(n), dh(n), da(n), db(n);
@@ -680,7 +685,6 @@ void run_swiglu(const Case& c, Mode m) {
       ops::swiglu_backward(da.data(), db.data(), dh.data(), a, b, n, false, da16.data(),
                            db16.data());
     });
-    ops::set_stream_outputs(stream0);
     return;
   }
   if (!finish(H, c, m, 14)) return;
@@ -723,7 +727,7 @@ void run_swiglu(const Case& c, Mode m) {
   // Non-temporal outputs (ops::set_stream_outputs; every size streams with a threshold of one
   // byte): the same bits as ordinary stores, also where the outputs start off the 64-byte grid
   // (offset 1: the ordinary-store fallback), and the streaming path ran at the AVX-512 level.
-  const i64 stream0 = ops::stream_outputs();
+  const StreamOutputsScope restore(ops::stream_outputs());
   for (i64 off : {i64(0), i64(1)}) {
     const std::string at = std::string(c.op) + " offset " + std::to_string(off);
     Buf hs(n + 16), hp(n + 16), gs[2] = {Buf(n + 16), Buf(n + 16)}, gp[2] = {gs[0], gs[1]};
@@ -754,7 +758,6 @@ void run_swiglu(const Case& c, Mode m) {
       EXPECT_EQ(c16s[i], c16p[i]) << at << (i ? " db's rounding" : " da's rounding");
     }
   }
-  ops::set_stream_outputs(stream0);
 }
 
 void run_attention_at(const Case& c, Mode m, bool bf16) {
@@ -805,27 +808,27 @@ void run_attention_at(const Case& c, Mode m, bool bf16) {
   if (m == Perf && amx) {  // the forward's output with non-temporal stores or ordinary ones
     finish(H, c, m, 15);
     const i64 stream0 = ops::stream_outputs();
+    const StreamOutputsScope restore(stream0);
     std::vector<Buf> o = {Buf(H.out_sizes[0]), Buf(H.out_sizes[1])};
     paired_row(
         c, "fwd nt/pl", "ordinary stores' time / non-temporal's",
         [&](bool p) { ops::set_stream_outputs(p ? 0 : stream0); }, [&] { H.fwd(Fast, o); });
-    ops::set_stream_outputs(stream0);
     return;
   }
   if (!finish(H, c, m, 15)) return;
   if (amx) {  // the output streamed (every size with a threshold of one byte): the same bits
-    const i64 stream0 = ops::stream_outputs();
     std::vector<Buf> o0 = {Buf(H.out_sizes[0]), Buf(H.out_sizes[1])}, o1 = o0;
-    ops::set_stream_outputs(0);
-    H.fwd(Fast, o0);
-    ops::set_stream_outputs(1);
-    const i64 before = ops::streamed_outputs();
-    H.fwd(Fast, o1);
-    // the few-queries path (decoding: attention_forward_rows) keeps ordinary stores
-    if (!(Lq < 16 && Lq * (Hq / Hkv) <= 64)) {
-      EXPECT_EQ(ops::streamed_outputs(), before + 1) << c.op << ": the streaming path ran";
+    {
+      const StreamOutputsScope plain(0);
+      H.fwd(Fast, o0);
+      ops::set_stream_outputs(1);
+      const i64 before = ops::streamed_outputs();
+      H.fwd(Fast, o1);
+      // the few-queries path (decoding: attention_forward_rows) keeps ordinary stores
+      if (!ops::attention_forward_uses_rows(Lq, Hq, Hkv)) {
+        EXPECT_EQ(ops::streamed_outputs(), before + 1) << c.op << ": the streaming path ran";
+      }
     }
-    ops::set_stream_outputs(stream0);
     EXPECT_EQ(0, std::memcmp(o0[0].data(), o1[0].data(), sizeof(float) * o0[0].size()))
         << c.op << " " << describe(c) << ": streamed output";
     EXPECT_EQ(0, std::memcmp(o0[1].data(), o1[1].data(), sizeof(float) * o0[1].size()))
@@ -1416,6 +1419,7 @@ void run_gemm_amx(const Case& c, Mode m) {
     // called back to back, the last call's scratch lines would sit in a large L3 and an
     // ordinary store find them there.
     const i64 stream0 = ops::amx_stream_bytes();
+    const AmxStreamScope restore(stream0);
     const auto plain = [&](bool p) { ops::set_amx_stream_bytes(p ? 0 : stream0); };
     const char* what = "plain stores' time / non-temporal's";
     paired_row(c, "NT st/plain", what, plain, [&] {
@@ -1424,7 +1428,6 @@ void run_gemm_amx(const Case& c, Mode m) {
     paired_row(c, "TN+C st/pl", what, plain, [&] {
       ops::gemm(true, false, N, K, M, 1.f, y.data(), N, x.data(), K, 1.f, dW.data(), K);
     });
-    ops::set_amx_stream_bytes(stream0);
     return;
   }
   const bool amx_cpu = ops::amx_bf16_usable() && ops::isa() == ops::Isa::Avx512;

@@ -934,7 +934,8 @@ void attention_forward(float* out, float* lse, const float* q, const float* k, c
   const i64 nqb = (Lq + BQ - 1) / BQ;
   const i64 ntask = B * Hq * nqb;
   const bool par = parallel_worth(B * Hq * Lq * keys_seen(Lq, Lk, q_offset, window) * hd);
-  if (Lq < 16 && Lq * group <= BQ)
+  static_assert(BQ == 64, "attention_forward_uses_rows (ops.h) assumes 64 rows per tile");
+  if (attention_forward_uses_rows(Lq, Hq, Hkv))
     return attention_forward_rows(out, lse, q, k, v, B, Lq, Lk, Hq, Hkv, hd, q_offset, scale,
                                   window, par);
   const TileProduct mm;

@@ -59,6 +59,11 @@ void swiglu_backward(float* da, float* db, const float* dh, const float* a, cons
 void attention_forward(float* out, float* lse, const float* q, const float* k, const float* v,
                        i64 B, i64 Lq, i64 Lk, i64 Hq, i64 Hkv, i64 hd, i64 q_offset, float scale,
                        i64 window = 0);
+// Few queries (decoding, short prefills): the forward takes its per-row path, which keeps
+// ordinary stores for the output (the tests ask which path ran through this predicate).
+inline bool attention_forward_uses_rows(i64 Lq, i64 Hq, i64 Hkv) {
+  return Lq < 16 && Lq * (Hq / Hkv) <= 64;  // 64: the blockwise path's query rows per tile
+}
 // Recomputes the probabilities from q, k and lse. dq/dk/dv accumulate; with accumulate =
 // false they are written without being read (no clearing needed; keys no query sees get 0).
 void attention_backward(float* dq, float* dk, float* dv, const float* dout, const float* out,
