@@ -2432,6 +2432,63 @@ TEST(Ops, AttentionUnitsFollowPrecisionUnitsAndSwitches) {
     EXPECT_EQ(dot, native);
 }
 
+// The BF16 attention's online softmax on scores its bf16 products compute exactly (operands
+// multiples of 1/4, exact in bf16, sums exact in FP32), so that lse tests the softmax alone:
+// base-2 exponentials to a few ulp, the running maximum moved only when a key block's maximum
+// passes it by more than 8 (queries 0 mod 3: every block by 32; 2 mod 3: by exactly 8, kept,
+// then by 16; 1 mod 3: the maximum in the first block and later probabilities that underflow
+// to 0). Against double sums; the output (probabilities rounded to bf16) to 1e-2.
+TEST(Ops, Bf16AttentionSoftmaxOnExactScores) {
+  if (!ops::cpu_has_bf16() || ops::isa() != ops::Isa::Avx512)
+    GTEST_SKIP() << "no AVX512-BF16 (or kernels below avx512): " << ops::isa_summary();
+  const i64 L = 256, hd = 16;
+  const float scale = 0.25f;
+  Buf q(L * hd), k(L * hd), v(L * hd);
+  for (i64 i = 0; i < L; ++i)
+    for (i64 c = 0; c < hd; ++c) {
+      const float sgn = (c * 5 + 1) % 3 == 0 ? -1.0f : 1.0f;
+      q[i * hd + c] = sgn * (i % 3 == 0 ? 0.25f : i % 3 == 1 ? -0.25f : 0.0625f);
+      k[i * hd + c] = sgn * float(i) / 2;  // scaled score: i / 2, -i / 2 or i / 8 per kind
+      v[i * hd + c] = float((i * 7 + c * 3) % 9 - 4) / 4;
+    }
+  // double reference of the exact scores
+  std::vector<double> lse_ref(L), o_ref(L * hd, 0.0);
+  for (i64 i = 0; i < L; ++i) {
+    std::vector<double> s(i + 1);
+    double mx = -INFINITY, sum = 0;
+    for (i64 j = 0; j <= i; ++j) {
+      double d = 0;
+      for (i64 c = 0; c < hd; ++c) d += double(q[i * hd + c]) * k[j * hd + c];
+      s[j] = d * scale;
+      mx = std::max(mx, s[j]);
+    }
+    for (i64 j = 0; j <= i; ++j) sum += std::exp(s[j] - mx);
+    lse_ref[i] = mx + std::log(sum);
+    for (i64 j = 0; j <= i; ++j)
+      for (i64 c = 0; c < hd; ++c) o_ref[i * hd + c] += std::exp(s[j] - lse_ref[i]) * v[j * hd + c];
+  }
+  ops::PrecisionScope bf16(ops::Precision::BF16);
+  ops::Bf16UnitsScope units(ops::Bf16Units::Native);
+  for (bool tiles : {true, false}) {
+    if (tiles && !amx_kernels()) continue;
+    ops::set_attention_tiles(tiles);
+    const std::string what = tiles ? "AMX tiles" : "dot products";
+    EXPECT_EQ(ops::attention_units(), tiles ? ops::AttentionUnits::Tiles : ops::AttentionUnits::Dot);
+    Buf out(L * hd), lse(L);
+    ops::attention_forward(out.data(), lse.data(), q.data(), k.data(), v.data(), 1, L, L, 1, 1,
+                           hd, 0, scale);
+    double worst_lse = 0, worst_o = 0;
+    for (i64 i = 0; i < L; ++i) {
+      worst_lse = std::max(worst_lse, std::abs(lse[i] - lse_ref[i]) / (1e-5 + 2e-7 * std::abs(lse_ref[i])));
+      for (i64 c = 0; c < hd; ++c)
+        worst_o = std::max(worst_o, std::abs(out[i * hd + c] - o_ref[i * hd + c]) / 1e-2);
+    }
+    EXPECT_LE(worst_lse, 1.0) << what << ": lse off by more than 1e-5 + 2e-7 |lse| (in those units)";
+    EXPECT_LE(worst_o, 1.0) << what << ": output off by more than 1e-2";
+  }
+  ops::set_attention_tiles(true);
+}
+
 // tile_mm_amx against a double product of the bf16-rounded operands, for every operand layout
 // the attention kernels use (rows of A contiguous, A read transposed, any strides), sizes off
 // the tiles' grid and beyond one 32 x 32 block, with and without accumulation.

@@ -416,12 +416,19 @@ DLCM_AMX_TARGET void amx_pairs(uint16_t* d, const float* src, i64 ld, i64 n, i64
 // softmax_cols() on unscaled scores (scale > 0 applied here), over all BQ columns (padded
 // queries' outputs are never read), writing P^T in bf16 as the B operand of O^T += V^T P^T
 // (amx_product): keys j, j+1 of query i at pv[j*BQ + 2i + (0, 1)] for even j, keys >= nk
-// zero. The running sum l adds the FP32 values.
+// zero. The running sum l adds the FP32 values. The running maximum m moves only when the
+// block's maximum exceeds it by more than kLazyRescale (then corr != 1 and the caller rescales
+// O): below that the probabilities stay below e^kLazyRescale, far from FP32's or bf16's range,
+// and O / l and lse = m + log l are the same quantities; most blocks after the first leave O
+// as it is. Exponentials in base 2 (simd::exp2_ps) with log2(e) folded into the scale.
+constexpr float kLazyRescale = 8.0f;
 DLCM_GCC105593_BEGIN
 DLCM_AMX_TARGET void softmax_cols_tiles(const float* st, i64 nk, float scale, float* m, float* l,
                                         float* corr, uint16_t* pv) {
   const __m512i idx = _mm512_load_si512(amx::kPairIdx);
-  const __m512 sc = _mm512_set1_ps(scale), zero = _mm512_setzero_ps();
+  const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
+  const __m512 sc = _mm512_set1_ps(scale), sc2 = _mm512_mul_ps(sc, log2e);
+  const __m512 zero = _mm512_setzero_ps();
   for (i64 i = 0; i < BQ; i += 16) {
     const __m512 mo = _mm512_load_ps(m + i);
     __m512 mx = _mm512_set1_ps(-INFINITY);
@@ -429,14 +436,20 @@ DLCM_AMX_TARGET void softmax_cols_tiles(const float* st, i64 nk, float scale, fl
     // Floored at -1e30: a query with no visible key in this block (and none before) keeps
     // m = -1e30, l = 0 and writes zeros, instead of exp(-inf - -inf) = NaN.
     mx = _mm512_max_ps(mo, _mm512_max_ps(_mm512_mul_ps(mx, sc), _mm512_set1_ps(-1e30f)));
-    const __m512 c = simd::exp_ps(_mm512_sub_ps(mo, mx));
+    mx = _mm512_mask_blend_ps(
+        _mm512_cmp_ps_mask(mx, _mm512_add_ps(mo, _mm512_set1_ps(kLazyRescale)), _CMP_GT_OQ), mo,
+        mx);
+    const __m512 c = simd::exp2_ps(_mm512_mul_ps(_mm512_sub_ps(mo, mx), log2e));  // 1 if kept
+    const __m512 mxl = _mm512_mul_ps(mx, log2e);
     __m512 sum = zero;
     for (i64 j = 0; j < BK; j += 2) {
       const __m512 e0 =
-          j < nk ? simd::exp_ps(_mm512_fmsub_ps(_mm512_load_ps(st + j * BQ + i), sc, mx)) : zero;
+          j < nk ? simd::exp2_ps(_mm512_fmsub_ps(_mm512_load_ps(st + j * BQ + i), sc2, mxl))
+                 : zero;
       const __m512 e1 =
-          j + 1 < nk ? simd::exp_ps(_mm512_fmsub_ps(_mm512_load_ps(st + (j + 1) * BQ + i), sc, mx))
-                     : zero;
+          j + 1 < nk
+              ? simd::exp2_ps(_mm512_fmsub_ps(_mm512_load_ps(st + (j + 1) * BQ + i), sc2, mxl))
+              : zero;
       sum = _mm512_add_ps(sum, _mm512_add_ps(e0, e1));
       _mm512_store_si512(pv + j * BQ + 2 * i,
                          _mm512_permutexvar_epi16(idx, (__m512i)_mm512_cvtne2ps_pbh(e1, e0)));
@@ -473,7 +486,8 @@ struct CausalMask {
   }
   void hide(float* st, i64, i64 i0, i64 ncols, i64 j0, i64 nrows) const {
     const i64 off = q_offset + i0 - j0;  // tile query r sees tile key j iff j <= r + off
-    for (i64 j = 0; j < nrows; ++j) {
+    // without a window, rows j <= off hide nothing: a block below the diagonal is left as it is
+    for (i64 j = window > 0 ? 0 : std::max<i64>(0, off + 1); j < nrows; ++j) {
       float* row = st + j * BQ;
       std::fill_n(row, std::clamp<i64>(j - off, 0, ncols), -INFINITY);  // causal
       if (window > 0)  // rows r >= j - off + window
@@ -565,14 +579,14 @@ DLCM_AMX_TARGET void attention_forward_bf16(float* out, float* lse, const float*
         amx_qt(qv.data(), qtmp.data(), q + ((b * Lq + i0) * Hq + h) * hd, ldq, mq, hd, hdp);
         std::fill(m, m + BQ, -INFINITY);
         std::fill(l, l + BQ, 0.0f);
-        std::fill(ot.begin(), ot.end(), 0.0f);
         for (i64 j0 = jbeg; j0 < jend; j0 += BK) {
           const i64 nk = std::min(BK, jend - j0);
           units.product(st.data(), BQ, kt.data() + j0 * hdp, hdp, qv.data(), 2 * BQ, BK, BQ, hdp,
                         false);
           mask.hide(st.data(), b, i0, mq, j0, nk);
           softmax_cols_tiles(st.data(), nk, scale, m, l, corr, pv.data());
-          for (i64 i = 0; i < BQ; i += 16) {  // O^T columns *= corr, where some corr != 1
+          // O^T columns *= corr, where some corr != 1; the first block writes O^T (acc = false)
+          for (i64 i = 0; i < BQ && j0 != jbeg; i += 16) {
             const __m512 c = _mm512_load_ps(corr + i);
             if (!_mm512_cmp_ps_mask(c, _mm512_set1_ps(1.0f), _CMP_NEQ_UQ)) continue;
             for (i64 r = 0; r < hd; ++r) {
@@ -581,7 +595,7 @@ DLCM_AMX_TARGET void attention_forward_bf16(float* out, float* lse, const float*
             }
           }
           units.product(ot.data(), BQ, vt.data() + j0 * hdp, BK, pv.data(), 2 * BQ, hdp, BQ, BK,
-                        true);
+                        j0 != jbeg);
         }
         // out = (O^T)^T / l, 16 x 16 blocks.
         for (i64 r0 = 0; r0 < mq; r0 += 16)
@@ -627,13 +641,14 @@ DLCM_AMX_TARGET void softmax_grad_tiles(const float* st, const float* dpt, float
                                         const float* lse, const float* D, uint16_t* pa,
                                         uint16_t* dsa, uint16_t* dsb) {
   const __m512i idx = _mm512_load_si512(amx::kPairIdx);
-  const __m512 sc = _mm512_set1_ps(scale);
+  const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
+  const __m512 sc2 = _mm512_mul_ps(_mm512_set1_ps(scale), log2e);  // base 2, as the forward
   for (i64 i = 0; i < BQ; i += 16) {
-    const __m512 ls = _mm512_load_ps(lse + i), dd = _mm512_load_ps(D + i);
+    const __m512 ls = _mm512_mul_ps(_mm512_load_ps(lse + i), log2e), dd = _mm512_load_ps(D + i);
     for (i64 j = 0; j < BK; j += 2) {
-      const __m512 p0 = simd::exp_ps(_mm512_fmsub_ps(_mm512_load_ps(st + j * BQ + i), sc, ls));
+      const __m512 p0 = simd::exp2_ps(_mm512_fmsub_ps(_mm512_load_ps(st + j * BQ + i), sc2, ls));
       const __m512 p1 =
-          simd::exp_ps(_mm512_fmsub_ps(_mm512_load_ps(st + (j + 1) * BQ + i), sc, ls));
+          simd::exp2_ps(_mm512_fmsub_ps(_mm512_load_ps(st + (j + 1) * BQ + i), sc2, ls));
       const __m512 d0 = _mm512_mul_ps(p0, _mm512_sub_ps(_mm512_load_ps(dpt + j * BQ + i), dd));
       const __m512 d1 =
           _mm512_mul_ps(p1, _mm512_sub_ps(_mm512_load_ps(dpt + (j + 1) * BQ + i), dd));

@@ -33,6 +33,25 @@ inline __m512 exp_ps(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
   return _mm512_maskz_mov_ps(live, _mm512_scalef_ps(p, n));
 }
+
+// 2^t for t <= 127, relative error below 3e-6: t = n + f, |f| <= 1/2, degree-5 Taylor for 2^f,
+// then scaled by 2^n. Below -125 (and -inf, a masked score) exactly 0: no result in FP32's
+// denormal range, whose every production costs a microcode assist. For the BF16 attention's
+// probabilities, which are rounded to bf16 (relative error up to 2^-9) before they are used,
+// so the ten operations here serve where exp_ps's fifteen bought digits the rounding drops.
+inline __m512 exp2_ps(__m512 t) {
+  const __m512 lo = _mm512_set1_ps(-125.0f);
+  const __mmask16 live = _mm512_cmp_ps_mask(t, lo, _CMP_GE_OQ);  // (-inf: NaN below, masked)
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(1.3333558146428443e-3f);  // ln(2)^k / k!
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_maskz_scalef_ps(live, p, n);
+}
 #endif
 
 DLCM_GCC105593_BEGIN
