@@ -188,13 +188,26 @@ struct TileProduct {
 
 // A key block's dK and dV (rows ld apart in the task's accumulators) into dk and dv (+=, or =
 // without acc), dK times ks: the rows of key j0 + j, kv head g, batch b.
+// nt (without acc): rows of whole 64-byte lines on the grid written with non-temporal stores.
 void add_key_grads(float* dk, float* dv, const float* dka, const float* dva, i64 ld, float ks,
-                   i64 b, i64 g, i64 j0, i64 nk, i64 Lk, i64 Hkv, i64 hd, bool acc) {
+                   i64 b, i64 g, i64 j0, i64 nk, i64 Lk, i64 Hkv, i64 hd, bool acc,
+                   bool nt = false) {
   for (i64 j = 0; j < nk; ++j) {
     float* dkr = dk + ((b * Lk + j0 + j) * Hkv + g) * hd;
     float* dvr = dv + ((b * Lk + j0 + j) * Hkv + g) * hd;
     const float* a = dka + j * ld;
     const float* c = dva + j * ld;
+#ifdef DLCM_AVX512
+    if (nt && !acc && hd % 16 == 0 &&
+        ((reinterpret_cast<uintptr_t>(dkr) | reinterpret_cast<uintptr_t>(dvr)) & 63) == 0) {
+      const __m512 s = _mm512_set1_ps(ks);
+      for (i64 x = 0; x < hd; x += 16) {
+        _mm512_stream_ps(dkr + x, _mm512_mul_ps(s, _mm512_loadu_ps(a + x)));
+        _mm512_stream_ps(dvr + x, _mm512_loadu_ps(c + x));
+      }
+      continue;
+    }
+#endif
     if (acc) {
 #pragma omp simd
       for (i64 x = 0; x < hd; ++x) {
@@ -672,6 +685,11 @@ DLCM_AMX_TARGET void attention_backward_bf16(float* dq, float* dk, float* dv, co
   const i64 group = Hq / Hkv, ldq = Hq * hd, ldk = Hkv * hd;
   const i64 hdp = (hd + 31) / 32 * 32, nqb = (Lq + BQ - 1) / BQ;
   const i64 nblk = group * nqb, opw = BQ * hdp;  // query blocks of a task; words per operand
+  // Large gradients written without accumulation: non-temporal stores (ops::stream_output),
+  // as the forward's output, for rows hd floats of every head apart
+  const bool nt_q = !acc && stream_output(B * Lq * Hq * hd * i64(sizeof(float)));
+  const bool nt_kv = !acc && stream_output(B * Lk * Hkv * hd * i64(sizeof(float)));
+  if (nt_q || nt_kv) count_streamed_output();
 #pragma omp parallel if (par)
   {
     // Per query block (h, qb): Q^T, dO^T (B operands of the scores), Q, dO (pair layout), lse
@@ -739,7 +757,8 @@ DLCM_AMX_TARGET void attention_backward_bf16(float* dq, float* dk, float* dv, co
             units.product(dqt.data() + x * opw, BQ, kt.data(), BK, dsb.data(), 2 * BQ, hdp, BQ, BK,
                           true);
           }
-        add_key_grads(dk, dv, dka.data(), dva.data(), hdp, scale, b, g, j0, nk, Lk, Hkv, hd, acc);
+        add_key_grads(dk, dv, dka.data(), dva.data(), hdp, scale, b, g, j0, nk, Lk, Hkv, hd, acc,
+                      nt_kv);
       }
       units.end();
       if (!acc) zero_key_grads(dk, dv, b, g, jend, Lk, Lk, Hkv, hd);
@@ -756,12 +775,17 @@ DLCM_AMX_TARGET void attention_backward_bf16(float* dq, float* dk, float* dv, co
               for (i64 r = 0; r < 16 && r0 + r < mq; ++r) {
                 float* d = dq + ((b * Lq + i0 + r0 + r) * Hq + h) * hd + c0;
                 const __m512 prev = acc ? _mm512_maskz_loadu_ps(mc, d) : _mm512_setzero_ps();
-                _mm512_mask_storeu_ps(
-                    d, mc, _mm512_fmadd_ps(_mm512_load_ps(blk + r * 16), _mm512_set1_ps(scale), prev));
+                const __m512 x =
+                    _mm512_fmadd_ps(_mm512_load_ps(blk + r * 16), _mm512_set1_ps(scale), prev);
+                if (nt_q && mc == 0xFFFF && (reinterpret_cast<uintptr_t>(d) & 63) == 0)
+                  _mm512_stream_ps(d, x);
+                else
+                  _mm512_mask_storeu_ps(d, mc, x);
               }
             }
         }
     }
+    if (nt_q || nt_kv) _mm_sfence();  // this thread's streamed lines before the region's barrier
   }
 }
 #endif
