@@ -69,7 +69,7 @@ struct GemmChoice {
   i64 k_block = ops::amx_k_block();              // the tile kernel's k per chunk of K
   bool strip_packing = ops::amx_strip_packing();  // the tile kernel's A packed per strip
   i64 stream_bytes = ops::amx_stream_bytes();  // whole packs from this size: non-temporal stores
-  i64 stream_outputs = ops::stream_outputs();  // SwiGLU's and BF16 attention's outputs: NT
+  i64 stream_outputs = ops::stream_outputs();  // SwiGLU's, BF16 attention's outputs: NT
   void apply() const {  // makes it the process's
     ops::set_gemm_path(path);
     ops::set_amx_gemm(amx);
