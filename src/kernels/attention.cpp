@@ -1079,6 +1079,14 @@ void attention_backward(float* dq, float* dk, float* dv, const float* dout, cons
     });
   }
 #endif
+  // dk and dv overwritten and large: non-temporal stores at the avx512 level, as the BF16
+  // kernel's (dq accumulates in place here, so it keeps ordinary ones)
+#ifdef DLCM_AVX512
+  const bool nt_kv = !accumulate && stream_output(B * Lk * Hkv * hd * i64(sizeof(float)));
+#else
+  const bool nt_kv = false;
+#endif
+  if (nt_kv) count_streamed_output();
 #pragma omp parallel if (par)
   {
     Buf kt(size_t(hd) * BK), vt(size_t(hd) * BK), p(size_t(BQ) * BK), ds(size_t(BQ) * BK);
@@ -1160,9 +1168,10 @@ void attention_backward(float* dq, float* dk, float* dv, const float* dout, cons
           }
         }
         add_key_grads(dk, dv, dka.data(), dva.data(), hd, 1.0f, b, g, j0, nk, Lk, Hkv, hd,
-                      accumulate);
+                      accumulate, nt_kv);
       }
     }
+    if (nt_kv) _mm_sfence();  // this thread's streamed lines before the region's barrier
   }
 }
 

@@ -200,7 +200,8 @@ void round_row_to_bf16(uint16_t* dst, const float* src, i64 n);
 void round_row_to_bf16_stream(uint16_t* dst, const float* src, i64 n);
 // Outputs of at least this many bytes that a training step writes to lines no cache holds
 // (SwiGLU's h and its rounding, the roundings of its backward's da and db, the BF16 attention's
-// output and, where its backward overwrites them, dq, dk and dv) go out with non-temporal stores at the avx512 level (default 1 MiB; 0: never): an
+// output and, where its backward overwrites them, dq, dk and dv; the FP32 attention backward's
+// dk and dv) go out with non-temporal stores at the avx512 level (default 1 MiB; 0: never): an
 // ordinary store first reads each line it writes. The bits do not change. `bench train --gemm
 // tiles,tiles-plain-outputs` times both.
 void set_stream_outputs(i64 bytes);
