@@ -2485,7 +2485,8 @@ TEST(Ops, Bf16AttentionSoftmaxOnExactScores) {
   ops::Bf16UnitsScope units(ops::Bf16Units::Native);
   for (bool tiles : {true, false}) {
     if (tiles && !amx_kernels()) continue;
-    ops::set_attention_tiles(tiles);
+    std::optional<AttentionTilesOff> dot;
+    if (!tiles) dot.emplace();
     const std::string what = tiles ? "AMX tiles" : "dot products";
     EXPECT_EQ(ops::attention_units(), tiles ? ops::AttentionUnits::Tiles : ops::AttentionUnits::Dot);
     Buf out(L * hd), lse(L);
@@ -2500,7 +2501,6 @@ TEST(Ops, Bf16AttentionSoftmaxOnExactScores) {
     EXPECT_LE(worst_lse, 1.0) << what << ": lse off by more than 1e-5 + 2e-7 |lse| (in those units)";
     EXPECT_LE(worst_o, 1.0) << what << ": output off by more than 1e-2";
   }
-  ops::set_attention_tiles(true);
 }
 
 // tile_mm_amx against a double product of the bf16-rounded operands, for every operand layout
