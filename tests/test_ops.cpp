@@ -602,6 +602,12 @@ void run_rmsnorm(const Case& c, Mode m) {
   ops::rmsnorm_forward(o16[0].data(), o16[1].data(), x, w, N, d, eps, y16.data());
   expect_rounding_written(std::string(c.op) + " forward", o[0], o16[0], y16);
   EXPECT_EQ(o[1], o16[1]) << c.op << " rstd";
+  // the rounding alone (y null: CopyProducer::floats skipped them): the same bits and rstd
+  std::vector<uint16_t> y16only(N * d, 0xFFFF);
+  Buf rstd_only(N, NAN);
+  ops::rmsnorm_forward(nullptr, rstd_only.data(), x, w, N, d, eps, y16only.data());
+  EXPECT_EQ(y16only, y16) << c.op << " forward, the rounding alone";
+  EXPECT_EQ(rstd_only, o16[1]) << c.op << " forward, the rounding alone: rstd";
 }
 
 void run_rope(const Case& c, Mode m) {
@@ -616,8 +622,10 @@ void run_rope(const Case& c, Mode m) {
   H.out_sizes = {N * Hh * hd};
   H.fwd = [&](Impl im, std::vector<Buf>& o) {
     if (m == Check) o[0] = H.in[0];  // perf: rotate in place, the rotation keeps the scale
-    (im == Fast ? ops::rope_apply : ops::ref::rope_apply<float>)(o[0].data(), pos.data(), N, Hh, hd,
-                                                          theta, false);
+    if (im == Fast)
+      ops::rope_apply(o[0].data(), pos.data(), N, Hh, hd, theta, false);
+    else
+      ops::ref::rope_apply<float>(o[0].data(), pos.data(), N, Hh, hd, theta, false);
   };
   H.fwd64 = [&](const std::vector<Vec>& in, Vec& o) {
     o = in[0];
@@ -630,8 +638,10 @@ void run_rope(const Case& c, Mode m) {
       return;
     }
     Buf t(dout, dout + N * Hh * hd);
-    (im == Fast ? ops::rope_apply : ops::ref::rope_apply<float>)(t.data(), pos.data(), N, Hh, hd, theta,
-                                                          true);
+    if (im == Fast)
+      ops::rope_apply(t.data(), pos.data(), N, Hh, hd, theta, true);
+    else
+      ops::ref::rope_apply<float>(t.data(), pos.data(), N, Hh, hd, theta, true);
     for (size_t i = 0; i < t.size(); ++i) g[0][i] += t[i];
   };
   H.bytes = {2.0 * N * Hh * hd * 4, 2.0 * N * Hh * hd * 4};
@@ -642,6 +652,21 @@ void run_rope(const Case& c, Mode m) {
   ops::rope_apply(x.data(), pos.data(), N, Hh, hd, theta, false);
   ops::rope_apply(x.data(), pos.data(), N, Hh, hd, theta, true);
   EXPECT_LT(test::rel_err(x.data(), H.in[0].data(), i64(x.size())), 1e-5);
+
+  // BF16 producer forms (the q/k products' dy, both directions): the rotated values' rounding
+  // with them, the same floats; or the rounding alone, x left as it was
+  for (bool inverse : {false, true}) {
+    const std::string at = std::string(c.op) + (inverse ? " inverse" : " forward");
+    Buf want = H.in[0], got = H.in[0], kept = H.in[0];
+    ops::rope_apply(want.data(), pos.data(), N, Hh, hd, theta, inverse);
+    std::vector<uint16_t> x16(N * Hh * hd), only16(N * Hh * hd, 0xFFFF);
+    ops::rope_apply(got.data(), pos.data(), N, Hh, hd, theta, inverse, x16.data());
+    expect_rounding_written(at, want, got, x16);
+    ops::rope_apply(kept.data(), pos.data(), N, Hh, hd, theta, inverse, only16.data(), false);
+    EXPECT_EQ(only16, x16) << at << ", the rounding alone";
+    EXPECT_EQ(0, std::memcmp(kept.data(), H.in[0].data(), sizeof(float) * kept.size()))
+        << at << ": x changed without write_x";
+  }
 }
 
 void run_swiglu(const Case& c, Mode m) {
@@ -723,6 +748,33 @@ void run_swiglu(const Case& c, Mode m) {
     expect_rounding_written(std::string(c.op) + " backward da", a0, a1, da16);
     expect_rounding_written(std::string(c.op) + " backward db", b0, b1, db16);
   }
+  // the roundings alone (the floats null: CopyProducer::floats skipped them), ordinary and
+  // non-temporal stores: the same bits as with the floats
+  for (i64 stream : {i64(0), i64(1)}) {
+    const StreamOutputsScope restore(stream);
+    const std::string at = std::string(c.op) + (stream ? " streamed" : " plain");
+    Buf hf(n), af(n), bf(n);
+    std::vector<uint16_t> h16f(n), a16f(n), b16f(n), h16o(n, 0xFFFF), a16o(n, 0xFFFF),
+        b16o(n, 0xFFFF);
+    ops::swiglu_forward(hf.data(), H.in[0].data(), H.in[1].data(), n, h16f.data());
+    ops::swiglu_forward(nullptr, H.in[0].data(), H.in[1].data(), n, h16o.data());
+    EXPECT_EQ(h16o, h16f) << at << " forward, the rounding alone";
+    ops::swiglu_backward(af.data(), bf.data(), dh.data(), H.in[0].data(), H.in[1].data(), n,
+                         false, a16f.data(), b16f.data());
+    ops::swiglu_backward(nullptr, nullptr, dh.data(), H.in[0].data(), H.in[1].data(), n, false,
+                         a16o.data(), b16o.data());
+    EXPECT_EQ(a16o, a16f) << at << " backward, da's rounding alone";
+    EXPECT_EQ(b16o, b16f) << at << " backward, db's rounding alone";
+    Buf keep_b(n, 0.5f);  // one of the two skipped, the other written
+    ops::swiglu_backward(nullptr, keep_b.data(), dh.data(), H.in[0].data(), H.in[1].data(), n,
+                         false, a16o.data(), nullptr);
+    EXPECT_EQ(a16o, a16f) << at << " backward, da's rounding alone, db written";
+    EXPECT_EQ(0, std::memcmp(keep_b.data(), bf.data(), sizeof(float) * n)) << at << " db";
+  }
+  EXPECT_THROW(ops::swiglu_backward(nullptr, nullptr, dh.data(), H.in[0].data(), H.in[1].data(),
+                                    n, true, da16.data(), db16.data()),
+               Error)
+      << "accumulating into a gradient that is not there";
 
   // Non-temporal outputs (ops::set_stream_outputs; every size streams with a threshold of one
   // byte): the same bits as ordinary stores, also where the outputs start off the 64-byte grid
@@ -2312,6 +2364,96 @@ TEST(Ops, Bf16SharedOperandRoundedOnceIsBitIdentical) {
                          nullptr, true, &w16[1]);
     EXPECT_EQ(ops::bf16_copies_reused(), used) << at << ": a copy of another W was read";
   }
+}
+
+// A producer read only by BF16 products may skip its floats (CopyProducer::floats): null where
+// a copy is produced and skipping is on, the buffer itself in FP32, with skipping off and with
+// the copies off. The products given the copy (forward and backward, dx and dW, on both kinds of
+// units) give the bits of the same products from the floats; a product that cannot read the
+// copy any more (the copies switched off in between) fails naming the switch instead of
+// reading floats that were never written.
+TEST(Ops, Bf16ProducerSkipsFloatsOnlyProductsRead) {
+  if (!ops::cpu_has_bf16()) GTEST_SKIP() << "no AVX512-BF16";
+  GemmCacheScope every_shape({.capacity = 64, .min_flops = 0, .min_uses = 1});
+  const i64 N = 37, in = 48, out = 40;
+  Buf x(N * in), w(in), dy(N * out), W(out * in);
+  test::fill_normal(x.data(), N * in, 31);
+  test::fill_uniform(w.data(), in, 32, 0.5f, 1.5f);
+  test::fill_normal(dy.data(), N * out, 33);
+  test::fill_normal(W.data(), out * in, 34);
+  Buf xn(N * in), rstd(N);
+  {  // FP32: no copy, the floats
+    ops::Bf16Copy keep;
+    ops::CopyProducer p(&keep, N, in);
+    EXPECT_EQ(p.data(), nullptr);
+    EXPECT_EQ(p.floats(xn.data()), xn.data());
+  }
+  ops::PrecisionScope ps(ops::Precision::BF16);
+  ops::rmsnorm_forward(xn.data(), rstd.data(), x.data(), w.data(), N, in, 1e-5f);
+  for (bool skip : {true, false}) {
+    ops::set_bf16_skip_floats(skip);
+    for (int run = 0; run < 2; ++run) {
+      ops::Bf16UnitsScope units(kBothUnits[run]);
+      const std::string at = std::string(skip ? "skip " : "floats ") +
+                             ops::bf16_units_name(kBothUnits[run]);
+      Buf y(N * out), dx(N * in, 0.f), dW(out * in, 0.f);
+      Buf y_ref(N * out), dx_ref(N * in, 0.f), dW_ref(out * in, 0.f);
+      ops::linear_forward(y_ref.data(), xn.data(), W.data(), N, in, out);
+      ops::linear_backward(dx_ref.data(), dW_ref.data(), dy.data(), xn.data(), W.data(), N, in,
+                           out);
+      Buf xs(N * in, 7.0f), rs(N);  // the producer's output buffer (7: never written if skipped)
+      ops::Bf16Copy keep;
+      const i64 skipped = ops::bf16_floats_skipped();
+      {
+        ops::CopyProducer p(&keep, N, in);
+        ASSERT_NE(p.data(), nullptr) << at;
+        float* f = p.floats(xs.data());
+        EXPECT_EQ(f, skip ? nullptr : xs.data()) << at;
+        ops::rmsnorm_forward(f, rs.data(), x.data(), w.data(), N, in, 1e-5f, p.data());
+        p.done(xs.data());
+      }
+      EXPECT_EQ(ops::bf16_floats_skipped(), skipped + (skip ? 1 : 0)) << at;
+      EXPECT_EQ(keep.floats_absent, skip) << at;
+      EXPECT_EQ(xs[0], skip ? 7.0f : xn[0]) << at;
+      ops::linear_forward(y.data(), xs.data(), W.data(), N, in, out, &keep);
+      ops::linear_backward(dx.data(), dW.data(), dy.data(), xs.data(), W.data(), N, in, out,
+                           &keep);
+      EXPECT_EQ(0, std::memcmp(y.data(), y_ref.data(), sizeof(float) * N * out)) << at;
+      EXPECT_EQ(0, std::memcmp(dx.data(), dx_ref.data(), sizeof(float) * N * in)) << at;
+      EXPECT_EQ(0, std::memcmp(dW.data(), dW_ref.data(), sizeof(float) * out * in)) << at;
+      if (!skip) continue;
+      // the copies switched off before the backward: an error naming the switch
+      ops::set_bf16_reuse(false);
+      try {
+        ops::linear_backward(dx.data(), dW.data(), dy.data(), xs.data(), W.data(), N, in, out,
+                             &keep);
+        ADD_FAILURE() << at << ": read floats that were never written";
+      } catch (const Error& e) {
+        EXPECT_NE(std::string(e.what()).find("DLCM_BF16_SKIP_FLOATS"), std::string::npos)
+            << e.what();
+      }
+      // and the forward the same, for a produced copy
+      {
+        ops::set_bf16_reuse(true);
+        ops::CopyProducer p(&keep, N, in);
+        ops::rmsnorm_forward(p.floats(xs.data()), rs.data(), x.data(), w.data(), N, in, 1e-5f,
+                             p.data());
+        p.done(xs.data());
+        ops::set_bf16_reuse(false);
+      }
+      EXPECT_THROW(ops::linear_forward(y.data(), xs.data(), W.data(), N, in, out, &keep), Error)
+          << at;
+      ops::set_bf16_reuse(true);
+      {  // copies off from the start: the producer writes the floats
+        ops::set_bf16_reuse(false);
+        ops::CopyProducer p(&keep, N, in);
+        EXPECT_EQ(p.data(), nullptr) << at;
+        EXPECT_EQ(p.floats(xs.data()), xs.data()) << at;
+        ops::set_bf16_reuse(true);
+      }
+    }
+  }
+  ops::set_bf16_skip_floats(true);
 }
 
 // BF16 on the FP32 units rounds each operand as the bf16 kernels do (round_to_bf16): nearest

@@ -307,15 +307,27 @@ TEST(Bf16, TinyDlcmTrainingTracksFp32) {
 // bit of training: every loss, gradient norm and weight after a few steps equals the run that
 // rounds every operand anew. A copy that went stale between a forward and its backward (a
 // buffer rewritten, a recompute missing its copy) would show as a difference. The same holds for
-// the roundings the producers of the products' inputs and dy's write (ops::CopyProducer).
+// the roundings the producers of the products' inputs and dy's write (ops::CopyProducer), and
+// for the floats those producers skip where only the products read them
+// (CopyProducer::floats): here they are filled with NaN, so a reader left behind poisons the
+// losses.
+struct PoisonSkippedFloats {
+  PoisonSkippedFloats() { ops::set_poison_skipped_floats(true); }
+  ~PoisonSkippedFloats() { ops::set_poison_skipped_floats(false); }
+};
 void expect_bf16_copies_change_nothing(Config c, i32 bos) {
   const TrainOptions o = short_run(c, 6, 2);
   c.train.precision = "bf16";
   Trainer with(c, test::pattern_data(c.model.vocab_size, 5, 2, bos), o);
   Trainer without(c, test::pattern_data(c.model.vocab_size, 5, 2, bos), o);
   const i64 used0 = ops::bf16_copies_reused(), produced0 = ops::bf16_copies_produced();
+  const i64 skipped0 = ops::bf16_floats_skipped();
+  ASSERT_TRUE(ops::bf16_skip_floats()) << "the default: producers skip floats only products read";
   for (int s = 0; s < 6; ++s) {
-    const StepResult a = with.train_step();
+    const StepResult a = [&] {
+      const PoisonSkippedFloats poison;
+      return with.train_step();
+    }();
     const i64 used = ops::bf16_copies_reused(), produced = ops::bf16_copies_produced();
     ops::set_bf16_reuse(false);
     const StepResult b = without.train_step();
@@ -328,6 +340,8 @@ void expect_bf16_copies_change_nothing(Config c, i32 bos) {
   EXPECT_GT(ops::bf16_copies_reused(), used0) << "no kept copy was read: the test checks nothing";
   EXPECT_GT(ops::bf16_copies_produced(), produced0)
       << "no product read a copy its input's producer wrote: the test checks nothing";
+  EXPECT_GT(ops::bf16_floats_skipped(), skipped0)
+      << "no producer skipped its floats: the test checks nothing";
   const ParamStore &pa = with.model().params(), &pb = without.model().params();
   ASSERT_EQ(pa.total(), pb.total());
   EXPECT_EQ(0, std::memcmp(pa.data(), pb.data(), sizeof(float) * pa.total())) << "weights differ";
@@ -336,6 +350,13 @@ void expect_bf16_copies_change_nothing(Config c, i32 bos) {
 TEST(Bf16, KeptOperandCopiesChangeNoBitBaseline) {
   if (!ops::cpu_has_bf16()) GTEST_SKIP() << "no AVX512-BF16 on this CPU";
   expect_bf16_copies_change_nothing(test::tiny_baseline(), -1);
+}
+
+// Without QK-norm RoPE's backward is the q and k products' dy producer (with it, the norm's
+// backward comes after the rotation and the products round dy themselves).
+TEST(Bf16, KeptOperandCopiesChangeNoBitBaselineWithoutQkNorm) {
+  if (!ops::cpu_has_bf16()) GTEST_SKIP() << "no AVX512-BF16 on this CPU";
+  expect_bf16_copies_change_nothing(test::tiny_baseline(false, 2), -1);
 }
 
 TEST(Bf16, KeptOperandCopiesChangeNoBitDlcm) {

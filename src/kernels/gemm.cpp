@@ -14,6 +14,7 @@
 #include <cstring>
 #include <ctime>
 #include <dnnl.hpp>
+#include <limits>
 #include <list>
 #include <map>
 #include <memory>
@@ -332,9 +333,17 @@ const uint16_t* find_known(const float* src, i64 rows, i64 cols, i64 ld) {
 class KnownScope {
  public:
   KnownScope() = default;
+  // required: src's floats were never written (Bf16Copy::floats_absent), so the products
+  // cannot round it themselves
   void add(const float* src, i64 rows, i64 cols, i64 ld, const uint16_t* data,
-           uint64_t version) {
-    if (t_n_known >= kMaxKnown) return;  // not remembered: the products round it themselves
+           uint64_t version, bool required = false) {
+    if (t_n_known >= kMaxKnown) {  // not remembered: the products round it themselves
+      if (required)
+        fail("BF16 products: more than ", kMaxKnown, " operand copies in one call, and one of "
+             "them has no floats to round (a producer skipped them); this is a bug: run with "
+             "DLCM_BF16_SKIP_FLOATS=0 meanwhile");
+      return;
+    }
     t_known[t_n_known++] = {src, rows, cols, ld, data, version};
     ++added_;
   }
@@ -941,6 +950,16 @@ bool copies_wanted(i64 rows, i64 cols) {
 // Rounds x into keep when the BF16 linear layers use their copies; otherwise marks it empty, so
 // that a backward never reads a copy older than its x.
 // A copy its producer wrote for this x (CopyProducer) is taken as it is.
+// A copy whose floats its producer skipped, for this block, that a product is about to pass
+// over (and read the floats instead): never silently.
+void check_floats_present(const Bf16Copy* keep, const float* x, const char* who) {
+  if (keep && keep->floats_absent && keep->src == x)
+    fail(who, ": a BF16 operand's floats were skipped by its producer (only its bf16 copy "
+         "holds it), but this product cannot read the copy (BF16 copies or BF16 precision "
+         "switched off between the producer and the product?); set DLCM_BF16_SKIP_FLOATS=0, or "
+         "switch the copies before the forward pass");
+}
+
 bool fill_copy(Bf16Copy* keep, const float* x, i64 N, i64 in) {
   if (!keep) return false;
   const bool produced = keep->produced && keep->src == x && keep->rows == N && keep->cols == in;
@@ -950,7 +969,9 @@ bool fill_copy(Bf16Copy* keep, const float* x, i64 N, i64 in) {
     g_copies_produced.fetch_add(1, std::memory_order_relaxed);
     return true;
   }
+  check_floats_present(keep, x, "linear_forward");
   keep->src = nullptr;
+  keep->floats_absent = false;
   if (!wanted) return false;
   round_block(keep->data, x, N, in, in);
   keep->src = x, keep->rows = N, keep->cols = in, keep->version = new_copy_version();
@@ -962,25 +983,47 @@ const Bf16Copy* usable_copy(const Bf16Copy* keep, const float* src, i64 rows, i6
   if (keep && keep->src == src && keep->rows == rows && keep->cols == cols &&
       g_precision == Precision::BF16 && g_bf16_reuse.load())
     return keep;
+  check_floats_present(keep, src, "linear_backward");
   return nullptr;
 }
+
+std::atomic<bool> g_skip_floats{env_switch(
+    "DLCM_BF16_SKIP_FLOATS", "producers read only by BF16 products skip their floats",
+    "producers write their floats also where only BF16 products read them")};
+std::atomic<bool> g_poison_skipped{false};
+std::atomic<i64> g_floats_skipped{0};
 }  // namespace
 
 CopyProducer::CopyProducer(Bf16Copy* keep, i64 rows, i64 cols)
     : keep_(keep), rows_(rows), cols_(cols) {
   keep->src = nullptr;
   keep->produced = false;
+  keep->floats_absent = false;
   if (!g_producers || !copies_wanted(rows, cols)) return;
   if (keep->data.size() < size_t(rows * cols)) keep->data.resize(rows * cols);
   data_ = keep->data.data();
 }
+float* CopyProducer::floats(float* dst) {
+  if (!data_ || !g_skip_floats.load(std::memory_order_relaxed)) return dst;
+  skipped_ = dst;
+  keep_->floats_absent = true;
+  g_floats_skipped.fetch_add(1, std::memory_order_relaxed);
+  return nullptr;
+}
 void CopyProducer::done(const float* src) {
+  // after the producer ran: an in-place producer (RoPE's backward) reads the buffer first
+  if (skipped_ && g_poison_skipped.load(std::memory_order_relaxed))
+    std::fill(skipped_, skipped_ + rows_ * cols_, std::numeric_limits<float>::quiet_NaN());
   if (!data_) return;
   keep_->src = src, keep_->rows = rows_, keep_->cols = cols_;
   keep_->version = new_copy_version();
   keep_->produced = true;
 }
 i64 bf16_copies_produced() { return g_copies_produced.load(); }
+void set_bf16_skip_floats(bool on) { g_skip_floats = on; }
+bool bf16_skip_floats() { return g_skip_floats.load(); }
+i64 bf16_floats_skipped() { return g_floats_skipped.load(); }
+void set_poison_skipped_floats(bool on) { g_poison_skipped = on; }
 
 void round_row_to_bf16(uint16_t* dst, const float* src, i64 n) {
   i64 c = isa() == Isa::Avx512 && cpu_has_bf16() ? convert_row_avx512bf16(dst, src, n) : 0;
@@ -1012,7 +1055,8 @@ i64 bf16_copies_reused() { return g_copies_reused.load(); }
 void linear_forward(float* y, const float* x, const float* W, i64 N, i64 in, i64 out,
                     Bf16Copy* keep, Bf16Copy* wkeep) {
   KnownScope known;
-  if (fill_copy(keep, x, N, in)) known.add(x, N, in, in, keep->data.data(), keep->version);
+  if (fill_copy(keep, x, N, in))
+    known.add(x, N, in, in, keep->data.data(), keep->version, keep->floats_absent);
   if (fill_copy(wkeep, W, out, in))
     known.add(W, out, in, in, wkeep->data.data(), wkeep->version);
   gemm(false, true, N, out, in, 1.0f, x, in, W, in, 0.0f, y, out);
@@ -1037,7 +1081,7 @@ void linear_forward_multi(float* const* y, const float* x, const float* const* W
   KnownScope known;
   std::optional<SharedAScope> shared;  // BF16: x rounded once for the n products
   if (fill_copy(keep, x, N, in))
-    known.add(x, N, in, in, keep->data.data(), keep->version);
+    known.add(x, N, in, in, keep->data.data(), keep->version, keep->floats_absent);
   else
     shared.emplace(x, N, in, in);
   for (int i = 0; i < n; ++i)
@@ -1069,14 +1113,14 @@ void linear_backward(float* dx, float* dW, const float* dy, const float* x, cons
   // forward's copies when there are
   KnownScope known;
   if (const Bf16Copy* c = dW ? usable_copy(keep, x, N, in) : nullptr)
-    known.add(x, N, in, in, c->data.data(), c->version);
+    known.add(x, N, in, in, c->data.data(), c->version, c->floats_absent);
   if (const Bf16Copy* c = dx ? usable_copy(wkeep, W, out, in) : nullptr)
     known.add(W, out, in, in, c->data.data(), c->version);
   // BF16: dy, the A operand of both products (read transposed for dW), rounded once, or not
   // at all where its producer wrote its rounding
   std::optional<SharedAScope> shared;
   if (const Bf16Copy* c = usable_copy(dykeep, dy, N, out)) {
-    known.add(dy, N, out, out, c->data.data(), c->version);
+    known.add(dy, N, out, out, c->data.data(), c->version, c->floats_absent);
     g_copies_produced.fetch_add(1, std::memory_order_relaxed);
   } else if (dx && dW) {
     shared.emplace(dy, N, out, out);

@@ -167,6 +167,9 @@ struct Bf16Copy {
   i64 rows = 0, cols = 0;
   uint64_t version = 0;  // unique per rounding into it (the AMX path caches packed copies by it)
   bool produced = false;  // written by x's producer (CopyProducer), not yet read by a forward
+  // x's floats were never written (CopyProducer::floats): only this copy holds x, so a product
+  // that cannot read it fails instead of reading the stale floats
+  bool floats_absent = false;
 };
 
 // BF16: the producer of a linear layer's input (RMSNorm, SwiGLU, their backwards) may write the
@@ -179,19 +182,38 @@ struct Bf16Copy {
 // copy as before, kept for the backward), and a linear_backward given it as dy's copy (dykeep)
 // reads it for dy. data() is null in FP32, with the copies off (set_bf16_reuse(false)) and in
 // a packed inference stream: the producer then writes floats only and keep stays invalid.
+//
+// Where every reader of the output is a BF16 product given keep (the q/k/v, w1/w3, w2 inputs
+// and the w1/w3 dy's of a transformer block), the producer may skip the floats altogether:
+//   ops::rmsnorm_forward(p.floats(y), ..., p.data());  // y's rounding only, where it can
+//   p.done(y);                                          // y still names the block for products
+// floats(dst) is dst, or null where data() is set and set_bf16_skip_floats is on (default); the
+// kernels then write the rounding alone. The copy is marked floats_absent: a product handed x
+// without being able to read the copy (copies switched off in between) fails with a message.
 class CopyProducer {
  public:
   CopyProducer(Bf16Copy* keep, i64 rows, i64 cols);
   uint16_t* data() const { return data_; }
+  float* floats(float* dst);
   void done(const float* src);  // src [rows, cols] was written with its rounding in data()
 
  private:
   Bf16Copy* keep_;
   uint16_t* data_ = nullptr;
+  float* skipped_ = nullptr;  // the floats floats() skipped (tests poison them in done())
   i64 rows_, cols_;
 };
 // Roundings producers wrote that a product then read instead of rounding (since the start).
 i64 bf16_copies_produced();
+// Whether producers whose outputs only BF16 products read skip the floats (CopyProducer::floats;
+// default on, DLCM_BF16_SKIP_FLOATS=0 turns it off at start, logged): the same bits, a pass
+// that writes a third to a half less. `bench train --gemm tiles,tiles-floats` times both.
+void set_bf16_skip_floats(bool on);
+bool bf16_skip_floats();
+i64 bf16_floats_skipped();  // outputs whose floats a producer skipped (since the start)
+// Tests: the skipped floats are filled with NaN (by CopyProducer::done) instead of left as they
+// were, so that any reader left behind shows.
+void set_poison_skipped_floats(bool on);
 // dst [n] = bf16(src [n]), the rounding of the BF16 products, without a parallel region (one
 // row of a producer).
 void round_row_to_bf16(uint16_t* dst, const float* src, i64 n);

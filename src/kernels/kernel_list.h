@@ -13,7 +13,7 @@
   X(void, rmsnorm_backward, (float* dx, float* dw, const float* dy, const float* x, const float* w, const float* rstd, i64 N, i64 d, const float* res, bool accumulate, uint16_t* dx16), (dx, dw, dy, x, w, rstd, N, d, res, accumulate, dx16)) \
   X(void, head_rmsnorm_forward, (float* y, float* rstd, const float* x, const float* w, i64 N, i64 H, i64 hd, float eps), (y, rstd, x, w, N, H, hd, eps)) \
   X(void, head_rmsnorm_backward, (float* dx, float* dw, const float* dy, const float* x, const float* w, const float* rstd, i64 N, i64 H, i64 hd), (dx, dw, dy, x, w, rstd, N, H, hd)) \
-  X(void, rope_apply, (float* x, const i32* pos, i64 N, i64 H, i64 hd, float theta, bool inverse), (x, pos, N, H, hd, theta, inverse)) \
+  X(void, rope_apply, (float* x, const i32* pos, i64 N, i64 H, i64 hd, float theta, bool inverse, uint16_t* x16, bool write_x), (x, pos, N, H, hd, theta, inverse, x16, write_x)) \
   X(void, swiglu_forward, (float* h, const float* a, const float* b, i64 n, uint16_t* h16), (h, a, b, n, h16)) \
   X(void, swiglu_rows, (float* h, i64 ldh, const float* a, i64 lda, const float* b, i64 ldb, i64 rows, i64 n), (h, ldh, a, lda, b, ldb, rows, n)) \
   X(void, swiglu_backward, (float* da, float* db, const float* dh, const float* a, const float* b, i64 n, bool accumulate, uint16_t* da16, uint16_t* db16), (da, db, dh, a, b, n, accumulate, da16, db16)) \

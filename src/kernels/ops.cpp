@@ -106,14 +106,18 @@ static inline double row_sum_gwx(const float* g, const float* w, const float* x,
 }
 DLCM_GCC105593_END
 
+// y null (y16 given): the rows go through a per-thread row in L1, their rounding alone is written.
 void rmsnorm_forward(float* y, float* rstd, const float* x, const float* w, i64 N, i64 d,
                      float eps, uint16_t* y16) {
+  DLCM_CHECK(y || y16, "rmsnorm_forward: no output (y and y16 both null)");
   parallel_for(N, parallel_worth(N * d), [&](i64 n) {
+    thread_local Buf row;
     const float* xr = x + n * d;
     const double ss = row_sum_squares(xr, d);
     float r = float(1.0 / std::sqrt(ss / double(d) + double(eps)));
     rstd[n] = r;
-    float* yr = y + n * d;
+    if (!y && row.size() < size_t(d)) row.resize(d);
+    float* yr = y ? y + n * d : row.data();
 #pragma omp simd
     for (i64 c = 0; c < d; ++c) yr[c] = xr[c] * r * w[c];
     if (y16) round_row_to_bf16(y16 + n * d, yr, d);  // the row is still in L1
@@ -216,8 +220,12 @@ static std::shared_ptr<const RopeTable> rope_table(float theta, i64 hd, i64 need
   return t;
 }
 
-void rope_apply(float* x, const i32* pos, i64 N, i64 H, i64 hd, float theta, bool inverse) {
+// x16: each rotated row's rounding too, while the row is in L1; write_x = false: that alone
+// (the rows go through a per-thread row, x keeps its values).
+void rope_apply(float* x, const i32* pos, i64 N, i64 H, i64 hd, float theta, bool inverse,
+                uint16_t* x16, bool write_x) {
   DLCM_CHECK(hd % 2 == 0, "rope_apply: head_dim must be even, got ", hd);
+  DLCM_CHECK(write_x || x16, "rope_apply: no output (write_x false without x16)");
   if (N == 0) return;
   i32 pmax = 0;
   for (i64 n = 0; n < N; ++n) {
@@ -227,20 +235,28 @@ void rope_apply(float* x, const i32* pos, i64 N, i64 H, i64 hd, float theta, boo
   auto tab = rope_table(theta, hd, i64(pmax) + 1);
   const i64 half = hd / 2;
   const float sgn = inverse ? -1.0f : 1.0f;
-  parallel_for(N, parallel_worth(N * H * hd), [&](i64 n) {
+  const i64 w = H * hd;  // one token's row
+  parallel_for(N, parallel_worth(N * w), [&](i64 n) {
+    thread_local Buf row;
     const float* cs = tab->cs.data() + i64(pos[n]) * hd;
     const float* sn = cs + half;
+    float* xr = x + n * w;
+    if (!write_x && row.size() < size_t(w)) row.resize(w);
+    float* yr = write_x ? xr : row.data();  // in place, or the row only
     for (i64 h = 0; h < H; ++h) {
-      float* a = x + (n * H + h) * hd;
-      float* b = a + half;
+      const float* a = xr + h * hd;
+      const float* b = a + half;
+      float* ya = yr + h * hd;
+      float* yb = ya + half;
 #pragma omp simd
       for (i64 i = 0; i < half; ++i) {
         float c = cs[i], s = sgn * sn[i];
         float x1 = a[i], x2 = b[i];
-        a[i] = x1 * c - x2 * s;
-        b[i] = x2 * c + x1 * s;
+        ya[i] = x1 * c - x2 * s;
+        yb[i] = x2 * c + x1 * s;
       }
     }
+    if (x16) round_row_to_bf16(x16 + n * w, yr, w);
   });
 }
 
@@ -276,7 +292,9 @@ static inline void stream_copy(float* dst, const float* src, i64 n) {
 // A large h (a layer's activation, with its rounding: lines no cache holds) is written with
 // non-temporal stores from a chunk computed in L1 (ops::stream_output): an ordinary store
 // would first read each line. The pass 1.15-1.38x in the BF16 training step (session 44).
+// h null (h16 given): each chunk stays in L1, its rounding alone is written.
 void swiglu_forward(float* h, const float* a, const float* b, i64 n, uint16_t* h16) {
+  DLCM_CHECK(h || h16, "swiglu_forward: no output (h and h16 both null)");
 #ifdef DLCM_AVX512
   const bool nt = stream_output(n * i64(sizeof(float)));
   if (nt) count_streamed_output();
@@ -289,11 +307,11 @@ void swiglu_forward(float* h, const float* a, const float* b, i64 n, uint16_t* h
 #pragma omp for schedule(static)
     for (i64 i0 = 0; i0 < n; i0 += 1024) {
       const i64 i1 = std::min(n, i0 + 1024);
-      float* hc = nt ? chunk : h + i0;
+      float* hc = nt || !h ? chunk : h + i0;
       swiglu_span(hc, a + i0, b + i0, i1 - i0);
 #ifdef DLCM_AVX512
       if (nt) {
-        stream_copy(h + i0, chunk, i1 - i0);
+        if (h) stream_copy(h + i0, chunk, i1 - i0);
         if (h16) round_row_to_bf16_stream(h16 + i0, chunk, i1 - i0);
         continue;
       }
@@ -315,8 +333,13 @@ void swiglu_rows(float* h, i64 ldh, const float* a, i64 lda, const float* b, i64
 // BF16: large roundings of da and db are written with non-temporal stores as in swiglu_forward
 // (the pass 1.07-1.25x); da and db themselves, a scratch that every layer's backward
 // overwrites, keep ordinary stores (streaming them too made the pass 1.1x slower, session 44).
+// da (db) null, with da16 (db16) given and accumulate false: the gradient goes through a chunk
+// in L1 and its rounding alone is written.
 void swiglu_backward(float* da, float* db, const float* dh, const float* a, const float* b,
                      i64 n, bool accumulate, uint16_t* da16, uint16_t* db16) {
+  DLCM_CHECK((da || (da16 && !accumulate)) && (db || (db16 && !accumulate)),
+             "swiglu_backward: da / db may be null only with their rounding given and "
+             "accumulate false");
 #ifdef DLCM_AVX512
   const bool nt = (da16 || db16) && stream_output(n * i64(sizeof(uint16_t)));
   if (nt) count_streamed_output();
@@ -325,15 +348,20 @@ void swiglu_backward(float* da, float* db, const float* dh, const float* a, cons
 #endif
 #pragma omp parallel if (parallel_worth(n))
   {
+    alignas(64) float ca[1024], cb[1024];  // a chunk's da, db where they are not kept
 #pragma omp for schedule(static)
     for (i64 i0 = 0; i0 < n; i0 += 1024) {
-      i64 i1 = std::min(n, i0 + 1024);
+      const i64 m = std::min(n, i0 + 1024) - i0;
+      // this chunk: elements i0 + i, i < m
+      float* dac = da ? da + i0 : ca;
+      float* dbc = db ? db + i0 : cb;
+      const float *ac = a + i0, *bc = b + i0, *gc = dh + i0;
 #ifdef DLCM_AVX512
       const __m512 one = _mm512_set1_ps(1.0f);
-      for (i64 i = i0; i < i1; i += 16) {
-        __mmask16 k = simd::tail_mask(i1 - i);
-        __m512 av = _mm512_maskz_loadu_ps(k, a + i), bv = _mm512_maskz_loadu_ps(k, b + i);
-        __m512 g = _mm512_maskz_loadu_ps(k, dh + i);
+      for (i64 i = 0; i < m; i += 16) {
+        __mmask16 k = simd::tail_mask(m - i);
+        __m512 av = _mm512_maskz_loadu_ps(k, ac + i), bv = _mm512_maskz_loadu_ps(k, bc + i);
+        __m512 g = _mm512_maskz_loadu_ps(k, gc + i);
         __m512 e = simd::exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), av));
         __m512 s = _mm512_div_ps(one, _mm512_add_ps(one, e));
         __m512 silu = _mm512_mul_ps(av, s);
@@ -341,23 +369,23 @@ void swiglu_backward(float* da, float* db, const float* dh, const float* a, cons
         __m512 gb = _mm512_mul_ps(g, bv);
         // without accumulate, da/db are not read (they may hold anything)
         const __mmask16 ka = accumulate ? k : __mmask16(0);
-        _mm512_mask_storeu_ps(da + i, k,
-                              _mm512_fmadd_ps(gb, dsilu, _mm512_maskz_loadu_ps(ka, da + i)));
-        _mm512_mask_storeu_ps(db + i, k,
-                              _mm512_fmadd_ps(g, silu, _mm512_maskz_loadu_ps(ka, db + i)));
+        _mm512_mask_storeu_ps(dac + i, k,
+                              _mm512_fmadd_ps(gb, dsilu, _mm512_maskz_loadu_ps(ka, dac + i)));
+        _mm512_mask_storeu_ps(dbc + i, k,
+                              _mm512_fmadd_ps(g, silu, _mm512_maskz_loadu_ps(ka, dbc + i)));
       }
 #else
-      for (i64 i = i0; i < i1; ++i) {
-        float s = 1.0f / (1.0f + std::exp(-a[i]));
-        float silu = a[i] * s;
-        const float ga = dh[i] * b[i] * s * (1.0f + a[i] * (1.0f - s)), gb = dh[i] * silu;
-        da[i] = accumulate ? da[i] + ga : ga;
-        db[i] = accumulate ? db[i] + gb : gb;
+      for (i64 i = 0; i < m; ++i) {
+        float s = 1.0f / (1.0f + std::exp(-ac[i]));
+        float silu = ac[i] * s;
+        const float ga = gc[i] * bc[i] * s * (1.0f + ac[i] * (1.0f - s)), gb = gc[i] * silu;
+        dac[i] = accumulate ? dac[i] + ga : ga;
+        dbc[i] = accumulate ? dbc[i] + gb : gb;
       }
 #endif
       const auto round = nt ? round_row_to_bf16_stream : round_row_to_bf16;
-      if (da16) round(da16 + i0, da + i0, i1 - i0);
-      if (db16) round(db16 + i0, db + i0, i1 - i0);
+      if (da16) round(da16 + i0, dac, m);
+      if (db16) round(db16 + i0, dbc, m);
     }
 #ifdef DLCM_AVX512
     if (nt) _mm_sfence();  // this thread's streamed lines before the region's barrier

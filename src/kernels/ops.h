@@ -37,7 +37,10 @@ void head_rmsnorm_backward(float* dx, float* dw, const float* dy, const float* x
 // ---- RoPE, rotate-half layout (dim i pairs with i + hd/2), in place ----
 // x is [N, H, hd]; pos[n] is the position of token n. inverse=true applies the transpose
 // rotation, which is the backward of the forward rotation.
-void rope_apply(float* x, const i32* pos, i64 N, i64 H, i64 hd, float theta, bool inverse);
+// BF16: x16 (optional, [N, H, hd]) gets the rotated values' rounding too (a producer of the
+// q/k products' dy, ops::CopyProducer); write_x = false leaves x as it was and writes x16 alone.
+void rope_apply(float* x, const i32* pos, i64 N, i64 H, i64 hd, float theta, bool inverse,
+                uint16_t* x16 = nullptr, bool write_x = true);
 
 // ---- SwiGLU gate: h = silu(a) * b, elementwise over n elements ----
 void swiglu_forward(float* h, const float* a, const float* b, i64 n, uint16_t* h16 = nullptr);

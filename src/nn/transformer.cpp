@@ -139,10 +139,11 @@ void TransformerStack::block_qkv(i64 l, const float* x, const i32* pos, i64 N, B
   if (!V) V = A.v.data();
   const BlockDims& d = dims_;
   const BlockParams& P = layers_[l];
-  {  // BF16: the norm writes the rounding the q/k/v products read (ops::CopyProducer)
+  {  // BF16: the norm writes the rounding the q/k/v products read (ops::CopyProducer), and
+     // only that: the products' forward and backward are xn1's only readers
     ops::CopyProducer p16(&A.xn1_16, N, d.d);
-    ops::rmsnorm_forward(A.xn1.data(), A.rstd1.data(), x, P.attn_norm->w, N, d.d, d.norm_eps,
-                         p16.data());
+    ops::rmsnorm_forward(p16.floats(A.xn1.data()), A.rstd1.data(), x, P.attn_norm->w, N, d.d,
+                         d.norm_eps, p16.data());
     p16.done(A.xn1.data());
   }
   float* qdst = d.qk_norm ? A.q_raw.data() : A.q.data();
@@ -210,9 +211,9 @@ void TransformerStack::block_out(i64 l, const float* x, float* out, i64 N, Block
   ops::add_inplace(mid, x, N * d.d);
   // feed-forward sub-layer
   {
-    ops::CopyProducer p16(&A.xn2_16, N, d.d);
-    ops::rmsnorm_forward(A.xn2.data(), A.rstd2.data(), mid, P.ffn_norm->w, N, d.d, d.norm_eps,
-                         p16.data());
+    ops::CopyProducer p16(&A.xn2_16, N, d.d);  // w1/w3 read xn2 alone (forward and backward)
+    ops::rmsnorm_forward(p16.floats(A.xn2.data()), A.rstd2.data(), mid, P.ffn_norm->w, N, d.d,
+                         d.norm_eps, p16.data());
     p16.done(A.xn2.data());
   }
   const float* W13[2] = {P.w1->w, P.w3->w};
@@ -225,7 +226,8 @@ void TransformerStack::block_out(i64 l, const float* x, float* out, i64 N, Block
     ops::linear_forward_multi(y, A.xn2.data(), W13, N, d.d, out, 2, &A.xn2_16, wk16);
     ops::CopyProducer p16(&A.h_16, N, d.d_ff);
     prof::DetailScope ps("  SwiGLU");  // a pass bound by memory: its own row (--breakdown-gemm)
-    ops::swiglu_forward(A.h.data(), A.a.data(), A.b.data(), N * d.d_ff, p16.data());
+    // w2 reads h alone (forward and backward)
+    ops::swiglu_forward(p16.floats(A.h.data()), A.a.data(), A.b.data(), N * d.d_ff, p16.data());
     p16.done(A.h.data());
   }
   ops::linear_forward(out, A.h.data(), P.w2->w, N, d.d_ff, d.d, &A.h_16, &A.w2_16);
@@ -511,8 +513,9 @@ void TransformerStack::block_backward_out(i64 l, const float* dout, i64 N, Block
   {
     ops::CopyProducer pa(&G.a_16, N, d.d_ff), pb(&G.b_16, N, d.d_ff);
     prof::DetailScope ps("  SwiGLU");
-    ops::swiglu_backward(G.a.data(), G.b.data(), G.h.data(), A.a.data(), A.b.data(), N * d.d_ff,
-                         false, pa.data(), pb.data());
+    // da, db are w1's and w3's dy, read by their two products alone
+    ops::swiglu_backward(pa.floats(G.a.data()), pb.floats(G.b.data()), G.h.data(), A.a.data(),
+                         A.b.data(), N * d.d_ff, false, pa.data(), pb.data());
     pa.done(G.a.data());
     pb.done(G.b.data());
   }
@@ -537,8 +540,16 @@ void TransformerStack::block_backward_qkv(i64 l, float* dx, const float* x, cons
                                           bool dx_accumulate) {
   const BlockDims& d = dims_;
   const BlockParams& P = layers_[l];
-  ops::rope_apply(G.q.data(), pos, N, d.n_heads, d.head_dim, d.rope_theta, true);
-  ops::rope_apply(G.k.data(), pos, N, d.n_kv_heads, d.head_dim, d.rope_theta, true);
+  // BF16 without QK-norm: the rotation writes dq's and dk's roundings, the q and k products'
+  // dy (and only those: the products are their only readers)
+  ops::CopyProducer pq(&G.q_16, d.qk_norm ? 0 : N, d.q_dim()),
+      pk(&G.k_16, d.qk_norm ? 0 : N, d.kv_dim());
+  ops::rope_apply(G.q.data(), pos, N, d.n_heads, d.head_dim, d.rope_theta, true, pq.data(),
+                  pq.floats(G.q.data()) != nullptr);
+  ops::rope_apply(G.k.data(), pos, N, d.n_kv_heads, d.head_dim, d.rope_theta, true, pk.data(),
+                  pk.floats(G.k.data()) != nullptr);
+  pq.done(G.q.data());
+  pk.done(G.k.data());
   if (d.qk_norm) {
     clear(G.raw, N * d.q_dim());
     ops::head_rmsnorm_backward(G.raw.data(), P.q_norm->g, G.q.data(), A.q_raw.data(),
@@ -550,9 +561,9 @@ void TransformerStack::block_backward_qkv(i64 l, float* dx, const float* x, cons
     std::memcpy(G.k.data(), G.raw.data(), sizeof(float) * N * d.kv_dim());
   }
   ops::linear_backward(G.xn.data(), P.wq->g, G.q.data(), A.xn1.data(), P.wq->w, N, d.d,
-                       d.q_dim(), &A.xn1_16, false, &A.wq_16);
+                       d.q_dim(), &A.xn1_16, false, &A.wq_16, &G.q_16);
   ops::linear_backward(G.xn.data(), P.wk->g, G.k.data(), A.xn1.data(), P.wk->w, N, d.d,
-                       d.kv_dim(), &A.xn1_16, true, &A.wk_16);
+                       d.kv_dim(), &A.xn1_16, true, &A.wk_16, &G.k_16);
   ops::linear_backward(G.xn.data(), P.wv->g, G.v.data(), A.xn1.data(), P.wv->w, N, d.d,
                        d.kv_dim(), &A.xn1_16, true, &A.wv_16);
   // x feeds both the residual and the norm: dx (+)= d mid + norm backward, in one pass. BF16:

@@ -62,8 +62,9 @@ struct BlockGrads {
   Buf q, k, v, att, raw;   // [N,q_dim] / [N,kv_dim]; raw: QK-norm scratch
   Buf a, b, h;             // [N,d_ff]
   // BF16: dy of the products whose dy a producer writes (the SwiGLU backward's a and b, the
-  // ffn norm's mid, the attention norm's dx for the block below), rounded by that producer
-  ops::Bf16Copy a_16, b_16, mid_16, res_16;
+  // ffn norm's mid, the attention norm's dx for the block below, RoPE's backward's q and k
+  // without QK-norm), rounded by that producer
+  ops::Bf16Copy a_16, b_16, mid_16, res_16, q_16, k_16;
 };
 
 // ---- inference with a KV cache ----

@@ -70,6 +70,7 @@ struct GemmChoice {
   bool strip_packing = ops::amx_strip_packing();  // the tile kernel's A packed per strip
   i64 stream_bytes = ops::amx_stream_bytes();  // whole packs from this size: non-temporal stores
   i64 stream_outputs = ops::stream_outputs();  // SwiGLU's, BF16 attention's outputs: NT
+  bool skip_floats = ops::bf16_skip_floats();  // producers read only by products: bf16 only
   void apply() const {  // makes it the process's
     ops::set_gemm_path(path);
     ops::set_amx_gemm(amx);
@@ -79,6 +80,7 @@ struct GemmChoice {
     ops::set_amx_strip_packing(strip_packing);
     ops::set_amx_stream_bytes(stream_bytes);
     ops::set_stream_outputs(stream_outputs);
+    ops::set_bf16_skip_floats(skip_floats);
   }
 };
 static GemmChoice parse_gemm_choice(const std::string& s) {
@@ -95,12 +97,16 @@ static GemmChoice parse_gemm_choice(const std::string& s) {
   if (s == "tiles-plain-outputs")
     return {ops::GemmPath::Fixed, true, s, ops::blocked_use(), ops::amx_column_budget(),
             ops::amx_k_block(), ops::amx_strip_packing(), ops::amx_stream_bytes(), 0};
+  if (s == "tiles-floats")
+    return {ops::GemmPath::Fixed, true, s, ops::blocked_use(), ops::amx_column_budget(),
+            ops::amx_k_block(), ops::amx_strip_packing(), ops::amx_stream_bytes(),
+            ops::stream_outputs(), false};
   if (s == "onednn") return {ops::GemmPath::Runtime, false, s, ops::BlockedUse::Off};
   if (s == "blocked") return {ops::GemmPath::Runtime, false, s, ops::BlockedUse::Tn};
   const ops::GemmPath p =
       ops::parse_gemm_path(s, "--gemm (or \"tiles\", \"tiles-nochunk\", \"tiles-k512\", "
                               "\"tiles-whole-a\", \"tiles-plain-stores\", "
-                              "\"tiles-plain-outputs\", \"onednn\", \"blocked\")");
+                              "\"tiles-plain-outputs\", \"tiles-floats\", \"onednn\", \"blocked\")");
   return {p, false, ops::gemm_path_name(p)};
 }
 
