@@ -2391,7 +2391,7 @@ TEST(Ops, Bf16ProducerSkipsFloatsOnlyProductsRead) {
   ops::PrecisionScope ps(ops::Precision::BF16);
   ops::rmsnorm_forward(xn.data(), rstd.data(), x.data(), w.data(), N, in, 1e-5f);
   for (bool skip : {true, false}) {
-    ops::set_bf16_skip_floats(skip);
+    const ops::Bf16SkipFloatsScope skipping(skip);
     for (int run = 0; run < 2; ++run) {
       ops::Bf16UnitsScope units(kBothUnits[run]);
       const std::string at = std::string(skip ? "skip " : "floats ") +
@@ -2453,7 +2453,6 @@ TEST(Ops, Bf16ProducerSkipsFloatsOnlyProductsRead) {
       }
     }
   }
-  ops::set_bf16_skip_floats(true);
 }
 
 // BF16 on the FP32 units rounds each operand as the bf16 kernels do (round_to_bf16): nearest

@@ -311,10 +311,6 @@ TEST(Bf16, TinyDlcmTrainingTracksFp32) {
 // for the floats those producers skip where only the products read them
 // (CopyProducer::floats): here they are filled with NaN, so a reader left behind poisons the
 // losses.
-struct PoisonSkippedFloats {
-  PoisonSkippedFloats() { ops::set_poison_skipped_floats(true); }
-  ~PoisonSkippedFloats() { ops::set_poison_skipped_floats(false); }
-};
 void expect_bf16_copies_change_nothing(Config c, i32 bos) {
   const TrainOptions o = short_run(c, 6, 2);
   c.train.precision = "bf16";
@@ -325,7 +321,7 @@ void expect_bf16_copies_change_nothing(Config c, i32 bos) {
   ASSERT_TRUE(ops::bf16_skip_floats()) << "the default: producers skip floats only products read";
   for (int s = 0; s < 6; ++s) {
     const StepResult a = [&] {
-      const PoisonSkippedFloats poison;
+      const ops::PoisonSkippedFloatsScope poison(true);
       return with.train_step();
     }();
     const i64 used = ops::bf16_copies_reused(), produced = ops::bf16_copies_produced();

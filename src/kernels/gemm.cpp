@@ -1024,6 +1024,7 @@ void set_bf16_skip_floats(bool on) { g_skip_floats = on; }
 bool bf16_skip_floats() { return g_skip_floats.load(); }
 i64 bf16_floats_skipped() { return g_floats_skipped.load(); }
 void set_poison_skipped_floats(bool on) { g_poison_skipped = on; }
+bool poison_skipped_floats() { return g_poison_skipped.load(); }
 
 void round_row_to_bf16(uint16_t* dst, const float* src, i64 n) {
   i64 c = isa() == Isa::Avx512 && cpu_has_bf16() ? convert_row_avx512bf16(dst, src, n) : 0;

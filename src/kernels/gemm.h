@@ -211,9 +211,13 @@ i64 bf16_copies_produced();
 void set_bf16_skip_floats(bool on);
 bool bf16_skip_floats();
 i64 bf16_floats_skipped();  // outputs whose floats a producer skipped (since the start)
+using Bf16SkipFloatsScope = SettingScope<bool, bf16_skip_floats, set_bf16_skip_floats>;
 // Tests: the skipped floats are filled with NaN (by CopyProducer::done) instead of left as they
 // were, so that any reader left behind shows.
 void set_poison_skipped_floats(bool on);
+bool poison_skipped_floats();
+using PoisonSkippedFloatsScope =
+    SettingScope<bool, poison_skipped_floats, set_poison_skipped_floats>;
 // dst [n] = bf16(src [n]), the rounding of the BF16 products, without a parallel region (one
 // row of a producer).
 void round_row_to_bf16(uint16_t* dst, const float* src, i64 n);
