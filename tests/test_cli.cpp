@@ -556,15 +556,17 @@ TEST(Cli, VersionNamesCommitFlagsAndIsa) {
 // the path off, anything else keeps it on; unset says nothing.
 TEST(Cli, KernelSwitchesLogWhatTheyForce) {
   const char* names[] = {"DLCM_AMX_GEMM", "DLCM_BF16_REUSE", "DLCM_BF16_PRODUCERS",
-                         "DLCM_BF16_SKIP_FLOATS"};
+                         "DLCM_BF16_SKIP_FLOATS", "DLCM_FP32_NT_SGEMM"};
   const char* off[] = {"BF16 products on oneDNN only",
                        "linear layers do not reuse their BF16 input copies",
                        "producers do not write the bf16 roundings",
-                       "producers write their floats also where only BF16 products read them"};
+                       "producers write their floats also where only BF16 products read them",
+                       "FP32 x W^T products on fixed-shape primitives like the other forms"};
   const char* on[] = {"BF16 products on AMX tiles where they fit",
                       "linear layers reuse their BF16 input copies",
                       "producers write the bf16 roundings",
-                      "producers read only by BF16 products skip their floats"};
+                      "producers read only by BF16 products skip their floats",
+                      "FP32 x W^T products on oneDNN's sgemm on the fixed path too"};
   {
     CmdResult r = run("--version");
     ASSERT_EQ(r.rc, 0) << r.out;
@@ -575,7 +577,7 @@ TEST(Cli, KernelSwitchesLogWhatTheyForce) {
     CmdResult r = run("--version");
     for (const char* n : names) unsetenv(n);
     ASSERT_EQ(r.rc, 0) << r.out;
-    for (int i = 0; i < 4; ++i) {
+    for (int i = 0; i < 5; ++i) {
       const std::string line = std::string("dlcm: ") + names[i] + "=" + value + ": " +
                                (value[0] == '0' ? off[i] : on[i]);
       EXPECT_NE(r.out.find(line), std::string::npos) << line << "\n" << r.out;

@@ -1272,10 +1272,13 @@ void run_packed_linear(const Case& c, Mode m) {
   EXPECT_EQ(a[0], b[0]);
 }
 
-// Fixed-shape cache settings for a scope (restored, with an empty cache, at exit).
+// Fixed-shape cache settings for a scope (restored, with an empty cache, at exit). FP32 x W^T
+// products take the fixed path like every other form inside (ops::set_fp32_nt_sgemm off), so
+// that the cache's tests reach it with any form; Ops.GemmFp32NtOnSgemm checks the rule itself.
 struct GemmCacheScope {
   ops::GemmCacheConfig prev = ops::gemm_cache_config();
   ops::GemmPath prev_path = ops::gemm_path();
+  ops::Fp32NtSgemmScope nt_fixed{false};
   GemmCacheScope(ops::GemmCacheConfig c) { ops::set_gemm_cache_config(c); }
   ~GemmCacheScope() {
     ops::set_gemm_cache_config(prev);
@@ -2212,6 +2215,41 @@ TEST(Ops, GemmFixedCacheEvictsAndFallsBack) {
     FAIL() << "no error";
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("DLCM_GEMM"), std::string::npos);
+  }
+}
+
+// FP32 products x W^T (A as stored, B transposed) run on oneDNN's sgemm on the fixed path
+// (set_fp32_nt_sgemm, default on), with the same results as the fixed-shape primitive; the
+// other forms, and BF16 x W^T on oneDNN, still get primitives. Off, x W^T gets one too.
+TEST(Ops, GemmFp32NtOnSgemm) {
+  EXPECT_TRUE(ops::fp32_nt_sgemm());  // the default
+  GemmCacheScope scope({.capacity = 8, .min_flops = 0, .min_uses = 1});
+  ops::set_gemm_path(ops::GemmPath::Fixed);
+  for (bool on : {true, false}) {
+    ops::Fp32NtSgemmScope nt(on);
+    SCOPED_TRACE(on ? "x W^T on sgemm" : "x W^T fixed");
+    ops::GemmCacheStats s0 = ops::gemm_cache_stats();
+    EXPECT_LT(gemm_error(false, true, 33, 40, 48, 1.f, 0.f, 0, 3), 1e-5);
+    EXPECT_LT(gemm_error(false, true, 33, 40, 48, 0.5f, 1.f, 2, 4), 1e-5);
+    ops::GemmCacheStats s1 = ops::gemm_cache_stats();
+    EXPECT_EQ(s1.fixed_calls - s0.fixed_calls, on ? 0 : 2);
+    const std::string impl = ops::gemm_impl(false, true, 33, 40, 48, 1.f, 48, 48, 0.f, 40);
+    if (on) EXPECT_EQ(impl, "sgemm");
+    else EXPECT_NE(impl, "sgemm");
+    // dx = dy W and dW += dy^T x keep the fixed path either way
+    EXPECT_LT(gemm_error(false, false, 33, 48, 40, 1.f, 1.f, 0, 5), 1e-5);
+    EXPECT_LT(gemm_error(true, false, 40, 48, 33, 1.f, 1.f, 0, 6), 1e-5);
+    EXPECT_EQ(ops::gemm_cache_stats().fixed_calls - s1.fixed_calls, 2);
+    if (ops::cpu_has_bf16()) {  // BF16 x W^T on oneDNN (the AMX tiles off): fixed
+      ops::PrecisionScope ps(ops::Precision::BF16);
+      const bool amx = ops::amx_gemm_on();
+      ops::set_amx_gemm(false);
+      const ops::GemmCacheStats s2 = ops::gemm_cache_stats();
+      EXPECT_LT(gemm_error(false, true, 33, 40, 48, 1.f, 0.f, 0, 7), 2e-2);
+      if (ops::bf16_units() == ops::Bf16Units::Native)
+        EXPECT_EQ(ops::gemm_cache_stats().fixed_calls - s2.fixed_calls, 1);
+      ops::set_amx_gemm(amx);
+    }
   }
 }
 

@@ -606,9 +606,19 @@ FixedKey fixed_key(bool ta, bool tb, i64 M, i64 N, i64 K, float alpha, i64 lda, 
           ldc, alpha, beta};
 }
 
+// FP32 products x W^T (A as stored, B transposed: the linear layers' forward) run on oneDNN's
+// sgemm on the fixed path too: 1.04-1.06x the fixed-shape brgemm alone and 1.09-1.11x inside
+// the reference's FP32 training step, where the other forms are even (the Emerald Rapids host,
+// docs/performance.md, session 47). DLCM_FP32_NT_SGEMM=0 keeps them on the fixed path.
+std::atomic<bool> g_fp32_nt_sgemm{env_switch(
+    "DLCM_FP32_NT_SGEMM", "FP32 x W^T products on oneDNN's sgemm on the fixed path too",
+    "FP32 x W^T products on fixed-shape primitives like the other forms")};
+
 // The fixed-shape primitive this call runs, or null for the runtime path.
 std::shared_ptr<const Prim> fixed_for(const FixedKey& k, bool count_use) {
   if (path_ref() != GemmPath::Fixed || k.K == 0 || omp_in_parallel()) return nullptr;
+  if (k.prec == Precision::FP32 && !k.ta && k.tb && g_fp32_nt_sgemm.load(std::memory_order_relaxed))
+    return nullptr;
   return fixed_cache().get(k, count_use);
 }
 
@@ -848,6 +858,8 @@ GemmPath parse_gemm_path(const std::string& s, const std::string& what) {
 
 const char* gemm_path_name(GemmPath p) { return p == GemmPath::Fixed ? "fixed" : "runtime"; }
 void set_gemm_path(GemmPath p) { path_ref() = p; }
+void set_fp32_nt_sgemm(bool on) { g_fp32_nt_sgemm = on; }
+bool fp32_nt_sgemm() { return g_fp32_nt_sgemm.load(); }
 std::vector<GemmShapeStat> gemm_shape_stats(bool reset) {
   std::lock_guard<std::mutex> lock(g_shape_mu);
   std::vector<GemmShapeStat> v;

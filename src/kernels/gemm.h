@@ -18,7 +18,8 @@
 //         least min_flops FLOPs, once its exact (precision, transposes, M, N, K, leading
 //         dimensions, alpha, beta) has been seen min_uses times, runs a fixed-shape primitive
 //         from a bounded LRU cache (a run's shapes are few; a new one costs ~0.3-1 ms to create). Everything
-//         else (small per-head products, calls inside parallel regions) runs as `runtime`.
+//         else (small per-head products, calls inside parallel regions, and FP32 x W^T products:
+//         set_fp32_nt_sgemm below) runs as `runtime`.
 //   runtime (default elsewhere: as fast or faster on AMD Zen 4/5, docs/performance.md): FP32
 //         through oneDNN sgemm, BF16 through one runtime-shape matmul primitive per
 //         (transposes, beta): no primitive creation per shape.
@@ -100,6 +101,12 @@ GemmPath parse_gemm_path(const std::string& s, const std::string& what);
 const char* gemm_path_name(GemmPath p);
 void set_gemm_path(GemmPath p);
 GemmPath gemm_path();
+// Whether FP32 products x W^T (A as stored, B transposed) run on oneDNN's sgemm on the fixed
+// path as well (default on; DLCM_FP32_NT_SGEMM=0 turns it off at start, logged): faster than
+// the fixed-shape brgemm on the AMX Xeon of docs/performance.md. For A/B timing and tests.
+void set_fp32_nt_sgemm(bool on);
+bool fp32_nt_sgemm();
+using Fp32NtSgemmScope = SettingScope<bool, fp32_nt_sgemm, set_fp32_nt_sgemm>;
 
 // Benchmarks (`bench train --breakdown-gemm`): with the profiler's detail rows on
 // (core/profiler.h), every product called on the driving thread is charged to a row "  GEMM"

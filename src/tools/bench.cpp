@@ -71,6 +71,7 @@ struct GemmChoice {
   i64 stream_bytes = ops::amx_stream_bytes();  // whole packs from this size: non-temporal stores
   i64 stream_outputs = ops::stream_outputs();  // SwiGLU's, BF16 attention's outputs: NT
   bool skip_floats = ops::bf16_skip_floats();  // producers read only by products: bf16 only
+  bool nt_sgemm = ops::fp32_nt_sgemm();  // FP32 x W^T on sgemm on the fixed path too
   void apply() const {  // makes it the process's
     ops::set_gemm_path(path);
     ops::set_amx_gemm(amx);
@@ -81,6 +82,7 @@ struct GemmChoice {
     ops::set_amx_stream_bytes(stream_bytes);
     ops::set_stream_outputs(stream_outputs);
     ops::set_bf16_skip_floats(skip_floats);
+    ops::set_fp32_nt_sgemm(nt_sgemm);
   }
 };
 static GemmChoice parse_gemm_choice(const std::string& s) {
@@ -101,12 +103,18 @@ static GemmChoice parse_gemm_choice(const std::string& s) {
     return {ops::GemmPath::Fixed, true, s, ops::blocked_use(), ops::amx_column_budget(),
             ops::amx_k_block(), ops::amx_strip_packing(), ops::amx_stream_bytes(),
             ops::stream_outputs(), false};
+  if (s == "fixed-brgemm-nt") {  // fixed, with FP32 x W^T on fixed-shape brgemm too
+    GemmChoice c{ops::GemmPath::Fixed, false, s};
+    c.nt_sgemm = false;
+    return c;
+  }
   if (s == "onednn") return {ops::GemmPath::Runtime, false, s, ops::BlockedUse::Off};
   if (s == "blocked") return {ops::GemmPath::Runtime, false, s, ops::BlockedUse::Tn};
   const ops::GemmPath p =
       ops::parse_gemm_path(s, "--gemm (or \"tiles\", \"tiles-nochunk\", \"tiles-k512\", "
                               "\"tiles-whole-a\", \"tiles-plain-stores\", "
-                              "\"tiles-plain-outputs\", \"tiles-floats\", \"onednn\", \"blocked\")");
+                              "\"tiles-plain-outputs\", \"tiles-floats\", \"fixed-brgemm-nt\", "
+                              "\"onednn\", \"blocked\")");
   return {p, false, ops::gemm_path_name(p)};
 }
 
