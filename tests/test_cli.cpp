@@ -406,13 +406,15 @@ TEST(Cli, BenchTrainComparesModelsInOneRun) {
 }
 
 // bench train --gemm runtime,onednn,blocked: the engine with and without dlcm's blocked sgemm,
-// side by side; bench gemm --torch names a missing interpreter.
+// side by side (and fixed-brgemm-nt: x W^T on fixed-shape primitives); bench gemm --torch names
+// a missing interpreter.
 TEST(Cli, BenchTrainOnednnEngineAndBenchGemmPeer) {
   test::TempDir tmp;
   const std::string cfg = tiny_config_file(tmp.path, ", \"batch_size\": 2");
-  CmdResult r = run("bench train --config " + cfg + " --no-torch --steps 1 --repeats 1 --gemm runtime,onednn,blocked");
+  CmdResult r = run("bench train --config " + cfg + " --no-torch --steps 1 --repeats 1 --gemm runtime,onednn,blocked,fixed-brgemm-nt");
   ASSERT_EQ(r.rc, 0) << r.out;
-  for (const char* l : {"dlcm engine fp32/runtime", "dlcm engine fp32/onednn", "dlcm engine fp32/blocked"})
+  for (const char* l : {"dlcm engine fp32/runtime", "dlcm engine fp32/onednn", "dlcm engine fp32/blocked",
+                        "dlcm engine fp32/fixed-brgemm-nt"})
     EXPECT_NE(r.out.find(l), std::string::npos) << l << "\n" << r.out;
   // the hardware's FMA rate beside the GEMM peak, at a vector kernel level
   if (ops::isa() != ops::Isa::Scalar) {

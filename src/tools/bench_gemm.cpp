@@ -162,6 +162,11 @@ int cmd_bench_gemm(const BenchGemmArgs& a) {
               ("implementation (runtime | fixed) | fp32: " + std::string(alt) + ", runtime/" + alt +
                "[, torch, runtime/torch] | ceiling: runtime fixed | L1 loop: runtime fixed").c_str());
   std::vector<double> ceilings, l1_ceilings;  // the FP32 FMA ceilings, per FP32 repeat
+  // The fixed column times the fixed-shape primitive for every form, x W^T included (training
+  // runs FP32 x W^T on sgemm on the fixed path, ops::set_fp32_nt_sgemm).
+  const ops::Fp32NtSgemmScope primitives_for_every_form(false);
+  std::printf("fixed: a fixed-shape primitive for every product here, FP32 x W^T (NT) included; "
+              "training's fixed path runs FP32 x W^T on sgemm instead (DLCM_FP32_NT_SGEMM)\n");
   for (ops::Precision p : precs) {
     ops::set_gemm_precision(p);
     for (const Shape& s : kShapes) {
