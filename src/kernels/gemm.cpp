@@ -608,7 +608,7 @@ FixedKey fixed_key(bool ta, bool tb, i64 M, i64 N, i64 K, float alpha, i64 lda, 
 
 // FP32 products x W^T (A as stored, B transposed: the linear layers' forward) run on oneDNN's
 // sgemm on the fixed path too: 1.04-1.06x the fixed-shape brgemm alone and 1.02-1.17x inside
-// the reference's FP32 training step (the step 1.04-1.07x), where the other forms are even (the
+// the reference's FP32 training step (the step median 1.04x), where the other forms are even (the
 // Emerald Rapids host, docs/performance.md, session 47). DLCM_FP32_NT_SGEMM=0 keeps them fixed.
 std::atomic<bool> g_fp32_nt_sgemm{env_switch(
     "DLCM_FP32_NT_SGEMM", "FP32 x W^T products on oneDNN's sgemm on the fixed path too",
