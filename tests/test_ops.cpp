@@ -1372,11 +1372,7 @@ void run_gemm(const Case& c, Mode m) {
   }
   GemmCacheScope every_shape({.capacity = 64, .min_flops = 0, .min_uses = 1});
   // oneDNN's paths only (the AMX tile kernel has rows of its own, gemm_amx)
-  struct AmxOff {
-    bool was = ops::amx_gemm_on();
-    AmxOff() { ops::set_amx_gemm(false); }
-    ~AmxOff() { ops::set_amx_gemm(was); }
-  } amx_off;
+  const ops::AmxGemmScope amx_off(false);
   std::vector<ops::Precision> precs = {ops::Precision::FP32};
   if (ops::cpu_has_bf16()) precs.push_back(ops::Precision::BF16);
   uint64_t seed = 1000;
@@ -2242,13 +2238,11 @@ TEST(Ops, GemmFp32NtOnSgemm) {
     EXPECT_EQ(ops::gemm_cache_stats().fixed_calls - s1.fixed_calls, 2);
     if (ops::cpu_has_bf16()) {  // BF16 x W^T on oneDNN (the AMX tiles off): fixed
       ops::PrecisionScope ps(ops::Precision::BF16);
-      const bool amx = ops::amx_gemm_on();
-      ops::set_amx_gemm(false);
+      const ops::AmxGemmScope amx_off(false);
       const ops::GemmCacheStats s2 = ops::gemm_cache_stats();
       EXPECT_LT(gemm_error(false, true, 33, 40, 48, 1.f, 0.f, 0, 7), 2e-2);
       if (ops::bf16_units() == ops::Bf16Units::Native)
         EXPECT_EQ(ops::gemm_cache_stats().fixed_calls - s2.fixed_calls, 1);
-      ops::set_amx_gemm(amx);
     }
   }
 }

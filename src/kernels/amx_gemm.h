@@ -55,6 +55,7 @@ void amx_gemm(bool ta, bool tb, i64 M, i64 N, i64 K, const float* A, i64 lda, Am
 // off at start, logged). Off, they run on oneDNN as before: for A/B timing and tests.
 void set_amx_gemm(bool on);
 bool amx_gemm_on();
+using AmxGemmScope = SettingScope<bool, amx_gemm_on, set_amx_gemm>;
 // amx_gemm calls since the start (tests: the path ran).
 i64 amx_gemm_calls();
 
