@@ -2727,6 +2727,53 @@ TEST(Ops, TileMmAmxMatchesRoundedOperands) {
   EXPECT_GT(worst_vs_fp32, 1e-4) << "the operands were not rounded to bf16";
 }
 
+// tile_mm (the FP32 attention kernels' products) at every kernel level against a double product,
+// and it writes nothing outside its M x N output: not the padding columns of C's rows, not past
+// its last row (a guard after C; with ldc = N a store of a whole extra vector there would land
+// in it). Widths on and off the 16-column vectors, one to four vectors per row.
+TEST(Ops, TileMmWritesOnlyItsOutput) {
+  struct Restore {
+    ops::Isa prev = ops::isa();
+    ~Restore() { ops::set_isa(prev); }
+  } restore;
+  const i64 shapes[][3] = {{1, 5, 3}, {7, 16, 9}, {13, 20, 17}, {6, 32, 8}, {5, 33, 4},
+                           {12, 48, 11}, {9, 64, 16}, {14, 47, 5}};
+  uint64_t seed = 900;
+  for (ops::Isa level : ops::isa_available()) {
+    ops::set_isa(level);
+    for (auto [M, N, K] : shapes)
+      for (i64 pad : {0, 3})
+        for (bool acc : {false, true}) {
+          SCOPED_TRACE(std::string(ops::isa_name(level)) + " " + std::to_string(M) + "x" +
+                       std::to_string(N) + "x" + std::to_string(K) + " pad " +
+                       std::to_string(pad) + (acc ? " acc" : ""));
+          const i64 ldc = N + pad, ldb = N + 1, guard = 64;
+          Buf A(M * K), Bm(K * ldb), C(M * ldc + guard);
+          test::fill_normal(A.data(), i64(A.size()), seed++);
+          test::fill_normal(Bm.data(), i64(Bm.size()), seed++);
+          test::fill_normal(C.data(), i64(C.size()), seed++);
+          const Buf C0 = C;
+          const float alpha = 0.5f;
+          ops::tile_mm(C.data(), ldc, A.data(), K, 1, Bm.data(), ldb, M, N, K, alpha, acc);
+          for (i64 i = 0; i < M; ++i) {
+            for (i64 j = 0; j < N; ++j) {
+              double ref = 0, mag = 0;
+              for (i64 k = 0; k < K; ++k) {
+                ref += double(A[i * K + k]) * Bm[k * ldb + j];
+                mag += std::abs(double(A[i * K + k]) * Bm[k * ldb + j]);
+              }
+              const double c0 = acc ? double(C0[i * ldc + j]) : 0.0;
+              EXPECT_NEAR(C[i * ldc + j], alpha * ref + c0, 1e-5 * (alpha * mag + std::abs(c0)) + 1e-6)
+                  << "C[" << i << "][" << j << "]";
+            }
+            for (i64 j = N; j < ldc; ++j) EXPECT_EQ(C[i * ldc + j], C0[i * ldc + j]) << "padding";
+          }
+          for (i64 g = 0; g < guard; ++g)
+            ASSERT_EQ(C[M * ldc + g], C0[M * ldc + g]) << "written past C's last row, float " << g;
+        }
+  }
+}
+
 // The FMA ceiling's loop does every FMA it counts, at each vector level: with b = c = 1 each
 // accumulator (chain i, every lane) ends at i + n, so the sum is lanes * (chains * n + sum i),
 // exact in FP32 for n < 2^23; a loop the compiler folded or shortened gives another sum, and
