@@ -2110,11 +2110,7 @@ TEST_P(OpsAtLevel, TableMatchesReferenceAndFiniteDifferences) {
   if (std::find(have.begin(), have.end(), level) == have.end()) {
     GTEST_SKIP() << ops::isa_name(level) << " kernels not available: " << ops::isa_summary();
   }
-  struct Restore {
-    ops::Isa prev = ops::isa();
-    ~Restore() { ops::set_isa(prev); }
-  } restore;
-  ops::set_isa(level);
+  const ops::IsaScope at(level);
   ASSERT_EQ(ops::isa(), level);
   for (const Case& c : kCases) {
     if (c.perf) continue;
@@ -2241,8 +2237,9 @@ TEST(Ops, GemmFp32NtOnSgemm) {
       const ops::AmxGemmScope amx_off(false);
       const ops::GemmCacheStats s2 = ops::gemm_cache_stats();
       EXPECT_LT(gemm_error(false, true, 33, 40, 48, 1.f, 0.f, 0, 7), 2e-2);
-      if (ops::bf16_units() == ops::Bf16Units::Native)
+      if (ops::bf16_units() == ops::Bf16Units::Native) {
         EXPECT_EQ(ops::gemm_cache_stats().fixed_calls - s2.fixed_calls, 1);
+      }
     }
   }
 }
@@ -2732,15 +2729,11 @@ TEST(Ops, TileMmAmxMatchesRoundedOperands) {
 // its last row (a guard after C; with ldc = N a store of a whole extra vector there would land
 // in it). Widths on and off the 16-column vectors, one to four vectors per row.
 TEST(Ops, TileMmWritesOnlyItsOutput) {
-  struct Restore {
-    ops::Isa prev = ops::isa();
-    ~Restore() { ops::set_isa(prev); }
-  } restore;
   const i64 shapes[][3] = {{1, 5, 3}, {7, 16, 9}, {13, 20, 17}, {6, 32, 8}, {5, 33, 4},
                            {12, 48, 11}, {9, 64, 16}, {14, 47, 5}};
   uint64_t seed = 900;
   for (ops::Isa level : ops::isa_available()) {
-    ops::set_isa(level);
+    const ops::IsaScope at(level);
     for (auto [M, N, K] : shapes)
       for (i64 pad : {0, 3})
         for (bool acc : {false, true}) {
@@ -2780,13 +2773,9 @@ TEST(Ops, TileMmWritesOnlyItsOutput) {
 // the FLOP count matches the level's width. The same for the L1 loop (a micro-kernel tile fed
 // from L1): its accumulators end at i + n a b. The scalar level measures nothing and says so.
 TEST(Ops, FmaCeilingLoopRunsEveryFma) {
-  struct Restore {
-    ops::Isa prev = ops::isa();
-    ~Restore() { ops::set_isa(prev); }
-  } restore;
   int levels = 0;
   for (ops::Isa level : ops::isa_available()) {
-    ops::set_isa(level);
+    const ops::IsaScope at(level);
     SCOPED_TRACE(ops::isa_name(level));
     if (level == ops::Isa::Scalar) {
       EXPECT_THROW(ops::fma_loop(10, 1.f, 1.f, nullptr), Error);

@@ -11,6 +11,8 @@
 #include <string>
 #include <vector>
 
+#include "core/common.h"
+
 namespace dlcm::ops {
 
 enum class Isa { Scalar = 0, Avx2 = 1, Avx512 = 2 };
@@ -27,6 +29,8 @@ Isa isa();
 // Switches the kernels to level i (tests, benchmarks); throws when it is not available. Not
 // while kernels run on other threads.
 void set_isa(Isa i);
+// set_isa for a scope (tests, benchmarks), the level before it restored at its end.
+using IsaScope = SettingScope<Isa, isa, set_isa>;
 // The CPU's vector extensions that matter here, e.g. "avx2 fma avx512f avx512bw avx512vl
 // avx512dq avx512bf16" (amx-tile / amx-bf16 appended where present).
 std::string cpu_isa_features();
