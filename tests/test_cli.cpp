@@ -611,3 +611,67 @@ TEST(Cli, DlcmIsaForcesTheKernelLevel) {
               std::string::npos) << r.out;
   }
 }
+
+// The other kernel settings from the environment are read at start-up as DLCM_ISA is: each
+// value logged by every command (--version too), a bad one failing it with one line naming the
+// variable (not at a first product, which may run inside a parallel region).
+TEST(Cli, KernelSettingsFromTheEnvironmentAreReadAtStartUp) {
+  struct Case {
+    const char* var;
+    const char* value;
+    const char* log;  // "" for a bad value
+  } cases[] = {
+      {"DLCM_GEMM", "runtime", "dlcm: DLCM_GEMM=runtime: GEMMs use the runtime-shape oneDNN path"},
+      {"DLCM_GEMM", "fixed", "dlcm: DLCM_GEMM=fixed: GEMMs use the fixed-shape oneDNN path"},
+      {"DLCM_GEMM", "amx", ""},
+      {"DLCM_SGEMM_OWN", "off", "dlcm: DLCM_SGEMM_OWN=off: every FP32 product runs on oneDNN's sgemm"},
+      {"DLCM_SGEMM_OWN", "tn", "dlcm: DLCM_SGEMM_OWN=tn: FP32 weight-gradient products (A^T B) run "
+                               "on dlcm's blocked sgemm"},
+      {"DLCM_SGEMM_OWN", "on", ""},
+      {"DLCM_BF16_UNITS", "fp32", "dlcm: DLCM_BF16_UNITS=fp32: BF16 products run on the fp32 units"},
+      {"DLCM_BF16_UNITS", "fp16", ""},
+  };
+  for (const Case& c : cases) {
+    setenv(c.var, c.value, 1);
+    CmdResult r = run("--version");
+    unsetenv(c.var);
+    const std::string what = std::string(c.var) + "=" + c.value;
+    if (*c.log) {
+      EXPECT_EQ(r.rc, 0) << what << "\n" << r.out;
+      EXPECT_NE(r.out.find(c.log), std::string::npos) << what << "\n" << r.out;
+    } else {
+      EXPECT_EQ(r.rc, 2) << what << "\n" << r.out;
+      EXPECT_NE(r.out.find(std::string("dlcm: error: ") + c.var + ": expected"), std::string::npos)
+          << what << "\n" << r.out;
+      EXPECT_EQ(r.out.find("dlcm 0."), std::string::npos) << what << ": the version printed";
+    }
+  }
+}
+
+// DLCM_BF16_UNITS forces the units of the BF16 products instead of measuring them (logged,
+// and named by the benchmark), or fails naming the variable.
+TEST(Cli, DlcmBf16UnitsForcesTheUnits) {
+  if (!ops::cpu_has_bf16()) GTEST_SKIP() << "BF16 training needs AVX512-BF16";
+  struct Env {
+    explicit Env(const char* v) { setenv("DLCM_BF16_UNITS", v, 1); }
+    ~Env() { unsetenv("DLCM_BF16_UNITS"); }
+  };
+  test::TempDir tmp;
+  const std::string bench = "bench train --config " + tiny_config_file(tmp.path, ", \"batch_size\": 2") +
+                            " --no-torch --steps 1 --repeats 1 --precision bf16";
+  for (const std::string units : {"fp32", "native"}) {
+    Env e(units.c_str());
+    CmdResult r = run(bench);
+    ASSERT_EQ(r.rc, 0) << r.out;
+    const std::string set = "DLCM_BF16_UNITS=" + units;
+    EXPECT_NE(r.out.find("dlcm: " + set + ": BF16 products run on the " + units + " units"),
+              std::string::npos) << r.out;
+    EXPECT_NE(r.out.find("BF16 products run on the " + units + " units (" + set + ")"),
+              std::string::npos) << r.out;
+  }
+  Env e("fp16");
+  CmdResult r = run(bench);
+  EXPECT_EQ(r.rc, 2) << r.out;
+  EXPECT_NE(r.out.find("dlcm: error: DLCM_BF16_UNITS: expected \"native\" or \"fp32\""),
+            std::string::npos) << r.out;
+}

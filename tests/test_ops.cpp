@@ -367,14 +367,37 @@ double scaled_err(const Buf& a, const Buf& b, double floor) {
   return test::max_abs_diff(a.data(), b.data(), i64(a.size())) / scale;
 }
 
+// Outputs and gradients get kGuard floats of kSentinel after them: an op that writes past a
+// buffer (a loop bound off by one, a vector too many per row) fails the table, not only a
+// sanitizer run (mutation checks found two such writers that no test saw, session 48 and 49).
+constexpr i64 kGuard = 16;
+constexpr float kSentinel = -12345.5f;
+std::vector<Buf> with_guards(std::vector<Buf> v) {
+  for (Buf& b : v) b.resize(b.size() + kGuard, kSentinel);
+  return v;
+}
+// Checks each buffer's guard and removes it. A buffer the call replaced (an in-place op run on a
+// copy of its input) has no guard left to check.
+void check_guards(std::vector<Buf>& v, const std::vector<i64>& sizes, const std::string& what) {
+  for (size_t i = 0; i < v.size(); ++i) {
+    if (i64(v[i].size()) != sizes[i] + kGuard) continue;
+    i64 written = 0;
+    for (i64 e = sizes[i]; e < sizes[i] + kGuard; ++e) written += !(v[i][e] == kSentinel);
+    EXPECT_EQ(written, 0) << what << " " << i << ": floats written past its end";
+    v[i].resize(sizes[i]);
+  }
+}
+
 void run_harness(Harness& H, uint64_t seed) {
   std::vector<i64> in_sizes;
   for (auto& x : H.in) in_sizes.push_back(i64(x.size()));
   // NaN-poisoned, not zeroed: every element an op must write (pads included) is checked written
   const float nan = std::numeric_limits<float>::quiet_NaN();
-  auto of = alloc(H.out_sizes, nan), orf = alloc(H.out_sizes, nan);
+  auto of = with_guards(alloc(H.out_sizes, nan)), orf = with_guards(alloc(H.out_sizes, nan));
   H.fwd(Fast, of);
   H.fwd(Ref, orf);
+  check_guards(of, H.out_sizes, "forward output");
+  check_guards(orf, H.out_sizes, "reference forward output");
   for (size_t i = 0; i < of.size(); ++i)
     EXPECT_LE(scaled_err(of[i], orf[i], H.floor), H.tol) << "forward output " << i;
   if (!H.bwd) return;
@@ -385,9 +408,11 @@ void run_harness(Harness& H, uint64_t seed) {
   auto g0 = alloc(in_sizes);
   for (size_t i = 0; i < g0.size(); ++i)
     test::fill_normal(g0[i].data(), i64(g0[i].size()), seed + 200 + i);
-  auto gf = g0, gr = g0;
+  auto gf = with_guards(g0), gr = with_guards(g0);
   H.bwd(Fast, of, R.data(), gf);
   H.bwd(Ref, orf, R.data(), gr);
+  check_guards(gf, in_sizes, "gradient");
+  check_guards(gr, in_sizes, "reference gradient");
   for (size_t i = 0; i < gf.size(); ++i) {
     for (size_t e = 0; e < gf[i].size(); ++e) {
       gf[i][e] -= g0[i][e];
@@ -583,11 +608,18 @@ void run_rmsnorm(const Case& c, Mode m) {
       if (r)
         for (i64 i = 0; i < N * d; ++i) want[i] += r[i];
       ops::rmsnorm_backward(want.data(), dw1.data(), dy.data(), x, w, o[1].data(), N, d);
+      // dx with a guard after it: each form writes its rows and nothing past them
+      constexpr i64 kGuard = 16;
       Buf got(acc ? dx0 : Buf(N * d, NAN)), dw2(d, 0.5f);
+      got.resize(N * d + kGuard, -7.f);
       ops::rmsnorm_backward(got.data(), dw2.data(), dy.data(), x, w, o[1].data(), N, d, r, acc);
-      i64 bad = 0;
+      i64 bad = 0, guard = 0;
       for (i64 i = 0; i < N * d; ++i) bad += !(got[i] == want[i]);
+      for (i64 i = N * d; i < N * d + kGuard; ++i) guard += got[i] != -7.f;
+      got.resize(N * d);
       EXPECT_EQ(bad, 0) << c.op << " res=" << (r != nullptr) << " accumulate=" << acc;
+      EXPECT_EQ(guard, 0) << c.op << " res=" << (r != nullptr) << " accumulate=" << acc
+                          << ": written past dx";
       EXPECT_EQ(dw1, dw2) << c.op << " res=" << (r != nullptr) << " accumulate=" << acc;
       // the same call writing dx's rounding too (a producer of a BF16 product's dy)
       Buf got16(acc ? dx0 : Buf(N * d, NAN)), dw3(d, 0.5f);
@@ -1041,6 +1073,23 @@ void run_cross_entropy(const Case& c, Mode m) {
       for (i64 v = 0; v < V; ++v) EXPECT_EQ(x[n * V + v], 0.0f);
     }
   }
+  // a target outside the vocabulary is named, before any logit is read or written
+  std::vector<i32> bad = tg;
+  bad[N - 1] = i32(V);
+  Buf xb = H.in[0];
+  for (const std::string who : {"cross_entropy_forward", "cross_entropy_fused"}) {
+    try {
+      if (who == "cross_entropy_forward") ops::cross_entropy_forward(xb.data(), bad.data(), N, V, rl.data());
+      else ops::cross_entropy_fused(xb.data(), bad.data(), N, V, 1.0f);
+      ADD_FAILURE() << who << ": no error for target " << V;
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(who + ": target " + std::to_string(V) +
+                                           " at row " + std::to_string(N - 1) +
+                                           " is outside the vocabulary"),
+                std::string::npos) << e.what();
+    }
+  }
+  EXPECT_EQ(std::memcmp(xb.data(), H.in[0].data(), N * V * sizeof(float)), 0);
 }
 
 void run_adamw(const Case& c, Mode m) {
@@ -2162,6 +2211,48 @@ TEST(Ops, IsaLevelsAndErrors) {
 // The fixed-shape cache: bounded (least recently used shapes evicted, results unchanged when
 // they come back), a shape below min_uses stays on the runtime path, and calls from inside a
 // parallel region never use it.
+// A product over an empty K (dW += dy^T x over zero rows) is C = beta C on every path: each
+// precision, both kinds of BF16 units, the AMX tiles on and off, both oneDNN paths, every
+// form, and dlcm's blocked sgemm; its empty operands are null (an empty buffer), which
+// oneDNN's sgemm refused.
+TEST(Ops, GemmOverEmptyKIsBetaC) {
+  GemmCacheScope every_shape({.capacity = 8, .min_flops = 0, .min_uses = 1});
+  const ops::AmxGemmScope amx_restore(ops::amx_gemm_on());
+  std::vector<ops::Precision> precs = {ops::Precision::FP32};
+  if (ops::cpu_has_bf16()) precs.push_back(ops::Precision::BF16);
+  uint64_t seed = 500;
+  for (ops::Precision p : precs) {
+    ops::PrecisionScope ps(p);
+    for (ops::Bf16Units u : kBothUnits) {
+      ops::Bf16UnitsScope units(u);
+      for (bool amx : {true, false}) {
+        ops::set_amx_gemm(amx);
+        for (ops::GemmPath path : {ops::GemmPath::Runtime, ops::GemmPath::Fixed}) {
+          ops::set_gemm_path(path);
+          for (int form = 0; form < 32; ++form) {
+            const bool ta = form & 1, tb = form & 2;
+            const float beta = form & 4 ? 1.f : 0.f, alpha = form & 8 ? 0.7f : 1.f;
+            const i64 pad = form & 16 ? 3 : 1;  // a row of A or B is at least 1 wide (BLAS)
+            EXPECT_EQ(gemm_error(ta, tb, 33, 40, 0, alpha, beta, pad, seed += 3), 0.0)
+                << ops::precision_name(p) << " " << ops::bf16_units_name(u) << " amx=" << amx
+                << " " << ops::gemm_path_name(path) << " ta=" << ta << " tb=" << tb
+                    << " alpha=" << alpha << " beta=" << beta << " pad=" << pad;
+          }
+        }
+      }
+    }
+  }
+  // dlcm's blocked sgemm called directly (beta 0 never reading C: gemm_error poisons it)
+  if (ops::blocked_sgemm_native())
+    for (int form = 0; form < 16; ++form) {
+      const bool ta = form & 1, tb = form & 2;
+      const float beta = form & 4 ? 1.f : 0.f;
+      const i64 pad = form & 8 ? 3 : 1;
+      EXPECT_EQ(gemm_error(ta, tb, 33, 40, 0, 0.7f, beta, pad, seed += 3, true), 0.0)
+          << "blocked ta=" << ta << " tb=" << tb << " beta=" << beta << " pad=" << pad;
+    }
+}
+
 TEST(Ops, GemmFixedCacheEvictsAndFallsBack) {
   GemmCacheScope small({.capacity = 2, .min_flops = 0, .min_uses = 1});
   ops::set_gemm_path(ops::GemmPath::Fixed);
@@ -2196,6 +2287,16 @@ TEST(Ops, GemmFixedCacheEvictsAndFallsBack) {
     const ops::GemmCacheStats after = ops::gemm_cache_stats();
     EXPECT_EQ(after.created - before.created, use == 1 ? 1 : 0) << use;
     EXPECT_EQ(after.fixed_calls - before.fixed_calls, use == 0 ? 0 : 1) << use;
+  }
+  // a new configuration counts uses afresh: one call, the configuration set again, one more
+  // call: each the shape's first under its configuration, so nothing is created
+  {
+    const ops::GemmCacheStats before = ops::gemm_cache_stats();
+    for (int set = 0; set < 2; ++set) {
+      ops::set_gemm_cache_config({.capacity = 2, .min_flops = 0, .min_uses = 2});
+      EXPECT_LT(gemm_error(true, false, 26, 27, 28, 1.f, 0.f, 0, 3), 1e-5);
+    }
+    EXPECT_EQ(ops::gemm_cache_stats().created, before.created);
   }
   // min_flops: smaller products stay on the runtime path
   ops::set_gemm_cache_config({.capacity = 2, .min_flops = 2.0 * 23 * 24 * 25 + 1, .min_uses = 1});
@@ -2287,6 +2388,16 @@ TEST(Ops, GemmFixedCacheKeepsVaryingShapesOnTheRuntimePath) {
       EXPECT_LT(gemm_error(false, true, 50 + step, 24, 32, 1.f, 0.f, 0, 3), 1e-5);
   EXPECT_EQ(ops::gemm_cache_stats().created - s3.created, 6);
   EXPECT_EQ(ops::gemm_cache_stats().varying_calls, s3.varying_calls);
+  // a new configuration forgets the values families took before it: three values, the
+  // configuration set again, a fourth is its family's first (created at its second call)
+  ops::set_gemm_cache_config({.capacity = 64, .min_flops = 0, .min_uses = 1, .varying_values = 4});
+  for (i64 v : {70, 71, 72}) EXPECT_LT(gemm_error(false, true, v, 24, 32, 1.f, 0.f, 0, 3), 1e-5);
+  ops::set_gemm_cache_config({.capacity = 64, .min_flops = 0, .min_uses = 2, .varying_values = 4});
+  const ops::GemmCacheStats s4 = ops::gemm_cache_stats();
+  for (int call = 0; call < 2; ++call)
+    EXPECT_LT(gemm_error(false, true, 73, 24, 32, 1.f, 0.f, 0, 3), 1e-5);
+  EXPECT_EQ(ops::gemm_cache_stats().created - s4.created, 1);
+  EXPECT_EQ(ops::gemm_cache_stats().varying_calls, s4.varying_calls);
 }
 
 // BF16: linear_backward rounds dy once for dx and dW, linear_forward_multi x once for its

@@ -872,6 +872,12 @@ std::vector<GemmShapeStat> gemm_shape_stats(bool reset) {
 }
 void set_gemm_shape_by_call(bool on) { g_shape_by_call = on; }
 GemmPath gemm_path() { return path_ref(); }
+void read_kernel_settings() {
+  isa();
+  path_ref();
+  blocked_use();
+  if (const char* e = std::getenv("DLCM_BF16_UNITS"); e && *e) bf16_units_choice();  // no measuring
+}
 
 void set_gemm_cache_config(const GemmCacheConfig& c) {
   FixedCache& f = fixed_cache();
@@ -917,6 +923,15 @@ std::string gemm_impl(bool trans_a, bool trans_b, i64 M, i64 N, i64 K, float alp
 void gemm(bool trans_a, bool trans_b, i64 M, i64 N, i64 K, float alpha, const float* A, i64 lda,
           const float* B, i64 ldb, float beta, float* C, i64 ldc) {
   if (M == 0 || N == 0) return;
+  if (K == 0) {  // C = beta C without reading A or B: an empty operand may be null, which
+                 // oneDNN's sgemm refuses (a weight gradient over zero rows)
+    for (i64 i = 0; i < M; ++i) {
+      float* c = C + i * ldc;
+      if (beta == 0.0f) std::fill_n(c, N, 0.0f);
+      else if (beta != 1.0f) for (i64 j = 0; j < N; ++j) c[j] *= beta;
+    }
+    return;
+  }
   prof::DetailScope ps("  GEMM", 2.0 * double(M) * double(N) * double(K));
   ShapeTimer timer;
   const bool acc = beta != 0;

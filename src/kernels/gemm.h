@@ -101,6 +101,10 @@ GemmPath parse_gemm_path(const std::string& s, const std::string& what);
 const char* gemm_path_name(GemmPath p);
 void set_gemm_path(GemmPath p);
 GemmPath gemm_path();
+// Reads the environment's kernel settings now: DLCM_ISA, DLCM_GEMM, DLCM_SGEMM_OWN and, when set,
+// DLCM_BF16_UNITS (each logged once, a bad value an Error naming it), instead of at the first
+// product, which may run inside a parallel region. The command line calls it at start-up.
+void read_kernel_settings();
 // Whether FP32 products x W^T (A as stored, B transposed) run on oneDNN's sgemm on the fixed
 // path as well (default on; DLCM_FP32_NT_SGEMM=0 turns it off at start, logged): faster than
 // the fixed-shape brgemm on the AMX Xeon of docs/performance.md. For A/B timing and tests.

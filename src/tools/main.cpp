@@ -9,6 +9,7 @@
 #include "core/common.h"
 #include "core/dist.h"
 #include "data/provenance.h"
+#include "kernels/gemm.h"
 #include "kernels/isa.h"
 #include "tools/cli_help.h"
 #include "tools/commands.h"
@@ -16,8 +17,9 @@
 int main(int argc, char** argv) {
   using namespace dlcm;
   set_command_line(argc, argv);  // provenance of checkpoints and reports
-  try {  // DLCM_ISA read up front: a bad value fails every command (--version too) with one line
-    ops::isa();
+  try {  // DLCM_ISA, DLCM_GEMM, DLCM_SGEMM_OWN, DLCM_BF16_UNITS read up front: a bad value fails
+         // every command (--version too) with one line
+    ops::read_kernel_settings();
   } catch (const dlcm::Error& e) {
     std::fprintf(stderr, "dlcm: error: %s\n", e.what());
     return 2;
