@@ -1337,6 +1337,21 @@ struct GemmCacheScope {
 
 const ops::Bf16Units kBothUnits[2] = {ops::Bf16Units::Native, ops::Bf16Units::Fp32};
 
+// f() under each precision this CPU runs and, for BF16, each kind of units (BF16 on the FP32
+// units multiplies the rounded operands too); FP32 once.
+void for_each_precision_and_units(const std::function<void(ops::Precision, ops::Bf16Units)>& f) {
+  std::vector<ops::Precision> precs = {ops::Precision::FP32};
+  if (ops::cpu_has_bf16()) precs.push_back(ops::Precision::BF16);
+  for (ops::Precision p : precs) {
+    ops::PrecisionScope ps(p);
+    for (ops::Bf16Units u : kBothUnits) {
+      if (p == ops::Precision::FP32 && u == ops::Bf16Units::Fp32) continue;
+      ops::Bf16UnitsScope units(u);
+      f(p, u);
+    }
+  }
+}
+
 // C = alpha op(A) op(B) + beta C against a double product of the operands (for BF16: of the
 // operands rounded to bf16, so only the FP32 accumulation differs). Returns the worst error
 // relative to sum |alpha a b| + |beta c| of each entry, and checks C's padding is untouched.
@@ -1422,35 +1437,27 @@ void run_gemm(const Case& c, Mode m) {
   GemmCacheScope every_shape({.capacity = 64, .min_flops = 0, .min_uses = 1});
   // oneDNN's paths only (the AMX tile kernel has rows of its own, gemm_amx)
   const ops::AmxGemmScope amx_off(false);
-  std::vector<ops::Precision> precs = {ops::Precision::FP32};
-  if (ops::cpu_has_bf16()) precs.push_back(ops::Precision::BF16);
   uint64_t seed = 1000;
-  for (ops::Precision p : precs) {
-    ops::PrecisionScope ps(p);
-    // BF16 on both kinds of units: the FP32 ones multiply the rounded operands too (a product
-    // of the unrounded ones is ~2^-9 off the reference)
-    for (ops::Bf16Units u : kBothUnits) {
-      if (p == ops::Precision::FP32 && u == ops::Bf16Units::Fp32) continue;
-      ops::Bf16UnitsScope units(u);
-      for (ops::GemmPath path : {ops::GemmPath::Runtime, ops::GemmPath::Fixed}) {
-        ops::set_gemm_path(path);
-        const i64 fixed0 = ops::gemm_cache_stats().fixed_calls;
-        for (int form = 0; form < 32; ++form) {
-          const bool ta = form & 1, tb = form & 2;
-          const float beta = form & 4 ? 1.f : 0.f, alpha = form & 8 ? 0.7f : 1.f;
-          const i64 pad = form & 16 ? 3 : 0;
-          const double err = gemm_error(ta, tb, M, N, K, alpha, beta, pad, seed += 3);
-          EXPECT_LT(err, 1e-5) << ops::precision_name(p) << " " << ops::bf16_units_name(u)
-                               << " " << ops::gemm_path_name(path) << " ta=" << ta
-                               << " tb=" << tb << " alpha=" << alpha << " beta=" << beta
-                               << " pad=" << pad;
-        }
-        // the path asked for is the path taken
-        EXPECT_EQ(ops::gemm_cache_stats().fixed_calls - fixed0,
-                  path == ops::GemmPath::Fixed ? 32 : 0);
+  // BF16 on both kinds of units: the FP32 ones multiply the rounded operands too (a product of
+  // the unrounded ones is ~2^-9 off the reference)
+  for_each_precision_and_units([&](ops::Precision p, ops::Bf16Units u) {
+    for (ops::GemmPath path : {ops::GemmPath::Runtime, ops::GemmPath::Fixed}) {
+      ops::set_gemm_path(path);
+      const i64 fixed0 = ops::gemm_cache_stats().fixed_calls;
+      for (int form = 0; form < 32; ++form) {
+        const bool ta = form & 1, tb = form & 2;
+        const float beta = form & 4 ? 1.f : 0.f, alpha = form & 8 ? 0.7f : 1.f;
+        const i64 pad = form & 16 ? 3 : 0;
+        const double err = gemm_error(ta, tb, M, N, K, alpha, beta, pad, seed += 3);
+        EXPECT_LT(err, 1e-5) << ops::precision_name(p) << " " << ops::bf16_units_name(u) << " "
+                             << ops::gemm_path_name(path) << " ta=" << ta << " tb=" << tb
+                             << " alpha=" << alpha << " beta=" << beta << " pad=" << pad;
       }
+      // the path asked for is the path taken
+      EXPECT_EQ(ops::gemm_cache_stats().fixed_calls - fixed0,
+                path == ops::GemmPath::Fixed ? 32 : 0);
     }
-  }
+  });
 }
 
 // dlcm's blocked FP32 GEMM (kernels/blocked_sgemm.h): every form (transposes, alpha, beta,
@@ -2208,9 +2215,6 @@ TEST(Ops, IsaLevelsAndErrors) {
   }
 }
 
-// The fixed-shape cache: bounded (least recently used shapes evicted, results unchanged when
-// they come back), a shape below min_uses stays on the runtime path, and calls from inside a
-// parallel region never use it.
 // A product over an empty K (dW += dy^T x over zero rows) is C = beta C on every path: each
 // precision, both kinds of BF16 units, the AMX tiles on and off, both oneDNN paths, every
 // form, and dlcm's blocked sgemm; its empty operands are null (an empty buffer), which
@@ -2218,30 +2222,24 @@ TEST(Ops, IsaLevelsAndErrors) {
 TEST(Ops, GemmOverEmptyKIsBetaC) {
   GemmCacheScope every_shape({.capacity = 8, .min_flops = 0, .min_uses = 1});
   const ops::AmxGemmScope amx_restore(ops::amx_gemm_on());
-  std::vector<ops::Precision> precs = {ops::Precision::FP32};
-  if (ops::cpu_has_bf16()) precs.push_back(ops::Precision::BF16);
   uint64_t seed = 500;
-  for (ops::Precision p : precs) {
-    ops::PrecisionScope ps(p);
-    for (ops::Bf16Units u : kBothUnits) {
-      ops::Bf16UnitsScope units(u);
-      for (bool amx : {true, false}) {
-        ops::set_amx_gemm(amx);
-        for (ops::GemmPath path : {ops::GemmPath::Runtime, ops::GemmPath::Fixed}) {
-          ops::set_gemm_path(path);
-          for (int form = 0; form < 32; ++form) {
-            const bool ta = form & 1, tb = form & 2;
-            const float beta = form & 4 ? 1.f : 0.f, alpha = form & 8 ? 0.7f : 1.f;
-            const i64 pad = form & 16 ? 3 : 1;  // a row of A or B is at least 1 wide (BLAS)
-            EXPECT_EQ(gemm_error(ta, tb, 33, 40, 0, alpha, beta, pad, seed += 3), 0.0)
-                << ops::precision_name(p) << " " << ops::bf16_units_name(u) << " amx=" << amx
-                << " " << ops::gemm_path_name(path) << " ta=" << ta << " tb=" << tb
-                    << " alpha=" << alpha << " beta=" << beta << " pad=" << pad;
-          }
+  for_each_precision_and_units([&](ops::Precision p, ops::Bf16Units u) {
+    for (bool amx : {true, false}) {
+      ops::set_amx_gemm(amx);
+      for (ops::GemmPath path : {ops::GemmPath::Runtime, ops::GemmPath::Fixed}) {
+        ops::set_gemm_path(path);
+        for (int form = 0; form < 32; ++form) {
+          const bool ta = form & 1, tb = form & 2;
+          const float beta = form & 4 ? 1.f : 0.f, alpha = form & 8 ? 0.7f : 1.f;
+          const i64 pad = form & 16 ? 3 : 1;  // a row of A or B is at least 1 wide (BLAS)
+          EXPECT_EQ(gemm_error(ta, tb, 33, 40, 0, alpha, beta, pad, seed += 3), 0.0)
+              << ops::precision_name(p) << " " << ops::bf16_units_name(u) << " amx=" << amx
+              << " " << ops::gemm_path_name(path) << " ta=" << ta << " tb=" << tb
+              << " alpha=" << alpha << " beta=" << beta << " pad=" << pad;
         }
       }
     }
-  }
+  });
   // dlcm's blocked sgemm called directly (beta 0 never reading C: gemm_error poisons it)
   if (ops::blocked_sgemm_native())
     for (int form = 0; form < 16; ++form) {
@@ -2253,6 +2251,9 @@ TEST(Ops, GemmOverEmptyKIsBetaC) {
     }
 }
 
+// The fixed-shape cache: bounded (least recently used shapes evicted, results unchanged when
+// they come back), a shape below min_uses stays on the runtime path, and calls from inside a
+// parallel region never use it.
 TEST(Ops, GemmFixedCacheEvictsAndFallsBack) {
   GemmCacheScope small({.capacity = 2, .min_flops = 0, .min_uses = 1});
   ops::set_gemm_path(ops::GemmPath::Fixed);
