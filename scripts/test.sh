@@ -9,8 +9,9 @@ bash scripts/setup.sh
 phase "set-up and build"
 (cd "${BUILD_DIR:-build}" && OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} ctest --output-on-failure -j1 --timeout 900)
 phase "CTest"
-# Reliability (docs/reliability.md): the input- and file-handling tests under ASan + UBSan,
-# then every fuzz harness briefly (FUZZ_SECONDS each; the long run is scripts/fuzz.sh --seconds N).
+# Reliability (docs/reliability.md): the input- and file-handling tests and the kernels' op
+# table under ASan + UBSan, then every fuzz harness briefly (FUZZ_SECONDS each; the long run
+# is scripts/fuzz.sh --seconds N).
 bash scripts/test_sanitize.sh
 phase "ASan+UBSan build and tests"
 bash scripts/fuzz.sh --seconds "${FUZZ_SECONDS:-20}"

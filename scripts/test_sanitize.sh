@@ -6,14 +6,16 @@
 # (test_gguf, without the llama.cpp runs), the HTTP server's request handling (test_serve: hostile
 # requests, every field with every kind of value, API key, disconnects, full queue, timeouts),
 # the inference streams' caches and slots (test_stream, test_dlcm_stream: every design, a slot's
-# length and reset, prefix rows, the concept lists; the server indexes them from requests).
+# length and reset, prefix rows, the concept lists; the server indexes them from requests), and
+# the kernels (test_ops: the op table at every kernel level, where the guards after outputs see
+# only writes past them, not reads past an input or a scratch buffer's overflow).
 # Only these targets are built (the library is compiled once, -O0). scripts/test.sh runs it after
 # the main suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 B=${ASAN_BUILD_DIR:-build-asan}
 targets=(test_io test_data test_reliability test_eval test_gguf test_serve test_stream
-         test_dlcm_stream)
+         test_dlcm_stream test_ops)
 [[ -f tests/test_config.cpp ]] && targets+=(test_config)
 launcher=()
 command -v ccache >/dev/null 2>&1 && launcher=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache)
@@ -34,7 +36,9 @@ cmake --build "$B" -j"${JOBS:-$(nproc)}" --target dlcm "${targets[@]}"
 export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=0:abort_on_error=1:strict_string_checks=1}
 export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
 # test_eval: the task readers only (its model-scoring tests add nothing under sanitizers);
-# test_gguf: not the llama.cpp runs (node and llama.cpp are not ours to sanitize).
+# test_gguf: not the llama.cpp runs (node and llama.cpp are not ours to sanitize); test_ops:
+# everything, but the op table without its finite differences (DLCM_OPS_TABLE_FD=0: they check
+# the double reference, test code, and at -O0 would double the run, about 2.5 min without them).
 filter_for() {
   case "$1" in
     test_eval) echo "--gtest_filter=EvalTasks.*" ;;
@@ -45,5 +49,6 @@ filter_for() {
 }
 for t in "${targets[@]}"; do
   echo "[sanitize] $t"
-  OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} "$B/$t" --gtest_brief=1 $(filter_for "$t")
+  DLCM_OPS_TABLE_FD=0 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} "$B/$t" --gtest_brief=1 \
+    $(filter_for "$t")
 done

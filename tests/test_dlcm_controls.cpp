@@ -277,12 +277,14 @@ TEST(Controls, RuleDecisionsIdenticalInTrainingEvaluationAndStreaming) {
 // Every parameter against central differences of CE + lambda * L_aux, boundaries fixed. With
 // the smoother off, a rule router, or smooth_grad on, the loss is a function of the weights
 // with no detached gate, so every parameter (router included) is checked.
-TEST(Controls, FiniteDifferenceGradientsEveryParameter) {
-  struct Case {
-    const char* name;
-    Config c;
-  };
-  std::vector<Case> cases;
+// The controls of the whole-model gradient checks below, each with aux_weight 0.5 (the aux
+// path visible next to CE).
+struct ControlCase {
+  const char* name;
+  Config c;
+};
+std::vector<ControlCase> control_cases() {
+  std::vector<ControlCase> cases;
   {
     Config c = test::tiny_dlcm();
     c.model.smoother = false;
@@ -310,9 +312,14 @@ TEST(Controls, FiniteDifferenceGradientsEveryParameter) {
   cases.push_back({"fixed", fixed_cfg(3)});
   cases.push_back({"word", test::tiny_dlcm("word")});
   cases.push_back({"baseline extras", baseline_extras_cfg()});
+  for (auto& cs : cases) cs.c.model.aux_weight = 0.5f;
+  return cases;
+}
+
+TEST(Controls, FiniteDifferenceGradientsEveryParameter) {
+  std::vector<ControlCase> cases = control_cases();
   for (auto& cs : cases) {
     SCOPED_TRACE(cs.name);
-    cs.c.model.aux_weight = 0.5f;  // make the aux path visible next to CE
     auto m = model_for(cs.c, 11);
     Data d = make_data(cs.c.model, 3, cs.c.model.is_dlcm() ? 20 : 9, 5);
     m->params().zero_grad();
@@ -321,6 +328,36 @@ TEST(Controls, FiniteDifferenceGradientsEveryParameter) {
     for (auto& p : m->params().params())
       test::check_grad(std::string(cs.name) + " " + p.name, p.w, an.data() + p.offset, p.numel,
                        [&] { return loss_only(*m, d); }, 5e-3, 3e-2, 8);
+  }
+}
+
+// A step after another step gives a fresh model's gradients, to the bit: every scratch gradient
+// a backward writes is written or cleared, not added to what the step before left (the
+// finite differences above run one backward per model, into buffers still zero). A mutant
+// that made the extras' first producers accumulate was seen by no test (session 50).
+TEST(Controls, ASecondStepGivesAFreshModelsGradients) {
+  std::vector<ControlCase> cases = control_cases();
+  cases.push_back({"baseline", test::tiny_baseline()});
+  cases.push_back({"dlcm", test::tiny_dlcm()});
+  for (auto& cs : cases) {
+    SCOPED_TRACE(cs.name);
+    const i64 L = cs.c.model.is_dlcm() ? 20 : 9;
+    const Data first = make_data(cs.c.model, 3, L, 5), second = make_data(cs.c.model, 3, L, 6);
+    auto used = model_for(cs.c, 11), fresh = model_for(cs.c, 11);
+    used->params().zero_grad();
+    loss_and_grads(*used, first);
+    used->params().zero_grad();
+    const double loss_used = loss_and_grads(*used, second);
+    fresh->params().zero_grad();
+    const double loss_fresh = loss_and_grads(*fresh, second);
+    EXPECT_EQ(loss_used, loss_fresh);
+    const ParamStore &a = used->params(), &b = fresh->params();
+    ASSERT_EQ(a.total(), b.total());
+    for (const auto& p : a.params()) {
+      i64 differ = 0;
+      for (i64 i = 0; i < p.numel; ++i) differ += !(a.grad()[p.offset + i] == b.grad()[p.offset + i]);
+      EXPECT_EQ(differ, 0) << p.name << ": gradients differing from a fresh model's";
+    }
   }
 }
 

@@ -1,5 +1,6 @@
 // safetensors and checkpoint I/O: round trips, malformed files rejected with clear messages,
 // malformed config.json, and checkpoint atomicity.
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cstring>
@@ -426,16 +427,26 @@ TEST(Checkpoint, ReadersNameDirectoryAndFile) {
   EXPECT_EQ(count_siblings(ck2), 0);  // failed save leaves no temp dir
 }
 
-TEST(Checkpoint, AtomicReplaceAndCrashRecovery) {
-  test::TempDir td;
+// A small model's checkpoint to write: its config, parameters filled from a seed, a step.
+struct CheckpointToWrite {
   Config cfg = small_config();
   ParamStore ps;
-  make_store(ps);
-  fill_store(ps, 21);
   CheckpointWrite w;
-  w.config = &cfg;
-  w.params = &ps;
-  w.trainer_state = {{"step", 1}};
+  CheckpointToWrite(uint64_t seed, int step) {
+    make_store(ps);
+    fill_store(ps, seed);
+    w.config = &cfg;
+    w.params = &ps;
+    w.trainer_state = {{"step", step}};
+  }
+  CheckpointToWrite(const CheckpointToWrite&) = delete;  // w points into it
+};
+
+TEST(Checkpoint, AtomicReplaceAndCrashRecovery) {
+  test::TempDir td;
+  CheckpointToWrite c(21, 1);
+  ParamStore& ps = c.ps;
+  CheckpointWrite& w = c.w;
   const std::string dir = td.path + "/ck";
   save_checkpoint(dir, w);
 
@@ -499,4 +510,56 @@ TEST(Checkpoint, AtomicReplaceAndCrashRecovery) {
   clean_stale_checkpoint_siblings(dir);
   EXPECT_TRUE(fs::exists(live));
   fs::remove_all(live);
+
+  // Siblings whose suffix is not a pid are not a save's: left alone, and they stop no save (a
+  // suffix that is not a number, or a number too long for a pid, once threw from its parse).
+  const std::vector<std::string> foreign = {dir + ".tmp-notes", dir + ".old-1x",
+                                            dir + ".tmp-123456789012345678901234",
+                                            dir + ".old-99999999999"};
+  for (const std::string& f : foreign) fs::create_directory(f);
+  EXPECT_EQ(clean_stale_checkpoint_siblings(dir), 0);
+  w.trainer_state = {{"step", 3}};
+  save_checkpoint(dir, w);
+  EXPECT_EQ(load_trainer_state(dir)["step"], 3);
+  for (const std::string& f : foreign) EXPECT_TRUE(fs::is_directory(f)) << f;
+}
+
+// copy_checkpoint (the trainer's kept step checkpoints) hard-links each file, and copies it
+// where a link cannot be made: here across two file systems (the test folder and /dev/shm).
+TEST(Checkpoint, CopyLinksOrCopiesEveryFile) {
+  test::TempDir td;
+  CheckpointToWrite c(23, 7);
+  const ParamStore& ps = c.ps;
+  const std::string src = td.path + "/ck";
+  save_checkpoint(src, c.w);
+  std::vector<std::string> files;
+  for (const auto& e : fs::directory_iterator(src)) files.push_back(e.path().filename().string());
+  ASSERT_GE(files.size(), 3u);
+  auto same_files = [&](const std::string& dst) {
+    for (const std::string& f : files)
+      EXPECT_EQ(read_bytes(dst + "/" + f), read_bytes(src + "/" + f)) << dst << "/" << f;
+    ParamStore back;
+    make_store(back);
+    load_checkpoint_params(dst, back);
+    EXPECT_EQ(back.params()[0].w[0], ps.params()[0].w[0]);
+    EXPECT_EQ(load_trainer_state(dst)["step"], 7);
+    EXPECT_EQ(count_siblings(dst), 0);
+  };
+  // the same file system: links
+  const std::string linked = td.path + "/step-7";
+  copy_checkpoint(src, linked);
+  same_files(linked);
+  EXPECT_EQ(fs::hard_link_count(linked + "/model.safetensors"), 2u);
+
+  struct stat a{}, b{};
+  if (::stat(td.path.c_str(), &a) != 0 || ::stat("/dev/shm", &b) != 0 || a.st_dev == b.st_dev)
+    GTEST_SKIP() << "no second file system at /dev/shm beside " << td.path;
+  struct Removed {  // also when a check throws
+    std::string path;
+    ~Removed() { fs::remove_all(path); }
+  } other{"/dev/shm/dlcm-test-copy-" + std::to_string(getpid())};
+  fs::remove_all(other.path);
+  copy_checkpoint(src, other.path);
+  same_files(other.path);
+  EXPECT_EQ(fs::hard_link_count(other.path + "/model.safetensors"), 1u);  // a copy, not a link
 }

@@ -24,6 +24,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <optional>
@@ -388,6 +389,23 @@ void check_guards(std::vector<Buf>& v, const std::vector<i64>& sizes, const std:
   }
 }
 
+// DLCM_OPS_TABLE_FD=0: the table without its finite differences, which check the double
+// reference's gradient (test code) and are most of the table's time in an unoptimized build.
+// The sanitizer phase (scripts/test_sanitize.sh) sets it: there the kernels' accesses are what
+// is checked, and they all still run.
+bool skip_finite_differences() {
+  static const bool skip = [] {
+    const char* v = std::getenv("DLCM_OPS_TABLE_FD");
+    if (!v) return false;
+    const std::string s(v);
+    if (s != "0" && s != "1")
+      throw std::runtime_error("DLCM_OPS_TABLE_FD='" + s + "': expected 0 (skip) or 1 (run)");
+    if (s == "0") std::fprintf(stderr, "[test_ops] DLCM_OPS_TABLE_FD=0: no finite differences\n");
+    return s == "0";
+  }();
+  return skip;
+}
+
 void run_harness(Harness& H, uint64_t seed) {
   std::vector<i64> in_sizes;
   for (auto& x : H.in) in_sizes.push_back(i64(x.size()));
@@ -422,6 +440,7 @@ void run_harness(Harness& H, uint64_t seed) {
         << "gradient of " << H.names[i] << " vs reference";
   }
 
+  if (skip_finite_differences()) return;
   std::vector<Vec> in64(H.in.size());
   Vec out64(R.size());
   for (size_t i = 0; i < H.in.size(); ++i) {
@@ -852,6 +871,11 @@ void run_attention_at(const Case& c, Mode m, bool bf16) {
   H.in = {Buf(B * Lq * Hq * hd), Buf(B * Lk * Hkv * hd), Buf(B * Lk * Hkv * hd)};
   for (int i = 0; i < 3; ++i) test::fill_normal(H.in[i].data(), i64(H.in[i].size()), 20 + i, c.std);
   H.out_sizes = {B * Lq * Hq * hd, B * Hq * Lq};
+  // A query that sees one key has dq = 0 and gives that key dk = 0 in theory; in practice the
+  // rounding noise of dP - D (a few 1e-9 where Lq = Lk = 1, all of dq and dk) is what is left,
+  // and its bits depend on how the compiler contracted the sums (an -O0 build differs). So the
+  // errors are measured against max(max |ref|, 1), as for the concept attention.
+  H.floor = 1;
   H.fwd = [&](Impl im, std::vector<Buf>& o) {
     (im == Fast ? ops::attention_forward : ops::ref::attention_forward<float>)(
         o[0].data(), o[1].data(), H.in[0].data(), H.in[1].data(), H.in[2].data(), B, Lq, Lk, Hq,
