@@ -6,7 +6,8 @@
 # (test_gguf, without the llama.cpp runs), the HTTP server's request handling (test_serve: hostile
 # requests, every field with every kind of value, API key, disconnects, full queue, timeouts),
 # the inference streams' caches and slots (test_stream, test_dlcm_stream: every design, a slot's
-# length and reset, prefix rows, the concept lists; the server indexes them from requests), and
+# length and reset, prefix rows, the concept lists; the server indexes them from requests), the
+# generation loop that fills a stream's slots from a list of prompts (test_generate), and
 # the kernels (test_ops: the op table at every kernel level, where the guards after outputs see
 # only writes past them, not reads past an input or a scratch buffer's overflow).
 # Only these targets are built (the library is compiled once, -O0). scripts/test.sh runs it after
@@ -15,7 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 B=${ASAN_BUILD_DIR:-build-asan}
 targets=(test_io test_data test_reliability test_eval test_gguf test_serve test_stream
-         test_dlcm_stream test_ops)
+         test_dlcm_stream test_generate test_ops)
 [[ -f tests/test_config.cpp ]] && targets+=(test_config)
 launcher=()
 command -v ccache >/dev/null 2>&1 && launcher=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache)

@@ -316,12 +316,19 @@ TEST(Validation, CeByRowPositionSplitsTheLoss) {
     ASSERT_EQ(v.row_pos_to, (std::vector<i64>{16, 40}));
     // by hand: each batch's per-position losses, bucketed
     double ce[2] = {0, 0};
-    i64 n[2] = {0, 0};
+    i64 n[2] = {0, 0}, concepts = 0;
     for (const Rows& d : batches) {
       std::vector<float> rl(B * L);
-      m->eval_micro(Batch{d.tok.data(), d.tgt.data(), B, L, 0}, rl.data());
+      concepts += m->eval_micro(Batch{d.tok.data(), d.tgt.data(), B, L, 0}, rl.data()).n_concepts;
       for (i64 j = 0; j < B * L; ++j)
         if (d.tgt[j] >= 0) ce[j % L >= 16] += rl[j], ++n[j % L >= 16];
+    }
+    // the realised compression: positions per concept (the DLCM's thresholded boundaries)
+    if (dlcm) {
+      ASSERT_GT(concepts, 2 * B);
+      EXPECT_NEAR(v.compression, double(2 * B * L) / double(concepts), 1e-12);
+    } else {
+      EXPECT_EQ(v.compression, 0.0);
     }
     // make_rows ignores each row's last target and target 3 of row 0; plus the one above
     EXPECT_EQ(n[0], 2 * (B * 16) - 2);
@@ -333,6 +340,15 @@ TEST(Validation, CeByRowPositionSplitsTheLoss) {
     EXPECT_EQ(v.row_pos_tokens[0] + v.row_pos_tokens[1], v.tokens);
     EXPECT_NEAR((v.row_pos_ce[0] * n[0] + v.row_pos_ce[1] * n[1]) / v.tokens, v.loss, 1e-6);
     EXPECT_GT(std::abs(v.row_pos_ce[0] - v.row_pos_ce[1]), 1e-4);  // two different means
+    EXPECT_NEAR(v.ppl, std::exp(v.loss), 1e-9 * v.ppl);
+    // a bucket without a target reports 0 tokens and a CE of 0, not 0 / 0
+    for (Rows& d : batches)
+      for (i64 j = 0; j < B * L; ++j)
+        if (j % L >= 16) d.tgt[j] = -1;
+    const ValResult e = validate_split(*m, split, B, L);
+    EXPECT_EQ(e.row_pos_tokens, (std::vector<i64>{n[0], 0}));
+    EXPECT_NEAR(e.row_pos_ce[0], ce[0] / n[0], 1e-9);
+    EXPECT_EQ(e.row_pos_ce[1], 0.0);
   }
 }
 

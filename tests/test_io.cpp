@@ -3,6 +3,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -95,6 +97,52 @@ Config small_config() {
 }  // namespace
 
 // ---------------------------------------------------------------------------------------
+// The parameter store: every name finds its own tensor, each tensor 64-byte aligned in one
+// block, registration closed by finalize, and init by each tensor's fields.
+TEST(ParamStore, FindsEachNameInitialisesAndClosesAtFinalize) {
+  ParamStore ps;
+  Param* a = ps.add("a.weight", {3, 5}, ParamGroup::TokenHidden, true);
+  Param* n = ps.add("a.norm", {7}, ParamGroup::Other, false);
+  Param* r = ps.add("router.wq.weight", {4, 6}, ParamGroup::TokenHidden, true);
+  Param* z = ps.add("z.weight", {2, 9}, ParamGroup::Other, true);
+  n->init_one = true;
+  r->init_identity = true;
+  a->init_std = 0.5f;
+  expect_error([&] { ps.add("a.norm", {2}, ParamGroup::Other, false); }, {"duplicate", "a.norm"},
+               "duplicate name");
+  ps.finalize();
+  for (Param* p : {a, n, r, z}) {
+    EXPECT_EQ(ps.find(p->name), p) << p->name;
+    EXPECT_EQ(static_cast<const ParamStore&>(ps).find(p->name), p) << p->name;
+    EXPECT_EQ(p->offset % 16, 0) << p->name;
+    EXPECT_EQ(p->w, ps.data() + p->offset) << p->name;
+    EXPECT_EQ(p->g, ps.grad() + p->offset) << p->name;
+  }
+  EXPECT_EQ(ps.find("no.such"), nullptr);
+  EXPECT_EQ(ps.total(), 16 + 16 + 32 + 32);
+  expect_error([&] { ps.add("late", {2}, ParamGroup::Other, false); },
+               {"late", "after finalize"}, "add after finalize");
+  expect_error([&] { ps.finalize(); }, {"finalized twice"}, "finalize twice");
+
+  ps.init(7);
+  for (i64 i = 0; i < n->numel; ++i) EXPECT_EQ(n->w[i], 1.0f);
+  for (i64 i = 0; i < 4; ++i)
+    for (i64 j = 0; j < 6; ++j) EXPECT_EQ(r->w[i * 6 + j], i == j ? 1.0f : 0.0f) << i << "," << j;
+  // normal(0, std): a's std 0.5 against z's default 0.02, each tensor's own values
+  double sa = 0, sz = 0;
+  for (i64 i = 0; i < a->numel; ++i) sa = std::max(sa, double(std::abs(a->w[i])));
+  for (i64 i = 0; i < z->numel; ++i) sz = std::max(sz, double(std::abs(z->w[i])));
+  EXPECT_GT(sa, 0.1);
+  EXPECT_GT(sz, 0.0);
+  EXPECT_LT(sz, 0.1);
+  const std::vector<float> first(ps.data(), ps.data() + ps.total());
+  ps.init(7);
+  EXPECT_EQ(std::vector<float>(ps.data(), ps.data() + ps.total()), first);  // seeded
+  ps.init(8);
+  EXPECT_NE(std::vector<float>(a->w, a->w + a->numel),
+            std::vector<float>(first.begin() + a->offset, first.begin() + a->offset + a->numel));
+}
+
 // safetensors round trips
 
 TEST(SafeTensors, ParamsRoundTrip) {

@@ -2260,6 +2260,9 @@ TEST(Ops, GemmOverEmptyKIsBetaC) {
               << ops::precision_name(p) << " " << ops::bf16_units_name(u) << " amx=" << amx
               << " " << ops::gemm_path_name(path) << " ta=" << ta << " tb=" << tb
               << " alpha=" << alpha << " beta=" << beta << " pad=" << pad;
+          // and a benchmark's provenance names what ran: no product
+          EXPECT_EQ(ops::gemm_impl(ta, tb, 33, 40, 0, alpha, 40, 40, beta, 40).rfind("none", 0),
+                    0u);
         }
       }
     }

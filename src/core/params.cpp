@@ -37,8 +37,8 @@ void ParamStore::finalize() {
 }
 
 void ParamStore::init(uint64_t seed) {
-  // Each tensor gets its own stream keyed by its index, so adding a parameter elsewhere
-  // does not change the others' initial values.
+  // Each tensor gets its own stream keyed by its index, so its values do not depend on the
+  // sizes of the tensors registered before it (as they would with one stream through all).
   i64 idx = 0;
   for (auto& p : params_) {
     Rng rng(counter_hash(seed, 0x1A17, idx++));

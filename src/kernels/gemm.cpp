@@ -907,7 +907,8 @@ GemmCacheStats gemm_cache_stats() {
 
 std::string gemm_impl(bool trans_a, bool trans_b, i64 M, i64 N, i64 K, float alpha, i64 lda,
                       i64 ldb, float beta, i64 ldc) {
-  if (g_precision == Precision::BF16 && K > 0 && units_fp32()) {
+  if (K == 0) return "none (K = 0: C = beta C)";  // as gemm() runs it, reading no operand
+  if (g_precision == Precision::BF16 && units_fp32()) {
     const FixedKey key = fixed_key(trans_a, trans_b, M, N, K, alpha, trans_a ? M : K,
                                    trans_b ? K : N, beta, ldc, Precision::FP32);
     if (auto p = fixed_for(key, false)) return p->impl + ", bf16-rounded operands";
@@ -916,7 +917,7 @@ std::string gemm_impl(bool trans_a, bool trans_b, i64 M, i64 N, i64 K, float alp
   if (amx_gemm_serves(M, N, K, alpha, beta)) return "amx tiles (dlcm)";
   if (auto p = fixed_for(fixed_key(trans_a, trans_b, M, N, K, alpha, lda, ldb, beta, ldc), false))
     return p->impl;
-  if (g_precision == Precision::BF16 && K > 0) return primitive(trans_a, trans_b, beta).impl;
+  if (g_precision == Precision::BF16) return primitive(trans_a, trans_b, beta).impl;
   return sgemm_impl(trans_a, trans_b, M, N, K);
 }
 
@@ -942,7 +943,7 @@ void gemm(bool trans_a, bool trans_b, i64 M, i64 N, i64 K, float alpha, const fl
       packed_gemm(C, ldc, A, lda, *pm, M, alpha, pw->served(pm));
       return timer.done(trans_a, trans_b, M, N, K, acc, "packed");
     }
-  if (g_precision == Precision::BF16 && K > 0 && units_fp32()) {
+  if (g_precision == Precision::BF16 && units_fp32()) {
     const char* impl =
         bf16_on_fp32_units(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
     return timer.done(trans_a, trans_b, M, N, K, acc, impl);
@@ -956,7 +957,7 @@ void gemm(bool trans_a, bool trans_b, i64 M, i64 N, i64 K, float alpha, const fl
     fixed_gemm(*p, key, A, lda, B, ldb, C);
     return timer.done(trans_a, trans_b, M, N, K, acc, p->impl.c_str());
   }
-  if (g_precision == Precision::BF16 && K > 0) {
+  if (g_precision == Precision::BF16) {
     bf16_gemm(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
     return timer.done(trans_a, trans_b, M, N, K, acc, "runtime bf16");
   }

@@ -149,7 +149,8 @@ GemmCacheStats gemm_cache_stats();
 
 // The oneDNN implementation that gemm() runs for this product now (current precision and path,
 // the fixed-shape primitive is created if it would be used), e.g. "brg:avx512_core" or
-// "gemm:jit"; "sgemm" for oneDNN's sgemm function. For benchmarks' provenance.
+// "gemm:jit"; "sgemm" for oneDNN's sgemm function; "none (K = 0: ...)" for an empty K. For
+// benchmarks' provenance.
 std::string gemm_impl(bool trans_a, bool trans_b, i64 M, i64 N, i64 K, float alpha, i64 lda,
                       i64 ldb, float beta, i64 ldc);
 
