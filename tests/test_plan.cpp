@@ -249,6 +249,19 @@ TEST(Plan, ProposalsMeetFlopsAndShareConstraints) {
     EXPECT_NO_THROW(validate(p.dlcm, "plan"));
     EXPECT_NO_THROW(make_model(base.model));  // sanity: the baseline itself builds
   }
+  // The token stacks' depths are searched too (not left at the config's default of 2): with
+  // a small backbone share and short concepts they carry the FLOPs.
+  {
+    PlanOptions o;
+    o.P = 0.1;
+    o.R = 1.5;
+    const PlanResult p = plan_match(base, o, "base.json");
+    const FlopsReport r = flops_report(p.dlcm.model, base.train.seq_len);
+    EXPECT_LE(std::fabs(r.total() / Fb - 1), 0.05);
+    EXPECT_LE(std::fabs(r.backbone_param_share() - o.P), o.p_tol);
+    EXPECT_GT(p.dlcm.model.enc_layers, 2);
+    EXPECT_GT(p.dlcm.model.dec_layers, 2);
+  }
   // A fixed concept width is honoured.
   PlanOptions o;
   o.d_concept = 384;
