@@ -833,6 +833,50 @@ TEST(HfTokenizer, OldTokenizerJsonNameStillLoads) {
   EXPECT_FALSE(has_legacy_tokenizer_meta(ck.path));
 }
 
+// What the trainer reads: open_train_data's batches are the loaders' (not merely the right
+// shapes), the validation token count is the split's targets, and the tokenizer's word starts
+// come along for router.kind = "word".
+TEST(TrainData, BatchesAndCountsAreTheShards) {
+  test::TempDir in, out;
+  write(in.path + "/c.jsonl", corpus_jsonl(200, 7));
+  PrepareOptions po;
+  po.vocab_size = 400;
+  po.val_fraction = 0.2;
+  po.quiet = true;
+  prepare({in.path + "/c.jsonl"}, out.path, po);
+  DataDir dd = open_data_dir(out.path);
+  Config c = test::tiny_baseline();
+  c.model.vocab_size = dd.tokenizer->vocab_size();
+  const i64 L = c.train.seq_len, B = 2;
+  TrainData td = open_train_data(out.path, c);
+  std::vector<i32> tok(B * L), tgt(B * L);
+  const TrainLoader train(dd.train, L, c.train.seed, c.model.pad_id);
+  for (i64 step : {0, 3}) {
+    std::fill(tok.begin(), tok.end(), -7);
+    std::fill(tgt.begin(), tgt.end(), -7);
+    td.train_batch(step, 1, 0, B, L, tok.data(), tgt.data());
+    const TokenBatch want = train.get(step, 1, 0, B);
+    EXPECT_EQ(tok, want.inputs) << step;
+    EXPECT_EQ(tgt, want.targets) << step;
+  }
+  ValIterator val(dd.val, L, c.model.pad_id);
+  const i64 n = td.val_count(B, L);
+  ASSERT_GE(n, 2) << "too little validation text for the check";
+  for (i64 i = 0; i < n; ++i) {
+    TokenBatch want;
+    val.next(B, want);
+    std::fill(tok.begin(), tok.end(), -7);
+    std::fill(tgt.begin(), tgt.end(), -7);
+    td.val_batch(i, B, L, tok.data(), tgt.data());
+    EXPECT_EQ(tok, want.inputs) << i;
+    EXPECT_EQ(tgt, want.targets) << i;
+  }
+  EXPECT_EQ(td.val_tokens, i64(dd.val->size()) - 1);
+  EXPECT_EQ(td.val_tokens, val.num_targets());
+  EXPECT_EQ(td.word_starts, dd.tokenizer->word_starts());
+  EXPECT_FALSE(td.word_starts.empty());
+}
+
 TEST(HfTokenizer, CommandLine) {
   test::TempDir d;
   make_byte_tokenizer()->save(d.path);

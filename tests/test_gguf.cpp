@@ -334,6 +334,9 @@ TEST(GgufExport, TensorsAndMetadata) {
   EXPECT_EQ(g.kv["llama.attention.head_count"], mc.n_heads);
   EXPECT_EQ(g.kv["llama.attention.head_count_kv"], 1);
   EXPECT_EQ(g.kv["llama.rope.dimension_count"], mc.head_dim);
+  // head_dim stated for keys and values: llama.cpp would assume embedding / heads otherwise.
+  EXPECT_EQ(g.kv["llama.attention.key_length"], mc.head_dim);
+  EXPECT_EQ(g.kv["llama.attention.value_length"], mc.head_dim);
   EXPECT_EQ(g.kv["llama.rope.freq_base"], 5000.0);
   EXPECT_EQ(g.kv["llama.attention.layer_norm_rms_epsilon"], double(1e-6f));
   EXPECT_EQ(g.kv["llama.vocab_size"], 260);
@@ -371,7 +374,12 @@ TEST(GgufExport, TensorsAndMetadata) {
   EXPECT_EQ(g.kv["tokenizer.ggml.token_type"][1], 3);
   EXPECT_EQ(g.kv["tokenizer.ggml.token_type"][3], 2);
   EXPECT_EQ(g.kv["tokenizer.ggml.bos_token_id"], 1);
+  EXPECT_EQ(g.kv["tokenizer.ggml.eos_token_id"], 2);
+  // llama.cpp's defaults would be wrong here: unknown 0 (ours is 3), and a pad id it would lack
+  EXPECT_EQ(g.kv["tokenizer.ggml.unknown_token_id"], 3);
+  EXPECT_EQ(g.kv["tokenizer.ggml.padding_token_id"], 0);
   EXPECT_EQ(g.kv["tokenizer.ggml.add_bos_token"], true);
+  EXPECT_EQ(g.kv["tokenizer.ggml.add_eos_token"], false);
   EXPECT_EQ(g.kv["tokenizer.ggml.add_space_prefix"], false);
 }
 

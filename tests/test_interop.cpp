@@ -1,6 +1,9 @@
 // Interop with Hugging Face transformers (docs/interop.md): the plain LLaMA layout of a
 // baseline, 16-bit safetensors, HF folder export/import and train --init-from. The checks
 // against transformers itself are tests/interop/hf_llama_check.py (CTest interop_hf_llama).
+#include <unistd.h>
+
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <set>
@@ -283,6 +286,56 @@ TEST(HfFolders, ExportImportIsBitIdenticalAndShardsAreNamedAsTransformersDoes) {
   }
 }
 
+// save_pretrained's rule: a shard takes tensors in order while they fit (a sum equal to the
+// limit fits); the next one starts a new file.
+TEST(HfFolders, ShardsAreCutWhereTransformersCutsThem) {
+  const std::string w = fresh_dir("shard_cut");
+  const Config c = plain_baseline();
+  const std::string ck = saved_checkpoint(w + "/ck", c, 12);
+  auto m = make_initialised_model(c.model, 12);
+  const std::vector<NamedTensor> ts = to_llama_layout(c.model, m->params(), "test");
+  ASSERT_GT(ts.size(), 3u);
+  const i64 two = 4 * (ts[0].numel() + ts[1].numel());  // exactly the first two tensors
+  ASSERT_GE(two, 1000) << "--shard-size must be at least 1KB";
+  ExportArgs e = export_args(ck, w + "/hf");
+  e.shard_size = std::to_string(two);
+  ASSERT_EQ(cmd_export(e), 0);
+  const auto map = read_json_file_bounded(e.out + "/model.safetensors.index.json")["weight_map"];
+  const std::string first = map[ts[0].name];
+  EXPECT_EQ(first.rfind("model-00001-of-", 0), 0u) << first;
+  EXPECT_EQ(map[ts[1].name], first) << "a tensor that fills the shard exactly belongs in it";
+  EXPECT_NE(map[ts[2].name], first);
+}
+
+// A folder whose weights lack tensors: the import names the first six and counts the rest,
+// rather than keeping the model's initial values for them.
+TEST(HfFolders, ImportNamesMissingTensors) {
+  const std::string w = fresh_dir("missing");
+  const std::string ck = saved_checkpoint(w + "/ck", plain_baseline(), 13);
+  ASSERT_EQ(cmd_export(export_args(ck, w + "/hf")), 0);
+  const std::string st = w + "/hf/model.safetensors";
+  std::vector<float> keep;
+  size_t total = 0;
+  {
+    SafeTensorsFile f(st);
+    total = f.entries().size();
+    keep = f.read_f32("model.embed_tokens.weight");
+    const std::vector<i64> shape = f.entries().at("model.embed_tokens.weight").shape;
+    write_safetensors(st + ".new", {{"model.embed_tokens.weight", shape, keep.data(), nullptr}},
+                      {{"format", "pt"}});
+  }
+  fs::rename(st + ".new", st);
+  const std::string msg = error_of([&] { cmd_import(import_args(w + "/hf", w + "/out")); });
+  const std::string more = " and " + std::to_string(total - 1 - 6) + " more";
+  const size_t at = msg.find("missing tensors '"), end = msg.find(more);
+  ASSERT_NE(at, std::string::npos) << msg;
+  ASSERT_NE(end, std::string::npos) << msg;
+  const std::string names = msg.substr(at, end - at);
+  EXPECT_EQ(std::count(names.begin(), names.end(), '\''), 12) << "six names: " << names;
+  EXPECT_NE(names.find("'model.layers.0.input_layernorm.weight'"), std::string::npos) << names;
+  EXPECT_FALSE(fs::exists(w + "/out"));
+}
+
 TEST(HfFolders, ExportRefusesWhatItCannotWriteAndLeavesNothing) {
   const std::string w = fresh_dir("export_refuse");
   const std::string qk = saved_checkpoint(w + "/qk", tiny_baseline(true), 1);
@@ -312,6 +365,27 @@ TEST(HfFolders, ExportRefusesWhatItCannotWriteAndLeavesNothing) {
   for (const auto& e : fs::directory_iterator(w))
     EXPECT_EQ(e.path().filename().string().rfind("x", 0), std::string::npos)
         << "left behind: " << e.path();
+}
+
+// An export stages its folder as OUT.tmp-PID. A folder of that name left by an earlier process
+// with the same pid (a crash, then pid reuse, as in containers) is cleared first, not shipped
+// with its files; and the export leaves no file descriptor open.
+TEST(HfFolders, AStaleStagingFolderIsClearedAndNoFileStaysOpen) {
+  const std::string w = fresh_dir("stale");
+  const std::string ck = saved_checkpoint(w + "/ck", plain_baseline(), 14);
+  const std::string stale = w + "/hf.tmp-" + std::to_string(::getpid());
+  fs::create_directories(stale);
+  std::ofstream(stale + "/stray.bin") << "from a crashed run";
+  auto open_fds = [] {
+    // (the iterator's own descriptor is among them, in both counts alike)
+    return std::distance(fs::directory_iterator("/proc/self/fd"), fs::directory_iterator());
+  };
+  const auto before = open_fds();
+  ASSERT_EQ(cmd_export(export_args(ck, w + "/hf")), 0);
+  EXPECT_EQ(open_fds(), before);
+  EXPECT_TRUE(fs::exists(w + "/hf/config.json"));
+  EXPECT_FALSE(fs::exists(w + "/hf/stray.bin"));
+  EXPECT_FALSE(fs::exists(stale));
 }
 
 TEST(HfFolders, ExistingOutputNeedsForceAndOnlyModelFoldersAreReplaced) {
@@ -417,6 +491,7 @@ TEST(HfFolders, ImportOfAForeignConfigUsesThePlainLlamaKeys) {
   // lm_head, a list of eos ids and no pad id.
   nlohmann::json j = read_json_file_bounded(w + "/hf/config.json");
   j.erase("dlcm_config");
+  j.erase("head_dim");  // configs written before transformers had the key: hidden / heads
   j["eos_token_id"] = {2, 5};
   j["pad_token_id"] = nullptr;
   j["tie_word_embeddings"] = true;
@@ -428,6 +503,7 @@ TEST(HfFolders, ImportOfAForeignConfigUsesThePlainLlamaKeys) {
   EXPECT_EQ(h.config.model.eos_id, 2);
   EXPECT_EQ(h.config.model.pad_id, 2);
   EXPECT_TRUE(h.hp.tied);
+  EXPECT_EQ(h.hp.head_dim, c.model.d_token / c.model.n_heads);
   EXPECT_EQ(h.notes.size(), 2u);
   auto m = make_model(h.config.model);
   read_hf_llama_weights(w + "/hf", h, m->params());

@@ -1,7 +1,10 @@
 // safetensors and checkpoint I/O: round trips, malformed files rejected with clear messages,
 // malformed config.json, and checkpoint atomicity.
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
+
+#include <csignal>
 
 #include <algorithm>
 #include <cmath>
@@ -13,6 +16,7 @@
 #include "core/safetensors.h"
 #include "models/config.h"
 #include "testing.h"
+#include "core/staged_dir.h"
 #include "models/checkpoint.h"
 
 using namespace dlcm;
@@ -610,4 +614,26 @@ TEST(Checkpoint, CopyLinksOrCopiesEveryFile) {
   copy_checkpoint(src, other.path);
   same_files(other.path);
   EXPECT_EQ(fs::hard_link_count(other.path + "/model.safetensors"), 1u);  // a copy, not a link
+}
+
+// A text file (an export's config.json, a shard index) that cannot be written whole is an error
+// naming the file, never a short file reported as written. The failure is a file-size limit
+// (writes fail with EFBIG as they would with ENOSPC; SIGXFSZ ignored), where fsync still
+// succeeds: the error must come from the write itself.
+TEST(StagedDir, ATextFileThatCannotBeWrittenWholeIsAnError) {
+  test::TempDir tmp;
+  const std::string path = tmp.path + "/config.json";
+  const std::string text(256 * 1024, 'x');
+  write_text_file_synced(path, text);
+  EXPECT_EQ(fs::file_size(path), text.size());
+  rlimit old{};
+  ASSERT_EQ(getrlimit(RLIMIT_FSIZE, &old), 0);
+  rlimit small = old;
+  small.rlim_cur = 64 * 1024;
+  const auto prev = std::signal(SIGXFSZ, SIG_IGN);
+  ASSERT_EQ(setrlimit(RLIMIT_FSIZE, &small), 0);
+  const std::string msg = test::error_of([&] { write_text_file_synced(path, text); });
+  setrlimit(RLIMIT_FSIZE, &old);
+  std::signal(SIGXFSZ, prev);
+  EXPECT_NE(msg.find(path + ": write failed"), std::string::npos) << msg;
 }

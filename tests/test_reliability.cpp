@@ -929,6 +929,20 @@ TEST(FaultCli, ProvenanceInCheckpointsAndEvalReports) {
   EXPECT_EQ(p["step"], 2);
   EXPECT_TRUE(p["libraries"]["onednn"].is_string());
   EXPECT_TRUE(p["cpu"]["isa"].is_array());
+  {  // the CPU as /proc/cpuinfo names it (where it does), and its vector extensions
+    std::ifstream ci("/proc/cpuinfo");
+    std::string model, flags;
+    for (std::string line; std::getline(ci, line);) {
+      if (model.empty() && line.rfind("model name", 0) == 0) model = line.substr(line.find(':') + 2);
+      if (flags.empty() && line.rfind("flags", 0) == 0) flags = line.substr(line.find(':') + 1) + " ";
+    }
+    if (!model.empty()) {
+      EXPECT_EQ(p["cpu"]["model"], model);
+    }
+    if (flags.find(" avx2 ") != std::string::npos) {
+      EXPECT_NE(p["cpu"]["isa"].dump().find("\"avx2\""), std::string::npos) << p["cpu"].dump();
+    }
+  }
   EXPECT_EQ(p["data"]["shards"]["train.bin"]["bytes"].get<uint64_t>(),
             fs::file_size(cli().data + "/train.bin"));
   EXPECT_EQ(p["data"]["meta_fnv1a64"].get<std::string>().size(), 16u);

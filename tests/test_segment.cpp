@@ -7,7 +7,9 @@
 #include <set>
 
 #include "core/rng.h"
+#include "data/tokenizer.h"
 #include "infer/segment.h"
+#include "model_fixtures.h"
 #include "testing.h"
 
 using namespace dlcm;
@@ -99,6 +101,9 @@ TEST(Segment, TerminalRendering) {
   EXPECT_NE(plain.find("demo: 5 tokens (with BOS), 3 concepts, 1.67 tokens/concept, tau 0.5000"),
             std::string::npos) << plain;
   EXPECT_EQ(plain.find('\x1b'), std::string::npos);
+  EXPECT_EQ(plain.back(), '\n');  // the stats line ends its line
+  const std::string two = render_terminal({t, t}, false);
+  EXPECT_NE(two.find("tau 0.5000\n== demo ==\nab|c"), std::string::npos) << two;
   std::string col = render_terminal({t}, true);
   EXPECT_NE(col.find("\x1b[38;5;16;48;5;153m"), std::string::npos);  // concept 0
   EXPECT_NE(col.find("\x1b[38;5;16;48;5;194m"), std::string::npos);  // concept 1
@@ -144,7 +149,21 @@ TEST(Segment, HtmlOpensInHeadlessChromium) {
   test::TempDir tmp;
   i64 n = 0;
   const std::string html = tmp.path + "/page.html";
-  std::ofstream(html) << tricky_page(&n);
+  // After the page's own script: choose each display mode, then point at the first token.
+  std::string page = tricky_page(&n);
+  const char* drive =
+      "<script>(function(){var b=document.body;"
+      "document.querySelector('input[value=concepts]').click();"
+      "var on=b.classList.contains('concepts');"
+      "document.querySelector('input[value=heat]').click();"
+      "var off=b.classList.contains('concepts');"
+      "document.querySelector('.t').dispatchEvent(new MouseEvent('mouseover',{bubbles:true}));"
+      "var info=document.getElementById('info').textContent;"
+      "b.setAttribute('data-drive',on+','+off+','+(info.indexOf('token 0')===0));})();</script>";
+  const size_t body_end = page.rfind("</body>");
+  ASSERT_NE(body_end, std::string::npos);
+  page.insert(body_end, drive);
+  std::ofstream(html) << page;
   std::string cmd = std::string("timeout 120 ") + chromium +
                     " --headless --no-sandbox --disable-gpu --disable-background-networking"
                     " --disable-component-update --disable-sync --no-first-run"
@@ -159,6 +178,42 @@ TEST(Segment, HtmlOpensInHeadlessChromium) {
   EXPECT_NE(dom.find("data-ok=\"1\""), std::string::npos) << "the page's script did not run\n" << err;
   EXPECT_NE(dom.find("data-tokens=\"" + std::to_string(n) + "\""), std::string::npos);
   EXPECT_EQ(dom.find("data-error=\""), std::string::npos) << dom.substr(0, 2000);
+  // The concepts mode toggles the body's class on and off; hovering a token fills the info line.
+  EXPECT_NE(dom.find("data-drive=\"true,false,true\""), std::string::npos) << dom.substr(0, 2000);
+}
+
+// segment_texts on a model: p per window as the model's boundaries() gives it, the forced
+// boundaries exactly at each window's start (and BOS), b = forced | p >= tau.
+TEST(Segment, TextsFollowTheModelWindowByWindow) {
+  Config c = test::tiny_dlcm();
+  c.model.vocab_size = 260;
+  c.model.max_seq_len = 16;
+  auto m = make_initialised_model(c.model, 3);
+  auto tok = make_byte_tokenizer();
+  const std::string text = "a text of about forty bytes, three windows";
+  const float tau = 0.5f;
+  const auto seg = segment_texts(*m, *tok, {"t"}, {text}, tau);
+  ASSERT_EQ(seg.size(), 1u);
+  const SegmentedText& t = seg[0];
+  const i64 n = 1 + i64(text.size()), W = c.model.max_seq_len;
+  ASSERT_EQ(t.tokens(), n);
+  EXPECT_EQ(t.windows, (n + W - 1) / W);
+  ASSERT_GT(t.windows, 2);
+  i64 above = 0;
+  for (i64 w0 = 0; w0 < n; w0 += W) {
+    const i64 L = std::min(W, n - w0);
+    std::vector<float> p(L);
+    std::vector<uint8_t> b(L);
+    ASSERT_TRUE(m->boundaries(t.ids.data() + w0, 1, L, p.data(), b.data(), tau));
+    for (i64 i = 0; i < L; ++i) {
+      EXPECT_EQ(t.p[w0 + i], p[i]) << w0 + i;
+      EXPECT_EQ(t.forced[w0 + i], i == 0 ? 1 : 0) << w0 + i;
+      EXPECT_EQ(t.b[w0 + i], (i == 0 || p[i] >= tau) ? 1 : 0) << w0 + i;
+      above += i > 0 && p[i] >= tau;
+    }
+  }
+  EXPECT_GT(above, 0) << "no unforced boundary: the check of b above says little";
+  EXPECT_LT(above, n - t.windows) << "every token a boundary: the check of b above says little";
 }
 
 }  // namespace
