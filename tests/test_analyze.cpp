@@ -90,8 +90,11 @@ TEST(Analyze, RandomExpectationMatchesSimulation) {
 TEST(Analyze, ReferenceBoundariesFromTokenText) {
   const std::vector<std::string> pieces = {
       "",       " the", "cat", ".", " ", "t", "\n", "ing", "(", "\xC3\xA9t\xC3\xA9" /* été */,
-      "\xC3" /* half of a character */, "\xE2\x80\x94" /* em dash */, "A"};
+      "\xC3" /* half of a character */, "\xE2\x80\x94" /* em dash */, "A", " (a", "a)"};
   auto cls = classify_pieces(pieces);
+  // the first character after the spaces decides, not the last
+  EXPECT_TRUE(cls[13].lead_space && !cls[13].word_char_first && cls[13].ends_word_char);
+  EXPECT_TRUE(cls[14].word_char_first && cls[14].ends_punct);
   EXPECT_TRUE(cls[1].lead_space && cls[1].word_char_first && cls[1].ends_word_char);
   EXPECT_TRUE(cls[3].ends_punct && !cls[3].word_char_first);
   EXPECT_TRUE(cls[9].word_char_first && cls[9].ends_word_char);
@@ -315,6 +318,7 @@ TEST(AnalyzeCommand, WritesJsonAndHtmlWithFigures) {
   json j = read_json(out + "/analysis.json");
   const i64 tokens = j["tokens"], decisions = j["router_decisions"];
   EXPECT_EQ(j["seq_len"], 32);
+  EXPECT_EQ(j["data"], f.data);
   EXPECT_DOUBLE_EQ(j["tau"].get<double>(), 0.5);  // the checkpoint's router.tau
   EXPECT_GT(decisions, 0);
   EXPECT_LT(decisions, tokens);
@@ -343,12 +347,16 @@ TEST(AnalyzeCommand, WritesJsonAndHtmlWithFigures) {
     }
     EXPECT_NEAR(a["random"]["recall"].get<double>(), a["boundaries"].get<double>() / decisions, 1e-12);
     EXPECT_NEAR(a["random"]["precision"].get<double>(), a["reference"].get<double>() / decisions, 1e-12);
+    // the references come from the tokens' text: prose has spaces, words and punctuation
+    EXPECT_GT(a["reference"].get<i64>(), 0) << ref;
   }
   const json& op = j["top_openers"];
   ASSERT_GT(op.size(), 0u);
   EXPECT_LE(op.size(), 10u);
   for (size_t i = 1; i < op.size(); ++i) EXPECT_GE(op[i - 1]["opens"], op[i]["opens"]);
   for (const json& t : op) EXPECT_LE(t["opens"].get<i64>(), t["occurrences"].get<i64>());
+  for (const json& t : op)
+    EXPECT_EQ(t["text"].get<std::string>(), dd.tokenizer->decode_piece(t["id"].get<i32>()));
 
   i64 p_sum = 0;
   for (const json& v : j["p_histogram"]["bins"]) p_sum += v.get<i64>();

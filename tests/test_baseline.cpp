@@ -45,6 +45,40 @@ void grads(LanguageModel& m, const Data& d) {
 
 }  // namespace
 
+// A step's statistics add field by field over its micro-batches and come back whole from the
+// flat form the MPI all-reduce sends (every field checked by name: a field the flat form left
+// out would vanish in both directions).
+TEST(MicroStats, AddsEveryFieldAndSurvivesTheFlatForm) {
+  auto fill = [](double k) {
+    MicroStats s;
+    s.ce_sum = 1.5 * k;
+    s.n_targets = i64(2 * k);
+    s.sum_b = 3 * k;
+    s.sum_p = 4.25 * k;
+    s.aux_rows = 5.5 * k;
+    s.n_rows = i64(6 * k);
+    s.n_positions = i64(7 * k);
+    s.n_concepts = i64(8 * k);
+    s.n_thresholded = i64(9 * k);
+    return s;
+  };
+  auto expect_fields = [](const MicroStats& s, double k, const char* what) {
+    EXPECT_EQ(s.ce_sum, 1.5 * k) << what;
+    EXPECT_EQ(s.n_targets, i64(2 * k)) << what;
+    EXPECT_EQ(s.sum_b, 3 * k) << what;
+    EXPECT_EQ(s.sum_p, 4.25 * k) << what;
+    EXPECT_EQ(s.aux_rows, 5.5 * k) << what;
+    EXPECT_EQ(s.n_rows, i64(6 * k)) << what;
+    EXPECT_EQ(s.n_positions, i64(7 * k)) << what;
+    EXPECT_EQ(s.n_concepts, i64(8 * k)) << what;
+    EXPECT_EQ(s.n_thresholded, i64(9 * k)) << what;
+  };
+  MicroStats a = fill(1);
+  a += fill(10);
+  expect_fields(a, 11, "sum");
+  expect_fields(MicroStats::from_array(a.to_array()), 11, "flat form");
+}
+
 TEST(Baseline, FiniteDifferenceGradientsEveryParameter) {
   for (bool qk : {false, true}) {
     Config c = test::tiny_baseline(qk, qk ? 1 : 2);

@@ -147,6 +147,47 @@ TEST(ConceptUsage, MatchesPyTorchReference) {
 
 // Without the concept path the decoder sees no concept: both deltas and the ratio are exactly
 // 0, the per-position CE is still measured.
+// The sums to the report: each mean over its own count (an empty position bucket 0, never
+// 0 / 0), and the text's positions (the first eight, "..." only when more follow).
+TEST(ConceptUsage, FromSumsMeansAndText) {
+  ConceptUsageSums s;
+  s.ce = 6;
+  s.ce_null = 7.5;
+  s.ce_shuffle = 9;
+  s.n_targets = 3;
+  s.xo_norm = 1;
+  s.h_norm = 4;
+  s.n_positions = 6;
+  s.n_concepts = 2;
+  s.pos_ce = {3.0, 0.0, 1.5};
+  s.pos_count = {2, 0, 1};
+  const ConceptUsageResult u = concept_usage_from_sums(s);
+  EXPECT_EQ(u.tokens, 3);
+  EXPECT_EQ(u.ce, 2.0);
+  EXPECT_EQ(u.ce_null, 2.5);
+  EXPECT_EQ(u.delta_null, 0.5);
+  EXPECT_EQ(u.ce_shuffle, 3.0);
+  EXPECT_EQ(u.delta_shuffle, 1.0);
+  EXPECT_EQ(u.xattn_ratio, 0.25);
+  EXPECT_EQ(u.compression, 3.0);
+  EXPECT_EQ(u.pos_ce, (std::vector<double>{1.5, 0.0, 1.5}));
+  std::string text = concept_usage_text(u);
+  EXPECT_NE(text.find(" 0: 1.500 (2) 1: 0.000 (0) 2: 1.500 (1)\n"), std::string::npos) << text;
+  EXPECT_EQ(text.find("..."), std::string::npos) << text;
+  s.pos_ce.assign(10, 2.0);
+  s.pos_count.assign(10, 2);
+  text = concept_usage_text(concept_usage_from_sums(s));
+  EXPECT_NE(text.find(" 7: 1.000 (2) ...\n"), std::string::npos) << text;
+  EXPECT_EQ(text.find(" 8: "), std::string::npos) << text;
+  // nothing counted (no targets, no concepts): zeros, not 0 / 0
+  ConceptUsageSums none;
+  none.n_positions = 4;
+  const ConceptUsageResult z = concept_usage_from_sums(none);
+  EXPECT_EQ(z.ce, 0.0);
+  EXPECT_EQ(z.compression, 0.0);
+  EXPECT_EQ(z.xattn_ratio, 0.0);
+}
+
 TEST(ConceptUsage, NoConceptPathGivesExactZeros) {
   Config c = variant("mean", "shifted", false, "compact");
   auto m = jittered_model(c, 5);
