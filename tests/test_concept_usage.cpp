@@ -145,8 +145,6 @@ TEST(ConceptUsage, MatchesPyTorchReference) {
   }
 }
 
-// Without the concept path the decoder sees no concept: both deltas and the ratio are exactly
-// 0, the per-position CE is still measured.
 // The sums to the report: each mean over its own count (an empty position bucket 0, never
 // 0 / 0), and the text's positions (the first eight, "..." only when more follow).
 TEST(ConceptUsage, FromSumsMeansAndText) {
@@ -188,6 +186,8 @@ TEST(ConceptUsage, FromSumsMeansAndText) {
   EXPECT_EQ(z.xattn_ratio, 0.0);
 }
 
+// Without the concept path the decoder sees no concept: both deltas and the ratio are exactly
+// 0, the per-position CE is still measured.
 TEST(ConceptUsage, NoConceptPathGivesExactZeros) {
   Config c = variant("mean", "shifted", false, "compact");
   auto m = jittered_model(c, 5);

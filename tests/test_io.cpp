@@ -1,13 +1,12 @@
 // safetensors and checkpoint I/O: round trips, malformed files rejected with clear messages,
-// malformed config.json, and checkpoint atomicity.
+// malformed config.json, checkpoint atomicity, and synced text files that cannot be written.
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include <csignal>
-
 #include <algorithm>
 #include <cmath>
+#include <csignal>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -15,8 +14,8 @@
 #include "core/params.h"
 #include "core/safetensors.h"
 #include "models/config.h"
-#include "testing.h"
 #include "core/staged_dir.h"
+#include "testing.h"
 #include "models/checkpoint.h"
 
 using namespace dlcm;
