@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <set>
 
 #include "core/half.h"
@@ -253,6 +254,24 @@ void edit_config(const std::string& dir, const std::string& key, const nlohmann:
   std::ofstream(dir + "/config.json") << j.dump(2);
 }
 
+// Rewrites a safetensors file with the tensors `keep` accepts, then `extra`.
+void rewrite_weights(const std::string& file, const std::function<bool(const std::string&)>& keep,
+                     const std::vector<TensorToWrite>& extra = {}) {
+  std::vector<std::vector<float>> values;  // alive until written
+  std::vector<TensorToWrite> ts;
+  {
+    SafeTensorsFile f(file);
+    values.reserve(f.entries().size());
+    for (const auto& [name, e] : f.entries()) {
+      if (!keep(name)) continue;
+      values.push_back(f.read_f32(name));
+      ts.push_back({name, e.shape, values.back().data(), nullptr});
+    }
+  }
+  ts.insert(ts.end(), extra.begin(), extra.end());
+  write_safetensors(file, ts, {{"format", "pt"}});
+}
+
 }  // namespace
 
 TEST(HfFolders, ExportImportIsBitIdenticalAndShardsAreNamedAsTransformersDoes) {
@@ -314,17 +333,8 @@ TEST(HfFolders, ImportNamesMissingTensors) {
   const std::string ck = saved_checkpoint(w + "/ck", plain_baseline(), 13);
   ASSERT_EQ(cmd_export(export_args(ck, w + "/hf")), 0);
   const std::string st = w + "/hf/model.safetensors";
-  std::vector<float> keep;
-  size_t total = 0;
-  {
-    SafeTensorsFile f(st);
-    total = f.entries().size();
-    keep = f.read_f32("model.embed_tokens.weight");
-    const std::vector<i64> shape = f.entries().at("model.embed_tokens.weight").shape;
-    write_safetensors(st + ".new", {{"model.embed_tokens.weight", shape, keep.data(), nullptr}},
-                      {{"format", "pt"}});
-  }
-  fs::rename(st + ".new", st);
+  const size_t total = SafeTensorsFile(st).entries().size();
+  rewrite_weights(st, [](const std::string& name) { return name == "model.embed_tokens.weight"; });
   const std::string msg = error_of([&] { cmd_import(import_args(w + "/hf", w + "/out")); });
   const std::string more = " and " + std::to_string(total - 1 - 6) + " more";
   const size_t at = msg.find("missing tensors '"), end = msg.find(more);
@@ -448,15 +458,8 @@ TEST(HfFolders, ImportRefusesUnsupportedFeaturesNamingTheField) {
     const std::string d = w + "/hf_bias";
     fs::copy(w + "/hf", d);
     std::vector<float> b(16, 0.5f);
-    SafeTensorsFile f(d + "/model.safetensors");
-    std::vector<std::vector<float>> keep;
-    std::vector<TensorToWrite> ts;
-    for (const auto& [name, e] : f.entries()) {
-      keep.push_back(f.read_f32(name));
-      ts.push_back({name, e.shape, keep.back().data(), nullptr});
-    }
-    ts.push_back({"model.layers.0.self_attn.q_proj.bias", {16}, b.data(), nullptr});
-    write_safetensors(d + "/model.safetensors", ts, {{"format", "pt"}});
+    rewrite_weights(d + "/model.safetensors", [](const std::string&) { return true; },
+                    {{"model.layers.0.self_attn.q_proj.bias", {16}, b.data(), nullptr}});
     EXPECT_NE(error_of([&] { cmd_import(import_args(d, w + "/out_bias")); })
                   .find("'model.layers.0.self_attn.q_proj.bias' is a bias"),
               std::string::npos);
