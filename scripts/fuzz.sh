@@ -5,17 +5,20 @@
 #   scripts/fuzz.sh                 20 s per harness, FUZZ_PAR (default nproc) harnesses at a time
 #   scripts/fuzz.sh --seconds 3600  the long run (docs/reliability.md)
 #   scripts/fuzz.sh --only config   one harness
+#   scripts/fuzz.sh --build-only    build the harnesses, run none
 # Exits non-zero on the first finding; the input that triggered it is left in
 # build-fuzz/crash-<name>-*; turn it into a regression test in tests/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds=20
 only=""
+build_only=0
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --seconds) seconds="$2"; shift 2 ;;
     --only) only="$2"; shift 2 ;;
-    *) echo "usage: scripts/fuzz.sh [--seconds N] [--only NAME]" >&2; exit 2 ;;
+    --build-only) build_only=1; shift ;;
+    *) echo "usage: scripts/fuzz.sh [--seconds N] [--only NAME] [--build-only]" >&2; exit 2 ;;
   esac
 done
 CXX_FUZZ=${CXX_FUZZ:-$(command -v clang++ || command -v clang++-14 || true)}
@@ -28,6 +31,7 @@ mkdir -p "$B"
 cmake -S fuzz -B "$B" -DCMAKE_CXX_COMPILER="$CXX_FUZZ" -DCMAKE_BUILD_TYPE=RelWithDebInfo > "$B/configure.log" 2>&1 ||
   { cat "$B/configure.log"; exit 1; }
 cmake --build "$B" -j"${FUZZ_JOBS:-2}" > "$B/build.log" 2>&1 || { tail -50 "$B/build.log"; exit 1; }
+((build_only)) && { echo "fuzz.sh: harnesses built in $B"; exit 0; }
 names="safetensors config tokenizer_meta shard data_meta tasks trainer_state hf_config train_log"
 [[ -n "$only" ]] && names="$only"
 export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=1}

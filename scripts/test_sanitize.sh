@@ -10,10 +10,16 @@
 # generation loop that fills a stream's slots from a list of prompts (test_generate), and
 # the kernels (test_ops: the op table at every kernel level, where the guards after outputs see
 # only writes past them, not reads past an input or a scratch buffer's overflow).
-# Only these targets are built (the library is compiled once, -O0). scripts/test.sh runs it after
-# the main suite.
+# Only these targets are built (the library is compiled once, -O0). scripts/test.sh builds them
+# (--build-only) while the main suite runs and runs them after it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+build_only=0
+case "${1:-}" in
+  --build-only) build_only=1 ;;
+  "") ;;
+  *) echo "usage: scripts/test_sanitize.sh [--build-only]" >&2; exit 2 ;;
+esac
 B=${ASAN_BUILD_DIR:-build-asan}
 targets=(test_io test_data test_reliability test_eval test_gguf test_serve test_stream
          test_dlcm_stream test_generate test_ops)
@@ -33,6 +39,7 @@ cmake "${gen[@]}" -S . -B "$B" -DCMAKE_BUILD_TYPE=Sanitize "${launcher[@]}" \
   -DCMAKE_CXX_FLAGS_SANITIZE="-O0 -g1 $san" \
   -DCMAKE_EXE_LINKER_FLAGS_SANITIZE="-fsanitize=address,undefined" > /dev/null
 cmake --build "$B" -j"${JOBS:-$(nproc)}" --target dlcm "${targets[@]}"
+((build_only)) && exit 0
 # oneDNN and OpenMP keep per-process caches until exit: not leaks of ours.
 export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=0:abort_on_error=1:strict_string_checks=1}
 export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
