@@ -183,6 +183,60 @@ TEST(Cli, GenerateStreamsOnePromptAndBatchesAFile) {
   EXPECT_NE(r.out.find("stopped at the context limit of 64 tokens"), std::string::npos) << r.out;
 }
 
+// A DLCM at the command line: `generate --show-concepts` (one entry per generated token in the
+// batch listing, the same p and concept index as --json gives) and `segment` over two texts,
+// each under its own name.
+TEST(Cli, DlcmGenerateShowsConceptsAndSegmentNamesTexts) {
+  test::TempDir tmp;
+  Config c = test::tiny_dlcm();
+  c.model.vocab_size = 260;  // the byte tokenizer's
+  auto m = make_initialised_model(c.model, 7);
+  const std::string ck = tmp.path + "/ck";
+  test::save_model_only(ck, c, m->params());
+  make_byte_tokenizer()->save(ck);
+  std::ofstream(tmp.path + "/p.txt") << "one two\nthree\n";
+  const std::string gen = "generate --ckpt " + ck + " --max-new-tokens 4 --temperature 0 "
+                          "--ignore-eos --show-concepts --quiet ";
+  CmdResult r = run(gen + "--prompt-file " + tmp.path + "/p.txt --batch 2");
+  ASSERT_EQ(r.rc, 0) << r.out;
+  // "concepts: PIECE/P/INDEX ..." after each completion: its p and index per token
+  std::vector<std::vector<std::pair<double, int>>> listed;
+  std::istringstream lines(r.out);
+  for (std::string line; std::getline(lines, line);) {
+    if (line.rfind("concepts:", 0) != 0) continue;
+    listed.emplace_back();
+    std::istringstream words(line.substr(9));
+    for (std::string w; words >> w;) {
+      const size_t b = w.rfind('/'), a = w.rfind('/', b - 1);
+      ASSERT_TRUE(a != std::string::npos && b != std::string::npos && a < b) << w;
+      listed.back().push_back({std::stod(w.substr(a + 1, b - a - 1)), std::stoi(w.substr(b + 1))});
+    }
+  }
+  ASSERT_EQ(listed.size(), 2u) << r.out;
+  const char* prompts[2] = {"one two", "three"};
+  for (int i = 0; i < 2; ++i) {
+    ASSERT_EQ(listed[i].size(), 4u) << r.out;  // one per generated token, no more
+    r = run(gen + "--json --prompt '" + prompts[i] + "'");
+    ASSERT_EQ(r.rc, 0) << r.out;
+    const auto j = nlohmann::json::parse(r.out.substr(0, r.out.find('\n')));
+    ASSERT_EQ(j["concepts"].size(), 4u) << r.out;
+    for (int k = 0; k < 4; ++k) {
+      EXPECT_NEAR(listed[i][k].first, j["concepts"][k]["p"].get<double>(), 0.005) << i << " " << k;
+      EXPECT_EQ(listed[i][k].second, j["concepts"][k]["concept"].get<int>()) << i << " " << k;
+    }
+  }
+  // segment: two texts, each under its name ("text" alone only for one text)
+  r = run("segment --ckpt " + ck + " --text 'a first text' --text 'and a second'");
+  ASSERT_EQ(r.rc, 0) << r.out;
+  for (const char* h : {"== text 1 ==", "== text 2 ==", "text 1: 13 tokens (with BOS)",
+                        "text 2: 13 tokens (with BOS)"})
+    EXPECT_NE(r.out.find(h), std::string::npos) << h << "\n" << r.out;
+  r = run("segment --ckpt " + ck + " --text 'one text'");
+  ASSERT_EQ(r.rc, 0) << r.out;
+  EXPECT_NE(r.out.find("text: 9 tokens (with BOS)"), std::string::npos) << r.out;
+  EXPECT_EQ(r.out.find("== text"), std::string::npos) << r.out;
+}
+
 // A tiny baseline config file (d 32, 2 layers, 64 tokens) in dir; returns its path.
 std::string tiny_config_file(const std::string& dir, const std::string& train_extra = "") {
   const std::string cfg = dir + "/tiny.json";

@@ -679,6 +679,7 @@ TEST(EvalCli, RunsTasksReportsMissingFilesAndWritesReport) {
   ASSERT_EQ(r.rc, 0) << r.out;
   json j = json::parse(std::ifstream(tmp.path + "/r.json"));
   EXPECT_EQ(j["arch"], "baseline");
+  EXPECT_TRUE(j.contains("seconds") && j["seconds"].is_number()) << j.dump();  // the whole run's
   ASSERT_EQ(j["tasks"].size(), 9u);
   for (auto& [name, t] : j["tasks"].items()) {
     EXPECT_TRUE(t.contains("acc")) << name << ": " << t.dump();

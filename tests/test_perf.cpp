@@ -515,6 +515,7 @@ TEST(Profiler, OffRecordsNothingOnAttributesExclusively) {
   }
   EXPECT_EQ(prof::seconds_of("test-outer"), 0.0);
   prof::enable(true);
+  const auto t0 = std::chrono::steady_clock::now();
   {
     prof::Section sec;
     sec.next("test-outer");
@@ -523,23 +524,49 @@ TEST(Profiler, OffRecordsNothingOnAttributesExclusively) {
       prof::Scope inner("test-inner");
       std::this_thread::sleep_for(30ms);
     }
+    std::this_thread::sleep_for(40ms);  // the outer scope's again once the inner one closed
     sec.next("test-second");
     std::this_thread::sleep_for(10ms);
   }
+  const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   prof::enable(false);
   const double outer = prof::seconds_of("test-outer"), inner = prof::seconds_of("test-inner"),
                second = prof::seconds_of("test-second");
-  // exclusive: the outer scope does not include the inner one's 30 ms
-  EXPECT_GE(outer, 0.019);
+  EXPECT_GE(outer, 0.059);
   EXPECT_GE(inner, 0.029);
   EXPECT_GE(second, 0.009);
-  EXPECT_LT(outer, inner + 0.25);  // generous: loaded machines oversleep
+  // exclusive: the outer scope does not include the inner one's 30 ms, so the three add up to
+  // at most the time they ran in (an outer scope restarted late after the inner one closed
+  // would count those 30 ms twice); however long a loaded machine oversleeps
+  EXPECT_LE(outer + inner + second, wall * 1.0001 + 1e-6);
   i64 calls = 0;
   for (auto& e : prof::entries())
     if (std::string(e.name) == "test-inner") calls = e.calls;
   EXPECT_EQ(calls, 1);
   prof::reset();
   EXPECT_EQ(prof::seconds_of("test-inner"), 0.0);
+}
+
+TEST(Profiler, AScopeOpenWhenSwitchedOffIsChargedNothingAfter) {
+  using namespace std::chrono_literals;
+  prof::enable(true);
+  prof::reset();
+  {
+    prof::Scope open("test-open");
+    prof::enable(false);  // a benchmark stops its measurement inside a component
+    std::this_thread::sleep_for(40ms);
+  }  // the scope closes while the profiler is off
+  EXPECT_LT(prof::seconds_of("test-open"), 0.02);
+  // switched on again, the dropped frame is not charged either
+  prof::enable(true);
+  {
+    prof::Scope next("test-next");
+    std::this_thread::sleep_for(5ms);
+  }
+  prof::enable(false);
+  EXPECT_LT(prof::seconds_of("test-open"), 0.02);
+  EXPECT_GE(prof::seconds_of("test-next"), 0.004);
+  prof::reset();
 }
 
 TEST(Profiler, DlcmStepIsBrokenDownByComponent) {

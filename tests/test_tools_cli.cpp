@@ -9,6 +9,8 @@
 #include <sstream>
 
 #include "core/rng.h"
+#include "models/config.h"
+#include "models/plan.h"
 #include "testing.h"
 #include "tools/plot.h"
 #include "tools/run_plot.h"
@@ -55,6 +57,47 @@ TEST(ToolsCli, FlopsJsonAndPlanOutputs) {
   EXPECT_NEAR(d["forward_flops_per_token"].get<double>() / j["forward_flops_per_token"].get<double>(), 1, 0.05);
   EXPECT_NEAR(d["backbone_param_share"].get<double>(), 0.5, 0.03);
   EXPECT_TRUE(d.contains("cross_attention"));
+}
+
+// `dlcm plan`'s options reach the search (the proposal equals the library's with the same
+// tolerances, which here differs from the default tolerances' one), its header gives the
+// config's seq_len unless --seq-len is given, and the head is the table's last component.
+TEST(ToolsCli, PlanPassesItsOptionsAndKeepsTheHeadLast) {
+  test::TempDir tmp;
+  const std::string base = std::string(DLCM_SOURCE_DIR) + "/configs/baseline-small.json";
+  const Config c = load_config(base);
+  PlanOptions o;
+  o.R = 4;
+  o.P = 0.5;
+  const PlanResult defaults = plan_match(c, o, base);
+  o.flops_tol = 0.3;
+  o.p_tol = 0.3;
+  const PlanResult loose = plan_match(c, o, base);
+  const auto shape = [](const ModelConfig& m) {
+    return std::vector<i64>{m.d_token, m.d_ff, m.enc_layers, m.dec_layers, m.d_concept,
+                            m.bb_layers, m.bb_d_ff};
+  };
+  ASSERT_NE(shape(loose.dlcm.model), shape(defaults.dlcm.model))
+      << "pick tolerances whose proposal differs from the defaults'";
+  Out r = dlcm_cmd("plan --match " + base + " --R 4 --P 0.5 --flops-tol 0.3 --p-tol 0.3 --out " +
+                   tmp.path + "/dlcm.json");
+  ASSERT_EQ(r.rc, 0) << r.out;
+  EXPECT_EQ(shape(load_config(tmp.path + "/dlcm.json").model), shape(loose.dlcm.model)) << r.out;
+  EXPECT_NE(r.out.find("tolerance +-30%"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("(asked 0.5 +- 0.3)"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("plan at seq_len " + std::to_string(c.train.seq_len) + ","),
+            std::string::npos) << r.out;
+  // the component rows: "head" last, right before "forward total"
+  std::vector<std::string> rows;
+  std::istringstream lines(r.out);
+  for (std::string line; std::getline(lines, line);)
+    if (line.find(" | ") != std::string::npos) rows.push_back(line.substr(0, line.find(' ')));
+  ASSERT_GE(rows.size(), 4u) << r.out;
+  EXPECT_EQ(rows[rows.size() - 3], "head") << r.out;  // then "forward total" (two words)
+  EXPECT_EQ(rows[rows.size() - 2], "forward") << r.out;
+  r = dlcm_cmd("plan --match " + base + " --R 4 --P 0.5 --seq-len 96");
+  ASSERT_EQ(r.rc, 0) << r.out;
+  EXPECT_NE(r.out.find("plan at seq_len 96,"), std::string::npos) << r.out;
 }
 
 TEST(ToolsCli, BadInputsGiveOneLineErrors) {
@@ -304,6 +347,15 @@ TEST(RunPlot, CliPlotsTrainedRuns) {
   Out t = dlcm_cmd("train --quiet --no-final-eval --config " + tmp.path + "/cfg.json --data " + tmp.path +
                    "/data --out " + tmp.path + "/tiny_dlcm");
   ASSERT_EQ(t.rc, 0) << t.out;
+  // with the final validation, --quiet still ends on its summary: the step, the loss with bits
+  // per byte (the data's bytes per token are known) and where the checkpoint is
+  Out f = dlcm_cmd("train --quiet --config " + tmp.path + "/cfg.json --data " + tmp.path +
+                   "/data --out " + tmp.path + "/final --steps 2 --set train.eval_every=0");
+  ASSERT_EQ(f.rc, 0) << f.out;
+  for (const std::string& s : {std::string("[train] done: step 2, full validation loss "),
+                               std::string(", bpb "),
+                               "), checkpoint in " + tmp.path + "/final/checkpoint\n"})
+    EXPECT_NE(f.out.find(s), std::string::npos) << s << "\n" << f.out;
   const std::string other = run_dir(tmp.path, "synthetic_baseline", fake_log(false, 0));
   Out r = dlcm_cmd("plot " + tmp.path + "/tiny_dlcm " + other + " --out " + tmp.path + "/curves.svg");
   ASSERT_EQ(r.rc, 0) << r.out;

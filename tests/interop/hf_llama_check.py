@@ -166,6 +166,12 @@ def check_exports(dlcm, work):
         check(theirs == ours and at.decode(theirs) == text,
               f"{name}: AutoTokenizer on the export encodes a UTF-8-rich text to dlcm's "
               f"{len(ours)} ids and decodes it back")
+        # its length limit is the model's context (else transformers' default, ~1e30: no
+        # warning before a prompt longer than the model can attend)
+        hf_cfg = json.load(open(os.path.join(hf, "config.json")))
+        check(at.model_max_length == hf_cfg["max_position_embeddings"],
+              f"{name}: AutoTokenizer's model_max_length {at.model_max_length} is the model's "
+              f"context {hf_cfg['max_position_embeddings']}")
         out_back = run(dlcm, "generate", "--ckpt", back, "--prompt-file",
                        write(work, "prompts.txt", "the quick brown\nseven cats sat on\n"),
                        "--temperature", "0", "--max-new-tokens", "32", "--ignore-eos", "--ids",
