@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "core/rng.h"
+#include "data/tokenizer.h"
 #include "models/config.h"
 #include "models/model.h"
 #include "models/checkpoint.h"
@@ -135,6 +136,17 @@ inline void save_model_only(const std::string& dir, const Config& cfg, const Par
   w.config = &cfg;
   w.params = &ps;
   save_checkpoint(dir, w);
+}
+
+// A checkpoint in dir of c's model (context ctx, initialised with seed) with the byte tokenizer
+// (vocab 260): for the tests that put text through the CLI or the public API.
+inline std::string byte_checkpoint(const std::string& dir, Config c, i64 ctx = 64, uint64_t seed = 5) {
+  c.model.vocab_size = 260;
+  c.model.max_seq_len = ctx;
+  auto m = make_initialised_model(c.model, seed);
+  save_model_only(dir, c, m->params());
+  make_byte_tokenizer()->save(dir);
+  return dir;
 }
 
 // Token rows with next-token targets and given boundaries, for the DLCM model tests: the

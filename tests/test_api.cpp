@@ -13,21 +13,10 @@
 
 using namespace dlcm;
 
-namespace {
-std::string byte_checkpoint(const std::string& dir, Config c) {
-  c.model.vocab_size = 260;
-  c.model.max_seq_len = 64;
-  auto m = make_initialised_model(c.model, 5);
-  test::save_model_only(dir, c, m->params());
-  make_byte_tokenizer()->save(dir);
-  return dir;
-}
-}  // namespace
-
 TEST(Api, MatchesTheEngineOnBaselineAndDlcm) {
   test::TempDir tmp;
   for (bool dlcm_arch : {false, true}) {
-    const std::string dir = byte_checkpoint(tmp.path + (dlcm_arch ? "/dlcm" : "/base"),
+    const std::string dir = test::byte_checkpoint(tmp.path + (dlcm_arch ? "/dlcm" : "/base"),
                                             dlcm_arch ? test::tiny_dlcm() : test::tiny_baseline());
     api::Model m = api::Model::load(dir);
     EXPECT_EQ(m.arch(), dlcm_arch ? "dlcm" : "baseline");
@@ -82,7 +71,7 @@ TEST(Api, BadInputsGiveClearErrors) {
   } catch (const std::runtime_error& e) {
     EXPECT_NE(std::string(e.what()).find("nope"), std::string::npos) << e.what();
   }
-  api::Model m = api::Model::load(byte_checkpoint(tmp.path + "/ck", test::tiny_baseline()));
+  api::Model m = api::Model::load(test::byte_checkpoint(tmp.path + "/ck", test::tiny_baseline()));
   struct Case {
     std::vector<int32_t> ids;
     const char* expect;

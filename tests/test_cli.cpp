@@ -96,23 +96,9 @@ TEST(Cli, ForwardWritesDlcmLogitsAndBoundaries) {
   EXPECT_EQ(b[L], 1.f);
 }
 
-namespace {
-// A tiny baseline checkpoint with the byte tokenizer (vocab 260), for generate and segment.
-std::string byte_checkpoint(const std::string& root, i64 ctx = 64) {
-  Config c = test::tiny_baseline();
-  c.model.vocab_size = 260;
-  c.model.max_seq_len = ctx;
-  auto m = make_initialised_model(c.model, 5);
-  const std::string dir = root + "/ck";
-  test::save_model_only(dir, c, m->params());
-  make_byte_tokenizer()->save(dir);
-  return dir;
-}
-}  // namespace
-
 TEST(Cli, GenerateAndSegmentBadInputs) {
   test::TempDir tmp;
-  const std::string ck = byte_checkpoint(tmp.path, 16);
+  const std::string ck = test::byte_checkpoint(tmp.path + "/ck", test::tiny_baseline(), 16);
   // a corrupt checkpoint: model.safetensors cut short
   const std::string bad = tmp.path + "/bad";
   std::filesystem::copy(ck, bad);
@@ -147,7 +133,7 @@ TEST(Cli, GenerateAndSegmentBadInputs) {
 
 TEST(Cli, GenerateStreamsOnePromptAndBatchesAFile) {
   test::TempDir tmp;
-  const std::string ck = byte_checkpoint(tmp.path);
+  const std::string ck = test::byte_checkpoint(tmp.path + "/ck", test::tiny_baseline());
   CmdResult r = run("generate --ckpt " + ck +
                     " --prompt 'Hello' --max-new-tokens 12 --temperature 0 --ignore-eos --quiet");
   ASSERT_EQ(r.rc, 0) << r.out;
@@ -188,12 +174,7 @@ TEST(Cli, GenerateStreamsOnePromptAndBatchesAFile) {
 // each under its own name.
 TEST(Cli, DlcmGenerateShowsConceptsAndSegmentNamesTexts) {
   test::TempDir tmp;
-  Config c = test::tiny_dlcm();
-  c.model.vocab_size = 260;  // the byte tokenizer's
-  auto m = make_initialised_model(c.model, 7);
-  const std::string ck = tmp.path + "/ck";
-  test::save_model_only(ck, c, m->params());
-  make_byte_tokenizer()->save(ck);
+  const std::string ck = test::byte_checkpoint(tmp.path + "/ck", test::tiny_dlcm(), 96, 7);
   std::ofstream(tmp.path + "/p.txt") << "one two\nthree\n";
   const std::string gen = "generate --ckpt " + ck + " --max-new-tokens 4 --temperature 0 "
                           "--ignore-eos --show-concepts --quiet ";
@@ -280,7 +261,7 @@ TEST(Cli, BenchDecodeRuns) {
   // the progress a user sees: what was read, kept and written
   for (const char* l : {"prepare: read 1 file(s): 61 documents, kept 60", "prepare: tokenizer bytes vocab 260"})
     EXPECT_NE(r.out.find(l), std::string::npos) << l << "\n" << r.out;
-  const std::string qck = byte_checkpoint(tmp.path);
+  const std::string qck = test::byte_checkpoint(tmp.path + "/ck", test::tiny_baseline());
   r = run("bench decode --ckpt " + qck + " --prompt-len 8 --new-tokens 4 --precision fp32,bf16,int8 "
           "--data " + tmp.path + "/data --val-windows 3");
   ASSERT_EQ(r.rc, 0) << r.out;
@@ -537,7 +518,7 @@ TEST(Cli, UnknownSubcommandsAndFlagsSuggestTheNearestName) {
 
 TEST(Cli, GenerateJsonAndPromptsFromStdin) {
   test::TempDir tmp;
-  const std::string ck = byte_checkpoint(tmp.path);
+  const std::string ck = test::byte_checkpoint(tmp.path + "/ck", test::tiny_baseline());
   const std::string gen = std::string(DLCM_BINARY) + " generate --ckpt " + ck +
                           " --max-new-tokens 4 --temperature 0 --ignore-eos --quiet --json";
   test::CommandResult r = test::run_command("printf 'one\\n\\ntwo\\n' | " + gen + " --prompt-file - 2>&1");
@@ -578,7 +559,7 @@ TEST(Cli, GenerateJsonAndPromptsFromStdin) {
 
 TEST(Cli, ThreadsFlagOnComputeCommands) {
   test::TempDir tmp;
-  const std::string ck = byte_checkpoint(tmp.path);
+  const std::string ck = test::byte_checkpoint(tmp.path + "/ck", test::tiny_baseline());
   CmdResult r = run("generate --ckpt " + ck + " --prompt a --max-new-tokens 2 --quiet --threads 1");
   ASSERT_EQ(r.rc, 0) << r.out;
   EXPECT_NE(r.out.find("[dlcm] OpenMP threads: 1 (--threads)"), std::string::npos) << r.out;

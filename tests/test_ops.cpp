@@ -1397,15 +1397,6 @@ double gemm_error(bool ta, bool tb, i64 M, i64 N, i64 K, float alpha, float beta
   fill_operand(B.data(), br * ldb, seed + 1);
   fill_operand(C.data(), M * ldc, seed + 2);
   const Buf C0 = C;
-  auto op = [](const Buf& X) {  // the values the product multiplies
-    if (ops::gemm_precision() == ops::Precision::FP32) return X;
-    std::vector<uint16_t> h(X.size());
-    ops::round_to_bf16(h.data(), X.data(), i64(X.size()));
-    Buf r(X.size());
-    for (size_t i = 0; i < X.size(); ++i) r[i] = ops::bf16_to_float(h[i]);
-    return r;
-  };
-  const Buf Ar = op(A), Br = op(B);
   if (blocked) {
     if (beta == 0.f)
       for (i64 i = 0; i < M; ++i) C[i * ldc] = std::numeric_limits<float>::quiet_NaN();
@@ -1413,13 +1404,21 @@ double gemm_error(bool ta, bool tb, i64 M, i64 N, i64 K, float alpha, float beta
   } else {
     ops::gemm(ta, tb, M, N, K, alpha, A.data(), lda, B.data(), ldb, beta, C.data(), ldc);
   }
-  // the operands as rows of K (a: M rows, b: N rows), so the reference's inner loop runs over
-  // contiguous memory (the ASan build's op table spent most of its minutes in strided reads)
+  // the values the product multiplies (rounded to bf16 under BF16 precision), as rows of K
+  // (a: M rows, b: N rows), so the reference's inner loop runs over contiguous memory (the ASan
+  // build's op table spent most of its minutes in strided reads)
+  const bool bf16 = ops::gemm_precision() != ops::Precision::FP32;
+  auto value = [bf16](float x) -> double {
+    if (!bf16) return x;
+    uint16_t h;
+    ops::round_to_bf16(&h, &x, 1);
+    return ops::bf16_to_float(h);
+  };
   std::vector<double> a(std::max<i64>(M * K, 1)), b(std::max<i64>(N * K, 1));
   for (i64 i = 0; i < M; ++i)
-    for (i64 k = 0; k < K; ++k) a[i * K + k] = Ar[ta ? k * lda + i : i * lda + k];
+    for (i64 k = 0; k < K; ++k) a[i * K + k] = value(A[ta ? k * lda + i : i * lda + k]);
   for (i64 j = 0; j < N; ++j)
-    for (i64 k = 0; k < K; ++k) b[j * K + k] = Br[tb ? j * ldb + k : k * ldb + j];
+    for (i64 k = 0; k < K; ++k) b[j * K + k] = value(B[tb ? j * ldb + k : k * ldb + j]);
   double worst = 0;
   for (i64 i = 0; i < M; ++i) {
     for (i64 j = 0; j < N; ++j) {
