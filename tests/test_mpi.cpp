@@ -5,6 +5,7 @@
 //  - a failure on any rank stops every rank with a message naming it, and leaves no
 //    half-written checkpoint; a rank killed outright stops the job too, and --resume goes on.
 // Skipped, with the reason, when the build has no MPI or mpirun is missing (CI installs it).
+#include <sched.h>
 #include <signal.h>
 #include <unistd.h>
 
@@ -273,6 +274,29 @@ TEST_F(Mpi, ResumeWithAnotherNumberOfRanksKeepsTheGlobalBatch) {
   int layouts = 0;
   for (auto& j : read_log(run)) layouts += j.value("event", "") == "ranks";
   EXPECT_EQ(layouts, 3);
+}
+
+// Two ranks that mpirun does not bind (--bind-to none) share every CPU of the test's own
+// affinity mask, and split them: each runs max(1, C / 2) OpenMP threads, and the log says
+// why. (A plan that missed the other rank's mask, or counted itself twice, gives C or C / 3.)
+TEST_F(Mpi, UnboundRanksSplitTheCpusTheyShare) {
+  cpu_set_t mine;
+  CPU_ZERO(&mine);
+  ASSERT_EQ(sched_getaffinity(0, sizeof mine, &mine), 0);
+  const int cpus = CPU_COUNT(&mine);
+  test::TempDir tmp;
+  Config c = tiny("baseline");
+  c.train.steps = 1;
+  c.train.eval_every = 0;
+  std::string cfg = write_config(tmp.path, c);
+  CmdResult r = sh(mpirun_opts() + "--bind-to none -np 2 " + train(cfg, tmp.path + "/run", ""));
+  ASSERT_EQ(r.rc, 0) << r.out;
+  json ev = read_log(tmp.path + "/run")[0];
+  ASSERT_EQ(ev.value("event", ""), "ranks") << ev.dump();
+  EXPECT_EQ(ev.value("threads_choice", ""), std::to_string(cpus) +
+                                                " CPUs in the rank's affinity mask / 2 local "
+                                                "ranks sharing them") << ev.dump();
+  EXPECT_EQ(ev.value("threads_per_rank", 0), std::max(1, cpus / 2)) << ev.dump();
 }
 
 // Rank 1 cannot open its data (mpirun's MPMD form gives it another --data): every rank stops,

@@ -2236,6 +2236,35 @@ TEST(Ops, IsaLevelsAndErrors) {
   } else {
     EXPECT_EQ(have.size(), 1u);
   }
+  // each level runs its own variant (the op table checks every level only if set_isa switches)
+  {
+    const ops::IsaScope restore(ops::isa());
+    for (ops::Isa i : have) {
+      ops::set_isa(i);
+      EXPECT_EQ(ops::kernel_variant(), int(i)) << ops::isa_name(i);
+    }
+  }
+  // the CPU's features as --version and the benchmarks print them: each name iff the CPU has it
+  __builtin_cpu_init();
+  const std::string feats = " " + ops::cpu_isa_features() + " ";
+  const std::pair<const char*, bool> features[] = {
+      {"avx2", __builtin_cpu_supports("avx2")},
+      {"fma", __builtin_cpu_supports("fma")},
+      {"avx512f", __builtin_cpu_supports("avx512f")},
+      {"avx512bw", __builtin_cpu_supports("avx512bw")},
+      {"avx512vl", __builtin_cpu_supports("avx512vl")},
+      {"avx512dq", __builtin_cpu_supports("avx512dq")},
+      {"avx512bf16", __builtin_cpu_supports("avx512bf16")},
+      {"amx-tile", __builtin_cpu_supports("amx-tile")},
+      {"amx-bf16", __builtin_cpu_supports("amx-bf16")}};
+  bool any = false;
+  for (const auto& [name, has] : features) {
+    EXPECT_EQ(feats.find(std::string(" ") + name + " ") != std::string::npos, has) << name << ":" << feats;
+    any = any || has;
+  }
+  if (!any) {
+    EXPECT_EQ(feats, " none ");
+  }
   try {
     ops::parse_isa("avx3", "DLCM_ISA");
     FAIL() << "no error";

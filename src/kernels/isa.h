@@ -31,6 +31,9 @@ Isa isa();
 void set_isa(Isa i);
 // set_isa for a scope (tests, benchmarks), the level before it restored at its end.
 using IsaScope = SettingScope<Isa, isa, set_isa>;
+// The level (int(Isa)) the kernels in use were compiled for, as each variant reports it:
+// the tests' check that set_isa runs the variant it names.
+int kernel_variant();
 // The CPU's vector extensions that matter here, e.g. "avx2 fma avx512f avx512bw avx512vl
 // avx512dq avx512bf16" (amx-tile / amx-bf16 appended where present).
 std::string cpu_isa_features();

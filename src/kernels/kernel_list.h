@@ -61,4 +61,5 @@
   X(AuxLoss, global_parser_loss, (double sum_b, double sum_p, double count, double R, double weight), (sum_b, sum_p, count, R, weight)) \
   X(void, aux_loss_backward, (float* dp, i64 n, float grad_p), (dp, n, grad_p)) \
   X(double, sequence_parser_loss_forward, (const uint8_t* b, const float* p, i64 B, i64 L, double R), (b, p, B, L, R)) \
-  X(void, sequence_parser_loss_backward, (float* dp, const uint8_t* b, i64 B, i64 L, i64 rows, double R, double weight), (dp, b, B, L, rows, R, weight))
+  X(void, sequence_parser_loss_backward, (float* dp, const uint8_t* b, i64 B, i64 L, i64 rows, double R, double weight), (dp, b, B, L, rows, R, weight)) \
+  X(int, kernel_variant, (), ())

@@ -16,6 +16,20 @@
 
 namespace dlcm::ops::DLCM_ISA_NS {
 
+int kernel_variant() {
+#if defined(DLCM_ISA_NATIVE)  // the level -march=native gave (dispatch.cpp's kNativeLevel)
+#if defined(__AVX512F__)
+  return 2;
+#elif defined(__AVX2__) && defined(__FMA__)
+  return 1;
+#else
+  return 0;
+#endif
+#else
+  return DLCM_ISA_LEVEL;
+#endif
+}
+
 // ---- embedding ----
 
 void embedding_forward(float* out, const i32* ids, const float* table, i64 N, i64 d) {
