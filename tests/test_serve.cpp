@@ -19,6 +19,7 @@
 #include <cmath>
 #include <nlohmann/json.hpp>
 #include <regex>
+#include <sstream>
 #include <thread>
 
 #include "data/tokenizer.h"
@@ -1000,19 +1001,54 @@ TEST(Serve, TheCommandPrintsItsUrlServesAndExitsZeroOnSigterm) {
 }
 
 // `dlcm bench serve` runs its sweep and the interleaved 1-client pairs and prints each figure
-// (a benchmark: only that it runs and reports, not how fast).
+// (a benchmark: that it runs and reports figures that hang together, not how fast): a row per
+// client count, in order, the first the 1.00 of the scaling column, each with tokens, a first
+// token and gaps between tokens (8 new tokens: 7 gaps per request, at least one a decode step),
+// and gaps that are gaps.
 TEST(Serve, BenchServePrintsTheSweepAndThePairs) {
   test::TempDir tmp;
   Config c = small_model("baseline", 64);
   c.model.vocab_size = 260;
+  // wide enough that a decode step takes well over the table's 0.01 ms (a 16-wide model's
+  // steps took 5-30 us: two clients' tokens then arrived as gaps of 0.00 ms)
+  c.model.d_token = 256;
+  c.model.n_heads = 4;
+  c.model.n_kv_heads = 4;
+  c.model.head_dim = 64;
+  c.model.d_ff = 768;
+  c.model.n_layers = 4;
   auto m = make_initialised_model(c.model, 5);
   const std::string ck = tmp.path + "/run/checkpoint";
   test::save_model_only(ck, c, m->params());
   make_byte_tokenizer()->save(ck);
   test::CommandResult r = test::run_dlcm("bench serve --ckpt " + ck +
-                                         " --clients 1,2 --requests 1 --prompt-len 8 --max-tokens 4"
+                                         " --clients 1,2 --requests 1 --prompt-len 8 --max-tokens 8"
                                          " --pairs 3 --threads 1");
   ASSERT_EQ(r.rc, 0) << r.out;
+  // "clients tokens/s x-1-client ttft-p50 ttft-p99 itl-p50 itl-p99"
+  const std::regex row(R"(^ +(\d+) +([\d.]+) +([\d.]+) +([\d.]+)ms +([\d.]+)ms +([\d.]+)ms +([\d.]+)ms)");
+  std::vector<std::vector<double>> rows;
+  std::istringstream lines(r.out);
+  for (std::string line; std::getline(lines, line);) {
+    std::smatch mt;
+    if (!std::regex_search(line, mt, row)) continue;
+    rows.emplace_back();
+    for (int k = 1; k <= 7; ++k) rows.back().push_back(std::stod(mt[k]));
+  }
+  ASSERT_EQ(rows.size(), 2u) << r.out;
+  EXPECT_EQ(rows[0][2], 1.0) << r.out;
+  for (int i = 0; i < 2; ++i) {
+    EXPECT_EQ(rows[i][0], i + 1) << r.out;
+    EXPECT_GT(rows[i][1], 0) << r.out;
+    EXPECT_GT(rows[i][3], 0) << r.out;
+    EXPECT_LE(rows[i][3], rows[i][4]) << r.out;
+    EXPECT_GT(rows[i][6], 0) << r.out;
+    EXPECT_LE(rows[i][5], rows[i][6]) << r.out;
+  }
+  // one request at 1 client: its largest gap is shorter than the request's time after its first
+  // token (the row's 8 tokens over its tokens/s; gaps measured from the request's start instead
+  // of the previous token would reach the whole request)
+  EXPECT_LT(rows[0][6], 1e3 * 8 / rows[0][1] - rows[0][3]) << r.out;
   EXPECT_NE(r.out.find("generate (1 sequence):"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("server 1 client / generate:"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("1 client / generate, 3 interleaved pairs: median"), std::string::npos) << r.out;
