@@ -5,10 +5,13 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <map>
+#include <set>
 #include <nlohmann/json.hpp>
 #include <sstream>
 
 #include "core/rng.h"
+#include "models/checkpoint.h"
 #include "models/config.h"
 #include "models/plan.h"
 #include "testing.h"
@@ -39,6 +42,19 @@ TEST(ToolsCli, CoordCheckWritesTablesAndPlot) {
   auto j = nlohmann::json::parse(jf);
   EXPECT_EQ(j["points"].size(), 2u * 2 * 2 * 3);  // params x widths x steps x (2 stacks + logits)
   EXPECT_TRUE(j["spread"]["mup"]["2"].contains("logits"));
+  // the plot: a panel per (parametrisation, step), a marker per width of each stack
+  auto circles = [](const std::string& file) {
+    std::stringstream svg;
+    svg << std::ifstream(file).rdbuf();
+    size_t n = 0;
+    for (size_t at = svg.str().find("<circle"); at != std::string::npos; at = svg.str().find("<circle", at + 1)) ++n;
+    return n;
+  };
+  EXPECT_EQ(circles(tmp.path + "/coord_check.svg"), 2u * 2 * 3 * 2);
+  // one parametrisation: its own points only (a panel that took the other's would be empty)
+  r = dlcm_cmd("mup coord-check " + kTiny + " --widths 1,2 --steps 0,2 --params mup --out " + tmp.path + "/m");
+  ASSERT_EQ(r.rc, 0) << r.out;
+  EXPECT_EQ(circles(tmp.path + "/m/coord_check.svg"), 2u * 3 * 2);
 }
 
 TEST(ToolsCli, FlopsJsonAndPlanOutputs) {
@@ -322,10 +338,11 @@ TEST(RunPlot, OverlaysRunsWithOneColourEachAndALegend) {
 
 // The command on real runs: a tiny dlcm trained by the CLI with evaluations, plotted as SVG and
 // HTML beside a second log; bad output names and bad logs are one-line errors.
-TEST(RunPlot, CliPlotsTrainedRuns) {
-  test::TempDir tmp;
+namespace {
+// A small text corpus prepared with the byte tokenizer into dir/data (no network).
+void prepare_word_corpus(const std::string& dir) {
   {
-    std::ofstream f(tmp.path + "/corpus.txt");
+    std::ofstream f(dir + "/corpus.txt");
     const char* words[] = {"the", "concept", "model", "reads", "tokens", "and", "writes", "text"};
     Rng r(3);
     for (int d = 0; d < 120; ++d) {
@@ -334,8 +351,26 @@ TEST(RunPlot, CliPlotsTrainedRuns) {
       f << "\f";
     }
   }
-  Out p = dlcm_cmd("prepare --input " + tmp.path + "/corpus.txt --out " + tmp.path + "/data --tokenizer bytes --val-fraction 0.1");
+  Out p = dlcm_cmd("prepare --input " + dir + "/corpus.txt --out " + dir + "/data --tokenizer bytes --val-fraction 0.1");
   ASSERT_EQ(p.rc, 0) << p.out;
+}
+
+// The last val_loss line of a run folder's log.
+double last_val_loss(const std::string& run) {
+  double v = -1;
+  std::ifstream f(run + "/train_log.jsonl");
+  for (std::string l; std::getline(f, l);) {
+    auto j = nlohmann::json::parse(l);
+    if (j.contains("val_loss")) v = j["val_loss"].get<double>();
+  }
+  return v;
+}
+}  // namespace
+
+TEST(RunPlot, CliPlotsTrainedRuns) {
+  test::TempDir tmp;
+  prepare_word_corpus(tmp.path);
+  if (HasFatalFailure()) return;
   nlohmann::json cfg = {{"arch", "dlcm"},   {"vocab_size", 260}, {"d_token", 16},     {"n_heads", 2},
                         {"n_kv_heads", 1},  {"head_dim", 8},     {"d_ff", 32},        {"max_seq_len", 32},
                         {"enc_layers", 1},  {"dec_layers", 1},   {"d_concept", 24},   {"bb_layers", 1},
@@ -392,4 +427,121 @@ TEST(RunPlot, CliPlotsTrainedRuns) {
   EXPECT_FALSE(fs::exists(tmp.path + "/x.svg"));
   r = dlcm_cmd("plot " + tmp.path + "/missing --out " + tmp.path + "/x.svg");
   EXPECT_NE(r.out.find("dlcm: error: " + tmp.path + "/missing: no such run folder"), std::string::npos) << r.out;
+}
+
+// `mup lr-sweep`: one run per (parametrisation, width, learning rate), each run's final
+// validation loss in the tables, the best learning rate per width the one with the lowest; run
+// again, every finished run is skipped and the tables stay; with more steps each run resumes.
+TEST(ToolsCli, LrSweepTrainsEveryPointPicksTheBestAndResumes) {
+  test::TempDir tmp;
+  prepare_word_corpus(tmp.path);
+  if (HasFatalFailure()) return;
+  nlohmann::json cfg = {{"arch", "baseline"}, {"vocab_size", 260}, {"d_token", 16}, {"n_heads", 2},
+                        {"n_kv_heads", 2},    {"head_dim", 8},     {"d_ff", 32},    {"n_layers", 1},
+                        {"max_seq_len", 32},  {"mup", {{"d_base", 16}}}};
+  cfg["train"] = {{"seq_len", 16}, {"batch_size", 2}, {"steps", 3}, {"warmup_steps", 0},
+                  {"eval_every", 0}, {"eval_batches", 2}, {"ckpt_every", 0}, {"log_every", 1},
+                  {"threads", 1}};
+  std::ofstream(tmp.path + "/cfg.json") << cfg.dump();
+  const std::string sw = tmp.path + "/sw";
+  const std::string cmd = "mup lr-sweep --quiet --config " + tmp.path + "/cfg.json --data " +
+                          tmp.path + "/data --out " + sw + " --widths 1,2 --lrs 0.03,0.001 --params mup,sp";
+  auto count = [](const std::string& text, const std::string& what) {
+    size_t n = 0;
+    for (size_t at = text.find(what); at != std::string::npos; at = text.find(what, at + 1)) ++n;
+    return n;
+  };
+  Out r = dlcm_cmd(cmd);
+  ASSERT_EQ(r.rc, 0) << r.out;
+  EXPECT_EQ(count(r.out, ": training\n"), 8u) << r.out;
+  for (const char* f : {"lr_sweep.md", "lr_sweep.csv", "lr_sweep.json", "lr_sweep.svg"})
+    EXPECT_TRUE(fs::exists(sw + "/" + f)) << f;
+  auto read_json = [&] {
+    std::ifstream jf(sw + "/lr_sweep.json");
+    return nlohmann::json::parse(jf);
+  };
+  const nlohmann::json j = read_json();
+  ASSERT_EQ(j["runs"].size(), 8u) << j.dump();
+  std::map<std::string, std::pair<double, double>> best;  // "param/d" -> (loss, lr)
+  std::set<double> losses;
+  for (const auto& run : j["runs"]) {
+    const std::string param = run["param"];
+    const double mult = run["mult"], lr = run["lr"];
+    const i64 d = run["d_token"];
+    EXPECT_EQ(d, i64(16 * mult)) << run.dump();
+    char name[64];
+    std::snprintf(name, sizeof name, "%s_w%g_lr%g", param.c_str(), mult, lr);
+    EXPECT_EQ(run["run"].get<std::string>(), sw + "/" + name);
+    // the table's loss is the run's own final validation loss
+    EXPECT_EQ(run["val_loss"].get<double>(), last_val_loss(sw + "/" + name)) << name;
+    const double loss = run["val_loss"];
+    losses.insert(loss);
+    auto& b = best[param + "/" + std::to_string(d)];
+    if (b.second == 0 || loss < b.first) b = {loss, lr};
+  }
+  // the runs differ (a sweep that trained one model would not), except µP and SP at the base
+  // width, which are the same model
+  EXPECT_EQ(losses.size(), 6u);
+  for (const char* lr : {"0.03", "0.001"})
+    EXPECT_EQ(last_val_loss(sw + "/mup_w1_lr" + lr), last_val_loss(sw + "/sp_w1_lr" + lr)) << lr;
+  ASSERT_EQ(best.size(), 4u);
+  for (const auto& [key, b] : best) {
+    const std::string param = key.substr(0, key.find('/')), d = key.substr(key.find('/') + 1);
+    EXPECT_EQ(j["best_lr"][param][d].get<double>(), b.second) << key;
+    char line[128];
+    std::snprintf(line, sizeof line, "%-4s d_token %5s: best lr %g (val loss %.4f)", param.c_str(),
+                  d.c_str(), b.second, b.first);
+    EXPECT_NE(r.out.find(line), std::string::npos) << line << "\n" << r.out;
+  }
+  // the Markdown table: a column per learning rate in the given order, a row per width
+  std::stringstream md;
+  md << std::ifstream(sw + "/lr_sweep.md").rdbuf();
+  EXPECT_EQ(md.str().rfind("| param | d_token | lr 0.03 | lr 0.001 | best lr |\n|---|---|---|---|---|\n", 0), 0u)
+      << md.str();
+  for (const auto& [key, b] : best) {
+    const std::string param = key.substr(0, key.find('/')), d = key.substr(key.find('/') + 1);
+    std::string row = "| " + param + " | " + d + " |";
+    for (const char* lr : {"0.03", "0.001"}) {
+      char cell[32];
+      std::snprintf(cell, sizeof cell, " %.4f |",
+                    last_val_loss(sw + "/" + param + "_w" + (d == "16" ? "1" : "2") + "_lr" + lr));
+      row += cell;
+    }
+    char tail[32];
+    std::snprintf(tail, sizeof tail, " %g |\n", b.second);
+    EXPECT_NE(md.str().find(row + tail), std::string::npos) << row + tail << "\n" << md.str();
+  }
+  // the plot: a panel per parametrisation on a log axis of the swept rates, a marker per run
+  std::stringstream svg;
+  svg << std::ifstream(sw + "/lr_sweep.svg").rdbuf();
+  for (const char* t : {">µP</text>", ">standard parametrisation</text>", ">0.03</text>", ">0.001</text>",
+                        ">base learning rate (train.lr) (log)</text>", ">final validation loss</text>",
+                        ">d_token 32</text>"})
+    EXPECT_NE(svg.str().find(t), std::string::npos) << t;
+  EXPECT_EQ(count(svg.str(), "<circle"), 8u);
+  std::ifstream csv(sw + "/lr_sweep.csv");
+  std::string header;
+  std::getline(csv, header);
+  EXPECT_EQ(header, "param,mult,d_token,lr,val_loss");
+  size_t lines = 0;
+  for (std::string l; std::getline(csv, l);) lines += !l.empty();
+  EXPECT_EQ(lines, 8u);
+  // again: nothing trains, the same tables
+  r = dlcm_cmd(cmd);
+  ASSERT_EQ(r.rc, 0) << r.out;
+  EXPECT_EQ(count(r.out, ": finished, skipped\n"), 8u) << r.out;
+  EXPECT_EQ(count(r.out, ": training\n"), 0u) << r.out;
+  EXPECT_EQ(read_json()["runs"], j["runs"]);
+  // one step more: each run resumes from its checkpoint and ends with a new validation
+  r = dlcm_cmd(cmd + " --steps 4");
+  ASSERT_EQ(r.rc, 0) << r.out;
+  EXPECT_EQ(count(r.out, ": resuming at step 3\n"), 8u) << r.out;
+  const nlohmann::json k = read_json();
+  ASSERT_EQ(k["runs"].size(), 8u);
+  for (size_t i = 0; i < 8; ++i) {
+    const std::string run = k["runs"][i]["run"];
+    EXPECT_EQ(load_trainer_state(run + "/checkpoint").value("step", 0), 4) << run;
+    EXPECT_EQ(k["runs"][i]["val_loss"].get<double>(), last_val_loss(run)) << run;
+    EXPECT_NE(k["runs"][i]["val_loss"], j["runs"][i]["val_loss"]) << run;
+  }
 }
