@@ -298,15 +298,6 @@ json read_json(const std::string& path) {
   std::ifstream f(path);
   return json::parse(f);
 }
-std::string read_text(const std::string& path) {
-  std::ifstream f(path);
-  return std::string((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-}
-i64 count_of(const std::string& s, const std::string& what) {
-  i64 n = 0;
-  for (size_t p = 0; (p = s.find(what, p)) != std::string::npos; p += what.size()) ++n;
-  return n;
-}
 
 TEST(AnalyzeCommand, WritesJsonAndHtmlWithFigures) {
   Fixture& f = fixture();
@@ -393,9 +384,9 @@ TEST(AnalyzeCommand, WritesJsonAndHtmlWithFigures) {
   EXPECT_TRUE(std::isfinite(j["concept_usage"]["delta_loss_null"].get<double>()));
   EXPECT_GE(j["concept_usage"]["xattn_ratio"].get<double>(), 0);
 
-  const std::string html = read_text(out + "/analysis.html");
-  EXPECT_GE(count_of(html, "<svg "), 5);
-  EXPECT_GE(count_of(html, "<rect x="), 20);  // histogram bars
+  const std::string html = test::read_text(out + "/analysis.html");
+  EXPECT_GE(test::count_of(html, "<svg "), 5);
+  EXPECT_GE(test::count_of(html, "<rect x="), 20);  // histogram bars
   for (const char* s : {"Concept lengths", "Compression against tau", "Boundary alignment",
                         "Loss by position inside a concept", "Compression per corpus source",
                         "Tokens that open a concept", "code", "prose"})
@@ -459,7 +450,7 @@ TEST(AnalyzeCommand, SourcesOfOlderDataFolders) {
   json j = read_json(tmp.path + "/a2/analysis.json");
   EXPECT_EQ(j.count("sources"), 0u);
   EXPECT_NE(j["sources_missing"].get<std::string>().find("not readable"), std::string::npos);
-  EXPECT_NE(read_text(tmp.path + "/a2/analysis.html").find("Not available: "), std::string::npos);
+  EXPECT_NE(test::read_text(tmp.path + "/a2/analysis.html").find("Not available: "), std::string::npos);
 
   // A val_sources.json that does not match val.bin is an error naming the file.
   std::ofstream(old + "/" + kValSourcesFile) << R"({"sources": ["a"], "documents": [0]})";
@@ -519,7 +510,7 @@ TEST(AnalyzeCommand, BadInputsGiveOneLineErrors) {
     test::CmdResult r = test::run_dlcm(base + args);
     EXPECT_NE(r.rc, 0) << args;
     EXPECT_NE(r.out.find(msg), std::string::npos) << args << "\n" << r.out;
-    EXPECT_EQ(count_of(r.out, "\n"), 1) << r.out;
+    EXPECT_EQ(test::count_of(r.out, "\n"), 1) << r.out;
   }
   test::CmdResult r = test::run_dlcm("analyze --ckpt " + f.dlcm + " --data " + f.dir.path + "/nodata");
   EXPECT_NE(r.out.find("meta.json not found"), std::string::npos) << r.out;

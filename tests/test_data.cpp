@@ -46,11 +46,6 @@ void write(const std::string& path, const std::string& s) {
   f << s;
 }
 
-std::string slurp(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  return std::string((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-}
-
 template <typename F>
 std::string error_of(F&& f) {
   try {
@@ -168,7 +163,7 @@ TEST(Tokenizer, BpeTrainingIsDeterministic) {
   test::TempDir da, db;
   a->save(da.path);
   b->save(db.path);
-  EXPECT_EQ(slurp(da.path + "/tokenizer.model"), slurp(db.path + "/tokenizer.model"));
+  EXPECT_EQ(test::read_text(da.path + "/tokenizer.model"), test::read_text(db.path + "/tokenizer.model"));
   // Independent of the thread count too (the model file differs only in the recorded
   // trainer options, so compare the vocabulary and an encoding).
   ASSERT_EQ(a->vocab_size(), c->vocab_size());
@@ -261,7 +256,7 @@ TEST(HfTokenizer, OurBpeExportReadsBackIdentically) {
   EXPECT_EQ(tokenizer_files(d.path).size(), 4u);
   test::TempDir e;
   write_hf_tokenizer_files(*h, e.path);
-  EXPECT_EQ(slurp(e.path + "/tokenizer.json"), slurp(d.path + "/tokenizer.json"));
+  EXPECT_EQ(test::read_text(e.path + "/tokenizer.json"), test::read_text(d.path + "/tokenizer.json"));
 }
 
 TEST(HfTokenizer, BytesExportReadsBackIdentically) {
@@ -421,9 +416,9 @@ TEST(HfTokenizer, Gpt2FilesConvertWithOrWithoutTheVersionLine) {
     const std::string out = d.path + "/out";
     fs::create_directory(out);
     convert_gpt2_tokenizer(d.path + "/encoder.json", d.path + "/vocab.bpe", out);
-    const nlohmann::json j = nlohmann::json::parse(slurp(out + "/tokenizer.json"));
+    const nlohmann::json j = nlohmann::json::parse(test::read_text(out + "/tokenizer.json"));
     EXPECT_EQ(j["model"]["merges"], nlohmann::json::array({"a b", "ab c"})) << header;
-    const nlohmann::json cfg = nlohmann::json::parse(slurp(out + "/tokenizer_config.json"));
+    const nlohmann::json cfg = nlohmann::json::parse(test::read_text(out + "/tokenizer_config.json"));
     EXPECT_EQ(cfg.value("eos_token", ""), "<|endoftext|>");  // what transformers reads
     auto t = load_tokenizer(out);
     EXPECT_EQ(t->encode("abc"), (std::vector<int32_t>{4})) << header;
@@ -534,7 +529,7 @@ TEST(Shards, ADiskFullWriteIsRefusedAndLeavesNothing) {
 TEST(Shards, HeaderValidationErrors) {
   test::TempDir d;
   const std::string good = make_shard(d.path, 500, 1000);
-  const std::string bytes = slurp(good);
+  const std::string bytes = test::read_text(good);
   const std::string p = d.path + "/bad.bin";
   // Every refusal names the file and the fault, and leaves neither the file's mapping nor a
   // descriptor behind (a server's reader refuses many files in one process).
@@ -904,8 +899,8 @@ TEST(HfTokenizer, PrepareWithAGivenTokenizer) {
   prepare({in.path + "/c.jsonl"}, a.path, po);
   po.tokenizer_from = hf.path;
   prepare({in.path + "/c.jsonl"}, b.path, po);
-  EXPECT_EQ(slurp(a.path + "/train.bin"), slurp(b.path + "/train.bin"));
-  EXPECT_EQ(slurp(a.path + "/val.bin"), slurp(b.path + "/val.bin"));
+  EXPECT_EQ(test::read_text(a.path + "/train.bin"), test::read_text(b.path + "/train.bin"));
+  EXPECT_EQ(test::read_text(a.path + "/val.bin"), test::read_text(b.path + "/val.bin"));
   EXPECT_EQ(load_tokenizer(b.path)->kind(), "hf");
   std::set<std::string> names;
   for (const auto& f : tokenizer_files(b.path)) names.insert(fs::path(f).filename().string());

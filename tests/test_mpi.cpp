@@ -347,13 +347,6 @@ TEST_F(Mpi, FailureWhileSavingStopsAllRanksAndLeavesNoPartialCheckpoint) {
 
 namespace {
 
-std::string slurp(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
-}
-
 // The live dlcm ranks training into `out`, by rank (Open MPI puts OMPI_COMM_WORLD_RANK in each
 // rank's environment; mpirun and the shell around it have none).
 std::map<int, pid_t> ranks_training_into(const std::string& out) {
@@ -361,9 +354,9 @@ std::map<int, pid_t> ranks_training_into(const std::string& out) {
   for (auto& e : fs::directory_iterator("/proc")) {
     const std::string name = e.path().filename().string();
     if (name.find_first_not_of("0123456789") != std::string::npos) continue;
-    std::string cmd = slurp(e.path().string() + "/cmdline");
+    std::string cmd = test::read_text(e.path().string() + "/cmdline");
     if (cmd.rfind(kDlcm + '\0', 0) != 0 || cmd.find('\0' + out + '\0') == std::string::npos) continue;
-    std::string env = slurp(e.path().string() + "/environ");
+    std::string env = test::read_text(e.path().string() + "/environ");
     const std::string key = std::string(1, '\0') + "OMPI_COMM_WORLD_RANK=";
     size_t at = ('\0' + env).find(key);
     if (at != std::string::npos) found[std::atoi(env.c_str() + at + key.size() - 1)] = pid_t(std::stol(name));
@@ -397,7 +390,7 @@ TEST_F(Mpi, RankKilledDuringTrainingStopsTheJobAndResumeContinues) {
   ASSERT_EQ(r.rc, 0) << r.out;
   std::map<std::string, std::string> saved;
   for (auto& e : fs::directory_iterator(run + "/checkpoint"))
-    saved[e.path().filename().string()] = slurp(e.path().string());
+    saved[e.path().filename().string()] = test::read_text(e.path().string());
 
   // Resumed for many steps (its only save would be at the end, never reached); rank 1 is killed
   // once rank 0 has logged step 4, so both ranks are inside the training loop.
@@ -430,7 +423,7 @@ TEST_F(Mpi, RankKilledDuringTrainingStopsTheJobAndResumeContinues) {
   EXPECT_LT(last_logged_step(run), 100000);  // it was killed mid-run, not finished
 
   // The checkpoint is the step-2 one, whole; no temporary or half-renamed folder is left.
-  for (auto& [file, bytes] : saved) EXPECT_TRUE(slurp(run + "/checkpoint/" + file) == bytes) << file;
+  for (auto& [file, bytes] : saved) EXPECT_TRUE(test::read_text(run + "/checkpoint/" + file) == bytes) << file;
   for (auto& e : fs::directory_iterator(run)) {
     const std::string n = e.path().filename().string();
     EXPECT_TRUE(n == "checkpoint" || n == "train_log.jsonl" || n == "train.lock") << n;
@@ -443,7 +436,7 @@ TEST_F(Mpi, RankKilledDuringTrainingStopsTheJobAndResumeContinues) {
   ASSERT_EQ(r.rc, 0) << r.out;
   EXPECT_EQ(load_trainer_state(run + "/checkpoint").value("step", 0), 4);
   for (const char* f : {"model.safetensors", "optimizer.safetensors"})
-    EXPECT_TRUE(slurp(run + "/checkpoint/" + f) == slurp(ref + "/checkpoint/" + f)) << f;
+    EXPECT_TRUE(test::read_text(run + "/checkpoint/" + f) == test::read_text(ref + "/checkpoint/" + f)) << f;
   auto a = losses(run), b = losses(ref);
   ASSERT_EQ(a.size(), 4u);
   EXPECT_EQ(a, b);  // the killed run's steps 3..N were dropped from the log

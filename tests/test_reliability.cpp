@@ -37,11 +37,6 @@ using nlohmann::json;
 
 namespace {
 
-std::string slurp(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  return std::string((std::istreambuf_iterator<char>(f)), {});
-}
-
 std::vector<json> read_log(const std::string& run) {
   std::vector<json> lines;
   std::ifstream f(run + "/train_log.jsonl");
@@ -239,7 +234,7 @@ TEST(NonFinite, NonFiniteUpdateStopsBeforeAnyCheckpoint) {
     Trainer tr(c, test::pattern_data(c.model.vocab_size), opts(out));
     tr.run();
   }
-  const std::string good = slurp(out + "/checkpoint/model.safetensors");
+  const std::string good = test::read_text(out + "/checkpoint/model.safetensors");
   c.train.steps = 8;
   c.train.lr = std::numeric_limits<float>::infinity();
   TrainOptions o = opts(out);
@@ -248,7 +243,7 @@ TEST(NonFinite, NonFiniteUpdateStopsBeforeAnyCheckpoint) {
   std::string err = error_of([&] { tr.run(); });
   EXPECT_NE(err.find("step 5: "), std::string::npos) << err;
   EXPECT_NE(err.find("non-finite"), std::string::npos) << err;
-  EXPECT_TRUE(slurp(out + "/checkpoint/model.safetensors") == good) << "checkpoint changed";
+  EXPECT_TRUE(test::read_text(out + "/checkpoint/model.safetensors") == good) << "checkpoint changed";
 }
 
 TEST(NonFinite, CheckpointsWithNonFiniteValuesAreNeitherWrittenNorLoaded) {
@@ -257,7 +252,7 @@ TEST(NonFinite, CheckpointsWithNonFiniteValuesAreNeitherWrittenNorLoaded) {
   const std::string out = tmp.path + "/run", ck = out + "/checkpoint";
   Trainer tr(c, test::pattern_data(c.model.vocab_size), opts(out));
   tr.run();
-  const std::string good = slurp(ck + "/model.safetensors");
+  const std::string good = test::read_text(ck + "/model.safetensors");
   ParamStore& p = tr.model().params();
   Param* q = p.find("layers.1.ffn.w2.weight");
   ASSERT_NE(q, nullptr);
@@ -275,7 +270,7 @@ TEST(NonFinite, CheckpointsWithNonFiniteValuesAreNeitherWrittenNorLoaded) {
             std::string::npos)
       << err;
   tr.optimizer().v[q->offset + 1] = 0;
-  EXPECT_TRUE(slurp(ck + "/model.safetensors") == good) << "checkpoint changed";
+  EXPECT_TRUE(test::read_text(ck + "/model.safetensors") == good) << "checkpoint changed";
   // Loading: a hand-made file with a NaN is refused, naming the tensor.
   std::vector<TensorToWrite> ts;
   std::vector<float> bad(q->numel, 0.f);
@@ -333,12 +328,12 @@ TEST(RunFolder, ExistingRunIsNotRestartedByAccident) {
   Config c = small_run(2);
   const std::string out = tmp.path + "/run";
   Trainer(c, test::pattern_data(c.model.vocab_size), opts(out)).run();
-  const std::string log = slurp(out + "/train_log.jsonl");
+  const std::string log = test::read_text(out + "/train_log.jsonl");
   std::string err =
       error_of([&] { Trainer(c, test::pattern_data(c.model.vocab_size), opts(out)); });
   EXPECT_NE(err.find("already holds a run"), std::string::npos) << err;
   EXPECT_NE(err.find("--overwrite"), std::string::npos) << err;
-  EXPECT_EQ(slurp(out + "/train_log.jsonl"), log);  // refused before touching anything
+  EXPECT_EQ(test::read_text(out + "/train_log.jsonl"), log);  // refused before touching anything
   EXPECT_TRUE(is_checkpoint(out + "/checkpoint"));
   // --overwrite starts over: the old checkpoint goes at once, the log restarts.
   TrainOptions o = opts(out);
@@ -389,7 +384,7 @@ TEST(RunFolder, ResumeRecoversFromACrashAtAnyPointOfTheSave) {
       Trainer(c, test::pattern_data(c.model.vocab_size), o).run();
     }
     const std::string pid = std::to_string(getppid());  // alive: a reused pid
-    const std::string model = slurp(ck + "/model.safetensors");
+    const std::string model = test::read_text(ck + "/model.safetensors");
     if (window == 1) fs::rename(ck, ck + ".old-" + pid);
     fs::create_directories(ck + ".tmp-" + pid);
     std::ofstream(ck + ".tmp-" + pid + "/model.safetensors") << "partial";
@@ -397,7 +392,7 @@ TEST(RunFolder, ResumeRecoversFromACrashAtAnyPointOfTheSave) {
     o.resume = true;
     Trainer tr(c, test::pattern_data(c.model.vocab_size), o);
     EXPECT_EQ(tr.step(), 2);
-    EXPECT_TRUE(slurp(ck + "/model.safetensors") == model) << "checkpoint changed";
+    EXPECT_TRUE(test::read_text(ck + "/model.safetensors") == model) << "checkpoint changed";
     EXPECT_FALSE(fs::exists(ck + ".old-" + pid));
     EXPECT_FALSE(fs::exists(ck + ".tmp-" + pid));
     tr.run();
@@ -487,7 +482,7 @@ TEST(RunFolder, KeepsTheLastCheckpointsAndTheBest) {
   EXPECT_EQ(steps[1].first, 6);
   EXPECT_EQ(steps[1].second, step_checkpoint_dir(out, 6));
   EXPECT_EQ(load_trainer_state(steps[0].second).at("step").get<i64>(), 5);
-  EXPECT_EQ(slurp(steps[1].second + "/model.safetensors"), slurp(out + "/checkpoint/model.safetensors"));
+  EXPECT_EQ(test::read_text(steps[1].second + "/model.safetensors"), test::read_text(out + "/checkpoint/model.safetensors"));
   double best = 1e300;
   i64 best_step = -1;
   for (const json& l : read_log(out))
@@ -540,7 +535,6 @@ std::string safetensors_bytes(const std::string& header, const std::string& data
   for (int i = 0; i < 8; ++i) out[i] = char(uint64_t(header.size()) >> (8 * i));
   return out + header + data;
 }
-
 
 }  // namespace
 
@@ -768,7 +762,7 @@ void kill_and_resume(const std::string& extra) {
     EXPECT_EQ(in_ref, test::file_names(run + "/" + k)) << k;
     for (const std::string& f : in_ref) {
       if (f == "provenance.json" || f == "train_log.jsonl") continue;
-      EXPECT_EQ(slurp(ref + "/" + k + "/" + f), slurp(run + "/" + k + "/" + f))
+      EXPECT_EQ(test::read_text(ref + "/" + k + "/" + f), test::read_text(run + "/" + k + "/" + f))
           << k << "/" << f << " differs after " << kills << " kill(s)";
     }
     // a checkpoint is self-contained: the data's tokenizer travels with it
@@ -805,12 +799,12 @@ TEST(FaultCli, SecondTrainerOnOneFolderIsRefusedWithThePid) {
   std::string pid;
   for (int i = 0; i < 200 && pid.empty(); ++i) {  // until it has written its pid
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
-    if (fs::exists(out + "/train.lock")) pid = slurp(out + "/train.lock");
+    if (fs::exists(out + "/train.lock")) pid = test::read_text(out + "/train.lock");
     while (!pid.empty() && pid.back() == '\n') pid.pop_back();
   }
   ASSERT_FALSE(pid.empty());
   test::CommandResult second = sh(cli().train(out, "--resume"));
-  ::kill(pid_t(std::stol(slurp(tmp.path + "/first.pid"))), SIGKILL);
+  ::kill(pid_t(std::stol(test::read_text(tmp.path + "/first.pid"))), SIGKILL);
   EXPECT_EQ(second.rc, 2) << second.out;
   EXPECT_NE(second.out.find("in use by another trainer (pid " + pid + ")"), std::string::npos)
       << second.out;
@@ -832,7 +826,7 @@ TEST(FaultCli, ExitCodesAndMessagesOfRefusedRuns) {
   ASSERT_EQ(r.rc, 0) << r.out;
   EXPECT_NE(r.out.find("checkpoint in " + out + "/checkpoint"), std::string::npos) << r.out;
   // Again without --resume: refused, nothing touched.
-  const std::string model = slurp(out + "/checkpoint/model.safetensors");
+  const std::string model = test::read_text(out + "/checkpoint/model.safetensors");
   r = sh(cli().train(out, "--steps 4"));
   EXPECT_EQ(r.rc, 2) << r.out;
   EXPECT_NE(r.out.find("already holds a run"), std::string::npos) << r.out;
@@ -842,7 +836,7 @@ TEST(FaultCli, ExitCodesAndMessagesOfRefusedRuns) {
   EXPECT_EQ(r.rc, 2) << r.out;
   EXPECT_NE(r.out.find("--set would change d_ff (run 24, given 40), train.seq_len (run 16, given "
                        "8), which may not change when a run is resumed"), std::string::npos) << r.out;
-  json other = json::parse(slurp(cli().cfg));
+  json other = json::parse(test::read_text(cli().cfg));
   other["d_ff"] = 40;
   std::ofstream(tmp.path + "/other.json") << other.dump();
   r = sh(kDlcm + " train --quiet --no-final-eval --config " + tmp.path + "/other.json --data " +
@@ -856,7 +850,7 @@ TEST(FaultCli, ExitCodesAndMessagesOfRefusedRuns) {
   EXPECT_NE(r.out.find("give --config FILE (only --resume"), std::string::npos) << r.out;
   r = sh(cli().train(out, "--resume --overwrite"));
   EXPECT_EQ(r.rc, 2) << r.out;
-  EXPECT_TRUE(slurp(out + "/checkpoint/model.safetensors") == model) << "checkpoint changed";
+  EXPECT_TRUE(test::read_text(out + "/checkpoint/model.safetensors") == model) << "checkpoint changed";
   // Divergence within the config's ranges (decoupled weight decay lr * wd = 10^4 multiplies
   // the weights by -9999 per step), in each train.on_nonfinite mode: exit code 2 naming the
   // step and the component, and the last checkpoint (step 2) finite and in place.
@@ -920,7 +914,7 @@ TEST(FaultCli, ProvenanceInCheckpointsAndEvalReports) {
   const std::string out = tmp.path + "/run";
   test::CommandResult r = sh(cli().train(out, "--steps 2"));
   ASSERT_EQ(r.rc, 0) << r.out;
-  const json p = json::parse(slurp(out + "/checkpoint/provenance.json"));
+  const json p = json::parse(test::read_text(out + "/checkpoint/provenance.json"));
   EXPECT_EQ(p["git_commit"], build_info().git_commit);
   EXPECT_EQ(p["git_dirty"], build_info().git_dirty);
   EXPECT_EQ(p["version"], build_info().version);
@@ -951,7 +945,7 @@ TEST(FaultCli, ProvenanceInCheckpointsAndEvalReports) {
   r = sh(kDlcm + " train --quiet --no-final-eval --data " + cli().data + " --out " + out +
          " --resume --steps 3");
   ASSERT_EQ(r.rc, 0) << r.out;
-  const json q = json::parse(slurp(out + "/checkpoint/provenance.json"));
+  const json q = json::parse(test::read_text(out + "/checkpoint/provenance.json"));
   EXPECT_EQ(q["start"], p["start"]);
   EXPECT_EQ(q["step"], 3);
   ASSERT_EQ(q["resumes"].size(), 1u);
@@ -962,7 +956,7 @@ TEST(FaultCli, ProvenanceInCheckpointsAndEvalReports) {
   r = sh(kDlcm + " eval --ckpt " + out + " --data " + cli().data + " --limit 1 --quiet --out " +
          tmp.path + "/report.json");
   ASSERT_EQ(r.rc, 0) << r.out;
-  const json e = json::parse(slurp(tmp.path + "/report.json"));
+  const json e = json::parse(test::read_text(tmp.path + "/report.json"));
   EXPECT_EQ(e["provenance"]["git_commit"], build_info().git_commit);
   EXPECT_EQ(e["provenance"]["data"]["meta_fnv1a64"], p["data"]["meta_fnv1a64"]);
   EXPECT_EQ(e["provenance"]["command"][1], "eval");
@@ -989,13 +983,13 @@ TEST(FaultCli, FullDiskWhileSavingKeepsThePreviousCheckpoint) {
   const std::string out = tmp.path + "/run";
   test::CommandResult r = sh(cli().train(out, "--steps 2"));
   ASSERT_EQ(r.rc, 0) << r.out;
-  const std::string model = slurp(out + "/checkpoint/model.safetensors");
+  const std::string model = test::read_text(out + "/checkpoint/model.safetensors");
   // 60 KiB per file: the model (~48 KB) fits, the optimizer state (~96 KB) does not.
   r = sh("bash -c \"trap '' XFSZ; ulimit -f 60; exec " + cli().train(out, "--steps 4 --resume") +
          "\"");
   EXPECT_EQ(r.rc, 2) << r.out;
   EXPECT_NE(r.out.find("optimizer.safetensors: write failed"), std::string::npos) << r.out;
-  EXPECT_TRUE(slurp(out + "/checkpoint/model.safetensors") == model) << "checkpoint changed";
+  EXPECT_TRUE(test::read_text(out + "/checkpoint/model.safetensors") == model) << "checkpoint changed";
   EXPECT_EQ(load_trainer_state(out + "/checkpoint").at("step").get<i64>(), 2);
   for (const auto& e : fs::directory_iterator(out))
     EXPECT_EQ(e.path().filename().string().find("checkpoint."), std::string::npos) << e.path();

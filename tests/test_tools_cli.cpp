@@ -43,18 +43,11 @@ TEST(ToolsCli, CoordCheckWritesTablesAndPlot) {
   EXPECT_EQ(j["points"].size(), 2u * 2 * 2 * 3);  // params x widths x steps x (2 stacks + logits)
   EXPECT_TRUE(j["spread"]["mup"]["2"].contains("logits"));
   // the plot: a panel per (parametrisation, step), a marker per width of each stack
-  auto circles = [](const std::string& file) {
-    std::stringstream svg;
-    svg << std::ifstream(file).rdbuf();
-    size_t n = 0;
-    for (size_t at = svg.str().find("<circle"); at != std::string::npos; at = svg.str().find("<circle", at + 1)) ++n;
-    return n;
-  };
-  EXPECT_EQ(circles(tmp.path + "/coord_check.svg"), 2u * 2 * 3 * 2);
+  EXPECT_EQ(test::count_of(test::read_text(tmp.path + "/coord_check.svg"), "<circle"), 2 * 2 * 3 * 2);
   // one parametrisation: its own points only (a panel that took the other's would be empty)
   r = dlcm_cmd("mup coord-check " + kTiny + " --widths 1,2 --steps 0,2 --params mup --out " + tmp.path + "/m");
   ASSERT_EQ(r.rc, 0) << r.out;
-  EXPECT_EQ(circles(tmp.path + "/m/coord_check.svg"), 2u * 3 * 2);
+  EXPECT_EQ(test::count_of(test::read_text(tmp.path + "/m/coord_check.svg"), "<circle"), 2 * 3 * 2);
 }
 
 TEST(ToolsCli, FlopsJsonAndPlanOutputs) {
@@ -446,14 +439,9 @@ TEST(ToolsCli, LrSweepTrainsEveryPointPicksTheBestAndResumes) {
   const std::string sw = tmp.path + "/sw";
   const std::string cmd = "mup lr-sweep --quiet --config " + tmp.path + "/cfg.json --data " +
                           tmp.path + "/data --out " + sw + " --widths 1,2 --lrs 0.03,0.001 --params mup,sp";
-  auto count = [](const std::string& text, const std::string& what) {
-    size_t n = 0;
-    for (size_t at = text.find(what); at != std::string::npos; at = text.find(what, at + 1)) ++n;
-    return n;
-  };
   Out r = dlcm_cmd(cmd);
   ASSERT_EQ(r.rc, 0) << r.out;
-  EXPECT_EQ(count(r.out, ": training\n"), 8u) << r.out;
+  EXPECT_EQ(test::count_of(r.out, ": training\n"), 8) << r.out;
   for (const char* f : {"lr_sweep.md", "lr_sweep.csv", "lr_sweep.json", "lr_sweep.svg"})
     EXPECT_TRUE(fs::exists(sw + "/" + f)) << f;
   auto read_json = [&] {
@@ -462,7 +450,7 @@ TEST(ToolsCli, LrSweepTrainsEveryPointPicksTheBestAndResumes) {
   };
   const nlohmann::json j = read_json();
   ASSERT_EQ(j["runs"].size(), 8u) << j.dump();
-  std::map<std::string, std::pair<double, double>> best;  // "param/d" -> (loss, lr)
+  std::map<std::pair<std::string, std::string>, std::pair<double, double>> best;  // (param, d) -> (loss, lr)
   std::set<double> losses;
   for (const auto& run : j["runs"]) {
     const std::string param = run["param"];
@@ -476,8 +464,8 @@ TEST(ToolsCli, LrSweepTrainsEveryPointPicksTheBestAndResumes) {
     EXPECT_EQ(run["val_loss"].get<double>(), last_val_loss(sw + "/" + name)) << name;
     const double loss = run["val_loss"];
     losses.insert(loss);
-    auto& b = best[param + "/" + std::to_string(d)];
-    if (b.second == 0 || loss < b.first) b = {loss, lr};
+    auto [b, first] = best.try_emplace({param, std::to_string(d)}, loss, lr);
+    if (!first && loss < b->second.first) b->second = {loss, lr};
   }
   // the runs differ (a sweep that trained one model would not), except µP and SP at the base
   // width, which are the same model
@@ -486,20 +474,19 @@ TEST(ToolsCli, LrSweepTrainsEveryPointPicksTheBestAndResumes) {
     EXPECT_EQ(last_val_loss(sw + "/mup_w1_lr" + lr), last_val_loss(sw + "/sp_w1_lr" + lr)) << lr;
   ASSERT_EQ(best.size(), 4u);
   for (const auto& [key, b] : best) {
-    const std::string param = key.substr(0, key.find('/')), d = key.substr(key.find('/') + 1);
-    EXPECT_EQ(j["best_lr"][param][d].get<double>(), b.second) << key;
+    const auto& [param, d] = key;
+    EXPECT_EQ(j["best_lr"][param][d].get<double>(), b.second) << param << " " << d;
     char line[128];
     std::snprintf(line, sizeof line, "%-4s d_token %5s: best lr %g (val loss %.4f)", param.c_str(),
                   d.c_str(), b.second, b.first);
     EXPECT_NE(r.out.find(line), std::string::npos) << line << "\n" << r.out;
   }
   // the Markdown table: a column per learning rate in the given order, a row per width
-  std::stringstream md;
-  md << std::ifstream(sw + "/lr_sweep.md").rdbuf();
-  EXPECT_EQ(md.str().rfind("| param | d_token | lr 0.03 | lr 0.001 | best lr |\n|---|---|---|---|---|\n", 0), 0u)
-      << md.str();
+  const std::string md = test::read_text(sw + "/lr_sweep.md");
+  EXPECT_EQ(md.rfind("| param | d_token | lr 0.03 | lr 0.001 | best lr |\n|---|---|---|---|---|\n", 0), 0u)
+      << md;
   for (const auto& [key, b] : best) {
-    const std::string param = key.substr(0, key.find('/')), d = key.substr(key.find('/') + 1);
+    const auto& [param, d] = key;
     std::string row = "| " + param + " | " + d + " |";
     for (const char* lr : {"0.03", "0.001"}) {
       char cell[32];
@@ -509,16 +496,15 @@ TEST(ToolsCli, LrSweepTrainsEveryPointPicksTheBestAndResumes) {
     }
     char tail[32];
     std::snprintf(tail, sizeof tail, " %g |\n", b.second);
-    EXPECT_NE(md.str().find(row + tail), std::string::npos) << row + tail << "\n" << md.str();
+    EXPECT_NE(md.find(row + tail), std::string::npos) << row + tail << "\n" << md;
   }
   // the plot: a panel per parametrisation on a log axis of the swept rates, a marker per run
-  std::stringstream svg;
-  svg << std::ifstream(sw + "/lr_sweep.svg").rdbuf();
+  const std::string svg = test::read_text(sw + "/lr_sweep.svg");
   for (const char* t : {">µP</text>", ">standard parametrisation</text>", ">0.03</text>", ">0.001</text>",
                         ">base learning rate (train.lr) (log)</text>", ">final validation loss</text>",
                         ">d_token 32</text>"})
-    EXPECT_NE(svg.str().find(t), std::string::npos) << t;
-  EXPECT_EQ(count(svg.str(), "<circle"), 8u);
+    EXPECT_NE(svg.find(t), std::string::npos) << t;
+  EXPECT_EQ(test::count_of(svg, "<circle"), 8);
   std::ifstream csv(sw + "/lr_sweep.csv");
   std::string header;
   std::getline(csv, header);
@@ -529,13 +515,13 @@ TEST(ToolsCli, LrSweepTrainsEveryPointPicksTheBestAndResumes) {
   // again: nothing trains, the same tables
   r = dlcm_cmd(cmd);
   ASSERT_EQ(r.rc, 0) << r.out;
-  EXPECT_EQ(count(r.out, ": finished, skipped\n"), 8u) << r.out;
-  EXPECT_EQ(count(r.out, ": training\n"), 0u) << r.out;
+  EXPECT_EQ(test::count_of(r.out, ": finished, skipped\n"), 8) << r.out;
+  EXPECT_EQ(test::count_of(r.out, ": training\n"), 0) << r.out;
   EXPECT_EQ(read_json()["runs"], j["runs"]);
   // one step more: each run resumes from its checkpoint and ends with a new validation
   r = dlcm_cmd(cmd + " --steps 4");
   ASSERT_EQ(r.rc, 0) << r.out;
-  EXPECT_EQ(count(r.out, ": resuming at step 3\n"), 8u) << r.out;
+  EXPECT_EQ(test::count_of(r.out, ": resuming at step 3\n"), 8) << r.out;
   const nlohmann::json k = read_json();
   ASSERT_EQ(k["runs"].size(), 8u);
   for (size_t i = 0; i < 8; ++i) {

@@ -5,12 +5,24 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <limits>
 #include <random>
 
 #include <sys/wait.h>
 
 namespace dlcm::test {
+
+std::string read_text(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  return std::string((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+}
+
+i64 count_of(const std::string& s, const std::string& what) {
+  i64 n = 0;
+  for (size_t p = 0; (p = s.find(what, p)) != std::string::npos; p += what.size()) ++n;
+  return n;
+}
 
 std::string error_of(const std::function<void()>& f) {
   try {

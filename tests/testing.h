@@ -13,6 +13,11 @@
 
 namespace dlcm::test {
 
+// A whole file's bytes ("" when it cannot be opened), and the non-overlapping occurrences of
+// `what` in s: for the tests that read what a command wrote.
+std::string read_text(const std::string& path);
+i64 count_of(const std::string& s, const std::string& what);
+
 // The message of the dlcm::Error that f throws, or "(no error)" when it throws none.
 std::string error_of(const std::function<void()>& f);
 
